@@ -1,0 +1,124 @@
+"""The clustering unit, run at the end of stage 1 (Ahmadi & Dianat, JSDP 2024).
+
+One streamed pass of the stage-1 backbone over the training images gives the sum
+and count of L2-normalised embeddings per identity (scatter-add, no per-class
+loop); sums and counts are all-reduced across ranks, so every rank holds the same
+class means as a single-process pass. Rank 0 then groups the identities (faiss
+spherical k-means, balanced k-means, or the random ISM partition), broadcasts the
+ClusterAssignment, saves it in the run folder, and hands it to the datamodule
+through its one public method, ``connect_clusters``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+from tqdm.auto import tqdm
+
+from facecluster.clustering import (
+    ClusterAssignment,
+    accumulate_class_sums,
+    cluster_identities,
+    dispersion,
+    finalize_class_means,
+)
+from facecluster.data import FaceDataModule
+
+
+class ClusteringCallback(L.Callback):
+    """Compute class means, cluster the identities and connect the datamodule.
+
+    Args:
+        datamodule: the run's datamodule (gives the embedding pass, receives the clusters).
+        num_clusters: K.
+        method: kmeans, balanced or random.
+        seed: seeds k-means and the random partition.
+        save_path: where the ClusterAssignment is written (atomically, by rank 0).
+        niter: k-means iterations.
+        nredo: k-means restarts.
+    """
+
+    def __init__(
+        self,
+        datamodule: FaceDataModule,
+        num_clusters: int,
+        method: str,
+        seed: int,
+        save_path: str | Path,
+        niter: int = 20,
+        nredo: int = 1,
+    ) -> None:
+        self.datamodule = datamodule
+        self.num_clusters = num_clusters
+        self.method = method
+        self.seed = seed
+        self.save_path = Path(save_path)
+        self.niter = niter
+        self.nredo = nredo
+        self.assignment: ClusterAssignment | None = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.run(trainer, pl_module)
+
+    @torch.no_grad()
+    def class_means(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
+        """L2-normalised class-mean embeddings [C, d], identical on every rank."""
+        dm = self.datamodule
+        loader = dm.embedding_dataloader(trainer.global_rank, trainer.world_size)
+        dim = pl_module.hparams.model["embedding_dim"]
+        # float64 sums: the all-reduced result does not depend on how ranks split the data.
+        sums = torch.zeros(dm.num_classes, dim, dtype=torch.float64, device=pl_module.device)
+        counts = torch.zeros(dm.num_classes, dtype=torch.long, device=pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        bar = tqdm(loader, desc="class means", disable=trainer.global_rank != 0, leave=False)
+        with trainer.precision_plugin.forward_context():
+            for images, labels in bar:
+                embeddings = pl_module(images.to(pl_module.device))
+                accumulate_class_sums(embeddings.float(), labels.to(pl_module.device), sums, counts)
+        pl_module.train(was_training)
+        sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        return finalize_class_means(sums, counts).cpu()
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> ClusterAssignment:
+        """The whole clustering unit; every rank must call it."""
+        means = self.class_means(trainer, pl_module)
+        payload = None
+        if trainer.global_rank == 0:
+            payload = cluster_identities(
+                means, self.num_clusters, self.method, seed=self.seed,
+                niter=self.niter, nredo=self.nredo,
+            ).to_dict()
+        # k-means runs once, on rank 0: faiss is not bit-identical across processes.
+        payload = trainer.strategy.broadcast(payload, src=0)
+        assignment = ClusterAssignment.from_dict(payload)
+        if trainer.global_rank == 0:
+            assignment.save(self.save_path)
+        trainer.strategy.barrier("clustering")
+        self.datamodule.connect_clusters(assignment.class_to_cluster, assignment.local_index)
+        self.assignment = assignment
+        self._log(trainer, assignment)
+        return assignment
+
+    def _log(self, trainer: L.Trainer, assignment: ClusterAssignment) -> None:
+        stats = dispersion(assignment)
+        sizes = assignment.cluster_sizes().tolist()
+        rank_zero_info(
+            f"clustering ({assignment.method}, K={assignment.num_clusters}): identities per "
+            f"cluster {sizes}; within-cluster dispersion {stats['within']:.4f}, "
+            f"between-cluster {stats['between']:.4f}; saved to {self.save_path}"
+        )
+        if trainer.logger is None or trainer.global_rank != 0:
+            return
+        trainer.logger.log_metrics({f"clustering/{k}": float(v) for k, v in stats.items()},
+                                   step=trainer.global_step)
+        if isinstance(trainer.logger, WandbLogger):
+            trainer.logger.log_table(
+                "clustering/sizes", columns=["cluster", "identities"],
+                data=[[k, n] for k, n in enumerate(sizes)], step=trainer.global_step,
+            )

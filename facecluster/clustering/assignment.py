@@ -1,0 +1,442 @@
+"""The identity-to-cluster partition that drives the two-stage framework.
+
+Ahmadi & Dianat, "A two-stage clustering-based distributed framework for
+large-scale face identification", JSDP 21(1), 2024: identities are grouped into
+``K`` clusters, one sub-network is trained per cluster, and at test time a face
+is routed to the cluster that owns the identity whose class-mean embedding is
+nearest to it. :class:`ClusterAssignment` is the single object that every stage
+shares: which cluster owns each identity, the identity's index inside that
+cluster's sub-net classifier, the class means used for routing and the cluster
+centroids. It is persisted with an atomic :meth:`ClusterAssignment.save` so a
+crash mid-write never leaves a truncated file for later stages to trip on.
+
+Plain torch only: this module must not import lightning or other facecluster
+packages, so it can be used from data loaders, scripts and workers alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["ASSIGNMENT_FORMAT", "ASSIGNMENT_VERSION", "ClusterAssignment"]
+
+ASSIGNMENT_FORMAT = "facecluster.cluster_assignment"
+ASSIGNMENT_VERSION = 1
+
+# Class means and centroids are stored L2-normalised; routing by inner product
+# silently degrades if they are not, so construction checks it. The tolerance
+# admits float32 rounding and means that went through fp16/bf16 storage.
+_NORM_TOL = 1e-2
+
+_TENSOR_KEYS = ("class_to_cluster", "local_index", "class_means", "centroids")
+
+
+def _local_index(class_to_cluster: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """Rank of each identity among the members of its cluster, by global id.
+
+    Vectorised: a *stable* sort by cluster id keeps identities of one cluster
+    in increasing global id, so an identity's local index is its position in
+    the sorted order minus the position where its cluster's block starts.
+
+    Args:
+        class_to_cluster: ``[C]`` long tensor of cluster ids in ``[0, K)``.
+        num_clusters: ``K``.
+
+    Returns:
+        ``[C]`` long tensor; within cluster ``k`` the identities in increasing
+        global id get ``0 .. size_k - 1``.
+    """
+    num_classes = class_to_cluster.numel()
+    sorted_clusters, order = torch.sort(class_to_cluster, stable=True)
+    sizes = torch.bincount(class_to_cluster, minlength=num_clusters)
+    starts = torch.cumsum(sizes, 0) - sizes
+    positions = torch.arange(num_classes, device=class_to_cluster.device)
+    local = torch.empty_like(class_to_cluster)
+    local[order] = positions - starts[sorted_clusters]
+    return local
+
+
+def _as_tensor(value: Any, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    try:
+        return torch.as_tensor(value)
+    except Exception as exc:  # lists of mixed types, None, ...
+        raise ValueError(f"ClusterAssignment.{name} must be a tensor, got {type(value)!r}") from exc
+
+
+def _check_unit_rows(t: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t).all(dim=1)).nonzero().flatten()[:10].tolist()
+        raise ValueError(f"ClusterAssignment.{name} contains NaN/inf values (rows {bad})")
+    norms = t.double().norm(dim=1)
+    off = ((norms - 1.0).abs() > _NORM_TOL).nonzero().flatten()
+    if off.numel():
+        rows = off[:10].tolist()
+        raise ValueError(
+            f"ClusterAssignment.{name} must be L2-normalised row-wise; {off.numel()} row(s) are "
+            f"not (e.g. rows {rows} with norms {[round(float(norms[i]), 4) for i in rows]})"
+        )
+
+
+@dataclass(eq=False, repr=False)
+class ClusterAssignment:
+    """Partition of ``C`` identities into ``K`` clusters (one sub-net each).
+
+    Attributes:
+        class_to_cluster: ``[C]`` long, the cluster id of each identity.
+        local_index: ``[C]`` long, the index of each identity inside its
+            cluster: within cluster ``k`` the identities in increasing global
+            id get ``0 .. size_k - 1``. This is the label a sub-net classifier
+            is trained on, and ``classes_of(k)[local_index[c]] == c``.
+        class_means: ``[C, d]`` float32, L2-normalised class-mean embeddings
+            (used at test time to route a face to the cluster of its nearest
+            class mean).
+        centroids: ``[K, d]`` float32, L2-normalised cluster centroids.
+        method: how the partition was made: ``"kmeans"``, ``"balanced"`` or
+            ``"random"`` (the ISM baseline).
+
+    Construction validates shapes, dtypes, ranges and consistency and raises
+    :class:`ValueError` with a message saying what is wrong. Every cluster
+    must own at least one identity, because each cluster gets a sub-net with a
+    classifier over its identities. Integer tensors are converted to long and
+    floating tensors to float32; devices are left as given but must agree.
+    """
+
+    class_to_cluster: torch.Tensor
+    local_index: torch.Tensor
+    class_means: torch.Tensor
+    centroids: torch.Tensor
+    method: str
+
+    def __post_init__(self) -> None:
+        c2c = _as_tensor(self.class_to_cluster, "class_to_cluster")
+        local = _as_tensor(self.local_index, "local_index")
+        means = _as_tensor(self.class_means, "class_means")
+        cents = _as_tensor(self.centroids, "centroids")
+
+        if not isinstance(self.method, str) or not self.method:
+            raise ValueError(
+                f"ClusterAssignment.method must be a non-empty string, got {self.method!r}"
+            )
+
+        for name, t in (("class_to_cluster", c2c), ("local_index", local)):
+            if t.dim() != 1:
+                raise ValueError(
+                    f"ClusterAssignment.{name} must be 1-D [C], got shape {tuple(t.shape)}"
+                )
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise ValueError(
+                    f"ClusterAssignment.{name} must be an integer tensor, got {t.dtype}"
+                )
+        for name, t, what in (("class_means", means, "[C, d]"), ("centroids", cents, "[K, d]")):
+            if t.dim() != 2:
+                raise ValueError(
+                    f"ClusterAssignment.{name} must be 2-D {what}, got shape {tuple(t.shape)}"
+                )
+            if not t.is_floating_point():
+                raise ValueError(
+                    f"ClusterAssignment.{name} must be a floating tensor, got {t.dtype}"
+                )
+
+        devices = {t.device for t in (c2c, local, means, cents)}
+        if len(devices) > 1:
+            raise ValueError(
+                f"ClusterAssignment tensors must be on one device, got {sorted(map(str, devices))}"
+            )
+
+        c2c, local = c2c.long(), local.long()
+        means, cents = means.float(), cents.float()
+        num_classes, dim = means.shape
+        num_clusters = cents.shape[0]
+        if num_classes < 1 or num_clusters < 1 or dim < 1:
+            raise ValueError(
+                f"ClusterAssignment needs at least one identity, one cluster and one embedding "
+                f"dim; got "
+                f"class_means {tuple(means.shape)}, centroids {tuple(cents.shape)}"
+            )
+        if cents.shape[1] != dim:
+            raise ValueError(
+                f"ClusterAssignment.centroids has dim {cents.shape[1]} "
+                f"but class_means has dim {dim}"
+            )
+        for name, t in (("class_to_cluster", c2c), ("local_index", local)):
+            if t.numel() != num_classes:
+                raise ValueError(
+                    f"ClusterAssignment.{name} has {t.numel()} entries but class_means has "
+                    f"{num_classes} rows (one per identity)"
+                )
+        lo, hi = int(c2c.min()), int(c2c.max())
+        if lo < 0 or hi >= num_clusters:
+            raise ValueError(
+                f"ClusterAssignment.class_to_cluster values must be in [0, {num_clusters}) "
+                f"(K = centroids.shape[0]), got range [{lo}, {hi}]"
+            )
+        sizes = torch.bincount(c2c, minlength=num_clusters)
+        empty = (sizes == 0).nonzero().flatten()
+        if empty.numel():
+            raise ValueError(
+                f"ClusterAssignment has {empty.numel()} empty cluster(s) {empty[:10].tolist()}; "
+                "every cluster needs at least one identity for its sub-net"
+            )
+        expected = _local_index(c2c, num_clusters)
+        if not torch.equal(local, expected):
+            bad = (local != expected).nonzero().flatten()[:10].tolist()
+            raise ValueError(
+                "ClusterAssignment.local_index is inconsistent with class_to_cluster: within each "
+                "cluster, identities in increasing global id must get 0..size-1 "
+                f"(first mismatching identities: {bad}); use ClusterAssignment.from_labels"
+            )
+        _check_unit_rows(means, "class_means")
+        _check_unit_rows(cents, "centroids")
+
+        self.class_to_cluster, self.local_index = c2c, local
+        self.class_means, self.centroids = means, cents
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def num_clusters(self) -> int:
+        """``K``, the number of clusters (= sub-nets)."""
+        return int(self.centroids.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        """``C``, the number of identities."""
+        return int(self.class_means.shape[0])
+
+    @property
+    def embedding_dim(self) -> int:
+        """``d``, the embedding dimension of class means and centroids."""
+        return int(self.class_means.shape[1])
+
+    def cluster_sizes(self) -> torch.Tensor:
+        """Number of identities per cluster.
+
+        Returns:
+            ``[K]`` long tensor.
+        """
+        return torch.bincount(self.class_to_cluster, minlength=self.num_clusters)
+
+    def classes_of(self, k: int) -> torch.Tensor:
+        """Global identity ids owned by cluster ``k``, in increasing order.
+
+        Args:
+            k: cluster id in ``[0, K)``.
+
+        Returns:
+            ``[size_k]`` long tensor with ``classes_of(k)[local_index[c]] == c``
+            for every identity ``c`` of cluster ``k``.
+
+        Raises:
+            ValueError: if ``k`` is out of range.
+        """
+        k = int(k)
+        if not 0 <= k < self.num_clusters:
+            raise ValueError(f"cluster id {k} out of range [0, {self.num_clusters})")
+        # nonzero() returns indices in increasing order, which is the local order.
+        return (self.class_to_cluster == k).nonzero().flatten()
+
+    # ----------------------------------------------------------- construction
+    @classmethod
+    def from_labels(
+        cls,
+        class_to_cluster: torch.Tensor,
+        class_means: torch.Tensor,
+        method: str,
+        num_clusters: int | None = None,
+    ) -> ClusterAssignment:
+        """Build an assignment from cluster labels, deriving the rest.
+
+        ``local_index`` follows the increasing-global-id rule and each centroid
+        is the L2-normalised mean of its members' class means (so routing works
+        for any partition, including the random ISM baseline).
+
+        Args:
+            class_to_cluster: ``[C]`` integer cluster ids.
+            class_means: ``[C, d]`` L2-normalised class means.
+            method: ``"kmeans"``, ``"balanced"`` or ``"random"``.
+            num_clusters: ``K``; defaults to ``max(class_to_cluster) + 1``.
+                Pass it explicitly so that a missing last cluster is reported
+                as empty rather than silently dropped.
+
+        Returns:
+            A validated :class:`ClusterAssignment`.
+
+        Raises:
+            ValueError: on bad shapes, out-of-range labels or empty clusters.
+        """
+        c2c = _as_tensor(class_to_cluster, "class_to_cluster")
+        means = _as_tensor(class_means, "class_means")
+        if c2c.dim() != 1 or c2c.is_floating_point() or c2c.dtype == torch.bool:
+            raise ValueError(
+                f"class_to_cluster must be a 1-D integer tensor, got {c2c.dtype} {tuple(c2c.shape)}"
+            )
+        if means.dim() != 2 or not means.is_floating_point():
+            raise ValueError(
+                f"class_means must be a 2-D floating [C, d] tensor, "
+                f"got {means.dtype} {tuple(means.shape)}"
+            )
+        if c2c.numel() != means.shape[0] or c2c.numel() == 0:
+            raise ValueError(
+                f"class_to_cluster has {c2c.numel()} entries "
+                f"but class_means has {means.shape[0]} rows"
+            )
+        c2c = c2c.long().to(means.device)
+        if int(c2c.min()) < 0:
+            raise ValueError(f"class_to_cluster has negative cluster ids (min {int(c2c.min())})")
+        k = int(c2c.max()) + 1 if num_clusters is None else int(num_clusters)
+        if k < 1 or int(c2c.max()) >= k:
+            raise ValueError(
+                f"class_to_cluster values must be in [0, {k}), got max {int(c2c.max())}"
+            )
+        sizes = torch.bincount(c2c, minlength=k)
+        empty = (sizes == 0).nonzero().flatten()
+        if empty.numel():
+            raise ValueError(
+                f"{empty.numel()} of {k} clusters are empty {empty[:10].tolist()}; every cluster "
+                "needs at least one identity"
+            )
+        # Sum in float64 so large clusters do not lose precision; then normalise.
+        sums = torch.zeros(k, means.shape[1], dtype=torch.float64, device=means.device)
+        sums.index_add_(0, c2c, means.double())
+        centroids = torch.nn.functional.normalize(sums, dim=1).float()
+        return cls(
+            class_to_cluster=c2c,
+            local_index=_local_index(c2c, k),
+            class_means=means.float(),
+            centroids=centroids,
+            method=method,
+        )
+
+    # ---------------------------------------------------------- persistence
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (CPU tensors, str, int) that ``torch.load(weights_only=True)`` reads."""
+        return {
+            "format": ASSIGNMENT_FORMAT,
+            "version": ASSIGNMENT_VERSION,
+            "method": self.method,
+            "class_to_cluster": self.class_to_cluster.detach().cpu(),
+            "local_index": self.local_index.detach().cpu(),
+            "class_means": self.class_means.detach().cpu(),
+            "centroids": self.centroids.detach().cpu(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ClusterAssignment:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: if ``d`` lacks the format marker, has an unsupported
+                version, misses a field, or fails validation.
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(
+                f"not a facecluster cluster assignment: expected a dict, got {type(d).__name__}"
+            )
+        if d.get("format") != ASSIGNMENT_FORMAT:
+            raise ValueError(
+                f"not a facecluster cluster assignment: format marker is {d.get('format')!r}, "
+                f"expected {ASSIGNMENT_FORMAT!r}"
+            )
+        if d.get("version") != ASSIGNMENT_VERSION:
+            raise ValueError(
+                f"unsupported cluster assignment version {d.get('version')!r} "
+                f"(this code reads version {ASSIGNMENT_VERSION})"
+            )
+        missing = [key for key in (*_TENSOR_KEYS, "method") if key not in d]
+        if missing:
+            raise ValueError(f"cluster assignment is missing field(s) {missing}")
+        return cls(**{key: d[key] for key in (*_TENSOR_KEYS, "method")})
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the assignment with ``torch.save``, atomically.
+
+        The data goes to a temporary file in the destination folder, is
+        fsync'ed, then ``os.replace``'d over ``path``: readers (other ranks,
+        later stages) see either the old file or the complete new one, never a
+        truncated one. Parent folders are created. Call it from one rank only.
+
+        Args:
+            path: destination file.
+        """
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        # Same folder as the target: os.replace is only atomic within one filesystem.
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
+        )
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self.to_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            # mkstemp creates 0600 files; make the result readable like a normal file.
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        # Persist the rename itself (best effort; not every platform allows it).
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ClusterAssignment:
+        """Read an assignment written by :meth:`save` (tensors land on CPU).
+
+        Args:
+            path: file to read.
+
+        Raises:
+            FileNotFoundError: if ``path`` does not exist (message names it).
+            ValueError: if the file is not a facecluster cluster assignment
+                (unreadable, wrong format marker, invalid content); the
+                message names ``path``.
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"cluster assignment file not found: {path}")
+        try:
+            # weights_only: the file holds only tensors/str/int, and this refuses
+            # to execute arbitrary pickled code from an untrusted file.
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(
+                f"{path} is not a facecluster cluster assignment: torch.load failed "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+    # ------------------------------------------------------------- dunders
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ClusterAssignment):
+            return NotImplemented
+        return self.method == other.method and all(
+            torch.equal(getattr(self, key).cpu(), getattr(other, key).cpu()) for key in _TENSOR_KEYS
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable tensors: not hashable
+
+    def __repr__(self) -> str:
+        sizes = self.cluster_sizes()
+        return (
+            f"ClusterAssignment(method={self.method!r}, num_classes={self.num_classes}, "
+            f"num_clusters={self.num_clusters}, embedding_dim={self.embedding_dim}, "
+            f"cluster_sizes=[{int(sizes.min())}..{int(sizes.max())}])"
+        )

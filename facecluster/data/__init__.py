@@ -1,0 +1,23 @@
+"""Face image data: folder scanning, per-identity splits, transforms and the Lightning data module.
+
+This package never imports ``facecluster.models`` or ``facecluster.clustering``.
+"""
+
+from facecluster.data.datamodule import FaceDataModule, FaceImageDataset
+from facecluster.data.folder import (
+    IMAGE_EXTENSIONS,
+    FaceFolder,
+    scan_image_folder,
+    split_per_identity,
+)
+from facecluster.data.transforms import build_transforms
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "FaceFolder",
+    "scan_image_folder",
+    "split_per_identity",
+    "build_transforms",
+    "FaceImageDataset",
+    "FaceDataModule",
+]

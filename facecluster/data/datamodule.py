@@ -1,0 +1,360 @@
+"""Lightning data module for the two-stage clustered face identification pipeline.
+
+Data flow:
+
+1. ``setup()`` scans ``root`` once (:func:`~facecluster.data.folder.scan_image_folder`)
+   and splits every identity's images into train/val/test
+   (:func:`~facecluster.data.folder.split_per_identity`). Labels are *global*
+   identity indices ``0..C-1``.
+2. Stage 1 (backbone on all identities): :meth:`FaceDataModule.train_dataloader`
+   serves the whole train split with global labels.
+3. Class means: :meth:`FaceDataModule.embedding_dataloader` serves the train
+   split with evaluation transforms and no shuffle, optionally sharded by rank,
+   so per-class embedding sums can be reduced across processes exactly.
+4. The clustering step (k-means on class means, outside this package) hands
+   its result to :meth:`FaceDataModule.connect_clusters` -- the only way cluster
+   information enters the data module.
+5. Stage 2 (one sub-net per cluster): :meth:`FaceDataModule.train_dataloader`
+   now returns a :class:`~lightning.pytorch.utilities.CombinedLoader` of one
+   loader per cluster, each serving that cluster's train images with labels
+   remapped to the identity's *local* index inside the cluster.
+6. Validation and test always use global labels; mapping a global label to
+   ``(cluster, local)`` is the model's job, which keeps evaluation identical
+   across both stages.
+
+This package must not import ``facecluster.models`` or ``facecluster.clustering``:
+the data side only knows the assignment tensors passed to ``connect_clusters``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import lightning
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from facecluster.data.folder import (
+    SPLIT_NAMES,
+    FaceFolder,
+    scan_image_folder,
+    split_per_identity,
+    validate_fractions,
+)
+from facecluster.data.transforms import build_transforms
+
+__all__ = ["FaceImageDataset", "FaceDataModule"]
+
+
+class FaceImageDataset(Dataset):
+    """Images from a list of ``(path, global_label)`` pairs.
+
+    Args:
+        samples: ``(image path, global label)`` pairs.
+        transform: Callable applied to the PIL RGB image.
+        label_map: Optional ``LongTensor[C]``; when given, the returned label is
+            ``label_map[global_label]`` (used for cluster-local labels).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        transform: Callable,
+        label_map: Tensor | None = None,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        # plain ints: indexing a tensor per item is slower and tensors in worker
+        # processes go through shared memory for no benefit
+        self._label_map = None if label_map is None else [int(v) for v in label_map.tolist()]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+        if self._label_map is not None:
+            label = self._label_map[label]
+        return self.transform(image), label
+
+
+class FaceDataModule(lightning.LightningDataModule):
+    """Identity-per-folder face dataset with per-identity splits and per-cluster loaders.
+
+    Args:
+        root: Directory with one sub-folder per identity (``data.root``).
+        image_size: Side length of the network input.
+        batch_size: Training batch size (per loader, per process).
+        eval_batch_size: Batch size for val/test/embedding loaders; defaults to ``batch_size``.
+        num_workers: DataLoader worker processes.
+        val_fraction: Fraction of each identity's images used for validation.
+        test_fraction: Fraction of each identity's images used for test.
+        min_images_per_class: Identities with fewer images are dropped.
+        max_classes: Keep only the first ``max_classes`` identities (sorted names).
+        seed: Split seed.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 112,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        min_images_per_class: int = 10,
+        max_classes: int | None = None,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        # fail at construction (config time) rather than after a long scan
+        if batch_size < 2:
+            raise ValueError(
+                "data.batch_size must be >= 2 (BatchNorm1d cannot train on a batch of 1), "
+                f"got {batch_size}"
+            )
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"data.eval_batch_size must be >= 1 or null, got {eval_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        validate_fractions(val_fraction, test_fraction)
+        self.save_hyperparameters()
+
+        self.root = root
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.min_images_per_class = min_images_per_class
+        self.max_classes = max_classes
+        self.seed = seed
+
+        self._folder: FaceFolder | None = None
+        self._splits: dict[str, list[int]] | None = None
+        self._class_to_cluster: Tensor | None = None
+        self._local_index: Tensor | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, stage: str | None = None) -> None:
+        """Scan the folder and split it; later calls (any stage) do nothing.
+
+        Scanning and splitting are deterministic, so every DDP rank computes the
+        same result independently without communication.
+        """
+        if self._folder is not None:
+            return
+        folder = scan_image_folder(
+            self.root,
+            min_images_per_class=self.min_images_per_class,
+            max_classes=self.max_classes,
+        )
+        splits = split_per_identity(folder, self.val_fraction, self.test_fraction, self.seed)
+        self._folder, self._splits = folder, splits
+
+    def _ensure_setup(self) -> tuple[FaceFolder, dict[str, list[int]]]:
+        self.setup()
+        assert self._folder is not None and self._splits is not None
+        return self._folder, self._splits
+
+    @property
+    def num_classes(self) -> int:
+        """Number of identities after filtering."""
+        return len(self._ensure_setup()[0].class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Identity names; ``class_names[label]`` is the folder name of ``label``."""
+        return list(self._ensure_setup()[0].class_names)
+
+    def _split_indices(self, split: str) -> list[int]:
+        if split not in SPLIT_NAMES:
+            raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
+        return self._ensure_setup()[1][split]
+
+    def _split_samples(self, split: str) -> list[tuple[str, int]]:
+        folder, _ = self._ensure_setup()
+        return [folder.samples[i] for i in self._split_indices(split)]
+
+    def split_labels(self, split: str) -> torch.LongTensor:
+        """Global labels of the ``"train"``/``"val"``/``"test"`` samples, in split order."""
+        samples = self._split_samples(split)
+        return torch.tensor([label for _, label in samples], dtype=torch.long)
+
+    # --------------------------------------------------------------- clusters
+
+    def connect_clusters(self, class_to_cluster: Tensor, local_index: Tensor) -> None:
+        """Attach the stage-2 cluster assignment; training then serves one loader per cluster.
+
+        Calling it again replaces the previous assignment.
+
+        Args:
+            class_to_cluster: ``LongTensor[C]``, cluster id (``0..K-1``) of each identity.
+            local_index: ``LongTensor[C]``, index of each identity inside its cluster;
+                within cluster ``k`` the values must be exactly ``0..size_k-1``.
+
+        Raises:
+            ValueError: Wrong dtype/shape, negative ids, an empty cluster, local
+                indices that are not a permutation per cluster, or a cluster whose
+                training subset is too small to form a batch of 2.
+        """
+        num_classes = self.num_classes
+        c2c = self._as_index_tensor(class_to_cluster, "class_to_cluster", num_classes)
+        local = self._as_index_tensor(local_index, "local_index", num_classes)
+        if num_classes == 0:  # unreachable after a successful scan; keeps max() safe
+            raise ValueError("connect_clusters: no classes")
+        if int(c2c.min()) < 0:
+            raise ValueError(
+                f"connect_clusters: class_to_cluster has negative ids (min {int(c2c.min())})"
+            )
+        num_clusters = int(c2c.max()) + 1
+        sizes = torch.bincount(c2c, minlength=num_clusters)
+        empty = (sizes == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"connect_clusters: clusters must be 0..K-1 with K={num_clusters} and none empty, "
+                f"but clusters {empty[:10]} have no identity"
+            )
+        for k in range(num_clusters):
+            members = local[c2c == k]
+            expected = torch.arange(int(sizes[k]))
+            if not torch.equal(members.sort().values, expected):
+                raise ValueError(
+                    f"connect_clusters: local_index of cluster {k} must be a permutation of "
+                    f"0..{int(sizes[k]) - 1}, got {members.tolist()[:20]}"
+                )
+        self._class_to_cluster = c2c
+        self._local_index = local
+        # early feedback: a cluster whose training subset would yield 1-sample batches
+        for k in range(num_clusters):
+            self._check_train_subset(len(self._cluster_train_samples(k)), f"cluster {k}")
+
+    @staticmethod
+    def _as_index_tensor(value: Tensor, name: str, num_classes: int) -> Tensor:
+        tensor = torch.as_tensor(value)
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise ValueError(
+                f"connect_clusters: {name} must be an integer tensor, got dtype {tensor.dtype}"
+            )
+        if tuple(tensor.shape) != (num_classes,):
+            raise ValueError(
+                f"connect_clusters: {name} must have shape ({num_classes},) (one entry per class), "
+                f"got {tuple(tensor.shape)}"
+            )
+        # private copy on CPU: the caller's tensor may live on GPU or be modified later
+        return tensor.detach().to(device="cpu", dtype=torch.long).clone()
+
+    @property
+    def num_clusters(self) -> int | None:
+        """Number of clusters K, or ``None`` before :meth:`connect_clusters`."""
+        if self._class_to_cluster is None:
+            return None
+        return int(self._class_to_cluster.max()) + 1
+
+    def _cluster_train_samples(self, k: int) -> list[tuple[str, int]]:
+        assert self._class_to_cluster is not None
+        c2c = self._class_to_cluster.tolist()
+        return [s for s in self._split_samples("train") if c2c[s[1]] == k]
+
+    # ------------------------------------------------------------ dataloaders
+
+    def _world_size(self) -> int:
+        """Number of training processes, 1 when not attached to a trainer."""
+        # DistributedSampler (injected by Lightning under DDP) splits each subset by this
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def _check_train_subset(self, n: int, what: str) -> int:
+        """Per-process size of a training subset; rejects subsets that give 1-sample batches."""
+        per_rank = math.ceil(n / self._world_size())  # DistributedSampler pads to ceil(n / world)
+        if per_rank < 2:
+            raise ValueError(
+                f"Training subset of {what} has {n} image(s) ({per_rank} per process), so it would "
+                f"yield batches of size 1, which BatchNorm1d cannot train on. Raise "
+                f"data.min_images_per_class or lower data.val_fraction / data.test_fraction"
+            )
+        return per_rank
+
+    def _loader_kwargs(self) -> dict:
+        # pin_memory off and no persistent workers: the project runs on CPU hosts too,
+        # and workers must be re-created when the per-cluster loaders change
+        return {"num_workers": self.num_workers, "pin_memory": False, "persistent_workers": False}
+
+    def _train_loader(
+        self, samples: list[tuple[str, int]], label_map: Tensor | None, what: str
+    ) -> DataLoader:
+        per_rank = self._check_train_subset(len(samples), what)
+        dataset = FaceImageDataset(
+            samples, build_transforms(self.image_size, train=True), label_map
+        )
+        # drop_last only when there is more than one batch: a remainder could be a
+        # single sample, and a subset no larger than a batch must still yield one batch
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=True,  # global torch RNG, no Generator: reseedable and DDP-replaceable
+            drop_last=per_rank > self.batch_size,
+            **self._loader_kwargs(),
+        )
+
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        """Training loader(s).
+
+        Returns:
+            Before :meth:`connect_clusters`: one shuffled loader over the train split
+            with global labels. After: ``CombinedLoader({k: loader_k}, mode="max_size_cycle")``
+            where ``loader_k`` serves cluster ``k``'s train images with local labels.
+        """
+        if self._class_to_cluster is None:
+            return self._train_loader(self._split_samples("train"), None, "the train split")
+        loaders = {
+            k: self._train_loader(self._cluster_train_samples(k), self._local_index, f"cluster {k}")
+            for k in range(self.num_clusters or 0)
+        }
+        # max_size_cycle: an epoch is the largest cluster's loader; smaller clusters
+        # cycle so every sub-net gets a batch every step
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def _eval_loader(self, samples: list[tuple[str, int]]) -> DataLoader:
+        dataset = FaceImageDataset(samples, build_transforms(self.image_size, train=False))
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            drop_last=False,
+            **self._loader_kwargs(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation split, evaluation transforms, global labels, fixed order."""
+        return self._eval_loader(self._split_samples("val"))
+
+    def test_dataloader(self) -> DataLoader:
+        """Test split, evaluation transforms, global labels, fixed order."""
+        return self._eval_loader(self._split_samples("test"))
+
+    def embedding_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Train split for computing class-mean embeddings.
+
+        Evaluation transforms (no flip), global labels, fixed order, and the
+        shard ``train[rank::world_size]`` with no padding or duplication, so
+        per-class sums reduced over ranks equal a single-process pass exactly.
+
+        Args:
+            rank: This process's rank.
+            world_size: Number of processes.
+        """
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                "embedding_dataloader: need 0 <= rank < world_size, "
+                f"got rank={rank}, world_size={world_size}"
+            )
+        return self._eval_loader(self._split_samples("train")[rank::world_size])

@@ -1,0 +1,247 @@
+"""Scanning an identity-per-folder image tree and splitting it per identity.
+
+The expected layout is the one used by LFW, VGGFace2, CASIA-WebFace dumps and
+most aligned-face releases::
+
+    root/
+        Identity_A/  img0001.jpg  img0002.jpg ...
+        Identity_B/  ...
+
+Every direct sub-folder of ``root`` is one identity; every image file directly
+inside it is one sample. Labels are assigned in sorted folder-name order, so the
+same tree always produces the same label for the same identity.
+
+The split is done *per identity* (closed-set identification: every identity
+must be seen in training and evaluated on held-out images of itself), and the
+shuffle of each identity is seeded by ``(seed, class_name)`` only, so an
+identity's split never depends on which other identities were kept by
+``min_images_per_class`` / ``max_classes``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class FaceFolder:
+    """Result of scanning an identity-per-folder tree.
+
+    Attributes:
+        root: The scanned root directory.
+        class_names: Sorted identity folder names; label ``i`` is ``class_names[i]``.
+        samples: ``(image path, label)`` pairs sorted by label, then by path.
+    """
+
+    root: Path
+    class_names: list[str]
+    samples: list[tuple[str, int]]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of identities (labels are ``0..num_classes-1``)."""
+        return len(self.class_names)
+
+
+def _list_images(directory: str) -> list[str]:
+    """Return the sorted full paths of the image files directly inside ``directory``.
+
+    ``os.scandir`` is used (no ``stat`` per file on most filesystems, no image
+    decoding) because this runs over 100k+ file trees at every start-up.
+    """
+    paths = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue  # hidden files: .DS_Store, ._AppleDouble, editor swap files
+            if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            if entry.is_file():  # follows symlinks, so linked datasets work
+                paths.append(entry.path)
+    paths.sort()
+    return paths
+
+
+def scan_image_folder(
+    root: str | Path,
+    min_images_per_class: int = 1,
+    max_classes: int | None = None,
+) -> FaceFolder:
+    """Scan ``root`` for identity sub-folders containing images.
+
+    Args:
+        root: Directory with one sub-folder per identity (``data.root``).
+        min_images_per_class: Identities with fewer images are dropped (with a
+            warning), the usual way LFW/VGGFace2 are restricted to identities
+            that can be split into train/val/test.
+        max_classes: If given, keep only the first ``max_classes`` identities in
+            sorted name order, after the ``min_images_per_class`` filter.
+
+    Returns:
+        The scanned :class:`FaceFolder`.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist or is not a directory.
+        ValueError: No identity sub-folder contains images, none has at least
+            ``min_images_per_class`` images, or an argument is out of range.
+    """
+    if min_images_per_class < 1:
+        raise ValueError(f"data.min_images_per_class must be >= 1, got {min_images_per_class}")
+    if max_classes is not None and max_classes < 1:
+        raise ValueError(f"data.max_classes must be >= 1 or null, got {max_classes}")
+
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"Dataset root {str(root)!r} (data.root) does not exist or is not a directory"
+        )
+
+    # identity name -> sorted image paths; folders without images are not identities
+    found: dict[str, list[str]] = {}
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            images = _list_images(entry.path)
+            if images:
+                found[entry.name] = images
+            else:
+                logger.debug(
+                    "Ignoring %s: no image files (%s)", entry.path, ", ".join(IMAGE_EXTENSIONS)
+                )
+
+    if not found:
+        raise ValueError(
+            f"No identity sub-folders containing images ({', '.join(IMAGE_EXTENSIONS)}) found in "
+            f"data.root={str(root)!r}; expected root/<identity>/<image> layout"
+        )
+
+    names = sorted(found)
+    kept = [n for n in names if len(found[n]) >= min_images_per_class]
+    dropped = [n for n in names if len(found[n]) < min_images_per_class]
+    if not kept:
+        largest = max(len(v) for v in found.values())
+        raise ValueError(
+            f"No identity in data.root={str(root)!r} has at least data.min_images_per_class="
+            f"{min_images_per_class} images (the largest identity has {largest}); "
+            f"lower data.min_images_per_class"
+        )
+    if dropped:
+        shown = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")
+        logger.warning(
+            "Dropped %d of %d identities with fewer than data.min_images_per_class=%d images: %s",
+            len(dropped),
+            len(names),
+            min_images_per_class,
+            shown,
+        )
+    if max_classes is not None:
+        kept = kept[:max_classes]
+
+    samples = [(path, label) for label, name in enumerate(kept) for path in found[name]]
+    return FaceFolder(root=root, class_names=kept, samples=samples)
+
+
+def _n_held_out(n: int, fraction: float) -> int:
+    """Held-out count for one identity: at least one image whenever the fraction is non-zero."""
+    return max(1, round(n * fraction)) if fraction > 0 else 0
+
+
+def _min_images_for(val_fraction: float, test_fraction: float) -> int:
+    """Smallest identity size that leaves >= 1 training image for these fractions."""
+    n = 1
+    while n - _n_held_out(n, val_fraction) - _n_held_out(n, test_fraction) < 1:
+        n += 1
+    return n
+
+
+def validate_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Check that the split fractions are each in ``[0, 1)`` and sum to less than 1.
+
+    Raises:
+        ValueError: With a message naming ``data.val_fraction`` / ``data.test_fraction``.
+    """
+    for name, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"data.val_fraction + data.test_fraction must be < 1 to leave training images, "
+            f"got {val_fraction} + {test_fraction} = {val_fraction + test_fraction}"
+        )
+
+
+def split_per_identity(
+    folder: FaceFolder,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> dict[str, list[int]]:
+    """Split every identity's images into train/val/test.
+
+    For each identity, its images (sorted by path) are shuffled with
+    ``random.Random(f"{seed}:{class_name}")``; the first ``n_test`` go to test,
+    the next ``n_val`` to val, the rest to train, where
+    ``n_x = max(1, round(n * x_fraction))`` if ``x_fraction > 0`` else 0.
+    Seeding by class name (not label) keeps an identity's split unchanged when
+    other identities are added or removed.
+
+    Args:
+        folder: The scanned folder.
+        val_fraction: Fraction of each identity's images for validation.
+        test_fraction: Fraction of each identity's images for test.
+        seed: Split seed.
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}``: ascending indices into
+        ``folder.samples`` (so each split is ordered by label, then path).
+
+    Raises:
+        ValueError: Invalid fractions, or an identity would get no training image.
+    """
+    validate_fractions(val_fraction, test_fraction)
+
+    by_label: dict[int, list[int]] = {}
+    for index, (_, label) in enumerate(folder.samples):
+        by_label.setdefault(label, []).append(index)
+
+    splits: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
+    too_small: list[str] = []
+    for label, indices in sorted(by_label.items()):
+        class_name = folder.class_names[label]
+        # sort by path so the shuffle input never depends on scan order
+        indices = sorted(indices, key=lambda i: folder.samples[i][0])
+        n = len(indices)
+        n_test = _n_held_out(n, test_fraction)
+        n_val = _n_held_out(n, val_fraction)
+        if n - n_test - n_val < 1:
+            too_small.append(f"{class_name} ({n})")
+            continue
+        random.Random(f"{seed}:{class_name}").shuffle(indices)
+        splits["test"].extend(indices[:n_test])
+        splits["val"].extend(indices[n_test : n_test + n_val])
+        splits["train"].extend(indices[n_test + n_val :])
+
+    if too_small:
+        shown = ", ".join(too_small[:10]) + (
+            f", ... ({len(too_small)} in all)" if len(too_small) > 10 else ""
+        )
+        raise ValueError(
+            f"{len(too_small)} identities have too few images to keep at least one training image "
+            f"with data.val_fraction={val_fraction} and data.test_fraction={test_fraction} "
+            f"(each needs >= {_min_images_for(val_fraction, test_fraction)} images): {shown}. "
+            f"Raise data.min_images_per_class to drop them, or lower data.val_fraction / "
+            f"data.test_fraction"
+        )
+
+    return {name: sorted(indices) for name, indices in splits.items()}

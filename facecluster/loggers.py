@@ -1,0 +1,90 @@
+"""Experiment loggers: W&B (default), CSV or none, one continuous run for both stages.
+
+Lightning logs ``trainer/global_step`` from each Trainer, so a second ``fit``
+would restart the x-axis at 0 (and W&B drops steps older than its last one). The
+loggers here add the steps already taken by stage 1 as an offset, so both stages
+form one continuous run. W&B with no API key, or with a key but no network,
+would otherwise hang for minutes at start: the mode is decided up front.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig
+
+WANDB_HOST = ("api.wandb.ai", 443)
+
+
+class _StepOffset:
+    """Adds ``step_offset`` to every logged step (set to stage 1's steps for stage 2)."""
+
+    step_offset: int = 0
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        super().log_metrics(metrics, None if step is None else step + self.step_offset)
+
+
+class RunWandbLogger(_StepOffset, WandbLogger):
+    """WandbLogger whose step axis continues across the two stages."""
+
+
+class RunCSVLogger(_StepOffset, CSVLogger):
+    """CSVLogger whose step column continues across the two stages."""
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def _reachable(host: tuple[str, int], timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection(host, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wandb_mode(cfg: DictConfig) -> tuple[str, str]:
+    """The W&B mode to use and why: ``wandb.mode``, else ``WANDB_MODE``, else decided."""
+    if cfg.wandb.mode:
+        return cfg.wandb.mode, "wandb.mode"
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"], "WANDB_MODE"
+    if not _has_wandb_key():
+        return "offline", "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
+    if not _reachable(WANDB_HOST):
+        return "offline", f"{WANDB_HOST[0]} is unreachable"
+    return "online", "API key found and W&B reachable"
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, run_id: str) -> Logger | None:
+    """The run's logger; ``run_id`` names the W&B run so a resume continues it."""
+    if cfg.logger == "none":
+        return None
+    if cfg.logger == "csv":
+        return RunCSVLogger(save_dir=str(run_dir), name="csv", version="")
+    mode, reason = wandb_mode(cfg)
+    if mode == "offline":
+        rank_zero_info(
+            f"W&B offline ({reason}): the run is written to {run_dir / 'wandb'}; "
+            f"upload it later with `wandb sync {run_dir / 'wandb'}/offline-run-*`"
+        )
+    return RunWandbLogger(
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity,
+        name=run_dir.name,
+        id=run_id,
+        resume="allow",
+        save_dir=str(run_dir),
+        mode=mode,
+        tags=list(cfg.wandb.tags),
+    )

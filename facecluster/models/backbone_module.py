@@ -1,0 +1,104 @@
+"""Stage 1: one backbone and one margin head over all identities.
+
+This is both the first stage of the two-stage method (its backbone gives the
+class-mean embeddings the clustering unit groups, and warm-starts every sub-net)
+and, trained alone, the paper's non-distributed single-model baseline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+from facecluster.models.components import create_backbone, create_head
+from facecluster.models.optim import build_optimizer, build_scheduler, param_groups
+
+CHECKPOINT_KEY = "facecluster"
+"""Key under which every facecluster checkpoint stores its stage and resolved config."""
+
+
+def build_backbone(model: dict[str, Any], image_size: int) -> torch.nn.Module:
+    """The backbone described by the ``model`` config section."""
+    return create_backbone(
+        model["backbone"],
+        embedding_dim=model["embedding_dim"],
+        image_size=image_size,
+        pretrained=model["pretrained"],
+        dropout=model["dropout"],
+        **model.get("kwargs", {}),
+    )
+
+
+class BackboneSystem(L.LightningModule):
+    """Backbone + margin head over all C identities (stage 1 / single baseline).
+
+    Args:
+        num_classes: number of identities C.
+        image_size: input side in pixels.
+        model: the ``model`` config section (backbone, embedding_dim, ...).
+        head: the ``head`` config section (name, s, m).
+        optim: the ``stage1.optim`` config section.
+        config: the whole resolved run config, stored in every checkpoint.
+    """
+
+    stage = 1
+
+    def __init__(
+        self,
+        num_classes: int,
+        image_size: int,
+        model: dict[str, Any],
+        head: dict[str, Any],
+        optim: dict[str, Any],
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = build_backbone(model, image_size)
+        self.head = create_head(
+            head["name"], num_classes, model["embedding_dim"], s=head["s"], m=head["m"]
+        )
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Un-normalised face embeddings [B, embedding_dim]."""
+        return self.backbone(images)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        logits = self.head(self.backbone(images), labels)
+        loss = F.cross_entropy(logits, labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], metric: MulticlassAccuracy, key: str) -> None:
+        images, labels = batch
+        # Closed-set identification: the identity whose head row is nearest (no margin).
+        predictions = self.head.cosine(self.backbone(images)).argmax(dim=1)
+        metric(predictions, labels)
+        self.log(key, metric, prog_bar=True, batch_size=len(labels))
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_acc, "val/acc")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_acc, "test/acc")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optim = self.hparams.optim
+        optimizer = build_optimizer(
+            param_groups([self.backbone, self.head], optim["weight_decay"]), optim
+        )
+        scheduler = build_scheduler(
+            optimizer, self.trainer.estimated_stepping_batches, self.trainer.max_epochs, optim
+        )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"stage": self.stage, "config": self.hparams.config}

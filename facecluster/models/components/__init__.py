@@ -1,0 +1,34 @@
+"""Model components in plain torch + timm: backbones and margin heads.
+
+Nothing here imports lightning or the rest of facecluster, so these modules can be used
+(and exported, e.g. to ONNX) on their own.
+"""
+
+from .backbones import (
+    BACKBONES,
+    EmbeddingNeck,
+    TimmBackbone,
+    TinyBackbone,
+    available_backbones,
+    create_backbone,
+    register_backbone,
+)
+from .heads import HEADS, ArcFace, CosFace, MarginHead, create_head
+from .iresnet import IBasicBlock, IResNet
+
+__all__ = [
+    "BACKBONES",
+    "HEADS",
+    "ArcFace",
+    "CosFace",
+    "EmbeddingNeck",
+    "IBasicBlock",
+    "IResNet",
+    "MarginHead",
+    "TimmBackbone",
+    "TinyBackbone",
+    "available_backbones",
+    "create_backbone",
+    "create_head",
+    "register_backbone",
+]

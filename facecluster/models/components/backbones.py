@@ -1,0 +1,254 @@
+"""Backbone registry: our own face backbones by name, anything else from timm.
+
+Every backbone maps images ``[B, 3, H, W]`` to raw (not L2-normalised) embeddings
+``[B, embedding_dim]`` and exposes ``embedding_dim``; the margin head normalises.
+
+* Registered here: ``iresnet18/34/50/100`` (IResNet of Deng et al., "ArcFace: Additive
+  Angular Margin Loss for Deep Face Recognition", arXiv:1801.07698, as in insightface's
+  arcface_torch, with the improved residual block of Duta et al., "Improved Residual
+  Networks for Image and Video Recognition", arXiv:2004.04989; see ``iresnet.py``) and
+  ``tiny``, a ~60k-parameter network for tests and CPU demos.
+* Any other name that ``timm`` knows: the timm model with its classifier removed
+  (``num_classes=0``, so it returns globally pooled features) followed by an
+  ``EmbeddingNeck`` (Dropout -> Linear -> BatchNorm1d), the usual embedding layer of
+  face recognition models.
+
+New backbones are added with the ``register_backbone`` decorator, never by branching on
+names.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from .iresnet import iresnet18, iresnet34, iresnet50, iresnet100
+
+__all__ = [
+    "BACKBONES",
+    "EmbeddingNeck",
+    "TimmBackbone",
+    "TinyBackbone",
+    "available_backbones",
+    "create_backbone",
+    "register_backbone",
+]
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+"""Registry of our own backbone builders, by name.
+
+A builder is called as ``builder(embedding_dim=..., image_size=..., dropout=...,
+**kwargs)`` and returns a module with an ``embedding_dim`` attribute.
+"""
+
+# How many close names an unknown-name error suggests.
+_MAX_SUGGESTIONS = 5
+
+
+def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Returns a decorator that adds a backbone builder to ``BACKBONES``.
+
+    Args:
+        name: Name under which ``create_backbone`` finds the builder. A registered name
+            shadows a timm model of the same name.
+
+    Returns:
+        Decorator that registers its argument and returns it unchanged.
+
+    Raises:
+        ValueError: If ``name`` is empty or already registered.
+    """
+    if not name:
+        raise ValueError("backbone name must be a non-empty string")
+
+    def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in BACKBONES:
+            raise ValueError(f"backbone {name!r} is already registered")
+        BACKBONES[name] = builder
+        return builder
+
+    return decorator
+
+
+def available_backbones() -> list[str]:
+    """Returns the sorted names of our registered backbones (timm models not included)."""
+    return sorted(BACKBONES)
+
+
+class EmbeddingNeck(nn.Module):
+    """Maps pooled features to an embedding: Dropout -> Linear -> BatchNorm1d.
+
+    Args:
+        in_features: Size of the pooled feature vector.
+        embedding_dim: Size of the output embedding.
+        dropout: Dropout probability applied to the features.
+    """
+
+    def __init__(self, in_features: int, embedding_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.embedding_dim = embedding_dim
+        self.dropout = nn.Dropout(p=dropout)
+        self.fc = nn.Linear(in_features, embedding_dim)
+        self.bn = nn.BatchNorm1d(embedding_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Maps features ``[B, in_features]`` to embeddings ``[B, embedding_dim]``."""
+        return self.bn(self.fc(self.dropout(x)))
+
+
+class TimmBackbone(nn.Module):
+    """A timm model without classifier followed by an ``EmbeddingNeck``.
+
+    Args:
+        name: timm model name (an architecture, optionally with a ``.tag``).
+        embedding_dim: Size of the output embedding.
+        pretrained: Load timm's pretrained weights (needs them cached or a network).
+        dropout: Dropout probability in the neck.
+        **kwargs: Passed to ``timm.create_model`` (e.g. ``img_size=112`` for ViTs, whose
+            input size is fixed at construction).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        embedding_dim: int = 512,
+        pretrained: bool = False,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.body = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        # Models with a pre-logits layer (e.g. MobileNetV3's conv_head) output
+        # head_hidden_size features once the classifier is removed, not num_features.
+        in_features = getattr(self.body, "head_hidden_size", None) or self.body.num_features
+        self.neck = EmbeddingNeck(in_features, embedding_dim, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Maps images ``[B, 3, H, W]`` to embeddings ``[B, embedding_dim]``."""
+        return self.neck(self.body(x))
+
+
+class TinyBackbone(nn.Module):
+    """A tiny CNN for tests and CPU demos: strided conv-BN-ReLU stages, GAP, Linear, BN1d.
+
+    About 60k parameters at ``embedding_dim=512``; global average pooling makes it accept
+    any image size.
+
+    Args:
+        embedding_dim: Size of the output embedding.
+        dropout: Dropout probability before the Linear layer.
+        width: Channels of the first stage; each of the four stages doubles it.
+    """
+
+    def __init__(self, embedding_dim: int = 512, dropout: float = 0.0, width: int = 8) -> None:
+        super().__init__()
+        if width < 1:
+            raise ValueError(f"width must be positive, got {width}")
+        self.embedding_dim = embedding_dim
+        layers: list[nn.Module] = []
+        channels = 3
+        for stage in range(4):
+            out = width * 2**stage
+            layers += [
+                nn.Conv2d(channels, out, kernel_size=3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.neck = EmbeddingNeck(channels, embedding_dim, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Maps images ``[B, 3, H, W]`` to embeddings ``[B, embedding_dim]``."""
+        return self.neck(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@register_backbone("tiny")
+def tiny(
+    embedding_dim: int = 512, image_size: int = 112, dropout: float = 0.0, width: int = 8
+) -> TinyBackbone:
+    """Builds ``TinyBackbone``; ``image_size`` is accepted and ignored (any size works)."""
+    del image_size  # Global pooling: the network does not depend on the input size.
+    return TinyBackbone(embedding_dim=embedding_dim, dropout=dropout, width=width)
+
+
+register_backbone("iresnet18")(iresnet18)
+register_backbone("iresnet34")(iresnet34)
+register_backbone("iresnet50")(iresnet50)
+register_backbone("iresnet100")(iresnet100)
+
+
+def _unknown_backbone_error(name: str) -> ValueError:
+    """Builds the error for an unknown name, suggesting close registered or timm names."""
+    candidates = available_backbones() + [n for n in timm.list_models() if n not in BACKBONES]
+    close = difflib.get_close_matches(name, candidates, n=_MAX_SUGGESTIONS)
+    hint = f"; did you mean: {', '.join(close)}" if close else ""
+    return ValueError(
+        f"unknown backbone {name!r}{hint} (registered: {', '.join(available_backbones())}; "
+        f"or any timm model name, see timm.list_models())"
+    )
+
+
+def create_backbone(
+    name: str,
+    embedding_dim: int = 512,
+    image_size: int = 112,
+    pretrained: bool = False,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> nn.Module:
+    """Creates a backbone mapping images ``[B, 3, H, W]`` to ``[B, embedding_dim]``.
+
+    Registered names (``available_backbones()``) win over timm names; any other name
+    that timm knows gives ``TimmBackbone``. Arguments whose value is ``None`` (also in
+    ``kwargs``) are dropped so that the builder's defaults apply, as timm's
+    ``create_model`` does; this lets configs leave options unset.
+
+    Args:
+        name: Registered backbone name or timm model name.
+        embedding_dim: Size of the output embedding.
+        image_size: Side of the square input images. IResNet needs a multiple of 16;
+            ``tiny`` and timm CNNs ignore it (pass ``img_size`` in ``kwargs`` for timm
+            models with a fixed input size, such as ViTs).
+        pretrained: Load pretrained weights; only timm models have any.
+        dropout: Dropout probability before the embedding layer.
+        **kwargs: Extra builder arguments (e.g. ``width`` for IResNet), or
+            ``timm.create_model`` arguments for timm models.
+
+    Returns:
+        The backbone, with an ``embedding_dim`` attribute. Its output is not normalised.
+
+    Raises:
+        ValueError: If the name is unknown (the message suggests close names), if
+            ``pretrained`` is requested for one of our own backbones, or if an argument is
+            out of range.
+    """
+    options = {"embedding_dim": embedding_dim, "image_size": image_size, "dropout": dropout}
+    options.update(kwargs)
+    options = {key: value for key, value in options.items() if value is not None}
+    pretrained = bool(pretrained) if pretrained is not None else False
+    if options.get("embedding_dim", 1) < 1:
+        raise ValueError(f"embedding_dim must be positive, got {options['embedding_dim']}")
+
+    builder = BACKBONES.get(name)
+    if builder is not None:
+        if pretrained:
+            raise ValueError(
+                f"no pretrained weights exist for backbone {name!r}: our own backbones are "
+                f"trained from scratch (pretrained weights are only available for timm models)"
+            )
+        return builder(**options)
+
+    if not timm.is_model(name):
+        raise _unknown_backbone_error(name)
+    options.pop("image_size", None)  # timm CNNs take any size; ViTs want img_size instead.
+    return TimmBackbone(name, pretrained=pretrained, **options)

@@ -1,0 +1,227 @@
+"""Margin-based softmax classification heads for face identification.
+
+Each head holds one weight row (class centre) per identity and turns embeddings into
+logits ``s * cos(theta_j)``, where ``theta_j`` is the angle between the L2-normalised
+embedding and the L2-normalised row ``j``; the target column gets a margin that makes
+the training task harder than plain softmax and so compacts each identity:
+
+* ArcFace, additive angular margin: Deng et al., "ArcFace: Additive Angular Margin Loss
+  for Deep Face Recognition", CVPR 2019, arXiv:1801.07698. Target logit
+  ``s * cos(theta + m)``.
+* CosFace, additive cosine margin (a.k.a. large margin cosine loss): Wang et al.,
+  "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018,
+  arXiv:1801.09414. Target logit ``s * (cos(theta) - m)``.
+
+Feed the logits to ``torch.nn.functional.cross_entropy``.
+
+All the head math runs with autocast disabled and in at least fp32 (float64 inputs stay
+float64, which ``gradcheck`` needs): in bf16 a cosine has ~3 significant digits, which is
+the same order as the margin itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["HEADS", "ArcFace", "CosFace", "MarginHead", "create_head"]
+
+# Floor of 1 - cos^2 inside the sqrt: the derivative of sqrt is infinite at 0, which
+# turned into NaN gradients for an embedding exactly on its class centre.
+_SIN_EPS = 1e-12
+
+
+class MarginHead(nn.Module):
+    """Base class: cosine logits scaled by ``s`` with a margin on the target column.
+
+    Subclasses implement ``_margin`` (the target cosine after the margin) and may
+    override ``_validate_margin``.
+
+    Args:
+        num_classes: Number of identities (rows of ``weight``).
+        embedding_dim: Size of the embeddings.
+        s: Logit scale (the radius of the hypersphere); must be positive.
+        m: Margin, in the subclass's units.
+
+    Attributes:
+        weight: Class centres ``[num_classes, embedding_dim]``, initialised N(0, 0.01) as
+            in arcface_torch (only their direction matters).
+
+    Raises:
+        ValueError: If an argument is out of range (the message names the parameter).
+    """
+
+    def __init__(self, num_classes: int, embedding_dim: int, s: float, m: float) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"scale s must be a positive finite number, got s={s}")
+        self._validate_margin(m)
+        self.num_classes = num_classes
+        self.embedding_dim = embedding_dim
+        self.s = float(s)
+        self.m = float(m)
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
+        nn.init.normal_(self.weight, 0.0, 0.01)
+
+    def _validate_margin(self, m: float) -> None:
+        """Raises ValueError if the margin ``m`` is out of range for this head."""
+        if not (math.isfinite(m) and m >= 0):
+            raise ValueError(f"margin m must be a finite number >= 0, got m={m}")
+
+    def _margin(self, cos: Tensor) -> Tensor:
+        """Returns the target cosine after the margin (unscaled), elementwise."""
+        raise NotImplementedError
+
+    def _compute_dtype(self, embeddings: Tensor) -> torch.dtype:
+        # At least fp32; float64 is kept so that gradcheck and float64 tests are exact.
+        dtype = torch.promote_types(embeddings.dtype, self.weight.dtype)
+        return torch.promote_types(dtype, torch.float32)
+
+    def cosine(self, embeddings: Tensor) -> Tensor:
+        """Cosine similarity of each embedding with each class centre.
+
+        Args:
+            embeddings: ``[B, embedding_dim]``, any scale (normalised here).
+
+        Returns:
+            ``[B, num_classes]`` in ``[-1, 1]``, in fp32 (float64 for float64 inputs).
+        """
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
+            raise ValueError(
+                f"embeddings must have shape [B, {self.embedding_dim}], "
+                f"got {tuple(embeddings.shape)}"
+            )
+        dtype = self._compute_dtype(embeddings)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            emb = F.normalize(embeddings.to(dtype), dim=1)
+            centres = F.normalize(self.weight.to(dtype), dim=1)
+            # Rounding can push a dot product of unit vectors just past +-1.
+            return (emb @ centres.t()).clamp(-1.0, 1.0)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Margin logits for training.
+
+        Args:
+            embeddings: ``[B, embedding_dim]``, any scale and dtype.
+            labels: ``[B]`` integer class indices in ``[0, num_classes)``.
+
+        Returns:
+            ``[B, num_classes]`` logits in fp32 (float64 for float64 inputs): ``s * cos``
+            everywhere except the target column, which gets the margin.
+        """
+        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"labels must have shape [{embeddings.shape[0]}], got {tuple(labels.shape)}"
+            )
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            cos = self.cosine(embeddings)
+            index = labels.long().unsqueeze(1)
+            target = self._margin(cos.gather(1, index))
+            return cos.scatter(1, index, target) * self.s
+
+    def extra_repr(self) -> str:
+        """Shows the sizes and hyper-parameters in ``print(module)``."""
+        return (
+            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
+            f"s={self.s}, m={self.m}"
+        )
+
+
+class ArcFace(MarginHead):
+    """Additive angular margin (arXiv:1801.07698): target logit ``s * cos(theta + m)``.
+
+    ``cos(theta + m)`` is computed as ``cos * cos(m) - sin * sin(m)``, never via ``acos``
+    (whose gradient is infinite at +-1). Where ``theta + m > pi`` (``cos(theta) <
+    cos(pi - m)``), ``cos(theta + m)`` would increase again with ``theta``; there the target
+    uses insightface's fallback ``cos(theta) - m * sin(m)``, which keeps the target logit
+    decreasing in ``theta``.
+
+    Args:
+        num_classes: Number of identities.
+        embedding_dim: Size of the embeddings.
+        s: Logit scale, > 0.
+        m: Angular margin in radians, in ``[0, pi/2)``.
+    """
+
+    def __init__(
+        self, num_classes: int, embedding_dim: int, s: float = 64.0, m: float = 0.5
+    ) -> None:
+        super().__init__(num_classes, embedding_dim, s, m)
+
+    def _validate_margin(self, m: float) -> None:
+        if not (math.isfinite(m) and 0 <= m < math.pi / 2):
+            raise ValueError(f"ArcFace margin m must be in [0, pi/2) radians, got m={m}")
+
+    def _margin(self, cos: Tensor) -> Tensor:
+        # Constants derived from self.m on every call, so that a margin schedule that
+        # assigns head.m during training takes effect.
+        cos_m, sin_m = math.cos(self.m), math.sin(self.m)
+        threshold = math.cos(math.pi - self.m)  # theta + m > pi  <=>  cos(theta) < this.
+        fallback_margin = self.m * sin_m  # insightface's "mm" = sin(pi - m) * m.
+        sin = torch.sqrt(torch.clamp(1.0 - cos * cos, min=_SIN_EPS))
+        cos_theta_plus_m = cos * cos_m - sin * sin_m
+        return torch.where(cos < threshold, cos - fallback_margin, cos_theta_plus_m)
+
+
+class CosFace(MarginHead):
+    """Additive cosine margin (arXiv:1801.09414): target logit ``s * (cos(theta) - m)``.
+
+    Args:
+        num_classes: Number of identities.
+        embedding_dim: Size of the embeddings.
+        s: Logit scale, > 0.
+        m: Cosine margin in ``[0, 2)``; from 2 on every target logit would be below every
+            other logit whatever the angle.
+    """
+
+    def __init__(
+        self, num_classes: int, embedding_dim: int, s: float = 64.0, m: float = 0.35
+    ) -> None:
+        super().__init__(num_classes, embedding_dim, s, m)
+
+    def _validate_margin(self, m: float) -> None:
+        if not (math.isfinite(m) and 0 <= m < 2):
+            raise ValueError(f"CosFace margin m must be in [0, 2), got m={m}")
+
+    def _margin(self, cos: Tensor) -> Tensor:
+        return cos - self.m
+
+
+HEADS: dict[str, type[MarginHead]] = {"arcface": ArcFace, "cosface": CosFace}
+
+
+def create_head(
+    name: str,
+    num_classes: int,
+    embedding_dim: int,
+    s: float | None = None,
+    m: float | None = None,
+) -> MarginHead:
+    """Creates a margin head by name.
+
+    Args:
+        name: A key of ``HEADS`` (``"arcface"`` or ``"cosface"``).
+        num_classes: Number of identities.
+        embedding_dim: Size of the embeddings.
+        s: Logit scale; ``None`` uses the head's default (64).
+        m: Margin; ``None`` uses the head's default (ArcFace 0.5 rad, CosFace 0.35).
+
+    Returns:
+        The head.
+
+    Raises:
+        ValueError: If ``name`` is unknown (the message lists the valid names) or an
+            argument is out of range.
+    """
+    head_cls = HEADS.get(name)
+    if head_cls is None:
+        raise ValueError(f"unknown head {name!r}; valid names: {', '.join(sorted(HEADS))}")
+    options = {key: value for key, value in {"s": s, "m": m}.items() if value is not None}
+    return head_cls(num_classes, embedding_dim, **options)

@@ -1,0 +1,70 @@
+"""Optimizers and learning-rate schedules shared by both stages.
+
+Plain torch. Schedules are stepped every optimizer step (warm-up then cosine or
+polynomial decay, the arcface_torch recipe); the total step count comes from
+Lightning's ``estimated_stepping_batches`` so it is right for any dataset size,
+device count or accumulation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """Split parameters into decayed weights and undecayed norms/biases.
+
+    Weight decay on BatchNorm/PReLU parameters and biases only shrinks them toward
+    zero without regularising capacity; arcface_torch and timm both exempt them.
+    """
+    decay, no_decay = [], []
+    for module in modules:
+        for p in module.parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(groups: list[dict[str, Any]], optim: dict[str, Any]) -> torch.optim.Optimizer:
+    """An SGD or AdamW optimizer from the ``stageN.optim`` section."""
+    if optim["name"] == "sgd":
+        return torch.optim.SGD(groups, lr=optim["lr"], momentum=optim["momentum"])
+    if optim["name"] == "adamw":
+        return torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]))
+    raise ValueError(f"unknown optimizer {optim['name']!r}; valid: sgd, adamw")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, optim: dict[str, Any]) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if optim["scheduler"] == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    floor = optim["min_lr_ratio"]
+    if optim["scheduler"] == "cosine":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if optim["scheduler"] == "poly":
+        return floor + (1.0 - floor) * (1.0 - progress) ** optim["poly_power"]
+    raise ValueError(f"unknown scheduler {optim['scheduler']!r}; valid: cosine, poly, constant")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, max_epochs: int, optim: dict[str, Any]
+) -> dict[str, Any]:
+    """A per-step LambdaLR in Lightning's ``lr_scheduler`` config format."""
+    total_steps = max(1, int(total_steps))
+    warmup_steps = int(round(optim["warmup_epochs"] * total_steps / max(1, max_epochs)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, optim)
+    )
+    return {"scheduler": scheduler, "interval": "step", "frequency": 1}

@@ -1,0 +1,192 @@
+"""Stage 2: the sub-nets unit of Ahmadi & Dianat (JSDP 2024).
+
+K sub-nets, one per cluster of identities, each a copy of the stage-1 backbone
+(warm start) with its own margin head over its cluster's identities only. A
+training batch is a dict ``{k: (images, local labels)}`` with one batch per
+cluster; the loss is the sum of the K cross-entropies. Sub-nets share no
+parameter, so each receives exactly its own gradient, and under DDP every
+parameter is used in every step (plain ``ddp`` works, no unused-parameter scan).
+
+The cluster assignment lives in full-size buffers registered in ``__init__`` so
+a checkpoint restores it with no resizing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from facecluster.models.backbone_module import CHECKPOINT_KEY, build_backbone
+from facecluster.models.components import create_head
+from facecluster.models.optim import build_optimizer, build_scheduler, param_groups
+
+
+class PerClusterAccuracy(Metric):
+    """Top-1 accuracy of each sub-net on its own cluster's images (synced across ranks)."""
+
+    full_state_update = False
+
+    def __init__(self, num_clusters: int) -> None:
+        super().__init__()
+        self.add_state("correct", torch.zeros(num_clusters, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(num_clusters, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, cluster: int, correct: Tensor) -> None:
+        self.correct[cluster] += correct.sum()
+        self.total[cluster] += correct.numel()
+
+    def compute(self) -> Tensor:
+        """[K + 1]: per-cluster accuracies, then the overall accuracy."""
+        per_cluster = self.correct.float() / self.total.clamp(min=1)
+        overall = self.correct.sum().float() / self.total.sum().clamp(min=1)
+        return torch.cat([per_cluster, overall[None]])
+
+
+class SubnetSystem(L.LightningModule):
+    """K sub-nets with per-cluster margin heads (stage 2).
+
+    Args:
+        num_classes: number of identities C.
+        cluster_sizes: identities per cluster, length K.
+        image_size: input side in pixels.
+        model: the ``model`` config section.
+        head: the ``head`` config section.
+        optim: the ``stage2.optim`` config section.
+        config: the whole resolved run config, stored in every checkpoint.
+    """
+
+    stage = 2
+
+    def __init__(
+        self,
+        num_classes: int,
+        cluster_sizes: list[int],
+        image_size: int,
+        model: dict[str, Any],
+        head: dict[str, Any],
+        optim: dict[str, Any],
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        num_clusters, dim = len(cluster_sizes), model["embedding_dim"]
+        self.subnets = nn.ModuleList(build_backbone(model, image_size) for _ in cluster_sizes)
+        self.heads = nn.ModuleList(
+            create_head(head["name"], size, dim, s=head["s"], m=head["m"]) for size in cluster_sizes
+        )
+        self.register_buffer("class_to_cluster", torch.zeros(num_classes, dtype=torch.long))
+        self.register_buffer("local_index", torch.zeros(num_classes, dtype=torch.long))
+        self.register_buffer("class_means", torch.zeros(num_classes, dim))
+        self.register_buffer("centroids", torch.zeros(num_clusters, dim))
+        self.val_acc = PerClusterAccuracy(num_clusters)
+        self.test_acc = PerClusterAccuracy(num_clusters)
+
+    @property
+    def num_clusters(self) -> int:
+        return len(self.subnets)
+
+    def set_assignment(self, assignment: Any) -> None:
+        """Copy a ClusterAssignment into the buffers (they are saved in checkpoints)."""
+        sizes = assignment.cluster_sizes().tolist()
+        if sizes != list(self.hparams.cluster_sizes):
+            raise ValueError(
+                f"cluster sizes {sizes} do not match this model's {list(self.hparams.cluster_sizes)}"
+            )
+        self.class_to_cluster.copy_(assignment.class_to_cluster)
+        self.local_index.copy_(assignment.local_index)
+        self.class_means.copy_(assignment.class_means)
+        self.centroids.copy_(assignment.centroids)
+
+    def warm_start(self, backbone_state: dict[str, Tensor], init_heads_from_means: bool) -> None:
+        """Start every sub-net from the stage-1 backbone (call after set_assignment).
+
+        With ``init_heads_from_means`` each head row starts at its identity's class
+        mean: the stage-1 backbone already separates those identities, so stage 2
+        starts from a working classifier instead of random rows.
+        """
+        for subnet in self.subnets:
+            subnet.load_state_dict(backbone_state)
+        if init_heads_from_means:
+            for k, head in enumerate(self.heads):
+                members = (self.class_to_cluster == k).nonzero().squeeze(1)
+                with torch.no_grad():
+                    head.weight.copy_(self.class_means[members])
+
+    def forward(self, images: Tensor, cluster: int) -> Tensor:
+        """Embeddings of ``images`` by sub-net ``cluster``."""
+        return self.subnets[cluster](images)
+
+    def training_step(self, batch: dict[int, tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
+        total = 0.0
+        for k, (images, labels) in batch.items():
+            k = int(k)
+            logits = self.heads[k](self.subnets[k](images), labels)
+            loss = F.cross_entropy(logits, labels)
+            self.log(f"train/loss_subnet{k}", loss, batch_size=len(labels))
+            total = total + loss
+        self.log("train/loss", total, prog_bar=True, batch_size=1)
+        return total
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Lightning's clipping takes one global norm over all sub-nets: one exploding
+        # sub-net would shrink every other sub-net's step to nearly nothing. Clip each
+        # sub-net (with its head) on its own instead.
+        if not gradient_clip_val:
+            return
+        for subnet, head in zip(self.subnets, self.heads, strict=True):
+            params = [p for m in (subnet, head) for p in m.parameters() if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], metric: PerClusterAccuracy) -> None:
+        # Oracle routing: each image goes to the sub-net of its true identity's cluster,
+        # which measures every sub-net on its own cluster (routing comes at inference).
+        images, labels = batch
+        clusters = self.class_to_cluster[labels]
+        for k in clusters.unique().tolist():
+            idx = (clusters == k).nonzero().squeeze(1)
+            cosine = self.heads[k].cosine(self.subnets[k](images[idx]))
+            metric.update(k, cosine.argmax(dim=1) == self.local_index[labels[idx]])
+
+    def _log_accuracy(self, metric: PerClusterAccuracy, prefix: str) -> None:
+        values = metric.compute()
+        logs = {f"{prefix}/acc_subnet{k}": v for k, v in enumerate(values[:-1])}
+        self.log_dict(logs)
+        self.log(f"{prefix}/acc", values[-1], prog_bar=True)
+        metric.reset()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_acc)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracy(self.val_acc, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_acc)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracy(self.test_acc, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optim = self.hparams.optim
+        groups = param_groups([*self.subnets, *self.heads], optim["weight_decay"])
+        optimizer = build_optimizer(groups, optim)
+        scheduler = build_scheduler(
+            optimizer, self.trainer.estimated_stepping_batches, self.trainer.max_epochs, optim
+        )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"stage": self.stage, "config": self.hparams.config}

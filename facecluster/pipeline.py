@@ -1,0 +1,379 @@
+"""The two-stage training run that ``train.py`` calls: one run folder, two fits.
+
+Stage 1 trains a backbone with one margin head over all identities; at its end
+the ClusteringCallback groups the identities; stage 2 trains one sub-net per
+group, each warm-started from the stage-1 backbone. One ``Trainer.fit`` per
+stage (see docs/ARCHITECTURE.md for why): each LightningModule holds exactly what
+it trains, so plain DDP works, and each stage has its own optimizer, schedule,
+checkpoint folder and monitor.
+
+Run folder::
+
+    <output_dir>/<run_name>/
+      config.yaml  run.json           resolved config, W&B run id
+      stage1/checkpoints/             best and last.ckpt of stage 1
+      stage1.json                     stage-1 steps and test accuracy
+      clusters.pt                     the ClusterAssignment
+      stage2/checkpoints/             best and last.ckpt of stage 2
+      results.json  results.md        held-out accuracies
+      wandb/ or csv/                  logs
+
+Every process of a DDP run executes this code (Lightning starts the other ranks
+by re-running the script), so the run folder is chosen once by rank 0 and passed
+to the others through ``FACECLUSTER_RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, OmegaConf
+
+from facecluster.callbacks import ClusteringCallback, EpochSeedCallback
+from facecluster.clustering import ClusterAssignment
+from facecluster.config import (
+    ConfigError,
+    load_config,
+    resolve_data_root,
+    stage_epochs,
+    to_container,
+)
+from facecluster.data import FaceDataModule
+from facecluster.loggers import build_logger
+from facecluster.models.backbone_module import CHECKPOINT_KEY, BackboneSystem
+from facecluster.models.subnets_module import SubnetSystem
+
+RUN_DIR_ENV = "FACECLUSTER_RUN_DIR"
+LAST = "last.ckpt"
+
+
+@dataclass
+class RunResult:
+    """What a finished run returns (so tests and notebooks can call ``train`` in-process)."""
+
+    run_dir: Path
+    results: dict[str, Any]
+    table: str
+    backbone: BackboneSystem | None = None
+    subnets: SubnetSystem | None = None
+    assignment: ClusterAssignment | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The facecluster metadata of a checkpoint; a clear error for anything else."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise ConfigError(f"resume={path}: cannot be read as a checkpoint ({e})") from None
+    if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt:
+        raise ConfigError(
+            f"resume={path}: not a facecluster checkpoint (no '{CHECKPOINT_KEY}' entry); "
+            "pass a run folder or a .ckpt written by facecluster"
+        )
+    return ckpt[CHECKPOINT_KEY]
+
+
+def config_for_resume(resume: str, overrides: list[str] | tuple = ()) -> DictConfig:
+    """The saved config of the run to resume, with command-line overrides applied."""
+    path = Path(resume).expanduser()
+    if not path.exists():
+        raise ConfigError(f"resume={resume}: no such run folder or checkpoint")
+    run_dir = path if path.is_dir() else path.resolve().parents[2]
+    saved = run_dir / "config.yaml"
+    if path.is_file():
+        meta = read_checkpoint_meta(path)
+        if not saved.is_file():  # a checkpoint moved out of its run folder
+            saved = run_dir / "config.from-checkpoint.yaml"
+            OmegaConf.save(OmegaConf.create(meta["config"]), saved)
+    elif not saved.is_file():
+        raise ConfigError(
+            f"resume={resume}: not a facecluster run folder (no config.yaml); "
+            "pass the folder printed at the start of the run, or a checkpoint"
+        )
+    overrides = [o for o in overrides if not o.startswith("resume=")]
+    return load_config(saved, [*overrides, f"resume={path}", f"output_dir={run_dir.parent}",
+                               f"run_name={run_dir.name}"])
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    if cfg.resume:
+        path = Path(cfg.resume)
+        return path if path.is_dir() else path.resolve().parents[2]
+    name = cfg.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.clustering.method}"
+    run_dir = Path(cfg.output_dir).expanduser() / name
+    if (run_dir / "config.yaml").exists():
+        raise ConfigError(f"run folder {run_dir} already exists; pass resume={run_dir} to continue it")
+    return run_dir
+
+
+def prepare_run_dir(cfg: DictConfig) -> tuple[Path, str]:
+    """Create (or reopen) the run folder; returns it and the W&B run id."""
+    run_dir = _run_dir(cfg).resolve()
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the DDP ranks Lightning starts
+    meta_path = run_dir / "run.json"
+    if _is_rank_zero() and not meta_path.exists():
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"output_dir: cannot write the run folder {run_dir} ({e})") from None
+        meta_path.write_text(json.dumps({"run_id": uuid.uuid4().hex[:12],
+                                         "created": datetime.now().isoformat()}, indent=2))
+    if _is_rank_zero():
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    return run_dir, json.loads(meta_path.read_text())["run_id"]
+
+
+def _last_checkpoint(run_dir: Path, stage: int) -> Path | None:
+    path = run_dir / f"stage{stage}" / "checkpoints" / LAST
+    return path if path.is_file() else None
+
+
+def _resume_points(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, Path | None]:
+    """Checkpoints to resume stage 1 and stage 2 from (None: start that stage fresh)."""
+    if not cfg.resume:
+        return None, None
+    path = Path(cfg.resume)
+    if path.is_file():
+        stage = read_checkpoint_meta(path)["stage"]
+        return (path, None) if stage == 1 else (None, path)
+    stage2 = _last_checkpoint(run_dir, 2)
+    if stage2 is not None:
+        return None, stage2
+    return _last_checkpoint(run_dir, 1), None
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def build_datamodule(cfg: DictConfig) -> FaceDataModule:
+    d = cfg.data
+    dm = FaceDataModule(
+        root=str(resolve_data_root(d.root)),
+        image_size=d.image_size,
+        batch_size=d.batch_size,
+        eval_batch_size=d.eval_batch_size,
+        num_workers=d.num_workers,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        min_images_per_class=d.min_images_per_class,
+        max_classes=d.max_classes,
+        seed=cfg.seed,
+    )
+    try:
+        dm.setup()
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if dm.num_classes < cfg.clustering.num_clusters:
+        raise ConfigError(
+            f"clustering.num_clusters={cfg.clustering.num_clusters} but {d.root} has only "
+            f"{dm.num_classes} identities with at least {d.min_images_per_class} images"
+        )
+    return dm
+
+
+def make_trainer(cfg: DictConfig, stage: int, run_dir: Path, logger: Any,
+                 callbacks: list[L.Callback]) -> L.Trainer:
+    """A Trainer for one stage: the user's ``trainer.*`` plus this stage's callbacks."""
+    monitor = "val/acc" if cfg.data.val_fraction > 0 else None
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / f"stage{stage}" / "checkpoints",
+        filename="best-epoch{epoch:03d}",
+        auto_insert_metric_name=False,
+        monitor=monitor,
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+        # Saved after the epoch's validation, at a clean epoch boundary: a resume
+        # never starts mid-epoch (ordinary DataLoaders cannot fast-forward).
+        save_on_train_epoch_end=True,
+    )
+    callbacks = [checkpoint, EpochSeedCallback(cfg.seed, stage), *callbacks]
+    if logger is not None:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    kwargs = dict(cfg.trainer)
+    kwargs["max_epochs"] = stage_epochs(cfg, f"stage{stage}")
+    if cfg.data.val_fraction == 0:
+        kwargs["limit_val_batches"] = 0
+    return L.Trainer(
+        **kwargs,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        default_root_dir=str(run_dir / f"stage{stage}"),
+        enable_checkpointing=True,
+    )
+
+
+def _module_args(cfg: DictConfig, stage: int) -> dict[str, Any]:
+    return {
+        "image_size": cfg.data.image_size,
+        "model": to_container(cfg.model),
+        "head": to_container(cfg.head),
+        "optim": to_container(cfg[f"stage{stage}"].optim),
+        "config": to_container(cfg),
+    }
+
+
+def _check_backbone(cfg: DictConfig) -> None:
+    """Build the backbone once before any work: a bad name fails with close names."""
+    from facecluster.models.backbone_module import build_backbone
+
+    try:
+        build_backbone(to_container(cfg.model), cfg.data.image_size)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"model.backbone={cfg.model.backbone!r}: {e}") from None
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> RunResult:
+    """Run (or resume) the whole two-stage method and return its held-out results.
+
+    Args:
+        cfg: a validated config (``load_config``; ``config_for_resume`` to continue a run).
+        callbacks: extra Lightning callbacks added to both stages' Trainers.
+    """
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    _check_backbone(cfg)
+    dm = build_datamodule(cfg)
+    run_dir, run_id = prepare_run_dir(cfg)
+    stage1_ckpt, stage2_ckpt = _resume_points(cfg, run_dir)
+    rank_zero_info(f"facecluster run folder: {run_dir}")
+    logger = build_logger(cfg, run_dir, run_id)
+    clusters_path = run_dir / "clusters.pt"
+    stage1_path = run_dir / "stage1.json"
+    try:
+        backbone = None
+        if stage2_ckpt is None:
+            backbone, stage1 = _train_stage1(cfg, dm, run_dir, logger, stage1_ckpt,
+                                             clusters_path, callbacks)
+            if _is_rank_zero():
+                stage1_path.write_text(json.dumps(stage1, indent=2))
+        else:
+            stage1 = json.loads(stage1_path.read_text())
+        assignment = ClusterAssignment.load(clusters_path)
+        dm.connect_clusters(assignment.class_to_cluster, assignment.local_index)
+        subnets, stage2 = _train_stage2(cfg, dm, run_dir, logger, stage2_ckpt, assignment,
+                                        backbone, stage1["global_step"], callbacks)
+        results = _results(dm, assignment, stage1, stage2)
+        table = format_results(results)
+        if _is_rank_zero():
+            (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+            (run_dir / "results.md").write_text(table + "\n")
+        rank_zero_info(f"\n{table}\n\nfacecluster run folder: {run_dir}")
+        return RunResult(run_dir, results, table, backbone, subnets, assignment)
+    finally:
+        if hasattr(logger, "experiment") and cfg.logger == "wandb" and _is_rank_zero():
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+
+
+def _train_stage1(cfg: DictConfig, dm: FaceDataModule, run_dir: Path, logger: Any,
+                  ckpt: Path | None, clusters_path: Path,
+                  callbacks: Sequence[L.Callback]) -> tuple[BackboneSystem, dict]:
+    # Seeded here, not only at start: a resumed run builds the same initial weights.
+    torch.manual_seed(cfg.seed + 1)
+    model = BackboneSystem(dm.num_classes, **_module_args(cfg, 1))
+    clustering = ClusteringCallback(
+        dm, cfg.clustering.num_clusters, cfg.clustering.method, cfg.seed, clusters_path,
+        niter=cfg.clustering.niter, nredo=cfg.clustering.nredo,
+    )
+    trainer = make_trainer(cfg, 1, run_dir, logger, [clustering, *callbacks])
+    trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    if clustering.assignment is None:
+        # A resumed, already finished stage 1 skips on_train_end: cluster here.
+        clustering.run(trainer, model)
+    test = trainer.test(model, datamodule=dm, verbose=False)[0]
+    return model, {"global_step": trainer.global_step, "test_acc": test["test/acc"],
+                   "epochs": trainer.current_epoch}
+
+
+def _train_stage2(cfg: DictConfig, dm: FaceDataModule, run_dir: Path, logger: Any,
+                  ckpt: Path | None, assignment: ClusterAssignment,
+                  backbone: BackboneSystem | None, step_offset: int,
+                  callbacks: Sequence[L.Callback]) -> tuple[SubnetSystem, dict]:
+    torch.manual_seed(cfg.seed + 2)
+    model = SubnetSystem(dm.num_classes, assignment.cluster_sizes().tolist(),
+                         **_module_args(cfg, 2))
+    model.set_assignment(assignment)
+    if ckpt is None:
+        if backbone is None:
+            raise ConfigError(f"{run_dir}: stage 2 has no checkpoint and no stage-1 backbone")
+        model.warm_start(backbone.backbone.state_dict(), cfg.head.init_from_class_means)
+    if logger is not None:
+        logger.step_offset = step_offset
+    trainer = make_trainer(cfg, 2, run_dir, logger, list(callbacks))
+    trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    test = trainer.test(model, datamodule=dm, verbose=False)[0]
+    return model, {"global_step": trainer.global_step, "test": test,
+                   "epochs": trainer.current_epoch}
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _results(dm: FaceDataModule, assignment: ClusterAssignment, stage1: dict,
+             stage2: dict) -> dict[str, Any]:
+    test_labels = dm.split_labels("test")
+    clusters = assignment.class_to_cluster[test_labels]
+    sizes = assignment.cluster_sizes().tolist()
+    subnets = [
+        {"cluster": k, "identities": n, "test_images": int((clusters == k).sum()),
+         "accuracy": float(stage2["test"][f"test/acc_subnet{k}"]), "chance": 1.0 / n}
+        for k, n in enumerate(sizes)
+    ]
+    return {
+        "identities": dm.num_classes,
+        "test_images": len(test_labels),
+        "clustering": assignment.method,
+        "num_clusters": assignment.num_clusters,
+        "stage1": {"accuracy": float(stage1["test_acc"]), "chance": 1.0 / dm.num_classes,
+                   "steps": stage1["global_step"]},
+        "subnets": subnets,
+        "subnets_oracle_accuracy": float(stage2["test"]["test/acc"]),
+        "stage2_steps": stage2["global_step"],
+    }
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """The held-out results as a markdown table."""
+    rows = [("stage-1 single model, all identities", results["identities"],
+             results["test_images"], results["stage1"]["accuracy"], results["stage1"]["chance"])]
+    for s in results["subnets"]:
+        rows.append((f"sub-net {s['cluster']}, on its own cluster", s["identities"],
+                     s["test_images"], s["accuracy"], s["chance"]))
+    lines = [
+        f"Held-out test accuracy ({results['clustering']} clustering, "
+        f"K={results['num_clusters']})",
+        "",
+        "| model | identities | test images | top-1 accuracy | chance |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {m} | {c} | {n} | {a:.2%} | {ch:.2%} |" for m, c, n, a, ch in rows]
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""Shared fixtures: the real smoke config, shrunk further, writing into tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from facecluster.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+DEMO = ROOT / "datasets" / "lfw-demo" / "images"
+SHARED_LFW = ROOT.parent / "shared" / "datasets" / "lfw-112" / "images"
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_network(monkeypatch):
+    """Tests never talk to W&B: no key, offline unless a test says otherwise."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("FACECLUSTER_RUN_DIR", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def smoke_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    """configs/smoke.yaml made smaller still: 12 identities, few batches."""
+    return [
+        f"output_dir={tmp_path}",
+        "run_name=run",
+        "data.max_classes=12",
+        "data.batch_size=8",
+        "clustering.num_clusters=3",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def smoke_cfg(tmp_path):
+    """A factory: the smoke config with extra overrides."""
+
+    def make(*extra: str):
+        return load_config(SMOKE, smoke_overrides(tmp_path, *extra))
+
+    return make

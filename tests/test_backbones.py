@@ -1,0 +1,215 @@
+"""Tests for facecluster.models.components.backbones and iresnet (CPU, no downloads)."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+from torch import nn
+
+from facecluster.models.components import (
+    BACKBONES,
+    IResNet,
+    available_backbones,
+    create_backbone,
+    register_backbone,
+)
+
+
+def _num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_registry_names() -> None:
+    assert available_backbones() == sorted(
+        ["iresnet18", "iresnet34", "iresnet50", "iresnet100", "tiny"]
+    )
+    assert available_backbones() == sorted(BACKBONES)
+
+
+@pytest.mark.parametrize(
+    "name", ["tiny", "iresnet18", "iresnet34", "resnet18", "mobilenetv3_small_100"]
+)
+def test_output_shape_112(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_backbone(name, embedding_dim=128)
+    assert model.embedding_dim == 128
+    model.train()  # Training-mode BN needs B > 1 and exercises the real training path.
+    out = model(torch.randn(2, 3, 112, 112))
+    assert out.shape == (2, 128)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    # Raw embeddings: the backbone must not L2-normalise (the head does).
+    assert not torch.allclose(out.norm(dim=1), torch.ones(2))
+
+
+# Parameter counts of arcface_torch's r18/r34/r50/r100 at 112x112 with 512-d output.
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("iresnet18", 24_025_600),
+        ("iresnet34", 34_139_328),
+        ("iresnet50", 43_590_848),
+        ("iresnet100", 65_156_160),
+    ],
+)
+def test_iresnet_param_counts_match_arcface_torch(name: str, expected: int) -> None:
+    # The meta device builds the full-width model without allocating or initialising
+    # tens of millions of weights.
+    with torch.device("meta"):
+        model = create_backbone(name)
+    assert isinstance(model, IResNet)
+    assert _num_params(model) == pytest.approx(expected, rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["iresnet50", "iresnet100"])
+def test_deep_iresnets_run_at_112(name: str) -> None:
+    # Full depth at a narrow width: the whole architecture runs at 112x112, cheaply.
+    torch.manual_seed(0)
+    model = create_backbone(name, width=8).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 112, 112))
+    assert out.shape == (2, 512)
+    assert torch.isfinite(out).all()
+
+
+def test_iresnet_layout() -> None:
+    model = create_backbone("iresnet34", width=8)
+    assert [len(stage) for stage in (model.layer1, model.layer2, model.layer3, model.layer4)] == [
+        3,
+        4,
+        6,
+        3,
+    ]
+    assert model.conv1.stride == (1, 1)  # Face stem keeps full resolution.
+    assert model.layer4[0].conv2.out_channels == 64  # 8 * width.
+    assert model.fc.in_features == 64 * 7 * 7  # 112 // 16 = 7.
+
+
+def test_iresnet_small_image_and_width() -> None:
+    torch.manual_seed(0)
+    model = create_backbone("iresnet18", embedding_dim=64, image_size=64, width=16)
+    assert model.fc.in_features == 8 * 16 * 4 * 4  # 64 // 16 = 4.
+    out = model(torch.randn(3, 3, 64, 64))
+    assert out.shape == (3, 64)
+
+
+@pytest.mark.parametrize("image_size", [100, 8, 0])
+def test_iresnet_rejects_bad_image_size(image_size: int) -> None:
+    with pytest.raises(ValueError, match="multiple of 16"):
+        create_backbone("iresnet18", image_size=image_size, width=8)
+
+
+def test_tiny_is_small_cheap_and_size_agnostic() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = create_backbone("tiny")
+    assert _num_params(model) < 100_000
+    model.eval()
+    x = torch.randn(32, 3, 112, 112)
+    # A FLOP bound, not a wall-clock one: speed is shown by benchmarks, not tests.
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = model(x)
+    assert out.shape == (32, 512)
+    assert counter.get_total_flops() < 1e9
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 50, 70)).shape == (2, 512)
+    assert create_backbone("tiny", image_size=37).embedding_dim == 512
+
+
+def test_tiny_backward_reaches_every_parameter() -> None:
+    torch.manual_seed(0)
+    model = create_backbone("tiny", embedding_dim=32)
+    out = model(torch.randn(4, 3, 112, 112))
+    # BN1d zero-centres each dimension over the batch, so a plain sum would have zero
+    # gradient; a nonlinear loss reaches every parameter.
+    (out**2).sum().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert param.grad.abs().sum() > 0, name
+
+
+def test_unknown_name_suggests_close_names() -> None:
+    with pytest.raises(ValueError, match="iresnet19") as info:
+        create_backbone("iresnet19")
+    assert "iresnet18" in str(info.value)
+    with pytest.raises(ValueError, match="resnet181") as info:
+        create_backbone("resnet181")
+    suggestions = str(info.value).split("did you mean:")[1].split("(")[0]
+    assert "resnet18" in [s.strip() for s in suggestions.split(",")]
+    assert len(suggestions.split(",")) <= 5
+
+
+def test_pretrained_on_own_backbone_errors() -> None:
+    with pytest.raises(ValueError, match="pretrained"):
+        create_backbone("iresnet18", pretrained=True)
+
+
+def test_none_kwargs_are_dropped() -> None:
+    with torch.device("meta"):  # Full width: no need to allocate the weights.
+        model = create_backbone("iresnet18", width=None, dropout=None, embedding_dim=None)
+    assert model.width == 64
+    assert model.embedding_dim == 512
+    tiny = create_backbone("tiny", width=None, image_size=None)
+    assert tiny.embedding_dim == 512
+
+
+def test_unknown_kwarg_is_not_silently_ignored() -> None:
+    with pytest.raises(TypeError):
+        create_backbone("iresnet18", widht=8)
+
+
+def test_dropout_is_applied() -> None:
+    model = create_backbone("iresnet18", width=8, dropout=0.3)
+    assert model.dropout.p == 0.3
+    neck = create_backbone("resnet18", dropout=0.2, embedding_dim=16).neck
+    assert neck.dropout.p == 0.2 and neck.fc.out_features == 16
+
+
+def test_register_backbone_rejects_duplicates() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone("tiny")(lambda **kwargs: nn.Identity())
+
+
+def test_register_and_create_custom_backbone() -> None:
+    name = "_test_custom_backbone"
+
+    class Custom(nn.Module):
+        def __init__(self, embedding_dim: int) -> None:
+            super().__init__()
+            self.embedding_dim = embedding_dim
+            self.fc = nn.Linear(3, embedding_dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.mean(dim=(2, 3)))
+
+    @register_backbone(name)
+    def build(embedding_dim: int = 512, image_size: int = 112, dropout: float = 0.0) -> Custom:
+        return Custom(embedding_dim)
+
+    try:
+        assert name in available_backbones()
+        assert create_backbone(name, embedding_dim=7)(torch.randn(2, 3, 9, 9)).shape == (2, 7)
+    finally:
+        del BACKBONES[name]
+
+
+def test_components_import_only_torch_and_timm() -> None:
+    # Static check: facecluster.models.__init__ (others' code) may import lightning, but
+    # components/ itself must stay plain torch + timm with only relative imports.
+    import ast
+    from pathlib import Path
+
+    import facecluster.models.components as components
+
+    allowed = {"__future__", "collections", "difflib", "math", "typing", "timm", "torch"}
+    for path in Path(components.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = [(node.module or "").split(".")[0]]
+            else:
+                continue
+            assert set(roots) <= allowed, f"{path.name} imports {roots}"

@@ -1,0 +1,419 @@
+"""Invariants of facecluster.clustering on seeded synthetic embeddings.
+
+The data are synthetic on purpose: blobs on the unit sphere make clustering
+properties (recovery, dispersion, balance) checkable without a trained model.
+Tests assert invariants, not exact values.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from facecluster.clustering import (
+    METHODS,
+    ClusterAssignment,
+    accumulate_class_sums,
+    cluster_identities,
+    dispersion,
+    finalize_class_means,
+)
+
+
+def blobs(num_blobs: int, per_blob: int, dim: int = 32, noise: float = 0.05, seed: int = 0):
+    """Unit-norm points around ``num_blobs`` random directions; returns (x, blob id)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = F.normalize(torch.randn(num_blobs, dim, generator=g), dim=1)
+    x = centers.repeat_interleave(per_blob, 0) + noise * torch.randn(
+        num_blobs * per_blob, dim, generator=g
+    )
+    return F.normalize(x, dim=1), torch.arange(num_blobs).repeat_interleave(per_blob)
+
+
+def random_means(num: int, dim: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(num, dim, generator=g), dim=1)
+
+
+def check_consistent(a: ClusterAssignment) -> None:
+    """local_index / classes_of / sizes agree, and every cluster is non-empty."""
+    sizes = a.cluster_sizes()
+    assert sizes.shape == (a.num_clusters,)
+    assert int(sizes.sum()) == a.num_classes
+    assert (sizes >= 1).all()
+    seen = torch.zeros(a.num_classes, dtype=torch.bool)
+    for k in range(a.num_clusters):
+        members = a.classes_of(k)
+        assert members.numel() == int(sizes[k])
+        assert torch.all(members[1:] > members[:-1])  # increasing global ids
+        assert (a.class_to_cluster[members] == k).all()
+        assert torch.equal(a.local_index[members], torch.arange(members.numel()))
+        seen[members] = True
+    assert seen.all()
+    c = torch.arange(a.num_classes)
+    for k in range(a.num_clusters):
+        in_k = c[a.class_to_cluster == k]
+        assert torch.equal(a.classes_of(k)[a.local_index[in_k]], in_k)
+    torch.testing.assert_close(a.centroids.norm(dim=1), torch.ones(a.num_clusters))
+    torch.testing.assert_close(a.class_means.norm(dim=1), torch.ones(a.num_classes))
+
+
+# ------------------------------------------------------------------ k-means
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kmeans_recovers_separated_blobs_up_to_permutation(seed):
+    x, blob = blobs(5, 15, seed=seed)
+    a = cluster_identities(x, 5, "kmeans", seed=seed, nredo=10)
+    pairs = set(zip(blob.tolist(), a.class_to_cluster.tolist(), strict=True))
+    # A bijection blob <-> cluster: exactly 5 distinct (blob, cluster) pairs.
+    assert len(pairs) == 5
+    assert len({k for _, k in pairs}) == 5
+    assert a.method == "kmeans"
+    check_consistent(a)
+
+
+@pytest.mark.parametrize("num_clusters", [20, 23, 24])
+def test_kmeans_never_leaves_an_empty_cluster_with_duplicates(num_clusters):
+    # 6 distinct means, each repeated 4 times: k-means alone would leave clusters empty.
+    means = random_means(6, seed=3).repeat_interleave(4, 0)
+    a = cluster_identities(means, num_clusters, "kmeans", seed=0)
+    assert a.num_clusters == num_clusters
+    assert int(a.cluster_sizes().min()) >= 1
+    check_consistent(a)
+    # Deterministic for a seed, repair step included.
+    assert a == cluster_identities(means, num_clusters, "kmeans", seed=0)
+
+
+def test_kmeans_all_identical_means_k_equals_c():
+    means = random_means(1).repeat(7, 1)
+    a = cluster_identities(means, 7, "kmeans")
+    assert torch.equal(a.cluster_sizes(), torch.ones(7, dtype=torch.long))
+
+
+def test_kmeans_is_deterministic_for_a_seed():
+    x, _ = blobs(6, 20, noise=0.3, seed=4)
+    assert cluster_identities(x, 6, seed=7) == cluster_identities(x, 6, seed=7)
+
+
+def test_kmeans_beats_random_and_within_decreases_with_k():
+    x, _ = blobs(8, 25, noise=0.3, seed=5)
+    seeds = range(3)
+    km = {
+        k: [dispersion(cluster_identities(x, k, "kmeans", seed=s))["within"] for s in seeds]
+        for k in (2, 4, 8, 16)
+    }
+    rnd = {
+        k: [dispersion(cluster_identities(x, k, "random", seed=s))["within"] for s in seeds]
+        for k in (2, 4, 8, 16)
+    }
+    avg = {k: sum(v) / len(v) for k, v in km.items()}
+    for k in km:
+        assert max(km[k]) < min(rnd[k]), k
+    ks = sorted(avg)
+    for small, large in zip(ks, ks[1:], strict=False):
+        assert avg[large] <= avg[small] + 1e-6, (small, large, avg)
+
+
+# ----------------------------------------------------------------- balanced
+@pytest.mark.parametrize(
+    "num_classes,num_clusters", [(10, 3), (64, 8), (101, 10), (97, 7), (17, 17), (23, 1), (50, 49)]
+)
+def test_balanced_sizes_differ_by_at_most_one(num_classes, num_clusters):
+    means = random_means(num_classes, seed=num_classes)
+    a = cluster_identities(means, num_clusters, "balanced", seed=1)
+    sizes = a.cluster_sizes()
+    lo, hi = num_classes // num_clusters, -(-num_classes // num_clusters)
+    assert int(sizes.min()) >= lo and int(sizes.max()) <= hi
+    assert int(sizes.max()) - int(sizes.min()) <= 1
+    check_consistent(a)
+
+
+def test_balanced_on_clustered_data_is_tight_and_no_worse_than_random():
+    # Unequal blobs, so balancing must actually cut some of them.
+    x1, _ = blobs(4, 40, noise=0.2, seed=6)
+    x2, _ = blobs(4, 10, noise=0.2, seed=7)
+    x = torch.cat([x1, x2])
+    balanced = dispersion(cluster_identities(x, 8, "balanced", seed=0))
+    rand = dispersion(cluster_identities(x, 8, "random", seed=0))
+    assert balanced["size_max"] - balanced["size_min"] <= 1
+    assert balanced["within"] <= rand["within"]
+    assert balanced["ratio"] < rand["ratio"]
+
+
+def test_balanced_recovers_equal_blobs():
+    x, blob = blobs(4, 12, seed=8)
+    a = cluster_identities(x, 4, "balanced", seed=0, nredo=5)
+    assert len(set(zip(blob.tolist(), a.class_to_cluster.tolist(), strict=True))) == 4
+
+
+# ------------------------------------------------------------------- random
+def test_random_is_seeded_near_equal_and_seed_dependent():
+    means = random_means(53)
+    a = cluster_identities(means, 5, "random", seed=11)
+    assert a == cluster_identities(means, 5, "random", seed=11)
+    assert not torch.equal(
+        a.class_to_cluster, cluster_identities(means, 5, "random", seed=12).class_to_cluster
+    )
+    sizes = a.cluster_sizes()
+    assert int(sizes.max()) - int(sizes.min()) <= 1 and int(sizes.sum()) == 53
+    # Centroids are the normalised mean of member means even for random splits.
+    expected = F.normalize(torch.stack([means[a.classes_of(k)].sum(0) for k in range(5)]), dim=1)
+    torch.testing.assert_close(a.centroids, expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_local_index_and_classes_of_consistent_for_every_method(method):
+    x, _ = blobs(5, 13, noise=0.3, seed=9)
+    a = cluster_identities(x, 6, method, seed=2)
+    assert a.method == method
+    assert (a.num_classes, a.num_clusters, a.embedding_dim) == (65, 6, 32)
+    check_consistent(a)
+    torch.testing.assert_close(a.class_means, x)
+
+
+def test_single_cluster_and_dispersion_edge_cases():
+    means = random_means(9)
+    for method in METHODS:
+        a = cluster_identities(means, 1, method)
+        assert torch.equal(a.class_to_cluster, torch.zeros(9, dtype=torch.long))
+        d = dispersion(a)
+        assert d["between"] == 0.0 and d["within"] > 0 and d["ratio"] == float("inf")
+        assert d["size_min"] == d["size_max"] == d["size_mean"] == 9.0
+
+
+def test_dispersion_matches_definition():
+    a = cluster_identities(random_means(30, seed=1), 4, "kmeans")
+    d = dispersion(a)
+    within = torch.stack(
+        [1 - a.class_means[c] @ a.centroids[a.class_to_cluster[c]] for c in range(30)]
+    ).mean()
+    between = torch.stack(
+        [1 - a.centroids[i] @ a.centroids[j] for i in range(4) for j in range(4) if i != j]
+    ).mean()
+    assert d["within"] == pytest.approx(float(within), abs=1e-5)
+    assert d["between"] == pytest.approx(float(between), abs=1e-5)
+    assert d["ratio"] == pytest.approx(d["within"] / d["between"])
+    sizes = a.cluster_sizes().float()
+    assert (d["size_min"], d["size_max"], d["size_mean"]) == (
+        sizes.min(),
+        sizes.max(),
+        sizes.mean(),
+    )
+
+
+# ------------------------------------------------------------------- errors
+def test_errors_name_the_setting():
+    means = random_means(5)
+    with pytest.raises(ValueError, match=r"clustering\.num_clusters=8 but only 5 identities"):
+        cluster_identities(means, 8)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=r"clustering\.num_clusters"):
+            cluster_identities(means, bad)
+    with pytest.raises(ValueError, match=r"clustering\.num_clusters"):
+        cluster_identities(means, 2.5)
+    with pytest.raises(
+        ValueError, match=r"clustering\.method='spectral'.*'kmeans'.*'balanced'.*'random'"
+    ):
+        cluster_identities(means, 2, method="spectral")
+    with pytest.raises(ValueError, match="2-D"):
+        cluster_identities(means[0], 1)
+    nan = means.clone()
+    nan[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        cluster_identities(nan, 2)
+
+
+def test_assignment_validation():
+    means = random_means(6)
+    a = ClusterAssignment.from_labels(torch.tensor([0, 1, 0, 2, 1, 0]), means, "random")
+    assert torch.equal(a.local_index, torch.tensor([0, 0, 1, 0, 1, 2]))
+    assert torch.equal(a.classes_of(0), torch.tensor([0, 2, 5]))
+    with pytest.raises(ValueError, match="local_index"):
+        ClusterAssignment(
+            a.class_to_cluster,
+            torch.tensor([0, 1, 1, 0, 0, 2]),
+            a.class_means,
+            a.centroids,
+            "random",
+        )
+    with pytest.raises(ValueError, match="empty"):
+        ClusterAssignment.from_labels(torch.tensor([0, 0, 2, 2, 0, 0]), means, "kmeans")
+    with pytest.raises(ValueError, match="empty"):
+        ClusterAssignment.from_labels(
+            torch.tensor([0, 1, 0, 1, 0, 1]), means, "kmeans", num_clusters=3
+        )
+    with pytest.raises(ValueError, match="dim"):
+        ClusterAssignment(
+            a.class_to_cluster, a.local_index, a.class_means, a.centroids[:, :3], "random"
+        )
+    with pytest.raises(ValueError, match="L2-normalised"):
+        ClusterAssignment(
+            a.class_to_cluster, a.local_index, a.class_means * 2, a.centroids, "random"
+        )
+    with pytest.raises(ValueError, match="out of range"):
+        a.classes_of(3)
+
+
+# -------------------------------------------------------------- persistence
+def test_save_load_round_trip_is_atomic(tmp_path):
+    x, _ = blobs(4, 10, seed=10)
+    a = cluster_identities(x, 4, "balanced")
+    path = tmp_path / "sub" / "assignment.pt"
+    a.save(path)
+    assert os.listdir(path.parent) == ["assignment.pt"]  # no temp file left behind
+    b = ClusterAssignment.load(path)
+    assert b == a and b.method == "balanced"
+    check_consistent(b)
+    # Overwriting works and still leaves a single file.
+    c = cluster_identities(x, 2, "random")
+    c.save(str(path))
+    assert ClusterAssignment.load(str(path)) == c
+    assert os.listdir(path.parent) == ["assignment.pt"]
+    assert ClusterAssignment.from_dict(a.to_dict()) == a
+
+
+def test_failed_save_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    a = cluster_identities(random_means(8), 2, "random")
+    path = tmp_path / "assignment.pt"
+    a.save(path)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        cluster_identities(random_means(8), 4, "random").save(path)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["assignment.pt"]
+    assert ClusterAssignment.load(path) == a
+
+
+def test_load_errors_name_the_path(tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        ClusterAssignment.load(missing)
+    other = tmp_path / "other.pt"
+    torch.save({"a": 1}, other)
+    with pytest.raises(ValueError, match="other.pt"):
+        ClusterAssignment.load(other)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="garbage.pt"):
+        ClusterAssignment.load(garbage)
+    wrong_version = tmp_path / "v2.pt"
+    d = cluster_identities(random_means(4), 2, "random").to_dict()
+    d["version"] = 2
+    torch.save(d, wrong_version)
+    with pytest.raises(ValueError, match="v2.pt.*version"):
+        ClusterAssignment.load(wrong_version)
+
+
+# -------------------------------------------------------------- class means
+def test_accumulate_in_halves_equals_one_pass_and_naive_loop():
+    g = torch.Generator().manual_seed(12)
+    num_classes, dim, n = 7, 10, 200
+    emb = torch.randn(n, dim, generator=g) * 3  # not normalised: the function must do it
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+
+    s1, c1 = (
+        torch.zeros(num_classes, dim, dtype=torch.float64),
+        torch.zeros(num_classes, dtype=torch.long),
+    )
+    accumulate_class_sums(emb, labels, s1, c1)
+    s2, c2 = (
+        torch.zeros(num_classes, dim, dtype=torch.float64),
+        torch.zeros(num_classes, dtype=torch.long),
+    )
+    accumulate_class_sums(emb[:77], labels[:77], s2, c2)
+    accumulate_class_sums(emb[77:].half(), labels[77:].int(), s2, c2)  # other dtypes allowed
+    torch.testing.assert_close(c1, c2)
+    torch.testing.assert_close(s1, s2, atol=5e-3, rtol=0)  # the half batch loses a little precision
+
+    naive = []
+    for c in range(num_classes):
+        rows = F.normalize(emb[labels == c], dim=1)
+        naive.append(F.normalize(rows.mean(0), dim=0))
+    naive = torch.stack(naive)
+    means = finalize_class_means(s1, c1)
+    assert means.dtype == torch.float32 and means.shape == (num_classes, dim)
+    torch.testing.assert_close(means, naive, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(c1, torch.bincount(labels, minlength=num_classes))
+
+    s3, c3 = torch.zeros(num_classes, dim), torch.zeros(num_classes)  # float32 accumulators
+    accumulate_class_sums(emb.requires_grad_(), labels, s3, c3)
+    assert not s3.requires_grad
+    torch.testing.assert_close(finalize_class_means(s3, c3), naive, atol=1e-5, rtol=1e-5)
+
+
+def test_accumulate_rejects_bad_input():
+    sums, counts = torch.zeros(3, 4), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        accumulate_class_sums(torch.randn(2, 4), torch.tensor([0, 3]), sums, counts)
+    with pytest.raises(ValueError, match="embeddings"):
+        accumulate_class_sums(torch.randn(2, 5), torch.tensor([0, 1]), sums, counts)
+    with pytest.raises(ValueError, match="labels"):
+        accumulate_class_sums(torch.randn(2, 4), torch.tensor([0, 1, 2]), sums, counts)
+    assert counts.sum() == 0
+
+
+def test_finalize_names_empty_classes():
+    sums, counts = torch.zeros(5, 3), torch.zeros(5, dtype=torch.long)
+    accumulate_class_sums(torch.randn(4, 3), torch.tensor([0, 2, 2, 4]), sums, counts)
+    with pytest.raises(ValueError, match=r"class ids \[1, 3\]"):
+        finalize_class_means(sums, counts)
+    many = torch.zeros(30, 3), torch.zeros(30)
+    with pytest.raises(
+        ValueError, match=r"30 of 30 classes.*\[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\] and 20 more"
+    ):
+        finalize_class_means(*many)
+
+
+# ------------------------------------------------------------ torch + faiss
+def test_torch_then_faiss_in_one_process():
+    """torch and faiss each bring OpenMP; run both, threaded, in a fresh process."""
+    code = textwrap.dedent(
+        """
+        import torch
+        import faiss
+        import numpy as np
+        torch.set_num_threads(2)
+        a = torch.randn(512, 512)
+        for _ in range(3):
+            b = a @ a
+            x = np.ascontiguousarray(torch.nn.functional.normalize(b, dim=1).numpy())
+            km = faiss.Kmeans(512, 8, niter=5, spherical=True, seed=0, verbose=False)
+            km.train(x)
+        from facecluster.clustering import cluster_identities
+        assert cluster_identities(torch.nn.functional.normalize(a, dim=1), 8).num_clusters == 8
+        print("ok", float((a @ a).sum()) == float(b.sum()))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok True"
+
+
+def test_capacitated_assignment_equals_greedy_over_pairs():
+    """The vectorised balanced step matches the documented greedy (private helper)."""
+    import numpy as np
+
+    from facecluster.clustering.kmeans import _capacitated_assign
+
+    rng = np.random.default_rng(0)
+    for num_items, k in [(13, 4), (40, 6), (9, 9)]:
+        sims = rng.standard_normal((num_items, k)).astype(np.float32)
+        caps = np.full(k, num_items // k)
+        caps[: num_items % k] += 1
+        greedy, fill = np.full(num_items, -1), np.zeros(k, dtype=int)
+        for flat in np.argsort(-sims, axis=None, kind="stable"):
+            i, c = divmod(int(flat), k)
+            if greedy[i] < 0 and fill[c] < caps[c]:
+                greedy[i], fill[c] = c, fill[c] + 1
+        np.testing.assert_array_equal(_capacitated_assign(sims, caps), greedy)

@@ -1,0 +1,76 @@
+"""Config loading: every shipped YAML validates; mistakes fail early and name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from facecluster.config import ConfigError, load_config, resolve_data_root, stage_epochs
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_configs_folder_is_not_empty():
+    assert len(CONFIGS) >= 2
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_yaml_loads_and_validates(path):
+    cfg = load_config(path)
+    assert cfg.clustering.num_clusters >= 1
+    assert resolve_data_root(cfg.data.root).is_dir(), "the shipped configs train on bundled data"
+
+
+def test_overrides_are_typed_and_win_over_the_file():
+    cfg = load_config(CONFIGS[0], ["data.image_size=64", "clustering.num_clusters=8",
+                                   "trainer.max_epochs=3", "stage2.max_epochs=1"])
+    assert cfg.data.image_size == 64 and isinstance(cfg.data.image_size, int)
+    assert cfg.clustering.num_clusters == 8
+    assert stage_epochs(cfg, "stage1") == 3 and stage_epochs(cfg, "stage2") == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.imgae_size=64", ["data.imgae_size", "data.image_size"]),
+        ("clustering.num_cluster=4", ["clustering.num_cluster", "clustering.num_clusters"]),
+        ("trainer.max_epoch=3", ["trainer.max_epoch", "trainer.max_epochs"]),
+        ("data.image_size=big", ["data.image_size"]),
+        ("trainer.callbacks=1", ["trainer.callbacks"]),
+    ],
+)
+def test_a_mistake_names_the_key_and_the_closest_valid_one(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    for text in expected:
+        assert text in str(err.value)
+
+
+def test_misspelled_key_in_a_yaml_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  backbon: tiny\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'model.backbon'.*model.backbone"):
+        load_config(bad)
+
+
+def test_contradictions_are_listed_together():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["logger=tensorboard", "head.name=sphereface",
+                               "data.val_fraction=0.6", "data.test_fraction=0.5",
+                               "data.max_classes=2", "clustering.num_clusters=4"])
+    message = str(err.value)
+    for text in ("logger='tensorboard'", "head.name='sphereface'", "data.val_fraction + data.test_fraction",
+                 "data.max_classes=2 is smaller than clustering.num_clusters=4"):
+        assert text in message
+
+
+def test_bad_override_syntax_is_rejected():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(overrides=["data.root"])
+
+
+def test_relative_data_root_falls_back_to_the_project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = resolve_data_root("datasets/lfw-demo/images")
+    assert root.is_absolute() and root.is_dir()

@@ -1,0 +1,413 @@
+"""Tests for facecluster.data on real LFW face crops (datasets/lfw-demo/images)."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from PIL import Image
+
+from facecluster.data import (
+    IMAGE_EXTENSIONS,
+    FaceDataModule,
+    FaceFolder,
+    FaceImageDataset,
+    build_transforms,
+    scan_image_folder,
+    split_per_identity,
+)
+
+DEMO_ROOT = Path(__file__).resolve().parents[1] / "datasets" / "lfw-demo" / "images"
+DATA_PKG = Path(__file__).resolve().parents[1] / "facecluster" / "data"
+
+pytestmark = pytest.mark.skipif(
+    not DEMO_ROOT.is_dir(), reason=f"demo images missing at {DEMO_ROOT}"
+)
+
+
+def _demo_jpegs(n: int) -> list[Path]:
+    """The first n real JPEGs of the first demo identity."""
+    first = sorted(p for p in DEMO_ROOT.iterdir() if p.is_dir())[0]
+    files = sorted(first.glob("*.jpg"))[:n]
+    assert len(files) == n
+    return files
+
+
+def _make_tree(root: Path, counts: dict[str, int]) -> Path:
+    """Build root/<identity>/<k>.jpg with real JPEGs copied from the demo set."""
+    source = _demo_jpegs(max(counts.values(), default=1))
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for k in range(count):
+            shutil.copyfile(source[k], root / name / f"{name}_{k:04d}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_folder() -> FaceFolder:
+    return scan_image_folder(DEMO_ROOT, min_images_per_class=1)
+
+
+@pytest.fixture()
+def dm() -> FaceDataModule:
+    # 6 identities, ~160 images: enough for real loaders, fast on 2 cores
+    return FaceDataModule(str(DEMO_ROOT), batch_size=8, eval_batch_size=16, max_classes=6, seed=3)
+
+
+# ---------------------------------------------------------------- scanning
+
+
+def test_scan_demo_tree(demo_folder: FaceFolder) -> None:
+    folders = sorted(
+        p.name for p in DEMO_ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
+    assert demo_folder.class_names == folders
+    assert len(demo_folder.class_names) == 158
+    assert len(demo_folder.samples) == 4324
+    assert demo_folder.samples == sorted(demo_folder.samples, key=lambda s: (s[1], s[0]))
+    for path, label in demo_folder.samples[::97]:
+        assert Path(path).parent.name == demo_folder.class_names[label]
+        assert Path(path).suffix.lower() in IMAGE_EXTENSIONS
+    counts = Counter(label for _, label in demo_folder.samples)
+    assert min(counts.values()) >= 10 and max(counts.values()) == 530
+
+
+def test_scan_only_counts_visible_image_files(tmp_path: Path) -> None:
+    root = _make_tree(tmp_path / "data", {"alice": 2, "bob": 1})
+    jpg = _demo_jpegs(1)[0]
+    shutil.copyfile(jpg, root / "bob" / "UPPER.JPG")  # case-insensitive extension
+    Image.open(jpg).save(root / "bob" / "x.png")
+    shutil.copyfile(jpg, root / "bob" / ".hidden.jpg")  # hidden: ignored
+    (root / "bob" / "notes.txt").write_text("not an image")
+    (root / "bob" / "nested").mkdir()  # nested folders are not samples
+    (root / ".cache").mkdir()
+    shutil.copyfile(jpg, root / ".cache" / "a.jpg")  # hidden identity: ignored
+    (root / "empty").mkdir()  # no images: not an identity
+    shutil.copyfile(jpg, root / "stray.jpg")  # file at the root: not an identity
+
+    folder = scan_image_folder(root)
+    assert folder.class_names == ["alice", "bob"]
+    bob = sorted(Path(p).name for p, label in folder.samples if label == 1)
+    assert bob == sorted(["UPPER.JPG", "bob_0000.jpg", "x.png"])
+
+
+def test_min_images_drops_identities_and_logs_names(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="facecluster.data.folder"):
+        folder = scan_image_folder(DEMO_ROOT, min_images_per_class=40)
+    all_counts = Counter(p.parent.name for p in DEMO_ROOT.glob("*/*.jpg"))
+    dropped = sorted(n for n, c in all_counts.items() if c < 40)
+    assert folder.class_names == sorted(n for n, c in all_counts.items() if c >= 40)
+    assert dropped and not set(dropped) & set(folder.class_names)
+    message = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert f"Dropped {len(dropped)}" in message
+    for name in dropped[:5]:
+        assert name in message
+
+
+def test_max_classes_keeps_first_after_filter(demo_folder: FaceFolder) -> None:
+    full = scan_image_folder(DEMO_ROOT, min_images_per_class=40)
+    limited = scan_image_folder(DEMO_ROOT, min_images_per_class=40, max_classes=3)
+    assert limited.class_names == full.class_names[:3]
+    assert limited.samples == [s for s in full.samples if s[1] < 3]
+    assert scan_image_folder(DEMO_ROOT, max_classes=2).class_names == demo_folder.class_names[:2]
+
+
+def test_missing_root_names_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope" / "images"
+    with pytest.raises(FileNotFoundError) as err:
+        scan_image_folder(missing)
+    assert str(missing) in str(err.value) and "data.root" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="data.root"):
+        FaceDataModule(str(missing)).setup()
+
+
+def test_root_without_identities(tmp_path: Path) -> None:
+    root = tmp_path / "flat"
+    root.mkdir()
+    shutil.copyfile(_demo_jpegs(1)[0], root / "a.jpg")
+    (root / "empty_identity").mkdir()
+    with pytest.raises(ValueError) as err:
+        scan_image_folder(root)
+    assert str(root) in str(err.value)
+
+
+def test_no_identity_reaches_min_images(tmp_path: Path) -> None:
+    root = _make_tree(tmp_path / "data", {"alice": 3, "bob": 2})
+    with pytest.raises(ValueError) as err:
+        scan_image_folder(root, min_images_per_class=5)
+    text = str(err.value)
+    assert str(root) in text and "min_images_per_class=5" in text and "has 3" in text
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def test_split_deterministic_disjoint_covering(demo_folder: FaceFolder) -> None:
+    a = split_per_identity(demo_folder, 0.1, 0.2, seed=7)
+    b = split_per_identity(demo_folder, 0.1, 0.2, seed=7)
+    c = split_per_identity(demo_folder, 0.1, 0.2, seed=8)
+    assert a == b
+    assert a["test"] != c["test"]
+    parts = [set(a[k]) for k in ("train", "val", "test")]
+    assert sum(len(p) for p in parts) == len(demo_folder.samples)
+    assert set().union(*parts) == set(range(len(demo_folder.samples)))
+    labels = {k: {demo_folder.samples[i][1] for i in a[k]} for k in a}
+    everyone = set(range(len(demo_folder.class_names)))
+    assert labels["train"] == labels["test"] == labels["val"] == everyone
+    # per-identity counts follow n_x = max(1, round(n * x))
+    counts = Counter(label for _, label in demo_folder.samples)
+    test_counts = Counter(demo_folder.samples[i][1] for i in a["test"])
+    val_counts = Counter(demo_folder.samples[i][1] for i in a["val"])
+    for label, n in counts.items():
+        assert test_counts[label] == max(1, round(n * 0.2))
+        assert val_counts[label] == max(1, round(n * 0.1))
+
+
+def test_split_of_identity_independent_of_other_identities() -> None:
+    def by_path(folder: FaceFolder) -> dict[str, str]:
+        split = split_per_identity(folder, 0.1, 0.2, seed=11)
+        return {folder.samples[i][0]: name for name, idx in split.items() for i in idx}
+
+    small = by_path(scan_image_folder(DEMO_ROOT, max_classes=4))
+    large = by_path(scan_image_folder(DEMO_ROOT, max_classes=30))
+    assert small and all(large[path] == where for path, where in small.items())
+
+
+def test_split_zero_val_fraction(demo_folder: FaceFolder) -> None:
+    split = split_per_identity(demo_folder, 0.0, 0.25, seed=1)
+    assert split["val"] == []
+    assert len(split["train"]) + len(split["test"]) == len(demo_folder.samples)
+
+
+def test_split_too_few_images_names_identity(tmp_path: Path) -> None:
+    root = _make_tree(tmp_path / "data", {"big_one": 10, "tiny_one": 2})
+    folder = scan_image_folder(root)
+    with pytest.raises(ValueError) as err:
+        split_per_identity(folder, 0.1, 0.2, seed=0)
+    text = str(err.value)
+    assert "tiny_one" in text and "big_one" not in text
+    assert "data.min_images_per_class" in text
+    # the data module surfaces the same error at setup
+    with pytest.raises(ValueError, match="tiny_one"):
+        FaceDataModule(str(root), min_images_per_class=1).setup()
+    # raising min_images_per_class, as the message says, fixes it
+    FaceDataModule(str(root), min_images_per_class=3).setup()
+
+
+@pytest.mark.parametrize(
+    ("val", "test", "name"),
+    [
+        (-0.1, 0.2, "data.val_fraction"),
+        (0.1, 1.0, "data.test_fraction"),
+        (0.5, 0.5, "data.val_fraction"),
+    ],
+)
+def test_split_fraction_validation(
+    demo_folder: FaceFolder, val: float, test: float, name: str
+) -> None:
+    with pytest.raises(ValueError, match=name):
+        split_per_identity(demo_folder, val, test, seed=0)
+
+
+# ---------------------------------------------------------------- transforms
+
+
+@pytest.mark.parametrize("size", [112, 64])
+def test_transforms_shape_and_range(size: int) -> None:
+    image = Image.open(_demo_jpegs(1)[0]).convert("RGB")
+    assert image.size == (112, 112)
+    for train in (True, False):
+        out = build_transforms(size, train=train)(image)
+        assert out.dtype == torch.float32 and out.shape == (3, size, size)
+        assert out.min() >= -1.0 and out.max() <= 1.0
+        assert out.min() < -0.5 and out.max() > 0.5  # really normalised to [-1, 1], not [0, 1]
+
+
+def test_flip_only_in_train() -> None:
+    image = Image.open(_demo_jpegs(1)[0]).convert("RGB")
+    plain = build_transforms(112, train=False)(image)
+    torch.manual_seed(0)
+    assert all(torch.equal(build_transforms(112, train=False)(image), plain) for _ in range(20))
+    train = build_transforms(112, train=True)
+    outs = [train(image) for _ in range(40)]
+    flipped = sum(torch.equal(o, plain.flip(-1)) for o in outs)
+    unflipped = sum(torch.equal(o, plain) for o in outs)
+    assert flipped > 0 and unflipped > 0 and flipped + unflipped == 40
+
+
+# ---------------------------------------------------------------- data module
+
+
+def test_setup_idempotent_and_properties(dm: FaceDataModule) -> None:
+    assert dm.num_classes == 6  # implicit setup
+    folder = dm._folder
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm._folder is folder
+    assert dm.class_names == sorted(p.name for p in DEMO_ROOT.iterdir() if p.is_dir())[:6]
+    for split in ("train", "val", "test"):
+        labels = dm.split_labels(split)
+        assert labels.dtype == torch.long and set(labels.tolist()) == set(range(6))
+    with pytest.raises(ValueError):
+        dm.split_labels("holdout")
+
+
+def _image_index(dm: FaceDataModule) -> dict[bytes, int]:
+    """Map the bytes of every train image (and its mirror) to its global label."""
+    transform = build_transforms(dm.image_size, train=False)
+    index = {}
+    for path, label in dm._split_samples("train"):
+        x = transform(Image.open(path).convert("RGB"))
+        index[x.numpy().tobytes()] = label
+        index[x.flip(-1).numpy().tobytes()] = label
+    return index
+
+
+def test_train_loader_before_clusters(dm: FaceDataModule) -> None:
+    loader = dm.train_dataloader()
+    assert not isinstance(loader, CombinedLoader)
+    assert loader.generator is None
+    assert isinstance(loader.sampler, torch.utils.data.RandomSampler)
+    assert loader.drop_last
+    n_train = len(dm.split_labels("train"))
+    labels = torch.cat([y for _, y in loader])
+    assert len(labels) == (n_train // 8) * 8  # drop_last: never a ragged last batch
+    assert set(labels.tolist()) <= set(range(6))
+    assert dm.num_clusters is None
+
+
+def test_combined_loader_after_connect_clusters(dm: FaceDataModule) -> None:
+    # 6 identities -> 3 clusters of sizes 3, 2, 1 with shuffled local indices
+    c2c = torch.tensor([1, 0, 2, 0, 1, 0])
+    local = torch.tensor([1, 2, 0, 0, 0, 1])
+    dm.connect_clusters(c2c, local)
+    assert dm.num_clusters == 3
+    combined = dm.train_dataloader()
+    assert isinstance(combined, CombinedLoader)
+    assert combined._mode == "max_size_cycle"
+    assert set(combined.iterables) == {0, 1, 2}
+
+    image_index = _image_index(dm)
+    torch.manual_seed(0)
+    n_steps = 0
+    for batch, _, _ in combined:
+        assert set(batch) == {0, 1, 2}
+        n_steps += 1
+        for k, (images, labels) in batch.items():
+            size_k = int((c2c == k).sum())
+            assert images.shape[1:] == (3, 112, 112) and len(images) > 1
+            assert labels.min() >= 0 and labels.max() < size_k
+            for image, label in zip(images, labels, strict=True):
+                global_label = image_index[image.numpy().tobytes()]
+                assert int(c2c[global_label]) == k  # the image belongs to this cluster
+                assert int(local[global_label]) == int(label)  # and carries its local label
+    assert n_steps == max(len(loader) for loader in combined.iterables.values())
+
+
+def test_connect_clusters_validation(dm: FaceDataModule) -> None:
+    good_c2c, good_local = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match="shape"):
+        dm.connect_clusters(good_c2c[:5], good_local[:5])
+    with pytest.raises(ValueError, match="shape"):
+        dm.connect_clusters(good_c2c, good_local[:5])
+    with pytest.raises(ValueError, match="empty|no identity"):
+        dm.connect_clusters(torch.tensor([0, 0, 0, 2, 2, 2]), good_local)  # cluster 1 empty
+    with pytest.raises(ValueError, match="negative"):
+        dm.connect_clusters(torch.tensor([0, 0, 0, -1, 1, 1]), good_local)
+    with pytest.raises(ValueError, match="permutation"):
+        dm.connect_clusters(good_c2c, torch.tensor([0, 1, 3, 0, 1, 2]))
+    with pytest.raises(ValueError, match="integer"):
+        dm.connect_clusters(good_c2c.float(), good_local)
+    assert dm.num_clusters is None  # failed calls leave the module untouched
+    dm.connect_clusters(good_c2c, good_local)
+    assert dm.num_clusters == 2
+
+
+def test_eval_loaders_use_global_labels_in_order(dm: FaceDataModule) -> None:
+    dm.connect_clusters(torch.zeros(6, dtype=torch.long), torch.arange(6))
+    for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader())):
+        assert isinstance(loader.sampler, torch.utils.data.SequentialSampler)
+        assert loader.batch_size == 16 and not loader.drop_last
+        assert torch.equal(torch.cat([y for _, y in loader]), dm.split_labels(split))
+
+
+def test_embedding_dataloader_shards(dm: FaceDataModule) -> None:
+    train = dm._split_samples("train")
+    full = dm.embedding_dataloader()
+    shards = [dm.embedding_dataloader(rank=r, world_size=2) for r in range(2)]
+    assert full.dataset.samples == train
+    parts = [loader.dataset.samples for loader in shards]
+    assert len(parts[0]) + len(parts[1]) == len(train)
+    assert not set(parts[0]) & set(parts[1])
+    assert sorted(parts[0] + parts[1]) == sorted(train)
+    # eval transforms, no shuffle: a second pass gives identical tensors
+    x1, y1 = next(iter(shards[1]))
+    x2, y2 = next(iter(shards[1]))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    # per-class sums over shards equal the single-process pass exactly (integer-valued check)
+    sums = torch.zeros(6, dtype=torch.long)
+    for loader in shards:
+        for _, y in loader:
+            sums += torch.bincount(y, minlength=6)
+    assert torch.equal(sums, torch.bincount(dm.split_labels("train"), minlength=6))
+    with pytest.raises(ValueError):
+        dm.embedding_dataloader(rank=2, world_size=2)
+
+
+def test_no_training_batch_of_size_one(tmp_path: Path) -> None:
+    # alice 11 images -> 8 train; bob 14 -> 10 train; carol 3 -> 1 train
+    root = _make_tree(tmp_path / "data", {"alice": 11, "bob": 14, "carol": 3})
+    dm = FaceDataModule(
+        str(root), batch_size=9, min_images_per_class=1, val_fraction=0.1, test_fraction=0.2
+    )
+    sizes = Counter(dm.split_labels("train").tolist())
+    assert sizes == {0: 8, 1: 10, 2: 1}
+    # whole split (19 > 9): drop_last, so 19 -> two batches of 9, never a lone sample
+    assert [len(y) for _, y in dm.train_dataloader()] == [9, 9]
+    # cluster 0 = {alice} (8 <= 9): one batch of 8; cluster 1 = {bob, carol} (11 > 9): one of 9
+    dm.connect_clusters(torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]))
+    loaders = dm.train_dataloader().iterables
+    assert [len(y) for _, y in loaders[0]] == [8]
+    assert [len(y) for _, y in loaders[1]] == [9]
+    # a cluster with a single training image is rejected with a clear message
+    with pytest.raises(ValueError, match="batches of size 1"):
+        dm.connect_clusters(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
+
+
+def test_constructor_validation() -> None:
+    with pytest.raises(ValueError, match="data.batch_size"):
+        FaceDataModule(str(DEMO_ROOT), batch_size=1)
+    with pytest.raises(ValueError, match="data.test_fraction"):
+        FaceDataModule(str(DEMO_ROOT), test_fraction=1.2)
+
+
+def test_dataset_label_map() -> None:
+    samples = [(str(p), 2) for p in _demo_jpegs(2)]
+    ds = FaceImageDataset(
+        samples, build_transforms(64, train=False), label_map=torch.tensor([5, 6, 7])
+    )
+    image, label = ds[1]
+    assert label == 7 and image.shape == (3, 64, 64)
+    assert FaceImageDataset(samples, build_transforms(64, train=False))[0][1] == 2
+
+
+def test_data_package_does_not_import_models_or_clustering() -> None:
+    for path in DATA_PKG.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                assert not name.startswith(("facecluster.models", "facecluster.clustering")), (
+                    path,
+                    name,
+                )

@@ -1,0 +1,58 @@
+"""DDP on CPU (2 gloo processes): replicas stay identical and the class means equal a
+single-process pass."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from facecluster.clustering import accumulate_class_sums, finalize_class_means
+from facecluster.config import load_config
+from facecluster.models.backbone_module import build_backbone
+from facecluster.pipeline import build_datamodule
+from tests.conftest import ROOT, SMOKE, smoke_overrides
+
+pytestmark = [pytest.mark.slow, pytest.mark.ddp]
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    overrides = smoke_overrides(tmp_path, "logger=none", "stage1.max_epochs=2",
+                                "trainer.accelerator=cpu", "trainer.devices=2",
+                                "trainer.strategy=ddp")
+    env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scripts" / "ddp_train.py"), str(tmp_path),
+         *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=480,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert all(r["world_size"] == 2 for r in ranks)
+
+    # Every sub-net's (and the stage-1 backbone's) parameters are identical on both ranks.
+    for part in ("subnets", "backbone"):
+        params = [k for k in ranks[0][part] if "running_" not in k and "num_batches" not in k]
+        assert params
+        for key in params:
+            assert torch.equal(ranks[0][part][key], ranks[1][part][key]), f"{part}.{key} differs"
+
+    # The class means (sums and counts all-reduced over ranks) equal one process's pass.
+    cfg = load_config(SMOKE, overrides)
+    dm = build_datamodule(cfg)
+    backbone = build_backbone(dict(cfg.model), cfg.data.image_size)
+    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in ranks[0]["backbone"].items()
+                              if k.startswith("backbone.")})
+    backbone.eval()
+    sums = torch.zeros(dm.num_classes, cfg.model.embedding_dim, dtype=torch.float64)
+    counts = torch.zeros(dm.num_classes, dtype=torch.long)
+    with torch.no_grad():
+        for images, labels in dm.embedding_dataloader():
+            accumulate_class_sums(backbone(images), labels, sums, counts)
+    single = finalize_class_means(sums, counts)
+    for r in ranks:
+        torch.testing.assert_close(r["class_means"], single, rtol=0, atol=1e-5)

@@ -1,0 +1,279 @@
+"""Tests for facecluster.models.components.heads (ArcFace / CosFace margin heads)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from facecluster.models.components import HEADS, ArcFace, CosFace, MarginHead, create_head
+
+
+def _plane_setup(head: MarginHead, thetas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Puts class 0's centre on e1 and embedding i at angle thetas[i] from it.
+
+    Embeddings are given random norms (the head must normalise them). Returns the
+    embeddings and all-zero labels, in float64 (the head is converted to float64).
+    """
+    torch.manual_seed(0)
+    head.double()
+    with torch.no_grad():
+        head.weight.normal_()
+        head.weight[0] = 0.0
+        head.weight[0, 0] = 3.0  # Non-unit norm on purpose.
+    emb = torch.zeros(len(thetas), head.embedding_dim, dtype=torch.float64)
+    emb[:, 0] = torch.cos(thetas)
+    emb[:, 1] = torch.sin(thetas)
+    emb = emb * torch.empty(len(thetas), 1, dtype=torch.float64).uniform_(0.5, 5.0)
+    return emb, torch.zeros(len(thetas), dtype=torch.long)
+
+
+def _hand_cosine(emb: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    emb = emb.double()
+    weight = weight.double()
+    return (emb / emb.norm(dim=1, keepdim=True)) @ (weight / weight.norm(dim=1, keepdim=True)).t()
+
+
+def _hand_arcface(cos: torch.Tensor, labels: torch.Tensor, s: float, m: float) -> torch.Tensor:
+    """ArcFace logits from the definition, via an explicit arccos."""
+    theta = torch.arccos(cos.clamp(-1, 1))
+    target = torch.where(
+        theta + m > math.pi, cos - m * math.sin(m), torch.cos(theta + m)
+    )  # insightface's fallback beyond theta + m = pi.
+    one_hot = F.one_hot(labels, cos.shape[1]).bool()
+    return s * torch.where(one_hot, target, cos)
+
+
+def test_cosine_matches_hand_and_is_bounded() -> None:
+    torch.manual_seed(0)
+    head = ArcFace(num_classes=7, embedding_dim=16)
+    emb = torch.randn(10, 16) * 10
+    # Rows exactly parallel / antiparallel to class centres stress the +-1 bound.
+    emb[0] = head.weight[3].detach() * 1e3
+    emb[1] = -head.weight[5].detach() * 1e-3
+    cos = head.cosine(emb)
+    assert cos.shape == (10, 7)
+    assert cos.dtype == torch.float32
+    assert cos.min() >= -1.0 and cos.max() <= 1.0
+    torch.testing.assert_close(cos.double(), _hand_cosine(emb, head.weight), atol=1e-6, rtol=0)
+    assert cos[0, 3].item() == pytest.approx(1.0, abs=1e-6)
+    assert cos[1, 5].item() == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_arcface_matches_hand_computation_random() -> None:
+    torch.manual_seed(1)
+    head = ArcFace(num_classes=11, embedding_dim=8, s=30.0, m=0.4).double()
+    emb = torch.randn(20, 8, dtype=torch.float64)
+    labels = torch.randint(0, 11, (20,))
+    logits = head(emb, labels)
+    assert logits.dtype == torch.float64
+    expected = _hand_arcface(_hand_cosine(emb, head.weight), labels, 30.0, 0.4)
+    torch.testing.assert_close(logits, expected, atol=1e-10, rtol=0)
+
+
+def test_arcface_matches_hand_including_fallback_region() -> None:
+    m, s = 0.5, 64.0
+    head = ArcFace(num_classes=4, embedding_dim=6, s=s, m=m)
+    # pi - m = 2.6416: the last four angles are in the fallback region.
+    thetas = torch.tensor([0.01, 0.5, 1.0, 2.0, 2.6, 2.7, 2.9, 3.1, 3.14], dtype=torch.float64)
+    emb, labels = _plane_setup(head, thetas)
+    logits = head(emb, labels)
+
+    cos = _hand_cosine(emb, head.weight)
+    torch.testing.assert_close(cos[:, 0], torch.cos(thetas), atol=1e-12, rtol=0)
+    torch.testing.assert_close(logits, _hand_arcface(cos, labels, s, m), atol=1e-9, rtol=0)
+
+    fallback = thetas + m > math.pi
+    assert fallback.sum() == 4
+    torch.testing.assert_close(
+        logits[fallback, 0], s * (torch.cos(thetas[fallback]) - m * math.sin(m)), atol=1e-9, rtol=0
+    )
+    torch.testing.assert_close(
+        logits[~fallback, 0], s * torch.cos(thetas[~fallback] + m), atol=1e-9, rtol=0
+    )
+    # Non-target columns carry no margin.
+    torch.testing.assert_close(logits[:, 1:], s * cos[:, 1:], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("m", [0.2, 0.5, 1.0])
+def test_arcface_target_logit_monotonic_across_boundary(m: float) -> None:
+    head = ArcFace(num_classes=3, embedding_dim=4, s=64.0, m=m)
+    thetas = torch.linspace(1e-3, math.pi - 1e-3, 2001, dtype=torch.float64)
+    emb, labels = _plane_setup(head, thetas)
+    target = head(emb, labels)[:, 0]
+    assert (thetas + m > math.pi).any() and (thetas + m < math.pi).any()
+    assert (target.diff() < 0).all()
+
+
+@pytest.mark.parametrize("head_cls", [ArcFace, CosFace])
+def test_margin_lowers_target_logit(head_cls: type[MarginHead]) -> None:
+    head = head_cls(num_classes=3, embedding_dim=4)
+    m = head.m
+    upper = math.pi - m if head_cls is ArcFace else math.pi
+    thetas = torch.linspace(1e-3, upper - 1e-3, 500, dtype=torch.float64)
+    emb, labels = _plane_setup(head, thetas)
+    logits = head(emb, labels)
+    without_margin = head.s * head.cosine(emb)
+    assert (logits[:, 0] < without_margin[:, 0]).all()
+    torch.testing.assert_close(logits[:, 1:], without_margin[:, 1:])
+
+
+def test_cosface_matches_hand_computation() -> None:
+    torch.manual_seed(2)
+    head = CosFace(num_classes=9, embedding_dim=12, s=32.0, m=0.25).double()
+    emb = torch.randn(15, 12, dtype=torch.float64) * 4
+    labels = torch.randint(0, 9, (15,))
+    logits = head(emb, labels)
+    cos = _hand_cosine(emb, head.weight)
+    expected = 32.0 * (cos - 0.25 * F.one_hot(labels, 9).double())
+    torch.testing.assert_close(logits, expected, atol=1e-10, rtol=0)
+
+
+def test_defaults_and_create_head() -> None:
+    arc = create_head("arcface", num_classes=5, embedding_dim=8)
+    assert isinstance(arc, ArcFace) and (arc.s, arc.m) == (64.0, 0.5)
+    cosf = create_head("cosface", num_classes=5, embedding_dim=8, s=None, m=None)
+    assert isinstance(cosf, CosFace) and (cosf.s, cosf.m) == (64.0, 0.35)
+    custom = create_head("arcface", num_classes=5, embedding_dim=8, s=30.0, m=0.3)
+    assert (custom.s, custom.m) == (30.0, 0.3)
+    assert custom.weight.shape == (5, 8)
+    assert HEADS == {"arcface": ArcFace, "cosface": CosFace}
+
+
+def test_weight_init_like_arcface_torch() -> None:
+    torch.manual_seed(0)
+    head = ArcFace(num_classes=1000, embedding_dim=128)
+    assert abs(head.weight.mean().item()) < 1e-3
+    assert head.weight.std().item() == pytest.approx(0.01, rel=0.05)
+
+
+@pytest.mark.parametrize("head_cls", [ArcFace, CosFace])
+def test_gradcheck_float64(head_cls: type[MarginHead]) -> None:
+    torch.manual_seed(3)
+    head = head_cls(num_classes=5, embedding_dim=6, s=4.0).double()
+    labels = torch.tensor([0, 3, 4, 1])
+    emb = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+
+    def fn(e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return functional_call(head, {"weight": w}, (e, labels))
+
+    assert torch.autograd.gradcheck(fn, (emb, weight))
+
+
+def test_gradcheck_arcface_in_fallback_region() -> None:
+    head = ArcFace(num_classes=3, embedding_dim=4, s=4.0, m=0.5)
+    thetas = torch.tensor([0.3, 1.5, 2.9, 3.05], dtype=torch.float64)  # Last two fall back.
+    emb, labels = _plane_setup(head, thetas)
+    emb.requires_grad_(True)
+    weight = head.weight.detach().clone().requires_grad_(True)
+
+    def fn(e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return functional_call(head, {"weight": w}, (e, labels))
+
+    assert torch.autograd.gradcheck(fn, (emb, weight))
+
+
+@pytest.mark.parametrize("head_cls", [ArcFace, CosFace])
+def test_gradients_finite_at_cos_plus_minus_one(head_cls: type[MarginHead]) -> None:
+    torch.manual_seed(4)
+    head = head_cls(num_classes=3, embedding_dim=8)
+    emb = torch.stack([head.weight[0].detach() * 5, -head.weight[1].detach() * 5])
+    emb.requires_grad_(True)
+    loss = F.cross_entropy(head(emb, torch.tensor([0, 1])), torch.tensor([0, 1]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(emb.grad).all()
+    assert torch.isfinite(head.weight.grad).all()
+
+
+@pytest.mark.parametrize("head_cls", [ArcFace, CosFace])
+def test_bf16_autocast_keeps_fp32(head_cls: type[MarginHead]) -> None:
+    torch.manual_seed(5)
+    head = head_cls(num_classes=10, embedding_dim=32)
+    emb = torch.randn(8, 32)
+    labels = torch.randint(0, 10, (8,))
+    reference = head(emb, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(emb, labels)
+        cos = head.cosine(emb)
+        out_bf16_input = head(emb.bfloat16(), labels)
+    assert out.dtype == torch.float32 and cos.dtype == torch.float32
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    # bf16 embeddings are upcast before the math, not the other way round.
+    assert out_bf16_input.dtype == torch.float32
+    torch.testing.assert_close(
+        out_bf16_input, head(emb.bfloat16().float(), labels), atol=1e-5, rtol=0
+    )
+
+
+def test_training_step_learns() -> None:
+    # A few steps of SGD on separable random clusters must raise the target cosine.
+    torch.manual_seed(6)
+    head = ArcFace(num_classes=4, embedding_dim=16, s=16.0, m=0.3)
+    centres = torch.randn(4, 16)
+    labels = torch.arange(4).repeat(8)
+    emb = centres[labels] + 0.1 * torch.randn(32, 16)
+    optimizer = torch.optim.SGD(head.parameters(), lr=1.0)
+    before = head.cosine(emb).gather(1, labels[:, None]).mean().item()
+    for _ in range(30):
+        optimizer.zero_grad()
+        F.cross_entropy(head(emb, labels), labels).backward()
+        optimizer.step()
+    after = head.cosine(emb).gather(1, labels[:, None]).mean().item()
+    assert after > before + 0.3
+
+
+@pytest.mark.parametrize("s", [0.0, -1.0, float("inf"), float("nan")])
+@pytest.mark.parametrize("head_cls", [ArcFace, CosFace])
+def test_bad_scale(head_cls: type[MarginHead], s: float) -> None:
+    with pytest.raises(ValueError, match=r"\bs\b"):
+        head_cls(num_classes=3, embedding_dim=4, s=s)
+
+
+@pytest.mark.parametrize("m", [-0.1, math.pi / 2, 2.0, float("nan")])
+def test_arcface_bad_margin(m: float) -> None:
+    with pytest.raises(ValueError, match=r"\bm\b"):
+        ArcFace(num_classes=3, embedding_dim=4, m=m)
+
+
+@pytest.mark.parametrize("m", [-0.1, 2.0, float("inf")])
+def test_cosface_bad_margin(m: float) -> None:
+    with pytest.raises(ValueError, match=r"\bm\b"):
+        CosFace(num_classes=3, embedding_dim=4, m=m)
+
+
+def test_zero_margin_is_plain_scaled_cosine() -> None:
+    torch.manual_seed(7)
+    for head in (ArcFace(5, 8, s=10.0, m=0.0), CosFace(5, 8, s=10.0, m=0.0)):
+        emb = torch.randn(6, 8)
+        labels = torch.randint(0, 5, (6,))
+        torch.testing.assert_close(head(emb, labels), 10.0 * head.cosine(emb))
+
+
+def test_bad_name_and_shapes() -> None:
+    with pytest.raises(ValueError, match="arcface, cosface"):
+        create_head("sphereface", num_classes=3, embedding_dim=4)
+    with pytest.raises(ValueError, match="num_classes"):
+        ArcFace(num_classes=0, embedding_dim=4)
+    with pytest.raises(ValueError, match="embedding_dim"):
+        CosFace(num_classes=3, embedding_dim=0)
+    head = ArcFace(num_classes=3, embedding_dim=4)
+    with pytest.raises(ValueError, match="embeddings"):
+        head(torch.randn(2, 5), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="labels"):
+        head(torch.randn(2, 4), torch.tensor([0, 1, 2]))
+
+
+def test_margin_can_be_changed_after_construction() -> None:
+    # Margin warm-up schedules assign head.m during training.
+    torch.manual_seed(8)
+    head = ArcFace(num_classes=5, embedding_dim=8, s=10.0, m=0.5).double()
+    emb = torch.randn(6, 8, dtype=torch.float64)
+    labels = torch.randint(0, 5, (6,))
+    head.m = 0.2
+    expected = _hand_arcface(_hand_cosine(emb, head.weight), labels, 10.0, 0.2)
+    torch.testing.assert_close(head(emb, labels), expected, atol=1e-10, rtol=0)

@@ -1,0 +1,120 @@
+"""The real two-stage pipeline, small: run folder, clustering, stage 2, results, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+
+from facecluster.clustering import ClusterAssignment
+from facecluster.config import ConfigError, load_config
+from facecluster.pipeline import config_for_resume, train
+from tests.conftest import DEMO, SMOKE, smoke_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One smoke run shared by the tests that only read what it wrote."""
+    tmp_path = tmp_path_factory.mktemp("run")
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "logger=csv"))
+    return train(cfg)
+
+
+def test_run_folder_holds_config_checkpoints_clusters_and_results(finished_run):
+    run = finished_run.run_dir
+    for stage in (1, 2):
+        assert (run / f"stage{stage}" / "checkpoints" / "last.ckpt").is_file()
+    assert load_config(run / "config.yaml").data.max_classes == 12
+    results = json.loads((run / "results.json").read_text())
+    assert results["identities"] == 12 and len(results["subnets"]) == 3
+    assert "sub-net 2, on its own cluster" in (run / "results.md").read_text()
+
+
+def test_every_checkpoint_carries_the_resolved_config(finished_run):
+    for ckpt in finished_run.run_dir.glob("stage*/checkpoints/*.ckpt"):
+        meta = torch.load(ckpt, map_location="cpu", weights_only=False)["facecluster"]
+        assert meta["stage"] in (1, 2)
+        assert meta["config"]["data"]["max_classes"] == 12
+
+
+def test_assignment_partitions_the_identities_and_reaches_stage_two(finished_run):
+    assignment = ClusterAssignment.load(finished_run.run_dir / "clusters.pt")
+    assert assignment.num_classes == 12 and assignment.num_clusters == 3
+    assert sorted(assignment.cluster_sizes().tolist()) == sorted(
+        s["identities"] for s in finished_run.results["subnets"])
+    subnets = finished_run.subnets
+    assert torch.equal(subnets.class_to_cluster, assignment.class_to_cluster)
+    for k, head in enumerate(subnets.heads):
+        assert head.weight.shape[0] == int(assignment.cluster_sizes()[k])
+
+
+def test_subnets_start_from_the_stage1_backbone_and_train_apart(finished_run):
+    # Warm start then independent training: every sub-net moved away from the
+    # stage-1 backbone, and no two sub-nets are equal.
+    stage1 = finished_run.backbone.backbone.state_dict()
+    nets = [s.state_dict() for s in finished_run.subnets.subnets]
+    key = next(k for k, v in stage1.items() if v.is_floating_point() and v.ndim > 1)
+    assert all(not torch.equal(net[key], stage1[key]) for net in nets)
+    assert not torch.equal(nets[0][key], nets[1][key])
+    assert all(net[key].shape == stage1[key].shape for net in nets)
+
+
+def test_step_axis_continues_across_the_two_stages(finished_run):
+    rows = list(csv.DictReader(open(finished_run.run_dir / "csv" / "metrics.csv")))
+    stage1_steps = finished_run.results["stage1"]["steps"]
+    stage2 = [int(r["step"]) for r in rows if r.get("train/loss_subnet0")]
+    stage1 = [int(r["step"]) for r in rows if r.get("train/loss") and not r.get("train/loss_subnet0")]
+    assert stage1 and stage2
+    assert min(stage2) >= stage1_steps > max(stage1) - 1
+
+
+def test_held_out_accuracy_is_reported_for_stage1_and_every_subnet(finished_run):
+    r = finished_run.results
+    assert 0.0 <= r["stage1"]["accuracy"] <= 1.0
+    assert all(0.0 <= s["accuracy"] <= 1.0 for s in r["subnets"])
+    assert sum(s["test_images"] for s in r["subnets"]) == r["test_images"]
+    assert "stage-1 single model" in finished_run.table
+
+
+def test_an_existing_run_folder_is_not_overwritten(finished_run):
+    cfg = load_config(SMOKE, smoke_overrides(finished_run.run_dir.parent))
+    with pytest.raises(ConfigError, match="already exists; pass resume="):
+        train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.root=/no/such/faces"], "/no/such/faces"),
+        (["model.backbone=iresnet19"], "iresnet18"),
+        (["data.max_classes=4", "clustering.num_clusters=5"], "clustering.num_clusters=5"),
+    ],
+)
+def test_bad_input_stops_before_training_and_names_the_culprit(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train(load_config(SMOKE, smoke_overrides(tmp_path, *overrides)))
+    assert not any(tmp_path.rglob("*.ckpt"))
+
+
+def test_fewer_identities_than_clusters_is_refused(tmp_path):
+    faces = tmp_path / "faces"
+    for name in sorted(p.name for p in DEMO.iterdir())[:2]:
+        shutil.copytree(DEMO / name, faces / name)
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, f"data.root={faces}",
+                                             "data.max_classes=null"))
+    with pytest.raises(ConfigError, match="clustering.num_clusters=3 but .* only 2 identities"):
+        train(cfg)
+
+
+def test_resume_refuses_a_file_that_is_not_a_facecluster_checkpoint(tmp_path):
+    fake = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}}, fake)
+    with pytest.raises(ConfigError, match="not a facecluster checkpoint"):
+        config_for_resume(str(fake))
+    with pytest.raises(ConfigError, match="not a facecluster run folder"):
+        config_for_resume(str(tmp_path))

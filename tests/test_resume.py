@@ -1,0 +1,76 @@
+"""Resume: interrupt a seeded CPU run at an epoch boundary in each stage, continue it,
+and end with exactly the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from facecluster.config import load_config
+from facecluster.pipeline import config_for_resume, train
+from tests.conftest import SMOKE, smoke_overrides
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = ("stage1.max_epochs=2", "stage2.max_epochs=2", "trainer.num_sanity_val_steps=0")
+
+
+class Interrupted(Exception):
+    """Stands for a killed process (the run stops with its checkpoints on disk)."""
+
+
+class StopAtEpochStart(L.Callback):
+    """Raise when ``stage`` starts epoch ``epoch``: the previous epoch is checkpointed."""
+
+    def __init__(self, stage: int, epoch: int) -> None:
+        self.stage, self.epoch = stage, epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if pl_module.stage == self.stage and trainer.current_epoch == self.epoch:
+            raise Interrupted(f"stage {self.stage}, epoch {self.epoch}")
+
+
+def _params(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_interrupted_twice_and_resumed_equals_uninterrupted(tmp_path):
+    reference = train(load_config(SMOKE, smoke_overrides(tmp_path / "a", *EPOCHS)))
+
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path / "b", *EPOCHS))
+    with pytest.raises(Interrupted, match="stage 1"):
+        train(cfg, callbacks=[StopAtEpochStart(stage=1, epoch=1)])
+    run_dir = tmp_path / "b" / "run"
+    assert (run_dir / "stage1" / "checkpoints" / "last.ckpt").is_file()
+    assert not (run_dir / "clusters.pt").exists()
+
+    with pytest.raises(Interrupted, match="stage 2"):
+        train(config_for_resume(str(run_dir)), callbacks=[StopAtEpochStart(stage=2, epoch=1)])
+    assert (run_dir / "clusters.pt").is_file()
+    stage2_last = run_dir / "stage2" / "checkpoints" / "last.ckpt"
+    assert torch.load(stage2_last, weights_only=False)["epoch"] == 0
+
+    resumed = train(config_for_resume(str(run_dir)))
+
+    assert resumed.assignment == reference.assignment
+    expected, got = _params(reference.subnets), _params(resumed.subnets)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert resumed.results["stage2_steps"] == reference.results["stage2_steps"]
+    assert resumed.results["stage1"] == reference.results["stage1"]
+
+
+def test_resume_from_a_stage1_checkpoint_file(tmp_path):
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "stage1.max_epochs=2",
+                                             "stage2.max_epochs=1"))
+    with pytest.raises(Interrupted):
+        train(cfg, callbacks=[StopAtEpochStart(stage=1, epoch=1)])
+    ckpt = tmp_path / "run" / "stage1" / "checkpoints" / "last.ckpt"
+    steps_per_epoch = torch.load(ckpt, weights_only=False)["global_step"]
+    resumed = config_for_resume(str(ckpt), ["stage2.max_epochs=1"])
+    assert resumed.data.max_classes == 12, "the run's own config comes back"
+    result = train(resumed)
+    assert result.results["stage1"]["steps"] == 2 * steps_per_epoch
+    assert (tmp_path / "run" / "results.json").is_file()
