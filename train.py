@@ -13,15 +13,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from facecluster.config import ConfigError, load_config
+from facecluster.config import PROJECT_ROOT, ConfigError, load_config
 from facecluster.pipeline import config_for_resume, train
+
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("-c", "--config", help="YAML file (only what differs from the defaults)")
+    parser.add_argument("-c", "--config", default=str(DEFAULT_CONFIG),
+                        help="YAML file, only what differs from the schema (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     try:

@@ -151,10 +151,9 @@ class Config:
     """Stage 1: the backbone with one margin head over all identities."""
     stage2: StageConfig = field(default_factory=StageConfig)
     """Stage 2: K sub-nets, each warm-started from the stage-1 backbone."""
-    trainer: dict[str, Any] = field(
-        default_factory=lambda: {"max_epochs": 10, "accelerator": "auto", "devices": 1}
-    )
-    """Any lightning.Trainer argument, applied to both stages."""
+    trainer: dict[str, Any] = field(default_factory=lambda: {"accelerator": "auto", "devices": 1})
+    """Any lightning.Trainer argument, applied to both stages; trainer.max_epochs is the
+    epochs of each stage that has no stageN.max_epochs of its own."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -297,6 +296,14 @@ def validate(cfg: DictConfig) -> None:
             problems.append(f"{stage}.optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
         if cfg[stage].max_epochs is None and cfg.trainer.get("max_epochs") in (None, -1):
             problems.append(f"{stage}.max_epochs or trainer.max_epochs must be set")
+    if (cfg.trainer.get("max_epochs") is not None and cfg.stage1.max_epochs is not None
+            and cfg.stage2.max_epochs is not None):
+        problems.append(
+            f"trainer.max_epochs={cfg.trainer.max_epochs} would be ignored: "
+            f"stage1.max_epochs={cfg.stage1.max_epochs} and stage2.max_epochs="
+            f"{cfg.stage2.max_epochs} are set; set those instead, or null them "
+            "(stage1.max_epochs=null stage2.max_epochs=null) to use trainer.max_epochs"
+        )
     valid = _trainer_args()
     for key in cfg.trainer:
         if key in RESERVED_TRAINER_KEYS:

@@ -257,6 +257,17 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         cfg: a validated config (``load_config``; ``config_for_resume`` to continue a run).
         callbacks: extra Lightning callbacks added to both stages' Trainers.
     """
+    inherited_run_dir = os.environ.get(RUN_DIR_ENV)
+    try:
+        return _train(cfg, callbacks)
+    finally:
+        # The variable is for the DDP ranks of this run only: never leak it into the
+        # next run of the same process.
+        if inherited_run_dir is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+
+
+def _train(cfg: DictConfig, callbacks: Sequence[L.Callback]) -> RunResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     _check_backbone(cfg)
     dm = build_datamodule(cfg)

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from facecluster.config import ConfigError, load_config, resolve_data_root, stage_epochs
+from tests.conftest import SMOKE
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
 def test_configs_folder_is_not_empty():
@@ -23,11 +25,19 @@ def test_every_shipped_yaml_loads_and_validates(path):
 
 
 def test_overrides_are_typed_and_win_over_the_file():
-    cfg = load_config(CONFIGS[0], ["data.image_size=64", "clustering.num_clusters=8",
-                                   "trainer.max_epochs=3", "stage2.max_epochs=1"])
+    cfg = load_config(SMOKE, ["data.image_size=64", "clustering.num_clusters=8",
+                              "trainer.max_epochs=3", "stage2.max_epochs=1"])
     assert cfg.data.image_size == 64 and isinstance(cfg.data.image_size, int)
     assert cfg.clustering.num_clusters == 8
     assert stage_epochs(cfg, "stage1") == 3 and stage_epochs(cfg, "stage2") == 1
+
+
+def test_trainer_max_epochs_that_would_be_ignored_is_refused():
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs=3 would be ignored.*stage1.max_epochs=12"):
+        load_config(DEFAULT, ["trainer.max_epochs=3"])
+    cfg = load_config(DEFAULT, ["trainer.max_epochs=3", "stage1.max_epochs=null",
+                                "stage2.max_epochs=null"])
+    assert stage_epochs(cfg, "stage1") == stage_epochs(cfg, "stage2") == 3
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 
 def test_ddp_two_cpu_processes(tmp_path):
-    overrides = smoke_overrides(tmp_path, "logger=none", "stage1.max_epochs=2",
+    overrides = smoke_overrides(tmp_path, "logger=none", "trainer.max_epochs=2",
                                 "trainer.accelerator=cpu", "trainer.devices=2",
                                 "trainer.strategy=ddp")
     env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}

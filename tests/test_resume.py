@@ -13,7 +13,7 @@ from tests.conftest import SMOKE, smoke_overrides
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = ("stage1.max_epochs=2", "stage2.max_epochs=2", "trainer.num_sanity_val_steps=0")
+EPOCHS = ("trainer.max_epochs=2", "data.num_workers=1")
 
 
 class Interrupted(Exception):
@@ -63,7 +63,7 @@ def test_interrupted_twice_and_resumed_equals_uninterrupted(tmp_path):
 
 
 def test_resume_from_a_stage1_checkpoint_file(tmp_path):
-    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "stage1.max_epochs=2",
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "trainer.max_epochs=2",
                                              "stage2.max_epochs=1"))
     with pytest.raises(Interrupted):
         train(cfg, callbacks=[StopAtEpochStart(stage=1, epoch=1)])

@@ -330,6 +330,9 @@ class FaceDataModule(lightning.LightningDataModule):
             batch_size=self.eval_batch_size,
             shuffle=False,
             drop_last=False,
+            # Its own generator: creating an evaluation iterator (sanity check,
+            # validation) must not draw from the global RNG that training reseeds.
+            generator=torch.Generator().manual_seed(self.seed),
             **self._loader_kwargs(),
         )
 

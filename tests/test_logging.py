@@ -1,0 +1,47 @@
+"""W&B without a key or network: offline, no hang, metrics on disk for `wandb sync`."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from facecluster.config import load_config
+from facecluster.loggers import RunCSVLogger, build_logger, wandb_mode
+from facecluster.pipeline import train
+from tests.conftest import SMOKE, smoke_overrides
+
+
+def test_no_api_key_means_offline(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    mode, reason = wandb_mode(load_config(SMOKE))
+    assert mode == "offline" and "no W&B API key" in reason
+
+
+def test_key_without_network_means_offline(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setattr("facecluster.loggers.WANDB_HOST", ("127.0.0.1", 9))  # nothing listens
+    mode, reason = wandb_mode(load_config(SMOKE))
+    assert mode == "offline" and "unreachable" in reason
+
+
+def test_explicit_mode_wins(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(load_config(SMOKE, ["wandb.mode=disabled"]))[0] == "disabled"
+
+
+def test_csv_and_none_loggers(tmp_path):
+    cfg = load_config(SMOKE, ["logger=csv"])
+    assert isinstance(build_logger(cfg, tmp_path, "id"), RunCSVLogger)
+    assert build_logger(OmegaConf.merge(cfg, {"logger": "none"}), tmp_path, "id") is None
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_writes_both_stages_to_disk(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    result = train(load_config(SMOKE, smoke_overrides(tmp_path, "logger=wandb")))
+    runs = list((result.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "one W&B run for both stages"
+    assert list(runs[0].glob("*.wandb")), "the run's data is on disk for `wandb sync`"
