@@ -1,0 +1,119 @@
+"""The stage modules and schedules: per-sub-net clipping, warm start, LR schedules,
+mixed precision, and that the real demo recipe learns."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from facecluster.clustering import cluster_identities
+from facecluster.config import load_config, to_container
+from facecluster.models.optim import build_optimizer, build_scheduler, lr_factor
+from facecluster.models.subnets_module import SubnetSystem
+from facecluster.pipeline import train
+from tests.conftest import ROOT, SMOKE, smoke_overrides
+
+OPTIM = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "betas": (0.9, 0.999),
+         "scheduler": "cosine", "warmup_epochs": 1.0, "min_lr_ratio": 0.0, "poly_power": 2.0}
+
+
+def _subnets(num_classes: int = 9, k: int = 3) -> tuple[SubnetSystem, object]:
+    cfg = load_config(SMOKE, ["model.embedding_dim=16"])
+    torch.manual_seed(0)
+    means = torch.nn.functional.normalize(torch.randn(num_classes, 16), dim=1)
+    assignment = cluster_identities(means, k, "balanced", seed=0)
+    model = SubnetSystem(num_classes, assignment.cluster_sizes().tolist(), image_size=32,
+                         model=to_container(cfg.model), head=to_container(cfg.head),
+                         optim=OPTIM)
+    model.set_assignment(assignment)
+    return model, assignment
+
+
+def test_warm_start_copies_the_backbone_and_class_means():
+    model, assignment = _subnets()
+    backbone = model.subnets[0].state_dict()
+    backbone = {k: v + 1.0 if v.is_floating_point() else v for k, v in backbone.items()}
+    model.warm_start(backbone, init_heads_from_means=True)
+    for subnet in model.subnets:
+        for key, value in subnet.state_dict().items():
+            assert torch.equal(value, backbone[key])
+    for k, head in enumerate(model.heads):
+        assert torch.equal(head.weight, assignment.class_means[assignment.classes_of(k)])
+
+
+def test_gradient_clipping_is_per_subnet():
+    # One exploding sub-net must not shrink the others' steps (a global norm would).
+    model, _ = _subnets()
+    for k, (subnet, head) in enumerate(zip(model.subnets, model.heads, strict=True)):
+        for p in [*subnet.parameters(), *head.parameters()]:
+            p.grad = torch.full_like(p, 1e6 if k == 0 else 1e-4)
+    before = [p.grad.clone() for p in model.subnets[1].parameters()]
+    model.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    exploding = [p for m in (model.subnets[0], model.heads[0]) for p in m.parameters()]
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in exploding])) <= 1.0 + 1e-4
+    for p, b in zip(model.subnets[1].parameters(), before, strict=True):
+        assert torch.equal(p.grad, b), "a small sub-net's gradient was changed"
+
+
+def test_assignment_buffers_survive_a_state_dict_round_trip():
+    model, assignment = _subnets()
+    fresh, _ = _subnets()
+    fresh.class_to_cluster.zero_()
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.class_to_cluster, assignment.class_to_cluster)
+    assert torch.equal(fresh.local_index, assignment.local_index)
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "poly", "constant"])
+def test_lr_schedule_warms_up_then_decays(scheduler):
+    optim = dict(OPTIM, scheduler=scheduler, min_lr_ratio=0.1)
+    total, warmup = 100, 10
+    factors = [lr_factor(step, total, warmup, optim) for step in range(total + 1)]
+    assert factors[0] == pytest.approx(0.1) and factors[warmup - 1] == pytest.approx(1.0)
+    tail = factors[warmup:]
+    assert all(a >= b for a, b in zip(tail, tail[1:], strict=False)), "monotone after warm-up"
+    if scheduler == "constant":
+        assert tail[-1] == 1.0
+    else:
+        assert tail[-1] == pytest.approx(0.1)
+    if scheduler == "cosine":
+        assert lr_factor(55, total, warmup, optim) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def test_scheduler_steps_per_optimizer_step():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = build_optimizer([{"params": params, "weight_decay": 0.0}], OPTIM)
+    config = build_scheduler(optimizer, total_steps=40, max_epochs=4, optim=OPTIM)
+    assert config["interval"] == "step"
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        config["scheduler"].step()
+    assert lrs[9] == pytest.approx(0.1)  # end of the one-epoch warm-up
+    assert lrs[-1] < 0.01 and not math.isnan(lrs[-1])
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_trains_both_stages_on_cpu(tmp_path):
+    result = train(load_config(SMOKE, smoke_overrides(tmp_path, "trainer.precision=bf16-mixed",
+                                                      "logger=none")))
+    for p in result.subnets.parameters():
+        assert p.dtype == torch.float32 and torch.isfinite(p).all()
+    assert 0.0 <= result.results["subnets_oracle_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_the_demo_recipe_learns_well_above_chance(tmp_path):
+    # configs/default.yaml (IResNet-18, width 16, 64 px) shrunk to 20 identities.
+    cfg = load_config(ROOT / "configs" / "default.yaml", [
+        f"output_dir={tmp_path}", "run_name=run", "logger=none", "data.max_classes=20",
+        "data.num_workers=0", "stage1.max_epochs=4", "stage2.max_epochs=2",
+        "clustering.num_clusters=2",
+    ])
+    r = train(cfg).results
+    assert r["stage1"]["accuracy"] > 3 * r["stage1"]["chance"]
+    assert r["stage1"]["accuracy"] > r["stage1"]["majority"]
+    assert all(s["accuracy"] > s["chance"] for s in r["subnets"])
