@@ -91,8 +91,12 @@ class ClusteringCallback(L.Callback):
         payload = None
         if trainer.global_rank == 0:
             payload = cluster_identities(
-                means, self.num_clusters, self.method, seed=self.seed,
-                niter=self.niter, nredo=self.nredo,
+                means,
+                self.num_clusters,
+                self.method,
+                seed=self.seed,
+                niter=self.niter,
+                nredo=self.nredo,
             ).to_dict()
         # k-means runs once, on rank 0: faiss is not bit-identical across processes.
         payload = trainer.strategy.broadcast(payload, src=0)
@@ -115,10 +119,13 @@ class ClusteringCallback(L.Callback):
         )
         if trainer.logger is None or trainer.global_rank != 0:
             return
-        trainer.logger.log_metrics({f"clustering/{k}": float(v) for k, v in stats.items()},
-                                   step=trainer.global_step)
+        trainer.logger.log_metrics(
+            {f"clustering/{k}": float(v) for k, v in stats.items()}, step=trainer.global_step
+        )
         if isinstance(trainer.logger, WandbLogger):
             trainer.logger.log_table(
-                "clustering/sizes", columns=["cluster", "identities"],
-                data=[[k, n] for k, n in enumerate(sizes)], step=trainer.global_step,
+                "clustering/sizes",
+                columns=["cluster", "identities"],
+                data=[[k, n] for k, n in enumerate(sizes)],
+                step=trainer.global_step,
             )

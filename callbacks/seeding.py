@@ -52,8 +52,9 @@ class EpochSeedCallback(L.Callback):
         if not self._resumed:  # a resumed fit was reseeded when its checkpoint loaded
             self.reseed(0, trainer.global_rank)
 
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # facecluster checkpoints are written at epoch ends: the fit goes on with the next.
         self._resumed = True
         self.reseed(checkpoint["epoch"] + 1, trainer.global_rank)

@@ -36,7 +36,7 @@ class DataConfig:
     image_size: int = 112
     """Images are resized to image_size x image_size."""
     batch_size: int = 64
-    """Training batch size per process; in stage 2, per sub-net (each cluster gets its own batch)."""
+    """Training batch size per process; in stage 2 per sub-net (each cluster gets a batch)."""
     eval_batch_size: int | None = None
     """Batch size for validation, test and the embedding pass (None: batch_size)."""
     num_workers: int = 2
@@ -261,9 +261,18 @@ def validate(cfg: DictConfig) -> None:
     choice("clustering.method", cfg.clustering.method, CLUSTER_METHODS)
     if cfg.wandb.mode is not None:
         choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
-    for key in ("data.image_size", "data.batch_size", "data.eval_batch_size",
-                "data.min_images_per_class", "data.max_classes", "model.embedding_dim",
-                "clustering.num_clusters", "clustering.niter", "clustering.nredo", "head.s"):
+    for key in (
+        "data.image_size",
+        "data.batch_size",
+        "data.eval_batch_size",
+        "data.min_images_per_class",
+        "data.max_classes",
+        "model.embedding_dim",
+        "clustering.num_clusters",
+        "clustering.niter",
+        "clustering.nredo",
+        "head.s",
+    ):
         section, name = key.split(".")
         positive(key, cfg[section][name])
     if cfg.data.num_workers < 0:
@@ -273,13 +282,14 @@ def validate(cfg: DictConfig) -> None:
         if not 0.0 <= v < 1.0:
             problems.append(f"data.{key} must be in [0, 1), got {v}")
     if cfg.data.val_fraction + cfg.data.test_fraction >= 1.0:
-        problems.append("data.val_fraction + data.test_fraction must be < 1 (no training images left)")
+        problems.append(
+            "data.val_fraction + data.test_fraction must be < 1 (no training images left)"
+        )
     if cfg.data.test_fraction == 0.0:
         problems.append("data.test_fraction must be > 0: the held-out accuracy needs a test split")
     if cfg.head.m is not None and not 0.0 <= cfg.head.m < math.pi / 2:
         problems.append(f"head.m must be in [0, pi/2), got {cfg.head.m}")
-    if (cfg.data.max_classes is not None
-            and cfg.data.max_classes < cfg.clustering.num_clusters):
+    if cfg.data.max_classes is not None and cfg.data.max_classes < cfg.clustering.num_clusters:
         problems.append(
             f"data.max_classes={cfg.data.max_classes} is smaller than "
             f"clustering.num_clusters={cfg.clustering.num_clusters}: every cluster needs identities"
@@ -296,8 +306,11 @@ def validate(cfg: DictConfig) -> None:
             problems.append(f"{stage}.optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
         if cfg[stage].max_epochs is None and cfg.trainer.get("max_epochs") in (None, -1):
             problems.append(f"{stage}.max_epochs or trainer.max_epochs must be set")
-    if (cfg.trainer.get("max_epochs") is not None and cfg.stage1.max_epochs is not None
-            and cfg.stage2.max_epochs is not None):
+    if (
+        cfg.trainer.get("max_epochs") is not None
+        and cfg.stage1.max_epochs is not None
+        and cfg.stage2.max_epochs is not None
+    ):
         problems.append(
             f"trainer.max_epochs={cfg.trainer.max_epochs} would be ignored: "
             f"stage1.max_epochs={cfg.stage1.max_epochs} and stage2.max_epochs="

@@ -110,8 +110,10 @@ def config_for_resume(resume: str, overrides: list[str] | tuple = ()) -> DictCon
             "pass the folder printed at the start of the run, or a checkpoint"
         )
     overrides = [o for o in overrides if not o.startswith("resume=")]
-    return load_config(saved, [*overrides, f"resume={path}", f"output_dir={run_dir.parent}",
-                               f"run_name={run_dir.name}"])
+    return load_config(
+        saved,
+        [*overrides, f"resume={path}", f"output_dir={run_dir.parent}", f"run_name={run_dir.name}"],
+    )
 
 
 def _run_dir(cfg: DictConfig) -> Path:
@@ -123,7 +125,9 @@ def _run_dir(cfg: DictConfig) -> Path:
     name = cfg.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.clustering.method}"
     run_dir = Path(cfg.output_dir).expanduser() / name
     if (run_dir / "config.yaml").exists():
-        raise ConfigError(f"run folder {run_dir} already exists; pass resume={run_dir} to continue it")
+        raise ConfigError(
+            f"run folder {run_dir} already exists; pass resume={run_dir} to continue it"
+        )
     return run_dir
 
 
@@ -140,8 +144,11 @@ def prepare_run_dir(cfg: DictConfig) -> tuple[Path, str]:
             probe.unlink()
         except OSError as e:
             raise ConfigError(f"output_dir: cannot write the run folder {run_dir} ({e})") from None
-        meta_path.write_text(json.dumps({"run_id": uuid.uuid4().hex[:12],
-                                         "created": datetime.now().isoformat()}, indent=2))
+        meta_path.write_text(
+            json.dumps(
+                {"run_id": uuid.uuid4().hex[:12], "created": datetime.now().isoformat()}, indent=2
+            )
+        )
     if _is_rank_zero():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     return run_dir, json.loads(meta_path.read_text())["run_id"]
@@ -195,8 +202,9 @@ def build_datamodule(cfg: DictConfig) -> FaceDataModule:
     return dm
 
 
-def make_trainer(cfg: DictConfig, stage: int, run_dir: Path, logger: Any,
-                 callbacks: list[L.Callback]) -> L.Trainer:
+def make_trainer(
+    cfg: DictConfig, stage: int, run_dir: Path, logger: Any, callbacks: list[L.Callback]
+) -> L.Trainer:
     """A Trainer for one stage: the user's ``trainer.*`` plus this stage's callbacks."""
     monitor = "val/acc" if cfg.data.val_fraction > 0 else None
     checkpoint = ModelCheckpoint(
@@ -280,16 +288,26 @@ def _train(cfg: DictConfig, callbacks: Sequence[L.Callback]) -> RunResult:
     try:
         backbone = None
         if stage2_ckpt is None:
-            backbone, stage1 = _train_stage1(cfg, dm, run_dir, logger, stage1_ckpt,
-                                             clusters_path, callbacks)
+            backbone, stage1 = _train_stage1(
+                cfg, dm, run_dir, logger, stage1_ckpt, clusters_path, callbacks
+            )
             if _is_rank_zero():
                 stage1_path.write_text(json.dumps(stage1, indent=2))
         else:
             stage1 = json.loads(stage1_path.read_text())
         assignment = ClusterAssignment.load(clusters_path)
         dm.connect_clusters(assignment.class_to_cluster, assignment.local_index)
-        subnets, stage2 = _train_stage2(cfg, dm, run_dir, logger, stage2_ckpt, assignment,
-                                        backbone, stage1["global_step"], callbacks)
+        subnets, stage2 = _train_stage2(
+            cfg,
+            dm,
+            run_dir,
+            logger,
+            stage2_ckpt,
+            assignment,
+            backbone,
+            stage1["global_step"],
+            callbacks,
+        )
         results = _results(dm, assignment, stage1, stage2)
         table = format_results(results)
         if _is_rank_zero():
@@ -305,15 +323,26 @@ def _train(cfg: DictConfig, callbacks: Sequence[L.Callback]) -> RunResult:
                 wandb.finish()
 
 
-def _train_stage1(cfg: DictConfig, dm: FaceDataModule, run_dir: Path, logger: Any,
-                  ckpt: Path | None, clusters_path: Path,
-                  callbacks: Sequence[L.Callback]) -> tuple[BackboneSystem, dict]:
+def _train_stage1(
+    cfg: DictConfig,
+    dm: FaceDataModule,
+    run_dir: Path,
+    logger: Any,
+    ckpt: Path | None,
+    clusters_path: Path,
+    callbacks: Sequence[L.Callback],
+) -> tuple[BackboneSystem, dict]:
     # Seeded here, not only at start: a resumed run builds the same initial weights.
     torch.manual_seed(cfg.seed + 1)
     model = BackboneSystem(dm.num_classes, **_module_args(cfg, 1))
     clustering = ClusteringCallback(
-        dm, cfg.clustering.num_clusters, cfg.clustering.method, cfg.seed, clusters_path,
-        niter=cfg.clustering.niter, nredo=cfg.clustering.nredo,
+        dm,
+        cfg.clustering.num_clusters,
+        cfg.clustering.method,
+        cfg.seed,
+        clusters_path,
+        niter=cfg.clustering.niter,
+        nredo=cfg.clustering.nredo,
     )
     trainer = make_trainer(cfg, 1, run_dir, logger, [clustering, *callbacks])
     trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
@@ -321,17 +350,28 @@ def _train_stage1(cfg: DictConfig, dm: FaceDataModule, run_dir: Path, logger: An
         # A resumed, already finished stage 1 skips on_train_end: cluster here.
         clustering.run(trainer, model)
     test = trainer.test(model, datamodule=dm, verbose=False)[0]
-    return model, {"global_step": trainer.global_step, "test_acc": test["test/acc"],
-                   "epochs": trainer.current_epoch}
+    return model, {
+        "global_step": trainer.global_step,
+        "test_acc": test["test/acc"],
+        "epochs": trainer.current_epoch,
+    }
 
 
-def _train_stage2(cfg: DictConfig, dm: FaceDataModule, run_dir: Path, logger: Any,
-                  ckpt: Path | None, assignment: ClusterAssignment,
-                  backbone: BackboneSystem | None, step_offset: int,
-                  callbacks: Sequence[L.Callback]) -> tuple[SubnetSystem, dict]:
+def _train_stage2(
+    cfg: DictConfig,
+    dm: FaceDataModule,
+    run_dir: Path,
+    logger: Any,
+    ckpt: Path | None,
+    assignment: ClusterAssignment,
+    backbone: BackboneSystem | None,
+    step_offset: int,
+    callbacks: Sequence[L.Callback],
+) -> tuple[SubnetSystem, dict]:
     torch.manual_seed(cfg.seed + 2)
-    model = SubnetSystem(dm.num_classes, assignment.cluster_sizes().tolist(),
-                         **_module_args(cfg, 2))
+    model = SubnetSystem(
+        dm.num_classes, assignment.cluster_sizes().tolist(), **_module_args(cfg, 2)
+    )
     model.set_assignment(assignment)
     if ckpt is None:
         if backbone is None:
@@ -342,15 +382,19 @@ def _train_stage2(cfg: DictConfig, dm: FaceDataModule, run_dir: Path, logger: An
     trainer = make_trainer(cfg, 2, run_dir, logger, list(callbacks))
     trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     test = trainer.test(model, datamodule=dm, verbose=False)[0]
-    return model, {"global_step": trainer.global_step, "test": test,
-                   "epochs": trainer.current_epoch}
+    return model, {
+        "global_step": trainer.global_step,
+        "test": test,
+        "epochs": trainer.current_epoch,
+    }
 
 
 # --------------------------------------------------------------------------- results
 
 
-def _results(dm: FaceDataModule, assignment: ClusterAssignment, stage1: dict,
-             stage2: dict) -> dict[str, Any]:
+def _results(
+    dm: FaceDataModule, assignment: ClusterAssignment, stage1: dict, stage2: dict
+) -> dict[str, Any]:
     test_labels = dm.split_labels("test")
     clusters = assignment.class_to_cluster[test_labels]
     sizes = assignment.cluster_sizes().tolist()
@@ -360,9 +404,14 @@ def _results(dm: FaceDataModule, assignment: ClusterAssignment, stage1: dict,
         return float(torch.bincount(labels).max()) / max(1, len(labels))
 
     subnets = [
-        {"cluster": k, "identities": n, "test_images": int((clusters == k).sum()),
-         "accuracy": float(stage2["test"][f"test/acc_subnet{k}"]), "chance": 1.0 / n,
-         "majority": majority(test_labels[clusters == k])}
+        {
+            "cluster": k,
+            "identities": n,
+            "test_images": int((clusters == k).sum()),
+            "accuracy": float(stage2["test"][f"test/acc_subnet{k}"]),
+            "chance": 1.0 / n,
+            "majority": majority(test_labels[clusters == k]),
+        }
         for k, n in enumerate(sizes)
     ]
     return {
@@ -370,8 +419,12 @@ def _results(dm: FaceDataModule, assignment: ClusterAssignment, stage1: dict,
         "test_images": len(test_labels),
         "clustering": assignment.method,
         "num_clusters": assignment.num_clusters,
-        "stage1": {"accuracy": float(stage1["test_acc"]), "chance": 1.0 / dm.num_classes,
-                   "majority": majority(test_labels), "steps": stage1["global_step"]},
+        "stage1": {
+            "accuracy": float(stage1["test_acc"]),
+            "chance": 1.0 / dm.num_classes,
+            "majority": majority(test_labels),
+            "steps": stage1["global_step"],
+        },
         "subnets": subnets,
         "subnets_oracle_accuracy": float(stage2["test"]["test/acc"]),
         "stage2_steps": stage2["global_step"],
@@ -381,21 +434,38 @@ def _results(dm: FaceDataModule, assignment: ClusterAssignment, stage1: dict,
 def format_results(results: dict[str, Any]) -> str:
     """The held-out results as a markdown table."""
     s1 = results["stage1"]
-    rows = [("stage-1 single model, all identities", results["identities"],
-             results["test_images"], s1["accuracy"], s1["chance"], s1["majority"])]
+    rows = [
+        (
+            "stage-1 single model, all identities",
+            results["identities"],
+            results["test_images"],
+            s1["accuracy"],
+            s1["chance"],
+            s1["majority"],
+        )
+    ]
     for s in results["subnets"]:
-        rows.append((f"sub-net {s['cluster']}, on its own cluster", s["identities"],
-                     s["test_images"], s["accuracy"], s["chance"], s["majority"]))
+        rows.append(
+            (
+                f"sub-net {s['cluster']}, on its own cluster",
+                s["identities"],
+                s["test_images"],
+                s["accuracy"],
+                s["chance"],
+                s["majority"],
+            )
+        )
     lines = [
-        f"Held-out test accuracy ({results['clustering']} clustering, "
-        f"K={results['num_clusters']})",
+        f"Held-out test accuracy ({results['clustering']} clustering, K={results['num_clusters']})",
         "",
         "| model | identities | test images | top-1 accuracy | chance | most frequent |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {m} | {c} | {n} | {a:.2%} | {ch:.2%} | {mj:.2%} |"
-              for m, c, n, a, ch, mj in rows]
-    lines += ["", "chance: 1 / identities; most frequent: always answering the identity "
-              "with the most test images. Each sub-net is scored on the test images of "
-              "its own cluster's identities."]
+    lines += [f"| {m} | {c} | {n} | {a:.2%} | {ch:.2%} | {mj:.2%} |" for m, c, n, a, ch, mj in rows]
+    lines += [
+        "",
+        "chance: 1 / identities; most frequent: always answering the identity "
+        "with the most test images. Each sub-net is scored on the test images of "
+        "its own cluster's identities.",
+    ]
     return "\n".join(lines)

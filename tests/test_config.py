@@ -25,18 +25,28 @@ def test_every_shipped_yaml_loads_and_validates(path):
 
 
 def test_overrides_are_typed_and_win_over_the_file():
-    cfg = load_config(SMOKE, ["data.image_size=64", "clustering.num_clusters=8",
-                              "trainer.max_epochs=3", "stage2.max_epochs=1"])
+    cfg = load_config(
+        SMOKE,
+        [
+            "data.image_size=64",
+            "clustering.num_clusters=8",
+            "trainer.max_epochs=3",
+            "stage2.max_epochs=1",
+        ],
+    )
     assert cfg.data.image_size == 64 and isinstance(cfg.data.image_size, int)
     assert cfg.clustering.num_clusters == 8
     assert stage_epochs(cfg, "stage1") == 3 and stage_epochs(cfg, "stage2") == 1
 
 
 def test_trainer_max_epochs_that_would_be_ignored_is_refused():
-    with pytest.raises(ConfigError, match=r"trainer.max_epochs=3 would be ignored.*stage1.max_epochs=12"):
+    with pytest.raises(
+        ConfigError, match=r"trainer.max_epochs=3 would be ignored.*stage1.max_epochs=12"
+    ):
         load_config(DEFAULT, ["trainer.max_epochs=3"])
-    cfg = load_config(DEFAULT, ["trainer.max_epochs=3", "stage1.max_epochs=null",
-                                "stage2.max_epochs=null"])
+    cfg = load_config(
+        DEFAULT, ["trainer.max_epochs=3", "stage1.max_epochs=null", "stage2.max_epochs=null"]
+    )
     assert stage_epochs(cfg, "stage1") == stage_epochs(cfg, "stage2") == 3
 
 
@@ -60,18 +70,31 @@ def test_a_mistake_names_the_key_and_the_closest_valid_one(override, expected):
 def test_misspelled_key_in_a_yaml_file_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  backbon: tiny\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'model.backbon'.*model.backbone"):
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml: unknown config key 'model.backbon'.*model.backbone"
+    ):
         load_config(bad)
 
 
 def test_contradictions_are_listed_together():
     with pytest.raises(ConfigError) as err:
-        load_config(overrides=["logger=tensorboard", "head.name=sphereface",
-                               "data.val_fraction=0.6", "data.test_fraction=0.5",
-                               "data.max_classes=2", "clustering.num_clusters=4"])
+        load_config(
+            overrides=[
+                "logger=tensorboard",
+                "head.name=sphereface",
+                "data.val_fraction=0.6",
+                "data.test_fraction=0.5",
+                "data.max_classes=2",
+                "clustering.num_clusters=4",
+            ]
+        )
     message = str(err.value)
-    for text in ("logger='tensorboard'", "head.name='sphereface'", "data.val_fraction + data.test_fraction",
-                 "data.max_classes=2 is smaller than clustering.num_clusters=4"):
+    for text in (
+        "logger='tensorboard'",
+        "head.name='sphereface'",
+        "data.val_fraction + data.test_fraction",
+        "data.max_classes=2 is smaller than clustering.num_clusters=4",
+    ):
         assert text in message
 
 

@@ -20,15 +20,28 @@ pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 
 def test_ddp_two_cpu_processes(tmp_path):
-    overrides = smoke_overrides(tmp_path, "logger=none", "trainer.max_epochs=2",
-                                "trainer.accelerator=cpu", "trainer.devices=2",
-                                "trainer.strategy=ddp")
+    overrides = smoke_overrides(
+        tmp_path,
+        "logger=none",
+        "trainer.max_epochs=2",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    )
     env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "scripts" / "ddp_train.py"), str(tmp_path),
-         *overrides],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=480,
+        [
+            sys.executable,
+            str(ROOT / "tests" / "scripts" / "ddp_train.py"),
+            str(tmp_path),
+            *overrides,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=480,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
@@ -45,8 +58,13 @@ def test_ddp_two_cpu_processes(tmp_path):
     cfg = load_config(SMOKE, overrides)
     dm = build_datamodule(cfg)
     backbone = build_backbone(dict(cfg.model), cfg.data.image_size)
-    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in ranks[0]["backbone"].items()
-                              if k.startswith("backbone.")})
+    backbone.load_state_dict(
+        {
+            k.removeprefix("backbone."): v
+            for k, v in ranks[0]["backbone"].items()
+            if k.startswith("backbone.")
+        }
+    )
     backbone.eval()
     sums = torch.zeros(dm.num_classes, cfg.model.embedding_dim, dtype=torch.float64)
     counts = torch.zeros(dm.num_classes, dtype=torch.long)

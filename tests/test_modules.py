@@ -15,8 +15,17 @@ from facecluster.models.subnets_module import SubnetSystem
 from facecluster.pipeline import train
 from tests.conftest import ROOT, SMOKE, smoke_overrides
 
-OPTIM = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "betas": (0.9, 0.999),
-         "scheduler": "cosine", "warmup_epochs": 1.0, "min_lr_ratio": 0.0, "poly_power": 2.0}
+OPTIM = {
+    "name": "sgd",
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "betas": (0.9, 0.999),
+    "scheduler": "cosine",
+    "warmup_epochs": 1.0,
+    "min_lr_ratio": 0.0,
+    "poly_power": 2.0,
+}
 
 
 def _subnets(num_classes: int = 9, k: int = 3) -> tuple[SubnetSystem, object]:
@@ -24,9 +33,14 @@ def _subnets(num_classes: int = 9, k: int = 3) -> tuple[SubnetSystem, object]:
     torch.manual_seed(0)
     means = torch.nn.functional.normalize(torch.randn(num_classes, 16), dim=1)
     assignment = cluster_identities(means, k, "balanced", seed=0)
-    model = SubnetSystem(num_classes, assignment.cluster_sizes().tolist(), image_size=32,
-                         model=to_container(cfg.model), head=to_container(cfg.head),
-                         optim=OPTIM)
+    model = SubnetSystem(
+        num_classes,
+        assignment.cluster_sizes().tolist(),
+        image_size=32,
+        model=to_container(cfg.model),
+        head=to_container(cfg.head),
+        optim=OPTIM,
+    )
     model.set_assignment(assignment)
     return model, assignment
 
@@ -98,8 +112,9 @@ def test_scheduler_steps_per_optimizer_step():
 
 @pytest.mark.slow
 def test_bf16_mixed_precision_trains_both_stages_on_cpu(tmp_path):
-    result = train(load_config(SMOKE, smoke_overrides(tmp_path, "trainer.precision=bf16-mixed",
-                                                      "logger=none")))
+    result = train(
+        load_config(SMOKE, smoke_overrides(tmp_path, "trainer.precision=bf16-mixed", "logger=none"))
+    )
     for p in result.subnets.parameters():
         assert p.dtype == torch.float32 and torch.isfinite(p).all()
     assert 0.0 <= result.results["subnets_oracle_accuracy"] <= 1.0
@@ -108,11 +123,19 @@ def test_bf16_mixed_precision_trains_both_stages_on_cpu(tmp_path):
 @pytest.mark.slow
 def test_the_demo_recipe_learns_well_above_chance(tmp_path):
     # configs/default.yaml (IResNet-18, width 16, 64 px) shrunk to 20 identities.
-    cfg = load_config(ROOT / "configs" / "default.yaml", [
-        f"output_dir={tmp_path}", "run_name=run", "logger=none", "data.max_classes=20",
-        "data.num_workers=0", "stage1.max_epochs=4", "stage2.max_epochs=2",
-        "clustering.num_clusters=2",
-    ])
+    cfg = load_config(
+        ROOT / "configs" / "default.yaml",
+        [
+            f"output_dir={tmp_path}",
+            "run_name=run",
+            "logger=none",
+            "data.max_classes=20",
+            "data.num_workers=0",
+            "stage1.max_epochs=4",
+            "stage2.max_epochs=2",
+            "clustering.num_clusters=2",
+        ],
+    )
     r = train(cfg).results
     assert r["stage1"]["accuracy"] > 3 * r["stage1"]["chance"]
     assert r["stage1"]["accuracy"] > r["stage1"]["majority"]

@@ -46,7 +46,8 @@ def test_assignment_partitions_the_identities_and_reaches_stage_two(finished_run
     assignment = ClusterAssignment.load(finished_run.run_dir / "clusters.pt")
     assert assignment.num_classes == 12 and assignment.num_clusters == 3
     assert sorted(assignment.cluster_sizes().tolist()) == sorted(
-        s["identities"] for s in finished_run.results["subnets"])
+        s["identities"] for s in finished_run.results["subnets"]
+    )
     subnets = finished_run.subnets
     assert torch.equal(subnets.class_to_cluster, assignment.class_to_cluster)
     for k, head in enumerate(subnets.heads):
@@ -68,7 +69,9 @@ def test_step_axis_continues_across_the_two_stages(finished_run):
     rows = list(csv.DictReader(open(finished_run.run_dir / "csv" / "metrics.csv")))
     stage1_steps = finished_run.results["stage1"]["steps"]
     stage2 = [int(r["step"]) for r in rows if r.get("train/loss_subnet0")]
-    stage1 = [int(r["step"]) for r in rows if r.get("train/loss") and not r.get("train/loss_subnet0")]
+    stage1 = [
+        int(r["step"]) for r in rows if r.get("train/loss") and not r.get("train/loss_subnet0")
+    ]
     assert stage1 and stage2
     assert min(stage2) >= stage1_steps > max(stage1) - 1
 
@@ -105,8 +108,9 @@ def test_fewer_identities_than_clusters_is_refused(tmp_path):
     faces = tmp_path / "faces"
     for name in sorted(p.name for p in DEMO.iterdir())[:2]:
         shutil.copytree(DEMO / name, faces / name)
-    cfg = load_config(SMOKE, smoke_overrides(tmp_path, f"data.root={faces}",
-                                             "data.max_classes=null"))
+    cfg = load_config(
+        SMOKE, smoke_overrides(tmp_path, f"data.root={faces}", "data.max_classes=null")
+    )
     with pytest.raises(ConfigError, match="clustering.num_clusters=3 but .* only 2 identities"):
         train(cfg)
 

@@ -63,8 +63,9 @@ def test_interrupted_twice_and_resumed_equals_uninterrupted(tmp_path):
 
 
 def test_resume_from_a_stage1_checkpoint_file(tmp_path):
-    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "trainer.max_epochs=2",
-                                             "stage2.max_epochs=1"))
+    cfg = load_config(
+        SMOKE, smoke_overrides(tmp_path, "trainer.max_epochs=2", "stage2.max_epochs=1")
+    )
     with pytest.raises(Interrupted):
         train(cfg, callbacks=[StopAtEpochStart(stage=1, epoch=1)])
     ckpt = tmp_path / "run" / "stage1" / "checkpoints" / "last.ckpt"

@@ -77,7 +77,9 @@ class BackboneSystem(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         return loss
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], metric: MulticlassAccuracy, key: str) -> None:
+    def _eval_step(
+        self, batch: tuple[Tensor, Tensor], metric: MulticlassAccuracy, key: str
+    ) -> None:
         images, labels = batch
         # Closed-set identification: the identity whose head row is nearest (no margin).
         predictions = self.head.cosine(self.backbone(images)).argmax(dim=1)

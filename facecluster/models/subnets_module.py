@@ -95,7 +95,8 @@ class SubnetSystem(L.LightningModule):
         sizes = assignment.cluster_sizes().tolist()
         if sizes != list(self.hparams.cluster_sizes):
             raise ValueError(
-                f"cluster sizes {sizes} do not match this model's {list(self.hparams.cluster_sizes)}"
+                f"cluster sizes {sizes} do not match this model's "
+                f"{list(self.hparams.cluster_sizes)}"
             )
         self.class_to_cluster.copy_(assignment.class_to_cluster)
         self.local_index.copy_(assignment.local_index)

@@ -17,7 +17,11 @@ cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 result = train(cfg)
 rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 torch.save(
-    {"subnets": result.subnets.state_dict(), "backbone": result.backbone.state_dict(),
-     "class_means": result.assignment.class_means, "world_size": result.subnets.trainer.world_size},
+    {
+        "subnets": result.subnets.state_dict(),
+        "backbone": result.backbone.state_dict(),
+        "class_means": result.assignment.class_means,
+        "world_size": result.subnets.trainer.world_size,
+    },
     out / f"rank{rank}.pt",
 )
