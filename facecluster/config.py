@@ -120,6 +120,34 @@ class StageConfig:
 
 
 @dataclass
+class RouteConfig:
+    top_m: int = 1
+    """Clusters a face is routed to (nearest class means); their sub-nets run."""
+    alpha: float = 0.0
+    """Decision unit: score = (1 - alpha) * sub-net cosine + alpha * class-mean similarity."""
+    index: str = "flat"
+    """faiss index over the class means: flat (exact inner product), ivf or hnsw."""
+    ivf_nlist: int | None = None
+    """IVF lists (None: about 4 * sqrt(identities))."""
+    ivf_nprobe: int = 16
+    """IVF lists searched per query."""
+    hnsw_m: int = 32
+    """HNSW graph degree."""
+    neighbours: int = 64
+    """Class means retrieved per query to rank the clusters (at least top_m * 8 are used)."""
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    """Batch size of the accuracy passes and of the throughput measurement."""
+    timing_batches: int = 3
+    """Batches timed for throughput (after one warm-up batch); latency uses 20 single images."""
+    plots: bool = True
+    """Write the top_m / alpha / class-mean plots (PNG, and W&B images with logger=wandb)."""
+
+
+@dataclass
 class WandbConfig:
     project: str = "facecluster"
     """W&B project."""
@@ -133,6 +161,9 @@ class WandbConfig:
 
 @dataclass
 class Config:
+    method: str = "clustered"
+    """clustered (the paper), random (ISM: random partition, every sub-net runs at test
+    time) or single (one network over all identities for stage1 + stage2 epochs)."""
     seed: int = 42
     """Seeds the split, the clustering and training; a CPU run is repeatable."""
     output_dir: str = "runs"
@@ -154,9 +185,15 @@ class Config:
     trainer: dict[str, Any] = field(default_factory=lambda: {"accelerator": "auto", "devices": 1})
     """Any lightning.Trainer argument, applied to both stages; trainer.max_epochs is the
     epochs of each stage that has no stageN.max_epochs of its own."""
+    route: RouteConfig = field(default_factory=RouteConfig)
+    """Routed inference: the router and the final decision unit."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """evaluate.py and the table at the end of train.py."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+METHODS = ("clustered", "random", "single")
+INDEXES = ("flat", "ivf", "hnsw")
 LOGGERS = ("wandb", "csv", "none")
 HEADS = ("arcface", "cosface")
 OPTIMIZERS = ("sgd", "adamw")
@@ -256,6 +293,21 @@ def validate(cfg: DictConfig) -> None:
         if value is not None and value <= 0:
             problems.append(f"{key} must be > 0, got {value}")
 
+    choice("method", cfg.method, METHODS)
+    choice("route.index", cfg.route.index, INDEXES)
+    positive("route.top_m", cfg.route.top_m)
+    positive("eval.batch_size", cfg.eval.batch_size)
+    if not 0.0 <= cfg.route.alpha <= 1.0:
+        problems.append(f"route.alpha must be in [0, 1], got {cfg.route.alpha}")
+    if cfg.route.top_m > cfg.clustering.num_clusters:
+        problems.append(
+            f"route.top_m={cfg.route.top_m} is more than clustering.num_clusters="
+            f"{cfg.clustering.num_clusters}"
+        )
+    if cfg.method == "clustered" and cfg.clustering.method == "random":
+        problems.append("clustering.method=random is the ISM baseline: use method=random")
+    if cfg.method == "random" and cfg.clustering.method == "balanced":
+        problems.append("method=random partitions at random: clustering.method=balanced contradicts it")
     choice("logger", cfg.logger, LOGGERS)
     choice("head.name", cfg.head.name, HEADS)
     choice("clustering.method", cfg.clustering.method, CLUSTER_METHODS)
@@ -338,8 +390,20 @@ def resolve_data_root(root: str) -> Path:
 
 
 def stage_epochs(cfg: DictConfig, stage: str) -> int:
-    """Epochs of a stage: its own max_epochs, else trainer.max_epochs."""
-    return int(cfg[stage].max_epochs or cfg.trainer.max_epochs)
+    """Epochs of a stage: its own max_epochs, else trainer.max_epochs.
+
+    With method=single there is no stage 2: stage 1 trains for both stages' epochs,
+    so the single-model baseline gets the same total epochs as the two-stage method.
+    """
+    epochs = int(cfg[stage].max_epochs or cfg.trainer.max_epochs)
+    if cfg.method == "single" and stage == "stage1":
+        epochs += int(cfg.stage2.max_epochs or cfg.trainer.max_epochs)
+    return epochs
+
+
+def partition_method(cfg: DictConfig) -> str:
+    """How identities are grouped: method=random forces the random (ISM) partition."""
+    return "random" if cfg.method == "random" else cfg.clustering.method
 
 
 def to_yaml(cfg: DictConfig) -> str:

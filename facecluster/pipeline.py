@@ -45,6 +45,7 @@ from facecluster.clustering import ClusterAssignment
 from facecluster.config import (
     ConfigError,
     load_config,
+    partition_method,
     resolve_data_root,
     stage_epochs,
     to_container,
@@ -122,7 +123,7 @@ def _run_dir(cfg: DictConfig) -> Path:
     if cfg.resume:
         path = Path(cfg.resume)
         return path if path.is_dir() else path.resolve().parents[2]
-    name = cfg.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.clustering.method}"
+    name = cfg.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.method}"
     run_dir = Path(cfg.output_dir).expanduser() / name
     if (run_dir / "config.yaml").exists():
         raise ConfigError(
