@@ -2,6 +2,7 @@
 
     python train.py                                   # the bundled demo (configs/default.yaml)
     python train.py -c configs/smoke.yaml             # both stages in about a minute
+    python train.py -c configs/experiment/lfw423.yaml -c configs/method/random.yaml
     python train.py data.root=/data/faces clustering.num_clusters=8 trainer.max_epochs=20
     python train.py resume=runs/<run>                 # continue an interrupted run
 
@@ -14,7 +15,8 @@ import argparse
 import sys
 
 from facecluster.config import PROJECT_ROOT, ConfigError, load_config
-from facecluster.pipeline import config_for_resume, train
+from facecluster.evaluation import evaluate_runs
+from facecluster.pipeline import config_for_resume, is_rank_zero, train
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
 
@@ -28,16 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "-c",
         "--config",
-        default=str(DEFAULT_CONFIG),
-        help="YAML file, only what differs from the schema (default: %(default)s)",
+        action="append",
+        help="YAML file, only what differs from the schema; repeat to merge several "
+        f"(default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})",
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config or [DEFAULT_CONFIG], args.overrides)
         if cfg.resume:
             cfg = config_for_resume(cfg.resume, args.overrides)
-        train(cfg)
+        result = train(cfg)
+        if is_rank_zero():
+            print("\nEvaluation on the held-out test split (docs/EVALUATION.md):")
+            print(evaluate_runs([result.run_dir]))
+            print(f"\nfacecluster run folder: {result.run_dir}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,13 +17,12 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
-from tqdm.auto import tqdm
 
 from facecluster.clustering import (
     ClusterAssignment,
-    accumulate_class_sums,
     cluster_identities,
     dispersion,
+    embedding_class_sums,
     finalize_class_means,
 )
 from facecluster.data import FaceDataModule
@@ -69,18 +68,15 @@ class ClusteringCallback(L.Callback):
         """L2-normalised class-mean embeddings [C, d], identical on every rank."""
         dm = self.datamodule
         loader = dm.embedding_dataloader(trainer.global_rank, trainer.world_size)
-        dim = pl_module.hparams.model["embedding_dim"]
-        # float64 sums: the all-reduced result does not depend on how ranks split the data.
-        sums = torch.zeros(dm.num_classes, dim, dtype=torch.float64, device=pl_module.device)
-        counts = torch.zeros(dm.num_classes, dtype=torch.long, device=pl_module.device)
         was_training = pl_module.training
         pl_module.eval()
-        bar = tqdm(loader, desc="class means", disable=trainer.global_rank != 0, leave=False)
         with trainer.precision_plugin.forward_context():
-            for images, labels in bar:
-                embeddings = pl_module(images.to(pl_module.device))
-                accumulate_class_sums(embeddings.float(), labels.to(pl_module.device), sums, counts)
+            sums, counts = embedding_class_sums(
+                pl_module, loader, dm.num_classes, pl_module.hparams.model["embedding_dim"],
+                device=pl_module.device, progress=trainer.global_rank == 0,
+            )
         pl_module.train(was_training)
+        # float64 sums: the all-reduced result does not depend on how ranks split the data.
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
         return finalize_class_means(sums, counts).cpu()

@@ -49,6 +49,11 @@ class DataConfig:
     """Identities with fewer images are dropped (their names are logged)."""
     max_classes: int | None = None
     """Keep only the first max_classes identities (sorted by name); None keeps all."""
+    on_bad_image: str = "skip"
+    """Undecodable image files: skip (replace by another image of the same identity,
+    each path logged once, the total reported at epoch ends) or fail (stop naming the file)."""
+    max_bad_fraction: float = 0.01
+    """Stop when more than this fraction of a split is undecodable or zero-byte files."""
 
 
 @dataclass
@@ -255,26 +260,29 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     return OmegaConf.from_dotlist(overrides)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> DictConfig:
+def load_config(
+    path: str | Path | list[str | Path] | tuple | None = None, overrides: list[str] | tuple = ()
+) -> DictConfig:
     """Load and validate a config.
 
     Args:
-        path: optional YAML file; it lists only what differs from the schema defaults.
+        path: optional YAML file, or several merged in order (later ones win); each
+            lists only what differs from the schema defaults.
         overrides: ``key=value`` strings applied last.
 
     Returns:
         The validated, typed config (an OmegaConf structured config of ``Config``).
     """
     cfg = OmegaConf.structured(Config)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+    paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = OmegaConf.load(path)
+            loaded = OmegaConf.load(p)
         except Exception as e:  # YAML syntax errors name line and column
-            raise ConfigError(f"cannot parse {path}: {e}") from None
-        cfg = _merge(cfg, loaded, str(path))
+            raise ConfigError(f"cannot parse {p}: {e}") from None
+        cfg = _merge(cfg, loaded, str(p))
     if overrides:
         cfg = _merge(cfg, parse_overrides(list(overrides)), "command line")
     validate(cfg)
@@ -329,6 +337,9 @@ def validate(cfg: DictConfig) -> None:
         positive(key, cfg[section][name])
     if cfg.data.num_workers < 0:
         problems.append(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    choice("data.on_bad_image", cfg.data.on_bad_image, ("skip", "fail"))
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        problems.append(f"data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}")
     for key in ("val_fraction", "test_fraction"):
         v = cfg.data[key]
         if not 0.0 <= v < 1.0:

@@ -75,7 +75,8 @@ class RunResult:
 # --------------------------------------------------------------------------- run folder
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
+    """True in the process that writes the run folder (global rank 0)."""
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
@@ -137,7 +138,7 @@ def prepare_run_dir(cfg: DictConfig) -> tuple[Path, str]:
     run_dir = _run_dir(cfg).resolve()
     os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the DDP ranks Lightning starts
     meta_path = run_dir / "run.json"
-    if _is_rank_zero() and not meta_path.exists():
+    if is_rank_zero() and not meta_path.exists():
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             probe = run_dir / ".write-test"
@@ -150,7 +151,7 @@ def prepare_run_dir(cfg: DictConfig) -> tuple[Path, str]:
                 {"run_id": uuid.uuid4().hex[:12], "created": datetime.now().isoformat()}, indent=2
             )
         )
-    if _is_rank_zero():
+    if is_rank_zero():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     return run_dir, json.loads(meta_path.read_text())["run_id"]
 
@@ -190,10 +191,12 @@ def build_datamodule(cfg: DictConfig) -> FaceDataModule:
         min_images_per_class=d.min_images_per_class,
         max_classes=d.max_classes,
         seed=cfg.seed,
+        on_bad_image=d.on_bad_image,
+        max_bad_fraction=d.max_bad_fraction,
     )
     try:
         dm.setup()
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise ConfigError(str(e)) from None
     if dm.num_classes < cfg.clustering.num_clusters:
         raise ConfigError(
@@ -281,43 +284,40 @@ def _train(cfg: DictConfig, callbacks: Sequence[L.Callback]) -> RunResult:
     _check_backbone(cfg)
     dm = build_datamodule(cfg)
     run_dir, run_id = prepare_run_dir(cfg)
+    if is_rank_zero():
+        (run_dir / "class_names.json").write_text(json.dumps(dm.class_names))
     stage1_ckpt, stage2_ckpt = _resume_points(cfg, run_dir)
     rank_zero_info(f"facecluster run folder: {run_dir}")
     logger = build_logger(cfg, run_dir, run_id)
     clusters_path = run_dir / "clusters.pt"
     stage1_path = run_dir / "stage1.json"
+    single = cfg.method == "single"
     try:
-        backbone = None
+        backbone = subnets = assignment = stage2 = None
         if stage2_ckpt is None:
             backbone, stage1 = _train_stage1(
-                cfg, dm, run_dir, logger, stage1_ckpt, clusters_path, callbacks
+                cfg, dm, run_dir, logger, stage1_ckpt, None if single else clusters_path, callbacks
             )
-            if _is_rank_zero():
+            if is_rank_zero():
                 stage1_path.write_text(json.dumps(stage1, indent=2))
         else:
             stage1 = json.loads(stage1_path.read_text())
-        assignment = ClusterAssignment.load(clusters_path)
-        dm.connect_clusters(assignment.class_to_cluster, assignment.local_index)
-        subnets, stage2 = _train_stage2(
-            cfg,
-            dm,
-            run_dir,
-            logger,
-            stage2_ckpt,
-            assignment,
-            backbone,
-            stage1["global_step"],
-            callbacks,
-        )
-        results = _results(dm, assignment, stage1, stage2)
+        if not single:
+            assignment = ClusterAssignment.load(clusters_path)
+            dm.connect_clusters(assignment.class_to_cluster, assignment.local_index)
+            subnets, stage2 = _train_stage2(
+                cfg, dm, run_dir, logger, stage2_ckpt, assignment, backbone,
+                stage1["global_step"], callbacks,
+            )
+        results = _results(cfg, dm, assignment, stage1, stage2)
         table = format_results(results)
-        if _is_rank_zero():
+        if is_rank_zero():
             (run_dir / "results.json").write_text(json.dumps(results, indent=2))
             (run_dir / "results.md").write_text(table + "\n")
         rank_zero_info(f"\n{table}\n\nfacecluster run folder: {run_dir}")
         return RunResult(run_dir, results, table, backbone, subnets, assignment)
     finally:
-        if hasattr(logger, "experiment") and cfg.logger == "wandb" and _is_rank_zero():
+        if hasattr(logger, "experiment") and cfg.logger == "wandb" and is_rank_zero():
             import wandb
 
             if wandb.run is not None:
@@ -330,24 +330,23 @@ def _train_stage1(
     run_dir: Path,
     logger: Any,
     ckpt: Path | None,
-    clusters_path: Path,
+    clusters_path: Path | None,
     callbacks: Sequence[L.Callback],
 ) -> tuple[BackboneSystem, dict]:
     # Seeded here, not only at start: a resumed run builds the same initial weights.
     torch.manual_seed(cfg.seed + 1)
     model = BackboneSystem(dm.num_classes, **_module_args(cfg, 1))
-    clustering = ClusteringCallback(
-        dm,
-        cfg.clustering.num_clusters,
-        cfg.clustering.method,
-        cfg.seed,
-        clusters_path,
-        niter=cfg.clustering.niter,
-        nredo=cfg.clustering.nredo,
-    )
-    trainer = make_trainer(cfg, 1, run_dir, logger, [clustering, *callbacks])
+    extra: list[L.Callback] = list(callbacks)
+    clustering = None
+    if clusters_path is not None:  # method=single has no clustering unit
+        clustering = ClusteringCallback(
+            dm, cfg.clustering.num_clusters, partition_method(cfg), cfg.seed, clusters_path,
+            niter=cfg.clustering.niter, nredo=cfg.clustering.nredo,
+        )
+        extra.insert(0, clustering)
+    trainer = make_trainer(cfg, 1, run_dir, logger, extra)
     trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
-    if clustering.assignment is None:
+    if clustering is not None and clustering.assignment is None:
         # A resumed, already finished stage 1 skips on_train_end: cluster here.
         clustering.run(trainer, model)
     test = trainer.test(model, datamodule=dm, verbose=False)[0]
@@ -394,17 +393,35 @@ def _train_stage2(
 
 
 def _results(
-    dm: FaceDataModule, assignment: ClusterAssignment, stage1: dict, stage2: dict
+    cfg: DictConfig,
+    dm: FaceDataModule,
+    assignment: ClusterAssignment | None,
+    stage1: dict,
+    stage2: dict | None,
 ) -> dict[str, Any]:
     test_labels = dm.split_labels("test")
-    clusters = assignment.class_to_cluster[test_labels]
-    sizes = assignment.cluster_sizes().tolist()
 
     def majority(labels: torch.Tensor) -> float:
         # Always answering the most frequent identity: the bar an unbalanced set sets.
         return float(torch.bincount(labels).max()) / max(1, len(labels))
 
-    subnets = [
+    results: dict[str, Any] = {
+        "method": cfg.method,
+        "identities": dm.num_classes,
+        "test_images": len(test_labels),
+        "stage1": {
+            "accuracy": float(stage1["test_acc"]),
+            "chance": 1.0 / dm.num_classes,
+            "majority": majority(test_labels),
+            "steps": stage1["global_step"],
+        },
+    }
+    if assignment is None:  # method=single
+        return results
+    clusters = assignment.class_to_cluster[test_labels]
+    results["clustering"] = assignment.method
+    results["num_clusters"] = assignment.num_clusters
+    results["subnets"] = [
         {
             "cluster": k,
             "identities": n,
@@ -413,51 +430,26 @@ def _results(
             "chance": 1.0 / n,
             "majority": majority(test_labels[clusters == k]),
         }
-        for k, n in enumerate(sizes)
+        for k, n in enumerate(assignment.cluster_sizes().tolist())
     ]
-    return {
-        "identities": dm.num_classes,
-        "test_images": len(test_labels),
-        "clustering": assignment.method,
-        "num_clusters": assignment.num_clusters,
-        "stage1": {
-            "accuracy": float(stage1["test_acc"]),
-            "chance": 1.0 / dm.num_classes,
-            "majority": majority(test_labels),
-            "steps": stage1["global_step"],
-        },
-        "subnets": subnets,
-        "subnets_oracle_accuracy": float(stage2["test"]["test/acc"]),
-        "stage2_steps": stage2["global_step"],
-    }
+    results["subnets_oracle_accuracy"] = float(stage2["test"]["test/acc"])
+    results["stage2_steps"] = stage2["global_step"]
+    return results
 
 
 def format_results(results: dict[str, Any]) -> str:
-    """The held-out results as a markdown table."""
+    """The held-out results of training as a markdown table."""
     s1 = results["stage1"]
-    rows = [
-        (
-            "stage-1 single model, all identities",
-            results["identities"],
-            results["test_images"],
-            s1["accuracy"],
-            s1["chance"],
-            s1["majority"],
-        )
-    ]
-    for s in results["subnets"]:
-        rows.append(
-            (
-                f"sub-net {s['cluster']}, on its own cluster",
-                s["identities"],
-                s["test_images"],
-                s["accuracy"],
-                s["chance"],
-                s["majority"],
-            )
-        )
+    name = "single model" if results["method"] == "single" else "stage-1 single model"
+    rows = [(f"{name}, all identities", results["identities"], results["test_images"],
+             s1["accuracy"], s1["chance"], s1["majority"])]
+    for s in results.get("subnets", []):
+        rows.append((f"sub-net {s['cluster']}, on its own cluster", s["identities"],
+                     s["test_images"], s["accuracy"], s["chance"], s["majority"]))
+    title = (f"{results['clustering']} clustering, K={results['num_clusters']}"
+             if "subnets" in results else "method=single")
     lines = [
-        f"Held-out test accuracy ({results['clustering']} clustering, K={results['num_clusters']})",
+        f"Held-out test accuracy ({title})",
         "",
         "| model | identities | test images | top-1 accuracy | chance | most frequent |",
         "|---|---:|---:|---:|---:|---:|",

@@ -10,7 +10,7 @@ OpenMP runtime is loaded before ``kmeans`` imports faiss.
 
 from .assignment import ASSIGNMENT_FORMAT, ASSIGNMENT_VERSION, ClusterAssignment  # isort: skip
 from .kmeans import METHODS, cluster_identities, dispersion
-from .means import accumulate_class_sums, finalize_class_means
+from .means import accumulate_class_sums, embedding_class_sums, finalize_class_means
 
 __all__ = [
     "ASSIGNMENT_FORMAT",
@@ -20,5 +20,6 @@ __all__ = [
     "accumulate_class_sums",
     "cluster_identities",
     "dispersion",
+    "embedding_class_sums",
     "finalize_class_means",
 ]

@@ -16,10 +16,13 @@ Plain torch only: no lightning and no other facecluster packages.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-__all__ = ["accumulate_class_sums", "finalize_class_means"]
+__all__ = ["accumulate_class_sums", "embedding_class_sums", "finalize_class_means"]
 
 
 def accumulate_class_sums(
@@ -117,3 +120,34 @@ def finalize_class_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tens
     work = sums if sums.dtype == torch.float64 else sums.float()
     means = work / counts.to(device=sums.device, dtype=work.dtype).unsqueeze(1)
     return F.normalize(means, dim=1).float()
+
+
+@torch.no_grad()
+def embedding_class_sums(
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    dim: int,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One streamed pass: per-class sums of normalised embeddings and counts.
+
+    Args:
+        embed: maps an image batch (already on ``device``) to ``[N, dim]`` embeddings.
+        loader: yields ``(images, labels)`` with global labels.
+        num_classes: C.
+        dim: embedding size d.
+        device: where the model runs and the sums live.
+        progress: show a progress bar.
+
+    Returns:
+        ``sums`` [C, d] float64 (so sums over shards add up exactly as one pass) and
+        ``counts`` [C] long; reduce them across ranks, then ``finalize_class_means``.
+    """
+    sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
+    counts = torch.zeros(num_classes, dtype=torch.long, device=device)
+    for images, labels in tqdm(loader, desc="class means", disable=not progress, leave=False):
+        embeddings = embed(images.to(device))
+        accumulate_class_sums(embeddings.float(), labels.to(device), sums, counts)
+    return sums, counts

@@ -10,6 +10,7 @@ from facecluster.data.folder import (
     scan_image_folder,
     split_per_identity,
 )
+from facecluster.data.images import BadImageError, BadImageReport, load_rgb
 from facecluster.data.transforms import build_transforms
 
 __all__ = [
@@ -20,4 +21,7 @@ __all__ = [
     "build_transforms",
     "FaceImageDataset",
     "FaceDataModule",
+    "BadImageError",
+    "BadImageReport",
+    "load_rgb",
 ]

@@ -28,13 +28,13 @@ the data side only knows the assignment tensors passed to ``connect_clusters``.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 
 import lightning
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -45,9 +45,18 @@ from facecluster.data.folder import (
     split_per_identity,
     validate_fractions,
 )
+from facecluster.data.images import (
+    BAD_IMAGE_POLICIES,
+    DECODE_ERRORS,
+    BadImageError,
+    BadImageTracker,
+    load_rgb,
+)
 from facecluster.data.transforms import build_transforms
 
 __all__ = ["FaceImageDataset", "FaceDataModule"]
+
+logger = logging.getLogger(__name__)
 
 
 class FaceImageDataset(Dataset):
@@ -58,6 +67,16 @@ class FaceImageDataset(Dataset):
         transform: Callable applied to the PIL RGB image.
         label_map: Optional ``LongTensor[C]``; when given, the returned label is
             ``label_map[global_label]`` (used for cluster-local labels).
+        on_bad_image: ``"skip"``: an undecodable image is replaced by the next readable
+            image of the same identity in ``samples`` (see :mod:`facecluster.data.images`);
+            ``"fail"``: raise :class:`BadImageError` naming the file.
+        tracker: Shared broken-file flags (the datamodule's); None: a private one.
+        sample_ids: Index of each sample in ``tracker.paths`` (None: ``0..len-1``).
+        split_ids: Tracker indices of the whole split these samples come from; the
+            ``max_bad_fraction`` limit counts broken files over it (None: ``sample_ids``).
+        max_bad_fraction: Stop (``BadImageError``) once more than this fraction of the
+            split is known to be broken.
+        split_name: Names the split in error messages.
     """
 
     def __init__(
@@ -65,20 +84,94 @@ class FaceImageDataset(Dataset):
         samples: Sequence[tuple[str, int]],
         transform: Callable,
         label_map: Tensor | None = None,
+        on_bad_image: str = "skip",
+        tracker: BadImageTracker | None = None,
+        sample_ids: Sequence[int] | None = None,
+        split_ids: Sequence[int] | None = None,
+        max_bad_fraction: float = 0.01,
+        split_name: str = "dataset",
     ) -> None:
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(
+                f"data.on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, "
+                f"got {on_bad_image!r}"
+            )
         self.samples = list(samples)
         self.transform = transform
         # plain ints: indexing a tensor per item is slower and tensors in worker
         # processes go through shared memory for no benefit
         self._label_map = None if label_map is None else [int(v) for v in label_map.tolist()]
+        self.on_bad_image = on_bad_image
+        if tracker is None:
+            tracker = BadImageTracker([path for path, _ in self.samples])
+            sample_ids = range(len(self.samples))
+        if sample_ids is None or len(sample_ids) != len(self.samples):
+            raise ValueError("FaceImageDataset: sample_ids must give one tracker index per sample")
+        self.tracker = tracker
+        self.sample_ids = [int(i) for i in sample_ids]
+        self._split_ids = torch.as_tensor(
+            list(split_ids) if split_ids is not None else self.sample_ids, dtype=torch.long
+        )
+        self.max_bad_fraction = max_bad_fraction
+        self.split_name = split_name
+        self._same_identity: dict[int, list[int]] | None = None  # built on first bad file
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _load(self, index: int):
+        """The decoded image of ``samples[index]``, or None when it is broken (skip policy)."""
+        sample_id = self.sample_ids[index]
+        if self.tracker.is_bad(sample_id):
+            return None
+        path = self.samples[index][0]
+        try:
+            return load_rgb(path)
+        except DECODE_ERRORS as e:
+            if self.on_bad_image == "fail":
+                raise BadImageError(
+                    f"cannot decode {path} ({type(e).__name__}: {e}); data.on_bad_image=fail "
+                    "stops here (data.on_bad_image=skip replaces broken images)"
+                ) from None
+            self.tracker.mark(sample_id, e)
+            self._check_bad_fraction()
+            return None
+
+    def _check_bad_fraction(self) -> None:
+        bad = self.tracker.count(self._split_ids)
+        total = len(self._split_ids)
+        if bad > self.max_bad_fraction * total:
+            shown = [p for p in self.tracker.bad_paths()][:5]
+            raise BadImageError(
+                f"{bad} of {total} images of the {self.split_name} are undecodable, more than "
+                f"data.max_bad_fraction={self.max_bad_fraction}; the data set looks damaged "
+                f"(e.g. {', '.join(shown)}). Repair or remove them, or raise data.max_bad_fraction"
+            )
+
+    def _substitute(self, index: int):
+        """The next readable image of the same identity after ``index`` (cyclic)."""
+        if self._same_identity is None:
+            groups: dict[int, list[int]] = {}
+            for i, (_, label) in enumerate(self.samples):
+                groups.setdefault(label, []).append(i)
+            self._same_identity = groups
+        label = self.samples[index][1]
+        group = self._same_identity[label]
+        start = group.index(index)
+        for j in group[start + 1 :] + group[:start]:
+            image = self._load(j)
+            if image is not None:
+                return image
+        raise BadImageError(
+            f"every image of identity label {label} in the {self.split_name} is undecodable "
+            f"(e.g. {self.samples[index][0]}); nothing can replace them"
+        )
+
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        path, label = self.samples[index]
-        with Image.open(path) as image:
-            image = image.convert("RGB")
+        label = self.samples[index][1]
+        image = self._load(index)
+        if image is None:
+            image = self._substitute(index)
         if self._label_map is not None:
             label = self._label_map[label]
         return self.transform(image), label
@@ -98,6 +191,11 @@ class FaceDataModule(lightning.LightningDataModule):
         min_images_per_class: Identities with fewer images are dropped.
         max_classes: Keep only the first ``max_classes`` identities (sorted names).
         seed: Split seed.
+        on_bad_image: ``skip`` or ``fail`` for undecodable images (see
+            :mod:`facecluster.data.images`); zero-byte files, found by the scan, are
+            dropped with a warning under ``skip`` and stop :meth:`setup` under ``fail``.
+        max_bad_fraction: More undecodable (or zero-byte) files than this fraction of
+            a split (of all images, for zero-byte files at setup) stops the run.
     """
 
     def __init__(
@@ -112,6 +210,8 @@ class FaceDataModule(lightning.LightningDataModule):
         min_images_per_class: int = 10,
         max_classes: int | None = None,
         seed: int = 42,
+        on_bad_image: str = "skip",
+        max_bad_fraction: float = 0.01,
     ) -> None:
         super().__init__()
         # fail at construction (config time) rather than after a long scan
@@ -125,6 +225,13 @@ class FaceDataModule(lightning.LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         validate_fractions(val_fraction, test_fraction)
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(
+                f"data.on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, "
+                f"got {on_bad_image!r}"
+            )
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.save_hyperparameters()
 
         self.root = root
@@ -137,7 +244,10 @@ class FaceDataModule(lightning.LightningDataModule):
         self.min_images_per_class = min_images_per_class
         self.max_classes = max_classes
         self.seed = seed
+        self.on_bad_image = on_bad_image
+        self.max_bad_fraction = max_bad_fraction
 
+        self._tracker: BadImageTracker | None = None
         self._folder: FaceFolder | None = None
         self._splits: dict[str, list[int]] | None = None
         self._class_to_cluster: Tensor | None = None
@@ -158,8 +268,41 @@ class FaceDataModule(lightning.LightningDataModule):
             min_images_per_class=self.min_images_per_class,
             max_classes=self.max_classes,
         )
+        self._check_empty_files(folder)
         splits = split_per_identity(folder, self.val_fraction, self.test_fraction, self.seed)
+        self._tracker = BadImageTracker([path for path, _ in folder.samples])
         self._folder, self._splits = folder, splits
+
+    def _check_empty_files(self, folder: FaceFolder) -> None:
+        """Zero-byte files (found by the scan, already left out of the samples).
+
+        Decided here, before any training: ``fail`` stops, ``skip`` warns, and either
+        way too many of them means a broken copy of the data set.
+        """
+        empty = folder.empty_files
+        if not empty:
+            return
+        shown = ", ".join(empty[:5]) + (f", ... ({len(empty)} in all)" if len(empty) > 5 else "")
+        if self.on_bad_image == "fail":
+            raise ValueError(
+                f"{len(empty)} zero-byte image file(s) in data.root={self.root!r}: {shown}; "
+                "data.on_bad_image=fail stops here (skip leaves them out)"
+            )
+        total = len(folder.samples) + len(empty)
+        if len(empty) > self.max_bad_fraction * total:
+            raise ValueError(
+                f"{len(empty)} of {total} image files in data.root={self.root!r} are empty "
+                f"(zero bytes), more than data.max_bad_fraction={self.max_bad_fraction}: {shown}. "
+                "The copy of the data set looks incomplete; repair it or raise "
+                "data.max_bad_fraction"
+            )
+        logger.warning(
+            "data.on_bad_image=skip: left out %d zero-byte image file(s): %s", len(empty), shown
+        )
+
+    def bad_images(self) -> list[str]:
+        """Paths found undecodable so far in this process tree (grows during training)."""
+        return [] if self._tracker is None else self._tracker.bad_paths()
 
     def _ensure_setup(self) -> tuple[FaceFolder, dict[str, list[int]]]:
         self.setup()
@@ -184,6 +327,23 @@ class FaceDataModule(lightning.LightningDataModule):
     def _split_samples(self, split: str) -> list[tuple[str, int]]:
         folder, _ = self._ensure_setup()
         return [folder.samples[i] for i in self._split_indices(split)]
+
+    def _dataset(
+        self, split: str, ids: list[int], train: bool, label_map: Tensor | None = None
+    ) -> FaceImageDataset:
+        """A dataset of the samples ``ids`` (indices into the scan) drawn from ``split``."""
+        folder, _ = self._ensure_setup()
+        return FaceImageDataset(
+            [folder.samples[i] for i in ids],
+            build_transforms(self.image_size, train=train),
+            label_map,
+            on_bad_image=self.on_bad_image,
+            tracker=self._tracker,
+            sample_ids=ids,
+            split_ids=self._split_indices(split),
+            max_bad_fraction=self.max_bad_fraction,
+            split_name=f"{split} split",
+        )
 
     def split_labels(self, split: str) -> torch.LongTensor:
         """Global labels of the ``"train"``/``"val"``/``"test"`` samples, in split order."""
@@ -236,7 +396,7 @@ class FaceDataModule(lightning.LightningDataModule):
         self._local_index = local
         # early feedback: a cluster whose training subset would yield 1-sample batches
         for k in range(num_clusters):
-            self._check_train_subset(len(self._cluster_train_samples(k)), f"cluster {k}")
+            self._check_train_subset(len(self._cluster_train_ids(k)), f"cluster {k}")
 
     @staticmethod
     def _as_index_tensor(value: Tensor, name: str, num_classes: int) -> Tensor:
@@ -261,9 +421,14 @@ class FaceDataModule(lightning.LightningDataModule):
         return int(self._class_to_cluster.max()) + 1
 
     def _cluster_train_samples(self, k: int) -> list[tuple[str, int]]:
+        folder, _ = self._ensure_setup()
+        return [folder.samples[i] for i in self._cluster_train_ids(k)]
+
+    def _cluster_train_ids(self, k: int) -> list[int]:
         assert self._class_to_cluster is not None
+        folder, _ = self._ensure_setup()
         c2c = self._class_to_cluster.tolist()
-        return [s for s in self._split_samples("train") if c2c[s[1]] == k]
+        return [i for i in self._split_indices("train") if c2c[folder.samples[i][1]] == k]
 
     # ------------------------------------------------------------ dataloaders
 
@@ -288,13 +453,9 @@ class FaceDataModule(lightning.LightningDataModule):
         # and workers must be re-created when the per-cluster loaders change
         return {"num_workers": self.num_workers, "pin_memory": False, "persistent_workers": False}
 
-    def _train_loader(
-        self, samples: list[tuple[str, int]], label_map: Tensor | None, what: str
-    ) -> DataLoader:
-        per_rank = self._check_train_subset(len(samples), what)
-        dataset = FaceImageDataset(
-            samples, build_transforms(self.image_size, train=True), label_map
-        )
+    def _train_loader(self, ids: list[int], label_map: Tensor | None, what: str) -> DataLoader:
+        per_rank = self._check_train_subset(len(ids), what)
+        dataset = self._dataset("train", ids, train=True, label_map=label_map)
         # drop_last only when there is more than one batch: a remainder could be a
         # single sample, and a subset no larger than a batch must still yield one batch
         return DataLoader(
@@ -314,17 +475,17 @@ class FaceDataModule(lightning.LightningDataModule):
             where ``loader_k`` serves cluster ``k``'s train images with local labels.
         """
         if self._class_to_cluster is None:
-            return self._train_loader(self._split_samples("train"), None, "the train split")
+            return self._train_loader(self._split_indices("train"), None, "the train split")
         loaders = {
-            k: self._train_loader(self._cluster_train_samples(k), self._local_index, f"cluster {k}")
+            k: self._train_loader(self._cluster_train_ids(k), self._local_index, f"cluster {k}")
             for k in range(self.num_clusters or 0)
         }
         # max_size_cycle: an epoch is the largest cluster's loader; smaller clusters
         # cycle so every sub-net gets a batch every step
         return CombinedLoader(loaders, mode="max_size_cycle")
 
-    def _eval_loader(self, samples: list[tuple[str, int]]) -> DataLoader:
-        dataset = FaceImageDataset(samples, build_transforms(self.image_size, train=False))
+    def _eval_loader(self, split: str, ids: list[int]) -> DataLoader:
+        dataset = self._dataset(split, ids, train=False)
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
@@ -338,11 +499,11 @@ class FaceDataModule(lightning.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """Validation split, evaluation transforms, global labels, fixed order."""
-        return self._eval_loader(self._split_samples("val"))
+        return self._eval_loader("val", self._split_indices("val"))
 
     def test_dataloader(self) -> DataLoader:
         """Test split, evaluation transforms, global labels, fixed order."""
-        return self._eval_loader(self._split_samples("test"))
+        return self._eval_loader("test", self._split_indices("test"))
 
     def embedding_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Train split for computing class-mean embeddings.
@@ -360,4 +521,4 @@ class FaceDataModule(lightning.LightningDataModule):
                 "embedding_dataloader: need 0 <= rank < world_size, "
                 f"got rank={rank}, world_size={world_size}"
             )
-        return self._eval_loader(self._split_samples("train")[rank::world_size])
+        return self._eval_loader("train", self._split_indices("train")[rank::world_size])

@@ -20,10 +20,11 @@ identity's split never depends on which other identities were kept by
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -41,11 +42,14 @@ class FaceFolder:
         root: The scanned root directory.
         class_names: Sorted identity folder names; label ``i`` is ``class_names[i]``.
         samples: ``(image path, label)`` pairs sorted by label, then by path.
+        empty_files: Zero-byte image files of the kept identities, left out of
+            ``samples`` (the datamodule decides whether they stop the run).
     """
 
     root: Path
     class_names: list[str]
     samples: list[tuple[str, int]]
+    empty_files: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -53,23 +57,111 @@ class FaceFolder:
         return len(self.class_names)
 
 
-def _list_images(directory: str) -> list[str]:
-    """Return the sorted full paths of the image files directly inside ``directory``.
+@dataclass
+class _Listing:
+    """What one identity folder holds, sorted; only ``images`` become samples."""
 
-    ``os.scandir`` is used (no ``stat`` per file on most filesystems, no image
-    decoding) because this runs over 100k+ file trees at every start-up.
+    images: list[str] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)
+    other_files: list[str] = field(default_factory=list)
+    subfolders: list[str] = field(default_factory=list)
+    bad_links: list[str] = field(default_factory=list)
+
+
+def _entry_kind(entry: os.DirEntry) -> str:
+    """``dir``, ``file``, ``bad_link`` (broken or looping symlink) or ``other``.
+
+    ``DirEntry.is_dir``/``is_file`` follow symlinks and *raise* ELOOP on a symlink
+    loop (a broken link just answers False), so both cases are caught here.
     """
-    paths = []
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+    except OSError as e:
+        if e.errno == errno.ELOOP or entry.is_symlink():
+            return "bad_link"
+        raise
+    return "bad_link" if entry.is_symlink() else "other"
+
+
+def _list_images(directory: str) -> _Listing:
+    """List the files directly inside an identity folder (sorted full paths).
+
+    ``os.scandir`` is used (no image decoding) because this runs over 100k+ file
+    trees at every start-up; image files get one ``stat`` each, to catch zero-byte
+    files (an interrupted copy) before training. Sub-folders are not descended
+    into, so a symlink pointing back up the tree cannot make the scan loop.
+    """
+    out = _Listing()
     with os.scandir(directory) as entries:
         for entry in entries:
             if entry.name.startswith("."):
                 continue  # hidden files: .DS_Store, ._AppleDouble, editor swap files
-            if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            if entry.is_file():  # follows symlinks, so linked datasets work
-                paths.append(entry.path)
-    paths.sort()
-    return paths
+            kind = _entry_kind(entry)
+            if kind == "bad_link":
+                out.bad_links.append(entry.path)
+            elif kind == "dir":
+                out.subfolders.append(entry.path)
+            elif not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                out.other_files.append(entry.path)
+            elif kind == "file":  # follows symlinks, so linked datasets work
+                (out.empty if entry.stat().st_size == 0 else out.images).append(entry.path)
+            else:
+                out.other_files.append(entry.path)  # a fifo or socket named .jpg
+    for paths in (out.images, out.empty, out.other_files, out.subfolders, out.bad_links):
+        paths.sort()
+    return out
+
+
+def _shown(paths: list[str], limit: int = 5) -> str:
+    more = f", ... ({len(paths)} in all)" if len(paths) > limit else ""
+    return ", ".join(paths[:limit]) + more
+
+
+def _warn_layout(
+    root: Path,
+    listings: dict[str, _Listing],
+    empty_folders: list[str],
+    root_files: list[str],
+    root_bad_links: list[str],
+) -> None:
+    """One warning per kind of layout problem, naming the paths (decided before training)."""
+    if empty_folders:
+        logger.warning(
+            "data.root=%s: %d identity folder(s) hold no image files (%s) and are ignored: %s",
+            root,
+            len(empty_folders),
+            ", ".join(IMAGE_EXTENSIONS),
+            _shown(empty_folders),
+        )
+    bad_links = root_bad_links + [p for v in listings.values() for p in v.bad_links]
+    if bad_links:
+        logger.warning(
+            "data.root=%s: %d broken or looping symlink(s) are ignored: %s",
+            root,
+            len(bad_links),
+            _shown(bad_links),
+        )
+    other = root_files + [p for v in listings.values() for p in v.other_files]
+    if other:
+        logger.warning(
+            "data.root=%s: %d non-image file(s) are ignored (images end in %s): %s",
+            root,
+            len(other),
+            ", ".join(IMAGE_EXTENSIONS),
+            _shown(other),
+        )
+    nested = [p for v in listings.values() for p in v.subfolders]
+    if nested:
+        logger.warning(
+            "data.root=%s: %d folder(s) inside identity folders are not read (only files "
+            "directly inside root/<identity>/ are samples): %s",
+            root,
+            len(nested),
+            _shown(nested),
+        )
 
 
 def scan_image_folder(
@@ -108,17 +200,31 @@ def scan_image_folder(
 
     # identity name -> sorted image paths; folders without images are not identities
     found: dict[str, list[str]] = {}
+    listings: dict[str, _Listing] = {}
+    empty_folders: list[str] = []
+    root_files: list[str] = []
+    root_bad_links: list[str] = []
     with os.scandir(root) as entries:
         for entry in entries:
-            if entry.name.startswith(".") or not entry.is_dir():
+            if entry.name.startswith("."):
                 continue
-            images = _list_images(entry.path)
-            if images:
-                found[entry.name] = images
+            kind = _entry_kind(entry)
+            if kind == "bad_link":
+                root_bad_links.append(entry.path)
+                continue
+            if kind != "dir":
+                root_files.append(entry.path)
+                continue
+            listing = _list_images(entry.path)
+            listings[entry.name] = listing
+            if listing.images:
+                found[entry.name] = listing.images
             else:
-                logger.debug(
-                    "Ignoring %s: no image files (%s)", entry.path, ", ".join(IMAGE_EXTENSIONS)
-                )
+                empty_folders.append(entry.path)
+    empty_folders.sort()
+    root_files.sort()
+    root_bad_links.sort()
+    _warn_layout(root, listings, empty_folders, root_files, root_bad_links)
 
     if not found:
         raise ValueError(
@@ -149,7 +255,8 @@ def scan_image_folder(
         kept = kept[:max_classes]
 
     samples = [(path, label) for label, name in enumerate(kept) for path in found[name]]
-    return FaceFolder(root=root, class_names=kept, samples=samples)
+    empty_files = sorted(p for name in kept for p in listings[name].empty)
+    return FaceFolder(root=root, class_names=kept, samples=samples, empty_files=empty_files)
 
 
 def _n_held_out(n: int, fraction: float) -> int:

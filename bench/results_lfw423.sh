@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# docs/RESULTS.md: the three methods on the 423 LFW identities with >= 5 images,
+# same backbone, same total epochs, same seed; then one evaluation table.
+#   bash bench/results_lfw423.sh [SEED] [OUT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SEED=${1:-42}
+OUT=${2:-runs/results}
+PY=${PY:-.venv/bin/python}
+for METHOD in clustered random single; do
+  if [ ! -f "$OUT/lfw423-$METHOD-s$SEED/results.json" ]; then
+    $PY train.py -c configs/experiment/lfw423.yaml -c configs/method/$METHOD.yaml \
+      seed=$SEED output_dir=$OUT run_name=lfw423-$METHOD-s$SEED eval.plots=false > "$OUT-$METHOD-s$SEED.log" 2>&1 \
+      || { echo "training $METHOD failed, see $OUT-$METHOD-s$SEED.log"; exit 1; }
+  fi
+done
+$PY evaluate.py run=$OUT/lfw423-clustered-s$SEED run=$OUT/lfw423-random-s$SEED run=$OUT/lfw423-single-s$SEED

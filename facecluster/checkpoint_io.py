@@ -1,0 +1,118 @@
+"""Checkpoints that are never half-written, and never hold NaN weights.
+
+Lightning's ``TorchCheckpointIO`` serialises the whole checkpoint into memory and
+writes it through an fsspec transaction, with no ``fsync``: after a power loss or a
+``kill -9`` at the wrong moment, ``last.ckpt`` (the file a resume picks) can be
+empty or truncated, and the run cannot be continued. :class:`AtomicCheckpointIO`
+writes to a temporary file in the same folder, fsyncs it, and ``os.replace``-s it
+over the target (atomic on POSIX and Windows within one filesystem), then fsyncs the
+folder so the rename itself survives a crash. A crash at any point leaves either the
+previous checkpoint or the new one, never a mixture; a failed write (disk full,
+exception) removes its temporary file and leaves the previous checkpoint in place.
+
+It also refuses to write a checkpoint whose weights are not finite: a diverged run
+must not replace the last good checkpoint with NaNs (the DivergenceCallback normally
+stops the run before; this is the guarantee behind it).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+__all__ = ["AtomicCheckpointIO", "NonFiniteCheckpointError"]
+
+
+class NonFiniteCheckpointError(RuntimeError):
+    """A checkpoint about to be written holds NaN or Inf weights."""
+
+
+def non_finite_keys(state_dict: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` holding NaN or Inf."""
+    return [
+        key
+        for key, value in state_dict.items()
+        if isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    ]
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is only durable once the folder entry is on disk; not every
+    # platform can open a folder (Windows), where os.replace must do.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` with atomic, fsynced local writes and a finite-weights check.
+
+    Remote paths (``s3://`` and the like) go through Lightning's own writer.
+
+    Args:
+        check_finite: Refuse (``NonFiniteCheckpointError``) to write a checkpoint whose
+            ``state_dict`` holds NaN or Inf.
+    """
+
+    def __init__(self, check_finite: bool = True) -> None:
+        super().__init__()
+        self.check_finite = check_finite
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        """Write ``checkpoint`` to ``path`` atomically (temp file, fsync, ``os.replace``).
+
+        Raises:
+            NonFiniteCheckpointError: the weights hold NaN/Inf; nothing is written.
+            OSError: the write failed (e.g. disk full); the previous file is unchanged.
+        """
+        if self.check_finite:
+            bad = non_finite_keys(checkpoint.get("state_dict", {}))
+            if bad:
+                raise NonFiniteCheckpointError(
+                    f"not writing {path}: {len(bad)} weight tensor(s) hold NaN/Inf "
+                    f"({', '.join(bad[:5])}); the previous checkpoint there is kept"
+                )
+        if storage_options is not None or get_filesystem(path).protocol not in (
+            "file",
+            "local",
+            ("file", "local"),
+        ):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Same folder as the target: os.replace is only atomic within one filesystem.
+        # A dot name not ending in .ckpt, so nothing that lists checkpoints picks it up.
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException as e:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise OSError(
+                    e.errno,
+                    f"checkpoint {target} not written ({e}); the previous file there is unchanged",
+                ) from e
+            raise
+        _fsync_dir(target.parent)

@@ -1,0 +1,149 @@
+"""Decoding face images robustly, and what to do with the ones that cannot be decoded.
+
+Real face dumps of 100k+ files always hold a few broken files: truncated JPEGs from
+an interrupted download, zero-byte files, an HTML error page saved as ``.jpg``. Fully
+verifying every file at start-up would cost minutes on a large set, so undecodable
+files are found lazily, when a DataLoader first reads them; only zero-byte files are
+caught by the folder scan (see :mod:`facecluster.data.folder`).
+
+Policy (``data.on_bad_image``):
+
+* ``skip`` (default): the broken sample is replaced by the next readable image of
+  the same identity in the same dataset (deterministic: it depends only on which
+  files are broken). Dataset length, batch count and batch size are unchanged, so
+  every DDP rank still runs the same number of steps and the per-epoch RNG draws
+  of an exact resume are unchanged. Each broken path is logged once per process
+  tree (a shared-memory flag per sample, visible to the DataLoader workers and the
+  main process), and :class:`BadImageReport` prints the running total at every
+  epoch end. More than ``data.max_bad_fraction`` of a split broken stops the run.
+* ``fail``: the first broken file stops the run with an error naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import lightning
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+BAD_IMAGE_POLICIES = ("skip", "fail")
+
+
+class BadImageError(RuntimeError):
+    """An image cannot be decoded (``on_bad_image=fail``), or too many of a split cannot.
+
+    A single-string constructor, so DataLoader workers can re-raise it in the main process.
+    """
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Map a 16/32-bit integer or float grayscale image to 8-bit ``L``.
+
+    PIL's own ``convert("RGB")`` clips such images at 255, which turns an ordinary
+    16-bit face photo almost entirely white; scaling keeps its contrast instead.
+    """
+    array = np.asarray(image)
+    if image.mode.startswith("I;16") or array.dtype == np.uint16:
+        scaled = array.astype(np.float64) / 257.0  # 0..65535 -> 0..255
+    elif image.mode == "F" and array.size and float(np.nanmax(array)) <= 1.0:
+        scaled = array.astype(np.float64) * 255.0  # float images in [0, 1]
+    else:  # "I" (32-bit) or "F": 16-bit data when it exceeds 8 bits, else already 8-bit
+        peak = float(np.nanmax(array)) if array.size else 0.0
+        scaled = array.astype(np.float64) / (257.0 if peak > 255 else 1.0)
+    scaled = np.nan_to_num(scaled, nan=0.0)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode an image file completely and return it as 8-bit RGB.
+
+    Grayscale, palette, RGBA, CMYK and 16-bit images are converted; the size is left
+    to the transforms (which resize any size to ``image_size``).
+
+    Raises:
+        OSError, ValueError, SyntaxError, Image.DecompressionBombError: the file is not
+            a decodable image (PIL's errors; :data:`DECODE_ERRORS` lists them).
+    """
+    with Image.open(path) as image:
+        image.load()  # decode now: a truncated file fails here, not inside a transform
+        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+            image = _to_8bit(image)
+        return image.convert("RGB")
+
+
+# What PIL raises for files that are not decodable images: UnidentifiedImageError
+# (an OSError) for text/HTML, OSError "image file is truncated", SyntaxError and
+# ValueError from some plugins on corrupt headers, DecompressionBombError for
+# absurd declared sizes.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class BadImageTracker:
+    """Per-sample "known broken" flags shared by a datamodule's datasets and their workers.
+
+    Args:
+        paths: Every sample path (``FaceFolder.samples`` order); flag ``i`` is ``paths[i]``.
+    """
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(paths)
+        # Shared memory: DataLoader workers (forked or spawned) write into the same
+        # buffer the main process reads, so a path is logged once and counted at
+        # epoch end, and later epochs' new workers skip it without retrying.
+        self.flags = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
+
+    def mark(self, sample_id: int, error: BaseException) -> None:
+        """Flag a sample as broken, logging it the first time."""
+        if int(self.flags[sample_id]) == 0:
+            self.flags[sample_id] = 1
+            logger.warning(
+                "data.on_bad_image=skip: cannot decode %s (%s: %s); it is replaced by another "
+                "image of the same identity",
+                self.paths[sample_id],
+                type(error).__name__,
+                error,
+            )
+
+    def is_bad(self, sample_id: int) -> bool:
+        return bool(self.flags[sample_id])
+
+    def bad_paths(self) -> list[str]:
+        """Every path flagged so far, in sample order."""
+        return [self.paths[i] for i in self.flags.nonzero().flatten().tolist()]
+
+    def count(self, sample_ids: torch.Tensor | None = None) -> int:
+        """Broken samples among ``sample_ids`` (all samples when None)."""
+        flags = self.flags if sample_ids is None else self.flags[sample_ids]
+        return int(flags.sum())
+
+
+class BadImageReport(lightning.Callback):
+    """Print the number of undecodable images found so far at every training epoch end.
+
+    Reads :meth:`FaceDataModule.bad_images` of the trainer's datamodule; does nothing
+    for other datamodules.
+    """
+
+    def __init__(self) -> None:
+        self._reported = 0
+
+    def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module) -> None:
+        bad_images = getattr(trainer.datamodule, "bad_images", None)
+        if bad_images is None:
+            return
+        bad = bad_images()
+        if len(bad) > self._reported and trainer.is_global_zero:
+            logger.warning(
+                "epoch %d: %d undecodable image(s) so far (%d new this epoch) were replaced "
+                "by other images of the same identity (data.on_bad_image=skip): %s",
+                trainer.current_epoch,
+                len(bad),
+                len(bad) - self._reported,
+                ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else ""),
+            )
+        self._reported = len(bad)
