@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.resume:
             cfg = config_for_resume(cfg.resume, args.overrides)
         result = train(cfg)
-        if is_rank_zero():
+        if is_rank_zero() and cfg.eval.after_training:
             print("\nEvaluation on the held-out test split (docs/EVALUATION.md):")
             print(evaluate_runs([result.run_dir]))
             print(f"\nfacecluster run folder: {result.run_dir}")

@@ -10,7 +10,7 @@ PY=${PY:-.venv/bin/python}
 for METHOD in clustered random single; do
   if [ ! -f "$OUT/lfw423-$METHOD-s$SEED/results.json" ]; then
     $PY train.py -c configs/experiment/lfw423.yaml -c configs/method/$METHOD.yaml \
-      seed=$SEED output_dir=$OUT run_name=lfw423-$METHOD-s$SEED eval.plots=false > "$OUT-$METHOD-s$SEED.log" 2>&1 \
+      seed=$SEED output_dir=$OUT run_name=lfw423-$METHOD-s$SEED eval.after_training=false > "$OUT-$METHOD-s$SEED.log" 2>&1 \
       || { echo "training $METHOD failed, see $OUT-$METHOD-s$SEED.log"; exit 1; }
   fi
 done

@@ -150,6 +150,8 @@ class EvalConfig:
     """Batches timed for throughput (after one warm-up batch); latency uses 20 single images."""
     plots: bool = True
     """Write the top_m / alpha / class-mean plots (PNG, and W&B images with logger=wandb)."""
+    after_training: bool = True
+    """train.py ends by evaluating the run it trained (evaluate.py does it later otherwise)."""
 
 
 @dataclass

@@ -111,7 +111,9 @@ class Router:
         return torch.maximum(scores, retrieved)
 
     def route(self, queries: Tensor, top_m: int = 1) -> Tensor:
-        """[B, top_m] cluster ids, best first."""
+        """[B, top_m] cluster ids, best first; ties go to the lower cluster id."""
         if not 1 <= top_m <= self.num_clusters:
             raise ValueError(f"route.top_m={top_m} must be in [1, {self.num_clusters}]")
-        return self.cluster_scores(queries, top_m).topk(top_m, dim=1).indices
+        scores = self.cluster_scores(queries, top_m)
+        # A stable sort keeps equal scores in cluster order (topk does not promise that).
+        return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top_m]

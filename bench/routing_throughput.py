@@ -1,0 +1,112 @@
+"""Throughput of routed inference against ISM (every sub-net runs), on CPU.
+
+Routed: one router-backbone forward + the routed sub-net (top_m=1), so with K
+sub-nets of the same backbone the limit of the routed/ISM ratio is K/2. The
+routing search (faiss over the class means) must stay a small share of the
+pipeline. Weights are random: speed does not depend on them.
+
+    .venv/bin/python bench/routing_throughput.py            # K=8, batch 256, 10,000 identities
+    .venv/bin/python bench/routing_throughput.py --identities 100000 --index ivf
+
+Prints a markdown table and writes JSON next to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from facecluster.clustering import ClusterAssignment
+from facecluster.config import RouteConfig
+from facecluster.inference import TwoStageIdentifier
+from facecluster.models.components import create_backbone
+
+
+def timed(fn, repeats: int) -> float:
+    """Best wall time of ``repeats`` calls after one warm-up (least disturbed run)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="iresnet18")
+    parser.add_argument("--width", type=int, default=32, help="IResNet base width")
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--embedding-dim", type=int, default=512)
+    parser.add_argument("--clusters", type=int, default=8)
+    parser.add_argument("--identities", type=int, default=10_000)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--index", default="flat")
+    parser.add_argument("--out", default="bench/results/routing_throughput.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    kwargs = {"width": args.width} if args.backbone.startswith("iresnet") else {}
+    model = {"backbone": args.backbone, "embedding_dim": args.embedding_dim, "kwargs": kwargs}
+
+    def net():
+        return create_backbone(args.backbone, args.embedding_dim, args.image_size, **kwargs).eval()
+
+    k, c, d = args.clusters, args.identities, args.embedding_dim
+    means = F.normalize(torch.randn(c, d), dim=1)
+    assignment = ClusterAssignment.from_labels(torch.arange(c) % k, means, "random")
+    heads = [F.normalize(torch.randn(int(n), d), dim=1) for n in assignment.cluster_sizes()]
+    route = dict(vars(RouteConfig()), index=args.index)
+    ident = TwoStageIdentifier(model, args.image_size, net(), [net() for _ in range(k)], heads,
+                               assignment, [str(i) for i in range(c)], route)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size)
+
+    with torch.inference_mode():
+        routed = timed(lambda: ident.identify(images, top_m=1), args.repeats)
+        ism = timed(lambda: ident.identify(images, all_subnets=True), args.repeats)
+        query = ident.embed(images)
+        search = timed(lambda: ident.router.route(query, 1), args.repeats * 3)
+        one_net = timed(lambda: ident.subnets[0](images), args.repeats)
+
+    result = {
+        "backbone": f"{args.backbone} width {args.width}" if kwargs else args.backbone,
+        "image_size": args.image_size,
+        "embedding_dim": d,
+        "clusters": k,
+        "identities": c,
+        "batch": args.batch,
+        "index": args.index,
+        "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "routed_images_per_s": args.batch / routed,
+        "ism_images_per_s": args.batch / ism,
+        "ratio": ism / routed,
+        "limit": k / 2,
+        "routing_search_ms": search * 1000,
+        "routing_search_share": search / routed,
+        "one_backbone_forward_ms": one_net * 1000,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(
+        f"| routed img/s | ISM img/s | ratio (limit {k / 2:g}) | routing search | share of routed |\n"
+        f"|---:|---:|---:|---:|---:|\n"
+        f"| {result['routed_images_per_s']:.1f} | {result['ism_images_per_s']:.1f} | "
+        f"{result['ratio']:.2f}x | {result['routing_search_ms']:.1f} ms | "
+        f"{result['routing_search_share']:.2%} |"
+    )
+    print(f"({result['backbone']}, {args.image_size}px, d={d}, K={k}, {c} identities, "
+          f"batch {args.batch}, {args.index} index, {result['torch_threads']} threads) -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Routed inference on hand-made embeddings where the right answer is known, and
+evaluate.py end to end on a tiny finished run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import evaluate
+from facecluster.clustering import ClusterAssignment
+from facecluster.config import ConfigError, load_config
+from facecluster.evaluation import evaluate_run
+from facecluster.inference import Router, TwoStageIdentifier, fuse
+from facecluster.pipeline import train
+from tests.conftest import SMOKE, smoke_overrides
+
+ROUTE = {"top_m": 1, "alpha": 0.0, "index": "flat", "neighbours": 64, "ivf_nlist": None,
+         "ivf_nprobe": 16, "hnsw_m": 32}
+MODEL = {"backbone": "tiny", "embedding_dim": 8, "kwargs": {}}
+
+
+def _assignment(means: torch.Tensor, clusters: list[int]) -> ClusterAssignment:
+    return ClusterAssignment.from_labels(torch.tensor(clusters), F.normalize(means, dim=1), "kmeans")
+
+
+def _identifier(means, clusters, heads=None, route=None) -> TwoStageIdentifier:
+    """Identity networks: 'images' are embeddings, so every score is hand-computable."""
+    a = _assignment(means, clusters)
+    heads = heads or [a.class_means[a.classes_of(k)] for k in range(a.num_clusters)]
+    return TwoStageIdentifier(MODEL, 8, nn.Identity(), [nn.Identity()] * a.num_clusters, heads,
+                              a, [f"id{i}" for i in range(len(clusters))], dict(ROUTE, **(route or {})))
+
+
+def test_router_picks_the_cluster_of_the_nearest_class_mean_and_ranks_top_m():
+    means = torch.eye(4)  # identity i on axis i
+    router = Router(F.normalize(means, dim=1), torch.tensor([0, 0, 1, 2]),
+                    F.normalize(torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]), dim=1))
+    query = torch.tensor([[0.1, 0.2, 0.9, 0.3]])  # nearest: identity 2 (cluster 1), then 3 (cluster 2)
+    assert router.route(query, 1).tolist() == [[1]]
+    assert router.route(query, 2).tolist() == [[1, 2]]
+    assert router.route(query, 3).tolist() == [[1, 2, 0]]
+    with pytest.raises(ValueError, match="route.top_m=4"):
+        router.route(query, 4)
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_indexes_route_like_exact_search_on_separated_data(index):
+    torch.manual_seed(0)
+    means = F.normalize(torch.randn(400, 16), dim=1)
+    clusters = torch.arange(400) % 8
+    centroids = F.normalize(torch.stack([means[clusters == k].mean(0) for k in range(8)]), dim=1)
+    queries = means[:50] + 0.01 * torch.randn(50, 16)
+    exact = Router(means, clusters, centroids, "flat").route(queries, 2)
+    approx = Router(means, clusters, centroids, index, ivf_nprobe=64).route(queries, 2)
+    assert (exact[:, 0] == approx[:, 0]).float().mean() >= 0.95
+
+
+def test_decision_unit_alpha_selects_and_blends_the_two_units():
+    means = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0, 0, 0]])
+    # Sub-net head rows disagree with the class means: head row of id0 points at axis 1.
+    heads = [torch.tensor([[0.0, 1, 0, 0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0, 0, 0, 0]])]
+    ident = _identifier(means, [0, 0], heads=heads)
+    query = F.normalize(torch.tensor([[0.9, 0.3, 0, 0, 0, 0, 0, 0]]), dim=1)
+    assert ident.identify(query, alpha=0.0).identity.tolist() == [1]  # sub-net unit alone
+    assert ident.identify(query, alpha=1.0).identity.tolist() == [0]  # clustering unit alone
+    r = ident.identify(query, alpha=0.25)
+    cos0, cos1 = query[0, 1].item(), query[0, 0].item()  # sub-net cosines of id0, id1
+    sim0, sim1 = query[0, 0].item(), query[0, 1].item()  # class-mean similarities
+    s0, s1 = 0.75 * cos0 + 0.25 * sim0, 0.75 * cos1 + 0.25 * sim1
+    assert r.identity.item() == (0 if s0 > s1 else 1)
+    assert r.score.item() == pytest.approx(max(s0, s1), abs=1e-6)
+    assert r.subnet_forwards == 1 and ident.identify(query, alpha=1.0).subnet_forwards == 0
+    assert torch.equal(fuse(torch.ones(1), torch.zeros(1), 0.5), torch.full((1,), 0.5))
+
+
+def test_ties_go_to_the_lower_identity_whatever_the_cluster_order():
+    # Identities 1 (cluster 1) and 2 (cluster 0) are the same point: a tie.
+    means = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0, 0, 0],
+                          [0, 1.0, 0, 0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0, 0, 0, 0]])
+    ident = _identifier(means, [1, 1, 0, 0])
+    query = means[1:2]
+    # The router's tie between clusters 0 and 1 goes to cluster 0, which holds only id 2;
+    # once both clusters are searched, the decision unit's tie goes to the lower id.
+    assert ident.identify(query, top_m=1).clusters.tolist() == [[0]]
+    assert ident.identify(query, top_m=1).identity.tolist() == [2]
+    assert ident.identify(query, top_m=2).identity.tolist() == [1]
+    assert ident.identify(query, all_subnets=True).identity.tolist() == [1]
+
+
+def _random_identifier(seed=0, classes=30, k=4):
+    torch.manual_seed(seed)
+    means = torch.randn(classes, 8)
+    clusters = [i % k for i in range(classes)]
+    heads = [F.normalize(torch.randn(len(range(c, classes, k)), 8), dim=1) for c in range(k)]
+    return _identifier(means, clusters, heads=heads), torch.randn(64, 8)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_ism_equals_brute_force_over_every_subnet(alpha):
+    ident, queries = _random_identifier()
+    q = F.normalize(queries, dim=1)
+    scores = torch.empty(len(q), ident.assignment.num_classes)
+    for k in range(ident.num_clusters):
+        members = ident.members(k)
+        scores[:, members] = (1 - alpha) * (q @ ident.head(k).T) + alpha * (q @ ident.class_means[members].T)
+    result = ident.identify(queries, alpha=alpha, all_subnets=True)
+    assert torch.equal(result.identity, scores.argmax(1))
+    assert result.subnet_forwards == (0 if alpha == 1.0 else len(q) * ident.num_clusters)
+
+
+@pytest.mark.parametrize("top_m", [1, 2, 4])
+def test_batched_grouping_gives_the_answers_of_one_by_one(top_m):
+    ident, queries = _random_identifier(seed=1)
+    batched = ident.identify(queries, top_m=top_m, alpha=0.2)
+    for i in range(len(queries)):
+        one = ident.identify(queries[i : i + 1], top_m=top_m, alpha=0.2)
+        assert one.identity.item() == batched.identity[i].item()
+        assert one.clusters.tolist()[0] == batched.clusters[i].tolist()
+    assert batched.subnet_forwards == len(queries) * top_m
+
+
+# --------------------------------------------------------------------------- a real run
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    return train(load_config(SMOKE, smoke_overrides(tmp, "logger=csv"))).run_dir
+
+
+@pytest.mark.slow
+def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):
+    report = evaluate_run(finished_run)
+    models = [r.model for r in report.rows]
+    assert models[0].startswith("clustered, routed") and "ISM" in models[1]
+    assert len(report.rows) == 4 and len(report.top_m_sweep) == 3 and len(report.alpha_sweep) == 5
+    routed, ism = report.rows[0], report.rows[1]
+    assert 0 <= routed.routing_accuracy <= 1 and ism.routing_accuracy is None
+    assert routed.subnet_forwards == 1 and ism.subnet_forwards == 3
+    # With every cluster searched and alpha 0, routing equals ISM.
+    assert report.top_m_sweep[-1]["top1"] == pytest.approx(ism.top1)
+    assert report.top_m_sweep[-1]["routing_accuracy"] == 1.0
+    out = finished_run / "eval"
+    for name in ("results.md", "results.csv", "results.json", "top_m.png", "alpha.png",
+                 "class_means_pca.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "results.json").read_text())["rows"][0]["model"] == models[0]
+
+
+@pytest.mark.slow
+def test_exported_identifier_loads_without_training_code(finished_run, tmp_path):
+    ident = TwoStageIdentifier.from_run(finished_run)
+    path = ident.export(tmp_path / "identifier.pt")
+    loaded = TwoStageIdentifier.load(path)
+    images = torch.randn(6, 3, 112, 112)
+    assert torch.equal(ident.identify(images, top_m=2).identity, loaded.identify(images, top_m=2).identity)
+    assert loaded.class_names == ident.class_names and len(loaded.class_names) == 12
+    torch.save({"a": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an exported facecluster identifier"):
+        TwoStageIdentifier.load(tmp_path / "other.pt")
+
+
+@pytest.mark.slow
+def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(finished_run, tmp_path, capsys):
+    assert evaluate.main([f"run={finished_run}", "eval.plots=false", "eval.timing_batches=1"]) == 0
+    assert "clustered, all sub-nets (ISM)" in capsys.readouterr().out
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text((finished_run / "config.yaml").read_text())
+    assert evaluate.main([f"run={unfinished}"]) == 2
+    assert "not finished" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="not a facecluster run folder"):
+        evaluate_run(tmp_path)
