@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("args", nargs="+", help="run=<run dir> (repeatable) and key=value overrides")
+    parser.add_argument(
+        "args", nargs="+", help="run=<run dir> (repeatable) and key=value overrides"
+    )
     args = parser.parse_args(argv)
     runs = [a.split("=", 1)[1] for a in args.args if a.startswith("run=")]
     overrides = [a for a in args.args if not a.startswith("run=")]

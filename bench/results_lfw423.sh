@@ -8,10 +8,15 @@ SEED=${1:-42}
 OUT=${2:-runs/results}
 PY=${PY:-.venv/bin/python}
 for METHOD in clustered random single; do
-  if [ ! -f "$OUT/lfw423-$METHOD-s$SEED/results.json" ]; then
-    $PY train.py -c configs/experiment/lfw423.yaml -c configs/method/$METHOD.yaml \
-      seed=$SEED output_dir=$OUT run_name=lfw423-$METHOD-s$SEED eval.after_training=false > "$OUT-$METHOD-s$SEED.log" 2>&1 \
-      || { echo "training $METHOD failed, see $OUT-$METHOD-s$SEED.log"; exit 1; }
+  RUN=$OUT/lfw423-$METHOD-s$SEED
+  if [ -f "$RUN/results.json" ]; then
+    continue
+  elif [ -f "$RUN/config.yaml" ]; then  # interrupted earlier: continue it
+    ARGS=(resume=$RUN)
+  else
+    ARGS=(-c configs/experiment/lfw423.yaml -c configs/method/$METHOD.yaml seed=$SEED
+          output_dir=$OUT run_name=lfw423-$METHOD-s$SEED eval.after_training=false)
   fi
+  $PY train.py "${ARGS[@]}" >> "$RUN.log" 2>&1 || { echo "training $METHOD failed, see $RUN.log"; exit 1; }
 done
 $PY evaluate.py run=$OUT/lfw423-clustered-s$SEED run=$OUT/lfw423-random-s$SEED run=$OUT/lfw423-single-s$SEED

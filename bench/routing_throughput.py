@@ -65,8 +65,16 @@ def main() -> None:
     assignment = ClusterAssignment.from_labels(torch.arange(c) % k, means, "random")
     heads = [F.normalize(torch.randn(int(n), d), dim=1) for n in assignment.cluster_sizes()]
     route = dict(vars(RouteConfig()), index=args.index)
-    ident = TwoStageIdentifier(model, args.image_size, net(), [net() for _ in range(k)], heads,
-                               assignment, [str(i) for i in range(c)], route)
+    ident = TwoStageIdentifier(
+        model,
+        args.image_size,
+        net(),
+        [net() for _ in range(k)],
+        heads,
+        assignment,
+        [str(i) for i in range(c)],
+        route,
+    )
     images = torch.randn(args.batch, 3, args.image_size, args.image_size)
 
     with torch.inference_mode():
@@ -98,14 +106,17 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(
-        f"| routed img/s | ISM img/s | ratio (limit {k / 2:g}) | routing search | share of routed |\n"
+        f"| routed img/s | ISM img/s | ratio (limit {k / 2:g}) | routing search "
+        f"| share of routed |\n"
         f"|---:|---:|---:|---:|---:|\n"
         f"| {result['routed_images_per_s']:.1f} | {result['ism_images_per_s']:.1f} | "
         f"{result['ratio']:.2f}x | {result['routing_search_ms']:.1f} ms | "
         f"{result['routing_search_share']:.2%} |"
     )
-    print(f"({result['backbone']}, {args.image_size}px, d={d}, K={k}, {c} identities, "
-          f"batch {args.batch}, {args.index} index, {result['torch_threads']} threads) -> {out}")
+    print(
+        f"({result['backbone']}, {args.image_size}px, d={d}, K={k}, {c} identities, "
+        f"batch {args.batch}, {args.index} index, {result['torch_threads']} threads) -> {out}"
+    )
 
 
 if __name__ == "__main__":

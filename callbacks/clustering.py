@@ -72,8 +72,12 @@ class ClusteringCallback(L.Callback):
         pl_module.eval()
         with trainer.precision_plugin.forward_context():
             sums, counts = embedding_class_sums(
-                pl_module, loader, dm.num_classes, pl_module.hparams.model["embedding_dim"],
-                device=pl_module.device, progress=trainer.global_rank == 0,
+                pl_module,
+                loader,
+                dm.num_classes,
+                pl_module.hparams.model["embedding_dim"],
+                device=pl_module.device,
+                progress=trainer.global_rank == 0,
             )
         pl_module.train(was_training)
         # float64 sums: the all-reduced result does not depend on how ranks split the data.

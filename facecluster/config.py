@@ -317,7 +317,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.method == "clustered" and cfg.clustering.method == "random":
         problems.append("clustering.method=random is the ISM baseline: use method=random")
     if cfg.method == "random" and cfg.clustering.method == "balanced":
-        problems.append("method=random partitions at random: clustering.method=balanced contradicts it")
+        problems.append(
+            "method=random partitions at random: clustering.method=balanced contradicts it"
+        )
     choice("logger", cfg.logger, LOGGERS)
     choice("head.name", cfg.head.name, HEADS)
     choice("clustering.method", cfg.clustering.method, CLUSTER_METHODS)

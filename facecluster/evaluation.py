@@ -109,8 +109,9 @@ def _count(*modules: nn.Module | Tensor) -> int:
 
 
 @torch.no_grad()
-def _score(predict: Predict, loader, num_classes: int, class_to_cluster: Tensor | None,
-           desc: str) -> dict[str, float]:
+def _score(
+    predict: Predict, loader, num_classes: int, class_to_cluster: Tensor | None, desc: str
+) -> dict[str, float]:
     metrics = {
         "precision": MulticlassPrecision(num_classes, average="macro"),
         "recall": MulticlassRecall(num_classes, average="macro"),
@@ -149,13 +150,33 @@ def _timing(predict: Predict, images: Tensor, batch_size: int, batches: int) -> 
     return throughput, statistics.median(latencies)
 
 
-def _row(run: str, model: str, predict: Predict, loader, sample: Tensor, num_classes: int,
-         class_to_cluster: Tensor | None, forwards: float, params: int,
-         cfg: DictConfig) -> Row:
+def _row(
+    run: str,
+    model: str,
+    predict: Predict,
+    loader,
+    sample: Tensor,
+    num_classes: int,
+    class_to_cluster: Tensor | None,
+    forwards: float,
+    params: int,
+    cfg: DictConfig,
+) -> Row:
     scores = _score(predict, loader, num_classes, class_to_cluster, model)
     throughput, latency = _timing(predict, sample, cfg.eval.batch_size, cfg.eval.timing_batches)
-    return Row(run, model, scores["top1"], scores["precision"], scores["recall"], scores["f1"],
-               scores["routing_accuracy"], forwards, throughput, latency, params)
+    return Row(
+        run,
+        model,
+        scores["top1"],
+        scores["precision"],
+        scores["recall"],
+        scores["f1"],
+        scores["routing_accuracy"],
+        forwards,
+        throughput,
+        latency,
+        params,
+    )
 
 
 def _test_data(cfg: DictConfig) -> tuple[FaceDataModule, Any, Tensor]:
@@ -182,18 +203,43 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
         backbone = _backbone(cfg.model, cfg.data.image_size)
         backbone.load_state_dict(_strip(stage1, "backbone."))
         backbone.eval()
-        sums, counts = embedding_class_sums(backbone, dm.embedding_dataloader(), dm.num_classes,
-                                            cfg.model.embedding_dim, progress=True)
+        sums, counts = embedding_class_sums(
+            backbone,
+            dm.embedding_dataloader(),
+            dm.num_classes,
+            cfg.model.embedding_dim,
+            progress=True,
+        )
         means = finalize_class_means(sums, counts)
 
         def embed(images: Tensor) -> Tensor:
             return F.normalize(backbone(images).float(), dim=1)
 
         rows = [
-            _row(name, "single model (one head)", lambda x: ((embed(x) @ head.T).argmax(1), None),
-                 loader, sample, dm.num_classes, None, 0.0, _count(backbone, head), cfg),
-            _row(name, "nearest class mean", lambda x: ((embed(x) @ means.T).argmax(1), None),
-                 loader, sample, dm.num_classes, None, 0.0, _count(backbone, means), cfg),
+            _row(
+                name,
+                "single model (one head)",
+                lambda x: ((embed(x) @ head.T).argmax(1), None),
+                loader,
+                sample,
+                dm.num_classes,
+                None,
+                0.0,
+                _count(backbone, head),
+                cfg,
+            ),
+            _row(
+                name,
+                "nearest class mean",
+                lambda x: ((embed(x) @ means.T).argmax(1), None),
+                loader,
+                sample,
+                dm.num_classes,
+                None,
+                0.0,
+                _count(backbone, means),
+                cfg,
+            ),
         ]
         return _write(RunEvaluation(run_dir, cfg.method, rows, cfg.eval.batch_size), cfg)
 
@@ -208,26 +254,67 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
 
     label = "clustered" if cfg.method == "clustered" else "random partition"
     rows = [
-        _row(name, f"{label}, routed (top_m={top_m}, alpha={alpha:g})", routed(top_m, alpha),
-             loader, sample, dm.num_classes, c2c, float(top_m) if alpha < 1 else 0.0,
-             _count(ident.router_backbone) + subnet_params, cfg),
-        _row(name, f"{label}, all sub-nets (ISM)",
-             lambda x: (ident.identify(x, alpha=alpha, all_subnets=True).identity, None),
-             loader, sample, dm.num_classes, None, float(k),
-             subnet_params + (_count(ident.router_backbone) if alpha > 0 else 0), cfg),
-        _row(name, "stage-1 model (one head)", lambda x: ((ident.embed(x) @ head.T).argmax(1), None),
-             loader, sample, dm.num_classes, None, 0.0, _count(ident.router_backbone, head), cfg),
-        _row(name, "nearest class mean (stage-1 backbone)",
-             lambda x: ((ident.embed(x) @ ident.class_means.T).argmax(1), None),
-             loader, sample, dm.num_classes, None, 0.0,
-             _count(ident.router_backbone, ident.class_means), cfg),
+        _row(
+            name,
+            f"{label}, routed (top_m={top_m}, alpha={alpha:g})",
+            routed(top_m, alpha),
+            loader,
+            sample,
+            dm.num_classes,
+            c2c,
+            float(top_m) if alpha < 1 else 0.0,
+            _count(ident.router_backbone) + subnet_params,
+            cfg,
+        ),
+        _row(
+            name,
+            f"{label}, all sub-nets (ISM)",
+            lambda x: (ident.identify(x, alpha=alpha, all_subnets=True).identity, None),
+            loader,
+            sample,
+            dm.num_classes,
+            None,
+            float(k),
+            subnet_params + (_count(ident.router_backbone) if alpha > 0 else 0),
+            cfg,
+        ),
+        _row(
+            name,
+            "stage-1 model (one head)",
+            lambda x: ((ident.embed(x) @ head.T).argmax(1), None),
+            loader,
+            sample,
+            dm.num_classes,
+            None,
+            0.0,
+            _count(ident.router_backbone, head),
+            cfg,
+        ),
+        _row(
+            name,
+            "nearest class mean (stage-1 backbone)",
+            lambda x: ((ident.embed(x) @ ident.class_means.T).argmax(1), None),
+            loader,
+            sample,
+            dm.num_classes,
+            None,
+            0.0,
+            _count(ident.router_backbone, ident.class_means),
+            cfg,
+        ),
     ]
     report = RunEvaluation(run_dir, cfg.method, rows, cfg.eval.batch_size)
     for m in range(1, k + 1):
         scores = _score(routed(m, alpha), loader, dm.num_classes, c2c, f"top_m={m}")
         throughput, _ = _timing(routed(m, alpha), sample, cfg.eval.batch_size, 1)
-        report.top_m_sweep.append({"top_m": m, "top1": scores["top1"], "throughput": throughput,
-                                   "routing_accuracy": scores["routing_accuracy"]})
+        report.top_m_sweep.append(
+            {
+                "top_m": m,
+                "top1": scores["top1"],
+                "throughput": throughput,
+                "routing_accuracy": scores["routing_accuracy"],
+            }
+        )
     for a in ALPHAS:
         scores = _score(routed(top_m, a), loader, dm.num_classes, c2c, f"alpha={a}")
         report.alpha_sweep.append({"alpha": a, "top1": scores["top1"]})
@@ -239,15 +326,36 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
 # --------------------------------------------------------------------------- output
 
 
-COLUMNS = ("run", "model", "top-1", "macro P", "macro R", "macro F1", "routing acc",
-           "sub-net fwd/img", "img/s @256", "ms @1", "params")
+COLUMNS = (
+    "run",
+    "model",
+    "top-1",
+    "macro P",
+    "macro R",
+    "macro F1",
+    "routing acc",
+    "sub-net fwd/img",
+    "img/s @256",
+    "ms @1",
+    "params",
+)
 
 
 def _cells(row: Row) -> list[str]:
     routing = "" if row.routing_accuracy is None else f"{row.routing_accuracy:.2%}"
-    return [row.run, row.model, f"{row.top1:.2%}", f"{row.precision:.2%}", f"{row.recall:.2%}",
-            f"{row.f1:.2%}", routing, f"{row.subnet_forwards:g}", f"{row.throughput:.0f}",
-            f"{row.latency_ms:.1f}", f"{row.params / 1e6:.2f}M"]
+    return [
+        row.run,
+        row.model,
+        f"{row.top1:.2%}",
+        f"{row.precision:.2%}",
+        f"{row.recall:.2%}",
+        f"{row.f1:.2%}",
+        routing,
+        f"{row.subnet_forwards:g}",
+        f"{row.throughput:.0f}",
+        f"{row.latency_ms:.1f}",
+        f"{row.params / 1e6:.2f}M",
+    ]
 
 
 def format_table(rows: list[Row], batch_size: int = 256) -> str:
@@ -266,13 +374,18 @@ def _write(report: RunEvaluation, cfg: DictConfig) -> RunEvaluation:
         writer = csv.DictWriter(f, fieldnames=list(asdict(report.rows[0])))
         writer.writeheader()
         writer.writerows(asdict(r) for r in report.rows)
-    (out / "results.json").write_text(json.dumps({
-        "rows": [asdict(r) for r in report.rows],
-        "top_m_sweep": report.top_m_sweep,
-        "alpha_sweep": report.alpha_sweep,
-        "batch_size": cfg.eval.batch_size,
-        "torch_threads": torch.get_num_threads(),
-    }, indent=2))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "rows": [asdict(r) for r in report.rows],
+                "top_m_sweep": report.top_m_sweep,
+                "alpha_sweep": report.alpha_sweep,
+                "batch_size": cfg.eval.batch_size,
+                "torch_threads": torch.get_num_threads(),
+            },
+            indent=2,
+        )
+    )
     if cfg.logger == "wandb":
         _log_wandb(report, cfg)
     return report
@@ -302,8 +415,7 @@ def _plots(report: RunEvaluation, assignment: ClusterAssignment, seed: int) -> l
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p["alpha"] for p in report.alpha_sweep], [p["top1"] for p in report.alpha_sweep],
-            "o-")
+    ax.plot([p["alpha"] for p in report.alpha_sweep], [p["top1"] for p in report.alpha_sweep], "o-")
     ax.set_xlabel("alpha (0: sub-net cosine, 1: class-mean similarity)")
     ax.set_ylabel("top-1 accuracy")
     ax.set_title(f"{report.run_dir.name}: decision unit")
@@ -324,8 +436,7 @@ def _plots(report: RunEvaluation, assignment: ClusterAssignment, seed: int) -> l
     for ax, part in zip(axes, (assignment, other), strict=True):
         stats = dispersion(part)
         ax.scatter(xy[:, 0], xy[:, 1], c=part.class_to_cluster.numpy(), cmap="tab10", s=12)
-        ax.set_title(f"{part.method}: within {stats['within']:.3f}, "
-                     f"between {stats['between']:.3f}")
+        ax.set_title(f"{part.method}: within {stats['within']:.3f}, between {stats['between']:.3f}")
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
     fig.suptitle("class-mean embeddings (PCA), coloured by cluster")
@@ -343,8 +454,14 @@ def _log_wandb(report: RunEvaluation, cfg: DictConfig) -> None:
 
     run_id = json.loads((report.run_dir / "run.json").read_text())["run_id"]
     mode, _ = wandb_mode(cfg)
-    run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, id=run_id,
-                     resume="allow", dir=str(report.run_dir), mode=mode)
+    run = wandb.init(
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity,
+        id=run_id,
+        resume="allow",
+        dir=str(report.run_dir),
+        mode=mode,
+    )
     try:
         table = wandb.Table(columns=list(COLUMNS), data=[_cells(r) for r in report.rows])
         logs: dict[str, Any] = {"eval/results": table}

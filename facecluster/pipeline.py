@@ -37,10 +37,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from facecluster.callbacks import ClusteringCallback, EpochSeedCallback
+from facecluster.callbacks import ClusteringCallback, DivergenceCallback, EpochSeedCallback
+from facecluster.checkpoint_io import AtomicCheckpointIO
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import (
     ConfigError,
@@ -50,9 +52,10 @@ from facecluster.config import (
     stage_epochs,
     to_container,
 )
-from facecluster.data import FaceDataModule
+from facecluster.data import BadImageReport, FaceDataModule
 from facecluster.loggers import build_logger
-from facecluster.models.backbone_module import CHECKPOINT_KEY, BackboneSystem
+from facecluster.models.backbone_module import BackboneSystem
+from facecluster.models.base import CHECKPOINT_KEY
 from facecluster.models.subnets_module import SubnetSystem
 
 RUN_DIR_ENV = "FACECLUSTER_RUN_DIR"
@@ -112,10 +115,50 @@ def config_for_resume(resume: str, overrides: list[str] | tuple = ()) -> DictCon
             "pass the folder printed at the start of the run, or a checkpoint"
         )
     overrides = [o for o in overrides if not o.startswith("resume=")]
-    return load_config(
+    cfg = load_config(
         saved,
         [*overrides, f"resume={path}", f"output_dir={run_dir.parent}", f"run_name={run_dir.name}"],
     )
+    _refuse_contradictions(load_config(saved), cfg, resume)
+    return cfg
+
+
+# What the checkpoints were trained on: changing any of these on resume would load
+# weights into a model of another shape, or a head over other identities.
+RESUME_FIXED_KEYS = (
+    "method",
+    "data.root",
+    "data.max_classes",
+    "data.min_images_per_class",
+    "model",
+    "clustering.num_clusters",
+    "clustering.method",
+)
+
+
+def _refuse_contradictions(saved: DictConfig, cfg: DictConfig, resume: str) -> None:
+    """Refuse a resume whose overrides change what the run's checkpoints were trained on.
+
+    Epochs, logger, trainer settings and the like may change; the identities,
+    backbone and clusters may not.
+    """
+    problems = []
+    for key in RESUME_FIXED_KEYS:
+        old, new = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
+        if key == "data.root":  # the same folder, written differently, is no change
+            same = resolve_data_root(old).resolve() == resolve_data_root(new).resolve()
+        else:
+            same = old == new
+        if not same:
+            if isinstance(old, DictConfig):  # model.*: show plain dicts
+                old, new = OmegaConf.to_container(old), OmegaConf.to_container(new)
+            problems.append(f"{key}: the run has {old!r}, the command line {new!r}")
+    if problems:
+        raise ConfigError(
+            f"resume={resume}: the overrides contradict the run's checkpoints:\n  - "
+            + "\n  - ".join(problems)
+            + "\nStart a new run for these settings (epochs, logger and trainer.* may change)."
+        )
 
 
 def _run_dir(cfg: DictConfig) -> Path:
@@ -223,17 +266,32 @@ def make_trainer(
         # never starts mid-epoch (ordinary DataLoaders cannot fast-forward).
         save_on_train_epoch_end=True,
     )
-    callbacks = [checkpoint, EpochSeedCallback(cfg.seed, stage), *callbacks]
+    callbacks = [
+        checkpoint,
+        EpochSeedCallback(cfg.seed, stage),
+        # Stops a NaN/Inf loss before the epoch-end save could overwrite last.ckpt.
+        DivergenceCallback(stage),
+        BadImageReport(),
+        *callbacks,
+    ]
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     kwargs = dict(cfg.trainer)
     kwargs["max_epochs"] = stage_epochs(cfg, f"stage{stage}")
     if cfg.data.val_fraction == 0:
         kwargs["limit_val_batches"] = 0
+    # Atomic, fsynced checkpoint writes (a kill never leaves a half-written
+    # last.ckpt) that refuse NaN weights; a user's own CheckpointIO plugin wins.
+    plugins = kwargs.pop("plugins", None) or []
+    many = isinstance(plugins, Sequence) and not isinstance(plugins, str)
+    plugins = list(plugins) if many else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
     return L.Trainer(
         **kwargs,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
+        plugins=plugins,
         default_root_dir=str(run_dir / f"stage{stage}"),
         enable_checkpointing=True,
     )
@@ -306,8 +364,15 @@ def _train(cfg: DictConfig, callbacks: Sequence[L.Callback]) -> RunResult:
             assignment = ClusterAssignment.load(clusters_path)
             dm.connect_clusters(assignment.class_to_cluster, assignment.local_index)
             subnets, stage2 = _train_stage2(
-                cfg, dm, run_dir, logger, stage2_ckpt, assignment, backbone,
-                stage1["global_step"], callbacks,
+                cfg,
+                dm,
+                run_dir,
+                logger,
+                stage2_ckpt,
+                assignment,
+                backbone,
+                stage1["global_step"],
+                callbacks,
             )
         results = _results(cfg, dm, assignment, stage1, stage2)
         table = format_results(results)
@@ -340,8 +405,13 @@ def _train_stage1(
     clustering = None
     if clusters_path is not None:  # method=single has no clustering unit
         clustering = ClusteringCallback(
-            dm, cfg.clustering.num_clusters, partition_method(cfg), cfg.seed, clusters_path,
-            niter=cfg.clustering.niter, nredo=cfg.clustering.nredo,
+            dm,
+            cfg.clustering.num_clusters,
+            partition_method(cfg),
+            cfg.seed,
+            clusters_path,
+            niter=cfg.clustering.niter,
+            nredo=cfg.clustering.nredo,
         )
         extra.insert(0, clustering)
     trainer = make_trainer(cfg, 1, run_dir, logger, extra)
@@ -441,13 +511,32 @@ def format_results(results: dict[str, Any]) -> str:
     """The held-out results of training as a markdown table."""
     s1 = results["stage1"]
     name = "single model" if results["method"] == "single" else "stage-1 single model"
-    rows = [(f"{name}, all identities", results["identities"], results["test_images"],
-             s1["accuracy"], s1["chance"], s1["majority"])]
+    rows = [
+        (
+            f"{name}, all identities",
+            results["identities"],
+            results["test_images"],
+            s1["accuracy"],
+            s1["chance"],
+            s1["majority"],
+        )
+    ]
     for s in results.get("subnets", []):
-        rows.append((f"sub-net {s['cluster']}, on its own cluster", s["identities"],
-                     s["test_images"], s["accuracy"], s["chance"], s["majority"]))
-    title = (f"{results['clustering']} clustering, K={results['num_clusters']}"
-             if "subnets" in results else "method=single")
+        rows.append(
+            (
+                f"sub-net {s['cluster']}, on its own cluster",
+                s["identities"],
+                s["test_images"],
+                s["accuracy"],
+                s["chance"],
+                s["majority"],
+            )
+        )
+    title = (
+        f"{results['clustering']} clustering, K={results['num_clusters']}"
+        if "subnets" in results
+        else "method=single"
+    )
     lines = [
         f"Held-out test accuracy ({title})",
         "",

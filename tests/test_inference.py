@@ -18,28 +18,50 @@ from facecluster.inference import Router, TwoStageIdentifier, fuse
 from facecluster.pipeline import train
 from tests.conftest import SMOKE, smoke_overrides
 
-ROUTE = {"top_m": 1, "alpha": 0.0, "index": "flat", "neighbours": 64, "ivf_nlist": None,
-         "ivf_nprobe": 16, "hnsw_m": 32}
+ROUTE = {
+    "top_m": 1,
+    "alpha": 0.0,
+    "index": "flat",
+    "neighbours": 64,
+    "ivf_nlist": None,
+    "ivf_nprobe": 16,
+    "hnsw_m": 32,
+}
 MODEL = {"backbone": "tiny", "embedding_dim": 8, "kwargs": {}}
 
 
 def _assignment(means: torch.Tensor, clusters: list[int]) -> ClusterAssignment:
-    return ClusterAssignment.from_labels(torch.tensor(clusters), F.normalize(means, dim=1), "kmeans")
+    return ClusterAssignment.from_labels(
+        torch.tensor(clusters), F.normalize(means, dim=1), "kmeans"
+    )
 
 
 def _identifier(means, clusters, heads=None, route=None) -> TwoStageIdentifier:
     """Identity networks: 'images' are embeddings, so every score is hand-computable."""
     a = _assignment(means, clusters)
     heads = heads or [a.class_means[a.classes_of(k)] for k in range(a.num_clusters)]
-    return TwoStageIdentifier(MODEL, 8, nn.Identity(), [nn.Identity()] * a.num_clusters, heads,
-                              a, [f"id{i}" for i in range(len(clusters))], dict(ROUTE, **(route or {})))
+    return TwoStageIdentifier(
+        MODEL,
+        8,
+        nn.Identity(),
+        [nn.Identity()] * a.num_clusters,
+        heads,
+        a,
+        [f"id{i}" for i in range(len(clusters))],
+        dict(ROUTE, **(route or {})),
+    )
 
 
 def test_router_picks_the_cluster_of_the_nearest_class_mean_and_ranks_top_m():
     means = torch.eye(4)  # identity i on axis i
-    router = Router(F.normalize(means, dim=1), torch.tensor([0, 0, 1, 2]),
-                    F.normalize(torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]), dim=1))
-    query = torch.tensor([[0.1, 0.2, 0.9, 0.3]])  # nearest: identity 2 (cluster 1), then 3 (cluster 2)
+    router = Router(
+        F.normalize(means, dim=1),
+        torch.tensor([0, 0, 1, 2]),
+        F.normalize(torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]), dim=1),
+    )
+    query = torch.tensor(
+        [[0.1, 0.2, 0.9, 0.3]]
+    )  # nearest: identity 2 (cluster 1), then 3 (cluster 2)
     assert router.route(query, 1).tolist() == [[1]]
     assert router.route(query, 2).tolist() == [[1, 2]]
     assert router.route(query, 3).tolist() == [[1, 2, 0]]
@@ -79,8 +101,14 @@ def test_decision_unit_alpha_selects_and_blends_the_two_units():
 
 def test_ties_go_to_the_lower_identity_whatever_the_cluster_order():
     # Identities 1 (cluster 1) and 2 (cluster 0) are the same point: a tie.
-    means = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0, 0, 0],
-                          [0, 1.0, 0, 0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0, 0, 0, 0]])
+    means = torch.tensor(
+        [
+            [1.0, 0, 0, 0, 0, 0, 0, 0],
+            [0, 1.0, 0, 0, 0, 0, 0, 0],
+            [0, 1.0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 1.0, 0, 0, 0, 0, 0],
+        ]
+    )
     ident = _identifier(means, [1, 1, 0, 0])
     query = means[1:2]
     # The router's tie between clusters 0 and 1 goes to cluster 0, which holds only id 2;
@@ -106,7 +134,9 @@ def test_ism_equals_brute_force_over_every_subnet(alpha):
     scores = torch.empty(len(q), ident.assignment.num_classes)
     for k in range(ident.num_clusters):
         members = ident.members(k)
-        scores[:, members] = (1 - alpha) * (q @ ident.head(k).T) + alpha * (q @ ident.class_means[members].T)
+        scores[:, members] = (1 - alpha) * (q @ ident.head(k).T) + alpha * (
+            q @ ident.class_means[members].T
+        )
     result = ident.identify(queries, alpha=alpha, all_subnets=True)
     assert torch.equal(result.identity, scores.argmax(1))
     assert result.subnet_forwards == (0 if alpha == 1.0 else len(q) * ident.num_clusters)
@@ -145,8 +175,14 @@ def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):
     assert report.top_m_sweep[-1]["top1"] == pytest.approx(ism.top1)
     assert report.top_m_sweep[-1]["routing_accuracy"] == 1.0
     out = finished_run / "eval"
-    for name in ("results.md", "results.csv", "results.json", "top_m.png", "alpha.png",
-                 "class_means_pca.png"):
+    for name in (
+        "results.md",
+        "results.csv",
+        "results.json",
+        "top_m.png",
+        "alpha.png",
+        "class_means_pca.png",
+    ):
         assert (out / name).is_file(), name
     assert json.loads((out / "results.json").read_text())["rows"][0]["model"] == models[0]
 
@@ -157,7 +193,9 @@ def test_exported_identifier_loads_without_training_code(finished_run, tmp_path)
     path = ident.export(tmp_path / "identifier.pt")
     loaded = TwoStageIdentifier.load(path)
     images = torch.randn(6, 3, 112, 112)
-    assert torch.equal(ident.identify(images, top_m=2).identity, loaded.identify(images, top_m=2).identity)
+    assert torch.equal(
+        ident.identify(images, top_m=2).identity, loaded.identify(images, top_m=2).identity
+    )
     assert loaded.class_names == ident.class_names and len(loaded.class_names) == 12
     torch.save({"a": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an exported facecluster identifier"):
@@ -175,3 +213,14 @@ def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(finished_run,
     assert "not finished" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="not a facecluster run folder"):
         evaluate_run(tmp_path)
+
+
+@pytest.mark.slow
+def test_evaluation_goes_to_the_runs_wandb_run_offline(finished_run, monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    evaluate_run(finished_run, ["logger=wandb", "eval.timing_batches=1"])
+    runs = list((finished_run / "wandb").glob("offline-run-*"))
+    run_id = json.loads((finished_run / "run.json").read_text())["run_id"]
+    assert runs and all(r.name.endswith(run_id) for r in runs), "the training run's W&B id"
+    assert list(runs[-1].glob("*.wandb"))

@@ -13,7 +13,9 @@ from __future__ import annotations
 from torch import Tensor
 
 
-def fuse(subnet_cosine: Tensor | None, class_mean_similarity: Tensor | None, alpha: float) -> Tensor:
+def fuse(
+    subnet_cosine: Tensor | None, class_mean_similarity: Tensor | None, alpha: float
+) -> Tensor:
     """Fused scores; either input may be None when its weight is 0."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"route.alpha must be in [0, 1], got {alpha}")

@@ -172,15 +172,24 @@ class TwoStageIdentifier(nn.Module):
             score = fuse(cosine, similarity, alpha)
             # argmax returns the first maximum: the lowest identity id among ties.
             local = score.argmax(dim=1)
-            keep_best(best_score, best_id, rows, score.gather(1, local[:, None]).squeeze(1),
-                      members[local])
+            keep_best(
+                best_score,
+                best_id,
+                rows,
+                score.gather(1, local[:, None]).squeeze(1),
+                members[local],
+            )
         return Identification(best_id, best_score, clusters, forwards)
 
     # ------------------------------------------------------------------ loading, export
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, route: dict[str, Any] | None = None,
-                 map_location: str | torch.device = "cpu") -> TwoStageIdentifier:
+    def from_run(
+        cls,
+        run_dir: str | Path,
+        route: dict[str, Any] | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> TwoStageIdentifier:
         """Load a finished two-stage run folder (stage-1 and stage-2 ``last.ckpt``)."""
         run_dir = Path(run_dir)
         cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
@@ -197,8 +206,16 @@ class TwoStageIdentifier(nn.Module):
             subnets.append(subnet)
             heads.append(stage2[f"heads.{k}.weight"])
         names = json.loads((run_dir / "class_names.json").read_text())
-        return cls(cfg["model"], image_size, router_backbone, subnets, heads, assignment, names,
-                   dict(cfg["route"], **(route or {})))
+        return cls(
+            cfg["model"],
+            image_size,
+            router_backbone,
+            subnets,
+            heads,
+            assignment,
+            names,
+            dict(cfg["route"], **(route or {})),
+        )
 
     def export(self, path: str | Path) -> Path:
         """Write one self-contained file (atomic: a crash never leaves half a file)."""
@@ -227,8 +244,12 @@ class TwoStageIdentifier(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path, route: dict[str, Any] | None = None,
-             map_location: str | torch.device = "cpu") -> TwoStageIdentifier:
+    def load(
+        cls,
+        path: str | Path,
+        route: dict[str, Any] | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> TwoStageIdentifier:
         """Read a file written by ``export`` (plain torch + the backbone registry)."""
         payload = torch.load(path, map_location=map_location, weights_only=False)
         if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
@@ -241,9 +262,16 @@ class TwoStageIdentifier(nn.Module):
             subnet = _backbone(model, image_size)
             subnet.load_state_dict(state)
             subnets.append(subnet)
-        return cls(model, image_size, router_backbone, subnets, payload["heads"],
-                   ClusterAssignment.from_dict(payload["assignment"]), payload["class_names"],
-                   dict(payload["route"], **(route or {})))
+        return cls(
+            model,
+            image_size,
+            router_backbone,
+            subnets,
+            payload["heads"],
+            ClusterAssignment.from_dict(payload["assignment"]),
+            payload["class_names"],
+            dict(payload["route"], **(route or {})),
+        )
 
 
 def _state_dict(path: Path, map_location: str | torch.device) -> dict[str, Tensor]:
@@ -253,4 +281,4 @@ def _state_dict(path: Path, map_location: str | torch.device) -> dict[str, Tenso
 
 
 def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
+from facecluster.models.base import StageSystem
 from facecluster.models.components import create_backbone, create_head
-from facecluster.models.optim import build_optimizer, build_scheduler, param_groups
-
-CHECKPOINT_KEY = "facecluster"
-"""Key under which every facecluster checkpoint stores its stage and resolved config."""
 
 
 def build_backbone(model: dict[str, Any], image_size: int) -> torch.nn.Module:
@@ -34,7 +30,7 @@ def build_backbone(model: dict[str, Any], image_size: int) -> torch.nn.Module:
     )
 
 
-class BackboneSystem(L.LightningModule):
+class BackboneSystem(StageSystem):
     """Backbone + margin head over all C identities (stage 1 / single baseline).
 
     Args:
@@ -92,15 +88,5 @@ class BackboneSystem(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.test_acc, "test/acc")
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optim = self.hparams.optim
-        optimizer = build_optimizer(
-            param_groups([self.backbone, self.head], optim["weight_decay"]), optim
-        )
-        scheduler = build_scheduler(
-            optimizer, self.trainer.estimated_stepping_batches, self.trainer.max_epochs, optim
-        )
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"stage": self.stage, "config": self.hparams.config}
+    def trained_modules(self) -> list[torch.nn.Module]:
+        return [self.backbone, self.head]

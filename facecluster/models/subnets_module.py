@@ -15,15 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from facecluster.models.backbone_module import CHECKPOINT_KEY, build_backbone
+from facecluster.models.backbone_module import build_backbone
+from facecluster.models.base import StageSystem
 from facecluster.models.components import create_head
-from facecluster.models.optim import build_optimizer, build_scheduler, param_groups
 
 
 class PerClusterAccuracy(Metric):
@@ -47,7 +46,7 @@ class PerClusterAccuracy(Metric):
         return torch.cat([per_cluster, overall[None]])
 
 
-class SubnetSystem(L.LightningModule):
+class SubnetSystem(StageSystem):
     """K sub-nets with per-cluster margin heads (stage 2).
 
     Args:
@@ -180,14 +179,5 @@ class SubnetSystem(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_accuracy(self.test_acc, "test")
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optim = self.hparams.optim
-        groups = param_groups([*self.subnets, *self.heads], optim["weight_decay"])
-        optimizer = build_optimizer(groups, optim)
-        scheduler = build_scheduler(
-            optimizer, self.trainer.estimated_stepping_batches, self.trainer.max_epochs, optim
-        )
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"stage": self.stage, "config": self.hparams.config}
+    def trained_modules(self) -> list[nn.Module]:
+        return [*self.subnets, *self.heads]

@@ -1,0 +1,189 @@
+"""Stop a diverged run (NaN or Inf loss) before it writes NaN weights.
+
+Without this, a run whose loss turned NaN keeps "training" for hours: every
+later step is NaN, ``last.ckpt`` is overwritten with NaN weights at the next epoch
+end, and the resume point is lost. :class:`DivergenceCallback` watches the loss
+returned by ``training_step`` (and, in stage 2, each sub-net's logged loss
+``train/loss_subnetK``) and raises :class:`DivergenceError` naming the stage, the
+sub-net, the step and the last good checkpoint, which is left untouched.
+
+When the check runs: every step on CPU, where reading a tensor costs nothing.
+On an accelerator, turning a loss into a Python bool waits for the device to
+finish the step (a sync that stalls the pipeline every step), so the flags are
+accumulated in device tensors with no host transfer and read every
+``check_every_n_steps`` steps (default 50) and always at the epoch end, before
+ModelCheckpoint saves (Lightning runs checkpoint callbacks after all others). The
+steps reported are still exact: the first bad step is recorded on the device.
+Under DDP the decision is all-reduced at each check so every rank stops together
+(a rank that stopped alone would leave the others waiting in the next all-reduce).
+
+fp16 loss scaling (``trainer.precision=16-mixed`` on a GPU): the GradScaler skips
+every optimizer step whose gradients are not finite and lowers its scale, so one
+non-finite step changes no weight and training recovers by itself. The check then
+stops only on a non-finite loss that persists for ``fp16_patience`` consecutive
+steps (default 10); bf16 and fp32 stop on the first one. (On CPU ``16-mixed`` runs
+as bf16, without a scaler.)
+
+The checkpoint plugin (:class:`facecluster.checkpoint_io.AtomicCheckpointIO`)
+refuses to write NaN weights even if a divergence slipped past this check.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+__all__ = ["DivergenceCallback", "DivergenceError"]
+
+_SUBNET_LOSS = re.compile(r"^train/loss_subnet(\d+)$")
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or Inf; the message says where and what is kept."""
+
+
+def _logged_subnet_losses(trainer: L.Trainer) -> dict[int, torch.Tensor]:
+    """This step's ``train/loss_subnetK`` values, as logged by the module.
+
+    Read from Lightning's result collection of the running loop (not public API,
+    stable across lightning 2.x); when it is not there, only the total loss is
+    checked and the message cannot name the sub-net.
+    """
+    results = getattr(trainer, "_results", None)
+    found: dict[int, torch.Tensor] = {}
+    if not results:
+        return found
+    for metric in results.values():
+        meta = getattr(metric, "meta", None)
+        value = getattr(metric, "_forward_cache", None)
+        match = _SUBNET_LOSS.match(getattr(meta, "name", "") or "")
+        if match and isinstance(value, torch.Tensor):
+            found[int(match.group(1))] = value
+    return found
+
+
+class DivergenceCallback(L.Callback):
+    """Raise :class:`DivergenceError` on a NaN/Inf training loss.
+
+    Args:
+        stage: The training stage (1 or 2), named in the message.
+        check_every_n_steps: Steps between host reads of the device flags; None: 1
+            on CPU, 50 on an accelerator (see the module docstring).
+        fp16_patience: Consecutive non-finite steps tolerated under fp16 loss scaling.
+    """
+
+    def __init__(
+        self, stage: int, check_every_n_steps: int | None = None, fp16_patience: int = 10
+    ) -> None:
+        self.stage = stage
+        self.check_every_n_steps = check_every_n_steps
+        self.fp16_patience = fp16_patience
+        self._reset()
+
+    def _reset(self) -> None:
+        self._every = 1
+        self._patience = 1
+        self._names: list[str] = []  # "the total loss", "sub-net 0", ...
+        self._streak: torch.Tensor | None = None  # consecutive non-finite steps, per loss
+        self._first: torch.Tensor | None = None  # global step of the first stop, -1: none
+        self._step: torch.Tensor | None = None  # global step counter, kept on the device
+        self._since_check = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset()
+        device = pl_module.device
+        self._every = self.check_every_n_steps or (1 if device.type == "cpu" else 50)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._patience = self.fp16_patience if scaler is not None else 1
+        self._step = torch.tensor(trainer.global_step, device=device)
+
+    def _track(self, values: list[torch.Tensor], device: torch.device) -> None:
+        vals = torch.stack([v.detach().float().reshape(()).to(device) for v in values])
+        if self._streak is None or self._streak.numel() != vals.numel():
+            self._streak = torch.zeros(vals.numel(), dtype=torch.long, device=device)
+            self._first = torch.full((vals.numel(),), -1, dtype=torch.long, device=device)
+        bad = ~torch.isfinite(vals)
+        # All on the device: no host transfer, so no sync on an accelerator.
+        self._streak = (self._streak + 1) * bad
+        hit = (self._streak >= self._patience) & (self._first < 0)
+        self._first = torch.where(hit, self._step, self._first)
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return  # a skipped step (training_step returned None)
+        assert self._step is not None
+        self._step += 1  # the optimizer step this batch made: trainer.global_step
+        subnets = _logged_subnet_losses(trainer) if self.stage == 2 else {}
+        ks = sorted(subnets)
+        self._names = ["the total loss"] + [f"sub-net {k} (cluster {k})" for k in ks]
+        self._track([loss] + [subnets[k] for k in ks], pl_module.device)
+        self._since_check += 1
+        if self._since_check >= self._every:
+            self._check(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Before ModelCheckpoint's epoch-end save (checkpoint callbacks run last).
+        self._check(trainer)
+
+    def _check(self, trainer: L.Trainer) -> None:
+        self._since_check = 0
+        first = [] if self._first is None else self._first.tolist()  # the one host read
+        local = any(step >= 0 for step in first)
+        if trainer.world_size > 1:
+            diverged = trainer.strategy.reduce_boolean_decision(local, all=False)
+        else:
+            diverged = local
+        if diverged:
+            raise DivergenceError(self._message(trainer, first, local))
+
+    def _message(self, trainer: L.Trainer, first: list[int], local: bool) -> str:
+        if not local:
+            where = f"on another DDP rank (this is rank {trainer.global_rank})"
+        else:
+            culprits = [(s, self._names[i]) for i, s in enumerate(first) if s >= 0]
+            # The total is the sum of the sub-nets' losses: name the sub-nets when known.
+            named = [(s, n) for s, n in culprits if n != "the total loss"] or culprits
+            step = min(s for s, _ in named)
+            what = ", ".join(n for s, n in named if s == step)
+            persist = (
+                f" for {self._patience} consecutive steps (fp16 loss scaling)"
+                if self._patience > 1
+                else ""
+            )
+            where = f"in {what} at global step {step} (epoch {trainer.current_epoch}){persist}"
+        return (
+            f"stage {self.stage}: the training loss became NaN/Inf {where}; the run is "
+            f"stopped and no checkpoint with these weights was written. Last good "
+            f"checkpoint: {self._last_good(trainer)}. Lower stage{self.stage}.optim.lr, add "
+            "warm-up (optim.warmup_epochs) or gradient clipping (trainer.gradient_clip_val), "
+            "then continue with resume=<run folder>."
+        )
+
+    @staticmethod
+    def _last_good(trainer: L.Trainer) -> str:
+        callback = trainer.checkpoint_callback
+        candidates = []
+        if isinstance(callback, ModelCheckpoint):
+            if callback.dirpath is not None:
+                candidates.append(Path(callback.dirpath) / "last.ckpt")
+            if callback.last_model_path:
+                candidates.append(Path(callback.last_model_path))
+        if trainer.ckpt_path:
+            candidates.append(Path(trainer.ckpt_path))  # the checkpoint this fit resumed from
+        for path in candidates:
+            if path.is_file():
+                return str(path)
+        return "none of this stage yet (it had not finished an epoch)"

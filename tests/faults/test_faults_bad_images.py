@@ -1,0 +1,228 @@
+"""Fault injection: broken, odd and empty image files (facecluster.data)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from facecluster.config import ConfigError, load_config
+from facecluster.data import BadImageError, FaceDataModule, FaceImageDataset, load_rgb
+from facecluster.data.transforms import build_transforms
+from facecluster.pipeline import build_datamodule, train
+from tests.conftest import DEMO, SMOKE, smoke_overrides
+
+pytestmark = pytest.mark.faults
+
+
+def _demo_jpegs(n: int) -> list[Path]:
+    first = sorted(p for p in DEMO.iterdir() if p.is_dir())[0]
+    return sorted(first.glob("*.jpg"))[:n]
+
+
+def make_tree(root: Path, identities: int = 4, per_identity: int = 12) -> Path:
+    """root/<id_k>/<n>.jpg: real identities (folders) copied from the demo set."""
+    sources = sorted(p for p in DEMO.iterdir() if p.is_dir())[:identities]
+    for k, src in enumerate(sources):
+        (root / f"id_{k:02d}").mkdir(parents=True)
+        for n, f in enumerate(sorted(src.glob("*.jpg"))[:per_identity]):
+            shutil.copyfile(f, root / f"id_{k:02d}" / f"{n:04d}.jpg")
+    return root
+
+
+def truncate(path: Path) -> None:
+    """Keep the first third of a JPEG: a download cut short."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def _eval_tensor(path: Path) -> torch.Tensor:
+    return build_transforms(32, train=False)(load_rgb(str(path)))
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def test_odd_modes_and_sizes_become_8bit_rgb(tmp_path):
+    gray16 = tmp_path / "gray16.png"
+    Image.fromarray(np.full((40, 30), 32896, dtype=np.uint16)).save(gray16)  # mid grey
+    assert Image.open(gray16).mode.startswith("I;16")
+    Image.new("CMYK", (50, 50), (0, 255, 0, 0)).save(tmp_path / "cmyk.jpg")
+    Image.new("L", (50, 50), 200).save(tmp_path / "gray.png")
+    Image.new("RGBA", (50, 50), (10, 20, 30, 0)).save(tmp_path / "rgba.png")
+    Image.new("P", (50, 50)).save(tmp_path / "palette.png")
+    Image.new("RGB", (3, 2), (255, 0, 0)).save(tmp_path / "tiny.png")
+    Image.new("RGB", (2500, 1800), (0, 0, 255)).save(tmp_path / "huge.jpg")
+    for path in sorted(tmp_path.iterdir()):
+        image = load_rgb(str(path))
+        assert image.mode == "RGB", path.name
+        tensor = build_transforms(32, train=True)(image)
+        assert tensor.shape == (3, 32, 32) and torch.isfinite(tensor).all(), path.name
+    # 16-bit: 32896/257 = 128, not clipped to white (PIL's plain convert gives 255)
+    assert set(np.asarray(load_rgb(str(gray16))).ravel().tolist()) == {128}
+    assert np.asarray(Image.open(gray16).convert("RGB")).min() == 255
+    assert np.asarray(load_rgb(str(tmp_path / "cmyk.jpg")))[0, 0].tolist()[1] < 60  # magenta
+
+
+# ---------------------------------------------------------------- lazy: skip / fail
+
+
+def _broken_dataset(tmp_path, policy="skip", max_bad_fraction=0.5):
+    good = _demo_jpegs(4)
+    for i, f in enumerate(good):
+        shutil.copyfile(f, tmp_path / f"{i}.jpg")
+    truncate(tmp_path / "1.jpg")
+    (tmp_path / "3.jpg").write_text("<html>404 Not Found</html>")  # text named .jpg
+    samples = [(str(tmp_path / f"{i}.jpg"), 0) for i in range(4)]
+    transform = build_transforms(32, train=False)
+    return FaceImageDataset(
+        samples, transform, on_bad_image=policy, max_bad_fraction=max_bad_fraction
+    )
+
+
+def test_skip_replaces_by_next_good_image_of_same_identity(tmp_path, caplog):
+    ds = _broken_dataset(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="facecluster.data.images"):
+        x1, y1 = ds[1]
+        x3, y3 = ds[3]
+        ds[1], ds[3]  # second reads: no second warning
+    assert torch.equal(x1, _eval_tensor(tmp_path / "2.jpg")) and y1 == 0  # next good: 2
+    assert torch.equal(x3, _eval_tensor(tmp_path / "0.jpg"))  # wraps around to 0
+    assert len(ds) == 4
+    logged = [r.getMessage() for r in caplog.records]
+    for name in ("1.jpg", "3.jpg"):
+        assert sum(str(tmp_path / name) in m for m in logged) == 1, logged
+    assert ds.tracker.bad_paths() == [str(tmp_path / "1.jpg"), str(tmp_path / "3.jpg")]
+
+
+def test_fail_names_the_file(tmp_path):
+    ds = _broken_dataset(tmp_path, policy="fail")
+    ds[0]
+    with pytest.raises(BadImageError, match=r"1\.jpg.*on_bad_image=fail"):
+        ds[1]
+
+
+def test_too_many_bad_images_stop_with_a_clear_message(tmp_path):
+    ds = _broken_dataset(tmp_path, max_bad_fraction=0.3)  # 2 of 4 bad > 30%
+    ds[1]  # 1 of 4: within the limit
+    with pytest.raises(BadImageError, match=r"2 of 4 images .* data.max_bad_fraction=0.3"):
+        ds[3]
+
+
+def test_identity_with_no_readable_image_is_named(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    ds = FaceImageDataset(
+        [(str(tmp_path / "a.jpg"), 5)], build_transforms(8, False), max_bad_fraction=1.0
+    )
+    with pytest.raises(BadImageError, match="every image of identity label 5"):
+        ds[0]
+
+
+def test_workers_log_once_keep_batches_and_report_to_main_process(tmp_path):
+    """Two epochs with 2 worker processes: each bad path is warned about once in all,
+    every batch is full, and the main process sees the flags the workers set."""
+    ds = _broken_dataset(tmp_path)
+    loader = DataLoader(ds, batch_size=2, num_workers=2, shuffle=True, drop_last=True)
+    # A file handler: forked workers inherit it (pytest's own capture stays in the worker).
+    log = logging.getLogger("facecluster.data.images")
+    handler = logging.FileHandler(tmp_path / "workers.log")
+    log.addHandler(handler)
+    try:
+        for _ in range(2):
+            sizes = [len(y) for _, y in loader]
+            assert sizes == [2, 2]
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    err = (tmp_path / "workers.log").read_text()
+    lines = err.splitlines()
+    for name in ("1.jpg", "3.jpg"):
+        assert sum(str(tmp_path / name) in line for line in lines) == 1, err
+    assert ds.tracker.count() == 2  # set in the workers, read here
+
+
+# ---------------------------------------------------------------- zero-byte: at the scan
+
+
+def test_zero_byte_files_are_found_by_the_scan(tmp_path, caplog):
+    root = make_tree(tmp_path / "data", identities=3, per_identity=12)
+    empty = root / "id_01" / "0005.jpg"
+    empty.write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        dm = FaceDataModule(str(root), batch_size=4, min_images_per_class=5, max_bad_fraction=0.05)
+        dm.setup()
+    assert str(empty) not in [p for p, _ in dm._folder.samples]
+    assert any(
+        str(empty) in r.getMessage() and "zero-byte" in r.getMessage() for r in caplog.records
+    )
+    with pytest.raises(ValueError, match=r"zero-byte .*0005\.jpg.*on_bad_image=fail"):
+        FaceDataModule(str(root), batch_size=4, min_images_per_class=5, on_bad_image="fail").setup()
+    for f in list((root / "id_02").iterdir())[:3]:
+        f.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"4 of 36 image files .* empty .*max_bad_fraction"):
+        FaceDataModule(
+            str(root), batch_size=4, min_images_per_class=5, max_bad_fraction=0.05
+        ).setup()
+
+
+def test_config_keys_and_build_datamodule(tmp_path):
+    root = make_tree(tmp_path / "data", identities=3, per_identity=12)
+    (root / "id_00" / "0000.jpg").write_bytes(b"")
+    with pytest.raises(ConfigError, match="data.on_bad_image='ignore' is not one of skip, fail"):
+        load_config(SMOKE, ["data.on_bad_image=ignore"])
+    with pytest.raises(ConfigError, match="data.max_bad_fraction must be in"):
+        load_config(SMOKE, ["data.max_bad_fraction=2"])
+    cfg = load_config(
+        SMOKE,
+        [
+            f"data.root={root}",
+            "data.on_bad_image=fail",
+            "data.min_images_per_class=5",
+            "clustering.num_clusters=2",
+            "data.max_classes=null",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"0000\.jpg"):
+        build_datamodule(cfg)
+
+
+# ---------------------------------------------------------------- a whole run
+
+
+def test_run_with_broken_images_completes_and_reports(tmp_path, caplog):
+    root = make_tree(tmp_path / "data", identities=6, per_identity=14)
+    broken = [root / "id_00" / "0003.jpg", root / "id_02" / "0007.jpg"]
+    truncate(broken[0])
+    broken[1].write_text("not an image")
+    (root / "id_04" / "0001.jpg").write_bytes(b"")
+    cfg = load_config(
+        SMOKE,
+        smoke_overrides(
+            tmp_path,
+            f"data.root={root}",
+            "data.min_images_per_class=5",
+            "data.max_bad_fraction=0.1",
+            "clustering.num_clusters=2",
+        ),
+    )
+    with caplog.at_level(logging.WARNING, logger="facecluster.data"):
+        result = train(cfg)
+    assert (result.run_dir / "results.json").is_file()
+    messages = [r.getMessage() for r in caplog.records]
+    for path in broken:
+        # Read in training, validation/test, the class-mean pass and stage 2: warned once.
+        per_file = [m for m in messages if str(path) in m and "cannot decode" in m]
+        assert len(per_file) == 1, messages
+    assert any("zero-byte" in m and "id_04" in m for m in messages)
+    assert any("undecodable image(s) so far" in m for m in messages)
+    for stage in (1, 2):
+        state = torch.load(
+            result.run_dir / f"stage{stage}" / "checkpoints" / "last.ckpt", weights_only=False
+        )["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

@@ -1,0 +1,106 @@
+"""Fault injection: a crash while a checkpoint is written never leaves a broken last.ckpt."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import lightning as L
+import pytest
+import torch
+
+from facecluster.checkpoint_io import AtomicCheckpointIO, NonFiniteCheckpointError
+from facecluster.config import load_config
+from facecluster.pipeline import config_for_resume, train
+from tests.conftest import SMOKE, smoke_overrides
+
+pytestmark = pytest.mark.faults
+
+real_save = torch.save
+
+
+class Crash(Exception):
+    """Stands for the process dying in the middle of torch.save."""
+
+
+def half_then_crash(obj, f, *args, **kwargs):
+    """Write the first half of the real bytes to ``f``, then die."""
+    import io
+
+    buffer = io.BytesIO()
+    real_save(obj, buffer, *args, **kwargs)
+    data = buffer.getvalue()
+    f.write(data[: len(data) // 2])
+    f.flush()
+    raise Crash("killed halfway through torch.save")
+
+
+def test_crash_during_save_keeps_previous_file(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"epoch": 0, "state_dict": {"w": torch.ones(1000)}}, path)
+    monkeypatch.setattr(torch, "save", half_then_crash)
+    with pytest.raises(Crash):
+        io.save_checkpoint({"epoch": 1, "state_dict": {"w": torch.zeros(1000)}}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path)["epoch"] == 0
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temp left
+
+
+def test_disk_full_during_save_keeps_previous_file(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"epoch": 0, "state_dict": {}}, path)
+
+    def enospc(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", enospc)
+    with pytest.raises(OSError, match=r"last\.ckpt not written .*previous file there is unchanged"):
+        io.save_checkpoint({"epoch": 1, "state_dict": {}}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path)["epoch"] == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_nan_weights_are_never_written(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"epoch": 0, "state_dict": {"a": torch.ones(3)}}, path)
+    bad = {"epoch": 1, "state_dict": {"a": torch.tensor([1.0, float("nan")]), "n": torch.ones(2)}}
+    with pytest.raises(NonFiniteCheckpointError, match=r"not writing .*last\.ckpt.*\ba\b"):
+        io.save_checkpoint(bad, path)
+    assert torch.load(path)["epoch"] == 0
+
+
+class CrashOnSave(L.Callback):
+    """Make torch.save die halfway when stage 1 writes last.ckpt at the end of epoch 1."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.monkeypatch = monkeypatch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if pl_module.stage == 1 and trainer.current_epoch == 1:
+
+            def save(obj, f, *a, **k):
+                # AtomicCheckpointIO writes to an fd of ".last.ckpt.XXXX.tmp": find its name.
+                name = os.readlink(f"/proc/self/fd/{f.fileno()}") if hasattr(f, "fileno") else ""
+                if ".last.ckpt." in name:
+                    half_then_crash(obj, f, *a, **k)
+                return real_save(obj, f, *a, **k)
+
+            self.monkeypatch.setattr(torch, "save", save)
+
+
+def test_crash_while_saving_last_ckpt_in_a_real_run_then_resume(tmp_path, monkeypatch):
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "trainer.max_epochs=2"))
+    with pytest.raises(Crash):
+        train(cfg, callbacks=[CrashOnSave(monkeypatch)])
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpt_dir = tmp_path / "run" / "stage1" / "checkpoints"
+    last = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 0, "last.ckpt is still epoch 0's complete checkpoint"
+    assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]
+    result = train(config_for_resume(str(tmp_path / "run")))
+    assert (result.run_dir / "results.json").is_file()

@@ -1,0 +1,60 @@
+"""Fault injection: resuming with overrides that contradict the run's checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+
+from facecluster.config import ConfigError, load_config
+from facecluster.pipeline import config_for_resume, prepare_run_dir
+from tests.conftest import DEMO, SMOKE, smoke_overrides
+
+pytestmark = pytest.mark.faults
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run folder with its config.yaml (what resume reads), no training needed."""
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path))
+    prepare_run_dir(cfg)
+    return tmp_path / "run"
+
+
+def test_contradicting_overrides_are_refused_with_every_difference(run_dir):
+    with pytest.raises(ConfigError) as info:
+        config_for_resume(
+            str(run_dir),
+            [
+                "data.max_classes=20",
+                "model.backbone=iresnet18",
+                "clustering.num_clusters=4",
+                "data.min_images_per_class=12",
+                "method=random",
+                "clustering.method=random",
+            ],
+        )
+    message = str(info.value)
+    assert "contradict the run's checkpoints" in message
+    for expected in (
+        "data.max_classes: the run has 12, the command line 20",
+        "data.min_images_per_class: the run has 10, the command line 12",
+        "clustering.num_clusters: the run has 3, the command line 4",
+        "clustering.method: the run has 'kmeans', the command line 'random'",
+        "method: the run has 'clustered', the command line 'random'",
+        "'backbone': 'tiny'",
+    ):
+        assert expected in message
+
+
+def test_harmless_overrides_and_same_root_written_differently_are_accepted(run_dir):
+    cfg = config_for_resume(
+        str(run_dir),
+        ["trainer.max_epochs=5", "logger=none", "stage2.max_epochs=2", f"data.root={DEMO}"],
+    )
+    assert cfg.trainer.max_epochs == 5 and cfg.logger == "none"
+
+
+def test_other_data_root_is_refused(run_dir, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(ConfigError, match=r"data.root: the run has .*lfw-demo"):
+        config_for_resume(str(run_dir), [f"data.root={other}"])
