@@ -17,14 +17,13 @@ stops the run before; this is the guarantee behind it).
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from facecluster.io import atomic_torch_save
 
 __all__ = ["AtomicCheckpointIO", "NonFiniteCheckpointError"]
 
@@ -42,21 +41,6 @@ def non_finite_keys(state_dict: dict[str, Any]) -> list[str]:
         and value.is_floating_point()
         and not bool(torch.isfinite(value).all())
     ]
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename is only durable once the folder entry is on disk; not every
-    # platform can open a folder (Windows), where os.replace must do.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -96,23 +80,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         ):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Same folder as the target: os.replace is only atomic within one filesystem.
-        # A dot name not ending in .ckpt, so nothing that lists checkpoints picks it up.
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException as e:
-            Path(tmp).unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                raise OSError(
-                    e.errno,
-                    f"checkpoint {target} not written ({e}); the previous file there is unchanged",
-                ) from e
-            raise
-        _fsync_dir(target.parent)
+            atomic_torch_save(checkpoint, path)
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"checkpoint {path} not written ({e}); the previous file there is unchanged",
+            ) from e

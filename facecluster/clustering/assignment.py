@@ -16,14 +16,14 @@ packages, so it can be used from data loaders, scripts and workers alike.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from facecluster.io import atomic_torch_save
 
 __all__ = ["ASSIGNMENT_FORMAT", "ASSIGNMENT_VERSION", "ClusterAssignment"]
 
@@ -366,32 +366,7 @@ class ClusterAssignment:
         Args:
             path: destination file.
         """
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        # Same folder as the target: os.replace is only atomic within one filesystem.
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
-        )
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.to_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            # mkstemp creates 0600 files; make the result readable like a normal file.
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        # Persist the rename itself (best effort; not every platform allows it).
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        atomic_torch_save(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ClusterAssignment:

@@ -17,8 +17,6 @@ plain torch and the component registry: no Trainer, no training code.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from torch import Tensor, nn
 from facecluster.clustering import ClusterAssignment
 from facecluster.inference.decision import fuse, keep_best
 from facecluster.inference.router import Router
+from facecluster.io import atomic_torch_save
 from facecluster.models.components import create_backbone
 
 EXPORT_FORMAT = "facecluster.two_stage_identifier"
@@ -232,15 +231,7 @@ class TwoStageIdentifier(nn.Module):
             "assignment": self.assignment.to_dict(),
             "class_names": self.class_names,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_torch_save(payload, path)
         return path
 
     @classmethod
