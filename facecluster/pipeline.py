@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -307,14 +308,43 @@ def _module_args(cfg: DictConfig, stage: int) -> dict[str, Any]:
     }
 
 
-def _check_backbone(cfg: DictConfig) -> None:
-    """Build the backbone once before any work: a bad name fails with close names."""
+def _check_backbone(cfg: DictConfig) -> int:
+    """Build the backbone once before any work: a bad name fails with close names.
+
+    Returns:
+        Its parameter count (for the disk-space check).
+    """
     from facecluster.models.backbone_module import build_backbone
 
     try:
-        build_backbone(to_container(cfg.model), cfg.data.image_size)
+        backbone = build_backbone(to_container(cfg.model), cfg.data.image_size)
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"model.backbone={cfg.model.backbone!r}: {e}") from None
+    return sum(p.numel() for p in backbone.parameters())
+
+
+def checkpoint_bytes_needed(cfg: DictConfig, backbone_params: int, num_classes: int) -> int:
+    """Disk the run's checkpoints need: a generous estimate, checked before any work.
+
+    Each stage keeps a best and a last checkpoint, and an atomic write briefly holds
+    one more copy; a checkpoint holds fp32 weights plus optimizer state (SGD momentum:
+    one more copy, AdamW: two).
+    """
+    state_copies = 3 if "adamw" in (cfg.stage1.optim.name, cfg.stage2.optim.name) else 2
+    heads = num_classes * cfg.model.embedding_dim
+    stage1 = backbone_params + heads
+    stage2 = 0 if cfg.method == "single" else cfg.clustering.num_clusters * backbone_params + heads
+    return 3 * 4 * state_copies * (stage1 + stage2)
+
+
+def check_free_space(run_dir: Path, needed: int) -> None:
+    """Fail at start, naming output_dir, when the disk cannot hold the checkpoints."""
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise ConfigError(
+            f"output_dir: {run_dir} has {free / 2**20:.0f} MiB free, the run's checkpoints "
+            f"need about {needed / 2**20:.0f} MiB; free some space or choose another output_dir"
+        )
 
 
 # --------------------------------------------------------------------------- the run
@@ -339,9 +369,10 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> RunResult:
 
 def _train(cfg: DictConfig, callbacks: Sequence[L.Callback]) -> RunResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    _check_backbone(cfg)
+    backbone_params = _check_backbone(cfg)
     dm = build_datamodule(cfg)
     run_dir, run_id = prepare_run_dir(cfg)
+    check_free_space(run_dir, checkpoint_bytes_needed(cfg, backbone_params, dm.num_classes))
     if is_rank_zero():
         (run_dir / "class_names.json").write_text(json.dumps(dm.class_names))
     stage1_ckpt, stage2_ckpt = _resume_points(cfg, run_dir)

@@ -1,0 +1,39 @@
+"""Disk faults at start: an output folder that cannot be written, a disk too full."""
+
+from __future__ import annotations
+
+import shutil
+from collections import namedtuple
+
+import pytest
+
+from facecluster.config import ConfigError, load_config
+from facecluster.pipeline import train
+from tests.conftest import SMOKE, smoke_overrides
+
+pytestmark = pytest.mark.faults
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_unwritable_output_dir_fails_at_start_naming_it(tmp_path, where):
+    # Tests run as root, where chmod does not stop writes: use a file where a folder
+    # is expected, and a read-only kernel filesystem.
+    if where == "file":
+        blocker = tmp_path / "not-a-folder"
+        blocker.write_text("x")
+        out = blocker / "runs"
+    else:
+        out = "/proc/facecluster-runs"
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, f"output_dir={out}"))
+    with pytest.raises(ConfigError, match=r"output_dir: cannot write the run folder"):
+        train(cfg)
+    assert not any(tmp_path.rglob("*.ckpt"))
+
+
+def test_too_little_free_space_fails_before_training(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path))
+    with pytest.raises(ConfigError, match=r"output_dir: .* has 1 MiB free, .* need about \d+ MiB"):
+        train(cfg)
+    assert not any(tmp_path.rglob("*.ckpt")), "nothing trained"
