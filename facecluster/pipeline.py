@@ -254,21 +254,35 @@ def make_trainer(
     cfg: DictConfig, stage: int, run_dir: Path, logger: Any, callbacks: list[L.Callback]
 ) -> L.Trainer:
     """A Trainer for one stage: the user's ``trainer.*`` plus this stage's callbacks."""
-    monitor = "val/acc" if cfg.data.val_fraction > 0 else None
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / f"stage{stage}" / "checkpoints",
-        filename="best-epoch{epoch:03d}",
-        auto_insert_metric_name=False,
-        monitor=monitor,
-        mode="max",
-        save_top_k=1,
-        save_last=True,
-        # Saved after the epoch's validation, at a clean epoch boundary: a resume
-        # never starts mid-epoch (ordinary DataLoaders cannot fast-forward).
-        save_on_train_epoch_end=True,
-    )
+    folder = run_dir / f"stage{stage}" / "checkpoints"
+    # Both are saved after the epoch's validation, at a clean epoch boundary: a resume
+    # never starts mid-epoch (ordinary DataLoaders cannot fast-forward). last.ckpt has
+    # its own callback: with a monitor, Lightning 2.6 rewrites "last" only in epochs
+    # that improve the monitor, so resume and evaluation would miss the final epochs.
+    checkpoints = [
+        ModelCheckpoint(
+            dirpath=folder,
+            filename=LAST.removesuffix(".ckpt"),
+            monitor=None,
+            save_top_k=1,
+            enable_version_counter=False,
+            save_on_train_epoch_end=True,
+        )
+    ]
+    if cfg.data.val_fraction > 0:
+        checkpoints.append(
+            ModelCheckpoint(
+                dirpath=folder,
+                filename="best-epoch{epoch:03d}",
+                auto_insert_metric_name=False,
+                monitor="val/acc",
+                mode="max",
+                save_top_k=1,
+                save_on_train_epoch_end=True,
+            )
+        )
     callbacks = [
-        checkpoint,
+        *checkpoints,
         EpochSeedCallback(cfg.seed, stage),
         # Stops a NaN/Inf loss before the epoch-end save could overwrite last.ckpt.
         DivergenceCallback(stage),

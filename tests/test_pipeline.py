@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 def finished_run(tmp_path_factory):
     """One smoke run shared by the tests that only read what it wrote."""
     tmp_path = tmp_path_factory.mktemp("run")
-    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "logger=csv"))
+    # Two epochs per stage: last.ckpt must follow the final epoch even when it does
+    # not improve val/acc.
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "logger=csv", "trainer.max_epochs=2"))
     return train(cfg)
 
 
@@ -33,6 +35,20 @@ def test_run_folder_holds_config_checkpoints_clusters_and_results(finished_run):
     results = json.loads((run / "results.json").read_text())
     assert results["identities"] == 12 and len(results["subnets"]) == 3
     assert "sub-net 2, on its own cluster" in (run / "results.md").read_text()
+
+
+def test_last_ckpt_holds_the_final_epoch_of_each_stage(finished_run, tmp_path):
+    for stage in (1, 2):
+        last = finished_run.run_dir / f"stage{stage}" / "checkpoints" / "last.ckpt"
+        assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 1
+    final = {k: v for k, v in finished_run.subnets.state_dict().items()}
+    saved = torch.load(
+        finished_run.run_dir / "stage2" / "checkpoints" / "last.ckpt",
+        map_location="cpu",
+        weights_only=False,
+    )["state_dict"]
+    for key, value in final.items():
+        assert torch.equal(saved[key], value), key
 
 
 def test_every_checkpoint_carries_the_resolved_config(finished_run):
@@ -122,3 +138,25 @@ def test_resume_refuses_a_file_that_is_not_a_facecluster_checkpoint(tmp_path):
         config_for_resume(str(fake))
     with pytest.raises(ConfigError, match="not a facecluster run folder"):
         config_for_resume(str(tmp_path))
+
+
+def test_last_ckpt_follows_the_final_epoch_even_without_improvement(tmp_path):
+    # A learning rate too small to change val/acc: no epoch after the first improves
+    # the monitor, and last.ckpt must still be the final epoch (resume and evaluation
+    # read it).
+    cfg = load_config(
+        SMOKE,
+        smoke_overrides(
+            tmp_path,
+            "logger=none",
+            "trainer.max_epochs=2",
+            "stage1.optim.lr=1e-12",
+            "stage2.optim.lr=1e-12",
+            "eval.after_training=false",
+        ),
+    )
+    result = train(cfg)
+    for stage in (1, 2):
+        folder = result.run_dir / f"stage{stage}" / "checkpoints"
+        assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 1
+        assert [p.name for p in folder.glob("best-*.ckpt")] == ["best-epoch000.ckpt"]
