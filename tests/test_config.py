@@ -22,7 +22,10 @@ def test_every_shipped_yaml_loads_and_validates(path):
     # Presets at the top stand alone; method/ and experiment/ files go on top of the demo.
     cfg = load_config(path if path.parent == DEFAULT.parent else [DEFAULT, path])
     assert cfg.clustering.num_clusters >= 1
-    assert resolve_data_root(cfg.data.root).is_dir(), "the shipped configs train on bundled data"
+    root = resolve_data_root(cfg.data.root)
+    if path.parent.name == "experiment" and not root.is_dir():
+        pytest.skip(f"{root}: the shared LFW copy is not beside this checkout")
+    assert root.is_dir(), "presets and methods train on the bundled demo set"
 
 
 def test_overrides_are_typed_and_win_over_the_file():
