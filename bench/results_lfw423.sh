@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 SEED=${1:-42}
 OUT=${2:-runs/results}
 PY=${PY:-.venv/bin/python}
+mkdir -p "$OUT"
 for METHOD in clustered random single; do
   RUN=$OUT/lfw423-$METHOD-s$SEED
   if [ -f "$RUN/results.json" ]; then
