@@ -161,8 +161,10 @@ def _row(
     forwards: float,
     params: int,
     cfg: DictConfig,
+    scores: dict[str, float] | None = None,
 ) -> Row:
-    scores = _score(predict, loader, num_classes, class_to_cluster, model)
+    if scores is None:
+        scores = _score(predict, loader, num_classes, class_to_cluster, model)
     throughput, latency = _timing(predict, sample, cfg.eval.batch_size, cfg.eval.timing_batches)
     return Row(
         run,
@@ -252,6 +254,17 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
     def routed(m: int, a: float) -> Predict:
         return lambda x: (lambda r: (r.identity, r.clusters))(ident.identify(x, m, a))
 
+    scored: dict[tuple[int, float], dict[str, float]] = {}
+
+    def routed_scores(m: int, a: float) -> dict[str, float]:
+        # The headline row, the top_m sweep and the alpha sweep share a setting:
+        # each (top_m, alpha) pass over the test set runs once.
+        if (m, a) not in scored:
+            scored[m, a] = _score(
+                routed(m, a), loader, dm.num_classes, c2c, f"top_m={m}, alpha={a:g}"
+            )
+        return scored[m, a]
+
     label = "clustered" if cfg.method == "clustered" else "random partition"
     rows = [
         _row(
@@ -265,6 +278,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
             float(top_m) if alpha < 1 else 0.0,
             _count(ident.router_backbone) + subnet_params,
             cfg,
+            scores=routed_scores(top_m, alpha),
         ),
         _row(
             name,
@@ -305,7 +319,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
     ]
     report = RunEvaluation(run_dir, cfg.method, rows, cfg.eval.batch_size)
     for m in range(1, k + 1):
-        scores = _score(routed(m, alpha), loader, dm.num_classes, c2c, f"top_m={m}")
+        scores = routed_scores(m, alpha)
         throughput, _ = _timing(routed(m, alpha), sample, cfg.eval.batch_size, 1)
         report.top_m_sweep.append(
             {
@@ -316,7 +330,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
             }
         )
     for a in ALPHAS:
-        scores = _score(routed(top_m, a), loader, dm.num_classes, c2c, f"alpha={a}")
+        scores = routed_scores(top_m, a)
         report.alpha_sweep.append({"alpha": a, "top1": scores["top1"]})
     if cfg.eval.plots:
         report.plots = _plots(report, assignment, cfg.seed)

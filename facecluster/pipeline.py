@@ -98,12 +98,17 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     return ckpt[CHECKPOINT_KEY]
 
 
+def _run_folder_of(resume: Path) -> Path:
+    """The run folder of a ``resume=`` path: itself, or <run>/stageN/checkpoints/x.ckpt."""
+    return resume if resume.is_dir() else resume.resolve().parents[2]
+
+
 def config_for_resume(resume: str, overrides: list[str] | tuple = ()) -> DictConfig:
     """The saved config of the run to resume, with command-line overrides applied."""
     path = Path(resume).expanduser()
     if not path.exists():
         raise ConfigError(f"resume={resume}: no such run folder or checkpoint")
-    run_dir = path if path.is_dir() else path.resolve().parents[2]
+    run_dir = _run_folder_of(path)
     saved = run_dir / "config.yaml"
     if path.is_file():
         meta = read_checkpoint_meta(path)
@@ -167,7 +172,7 @@ def _run_dir(cfg: DictConfig) -> Path:
         return Path(os.environ[RUN_DIR_ENV])
     if cfg.resume:
         path = Path(cfg.resume)
-        return path if path.is_dir() else path.resolve().parents[2]
+        return _run_folder_of(path)
     name = cfg.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.method}"
     run_dir = Path(cfg.output_dir).expanduser() / name
     if (run_dir / "config.yaml").exists():
