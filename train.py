@@ -16,7 +16,8 @@ import sys
 
 from facecluster.config import PROJECT_ROOT, ConfigError, load_config
 from facecluster.evaluation import evaluate_runs
-from facecluster.pipeline import config_for_resume, is_rank_zero, train
+from facecluster.pipeline import train
+from facecluster.run import RunFolder, is_global_zero
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
 
@@ -39,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config or [DEFAULT_CONFIG], args.overrides)
         if cfg.resume:
-            cfg = config_for_resume(cfg.resume, args.overrides)
+            cfg = RunFolder.config_for_resume(cfg.resume, args.overrides)
         result = train(cfg)
-        if is_rank_zero() and cfg.eval.after_training:
+        # Every DDP rank trains; the evaluation runs once, in global rank 0 alone.
+        if is_global_zero() and cfg.eval.after_training:
             print("\nEvaluation on the held-out test split (docs/EVALUATION.md):")
             print(evaluate_runs([result.run_dir]))
             print(f"\nfacecluster run folder: {result.run_dir}")

@@ -55,10 +55,15 @@ def main() -> None:
     torch.manual_seed(0)
 
     kwargs = {"width": args.width} if args.backbone.startswith("iresnet") else {}
-    model = {"backbone": args.backbone, "embedding_dim": args.embedding_dim, "kwargs": kwargs}
+    backbone = {
+        "name": args.backbone,
+        "embedding_dim": args.embedding_dim,
+        "image_size": args.image_size,
+        **kwargs,
+    }
 
     def net():
-        return create_backbone(args.backbone, args.embedding_dim, args.image_size, **kwargs).eval()
+        return create_backbone(**backbone).eval()
 
     k, c, d = args.clusters, args.identities, args.embedding_dim
     means = F.normalize(torch.randn(c, d), dim=1)
@@ -66,8 +71,7 @@ def main() -> None:
     heads = [F.normalize(torch.randn(int(n), d), dim=1) for n in assignment.cluster_sizes()]
     route = dict(vars(RouteConfig()), index=args.index)
     ident = TwoStageIdentifier(
-        model,
-        args.image_size,
+        backbone,
         net(),
         [net() for _ in range(k)],
         heads,

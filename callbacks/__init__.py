@@ -1,7 +1,14 @@
 """Lightning callbacks of facecluster (installed as ``facecluster.callbacks``)."""
 
+from facecluster.callbacks.bad_images import BadImageReport
 from facecluster.callbacks.clustering import ClusteringCallback
 from facecluster.callbacks.divergence import DivergenceCallback, DivergenceError
 from facecluster.callbacks.seeding import EpochSeedCallback
 
-__all__ = ["ClusteringCallback", "DivergenceCallback", "DivergenceError", "EpochSeedCallback"]
+__all__ = [
+    "BadImageReport",
+    "ClusteringCallback",
+    "DivergenceCallback",
+    "DivergenceError",
+    "EpochSeedCallback",
+]

@@ -7,6 +7,13 @@ class means as a single-process pass. Rank 0 then groups the identities (faiss
 spherical k-means, balanced k-means, or the random ISM partition), broadcasts the
 ClusterAssignment, saves it in the run folder, and hands it to the datamodule
 through its one public method, ``connect_clusters``.
+
+This callback owns the hand-off between the stages, on every path: a fit that
+trains runs :meth:`ClusteringCallback.cluster` in ``on_train_end``; a resumed
+stage 1 that was already finished (Lightning skips the hooks of a fit with nothing
+left to do) calls the same method after ``fit``; a run resumed in stage 2 reads
+the saved assignment back with :meth:`ClusteringCallback.restore`. Either way the
+datamodule is connected once and the pipeline takes ``assignment`` from here.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ class ClusteringCallback(L.Callback):
         num_clusters: K.
         method: kmeans, balanced or random.
         seed: seeds k-means and the random partition.
-        save_path: where the ClusterAssignment is written (atomically, by rank 0).
+        save_path: where the ClusterAssignment is written (atomically, by rank 0) and,
+            on a resume in stage 2, read back from.
         niter: k-means iterations.
         nredo: k-means restarts.
     """
@@ -61,31 +69,36 @@ class ClusteringCallback(L.Callback):
         self.assignment: ClusterAssignment | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.run(trainer, pl_module)
+        self.cluster(trainer, pl_module)
 
     @torch.no_grad()
     def class_means(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
-        """L2-normalised class-mean embeddings [C, d], identical on every rank."""
+        """L2-normalised class-mean embeddings [C, d], identical on every rank.
+
+        The backbone runs on the strategy's root device: after ``fit`` Lightning's
+        teardown has moved the module to the CPU, and under NCCL the all-reduce
+        below needs tensors on the GPU.
+        """
         dm = self.datamodule
         loader = dm.embedding_dataloader(trainer.global_rank, trainer.world_size)
-        was_training = pl_module.training
-        pl_module.eval()
+        device, was_training = pl_module.device, pl_module.training
+        pl_module.to(trainer.strategy.root_device).eval()
         with trainer.precision_plugin.forward_context():
             sums, counts = embedding_class_sums(
                 pl_module,
                 loader,
                 dm.num_classes,
-                pl_module.hparams.model["embedding_dim"],
+                pl_module.hparams.backbone["embedding_dim"],
                 device=pl_module.device,
                 progress=trainer.global_rank == 0,
             )
-        pl_module.train(was_training)
+        pl_module.to(device).train(was_training)
         # float64 sums: the all-reduced result does not depend on how ranks split the data.
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
         return finalize_class_means(sums, counts).cpu()
 
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> ClusterAssignment:
+    def cluster(self, trainer: L.Trainer, pl_module: L.LightningModule) -> ClusterAssignment:
         """The whole clustering unit; every rank must call it."""
         means = self.class_means(trainer, pl_module)
         payload = None
@@ -104,10 +117,19 @@ class ClusteringCallback(L.Callback):
         if trainer.global_rank == 0:
             assignment.save(self.save_path)
         trainer.strategy.barrier("clustering")
-        self.datamodule.connect_clusters(assignment.class_to_cluster, assignment.local_index)
-        self.assignment = assignment
+        self._hand_over(assignment)
         self._log(trainer, assignment)
         return assignment
+
+    def restore(self) -> ClusterAssignment:
+        """The saved assignment of a run resumed in stage 2, handed to the datamodule."""
+        self._hand_over(ClusterAssignment.load(self.save_path))
+        assert self.assignment is not None
+        return self.assignment
+
+    def _hand_over(self, assignment: ClusterAssignment) -> None:
+        self.datamodule.connect_clusters(assignment.class_to_cluster, assignment.local_index)
+        self.assignment = assignment
 
     def _log(self, trainer: L.Trainer, assignment: ClusterAssignment) -> None:
         stats = dispersion(assignment)

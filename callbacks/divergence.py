@@ -1,10 +1,10 @@
 """Stop a diverged run (NaN or Inf loss) before it writes NaN weights.
 
 Without this, a run whose loss turned NaN keeps "training" for hours: every
-later step is NaN, ``last.ckpt`` is overwritten with NaN weights at the next epoch
-end, and the resume point is lost. :class:`DivergenceCallback` watches the loss
-returned by ``training_step`` (and, in stage 2, each sub-net's logged loss
-``train/loss_subnetK``) and raises :class:`DivergenceError` naming the stage, the
+later step is NaN, the stage's last checkpoint is overwritten with NaN weights at
+the next epoch end, and the resume point is lost. :class:`DivergenceCallback`
+watches what ``training_step`` returns (``loss``, and in stage 2 ``subnet_losses``,
+one loss per sub-net) and raises :class:`DivergenceError` naming the stage, the
 sub-net, the step and the last good checkpoint, which is left untouched.
 
 When the check runs: every step on CPU, where reading a tensor costs nothing.
@@ -30,41 +30,17 @@ refuses to write NaN weights even if a divergence slipped past this check.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 __all__ = ["DivergenceCallback", "DivergenceError"]
-
-_SUBNET_LOSS = re.compile(r"^train/loss_subnet(\d+)$")
 
 
 class DivergenceError(RuntimeError):
     """The training loss became NaN or Inf; the message says where and what is kept."""
-
-
-def _logged_subnet_losses(trainer: L.Trainer) -> dict[int, torch.Tensor]:
-    """This step's ``train/loss_subnetK`` values, as logged by the module.
-
-    Read from Lightning's result collection of the running loop (not public API,
-    stable across lightning 2.x); when it is not there, only the total loss is
-    checked and the message cannot name the sub-net.
-    """
-    results = getattr(trainer, "_results", None)
-    found: dict[int, torch.Tensor] = {}
-    if not results:
-        return found
-    for metric in results.values():
-        meta = getattr(metric, "meta", None)
-        value = getattr(metric, "_forward_cache", None)
-        match = _SUBNET_LOSS.match(getattr(meta, "name", "") or "")
-        if match and isinstance(value, torch.Tensor):
-            found[int(match.group(1))] = value
-    return found
 
 
 class DivergenceCallback(L.Callback):
@@ -72,15 +48,21 @@ class DivergenceCallback(L.Callback):
 
     Args:
         stage: The training stage (1 or 2), named in the message.
+        checkpoint: The stage's last checkpoint, named in the message when it exists.
         check_every_n_steps: Steps between host reads of the device flags; None: 1
             on CPU, 50 on an accelerator (see the module docstring).
         fp16_patience: Consecutive non-finite steps tolerated under fp16 loss scaling.
     """
 
     def __init__(
-        self, stage: int, check_every_n_steps: int | None = None, fp16_patience: int = 10
+        self,
+        stage: int,
+        checkpoint: Path | None = None,
+        check_every_n_steps: int | None = None,
+        fp16_patience: int = 10,
     ) -> None:
         self.stage = stage
+        self.checkpoint = checkpoint
         self.check_every_n_steps = check_every_n_steps
         self.fp16_patience = fp16_patience
         self._reset()
@@ -102,8 +84,9 @@ class DivergenceCallback(L.Callback):
         self._patience = self.fp16_patience if scaler is not None else 1
         self._step = torch.tensor(trainer.global_step, device=device)
 
-    def _track(self, values: list[torch.Tensor], device: torch.device) -> None:
-        vals = torch.stack([v.detach().float().reshape(()).to(device) for v in values])
+    def _track(self, values: torch.Tensor) -> None:
+        vals = values.detach().float()
+        device = vals.device
         if self._streak is None or self._streak.numel() != vals.numel():
             self._streak = torch.zeros(vals.numel(), dtype=torch.long, device=device)
             self._first = torch.full((vals.numel(),), -1, dtype=torch.long, device=device)
@@ -126,10 +109,13 @@ class DivergenceCallback(L.Callback):
             return  # a skipped step (training_step returned None)
         assert self._step is not None
         self._step += 1  # the optimizer step this batch made: trainer.global_step
-        subnets = _logged_subnet_losses(trainer) if self.stage == 2 else {}
-        ks = sorted(subnets)
-        self._names = ["the total loss"] + [f"sub-net {k} (cluster {k})" for k in ks]
-        self._track([loss] + [subnets[k] for k in ks], pl_module.device)
+        subnets = outputs.get("subnet_losses") if isinstance(outputs, dict) else None
+        values = [loss.detach().float().reshape(1)]
+        self._names = ["the total loss"]
+        if isinstance(subnets, torch.Tensor):
+            values.append(subnets.detach().float().reshape(-1).to(loss.device))
+            self._names += [f"sub-net {k} (cluster {k})" for k in range(subnets.numel())]
+        self._track(torch.cat(values))
         self._since_check += 1
         if self._since_check >= self._every:
             self._check(trainer)
@@ -172,15 +158,8 @@ class DivergenceCallback(L.Callback):
             "then continue with resume=<run folder>."
         )
 
-    @staticmethod
-    def _last_good(trainer: L.Trainer) -> str:
-        callback = trainer.checkpoint_callback
-        candidates = []
-        if isinstance(callback, ModelCheckpoint):
-            if callback.dirpath is not None:
-                candidates.append(Path(callback.dirpath) / "last.ckpt")
-            if callback.last_model_path:
-                candidates.append(Path(callback.last_model_path))
+    def _last_good(self, trainer: L.Trainer) -> str:
+        candidates = [self.checkpoint] if self.checkpoint is not None else []
         if trainer.ckpt_path:
             candidates.append(Path(trainer.ckpt_path))  # the checkpoint this fit resumed from
         for path in candidates:

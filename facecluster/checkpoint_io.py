@@ -2,7 +2,7 @@
 
 Lightning's ``TorchCheckpointIO`` serialises the whole checkpoint into memory and
 writes it through an fsspec transaction, with no ``fsync``: after a power loss or a
-``kill -9`` at the wrong moment, ``last.ckpt`` (the file a resume picks) can be
+``kill -9`` at the wrong moment, the last checkpoint (the file a resume picks) can be
 empty or truncated, and the run cannot be continued. :class:`AtomicCheckpointIO`
 writes to a temporary file in the same folder, fsyncs it, and ``os.replace``-s it
 over the target (atomic on POSIX and Windows within one filesystem), then fsyncs the

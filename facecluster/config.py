@@ -1,18 +1,26 @@
 """Typed configuration: the schema, loading (YAML + dotlist overrides) and validation.
 
-One dataclass per swappable piece; every field carries a docstring. Loading merges,
-in order: the schema defaults, an optional YAML file (``-c configs/x.yaml``), then
-``key=value`` overrides from the command line. A misspelled key or a wrong type
-fails before any work with a message naming the key and the closest valid keys;
-contradictory settings are all collected into one error. No Lightning import here,
-except to read the Trainer's signature for validating ``trainer.*`` keys.
+One dataclass per swappable piece; every field carries a docstring, and each
+section's rules are methods of that section (``problems``), after litgpt's
+``args.py``. Loading merges, in order: the schema defaults, optional YAML files
+(``-c configs/x.yaml``), then ``key=value`` overrides from the command line. A
+misspelled key or a wrong type fails before any work with a message naming the key
+and the closest valid keys; contradictory settings are all collected into one
+error. The result is a plain :class:`Config` object: sections are passed down as
+objects, and lower layers receive plain arguments (``DataConfig.datamodule_args``,
+``ModelConfig.backbone_args``) and raise in their own terms; :func:`naming` maps
+such an error back to the config key. No Lightning import here, except to read the
+Trainer's signature for validating ``trainer.*`` keys.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import difflib
 import inspect
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +35,51 @@ set are resolved against it when they do not exist relative to the working dir."
 
 class ConfigError(ValueError):
     """A configuration problem, raised before any work starts."""
+
+
+@contextlib.contextmanager
+def naming(key: str) -> Iterator[None]:
+    """Re-raise a lower layer's error (its own terms) as a ConfigError naming ``key``."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError, TypeError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ConfigError(f"{key}: {message}") from None
+
+
+class _Rules:
+    """Collects the problems of one section, each naming its full key."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.problems: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.problems.append(message)
+
+    def choice(self, name: str, value: Any, options: tuple) -> None:
+        if value not in options:
+            self.add(f"{self.prefix}{name}={value!r} is not one of {', '.join(options)}")
+
+    def positive(self, name: str, value: Any) -> None:
+        if value is not None and value <= 0:
+            self.add(f"{self.prefix}{name} must be > 0, got {value}")
+
+    def within(self, name: str, value: float, lo: float, hi: float, closed: bool = True) -> None:
+        inside = lo <= value <= hi if closed else lo <= value < hi
+        if not inside:
+            bracket = "]" if closed else ")"
+            self.add(f"{self.prefix}{name} must be in [{lo:g}, {hi:g}{bracket}, got {value}")
+
+
+def resolve_data_root(root: str) -> Path:
+    """A relative data.root is taken from the working dir, else from the project root."""
+    p = Path(root).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    return PROJECT_ROOT / p
 
 
 @dataclass
@@ -55,6 +108,36 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     """Stop when more than this fraction of a split is undecodable or zero-byte files."""
 
+    def problems(self) -> list[str]:
+        r = _Rules("data.")
+        for name in ("image_size", "eval_batch_size", "min_images_per_class", "max_classes"):
+            r.positive(name, getattr(self, name))
+        if self.batch_size < 2:
+            r.add(
+                "data.batch_size must be >= 2 (BatchNorm1d cannot train on a batch of 1), "
+                f"got {self.batch_size}"
+            )
+        if self.num_workers < 0:
+            r.add(f"data.num_workers must be >= 0, got {self.num_workers}")
+        r.choice("on_bad_image", self.on_bad_image, ("skip", "fail"))
+        r.within("max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
+        r.within("val_fraction", self.val_fraction, 0.0, 1.0, closed=False)
+        r.within("test_fraction", self.test_fraction, 0.0, 1.0, closed=False)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            r.add("data.val_fraction + data.test_fraction must be < 1 (no training images left)")
+        if self.test_fraction == 0.0:
+            r.add("data.test_fraction must be > 0: the held-out accuracy needs a test split")
+        return r.problems
+
+    def resolved_root(self) -> Path:
+        return resolve_data_root(self.root)
+
+    def datamodule_args(self, seed: int) -> dict[str, Any]:
+        """Keyword arguments of ``FaceDataModule`` (plain values, no config objects)."""
+        args = dataclasses.asdict(self)
+        args["root"] = str(self.resolved_root())
+        return {**args, "seed": seed}
+
 
 @dataclass
 class ModelConfig:
@@ -69,6 +152,23 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the backbone builder (e.g. width for IResNet)."""
 
+    def problems(self) -> list[str]:
+        r = _Rules("model.")
+        r.positive("embedding_dim", self.embedding_dim)
+        r.within("dropout", self.dropout, 0.0, 1.0, closed=False)
+        return r.problems
+
+    def backbone_args(self, image_size: int) -> dict[str, Any]:
+        """Keyword arguments of ``create_backbone`` for this model section."""
+        return {
+            "name": self.backbone,
+            "embedding_dim": self.embedding_dim,
+            "image_size": image_size,
+            "pretrained": self.pretrained,
+            "dropout": self.dropout,
+            **dict(self.kwargs),
+        }
+
 
 @dataclass
 class HeadConfig:
@@ -81,6 +181,14 @@ class HeadConfig:
     init_from_class_means: bool = True
     """Stage 2: start each sub-net's head rows from its identities' class means."""
 
+    def problems(self) -> list[str]:
+        r = _Rules("head.")
+        r.choice("name", self.name, ("arcface", "cosface"))
+        r.positive("s", self.s)
+        if self.m is not None:
+            r.within("m", self.m, 0.0, math.pi / 2, closed=False)
+        return r.problems
+
 
 @dataclass
 class ClusteringConfig:
@@ -92,6 +200,13 @@ class ClusteringConfig:
     """k-means iterations."""
     nredo: int = 1
     """k-means restarts (the best objective is kept)."""
+
+    def problems(self) -> list[str]:
+        r = _Rules("clustering.")
+        r.choice("method", self.method, ("kmeans", "balanced", "random"))
+        for name in ("num_clusters", "niter", "nredo"):
+            r.positive(name, getattr(self, name))
+        return r.problems
 
 
 @dataclass
@@ -115,6 +230,16 @@ class OptimConfig:
     poly_power: float = 2.0
     """Exponent of the polynomial decay."""
 
+    def problems(self, prefix: str) -> list[str]:
+        r = _Rules(prefix)
+        r.choice("name", self.name, ("sgd", "adamw"))
+        r.choice("scheduler", self.scheduler, ("cosine", "poly", "constant"))
+        r.positive("lr", self.lr)
+        if self.warmup_epochs < 0:
+            r.add(f"{prefix}warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        r.within("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        return r.problems
+
 
 @dataclass
 class StageConfig:
@@ -122,6 +247,11 @@ class StageConfig:
     """Epochs of this stage (None: trainer.max_epochs)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and schedule of this stage."""
+
+    def problems(self, prefix: str) -> list[str]:
+        r = _Rules(prefix)
+        r.positive("max_epochs", self.max_epochs)
+        return r.problems + self.optim.problems(f"{prefix}optim.")
 
 
 @dataclass
@@ -141,6 +271,15 @@ class RouteConfig:
     neighbours: int = 64
     """Class means retrieved per query to rank the clusters (at least top_m * 8 are used)."""
 
+    def problems(self) -> list[str]:
+        r = _Rules("route.")
+        r.choice("index", self.index, ("flat", "ivf", "hnsw"))
+        r.positive("top_m", self.top_m)
+        r.within("alpha", self.alpha, 0.0, 1.0)
+        for name in ("ivf_nlist", "ivf_nprobe", "hnsw_m", "neighbours"):
+            r.positive(name, getattr(self, name))
+        return r.problems
+
 
 @dataclass
 class EvalConfig:
@@ -153,6 +292,12 @@ class EvalConfig:
     after_training: bool = True
     """train.py ends by evaluating the run it trained (evaluate.py does it later otherwise)."""
 
+    def problems(self) -> list[str]:
+        r = _Rules("eval.")
+        r.positive("batch_size", self.batch_size)
+        r.positive("timing_batches", self.timing_batches)
+        return r.problems
+
 
 @dataclass
 class WandbConfig:
@@ -164,6 +309,16 @@ class WandbConfig:
     """online, offline or disabled; None decides: offline without an API key or without network."""
     tags: list[str] = field(default_factory=list)
     """Run tags."""
+
+    def problems(self) -> list[str]:
+        r = _Rules("wandb.")
+        if self.mode is not None:
+            r.choice("mode", self.mode, ("online", "offline", "disabled"))
+        return r.problems
+
+
+# Trainer arguments facecluster sets itself, per stage.
+RESERVED_TRAINER_KEYS = ("callbacks", "logger", "default_root_dir", "enable_checkpointing")
 
 
 @dataclass
@@ -198,17 +353,111 @@ class Config:
     """evaluate.py and the table at the end of train.py."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
+    # ------------------------------------------------------------------ rules
 
-METHODS = ("clustered", "random", "single")
-INDEXES = ("flat", "ivf", "hnsw")
-LOGGERS = ("wandb", "csv", "none")
-HEADS = ("arcface", "cosface")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULERS = ("cosine", "poly", "constant")
-CLUSTER_METHODS = ("kmeans", "balanced", "random")
-WANDB_MODES = ("online", "offline", "disabled")
-# Trainer arguments facecluster sets itself, per stage.
-RESERVED_TRAINER_KEYS = ("callbacks", "logger", "default_root_dir", "enable_checkpointing")
+    def problems(self) -> list[str]:
+        """Every problem of this config (each section's, then those across sections)."""
+        r = _Rules("")
+        r.choice("method", self.method, ("clustered", "random", "single"))
+        r.choice("logger", self.logger, ("wandb", "csv", "none"))
+        found = r.problems
+        for section in (self.data, self.model, self.head, self.clustering):
+            found += section.problems()
+        found += self.stage1.problems("stage1.") + self.stage2.problems("stage2.")
+        for section in (self.route, self.eval, self.wandb):
+            found += section.problems()
+        return found + self._across_sections() + self._trainer_problems()
+
+    def _across_sections(self) -> list[str]:
+        found = []
+        k = self.clustering.num_clusters
+        if self.route.top_m > k:
+            found.append(f"route.top_m={self.route.top_m} is more than clustering.num_clusters={k}")
+        if self.method == "clustered" and self.clustering.method == "random":
+            found.append("clustering.method=random is the ISM baseline: use method=random")
+        if self.method == "random" and self.clustering.method == "balanced":
+            found.append(
+                "method=random partitions at random: clustering.method=balanced contradicts it"
+            )
+        if self.data.max_classes is not None and self.data.max_classes < k:
+            found.append(
+                f"data.max_classes={self.data.max_classes} is smaller than "
+                f"clustering.num_clusters={k}: every cluster needs identities"
+            )
+        trainer_epochs = self.trainer.get("max_epochs")
+        for name in ("stage1", "stage2"):
+            if getattr(self, name).max_epochs is None and trainer_epochs in (None, -1):
+                found.append(f"{name}.max_epochs or trainer.max_epochs must be set")
+        if trainer_epochs is not None and None not in (
+            self.stage1.max_epochs,
+            self.stage2.max_epochs,
+        ):
+            found.append(
+                f"trainer.max_epochs={trainer_epochs} would be ignored: "
+                f"stage1.max_epochs={self.stage1.max_epochs} and stage2.max_epochs="
+                f"{self.stage2.max_epochs} are set; set those instead, or null them "
+                "(stage1.max_epochs=null stage2.max_epochs=null) to use trainer.max_epochs"
+            )
+        return found
+
+    def _trainer_problems(self) -> list[str]:
+        valid = _trainer_args()
+        found = []
+        for key in self.trainer:
+            if key in RESERVED_TRAINER_KEYS:
+                found.append(f"trainer.{key} is set by facecluster itself (see docs/TRAINING.md)")
+            elif key not in valid:
+                found.append(
+                    f"unknown Trainer argument 'trainer.{key}'" + _suggest(key, valid, "trainer.")
+                )
+        return found
+
+    def validate(self) -> Config:
+        """Raise every problem as one ConfigError; returns self."""
+        found = self.problems()
+        if found:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(found))
+        return self
+
+    # ------------------------------------------------------------ derived values
+
+    @property
+    def two_stage(self) -> bool:
+        """True for the clustered and random methods (sub-nets); False for single."""
+        return self.method != "single"
+
+    def stage(self, n: int) -> StageConfig:
+        return self.stage1 if n == 1 else self.stage2
+
+    def stage_epochs(self, n: int) -> int:
+        """Epochs of stage ``n``: its own max_epochs, else trainer.max_epochs.
+
+        With method=single there is no stage 2: stage 1 trains for both stages' epochs,
+        so the single-model baseline gets the same total epochs as the two-stage method.
+        """
+        epochs = int(self.stage(n).max_epochs or self.trainer["max_epochs"])
+        if not self.two_stage and n == 1:
+            epochs += int(self.stage2.max_epochs or self.trainer["max_epochs"])
+        return epochs
+
+    def partition_method(self) -> str:
+        """How identities are grouped: method=random forces the random (ISM) partition."""
+        return "random" if self.method == "random" else self.clustering.method
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts and lists (stored in checkpoints and in the run folder)."""
+        values = OmegaConf.to_container(OmegaConf.structured(self), resolve=True)
+        assert isinstance(values, dict)
+        return values
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+    def with_overrides(self, overrides: list[str] | tuple) -> Config:
+        """This config with ``key=value`` overrides applied, validated."""
+        return _to_config(
+            _merge(OmegaConf.structured(self), parse_overrides(list(overrides)), "command line")
+        )
 
 
 def _all_keys(schema: type, prefix: str = "") -> list[str]:
@@ -254,6 +503,13 @@ def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfi
         raise ConfigError(f"{source}: {e}") from None
 
 
+def _to_config(merged: DictConfig) -> Config:
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, Config)
+    cfg.trainer = dict(cfg.trainer)
+    return cfg.validate()
+
+
 def parse_overrides(overrides: list[str]) -> DictConfig:
     """``key=value`` strings (Hydra-style dotlist) to a config; values are YAML-typed."""
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
@@ -264,7 +520,7 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
 
 def load_config(
     path: str | Path | list[str | Path] | tuple | None = None, overrides: list[str] | tuple = ()
-) -> DictConfig:
+) -> Config:
     """Load and validate a config.
 
     Args:
@@ -273,9 +529,9 @@ def load_config(
         overrides: ``key=value`` strings applied last.
 
     Returns:
-        The validated, typed config (an OmegaConf structured config of ``Config``).
+        The validated, typed :class:`Config`.
     """
-    cfg = OmegaConf.structured(Config)
+    merged = OmegaConf.structured(Config)
     paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
     for p in map(Path, paths):
         if not p.is_file():
@@ -284,146 +540,12 @@ def load_config(
             loaded = OmegaConf.load(p)
         except Exception as e:  # YAML syntax errors name line and column
             raise ConfigError(f"cannot parse {p}: {e}") from None
-        cfg = _merge(cfg, loaded, str(p))
+        merged = _merge(merged, loaded, str(p))
     if overrides:
-        cfg = _merge(cfg, parse_overrides(list(overrides)), "command line")
-    validate(cfg)
-    return cfg
+        merged = _merge(merged, parse_overrides(list(overrides)), "command line")
+    return _to_config(merged)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Collect every problem of a merged config and raise them as one ConfigError."""
-    problems: list[str] = []
-
-    def choice(key: str, value: Any, options: tuple) -> None:
-        if value not in options:
-            problems.append(f"{key}={value!r} is not one of {', '.join(options)}")
-
-    def positive(key: str, value: Any) -> None:
-        if value is not None and value <= 0:
-            problems.append(f"{key} must be > 0, got {value}")
-
-    choice("method", cfg.method, METHODS)
-    choice("route.index", cfg.route.index, INDEXES)
-    positive("route.top_m", cfg.route.top_m)
-    positive("eval.batch_size", cfg.eval.batch_size)
-    if not 0.0 <= cfg.route.alpha <= 1.0:
-        problems.append(f"route.alpha must be in [0, 1], got {cfg.route.alpha}")
-    if cfg.route.top_m > cfg.clustering.num_clusters:
-        problems.append(
-            f"route.top_m={cfg.route.top_m} is more than clustering.num_clusters="
-            f"{cfg.clustering.num_clusters}"
-        )
-    if cfg.method == "clustered" and cfg.clustering.method == "random":
-        problems.append("clustering.method=random is the ISM baseline: use method=random")
-    if cfg.method == "random" and cfg.clustering.method == "balanced":
-        problems.append(
-            "method=random partitions at random: clustering.method=balanced contradicts it"
-        )
-    choice("logger", cfg.logger, LOGGERS)
-    choice("head.name", cfg.head.name, HEADS)
-    choice("clustering.method", cfg.clustering.method, CLUSTER_METHODS)
-    if cfg.wandb.mode is not None:
-        choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
-    for key in (
-        "data.image_size",
-        "data.batch_size",
-        "data.eval_batch_size",
-        "data.min_images_per_class",
-        "data.max_classes",
-        "model.embedding_dim",
-        "clustering.num_clusters",
-        "clustering.niter",
-        "clustering.nredo",
-        "head.s",
-    ):
-        section, name = key.split(".")
-        positive(key, cfg[section][name])
-    if cfg.data.num_workers < 0:
-        problems.append(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
-    choice("data.on_bad_image", cfg.data.on_bad_image, ("skip", "fail"))
-    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
-        problems.append(f"data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}")
-    for key in ("val_fraction", "test_fraction"):
-        v = cfg.data[key]
-        if not 0.0 <= v < 1.0:
-            problems.append(f"data.{key} must be in [0, 1), got {v}")
-    if cfg.data.val_fraction + cfg.data.test_fraction >= 1.0:
-        problems.append(
-            "data.val_fraction + data.test_fraction must be < 1 (no training images left)"
-        )
-    if cfg.data.test_fraction == 0.0:
-        problems.append("data.test_fraction must be > 0: the held-out accuracy needs a test split")
-    if cfg.head.m is not None and not 0.0 <= cfg.head.m < math.pi / 2:
-        problems.append(f"head.m must be in [0, pi/2), got {cfg.head.m}")
-    if cfg.data.max_classes is not None and cfg.data.max_classes < cfg.clustering.num_clusters:
-        problems.append(
-            f"data.max_classes={cfg.data.max_classes} is smaller than "
-            f"clustering.num_clusters={cfg.clustering.num_clusters}: every cluster needs identities"
-        )
-    for stage in ("stage1", "stage2"):
-        o = cfg[stage].optim
-        choice(f"{stage}.optim.name", o.name, OPTIMIZERS)
-        choice(f"{stage}.optim.scheduler", o.scheduler, SCHEDULERS)
-        positive(f"{stage}.optim.lr", o.lr)
-        positive(f"{stage}.max_epochs", cfg[stage].max_epochs)
-        if o.warmup_epochs < 0:
-            problems.append(f"{stage}.optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
-        if not 0.0 <= o.min_lr_ratio <= 1.0:
-            problems.append(f"{stage}.optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-        if cfg[stage].max_epochs is None and cfg.trainer.get("max_epochs") in (None, -1):
-            problems.append(f"{stage}.max_epochs or trainer.max_epochs must be set")
-    if (
-        cfg.trainer.get("max_epochs") is not None
-        and cfg.stage1.max_epochs is not None
-        and cfg.stage2.max_epochs is not None
-    ):
-        problems.append(
-            f"trainer.max_epochs={cfg.trainer.max_epochs} would be ignored: "
-            f"stage1.max_epochs={cfg.stage1.max_epochs} and stage2.max_epochs="
-            f"{cfg.stage2.max_epochs} are set; set those instead, or null them "
-            "(stage1.max_epochs=null stage2.max_epochs=null) to use trainer.max_epochs"
-        )
-    valid = _trainer_args()
-    for key in cfg.trainer:
-        if key in RESERVED_TRAINER_KEYS:
-            problems.append(f"trainer.{key} is set by facecluster itself (see docs/TRAINING.md)")
-        elif key not in valid:
-            problems.append(
-                f"unknown Trainer argument 'trainer.{key}'" + _suggest(key, valid, "trainer.")
-            )
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-
-
-def resolve_data_root(root: str) -> Path:
-    """A relative data.root is taken from the working dir, else from the project root."""
-    p = Path(root).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    return PROJECT_ROOT / p
-
-
-def stage_epochs(cfg: DictConfig, stage: str) -> int:
-    """Epochs of a stage: its own max_epochs, else trainer.max_epochs.
-
-    With method=single there is no stage 2: stage 1 trains for both stages' epochs,
-    so the single-model baseline gets the same total epochs as the two-stage method.
-    """
-    epochs = int(cfg[stage].max_epochs or cfg.trainer.max_epochs)
-    if cfg.method == "single" and stage == "stage1":
-        epochs += int(cfg.stage2.max_epochs or cfg.trainer.max_epochs)
-    return epochs
-
-
-def partition_method(cfg: DictConfig) -> str:
-    """How identities are grouped: method=random forces the random (ISM) partition."""
-    return "random" if cfg.method == "random" else cfg.clustering.method
-
-
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg)
-
-
-def to_container(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
+def config_from_dict(values: dict[str, Any], source: str) -> Config:
+    """A Config from plain nested dicts (a checkpoint's copy), validated."""
+    return _to_config(_merge(OmegaConf.structured(Config), values, source))

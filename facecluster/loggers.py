@@ -9,14 +9,17 @@ would otherwise hang for minutes at start: the mode is decided up front.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
-from omegaconf import DictConfig
+
+from facecluster.config import Config
 
 WANDB_HOST = ("api.wandb.ai", 443)
 
@@ -53,7 +56,7 @@ def _reachable(host: tuple[str, int], timeout: float = 3.0) -> bool:
         return False
 
 
-def wandb_mode(cfg: DictConfig) -> tuple[str, str]:
+def wandb_mode(cfg: Config) -> tuple[str, str]:
     """The W&B mode to use and why: ``wandb.mode``, else ``WANDB_MODE``, else decided."""
     if cfg.wandb.mode:
         return cfg.wandb.mode, "wandb.mode"
@@ -66,7 +69,7 @@ def wandb_mode(cfg: DictConfig) -> tuple[str, str]:
     return "online", "API key found and W&B reachable"
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, run_id: str) -> Logger | None:
+def build_logger(cfg: Config, run_dir: Path, run_id: str) -> Logger | None:
     """The run's logger; ``run_id`` names the W&B run so a resume continues it."""
     if cfg.logger == "none":
         return None
@@ -88,3 +91,36 @@ def build_logger(cfg: DictConfig, run_dir: Path, run_id: str) -> Logger | None:
         mode=mode,
         tags=list(cfg.wandb.tags),
     )
+
+
+@contextlib.contextmanager
+def finish_logger(logger: Logger | None) -> Iterator[None]:
+    """Always finish the W&B run of a training run, on error too (rank 0 owns it)."""
+    try:
+        yield
+    finally:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            if wandb.run is not None:  # only where the run was started (rank 0)
+                wandb.finish()
+
+
+@contextlib.contextmanager
+def wandb_run(cfg: Config, run_dir: Path, run_id: str) -> Iterator[Any]:
+    """The W&B run of a finished training run, reopened to add to it (evaluation)."""
+    import wandb
+
+    mode, _ = wandb_mode(cfg)
+    run = wandb.init(
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity,
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        mode=mode,
+    )
+    try:
+        yield run
+    finally:
+        run.finish()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from facecluster.config import ConfigError, load_config, resolve_data_root, stage_epochs
+from facecluster.config import ConfigError, load_config, resolve_data_root
 from tests.conftest import SMOKE
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
@@ -40,7 +40,7 @@ def test_overrides_are_typed_and_win_over_the_file():
     )
     assert cfg.data.image_size == 64 and isinstance(cfg.data.image_size, int)
     assert cfg.clustering.num_clusters == 8
-    assert stage_epochs(cfg, "stage1") == 3 and stage_epochs(cfg, "stage2") == 1
+    assert cfg.stage_epochs(1) == 3 and cfg.stage_epochs(2) == 1
 
 
 def test_trainer_max_epochs_that_would_be_ignored_is_refused():
@@ -51,7 +51,7 @@ def test_trainer_max_epochs_that_would_be_ignored_is_refused():
     cfg = load_config(
         DEFAULT, ["trainer.max_epochs=3", "stage1.max_epochs=null", "stage2.max_epochs=null"]
     )
-    assert stage_epochs(cfg, "stage1") == stage_epochs(cfg, "stage2") == 3
+    assert cfg.stage_epochs(1) == cfg.stage_epochs(2) == 3
 
 
 @pytest.mark.parametrize(

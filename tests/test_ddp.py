@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
+from facecluster.builders import build_datamodule
 from facecluster.clustering import accumulate_class_sums, finalize_class_means
 from facecluster.config import load_config
-from facecluster.models.backbone_module import build_backbone
-from facecluster.pipeline import build_datamodule
+from facecluster.models.components import load_backbone
 from tests.conftest import ROOT, SMOKE, smoke_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
@@ -57,15 +57,14 @@ def test_ddp_two_cpu_processes(tmp_path):
     # The class means (sums and counts all-reduced over ranks) equal one process's pass.
     cfg = load_config(SMOKE, overrides)
     dm = build_datamodule(cfg)
-    backbone = build_backbone(dict(cfg.model), cfg.data.image_size)
-    backbone.load_state_dict(
+    backbone = load_backbone(
+        cfg.model.backbone_args(cfg.data.image_size),
         {
             k.removeprefix("backbone."): v
             for k, v in ranks[0]["backbone"].items()
             if k.startswith("backbone.")
-        }
+        },
     )
-    backbone.eval()
     sums = torch.zeros(dm.num_classes, cfg.model.embedding_dim, dtype=torch.float64)
     counts = torch.zeros(dm.num_classes, dtype=torch.long)
     with torch.no_grad():
@@ -74,3 +73,30 @@ def test_ddp_two_cpu_processes(tmp_path):
     single = finalize_class_means(sums, counts)
     for r in ranks:
         torch.testing.assert_close(r["class_means"], single, rtol=0, atol=1e-5)
+
+
+MULTI_DEVICE = (
+    "python train.py -c configs/smoke.yaml "
+    "trainer.accelerator=cpu trainer.devices=2 trainer.strategy=ddp"
+)
+
+
+def test_documented_multi_device_command_runs_train_py_to_its_last_line(tmp_path):
+    # The README's command as written, in a folder of its own: 2 gloo processes through
+    # both stages, the results, and the evaluation that rank 0 runs alone.
+    readme = (ROOT / "README.md").read_text()
+    assert MULTI_DEVICE in " ".join(readme.replace("\\\n", " ").split())
+    for name in ("train.py", "configs"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
+    command = [sys.executable, *MULTI_DEVICE.split()[1:]]
+    proc = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=480
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert out.count("Evaluation on the held-out test split") == 1, out[-4000:]
+    assert out.count("clustered, all sub-nets (ISM)") == 1
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert out.rstrip().splitlines()[-1] == f"facecluster run folder: {run_dir}"
+    assert (run_dir / "eval" / "results.md").is_file()

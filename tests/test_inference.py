@@ -27,7 +27,7 @@ ROUTE = {
     "ivf_nprobe": 16,
     "hnsw_m": 32,
 }
-MODEL = {"backbone": "tiny", "embedding_dim": 8, "kwargs": {}}
+BACKBONE = {"name": "tiny", "embedding_dim": 8, "image_size": 8}
 
 
 def _assignment(means: torch.Tensor, clusters: list[int]) -> ClusterAssignment:
@@ -41,8 +41,7 @@ def _identifier(means, clusters, heads=None, route=None) -> TwoStageIdentifier:
     a = _assignment(means, clusters)
     heads = heads or [a.class_means[a.classes_of(k)] for k in range(a.num_clusters)]
     return TwoStageIdentifier(
-        MODEL,
-        8,
+        BACKBONE,
         nn.Identity(),
         [nn.Identity()] * a.num_clusters,
         heads,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
-from omegaconf import OmegaConf
 
 from facecluster.config import load_config
 from facecluster.loggers import RunCSVLogger, build_logger, wandb_mode
@@ -34,7 +35,7 @@ def test_explicit_mode_wins(monkeypatch):
 def test_csv_and_none_loggers(tmp_path):
     cfg = load_config(SMOKE, ["logger=csv"])
     assert isinstance(build_logger(cfg, tmp_path, "id"), RunCSVLogger)
-    assert build_logger(OmegaConf.merge(cfg, {"logger": "none"}), tmp_path, "id") is None
+    assert build_logger(dataclasses.replace(cfg, logger="none"), tmp_path, "id") is None
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from facecluster.clustering import cluster_identities
-from facecluster.config import load_config, to_container
+from facecluster.config import load_config
 from facecluster.models.optim import build_optimizer, build_scheduler, lr_factor
 from facecluster.models.subnets_module import SubnetSystem
 from facecluster.pipeline import train
@@ -36,9 +36,8 @@ def _subnets(num_classes: int = 9, k: int = 3) -> tuple[SubnetSystem, object]:
     model = SubnetSystem(
         num_classes,
         assignment.cluster_sizes().tolist(),
-        image_size=32,
-        model=to_container(cfg.model),
-        head=to_container(cfg.head),
+        backbone=cfg.model.backbone_args(32),
+        head={"name": cfg.head.name, "s": cfg.head.s, "m": cfg.head.m},
         optim=OPTIM,
     )
     model.set_assignment(assignment)

@@ -11,7 +11,8 @@ import torch
 
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import ConfigError, load_config
-from facecluster.pipeline import config_for_resume, train
+from facecluster.pipeline import train
+from facecluster.run import RunFolder
 from tests.conftest import DEMO, SMOKE, smoke_overrides
 
 pytestmark = pytest.mark.slow
@@ -135,9 +136,9 @@ def test_resume_refuses_a_file_that_is_not_a_facecluster_checkpoint(tmp_path):
     fake = tmp_path / "model.ckpt"
     torch.save({"state_dict": {}}, fake)
     with pytest.raises(ConfigError, match="not a facecluster checkpoint"):
-        config_for_resume(str(fake))
+        RunFolder.config_for_resume(str(fake))
     with pytest.raises(ConfigError, match="not a facecluster run folder"):
-        config_for_resume(str(tmp_path))
+        RunFolder.config_for_resume(str(tmp_path))
 
 
 def test_last_ckpt_follows_the_final_epoch_even_without_improvement(tmp_path):

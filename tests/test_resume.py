@@ -7,8 +7,10 @@ import lightning as L
 import pytest
 import torch
 
+from facecluster.callbacks import ClusteringCallback
 from facecluster.config import load_config
-from facecluster.pipeline import config_for_resume, train
+from facecluster.pipeline import train
+from facecluster.run import RunFolder
 from tests.conftest import SMOKE, smoke_overrides
 
 pytestmark = pytest.mark.slow
@@ -46,12 +48,15 @@ def test_interrupted_twice_and_resumed_equals_uninterrupted(tmp_path):
     assert not (run_dir / "clusters.pt").exists()
 
     with pytest.raises(Interrupted, match="stage 2"):
-        train(config_for_resume(str(run_dir)), callbacks=[StopAtEpochStart(stage=2, epoch=1)])
+        train(
+            RunFolder.config_for_resume(str(run_dir)),
+            callbacks=[StopAtEpochStart(stage=2, epoch=1)],
+        )
     assert (run_dir / "clusters.pt").is_file()
     stage2_last = run_dir / "stage2" / "checkpoints" / "last.ckpt"
     assert torch.load(stage2_last, weights_only=False)["epoch"] == 0
 
-    resumed = train(config_for_resume(str(run_dir)))
+    resumed = train(RunFolder.config_for_resume(str(run_dir)))
 
     assert resumed.assignment == reference.assignment
     expected, got = _params(reference.subnets), _params(resumed.subnets)
@@ -70,8 +75,36 @@ def test_resume_from_a_stage1_checkpoint_file(tmp_path):
         train(cfg, callbacks=[StopAtEpochStart(stage=1, epoch=1)])
     ckpt = tmp_path / "run" / "stage1" / "checkpoints" / "last.ckpt"
     steps_per_epoch = torch.load(ckpt, weights_only=False)["global_step"]
-    resumed = config_for_resume(str(ckpt), ["stage2.max_epochs=1"])
+    resumed = RunFolder.config_for_resume(str(ckpt), ["stage2.max_epochs=1"])
     assert resumed.data.max_classes == 12, "the run's own config comes back"
     result = train(resumed)
     assert result.results["stage1"]["steps"] == 2 * steps_per_epoch
     assert (tmp_path / "run" / "results.json").is_file()
+
+
+def test_resume_after_a_finished_stage1_clusters_by_the_same_method(tmp_path, monkeypatch):
+    # Stopped after stage 1 finished and before stage 2 saved anything: the resumed
+    # stage-1 fit has nothing left to do (Lightning skips on_train_end), and the
+    # ClusteringCallback's own method clusters, exactly as a fresh run does.
+    reference = train(load_config(SMOKE, smoke_overrides(tmp_path / "a")))
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path / "b"))
+    with pytest.raises(Interrupted, match="stage 2"):
+        train(cfg, callbacks=[StopAtEpochStart(stage=2, epoch=0)])
+    run_dir = tmp_path / "b" / "run"
+    assert not (run_dir / "stage2" / "checkpoints" / "last.ckpt").exists()
+
+    calls = []
+    original = ClusteringCallback.cluster
+
+    def spy(self, trainer, pl_module):
+        calls.append(trainer.state.fn)
+        return original(self, trainer, pl_module)
+
+    monkeypatch.setattr(ClusteringCallback, "cluster", spy)
+    resumed = train(RunFolder.config_for_resume(str(run_dir)))
+
+    assert calls == ["fit"], "one clustering, after the finished stage-1 fit"
+    assert resumed.assignment == reference.assignment
+    expected, got = _params(reference.subnets), _params(resumed.subnets)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)

@@ -54,8 +54,7 @@ def _check_inputs(
 ) -> tuple[torch.Tensor, int]:
     if method not in METHODS:
         raise ValueError(
-            f"clustering.method={method!r} is not valid; "
-            f"choose one of {', '.join(map(repr, METHODS))}"
+            f"method={method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}"
         )
     if not isinstance(class_means, torch.Tensor):
         raise ValueError(f"class_means must be a torch.Tensor, got {type(class_means).__name__}")
@@ -67,19 +66,17 @@ def _check_inputs(
     if not class_means.is_floating_point():
         raise ValueError(f"class_means must be floating point, got {class_means.dtype}")
     if isinstance(num_clusters, bool):
-        raise ValueError(f"clustering.num_clusters must be an integer, got {num_clusters!r}")
+        raise ValueError(f"num_clusters must be an integer, got {num_clusters!r}")
     try:
         k = operator.index(num_clusters)  # accepts int / numpy ints, refuses 2.5
     except TypeError as exc:
-        raise ValueError(
-            f"clustering.num_clusters must be an integer, got {num_clusters!r}"
-        ) from exc
+        raise ValueError(f"num_clusters must be an integer, got {num_clusters!r}") from exc
     num_classes = class_means.shape[0]
     if k < 1:
-        raise ValueError(f"clustering.num_clusters={k} must be >= 1")
+        raise ValueError(f"num_clusters={k} must be >= 1")
     if k > num_classes:
         raise ValueError(
-            f"clustering.num_clusters={k} but only {num_classes} identities; every cluster needs "
+            f"num_clusters={k} but only {num_classes} identities; every cluster needs "
             "at least one identity"
         )
     means = class_means.detach().to("cpu", torch.float32)

@@ -10,7 +10,7 @@ from facecluster.data.folder import (
     scan_image_folder,
     split_per_identity,
 )
-from facecluster.data.images import BadImageError, BadImageReport, load_rgb
+from facecluster.data.images import BadImageError, load_rgb
 from facecluster.data.transforms import build_transforms
 
 __all__ = [
@@ -22,6 +22,5 @@ __all__ = [
     "FaceImageDataset",
     "FaceDataModule",
     "BadImageError",
-    "BadImageReport",
     "load_rgb",
 ]

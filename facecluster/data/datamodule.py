@@ -91,11 +91,6 @@ class FaceImageDataset(Dataset):
         max_bad_fraction: float = 0.01,
         split_name: str = "dataset",
     ) -> None:
-        if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ValueError(
-                f"data.on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, "
-                f"got {on_bad_image!r}"
-            )
         self.samples = list(samples)
         self.transform = transform
         # plain ints: indexing a tensor per item is slower and tensors in worker
@@ -130,8 +125,8 @@ class FaceImageDataset(Dataset):
         except DECODE_ERRORS as e:
             if self.on_bad_image == "fail":
                 raise BadImageError(
-                    f"cannot decode {path} ({type(e).__name__}: {e}); data.on_bad_image=fail "
-                    "stops here (data.on_bad_image=skip replaces broken images)"
+                    f"cannot decode {path} ({type(e).__name__}: {e}); on_bad_image=fail "
+                    "stops here (on_bad_image=skip replaces broken images)"
                 ) from None
             self.tracker.mark(sample_id, e)
             self._check_bad_fraction()
@@ -144,8 +139,8 @@ class FaceImageDataset(Dataset):
             shown = [p for p in self.tracker.bad_paths()][:5]
             raise BadImageError(
                 f"{bad} of {total} images of the {self.split_name} are undecodable, more than "
-                f"data.max_bad_fraction={self.max_bad_fraction}; the data set looks damaged "
-                f"(e.g. {', '.join(shown)}). Repair or remove them, or raise data.max_bad_fraction"
+                f"max_bad_fraction={self.max_bad_fraction}; the data set looks damaged "
+                f"(e.g. {', '.join(shown)}). Repair or remove them, or raise max_bad_fraction"
             )
 
     def _substitute(self, index: int):
@@ -217,41 +212,36 @@ class FaceDataModule(lightning.LightningDataModule):
         # fail at construction (config time) rather than after a long scan
         if batch_size < 2:
             raise ValueError(
-                "data.batch_size must be >= 2 (BatchNorm1d cannot train on a batch of 1), "
+                "batch_size must be >= 2 (BatchNorm1d cannot train on a batch of 1), "
                 f"got {batch_size}"
             )
         if eval_batch_size is not None and eval_batch_size < 1:
-            raise ValueError(f"data.eval_batch_size must be >= 1 or null, got {eval_batch_size}")
+            raise ValueError(f"eval_batch_size must be >= 1 or null, got {eval_batch_size}")
         if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         validate_fractions(val_fraction, test_fraction)
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(
-                f"data.on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, "
-                f"got {on_bad_image!r}"
+                f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}"
             )
         if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.save_hyperparameters()
-
-        self.root = root
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
-        self.num_workers = num_workers
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.min_images_per_class = min_images_per_class
-        self.max_classes = max_classes
-        self.seed = seed
-        self.on_bad_image = on_bad_image
-        self.max_bad_fraction = max_bad_fraction
 
         self._tracker: BadImageTracker | None = None
         self._folder: FaceFolder | None = None
         self._splits: dict[str, list[int]] | None = None
         self._class_to_cluster: Tensor | None = None
         self._local_index: Tensor | None = None
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Batch size of the validation, test and embedding loaders."""
+        return self.hparams.eval_batch_size or self.hparams.batch_size
+
+    @property
+    def image_size(self) -> int:
+        return self.hparams.image_size
 
     # ------------------------------------------------------------------ setup
 
@@ -264,12 +254,14 @@ class FaceDataModule(lightning.LightningDataModule):
         if self._folder is not None:
             return
         folder = scan_image_folder(
-            self.root,
-            min_images_per_class=self.min_images_per_class,
-            max_classes=self.max_classes,
+            self.hparams.root,
+            min_images_per_class=self.hparams.min_images_per_class,
+            max_classes=self.hparams.max_classes,
         )
         self._check_empty_files(folder)
-        splits = split_per_identity(folder, self.val_fraction, self.test_fraction, self.seed)
+        splits = split_per_identity(
+            folder, self.hparams.val_fraction, self.hparams.test_fraction, self.hparams.seed
+        )
         self._tracker = BadImageTracker([path for path, _ in folder.samples])
         self._folder, self._splits = folder, splits
 
@@ -283,18 +275,19 @@ class FaceDataModule(lightning.LightningDataModule):
         if not empty:
             return
         shown = ", ".join(empty[:5]) + (f", ... ({len(empty)} in all)" if len(empty) > 5 else "")
-        if self.on_bad_image == "fail":
+        if self.hparams.on_bad_image == "fail":
             raise ValueError(
-                f"{len(empty)} zero-byte image file(s) in data.root={self.root!r}: {shown}; "
-                "data.on_bad_image=fail stops here (skip leaves them out)"
+                f"{len(empty)} zero-byte image file(s) in root={self.hparams.root!r}: {shown}; "
+                "on_bad_image=fail stops here (skip leaves them out)"
             )
         total = len(folder.samples) + len(empty)
-        if len(empty) > self.max_bad_fraction * total:
+        if len(empty) > self.hparams.max_bad_fraction * total:
             raise ValueError(
-                f"{len(empty)} of {total} image files in data.root={self.root!r} are empty "
-                f"(zero bytes), more than data.max_bad_fraction={self.max_bad_fraction}: {shown}. "
+                f"{len(empty)} of {total} image files in root={self.hparams.root!r} are empty "
+                f"(zero bytes), more than max_bad_fraction={self.hparams.max_bad_fraction}: "
+                f"{shown}. "
                 "The copy of the data set looks incomplete; repair it or raise "
-                "data.max_bad_fraction"
+                "max_bad_fraction"
             )
         logger.warning(
             "data.on_bad_image=skip: left out %d zero-byte image file(s): %s", len(empty), shown
@@ -335,13 +328,13 @@ class FaceDataModule(lightning.LightningDataModule):
         folder, _ = self._ensure_setup()
         return FaceImageDataset(
             [folder.samples[i] for i in ids],
-            build_transforms(self.image_size, train=train),
+            build_transforms(self.hparams.image_size, train=train),
             label_map,
-            on_bad_image=self.on_bad_image,
+            on_bad_image=self.hparams.on_bad_image,
             tracker=self._tracker,
             sample_ids=ids,
             split_ids=self._split_indices(split),
-            max_bad_fraction=self.max_bad_fraction,
+            max_bad_fraction=self.hparams.max_bad_fraction,
             split_name=f"{split} split",
         )
 
@@ -444,14 +437,18 @@ class FaceDataModule(lightning.LightningDataModule):
             raise ValueError(
                 f"Training subset of {what} has {n} image(s) ({per_rank} per process), so it would "
                 f"yield batches of size 1, which BatchNorm1d cannot train on. Raise "
-                f"data.min_images_per_class or lower data.val_fraction / data.test_fraction"
+                f"min_images_per_class or lower val_fraction / test_fraction"
             )
         return per_rank
 
     def _loader_kwargs(self) -> dict:
         # pin_memory off and no persistent workers: the project runs on CPU hosts too,
         # and workers must be re-created when the per-cluster loaders change
-        return {"num_workers": self.num_workers, "pin_memory": False, "persistent_workers": False}
+        return {
+            "num_workers": self.hparams.num_workers,
+            "pin_memory": False,
+            "persistent_workers": False,
+        }
 
     def _train_loader(self, ids: list[int], label_map: Tensor | None, what: str) -> DataLoader:
         per_rank = self._check_train_subset(len(ids), what)
@@ -460,9 +457,9 @@ class FaceDataModule(lightning.LightningDataModule):
         # single sample, and a subset no larger than a batch must still yield one batch
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=self.hparams.batch_size,
             shuffle=True,  # global torch RNG, no Generator: reseedable and DDP-replaceable
-            drop_last=per_rank > self.batch_size,
+            drop_last=per_rank > self.hparams.batch_size,
             **self._loader_kwargs(),
         )
 
@@ -493,7 +490,7 @@ class FaceDataModule(lightning.LightningDataModule):
             drop_last=False,
             # Its own generator: creating an evaluation iterator (sanity check,
             # validation) must not draw from the global RNG that training reseeds.
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=torch.Generator().manual_seed(self.hparams.seed),
             **self._loader_kwargs(),
         )
 

@@ -188,15 +188,13 @@ def scan_image_folder(
             ``min_images_per_class`` images, or an argument is out of range.
     """
     if min_images_per_class < 1:
-        raise ValueError(f"data.min_images_per_class must be >= 1, got {min_images_per_class}")
+        raise ValueError(f"min_images_per_class must be >= 1, got {min_images_per_class}")
     if max_classes is not None and max_classes < 1:
-        raise ValueError(f"data.max_classes must be >= 1 or null, got {max_classes}")
+        raise ValueError(f"max_classes must be >= 1 or null, got {max_classes}")
 
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(
-            f"Dataset root {str(root)!r} (data.root) does not exist or is not a directory"
-        )
+        raise FileNotFoundError(f"root {str(root)!r} does not exist or is not a directory")
 
     # identity name -> sorted image paths; folders without images are not identities
     found: dict[str, list[str]] = {}
@@ -229,7 +227,7 @@ def scan_image_folder(
     if not found:
         raise ValueError(
             f"No identity sub-folders containing images ({', '.join(IMAGE_EXTENSIONS)}) found in "
-            f"data.root={str(root)!r}; expected root/<identity>/<image> layout"
+            f"root={str(root)!r}; expected root/<identity>/<image> layout"
         )
 
     names = sorted(found)
@@ -238,9 +236,9 @@ def scan_image_folder(
     if not kept:
         largest = max(len(v) for v in found.values())
         raise ValueError(
-            f"No identity in data.root={str(root)!r} has at least data.min_images_per_class="
+            f"No identity in root={str(root)!r} has at least min_images_per_class="
             f"{min_images_per_class} images (the largest identity has {largest}); "
-            f"lower data.min_images_per_class"
+            f"lower min_images_per_class"
         )
     if dropped:
         shown = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")
@@ -276,14 +274,14 @@ def validate_fractions(val_fraction: float, test_fraction: float) -> None:
     """Check that the split fractions are each in ``[0, 1)`` and sum to less than 1.
 
     Raises:
-        ValueError: With a message naming ``data.val_fraction`` / ``data.test_fraction``.
+        ValueError: With a message naming ``val_fraction`` / ``test_fraction``.
     """
     for name, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     if val_fraction + test_fraction >= 1.0:
         raise ValueError(
-            f"data.val_fraction + data.test_fraction must be < 1 to leave training images, "
+            f"val_fraction + test_fraction must be < 1 to leave training images, "
             f"got {val_fraction} + {test_fraction} = {val_fraction + test_fraction}"
         )
 
@@ -345,10 +343,10 @@ def split_per_identity(
         )
         raise ValueError(
             f"{len(too_small)} identities have too few images to keep at least one training image "
-            f"with data.val_fraction={val_fraction} and data.test_fraction={test_fraction} "
+            f"with val_fraction={val_fraction} and test_fraction={test_fraction} "
             f"(each needs >= {_min_images_for(val_fraction, test_fraction)} images): {shown}. "
-            f"Raise data.min_images_per_class to drop them, or lower data.val_fraction / "
-            f"data.test_fraction"
+            f"Raise min_images_per_class to drop them, or lower val_fraction / "
+            f"test_fraction"
         )
 
     return {name: sorted(indices) for name, indices in splits.items()}

@@ -14,7 +14,7 @@ Policy (``data.on_bad_image``):
   every DDP rank still runs the same number of steps and the per-epoch RNG draws
   of an exact resume are unchanged. Each broken path is logged once per process
   tree (a shared-memory flag per sample, visible to the DataLoader workers and the
-  main process), and :class:`BadImageReport` prints the running total at every
+  main process), and :class:`facecluster.callbacks.BadImageReport` prints the running total at every
   epoch end. More than ``data.max_bad_fraction`` of a split broken stops the run.
 * ``fail``: the first broken file stops the run with an error naming it.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import lightning
 import numpy as np
 import torch
 from PIL import Image
@@ -120,30 +119,3 @@ class BadImageTracker:
         """Broken samples among ``sample_ids`` (all samples when None)."""
         flags = self.flags if sample_ids is None else self.flags[sample_ids]
         return int(flags.sum())
-
-
-class BadImageReport(lightning.Callback):
-    """Print the number of undecodable images found so far at every training epoch end.
-
-    Reads :meth:`FaceDataModule.bad_images` of the trainer's datamodule; does nothing
-    for other datamodules.
-    """
-
-    def __init__(self) -> None:
-        self._reported = 0
-
-    def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module) -> None:
-        bad_images = getattr(trainer.datamodule, "bad_images", None)
-        if bad_images is None:
-            return
-        bad = bad_images()
-        if len(bad) > self._reported and trainer.is_global_zero:
-            logger.warning(
-                "epoch %d: %d undecodable image(s) so far (%d new this epoch) were replaced "
-                "by other images of the same identity (data.on_bad_image=skip): %s",
-                trainer.current_epoch,
-                len(bad),
-                len(bad) - self._reported,
-                ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else ""),
-            )
-        self._reported = len(bad)

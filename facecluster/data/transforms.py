@@ -55,7 +55,7 @@ def build_transforms(image_size: int, train: bool) -> Callable:
         with values in ``[-1, 1]``.
     """
     if image_size < 1:
-        raise ValueError(f"data.image_size must be >= 1, got {image_size}")
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
     steps: list[Callable] = [ResizeIfNeeded(image_size)]
     if train:
         # flip draws from the global torch RNG, so seeded runs replay the same augmentation

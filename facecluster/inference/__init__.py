@@ -1,7 +1,19 @@
-"""Routed inference: router, final decision unit and the TwoStageIdentifier."""
+"""Routed inference: router, final decision unit, the TwoStageIdentifier and the
+stage-1 model, each offering named predictors to evaluation."""
 
 from facecluster.inference.decision import fuse, keep_best
 from facecluster.inference.identifier import Identification, TwoStageIdentifier
+from facecluster.inference.predictors import Predictor, StageOneModel, count_parameters
 from facecluster.inference.router import Router, build_index
 
-__all__ = ["Identification", "Router", "TwoStageIdentifier", "build_index", "fuse", "keep_best"]
+__all__ = [
+    "Identification",
+    "Predictor",
+    "Router",
+    "StageOneModel",
+    "TwoStageIdentifier",
+    "build_index",
+    "count_parameters",
+    "fuse",
+    "keep_best",
+]

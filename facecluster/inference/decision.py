@@ -18,7 +18,7 @@ def fuse(
 ) -> Tensor:
     """Fused scores; either input may be None when its weight is 0."""
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"route.alpha must be in [0, 1], got {alpha}")
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if alpha == 0.0:
         return subnet_cosine
     if alpha == 1.0:

@@ -9,31 +9,36 @@ best score wins: the ISM baseline for random partitions.
 Batched: the images of a batch are grouped by routed cluster, so each sub-net runs
 once per batch on exactly the images routed to it; there is no per-image loop.
 
-``from_run`` loads a finished run folder; ``export`` writes one self-contained
-file (weights, class means, assignment, names) that ``load`` reads back with
-plain torch and the component registry: no Trainer, no training code.
+``from_run`` loads a finished run folder (through :class:`facecluster.run.RunFolder`);
+``export`` writes one self-contained file (weights, class means, assignment, names)
+that ``load`` reads back with plain torch and the component registry: no Trainer,
+no training code. ``predictors`` lists what evaluation scores: routed inference
+and all sub-nets (ISM).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from facecluster.clustering import ClusterAssignment
 from facecluster.inference.decision import fuse, keep_best
+from facecluster.inference.predictors import Predictor, count_parameters
 from facecluster.inference.router import Router
 from facecluster.io import atomic_torch_save
-from facecluster.models.components import create_backbone
+from facecluster.models.components import load_backbone
+
+if TYPE_CHECKING:
+    from facecluster.run import RunFolder
 
 EXPORT_FORMAT = "facecluster.two_stage_identifier"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
+"""Version 2: the backbone is described by ``create_backbone``'s keyword arguments."""
 
 
 @dataclass
@@ -50,34 +55,22 @@ class Identification:
     """Images passed through sub-nets (B * m when every candidate ran a sub-net)."""
 
 
-def _backbone(model: dict[str, Any], image_size: int) -> nn.Module:
-    return create_backbone(
-        model["backbone"],
-        embedding_dim=model["embedding_dim"],
-        image_size=image_size,
-        dropout=0.0,
-        **model.get("kwargs", {}),
-    )
-
-
 class TwoStageIdentifier(nn.Module):
     """Router + sub-nets + decision unit, for inference.
 
     Args:
-        model: the ``model`` config section (backbone name, embedding_dim, kwargs).
-        image_size: input side in pixels.
+        backbone: keyword arguments of ``create_backbone`` (every backbone's recipe).
         router_backbone: the stage-1 backbone (embeds faces for routing).
         subnets: K sub-net backbones.
         head_weights: K tensors [size_k, d], each sub-net's head rows.
         assignment: the run's ClusterAssignment (class means, clusters).
         class_names: identity names, index = global id.
-        route: the ``route`` config section (top_m, alpha, index settings).
+        route: the ``route`` config section as a dict (top_m, alpha, index settings).
     """
 
     def __init__(
         self,
-        model: dict[str, Any],
-        image_size: int,
+        backbone: dict[str, Any],
         router_backbone: nn.Module,
         subnets: list[nn.Module],
         head_weights: list[Tensor],
@@ -86,8 +79,7 @@ class TwoStageIdentifier(nn.Module):
         route: dict[str, Any],
     ) -> None:
         super().__init__()
-        self.model_config = dict(model)
-        self.image_size = image_size
+        self.backbone_args = dict(backbone)
         self.route_config = dict(route)
         self.router_backbone = router_backbone
         self.subnets = nn.ModuleList(subnets)
@@ -180,40 +172,66 @@ class TwoStageIdentifier(nn.Module):
             )
         return Identification(best_id, best_score, clusters, forwards)
 
+    def routed(self, top_m: int, alpha: float) -> Predictor:
+        """Routed inference (the paper's method): only the top_m clusters' sub-nets run."""
+        label = "clustered" if self.assignment.method != "random" else "random partition"
+
+        def predict(images: Tensor) -> tuple[Tensor, Tensor | None]:
+            result = self.identify(images, top_m, alpha)
+            return result.identity, result.clusters
+
+        return Predictor(
+            f"{label}, routed (top_m={top_m}, alpha={alpha:g})",
+            predict,
+            float(top_m) if alpha < 1 else 0.0,
+            count_parameters(self.router_backbone, *self._subnet_parts()),
+        )
+
+    def all_subnets(self, alpha: float) -> Predictor:
+        """Every sub-net runs and the best score wins (ISM); no routing."""
+        label = "clustered" if self.assignment.method != "random" else "random partition"
+        router = [self.router_backbone] if alpha > 0 else []
+        return Predictor(
+            f"{label}, all sub-nets (ISM)",
+            lambda images: (self.identify(images, alpha=alpha, all_subnets=True).identity, None),
+            float(self.num_clusters),
+            count_parameters(*self._subnet_parts(), *router),
+        )
+
+    def predictors(self, top_m: int | None = None, alpha: float | None = None) -> list[Predictor]:
+        """What this identifier offers at ``route.top_m`` and ``route.alpha`` (defaults)."""
+        top_m = self.route_config["top_m"] if top_m is None else top_m
+        alpha = self.route_config["alpha"] if alpha is None else alpha
+        return [self.routed(top_m, alpha), self.all_subnets(alpha)]
+
+    def _subnet_parts(self) -> list[nn.Module | Tensor]:
+        return [*self.subnets, *(self.head(k) for k in range(self.num_clusters))]
+
     # ------------------------------------------------------------------ loading, export
 
     @classmethod
     def from_run(
         cls,
-        run_dir: str | Path,
+        run: RunFolder | str | Path,
         route: dict[str, Any] | None = None,
         map_location: str | torch.device = "cpu",
     ) -> TwoStageIdentifier:
-        """Load a finished two-stage run folder (stage-1 and stage-2 ``last.ckpt``)."""
-        run_dir = Path(run_dir)
-        cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-        stage1 = _state_dict(run_dir / "stage1" / "checkpoints" / "last.ckpt", map_location)
-        stage2 = _state_dict(run_dir / "stage2" / "checkpoints" / "last.ckpt", map_location)
-        assignment = ClusterAssignment.load(run_dir / "clusters.pt")
-        image_size = cfg["data"]["image_size"]
-        router_backbone = _backbone(cfg["model"], image_size)
-        router_backbone.load_state_dict(_strip(stage1, "backbone."))
-        subnets, heads = [], []
-        for k in range(assignment.num_clusters):
-            subnet = _backbone(cfg["model"], image_size)
-            subnet.load_state_dict(_strip(stage2, f"subnets.{k}."))
-            subnets.append(subnet)
-            heads.append(stage2[f"heads.{k}.weight"])
-        names = json.loads((run_dir / "class_names.json").read_text())
+        """Load a finished two-stage run: both stages' final weights and the assignment."""
+        from facecluster.run import RunFolder  # training-side module: only here
+
+        run = run if isinstance(run, RunFolder) else RunFolder(Path(run))
+        cfg = run.finished_config()
+        args = cfg.model.backbone_args(cfg.data.image_size)
+        stage1 = run.stage1_weights(map_location)
+        subnets = run.subnet_weights(map_location)
         return cls(
-            cfg["model"],
-            image_size,
-            router_backbone,
-            subnets,
-            heads,
-            assignment,
-            names,
-            dict(cfg["route"], **(route or {})),
+            args,
+            load_backbone(args, stage1.backbone),
+            [load_backbone(args, w.backbone) for w in subnets],
+            [w.head for w in subnets],
+            run.assignment(),
+            run.class_names(),
+            {**cfg.to_dict()["route"], **(route or {})},
         )
 
     def export(self, path: str | Path) -> Path:
@@ -222,8 +240,7 @@ class TwoStageIdentifier(nn.Module):
         payload = {
             "format": EXPORT_FORMAT,
             "version": EXPORT_VERSION,
-            "model": self.model_config,
-            "image_size": self.image_size,
+            "backbone": self.backbone_args,
             "route": self.route_config,
             "router_backbone": self.router_backbone.state_dict(),
             "subnets": [s.state_dict() for s in self.subnets],
@@ -245,31 +262,18 @@ class TwoStageIdentifier(nn.Module):
         payload = torch.load(path, map_location=map_location, weights_only=False)
         if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
             raise ValueError(f"{path} is not an exported facecluster identifier")
-        model, image_size = payload["model"], payload["image_size"]
-        router_backbone = _backbone(model, image_size)
-        router_backbone.load_state_dict(payload["router_backbone"])
-        subnets = []
-        for state in payload["subnets"]:
-            subnet = _backbone(model, image_size)
-            subnet.load_state_dict(state)
-            subnets.append(subnet)
+        if payload.get("version") != EXPORT_VERSION:
+            raise ValueError(
+                f"{path} is an identifier export of version {payload.get('version')}; this "
+                f"facecluster reads version {EXPORT_VERSION}: export it again from its run"
+            )
+        args = payload["backbone"]
         return cls(
-            model,
-            image_size,
-            router_backbone,
-            subnets,
+            args,
+            load_backbone(args, payload["router_backbone"]),
+            [load_backbone(args, state) for state in payload["subnets"]],
             payload["heads"],
             ClusterAssignment.from_dict(payload["assignment"]),
             payload["class_names"],
             dict(payload["route"], **(route or {})),
         )
-
-
-def _state_dict(path: Path, map_location: str | torch.device) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: is the run finished?")
-    return torch.load(path, map_location=map_location, weights_only=False)["state_dict"]
-
-
-def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -49,7 +49,7 @@ def build_index(
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
     else:
-        raise ValueError(f"route.index={kind!r} is not one of flat, ivf, hnsw")
+        raise ValueError(f"index={kind!r} is not one of flat, ivf, hnsw")
     index.add(data)
     if use_gpu is None:
         use_gpu = torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources")
@@ -113,7 +113,7 @@ class Router:
     def route(self, queries: Tensor, top_m: int = 1) -> Tensor:
         """[B, top_m] cluster ids, best first; ties go to the lower cluster id."""
         if not 1 <= top_m <= self.num_clusters:
-            raise ValueError(f"route.top_m={top_m} must be in [1, {self.num_clusters}]")
+            raise ValueError(f"top_m={top_m} must be in [1, {self.num_clusters}]")
         scores = self.cluster_scores(queries, top_m)
         # A stable sort keeps equal scores in cluster order (topk does not promise that).
         return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top_m]

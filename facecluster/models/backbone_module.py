@@ -18,27 +18,14 @@ from facecluster.models.base import StageSystem
 from facecluster.models.components import create_backbone, create_head
 
 
-def build_backbone(model: dict[str, Any], image_size: int) -> torch.nn.Module:
-    """The backbone described by the ``model`` config section."""
-    return create_backbone(
-        model["backbone"],
-        embedding_dim=model["embedding_dim"],
-        image_size=image_size,
-        pretrained=model["pretrained"],
-        dropout=model["dropout"],
-        **model.get("kwargs", {}),
-    )
-
-
 class BackboneSystem(StageSystem):
     """Backbone + margin head over all C identities (stage 1 / single baseline).
 
     Args:
         num_classes: number of identities C.
-        image_size: input side in pixels.
-        model: the ``model`` config section (backbone, embedding_dim, ...).
-        head: the ``head`` config section (name, s, m).
-        optim: the ``stage1.optim`` config section.
+        backbone: keyword arguments of ``create_backbone`` (name, embedding_dim, ...).
+        head: the ``head`` config section as a dict (name, s, m).
+        optim: the ``stage1.optim`` config section as a dict.
         config: the whole resolved run config, stored in every checkpoint.
     """
 
@@ -47,17 +34,16 @@ class BackboneSystem(StageSystem):
     def __init__(
         self,
         num_classes: int,
-        image_size: int,
-        model: dict[str, Any],
+        backbone: dict[str, Any],
         head: dict[str, Any],
         optim: dict[str, Any],
         config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = build_backbone(model, image_size)
+        self.backbone = create_backbone(**backbone)
         self.head = create_head(
-            head["name"], num_classes, model["embedding_dim"], s=head["s"], m=head["m"]
+            head["name"], num_classes, backbone["embedding_dim"], s=head["s"], m=head["m"]
         )
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -66,12 +52,12 @@ class BackboneSystem(StageSystem):
         """Un-normalised face embeddings [B, embedding_dim]."""
         return self.backbone(images)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         images, labels = batch
         logits = self.head(self.backbone(images), labels)
         loss = F.cross_entropy(logits, labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
-        return loss
+        return {"loss": loss}
 
     def _eval_step(
         self, batch: tuple[Tensor, Tensor], metric: MulticlassAccuracy, key: str

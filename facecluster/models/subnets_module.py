@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from facecluster.models.backbone_module import build_backbone
 from facecluster.models.base import StageSystem
-from facecluster.models.components import create_head
+from facecluster.models.components import create_backbone, create_head
 
 
 class PerClusterAccuracy(Metric):
@@ -52,10 +51,9 @@ class SubnetSystem(StageSystem):
     Args:
         num_classes: number of identities C.
         cluster_sizes: identities per cluster, length K.
-        image_size: input side in pixels.
-        model: the ``model`` config section.
-        head: the ``head`` config section.
-        optim: the ``stage2.optim`` config section.
+        backbone: keyword arguments of ``create_backbone`` (each sub-net's backbone).
+        head: the ``head`` config section as a dict.
+        optim: the ``stage2.optim`` config section as a dict.
         config: the whole resolved run config, stored in every checkpoint.
     """
 
@@ -65,32 +63,35 @@ class SubnetSystem(StageSystem):
         self,
         num_classes: int,
         cluster_sizes: list[int],
-        image_size: int,
-        model: dict[str, Any],
+        backbone: dict[str, Any],
         head: dict[str, Any],
         optim: dict[str, Any],
         config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        num_clusters, dim = len(cluster_sizes), model["embedding_dim"]
-        self.subnets = nn.ModuleList(build_backbone(model, image_size) for _ in cluster_sizes)
+        dim = backbone["embedding_dim"]
+        self.subnets = nn.ModuleList(create_backbone(**backbone) for _ in cluster_sizes)
         self.heads = nn.ModuleList(
             create_head(head["name"], size, dim, s=head["s"], m=head["m"]) for size in cluster_sizes
         )
         self.register_buffer("class_to_cluster", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("local_index", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("class_means", torch.zeros(num_classes, dim))
-        self.register_buffer("centroids", torch.zeros(num_clusters, dim))
-        self.val_acc = PerClusterAccuracy(num_clusters)
-        self.test_acc = PerClusterAccuracy(num_clusters)
+        self.val_acc = PerClusterAccuracy(len(cluster_sizes))
+        self.test_acc = PerClusterAccuracy(len(cluster_sizes))
 
     @property
     def num_clusters(self) -> int:
         return len(self.subnets)
 
     def set_assignment(self, assignment: Any) -> None:
-        """Copy a ClusterAssignment into the buffers (they are saved in checkpoints)."""
+        """Copy a ClusterAssignment's labels and class means into the buffers.
+
+        They travel in every checkpoint: evaluation routes each image to its true
+        cluster's sub-net (``class_to_cluster``, ``local_index``), and the warm start
+        sets head rows to the class means.
+        """
         sizes = assignment.cluster_sizes().tolist()
         if sizes != list(self.hparams.cluster_sizes):
             raise ValueError(
@@ -100,7 +101,6 @@ class SubnetSystem(StageSystem):
         self.class_to_cluster.copy_(assignment.class_to_cluster)
         self.local_index.copy_(assignment.local_index)
         self.class_means.copy_(assignment.class_means)
-        self.centroids.copy_(assignment.centroids)
 
     def warm_start(self, backbone_state: dict[str, Tensor], init_heads_from_means: bool) -> None:
         """Start every sub-net from the stage-1 backbone (call after set_assignment).
@@ -121,16 +121,26 @@ class SubnetSystem(StageSystem):
         """Embeddings of ``images`` by sub-net ``cluster``."""
         return self.subnets[cluster](images)
 
-    def training_step(self, batch: dict[int, tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
+    def training_step(
+        self, batch: dict[int, tuple[Tensor, Tensor]], batch_idx: int
+    ) -> dict[str, Tensor]:
+        """Sum of the K cross-entropies.
+
+        Returns:
+            ``loss`` (the sum, which Lightning optimises) and ``subnet_losses`` [K]
+            (detached, index = cluster), read by callbacks such as the divergence check.
+        """
+        losses = torch.zeros(self.num_clusters, device=self.device)
         total = 0.0
         for k, (images, labels) in batch.items():
             k = int(k)
             logits = self.heads[k](self.subnets[k](images), labels)
             loss = F.cross_entropy(logits, labels)
             self.log(f"train/loss_subnet{k}", loss, batch_size=len(labels))
+            losses[k] = loss.detach()
             total = total + loss
         self.log("train/loss", total, prog_bar=True, batch_size=1)
-        return total
+        return {"loss": total, "subnet_losses": losses}
 
     def configure_gradient_clipping(
         self,

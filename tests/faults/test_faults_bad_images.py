@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from facecluster.builders import build_datamodule
 from facecluster.config import ConfigError, load_config
 from facecluster.data import BadImageError, FaceDataModule, FaceImageDataset, load_rgb
 from facecluster.data.transforms import build_transforms
-from facecluster.pipeline import build_datamodule, train
+from facecluster.pipeline import train
 from tests.conftest import DEMO, SMOKE, smoke_overrides
 
 pytestmark = pytest.mark.faults
@@ -211,7 +212,10 @@ def test_run_with_broken_images_completes_and_reports(tmp_path, caplog):
             "clustering.num_clusters=2",
         ),
     )
-    with caplog.at_level(logging.WARNING, logger="facecluster.data"):
+    with (
+        caplog.at_level(logging.WARNING, logger="facecluster.data"),
+        caplog.at_level(logging.WARNING, logger="facecluster.callbacks"),
+    ):
         result = train(cfg)
     assert (result.run_dir / "results.json").is_file()
     messages = [r.getMessage() for r in caplog.records]

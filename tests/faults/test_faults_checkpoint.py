@@ -11,7 +11,8 @@ import torch
 
 from facecluster.checkpoint_io import AtomicCheckpointIO, NonFiniteCheckpointError
 from facecluster.config import load_config
-from facecluster.pipeline import config_for_resume, train
+from facecluster.pipeline import train
+from facecluster.run import RunFolder
 from tests.conftest import SMOKE, smoke_overrides
 
 pytestmark = pytest.mark.faults
@@ -102,5 +103,5 @@ def test_crash_while_saving_last_ckpt_in_a_real_run_then_resume(tmp_path, monkey
     last = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
     assert last["epoch"] == 0, "last.ckpt is still epoch 0's complete checkpoint"
     assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]
-    result = train(config_for_resume(str(tmp_path / "run")))
+    result = train(RunFolder.config_for_resume(str(tmp_path / "run")))
     assert (result.run_dir / "results.json").is_file()

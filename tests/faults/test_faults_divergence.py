@@ -5,8 +5,8 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from facecluster.callbacks import DivergenceError
 
+from facecluster.callbacks import DivergenceError
 from facecluster.config import load_config
 from facecluster.pipeline import train
 from tests.conftest import SMOKE, smoke_overrides

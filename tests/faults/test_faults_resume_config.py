@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from facecluster.config import ConfigError, load_config
-from facecluster.pipeline import config_for_resume, prepare_run_dir
+from facecluster.run import RunFolder
 from tests.conftest import DEMO, SMOKE, smoke_overrides
 
 pytestmark = pytest.mark.faults
@@ -15,13 +15,13 @@ pytestmark = pytest.mark.faults
 def run_dir(tmp_path):
     """A run folder with its config.yaml (what resume reads), no training needed."""
     cfg = load_config(SMOKE, smoke_overrides(tmp_path))
-    prepare_run_dir(cfg)
+    RunFolder.for_training(cfg).create(cfg)
     return tmp_path / "run"
 
 
 def test_contradicting_overrides_are_refused_with_every_difference(run_dir):
     with pytest.raises(ConfigError) as info:
-        config_for_resume(
+        RunFolder.config_for_resume(
             str(run_dir),
             [
                 "data.max_classes=20",
@@ -46,15 +46,15 @@ def test_contradicting_overrides_are_refused_with_every_difference(run_dir):
 
 
 def test_harmless_overrides_and_same_root_written_differently_are_accepted(run_dir):
-    cfg = config_for_resume(
+    cfg = RunFolder.config_for_resume(
         str(run_dir),
         ["trainer.max_epochs=5", "logger=none", "stage2.max_epochs=2", f"data.root={DEMO}"],
     )
-    assert cfg.trainer.max_epochs == 5 and cfg.logger == "none"
+    assert cfg.trainer["max_epochs"] == 5 and cfg.logger == "none"
 
 
 def test_other_data_root_is_refused(run_dir, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     with pytest.raises(ConfigError, match=r"data.root: the run has .*lfw-demo"):
-        config_for_resume(str(run_dir), [f"data.root={other}"])
+        RunFolder.config_for_resume(str(run_dir), [f"data.root={other}"])

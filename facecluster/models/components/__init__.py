@@ -11,6 +11,7 @@ from .backbones import (
     TinyBackbone,
     available_backbones,
     create_backbone,
+    load_backbone,
     register_backbone,
 )
 from .heads import HEADS, ArcFace, CosFace, MarginHead, create_head
@@ -30,5 +31,6 @@ __all__ = [
     "available_backbones",
     "create_backbone",
     "create_head",
+    "load_backbone",
     "register_backbone",
 ]

@@ -36,6 +36,7 @@ __all__ = [
     "TinyBackbone",
     "available_backbones",
     "create_backbone",
+    "load_backbone",
     "register_backbone",
 ]
 
@@ -252,3 +253,15 @@ def create_backbone(
         raise _unknown_backbone_error(name)
     options.pop("image_size", None)  # timm CNNs take any size; ViTs want img_size instead.
     return TimmBackbone(name, pretrained=pretrained, **options)
+
+
+def load_backbone(args: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """A trained backbone for inference: the one way weights are loaded into one.
+
+    Built by :func:`create_backbone` from ``args`` (its keyword arguments, ``name``
+    included) without downloading pretrained weights, since the trained weights
+    replace them; returned in eval mode.
+    """
+    backbone = create_backbone(**{**args, "pretrained": False})
+    backbone.load_state_dict(state_dict)
+    return backbone.eval()

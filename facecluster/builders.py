@@ -1,0 +1,127 @@
+"""What a config describes, built: the datamodule and each stage's Lightning Trainer.
+
+The Lightning plumbing of a run lives here so that ``pipeline.py`` reads like the
+method. A stage's Trainer gets the user's ``trainer.*`` settings plus what every
+facecluster stage needs: epoch-end checkpoints (``last`` and the best ``val/acc``),
+per-epoch reseeding for exact resume, the divergence stop, the bad-image report and
+atomic checkpoint writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.plugins.io import CheckpointIO
+
+from facecluster.callbacks import BadImageReport, DivergenceCallback, EpochSeedCallback
+from facecluster.checkpoint_io import AtomicCheckpointIO
+from facecluster.config import Config, ConfigError, naming
+from facecluster.data import FaceDataModule
+from facecluster.models.components import create_backbone
+from facecluster.run import BEST, LAST, RunFolder
+
+
+def build_datamodule(cfg: Config, eval_batch_size: int | None = None) -> FaceDataModule:
+    """The scanned and split datamodule of ``cfg.data``; bad data fails here, named."""
+    args = cfg.data.datamodule_args(cfg.seed)
+    if eval_batch_size is not None:
+        args["eval_batch_size"] = eval_batch_size
+    with naming("data"):
+        dm = FaceDataModule(**args)
+        dm.setup()
+    return dm
+
+
+def backbone_parameters(cfg: Config) -> int:
+    """Build the backbone once before any work (a bad name fails with close names).
+
+    Returns:
+        Its parameter count (for the disk-space check).
+    """
+    with naming(f"model.backbone={cfg.model.backbone!r}"):
+        backbone = create_backbone(**cfg.model.backbone_args(cfg.data.image_size))
+    return sum(p.numel() for p in backbone.parameters())
+
+
+def check_cluster_count(cfg: Config, dm: FaceDataModule) -> None:
+    if cfg.two_stage and dm.num_classes < cfg.clustering.num_clusters:
+        raise ConfigError(
+            f"clustering.num_clusters={cfg.clustering.num_clusters} but {cfg.data.root} has only "
+            f"{dm.num_classes} identities with at least {cfg.data.min_images_per_class} images"
+        )
+
+
+def module_args(cfg: Config, stage: int) -> dict[str, Any]:
+    """Keyword arguments shared by both stage systems (plain dicts, saved in checkpoints)."""
+    return {
+        "backbone": cfg.model.backbone_args(cfg.data.image_size),
+        "head": {"name": cfg.head.name, "s": cfg.head.s, "m": cfg.head.m},
+        "optim": cfg.to_dict()[f"stage{stage}"]["optim"],
+        "config": cfg.to_dict(),
+    }
+
+
+def _checkpoints(cfg: Config, run: RunFolder, stage: int) -> list[ModelCheckpoint]:
+    # Both are saved after the epoch's validation, at a clean epoch boundary: a resume
+    # never starts mid-epoch (ordinary DataLoaders cannot fast-forward). "last" has
+    # its own callback: with a monitor, Lightning 2.6 rewrites "last" only in epochs
+    # that improve the monitor, so resume and evaluation would miss the final epochs.
+    folder = run.checkpoint_dir(stage)
+    common = {"dirpath": folder, "save_top_k": 1, "save_on_train_epoch_end": True}
+    checkpoints = [
+        ModelCheckpoint(filename=LAST, monitor=None, enable_version_counter=False, **common)
+    ]
+    if cfg.data.val_fraction > 0:
+        checkpoints.append(
+            ModelCheckpoint(
+                filename=BEST,
+                auto_insert_metric_name=False,
+                monitor="val/acc",
+                mode="max",
+                **common,
+            )
+        )
+    return checkpoints
+
+
+def _plugins(trainer_args: dict[str, Any]) -> list[Any]:
+    # Atomic, fsynced checkpoint writes (a kill never leaves a half-written checkpoint)
+    # that refuse NaN weights; a user's own CheckpointIO plugin wins.
+    plugins = trainer_args.pop("plugins", None) or []
+    many = isinstance(plugins, Sequence) and not isinstance(plugins, str)
+    plugins = list(plugins) if many else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
+def build_trainer(
+    cfg: Config, stage: int, run: RunFolder, logger: Any, callbacks: Sequence[L.Callback]
+) -> L.Trainer:
+    """A Trainer for one stage: the user's ``trainer.*`` plus this stage's callbacks."""
+    stage_callbacks = [
+        *_checkpoints(cfg, run, stage),
+        EpochSeedCallback(cfg.seed, stage),
+        # Stops a NaN/Inf loss before the epoch-end save could overwrite "last".
+        DivergenceCallback(stage, checkpoint=run.last_checkpoint(stage)),
+        BadImageReport(),
+        *callbacks,
+    ]
+    if logger is not None:
+        stage_callbacks.append(LearningRateMonitor(logging_interval="step"))
+    kwargs = dict(cfg.trainer)
+    kwargs["max_epochs"] = cfg.stage_epochs(stage)
+    if cfg.data.val_fraction == 0:
+        kwargs["limit_val_batches"] = 0
+    plugins = _plugins(kwargs)
+    return L.Trainer(
+        **kwargs,
+        logger=logger if logger is not None else False,
+        callbacks=stage_callbacks,
+        plugins=plugins,
+        default_root_dir=str(run.stage_dir(stage)),
+        enable_checkpointing=True,
+    )

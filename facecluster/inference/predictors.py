@@ -1,0 +1,95 @@
+"""Named predictors: what evaluation scores and times, one row each.
+
+A model that can identify faces exposes the predictors it offers: the stage-1
+model offers its margin head (the single-model baseline) and nearest class mean;
+the two-stage identifier offers routed inference (the paper's method) and all
+sub-nets (ISM). Evaluation runs the same loop over all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Predict = Callable[[Tensor], tuple[Tensor, Tensor | None]]
+"""images [B, 3, H, W] -> (predicted identities [B], candidate clusters [B, m] or None)."""
+
+
+def count_parameters(*parts: nn.Module | Tensor) -> int:
+    """Parameters (or tensor elements) of the parts an inference path holds."""
+    return sum(
+        p.numel() if isinstance(p, Tensor) else sum(q.numel() for q in p.parameters())
+        for p in parts
+    )
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """One way of identifying faces."""
+
+    name: str
+    """Its row name in evaluation tables."""
+    predict: Predict
+    """images -> (identities, candidate clusters or None when it does not route)."""
+    subnet_forwards: float
+    """Sub-net forward passes per image."""
+    params: int
+    """Parameters of its inference path."""
+
+
+class StageOneModel(nn.Module):
+    """The stage-1 backbone with its margin head over all identities, for inference.
+
+    Args:
+        backbone: the trained stage-1 backbone (eval mode).
+        head_weight: [C, d] head rows (normalised here).
+        class_means: [C, d] L2-normalised class means, for nearest-class-mean
+            identification (None: that predictor is not offered).
+        single: the run is the single-model baseline (names its rows so).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head_weight: Tensor,
+        class_means: Tensor | None = None,
+        single: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone.eval()
+        self.register_buffer("head", F.normalize(head_weight.detach().float(), dim=1))
+        self.class_means = None if class_means is None else class_means.float()
+        self.single = single
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        """L2-normalised embeddings [B, d]."""
+        return F.normalize(self.backbone(images).float(), dim=1)
+
+    def predictors(self) -> list[Predictor]:
+        name = "single model (one head)" if self.single else "stage-1 model (one head)"
+        offered = [
+            Predictor(
+                name,
+                lambda x: ((self.embed(x) @ self.head.T).argmax(1), None),
+                0.0,
+                count_parameters(self.backbone, self.head),
+            )
+        ]
+        if self.class_means is not None:
+            means = self.class_means
+            offered.append(
+                Predictor(
+                    "nearest class mean"
+                    if self.single
+                    else "nearest class mean (stage-1 backbone)",
+                    lambda x: ((self.embed(x) @ means.T).argmax(1), None),
+                    0.0,
+                    count_parameters(self.backbone, means),
+                )
+            )
+        return offered

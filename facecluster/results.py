@@ -1,0 +1,103 @@
+"""The held-out results of a training run, and the one markdown table writer.
+
+``summarise`` turns the two stages' test passes into ``results.json``;
+``markdown_table`` writes every table facecluster prints (training results and
+evaluation rows alike).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from facecluster.clustering import ClusterAssignment
+from facecluster.data import FaceDataModule
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
+    """A markdown table; ``align`` has one letter per column (l or r, default l)."""
+    align = align or "l" * len(header)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _majority(labels: torch.Tensor) -> float:
+    # Always answering the most frequent identity: the bar an unbalanced set sets.
+    return float(torch.bincount(labels).max()) / max(1, len(labels))
+
+
+def summarise(
+    method: str,
+    dm: FaceDataModule,
+    assignment: ClusterAssignment | None,
+    stage1: dict[str, Any],
+    stage2: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The held-out accuracies of stage 1 and of each sub-net (``results.json``)."""
+    test_labels = dm.split_labels("test")
+    results: dict[str, Any] = {
+        "method": method,
+        "identities": dm.num_classes,
+        "test_images": len(test_labels),
+        "stage1": {
+            "accuracy": float(stage1["test_acc"]),
+            "chance": 1.0 / dm.num_classes,
+            "majority": _majority(test_labels),
+            "steps": stage1["global_step"],
+        },
+    }
+    if assignment is None or stage2 is None:  # method=single
+        return results
+    clusters = assignment.class_to_cluster[test_labels]
+    results["clustering"] = assignment.method
+    results["num_clusters"] = assignment.num_clusters
+    results["subnets"] = [
+        {
+            "cluster": k,
+            "identities": n,
+            "test_images": int((clusters == k).sum()),
+            "accuracy": float(stage2["test"][f"test/acc_subnet{k}"]),
+            "chance": 1.0 / n,
+            "majority": _majority(test_labels[clusters == k]),
+        }
+        for k, n in enumerate(assignment.cluster_sizes().tolist())
+    ]
+    results["subnets_oracle_accuracy"] = float(stage2["test"]["test/acc"])
+    results["stage2_steps"] = stage2["global_step"]
+    return results
+
+
+def training_table(results: dict[str, Any]) -> str:
+    """The held-out results of training as a markdown table."""
+    s1 = results["stage1"]
+    name = "single model" if results["method"] == "single" else "stage-1 single model"
+    rows = [(f"{name}, all identities", results["identities"], results["test_images"], s1)]
+    rows += [
+        (f"sub-net {s['cluster']}, on its own cluster", s["identities"], s["test_images"], s)
+        for s in results.get("subnets", [])
+    ]
+    title = (
+        f"{results['clustering']} clustering, K={results['num_clusters']}"
+        if "subnets" in results
+        else "method=single"
+    )
+    header = ("model", "identities", "test images", "top-1 accuracy", "chance", "most frequent")
+    cells = [
+        (m, c, n, f"{s['accuracy']:.2%}", f"{s['chance']:.2%}", f"{s['majority']:.2%}")
+        for m, c, n, s in rows
+    ]
+    return "\n".join(
+        [
+            f"Held-out test accuracy ({title})",
+            "",
+            markdown_table(header, cells, "lrrrrr"),
+            "",
+            "chance: 1 / identities; most frequent: always answering the identity "
+            "with the most test images. Each sub-net is scored on the test images of "
+            "its own cluster's identities.",
+        ]
+    )
