@@ -41,7 +41,7 @@ def backbone_parameters(cfg: Config) -> int:
     Returns:
         Its parameter count (for the disk-space check).
     """
-    with naming(f"model.backbone={cfg.model.backbone!r}"):
+    with naming(f"model.backbone={cfg.model.backbone!r}", KeyError, TypeError):
         backbone = create_backbone(**cfg.model.backbone_args(cfg.data.image_size))
     return sum(p.numel() for p in backbone.parameters())
 

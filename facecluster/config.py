@@ -38,13 +38,17 @@ class ConfigError(ValueError):
 
 
 @contextlib.contextmanager
-def naming(key: str) -> Iterator[None]:
-    """Re-raise a lower layer's error (its own terms) as a ConfigError naming ``key``."""
+def naming(key: str, *also: type[Exception]) -> Iterator[None]:
+    """Re-raise a lower layer's error (its own terms) as a ConfigError naming ``key``.
+
+    Catches ValueError (a bad value), FileNotFoundError and NotADirectoryError, plus
+    the exception types in ``also`` (e.g. TypeError for a backbone's unknown keyword).
+    """
     try:
         yield
     except ConfigError:
         raise
-    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError, TypeError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, *also) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise ConfigError(f"{key}: {message}") from None
 

@@ -44,7 +44,7 @@ from facecluster.config import Config
 from facecluster.inference import Predictor, StageOneModel, TwoStageIdentifier
 from facecluster.loggers import wandb_run
 from facecluster.models.components import load_backbone
-from facecluster.plots import evaluation_plots
+from facecluster.plots import alpha_plot, class_means_plot, top_m_plot
 from facecluster.results import markdown_table
 from facecluster.run import RunFolder
 
@@ -188,10 +188,9 @@ def _single_model(run: RunFolder, cfg: Config, bench: Bench) -> StageOneModel:
 
 
 def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
-    ident = TwoStageIdentifier.from_run(run, route=cfg.to_dict()["route"])  # route.* overrides
-    stage1 = StageOneModel(
-        ident.router_backbone, run.stage1_weights().head, ident.assignment.class_means
-    )
+    weights = run.stage1_weights()  # read once: the router's backbone and the stage-1 head
+    ident = TwoStageIdentifier.from_run(run, route=cfg.to_dict()["route"], stage1=weights)
+    stage1 = StageOneModel(ident.router_backbone, weights.head, ident.assignment.class_means)
     bench = Bench(cfg, run.path.name, ident.assignment.class_to_cluster)
     predictors = ident.predictors(cfg.route.top_m, cfg.route.alpha) + stage1.predictors()
     report = RunEvaluation(
@@ -213,9 +212,12 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
         scores = bench.score(ident.routed(cfg.route.top_m, alpha))
         report.alpha_sweep.append({"alpha": alpha, "top1": scores["top1"]})
     if cfg.eval.plots:
-        report.plots = evaluation_plots(
-            run.eval_dir, report.top_m_sweep, report.alpha_sweep, ident.assignment, cfg.seed
-        )
+        run.eval_dir.mkdir(exist_ok=True)
+        report.plots = [
+            top_m_plot(run.eval_file("top_m"), run.path.name, report.top_m_sweep),
+            alpha_plot(run.eval_file("alpha"), run.path.name, report.alpha_sweep),
+            class_means_plot(run.eval_file("class_means"), ident.assignment, cfg.seed),
+        ]
     return report
 
 
@@ -261,10 +263,9 @@ def format_table(rows: list[Row], batch_size: int = 256) -> str:
 
 
 def _write(report: RunEvaluation, run: RunFolder, cfg: Config) -> RunEvaluation:
-    out = run.eval_dir
-    out.mkdir(exist_ok=True)
-    (out / "results.md").write_text(format_table(report.rows, cfg.eval.batch_size) + "\n")
-    with open(out / "results.csv", "w", newline="") as f:
+    run.eval_dir.mkdir(exist_ok=True)
+    run.eval_file("table").write_text(format_table(report.rows, cfg.eval.batch_size) + "\n")
+    with open(run.eval_file("csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(report.rows[0])))
         writer.writeheader()
         writer.writerows(asdict(r) for r in report.rows)
@@ -275,7 +276,7 @@ def _write(report: RunEvaluation, run: RunFolder, cfg: Config) -> RunEvaluation:
         "batch_size": cfg.eval.batch_size,
         "torch_threads": torch.get_num_threads(),
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    run.eval_file("json").write_text(json.dumps(summary, indent=2))
     if cfg.logger == "wandb":
         import wandb
 

@@ -1,5 +1,6 @@
-"""Evaluation plots: accuracy and throughput against top_m, the decision unit's alpha,
-and the class-mean embeddings coloured by cluster (the paper's Figure 1 idea)."""
+"""Evaluation plots, each written to the path the caller gives: accuracy and
+throughput against top_m, the decision unit's alpha, and the class-mean embeddings
+coloured by cluster (the paper's Figure 1 idea)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def top_m_plot(out: Path, run_name: str, sweep: list[dict[str, float]]) -> Path:
+def top_m_plot(path: Path, run_name: str, sweep: list[dict[str, float]]) -> Path:
     fig, ax1 = _pyplot().subplots(figsize=(6, 4))
     ms = [p["top_m"] for p in sweep]
     ax1.plot(ms, [p["top1"] for p in sweep], "o-", color="C0")
@@ -36,19 +37,19 @@ def top_m_plot(out: Path, run_name: str, sweep: list[dict[str, float]]) -> Path:
     ax2.plot(ms, [p["throughput"] for p in sweep], "s--", color="C1")
     ax2.set_ylabel("images/s", color="C1")
     ax1.set_title(f"{run_name}: accuracy and throughput against top_m")
-    return _save(fig, out / "top_m.png")
+    return _save(fig, path)
 
 
-def alpha_plot(out: Path, run_name: str, sweep: list[dict[str, float]]) -> Path:
+def alpha_plot(path: Path, run_name: str, sweep: list[dict[str, float]]) -> Path:
     fig, ax = _pyplot().subplots(figsize=(6, 4))
     ax.plot([p["alpha"] for p in sweep], [p["top1"] for p in sweep], "o-")
     ax.set_xlabel("alpha (0: sub-net cosine, 1: class-mean similarity)")
     ax.set_ylabel("top-1 accuracy")
     ax.set_title(f"{run_name}: decision unit")
-    return _save(fig, out / "alpha.png")
+    return _save(fig, path)
 
 
-def class_means_plot(out: Path, assignment: ClusterAssignment, seed: int) -> Path:
+def class_means_plot(path: Path, assignment: ClusterAssignment, seed: int) -> Path:
     """Class means in 2-D (PCA), this run's partition beside a random one of the same means."""
     means = assignment.class_means
     centred = means - means.mean(0)
@@ -64,21 +65,4 @@ def class_means_plot(out: Path, assignment: ClusterAssignment, seed: int) -> Pat
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
     fig.suptitle("class-mean embeddings (PCA), coloured by cluster")
-    return _save(fig, out / "class_means_pca.png")
-
-
-def evaluation_plots(
-    out: Path,
-    top_m_sweep: list[dict[str, float]],
-    alpha_sweep: list[dict[str, float]],
-    assignment: ClusterAssignment,
-    seed: int,
-) -> list[Path]:
-    """The three plots of a two-stage run's evaluation, written to ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    run_name = out.parent.name
-    return [
-        top_m_plot(out, run_name, top_m_sweep),
-        alpha_plot(out, run_name, alpha_sweep),
-        class_means_plot(out, assignment, seed),
-    ]
+    return _save(fig, path)

@@ -55,6 +55,15 @@ LAST = "last"
 """Checkpoint file stem of the final finished epoch of a stage (``last.ckpt``)."""
 BEST = "best-epoch{epoch:03d}"
 """Checkpoint file name pattern of the best val/acc epoch of a stage."""
+EVAL_FILES = {
+    "table": "results.md",
+    "csv": "results.csv",
+    "json": "results.json",
+    "top_m": "top_m.png",
+    "alpha": "alpha.png",
+    "class_means": "class_means_pca.png",
+}
+"""What evaluate.py writes into <run>/eval/."""
 
 # What the checkpoints were trained on: changing any of these on resume would load
 # weights into a model of another shape, or a head over other identities.
@@ -118,9 +127,9 @@ class RunFolder:
     def eval_dir(self) -> Path:
         return self.path / "eval"
 
-    def stage_finished(self, stage: int) -> bool:
-        """A stage is finished once its summary is written (after its test pass)."""
-        return (self.path / f"stage{stage}.json").is_file()
+    def eval_file(self, what: str) -> Path:
+        """An evaluation output: table (md), csv, json, or a plot (top_m, alpha, class_means)."""
+        return self.eval_dir / EVAL_FILES[what]
 
     @property
     def finished(self) -> bool:

@@ -139,3 +139,13 @@ def test_the_demo_recipe_learns_well_above_chance(tmp_path):
     assert r["stage1"]["accuracy"] > 3 * r["stage1"]["chance"]
     assert r["stage1"]["accuracy"] > r["stage1"]["majority"]
     assert all(s["accuracy"] > s["chance"] for s in r["subnets"])
+
+
+def test_a_stage2_checkpoint_with_the_old_centroids_buffer_still_loads():
+    # Runs interrupted in stage 2 before the buffer was dropped must still resume.
+    model, _ = _subnets()
+    checkpoint = {"state_dict": {**model.state_dict(), "centroids": torch.zeros(3, 16)}}
+    fresh, _ = _subnets()
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])  # strict, as Lightning loads it
+    assert torch.equal(fresh.class_to_cluster, model.class_to_cluster)

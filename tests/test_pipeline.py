@@ -113,6 +113,8 @@ def test_an_existing_run_folder_is_not_overwritten(finished_run):
         (["data.root=/no/such/faces"], "/no/such/faces"),
         (["model.backbone=iresnet19"], "iresnet18"),
         (["data.max_classes=4", "clustering.num_clusters=5"], "clustering.num_clusters=5"),
+        # Found only when the folder is scanned: the data layer's own words, named by section.
+        (["data.min_images_per_class=1000"], r"^data: No identity .* min_images_per_class=1000"),
     ],
 )
 def test_bad_input_stops_before_training_and_names_the_culprit(tmp_path, overrides, message):

@@ -91,6 +91,10 @@ class FaceImageDataset(Dataset):
         max_bad_fraction: float = 0.01,
         split_name: str = "dataset",
     ) -> None:
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(
+                f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}"
+            )
         self.samples = list(samples)
         self.transform = transform
         # plain ints: indexing a tensor per item is slower and tensors in worker
@@ -124,9 +128,11 @@ class FaceImageDataset(Dataset):
             return load_rgb(path)
         except DECODE_ERRORS as e:
             if self.on_bad_image == "fail":
+                # Raised while training, where no config layer can add the key: the
+                # message names the setting as the user wrote it.
                 raise BadImageError(
-                    f"cannot decode {path} ({type(e).__name__}: {e}); on_bad_image=fail "
-                    "stops here (on_bad_image=skip replaces broken images)"
+                    f"cannot decode {path} ({type(e).__name__}: {e}); data.on_bad_image=fail "
+                    "stops here (data.on_bad_image=skip replaces broken images)"
                 ) from None
             self.tracker.mark(sample_id, e)
             self._check_bad_fraction()
@@ -139,8 +145,8 @@ class FaceImageDataset(Dataset):
             shown = [p for p in self.tracker.bad_paths()][:5]
             raise BadImageError(
                 f"{bad} of {total} images of the {self.split_name} are undecodable, more than "
-                f"max_bad_fraction={self.max_bad_fraction}; the data set looks damaged "
-                f"(e.g. {', '.join(shown)}). Repair or remove them, or raise max_bad_fraction"
+                f"data.max_bad_fraction={self.max_bad_fraction}; the data set looks damaged "
+                f"(e.g. {', '.join(shown)}). Repair or remove them, or raise data.max_bad_fraction"
             )
 
     def _substitute(self, index: int):
@@ -434,10 +440,11 @@ class FaceDataModule(lightning.LightningDataModule):
         """Per-process size of a training subset; rejects subsets that give 1-sample batches."""
         per_rank = math.ceil(n / self._world_size())  # DistributedSampler pads to ceil(n / world)
         if per_rank < 2:
+            # Also raised while training (stage 2's loaders): names the config keys.
             raise ValueError(
                 f"Training subset of {what} has {n} image(s) ({per_rank} per process), so it would "
                 f"yield batches of size 1, which BatchNorm1d cannot train on. Raise "
-                f"min_images_per_class or lower val_fraction / test_fraction"
+                f"data.min_images_per_class or lower data.val_fraction / data.test_fraction"
             )
         return per_rank
 

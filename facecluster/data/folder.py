@@ -276,7 +276,7 @@ def validate_fractions(val_fraction: float, test_fraction: float) -> None:
     Raises:
         ValueError: With a message naming ``val_fraction`` / ``test_fraction``.
     """
-    for name, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     if val_fraction + test_fraction >= 1.0:

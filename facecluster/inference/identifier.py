@@ -34,7 +34,7 @@ from facecluster.io import atomic_torch_save
 from facecluster.models.components import load_backbone
 
 if TYPE_CHECKING:
-    from facecluster.run import RunFolder
+    from facecluster.run import RunFolder, StageWeights
 
 EXPORT_FORMAT = "facecluster.two_stage_identifier"
 EXPORT_VERSION = 2
@@ -215,14 +215,22 @@ class TwoStageIdentifier(nn.Module):
         run: RunFolder | str | Path,
         route: dict[str, Any] | None = None,
         map_location: str | torch.device = "cpu",
+        stage1: StageWeights | None = None,
     ) -> TwoStageIdentifier:
-        """Load a finished two-stage run: both stages' final weights and the assignment."""
+        """Load a finished two-stage run: both stages' final weights and the assignment.
+
+        Args:
+            run: the run folder (its training must have finished).
+            route: ``route`` settings that replace the run's own.
+            map_location: where the weights are loaded.
+            stage1: the run's stage-1 weights when the caller has read them already.
+        """
         from facecluster.run import RunFolder  # training-side module: only here
 
         run = run if isinstance(run, RunFolder) else RunFolder(Path(run))
         cfg = run.finished_config()
         args = cfg.model.backbone_args(cfg.data.image_size)
-        stage1 = run.stage1_weights(map_location)
+        stage1 = stage1 or run.stage1_weights(map_location)
         subnets = run.subnet_weights(map_location)
         return cls(
             args,
@@ -262,12 +270,22 @@ class TwoStageIdentifier(nn.Module):
         payload = torch.load(path, map_location=map_location, weights_only=False)
         if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
             raise ValueError(f"{path} is not an exported facecluster identifier")
-        if payload.get("version") != EXPORT_VERSION:
+        version = payload.get("version")
+        if version == 1:  # the config's model section and image_size, not builder arguments
+            model = payload["model"]
+            args = {
+                "name": model["backbone"],
+                "embedding_dim": model["embedding_dim"],
+                "image_size": payload["image_size"],
+                **model.get("kwargs", {}),
+            }
+        elif version == EXPORT_VERSION:
+            args = payload["backbone"]
+        else:
             raise ValueError(
-                f"{path} is an identifier export of version {payload.get('version')}; this "
-                f"facecluster reads version {EXPORT_VERSION}: export it again from its run"
+                f"{path} is an identifier export of version {version}; this facecluster "
+                f"reads versions 1 and {EXPORT_VERSION}"
             )
-        args = payload["backbone"]
         return cls(
             args,
             load_backbone(args, payload["router_backbone"]),

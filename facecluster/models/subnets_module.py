@@ -81,6 +81,11 @@ class SubnetSystem(StageSystem):
         self.val_acc = PerClusterAccuracy(len(cluster_sizes))
         self.test_acc = PerClusterAccuracy(len(cluster_sizes))
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before facecluster 0.1's consolidation held an unread
+        # ``centroids`` buffer; dropping it lets those runs resume in stage 2.
+        checkpoint["state_dict"].pop("centroids", None)
+
     @property
     def num_clusters(self) -> int:
         return len(self.subnets)
