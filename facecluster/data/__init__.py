@@ -1,4 +1,4 @@
-"""Face image data: folder scanning, per-identity splits, transforms and the Lightning data module.
+"""Face image data: image folders and InsightFace RecordIO files (scan, pack), per-identity splits, transforms and the Lightning data module.
 
 This package never imports ``facecluster.models`` or ``facecluster.clustering``.
 """
@@ -7,16 +7,23 @@ from facecluster.data.datamodule import FaceDataModule, FaceImageDataset
 from facecluster.data.folder import (
     IMAGE_EXTENSIONS,
     FaceFolder,
+    scan,
     scan_image_folder,
+    scan_record_file,
     split_per_identity,
 )
 from facecluster.data.images import BadImageError, load_rgb
+from facecluster.data.recordio import RecordError, RecordFile
 from facecluster.data.transforms import build_transforms
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "FaceFolder",
+    "scan",
     "scan_image_folder",
+    "scan_record_file",
+    "RecordError",
+    "RecordFile",
     "split_per_identity",
     "build_transforms",
     "FaceImageDataset",

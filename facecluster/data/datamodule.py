@@ -2,7 +2,8 @@
 
 Data flow:
 
-1. ``setup()`` scans ``root`` once (:func:`~facecluster.data.folder.scan_image_folder`)
+1. ``setup()`` scans ``root`` once (:func:`~facecluster.data.folder.scan`: an image
+   folder, or an InsightFace ``.rec`` file, see :mod:`facecluster.data.recordio`)
    and splits every identity's images into train/val/test
    (:func:`~facecluster.data.folder.split_per_identity`). Labels are *global*
    identity indices ``0..C-1``.
@@ -41,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from facecluster.data.folder import (
     SPLIT_NAMES,
     FaceFolder,
-    scan_image_folder,
+    scan,
     split_per_identity,
     validate_fractions,
 )
@@ -52,6 +53,7 @@ from facecluster.data.images import (
     BadImageTracker,
     load_rgb,
 )
+from facecluster.data.recordio import RecordFile
 from facecluster.data.transforms import build_transforms
 
 __all__ = ["FaceImageDataset", "FaceDataModule"]
@@ -77,6 +79,8 @@ class FaceImageDataset(Dataset):
         max_bad_fraction: Stop (``BadImageError``) once more than this fraction of the
             split is known to be broken.
         split_name: Names the split in error messages.
+        records: The RecordIO file the samples' ``<file>#<key>`` locators point into;
+            None: the locators are image file paths.
     """
 
     def __init__(
@@ -90,12 +94,14 @@ class FaceImageDataset(Dataset):
         split_ids: Sequence[int] | None = None,
         max_bad_fraction: float = 0.01,
         split_name: str = "dataset",
+        records: RecordFile | None = None,
     ) -> None:
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(
                 f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}"
             )
         self.samples = list(samples)
+        self.records = records
         self.transform = transform
         # plain ints: indexing a tensor per item is slower and tensors in worker
         # processes go through shared memory for no benefit
@@ -125,7 +131,7 @@ class FaceImageDataset(Dataset):
             return None
         path = self.samples[index][0]
         try:
-            return load_rgb(path)
+            return self.records.image(path) if self.records is not None else load_rgb(path)
         except DECODE_ERRORS as e:
             if self.on_bad_image == "fail":
                 # Raised while training, where no config layer can add the key: the
@@ -259,7 +265,7 @@ class FaceDataModule(lightning.LightningDataModule):
         """
         if self._folder is not None:
             return
-        folder = scan_image_folder(
+        folder = scan(
             self.hparams.root,
             min_images_per_class=self.hparams.min_images_per_class,
             max_classes=self.hparams.max_classes,
@@ -342,6 +348,7 @@ class FaceDataModule(lightning.LightningDataModule):
             split_ids=self._split_indices(split),
             max_bad_fraction=self.hparams.max_bad_fraction,
             split_name=f"{split} split",
+            records=folder.records,
         )
 
     def split_labels(self, split: str) -> torch.LongTensor:

@@ -27,6 +27,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from facecluster.data.recordio import RecordFile, image_layout, iter_identities, rec_paths
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -50,11 +52,18 @@ class FaceFolder:
     class_names: list[str]
     samples: list[tuple[str, int]]
     empty_files: list[str] = field(default_factory=list)
+    records: RecordFile | None = None
+    """The RecordIO file the samples are in (their locators are ``<file>#<key>``),
+    or None for an image folder (the locators are file paths)."""
 
     @property
     def num_classes(self) -> int:
         """Number of identities (labels are ``0..num_classes-1``)."""
         return len(self.class_names)
+
+    def sort_key(self, locator: str) -> str | int:
+        """A sample's place in its identity's canonical order: path, or record key."""
+        return locator if self.records is None else int(locator.rsplit("#", 1)[1])
 
 
 @dataclass
@@ -230,14 +239,26 @@ def scan_image_folder(
             f"root={str(root)!r}; expected root/<identity>/<image> layout"
         )
 
-    names = sorted(found)
-    kept = [n for n in names if len(found[n]) >= min_images_per_class]
-    dropped = [n for n in names if len(found[n]) < min_images_per_class]
+    kept = _select_identities(
+        root, {n: len(v) for n, v in found.items()}, min_images_per_class, max_classes
+    )
+    samples = [(path, label) for label, name in enumerate(kept) for path in found[name]]
+    empty_files = sorted(p for name in kept for p in listings[name].empty)
+    return FaceFolder(root=root, class_names=kept, samples=samples, empty_files=empty_files)
+
+
+def _select_identities(
+    root: Path, counts: dict[str, int], min_images_per_class: int, max_classes: int | None
+) -> list[str]:
+    """Identity names kept, sorted: at least ``min_images_per_class`` images, the first
+    ``max_classes``. The same rule for image folders and RecordIO files."""
+    names = sorted(counts)
+    kept = [n for n in names if counts[n] >= min_images_per_class]
+    dropped = [n for n in names if counts[n] < min_images_per_class]
     if not kept:
-        largest = max(len(v) for v in found.values())
         raise ValueError(
             f"No identity in root={str(root)!r} has at least min_images_per_class="
-            f"{min_images_per_class} images (the largest identity has {largest}); "
+            f"{min_images_per_class} images (the largest identity has {max(counts.values())}); "
             f"lower min_images_per_class"
         )
     if dropped:
@@ -249,12 +270,64 @@ def scan_image_folder(
             min_images_per_class,
             shown,
         )
-    if max_classes is not None:
-        kept = kept[:max_classes]
+    return kept if max_classes is None else kept[:max_classes]
 
-    samples = [(path, label) for label, name in enumerate(kept) for path in found[name]]
-    empty_files = sorted(p for name in kept for p in listings[name].empty)
-    return FaceFolder(root=root, class_names=kept, samples=samples, empty_files=empty_files)
+
+IDENTITY_NAMES = "identities.txt"
+"""Written by ``facecluster pack`` beside ``train.rec``: one identity name per label."""
+
+
+def scan_record_file(
+    root: str | Path, min_images_per_class: int = 1, max_classes: int | None = None
+) -> FaceFolder:
+    """Identities and samples of an InsightFace RecordIO file (``.rec`` + ``.idx``).
+
+    Args:
+        root: the ``.rec`` file, or a folder holding ``train.rec`` and ``train.idx``.
+        min_images_per_class: as for :func:`scan_image_folder`.
+        max_classes: as for :func:`scan_image_folder`.
+
+    Identity names come from ``identities.txt`` beside the file when present (what
+    ``facecluster pack`` writes, so a packed folder splits exactly like the folder),
+    else the zero-padded label. Labels are renumbered ``0..C-1`` over the kept
+    identities in name order, as for a folder.
+    """
+    paths = rec_paths(root)
+    if paths is None:
+        raise FileNotFoundError(
+            f"root {str(root)!r} is not a .rec file or a folder holding train.rec"
+        )
+    records = RecordFile(*paths)
+    layout = image_layout(records)
+    groups = dict(iter_identities(layout))
+    if not groups:
+        raise ValueError(f"root={str(root)!r}: {records.rec} holds no image record")
+    names_file = records.rec.parent / IDENTITY_NAMES
+    if names_file.is_file():
+        all_names = names_file.read_text().splitlines()
+        name_of = {label: all_names[label] for label in groups}
+    else:
+        width = len(str(max(groups)))
+        name_of = {label: f"{label:0{width}d}" for label in groups}
+    by_name = {name_of[label]: keys for label, keys in groups.items()}
+    kept = _select_identities(
+        records.rec, {n: len(k) for n, k in by_name.items()}, min_images_per_class, max_classes
+    )
+    samples = [
+        (records.locator(int(key)), label)
+        for label, name in enumerate(kept)
+        for key in by_name[name]
+    ]
+    return FaceFolder(root=records.rec, class_names=kept, samples=samples, records=records)
+
+
+def scan(
+    root: str | Path, min_images_per_class: int = 1, max_classes: int | None = None
+) -> FaceFolder:
+    """An image folder or a RecordIO file, told apart by the path."""
+    if rec_paths(root) is not None:
+        return scan_record_file(root, min_images_per_class, max_classes)
+    return scan_image_folder(root, min_images_per_class, max_classes)
 
 
 def _n_held_out(n: int, fraction: float) -> int:
@@ -324,8 +397,9 @@ def split_per_identity(
     too_small: list[str] = []
     for label, indices in sorted(by_label.items()):
         class_name = folder.class_names[label]
-        # sort by path so the shuffle input never depends on scan order
-        indices = sorted(indices, key=lambda i: folder.samples[i][0])
+        # sort by path (record key) so the shuffle input never depends on scan order;
+        # a packed folder's keys follow its sorted paths, so both split alike
+        indices = sorted(indices, key=lambda i: folder.sort_key(folder.samples[i][0]))
         n = len(indices)
         n_test = _n_held_out(n, test_fraction)
         n_val = _n_held_out(n, val_fraction)

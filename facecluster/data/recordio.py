@@ -1,0 +1,351 @@
+"""InsightFace RecordIO (``train.rec`` + ``train.idx``), read and written without mxnet.
+
+The format, after dmlc-core ``include/dmlc/recordio.h`` and mxnet's
+``python/mxnet/recordio.py``:
+
+- a record is ``uint32`` magic ``0xced7230a``, ``uint32`` lrecord (low 29 bits: the
+  length, high 3 bits: cflag), the payload, then zero padding to 4 bytes. The writer
+  splits a payload wherever the magic occurs at a 4-byte aligned position and drops
+  those 4 bytes: cflag 0 is a whole record, 1/2/3 the start/middle/end of a split
+  one, which the reader joins, putting the magic back between the parts;
+- a payload is a header ``<IfQQ`` (flag, label, id, id2); when ``flag > 0`` that
+  many float32 labels follow (the label is then an array); the rest is the encoded
+  image (JPEG, sometimes PNG);
+- the ``.idx`` file holds text lines ``key<TAB>offset``, in any order.
+
+InsightFace's face layout (``rec_builder.py``, ``face2rec2.py``): record 0 is a
+header whose label is ``(first identity-record key, end key)``; the image records
+follow; then one record per identity, in identity order, whose label is that
+identity's ``[start, end)`` range of image keys. Files written by plain ``im2rec``
+have no header record: every record is an image carrying its label.
+
+Labels are float32, exact only up to 2^24 = 16,777,216. Identity labels stay below
+that (WebFace42M has 2.06M identities), but the key ranges of Glint360K (17.1M
+images) and WebFace42M pass it. Each range boundary past 2^24 is therefore
+corrected against the image records themselves: the true boundary is where the
+(exact) identity label of consecutive image records changes, found among the few
+keys a float32 rounding can reach.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from facecluster.data.images import load_rgb
+
+MAGIC = 0xCED7230A
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_HEADER = struct.Struct("<IfQQ")  # flag, label, id, id2: 24 bytes
+_LENGTH_MASK = (1 << 29) - 1
+FLOAT32_EXACT = 1 << 24
+"""Integers above this are not all representable in float32."""
+
+
+class RecordError(OSError):
+    """A record cannot be read (bad magic, truncated); the message names file, key, offset.
+
+    An OSError, so the datamodule treats a corrupt record like an undecodable image
+    (``on_bad_image=skip|fail``).
+    """
+
+
+@dataclass(frozen=True)
+class Record:
+    """One unpacked payload."""
+
+    flag: int
+    label: float | np.ndarray
+    """A float, or a float32 array of ``flag`` labels when ``flag > 0``."""
+    id: int
+    id2: int
+    data: bytes
+    """The encoded image (empty for header and identity records)."""
+
+
+def pack(label: float | Sequence[float], data: bytes = b"", id: int = 0, id2: int = 0) -> bytes:
+    """A payload: header, optional label array, encoded image bytes."""
+    if isinstance(label, int | float):
+        return _HEADER.pack(0, float(label), id, id2) + data
+    labels = np.asarray(label, dtype=np.float32)
+    return _HEADER.pack(len(labels), 0.0, id, id2) + labels.tobytes() + data
+
+
+def unpack(payload: bytes) -> Record:
+    if len(payload) < _HEADER.size:
+        raise ValueError(f"payload of {len(payload)} bytes is shorter than its 24-byte header")
+    flag, label, id_, id2 = _HEADER.unpack_from(payload)
+    offset = _HEADER.size
+    if flag > 0:
+        end = offset + 4 * flag
+        if end > len(payload):
+            raise ValueError(f"header says {flag} labels, the payload holds fewer")
+        label = np.frombuffer(payload[offset:end], dtype=np.float32).copy()
+        offset = end
+    return Record(flag, label, id_, id2, bytes(payload[offset:]))
+
+
+def encode_record(payload: bytes) -> bytes:
+    """The bytes of one record as dmlc's writer lays them out (magic splitting, padding)."""
+    parts, start = [], 0
+    for i in range(0, len(payload) - 3, 4):
+        if payload[i : i + 4] == _MAGIC_BYTES:
+            parts.append(payload[start:i])
+            start = i + 4
+    parts.append(payload[start:])
+    out = bytearray()
+    for n, part in enumerate(parts):
+        cflag = 0 if len(parts) == 1 else 1 if n == 0 else 3 if n == len(parts) - 1 else 2
+        out += struct.pack("<II", MAGIC, (cflag << 29) | len(part)) + part
+        out += b"\0" * (-len(part) % 4)
+    return bytes(out)
+
+
+class RecordWriter:
+    """Writes ``.rec`` and ``.idx`` side by side (keys in any order)."""
+
+    def __init__(self, rec: str | Path, idx: str | Path) -> None:
+        self._rec = open(rec, "wb")  # noqa: SIM115 (closed in close())
+        self._idx = open(idx, "w")  # noqa: SIM115
+
+    def write(self, key: int, payload: bytes) -> None:
+        self._idx.write(f"{key}\t{self._rec.tell()}\n")
+        self._rec.write(encode_record(payload))
+
+    def close(self) -> None:
+        self._rec.close()
+        self._idx.close()
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def rec_paths(root: str | Path) -> tuple[Path, Path] | None:
+    """``(train.rec, train.idx)`` when ``root`` names a .rec file or a folder holding one."""
+    root = Path(root).expanduser()
+    rec = root if root.suffix == ".rec" else root / "train.rec"
+    if root.suffix != ".rec" and not rec.is_file():
+        return None
+    return rec, rec.with_suffix(".idx")
+
+
+class RecordFile:
+    """Random access to an indexed RecordIO file, memory-mapped.
+
+    Safe in DataLoader workers: the map is opened lazily in each process and never
+    pickled. Every offset of the ``.idx`` is checked against the file size at open.
+
+    Args:
+        rec: the ``.rec`` file.
+        idx: its ``.idx`` (default: beside it).
+    """
+
+    def __init__(self, rec: str | Path, idx: str | Path | None = None) -> None:
+        self.rec = Path(rec)
+        self.idx = Path(idx) if idx is not None else self.rec.with_suffix(".idx")
+        for path in (self.rec, self.idx):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist")
+        self.size = self.rec.stat().st_size
+        self.offsets = self._read_index()
+        self._map: mmap.mmap | None = None
+        self._pid = -1
+
+    def _read_index(self) -> dict[int, int]:
+        offsets: dict[int, int] = {}
+        with open(self.idx) as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    key, offset = (int(v) for v in line.split())
+                except ValueError:
+                    raise ValueError(
+                        f"{self.idx} line {line_no}: expected 'key<TAB>offset', got {line!r}"
+                    ) from None
+                if not 0 <= offset <= self.size - 8:
+                    raise ValueError(
+                        f"{self.idx} line {line_no}: key {key} points at offset {offset}, "
+                        f"past the end of {self.rec} ({self.size} bytes): truncated file?"
+                    )
+                offsets[key] = offset
+        if not offsets:
+            raise ValueError(f"{self.idx} lists no record")
+        return offsets
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_map"], state["_pid"] = None, -1
+        return state
+
+    def _buffer(self) -> mmap.mmap:
+        if self._map is None or self._pid != os.getpid():
+            with open(self.rec, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._pid = os.getpid()
+        return self._map
+
+    def keys(self) -> list[int]:
+        return sorted(self.offsets)
+
+    def payload(self, key: int) -> bytes:
+        """The payload of record ``key`` (split records joined, the magic restored)."""
+        if key not in self.offsets:
+            raise KeyError(f"{self.rec}: no record with key {key} in {self.idx}")
+        buf, pos = self._buffer(), self.offsets[key]
+        parts = []
+        while True:
+            if pos + 8 > self.size:
+                raise RecordError(f"{self.rec} key {key} at offset {self.offsets[key]}: truncated")
+            magic, lrecord = struct.unpack_from("<II", buf, pos)
+            if magic != MAGIC:
+                raise RecordError(
+                    f"{self.rec} key {key} at offset {self.offsets[key]}: bad magic "
+                    f"0x{magic:08x} at byte {pos} (corrupt record)"
+                )
+            cflag, length = lrecord >> 29, lrecord & _LENGTH_MASK
+            if pos + 8 + length > self.size:
+                raise RecordError(f"{self.rec} key {key} at offset {self.offsets[key]}: truncated")
+            parts.append(bytes(buf[pos + 8 : pos + 8 + length]))
+            pos += 8 + length + (-length % 4)
+            if cflag in (0, 3):
+                return _MAGIC_BYTES.join(parts)
+
+    def record(self, key: int) -> Record:
+        try:
+            return unpack(self.payload(key))
+        except ValueError as e:
+            raise RecordError(f"{self.rec} key {key} at offset {self.offsets[key]}: {e}") from None
+
+    def image(self, locator: int | str) -> Image.Image:
+        """The decoded image of record ``key`` (8-bit RGB; PIL errors for bad bytes)."""
+        key = locator if isinstance(locator, int) else int(str(locator).rsplit("#", 1)[1])
+        return load_rgb(io.BytesIO(self.record(key).data))
+
+    def locator(self, key: int) -> str:
+        """How a record is named in samples and messages: ``<file>#<key>``."""
+        return f"{self.rec}#{key}"
+
+
+def _identity_label(record: Record) -> int:
+    label = record.label
+    return int(label if record.flag == 0 else label[0])
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """Which records are images, and which identity each belongs to."""
+
+    keys: np.ndarray
+    """[N] image record keys, grouped by identity, identities in label order."""
+    labels: np.ndarray
+    """[N] identity label of each image record."""
+
+
+def image_layout(records: RecordFile) -> RecordLayout:
+    """The image records and their identities, from the identity records when present.
+
+    With InsightFace's header record no image is read except, for boundaries past
+    2^24, the few records around each one. Without it (plain im2rec files) one pass
+    over every record's header gives the labels.
+    """
+    keys = records.keys()
+    header = records.record(keys[0]) if keys[0] == 0 else None
+    if header is None or header.flag < 2 or header.data:
+        return _scan_all(records, keys)
+    first, end = _exact_header(records, *(int(v) for v in header.label[:2]))
+    ranges = []
+    for identity_key in range(first, end):
+        identity = records.record(identity_key)
+        if identity.flag < 2:
+            raise RecordError(f"{records.rec} key {identity_key}: not an identity record")
+        ranges.append([int(identity.label[0]), int(identity.label[1])])
+    bounds = _exact_bounds(records, np.asarray(ranges, dtype=np.int64))
+    counts = bounds[:, 1] - bounds[:, 0]
+    image_keys = np.concatenate([np.arange(a, b) for a, b in bounds]) if len(bounds) else []
+    labels = np.repeat(np.arange(len(bounds)), counts)
+    return RecordLayout(np.asarray(image_keys, dtype=np.int64), labels)
+
+
+def _exact_bounds(records: RecordFile, ranges: np.ndarray) -> np.ndarray:
+    """Key ranges with float32-rounded boundaries (past 2^24) set to the true ones."""
+    bounds = ranges.copy()
+    for i in range(len(bounds)):
+        for side in (0, 1):
+            b = int(bounds[i, side])
+            if b < FLOAT32_EXACT:  # exact; 2^24 itself may be 2^24 + 1 rounded
+                continue
+            bounds[i, side] = _true_boundary(records, b, identity=i, side=side)
+    return bounds
+
+
+def _spacing(approx: int) -> int:
+    """How far a float32-rounded integer can be from the true one (its ulp)."""
+    return 1 << max(0, approx.bit_length() - 24)
+
+
+def _exact_header(records: RecordFile, first: int, end: int) -> tuple[int, int]:
+    """The header's (first identity key, end), exact: identity records come last."""
+    if first >= FLOAT32_EXACT:
+        spacing = _spacing(first)
+        for key in range(first - spacing, first + spacing + 1):
+            if key - 1 not in records.offsets or key not in records.offsets:
+                continue
+            if records.record(key - 1).data and not records.record(key).data:
+                first = key
+                break
+    if end >= FLOAT32_EXACT and abs(end - (max(records.offsets) + 1)) <= _spacing(end):
+        end = max(records.offsets) + 1
+    return first, end
+
+
+def _true_boundary(records: RecordFile, approx: int, identity: int, side: int) -> int:
+    # The true key is within one float32 spacing of the stored one.
+    spacing = _spacing(approx)
+    for key in range(approx - spacing, approx + spacing + 1):
+        previous = key - 1
+        if key not in records.offsets or previous not in records.offsets:
+            continue
+        inside = _identity_label(records.record(key)) == identity
+        before = _identity_label(records.record(previous)) == identity
+        if side == 0 and inside and not before:
+            return key
+        if side == 1 and before and not inside:
+            return key
+    return approx
+
+
+def _scan_all(records: RecordFile, keys: list[int]) -> RecordLayout:
+    labels, image_keys = [], []
+    for key in keys:
+        record = records.record(key)
+        if not record.data:  # a header or identity record of some other writer
+            continue
+        image_keys.append(key)
+        labels.append(_identity_label(record))
+    order = np.argsort(np.asarray(labels), kind="stable")
+    return RecordLayout(
+        np.asarray(image_keys, dtype=np.int64)[order], np.asarray(labels, dtype=np.int64)[order]
+    )
+
+
+def iter_identities(layout: RecordLayout) -> Iterator[tuple[int, np.ndarray]]:
+    """(label, image keys) per identity present, in label order."""
+    labels = layout.labels
+    if not len(labels):
+        return
+    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+    ends = np.r_[starts[1:], len(labels)]
+    for a, b in zip(starts, ends, strict=True):
+        yield int(labels[a]), layout.keys[a:b]

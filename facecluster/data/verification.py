@@ -1,0 +1,118 @@
+"""InsightFace verification pair files (``lfw.bin``, ``cfp_fp.bin``, ``agedb_30.bin``).
+
+A ``.bin`` file is a pickle of ``(images, issame)``: ``2 * P`` encoded images (the
+two faces of pair ``p`` are ``images[2p]`` and ``images[2p + 1]``), as ``bytes`` or
+numpy uint8 arrays of the encoded file, and ``P`` booleans. Pickles can run code, so
+:func:`read_bin` uses an unpickler that accepts only those types. :func:`write_bin`
+makes one from an image folder and an LFW-style ``pairs.txt``.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from facecluster.data.images import load_rgb
+
+# What a verification pickle may contain: containers, bytes, and numpy arrays.
+_ALLOWED = {
+    ("builtins", "list"),
+    ("builtins", "tuple"),
+    ("builtins", "bytes"),
+    ("builtins", "bytearray"),
+    ("builtins", "bool"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ALLOWED:
+            raise pickle.UnpicklingError(
+                f"{module}.{name} is not allowed in a verification .bin file "
+                "(only lists of encoded images and booleans)"
+            )
+        return super().find_class(module, name)
+
+
+@dataclass(frozen=True)
+class VerificationPairs:
+    """Face pairs with same/different labels."""
+
+    images: list[bytes]
+    """2 * P encoded images; pair p is (images[2p], images[2p + 1])."""
+    issame: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.issame)
+
+    def pair(self, p: int) -> tuple[Image.Image, Image.Image]:
+        return (
+            load_rgb(io.BytesIO(self.images[2 * p])),
+            load_rgb(io.BytesIO(self.images[2 * p + 1])),
+        )
+
+
+def read_bin(path: str | Path) -> VerificationPairs:
+    """Read an InsightFace ``.bin`` verification file (no code from the file runs)."""
+    with open(path, "rb") as f:
+        try:
+            images, issame = _RestrictedUnpickler(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, ValueError, EOFError) as e:
+            raise ValueError(f"{path} is not a verification .bin file: {e}") from None
+    images = [
+        bytes(np.asarray(x, dtype=np.uint8).tobytes()) if not isinstance(x, bytes) else x
+        for x in images
+    ]
+    issame = [bool(x) for x in issame]
+    if len(images) != 2 * len(issame):
+        raise ValueError(f"{path}: {len(images)} images for {len(issame)} pairs (expected 2 each)")
+    return VerificationPairs(images, issame)
+
+
+def read_pairs_txt(root: str | Path, pairs: str | Path) -> tuple[list[Path], list[bool]]:
+    """Image paths (two per pair) and same/different flags from an LFW ``pairs.txt``.
+
+    Lines ``name i j`` are same-identity pairs, ``name1 i name2 j`` different ones;
+    image ``i`` of ``name`` is ``root/name/name_{i:04d}.jpg``. A first line of only
+    numbers (LFW's ``folds pairs-per-fold``) is skipped.
+    """
+    root = Path(root)
+    paths, issame = [], []
+    for line_no, line in enumerate(Path(pairs).read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts or (line_no == 1 and all(p.isdigit() for p in parts)):
+            continue
+        if len(parts) == 3:
+            a, b = (parts[0], int(parts[1])), (parts[0], int(parts[2]))
+        elif len(parts) == 4:
+            a, b = (parts[0], int(parts[1])), (parts[2], int(parts[3]))
+        else:
+            raise ValueError(f"{pairs} line {line_no}: expected 3 or 4 fields, got {line!r}")
+        for name, i in (a, b):
+            path = root / name / f"{name}_{i:04d}.jpg"
+            if not path.is_file():
+                raise FileNotFoundError(f"{pairs} line {line_no}: {path} does not exist")
+            paths.append(path)
+        issame.append(len(parts) == 3)
+    return paths, issame
+
+
+def write_bin(root: str | Path, pairs: str | Path, out: str | Path) -> Path:
+    """Write a ``.bin`` verification file from an image folder and a ``pairs.txt``."""
+    paths, issame = read_pairs_txt(root, pairs)
+    out = Path(out)
+    with open(out, "wb") as f:
+        pickle.dump(([p.read_bytes() for p in paths], issame), f, protocol=4)
+    return out

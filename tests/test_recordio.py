@@ -1,0 +1,207 @@
+"""InsightFace RecordIO without mxnet: hand-built files, the packer, and training on a
+packed folder exactly as on the folder."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from facecluster.config import load_config
+from facecluster.data import FaceDataModule
+from facecluster.data.folder import scan, split_per_identity
+from facecluster.data.pack import main as pack_main
+from facecluster.data.recordio import (
+    FLOAT32_EXACT,
+    MAGIC,
+    RecordError,
+    RecordFile,
+    RecordWriter,
+    encode_record,
+    image_layout,
+    pack,
+    unpack,
+)
+from facecluster.pipeline import train
+from tests.conftest import DEMO, SMOKE, smoke_overrides
+
+MAGIC_BYTES = struct.pack("<I", MAGIC)
+
+
+def _jpeg(value: int, fmt: str = "JPEG") -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (value, 255 - value, 40)).save(out, fmt)
+    return out.getvalue()
+
+
+def _write(path, records: dict[int, bytes], order=None):
+    with RecordWriter(path / "train.rec", path / "train.idx") as w:
+        for key in order or records:
+            w.write(key, records[key])
+    return RecordFile(path / "train.rec")
+
+
+def test_a_payload_holding_the_magic_is_split_and_joined_back(tmp_path):
+    # Aligned occurrences split the record (cflag 1/2/3), an unaligned one does not.
+    payload = pack(3.0, b"ab" + b"xx" + MAGIC_BYTES + b"yyyy" + MAGIC_BYTES + b"z" + MAGIC_BYTES)
+    assert payload[24 + 4 : 24 + 8] == MAGIC_BYTES
+    raw = encode_record(payload)
+    cflags = []
+    pos = 0
+    while pos < len(raw):
+        magic, lrecord = struct.unpack_from("<II", raw, pos)
+        assert magic == MAGIC
+        cflags.append(lrecord >> 29)
+        pos += 8 + (lrecord & (2**29 - 1))
+        pos += -pos % 4
+    assert cflags == [1, 2, 3]
+    records = _write(tmp_path, {0: payload})
+    assert records.payload(0) == payload
+    assert unpack(records.payload(0)).label == 3.0
+
+
+def test_label_arrays_unordered_index_and_png(tmp_path):
+    records = {5: pack([7.0, 1.5], _jpeg(10)), 2: pack(4.0, _jpeg(200, "PNG")), 9: pack(1.0)}
+    rf = _write(tmp_path, records, order=[9, 5, 2])
+    lines = (tmp_path / "train.idx").read_text().split()
+    assert lines[0] == "9", "the index is not in key order"
+    five = rf.record(5)
+    assert five.flag == 2 and five.label.tolist() == [7.0, 1.5]
+    assert rf.image(2).size == (16, 16) and rf.image(2).getpixel((0, 0)) == (200, 55, 40)
+    layout = image_layout(rf)  # no header record: one pass; 9 has no image
+    assert layout.keys.tolist() == [2, 5] and layout.labels.tolist() == [4, 7]
+
+
+def test_corrupt_record_and_truncated_file_are_named(tmp_path):
+    rf = _write(tmp_path, {0: pack(0.0, _jpeg(1)), 1: pack(0.0, _jpeg(2))})
+    data = bytearray((tmp_path / "train.rec").read_bytes())
+    offset = rf.offsets[1]
+    data[offset] ^= 0xFF
+    (tmp_path / "train.rec").write_bytes(bytes(data))
+    with pytest.raises(RecordError, match=rf"key 1 at offset {offset}: bad magic"):
+        RecordFile(tmp_path / "train.rec").image(1)
+    (tmp_path / "train.rec").write_bytes(bytes(data[: offset + 4]))
+    with pytest.raises(ValueError, match=rf"key 1 points at offset {offset}, past the end"):
+        RecordFile(tmp_path / "train.rec")
+
+
+def test_key_ranges_past_float32_precision_are_exact(tmp_path):
+    # InsightFace stores [start, end) ranges as float32: past 2^24 odd keys round.
+    base = FLOAT32_EXACT - 4
+    sizes = [5, 3, 6, 1, 4]  # boundaries at 2^24 + 1, + 4, + 5, + 9
+    records, key, ranges = {}, base, []
+    for label, n in enumerate(sizes):
+        ranges.append((key, key + n))
+        for _ in range(n):
+            records[key] = pack(float(label), _jpeg(label * 30))
+            key += 1
+    first = key
+    for label, (a, b) in enumerate(ranges):
+        records[first + label] = pack([a, b])
+    records[0] = pack([first, first + len(sizes)])
+    assert int(np.float32(FLOAT32_EXACT + 1)) != FLOAT32_EXACT + 1  # the rounding is real
+    layout = image_layout(_write(tmp_path, records))
+    expected = [label for label, n in enumerate(sizes) for _ in range(n)]
+    assert layout.labels.tolist() == expected
+    assert layout.keys.tolist() == list(range(base, base + sum(sizes)))
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed")
+    assert pack_main([str(DEMO), str(out / "rec")]) == 0
+    assert pack_main([str(DEMO), str(out / "shuffled"), "--shuffle"]) == 0
+    return out
+
+
+def test_packed_folder_scans_and_splits_like_the_folder(packed):
+    folder = scan(DEMO, min_images_per_class=10, max_classes=30)
+    for rec in (packed / "rec" / "train.rec", packed / "rec", packed / "shuffled"):
+        records = scan(rec, min_images_per_class=10, max_classes=30)
+        assert records.class_names == folder.class_names
+        assert [label for _, label in records.samples] == [label for _, label in folder.samples]
+        assert split_per_identity(records, 0.1, 0.2, 7) == split_per_identity(folder, 0.1, 0.2, 7)
+    header = RecordFile(packed / "rec" / "train.rec").record(0)
+    assert header.flag == 2 and not header.data, "InsightFace layout: record 0 is the header"
+    assert (packed / "rec" / "property").read_text().strip() == "158,112,112"
+
+
+def test_datamodule_serves_the_same_pixels_from_rec_and_folder(packed):
+    kw = {"min_images_per_class": 10, "max_classes": 6, "batch_size": 4, "image_size": 32}
+    a, b = FaceDataModule(str(DEMO), **kw), FaceDataModule(str(packed / "rec"), **kw)
+    for x, y in zip(a.test_dataloader(), b.test_dataloader(), strict=True):
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+
+
+def test_a_corrupt_record_is_skipped_or_stops_naming_key_and_offset(tmp_path, packed):
+    import shutil
+
+    shutil.copytree(packed / "rec", tmp_path / "rec")
+    rec = tmp_path / "rec" / "train.rec"
+    offset = RecordFile(rec).offsets[5]
+    data = bytearray(rec.read_bytes())
+    data[offset] ^= 0xFF  # the magic of key 5, the fifth image of the first identity
+    rec.write_bytes(bytes(data))
+    kw = {"min_images_per_class": 10, "max_classes": 1, "batch_size": 4, "max_bad_fraction": 0.5}
+    dm = FaceDataModule(str(tmp_path / "rec"), **kw)
+    split = next(n for n in ("train", "val", "test") if 4 in dm._split_indices(n))
+    dataset = dm._dataset(split, dm._split_indices(split), train=False)
+    assert all(torch.isfinite(dataset[i][0]).all() for i in range(len(dataset)))
+    assert dm.bad_images() == [f"{rec}#5"]
+    failing = FaceDataModule(str(tmp_path / "rec"), on_bad_image="fail", **kw)
+    with pytest.raises(Exception, match=rf"train.rec#5 .*key 5 at offset {offset}: bad magic"):
+        failing._dataset(split, [4], train=False)[0]
+
+
+@pytest.mark.slow
+def test_training_on_the_packed_folder_gives_the_folders_stage1_weights(tmp_path, packed):
+    extra = ("method=single", "logger=none", "eval.after_training=false", "data.num_workers=1")
+    runs = []
+    for name, root in (("folder", DEMO), ("rec", packed / "rec" / "train.rec")):
+        cfg = load_config(SMOKE, smoke_overrides(tmp_path / name, f"data.root={root}", *extra))
+        runs.append(train(cfg))
+    folder, rec = (r.backbone.state_dict() for r in runs)
+    assert folder.keys() == rec.keys()
+    for key in folder:
+        assert torch.equal(folder[key], rec[key]), key
+
+
+# ------------------------------------------------------------------ verification pairs
+
+
+def test_verification_bin_round_trip_numpy_images_and_refused_code(tmp_path):
+    import os
+    import pickle
+
+    from facecluster.data.verification import read_bin, write_bin
+
+    pairs = tmp_path / "pairs.txt"
+    names = sorted(p.name for p in DEMO.iterdir())[:2]
+    a, b = (sorted((DEMO / n).iterdir()) for n in names)
+    index = [int(p.stem.rsplit("_", 1)[1]) for p in (a[0], a[1], b[0])]
+    pairs.write_text(
+        f"1\t2\n{names[0]}\t{index[0]}\t{index[1]}\n{names[0]}\t{index[0]}\t{names[1]}\t{index[2]}\n"
+    )
+    pairs_bin = read_bin(write_bin(DEMO, pairs, tmp_path / "demo.bin"))
+    assert pairs_bin.issame == [True, False] and len(pairs_bin.images) == 4
+    assert pairs_bin.images[0] == a[0].read_bytes()
+    assert pairs_bin.pair(1)[1].size == Image.open(b[0]).size
+
+    # Files made by other tools hold numpy uint8 arrays of the encoded bytes.
+    arrays = [np.frombuffer(x, dtype=np.uint8) for x in pairs_bin.images]
+    with open(tmp_path / "np.bin", "wb") as f:
+        pickle.dump((arrays, pairs_bin.issame), f)
+    assert read_bin(tmp_path / "np.bin").images == pairs_bin.images
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    with open(tmp_path / "evil.bin", "wb") as f:
+        pickle.dump(([Payload()], []), f)
+    with pytest.raises(ValueError, match="system is not allowed"):
+        read_bin(tmp_path / "evil.bin")
