@@ -1,4 +1,5 @@
-"""Face image data: image folders and InsightFace RecordIO files (scan, pack), per-identity splits, transforms and the Lightning data module.
+"""Face image data: image folders and InsightFace RecordIO files (scan, pack),
+per-identity splits, transforms and the Lightning data module.
 
 This package never imports ``facecluster.models`` or ``facecluster.clustering``.
 """
