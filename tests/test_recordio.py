@@ -205,3 +205,35 @@ def test_verification_bin_round_trip_numpy_images_and_refused_code(tmp_path):
         pickle.dump(([Payload()], []), f)
     with pytest.raises(ValueError, match="system is not allowed"):
         read_bin(tmp_path / "evil.bin")
+
+
+PACK = "facecluster pack ../shared/datasets/lfw-112/images"
+TRAIN_ON_REC = "python train.py -c configs/smoke.yaml data.root="
+
+
+@pytest.mark.slow
+def test_documented_pack_then_train_commands(tmp_path):
+    # docs/DATA.md's two commands as written (the output folder is this test's).
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = DEMO.parents[2]
+    if not (root / ".." / "shared" / "datasets" / "lfw-112" / "images").is_dir():
+        pytest.skip("the shared LFW copy is not beside this checkout")
+    docs = (root / "docs" / "DATA.md").read_text()
+    assert f"{PACK} /data/lfw-rec" in docs and f"{TRAIN_ON_REC}/data/lfw-rec/train.rec" in docs
+    env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
+    script = Path(sys.executable).parent / "facecluster"
+    out = tmp_path / "lfw-rec"
+    pack = [str(script), *PACK.split()[1:], str(out)]
+    subprocess.run(pack, cwd=root, env=env, check=True, capture_output=True, timeout=300)
+    assert (out / "property").read_text().startswith("5749,112,112")
+    command = [sys.executable, *TRAIN_ON_REC.split()[1:]]
+    command[-1] += str(out / "train.rec")
+    command += [f"output_dir={tmp_path / 'runs'}", "logger=csv"]
+    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Evaluation on the held-out test split" in proc.stdout
+    assert "clustered, all sub-nets (ISM)" in proc.stdout
