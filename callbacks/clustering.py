@@ -33,6 +33,7 @@ from facecluster.clustering import (
     finalize_class_means,
 )
 from facecluster.data import FaceDataModule
+from facecluster.data.transforms import normalize_images
 
 
 class ClusteringCallback(L.Callback):
@@ -85,7 +86,7 @@ class ClusteringCallback(L.Callback):
         pl_module.to(trainer.strategy.root_device).eval()
         with trainer.precision_plugin.forward_context():
             sums, counts = embedding_class_sums(
-                pl_module,
+                lambda images: pl_module(normalize_images(images)),
                 loader,
                 dm.num_classes,
                 pl_module.hparams.backbone["embedding_dim"],

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from facecluster.builders import build_datamodule
 from facecluster.clustering import embedding_class_sums, finalize_class_means
 from facecluster.config import Config
+from facecluster.data.transforms import normalize_images
 from facecluster.inference import Predictor, StageOneModel, TwoStageIdentifier
 from facecluster.loggers import wandb_run
 from facecluster.models.components import load_backbone
@@ -112,7 +113,7 @@ class Bench:
         correct = routed = total = 0
         routes = False
         for images, labels in tqdm(self.loader, desc=predictor.name, leave=False):
-            predicted, clusters = predictor.predict(images)
+            predicted, clusters = predictor.predict(normalize_images(images))
             correct += int((predicted == labels).sum())
             total += len(labels)
             for metric in metrics.values():
@@ -132,15 +133,15 @@ class Bench:
         """Throughput (images/s at ``eval.batch_size``) and median latency (ms at batch 1)."""
         images, size = self.sample, self.cfg.eval.batch_size
         batch = images.repeat((size + len(images) - 1) // len(images), 1, 1, 1)[:size]
-        predictor.predict(batch)  # warm-up: allocator, faiss, lazy inits
+        predictor.predict(normalize_images(batch))  # warm-up: allocator, faiss, lazy inits
         start = time.perf_counter()
-        for _ in range(batches):
-            predictor.predict(batch)
+        for _ in range(batches):  # from the loader's uint8 batch, normalisation included
+            predictor.predict(normalize_images(batch))
         throughput = size * batches / (time.perf_counter() - start)
         latencies = []
         for i in range(20):
             start = time.perf_counter()
-            predictor.predict(images[i % len(images)][None])
+            predictor.predict(normalize_images(images[i % len(images)][None]))
             latencies.append((time.perf_counter() - start) * 1000)
         return throughput, statistics.median(latencies)
 
@@ -182,7 +183,11 @@ def _single_model(run: RunFolder, cfg: Config, bench: Bench) -> StageOneModel:
     backbone = load_backbone(cfg.model.backbone_args(cfg.data.image_size), weights.backbone)
     dm = bench.dm
     sums, counts = embedding_class_sums(
-        backbone, dm.embedding_dataloader(), dm.num_classes, cfg.model.embedding_dim, progress=True
+        lambda images: backbone(normalize_images(images)),
+        dm.embedding_dataloader(),
+        dm.num_classes,
+        cfg.model.embedding_dim,
+        progress=True,
     )
     return StageOneModel(backbone, weights.head, finalize_class_means(sums, counts), single=True)
 

@@ -22,6 +22,7 @@ from facecluster.data import (
     scan_image_folder,
     split_per_identity,
 )
+from facecluster.data.transforms import normalize_images
 
 DEMO_ROOT = Path(__file__).resolve().parents[1] / "datasets" / "lfw-demo" / "images"
 DATA_PKG = Path(__file__).resolve().parents[1] / "facecluster" / "data"
@@ -224,9 +225,21 @@ def test_transforms_shape_and_range(size: int) -> None:
     assert image.size == (112, 112)
     for train in (True, False):
         out = build_transforms(size, train=train)(image)
-        assert out.dtype == torch.float32 and out.shape == (3, size, size)
-        assert out.min() >= -1.0 and out.max() <= 1.0
-        assert out.min() < -0.5 and out.max() > 0.5  # really normalised to [-1, 1], not [0, 1]
+        assert out.dtype == torch.uint8 and out.shape == (3, size, size)
+        x = normalize_images(out[None])
+        assert x.dtype == torch.float32 and x.min() >= -1.0 and x.max() <= 1.0
+        assert x.min() < -0.5 and x.max() > 0.5  # really normalised to [-1, 1], not [0, 1]
+    assert normalize_images(x) is x, "float images are already normalised"
+
+
+def test_uint8_then_normalize_equals_to_tensor_then_normalize() -> None:
+    # Batches stay uint8 until the device: the values must be the old pipeline's, bit for bit.
+    from torchvision import transforms as T
+
+    old = T.Compose([T.ToTensor(), T.Normalize(mean=[0.5] * 3, std=[0.5] * 3)])
+    for path in _demo_jpegs(8):
+        image = Image.open(path).convert("RGB")
+        assert torch.equal(normalize_images(build_transforms(112, train=False)(image)), old(image))
 
 
 def test_flip_only_in_train() -> None:

@@ -13,6 +13,7 @@ import torch
 from facecluster.builders import build_datamodule
 from facecluster.clustering import accumulate_class_sums, finalize_class_means
 from facecluster.config import load_config
+from facecluster.data.transforms import normalize_images
 from facecluster.models.components import load_backbone
 from tests.conftest import ROOT, SMOKE, smoke_overrides
 
@@ -69,7 +70,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     counts = torch.zeros(dm.num_classes, dtype=torch.long)
     with torch.no_grad():
         for images, labels in dm.embedding_dataloader():
-            accumulate_class_sums(backbone(images), labels, sums, counts)
+            accumulate_class_sums(backbone(normalize_images(images)), labels, sums, counts)
     single = finalize_class_means(sums, counts)
     for r in ranks:
         torch.testing.assert_close(r["class_means"], single, rtol=0, atol=1e-5)

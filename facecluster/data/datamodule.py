@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 import lightning
 import torch
 from lightning.pytorch.utilities import CombinedLoader
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -54,7 +55,7 @@ from facecluster.data.images import (
     load_rgb,
 )
 from facecluster.data.recordio import RecordFile
-from facecluster.data.transforms import build_transforms
+from facecluster.data.transforms import build_transforms, normalize_images
 
 __all__ = ["FaceImageDataset", "FaceDataModule"]
 
@@ -355,6 +356,14 @@ class FaceDataModule(lightning.LightningDataModule):
         """Global labels of the ``"train"``/``"val"``/``"test"`` samples, in split order."""
         samples = self._split_samples(split)
         return torch.tensor([label for _, label in samples], dtype=torch.long)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """uint8 images become normalised float32 on the device (every Trainer batch).
+
+        Stage 1, validation and test batches are ``(images, labels)``; stage 2's are
+        ``{cluster: (images, labels)}``. Labels are int64 and pass unchanged.
+        """
+        return apply_to_collection(batch, torch.Tensor, normalize_images)
 
     # --------------------------------------------------------------- clusters
 

@@ -2,21 +2,28 @@
 
 Aligned face datasets (LFW-112, MS1MV2, VGGFace2 crops) already come at the
 network resolution, so resizing is skipped when the image already has the
-target size: it would only cost time and blur. Normalisation maps pixels to
-``[-1, 1]`` (mean 0.5, std 0.5), the arcface_torch convention the backbones
-expect.
+target size: it would only cost time and blur.
+
+The per-image transforms end in a uint8 ``[3, H, W]`` tensor: batches stay uint8
+through the DataLoader workers, collation and the copy to the device (a quarter of
+the bytes of float32), and :func:`normalize_images` maps them to ``[-1, 1]`` (mean
+0.5, std 0.5, the arcface_torch convention the backbones expect) where they are
+used, on the device: ``FaceDataModule.on_after_batch_transfer`` for everything a
+Trainer runs, the callers themselves for loaders used directly. The arithmetic is
+that of ``ToTensor`` then ``Normalize``, so the values are bit-identical.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-__all__ = ["build_transforms"]
+__all__ = ["build_transforms", "normalize_images"]
 
 
 class ResizeIfNeeded:
@@ -51,8 +58,8 @@ def build_transforms(image_size: int, train: bool) -> Callable:
             faces are aligned, so crops/rotations would break the alignment).
 
     Returns:
-        A callable mapping a PIL RGB image to ``FloatTensor[3, image_size, image_size]``
-        with values in ``[-1, 1]``.
+        A callable mapping a PIL RGB image to ``uint8[3, image_size, image_size]``;
+        :func:`normalize_images` makes network inputs of a batch of them.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
@@ -60,5 +67,15 @@ def build_transforms(image_size: int, train: bool) -> Callable:
     if train:
         # flip draws from the global torch RNG, so seeded runs replay the same augmentation
         steps.append(T.RandomHorizontalFlip(p=0.5))
-    steps += [T.ToTensor(), T.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])]
+    steps.append(T.PILToTensor())
     return T.Compose(steps)
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images ``[..., 3, H, W]`` to float32 in ``[-1, 1]``; float input is returned as is.
+
+    The same operations as ``ToTensor`` (``/ 255``) then ``Normalize(0.5, 0.5)``.
+    """
+    if images.dtype != torch.uint8:
+        return images
+    return images.to(torch.float32).div(255).sub_(0.5).div_(0.5)
