@@ -120,11 +120,30 @@ def packed(tmp_path_factory):
 
 def test_packed_folder_scans_and_splits_like_the_folder(packed):
     folder = scan(DEMO, min_images_per_class=10, max_classes=30)
-    for rec in (packed / "rec" / "train.rec", packed / "rec", packed / "shuffled"):
+
+    def split_bytes(f):
+        # What each split holds, as image bytes: the same images, not just the same indices.
+        read = (
+            (lambda loc: f.records.record(f.sort_key(loc)).data)
+            if f.records
+            else (lambda loc: open(loc, "rb").read())
+        )
+        return {
+            name: [read(f.samples[i][0]) for i in ids]
+            for name, ids in split_per_identity(f, 0.1, 0.2, 7).items()
+        }
+
+    expected = split_bytes(folder)
+    for rec in (packed / "rec" / "train.rec", packed / "rec"):
         records = scan(rec, min_images_per_class=10, max_classes=30)
         assert records.class_names == folder.class_names
         assert [label for _, label in records.samples] == [label for _, label in folder.samples]
-        assert split_per_identity(records, 0.1, 0.2, 7) == split_per_identity(folder, 0.1, 0.2, 7)
+        assert split_bytes(records) == expected
+    # A shuffled pack (no identity records) has the same identities and images per
+    # identity, in another order within each identity, so another split.
+    shuffled = scan(packed / "shuffled", min_images_per_class=10, max_classes=30)
+    assert shuffled.class_names == folder.class_names
+    assert [label for _, label in shuffled.samples] == [label for _, label in folder.samples]
     header = RecordFile(packed / "rec" / "train.rec").record(0)
     assert header.flag == 2 and not header.data, "InsightFace layout: record 0 is the header"
     assert (packed / "rec" / "property").read_text().strip() == "158,112,112"

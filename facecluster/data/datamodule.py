@@ -189,7 +189,8 @@ class FaceDataModule(lightning.LightningDataModule):
     """Identity-per-folder face dataset with per-identity splits and per-cluster loaders.
 
     Args:
-        root: Directory with one sub-folder per identity (``data.root``).
+        root: Image folder with one sub-folder per identity, or an InsightFace ``.rec``
+            file (or a folder holding ``train.rec``) (``data.root``).
         image_size: Side length of the network input.
         batch_size: Training batch size (per loader, per process).
         eval_batch_size: Batch size for val/test/embedding loaders; defaults to ``batch_size``.
@@ -361,9 +362,14 @@ class FaceDataModule(lightning.LightningDataModule):
         """uint8 images become normalised float32 on the device (every Trainer batch).
 
         Stage 1, validation and test batches are ``(images, labels)``; stage 2's are
-        ``{cluster: (images, labels)}``. Labels are int64 and pass unchanged.
+        ``{cluster: (images, labels)}``. Labels are int64 and pass unchanged. The
+        precision plugin's input conversion (``*-true`` precisions) ran before this
+        hook and skipped the uint8 images: it runs again on the floats.
         """
-        return apply_to_collection(batch, torch.Tensor, normalize_images)
+        batch = apply_to_collection(batch, torch.Tensor, normalize_images)
+        if self.trainer is not None:
+            batch = self.trainer.precision_plugin.convert_input(batch)
+        return batch
 
     # --------------------------------------------------------------- clusters
 

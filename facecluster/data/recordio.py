@@ -95,11 +95,14 @@ def unpack(payload: bytes) -> Record:
 
 def encode_record(payload: bytes) -> bytes:
     """The bytes of one record as dmlc's writer lays them out (magic splitting, padding)."""
-    parts, start = [], 0
-    for i in range(0, len(payload) - 3, 4):
-        if payload[i : i + 4] == _MAGIC_BYTES:
+    parts, start, i = [], 0, payload.find(_MAGIC_BYTES)
+    while i >= 0:
+        if i % 4 == 0:  # dmlc splits only at 4-byte aligned occurrences
             parts.append(payload[start:i])
             start = i + 4
+            i = payload.find(_MAGIC_BYTES, i + 4)
+        else:
+            i = payload.find(_MAGIC_BYTES, i + 1)
     parts.append(payload[start:])
     out = bytearray()
     for n, part in enumerate(parts):
@@ -222,6 +225,27 @@ class RecordFile:
             if cflag in (0, 3):
                 return _MAGIC_BYTES.join(parts)
 
+    def head(self, key: int) -> tuple[int, float, bool]:
+        """(identity label, first label, holds an image) of record ``key``, reading only
+        its header bytes (the whole payload only for a record split by the writer)."""
+        pos = self.offsets.get(key)
+        if pos is None:
+            raise KeyError(f"{self.rec}: no record with key {key} in {self.idx}")
+        buf = self._buffer()
+        if pos + 8 + _HEADER.size <= self.size:
+            magic, lrecord = struct.unpack_from("<II", buf, pos)
+            length = lrecord & _LENGTH_MASK
+            if magic == MAGIC and lrecord >> 29 == 0 and length >= _HEADER.size:
+                flag, label, _, _ = _HEADER.unpack_from(buf, pos + 8)
+                labels = _HEADER.size + 4 * flag
+                if flag > 0 and length >= labels:
+                    label = struct.unpack_from("<f", buf, pos + 8 + _HEADER.size)[0]
+                if flag == 0 or length >= labels:
+                    return int(label), label, length > labels
+        record = self.record(key)
+        first = float(record.label if record.flag == 0 else record.label[0])
+        return int(first), first, bool(record.data)
+
     def record(self, key: int) -> Record:
         try:
             return unpack(self.payload(key))
@@ -238,11 +262,6 @@ class RecordFile:
         return f"{self.rec}#{key}"
 
 
-def _identity_label(record: Record) -> int:
-    label = record.label
-    return int(label if record.flag == 0 else label[0])
-
-
 @dataclass(frozen=True)
 class RecordLayout:
     """Which records are images, and which identity each belongs to."""
@@ -256,13 +275,14 @@ class RecordLayout:
 def image_layout(records: RecordFile) -> RecordLayout:
     """The image records and their identities, from the identity records when present.
 
-    With InsightFace's header record no image is read except, for boundaries past
-    2^24, the few records around each one. Without it (plain im2rec files) one pass
-    over every record's header gives the labels.
+    With InsightFace's header record only the identity records are read, plus, for
+    boundaries past 2^24, the label bytes of the few records around each one.
+    Without it (plain im2rec files) one pass reads every record's label bytes (each
+    rank at each start: the image bytes are not read).
     """
     keys = records.keys()
-    header = records.record(keys[0]) if keys[0] == 0 else None
-    if header is None or header.flag < 2 or header.data:
+    header = records.record(keys[0]) if keys[0] == 0 and not records.head(0)[2] else None
+    if header is None or header.flag < 2:
         return _scan_all(records, keys)
     first, end = _exact_header(records, *(int(v) for v in header.label[:2]))
     ranges = []
@@ -286,6 +306,9 @@ def _exact_bounds(records: RecordFile, ranges: np.ndarray) -> np.ndarray:
             b = int(bounds[i, side])
             if b < FLOAT32_EXACT:  # exact; 2^24 itself may be 2^24 + 1 rounded
                 continue
+            if side == 0 and i > 0 and int(ranges[i - 1, 1]) == b:
+                bounds[i, 0] = bounds[i - 1, 1]  # the previous identity's end, found already
+                continue
             bounds[i, side] = _true_boundary(records, b, identity=i, side=side)
     return bounds
 
@@ -302,7 +325,7 @@ def _exact_header(records: RecordFile, first: int, end: int) -> tuple[int, int]:
         for key in range(first - spacing, first + spacing + 1):
             if key - 1 not in records.offsets or key not in records.offsets:
                 continue
-            if records.record(key - 1).data and not records.record(key).data:
+            if records.head(key - 1)[2] and not records.head(key)[2]:
                 first = key
                 break
     if end >= FLOAT32_EXACT and abs(end - (max(records.offsets) + 1)) <= _spacing(end):
@@ -317,23 +340,27 @@ def _true_boundary(records: RecordFile, approx: int, identity: int, side: int) -
         previous = key - 1
         if key not in records.offsets or previous not in records.offsets:
             continue
-        inside = _identity_label(records.record(key)) == identity
-        before = _identity_label(records.record(previous)) == identity
+        inside = records.head(key)[2] and records.head(key)[0] == identity
+        before = records.head(previous)[2] and records.head(previous)[0] == identity
         if side == 0 and inside and not before:
             return key
         if side == 1 and before and not inside:
             return key
-    return approx
+    raise RecordError(
+        f"{records.rec}: identity {identity}'s range {'start' if side == 0 else 'end'} "
+        f"{approx} (float32) matches no change of image label within +-{spacing} keys; "
+        "the image records do not carry their identity's label"
+    )
 
 
 def _scan_all(records: RecordFile, keys: list[int]) -> RecordLayout:
     labels, image_keys = [], []
     for key in keys:
-        record = records.record(key)
-        if not record.data:  # a header or identity record of some other writer
+        label, _, has_image = records.head(key)
+        if not has_image:  # a header or identity record of some other writer
             continue
         image_keys.append(key)
-        labels.append(_identity_label(record))
+        labels.append(label)
     order = np.argsort(np.asarray(labels), kind="stable")
     return RecordLayout(
         np.asarray(image_keys, dtype=np.int64)[order], np.asarray(labels, dtype=np.int64)[order]

@@ -71,11 +71,21 @@ def build_transforms(image_size: int, train: bool) -> Callable:
     return T.Compose(steps)
 
 
+# The 256 possible results, computed once on the CPU with ToTensor's (/ 255) and
+# Normalize's (- 0.5, / 0.5) float32 arithmetic. A lookup gives those exact values on
+# any device (CUDA would turn "/ 255" into "* (1 / 255)", which rounds differently).
+_LEVELS = torch.arange(256, dtype=torch.float32).div(255).sub_(0.5).div_(0.5)
+_LEVELS_ON: dict[torch.device, torch.Tensor] = {}
+
+
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 images ``[..., 3, H, W]`` to float32 in ``[-1, 1]``; float input is returned as is.
 
-    The same operations as ``ToTensor`` (``/ 255``) then ``Normalize(0.5, 0.5)``.
+    Bit-identical to ``ToTensor`` then ``Normalize(0.5, 0.5)`` on every device.
     """
     if images.dtype != torch.uint8:
         return images
-    return images.to(torch.float32).div(255).sub_(0.5).div_(0.5)
+    levels = _LEVELS_ON.get(images.device)
+    if levels is None:
+        levels = _LEVELS_ON.setdefault(images.device, _LEVELS.to(images.device))
+    return levels[images.long()]

@@ -9,6 +9,7 @@ makes one from an image folder and an LFW-style ``pairs.txt``.
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 from dataclasses import dataclass
@@ -32,12 +33,17 @@ _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),  # numpy arrays pickled with protocol 5
+    ("numpy._core.numeric", "_frombuffer"),
     ("_codecs", "encode"),
 }
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        # Python 2 names (protocol <= 2: __builtin__.bytes), mapped as pickle maps them.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) not in _ALLOWED:
             raise pickle.UnpicklingError(
                 f"{module}.{name} is not allowed in a verification .bin file "
