@@ -56,11 +56,12 @@ def check_cluster_count(cfg: Config, dm: FaceDataModule) -> None:
 
 def module_args(cfg: Config, stage: int) -> dict[str, Any]:
     """Keyword arguments shared by both stage systems (plain dicts, saved in checkpoints)."""
+    config = cfg.to_dict()
     return {
         "backbone": cfg.model.backbone_args(cfg.data.image_size),
         "head": {"name": cfg.head.name, "s": cfg.head.s, "m": cfg.head.m},
-        "optim": cfg.to_dict()[f"stage{stage}"]["optim"],
-        "config": cfg.to_dict(),
+        "optim": config[f"stage{stage}"]["optim"],
+        "config": config,
     }
 
 

@@ -336,16 +336,21 @@ def _exact_header(records: RecordFile, first: int, end: int) -> tuple[int, int]:
 def _true_boundary(records: RecordFile, approx: int, identity: int, side: int) -> int:
     # The true key is within one float32 spacing of the stored one.
     spacing = _spacing(approx)
-    for key in range(approx - spacing, approx + spacing + 1):
-        previous = key - 1
-        if key not in records.offsets or previous not in records.offsets:
+    keys = range(approx - spacing - 1, approx + spacing + 1)
+
+    def member(key: int) -> bool | None:  # None: no such record
+        if key not in records.offsets:
+            return None
+        label, _, has_image = records.head(key)
+        return has_image and label == identity
+
+    members = [member(key) for key in keys]  # each record's header read once
+    for n in range(1, len(keys)):
+        before, inside = members[n - 1], members[n]
+        if before is None or inside is None:
             continue
-        inside = records.head(key)[2] and records.head(key)[0] == identity
-        before = records.head(previous)[2] and records.head(previous)[0] == identity
-        if side == 0 and inside and not before:
-            return key
-        if side == 1 and before and not inside:
-            return key
+        if (side == 0 and inside and not before) or (side == 1 and before and not inside):
+            return keys[n]
     raise RecordError(
         f"{records.rec}: identity {identity}'s range {'start' if side == 0 else 'end'} "
         f"{approx} (float32) matches no change of image label within +-{spacing} keys; "
