@@ -1,10 +1,15 @@
 """Images/s through the real training input pipeline, from a .rec and from a folder.
 
-For each ``num_workers`` in 0, 1, 2: the stage-1 training loader of FaceDataModule
-(decode, flip, to tensor, normalise, collate) over an image folder and over the
-same folder packed into RecordIO, and the ceiling: decoding the same JPEG bytes to
-RGB in a tight loop in as many processes (one for ``num_workers=0``). The decoders
-Pillow and ``torchvision.io.decode_jpeg`` (libjpeg-turbo) are timed alone first.
+The CPU decoders are timed alone first on the same JPEG bytes: Pillow, simplejpeg
+(libjpeg-turbo, what the loaders use) and ``torchvision.io.decode_jpeg``. Then, for
+each ``num_workers`` in 0, 1, 2: the stage-1 training loader of FaceDataModule
+(read, decode, draw the mirror flags, collate into a uint8 batch; the mirror
+itself is applied on the device with the normalisation, timed separately here on
+the CPU) over an image folder and over the
+same folder packed into RecordIO, and the ceiling: the loaders' decoder on the same
+JPEG bytes in a tight loop in as many processes (one for ``num_workers=0``). Each
+figure is the median of ``--rounds`` rounds, the rounds interleaved, because the
+rate of this shared machine drifts by 10-25% over a minute.
 
     python bench/data_throughput.py --root ../shared/datasets/lfw-112/images
 
@@ -21,13 +26,16 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
+import simplejpeg
 import torch
 from PIL import Image
 
 from facecluster.data import FaceDataModule
 from facecluster.data.pack import pack_folder
 from facecluster.data.recordio import RecordFile, image_layout
+from facecluster.data.transforms import normalize_images
 
 
 def _jpegs(rec: Path, count: int) -> list[bytes]:
@@ -42,10 +50,18 @@ def _pillow(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
+def _simplejpeg(data: bytes):
+    return simplejpeg.decode_jpeg(data, colorspace="RGB")
+
+
 def _torchvision(data: bytes) -> torch.Tensor:
+    import warnings
+
     from torchvision.io import decode_jpeg
 
-    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    with warnings.catch_warnings():  # deprecated since torchvision 0.29 (torchcodec)
+        warnings.simplefilter("ignore")
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
 
 def _decode_rate(decoder, jpegs: list[bytes], seconds: float = 2.0) -> float:
@@ -59,11 +75,11 @@ def _decode_rate(decoder, jpegs: list[bytes], seconds: float = 2.0) -> float:
 
 def _worker(args: tuple[list[bytes], float]) -> float:
     torch.set_num_threads(1)
-    return _decode_rate(_pillow, *args)
+    return _decode_rate(_simplejpeg, *args)
 
 
 def ceiling(jpegs: list[bytes], processes: int) -> float:
-    """Pillow decodes per second, summed over ``processes`` parallel processes."""
+    """simplejpeg decodes per second, summed over ``processes`` parallel processes."""
     if processes == 1:
         return _worker((jpegs, 3.0))
     with mp.get_context("spawn").Pool(processes) as pool:
@@ -85,9 +101,20 @@ def loader_rate(root: Path, workers: int, batches: int, batch_size: int) -> floa
     next(it)  # workers started, first batch ready
     done, start = 0, time.perf_counter()
     for _ in range(batches):
-        images, _ = next(it)
-        done += len(images)
+        done += len(next(it)[0])
     return done / (time.perf_counter() - start)
+
+
+def device_step_us(batch_size: int, rounds: int = 20) -> float:
+    """Microseconds per image of what the device does to a training batch, timed here on
+    the CPU: mirror the drawn images, move channels first, normalise."""
+    images = torch.randint(0, 256, (batch_size, 112, 112, 3), dtype=torch.uint8)
+    mirror = torch.rand(batch_size) < 0.5
+    normalize_images(images, mirror)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        normalize_images(images, mirror)
+    return (time.perf_counter() - start) / rounds / batch_size * 1e6
 
 
 def main() -> None:
@@ -95,6 +122,7 @@ def main() -> None:
     parser.add_argument("--root", default="../shared/datasets/lfw-112/images")
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="bench/results/data_throughput.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one thread per process, as in DataLoader workers
@@ -102,29 +130,39 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rec = pack_folder(root, Path(tmp) / "rec")
         jpegs = _jpegs(rec, 512)
+        decoders = {"pillow": _pillow, "simplejpeg": _simplejpeg, "torchvision": _torchvision}
         result = {
             "root": str(root),
             "records": len(RecordFile(rec).offsets),
             "cpu": platform.processor() or platform.machine(),
             "cores": mp.cpu_count(),
+            "rounds": args.rounds,
             "decoders_images_per_s": {
-                "pillow": _decode_rate(_pillow, jpegs),
-                "torchvision.io.decode_jpeg": _decode_rate(_torchvision, jpegs),
+                name: median([_decode_rate(decoder, jpegs) for _ in range(args.rounds)])
+                for name, decoder in decoders.items()
             },
+            "device_step_on_cpu_us_per_image": device_step_us(args.batch_size),
             "rows": [],
         }
         for workers in (0, 1, 2):
-            row = {
-                "num_workers": workers,
-                "ceiling": ceiling(jpegs, max(1, workers)),
-                "folder": loader_rate(root, workers, args.batches, args.batch_size),
-                "rec": loader_rate(rec, workers, args.batches, args.batch_size),
-            }
+            rounds = [
+                {
+                    "ceiling": ceiling(jpegs, max(1, workers)),
+                    "folder": loader_rate(root, workers, args.batches, args.batch_size),
+                    "rec": loader_rate(rec, workers, args.batches, args.batch_size),
+                }
+                for _ in range(args.rounds)
+            ]
+            row = {"num_workers": workers}
+            row.update({key: median([r[key] for r in rounds]) for key in rounds[0]})
             row["rec_vs_ceiling"] = row["rec"] / row["ceiling"]
+            row["folder_vs_ceiling"] = row["folder"] / row["ceiling"]
             row["rec_vs_folder"] = row["rec"] / row["folder"]
+            row["rounds"] = rounds
             result["rows"].append(row)
-            print(json.dumps(row))
+            print(json.dumps({k: v for k, v in row.items() if k != "rounds"}))
     print(json.dumps(result["decoders_images_per_s"]))
+    print("device step on the CPU:", result["device_step_on_cpu_us_per_image"], "us/image")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

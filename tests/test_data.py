@@ -8,6 +8,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.utilities import CombinedLoader
@@ -22,6 +23,7 @@ from facecluster.data import (
     scan_image_folder,
     split_per_identity,
 )
+from facecluster.data.images import decode_image
 from facecluster.data.transforms import normalize_images
 
 DEMO_ROOT = Path(__file__).resolve().parents[1] / "datasets" / "lfw-demo" / "images"
@@ -221,37 +223,74 @@ def test_split_fraction_validation(
 
 @pytest.mark.parametrize("size", [112, 64])
 def test_transforms_shape_and_range(size: int) -> None:
-    image = Image.open(_demo_jpegs(1)[0]).convert("RGB")
-    assert image.size == (112, 112)
+    image = decode_image(str(_demo_jpegs(1)[0]))
+    assert image.shape == (112, 112, 3) and image.dtype == torch.uint8
     for train in (True, False):
-        out = build_transforms(size, train=train)(image)
-        assert out.dtype == torch.uint8 and out.shape == (3, size, size)
+        out, mirror = build_transforms(size, train=train)(image)
+        assert out.dtype == torch.uint8 and out.shape == (size, size, 3)
+        assert isinstance(mirror, bool) and (train or not mirror)
         x = normalize_images(out[None])
-        assert x.dtype == torch.float32 and x.min() >= -1.0 and x.max() <= 1.0
+        assert x.dtype == torch.float32 and x.shape == (1, 3, size, size)
+        assert x.min() >= -1.0 and x.max() <= 1.0
         assert x.min() < -0.5 and x.max() > 0.5  # really normalised to [-1, 1], not [0, 1]
     assert normalize_images(x) is x, "float images are already normalised"
+    with pytest.raises(ValueError, match=r"\[\.\.\., H, W, 3\]"):
+        normalize_images(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
 
 
-def test_uint8_then_normalize_equals_to_tensor_then_normalize() -> None:
-    # Batches stay uint8 until the device: the values must be the old pipeline's, bit for bit.
+def test_decode_then_normalize_equals_pil_to_tensor_then_normalize() -> None:
+    # The fast path (libjpeg-turbo to HWC, normalised on the device) must give the
+    # old pipeline's values (PIL, ToTensor, Normalize, PIL resize) bit for bit.
     from torchvision import transforms as T
 
-    old = T.Compose([T.ToTensor(), T.Normalize(mean=[0.5] * 3, std=[0.5] * 3)])
+    def old(size):
+        resize = T.Resize([size, size], antialias=True)
+        return T.Compose([resize, T.ToTensor(), T.Normalize(mean=[0.5] * 3, std=[0.5] * 3)])
+
     for path in _demo_jpegs(8):
         image = Image.open(path).convert("RGB")
-        assert torch.equal(normalize_images(build_transforms(112, train=False)(image)), old(image))
+        decoded = decode_image(str(path))
+        assert torch.equal(decoded, torch.from_numpy(np.array(image)))
+        assert torch.equal(decoded, decode_image(path.read_bytes()))
+        for size in (112, 48):
+            new = normalize_images(build_transforms(size, train=False)(decoded)[0][None])[0]
+            assert torch.equal(new, old(size)(image)), size
 
 
-def test_flip_only_in_train() -> None:
-    image = Image.open(_demo_jpegs(1)[0]).convert("RGB")
-    plain = build_transforms(112, train=False)(image)
-    torch.manual_seed(0)
-    assert all(torch.equal(build_transforms(112, train=False)(image), plain) for _ in range(20))
+def test_decode_image_formats_and_errors(tmp_path: Path) -> None:
+    rgb = Image.open(_demo_jpegs(1)[0]).convert("RGB")
+    for mode, fmt in (("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG")):
+        path = tmp_path / f"{mode}.{fmt.lower()}"
+        rgb.convert(mode).save(path, fmt)
+        expected = np.array(Image.open(path).convert("RGB"))
+        assert torch.equal(decode_image(str(path)), torch.from_numpy(expected)), mode
+    truncated = _demo_jpegs(1)[0].read_bytes()[:1500]
+    with pytest.raises(OSError, match="truncated"):
+        decode_image(truncated)
+    with pytest.raises(OSError):
+        decode_image(b"<html>404 Not Found</html>")
+
+
+def test_mirror_drawn_in_train_only_and_applied_by_normalize() -> None:
+    from torchvision import transforms as T
+
+    image = decode_image(str(_demo_jpegs(1)[0]))
+    plain, mirror = build_transforms(112, train=False)(image)
+    assert torch.equal(plain, image) and not mirror
     train = build_transforms(112, train=True)
+    # one torch.rand(1) per image, as RandomHorizontalFlip draws it: seeded runs replay
+    torch.manual_seed(3)
+    draws = [bool(torch.rand(1) < 0.5) for _ in range(40)]
+    torch.manual_seed(3)
     outs = [train(image) for _ in range(40)]
-    flipped = sum(torch.equal(o, plain.flip(-1)) for o in outs)
-    unflipped = sum(torch.equal(o, plain) for o in outs)
-    assert flipped > 0 and unflipped > 0 and flipped + unflipped == 40
+    assert [m for _, m in outs] == draws and 0 < sum(draws) < 40
+    # normalize_images mirrors the drawn images: the old pipeline's values, bit for bit
+    old = T.Compose([T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    pil = Image.open(_demo_jpegs(1)[0]).convert("RGB")
+    torch.manual_seed(3)
+    expected = torch.stack([old(pil) for _ in range(40)])
+    batch = torch.stack([x for x, _ in outs])
+    assert torch.equal(normalize_images(batch, torch.tensor(draws)), expected)
 
 
 # ---------------------------------------------------------------- data module
@@ -276,9 +315,9 @@ def _image_index(dm: FaceDataModule) -> dict[bytes, int]:
     transform = build_transforms(dm.image_size, train=False)
     index = {}
     for path, label in dm._split_samples("train"):
-        x = transform(Image.open(path).convert("RGB"))
+        x, _ = transform(decode_image(path))
         index[x.numpy().tobytes()] = label
-        index[x.flip(-1).numpy().tobytes()] = label
+        index[x.flip(1).numpy().tobytes()] = label
     return index
 
 
@@ -289,7 +328,7 @@ def test_train_loader_before_clusters(dm: FaceDataModule) -> None:
     assert isinstance(loader.sampler, torch.utils.data.RandomSampler)
     assert loader.drop_last
     n_train = len(dm.split_labels("train"))
-    labels = torch.cat([y for _, y in loader])
+    labels = torch.cat([y for _, y, _ in loader])
     assert len(labels) == (n_train // 8) * 8  # drop_last: never a ragged last batch
     assert set(labels.tolist()) <= set(range(6))
     assert dm.num_clusters is None
@@ -312,10 +351,11 @@ def test_combined_loader_after_connect_clusters(dm: FaceDataModule) -> None:
     for batch, _, _ in combined:
         assert set(batch) == {0, 1, 2}
         n_steps += 1
-        for k, (images, labels) in batch.items():
+        for k, (images, labels, mirror) in batch.items():
             size_k = int((c2c == k).sum())
-            assert images.shape[1:] == (3, 112, 112) and len(images) > 1
+            assert images.shape[1:] == (112, 112, 3) and len(images) > 1
             assert labels.min() >= 0 and labels.max() < size_k
+            assert mirror.dtype == torch.bool and mirror.shape == labels.shape
             for image, label in zip(images, labels, strict=True):
                 global_label = image_index[image.numpy().tobytes()]
                 assert int(c2c[global_label]) == k  # the image belongs to this cluster
@@ -382,12 +422,12 @@ def test_no_training_batch_of_size_one(tmp_path: Path) -> None:
     sizes = Counter(dm.split_labels("train").tolist())
     assert sizes == {0: 8, 1: 10, 2: 1}
     # whole split (19 > 9): drop_last, so 19 -> two batches of 9, never a lone sample
-    assert [len(y) for _, y in dm.train_dataloader()] == [9, 9]
+    assert [len(y) for _, y, _ in dm.train_dataloader()] == [9, 9]
     # cluster 0 = {alice} (8 <= 9): one batch of 8; cluster 1 = {bob, carol} (11 > 9): one of 9
     dm.connect_clusters(torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]))
     loaders = dm.train_dataloader().iterables
-    assert [len(y) for _, y in loaders[0]] == [8]
-    assert [len(y) for _, y in loaders[1]] == [9]
+    assert [len(y) for _, y, _ in loaders[0]] == [8]
+    assert [len(y) for _, y, _ in loaders[1]] == [9]
     # a cluster with a single training image is rejected with a clear message
     with pytest.raises(ValueError, match="batches of size 1"):
         dm.connect_clusters(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
@@ -406,7 +446,7 @@ def test_dataset_label_map() -> None:
         samples, build_transforms(64, train=False), label_map=torch.tensor([5, 6, 7])
     )
     image, label = ds[1]
-    assert label == 7 and image.shape == (3, 64, 64)
+    assert label == 7 and image.shape == (64, 64, 3)
     assert FaceImageDataset(samples, build_transforms(64, train=False))[0][1] == 2
 
 

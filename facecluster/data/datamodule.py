@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import lightning
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -52,10 +51,10 @@ from facecluster.data.images import (
     DECODE_ERRORS,
     BadImageError,
     BadImageTracker,
-    load_rgb,
+    decode_image,
 )
 from facecluster.data.recordio import RecordFile
-from facecluster.data.transforms import build_transforms, normalize_images
+from facecluster.data.transforms import FaceTransform, build_transforms, normalize_images
 
 __all__ = ["FaceImageDataset", "FaceDataModule"]
 
@@ -67,7 +66,7 @@ class FaceImageDataset(Dataset):
 
     Args:
         samples: ``(image path, global label)`` pairs.
-        transform: Callable applied to the PIL RGB image.
+        transform: The split's :class:`~facecluster.data.transforms.FaceTransform`.
         label_map: Optional ``LongTensor[C]``; when given, the returned label is
             ``label_map[global_label]`` (used for cluster-local labels).
         on_bad_image: ``"skip"``: an undecodable image is replaced by the next readable
@@ -87,7 +86,7 @@ class FaceImageDataset(Dataset):
     def __init__(
         self,
         samples: Sequence[tuple[str, int]],
-        transform: Callable,
+        transform: FaceTransform,
         label_map: Tensor | None = None,
         on_bad_image: str = "skip",
         tracker: BadImageTracker | None = None,
@@ -132,7 +131,7 @@ class FaceImageDataset(Dataset):
             return None
         path = self.samples[index][0]
         try:
-            return self.records.image(path) if self.records is not None else load_rgb(path)
+            return self.records.image(path) if self.records is not None else decode_image(path)
         except DECODE_ERRORS as e:
             if self.on_bad_image == "fail":
                 # Raised while training, where no config layer can add the key: the
@@ -175,14 +174,21 @@ class FaceImageDataset(Dataset):
             f"(e.g. {self.samples[index][0]}); nothing can replace them"
         )
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | tuple[Tensor, int, bool]:
+        """``(image, label)``; training datasets add whether to mirror the image."""
         label = self.samples[index][1]
         image = self._load(index)
         if image is None:
             image = self._substitute(index)
         if self._label_map is not None:
             label = self._label_map[label]
-        return self.transform(image), label
+        image, mirror = self.transform(image)
+        return (image, label, mirror) if self.transform.train else (image, label)
+
+
+def _network_batch(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    images, labels, *mirror = batch
+    return normalize_images(images, *mirror), labels
 
 
 class FaceDataModule(lightning.LightningDataModule):
@@ -361,12 +367,17 @@ class FaceDataModule(lightning.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """uint8 images become normalised float32 on the device (every Trainer batch).
 
-        Stage 1, validation and test batches are ``(images, labels)``; stage 2's are
-        ``{cluster: (images, labels)}``. Labels are int64 and pass unchanged. The
-        precision plugin's input conversion (``*-true`` precisions) ran before this
-        hook and skipped the uint8 images: it runs again on the floats.
+        Training loaders give ``(images, labels, mirror)`` (stage 2:
+        ``{cluster: (images, labels, mirror)}``), validation and test loaders
+        ``(images, labels)``; every batch leaves as ``(network input, labels)``.
+        Labels are int64 and pass unchanged. The precision plugin's input conversion
+        (``*-true`` precisions) ran before this hook and skipped the uint8 images: it
+        runs again on the floats.
         """
-        batch = apply_to_collection(batch, torch.Tensor, normalize_images)
+        if isinstance(batch, dict):
+            batch = {k: _network_batch(v) for k, v in batch.items()}
+        else:
+            batch = _network_batch(batch)
         if self.trainer is not None:
             batch = self.trainer.precision_plugin.convert_input(batch)
         return batch

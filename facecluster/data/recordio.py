@@ -29,7 +29,6 @@ keys a float32 rounding can reach.
 
 from __future__ import annotations
 
-import io
 import mmap
 import os
 import struct
@@ -38,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import torch
 
-from facecluster.data.images import load_rgb
+from facecluster.data.images import decode_image
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -220,7 +219,9 @@ class RecordFile:
             cflag, length = lrecord >> 29, lrecord & _LENGTH_MASK
             if pos + 8 + length > self.size:
                 raise RecordError(f"{self.rec} key {key} at offset {self.offsets[key]}: truncated")
-            parts.append(bytes(buf[pos + 8 : pos + 8 + length]))
+            if cflag == 0 and not parts:  # a whole record, the usual case: one copy
+                return buf[pos + 8 : pos + 8 + length]
+            parts.append(buf[pos + 8 : pos + 8 + length])
             pos += 8 + length + (-length % 4)
             if cflag in (0, 3):
                 return _MAGIC_BYTES.join(parts)
@@ -252,10 +253,11 @@ class RecordFile:
         except ValueError as e:
             raise RecordError(f"{self.rec} key {key} at offset {self.offsets[key]}: {e}") from None
 
-    def image(self, locator: int | str) -> Image.Image:
-        """The decoded image of record ``key`` (8-bit RGB; PIL errors for bad bytes)."""
-        key = locator if isinstance(locator, int) else int(str(locator).rsplit("#", 1)[1])
-        return load_rgb(io.BytesIO(self.record(key).data))
+    def image(self, locator: int | str) -> torch.Tensor:
+        """The decoded image of record ``key`` or locator ``<file>#<key>``: ``uint8[H, W, 3]``
+        (see :func:`~facecluster.data.images.decode_image`; PIL's errors for bad bytes)."""
+        key = locator if isinstance(locator, int) else int(locator.rsplit("#", 1)[1])
+        return decode_image(self.record(key).data)
 
     def locator(self, key: int) -> str:
         """How a record is named in samples and messages: ``<file>#<key>``."""

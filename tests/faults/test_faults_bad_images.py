@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from facecluster.builders import build_datamodule
 from facecluster.config import ConfigError, load_config
 from facecluster.data import BadImageError, FaceDataModule, FaceImageDataset, load_rgb
+from facecluster.data.images import decode_image
 from facecluster.data.transforms import build_transforms
 from facecluster.pipeline import train
 from tests.conftest import DEMO, SMOKE, smoke_overrides
@@ -44,7 +45,7 @@ def truncate(path: Path) -> None:
 
 
 def _eval_tensor(path: Path) -> torch.Tensor:
-    return build_transforms(32, train=False)(load_rgb(str(path)))
+    return build_transforms(32, train=False)(decode_image(str(path)))[0]
 
 
 # ---------------------------------------------------------------- decoding
@@ -63,8 +64,9 @@ def test_odd_modes_and_sizes_become_8bit_rgb(tmp_path):
     for path in sorted(tmp_path.iterdir()):
         image = load_rgb(str(path))
         assert image.mode == "RGB", path.name
-        tensor = build_transforms(32, train=True)(image)
-        assert tensor.shape == (3, 32, 32) and torch.isfinite(tensor).all(), path.name
+        decoded = decode_image(str(path))
+        assert torch.equal(decoded, torch.from_numpy(np.array(image))), path.name
+        assert build_transforms(32, train=True)(decoded)[0].shape == (32, 32, 3), path.name
     # 16-bit: 32896/257 = 128, not clipped to white (PIL's plain convert gives 255)
     assert set(np.asarray(load_rgb(str(gray16))).ravel().tolist()) == {128}
     assert np.asarray(Image.open(gray16).convert("RGB")).min() == 255
