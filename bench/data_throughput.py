@@ -78,12 +78,12 @@ def _worker(args: tuple[list[bytes], float]) -> float:
     return _decode_rate(_simplejpeg, *args)
 
 
-def ceiling(jpegs: list[bytes], processes: int) -> float:
+def ceiling(jpegs: list[bytes], processes: int, seconds: float = 3.0) -> float:
     """simplejpeg decodes per second, summed over ``processes`` parallel processes."""
     if processes == 1:
-        return _worker((jpegs, 3.0))
+        return _worker((jpegs, seconds))
     with mp.get_context("spawn").Pool(processes) as pool:
-        return sum(pool.map(_worker, [(jpegs, 3.0)] * processes))
+        return sum(pool.map(_worker, [(jpegs, seconds)] * processes))
 
 
 def loader_rate(root: Path, workers: int, batches: int, batch_size: int) -> float:
@@ -123,6 +123,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seconds", type=float, default=3.0, help="per decode-rate measurement")
     parser.add_argument("--out", default="bench/results/data_throughput.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one thread per process, as in DataLoader workers
@@ -138,16 +140,16 @@ def main() -> None:
             "cores": mp.cpu_count(),
             "rounds": args.rounds,
             "decoders_images_per_s": {
-                name: median([_decode_rate(decoder, jpegs) for _ in range(args.rounds)])
+                name: median([_decode_rate(decoder, jpegs, args.seconds) for _ in range(args.rounds)])
                 for name, decoder in decoders.items()
             },
             "device_step_on_cpu_us_per_image": device_step_us(args.batch_size),
             "rows": [],
         }
-        for workers in (0, 1, 2):
+        for workers in args.workers:
             rounds = [
                 {
-                    "ceiling": ceiling(jpegs, max(1, workers)),
+                    "ceiling": ceiling(jpegs, max(1, workers), args.seconds),
                     "folder": loader_rate(root, workers, args.batches, args.batch_size),
                     "rec": loader_rate(rec, workers, args.batches, args.batch_size),
                 }

@@ -155,6 +155,10 @@ class ModelConfig:
     """Dropout before the embedding layer."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the backbone builder (e.g. width for IResNet)."""
+    compile: bool = False
+    """torch.compile each backbone for training (docs/PERFORMANCE.md has its measured effect)."""
+    channels_last: bool = False
+    """Keep weights in channels-last memory order (a GPU speed option; docs/PERFORMANCE.md)."""
 
     def problems(self) -> list[str]:
         r = _Rules("model.")
@@ -290,7 +294,10 @@ class EvalConfig:
     batch_size: int = 256
     """Batch size of the accuracy passes and of the throughput measurement."""
     timing_batches: int = 3
-    """Batches timed for throughput (after one warm-up batch); latency uses 20 single images."""
+    """Batches timed per predictor for throughput, interleaved across predictors (after one
+    warm-up batch each); latency uses 20 single images. The table shows the median."""
+    device: str = "auto"
+    """Where evaluation runs: auto (the GPU when there is one), cpu, cuda, cuda:N."""
     plots: bool = True
     """Write the top_m / alpha / class-mean plots (PNG, and W&B images with logger=wandb)."""
     after_training: bool = True

@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import csv
 import json
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from facecluster.models.components import load_backbone
 from facecluster.plots import alpha_plot, class_means_plot, top_m_plot
 from facecluster.results import markdown_table
 from facecluster.run import RunFolder
+from facecluster.timing import Timing, time_interleaved
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -67,6 +67,8 @@ class Row:
     throughput: float
     latency_ms: float
     params: int
+    throughput_spread: float = 0.0
+    """Half the range of the timed batches, relative to the median."""
 
 
 @dataclass
@@ -86,19 +88,20 @@ class Bench:
     """Scores and times predictors on one run's test split; each score is computed once.
 
     Args:
-        cfg: the run's config (``eval.*`` sets batch size and timing).
+        cfg: the run's config (``eval.*`` sets batch size, timing and device).
         run_name: the run column of the rows.
         class_to_cluster: [C] cluster of each identity, for routing accuracy (None: no routing).
     """
 
     def __init__(self, cfg: Config, run_name: str, class_to_cluster: Tensor | None) -> None:
         self.cfg, self.run_name, self.class_to_cluster = cfg, run_name, class_to_cluster
+        self.device = eval_device(cfg)
         self.dm = build_datamodule(cfg, eval_batch_size=cfg.eval.batch_size)
         self.loader = self.dm.test_dataloader()
         self.sample = next(iter(self.loader))[0]
         self._scores: dict[str, dict[str, Any]] = {}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score(self, predictor: Predictor) -> dict[str, Any]:
         """Top-1, macro P/R/F1 and routing accuracy over the test split."""
         if predictor.name in self._scores:  # the headline row and the sweeps share passes
@@ -113,7 +116,8 @@ class Bench:
         correct = routed = total = 0
         routes = False
         for images, labels in tqdm(self.loader, desc=predictor.name, leave=False):
-            predicted, clusters = predictor.predict(normalize_images(images))
+            predicted, clusters = predictor.predict(normalize_images(images.to(self.device)))
+            predicted = predicted.cpu()
             correct += int((predicted == labels).sum())
             total += len(labels)
             for metric in metrics.values():
@@ -121,46 +125,65 @@ class Bench:
             if clusters is not None and self.class_to_cluster is not None:
                 routes = True
                 truth = self.class_to_cluster[labels][:, None]
-                routed += int((clusters == truth).any(dim=1).sum())
+                routed += int((clusters.cpu() == truth).any(dim=1).sum())
         scores: dict[str, Any] = {name: float(m.compute()) for name, m in metrics.items()}
         scores["top1"] = correct / max(1, total)
         scores["routing_accuracy"] = routed / max(1, total) if routes else None
         self._scores[predictor.name] = scores
         return scores
 
-    @torch.no_grad()
-    def timing(self, predictor: Predictor, batches: int) -> tuple[float, float]:
-        """Throughput (images/s at ``eval.batch_size``) and median latency (ms at batch 1)."""
-        images, size = self.sample, self.cfg.eval.batch_size
-        batch = images.repeat((size + len(images) - 1) // len(images), 1, 1, 1)[:size]
-        predictor.predict(normalize_images(batch))  # warm-up: allocator, faiss, lazy inits
-        start = time.perf_counter()
-        for _ in range(batches):  # from the loader's uint8 batch, normalisation included
-            predictor.predict(normalize_images(batch))
-        throughput = size * batches / (time.perf_counter() - start)
-        latencies = []
-        for i in range(20):
-            start = time.perf_counter()
-            predictor.predict(normalize_images(images[i % len(images)][None]))
-            latencies.append((time.perf_counter() - start) * 1000)
-        return throughput, statistics.median(latencies)
+    @torch.inference_mode()
+    def timings(self, predictors: list[Predictor]) -> dict[str, tuple[Timing, Timing]]:
+        """Per predictor: the time of a batch of ``eval.batch_size`` and of one image.
 
-    def row(self, predictor: Predictor) -> Row:
-        s = self.score(predictor)
-        throughput, latency = self.timing(predictor, self.cfg.eval.timing_batches)
-        return Row(
-            self.run_name,
-            predictor.name,
-            s["top1"],
-            s["precision"],
-            s["recall"],
-            s["f1"],
-            s["routing_accuracy"],
-            predictor.subnet_forwards,
-            throughput,
-            latency,
-            predictor.params,
+        Interleaved (see :mod:`facecluster.timing`): ``eval.timing_batches`` batches and
+        20 single images per predictor, the predictors taking turns, from the loader's
+        uint8 images (normalisation included).
+        """
+        images, size = self.sample.to(self.device), self.cfg.eval.batch_size
+        batch = images.repeat((size + len(images) - 1) // len(images), 1, 1, 1)[:size]
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        batches = time_interleaved(
+            {p.name: partial(p.predict, normalize_images(batch)) for p in predictors},
+            rounds=self.cfg.eval.timing_batches,
+            sync=sync,
         )
+        singles = time_interleaved(
+            {p.name: partial(p.predict, normalize_images(images[:1])) for p in predictors},
+            rounds=20,
+            sync=sync,
+        )
+        return {p.name: (batches[p.name], singles[p.name]) for p in predictors}
+
+    def rows(self, predictors: list[Predictor]) -> list[Row]:
+        timings = self.timings(predictors)
+        rows = []
+        for p in predictors:
+            s, (batch, single) = self.score(p), timings[p.name]
+            rows.append(
+                Row(
+                    self.run_name,
+                    p.name,
+                    s["top1"],
+                    s["precision"],
+                    s["recall"],
+                    s["f1"],
+                    s["routing_accuracy"],
+                    p.subnet_forwards,
+                    batch.rate(self.cfg.eval.batch_size),
+                    single.median * 1000,
+                    p.params,
+                    batch.spread,
+                )
+            )
+        return rows
+
+
+def eval_device(cfg: Config) -> torch.device:
+    """``eval.device``; auto: the GPU when there is one."""
+    if cfg.eval.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.eval.device)
 
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunEvaluation:
@@ -172,7 +195,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
         report = _evaluate_two_stage(run, cfg)
     else:
         bench = Bench(cfg, run.path.name, None)
-        rows = [bench.row(p) for p in _single_model(run, cfg, bench).predictors()]
+        rows = bench.rows(_single_model(run, cfg, bench).predictors())
         report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)
     return _write(report, run, cfg)
 
@@ -181,35 +204,38 @@ def _single_model(run: RunFolder, cfg: Config, bench: Bench) -> StageOneModel:
     """The single-model baseline, with class means from one pass over its training split."""
     weights = run.stage1_weights()
     backbone = load_backbone(cfg.model.backbone_args(cfg.data.image_size), weights.backbone)
+    backbone.to(bench.device)
     dm = bench.dm
     sums, counts = embedding_class_sums(
         lambda images: backbone(normalize_images(images)),
         dm.embedding_dataloader(),
         dm.num_classes,
         cfg.model.embedding_dim,
+        device=bench.device,
         progress=True,
     )
-    return StageOneModel(backbone, weights.head, finalize_class_means(sums, counts), single=True)
+    means = finalize_class_means(sums, counts)
+    return StageOneModel(backbone, weights.head, means, single=True).to(bench.device)
 
 
 def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
     weights = run.stage1_weights()  # read once: the router's backbone and the stage-1 head
     ident = TwoStageIdentifier.from_run(run, route=cfg.to_dict()["route"], stage1=weights)
-    stage1 = StageOneModel(ident.router_backbone, weights.head, ident.assignment.class_means)
     bench = Bench(cfg, run.path.name, ident.assignment.class_to_cluster)
+    ident.to(bench.device)
+    means = ident.assignment.class_means.to(bench.device)
+    stage1 = StageOneModel(ident.router_backbone, weights.head, means).to(bench.device)
     predictors = ident.predictors(cfg.route.top_m, cfg.route.alpha) + stage1.predictors()
-    report = RunEvaluation(
-        run.path, cfg.method, [bench.row(p) for p in predictors], cfg.eval.batch_size
-    )
-    for m in range(1, ident.num_clusters + 1):
-        routed = ident.routed(m, cfg.route.alpha)
+    report = RunEvaluation(run.path, cfg.method, bench.rows(predictors), cfg.eval.batch_size)
+    sweep = [ident.routed(m, cfg.route.alpha) for m in range(1, ident.num_clusters + 1)]
+    timings = bench.timings(sweep)
+    for m, routed in enumerate(sweep, start=1):
         scores = bench.score(routed)
-        throughput, _ = bench.timing(routed, 1)
         report.top_m_sweep.append(
             {
                 "top_m": m,
                 "top1": scores["top1"],
-                "throughput": throughput,
+                "throughput": timings[routed.name][0].rate(cfg.eval.batch_size),
                 "routing_accuracy": scores["routing_accuracy"],
             }
         )
@@ -244,7 +270,7 @@ def _cells(row: Row) -> list[str]:
         f"{row.f1:.2%}",
         routing,
         f"{row.subnet_forwards:g}",
-        f"{row.throughput:.0f}",
+        f"{row.throughput:.0f} ±{row.throughput_spread:.0%}",
         f"{row.latency_ms:.1f}",
         f"{row.params / 1e6:.2f}M",
     ]

@@ -78,6 +78,10 @@ RESUME_FIXED_KEYS = (
 )
 
 
+SPEED_OPTIONS = {"compile": False, "channels_last": False}
+"""``model`` keys a resume may change: how the network runs, not what it is."""
+
+
 def is_global_zero() -> bool:
     """True in the process that writes the run folder.
 
@@ -345,6 +349,8 @@ def _refuse_contradictions(saved: Config, cfg: Config, resume: str) -> None:
         old, new = _select(old_values, key), _select(new_values, key)
         if key == "data.root":  # the same folder, written differently, is no change
             same = saved.data.resolved_root().resolve() == cfg.data.resolved_root().resolve()
+        elif key == "model":  # speed options change no weight
+            same = {**old, **SPEED_OPTIONS} == {**new, **SPEED_OPTIONS}
         else:
             same = old == new
         if not same:

@@ -3,7 +3,11 @@ accelerator path, the overhead benchmark and bench/gpu.sh (dry run)."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,11 +15,13 @@ import pytest
 import torch
 
 from callbacks.divergence import DivergenceCallback, DivergenceError
-from facecluster.builders import build_trainer, default_precision
-from facecluster.config import load_config
-from facecluster.run import RunFolder
+from facecluster.builders import build_trainer, default_precision, module_args
+from facecluster.config import ConfigError, load_config
+from facecluster.models.backbone_module import BackboneSystem
+from facecluster.run import RunFolder, _refuse_contradictions
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_LFW = ROOT.parent / "shared" / "datasets" / "lfw-112" / "images"
 
 
 def test_precision_auto_is_decided_by_the_device(monkeypatch, tmp_path):
@@ -70,3 +76,57 @@ def test_divergence_accelerator_path_defers_reads_and_tolerates_fp16_skips():
     _feed(callback, trainer, [1.0, 1.0, nan, 1.0])  # no read yet: no host sync
     with pytest.raises(DivergenceError, match="global step 3"):
         callback.on_train_epoch_end(trainer, None)
+
+
+def test_compile_and_channels_last_keep_weights_names_and_outputs():
+    cfg = load_config(ROOT / "configs" / "default.yaml").with_overrides(
+        ["model.backbone=tiny", "model.embedding_dim=16", "data.image_size=16", "model.kwargs={}"]
+    )
+    fast_cfg = cfg.with_overrides(["model.compile=true", "model.channels_last=true"])
+    torch.manual_seed(0)
+    plain = BackboneSystem(num_classes=5, **module_args(cfg, 1))
+    torch.manual_seed(0)
+    fast = BackboneSystem(num_classes=5, **module_args(fast_cfg, 1))
+    fast.configure_model()
+    fast.configure_model()  # a second Trainer entry applies nothing twice
+    assert list(fast.state_dict()) == list(plain.state_dict())  # checkpoints unchanged
+    convs = [p for p in fast.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    x = torch.randn(4, 3, 16, 16)
+    plain.eval(), fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
+    # a resume may switch speed options, not the model
+    _refuse_contradictions(cfg, fast_cfg, "run")
+    with pytest.raises(ConfigError, match="model"):
+        _refuse_contradictions(cfg, cfg.with_overrides(["model.embedding_dim=8"]), "run")
+
+
+def test_gpu_script_dry_run_writes_every_figure(tmp_path):
+    # bench/gpu.sh as a GPU machine runs it, every step at toy size on the CPU
+    if not SHARED_LFW.is_dir():
+        pytest.skip(f"{SHARED_LFW} is not here (CI has it beside the checkout)")
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(
+        ["bash", "bench/gpu.sh", "--dry-run", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PY": sys.executable},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["dry_run"] is True
+    for precision in ("32-true", "bf16-mixed"):
+        overhead = figures[f"overhead-{precision}-compile-false"]
+        for part in ("stage1", "stage2", "class_means"):
+            assert overhead[part]["ratio"] > 0, (precision, part)
+    stages = figures["stages"]
+    assert stages["stage1"]["images_per_s"] > 0 and stages["stage2"]["images_per_s"] > 0
+    names = set(stages["inference"])
+    assert {"clustered, routed (top_m=1, alpha=0)", "clustered, all sub-nets (ISM)"} <= names
+    assert all(row["images_per_s"] > 0 for row in stages["inference"].values())
+    assert figures["data"]["rows"][0]["rec"] > 0
+    bad = subprocess.run(["bash", "bench/gpu.sh", "--bogus"], cwd=ROOT, capture_output=True)
+    assert bad.returncode == 2 and b"--bogus" in bad.stderr

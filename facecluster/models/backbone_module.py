@@ -74,5 +74,8 @@ class BackboneSystem(StageSystem):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.test_acc, "test/acc")
 
+    def backbones(self) -> list[torch.nn.Module]:
+        return [self.backbone]
+
     def trained_modules(self) -> list[torch.nn.Module]:
         return [self.backbone, self.head]

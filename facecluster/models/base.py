@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
+import torch
 from torch import nn
 
 from facecluster.models.optim import build_optimizer, build_scheduler, param_groups
@@ -25,6 +26,28 @@ class StageSystem(L.LightningModule):
 
     def trained_modules(self) -> Iterable[nn.Module]:
         raise NotImplementedError
+
+    def backbones(self) -> Iterable[nn.Module]:
+        """The networks that embed images (what ``model.compile`` compiles)."""
+        raise NotImplementedError
+
+    def configure_model(self) -> None:
+        """The ``model`` section's speed options, applied once before the Trainer runs.
+
+        ``model.channels_last``: weights in NHWC memory order (tensor cores' layout;
+        convolutions then run channels-last whatever the input's order).
+        ``model.compile``: ``torch.compile`` each backbone in place
+        (``nn.Module.compile``), so parameter names and checkpoints are unchanged.
+        """
+        if getattr(self, "_speed_applied", False):
+            return
+        self._speed_applied = True
+        model = (self.hparams.get("config") or {}).get("model", {})
+        if model.get("channels_last"):
+            self.to(memory_format=torch.channels_last)
+        if model.get("compile"):
+            for backbone in self.backbones():
+                backbone.compile()
 
     def configure_optimizers(self) -> dict[str, Any]:
         optim = self.hparams.optim

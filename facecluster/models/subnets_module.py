@@ -194,5 +194,8 @@ class SubnetSystem(StageSystem):
     def on_test_epoch_end(self) -> None:
         self._log_accuracy(self.test_acc, "test")
 
+    def backbones(self) -> list[nn.Module]:
+        return list(self.subnets)
+
     def trained_modules(self) -> list[nn.Module]:
         return [*self.subnets, *self.heads]

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Figures for a machine with one NVIDIA GPU, in at most 8 minutes, into one JSON file.
+#
+#   bash bench/gpu.sh                 # on the GPU machine (after `make install`)
+#   bash bench/gpu.sh --dry-run       # every step at toy size on the CPU (CI runs this)
+#
+# Steps (each writes a JSON file; the last step merges them into --out):
+#   1. framework overhead (bench/train_overhead.py): IResNet-50, 112x112, batch 256,
+#      bf16-mixed and 16-mixed, model.compile off and on;
+#   2. both stages of a short LFW run (bench/stage_speed.py): images/s per stage and
+#      peak memory, then routed / ISM / single inference images/s from its evaluation;
+#   3. input pipeline images/s from the folder and from .rec (bench/data_throughput.py).
+# Options: --out FILE (default bench/results/gpu.json), --lfw DIR (default
+# ../shared/datasets/lfw-112/images).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DRY=0
+OUT=bench/results/gpu.json
+LFW=../shared/datasets/lfw-112/images
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --out) OUT=$2; shift ;;
+    --lfw) LFW=$2; shift ;;
+    *) echo "bench/gpu.sh: unknown argument $1 (use --dry-run, --out FILE, --lfw DIR)" >&2; exit 2 ;;
+  esac
+  shift
+done
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python
+PARTS=$(mktemp -d)
+trap 'rm -rf "$PARTS"' EXIT
+
+if [ "$DRY" = 1 ]; then
+  ACC=cpu
+  PRECISIONS="32-true bf16-mixed"
+  OVERHEAD=(--backbone tiny --image-size 16 --batch-size 4 --classes 8 --steps 1 --warmup 1 --rounds 1)
+  COMPILE=(false)
+  RUN=(-c configs/smoke.yaml data.max_classes=8 trainer.accelerator=cpu eval.plots=false)
+  DATA=(--batches 2 --batch-size 8 --rounds 1 --workers 0 --seconds 0.2)
+else
+  if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "bench/gpu.sh: no CUDA device visible to $PY; run with --dry-run to check the script" >&2
+    exit 1
+  fi
+  ACC=gpu
+  PRECISIONS="bf16-mixed 16-mixed"
+  OVERHEAD=(--backbone iresnet50 --width 64 --image-size 112 --batch-size 256 --classes 10000 --steps 20 --warmup 5 --rounds 3)
+  COMPILE=(false true)
+  RUN=(-c configs/smoke.yaml model.backbone=iresnet50 model.kwargs.width=64 data.image_size=112
+       data.batch_size=256 data.num_workers=8 data.min_images_per_class=4 data.max_classes=null
+       stage1.max_epochs=2 stage2.max_epochs=1 trainer.accelerator=gpu eval.plots=false)
+  DATA=(--batches 40 --batch-size 256 --rounds 3 --workers 0 1 2 4 8)
+fi
+export WANDB_MODE=disabled
+RUNS=$(mktemp -d)
+
+for precision in $PRECISIONS; do
+  for compile in "${COMPILE[@]}"; do
+    echo "== overhead: $precision, model.compile=$compile"
+    "$PY" bench/train_overhead.py --accelerator "$ACC" --precision "$precision" --compile "$compile" \
+      "${OVERHEAD[@]}" --out "$PARTS/overhead-$precision-compile-$compile.json"
+  done
+done
+
+echo "== stages and inference on LFW"
+"$PY" bench/stage_speed.py "${RUN[@]}" data.root="$LFW" output_dir="$RUNS" logger=none \
+  --out "$PARTS/stages.json"
+
+echo "== input pipeline"
+"$PY" bench/data_throughput.py --root "$LFW" "${DATA[@]}" --out "$PARTS/data.json"
+
+mkdir -p "$(dirname "$OUT")"
+"$PY" - "$PARTS" "$OUT" "$DRY" <<'PYEOF'
+import json, platform, sys
+from pathlib import Path
+
+import torch
+
+parts, out, dry = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
+merged = {
+    "dry_run": dry,
+    "torch": torch.__version__,
+    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    "cpu": platform.processor() or platform.machine(),
+}
+for part in sorted(parts.glob("*.json")):
+    merged[part.stem] = json.loads(part.read_text())
+out.write_text(json.dumps(merged, indent=2))
+print(f"bench/gpu.sh: wrote {out}")
+PYEOF
+rm -rf "$RUNS"
