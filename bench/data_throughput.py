@@ -140,7 +140,9 @@ def main() -> None:
             "cores": mp.cpu_count(),
             "rounds": args.rounds,
             "decoders_images_per_s": {
-                name: median([_decode_rate(decoder, jpegs, args.seconds) for _ in range(args.rounds)])
+                name: median(
+                    [_decode_rate(decoder, jpegs, args.seconds) for _ in range(args.rounds)]
+                )
                 for name, decoder in decoders.items()
             },
             "device_step_on_cpu_us_per_image": device_step_us(args.batch_size),

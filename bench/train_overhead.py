@@ -88,6 +88,7 @@ def _config(args, tmp: Path):
             if args.backbone.startswith("iresnet")
             else "model.kwargs={}",
             f"model.compile={args.compile}",
+            f"model.channels_last={args.channels_last}",
             f"data.image_size={args.image_size}",
             f"trainer.accelerator={args.accelerator}",
             f"trainer.precision={args.precision}",
@@ -124,7 +125,9 @@ def _bare(cfg, stage, batches, make, warmup, sync, device, precision):
     def loop() -> float:
         import time
 
-        module = make().to(device).train()
+        module = make()
+        module.configure_model()  # the same model: compile / channels_last as configured
+        module.to(device).train()
         optim = module.hparams.optim
         optimizer = build_optimizer(
             param_groups(module.trained_modules(), optim["weight_decay"]), optim
@@ -199,15 +202,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--compile", default="false", choices=["false", "true"])
+    parser.add_argument("--channels-last", default="false", choices=["false", "true"])
     parser.add_argument("--backbone", default="iresnet18")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--classes", type=int, default=160)
     parser.add_argument("--clusters", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per fit")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per fit")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default="bench/results/train_overhead.json")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.accelerator in ("gpu", "cuda") else "cpu")

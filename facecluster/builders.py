@@ -102,12 +102,14 @@ def _plugins(trainer_args: dict[str, Any]) -> list[Any]:
 
 
 def default_precision(accelerator: str) -> str:
-    """What ``trainer.precision`` is when unset or ``auto``: the fastest safe choice.
+    """What ``trainer.precision`` is when unset or ``auto``.
 
     bf16-mixed on CUDA GPUs that support bf16 (Ampere and newer: fp32's range, no
     loss scaling), 16-mixed with loss scaling on older ones (Volta, Turing), 32-true
-    elsewhere (CPU: bf16 autocast is slower than fp32 on most CPUs; MPS). Margin
-    heads compute in fp32 under every choice.
+    elsewhere. On CPU, 32-true keeps a seeded run bit-for-bit reproducible (folder
+    and .rec, 1 or 2 processes, resumed or not); bf16-mixed was 1.2-1.4x faster on
+    this project's CPU with AMX (docs/PERFORMANCE.md) and is one override away.
+    Margin heads compute in fp32 under every choice.
     """
     if accelerator in ("cuda", "gpu", "auto") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"

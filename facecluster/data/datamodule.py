@@ -482,11 +482,15 @@ class FaceDataModule(lightning.LightningDataModule):
         return per_rank
 
     def _loader_kwargs(self) -> dict:
-        # pin_memory off and no persistent workers: the project runs on CPU hosts too,
-        # and workers must be re-created when the per-cluster loaders change
+        # Pinned (page-locked) batches when a Trainer runs on a CUDA device: the copy to
+        # the GPU is then asynchronous DMA. No persistent workers: DataLoader draws its
+        # workers' seeds from the global RNG at each epoch's iterator, which is what
+        # makes an epoch's augmentation replayable on resume (EpochSeedCallback);
+        # persistent workers would keep the first epoch's seeds.
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
         return {
             "num_workers": self.hparams.num_workers,
-            "pin_memory": False,
+            "pin_memory": device is not None and device.type == "cuda",
             "persistent_workers": False,
         }
 
