@@ -131,7 +131,9 @@ def main() -> None:
     root = Path(args.root).resolve()
     with tempfile.TemporaryDirectory() as tmp:
         rec = pack_folder(root, Path(tmp) / "rec")
-        jpegs = _jpegs(rec, 512)
+        # as many distinct images as a loader measurement reads: a smaller set repeated
+        # would stay in the CPU caches and flatter the ceiling
+        jpegs = _jpegs(rec, args.batches * args.batch_size)
         decoders = {"pillow": _pillow, "simplejpeg": _simplejpeg, "torchvision": _torchvision}
         result = {
             "root": str(root),

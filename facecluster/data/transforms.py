@@ -51,7 +51,7 @@ class FaceTransform:
         self.train = train
 
     def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        if image.shape[0] != self.size or image.shape[1] != self.size:
+        if image.shape[:2] != (self.size, self.size):
             # PIL's antialiased bilinear resize (tensor resize differs by up to 1 level)
             resized = F.resize(
                 Image.fromarray(image.numpy()),
@@ -60,7 +60,8 @@ class FaceTransform:
                 antialias=True,
             )
             image = torch.from_numpy(np.array(resized))
-        return image, self.train and bool(torch.rand(1) < 0.5)
+        # the same draw and outcome as RandomHorizontalFlip's ``torch.rand(1) < 0.5``
+        return image, self.train and torch.rand(1).item() < 0.5
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, train={self.train})"
