@@ -112,7 +112,9 @@ def default_precision(accelerator: str) -> str:
     Margin heads compute in fp32 under every choice.
     """
     if accelerator in ("cuda", "gpu", "auto") and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        # without emulation: Volta/Turing can hold bf16 tensors but have no bf16 math
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return "bf16-mixed" if native else "16-mixed"
     return "32-true"
 
 

@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -307,6 +308,11 @@ class EvalConfig:
         r = _Rules("eval.")
         r.positive("batch_size", self.batch_size)
         r.positive("timing_batches", self.timing_batches)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            r.add(
+                f"eval.device={self.device!r}: use auto, cpu, cuda or cuda:N "
+                "(trainer.accelerator spells the GPU 'gpu'; torch devices spell it 'cuda')"
+            )
         return r.problems
 
 

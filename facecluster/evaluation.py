@@ -142,14 +142,15 @@ class Bench:
         """
         images, size = self.sample.to(self.device), self.cfg.eval.batch_size
         batch = images.repeat((size + len(images) - 1) // len(images), 1, 1, 1)[:size]
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        cuda = self.device.type == "cuda"
+        sync = partial(torch.cuda.synchronize, self.device) if cuda else (lambda: None)
         batches = time_interleaved(
-            {p.name: partial(p.predict, normalize_images(batch)) for p in predictors},
+            {p.name: partial(_predict, p, batch) for p in predictors},
             rounds=self.cfg.eval.timing_batches,
             sync=sync,
         )
         singles = time_interleaved(
-            {p.name: partial(p.predict, normalize_images(images[:1])) for p in predictors},
+            {p.name: partial(_predict, p, images[:1]) for p in predictors},
             rounds=20,
             sync=sync,
         )
@@ -177,6 +178,10 @@ class Bench:
                 )
             )
         return rows
+
+
+def _predict(predictor: Predictor, images: Tensor) -> None:
+    predictor.predict(normalize_images(images))  # from uint8, as the loader gives them
 
 
 def eval_device(cfg: Config) -> torch.device:

@@ -130,3 +130,11 @@ def test_gpu_script_dry_run_writes_every_figure(tmp_path):
     assert figures["data"]["rows"][0]["rec"] > 0
     bad = subprocess.run(["bash", "bench/gpu.sh", "--bogus"], cwd=ROOT, capture_output=True)
     assert bad.returncode == 2 and b"--bogus" in bad.stderr
+
+
+def test_eval_device_is_checked_before_training():
+    base = ROOT / "configs" / "default.yaml"
+    for ok in ("auto", "cpu", "cuda", "cuda:1"):
+        assert load_config(base, [f"eval.device={ok}"]).eval.device == ok
+    with pytest.raises(ConfigError, match=r"eval.device='gpu'.*cuda"):
+        load_config(base, ["eval.device=gpu"])
