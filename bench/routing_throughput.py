@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -26,17 +25,7 @@ from facecluster.clustering import ClusterAssignment
 from facecluster.config import RouteConfig
 from facecluster.inference import TwoStageIdentifier
 from facecluster.models.components import create_backbone
-
-
-def timed(fn, repeats: int) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up (least disturbed run)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from facecluster.timing import time_interleaved
 
 
 def main() -> None:
@@ -82,11 +71,19 @@ def main() -> None:
     images = torch.randn(args.batch, 3, args.image_size, args.image_size)
 
     with torch.inference_mode():
-        routed = timed(lambda: ident.identify(images, top_m=1), args.repeats)
-        ism = timed(lambda: ident.identify(images, all_subnets=True), args.repeats)
         query = ident.embed(images)
-        search = timed(lambda: ident.router.route(query, 1), args.repeats * 3)
-        one_net = timed(lambda: ident.subnets[0](images), args.repeats)
+        timings = time_interleaved(
+            {
+                "routed": lambda: ident.identify(images, top_m=1),
+                "ism": lambda: ident.identify(images, all_subnets=True),
+                "search": lambda: ident.router.route(query, 1),
+                "one_net": lambda: ident.subnets[0](images),
+            },
+            rounds=args.repeats,
+        )
+    routed, ism, search, one_net = (
+        timings[name].median for name in ("routed", "ism", "search", "one_net")
+    )
 
     result = {
         "backbone": f"{args.backbone} width {args.width}" if kwargs else args.backbone,

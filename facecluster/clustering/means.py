@@ -122,7 +122,6 @@ def finalize_class_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tens
     return F.normalize(means, dim=1).float()
 
 
-@torch.no_grad()
 def embedding_class_sums(
     embed: Callable[[torch.Tensor], torch.Tensor],
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -145,9 +144,12 @@ def embedding_class_sums(
         ``sums`` [C, d] float64 (so sums over shards add up exactly as one pass) and
         ``counts`` [C] long; reduce them across ranks, then ``finalize_class_means``.
     """
+    # Ordinary tensors, filled under inference mode: callers all-reduce them in place,
+    # which inference tensors would refuse outside inference mode.
     sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
     counts = torch.zeros(num_classes, dtype=torch.long, device=device)
-    for images, labels in tqdm(loader, desc="class means", disable=not progress, leave=False):
-        embeddings = embed(images.to(device))
-        accumulate_class_sums(embeddings.float(), labels.to(device), sums, counts)
+    with torch.inference_mode():
+        for images, labels in tqdm(loader, desc="class means", disable=not progress, leave=False):
+            embeddings = embed(images.to(device))
+            accumulate_class_sums(embeddings.float(), labels.to(device), sums, counts)
     return sums, counts
