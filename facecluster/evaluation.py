@@ -25,8 +25,10 @@ synchronises over a process group.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,7 +39,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 from tqdm.auto import tqdm
 
-from facecluster.builders import build_datamodule
+from facecluster.builders import build_datamodule, default_precision
 from facecluster.clustering import embedding_class_sums, finalize_class_means
 from facecluster.config import Config
 from facecluster.data.transforms import normalize_images
@@ -96,6 +98,7 @@ class Bench:
     def __init__(self, cfg: Config, run_name: str, class_to_cluster: Tensor | None) -> None:
         self.cfg, self.run_name, self.class_to_cluster = cfg, run_name, class_to_cluster
         self.device = eval_device(cfg)
+        self.autocast = eval_autocast(cfg, self.device)
         self.dm = build_datamodule(cfg, eval_batch_size=cfg.eval.batch_size)
         self.loader = self.dm.test_dataloader()
         self.sample = next(iter(self.loader))[0]
@@ -116,7 +119,8 @@ class Bench:
         correct = routed = total = 0
         routes = False
         for images, labels in tqdm(self.loader, desc=predictor.name, leave=False):
-            predicted, clusters = predictor.predict(normalize_images(images.to(self.device)))
+            with self.autocast():
+                predicted, clusters = predictor.predict(normalize_images(images.to(self.device)))
             predicted = predicted.cpu()
             correct += int((predicted == labels).sum())
             total += len(labels)
@@ -145,12 +149,12 @@ class Bench:
         cuda = self.device.type == "cuda"
         sync = partial(torch.cuda.synchronize, self.device) if cuda else (lambda: None)
         batches = time_interleaved(
-            {p.name: partial(_predict, p, batch) for p in predictors},
+            {p.name: partial(_predict, p, batch, self.autocast) for p in predictors},
             rounds=self.cfg.eval.timing_batches,
             sync=sync,
         )
         singles = time_interleaved(
-            {p.name: partial(_predict, p, images[:1]) for p in predictors},
+            {p.name: partial(_predict, p, images[:1], self.autocast) for p in predictors},
             rounds=20,
             sync=sync,
         )
@@ -180,8 +184,22 @@ class Bench:
         return rows
 
 
-def _predict(predictor: Predictor, images: Tensor) -> None:
-    predictor.predict(normalize_images(images))  # from uint8, as the loader gives them
+def _predict(predictor: Predictor, images: Tensor, autocast: Callable) -> None:
+    with autocast():
+        predictor.predict(normalize_images(images))  # from uint8, as the loader gives them
+
+
+def eval_autocast(cfg: Config, device: torch.device) -> Callable[[], Any]:
+    """The autocast of ``trainer.precision`` on the evaluation device (``auto`` decides
+    as for training: mixed on GPUs, fp32 on CPU), as a context factory."""
+    precision = str(cfg.trainer.get("precision", "auto"))
+    if precision == "auto":
+        precision = default_precision("cuda" if device.type == "cuda" else "cpu")
+    if precision not in ("bf16-mixed", "16-mixed"):
+        return contextlib.nullcontext
+    # fp16 autocast on a CPU is what Lightning runs as bf16 too
+    half = precision == "16-mixed" and device.type == "cuda"
+    return partial(torch.autocast, device.type, dtype=torch.float16 if half else torch.bfloat16)
 
 
 def eval_device(cfg: Config) -> torch.device:
@@ -211,14 +229,15 @@ def _single_model(run: RunFolder, cfg: Config, bench: Bench) -> StageOneModel:
     backbone = load_backbone(cfg.model.backbone_args(cfg.data.image_size), weights.backbone)
     backbone.to(bench.device)
     dm = bench.dm
-    sums, counts = embedding_class_sums(
-        lambda images: backbone(normalize_images(images)),
-        dm.embedding_dataloader(),
-        dm.num_classes,
-        cfg.model.embedding_dim,
-        device=bench.device,
-        progress=True,
-    )
+    with bench.autocast():
+        sums, counts = embedding_class_sums(
+            lambda images: backbone(normalize_images(images)),
+            dm.embedding_dataloader(),
+            dm.num_classes,
+            cfg.model.embedding_dim,
+            device=bench.device,
+            progress=True,
+        )
     means = finalize_class_means(sums, counts)
     return StageOneModel(backbone, weights.head, means, single=True).to(bench.device)
 

@@ -3,6 +3,7 @@ evaluate.py end to end on a tiny finished run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -13,9 +14,10 @@ from torch import nn
 import evaluate
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import ConfigError, load_config
-from facecluster.evaluation import evaluate_run
+from facecluster.evaluation import eval_autocast, evaluate_run
 from facecluster.inference import Router, TwoStageIdentifier, fuse
 from facecluster.pipeline import train
+from facecluster.run import RunFolder
 from tests.conftest import SMOKE, smoke_overrides
 
 ROUTE = {
@@ -184,6 +186,21 @@ def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):
     ):
         assert (out / name).is_file(), name
     assert json.loads((out / "results.json").read_text())["rows"][0]["model"] == models[0]
+
+
+@pytest.mark.slow
+def test_evaluation_runs_under_the_precisions_autocast(finished_run):
+    # trainer.precision=auto on CPU: fp32, no autocast; bf16-mixed: every predictor
+    # and the single model's class-mean pass run under bf16 autocast, and still work
+    cfg = RunFolder(finished_run).finished_config([])
+    assert eval_autocast(cfg, torch.device("cpu")) is contextlib.nullcontext
+    bf16 = RunFolder(finished_run).finished_config(["trainer.precision=bf16-mixed"])
+    with eval_autocast(bf16, torch.device("cpu"))():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    fp32 = evaluate_run(finished_run)
+    mixed = evaluate_run(finished_run, ["trainer.precision=bf16-mixed"])
+    for a, b in zip(fp32.rows, mixed.rows, strict=True):
+        assert a.model == b.model and abs(a.top1 - b.top1) <= 0.1, (a.model, a.top1, b.top1)
 
 
 @pytest.mark.slow

@@ -97,6 +97,10 @@ class Router:
         Clusters with no retrieved class mean score ``centroid similarity - 4`` so they
         rank after every retrieved cluster (similarities lie in [-1, 1]).
         """
+        with torch.autocast("cpu", enabled=False):  # routing scores in fp32, always
+            return self._cluster_scores(queries, top_m)
+
+    def _cluster_scores(self, queries: Tensor, top_m: int) -> Tensor:
         q = torch.nn.functional.normalize(queries.detach().float().cpu(), dim=1)
         k = min(self.num_classes, max(self.neighbours, 8 * top_m))
         sims, ids = self.index.search(_to_numpy(q), k)
