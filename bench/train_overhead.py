@@ -20,10 +20,10 @@ Writes bench/results/train_overhead.json; docs/PERFORMANCE.md quotes the figures
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import tempfile
+import time
 from pathlib import Path
 
 import lightning as L
@@ -36,6 +36,7 @@ from facecluster.clustering.means import accumulate_class_sums, embedding_class_
 from facecluster.config import load_config
 from facecluster.data import FaceDataModule
 from facecluster.data.transforms import normalize_images
+from facecluster.evaluation import eval_autocast
 from facecluster.models.backbone_module import BackboneSystem
 from facecluster.models.optim import build_optimizer, build_scheduler, param_groups
 from facecluster.models.subnets_module import SubnetSystem
@@ -65,8 +66,6 @@ class StepClock(L.Callback):
         self.warmup, self.sync, self.start, self.seconds = warmup, sync, 0.0, 0.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        import time
-
         self.sync()
         if batch_idx + 1 == self.warmup:
             self.start = time.perf_counter()
@@ -123,8 +122,6 @@ def _facecluster(cfg, stage, batches, make, warmup, sync, tmp: Path):
 
 def _bare(cfg, stage, batches, make, warmup, sync, device, precision):
     def loop() -> float:
-        import time
-
         module = make()
         module.configure_model()  # the same model: compile / channels_last as configured
         module.to(device).train()
@@ -133,13 +130,14 @@ def _bare(cfg, stage, batches, make, warmup, sync, device, precision):
             param_groups(module.trained_modules(), optim["weight_decay"]), optim
         )
         scheduler = build_scheduler(optimizer, len(batches), 1, optim)["scheduler"]
-        mixed = precision in ("bf16-mixed", "16-mixed")
-        dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
-        scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
+        autocast = eval_autocast(cfg, device)  # the dtype Lightning's plugin uses
+        # loss scaling where Lightning scales: fp16 on a GPU (16-mixed on a CPU is bf16)
+        fp16 = precision == "16-mixed" and device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda") if fp16 else None
         start = 0.0
         for i, batch in enumerate(batches):
             parts = batch.items() if isinstance(batch, dict) else [(0, batch)]
-            with torch.autocast(device.type, dtype=dtype) if mixed else contextlib.nullcontext():
+            with autocast():
                 loss = 0.0
                 for k, (images, labels, mirror) in parts:
                     images, labels, mirror = (
@@ -168,14 +166,10 @@ def _bare(cfg, stage, batches, make, warmup, sync, device, precision):
     return loop
 
 
-def _class_means(module, batches, classes, device, precision, sync):
+def _class_means(cfg, module, batches, classes, device, sync):
     backbone = module.backbone.to(device).eval()
     dim = module.hparams.backbone["embedding_dim"]
-    mixed = precision in ("bf16-mixed", "16-mixed")
-    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
-    autocast = (
-        (lambda: torch.autocast(device.type, dtype=dtype)) if mixed else contextlib.nullcontext
-    )
+    autocast = eval_autocast(cfg, device)  # the callback's precision_plugin.forward_context()
     loader = [(images, labels) for images, labels, _ in batches]
 
     def facecluster() -> None:
@@ -254,12 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"stage {stage}:", json.dumps(result[f"stage{stage}"]))
         means = time_interleaved(
             _class_means(
-                _system(cfg, 1, args.classes, 1, 0),
-                stage1,
-                args.classes,
-                device,
-                args.precision,
-                sync,
+                cfg, _system(cfg, 1, args.classes, 1, 0), stage1, args.classes, device, sync
             ),
             rounds=args.rounds,
         )

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import simplejpeg
@@ -95,7 +96,7 @@ def decode_image(source: str | bytes) -> torch.Tensor:
     Raises:
         The errors of :data:`DECODE_ERRORS`, for bytes that are not a decodable image.
     """
-    data = source if isinstance(source, bytes) else _read(source)
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if data.startswith(_JPEG_START):
         try:
             height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -106,11 +107,6 @@ def decode_image(source: str | bytes) -> torch.Tensor:
         except ValueError:  # truncated or corrupt: PIL decides and words the error
             pass
     return torch.from_numpy(np.array(load_rgb(io.BytesIO(data))))
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 # What PIL raises for files that are not decodable images: UnidentifiedImageError
