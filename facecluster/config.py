@@ -296,7 +296,7 @@ class EvalConfig:
     """Batch size of the accuracy passes and of the throughput measurement."""
     timing_batches: int = 3
     """Batches timed per predictor for throughput, interleaved across predictors (after one
-    warm-up batch each); latency uses 20 single images. The table shows the median."""
+    warm-up batch each); latency uses 20 calls on one image. The table shows the median."""
     device: str = "auto"
     """Where evaluation runs: auto (the GPU when there is one), cpu, cuda, cuda:N."""
     plots: bool = True

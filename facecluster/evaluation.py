@@ -141,7 +141,7 @@ class Bench:
         """Per predictor: the time of a batch of ``eval.batch_size`` and of one image.
 
         Interleaved (see :mod:`facecluster.timing`): ``eval.timing_batches`` batches and
-        20 single images per predictor, the predictors taking turns, from the loader's
+        20 calls on one image per predictor, the predictors taking turns, from the loader's
         uint8 images (normalisation included).
         """
         images, size = self.sample.to(self.device), self.cfg.eval.batch_size
