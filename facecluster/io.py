@@ -1,10 +1,15 @@
-"""Atomic file writes shared by checkpoints, cluster assignments and exports.
+"""Atomic file writes, and safe reads, shared by checkpoints, cluster assignments
+and exports.
 
 A file written in place can be left truncated by a crash or a ``kill -9``, and a
 resume or a reader then fails on it. ``atomic_torch_save`` writes to a temporary
 file in the destination folder, fsyncs it and ``os.replace``-s it over the target
 (atomic within one filesystem), then fsyncs the folder so the rename survives a
 power loss: readers see the old file or the complete new one, never a mixture.
+``load_plain`` is the one way facecluster reads a torch file: with
+``weights_only=True``, so a file from someone else (an export, a run folder, an
+assignment) can hold only tensors, numbers, strings and containers of them, and a
+pickle that would run code is refused before anything in it runs.
 Imports nothing of facecluster, so every package may use it.
 """
 
@@ -12,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -51,3 +58,42 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         raise
     _fsync_dir(target.parent)
     return target
+
+
+class UnsafeFileError(ValueError):
+    """A torch file holds Python objects other than plain data, so it was not loaded."""
+
+
+def load_plain(
+    path: str | os.PathLike[str], map_location: Any = "cpu", what: str = "file", mmap: bool = False
+) -> Any:
+    """``torch.load(path, weights_only=True)``, with errors that name ``path``.
+
+    Args:
+        path: the file.
+        map_location: where tensors go.
+        what: what the file should be, for the messages ("exported identifier").
+        mmap: map the file instead of reading it (checkpoint metadata).
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeFileError: the pickle names a class or function that plain data does
+            not need (it could run code); nothing from the file was run.
+        ValueError: the file is not a torch file at all (truncated, another format).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} ({what}) does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        named = re.search(r"GLOBAL (\S+)", str(e))
+        culprit = f" (it names {named.group(1)})" if named else ""
+        raise UnsafeFileError(
+            f"refusing to load {path} ({what}): it holds Python objects other than "
+            f"tensors, numbers and strings{culprit}, and loading those could run code. "
+            "Nothing from it was run. facecluster writes only plain data: a file it wrote "
+            "loads, so this one was made or changed elsewhere"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} ({what}) cannot be read: {type(e).__name__}: {e}") from None

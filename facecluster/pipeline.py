@@ -131,7 +131,9 @@ def fit_stage1(
     model = BackboneSystem(run.dm.num_classes, **module_args(run.cfg, 1))
     extra = [clustering] if clustering is not None else []
     trainer = build_trainer(run.cfg, 1, run.folder, run.logger, [*extra, *run.callbacks])
-    trainer.fit(model, datamodule=run.dm, ckpt_path=str(resume) if resume else None)
+    trainer.fit(
+        model, datamodule=run.dm, ckpt_path=str(resume) if resume else None, weights_only=True
+    )
     if clustering is not None and clustering.assignment is None:
         # A resumed stage 1 that was already finished skips on_train_end: same method.
         clustering.cluster(trainer, model)
@@ -163,7 +165,9 @@ def fit_stage2(
     if run.logger is not None:
         run.logger.step_offset = step_offset  # one continuous step axis over both stages
     trainer = build_trainer(run.cfg, 2, run.folder, run.logger, run.callbacks)
-    trainer.fit(model, datamodule=run.dm, ckpt_path=str(resume) if resume else None)
+    trainer.fit(
+        model, datamodule=run.dm, ckpt_path=str(resume) if resume else None, weights_only=True
+    )
     test = trainer.test(model, datamodule=run.dm, verbose=False)[0]
     return model, {
         "global_step": trainer.global_step,

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import Config, ConfigError, config_from_dict, load_config
+from facecluster.io import load_plain
 from facecluster.models.base import CHECKPOINT_KEY
 
 RUN_DIR_ENV = "FACECLUSTER_RUN_DIR"
@@ -95,9 +96,9 @@ def is_global_zero() -> bool:
 def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     """The facecluster metadata of a checkpoint; a clear error for anything else."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:
-        raise ConfigError(f"resume={path}: cannot be read as a checkpoint ({e})") from None
+        ckpt = load_plain(path, what="checkpoint", mmap=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"resume={path}: {e}") from None
     if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt:
         raise ConfigError(
             f"resume={path}: not a facecluster checkpoint (no '{CHECKPOINT_KEY}' entry); "
@@ -289,7 +290,7 @@ class RunFolder:
         path = self.last_checkpoint(stage)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: is the run finished?")
-        return torch.load(path, map_location=map_location, weights_only=False)["state_dict"]
+        return load_plain(path, map_location, f"stage-{stage} checkpoint")["state_dict"]
 
     def stage1_weights(self, map_location: str | torch.device = "cpu") -> StageWeights:
         """The stage-1 backbone and head of the final finished epoch."""

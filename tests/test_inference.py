@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from facecluster.clustering import ClusterAssignment
 from facecluster.config import ConfigError, load_config
 from facecluster.evaluation import eval_autocast, evaluate_run
 from facecluster.inference import Router, TwoStageIdentifier, fuse
+from facecluster.io import UnsafeFileError
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
 from tests.conftest import SMOKE, smoke_overrides
@@ -229,6 +231,41 @@ def test_exported_identifier_loads_without_training_code(finished_run, tmp_path)
     torch.save({"a": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an exported facecluster identifier"):
         TwoStageIdentifier.load(tmp_path / "other.pt")
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a malicious model file holds."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.slow
+def test_files_from_elsewhere_that_would_run_code_are_refused(finished_run, tmp_path):
+    marker = tmp_path / "code-ran"
+    export = TwoStageIdentifier.from_run(finished_run).export(tmp_path / "identifier.pt")
+    payload = torch.load(export, weights_only=True)
+    torch.save({**payload, "extra": _RunsCode(marker)}, tmp_path / "crafted.pt")
+    with pytest.raises(
+        UnsafeFileError, match=r"crafted\.pt \(exported identifier\).*posix\.system"
+    ):
+        TwoStageIdentifier.load(tmp_path / "crafted.pt")
+    # a run folder someone sent: evaluation reads its checkpoints as plain data too
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    ckpt = RunFolder(run).last_checkpoint(2)
+    torch.save({**torch.load(ckpt, weights_only=True), "x": _RunsCode(marker)}, ckpt)
+    with pytest.raises(UnsafeFileError, match="stage-2 checkpoint"):
+        evaluate_run(run)
+    torch.save(_RunsCode(marker), RunFolder(run).clusters_path)
+    with pytest.raises(UnsafeFileError, match="cluster assignment"):
+        RunFolder(run).assignment()
+    assert not marker.exists()
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from facecluster.io import atomic_torch_save
+from facecluster.io import atomic_torch_save, load_plain
 
 __all__ = ["ASSIGNMENT_FORMAT", "ASSIGNMENT_VERSION", "ClusterAssignment"]
 
@@ -382,17 +382,8 @@ class ClusterAssignment:
                 message names ``path``.
         """
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"cluster assignment file not found: {path}")
-        try:
-            # weights_only: the file holds only tensors/str/int, and this refuses
-            # to execute arbitrary pickled code from an untrusted file.
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(
-                f"{path} is not a facecluster cluster assignment: torch.load failed "
-                f"({type(exc).__name__}: {exc})"
-            ) from exc
+        # plain data only: a file from elsewhere cannot run code (UnsafeFileError)
+        data = load_plain(path, what="cluster assignment")
         try:
             return cls.from_dict(data)
         except ValueError as exc:

@@ -30,7 +30,7 @@ from facecluster.clustering import ClusterAssignment
 from facecluster.inference.decision import fuse, keep_best
 from facecluster.inference.predictors import Predictor, count_parameters
 from facecluster.inference.router import Router
-from facecluster.io import atomic_torch_save
+from facecluster.io import atomic_torch_save, load_plain
 from facecluster.models.components import load_backbone
 
 if TYPE_CHECKING:
@@ -266,8 +266,12 @@ class TwoStageIdentifier(nn.Module):
         route: dict[str, Any] | None = None,
         map_location: str | torch.device = "cpu",
     ) -> TwoStageIdentifier:
-        """Read a file written by ``export`` (plain torch + the backbone registry)."""
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        """Read a file written by ``export`` (plain torch + the backbone registry).
+
+        Only plain data is read (``weights_only``): a file holding anything else is
+        refused with :class:`~facecluster.io.UnsafeFileError` before any of it runs.
+        """
+        payload = load_plain(path, map_location, "exported identifier")
         if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
             raise ValueError(f"{path} is not an exported facecluster identifier")
         version = payload.get("version")
