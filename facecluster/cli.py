@@ -1,23 +1,229 @@
-"""The ``facecluster`` console script: ``facecluster pack SRC OUT`` (more subcommands later).
+"""The ``facecluster`` command: one entry point, one subcommand per job.
 
-Training and evaluation have their own entry points, ``train.py`` and ``evaluate.py``.
+    facecluster train -c configs/smoke.yaml            # = python train.py ...
+    facecluster evaluate run=runs/<run>                # = python evaluate.py ...
+    facecluster pack SRC OUT                           # image folder -> InsightFace .rec
+    facecluster export runs/<run> OUT --onnx           # a finished run -> deployable files
+    facecluster identify OUT photos/ --out who.csv     # who is in these images
+
+``facecluster <command> --help`` shows each command's options and an example.
+train.py and evaluate.py call :func:`train_main` and :func:`evaluate_main`.
+Everything heavy is imported inside the command that needs it, so ``--help`` is
+quick.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Callable
 
-COMMANDS = {"pack": "facecluster.data.pack"}
+TRAIN_HELP = """Train the two-stage clustered face-identification method.
+
+    python train.py                                   # the bundled demo (configs/default.yaml)
+    python train.py -c configs/smoke.yaml             # both stages in about a minute
+    python train.py -c configs/experiment/lfw423.yaml -c configs/method/random.yaml
+    python train.py data.root=/data/faces clustering.num_clusters=8 trainer.max_epochs=20
+    python train.py resume=runs/<run>                 # continue an interrupted run
+
+Any config key can be overridden as key=value (see docs/CONFIG.md).
+"""
+
+EVALUATE_HELP = """Evaluate finished runs on their held-out test split and print one table.
+
+    python evaluate.py run=runs/<run>                          # one run
+    python evaluate.py run=runs/a run=runs/b run=runs/c        # the paper's comparison
+    python evaluate.py run=runs/<run> data.root=/data/faces route.top_m=2 eval.batch_size=128
+
+Other key=value pairs override the runs' saved configs (docs/EVALUATION.md). The
+table, its CSV/JSON and plots are written to <run>/eval/.
+"""
+
+EXPORT_HELP = """Write a finished two-stage run as files to deploy (docs/DEPLOYMENT.md).
+
+    facecluster export runs/<run> exports/demo          # OUT/identifier.pt
+    facecluster export runs/<run> exports/demo --onnx   # and OUT/onnx/: ONNX models + arrays
+
+OUT/identifier.pt holds plain tensors, numbers and strings only (read back with
+torch.load(weights_only=True)). --onnx adds the router backbone and every sub-net
+as ONNX models, with the class means, head rows and cluster assignment in
+gallery.npz and the rest in identifier.json.
+"""
+
+IDENTIFY_HELP = """Identify the faces in image files or folders; write one CSV row per image.
+
+    facecluster identify exports/demo photos/ --out who.csv
+    facecluster identify exports/demo a.jpg b.jpg --runtime onnx --threshold 0.3
+
+Images must be aligned face crops, as in training (any size: they are resized
+to the model's input). Columns: path, identity ("unknown" when the score is below
+--threshold), score, cluster (the sub-net that answered), top5 (name:score;...).
+"""
+
+
+def _parser(prog: str, help_text: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=help_text.split("\n\n")[0],
+        epilog=help_text.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _fail(message: object) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from facecluster.config import PROJECT_ROOT, ConfigError, load_config
+    from facecluster.evaluation import evaluate_runs
+    from facecluster.pipeline import train
+    from facecluster.run import RunFolder, is_global_zero
+
+    default = PROJECT_ROOT / "configs" / "default.yaml"
+    parser = _parser(prog or "train.py", TRAIN_HELP)
+    parser.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        help="YAML file, only what differs from the schema; repeat to merge several "
+        f"(default: {default.relative_to(default.parents[1])})",
+    )
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config or [default], args.overrides)
+        if cfg.resume:
+            cfg = RunFolder.config_for_resume(cfg.resume, args.overrides)
+        result = train(cfg)
+        # Every DDP rank trains; the evaluation runs once, in global rank 0 alone.
+        if is_global_zero() and cfg.eval.after_training:
+            print("\nEvaluation on the held-out test split (docs/EVALUATION.md):")
+            print(evaluate_runs([result.run_dir]))
+            print(f"\nfacecluster run folder: {result.run_dir}")
+    except ConfigError as e:
+        return _fail(e)
+    return 0
+
+
+def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from facecluster.config import ConfigError
+    from facecluster.evaluation import evaluate_runs
+
+    parser = _parser(prog or "evaluate.py", EVALUATE_HELP)
+    parser.add_argument(
+        "args", nargs="+", help="run=<run dir> (repeatable) and key=value overrides"
+    )
+    args = parser.parse_args(argv)
+    runs = [a.split("=", 1)[1] for a in args.args if a.startswith("run=")]
+    overrides = [a for a in args.args if not a.startswith("run=")]
+    if not runs:
+        parser.error("give at least one run=<run dir>")
+    try:
+        print(evaluate_runs(runs, overrides))
+    except ConfigError as e:
+        return _fail(e)
+    return 0
+
+
+def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = _parser(prog or "facecluster export", EXPORT_HELP)
+    parser.add_argument("run", help="a finished two-stage run folder")
+    parser.add_argument("out", help="output folder")
+    parser.add_argument("--onnx", action="store_true", help="also write ONNX models")
+    parser.add_argument(
+        "--fpir",
+        type=float,
+        default=0.01,
+        help="open-set runs: the unknown threshold lets this fraction of the validation "
+        "split's unseen faces pass as someone enrolled (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    from facecluster.config import ConfigError
+    from facecluster.deploy import export_run
+
+    try:
+        written = export_run(args.run, args.out, onnx=args.onnx, fpir=args.fpir)
+    except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:
+        return _fail(e)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = _parser(prog or "facecluster identify", IDENTIFY_HELP)
+    parser.add_argument("model", help="a folder written by facecluster export")
+    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument(
+        "--out", default="identities.csv", help="CSV to write (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=("auto", "torch", "onnx"),
+        default="auto",
+        help="torch: OUT/identifier.pt; onnx: OUT/onnx on onnxruntime; auto: torch when "
+        "the export has it (default)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="answer unknown below this decision score (default: the export's, chosen "
+        "on unseen faces for an open-set run; none for a closed-set run)",
+    )
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda"
+    )
+    parser.add_argument(
+        "--top-m", type=int, default=None, help="clusters searched (default: the run's)"
+    )
+    args = parser.parse_args(argv)
+    from facecluster.deploy import identify_files
+
+    try:
+        count = identify_files(
+            args.model,
+            args.images,
+            args.out,
+            runtime=args.runtime,
+            threshold=args.threshold,
+            batch_size=args.batch_size,
+            device=args.device,
+            top_m=args.top_m,
+        )
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        return _fail(e)
+    print(f"wrote {count} rows to {args.out}")
+    return 0
+
+
+def pack_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from facecluster.data.pack import main
+
+    return main(argv)
+
+
+COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
+    "train": (train_main, TRAIN_HELP),
+    "evaluate": (evaluate_main, EVALUATE_HELP),
+    "pack": (pack_main, "Pack an image folder into InsightFace RecordIO (train.rec/.idx)."),
+    "export": (export_main, EXPORT_HELP),
+    "identify": (identify_main, IDENTIFY_HELP),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: facecluster {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
-        return 2
-    import importlib
-
-    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+        lines = [f"  {name:<9} {text.splitlines()[0]}" for name, (_, text) in COMMANDS.items()]
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        print("\ncommands:\n" + "\n".join(lines), file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    command, _ = COMMANDS[argv[0]]
+    return command(argv[1:], prog=f"facecluster {argv[0]}")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,10 @@ class DataConfig:
     each path logged once, the total reported at epoch ends) or fail (stop naming the file)."""
     max_bad_fraction: float = 0.01
     """Stop when more than this fraction of a split is undecodable or zero-byte files."""
+    unseen_fraction: float = 0.0
+    """Open set: this fraction of the identities (at least 2 when > 0) never trains;
+    half their faces choose the "unknown" threshold (val), half measure false
+    positives (test). 0: closed set."""
 
     def problems(self) -> list[str]:
         r = _Rules("data.")
@@ -127,6 +131,7 @@ class DataConfig:
         r.choice("on_bad_image", self.on_bad_image, ("skip", "fail"))
         r.within("max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
         r.within("val_fraction", self.val_fraction, 0.0, 1.0, closed=False)
+        r.within("unseen_fraction", self.unseen_fraction, 0.0, 1.0, closed=False)
         r.within("test_fraction", self.test_fraction, 0.0, 1.0, closed=False)
         if self.val_fraction + self.test_fraction >= 1.0:
             r.add("data.val_fraction + data.test_fraction must be < 1 (no training images left)")

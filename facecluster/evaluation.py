@@ -44,6 +44,7 @@ from facecluster.clustering import embedding_class_sums, finalize_class_means
 from facecluster.config import Config
 from facecluster.data.transforms import normalize_images
 from facecluster.inference import Predictor, StageOneModel, TwoStageIdentifier
+from facecluster.inference.openset import fnir_at_fpir
 from facecluster.loggers import wandb_run
 from facecluster.models.components import load_backbone
 from facecluster.plots import alpha_plot, class_means_plot, top_m_plot
@@ -52,6 +53,8 @@ from facecluster.run import RunFolder
 from facecluster.timing import Timing, time_interleaved
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+FPIRS = (0.01, 0.001)
+"""The false-positive identification rates at which open-set runs report FNIR."""
 
 
 @dataclass
@@ -71,6 +74,9 @@ class Row:
     params: int
     throughput_spread: float = 0.0
     """Half the range of the timed batches, relative to the median."""
+    fnir: dict[str, float | None] = field(default_factory=dict)
+    """Open set: FNIR at each FPIR of ``FPIRS`` (key ``"1%"``...), None where the test
+    split's unseen faces are too few to measure it; empty for a closed-set run."""
 
 
 @dataclass
@@ -101,6 +107,7 @@ class Bench:
         self.autocast = eval_autocast(cfg, self.device)
         self.dm = build_datamodule(cfg, eval_batch_size=cfg.eval.batch_size)
         self.loader = self.dm.test_dataloader()
+        self.unseen = self.dm.unseen_dataloader("test")
         self.sample = next(iter(self.loader))[0]
         self._scores: dict[str, dict[str, Any]] = {}
 
@@ -116,25 +123,43 @@ class Bench:
             "recall": MulticlassRecall(c, average="macro", sync_on_compute=False),
             "f1": MulticlassF1Score(c, average="macro", sync_on_compute=False),
         }
-        correct = routed = total = 0
+        routed = 0
         routes = False
+        hits, decision = [], []
         for images, labels in tqdm(self.loader, desc=predictor.name, leave=False):
-            with self.autocast():
-                predicted, clusters = predictor.predict(normalize_images(images.to(self.device)))
-            predicted = predicted.cpu()
-            correct += int((predicted == labels).sum())
-            total += len(labels)
+            predicted, score, clusters = self._run(predictor, images)
+            hits.append(predicted == labels)
+            decision.append(score)
             for metric in metrics.values():
                 metric.update(predicted, labels)
             if clusters is not None and self.class_to_cluster is not None:
                 routes = True
                 truth = self.class_to_cluster[labels][:, None]
                 routed += int((clusters.cpu() == truth).any(dim=1).sum())
+        correct, mated = torch.cat(hits), torch.cat(decision)
         scores: dict[str, Any] = {name: float(m.compute()) for name, m in metrics.items()}
-        scores["top1"] = correct / max(1, total)
-        scores["routing_accuracy"] = routed / max(1, total) if routes else None
+        scores["top1"] = correct.double().mean().item()
+        scores["routing_accuracy"] = routed / len(correct) if routes else None
+        scores["fnir"] = {}
+        if self.unseen is not None:
+            desc = f"{predictor.name}, unseen"
+            nonmated = torch.cat(
+                [
+                    self._run(predictor, images)[1]
+                    for images, _ in tqdm(self.unseen, desc=desc, leave=False)
+                ]
+            )
+            for fpir in FPIRS:
+                measured = fnir_at_fpir(correct, mated, nonmated, fpir)
+                scores["fnir"][f"{fpir:.1%}".replace(".0%", "%")] = measured and measured[0]
         self._scores[predictor.name] = scores
         return scores
+
+    def _run(self, predictor: Predictor, images: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A predictor on a loader batch: identities and scores on the CPU, clusters."""
+        with self.autocast():
+            predicted, score, clusters = predictor.predict(normalize_images(images.to(self.device)))
+        return predicted.cpu(), score.float().cpu(), clusters
 
     @torch.inference_mode()
     def timings(self, predictors: list[Predictor]) -> dict[str, tuple[Timing, Timing]]:
@@ -179,6 +204,7 @@ class Bench:
                     single.median * 1000,
                     p.params,
                     batch.spread,
+                    s["fnir"],
                 )
             )
         return rows
@@ -283,8 +309,14 @@ _HEADER = "run|model|top-1|macro P|macro R|macro F1|routing acc|sub-net fwd/img|
 COLUMNS = (*_HEADER.split("|"), "ms @1", "params")
 
 
-def _cells(row: Row) -> list[str]:
+def _fnir_columns(rows: list[Row]) -> list[str]:
+    """The open-set columns the rows have (none for closed-set runs)."""
+    return list(dict.fromkeys(key for row in rows for key in row.fnir))
+
+
+def _cells(row: Row, fnir_columns: list[str] = ()) -> list[str]:
     routing = "" if row.routing_accuracy is None else f"{row.routing_accuracy:.2%}"
+    fnir = [row.fnir.get(key) for key in fnir_columns]
     return [
         row.run,
         row.model,
@@ -293,6 +325,7 @@ def _cells(row: Row) -> list[str]:
         f"{row.recall:.2%}",
         f"{row.f1:.2%}",
         routing,
+        *("n/a" if value is None else f"{value:.2%}" for value in fnir),
         f"{row.subnet_forwards:g}",
         f"{row.throughput:.0f} ±{row.throughput_spread:.0%}",
         f"{row.latency_ms:.1f}",
@@ -300,19 +333,33 @@ def _cells(row: Row) -> list[str]:
     ]
 
 
-def format_table(rows: list[Row], batch_size: int = 256) -> str:
-    """Rows as a markdown table."""
+def _header(rows: list[Row], batch_size: int) -> list[str]:
     header = [c.replace("@256", f"@{batch_size}") for c in COLUMNS]
-    return markdown_table(header, [_cells(r) for r in rows])
+    at = header.index("routing acc") + 1
+    return header[:at] + [f"FNIR@FPIR={key}" for key in _fnir_columns(rows)] + header[at:]
+
+
+def format_table(rows: list[Row], batch_size: int = 256) -> str:
+    """Rows as a markdown table (open-set runs add FNIR@FPIR columns; n/a: too few
+    unseen test faces to measure that FPIR)."""
+    columns = _fnir_columns(rows)
+    return markdown_table(_header(rows, batch_size), [_cells(r, columns) for r in rows])
+
+
+def _flat(row: Row) -> dict[str, Any]:
+    """A row as CSV fields: one ``fnir@fpir=<rate>`` field per open-set column."""
+    fields = asdict(row)
+    return {**fields, **{f"fnir@fpir={k}": v for k, v in fields.pop("fnir").items()}}
 
 
 def _write(report: RunEvaluation, run: RunFolder, cfg: Config) -> RunEvaluation:
     run.eval_dir.mkdir(exist_ok=True)
     run.eval_file("table").write_text(format_table(report.rows, cfg.eval.batch_size) + "\n")
+    flat = [_flat(r) for r in report.rows]
     with open(run.eval_file("csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(report.rows[0])))
+        writer = csv.DictWriter(f, fieldnames=list(flat[0]))
         writer.writeheader()
-        writer.writerows(asdict(r) for r in report.rows)
+        writer.writerows(flat)
     summary = {
         "rows": [asdict(r) for r in report.rows],
         "top_m_sweep": report.top_m_sweep,
@@ -327,7 +374,8 @@ def _write(report: RunEvaluation, run: RunFolder, cfg: Config) -> RunEvaluation:
         with wandb_run(cfg, run.path, run.run_id) as wb:
             logs: dict[str, Any] = {
                 "eval/results": wandb.Table(
-                    columns=list(COLUMNS), data=[_cells(r) for r in report.rows]
+                    columns=_header(report.rows, cfg.eval.batch_size),
+                    data=[_cells(r, _fnir_columns(report.rows)) for r in report.rows],
                 )
             }
             logs.update({f"eval/{p.stem}": wandb.Image(str(p)) for p in report.plots})

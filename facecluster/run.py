@@ -5,6 +5,7 @@
     <output_dir>/<run_name>/
       config.yaml  run.json           resolved config; W&B run id and creation time
       class_names.json                identity names, index = global label
+      unseen_identities.json          open set: identities never trained on ({val, test})
       stage1/checkpoints/             best-epochNNN.ckpt (val/acc) and last.ckpt of stage 1
       stage1.json                     stage-1 steps, epochs and test accuracy
       clusters.pt                     the ClusterAssignment (written once, atomically)
@@ -49,6 +50,7 @@ RUN_DIR_ENV = "FACECLUSTER_RUN_DIR"
 CONFIG = "config.yaml"
 META = "run.json"
 CLASS_NAMES = "class_names.json"
+UNSEEN_IDENTITIES = "unseen_identities.json"
 CLUSTERS = "clusters.pt"
 RESULTS = "results.json"
 RESULTS_TABLE = "results.md"
@@ -73,6 +75,7 @@ RESUME_FIXED_KEYS = (
     "data.root",
     "data.max_classes",
     "data.min_images_per_class",
+    "data.unseen_fraction",
     "model",
     "clustering.num_clusters",
     "clustering.method",
@@ -267,6 +270,11 @@ class RunFolder:
 
     def class_names(self) -> list[str]:
         return json.loads((self.path / CLASS_NAMES).read_text())
+
+    def save_unseen_identities(self, names: dict[str, list[str]]) -> None:
+        """Open-set runs: the identities held out of training, per split."""
+        if any(names.values()):
+            self._write_json(UNSEEN_IDENTITIES, names)
 
     def save_stage_summary(self, stage: int, summary: dict[str, Any]) -> None:
         self._write_json(f"stage{stage}.json", summary)

@@ -450,6 +450,21 @@ def test_dataset_label_map() -> None:
     assert FaceImageDataset(samples, build_transforms(64, train=False))[0][1] == 2
 
 
+def test_unseen_identities_never_train_and_serve_val_or_test() -> None:
+    dm = FaceDataModule(str(DEMO_ROOT), max_classes=20, unseen_fraction=0.2, seed=3)
+    val, test = dm.unseen_identities("val"), dm.unseen_identities("test")
+    assert len(val) == len(test) == 2 and not set(val) & set(test)
+    assert dm.num_classes == 16 and not set(dm.class_names) & set(val + test)
+    assert all(Path(p).parent.name in dm.class_names for p, _ in dm._split_samples("train"))
+    images, labels = next(iter(dm.unseen_dataloader("test")))
+    assert (labels == -1).all() and images.dtype == torch.uint8
+    again = FaceDataModule(str(DEMO_ROOT), max_classes=20, unseen_fraction=0.2, seed=3)
+    assert again.unseen_identities("val") == val and again.class_names == dm.class_names
+    assert FaceDataModule(str(DEMO_ROOT), max_classes=20, seed=3).unseen_dataloader("test") is None
+    with pytest.raises(ValueError, match="leaves 0 to train on"):
+        FaceDataModule(str(DEMO_ROOT), max_classes=2, unseen_fraction=0.5).setup()
+
+
 def test_data_package_does_not_import_models_or_clustering() -> None:
     for path in DATA_PKG.glob("*.py"):
         tree = ast.parse(path.read_text())

@@ -143,6 +143,12 @@ def test_ism_equals_brute_force_over_every_subnet(alpha):
     result = ident.identify(queries, alpha=alpha, all_subnets=True)
     assert torch.equal(result.identity, scores.argmax(1))
     assert result.subnet_forwards == (0 if alpha == 1.0 else len(q) * ident.num_clusters)
+    # the top 5 candidates (what identify's CSV lists) are the 5 best over all identities
+    top5 = ident.identify(queries, alpha=alpha, all_subnets=True, k=5)
+    expected = scores.topk(5, dim=1)
+    assert torch.equal(top5.candidates, expected.indices)
+    assert torch.allclose(top5.candidate_scores, expected.values)
+    assert torch.equal(top5.identity, result.identity) and torch.equal(top5.score, result.score)
 
 
 @pytest.mark.parametrize("top_m", [1, 2, 4])

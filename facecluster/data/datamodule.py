@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from facecluster.data.folder import (
     SPLIT_NAMES,
     FaceFolder,
+    hold_out_identities,
     scan,
     split_per_identity,
     validate_fractions,
@@ -227,6 +228,7 @@ class FaceDataModule(lightning.LightningDataModule):
         seed: int = 42,
         on_bad_image: str = "skip",
         max_bad_fraction: float = 0.01,
+        unseen_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         # fail at construction (config time) rather than after a long scan
@@ -246,11 +248,14 @@ class FaceDataModule(lightning.LightningDataModule):
             )
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        if not 0.0 <= unseen_fraction < 1.0:
+            raise ValueError(f"unseen_fraction must be in [0, 1), got {unseen_fraction}")
         self.save_hyperparameters()
 
         self._tracker: BadImageTracker | None = None
         self._folder: FaceFolder | None = None
         self._splits: dict[str, list[int]] | None = None
+        self._unseen: dict[str, dict[str, list[str]]] = {}
         self._class_to_cluster: Tensor | None = None
         self._local_index: Tensor | None = None
 
@@ -277,6 +282,9 @@ class FaceDataModule(lightning.LightningDataModule):
             self.hparams.root,
             min_images_per_class=self.hparams.min_images_per_class,
             max_classes=self.hparams.max_classes,
+        )
+        folder, self._unseen = hold_out_identities(
+            folder, self.hparams.unseen_fraction, self.hparams.seed
         )
         self._check_empty_files(folder)
         splits = split_per_identity(
@@ -545,6 +553,36 @@ class FaceDataModule(lightning.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Test split, evaluation transforms, global labels, fixed order."""
         return self._eval_loader("test", self._split_indices("test"))
+
+    def unseen_identities(self, split: str) -> list[str]:
+        """Names of the identities held out of training whose faces serve ``split``
+        (``val`` or ``test``) as non-mated probes (``data.unseen_fraction``)."""
+        self._ensure_setup()
+        return sorted(self._unseen.get(split, {}))
+
+    def unseen_dataloader(self, split: str) -> DataLoader | None:
+        """The faces of the unseen identities of ``split`` (label -1: no enrolled
+        identity is right for them), in fixed order; None when there are none."""
+        folder, _ = self._ensure_setup()
+        locators = [
+            loc for name in self.unseen_identities(split) for loc in self._unseen[split][name]
+        ]
+        if not locators:
+            return None
+        dataset = FaceImageDataset(
+            [(loc, -1) for loc in locators],
+            build_transforms(self.hparams.image_size, train=False),
+            on_bad_image=self.hparams.on_bad_image,
+            max_bad_fraction=self.hparams.max_bad_fraction,
+            split_name=f"unseen identities of the {split} split",
+            records=folder.records,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            **self._loader_kwargs(),
+        )
 
     def embedding_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Train split for computing class-mean embeddings.

@@ -330,6 +330,60 @@ def scan(
     return scan_image_folder(root, min_images_per_class, max_classes)
 
 
+UNSEEN_SPLITS = ("val", "test")
+
+
+def hold_out_identities(
+    folder: FaceFolder, unseen_fraction: float, seed: int
+) -> tuple[FaceFolder, dict[str, dict[str, list[str]]]]:
+    """Keep ``unseen_fraction`` of the identities out of training entirely (open set).
+
+    The unseen identities are drawn by a seeded hash of each name (an identity's fate
+    does not change when others are added), ``round(fraction * C)`` of them and at
+    least 2. Alternately, in draw order, they go to ``val`` (their faces choose the
+    "unknown" threshold) and ``test`` (their faces measure the false positives): no
+    identity serves both.
+
+    Returns:
+        The folder of the seen identities (labels renumbered ``0..C'-1`` in name
+        order) and ``{"val": {name: [locators]}, "test": {...}}``: the unseen
+        identities and their faces.
+
+    Raises:
+        ValueError: a fraction outside ``[0, 1)``, or too few identities for it.
+    """
+    if not 0.0 <= unseen_fraction < 1.0:
+        raise ValueError(f"unseen_fraction must be in [0, 1), got {unseen_fraction}")
+    unseen: dict[str, dict[str, list[str]]] = {split: {} for split in UNSEEN_SPLITS}
+    if unseen_fraction == 0.0:
+        return folder, unseen
+    names = folder.class_names
+    count = max(2, round(unseen_fraction * len(names)))
+    if count > len(names) - 1:
+        raise ValueError(
+            f"unseen_fraction={unseen_fraction} of {len(names)} identities leaves "
+            f"{len(names) - count} to train on (at least 2 unseen and 1 seen needed): "
+            "lower unseen_fraction or use more identities"
+        )
+    drawn = sorted(names, key=lambda n: random.Random(f"{seed}:unseen:{n}").random())[:count]
+    split_of = {name: UNSEEN_SPLITS[i % 2] for i, name in enumerate(drawn)}
+    seen = [n for n in names if n not in split_of]
+    label_of = {name: i for i, name in enumerate(seen)}
+    samples = []
+    for locator, label in folder.samples:
+        name = names[label]
+        if name in split_of:
+            unseen[split_of[name]].setdefault(name, []).append(locator)
+        else:
+            samples.append((locator, label_of[name]))
+    held = set(split_of)
+    empty = [p for p in folder.empty_files if Path(p).parent.name not in held]
+    return (
+        FaceFolder(folder.root, seen, samples, empty, folder.records),
+        unseen,
+    )
+
+
 def _n_held_out(n: int, fraction: float) -> int:
     """Held-out count for one identity: at least one image whenever the fraction is non-zero."""
     return max(1, round(n * fraction)) if fraction > 0 else 0

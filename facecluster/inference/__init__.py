@@ -1,7 +1,7 @@
 """Routed inference: router, final decision unit, the TwoStageIdentifier and the
 stage-1 model, each offering named predictors to evaluation."""
 
-from facecluster.inference.decision import fuse, keep_best
+from facecluster.inference.decision import fuse, keep_top
 from facecluster.inference.identifier import Identification, TwoStageIdentifier
 from facecluster.inference.predictors import Predictor, StageOneModel, count_parameters
 from facecluster.inference.router import Router, build_index
@@ -15,5 +15,5 @@ __all__ = [
     "build_index",
     "count_parameters",
     "fuse",
-    "keep_best",
+    "keep_top",
 ]

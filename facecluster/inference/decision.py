@@ -10,6 +10,7 @@ alpha 0 is the sub-nets unit alone, alpha 1 the clustering unit alone
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -26,15 +27,30 @@ def fuse(
     return (1.0 - alpha) * subnet_cosine + alpha * class_mean_similarity
 
 
-def keep_best(
-    best_score: Tensor, best_id: Tensor, rows: Tensor, score: Tensor, identity: Tensor
+def keep_top(
+    best_score: Tensor, best_id: Tensor, rows: Tensor, score: Tensor, members: Tensor
 ) -> None:
-    """Update running per-image bests in place with candidates for images ``rows``.
+    """Merge one cluster's candidates into running per-image top-k lists, in place.
 
-    Ties go to the lower identity id, so the answer does not depend on the order in
-    which clusters are visited (batched and one-by-one inference agree).
+    Args:
+        best_score, best_id: ``[B, k]`` running best scores and identities, best
+            first (``-inf`` and an id past the last identity where empty).
+        rows: the images (indices into B) the cluster scored.
+        score: ``[len(rows), n]`` fused scores of the cluster's ``n`` identities.
+        members: ``[n]`` their global ids, ascending.
+
+    Equal scores rank the lower identity id first, so the answer does not depend on
+    the order in which clusters are visited (batched and one-by-one inference agree).
     """
-    current_score, current_id = best_score[rows], best_id[rows]
-    better = (score > current_score) | ((score == current_score) & (identity < current_id))
-    best_score[rows] = score.where(better, current_score)
-    best_id[rows] = identity.where(better, current_id)
+    k = best_score.shape[1]
+    if k == 1:  # argmax returns the first maximum: the lowest id among ties
+        local = score.argmax(dim=1, keepdim=True)
+    else:
+        local = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+    scores = torch.cat([best_score[rows], score.gather(1, local)], dim=1)
+    ids = torch.cat([best_id[rows], members[local]], dim=1)
+    by_id = ids.argsort(dim=1, stable=True)
+    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    best_score[rows] = scores.gather(1, order)
+    best_id[rows] = ids.gather(1, order)

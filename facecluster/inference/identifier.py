@@ -19,6 +19,7 @@ and all sub-nets (ISM).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facecluster.clustering import ClusterAssignment
-from facecluster.inference.decision import fuse, keep_best
+from facecluster.inference.decision import fuse, keep_top
 from facecluster.inference.predictors import Predictor, count_parameters
 from facecluster.inference.router import Router
 from facecluster.io import atomic_torch_save, load_plain
@@ -45,14 +46,24 @@ EXPORT_VERSION = 2
 class Identification:
     """Result of ``TwoStageIdentifier.identify`` for a batch of B faces."""
 
-    identity: Tensor
-    """[B] predicted global identity ids."""
-    score: Tensor
-    """[B] fused score of the prediction."""
+    candidates: Tensor
+    """[B, k] the best k global identity ids, best first."""
+    candidate_scores: Tensor
+    """[B, k] their fused scores (``-inf`` where fewer than k identities were searched)."""
     clusters: Tensor
     """[B, m] candidate clusters, best first (all K for ISM)."""
     subnet_forwards: int
     """Images passed through sub-nets (B * m when every candidate ran a sub-net)."""
+
+    @property
+    def identity(self) -> Tensor:
+        """[B] predicted global identity ids."""
+        return self.candidates[:, 0]
+
+    @property
+    def score(self) -> Tensor:
+        """[B] fused score of the prediction."""
+        return self.candidate_scores[:, 0]
 
 
 class TwoStageIdentifier(nn.Module):
@@ -91,6 +102,9 @@ class TwoStageIdentifier(nn.Module):
             self.register_buffer(f"members{k}", assignment.classes_of(k))
         self.assignment = assignment
         self.class_names = list(class_names)
+        self.open_set: dict[str, float] | None = None
+        """``{"threshold", "fpir", "probes"}``: answer unknown below ``threshold``,
+        chosen on ``probes`` unseen faces for that FPIR (set by the export)."""
         self.router = Router(
             assignment.class_means,
             assignment.class_to_cluster,
@@ -125,6 +139,7 @@ class TwoStageIdentifier(nn.Module):
         top_m: int | None = None,
         alpha: float | None = None,
         all_subnets: bool = False,
+        k: int = 1,
     ) -> Identification:
         """Identify a batch of faces.
 
@@ -134,6 +149,7 @@ class TwoStageIdentifier(nn.Module):
             alpha: decision-unit weight of the class-mean similarity (default ``route.alpha``).
             all_subnets: run every sub-net and keep the best score (ISM); no routing
                 and, with alpha 0, no router backbone forward.
+            k: candidates kept per face (the prediction is the first).
 
         Returns:
             The predicted identities, their scores and the candidate clusters.
@@ -148,8 +164,8 @@ class TwoStageIdentifier(nn.Module):
         else:
             clusters = self.router.route(query, top_m)
         clusters = clusters.to(images.device)
-        best_score = torch.full((batch,), -float("inf"), device=images.device)
-        best_id = torch.full((batch,), self.assignment.num_classes, device=images.device)
+        best_score = torch.full((batch, k), -float("inf"), device=images.device)
+        best_id = torch.full((batch, k), self.assignment.num_classes, device=images.device)
         forwards = 0
         for k in clusters.unique().tolist():
             rows = (clusters == k).any(dim=1).nonzero().squeeze(1)
@@ -160,25 +176,16 @@ class TwoStageIdentifier(nn.Module):
                 cosine = embedding @ self.head(k).T
                 forwards += len(rows)
             similarity = query[rows] @ self.class_means[members].T if alpha > 0 else None
-            score = fuse(cosine, similarity, alpha)
-            # argmax returns the first maximum: the lowest identity id among ties.
-            local = score.argmax(dim=1)
-            keep_best(
-                best_score,
-                best_id,
-                rows,
-                score.gather(1, local[:, None]).squeeze(1),
-                members[local],
-            )
+            keep_top(best_score, best_id, rows, fuse(cosine, similarity, alpha), members)
         return Identification(best_id, best_score, clusters, forwards)
 
     def routed(self, top_m: int, alpha: float) -> Predictor:
         """Routed inference (the paper's method): only the top_m clusters' sub-nets run."""
         label = "clustered" if self.assignment.method != "random" else "random partition"
 
-        def predict(images: Tensor) -> tuple[Tensor, Tensor | None]:
+        def predict(images: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
             result = self.identify(images, top_m, alpha)
-            return result.identity, result.clusters
+            return result.identity, result.score, result.clusters
 
         return Predictor(
             f"{label}, routed (top_m={top_m}, alpha={alpha:g})",
@@ -193,10 +200,14 @@ class TwoStageIdentifier(nn.Module):
         router = [self.router_backbone] if alpha > 0 else []
         return Predictor(
             f"{label}, all sub-nets (ISM)",
-            lambda images: (self.identify(images, alpha=alpha, all_subnets=True).identity, None),
+            partial(self._all_subnets, alpha=alpha),
             float(self.num_clusters),
             count_parameters(*self._subnet_parts(), *router),
         )
+
+    def _all_subnets(self, images: Tensor, alpha: float) -> tuple[Tensor, Tensor, None]:
+        result = self.identify(images, alpha=alpha, all_subnets=True)
+        return result.identity, result.score, None
 
     def predictors(self, top_m: int | None = None, alpha: float | None = None) -> list[Predictor]:
         """What this identifier offers at ``route.top_m`` and ``route.alpha`` (defaults)."""
@@ -255,6 +266,7 @@ class TwoStageIdentifier(nn.Module):
             "heads": [self.head(k).cpu() for k in range(self.num_clusters)],
             "assignment": self.assignment.to_dict(),
             "class_names": self.class_names,
+            "open_set": self.open_set,
         }
         atomic_torch_save(payload, path)
         return path
@@ -290,7 +302,7 @@ class TwoStageIdentifier(nn.Module):
                 f"{path} is an identifier export of version {version}; this facecluster "
                 f"reads versions 1 and {EXPORT_VERSION}"
             )
-        return cls(
+        identifier = cls(
             args,
             load_backbone(args, payload["router_backbone"]),
             [load_backbone(args, state) for state in payload["subnets"]],
@@ -299,3 +311,5 @@ class TwoStageIdentifier(nn.Module):
             payload["class_names"],
             dict(payload["route"], **(route or {})),
         )
+        identifier.open_set = payload.get("open_set")
+        return identifier

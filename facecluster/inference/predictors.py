@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Predict = Callable[[Tensor], tuple[Tensor, Tensor | None]]
-"""images [B, 3, H, W] -> (predicted identities [B], candidate clusters [B, m] or None)."""
+Predict = Callable[[Tensor], tuple[Tensor, Tensor, Tensor | None]]
+"""images [B, 3, H, W] -> (predicted identities [B], their decision scores [B] (what an
+open-set threshold compares), candidate clusters [B, m] or None)."""
 
 
 def count_parameters(*parts: nn.Module | Tensor) -> int:
@@ -34,11 +35,17 @@ class Predictor:
     name: str
     """Its row name in evaluation tables."""
     predict: Predict
-    """images -> (identities, candidate clusters or None when it does not route)."""
+    """images -> (identities, scores, candidate clusters or None when it does not route)."""
     subnet_forwards: float
     """Sub-net forward passes per image."""
     params: int
     """Parameters of its inference path."""
+
+
+def _best(scores: Tensor) -> tuple[Tensor, Tensor, None]:
+    """The highest-scoring identity of each row (the lowest id among ties), its score."""
+    best = scores.max(dim=1)
+    return best.indices, best.values, None
 
 
 class StageOneModel(nn.Module):
@@ -75,7 +82,7 @@ class StageOneModel(nn.Module):
         offered = [
             Predictor(
                 name,
-                lambda x: ((self.embed(x) @ self.head.T).argmax(1), None),
+                lambda x: _best(self.embed(x) @ self.head.T),
                 0.0,
                 count_parameters(self.backbone, self.head),
             )
@@ -87,7 +94,7 @@ class StageOneModel(nn.Module):
                     "nearest class mean"
                     if self.single
                     else "nearest class mean (stage-1 backbone)",
-                    lambda x: ((self.embed(x) @ means.T).argmax(1), None),
+                    lambda x: _best(self.embed(x) @ means.T),
                     0.0,
                     count_parameters(self.backbone, means),
                 )

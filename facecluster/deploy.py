@@ -1,0 +1,208 @@
+"""Deploying a trained run: ``facecluster export`` and ``facecluster identify``.
+
+An export folder holds ``identifier.pt`` (the torch identifier, plain data only)
+and, with ``--onnx``, ``onnx/`` (see :mod:`facecluster.inference.onnx`).
+``identify_files`` reads image files or folders in batches, identifies them with
+either runtime and writes one CSV row per image. docs/DEPLOYMENT.md shows both
+commands.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from facecluster.builders import build_datamodule
+from facecluster.config import Config
+from facecluster.data import IMAGE_EXTENSIONS, build_transforms
+from facecluster.data.images import DECODE_ERRORS, decode_image
+from facecluster.data.transforms import normalize_images
+from facecluster.inference import TwoStageIdentifier
+from facecluster.inference.openset import threshold_at_fpir
+from facecluster.run import RunFolder
+
+logger = logging.getLogger(__name__)
+
+TORCH_FILE = "identifier.pt"
+ONNX_FOLDER = "onnx"
+CSV_COLUMNS = ("path", "identity", "score", "cluster", "top5")
+TOP = 5
+
+
+def export_run(
+    run: str | Path, out: str | Path, onnx: bool = False, fpir: float = 0.01
+) -> list[Path]:
+    """Write ``out/identifier.pt`` from a finished two-stage run (and ``out/onnx``).
+
+    An open-set run (``data.unseen_fraction > 0``) also gets its "unknown"
+    threshold: the routed decision score at which ``fpir`` of the validation
+    split's unseen faces would be taken for someone enrolled
+    (:func:`~facecluster.inference.openset.threshold_at_fpir`).
+
+    Raises:
+        ValueError: the run is a single-model run (no sub-nets to export).
+    """
+    folder = RunFolder(Path(run))
+    cfg = folder.finished_config()
+    if cfg.method == "single":
+        raise ValueError(
+            f"{run} is a single-model run (method=single): export writes two-stage "
+            "identifiers (router and sub-nets); train with method=clustered or random"
+        )
+    identifier = TwoStageIdentifier.from_run(folder)
+    if cfg.data.unseen_fraction > 0:
+        identifier.open_set = unknown_threshold(identifier, cfg, fpir)
+    out = Path(out)
+    written = [identifier.export(out / TORCH_FILE)]
+    if onnx:
+        from facecluster.inference.onnx import export_onnx
+
+        written += export_onnx(identifier, out / ONNX_FOLDER)
+    return written
+
+
+@torch.inference_mode()
+def unknown_threshold(identifier: TwoStageIdentifier, cfg: Config, fpir: float) -> dict[str, float]:
+    """``{"threshold", "fpir", "probes"}`` from the run's unseen validation faces."""
+    loader = build_datamodule(cfg).unseen_dataloader("val")
+    if loader is None:
+        raise ValueError(f"{cfg.data.root}: the run has no unseen validation faces")
+    scores = torch.cat([identifier.identify(normalize_images(x)).score for x, _ in loader])
+    return {"threshold": threshold_at_fpir(scores, fpir), "fpir": fpir, "probes": len(scores)}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto``: the first GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_export(
+    model: str | Path, runtime: str = "auto", device: str = "auto", top_m: int | None = None
+) -> TwoStageIdentifier:
+    """The identifier of an export folder, on ``runtime`` (torch, onnx, auto)."""
+    model = Path(model)
+    if not model.is_dir():
+        raise FileNotFoundError(f"{model} is not a folder written by facecluster export")
+    if runtime == "auto":
+        runtime = "torch" if (model / TORCH_FILE).is_file() else "onnx"
+    route = None if top_m is None else {"top_m": top_m}
+    where = resolve_device(device)
+    if runtime == "onnx":
+        from facecluster.inference.onnx import load_onnx
+
+        return load_onnx(model / ONNX_FOLDER, route, where.type)
+    if runtime != "torch":
+        raise ValueError(f"runtime must be auto, torch or onnx, got {runtime!r}")
+    return TwoStageIdentifier.load(model / TORCH_FILE, route, map_location=where).to(where)
+
+
+def image_files(sources: Sequence[str | Path]) -> list[Path]:
+    """The image files named, folders searched recursively (sorted), in the order given."""
+    files: list[Path] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            found = sorted(
+                Path(root) / name
+                for root, _, names in os.walk(source)
+                for name in names
+                if Path(name).suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if not found:
+                raise FileNotFoundError(
+                    f"{source} holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
+                )
+            files += found
+        elif source.is_file():
+            files.append(source)
+        else:
+            raise FileNotFoundError(f"{source} does not exist")
+    return files
+
+
+def _batches(
+    files: list[Path], size: int, batch_size: int
+) -> Iterator[tuple[list[Path], list[Path], torch.Tensor | None]]:
+    """(the batch's files, the readable ones, their uint8 images) per ``batch_size`` files."""
+    transform = build_transforms(size, train=False)
+    for start in range(0, len(files), batch_size):
+        batch, good, images = files[start : start + batch_size], [], []
+        for path in batch:
+            try:
+                images.append(transform(decode_image(str(path)))[0])
+                good.append(path)
+            except DECODE_ERRORS as e:
+                logger.warning(
+                    "cannot decode %s (%s: %s): its row says unreadable", path, type(e).__name__, e
+                )
+        yield batch, good, torch.stack(images) if images else None
+
+
+def identify_files(
+    model: str | Path,
+    sources: Sequence[str | Path],
+    out: str | Path,
+    runtime: str = "auto",
+    threshold: float | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    top_m: int | None = None,
+) -> int:
+    """Identify every image of ``sources`` and write ``out`` (CSV); returns the row count.
+
+    Columns: path; identity (a name; ``unknown`` when the score is below
+    ``threshold``, by default the export's open-set threshold when it has one;
+    ``unreadable`` for a file that is not a decodable image); score
+    (the decision unit's fused score); cluster (the cluster of the best candidate,
+    whose sub-net answered); top5 (up to 5 ``name:score`` pairs from the searched
+    clusters, best first, ``;``-separated).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    identifier = load_export(model, runtime, device, top_m)
+    if threshold is None and identifier.open_set is not None:
+        threshold = identifier.open_set["threshold"]
+    files = image_files(sources)
+    size = identifier.backbone_args["image_size"]
+    where = resolve_device(device)
+    names = identifier.class_names
+    clusters = identifier.class_to_cluster.cpu()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    with (
+        open(out, "w", newline="") as f,
+        tqdm(total=len(files), desc="identify", unit="img") as bar,
+    ):
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for batch, good, images in _batches(files, size, batch_size):
+            answers = {}
+            if images is not None:
+                result = identifier.identify(
+                    normalize_images(images.to(where)), k=min(TOP, len(names))
+                )
+                ids, scores = (
+                    result.candidates.cpu().tolist(),
+                    result.candidate_scores.cpu().tolist(),
+                )
+                for path, row_ids, row_scores in zip(good, ids, scores, strict=True):
+                    best, score = row_ids[0], row_scores[0]
+                    known = threshold is None or score >= threshold
+                    pairs = zip(row_ids, row_scores, strict=True)
+                    # fewer than 5 where the searched clusters hold fewer identities
+                    top = ";".join(f"{names[i]}:{s:.4f}" for i, s in pairs if i < len(names))
+                    identity = names[best] if known else "unknown"
+                    answers[path] = (identity, f"{score:.4f}", int(clusters[best]), top)
+            for path in batch:
+                writer.writerow((path, *answers.get(path, ("unreadable", "", "", ""))))
+            rows += len(batch)
+            bar.update(len(batch))
+    return rows

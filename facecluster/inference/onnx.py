@@ -1,0 +1,172 @@
+"""A TwoStageIdentifier as ONNX models plus plain arrays, and back on onnxruntime.
+
+``export_onnx`` writes into one folder:
+
+* ``router.onnx`` and ``subnet<k>.onnx``: the stage-1 backbone and each sub-net,
+  images ``float32[batch, 3, H, W]`` (normalised as in training, see
+  :func:`facecluster.data.transforms.normalize_images`) to embeddings
+  ``float32[batch, d]``, the batch size free (``torch.onnx.export``, dynamo);
+* ``gallery.npz``: the class means, each sub-net's (normalised) head rows and the
+  cluster assignment, plain numpy arrays (read with ``allow_pickle=False``);
+* ``identifier.json``: identity names, backbone recipe, routing settings, format
+  and version, written last, so a folder without it is an unfinished export.
+
+``load_onnx`` rebuilds the :class:`TwoStageIdentifier` with each network replaced
+by an :class:`OnnxBackbone` (an onnxruntime session): the networks run on
+onnxruntime, and routing and the decision unit are the same code as the torch
+identifier's, so both answer alike (tested on a real run's test split). Needs the
+``onnx`` extra: ``pip install 'facecluster[onnx]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from facecluster.clustering import ClusterAssignment
+from facecluster.inference.identifier import TwoStageIdentifier
+
+ONNX_FORMAT = "facecluster.onnx_identifier"
+ONNX_VERSION = 1
+_ASSIGNMENT_ARRAYS = ("class_to_cluster", "local_index", "class_means", "centroids")
+
+
+def _require(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(
+            f"ONNX export and the onnx runtime need the '{module}' package: "
+            "pip install 'facecluster[onnx]'"
+        ) from None
+
+
+def export_onnx(identifier: TwoStageIdentifier, folder: str | Path) -> list[Path]:
+    """Write ``identifier`` as ONNX models, ``gallery.npz`` and ``identifier.json``.
+
+    Returns:
+        The files written, ``identifier.json`` last.
+    """
+    _require("onnxscript")  # the dynamo exporter's dependency, named up front
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "identifier.json").unlink(missing_ok=True)  # unfinished until rewritten
+    size = identifier.backbone_args["image_size"]
+    example = (torch.zeros(2, 3, size, size),)
+    batch = torch.export.Dim("batch")
+    networks = {"router": identifier.router_backbone}
+    networks |= {f"subnet{k}": net for k, net in enumerate(identifier.subnets)}
+    written = []
+    for name, network in networks.items():
+        path = folder / f"{name}.onnx"
+        with warnings.catch_warnings():  # the exporter's advice on opsets and dynamic dims
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                network.eval(),
+                example,
+                path,
+                input_names=["images"],
+                output_names=["embeddings"],
+                dynamic_shapes=({0: batch},),
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+        written.append(path)
+    assignment = identifier.assignment.to_dict()
+    arrays = {key: assignment[key].numpy() for key in _ASSIGNMENT_ARRAYS}
+    for k in range(identifier.num_clusters):
+        arrays[f"head{k}"] = identifier.head(k).cpu().numpy()
+    np.savez(folder / "gallery.npz", **arrays)
+    written.append(folder / "gallery.npz")
+    meta = {
+        "format": ONNX_FORMAT,
+        "version": ONNX_VERSION,
+        "backbone": identifier.backbone_args,
+        "route": identifier.route_config,
+        "class_names": identifier.class_names,
+        "num_clusters": identifier.num_clusters,
+        "open_set": identifier.open_set,
+        "assignment": {
+            "format": assignment["format"],
+            "version": assignment["version"],
+            "method": assignment["method"],
+        },
+        "input": {
+            "layout": "NCHW",
+            "dtype": "float32",
+            "size": size,
+            "normalise": "RGB, x / 255 * 2 - 1",
+        },
+    }
+    (folder / "identifier.json").write_text(json.dumps(meta, indent=1) + "\n")
+    written.append(folder / "identifier.json")
+    return written
+
+
+class OnnxBackbone(nn.Module):
+    """A backbone that runs an ONNX model on onnxruntime: images in, embeddings out.
+
+    Args:
+        path: the ``.onnx`` file.
+        device: ``cuda``: onnxruntime's CUDA provider when it has one; else the CPU.
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        super().__init__()
+        ort = _require("onnxruntime")
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), providers=providers)
+
+    def forward(self, images: Tensor) -> Tensor:
+        feed = {"images": np.ascontiguousarray(images.detach().float().cpu().numpy())}
+        return torch.from_numpy(self.session.run(None, feed)[0]).to(images.device)
+
+
+def load_onnx(
+    folder: str | Path, route: dict[str, Any] | None = None, device: str = "cpu"
+) -> TwoStageIdentifier:
+    """The identifier of a folder written by :func:`export_onnx`, its networks on
+    onnxruntime. Reads JSON and ``allow_pickle=False`` arrays only: nothing in the
+    folder can run code but the ONNX graphs, which onnxruntime interprets."""
+    folder = Path(folder)
+    meta_path = folder / "identifier.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{meta_path} does not exist: {folder} is not a finished ONNX export "
+            "(facecluster export RUN OUT --onnx writes OUT/onnx)"
+        )
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != ONNX_FORMAT or meta.get("version") != ONNX_VERSION:
+        raise ValueError(
+            f"{meta_path}: not a facecluster ONNX export of version {ONNX_VERSION} "
+            f"(format {meta.get('format')!r}, version {meta.get('version')!r})"
+        )
+    with np.load(folder / "gallery.npz", allow_pickle=False) as gallery:
+        arrays = {key: torch.from_numpy(gallery[key]) for key in gallery.files}
+    assignment = ClusterAssignment.from_dict(
+        {**meta["assignment"], **{key: arrays[key] for key in _ASSIGNMENT_ARRAYS}}
+    )
+    k = meta["num_clusters"]
+    identifier = TwoStageIdentifier(
+        meta["backbone"],
+        OnnxBackbone(folder / "router.onnx", device),
+        [OnnxBackbone(folder / f"subnet{i}.onnx", device) for i in range(k)],
+        [arrays[f"head{i}"] for i in range(k)],
+        assignment,
+        meta["class_names"],
+        {**meta["route"], **(route or {})},
+    )
+    identifier.open_set = meta.get("open_set")
+    return identifier

@@ -1,0 +1,152 @@
+"""Deployment: the `facecluster` command, export (torch and ONNX), identify's CSV and
+the open-set protocol (unseen identities, unknown threshold, FNIR@FPIR), on a real
+tiny run with identities held out of training."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from facecluster import cli
+from facecluster.builders import build_datamodule
+from facecluster.config import load_config
+from facecluster.data.transforms import normalize_images
+from facecluster.deploy import identify_files, load_export
+from facecluster.evaluation import evaluate_run
+from facecluster.inference.openset import fnir_at_fpir, threshold_at_fpir
+from facecluster.pipeline import train
+from facecluster.run import RunFolder
+from tests.conftest import DEMO, ROOT, SMOKE, smoke_overrides
+
+EXPORT = "facecluster export runs/<run> exports/demo --onnx"
+IDENTIFY = "facecluster identify exports/demo datasets/lfw-demo/images/<identity> --out who.csv"
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_command_has_help_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and f"usage: facecluster {command}" in out
+    assert "facecluster " + command in out or f"{command}.py" in out  # an example line
+    assert cli.main(["--help"]) == 0 and cli.main(["nonsense"]) == 2
+
+
+def test_threshold_at_fpir_lets_at_most_that_fraction_pass():
+    nonmated = torch.arange(200, dtype=torch.float32) / 200  # 0.000 .. 0.995
+    t = threshold_at_fpir(nonmated, 0.01)  # 2 of 200 may pass: 0.99 and 0.995
+    assert (nonmated >= t).sum() == 2 and 0.985 < t <= 0.99
+    assert (nonmated >= threshold_at_fpir(nonmated, 0.0)).sum() == 0
+    ties = torch.tensor([0.5] * 10)  # tied scores are kept out together
+    assert (ties >= threshold_at_fpir(ties, 0.5)).sum() == 0
+    with pytest.raises(ValueError, match="fpir must be in"):
+        threshold_at_fpir(nonmated, 1.0)
+    correct = torch.tensor([True, True, False, True])
+    scores = torch.tensor([0.999, 0.5, 0.999, 0.995])
+    fnir, threshold = fnir_at_fpir(correct, scores, nonmated, 0.01)
+    assert threshold == t and fnir == 0.5  # 0.5 is below it, the third is wrong
+    assert fnir_at_fpir(correct, scores, nonmated[:50], 0.01) is None  # 50 < 1 / 1%
+
+
+@pytest.fixture(scope="module")
+def open_run(tmp_path_factory):
+    """A finished two-stage run of 12 identities, 3 of them never trained on."""
+    tmp = tmp_path_factory.mktemp("open")
+    cfg = load_config(SMOKE, smoke_overrides(tmp, "logger=csv", "data.unseen_fraction=0.25"))
+    return train(cfg).run_dir
+
+
+@pytest.fixture(scope="module")
+def exported(open_run, tmp_path_factory):
+    """docs/DEPLOYMENT.md's export command as written (paths made this test's)."""
+    docs = (ROOT / "docs" / "DEPLOYMENT.md").read_text()
+    assert EXPORT in docs and IDENTIFY in docs
+    cwd = tmp_path_factory.mktemp("deploy")
+    command = EXPORT.replace("runs/<run>", str(open_run)).split()
+    _facecluster(command, cwd)
+    return cwd / "exports" / "demo"
+
+
+def _facecluster(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).parent / command[0]
+    env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
+    proc = subprocess.run(
+        [str(script), *command[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_open_set_run_holds_identities_out_and_reports_fnir(open_run):
+    unseen = json.loads((open_run / "unseen_identities.json").read_text())
+    names = RunFolder(open_run).class_names()
+    assert len(names) == 9 and len(unseen["val"]) == 2 and len(unseen["test"]) == 1
+    assert not set(names) & set(unseen["val"] + unseen["test"])
+    report = evaluate_run(open_run, ["eval.plots=false", "eval.timing_batches=1"])
+    assert len(report.rows) == 4  # routed, ISM, stage-1 head, nearest class mean
+    for row in report.rows:
+        assert set(row.fnir) == {"1%", "0.1%"}
+        assert row.fnir["0.1%"] is None  # fewer than 1,000 unseen test faces
+    table = (open_run / "eval" / "results.md").read_text()
+    assert "FNIR@FPIR=1%" in table and "n/a" in table
+
+
+@pytest.mark.slow
+def test_documented_identify_answers_unknown_for_unseen_identities(open_run, exported):
+    torch_export = torch.load(exported / "identifier.pt", weights_only=True)
+    open_set = torch_export["open_set"]
+    assert open_set["fpir"] == 0.01 and open_set["probes"] > 0
+    unseen = json.loads((open_run / "unseen_identities.json").read_text())["test"][0]
+    command = IDENTIFY.replace("datasets/lfw-demo/images/<identity>", str(DEMO / unseen))
+    _facecluster(command.split(), exported.parents[1])
+    with open(exported.parents[1] / "who.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "identity", "score", "cluster", "top5"]
+    assert len(rows) == len(list((DEMO / unseen).glob("*.jpg")))
+    names = set(RunFolder(open_run).class_names())
+    sizes = torch.bincount(RunFolder(open_run).assignment().class_to_cluster).tolist()
+    for row in rows:
+        assert row["identity"] == "unknown" or row["identity"] in names
+        assert (row["identity"] == "unknown") == (float(row["score"]) < open_set["threshold"])
+        top = row["top5"].split(";")  # top_m=1: the routed cluster's identities, up to 5
+        assert len(top) == min(5, sizes[int(row["cluster"])])
+        assert row["identity"] in (top[0].split(":")[0], "unknown")
+    # the export's threshold let at most 1% of the unseen validation faces through
+    # (0 of fewer than 100); on unseen test faces it answers unknown for most
+    unknown = sum(row["identity"] == "unknown" for row in rows) / len(rows)
+    assert unknown >= 0.5
+
+
+@pytest.mark.slow
+def test_onnx_identifier_matches_torch_on_the_test_split(open_run, exported, tmp_path):
+    torch_ident = load_export(exported, "torch", "cpu")
+    onnx_ident = load_export(exported, "onnx", "cpu")
+    assert onnx_ident.open_set == torch_ident.open_set
+    cfg = RunFolder(open_run).finished_config()
+    for images, _ in build_datamodule(cfg).test_dataloader():
+        x = normalize_images(images)
+        assert torch.equal(torch_ident.identify(x).identity, onnx_ident.identify(x).identity)
+        pairs = [(torch_ident.router_backbone, onnx_ident.router_backbone)]
+        pairs += list(zip(torch_ident.subnets, onnx_ident.subnets, strict=True))
+        for ours, theirs in pairs:
+            with torch.no_grad():
+                expected = F.normalize(ours(x), dim=1)
+            assert torch.allclose(F.normalize(theirs(x), dim=1), expected, atol=1e-4, rtol=0)
+    # identify on onnxruntime writes the same names and clusters as on torch
+    folders = [DEMO / name for name in RunFolder(open_run).class_names()[:2]]
+    for runtime in ("torch", "onnx"):
+        identify_files(exported, folders, tmp_path / f"{runtime}.csv", runtime=runtime)
+    answers = {}
+    for runtime in ("torch", "onnx"):
+        with open(tmp_path / f"{runtime}.csv") as f:
+            answers[runtime] = [(r["path"], r["identity"], r["cluster"]) for r in csv.DictReader(f)]
+    assert answers["torch"] == answers["onnx"] and len(answers["torch"]) > 10
