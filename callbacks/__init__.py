@@ -4,6 +4,7 @@ from facecluster.callbacks.bad_images import BadImageReport
 from facecluster.callbacks.clustering import ClusteringCallback
 from facecluster.callbacks.divergence import DivergenceCallback, DivergenceError
 from facecluster.callbacks.seeding import EpochSeedCallback
+from facecluster.callbacks.verification import VerificationCallback
 
 __all__ = [
     "BadImageReport",
@@ -11,4 +12,5 @@ __all__ = [
     "DivergenceCallback",
     "DivergenceError",
     "EpochSeedCallback",
+    "VerificationCallback",
 ]

@@ -18,10 +18,16 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from facecluster.callbacks import BadImageReport, DivergenceCallback, EpochSeedCallback
+from facecluster.callbacks import (
+    BadImageReport,
+    DivergenceCallback,
+    EpochSeedCallback,
+    VerificationCallback,
+)
 from facecluster.checkpoint_io import AtomicCheckpointIO
 from facecluster.config import Config, ConfigError, naming
 from facecluster.data import FaceDataModule
+from facecluster.data.verification import VerificationPairs, load_pairs, set_name
 from facecluster.models.components import create_backbone
 from facecluster.run import BEST, LAST, RunFolder
 
@@ -35,6 +41,12 @@ def build_datamodule(cfg: Config, eval_batch_size: int | None = None) -> FaceDat
         dm = FaceDataModule(**args)
         dm.setup()
     return dm
+
+
+def verification_sets(cfg: Config) -> dict[str, VerificationPairs]:
+    """``data.verification``, read: set name -> pairs."""
+    with naming("data.verification"):
+        return {set_name(p): load_pairs(p) for p in cfg.data.verification_paths()}
 
 
 def backbone_parameters(cfg: Config) -> int:
@@ -132,6 +144,15 @@ def build_trainer(
     ]
     if logger is not None:
         stage_callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if stage == 1 and cfg.data.verification:
+        stage_callbacks.append(
+            VerificationCallback(
+                verification_sets(cfg),
+                cfg.data.verification_every,
+                cfg.data.image_size,
+                cfg.data.eval_batch_size or cfg.data.batch_size,
+            )
+        )
     kwargs = dict(cfg.trainer)
     if kwargs.get("precision", "auto") == "auto":
         kwargs["precision"] = default_precision(str(kwargs.get("accelerator", "auto")))

@@ -4,6 +4,7 @@
     facecluster evaluate run=runs/<run>                # = python evaluate.py ...
     facecluster pack SRC OUT                           # image folder -> InsightFace .rec
     facecluster export runs/<run> OUT --onnx           # a finished run -> deployable files
+    facecluster enroll OUT new_people/                 # add identities, no retraining
     facecluster identify OUT photos/ --out who.csv     # who is in these images
 
 ``facecluster <command> --help`` shows each command's options and an example.
@@ -48,6 +49,16 @@ OUT/identifier.pt holds plain tensors, numbers and strings only (read back with
 torch.load(weights_only=True)). --onnx adds the router backbone and every sub-net
 as ONNX models, with the class means, head rows and cluster assignment in
 gallery.npz and the rest in identifier.json.
+"""
+
+ENROLL_HELP = """Add new identities to an export without retraining (docs/DEPLOYMENT.md).
+
+    facecluster enroll exports/demo new_people/
+
+FOLDER holds one sub-folder of aligned face crops per new identity. Each joins
+the router (its stage-1 class mean) and the cluster the router picks for it, whose
+sub-net head gains a row (its mean sub-net embedding). identifier.pt and onnx/
+(gallery and JSON; the ONNX networks do not change) are rewritten in place.
 """
 
 IDENTIFY_HELP = """Identify the faces in image files or folders; write one CSV row per image.
@@ -200,6 +211,22 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
     return 0
 
 
+def enroll_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = _parser(prog or "facecluster enroll", ENROLL_HELP)
+    parser.add_argument("model", help="a folder written by facecluster export")
+    parser.add_argument("folder", help="one sub-folder of face images per new identity")
+    args = parser.parse_args(argv)
+    from facecluster.deploy import enroll_folder
+
+    try:
+        clusters = enroll_folder(args.model, args.folder)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        return _fail(e)
+    for name, k in clusters.items():
+        print(f"enrolled {name} in cluster {k}")
+    return 0
+
+
 def pack_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from facecluster.data.pack import main
 
@@ -211,6 +238,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
     "evaluate": (evaluate_main, EVALUATE_HELP),
     "pack": (pack_main, "Pack an image folder into InsightFace RecordIO (train.rec/.idx)."),
     "export": (export_main, EXPORT_HELP),
+    "enroll": (enroll_main, ENROLL_HELP),
     "identify": (identify_main, IDENTIFY_HELP),
 }
 

@@ -112,6 +112,12 @@ class DataConfig:
     each path logged once, the total reported at epoch ends) or fail (stop naming the file)."""
     max_bad_fraction: float = 0.01
     """Stop when more than this fraction of a split is undecodable or zero-byte files."""
+    verification: list[str] = field(default_factory=list)
+    """Verification sets for the 10-fold protocol: InsightFace ``.bin`` files
+    (lfw.bin, cfp_fp.bin, agedb_30.bin) or an LFW ``pairs.txt`` with ``images/``
+    beside it. Measured on the stage-1 backbone during training and by evaluate.py."""
+    verification_every: int = 1
+    """Stage-1 epochs between verification measurements (the last epoch always)."""
     unseen_fraction: float = 0.0
     """Open set: this fraction of the identities (at least 2 when > 0) never trains;
     half their faces choose the "unknown" threshold (val), half measure false
@@ -132,6 +138,15 @@ class DataConfig:
         r.within("max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
         r.within("val_fraction", self.val_fraction, 0.0, 1.0, closed=False)
         r.within("unseen_fraction", self.unseen_fraction, 0.0, 1.0, closed=False)
+        r.positive("verification_every", self.verification_every)
+        for path in self.verification_paths():
+            if not path.is_file():
+                r.add(f"data.verification: {path} does not exist")
+            elif path.suffix != ".bin" and not (path.parent / "images").is_dir():
+                r.add(
+                    f"data.verification: {path} is not a .bin file and has no images/ "
+                    "folder beside it (an LFW pairs.txt needs one)"
+                )
         r.within("test_fraction", self.test_fraction, 0.0, 1.0, closed=False)
         if self.val_fraction + self.test_fraction >= 1.0:
             r.add("data.val_fraction + data.test_fraction must be < 1 (no training images left)")
@@ -142,9 +157,14 @@ class DataConfig:
     def resolved_root(self) -> Path:
         return resolve_data_root(self.root)
 
+    def verification_paths(self) -> list[Path]:
+        """``verification`` resolved as ``root`` is (working dir, else project root)."""
+        return [resolve_data_root(p) for p in self.verification]
+
     def datamodule_args(self, seed: int) -> dict[str, Any]:
         """Keyword arguments of ``FaceDataModule`` (plain values, no config objects)."""
         args = dataclasses.asdict(self)
+        del args["verification"], args["verification_every"]  # the callback's, not data's
         args["root"] = str(self.resolved_root())
         return {**args, "seed": seed}
 

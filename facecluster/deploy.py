@@ -1,4 +1,4 @@
-"""Deploying a trained run: ``facecluster export`` and ``facecluster identify``.
+"""Deploying a trained run: ``facecluster export``, ``enroll`` and ``identify``.
 
 An export folder holds ``identifier.pt`` (the torch identifier, plain data only)
 and, with ``--onnx``, ``onnx/`` (see :mod:`facecluster.inference.onnx`).
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from facecluster.builders import build_datamodule
 from facecluster.config import Config
-from facecluster.data import IMAGE_EXTENSIONS, build_transforms
+from facecluster.data import IMAGE_EXTENSIONS, build_transforms, scan_image_folder
 from facecluster.data.images import DECODE_ERRORS, decode_image
 from facecluster.data.transforms import normalize_images
 from facecluster.inference import TwoStageIdentifier
@@ -102,6 +102,41 @@ def load_export(
     if runtime != "torch":
         raise ValueError(f"runtime must be auto, torch or onnx, got {runtime!r}")
     return TwoStageIdentifier.load(model / TORCH_FILE, route, map_location=where).to(where)
+
+
+def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -> dict[str, int]:
+    """Add the identities of ``folder`` (one sub-folder of face crops each) to the
+    export ``model``, in place: ``identifier.pt`` and ``onnx/`` (gallery and JSON;
+    the ONNX networks do not change) as the export has them. Embeddings come from
+    torch when the export has ``identifier.pt``, else from onnxruntime.
+
+    Returns:
+        Each new identity's cluster.
+
+    Raises:
+        ValueError: a name that is enrolled already (nothing is written then).
+    """
+    model = Path(model)
+    identifier = load_export(model, "auto", "cpu")
+    identities = scan_image_folder(folder, min_images_per_class=1)
+    size = identifier.backbone_args["image_size"]
+    faces: dict[str, list[Path]] = {}
+    for path, label in identities.samples:
+        faces.setdefault(identities.class_names[label], []).append(Path(path))
+    images = {}
+    for name, paths in tqdm(faces.items(), desc="enrol", unit="identity"):
+        batches = [b for _, _, b in _batches(paths, size, batch_size) if b is not None]
+        if not batches:
+            raise ValueError(f"{folder}/{name}: no decodable face image to enrol")
+        images[name] = normalize_images(torch.cat(batches))
+    clusters = identifier.enroll(images)
+    if (model / TORCH_FILE).is_file():
+        identifier.export(model / TORCH_FILE)
+    if (model / ONNX_FOLDER / "identifier.json").is_file():
+        from facecluster.inference.onnx import write_gallery
+
+        write_gallery(identifier, model / ONNX_FOLDER)
+    return clusters
 
 
 def image_files(sources: Sequence[str | Path]) -> list[Path]:

@@ -39,12 +39,13 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 from tqdm.auto import tqdm
 
-from facecluster.builders import build_datamodule, default_precision
+from facecluster.builders import build_datamodule, default_precision, verification_sets
 from facecluster.clustering import embedding_class_sums, finalize_class_means
 from facecluster.config import Config
 from facecluster.data.transforms import normalize_images
 from facecluster.inference import Predictor, StageOneModel, TwoStageIdentifier
 from facecluster.inference.openset import fnir_at_fpir
+from facecluster.inference.verification import verify
 from facecluster.loggers import wandb_run
 from facecluster.models.components import load_backbone
 from facecluster.plots import alpha_plot, class_means_plot, top_m_plot
@@ -74,6 +75,9 @@ class Row:
     params: int
     throughput_spread: float = 0.0
     """Half the range of the timed batches, relative to the median."""
+    verification: dict[str, float] = field(default_factory=dict)
+    """10-fold verification accuracy per ``data.verification`` set, of the backbone
+    that embeds faces for this row (the stage-1 backbone: router, head, class means)."""
     fnir: dict[str, float | None] = field(default_factory=dict)
     """Open set: FNIR at each FPIR of ``FPIRS`` (key ``"1%"``...), None where the test
     split's unseen faces are too few to measure it; empty for a closed-set run."""
@@ -185,7 +189,23 @@ class Bench:
         )
         return {p.name: (batches[p.name], singles[p.name]) for p in predictors}
 
-    def rows(self, predictors: list[Predictor]) -> list[Row]:
+    @torch.inference_mode()
+    def verification(self, backbone: torch.nn.Module) -> dict[str, float]:
+        """``data.verification`` accuracies of ``backbone`` (empty when there are none)."""
+        if not self.cfg.data.verification:
+            return {}
+        with self.autocast():
+            return {
+                name: verify(
+                    backbone, pairs, self.cfg.data.image_size, self.cfg.eval.batch_size, self.device
+                ).accuracy
+                for name, pairs in verification_sets(self.cfg).items()
+            }
+
+    def rows(
+        self, predictors: list[Predictor], verification: dict[str, float] | None = None
+    ) -> list[Row]:
+        """A table row per predictor; ``verification``: the accuracies of their backbone."""
         timings = self.timings(predictors)
         rows = []
         for p in predictors:
@@ -204,6 +224,7 @@ class Bench:
                     single.median * 1000,
                     p.params,
                     batch.spread,
+                    dict(verification or {}),
                     s["fnir"],
                 )
             )
@@ -244,7 +265,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
         report = _evaluate_two_stage(run, cfg)
     else:
         bench = Bench(cfg, run.path.name, None)
-        rows = bench.rows(_single_model(run, cfg, bench).predictors())
+        model = _single_model(run, cfg, bench)
+        rows = bench.rows(model.predictors(), bench.verification(model.backbone))
         report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)
     return _write(report, run, cfg)
 
@@ -276,7 +298,8 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
     means = ident.assignment.class_means.to(bench.device)
     stage1 = StageOneModel(ident.router_backbone, weights.head, means).to(bench.device)
     predictors = ident.predictors(cfg.route.top_m, cfg.route.alpha) + stage1.predictors()
-    report = RunEvaluation(run.path, cfg.method, bench.rows(predictors), cfg.eval.batch_size)
+    rows = bench.rows(predictors, bench.verification(ident.router_backbone))
+    report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)
     sweep = [ident.routed(m, cfg.route.alpha) for m in range(1, ident.num_clusters + 1)]
     timings = bench.timings(sweep)
     for m, routed in enumerate(sweep, start=1):
@@ -314,9 +337,14 @@ def _fnir_columns(rows: list[Row]) -> list[str]:
     return list(dict.fromkeys(key for row in rows for key in row.fnir))
 
 
-def _cells(row: Row, fnir_columns: list[str] = ()) -> list[str]:
+def _verification_columns(rows: list[Row]) -> list[str]:
+    return list(dict.fromkeys(key for row in rows for key in row.verification))
+
+
+def _cells(row: Row, fnir_columns: list[str] = (), verification: list[str] = ()) -> list[str]:
     routing = "" if row.routing_accuracy is None else f"{row.routing_accuracy:.2%}"
     fnir = [row.fnir.get(key) for key in fnir_columns]
+    verified = [row.verification.get(key) for key in verification]
     return [
         row.run,
         row.model,
@@ -326,6 +354,7 @@ def _cells(row: Row, fnir_columns: list[str] = ()) -> list[str]:
         f"{row.f1:.2%}",
         routing,
         *("n/a" if value is None else f"{value:.2%}" for value in fnir),
+        *("" if value is None else f"{value:.2%}" for value in verified),
         f"{row.subnet_forwards:g}",
         f"{row.throughput:.0f} ±{row.throughput_spread:.0%}",
         f"{row.latency_ms:.1f}",
@@ -336,20 +365,29 @@ def _cells(row: Row, fnir_columns: list[str] = ()) -> list[str]:
 def _header(rows: list[Row], batch_size: int) -> list[str]:
     header = [c.replace("@256", f"@{batch_size}") for c in COLUMNS]
     at = header.index("routing acc") + 1
-    return header[:at] + [f"FNIR@FPIR={key}" for key in _fnir_columns(rows)] + header[at:]
+    extra = [f"FNIR@FPIR={key}" for key in _fnir_columns(rows)]
+    extra += [f"{name} verif." for name in _verification_columns(rows)]
+    return header[:at] + extra + header[at:]
 
 
 def format_table(rows: list[Row], batch_size: int = 256) -> str:
     """Rows as a markdown table (open-set runs add FNIR@FPIR columns; n/a: too few
     unseen test faces to measure that FPIR)."""
-    columns = _fnir_columns(rows)
-    return markdown_table(_header(rows, batch_size), [_cells(r, columns) for r in rows])
+    columns, verification = _fnir_columns(rows), _verification_columns(rows)
+    return markdown_table(
+        _header(rows, batch_size), [_cells(r, columns, verification) for r in rows]
+    )
 
 
 def _flat(row: Row) -> dict[str, Any]:
-    """A row as CSV fields: one ``fnir@fpir=<rate>`` field per open-set column."""
+    """A row as CSV fields: ``fnir@fpir=<rate>`` and ``<set>_verification`` fields."""
     fields = asdict(row)
-    return {**fields, **{f"fnir@fpir={k}": v for k, v in fields.pop("fnir").items()}}
+    fnir, verification = fields.pop("fnir"), fields.pop("verification")
+    return {
+        **fields,
+        **{f"fnir@fpir={k}": v for k, v in fnir.items()},
+        **{f"{k}_verification": v for k, v in verification.items()},
+    }
 
 
 def _write(report: RunEvaluation, run: RunFolder, cfg: Config) -> RunEvaluation:
@@ -375,7 +413,10 @@ def _write(report: RunEvaluation, run: RunFolder, cfg: Config) -> RunEvaluation:
             logs: dict[str, Any] = {
                 "eval/results": wandb.Table(
                     columns=_header(report.rows, cfg.eval.batch_size),
-                    data=[_cells(r, _fnir_columns(report.rows)) for r in report.rows],
+                    data=[
+                        _cells(r, _fnir_columns(report.rows), _verification_columns(report.rows))
+                        for r in report.rows
+                    ],
                 )
             }
             logs.update({f"eval/{p.stem}": wandb.Image(str(p)) for p in report.plots})

@@ -314,7 +314,7 @@ def _image_index(dm: FaceDataModule) -> dict[bytes, int]:
     """Map the bytes of every train image (and its mirror) to its global label."""
     transform = build_transforms(dm.image_size, train=False)
     index = {}
-    for path, label in dm._split_samples("train"):
+    for path, label in dm.split_samples("train"):
         x, _ = transform(decode_image(path))
         index[x.numpy().tobytes()] = label
         index[x.flip(1).numpy().tobytes()] = label
@@ -391,7 +391,7 @@ def test_eval_loaders_use_global_labels_in_order(dm: FaceDataModule) -> None:
 
 
 def test_embedding_dataloader_shards(dm: FaceDataModule) -> None:
-    train = dm._split_samples("train")
+    train = dm.split_samples("train")
     full = dm.embedding_dataloader()
     shards = [dm.embedding_dataloader(rank=r, world_size=2) for r in range(2)]
     assert full.dataset.samples == train
@@ -455,7 +455,7 @@ def test_unseen_identities_never_train_and_serve_val_or_test() -> None:
     val, test = dm.unseen_identities("val"), dm.unseen_identities("test")
     assert len(val) == len(test) == 2 and not set(val) & set(test)
     assert dm.num_classes == 16 and not set(dm.class_names) & set(val + test)
-    assert all(Path(p).parent.name in dm.class_names for p, _ in dm._split_samples("train"))
+    assert all(Path(p).parent.name in dm.class_names for p, _ in dm.split_samples("train"))
     images, labels = next(iter(dm.unseen_dataloader("test")))
     assert (labels == -1).all() and images.dtype == torch.uint8
     again = FaceDataModule(str(DEMO_ROOT), max_classes=20, unseen_fraction=0.2, seed=3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from facecluster import cli
 from facecluster.builders import build_datamodule
 from facecluster.config import load_config
+from facecluster.data.images import decode_image
 from facecluster.data.transforms import normalize_images
 from facecluster.deploy import identify_files, load_export
 from facecluster.evaluation import evaluate_run
@@ -27,6 +29,7 @@ from facecluster.run import RunFolder
 from tests.conftest import DEMO, ROOT, SMOKE, smoke_overrides
 
 EXPORT = "facecluster export runs/<run> exports/demo --onnx"
+ENROLL = "facecluster enroll exports/demo new_people/"
 IDENTIFY = "facecluster identify exports/demo datasets/lfw-demo/images/<identity> --out who.csv"
 
 
@@ -66,9 +69,10 @@ def open_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(open_run, tmp_path_factory):
-    """docs/DEPLOYMENT.md's export command as written (paths made this test's)."""
-    docs = (ROOT / "docs" / "DEPLOYMENT.md").read_text()
-    assert EXPORT in docs and IDENTIFY in docs
+    """The export command of docs/DEPLOYMENT.md and the README as written (paths made
+    this test's)."""
+    for doc in (ROOT / "docs" / "DEPLOYMENT.md", ROOT / "README.md"):
+        assert EXPORT in doc.read_text() and IDENTIFY in doc.read_text(), doc
     cwd = tmp_path_factory.mktemp("deploy")
     command = EXPORT.replace("runs/<run>", str(open_run)).split()
     _facecluster(command, cwd)
@@ -150,3 +154,46 @@ def test_onnx_identifier_matches_torch_on_the_test_split(open_run, exported, tmp
         with open(tmp_path / f"{runtime}.csv") as f:
             answers[runtime] = [(r["path"], r["identity"], r["cluster"]) for r in csv.DictReader(f)]
     assert answers["torch"] == answers["onnx"] and len(answers["torch"]) > 10
+
+
+@pytest.mark.slow
+def test_enrolling_new_identities_without_retraining(open_run, exported, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(exported, model)
+    before = load_export(model, "torch", "cpu")
+    unseen = json.loads((open_run / "unseen_identities.json").read_text())["val"]
+    people = tmp_path / "new_people"
+    held_out = {}
+    for name in unseen:
+        files = sorted((DEMO / name).glob("*.jpg"))
+        (people / name).mkdir(parents=True)
+        for path in files[: len(files) // 2]:
+            shutil.copy(path, people / name / path.name)
+        held_out[name] = files[len(files) // 2 :]
+    assert ENROLL in (ROOT / "docs" / "DEPLOYMENT.md").read_text()
+    command = ENROLL.replace("exports/demo", str(model)).replace("new_people/", f"{people}/")
+    assert cli.main(command.split()[1:]) == 0
+    torch_ident, onnx_ident = load_export(model, "torch", "cpu"), load_export(model, "onnx", "cpu")
+    for ident in (torch_ident, onnx_ident):
+        assert ident.class_names == before.class_names + sorted(unseen)
+        assert ident.open_set == before.open_set
+    # the new identity's class mean is its normalised mean stage-1 embedding, its head
+    # row the same over its cluster's sub-net; old identities keep theirs
+    name, new_id = sorted(unseen)[0], len(before.class_names)
+    faces = normalize_images(
+        torch.stack([decode_image(str(p)) for p in sorted((people / name).iterdir())])
+    )
+    mean = F.normalize(torch_ident.embed(faces).mean(0), dim=0)
+    assert torch.allclose(torch_ident.class_means[new_id], mean, atol=1e-5)
+    k = int(torch_ident.class_to_cluster[new_id])
+    assert torch_ident.members(k)[-1] == new_id
+    with torch.no_grad():
+        row = F.normalize(F.normalize(torch_ident.subnets[k](faces), dim=1).mean(0), dim=0)
+    assert torch.allclose(torch_ident.head(k)[-1], row, atol=1e-5)
+    assert torch.equal(torch_ident.class_means[:new_id], before.class_means)
+    # both runtimes answer alike on the new identities' other faces
+    images = normalize_images(torch.stack([decode_image(str(p)) for p in held_out[name]]))
+    assert torch.equal(torch_ident.identify(images).identity, onnx_ident.identify(images).identity)
+    # a name that is enrolled already is refused, and nothing is written
+    assert cli.main(["enroll", str(model), str(people)]) == 2
+    assert load_export(model, "torch", "cpu").class_names == torch_ident.class_names

@@ -224,6 +224,20 @@ class ClusterAssignment:
         """
         return torch.bincount(self.class_to_cluster, minlength=self.num_clusters)
 
+    def extended(self, class_means: torch.Tensor, clusters: torch.Tensor) -> ClusterAssignment:
+        """This assignment with new identities appended (ids ``C, C+1, ...``): their
+        L2-normalised class means ``[n, d]`` and clusters ``[n]`` (enrolment). The
+        centroids stay; every existing identity keeps its cluster and local index,
+        and a new one's local index is the next in its cluster."""
+        c2c = torch.cat([self.class_to_cluster, clusters.long().cpu()])
+        return ClusterAssignment(
+            class_to_cluster=c2c,
+            local_index=_local_index(c2c, self.num_clusters),
+            class_means=torch.cat([self.class_means, class_means.float().cpu()]),
+            centroids=self.centroids,
+            method=self.method,
+        )
+
     def classes_of(self, k: int) -> torch.Tensor:
         """Global identity ids owned by cluster ``k``, in increasing order.
 

@@ -345,7 +345,9 @@ class FaceDataModule(lightning.LightningDataModule):
             raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
         return self._ensure_setup()[1][split]
 
-    def _split_samples(self, split: str) -> list[tuple[str, int]]:
+    def split_samples(self, split: str) -> list[tuple[str, int]]:
+        """``(locator, global label)`` of the ``train``/``val``/``test`` samples, in order
+        (a locator is an image path, or ``<file>#<key>`` in a RecordIO file)."""
         folder, _ = self._ensure_setup()
         return [folder.samples[i] for i in self._split_indices(split)]
 
@@ -369,7 +371,7 @@ class FaceDataModule(lightning.LightningDataModule):
 
     def split_labels(self, split: str) -> torch.LongTensor:
         """Global labels of the ``"train"``/``"val"``/``"test"`` samples, in split order."""
-        samples = self._split_samples(split)
+        samples = self.split_samples(split)
         return torch.tensor([label for _, label in samples], dtype=torch.long)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

@@ -115,6 +115,32 @@ def read_pairs_txt(root: str | Path, pairs: str | Path) -> tuple[list[Path], lis
     return paths, issame
 
 
+def load_pairs(path: str | Path) -> VerificationPairs:
+    """A verification set named in ``data.verification``: an InsightFace ``.bin`` file,
+    or an LFW-style ``pairs.txt`` whose images are in ``images/`` beside it (the
+    layout of LFW-112: ``lfw-112/pairs.txt`` and ``lfw-112/images/<name>/...``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"verification set {path} does not exist")
+    if path.suffix == ".bin":
+        return read_bin(path)
+    images = path.parent / "images"
+    if not images.is_dir():
+        raise FileNotFoundError(
+            f"verification set {path}: a pairs list needs its images in {images}/<name>/ "
+            "(or give an InsightFace .bin file)"
+        )
+    paths, issame = read_pairs_txt(images, path)
+    return VerificationPairs([p.read_bytes() for p in paths], issame)
+
+
+def set_name(path: str | Path) -> str:
+    """How a verification set is called in logs and tables: ``lfw`` for ``lfw.bin``,
+    the folder's name (``lfw-112``) for a ``pairs.txt``."""
+    path = Path(path)
+    return path.stem if path.suffix == ".bin" else path.parent.name
+
+
 def write_bin(root: str | Path, pairs: str | Path, out: str | Path) -> Path:
     """Write a ``.bin`` verification file from an image folder and a ``pairs.txt``."""
     paths, issame = read_pairs_txt(root, pairs)

@@ -105,17 +105,21 @@ class TwoStageIdentifier(nn.Module):
         self.open_set: dict[str, float] | None = None
         """``{"threshold", "fpir", "probes"}``: answer unknown below ``threshold``,
         chosen on ``probes`` unseen faces for that FPIR (set by the export)."""
-        self.router = Router(
-            assignment.class_means,
-            assignment.class_to_cluster,
-            assignment.centroids,
+        self.router = self._build_router()
+        self.eval()
+
+    def _build_router(self) -> Router:
+        route = self.route_config
+        return Router(
+            self.assignment.class_means,
+            self.assignment.class_to_cluster,
+            self.assignment.centroids,
             index=route["index"],
             neighbours=route["neighbours"],
             ivf_nlist=route["ivf_nlist"],
             ivf_nprobe=route["ivf_nprobe"],
             hnsw_m=route["hnsw_m"],
         )
-        self.eval()
 
     @property
     def num_clusters(self) -> int:
@@ -178,6 +182,50 @@ class TwoStageIdentifier(nn.Module):
             similarity = query[rows] @ self.class_means[members].T if alpha > 0 else None
             keep_top(best_score, best_id, rows, fuse(cosine, similarity, alpha), members)
         return Identification(best_id, best_score, clusters, forwards)
+
+    @torch.no_grad()
+    def enroll(self, faces: dict[str, Tensor]) -> dict[str, int]:
+        """Add identities without retraining; returns each new name's cluster.
+
+        For each name, from its face images ``[n, 3, H, W]`` (normalised): its class
+        mean (the normalised mean of its normalised stage-1 embeddings, as training
+        computes class means) joins the router; it joins the cluster that the router
+        picks for that class mean (the gallery before this call decides, so the
+        order of ``faces`` does not matter); that cluster's sub-net head gains a row,
+        the normalised mean of its normalised sub-net embeddings. Centroids and
+        every existing identity stay as they are.
+
+        Raises:
+            ValueError: a name that is enrolled already, or no images.
+        """
+        taken = set(self.class_names)
+        for name, images in faces.items():
+            if name in taken:
+                raise ValueError(f"{name!r} is enrolled already (identity names are unique)")
+            if len(images) == 0:
+                raise ValueError(f"{name!r}: no face images to enrol")
+        if not faces:
+            return {}
+        means = torch.cat(
+            [
+                F.normalize(self.embed(images).mean(0, keepdim=True), dim=1)
+                for images in faces.values()
+            ]
+        )
+        clusters = self.router.route(means, 1)[:, 0]
+        first = self.assignment.num_classes
+        for i, (images, k) in enumerate(zip(faces.values(), clusters.tolist(), strict=True)):
+            embedding = F.normalize(self.subnets[k](images).float(), dim=1)
+            row = F.normalize(embedding.mean(0, keepdim=True), dim=1).to(self.head(k))
+            setattr(self, f"head{k}", torch.cat([self.head(k), row]))
+            member = torch.tensor([first + i], device=self.members(k).device)
+            setattr(self, f"members{k}", torch.cat([self.members(k), member]))
+        self.assignment = self.assignment.extended(means, clusters)
+        self.class_means = self.assignment.class_means.to(self.class_means.device)
+        self.class_to_cluster = self.assignment.class_to_cluster.to(self.class_to_cluster.device)
+        self.class_names += list(faces)
+        self.router = self._build_router()
+        return dict(zip(faces, clusters.tolist(), strict=True))
 
     def routed(self, top_m: int, alpha: float) -> Predictor:
         """Routed inference (the paper's method): only the top_m clusters' sub-nets run."""

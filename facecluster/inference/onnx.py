@@ -20,8 +20,11 @@ identifier's, so both answer alike (tested on a real run's test split). Needs th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +84,21 @@ def export_onnx(identifier: TwoStageIdentifier, folder: str | Path) -> list[Path
                 verbose=False,
             )
         written.append(path)
+    return written + write_gallery(identifier, folder)
+
+
+def write_gallery(identifier: TwoStageIdentifier, folder: str | Path) -> list[Path]:
+    """``gallery.npz`` and ``identifier.json`` of ``identifier`` (the ONNX networks
+    stay): what export writes after the networks, and all an enrolment changes.
+    Each file is replaced atomically, the JSON last."""
+    folder = Path(folder)
+    written = []
     assignment = identifier.assignment.to_dict()
     arrays = {key: assignment[key].numpy() for key in _ASSIGNMENT_ARRAYS}
     for k in range(identifier.num_clusters):
         arrays[f"head{k}"] = identifier.head(k).cpu().numpy()
-    np.savez(folder / "gallery.npz", **arrays)
+    with _replacing(folder / "gallery.npz") as tmp:
+        np.savez(tmp, **arrays)
     written.append(folder / "gallery.npz")
     meta = {
         "format": ONNX_FORMAT,
@@ -103,13 +116,25 @@ def export_onnx(identifier: TwoStageIdentifier, folder: str | Path) -> list[Path
         "input": {
             "layout": "NCHW",
             "dtype": "float32",
-            "size": size,
+            "size": identifier.backbone_args["image_size"],
             "normalise": "RGB, x / 255 * 2 - 1",
         },
     }
-    (folder / "identifier.json").write_text(json.dumps(meta, indent=1) + "\n")
+    with _replacing(folder / "identifier.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
     written.append(folder / "identifier.json")
     return written
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` that replaces it when the block succeeds."""
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class OnnxBackbone(nn.Module):

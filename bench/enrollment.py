@@ -1,0 +1,98 @@
+"""Enrolment without retraining against training from the start, on the same faces.
+
+Run A holds some identities out of training (``data.unseen_fraction``); run B is
+the same config with every identity trained (``data.unseen_fraction=0``). For each
+identity A never saw, its images fall into train/val/test exactly as in B (the
+split is seeded per identity name). A's export enrols those identities from
+their train and val images (``facecluster enroll``); both identifiers then name
+the identities' test images (routed, the run's top_m and alpha). The script
+prints and writes both top-1 accuracies, and the same accuracy on the test images
+of the identities that both runs trained, to see what the enrolment cost them.
+
+    python train.py run_name=demo-open                          # data.unseen_fraction=0.1
+    python train.py run_name=demo-all data.unseen_fraction=0    # every identity trained
+    python bench/enrollment.py --enrolled runs/demo-open --full runs/demo-all
+
+Writes bench/results/enrollment.json; docs/DEPLOYMENT.md quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from facecluster.builders import build_datamodule
+from facecluster.data import build_transforms
+from facecluster.data.images import decode_image
+from facecluster.data.transforms import normalize_images
+from facecluster.deploy import enroll_folder, export_run, load_export
+from facecluster.inference import TwoStageIdentifier
+from facecluster.run import RunFolder
+
+
+@torch.inference_mode()
+def top1(identifier: TwoStageIdentifier, samples: list[tuple[str, str]], batch: int = 128) -> float:
+    """Share of ``(path, true name)`` samples the identifier names right."""
+    transform = build_transforms(identifier.backbone_args["image_size"], train=False)
+    right = 0
+    for start in range(0, len(samples), batch):
+        chunk = samples[start : start + batch]
+        images = torch.stack([transform(decode_image(path))[0] for path, _ in chunk])
+        found = identifier.identify(normalize_images(images)).identity.tolist()
+        right += sum(
+            identifier.class_names[i] == name for i, (_, name) in zip(found, chunk, strict=True)
+        )
+    return right / len(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--enrolled", required=True, help="run A, with unseen identities")
+    parser.add_argument("--full", required=True, help="run B, every identity trained")
+    parser.add_argument("--out", default="bench/results/enrollment.json")
+    args = parser.parse_args()
+    unseen_file = Path(args.enrolled) / "unseen_identities.json"
+    unseen = sorted(sum(json.loads(unseen_file.read_text()).values(), []))
+    full = RunFolder(Path(args.full))
+    dm = build_datamodule(full.finished_config())
+    names = dm.class_names
+    split = {
+        s: [(p, names[label]) for p, label in dm.split_samples(s)] for s in ("train", "val", "test")
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        model, people = Path(tmp) / "model", Path(tmp) / "people"
+        export_run(args.enrolled, model)
+        for path, name in split["train"] + split["val"]:
+            if name in unseen:
+                (people / name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, people / name / Path(path).name)
+        enroll_folder(model, people)
+        enrolled = load_export(model, "torch", "cpu")
+        test_new = [(p, n) for p, n in split["test"] if n in unseen]
+        test_old = [(p, n) for p, n in split["test"] if n not in unseen]
+        trained = TwoStageIdentifier.from_run(full)
+        result = {
+            "enrolled_run": str(Path(args.enrolled).resolve()),
+            "full_run": str(full.path),
+            "identities_enrolled": len(unseen),
+            "enrolment_images": sum(1 for _, n in split["train"] + split["val"] if n in unseen),
+            "test_images_enrolled_identities": len(test_new),
+            "top1_enrolled": top1(enrolled, test_new),
+            "top1_trained_from_start": top1(trained, test_new),
+            "test_images_other_identities": len(test_old),
+            "top1_others_after_enrolment": top1(enrolled, test_old),
+            "top1_others_trained_with_all": top1(trained, test_old),
+        }
+    for key, value in result.items():
+        print(f"{key}: {value:.2%}" if isinstance(value, float) else f"{key}: {value}")
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""LFW-style 10-fold verification: the protocol on known embeddings, the pair sets
+(pairs.txt beside images/, .bin), the stage-1 callback and the evaluate.py column."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from facecluster.config import ConfigError, load_config
+from facecluster.data.verification import load_pairs, set_name, write_bin
+from facecluster.evaluation import evaluate_run
+from facecluster.inference.verification import ten_fold_accuracy
+from facecluster.pipeline import train
+from tests.conftest import SHARED_LFW, SMOKE, smoke_overrides
+
+PAIRS = SHARED_LFW.parent / "pairs.txt"
+needs_lfw = pytest.mark.skipif(not PAIRS.is_file(), reason=f"{PAIRS} is not beside this checkout")
+
+
+def test_ten_fold_accuracy_separates_known_pairs():
+    torch.manual_seed(0)
+    anchors = F.normalize(torch.randn(100, 16), dim=1)
+    same = [i % 2 == 0 for i in range(100)]
+    others = F.normalize(torch.randn(100, 16), dim=1)
+    second = torch.where(torch.tensor(same)[:, None], anchors + 0.01 * others, others)
+    pairs = torch.stack([anchors, second], dim=1).reshape(200, 16)
+    result = ten_fold_accuracy(pairs, same)
+    assert result.accuracy == 1.0 and result.std == 0.0 and result.pairs == 100
+    assert 0.0 < result.threshold < 2.0  # between the same (~0) and random (~2) distances
+    # one wrong pair in fold 0 costs that fold 1 of its 10 pairs
+    flipped = list(same)
+    flipped[0] = not flipped[0]
+    assert ten_fold_accuracy(pairs, flipped).accuracy == pytest.approx(0.99)
+    noise = ten_fold_accuracy(torch.randn(200, 16), same)
+    assert 0.3 < noise.accuracy < 0.7
+    with pytest.raises(ValueError, match="expected 2 each"):
+        ten_fold_accuracy(pairs[:-2], same)
+
+
+@needs_lfw
+def test_the_lfw_pairs_list_and_its_bin_file_give_the_same_pairs(tmp_path):
+    pairs = load_pairs(PAIRS)
+    assert len(pairs) == 6000 and sum(pairs.issame) == 3000 and set_name(PAIRS) == "lfw-112"
+    assert pairs.issame[:300] == [True] * 300 and pairs.issame[300:600] == [False] * 300
+    binary = load_pairs(write_bin(SHARED_LFW, PAIRS, tmp_path / "lfw.bin"))
+    assert binary.images == pairs.images and set_name(tmp_path / "lfw.bin") == "lfw"
+
+
+def test_verification_sets_are_checked_at_config_time(tmp_path):
+    (tmp_path / "pairs.txt").write_text("10\t300\n")
+    with pytest.raises(ConfigError, match="no images/ folder beside it"):
+        load_config(SMOKE, [f"data.verification=[{tmp_path / 'pairs.txt'}]"])
+    with pytest.raises(ConfigError, match="missing.bin does not exist"):
+        load_config(SMOKE, [f"data.verification=[{tmp_path / 'missing.bin'}]"])
+
+
+def _small_lfw(folder: Path, per_fold: int = 20) -> Path:
+    """LFW's pairs.txt cut to ``per_fold`` pairs of each official fold (half same,
+    half different), its images/ linked: the protocol as is, at test size."""
+    lines = PAIRS.read_text().splitlines()[1:]
+    kept = []
+    for fold in range(10):
+        block = lines[600 * fold : 600 * (fold + 1)]
+        kept += block[: per_fold // 2] + block[300 : 300 + per_fold // 2]
+    folder.mkdir()
+    (folder / "images").symlink_to(SHARED_LFW)
+    (folder / "pairs.txt").write_text(f"10\t{per_fold // 2}\n" + "\n".join(kept) + "\n")
+    return folder / "pairs.txt"
+
+
+@needs_lfw
+@pytest.mark.slow
+def test_lfw_verification_during_stage1_and_in_the_evaluation_table(tmp_path):
+    pairs = _small_lfw(tmp_path / "lfw")
+    assert len(load_pairs(pairs)) == 200
+    overrides = smoke_overrides(
+        tmp_path, "logger=csv", f"data.verification=[{pairs}]", "eval.after_training=false"
+    )
+    run = train(load_config(SMOKE, overrides)).run_dir
+    metrics = (next((run / "csv").rglob("metrics.csv"))).read_text()
+    assert "val/lfw_acc" in metrics.splitlines()[0]
+    report = evaluate_run(run, ["eval.plots=false", "eval.timing_batches=1"])
+    accuracies = {row.verification["lfw"] for row in report.rows}
+    assert len(accuracies) == 1  # every row embeds with the stage-1 backbone
+    assert 0.5 < accuracies.pop() < 1.0
+    assert "lfw verif." in (run / "eval" / "results.md").read_text()
+    # the single-model baseline's rows get it from their own backbone
+    single = train(load_config(SMOKE, [*overrides, "method=single", "run_name=single"])).run_dir
+    rows = evaluate_run(single, ["eval.plots=false", "eval.timing_batches=1"]).rows
+    assert [r.model for r in rows] == ["single model (one head)", "nearest class mean"]
+    accuracies = {r.verification["lfw"] for r in rows}
+    assert len(accuracies) == 1 and 0.0 <= accuracies.pop() <= 1.0  # one backbone
