@@ -197,3 +197,34 @@ def test_enrolling_new_identities_without_retraining(open_run, exported, tmp_pat
     # a name that is enrolled already is refused, and nothing is written
     assert cli.main(["enroll", str(model), str(people)]) == 2
     assert load_export(model, "torch", "cpu").class_names == torch_ident.class_names
+
+
+@pytest.mark.slow
+def test_open_set_and_enrolment_benchmarks_run(open_run, exported, tmp_path):
+    # docs/DEPLOYMENT.md's and docs/EVALUATION.md's measurement commands, at test size
+    out = tmp_path / "open_set.json"
+    command = ["bench/open_set.py", "--run", str(open_run), "--export", str(exported)]
+    _python([*command, "--out", str(out)])
+    measured = json.loads(out.read_text())
+    assert measured["nonmated_test_faces"] > 0 and 0 <= measured["fpir"] <= 1
+    assert measured["named_right"] + measured["named_wrong"] + measured["unknown"] == pytest.approx(
+        1
+    )
+    full = train(
+        load_config(SMOKE, smoke_overrides(tmp_path, "logger=csv", "run_name=all"))
+    ).run_dir
+    out = tmp_path / "enrollment.json"
+    _python(
+        ["bench/enrollment.py", "--enrolled", str(open_run), "--full", str(full), "--out", str(out)]
+    )
+    measured = json.loads(out.read_text())
+    assert measured["identities_enrolled"] == 3 and measured["test_images_enrolled_identities"] > 0
+    assert 0 <= measured["top1_enrolled"] <= 1 and 0 <= measured["top1_trained_from_start"] <= 1
+
+
+def _python(command: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
+    proc = subprocess.run(
+        [sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]

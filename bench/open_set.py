@@ -1,0 +1,67 @@
+"""The exported "unknown" threshold on a run's test split: how many faces of
+identities never trained on get a name (FPIR), how many of the trained ones do not
+get theirs (FNIR), at the threshold the export chose on the validation unseen faces.
+
+    python bench/open_set.py --run runs/<run> --export exports/demo
+
+Writes bench/results/open_set.json; docs/DEPLOYMENT.md quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from facecluster.builders import build_datamodule
+from facecluster.data.transforms import normalize_images
+from facecluster.deploy import load_export
+from facecluster.run import RunFolder
+
+
+@torch.inference_mode()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="an open-set run (data.unseen_fraction > 0)")
+    parser.add_argument("--export", required=True, help="its facecluster export folder")
+    parser.add_argument("--runtime", default="torch", choices=("torch", "onnx"))
+    parser.add_argument("--out", default="bench/results/open_set.json")
+    args = parser.parse_args()
+    ident = load_export(args.export, args.runtime, "cpu")
+    if ident.open_set is None:
+        raise SystemExit(f"{args.export} has no unknown threshold: is {args.run} an open-set run?")
+    threshold = ident.open_set["threshold"]
+    dm = build_datamodule(RunFolder(Path(args.run)).finished_config())
+    right = wrong = mated = 0
+    for images, labels in dm.test_dataloader():
+        result = ident.identify(normalize_images(images))
+        named = result.score >= threshold
+        right += int(((result.identity == labels) & named).sum())
+        wrong += int(((result.identity != labels) & named).sum())
+        mated += len(labels)
+    loader = dm.unseen_dataloader("test")
+    scores = torch.cat([ident.identify(normalize_images(x)).score for x, _ in loader])
+    result = {
+        "run": args.run,
+        "runtime": args.runtime,
+        "threshold": threshold,
+        "threshold_probes": ident.open_set["probes"],
+        "mated_test_faces": mated,
+        "named_right": right / mated,
+        "named_wrong": wrong / mated,
+        "unknown": (mated - right - wrong) / mated,
+        "fnir": 1 - right / mated,
+        "nonmated_test_faces": len(scores),
+        "fpir": float((scores >= threshold).float().mean()),
+        "target_fpir": ident.open_set["fpir"],
+    }
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
