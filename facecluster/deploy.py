@@ -24,6 +24,7 @@ from facecluster.data import IMAGE_EXTENSIONS, build_transforms, scan_image_fold
 from facecluster.data.images import DECODE_ERRORS, decode_image
 from facecluster.data.transforms import normalize_images
 from facecluster.inference import TwoStageIdentifier
+from facecluster.inference.identifier import UNKNOWN
 from facecluster.inference.openset import threshold_at_fpir
 from facecluster.run import RunFolder
 
@@ -219,25 +220,24 @@ def identify_files(
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         for batch, good, images in _batches(files, size, batch_size):
-            answers = {}
+            found = {}
             if images is not None:
-                result = identifier.identify(
-                    normalize_images(images.to(where)), k=min(TOP, len(names))
-                )
-                ids, scores = (
-                    result.candidates.cpu().tolist(),
-                    result.candidate_scores.cpu().tolist(),
-                )
-                for path, row_ids, row_scores in zip(good, ids, scores, strict=True):
-                    best, score = row_ids[0], row_scores[0]
-                    known = threshold is None or score >= threshold
+                x = normalize_images(images.to(where))
+                result = identifier.identify(x, k=min(TOP, len(names)))
+                answers = result.answer(threshold).tolist()
+                ids = result.candidates.cpu().tolist()
+                scores = result.candidate_scores.cpu().tolist()
+                for path, answer, row_ids, row_scores in zip(
+                    good, answers, ids, scores, strict=True
+                ):
                     pairs = zip(row_ids, row_scores, strict=True)
                     # fewer than 5 where the searched clusters hold fewer identities
                     top = ";".join(f"{names[i]}:{s:.4f}" for i, s in pairs if i < len(names))
-                    identity = names[best] if known else "unknown"
-                    answers[path] = (identity, f"{score:.4f}", int(clusters[best]), top)
+                    identity = "unknown" if answer == UNKNOWN else names[answer]
+                    cluster = int(clusters[row_ids[0]])
+                    found[path] = (identity, f"{row_scores[0]:.4f}", cluster, top)
             for path in batch:
-                writer.writerow((path, *answers.get(path, ("unreadable", "", "", ""))))
+                writer.writerow((path, *found.get(path, ("unreadable", "", "", ""))))
             rows += len(batch)
             bar.update(len(batch))
     return rows

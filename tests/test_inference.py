@@ -16,7 +16,7 @@ import evaluate
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import ConfigError, load_config
 from facecluster.evaluation import eval_autocast, evaluate_run
-from facecluster.inference import Router, TwoStageIdentifier, fuse
+from facecluster.inference import UNKNOWN, Router, TwoStageIdentifier, fuse
 from facecluster.io import UnsafeFileError
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
@@ -149,6 +149,12 @@ def test_ism_equals_brute_force_over_every_subnet(alpha):
     assert torch.equal(top5.candidates, expected.indices)
     assert torch.allclose(top5.candidate_scores, expected.values)
     assert torch.equal(top5.identity, result.identity) and torch.equal(top5.score, result.score)
+    # open set: below the threshold the answer is UNKNOWN (-1)
+    threshold = result.score.median().item()
+    answer = result.answer(threshold)
+    assert torch.equal(answer == UNKNOWN, result.score < threshold)
+    assert torch.equal(answer[answer != UNKNOWN], result.identity[result.score >= threshold])
+    assert torch.equal(result.answer(None), result.identity)
 
 
 @pytest.mark.parametrize("top_m", [1, 2, 4])

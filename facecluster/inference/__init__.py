@@ -2,11 +2,12 @@
 stage-1 model, each offering named predictors to evaluation."""
 
 from facecluster.inference.decision import fuse, keep_top
-from facecluster.inference.identifier import Identification, TwoStageIdentifier
+from facecluster.inference.identifier import UNKNOWN, Identification, TwoStageIdentifier
 from facecluster.inference.predictors import Predictor, StageOneModel, count_parameters
 from facecluster.inference.router import Router, build_index
 
 __all__ = [
+    "UNKNOWN",
     "Identification",
     "Predictor",
     "Router",

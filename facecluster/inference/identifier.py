@@ -37,6 +37,9 @@ from facecluster.models.components import load_backbone
 if TYPE_CHECKING:
     from facecluster.run import RunFolder, StageWeights
 
+UNKNOWN = -1
+"""The answer for a face whose best score is below the open-set threshold."""
+
 EXPORT_FORMAT = "facecluster.two_stage_identifier"
 EXPORT_VERSION = 2
 """Version 2: the backbone is described by ``create_backbone``'s keyword arguments."""
@@ -64,6 +67,13 @@ class Identification:
     def score(self) -> Tensor:
         """[B] fused score of the prediction."""
         return self.candidate_scores[:, 0]
+
+    def answer(self, threshold: float | None) -> Tensor:
+        """[B] the predicted identity, or :data:`UNKNOWN` (-1) where its score is below
+        ``threshold`` (open set; None: always the identity)."""
+        if threshold is None:
+            return self.identity
+        return self.identity.where(self.score >= threshold, torch.full_like(self.identity, UNKNOWN))
 
 
 class TwoStageIdentifier(nn.Module):
