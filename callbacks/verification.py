@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from facecluster.data.verification import VerificationPairs
+from facecluster.data.verification import VerificationPairs, load_pairs, named_sets
 from facecluster.inference.verification import verify
 
 
@@ -13,41 +16,42 @@ class VerificationCallback(L.Callback):
     """Every ``every_n_epochs`` stage-1 epochs, the 10-fold verification accuracy of the
     backbone on each set, logged as ``val/<set>_acc`` (W&B, CSV) and printed.
 
-    Runs in global rank 0 only (the other ranks would compute the same figure), after
-    the epoch's validation, under the trainer's precision, in eval mode.
+    At the end of a training epoch (after its validation, if any), in global rank 0
+    only: the other ranks would compute the same figure, and only rank 0 reads the
+    sets (on first use). Under the trainer's precision, in eval mode. The last epoch
+    is always measured, also when the run stops early.
 
     Args:
-        sets: name -> pairs (:func:`facecluster.data.verification.load_pairs`).
-        every_n_epochs: how often; the last epoch is always measured.
+        paths: the sets (``.bin`` files or ``pairs.txt`` with ``images/`` beside).
+        every_n_epochs: how often.
         image_size: the network input size.
         batch_size: images per forward pass.
     """
 
     def __init__(
-        self,
-        sets: dict[str, VerificationPairs],
-        every_n_epochs: int,
-        image_size: int,
-        batch_size: int,
+        self, paths: list[Path], every_n_epochs: int, image_size: int, batch_size: int
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        self.sets, self.every = sets, every_n_epochs
+        self.paths, self.every = named_sets(list(paths)), every_n_epochs
         self.image_size, self.batch_size = image_size, batch_size
+        self._sets: dict[str, VerificationPairs] | None = None
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        last = epoch + 1 >= (trainer.max_epochs or 0)
-        if trainer.sanity_checking or not ((epoch + 1) % self.every == 0 or last):
+        last = (
+            trainer.should_stop or (trainer.max_epochs or 0) > 0 and epoch + 1 >= trainer.max_epochs
+        )
+        if not ((epoch + 1) % self.every == 0 or last) or not trainer.is_global_zero:
             return
-        if not trainer.is_global_zero:
-            return
+        if self._sets is None:
+            self._sets = {name: load_pairs(p) for name, p in self.paths.items()}
         backbone = pl_module.backbone
         training = backbone.training
         backbone.eval()
         try:
-            with trainer.precision_plugin.forward_context():
-                for name, pairs in self.sets.items():
+            with torch.inference_mode(), trainer.precision_plugin.forward_context():
+                for name, pairs in self._sets.items():
                     result = verify(
                         backbone, pairs, self.image_size, self.batch_size, pl_module.device
                     )

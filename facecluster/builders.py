@@ -27,7 +27,7 @@ from facecluster.callbacks import (
 from facecluster.checkpoint_io import AtomicCheckpointIO
 from facecluster.config import Config, ConfigError, naming
 from facecluster.data import FaceDataModule
-from facecluster.data.verification import VerificationPairs, load_pairs, set_name
+from facecluster.data.verification import VerificationPairs, load_pairs, named_sets
 from facecluster.models.components import create_backbone
 from facecluster.run import BEST, LAST, RunFolder
 
@@ -46,7 +46,8 @@ def build_datamodule(cfg: Config, eval_batch_size: int | None = None) -> FaceDat
 def verification_sets(cfg: Config) -> dict[str, VerificationPairs]:
     """``data.verification``, read: set name -> pairs."""
     with naming("data.verification"):
-        return {set_name(p): load_pairs(p) for p in cfg.data.verification_paths()}
+        paths = named_sets(cfg.data.verification_paths())
+        return {name: load_pairs(path) for name, path in paths.items()}
 
 
 def backbone_parameters(cfg: Config) -> int:
@@ -147,7 +148,7 @@ def build_trainer(
     if stage == 1 and cfg.data.verification:
         stage_callbacks.append(
             VerificationCallback(
-                verification_sets(cfg),
+                cfg.data.verification_paths(),
                 cfg.data.verification_every,
                 cfg.data.image_size,
                 cfg.data.eval_batch_size or cfg.data.batch_size,

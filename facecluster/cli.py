@@ -88,9 +88,6 @@ def _fail(message: object) -> int:
 
 def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from facecluster.config import PROJECT_ROOT, ConfigError, load_config
-    from facecluster.evaluation import evaluate_runs
-    from facecluster.pipeline import train
-    from facecluster.run import RunFolder, is_global_zero
 
     default = PROJECT_ROOT / "configs" / "default.yaml"
     parser = _parser(prog or "train.py", TRAIN_HELP)
@@ -103,6 +100,10 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
+    from facecluster.evaluation import evaluate_runs
+    from facecluster.pipeline import train
+    from facecluster.run import RunFolder, is_global_zero
+
     try:
         cfg = load_config(args.config or [default], args.overrides)
         if cfg.resume:
@@ -119,9 +120,6 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from facecluster.config import ConfigError
-    from facecluster.evaluation import evaluate_runs
-
     parser = _parser(prog or "evaluate.py", EVALUATE_HELP)
     parser.add_argument(
         "args", nargs="+", help="run=<run dir> (repeatable) and key=value overrides"
@@ -131,6 +129,9 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
     overrides = [a for a in args.args if not a.startswith("run=")]
     if not runs:
         parser.error("give at least one run=<run dir>")
+    from facecluster.config import ConfigError
+    from facecluster.evaluation import evaluate_runs
+
     try:
         print(evaluate_runs(runs, overrides))
     except ConfigError as e:
@@ -151,6 +152,8 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "split's unseen faces pass as someone enrolled (default: %(default)s)",
     )
     args = parser.parse_args(argv)
+    if not 0.0 <= args.fpir < 1.0:
+        parser.error(f"--fpir must be in [0, 1), got {args.fpir}")
     from facecluster.config import ConfigError
     from facecluster.deploy import export_run
 
@@ -192,7 +195,16 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
         "--top-m", type=int, default=None, help="clusters searched (default: the run's)"
     )
     args = parser.parse_args(argv)
-    from facecluster.deploy import identify_files
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.top_m is not None and args.top_m < 1:
+        parser.error(f"--top-m must be >= 1, got {args.top_m}")
+    from facecluster.deploy import identify_files, resolve_device
+
+    try:
+        resolve_device(args.device)
+    except (RuntimeError, ValueError) as e:
+        parser.error(f"--device {args.device}: {e}")
 
     try:
         count = identify_files(

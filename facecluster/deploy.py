@@ -14,19 +14,21 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
-from facecluster.builders import build_datamodule
-from facecluster.config import Config
 from facecluster.data import IMAGE_EXTENSIONS, build_transforms, scan_image_folder
 from facecluster.data.images import DECODE_ERRORS, decode_image
 from facecluster.data.transforms import normalize_images
 from facecluster.inference import TwoStageIdentifier
 from facecluster.inference.identifier import UNKNOWN
 from facecluster.inference.openset import threshold_at_fpir
-from facecluster.run import RunFolder
+
+if TYPE_CHECKING:
+    from facecluster.config import Config
+    from facecluster.run import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ def export_run(
     Raises:
         ValueError: the run is a single-model run (no sub-nets to export).
     """
+    from facecluster.run import RunFolder  # training side (Lightning): only for the export
+
     folder = RunFolder(Path(run))
     cfg = folder.finished_config()
     if cfg.method == "single":
@@ -58,7 +62,7 @@ def export_run(
         )
     identifier = TwoStageIdentifier.from_run(folder)
     if cfg.data.unseen_fraction > 0:
-        identifier.open_set = unknown_threshold(identifier, cfg, fpir)
+        identifier.open_set = unknown_threshold(identifier, folder, cfg, fpir)
     out = Path(out)
     written = [identifier.export(out / TORCH_FILE)]
     if onnx:
@@ -69,20 +73,31 @@ def export_run(
 
 
 @torch.inference_mode()
-def unknown_threshold(identifier: TwoStageIdentifier, cfg: Config, fpir: float) -> dict[str, float]:
+def unknown_threshold(
+    identifier: TwoStageIdentifier, run: RunFolder, cfg: Config, fpir: float
+) -> dict[str, float]:
     """``{"threshold", "fpir", "probes"}`` from the run's unseen validation faces."""
-    loader = build_datamodule(cfg).unseen_dataloader("val")
-    if loader is None:
-        raise ValueError(f"{cfg.data.root}: the run has no unseen validation faces")
+    from facecluster.builders import build_datamodule  # Lightning: only for the export
+
+    dm = build_datamodule(cfg)
+    run.check_identities(dm.class_names)
+    loader = dm.unseen_dataloader("val")  # an open-set run always has some
     scores = torch.cat([identifier.identify(normalize_images(x)).score for x, _ in loader])
     return {"threshold": threshold_at_fpir(scores, fpir), "fpir": fpir, "probes": len(scores)}
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto``: the first GPU when there is one, else the CPU."""
+    """``auto``: the first GPU when there is one, else the CPU.
+
+    Raises:
+        ValueError: not a device name, or a GPU that this machine does not have.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    where = torch.device(device)  # RuntimeError for a name torch does not know
+    if where.type == "cuda" and (where.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return where
 
 
 def load_export(
@@ -99,7 +114,8 @@ def load_export(
     if runtime == "onnx":
         from facecluster.inference.onnx import load_onnx
 
-        return load_onnx(model / ONNX_FOLDER, route, where.type)
+        # the networks run where onnxruntime's provider is; the gallery follows the images
+        return load_onnx(model / ONNX_FOLDER, route, where.type).to(where)
     if runtime != "torch":
         raise ValueError(f"runtime must be auto, torch or onnx, got {runtime!r}")
     return TwoStageIdentifier.load(model / TORCH_FILE, route, map_location=where).to(where)
@@ -203,6 +219,8 @@ def identify_files(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     identifier = load_export(model, runtime, device, top_m)
+    if top_m is not None and top_m > identifier.num_clusters:
+        raise ValueError(f"top_m={top_m}: {model} has {identifier.num_clusters} clusters")
     if threshold is None and identifier.open_set is not None:
         threshold = identifier.open_set["threshold"]
     files = image_files(sources)

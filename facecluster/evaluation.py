@@ -116,10 +116,12 @@ class Bench:
         self._scores: dict[str, dict[str, Any]] = {}
 
     @torch.inference_mode()
-    def score(self, predictor: Predictor) -> dict[str, Any]:
-        """Top-1, macro P/R/F1 and routing accuracy over the test split."""
-        if predictor.name in self._scores:  # the headline row and the sweeps share passes
-            return self._scores[predictor.name]
+    def score(self, predictor: Predictor, open_set: bool = True) -> dict[str, Any]:
+        """Top-1, macro P/R/F1 and routing accuracy over the test split; with
+        ``open_set``, also FNIR at ``FPIRS`` over the unseen test faces (open-set runs)."""
+        cached = self._scores.get(predictor.name)
+        if cached is not None and (cached["fnir"] or not open_set or self.unseen is None):
+            return cached  # the headline row and the sweeps share passes
         c = self.dm.num_classes
         # One process: no synchronisation over a process group another rank has left.
         metrics = {
@@ -145,7 +147,7 @@ class Bench:
         scores["top1"] = correct.double().mean().item()
         scores["routing_accuracy"] = routed / len(correct) if routes else None
         scores["fnir"] = {}
-        if self.unseen is not None:
+        if self.unseen is not None and open_set:
             desc = f"{predictor.name}, unseen"
             nonmated = torch.cat(
                 [
@@ -265,6 +267,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
         report = _evaluate_two_stage(run, cfg)
     else:
         bench = Bench(cfg, run.path.name, None)
+        run.check_identities(bench.dm.class_names)
         model = _single_model(run, cfg, bench)
         rows = bench.rows(model.predictors(), bench.verification(model.backbone))
         report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)
@@ -294,6 +297,7 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
     weights = run.stage1_weights()  # read once: the router's backbone and the stage-1 head
     ident = TwoStageIdentifier.from_run(run, route=cfg.to_dict()["route"], stage1=weights)
     bench = Bench(cfg, run.path.name, ident.assignment.class_to_cluster)
+    run.check_identities(bench.dm.class_names)
     ident.to(bench.device)
     means = ident.assignment.class_means.to(bench.device)
     stage1 = StageOneModel(ident.router_backbone, weights.head, means).to(bench.device)
@@ -303,7 +307,7 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
     sweep = [ident.routed(m, cfg.route.alpha) for m in range(1, ident.num_clusters + 1)]
     timings = bench.timings(sweep)
     for m, routed in enumerate(sweep, start=1):
-        scores = bench.score(routed)
+        scores = bench.score(routed, open_set=False)
         report.top_m_sweep.append(
             {
                 "top_m": m,
@@ -313,7 +317,7 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
             }
         )
     for alpha in ALPHAS:
-        scores = bench.score(ident.routed(cfg.route.top_m, alpha))
+        scores = bench.score(ident.routed(cfg.route.top_m, alpha), open_set=False)
         report.alpha_sweep.append({"alpha": alpha, "top1": scores["top1"]})
     if cfg.eval.plots:
         run.eval_dir.mkdir(exist_ok=True)
@@ -343,7 +347,7 @@ def _verification_columns(rows: list[Row]) -> list[str]:
 
 def _cells(row: Row, fnir_columns: list[str] = (), verification: list[str] = ()) -> list[str]:
     routing = "" if row.routing_accuracy is None else f"{row.routing_accuracy:.2%}"
-    fnir = [row.fnir.get(key) for key in fnir_columns]
+    fnir = [row.fnir.get(key, "") for key in fnir_columns]  # "": a closed-set run
     verified = [row.verification.get(key) for key in verification]
     return [
         row.run,
@@ -353,7 +357,7 @@ def _cells(row: Row, fnir_columns: list[str] = (), verification: list[str] = ())
         f"{row.recall:.2%}",
         f"{row.f1:.2%}",
         routing,
-        *("n/a" if value is None else f"{value:.2%}" for value in fnir),
+        *("n/a" if v is None else v if v == "" else f"{v:.2%}" for v in fnir),
         *("" if value is None else f"{value:.2%}" for value in verified),
         f"{row.subnet_forwards:g}",
         f"{row.throughput:.0f} ±{row.throughput_spread:.0%}",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -86,14 +85,20 @@ def load_plain(
         raise FileNotFoundError(f"{path} ({what}) does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
+    except Exception as e:  # noqa: BLE001 - a damaged file can fail anywhere in unpickling
         named = re.search(r"GLOBAL (\S+)", str(e))
-        culprit = f" (it names {named.group(1)})" if named else ""
+        if named is None:  # damaged or not a torch file: say what broke, not torch's advice
+            boilerplate = ("Weights only load failed", "Check the documentation")
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            detail = " ".join(ln for ln in lines if not ln.startswith(boilerplate)) or str(e)
+            detail = re.sub(r"^Please file an issue.*?use case: ", "", detail)
+            raise ValueError(
+                f"{path} ({what}) cannot be read: {type(e).__name__}: {detail}"
+            ) from None
+        culprit = f" (it names {named.group(1)})"
         raise UnsafeFileError(
             f"refusing to load {path} ({what}): it holds Python objects other than "
             f"tensors, numbers and strings{culprit}, and loading those could run code. "
             "Nothing from it was run. facecluster writes only plain data: a file it wrote "
             "loads, so this one was made or changed elsewhere"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path} ({what}) cannot be read: {type(e).__name__}: {e}") from None

@@ -72,6 +72,7 @@ EVAL_FILES = {
 # weights into a model of another shape, or a head over other identities.
 RESUME_FIXED_KEYS = (
     "method",
+    "seed",  # decides the split and, with data.unseen_fraction, which identities train
     "data.root",
     "data.max_classes",
     "data.min_images_per_class",
@@ -101,7 +102,7 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     try:
         ckpt = load_plain(path, what="checkpoint", mmap=True)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"resume={path}: {e}") from None
+        raise ConfigError(f"resume: {e}") from None
     if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt:
         raise ConfigError(
             f"resume={path}: not a facecluster checkpoint (no '{CHECKPOINT_KEY}' entry); "
@@ -270,6 +271,22 @@ class RunFolder:
 
     def class_names(self) -> list[str]:
         return json.loads((self.path / CLASS_NAMES).read_text())
+
+    def check_identities(self, names: list[str]) -> None:
+        """The data's identities must be the run's, label for label (evaluation, export).
+
+        Raises:
+            ConfigError: naming the settings that decide them.
+        """
+        trained = self.class_names()
+        if names != trained:
+            order = " (the same count, other names or order)" if len(names) == len(trained) else ""
+            raise ConfigError(
+                f"{self.path}: the data gives {len(names)} identities, the run trained on "
+                f"{len(trained)}{order}; "
+                "data.root, data.max_classes, data.min_images_per_class, "
+                "data.unseen_fraction and seed must be the run's own"
+            )
 
     def save_unseen_identities(self, names: dict[str, list[str]]) -> None:
         """Open-set runs: the identities held out of training, per split."""

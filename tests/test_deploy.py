@@ -154,6 +154,15 @@ def test_onnx_identifier_matches_torch_on_the_test_split(open_run, exported, tmp
         with open(tmp_path / f"{runtime}.csv") as f:
             answers[runtime] = [(r["path"], r["identity"], r["cluster"]) for r in csv.DictReader(f)]
     assert answers["torch"] == answers["onnx"] and len(answers["torch"]) > 10
+    # the --help example's options: onnx runtime, a threshold of one's own
+    faces = [str(p) for p in sorted(folders[0].glob("*.jpg"))[:2]]
+    out = tmp_path / "own.csv"
+    argv = ["identify", str(exported), *faces, "--runtime", "onnx", "--threshold", "0.3"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    with open(out) as f:
+        for row in csv.DictReader(f):
+            assert (row["identity"] == "unknown") == (float(row["score"]) < 0.3)
+    assert cli.main([*argv, "--top-m", "9", "--out", str(out)]) == 2  # 3 clusters
 
 
 @pytest.mark.slow
@@ -228,3 +237,18 @@ def _python(command: list[str]) -> None:
         [sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_load_plain_tells_damaged_files_from_unsafe_ones(tmp_path):
+    from facecluster.io import UnsafeFileError, load_plain
+
+    (tmp_path / "text.pt").write_text("hello world, not a checkpoint")
+    (tmp_path / "noise.pt").write_bytes(bytes(range(7, 107)))
+    for name in ("text.pt", "noise.pt"):
+        with pytest.raises(ValueError, match=rf"{name} \(export\) cannot be read") as error:
+            load_plain(tmp_path / name, what="export")
+        assert not isinstance(error.value, UnsafeFileError)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_plain(tmp_path / "missing.pt")
+    torch.save({"weights": torch.ones(2), "name": "a"}, tmp_path / "plain.pt")
+    assert load_plain(tmp_path / "plain.pt")["name"] == "a"

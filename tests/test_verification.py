@@ -93,3 +93,35 @@ def test_lfw_verification_during_stage1_and_in_the_evaluation_table(tmp_path):
     assert [r.model for r in rows] == ["single model (one head)", "nearest class mean"]
     accuracies = {r.verification["lfw"] for r in rows}
     assert len(accuracies) == 1 and 0.0 <= accuracies.pop() <= 1.0  # one backbone
+
+
+LFW_SET = '"data.verification=[../shared/datasets/lfw-112/pairs.txt]"'
+VERIFY_TRAIN = f"python train.py -c configs/smoke.yaml {LFW_SET}"
+VERIFY_EVAL = f"python evaluate.py run=runs/<run> {LFW_SET}"
+
+
+@needs_lfw
+@pytest.mark.slow
+def test_documented_verification_commands(tmp_path):
+    # docs/EVALUATION.md's two commands as written (runs go to this test's folder)
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    docs = (ROOT / "docs" / "EVALUATION.md").read_text()
+    assert VERIFY_TRAIN in docs and VERIFY_EVAL in docs
+    env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
+
+    def run(command: str, *extra: str) -> str:
+        argv = [sys.executable, *shlex.split(command)[1:], *extra]
+        proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    out = run(VERIFY_TRAIN, f"output_dir={tmp_path}", "run_name=v", "logger=csv")
+    assert "lfw-112 verification" in out and "(6000 pairs, 10 folds)" in out
+    table = run(VERIFY_EVAL.replace("runs/<run>", str(tmp_path / "v")), "eval.timing_batches=1")
+    assert "lfw-112 verif." in table

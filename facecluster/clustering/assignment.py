@@ -229,12 +229,12 @@ class ClusterAssignment:
         L2-normalised class means ``[n, d]`` and clusters ``[n]`` (enrolment). The
         centroids stay; every existing identity keeps its cluster and local index,
         and a new one's local index is the next in its cluster."""
-        c2c = torch.cat([self.class_to_cluster, clusters.long().cpu()])
+        c2c = torch.cat([self.class_to_cluster.cpu(), clusters.long().cpu()])
         return ClusterAssignment(
             class_to_cluster=c2c,
             local_index=_local_index(c2c, self.num_clusters),
-            class_means=torch.cat([self.class_means, class_means.float().cpu()]),
-            centroids=self.centroids,
+            class_means=torch.cat([self.class_means.cpu(), class_means.float().cpu()]),
+            centroids=self.centroids.cpu(),
             method=self.method,
         )
 

@@ -338,9 +338,10 @@ def hold_out_identities(
 ) -> tuple[FaceFolder, dict[str, dict[str, list[str]]]]:
     """Keep ``unseen_fraction`` of the identities out of training entirely (open set).
 
-    The unseen identities are drawn by a seeded hash of each name (an identity's fate
-    does not change when others are added), ``round(fraction * C)`` of them and at
-    least 2. Alternately, in draw order, they go to ``val`` (their faces choose the
+    The unseen identities are the ``round(fraction * C)`` names (at least 2) that
+    rank first by a hash of the seed and the name: the same for the same set of
+    identities and seed. Adding identities can change which are drawn.
+    Alternately, in draw order, they go to ``val`` (their faces choose the
     "unknown" threshold) and ``test`` (their faces measure the false positives): no
     identity serves both.
 

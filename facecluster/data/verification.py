@@ -137,8 +137,23 @@ def load_pairs(path: str | Path) -> VerificationPairs:
 def set_name(path: str | Path) -> str:
     """How a verification set is called in logs and tables: ``lfw`` for ``lfw.bin``,
     the folder's name (``lfw-112``) for a ``pairs.txt``."""
-    path = Path(path)
+    path = Path(path).resolve()
     return path.stem if path.suffix == ".bin" else path.parent.name
+
+
+def named_sets(paths: list[Path]) -> dict[str, Path]:
+    """``{set_name(p): p}``; two sets of one name (two ``lfw.bin``) are refused, since
+    their figures would be logged and tabled under that one name."""
+    named: dict[str, Path] = {}
+    for path in paths:
+        name = set_name(path)
+        if name in named:
+            raise ValueError(
+                f"data.verification: {named[name]} and {path} are both called {name!r}; "
+                "rename one of the files (or its folder)"
+            )
+        named[name] = path
+    return named
 
 
 def write_bin(root: str | Path, pairs: str | Path, out: str | Path) -> Path:

@@ -92,6 +92,7 @@ def write_gallery(identifier: TwoStageIdentifier, folder: str | Path) -> list[Pa
     stay): what export writes after the networks, and all an enrolment changes.
     Each file is replaced atomically, the JSON last."""
     folder = Path(folder)
+    (folder / "identifier.json").unlink(missing_ok=True)  # unfinished until rewritten
     written = []
     assignment = identifier.assignment.to_dict()
     arrays = {key: assignment[key].numpy() for key in _ASSIGNMENT_ARRAYS}
@@ -151,8 +152,12 @@ class OnnxBackbone(nn.Module):
         providers = ["CPUExecutionProvider"]
         if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), providers=providers)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} does not exist: an incomplete ONNX export?")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's errors are not OSErrors
+            raise ValueError(f"{path} is not a loadable ONNX model: {e}") from None
 
     def forward(self, images: Tensor) -> Tensor:
         feed = {"images": np.ascontiguousarray(images.detach().float().cpu().numpy())}
@@ -178,12 +183,21 @@ def load_onnx(
             f"{meta_path}: not a facecluster ONNX export of version {ONNX_VERSION} "
             f"(format {meta.get('format')!r}, version {meta.get('version')!r})"
         )
+    k = meta["num_clusters"]
+    expected = [*_ASSIGNMENT_ARRAYS, *(f"head{i}" for i in range(k))]
     with np.load(folder / "gallery.npz", allow_pickle=False) as gallery:
+        missing = [key for key in expected if key not in gallery.files]
+        if missing:
+            raise ValueError(f"{folder / 'gallery.npz'} lacks {', '.join(missing)}")
         arrays = {key: torch.from_numpy(gallery[key]) for key in gallery.files}
+    if len(arrays["class_to_cluster"]) != len(meta["class_names"]):
+        raise ValueError(
+            f"{folder}: gallery.npz holds {len(arrays['class_to_cluster'])} identities, "
+            f"identifier.json names {len(meta['class_names'])} (an interrupted write?)"
+        )
     assignment = ClusterAssignment.from_dict(
         {**meta["assignment"], **{key: arrays[key] for key in _ASSIGNMENT_ARRAYS}}
     )
-    k = meta["num_clusters"]
     identifier = TwoStageIdentifier(
         meta["backbone"],
         OnnxBackbone(folder / "router.onnx", device),
