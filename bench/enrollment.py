@@ -27,9 +27,7 @@ from pathlib import Path
 import torch
 
 from facecluster.builders import build_datamodule
-from facecluster.data import build_transforms
-from facecluster.data.images import decode_image
-from facecluster.data.transforms import normalize_images
+from facecluster.data.transforms import load_faces, normalize_images
 from facecluster.deploy import enroll_folder, export_run, load_export
 from facecluster.inference import TwoStageIdentifier
 from facecluster.run import RunFolder
@@ -38,11 +36,10 @@ from facecluster.run import RunFolder
 @torch.inference_mode()
 def top1(identifier: TwoStageIdentifier, samples: list[tuple[str, str]], batch: int = 128) -> float:
     """Share of ``(path, true name)`` samples the identifier names right."""
-    transform = build_transforms(identifier.backbone_args["image_size"], train=False)
-    right = 0
+    size, right = identifier.backbone_args["image_size"], 0
     for start in range(0, len(samples), batch):
         chunk = samples[start : start + batch]
-        images = torch.stack([transform(decode_image(path))[0] for path, _ in chunk])
+        images = load_faces([path for path, _ in chunk], size)
         found = identifier.identify(normalize_images(images)).identity.tolist()
         right += sum(
             identifier.class_names[i] == name for i, (_, name) in zip(found, chunk, strict=True)

@@ -536,7 +536,9 @@ class FaceDataModule(lightning.LightningDataModule):
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def _eval_loader(self, split: str, ids: list[int]) -> DataLoader:
-        dataset = self._dataset(split, ids, train=False)
+        return self._fixed_order_loader(self._dataset(split, ids, train=False))
+
+    def _fixed_order_loader(self, dataset: FaceImageDataset) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
@@ -579,12 +581,7 @@ class FaceDataModule(lightning.LightningDataModule):
             split_name=f"unseen identities of the {split} split",
             records=folder.records,
         )
-        return DataLoader(
-            dataset,
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            **self._loader_kwargs(),
-        )
+        return self._fixed_order_loader(dataset)
 
     def embedding_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Train split for computing class-mean embeddings.

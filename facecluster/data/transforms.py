@@ -20,13 +20,17 @@ on the GPU): on the CPU workers a mirror would cost about a tenth of a decode.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-__all__ = ["FaceTransform", "build_transforms", "normalize_images"]
+from facecluster.data.images import decode_image
+
+__all__ = ["FaceTransform", "build_transforms", "load_faces", "normalize_images"]
 
 
 class FaceTransform:
@@ -65,6 +69,13 @@ class FaceTransform:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, train={self.train})"
+
+
+def load_faces(sources: Sequence[str | bytes], image_size: int) -> torch.Tensor:
+    """Image files or encoded images as one ``uint8[N, size, size, 3]`` batch (the
+    evaluation transform; :func:`normalize_images` makes it a network input)."""
+    transform = build_transforms(image_size, train=False)
+    return torch.stack([transform(decode_image(source))[0] for source in sources])
 
 
 def build_transforms(image_size: int, train: bool) -> FaceTransform:

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facecluster.data.images import decode_image
-from facecluster.data.transforms import build_transforms, normalize_images
+from facecluster.data.transforms import load_faces, normalize_images
 from facecluster.data.verification import VerificationPairs
 
 THRESHOLDS = torch.arange(0, 400, dtype=torch.float64) / 100
@@ -74,11 +73,9 @@ def pair_embeddings(
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """``[2P, d]`` float32 embeddings of the pairs' images, each plus its mirror's."""
-    transform = build_transforms(image_size, train=False)
     out = []
     for start in range(0, len(pairs.images), batch_size):
-        chunk = pairs.images[start : start + batch_size]
-        images = torch.stack([transform(decode_image(data))[0] for data in chunk]).to(device)
+        images = load_faces(pairs.images[start : start + batch_size], image_size).to(device)
         mirror = torch.ones(len(images), dtype=torch.bool, device=device)
         both = (
             embed(normalize_images(images)).float()
