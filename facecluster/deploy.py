@@ -191,9 +191,7 @@ def _batches(
                 images.append(transform(decode_image(str(path)))[0])
                 good.append(path)
             except DECODE_ERRORS as e:
-                logger.warning(
-                    "cannot decode %s (%s: %s): its row says unreadable", path, type(e).__name__, e
-                )
+                logger.warning("cannot decode %s (%s: %s): left out", path, type(e).__name__, e)
         yield batch, good, torch.stack(images) if images else None
 
 

@@ -41,8 +41,9 @@ from tqdm.auto import tqdm
 
 from facecluster.builders import build_datamodule, default_precision, verification_sets
 from facecluster.clustering import embedding_class_sums, finalize_class_means
-from facecluster.config import Config
+from facecluster.config import Config, ConfigError
 from facecluster.data.transforms import normalize_images
+from facecluster.deploy import resolve_device
 from facecluster.inference import Predictor, StageOneModel, TwoStageIdentifier
 from facecluster.inference.openset import fnir_at_fpir
 from facecluster.inference.verification import verify
@@ -252,10 +253,12 @@ def eval_autocast(cfg: Config, device: torch.device) -> Callable[[], Any]:
 
 
 def eval_device(cfg: Config) -> torch.device:
-    """``eval.device``; auto: the GPU when there is one."""
-    if cfg.eval.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.eval.device)
+    """``eval.device`` (:func:`facecluster.deploy.resolve_device`: auto is the GPU when
+    there is one; a GPU this machine lacks is refused)."""
+    try:
+        return resolve_device(cfg.eval.device)
+    except ValueError as e:
+        raise ConfigError(f"eval.device={e}") from None
 
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunEvaluation:
@@ -336,13 +339,10 @@ _HEADER = "run|model|top-1|macro P|macro R|macro F1|routing acc|sub-net fwd/img|
 COLUMNS = (*_HEADER.split("|"), "ms @1", "params")
 
 
-def _fnir_columns(rows: list[Row]) -> list[str]:
-    """The open-set columns the rows have (none for closed-set runs)."""
-    return list(dict.fromkeys(key for row in rows for key in row.fnir))
-
-
-def _verification_columns(rows: list[Row]) -> list[str]:
-    return list(dict.fromkeys(key for row in rows for key in row.verification))
+def _keys(rows: list[Row], field: str) -> list[str]:
+    """The keys of a dict field (``fnir``, ``verification``) over the rows, in order:
+    a column each (none when no row has it)."""
+    return list(dict.fromkeys(key for row in rows for key in getattr(row, field)))
 
 
 def _cells(row: Row, fnir_columns: list[str] = (), verification: list[str] = ()) -> list[str]:
@@ -369,15 +369,15 @@ def _cells(row: Row, fnir_columns: list[str] = (), verification: list[str] = ())
 def _header(rows: list[Row], batch_size: int) -> list[str]:
     header = [c.replace("@256", f"@{batch_size}") for c in COLUMNS]
     at = header.index("routing acc") + 1
-    extra = [f"FNIR@FPIR={key}" for key in _fnir_columns(rows)]
-    extra += [f"{name} verif." for name in _verification_columns(rows)]
+    extra = [f"FNIR@FPIR={key}" for key in _keys(rows, "fnir")]
+    extra += [f"{name} verif." for name in _keys(rows, "verification")]
     return header[:at] + extra + header[at:]
 
 
 def format_table(rows: list[Row], batch_size: int = 256) -> str:
     """Rows as a markdown table (open-set runs add FNIR@FPIR columns; n/a: too few
     unseen test faces to measure that FPIR)."""
-    columns, verification = _fnir_columns(rows), _verification_columns(rows)
+    columns, verification = _keys(rows, "fnir"), _keys(rows, "verification")
     return markdown_table(
         _header(rows, batch_size), [_cells(r, columns, verification) for r in rows]
     )
@@ -418,7 +418,7 @@ def _write(report: RunEvaluation, run: RunFolder, cfg: Config) -> RunEvaluation:
                 "eval/results": wandb.Table(
                     columns=_header(report.rows, cfg.eval.batch_size),
                     data=[
-                        _cells(r, _fnir_columns(report.rows), _verification_columns(report.rows))
+                        _cells(r, _keys(report.rows, "fnir"), _keys(report.rows, "verification"))
                         for r in report.rows
                     ],
                 )
