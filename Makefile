@@ -12,10 +12,10 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,onnx]"
+	$(PY) -m pip install --quiet -e ".[dev,onnx,slurm]"
 	touch $(STAMP)
 
-install: $(STAMP)  ## create/reuse .venv and install facecluster with its test tools and the onnx extra
+install: $(STAMP)  ## create/reuse .venv and install facecluster with its test tools and the onnx and slurm extras
 
 train: $(STAMP)  ## train the full method on the bundled LFW demo set and print the results table
 	$(PY) train.py $(ARGS)

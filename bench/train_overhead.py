@@ -113,7 +113,7 @@ def _facecluster(cfg, stage, batches, make, warmup, sync, tmp: Path):
     def fit() -> float:
         module, clock = make(), StepClock(warmup, sync)
         run = RunFolder(Path(tempfile.mkdtemp(dir=tmp)))
-        trainer = build_trainer(cfg, stage, run, None, [clock])
+        trainer = build_trainer(cfg, stage, run, None, [clock], job="bench" if stage == 2 else None)
         trainer.fit(module, datamodule=InMemory(batches))
         return clock.seconds
 
@@ -147,7 +147,7 @@ def _bare(cfg, stage, batches, make, warmup, sync, device, precision):
                     if stage == 1:
                         logits = module.head(module.backbone(x), labels)
                     else:
-                        logits = module.heads[int(k)](module.subnets[int(k)](x), labels)
+                        logits = module.heads[str(k)](module.subnets[str(k)](x), labels)
                     loss = loss + F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:

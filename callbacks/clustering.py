@@ -13,7 +13,8 @@ trains runs :meth:`ClusteringCallback.cluster` in ``on_train_end``; a resumed
 stage 1 that was already finished (Lightning skips the hooks of a fit with nothing
 left to do) calls the same method after ``fit``; a run resumed in stage 2 reads
 the saved assignment back with :meth:`ClusteringCallback.restore`. Either way the
-datamodule is connected once and the pipeline takes ``assignment`` from here.
+pipeline takes ``assignment`` from here, and a stage-2 job narrows the datamodule
+to its own sub-nets with :meth:`ClusteringCallback.connect`.
 """
 
 from __future__ import annotations
@@ -124,12 +125,23 @@ class ClusteringCallback(L.Callback):
 
     def restore(self) -> ClusterAssignment:
         """The saved assignment of a run resumed in stage 2, handed to the datamodule."""
+        if not self.save_path.is_file():
+            raise FileNotFoundError(
+                f"{self.save_path} is missing: the run has no clustering yet (stage=cluster)"
+            )
         self._hand_over(ClusterAssignment.load(self.save_path))
         assert self.assignment is not None
         return self.assignment
 
-    def _hand_over(self, assignment: ClusterAssignment) -> None:
-        self.datamodule.connect_clusters(assignment.class_to_cluster, assignment.local_index)
+    def connect(self, subnets: list[int]) -> None:
+        """Serve only these sub-nets' loaders (a stage-2 job's group)."""
+        assert self.assignment is not None, "cluster() or restore() first"
+        self._hand_over(self.assignment, subnets)
+
+    def _hand_over(self, assignment: ClusterAssignment, subnets: list[int] | None = None) -> None:
+        self.datamodule.connect_clusters(
+            assignment.class_to_cluster, assignment.local_index, subnets
+        )
         self.assignment = assignment
 
     def _log(self, trainer: L.Trainer, assignment: ClusterAssignment) -> None:

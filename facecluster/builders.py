@@ -71,7 +71,7 @@ def check_cluster_count(cfg: Config, dm: FaceDataModule) -> None:
 
 def module_args(cfg: Config, stage: int) -> dict[str, Any]:
     """Keyword arguments shared by both stage systems (plain dicts, saved in checkpoints)."""
-    config = cfg.to_dict()
+    config = cfg.run_settings().to_dict()
     return {
         "backbone": cfg.model.backbone_args(cfg.data.image_size),
         "head": {"name": cfg.head.name, "s": cfg.head.s, "m": cfg.head.m},
@@ -80,12 +80,12 @@ def module_args(cfg: Config, stage: int) -> dict[str, Any]:
     }
 
 
-def _checkpoints(cfg: Config, run: RunFolder, stage: int) -> list[ModelCheckpoint]:
+def _checkpoints(cfg: Config, run: RunFolder, stage: int, job: str | None) -> list[ModelCheckpoint]:
     # Both are saved after the epoch's validation, at a clean epoch boundary: a resume
     # never starts mid-epoch (ordinary DataLoaders cannot fast-forward). "last" has
     # its own callback: with a monitor, Lightning 2.6 rewrites "last" only in epochs
     # that improve the monitor, so resume and evaluation would miss the final epochs.
-    folder = run.checkpoint_dir(stage)
+    folder = run.checkpoint_dir(stage, job)
     common = {"dirpath": folder, "save_top_k": 1, "save_on_train_epoch_end": True}
     checkpoints = [
         ModelCheckpoint(filename=LAST, monitor=None, enable_version_counter=False, **common)
@@ -132,14 +132,20 @@ def default_precision(accelerator: str) -> str:
 
 
 def build_trainer(
-    cfg: Config, stage: int, run: RunFolder, logger: Any, callbacks: Sequence[L.Callback]
+    cfg: Config,
+    stage: int,
+    run: RunFolder,
+    logger: Any,
+    callbacks: Sequence[L.Callback],
+    job: str | None = None,
 ) -> L.Trainer:
-    """A Trainer for one stage: the user's ``trainer.*`` plus this stage's callbacks."""
+    """A Trainer for stage 1, or for stage-2 job ``job`` (:func:`facecluster.run.job_name`):
+    the user's ``trainer.*`` plus this stage's callbacks."""
     stage_callbacks = [
-        *_checkpoints(cfg, run, stage),
+        *_checkpoints(cfg, run, stage, job),
         EpochSeedCallback(cfg.seed, stage),
         # Stops a NaN/Inf loss before the epoch-end save could overwrite "last".
-        DivergenceCallback(stage, checkpoint=run.last_checkpoint(stage)),
+        DivergenceCallback(stage, checkpoint=run.last_checkpoint(stage, job)),
         BadImageReport(),
         *callbacks,
     ]
@@ -167,6 +173,6 @@ def build_trainer(
         logger=logger if logger is not None else False,
         callbacks=stage_callbacks,
         plugins=plugins,
-        default_root_dir=str(run.stage_dir(stage)),
+        default_root_dir=str(run.stage_dir(stage, job)),
         enable_checkpointing=True,
     )

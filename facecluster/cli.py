@@ -26,6 +26,8 @@ TRAIN_HELP = """Train the two-stage clustered face-identification method.
     python train.py -c configs/experiment/lfw423.yaml -c configs/method/random.yaml
     python train.py data.root=/data/faces clustering.num_clusters=8 trainer.max_epochs=20
     python train.py resume=runs/<run>                 # continue an interrupted run
+    python train.py stage2.jobs=4 launcher.parallel=2 # stage 2 as 4 jobs, 2 at a time
+    python train.py launcher=slurm stage2.jobs=8 slurm.partition=gpu   # submit to SLURM
 
 Any config key can be overridden as key=value (see docs/CONFIG.md).
 """
@@ -101,6 +103,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     from facecluster.evaluation import evaluate_runs
+    from facecluster.launch import JobsFailed
     from facecluster.pipeline import train
     from facecluster.run import RunFolder, is_global_zero
 
@@ -109,13 +112,17 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if cfg.resume:
             cfg = RunFolder.config_for_resume(cfg.resume, args.overrides)
         result = train(cfg)
-        # Every DDP rank trains; the evaluation runs once, in global rank 0 alone.
-        if is_global_zero() and cfg.eval.after_training:
+        # Every DDP rank trains; the evaluation runs once, in global rank 0 alone, and
+        # only when the run is finished (not after stage=1, a job, a SLURM submission).
+        if is_global_zero() and cfg.eval.after_training and result.results is not None:
             print("\nEvaluation on the held-out test split (docs/EVALUATION.md):")
             print(evaluate_runs([result.run_dir]))
             print(f"\nfacecluster run folder: {result.run_dir}")
     except ConfigError as e:
         return _fail(e)
+    except JobsFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -289,6 +289,86 @@ class StageConfig:
 
 
 @dataclass
+class Stage2Config(StageConfig):
+    jobs: int = 1
+    """Stage-2 jobs: the sub-nets are split into this many groups, balanced by their
+    clusters' training images, each trained by its own Lightning fit (a process of
+    launcher=local, an array task of launcher=slurm). 1: one fit in the training process."""
+    subnets: list[int] | None = None
+    """Train only these sub-nets (cluster ids); None: every sub-net not finished yet."""
+    group: int | None = None
+    """Set by the launchers: this process trains only group ``group`` (0-based) of the
+    ``jobs`` balanced groups of ``subnets``."""
+
+    def problems(self, prefix: str) -> list[str]:
+        r = _Rules(prefix)
+        r.positive("jobs", self.jobs)
+        if self.group is not None and not 0 <= self.group < self.jobs:
+            r.add(f"{prefix}group={self.group} must be in [0, {prefix}jobs={self.jobs})")
+        if self.subnets is not None:
+            if not self.subnets:
+                r.add(f"{prefix}subnets is empty: name at least one sub-net, or null for all")
+            if len(set(self.subnets)) != len(self.subnets):
+                r.add(f"{prefix}subnets={self.subnets} names a sub-net twice")
+        return super().problems(prefix) + r.problems
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
+    """local: stage-2 jobs run as processes of this machine; slurm: the run is submitted
+    as SLURM jobs through submitit (stage 1 and clustering, the stage-2 array, assembly).
+    ``launcher=slurm`` on the command line is short for ``launcher.name=slurm``."""
+    parallel: int = 1
+    """launcher=local: stage-2 jobs running at once."""
+
+    def problems(self) -> list[str]:
+        r = _Rules("launcher.")
+        r.choice("name", self.name, ("local", "slurm"))
+        r.positive("parallel", self.parallel)
+        return r.problems
+
+
+@dataclass
+class SlurmConfig:
+    partition: str | None = None
+    """SLURM partition (None: the cluster's default)."""
+    time_min: int = 1440
+    """Time limit of each job in minutes; a job that reaches it is requeued and resumes."""
+    nodes: int = 1
+    """Nodes per job (stage 1 and each stage-2 job): multi-node DDP through srun."""
+    gpus_per_node: int = 1
+    """GPUs per node; one task per GPU (Lightning's SLURM environment starts no processes)."""
+    cpus_per_task: int = 8
+    """CPU cores per task (data loading workers)."""
+    mem_gb: int | None = None
+    """Memory per node in GB (None: the partition's default)."""
+    array_parallelism: int = 64
+    """Stage-2 array tasks running at once."""
+    account: str | None = None
+    """Account to charge (sbatch --account)."""
+    qos: str | None = None
+    """Quality of service (sbatch --qos)."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before each job (module load, source .venv/bin/activate)."""
+    additional: dict[str, Any] = field(default_factory=dict)
+    """Other sbatch options, e.g. {constraint: a100, exclude: node12}."""
+
+    def problems(self) -> list[str]:
+        r = _Rules("slurm.")
+        for name in ("time_min", "nodes", "cpus_per_task", "mem_gb", "array_parallelism"):
+            r.positive(name, getattr(self, name))
+        if self.gpus_per_node < 0:
+            r.add(f"slurm.gpus_per_node must be >= 0, got {self.gpus_per_node}")
+        return r.problems
+
+
+STAGES = ("all", "1", "cluster", "2", "assemble")
+"""What ``stage=`` runs: everything missing, stage 1, the clustering unit, stage 2
+(unfinished or named sub-nets), or the assembly of finished sub-nets into results."""
+
+
+@dataclass
 class RouteConfig:
     top_m: int = 1
     """Clusters a face is routed to (nearest class means); their sub-nets run."""
@@ -384,8 +464,14 @@ class Config:
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     stage1: StageConfig = field(default_factory=StageConfig)
     """Stage 1: the backbone with one margin head over all identities."""
-    stage2: StageConfig = field(default_factory=StageConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
     """Stage 2: K sub-nets, each warm-started from the stage-1 backbone."""
+    stage: str = "all"
+    """all (every missing step, in order), 1, cluster, 2 or assemble (docs/TRAINING.md)."""
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    """Where stage-2 jobs run: local processes or SLURM (docs/TRAINING.md)."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """launcher=slurm: the resources of each job."""
     trainer: dict[str, Any] = field(default_factory=lambda: {"accelerator": "auto", "devices": 1})
     """Any lightning.Trainer argument, applied to both stages; trainer.max_epochs is the
     epochs of each stage that has no stageN.max_epochs of its own."""
@@ -402,11 +488,12 @@ class Config:
         r = _Rules("")
         r.choice("method", self.method, ("clustered", "random", "single"))
         r.choice("logger", self.logger, ("wandb", "csv", "none"))
+        r.choice("stage", self.stage, STAGES)
         found = r.problems
-        for section in (self.data, self.model, self.head, self.clustering):
+        for section in (self.data, self.model, self.head, self.clustering, self.launcher):
             found += section.problems()
         found += self.stage1.problems("stage1.") + self.stage2.problems("stage2.")
-        for section in (self.route, self.eval, self.wandb):
+        for section in (self.route, self.eval, self.wandb, self.slurm):
             found += section.problems()
         return found + self._across_sections() + self._trainer_problems()
 
@@ -415,6 +502,13 @@ class Config:
         k = self.clustering.num_clusters
         if self.route.top_m > k:
             found.append(f"route.top_m={self.route.top_m} is more than clustering.num_clusters={k}")
+        bad = [s for s in self.stage2.subnets or () if not 0 <= s < k]
+        if bad:
+            found.append(f"stage2.subnets: {bad} are not sub-nets of clustering.num_clusters={k}")
+        if self.stage2.jobs > k:
+            found.append(f"stage2.jobs={self.stage2.jobs} is more than clustering.num_clusters={k}")
+        if not self.two_stage and self.stage in ("cluster", "2", "assemble"):
+            found.append(f"stage={self.stage}: method=single has stage 1 only")
         if self.method == "clustered" and self.clustering.method == "random":
             found.append("clustering.method=random is the ISM baseline: use method=random")
         if self.method == "random" and self.clustering.method == "balanced":
@@ -468,7 +562,7 @@ class Config:
         """True for the clustered and random methods (sub-nets); False for single."""
         return self.method != "single"
 
-    def stage(self, n: int) -> StageConfig:
+    def stage_config(self, n: int) -> StageConfig:
         return self.stage1 if n == 1 else self.stage2
 
     def stage_epochs(self, n: int) -> int:
@@ -477,7 +571,7 @@ class Config:
         With method=single there is no stage 2: stage 1 trains for both stages' epochs,
         so the single-model baseline gets the same total epochs as the two-stage method.
         """
-        epochs = int(self.stage(n).max_epochs or self.trainer["max_epochs"])
+        epochs = int(self.stage_config(n).max_epochs or self.trainer["max_epochs"])
         if not self.two_stage and n == 1:
             epochs += int(self.stage2.max_epochs or self.trainer["max_epochs"])
         return epochs
@@ -494,6 +588,12 @@ class Config:
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+    def run_settings(self) -> Config:
+        """This config without what one command runs now (``stage``, ``stage2.subnets``,
+        ``stage2.group``): what the run folder keeps for later resumes."""
+        stage2 = dataclasses.replace(self.stage2, subnets=None, group=None)
+        return dataclasses.replace(self, stage="all", stage2=stage2)
 
     def with_overrides(self, overrides: list[str] | tuple) -> Config:
         """This config with ``key=value`` overrides applied, validated."""
@@ -557,6 +657,8 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
+    # launcher=slurm selects the launcher, as a config group would
+    overrides = [f"launcher.name={o[9:]}" if o.startswith("launcher=") else o for o in overrides]
     return OmegaConf.from_dotlist(overrides)
 
 

@@ -69,12 +69,17 @@ def wandb_mode(cfg: Config) -> tuple[str, str]:
     return "online", "API key found and W&B reachable"
 
 
-def build_logger(cfg: Config, run_dir: Path, run_id: str) -> Logger | None:
-    """The run's logger; ``run_id`` names the W&B run so a resume continues it."""
+def build_logger(cfg: Config, run_dir: Path, run_id: str, job: str | None = None) -> Logger | None:
+    """The run's logger; ``run_id`` names the W&B run so a resume continues it.
+
+    A stage-2 job (``job``: its name) logs to a run of its own, ``<run_id>-<job>``,
+    in the W&B group of the run folder's name (CSV: ``csv/<job>/metrics.csv``), so
+    concurrent jobs never write to one run.
+    """
     if cfg.logger == "none":
         return None
     if cfg.logger == "csv":
-        return RunCSVLogger(save_dir=str(run_dir), name="csv", version="")
+        return RunCSVLogger(save_dir=str(run_dir), name="csv", version=job or "")
     mode, reason = wandb_mode(cfg)
     if mode == "offline":
         rank_zero_info(
@@ -84,8 +89,9 @@ def build_logger(cfg: Config, run_dir: Path, run_id: str) -> Logger | None:
     return RunWandbLogger(
         project=cfg.wandb.project,
         entity=cfg.wandb.entity,
-        name=run_dir.name,
-        id=run_id,
+        name=f"{run_dir.name}/{job}" if job else run_dir.name,
+        id=f"{run_id}-{job}" if job else run_id,
+        group=run_dir.name,
         resume="allow",
         save_dir=str(run_dir),
         mode=mode,

@@ -23,7 +23,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from facecluster.builders import (
     backbone_parameters,
@@ -34,13 +34,20 @@ from facecluster.builders import (
 )
 from facecluster.callbacks import ClusteringCallback
 from facecluster.clustering import ClusterAssignment
-from facecluster.config import Config
+from facecluster.config import Config, ConfigError, naming
 from facecluster.data import FaceDataModule
+from facecluster.launch import balanced_groups, run_local, stage2_overrides, submit_slurm
 from facecluster.loggers import build_logger, finish_logger
 from facecluster.models.backbone_module import BackboneSystem
 from facecluster.models.subnets_module import SubnetSystem
 from facecluster.results import summarise, training_table
-from facecluster.run import RUN_DIR_ENV, RunFolder
+from facecluster.run import (
+    RUN_DIR_ENV,
+    RunFolder,
+    is_global_zero,
+    job_name,
+    launched_processes,
+)
 
 
 @dataclass
@@ -48,8 +55,9 @@ class RunResult:
     """What a finished run returns (so tests and notebooks can call ``train`` in-process)."""
 
     run_dir: Path
-    results: dict[str, Any]
-    table: str
+    results: dict[str, Any] | None
+    """None when the run is not finished (stage=1/cluster, a stage-2 job, a submission)."""
+    table: str | None
     backbone: BackboneSystem | None = None
     subnets: SubnetSystem | None = None
     assignment: ClusterAssignment | None = None
@@ -64,6 +72,12 @@ class _Run:
     folder: RunFolder
     logger: Any
     callbacks: Sequence[L.Callback]
+    stage1: dict[str, Any] | None = None
+    """Stage 1's summary when this process fitted it (other ranks may not see the file
+    rank 0 writes yet), else read from the run folder."""
+
+    def stage1_summary(self) -> dict[str, Any]:
+        return self.stage1 if self.stage1 is not None else self.folder.stage_summary(1)
 
 
 def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
@@ -91,23 +105,23 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
 
 
 def _two_stages(run: _Run) -> RunResult:
-    resume1, resume2 = run.folder.resume_points(run.cfg.resume)
-    clustering = _clustering_unit(run) if run.cfg.two_stage else None
-    backbone = subnets = stage2 = None
-    if resume2 is None:
-        backbone, stage1 = fit_stage1(run, resume1, clustering)
-    else:  # stage 2 had started: stage 1 and the clustering are on disk
-        stage1 = run.folder.stage_summary(1)
-        assert clustering is not None
-        clustering.restore()
+    cfg, folder = run.cfg, run.folder
+    clustering = _clustering_unit(run) if cfg.two_stage else None
+    if cfg.launcher.name == "slurm":
+        return _submit(run, clustering)
+    backbone = subnets = None
+    if cfg.stage in ("all", "1", "cluster"):
+        backbone = _stage1_and_clustering(run, clustering)
+    if clustering is not None and cfg.stage in ("all", "2"):
+        subnets = _stage2(run, clustering)
+    results = table = None
+    assemble = cfg.stage in ("all", "assemble") or (cfg.stage == "2" and cfg.stage2.group is None)
+    if assemble and is_global_zero():  # the other ranks' work is on disk by now
+        results, table = _assemble(run, clustering, required=cfg.stage != "2")
+    elif not assemble:
+        rank_zero_info(f"stage={cfg.stage} done; run folder: {folder.path}")
     assignment = clustering.assignment if clustering is not None else None
-    if assignment is not None:
-        subnets, stage2 = fit_stage2(run, resume2, assignment, backbone, stage1["global_step"])
-    results = summarise(run.cfg.method, run.dm, assignment, stage1, stage2)
-    table = training_table(results)
-    run.folder.save_training_report(results, table)
-    rank_zero_info(f"\n{table}\n\nfacecluster run folder: {run.folder.path}")
-    return RunResult(run.folder.path, results, table, backbone, subnets, assignment)
+    return RunResult(folder.path, results, table, backbone, subnets, assignment)
 
 
 def _clustering_unit(run: _Run) -> ClusteringCallback:
@@ -121,6 +135,27 @@ def _clustering_unit(run: _Run) -> ClusteringCallback:
         niter=c.niter,
         nredo=c.nredo,
     )
+
+
+def _stage1_and_clustering(
+    run: _Run, clustering: ClusteringCallback | None
+) -> BackboneSystem | None:
+    """Stage 1 and the clustering unit, whichever of them ``stage=`` asks for and the
+    run folder lacks. Returns the stage-1 model when it was fitted here."""
+    cfg, folder = run.cfg, run.folder
+    trained = folder.has_stage_summary(1)
+    if cfg.stage == "cluster" and not trained:
+        raise ConfigError(
+            f"stage=cluster: stage 1 of {folder.path} is not finished; train it first with "
+            f"`python train.py resume={folder.path} stage=1`"
+        )
+    unit = clustering if cfg.stage != "1" else None
+    if trained and (unit is None or folder.clusters_path.is_file()):
+        if unit is not None:
+            unit.restore()
+        return None
+    backbone, run.stage1 = fit_stage1(run, folder.stage1_resume_point(cfg.resume), unit)
+    return backbone
 
 
 def fit_stage1(
@@ -148,33 +183,219 @@ def fit_stage1(
     return model, summary
 
 
+def _stage2(run: _Run, clustering: ClusteringCallback) -> SubnetSystem | None:
+    """The sub-nets ``stage2.subnets`` names, else those not finished: in this process
+    (one job, or this process's group), or as local jobs, one per group."""
+    cfg, folder = run.cfg, run.folder
+    assignment = _assignment(run, clustering)
+    if cfg.stage2.group is not None:  # a job: its group, resumed if it had started
+        named = cfg.stage2.subnets or range(assignment.num_clusters)
+        groups = balanced_groups(run.dm.cluster_train_images(), named, cfg.stage2.jobs)
+        if cfg.stage2.group >= len(groups):
+            return None  # fewer sub-nets than jobs
+        return fit_stage2(run, clustering, groups[cfg.stage2.group], own_logger=True)
+    groups, fresh = _plan_stage2(run, assignment)
+    if not groups:
+        return None
+    if fresh:
+        folder.restart_subnets(groups)
+    folder.clear_training_report()  # the results are stale until assembled again
+    if len(groups) == 1:
+        return fit_stage2(run, clustering, groups[0], own_logger=False, fresh=fresh)
+    if int(cfg.trainer.get("num_nodes", 1)) > 1 or launched_processes() > 1:
+        raise ConfigError(
+            "stage2.jobs: local jobs run on this node only; a run across nodes trains "
+            "stage 2 with launcher=slurm (or stage=1 across nodes, then launcher=slurm)"
+        )
+    if is_global_zero():  # the other DDP ranks of stage 1 have nothing more to do
+        devices = cfg.trainer.get("devices", 1)
+        per_job = devices if isinstance(devices, int) and devices > 0 else 1
+        run_local(folder, groups, cfg.launcher.parallel, per_job)
+    return None
+
+
+def _plan_stage2(run: _Run, assignment: ClusterAssignment) -> tuple[list[list[int]], bool]:
+    """The groups of sub-nets this command trains, one job each, and whether they start
+    over (named by ``stage2.subnets``) rather than finish the run.
+
+    Finishing: jobs that had saved a checkpoint continue with the same sub-nets (each
+    sub-net in one job only); the other missing sub-nets are balanced into the rest.
+    """
+    cfg, folder = run.cfg, run.folder
+    images = run.dm.cluster_train_images()
+    if cfg.stage2.subnets is not None:
+        return balanced_groups(images, sorted(cfg.stage2.subnets), cfg.stage2.jobs), True
+    todo = folder.missing_subnets(assignment.num_clusters)
+    started: list[list[int]] = []
+    taken: set[int] = set()
+    for group in folder.started_jobs():  # furthest first
+        if set(group) <= set(todo) and not taken & set(group):
+            started.append(group)
+            taken |= set(group)
+    rest = [k for k in todo if k not in taken]
+    if rest:
+        started += balanced_groups(images, rest, cfg.stage2.jobs - len(started))
+    return started, False
+
+
 def fit_stage2(
     run: _Run,
-    resume: Path | None,
-    assignment: ClusterAssignment,
-    backbone: BackboneSystem | None,
-    step_offset: int,
-) -> tuple[SubnetSystem, dict[str, Any]]:
-    """Stage 2: one sub-net per cluster, warm-started from the stage-1 backbone."""
-    torch.manual_seed(run.cfg.seed + 2)
+    clustering: ClusteringCallback,
+    subnets: list[int],
+    own_logger: bool,
+    fresh: bool = False,
+) -> SubnetSystem:
+    """One stage-2 job: a fit over ``subnets``, each warm-started from the stage-1
+    backbone; each finished sub-net's weights and record are saved in the run folder.
+
+    Args:
+        own_logger: log to this job's own W&B run or CSV file (a job among several),
+            else continue the run's logger after stage 1's steps.
+        fresh: start from the stage-1 backbone even if the job has a checkpoint (decided
+            before any rank could see rank 0 delete it).
+    """
+    cfg, folder = run.cfg, run.folder
+    assignment = clustering.assignment
+    assert assignment is not None
+    job = job_name(subnets)
+    clustering.connect(subnets)
     sizes = assignment.cluster_sizes().tolist()
-    model = SubnetSystem(run.dm.num_classes, sizes, **module_args(run.cfg, 2))
-    model.set_assignment(assignment)
-    if resume is None:
-        assert backbone is not None, "a fresh stage 2 follows a stage-1 fit"
-        model.warm_start(backbone.backbone.state_dict(), run.cfg.head.init_from_class_means)
-    if run.logger is not None:
-        run.logger.step_offset = step_offset  # one continuous step axis over both stages
-    trainer = build_trainer(run.cfg, 2, run.folder, run.logger, run.callbacks)
-    trainer.fit(
-        model, datamodule=run.dm, ckpt_path=str(resume) if resume else None, weights_only=True
+    model = SubnetSystem(
+        run.dm.num_classes, sizes, **module_args(cfg, 2), subnet_ids=subnets, seed=cfg.seed
     )
-    test = trainer.test(model, datamodule=run.dm, verbose=False)[0]
-    return model, {
-        "global_step": trainer.global_step,
-        "test": test,
-        "epochs": trainer.current_epoch,
-    }
+    model.set_assignment(assignment)
+    folder.save_job(subnets)
+    resume = folder.last_checkpoint(2, job)
+    if fresh or not resume.is_file():
+        resume = None
+        model.warm_start(folder.stage1_weights().backbone, cfg.head.init_from_class_means)
+    logger = run.logger
+    if own_logger:
+        logger = build_logger(cfg, folder.path, folder.run_id, job)
+    if logger is not None:  # one continuous step axis over both stages
+        logger.step_offset = run.stage1_summary()["global_step"]
+    rank_zero_info(f"stage 2: job {job} trains sub-nets {subnets}")
+    with finish_logger(logger if own_logger else None):
+        trainer = build_trainer(cfg, 2, folder, logger, run.callbacks, job=job)
+        trainer.fit(
+            model, datamodule=run.dm, ckpt_path=str(resume) if resume else None, weights_only=True
+        )
+        test = trainer.test(model, datamodule=run.dm, verbose=False)[0]
+    for k in subnets:
+        backbone, head = model.subnet_state(k)
+        correct, total = model.counts[k]
+        record = {
+            "cluster": k,
+            "job": job,
+            "identities": sizes[k],
+            "epochs": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "test_acc": float(test[f"test/acc_subnet{k}"]),
+            "test_correct": correct,
+            "test_images": total,
+        }
+        folder.save_subnet(k, backbone, head, record)
+    trainer.strategy.barrier("sub-nets saved")  # every rank may assemble next
+    return model
+
+
+def _assemble(
+    run: _Run, clustering: ClusteringCallback | None, required: bool = True
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Stage 1 and every finished sub-net into the run's results (written and logged
+    by rank 0). Sub-nets still missing: an error naming them when ``required``, else
+    a message and (None, None) (stage=2 over some of the sub-nets)."""
+    cfg, folder = run.cfg, run.folder
+    stage2 = assignment = None
+    if clustering is not None:
+        assignment = _assignment(run, clustering)
+        missing = folder.missing_subnets(assignment.num_clusters)
+        if missing and not required:
+            rank_zero_info(
+                f"sub-nets {missing} are still to train; the results come when they are "
+                f"(`python train.py resume={folder.path}`)"
+            )
+            return None, None
+        if missing:
+            raise ConfigError(
+                f"stage=assemble: sub-nets {missing} of {folder.path} are not trained; "
+                f"train them with `python train.py resume={folder.path}`"
+            )
+        records = folder.subnet_records()
+        correct = sum(r["test_correct"] for r in records.values())
+        images = sum(r["test_images"] for r in records.values())
+        stage2 = {
+            "global_step": max(r["global_step"] for r in records.values()),
+            "epochs": max(r["epochs"] for r in records.values()),
+            "jobs": sorted({r["job"] for r in records.values()}),
+            "test": {
+                "test/acc": correct / max(1, images),
+                **{f"test/acc_subnet{k}": r["test_acc"] for k, r in records.items()},
+            },
+        }
+        folder.save_stage_summary(2, stage2)
+    results = summarise(cfg.method, run.dm, assignment, run.stage1_summary(), stage2)
+    table = training_table(results)
+    folder.save_training_report(results, table)
+    if run.logger is not None and is_global_zero():
+        run.logger.log_metrics(_result_metrics(results))
+    rank_zero_info(f"\n{table}\n\nfacecluster run folder: {folder.path}")
+    return results, table
+
+
+def _assignment(run: _Run, clustering: ClusteringCallback) -> ClusterAssignment:
+    """The run's clustering: this process's, or the saved one."""
+    if clustering.assignment is not None:
+        return clustering.assignment
+    with naming(f"stage={run.cfg.stage}"):
+        return clustering.restore()
+
+
+def _result_metrics(results: dict[str, Any]) -> dict[str, float]:
+    metrics = {"results/stage1_acc": results["stage1"]["accuracy"]}
+    for s in results.get("subnets", []):
+        metrics[f"results/subnet{s['cluster']}_acc"] = s["accuracy"]
+    if "subnets_oracle_accuracy" in results:
+        metrics["results/subnets_oracle_acc"] = results["subnets_oracle_accuracy"]
+    return metrics
+
+
+def _submit(run: _Run, clustering: ClusteringCallback | None) -> RunResult:
+    """launcher=slurm: submit what the run lacks, chained; the jobs do the work."""
+    cfg, folder = run.cfg, run.folder
+    stage1 = cfg.stage in ("all", "1") and not folder.has_stage_summary(1)
+    cluster = (
+        cfg.two_stage and cfg.stage in ("all", "cluster") and not folder.clusters_path.is_file()
+    )
+    overrides: list[list[str]] = []
+    if clustering is not None and cfg.stage in ("all", "2"):
+        if folder.clusters_path.is_file():  # the same groups a local run would train
+            groups, fresh = _plan_stage2(run, _assignment(run, clustering))
+            if fresh:
+                folder.restart_subnets(groups)
+            overrides = [stage2_overrides(1, group)[0] for group in groups]
+        else:  # each job finds its group in the clustering, once there is one
+            named = cfg.stage2.subnets
+            todo = sorted(named) if named is not None else list(range(cfg.clustering.num_clusters))
+            overrides = stage2_overrides(cfg.stage2.jobs, todo)
+        if overrides:
+            folder.clear_training_report()
+    assemble = cfg.stage in ("all", "2", "assemble")
+    if folder.path.resolve().parts[1:2] in (("tmp",), ("dev",)):
+        rank_zero_warn(
+            f"launcher=slurm: the run folder {folder.path} looks local to this machine; "
+            "the jobs' nodes must see it (set output_dir to a shared filesystem)"
+        )
+    if is_global_zero():
+        submitted = submit_slurm(
+            cfg, folder, stage1=stage1, cluster=cluster, stage2=overrides, assemble=assemble
+        )
+        names = ", ".join(f"{j['name']} ({j['job_id']})" for j in submitted["jobs"])
+        rank_zero_info(
+            f"submitted to SLURM: {names}; logs in {folder.slurm_dir}. When the last job "
+            f"is done: python evaluate.py run={folder.path}"
+        )
+    return RunResult(folder.path, None, None)
 
 
 @contextlib.contextmanager

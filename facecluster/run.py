@@ -9,8 +9,13 @@
       stage1/checkpoints/             best-epochNNN.ckpt (val/acc) and last.ckpt of stage 1
       stage1.json                     stage-1 steps, epochs and test accuracy
       clusters.pt                     the ClusterAssignment (written once, atomically)
-      stage2/checkpoints/             best-epochNNN.ckpt and last.ckpt of stage 2
-      results.json  results.md        held-out accuracies of training
+      stage2/jobs/<group>/            one stage-2 fit (a job) over a group of sub-nets, named
+                                      by them (subnets-0-2_5): checkpoints/ (best, last), log.txt
+      stage2/subnets/subnet<k>.pt     sub-net k's final backbone and head rows (atomic), then
+      stage2/subnets/subnet<k>.json   its record (job, steps, test counts): k is finished
+      stage2.json                     the assembled stage 2 (all K sub-nets finished)
+      slurm/                          launcher=slurm: submitit's job files and logs, submitted.json
+      results.json  results.md        held-out accuracies of training (the run is finished)
       eval/                           evaluate.py's tables and plots
       wandb/ or csv/                  logs
 
@@ -27,9 +32,11 @@ the others through ``FACECLUSTER_RUN_DIR``. Only global rank 0 writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,10 +49,14 @@ from torch import Tensor
 
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import Config, ConfigError, config_from_dict, load_config
-from facecluster.io import load_plain
+from facecluster.io import atomic_torch_save, load_plain
 from facecluster.models.base import CHECKPOINT_KEY
 
 RUN_DIR_ENV = "FACECLUSTER_RUN_DIR"
+JOB_SUBNETS = "subnets.json"
+JOB_ENV = "FACECLUSTER_JOB"
+"""Set in the processes the launchers start (the job's name): they read the run's
+config and never rewrite it."""
 
 CONFIG = "config.yaml"
 META = "run.json"
@@ -119,14 +130,31 @@ class RunFolder:
 
     # ------------------------------------------------------------------ layout
 
-    def checkpoint_dir(self, stage: int) -> Path:
-        return self.path / f"stage{stage}" / "checkpoints"
-
-    def stage_dir(self, stage: int) -> Path:
+    def stage_dir(self, stage: int, job: str | None = None) -> Path:
+        """Stage 1's folder, or the folder of stage-2 job ``job`` (see :func:`job_name`)."""
+        if stage == 2:
+            if job is None:
+                raise ValueError("stage 2 has one folder per job: name the job")
+            return self.path / "stage2" / "jobs" / job
         return self.path / f"stage{stage}"
 
-    def last_checkpoint(self, stage: int) -> Path:
-        return self.checkpoint_dir(stage) / f"{LAST}.ckpt"
+    def checkpoint_dir(self, stage: int, job: str | None = None) -> Path:
+        return self.stage_dir(stage, job) / "checkpoints"
+
+    def last_checkpoint(self, stage: int, job: str | None = None) -> Path:
+        return self.checkpoint_dir(stage, job) / f"{LAST}.ckpt"
+
+    def job_log(self, job: str) -> Path:
+        """Where launcher=local writes a stage-2 job's output."""
+        return self.stage_dir(2, job) / "log.txt"
+
+    @property
+    def slurm_dir(self) -> Path:
+        return self.path / "slurm"
+
+    def subnet_file(self, k: int, suffix: str = ".pt") -> Path:
+        """Sub-net ``k``'s final weights (.pt) or its record (.json)."""
+        return self.path / "stage2" / "subnets" / f"subnet{k}{suffix}"
 
     @property
     def clusters_path(self) -> Path:
@@ -153,9 +181,15 @@ class RunFolder:
             return cls(Path(os.environ[RUN_DIR_ENV]))
         if cfg.resume:
             return cls(_folder_of(Path(cfg.resume))).resolved()
+        processes = launched_processes()
+        if processes > 1 and not cfg.run_name:
+            raise ConfigError(
+                f"{processes} processes were started by torchrun or srun: name the run "
+                "(run_name=...) so that they all write one run folder"
+            )
         name = cfg.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.method}"
         run = cls(Path(cfg.output_dir).expanduser() / name).resolved()
-        if (run.path / CONFIG).exists():
+        if (run.path / CONFIG).exists() and is_global_zero():
             raise ConfigError(
                 f"run folder {run.path} already exists; pass resume={run.path} to continue it"
             )
@@ -183,8 +217,12 @@ class RunFolder:
                 ) from None
             run_id = uuid.uuid4().hex[:12]
             self._write_json(META, {"run_id": run_id, "created": datetime.now().isoformat()})
-        if is_global_zero():
-            (self.path / CONFIG).write_text(cfg.to_yaml())
+        if is_global_zero() and not os.environ.get(JOB_ENV):  # a job never rewrites it
+            tmp = self.path / f"{CONFIG}.tmp"
+            tmp.write_text(cfg.run_settings().to_yaml())
+            os.replace(tmp, self.path / CONFIG)  # a job starting now reads a whole file
+        if not is_global_zero():  # started by torchrun/srun with rank 0, not by it
+            _wait_for(meta)
         return self.run_id
 
     @property
@@ -211,11 +249,17 @@ class RunFolder:
         return load_config(self.path / CONFIG, [*overrides, "resume=null"])
 
     def finished_config(self, overrides: list[str] | tuple = ()) -> Config:
-        """The config of a finished run (evaluation, inference); refuses unfinished runs."""
+        """The config of a finished run (evaluation, inference); refuses unfinished runs,
+        naming the sub-nets still missing and the command that finishes them."""
         cfg = self.config(overrides)
         if not self.finished:
+            missing = ""
+            if cfg.two_stage and self.clusters_path.is_file():
+                todo = self.missing_subnets(cfg.clustering.num_clusters)
+                if todo:
+                    missing = f"; sub-nets {todo} of stage 2 are not trained"
             raise ConfigError(
-                f"run={self.path}: the run is not finished (no {RESULTS}); "
+                f"run={self.path}: the run is not finished (no {RESULTS}{missing}); "
                 f"finish it with `python train.py resume={self.path}`"
             )
         return cfg
@@ -247,18 +291,24 @@ class RunFolder:
         _refuse_contradictions(saved, cfg, resume)
         return cfg
 
-    def resume_points(self, resume: str | None) -> tuple[Path | None, Path | None]:
-        """Checkpoints to resume stage 1 and stage 2 from (None: start that stage fresh)."""
-        if not resume:
-            return None, None
-        path = Path(resume)
-        if path.is_file():
+    def stage1_resume_point(self, resume: str | None) -> Path | None:
+        """The checkpoint stage 1 continues from (None: stage 1 starts fresh).
+
+        A stage-2 job continues from its own ``last.ckpt``: ``resume=`` may name that
+        file (the run is resumed), not another stage-2 checkpoint.
+        """
+        path = Path(resume) if resume else None
+        if path is not None and path.is_file():
             stage = read_checkpoint_meta(path)["stage"]
-            return (path, None) if stage == 1 else (None, path)
-        if self.last_checkpoint(2).is_file():
-            return None, self.last_checkpoint(2)
+            if stage == 1:
+                return path
+            if path.name != f"{LAST}.ckpt":
+                raise ConfigError(
+                    f"resume={resume}: a stage-2 job continues from its own {LAST}.ckpt; "
+                    f"pass the run folder {self.path}"
+                )
         stage1 = self.last_checkpoint(1)
-        return (stage1 if stage1.is_file() else None), None
+        return stage1 if resume and stage1.is_file() else None
 
     # ------------------------------------------------------------ small files
 
@@ -299,10 +349,76 @@ class RunFolder:
     def stage_summary(self, stage: int) -> dict[str, Any]:
         return json.loads((self.path / f"stage{stage}.json").read_text())
 
+    def has_stage_summary(self, stage: int) -> bool:
+        """Stage 1: trained and tested; stage 2: every sub-net finished and assembled."""
+        return (self.path / f"stage{stage}.json").is_file()
+
     def save_training_report(self, results: dict[str, Any], table: str) -> None:
         self._write_json(RESULTS, results)
         if is_global_zero():
             (self.path / RESULTS_TABLE).write_text(table + "\n")
+
+    def clear_training_report(self) -> None:
+        """Sub-nets are (re)trained: the run's results and stage-2 summary no longer hold."""
+        if is_global_zero():
+            for name in (RESULTS, RESULTS_TABLE, "stage2.json"):
+                (self.path / name).unlink(missing_ok=True)
+
+    # ----------------------------------------------------------------- sub-nets
+
+    def save_subnet(
+        self, k: int, backbone: dict[str, Tensor], head: Tensor, record: dict[str, Any]
+    ) -> None:
+        """Sub-net ``k`` is finished: its weights, then its record (the marker), atomically."""
+        if not is_global_zero():
+            return
+        path = self.subnet_file(k)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({"backbone": backbone, "head": head}, path)
+        record_path = self.subnet_file(k, ".json")
+        tmp = record_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, record_path)
+
+    def subnet_records(self) -> dict[int, dict[str, Any]]:
+        """The finished sub-nets' records, by cluster."""
+        folder = self.subnet_file(0).parent
+        records = {}
+        for path in sorted(folder.glob("subnet*.json")) if folder.is_dir() else ():
+            record = json.loads(path.read_text())
+            records[int(record["cluster"])] = record
+        return records
+
+    def save_job(self, subnets: list[int]) -> None:
+        """A stage-2 job starts: its folder records its sub-nets (``subnets.json``)."""
+        if is_global_zero():
+            folder = self.stage_dir(2, job_name(subnets))
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / JOB_SUBNETS).write_text(json.dumps(sorted(subnets)))
+
+    def started_jobs(self) -> list[list[int]]:
+        """The sub-nets of each stage-2 job that has saved a checkpoint, furthest first."""
+        jobs = self.path / "stage2" / "jobs"
+        found = []
+        for last in jobs.glob(f"*/checkpoints/{LAST}.ckpt") if jobs.is_dir() else ():
+            record = last.parents[1] / JOB_SUBNETS
+            if record.is_file():
+                found.append((-last.stat().st_mtime, json.loads(record.read_text())))
+        return [subnets for _, subnets in sorted(found)]
+
+    def restart_subnets(self, groups: list[list[int]]) -> None:
+        """These sub-nets start over: their jobs' folders and finished files go."""
+        if is_global_zero():
+            for group in groups:
+                shutil.rmtree(self.stage_dir(2, job_name(group)), ignore_errors=True)
+                for k in group:
+                    self.subnet_file(k, ".json").unlink(missing_ok=True)
+                    self.subnet_file(k).unlink(missing_ok=True)
+
+    def missing_subnets(self, num_clusters: int) -> list[int]:
+        """Sub-nets with no finished record yet."""
+        done = self.subnet_records()
+        return [k for k in range(num_clusters) if k not in done]
 
     def assignment(self) -> ClusterAssignment:
         return ClusterAssignment.load(self.clusters_path)
@@ -311,25 +427,40 @@ class RunFolder:
     # The stage systems' attribute names are the checkpoints' key prefixes:
     # BackboneSystem.backbone / .head, SubnetSystem.subnets[k] / .heads[k].
 
-    def _final_state(self, stage: int, map_location: str | torch.device) -> dict[str, Tensor]:
-        path = self.last_checkpoint(stage)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: is the run finished?")
-        return load_plain(path, map_location, f"stage-{stage} checkpoint")["state_dict"]
-
     def stage1_weights(self, map_location: str | torch.device = "cpu") -> StageWeights:
         """The stage-1 backbone and head of the final finished epoch."""
-        state = self._final_state(1, map_location)
+        path = self.last_checkpoint(1)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: is stage 1 finished?")
+        state = load_plain(path, map_location, "stage-1 checkpoint")["state_dict"]
         return StageWeights(_under(state, "backbone."), state["head.weight"])
 
     def subnet_weights(self, map_location: str | torch.device = "cpu") -> list[StageWeights]:
-        """Each sub-net's backbone and head rows (index = cluster), final epoch of stage 2."""
-        state = self._final_state(2, map_location)
-        count = len({key.split(".")[1] for key in state if key.startswith("subnets.")})
-        return [
-            StageWeights(_under(state, f"subnets.{k}."), state[f"heads.{k}.weight"])
-            for k in range(count)
-        ]
+        """Each sub-net's backbone and head rows (index = cluster), as its job finished.
+
+        Raises:
+            ConfigError: sub-nets are missing, named, with the command that trains them.
+        """
+        num_clusters = self.assignment().num_clusters
+        missing = self.missing_subnets(num_clusters)
+        legacy = self.path / "stage2" / "checkpoints" / f"{LAST}.ckpt"
+        if len(missing) == num_clusters and self.finished and legacy.is_file():
+            # a run finished before stage 2 had jobs: one checkpoint held every sub-net
+            state = load_plain(legacy, map_location, "stage-2 checkpoint")["state_dict"]
+            return [
+                StageWeights(_under(state, f"subnets.{k}."), state[f"heads.{k}.weight"])
+                for k in range(num_clusters)
+            ]
+        if missing:
+            raise ConfigError(
+                f"{self.path}: sub-nets {missing} of stage 2 are not trained; finish them "
+                f"with `python train.py resume={self.path}`"
+            )
+        weights = []
+        for k in range(num_clusters):
+            saved = load_plain(self.subnet_file(k), map_location, f"sub-net {k}")
+            weights.append(StageWeights(saved["backbone"], saved["head"]))
+        return weights
 
 
 @dataclass(frozen=True)
@@ -340,6 +471,44 @@ class StageWeights:
     head: Tensor
 
 
+def launched_processes() -> int:
+    """Processes an outside launcher started for this run (torchrun, srun), else 1.
+
+    Not WORLD_SIZE alone: Lightning's own launcher leaves it in rank 0's environment.
+    """
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return int(os.environ.get("WORLD_SIZE", 1))
+    if os.environ.get("SLURM_STEP_ID") is not None:  # inside srun
+        return int(os.environ.get("SLURM_NTASKS", 1))
+    return 1
+
+
+def _wait_for(path: Path, timeout: float = 300.0) -> None:
+    """Wait until rank 0 has written ``path`` (processes started together)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise ConfigError(f"{path} did not appear within {timeout:.0f} s: did rank 0 fail?")
+        time.sleep(0.2)
+
+
+def job_name(subnets: list[int]) -> str:
+    """A stage-2 job's name, from its sub-nets: [0, 1, 2, 5] -> ``subnets-0-2_5`` (a
+    hashed name when that would be long; the job folder's ``subnets.json`` lists them)."""
+    ids, runs = sorted(subnets), []
+    for k in ids:
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    name = "subnets-" + "_".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    if len(name) <= 48:
+        return name
+    # many scattered sub-nets (large K): a short, stable name; subnets.json lists them
+    digest = hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()[:10]
+    return f"subnets-{len(ids)}-from-{ids[0]}-{digest}"
+
+
 def _under(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
@@ -347,20 +516,26 @@ def _under(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 def checkpoint_bytes_needed(cfg: Config, backbone_params: int, num_classes: int) -> int:
     """Disk the run's checkpoints need: a generous estimate, checked before any work.
 
-    Each stage keeps a best and a last checkpoint, and an atomic write briefly holds
-    one more copy; a checkpoint holds fp32 weights plus optimizer state (SGD momentum:
-    one more copy, AdamW: two).
+    Each stage (each stage-2 job) keeps a best and a last checkpoint, and an atomic
+    write briefly holds one more copy; a checkpoint holds fp32 weights plus optimizer
+    state (SGD momentum: one more copy, AdamW: two). Each finished sub-net's weights
+    are saved once more on their own.
     """
     state_copies = 3 if "adamw" in (cfg.stage1.optim.name, cfg.stage2.optim.name) else 2
     heads = num_classes * cfg.model.embedding_dim
     stage1 = backbone_params + heads
     stage2 = cfg.clustering.num_clusters * backbone_params + heads if cfg.two_stage else 0
-    return 3 * 4 * state_copies * (stage1 + stage2)
+    return 3 * 4 * state_copies * (stage1 + stage2) + 4 * stage2
 
 
 def _folder_of(resume: Path) -> Path:
-    """The run folder of a ``resume=`` path: itself, or <run>/stageN/checkpoints/x.ckpt."""
-    return resume if resume.is_dir() else resume.resolve().parents[2]
+    """The run folder of a ``resume=`` path: itself, <run>/stage1/checkpoints/x.ckpt or
+    <run>/stage2/jobs/<job>/checkpoints/x.ckpt."""
+    if resume.is_dir():
+        return resume
+    path = resume.resolve()
+    in_job = len(path.parents) > 4 and path.parents[2].name == "jobs"
+    return path.parents[4] if in_job else path.parents[2]
 
 
 def _refuse_contradictions(saved: Config, cfg: Config, resume: str) -> None:

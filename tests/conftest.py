@@ -16,10 +16,14 @@ SHARED_LFW = ROOT.parent / "shared" / "datasets" / "lfw-112" / "images"
 
 @pytest.fixture(autouse=True)
 def _no_wandb_network(monkeypatch):
-    """Tests never talk to W&B: no key, offline unless a test says otherwise."""
+    """Tests never talk to W&B: no key, offline unless a test says otherwise. No run
+    folder or job marker leaks from one test into the next (RunFolder.create sets the
+    first for DDP ranks; monkeypatch restores only what it changed itself)."""
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("FACECLUSTER_RUN_DIR", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("FACECLUSTER_RUN_DIR", "FACECLUSTER_JOB"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)  # restored to absent after the test, whoever set it
 
 
 def smoke_overrides(tmp_path: Path, *extra: str) -> list[str]:

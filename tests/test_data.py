@@ -424,6 +424,7 @@ def test_no_training_batch_of_size_one(tmp_path: Path) -> None:
     # whole split (19 > 9): drop_last, so 19 -> two batches of 9, never a lone sample
     assert [len(y) for _, y, _ in dm.train_dataloader()] == [9, 9]
     # cluster 0 = {alice} (8 <= 9): one batch of 8; cluster 1 = {bob, carol} (11 > 9): one of 9
+    # (every sub-net gets as many batches as the largest cluster's full batches: 1 here)
     dm.connect_clusters(torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]))
     loaders = dm.train_dataloader().iterables
     assert [len(y) for _, y, _ in loaders[0]] == [8]

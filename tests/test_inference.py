@@ -270,9 +270,9 @@ def test_files_from_elsewhere_that_would_run_code_are_refused(finished_run, tmp_
     # a run folder someone sent: evaluation reads its checkpoints as plain data too
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    ckpt = RunFolder(run).last_checkpoint(2)
-    torch.save({**torch.load(ckpt, weights_only=True), "x": _RunsCode(marker)}, ckpt)
-    with pytest.raises(UnsafeFileError, match="stage-2 checkpoint"):
+    subnet = RunFolder(run).subnet_file(1)
+    torch.save({**torch.load(subnet, weights_only=True), "x": _RunsCode(marker)}, subnet)
+    with pytest.raises(UnsafeFileError, match="sub-net 1"):
         evaluate_run(run)
     torch.save(_RunsCode(marker), RunFolder(run).clusters_path)
     with pytest.raises(UnsafeFileError, match="cluster assignment"):

@@ -46,27 +46,28 @@ def _subnets(num_classes: int = 9, k: int = 3) -> tuple[SubnetSystem, object]:
 
 def test_warm_start_copies_the_backbone_and_class_means():
     model, assignment = _subnets()
-    backbone = model.subnets[0].state_dict()
+    backbone = model.subnets["0"].state_dict()
     backbone = {k: v + 1.0 if v.is_floating_point() else v for k, v in backbone.items()}
     model.warm_start(backbone, init_heads_from_means=True)
-    for subnet in model.subnets:
+    for subnet in model.subnets.values():
         for key, value in subnet.state_dict().items():
             assert torch.equal(value, backbone[key])
-    for k, head in enumerate(model.heads):
+    for k in model.subnet_ids:
+        head = model.heads[str(k)]
         assert torch.equal(head.weight, assignment.class_means[assignment.classes_of(k)])
 
 
 def test_gradient_clipping_is_per_subnet():
     # One exploding sub-net must not shrink the others' steps (a global norm would).
     model, _ = _subnets()
-    for k, (subnet, head) in enumerate(zip(model.subnets, model.heads, strict=True)):
-        for p in [*subnet.parameters(), *head.parameters()]:
+    for k in model.subnet_ids:
+        for p in [*model.subnets[str(k)].parameters(), *model.heads[str(k)].parameters()]:
             p.grad = torch.full_like(p, 1e6 if k == 0 else 1e-4)
-    before = [p.grad.clone() for p in model.subnets[1].parameters()]
+    before = [p.grad.clone() for p in model.subnets["1"].parameters()]
     model.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
-    exploding = [p for m in (model.subnets[0], model.heads[0]) for p in m.parameters()]
+    exploding = [p for m in (model.subnets["0"], model.heads["0"]) for p in m.parameters()]
     assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in exploding])) <= 1.0 + 1e-4
-    for p, b in zip(model.subnets[1].parameters(), before, strict=True):
+    for p, b in zip(model.subnets["1"].parameters(), before, strict=True):
         assert torch.equal(p.grad, b), "a small sub-net's gradient was changed"
 
 

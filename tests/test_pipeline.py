@@ -30,8 +30,13 @@ def finished_run(tmp_path_factory):
 
 def test_run_folder_holds_config_checkpoints_clusters_and_results(finished_run):
     run = finished_run.run_dir
-    for stage in (1, 2):
-        assert (run / f"stage{stage}" / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "stage1" / "checkpoints" / "last.ckpt").is_file()
+    # stage 2 in one job (stage2.jobs=1): its checkpoints, then each sub-net's files
+    assert (run / "stage2" / "jobs" / "subnets-0-2" / "checkpoints" / "last.ckpt").is_file()
+    for k in range(3):
+        assert (run / "stage2" / "subnets" / f"subnet{k}.pt").is_file()
+        record = json.loads((run / "stage2" / "subnets" / f"subnet{k}.json").read_text())
+        assert record["cluster"] == k
     assert load_config(run / "config.yaml").data.max_classes == 12
     results = json.loads((run / "results.json").read_text())
     assert results["identities"] == 12 and len(results["subnets"]) == 3
@@ -39,21 +44,25 @@ def test_run_folder_holds_config_checkpoints_clusters_and_results(finished_run):
 
 
 def test_last_ckpt_holds_the_final_epoch_of_each_stage(finished_run, tmp_path):
-    for stage in (1, 2):
-        last = finished_run.run_dir / f"stage{stage}" / "checkpoints" / "last.ckpt"
+    run = RunFolder(finished_run.run_dir)
+    for last in (run.last_checkpoint(1), run.last_checkpoint(2, "subnets-0-2")):
         assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 1
     final = {k: v for k, v in finished_run.subnets.state_dict().items()}
     saved = torch.load(
-        finished_run.run_dir / "stage2" / "checkpoints" / "last.ckpt",
-        map_location="cpu",
-        weights_only=False,
+        run.last_checkpoint(2, "subnets-0-2"), map_location="cpu", weights_only=False
     )["state_dict"]
     for key, value in final.items():
         assert torch.equal(saved[key], value), key
+    # what evaluation and export read: the sub-nets' final files, the same weights
+    for k, weights in enumerate(run.subnet_weights()):
+        assert torch.equal(weights.head, final[f"heads.{k}.weight"])
+        for name, value in weights.backbone.items():
+            assert torch.equal(value, final[f"subnets.{k}.{name}"]), name
 
 
 def test_every_checkpoint_carries_the_resolved_config(finished_run):
-    for ckpt in finished_run.run_dir.glob("stage*/checkpoints/*.ckpt"):
+    run = finished_run.run_dir
+    for ckpt in [*run.glob("stage1/checkpoints/*.ckpt"), *run.glob("stage2/jobs/*/checkpoints/*")]:
         meta = torch.load(ckpt, map_location="cpu", weights_only=False)["facecluster"]
         assert meta["stage"] in (1, 2)
         assert meta["config"]["data"]["max_classes"] == 12
@@ -67,15 +76,15 @@ def test_assignment_partitions_the_identities_and_reaches_stage_two(finished_run
     )
     subnets = finished_run.subnets
     assert torch.equal(subnets.class_to_cluster, assignment.class_to_cluster)
-    for k, head in enumerate(subnets.heads):
-        assert head.weight.shape[0] == int(assignment.cluster_sizes()[k])
+    for k in range(3):
+        assert subnets.heads[str(k)].weight.shape[0] == int(assignment.cluster_sizes()[k])
 
 
 def test_subnets_start_from_the_stage1_backbone_and_train_apart(finished_run):
     # Warm start then independent training: every sub-net moved away from the
     # stage-1 backbone, and no two sub-nets are equal.
     stage1 = finished_run.backbone.backbone.state_dict()
-    nets = [s.state_dict() for s in finished_run.subnets.subnets]
+    nets = [s.state_dict() for s in finished_run.subnets.subnets.values()]
     key = next(k for k, v in stage1.items() if v.is_floating_point() and v.ndim > 1)
     assert all(not torch.equal(net[key], stage1[key]) for net in nets)
     assert not torch.equal(nets[0][key], nets[1][key])
@@ -159,7 +168,7 @@ def test_last_ckpt_follows_the_final_epoch_even_without_improvement(tmp_path):
         ),
     )
     result = train(cfg)
-    for stage in (1, 2):
-        folder = result.run_dir / f"stage{stage}" / "checkpoints"
+    run = RunFolder(result.run_dir)
+    for folder in (run.checkpoint_dir(1), run.checkpoint_dir(2, "subnets-0-2")):
         assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 1
         assert [p.name for p in folder.glob("best-*.ckpt")] == ["best-epoch000.ckpt"]

@@ -53,7 +53,7 @@ def test_interrupted_twice_and_resumed_equals_uninterrupted(tmp_path):
             callbacks=[StopAtEpochStart(stage=2, epoch=1)],
         )
     assert (run_dir / "clusters.pt").is_file()
-    stage2_last = run_dir / "stage2" / "checkpoints" / "last.ckpt"
+    stage2_last = RunFolder(run_dir).last_checkpoint(2, "subnets-0-2")
     assert torch.load(stage2_last, weights_only=False)["epoch"] == 0
 
     resumed = train(RunFolder.config_for_resume(str(run_dir)))
@@ -83,7 +83,7 @@ def test_resume_from_a_stage1_checkpoint_file(tmp_path):
 
 
 def test_resume_after_a_finished_stage1_clusters_by_the_same_method(tmp_path, monkeypatch):
-    # Stopped after stage 1 finished and before stage 2 saved anything: the resumed
+    # Stopped after stage 1 finished and before the clustering was saved: the resumed
     # stage-1 fit has nothing left to do (Lightning skips on_train_end), and the
     # ClusteringCallback's own method clusters, exactly as a fresh run does.
     reference = train(load_config(SMOKE, smoke_overrides(tmp_path / "a")))
@@ -91,7 +91,8 @@ def test_resume_after_a_finished_stage1_clusters_by_the_same_method(tmp_path, mo
     with pytest.raises(Interrupted, match="stage 2"):
         train(cfg, callbacks=[StopAtEpochStart(stage=2, epoch=0)])
     run_dir = tmp_path / "b" / "run"
-    assert not (run_dir / "stage2" / "checkpoints" / "last.ckpt").exists()
+    assert not list(run_dir.glob("stage2/jobs/*/checkpoints/last.ckpt"))
+    (run_dir / "clusters.pt").unlink()  # as if killed while clustering
 
     calls = []
     original = ClusteringCallback.cluster

@@ -4,7 +4,13 @@ per-identity splits, transforms and the Lightning data module.
 This package never imports ``facecluster.models`` or ``facecluster.clustering``.
 """
 
-from facecluster.data.datamodule import FaceDataModule, FaceImageDataset
+from facecluster.data.datamodule import (
+    SEED_FORWARD,
+    FaceDataModule,
+    FaceImageDataset,
+    SubnetSampler,
+    subnet_seed,
+)
 from facecluster.data.folder import (
     IMAGE_EXTENSIONS,
     FaceFolder,
@@ -29,6 +35,9 @@ __all__ = [
     "build_transforms",
     "FaceImageDataset",
     "FaceDataModule",
+    "SEED_FORWARD",
+    "SubnetSampler",
+    "subnet_seed",
     "BadImageError",
     "load_rgb",
 ]

@@ -34,10 +34,11 @@ import math
 from collections.abc import Sequence
 
 import lightning
+import numpy as np
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from facecluster.data.folder import (
     SPLIT_NAMES,
@@ -57,7 +58,7 @@ from facecluster.data.images import (
 from facecluster.data.recordio import RecordFile
 from facecluster.data.transforms import FaceTransform, build_transforms, normalize_images
 
-__all__ = ["FaceImageDataset", "FaceDataModule"]
+__all__ = ["FaceImageDataset", "FaceDataModule", "SubnetSampler", "subnet_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -175,16 +176,95 @@ class FaceImageDataset(Dataset):
             f"(e.g. {self.samples[index][0]}); nothing can replace them"
         )
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int] | tuple[Tensor, int, bool]:
-        """``(image, label)``; training datasets add whether to mirror the image."""
+    def __getitem__(
+        self, index: int | tuple[int, bool]
+    ) -> tuple[Tensor, int] | tuple[Tensor, int, bool]:
+        """``(image, label)``; training datasets add whether to mirror the image.
+
+        ``index`` may be ``(index, mirror)``: the mirror was drawn by the sampler
+        (:class:`SubnetSampler`) instead of here.
+        """
+        mirror = None
+        if isinstance(index, tuple):
+            index, mirror = index
         label = self.samples[index][1]
         image = self._load(index)
         if image is None:
             image = self._substitute(index)
         if self._label_map is not None:
             label = self._label_map[label]
-        image, mirror = self.transform(image)
+        image, mirror = self.transform(image, mirror)
         return (image, label, mirror) if self.transform.train else (image, label)
+
+
+class SubnetSampler(DistributedSampler):
+    """One sub-net's training stream: ``(index, mirror)`` pairs, a function of
+    (seed, epoch, rank) alone.
+
+    Stage 2 must train each sub-net the same way however sub-nets are grouped into
+    jobs: its shuffle and mirrors come from its own generator here, never from the
+    global RNG that the group's other loaders also draw from, and every sub-net
+    gets the same number of batches per epoch (``samples_per_rank``, set from all
+    K clusters), a small cluster passing over its images more than once, each pass
+    reshuffled. A DistributedSampler subclass, so Lightning neither replaces it
+    under DDP nor forgets to call :meth:`set_epoch`.
+
+    Args:
+        size: Images of the cluster (the dataset's length).
+        samples_per_rank: Pairs each rank draws per epoch (steps x batch size).
+        seed: The run's seed.
+        subnet: The sub-net (cluster) this stream is for.
+        rank: This process's rank.
+        world_size: Training processes.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        samples_per_rank: int,
+        seed: int,
+        subnet: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        # DistributedSampler.__init__ would size itself from a dataset: set its fields.
+        self.size = size
+        self.subnet = subnet
+        self.num_replicas = world_size
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.shuffle = True
+        self.drop_last = False
+        self.num_samples = samples_per_rank
+        self.total_size = samples_per_rank * world_size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(
+            subnet_seed(self.seed, self.subnet, SEED_DATA, self.epoch)
+        )
+        passes = math.ceil(self.total_size / self.size)
+        order = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(passes)])
+        mirror = torch.rand(self.total_size, generator=generator) < 0.5
+        mine = slice(self.rank, self.total_size, self.num_replicas)
+        pairs = zip(order[: self.total_size][mine].tolist(), mirror[mine].tolist(), strict=True)
+        return iter(pairs)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+SEED_INIT, SEED_DATA, SEED_FORWARD = 0, 1, 2
+"""What a sub-net's seed is for: its initial weights, its data stream (per epoch), its
+forward pass's random draws (per epoch and batch)."""
+
+
+def subnet_seed(seed: int, k: int, purpose: int = SEED_INIT, *counters: int) -> int:
+    """Sub-net ``k``'s own seed for ``purpose`` (and an epoch, a batch...): independent
+    streams for every (run seed, sub-net, purpose, counters), through numpy's
+    SeedSequence, whatever other sub-nets train in the same job."""
+    entropy = [seed % 2**32, k, purpose, *counters]
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def _network_batch(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -258,6 +338,9 @@ class FaceDataModule(lightning.LightningDataModule):
         self._unseen: dict[str, dict[str, list[str]]] = {}
         self._class_to_cluster: Tensor | None = None
         self._local_index: Tensor | None = None
+        self._subnets: list[int] = []
+        self._cluster_ids: list[list[int]] = []
+        self._subnet_epoch = 0  # the first epoch the sub-nets' samplers draw
 
     @property
     def eval_batch_size(self) -> int:
@@ -394,7 +477,9 @@ class FaceDataModule(lightning.LightningDataModule):
 
     # --------------------------------------------------------------- clusters
 
-    def connect_clusters(self, class_to_cluster: Tensor, local_index: Tensor) -> None:
+    def connect_clusters(
+        self, class_to_cluster: Tensor, local_index: Tensor, subnets: Sequence[int] | None = None
+    ) -> None:
         """Attach the stage-2 cluster assignment; training then serves one loader per cluster.
 
         Calling it again replaces the previous assignment.
@@ -403,6 +488,8 @@ class FaceDataModule(lightning.LightningDataModule):
             class_to_cluster: ``LongTensor[C]``, cluster id (``0..K-1``) of each identity.
             local_index: ``LongTensor[C]``, index of each identity inside its cluster;
                 within cluster ``k`` the values must be exactly ``0..size_k-1``.
+            subnets: The clusters whose loaders training serves (a stage-2 job's
+                group); None: all K.
 
         Raises:
             ValueError: Wrong dtype/shape, negative ids, an empty cluster, local
@@ -434,8 +521,21 @@ class FaceDataModule(lightning.LightningDataModule):
                     f"connect_clusters: local_index of cluster {k} must be a permutation of "
                     f"0..{int(sizes[k]) - 1}, got {members.tolist()[:20]}"
                 )
+        outside = sorted(set(subnets or ()) - set(range(num_clusters)))
+        if outside:
+            raise ValueError(
+                f"connect_clusters: subnets {outside} are not clusters 0..{num_clusters - 1}"
+            )
         self._class_to_cluster = c2c
         self._local_index = local
+        self._subnets = sorted(subnets) if subnets is not None else list(range(num_clusters))
+        self._subnet_epoch = 0
+        # each cluster's train samples, in split order: one vectorised pass, not K
+        train = torch.tensor(self._split_indices("train"), dtype=torch.long)
+        clusters = c2c[self.split_labels("train")]
+        order = torch.argsort(clusters, stable=True)
+        counts = torch.bincount(clusters, minlength=num_clusters).tolist()
+        self._cluster_ids = [part.tolist() for part in train[order].split(counts)]
         # early feedback: a cluster whose training subset would yield 1-sample batches
         for k in range(num_clusters):
             self._check_train_subset(len(self._cluster_train_ids(k)), f"cluster {k}")
@@ -468,9 +568,11 @@ class FaceDataModule(lightning.LightningDataModule):
 
     def _cluster_train_ids(self, k: int) -> list[int]:
         assert self._class_to_cluster is not None
-        folder, _ = self._ensure_setup()
-        c2c = self._class_to_cluster.tolist()
-        return [i for i in self._split_indices("train") if c2c[folder.samples[i][1]] == k]
+        return self._cluster_ids[k]
+
+    def cluster_train_images(self) -> list[int]:
+        """Training images of each cluster (index = cluster), after :meth:`connect_clusters`."""
+        return [len(self._cluster_train_ids(k)) for k in range(self.num_clusters or 0)]
 
     # ------------------------------------------------------------ dataloaders
 
@@ -522,18 +624,49 @@ class FaceDataModule(lightning.LightningDataModule):
 
         Returns:
             Before :meth:`connect_clusters`: one shuffled loader over the train split
-            with global labels. After: ``CombinedLoader({k: loader_k}, mode="max_size_cycle")``
-            where ``loader_k`` serves cluster ``k``'s train images with local labels.
+            with global labels. After: ``CombinedLoader({k: loader_k})`` over the
+            connected sub-nets, where ``loader_k`` serves cluster ``k``'s train images
+            with local labels from its own :class:`SubnetSampler`.
         """
         if self._class_to_cluster is None:
             return self._train_loader(self._split_indices("train"), None, "the train split")
-        loaders = {
-            k: self._train_loader(self._cluster_train_ids(k), self._local_index, f"cluster {k}")
-            for k in range(self.num_clusters or 0)
-        }
-        # max_size_cycle: an epoch is the largest cluster's loader; smaller clusters
-        # cycle so every sub-net gets a batch every step
-        return CombinedLoader(loaders, mode="max_size_cycle")
+        return CombinedLoader(
+            {k: self._subnet_loader(k) for k in self._subnets}, mode="max_size_cycle"
+        )
+
+    def state_dict(self) -> dict:
+        """Stage 2: the epoch a resumed fit continues with, for the samplers.
+
+        Lightning creates a resumed fit's first training iterator before it calls
+        ``set_epoch`` on the samplers, so they must start at the right epoch.
+        """
+        if self._class_to_cluster is None or self.trainer is None:
+            return {}
+        return {"next_subnet_epoch": self.trainer.current_epoch + 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._subnet_epoch = int(state.get("next_subnet_epoch", 0))
+
+    def subnet_steps(self) -> int:
+        """Batches per stage-2 epoch, the same for every sub-net: the largest
+        cluster's full batches per process (at least 1), counted over all K clusters
+        so that it does not depend on which sub-nets a job trains."""
+        world, batch = self._world_size(), self.hparams.batch_size
+        return max(max(1, math.ceil(n / world) // batch) for n in self.cluster_train_images())
+
+    def _subnet_loader(self, k: int) -> DataLoader:
+        ids = self._cluster_train_ids(k)
+        per_rank = self._check_train_subset(len(ids), f"cluster {k}")
+        # a cluster smaller than a batch gives batches of all its images, no repeats
+        batch = min(self.hparams.batch_size, per_rank)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = SubnetSampler(
+            len(ids), self.subnet_steps() * batch, self.hparams.seed, k, rank, self._world_size()
+        )
+        sampler.set_epoch(self._subnet_epoch)
+        dataset = self._dataset("train", ids, train=True, label_map=self._local_index)
+        # every sampler yields steps x batch pairs: equal lengths, no partial batch
+        return DataLoader(dataset, batch_size=batch, sampler=sampler, **self._loader_kwargs())
 
     def _eval_loader(self, split: str, ids: list[int]) -> DataLoader:
         return self._fixed_order_loader(self._dataset(split, ids, train=False))

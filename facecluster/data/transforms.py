@@ -54,7 +54,10 @@ class FaceTransform:
         self.size = size
         self.train = train
 
-    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def __call__(
+        self, image: torch.Tensor, mirror: bool | None = None
+    ) -> tuple[torch.Tensor, bool]:
+        """The resized image and whether to mirror it (``mirror``: drawn by the caller)."""
         if image.shape[:2] != (self.size, self.size):
             # PIL's antialiased bilinear resize (tensor resize differs by up to 1 level)
             resized = F.resize(
@@ -64,6 +67,8 @@ class FaceTransform:
                 antialias=True,
             )
             image = torch.from_numpy(np.array(resized))
+        if mirror is not None:
+            return image, self.train and bool(mirror)
         # the same draw and outcome as RandomHorizontalFlip's ``torch.rand(1) < 0.5``
         return image, self.train and torch.rand(1).item() < 0.5
 

@@ -1,11 +1,17 @@
 """Stage 2: the sub-nets unit of Ahmadi & Dianat (JSDP 2024).
 
 K sub-nets, one per cluster of identities, each a copy of the stage-1 backbone
-(warm start) with its own margin head over its cluster's identities only. A
-training batch is a dict ``{k: (images, local labels)}`` with one batch per
-cluster; the loss is the sum of the K cross-entropies. Sub-nets share no
-parameter, so each receives exactly its own gradient, and under DDP every
+(warm start) with its own margin head over its cluster's identities only. One
+system trains a group of them (``subnet_ids``: all K, or one stage-2 job's share).
+A training batch is a dict ``{k: (images, local labels)}`` with one batch per
+sub-net of the group; the loss is the sum of their cross-entropies. Sub-nets
+share no parameter, so each receives exactly its own gradient, and under DDP every
 parameter is used in every step (plain ``ddp`` works, no unused-parameter scan).
+
+A sub-net trains the same however sub-nets are grouped (docs/TRAINING.md): its
+initial head comes from its own seed, its data stream from its own sampler
+(``SubnetSampler``), its forward pass's random draws (dropout) from a generator
+reseeded from (its seed, step), and its gradient clipping is its own.
 
 The cluster assignment lives in full-size buffers registered in ``__init__`` so
 a checkpoint restores it with no resizing.
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from facecluster.data import SEED_FORWARD, subnet_seed
 from facecluster.models.base import StageSystem
 from facecluster.models.components import create_backbone, create_head
 
@@ -39,10 +46,8 @@ class PerClusterAccuracy(Metric):
         self.total[cluster] += correct.numel()
 
     def compute(self) -> Tensor:
-        """[K + 1]: per-cluster accuracies, then the overall accuracy."""
-        per_cluster = self.correct.float() / self.total.clamp(min=1)
-        overall = self.correct.sum().float() / self.total.sum().clamp(min=1)
-        return torch.cat([per_cluster, overall[None]])
+        """[2, K]: correct answers and images of each cluster (summed over ranks)."""
+        return torch.stack([self.correct, self.total])
 
 
 class SubnetSystem(StageSystem):
@@ -55,6 +60,8 @@ class SubnetSystem(StageSystem):
         head: the ``head`` config section as a dict.
         optim: the ``stage2.optim`` config section as a dict.
         config: the whole resolved run config, stored in every checkpoint.
+        subnet_ids: the clusters whose sub-nets this system trains (None: all K).
+        seed: the run's seed; sub-net k's draws come from ``subnet_seed(seed, k)``.
     """
 
     stage = 2
@@ -67,19 +74,30 @@ class SubnetSystem(StageSystem):
         head: dict[str, Any],
         optim: dict[str, Any],
         config: dict[str, Any] | None = None,
+        subnet_ids: list[int] | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         dim = backbone["embedding_dim"]
-        self.subnets = nn.ModuleList(create_backbone(**backbone) for _ in cluster_sizes)
-        self.heads = nn.ModuleList(
-            create_head(head["name"], size, dim, s=head["s"], m=head["m"]) for size in cluster_sizes
+        self.subnet_ids = (
+            list(subnet_ids) if subnet_ids is not None else list(range(len(cluster_sizes)))
         )
+        self.subnets = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        for k in self.subnet_ids:  # keys "subnets.<k>." whatever the group
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(subnet_seed(seed, k))
+                self.subnets[str(k)] = create_backbone(**backbone)
+                self.heads[str(k)] = create_head(
+                    head["name"], cluster_sizes[k], dim, s=head["s"], m=head["m"]
+                )
         self.register_buffer("class_to_cluster", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("local_index", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("class_means", torch.zeros(num_classes, dim))
         self.val_acc = PerClusterAccuracy(len(cluster_sizes))
         self.test_acc = PerClusterAccuracy(len(cluster_sizes))
+        self.counts: dict[int, tuple[int, int]] = {}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Checkpoints written before facecluster 0.1's consolidation held an unread
@@ -88,7 +106,8 @@ class SubnetSystem(StageSystem):
 
     @property
     def num_clusters(self) -> int:
-        return len(self.subnets)
+        """K, all clusters of the run (this system may train fewer: ``subnet_ids``)."""
+        return len(self.hparams.cluster_sizes)
 
     def set_assignment(self, assignment: Any) -> None:
         """Copy a ClusterAssignment's labels and class means into the buffers.
@@ -114,17 +133,24 @@ class SubnetSystem(StageSystem):
         mean: the stage-1 backbone already separates those identities, so stage 2
         starts from a working classifier instead of random rows.
         """
-        for subnet in self.subnets:
+        for subnet in self.subnets.values():
             subnet.load_state_dict(backbone_state)
         if init_heads_from_means:
-            for k, head in enumerate(self.heads):
+            for k in self.subnet_ids:
                 members = (self.class_to_cluster == k).nonzero().squeeze(1)
                 with torch.no_grad():
-                    head.weight.copy_(self.class_means[members])
+                    self.heads[str(k)].weight.copy_(
+                        self.class_means[members[self.local_index[members].argsort()]]
+                    )
 
     def forward(self, images: Tensor, cluster: int) -> Tensor:
         """Embeddings of ``images`` by sub-net ``cluster``."""
-        return self.subnets[cluster](images)
+        return self.subnets[str(cluster)](images)
+
+    def subnet_state(self, k: int) -> tuple[dict[str, Tensor], Tensor]:
+        """Sub-net ``k``'s backbone state dict and head rows (detached, on the CPU)."""
+        state = {n: t.detach().cpu() for n, t in self.subnets[str(k)].state_dict().items()}
+        return state, self.heads[str(k)].weight.detach().cpu()
 
     def training_step(
         self, batch: dict[int, tuple[Tensor, Tensor]], batch_idx: int
@@ -137,9 +163,16 @@ class SubnetSystem(StageSystem):
         """
         losses = torch.zeros(self.num_clusters, device=self.device)
         total = 0.0
+        devices = [self.device] if self.device.type == "cuda" else []
         for k, (images, labels) in batch.items():
             k = int(k)
-            logits = self.heads[k](self.subnets[k](images), labels)
+            with torch.random.fork_rng(devices=devices):
+                # this sub-net's dropout draws: from its seed and the batch, not from
+                # whichever sub-nets ran before it in this job
+                torch.manual_seed(
+                    subnet_seed(self.hparams.seed, k, SEED_FORWARD, self.current_epoch, batch_idx)
+                )
+                logits = self.heads[str(k)](self.subnets[str(k)](images), labels)
             loss = F.cross_entropy(logits, labels)
             self.log(f"train/loss_subnet{k}", loss, batch_size=len(labels))
             losses[k] = loss.detach()
@@ -158,8 +191,9 @@ class SubnetSystem(StageSystem):
         # sub-net (with its head) on its own instead.
         if not gradient_clip_val:
             return
-        for subnet, head in zip(self.subnets, self.heads, strict=True):
-            params = [p for m in (subnet, head) for p in m.parameters() if p.grad is not None]
+        for k in self.subnet_ids:
+            modules = (self.subnets[str(k)], self.heads[str(k)])
+            params = [p for m in modules for p in m.parameters() if p.grad is not None]
             if gradient_clip_algorithm == "value":
                 nn.utils.clip_grad_value_(params, gradient_clip_val)
             else:
@@ -171,15 +205,24 @@ class SubnetSystem(StageSystem):
         images, labels = batch
         clusters = self.class_to_cluster[labels]
         for k in clusters.unique().tolist():
+            if str(k) not in self.subnets:  # another job's sub-net
+                continue
             idx = (clusters == k).nonzero().squeeze(1)
-            cosine = self.heads[k].cosine(self.subnets[k](images[idx]))
+            cosine = self.heads[str(k)].cosine(self.subnets[str(k)](images[idx]))
             metric.update(k, cosine.argmax(dim=1) == self.local_index[labels[idx]])
 
     def _log_accuracy(self, metric: PerClusterAccuracy, prefix: str) -> None:
-        values = metric.compute()
-        logs = {f"{prefix}/acc_subnet{k}": v for k, v in enumerate(values[:-1])}
-        self.log_dict(logs)
-        self.log(f"{prefix}/acc", values[-1], prog_bar=True)
+        """Each sub-net's accuracy and, as ``<prefix>/acc``, the group's."""
+        correct, total = metric.compute()[:, self.subnet_ids]
+        accuracy = correct.float() / total.clamp(min=1)
+        self.log_dict(
+            {f"{prefix}/acc_subnet{k}": a for k, a in zip(self.subnet_ids, accuracy, strict=True)}
+        )
+        self.log(f"{prefix}/acc", correct.sum().float() / total.sum().clamp(min=1), prog_bar=True)
+        # the last pass's counts, by sub-net: what a finished sub-net's record keeps
+        self.counts = {
+            k: (int(c), int(n)) for k, c, n in zip(self.subnet_ids, correct, total, strict=True)
+        }
         metric.reset()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -195,7 +238,7 @@ class SubnetSystem(StageSystem):
         self._log_accuracy(self.test_acc, "test")
 
     def backbones(self) -> list[nn.Module]:
-        return list(self.subnets)
+        return list(self.subnets.values())
 
     def trained_modules(self) -> list[nn.Module]:
-        return [*self.subnets, *self.heads]
+        return [*self.subnets.values(), *self.heads.values()]

@@ -25,6 +25,8 @@ pytestmark = pytest.mark.faults
 # asserts the process was alive when killed);
 # no evaluation after training: it costs time and is not what is checked here.
 EXTRA = ("trainer.max_epochs=2", "eval.after_training=false")
+# stage 2 as one job (stage2.jobs=1): its checkpoints
+STAGE2_LAST = Path("stage2", "jobs", "subnets-0-2", "checkpoints", "last.ckpt")
 
 
 def _start(out: Path, *args: str) -> subprocess.Popen:
@@ -47,9 +49,7 @@ def _run(out: Path, *args: str) -> None:
 
 
 def _state(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "stage2" / "checkpoints" / "last.ckpt", weights_only=False)[
-        "state_dict"
-    ]
+    return torch.load(run_dir / STAGE2_LAST, weights_only=False)["state_dict"]
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +80,8 @@ def test_kill_9_after_an_epoch_checkpoint_then_resume_equals_uninterrupted(
 ):
     run_dir = tmp_path / "run"
     proc = _start(run_dir, "-c", str(SMOKE), *smoke_overrides(tmp_path, *EXTRA))
-    _kill_when(
-        run_dir / f"stage{stage}" / "checkpoints" / "last.ckpt", proc, run_dir.with_suffix(".log")
-    )
+    last = Path("stage1", "checkpoints", "last.ckpt") if stage == 1 else STAGE2_LAST
+    _kill_when(run_dir / last, proc, run_dir.with_suffix(".log"))
     assert not (run_dir / "results.json").exists()
 
     _run(tmp_path / "resume", f"resume={run_dir}")

@@ -1,0 +1,347 @@
+"""Where the jobs of a run go: local processes, or SLURM through submitit.
+
+After clustering, each sub-net trains on its own cluster with nothing shared, so
+stage 2 splits into ``stage2.jobs`` independent jobs (:func:`balanced_groups`).
+A job is one command line, the same under both launchers::
+
+    python -m facecluster.cli train resume=RUN launcher=local stage=2 \\
+        stage2.jobs=J stage2.group=i stage2.subnets=[...]
+
+- ``launcher=local`` (:func:`run_local`): the training process runs stage 1 and the
+  clustering itself, then the J jobs as child processes, at most
+  ``launcher.parallel`` at once, each writing ``stage2/jobs/<job>/log.txt``, and
+  assembles the results when they are all done.
+- ``launcher=slurm`` (:func:`submit_slurm`): ``train.py`` on the login node
+  creates the run folder, submits stage 1 with the clustering as one job, the J
+  stage-2 jobs as one job array that starts when it succeeds (``afterok``), and
+  an assembly job after the array, then returns. Every job is requeued and
+  resumes from the run folder if SLURM preempts it or its time runs out.
+
+No scheduling of our own: local jobs are plain processes, SLURM does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from facecluster.config import Config, ConfigError, SlurmConfig
+from facecluster.run import JOB_ENV, RUN_DIR_ENV, RunFolder, job_name
+
+# A job is a training run of its own: it must not join the DDP world of the
+# process that launched it.
+DDP_ENV = (
+    "LOCAL_RANK",
+    "RANK",
+    "WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    RUN_DIR_ENV,
+)
+
+
+MAX_REQUEUES = 100
+"""Times a SLURM job may reach its time limit and be requeued before it fails."""
+
+
+class JobsFailed(RuntimeError):
+    """Some stage-2 jobs did not finish; the others' sub-nets are kept."""
+
+
+def balanced_groups(images: Sequence[int], subnets: Sequence[int], jobs: int) -> list[list[int]]:
+    """Split ``subnets`` into at most ``jobs`` groups with balanced training images.
+
+    Longest processing time first: the largest remaining cluster goes to the group
+    with the fewest images so far (ties: the lower group). Deterministic, so every
+    job computes the same groups from the same clustering.
+
+    Args:
+        images: training images of every cluster (index = cluster).
+        subnets: the sub-nets to split.
+        jobs: the number of groups wanted.
+    """
+    count = max(1, min(jobs, len(subnets)))
+    groups: list[list[int]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for k in sorted(subnets, key=lambda k: (-images[k], k)):
+        j = min(range(count), key=lambda j: (loads[j], j))
+        groups[j].append(k)
+        loads[j] += images[k]
+    return [sorted(g) for g in groups]
+
+
+def train_command(run: RunFolder, *overrides: str) -> list[str]:
+    """The command line of one job: this Python, ``facecluster train`` on the run."""
+    return [
+        sys.executable,
+        "-m",
+        "facecluster.cli",
+        "train",
+        f"resume={run.path}",
+        "launcher=local",
+        *overrides,
+    ]
+
+
+def stage2_overrides(jobs: int, subnets: list[int]) -> list[list[str]]:
+    """The overrides of ``jobs`` stage-2 jobs over ``subnets``: job i trains group i of
+    :func:`balanced_groups`, which it computes from the clustering (known or not when
+    the job is submitted). ``jobs=1`` names one group exactly."""
+    jobs = max(1, min(jobs, len(subnets)))
+    named = "[" + ",".join(map(str, subnets)) + "]"
+    return [
+        ["stage=2", f"stage2.jobs={jobs}", f"stage2.group={i}", f"stage2.subnets={named}"]
+        for i in range(jobs)
+    ]
+
+
+# A local job started from inside an srun step must not think it is that step's task.
+SLURM_TASK_ENV = ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_STEP_ID")
+
+
+def job_environment(name: str, local: bool) -> dict[str, str]:
+    """This process's environment without its DDP settings (and, for a local job, its
+    SLURM task settings), marked as job ``name``."""
+    drop = DDP_ENV + (SLURM_TASK_ENV if local else ())
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, JOB_ENV: name}
+
+
+def gpu_slots(visible: list[str], parallel: int, devices: int) -> list[str | None]:
+    """``CUDA_VISIBLE_DEVICES`` of each of ``parallel`` local jobs: ``devices`` GPUs each,
+    disjoint; [None] * parallel when there is no GPU (or one job at a time).
+
+    Raises:
+        ConfigError: the jobs at once need more GPUs than are visible.
+    """
+    if not visible or parallel == 1:
+        return [None] * parallel
+    if parallel * devices > len(visible):
+        raise ConfigError(
+            f"launcher.parallel={parallel} jobs x trainer.devices={devices} need "
+            f"{parallel * devices} GPUs, {len(visible)} are visible"
+        )
+    return [",".join(visible[i * devices : (i + 1) * devices]) for i in range(parallel)]
+
+
+# ---------------------------------------------------------------------- local
+
+
+def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: int = 1) -> None:
+    """Run one stage-2 job per group as local processes, at most ``parallel`` at once,
+    each on its own GPUs when there are GPUs (``devices`` per job).
+
+    Raises:
+        JobsFailed: naming each failed job, its exit status and log, and the command
+            that trains what is missing; the finished jobs' sub-nets are kept.
+    """
+    jobs = [(job_name(g), train_command(run, *stage2_overrides(1, g)[0])) for g in groups]
+    rank_zero_info(
+        f"stage 2: {len(jobs)} jobs ({', '.join(name for name, _ in jobs)}), "
+        f"{min(parallel, len(jobs))} at a time; each logs to {run.job_log('<job>')}"
+    )
+
+    slots: queue.Queue[str | None] = queue.Queue()
+    for slot in gpu_slots(_visible_gpus(), min(parallel, len(jobs)), devices):
+        slots.put(slot)
+
+    def one(job: tuple[str, list[str]]) -> int:
+        name, command = job
+        log = run.job_log(name)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        env, gpus = job_environment(name, local=True), slots.get()
+        if gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpus
+        with open(log, "ab") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+            (log.parent / "job.json").write_text(
+                json.dumps({"pid": process.pid, "command": command}, indent=2)
+            )
+            code = process.wait()
+        slots.put(gpus)
+        state = "finished" if code == 0 else _exit_status(code)
+        rank_zero_info(f"stage 2: job {name} {state} after {time.perf_counter() - start:.0f} s")
+        return code
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        codes = list(pool.map(one, jobs))
+    failed = [(name, code) for (name, _), code in zip(jobs, codes, strict=True) if code != 0]
+    if failed:
+        lines = [f"{name}: {_exit_status(code)}, log {run.job_log(name)}" for name, code in failed]
+        raise JobsFailed(
+            f"{len(failed)} of {len(jobs)} stage-2 jobs failed:\n  - "
+            + "\n  - ".join(lines)
+            + f"\nThe other jobs' sub-nets are kept. `python train.py resume={run.path}` "
+            "trains the missing ones."
+        )
+
+
+def _visible_gpus() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return listed.split(",") if listed else [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _exit_status(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"failed with exit code {code}"
+
+
+# ---------------------------------------------------------------------- slurm
+
+
+@dataclass
+class TrainJob:
+    """A SLURM job: ``facecluster train`` command lines, run in order in every task.
+
+    SLURM starts one task per GPU (``srun``); Lightning's SLURM environment makes
+    them one DDP run. Before a preemption or the time limit, submitit calls
+    :meth:`checkpoint` and requeues the job, which then resumes from the run
+    folder's checkpoints.
+    """
+
+    name: str
+    commands: list[list[str]]
+    cwd: str
+
+    def __call__(self) -> None:
+        env = job_environment(self.name, local=False)  # Lightning reads the SLURM task
+        for command in self.commands:
+            # SLURM's warning signal is for submitit (in this process), which requeues
+            subprocess.run(command, check=True, cwd=self.cwd, env=env, preexec_fn=_ignore_usr2)
+
+    def checkpoint(self) -> Any:
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self)
+
+
+def _ignore_usr2() -> None:
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def slurm_parameters(s: SlurmConfig, name: str, gpus: int, nodes: int) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters of one job: ``nodes`` x ``gpus`` GPUs, one task
+    per GPU (one task per node without GPUs)."""
+    params: dict[str, Any] = {
+        "job_name": name,
+        "time": s.time_min,
+        "nodes": nodes,
+        "ntasks_per_node": max(1, gpus),
+        "cpus_per_task": s.cpus_per_task,
+        "array_parallelism": s.array_parallelism,
+        "setup": list(s.setup),
+        "additional_parameters": dict(s.additional),
+    }
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if s.mem_gb:
+        params["mem"] = f"{s.mem_gb}GB"
+    for key in ("partition", "account", "qos"):
+        if getattr(s, key):
+            params[key] = getattr(s, key)
+    return params
+
+
+def _devices(gpus: int, nodes: int) -> list[str]:
+    """Trainer overrides that match the job's tasks (one per GPU, on every node)."""
+    accelerator = "gpu" if gpus else "cpu"
+    return [
+        f"trainer.accelerator={accelerator}",
+        f"trainer.devices={max(1, gpus)}",
+        f"trainer.num_nodes={nodes}",
+    ]
+
+
+def submit_slurm(
+    cfg: Config,
+    run: RunFolder,
+    *,
+    stage1: bool,
+    cluster: bool,
+    stage2: list[list[str]],
+    assemble: bool,
+) -> dict[str, Any]:
+    """Submit what the run still needs as SLURM jobs, chained by ``afterok``.
+
+    Args:
+        stage1, cluster: submit stage 1 and/or the clustering (one job).
+        stage2: each stage-2 job's overrides (one array task each).
+        assemble: submit the assembly (and the evaluation after training) last.
+
+    Returns:
+        What was submitted (also written to ``slurm/submitted.json``).
+    """
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError(
+            "launcher=slurm needs submitit: pip install 'facecluster[slurm]'"
+        ) from None
+    s, cwd = cfg.slurm, os.getcwd()
+    run.slurm_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        # requeued at the time limit as often as it takes (submitit's default is 3)
+        executor = submitit.SlurmExecutor(folder=run.slurm_dir / "%j", max_num_timeout=MAX_REQUEUES)
+    except RuntimeError as e:  # no srun on this machine
+        raise ConfigError(f"launcher=slurm: {e}") from None
+    submitted: dict[str, Any] = {"run": str(run.path), "jobs": []}
+    after: str | None = None
+    train_size = (s.gpus_per_node, s.nodes)  # stage 1 and each stage-2 job
+    small = (min(1, s.gpus_per_node), 1)  # the assembly and the evaluation
+
+    def parameters(name: str, size: tuple[int, int]) -> dict[str, Any]:
+        params = slurm_parameters(s, name, *size)
+        if after:  # a job whose dependency failed is cancelled, not left pending
+            params["dependency"] = f"afterok:{after}"
+            params["additional_parameters"]["kill-on-invalid-dep"] = "yes"
+        else:
+            params["dependency"] = None
+        return params
+
+    def submit(name: str, commands: list[list[str]], size: tuple[int, int]) -> str:
+        executor.update_parameters(**parameters(name, size))
+        job = executor.submit(TrainJob(name, commands, cwd))
+        submitted["jobs"].append({"name": name, "job_id": job.job_id, "commands": commands})
+        return job.job_id
+
+    first = [train_command(run, "stage=1", *_devices(*train_size))] if stage1 else []
+    if cluster:
+        first.append(train_command(run, "stage=cluster", *_devices(*train_size)))
+    if first:
+        after = submit(f"{run.path.name}-stage1", first, train_size)
+    if stage2:
+        name = f"{run.path.name}-stage2"
+        executor.update_parameters(**parameters(name, train_size))
+        commands = [[train_command(run, *o, *_devices(*train_size))] for o in stage2]
+        with executor.batch():
+            jobs = [
+                executor.submit(TrainJob(f"{name}-{i}", c, cwd)) for i, c in enumerate(commands)
+            ]
+        after = jobs[0].job_id.split("_")[0]  # the array: afterok waits for every task
+        submitted["jobs"].append({"name": name, "job_id": after, "array": commands})
+    if assemble:
+        command = train_command(run, "stage=assemble", *_devices(*small))
+        submit(f"{run.path.name}-assemble", [command], small)
+    (run.slurm_dir / "submitted.json").write_text(json.dumps(submitted, indent=2))
+    return submitted
+
+
+def _after(job_id: str | None) -> str | None:
+    return f"afterok:{job_id}" if job_id else None

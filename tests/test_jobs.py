@@ -1,0 +1,322 @@
+"""Stage 2 as independent jobs: local processes, a SLURM plan (submitit, no cluster
+needed), the stages run separately, and a killed job that ``resume`` finishes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from facecluster import cli
+from facecluster.config import ConfigError, load_config
+from facecluster.evaluation import evaluate_run
+from facecluster.launch import balanced_groups, gpu_slots
+from facecluster.loggers import build_logger
+from facecluster.pipeline import train
+from facecluster.run import JOB_ENV, RunFolder, job_name
+from tests.conftest import SMOKE, smoke_overrides
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TWO_JOBS = "python train.py -c configs/smoke.yaml launcher=local stage2.jobs=2"
+EPOCHS = ("trainer.max_epochs=null", "stage1.max_epochs=1", "stage2.max_epochs=3")
+# what the accuracy columns of evaluate.py's rows hold (the rest are timings)
+ACCURACY = ("top1", "macro_precision", "macro_recall", "macro_f1", "routing_accuracy")
+
+
+def _job_subnets(job: Path) -> list[int]:
+    return json.loads((job / "subnets.json").read_text())
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("FACECLUSTER_RUN_DIR", JOB_ENV)}
+
+
+def _subnets(run: Path) -> list[dict[str, torch.Tensor]]:
+    return [
+        torch.load(p, weights_only=True)
+        for p in sorted((run / "stage2" / "subnets").glob("subnet*.pt"))
+    ]
+
+
+def _assert_identical(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b) > 0
+    for k, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert torch.equal(x["head"], y["head"]), f"sub-net {k} head"
+        assert x["backbone"].keys() == y["backbone"].keys()
+        for name in x["backbone"]:
+            assert torch.equal(x["backbone"][name], y["backbone"][name]), f"sub-net {k} {name}"
+
+
+def _accuracies(run: Path) -> list[tuple]:
+    rows = json.loads((run / "eval" / "results.json").read_text())["rows"]
+    return [(r["model"], *(r.get(key) for key in ACCURACY)) for r in rows]
+
+
+def test_job_names_and_balanced_groups():
+    assert job_name([5, 0, 1, 2]) == "subnets-0-2_5"
+    scattered = job_name(list(range(0, 128, 2)))  # K=128 in 2 jobs: still a short name
+    assert len(scattered) < 48 and scattered.startswith("subnets-64-from-0-")
+    # the largest cluster first, onto the lightest job
+    assert balanced_groups([100, 10, 60, 50], [0, 1, 2, 3], 2) == [[0, 1], [2, 3]]
+    assert balanced_groups([100, 10, 60, 50], [0, 1, 2, 3], 3) == [[0], [2], [1, 3]]
+    assert balanced_groups([100, 10, 60, 50], [1, 2], 3) == [[2], [1]]
+    # local jobs at once on GPUs: disjoint devices, or refused when they do not fit
+    assert gpu_slots(["0", "1", "2", "3"], 2, 2) == ["0,1", "2,3"]
+    assert gpu_slots([], 4, 1) == [None] * 4
+    with pytest.raises(ConfigError, match="need 6 GPUs, 4 are visible"):
+        gpu_slots(["0", "1", "2", "3"], 3, 2)
+
+
+def test_documented_two_local_jobs_give_the_one_job_weights_and_table(tmp_path):
+    # docs/TRAINING.md's command as written, in a folder of its own, against the same
+    # seed with stage 2 as one job: every sub-net bit-identical, the same table.
+    for doc in (ROOT / "docs" / "TRAINING.md", ROOT / "README.md"):
+        assert TWO_JOBS in " ".join(doc.read_text().split()).replace(".venv/bin/python", "python")
+    for name in ("train.py", "configs"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    command = [sys.executable, *TWO_JOBS.split()[1:], "logger=csv"]
+    proc = subprocess.run(
+        command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=480
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = next((tmp_path / "runs").iterdir())
+    assert proc.stdout.rstrip().splitlines()[-1] == f"facecluster run folder: {two}"
+    jobs = sorted((two / "stage2" / "jobs").iterdir())
+    assert len(jobs) == 2 and sorted(k for j in jobs for k in _job_subnets(j)) == [0, 1, 2]
+    for job in jobs:
+        assert "Restoring" not in (job / "log.txt").read_text()
+
+    one = train(load_config(SMOKE, [f"output_dir={tmp_path / 'one'}", "run_name=one"])).run_dir
+    assert (one / "stage2" / "jobs" / "subnets-0-2").is_dir()
+    _assert_identical(_subnets(one), _subnets(two))
+    assert cli.evaluate_main([f"run={one}", "eval.timing_batches=1", "eval.plots=false"]) == 0
+    assert _accuracies(one) == _accuracies(two)
+
+
+def _stage1_only(src: Path, dst: Path) -> Path:
+    """A copy of a run as it is after stage 1 and the clustering."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("stage2*", "results.*", "eval"))
+    return dst
+
+
+def test_a_killed_job_is_the_only_one_resume_retrains(tmp_path, monkeypatch):
+    reference = train(load_config(SMOKE, smoke_overrides(tmp_path / "ref", *EPOCHS))).run_dir
+    run = _stage1_only(reference, tmp_path / "killed" / "run")
+    command = [
+        sys.executable, "-m", "facecluster.cli", "train", f"resume={run}",
+        "stage2.jobs=2", "launcher.parallel=2", "eval.after_training=false",
+    ]  # fmt: skip
+    parent = subprocess.Popen(
+        command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240
+    while not (started := list(run.glob("stage2/jobs/*/checkpoints/last.ckpt"))):
+        assert parent.poll() is None and time.monotonic() < deadline, "no job checkpointed"
+        time.sleep(0.05)
+    victim = started[0].parents[1]
+    os.kill(json.loads((victim / "job.json").read_text())["pid"], signal.SIGKILL)
+    out, err = parent.communicate(timeout=240)
+    assert parent.returncode == 1, err[-3000:]
+    assert f"{victim.name}: killed by signal 9" in err
+    assert f"`python train.py resume={run}` trains the missing ones" in err
+
+    lost = _job_subnets(victim)
+    folder = RunFolder(run)
+    assert folder.missing_subnets(3) == lost
+    kept = [k for k in range(3) if k not in lost]
+    before = {
+        p: (p.stat().st_mtime_ns, p.read_bytes())
+        for k in kept
+        for p in (folder.subnet_file(k), folder.subnet_file(k, ".json"))
+    }
+    missing = re.escape(f"sub-nets {lost} of stage 2 are not trained")
+    with pytest.raises(ConfigError, match=rf"{missing}.*resume="):
+        evaluate_run(run)
+
+    fits = []
+    original = L.Trainer.fit
+
+    def spy(self, *args, **kwargs):
+        fits.append(kwargs.get("ckpt_path"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", spy)
+    resumed = train(folder.config_for_resume(str(run)))
+    assert fits == [str(victim / "checkpoints" / "last.ckpt")], "the job continued from it"
+    assert resumed.results is not None
+    assert sorted(resumed.subnets.subnet_ids) == lost, "only the killed job's sub-nets trained"
+    for path, (mtime, data) in before.items():
+        assert path.stat().st_mtime_ns == mtime and path.read_bytes() == data, path
+    _assert_identical(_subnets(reference), _subnets(run))
+
+
+def _fake_slurm(bin_dir: Path) -> Path:
+    """``sbatch`` that records each submission and answers as SLURM does; ``srun``."""
+    bin_dir.mkdir()
+    calls = bin_dir / "calls"
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/bash\n"
+        f"n=$(( $(ls {calls} 2>/dev/null | wc -l) + 1000 ))\n"
+        f"mkdir -p {calls}\n"
+        f'cp "${{@: -1}}" {calls}/$n.sh\n'
+        'echo "Submitted batch job $n"\n'
+    )
+    (bin_dir / "srun").write_text("#!/bin/bash\nexit 0\n")
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    return calls
+
+
+def test_slurm_plan_submits_a_chained_array_and_its_jobs_finish_the_run(tmp_path, monkeypatch):
+    calls = _fake_slurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    setup = "source /shared/venv/bin/activate"
+    overrides = smoke_overrides(
+        tmp_path, "launcher=slurm", "stage2.jobs=2", "slurm.partition=debug",
+        "slurm.gpus_per_node=0", f"slurm.setup=['{setup}']", "slurm.additional={constraint: a100}",
+    )  # fmt: skip
+    result = train(load_config(SMOKE, overrides))
+    assert result.results is None and not (result.run_dir / "stage1").exists(), "nothing ran"
+
+    scripts = [calls / f"{n}.sh" for n in (1000, 1001, 1002)]
+    assert sorted(calls.iterdir()) == scripts
+    stage1, array, assemble = (s.read_text() for s in scripts)
+    for text in (stage1, array, assemble):
+        assert "#SBATCH --partition=debug" in text and "#SBATCH --constraint=a100" in text
+        assert setup in text and "submitit.core._submit" in text
+    assert "--dependency" not in stage1
+    assert "#SBATCH --array=0-1%2" in array and "#SBATCH --dependency=afterok:1000" in array
+    assert "#SBATCH --dependency=afterok:1001" in assemble
+    assert "#SBATCH --kill-on-invalid-dep=yes" in array and "kill-on-invalid-dep" in assemble
+
+    plan = json.loads((result.run_dir / "slurm" / "submitted.json").read_text())
+    first, tasks, last = plan["jobs"]
+    assert [c[5:7] for c in first["commands"]] == [
+        ["launcher=local", "stage=1"],
+        ["launcher=local", "stage=cluster"],
+    ]
+    assert [c[0][7:10] for c in tasks["array"]] == [
+        ["stage2.jobs=2", f"stage2.group={i}", "stage2.subnets=[0,1,2]"] for i in range(2)
+    ]
+    assert last["commands"][0][6] == "stage=assemble"
+    assert all("trainer.accelerator=cpu" in c for c in first["commands"])
+
+    # Run the plan here, in its order, as the jobs would (each its own command line).
+    def run_job(name: str, command: list[str]) -> None:
+        assert command[1:4] == ["-m", "facecluster.cli", "train"]
+        with monkeypatch.context() as m:
+            m.setenv(JOB_ENV, name)
+            assert cli.train_main(command[4:]) == 0, command
+
+    run = RunFolder(result.run_dir)
+    for command in first["commands"]:
+        run_job(first["name"], command)
+    assert run.has_stage_summary(1) and run.clusters_path.is_file()
+    with pytest.raises(ConfigError, match=r"sub-nets \[0, 1, 2\] of stage 2 are not trained"):
+        run.finished_config()
+    for i, (command,) in enumerate(tasks["array"]):
+        run_job(f"stage2-{i}", command)
+    assert run.missing_subnets(3) == [] and not run.finished
+    run_job(last["name"], last["commands"][0])
+    assert run.finished and (run.path / "eval" / "results.md").is_file()
+    assert "stage: all" in (run.path / "config.yaml").read_text(), "jobs never rewrite it"
+
+    # Train one named sub-net again, through SLURM: its files and its job's checkpoints
+    # go at submission, one task trains it from the stage-1 backbone, the others stay.
+    others = {k: run.subnet_file(k).stat().st_mtime_ns for k in (0, 2)}
+    weights = _subnets(run.path)
+    submitted = train(run.config_for_resume(str(run.path), ["stage=2", "stage2.subnets=[1]"]))
+    assert submitted.results is None and not run.finished
+    assert run.missing_subnets(3) == [1]
+    plan = json.loads((run.slurm_dir / "submitted.json").read_text())
+    ((task,),), (assembly,) = plan["jobs"][0]["array"], plan["jobs"][1]["commands"]
+    assert task[6:10] == ["stage=2", "stage2.jobs=1", "stage2.group=0", "stage2.subnets=[1]"]
+    run_job("again", task)
+    run_job("assemble", assembly)
+    assert run.finished
+    assert {k: run.subnet_file(k).stat().st_mtime_ns for k in (0, 2)} == others
+    _assert_identical(weights, _subnets(run.path))  # the same seed, the same sub-net
+
+
+def test_slurm_jobs_get_one_task_per_gpu_on_every_node(tmp_path, monkeypatch):
+    calls = _fake_slurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    overrides = smoke_overrides(
+        tmp_path, "launcher=slurm", "slurm.nodes=2", "slurm.gpus_per_node=4", "slurm.mem_gb=200"
+    )
+    result = train(load_config(SMOKE, overrides))
+    stage1, array, assemble = ((calls / f"{n}.sh").read_text() for n in (1000, 1001, 1002))
+    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--mem=200GB"):
+        assert f"#SBATCH {line}" in stage1 and f"#SBATCH {line}" in array
+    assert "--array" not in array, "stage2.jobs=1: one job, not an array"
+    assert "#SBATCH --gpus-per-node=1" in assemble and "#SBATCH --nodes=1" in assemble
+    assert "#SBATCH --ntasks-per-node=1" in assemble
+    plan = json.loads((result.run_dir / "slurm" / "submitted.json").read_text())
+    assert [c[0][6:9] for c in plan["jobs"][1]["array"]] == [
+        ["stage=2", "stage2.jobs=1", "stage2.group=0"]
+    ]
+    command = plan["jobs"][0]["commands"][0]
+    assert command[-3:] == ["trainer.accelerator=gpu", "trainer.devices=4", "trainer.num_nodes=2"]
+
+
+def test_stage_rules_name_what_is_missing(tmp_path):
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "stage=1"))
+    first = train(cfg)
+    run = RunFolder(first.run_dir)
+    assert first.results is None and run.has_stage_summary(1)
+    assert not run.clusters_path.exists(), "stage=1 is stage 1 alone"
+    with pytest.raises(ConfigError, match="stage=2: .*clusters.pt is missing.*stage=cluster"):
+        train(run.config_for_resume(str(run.path), ["stage=2"]))
+    train(run.config_for_resume(str(run.path), ["stage=cluster"]))
+    assert run.clusters_path.is_file() and not run.path.joinpath("stage2").exists()
+    with pytest.raises(ConfigError, match=r"sub-nets \[0, 1, 2\] .* are not trained"):
+        train(run.config_for_resume(str(run.path), ["stage=assemble"]))
+    with pytest.raises(ConfigError, match="stage=cluster: method=single"):
+        load_config(SMOKE, ["method=single", "stage=cluster"])
+    with pytest.raises(ConfigError, match="stage2.jobs=4 is more than clustering.num_clusters=3"):
+        load_config(SMOKE, ["clustering.num_clusters=3", "stage2.jobs=4"])
+
+
+def test_each_job_logs_to_its_own_wandb_run_in_the_run_group(tmp_path):
+    cfg = load_config(SMOKE, ["logger=wandb", "wandb.mode=offline"])
+    main = build_logger(cfg, tmp_path / "myrun", "abc123")
+    job = build_logger(cfg, tmp_path / "myrun", "abc123", "subnets-0-2")
+    assert main._wandb_init["id"] == "abc123" and main._wandb_init["group"] == "myrun"
+    assert job._wandb_init["id"] == "abc123-subnets-0-2"
+    assert job._wandb_init["group"] == "myrun" and job._wandb_init["name"] == "myrun/subnets-0-2"
+
+
+TORCHRUN = (
+    "torchrun --standalone --nproc_per_node=2 train.py -c configs/smoke.yaml run_name=torchrun "
+    "stage=1 trainer.accelerator=cpu trainer.devices=2 trainer.strategy=ddp"
+)
+
+
+@pytest.mark.ddp
+def test_documented_torchrun_stage1_writes_one_run_folder(tmp_path):
+    # docs/TRAINING.md's torchrun form as written: 2 gloo processes that torchrun
+    # starts together (Lightning starts none), one run folder, stage 1 alone.
+    assert TORCHRUN in " ".join((ROOT / "docs" / "TRAINING.md").read_text().split())
+    for name in ("train.py", "configs"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    command = [str(Path(sys.executable).parent / "torchrun"), *TORCHRUN.split()[1:]]
+    proc = subprocess.run(
+        command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=480
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["torchrun"]
+    run = RunFolder(tmp_path / "runs" / "torchrun")
+    assert run.has_stage_summary(1) and not run.clusters_path.exists()
+    assert "stage=1 done" in proc.stdout + proc.stderr
