@@ -375,11 +375,12 @@ class RouteConfig:
     alpha: float = 0.0
     """Decision unit: score = (1 - alpha) * sub-net cosine + alpha * class-mean similarity."""
     index: str = "flat"
-    """faiss index over the class means: flat (exact inner product), ivf or hnsw."""
+    """faiss index over the class means: flat (exact inner product), clusters (inverted
+    lists = the clustering's clusters, route.ivf_nprobe nearest searched), ivf or hnsw."""
     ivf_nlist: int | None = None
     """IVF lists (None: about 4 * sqrt(identities))."""
     ivf_nprobe: int = 16
-    """IVF lists searched per query."""
+    """IVF lists (clusters, for index=clusters) searched per query."""
     hnsw_m: int = 32
     """HNSW graph degree."""
     neighbours: int = 64
@@ -387,7 +388,7 @@ class RouteConfig:
 
     def problems(self) -> list[str]:
         r = _Rules("route.")
-        r.choice("index", self.index, ("flat", "ivf", "hnsw"))
+        r.choice("index", self.index, ("flat", "clusters", "ivf", "hnsw"))
         r.positive("top_m", self.top_m)
         r.within("alpha", self.alpha, 0.0, 1.0)
         for name in ("ivf_nlist", "ivf_nprobe", "hnsw_m", "neighbours"):

@@ -7,13 +7,15 @@ import contextlib
 import json
 import shutil
 
+import faiss
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import evaluate
-from facecluster.clustering import ClusterAssignment
+from facecluster.clustering import ClusterAssignment, cluster_identities
 from facecluster.config import ConfigError, load_config
 from facecluster.evaluation import eval_autocast, evaluate_run
 from facecluster.inference import UNKNOWN, Router, TwoStageIdentifier, fuse
@@ -70,6 +72,49 @@ def test_router_picks_the_cluster_of_the_nearest_class_mean_and_ranks_top_m():
     assert router.route(query, 3).tolist() == [[1, 2, 0]]
     with pytest.raises(ValueError, match="^top_m=4 must be in"):
         router.route(query, 4)
+
+
+def test_cluster_lists_index_holds_each_class_mean_in_its_own_cluster():
+    # index=clusters: the clustering's clusters are the inverted lists. Probing all of
+    # them is exact search; probing one searches only the nearest centroid's cluster.
+    torch.manual_seed(0)
+    means = F.normalize(torch.randn(300, 16), dim=1)
+    assignment = cluster_identities(means, 6, "kmeans", seed=0)
+    a = assignment
+    exact = Router(a.class_means, a.class_to_cluster, a.centroids, "flat")
+    every = Router(a.class_means, a.class_to_cluster, a.centroids, "clusters", ivf_nprobe=6)
+    queries = F.normalize(means[:80] + 0.3 * torch.randn(80, 16), dim=1)
+    assert torch.equal(every.route(queries, 3), exact.route(queries, 3))
+    one = Router(a.class_means, a.class_to_cluster, a.centroids, "clusters", ivf_nprobe=1)
+    index = one.index
+    assert index.ntotal == 300 and index.nlist == 6
+    for k in range(6):  # list k holds exactly cluster k's identities
+        ids = faiss.rev_swig_ptr(index.invlists.get_ids(k), index.invlists.list_size(k))
+        assert sorted(ids.tolist()) == a.classes_of(k).tolist()
+    nearest_centroid = (queries @ a.centroids.T).argmax(1)
+    _, found = index.search(queries.numpy(), 1)
+    assert torch.equal(a.class_to_cluster[torch.from_numpy(found[:, 0])], nearest_centroid)
+
+
+def test_kmeans_trains_on_every_class_mean_not_faiss_sample():
+    # faiss samples 256 points per centroid unless told otherwise: with 2 clusters and
+    # 1,200 class means it would train on 512 of them. Every one is used.
+    torch.manual_seed(0)
+    x = F.normalize(torch.randn(1200, 8), dim=1)
+    data = np.ascontiguousarray(x.numpy())
+
+    def partition(centroids) -> set:
+        labels = (data @ np.asarray(centroids).T).argmax(1)
+        return {frozenset(np.flatnonzero(labels == k).tolist()) for k in range(2)}
+
+    ours = cluster_identities(x, 2, "kmeans", seed=3)
+    full = faiss.Kmeans(8, 2, niter=20, spherical=True, seed=3, max_points_per_centroid=1200)
+    full.train(data)
+    sampled = faiss.Kmeans(8, 2, niter=20, spherical=True, seed=3)
+    sampled.train(data)
+    found = {frozenset(ours.classes_of(k).tolist()) for k in range(2)}
+    assert found == partition(full.centroids)
+    assert found != partition(sampled.centroids)
 
 
 @pytest.mark.parametrize("index", ["ivf", "hnsw"])

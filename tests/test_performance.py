@@ -138,3 +138,24 @@ def test_eval_device_is_checked_before_training():
         assert load_config(base, [f"eval.device={ok}"]).eval.device == ok
     with pytest.raises(ConfigError, match=r"eval.device='gpu'.*cuda"):
         load_config(base, ["eval.device=gpu"])
+
+
+def test_scale_benchmark_runs_small_and_probing_every_cluster_is_exact(tmp_path):
+    # bench/scale.py (docs/SCALE.md) at toy size: the clustering timings, and routing
+    # through the cluster lists equals exact search once every cluster is probed.
+    out = tmp_path / "scale.json"
+    command = [
+        sys.executable, "bench/scale.py", "--classes", "3000", "--dim", "32", "--clusters",
+        "8", "--topics", "64", "--queries", "256", "--nprobe", "1", "8", "--ivf-nprobe", "4",
+        "--out", str(out),
+    ]  # fmt: skip
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    clustering = result["clustering"]
+    assert clustering["bare faiss.Kmeans"]["vs_bare"] == 1.0
+    balanced = clustering["facecluster balanced"]
+    assert balanced["sizes_max"] - balanced["sizes_min"] <= 1
+    routing = result["routing"]
+    assert routing["clusters, ivf_nprobe=8"]["agreement"] == 1.0
+    assert 0.0 < routing["clusters, ivf_nprobe=1"]["agreement"] <= 1.0
+    assert {"ivf, ivf_nprobe=4", "hnsw, hnsw_m=32", "flat (exact)"} <= routing.keys()

@@ -9,9 +9,12 @@ neighbours; the ``top_m`` best clusters are the candidates. Routing works for an
 partition, random ones included (then it is no better than luck at picking the
 cluster, which is the point of comparing them).
 
-Index types: ``flat`` (exact inner product, the default), ``ivf`` (inverted lists,
-for very many identities) and ``hnsw`` (graph). With faiss-gpu installed and a
-CUDA device present, flat and ivf indexes move to the GPU.
+Index types: ``flat`` (exact inner product, the default), ``clusters`` (inverted
+lists that are the clustering's own clusters: the K centroids are the coarse
+quantizer and each class mean sits in its cluster's list, so nothing is trained
+again and a probe visits whole clusters; for hundreds of thousands of identities),
+``ivf`` (faiss's own k-means lists) and ``hnsw`` (graph). With faiss-gpu installed
+and a CUDA device present, flat and ivf-type indexes move to the GPU.
 """
 
 from __future__ import annotations
@@ -28,6 +31,35 @@ def _to_numpy(x: Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().float().cpu().numpy())
 
 
+def cluster_lists_index(
+    vectors: Tensor, lists: Tensor, centroids: Tensor, nprobe: int
+) -> faiss.IndexIVFFlat:
+    """An inner-product IVF index whose inverted lists are given: row i of ``vectors``
+    goes to list ``lists[i]``, and ``centroids`` [K, d] are the coarse quantizer.
+
+    A query scans the ``nprobe`` lists whose centroids are nearest. With the
+    clustering's own assignment as the lists, that is the ``nprobe`` nearest clusters.
+    """
+    data, cents = _to_numpy(vectors), _to_numpy(centroids)
+    d, k = data.shape[1], cents.shape[0]
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(cents)
+    index = faiss.IndexIVFFlat(quantizer, d, k, faiss.METRIC_INNER_PRODUCT)
+    index.is_trained = True
+    labels = lists.cpu().numpy().astype(np.int64)
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=k)
+    start = 0
+    for c in range(k):
+        ids = np.ascontiguousarray(order[start : start + counts[c]], dtype=np.int64)
+        codes = np.ascontiguousarray(data[ids]).view(np.uint8)
+        index.invlists.add_entries(c, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+        start += counts[c]
+    index.ntotal = data.shape[0]
+    index.nprobe = min(nprobe, k)
+    return index
+
+
 def build_index(
     vectors: Tensor,
     kind: str = "flat",
@@ -36,7 +68,8 @@ def build_index(
     hnsw_m: int = 32,
     use_gpu: bool | None = None,
 ) -> faiss.Index:
-    """An inner-product faiss index over L2-normalised ``vectors`` [N, d]."""
+    """An inner-product faiss index over L2-normalised ``vectors`` [N, d] (``clusters``:
+    see :func:`cluster_lists_index`, built by the Router, which holds the clusters)."""
     data = _to_numpy(vectors)
     n, d = data.shape
     if kind == "flat":
@@ -66,7 +99,7 @@ class Router:
         class_to_cluster: [C] cluster id of each identity.
         centroids: [K, d] L2-normalised cluster centroids (ranks clusters that no
             retrieved neighbour belongs to, after all retrieved ones).
-        index: flat, ivf or hnsw.
+        index: flat, clusters, ivf or hnsw.
         neighbours: class means retrieved per query (at least ``top_m * 8``).
         ivf_nlist, ivf_nprobe, hnsw_m: index settings.
         use_gpu: None: faiss GPU when available.
@@ -89,7 +122,16 @@ class Router:
         self.num_clusters = centroids.shape[0]
         self.num_classes = class_means.shape[0]
         self.neighbours = neighbours
-        self.index = build_index(class_means, index, ivf_nlist, ivf_nprobe, hnsw_m, use_gpu)
+        if index == "clusters":
+            self.index = cluster_lists_index(
+                class_means, self.class_to_cluster, self.centroids, ivf_nprobe
+            )
+            if use_gpu is None:
+                use_gpu = torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources")
+            if use_gpu:
+                self.index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self.index)
+        else:
+            self.index = build_index(class_means, index, ivf_nlist, ivf_nprobe, hnsw_m, use_gpu)
 
     def cluster_scores(self, queries: Tensor, top_m: int = 1) -> Tensor:
         """[B, K] per-cluster routing scores: the best retrieved class-mean similarity.
