@@ -254,10 +254,22 @@ def fit_stage2(
         fresh: start from the stage-1 backbone even if the job has a checkpoint (decided
             before any rank could see rank 0 delete it).
     """
+    job = job_name(subnets)
+    with run.folder.job_lock(job):  # from choosing the checkpoint to the saved sub-nets
+        return _fit_job(run, clustering, subnets, job, own_logger, fresh)
+
+
+def _fit_job(
+    run: _Run,
+    clustering: ClusteringCallback,
+    subnets: list[int],
+    job: str,
+    own_logger: bool,
+    fresh: bool,
+) -> SubnetSystem:
     cfg, folder = run.cfg, run.folder
     assignment = clustering.assignment
     assert assignment is not None
-    job = job_name(subnets)
     clustering.connect(subnets)
     sizes = assignment.cluster_sizes().tolist()
     model = SubnetSystem(

@@ -32,12 +32,15 @@ the others through ``FACECLUSTER_RUN_DIR``. Only global rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -54,6 +57,7 @@ from facecluster.models.base import CHECKPOINT_KEY
 
 RUN_DIR_ENV = "FACECLUSTER_RUN_DIR"
 JOB_SUBNETS = "subnets.json"
+RUNNING = "running.json"
 JOB_ENV = "FACECLUSTER_JOB"
 """Set in the processes the launchers start (the job's name): they read the run's
 config and never rewrite it."""
@@ -396,6 +400,46 @@ class RunFolder:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / JOB_SUBNETS).write_text(json.dumps(sorted(subnets)))
 
+    @contextlib.contextmanager
+    def job_lock(self, job: str) -> Iterator[None]:
+        """Hold stage-2 job ``job`` while it trains: a second process that would train
+        the same job (a second submission, a resume while jobs still run) is refused.
+
+        The lock is ``stage2/jobs/<job>/running.json`` (host, pid, SLURM job id),
+        created exclusively. A lock left by a process that is gone (same host, no
+        such pid) or by an earlier run of the same SLURM job (requeued) is taken over.
+        """
+        if not is_global_zero():
+            yield
+            return
+        path = self.stage_dir(2, job) / RUNNING
+        path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        me["slurm_job"] = os.environ.get("SLURM_JOB_ID")
+        while True:
+            try:
+                with open(path, "x") as f:
+                    json.dump(me, f)
+                break
+            except FileExistsError:
+                try:
+                    other = json.loads(path.read_text())
+                except (OSError, ValueError):  # being written right now
+                    time.sleep(0.1)
+                    continue
+                if not _lock_is_stale(other, me):
+                    slurm = f", SLURM job {other['slurm_job']}" if other.get("slurm_job") else ""
+                    raise ConfigError(
+                        f"stage-2 job {job} is already training (host {other['host']}, pid "
+                        f"{other['pid']}{slurm}); wait for it to end, or delete {path} if that "
+                        "process is gone"
+                    ) from None
+                path.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
     def started_jobs(self) -> list[list[int]]:
         """The sub-nets of each stage-2 job that has saved a checkpoint, furthest first."""
         jobs = self.path / "stage2" / "jobs"
@@ -469,6 +513,21 @@ class StageWeights:
 
     backbone: dict[str, Tensor]
     head: Tensor
+
+
+def _lock_is_stale(other: dict[str, Any], me: dict[str, Any]) -> bool:
+    """A job lock whose process is gone, or an earlier run of this SLURM job."""
+    if other.get("slurm_job") and other.get("slurm_job") == me["slurm_job"]:
+        return True
+    if other.get("host") != me["host"]:
+        return False  # cannot look at another machine's processes
+    try:
+        os.kill(int(other["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def launched_processes() -> int:

@@ -320,3 +320,25 @@ def test_documented_torchrun_stage1_writes_one_run_folder(tmp_path):
     run = RunFolder(tmp_path / "runs" / "torchrun")
     assert run.has_stage_summary(1) and not run.clusters_path.exists()
     assert "stage=1 done" in proc.stdout + proc.stderr
+
+
+def test_a_job_that_is_training_is_not_trained_twice(tmp_path, monkeypatch):
+    # A second process for the same stage-2 job (a second submission, a resume while
+    # jobs still run) is refused; a lock left by a process that is gone is taken over.
+    run = RunFolder(tmp_path / "run")
+    with run.job_lock("subnets-0-2"):
+        lock = run.stage_dir(2, "subnets-0-2") / "running.json"
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(ConfigError, match=r"subnets-0-2 is already training .*pid"):
+            with run.job_lock("subnets-0-2"):
+                pass
+    assert not lock.exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": int(gone.stdout)}))
+    with run.job_lock("subnets-0-2"):  # its process has ended: taken over
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "slurm_job": "77"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    with run.job_lock("subnets-0-2"):  # the same SLURM job, requeued: taken over
+        pass
