@@ -19,6 +19,7 @@ import contextlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,19 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         raise
     _fsync_dir(target.parent)
     return target
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary file beside ``path`` that replaces it when the block succeeds
+    (``os.replace``): readers see the old file or the whole new one, never a part."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp{target.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class UnsafeFileError(ValueError):

@@ -37,7 +37,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 
 from facecluster.config import Config, ConfigError, SlurmConfig
-from facecluster.run import JOB_ENV, RUN_DIR_ENV, RunFolder, job_name
+from facecluster.run import JOB_ENV, RUN_DIR_ENV, RunFolder, job_name, launched_processes
 
 # A job is a training run of its own: it must not join the DDP world of the
 # process that launched it.
@@ -138,6 +138,36 @@ def gpu_slots(visible: list[str], parallel: int, devices: int) -> list[str | Non
 
 
 # ---------------------------------------------------------------------- local
+
+
+def check_local_jobs(cfg: Config) -> None:
+    """Before any work: stage-2 local jobs this config would start must fit this node.
+
+    Raises:
+        ConfigError: the run spans nodes (local jobs run here only), or the jobs at
+            once need more GPUs than are visible.
+    """
+    local_jobs = (
+        cfg.launcher.name == "local"
+        and cfg.two_stage
+        and cfg.stage in ("all", "2")
+        and cfg.stage2.jobs > 1
+        and cfg.stage2.group is None
+    )
+    if not local_jobs:
+        return
+    if int(cfg.trainer.get("num_nodes", 1)) > 1 or launched_processes() > 1:
+        raise ConfigError(
+            "stage2.jobs: local jobs run on this node only; a run across nodes trains "
+            "stage 2 with launcher=slurm (or stage=1 across nodes, then launcher=slurm)"
+        )
+    gpu_slots(_visible_gpus(), min(cfg.launcher.parallel, cfg.stage2.jobs), devices_per_job(cfg))
+
+
+def devices_per_job(cfg: Config) -> int:
+    """``trainer.devices`` when it is a count, else 1."""
+    devices = cfg.trainer.get("devices", 1)
+    return devices if isinstance(devices, int) and devices > 0 else 1
 
 
 def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: int = 1) -> None:

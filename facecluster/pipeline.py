@@ -36,18 +36,19 @@ from facecluster.callbacks import ClusteringCallback
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import Config, ConfigError, naming
 from facecluster.data import FaceDataModule
-from facecluster.launch import balanced_groups, run_local, stage2_overrides, submit_slurm
+from facecluster.launch import (
+    balanced_groups,
+    check_local_jobs,
+    devices_per_job,
+    run_local,
+    stage2_overrides,
+    submit_slurm,
+)
 from facecluster.loggers import build_logger, finish_logger
 from facecluster.models.backbone_module import BackboneSystem
 from facecluster.models.subnets_module import SubnetSystem
 from facecluster.results import summarise, training_table
-from facecluster.run import (
-    RUN_DIR_ENV,
-    RunFolder,
-    is_global_zero,
-    job_name,
-    launched_processes,
-)
+from facecluster.run import RUN_DIR_ENV, RunFolder, is_global_zero, job_name
 
 
 @dataclass
@@ -93,6 +94,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         backbone_params = backbone_parameters(cfg)
         dm = build_datamodule(cfg)
         check_cluster_count(cfg, dm)
+        check_local_jobs(cfg)  # local stage-2 jobs must fit this node: known now
         folder = RunFolder.for_training(cfg)
         run_id = folder.create(cfg)
         folder.check_free_space(cfg, backbone_params, dm.num_classes)
@@ -202,15 +204,8 @@ def _stage2(run: _Run, clustering: ClusteringCallback) -> SubnetSystem | None:
     folder.clear_training_report()  # the results are stale until assembled again
     if len(groups) == 1:
         return fit_stage2(run, clustering, groups[0], own_logger=False, fresh=fresh)
-    if int(cfg.trainer.get("num_nodes", 1)) > 1 or launched_processes() > 1:
-        raise ConfigError(
-            "stage2.jobs: local jobs run on this node only; a run across nodes trains "
-            "stage 2 with launcher=slurm (or stage=1 across nodes, then launcher=slurm)"
-        )
     if is_global_zero():  # the other DDP ranks of stage 1 have nothing more to do
-        devices = cfg.trainer.get("devices", 1)
-        per_job = devices if isinstance(devices, int) and devices > 0 else 1
-        run_local(folder, groups, cfg.launcher.parallel, per_job)
+        run_local(folder, groups, cfg.launcher.parallel, devices_per_job(cfg))
     return None
 
 
@@ -321,7 +316,8 @@ def _assemble(
     stage2 = assignment = None
     if clustering is not None:
         assignment = _assignment(run, clustering)
-        missing = folder.missing_subnets(assignment.num_clusters)
+        records = folder.subnet_records()
+        missing = [k for k in range(assignment.num_clusters) if k not in records]
         if missing and not required:
             rank_zero_info(
                 f"sub-nets {missing} are still to train; the results come when they are "
@@ -333,7 +329,6 @@ def _assemble(
                 f"stage=assemble: sub-nets {missing} of {folder.path} are not trained; "
                 f"train them with `python train.py resume={folder.path}`"
             )
-        records = folder.subnet_records()
         correct = sum(r["test_correct"] for r in records.values())
         images = sum(r["test_images"] for r in records.values())
         stage2 = {

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import Config, ConfigError, config_from_dict, load_config
-from facecluster.io import atomic_torch_save, load_plain
+from facecluster.io import atomic_torch_save, load_plain, replacing
 from facecluster.models.base import CHECKPOINT_KEY
 
 RUN_DIR_ENV = "FACECLUSTER_RUN_DIR"
@@ -222,9 +222,8 @@ class RunFolder:
             run_id = uuid.uuid4().hex[:12]
             self._write_json(META, {"run_id": run_id, "created": datetime.now().isoformat()})
         if is_global_zero() and not os.environ.get(JOB_ENV):  # a job never rewrites it
-            tmp = self.path / f"{CONFIG}.tmp"
-            tmp.write_text(cfg.run_settings().to_yaml())
-            os.replace(tmp, self.path / CONFIG)  # a job starting now reads a whole file
+            with replacing(self.path / CONFIG) as tmp:  # a job starting reads a whole file
+                tmp.write_text(cfg.run_settings().to_yaml())
         if not is_global_zero():  # started by torchrun/srun with rank 0, not by it
             _wait_for(meta)
         return self.run_id
@@ -316,9 +315,10 @@ class RunFolder:
 
     # ------------------------------------------------------------ small files
 
-    def _write_json(self, name: str, value: Any) -> None:
+    def _write_json(self, name: str | Path, value: Any) -> None:
         if is_global_zero():
-            (self.path / name).write_text(json.dumps(value, indent=2))
+            with replacing(self.path / name) as tmp:
+                tmp.write_text(json.dumps(value, indent=2))
 
     def save_class_names(self, names: list[str]) -> None:
         self._write_json(CLASS_NAMES, names)
@@ -379,10 +379,7 @@ class RunFolder:
         path = self.subnet_file(k)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save({"backbone": backbone, "head": head}, path)
-        record_path = self.subnet_file(k, ".json")
-        tmp = record_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, record_path)
+        self._write_json(self.subnet_file(k, ".json").relative_to(self.path), record)
 
     def subnet_records(self) -> dict[int, dict[str, Any]]:
         """The finished sub-nets' records, by cluster."""
@@ -476,7 +473,8 @@ class RunFolder:
         path = self.last_checkpoint(1)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: is stage 1 finished?")
-        state = load_plain(path, map_location, "stage-1 checkpoint")["state_dict"]
+        # memory-mapped: a stage-2 job reads the backbone, not the (large) head
+        state = load_plain(path, map_location, "stage-1 checkpoint", mmap=True)["state_dict"]
         return StageWeights(_under(state, "backbone."), state["head.weight"])
 
     def subnet_weights(self, map_location: str | torch.device = "cpu") -> list[StageWeights]:

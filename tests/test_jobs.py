@@ -17,7 +17,7 @@ import lightning as L
 import pytest
 import torch
 
-from facecluster import cli
+from facecluster import cli, launch
 from facecluster.config import ConfigError, load_config
 from facecluster.evaluation import evaluate_run
 from facecluster.launch import balanced_groups, gpu_slots
@@ -293,9 +293,10 @@ def test_each_job_logs_to_its_own_wandb_run_in_the_run_group(tmp_path):
     cfg = load_config(SMOKE, ["logger=wandb", "wandb.mode=offline"])
     main = build_logger(cfg, tmp_path / "myrun", "abc123")
     job = build_logger(cfg, tmp_path / "myrun", "abc123", "subnets-0-2")
-    assert main._wandb_init["id"] == "abc123" and main._wandb_init["group"] == "myrun"
-    assert job._wandb_init["id"] == "abc123-subnets-0-2"
-    assert job._wandb_init["group"] == "myrun" and job._wandb_init["name"] == "myrun/subnets-0-2"
+    assert main.version == "abc123" and job.version == "abc123-subnets-0-2"
+    # group and name have no public accessor before W&B starts the run
+    assert main._wandb_init["group"] == job._wandb_init["group"] == "myrun"
+    assert job._wandb_init["name"] == "myrun/subnets-0-2"
 
 
 TORCHRUN = (
@@ -342,3 +343,15 @@ def test_a_job_that_is_training_is_not_trained_twice(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     with run.job_lock("subnets-0-2"):  # the same SLURM job, requeued: taken over
         pass
+
+
+def test_local_jobs_that_cannot_fit_are_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "_visible_gpus", lambda: ["0", "1"])
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "stage2.jobs=3", "launcher.parallel=3"))
+    with pytest.raises(ConfigError, match=r"parallel=3 jobs x trainer.devices=1 need 3 GPUs"):
+        train(cfg)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="local jobs run on this node only"):
+        train(load_config(SMOKE, smoke_overrides(tmp_path, "stage2.jobs=2")))
+    assert not (tmp_path / "run").exists(), "refused before the run folder was made"

@@ -20,11 +20,8 @@ identifier's, so both answer alike (tested on a real run's test split). Needs th
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +31,7 @@ from torch import Tensor, nn
 
 from facecluster.clustering import ClusterAssignment
 from facecluster.inference.identifier import TwoStageIdentifier
+from facecluster.io import replacing
 
 ONNX_FORMAT = "facecluster.onnx_identifier"
 ONNX_VERSION = 1
@@ -98,7 +96,7 @@ def write_gallery(identifier: TwoStageIdentifier, folder: str | Path) -> list[Pa
     arrays = {key: assignment[key].numpy() for key in _ASSIGNMENT_ARRAYS}
     for k in range(identifier.num_clusters):
         arrays[f"head{k}"] = identifier.head(k).cpu().numpy()
-    with _replacing(folder / "gallery.npz") as tmp:
+    with replacing(folder / "gallery.npz") as tmp:
         np.savez(tmp, **arrays)
     written.append(folder / "gallery.npz")
     meta = {
@@ -121,21 +119,10 @@ def write_gallery(identifier: TwoStageIdentifier, folder: str | Path) -> list[Pa
             "normalise": "RGB, x / 255 * 2 - 1",
         },
     }
-    with _replacing(folder / "identifier.json") as tmp:
+    with replacing(folder / "identifier.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
     written.append(folder / "identifier.json")
     return written
-
-
-@contextlib.contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """A temporary file beside ``path`` that replaces it when the block succeeds."""
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class OnnxBackbone(nn.Module):
