@@ -1,6 +1,18 @@
-"""Clustering and routing at the scale the method is for (issue 9, in part).
+"""The margin head, clustering and routing at the scale the method is for; writes
+docs/SCALE.md (and docs/scale_heads.png) from its results.
 
-Measures, on this machine, with class means of Glint360K's size (360,232 x 512):
+Heads (``--part heads``): for C = 10K, 100K, 360K and 2M identities at d = 512, the
+memory each process holds for its head (parameters, gradients, SGD momentum, and
+the logits of a step), counted from the tensor shapes, and the time of one head
+step (forward, backward, optimizer step) measured on this CPU at 128 images per
+process: the whole head, Partial FC at r = 0.1 and 0.2, on 1 and 8 shards (a shard's
+own work with the gathered batch of 8 x 128; communication not included), and the
+sub-net heads of the clustered method at K = 8, 32, 64 (C / K identities each, one
+shard). Steps too large for this machine's memory are computed from the same
+configuration's measured time at 360K, scaled by C, and marked as such.
+
+Clustering and routing (``--part clustering routing``), with class means of
+Glint360K's size (360,232 x 512):
 
 - the clustering unit against a bare ``faiss.Kmeans`` on the same matrix: k-means
   (every class mean used) and balanced clustering, K = 64;
@@ -16,8 +28,9 @@ to its neighbourhood's centre, and queries at cosine about 0.7 to their own clas
 mean (a face against its identity's mean). Routing agreement depends on that
 structure, so it is a property of this synthetic set, not a promise for real data.
 
-    python bench/scale.py                       # writes bench/results/scale.json
-    python bench/scale.py --classes 20000 --quick
+    python bench/scale.py                       # all parts: results/scale.json, docs
+    python bench/scale.py --part heads          # one part; the others' results are kept
+    python bench/scale.py --classes 20000 --part routing --out /tmp/scale.json
 """
 
 from __future__ import annotations
@@ -25,6 +38,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,8 +50,15 @@ import torch
 
 from facecluster.clustering import cluster_identities
 from facecluster.inference.router import Router
+from facecluster.models.components import ArcFace
 
 RESULTS = Path(__file__).parent / "results" / "scale.json"
+DOC = Path(__file__).parents[1] / "docs" / "SCALE.md"
+PLOT = DOC.parent / "scale_heads.png"
+HEAD_CLASSES = (10_000, 100_000, 360_232, 2_059_906)
+PER_PROCESS_BATCH = 128  # arcface_torch's default per GPU
+LOGIT_COPIES = 4  # cosine before and after the clamp, margin logits, saved softmax
+MEASURE_LIMIT_GIB = 8.0  # larger heads are computed, not run, on this machine
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -93,8 +116,130 @@ def clustering(means: np.ndarray, k: int, niter: int) -> dict:
     return rows
 
 
+def head_bytes(rows: int, columns: int, batch: int, dim: int) -> dict[str, int]:
+    """Bytes a process holds for a head shard of ``rows`` class centres in fp32 with SGD:
+    parameters, gradients, momentum, and the step's ``batch x columns`` logits."""
+    state = rows * dim * 4
+    return {
+        "parameters": state,
+        "gradients": state,
+        "optimizer": state,
+        "logits": LOGIT_COPIES * batch * columns * 4,
+    }
+
+
+def head_step_seconds(rows: int, shards: int, sample_rate: float, dim: int, repeats: int) -> float:
+    """Median seconds of one step of one head shard: loss forward and backward over the
+    gathered batch (``shards`` x 128 embeddings, labels over all ``rows x shards``
+    identities) and an SGD step. One process does a shard's work, without the
+    communication (``world`` is set, the process group is not)."""
+    torch.manual_seed(0)
+    head = ArcFace(rows, dim, sample_rate=sample_rate)
+    head.world = shards  # a shard's own compute: labels of other shards have no column here
+    batch = PER_PROCESS_BATCH * shards
+    embeddings = torch.randn(batch, dim, requires_grad=True)
+    labels = torch.randint(0, rows * shards, (batch,))
+    optimizer = torch.optim.SGD([head.weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        head.loss(embeddings, labels).backward()
+        optimizer.step()
+
+    step()  # warm-up (first-touch of the optimizer state)
+    times = [_seconds(step)[0] for _ in range(repeats)]
+    return float(np.median(times))
+
+
+def heads(
+    dim: int, repeats: int, kmeans_k8: dict | None, classes_list: list[int], limit_gib: float
+) -> dict:
+    rows_out = []
+    configs = [("whole head", 1.0, 1), ("whole head", 1.0, 8)]
+    configs += [(f"Partial FC r={r}", r, w) for r in (0.1, 0.2) for w in (1, 8)]
+    # a sub-net's head: C / K identities, one shard
+    configs += [(f"sub-net, K={k}", 1.0, k) for k in (8, 32, 64)]
+    measured: dict[tuple[str, int], tuple[int, float]] = {}
+    for classes in classes_list:
+        for name, rate, split in configs:
+            rows = -(-classes // split)  # ceil: a shard's rows, or a sub-net's identities
+            world = 1 if name.startswith("sub-net") else split
+            # sampled: ceil(r * rows) columns, at least the shard's positives (~128)
+            columns = rows if rate >= 1 else min(rows, max(int(np.ceil(rate * rows)), 128))
+            memory = head_bytes(rows, columns, PER_PROCESS_BATCH * world, dim)
+            row = {
+                "classes": classes,
+                "head": name,
+                "shards": world,
+                "rows": rows,
+                "memory_gib": round(sum(memory.values()) / 2**30, 3),
+                "memory_parts_gib": {k: round(v / 2**30, 3) for k, v in memory.items()},
+            }
+            if sum(memory.values()) <= limit_gib * 2**30 or (name, world) not in measured:
+                seconds = head_step_seconds(rows, world, rate, dim, repeats)
+                row |= {"step_ms": round(1000 * seconds, 1), "step": "measured"}
+                measured[(name, world)] = (classes, seconds)
+            else:
+                base_classes, base = measured[(name, world)]
+                row |= {
+                    "step_ms": round(1000 * base * classes / base_classes, 1),
+                    "step": f"computed from {base_classes:,} x {classes / base_classes:.2f}",
+                }
+            print(row)
+            rows_out.append(row)
+    result: dict = {"batch_per_process": PER_PROCESS_BATCH, "rows": rows_out}
+    if kmeans_k8 is not None:
+        result["kmeans_k8_at_360k"] = kmeans_k8
+    return result
+
+
+def sample_rate_on_lfw(rates: list[float], out_dir: Path) -> dict:
+    """The single model (stage 1 alone) on LFW-423 with 2 gloo processes, the head
+    sharded, at each sample rate: held-out top-1 of the final epoch."""
+    root = Path(__file__).parents[1]
+    rows = {}
+    for rate in rates:
+        name = f"r{rate}"
+        command = [
+            sys.executable, "train.py", "-c", "configs/experiment/lfw423.yaml",
+            "-c", "configs/method/single.yaml", "logger=csv", "eval.after_training=false",
+            "trainer.devices=2", "trainer.strategy=ddp", f"head.sample_rate={rate}",
+            f"output_dir={out_dir}", f"run_name={name}",
+        ]  # fmt: skip
+        seconds, _ = _seconds(lambda c=command: subprocess.run(c, cwd=root, check=True))
+        summary = json.loads((out_dir / name / "stage1.json").read_text())
+        rows[str(rate)] = {
+            "test_acc": round(float(summary["test_acc"]), 4),
+            "minutes": round(seconds / 60, 1),
+            "command": " ".join(command[1:]),
+        }
+        print(rate, rows[str(rate)])
+    return rows
+
+
+def largest_cluster(means: np.ndarray, k: int, niter: int) -> dict:
+    """k-means cluster sizes of the synthetic class means: the largest sub-net's head."""
+    a = cluster_identities(torch.from_numpy(means), k, "kmeans", seed=0, niter=niter)
+    sizes = a.cluster_sizes()
+    n = len(means)
+    return {
+        "k": k,
+        "classes": n,
+        "largest": int(sizes.max()),
+        "smallest": int(sizes.min()),
+        "largest_share": round(int(sizes.max()) / n, 4),
+    }
+
+
 def routing(
-    means: np.ndarray, k: int, niter: int, queries: int, batch: int, nprobes, ivf_nprobes
+    means: np.ndarray,
+    k: int,
+    niter: int,
+    queries: int,
+    batch: int,
+    nprobes: list[int],
+    ivf_nprobes: list[int],
+    hnsw_efs: list[int],
 ) -> dict:
     a = cluster_identities(torch.from_numpy(means), k, "kmeans", seed=0, niter=niter)
     q = torch.from_numpy(queries_near(means, queries, seed=0))
@@ -112,7 +257,7 @@ def routing(
     print(f"flat: {exact_ms:.2f} ms/query")
     settings = [("clusters", "ivf_nprobe", p) for p in nprobes if p <= k]
     settings += [("ivf", "ivf_nprobe", p) for p in ivf_nprobes]
-    settings += [("hnsw", "hnsw_m", 32)]
+    settings += [("hnsw", "hnsw_ef_search", ef) for ef in hnsw_efs]
     built: dict[str, tuple[Router, float]] = {}
     for kind, key, value in settings:
         if kind not in built:  # one index per kind; nprobe is a search-time setting
@@ -122,6 +267,8 @@ def routing(
         router, seconds = built[kind]
         if key == "ivf_nprobe":
             router.index.nprobe = value
+        elif key == "hnsw_ef_search":
+            router.index.hnsw.efSearch = value
         ms, routed = per_query_ms(router)
         agree = float((routed == exact).float().mean())
         name = f"{kind}, {key}={value}"
@@ -131,8 +278,287 @@ def routing(
     return rows
 
 
+def plot_heads(heads_result: dict, path: Path) -> None:
+    """Memory and step time per process against C, one line per head configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    lines: dict[str, list[dict]] = {}
+    for row in heads_result["rows"]:
+        lines.setdefault(f"{row['head']}, {row['shards']} shard(s)", []).append(row)
+    for label, rows in lines.items():
+        c = [r["classes"] for r in rows]
+        style = "--" if "sub-net" in label else "-"
+        axes[0].plot(c, [r["memory_gib"] for r in rows], style, marker="o", label=label)
+        axes[1].plot(c, [r["step_ms"] for r in rows], style, marker="o", label=label)
+    titles = ("head memory per process (GiB)", "head step per process (ms)")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("identities C")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _heads_section(h: dict) -> str:
+    rows = h["rows"]
+    table = _table(
+        ["C", "head", "shards", "rows / process", "memory / process (GiB)", "step (ms)", ""],
+        [
+            [
+                f"{r['classes']:,}", r["head"], str(r["shards"]), f"{r['rows']:,}",
+                f"{r['memory_gib']:.2f}", f"{r['step_ms']:,.1f}",
+                "" if r["step"] == "measured" else r["step"],
+            ]
+            for r in rows
+        ],
+    )  # fmt: skip
+
+    def find(classes: int, head: str, shards: int) -> dict:
+        key = (classes, head, shards)
+        return next(r for r in rows if (r["classes"], r["head"], r["shards"]) == key)
+
+    big = max(r["classes"] for r in rows)
+    whole, pfc = find(big, "whole head", 1), find(big, "Partial FC r=0.1", 8)
+    whole8 = find(big, "whole head", 8)
+    text = f"""### Memory and step time per process
+
+{table}
+
+![head memory and step time against C](scale_heads.png)
+
+- **Memory** is counted from the tensor shapes (fp32, SGD): the process's rows x
+  {h.get("dim", 512)} for the parameters, their gradients and their momentum, plus
+  {LOGIT_COPIES} copies of the step's logits ({h["batch_per_process"]} images per
+  process, gathered over the shards; sampled heads use ceil(r x rows) columns, at
+  least 128 for the positives). Activations of the backbone are not included.
+- **Step time** is one head step on this machine's CPU: loss forward and backward and
+  the SGD update of the process's rows. With 8 shards it is one shard's work on the
+  gathered batch of {8 * h["batch_per_process"]}; the all-gather and the three
+  all-reduces of a step (each [gathered batch] floats, or [batch, 512] for the
+  embeddings) are not included. Rows marked "computed" did not fit this machine and are
+  the same configuration's time at the largest measured C, scaled by C.
+- At {big:,} identities the whole head on one process needs {whole["memory_gib"]:.1f}
+  GiB; split over 8 processes {whole8["memory_gib"]:.1f} GiB each, and with Partial FC
+  r = 0.1 {pfc["memory_gib"]:.1f} GiB each. Step time falls with the columns computed:
+  {whole["step_ms"]:,.0f} ms for the whole head on one process, {pfc["step_ms"]:,.0f} ms
+  per shard at r = 0.1 on 8 (the SGD update still touches every row of the shard, as in
+  arcface_torch's partial_fc_v2).
+"""
+    k8 = h.get("kmeans_k8_at_360k")
+    if k8:
+        ratio = k8["largest_share"]
+        verdict = "meets" if ratio <= 1 / 6 else "misses"
+        text += f"""
+### A sub-net's head at {k8['classes']:,} identities, K = 8
+
+k-means on the synthetic class means (below) at K = 8 gives clusters of
+{k8["smallest"]:,} to {k8["largest"]:,} identities. The largest sub-net's head state
+(parameters, gradients, momentum) is {ratio:.3f} of the single model's
+({k8["largest"]:,} / {k8["classes"]:,} rows), which {verdict} the goal of at most
+1/6 = 0.167. `clustering.method=balanced` makes every cluster C / K = 1/8 exactly.
+"""
+    return text
+
+
+def _lfw_section(lfw: dict) -> str:
+    rows = [
+        [f"{float(rate):g}", f"{100 * r['test_acc']:.2f}%", f"{r['minutes']:.1f}"]
+        for rate, r in lfw.items()
+    ]
+    accs = {float(rate): r["test_acc"] for rate, r in lfw.items()}
+    gap = 100 * (accs.get(1.0, 0) - min(accs.values()))
+    command = next(iter(lfw.values()))["command"].replace(
+        f"head.sample_rate={next(iter(lfw))}", "head.sample_rate=R"
+    )
+    command = " ".join(p for p in command.split() if not p.startswith("output_dir="))
+    return f"""### Sampling on real faces: LFW-423, 2 gloo processes
+
+The single model (stage 1 alone) on the 423 LFW identities with at least 5 images,
+trained by 2 gloo processes with the head sharded, at each sample rate (held-out
+test top-1, final epoch):
+
+{_table(["head.sample_rate", "test top-1", "minutes"], rows)}
+
+The largest gap to r = 1 is {gap:.2f} points (goal: within 2). Command, for each R:
+
+```bash
+python {command}
+```
+"""
+
+
+def _clustering_section(c: dict, classes: int, k: int) -> str:
+    rows = []
+    for name, r in c.items():
+        sizes = f"{r['sizes_min']:,} to {r['sizes_max']:,}" if "sizes_min" in r else ""
+        rows.append([name, f"{r['seconds']:.1f}", f"{r['vs_bare']:.2f}", sizes])
+    km, bal = c["facecluster kmeans"]["vs_bare"], c["facecluster balanced"]["vs_bare"]
+    return f"""## Clustering, K = {k}
+
+{_table(["", "seconds", "/ bare faiss", "cluster sizes"], rows)}
+
+- **k-means uses every class mean.** faiss trains on a sample of 256 points per
+  centroid unless told otherwise: at K = {k} that is {min(classes, 256 * k):,} of the
+  {classes:,} class means.
+  facecluster sets `max_points_per_centroid` to C / K, so every identity is used
+  (`tests/test_clustering.py` checks the partition against faiss's on all points).
+  Time: {km:.2f}x the bare call ({"meets" if km <= 1.2 else "misses"} the goal of 1.2x);
+  the rest is normalising and the nearest-centroid assignment.
+- **Balanced clustering** (`clustering.method=balanced`): {bal:.2f}x the bare call
+  ({"meets" if bal <= 2.5 else "misses"} the goal of 2.5x). After k-means it runs up
+  to 10 rounds of a vectorised deferred-acceptance assignment over the C x K
+  similarities; cluster sizes differ by at most one.
+"""
+
+
+def _routing_section(r: dict, batch: int) -> str:
+    rows = []
+    for name, v in r.items():
+        kind, _, setting = name.partition(", ")
+        build = f"{v['build_s']:.1f} s" if "build_s" in v else ""
+        rows.append(
+            [f"`{kind.split()[0]}`", setting, f"{v['ms_per_query']:.2f}",
+             f"{100 * v['agreement']:.2f}%", build]
+        )  # fmt: skip
+    good = [
+        (v["ms_per_query"], name)
+        for name, v in r.items()
+        if v["ms_per_query"] <= 2.0 and v["agreement"] >= 0.995 and "exact" not in name
+    ]
+    if good:
+        ms, name = min(good)
+        verdict = f"**Met** by `{name}`: {ms:.2f} ms per query."
+    else:
+        best = max(
+            (v["agreement"], name) for name, v in r.items()
+            if v["ms_per_query"] <= 2.0 and "exact" not in name
+        )  # fmt: skip
+        verdict = (
+            f"**No index met it on this set.** The best agreement within 2 ms is "
+            f"{100 * best[0]:.2f}% (`{best[1]}`)."
+        )
+    return f"""## Routing, top_m = 1, batch {batch}
+
+Each row: the time per query over 1,024 queries, and the share routed to the cluster
+exact search picks (the cluster of the nearest class mean).
+
+{_table(["`route.index`", "setting", "ms / query", "agreement with exact", "build"], rows)}
+
+The goal is at most 2 ms per query with at least 99.5% agreement. {verdict}
+
+- `clusters` uses the clustering's own clusters as inverted lists: built in about a
+  second, no training, but 64 lists are too coarse; a face's identity often sits in a
+  cluster whose centroid is not among the face's nearest.
+- `ivf` is faiss's IVF with its own k-means lists (about 4 sqrt(C)); training them is
+  most of its build time.
+- `hnsw` is faiss's graph index; `route.hnsw_ef_search` trades time for agreement.
+
+Exact search stays the default; `route.index` picks another (docs/EVALUATION.md).
+"""
+
+
+def render(result: dict) -> str:
+    """docs/SCALE.md from the results."""
+    walls = ", ".join(f"{p} {s / 60:.1f} min" for p, s in result.get("wall_s", {}).items())
+    parts = [
+        f"""# Scale: 360K to 2M identities
+
+<!-- Written by bench/scale.py from bench/results/scale.json: edit the script. -->
+
+facecluster is for 93K (MS1MV3) to 360K (Glint360K) and 2M (WebFace42M) identities.
+Three things grow with the identity count C: the margin head (at 2M x 512 the
+largest tensor of the model), the clustering of the C class means, and routing over
+them. This page shows what facecluster does about each and what it costs, measured on
+this machine ({result["machine"]}) where it fits and computed from measured costs where
+it does not (marked).
+
+```bash
+python bench/scale.py      # every part; one part: --part heads|lfw|clustering|routing
+```
+
+Wall time of the last runs: {walls}. Exact commands: `commands` in
+`bench/results/scale.json`. `tests/test_performance.py` runs the script at toy size.
+
+## The margin head: sharded and sampled (Partial FC)
+
+- **Sharding is automatic under DDP.** With more than one process (`trainer.devices`,
+  `trainer.num_nodes`), every margin head (stage 1, each sub-net's, the single model's)
+  is split into one contiguous block of class centres per process, with its optimizer
+  state. DDP leaves the head alone (`_ddp_params_and_buffers_to_ignore`). Each step
+  all-gathers the embeddings and labels (any batch size, so an epoch's last batch is
+  fine) and normalises the softmax across processes.
+- **`head.sample_rate=r`** (default 1) makes each process use only its rows of the
+  gathered batch's identities plus a uniform sample of its other rows, ceil(r x rows)
+  in all (An et al., CVPR 2022; arcface_torch's partial_fc_v2). It works in one process
+  too.
+- **Gradients are exact.** The embeddings' gradient is summed over processes and
+  multiplied by the world size, because DDP averages the backbone's gradient while the
+  loss is the mean over the whole gathered batch (the docstring of
+  `facecluster/models/components/partial_fc.py` works it out).
+  `tests/test_partial_fc.py` checks, on 2 gloo processes with unequal batches, that the
+  loss, the backbone gradient and each shard's gradient equal one process's with the
+  whole head (within 1e-5), for ArcFace and CosFace, and that sampling keeps every
+  positive and uses exactly max(positives, ceil(r x rows)) rows. The margin is applied
+  in fp32 with autocast off.
+- **Clipping** by norm counts every shard: the shards' squared norms are summed over
+  processes, so all processes scale their gradients by the same factor.
+- **Checkpoints hold the whole head** and its whole optimizer state, gathered on save
+  and split on load. A run trained on N processes resumes, evaluates and exports on M.
+  `tests/test_ddp.py` trains on 2 processes, resumes on 1, then on 2 again, each fit
+  starting from exactly the saved weights and momentum, and evaluates in one process.
+- **Limits.** Each process builds the whole head once at start (from the run's seed, so
+  every device count starts from the same head) and then keeps its rows: at 2M x 512
+  that is 4.2 GB of host memory for a moment per process. Rows outside a step's sample
+  get a zero gradient but still a momentum and weight-decay update, as in
+  arcface_torch's partial_fc_v2. Only the `ddp` strategies are supported.
+"""
+    ]
+    if "heads" in result:
+        parts.append(_heads_section(result["heads"] | {"dim": result["dim"]}))
+    if "lfw" in result:
+        parts.append(_lfw_section(result["lfw"]))
+    parts.append(
+        """## Synthetic class means for clustering and routing
+
+No face model of this size can be trained here, so clustering and routing use
+synthetic class means: """
+        + f"{result['classes']:,} x {result['dim']} unit vectors in {result['synthetic']}. "
+        + "Clustering times hardly depend on that structure. Routing agreement depends on "
+        "it entirely, so those figures describe this set, not real faces.\n"
+    )
+    if "clustering" in result:
+        parts.append(
+            _clustering_section(result["clustering"], result["classes"], result["clusters"])
+        )
+    if "routing" in result:
+        parts.append(_routing_section(result["routing"], 256))
+    return "\n".join(parts).rstrip() + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--part",
+        nargs="+",
+        choices=("heads", "clustering", "routing", "lfw"),
+        default=["heads", "clustering", "routing", "lfw"],
+    )
+    parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.5])
     parser.add_argument("--classes", type=int, default=360_232)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--clusters", type=int, default=64)
@@ -142,31 +568,66 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--ivf-nprobe", type=int, nargs="+", default=[16, 64, 256])
-    parser.add_argument("--quick", action="store_true", help="routing only (no clustering timing)")
+    parser.add_argument("--hnsw-ef", type=int, nargs="+", default=[16, 64, 128, 256])
+    parser.add_argument("--repeats", type=int, default=3, help="timed head steps")
+    parser.add_argument("--head-classes", type=int, nargs="+", default=list(HEAD_CLASSES))
+    parser.add_argument(
+        "--measure-limit-gib", type=float, default=MEASURE_LIMIT_GIB,
+        help="heads needing more memory are computed from the largest one measured",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--doc", type=Path, default=DOC, help="where SCALE.md goes")
     args = parser.parse_args()
     threads = torch.get_num_threads()
-    means = synthetic_means(args.classes, args.dim, args.topics, seed=0)
-    result = {
-        "command": "python bench/scale.py " + " ".join(
-            f"--{k} {v}" for k, v in vars(args).items()
-            if k not in ("out", "quick", "nprobe", "ivf_nprobe")
-        ),
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result |= {
         "machine": f"{platform.processor() or platform.machine()}, {threads} threads",
         "classes": args.classes,
         "dim": args.dim,
         "clusters": args.clusters,
         "synthetic": f"{args.topics} topics, class means at cos ~0.5 to their topic, "
         "queries at cos ~0.7 to their class mean",
-    }  # fmt: skip
-    if not args.quick:
-        result["clustering"] = clustering(means, args.clusters, args.niter)
-    result["routing"] = routing(
-        means, args.clusters, args.niter, args.queries, args.batch, args.nprobe, args.ivf_nprobe
+    }
+    options = {k: v for k, v in vars(args).items() if k not in ("out", "doc", "part")}
+    flags = " ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in options.items()
     )
+    means = synthetic_means(args.classes, args.dim, args.topics, seed=0)
+    commands = result.setdefault("commands", {})
+    for part in args.part:
+        commands[part] = f"python bench/scale.py --part {part} {flags}"
+        start = time.perf_counter()
+        if part == "heads":
+            k8 = largest_cluster(means, 8, args.niter)
+            result["heads"] = heads(
+                args.dim, args.repeats, k8, args.head_classes, args.measure_limit_gib
+            )
+        elif part == "lfw":
+            with tempfile.TemporaryDirectory() as tmp:
+                result["lfw"] = sample_rate_on_lfw(args.rates, Path(tmp))
+        elif part == "clustering":
+            result["clustering"] = clustering(means, args.clusters, args.niter)
+        else:
+            result["routing"] = routing(
+                means,
+                args.clusters,
+                args.niter,
+                args.queries,
+                args.batch,
+                args.nprobe,
+                args.ivf_nprobe,
+                args.hnsw_ef,
+            )
+        result.setdefault("wall_s", {})[part] = round(time.perf_counter() - start, 1)
+    result.pop("command", None)  # the single command of earlier versions
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"written to {args.out}")
+    if "heads" in result:
+        plot_heads(result["heads"], args.doc.parent / PLOT.name)
+    args.doc.write_text(render(result))
+    print(f"written to {args.doc}")
 
 
 if __name__ == "__main__":

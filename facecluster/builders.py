@@ -74,7 +74,12 @@ def module_args(cfg: Config, stage: int) -> dict[str, Any]:
     config = cfg.run_settings().to_dict()
     return {
         "backbone": cfg.model.backbone_args(cfg.data.image_size),
-        "head": {"name": cfg.head.name, "s": cfg.head.s, "m": cfg.head.m},
+        "head": {
+            "name": cfg.head.name,
+            "s": cfg.head.s,
+            "m": cfg.head.m,
+            "sample_rate": cfg.head.sample_rate,
+        },
         "optim": config[f"stage{stage}"]["optim"],
         "config": config,
     }

@@ -214,11 +214,15 @@ class HeadConfig:
     """Margin (None: the head's default, 0.5 for ArcFace, 0.35 for CosFace)."""
     init_from_class_means: bool = True
     """Stage 2: start each sub-net's head rows from its identities' class means."""
+    sample_rate: float = 1.0
+    """Partial FC: share of class centres per step, every positive kept (1: all)."""
 
     def problems(self) -> list[str]:
         r = _Rules("head.")
         r.choice("name", self.name, ("arcface", "cosface"))
         r.positive("s", self.s)
+        if not 0.0 < self.sample_rate <= 1.0:
+            r.add(f"head.sample_rate must be in (0, 1], got {self.sample_rate}")
         if self.m is not None:
             r.within("m", self.m, 0.0, math.pi / 2, closed=False)
         return r.problems
@@ -383,6 +387,8 @@ class RouteConfig:
     """IVF lists (clusters, for index=clusters) searched per query."""
     hnsw_m: int = 32
     """HNSW graph degree."""
+    hnsw_ef_search: int = 256
+    """HNSW candidates kept per search (more: slower, closer to exact; docs/SCALE.md)."""
     neighbours: int = 64
     """Class means retrieved per query to rank the clusters (at least top_m * 8 are used)."""
 
@@ -391,7 +397,7 @@ class RouteConfig:
         r.choice("index", self.index, ("flat", "clusters", "ivf", "hnsw"))
         r.positive("top_m", self.top_m)
         r.within("alpha", self.alpha, 0.0, 1.0)
-        for name in ("ivf_nlist", "ivf_nprobe", "hnsw_m", "neighbours"):
+        for name in ("ivf_nlist", "ivf_nprobe", "hnsw_m", "hnsw_ef_search", "neighbours"):
             r.positive(name, getattr(self, name))
         return r.problems
 

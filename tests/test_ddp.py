@@ -4,15 +4,20 @@ single-process pass."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
+import lightning as L
 import pytest
 import torch
 
 from facecluster.builders import build_datamodule
 from facecluster.clustering import accumulate_class_sums, finalize_class_means
 from facecluster.config import load_config
+from facecluster.evaluation import evaluate_run
+from facecluster.pipeline import train
+from facecluster.run import RunFolder
 from facecluster.data.transforms import normalize_images
 from facecluster.models.components import load_backbone
 from tests.conftest import ROOT, SMOKE, smoke_overrides
@@ -48,12 +53,26 @@ def test_ddp_two_cpu_processes(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)
 
-    # Every sub-net's (and the stage-1 backbone's) parameters are identical on both ranks.
+    # Every sub-net's (and the stage-1 backbone's) parameters are identical on both ranks;
+    # the margin heads are sharded (Partial FC): each rank holds its rows, and together
+    # they are the head saved in the run folder.
     for part in ("subnets", "backbone"):
         params = [k for k in ranks[0][part] if "running_" not in k and "num_batches" not in k]
         assert params
         for key in params:
+            if "head" in key:
+                continue
             assert torch.equal(ranks[0][part][key], ranks[1][part][key]), f"{part}.{key} differs"
+    run_dir = tmp_path / "run"
+    for k in range(3):
+        shards = [r["subnets"][f"heads.{k}.weight"] for r in ranks]
+        saved = torch.load(run_dir / "stage2" / "subnets" / f"subnet{k}.pt")["head"]
+        assert [len(s) for s in shards] == [len(saved) - len(saved) // 2, len(saved) // 2]
+        assert torch.equal(torch.cat(shards), saved)
+    stage1 = torch.load(run_dir / "stage1" / "checkpoints" / "last.ckpt", weights_only=False)
+    whole = stage1["state_dict"]["head.weight"]
+    assert len(whole) == 12 and len(ranks[0]["backbone"]["head.weight"]) == 6
+    assert torch.equal(torch.cat([r["backbone"]["head.weight"] for r in ranks]), whole)
 
     # The class means (sums and counts all-reduced over ranks) equal one process's pass.
     cfg = load_config(SMOKE, overrides)
@@ -101,3 +120,82 @@ def test_documented_multi_device_command_runs_train_py_to_its_last_line(tmp_path
     run_dir = next((tmp_path / "runs").iterdir())
     assert out.rstrip().splitlines()[-1] == f"facecluster run folder: {run_dir}"
     assert (run_dir / "eval" / "results.md").is_file()
+
+
+def _ddp_train(out, *overrides, **env_extra):
+    env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
+    env.update(PYTHONPATH=str(ROOT), **env_extra)
+    script = ROOT / "tests" / "scripts" / "ddp_train.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out), *overrides, "trainer.devices=2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+class SaveAtStart(L.Callback):
+    """Stage 1 saves a checkpoint as its fit starts, after any resume."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        if pl_module.stage == 1:
+            trainer.save_checkpoint(self.path)
+
+
+def _assert_same_training_state(expected_path, got_path):
+    expected = torch.load(expected_path, weights_only=False)
+    got = torch.load(got_path, weights_only=False)
+    # saved at the end of an epoch, resumed at the start of the next
+    assert (got["epoch"], got["global_step"]) == (expected["epoch"] + 1, expected["global_step"])
+    assert got["state_dict"].keys() == expected["state_dict"].keys()
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(got["state_dict"][key], value), key
+    states = [o["state"] for o in (expected["optimizer_states"][0], got["optimizer_states"][0])]
+    assert states[0].keys() == states[1].keys()
+    for index, state in states[0].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(states[1][index][name]), torch.as_tensor(value))
+
+
+def test_a_run_resumes_and_evaluates_on_another_device_count(tmp_path):
+    # Partial FC's shards (r = 0.5) on 2 processes -> 1 process -> 2 processes: each fit
+    # starts from exactly the weights and optimizer state the last one saved (the head
+    # and its momentum are saved whole and split again on load), then one process
+    # evaluates the run that 2 processes finished.
+    run_dir = tmp_path / "run"
+    last = run_dir / "stage1" / "checkpoints" / "last.ckpt"
+    common = ["logger=none", "trainer.accelerator=cpu", "trainer.strategy=ddp"]
+    _ddp_train(
+        tmp_path,
+        *smoke_overrides(tmp_path, *common, "head.sample_rate=0.5"),
+        "stage=1",
+        "trainer.max_epochs=1",
+    )
+    saved_by_two = shutil.copy(last, tmp_path / "two.ckpt")
+    assert len(torch.load(last, weights_only=False)["state_dict"]["head.weight"]) == 12
+    (run_dir / "stage1.json").unlink()  # as if stopped before stage 1's test
+
+    one_process = ["trainer.devices=1", "trainer.strategy=auto", "trainer.max_epochs=2"]
+    cfg = RunFolder.config_for_resume(str(run_dir), ["stage=1", *one_process])
+    train(cfg, callbacks=[SaveAtStart(tmp_path / "start_on_one.ckpt")])
+    _assert_same_training_state(saved_by_two, tmp_path / "start_on_one.ckpt")
+    saved_by_one = shutil.copy(last, tmp_path / "one.ckpt")
+    (run_dir / "stage1.json").unlink()
+
+    _ddp_train(
+        tmp_path,
+        f"resume={run_dir}",
+        *common,
+        "trainer.max_epochs=3",
+        SAVE_AT_START=str(tmp_path / "start_on_two.ckpt"),
+    )
+    _assert_same_training_state(saved_by_one, tmp_path / "start_on_two.ckpt")
+    assert RunFolder(run_dir).stage_summary(1)["epochs"] == 3
+    report = evaluate_run(run_dir, ["eval.plots=false", "eval.timing_batches=1"])
+    assert report is not None

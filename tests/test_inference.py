@@ -32,6 +32,7 @@ ROUTE = {
     "ivf_nlist": None,
     "ivf_nprobe": 16,
     "hnsw_m": 32,
+    "hnsw_ef_search": 256,
 }
 BACKBONE = {"name": "tiny", "embedding_dim": 8, "image_size": 8}
 

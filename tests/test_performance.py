@@ -140,14 +140,17 @@ def test_eval_device_is_checked_before_training():
         load_config(base, ["eval.device=gpu"])
 
 
-def test_scale_benchmark_runs_small_and_probing_every_cluster_is_exact(tmp_path):
-    # bench/scale.py (docs/SCALE.md) at toy size: the clustering timings, and routing
-    # through the cluster lists equals exact search once every cluster is probed.
-    out = tmp_path / "scale.json"
+def test_scale_benchmark_runs_small_and_writes_its_page(tmp_path):
+    # bench/scale.py (docs/SCALE.md) at toy size: head memory and step time (the larger
+    # head computed from the smaller), the clustering timings, routing through the
+    # cluster lists equal to exact search once every cluster is probed, and the page.
+    out, doc = tmp_path / "scale.json", tmp_path / "SCALE.md"
     command = [
-        sys.executable, "bench/scale.py", "--classes", "3000", "--dim", "32", "--clusters",
-        "8", "--topics", "64", "--queries", "256", "--nprobe", "1", "8", "--ivf-nprobe", "4",
-        "--out", str(out),
+        sys.executable, "bench/scale.py", "--part", "heads", "clustering", "routing",
+        "--classes", "3000", "--dim", "32", "--clusters", "8", "--topics", "64",
+        "--queries", "256", "--nprobe", "1", "8", "--ivf-nprobe", "4", "--hnsw-ef", "16", "64",
+        "--head-classes", "800", "4000", "--repeats", "1", "--measure-limit-gib", "0.001",
+        "--out", str(out), "--doc", str(doc),
     ]  # fmt: skip
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
@@ -158,4 +161,16 @@ def test_scale_benchmark_runs_small_and_probing_every_cluster_is_exact(tmp_path)
     routing = result["routing"]
     assert routing["clusters, ivf_nprobe=8"]["agreement"] == 1.0
     assert 0.0 < routing["clusters, ivf_nprobe=1"]["agreement"] <= 1.0
-    assert {"ivf, ivf_nprobe=4", "hnsw, hnsw_m=32", "flat (exact)"} <= routing.keys()
+    assert {"ivf, ivf_nprobe=4", "hnsw, hnsw_ef_search=64", "flat (exact)"} <= routing.keys()
+    heads = {(r["classes"], r["head"], r["shards"]): r for r in result["heads"]["rows"]}
+    assert len(heads) == 2 * 9
+    small, large = heads[(800, "whole head", 1)], heads[(4000, "whole head", 1)]
+    assert small["step"] == "measured" and large["step"].startswith("computed")
+    assert large["memory_parts_gib"]["parameters"] == round(4000 * 32 * 4 / 2**30, 3)
+    sampled = heads[(4000, "Partial FC r=0.1", 8)]
+    assert sampled["rows"] == 500 and sampled["memory_gib"] < heads[(4000, "whole head", 8)][
+        "memory_gib"
+    ]
+    page = doc.read_text()
+    assert "| 4,000 | Partial FC r=0.2 | 8 |" in page and "## Routing" in page
+    assert (tmp_path / "scale_heads.png").is_file()

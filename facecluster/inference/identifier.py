@@ -129,6 +129,7 @@ class TwoStageIdentifier(nn.Module):
             ivf_nlist=route["ivf_nlist"],
             ivf_nprobe=route["ivf_nprobe"],
             hnsw_m=route["hnsw_m"],
+            hnsw_ef_search=route.get("hnsw_ef_search", 256),  # not in older exports
         )
 
     @property

@@ -67,6 +67,7 @@ def build_index(
     ivf_nprobe: int = 16,
     hnsw_m: int = 32,
     use_gpu: bool | None = None,
+    hnsw_ef_search: int = 256,
 ) -> faiss.Index:
     """An inner-product faiss index over L2-normalised ``vectors`` [N, d] (``clusters``:
     see :func:`cluster_lists_index`, built by the Router, which holds the clusters)."""
@@ -81,6 +82,7 @@ def build_index(
         index.nprobe = min(ivf_nprobe, nlist)
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = hnsw_ef_search  # candidates kept while searching
     else:
         raise ValueError(f"index={kind!r} is not one of flat, ivf, hnsw")
     index.add(data)
@@ -101,7 +103,7 @@ class Router:
             retrieved neighbour belongs to, after all retrieved ones).
         index: flat, clusters, ivf or hnsw.
         neighbours: class means retrieved per query (at least ``top_m * 8``).
-        ivf_nlist, ivf_nprobe, hnsw_m: index settings.
+        ivf_nlist, ivf_nprobe, hnsw_m, hnsw_ef_search: index settings.
         use_gpu: None: faiss GPU when available.
     """
 
@@ -116,6 +118,7 @@ class Router:
         ivf_nprobe: int = 16,
         hnsw_m: int = 32,
         use_gpu: bool | None = None,
+        hnsw_ef_search: int = 256,
     ) -> None:
         self.class_to_cluster = class_to_cluster.cpu().long()
         self.centroids = centroids.detach().float().cpu()
@@ -131,7 +134,9 @@ class Router:
             if use_gpu:
                 self.index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self.index)
         else:
-            self.index = build_index(class_means, index, ivf_nlist, ivf_nprobe, hnsw_m, use_gpu)
+            self.index = build_index(
+                class_means, index, ivf_nlist, ivf_nprobe, hnsw_m, use_gpu, hnsw_ef_search
+            )
 
     def cluster_scores(self, queries: Tensor, top_m: int = 1) -> Tensor:
         """[B, K] per-cluster routing scores: the best retrieved class-mean similarity.

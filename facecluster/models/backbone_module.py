@@ -10,12 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from facecluster.models.base import StageSystem
-from facecluster.models.components import create_backbone, create_head
+from facecluster.models.components import MarginHead, create_backbone, create_head
 
 
 class BackboneSystem(StageSystem):
@@ -24,7 +23,7 @@ class BackboneSystem(StageSystem):
     Args:
         num_classes: number of identities C.
         backbone: keyword arguments of ``create_backbone`` (name, embedding_dim, ...).
-        head: the ``head`` config section as a dict (name, s, m).
+        head: the ``head`` config section as a dict (name, s, m, sample_rate).
         optim: the ``stage1.optim`` config section as a dict.
         config: the whole resolved run config, stored in every checkpoint.
     """
@@ -43,7 +42,12 @@ class BackboneSystem(StageSystem):
         self.save_hyperparameters()
         self.backbone = create_backbone(**backbone)
         self.head = create_head(
-            head["name"], num_classes, backbone["embedding_dim"], s=head["s"], m=head["m"]
+            head["name"],
+            num_classes,
+            backbone["embedding_dim"],
+            s=head["s"],
+            m=head["m"],
+            sample_rate=head.get("sample_rate", 1.0),
         )
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -54,8 +58,7 @@ class BackboneSystem(StageSystem):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         images, labels = batch
-        logits = self.head(self.backbone(images), labels)
-        loss = F.cross_entropy(logits, labels)
+        loss = self.head.loss(self.backbone(images), labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         return {"loss": loss}
 
@@ -64,7 +67,7 @@ class BackboneSystem(StageSystem):
     ) -> None:
         images, labels = batch
         # Closed-set identification: the identity whose head row is nearest (no margin).
-        predictions = self.head.cosine(self.backbone(images)).argmax(dim=1)
+        predictions = self.head.predict(self.backbone(images))
         metric(predictions, labels)
         self.log(key, metric, prog_bar=True, batch_size=len(labels))
 
@@ -76,6 +79,9 @@ class BackboneSystem(StageSystem):
 
     def backbones(self) -> list[torch.nn.Module]:
         return [self.backbone]
+
+    def margin_heads(self) -> dict[str, MarginHead]:
+        return {"head": self.head}
 
     def trained_modules(self) -> list[torch.nn.Module]:
         return [self.backbone, self.head]

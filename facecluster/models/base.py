@@ -1,4 +1,5 @@
-"""What both stages' LightningModules share: optimizer, schedule, checkpoint metadata."""
+"""What both stages' LightningModules share: optimizer, schedule, checkpoint metadata,
+and the margin heads' sharding across DDP processes (Partial FC)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
+from facecluster.models.components import MarginHead
+from facecluster.models.components.partial_fc import distributed_world, gather_to_first
 from facecluster.models.optim import build_optimizer, build_scheduler, param_groups
 
 CHECKPOINT_KEY = "facecluster"
@@ -18,8 +22,14 @@ CHECKPOINT_KEY = "facecluster"
 class StageSystem(L.LightningModule):
     """Base of BackboneSystem (stage 1) and SubnetSystem (stage 2).
 
-    Subclasses set ``stage``, save ``optim`` and ``config`` hyper-parameters and
-    list the modules they train in ``trained_modules``.
+    Subclasses set ``stage``, save ``optim`` and ``config`` hyper-parameters, list the
+    modules they train in ``trained_modules`` and their margin heads in ``margin_heads``.
+
+    Under DDP (more than one process) every margin head is sharded: each process keeps
+    its rows and their optimizer state, DDP leaves them alone, and the heads'
+    ``loss``/``predict`` communicate (partial_fc.py). Checkpoints always hold the whole
+    (logical) head and its optimizer state, gathered on save and split on load, so a
+    run resumes, evaluates and exports on any number of processes.
     """
 
     stage: int
@@ -31,14 +41,24 @@ class StageSystem(L.LightningModule):
         """The networks that embed images (what ``model.compile`` compiles)."""
         raise NotImplementedError
 
+    def margin_heads(self) -> dict[str, MarginHead]:
+        """The margin heads, by module name (``head``, ``heads.<k>``)."""
+        raise NotImplementedError
+
+    def clip_groups(self) -> list[list[nn.Module]]:
+        """The sets of modules whose gradients are clipped together (by norm)."""
+        return [list(self.trained_modules())]
+
     def configure_model(self) -> None:
-        """The ``model`` section's speed options, applied once before the Trainer runs.
+        """Shard the margin heads under DDP, then apply the ``model`` section's speed
+        options, once, before the Trainer runs.
 
         ``model.channels_last``: weights in NHWC memory order (tensor cores' layout;
         convolutions then run channels-last whatever the input's order).
         ``model.compile``: ``torch.compile`` each backbone in place
         (``nn.Module.compile``), so parameter names and checkpoints are unchanged.
         """
+        self._shard_heads()
         if getattr(self, "_speed_applied", False):
             return
         self._speed_applied = True
@@ -49,11 +69,59 @@ class StageSystem(L.LightningModule):
             for backbone in self.backbones():
                 backbone.compile()
 
+    def _shard_heads(self) -> None:
+        rank, world = distributed_world()
+        if world == 1 or self._trainer is None:
+            return
+        heads = self.margin_heads()
+        for head in heads.values():
+            if not head.sharded:
+                head.shard(rank, world)
+        # A shard differs by process and its gradient is complete without communication:
+        # DDP must neither broadcast nor average it.
+        self._ddp_params_and_buffers_to_ignore = [f"{name}.weight" for name in heads]
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        return param_groups(self.trained_modules(), self.hparams.optim["weight_decay"])
+
+    def _sharded_states(
+        self, checkpoint: dict[str, Any]
+    ) -> list[tuple[MarginHead, dict[str, Any], str]]:
+        """(head, dict, key) of each sharded head's tensor in a checkpoint: its weight
+        and every optimizer state of the weight's shape (momentum, Adam's moments)."""
+        sharded = {name: h for name, h in self.margin_heads().items() if h.sharded}
+        if not sharded:
+            return []
+        order = [id(p) for group in self._param_groups() for p in group["params"]]
+        found = []
+        for name, head in sharded.items():
+            found.append((head, checkpoint["state_dict"], f"{name}.weight"))
+            index = order.index(id(head.weight))
+            for optimizer in checkpoint.get("optimizer_states", []):
+                if index not in optimizer["state"]:
+                    continue
+                # a copy: Optimizer.state_dict() shares each parameter's live state dict
+                state = optimizer["state"][index] = dict(optimizer["state"][index])
+                found += [(head, state, key) for key in sorted(state) if _row_state(state[key])]
+        return found
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Each clip group on its own (stage 2: one exploding sub-net must not shrink the
+        # others' steps), and a sharded head's norm summed over its shards: clipping by
+        # the local shard alone would scale the backbone differently on each process.
+        if not gradient_clip_val:
+            return
+        for modules in self.clip_groups():
+            clip_gradients_(modules, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> dict[str, Any]:
         optim = self.hparams.optim
-        optimizer = build_optimizer(
-            param_groups(self.trained_modules(), optim["weight_decay"]), optim
-        )
+        optimizer = build_optimizer(self._param_groups(), optim)
         # estimated_stepping_batches accounts for devices, accumulation and limits.
         scheduler = build_scheduler(
             optimizer, self.trainer.estimated_stepping_batches, self.trainer.max_epochs, optim
@@ -62,3 +130,59 @@ class StageSystem(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {"stage": self.stage, "config": self.hparams.config}
+        # Every process takes part; rank 0, which writes the file, gets the whole rows.
+        for head, holder, key in self._sharded_states(checkpoint):
+            whole = gather_to_first(holder[key], head.num_classes)
+            if whole is not None:
+                holder[key] = whole
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints hold whole heads: this process keeps its rows. Lightning calls this
+        # after configure_model (heads sharded) and before loading weights and optimizer.
+        for head, holder, key in self._sharded_states(checkpoint):
+            whole = holder[key]
+            if whole.shape[0] != head.num_classes:
+                raise ValueError(
+                    f"checkpoint {key} has {whole.shape[0]} rows, this head has "
+                    f"{head.num_classes} identities"
+                )
+            holder[key] = whole[head.row_start : head.row_start + len(head.weight)].clone()
+
+
+def _row_state(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.ndim == 2
+
+
+def clip_gradients_(modules: list[nn.Module], value: float, algorithm: str | None) -> None:
+    """Clip the gradients of ``modules`` by ``value`` (norm, the default, or "value").
+
+    A sharded margin head counts with all its shards: the squared norm of the shards'
+    gradients is summed over processes, so every process scales by the same factor.
+    """
+    params = [p for m in modules for p in m.parameters() if p.grad is not None]
+    if algorithm == "value":
+        nn.utils.clip_grad_value_(params, value)
+        return
+    shards = {
+        id(head.weight)
+        for m in modules
+        for head in m.modules()
+        if isinstance(head, MarginHead) and head.sharded
+    }
+    if not shards:
+        nn.utils.clip_grad_norm_(params, value)
+        return
+    grads = [p.grad for p in params]
+    local = [g for p, g in zip(params, grads, strict=True) if id(p) not in shards]
+    shard = [g for p, g in zip(params, grads, strict=True) if id(p) in shards]
+    device = grads[0].device
+    squares = torch.zeros(2, dtype=torch.float32, device=device)
+    for i, part in enumerate((local, shard)):
+        if part:
+            squares[i] = torch.stack([g.detach().float().norm() for g in part]).square().sum()
+    shard_square = squares[1:].clone()
+    dist.all_reduce(shard_square)
+    norm = (squares[0] + shard_square[0]).sqrt()
+    coef = (value / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.detach().mul_(coef.to(g.dtype))

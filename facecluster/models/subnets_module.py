@@ -22,13 +22,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
 from facecluster.data import SEED_FORWARD, subnet_seed
 from facecluster.models.base import StageSystem
-from facecluster.models.components import create_backbone, create_head
+from facecluster.models.components import MarginHead, create_backbone, create_head
+from facecluster.models.components.partial_fc import gather_to_first
 
 
 class PerClusterAccuracy(Metric):
@@ -90,7 +90,12 @@ class SubnetSystem(StageSystem):
                 torch.manual_seed(subnet_seed(seed, k))
                 self.subnets[str(k)] = create_backbone(**backbone)
                 self.heads[str(k)] = create_head(
-                    head["name"], cluster_sizes[k], dim, s=head["s"], m=head["m"]
+                    head["name"],
+                    cluster_sizes[k],
+                    dim,
+                    s=head["s"],
+                    m=head["m"],
+                    sample_rate=head.get("sample_rate", 1.0),
                 )
         self.register_buffer("class_to_cluster", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("local_index", torch.zeros(num_classes, dtype=torch.long))
@@ -103,6 +108,7 @@ class SubnetSystem(StageSystem):
         # Checkpoints written before facecluster 0.1's consolidation held an unread
         # ``centroids`` buffer; dropping it lets those runs resume in stage 2.
         checkpoint["state_dict"].pop("centroids", None)
+        super().on_load_checkpoint(checkpoint)
 
     @property
     def num_clusters(self) -> int:
@@ -147,10 +153,14 @@ class SubnetSystem(StageSystem):
         """Embeddings of ``images`` by sub-net ``cluster``."""
         return self.subnets[str(cluster)](images)
 
-    def subnet_state(self, k: int) -> tuple[dict[str, Tensor], Tensor]:
-        """Sub-net ``k``'s backbone state dict and head rows (detached, on the CPU)."""
+    def subnet_state(self, k: int) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Sub-net ``k``'s backbone state dict and all its head rows (detached, on the
+        CPU). A sharded head is gathered: every process must call this, and only rank 0
+        gets the rows (None elsewhere)."""
         state = {n: t.detach().cpu() for n, t in self.subnets[str(k)].state_dict().items()}
-        return state, self.heads[str(k)].weight.detach().cpu()
+        head = self.heads[str(k)]
+        rows = gather_to_first(head.weight.detach(), head.num_classes)
+        return state, None if rows is None else rows.cpu()
 
     def training_step(
         self, batch: dict[int, tuple[Tensor, Tensor]], batch_idx: int
@@ -176,44 +186,38 @@ class SubnetSystem(StageSystem):
                 torch.random.default_generator.manual_seed(seed)
                 if devices:
                     torch.cuda.manual_seed(seed)
-                logits = self.heads[str(k)](self.subnets[str(k)](images), labels)
-            loss = F.cross_entropy(logits, labels)
+                loss = self.heads[str(k)].loss(self.subnets[str(k)](images), labels)
             self.log(f"train/loss_subnet{k}", loss, batch_size=len(labels))
             losses[k] = loss.detach()
             total = total + loss
         self.log("train/loss", total, prog_bar=True, batch_size=1)
         return {"loss": total, "subnet_losses": losses}
 
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
+    def clip_groups(self) -> list[list[nn.Module]]:
         # Lightning's clipping takes one global norm over all sub-nets: one exploding
-        # sub-net would shrink every other sub-net's step to nearly nothing. Clip each
-        # sub-net (with its head) on its own instead.
-        if not gradient_clip_val:
-            return
-        for k in self.subnet_ids:
-            modules = (self.subnets[str(k)], self.heads[str(k)])
-            params = [p for m in modules for p in m.parameters() if p.grad is not None]
-            if gradient_clip_algorithm == "value":
-                nn.utils.clip_grad_value_(params, gradient_clip_val)
-            else:
-                nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        # sub-net would shrink every other sub-net's step to nearly nothing. Each
+        # sub-net (with its head) is clipped on its own instead.
+        return [[self.subnets[str(k)], self.heads[str(k)]] for k in self.subnet_ids]
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], metric: PerClusterAccuracy) -> None:
         # Oracle routing: each image goes to the sub-net of its true identity's cluster,
         # which measures every sub-net on its own cluster (routing comes at inference).
         images, labels = batch
         clusters = self.class_to_cluster[labels]
-        for k in clusters.unique().tolist():
-            if str(k) not in self.subnets:  # another job's sub-net
+        present = set(clusters.unique().tolist())
+        for k in self.subnet_ids:  # in the same order on every process
+            head = self.heads[str(k)]
+            if k not in present and not head.sharded:
                 continue
             idx = (clusters == k).nonzero().squeeze(1)
-            cosine = self.heads[str(k)].cosine(self.subnets[str(k)](images[idx]))
-            metric.update(k, cosine.argmax(dim=1) == self.local_index[labels[idx]])
+            # sharded: every process takes part, with or without images of this cluster
+            embeddings = (
+                self.subnets[str(k)](images[idx])
+                if len(idx)
+                else images.new_zeros((0, head.embedding_dim))
+            )
+            predictions = head.predict(embeddings)
+            metric.update(k, predictions == self.local_index[labels[idx]])
 
     def _log_accuracy(self, metric: PerClusterAccuracy, prefix: str) -> None:
         """Each sub-net's accuracy and, as ``<prefix>/acc``, the group's."""
@@ -243,6 +247,9 @@ class SubnetSystem(StageSystem):
 
     def backbones(self) -> list[nn.Module]:
         return list(self.subnets.values())
+
+    def margin_heads(self) -> dict[str, MarginHead]:
+        return {f"heads.{k}": head for k, head in self.heads.items()}
 
     def trained_modules(self) -> list[nn.Module]:
         return [*self.subnets.values(), *self.heads.values()]

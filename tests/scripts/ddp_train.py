@@ -2,19 +2,43 @@
 
 Lightning's ``ddp`` strategy starts the other ranks by re-running this script, so
 each rank executes it whole: ``python ddp_train.py OUT_DIR key=value ...``.
+With ``resume=RUN`` among the overrides the run's own config is resumed; with the
+environment variable SAVE_AT_START=PATH, stage 1 saves a checkpoint to PATH as its
+fit starts (after any resume), for comparison with the checkpoint it resumed from.
 """
 
+import os
 import sys
 from pathlib import Path
 
+import lightning as L
 import torch
 
 from facecluster.config import load_config
 from facecluster.pipeline import train
+from facecluster.run import RunFolder
+
+
+class SaveAtStart(L.Callback):
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        if pl_module.stage == 1:
+            trainer.save_checkpoint(self.path)  # every rank takes part
+
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
-cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml", overrides)
-result = train(cfg)
+resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
+if resume:
+    rest = [o for o in overrides if not o.startswith("resume=")]
+    cfg = RunFolder.config_for_resume(resume[0], rest)
+else:
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml", overrides)
+start = os.environ.get("SAVE_AT_START")
+result = train(cfg, callbacks=[SaveAtStart(start)] if start else [])
+if result.subnets is None:  # stage=1
+    sys.exit(0)
 rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 torch.save(
     {

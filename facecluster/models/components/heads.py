@@ -12,7 +12,9 @@ the training task harder than plain softmax and so compacts each identity:
   "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018,
   arXiv:1801.09414. Target logit ``s * (cos(theta) - m)``.
 
-Feed the logits to ``torch.nn.functional.cross_entropy``.
+Feed the logits to ``torch.nn.functional.cross_entropy``, or call ``loss``, which also
+covers a head sharded across processes and sampled (Partial FC, partial_fc.py): the
+training systems use ``loss`` and ``predict``.
 
 All the head math runs with autocast disabled and in at least fp32 (float64 inputs stay
 float64, which ``gradcheck`` needs): in bf16 a cosine has ~3 significant digits, which is
@@ -26,6 +28,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .partial_fc import (
+    gather_rows,
+    sample_columns,
+    shard_range,
+    sharded_argmax,
+    sharded_cross_entropy,
+)
 
 __all__ = ["HEADS", "ArcFace", "CosFace", "MarginHead", "create_head"]
 
@@ -45,16 +55,21 @@ class MarginHead(nn.Module):
         embedding_dim: Size of the embeddings.
         s: Logit scale (the radius of the hypersphere); must be positive.
         m: Margin, in the subclass's units.
+        sample_rate: Share of the (non-target) class centres each training step uses, in
+            (0, 1]; 1 uses them all (Partial FC's ``r``; ``loss``).
 
     Attributes:
         weight: Class centres ``[num_classes, embedding_dim]``, initialised N(0, 0.01) as
-            in arcface_torch (only their direction matters).
+            in arcface_torch (only their direction matters); after ``shard``, only this
+            process's rows ``[row_start, row_start + len(weight))``.
 
     Raises:
         ValueError: If an argument is out of range (the message names the parameter).
     """
 
-    def __init__(self, num_classes: int, embedding_dim: int, s: float, m: float) -> None:
+    def __init__(
+        self, num_classes: int, embedding_dim: int, s: float, m: float, sample_rate: float = 1.0
+    ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
@@ -63,6 +78,10 @@ class MarginHead(nn.Module):
         if not (math.isfinite(s) and s > 0):
             raise ValueError(f"scale s must be a positive finite number, got s={s}")
         self._validate_margin(m)
+        if not (0.0 < sample_rate <= 1.0):
+            raise ValueError(f"sample_rate must be in (0, 1], got sample_rate={sample_rate}")
+        self.sample_rate = float(sample_rate)
+        self.row_start, self.world = 0, 1  # not sharded
         self.num_classes = num_classes
         self.embedding_dim = embedding_dim
         self.s = float(s)
@@ -98,12 +117,70 @@ class MarginHead(nn.Module):
                 f"embeddings must have shape [B, {self.embedding_dim}], "
                 f"got {tuple(embeddings.shape)}"
             )
+        return self._cosine(embeddings, self.weight)
+
+    def _cosine(self, embeddings: Tensor, weight: Tensor) -> Tensor:
         dtype = self._compute_dtype(embeddings)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             emb = F.normalize(embeddings.to(dtype), dim=1)
-            centres = F.normalize(self.weight.to(dtype), dim=1)
+            centres = F.normalize(weight.to(dtype), dim=1)
             # Rounding can push a dot product of unit vectors just past +-1.
             return (emb @ centres.t()).clamp(-1.0, 1.0)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether ``weight`` holds only this process's rows (``shard``)."""
+        return self.world > 1
+
+    def shard(self, rank: int, world: int) -> None:
+        """Keep only shard ``rank`` of ``world`` of the rows (``shard_range``).
+
+        Call it on every process of the group, with the same full head, before the
+        optimizer is built; from then on ``loss`` and ``predict`` communicate.
+        """
+        if self.world != 1:
+            raise RuntimeError(f"head already sharded ({self.world} ways)")
+        if world == 1:
+            return
+        start, end = shard_range(self.num_classes, rank, world)
+        self.weight = nn.Parameter(self.weight.detach()[start:end].clone())
+        self.row_start, self.world = start, world
+
+    def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Mean margin softmax cross-entropy of a batch (the training loss).
+
+        Unsharded with ``sample_rate`` 1 it is ``cross_entropy(self(embeddings, labels),
+        labels)``. Otherwise Partial FC: the batch is gathered from every process, this
+        process's rows are used (every class in the gathered batch, plus a uniform
+        sample of the others) and the softmax is normalised across processes. Every
+        process gets the same value: the mean over the gathered batch.
+        """
+        if not self.sharded and self.sample_rate >= 1.0:
+            return F.cross_entropy(self(embeddings, labels), labels)
+        embeddings, labels = gather_rows(embeddings), gather_rows(labels)
+        rows = self.weight.shape[0]
+        local = labels.long() - self.row_start
+        target = torch.where((local >= 0) & (local < rows), local, -1)
+        weight = self.weight
+        if self.sample_rate < 1.0:
+            index, target = sample_columns(target, rows, self.sample_rate)
+            weight = weight[index]
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            cos = self._cosine(embeddings, weight)
+            own = (target >= 0).nonzero().squeeze(1)
+            column = target[own]
+            cos = cos.index_put((own, column), self._margin(cos[own, column]))
+            return sharded_cross_entropy(cos * self.s, target).mean()
+
+    @torch.no_grad()
+    def predict(self, embeddings: Tensor) -> Tensor:
+        """The nearest class centre's index (over the whole head) for each embedding.
+
+        Sharded, every process must call it, with any number of rows (zero included).
+        """
+        if not self.sharded:
+            return self.cosine(embeddings).argmax(dim=1)
+        return sharded_argmax(embeddings, self.cosine, self.row_start)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Margin logits for training.
@@ -128,10 +205,15 @@ class MarginHead(nn.Module):
 
     def extra_repr(self) -> str:
         """Shows the sizes and hyper-parameters in ``print(module)``."""
-        return (
+        text = (
             f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
             f"s={self.s}, m={self.m}"
         )
+        if self.sample_rate < 1.0:
+            text += f", sample_rate={self.sample_rate}"
+        if self.sharded:
+            text += f", rows=[{self.row_start}, {self.row_start + len(self.weight)})"
+        return text
 
 
 class ArcFace(MarginHead):
@@ -151,9 +233,14 @@ class ArcFace(MarginHead):
     """
 
     def __init__(
-        self, num_classes: int, embedding_dim: int, s: float = 64.0, m: float = 0.5
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        s: float = 64.0,
+        m: float = 0.5,
+        sample_rate: float = 1.0,
     ) -> None:
-        super().__init__(num_classes, embedding_dim, s, m)
+        super().__init__(num_classes, embedding_dim, s, m, sample_rate)
 
     def _validate_margin(self, m: float) -> None:
         if not (math.isfinite(m) and 0 <= m < math.pi / 2):
@@ -182,9 +269,14 @@ class CosFace(MarginHead):
     """
 
     def __init__(
-        self, num_classes: int, embedding_dim: int, s: float = 64.0, m: float = 0.35
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        s: float = 64.0,
+        m: float = 0.35,
+        sample_rate: float = 1.0,
     ) -> None:
-        super().__init__(num_classes, embedding_dim, s, m)
+        super().__init__(num_classes, embedding_dim, s, m, sample_rate)
 
     def _validate_margin(self, m: float) -> None:
         if not (math.isfinite(m) and 0 <= m < 2):
@@ -203,6 +295,7 @@ def create_head(
     embedding_dim: int,
     s: float | None = None,
     m: float | None = None,
+    sample_rate: float = 1.0,
 ) -> MarginHead:
     """Creates a margin head by name.
 
@@ -212,6 +305,7 @@ def create_head(
         embedding_dim: Size of the embeddings.
         s: Logit scale; ``None`` uses the head's default (64).
         m: Margin; ``None`` uses the head's default (ArcFace 0.5 rad, CosFace 0.35).
+        sample_rate: Partial FC's share of class centres per training step, in (0, 1].
 
     Returns:
         The head.
@@ -224,4 +318,4 @@ def create_head(
     if head_cls is None:
         raise ValueError(f"unknown head {name!r}; valid names: {', '.join(sorted(HEADS))}")
     options = {key: value for key, value in {"s": s, "m": m}.items() if value is not None}
-    return head_cls(num_classes, embedding_dim, **options)
+    return head_cls(num_classes, embedding_dim, sample_rate=sample_rate, **options)

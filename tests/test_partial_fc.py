@@ -1,0 +1,166 @@
+"""Partial FC: a margin head sharded over 2 gloo processes (and sampled) against the
+whole head in one process: same loss, same backbone and head gradients, same
+predictions, same clipping; every positive kept and the sampled count exact."""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from facecluster.models.base import clip_gradients_
+from facecluster.models.components import ArcFace, CosFace
+from facecluster.models.components.partial_fc import gather_to_first, sample_columns, shard_range
+
+CLASSES, DIM, IN = 11, 16, 12
+SPLIT = 5  # rank 0 holds rows [0, 5) of the batch, rank 1 rows [5, 8): unequal batches
+
+
+def _data(head_cls):
+    torch.manual_seed(0)
+    backbone = nn.Linear(IN, DIM)
+    head = head_cls(CLASSES, DIM, s=16.0)
+    x = torch.randn(8, IN, dtype=torch.float32)
+    y = torch.tensor([0, 3, 5, 10, 6, 9, 2, 6])  # classes on both shards ([0, 6), [6, 11))
+    return backbone, head, x, y
+
+
+class _Net(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+
+HEADS = {"arcface": ArcFace, "cosface": CosFace}
+
+
+def _worker(rank: int, port: int, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        out[rank] = {name: _sharded_step(rank, head_cls) for name, head_cls in HEADS.items()}
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_step(rank: int, head_cls: type) -> dict:
+    backbone, head, x, y = _data(head_cls)
+    head.shard(rank, 2)
+    net = _Net(backbone, head)
+    net._ddp_params_and_buffers_to_ignore = ["head.weight"]  # what StageSystem sets
+    ddp = nn.parallel.DistributedDataParallel(net)
+    rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, 8)
+    loss = head.loss(ddp(x[rows]), y[rows])
+    loss.backward()  # DDP averages the backbone's gradients, not the head's
+    result = {
+        "loss": loss.item(),
+        "backbone": [p.grad.clone() for p in backbone.parameters()],
+        "head": head.weight.grad.clone(),
+        "row_start": head.row_start,
+        "predict": head.predict(backbone(x[rows]).detach()),
+        "whole": gather_to_first(head.weight.detach(), CLASSES),
+    }
+    clip_gradients_([backbone, head], 0.05, None)
+    result["clipped"] = [p.grad.clone() for p in (*backbone.parameters(), head.weight)]
+
+    # sampled: every positive kept, max(positives, ceil(r * rows)) rows used
+    torch.manual_seed(1 + rank)
+    big = ArcFace(40, DIM, s=16.0, sample_rate=0.3)
+    big.shard(rank, 2)
+    emb = torch.randn(4, DIM)
+    labels = torch.tensor([[1, 7, 7, 33], [2, 19, 25, 26]][rank])
+    big.loss(emb, labels).backward()
+    result["sampled_rows"] = int((big.weight.grad.abs().sum(1) > 0).sum())
+    result["sampled_positive_grads"] = big.weight.grad.abs().sum(1)
+    result["sampled_start"] = big.row_start
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_processes() -> dict:
+    """Each rank's results of ``_sharded_step`` for each head, from one gloo run."""
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
+    return {rank: dict(out[rank]) for rank in (0, 1)}
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("head_name", list(HEADS))
+def test_sharded_head_on_two_processes_equals_the_whole_head_in_one(head_name, two_processes):
+    ranks = {rank: two_processes[rank][head_name] for rank in (0, 1)}
+    backbone, head, x, y = _data(HEADS[head_name])
+    embeddings = backbone(x)
+    loss = F.cross_entropy(head(embeddings, y), y)
+    loss.backward()
+    grads = [p.grad.clone() for p in backbone.parameters()]
+
+    for rank in (0, 1):
+        got = ranks[rank]
+        assert got["loss"] == pytest.approx(loss.item(), abs=1e-5)
+        for g, ref in zip(got["backbone"], grads, strict=True):
+            torch.testing.assert_close(g, ref, rtol=0, atol=1e-5)
+        start, end = shard_range(CLASSES, rank, 2)
+        assert got["row_start"] == start
+        torch.testing.assert_close(got["head"], head.weight.grad[start:end], rtol=0, atol=1e-5)
+        rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, 8)
+        expected = head.cosine(embeddings[rows].detach()).argmax(dim=1)
+        assert torch.equal(got["predict"], expected)
+    assert torch.equal(ranks[0]["whole"], head.weight.detach())
+    assert ranks[1]["whole"] is None
+
+    # clipping: one norm over the backbone and both shards, as over the whole head
+    params = [*backbone.parameters(), head.weight]
+    nn.utils.clip_grad_norm_(params, 0.05)
+    for rank in (0, 1):
+        start, end = shard_range(CLASSES, rank, 2)
+        *got_backbone, got_head = ranks[rank]["clipped"]
+        for g, p in zip(got_backbone, backbone.parameters(), strict=True):
+            torch.testing.assert_close(g, p.grad, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got_head, head.weight.grad[start:end], rtol=0, atol=1e-6)
+
+    # sampled, r = 0.3 of 20 rows per shard = 6 rows; positives of both ranks' labels
+    gathered = torch.tensor([1, 7, 7, 33, 2, 19, 25, 26])
+    for rank in (0, 1):
+        got = ranks[rank]
+        start, end = shard_range(40, rank, 2)
+        mine = sorted({int(c) - start for c in gathered if start <= c < end})
+        assert got["sampled_rows"] == max(len(mine), math.ceil(0.3 * (end - start)))
+        assert all(got["sampled_positive_grads"][c] > 0 for c in mine)
+
+
+def test_sample_columns_keeps_every_positive_and_the_exact_count():
+    torch.manual_seed(0)
+    target = torch.tensor([4, -1, 17, 4, -1, 99])
+    index, remapped = sample_columns(target, 100, 0.1)
+    assert len(index) == 10 and torch.equal(index, index.sort().values)
+    assert {4, 17, 99} <= set(index.tolist())
+    assert torch.equal(index[remapped[target >= 0]], target[target >= 0])
+    assert remapped[1] == -1 and remapped[4] == -1
+    many = torch.arange(30)  # more positives than the sample: all of them, no more
+    index, _ = sample_columns(many, 100, 0.1)
+    assert torch.equal(index, many)
+
+
+def test_sampled_head_at_rate_one_is_the_whole_head():
+    backbone, head, x, y = _data(ArcFace)
+    sampled = ArcFace(CLASSES, DIM, s=16.0, sample_rate=0.999999)
+    sampled.weight.data.copy_(head.weight.data)
+    full = head.loss(backbone(x), y)
+    torch.testing.assert_close(sampled.loss(backbone(x), y), full, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="sample_rate"):
+        ArcFace(CLASSES, DIM, sample_rate=0.0)
