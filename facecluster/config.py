@@ -385,6 +385,10 @@ class RouteConfig:
     """IVF lists (None: about 4 * sqrt(identities))."""
     ivf_nprobe: int = 16
     """IVF lists (clusters, for index=clusters) searched per query."""
+    ivf_codes: str = "flat"
+    """What IVF lists hold (ivf, clusters): flat (float32) or sq8 (8-bit codes)."""
+    lists_per_cluster: int = 1
+    """index=clusters: lists each cluster is split into (k-means inside the cluster)."""
     hnsw_m: int = 32
     """HNSW graph degree."""
     hnsw_ef_search: int = 256
@@ -395,9 +399,11 @@ class RouteConfig:
     def problems(self) -> list[str]:
         r = _Rules("route.")
         r.choice("index", self.index, ("flat", "clusters", "ivf", "hnsw"))
+        r.choice("ivf_codes", self.ivf_codes, ("flat", "sq8"))
         r.positive("top_m", self.top_m)
         r.within("alpha", self.alpha, 0.0, 1.0)
-        for name in ("ivf_nlist", "ivf_nprobe", "hnsw_m", "hnsw_ef_search", "neighbours"):
+        names = ("ivf_nlist", "ivf_nprobe", "hnsw_m", "hnsw_ef_search", "neighbours")
+        for name in (*names, "lists_per_cluster"):
             r.positive(name, getattr(self, name))
         return r.problems
 

@@ -399,14 +399,25 @@ def test_torch_then_faiss_in_one_process():
 
 
 def test_capacitated_assignment_equals_greedy_over_pairs():
-    """The vectorised balanced step matches the documented greedy (private helper)."""
+    """The vectorised balanced step matches the documented greedy (private helper),
+    with tied similarities and with more clusters than identities too; its lazily
+    sorted preferences equal a full stable argsort."""
     import numpy as np
 
-    from facecluster.clustering.kmeans import _capacitated_assign
+    from facecluster.clustering.kmeans import _capacitated_assign, _Preferences
 
     rng = np.random.default_rng(0)
-    for num_items, k in [(13, 4), (40, 6), (9, 9)]:
-        sims = rng.standard_normal((num_items, k)).astype(np.float32)
+    cases = [(13, 4, False), (40, 6, False), (9, 9, False), (40, 12, False), (30, 16, True)]
+    cases += [(12, 20, True), (50, 10, True)]
+    for num_items, k, tied in cases:
+        if tied:  # three values: most comparisons are ties
+            sims = rng.integers(0, 3, (num_items, k)).astype(np.float32)
+        else:
+            sims = rng.standard_normal((num_items, k)).astype(np.float32)
+        prefs, full = _Preferences(sims), np.argsort(-sims, axis=1, kind="stable")
+        for r in range(k):
+            items = np.arange(num_items)
+            np.testing.assert_array_equal(prefs.choice(items, np.full(num_items, r)), full[:, r])
         caps = np.full(k, num_items // k)
         caps[: num_items % k] += 1
         greedy, fill = np.full(num_items, -1), np.zeros(k, dtype=int)

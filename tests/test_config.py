@@ -90,6 +90,7 @@ def test_contradictions_are_listed_together():
                 "data.test_fraction=0.5",
                 "data.max_classes=2",
                 "clustering.num_clusters=4",
+                "head.sample_rate=0",
             ]
         )
     message = str(err.value)
@@ -98,6 +99,7 @@ def test_contradictions_are_listed_together():
         "head.name='sphereface'",
         "data.val_fraction + data.test_fraction",
         "data.max_classes=2 is smaller than clustering.num_clusters=4",
+        "head.sample_rate must be in (0, 1], got 0",
     ):
         assert text in message
 

@@ -1,5 +1,5 @@
-"""DDP on CPU (2 gloo processes): replicas stay identical and the class means equal a
-single-process pass."""
+"""DDP on CPU (2 gloo processes): replicas stay identical, heads are sharded, runs
+resume on another device count, and the class means equal a single-process pass."""
 
 from __future__ import annotations
 
@@ -14,85 +14,14 @@ import torch
 
 from facecluster.builders import build_datamodule
 from facecluster.clustering import accumulate_class_sums, finalize_class_means
-from facecluster.config import load_config
+from facecluster.data.transforms import normalize_images
 from facecluster.evaluation import evaluate_run
+from facecluster.models.components import load_backbone
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
-from facecluster.data.transforms import normalize_images
-from facecluster.models.components import load_backbone
-from tests.conftest import ROOT, SMOKE, smoke_overrides
+from tests.conftest import ROOT, smoke_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
-
-
-def test_ddp_two_cpu_processes(tmp_path):
-    overrides = smoke_overrides(
-        tmp_path,
-        "logger=none",
-        "trainer.max_epochs=2",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.strategy=ddp",
-    )
-    env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "scripts" / "ddp_train.py"),
-            str(tmp_path),
-            *overrides,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=480,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    assert all(r["world_size"] == 2 for r in ranks)
-
-    # Every sub-net's (and the stage-1 backbone's) parameters are identical on both ranks;
-    # the margin heads are sharded (Partial FC): each rank holds its rows, and together
-    # they are the head saved in the run folder.
-    for part in ("subnets", "backbone"):
-        params = [k for k in ranks[0][part] if "running_" not in k and "num_batches" not in k]
-        assert params
-        for key in params:
-            if "head" in key:
-                continue
-            assert torch.equal(ranks[0][part][key], ranks[1][part][key]), f"{part}.{key} differs"
-    run_dir = tmp_path / "run"
-    for k in range(3):
-        shards = [r["subnets"][f"heads.{k}.weight"] for r in ranks]
-        saved = torch.load(run_dir / "stage2" / "subnets" / f"subnet{k}.pt")["head"]
-        assert [len(s) for s in shards] == [len(saved) - len(saved) // 2, len(saved) // 2]
-        assert torch.equal(torch.cat(shards), saved)
-    stage1 = torch.load(run_dir / "stage1" / "checkpoints" / "last.ckpt", weights_only=False)
-    whole = stage1["state_dict"]["head.weight"]
-    assert len(whole) == 12 and len(ranks[0]["backbone"]["head.weight"]) == 6
-    assert torch.equal(torch.cat([r["backbone"]["head.weight"] for r in ranks]), whole)
-
-    # The class means (sums and counts all-reduced over ranks) equal one process's pass.
-    cfg = load_config(SMOKE, overrides)
-    dm = build_datamodule(cfg)
-    backbone = load_backbone(
-        cfg.model.backbone_args(cfg.data.image_size),
-        {
-            k.removeprefix("backbone."): v
-            for k, v in ranks[0]["backbone"].items()
-            if k.startswith("backbone.")
-        },
-    )
-    sums = torch.zeros(dm.num_classes, cfg.model.embedding_dim, dtype=torch.float64)
-    counts = torch.zeros(dm.num_classes, dtype=torch.long)
-    with torch.no_grad():
-        for images, labels in dm.embedding_dataloader():
-            accumulate_class_sums(backbone(normalize_images(images)), labels, sums, counts)
-    single = finalize_class_means(sums, counts)
-    for r in ranks:
-        torch.testing.assert_close(r["class_means"], single, rtol=0, atol=1e-5)
 
 
 MULTI_DEVICE = (
@@ -120,6 +49,52 @@ def test_documented_multi_device_command_runs_train_py_to_its_last_line(tmp_path
     run_dir = next((tmp_path / "runs").iterdir())
     assert out.rstrip().splitlines()[-1] == f"facecluster run folder: {run_dir}"
     assert (run_dir / "eval" / "results.md").is_file()
+
+
+def _assert_replicas_and_shards(tmp_path, run_dir):
+    """What each of 2 DDP ranks saved (tests/scripts/ddp_train.py) after both stages."""
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert all(r["world_size"] == 2 for r in ranks)
+
+    # Every sub-net's (and the stage-1 backbone's) parameters are identical on both ranks;
+    # the margin heads are sharded (Partial FC): each rank holds its rows, and together
+    # they are the head saved in the run folder.
+    for part in ("subnets", "backbone"):
+        params = [k for k in ranks[0][part] if "running_" not in k and "num_batches" not in k]
+        assert params
+        for key in params:
+            if "head" in key:
+                continue
+            assert torch.equal(ranks[0][part][key], ranks[1][part][key]), f"{part}.{key} differs"
+    for k in range(3):
+        shards = [r["subnets"][f"heads.{k}.weight"] for r in ranks]
+        saved = torch.load(run_dir / "stage2" / "subnets" / f"subnet{k}.pt")["head"]
+        assert [len(s) for s in shards] == [len(saved) - len(saved) // 2, len(saved) // 2]
+        assert torch.equal(torch.cat(shards), saved)
+    stage1 = torch.load(run_dir / "stage1" / "checkpoints" / "last.ckpt", weights_only=False)
+    whole = stage1["state_dict"]["head.weight"]
+    assert len(whole) == 12 and len(ranks[0]["backbone"]["head.weight"]) == 6
+    assert torch.equal(torch.cat([r["backbone"]["head.weight"] for r in ranks]), whole)
+
+    # The class means (sums and counts all-reduced over ranks) equal one process's pass.
+    cfg = RunFolder.config_for_resume(str(run_dir))
+    dm = build_datamodule(cfg)
+    backbone = load_backbone(
+        cfg.model.backbone_args(cfg.data.image_size),
+        {
+            k.removeprefix("backbone."): v
+            for k, v in ranks[0]["backbone"].items()
+            if k.startswith("backbone.")
+        },
+    )
+    sums = torch.zeros(dm.num_classes, cfg.model.embedding_dim, dtype=torch.float64)
+    counts = torch.zeros(dm.num_classes, dtype=torch.long)
+    with torch.no_grad():
+        for images, labels in dm.embedding_dataloader():
+            accumulate_class_sums(backbone(normalize_images(images)), labels, sums, counts)
+    single = finalize_class_means(sums, counts)
+    for r in ranks:
+        torch.testing.assert_close(r["class_means"], single, rtol=0, atol=1e-5)
 
 
 def _ddp_train(out, *overrides, **env_extra):
@@ -166,8 +141,9 @@ def _assert_same_training_state(expected_path, got_path):
 def test_a_run_resumes_and_evaluates_on_another_device_count(tmp_path):
     # Partial FC's shards (r = 0.5) on 2 processes -> 1 process -> 2 processes: each fit
     # starts from exactly the weights and optimizer state the last one saved (the head
-    # and its momentum are saved whole and split again on load), then one process
-    # evaluates the run that 2 processes finished.
+    # and its momentum are saved whole and split again on load). The last 2-process
+    # command trains both stages: replicas agree, the shards make up the saved heads,
+    # the class means equal one process's; then one process evaluates the run.
     run_dir = tmp_path / "run"
     last = run_dir / "stage1" / "checkpoints" / "last.ckpt"
     common = ["logger=none", "trainer.accelerator=cpu", "trainer.strategy=ddp"]
@@ -193,9 +169,11 @@ def test_a_run_resumes_and_evaluates_on_another_device_count(tmp_path):
         f"resume={run_dir}",
         *common,
         "trainer.max_epochs=3",
+        "stage2.max_epochs=1",
         SAVE_AT_START=str(tmp_path / "start_on_two.ckpt"),
     )
     _assert_same_training_state(saved_by_one, tmp_path / "start_on_two.ckpt")
     assert RunFolder(run_dir).stage_summary(1)["epochs"] == 3
+    _assert_replicas_and_shards(tmp_path, run_dir)
     report = evaluate_run(run_dir, ["eval.plots=false", "eval.timing_batches=1"])
     assert report is not None

@@ -33,6 +33,8 @@ ROUTE = {
     "ivf_nprobe": 16,
     "hnsw_m": 32,
     "hnsw_ef_search": 256,
+    "ivf_codes": "flat",
+    "lists_per_cluster": 1,
 }
 BACKBONE = {"name": "tiny", "embedding_dim": 8, "image_size": 8}
 
@@ -97,6 +99,31 @@ def test_cluster_lists_index_holds_each_class_mean_in_its_own_cluster():
     assert torch.equal(a.class_to_cluster[torch.from_numpy(found[:, 0])], nearest_centroid)
 
 
+def test_cluster_lists_split_inside_each_cluster():
+    # lists_per_cluster: each cluster's identities split into lists of their own (a
+    # k-means inside the cluster); probing every list is exact search, with 8-bit codes
+    # too on these well-separated class means.
+    torch.manual_seed(0)
+    means = F.normalize(torch.randn(300, 16), dim=1)
+    a = cluster_identities(means, 6, "kmeans", seed=0)
+    exact = Router(a.class_means, a.class_to_cluster, a.centroids, "flat")
+    split = Router(
+        a.class_means, a.class_to_cluster, a.centroids, "clusters",
+        ivf_nprobe=24, lists_per_cluster=4,
+    )  # fmt: skip
+    index = split.index
+    assert index.ntotal == 300 and index.nlist == 24
+    for k in range(6):  # lists 4k..4k+3 hold exactly cluster k's identities
+        ids = [
+            i
+            for j in range(4 * k, 4 * k + 4)
+            for i in faiss.rev_swig_ptr(index.invlists.get_ids(j), index.invlists.list_size(j))
+        ]
+        assert sorted(ids) == a.classes_of(k).tolist()
+    queries = F.normalize(means[:80] + 0.3 * torch.randn(80, 16), dim=1)
+    assert torch.equal(split.route(queries, 3), exact.route(queries, 3))
+
+
 def test_kmeans_trains_on_every_class_mean_not_faiss_sample():
     # faiss samples 256 points per centroid unless told otherwise: with 2 clusters and
     # 1,200 class means it would train on 512 of them. Every one is used.
@@ -118,15 +145,23 @@ def test_kmeans_trains_on_every_class_mean_not_faiss_sample():
     assert found != partition(sampled.centroids)
 
 
-@pytest.mark.parametrize("index", ["ivf", "hnsw"])
-def test_approximate_indexes_route_like_exact_search_on_separated_data(index):
+@pytest.mark.parametrize(
+    ("index", "options"),
+    [
+        ("ivf", {}),
+        ("ivf", {"ivf_codes": "sq8"}),
+        ("clusters", {"ivf_codes": "sq8", "lists_per_cluster": 4}),
+        ("hnsw", {}),
+    ],
+)
+def test_approximate_indexes_route_like_exact_search_on_separated_data(index, options):
     torch.manual_seed(0)
     means = F.normalize(torch.randn(400, 16), dim=1)
     clusters = torch.arange(400) % 8
     centroids = F.normalize(torch.stack([means[clusters == k].mean(0) for k in range(8)]), dim=1)
     queries = means[:50] + 0.01 * torch.randn(50, 16)
     exact = Router(means, clusters, centroids, "flat").route(queries, 2)
-    approx = Router(means, clusters, centroids, index, ivf_nprobe=64).route(queries, 2)
+    approx = Router(means, clusters, centroids, index, ivf_nprobe=64, **options).route(queries, 2)
     assert (exact[:, 0] == approx[:, 0]).float().mean() >= 0.95
 
 

@@ -1,6 +1,7 @@
-"""Partial FC: a margin head sharded over 2 gloo processes (and sampled) against the
+"""Partial FC: a margin head sharded over 3 gloo processes (and sampled) against the
 whole head in one process: same loss, same backbone and head gradients, same
-predictions, same clipping; every positive kept and the sampled count exact."""
+predictions, same clipping; every positive kept and the sampled count exact; a
+whole-head checkpoint split over the processes and gathered back."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from facecluster.models.backbone_module import BackboneSystem
 from facecluster.models.base import clip_gradients_
 from facecluster.models.components import ArcFace, CosFace
 from facecluster.models.components.partial_fc import gather_to_first, sample_columns, shard_range
 
 CLASSES, DIM, IN = 11, 16, 12
-SPLIT = 5  # rank 0 holds rows [0, 5) of the batch, rank 1 rows [5, 8): unequal batches
+WORLD = 3  # shards of 4, 4 and 3 rows
+BATCH = [slice(0, 4), slice(4, 7), slice(7, 8)]  # each rank's rows of the batch: unequal
 
 
 def _data(head_cls):
@@ -44,20 +47,24 @@ HEADS = {"arcface": ArcFace, "cosface": CosFace}
 
 
 def _worker(rank: int, port: int, out: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
     try:
-        out[rank] = {name: _sharded_step(rank, head_cls) for name, head_cls in HEADS.items()}
+        result = {name: _sharded_step(rank, head_cls) for name, head_cls in HEADS.items()}
+        out[rank] = result | {"checkpoint": _checkpoint_round_trip(rank)}  # one assignment:
+        # a manager's dict does not see changes made inside its values
     finally:
         dist.destroy_process_group()
 
 
 def _sharded_step(rank: int, head_cls: type) -> dict:
     backbone, head, x, y = _data(head_cls)
-    head.shard(rank, 2)
+    head.shard(rank, WORLD)
     net = _Net(backbone, head)
     net._ddp_params_and_buffers_to_ignore = ["head.weight"]  # what StageSystem sets
     ddp = nn.parallel.DistributedDataParallel(net)
-    rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, 8)
+    rows = BATCH[rank]
     loss = head.loss(ddp(x[rows]), y[rows])
     loss.backward()  # DDP averages the backbone's gradients, not the head's
     result = {
@@ -74,14 +81,55 @@ def _sharded_step(rank: int, head_cls: type) -> dict:
     # sampled: every positive kept, max(positives, ceil(r * rows)) rows used
     torch.manual_seed(1 + rank)
     big = ArcFace(40, DIM, s=16.0, sample_rate=0.3)
-    big.shard(rank, 2)
+    big.shard(rank, WORLD)
     emb = torch.randn(4, DIM)
-    labels = torch.tensor([[1, 7, 7, 33], [2, 19, 25, 26]][rank])
+    labels = torch.tensor(SAMPLED_LABELS[rank])
     big.loss(emb, labels).backward()
     result["sampled_rows"] = int((big.weight.grad.abs().sum(1) > 0).sum())
     result["sampled_positive_grads"] = big.weight.grad.abs().sum(1)
     result["sampled_start"] = big.row_start
     return result
+
+
+SAMPLED_LABELS = [[1, 7, 7, 33], [2, 19, 25, 26], [13, 14, 39, 0]]
+
+
+def _whole_checkpoint(model: BackboneSystem) -> tuple[dict, int]:
+    """A checkpoint as any device count saves it: the whole head and its momentum."""
+    torch.manual_seed(5)
+    index = [id(p) for g in model._param_groups() for p in g["params"]].index(id(model.head.weight))
+    state = {index: {"momentum_buffer": torch.randn(CLASSES, DIM)}}
+    whole = {"state_dict": {"head.weight": torch.randn(CLASSES, DIM)}}
+    return whole | {"optimizer_states": [{"state": state}]}, index
+
+
+def _small_model() -> BackboneSystem:
+    backbone = {"name": "tiny", "embedding_dim": DIM, "image_size": 16}
+    head = {"name": "arcface", "s": 16.0, "m": None}
+    optim = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+    return BackboneSystem(CLASSES, backbone, head, optim)
+
+
+def _checkpoint_round_trip(rank: int) -> dict:
+    # split on load (what Lightning calls after configure_model), gathered on save
+    model = _small_model()
+    model.shard_heads(rank, WORLD)
+    loaded, index = _whole_checkpoint(model)
+    model.on_load_checkpoint(loaded)
+    saved = {
+        "state_dict": {"head.weight": loaded["state_dict"]["head.weight"]},
+        "optimizer_states": [
+            {"state": {index: dict(loaded["optimizer_states"][0]["state"][index])}}
+        ],
+    }
+    model.on_save_checkpoint(saved)
+    return {
+        "rows": loaded["state_dict"]["head.weight"],
+        "momentum": loaded["optimizer_states"][0]["state"][index]["momentum_buffer"],
+        "saved": saved["state_dict"]["head.weight"],
+        "saved_momentum": saved["optimizer_states"][0]["state"][index]["momentum_buffer"],
+        "ignored": model._ddp_params_and_buffers_to_ignore,
+    }
 
 
 def _free_port() -> int:
@@ -91,68 +139,82 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_processes() -> dict:
+def processes() -> dict:
     """Each rank's results of ``_sharded_step`` for each head, from one gloo run."""
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
-    return {rank: dict(out[rank]) for rank in (0, 1)}
+    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    return {rank: dict(out[rank]) for rank in range(WORLD)}
 
 
 @pytest.mark.ddp
 @pytest.mark.parametrize("head_name", list(HEADS))
-def test_sharded_head_on_two_processes_equals_the_whole_head_in_one(head_name, two_processes):
-    ranks = {rank: two_processes[rank][head_name] for rank in (0, 1)}
+def test_sharded_head_on_three_processes_equals_the_whole_head_in_one(head_name, processes):
+    ranks = {rank: processes[rank][head_name] for rank in range(WORLD)}
     backbone, head, x, y = _data(HEADS[head_name])
     embeddings = backbone(x)
     loss = F.cross_entropy(head(embeddings, y), y)
     loss.backward()
     grads = [p.grad.clone() for p in backbone.parameters()]
 
-    for rank in (0, 1):
+    for rank in range(WORLD):
         got = ranks[rank]
         assert got["loss"] == pytest.approx(loss.item(), abs=1e-5)
         for g, ref in zip(got["backbone"], grads, strict=True):
             torch.testing.assert_close(g, ref, rtol=0, atol=1e-5)
-        start, end = shard_range(CLASSES, rank, 2)
+        start, end = shard_range(CLASSES, rank, WORLD)
         assert got["row_start"] == start
         torch.testing.assert_close(got["head"], head.weight.grad[start:end], rtol=0, atol=1e-5)
-        rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, 8)
-        expected = head.cosine(embeddings[rows].detach()).argmax(dim=1)
+        expected = head.cosine(embeddings[BATCH[rank]].detach()).argmax(dim=1)
         assert torch.equal(got["predict"], expected)
     assert torch.equal(ranks[0]["whole"], head.weight.detach())
-    assert ranks[1]["whole"] is None
+    assert ranks[1]["whole"] is None and ranks[2]["whole"] is None
 
     # clipping: one norm over the backbone and both shards, as over the whole head
     params = [*backbone.parameters(), head.weight]
     nn.utils.clip_grad_norm_(params, 0.05)
-    for rank in (0, 1):
-        start, end = shard_range(CLASSES, rank, 2)
+    for rank in range(WORLD):
+        start, end = shard_range(CLASSES, rank, WORLD)
         *got_backbone, got_head = ranks[rank]["clipped"]
         for g, p in zip(got_backbone, backbone.parameters(), strict=True):
             torch.testing.assert_close(g, p.grad, rtol=0, atol=1e-6)
         torch.testing.assert_close(got_head, head.weight.grad[start:end], rtol=0, atol=1e-6)
 
-    # sampled, r = 0.3 of 20 rows per shard = 6 rows; positives of both ranks' labels
-    gathered = torch.tensor([1, 7, 7, 33, 2, 19, 25, 26])
-    for rank in (0, 1):
+    # sampled, r = 0.3 of 14 or 13 rows per shard; positives of every rank's labels
+    gathered = torch.tensor(SAMPLED_LABELS).flatten()
+    for rank in range(WORLD):
         got = ranks[rank]
-        start, end = shard_range(40, rank, 2)
+        start, end = shard_range(40, rank, WORLD)
         mine = sorted({int(c) - start for c in gathered if start <= c < end})
         assert got["sampled_rows"] == max(len(mine), math.ceil(0.3 * (end - start)))
         assert all(got["sampled_positive_grads"][c] > 0 for c in mine)
 
 
+@pytest.mark.ddp
+def test_a_whole_head_checkpoint_is_split_on_load_and_gathered_on_save(processes):
+    # what lets N processes' checkpoints resume on M (here 3): rows and momentum
+    whole, index = _whole_checkpoint(_small_model())
+    momentum = whole["optimizer_states"][0]["state"][index]["momentum_buffer"]
+    for rank in range(WORLD):
+        got = processes[rank]["checkpoint"]
+        start, end = shard_range(CLASSES, rank, WORLD)
+        assert torch.equal(got["rows"], whole["state_dict"]["head.weight"][start:end])
+        assert torch.equal(got["momentum"], momentum[start:end])
+        assert got["ignored"] == ["head.weight"]  # DDP neither broadcasts nor averages it
+    assert torch.equal(processes[0]["checkpoint"]["saved"], whole["state_dict"]["head.weight"])
+    assert torch.equal(processes[0]["checkpoint"]["saved_momentum"], momentum)
+
+
 def test_sample_columns_keeps_every_positive_and_the_exact_count():
     torch.manual_seed(0)
     target = torch.tensor([4, -1, 17, 4, -1, 99])
-    index, remapped = sample_columns(target, 100, 0.1)
+    index, remapped = sample_columns(target, (0, 100), 100, 0.1)
     assert len(index) == 10 and torch.equal(index, index.sort().values)
     assert {4, 17, 99} <= set(index.tolist())
     assert torch.equal(index[remapped[target >= 0]], target[target >= 0])
     assert remapped[1] == -1 and remapped[4] == -1
     many = torch.arange(30)  # more positives than the sample: all of them, no more
-    index, _ = sample_columns(many, 100, 0.1)
+    index, _ = sample_columns(many, (0, 100), 100, 0.1)
     assert torch.equal(index, many)
 
 

@@ -129,7 +129,10 @@ class TwoStageIdentifier(nn.Module):
             ivf_nlist=route["ivf_nlist"],
             ivf_nprobe=route["ivf_nprobe"],
             hnsw_m=route["hnsw_m"],
-            hnsw_ef_search=route.get("hnsw_ef_search", 256),  # not in older exports
+            # not in older exports:
+            hnsw_ef_search=route.get("hnsw_ef_search", 256),
+            ivf_codes=route.get("ivf_codes", "flat"),
+            lists_per_cluster=route.get("lists_per_cluster", 1),
         )
 
     @property

@@ -13,8 +13,9 @@ Index types: ``flat`` (exact inner product, the default), ``clusters`` (inverted
 lists that are the clustering's own clusters: the K centroids are the coarse
 quantizer and each class mean sits in its cluster's list, so nothing is trained
 again and a probe visits whole clusters; for hundreds of thousands of identities),
-``ivf`` (faiss's own k-means lists) and ``hnsw`` (graph). With faiss-gpu installed
-and a CUDA device present, flat and ivf-type indexes move to the GPU.
+``ivf`` (faiss's own k-means lists) and ``hnsw`` (graph); IVF lists hold float32
+vectors or 8-bit codes (``ivf_codes``). With faiss-gpu installed and a CUDA device
+present, flat and ivf-type indexes move to the GPU.
 """
 
 from __future__ import annotations
@@ -31,32 +32,62 @@ def _to_numpy(x: Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().float().cpu().numpy())
 
 
-def cluster_lists_index(
-    vectors: Tensor, lists: Tensor, centroids: Tensor, nprobe: int
-) -> faiss.IndexIVFFlat:
-    """An inner-product IVF index whose inverted lists are given: row i of ``vectors``
-    goes to list ``lists[i]``, and ``centroids`` [K, d] are the coarse quantizer.
+def _ivf(quantizer: faiss.Index, nlist: int, codes: str) -> faiss.IndexIVF:
+    """An empty inner-product IVF over ``quantizer``: float32 vectors, or 8-bit scalar
+    codes of the vectors themselves (not residuals), a quarter of the bytes to scan."""
+    d = quantizer.d
+    if codes == "flat":
+        return faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    if codes == "sq8":
+        qtype = faiss.ScalarQuantizer.QT_8bit
+        return faiss.IndexIVFScalarQuantizer(
+            quantizer, d, nlist, qtype, faiss.METRIC_INNER_PRODUCT, False
+        )
+    raise ValueError(f"ivf_codes={codes!r} is not one of flat, sq8")
 
-    A query scans the ``nprobe`` lists whose centroids are nearest. With the
-    clustering's own assignment as the lists, that is the ``nprobe`` nearest clusters.
+
+def cluster_lists_index(
+    vectors: Tensor,
+    lists: Tensor,
+    centroids: Tensor,
+    nprobe: int,
+    lists_per_cluster: int = 1,
+    codes: str = "flat",
+) -> faiss.IndexIVF:
+    """An inner-product IVF index whose inverted lists nest inside given clusters.
+
+    Row i of ``vectors`` belongs to cluster ``lists[i]``, whose centroid is row
+    ``lists[i]`` of ``centroids``. With ``lists_per_cluster`` 1 each cluster is one list
+    and a query scans the ``nprobe`` nearest clusters. With more, each cluster is split
+    by a spherical k-means over its own members (seeded by the cluster id) into that
+    many lists: an IVF of K x lists_per_cluster lists whose training costs one small
+    k-means per cluster instead of one over all C rows.
     """
     data, cents = _to_numpy(vectors), _to_numpy(centroids)
     d, k = data.shape[1], cents.shape[0]
-    quantizer = faiss.IndexFlatIP(d)
-    quantizer.add(cents)
-    index = faiss.IndexIVFFlat(quantizer, d, k, faiss.METRIC_INNER_PRODUCT)
-    index.is_trained = True
     labels = lists.cpu().numpy().astype(np.int64)
-    order = np.argsort(labels, kind="stable")
-    counts = np.bincount(labels, minlength=k)
-    start = 0
+    sub_centroids, assignment = [], np.empty(len(data), dtype=np.int64)
     for c in range(k):
-        ids = np.ascontiguousarray(order[start : start + counts[c]], dtype=np.int64)
-        codes = np.ascontiguousarray(data[ids]).view(np.uint8)
-        index.invlists.add_entries(c, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
-        start += counts[c]
-    index.ntotal = data.shape[0]
-    index.nprobe = min(nprobe, k)
+        members = np.flatnonzero(labels == c)
+        parts = min(lists_per_cluster, len(members))
+        if parts <= 1:
+            sub_centroids.append(cents[c : c + 1])
+            assignment[members] = len(sub_centroids) - 1
+            continue
+        km = faiss.Kmeans(
+            d, parts, niter=10, spherical=True, seed=c, max_points_per_centroid=len(members)
+        )
+        km.train(data[members])
+        _, nearest = km.index.search(data[members], 1)
+        assignment[members] = sum(len(x) for x in sub_centroids) + nearest[:, 0]
+        sub_centroids.append(km.centroids)
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(np.ascontiguousarray(np.concatenate(sub_centroids), dtype=np.float32))
+    index = _ivf(quantizer, quantizer.ntotal, codes)
+    index.train(data)  # the quantizer is full: only 8-bit ranges are trained, if any
+    ids = np.arange(len(data), dtype=np.int64)
+    index.add_core(len(data), faiss.swig_ptr(data), faiss.swig_ptr(ids), faiss.swig_ptr(assignment))
+    index.nprobe = min(nprobe, index.nlist)
     return index
 
 
@@ -68,6 +99,7 @@ def build_index(
     hnsw_m: int = 32,
     use_gpu: bool | None = None,
     hnsw_ef_search: int = 256,
+    ivf_codes: str = "flat",
 ) -> faiss.Index:
     """An inner-product faiss index over L2-normalised ``vectors`` [N, d] (``clusters``:
     see :func:`cluster_lists_index`, built by the Router, which holds the clusters)."""
@@ -77,7 +109,7 @@ def build_index(
         index = faiss.IndexFlatIP(d)
     elif kind == "ivf":
         nlist = ivf_nlist or max(1, min(n // 8, int(4 * math.sqrt(n))))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index = _ivf(faiss.IndexFlatIP(d), nlist, ivf_codes)
         index.train(data)
         index.nprobe = min(ivf_nprobe, nlist)
     elif kind == "hnsw":
@@ -103,7 +135,8 @@ class Router:
             retrieved neighbour belongs to, after all retrieved ones).
         index: flat, clusters, ivf or hnsw.
         neighbours: class means retrieved per query (at least ``top_m * 8``).
-        ivf_nlist, ivf_nprobe, hnsw_m, hnsw_ef_search: index settings.
+        ivf_nlist, ivf_nprobe, ivf_codes, lists_per_cluster, hnsw_m, hnsw_ef_search:
+            index settings (lists_per_cluster: index=clusters only).
         use_gpu: None: faiss GPU when available.
     """
 
@@ -119,6 +152,8 @@ class Router:
         hnsw_m: int = 32,
         use_gpu: bool | None = None,
         hnsw_ef_search: int = 256,
+        ivf_codes: str = "flat",
+        lists_per_cluster: int = 1,
     ) -> None:
         self.class_to_cluster = class_to_cluster.cpu().long()
         self.centroids = centroids.detach().float().cpu()
@@ -127,7 +162,12 @@ class Router:
         self.neighbours = neighbours
         if index == "clusters":
             self.index = cluster_lists_index(
-                class_means, self.class_to_cluster, self.centroids, ivf_nprobe
+                class_means,
+                self.class_to_cluster,
+                self.centroids,
+                ivf_nprobe,
+                lists_per_cluster,
+                ivf_codes,
             )
             if use_gpu is None:
                 use_gpu = torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources")
@@ -135,7 +175,14 @@ class Router:
                 self.index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self.index)
         else:
             self.index = build_index(
-                class_means, index, ivf_nlist, ivf_nprobe, hnsw_m, use_gpu, hnsw_ef_search
+                class_means,
+                index,
+                ivf_nlist,
+                ivf_nprobe,
+                hnsw_m,
+                use_gpu,
+                hnsw_ef_search,
+                ivf_codes,
             )
 
     def cluster_scores(self, queries: Tensor, top_m: int = 1) -> Tensor:

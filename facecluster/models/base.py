@@ -58,7 +58,9 @@ class StageSystem(L.LightningModule):
         ``model.compile``: ``torch.compile`` each backbone in place
         (``nn.Module.compile``), so parameter names and checkpoints are unchanged.
         """
-        self._shard_heads()
+        rank, world = distributed_world()
+        if world > 1 and self._trainer is not None:
+            self.shard_heads(rank, world)
         if getattr(self, "_speed_applied", False):
             return
         self._speed_applied = True
@@ -69,10 +71,9 @@ class StageSystem(L.LightningModule):
             for backbone in self.backbones():
                 backbone.compile()
 
-    def _shard_heads(self) -> None:
-        rank, world = distributed_world()
-        if world == 1 or self._trainer is None:
-            return
+    def shard_heads(self, rank: int, world: int) -> None:
+        """Keep shard ``rank`` of ``world`` of every margin head (``MarginHead.shard``);
+        configure_model calls it under DDP, before the optimizer is built."""
         heads = self.margin_heads()
         for head in heads.values():
             if not head.sharded:

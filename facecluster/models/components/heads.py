@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .partial_fc import (
     gather_rows,
+    gather_sizes,
     sample_columns,
     shard_range,
     sharded_argmax,
@@ -157,13 +158,17 @@ class MarginHead(nn.Module):
         """
         if not self.sharded and self.sample_rate >= 1.0:
             return F.cross_entropy(self(embeddings, labels), labels)
-        embeddings, labels = gather_rows(embeddings), gather_rows(labels)
+        # fp32 before the gather: its backward all-reduces the gradient in this dtype
+        sizes = gather_sizes(len(labels), labels.device)
+        embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+        embeddings, labels = gather_rows(embeddings, sizes), gather_rows(labels, sizes)
         rows = self.weight.shape[0]
         local = labels.long() - self.row_start
         target = torch.where((local >= 0) & (local < rows), local, -1)
         weight = self.weight
         if self.sample_rate < 1.0:
-            index, target = sample_columns(target, rows, self.sample_rate)
+            shard = (self.row_start, self.row_start + rows)
+            index, target = sample_columns(target, shard, self.num_classes, self.sample_rate)
             weight = weight[index]
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             cos = self._cosine(embeddings, weight)

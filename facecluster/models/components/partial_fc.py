@@ -48,6 +48,7 @@ from torch.autograd import Function
 __all__ = [
     "distributed_world",
     "gather_rows",
+    "gather_sizes",
     "gather_to_first",
     "sample_columns",
     "shard_range",
@@ -100,16 +101,22 @@ class _GatherRows(Function):
         return own * len(ctx.sizes), None, None  # x W: DDP averages the backbone's gradients
 
 
-def gather_rows(x: Tensor) -> Tensor:
+def gather_sizes(rows: int, device: torch.device) -> list[int]:
+    """Every process's row count (one small all-gather; ``[rows]`` without DDP)."""
+    return [rows] if distributed_world()[1] == 1 else _sizes(rows, device)
+
+
+def gather_rows(x: Tensor, sizes: list[int] | None = None) -> Tensor:
     """Every process's rows of ``x``, in rank order (any row count per process).
 
-    Differentiable: the backward pass returns this process's rows of the gradient summed
-    over processes, times the world size (the module docstring says why).
+    ``sizes`` (``gather_sizes``) saves the size exchange when it is known. Differentiable:
+    the backward pass returns this process's rows of the gradient summed over processes,
+    times the world size (the module docstring says why).
     """
     rank, world = distributed_world()
     if world == 1:
         return x
-    sizes = _sizes(x.shape[0], x.device)
+    sizes = sizes or _sizes(x.shape[0], x.device)
     if x.requires_grad:
         return _GatherRows.apply(x, sizes, rank)
     return _all_gather(x, sizes)
@@ -117,19 +124,32 @@ def gather_rows(x: Tensor) -> Tensor:
 
 def gather_to_first(shard: Tensor, num_rows: int) -> Tensor | None:
     """The whole tensor from the row shards ``shard_range`` gives each process, on rank
-    0 (None elsewhere); every process must call it. Used to save a sharded head (and its
-    optimizer state) as one logical tensor, readable at any device count."""
+    0's CPU (None elsewhere); every process must call it. Used to save a sharded head
+    (and its optimizer state) as one logical tensor, readable at any device count.
+
+    Rank 0 receives one shard at a time into host memory, so no device ever holds more
+    than one shard more than it did. Under NCCL the shards travel through the current
+    CUDA device, wherever they are (Lightning moves the model to the CPU at teardown).
+    """
     rank, world = distributed_world()
     if world == 1:
-        return shard
+        return shard.cpu()
+    device = shard.device
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
     ranges = [shard_range(num_rows, r, world) for r in range(world)]
-    padded = shard.new_zeros((ranges[0][1] - ranges[0][0], *shard.shape[1:]))  # the longest
-    padded[: shard.shape[0]] = shard
-    parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
-    dist.gather(padded.contiguous(), parts, dst=0)
-    if parts is None:
+    if rank != 0:
+        dist.send(shard.detach().to(device).contiguous(), dst=0)
         return None
-    return torch.cat([p[: end - start] for p, (start, end) in zip(parts, ranges, strict=True)])
+    whole = torch.empty((num_rows, *shard.shape[1:]), dtype=shard.dtype)
+    whole[ranges[0][0] : ranges[0][1]] = shard.detach().cpu()
+    buffer = torch.empty((ranges[0][1], *shard.shape[1:]), dtype=shard.dtype, device=device)
+    for r in range(1, world):
+        start, end = ranges[r]
+        part = buffer[: end - start]
+        dist.recv(part, src=r)
+        whole[start:end] = part.cpu()
+    return whole
 
 
 def sharded_argmax(
@@ -144,6 +164,8 @@ def sharded_argmax(
     rank, world = distributed_world()
     if world == 1:
         return cosine(embeddings).argmax(dim=1) + row_start
+    # one dtype on every process (a process with no images sends fp32)
+    embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
     sizes = _sizes(embeddings.shape[0], embeddings.device)
     cos = cosine(_all_gather(embeddings, sizes))
     if cos.shape[1]:
@@ -177,9 +199,10 @@ class _ShardedCrossEntropy(Function):
         own = (target >= 0).nonzero().squeeze(1)
         target_logit = logits.new_zeros(rows)
         target_logit[own] = logits.detach()[own, target[own]]
-        if world > 1:
-            dist.all_reduce(sums)
-            dist.all_reduce(target_logit)  # each row's target is on exactly one process
+        if world > 1:  # each row's target is on exactly one process: a sum is it
+            both = torch.stack([sums, target_logit])
+            dist.all_reduce(both)
+            sums, target_logit = both[0], both[1]
         exp /= sums.unsqueeze(1)  # this shard's columns of the softmax
         ctx.save_for_backward(exp, own, target)
         return sums.log() + maxes - target_logit
@@ -206,24 +229,35 @@ def sharded_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return _ShardedCrossEntropy.apply(logits, target)
 
 
-def sample_columns(target: Tensor, num_rows: int, sample_rate: float) -> tuple[Tensor, Tensor]:
+def sample_columns(
+    target: Tensor, rows: tuple[int, int], num_classes: int, sample_rate: float
+) -> tuple[Tensor, Tensor]:
     """The rows of a shard a sampled step uses: every positive plus a uniform sample of
-    the others, ``max(positives, ceil(sample_rate * num_rows))`` in all.
+    the others, ``max(positives, ceil(sample_rate * shard rows))`` in all.
+
+    The random scores are drawn for the whole head and each shard takes its slice, so
+    shards sample independently of each other even when every process's generator is in
+    the same state (stage 2 reseeds each sub-net's per step), and a step samples the
+    same classes on any number of processes.
 
     Args:
         target: ``[N]`` each gathered row's class in this shard, -1 if not here.
-        num_rows: the shard's row count.
+        rows: the shard's rows ``[start, end)`` of the whole head.
+        num_classes: rows of the whole head.
         sample_rate: the share of rows to use, in (0, 1].
 
     Returns:
-        ``index`` (the sorted rows used) and ``target`` remapped to positions in ``index``.
+        ``index`` (the sorted shard rows used) and ``target`` remapped to positions in
+        ``index``.
     """
+    start, end = rows
+    num_rows = end - start
     positives = torch.unique(target[target >= 0])  # sorted
     count = min(num_rows, math.ceil(sample_rate * num_rows - 1e-9))
     if positives.numel() >= count:
         index = positives
     else:
-        score = torch.rand(num_rows, device=target.device)
+        score = torch.rand(num_classes, device=target.device)[start:end]
         score[positives] = 2.0  # above every draw: kept
         index = score.topk(count).indices.sort().values
     remapped = torch.searchsorted(index, target.clamp(min=0))
