@@ -267,6 +267,8 @@ def routing(
     hnsw_efs: list[int],
     lists_per_cluster: int,
     split_nprobes: list[int],
+    fine_nlist: int,
+    fine_nprobes: list[int],
 ) -> dict:
     a = cluster_identities(torch.from_numpy(means), k, "kmeans", seed=0, niter=niter)
     q = torch.from_numpy(queries_near(means, queries, seed=0))
@@ -288,6 +290,7 @@ def routing(
     settings += [(split, "ivf_nprobe", split_nprobes)]
     settings += [("ivf", "ivf_nprobe", ivf_nprobes)]
     settings += [("ivf, ivf_codes=sq8", "ivf_nprobe", ivf_nprobes)]
+    settings += [(f"ivf, ivf_nlist={fine_nlist}, ivf_codes=sq8", "ivf_nprobe", fine_nprobes)]
     settings += [("hnsw", "hnsw_ef_search", hnsw_efs)]
     built: dict[str, tuple[Router, float]] = {}
     for name, key, values in settings:
@@ -299,8 +302,9 @@ def routing(
             seconds = built["ivf"][1] + time.perf_counter() - start
         else:
             kwargs = {o.split("=")[0]: o.split("=")[1] for o in options}
-            if "lists_per_cluster" in kwargs:
-                kwargs["lists_per_cluster"] = int(kwargs["lists_per_cluster"])
+            for key_ in ("lists_per_cluster", "ivf_nlist"):
+                if key_ in kwargs:
+                    kwargs[key_] = int(kwargs[key_])
             router = Router(
                 a.class_means, a.class_to_cluster, a.centroids, kind, use_gpu=False, **kwargs
             )
@@ -467,7 +471,7 @@ def _clustering_section(c: dict, classes: int, k: int) -> str:
 """
 
 
-def _routing_section(r: dict, batch: int) -> str:
+def _routing_section(r: dict, batch: int, topics: str) -> str:
     rows = []
     for name, v in r.items():
         kind, _, setting = name.partition(", ")
@@ -512,6 +516,10 @@ The goal is at most 2 ms per query with at least 99.5% agreement. {verdict}
   most of its build time. With `route.ivf_codes=sq8` the same lists hold 8-bit codes
   (its build time here includes training those lists), so a query scans a quarter of
   the bytes.
+- More, finer IVF lists (`route.ivf_nlist`) cost a longer build and scan fewer class
+  means per probe. Caution: this synthetic set has {topics} neighbourhoods, so lists
+  as many as the neighbourhoods suit it unusually well; on real class means, measure
+  agreement on your own embeddings (`route.*` settings are evaluation-time options).
 - `hnsw` is faiss's graph index; `route.hnsw_ef_search` trades time for agreement.
 
 Exact search stays the default; `route.index` picks another (docs/EVALUATION.md).
@@ -556,7 +564,7 @@ Wall time of the last runs: {walls}. Exact commands: `commands` in
   multiplied by the world size, because DDP averages the backbone's gradient while the
   loss is the mean over the whole gathered batch (the docstring of
   `facecluster/models/components/partial_fc.py` works it out).
-  `tests/test_partial_fc.py` checks, on 2 gloo processes with unequal batches, that the
+  `tests/test_partial_fc.py` checks, on 3 gloo processes with unequal batches, that the
   loss, the backbone gradient and each shard's gradient equal one process's with the
   whole head (within 1e-5), for ArcFace and CosFace, and that sampling keeps every
   positive and uses exactly max(positives, ceil(r x rows)) rows. The margin is applied
@@ -564,7 +572,9 @@ Wall time of the last runs: {walls}. Exact commands: `commands` in
 - **Clipping** by norm counts every shard: the shards' squared norms are summed over
   processes, so all processes scale their gradients by the same factor.
 - **Checkpoints hold the whole head** and its whole optimizer state, gathered on save
-  and split on load. A run trained on N processes resumes, evaluates and exports on M.
+  (rank 0 receives one shard at a time into host memory) and split on load
+  (`tests/test_partial_fc.py` splits one over 3 processes and gathers it back). A run
+  trained on N processes resumes, evaluates and exports on M.
   `tests/test_ddp.py` trains on 2 processes, resumes on 1, then on 2 again, each fit
   starting from exactly the saved weights and momentum, and evaluates in one process.
 - **Limits.** Each process builds the whole head once at start (from the run's seed, so
@@ -597,7 +607,8 @@ synthetic class means: """
             _clustering_section(result["clustering"], result["classes"], result["clusters"])
         )
     if "routing" in result:
-        parts.append(_routing_section(result["routing"], 256))
+        topics = result["synthetic"].split(" topics")[0]
+        parts.append(_routing_section(result["routing"], 256, topics))
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -625,6 +636,8 @@ def main() -> None:
     parser.add_argument("--hnsw-ef", type=int, nargs="+", default=[16, 64, 128, 256])
     parser.add_argument("--lists-per-cluster", type=int, default=32)
     parser.add_argument("--clustering-repeats", type=int, default=3)
+    parser.add_argument("--fine-nlist", type=int, default=4096, help="a second ivf, sq8")
+    parser.add_argument("--fine-nprobe", type=int, nargs="+", default=[64, 128, 192])
     parser.add_argument("--split-nprobe", type=int, nargs="+", default=[64, 128, 192, 256])
     parser.add_argument("--repeats", type=int, default=3, help="timed head steps")
     parser.add_argument("--head-classes", type=int, nargs="+", default=list(HEAD_CLASSES))
@@ -687,6 +700,8 @@ def main() -> None:
                 args.hnsw_ef,
                 args.lists_per_cluster,
                 args.split_nprobe,
+                args.fine_nlist,
+                args.fine_nprobe,
             )
         result.setdefault("wall_s", {})[part] = round(time.perf_counter() - start, 1)
     result.pop("command", None)  # the single command of earlier versions

@@ -150,7 +150,8 @@ def test_scale_benchmark_runs_small_and_writes_its_page(tmp_path):
         "--classes", "3000", "--dim", "32", "--clusters", "8", "--topics", "64",
         "--queries", "256", "--nprobe", "1", "8", "--ivf-nprobe", "4", "--hnsw-ef", "16", "64",
         "--head-classes", "800", "4000", "--repeats", "1", "--measure-limit-gib", "0.001",
-        "--lists-per-cluster", "4", "--split-nprobe", "32",
+        "--lists-per-cluster", "4", "--split-nprobe", "32", "--fine-nlist", "64",
+        "--fine-nprobe", "8",
         "--out", str(out), "--doc", str(doc),
     ]  # fmt: skip
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
@@ -163,6 +164,7 @@ def test_scale_benchmark_runs_small_and_writes_its_page(tmp_path):
     assert routing["clusters, ivf_nprobe=8"]["agreement"] == 1.0
     assert 0.0 < routing["clusters, ivf_nprobe=1"]["agreement"] <= 1.0
     assert {"ivf, ivf_nprobe=4", "hnsw, hnsw_ef_search=64", "flat (exact)"} <= routing.keys()
+    assert "ivf, ivf_nlist=64, ivf_codes=sq8, ivf_nprobe=8" in routing
     split = routing["clusters, lists_per_cluster=4, ivf_codes=sq8, ivf_nprobe=32"]
     assert split["agreement"] >= 0.99  # every list probed: only the 8-bit codes differ
     heads = {(r["classes"], r["head"], r["shards"]): r for r in result["heads"]["rows"]}
