@@ -394,9 +394,10 @@ def _heads_section(h: dict) -> str:
   least 128 for the positives). Activations of the backbone are not included.
 - **Step time** is one head step on this machine's CPU: loss forward and backward and
   the SGD update of the process's rows. With 8 shards it is one shard's work on the
-  gathered batch of {8 * h["batch_per_process"]}; the all-gather and the three
-  all-reduces of a step (each [gathered batch] floats, or [batch, 512] for the
-  embeddings) are not included. Rows marked "computed" did not fit this machine and are
+  gathered batch of {8 * h["batch_per_process"]}. A step's communication is not
+  included: the batch sizes, the embeddings and labels gathered, two all-reduces of
+  [gathered batch] floats for the loss, and one of [gathered batch, 512] for the
+  embeddings' gradient. Rows marked "computed" did not fit this machine and are
   the same configuration's time at the largest measured C, scaled by C.
 - At {big:,} identities the whole head on one process needs {whole["memory_gib"]:.1f}
   GiB; split over 8 processes {whole8["memory_gib"]:.1f} GiB each, and with Partial FC

@@ -23,7 +23,7 @@ class BackboneSystem(StageSystem):
     Args:
         num_classes: number of identities C.
         backbone: keyword arguments of ``create_backbone`` (name, embedding_dim, ...).
-        head: the ``head`` config section as a dict (name, s, m, sample_rate).
+        head: ``create_head``'s arguments from the ``head`` section (name, s, m, sample_rate).
         optim: the ``stage1.optim`` config section as a dict.
         config: the whole resolved run config, stored in every checkpoint.
     """
@@ -42,12 +42,7 @@ class BackboneSystem(StageSystem):
         self.save_hyperparameters()
         self.backbone = create_backbone(**backbone)
         self.head = create_head(
-            head["name"],
-            num_classes,
-            backbone["embedding_dim"],
-            s=head["s"],
-            m=head["m"],
-            sample_rate=head.get("sample_rate", 1.0),
+            num_classes=num_classes, embedding_dim=backbone["embedding_dim"], **head
         )
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")

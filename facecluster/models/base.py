@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from facecluster.models.components import MarginHead
-from facecluster.models.components.partial_fc import distributed_world, gather_to_first
+from facecluster.models.components.partial_fc import gather_to_first
 from facecluster.models.optim import build_optimizer, build_scheduler, param_groups
 
 CHECKPOINT_KEY = "facecluster"
@@ -58,9 +58,12 @@ class StageSystem(L.LightningModule):
         ``model.compile``: ``torch.compile`` each backbone in place
         (``nn.Module.compile``), so parameter names and checkpoints are unchanged.
         """
-        rank, world = distributed_world()
-        if world > 1 and self._trainer is not None:
-            self.shard_heads(rank, world)
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # load_from_checkpoint: no Trainer, the heads stay whole
+            trainer = None
+        if trainer is not None and trainer.world_size > 1:
+            self.shard_heads(trainer.global_rank, trainer.world_size)
         if getattr(self, "_speed_applied", False):
             return
         self._speed_applied = True
@@ -173,17 +176,10 @@ def clip_gradients_(modules: list[nn.Module], value: float, algorithm: str | Non
     if not shards:
         nn.utils.clip_grad_norm_(params, value)
         return
-    grads = [p.grad for p in params]
-    local = [g for p, g in zip(params, grads, strict=True) if id(p) not in shards]
-    shard = [g for p, g in zip(params, grads, strict=True) if id(p) in shards]
-    device = grads[0].device
-    squares = torch.zeros(2, dtype=torch.float32, device=device)
-    for i, part in enumerate((local, shard)):
-        if part:
-            squares[i] = torch.stack([g.detach().float().norm() for g in part]).square().sum()
-    shard_square = squares[1:].clone()
+    local = [p for p in params if id(p) not in shards]
+    shard_norm = nn.utils.get_total_norm([p.grad for p in params if id(p) in shards])
+    shard_square = shard_norm.square()
     dist.all_reduce(shard_square)
-    norm = (squares[0] + shard_square[0]).sqrt()
-    coef = (value / (norm + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.detach().mul_(coef.to(g.dtype))
+    local_norm = nn.utils.get_total_norm([p.grad for p in local]).to(shard_square.device)
+    total = (local_norm.square() + shard_square).sqrt()
+    nn.utils.clip_grads_with_norm_(params, value, total)

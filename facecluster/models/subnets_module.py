@@ -57,7 +57,7 @@ class SubnetSystem(StageSystem):
         num_classes: number of identities C.
         cluster_sizes: identities per cluster, length K.
         backbone: keyword arguments of ``create_backbone`` (each sub-net's backbone).
-        head: the ``head`` config section as a dict.
+        head: ``create_head``'s arguments from the ``head`` section (name, s, m, sample_rate).
         optim: the ``stage2.optim`` config section as a dict.
         config: the whole resolved run config, stored in every checkpoint.
         subnet_ids: the clusters whose sub-nets this system trains (None: all K).
@@ -90,12 +90,7 @@ class SubnetSystem(StageSystem):
                 torch.manual_seed(subnet_seed(seed, k))
                 self.subnets[str(k)] = create_backbone(**backbone)
                 self.heads[str(k)] = create_head(
-                    head["name"],
-                    cluster_sizes[k],
-                    dim,
-                    s=head["s"],
-                    m=head["m"],
-                    sample_rate=head.get("sample_rate", 1.0),
+                    num_classes=cluster_sizes[k], embedding_dim=dim, **head
                 )
         self.register_buffer("class_to_cluster", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("local_index", torch.zeros(num_classes, dtype=torch.long))
@@ -159,8 +154,7 @@ class SubnetSystem(StageSystem):
         gets the rows (None elsewhere)."""
         state = {n: t.detach().cpu() for n, t in self.subnets[str(k)].state_dict().items()}
         head = self.heads[str(k)]
-        rows = gather_to_first(head.weight.detach(), head.num_classes)
-        return state, None if rows is None else rows.cpu()
+        return state, gather_to_first(head.weight.detach(), head.num_classes)
 
     def training_step(
         self, batch: dict[int, tuple[Tensor, Tensor]], batch_idx: int

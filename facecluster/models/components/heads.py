@@ -113,14 +113,14 @@ class MarginHead(nn.Module):
         Returns:
             ``[B, num_classes]`` in ``[-1, 1]``, in fp32 (float64 for float64 inputs).
         """
+        return self._cosine(embeddings, self.weight)
+
+    def _cosine(self, embeddings: Tensor, weight: Tensor) -> Tensor:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
             raise ValueError(
                 f"embeddings must have shape [B, {self.embedding_dim}], "
                 f"got {tuple(embeddings.shape)}"
             )
-        return self._cosine(embeddings, self.weight)
-
-    def _cosine(self, embeddings: Tensor, weight: Tensor) -> Tensor:
         dtype = self._compute_dtype(embeddings)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             emb = F.normalize(embeddings.to(dtype), dim=1)
@@ -171,11 +171,8 @@ class MarginHead(nn.Module):
             index, target = sample_columns(target, shard, self.num_classes, self.sample_rate)
             weight = weight[index]
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            cos = self._cosine(embeddings, weight)
-            own = (target >= 0).nonzero().squeeze(1)
-            column = target[own]
-            cos = cos.index_put((own, column), self._margin(cos[own, column]))
-            return sharded_cross_entropy(cos * self.s, target).mean()
+            logits = self._margin_logits(self._cosine(embeddings, weight), target)
+            return sharded_cross_entropy(logits, target).mean()
 
     @torch.no_grad()
     def predict(self, embeddings: Tensor) -> Tensor:
@@ -203,10 +200,17 @@ class MarginHead(nn.Module):
                 f"labels must have shape [{embeddings.shape[0]}], got {tuple(labels.shape)}"
             )
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            cos = self.cosine(embeddings)
-            index = labels.long().unsqueeze(1)
-            target = self._margin(cos.gather(1, index))
-            return cos.scatter(1, index, target) * self.s
+            return self._margin_logits(self.cosine(embeddings), labels.long())
+
+    def _margin_logits(self, cos: Tensor, target: Tensor) -> Tensor:
+        """``s * cos`` with the margin on each row's target column; a target of -1 (the
+        class is another shard's) leaves its row as it is. No host synchronisation."""
+        if cos.shape[1] == 0:  # a shard with no rows (fewer classes than processes)
+            return cos * self.s
+        index = target.clamp(min=0).unsqueeze(1)
+        picked = cos.gather(1, index)
+        target_cos = torch.where(index == target.unsqueeze(1), self._margin(picked), picked)
+        return cos.scatter(1, index, target_cos) * self.s
 
     def extra_repr(self) -> str:
         """Shows the sizes and hyper-parameters in ``print(module)``."""

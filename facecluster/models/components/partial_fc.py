@@ -72,12 +72,6 @@ def shard_range(num_rows: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def _sizes(rows: int, device: torch.device) -> list[int]:
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([rows], dtype=torch.long, device=device))
-    return [int(s) for s in sizes]
-
-
 def _all_gather(x: Tensor, sizes: list[int]) -> Tensor:
     padded = x.new_zeros((max(sizes), *x.shape[1:]))
     padded[: x.shape[0]] = x
@@ -103,7 +97,12 @@ class _GatherRows(Function):
 
 def gather_sizes(rows: int, device: torch.device) -> list[int]:
     """Every process's row count (one small all-gather; ``[rows]`` without DDP)."""
-    return [rows] if distributed_world()[1] == 1 else _sizes(rows, device)
+    world = distributed_world()[1]
+    if world == 1:
+        return [rows]
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([rows], dtype=torch.long, device=device))
+    return [int(s) for s in sizes]
 
 
 def gather_rows(x: Tensor, sizes: list[int] | None = None) -> Tensor:
@@ -116,7 +115,7 @@ def gather_rows(x: Tensor, sizes: list[int] | None = None) -> Tensor:
     rank, world = distributed_world()
     if world == 1:
         return x
-    sizes = sizes or _sizes(x.shape[0], x.device)
+    sizes = sizes or gather_sizes(x.shape[0], x.device)
     if x.requires_grad:
         return _GatherRows.apply(x, sizes, rank)
     return _all_gather(x, sizes)
@@ -155,18 +154,17 @@ def gather_to_first(shard: Tensor, num_rows: int) -> Tensor | None:
 def sharded_argmax(
     embeddings: Tensor, cosine: Callable[[Tensor], Tensor], row_start: int
 ) -> Tensor:
-    """The class (row of the whole head) nearest each of this process's embeddings.
+    """The class (row of the whole head) nearest each of this process's embeddings,
+    for a head sharded over the processes of the default group.
 
     Every process must call it (with any row count, zero included): the embeddings are
     gathered, each process finds its shard's best row for every one, and the best over
     processes wins (ties: the lowest class, as ``argmax`` over the whole head).
     """
     rank, world = distributed_world()
-    if world == 1:
-        return cosine(embeddings).argmax(dim=1) + row_start
     # one dtype on every process (a process with no images sends fp32)
     embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
-    sizes = _sizes(embeddings.shape[0], embeddings.device)
+    sizes = gather_sizes(embeddings.shape[0], embeddings.device)
     cos = cosine(_all_gather(embeddings, sizes))
     if cos.shape[1]:
         best, index = cos.max(dim=1)
@@ -196,22 +194,25 @@ class _ShardedCrossEntropy(Function):
             dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
         exp = torch.exp(logits.detach() - maxes.unsqueeze(1))
         sums = exp.sum(dim=1)
-        own = (target >= 0).nonzero().squeeze(1)
+        here = target >= 0  # masks, not indices: no host synchronisation
+        index = target.clamp(min=0).unsqueeze(1)
         target_logit = logits.new_zeros(rows)
-        target_logit[own] = logits.detach()[own, target[own]]
+        if logits.shape[1]:
+            target_logit = logits.detach().gather(1, index).squeeze(1) * here
         if world > 1:  # each row's target is on exactly one process: a sum is it
             both = torch.stack([sums, target_logit])
             dist.all_reduce(both)
             sums, target_logit = both[0], both[1]
         exp /= sums.unsqueeze(1)  # this shard's columns of the softmax
-        ctx.save_for_backward(exp, own, target)
+        ctx.save_for_backward(exp, index, here)
         return sums.log() + maxes - target_logit
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        softmax, own, target = ctx.saved_tensors
+        softmax, index, here = ctx.saved_tensors
         grad = softmax.clone()
-        grad[own, target[own]] -= 1.0
+        if grad.shape[1]:
+            grad.scatter_add_(1, index, -here.to(grad.dtype).unsqueeze(1))  # minus one-hot
         return grad * grad_loss.unsqueeze(1), None
 
 
