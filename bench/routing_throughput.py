@@ -1,9 +1,14 @@
-"""Throughput of routed inference against ISM (every sub-net runs), on CPU.
+"""Throughput of routed inference against ISM (every sub-net runs) and against the
+single model, with and without shared layers, on CPU.
 
 Routed: one router-backbone forward + the routed sub-net (top_m=1), so with K
 sub-nets of the same backbone the limit of the routed/ISM ratio is K/2. The
 routing search (faiss over the class means) must stay a small share of the
-pipeline. Weights are random: speed does not depend on them.
+pipeline. With ``model.shared_layers=n`` the stage-1 trunk (stem and n stages)
+runs once, then the router's tail and the sub-net's tail: each ``--shared-layers``
+value is timed against the single model (one backbone, one head over all
+identities), at ``--batch`` and at batch 1. Weights are random: speed does not
+depend on them.
 
     .venv/bin/python bench/routing_throughput.py            # K=8, batch 256, 10,000 identities
     .venv/bin/python bench/routing_throughput.py --identities 100000 --index ivf
@@ -14,8 +19,10 @@ Prints a markdown table and writes JSON next to --out.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,6 +46,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--index", default="flat")
+    parser.add_argument("--shared-layers", type=int, nargs="*", default=[0, 2, 3, 4])
     parser.add_argument("--out", default="bench/results/routing_throughput.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -59,15 +67,24 @@ def main() -> None:
     assignment = ClusterAssignment.from_labels(torch.arange(c) % k, means, "random")
     heads = [F.normalize(torch.randn(int(n), d), dim=1) for n in assignment.cluster_sizes()]
     route = dict(vars(RouteConfig()), index=args.index)
-    ident = TwoStageIdentifier(
-        backbone,
-        net(),
-        [net() for _ in range(k)],
-        heads,
-        assignment,
-        [str(i) for i in range(c)],
-        route,
-    )
+    route.update(router_temperature=0.05, subnet_temperature=0.07, generalist_weight=0.5)
+    router = net()
+
+    def identifier(shared_layers: int) -> TwoStageIdentifier:
+        # sub-nets that share the router's trunk hold its weights there (as stage 2 leaves them)
+        subnets = [copy.deepcopy(router) for _ in range(k)] if shared_layers else None
+        return TwoStageIdentifier(
+            backbone,
+            router,
+            subnets or [net() for _ in range(k)],
+            heads,
+            assignment,
+            [str(i) for i in range(c)],
+            route,
+            shared_layers,
+        )
+
+    ident = identifier(0)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size)
 
     with torch.inference_mode():
@@ -103,6 +120,7 @@ def main() -> None:
         "routing_search_share": search / routed,
         "one_backbone_forward_ms": one_net * 1000,
     }
+    result["shared_layers"] = shared_rows(identifier, router, means, images, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -118,6 +136,49 @@ def main() -> None:
         f"({result['backbone']}, {args.image_size}px, d={d}, K={k}, {c} identities, "
         f"batch {args.batch}, {args.index} index, {result['torch_threads']} threads) -> {out}"
     )
+
+    print(
+        "\n| shared layers | routed img/s | single model img/s | ratio | routed ms @1 "
+        "| single ms @1 |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
+    for row in result["shared_layers"]:
+        print(
+            f"| {row['shared_layers']} | {row['routed_images_per_s']:.1f} | "
+            f"{row['single_images_per_s']:.1f} | {row['ratio']:.2f} | "
+            f"{row['routed_ms_at_1']:.1f} | {row['single_ms_at_1']:.1f} |"
+        )
+
+
+def shared_rows(identifier, router, head, images, args) -> list[dict[str, float]]:
+    """Routed (top_m=1, moe) with each ``--shared-layers`` against the single model, which
+    embeds with one backbone and scores one head over all identities."""
+
+    def single(x: torch.Tensor) -> torch.Tensor:
+        return (F.normalize(router(x), dim=1) @ head.T).argmax(dim=1)
+
+    rows = []
+    with torch.inference_mode():
+        for n in args.shared_layers:
+            ident = identifier(n)
+            calls = {"routed": partial(ident.identify, top_m=1), "single": single}
+            batch = time_interleaved(
+                {name: partial(f, images) for name, f in calls.items()}, rounds=args.repeats
+            )
+            one = time_interleaved(
+                {name: partial(f, images[:1]) for name, f in calls.items()}, rounds=20
+            )
+            rows.append(
+                {
+                    "shared_layers": n,
+                    "routed_images_per_s": len(images) / batch["routed"].median,
+                    "single_images_per_s": len(images) / batch["single"].median,
+                    "ratio": batch["single"].median / batch["routed"].median,
+                    "routed_ms_at_1": one["routed"].median * 1000,
+                    "single_ms_at_1": one["single"].median * 1000,
+                }
+            )
+    return rows
 
 
 if __name__ == "__main__":

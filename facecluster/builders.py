@@ -28,7 +28,7 @@ from facecluster.checkpoint_io import AtomicCheckpointIO
 from facecluster.config import Config, ConfigError, naming
 from facecluster.data import FaceDataModule
 from facecluster.data.verification import VerificationPairs, load_pairs, named_sets
-from facecluster.models.components import create_backbone
+from facecluster.models.components import create_backbone, shareable_stages
 from facecluster.run import BEST, LAST, RunFolder
 
 
@@ -58,6 +58,16 @@ def backbone_parameters(cfg: Config) -> int:
     """
     with naming(f"model.backbone={cfg.model.backbone!r}", KeyError, TypeError):
         backbone = create_backbone(**cfg.model.backbone_args(cfg.data.image_size))
+    available = shareable_stages(backbone)
+    if cfg.model.shared_layers > available:
+        raise ConfigError(
+            f"model.shared_layers={cfg.model.shared_layers}: backbone {cfg.model.backbone!r} "
+            + (
+                f"has {available} stages to share"
+                if available
+                else "cannot share stages (IResNets and tiny can); set model.shared_layers=0"
+            )
+        )
     return sum(p.numel() for p in backbone.parameters())
 
 

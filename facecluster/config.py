@@ -185,11 +185,16 @@ class ModelConfig:
     """torch.compile each backbone for training (docs/PERFORMANCE.md has its measured effect)."""
     channels_last: bool = False
     """Keep weights in channels-last memory order (a GPU speed option; docs/PERFORMANCE.md)."""
+    shared_layers: int = 0
+    """Stages of the stage-1 backbone (stem included) that every sub-net shares, frozen:
+    stage 2 trains only the later stages, and routed inference runs the shared trunk once
+    per face (IResNets and tiny: 1 to 4; 0: sub-nets are whole copies)."""
 
     def problems(self) -> list[str]:
         r = _Rules("model.")
         r.positive("embedding_dim", self.embedding_dim)
         r.within("dropout", self.dropout, 0.0, 1.0, closed=False)
+        r.within("shared_layers", self.shared_layers, 0, 4)
         return r.problems
 
     def backbone_args(self, image_size: int) -> dict[str, Any]:
@@ -376,8 +381,17 @@ STAGES = ("all", "1", "cluster", "2", "assemble")
 class RouteConfig:
     top_m: int = 1
     """Clusters a face is routed to (nearest class means); their sub-nets run."""
+    decision: str = "moe"
+    """Decision unit: moe (the cluster's probability times the mixture of its sub-net's and
+    its class means' probabilities, fitted on the validation split) or linear (alpha)."""
+    router_temperature: float | None = None
+    """moe: temperature of the class-mean softmax (None: fitted on the validation split)."""
+    subnet_temperature: float | None = None
+    """moe: temperature of each sub-net's softmax (None: fitted on the validation split)."""
+    generalist_weight: float | None = None
+    """moe: weight of the class means' prediction inside a cluster (None: fitted)."""
     alpha: float = 0.0
-    """Decision unit: score = (1 - alpha) * sub-net cosine + alpha * class-mean similarity."""
+    """decision=linear: score = (1 - alpha) * sub-net cosine + alpha * class-mean similarity."""
     index: str = "flat"
     """faiss index over the class means: flat (exact inner product), clusters (inverted
     lists = the clustering's clusters, route.ivf_nprobe nearest searched), ivf or hnsw."""
@@ -400,8 +414,13 @@ class RouteConfig:
         r = _Rules("route.")
         r.choice("index", self.index, ("flat", "clusters", "ivf", "hnsw"))
         r.choice("ivf_codes", self.ivf_codes, ("flat", "sq8"))
+        r.choice("decision", self.decision, ("moe", "linear"))
         r.positive("top_m", self.top_m)
         r.within("alpha", self.alpha, 0.0, 1.0)
+        r.positive("router_temperature", self.router_temperature)
+        r.positive("subnet_temperature", self.subnet_temperature)
+        if self.generalist_weight is not None:
+            r.within("generalist_weight", self.generalist_weight, 0.0, 1.0)
         names = ("ivf_nlist", "ivf_nprobe", "hnsw_m", "hnsw_ef_search", "neighbours")
         for name in (*names, "lists_per_cluster"):
             r.positive(name, getattr(self, name))

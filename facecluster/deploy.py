@@ -61,6 +61,7 @@ def export_run(
             "identifiers (router and sub-nets); train with method=clustered or random"
         )
     identifier = TwoStageIdentifier.from_run(folder)
+    calibrate_run(identifier, folder, cfg)
     if cfg.data.unseen_fraction > 0:
         identifier.open_set = unknown_threshold(identifier, folder, cfg, fpir)
     out = Path(out)
@@ -73,6 +74,26 @@ def export_run(
 
 
 @torch.inference_mode()
+def calibrate_run(
+    identifier: TwoStageIdentifier, run: RunFolder, cfg: Config, dm: object = None
+) -> None:
+    """``route.decision=moe`` without its numbers set: fit them on the run's validation
+    split, once, and keep them in the run folder (``calibration.json``), so evaluation
+    and every export of the run use the same. ``dm``: the run's datamodule, if built."""
+    if identifier.route_config["decision"] != "moe" or identifier.moe is not None:
+        return
+    if dm is None:
+        from facecluster.builders import build_datamodule  # Lightning: only here
+
+        dm = build_datamodule(cfg)
+        run.check_identities(dm.class_names)
+    device = identifier.class_means.device
+    loader = tqdm(dm.val_dataloader(), desc="fitting the decision unit", leave=False)
+    params = identifier.calibrate(loader, lambda images: normalize_images(images.to(device)))
+    run.save_calibration(params.to_route())
+    logger.info("decision unit fitted on the validation split: %s", params)
+
+
 def unknown_threshold(
     identifier: TwoStageIdentifier, run: RunFolder, cfg: Config, fpir: float
 ) -> dict[str, float]:

@@ -43,7 +43,7 @@ from facecluster.builders import build_datamodule, default_precision, verificati
 from facecluster.clustering import embedding_class_sums, finalize_class_means
 from facecluster.config import Config, ConfigError
 from facecluster.data.transforms import normalize_images
-from facecluster.deploy import resolve_device
+from facecluster.deploy import calibrate_run, resolve_device
 from facecluster.inference import Predictor, StageOneModel, TwoStageIdentifier
 from facecluster.inference.openset import fnir_at_fpir
 from facecluster.inference.verification import verify
@@ -55,6 +55,13 @@ from facecluster.run import RunFolder
 from facecluster.timing import Timing, time_interleaved
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DECISION_KEYS = (
+    "decision",
+    "alpha",
+    "router_temperature",
+    "subnet_temperature",
+    "generalist_weight",
+)
 FPIRS = (0.01, 0.001)
 """The false-positive identification rates at which open-set runs report FNIR."""
 
@@ -94,7 +101,11 @@ class RunEvaluation:
     batch_size: int = 256
     top_m_sweep: list[dict[str, float]] = field(default_factory=list)
     alpha_sweep: list[dict[str, float]] = field(default_factory=list)
+    """Top-1 at route.top_m against the decision unit's weight: alpha (linear), or the
+    generalist weight (moe, fitted temperatures)."""
     plots: list[Path] = field(default_factory=list)
+    decision: dict[str, Any] = field(default_factory=dict)
+    """The decision unit's settings, the fitted ones included."""
 
 
 class Bench:
@@ -302,11 +313,14 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
     bench = Bench(cfg, run.path.name, ident.assignment.class_to_cluster)
     run.check_identities(bench.dm.class_names)
     ident.to(bench.device)
+    with bench.autocast():
+        calibrate_run(ident, run, cfg, bench.dm)
     means = ident.assignment.class_means.to(bench.device)
     stage1 = StageOneModel(ident.router_backbone, weights.head, means).to(bench.device)
     predictors = ident.predictors(cfg.route.top_m, cfg.route.alpha) + stage1.predictors()
     rows = bench.rows(predictors, bench.verification(ident.router_backbone))
     report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)
+    report.decision = {k: ident.route_config.get(k) for k in DECISION_KEYS}
     sweep = [ident.routed(m, cfg.route.alpha) for m in range(1, ident.num_clusters + 1)]
     timings = bench.timings(sweep)
     for m, routed in enumerate(sweep, start=1):
@@ -319,9 +333,18 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
                 "routing_accuracy": scores["routing_accuracy"],
             }
         )
-    for alpha in ALPHAS:
-        scores = bench.score(ident.routed(cfg.route.top_m, alpha), open_set=False)
-        report.alpha_sweep.append({"alpha": alpha, "top1": scores["top1"]})
+    if ident.route_config["decision"] == "linear":
+        for alpha in ALPHAS:
+            scores = bench.score(ident.routed(cfg.route.top_m, alpha), open_set=False)
+            report.alpha_sweep.append({"alpha": alpha, "top1": scores["top1"]})
+    else:  # the generalist's weight, each row with the fitted temperatures
+        fitted = dict(ident.route_config)
+        for weight in ALPHAS:
+            ident.route_config["generalist_weight"] = weight
+            name = f"generalist weight {weight:g}"
+            scores = bench.score(ident.routed(cfg.route.top_m, 0.0, name), open_set=False)
+            report.alpha_sweep.append({"generalist_weight": weight, "top1": scores["top1"]})
+        ident.route_config = fitted
     if cfg.eval.plots:
         run.eval_dir.mkdir(exist_ok=True)
         report.plots = [
@@ -406,6 +429,7 @@ def _write(report: RunEvaluation, run: RunFolder, cfg: Config) -> RunEvaluation:
         "rows": [asdict(r) for r in report.rows],
         "top_m_sweep": report.top_m_sweep,
         "alpha_sweep": report.alpha_sweep,
+        "decision": report.decision,
         "batch_size": cfg.eval.batch_size,
         "torch_threads": torch.get_num_threads(),
     }

@@ -268,7 +268,12 @@ def _fit_job(
     clustering.connect(subnets)
     sizes = assignment.cluster_sizes().tolist()
     model = SubnetSystem(
-        run.dm.num_classes, sizes, **module_args(cfg, 2), subnet_ids=subnets, seed=cfg.seed
+        run.dm.num_classes,
+        sizes,
+        **module_args(cfg, 2),
+        subnet_ids=subnets,
+        seed=cfg.seed,
+        shared_layers=cfg.model.shared_layers,
     )
     model.set_assignment(assignment)
     folder.save_job(subnets)

@@ -42,8 +42,12 @@ def top_m_plot(path: Path, run_name: str, sweep: list[dict[str, float]]) -> Path
 
 def alpha_plot(path: Path, run_name: str, sweep: list[dict[str, float]]) -> Path:
     fig, ax = _pyplot().subplots(figsize=(6, 4))
-    ax.plot([p["alpha"] for p in sweep], [p["top1"] for p in sweep], "o-")
-    ax.set_xlabel("alpha (0: sub-net cosine, 1: class-mean similarity)")
+    key = "alpha" if "alpha" in sweep[0] else "generalist_weight"
+    ax.plot([p[key] for p in sweep], [p["top1"] for p in sweep], "o-")
+    if key == "alpha":
+        ax.set_xlabel("alpha (0: sub-net cosine, 1: class-mean similarity)")
+    else:
+        ax.set_xlabel("generalist weight (0: sub-nets, 1: class means; moe, fitted temperatures)")
     ax.set_ylabel("top-1 accuracy")
     ax.set_title(f"{run_name}: decision unit")
     return _save(fig, path)

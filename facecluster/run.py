@@ -68,6 +68,8 @@ CLASS_NAMES = "class_names.json"
 UNSEEN_IDENTITIES = "unseen_identities.json"
 CLUSTERS = "clusters.pt"
 RESULTS = "results.json"
+CALIBRATION = "calibration.json"
+"""route.decision=moe's numbers, fitted on the validation split after training."""
 RESULTS_TABLE = "results.md"
 LAST = "last"
 """Checkpoint file stem of the final finished epoch of a stage (``last.ckpt``)."""
@@ -319,6 +321,14 @@ class RunFolder:
         if is_global_zero():
             with replacing(self.path / name) as tmp:
                 tmp.write_text(json.dumps(value, indent=2))
+
+    def save_calibration(self, values: dict[str, float]) -> None:
+        self._write_json(CALIBRATION, values)
+
+    def calibration(self) -> dict[str, float]:
+        """The fitted ``route`` numbers of the decision unit ({} before they are fitted)."""
+        path = self.path / CALIBRATION
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def save_class_names(self, names: list[str]) -> None:
         self._write_json(CLASS_NAMES, names)

@@ -125,7 +125,7 @@ def test_gpu_script_dry_run_writes_every_figure(tmp_path):
     stages = figures["stages"]
     assert stages["stage1"]["images_per_s"] > 0 and stages["stage2"]["images_per_s"] > 0
     names = set(stages["inference"])
-    assert {"clustered, routed (top_m=1, alpha=0)", "clustered, all sub-nets (ISM)"} <= names
+    assert {"clustered, routed (top_m=1, moe)", "clustered, all sub-nets (ISM)"} <= names
     assert all(row["images_per_s"] > 0 for row in stages["inference"].values())
     assert figures["data"]["rows"][0]["rec"] > 0
     bad = subprocess.run(["bash", "bench/gpu.sh", "--bogus"], cwd=ROOT, capture_output=True)
@@ -180,3 +180,55 @@ def test_scale_benchmark_runs_small_and_writes_its_page(tmp_path):
     page = doc.read_text()
     assert "| 4,000 | Partial FC r=0.2 | 8 |" in page and "## Routing" in page
     assert (tmp_path / "scale_heads.png").is_file()
+
+
+def test_routing_benchmark_times_shared_layers_against_the_single_model(tmp_path):
+    # bench/routing_throughput.py (docs/EVALUATION.md) at toy size
+    out = tmp_path / "routing.json"
+    command = [
+        sys.executable, "bench/routing_throughput.py", "--width", "4", "--image-size", "32",
+        "--embedding-dim", "16", "--clusters", "3", "--identities", "60", "--batch", "8",
+        "--repeats", "1", "--shared-layers", "0", "3", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [row["shared_layers"] for row in result["shared_layers"]] == [0, 3]
+    for row in result["shared_layers"]:
+        assert row["routed_images_per_s"] > 0 and row["single_images_per_s"] > 0
+    assert "| shared layers |" in done.stdout
+
+
+@pytest.mark.slow
+def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path):
+    # bench/results.py (docs/RESULTS.md) on the smoke config: 2 seeds, two methods
+    out, page, js = tmp_path / "runs", tmp_path / "RESULTS.md", tmp_path / "r.json"
+    command = [
+        sys.executable, "bench/results.py", "-c", "configs/smoke.yaml", "--set",
+        "data.max_classes=9", "data.batch_size=8", "clustering.num_clusters=2", "logger=csv",
+        "eval.plots=false", "eval.timing_batches=1", "--seeds", "1", "2",
+        "--methods", "clustered", "single", "--out", str(out), "--json", str(js),
+        "--page", str(page),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(js.read_text())
+    agg = result["aggregate"]
+    assert agg["seeds"] == [1, 2]
+    paired = agg["paired"]["clustered"]
+    assert paired["row"] == "clustered, routed (top_m=1, moe)"
+    runs = result["runs"]
+    diffs = [
+        runs["clustered"][s]["rows"][paired["row"]]["top1"]
+        - runs["single"][s]["rows"][paired["vs_single"]["row"]]["top1"]
+        for s in ("1", "2")
+    ]
+    assert paired["vs_single"]["top1"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert paired["vs_single"]["top1"]["low"] <= paired["vs_single"]["top1"]["mean"]
+    assert result["training_images"]["clustered"]["stage2"] > 0
+    text = page.read_text()
+    assert "| clustered | clustered, routed (top_m=1, moe) |" in text
+    # a second call trains nothing and renders the same page
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "training" not in again.stdout
+    assert page.read_text() == text

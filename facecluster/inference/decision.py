@@ -1,17 +1,152 @@
 """The final decision unit (Ahmadi & Dianat, JSDP 2024).
 
 It combines the two sources of evidence about a face's identity: the chosen
-sub-net's cosine to each of its identities' head rows, and the clustering unit's
-similarity of the face's stage-1 embedding to each identity's class mean. The
-fused score is ``(1 - alpha) * subnet_cosine + alpha * class_mean_similarity``;
-alpha 0 is the sub-nets unit alone, alpha 1 the clustering unit alone
-(nearest class mean within the candidate clusters).
+sub-nets' cosines to their identities' head rows, and the clustering unit's
+similarity of the face's stage-1 embedding to each identity's class mean.
+
+``route.decision=moe`` (the default) composes probabilities, a mixture of experts:
+
+    p(j | x) = p(c | x) * [(1 - g) * p_c(j | x) + g * p_mean(j | c, x)]
+
+for identity j of candidate cluster c. ``p(c | x)`` is the router's probability of
+the cluster: the softmax over class means at temperature ``T_r``, summed over the
+cluster's identities, renormalised over the ``top_m`` candidates. ``p_c(j | x)`` is
+sub-net c's softmax over its identities at temperature ``T_s``; ``p_mean(j | c, x)``
+the class-mean softmax inside the cluster (the stage-1 model's own prediction, kept
+so that a sub-net's mistake is not final); ``g`` is its weight. The three numbers
+are fitted on the validation split by :class:`Calibration` (negative
+log-likelihood, as temperature scaling does: Guo et al., "On calibration of modern
+neural networks", ICML 2017). Each candidate's score is a probability, so a
+sub-net that never saw the face's identity no longer outvotes the right one by
+answering confidently: more candidates (``top_m``) can only add evidence.
+
+``route.decision=linear`` is the earlier unit: ``(1 - alpha) * subnet_cosine +
+alpha * class_mean_similarity``; alpha 0 is the sub-nets unit alone, alpha 1 the
+clustering unit alone (nearest class mean within the candidate clusters).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass
+
 import torch
 from torch import Tensor
+
+DECISIONS = ("moe", "linear")
+
+TEMPERATURES = torch.logspace(math.log10(0.005), 0.0, 40, dtype=torch.float64)
+"""Temperatures tried by the calibration (log-spaced, 0.005 to 1)."""
+WEIGHTS = torch.linspace(0.0, 1.0, 21, dtype=torch.float64)
+"""Generalist weights tried by the calibration."""
+
+
+@dataclass(frozen=True)
+class MoeParams:
+    """The fitted numbers of ``route.decision=moe`` (see the module doc)."""
+
+    router_temperature: float
+    subnet_temperature: float
+    generalist_weight: float
+
+    def to_route(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def moe_scores(
+    cluster_weight: Tensor,
+    subnet_cosine: Tensor,
+    class_mean_similarity: Tensor,
+    params: MoeParams,
+) -> Tensor:
+    """``[n, m]`` probabilities of a cluster's m identities for n faces.
+
+    Args:
+        cluster_weight: ``[n]`` the cluster's probability among the candidates.
+        subnet_cosine: ``[n, m]`` the cluster's sub-net cosines (unused when the
+            generalist weight is 1).
+        class_mean_similarity: ``[n, m]`` stage-1 similarities to the class means.
+    """
+    g = params.generalist_weight
+    mixed = g * torch.softmax(class_mean_similarity.float() / params.router_temperature, dim=1)
+    if g < 1.0:
+        subnet = torch.softmax(subnet_cosine.float() / params.subnet_temperature, dim=1)
+        mixed = mixed + (1.0 - g) * subnet
+    return cluster_weight[:, None] * mixed
+
+
+class Calibration:
+    """Fits :class:`MoeParams` on validation faces by negative log-likelihood.
+
+    For every face, :meth:`update` adds the NLL of its true cluster under the router at
+    each temperature of :data:`TEMPERATURES`, and the NLL of its identity under the
+    within-cluster mixture (its true cluster's sub-net and class means) at each
+    (router temperature, sub-net temperature, weight) of the grid. :meth:`fit` takes the
+    router temperature with the lowest router NLL, then the sub-net temperature and weight
+    with the lowest mixture NLL at that router temperature. Only sums are kept: memory
+    does not grow with the number of faces.
+    """
+
+    def __init__(self) -> None:
+        t, w = len(TEMPERATURES), len(WEIGHTS)
+        self.router_nll = torch.zeros(t, dtype=torch.float64)
+        self.within_nll = torch.zeros(t, t, w, dtype=torch.float64)
+        self.faces = 0
+
+    def update_router(
+        self, similarity: Tensor, class_to_cluster: Tensor, true_cluster: Tensor
+    ) -> None:
+        """Add faces' router NLL.
+
+        Args:
+            similarity: ``[n, C]`` their similarities to every class mean.
+            class_to_cluster: ``[C]`` each identity's cluster.
+            true_cluster: ``[n]`` each face's identity's cluster.
+        """
+        s = similarity.double()
+        s = s - s.max(dim=1, keepdim=True).values
+        k = int(class_to_cluster.max()) + 1
+        index = class_to_cluster.to(s.device).expand_as(s)
+        for i, t in enumerate(TEMPERATURES.tolist()):
+            mass = torch.zeros(len(s), k, dtype=s.dtype, device=s.device)
+            mass.scatter_add_(1, index, torch.exp(s / t))
+            log_mass = mass.log()
+            nll = torch.logsumexp(log_mass, 1) - log_mass.gather(1, true_cluster[:, None])[:, 0]
+            self.router_nll[i] += nll.sum().cpu()
+        self.faces += len(s)
+
+    def update_within(
+        self, subnet_cosine: Tensor, class_mean_similarity: Tensor, local_label: Tensor
+    ) -> None:
+        """Add the mixture NLL of faces whose true cluster is the one scored here.
+
+        Args:
+            subnet_cosine: ``[n, m]`` that cluster's sub-net cosines.
+            class_mean_similarity: ``[n, m]`` similarities to its class means.
+            local_label: ``[n]`` each face's identity among the m.
+        """
+        temps = TEMPERATURES.to(subnet_cosine.device)[:, None, None]
+        index = local_label[None, :, None].expand(len(temps), -1, 1)
+
+        def probability(scores: Tensor) -> Tensor:  # [T, n]: p(true identity) per temperature
+            log_p = torch.log_softmax(scores.double()[None] / temps, dim=2)
+            return log_p.gather(2, index)[..., 0].exp()
+
+        p_sub, p_mean = probability(subnet_cosine), probability(class_mean_similarity)
+        w = WEIGHTS.to(p_sub.device)[None, None, :, None]
+        for start in range(0, p_sub.shape[1], 64):  # [Tr, Ts, W, faces] in chunks
+            sub = p_sub[None, :, None, start : start + 64]
+            mean = p_mean[:, None, None, start : start + 64]
+            mix = (1.0 - w) * sub + w * mean
+            self.within_nll += -mix.clamp_min(1e-300).log().sum(dim=3).cpu()
+
+    def fit(self) -> MoeParams:
+        if self.faces == 0:
+            raise ValueError("calibration saw no validation faces (data.val_fraction is 0?)")
+        r = int(self.router_nll.argmin())
+        within = self.within_nll[r]
+        s, w = divmod(int(within.argmin()), within.shape[1])
+        return MoeParams(float(TEMPERATURES[r]), float(TEMPERATURES[s]), float(WEIGHTS[w]))
 
 
 def fuse(

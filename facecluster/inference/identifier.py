@@ -2,9 +2,14 @@
 
 A face's stage-1 embedding goes to the router (faiss search over class means),
 which picks the ``top_m`` best clusters; only those clusters' sub-nets run, and
-the decision unit fuses each sub-net's cosines with the class-mean similarities
-into one predicted identity. With ``all_subnets=True`` every sub-net runs and the
-best score wins: the ISM baseline for random partitions.
+the decision unit (:mod:`facecluster.inference.decision`: a mixture of experts by
+default) combines each sub-net's answer with the class-mean similarities into one
+predicted identity. With ``all_subnets=True`` every sub-net runs and the best
+score wins: the ISM baseline for random partitions.
+
+With ``model.shared_layers`` > 0 the sub-nets' first stages are the stage-1
+backbone's, frozen: that trunk runs once per face, then the router's tail and each
+candidate sub-net's tail run on its output.
 
 Batched: the images of a batch are grouped by routed cluster, so each sub-net runs
 once per batch on exactly the images routed to it; there is no per-image loop.
@@ -28,11 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facecluster.clustering import ClusterAssignment
-from facecluster.inference.decision import fuse, keep_top
+from facecluster.inference.decision import Calibration, MoeParams, fuse, keep_top, moe_scores
 from facecluster.inference.predictors import Predictor, count_parameters
 from facecluster.inference.router import Router
 from facecluster.io import atomic_torch_save, load_plain
-from facecluster.models.components import load_backbone
+from facecluster.models.components import load_backbone, shareable_stages
 
 if TYPE_CHECKING:
     from facecluster.run import RunFolder, StageWeights
@@ -52,7 +57,8 @@ class Identification:
     candidates: Tensor
     """[B, k] the best k global identity ids, best first."""
     candidate_scores: Tensor
-    """[B, k] their fused scores (``-inf`` where fewer than k identities were searched)."""
+    """[B, k] their decision scores (``-inf`` where fewer than k identities were searched;
+    probabilities with ``route.decision=moe``)."""
     clusters: Tensor
     """[B, m] candidate clusters, best first (all K for ISM)."""
     subnet_forwards: int
@@ -86,7 +92,10 @@ class TwoStageIdentifier(nn.Module):
         head_weights: K tensors [size_k, d], each sub-net's head rows.
         assignment: the run's ClusterAssignment (class means, clusters).
         class_names: identity names, index = global id.
-        route: the ``route`` config section as a dict (top_m, alpha, index settings).
+        route: the ``route`` config section as a dict (top_m, decision and its numbers,
+            index settings).
+        shared_layers: the sub-nets' first stages that are the router backbone's own
+            (``model.shared_layers``; checked here).
     """
 
     def __init__(
@@ -98,11 +107,15 @@ class TwoStageIdentifier(nn.Module):
         assignment: ClusterAssignment,
         class_names: list[str],
         route: dict[str, Any],
+        shared_layers: int = 0,
     ) -> None:
         super().__init__()
         self.backbone_args = dict(backbone)
-        self.route_config = dict(route)
+        self.route_config = {"decision": "linear", **route}  # exports before moe: linear
         self.router_backbone = router_backbone
+        self.shared_layers = shared_layers
+        if shared_layers:
+            _check_shared(router_backbone, subnets, shared_layers)
         self.subnets = nn.ModuleList(subnets)
         for k, weight in enumerate(head_weights):
             self.register_buffer(f"head{k}", F.normalize(weight.detach().float(), dim=1))
@@ -150,6 +163,50 @@ class TwoStageIdentifier(nn.Module):
         """L2-normalised stage-1 embeddings [B, d] (what the router compares)."""
         return F.normalize(self.router_backbone(images).float(), dim=1)
 
+    def _trunk(self, images: Tensor) -> Tensor:
+        """What every network's tail starts from: the shared trunk's output, or the images."""
+        if not self.shared_layers:
+            return images
+        return self.router_backbone.trunk(images, self.shared_layers)
+
+    def _embed_from(self, net: nn.Module, features: Tensor) -> Tensor:
+        """L2-normalised embeddings of ``net`` from ``_trunk``'s output."""
+        out = net.tail(features, self.shared_layers) if self.shared_layers else net(features)
+        return F.normalize(out.float(), dim=1)
+
+    @property
+    def moe(self) -> MoeParams | None:
+        """The fitted numbers of ``route.decision=moe`` (None until calibrated)."""
+        names = ("router_temperature", "subnet_temperature", "generalist_weight")
+        values = [self.route_config.get(n) for n in names]
+        return None if any(v is None for v in values) else MoeParams(*values)
+
+    @torch.no_grad()
+    def calibrate(self, loader: Any, normalize: Any = None) -> MoeParams:
+        """Fit ``route.decision=moe``'s temperatures and generalist weight on labelled
+        faces (the validation split; see :class:`~facecluster.inference.decision.Calibration`)
+        and keep them in ``route_config``. ``normalize`` maps a loader batch's images to
+        network input (None: they are already)."""
+        calibration = Calibration()
+        device = self.class_means.device
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            images = normalize(images) if normalize is not None else images
+            features = self._trunk(images)
+            query = self._embed_from(self.router_backbone, features)
+            similarity = query @ self.class_means.T
+            clusters = self.class_to_cluster[labels]
+            calibration.update_router(similarity, self.class_to_cluster, clusters)
+            for k in clusters.unique().tolist():
+                rows = (clusters == k).nonzero().squeeze(1)
+                members = self.members(k)
+                cosine = self._embed_from(self.subnets[k], features[rows]) @ self.head(k).T
+                local = torch.searchsorted(members, labels[rows])
+                calibration.update_within(cosine, similarity[rows][:, members], local)
+        params = calibration.fit()
+        self.route_config.update(params.to_route())
+        return params
+
     @torch.no_grad()
     def identify(
         self,
@@ -174,9 +231,18 @@ class TwoStageIdentifier(nn.Module):
         """
         top_m = self.route_config["top_m"] if top_m is None else top_m
         alpha = self.route_config["alpha"] if alpha is None else alpha
+        moe = self.route_config["decision"] == "moe"
+        params = self.moe
+        if moe and params is None:
+            raise ValueError(
+                "route.decision=moe needs route.router_temperature, route.subnet_temperature "
+                "and route.generalist_weight: calibrate() on the validation split first"
+            )
+        use_subnets = (params.generalist_weight < 1.0) if moe else alpha < 1.0
         batch = images.shape[0]
-        need_query = alpha > 0 or not all_subnets
-        query = self.embed(images) if need_query else None
+        features = self._trunk(images)
+        need_query = moe or alpha > 0 or not all_subnets
+        query = self._embed_from(self.router_backbone, features) if need_query else None
         if all_subnets:
             clusters = torch.arange(self.num_clusters).expand(batch, -1)
         else:
@@ -185,16 +251,28 @@ class TwoStageIdentifier(nn.Module):
         best_score = torch.full((batch, k), -float("inf"), device=images.device)
         best_id = torch.full((batch, k), self.assignment.num_classes, device=images.device)
         forwards = 0
+        similarities = {}
+        if moe:  # each candidate cluster's probability, renormalised over the candidates
+            log_mass = torch.empty(clusters.shape, device=images.device)
+            for k in clusters.unique().tolist():
+                similarities[k] = query @ self.class_means[self.members(k)].T
+                mass = torch.logsumexp(similarities[k] / params.router_temperature, dim=1)
+                log_mass = torch.where(clusters == k, mass[:, None], log_mass)
+            cluster_weight = torch.softmax(log_mass, dim=1)
         for k in clusters.unique().tolist():
             rows = (clusters == k).any(dim=1).nonzero().squeeze(1)
             members = self.members(k)
             cosine = None
-            if alpha < 1.0:  # alpha 1 is the clustering unit alone: no sub-net needed
-                embedding = F.normalize(self.subnets[k](images[rows]).float(), dim=1)
-                cosine = embedding @ self.head(k).T
+            if use_subnets:  # alpha 1, weight 1: the clustering unit alone, no sub-net runs
+                cosine = self._embed_from(self.subnets[k], features[rows]) @ self.head(k).T
                 forwards += len(rows)
-            similarity = query[rows] @ self.class_means[members].T if alpha > 0 else None
-            keep_top(best_score, best_id, rows, fuse(cosine, similarity, alpha), members)
+            if moe:
+                weight = (cluster_weight * (clusters == k)).sum(dim=1)[rows]
+                score = moe_scores(weight, cosine, similarities[k][rows], params)
+            else:
+                similarity = query[rows] @ self.class_means[members].T if alpha > 0 else None
+                score = fuse(cosine, similarity, alpha)
+            keep_top(best_score, best_id, rows, score, members)
         return Identification(best_id, best_score, clusters, forwards)
 
     @torch.no_grad()
@@ -241,18 +319,27 @@ class TwoStageIdentifier(nn.Module):
         self.router = self._build_router()
         return dict(zip(faces, clusters.tolist(), strict=True))
 
-    def routed(self, top_m: int, alpha: float) -> Predictor:
-        """Routed inference (the paper's method): only the top_m clusters' sub-nets run."""
+    def decision_name(self, alpha: float | None = None) -> str:
+        """How the decision unit is named in table rows: ``moe`` or ``alpha=<alpha>``."""
+        if self.route_config["decision"] == "moe":
+            return "moe"
+        return f"alpha={self.route_config['alpha'] if alpha is None else alpha:g}"
+
+    def routed(self, top_m: int, alpha: float, name: str | None = None) -> Predictor:
+        """Routed inference (the paper's method): only the top_m clusters' sub-nets run
+        (``alpha``: the linear decision unit's weight; ignored by moe)."""
         label = "clustered" if self.assignment.method != "random" else "random partition"
 
         def predict(images: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
             result = self.identify(images, top_m, alpha)
             return result.identity, result.score, result.clusters
 
+        moe = self.moe if self.route_config["decision"] == "moe" else None
+        runs_subnets = moe.generalist_weight < 1 if moe is not None else alpha < 1
         return Predictor(
-            f"{label}, routed (top_m={top_m}, alpha={alpha:g})",
+            name or f"{label}, routed (top_m={top_m}, {self.decision_name(alpha)})",
             predict,
-            float(top_m) if alpha < 1 else 0.0,
+            float(top_m) if runs_subnets else 0.0,
             count_parameters(self.router_backbone, *self._subnet_parts()),
         )
 
@@ -305,6 +392,9 @@ class TwoStageIdentifier(nn.Module):
         args = cfg.model.backbone_args(cfg.data.image_size)
         stage1 = stage1 or run.stage1_weights(map_location)
         subnets = run.subnet_weights(map_location)
+        route = {**cfg.to_dict()["route"], **(route or {})}
+        for key, value in run.calibration().items():  # fitted on the validation split
+            route[key] = value if route.get(key) is None else route[key]
         return cls(
             args,
             load_backbone(args, stage1.backbone),
@@ -312,7 +402,8 @@ class TwoStageIdentifier(nn.Module):
             [w.head for w in subnets],
             run.assignment(),
             run.class_names(),
-            {**cfg.to_dict()["route"], **(route or {})},
+            route,
+            cfg.model.shared_layers,
         )
 
     def export(self, path: str | Path) -> Path:
@@ -329,6 +420,7 @@ class TwoStageIdentifier(nn.Module):
             "assignment": self.assignment.to_dict(),
             "class_names": self.class_names,
             "open_set": self.open_set,
+            "shared_layers": self.shared_layers,
         }
         atomic_torch_save(payload, path)
         return path
@@ -372,6 +464,26 @@ class TwoStageIdentifier(nn.Module):
             ClusterAssignment.from_dict(payload["assignment"]),
             payload["class_names"],
             dict(payload["route"], **(route or {})),
+            payload.get("shared_layers", 0),
         )
         identifier.open_set = payload.get("open_set")
         return identifier
+
+
+def _check_shared(router: nn.Module, subnets: list[nn.Module], stages: int) -> None:
+    """Sub-nets that share the router backbone's first ``stages`` stages must hold exactly
+    its weights there (stage 2 froze them): otherwise running the trunk once would change
+    the sub-nets' answers."""
+    if not 0 < stages <= shareable_stages(router):
+        raise ValueError(
+            f"shared_layers={stages}: this backbone can share 1 to "
+            f"{shareable_stages(router)} stages"
+        )
+    trunk = nn.ModuleList(router.trunk_modules(stages)).state_dict()
+    for k, subnet in enumerate(subnets):
+        theirs = nn.ModuleList(subnet.trunk_modules(stages)).state_dict()
+        if any(not torch.equal(trunk[n], theirs[n]) for n in trunk):
+            raise ValueError(
+                f"shared_layers={stages}: sub-net {k}'s first {stages} stages differ from "
+                "the stage-1 backbone's (they were not trained with these layers frozen)"
+            )

@@ -13,6 +13,12 @@ initial head comes from its own seed, its data stream from its own sampler
 (``SubnetSampler``), its forward pass's random draws (dropout) from a generator
 reseeded from (its seed, epoch, batch), and its gradient clipping is its own.
 
+With ``shared_layers`` > 0 (``model.shared_layers``), each sub-net's first stages
+(stem included) keep the stage-1 weights, frozen: no gradient, BatchNorm statistics
+unchanged (those modules stay in eval mode), so every sub-net's trunk remains the
+stage-1 trunk and routed inference can run it once for the router and the sub-nets.
+Only the later stages and the head train.
+
 The cluster assignment lives in full-size buffers registered in ``__init__`` so
 a checkpoint restores it with no resizing.
 """
@@ -27,7 +33,12 @@ from torchmetrics import Metric
 
 from facecluster.data import SEED_FORWARD, subnet_seed
 from facecluster.models.base import StageSystem
-from facecluster.models.components import MarginHead, create_backbone, create_head
+from facecluster.models.components import (
+    MarginHead,
+    create_backbone,
+    create_head,
+    shareable_stages,
+)
 from facecluster.models.components.partial_fc import gather_to_first
 
 
@@ -62,6 +73,8 @@ class SubnetSystem(StageSystem):
         config: the whole resolved run config, stored in every checkpoint.
         subnet_ids: the clusters whose sub-nets this system trains (None: all K).
         seed: the run's seed; sub-net k's draws come from ``subnet_seed(seed, k)``.
+        shared_layers: the first stages of every sub-net that stay the stage-1 backbone's
+            (frozen); 0: whole sub-nets train.
     """
 
     stage = 2
@@ -76,6 +89,7 @@ class SubnetSystem(StageSystem):
         config: dict[str, Any] | None = None,
         subnet_ids: list[int] | None = None,
         seed: int = 0,
+        shared_layers: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -92,12 +106,33 @@ class SubnetSystem(StageSystem):
                 self.heads[str(k)] = create_head(
                     num_classes=cluster_sizes[k], embedding_dim=dim, **head
                 )
+        # the shared trunks: no gradient, always in eval mode (a plain list, not registered
+        # twice: the modules belong to the sub-nets, and so do their state-dict keys)
+        self.frozen: list[nn.Module] = []
+        if shared_layers:
+            available = shareable_stages(next(iter(self.subnets.values())))
+            if not 0 < shared_layers <= available:
+                can = f"1 to {available} stages" if available else "no stages (IResNets, tiny can)"
+                raise ValueError(
+                    f"shared_layers={shared_layers}: backbone {backbone['name']!r} can share {can}"
+                )
+            for subnet in self.subnets.values():
+                self.frozen.extend(subnet.trunk_modules(shared_layers))
+            for module in self.frozen:
+                module.requires_grad_(False)
+                module.eval()  # also the mode Lightning records and restores around validation
         self.register_buffer("class_to_cluster", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("local_index", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("class_means", torch.zeros(num_classes, dim))
         self.val_acc = PerClusterAccuracy(len(cluster_sizes))
         self.test_acc = PerClusterAccuracy(len(cluster_sizes))
         self.counts: dict[int, tuple[int, int]] = {}
+
+    def train(self, mode: bool = True) -> SubnetSystem:
+        super().train(mode)
+        for module in self.frozen:  # shared trunks keep the stage-1 BatchNorm statistics
+            module.eval()
+        return self
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Checkpoints written before facecluster 0.1's consolidation held an unread

@@ -13,6 +13,7 @@ from .backbones import (
     create_backbone,
     load_backbone,
     register_backbone,
+    shareable_stages,
 )
 from .heads import HEADS, ArcFace, CosFace, MarginHead, create_head
 from .iresnet import IBasicBlock, IResNet
@@ -33,4 +34,5 @@ __all__ = [
     "create_head",
     "load_backbone",
     "register_backbone",
+    "shareable_stages",
 ]

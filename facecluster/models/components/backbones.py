@@ -168,6 +168,21 @@ class TinyBackbone(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.neck = EmbeddingNeck(channels, embedding_dim, dropout)
 
+    num_stages = 4
+    """Stages that ``model.shared_layers`` can share (see :meth:`trunk`)."""
+
+    def trunk_modules(self, stages: int) -> list[nn.Module]:
+        """The modules :meth:`trunk` runs: the first ``stages`` conv-BN-ReLU stages."""
+        return list(self.features[: 3 * stages])
+
+    def trunk(self, x: torch.Tensor, stages: int) -> torch.Tensor:
+        """The first ``stages`` stages (``tail(trunk(x, n), n) == forward(x)``)."""
+        return self.features[: 3 * stages](x)
+
+    def tail(self, x: torch.Tensor, stages: int) -> torch.Tensor:
+        """The stages after the first ``stages``, pooling and the neck."""
+        return self.neck(torch.flatten(self.pool(self.features[3 * stages :](x)), 1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Maps images ``[B, 3, H, W]`` to embeddings ``[B, embedding_dim]``."""
         return self.neck(torch.flatten(self.pool(self.features(x)), 1))
@@ -253,6 +268,13 @@ def create_backbone(
         raise _unknown_backbone_error(name)
     options.pop("image_size", None)  # timm CNNs take any size; ViTs want img_size instead.
     return TimmBackbone(name, pretrained=pretrained, **options)
+
+
+def shareable_stages(backbone: nn.Module) -> int:
+    """How many stages ``model.shared_layers`` may share for this backbone: the ones
+    it can split into :meth:`trunk` and :meth:`tail` (IResNets and ``tiny``: 4; timm
+    models: 0, none)."""
+    return int(getattr(backbone, "num_stages", 0))
 
 
 def load_backbone(args: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:

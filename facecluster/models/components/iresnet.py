@@ -182,6 +182,34 @@ class IResNet(nn.Module):
         modules.extend(IBasicBlock(planes, planes) for _ in range(1, blocks))
         return nn.Sequential(*modules)
 
+    num_stages = 4
+    """Stages that ``model.shared_layers`` can share (see :meth:`trunk`)."""
+
+    def _stages(self) -> list[nn.Sequential]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def trunk_modules(self, stages: int) -> list[nn.Module]:
+        """The modules :meth:`trunk` runs: the stem and the first ``stages`` stages."""
+        return [self.conv1, self.bn1, self.prelu, *self._stages()[:stages]]
+
+    def trunk(self, x: torch.Tensor, stages: int) -> torch.Tensor:
+        """The stem and the first ``stages`` stages: feature maps that :meth:`tail`
+        turns into embeddings (``tail(trunk(x, n), n) == forward(x)``)."""
+        x = self.prelu(self.bn1(self.conv1(x)))
+        for layer in self._stages()[:stages]:
+            x = layer(x)
+        return x
+
+    def tail(self, x: torch.Tensor, stages: int) -> torch.Tensor:
+        """The stages after the first ``stages`` and the embedding layers."""
+        for layer in self._stages()[stages:]:
+            x = layer(x)
+        x = self.bn2(x)
+        x = self.dropout(x)
+        x = torch.flatten(x, 1)
+        x = self.fc(x)
+        return self.features(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Computes embeddings.
 

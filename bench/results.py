@@ -1,0 +1,295 @@
+"""The methods over several seeds on LFW-423, and docs/RESULTS.md from them.
+
+For every seed and every method (``clustered``, ``random``, ``single``, and any
+``--variant``), trains ``OUT/lfw423-<name>-s<seed>`` with ``train.py`` (an interrupted
+run is resumed, a finished one kept), evaluates it with ``evaluate.py`` (once), then
+writes the aggregate: each row's mean and standard deviation over the seeds, and
+the paired per-seed difference of the clustered default against the single model's
+best row and against routed random, with a 95% t interval.
+
+    python bench/results.py --seeds 42 43 44 --out runs/results
+
+Writes ``bench/results/lfw423.json`` and ``docs/RESULTS.md`` (``--render-only``:
+from the json alone). ``--variant NAME:METHOD:KEY=VALUE,...`` adds a configuration,
+e.g. ``--variant shared3:clustered:model.shared_layers=3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("clustered", "random", "single")
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+"""Two-sided 95% quantiles of Student's t by degrees of freedom (1.96 beyond 9)."""
+
+
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    """``NAME:METHOD:KEY=VALUE,...`` -> (name, method, overrides)."""
+    try:
+        name, method, overrides = text.split(":", 2)
+    except ValueError:
+        raise SystemExit(f"--variant {text!r}: expected NAME:METHOD:KEY=VALUE,...") from None
+    if method not in METHODS:
+        raise SystemExit(f"--variant {text!r}: method {method!r} is not one of {METHODS}")
+    return name, method, [o for o in overrides.split(",") if o]
+
+
+def _python(args: list[str], log: Path) -> None:
+    with open(log, "a") as f:
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:2])} failed (exit {done.returncode}); see {log}")
+
+
+def train_and_evaluate(
+    out: Path, name: str, method: str, seed: int, configs: list[str], overrides: list[str]
+) -> Path:
+    """One run, trained (or resumed) and evaluated unless that is done already."""
+    run = out / f"lfw423-{name}-s{seed}"
+    log = out / f"lfw423-{name}-s{seed}.log"
+    if not (run / "results.json").is_file():
+        if (run / "config.yaml").is_file():  # interrupted: continue it
+            args = [f"resume={run}"]
+        else:
+            args = [*(a for c in configs for a in ("-c", c)), "-c", f"configs/method/{method}.yaml"]
+            args += [f"seed={seed}", f"output_dir={out}", f"run_name={run.name}"]
+            args += ["eval.after_training=false", *overrides]
+        print(f"training {run.name}", flush=True)
+        _python(["train.py", *args], log)
+    if not (run / "eval" / "results.json").is_file():
+        print(f"evaluating {run.name}", flush=True)
+        _python(["evaluate.py", f"run={run}"], log)
+    return run
+
+
+def _training_images(run: Path) -> dict[str, int]:
+    """Images through a backbone in training (forward and backward), by stage."""
+    results = json.loads((run / "results.json").read_text())
+    config = (run / "config.yaml").read_text()
+    batch = int(next(line for line in config.splitlines() if "batch_size:" in line).split()[-1])
+    counts = {"stage1": results["stage1"]["steps"] * batch}
+    if "subnets" in results:  # each stage-2 step takes a batch for every sub-net
+        counts["stage2"] = results["stage2_steps"] * batch * results["num_clusters"]
+    return counts
+
+
+def run_summary(run: Path) -> dict[str, Any]:
+    """What the aggregate needs from one evaluated run."""
+    evaluation = json.loads((run / "eval" / "results.json").read_text())
+    return {
+        "rows": {
+            r["model"]: {k: r[k] for k in ("top1", "f1", "routing_accuracy", "throughput")}
+            for r in evaluation["rows"]
+        },
+        "top_m": {str(p["top_m"]): p["top1"] for p in evaluation["top_m_sweep"]},
+        "decision": evaluation.get("decision", {}),
+        "training_images": _training_images(run),
+    }
+
+
+def interval(values: list[float]) -> dict[str, float]:
+    """Mean, standard deviation and 95% t interval of the mean."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if n > 1 else 0.0
+    half = T95.get(n - 1, 1.96) * sd / math.sqrt(n) if n > 1 else math.inf
+    return {"mean": mean, "sd": sd, "low": mean - half, "high": mean + half, "n": n}
+
+
+def routed_row(rows: dict[str, Any]) -> str:
+    """The routed row at the run's route.top_m (the method's headline)."""
+    return next(name for name in rows if ", routed (" in name)
+
+
+def aggregate(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Per configuration: every row over the seeds; paired differences of each two-stage
+    configuration's routed row against the single model's best row and routed random."""
+    seeds = sorted(set.intersection(*(set(by_seed) for by_seed in runs.values())))
+    table: dict[str, dict[str, Any]] = {}
+    for name, by_seed in runs.items():
+        rows = by_seed[seeds[0]]["rows"]
+        table[name] = {
+            row: {
+                metric: interval([by_seed[s]["rows"][row][metric] for s in seeds])
+                for metric in ("top1", "f1", "throughput")
+            }
+            for row in rows
+        }
+    single = runs["single"]
+    best_single = max(table["single"], key=lambda row: table["single"][row]["top1"]["mean"])
+    paired: dict[str, Any] = {}
+    for name, by_seed in runs.items():
+        if name == "single":
+            continue
+        mine = routed_row(by_seed[seeds[0]]["rows"])
+        against = {"single": (single, best_single)}
+        if name != "random" and "random" in runs:
+            against["random"] = (runs["random"], routed_row(runs["random"][seeds[0]]["rows"]))
+        paired[name] = {
+            "row": mine,
+            "top_m": {
+                m: interval([by_seed[s]["top_m"][m] for s in seeds])
+                for m in by_seed[seeds[0]]["top_m"]
+            },
+            **{
+                f"vs_{other}": {
+                    "row": row,
+                    **{
+                        metric: interval(
+                            [
+                                by_seed[s]["rows"][mine][metric] - base[s]["rows"][row][metric]
+                                for s in seeds
+                            ]
+                        )
+                        for metric in ("top1", "f1")
+                    },
+                }
+                for other, (base, row) in against.items()
+            },
+        }
+    return {"seeds": seeds, "table": table, "paired": paired, "best_single": best_single}
+
+
+def _pct(x: dict[str, float]) -> str:
+    return f"{x['mean']:.2%} ± {x['sd']:.2%}"
+
+
+def _diff(x: dict[str, float]) -> str:
+    return f"{100 * x['mean']:+.2f} [{100 * x['low']:+.2f}, {100 * x['high']:+.2f}]"
+
+
+def render(result: dict[str, Any], command: str) -> str:
+    """docs/RESULTS.md."""
+    agg = result["aggregate"]
+    seeds = ", ".join(str(s) for s in agg["seeds"])
+    lines = [
+        "# Results: the methods on 423 LFW identities, over seeds",
+        "",
+        "The paper's comparison (Ahmadi and Dianat, JSDP 2024), run by this framework on the",
+        "423 identities of LFW (112x112, `../shared/datasets/lfw-112`) that have at least 5",
+        "images: 5,985 images, per-identity split 0.7/0.1/0.2, 1,185 test images. LFW:",
+        "Huang et al. 2007, deep funneling: Huang et al. 2012 (credit and terms in",
+        "`datasets/lfw-demo/README.md`).",
+        "",
+        "Same backbone (IResNet-18, base width 16, 64x64 input, 256-d embedding, ArcFace",
+        "s=64 m=0.5) and settings for every method (`configs/experiment/lfw423.yaml` with",
+        "`configs/method/{clustered,random,single}.yaml`): stage 1 for 8 epochs, stage 2 for 3;",
+        "`method=single` trains its one network for all 11. K=8 clusters. Seeds: " + seeds + ".",
+        "",
+        "Command (2-core CPU, no GPU; about 30 minutes per seed for the three methods):",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "It trains and evaluates every run it lacks (an interrupted run is resumed), then",
+        "writes `bench/results/lfw423.json` and this page.",
+        "",
+        "## Every row, mean ± standard deviation over the seeds",
+        "",
+        "| configuration | model | top-1 | macro F1 | img/s @256 |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, rows in agg["table"].items():
+        for row, m in rows.items():
+            lines.append(
+                f"| {name} | {row} | {_pct(m['top1'])} | {_pct(m['f1'])} | "
+                f"{m['throughput']['mean']:.0f} |"
+            )
+    lines += [
+        "",
+        "Throughput from the evaluation passes on this shared 2-core machine (one warm-up",
+        "batch, three timed); runs evaluated while others trained are slower.",
+        "",
+        "## The clustered method against the baselines, paired by seed",
+        "",
+        f"Differences in points, mean [95% t interval over {len(agg['seeds'])} seeds]; the "
+        f"single model's best row is `{agg['best_single']}`.",
+        "",
+        "| configuration | routed row | top-1 vs single | F1 vs single | top-1 vs routed random "
+        "| F1 vs routed random | top_m=1 | top_m=2 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, p in agg["paired"].items():
+        vs_random = p.get("vs_random")
+        lines.append(
+            f"| {name} | {p['row']} | {_diff(p['vs_single']['top1'])} | "
+            f"{_diff(p['vs_single']['f1'])} | "
+            + (f"{_diff(vs_random['top1'])} | {_diff(vs_random['f1'])}" if vs_random else " | ")
+            + f" | {p['top_m']['1']['mean']:.2%} | {p['top_m']['2']['mean']:.2%} |"
+        )
+    lines += ["", "## Training compute", ""]
+    lines += [
+        "Counted as training images through a backbone (forward and backward), from each",
+        "run's steps: stage 1 steps x batch, stage 2 steps x batch x K (every step takes a",
+        "batch for each sub-net; smaller clusters cycle). The class-mean pass (one forward",
+        "over the training split) and, at test time, the router's backbone are not in it.",
+        "",
+        "| configuration | stage 1 | stage 2 | total |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, counts in result["training_images"].items():
+        s1, s2 = counts.get("stage1", 0), counts.get("stage2", 0)
+        lines.append(f"| {name} | {s1:,} | {s2:,} | {s1 + s2:,} |")
+    lines += ["", result.get("notes", "").rstrip(), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    parser.add_argument("--out", default="runs/results")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--variant", action="append", default=[], type=parse_variant)
+    parser.add_argument("-c", "--config", action="append", default=None, help="experiment configs")
+    parser.add_argument("--set", nargs="*", default=[], help="overrides for every run")
+    parser.add_argument("--json", default="bench/results/lfw423.json")
+    parser.add_argument("--page", default="docs/RESULTS.md")
+    parser.add_argument("--notes", default="bench/results_notes.md", help="appended to the page")
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    json_path, page = ROOT / args.json, ROOT / args.page
+    command = "python " + " ".join(["bench/results.py", *sys.argv[1:]])
+    if args.render_only:
+        result = json.loads(json_path.read_text())
+    else:
+        if "single" not in args.methods:
+            raise SystemExit("--methods must include single: every difference is against it")
+        configs = args.config or ["configs/experiment/lfw423.yaml"]
+        out = (ROOT / args.out).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        plan = [(m, m, []) for m in args.methods] + args.variant
+        runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name, _, _ in plan}
+        training: dict[str, dict[str, int]] = {}
+        for seed in args.seeds:
+            for name, method, overrides in plan:
+                run = train_and_evaluate(out, name, method, seed, configs, [*args.set, *overrides])
+                runs[name][seed] = run_summary(run)
+                training.setdefault(name, runs[name][seed]["training_images"])
+        result = {
+            "command": command,
+            "configs": configs,
+            "overrides": args.set,
+            "variants": {name: {"method": m, "overrides": o} for name, m, o in args.variant},
+            "runs": runs,
+            "training_images": training,
+            "aggregate": aggregate(runs),
+        }
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2))
+    notes = ROOT / args.notes
+    result["notes"] = notes.read_text() if notes.is_file() else ""
+    page.write_text(render(result, result["command"]))
+    print(f"wrote {json_path} and {page}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The mixture-of-experts decision unit and its calibration, on hand-made embeddings;
+shared trunks (model.shared_layers) on real backbones and a real smoke run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from facecluster.config import ConfigError, load_config
+from facecluster.evaluation import evaluate_run
+from facecluster.inference import TwoStageIdentifier
+from facecluster.inference.decision import TEMPERATURES, Calibration, MoeParams, moe_scores
+from facecluster.models.components import create_backbone, shareable_stages
+from facecluster.pipeline import train
+from facecluster.run import RunFolder
+from tests.conftest import SMOKE, smoke_overrides
+from tests.test_inference import _random_identifier
+
+MOE = {"decision": "moe", "router_temperature": 0.1, "subnet_temperature": 0.05}
+
+
+def _moe_identifier(weight: float, seed: int = 0):
+    ident, queries = _random_identifier(seed=seed)
+    ident.route_config.update(MOE, generalist_weight=weight)
+    return ident, queries
+
+
+def _brute_force(ident, queries, candidates):
+    """p(c | x) over the candidate clusters times the within-cluster mixture, by hand."""
+    q = F.normalize(queries, dim=1)
+    p = ident.moe
+    scores = torch.zeros(len(q), ident.assignment.num_classes)
+    for i in range(len(q)):
+        sims = {k: q[i] @ ident.class_means[ident.members(k)].T for k in candidates[i]}
+        mass = {k: torch.logsumexp(s / p.router_temperature, 0) for k, s in sims.items()}
+        total = torch.logsumexp(torch.stack(list(mass.values())), 0)
+        for k in candidates[i]:
+            members = ident.members(k)
+            sub = torch.softmax(q[i] @ ident.head(k).T / p.subnet_temperature, 0)
+            mean = torch.softmax(q[i] @ ident.class_means[members].T / p.router_temperature, 0)
+            mixed = (1 - p.generalist_weight) * sub + p.generalist_weight * mean
+            scores[i, members] = torch.exp(mass[k] - total) * mixed
+    return scores
+
+
+@pytest.mark.parametrize("top_m", [1, 2, 4])
+@pytest.mark.parametrize("weight", [0.0, 0.4, 1.0])
+def test_moe_scores_are_the_cluster_probability_times_the_mixture(top_m, weight):
+    ident, queries = _moe_identifier(weight)
+    result = ident.identify(queries, top_m=top_m, k=3)
+    expected = _brute_force(ident, queries, result.clusters.tolist())
+    best = expected.topk(3, dim=1)
+    assert torch.equal(result.candidates, best.indices)
+    assert torch.allclose(result.candidate_scores, best.values, atol=1e-6)
+    # probabilities: over the candidates' identities they sum to 1
+    assert torch.allclose(expected.sum(1), torch.ones(len(queries)), atol=1e-5)
+    assert result.subnet_forwards == (0 if weight == 1.0 else len(queries) * top_m)
+    # batched answers equal one-by-one answers
+    for i in range(0, len(queries), 16):
+        one = ident.identify(queries[i : i + 1], top_m=top_m)
+        assert one.identity.item() == result.identity[i].item()
+
+
+def test_moe_over_every_cluster_is_ism_and_a_routing_miss_is_not_forced():
+    ident, queries = _moe_identifier(0.3, seed=2)
+    every = ident.identify(queries, top_m=ident.num_clusters)
+    ism = ident.identify(queries, all_subnets=True)
+    assert torch.equal(every.identity, ism.identity)
+    assert torch.allclose(every.score, ism.score, atol=1e-6)
+    # a candidate that the router ranks second can win when its sub-net is sure
+    top1 = ident.identify(queries, top_m=1)
+    top2 = ident.identify(queries, top_m=2)
+    moved = top2.identity != top1.identity
+    assert bool(moved.any())
+    assert bool((ident.class_to_cluster[top2.identity[moved]] == top2.clusters[moved, 1]).all())
+
+
+def test_moe_without_its_numbers_asks_for_calibration():
+    ident, queries = _random_identifier()
+    ident.route_config["decision"] = "moe"
+    with pytest.raises(ValueError, match="calibrate"):
+        ident.identify(queries)
+    p = MoeParams(0.1, 0.05, 1.0)
+    weight = torch.tensor([0.25])
+    scores = moe_scores(weight, None, torch.tensor([[0.5, 0.1]]), p)  # no sub-net needed
+    assert torch.allclose(scores, 0.25 * torch.softmax(torch.tensor([[5.0, 1.0]]), 1))
+
+
+def test_calibration_recovers_the_temperatures_that_generated_the_labels():
+    torch.manual_seed(0)
+    n, k, per = 4000, 4, 5
+    classes = k * per
+    class_to_cluster = torch.arange(classes) // per
+    true_router, true_subnet = 0.1, 0.03
+    similarity = torch.rand(n, classes) * 0.6
+    labels = torch.distributions.Categorical(logits=similarity / true_router).sample()
+    calibration = Calibration()
+    calibration.update_router(similarity, class_to_cluster, class_to_cluster[labels])
+    # sub-net cosines whose softmax at true_subnet gives the right identity its probability
+    for c in range(k):
+        rows = (class_to_cluster[labels] == c).nonzero().squeeze(1)
+        cosine = torch.rand(len(rows), per) * 0.3
+        local = torch.distributions.Categorical(logits=cosine / true_subnet).sample()
+        mean = similarity[rows][:, c * per : (c + 1) * per]
+        calibration.update_within(cosine, mean, local)
+    fitted = calibration.fit()
+    step = math.log(float(TEMPERATURES[1] / TEMPERATURES[0]))
+    assert abs(math.log(fitted.router_temperature / true_router)) <= 2 * step
+    assert abs(math.log(fitted.subnet_temperature / true_subnet)) <= 2 * step
+    # the labels came from the sub-nets alone: the class means get little weight
+    assert fitted.generalist_weight <= 0.2
+    with pytest.raises(ValueError, match="no validation faces"):
+        Calibration().fit()
+
+
+# ------------------------------------------------------------------ shared layers
+
+
+@pytest.mark.parametrize("name", ["tiny", "iresnet18"])
+def test_trunk_then_tail_is_the_whole_backbone(name):
+    torch.manual_seed(0)
+    net = create_backbone(name, embedding_dim=16, image_size=32, width=4).eval()
+    images = torch.randn(3, 3, 32, 32)
+    assert shareable_stages(net) == 4
+    for stages in range(5):
+        assert torch.allclose(net.tail(net.trunk(images, stages), stages), net(images), atol=1e-6)
+    assert shareable_stages(create_backbone("resnet18", embedding_dim=16)) == 0
+
+
+def test_a_backbone_without_stages_is_refused_before_training(tmp_path):
+    cfg = load_config(
+        SMOKE, smoke_overrides(tmp_path, "model.backbone=resnet18", "model.shared_layers=2")
+    )
+    with pytest.raises(ConfigError, match="model.shared_layers=2.*cannot share"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_shared_layers_stay_the_stage1_trunk_and_routed_inference_runs_it_once(tmp_path):
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "model.shared_layers=2", "logger=csv"))
+    run = train(cfg).run_dir
+    folder = RunFolder(run)
+    stage1 = folder.stage1_weights().backbone
+    trunk = [n for n in stage1 if n.startswith(("features.0.", "features.1.", "features.4."))]
+    trained = [n for n in stage1 if n.startswith("features.6.")]  # stage 3's conv
+    for subnet in folder.subnet_weights():
+        assert all(torch.equal(subnet.backbone[n], stage1[n]) for n in trunk)  # BN stats too
+        assert any(not torch.equal(subnet.backbone[n], stage1[n]) for n in trained)
+    report = evaluate_run(run)  # fits the decision unit on the validation split, once
+    assert report.rows[0].model.endswith("(top_m=1, moe)")
+    assert report.decision == {"decision": "moe", "alpha": 0.0, **folder.calibration()}
+    shared = TwoStageIdentifier.from_run(run)
+    assert shared.shared_layers == 2 and shared.moe is not None
+    whole = TwoStageIdentifier.from_run(run)
+    whole.shared_layers = 0  # every network from the images: the same answers
+    images = torch.randn(6, 3, 112, 112)
+    a, b = shared.identify(images, top_m=2, k=3), whole.identify(images, top_m=2, k=3)
+    assert torch.equal(a.candidates, b.candidates)
+    assert torch.allclose(a.candidate_scores, b.candidate_scores, atol=1e-5)
