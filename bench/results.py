@@ -27,8 +27,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("clustered", "random", "single")
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-"""Two-sided 95% quantiles of Student's t by degrees of freedom (1.96 beyond 9)."""
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179)
+T95 += (2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086)
+"""Two-sided 95% quantiles of Student's t for 1 to 20 degrees of freedom (2.0 beyond:
+a little wide, never narrow, up to 60)."""
 
 
 def parse_variant(text: str) -> tuple[str, str, list[str]]:
@@ -64,7 +66,9 @@ def train_and_evaluate(
             args += ["eval.after_training=false", *overrides]
         print(f"training {run.name}", flush=True)
         _python(["train.py", *args], log)
-    if not (run / "eval" / "results.json").is_file():
+    evaluation = run / "eval" / "results.json"
+    if not evaluation.is_file() or "decision" not in json.loads(evaluation.read_text()):
+        # none yet, or one from before the decision unit was recorded: evaluate again
         print(f"evaluating {run.name}", flush=True)
         _python(["evaluate.py", f"run={run}"], log)
     return run
@@ -100,7 +104,8 @@ def interval(values: list[float]) -> dict[str, float]:
     n = len(values)
     mean = statistics.fmean(values)
     sd = statistics.stdev(values) if n > 1 else 0.0
-    half = T95.get(n - 1, 1.96) * sd / math.sqrt(n) if n > 1 else math.inf
+    t = T95[n - 2] if n - 1 <= len(T95) else 2.0
+    half = t * sd / math.sqrt(n) if n > 1 else math.inf
     return {"mean": mean, "sd": sd, "low": mean - half, "high": mean + half, "n": n}
 
 
@@ -110,11 +115,12 @@ def routed_row(rows: dict[str, Any]) -> str:
 
 
 def aggregate(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
-    """Per configuration: every row over the seeds; paired differences of each two-stage
-    configuration's routed row against the single model's best row and routed random."""
-    seeds = sorted(set.intersection(*(set(by_seed) for by_seed in runs.values())))
+    """Per configuration: every row over its seeds; paired differences of each two-stage
+    configuration's routed row against the single model's best row and routed random,
+    over the seeds both have."""
     table: dict[str, dict[str, Any]] = {}
     for name, by_seed in runs.items():
+        seeds = sorted(by_seed)
         rows = by_seed[seeds[0]]["rows"]
         table[name] = {
             row: {
@@ -129,19 +135,23 @@ def aggregate(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     for name, by_seed in runs.items():
         if name == "single":
             continue
-        mine = routed_row(by_seed[seeds[0]]["rows"])
-        against = {"single": (single, best_single)}
+        own = sorted(by_seed)
+        mine = routed_row(by_seed[own[0]]["rows"])
+        against = {"single": (single, best_single, sorted(set(own) & set(single)))}
         if name != "random" and "random" in runs:
-            against["random"] = (runs["random"], routed_row(runs["random"][seeds[0]]["rows"]))
+            other = runs["random"]
+            row = routed_row(next(iter(other.values()))["rows"])
+            against["random"] = (other, row, sorted(set(own) & set(other)))
         paired[name] = {
             "row": mine,
+            "seeds": against["single"][2],
             "top_m": {
-                m: interval([by_seed[s]["top_m"][m] for s in seeds])
-                for m in by_seed[seeds[0]]["top_m"]
+                m: interval([by_seed[s]["top_m"][m] for s in own]) for m in by_seed[own[0]]["top_m"]
             },
             **{
                 f"vs_{other}": {
                     "row": row,
+                    "seeds": seeds,
                     **{
                         metric: interval(
                             [
@@ -152,9 +162,11 @@ def aggregate(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
                         for metric in ("top1", "f1")
                     },
                 }
-                for other, (base, row) in against.items()
+                for other, (base, row, seeds) in against.items()
+                if seeds
             },
         }
+    seeds = {name: sorted(by_seed) for name, by_seed in runs.items()}
     return {"seeds": seeds, "table": table, "paired": paired, "best_single": best_single}
 
 
@@ -169,7 +181,7 @@ def _diff(x: dict[str, float]) -> str:
 def render(result: dict[str, Any], command: str) -> str:
     """docs/RESULTS.md."""
     agg = result["aggregate"]
-    seeds = ", ".join(str(s) for s in agg["seeds"])
+    seeds = ", ".join(str(s) for s in agg["seeds"]["single"])
     lines = [
         "# Results: the methods on 423 LFW identities, over seeds",
         "",
@@ -195,13 +207,13 @@ def render(result: dict[str, Any], command: str) -> str:
         "",
         "## Every row, mean ± standard deviation over the seeds",
         "",
-        "| configuration | model | top-1 | macro F1 | img/s @256 |",
-        "|---|---|---:|---:|---:|",
+        "| configuration | seeds | model | top-1 | macro F1 | img/s @256 |",
+        "|---|---:|---|---:|---:|---:|",
     ]
     for name, rows in agg["table"].items():
         for row, m in rows.items():
             lines.append(
-                f"| {name} | {row} | {_pct(m['top1'])} | {_pct(m['f1'])} | "
+                f"| {name} | {m['top1']['n']} | {row} | {_pct(m['top1'])} | {_pct(m['f1'])} | "
                 f"{m['throughput']['mean']:.0f} |"
             )
     lines += [
@@ -211,17 +223,17 @@ def render(result: dict[str, Any], command: str) -> str:
         "",
         "## The clustered method against the baselines, paired by seed",
         "",
-        f"Differences in points, mean [95% t interval over {len(agg['seeds'])} seeds]; the "
-        f"single model's best row is `{agg['best_single']}`.",
+        "Differences in points, mean [95% t interval over the seeds], each seed's run against",
+        f"the same seed's; the single model's best row is `{agg['best_single']}`.",
         "",
-        "| configuration | routed row | top-1 vs single | F1 vs single | top-1 vs routed random "
-        "| F1 vs routed random | top_m=1 | top_m=2 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| configuration | seeds | routed row | top-1 vs single | F1 vs single "
+        "| top-1 vs routed random | F1 vs routed random | top_m=1 | top_m=2 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, p in agg["paired"].items():
         vs_random = p.get("vs_random")
         lines.append(
-            f"| {name} | {p['row']} | {_diff(p['vs_single']['top1'])} | "
+            f"| {name} | {len(p['seeds'])} | {p['row']} | {_diff(p['vs_single']['top1'])} | "
             f"{_diff(p['vs_single']['f1'])} | "
             + (f"{_diff(vs_random['top1'])} | {_diff(vs_random['f1'])}" if vs_random else " | ")
             + f" | {p['top_m']['1']['mean']:.2%} | {p['top_m']['2']['mean']:.2%} |"
@@ -249,6 +261,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/results")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--variant", action="append", default=[], type=parse_variant)
+    parser.add_argument(
+        "--variant-seeds", type=int, nargs="+", default=None, help="default: --seeds"
+    )
     parser.add_argument("-c", "--config", action="append", default=None, help="experiment configs")
     parser.add_argument("--set", nargs="*", default=[], help="overrides for every run")
     parser.add_argument("--json", default="bench/results/lfw423.json")
@@ -269,8 +284,13 @@ def main() -> None:
         plan = [(m, m, []) for m in args.methods] + args.variant
         runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name, _, _ in plan}
         training: dict[str, dict[str, int]] = {}
-        for seed in args.seeds:
+        variant_seeds = args.variant_seeds or args.seeds
+        for seed in sorted(set(args.seeds) | set(variant_seeds)):
             for name, method, overrides in plan:
+                if seed not in (
+                    variant_seeds if (name, method, overrides) in args.variant else args.seeds
+                ):
+                    continue
                 run = train_and_evaluate(out, name, method, seed, configs, [*args.set, *overrides])
                 runs[name][seed] = run_summary(run)
                 training.setdefault(name, runs[name][seed]["training_images"])

@@ -66,7 +66,7 @@ sub-net head gains a row (its mean sub-net embedding). identifier.pt and onnx/
 IDENTIFY_HELP = """Identify the faces in image files or folders; write one CSV row per image.
 
     facecluster identify exports/demo photos/ --out who.csv
-    facecluster identify exports/demo a.jpg b.jpg --runtime onnx --threshold 0.3
+    facecluster identify exports/demo a.jpg b.jpg --runtime onnx --threshold -0.5
 
 Images must be aligned face crops, as in training (any size: they are resized
 to the model's input). Columns: path, identity ("unknown" when the score is below

@@ -421,6 +421,14 @@ class RouteConfig:
         r.positive("subnet_temperature", self.subnet_temperature)
         if self.generalist_weight is not None:
             r.within("generalist_weight", self.generalist_weight, 0.0, 1.0)
+        fitted = ("router_temperature", "subnet_temperature", "generalist_weight")
+        given = [name for name in fitted if getattr(self, name) is not None]
+        if given and len(given) < len(fitted):  # they are fitted together, or all given
+            r.add(
+                f"route.{', route.'.join(given)} set without route."
+                f"{', route.'.join(n for n in fitted if n not in given)}: set all three, or "
+                "none to fit them on the validation split"
+            )
         names = ("ivf_nlist", "ivf_nprobe", "hnsw_m", "hnsw_ef_search", "neighbours")
         for name in (*names, "lists_per_cluster"):
             r.positive(name, getattr(self, name))

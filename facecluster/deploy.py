@@ -104,7 +104,14 @@ def unknown_threshold(
     run.check_identities(dm.class_names)
     loader = dm.unseen_dataloader("val")  # an open-set run always has some
     scores = torch.cat([identifier.identify(normalize_images(x)).score for x, _ in loader])
-    return {"threshold": threshold_at_fpir(scores, fpir), "fpir": fpir, "probes": len(scores)}
+    return {
+        "threshold": threshold_at_fpir(scores, fpir),
+        "fpir": fpir,
+        "probes": len(scores),
+        # moe scores are log-probabilities over the searched clusters: another top_m
+        # moves them, so the threshold holds for this top_m only
+        "top_m": identifier.route_config["top_m"],
+    }
 
 
 def resolve_device(device: str) -> torch.device:
@@ -241,6 +248,13 @@ def identify_files(
     if top_m is not None and top_m > identifier.num_clusters:
         raise ValueError(f"top_m={top_m}: {model} has {identifier.num_clusters} clusters")
     if threshold is None and identifier.open_set is not None:
+        chosen_at = identifier.open_set.get("top_m", identifier.route_config["top_m"])
+        if identifier.route_config["decision"] == "moe" and top_m not in (None, chosen_at):
+            raise ValueError(
+                f"{model}'s unknown threshold was chosen at top_m={chosen_at}; with "
+                f"top_m={top_m} the decision scores move: pass a threshold for top_m={top_m} "
+                f"(--threshold) or leave top_m at {chosen_at}"
+            )
         threshold = identifier.open_set["threshold"]
     files = image_files(sources)
     size = identifier.backbone_args["image_size"]

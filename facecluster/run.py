@@ -373,9 +373,10 @@ class RunFolder:
             (self.path / RESULTS_TABLE).write_text(table + "\n")
 
     def clear_training_report(self) -> None:
-        """Sub-nets are (re)trained: the run's results and stage-2 summary no longer hold."""
+        """Sub-nets are (re)trained: the run's results, stage-2 summary and the decision
+        unit's fitted numbers no longer hold."""
         if is_global_zero():
-            for name in (RESULTS, RESULTS_TABLE, "stage2.json"):
+            for name in (RESULTS, RESULTS_TABLE, "stage2.json", CALIBRATION):
                 (self.path / name).unlink(missing_ok=True)
 
     # ----------------------------------------------------------------- sub-nets

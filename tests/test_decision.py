@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from facecluster.config import ConfigError, load_config
 from facecluster.evaluation import evaluate_run
 from facecluster.inference import TwoStageIdentifier
-from facecluster.inference.decision import TEMPERATURES, Calibration, MoeParams, moe_scores
+from facecluster.inference.decision import (
+    TEMPERATURES,
+    Calibration,
+    MoeParams,
+    moe_scores,
+    similarity,
+)
 from facecluster.models.components import create_backbone, shareable_stages
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
@@ -54,7 +60,8 @@ def test_moe_scores_are_the_cluster_probability_times_the_mixture(top_m, weight)
     expected = _brute_force(ident, queries, result.clusters.tolist())
     best = expected.topk(3, dim=1)
     assert torch.equal(result.candidates, best.indices)
-    assert torch.allclose(result.candidate_scores, best.values, atol=1e-6)
+    # scores are log-probabilities
+    assert torch.allclose(result.candidate_scores.exp(), best.values, atol=1e-6)
     # probabilities: over the candidates' identities they sum to 1
     assert torch.allclose(expected.sum(1), torch.ones(len(queries)), atol=1e-5)
     assert result.subnet_forwards == (0 if weight == 1.0 else len(queries) * top_m)
@@ -84,9 +91,24 @@ def test_moe_without_its_numbers_asks_for_calibration():
     with pytest.raises(ValueError, match="calibrate"):
         ident.identify(queries)
     p = MoeParams(0.1, 0.05, 1.0)
-    weight = torch.tensor([0.25])
+    weight = torch.tensor([0.25]).log()
     scores = moe_scores(weight, None, torch.tensor([[0.5, 0.1]]), p)  # no sub-net needed
-    assert torch.allclose(scores, 0.25 * torch.softmax(torch.tensor([[5.0, 1.0]]), 1))
+    assert torch.allclose(scores.float().exp(), 0.25 * torch.softmax(torch.tensor([[5.0, 1.0]]), 1))
+    # a sure face keeps a score below 0 that thresholds can still order (p rounds to 1)
+    sure = moe_scores(
+        torch.zeros(1), torch.tensor([[0.9, 0.0]]), torch.tensor([[0.9, 0.0]]),
+        MoeParams(0.05, 0.05, 0.5),
+    )  # fmt: skip
+    assert sure.float().exp()[0, 0] == 1.0 and -1e-7 < float(sure[0, 0]) < 0
+    # under bf16 autocast the scores are still float32 from float32 products
+    q = F.normalize(torch.randn(4, 8), dim=1)
+    exact = q @ q.T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(similarity(q, q), exact)
+        assert not torch.equal(q @ q.T, exact)  # what autocast alone would give
+    # the fitted numbers are set together or not at all
+    with pytest.raises(ConfigError, match="route.router_temperature set without"):
+        load_config(SMOKE, ["route.router_temperature=0.1"])
 
 
 def test_calibration_recovers_the_temperatures_that_generated_the_labels():

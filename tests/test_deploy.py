@@ -157,11 +157,14 @@ def test_onnx_identifier_matches_torch_on_the_test_split(open_run, exported, tmp
     # the --help example's options: onnx runtime, a threshold of one's own
     faces = [str(p) for p in sorted(folders[0].glob("*.jpg"))[:2]]
     out = tmp_path / "own.csv"
-    argv = ["identify", str(exported), *faces, "--runtime", "onnx", "--threshold", "0.3"]
+    argv = ["identify", str(exported), *faces, "--runtime", "onnx", "--threshold", "-0.5"]
     assert cli.main([*argv, "--out", str(out)]) == 0
     with open(out) as f:
-        for row in csv.DictReader(f):
-            assert (row["identity"] == "unknown") == (float(row["score"]) < 0.3)
+        for row in csv.DictReader(f):  # moe scores: log-probabilities, at most 0
+            assert float(row["score"]) <= 0
+            assert (row["identity"] == "unknown") == (float(row["score"]) < -0.5)
+    # the export's threshold was chosen at top_m=1: another top_m needs its own
+    assert cli.main(["identify", str(exported), *faces, "--top-m", "2", "--out", str(out)]) == 2
     assert cli.main([*argv, "--top-m", "9", "--out", str(out)]) == 2  # 3 clusters
 
 

@@ -214,7 +214,7 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(js.read_text())
     agg = result["aggregate"]
-    assert agg["seeds"] == [1, 2]
+    assert agg["seeds"] == {"clustered": [1, 2], "single": [1, 2]}
     paired = agg["paired"]["clustered"]
     assert paired["row"] == "clustered, routed (top_m=1, moe)"
     runs = result["runs"]

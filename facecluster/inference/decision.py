@@ -4,7 +4,8 @@ It combines the two sources of evidence about a face's identity: the chosen
 sub-nets' cosines to their identities' head rows, and the clustering unit's
 similarity of the face's stage-1 embedding to each identity's class mean.
 
-``route.decision=moe`` (the default) composes probabilities, a mixture of experts:
+``route.decision=moe`` (the default) composes probabilities, a mixture of experts
+(its scores are their logarithms):
 
     p(j | x) = p(c | x) * [(1 - g) * p_c(j | x) + g * p_mean(j | c, x)]
 
@@ -23,6 +24,8 @@ answering confidently: more candidates (``top_m``) can only add evidence.
 ``route.decision=linear`` is the earlier unit: ``(1 - alpha) * subnet_cosine +
 alpha * class_mean_similarity``; alpha 0 is the sub-nets unit alone, alpha 1 the
 clustering unit alone (nearest class mean within the candidate clusters).
+
+Scores (``moe``: log-probabilities) are computed in float32 under any autocast.
 """
 
 from __future__ import annotations
@@ -54,25 +57,44 @@ class MoeParams:
 
 
 def moe_scores(
-    cluster_weight: Tensor,
-    subnet_cosine: Tensor,
+    cluster_log_weight: Tensor,
+    subnet_cosine: Tensor | None,
     class_mean_similarity: Tensor,
     params: MoeParams,
 ) -> Tensor:
-    """``[n, m]`` probabilities of a cluster's m identities for n faces.
+    """``[n, m]`` log-probabilities of a cluster's m identities for n faces.
+
+    Logarithms in float64, not probabilities: a confident face's probability rounds
+    to 1.0 in float32, its log-probability does not (down to 1 - p of about 1e-15), so
+    open-set thresholds keep separating faces however sure the networks are.
 
     Args:
-        cluster_weight: ``[n]`` the cluster's probability among the candidates.
-        subnet_cosine: ``[n, m]`` the cluster's sub-net cosines (unused when the
+        cluster_log_weight: ``[n]`` log of the cluster's probability among the candidates.
+        subnet_cosine: ``[n, m]`` the cluster's sub-net cosines (None when the
             generalist weight is 1).
         class_mean_similarity: ``[n, m]`` stage-1 similarities to the class means.
     """
     g = params.generalist_weight
-    mixed = g * torch.softmax(class_mean_similarity.float() / params.router_temperature, dim=1)
-    if g < 1.0:
-        subnet = torch.softmax(subnet_cosine.float() / params.subnet_temperature, dim=1)
-        mixed = mixed + (1.0 - g) * subnet
-    return cluster_weight[:, None] * mixed
+    # float64: in float32 a log-softmax rounds to 0 once p > 1 - 1e-6 (the ulp of the
+    # largest logit), which would tie every confident face at the top of the scale
+    mean = torch.log_softmax(class_mean_similarity.double() / params.router_temperature, dim=1)
+    if g == 1.0:
+        mixed = mean
+    else:
+        subnet = torch.log_softmax(subnet_cosine.double() / params.subnet_temperature, dim=1)
+        mixed = (
+            subnet + math.log1p(-g)
+            if g == 0.0
+            else torch.logaddexp(subnet + math.log1p(-g), mean + math.log(g))
+        )
+    return cluster_log_weight[:, None].double() + mixed
+
+
+def similarity(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b.T`` in float32 whatever the autocast: cosines that a temperature of 0.01
+    divides need more than bf16's 3 significant digits."""
+    with torch.autocast(a.device.type, enabled=False):
+        return a.float() @ b.float().T
 
 
 class Calibration:

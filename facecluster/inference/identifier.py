@@ -23,6 +23,7 @@ and all sub-nets (ISM).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,7 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facecluster.clustering import ClusterAssignment
-from facecluster.inference.decision import Calibration, MoeParams, fuse, keep_top, moe_scores
+from facecluster.inference.decision import (
+    Calibration,
+    MoeParams,
+    fuse,
+    keep_top,
+    moe_scores,
+    similarity,
+)
 from facecluster.inference.predictors import Predictor, count_parameters
 from facecluster.inference.router import Router
 from facecluster.io import atomic_torch_save, load_plain
@@ -58,7 +66,7 @@ class Identification:
     """[B, k] the best k global identity ids, best first."""
     candidate_scores: Tensor
     """[B, k] their decision scores (``-inf`` where fewer than k identities were searched;
-    probabilities with ``route.decision=moe``)."""
+    log-probabilities with ``route.decision=moe``)."""
     clusters: Tensor
     """[B, m] candidate clusters, best first (all K for ISM)."""
     subnet_forwards: int
@@ -194,15 +202,15 @@ class TwoStageIdentifier(nn.Module):
             images = normalize(images) if normalize is not None else images
             features = self._trunk(images)
             query = self._embed_from(self.router_backbone, features)
-            similarity = query @ self.class_means.T
+            sims = similarity(query, self.class_means)
             clusters = self.class_to_cluster[labels]
-            calibration.update_router(similarity, self.class_to_cluster, clusters)
+            calibration.update_router(sims, self.class_to_cluster, clusters)
             for k in clusters.unique().tolist():
                 rows = (clusters == k).nonzero().squeeze(1)
                 members = self.members(k)
-                cosine = self._embed_from(self.subnets[k], features[rows]) @ self.head(k).T
+                cosine = similarity(self._embed_from(self.subnets[k], features[rows]), self.head(k))
                 local = torch.searchsorted(members, labels[rows])
-                calibration.update_within(cosine, similarity[rows][:, members], local)
+                calibration.update_within(cosine, sims[rows][:, members], local)
         params = calibration.fit()
         self.route_config.update(params.to_route())
         return params
@@ -222,7 +230,9 @@ class TwoStageIdentifier(nn.Module):
             images: [B, 3, H, W] normalised face crops.
             top_m: clusters to search (default ``route.top_m``).
             alpha: decision-unit weight of the class-mean similarity (default ``route.alpha``).
-            all_subnets: run every sub-net and keep the best score (ISM); no routing
+            all_subnets: run every sub-net and keep the best score (ISM; with
+                ``decision=moe`` the mixture over all K clusters, which the router
+                backbone's class-mean similarities weight); no routing
                 and, with alpha 0, no router backbone forward.
             k: candidates kept per face (the prediction is the first).
 
@@ -251,28 +261,28 @@ class TwoStageIdentifier(nn.Module):
         best_score = torch.full((batch, k), -float("inf"), device=images.device)
         best_id = torch.full((batch, k), self.assignment.num_classes, device=images.device)
         forwards = 0
-        similarities = {}
-        if moe:  # each candidate cluster's probability, renormalised over the candidates
+        sims = {}
+        if moe:  # each candidate cluster's log-probability, renormalised over the candidates
             log_mass = torch.empty(clusters.shape, device=images.device)
-            for k in clusters.unique().tolist():
-                similarities[k] = query @ self.class_means[self.members(k)].T
-                mass = torch.logsumexp(similarities[k] / params.router_temperature, dim=1)
-                log_mass = torch.where(clusters == k, mass[:, None], log_mass)
-            cluster_weight = torch.softmax(log_mass, dim=1)
-        for k in clusters.unique().tolist():
-            rows = (clusters == k).any(dim=1).nonzero().squeeze(1)
-            members = self.members(k)
+            for c in clusters.unique().tolist():
+                sims[c] = similarity(query, self.class_means[self.members(c)])
+                mass = torch.logsumexp(sims[c] / params.router_temperature, dim=1)
+                log_mass = torch.where(clusters == c, mass[:, None], log_mass)
+            log_weight = torch.log_softmax(log_mass, dim=1)
+        for c in clusters.unique().tolist():
+            rows = (clusters == c).any(dim=1).nonzero().squeeze(1)
+            members = self.members(c)
             cosine = None
             if use_subnets:  # alpha 1, weight 1: the clustering unit alone, no sub-net runs
-                cosine = self._embed_from(self.subnets[k], features[rows]) @ self.head(k).T
+                cosine = similarity(self._embed_from(self.subnets[c], features[rows]), self.head(c))
                 forwards += len(rows)
             if moe:
-                weight = (cluster_weight * (clusters == k)).sum(dim=1)[rows]
-                score = moe_scores(weight, cosine, similarities[k][rows], params)
+                weight = log_weight.masked_fill(clusters != c, -math.inf).amax(dim=1)[rows]
+                score = moe_scores(weight, cosine, sims[c][rows], params)
             else:
-                similarity = query[rows] @ self.class_means[members].T if alpha > 0 else None
-                score = fuse(cosine, similarity, alpha)
-            keep_top(best_score, best_id, rows, score, members)
+                means = similarity(query[rows], self.class_means[members]) if alpha > 0 else None
+                score = fuse(cosine, means, alpha)
+            keep_top(best_score, best_id, rows, score.to(best_score.dtype), members)
         return Identification(best_id, best_score, clusters, forwards)
 
     @torch.no_grad()
@@ -344,9 +354,11 @@ class TwoStageIdentifier(nn.Module):
         )
 
     def all_subnets(self, alpha: float) -> Predictor:
-        """Every sub-net runs and the best score wins (ISM); no routing."""
+        """Every sub-net runs and the best score wins (ISM; under moe, the mixture over
+        every cluster); no routing search."""
         label = "clustered" if self.assignment.method != "random" else "random partition"
-        router = [self.router_backbone] if alpha > 0 else []
+        moe = self.route_config["decision"] == "moe"
+        router = [self.router_backbone] if alpha > 0 or moe else []
         return Predictor(
             f"{label}, all sub-nets (ISM)",
             partial(self._all_subnets, alpha=alpha),

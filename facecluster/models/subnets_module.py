@@ -106,9 +106,6 @@ class SubnetSystem(StageSystem):
                 self.heads[str(k)] = create_head(
                     num_classes=cluster_sizes[k], embedding_dim=dim, **head
                 )
-        # the shared trunks: no gradient, always in eval mode (a plain list, not registered
-        # twice: the modules belong to the sub-nets, and so do their state-dict keys)
-        self.frozen: list[nn.Module] = []
         if shared_layers:
             available = shareable_stages(next(iter(self.subnets.values())))
             if not 0 < shared_layers <= available:
@@ -116,9 +113,7 @@ class SubnetSystem(StageSystem):
                 raise ValueError(
                     f"shared_layers={shared_layers}: backbone {backbone['name']!r} can share {can}"
                 )
-            for subnet in self.subnets.values():
-                self.frozen.extend(subnet.trunk_modules(shared_layers))
-            for module in self.frozen:
+            for module in self._frozen():
                 module.requires_grad_(False)
                 module.eval()  # also the mode Lightning records and restores around validation
         self.register_buffer("class_to_cluster", torch.zeros(num_classes, dtype=torch.long))
@@ -130,9 +125,15 @@ class SubnetSystem(StageSystem):
 
     def train(self, mode: bool = True) -> SubnetSystem:
         super().train(mode)
-        for module in self.frozen:  # shared trunks keep the stage-1 BatchNorm statistics
+        for module in self._frozen():  # shared trunks keep the stage-1 BatchNorm statistics
             module.eval()
         return self
+
+    def _frozen(self) -> list[nn.Module]:
+        """The shared trunks' modules, looked up each time (a SyncBatchNorm conversion
+        replaces BatchNorm modules after construction)."""
+        n = self.hparams.get("shared_layers", 0)
+        return [m for s in self.subnets.values() for m in s.trunk_modules(n)] if n else []
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Checkpoints written before facecluster 0.1's consolidation held an unread
