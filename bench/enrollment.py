@@ -28,7 +28,7 @@ import torch
 
 from facecluster.builders import build_datamodule
 from facecluster.data.transforms import load_faces, normalize_images
-from facecluster.deploy import enroll_folder, export_run, load_export
+from facecluster.deploy import calibrate_run, enroll_folder, export_run, load_export
 from facecluster.inference import TwoStageIdentifier
 from facecluster.run import RunFolder
 
@@ -73,6 +73,7 @@ def main() -> None:
         test_new = [(p, n) for p, n in split["test"] if n in unseen]
         test_old = [(p, n) for p, n in split["test"] if n not in unseen]
         trained = TwoStageIdentifier.from_run(full)
+        calibrate_run(trained, full, full.finished_config())  # as its export would
         result = {
             "enrolled_run": str(Path(args.enrolled).resolve()),
             "full_run": str(full.path),

@@ -227,7 +227,7 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path):
     assert paired["vs_single"]["top1"]["low"] <= paired["vs_single"]["top1"]["mean"]
     assert result["training_images"]["clustered"]["stage2"] > 0
     text = page.read_text()
-    assert "| clustered | clustered, routed (top_m=1, moe) |" in text
+    assert "| clustered | 2 | clustered, routed (top_m=1, moe) |" in text
     # a second call trains nothing and renders the same page
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "training" not in again.stdout
