@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from facecluster.run import RunFolder
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("clustered", "random", "single")
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179)
@@ -77,8 +79,7 @@ def train_and_evaluate(
 def _training_images(run: Path) -> dict[str, int]:
     """Images through a backbone in training (forward and backward), by stage."""
     results = json.loads((run / "results.json").read_text())
-    config = (run / "config.yaml").read_text()
-    batch = int(next(line for line in config.splitlines() if "batch_size:" in line).split()[-1])
+    batch = RunFolder(run).finished_config().data.batch_size  # the run's own config loader
     counts = {"stage1": results["stage1"]["steps"] * batch}
     if "subnets" in results:  # each stage-2 step takes a batch for every sub-net
         counts["stage2"] = results["stage2_steps"] * batch * results["num_clusters"]
