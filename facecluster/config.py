@@ -308,10 +308,17 @@ class Stage2Config(StageConfig):
     group: int | None = None
     """Set by the launchers: this process trains only group ``group`` (0-based) of the
     ``jobs`` balanced groups of ``subnets``."""
+    epoch_size: str = "largest"
+    """Batches each sub-net takes per stage-2 epoch. largest: the largest cluster's
+    (smaller clusters pass over their images more than once). mean: the average
+    cluster's, so that a stage-2 epoch puts as many images through the K sub-nets as
+    the training split holds, as a stage-1 epoch does (larger clusters see a fresh
+    random part of their images each epoch)."""
 
     def problems(self, prefix: str) -> list[str]:
         r = _Rules(prefix)
         r.positive("jobs", self.jobs)
+        r.choice("epoch_size", self.epoch_size, ("largest", "mean"))
         if self.group is not None and not 0 <= self.group < self.jobs:
             r.add(f"{prefix}group={self.group} must be in [0, {prefix}jobs={self.jobs})")
         if self.subnets is not None:

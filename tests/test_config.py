@@ -91,6 +91,7 @@ def test_contradictions_are_listed_together():
                 "data.max_classes=2",
                 "clustering.num_clusters=4",
                 "head.sample_rate=0",
+                "stage2.epoch_size=smallest",
             ]
         )
     message = str(err.value)
@@ -100,6 +101,7 @@ def test_contradictions_are_listed_together():
         "data.val_fraction + data.test_fraction",
         "data.max_classes=2 is smaller than clustering.num_clusters=4",
         "head.sample_rate must be in (0, 1], got 0",
+        "stage2.epoch_size='smallest' is not one of largest, mean",
     ):
         assert text in message
 

@@ -363,6 +363,32 @@ def test_combined_loader_after_connect_clusters(dm: FaceDataModule) -> None:
     assert n_steps == max(len(loader) for loader in combined.iterables.values())
 
 
+def test_mean_epoch_size_passes_the_train_split_once_per_epoch() -> None:
+    # stage2.epoch_size=mean: K x steps x batch is the train split's size (full batches),
+    # a large cluster sees a part of its images without repeats, each epoch another
+    dm = FaceDataModule(
+        str(DEMO_ROOT), batch_size=8, max_classes=6, seed=3, subnet_epoch_size="mean"
+    )
+    c2c = torch.tensor([0, 0, 0, 0, 1, 2])  # one large cluster, two of one identity
+    dm.connect_clusters(c2c, torch.tensor([0, 1, 2, 3, 0, 0]))
+    images = dm.cluster_train_images()
+    steps = dm.subnet_steps()
+    assert steps == (sum(images) + 2) // 3 // 8 and steps < images[0] // 8
+    largest = FaceDataModule(str(DEMO_ROOT), batch_size=8, max_classes=6, seed=3)
+    largest.connect_clusters(c2c, torch.tensor([0, 1, 2, 3, 0, 0]))
+    assert largest.subnet_steps() == images[0] // 8
+    seen = []
+    for epoch in range(2):
+        sampler = dm.train_dataloader().iterables[0].sampler
+        sampler.set_epoch(epoch)
+        order = [i for i, _ in sampler]
+        assert len(order) == steps * 8 == len(set(order))  # no image twice in an epoch
+        seen.append(order)
+    assert seen[0] != seen[1]
+    with pytest.raises(ValueError, match="subnet_epoch_size must be one of largest, mean"):
+        FaceDataModule(str(DEMO_ROOT), subnet_epoch_size="smallest")
+
+
 def test_connect_clusters_validation(dm: FaceDataModule) -> None:
     good_c2c, good_local = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 1, 2, 0, 1, 2])
     with pytest.raises(ValueError, match="shape"):

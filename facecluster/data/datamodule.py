@@ -60,6 +60,8 @@ from facecluster.data.transforms import FaceTransform, build_transforms, normali
 
 __all__ = ["FaceImageDataset", "FaceDataModule", "SubnetSampler", "subnet_seed"]
 
+SUBNET_EPOCH_SIZES = ("largest", "mean")
+
 logger = logging.getLogger(__name__)
 
 
@@ -292,6 +294,10 @@ class FaceDataModule(lightning.LightningDataModule):
             dropped with a warning under ``skip`` and stop :meth:`setup` under ``fail``.
         max_bad_fraction: More undecodable (or zero-byte) files than this fraction of
             a split (of all images, for zero-byte files at setup) stops the run.
+        subnet_epoch_size: Stage 2's batches per sub-net per epoch, from the largest
+            cluster's training images (``largest``) or the average cluster's (``mean``:
+            an epoch puts the training split's worth of images through the sub-nets)
+            (``stage2.epoch_size``).
     """
 
     def __init__(
@@ -309,6 +315,7 @@ class FaceDataModule(lightning.LightningDataModule):
         on_bad_image: str = "skip",
         max_bad_fraction: float = 0.01,
         unseen_fraction: float = 0.0,
+        subnet_epoch_size: str = "largest",
     ) -> None:
         super().__init__()
         # fail at construction (config time) rather than after a long scan
@@ -330,6 +337,11 @@ class FaceDataModule(lightning.LightningDataModule):
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         if not 0.0 <= unseen_fraction < 1.0:
             raise ValueError(f"unseen_fraction must be in [0, 1), got {unseen_fraction}")
+        if subnet_epoch_size not in SUBNET_EPOCH_SIZES:
+            raise ValueError(
+                f"subnet_epoch_size must be one of {', '.join(SUBNET_EPOCH_SIZES)}, "
+                f"got {subnet_epoch_size!r}"
+            )
         self.save_hyperparameters()
 
         self._tracker: BadImageTracker | None = None
@@ -648,11 +660,15 @@ class FaceDataModule(lightning.LightningDataModule):
         self._subnet_epoch = int(state.get("next_subnet_epoch", 0))
 
     def subnet_steps(self) -> int:
-        """Batches per stage-2 epoch, the same for every sub-net: the largest
-        cluster's full batches per process (at least 1), counted over all K clusters
-        so that it does not depend on which sub-nets a job trains."""
+        """Batches per stage-2 epoch, the same for every sub-net, counted over all K
+        clusters so that it does not depend on which sub-nets a job trains: the
+        largest cluster's full batches per process (``subnet_epoch_size="largest"``)
+        or the average cluster's (``"mean"``), at least 1."""
         world, batch = self._world_size(), self.hparams.batch_size
-        return max(max(1, math.ceil(n / world) // batch) for n in self.cluster_train_images())
+        images = self.cluster_train_images()
+        if self.hparams.subnet_epoch_size == "mean":
+            return max(1, math.ceil(sum(images) / len(images) / world) // batch)
+        return max(max(1, math.ceil(n / world) // batch) for n in images)
 
     def _subnet_loader(self, k: int) -> DataLoader:
         ids = self._cluster_train_ids(k)
