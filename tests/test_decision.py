@@ -183,3 +183,13 @@ def test_shared_layers_stay_the_stage1_trunk_and_routed_inference_runs_it_once(t
     a, b = shared.identify(images, top_m=2, k=3), whole.identify(images, top_m=2, k=3)
     assert torch.equal(a.candidates, b.candidates)
     assert torch.allclose(a.candidate_scores, b.candidate_scores, atol=1e-5)
+    # one trunk in memory and in the parameter count, not K + 1
+    trunk = shared.router_backbone.trunk_modules(2)
+    assert all(
+        m is t for s in shared.subnets for m, t in zip(s.trunk_modules(2), trunk, strict=True)
+    )
+    per_net = sum(p.numel() for p in shared.router_backbone.parameters())
+    in_trunk = sum(p.numel() for m in trunk for p in m.parameters())
+    heads = sum(shared.head(k).numel() for k in range(shared.num_clusters))
+    expected = per_net + shared.num_clusters * (per_net - in_trunk)
+    assert shared.routed(1, 0.0).params == expected + heads

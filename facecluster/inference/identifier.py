@@ -124,6 +124,7 @@ class TwoStageIdentifier(nn.Module):
         self.shared_layers = shared_layers
         if shared_layers:
             _check_shared(router_backbone, subnets, shared_layers)
+            _tie_trunks(router_backbone, subnets, shared_layers)
         self.subnets = nn.ModuleList(subnets)
         for k, weight in enumerate(head_weights):
             self.register_buffer(f"head{k}", F.normalize(weight.detach().float(), dim=1))
@@ -480,6 +481,16 @@ class TwoStageIdentifier(nn.Module):
         )
         identifier.open_set = payload.get("open_set")
         return identifier
+
+
+def _tie_trunks(router: nn.Module, subnets: list[nn.Module], stages: int) -> None:
+    """Make every sub-net's trunk modules the router backbone's own (checked equal by
+    :func:`_check_shared`): the identifier then holds one trunk, not K + 1 copies."""
+    names = {id(m): name for name, m in router.named_modules()}
+    for name in (names[id(m)] for m in router.trunk_modules(stages)):
+        parent, _, attr = name.rpartition(".")
+        for subnet in subnets:
+            setattr(subnet.get_submodule(parent), attr, router.get_submodule(name))
 
 
 def _check_shared(router: nn.Module, subnets: list[nn.Module], stages: int) -> None:

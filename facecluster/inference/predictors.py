@@ -21,11 +21,14 @@ open-set threshold compares), candidate clusters [B, m] or None)."""
 
 
 def count_parameters(*parts: nn.Module | Tensor) -> int:
-    """Parameters (or tensor elements) of the parts an inference path holds."""
-    return sum(
-        p.numel() if isinstance(p, Tensor) else sum(q.numel() for q in p.parameters())
-        for p in parts
-    )
+    """Parameters (or tensor elements) of the parts an inference path holds, each
+    tensor once however many parts hold it (sub-nets that share a trunk)."""
+    tensors = {
+        id(t): t
+        for part in parts
+        for t in ([part] if isinstance(part, Tensor) else part.parameters())
+    }
+    return sum(t.numel() for t in tensors.values())
 
 
 @dataclass(frozen=True)
