@@ -197,6 +197,16 @@ def render(result: dict[str, Any], command: str) -> str:
         "`configs/method/{clustered,random,single}.yaml`): stage 1 for 8 epochs, stage 2 for 3;",
         "`method=single` trains its one network for all 11. K=8 clusters. Seeds: " + seeds + ".",
         "",
+    ]
+    variants = result.get("variants", {})
+    if variants:
+        lines += ["Variants (their name, then the method and the overrides):", ""]
+        lines += [
+            f"- `{name}`: {v['method']}, `{' '.join(v['overrides'])}`"
+            for name, v in variants.items()
+        ]
+        lines.append("")
+    lines += [
         "Command (2-core CPU, no GPU; about 30 minutes per seed for the three methods):",
         "",
         "```bash",
@@ -243,7 +253,8 @@ def render(result: dict[str, Any], command: str) -> str:
     lines += [
         "Counted as training images through a backbone (forward and backward), from each",
         "run's steps: stage 1 steps x batch, stage 2 steps x batch x K (every step takes a",
-        "batch for each sub-net; smaller clusters cycle). The class-mean pass (one forward",
+        "batch for each sub-net; with `stage2.epoch_size=largest`, the default, smaller",
+        "clusters cycle). The class-mean pass (one forward",
         "over the training split) and, at test time, the router's backbone are not in it.",
         "",
         "| configuration | stage 1 | stage 2 | total |",
