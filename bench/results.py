@@ -11,7 +11,8 @@ best row and against routed random, with a 95% t interval.
 
 Writes ``bench/results/lfw423.json`` and ``docs/RESULTS.md`` (``--render-only``:
 from the json alone). ``--variant NAME:METHOD:KEY=VALUE,...`` adds a configuration,
-e.g. ``--variant shared3:clustered:model.shared_layers=3``.
+e.g. ``--variant shared3:clustered:model.shared_layers=3``, on ``--variant-seeds``
+or, with a suffix ``@42,43``, on those seeds.
 """
 
 from __future__ import annotations
@@ -35,15 +36,20 @@ T95 += (2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086)
 a little wide, never narrow, up to 60)."""
 
 
-def parse_variant(text: str) -> tuple[str, str, list[str]]:
-    """``NAME:METHOD:KEY=VALUE,...`` -> (name, method, overrides)."""
+def parse_variant(text: str) -> tuple[str, str, list[str], list[int] | None]:
+    """``NAME:METHOD:KEY=VALUE,...[@SEED,...]`` -> (name, method, overrides, seeds);
+    seeds None: ``--variant-seeds``."""
+    spec, at, seeds = text.rpartition("@") if "@" in text else (text, "", "")
     try:
-        name, method, overrides = text.split(":", 2)
+        name, method, overrides = spec.split(":", 2)
+        chosen = [int(s) for s in seeds.split(",")] if at else None
     except ValueError:
-        raise SystemExit(f"--variant {text!r}: expected NAME:METHOD:KEY=VALUE,...") from None
+        raise SystemExit(
+            f"--variant {text!r}: expected NAME:METHOD:KEY=VALUE,...[@SEED,...]"
+        ) from None
     if method not in METHODS:
         raise SystemExit(f"--variant {text!r}: method {method!r} is not one of {METHODS}")
-    return name, method, [o for o in overrides.split(",") if o]
+    return name, method, [o for o in overrides.split(",") if o], chosen
 
 
 def _python(args: list[str], log: Path) -> None:
@@ -293,15 +299,14 @@ def main() -> None:
         configs = args.config or ["configs/experiment/lfw423.yaml"]
         out = (ROOT / args.out).resolve()
         out.mkdir(parents=True, exist_ok=True)
-        plan = [(m, m, []) for m in args.methods] + args.variant
-        runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name, _, _ in plan}
-        training: dict[str, dict[str, int]] = {}
         variant_seeds = args.variant_seeds or args.seeds
-        for seed in sorted(set(args.seeds) | set(variant_seeds)):
-            for name, method, overrides in plan:
-                if seed not in (
-                    variant_seeds if (name, method, overrides) in args.variant else args.seeds
-                ):
+        plan = [(m, m, [], args.seeds) for m in args.methods]
+        plan += [(n, m, o, seeds or variant_seeds) for n, m, o, seeds in args.variant]
+        runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name, *_ in plan}
+        training: dict[str, dict[str, int]] = {}
+        for seed in sorted({s for *_, seeds in plan for s in seeds}):
+            for name, method, overrides, seeds in plan:
+                if seed not in seeds:
                     continue
                 run = train_and_evaluate(out, name, method, seed, configs, [*args.set, *overrides])
                 runs[name][seed] = run_summary(run)
@@ -310,7 +315,7 @@ def main() -> None:
             "command": command,
             "configs": configs,
             "overrides": args.set,
-            "variants": {name: {"method": m, "overrides": o} for name, m, o in args.variant},
+            "variants": {name: {"method": m, "overrides": o} for name, m, o, _ in args.variant},
             "runs": runs,
             "training_images": training,
             "aggregate": aggregate(runs),

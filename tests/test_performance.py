@@ -208,13 +208,13 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path):
         "data.max_classes=9", "data.batch_size=8", "clustering.num_clusters=2", "logger=csv",
         "eval.plots=false", "eval.timing_batches=1", "--seeds", "1", "2",
         "--methods", "clustered", "single", "--out", str(out), "--json", str(js),
-        "--page", str(page),
+        "--page", str(page), "--variant", "pass:clustered:stage2.epoch_size=mean@2",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(js.read_text())
     agg = result["aggregate"]
-    assert agg["seeds"] == {"clustered": [1, 2], "single": [1, 2]}
+    assert agg["seeds"] == {"clustered": [1, 2], "single": [1, 2], "pass": [2]}
     paired = agg["paired"]["clustered"]
     assert paired["row"] == "clustered, routed (top_m=1, moe)"
     runs = result["runs"]
@@ -225,9 +225,12 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path):
     ]
     assert paired["vs_single"]["top1"]["mean"] == pytest.approx(sum(diffs) / 2)
     assert paired["vs_single"]["top1"]["low"] <= paired["vs_single"]["top1"]["mean"]
-    assert result["training_images"]["clustered"]["stage2"] > 0
+    images = result["training_images"]
+    assert images["clustered"]["stage2"] >= images["pass"]["stage2"] > 0  # the mean's epoch
     text = page.read_text()
     assert "| clustered | 2 | clustered, routed (top_m=1, moe) |" in text
+    assert "| pass | 1 | clustered, routed (top_m=1, moe) |" in text
+    assert "- `pass`: clustered, `stage2.epoch_size=mean`" in text
     # a second call trains nothing and renders the same page
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "training" not in again.stdout
