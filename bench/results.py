@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from facecluster.config import load_config
 from facecluster.run import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +66,8 @@ def train_and_evaluate(
     """One run, trained (or resumed) and evaluated unless that is done already."""
     run = out / f"lfw423-{name}-s{seed}"
     log = out / f"lfw423-{name}-s{seed}.log"
+    if (run / "config.yaml").is_file():
+        _check_kept(run, method, seed, configs, overrides)
     if not (run / "results.json").is_file():
         if (run / "config.yaml").is_file():  # interrupted: continue it
             args = [f"resume={run}"]
@@ -80,6 +83,25 @@ def train_and_evaluate(
         print(f"evaluating {run.name}", flush=True)
         _python(["evaluate.py", f"run={run}"], log)
     return run
+
+
+def _check_kept(
+    run: Path, method: str, seed: int, configs: list[str], overrides: list[str]
+) -> None:
+    """A run kept from an earlier call must have been trained as this call asks: the
+    same method, seed and overrides (a variant whose overrides changed under the same
+    name would otherwise be reported with the old runs)."""
+    asked = load_config([*configs, f"configs/method/{method}.yaml"], [f"seed={seed}", *overrides])
+    want, have = asked.to_dict(), RunFolder(run).config().to_dict()
+    for key in ("method", "seed", *(o.split("=", 1)[0] for o in overrides)):
+        mine, theirs = want, have
+        for part in key.split("."):
+            mine, theirs = mine[part], theirs[part]
+        if mine != theirs:
+            raise SystemExit(
+                f"{run} was trained with {key}={theirs!r}, this command asks for {mine!r}: "
+                "remove the folder or give the configuration another name"
+            )
 
 
 def _training_images(run: Path) -> dict[str, int]:
@@ -182,6 +204,8 @@ def _pct(x: dict[str, float]) -> str:
 
 
 def _diff(x: dict[str, float]) -> str:
+    if x["n"] < 2:
+        return f"{100 * x['mean']:+.2f} (one seed)"
     return f"{100 * x['mean']:+.2f} [{100 * x['low']:+.2f}, {100 * x['high']:+.2f}]"
 
 

@@ -235,3 +235,9 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path):
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "training" not in again.stdout
     assert page.read_text() == text
+    # a kept run trained otherwise than asked is refused, not reported under the new name
+    changed = [*command[:-1], "pass:clustered:stage2.epoch_size=largest@2"]
+    refused = subprocess.run(changed, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "training" not in refused.stdout
+    assert "lfw423-pass-s2 was trained with stage2.epoch_size='mean'" in refused.stderr
+    assert page.read_text() == text
