@@ -2,7 +2,8 @@
 
 For every seed and every method (``clustered``, ``random``, ``single``, and any
 ``--variant``), trains ``OUT/lfw423-<name>-s<seed>`` with ``train.py`` (an interrupted
-run is resumed, a finished one kept), evaluates it with ``evaluate.py`` (once), then
+run is resumed, a finished one kept; either is refused if it was trained with another
+method, seed or override than asked), evaluates it with ``evaluate.py`` (once), then
 writes the aggregate: each row's mean and standard deviation over the seeds, and
 the paired per-seed difference of the clustered default against the single model's
 best row and against routed random, with a 95% t interval.
