@@ -4,7 +4,8 @@ One streamed pass of the stage-1 backbone over the training images gives the sum
 and count of L2-normalised embeddings per identity (scatter-add, no per-class
 loop); sums and counts are all-reduced across ranks, so every rank holds the same
 class means as a single-process pass. Rank 0 then groups the identities (faiss
-spherical k-means, balanced k-means, or the random ISM partition), broadcasts the
+spherical k-means, balanced k-means, or the random ISM partition; by the class means,
+or with ``clustering.features=head`` by the stage-1 head's rows), broadcasts the
 ClusterAssignment, saves it in the run folder, and hands it to the datamodule
 through its one public method, ``connect_clusters``.
 
@@ -35,6 +36,7 @@ from facecluster.clustering import (
 )
 from facecluster.data import FaceDataModule
 from facecluster.data.transforms import normalize_images
+from facecluster.models.components.partial_fc import gather_to_first
 
 
 class ClusteringCallback(L.Callback):
@@ -49,6 +51,8 @@ class ClusteringCallback(L.Callback):
             on a resume in stage 2, read back from.
         niter: k-means iterations.
         nredo: k-means restarts.
+        features: what k-means groups: ``means`` (the class means) or ``head`` (the
+            stage-1 head's rows, gathered whole from their shards).
     """
 
     def __init__(
@@ -60,7 +64,10 @@ class ClusteringCallback(L.Callback):
         save_path: str | Path,
         niter: int = 20,
         nredo: int = 1,
+        features: str = "means",
     ) -> None:
+        if features not in ("means", "head"):
+            raise ValueError(f"clustering.features={features!r} is not one of means, head")
         self.datamodule = datamodule
         self.num_clusters = num_clusters
         self.method = method
@@ -68,6 +75,7 @@ class ClusteringCallback(L.Callback):
         self.save_path = Path(save_path)
         self.niter = niter
         self.nredo = nredo
+        self.features = features
         self.assignment: ClusterAssignment | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -103,6 +111,10 @@ class ClusteringCallback(L.Callback):
     def cluster(self, trainer: L.Trainer, pl_module: L.LightningModule) -> ClusterAssignment:
         """The whole clustering unit; every rank must call it."""
         means = self.class_means(trainer, pl_module)
+        rows = None
+        if self.features == "head":  # every rank sends its shard; rank 0 gets them all
+            head = pl_module.head
+            rows = gather_to_first(head.weight.detach(), head.num_classes)
         payload = None
         if trainer.global_rank == 0:
             payload = cluster_identities(
@@ -112,6 +124,7 @@ class ClusteringCallback(L.Callback):
                 seed=self.seed,
                 niter=self.niter,
                 nredo=self.nredo,
+                features=rows,
             ).to_dict()
         # k-means runs once, on rank 0: faiss is not bit-identical across processes.
         payload = trainer.strategy.broadcast(payload, src=0)

@@ -233,6 +233,10 @@ class HeadConfig:
         return r.problems
 
 
+CLUSTER_FEATURES = ("means", "head")
+"""What k-means may group the identities by (``clustering.features``)."""
+
+
 @dataclass
 class ClusteringConfig:
     num_clusters: int = 4
@@ -243,10 +247,15 @@ class ClusteringConfig:
     """k-means iterations."""
     nredo: int = 1
     """k-means restarts (the best objective is kept)."""
+    features: str = "means"
+    """What k-means groups: means (the identities' class-mean embeddings, the paper) or
+    head (the stage-1 head's rows: identities its classifier places close together, the
+    ones it confuses). Routing uses the class means either way; random ignores it."""
 
     def problems(self) -> list[str]:
         r = _Rules("clustering.")
         r.choice("method", self.method, ("kmeans", "balanced", "random"))
+        r.choice("features", self.features, CLUSTER_FEATURES)
         for name in ("num_clusters", "niter", "nredo"):
             r.positive(name, getattr(self, name))
         return r.problems

@@ -136,6 +136,7 @@ def _clustering_unit(run: _Run) -> ClusteringCallback:
         run.folder.clusters_path,
         niter=c.niter,
         nredo=c.nredo,
+        features=c.features,
     )
 
 

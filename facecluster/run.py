@@ -97,6 +97,7 @@ RESUME_FIXED_KEYS = (
     "model",
     "clustering.num_clusters",
     "clustering.method",
+    "clustering.features",
 )
 
 

@@ -166,6 +166,28 @@ def test_random_is_seeded_near_equal_and_seed_dependent():
     torch.testing.assert_close(a.centroids, expected)
 
 
+@pytest.mark.parametrize("method", ["kmeans", "balanced"])
+def test_features_decide_the_groups_and_class_means_still_route(method):
+    # clustering.features=head: k-means groups other vectors (the head's rows) than the
+    # class means; the assignment keeps the means and centroids average them.
+    means, _ = blobs(4, 6, seed=1)
+    features, truth = blobs(4, 6, seed=2)
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    features, truth = features[order], truth[order]  # groups unrelated to the means' blobs
+    a = cluster_identities(means, 4, method, seed=0, features=features)
+    check_consistent(a)
+    torch.testing.assert_close(a.class_means, means)
+    for blob in range(4):  # each feature blob lands whole in one cluster
+        assert a.class_to_cluster[truth == blob].unique().numel() == 1
+    for k in range(4):
+        members = a.classes_of(k)
+        torch.testing.assert_close(a.centroids[k], F.normalize(means[members].sum(0), dim=0))
+    with pytest.raises(ValueError, match="features has 23 rows but class_means has 24"):
+        cluster_identities(means, 4, method, features=features[:23])
+    with pytest.raises(ValueError, match="features contains NaN"):
+        cluster_identities(means, 4, method, features=features * float("nan"))
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_local_index_and_classes_of_consistent_for_every_method(method):
     x, _ = blobs(5, 13, noise=0.3, seed=9)

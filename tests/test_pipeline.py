@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from facecluster.clustering import ClusterAssignment
+from facecluster.clustering import ClusterAssignment, cluster_identities
 from facecluster.config import ConfigError, load_config
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
@@ -130,6 +130,22 @@ def test_bad_input_stops_before_training_and_names_the_culprit(tmp_path, overrid
     with pytest.raises(ConfigError, match=message):
         train(load_config(SMOKE, smoke_overrides(tmp_path, *overrides)))
     assert not any(tmp_path.rglob("*.ckpt"))
+
+
+def test_clustering_by_the_stage1_head_rows(tmp_path):
+    # clustering.features=head: the saved assignment is k-means on the trained head's
+    # rows (not on the class means, which it keeps for routing)
+    head = ("clustering.features=head",)
+    train(load_config(SMOKE, smoke_overrides(tmp_path, "stage=1", *head)))
+    run = tmp_path / "run"
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, f"resume={run}", "stage=cluster", *head))
+    result = train(cfg)
+    saved = ClusterAssignment.load(result.run_dir / "clusters.pt")
+    rows = result.backbone.head.weight.detach()
+    by_head = cluster_identities(saved.class_means, 3, "kmeans", seed=cfg.seed, features=rows)
+    by_means = cluster_identities(saved.class_means, 3, "kmeans", seed=cfg.seed)
+    assert torch.equal(saved.class_to_cluster, by_head.class_to_cluster)
+    assert not torch.equal(by_head.class_to_cluster, by_means.class_to_cluster)
 
 
 def test_fewer_identities_than_clusters_is_refused(tmp_path):

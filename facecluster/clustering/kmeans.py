@@ -52,21 +52,20 @@ _TOP = 8  # preferences sorted up front in _capacitated_assign (the rest on dema
 
 # --------------------------------------------------------------------- checks
 def _check_inputs(
-    class_means: torch.Tensor, num_clusters: object, method: object
+    class_means: torch.Tensor, num_clusters: object, method: object, name: str = "class_means"
 ) -> tuple[torch.Tensor, int]:
     if method not in METHODS:
         raise ValueError(
             f"method={method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}"
         )
     if not isinstance(class_means, torch.Tensor):
-        raise ValueError(f"class_means must be a torch.Tensor, got {type(class_means).__name__}")
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(class_means).__name__}")
     if class_means.dim() != 2:
         raise ValueError(
-            f"class_means must be a 2-D [num_classes, dim] tensor, "
-            f"got shape {tuple(class_means.shape)}"
+            f"{name} must be a 2-D [num_classes, dim] tensor, got shape {tuple(class_means.shape)}"
         )
     if not class_means.is_floating_point():
-        raise ValueError(f"class_means must be floating point, got {class_means.dtype}")
+        raise ValueError(f"{name} must be floating point, got {class_means.dtype}")
     if isinstance(num_clusters, bool):
         raise ValueError(f"num_clusters must be an integer, got {num_clusters!r}")
     try:
@@ -86,14 +85,13 @@ def _check_inputs(
     if not finite.all():
         bad = (~finite).nonzero().flatten()
         raise ValueError(
-            f"class_means contains NaN/inf in {bad.numel()} row(s), "
-            f"e.g. identities {bad[:10].tolist()}"
+            f"{name} contains NaN/inf in {bad.numel()} row(s), e.g. identities {bad[:10].tolist()}"
         )
     norms = means.norm(dim=1)
     if (norms == 0).any():
         bad = (norms == 0).nonzero().flatten()
         raise ValueError(
-            f"class_means has all-zero rows (no direction), e.g. identities {bad[:10].tolist()}"
+            f"{name} has all-zero rows (no direction), e.g. identities {bad[:10].tolist()}"
         )
     # Renormalise: cheap, and guards against drift (e.g. means stored in fp16);
     # spherical k-means and the inner-product routing both assume unit rows.
@@ -336,6 +334,7 @@ def cluster_identities(
     seed: int = 0,
     niter: int = 20,
     nredo: int = 1,
+    features: torch.Tensor | None = None,
 ) -> ClusterAssignment:
     """Partition identities into ``num_clusters`` clusters by their class means.
 
@@ -348,6 +347,10 @@ def cluster_identities(
             (``random``); the result is deterministic for a given seed.
         niter: k-means iterations (``kmeans``/``balanced``).
         nredo: k-means restarts, the best objective is kept.
+        features: ``[C, d']`` what k-means groups instead of the class means (for
+            example the stage-1 head's rows, ``clustering.features=head``); the
+            assignment keeps the class means, and each centroid is still the mean of
+            its members' class means, so routing is unchanged.
 
     Returns:
         A :class:`ClusterAssignment` with no empty cluster; centroids are the
@@ -358,6 +361,14 @@ def cluster_identities(
             < 1 or > C, or ``class_means`` not 2-D / containing NaN or inf.
     """
     means, k = _check_inputs(class_means, num_clusters, method)
+    grouped = means
+    if features is not None:
+        grouped, _ = _check_inputs(features, k, method, "features")
+        if grouped.shape[0] != means.shape[0]:
+            raise ValueError(
+                f"features has {grouped.shape[0]} rows but class_means has {means.shape[0]} "
+                "(one per identity)"
+            )
     if int(niter) < 1 or int(nredo) < 1:
         raise ValueError(f"niter and nredo must be >= 1, got niter={niter}, nredo={nredo}")
     num_items = means.shape[0]
@@ -367,7 +378,7 @@ def cluster_identities(
     elif k == 1:
         labels = torch.zeros(num_items, dtype=torch.long)  # nothing to cluster
     else:
-        x = means.numpy()
+        x = grouped.numpy()
         if method == "kmeans":
             centroids = _faiss_kmeans(x, k, int(seed), int(niter), int(nredo))
             labels_np = _fill_empty_clusters(x, _nearest_centroid(x, centroids), centroids)
