@@ -37,12 +37,12 @@ def main() -> None:
     right = wrong = mated = 0
     for images, labels in dm.test_dataloader():
         result = ident.identify(normalize_images(images))
-        named = result.score >= threshold
+        named = result.similarity >= threshold
         right += int(((result.identity == labels) & named).sum())
         wrong += int(((result.identity != labels) & named).sum())
         mated += len(labels)
     loader = dm.unseen_dataloader("test")
-    scores = torch.cat([ident.identify(normalize_images(x)).score for x, _ in loader])
+    scores = torch.cat([ident.identify(normalize_images(x)).similarity for x, _ in loader])
     result = {
         "run": args.run,
         "runtime": args.runtime,

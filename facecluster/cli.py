@@ -66,11 +66,12 @@ sub-net head gains a row (its mean sub-net embedding). identifier.pt and onnx/
 IDENTIFY_HELP = """Identify the faces in image files or folders; write one CSV row per image.
 
     facecluster identify exports/demo photos/ --out who.csv
-    facecluster identify exports/demo a.jpg b.jpg --runtime onnx --threshold -0.5
+    facecluster identify exports/demo a.jpg b.jpg --runtime onnx --threshold 0.5
 
 Images must be aligned face crops, as in training (any size: they are resized
-to the model's input). Columns: path, identity ("unknown" when the score is below
---threshold), score, cluster (the sub-net that answered), top5 (name:score;...).
+to the model's input). Columns: path, identity ("unknown" when the similarity is
+below --threshold), score, similarity, cluster (the sub-net that answered), top5
+(name:score;...).
 """
 
 
@@ -191,7 +192,7 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
         "--threshold",
         type=float,
         default=None,
-        help="answer unknown below this decision score (default: the export's, chosen "
+        help="answer unknown below this similarity (default: the export's, chosen "
         "on unseen faces for an open-set run; none for a closed-set run)",
     )
     parser.add_argument("--batch-size", type=int, default=64)

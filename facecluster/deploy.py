@@ -34,7 +34,10 @@ logger = logging.getLogger(__name__)
 
 TORCH_FILE = "identifier.pt"
 ONNX_FOLDER = "onnx"
-CSV_COLUMNS = ("path", "identity", "score", "cluster", "top5")
+CSV_COLUMNS = ("path", "identity", "score", "similarity", "cluster", "top5")
+OPEN_SET_SCORE = "similarity"
+"""What an export's unknown threshold compares (``Identification.similarity``). Exports
+without this mark chose it on the decision score, a log-probability under moe."""
 TOP = 5
 
 
@@ -44,7 +47,7 @@ def export_run(
     """Write ``out/identifier.pt`` from a finished two-stage run (and ``out/onnx``).
 
     An open-set run (``data.unseen_fraction > 0``) also gets its "unknown"
-    threshold: the routed decision score at which ``fpir`` of the validation
+    threshold: the routed answer's similarity at which ``fpir`` of the validation
     split's unseen faces would be taken for someone enrolled
     (:func:`~facecluster.inference.openset.threshold_at_fpir`).
 
@@ -97,20 +100,21 @@ def calibrate_run(
 def unknown_threshold(
     identifier: TwoStageIdentifier, run: RunFolder, cfg: Config, fpir: float
 ) -> dict[str, float]:
-    """``{"threshold", "fpir", "probes"}`` from the run's unseen validation faces."""
+    """``{"threshold", "fpir", "probes", "top_m", "score"}`` from the run's unseen
+    validation faces."""
     from facecluster.builders import build_datamodule  # Lightning: only for the export
 
     dm = build_datamodule(cfg)
     run.check_identities(dm.class_names)
     loader = dm.unseen_dataloader("val")  # an open-set run always has some
-    scores = torch.cat([identifier.identify(normalize_images(x)).score for x, _ in loader])
+    scores = torch.cat([identifier.identify(normalize_images(x)).similarity for x, _ in loader])
     return {
         "threshold": threshold_at_fpir(scores, fpir),
         "fpir": fpir,
         "probes": len(scores),
-        # moe scores are log-probabilities over the searched clusters: another top_m
-        # moves them, so the threshold holds for this top_m only
+        # the candidates searched decide the answer: the threshold is chosen at this top_m
         "top_m": identifier.route_config["top_m"],
+        "score": OPEN_SET_SCORE,
     }
 
 
@@ -238,7 +242,8 @@ def identify_files(
     Columns: path; identity (a name; ``unknown`` when the score is below
     ``threshold``, by default the export's open-set threshold when it has one;
     ``unreadable`` for a file that is not a decodable image); score
-    (the decision unit's fused score); cluster (the cluster of the best candidate,
+    (the decision unit's score: a log-probability under moe); similarity (the answer's
+    similarity, what the threshold compares); cluster (the cluster of the best candidate,
     whose sub-net answered); top5 (up to 5 ``name:score`` pairs from the searched
     clusters, best first, ``;``-separated).
     """
@@ -248,11 +253,20 @@ def identify_files(
     if top_m is not None and top_m > identifier.num_clusters:
         raise ValueError(f"top_m={top_m}: {model} has {identifier.num_clusters} clusters")
     if threshold is None and identifier.open_set is not None:
+        if (
+            identifier.route_config["decision"] == "moe"
+            and identifier.open_set.get("score") != OPEN_SET_SCORE
+        ):
+            raise ValueError(
+                f"{model}'s unknown threshold was chosen on the moe log-probability by an "
+                "earlier facecluster; thresholds now compare the answer's similarity: export "
+                "the run again (facecluster export) or pass --threshold"
+            )
         chosen_at = identifier.open_set.get("top_m", identifier.route_config["top_m"])
         if identifier.route_config["decision"] == "moe" and top_m not in (None, chosen_at):
             raise ValueError(
                 f"{model}'s unknown threshold was chosen at top_m={chosen_at}; with "
-                f"top_m={top_m} the decision scores move: pass a threshold for top_m={top_m} "
+                f"top_m={top_m} the answers move: pass a threshold for top_m={top_m} "
                 f"(--threshold) or leave top_m at {chosen_at}"
             )
         threshold = identifier.open_set["threshold"]
@@ -278,17 +292,18 @@ def identify_files(
                 answers = result.answer(threshold).tolist()
                 ids = result.candidates.cpu().tolist()
                 scores = result.candidate_scores.cpu().tolist()
-                for path, answer, row_ids, row_scores in zip(
-                    good, answers, ids, scores, strict=True
+                close = result.similarity.cpu().tolist()
+                for path, answer, row_ids, row_scores, sim in zip(
+                    good, answers, ids, scores, close, strict=True
                 ):
                     pairs = zip(row_ids, row_scores, strict=True)
                     # fewer than 5 where the searched clusters hold fewer identities
                     top = ";".join(f"{names[i]}:{s:.4f}" for i, s in pairs if i < len(names))
                     identity = "unknown" if answer == UNKNOWN else names[answer]
                     cluster = int(clusters[row_ids[0]])
-                    found[path] = (identity, f"{row_scores[0]:.4f}", cluster, top)
+                    found[path] = (identity, f"{row_scores[0]:.4f}", f"{sim:.4f}", cluster, top)
             for path in batch:
-                writer.writerow((path, *found.get(path, ("unreadable", "", "", ""))))
+                writer.writerow((path, *found.get(path, ("unreadable", "", "", "", ""))))
             rows += len(batch)
             bar.update(len(batch))
     return rows

@@ -62,6 +62,15 @@ def test_moe_scores_are_the_cluster_probability_times_the_mixture(top_m, weight)
     assert torch.equal(result.candidates, best.indices)
     # scores are log-probabilities
     assert torch.allclose(result.candidate_scores.exp(), best.values, atol=1e-6)
+    # the similarity an open-set threshold compares: the two cosines, weighted as mixed
+    q = F.normalize(queries, dim=1)
+    for i, j in enumerate(result.identity.tolist()):
+        c = int(ident.class_to_cluster[j])
+        row = int(ident.assignment.local_index[j])
+        close = (1 - weight) * (q[i] @ ident.head(c)[row]) + weight * (q[i] @ ident.class_means[j])
+        assert result.similarity[i].item() == pytest.approx(close.item(), abs=1e-5)
+    threshold = result.similarity.median().item()
+    assert torch.equal(result.answer(threshold) == -1, result.similarity < threshold)
     # probabilities: over the candidates' identities they sum to 1
     assert torch.allclose(expected.sum(1), torch.ones(len(queries)), atol=1e-5)
     assert result.subnet_forwards == (0 if weight == 1.0 else len(queries) * top_m)

@@ -114,13 +114,16 @@ def test_documented_identify_answers_unknown_for_unseen_identities(open_run, exp
     _facecluster(command.split(), exported.parents[1])
     with open(exported.parents[1] / "who.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "identity", "score", "cluster", "top5"]
+    assert list(rows[0]) == ["path", "identity", "score", "similarity", "cluster", "top5"]
+    assert open_set["score"] == "similarity"
     assert len(rows) == len(list((DEMO / unseen).glob("*.jpg")))
     names = set(RunFolder(open_run).class_names())
     sizes = torch.bincount(RunFolder(open_run).assignment().class_to_cluster).tolist()
     for row in rows:
         assert row["identity"] == "unknown" or row["identity"] in names
-        assert (row["identity"] == "unknown") == (float(row["score"]) < open_set["threshold"])
+        known = float(row["similarity"]) >= open_set["threshold"]
+        assert (row["identity"] == "unknown") != known
+        assert float(row["score"]) <= 0  # moe: a log-probability
         top = row["top5"].split(";")  # top_m=1: the routed cluster's identities, up to 5
         assert len(top) == min(5, sizes[int(row["cluster"])])
         assert row["identity"] in (top[0].split(":")[0], "unknown")
@@ -157,15 +160,23 @@ def test_onnx_identifier_matches_torch_on_the_test_split(open_run, exported, tmp
     # the --help example's options: onnx runtime, a threshold of one's own
     faces = [str(p) for p in sorted(folders[0].glob("*.jpg"))[:2]]
     out = tmp_path / "own.csv"
-    argv = ["identify", str(exported), *faces, "--runtime", "onnx", "--threshold", "-0.5"]
+    argv = ["identify", str(exported), *faces, "--runtime", "onnx", "--threshold", "0.5"]
     assert cli.main([*argv, "--out", str(out)]) == 0
     with open(out) as f:
-        for row in csv.DictReader(f):  # moe scores: log-probabilities, at most 0
-            assert float(row["score"]) <= 0
-            assert (row["identity"] == "unknown") == (float(row["score"]) < -0.5)
+        for row in csv.DictReader(f):  # the threshold compares the answer's similarity
+            assert -1 <= float(row["similarity"]) <= 1
+            assert (row["identity"] == "unknown") == (float(row["similarity"]) < 0.5)
     # the export's threshold was chosen at top_m=1: another top_m needs its own
     assert cli.main(["identify", str(exported), *faces, "--top-m", "2", "--out", str(out)]) == 2
     assert cli.main([*argv, "--top-m", "9", "--out", str(out)]) == 2  # 3 clusters
+    # an export whose threshold an earlier facecluster chose on the moe log-probability
+    old = tmp_path / "old"
+    old.mkdir()
+    payload = torch.load(exported / "identifier.pt", weights_only=True)
+    del payload["open_set"]["score"]
+    torch.save(payload, old / "identifier.pt")
+    with pytest.raises(ValueError, match="log-probability .* export the run again"):
+        identify_files(old, faces, tmp_path / "old.csv", runtime="torch")
 
 
 @pytest.mark.slow

@@ -230,11 +230,13 @@ def test_ism_equals_brute_force_over_every_subnet(alpha):
     assert torch.equal(top5.candidates, expected.indices)
     assert torch.allclose(top5.candidate_scores, expected.values)
     assert torch.equal(top5.identity, result.identity) and torch.equal(top5.score, result.score)
-    # open set: below the threshold the answer is UNKNOWN (-1)
-    threshold = result.score.median().item()
+    # open set: below the threshold the answer is UNKNOWN (-1); under the linear unit the
+    # similarity a threshold compares is the fused score itself
+    assert torch.equal(top5.candidate_similarities, top5.candidate_scores)
+    threshold = result.similarity.median().item()
     answer = result.answer(threshold)
-    assert torch.equal(answer == UNKNOWN, result.score < threshold)
-    assert torch.equal(answer[answer != UNKNOWN], result.identity[result.score >= threshold])
+    assert torch.equal(answer == UNKNOWN, result.similarity < threshold)
+    assert torch.equal(answer[answer != UNKNOWN], result.identity[result.similarity >= threshold])
     assert torch.equal(result.answer(None), result.identity)
 
 

@@ -37,6 +37,7 @@ from facecluster.clustering import ClusterAssignment
 from facecluster.inference.decision import (
     Calibration,
     MoeParams,
+    evidence,
     fuse,
     keep_top,
     moe_scores,
@@ -71,6 +72,10 @@ class Identification:
     """[B, m] candidate clusters, best first (all K for ISM)."""
     subnet_forwards: int
     """Images passed through sub-nets (B * m when every candidate ran a sub-net)."""
+    candidate_similarities: Tensor
+    """[B, k] how close the face is to each candidate, in cosine units: what an open-set
+    threshold compares (``moe``: :func:`~facecluster.inference.decision.evidence`;
+    ``linear``: the fused score itself)."""
 
     @property
     def identity(self) -> Tensor:
@@ -79,15 +84,21 @@ class Identification:
 
     @property
     def score(self) -> Tensor:
-        """[B] fused score of the prediction."""
+        """[B] decision score of the prediction (``moe``: its log-probability)."""
         return self.candidate_scores[:, 0]
 
+    @property
+    def similarity(self) -> Tensor:
+        """[B] the prediction's similarity (``candidate_similarities``)."""
+        return self.candidate_similarities[:, 0]
+
     def answer(self, threshold: float | None) -> Tensor:
-        """[B] the predicted identity, or :data:`UNKNOWN` (-1) where its score is below
-        ``threshold`` (open set; None: always the identity)."""
+        """[B] the predicted identity, or :data:`UNKNOWN` (-1) where its similarity is
+        below ``threshold`` (open set; None: always the identity)."""
         if threshold is None:
             return self.identity
-        return self.identity.where(self.score >= threshold, torch.full_like(self.identity, UNKNOWN))
+        known = self.similarity >= threshold
+        return self.identity.where(known, torch.full_like(self.identity, UNKNOWN))
 
 
 class TwoStageIdentifier(nn.Module):
@@ -261,6 +272,7 @@ class TwoStageIdentifier(nn.Module):
         clusters = clusters.to(images.device)
         best_score = torch.full((batch, k), -float("inf"), device=images.device)
         best_id = torch.full((batch, k), self.assignment.num_classes, device=images.device)
+        best_similarity = torch.full_like(best_score, -float("inf"))
         forwards = 0
         sims = {}
         if moe:  # each candidate cluster's log-probability, renormalised over the candidates
@@ -280,11 +292,13 @@ class TwoStageIdentifier(nn.Module):
             if moe:
                 weight = log_weight.masked_fill(clusters != c, -math.inf).amax(dim=1)[rows]
                 score = moe_scores(weight, cosine, sims[c][rows], params)
+                close = evidence(cosine, sims[c][rows], params)
             else:
                 means = similarity(query[rows], self.class_means[members]) if alpha > 0 else None
-                score = fuse(cosine, means, alpha)
-            keep_top(best_score, best_id, rows, score.to(best_score.dtype), members)
-        return Identification(best_id, best_score, clusters, forwards)
+                score = close = fuse(cosine, means, alpha)
+            score, close = score.to(best_score.dtype), close.to(best_score.dtype)
+            keep_top(best_score, best_id, rows, score, members, best_similarity, close)
+        return Identification(best_id, best_score, clusters, forwards, best_similarity)
 
     @torch.no_grad()
     def enroll(self, faces: dict[str, Tensor]) -> dict[str, int]:
@@ -343,7 +357,7 @@ class TwoStageIdentifier(nn.Module):
 
         def predict(images: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
             result = self.identify(images, top_m, alpha)
-            return result.identity, result.score, result.clusters
+            return result.identity, result.similarity, result.clusters
 
         moe = self.moe if self.route_config["decision"] == "moe" else None
         runs_subnets = moe.generalist_weight < 1 if moe is not None else alpha < 1
@@ -369,7 +383,7 @@ class TwoStageIdentifier(nn.Module):
 
     def _all_subnets(self, images: Tensor, alpha: float) -> tuple[Tensor, Tensor, None]:
         result = self.identify(images, alpha=alpha, all_subnets=True)
-        return result.identity, result.score, None
+        return result.identity, result.similarity, None
 
     def predictors(self, top_m: int | None = None, alpha: float | None = None) -> list[Predictor]:
         """What this identifier offers at ``route.top_m`` and ``route.alpha`` (defaults)."""

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 Predict = Callable[[Tensor], tuple[Tensor, Tensor, Tensor | None]]
-"""images [B, 3, H, W] -> (predicted identities [B], their decision scores [B] (what an
-open-set threshold compares), candidate clusters [B, m] or None)."""
+"""images [B, 3, H, W] -> (predicted identities [B], their open-set scores [B] (what an
+"unknown" threshold compares: a similarity), candidate clusters [B, m] or None)."""
 
 
 def count_parameters(*parts: nn.Module | Tensor) -> int:
