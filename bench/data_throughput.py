@@ -6,8 +6,11 @@ each ``num_workers`` in 0, 1, 2: the stage-1 training loader of FaceDataModule
 (read, decode, draw the mirror flags, collate into a uint8 batch; the mirror
 itself is applied on the device with the normalisation, timed separately here on
 the CPU) over an image folder and over the
-same folder packed into RecordIO, and the ceiling: the loaders' decoder on the same
-JPEG bytes in a tight loop in as many processes (one for ``num_workers=0``). Each
+same folder packed into RecordIO, the ``.rec`` loader under ``data.decode=device``
+(it reads and ships the JPEG bytes; ``rec_bytes``), and the ceiling: the loaders'
+decoder on the same JPEG bytes in a tight loop in as many processes (one for
+``num_workers=0``). ``device_decode`` times that setting's batched decode on
+``--decode-device`` (nvJPEG on a GPU, libjpeg-turbo on the CPU). Each
 figure is the median of ``--rounds`` rounds, the rounds interleaved, because the
 rate of this shared machine drifts by 10-25% over a minute.
 
@@ -33,6 +36,7 @@ import torch
 from PIL import Image
 
 from facecluster.data import FaceDataModule
+from facecluster.data.images import EncodedImages, decode_on_device
 from facecluster.data.pack import pack_folder
 from facecluster.data.recordio import RecordFile, image_layout
 from facecluster.data.transforms import normalize_images
@@ -86,7 +90,9 @@ def ceiling(jpegs: list[bytes], processes: int, seconds: float = 3.0) -> float:
         return sum(pool.map(_worker, [(jpegs, seconds)] * processes))
 
 
-def loader_rate(root: Path, workers: int, batches: int, batch_size: int) -> float:
+def loader_rate(
+    root: Path, workers: int, batches: int, batch_size: int, decode: str = "cpu"
+) -> float:
     dm = FaceDataModule(
         str(root),
         image_size=112,
@@ -95,6 +101,7 @@ def loader_rate(root: Path, workers: int, batches: int, batch_size: int) -> floa
         min_images_per_class=1,
         val_fraction=0.0,
         test_fraction=0.0,
+        decode=decode,
     )
     loader = dm.train_dataloader()
     it = iter(loader)
@@ -102,6 +109,25 @@ def loader_rate(root: Path, workers: int, batches: int, batch_size: int) -> floa
     done, start = 0, time.perf_counter()
     for _ in range(batches):
         done += len(next(it)[0])
+    return done / (time.perf_counter() - start)
+
+
+def device_decode_rate(jpegs: list[bytes], batch_size: int, device: str, seconds: float) -> float:
+    """Images/s of ``data.decode=device``'s batched decode (nvJPEG on CUDA, libjpeg-turbo
+    on the CPU), batches of ``batch_size`` of the same JPEGs, output on ``device``."""
+    batches = [
+        EncodedImages(jpegs[i : i + batch_size], list(range(batch_size)))
+        for i in range(0, len(jpegs) - batch_size + 1, batch_size)
+    ]
+    where = torch.device(device)
+    decode_on_device(batches[0], 112, where)  # warm-up (nvJPEG handles, allocations)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for batch in batches:
+            decode_on_device(batch, 112, where)
+            done += len(batch)
+        if where.type == "cuda":
+            torch.cuda.synchronize()
     return done / (time.perf_counter() - start)
 
 
@@ -125,6 +151,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--seconds", type=float, default=3.0, help="per decode-rate measurement")
+    parser.add_argument(
+        "--decode-device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where data.decode=device's batched decode is timed (default: cuda if present)",
+    )
     parser.add_argument("--out", default="bench/results/data_throughput.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one thread per process, as in DataLoader workers
@@ -148,6 +179,15 @@ def main() -> None:
                 for name, decoder in decoders.items()
             },
             "device_step_on_cpu_us_per_image": device_step_us(args.batch_size),
+            "device_decode": {
+                "device": args.decode_device,
+                "images_per_s": median(
+                    [
+                        device_decode_rate(jpegs, args.batch_size, args.decode_device, args.seconds)
+                        for _ in range(args.rounds)
+                    ]
+                ),
+            },
             "rows": [],
         }
         for workers in args.workers:
@@ -156,6 +196,10 @@ def main() -> None:
                     "ceiling": ceiling(jpegs, max(1, workers), args.seconds),
                     "folder": loader_rate(root, workers, args.batches, args.batch_size),
                     "rec": loader_rate(rec, workers, args.batches, args.batch_size),
+                    # data.decode=device: the loader reads and ships the JPEG bytes
+                    "rec_bytes": loader_rate(
+                        rec, workers, args.batches, args.batch_size, decode="device"
+                    ),
                 }
                 for _ in range(args.rounds)
             ]
@@ -168,6 +212,7 @@ def main() -> None:
             result["rows"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "rounds"}))
     print(json.dumps(result["decoders_images_per_s"]))
+    print("data.decode=device, batched decode:", json.dumps(result["device_decode"]))
     print("device step on the CPU:", result["device_step_on_cpu_us_per_image"], "us/image")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

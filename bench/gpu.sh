@@ -9,7 +9,8 @@
 #      bf16-mixed and 16-mixed, and bf16-mixed with model.compile (one round);
 #   2. both stages of a short LFW run (bench/stage_speed.py): images/s per stage and
 #      peak memory, then routed / ISM / single inference images/s from its evaluation;
-#   3. input pipeline images/s from the folder and from .rec (bench/data_throughput.py).
+#   3. input pipeline images/s from the folder and from .rec (bench/data_throughput.py),
+#      and data.decode=device's batched nvJPEG decode on the GPU.
 # Options: --out FILE (default bench/results/gpu.json), --lfw DIR (default
 # ../shared/datasets/lfw-112/images when it is there, else the bundled
 # datasets/lfw-demo/images). Each step's JSON is kept in FILE's folder as

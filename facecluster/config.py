@@ -112,6 +112,10 @@ class DataConfig:
     each path logged once, the total reported at epoch ends) or fail (stop naming the file)."""
     max_bad_fraction: float = 0.01
     """Stop when more than this fraction of a split is undecodable or zero-byte files."""
+    decode: str = "cpu"
+    """Where training images are decoded: cpu (the loader workers, simplejpeg) or device
+    (the loaders ship the JPEG bytes and the training device decodes each batch in one
+    call: nvJPEG on a GPU; docs/DATA.md). Evaluation loaders always decode on the CPU."""
     verification: list[str] = field(default_factory=list)
     """Verification sets for the 10-fold protocol: InsightFace ``.bin`` files
     (lfw.bin, cfp_fp.bin, agedb_30.bin) or an LFW ``pairs.txt`` with ``images/``
@@ -135,6 +139,7 @@ class DataConfig:
         if self.num_workers < 0:
             r.add(f"data.num_workers must be >= 0, got {self.num_workers}")
         r.choice("on_bad_image", self.on_bad_image, ("skip", "fail"))
+        r.choice("decode", self.decode, ("cpu", "device"))
         r.within("max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
         r.within("val_fraction", self.val_fraction, 0.0, 1.0, closed=False)
         r.within("unseen_fraction", self.unseen_fraction, 0.0, 1.0, closed=False)

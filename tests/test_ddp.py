@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from facecluster.builders import build_datamodule
-from facecluster.clustering import accumulate_class_sums, finalize_class_means
+from facecluster.clustering import (
+    ClusterAssignment,
+    accumulate_class_sums,
+    cluster_identities,
+    finalize_class_means,
+)
 from facecluster.data.transforms import normalize_images
 from facecluster.evaluation import evaluate_run
 from facecluster.models.components import load_backbone
@@ -143,10 +148,14 @@ def test_a_run_resumes_and_evaluates_on_another_device_count(tmp_path):
     # starts from exactly the weights and optimizer state the last one saved (the head
     # and its momentum are saved whole and split again on load). The last 2-process
     # command trains both stages: replicas agree, the shards make up the saved heads,
-    # the class means equal one process's; then one process evaluates the run.
+    # the class means equal one process's, the clusters are k-means on the whole head's
+    # rows (clustering.features=head gathers the shards); then one process evaluates.
     run_dir = tmp_path / "run"
     last = run_dir / "stage1" / "checkpoints" / "last.ckpt"
-    common = ["logger=none", "trainer.accelerator=cpu", "trainer.strategy=ddp"]
+    common = [
+        "logger=none", "trainer.accelerator=cpu", "trainer.strategy=ddp",
+        "clustering.features=head",
+    ]  # fmt: skip
     _ddp_train(
         tmp_path,
         *smoke_overrides(tmp_path, *common, "head.sample_rate=0.5"),
@@ -175,5 +184,10 @@ def test_a_run_resumes_and_evaluates_on_another_device_count(tmp_path):
     _assert_same_training_state(saved_by_one, tmp_path / "start_on_two.ckpt")
     assert RunFolder(run_dir).stage_summary(1)["epochs"] == 3
     _assert_replicas_and_shards(tmp_path, run_dir)
+    saved = ClusterAssignment.load(run_dir / "clusters.pt")
+    rows = torch.load(last, weights_only=False)["state_dict"]["head.weight"]
+    seed = RunFolder(run_dir).finished_config().seed
+    by_head = cluster_identities(saved.class_means, 3, "kmeans", seed=seed, features=rows)
+    assert torch.equal(saved.class_to_cluster, by_head.class_to_cluster)
     report = evaluate_run(run_dir, ["eval.plots=false", "eval.timing_batches=1"])
     assert report is not None

@@ -127,7 +127,9 @@ def test_gpu_script_dry_run_writes_every_figure(tmp_path):
     names = set(stages["inference"])
     assert {"clustered, routed (top_m=1, moe)", "clustered, all sub-nets (ISM)"} <= names
     assert all(row["images_per_s"] > 0 for row in stages["inference"].values())
-    assert figures["data"]["rows"][0]["rec"] > 0
+    data = figures["data"]
+    assert data["rows"][0]["rec"] > 0 and data["rows"][0]["rec_bytes"] > 0
+    assert data["device_decode"]["images_per_s"] > 0  # data.decode=device's batched decode
     bad = subprocess.run(["bash", "bench/gpu.sh", "--bogus"], cwd=ROOT, capture_output=True)
     assert bad.returncode == 2 and b"--bogus" in bad.stderr
 

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from facecluster.config import load_config
-from facecluster.data import FaceDataModule
+from facecluster.data import FaceDataModule, datamodule
 from facecluster.data.folder import scan, split_per_identity
+from facecluster.data.images import decode_on_device
 from facecluster.data.pack import main as pack_main
 from facecluster.data.recordio import (
     FLOAT32_EXACT,
@@ -178,16 +179,35 @@ def test_a_corrupt_record_is_skipped_or_stops_naming_key_and_offset(tmp_path, pa
 
 
 @pytest.mark.slow
-def test_training_on_the_packed_folder_gives_the_folders_stage1_weights(tmp_path, packed):
+def test_training_on_the_packed_folder_gives_the_folders_stage1_weights(
+    tmp_path, packed, monkeypatch
+):
+    # and data.decode=device (the JPEG bytes cross to the device, decoded there in one
+    # batched call; on the CPU by libjpeg-turbo, as the loaders decode) changes nothing
     extra = ("method=single", "logger=none", "eval.after_training=false", "data.num_workers=1")
+    shipped = []
+
+    def spy(batch, size, device):
+        shipped.extend(isinstance(item, bytes) for item in batch.items)
+        return decode_on_device(batch, size, device)
+
+    monkeypatch.setattr(datamodule, "decode_on_device", spy)
     runs = []
-    for name, root in (("folder", DEMO), ("rec", packed / "rec" / "train.rec")):
-        cfg = load_config(SMOKE, smoke_overrides(tmp_path / name, f"data.root={root}", *extra))
-        runs.append(train(cfg))
-    folder, rec = (r.backbone.state_dict() for r in runs)
-    assert folder.keys() == rec.keys()
-    for key in folder:
-        assert torch.equal(folder[key], rec[key]), key
+    rec = packed / "rec" / "train.rec"
+    for name, root, decode in (
+        ("folder", DEMO, "cpu"),
+        ("rec", rec, "cpu"),
+        ("rec-device", rec, "device"),
+        ("folder-device", DEMO, "device"),
+    ):
+        overrides = (f"data.root={root}", f"data.decode={decode}", *extra)
+        runs.append(train(load_config(SMOKE, smoke_overrides(tmp_path / name, *overrides))))
+    assert shipped and all(shipped)  # every training image went to the device as bytes
+    weights = [r.backbone.state_dict() for r in runs]
+    for other in weights[1:]:
+        assert other.keys() == weights[0].keys()
+        for key in weights[0]:
+            assert torch.equal(other[key], weights[0][key]), key
 
 
 # ------------------------------------------------------------------ verification pairs

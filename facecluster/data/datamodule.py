@@ -53,7 +53,10 @@ from facecluster.data.images import (
     DECODE_ERRORS,
     BadImageError,
     BadImageTracker,
+    EncodedImages,
     decode_image,
+    decode_on_device,
+    device_decodable,
 )
 from facecluster.data.recordio import RecordFile
 from facecluster.data.transforms import FaceTransform, build_transforms, normalize_images
@@ -61,6 +64,7 @@ from facecluster.data.transforms import FaceTransform, build_transforms, normali
 __all__ = ["FaceImageDataset", "FaceDataModule", "SubnetSampler", "subnet_seed"]
 
 SUBNET_EPOCH_SIZES = ("largest", "mean")
+DECODE_PLACES = ("cpu", "device")
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +89,10 @@ class FaceImageDataset(Dataset):
         split_name: Names the split in error messages.
         records: The RecordIO file the samples' ``<file>#<key>`` locators point into;
             None: the locators are image file paths.
+        encoded: ``data.decode=device`` (training datasets): a JPEG the device can decode
+            (:func:`~facecluster.data.images.device_decodable`) is returned as its bytes,
+            and items carry their index, ``(bytes or image, label, mirror, index)``, for
+            :func:`collate_encoded`.
     """
 
     def __init__(
@@ -99,13 +107,17 @@ class FaceImageDataset(Dataset):
         max_bad_fraction: float = 0.01,
         split_name: str = "dataset",
         records: RecordFile | None = None,
+        encoded: bool = False,
     ) -> None:
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(
                 f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}"
             )
+        if encoded and not transform.train:
+            raise ValueError("FaceImageDataset: encoded=True is for training datasets")
         self.samples = list(samples)
         self.records = records
+        self.encoded = encoded
         self.transform = transform
         # plain ints: indexing a tensor per item is slower and tensors in worker
         # processes go through shared memory for no benefit
@@ -128,25 +140,36 @@ class FaceImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, index: int):
-        """The decoded image of ``samples[index]``, or None when it is broken (skip policy)."""
+    def _load(self, index: int, encoded: bool = False):
+        """The decoded image of ``samples[index]`` (``encoded``: its bytes when the device
+        decodes it), or None when it is broken (skip policy)."""
         sample_id = self.sample_ids[index]
         if self.tracker.is_bad(sample_id):
             return None
         path = self.samples[index][0]
         try:
-            return self.records.image(path) if self.records is not None else decode_image(path)
+            data = self.records.encoded(path) if self.records is not None else _read(path)
+            if encoded and device_decodable(data, self.transform.size):
+                return data
+            return decode_image(data)
         except DECODE_ERRORS as e:
-            if self.on_bad_image == "fail":
-                # Raised while training, where no config layer can add the key: the
-                # message names the setting as the user wrote it.
-                raise BadImageError(
-                    f"cannot decode {path} ({type(e).__name__}: {e}); data.on_bad_image=fail "
-                    "stops here (data.on_bad_image=skip replaces broken images)"
-                ) from None
-            self.tracker.mark(sample_id, e)
-            self._check_bad_fraction()
+            self.broken(index, e)
             return None
+
+    def broken(self, index: int, error: BaseException) -> None:
+        """``samples[index]`` cannot be decoded: stop (``fail``, or too many broken in the
+        split), or flag it so that it is replaced from now on (``skip``)."""
+        path = self.samples[index][0]
+        if self.on_bad_image == "fail":
+            # Raised while training, where no config layer can add the key: the
+            # message names the setting as the user wrote it.
+            raise BadImageError(
+                f"cannot decode {path} ({type(error).__name__}: {error}); "
+                "data.on_bad_image=fail stops here (data.on_bad_image=skip replaces broken "
+                "images)"
+            )
+        self.tracker.mark(self.sample_ids[index], error)
+        self._check_bad_fraction()
 
     def _check_bad_fraction(self) -> None:
         bad = self.tracker.count(self._split_ids)
@@ -159,7 +182,12 @@ class FaceImageDataset(Dataset):
                 f"(e.g. {', '.join(shown)}). Repair or remove them, or raise data.max_bad_fraction"
             )
 
-    def _substitute(self, index: int):
+    def substitute(self, index: int) -> Tensor:
+        """What replaces the broken ``samples[index]``: the next readable image of the
+        same identity (cyclic), decoded and resized, never mirrored here."""
+        return self.transform(self._substitute(index), False)[0]
+
+    def _substitute(self, index: int, encoded: bool = False):
         """The next readable image of the same identity after ``index`` (cyclic)."""
         if self._same_identity is None:
             groups: dict[int, list[int]] = {}
@@ -170,7 +198,7 @@ class FaceImageDataset(Dataset):
         group = self._same_identity[label]
         start = group.index(index)
         for j in group[start + 1 :] + group[:start]:
-            image = self._load(j)
+            image = self._load(j, encoded)
             if image is not None:
                 return image
         raise BadImageError(
@@ -181,7 +209,8 @@ class FaceImageDataset(Dataset):
     def __getitem__(
         self, index: int | tuple[int, bool]
     ) -> tuple[Tensor, int] | tuple[Tensor, int, bool]:
-        """``(image, label)``; training datasets add whether to mirror the image.
+        """``(image, label)``; training datasets add whether to mirror the image (and,
+        ``encoded``, the index).
 
         ``index`` may be ``(index, mirror)``: the mirror was drawn by the sampler
         (:class:`SubnetSampler`) instead of here.
@@ -190,13 +219,32 @@ class FaceImageDataset(Dataset):
         if isinstance(index, tuple):
             index, mirror = index
         label = self.samples[index][1]
-        image = self._load(index)
+        image = self._load(index, self.encoded)
         if image is None:
-            image = self._substitute(index)
+            image = self._substitute(index, self.encoded)
         if self._label_map is not None:
             label = self._label_map[label]
+        if isinstance(image, bytes):  # decoded on the device, already at its size
+            return image, label, self.transform.mirror(mirror), index
         image, mirror = self.transform(image, mirror)
+        if self.encoded:
+            return image, label, mirror, index
         return (image, label, mirror) if self.transform.train else (image, label)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def collate_encoded(items: list[tuple]) -> tuple[EncodedImages, Tensor, Tensor]:
+    """A ``data.decode=device`` batch: ``(EncodedImages, labels, mirror)``."""
+    images, labels, mirror, indices = zip(*items, strict=True)
+    return (
+        EncodedImages(list(images), list(indices)),
+        torch.tensor(labels, dtype=torch.long),
+        torch.tensor(mirror, dtype=torch.bool),
+    )
 
 
 class SubnetSampler(DistributedSampler):
@@ -298,6 +346,9 @@ class FaceDataModule(lightning.LightningDataModule):
             cluster's training images (``largest``) or the average cluster's (``mean``:
             an epoch puts the training split's worth of images through the sub-nets)
             (``stage2.epoch_size``).
+        decode: ``cpu``: the loaders decode; ``device``: training loaders ship JPEG bytes
+            and :meth:`on_after_batch_transfer` decodes each batch on the training device
+            (``data.decode``).
     """
 
     def __init__(
@@ -316,6 +367,7 @@ class FaceDataModule(lightning.LightningDataModule):
         max_bad_fraction: float = 0.01,
         unseen_fraction: float = 0.0,
         subnet_epoch_size: str = "largest",
+        decode: str = "cpu",
     ) -> None:
         super().__init__()
         # fail at construction (config time) rather than after a long scan
@@ -337,6 +389,8 @@ class FaceDataModule(lightning.LightningDataModule):
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         if not 0.0 <= unseen_fraction < 1.0:
             raise ValueError(f"unseen_fraction must be in [0, 1), got {unseen_fraction}")
+        if decode not in DECODE_PLACES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_PLACES)}, got {decode!r}")
         if subnet_epoch_size not in SUBNET_EPOCH_SIZES:
             raise ValueError(
                 f"subnet_epoch_size must be one of {', '.join(SUBNET_EPOCH_SIZES)}, "
@@ -353,6 +407,10 @@ class FaceDataModule(lightning.LightningDataModule):
         self._subnets: list[int] = []
         self._cluster_ids: list[list[int]] = []
         self._subnet_epoch = 0  # the first epoch the sub-nets' samplers draw
+        # data.decode=device: each training loader's dataset (None: stage 1's, k: sub-net
+        # k's), which names or replaces an image that the device cannot decode
+        self._encoded_sets: dict[int | None, FaceImageDataset] = {}
+        self._warned_cpu_decode = False
 
     @property
     def eval_batch_size(self) -> int:
@@ -447,7 +505,12 @@ class FaceDataModule(lightning.LightningDataModule):
         return [folder.samples[i] for i in self._split_indices(split)]
 
     def _dataset(
-        self, split: str, ids: list[int], train: bool, label_map: Tensor | None = None
+        self,
+        split: str,
+        ids: list[int],
+        train: bool,
+        label_map: Tensor | None = None,
+        encoded: bool = False,
     ) -> FaceImageDataset:
         """A dataset of the samples ``ids`` (indices into the scan) drawn from ``split``."""
         folder, _ = self._ensure_setup()
@@ -462,6 +525,7 @@ class FaceDataModule(lightning.LightningDataModule):
             max_bad_fraction=self.hparams.max_bad_fraction,
             split_name=f"{split} split",
             records=folder.records,
+            encoded=encoded,
         )
 
     def split_labels(self, split: str) -> torch.LongTensor:
@@ -480,12 +544,38 @@ class FaceDataModule(lightning.LightningDataModule):
         runs again on the floats.
         """
         if isinstance(batch, dict):
-            batch = {k: _network_batch(v) for k, v in batch.items()}
+            batch = {k: _network_batch(self._decoded(v, k)) for k, v in batch.items()}
         else:
-            batch = _network_batch(batch)
+            batch = _network_batch(self._decoded(batch, None))
         if self.trainer is not None:
             batch = self.trainer.precision_plugin.convert_input(batch)
         return batch
+
+    def _decoded(self, batch: Sequence, loader: int | None) -> Sequence:
+        """``data.decode=device``: the batch with its images decoded on the device of its
+        labels. An image that does not decode is handled as the loaders handle one:
+        ``fail`` stops naming it; ``skip`` flags it (later epochs replace it in the
+        loader) and puts the next readable image of its identity in its place."""
+        images, labels, *rest = batch
+        if not isinstance(images, EncodedImages):
+            return batch
+        dataset = self._encoded_sets[loader]
+        on_cpu = sum(not isinstance(item, bytes) for item in images.items)
+        if on_cpu and not self._warned_cpu_decode:
+            self._warned_cpu_decode = True
+            size = self.hparams.image_size
+            logger.warning(
+                "data.decode=device: %d of the %d images of a training batch were decoded by "
+                "the loader instead (not a JPEG, or not %dx%d, the network input: resized on "
+                "the CPU); aligned %dx%d JPEG crops are decoded on the device",
+                on_cpu, len(images), size, size, size, size,
+            )  # fmt: skip
+        decoded, bad = decode_on_device(images, self.hparams.image_size, labels.device)
+        for position, error in bad.items():
+            index = images.indices[position]
+            dataset.broken(index, error)  # raises under fail
+            decoded[position] = dataset.substitute(index).to(labels.device)
+        return (decoded, labels, *rest)
 
     # --------------------------------------------------------------- clusters
 
@@ -605,22 +695,25 @@ class FaceDataModule(lightning.LightningDataModule):
             )
         return per_rank
 
-    def _loader_kwargs(self) -> dict:
+    def _loader_kwargs(self, dataset: FaceImageDataset | None = None) -> dict:
         # Pinned (page-locked) batches when a Trainer runs on a CUDA device: the copy to
         # the GPU is then asynchronous DMA. No persistent workers: DataLoader draws its
         # workers' seeds from the global RNG at each epoch's iterator, which is what
         # makes an epoch's augmentation replayable on resume (EpochSeedCallback);
         # persistent workers would keep the first epoch's seeds.
         device = self.trainer.strategy.root_device if self.trainer is not None else None
-        return {
+        kwargs = {
             "num_workers": self.hparams.num_workers,
             "pin_memory": device is not None and device.type == "cuda",
             "persistent_workers": False,
         }
+        if dataset is not None and dataset.encoded:
+            kwargs["collate_fn"] = collate_encoded
+        return kwargs
 
     def _train_loader(self, ids: list[int], label_map: Tensor | None, what: str) -> DataLoader:
         per_rank = self._check_train_subset(len(ids), what)
-        dataset = self._dataset("train", ids, train=True, label_map=label_map)
+        dataset = self._train_dataset(ids, label_map, None)
         # drop_last only when there is more than one batch: a remainder could be a
         # single sample, and a subset no larger than a batch must still yield one batch
         return DataLoader(
@@ -628,8 +721,17 @@ class FaceDataModule(lightning.LightningDataModule):
             batch_size=self.hparams.batch_size,
             shuffle=True,  # global torch RNG, no Generator: reseedable and DDP-replaceable
             drop_last=per_rank > self.hparams.batch_size,
-            **self._loader_kwargs(),
+            **self._loader_kwargs(dataset),
         )
+
+    def _train_dataset(
+        self, ids: list[int], label_map: Tensor | None, loader: int | None
+    ) -> FaceImageDataset:
+        encoded = self.hparams.decode == "device"
+        dataset = self._dataset("train", ids, train=True, label_map=label_map, encoded=encoded)
+        if encoded:
+            self._encoded_sets[loader] = dataset
+        return dataset
 
     def train_dataloader(self) -> DataLoader | CombinedLoader:
         """Training loader(s).
@@ -680,9 +782,11 @@ class FaceDataModule(lightning.LightningDataModule):
             len(ids), self.subnet_steps() * batch, self.hparams.seed, k, rank, self._world_size()
         )
         sampler.set_epoch(self._subnet_epoch)
-        dataset = self._dataset("train", ids, train=True, label_map=self._local_index)
+        dataset = self._train_dataset(ids, self._local_index, k)
         # every sampler yields steps x batch pairs: equal lengths, no partial batch
-        return DataLoader(dataset, batch_size=batch, sampler=sampler, **self._loader_kwargs())
+        return DataLoader(
+            dataset, batch_size=batch, sampler=sampler, **self._loader_kwargs(dataset)
+        )
 
     def _eval_loader(self, split: str, ids: list[int]) -> DataLoader:
         return self._fixed_order_loader(self._dataset(split, ids, train=False))

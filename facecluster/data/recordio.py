@@ -253,11 +253,15 @@ class RecordFile:
         except ValueError as e:
             raise RecordError(f"{self.rec} key {key} at offset {self.offsets[key]}: {e}") from None
 
+    def encoded(self, locator: int | str) -> bytes:
+        """The encoded image of record ``key`` or locator ``<file>#<key>``."""
+        key = locator if isinstance(locator, int) else int(locator.rsplit("#", 1)[1])
+        return self.record(key).data
+
     def image(self, locator: int | str) -> torch.Tensor:
         """The decoded image of record ``key`` or locator ``<file>#<key>``: ``uint8[H, W, 3]``
         (see :func:`~facecluster.data.images.decode_image`; PIL's errors for bad bytes)."""
-        key = locator if isinstance(locator, int) else int(locator.rsplit("#", 1)[1])
-        return decode_image(self.record(key).data)
+        return decode_image(self.encoded(locator))
 
     def locator(self, key: int) -> str:
         """How a record is named in samples and messages: ``<file>#<key>``."""

@@ -67,10 +67,14 @@ class FaceTransform:
                 antialias=True,
             )
             image = torch.from_numpy(np.array(resized))
-        if mirror is not None:
-            return image, self.train and bool(mirror)
+        return image, self.mirror(mirror)
+
+    def mirror(self, drawn: bool | None = None) -> bool:
+        """Whether to mirror the next image (``drawn``: the caller's draw)."""
+        if drawn is not None:
+            return self.train and bool(drawn)
         # the same draw and outcome as RandomHorizontalFlip's ``torch.rand(1) < 0.5``
-        return image, self.train and torch.rand(1).item() < 0.5
+        return self.train and torch.rand(1).item() < 0.5
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, train={self.train})"

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 
 from facecluster.builders import build_datamodule
 from facecluster.config import ConfigError, load_config
-from facecluster.data import BadImageError, FaceDataModule, FaceImageDataset, load_rgb
-from facecluster.data.images import decode_image
+from facecluster.data import BadImageError, FaceDataModule, FaceImageDataset, datamodule, load_rgb
+from facecluster.data.images import decode_image, decode_on_device
 from facecluster.data.transforms import build_transforms
 from facecluster.pipeline import train
 from tests.conftest import DEMO, SMOKE, smoke_overrides
@@ -198,22 +198,31 @@ def test_config_keys_and_build_datamodule(tmp_path):
 # ---------------------------------------------------------------- a whole run
 
 
-def test_run_with_broken_images_completes_and_reports(tmp_path, caplog):
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_run_with_broken_images_completes_and_reports(tmp_path, caplog, monkeypatch, decode):
+    # data.decode=device: the truncated JPEG (a valid header) reaches the device as bytes,
+    # fails to decode there and is replaced and reported as the loaders do it
     root = make_tree(tmp_path / "data", identities=6, per_identity=14)
     broken = [root / "id_00" / "0003.jpg", root / "id_02" / "0007.jpg"]
     truncate(broken[0])
     broken[1].write_text("not an image")
     (root / "id_04" / "0001.jpg").write_bytes(b"")
-    cfg = load_config(
-        SMOKE,
-        smoke_overrides(
-            tmp_path,
-            f"data.root={root}",
-            "data.min_images_per_class=5",
-            "data.max_bad_fraction=0.1",
-            "clustering.num_clusters=2",
-        ),
-    )
+    on_device = []
+
+    def spy(batch, size, device):
+        images, bad = decode_on_device(batch, size, device)
+        on_device.extend(batch.indices[i] for i in bad)
+        return images, bad
+
+    monkeypatch.setattr(datamodule, "decode_on_device", spy)
+    overrides = [
+        f"data.root={root}",
+        "data.min_images_per_class=5",
+        "data.max_bad_fraction=0.1",
+        "clustering.num_clusters=2",
+        f"data.decode={decode}",
+    ]
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, *overrides))
     with (
         caplog.at_level(logging.WARNING, logger="facecluster.data"),
         caplog.at_level(logging.WARNING, logger="facecluster.callbacks"),
@@ -232,3 +241,10 @@ def test_run_with_broken_images_completes_and_reports(tmp_path, caplog):
     for last in [result.run_dir / "stage1" / "checkpoints" / "last.ckpt", *stage2]:
         state = torch.load(last, weights_only=False)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert bool(on_device) == (decode == "device")  # found on the device, once per epoch
+    if decode == "device":  # and under fail, the device's failure names the file
+        (root / "id_04" / "0001.jpg").unlink()  # fail stops at the scan for these
+        shutil.copyfile(root / "id_02" / "0006.jpg", broken[1])  # only the truncated one
+        failing = load_config(SMOKE, smoke_overrides(tmp_path / "fail", *overrides))
+        with pytest.raises(BadImageError, match=f"cannot decode {broken[0]}"):
+            train(failing.with_overrides(["data.on_bad_image=fail"]))
