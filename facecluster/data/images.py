@@ -158,11 +158,7 @@ def decode_on_device(
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    out = torch.empty((len(batch), size, size, 3), dtype=torch.uint8, device=device)
     jpegs = [i for i, item in enumerate(batch.items) if isinstance(item, bytes)]
-    for i, item in enumerate(batch.items):
-        if not isinstance(item, bytes):
-            out[i] = item.to(device)
     inputs = [torch.frombuffer(bytearray(batch.items[i]), dtype=torch.uint8) for i in jpegs]
     bad: dict[int, Exception] = {}
     with warnings.catch_warnings():
@@ -178,9 +174,18 @@ def decode_on_device(
                 except RuntimeError as e:
                     bad[i] = e
                     decoded.append(torch.zeros((3, size, size), dtype=torch.uint8, device=device))
-    if decoded:
-        out[jpegs] = torch.stack(decoded).permute(0, 2, 3, 1)
-    return out, bad
+    # channels first, the decoder's layout, viewed as [N, H, W, 3]: normalize_images moves
+    # the channels first again, so the decoded pixels are copied once (by the stack)
+    if len(jpegs) == len(batch):
+        out = torch.stack(decoded)
+    else:
+        out = torch.empty((len(batch), 3, size, size), dtype=torch.uint8, device=device)
+        if decoded:
+            out[jpegs] = torch.stack(decoded)
+        for i, item in enumerate(batch.items):
+            if not isinstance(item, bytes):
+                out[i] = item.to(device).permute(2, 0, 1)
+    return out.permute(0, 2, 3, 1), bad
 
 
 # What PIL raises for files that are not decodable images: UnidentifiedImageError
