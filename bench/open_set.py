@@ -17,7 +17,7 @@ import torch
 
 from facecluster.builders import build_datamodule
 from facecluster.data.transforms import normalize_images
-from facecluster.deploy import load_export
+from facecluster.deploy import export_threshold, load_export
 from facecluster.run import RunFolder
 
 
@@ -30,9 +30,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/open_set.json")
     args = parser.parse_args()
     ident = load_export(args.export, args.runtime, "cpu")
-    if ident.open_set is None:
+    threshold = export_threshold(ident, args.export)
+    if threshold is None:
         raise SystemExit(f"{args.export} has no unknown threshold: is {args.run} an open-set run?")
-    threshold = ident.open_set["threshold"]
     dm = build_datamodule(RunFolder(Path(args.run)).finished_config())
     right = wrong = mated = 0
     for images, labels in dm.test_dataloader():

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from facecluster.builders import build_trainer, module_args
 from facecluster.clustering.means import accumulate_class_sums, embedding_class_sums
 from facecluster.config import load_config
-from facecluster.data import FaceDataModule
+from facecluster.data.datamodule import network_batches
 from facecluster.data.transforms import normalize_images
 from facecluster.evaluation import eval_autocast
 from facecluster.models.backbone_module import BackboneSystem
@@ -49,14 +49,15 @@ ROOT = Path(__file__).resolve().parents[1]
 class InMemory(L.LightningDataModule):
     """Fixed batches, moved to the device and normalised as FaceDataModule does it."""
 
-    on_after_batch_transfer = FaceDataModule.on_after_batch_transfer
-
     def __init__(self, batches: list) -> None:
         super().__init__()
         self.batches = batches
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.batches, batch_size=None)  # the batches as they are
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return network_batches(batch, self.trainer)
 
 
 class StepClock(L.Callback):

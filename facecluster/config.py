@@ -255,7 +255,7 @@ class ClusteringConfig:
     features: str = "means"
     """What k-means groups: means (the identities' class-mean embeddings, the paper) or
     head (the stage-1 head's rows: identities its classifier places close together, the
-    ones it confuses). Routing uses the class means either way; random ignores it."""
+    ones it confuses). Routing uses the class means either way; method=random refuses head."""
 
     def problems(self) -> list[str]:
         r = _Rules("clustering.")
@@ -575,6 +575,11 @@ class Config:
         if self.method == "random" and self.clustering.method == "balanced":
             found.append(
                 "method=random partitions at random: clustering.method=balanced contradicts it"
+            )
+        if self.method == "random" and self.clustering.features != "means":
+            found.append(
+                f"method=random partitions at random: clustering.features="
+                f"{self.clustering.features} (what k-means groups) contradicts it"
             )
         if self.data.max_classes is not None and self.data.max_classes < k:
             found.append(

@@ -227,6 +227,37 @@ def _batches(
         yield batch, good, torch.stack(images) if images else None
 
 
+def export_threshold(
+    identifier: TwoStageIdentifier, model: str | Path, top_m: int | None = None
+) -> float | None:
+    """The export's unknown threshold (None for a closed-set export), for
+    ``Identification.answer``.
+
+    Raises:
+        ValueError: a ``moe`` threshold that an earlier facecluster chose on the
+            log-probability, or one chosen at another ``top_m`` than asked.
+    """
+    open_set = identifier.open_set
+    if open_set is None:
+        return None
+    moe = identifier.route_config["decision"] == "moe"
+    if moe and open_set.get("score") != OPEN_SET_SCORE:
+        raise ValueError(
+            f"{model}'s unknown threshold was chosen on the moe log-probability by an "
+            "earlier facecluster; thresholds now compare the answer's similarity: export "
+            "the run again (facecluster export; identities added since by facecluster "
+            "enroll must then be enrolled again) or pass a threshold (--threshold)"
+        )
+    chosen_at = open_set.get("top_m", identifier.route_config["top_m"])
+    if moe and top_m not in (None, chosen_at):
+        raise ValueError(
+            f"{model}'s unknown threshold was chosen at top_m={chosen_at}; with "
+            f"top_m={top_m} the answers move: pass a threshold for top_m={top_m} "
+            f"(--threshold) or leave top_m at {chosen_at}"
+        )
+    return open_set["threshold"]
+
+
 def identify_files(
     model: str | Path,
     sources: Sequence[str | Path],
@@ -252,24 +283,8 @@ def identify_files(
     identifier = load_export(model, runtime, device, top_m)
     if top_m is not None and top_m > identifier.num_clusters:
         raise ValueError(f"top_m={top_m}: {model} has {identifier.num_clusters} clusters")
-    if threshold is None and identifier.open_set is not None:
-        if (
-            identifier.route_config["decision"] == "moe"
-            and identifier.open_set.get("score") != OPEN_SET_SCORE
-        ):
-            raise ValueError(
-                f"{model}'s unknown threshold was chosen on the moe log-probability by an "
-                "earlier facecluster; thresholds now compare the answer's similarity: export "
-                "the run again (facecluster export) or pass --threshold"
-            )
-        chosen_at = identifier.open_set.get("top_m", identifier.route_config["top_m"])
-        if identifier.route_config["decision"] == "moe" and top_m not in (None, chosen_at):
-            raise ValueError(
-                f"{model}'s unknown threshold was chosen at top_m={chosen_at}; with "
-                f"top_m={top_m} the answers move: pass a threshold for top_m={top_m} "
-                f"(--threshold) or leave top_m at {chosen_at}"
-            )
-        threshold = identifier.open_set["threshold"]
+    if threshold is None:
+        threshold = export_threshold(identifier, model, top_m)
     files = image_files(sources)
     size = identifier.backbone_args["image_size"]
     where = resolve_device(device)

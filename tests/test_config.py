@@ -104,6 +104,11 @@ def test_contradictions_are_listed_together():
         "stage2.epoch_size='smallest' is not one of largest, mean",
     ):
         assert text in message
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["method=random", "clustering.features=head", "data.decode=gpu"])
+    message = str(err.value)
+    assert "method=random partitions at random: clustering.features=head" in message
+    assert "data.decode='gpu' is not one of cpu, device" in message
 
 
 def test_bad_override_syntax_is_rejected():

@@ -237,14 +237,15 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def collate_encoded(items: list[tuple]) -> tuple[EncodedImages, Tensor, Tensor]:
-    """A ``data.decode=device`` batch: ``(EncodedImages, labels, mirror)``."""
+def collate_encoded(items: list[tuple]) -> tuple[EncodedImages | Tensor, Tensor, Tensor]:
+    """A ``data.decode=device`` batch: ``(EncodedImages, labels, mirror)``, or, when the
+    loader decoded every image itself, the usual ``(uint8 images, labels, mirror)``."""
     images, labels, mirror, indices = zip(*items, strict=True)
-    return (
-        EncodedImages(list(images), list(indices)),
-        torch.tensor(labels, dtype=torch.long),
-        torch.tensor(mirror, dtype=torch.bool),
-    )
+    if any(isinstance(image, bytes) for image in images):
+        images = EncodedImages(list(images), list(indices))
+    else:
+        images = torch.stack(images)
+    return images, torch.tensor(labels, dtype=torch.long), torch.tensor(mirror, dtype=torch.bool)
 
 
 class SubnetSampler(DistributedSampler):
@@ -320,6 +321,19 @@ def subnet_seed(seed: int, k: int, purpose: int = SEED_INIT, *counters: int) -> 
 def _network_batch(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     images, labels, *mirror = batch
     return normalize_images(images, *mirror), labels
+
+
+def network_batches(batch, trainer: lightning.Trainer | None):
+    """Loader batches of uint8 images, on the device, as the networks take them: each
+    ``(images, labels[, mirror])`` (or ``{cluster: ...}`` of them) becomes
+    ``(normalised float32 images, labels)``, converted by the precision plugin."""
+    if isinstance(batch, dict):
+        batch = {k: _network_batch(v) for k, v in batch.items()}
+    else:
+        batch = _network_batch(batch)
+    if trainer is not None:
+        batch = trainer.precision_plugin.convert_input(batch)
+    return batch
 
 
 class FaceDataModule(lightning.LightningDataModule):
@@ -410,7 +424,7 @@ class FaceDataModule(lightning.LightningDataModule):
         # data.decode=device: each training loader's dataset (None: stage 1's, k: sub-net
         # k's), which names or replaces an image that the device cannot decode
         self._encoded_sets: dict[int | None, FaceImageDataset] = {}
-        self._warned_cpu_decode = False
+        self._warned_decode = False
 
     @property
     def eval_batch_size(self) -> int:
@@ -541,15 +555,14 @@ class FaceDataModule(lightning.LightningDataModule):
         ``(images, labels)``; every batch leaves as ``(network input, labels)``.
         Labels are int64 and pass unchanged. The precision plugin's input conversion
         (``*-true`` precisions) ran before this hook and skipped the uint8 images: it
-        runs again on the floats.
+        runs again on the floats. Under ``data.decode=device`` the images are decoded
+        first (:meth:`_decoded`).
         """
         if isinstance(batch, dict):
-            batch = {k: _network_batch(self._decoded(v, k)) for k, v in batch.items()}
+            batch = {k: self._decoded(v, k) for k, v in batch.items()}
         else:
-            batch = _network_batch(self._decoded(batch, None))
-        if self.trainer is not None:
-            batch = self.trainer.precision_plugin.convert_input(batch)
-        return batch
+            batch = self._decoded(batch, None)
+        return network_batches(batch, self.trainer)
 
     def _decoded(self, batch: Sequence, loader: int | None) -> Sequence:
         """``data.decode=device``: the batch with its images decoded on the device of its
@@ -557,25 +570,40 @@ class FaceDataModule(lightning.LightningDataModule):
         ``fail`` stops naming it; ``skip`` flags it (later epochs replace it in the
         loader) and puts the next readable image of its identity in its place."""
         images, labels, *rest = batch
-        if not isinstance(images, EncodedImages):
+        training = len(rest) == 1  # (images, labels, mirror); evaluation batches have no mirror
+        if self.hparams.decode != "device" or not training:
+            return batch
+        encoded = isinstance(images, EncodedImages)
+        on_cpu = sum(not isinstance(i, bytes) for i in images.items) if encoded else len(images)
+        self._warn_once(on_cpu, len(images), labels.device)
+        if not encoded:
             return batch
         dataset = self._encoded_sets[loader]
-        on_cpu = sum(not isinstance(item, bytes) for item in images.items)
-        if on_cpu and not self._warned_cpu_decode:
-            self._warned_cpu_decode = True
-            size = self.hparams.image_size
-            logger.warning(
-                "data.decode=device: %d of the %d images of a training batch were decoded by "
-                "the loader instead (not a JPEG, or not %dx%d, the network input: resized on "
-                "the CPU); aligned %dx%d JPEG crops are decoded on the device",
-                on_cpu, len(images), size, size, size, size,
-            )  # fmt: skip
         decoded, bad = decode_on_device(images, self.hparams.image_size, labels.device)
         for position, error in bad.items():
             index = images.indices[position]
             dataset.broken(index, error)  # raises under fail
             decoded[position] = dataset.substitute(index).to(labels.device)
         return (decoded, labels, *rest)
+
+    def _warn_once(self, on_cpu: int, total: int, device: torch.device) -> None:
+        """What ``data.decode=device`` does not do here, said once per run."""
+        if self._warned_decode:
+            return
+        size = self.hparams.image_size
+        if on_cpu:
+            logger.warning(
+                "data.decode=device: %d of the %d images of a training batch were decoded by "
+                "the loader (not a JPEG, or not %dx%d, the network input: resized on the "
+                "CPU); only aligned %dx%d JPEG crops are decoded on the device",
+                on_cpu, total, size, size, size, size,
+            )  # fmt: skip
+        elif device.type == "cpu":
+            logger.warning(
+                "data.decode=device on a CPU: the training process decodes every batch, "
+                "the loader workers no longer do; data.decode=cpu is faster here"
+            )
+        self._warned_decode = bool(on_cpu) or device.type == "cpu"
 
     # --------------------------------------------------------------- clusters
 

@@ -79,6 +79,10 @@ def load_rgb(path: str | io.BytesIO) -> Image.Image:
         return image.convert("RGB")
 
 
+# torchvision 0.29 deprecates its image codecs for TorchCodec's (docs/DATA.md): silenced once
+# here, not around every training step's call under data.decode=device
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
+
 _JPEG_START = b"\xff\xd8"
 _FAST_COLORSPACES = ("YCbCr", "Gray", "RGB")
 _MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 2**62
@@ -152,36 +156,47 @@ def decode_on_device(
     call (torchvision's ``decode_jpeg``: nvJPEG on CUDA, libjpeg-turbo on the CPU, whose
     pixels equal simplejpeg's on all 13,233 LFW-112 images), the decoded ones copied.
 
+    When the batched call fails, each image is decoded on its own; one the device
+    refuses is decoded by :func:`decode_image` on the CPU (a JPEG feature the device
+    decoder lacks is not a broken file), and only one that fails there too is reported.
+    Running out of device memory, or a torchvision without a decoder for ``device``,
+    raises as it is.
+
     Returns:
-        The images, and ``{position: error}`` for bytes that would not decode (their
-        rows are zeros; the caller names or replaces them).
+        The images, and ``{position: error}`` for bytes that do not decode anywhere
+        (their rows are zeros; the caller names or replaces them).
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
     jpegs = [i for i, item in enumerate(batch.items) if isinstance(item, bytes)]
     inputs = [torch.frombuffer(bytearray(batch.items[i]), dtype=torch.uint8) for i in jpegs]
     bad: dict[int, Exception] = {}
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its image codecs for TorchCodec's (docs/DATA.md)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            decoded = decode_jpeg(inputs, mode=ImageReadMode.RGB, device=device) if jpegs else []
-        except RuntimeError:  # one broken file fails the whole call: find it
-            decoded = []
-            for i, data in zip(jpegs, inputs, strict=True):
+    try:
+        decoded = decode_jpeg(inputs, mode=ImageReadMode.RGB, device=device) if jpegs else []
+    except (torch.OutOfMemoryError, NotImplementedError):
+        raise
+    except RuntimeError:  # one broken file fails the whole call: find it
+        decoded = []
+        for i, data in zip(jpegs, inputs, strict=True):
+            try:
+                decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except (torch.OutOfMemoryError, NotImplementedError):
+                raise
+            except RuntimeError:
                 try:
-                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError as e:
-                    bad[i] = e
-                    decoded.append(torch.zeros((3, size, size), dtype=torch.uint8, device=device))
+                    image = decode_image(batch.items[i])
+                except DECODE_ERRORS as e:
+                    bad[i], image = e, torch.zeros((size, size, 3), dtype=torch.uint8)
+                decoded.append(image.to(device).permute(2, 0, 1))
     # channels first, the decoder's layout, viewed as [N, H, W, 3]: normalize_images moves
-    # the channels first again, so the decoded pixels are copied once (by the stack)
+    # the channels first again, so the decoded pixels are copied once (by the stack).
+    # torchvision decodes on the CPU for a device other than CUDA: .to() moves them.
     if len(jpegs) == len(batch):
-        out = torch.stack(decoded)
+        out = torch.stack(decoded).to(device)
     else:
         out = torch.empty((len(batch), 3, size, size), dtype=torch.uint8, device=device)
         if decoded:
-            out[jpegs] = torch.stack(decoded)
+            out[jpegs] = torch.stack(decoded).to(device)
         for i, item in enumerate(batch.items):
             if not isinstance(item, bytes):
                 out[i] = item.to(device).permute(2, 0, 1)

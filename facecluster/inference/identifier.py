@@ -55,8 +55,11 @@ UNKNOWN = -1
 """The answer for a face whose best score is below the open-set threshold."""
 
 EXPORT_FORMAT = "facecluster.two_stage_identifier"
-EXPORT_VERSION = 2
-"""Version 2: the backbone is described by ``create_backbone``'s keyword arguments."""
+EXPORT_VERSION = 3
+"""Version 2: the backbone is described by ``create_backbone``'s keyword arguments.
+Version 3 (the same layout): an open-set threshold compares the answer's similarity
+(``open_set["score"] == "similarity"``), so that a reader of version 2, which compared
+``moe`` log-probabilities, refuses the file instead of misreading the threshold."""
 
 
 @dataclass
@@ -476,12 +479,12 @@ class TwoStageIdentifier(nn.Module):
                 "image_size": payload["image_size"],
                 **model.get("kwargs", {}),
             }
-        elif version == EXPORT_VERSION:
+        elif version in (2, EXPORT_VERSION):
             args = payload["backbone"]
         else:
             raise ValueError(
                 f"{path} is an identifier export of version {version}; this facecluster "
-                f"reads versions 1 and {EXPORT_VERSION}"
+                f"reads versions 1 to {EXPORT_VERSION}"
             )
         identifier = cls(
             args,

@@ -34,7 +34,9 @@ from facecluster.inference.identifier import TwoStageIdentifier
 from facecluster.io import replacing
 
 ONNX_FORMAT = "facecluster.onnx_identifier"
-ONNX_VERSION = 1
+ONNX_VERSION = 2
+"""Version 2 (the layout of 1): the open-set threshold compares the answer's similarity;
+a reader of version 1 refuses the folder instead of comparing log-probabilities."""
 _ASSIGNMENT_ARRAYS = ("class_to_cluster", "local_index", "class_means", "centroids")
 
 
@@ -165,9 +167,9 @@ def load_onnx(
             "(facecluster export RUN OUT --onnx writes OUT/onnx)"
         )
     meta = json.loads(meta_path.read_text())
-    if meta.get("format") != ONNX_FORMAT or meta.get("version") != ONNX_VERSION:
+    if meta.get("format") != ONNX_FORMAT or meta.get("version") not in (1, ONNX_VERSION):
         raise ValueError(
-            f"{meta_path}: not a facecluster ONNX export of version {ONNX_VERSION} "
+            f"{meta_path}: not a facecluster ONNX export of version 1 or {ONNX_VERSION} "
             f"(format {meta.get('format')!r}, version {meta.get('version')!r})"
         )
     k = meta["num_clusters"]

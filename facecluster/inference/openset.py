@@ -1,9 +1,9 @@
 """Open-set identification: when to answer "unknown" (the 1:N protocol of IJB-C).
 
 A mated probe is a face of an enrolled identity, a non-mated probe a face of
-someone not enrolled. An identifier answers its best candidate when the decision
-score reaches a threshold ``t``, else unknown. Grother et al. (NIST IR 8271, FRVT
-1:N) define, for a threshold:
+someone not enrolled. An identifier answers its best candidate when that answer's
+open-set score (its similarity, not a posterior) reaches a threshold ``t``, else
+unknown. Grother et al. (NIST IR 8271, FRVT 1:N) define, for a threshold:
 
 * FPIR (false positive identification rate): the fraction of non-mated probes
   answered with any identity (score >= t);
@@ -51,8 +51,8 @@ def fnir_at_fpir(
     Args:
         mated_correct: ``bool[M]``, whether each mated probe's rank-1 answer is its
             identity.
-        mated_scores: ``[M]`` the decision scores of those answers.
-        nonmated_scores: ``[N]`` the decision scores of the non-mated probes.
+        mated_scores: ``[M]`` the open-set scores (similarities) of those answers.
+        nonmated_scores: ``[N]`` the open-set scores of the non-mated probes' answers.
         fpir: the target FPIR.
 
     Returns:

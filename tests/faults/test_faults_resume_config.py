@@ -43,6 +43,9 @@ def test_contradicting_overrides_are_refused_with_every_difference(run_dir):
         "'backbone': 'tiny'",
     ):
         assert expected in message
+    # what k-means grouped decides the sub-nets' identities too
+    with pytest.raises(ConfigError, match="clustering.features: the run has 'means', the com"):
+        RunFolder.config_for_resume(str(run_dir), ["clustering.features=head"])
 
 
 def test_harmless_overrides_and_same_root_written_differently_are_accepted(run_dir):
