@@ -506,3 +506,45 @@ def test_data_package_does_not_import_models_or_clustering() -> None:
                     path,
                     name,
                 )
+
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_on_device_mixed_batch_and_a_broken_jpeg(device: str) -> None:
+    # data.decode=device's decoder: JPEG bytes decoded in one call on the device (on the
+    # CPU libjpeg-turbo's exact pixels; nvJPEG within a level on average), an image the
+    # loader decoded itself copied as it is, a truncated JPEG reported, not decoded
+    from facecluster.data.images import EncodedImages, decode_on_device, device_decodable
+
+    paths = _demo_jpegs(5)
+    jpegs = [p.read_bytes() for p in paths]
+    size = decode_image(jpegs[0]).shape[0]
+    assert all(device_decodable(data, size) for data in jpegs)
+    assert not device_decodable(jpegs[0], size // 2) and not device_decodable(b"GIF89a", size)
+    truncated = jpegs[4][: len(jpegs[4]) // 2]
+    items = [jpegs[0], jpegs[1], decode_image(jpegs[2]), jpegs[3], truncated]
+    images, bad = decode_on_device(
+        EncodedImages(items, [0, 1, 2, 3, 4]), size, torch.device(device)
+    )
+    assert images.shape == (5, size, size, 3) and images.device.type == device
+    assert list(bad) == [4] and isinstance(bad[4], OSError)  # the CPU decoder's own words
+    for row in (0, 1, 2, 3):
+        expected = decode_image(jpegs[row])
+        got = images[row].cpu()
+        if device == "cpu" or row == 2:
+            assert torch.equal(got, expected), row
+        else:
+            assert (got.float() - expected.float()).abs().mean() < 1.0, row
+    # normalize_images takes the decoder's channels-first batch without another copy
+    assert normalize_images(images).shape == (5, 3, size, size)
