@@ -238,10 +238,6 @@ class HeadConfig:
         return r.problems
 
 
-CLUSTER_FEATURES = ("means", "head")
-"""What k-means may group the identities by (``clustering.features``)."""
-
-
 @dataclass
 class ClusteringConfig:
     num_clusters: int = 4
@@ -260,7 +256,7 @@ class ClusteringConfig:
     def problems(self) -> list[str]:
         r = _Rules("clustering.")
         r.choice("method", self.method, ("kmeans", "balanced", "random"))
-        r.choice("features", self.features, CLUSTER_FEATURES)
+        r.choice("features", self.features, ("means", "head"))
         for name in ("num_clusters", "niter", "nredo"):
             r.positive(name, getattr(self, name))
         return r.problems

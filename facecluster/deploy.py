@@ -270,7 +270,7 @@ def identify_files(
 ) -> int:
     """Identify every image of ``sources`` and write ``out`` (CSV); returns the row count.
 
-    Columns: path; identity (a name; ``unknown`` when the score is below
+    Columns: path; identity (a name; ``unknown`` when its similarity is below
     ``threshold``, by default the export's open-set threshold when it has one;
     ``unreadable`` for a file that is not a decodable image); score
     (the decision unit's score: a log-probability under moe); similarity (the answer's

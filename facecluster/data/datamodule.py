@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning
 import numpy as np
@@ -148,7 +149,10 @@ class FaceImageDataset(Dataset):
             return None
         path = self.samples[index][0]
         try:
-            data = self.records.encoded(path) if self.records is not None else _read(path)
+            if self.records is not None:
+                data = self.records.encoded(path)
+            else:
+                data = Path(path).read_bytes()
             if encoded and device_decodable(data, self.transform.size):
                 return data
             return decode_image(data)
@@ -230,11 +234,6 @@ class FaceImageDataset(Dataset):
         if self.encoded:
             return image, label, mirror, index
         return (image, label, mirror) if self.transform.train else (image, label)
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def collate_encoded(items: list[tuple]) -> tuple[EncodedImages | Tensor, Tensor, Tensor]:

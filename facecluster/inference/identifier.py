@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from facecluster.run import RunFolder, StageWeights
 
 UNKNOWN = -1
-"""The answer for a face whose best score is below the open-set threshold."""
+"""The answer for a face whose best candidate's similarity is below the open-set threshold."""
 
 EXPORT_FORMAT = "facecluster.two_stage_identifier"
 EXPORT_VERSION = 3
