@@ -74,8 +74,9 @@ def train_and_evaluate(
             args = [f"resume={run}"]
         else:
             args = [*(a for c in configs for a in ("-c", c)), "-c", f"configs/method/{method}.yaml"]
-            args += [f"seed={seed}", f"output_dir={out}", f"run_name={run.name}"]
-            args += ["eval.after_training=false", *overrides]
+            args += [f"seed={seed}", f"output_dir={out}", f"run_name={run.name}", *overrides]
+        # train.py ends by evaluating the run in the same process (eval/results.json):
+        # one interpreter start per run, not two
         print(f"training {run.name}", flush=True)
         _python(["train.py", *args], log)
     evaluation = run / "eval" / "results.json"
