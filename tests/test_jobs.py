@@ -111,6 +111,7 @@ def _stage1_only(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.faults  # a row of docs/RELIABILITY.md
 def test_a_killed_job_is_the_only_one_resume_retrains(tmp_path, monkeypatch):
     reference = train(load_config(SMOKE, smoke_overrides(tmp_path / "ref", *EPOCHS))).run_dir
     run = _stage1_only(reference, tmp_path / "killed" / "run")
