@@ -2,7 +2,8 @@
 # Figures for a machine with one NVIDIA GPU, in at most 8 minutes, into one JSON file.
 #
 #   bash bench/gpu.sh                 # on the GPU machine (after `make install`)
-#   bash bench/gpu.sh --dry-run       # every step at toy size on the CPU (CI runs this)
+#   bash bench/gpu.sh --dry-run       # the steps at toy size on the CPU (CI runs this):
+#                                     # 32-true and bf16-mixed, no model.compile step
 #
 # Steps (each writes a JSON file; the last step merges them into --out):
 #   1. framework overhead (bench/train_overhead.py): IResNet-50, 112x112, batch 256,
