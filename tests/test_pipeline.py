@@ -148,6 +148,34 @@ def test_clustering_by_the_stage1_head_rows(tmp_path):
     assert not torch.equal(by_head.class_to_cluster, by_means.class_to_cluster)
 
 
+def test_the_ism_baseline_trains_a_random_partition_and_every_subnet_answers(
+    finished_run, tmp_path, capsys
+):
+    # configs/method/random.yaml (the paper's ISM baseline) through the same pipeline:
+    # a seeded near-equal random partition, then evaluation runs all K sub-nets; then
+    # README's `evaluate.py run=runs/<a> run=runs/<b>`: both runs in one table
+    from facecluster import cli
+
+    method = SMOKE.parent / "method" / "random.yaml"
+    cfg = load_config([SMOKE, method], smoke_overrides(tmp_path, "run_name=ism"))
+    assert cfg.method == cfg.clustering.method == "random"
+    run = train(cfg).run_dir
+    saved = ClusterAssignment.load(run / "clusters.pt")
+    drawn = cluster_identities(saved.class_means, 3, "random", seed=cfg.seed)
+    assert saved.method == "random"
+    assert torch.equal(saved.class_to_cluster, drawn.class_to_cluster)
+    sizes = torch.bincount(saved.class_to_cluster, minlength=3)
+    assert int(sizes.max() - sizes.min()) <= 1
+    capsys.readouterr()
+    runs = [f"run={finished_run.run_dir}", f"run={run}"]
+    assert cli.evaluate_main([*runs, "eval.timing_batches=1", "eval.plots=false"]) == 0
+    table = capsys.readouterr().out
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]) for line in table.splitlines()}
+    assert ("run", "clustered, routed (top_m=1, moe)") in rows
+    assert ("ism", "random partition, routed (top_m=1, moe)") in rows
+    ism = next(line for line in table.splitlines() if "random partition, all sub-nets" in line)
+    assert ism.startswith("| ism |") and "| 3 |" in ism  # every sub-net ran
+
 def test_fewer_identities_than_clusters_is_refused(tmp_path):
     faces = tmp_path / "faces"
     for name in sorted(p.name for p in DEMO.iterdir())[:2]:
