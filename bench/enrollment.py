@@ -5,9 +5,10 @@ the same config with every identity trained (``data.unseen_fraction=0``). For ea
 identity A never saw, its images fall into train/val/test exactly as in B (the
 split is seeded per identity name). A's export enrols those identities from
 their train and val images (``facecluster enroll``); both identifiers then name
-the identities' test images (routed, the run's top_m and alpha). The script
+the identities' test images (routed, the run's top_m and decision unit). The script
 prints and writes both top-1 accuracies, and the same accuracy on the test images
-of the identities that both runs trained, to see what the enrolment cost them.
+of the identities that both runs trained, before and after the enrolment, to see
+what the enrolment cost them.
 
     python train.py run_name=demo-open                          # data.unseen_fraction=0.1
     python train.py run_name=demo-all data.unseen_fraction=0    # every identity trained
@@ -64,14 +65,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model, people = Path(tmp) / "model", Path(tmp) / "people"
         export_run(args.enrolled, model)
+        test_new = [(p, n) for p, n in split["test"] if n in unseen]
+        test_old = [(p, n) for p, n in split["test"] if n not in unseen]
+        before = top1(load_export(model, "torch", "cpu"), test_old)
         for path, name in split["train"] + split["val"]:
             if name in unseen:
                 (people / name).mkdir(parents=True, exist_ok=True)
                 shutil.copy(path, people / name / Path(path).name)
         enroll_folder(model, people)
         enrolled = load_export(model, "torch", "cpu")
-        test_new = [(p, n) for p, n in split["test"] if n in unseen]
-        test_old = [(p, n) for p, n in split["test"] if n not in unseen]
         trained = TwoStageIdentifier.from_run(full)
         calibrate_run(trained, full, full.finished_config())  # as its export would
         result = {
@@ -83,6 +85,7 @@ def main() -> None:
             "top1_enrolled": top1(enrolled, test_new),
             "top1_trained_from_start": top1(trained, test_new),
             "test_images_other_identities": len(test_old),
+            "top1_others_before_enrolment": before,
             "top1_others_after_enrolment": top1(enrolled, test_old),
             "top1_others_trained_with_all": top1(trained, test_old),
         }

@@ -243,6 +243,7 @@ def test_open_set_and_enrolment_benchmarks_run(open_run, exported, tmp_path):
     measured = json.loads(out.read_text())
     assert measured["identities_enrolled"] == 3 and measured["test_images_enrolled_identities"] > 0
     assert 0 <= measured["top1_enrolled"] <= 1 and 0 <= measured["top1_trained_from_start"] <= 1
+    assert 0 <= measured["top1_others_before_enrolment"] <= 1
 
 
 def _python(command: list[str]) -> None:
