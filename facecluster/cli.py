@@ -24,7 +24,7 @@ TRAIN_HELP = """Train the two-stage clustered face-identification method.
     python train.py                                   # the bundled demo (configs/default.yaml)
     python train.py -c configs/smoke.yaml             # both stages in about a minute
     python train.py -c configs/experiment/lfw423.yaml -c configs/method/random.yaml
-    python train.py data.root=/data/faces clustering.num_clusters=8 stage1.max_epochs=20 stage2.max_epochs=5
+    python train.py data.root=/data/faces clustering.num_clusters=8 stage1.max_epochs=20
     python train.py resume=runs/<run>                 # continue an interrupted run
     python train.py stage2.jobs=4 launcher.parallel=2 # stage 2 as 4 jobs, 2 at a time
     python train.py launcher=slurm stage2.jobs=4 slurm.partition=gpu   # submit to SLURM

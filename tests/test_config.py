@@ -173,7 +173,11 @@ def test_config_page_documents_every_key():
     def leaves(tree: dict, prefix: str = ""):
         for key, value in tree.items():
             path = f"{prefix}{key}"
-            if isinstance(value, dict) and value and path not in ("trainer", "slurm.additional", "model.kwargs"):
+            if (
+                isinstance(value, dict)
+                and value
+                and path not in ("trainer", "slurm.additional", "model.kwargs")
+            ):
                 yield from leaves(value, path + ".")
             else:
                 yield path

@@ -176,6 +176,7 @@ def test_the_ism_baseline_trains_a_random_partition_and_every_subnet_answers(
     ism = next(line for line in table.splitlines() if "random partition, all sub-nets" in line)
     assert ism.startswith("| ism |") and "| 3 |" in ism  # every sub-net ran
 
+
 def test_fewer_identities_than_clusters_is_refused(tmp_path):
     faces = tmp_path / "faces"
     for name in sorted(p.name for p in DEMO.iterdir())[:2]:
