@@ -524,7 +524,8 @@ DEVICES = [
 def test_decode_on_device_mixed_batch_and_a_broken_jpeg(device: str) -> None:
     # data.decode=device's decoder: JPEG bytes decoded in one call on the device (on the
     # CPU libjpeg-turbo's exact pixels; nvJPEG within a level on average), an image the
-    # loader decoded itself copied as it is, a truncated JPEG reported, not decoded
+    # loader decoded itself copied as it is, a JPEG with a broken header reported, not
+    # decoded
     from facecluster.data.images import EncodedImages, decode_on_device, device_decodable
 
     paths = _demo_jpegs(5)
@@ -532,8 +533,8 @@ def test_decode_on_device_mixed_batch_and_a_broken_jpeg(device: str) -> None:
     size = decode_image(jpegs[0]).shape[0]
     assert all(device_decodable(data, size) for data in jpegs)
     assert not device_decodable(jpegs[0], size // 2) and not device_decodable(b"GIF89a", size)
-    truncated = jpegs[4][: len(jpegs[4]) // 2]
-    items = [jpegs[0], jpegs[1], decode_image(jpegs[2]), jpegs[3], truncated]
+    broken = jpegs[4][:2] + bytes(200) + jpegs[4][-2:]  # start and end markers, nothing else
+    items = [jpegs[0], jpegs[1], decode_image(jpegs[2]), jpegs[3], broken]
     images, bad = decode_on_device(
         EncodedImages(items, [0, 1, 2, 3, 4]), size, torch.device(device)
     )
@@ -548,3 +549,58 @@ def test_decode_on_device_mixed_batch_and_a_broken_jpeg(device: str) -> None:
             assert (got.float() - expected.float()).abs().mean() < 1.0, row
     # normalize_images takes the decoder's channels-first batch without another copy
     assert normalize_images(images).shape == (5, 3, size, size)
+
+
+def test_only_whole_baseline_ycbcr_jpegs_go_to_the_device() -> None:
+    # what nvJPEG might decode wrongly or slowly stays with the CPU decoder: a file cut
+    # short (nvJPEG may fill it with grey without an error), a progressive JPEG (decoded
+    # image by image there); trailing padding after the end marker is fine
+    import io
+
+    from facecluster.data.images import device_decodable
+
+    data = _demo_jpegs(1)[0].read_bytes()
+    size = decode_image(data).shape[0]
+    assert device_decodable(data, size) and device_decodable(data + b"\0\0\n", size)
+    assert not device_decodable(data[: len(data) // 2], size)
+    progressive = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(progressive, "JPEG", progressive=True, quality=95)
+    assert decode_image(progressive.getvalue()).shape == (size, size, 3)
+    assert not device_decodable(progressive.getvalue(), size)
+
+
+def test_device_decoder_failures_raise_and_refused_files_fall_back_to_the_cpu(
+    monkeypatch, caplog
+) -> None:
+    # torchvision wraps its CUDA decoder's errors in RuntimeError: out of memory or a
+    # missing nvJPEG must stop training, not turn every batch into CPU decodes; a file
+    # the device refuses is decoded on the CPU instead, and that is said once
+    import facecluster.data.images as images_module
+    from facecluster.data.images import EncodedImages, decode_on_device
+
+    jpegs = [p.read_bytes() for p in _demo_jpegs(3)]
+    size = decode_image(jpegs[0]).shape[0]
+    batch = EncodedImages(list(jpegs), [0, 1, 2])
+
+    def failing(words):
+        def decode(inputs, device):
+            raise RuntimeError(f"Error while decoding JPEG images: {words}")
+
+        return decode
+
+    for words in ("CUDA out of memory. Tried to allocate 2.00 MiB", "Failed to initialize "
+                  "nvjpeg with hardware backend: 6", "decode_jpegs_cuda: torchvision not "
+                  "compiled with nvJPEG support"):  # fmt: skip
+        monkeypatch.setattr(images_module, "_decode_jpegs", failing(words))
+        with pytest.raises(RuntimeError, match=words.split(":")[0][:20]):
+            decode_on_device(batch, size, torch.device("cpu"))
+    monkeypatch.setattr(images_module, "_decode_jpegs", failing("Failed to parse jpeg stream: 2"))
+    monkeypatch.setattr(images_module, "_REFUSALS_SAID", False)
+    with caplog.at_level(logging.WARNING, logger="facecluster.data.images"):
+        decoded, bad = decode_on_device(batch, size, torch.device("cpu"))
+        decode_on_device(batch, size, torch.device("cpu"))
+    assert not bad
+    for row, data in enumerate(jpegs):
+        assert torch.equal(decoded[row], decode_image(data)), row
+    said = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(said) == 1 and "refused 3 JPEG(s)" in said[0], said

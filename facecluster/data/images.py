@@ -114,18 +114,30 @@ def decode_image(source: str | bytes) -> torch.Tensor:
     return torch.from_numpy(np.array(load_rgb(io.BytesIO(data))))
 
 
+_JPEG_END = b"\xff\xd9"
+_PROGRESSIVE = b"\xff\xc2"  # SOF2; entropy-coded data never holds 0xFF 0xC2 (0xFF is stuffed)
+_DEVICE_COLORSPACES = ("YCbCr", "Gray")
+
+
 def device_decodable(data: bytes, size: int) -> bool:
-    """Whether ``data.decode=device`` ships these bytes to the training device: a JPEG
-    whose header libjpeg-turbo reads, in a colorspace it turns into RGB as PIL does
-    (YCbCr, gray, RGB), already ``size`` x ``size`` (aligned face crops; anything to
-    resize, and everything else, is decoded on the CPU as usual)."""
-    if not data.startswith(_JPEG_START):
+    """Whether ``data.decode=device`` ships these bytes to the training device: a
+    baseline JPEG that ends with its end-of-image marker, whose header libjpeg-turbo
+    reads, in YCbCr or gray, already ``size`` x ``size`` (aligned face crops).
+
+    Everything else is decoded on the CPU as usual: images to resize; a file cut short
+    (nvJPEG may decode one without an error, grey where the data stops, where the CPU
+    decoder rejects it); progressive JPEGs (nvJPEG decodes those one at a time on its
+    hybrid path, with a host sync each); JPEGs stored as RGB (whether nvJPEG honours
+    their Adobe marker is unverified here); anything that is not a JPEG."""
+    if not data.startswith(_JPEG_START) or not data.rstrip(b"\0\r\n ").endswith(_JPEG_END):
         return False
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:  # a broken header: the CPU path decides and words the error
         return False
-    return colorspace in _FAST_COLORSPACES and height == width == size
+    return (
+        colorspace in _DEVICE_COLORSPACES and height == width == size and _PROGRESSIVE not in data
+    )
 
 
 class EncodedImages:
@@ -158,36 +170,36 @@ def decode_on_device(
 
     When the batched call fails, each image is decoded on its own; one the device
     refuses is decoded by :func:`decode_image` on the CPU (a JPEG feature the device
-    decoder lacks is not a broken file), and only one that fails there too is reported.
-    Running out of device memory, or a torchvision without a decoder for ``device``,
-    raises as it is.
+    decoder lacks is not a broken file; said once per process), and only one that fails
+    there too is reported. A failure of the decoder itself (out of memory, nvJPEG
+    missing or not starting: :func:`_decoder_failed`) raises as it is.
 
     Returns:
         The images, and ``{position: error}`` for bytes that do not decode anywhere
         (their rows are zeros; the caller names or replaces them).
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     jpegs = [i for i, item in enumerate(batch.items) if isinstance(item, bytes)]
     inputs = [torch.frombuffer(bytearray(batch.items[i]), dtype=torch.uint8) for i in jpegs]
     bad: dict[int, Exception] = {}
     try:
-        decoded = decode_jpeg(inputs, mode=ImageReadMode.RGB, device=device) if jpegs else []
-    except (torch.OutOfMemoryError, NotImplementedError):
-        raise
-    except RuntimeError:  # one broken file fails the whole call: find it
-        decoded = []
+        decoded = _decode_jpegs(inputs, device) if jpegs else []
+    except RuntimeError as e:  # one broken file fails the whole call: find it
+        if _decoder_failed(e):
+            raise
+        decoded, refused = [], []
         for i, data in zip(jpegs, inputs, strict=True):
             try:
-                decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-            except (torch.OutOfMemoryError, NotImplementedError):
-                raise
-            except RuntimeError:
+                decoded.append(_decode_jpegs([data], device)[0])
+            except RuntimeError as e:
+                if _decoder_failed(e):
+                    raise
                 try:
                     image = decode_image(batch.items[i])
-                except DECODE_ERRORS as e:
-                    bad[i], image = e, torch.zeros((size, size, 3), dtype=torch.uint8)
+                    refused.append(e)
+                except DECODE_ERRORS as cpu_error:
+                    bad[i], image = cpu_error, torch.zeros((size, size, 3), dtype=torch.uint8)
                 decoded.append(image.to(device).permute(2, 0, 1))
+        _note_refusals(refused, device)
     # channels first, the decoder's layout, viewed as [N, H, W, 3]: normalize_images moves
     # the channels first again, so the decoded pixels are copied once (by the stack).
     # torchvision decodes on the CPU for a device other than CUDA: .to() moves them.
@@ -201,6 +213,73 @@ def decode_on_device(
             if not isinstance(item, bytes):
                 out[i] = item.to(device).permute(2, 0, 1)
     return out.permute(0, 2, 3, 1), bad
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_REFUSALS_SAID = False
+
+# torchvision wraps every error of its CUDA decoder in a RuntimeError ("Error while
+# decoding JPEG images: ..."): these words mark the decoder failing as a whole, not a file
+_DECODER_FAILURES = (
+    "out of memory",
+    "not compiled",
+    "failed to initialize",
+    "failed to create",
+    "failed to synchronize",
+    "failed to attach",
+    "failed to transfer",
+    "cuda error",
+    "cudaevent",
+    "cudastream",
+)
+
+
+def _decoder_failed(error: BaseException) -> bool:
+    """Whether a decode error is the decoder's (out of memory, nvJPEG missing, not
+    starting, a CUDA error), which no file's CPU decode works around."""
+    if isinstance(error, (torch.OutOfMemoryError, NotImplementedError)):
+        return True
+    text = str(error).lower()
+    return any(words in text for words in _DECODER_FAILURES)
+
+
+def _decode_jpegs(inputs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """torchvision's batched ``decode_jpeg`` to RGB ``uint8[3, H, W]`` on ``device``.
+
+    On CUDA it runs with a stream of its own current. nvJPEG's hardware engine can
+    write its outputs before the work queued on the current stream has run, into
+    memory that the caching allocator has just freed on that stream and that queued
+    kernels still read (pytorch/vision#9606; torchcodec#1634 guards against it).
+    Outputs allocated on a side stream cannot be such memory; the current stream then
+    waits for the side stream, and the outputs are marked as used by it.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if device.type != "cuda":
+        return decode_jpeg(inputs, mode=ImageReadMode.RGB, device=device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    side, current = _SIDE_STREAMS[index], torch.cuda.current_stream(index)
+    with torch.cuda.stream(side):
+        decoded = decode_jpeg(inputs, mode=ImageReadMode.RGB, device=device)
+    current.wait_stream(side)
+    for image in decoded:
+        image.record_stream(current)
+    return decoded
+
+
+def _note_refusals(refused: list[BaseException], device: torch.device) -> None:
+    """Say once per process that the device decoder refused JPEGs the CPU decoded: every
+    such image costs a CPU decode in the training process."""
+    global _REFUSALS_SAID
+    if refused and not _REFUSALS_SAID:
+        _REFUSALS_SAID = True
+        logger.warning(
+            "data.decode=device: the %s decoder refused %d JPEG(s) of a batch that the CPU "
+            "decoded (%s); such images are decoded in the training process, one at a time",
+            device.type, len(refused), refused[0],
+        )  # fmt: skip
 
 
 # What PIL raises for files that are not decodable images: UnidentifiedImageError

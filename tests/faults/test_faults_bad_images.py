@@ -44,6 +44,21 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 3])
 
 
+def drop_quantization_tables(path: Path) -> None:
+    """Remove a JPEG's DQT segments: its header still reads (size, colorspace), so
+    ``data.decode=device`` ships it, and every decoder fails on it."""
+    import struct
+
+    data = path.read_bytes()
+    out, i = bytearray(data[:2]), 2
+    while data[i + 1] != 0xDA:  # markers up to the start of scan
+        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if data[i + 1] != 0xDB:
+            out += data[i : i + 2 + length]
+        i += 2 + length
+    path.write_bytes(bytes(out + data[i:]))
+
+
 def _eval_tensor(path: Path) -> torch.Tensor:
     return build_transforms(32, train=False)(decode_image(str(path)))[0]
 
@@ -200,11 +215,12 @@ def test_config_keys_and_build_datamodule(tmp_path):
 
 @pytest.mark.parametrize("decode", ["cpu", "device"])
 def test_run_with_broken_images_completes_and_reports(tmp_path, caplog, monkeypatch, decode):
-    # data.decode=device: the truncated JPEG (a valid header) reaches the device as bytes,
-    # fails to decode there and is replaced and reported as the loaders do it
+    # data.decode=device: the JPEG without quantization tables (a valid header) reaches
+    # the device as bytes, fails to decode there and is replaced and reported as the
+    # loaders do it
     root = make_tree(tmp_path / "data", identities=6, per_identity=14)
     broken = [root / "id_00" / "0003.jpg", root / "id_02" / "0007.jpg"]
-    truncate(broken[0])
+    drop_quantization_tables(broken[0])
     broken[1].write_text("not an image")
     (root / "id_04" / "0001.jpg").write_bytes(b"")
     on_device = []
@@ -244,7 +260,7 @@ def test_run_with_broken_images_completes_and_reports(tmp_path, caplog, monkeypa
     assert bool(on_device) == (decode == "device")  # found on the device, once per epoch
     if decode == "device":  # and under fail, the device's failure names the file
         (root / "id_04" / "0001.jpg").unlink()  # fail stops at the scan for these
-        shutil.copyfile(root / "id_02" / "0006.jpg", broken[1])  # only the truncated one
+        shutil.copyfile(root / "id_02" / "0006.jpg", broken[1])  # only the tableless one
         failing = load_config(SMOKE, smoke_overrides(tmp_path / "fail", *overrides))
         with pytest.raises(BadImageError, match=f"cannot decode {broken[0]}"):
             train(failing.with_overrides(["data.on_bad_image=fail"]))
