@@ -32,6 +32,7 @@ from facecluster.run import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("clustered", "random", "single")
+STAGES = ("stage1", "stage2")
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179)
 T95 += (2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086)
 """Two-sided 95% quantiles of Student's t for 1 to 20 degrees of freedom (2.0 beyond:
@@ -138,6 +139,15 @@ def interval(values: list[float]) -> dict[str, float]:
     t = T95[n - 2] if n - 1 <= len(T95) else 2.0
     half = t * sd / math.sqrt(n) if n > 1 else math.inf
     return {"mean": mean, "sd": sd, "low": mean - half, "high": mean + half, "n": n}
+
+
+def training_images(by_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """A configuration's training images, mean over its seeds (stage 2 differs by seed:
+    the clusters' sizes do), with each seed's total."""
+    counts = [summary["training_images"] for summary in by_seed.values()]
+    mean = {part: round(sum(c.get(part, 0) for c in counts) / len(counts)) for part in STAGES}
+    totals = {seed: sum(s["training_images"].values()) for seed, s in by_seed.items()}
+    return {**mean, "total": sum(mean.values()), "total_per_seed": totals}
 
 
 def routed_row(rows: dict[str, Any]) -> str:
@@ -286,15 +296,19 @@ def render(result: dict[str, Any], command: str) -> str:
         "Counted as training images through a backbone (forward and backward), from each",
         "run's steps: stage 1 steps x batch, stage 2 steps x batch x K (every step takes a",
         "batch for each sub-net; with `stage2.epoch_size=largest`, the default, smaller",
-        "clusters cycle). The class-mean pass (one forward",
-        "over the training split) and, at test time, the router's backbone are not in it.",
+        "clusters cycle, so stage 2 differs by seed with the largest cluster). Means over",
+        "the seeds, and each seed's total. The class-mean pass (one forward over the",
+        "training split) and, at test time, the router's backbone are not in it.",
         "",
-        "| configuration | stage 1 | stage 2 | total |",
-        "|---|---:|---:|---:|",
+        "| configuration | stage 1 | stage 2 | total | total per seed |",
+        "|---|---:|---:|---:|---|",
     ]
     for name, counts in result["training_images"].items():
-        s1, s2 = counts.get("stage1", 0), counts.get("stage2", 0)
-        lines.append(f"| {name} | {s1:,} | {s2:,} | {s1 + s2:,} |")
+        per_seed = ", ".join(f"{t:,}" for t in counts["total_per_seed"].values())
+        lines.append(
+            f"| {name} | {counts['stage1']:,} | {counts['stage2']:,} | {counts['total']:,} "
+            f"| {per_seed} |"
+        )
     lines += ["", result.get("notes", "").rstrip(), ""]
     return "\n".join(lines)
 
@@ -329,21 +343,19 @@ def main() -> None:
         plan = [(m, m, [], args.seeds) for m in args.methods]
         plan += [(n, m, o, seeds or variant_seeds) for n, m, o, seeds in args.variant]
         runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name, *_ in plan}
-        training: dict[str, dict[str, int]] = {}
         for seed in sorted({s for *_, seeds in plan for s in seeds}):
             for name, method, overrides, seeds in plan:
                 if seed not in seeds:
                     continue
                 run = train_and_evaluate(out, name, method, seed, configs, [*args.set, *overrides])
                 runs[name][seed] = run_summary(run)
-                training.setdefault(name, runs[name][seed]["training_images"])
         result = {
             "command": command,
             "configs": configs,
             "overrides": args.set,
             "variants": {name: {"method": m, "overrides": o} for name, m, o, _ in args.variant},
             "runs": runs,
-            "training_images": training,
+            "training_images": {name: training_images(by_seed) for name, by_seed in runs.items()},
             "aggregate": aggregate(runs),
         }
         json_path.parent.mkdir(parents=True, exist_ok=True)
