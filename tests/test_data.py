@@ -604,3 +604,65 @@ def test_device_decoder_failures_raise_and_refused_files_fall_back_to_the_cpu(
         assert torch.equal(decoded[row], decode_image(data)), row
     said = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(said) == 1 and "refused 3 JPEG(s)" in said[0], said
+
+
+def test_cuda_decode_runs_on_a_side_stream_that_the_current_stream_waits_for(monkeypatch):
+    # The CUDA branch of the decode, on this CPU machine, with torch.cuda's stream API
+    # and torchvision's decode_jpeg replaced by recorders: nvJPEG must run with a side
+    # stream current (pytorch/vision#9606), one per device, reused; the current stream
+    # must wait for it, and every output must be marked as used by the current stream.
+    import contextlib
+
+    import torchvision.io
+
+    import facecluster.data.images as images_module
+
+    events: list[tuple] = []
+
+    class Stream:
+        def __init__(self, device=None, name="side"):
+            self.device, self.name = device, name
+            events.append(("new", name, device))
+
+        def wait_stream(self, other):
+            events.append(("wait", self.name, other.name))
+
+    class Output:
+        def record_stream(self, stream):
+            events.append(("record", stream.name))
+
+    current_streams = {}
+    active = []
+
+    def current_stream(device=None):
+        return current_streams.setdefault(device, Stream(device, "current"))
+
+    @contextlib.contextmanager
+    def stream(s):
+        active.append(s)
+        yield
+        active.pop()
+
+    def decode_jpeg(inputs, mode, device):
+        events.append(("decode", active[-1].name if active else "current", str(device)))
+        return [Output() for _ in inputs]
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
+    monkeypatch.setattr(images_module, "_SIDE_STREAMS", {})
+    inputs = [torch.zeros(4, dtype=torch.uint8)] * 2
+    for _ in range(2):
+        out = images_module._decode_jpegs(inputs, torch.device("cuda:1"))
+        assert len(out) == 2
+    side = [e for e in events if e[0] == "new" and e[1] == "side"]
+    assert side == [("new", "side", 1)], events  # one side stream for device 1, reused
+    calls = [e for e in events if e[0] != "new"]
+    one_call = [
+        ("decode", "side", "cuda:1"),
+        ("wait", "current", "side"),
+        ("record", "current"),
+        ("record", "current"),
+    ]
+    assert calls == one_call * 2, calls
