@@ -551,10 +551,12 @@ def test_decode_on_device_mixed_batch_and_a_broken_jpeg(device: str) -> None:
     assert normalize_images(images).shape == (5, 3, size, size)
 
 
-def test_only_whole_baseline_ycbcr_jpegs_go_to_the_device() -> None:
+def test_only_whole_baseline_jpegs_in_ycbcr_or_gray_go_to_the_device() -> None:
     # what nvJPEG might decode wrongly or slowly stays with the CPU decoder: a file cut
     # short (nvJPEG may fill it with grey without an error), a progressive JPEG (decoded
-    # image by image there); trailing padding after the end marker is fine
+    # image by image there); trailing padding after the end marker is fine, and so are
+    # gray JPEGs and a quality-9 one (its quantization table holds the bytes FF C2, the
+    # progressive marker, which only the frame header may decide on)
     import io
 
     from facecluster.data.images import device_decodable
@@ -563,10 +565,20 @@ def test_only_whole_baseline_ycbcr_jpegs_go_to_the_device() -> None:
     size = decode_image(data).shape[0]
     assert device_decodable(data, size) and device_decodable(data + b"\0\0\n", size)
     assert not device_decodable(data[: len(data) // 2], size)
-    progressive = io.BytesIO()
-    Image.open(io.BytesIO(data)).save(progressive, "JPEG", progressive=True, quality=95)
-    assert decode_image(progressive.getvalue()).shape == (size, size, 3)
-    assert not device_decodable(progressive.getvalue(), size)
+    image = Image.open(io.BytesIO(data))
+    saved = {}
+    for name, mode, options in [
+        ("progressive", "RGB", {"progressive": True, "quality": 95}),
+        ("gray", "L", {}),
+        ("quality 9", "RGB", {"quality": 9}),
+    ]:
+        out = io.BytesIO()
+        image.convert(mode).save(out, "JPEG", **options)
+        saved[name] = out.getvalue()
+        assert decode_image(saved[name]).shape == (size, size, 3), name
+    assert not device_decodable(saved["progressive"], size)
+    assert device_decodable(saved["gray"], size)
+    assert b"\xff\xc2" in saved["quality 9"] and device_decodable(saved["quality 9"], size)
 
 
 def test_device_decoder_failures_raise_and_refused_files_fall_back_to_the_cpu(
@@ -588,22 +600,47 @@ def test_device_decoder_failures_raise_and_refused_files_fall_back_to_the_cpu(
 
         return decode
 
-    for words in ("CUDA out of memory. Tried to allocate 2.00 MiB", "Failed to initialize "
-                  "nvjpeg with hardware backend: 6", "decode_jpegs_cuda: torchvision not "
-                  "compiled with nvJPEG support"):  # fmt: skip
+    decoder = [  # the decoder's: nvJPEG statuses 1, 5, 6, 7, 8, out of memory, no nvJPEG
+        "CUDA out of memory. Tried to allocate 2.00 MiB",
+        "Failed to initialize nvjpeg with hardware backend: 6",
+        "Failed to transfer jpeg to device: 5",
+        "decode_jpegs_cuda: torchvision not compiled with nvJPEG support",
+    ]
+    trace = "\nException raised from decode at decode_jpegs_cuda.cpp:120 (cudaStreamSynchronize)"
+    files = [  # a file's: statuses 3, 4, 10, or no decoder words outside the stack trace
+        "Failed to parse jpeg stream: 2",
+        "Failed to get image info: 3",
+        "Failed to transfer jpeg to device: 10",
+        "Failed to decode jpeg stream: 4" + trace,
+        "Unknown chroma subsampling",
+    ]
+    for words in decoder:
         monkeypatch.setattr(images_module, "_decode_jpegs", failing(words))
-        with pytest.raises(RuntimeError, match=words.split(":")[0][:20]):
+        with pytest.raises(RuntimeError, match=words[:20]):
             decode_on_device(batch, size, torch.device("cpu"))
-    monkeypatch.setattr(images_module, "_decode_jpegs", failing("Failed to parse jpeg stream: 2"))
-    monkeypatch.setattr(images_module, "_REFUSALS_SAID", False)
-    with caplog.at_level(logging.WARNING, logger="facecluster.data.images"):
-        decoded, bad = decode_on_device(batch, size, torch.device("cpu"))
+    for words in files:
+        monkeypatch.setattr(images_module, "_decode_jpegs", failing(words))
+        monkeypatch.setattr(images_module, "_REFUSALS_SAID", False)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="facecluster.data.images"):
+            decoded, bad = decode_on_device(batch, size, torch.device("cpu"))
+            decode_on_device(batch, size, torch.device("cpu"))
+        assert not bad, words
+        for row, data in enumerate(jpegs):
+            assert torch.equal(decoded[row], decode_image(data)), (words, row)
+        said = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert len(said) == 1 and "refused 3 JPEG(s)" in said[0], (words, said)
+    calls = []
+
+    def batch_fails_then_memory_runs_out(inputs, device):  # a file, then the decoder
+        calls.append(len(inputs))
+        words = "Failed to decode batch: 3" if len(calls) == 1 else "CUDA out of memory"
+        raise RuntimeError(f"Error while decoding JPEG images: {words}")
+
+    monkeypatch.setattr(images_module, "_decode_jpegs", batch_fails_then_memory_runs_out)
+    with pytest.raises(RuntimeError, match="out of memory"):
         decode_on_device(batch, size, torch.device("cpu"))
-    assert not bad
-    for row, data in enumerate(jpegs):
-        assert torch.equal(decoded[row], decode_image(data)), row
-    said = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
-    assert len(said) == 1 and "refused 3 JPEG(s)" in said[0], said
+    assert calls == [3, 1]
 
 
 def test_cuda_decode_runs_on_a_side_stream_that_the_current_stream_waits_for(monkeypatch):

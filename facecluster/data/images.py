@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -115,8 +116,31 @@ def decode_image(source: str | bytes) -> torch.Tensor:
 
 
 _JPEG_END = b"\xff\xd9"
-_PROGRESSIVE = b"\xff\xc2"  # SOF2; entropy-coded data never holds 0xFF 0xC2 (0xFF is stuffed)
 _DEVICE_COLORSPACES = ("YCbCr", "Gray")
+_BASELINE_FRAMES = (0xC0, 0xC1)  # SOF0, SOF1: sequential, Huffman-coded
+_NO_LENGTH = {0x01, *range(0xD0, 0xD8)}  # TEM, RSTn: markers without a length field
+
+
+def _frame_marker(data: bytes) -> int | None:
+    """The start-of-frame marker of a JPEG (``0xC0`` baseline, ``0xC2`` progressive...),
+    found by walking its length-prefixed segments; None when the bytes end or break
+    first."""
+    i, end = 2, len(data)
+    while i + 4 <= end:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in _NO_LENGTH:
+            i += 2
+        elif marker == 0xDA:  # a scan before any frame header
+            return None
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
 
 
 def device_decodable(data: bytes, size: int) -> bool:
@@ -136,7 +160,9 @@ def device_decodable(data: bytes, size: int) -> bool:
     except ValueError:  # a broken header: the CPU path decides and words the error
         return False
     return (
-        colorspace in _DEVICE_COLORSPACES and height == width == size and _PROGRESSIVE not in data
+        colorspace in _DEVICE_COLORSPACES
+        and height == width == size
+        and _frame_marker(data) in _BASELINE_FRAMES
     )
 
 
@@ -219,19 +245,23 @@ _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 _REFUSALS_SAID = False
 
 # torchvision wraps every error of its CUDA decoder in a RuntimeError ("Error while
-# decoding JPEG images: ..."): these words mark the decoder failing as a whole, not a file
+# decoding JPEG images: ..."), with the C++ stack trace. Where nvJPEG's status ends
+# a clause ("Failed to transfer jpeg to device: 5") it decides: 1 not initialised,
+# 5 allocator failure, 6 execution failed, 7 architecture mismatch, 8 internal error
+# are the decoder's; 3 bad JPEG, 4 or 9 not supported, 10 incomplete are the file's.
+# Without a status, these words mark the decoder failing as a whole:
+_DECODER_STATUSES = {1, 5, 6, 7, 8}
 _DECODER_FAILURES = (
     "out of memory",
     "not compiled",
     "failed to initialize",
     "failed to create",
     "failed to synchronize",
-    "failed to attach",
-    "failed to transfer",
     "cuda error",
     "cudaevent",
     "cudastream",
 )
+_STATUS = re.compile(r"failed to [a-z ]+: (\d+)")
 
 
 def _decoder_failed(error: BaseException) -> bool:
@@ -239,7 +269,10 @@ def _decoder_failed(error: BaseException) -> bool:
     starting, a CUDA error), which no file's CPU decode works around."""
     if isinstance(error, (torch.OutOfMemoryError, NotImplementedError)):
         return True
-    text = str(error).lower()
+    text = str(error).split("Exception raised from", 1)[0].lower()  # not the stack trace
+    statuses = {int(s) for s in _STATUS.findall(text)}
+    if statuses:
+        return bool(statuses & _DECODER_STATUSES) or "out of memory" in text
     return any(words in text for words in _DECODER_FAILURES)
 
 
