@@ -303,7 +303,9 @@ def render(result: dict[str, Any], command: str) -> str:
         "| configuration | stage 1 | stage 2 | total | total per seed |",
         "|---|---:|---:|---:|---|",
     ]
-    for name, counts in result["training_images"].items():
+    # from the runs, not result["training_images"]: a JSON of an older harness renders too
+    for name, by_seed in result["runs"].items():
+        counts = training_images(by_seed)
         per_seed = ", ".join(f"{t:,}" for t in counts["total_per_seed"].values())
         lines.append(
             f"| {name} | {counts['stage1']:,} | {counts['stage2']:,} | {counts['total']:,} "

@@ -214,6 +214,7 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path):
     ]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "evaluating" not in done.stdout  # train.py evaluated each run it trained
     result = json.loads(js.read_text())
     agg = result["aggregate"]
     assert agg["seeds"] == {"clustered": [1, 2], "single": [1, 2], "pass": [2]}
