@@ -186,12 +186,7 @@ def evidence(
     still gets p near 1 when every other identity is farther. On the demo's unseen faces
     (docs/DEPLOYMENT.md, one run) FNIR at FPIR 1% was 40.62% with it against 47.00% on
     the log-posterior for routed inference, and 40.62% against 39.50% for ISM."""
-    g = params.generalist_weight
-    if g == 1.0:
-        return class_mean_similarity
-    if g == 0.0:
-        return subnet_cosine
-    return (1.0 - g) * subnet_cosine + g * class_mean_similarity
+    return fuse(subnet_cosine, class_mean_similarity, params.generalist_weight)
 
 
 def fuse(
