@@ -616,8 +616,11 @@ def test_device_decoder_failures_raise_and_refused_files_fall_back_to_the_cpu(
     ]
     for words in decoder:
         monkeypatch.setattr(images_module, "_decode_jpegs", failing(words))
-        with pytest.raises(RuntimeError, match=words[:20]):
+        with pytest.raises(RuntimeError, match=words[:20]) as stopped:
             decode_on_device(batch, size, torch.device("cpu"))
+        if "out of memory" not in words:  # torch's own error when that is what it is
+            assert "data.decode=device: the cpu JPEG decoder failed" in str(stopped.value)
+            assert "data.decode=cpu" in str(stopped.value)
     for words in files:
         monkeypatch.setattr(images_module, "_decode_jpegs", failing(words))
         monkeypatch.setattr(images_module, "_REFUSALS_SAID", False)

@@ -27,6 +27,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import simplejpeg
@@ -198,7 +199,8 @@ def decode_on_device(
     refuses is decoded by :func:`decode_image` on the CPU (a JPEG feature the device
     decoder lacks is not a broken file; said once per process), and only one that fails
     there too is reported. A failure of the decoder itself (out of memory, nvJPEG
-    missing or not starting: :func:`_decoder_failed`) raises as it is.
+    missing or not starting: :func:`_decoder_failed`) stops with an error that names
+    ``data.decode=device`` (out of memory as it is).
 
     Returns:
         The images, and ``{position: error}`` for bytes that do not decode anywhere
@@ -211,14 +213,14 @@ def decode_on_device(
         decoded = _decode_jpegs(inputs, device) if jpegs else []
     except RuntimeError as e:  # one broken file fails the whole call: find it
         if _decoder_failed(e):
-            raise
+            _raise_decoder_failure(e, device)
         decoded, refused = [], []
         for i, data in zip(jpegs, inputs, strict=True):
             try:
                 decoded.append(_decode_jpegs([data], device)[0])
             except RuntimeError as e:
                 if _decoder_failed(e):
-                    raise
+                    _raise_decoder_failure(e, device)
                 try:
                     image = decode_image(batch.items[i])
                     refused.append(e)
@@ -274,6 +276,18 @@ def _decoder_failed(error: BaseException) -> bool:
     if statuses:
         return bool(statuses & _DECODER_STATUSES) or "out of memory" in text
     return any(words in text for words in _DECODER_FAILURES)
+
+
+def _raise_decoder_failure(error: BaseException, device: torch.device) -> NoReturn:
+    """Stop on a failure of the decoder itself, naming the setting that chose it (running
+    out of memory stays torch's own error)."""
+    if isinstance(error, (torch.OutOfMemoryError, NotImplementedError)):
+        raise error
+    words = str(error).split("Exception raised from", 1)[0].strip()
+    raise RuntimeError(
+        f"data.decode=device: the {device.type} JPEG decoder failed ({words}); "
+        "data.decode=cpu decodes in the loader workers instead"
+    ) from error
 
 
 def _decode_jpegs(inputs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
