@@ -53,6 +53,8 @@ class ClusteringCallback(L.Callback):
         nredo: k-means restarts.
         features: what k-means groups: ``means`` (the class means) or ``head`` (the
             stage-1 head's rows, gathered whole from their shards).
+        overlap: fraction of the identities that also join their next nearest cluster
+            (``clustering.overlap``).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class ClusteringCallback(L.Callback):
         niter: int = 20,
         nredo: int = 1,
         features: str = "means",
+        overlap: float = 0.0,
     ) -> None:
         if features not in ("means", "head"):
             raise ValueError(f"clustering.features={features!r} is not one of means, head")
@@ -76,6 +79,7 @@ class ClusteringCallback(L.Callback):
         self.niter = niter
         self.nredo = nredo
         self.features = features
+        self.overlap = overlap
         self.assignment: ClusterAssignment | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -125,6 +129,7 @@ class ClusteringCallback(L.Callback):
                 niter=self.niter,
                 nredo=self.nredo,
                 features=rows,
+                overlap=self.overlap,
             ).to_dict()
         # k-means runs once, on rank 0: faiss is not bit-identical across processes.
         payload = trainer.strategy.broadcast(payload, src=0)
@@ -153,7 +158,7 @@ class ClusteringCallback(L.Callback):
 
     def _hand_over(self, assignment: ClusterAssignment, subnets: list[int] | None = None) -> None:
         self.datamodule.connect_clusters(
-            assignment.class_to_cluster, assignment.local_index, subnets
+            [assignment.classes_of(k) for k in range(assignment.num_clusters)], subnets
         )
         self.assignment = assignment
 
@@ -162,8 +167,9 @@ class ClusteringCallback(L.Callback):
         sizes = assignment.cluster_sizes().tolist()
         rank_zero_info(
             f"clustering ({assignment.method}, K={assignment.num_clusters}): identities per "
-            f"cluster {sizes}; within-cluster dispersion {stats['within']:.4f}, "
-            f"between-cluster {stats['between']:.4f}; saved to {self.save_path}"
+            f"cluster {sizes} ({len(assignment.overlap)} in two); within-cluster dispersion "
+            f"{stats['within']:.4f}, between-cluster {stats['between']:.4f}; "
+            f"saved to {self.save_path}"
         )
         if trainer.logger is None or trainer.global_rank != 0:
             return

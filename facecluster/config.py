@@ -252,11 +252,16 @@ class ClusteringConfig:
     """What k-means groups: means (the identities' class-mean embeddings, the paper) or
     head (the stage-1 head's rows: identities its classifier places close together, the
     ones it confuses). Routing uses the class means either way; method=random refuses head."""
+    overlap: float = 0.0
+    """Fraction of the identities that also join their next nearest cluster: those whose
+    class mean is nearest a boundary between two centroids (0: a partition, the paper).
+    Their images train both sub-nets; method=random refuses it."""
 
     def problems(self) -> list[str]:
         r = _Rules("clustering.")
         r.choice("method", self.method, ("kmeans", "balanced", "random"))
         r.choice("features", self.features, ("means", "head"))
+        r.within("overlap", self.overlap, 0.0, 1.0)
         for name in ("num_clusters", "niter", "nredo"):
             r.positive(name, getattr(self, name))
         return r.problems
@@ -576,6 +581,11 @@ class Config:
             found.append(
                 f"method=random partitions at random: clustering.features="
                 f"{self.clustering.features} (what k-means groups) contradicts it"
+            )
+        if self.method == "random" and self.clustering.overlap > 0:
+            found.append(
+                f"method=random partitions at random: clustering.overlap="
+                f"{self.clustering.overlap} (identities near a boundary) contradicts it"
             )
         if self.data.max_classes is not None and self.data.max_classes < k:
             found.append(

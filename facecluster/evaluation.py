@@ -40,7 +40,7 @@ from torchmetrics.classification import MulticlassF1Score, MulticlassPrecision, 
 from tqdm.auto import tqdm
 
 from facecluster.builders import build_datamodule, default_precision, verification_sets
-from facecluster.clustering import embedding_class_sums, finalize_class_means
+from facecluster.clustering import ClusterAssignment, embedding_class_sums, finalize_class_means
 from facecluster.config import Config, ConfigError
 from facecluster.data.transforms import normalize_images
 from facecluster.deploy import calibrate_run, resolve_device
@@ -114,11 +114,12 @@ class Bench:
     Args:
         cfg: the run's config (``eval.*`` sets batch size, timing and device).
         run_name: the run column of the rows.
-        class_to_cluster: [C] cluster of each identity, for routing accuracy (None: no routing).
+        assignment: the clusters, for routing accuracy (None: no routing): a route is
+            right when a chosen cluster has the face's identity among its members.
     """
 
-    def __init__(self, cfg: Config, run_name: str, class_to_cluster: Tensor | None) -> None:
-        self.cfg, self.run_name, self.class_to_cluster = cfg, run_name, class_to_cluster
+    def __init__(self, cfg: Config, run_name: str, assignment: ClusterAssignment | None) -> None:
+        self.cfg, self.run_name, self.assignment = cfg, run_name, assignment
         self.device = eval_device(cfg)
         self.autocast = eval_autocast(cfg, self.device)
         self.dm = build_datamodule(cfg, eval_batch_size=cfg.eval.batch_size)
@@ -150,10 +151,10 @@ class Bench:
             decision.append(score)
             for metric in metrics.values():
                 metric.update(predicted, labels)
-            if clusters is not None and self.class_to_cluster is not None:
+            if clusters is not None and self.assignment is not None:
                 routes = True
-                truth = self.class_to_cluster[labels][:, None]
-                routed += int((clusters.cpu() == truth).any(dim=1).sum())
+                found = self.assignment.contains(labels.cpu()[:, None], clusters.cpu())
+                routed += int(found.any(dim=1).sum())
         correct, mated = torch.cat(hits), torch.cat(decision)
         scores: dict[str, Any] = {name: float(m.compute()) for name, m in metrics.items()}
         scores["top1"] = correct.double().mean().item()
@@ -310,7 +311,7 @@ def _single_model(run: RunFolder, cfg: Config, bench: Bench) -> StageOneModel:
 def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
     weights = run.stage1_weights()  # read once: the router's backbone and the stage-1 head
     ident = TwoStageIdentifier.from_run(run, route=cfg.to_dict()["route"], stage1=weights)
-    bench = Bench(cfg, run.path.name, ident.assignment.class_to_cluster)
+    bench = Bench(cfg, run.path.name, ident.assignment)
     run.check_identities(bench.dm.class_names)
     ident.to(bench.device)
     with bench.autocast():

@@ -137,6 +137,7 @@ def _clustering_unit(run: _Run) -> ClusteringCallback:
         niter=c.niter,
         nredo=c.nredo,
         features=c.features,
+        overlap=c.overlap,
     )
 
 

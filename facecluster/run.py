@@ -98,6 +98,7 @@ RESUME_FIXED_KEYS = (
     "clustering.num_clusters",
     "clustering.method",
     "clustering.features",
+    "clustering.overlap",
 )
 
 

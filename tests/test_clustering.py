@@ -279,6 +279,69 @@ def test_assignment_validation():
         a.classes_of(3)
 
 
+def test_overlap_adds_the_identities_nearest_a_boundary_to_their_next_cluster():
+    # clustering.overlap: the round(f * C) identities of smallest margin (own centroid
+    # minus nearest other) also join that other cluster; each sub-net's classes are its
+    # members in increasing id, and every index agrees with them
+    means = random_means(40, seed=7)
+    plain = cluster_identities(means, 4, "kmeans", seed=1)
+    a = cluster_identities(means, 4, "kmeans", seed=1, overlap=0.2)
+    assert torch.equal(a.class_to_cluster, plain.class_to_cluster)  # the partition stays
+    assert torch.equal(a.centroids, plain.centroids)
+    sims = means @ a.centroids.T
+    own = sims.gather(1, a.class_to_cluster[:, None])[:, 0]
+    sims[torch.arange(40), a.class_to_cluster] = -2.0
+    margin = own - sims.max(dim=1).values
+    expected = sorted(margin.argsort()[:8].tolist())
+    assert sorted(a.overlap[:, 0].tolist()) == expected
+    assert a.overlap[:, 1].tolist() == sorted(a.overlap[:, 1].tolist())  # by cluster
+    for c, k in a.overlap.tolist():
+        assert k == int(sims[c].argmax()) != int(a.class_to_cluster[c])
+        members = a.classes_of(k)
+        assert c in members.tolist() and bool((members[1:] > members[:-1]).all())
+        assert bool(a.contains(torch.tensor(c), torch.tensor(k)))
+    assert torch.equal(a.cluster_sizes(), plain.cluster_sizes() + torch.bincount(a.overlap[:, 1]))
+    assert [len(a.classes_of(k)) for k in range(4)] == a.cluster_sizes().tolist()
+    for c in range(40):  # an identity's own local index still finds it in its own cluster
+        assert int(a.classes_of(int(a.class_to_cluster[c]))[a.local_index[c]]) == c
+    outside = [(c, k) for c in range(40) for k in range(4) if c not in a.classes_of(k).tolist()]
+    ids, ks = torch.tensor(outside).T
+    assert not a.contains(ids, ks).any()
+    # the file keeps it; an enrolment keeps it; a version-1 file (before overlap) reads
+    assert ClusterAssignment.from_dict(a.to_dict()) == a
+    grown = a.extended(means[:2], torch.tensor([0, 3]))
+    assert torch.equal(grown.overlap, a.overlap) and grown.classes_of(3)[-1] == 41
+    old = {**plain.to_dict(), "version": 1}
+    del old["overlap"]
+    assert ClusterAssignment.from_dict(old) == plain
+    assert cluster_identities(means, 1, "kmeans", overlap=0.5).overlap.shape == (0, 2)
+    with pytest.raises(ValueError, match=r"overlap must be a fraction .* got 1.5"):
+        cluster_identities(means, 4, overlap=1.5)
+
+
+def test_overlap_rows_are_validated():
+    a = ClusterAssignment.from_labels(torch.tensor([0, 1, 0, 2, 1, 0]), random_means(6), "kmeans")
+    rows = a.with_overlap(torch.tensor([[5, 2], [1, 0]])).overlap
+    assert torch.equal(rows, torch.tensor([[1, 0], [5, 2]]))  # sorted by cluster
+    for rows, message in (
+        ([[0, 0]], "adds identities to their own cluster"),
+        ([[6, 1]], r"identities must be in \[0, 6\)"),
+        ([[0, 3]], r"clusters must be in \[0, 3\)"),
+        ([[0, 1], [0, 1]], "sorted by cluster, then identity, without repeats"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            a.with_overlap(torch.tensor(rows))
+    with pytest.raises(ValueError, match=r"integer \[M, 2\]"):
+        ClusterAssignment(
+            a.class_to_cluster,
+            a.local_index,
+            a.class_means,
+            a.centroids,
+            "kmeans",
+            overlap=torch.tensor([[0.5, 1.0]]),
+        )
+
+
 # -------------------------------------------------------------- persistence
 def test_save_load_round_trip_is_atomic(tmp_path):
     x, _ = blobs(4, 10, seed=10)
@@ -325,11 +388,11 @@ def test_load_errors_name_the_path(tmp_path):
     garbage.write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="garbage.pt"):
         ClusterAssignment.load(garbage)
-    wrong_version = tmp_path / "v2.pt"
+    wrong_version = tmp_path / "v3.pt"
     d = cluster_identities(random_means(4), 2, "random").to_dict()
-    d["version"] = 2
+    d["version"] = 3
     torch.save(d, wrong_version)
-    with pytest.raises(ValueError, match="v2.pt.*version"):
+    with pytest.raises(ValueError, match="v3.pt.*version"):
         ClusterAssignment.load(wrong_version)
 
 

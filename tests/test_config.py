@@ -105,9 +105,19 @@ def test_contradictions_are_listed_together():
     ):
         assert text in message
     with pytest.raises(ConfigError) as err:
-        load_config(overrides=["method=random", "clustering.features=head", "data.decode=gpu"])
+        load_config(
+            overrides=[
+                "method=random",
+                "clustering.features=head",
+                "data.decode=gpu",
+                "clustering.overlap=0.1",
+            ]
+        )
     message = str(err.value)
     assert "method=random partitions at random: clustering.features=head" in message
+    assert "method=random partitions at random: clustering.overlap=0.1" in message
+    with pytest.raises(ConfigError, match=r"clustering.overlap must be in \[0, 1\], got 2"):
+        load_config(overrides=["clustering.overlap=2"])
     assert "data.decode='gpu' is not one of cpu, device" in message
 
 

@@ -335,32 +335,35 @@ def test_train_loader_before_clusters(dm: FaceDataModule) -> None:
 
 
 def test_combined_loader_after_connect_clusters(dm: FaceDataModule) -> None:
-    # 6 identities -> 3 clusters of sizes 3, 2, 1 with shuffled local indices
-    c2c = torch.tensor([1, 0, 2, 0, 1, 0])
-    local = torch.tensor([1, 2, 0, 0, 0, 1])
-    dm.connect_clusters(c2c, local)
+    # 6 identities -> 3 clusters; identity 4 is in clusters 1 and 2 (clustering.overlap)
+    members = [torch.tensor([1, 3, 5]), torch.tensor([0, 4]), torch.tensor([2, 4])]
+    dm.connect_clusters(members)
     assert dm.num_clusters == 3
     combined = dm.train_dataloader()
     assert isinstance(combined, CombinedLoader)
     assert combined._mode == "max_size_cycle"
     assert set(combined.iterables) == {0, 1, 2}
+    train = Counter(dm.split_labels("train").tolist())
+    expected = [sum(train[int(c)] for c in ids) for ids in members]
+    assert dm.cluster_train_images() == expected and expected[2] > train[2]
 
     image_index = _image_index(dm)
     torch.manual_seed(0)
     n_steps = 0
+    seen = {k: set() for k in range(3)}
     for batch, _, _ in combined:
         assert set(batch) == {0, 1, 2}
         n_steps += 1
         for k, (images, labels, mirror) in batch.items():
-            size_k = int((c2c == k).sum())
             assert images.shape[1:] == (112, 112, 3) and len(images) > 1
-            assert labels.min() >= 0 and labels.max() < size_k
             assert mirror.dtype == torch.bool and mirror.shape == labels.shape
             for image, label in zip(images, labels, strict=True):
                 global_label = image_index[image.numpy().tobytes()]
-                assert int(c2c[global_label]) == k  # the image belongs to this cluster
-                assert int(local[global_label]) == int(label)  # and carries its local label
+                # the image belongs to this cluster, and carries its position there
+                assert int(members[k][label]) == global_label
+                seen[k].add(global_label)
     assert n_steps == max(len(loader) for loader in combined.iterables.values())
+    assert 4 in seen[1] and 4 in seen[2]  # the shared identity trains both sub-nets
 
 
 def test_mean_epoch_size_passes_the_train_split_once_per_epoch() -> None:
@@ -369,13 +372,13 @@ def test_mean_epoch_size_passes_the_train_split_once_per_epoch() -> None:
     dm = FaceDataModule(
         str(DEMO_ROOT), batch_size=8, max_classes=6, seed=3, subnet_epoch_size="mean"
     )
-    c2c = torch.tensor([0, 0, 0, 0, 1, 2])  # one large cluster, two of one identity
-    dm.connect_clusters(c2c, torch.tensor([0, 1, 2, 3, 0, 0]))
+    members = [torch.arange(4), torch.tensor([4]), torch.tensor([5])]  # one large, two small
+    dm.connect_clusters(members)
     images = dm.cluster_train_images()
     steps = dm.subnet_steps()
     assert steps == (sum(images) + 2) // 3 // 8 and steps < images[0] // 8
     largest = FaceDataModule(str(DEMO_ROOT), batch_size=8, max_classes=6, seed=3)
-    largest.connect_clusters(c2c, torch.tensor([0, 1, 2, 3, 0, 0]))
+    largest.connect_clusters(members)
     assert largest.subnet_steps() == images[0] // 8
     seen = []
     for epoch in range(2):
@@ -390,26 +393,28 @@ def test_mean_epoch_size_passes_the_train_split_once_per_epoch() -> None:
 
 
 def test_connect_clusters_validation(dm: FaceDataModule) -> None:
-    good_c2c, good_local = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 1, 2, 0, 1, 2])
-    with pytest.raises(ValueError, match="shape"):
-        dm.connect_clusters(good_c2c[:5], good_local[:5])
-    with pytest.raises(ValueError, match="shape"):
-        dm.connect_clusters(good_c2c, good_local[:5])
-    with pytest.raises(ValueError, match="empty|no identity"):
-        dm.connect_clusters(torch.tensor([0, 0, 0, 2, 2, 2]), good_local)  # cluster 1 empty
-    with pytest.raises(ValueError, match="negative"):
-        dm.connect_clusters(torch.tensor([0, 0, 0, -1, 1, 1]), good_local)
-    with pytest.raises(ValueError, match="permutation"):
-        dm.connect_clusters(good_c2c, torch.tensor([0, 1, 3, 0, 1, 2]))
+    good = [torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])]
+    with pytest.raises(ValueError, match=r"identities \[5\] are in no cluster"):
+        dm.connect_clusters([torch.tensor([0, 1, 2]), torch.tensor([3, 4])])
+    with pytest.raises(ValueError, match="cluster 1 has no identity"):
+        dm.connect_clusters([torch.arange(6), torch.tensor([], dtype=torch.long)])
+    with pytest.raises(ValueError, match=r"cluster 1's members must be in \[0, 6\)"):
+        dm.connect_clusters([torch.tensor([0, 1, 2]), torch.tensor([3, 4, 6])])
+    with pytest.raises(ValueError, match="cluster 0's members must be increasing"):
+        dm.connect_clusters([torch.tensor([0, 2, 1]), torch.tensor([3, 4, 5])])
+    with pytest.raises(ValueError, match="cluster 0's members must be increasing"):
+        dm.connect_clusters([torch.tensor([0, 1, 1, 2]), torch.tensor([3, 4, 5])])
     with pytest.raises(ValueError, match="integer"):
-        dm.connect_clusters(good_c2c.float(), good_local)
+        dm.connect_clusters([good[0].float(), good[1]])
+    with pytest.raises(ValueError, match=r"subnets \[2\] are not clusters 0..1"):
+        dm.connect_clusters(good, subnets=[2])
     assert dm.num_clusters is None  # failed calls leave the module untouched
-    dm.connect_clusters(good_c2c, good_local)
+    dm.connect_clusters(good)
     assert dm.num_clusters == 2
 
 
 def test_eval_loaders_use_global_labels_in_order(dm: FaceDataModule) -> None:
-    dm.connect_clusters(torch.zeros(6, dtype=torch.long), torch.arange(6))
+    dm.connect_clusters([torch.arange(6)])
     for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader())):
         assert isinstance(loader.sampler, torch.utils.data.SequentialSampler)
         assert loader.batch_size == 16 and not loader.drop_last
@@ -451,13 +456,13 @@ def test_no_training_batch_of_size_one(tmp_path: Path) -> None:
     assert [len(y) for _, y, _ in dm.train_dataloader()] == [9, 9]
     # cluster 0 = {alice} (8 <= 9): one batch of 8; cluster 1 = {bob, carol} (11 > 9): one of 9
     # (every sub-net gets as many batches as the largest cluster's full batches: 1 here)
-    dm.connect_clusters(torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]))
+    dm.connect_clusters([torch.tensor([0]), torch.tensor([1, 2])])
     loaders = dm.train_dataloader().iterables
     assert [len(y) for _, y, _ in loaders[0]] == [8]
     assert [len(y) for _, y, _ in loaders[1]] == [9]
     # a cluster with a single training image is rejected with a clear message
     with pytest.raises(ValueError, match="batches of size 1"):
-        dm.connect_clusters(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
+        dm.connect_clusters([torch.tensor([0, 1]), torch.tensor([2])])
 
 
 def test_constructor_validation() -> None:

@@ -240,6 +240,41 @@ def test_ism_equals_brute_force_over_every_subnet(alpha):
     assert torch.equal(result.answer(None), result.identity)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_an_identity_in_two_clusters_keeps_its_better_score_once(alpha):
+    # clustering.overlap: identities 0, 3, 6, ... are also in the next cluster, whose
+    # sub-net scores them too; a face's candidates list each identity once, at its
+    # better score (ISM), and routing to either cluster can find it
+    torch.manual_seed(5)
+    a = _assignment(torch.randn(30, 8), [i % 4 for i in range(30)])
+    a = a.with_overlap(torch.tensor([[c, (c % 4 + 1) % 4] for c in range(0, 30, 3)]))
+    heads = [F.normalize(torch.randn(len(a.classes_of(k)), 8), dim=1) for k in range(4)]
+    names = [f"id{i}" for i in range(30)]
+    ident = TwoStageIdentifier(
+        BACKBONE, nn.Identity(), [nn.Identity()] * 4, heads, a, names, dict(ROUTE)
+    )
+    queries = torch.randn(64, 8)
+    q = F.normalize(queries, dim=1)
+    scores = torch.full((len(q), 30), -torch.inf)
+    for k in range(4):
+        members = a.classes_of(k)
+        fused = (1 - alpha) * (q @ ident.head(k).T) + alpha * (q @ a.class_means[members].T)
+        scores[:, members] = torch.maximum(scores[:, members], fused)
+    top5 = ident.identify(queries, alpha=alpha, all_subnets=True, k=5)
+    expected = scores.topk(5, dim=1)
+    assert torch.equal(top5.candidates, expected.indices)
+    assert torch.allclose(top5.candidate_scores, expected.values)
+    for top_m in (2, 4):
+        routed = ident.identify(queries, top_m=top_m, alpha=alpha, k=8)
+        for row in routed.candidates.tolist():
+            assert len(set(row)) == len(row)  # never the same identity twice
+    # identity 0 (cluster 0, also 1) answered by sub-net 1 alone: its own head row
+    face = ident.head(1)[0:1]  # sub-net 1's row for identity 0, its first member
+    assert a.classes_of(1)[0] == 0
+    only_one = ident.identify(face * 10, alpha=0.0, all_subnets=True)
+    assert only_one.identity.tolist() == [0]
+
+
 @pytest.mark.parametrize("top_m", [1, 2, 4])
 def test_batched_grouping_gives_the_answers_of_one_by_one(top_m):
     ident, queries = _random_identifier(seed=1)

@@ -23,8 +23,10 @@ def finished_run(tmp_path_factory):
     """One smoke run shared by the tests that only read what it wrote."""
     tmp_path = tmp_path_factory.mktemp("run")
     # Two epochs per stage: last.ckpt must follow the final epoch even when it does
-    # not improve val/acc.
-    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "logger=csv", "trainer.max_epochs=2"))
+    # not improve val/acc. A quarter of the identities in two clusters (clustering.overlap),
+    # which evaluation (the ISM test below) also reads.
+    overrides = ("logger=csv", "trainer.max_epochs=2", "clustering.overlap=0.25")
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, *overrides))
     return train(cfg)
 
 
@@ -68,9 +70,11 @@ def test_every_checkpoint_carries_the_resolved_config(finished_run):
         assert meta["config"]["data"]["max_classes"] == 12
 
 
-def test_assignment_partitions_the_identities_and_reaches_stage_two(finished_run):
+def test_assignment_with_overlap_reaches_stage_two(finished_run):
     assignment = ClusterAssignment.load(finished_run.run_dir / "clusters.pt")
     assert assignment.num_classes == 12 and assignment.num_clusters == 3
+    assert len(assignment.overlap) == 3  # round(0.25 x 12) identities in a second cluster
+    assert int(assignment.cluster_sizes().sum()) == 12 + 3
     assert sorted(assignment.cluster_sizes().tolist()) == sorted(
         s["identities"] for s in finished_run.results["subnets"]
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,39 +28,56 @@ from facecluster.io import atomic_torch_save, load_plain
 __all__ = ["ASSIGNMENT_FORMAT", "ASSIGNMENT_VERSION", "ClusterAssignment"]
 
 ASSIGNMENT_FORMAT = "facecluster.cluster_assignment"
-ASSIGNMENT_VERSION = 1
+ASSIGNMENT_VERSION = 2
+"""Version 2 added ``overlap``; version 1 files (no overlap) are still read."""
 
 # Class means and centroids are stored L2-normalised; routing by inner product
 # silently degrades if they are not, so construction checks it. The tolerance
 # admits float32 rounding and means that went through fp16/bf16 storage.
 _NORM_TOL = 1e-2
 
-_TENSOR_KEYS = ("class_to_cluster", "local_index", "class_means", "centroids")
+_TENSOR_KEYS = ("class_to_cluster", "local_index", "class_means", "centroids", "overlap")
 
 
-def _local_index(class_to_cluster: torch.Tensor, num_clusters: int) -> torch.Tensor:
+def _no_overlap() -> torch.Tensor:
+    return torch.zeros(0, 2, dtype=torch.long)
+
+
+def _memberships(class_to_cluster: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
+    """Every (identity, cluster) membership, ``[C + M, 2]``: each identity's own cluster,
+    then the ``overlap`` rows."""
+    own = torch.stack([torch.arange(class_to_cluster.numel()), class_to_cluster.cpu()], dim=1)
+    return torch.cat([own, overlap.cpu()])
+
+
+def _local_index(
+    class_to_cluster: torch.Tensor, num_clusters: int, overlap: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rank of each identity among the members of its cluster, by global id.
 
-    Vectorised: a *stable* sort by cluster id keeps identities of one cluster
-    in increasing global id, so an identity's local index is its position in
-    the sorted order minus the position where its cluster's block starts.
+    A cluster's members are the identities it owns and those that ``overlap`` adds to
+    it. Vectorised: sorting the memberships by ``cluster * C + identity`` lists each
+    cluster's members in increasing global id, so a membership's local index is its
+    position in that order minus the position where its cluster's block starts.
 
     Args:
         class_to_cluster: ``[C]`` long tensor of cluster ids in ``[0, K)``.
         num_clusters: ``K``.
+        overlap: ``[M, 2]`` extra (identity, cluster) memberships (None: none).
 
     Returns:
-        ``[C]`` long tensor; within cluster ``k`` the identities in increasing
-        global id get ``0 .. size_k - 1``.
+        ``[C]`` long tensor, each identity's index in its own cluster; within
+        cluster ``k`` its members in increasing global id get ``0 .. size_k - 1``.
     """
     num_classes = class_to_cluster.numel()
-    sorted_clusters, order = torch.sort(class_to_cluster, stable=True)
-    sizes = torch.bincount(class_to_cluster, minlength=num_clusters)
+    pairs = _memberships(class_to_cluster, _no_overlap() if overlap is None else overlap)
+    key = pairs[:, 1] * num_classes + pairs[:, 0]
+    order = torch.argsort(key)
+    sizes = torch.bincount(pairs[:, 1], minlength=num_clusters)
     starts = torch.cumsum(sizes, 0) - sizes
-    positions = torch.arange(num_classes, device=class_to_cluster.device)
-    local = torch.empty_like(class_to_cluster)
-    local[order] = positions - starts[sorted_clusters]
-    return local
+    local = torch.empty(len(pairs), dtype=torch.long)
+    local[order] = torch.arange(len(pairs)) - starts[pairs[order, 1]]
+    return local[:num_classes].to(class_to_cluster.device)
 
 
 def _as_tensor(value: Any, name: str) -> torch.Tensor:
@@ -102,6 +119,12 @@ class ClusterAssignment:
         centroids: ``[K, d]`` float32, L2-normalised cluster centroids.
         method: how the partition was made: ``"kmeans"``, ``"balanced"`` or
             ``"random"`` (the ISM baseline).
+        overlap: ``[M, 2]`` long, extra memberships ``(identity, cluster)``
+            (``clustering.overlap``): the identity also belongs to that cluster,
+            which is not its own; its sub-net classifies it too. Rows sorted by
+            cluster, then identity; empty by default. A cluster's members
+            (:meth:`classes_of`) are the identities it owns and those it gains
+            here, in increasing global id; ``local_index`` counts them all.
 
     Construction validates shapes, dtypes, ranges and consistency and raises
     :class:`ValueError` with a message saying what is wrong. Every cluster
@@ -115,12 +138,14 @@ class ClusterAssignment:
     class_means: torch.Tensor
     centroids: torch.Tensor
     method: str
+    overlap: torch.Tensor = field(default_factory=_no_overlap)
 
     def __post_init__(self) -> None:
         c2c = _as_tensor(self.class_to_cluster, "class_to_cluster")
         local = _as_tensor(self.local_index, "local_index")
         means = _as_tensor(self.class_means, "class_means")
         cents = _as_tensor(self.centroids, "centroids")
+        overlap = _as_tensor(self.overlap, "overlap")
 
         if not isinstance(self.method, str) or not self.method:
             raise ValueError(
@@ -146,6 +171,13 @@ class ClusterAssignment:
                     f"ClusterAssignment.{name} must be a floating tensor, got {t.dtype}"
                 )
 
+        if overlap.numel() == 0:
+            overlap = _no_overlap()
+        if overlap.dim() != 2 or overlap.shape[1] != 2 or overlap.is_floating_point():
+            raise ValueError(
+                "ClusterAssignment.overlap must be an integer [M, 2] tensor of (identity, "
+                f"cluster) rows, got {overlap.dtype} {tuple(overlap.shape)}"
+            )
         devices = {t.device for t in (c2c, local, means, cents)}
         if len(devices) > 1:
             raise ValueError(
@@ -186,7 +218,10 @@ class ClusterAssignment:
                 f"ClusterAssignment has {empty.numel()} empty cluster(s) {empty[:10].tolist()}; "
                 "every cluster needs at least one identity for its sub-net"
             )
-        expected = _local_index(c2c, num_clusters)
+        overlap = overlap.long().cpu()
+        if len(overlap):
+            self._check_overlap(overlap, c2c, num_classes, num_clusters)
+        expected = _local_index(c2c, num_clusters, overlap)
         if not torch.equal(local, expected):
             bad = (local != expected).nonzero().flatten()[:10].tolist()
             raise ValueError(
@@ -199,6 +234,35 @@ class ClusterAssignment:
 
         self.class_to_cluster, self.local_index = c2c, local
         self.class_means, self.centroids = means, cents
+        self.overlap = overlap
+
+    @staticmethod
+    def _check_overlap(
+        overlap: torch.Tensor, c2c: torch.Tensor, num_classes: int, num_clusters: int
+    ) -> None:
+        ids, clusters = overlap[:, 0], overlap[:, 1]
+        if int(ids.min()) < 0 or int(ids.max()) >= num_classes:
+            raise ValueError(
+                f"ClusterAssignment.overlap identities must be in [0, {num_classes}), got "
+                f"range [{int(ids.min())}, {int(ids.max())}]"
+            )
+        if int(clusters.min()) < 0 or int(clusters.max()) >= num_clusters:
+            raise ValueError(
+                f"ClusterAssignment.overlap clusters must be in [0, {num_clusters}), got "
+                f"range [{int(clusters.min())}, {int(clusters.max())}]"
+            )
+        own = (c2c.cpu()[ids] == clusters).nonzero().flatten()
+        if own.numel():
+            raise ValueError(
+                "ClusterAssignment.overlap adds identities to their own cluster (rows "
+                f"{own[:10].tolist()}); an overlap row names another cluster"
+            )
+        key = clusters * num_classes + ids
+        if not bool((key[1:] > key[:-1]).all()):
+            raise ValueError(
+                "ClusterAssignment.overlap rows must be sorted by cluster, then identity, "
+                "without repeats"
+            )
 
     # ------------------------------------------------------------------ shape
     @property
@@ -217,12 +281,25 @@ class ClusterAssignment:
         return int(self.class_means.shape[1])
 
     def cluster_sizes(self) -> torch.Tensor:
-        """Number of identities per cluster.
+        """Number of identities per cluster (its sub-net's classes: the identities it
+        owns and those ``overlap`` adds).
 
         Returns:
             ``[K]`` long tensor.
         """
-        return torch.bincount(self.class_to_cluster, minlength=self.num_clusters)
+        return torch.bincount(
+            _memberships(self.class_to_cluster, self.overlap)[:, 1], minlength=self.num_clusters
+        ).to(self.class_to_cluster.device)
+
+    def contains(self, ids: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
+        """Whether cluster ``clusters[i]`` has identity ``ids[i]`` among its members (owns
+        it, or gains it by ``overlap``); shapes broadcast. Routing is right when it is."""
+        ids, clusters = torch.broadcast_tensors(ids, clusters)
+        mine = self.class_to_cluster.to(ids.device)[ids] == clusters
+        if not len(self.overlap):
+            return mine
+        keys = (self.overlap[:, 1] * self.num_classes + self.overlap[:, 0]).to(ids.device)
+        return mine | torch.isin(clusters * self.num_classes + ids, keys)
 
     def extended(self, class_means: torch.Tensor, clusters: torch.Tensor) -> ClusterAssignment:
         """This assignment with new identities appended (ids ``C, C+1, ...``): their
@@ -232,10 +309,26 @@ class ClusterAssignment:
         c2c = torch.cat([self.class_to_cluster.cpu(), clusters.long().cpu()])
         return ClusterAssignment(
             class_to_cluster=c2c,
-            local_index=_local_index(c2c, self.num_clusters),
+            local_index=_local_index(c2c, self.num_clusters, self.overlap),
             class_means=torch.cat([self.class_means.cpu(), class_means.float().cpu()]),
             centroids=self.centroids.cpu(),
             method=self.method,
+            overlap=self.overlap,
+        )
+
+    def with_overlap(self, overlap: torch.Tensor) -> ClusterAssignment:
+        """This partition with the extra memberships ``overlap`` (``[M, 2]`` rows of
+        identity and another cluster, any order; they replace any there were)."""
+        rows = torch.as_tensor(overlap, dtype=torch.long).reshape(-1, 2).cpu()
+        rows = rows[torch.argsort(rows[:, 1] * self.num_classes + rows[:, 0])]
+        c2c = self.class_to_cluster.cpu()
+        return ClusterAssignment(
+            class_to_cluster=c2c,
+            local_index=_local_index(c2c, self.num_clusters, rows),
+            class_means=self.class_means.cpu(),
+            centroids=self.centroids.cpu(),
+            method=self.method,
+            overlap=rows,
         )
 
     def classes_of(self, k: int) -> torch.Tensor:
@@ -255,7 +348,11 @@ class ClusterAssignment:
         if not 0 <= k < self.num_clusters:
             raise ValueError(f"cluster id {k} out of range [0, {self.num_clusters})")
         # nonzero() returns indices in increasing order, which is the local order.
-        return (self.class_to_cluster == k).nonzero().flatten()
+        owned = (self.class_to_cluster == k).nonzero().flatten()
+        if not len(self.overlap):
+            return owned
+        gained = self.overlap[self.overlap[:, 1] == k, 0].to(owned.device)
+        return torch.cat([owned, gained]).sort().values
 
     # ----------------------------------------------------------- construction
     @classmethod
@@ -340,6 +437,7 @@ class ClusterAssignment:
             "local_index": self.local_index.detach().cpu(),
             "class_means": self.class_means.detach().cpu(),
             "centroids": self.centroids.detach().cpu(),
+            "overlap": self.overlap.detach().cpu(),
         }
 
     @classmethod
@@ -359,15 +457,18 @@ class ClusterAssignment:
                 f"not a facecluster cluster assignment: format marker is {d.get('format')!r}, "
                 f"expected {ASSIGNMENT_FORMAT!r}"
             )
-        if d.get("version") != ASSIGNMENT_VERSION:
+        if d.get("version") not in (1, ASSIGNMENT_VERSION):
             raise ValueError(
                 f"unsupported cluster assignment version {d.get('version')!r} "
-                f"(this code reads version {ASSIGNMENT_VERSION})"
+                f"(this code reads versions 1 to {ASSIGNMENT_VERSION})"
             )
-        missing = [key for key in (*_TENSOR_KEYS, "method") if key not in d]
+        keys = [*_TENSOR_KEYS, "method"]
+        if d.get("version") == 1:  # before overlap
+            keys.remove("overlap")
+        missing = [key for key in keys if key not in d]
         if missing:
             raise ValueError(f"cluster assignment is missing field(s) {missing}")
-        return cls(**{key: d[key] for key in (*_TENSOR_KEYS, "method")})
+        return cls(**{key: d[key] for key in keys})
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the assignment with ``torch.save``, atomically.
@@ -418,5 +519,6 @@ class ClusterAssignment:
         return (
             f"ClusterAssignment(method={self.method!r}, num_classes={self.num_classes}, "
             f"num_clusters={self.num_clusters}, embedding_dim={self.embedding_dim}, "
-            f"cluster_sizes=[{int(sizes.min())}..{int(sizes.max())}])"
+            f"cluster_sizes=[{int(sizes.min())}..{int(sizes.max())}], "
+            f"overlap={len(self.overlap)})"
         )

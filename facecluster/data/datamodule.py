@@ -24,7 +24,7 @@ Data flow:
    across both stages.
 
 This package must not import ``facecluster.models`` or ``facecluster.clustering``:
-the data side only knows the assignment tensors passed to ``connect_clusters``.
+the data side only knows each cluster's identities, passed to ``connect_clusters``.
 """
 
 from __future__ import annotations
@@ -415,8 +415,7 @@ class FaceDataModule(lightning.LightningDataModule):
         self._folder: FaceFolder | None = None
         self._splits: dict[str, list[int]] | None = None
         self._unseen: dict[str, dict[str, list[str]]] = {}
-        self._class_to_cluster: Tensor | None = None
-        self._local_index: Tensor | None = None
+        self._members: list[Tensor] = []  # each cluster's identities (connect_clusters)
         self._subnets: list[int] = []
         self._cluster_ids: list[list[int]] = []
         self._subnet_epoch = 0  # the first epoch the sub-nets' samplers draw
@@ -607,96 +606,100 @@ class FaceDataModule(lightning.LightningDataModule):
     # --------------------------------------------------------------- clusters
 
     def connect_clusters(
-        self, class_to_cluster: Tensor, local_index: Tensor, subnets: Sequence[int] | None = None
+        self, members: Sequence[Tensor], subnets: Sequence[int] | None = None
     ) -> None:
-        """Attach the stage-2 cluster assignment; training then serves one loader per cluster.
+        """Attach the stage-2 clusters; training then serves one loader per cluster.
 
-        Calling it again replaces the previous assignment.
+        Calling it again replaces the previous clusters.
 
         Args:
-            class_to_cluster: ``LongTensor[C]``, cluster id (``0..K-1``) of each identity.
-            local_index: ``LongTensor[C]``, index of each identity inside its cluster;
-                within cluster ``k`` the values must be exactly ``0..size_k-1``.
+            members: ``members[k]``, the global ids of cluster ``k``'s identities in
+                increasing order (``ClusterAssignment.classes_of(k)``); the position of
+                an id is its label in sub-net ``k``. Every identity is in at least one
+                cluster; with ``clustering.overlap`` some are in two, and their images
+                train both sub-nets.
             subnets: The clusters whose loaders training serves (a stage-2 job's
                 group); None: all K.
 
         Raises:
-            ValueError: Wrong dtype/shape, negative ids, an empty cluster, local
-                indices that are not a permutation per cluster, or a cluster whose
+            ValueError: Not integer ids, an empty cluster, ids out of range, repeated
+                or not increasing, an identity in no cluster, or a cluster whose
                 training subset is too small to form a batch of 2.
         """
         num_classes = self.num_classes
-        c2c = self._as_index_tensor(class_to_cluster, "class_to_cluster", num_classes)
-        local = self._as_index_tensor(local_index, "local_index", num_classes)
-        if num_classes == 0:  # unreachable after a successful scan; keeps max() safe
+        if num_classes == 0:  # unreachable after a successful scan
             raise ValueError("connect_clusters: no classes")
-        if int(c2c.min()) < 0:
-            raise ValueError(
-                f"connect_clusters: class_to_cluster has negative ids (min {int(c2c.min())})"
-            )
-        num_clusters = int(c2c.max()) + 1
-        sizes = torch.bincount(c2c, minlength=num_clusters)
-        empty = (sizes == 0).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(
-                f"connect_clusters: clusters must be 0..K-1 with K={num_clusters} and none empty, "
-                f"but clusters {empty[:10]} have no identity"
-            )
-        for k in range(num_clusters):
-            members = local[c2c == k]
-            expected = torch.arange(int(sizes[k]))
-            if not torch.equal(members.sort().values, expected):
-                raise ValueError(
-                    f"connect_clusters: local_index of cluster {k} must be a permutation of "
-                    f"0..{int(sizes[k]) - 1}, got {members.tolist()[:20]}"
-                )
+        clusters = [self._members_tensor(ids, k, num_classes) for k, ids in enumerate(members)]
+        if not clusters:
+            raise ValueError("connect_clusters: no clusters")
+        covered = torch.zeros(num_classes, dtype=torch.bool)
+        for ids in clusters:
+            covered[ids] = True
+        if not bool(covered.all()):
+            missing = (~covered).nonzero().flatten()[:10].tolist()
+            raise ValueError(f"connect_clusters: identities {missing} are in no cluster")
+        num_clusters = len(clusters)
         outside = sorted(set(subnets or ()) - set(range(num_clusters)))
         if outside:
             raise ValueError(
                 f"connect_clusters: subnets {outside} are not clusters 0..{num_clusters - 1}"
             )
-        self._class_to_cluster = c2c
-        self._local_index = local
+        self._members = clusters
         self._subnets = sorted(subnets) if subnets is not None else list(range(num_clusters))
         self._subnet_epoch = 0
-        # each cluster's train samples, in split order: one vectorised pass, not K
+        # each cluster's train samples, in split order: one vectorised pass per cluster
         train = torch.tensor(self._split_indices("train"), dtype=torch.long)
-        clusters = c2c[self.split_labels("train")]
-        order = torch.argsort(clusters, stable=True)
-        counts = torch.bincount(clusters, minlength=num_clusters).tolist()
-        self._cluster_ids = [part.tolist() for part in train[order].split(counts)]
+        labels = self.split_labels("train")
+        self._cluster_ids = []
+        for ids in clusters:
+            member = torch.zeros(num_classes, dtype=torch.bool)
+            member[ids] = True
+            self._cluster_ids.append(train[member[labels]].tolist())
         # early feedback: a cluster whose training subset would yield 1-sample batches
         for k in range(num_clusters):
             self._check_train_subset(len(self._cluster_train_ids(k)), f"cluster {k}")
 
     @staticmethod
-    def _as_index_tensor(value: Tensor, name: str, num_classes: int) -> Tensor:
+    def _members_tensor(value: Tensor, k: int, num_classes: int) -> Tensor:
         tensor = torch.as_tensor(value)
         if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
             raise ValueError(
-                f"connect_clusters: {name} must be an integer tensor, got dtype {tensor.dtype}"
-            )
-        if tuple(tensor.shape) != (num_classes,):
-            raise ValueError(
-                f"connect_clusters: {name} must have shape ({num_classes},) (one entry per class), "
-                f"got {tuple(tensor.shape)}"
+                f"connect_clusters: cluster {k}'s members must be integer ids, got {tensor.dtype}"
             )
         # private copy on CPU: the caller's tensor may live on GPU or be modified later
-        return tensor.detach().to(device="cpu", dtype=torch.long).clone()
+        tensor = tensor.detach().to(device="cpu", dtype=torch.long).flatten().clone()
+        if not len(tensor):
+            raise ValueError(f"connect_clusters: cluster {k} has no identity")
+        if int(tensor.min()) < 0 or int(tensor.max()) >= num_classes:
+            raise ValueError(
+                f"connect_clusters: cluster {k}'s members must be in [0, {num_classes}), got "
+                f"range [{int(tensor.min())}, {int(tensor.max())}]"
+            )
+        if not bool((tensor[1:] > tensor[:-1]).all()):
+            raise ValueError(
+                f"connect_clusters: cluster {k}'s members must be increasing ids without "
+                f"repeats (their position is the sub-net's label), got {tensor.tolist()[:20]}"
+            )
+        return tensor
+
+    def _label_map(self, k: int) -> Tensor:
+        """Global label -> cluster ``k``'s label (-1 for identities not in it)."""
+        ids = self._members[k]
+        label_map = torch.full((self.num_classes,), -1, dtype=torch.long)
+        label_map[ids] = torch.arange(len(ids))
+        return label_map
 
     @property
     def num_clusters(self) -> int | None:
         """Number of clusters K, or ``None`` before :meth:`connect_clusters`."""
-        if self._class_to_cluster is None:
-            return None
-        return int(self._class_to_cluster.max()) + 1
+        return len(self._members) if self._members else None
 
     def _cluster_train_samples(self, k: int) -> list[tuple[str, int]]:
         folder, _ = self._ensure_setup()
         return [folder.samples[i] for i in self._cluster_train_ids(k)]
 
     def _cluster_train_ids(self, k: int) -> list[int]:
-        assert self._class_to_cluster is not None
+        assert self._members, "connect_clusters() first"
         return self._cluster_ids[k]
 
     def cluster_train_images(self) -> list[int]:
@@ -769,7 +772,7 @@ class FaceDataModule(lightning.LightningDataModule):
             connected sub-nets, where ``loader_k`` serves cluster ``k``'s train images
             with local labels from its own :class:`SubnetSampler`.
         """
-        if self._class_to_cluster is None:
+        if not self._members:
             return self._train_loader(self._split_indices("train"), None, "the train split")
         return CombinedLoader(
             {k: self._subnet_loader(k) for k in self._subnets}, mode="max_size_cycle"
@@ -781,7 +784,7 @@ class FaceDataModule(lightning.LightningDataModule):
         Lightning creates a resumed fit's first training iterator before it calls
         ``set_epoch`` on the samplers, so they must start at the right epoch.
         """
-        if self._class_to_cluster is None or self.trainer is None:
+        if not self._members or self.trainer is None:
             return {}
         return {"next_subnet_epoch": self.trainer.current_epoch + 1}
 
@@ -809,7 +812,7 @@ class FaceDataModule(lightning.LightningDataModule):
             len(ids), self.subnet_steps() * batch, self.hparams.seed, k, rank, self._world_size()
         )
         sampler.set_epoch(self._subnet_epoch)
-        dataset = self._train_dataset(ids, self._local_index, k)
+        dataset = self._train_dataset(ids, self._label_map(k), k)
         # every sampler yields steps x batch pairs: equal lengths, no partial batch
         return DataLoader(
             dataset, batch_size=batch, sampler=sampler, **self._loader_kwargs(dataset)

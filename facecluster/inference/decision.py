@@ -210,6 +210,7 @@ def keep_top(
     members: Tensor,
     best_similarity: Tensor | None = None,
     similarity: Tensor | None = None,
+    empty_id: int | None = None,
 ) -> None:
     """Merge one cluster's candidates into running per-image top-k lists, in place.
 
@@ -221,6 +222,9 @@ def keep_top(
         members: ``[n]`` their global ids, ascending.
         best_similarity, similarity: the candidates' similarities (:func:`evidence`),
             kept alongside their scores (None: none kept).
+        empty_id: the id of an empty place. An identity that two clusters score
+            (``clustering.overlap``) keeps its better score; its other entry is
+            emptied (None: the lists cannot hold an id twice).
 
     Equal scores rank the lower identity id first, so the answer does not depend on
     the order in which clusters are visited (batched and one-by-one inference agree).
@@ -232,11 +236,24 @@ def keep_top(
         local = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
     scores = torch.cat([best_score[rows], score.gather(1, local)], dim=1)
     ids = torch.cat([best_id[rows], members[local]], dim=1)
+    sims = None
+    if best_similarity is not None:
+        sims = torch.cat([best_similarity[rows], similarity.gather(1, local)], dim=1)
+    if empty_id is not None:  # equal ids: the better score first, the rest emptied
+        better = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        scores, ids = scores.gather(1, better), ids.gather(1, better)
+        sims = sims.gather(1, better) if sims is not None else None
     by_id = ids.argsort(dim=1, stable=True)
     scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
+    sims = sims.gather(1, by_id) if sims is not None else None
+    if empty_id is not None:
+        repeat = torch.zeros_like(ids, dtype=torch.bool)
+        repeat[:, 1:] = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] != empty_id)
+        scores = scores.masked_fill(repeat, -torch.inf)
+        ids = ids.masked_fill(repeat, empty_id)
+        sims = sims.masked_fill(repeat, -torch.inf) if sims is not None else None
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
     best_score[rows] = scores.gather(1, order)
     best_id[rows] = ids.gather(1, order)
     if best_similarity is not None:
-        sims = torch.cat([best_similarity[rows], similarity.gather(1, local)], dim=1)
-        best_similarity[rows] = sims.gather(1, by_id).gather(1, order)
+        best_similarity[rows] = sims.gather(1, order)

@@ -274,7 +274,8 @@ class TwoStageIdentifier(nn.Module):
             clusters = self.router.route(query, top_m)
         clusters = clusters.to(images.device)
         best_score = torch.full((batch, k), -float("inf"), device=images.device)
-        best_id = torch.full((batch, k), self.assignment.num_classes, device=images.device)
+        empty_id = self.assignment.num_classes
+        best_id = torch.full((batch, k), empty_id, device=images.device)
         best_similarity = torch.full_like(best_score, -float("inf"))
         forwards = 0
         sims = {}
@@ -300,7 +301,7 @@ class TwoStageIdentifier(nn.Module):
                 means = similarity(query[rows], self.class_means[members]) if alpha > 0 else None
                 score = close = fuse(cosine, means, alpha)
             score, close = score.to(best_score.dtype), close.to(best_score.dtype)
-            keep_top(best_score, best_id, rows, score, members, best_similarity, close)
+            keep_top(best_score, best_id, rows, score, members, best_similarity, close, empty_id)
         return Identification(best_id, best_score, clusters, forwards, best_similarity)
 
     @torch.no_grad()

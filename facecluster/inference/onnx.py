@@ -38,6 +38,7 @@ ONNX_VERSION = 2
 """Version 2 (the layout of 1): the open-set threshold compares the answer's similarity;
 a reader of version 1 refuses the folder instead of comparing log-probabilities."""
 _ASSIGNMENT_ARRAYS = ("class_to_cluster", "local_index", "class_means", "centroids")
+_OVERLAP = "overlap"  # assignment version 2 on (clustering.overlap); absent before
 
 
 def _require(module: str) -> Any:
@@ -95,7 +96,7 @@ def write_gallery(identifier: TwoStageIdentifier, folder: str | Path) -> list[Pa
     (folder / "identifier.json").unlink(missing_ok=True)  # unfinished until rewritten
     written = []
     assignment = identifier.assignment.to_dict()
-    arrays = {key: assignment[key].numpy() for key in _ASSIGNMENT_ARRAYS}
+    arrays = {key: assignment[key].numpy() for key in (*_ASSIGNMENT_ARRAYS, _OVERLAP)}
     for k in range(identifier.num_clusters):
         arrays[f"head{k}"] = identifier.head(k).cpu().numpy()
     with replacing(folder / "gallery.npz") as tmp:
@@ -184,8 +185,9 @@ def load_onnx(
             f"{folder}: gallery.npz holds {len(arrays['class_to_cluster'])} identities, "
             f"identifier.json names {len(meta['class_names'])} (an interrupted write?)"
         )
+    stored = [*_ASSIGNMENT_ARRAYS, *([_OVERLAP] if _OVERLAP in arrays else [])]
     assignment = ClusterAssignment.from_dict(
-        {**meta["assignment"], **{key: arrays[key] for key in _ASSIGNMENT_ARRAYS}}
+        {**meta["assignment"], **{key: arrays[key] for key in stored}}
     )
     identifier = TwoStageIdentifier(
         meta["backbone"],

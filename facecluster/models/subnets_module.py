@@ -118,6 +118,7 @@ class SubnetSystem(StageSystem):
                 module.eval()  # also the mode Lightning records and restores around validation
         self.register_buffer("class_to_cluster", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("local_index", torch.zeros(num_classes, dtype=torch.long))
+        self._members: list[Tensor] = []  # each cluster's identities (set_assignment)
         self.register_buffer("class_means", torch.zeros(num_classes, dim))
         self.val_acc = PerClusterAccuracy(len(cluster_sizes))
         self.test_acc = PerClusterAccuracy(len(cluster_sizes))
@@ -162,6 +163,7 @@ class SubnetSystem(StageSystem):
         self.class_to_cluster.copy_(assignment.class_to_cluster)
         self.local_index.copy_(assignment.local_index)
         self.class_means.copy_(assignment.class_means)
+        self._members = [assignment.classes_of(k) for k in range(assignment.num_clusters)]
 
     def warm_start(self, backbone_state: dict[str, Tensor], init_heads_from_means: bool) -> None:
         """Start every sub-net from the stage-1 backbone (call after set_assignment).
@@ -173,12 +175,9 @@ class SubnetSystem(StageSystem):
         for subnet in self.subnets.values():
             subnet.load_state_dict(backbone_state)
         if init_heads_from_means:
-            for k in self.subnet_ids:
-                members = (self.class_to_cluster == k).nonzero().squeeze(1)
+            for k in self.subnet_ids:  # a head's rows are its cluster's members, in order
                 with torch.no_grad():
-                    self.heads[str(k)].weight.copy_(
-                        self.class_means[members[self.local_index[members].argsort()]]
-                    )
+                    self.heads[str(k)].weight.copy_(self.class_means[self._members[k]])
 
     def forward(self, images: Tensor, cluster: int) -> Tensor:
         """Embeddings of ``images`` by sub-net ``cluster``."""

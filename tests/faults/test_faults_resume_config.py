@@ -46,6 +46,8 @@ def test_contradicting_overrides_are_refused_with_every_difference(run_dir):
     # what k-means grouped decides the sub-nets' identities too
     with pytest.raises(ConfigError, match="clustering.features: the run has 'means', the com"):
         RunFolder.config_for_resume(str(run_dir), ["clustering.features=head"])
+    with pytest.raises(ConfigError, match="clustering.overlap: the run has 0.0, the command"):
+        RunFolder.config_for_resume(str(run_dir), ["clustering.overlap=0.1"])
 
 
 def test_harmless_overrides_and_same_root_written_differently_are_accepted(run_dir):
