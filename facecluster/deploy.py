@@ -274,8 +274,9 @@ def identify_files(
     ``threshold``, by default the export's open-set threshold when it has one;
     ``unreadable`` for a file that is not a decodable image); score
     (the decision unit's score: a log-probability under moe); similarity (the answer's
-    similarity, what the threshold compares); cluster (the cluster of the best candidate,
-    whose sub-net answered); top5 (up to 5 ``name:score`` pairs from the searched
+    similarity, what the threshold compares); cluster (the cluster that owns the best
+    candidate: the sub-net that answered, or with ``clustering.overlap`` possibly the
+    other cluster it belongs to); top5 (up to 5 ``name:score`` pairs from the searched
     clusters, best first, ``;``-separated).
     """
     if batch_size < 1:

@@ -311,9 +311,10 @@ def test_overlap_adds_the_identities_nearest_a_boundary_to_their_next_cluster():
     assert ClusterAssignment.from_dict(a.to_dict()) == a
     grown = a.extended(means[:2], torch.tensor([0, 3]))
     assert torch.equal(grown.overlap, a.overlap) and grown.classes_of(3)[-1] == 41
-    old = {**plain.to_dict(), "version": 1}
-    del old["overlap"]
+    old = plain.to_dict()  # a partition is written in the version-1 form, older code reads it
+    assert old["version"] == 1 and "overlap" not in old
     assert ClusterAssignment.from_dict(old) == plain
+    assert a.to_dict()["version"] == 2
     assert cluster_identities(means, 1, "kmeans", overlap=0.5).overlap.shape == (0, 2)
     with pytest.raises(ValueError, match=r"overlap must be a fraction .* got 1.5"):
         cluster_identities(means, 4, overlap=1.5)
@@ -331,15 +332,13 @@ def test_overlap_rows_are_validated():
     ):
         with pytest.raises(ValueError, match=message):
             a.with_overlap(torch.tensor(rows))
-    with pytest.raises(ValueError, match=r"integer \[M, 2\]"):
-        ClusterAssignment(
-            a.class_to_cluster,
-            a.local_index,
-            a.class_means,
-            a.centroids,
-            "kmeans",
-            overlap=torch.tensor([[0.5, 1.0]]),
-        )
+    for bad in (torch.tensor([[0.5, 1.0]]), torch.tensor([[True, False]]), torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match=r"integer \[M, 2\]"):
+            ClusterAssignment(
+                a.class_to_cluster, a.local_index, a.class_means, a.centroids, "kmeans", bad
+            )
+    with pytest.raises(ValueError, match=r"clusters must be in \[0, 3\)"):
+        a.with_overlap(torch.tensor([[0, -1]]))  # checked before the local indices
 
 
 # -------------------------------------------------------------- persistence

@@ -129,7 +129,8 @@ def test_calibration_recovers_the_temperatures_that_generated_the_labels():
     similarity = torch.rand(n, classes) * 0.6
     labels = torch.distributions.Categorical(logits=similarity / true_router).sample()
     calibration = Calibration()
-    calibration.update_router(similarity, class_to_cluster, class_to_cluster[labels])
+    right = class_to_cluster[labels][:, None] == torch.arange(k)
+    calibration.update_router(similarity, (torch.arange(classes), class_to_cluster), right)
     # sub-net cosines whose softmax at true_subnet gives the right identity its probability
     for c in range(k):
         rows = (class_to_cluster[labels] == c).nonzero().squeeze(1)

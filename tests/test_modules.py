@@ -28,11 +28,11 @@ OPTIM = {
 }
 
 
-def _subnets(num_classes: int = 9, k: int = 3) -> tuple[SubnetSystem, object]:
+def _subnets(num_classes: int = 9, k: int = 3, overlap: float = 0.0) -> tuple[SubnetSystem, object]:
     cfg = load_config(SMOKE, ["model.embedding_dim=16"])
     torch.manual_seed(0)
     means = torch.nn.functional.normalize(torch.randn(num_classes, 16), dim=1)
-    assignment = cluster_identities(means, k, "balanced", seed=0)
+    assignment = cluster_identities(means, k, "balanced", seed=0, overlap=overlap)
     model = SubnetSystem(
         num_classes,
         assignment.cluster_sizes().tolist(),
@@ -44,8 +44,12 @@ def _subnets(num_classes: int = 9, k: int = 3) -> tuple[SubnetSystem, object]:
     return model, assignment
 
 
-def test_warm_start_copies_the_backbone_and_class_means():
-    model, assignment = _subnets()
+@pytest.mark.parametrize("overlap", [0.0, 0.34])
+def test_warm_start_copies_the_backbone_and_class_means(overlap):
+    # with clustering.overlap a head also has rows for the identities its cluster gains,
+    # each where the sub-net's label puts it
+    model, assignment = _subnets(overlap=overlap)
+    assert len(assignment.overlap) == round(overlap * 9)
     backbone = model.subnets["0"].state_dict()
     backbone = {k: v + 1.0 if v.is_floating_point() else v for k, v in backbone.items()}
     model.warm_start(backbone, init_heads_from_means=True)

@@ -109,10 +109,10 @@ class ClusterAssignment:
 
     Attributes:
         class_to_cluster: ``[C]`` long, the cluster id of each identity.
-        local_index: ``[C]`` long, the index of each identity inside its
-            cluster: within cluster ``k`` the identities in increasing global
-            id get ``0 .. size_k - 1``. This is the label a sub-net classifier
-            is trained on, and ``classes_of(k)[local_index[c]] == c``.
+        local_index: ``[C]`` long, the index of each identity inside its own
+            cluster: within cluster ``k`` its members (with ``overlap``'s) in
+            increasing global id get ``0 .. size_k - 1``. This is the label a
+            sub-net classifier is trained on, and ``classes_of(k)[local_index[c]] == c``.
         class_means: ``[C, d]`` float32, L2-normalised class-mean embeddings
             (used at test time to route a face to the cluster of its nearest
             class mean).
@@ -173,7 +173,13 @@ class ClusterAssignment:
 
         if overlap.numel() == 0:
             overlap = _no_overlap()
-        if overlap.dim() != 2 or overlap.shape[1] != 2 or overlap.is_floating_point():
+        integer = not (overlap.is_floating_point() or overlap.is_complex())
+        if (
+            overlap.dim() != 2
+            or overlap.shape[1] != 2
+            or not integer
+            or overlap.dtype == torch.bool
+        ):
             raise ValueError(
                 "ClusterAssignment.overlap must be an integer [M, 2] tensor of (identity, "
                 f"cluster) rows, got {overlap.dtype} {tuple(overlap.shape)}"
@@ -226,7 +232,7 @@ class ClusterAssignment:
             bad = (local != expected).nonzero().flatten()[:10].tolist()
             raise ValueError(
                 "ClusterAssignment.local_index is inconsistent with class_to_cluster: within each "
-                "cluster, identities in increasing global id must get 0..size-1 "
+                "cluster, its members (overlap's too) in increasing global id get 0..size-1 "
                 f"(first mismatching identities: {bad}); use ClusterAssignment.from_labels"
             )
         _check_unit_rows(means, "class_means")
@@ -291,10 +297,16 @@ class ClusterAssignment:
             _memberships(self.class_to_cluster, self.overlap)[:, 1], minlength=self.num_clusters
         ).to(self.class_to_cluster.device)
 
+    def memberships(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every (identity, cluster) membership as two ``[C + M]`` tensors: each identity
+        with its own cluster, then ``overlap``'s rows."""
+        pairs = _memberships(self.class_to_cluster, self.overlap)
+        return pairs[:, 0], pairs[:, 1]
+
     def contains(self, ids: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
         """Whether cluster ``clusters[i]`` has identity ``ids[i]`` among its members (owns
         it, or gains it by ``overlap``); shapes broadcast. Routing is right when it is."""
-        ids, clusters = torch.broadcast_tensors(ids, clusters)
+        ids, clusters = torch.broadcast_tensors(ids, clusters.to(ids.device))
         mine = self.class_to_cluster.to(ids.device)[ids] == clusters
         if not len(self.overlap):
             return mine
@@ -322,6 +334,8 @@ class ClusterAssignment:
         rows = torch.as_tensor(overlap, dtype=torch.long).reshape(-1, 2).cpu()
         rows = rows[torch.argsort(rows[:, 1] * self.num_classes + rows[:, 0])]
         c2c = self.class_to_cluster.cpu()
+        if len(rows):  # before the local indices, which assume valid rows
+            self._check_overlap(rows, c2c, self.num_classes, self.num_clusters)
         return ClusterAssignment(
             class_to_cluster=c2c,
             local_index=_local_index(c2c, self.num_clusters, rows),
@@ -429,7 +443,7 @@ class ClusterAssignment:
     # ---------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (CPU tensors, str, int) that ``torch.load(weights_only=True)`` reads."""
-        return {
+        plain = {
             "format": ASSIGNMENT_FORMAT,
             "version": ASSIGNMENT_VERSION,
             "method": self.method,
@@ -439,6 +453,10 @@ class ClusterAssignment:
             "centroids": self.centroids.detach().cpu(),
             "overlap": self.overlap.detach().cpu(),
         }
+        if not len(self.overlap):  # a partition: the version-1 form, which older code reads
+            plain["version"] = 1
+            del plain["overlap"]
+        return plain
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ClusterAssignment:

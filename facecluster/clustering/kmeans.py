@@ -405,7 +405,8 @@ def overlap_rows(assignment: ClusterAssignment, fraction: float) -> torch.Tensor
     """The extra memberships of ``clustering.overlap``: ``[M, 2]`` rows (identity, cluster).
 
     An identity's margin is the cosine of its class mean to its own centroid minus
-    that to the nearest other centroid; the ``round(fraction * C)`` identities of
+    that to the nearest other centroid; the ``round(fraction * C)`` (Python's
+    rounding, half to even) identities of
     smallest margin (the nearest a boundary, ties to the lower id) also join that
     other cluster. These are the identities whose faces the router most often sends
     to the wrong cluster. O(C K d) in blocks of identities, like the k-means

@@ -119,25 +119,30 @@ class Calibration:
         self.faces = 0
 
     def update_router(
-        self, similarity: Tensor, class_to_cluster: Tensor, true_cluster: Tensor
+        self, similarity: Tensor, members: tuple[Tensor, Tensor], right: Tensor
     ) -> None:
         """Add faces' router NLL.
 
+        A cluster's mass is the sum over its members, as routed inference computes it;
+        a face is routed right to any cluster that has its identity (with
+        ``clustering.overlap``, possibly two).
+
         Args:
             similarity: ``[n, C]`` their similarities to every class mean.
-            class_to_cluster: ``[C]`` each identity's cluster.
-            true_cluster: ``[n]`` each face's identity's cluster.
+            members: every (identity, cluster) membership, as two ``[P]`` tensors.
+            right: ``[n, K]`` whether each cluster has the face's identity.
         """
         s = similarity.double()
         s = s - s.max(dim=1, keepdim=True).values
-        k = int(class_to_cluster.max()) + 1
-        index = class_to_cluster.to(s.device).expand_as(s)
+        ids, clusters = (t.to(s.device) for t in members)
+        index = clusters.expand(len(s), -1)
+        right = right.to(s.device)
         for i, t in enumerate(TEMPERATURES.tolist()):
-            mass = torch.zeros(len(s), k, dtype=s.dtype, device=s.device)
-            mass.scatter_add_(1, index, torch.exp(s / t))
+            mass = torch.zeros(right.shape, dtype=s.dtype, device=s.device)
+            mass.scatter_add_(1, index, torch.exp(s[:, ids] / t))
             log_mass = mass.log()
-            nll = torch.logsumexp(log_mass, 1) - log_mass.gather(1, true_cluster[:, None])[:, 0]
-            self.router_nll[i] += nll.sum().cpu()
+            found = torch.logsumexp(log_mass.masked_fill(~right, -torch.inf), 1)
+            self.router_nll[i] += (torch.logsumexp(log_mass, 1) - found).sum().cpu()
         self.faces += len(s)
 
     def update_within(

@@ -212,6 +212,8 @@ class TwoStageIdentifier(nn.Module):
         network input (None: they are already)."""
         calibration = Calibration()
         device = self.class_means.device
+        memberships = self.assignment.memberships()
+        every = torch.arange(self.num_clusters)
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
             images = normalize(images) if normalize is not None else images
@@ -219,7 +221,8 @@ class TwoStageIdentifier(nn.Module):
             query = self._embed_from(self.router_backbone, features)
             sims = similarity(query, self.class_means)
             clusters = self.class_to_cluster[labels]
-            calibration.update_router(sims, self.class_to_cluster, clusters)
+            right = self.assignment.contains(labels.cpu()[:, None], every)
+            calibration.update_router(sims, memberships, right)
             for k in clusters.unique().tolist():
                 rows = (clusters == k).nonzero().squeeze(1)
                 members = self.members(k)
@@ -274,8 +277,9 @@ class TwoStageIdentifier(nn.Module):
             clusters = self.router.route(query, top_m)
         clusters = clusters.to(images.device)
         best_score = torch.full((batch, k), -float("inf"), device=images.device)
-        empty_id = self.assignment.num_classes
-        best_id = torch.full((batch, k), empty_id, device=images.device)
+        best_id = torch.full((batch, k), self.assignment.num_classes, device=images.device)
+        # clustering.overlap: two clusters may score one identity, listed once
+        empty_id = self.assignment.num_classes if len(self.assignment.overlap) else None
         best_similarity = torch.full_like(best_score, -float("inf"))
         forwards = 0
         sims = {}

@@ -96,7 +96,9 @@ def write_gallery(identifier: TwoStageIdentifier, folder: str | Path) -> list[Pa
     (folder / "identifier.json").unlink(missing_ok=True)  # unfinished until rewritten
     written = []
     assignment = identifier.assignment.to_dict()
-    arrays = {key: assignment[key].numpy() for key in (*_ASSIGNMENT_ARRAYS, _OVERLAP)}
+    arrays = {
+        key: assignment[key].numpy() for key in (*_ASSIGNMENT_ARRAYS, _OVERLAP) if key in assignment
+    }
     for k in range(identifier.num_clusters):
         arrays[f"head{k}"] = identifier.head(k).cpu().numpy()
     with replacing(folder / "gallery.npz") as tmp:
