@@ -594,7 +594,9 @@ def checkpoint_bytes_needed(cfg: Config, backbone_params: int, num_classes: int)
     state_copies = 3 if "adamw" in (cfg.stage1.optim.name, cfg.stage2.optim.name) else 2
     heads = num_classes * cfg.model.embedding_dim
     stage1 = backbone_params + heads
-    stage2 = cfg.clustering.num_clusters * backbone_params + heads if cfg.two_stage else 0
+    # clustering.overlap: its identities have a row in a second sub-net's head too
+    heads2 = round(heads * (1 + cfg.clustering.overlap))
+    stage2 = cfg.clustering.num_clusters * backbone_params + heads2 if cfg.two_stage else 0
     return 3 * 4 * state_copies * (stage1 + stage2) + 4 * stage2
 
 
