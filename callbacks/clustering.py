@@ -157,8 +157,12 @@ class ClusteringCallback(L.Callback):
         self._hand_over(self.assignment, subnets)
 
     def _hand_over(self, assignment: ClusterAssignment, subnets: list[int] | None = None) -> None:
+        clusters = range(assignment.num_clusters)
+        neighbours = None
+        if self.datamodule.hparams.subnet_negatives > 0:  # stage2.negatives
+            neighbours = [assignment.neighbours(k) for k in clusters]
         self.datamodule.connect_clusters(
-            [assignment.classes_of(k) for k in range(assignment.num_clusters)], subnets
+            [assignment.classes_of(k) for k in clusters], subnets, neighbours
         )
         self.assignment = assignment
 

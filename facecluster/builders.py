@@ -34,7 +34,11 @@ from facecluster.run import BEST, LAST, RunFolder
 
 def build_datamodule(cfg: Config, eval_batch_size: int | None = None) -> FaceDataModule:
     """The scanned and split datamodule of ``cfg.data``; bad data fails here, named."""
-    args = {**cfg.data.datamodule_args(cfg.seed), "subnet_epoch_size": cfg.stage2.epoch_size}
+    args = {
+        **cfg.data.datamodule_args(cfg.seed),
+        "subnet_epoch_size": cfg.stage2.epoch_size,
+        "subnet_negatives": cfg.stage2.negatives,
+    }
     if eval_batch_size is not None:
         args["eval_batch_size"] = eval_batch_size
     with naming("data"):

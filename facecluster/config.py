@@ -329,11 +329,18 @@ class Stage2Config(StageConfig):
     cluster's, so that a stage-2 epoch puts as many images through the K sub-nets as
     the training split holds, as a stage-1 epoch does (larger clusters see a fresh
     random part of their images each epoch)."""
+    negatives: float = 0.0
+    """Teach each sub-net to say "not mine": its training set also takes images of
+    the other clusters' identities nearest its centroid, this many per image of its
+    own (0.25: one in five of its images), labelled with one extra class. At test
+    time that class's probability is taken from the sub-net's identities under
+    route.decision=moe. 0: no such class (the paper)."""
 
     def problems(self, prefix: str) -> list[str]:
         r = _Rules(prefix)
         r.positive("jobs", self.jobs)
         r.choice("epoch_size", self.epoch_size, ("largest", "mean"))
+        r.within("negatives", self.negatives, 0.0, 10.0)
         if self.group is not None and not 0 <= self.group < self.jobs:
             r.add(f"{prefix}group={self.group} must be in [0, {prefix}jobs={self.jobs})")
         if self.subnets is not None:

@@ -276,6 +276,7 @@ def _fit_job(
         subnet_ids=subnets,
         seed=cfg.seed,
         shared_layers=cfg.model.shared_layers,
+        not_mine=cfg.stage2.negatives > 0,
     )
     model.set_assignment(assignment)
     folder.save_job(subnets)

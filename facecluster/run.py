@@ -99,6 +99,7 @@ RESUME_FIXED_KEYS = (
     "clustering.method",
     "clustering.features",
     "clustering.overlap",
+    "stage2.negatives",  # the sub-nets' heads have one more row
 )
 
 

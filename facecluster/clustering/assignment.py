@@ -297,6 +297,16 @@ class ClusterAssignment:
             _memberships(self.class_to_cluster, self.overlap)[:, 1], minlength=self.num_clusters
         ).to(self.class_to_cluster.device)
 
+    def neighbours(self, k: int) -> torch.Tensor:
+        """The identities that are not members of cluster ``k``, nearest its centroid
+        first (cosine of their class means; ties to the lower id): whose images teach
+        sub-net ``k`` what is not its own (``stage2.negatives``)."""
+        outside = torch.ones(self.num_classes, dtype=torch.bool)
+        outside[self.classes_of(k).cpu()] = False
+        ids = outside.nonzero().flatten()
+        cosine = self.class_means.cpu()[ids] @ self.centroids.cpu()[k]
+        return ids[torch.argsort(cosine, descending=True, stable=True)]
+
     def memberships(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every (identity, cluster) membership as two ``[C + M]`` tensors: each identity
         with its own cluster, then ``overlap``'s rows."""

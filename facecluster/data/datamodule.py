@@ -359,6 +359,10 @@ class FaceDataModule(lightning.LightningDataModule):
             cluster's training images (``largest``) or the average cluster's (``mean``:
             an epoch puts the training split's worth of images through the sub-nets)
             (``stage2.epoch_size``).
+        subnet_negatives: Stage 2: each sub-net's loader also serves this many images
+            per image of its own from the identities of other clusters nearest it
+            (``connect_clusters``' ``neighbours``), labelled "not mine", one more
+            class than its identities (``stage2.negatives``).
         decode: ``cpu``: the loaders decode; ``device``: training loaders ship JPEG bytes
             and :meth:`on_after_batch_transfer` decodes each batch on the training device
             (``data.decode``).
@@ -381,6 +385,7 @@ class FaceDataModule(lightning.LightningDataModule):
         unseen_fraction: float = 0.0,
         subnet_epoch_size: str = "largest",
         decode: str = "cpu",
+        subnet_negatives: float = 0.0,
     ) -> None:
         super().__init__()
         # fail at construction (config time) rather than after a long scan
@@ -404,6 +409,8 @@ class FaceDataModule(lightning.LightningDataModule):
             raise ValueError(f"unseen_fraction must be in [0, 1), got {unseen_fraction}")
         if decode not in DECODE_PLACES:
             raise ValueError(f"decode must be one of {', '.join(DECODE_PLACES)}, got {decode!r}")
+        if subnet_negatives < 0:
+            raise ValueError(f"subnet_negatives must be >= 0, got {subnet_negatives}")
         if subnet_epoch_size not in SUBNET_EPOCH_SIZES:
             raise ValueError(
                 f"subnet_epoch_size must be one of {', '.join(SUBNET_EPOCH_SIZES)}, "
@@ -606,7 +613,10 @@ class FaceDataModule(lightning.LightningDataModule):
     # --------------------------------------------------------------- clusters
 
     def connect_clusters(
-        self, members: Sequence[Tensor], subnets: Sequence[int] | None = None
+        self,
+        members: Sequence[Tensor],
+        subnets: Sequence[int] | None = None,
+        neighbours: Sequence[Tensor] | None = None,
     ) -> None:
         """Attach the stage-2 clusters; training then serves one loader per cluster.
 
@@ -620,6 +630,11 @@ class FaceDataModule(lightning.LightningDataModule):
                 train both sub-nets.
             subnets: The clusters whose loaders training serves (a stage-2 job's
                 group); None: all K.
+            neighbours: With ``subnet_negatives``: ``neighbours[k]``, identities that
+                are not cluster ``k``'s, nearest first
+                (``ClusterAssignment.neighbours(k)``); their training images, in that
+                order, up to ``subnet_negatives`` times cluster ``k``'s own, join its
+                loader with label ``len(members[k])`` ("not mine").
 
         Raises:
             ValueError: Not integer ids, an empty cluster, ids out of range, repeated
@@ -651,9 +666,20 @@ class FaceDataModule(lightning.LightningDataModule):
         train = torch.tensor(self._split_indices("train"), dtype=torch.long)
         labels = self.split_labels("train")
         self._cluster_ids = []
-        for ids in clusters:
+        share = self.hparams.subnet_negatives
+        if share > 0 and (neighbours is None or len(neighbours) != len(clusters)):
+            raise ValueError("connect_clusters: subnet_negatives needs every cluster's neighbours")
+        per_class = torch.bincount(labels, minlength=num_classes)
+        for k, ids in enumerate(clusters):
             member = torch.zeros(num_classes, dtype=torch.bool)
             member[ids] = True
+            budget = round(share * int(per_class[ids].sum()))
+            if budget > 0:  # the nearest outsiders' images, whole identities, to the budget
+                ranked = torch.as_tensor(neighbours[k], dtype=torch.long).cpu()
+                if bool(member[ranked].any()):
+                    raise ValueError(f"connect_clusters: neighbours[{k}] holds members of {k}")
+                upto = torch.cumsum(per_class[ranked], 0)
+                member[ranked[: int(torch.searchsorted(upto, budget)) + 1]] = True
             self._cluster_ids.append(train[member[labels]].tolist())
         # early feedback: a cluster whose training subset would yield 1-sample batches
         for k in range(num_clusters):
@@ -683,9 +709,10 @@ class FaceDataModule(lightning.LightningDataModule):
         return tensor
 
     def _label_map(self, k: int) -> Tensor:
-        """Global label -> cluster ``k``'s label (-1 for identities not in it)."""
+        """Global label -> cluster ``k``'s label: its members' positions, and for every
+        other identity ``len(members)``, the "not mine" class of ``subnet_negatives``."""
         ids = self._members[k]
-        label_map = torch.full((self.num_classes,), -1, dtype=torch.long)
+        label_map = torch.full((self.num_classes,), len(ids), dtype=torch.long)
         label_map[ids] = torch.arange(len(ids))
         return label_map
 

@@ -12,7 +12,10 @@ similarity of the face's stage-1 embedding to each identity's class mean.
 for identity j of candidate cluster c. ``p(c | x)`` is the router's probability of
 the cluster: the softmax over class means at temperature ``T_r``, summed over the
 cluster's identities, renormalised over the ``top_m`` candidates. ``p_c(j | x)`` is
-sub-net c's softmax over its identities at temperature ``T_s``; ``p_mean(j | c, x)``
+sub-net c's softmax over its identities at temperature ``T_s`` (with
+``stage2.negatives``, over its identities and its "not mine" class, whose share
+no identity gets: a sub-net that says "not mine" gives its cluster's identities
+less); ``p_mean(j | c, x)``
 the class-mean softmax inside the cluster (the stage-1 model's own prediction, kept
 so that a sub-net's mistake is not final); ``g`` is its weight. The three numbers
 are fitted on the validation split by :class:`Calibration` (negative
@@ -64,6 +67,7 @@ def moe_scores(
     subnet_cosine: Tensor | None,
     class_mean_similarity: Tensor,
     params: MoeParams,
+    not_mine: Tensor | None = None,
 ) -> Tensor:
     """``[n, m]`` log-probabilities of a cluster's m identities for n faces.
 
@@ -76,6 +80,7 @@ def moe_scores(
         subnet_cosine: ``[n, m]`` the cluster's sub-net cosines (None when the
             generalist weight is 1).
         class_mean_similarity: ``[n, m]`` stage-1 similarities to the class means.
+        not_mine: ``[n, 1]`` the sub-net's cosine to its "not mine" row (None: none).
     """
     g = params.generalist_weight
     # float64: in float32 a log-softmax rounds to 0 once p > 1 - 1e-6 (the ulp of the
@@ -84,13 +89,20 @@ def moe_scores(
     if g == 1.0:
         mixed = mean
     else:
-        subnet = torch.log_softmax(subnet_cosine.double() / params.subnet_temperature, dim=1)
+        subnet = _subnet_log_softmax(subnet_cosine, not_mine, params.subnet_temperature)
         mixed = (
             subnet + math.log1p(-g)
             if g == 0.0
             else torch.logaddexp(subnet + math.log1p(-g), mean + math.log(g))
         )
     return cluster_log_weight[:, None].double() + mixed
+
+
+def _subnet_log_softmax(cosine: Tensor, not_mine: Tensor | None, temperature: float) -> Tensor:
+    """``[n, m]`` a sub-net's log-probabilities of its m identities: the softmax over them
+    and, when it has one, its "not mine" class, whose share is then left out."""
+    scores = cosine.double() if not_mine is None else torch.cat([cosine, not_mine], 1).double()
+    return torch.log_softmax(scores / temperature, dim=1)[:, : cosine.shape[1]]
 
 
 def similarity(a: Tensor, b: Tensor) -> Tensor:
@@ -146,7 +158,11 @@ class Calibration:
         self.faces += len(s)
 
     def update_within(
-        self, subnet_cosine: Tensor, class_mean_similarity: Tensor, local_label: Tensor
+        self,
+        subnet_cosine: Tensor,
+        class_mean_similarity: Tensor,
+        local_label: Tensor,
+        not_mine: Tensor | None = None,
     ) -> None:
         """Add the mixture NLL of faces whose true cluster is the one scored here.
 
@@ -154,6 +170,7 @@ class Calibration:
             subnet_cosine: ``[n, m]`` that cluster's sub-net cosines.
             class_mean_similarity: ``[n, m]`` similarities to its class means.
             local_label: ``[n]`` each face's identity among the m.
+            not_mine: ``[n, 1]`` the sub-net's cosine to its "not mine" row (None: none).
         """
         temps = TEMPERATURES.to(subnet_cosine.device)[:, None, None]
         index = local_label[None, :, None].expand(len(temps), -1, 1)
@@ -162,7 +179,8 @@ class Calibration:
             log_p = torch.log_softmax(scores.double()[None] / temps, dim=2)
             return log_p.gather(2, index)[..., 0].exp()
 
-        p_sub, p_mean = probability(subnet_cosine), probability(class_mean_similarity)
+        scores = subnet_cosine if not_mine is None else torch.cat([subnet_cosine, not_mine], 1)
+        p_sub, p_mean = probability(scores), probability(class_mean_similarity)
         w = WEIGHTS.to(p_sub.device)[None, None, :, None]
         for start in range(0, p_sub.shape[1], 64):  # [Tr, Ts, W, faces] in chunks
             sub = p_sub[None, :, None, start : start + 64]

@@ -111,7 +111,8 @@ class TwoStageIdentifier(nn.Module):
         backbone: keyword arguments of ``create_backbone`` (every backbone's recipe).
         router_backbone: the stage-1 backbone (embeds faces for routing).
         subnets: K sub-net backbones.
-        head_weights: K tensors [size_k, d], each sub-net's head rows.
+        head_weights: K tensors [size_k, d], each sub-net's head rows; one more row,
+            last, is its "not mine" class (``stage2.negatives``).
         assignment: the run's ClusterAssignment (class means, clusters).
         class_names: identity names, index = global id.
         route: the ``route`` config section as a dict (top_m, decision and its numbers,
@@ -141,7 +142,14 @@ class TwoStageIdentifier(nn.Module):
             _tie_trunks(router_backbone, subnets, shared_layers)
         self.subnets = nn.ModuleList(subnets)
         for k, weight in enumerate(head_weights):
-            self.register_buffer(f"head{k}", F.normalize(weight.detach().float(), dim=1))
+            rows = F.normalize(weight.detach().float(), dim=1)
+            members = int(assignment.cluster_sizes()[k])
+            if len(rows) not in (members, members + 1):
+                raise ValueError(
+                    f"sub-net {k}'s head has {len(rows)} rows for its {members} identities"
+                )
+            self.register_buffer(f"head{k}", rows[:members])
+            self.register_buffer(f"not_mine{k}", rows[members:])  # [0 or 1, d]
         self.register_buffer("class_means", assignment.class_means.float())
         self.register_buffer("class_to_cluster", assignment.class_to_cluster.long())
         for k in range(assignment.num_clusters):
@@ -180,6 +188,18 @@ class TwoStageIdentifier(nn.Module):
 
     def members(self, k: int) -> Tensor:
         return getattr(self, f"members{k}")
+
+    def head_rows(self, k: int) -> Tensor:
+        """Sub-net ``k``'s head as trained: its identities' rows, then its "not mine"
+        row when it has one (what export writes)."""
+        return torch.cat([self.head(k), getattr(self, f"not_mine{k}")])
+
+    def _subnet_cosine(self, k: int, embeddings: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Sub-net ``k``'s cosines to its identities ``[n, m]``, and to its "not mine"
+        row ``[n, 1]`` (None without one)."""
+        not_mine = getattr(self, f"not_mine{k}")
+        other = similarity(embeddings, not_mine) if len(not_mine) else None
+        return similarity(embeddings, self.head(k)), other
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
@@ -226,9 +246,10 @@ class TwoStageIdentifier(nn.Module):
             for k in clusters.unique().tolist():
                 rows = (clusters == k).nonzero().squeeze(1)
                 members = self.members(k)
-                cosine = similarity(self._embed_from(self.subnets[k], features[rows]), self.head(k))
+                embedded = self._embed_from(self.subnets[k], features[rows])
+                cosine, other = self._subnet_cosine(k, embedded)
                 local = torch.searchsorted(members, labels[rows])
-                calibration.update_within(cosine, sims[rows][:, members], local)
+                calibration.update_within(cosine, sims[rows][:, members], local, other)
         params = calibration.fit()
         self.route_config.update(params.to_route())
         return params
@@ -293,13 +314,14 @@ class TwoStageIdentifier(nn.Module):
         for c in clusters.unique().tolist():
             rows = (clusters == c).any(dim=1).nonzero().squeeze(1)
             members = self.members(c)
-            cosine = None
+            cosine = other = None
             if use_subnets:  # alpha 1, weight 1: the clustering unit alone, no sub-net runs
-                cosine = similarity(self._embed_from(self.subnets[c], features[rows]), self.head(c))
+                embedded = self._embed_from(self.subnets[c], features[rows])
+                cosine, other = self._subnet_cosine(c, embedded)
                 forwards += len(rows)
             if moe:
                 weight = log_weight.masked_fill(clusters != c, -math.inf).amax(dim=1)[rows]
-                score = moe_scores(weight, cosine, sims[c][rows], params)
+                score = moe_scores(weight, cosine, sims[c][rows], params, other)
                 close = evidence(cosine, sims[c][rows], params)
             else:
                 means = similarity(query[rows], self.class_means[members]) if alpha > 0 else None
@@ -400,7 +422,7 @@ class TwoStageIdentifier(nn.Module):
         return [self.routed(top_m, alpha), self.all_subnets(alpha)]
 
     def _subnet_parts(self) -> list[nn.Module | Tensor]:
-        return [*self.subnets, *(self.head(k) for k in range(self.num_clusters))]
+        return [*self.subnets, *(self.head_rows(k) for k in range(self.num_clusters))]
 
     # ------------------------------------------------------------------ loading, export
 
@@ -451,7 +473,7 @@ class TwoStageIdentifier(nn.Module):
             "route": self.route_config,
             "router_backbone": self.router_backbone.state_dict(),
             "subnets": [s.state_dict() for s in self.subnets],
-            "heads": [self.head(k).cpu() for k in range(self.num_clusters)],
+            "heads": [self.head_rows(k).cpu() for k in range(self.num_clusters)],
             "assignment": self.assignment.to_dict(),
             "class_names": self.class_names,
             "open_set": self.open_set,

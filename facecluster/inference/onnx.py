@@ -100,7 +100,7 @@ def write_gallery(identifier: TwoStageIdentifier, folder: str | Path) -> list[Pa
         key: assignment[key].numpy() for key in (*_ASSIGNMENT_ARRAYS, _OVERLAP) if key in assignment
     }
     for k in range(identifier.num_clusters):
-        arrays[f"head{k}"] = identifier.head(k).cpu().numpy()
+        arrays[f"head{k}"] = identifier.head_rows(k).cpu().numpy()
     with replacing(folder / "gallery.npz") as tmp:
         np.savez(tmp, **arrays)
     written.append(folder / "gallery.npz")

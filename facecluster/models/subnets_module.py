@@ -75,6 +75,8 @@ class SubnetSystem(StageSystem):
         seed: the run's seed; sub-net k's draws come from ``subnet_seed(seed, k)``.
         shared_layers: the first stages of every sub-net that stay the stage-1 backbone's
             (frozen); 0: whole sub-nets train.
+        not_mine: each head has one more row, last, the "not mine" class that the
+            other clusters' images of ``stage2.negatives`` are labelled with.
     """
 
     stage = 2
@@ -90,6 +92,7 @@ class SubnetSystem(StageSystem):
         subnet_ids: list[int] | None = None,
         seed: int = 0,
         shared_layers: int = 0,
+        not_mine: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -104,7 +107,7 @@ class SubnetSystem(StageSystem):
                 torch.manual_seed(subnet_seed(seed, k))
                 self.subnets[str(k)] = create_backbone(**backbone)
                 self.heads[str(k)] = create_head(
-                    num_classes=cluster_sizes[k], embedding_dim=dim, **head
+                    num_classes=cluster_sizes[k] + int(not_mine), embedding_dim=dim, **head
                 )
         if shared_layers:
             available = shareable_stages(next(iter(self.subnets.values())))
@@ -176,8 +179,9 @@ class SubnetSystem(StageSystem):
             subnet.load_state_dict(backbone_state)
         if init_heads_from_means:
             for k in self.subnet_ids:  # a head's rows are its cluster's members, in order
-                with torch.no_grad():
-                    self.heads[str(k)].weight.copy_(self.class_means[self._members[k]])
+                members = self._members[k]
+                with torch.no_grad():  # the "not mine" row, last, keeps its random start
+                    self.heads[str(k)].weight[: len(members)].copy_(self.class_means[members])
 
     def forward(self, images: Tensor, cluster: int) -> Tensor:
         """Embeddings of ``images`` by sub-net ``cluster``."""
