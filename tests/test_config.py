@@ -118,6 +118,8 @@ def test_contradictions_are_listed_together():
     assert "method=random partitions at random: clustering.overlap=0.1" in message
     with pytest.raises(ConfigError, match=r"clustering.overlap must be in \[0, 1\], got 2"):
         load_config(overrides=["clustering.overlap=2"])
+    with pytest.raises(ConfigError, match=r"stage2.negatives must be in \[0, 10\], got -1"):
+        load_config(overrides=["stage2.negatives=-1"])
     assert "data.decode='gpu' is not one of cpu, device" in message
 
 

@@ -366,6 +366,32 @@ def test_combined_loader_after_connect_clusters(dm: FaceDataModule) -> None:
     assert 4 in seen[1] and 4 in seen[2]  # the shared identity trains both sub-nets
 
 
+def test_negatives_add_the_nearest_outsiders_images_as_not_mine() -> None:
+    # stage2.negatives=0.5: cluster 0 (identities 0, 1) also serves the images of the
+    # outsiders nearest it, whole identities in the given order until half its own count,
+    # each labelled 2 ("not mine", one past its identities)
+    dm = FaceDataModule(str(DEMO_ROOT), batch_size=8, max_classes=6, seed=3, subnet_negatives=0.5)
+    train = Counter(dm.split_labels("train").tolist())
+    members = [torch.tensor([0, 1]), torch.tensor([2, 3, 4, 5])]
+    with pytest.raises(ValueError, match="needs every cluster's neighbours"):
+        dm.connect_clusters(members)
+    with pytest.raises(ValueError, match=r"neighbours\[0\] holds members of 0"):
+        dm.connect_clusters(members, neighbours=[torch.tensor([1, 5]), torch.tensor([0, 1])])
+    dm.connect_clusters(members, neighbours=[torch.tensor([5, 2, 3, 4]), torch.tensor([1, 0])])
+    budget = round(0.5 * (train[0] + train[1]))
+    taken = [5] if train[5] >= budget else [5, 2]
+    own = train[0] + train[1]
+    assert dm.cluster_train_images()[0] == own + sum(train[c] for c in taken)
+    image_index = _image_index(dm)
+    labels = {}
+    for images, local, _ in dm.train_dataloader().iterables[0]:
+        for image, label in zip(images, local.tolist(), strict=True):
+            labels.setdefault(image_index[image.numpy().tobytes()], set()).add(label)
+    assert labels[0] == {0} and labels[1] == {1}
+    assert all(labels[c] == {2} for c in taken) and set(labels) <= {0, 1, *taken}
+    assert torch.equal(dm._label_map(1), torch.tensor([4, 4, 0, 1, 2, 3]))
+
+
 def test_mean_epoch_size_passes_the_train_split_once_per_epoch() -> None:
     # stage2.epoch_size=mean: K x steps x batch is the train split's size (full batches),
     # a large cluster sees a part of its images without repeats, each epoch another

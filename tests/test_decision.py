@@ -94,6 +94,38 @@ def test_moe_over_every_cluster_is_ism_and_a_routing_miss_is_not_forced():
     assert bool((ident.class_to_cluster[top2.identity[moved]] == top2.clusters[moved, 1]).all())
 
 
+def test_a_subnet_that_says_not_mine_gives_its_identities_less():
+    # stage2.negatives: the sub-net's softmax also covers its "not mine" row, whose share
+    # no identity gets; the identifier splits that row off the trained head
+    p = MoeParams(0.1, 0.05, 0.3)
+    cosine, means = torch.tensor([[0.6, 0.2, 0.1]]), torch.tensor([[0.5, 0.3, 0.2]])
+    weight = torch.tensor([0.5]).log()
+    for not_mine in (torch.tensor([[-0.2]]), torch.tensor([[0.9]])):
+        scores = moe_scores(weight, cosine, means, p, not_mine).exp()
+        sub = torch.softmax(torch.cat([cosine, not_mine], 1).double() / 0.05, 1)[:, :3]
+        mean = torch.softmax(means.double() / 0.1, 1)
+        assert torch.allclose(scores, 0.5 * (0.7 * sub + 0.3 * mean))
+    sure = moe_scores(weight, cosine, means, p, torch.tensor([[0.9]])).exp().sum()
+    assert float(sure) < 0.5 * 0.31  # "not mine": little more than the generalist's share
+    ident, queries = _random_identifier()
+    heads = [torch.cat([ident.head(k), F.normalize(torch.randn(1, 8), dim=1)]) for k in range(4)]
+    names, a = ident.class_names, ident.assignment
+
+    def build(rows):
+        args = (ident.backbone_args, ident.router_backbone, ident.subnets, rows, a, names)
+        return TwoStageIdentifier(*args, dict(ident.route_config))
+
+    split = build(heads)
+    for k in range(4):
+        assert torch.allclose(split.head(k), ident.head(k))
+        assert split.head_rows(k).shape[0] == len(a.classes_of(k)) + 1  # what export writes
+    with pytest.raises(ValueError, match="sub-net 0's head has 10 rows for its 8 identities"):
+        build([torch.cat([h, h[:1]]) for h in heads])
+    # the linear unit does not use the row: the same answers
+    same = split.identify(queries, alpha=0.3, all_subnets=True)
+    assert torch.equal(same.identity, ident.identify(queries, alpha=0.3, all_subnets=True).identity)
+
+
 def test_moe_without_its_numbers_asks_for_calibration():
     ident, queries = _random_identifier()
     ident.route_config["decision"] = "moe"

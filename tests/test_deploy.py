@@ -62,9 +62,15 @@ def test_threshold_at_fpir_lets_at_most_that_fraction_pass():
 @pytest.fixture(scope="module")
 def open_run(tmp_path_factory):
     """A finished two-stage run of 12 identities, 3 of them never trained on; 2 of the 9
-    in a second cluster (clustering.overlap), which the export and enrolment keep."""
+    in a second cluster (clustering.overlap), and sub-nets with a "not mine" class
+    (stage2.negatives), which the export and enrolment keep."""
     tmp = tmp_path_factory.mktemp("open")
-    overrides = ("logger=csv", "data.unseen_fraction=0.25", "clustering.overlap=0.25")
+    overrides = (
+        "logger=csv",
+        "data.unseen_fraction=0.25",
+        "clustering.overlap=0.25",
+        "stage2.negatives=0.5",
+    )
     cfg = load_config(SMOKE, smoke_overrides(tmp, *overrides))
     return train(cfg).run_dir
 
@@ -146,6 +152,9 @@ def test_onnx_identifier_matches_torch_on_the_test_split(open_run, exported, tmp
     assert onnx_ident.open_set == torch_ident.open_set
     assert onnx_ident.assignment == torch_ident.assignment  # overlap rows in gallery.npz
     assert len(onnx_ident.assignment.overlap) == 2
+    for k in range(3):  # each sub-net's "not mine" row travels with its head
+        assert len(torch_ident.not_mine0) == 1
+        assert torch.equal(onnx_ident.head_rows(k), torch_ident.head_rows(k))
     cfg = RunFolder(open_run).finished_config()
     for images, _ in build_datamodule(cfg).test_dataloader():
         x = normalize_images(images)
@@ -209,6 +218,8 @@ def test_enrolling_new_identities_without_retraining(open_run, exported, tmp_pat
         assert ident.class_names == before.class_names + sorted(unseen)
         assert ident.open_set == before.open_set
         assert torch.equal(ident.assignment.overlap, before.assignment.overlap)
+        for k in range(3):  # the "not mine" row stays last, after the new identities' rows
+            assert torch.equal(ident.head_rows(k)[-1], before.head_rows(k)[-1])
     # the new identity's class mean is its normalised mean stage-1 embedding, its head
     # row the same over its cluster's sub-net; old identities keep theirs
     name, new_id = sorted(unseen)[0], len(before.class_names)

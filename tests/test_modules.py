@@ -28,7 +28,9 @@ OPTIM = {
 }
 
 
-def _subnets(num_classes: int = 9, k: int = 3, overlap: float = 0.0) -> tuple[SubnetSystem, object]:
+def _subnets(
+    num_classes: int = 9, k: int = 3, overlap: float = 0.0, not_mine: bool = False
+) -> tuple[SubnetSystem, object]:
     cfg = load_config(SMOKE, ["model.embedding_dim=16"])
     torch.manual_seed(0)
     means = torch.nn.functional.normalize(torch.randn(num_classes, 16), dim=1)
@@ -39,16 +41,17 @@ def _subnets(num_classes: int = 9, k: int = 3, overlap: float = 0.0) -> tuple[Su
         backbone=cfg.model.backbone_args(32),
         head={"name": cfg.head.name, "s": cfg.head.s, "m": cfg.head.m},
         optim=OPTIM,
+        not_mine=not_mine,
     )
     model.set_assignment(assignment)
     return model, assignment
 
 
-@pytest.mark.parametrize("overlap", [0.0, 0.34])
-def test_warm_start_copies_the_backbone_and_class_means(overlap):
+@pytest.mark.parametrize(("overlap", "not_mine"), [(0.0, False), (0.34, True)])
+def test_warm_start_copies_the_backbone_and_class_means(overlap, not_mine):
     # with clustering.overlap a head also has rows for the identities its cluster gains,
-    # each where the sub-net's label puts it
-    model, assignment = _subnets(overlap=overlap)
+    # each where the sub-net's label puts it; stage2.negatives adds a last "not mine" row
+    model, assignment = _subnets(overlap=overlap, not_mine=not_mine)
     assert len(assignment.overlap) == round(overlap * 9)
     backbone = model.subnets["0"].state_dict()
     backbone = {k: v + 1.0 if v.is_floating_point() else v for k, v in backbone.items()}
@@ -57,8 +60,10 @@ def test_warm_start_copies_the_backbone_and_class_means(overlap):
         for key, value in subnet.state_dict().items():
             assert torch.equal(value, backbone[key])
     for k in model.subnet_ids:
-        head = model.heads[str(k)]
-        assert torch.equal(head.weight, assignment.class_means[assignment.classes_of(k)])
+        rows = model.heads[str(k)].weight
+        members = assignment.classes_of(k)
+        assert len(rows) == len(members) + not_mine
+        assert torch.equal(rows[: len(members)], assignment.class_means[members])
 
 
 def test_gradient_clipping_is_per_subnet():

@@ -48,6 +48,8 @@ def test_contradicting_overrides_are_refused_with_every_difference(run_dir):
         RunFolder.config_for_resume(str(run_dir), ["clustering.features=head"])
     with pytest.raises(ConfigError, match="clustering.overlap: the run has 0.0, the command"):
         RunFolder.config_for_resume(str(run_dir), ["clustering.overlap=0.1"])
+    with pytest.raises(ConfigError, match="stage2.negatives: the run has 0.0, the command"):
+        RunFolder.config_for_resume(str(run_dir), ["stage2.negatives=0.5"])
 
 
 def test_harmless_overrides_and_same_root_written_differently_are_accepted(run_dir):
