@@ -149,9 +149,10 @@ class Calibration:
         ids, clusters = (t.to(s.device) for t in members)
         index = clusters.expand(len(s), -1)
         right = right.to(s.device)
+        per_member = s[:, ids]  # gathered once, not per temperature
         for i, t in enumerate(TEMPERATURES.tolist()):
             mass = torch.zeros(right.shape, dtype=s.dtype, device=s.device)
-            mass.scatter_add_(1, index, torch.exp(s[:, ids] / t))
+            mass.scatter_add_(1, index, torch.exp(per_member / t))
             log_mass = mass.log()
             found = torch.logsumexp(log_mass.masked_fill(~right, -torch.inf), 1)
             self.router_nll[i] += (torch.logsumexp(log_mass, 1) - found).sum().cpu()

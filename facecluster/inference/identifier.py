@@ -141,9 +141,10 @@ class TwoStageIdentifier(nn.Module):
             _check_shared(router_backbone, subnets, shared_layers)
             _tie_trunks(router_backbone, subnets, shared_layers)
         self.subnets = nn.ModuleList(subnets)
+        sizes = assignment.cluster_sizes().tolist()
         for k, weight in enumerate(head_weights):
             rows = F.normalize(weight.detach().float(), dim=1)
-            members = int(assignment.cluster_sizes()[k])
+            members = sizes[k]
             if len(rows) not in (members, members + 1):
                 raise ValueError(
                     f"sub-net {k}'s head has {len(rows)} rows for its {members} identities"

@@ -38,7 +38,7 @@ ONNX_VERSION = 2
 """Version 2 (the layout of 1): the open-set threshold compares the answer's similarity;
 a reader of version 1 refuses the folder instead of comparing log-probabilities."""
 _ASSIGNMENT_ARRAYS = ("class_to_cluster", "local_index", "class_means", "centroids")
-_OVERLAP = "overlap"  # assignment version 2 on (clustering.overlap); absent before
+_OVERLAP = "overlap"  # the rows of clustering.overlap; absent when there are none
 
 
 def _require(module: str) -> Any:
