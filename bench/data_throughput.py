@@ -6,7 +6,9 @@ each ``num_workers`` in 0, 1, 2: the stage-1 training loader of FaceDataModule
 (read, decode, draw the mirror flags, collate into a uint8 batch; the mirror
 itself is applied on the device with the normalisation, timed separately here on
 the CPU) over an image folder and over the
-same folder packed into RecordIO, the ``.rec`` loader under ``data.decode=device``
+same folder packed into RecordIO, the same ``.rec`` loader through DataLoader's
+per-item path (``rec_per_item``: fresh memory per batch, as before reused batch
+buffers), the ``.rec`` loader under ``data.decode=device``
 (it reads and ships the JPEG bytes; ``rec_bytes``), and the ceiling: the loaders'
 decoder on the same JPEG bytes in a tight loop in as many processes (one for
 ``num_workers=0``). ``device_decode`` times that setting's batched decode on
@@ -34,6 +36,7 @@ from statistics import median
 import simplejpeg
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from facecluster.data import FaceDataModule
 from facecluster.data.images import EncodedImages, decode_on_device
@@ -91,8 +94,16 @@ def ceiling(jpegs: list[bytes], processes: int, seconds: float = 3.0) -> float:
 
 
 def loader_rate(
-    root: Path, workers: int, batches: int, batch_size: int, decode: str = "cpu"
+    root: Path,
+    workers: int,
+    batches: int,
+    batch_size: int,
+    decode: str = "cpu",
+    per_item: bool = False,
 ) -> float:
+    """Images/s of the stage-1 training loader; ``per_item``: the same dataset through
+    DataLoader's default path instead (``dataset[i]`` per image, ``default_collate``,
+    each batch in fresh memory), what the loaders did before reused batch buffers."""
     dm = FaceDataModule(
         str(root),
         image_size=112,
@@ -104,6 +115,11 @@ def loader_rate(
         decode=decode,
     )
     loader = dm.train_dataloader()
+    if per_item:
+        loader.dataset.buffers = None
+        loader = DataLoader(
+            loader.dataset, batch_size, shuffle=True, drop_last=True, num_workers=workers
+        )
     it = iter(loader)
     next(it)  # workers started, first batch ready
     done, start = 0, time.perf_counter()
@@ -196,6 +212,9 @@ def main() -> None:
                     "ceiling": ceiling(jpegs, max(1, workers), args.seconds),
                     "folder": loader_rate(root, workers, args.batches, args.batch_size),
                     "rec": loader_rate(rec, workers, args.batches, args.batch_size),
+                    "rec_per_item": loader_rate(
+                        rec, workers, args.batches, args.batch_size, per_item=True
+                    ),
                     # data.decode=device: the loader reads and ships the JPEG bytes
                     "rec_bytes": loader_rate(
                         rec, workers, args.batches, args.batch_size, decode="device"
@@ -208,6 +227,7 @@ def main() -> None:
             row["rec_vs_ceiling"] = row["rec"] / row["ceiling"]
             row["folder_vs_ceiling"] = row["folder"] / row["ceiling"]
             row["rec_vs_folder"] = row["rec"] / row["folder"]
+            row["rec_vs_per_item"] = row["rec"] / row["rec_per_item"]
             row["rounds"] = rounds
             result["rows"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "rounds"}))

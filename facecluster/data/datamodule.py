@@ -41,6 +41,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from facecluster.data.batches import BatchBuffers
 from facecluster.data.folder import (
     SPLIT_NAMES,
     FaceFolder,
@@ -137,13 +138,16 @@ class FaceImageDataset(Dataset):
         self.max_bad_fraction = max_bad_fraction
         self.split_name = split_name
         self._same_identity: dict[int, list[int]] | None = None  # built on first bad file
+        self.buffers: BatchBuffers | None = None
+        """Set by the datamodule's loaders: :meth:`__getitems__` then collates into them."""
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, index: int, encoded: bool = False):
+    def _load(self, index: int, encoded: bool = False, out: np.ndarray | None = None):
         """The decoded image of ``samples[index]`` (``encoded``: its bytes when the device
-        decodes it), or None when it is broken (skip policy)."""
+        decodes it), or None when it is broken (skip policy). ``out``: where a JPEG of
+        that size is decoded (:func:`~facecluster.data.images.decode_image`)."""
         sample_id = self.sample_ids[index]
         if self.tracker.is_bad(sample_id):
             return None
@@ -155,7 +159,7 @@ class FaceImageDataset(Dataset):
                 data = Path(path).read_bytes()
             if encoded and device_decodable(data, self.transform.size):
                 return data
-            return decode_image(data)
+            return decode_image(data, out)
         except DECODE_ERRORS as e:
             self.broken(index, e)
             return None
@@ -191,7 +195,7 @@ class FaceImageDataset(Dataset):
         same identity (cyclic), decoded and resized, never mirrored here."""
         return self.transform(self._substitute(index), False)[0]
 
-    def _substitute(self, index: int, encoded: bool = False):
+    def _substitute(self, index: int, encoded: bool = False, out: np.ndarray | None = None):
         """The next readable image of the same identity after ``index`` (cyclic)."""
         if self._same_identity is None:
             groups: dict[int, list[int]] = {}
@@ -202,7 +206,7 @@ class FaceImageDataset(Dataset):
         group = self._same_identity[label]
         start = group.index(index)
         for j in group[start + 1 :] + group[:start]:
-            image = self._load(j, encoded)
+            image = self._load(j, encoded, out)
             if image is not None:
                 return image
         raise BadImageError(
@@ -234,6 +238,53 @@ class FaceImageDataset(Dataset):
         if self.encoded:
             return image, label, mirror, index
         return (image, label, mirror) if self.transform.train else (image, label)
+
+    def __getitems__(self, indices: list) -> list | tuple:
+        """The items of a batch; with :attr:`buffers`, the batch itself, collated.
+
+        Without buffers (or under ``encoded``) this is DataLoader's default: the list of
+        ``self[i]``, for the collate function. With them, each image is decoded straight
+        into a claimed slot (:class:`~facecluster.data.batches.BatchBuffers`), and the
+        result equals ``default_collate([self[i] for i in indices])``: the same pixels,
+        labels and mirror draws (one ``torch.rand(n)`` draws what n ``torch.rand(1)``
+        would). Loaders over it use :func:`collated`.
+        """
+        if self.buffers is None or self.encoded:
+            return [self[i] for i in indices]
+        pairs = [i if isinstance(i, tuple) else (i, None) for i in indices]
+        slot, images = self.buffers.claim(len(pairs))
+        try:
+            return self._collate_into(slot, images, pairs)
+        except BaseException:  # data.on_bad_image=fail, too many broken files
+            self.buffers.release(slot)
+            raise
+
+    def _collate_into(self, slot: int | None, images: np.ndarray, pairs: list) -> tuple:
+        size = self.transform.size
+        labels = []
+        address, stride = images.ctypes.data, images.strides[0] if len(images) else 0
+        for j, (index, _) in enumerate(pairs):
+            out = images[j]
+            image = self._load(index, out=out)
+            if image is None:
+                image = self._substitute(index, out=out)
+            if image.shape[:2] != (size, size):
+                image = self.transform(image, False)[0]
+            if image.data_ptr() != address + j * stride:  # not a JPEG decoded in place
+                out[...] = image.numpy()
+            label = self.samples[index][1]
+            labels.append(label if self._label_map is None else self._label_map[label])
+        rest = [torch.tensor(labels, dtype=torch.long)]
+        if self.transform.train:
+            draws = iter((torch.rand(sum(m is None for _, m in pairs)) < 0.5).tolist())
+            rest.append(torch.tensor([next(draws) if m is None else bool(m) for _, m in pairs]))
+        return self.buffers.batch(slot, images, *rest)
+
+
+def collated(batch):
+    """The collate function of loaders over datasets with :attr:`FaceImageDataset.buffers`:
+    their ``__getitems__`` returns the batch already collated."""
+    return batch
 
 
 def collate_encoded(items: list[tuple]) -> tuple[EncodedImages | Tensor, Tensor, Tensor]:
@@ -752,7 +803,7 @@ class FaceDataModule(lightning.LightningDataModule):
             )
         return per_rank
 
-    def _loader_kwargs(self, dataset: FaceImageDataset | None = None) -> dict:
+    def _loader_kwargs(self, dataset: FaceImageDataset, batch_size: int) -> dict:
         # Pinned (page-locked) batches when a Trainer runs on a CUDA device: the copy to
         # the GPU is then asynchronous DMA. No persistent workers: DataLoader draws its
         # workers' seeds from the global RNG at each epoch's iterator, which is what
@@ -764,8 +815,19 @@ class FaceDataModule(lightning.LightningDataModule):
             "pin_memory": device is not None and device.type == "cuda",
             "persistent_workers": False,
         }
-        if dataset is not None and dataset.encoded:
+        if dataset.encoded:
             kwargs["collate_fn"] = collate_encoded
+        else:
+            # Batches decoded into reused buffers (facecluster.data.batches): as many as
+            # can be in flight, each worker's prefetched batches plus the ones the main
+            # process holds (the current batch, Lightning's next one, the pin thread's)
+            workers = self.hparams.num_workers
+            dataset.buffers = BatchBuffers(
+                2 * workers + 4 if workers else 3,
+                (batch_size, self.hparams.image_size, self.hparams.image_size, 3),
+                shared=workers > 0,
+            )
+            kwargs["collate_fn"] = collated
         return kwargs
 
     def _train_loader(self, ids: list[int], label_map: Tensor | None, what: str) -> DataLoader:
@@ -778,7 +840,7 @@ class FaceDataModule(lightning.LightningDataModule):
             batch_size=self.hparams.batch_size,
             shuffle=True,  # global torch RNG, no Generator: reseedable and DDP-replaceable
             drop_last=per_rank > self.hparams.batch_size,
-            **self._loader_kwargs(dataset),
+            **self._loader_kwargs(dataset, self.hparams.batch_size),
         )
 
     def _train_dataset(
@@ -842,7 +904,7 @@ class FaceDataModule(lightning.LightningDataModule):
         dataset = self._train_dataset(ids, self._label_map(k), k)
         # every sampler yields steps x batch pairs: equal lengths, no partial batch
         return DataLoader(
-            dataset, batch_size=batch, sampler=sampler, **self._loader_kwargs(dataset)
+            dataset, batch_size=batch, sampler=sampler, **self._loader_kwargs(dataset, batch)
         )
 
     def _eval_loader(self, split: str, ids: list[int]) -> DataLoader:
@@ -857,7 +919,7 @@ class FaceDataModule(lightning.LightningDataModule):
             # Its own generator: creating an evaluation iterator (sanity check,
             # validation) must not draw from the global RNG that training reseeds.
             generator=torch.Generator().manual_seed(self.hparams.seed),
-            **self._loader_kwargs(),
+            **self._loader_kwargs(dataset, self.eval_batch_size),
         )
 
     def val_dataloader(self) -> DataLoader:

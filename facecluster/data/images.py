@@ -90,8 +90,11 @@ _FAST_COLORSPACES = ("YCbCr", "Gray", "RGB")
 _MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 2**62
 
 
-def decode_image(source: str | bytes) -> torch.Tensor:
+def decode_image(source: str | bytes, out: np.ndarray | None = None) -> torch.Tensor:
     """Decode an image file (path) or encoded bytes to ``uint8[H, W, 3]``, RGB.
+
+    ``out``: a writable ``uint8[H, W, 3]`` array; a JPEG of exactly that size is decoded
+    into it, and the tensor returned shares its memory (check before copying it there).
 
     JPEGs go to libjpeg-turbo through simplejpeg: no PIL object, and the decoder's
     own pixel order (height, width, channel), so nothing is transposed on the CPU.
@@ -110,7 +113,9 @@ def decode_image(source: str | bytes) -> torch.Tensor:
             # CMYK/YCCK: libjpeg-turbo's conversion differs from PIL's; an absurd size:
             # PIL raises its DecompressionBombError
             if colorspace in _FAST_COLORSPACES and height * width <= _MAX_PIXELS:
-                return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB"))
+                if out is None or out.shape != (height, width, 3):
+                    out = None  # simplejpeg allocates
+                return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out))
         except ValueError:  # truncated or corrupt: PIL decides and words the error
             pass
     return torch.from_numpy(np.array(load_rgb(io.BytesIO(data))))

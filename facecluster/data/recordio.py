@@ -256,7 +256,13 @@ class RecordFile:
     def encoded(self, locator: int | str) -> bytes:
         """The encoded image of record ``key`` or locator ``<file>#<key>``."""
         key = locator if isinstance(locator, int) else int(locator.rsplit("#", 1)[1])
-        return self.record(key).data
+        payload = self.payload(key)
+        # record(key).data without building the Record (a loader reads one per image)
+        if len(payload) >= _HEADER.size:
+            start = _HEADER.size + 4 * _HEADER.unpack_from(payload)[0]
+            if start <= len(payload):
+                return payload[start:]
+        return self.record(key).data  # raises naming what is wrong
 
     def image(self, locator: int | str) -> torch.Tensor:
         """The decoded image of record ``key`` or locator ``<file>#<key>``: ``uint8[H, W, 3]``

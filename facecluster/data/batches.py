@@ -1,0 +1,173 @@
+"""Reused batch buffers: a loader decodes straight into memory that is already mapped.
+
+A DataLoader worker normally builds each batch in a fresh shared-memory segment and
+sends the main process its file descriptor; the main process maps it, and both unmap
+it once the batch is used. Creating, faulting in and mapping 4.8 MB for every batch of
+128 112x112 faces cost 50-90 us per image here (bench/data_throughput.py, DATA.md),
+as much as decoding it. Even in one process, decoding into fresh memory, then
+stacking, was a quarter slower than decoding into a buffer that was written before.
+
+:class:`BatchBuffers` holds a few batch-sized slots, allocated once per loader (in
+shared memory when the loader has workers, before they start, so every worker sees
+the same pages). :meth:`FaceImageDataset.__getitems__
+<facecluster.data.datamodule.FaceImageDataset.__getitems__>` claims a free slot,
+decodes each image into it, and hands back the batch; from a worker only the slot's
+number and the labels travel, pickled (:class:`PooledBatch`), and the main process
+turns them back into a tensor over its own mapping of the slot.
+
+When is a slot free again? When nothing in the main process uses the batch any more:
+the delivered tensor is built on a numpy view of the slot, and a finalizer on that
+view marks the slot free when the last tensor sharing its memory is gone (a copy to
+the GPU or to pinned memory, the normalised network input: none of them hold it).
+A batch that a consumer keeps, or whose slot was claimed by a worker that was shut
+down before its batch was read, keeps its slot. No slot free: the batch is built in
+fresh memory as before, so running out costs speed, never correctness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import uuid
+import weakref
+
+import numpy as np
+import torch
+
+__all__ = ["BatchBuffers", "PooledBatch"]
+
+_FREE, _DELIVERED = 0, -1  # a slot's owner: free, in use in the main process, or a pid
+
+_REGISTRY: weakref.WeakValueDictionary[str, BatchBuffers] = weakref.WeakValueDictionary()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _release(owner: np.ndarray, slot: int) -> None:
+    owner[slot] = _FREE
+
+
+class BatchBuffers:
+    """``slots`` reusable ``uint8[batch, size, size, 3]`` batches of one loader.
+
+    Args:
+        slots: How many batches may be in flight at once (queued in workers, being
+            transferred, held by the consumer) before new ones go to fresh memory.
+        shape: ``(batch, height, width, 3)``, the largest batch served.
+        shared: In shared memory, for a loader with worker processes; create the
+            buffers before the workers start.
+    """
+
+    def __init__(self, slots: int, shape: tuple[int, ...], shared: bool) -> None:
+        if slots < 1:
+            raise ValueError(f"BatchBuffers: slots must be >= 1, got {slots}")
+        self.shape = tuple(shape)
+        nbytes = slots * int(np.prod(self.shape))
+        if shared:
+            # _new_shared maps the segment without writing it: pages are faulted in by
+            # the first batch that uses a slot, not here (share_memory_() would copy)
+            storage = torch.UntypedStorage._new_shared(nbytes)
+            self.images = torch.empty(0, dtype=torch.uint8).set_(storage)
+            self.owner = torch.zeros(slots, dtype=torch.int64).share_memory_()
+            # a spawn-context lock: forked workers inherit it, spawned or forkserver
+            # ones receive it pickled (a fork-context lock refuses that)
+            self._lock = multiprocessing.get_context("spawn").Lock()
+        else:
+            self.images = torch.empty(nbytes, dtype=torch.uint8)
+            self.owner = torch.zeros(slots, dtype=torch.int64)
+            self._lock = None
+        self.images = self.images.view(slots, *self.shape)
+        self.key = uuid.uuid4().hex
+        _REGISTRY[self.key] = self
+        self._views()
+
+    def _views(self) -> None:
+        # numpy views: indexing them is many times faster than indexing tensors
+        self._images_np = self.images.numpy()
+        self._owner_np = self.owner.numpy()
+        self._home = os.getpid()
+
+    def __getstate__(self) -> dict:
+        # spawned workers: the tensors travel as shared memory, the lock as a lock
+        return {k: v for k, v in self.__dict__.items() if not k.endswith("_np")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._images_np = self.images.numpy()
+        self._owner_np = self.owner.numpy()
+
+    @property
+    def slots(self) -> int:
+        return len(self._owner_np)
+
+    def in_use(self) -> int:
+        """Slots not free now (claimed by a worker or held in the main process)."""
+        return int((self._owner_np != _FREE).sum())
+
+    def claim(self, n: int) -> tuple[int | None, np.ndarray]:
+        """A slot for a batch of ``n`` and its ``uint8[n, ...]`` array to fill; ``(None,
+        fresh array)`` when every slot is in use or ``n`` is larger than a slot."""
+        if n <= self.shape[0]:
+            pid = os.getpid()
+            with self._lock or contextlib.nullcontext():
+                for slot, owner in enumerate(self._owner_np.tolist()):
+                    # a pid other than ours: claimed by a worker; one that has exited
+                    # was shut down before the main process read that batch
+                    if owner == _FREE or (owner > 0 and owner != pid and not _alive(owner)):
+                        self._owner_np[slot] = pid
+                        return slot, self._images_np[slot, :n]
+        return None, np.empty((n, *self.shape[1:]), dtype=np.uint8)
+
+    def release(self, slot: int | None) -> None:
+        """Give back a claimed slot whose batch will not be delivered (an error)."""
+        if slot is not None:
+            _release(self._owner_np, slot)
+
+    def batch(self, slot: int | None, images: np.ndarray, *rest: torch.Tensor):
+        """The batch ``(images, *rest)`` as the DataLoader should pass it on.
+
+        In the process that made the buffers: the tuple, the images a tensor over the
+        slot. In a worker: a :class:`PooledBatch`, which pickles to the slot's number
+        and becomes that tuple in the main process.
+        """
+        if slot is None:
+            return (torch.from_numpy(images), *rest)
+        if os.getpid() != self._home:
+            return PooledBatch(self.key, slot, len(images), rest)
+        return self._deliver(slot, len(images), rest)
+
+    def _deliver(self, slot: int, n: int, rest) -> tuple:
+        self._owner_np[slot] = _DELIVERED
+        view = self._images_np[slot, :n]  # a new view object: its finalizer is this batch's
+        weakref.finalize(view, _release, self._owner_np, slot)
+        return (torch.from_numpy(view), *rest)
+
+
+class PooledBatch:
+    """A batch built in a worker in a slot of :class:`BatchBuffers`: it pickles to the
+    slot's number and the small tensors, and unpickles as the batch tuple."""
+
+    def __init__(self, key: str, slot: int, n: int, rest: tuple[torch.Tensor, ...]) -> None:
+        self.key, self.slot, self.n, self.rest = key, slot, n, rest
+
+    def __reduce__(self):
+        # numpy arrays pickle as bytes; tensors would each take a shared-memory segment
+        return _receive, (self.key, self.slot, self.n, tuple(t.numpy() for t in self.rest))
+
+
+def _receive(key: str, slot: int, n: int, rest: tuple[np.ndarray, ...]) -> tuple:
+    buffers = _REGISTRY.get(key)
+    if buffers is None:
+        raise RuntimeError(
+            "a DataLoader batch arrived after its loader's batch buffers were released"
+        )
+    return buffers._deliver(slot, n, tuple(torch.from_numpy(a) for a in rest))

@@ -1,0 +1,157 @@
+"""Batches decoded into reused buffers (facecluster.data.batches): the same batches as
+DataLoader's per-item path, never overwritten while a consumer holds them."""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from facecluster.data import FaceDataModule, FaceImageDataset, build_transforms
+from facecluster.data.batches import BatchBuffers
+from facecluster.data.datamodule import collated
+
+DEMO_ROOT = Path(__file__).resolve().parents[1] / "datasets" / "lfw-demo" / "images"
+SIZE = 112
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> list[tuple[str, int]]:
+    """22 faces of 3 identities: real JPEGs, one PNG, one JPEG at another size (resized
+    by the loader) and one broken file (replaced under skip)."""
+    root = tmp_path_factory.mktemp("faces")
+    people = sorted(p for p in DEMO_ROOT.iterdir() if p.is_dir())[:3]
+    out = []
+    for label, person in enumerate(people):
+        for k, jpeg in enumerate(sorted(person.glob("*.jpg"))[:7]):
+            target = root / f"{label}_{k}.jpg"
+            shutil.copyfile(jpeg, target)
+            out.append((str(target), label))
+    first = Image.open(out[0][0])
+    first.save(root / "png.png")
+    buffer = io.BytesIO()
+    first.resize((90, 90)).save(buffer, format="JPEG")
+    (root / "small.jpg").write_bytes(buffer.getvalue())
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    return (
+        out
+        + [(str(root / "png.png"), 0), (str(root / "small.jpg"), 1)]
+        + [(str(root / "broken.jpg"), 2)]
+    )
+
+
+def _dataset(samples, train: bool, buffers: bool, workers: int, batch: int) -> FaceImageDataset:
+    ds = FaceImageDataset(
+        samples,
+        build_transforms(SIZE, train=train),
+        label_map=torch.tensor([2, 0, 1]),
+        max_bad_fraction=0.5,
+    )
+    if buffers:
+        ds.buffers = BatchBuffers(3, (batch, SIZE, SIZE, 3), shared=workers > 0)
+    return ds
+
+
+def _epochs(ds, workers: int, batch: int, sampler=None, epochs: int = 2) -> list:
+    torch.manual_seed(7)
+    kwargs = {"collate_fn": collated} if ds.buffers is not None else {}
+    loader = DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        **kwargs,
+    )
+    return [b for _ in range(epochs) for b in loader]  # every batch kept
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("train", [True, False])
+def test_batches_equal_the_per_item_path_and_held_batches_stay_intact(samples, workers, train):
+    """Pixels, labels and mirror draws equal DataLoader's default per-item path (JPEGs,
+    a PNG, a resized JPEG, a broken file's substitute), with every batch of two epochs
+    held at once: with 3 slots, later batches go to fresh memory, never over a held one."""
+    expected = _epochs(_dataset(samples, train, False, workers, 4), workers, 4)
+    got = _epochs(_dataset(samples, train, True, workers, 4), workers, 4)
+    assert len(got) == len(expected) == 12
+    for e, g in zip(expected, got, strict=True):
+        assert len(g) == len(e) == (3 if train else 2)
+        for a, b in zip(e, g, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    if train:
+        mirrors = torch.cat([b[2] for b in got])
+        assert 0 < int(mirrors.sum()) < len(mirrors)
+
+
+def test_mirrors_drawn_by_a_sampler_are_kept(samples):
+    """Stage 2's sampler draws the mirror with the index, ``(index, mirror)``."""
+    order = [(i, i % 3 == 0) for i in range(len(samples))]
+    expected = _epochs(_dataset(samples, True, False, 0, 5), 0, 5, sampler=order, epochs=1)
+    got = _epochs(_dataset(samples, True, True, 0, 5), 0, 5, sampler=order, epochs=1)
+    for e, g in zip(expected, got, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(e, g, strict=True))
+    assert torch.cat([b[2] for b in got]).tolist() == [m for _, m in order]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_datamodules_loaders_decode_into_reused_slots(workers):
+    """Batches dropped after use leave their slot free: every batch of an epoch, from
+    the main process or from worker processes, lies in the loader's own buffers."""
+    dm = FaceDataModule(str(DEMO_ROOT), batch_size=8, max_classes=6, seed=3, num_workers=workers)
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        buffers = loader.dataset.buffers
+        start = buffers.images.data_ptr()
+        end = start + buffers.images.numel()
+        count = 0
+        for images, *_ in loader:
+            assert start <= images.data_ptr() < end
+            count += 1
+        del images
+        assert count > 2 and buffers.in_use() == 0
+
+
+def test_device_decode_loaders_ship_bytes_not_buffers():
+    dm = FaceDataModule(str(DEMO_ROOT), batch_size=8, max_classes=6, seed=3, decode="device")
+    assert dm.train_dataloader().dataset.buffers is None
+
+
+def _claim_and_exit(buffers: BatchBuffers) -> None:
+    buffers.claim(2)
+
+
+def test_a_slot_claimed_by_an_exited_worker_is_claimed_again():
+    """A worker shut down before the main process read its batch leaves its slot claimed;
+    once that process is gone the slot is free. A live process's claim is kept."""
+    buffers = BatchBuffers(2, (2, 4, 4, 3), shared=True)
+    worker = multiprocessing.get_context("fork").Process(target=_claim_and_exit, args=(buffers,))
+    worker.start()
+    worker.join()
+    assert buffers.owner.tolist() == [worker.pid, 0]
+    slots = [buffers.claim(2)[0], buffers.claim(2)[0]]
+    assert sorted(slots) == [0, 1]
+    slot, fresh = buffers.claim(2)  # all claimed by this live process: fresh memory
+    assert slot is None and fresh.shape == (2, 4, 4, 3)
+    slot, too_big = BatchBuffers(1, (2, 4, 4, 3), shared=False).claim(3)
+    assert slot is None and too_big.shape == (3, 4, 4, 3)
+
+
+def test_a_delivered_batch_frees_its_slot_when_its_last_view_is_gone():
+    buffers = BatchBuffers(1, (2, 4, 4, 3), shared=False)
+    slot, images = buffers.claim(2)
+    images[...] = 5
+    batch = buffers.batch(slot, images, torch.tensor([1, 2]))
+    view = batch[0][1:]  # a view keeps the slot
+    del batch, images
+    assert buffers.in_use() == 1 and buffers.claim(1)[0] is None
+    assert int(view.sum()) == 5 * view.numel()
+    del view
+    assert buffers.in_use() == 0 and buffers.claim(1)[0] == 0
+    with pytest.raises(ValueError, match="slots must be >= 1"):
+        BatchBuffers(0, (1, 4, 4, 3), shared=False)
