@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from facecluster.data import FaceDataModule, FaceImageDataset, build_transforms
+from facecluster.data import BadImageError, FaceDataModule, FaceImageDataset, build_transforms
 from facecluster.data.batches import BatchBuffers
 from facecluster.data.datamodule import collated
 
@@ -155,3 +155,22 @@ def test_a_delivered_batch_frees_its_slot_when_its_last_view_is_gone():
     assert buffers.in_use() == 0 and buffers.claim(1)[0] == 0
     with pytest.raises(ValueError, match="slots must be >= 1"):
         BatchBuffers(0, (1, 4, 4, 3), shared=False)
+
+
+def test_an_error_gives_the_claimed_slot_back(samples):
+    """data.on_bad_image=fail stops at the broken file; the slot its batch claimed is free."""
+    ds = FaceImageDataset(samples, build_transforms(SIZE, train=True), on_bad_image="fail")
+    ds.buffers = BatchBuffers(2, (len(samples), SIZE, SIZE, 3), shared=False)
+    with pytest.raises(BadImageError, match="broken.jpg"):
+        ds.__getitems__(list(range(len(samples))))
+    assert ds.buffers.in_use() == 0
+
+
+def test_a_batch_whose_slot_was_claimed_again_is_refused():
+    """A worker died after queuing its batch, and another claimed the slot: refused,
+    never delivered over the other batch."""
+    buffers = BatchBuffers(1, (2, 4, 4, 3), shared=True)
+    slot, images = buffers.claim(2)
+    buffers.owner[slot] = 1  # as if another process had claimed it since
+    with pytest.raises(RuntimeError, match="claimed again"):
+        buffers.batch(slot, images, torch.tensor([0, 1]))

@@ -19,14 +19,14 @@ When is a slot free again? When nothing in the main process uses the batch any m
 the delivered tensor is built on a numpy view of the slot, and a finalizer on that
 view marks the slot free when the last tensor sharing its memory is gone (a copy to
 the GPU or to pinned memory, the normalised network input: none of them hold it).
-A batch that a consumer keeps, or whose slot was claimed by a worker that was shut
-down before its batch was read, keeps its slot. No slot free: the batch is built in
-fresh memory as before, so running out costs speed, never correctness.
+A batch that a consumer keeps keeps its slot; a slot claimed by a worker that was shut
+down before its batch was read is taken back once that process has exited. No slot
+free: the batch is built in fresh memory (shared, in a worker), as DataLoader does,
+so running out costs speed, never correctness.
 """
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import uuid
@@ -34,6 +34,7 @@ import weakref
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 __all__ = ["BatchBuffers", "PooledBatch"]
 
@@ -53,7 +54,26 @@ def _alive(pid: int) -> bool:
 
 
 def _release(owner: np.ndarray, slot: int) -> None:
-    owner[slot] = _FREE
+    if owner[slot] == _DELIVERED:
+        owner[slot] = _FREE
+
+
+def _fresh(shape: tuple[int, ...]) -> np.ndarray:
+    """A new batch array; in a worker, in shared memory, where DataLoader would put it."""
+    if get_worker_info() is None:
+        return np.empty(shape, dtype=np.uint8)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape).numpy()
+
+
+class _NoLock:
+    """The lock of buffers no other process claims from."""
+
+    def acquire(self, timeout: float) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
 
 
 class BatchBuffers:
@@ -84,7 +104,7 @@ class BatchBuffers:
         else:
             self.images = torch.empty(nbytes, dtype=torch.uint8)
             self.owner = torch.zeros(slots, dtype=torch.int64)
-            self._lock = None
+            self._lock = _NoLock()
         self.images = self.images.view(slots, *self.shape)
         self.key = uuid.uuid4().hex
         _REGISTRY[self.key] = self
@@ -94,7 +114,6 @@ class BatchBuffers:
         # numpy views: indexing them is many times faster than indexing tensors
         self._images_np = self.images.numpy()
         self._owner_np = self.owner.numpy()
-        self._home = os.getpid()
 
     def __getstate__(self) -> dict:
         # spawned workers: the tensors travel as shared memory, the lock as a lock
@@ -116,21 +135,25 @@ class BatchBuffers:
     def claim(self, n: int) -> tuple[int | None, np.ndarray]:
         """A slot for a batch of ``n`` and its ``uint8[n, ...]`` array to fill; ``(None,
         fresh array)`` when every slot is in use or ``n`` is larger than a slot."""
-        if n <= self.shape[0]:
-            pid = os.getpid()
-            with self._lock or contextlib.nullcontext():
+        # a worker killed while holding the lock must not stall the others: after a
+        # second without it, this batch goes to fresh memory
+        if n <= self.shape[0] and self._lock.acquire(timeout=1.0):
+            try:
+                pid = os.getpid()
                 for slot, owner in enumerate(self._owner_np.tolist()):
                     # a pid other than ours: claimed by a worker; one that has exited
                     # was shut down before the main process read that batch
                     if owner == _FREE or (owner > 0 and owner != pid and not _alive(owner)):
                         self._owner_np[slot] = pid
                         return slot, self._images_np[slot, :n]
-        return None, np.empty((n, *self.shape[1:]), dtype=np.uint8)
+            finally:
+                self._lock.release()
+        return None, _fresh((n, *self.shape[1:]))
 
     def release(self, slot: int | None) -> None:
         """Give back a claimed slot whose batch will not be delivered (an error)."""
-        if slot is not None:
-            _release(self._owner_np, slot)
+        if slot is not None and self._owner_np[slot] == os.getpid():
+            self._owner_np[slot] = _FREE
 
     def batch(self, slot: int | None, images: np.ndarray, *rest: torch.Tensor):
         """The batch ``(images, *rest)`` as the DataLoader should pass it on.
@@ -141,14 +164,22 @@ class BatchBuffers:
         """
         if slot is None:
             return (torch.from_numpy(images), *rest)
-        if os.getpid() != self._home:
-            return PooledBatch(self.key, slot, len(images), rest)
-        return self._deliver(slot, len(images), rest)
+        if get_worker_info() is not None:
+            return PooledBatch(self.key, slot, os.getpid(), len(images), rest)
+        return self._deliver(slot, os.getpid(), len(images), rest)
 
-    def _deliver(self, slot: int, n: int, rest) -> tuple:
+    def _deliver(self, slot: int, claimer: int, n: int, rest) -> tuple:
+        if self._owner_np[slot] != claimer:
+            # only if the worker died after queuing the batch and another took the slot
+            raise RuntimeError(
+                f"batch slot {slot} was claimed again (by process {self._owner_np[slot]}) "
+                f"before the batch process {claimer} built in it was read; that worker "
+                "must have died"
+            )
         self._owner_np[slot] = _DELIVERED
         view = self._images_np[slot, :n]  # a new view object: its finalizer is this batch's
-        weakref.finalize(view, _release, self._owner_np, slot)
+        # not at interpreter exit: a forked child exiting must not free the parent's slots
+        weakref.finalize(view, _release, self._owner_np, slot).atexit = False
         return (torch.from_numpy(view), *rest)
 
 
@@ -156,18 +187,21 @@ class PooledBatch:
     """A batch built in a worker in a slot of :class:`BatchBuffers`: it pickles to the
     slot's number and the small tensors, and unpickles as the batch tuple."""
 
-    def __init__(self, key: str, slot: int, n: int, rest: tuple[torch.Tensor, ...]) -> None:
-        self.key, self.slot, self.n, self.rest = key, slot, n, rest
+    def __init__(
+        self, key: str, slot: int, claimer: int, n: int, rest: tuple[torch.Tensor, ...]
+    ) -> None:
+        self.key, self.slot, self.claimer, self.n, self.rest = key, slot, claimer, n, rest
 
     def __reduce__(self):
         # numpy arrays pickle as bytes; tensors would each take a shared-memory segment
-        return _receive, (self.key, self.slot, self.n, tuple(t.numpy() for t in self.rest))
+        rest = tuple(t.numpy() for t in self.rest)
+        return _receive, (self.key, self.slot, self.claimer, self.n, rest)
 
 
-def _receive(key: str, slot: int, n: int, rest: tuple[np.ndarray, ...]) -> tuple:
+def _receive(key: str, slot: int, claimer: int, n: int, rest: tuple[np.ndarray, ...]) -> tuple:
     buffers = _REGISTRY.get(key)
     if buffers is None:
         raise RuntimeError(
             "a DataLoader batch arrived after its loader's batch buffers were released"
         )
-    return buffers._deliver(slot, n, tuple(torch.from_numpy(a) for a in rest))
+    return buffers._deliver(slot, claimer, n, tuple(torch.from_numpy(a) for a in rest))

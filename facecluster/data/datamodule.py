@@ -245,9 +245,9 @@ class FaceImageDataset(Dataset):
         Without buffers (or under ``encoded``) this is DataLoader's default: the list of
         ``self[i]``, for the collate function. With them, each image is decoded straight
         into a claimed slot (:class:`~facecluster.data.batches.BatchBuffers`), and the
-        result equals ``default_collate([self[i] for i in indices])``: the same pixels,
-        labels and mirror draws (one ``torch.rand(n)`` draws what n ``torch.rand(1)``
-        would). Loaders over it use :func:`collated`.
+        result, a tuple, holds what ``default_collate([self[i] for i in indices])`` would:
+        the same pixels, labels and mirror draws (one ``torch.rand(n)`` draws what n
+        ``torch.rand(1)`` would). Loaders over it use :func:`collated`.
         """
         if self.buffers is None or self.encoded:
             return [self[i] for i in indices]
