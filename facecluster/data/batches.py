@@ -121,12 +121,7 @@ class BatchBuffers:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._images_np = self.images.numpy()
-        self._owner_np = self.owner.numpy()
-
-    @property
-    def slots(self) -> int:
-        return len(self._owner_np)
+        self._views()
 
     def in_use(self) -> int:
         """Slots not free now (claimed by a worker or held in the main process)."""
