@@ -276,8 +276,7 @@ class FaceImageDataset(Dataset):
             labels.append(label if self._label_map is None else self._label_map[label])
         rest = [torch.tensor(labels, dtype=torch.long)]
         if self.transform.train:
-            draws = iter((torch.rand(sum(m is None for _, m in pairs)) < 0.5).tolist())
-            rest.append(torch.tensor([next(draws) if m is None else bool(m) for _, m in pairs]))
+            rest.append(torch.tensor(self.transform.mirrors([m for _, m in pairs])))
         return self.buffers.batch(slot, images, *rest)
 
 

@@ -78,17 +78,22 @@ def pack(label: float | Sequence[float], data: bytes = b"", id: int = 0, id2: in
     return _HEADER.pack(len(labels), 0.0, id, id2) + labels.tobytes() + data
 
 
-def unpack(payload: bytes) -> Record:
+def _data_offset(payload: bytes) -> int:
+    """Where the encoded image starts: after the header and its ``flag`` labels."""
     if len(payload) < _HEADER.size:
         raise ValueError(f"payload of {len(payload)} bytes is shorter than its 24-byte header")
+    flag = _HEADER.unpack_from(payload)[0]
+    offset = _HEADER.size + 4 * flag
+    if offset > len(payload):
+        raise ValueError(f"header says {flag} labels, the payload holds fewer")
+    return offset
+
+
+def unpack(payload: bytes) -> Record:
+    offset = _data_offset(payload)
     flag, label, id_, id2 = _HEADER.unpack_from(payload)
-    offset = _HEADER.size
     if flag > 0:
-        end = offset + 4 * flag
-        if end > len(payload):
-            raise ValueError(f"header says {flag} labels, the payload holds fewer")
-        label = np.frombuffer(payload[offset:end], dtype=np.float32).copy()
-        offset = end
+        label = np.frombuffer(payload[_HEADER.size : offset], dtype=np.float32).copy()
     return Record(flag, label, id_, id2, bytes(payload[offset:]))
 
 
@@ -251,18 +256,20 @@ class RecordFile:
         try:
             return unpack(self.payload(key))
         except ValueError as e:
-            raise RecordError(f"{self.rec} key {key} at offset {self.offsets[key]}: {e}") from None
+            raise self._bad(key, e) from None
+
+    def _bad(self, key: int, error: ValueError) -> RecordError:
+        return RecordError(f"{self.rec} key {key} at offset {self.offsets[key]}: {error}")
 
     def encoded(self, locator: int | str) -> bytes:
         """The encoded image of record ``key`` or locator ``<file>#<key>``."""
         key = locator if isinstance(locator, int) else int(locator.rsplit("#", 1)[1])
         payload = self.payload(key)
         # record(key).data without building the Record (a loader reads one per image)
-        if len(payload) >= _HEADER.size:
-            start = _HEADER.size + 4 * _HEADER.unpack_from(payload)[0]
-            if start <= len(payload):
-                return payload[start:]
-        return self.record(key).data  # raises naming what is wrong
+        try:
+            return payload[_data_offset(payload) :]
+        except ValueError as e:
+            raise self._bad(key, e) from None
 
     def image(self, locator: int | str) -> torch.Tensor:
         """The decoded image of record ``key`` or locator ``<file>#<key>``: ``uint8[H, W, 3]``

@@ -76,6 +76,14 @@ class FaceTransform:
         # the same draw and outcome as RandomHorizontalFlip's ``torch.rand(1) < 0.5``
         return self.train and torch.rand(1).item() < 0.5
 
+    def mirrors(self, drawn: list[bool | None]) -> list[bool]:
+        """:meth:`mirror` for a batch, in order: one ``torch.rand(n)`` for the n images
+        without a caller's draw, the same numbers as n ``torch.rand(1)``."""
+        if not self.train:
+            return [False] * len(drawn)
+        draws = iter((torch.rand(sum(d is None for d in drawn)) < 0.5).tolist())
+        return [next(draws) if d is None else bool(d) for d in drawn]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, train={self.train})"
 
