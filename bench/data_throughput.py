@@ -13,6 +13,7 @@ buffers), the ``.rec`` loader under ``data.decode=device``
 decoder on the same JPEG bytes in a tight loop in as many processes (one for
 ``num_workers=0``). ``device_decode`` times that setting's batched decode on
 ``--decode-device`` (nvJPEG on a GPU, libjpeg-turbo on the CPU). Each
+loader figure is the steady rate, after one batch per batch slot; each
 figure is the median of ``--rounds`` rounds, the rounds interleaved, because the
 rate of this shared machine drifts by 10-25% over a minute.
 
@@ -115,13 +116,18 @@ def loader_rate(
         decode=decode,
     )
     loader = dm.train_dataloader()
+    buffers = loader.dataset.buffers
+    # the steady rate: every batch slot has been used once (each slot's pages are
+    # faulted in by its first batch, a cost paid once per loader, not per epoch)
+    warmup = len(buffers.owner) if buffers is not None else 1
     if per_item:
         loader.dataset.buffers = None
         loader = DataLoader(
             loader.dataset, batch_size, shuffle=True, drop_last=True, num_workers=workers
         )
     it = iter(loader)
-    next(it)  # workers started, first batch ready
+    for _ in range(warmup):  # workers started, slots in use
+        next(it)
     done, start = 0, time.perf_counter()
     for _ in range(batches):
         done += len(next(it)[0])

@@ -57,6 +57,7 @@ from facecluster.data.images import (
     BadImageTracker,
     EncodedImages,
     decode_image,
+    decode_jpeg_into,
     decode_on_device,
     device_decodable,
 )
@@ -144,25 +145,39 @@ class FaceImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, index: int, encoded: bool = False, out: np.ndarray | None = None):
-        """The decoded image of ``samples[index]`` (``encoded``: its bytes when the device
-        decodes it), or None when it is broken (skip policy). ``out``: where a JPEG of
-        that size is decoded (:func:`~facecluster.data.images.decode_image`)."""
-        sample_id = self.sample_ids[index]
-        if self.tracker.is_bad(sample_id):
-            return None
+    def _read(self, index: int, view: bool = False) -> bytes | memoryview:
+        """The encoded bytes of ``samples[index]`` (``view``: of a ``.rec``, a memoryview
+        of the mapped file). Raises the errors of ``DECODE_ERRORS``."""
         path = self.samples[index][0]
+        if self.records is not None:
+            return self.records.encoded(path, view)
+        return Path(path).read_bytes()
+
+    def _load(self, index: int, encoded: bool = False):
+        """The decoded image of ``samples[index]`` (``encoded``: its bytes when the device
+        decodes it), or None when it is broken (skip policy)."""
+        if self.tracker.is_bad(self.sample_ids[index]):
+            return None
         try:
-            if self.records is not None:
-                data = self.records.encoded(path)
-            else:
-                data = Path(path).read_bytes()
+            data = self._read(index)
             if encoded and device_decodable(data, self.transform.size):
                 return data
-            return decode_image(data, out)
+            return decode_image(data)
         except DECODE_ERRORS as e:
             self.broken(index, e)
             return None
+
+    def _decode_into(self, index: int, out: np.ndarray) -> bool:
+        """Decode ``samples[index]`` straight into ``out`` when it is a readable JPEG of
+        the training size; False for everything else, which :meth:`_load` then reads,
+        decodes or reports (a broken file's error is decided there, not here)."""
+        if self.tracker.is_bad(self.sample_ids[index]):
+            return False
+        try:
+            data = self._read(index, view=True)
+        except DECODE_ERRORS:
+            return False
+        return decode_jpeg_into(data, out)
 
     def broken(self, index: int, error: BaseException) -> None:
         """``samples[index]`` cannot be decoded: stop (``fail``, or too many broken in the
@@ -195,7 +210,7 @@ class FaceImageDataset(Dataset):
         same identity (cyclic), decoded and resized, never mirrored here."""
         return self.transform(self._substitute(index), False)[0]
 
-    def _substitute(self, index: int, encoded: bool = False, out: np.ndarray | None = None):
+    def _substitute(self, index: int, encoded: bool = False):
         """The next readable image of the same identity after ``index`` (cyclic)."""
         if self._same_identity is None:
             groups: dict[int, list[int]] = {}
@@ -206,7 +221,7 @@ class FaceImageDataset(Dataset):
         group = self._same_identity[label]
         start = group.index(index)
         for j in group[start + 1 :] + group[:start]:
-            image = self._load(j, encoded, out)
+            image = self._load(j, encoded)
             if image is not None:
                 return image
         raise BadImageError(
@@ -262,15 +277,14 @@ class FaceImageDataset(Dataset):
     def _collate_into(self, slot: int | None, images: np.ndarray, pairs: list) -> tuple:
         size = self.transform.size
         labels = []
-        address, stride = images.ctypes.data, images.strides[0] if len(images) else 0
         for j, (index, _) in enumerate(pairs):
             out = images[j]
-            image = self._load(index, out=out)
-            if image is None:
-                image = self._substitute(index, out=out)
-            if image.shape[:2] != (size, size):
-                image = self.transform(image, False)[0]
-            if image.data_ptr() != address + j * stride:  # not a JPEG decoded in place
+            if not self._decode_into(index, out):  # a PNG, another size, a broken file
+                image = self._load(index)
+                if image is None:
+                    image = self._substitute(index)
+                if image.shape[:2] != (size, size):
+                    image = self.transform(image, False)[0]
                 out[...] = image.numpy()
             label = self.samples[index][1]
             labels.append(label if self._label_map is None else self._label_map[label])

@@ -90,11 +90,29 @@ _FAST_COLORSPACES = ("YCbCr", "Gray", "RGB")
 _MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 2**62
 
 
-def decode_image(source: str | bytes, out: np.ndarray | None = None) -> torch.Tensor:
-    """Decode an image file (path) or encoded bytes to ``uint8[H, W, 3]``, RGB.
+def decode_jpeg_into(data: bytes | memoryview, out: np.ndarray) -> bool:
+    """Decode ``data`` straight into ``out`` (a writable ``uint8[H, W, 3]``) when it is a
+    JPEG of exactly that size that :func:`decode_image` would hand to libjpeg-turbo;
+    False otherwise (a PNG, another size, CMYK, broken bytes), and ``out`` then holds
+    nothing useful.
 
-    ``out``: a writable ``uint8[H, W, 3]`` array; a JPEG of exactly that size is decoded
-    into it, and the tensor returned shares its memory (check before copying it there).
+    The loaders' per-image path: a header parse and one decode into the batch, no
+    tensor, no copy of ``data`` (a memoryview into a mapped ``.rec`` will do).
+    """
+    if data[:2] != _JPEG_START:
+        return False
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if (height, width, 3) != out.shape or colorspace not in _FAST_COLORSPACES:
+            return False
+        simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
+    except ValueError:  # truncated or corrupt: decode_image decides and words the error
+        return False
+    return True
+
+
+def decode_image(source: str | bytes) -> torch.Tensor:
+    """Decode an image file (path) or encoded bytes to ``uint8[H, W, 3]``, RGB.
 
     JPEGs go to libjpeg-turbo through simplejpeg: no PIL object, and the decoder's
     own pixel order (height, width, channel), so nothing is transposed on the CPU.
@@ -113,9 +131,7 @@ def decode_image(source: str | bytes, out: np.ndarray | None = None) -> torch.Te
             # CMYK/YCCK: libjpeg-turbo's conversion differs from PIL's; an absurd size:
             # PIL raises its DecompressionBombError
             if colorspace in _FAST_COLORSPACES and height * width <= _MAX_PIXELS:
-                if out is None or out.shape != (height, width, 3):
-                    out = None  # simplejpeg allocates
-                return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out))
+                return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB"))
         except ValueError:  # truncated or corrupt: PIL decides and words the error
             pass
     return torch.from_numpy(np.array(load_rgb(io.BytesIO(data))))

@@ -166,7 +166,7 @@ class RecordFile:
                 raise FileNotFoundError(f"{path} does not exist")
         self.size = self.rec.stat().st_size
         self.offsets = self._read_index()
-        self._map: mmap.mmap | None = None
+        self._map: memoryview | None = None
         self._pid = -1
 
     def _read_index(self) -> dict[int, int]:
@@ -196,18 +196,20 @@ class RecordFile:
         state["_map"], state["_pid"] = None, -1
         return state
 
-    def _buffer(self) -> mmap.mmap:
+    def _buffer(self) -> memoryview:
+        # a memoryview: its slices are views of the mapped file, an mmap's are copies
         if self._map is None or self._pid != os.getpid():
             with open(self.rec, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._map = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
             self._pid = os.getpid()
         return self._map
 
     def keys(self) -> list[int]:
         return sorted(self.offsets)
 
-    def payload(self, key: int) -> bytes:
-        """The payload of record ``key`` (split records joined, the magic restored)."""
+    def payload(self, key: int) -> bytes | memoryview:
+        """The payload of record ``key`` (split records joined, the magic restored): a
+        view of the mapped file, or, for a split record, new bytes."""
         if key not in self.offsets:
             raise KeyError(f"{self.rec}: no record with key {key} in {self.idx}")
         buf, pos = self._buffer(), self.offsets[key]
@@ -224,7 +226,7 @@ class RecordFile:
             cflag, length = lrecord >> 29, lrecord & _LENGTH_MASK
             if pos + 8 + length > self.size:
                 raise RecordError(f"{self.rec} key {key} at offset {self.offsets[key]}: truncated")
-            if cflag == 0 and not parts:  # a whole record, the usual case: one copy
+            if cflag == 0 and not parts:  # a whole record, the usual case: no copy
                 return buf[pos + 8 : pos + 8 + length]
             parts.append(buf[pos + 8 : pos + 8 + length])
             pos += 8 + length + (-length % 4)
@@ -261,15 +263,18 @@ class RecordFile:
     def _bad(self, key: int, error: ValueError) -> RecordError:
         return RecordError(f"{self.rec} key {key} at offset {self.offsets[key]}: {error}")
 
-    def encoded(self, locator: int | str) -> bytes:
-        """The encoded image of record ``key`` or locator ``<file>#<key>``."""
+    def encoded(self, locator: int | str, view: bool = False) -> bytes | memoryview:
+        """The encoded image of record ``key`` or locator ``<file>#<key>``; ``view``: a
+        memoryview of the mapped file where the record is whole (no copy; for reading
+        at once, as a loader decodes it)."""
         key = locator if isinstance(locator, int) else int(locator.rsplit("#", 1)[1])
         payload = self.payload(key)
         # record(key).data without building the Record (a loader reads one per image)
         try:
-            return payload[_data_offset(payload) :]
+            data = payload[_data_offset(payload) :]
         except ValueError as e:
             raise self._bad(key, e) from None
+        return data if view else bytes(data)
 
     def image(self, locator: int | str) -> torch.Tensor:
         """The decoded image of record ``key`` or locator ``<file>#<key>``: ``uint8[H, W, 3]``
