@@ -244,3 +244,22 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path):
     assert refused.returncode != 0 and "training" not in refused.stdout
     assert "lfw423-pass-s2 was trained with stage2.epoch_size='mean'" in refused.stderr
     assert page.read_text() == text
+
+
+def test_sample_index_benchmark_measures_setup_and_a_forked_workers_copy(tmp_path):
+    # bench/sample_index.py (docs/DATA.md) at toy size: 3,000 images of 60 identities
+    out = tmp_path / "index.json"
+    command = [
+        sys.executable, "bench/sample_index.py", "--images", "3000", "--identities", "60",
+        "--out", str(out),
+    ]  # fmt: skip
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["images"] == 3000 and result["train_samples"] == 60 * 35  # 0.7 of 50 each
+    assert result["setup_s"] > 0 and result["rss_bytes_per_image"] > 0
+    assert result["worker_private_mb_per_epoch"] > 0  # the worker's reads did copy pages
+    bad = subprocess.run(
+        [sys.executable, "bench/sample_index.py", "--images", "5", "--identities", "9"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--identities" in bad.stderr

@@ -1,0 +1,137 @@
+"""What the sample index costs per process as a .rec grows: start-up time and memory.
+
+Writes a synthetic ``.rec`` in InsightFace's layout (header and identity records; every
+image record holds the same small JPEG, so the file is about 860 bytes per image),
+then, in a fresh process: the time and resident memory of
+``FaceDataModule.setup("fit")`` and the train loader, and the memory a forked
+DataLoader worker makes its own by reading every training sample's locator and label
+once (what one epoch does: Python's reference counts write to the pages of the
+sample tuples and strings, so the copy-on-write pages are copied).
+
+    python bench/sample_index.py --images 1709166 --identities 36023
+
+(a tenth of Glint360K: 17,091,657 images of 360,232 identities). Prints one JSON line
+and writes it to ``--out``; docs/DATA.md quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def write_rec(out: Path, images: int, identities: int) -> Path:
+    """``out/train.rec``: ``images`` records spread evenly over ``identities``."""
+    from PIL import Image
+
+    from facecluster.data.recordio import RecordWriter, pack
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((112, 112, 3), np.uint8)).save(buffer, "JPEG")
+    jpeg = buffer.getvalue()
+    per = np.full(identities, images // identities)
+    per[: images % identities] += 1
+    out.mkdir(parents=True, exist_ok=True)
+    with RecordWriter(out / "train.rec", out / "train.idx") as writer:
+        key, ranges = 1, []
+        for label in range(identities):
+            start, payload = key, pack(float(label), jpeg)
+            for _ in range(per[label]):
+                writer.write(key, payload)
+                key += 1
+            ranges.append((start, key))
+        for label, (start, end) in enumerate(ranges):
+            writer.write(key + label, pack([start, end]))
+        writer.write(0, pack([key, key + identities]))
+    (out / "property").write_text(f"{identities},112,112\n")
+    return out / "train.rec"
+
+
+def _rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _private_dirty_mb() -> float:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Private_Dirty"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no Private_Dirty in /proc/self/smaps_rollup")
+
+
+def measure(rec: str) -> dict:
+    """In this process (start it fresh): setup time and memory, then a forked reader."""
+    from facecluster.data import FaceDataModule
+
+    before = _rss_mb()
+    start = time.perf_counter()
+    dm = FaceDataModule(rec, image_size=112, batch_size=128, num_workers=0)
+    dm.setup("fit")
+    dataset = dm.train_dataloader().dataset
+    result = {
+        "setup_s": time.perf_counter() - start,
+        "rss_added_mb": _rss_mb() - before,
+        "train_samples": len(dataset),
+    }
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a DataLoader worker's view: forked, reads each sample once
+        first = _private_dirty_mb()
+        for i in range(len(dataset)):
+            dataset.samples[i][0], dataset.samples[i][1], dataset.sample_ids[i]
+        os.write(write, json.dumps(_private_dirty_mb() - first).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as f:
+        result["worker_private_mb_per_epoch"] = json.loads(f.read())
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=1_709_166)
+    parser.add_argument("--identities", type=int, default=36_023)
+    parser.add_argument("--out", default="bench/results/sample_index.json")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)  # the fresh process's part
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure)))
+        return
+    if not 0 < args.identities <= args.images:
+        parser.error(f"need 0 < --identities <= --images, got {args.identities}, {args.images}")
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = write_rec(Path(tmp), args.images, args.identities)
+        done = subprocess.run(
+            [sys.executable, __file__, "--measure", str(rec)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result.update(
+            images=args.images,
+            identities=args.identities,
+            rec_bytes=rec.stat().st_size,
+        )
+    images = result["images"]
+    result["setup_us_per_image"] = result["setup_s"] / images * 1e6
+    result["rss_bytes_per_image"] = result["rss_added_mb"] * 2**20 / images
+    result["worker_bytes_per_train_sample"] = (
+        result["worker_private_mb_per_epoch"] * 2**20 / result["train_samples"]
+    )
+    print(json.dumps(result))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
