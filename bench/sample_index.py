@@ -4,9 +4,9 @@ Writes a synthetic ``.rec`` in InsightFace's layout (header and identity records
 image record holds the same small JPEG, so the file is about 860 bytes per image),
 then, in a fresh process: the time and resident memory of
 ``FaceDataModule.setup("fit")`` and the train loader, and the memory a forked
-DataLoader worker makes its own by reading every training sample's locator and label
-once (what one epoch does: Python's reference counts write to the pages of the
-sample tuples and strings, so the copy-on-write pages are copied).
+DataLoader worker makes its own by looking up every training sample once and reading
+its record's bytes (what one epoch does, less the decode: Python's reference counts
+write to the objects a lookup returns, so their copy-on-write pages are copied).
 
     python bench/sample_index.py --images 1709166 --identities 36023
 
@@ -60,11 +60,19 @@ def _rss_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _private_dirty_mb() -> float:
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith("Private_Dirty"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no Private_Dirty in /proc/self/smaps_rollup")
+def _private_anonymous_mb() -> float:
+    """Private dirty memory of this process's anonymous mappings (heap, arenas): where
+    copied-on-write pages go. Mapped files are left out: the ``.rec`` this script has
+    just written is still dirty in the page cache, and counts as private to whichever
+    process alone maps it, copied or not."""
+    total, anonymous = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header
+            anonymous = fields[4] == "0"  # inode 0: not a file
+        elif anonymous and fields[0] == "Private_Dirty:":
+            total += int(fields[1])
+    return total / 1024
 
 
 def measure(rec: str) -> dict:
@@ -84,10 +92,11 @@ def measure(rec: str) -> dict:
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # a DataLoader worker's view: forked, reads each sample once
-        first = _private_dirty_mb()
+        first = _private_anonymous_mb()
         for i in range(len(dataset)):
-            dataset.samples[i][0], dataset.samples[i][1], dataset.sample_ids[i]
-        os.write(write, json.dumps(_private_dirty_mb() - first).encode())
+            locator, _ = dataset.samples[i]
+            dataset.sample_ids[i], dataset.records.encoded(locator)
+        os.write(write, json.dumps(_private_anonymous_mb() - first).encode())
         os._exit(0)
     os.close(write)
     os.waitpid(pid, 0)

@@ -23,6 +23,7 @@ from facecluster.data import (
     scan_image_folder,
     split_per_identity,
 )
+from facecluster.data.folder import Samples
 from facecluster.data.images import decode_image
 from facecluster.data.transforms import normalize_images
 
@@ -148,6 +149,24 @@ def test_no_identity_reaches_min_images(tmp_path: Path) -> None:
     assert str(root) in text and "min_images_per_class=5" in text and "has 3" in text
 
 
+def test_samples_are_pairs_held_as_arrays() -> None:
+    # a .rec's samples: keys and labels, each locator built when asked for
+    records = Samples([0, 0, 1], keys=[5, 3, 9], rec="/d/train.rec")
+    assert records == [("/d/train.rec#5", 0), ("/d/train.rec#3", 0), ("/d/train.rec#9", 1)]
+    assert records[np.int64(2)] == ("/d/train.rec#9", 1) and records.source(1) == 3
+    assert records[::2] == [records[0], records[2]] and list(records.locators)[1].endswith("#3")
+    picked = records.take(np.array([2, 0])).relabel(np.array([4, 5]))
+    assert picked == [("/d/train.rec#9", 4), ("/d/train.rec#5", 5)]
+    assert picked.keys.tolist() == [9, 5]
+    folder = Samples.of([("a.jpg", 1), ("b.jpg", 0)])
+    assert folder.take([1]) == [("b.jpg", 0)] and folder.source(0) == "a.jpg"
+    assert Samples.of(folder) is folder and folder != [("a.jpg", 1)]
+    with pytest.raises(ValueError, match="one label per sample"):
+        Samples([0], paths=["a", "b"])
+    with pytest.raises(ValueError, match="either keys with rec, or paths"):
+        Samples([0], keys=[1])
+
+
 # ---------------------------------------------------------------- splitting
 
 
@@ -155,8 +174,8 @@ def test_split_deterministic_disjoint_covering(demo_folder: FaceFolder) -> None:
     a = split_per_identity(demo_folder, 0.1, 0.2, seed=7)
     b = split_per_identity(demo_folder, 0.1, 0.2, seed=7)
     c = split_per_identity(demo_folder, 0.1, 0.2, seed=8)
-    assert a == b
-    assert a["test"] != c["test"]
+    assert {k: v.tolist() for k, v in a.items()} == {k: v.tolist() for k, v in b.items()}
+    assert a["test"].tolist() != c["test"].tolist()
     parts = [set(a[k]) for k in ("train", "val", "test")]
     assert sum(len(p) for p in parts) == len(demo_folder.samples)
     assert set().union(*parts) == set(range(len(demo_folder.samples)))
@@ -184,7 +203,7 @@ def test_split_of_identity_independent_of_other_identities() -> None:
 
 def test_split_zero_val_fraction(demo_folder: FaceFolder) -> None:
     split = split_per_identity(demo_folder, 0.0, 0.25, seed=1)
-    assert split["val"] == []
+    assert split["val"].tolist() == []
     assert len(split["train"]) + len(split["test"]) == len(demo_folder.samples)
 
 
@@ -455,7 +474,7 @@ def test_embedding_dataloader_shards(dm: FaceDataModule) -> None:
     parts = [loader.dataset.samples for loader in shards]
     assert len(parts[0]) + len(parts[1]) == len(train)
     assert not set(parts[0]) & set(parts[1])
-    assert sorted(parts[0] + parts[1]) == sorted(train)
+    assert sorted([*parts[0], *parts[1]]) == sorted(train)
     # eval transforms, no shuffle: a second pass gives identical tensors
     x1, y1 = next(iter(shards[1]))
     x2, y2 = next(iter(shards[1]))

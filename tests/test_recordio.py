@@ -78,6 +78,37 @@ def test_label_arrays_unordered_index_and_png(tmp_path):
     assert layout.keys.tolist() == [2, 5] and layout.labels.tolist() == [4, 7]
 
 
+def test_the_index_reads_like_a_dict_and_names_a_bad_line(tmp_path):
+    # dense keys (InsightFace), sparse keys (binary search), a key listed twice (the
+    # last offset wins, as a dict filled line by line), a blank line, bad lines
+    rec = tmp_path / "train.rec"
+    rec.write_bytes(bytes(4096))
+    idx = tmp_path / "train.idx"
+    cases = {
+        "0\t8\n1\t16\n2\t24\n": {0: 8, 1: 16, 2: 24},
+        "7\t8\n1000000\t16\n3\t24\n": {3: 24, 7: 8, 1000000: 16},
+        "1\t8\n1\t40\n0\t16": {0: 16, 1: 40},
+        "1\t8\n\n0\t16\n": {0: 16, 1: 8},
+    }
+    for text, expected in cases.items():
+        idx.write_text(text)
+        offsets = RecordFile(rec).offsets
+        assert dict(offsets) == expected and len(offsets) == len(expected)
+        assert list(offsets) == sorted(expected) and max(offsets) == max(expected)
+        for absent in (-1, 2**40, 5, 999999):
+            assert absent not in offsets and offsets.get(absent) is None
+    for text, message in {
+        "0\t8\n1\t16 9\n": "line 2: expected 'key<TAB>offset'",
+        "0\t8\nx\t16\n": "line 2: expected 'key<TAB>offset'",
+        "0\t8\n\n1\t99999\n": "line 3: key 1 points at offset 99999, past the end",
+        "0\t8\n1\t-4\n": "line 2: key 1 points at offset -4, past the end",
+        "\n": "lists no record",
+    }.items():
+        idx.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            RecordFile(rec)
+
+
 def test_corrupt_record_and_truncated_file_are_named(tmp_path):
     rf = _write(tmp_path, {0: pack(0.0, _jpeg(1)), 1: pack(0.0, _jpeg(2))})
     data = bytearray((tmp_path / "train.rec").read_bytes())
@@ -126,12 +157,12 @@ def test_packed_folder_scans_and_splits_like_the_folder(packed):
     def split_bytes(f):
         # What each split holds, as image bytes: the same images, not just the same indices.
         read = (
-            (lambda loc: f.records.record(f.sort_key(loc)).data)
+            (lambda key: f.records.record(key).data)
             if f.records
-            else (lambda loc: open(loc, "rb").read())
+            else (lambda path: open(path, "rb").read())
         )
         return {
-            name: [read(f.samples[i][0]) for i in ids]
+            name: [read(f.samples.source(i)) for i in ids]
             for name, ids in split_per_identity(f, 0.1, 0.2, 7).items()
         }
 

@@ -45,6 +45,7 @@ from facecluster.data.batches import BatchBuffers
 from facecluster.data.folder import (
     SPLIT_NAMES,
     FaceFolder,
+    Samples,
     hold_out_identities,
     scan,
     split_per_identity,
@@ -118,7 +119,7 @@ class FaceImageDataset(Dataset):
             )
         if encoded and not transform.train:
             raise ValueError("FaceImageDataset: encoded=True is for training datasets")
-        self.samples = list(samples)
+        self.samples = Samples.of(samples)
         self.records = records
         self.encoded = encoded
         self.transform = transform
@@ -127,14 +128,15 @@ class FaceImageDataset(Dataset):
         self._label_map = None if label_map is None else [int(v) for v in label_map.tolist()]
         self.on_bad_image = on_bad_image
         if tracker is None:
-            tracker = BadImageTracker([path for path, _ in self.samples])
+            tracker = BadImageTracker(self.samples.locators)
             sample_ids = range(len(self.samples))
         if sample_ids is None or len(sample_ids) != len(self.samples):
             raise ValueError("FaceImageDataset: sample_ids must give one tracker index per sample")
         self.tracker = tracker
-        self.sample_ids = [int(i) for i in sample_ids]
+        # arrays, not lists of ints: a worker reading them copies no page (Samples)
+        self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
         self._split_ids = torch.as_tensor(
-            list(split_ids) if split_ids is not None else self.sample_ids, dtype=torch.long
+            np.asarray(split_ids if split_ids is not None else self.sample_ids, dtype=np.int64)
         )
         self.max_bad_fraction = max_bad_fraction
         self.split_name = split_name
@@ -148,10 +150,10 @@ class FaceImageDataset(Dataset):
     def _read(self, index: int, view: bool = False) -> bytes | memoryview:
         """The encoded bytes of ``samples[index]`` (``view``: of a ``.rec``, a memoryview
         of the mapped file). Raises the errors of ``DECODE_ERRORS``."""
-        path = self.samples[index][0]
+        source = self.samples.source(index)
         if self.records is not None:
-            return self.records.encoded(path, view)
-        return Path(path).read_bytes()
+            return self.records.encoded(source, view)
+        return Path(source).read_bytes()
 
     def _load(self, index: int, encoded: bool = False):
         """The decoded image of ``samples[index]`` (``encoded``: its bytes when the device
@@ -182,7 +184,7 @@ class FaceImageDataset(Dataset):
     def broken(self, index: int, error: BaseException) -> None:
         """``samples[index]`` cannot be decoded: stop (``fail``, or too many broken in the
         split), or flag it so that it is replaced from now on (``skip``)."""
-        path = self.samples[index][0]
+        path = self.samples.locator(index)
         if self.on_bad_image == "fail":
             # Raised while training, where no config layer can add the key: the
             # message names the setting as the user wrote it.
@@ -212,12 +214,12 @@ class FaceImageDataset(Dataset):
 
     def _substitute(self, index: int, encoded: bool = False):
         """The next readable image of the same identity after ``index`` (cyclic)."""
+        label = int(self.samples.labels[index])
         if self._same_identity is None:
-            groups: dict[int, list[int]] = {}
-            for i, (_, label) in enumerate(self.samples):
-                groups.setdefault(label, []).append(i)
-            self._same_identity = groups
-        label = self.samples[index][1]
+            self._same_identity = {}
+        if label not in self._same_identity:
+            same = np.flatnonzero(self.samples.labels == label)
+            self._same_identity[label] = same.tolist()
         group = self._same_identity[label]
         start = group.index(index)
         for j in group[start + 1 :] + group[:start]:
@@ -226,7 +228,7 @@ class FaceImageDataset(Dataset):
                 return image
         raise BadImageError(
             f"every image of identity label {label} in the {self.split_name} is undecodable "
-            f"(e.g. {self.samples[index][0]}); nothing can replace them"
+            f"(e.g. {self.samples.locator(index)}); nothing can replace them"
         )
 
     def __getitem__(
@@ -241,7 +243,7 @@ class FaceImageDataset(Dataset):
         mirror = None
         if isinstance(index, tuple):
             index, mirror = index
-        label = self.samples[index][1]
+        label = int(self.samples.labels[index])
         image = self._load(index, self.encoded)
         if image is None:
             image = self._substitute(index, self.encoded)
@@ -286,7 +288,7 @@ class FaceImageDataset(Dataset):
                 if image.shape[:2] != (size, size):
                     image = self.transform(image, False)[0]
                 out[...] = image.numpy()
-            label = self.samples[index][1]
+            label = int(self.samples.labels[index])
             labels.append(label if self._label_map is None else self._label_map[label])
         rest = [torch.tensor(labels, dtype=torch.long)]
         if self.transform.train:
@@ -484,11 +486,11 @@ class FaceDataModule(lightning.LightningDataModule):
 
         self._tracker: BadImageTracker | None = None
         self._folder: FaceFolder | None = None
-        self._splits: dict[str, list[int]] | None = None
+        self._splits: dict[str, np.ndarray] | None = None
         self._unseen: dict[str, dict[str, list[str]]] = {}
         self._members: list[Tensor] = []  # each cluster's identities (connect_clusters)
         self._subnets: list[int] = []
-        self._cluster_ids: list[list[int]] = []
+        self._cluster_ids: list[np.ndarray] = []
         self._subnet_epoch = 0  # the first epoch the sub-nets' samplers draw
         # data.decode=device: each training loader's dataset (None: stage 1's, k: sub-net
         # k's), which names or replaces an image that the device cannot decode
@@ -526,7 +528,7 @@ class FaceDataModule(lightning.LightningDataModule):
         splits = split_per_identity(
             folder, self.hparams.val_fraction, self.hparams.test_fraction, self.hparams.seed
         )
-        self._tracker = BadImageTracker([path for path, _ in folder.samples])
+        self._tracker = BadImageTracker(folder.samples.locators)
         self._folder, self._splits = folder, splits
 
     def _check_empty_files(self, folder: FaceFolder) -> None:
@@ -561,7 +563,7 @@ class FaceDataModule(lightning.LightningDataModule):
         """Paths found undecodable so far in this process tree (grows during training)."""
         return [] if self._tracker is None else self._tracker.bad_paths()
 
-    def _ensure_setup(self) -> tuple[FaceFolder, dict[str, list[int]]]:
+    def _ensure_setup(self) -> tuple[FaceFolder, dict[str, np.ndarray]]:
         self.setup()
         assert self._folder is not None and self._splits is not None
         return self._folder, self._splits
@@ -576,21 +578,21 @@ class FaceDataModule(lightning.LightningDataModule):
         """Identity names; ``class_names[label]`` is the folder name of ``label``."""
         return list(self._ensure_setup()[0].class_names)
 
-    def _split_indices(self, split: str) -> list[int]:
+    def _split_indices(self, split: str) -> np.ndarray:
         if split not in SPLIT_NAMES:
             raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
         return self._ensure_setup()[1][split]
 
-    def split_samples(self, split: str) -> list[tuple[str, int]]:
+    def split_samples(self, split: str) -> Samples:
         """``(locator, global label)`` of the ``train``/``val``/``test`` samples, in order
         (a locator is an image path, or ``<file>#<key>`` in a RecordIO file)."""
         folder, _ = self._ensure_setup()
-        return [folder.samples[i] for i in self._split_indices(split)]
+        return folder.samples.take(self._split_indices(split))
 
     def _dataset(
         self,
         split: str,
-        ids: list[int],
+        ids: np.ndarray,
         train: bool,
         label_map: Tensor | None = None,
         encoded: bool = False,
@@ -598,7 +600,7 @@ class FaceDataModule(lightning.LightningDataModule):
         """A dataset of the samples ``ids`` (indices into the scan) drawn from ``split``."""
         folder, _ = self._ensure_setup()
         return FaceImageDataset(
-            [folder.samples[i] for i in ids],
+            folder.samples.take(ids),
             build_transforms(self.hparams.image_size, train=train),
             label_map,
             on_bad_image=self.hparams.on_bad_image,
@@ -613,8 +615,7 @@ class FaceDataModule(lightning.LightningDataModule):
 
     def split_labels(self, split: str) -> torch.LongTensor:
         """Global labels of the ``"train"``/``"val"``/``"test"`` samples, in split order."""
-        samples = self.split_samples(split)
-        return torch.tensor([label for _, label in samples], dtype=torch.long)
+        return torch.from_numpy(self.split_samples(split).labels)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """uint8 images become normalised float32 on the device (every Trainer batch).
@@ -727,7 +728,7 @@ class FaceDataModule(lightning.LightningDataModule):
         self._subnets = sorted(subnets) if subnets is not None else list(range(num_clusters))
         self._subnet_epoch = 0
         # each cluster's train samples, in split order: one vectorised pass per cluster
-        train = torch.tensor(self._split_indices("train"), dtype=torch.long)
+        train = torch.from_numpy(self._split_indices("train"))
         labels = self.split_labels("train")
         self._cluster_ids = []
         share = self.hparams.subnet_negatives
@@ -744,7 +745,7 @@ class FaceDataModule(lightning.LightningDataModule):
                     raise ValueError(f"connect_clusters: neighbours[{k}] holds members of {k}")
                 upto = torch.cumsum(per_class[ranked], 0)
                 member[ranked[: int(torch.searchsorted(upto, budget)) + 1]] = True
-            self._cluster_ids.append(train[member[labels]].tolist())
+            self._cluster_ids.append(train[member[labels]].numpy())
         # early feedback: a cluster whose training subset would yield 1-sample batches
         for k in range(num_clusters):
             self._check_train_subset(len(self._cluster_train_ids(k)), f"cluster {k}")
@@ -785,11 +786,11 @@ class FaceDataModule(lightning.LightningDataModule):
         """Number of clusters K, or ``None`` before :meth:`connect_clusters`."""
         return len(self._members) if self._members else None
 
-    def _cluster_train_samples(self, k: int) -> list[tuple[str, int]]:
+    def _cluster_train_samples(self, k: int) -> Samples:
         folder, _ = self._ensure_setup()
-        return [folder.samples[i] for i in self._cluster_train_ids(k)]
+        return folder.samples.take(self._cluster_train_ids(k))
 
-    def _cluster_train_ids(self, k: int) -> list[int]:
+    def _cluster_train_ids(self, k: int) -> np.ndarray:
         assert self._members, "connect_clusters() first"
         return self._cluster_ids[k]
 
@@ -843,7 +844,7 @@ class FaceDataModule(lightning.LightningDataModule):
             kwargs["collate_fn"] = collated
         return kwargs
 
-    def _train_loader(self, ids: list[int], label_map: Tensor | None, what: str) -> DataLoader:
+    def _train_loader(self, ids: np.ndarray, label_map: Tensor | None, what: str) -> DataLoader:
         per_rank = self._check_train_subset(len(ids), what)
         dataset = self._train_dataset(ids, label_map, None)
         # drop_last only when there is more than one batch: a remainder could be a
@@ -857,7 +858,7 @@ class FaceDataModule(lightning.LightningDataModule):
         )
 
     def _train_dataset(
-        self, ids: list[int], label_map: Tensor | None, loader: int | None
+        self, ids: np.ndarray, label_map: Tensor | None, loader: int | None
     ) -> FaceImageDataset:
         encoded = self.hparams.decode == "device"
         dataset = self._dataset("train", ids, train=True, label_map=label_map, encoded=encoded)
@@ -920,7 +921,7 @@ class FaceDataModule(lightning.LightningDataModule):
             dataset, batch_size=batch, sampler=sampler, **self._loader_kwargs(dataset, batch)
         )
 
-    def _eval_loader(self, split: str, ids: list[int]) -> DataLoader:
+    def _eval_loader(self, split: str, ids: np.ndarray) -> DataLoader:
         return self._fixed_order_loader(self._dataset(split, ids, train=False))
 
     def _fixed_order_loader(self, dataset: FaceImageDataset) -> DataLoader:

@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import operator
 import os
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from facecluster.data.recordio import RecordFile, image_layout, iter_identities, rec_paths
 
@@ -36,6 +40,111 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SPLIT_NAMES = ("train", "val", "test")
 
 
+class Samples(Sequence):
+    """``(locator, label)`` of every sample, held as columns, not as Python tuples.
+
+    A locator is an image path (a folder) or ``<file>#<key>`` (a ``.rec``). The labels
+    are an int64 array; a ``.rec``'s samples are its record keys, an int64 array, and
+    each locator is built when asked for. Glint360K has 17.1M images: as a list of
+    tuples of strings the index cost about 390 bytes per image in every process, and
+    a DataLoader worker, whose reads bump the reference counts of the tuples and
+    strings it touches, copied about 280 bytes per training sample per epoch of the
+    parent's pages (``bench/sample_index.py``, docs/DATA.md). Arrays cost 16 bytes
+    per record sample and a worker reads them without writing.
+
+    It is a sequence of ``(locator, label)`` pairs and equals a list of the same
+    pairs; :meth:`take` selects samples by index without leaving the arrays.
+    """
+
+    def __init__(
+        self,
+        labels: Iterable[int] | np.ndarray,
+        *,
+        keys: Iterable[int] | np.ndarray | None = None,
+        rec: str | Path | None = None,
+        paths: Sequence[str] | None = None,
+    ) -> None:
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if (keys is None) == (paths is None) or (keys is not None and rec is None):
+            raise ValueError("Samples: give either keys with rec, or paths")
+        self.keys = None if keys is None else np.asarray(keys, dtype=np.int64).reshape(-1)
+        self.rec = None if rec is None else str(rec)
+        self.paths = None if paths is None else list(paths)
+        if len(self.keys if self.paths is None else self.paths) != len(self.labels):
+            raise ValueError("Samples: one label per sample")
+
+    @classmethod
+    def of(cls, pairs: Iterable[tuple[str, int]]) -> Samples:
+        """The samples of ``(path, label)`` pairs (or the Samples themselves)."""
+        if isinstance(pairs, Samples):
+            return pairs
+        pairs = list(pairs)
+        return cls([label for _, label in pairs], paths=[path for path, _ in pairs])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.take(np.arange(len(self))[index])
+        i = operator.index(index)
+        return self.locator(i), int(self.labels[i])
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or len(other) != len(self):
+            return False
+        return all(a == tuple(b) for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        where = f"keys of {self.rec}" if self.paths is None else "paths"
+        return f"Samples({len(self)} samples, {where})"
+
+    def locator(self, i: int) -> str:
+        """How sample ``i`` is named: its path, or ``<file>#<key>``."""
+        return self.paths[i] if self.paths is not None else f"{self.rec}#{self.keys[i]}"
+
+    def source(self, i: int) -> str | int:
+        """What reads sample ``i``: its path, or its record key."""
+        return self.paths[i] if self.paths is not None else int(self.keys[i])
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> Samples:
+        """The samples at ``indices``, in that order."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self.paths is None:
+            return Samples(self.labels[indices], keys=self.keys[indices], rec=self.rec)
+        return Samples(self.labels[indices], paths=[self.paths[i] for i in indices.tolist()])
+
+    def relabel(self, labels: np.ndarray) -> Samples:
+        """The same samples with other labels."""
+        if self.paths is None:
+            return Samples(labels, keys=self.keys, rec=self.rec)
+        return Samples(labels, paths=self.paths)
+
+    @property
+    def locators(self) -> Sequence[str]:
+        """Every locator, built when indexed."""
+        return _Locators(self)
+
+
+class _Locators(Sequence):
+    def __init__(self, samples: Samples) -> None:
+        self._samples = samples
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._samples.locator(j) for j in range(len(self))[i]]
+        return self._samples.locator(operator.index(i))
+
+
 @dataclass(frozen=True)
 class FaceFolder:
     """Result of scanning an identity-per-folder tree.
@@ -43,14 +152,15 @@ class FaceFolder:
     Attributes:
         root: The scanned root directory.
         class_names: Sorted identity folder names; label ``i`` is ``class_names[i]``.
-        samples: ``(image path, label)`` pairs sorted by label, then by path.
+        samples: ``(image path, label)`` pairs sorted by label, then by path (a
+            :class:`Samples`).
         empty_files: Zero-byte image files of the kept identities, left out of
             ``samples`` (the datamodule decides whether they stop the run).
     """
 
     root: Path
     class_names: list[str]
-    samples: list[tuple[str, int]]
+    samples: Samples
     empty_files: list[str] = field(default_factory=list)
     records: RecordFile | None = None
     """The RecordIO file the samples are in (their locators are ``<file>#<key>``),
@@ -60,10 +170,6 @@ class FaceFolder:
     def num_classes(self) -> int:
         """Number of identities (labels are ``0..num_classes-1``)."""
         return len(self.class_names)
-
-    def sort_key(self, locator: str) -> str | int:
-        """A sample's place in its identity's canonical order: path, or record key."""
-        return locator if self.records is None else int(locator.rsplit("#", 1)[1])
 
 
 @dataclass
@@ -242,7 +348,7 @@ def scan_image_folder(
     kept = _select_identities(
         root, {n: len(v) for n, v in found.items()}, min_images_per_class, max_classes
     )
-    samples = [(path, label) for label, name in enumerate(kept) for path in found[name]]
+    samples = Samples.of((path, label) for label, name in enumerate(kept) for path in found[name])
     empty_files = sorted(p for name in kept for p in listings[name].empty)
     return FaceFolder(root=root, class_names=kept, samples=samples, empty_files=empty_files)
 
@@ -313,11 +419,12 @@ def scan_record_file(
     kept = _select_identities(
         records.rec, {n: len(k) for n, k in by_name.items()}, min_images_per_class, max_classes
     )
-    samples = [
-        (records.locator(int(key)), label)
-        for label, name in enumerate(kept)
-        for key in by_name[name]
-    ]
+    keys = [by_name[name] for name in kept]
+    samples = Samples(
+        np.repeat(np.arange(len(kept)), [len(k) for k in keys]),
+        keys=np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64),
+        rec=records.rec,
+    )
     return FaceFolder(root=records.rec, class_names=kept, samples=samples, records=records)
 
 
@@ -331,6 +438,15 @@ def scan(
 
 
 UNSEEN_SPLITS = ("val", "test")
+
+
+def _by_label(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """The sample indices of each label present, ascending."""
+    if not len(labels):
+        return {}
+    order = np.argsort(labels, kind="stable")
+    present, starts = np.unique(labels[order], return_index=True)
+    return dict(zip(present.tolist(), np.split(order, starts[1:]), strict=True))
 
 
 def hold_out_identities(
@@ -370,13 +486,17 @@ def hold_out_identities(
     split_of = {name: UNSEEN_SPLITS[i % 2] for i, name in enumerate(drawn)}
     seen = [n for n in names if n not in split_of]
     label_of = {name: i for i, name in enumerate(seen)}
-    samples = []
-    for locator, label in folder.samples:
-        name = names[label]
-        if name in split_of:
-            unseen[split_of[name]].setdefault(name, []).append(locator)
-        else:
-            samples.append((locator, label_of[name]))
+    labels = folder.samples.labels
+    groups = _by_label(labels)
+    index_of = {name: i for i, name in enumerate(names)}
+    for name in sorted(split_of, key=index_of.__getitem__):  # label order, as before
+        held_ids = groups.get(index_of[name])
+        if held_ids is not None:
+            locators = [folder.samples.locator(i) for i in held_ids.tolist()]
+            unseen[split_of[name]][name] = locators
+    new_label = np.array([label_of.get(name, -1) for name in names], dtype=np.int64)
+    kept_ids = np.flatnonzero(new_label[labels] >= 0)
+    samples = folder.samples.take(kept_ids).relabel(new_label[labels[kept_ids]])
     held = set(split_of)
     empty = [p for p in folder.empty_files if Path(p).parent.name not in held]
     return (
@@ -419,7 +539,7 @@ def split_per_identity(
     val_fraction: float,
     test_fraction: float,
     seed: int,
-) -> dict[str, list[int]]:
+) -> dict[str, np.ndarray]:
     """Split every identity's images into train/val/test.
 
     For each identity, its images (sorted by path) are shuffled with
@@ -436,25 +556,25 @@ def split_per_identity(
         seed: Split seed.
 
     Returns:
-        ``{"train": [...], "val": [...], "test": [...]}``: ascending indices into
-        ``folder.samples`` (so each split is ordered by label, then path).
+        ``{"train": ..., "val": ..., "test": ...}``: ascending indices into
+        ``folder.samples`` (int64 arrays; each split is ordered by label, then path).
 
     Raises:
         ValueError: Invalid fractions, or an identity would get no training image.
     """
     validate_fractions(val_fraction, test_fraction)
 
-    by_label: dict[int, list[int]] = {}
-    for index, (_, label) in enumerate(folder.samples):
-        by_label.setdefault(label, []).append(index)
-
+    samples = folder.samples
     splits: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
     too_small: list[str] = []
-    for label, indices in sorted(by_label.items()):
+    for label, group in sorted(_by_label(samples.labels).items()):
         class_name = folder.class_names[label]
         # sort by path (record key) so the shuffle input never depends on scan order;
         # a packed folder's keys follow its sorted paths, so both split alike
-        indices = sorted(indices, key=lambda i: folder.sort_key(folder.samples[i][0]))
+        if samples.paths is None:
+            indices = group[np.argsort(samples.keys[group], kind="stable")].tolist()
+        else:
+            indices = sorted(group.tolist(), key=lambda i: samples.paths[i])
         n = len(indices)
         n_test = _n_held_out(n, test_fraction)
         n_val = _n_held_out(n, val_fraction)
@@ -478,4 +598,4 @@ def split_per_identity(
             f"test_fraction"
         )
 
-    return {name: sorted(indices) for name, indices in splits.items()}
+    return {name: np.sort(np.asarray(ids, dtype=np.int64)) for name, ids in splits.items()}

@@ -362,10 +362,11 @@ class BadImageTracker:
 
     Args:
         paths: Every sample path (``FaceFolder.samples`` order); flag ``i`` is ``paths[i]``.
+            Kept as given, not copied: ``Samples.locators`` builds a path when asked.
     """
 
     def __init__(self, paths: Sequence[str]) -> None:
-        self.paths = list(paths)
+        self.paths = paths
         # Shared memory: DataLoader workers (forked or spawned) write into the same
         # buffer the main process reads, so a path is logged once and counted at
         # epoch end, and later epochs' new workers skip it without retrying.
