@@ -95,13 +95,19 @@ def test_the_index_reads_like_a_dict_and_names_a_bad_line(tmp_path):
         offsets = RecordFile(rec).offsets
         assert dict(offsets) == expected and len(offsets) == len(expected)
         assert list(offsets) == sorted(expected) and max(offsets) == max(expected)
-        for absent in (-1, 2**40, 5, 999999):
-            assert absent not in offsets and offsets.get(absent) is None
+        for absent in (-1, 2**40, 5, 999999, "1", 1.5):
+            assert absent not in offsets
     for text, message in {
         "0\t8\n1\t16 9\n": "line 2: expected 'key<TAB>offset'",
         "0\t8\nx\t16\n": "line 2: expected 'key<TAB>offset'",
         "0\t8\n\n1\t99999\n": "line 3: key 1 points at offset 99999, past the end",
         "0\t8\n1\t-4\n": "line 2: key 1 points at offset -4, past the end",
+        # lines whose extra and missing tokens would pair up in a whole-file parse
+        "0\t0\t1\n8\n": "line 1: expected 'key<TAB>offset'",
+        "0 8\n\n1 16 2 24\n": "line 3: expected 'key<TAB>offset'",
+        "0\t8\n1\t99999\nx\t16\n": "line 2: key 1 points at offset 99999",
+        f"{2**64}\t8\n": "line 1: key 18446744073709551616 is out of range",
+        f"0\t{2**64}\n": "line 1: key 0 points at offset 18446744073709551616",
         "\n": "lists no record",
     }.items():
         idx.write_text(text)

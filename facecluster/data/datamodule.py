@@ -134,13 +134,13 @@ class FaceImageDataset(Dataset):
             raise ValueError("FaceImageDataset: sample_ids must give one tracker index per sample")
         self.tracker = tracker
         # arrays, not lists of ints: a worker reading them copies no page (Samples)
-        self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
-        self._split_ids = torch.as_tensor(
-            np.asarray(split_ids if split_ids is not None else self.sample_ids, dtype=np.int64)
+        self.sample_ids = np.array(sample_ids, dtype=np.int64)  # a copy: any input order
+        self._split_ids = torch.tensor(
+            split_ids if split_ids is not None else self.sample_ids, dtype=torch.long
         )
         self.max_bad_fraction = max_bad_fraction
         self.split_name = split_name
-        self._same_identity: dict[int, list[int]] | None = None  # built on first bad file
+        self._by_label: tuple[np.ndarray, np.ndarray] | None = None  # on first bad file
         self.buffers: BatchBuffers | None = None
         """Set by the datamodule's loaders: :meth:`__getitems__` then collates into them."""
 
@@ -215,12 +215,12 @@ class FaceImageDataset(Dataset):
     def _substitute(self, index: int, encoded: bool = False):
         """The next readable image of the same identity after ``index`` (cyclic)."""
         label = int(self.samples.labels[index])
-        if self._same_identity is None:
-            self._same_identity = {}
-        if label not in self._same_identity:
-            same = np.flatnonzero(self.samples.labels == label)
-            self._same_identity[label] = same.tolist()
-        group = self._same_identity[label]
+        if self._by_label is None:  # sorted once, on the first broken image
+            order = np.argsort(self.samples.labels, kind="stable")
+            self._by_label = order, self.samples.labels[order]
+        order, sorted_labels = self._by_label
+        lo, hi = np.searchsorted(sorted_labels, [label, label + 1])
+        group = order[lo:hi].tolist()  # the identity's samples, in sample order
         start = group.index(index)
         for j in group[start + 1 :] + group[:start]:
             image = self._load(j, encoded)

@@ -97,7 +97,9 @@ class Samples(Sequence):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or len(other) != len(self):
             return False
-        return all(a == tuple(b) for a, b in zip(self, other, strict=True))
+        return all(
+            isinstance(b, tuple | list) and a == tuple(b) for a, b in zip(self, other, strict=True)
+        )
 
     __hash__ = None  # type: ignore[assignment]
 
