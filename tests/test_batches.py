@@ -174,3 +174,17 @@ def test_a_batch_whose_slot_was_claimed_again_is_refused():
     buffers.owner[slot] = 1  # as if another process had claimed it since
     with pytest.raises(RuntimeError, match="claimed again"):
         buffers.batch(slot, images, torch.tensor([0, 1]))
+
+
+def test_a_batch_reads_each_file_once_when_it_is_resized(samples, monkeypatch):
+    # the default demo trains at 64 px from 112 px files: the in-place decode declines
+    # them, and the fallback decodes the bytes already read instead of reading again
+    samples = samples[:-1]  # not the broken file: its substitute is another read
+    ds = FaceImageDataset(samples, build_transforms(64, train=False))
+    ds.buffers = BatchBuffers(1, (len(samples), 64, 64, 3), shared=False)
+    reads = []
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: reads.append(p) or read_bytes(p))
+    images, _ = ds.__getitems__(list(range(len(samples))))
+    assert len(reads) == len(samples) and len(set(reads)) == len(samples)
+    assert torch.equal(images, torch.stack([ds[i][0] for i in range(len(samples))]))

@@ -140,7 +140,7 @@ class FaceImageDataset(Dataset):
         )
         self.max_bad_fraction = max_bad_fraction
         self.split_name = split_name
-        self._by_label: tuple[np.ndarray, np.ndarray] | None = None  # on first bad file
+        self._by_label: dict[int, np.ndarray] | None = None  # on first bad file
         self.buffers: BatchBuffers | None = None
         """Set by the datamodule's loaders: :meth:`__getitems__` then collates into them."""
 
@@ -155,13 +155,14 @@ class FaceImageDataset(Dataset):
             return self.records.encoded(source, view)
         return Path(source).read_bytes()
 
-    def _load(self, index: int, encoded: bool = False):
+    def _load(self, index: int, encoded: bool = False, data: bytes | memoryview | None = None):
         """The decoded image of ``samples[index]`` (``encoded``: its bytes when the device
-        decodes it), or None when it is broken (skip policy)."""
+        decodes it), or None when it is broken (skip policy). ``data``: its bytes, when
+        the caller has read them already."""
         if self.tracker.is_bad(self.sample_ids[index]):
             return None
         try:
-            data = self._read(index)
+            data = self._read(index) if data is None else bytes(data)
             if encoded and device_decodable(data, self.transform.size):
                 return data
             return decode_image(data)
@@ -169,17 +170,16 @@ class FaceImageDataset(Dataset):
             self.broken(index, e)
             return None
 
-    def _decode_into(self, index: int, out: np.ndarray) -> bool:
-        """Decode ``samples[index]`` straight into ``out`` when it is a readable JPEG of
-        the training size; False for everything else, which :meth:`_load` then reads,
-        decodes or reports (a broken file's error is decided there, not here)."""
+    def _peek(self, index: int) -> memoryview | bytes | None:
+        """The bytes of ``samples[index]`` for the in-place decode (a ``.rec``'s as a view
+        of the mapped file), or None when it is flagged broken or cannot be read; then
+        :meth:`_load` reads it again and decides (skip, or the error that names it)."""
         if self.tracker.is_bad(self.sample_ids[index]):
-            return False
+            return None
         try:
-            data = self._read(index, view=True)
+            return self._read(index, view=True)
         except DECODE_ERRORS:
-            return False
-        return decode_jpeg_into(data, out)
+            return None
 
     def broken(self, index: int, error: BaseException) -> None:
         """``samples[index]`` cannot be decoded: stop (``fail``, or too many broken in the
@@ -215,12 +215,9 @@ class FaceImageDataset(Dataset):
     def _substitute(self, index: int, encoded: bool = False):
         """The next readable image of the same identity after ``index`` (cyclic)."""
         label = int(self.samples.labels[index])
-        if self._by_label is None:  # sorted once, on the first broken image
-            order = np.argsort(self.samples.labels, kind="stable")
-            self._by_label = order, self.samples.labels[order]
-        order, sorted_labels = self._by_label
-        lo, hi = np.searchsorted(sorted_labels, [label, label + 1])
-        group = order[lo:hi].tolist()  # the identity's samples, in sample order
+        if self._by_label is None:  # grouped once, on the first broken image
+            self._by_label = self.samples.by_label()
+        group = self._by_label[label].tolist()  # the identity's samples, in sample order
         start = group.index(index)
         for j in group[start + 1 :] + group[:start]:
             image = self._load(j, encoded)
@@ -281,8 +278,9 @@ class FaceImageDataset(Dataset):
         labels = []
         for j, (index, _) in enumerate(pairs):
             out = images[j]
-            if not self._decode_into(index, out):  # a PNG, another size, a broken file
-                image = self._load(index)
+            data = self._peek(index)
+            if data is None or not decode_jpeg_into(data, out):  # PNG, other size, broken
+                image = self._load(index, data=data)  # read once
                 if image is None:
                     image = self._substitute(index)
                 if image.shape[:2] != (size, size):

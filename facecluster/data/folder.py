@@ -48,9 +48,9 @@ class Samples(Sequence):
     each locator is built when asked for. Glint360K has 17.1M images: as a list of
     tuples of strings the index cost about 390 bytes per image in every process, and
     a DataLoader worker, whose reads bump the reference counts of the tuples and
-    strings it touches, copied about 280 bytes per training sample per epoch of the
-    parent's pages (``bench/sample_index.py``, docs/DATA.md). Arrays cost 16 bytes
-    per record sample and a worker reads them without writing.
+    strings it touches, copied about 370 bytes per training sample per epoch of the
+    parent's pages (``bench/sample_index.py``, docs/DATA.md). A record sample is two
+    int64 entries here, and a worker reads them without writing.
 
     It is a sequence of ``(locator, label)`` pairs and equals a list of the same
     pairs; :meth:`take` selects samples by index without leaving the arrays.
@@ -127,6 +127,14 @@ class Samples(Sequence):
         if self.paths is None:
             return Samples(labels, keys=self.keys, rec=self.rec)
         return Samples(labels, paths=self.paths)
+
+    def by_label(self) -> dict[int, np.ndarray]:
+        """The sample indices of each label present, ascending."""
+        if not len(self.labels):
+            return {}
+        order = np.argsort(self.labels, kind="stable")
+        present, starts = np.unique(self.labels[order], return_index=True)
+        return dict(zip(present.tolist(), np.split(order, starts[1:]), strict=True))
 
     @property
     def locators(self) -> Sequence[str]:
@@ -442,15 +450,6 @@ def scan(
 UNSEEN_SPLITS = ("val", "test")
 
 
-def _by_label(labels: np.ndarray) -> dict[int, np.ndarray]:
-    """The sample indices of each label present, ascending."""
-    if not len(labels):
-        return {}
-    order = np.argsort(labels, kind="stable")
-    present, starts = np.unique(labels[order], return_index=True)
-    return dict(zip(present.tolist(), np.split(order, starts[1:]), strict=True))
-
-
 def hold_out_identities(
     folder: FaceFolder, unseen_fraction: float, seed: int
 ) -> tuple[FaceFolder, dict[str, dict[str, list[str]]]]:
@@ -489,7 +488,7 @@ def hold_out_identities(
     seen = [n for n in names if n not in split_of]
     label_of = {name: i for i, name in enumerate(seen)}
     labels = folder.samples.labels
-    groups = _by_label(labels)
+    groups = folder.samples.by_label()
     index_of = {name: i for i, name in enumerate(names)}
     for name in sorted(split_of, key=index_of.__getitem__):  # label order, as before
         held_ids = groups.get(index_of[name])
@@ -569,7 +568,7 @@ def split_per_identity(
     samples = folder.samples
     splits: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
     too_small: list[str] = []
-    for label, group in sorted(_by_label(samples.labels).items()):
+    for label, group in sorted(samples.by_label().items()):
         class_name = folder.class_names[label]
         # sort by path (record key) so the shuffle input never depends on scan order;
         # a packed folder's keys follow its sorted paths, so both split alike
