@@ -9,9 +9,8 @@ command (facecluster/cli.py holds it).
 
 from __future__ import annotations
 
-import sys
-
 from facecluster.cli import evaluate_main as main
+from facecluster.cli import exit_process
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -10,9 +10,8 @@
 
 from __future__ import annotations
 
-import sys
-
+from facecluster.cli import exit_process
 from facecluster.cli import train_main as main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

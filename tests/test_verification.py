@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from facecluster.config import ConfigError, load_config
+from facecluster.data.transforms import load_faces, normalize_images
 from facecluster.data.verification import load_pairs, set_name, write_bin
 from facecluster.evaluation import evaluate_run
-from facecluster.inference.verification import ten_fold_accuracy
+from facecluster.inference.verification import pair_embeddings, ten_fold_accuracy
 from facecluster.pipeline import train
 from tests.conftest import SHARED_LFW, SMOKE, smoke_overrides
 
@@ -47,6 +48,29 @@ def test_the_lfw_pairs_list_and_its_bin_file_give_the_same_pairs(tmp_path):
     assert pairs.issame[:300] == [True] * 300 and pairs.issame[300:600] == [False] * 300
     binary = load_pairs(write_bin(SHARED_LFW, PAIRS, tmp_path / "lfw.bin"))
     assert binary.images == pairs.images and set_name(tmp_path / "lfw.bin") == "lfw"
+
+
+@needs_lfw
+def test_pair_embeddings_embed_each_distinct_image_once_with_its_mirror():
+    # LFW's pairs repeat images: each distinct one is embedded once, and every pair
+    # still gets its own two embeddings, image plus mirror, as if embedded one by one
+    pairs = load_pairs(PAIRS)
+    sub = type(pairs)(pairs.images[:60], pairs.issame[:30])
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5, stride=4), torch.nn.Flatten())
+    seen = []
+
+    def embed(x):
+        seen.append(len(x))
+        return net(x)
+
+    got = pair_embeddings(embed, sub, 32, batch_size=16)
+    distinct = len(set(sub.images))
+    assert distinct < 60 and sum(seen) == 2 * distinct  # image and mirror, once each
+    for i in (0, 1, 17, 59):
+        x = normalize_images(load_faces([sub.images[i]], 32))
+        mirror = normalize_images(load_faces([sub.images[i]], 32), torch.tensor([True]))
+        torch.testing.assert_close(got[i], (net(x) + net(mirror))[0])
 
 
 def test_verification_sets_are_checked_at_config_time(tmp_path):

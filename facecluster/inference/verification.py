@@ -72,17 +72,21 @@ def pair_embeddings(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """``[2P, d]`` float32 embeddings of the pairs' images, each plus its mirror's."""
+    """``[2P, d]`` float32 embeddings of the pairs' images, each plus its mirror's.
+
+    An image that appears in several pairs (same bytes) is decoded and embedded once:
+    LFW's 6,000 pairs name 7,701 distinct images among their 12,000.
+    """
+    index: dict[bytes, int] = {}
+    order = torch.tensor([index.setdefault(image, len(index)) for image in pairs.images])
+    distinct = list(index)
     out = []
-    for start in range(0, len(pairs.images), batch_size):
-        images = load_faces(pairs.images[start : start + batch_size], image_size).to(device)
-        mirror = torch.ones(len(images), dtype=torch.bool, device=device)
-        both = (
-            embed(normalize_images(images)).float()
-            + embed(normalize_images(images, mirror)).float()
-        )
-        out.append(both.cpu())
-    return torch.cat(out)
+    for start in range(0, len(distinct), batch_size):
+        images = load_faces(distinct[start : start + batch_size], image_size).to(device)
+        x = normalize_images(images)
+        # the mirror of a normalised image is the normalised mirror image, bit for bit
+        out.append((embed(x).float() + embed(x.flip(-1)).float()).cpu())
+    return torch.cat(out)[order]
 
 
 def verify(
