@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from facecluster.cli import exit_process
 from facecluster.data import FaceDataModule
 from facecluster.data.images import EncodedImages, decode_on_device
 from facecluster.data.pack import pack_folder
@@ -247,3 +248,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # without the final garbage collection (facecluster.cli)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from facecluster.builders import build_datamodule
+from facecluster.cli import exit_process
 from facecluster.data.transforms import load_faces, normalize_images
 from facecluster.deploy import calibrate_run, enroll_folder, export_run, load_export
 from facecluster.inference import TwoStageIdentifier
@@ -97,3 +98,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # without the final garbage collection (facecluster.cli)

@@ -14,15 +14,14 @@
 #      and data.decode=device's batched nvJPEG decode on the GPU.
 # Options: --out FILE (default bench/results/gpu.json), --lfw DIR (default
 # ../shared/datasets/lfw-112/images when it is there, else the bundled
-# datasets/lfw-demo/images). Each step's JSON is kept in FILE's folder as
+# datasets/lfw-demo/images; --dry-run: the bundled set). Each step's JSON is kept in FILE's folder as
 # gpu-parts/ even when a later step fails, and merged into FILE at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DRY=0
 OUT=bench/results/gpu.json
-LFW=../shared/datasets/lfw-112/images
-[ -d "$LFW" ] || LFW=datasets/lfw-demo/images
+LFW=
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
@@ -32,6 +31,10 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+if [ -z "$LFW" ]; then
+  LFW=../shared/datasets/lfw-112/images
+  { [ "$DRY" = 1 ] || [ ! -d "$LFW" ]; } && LFW=datasets/lfw-demo/images
+fi
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python
 [ -d "$LFW" ] || { echo "bench/gpu.sh: no image folder at $LFW (--lfw DIR)" >&2; exit 1; }

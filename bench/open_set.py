@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from facecluster.builders import build_datamodule
+from facecluster.cli import exit_process
 from facecluster.data.transforms import normalize_images
 from facecluster.deploy import export_threshold, load_export
 from facecluster.run import RunFolder
@@ -65,3 +66,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # without the final garbage collection (facecluster.cli)

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from facecluster.cli import exit_process
 from facecluster.config import load_config
 from facecluster.run import RunFolder
 
@@ -370,3 +371,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # without the final garbage collection (facecluster.cli)

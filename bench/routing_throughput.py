@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from facecluster.cli import exit_process
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import RouteConfig
 from facecluster.inference import TwoStageIdentifier
@@ -183,3 +184,4 @@ def shared_rows(identifier, router, head, images, args) -> list[dict[str, float]
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # without the final garbage collection (facecluster.cli)

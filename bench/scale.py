@@ -48,6 +48,7 @@ import faiss
 import numpy as np
 import torch
 
+from facecluster.cli import exit_process
 from facecluster.clustering import cluster_identities
 from facecluster.inference.router import Router
 from facecluster.models.components import ArcFace
@@ -717,3 +718,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # without the final garbage collection (facecluster.cli)

@@ -22,6 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from facecluster.cli import exit_process
 from facecluster.config import load_config
 from facecluster.evaluation import evaluate_run
 from facecluster.pipeline import train
@@ -95,3 +96,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # without the final garbage collection (facecluster.cli)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from facecluster.builders import build_trainer, module_args
+from facecluster.cli import exit_process
 from facecluster.clustering.means import accumulate_class_sums, embedding_class_sums
 from facecluster.config import load_config
 from facecluster.data.datamodule import network_batches
@@ -269,3 +270,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # without the final garbage collection (facecluster.cli)
