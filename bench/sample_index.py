@@ -12,6 +12,14 @@ write to the objects a lookup returns, so their copy-on-write pages are copied).
 
 (a tenth of Glint360K: 17,091,657 images of 360,232 identities). Prints one JSON line
 and writes it to ``--out``; docs/DATA.md quotes it.
+
+``--layout im2rec`` writes the file without header and identity records, as plain
+``im2rec`` does: identities then come from one pass over every record's label, kept
+in a cache folder (``output_dir/.cache`` in a run). The set-up is measured twice, in
+two fresh processes: the first makes the cache (``setup_s``), the second reads it
+(``setup_cached_s``).
+
+    python bench/sample_index.py --layout im2rec --out bench/results/sample_index_im2rec.json
 """
 
 from __future__ import annotations
@@ -29,8 +37,9 @@ from pathlib import Path
 import numpy as np
 
 
-def write_rec(out: Path, images: int, identities: int) -> Path:
-    """``out/train.rec``: ``images`` records spread evenly over ``identities``."""
+def write_rec(out: Path, images: int, identities: int, identity_records: bool = True) -> Path:
+    """``out/train.rec``: ``images`` records spread evenly over ``identities``; with
+    InsightFace's header and identity records, or none (keys from 0, as im2rec)."""
     from PIL import Image
 
     from facecluster.data.recordio import RecordWriter, pack
@@ -42,13 +51,15 @@ def write_rec(out: Path, images: int, identities: int) -> Path:
     per[: images % identities] += 1
     out.mkdir(parents=True, exist_ok=True)
     with RecordWriter(out / "train.rec", out / "train.idx") as writer:
-        key, ranges = 1, []
+        key, ranges = int(identity_records), []
         for label in range(identities):
             start, payload = key, pack(float(label), jpeg)
             for _ in range(per[label]):
                 writer.write(key, payload)
                 key += 1
             ranges.append((start, key))
+        if not identity_records:
+            return out / "train.rec"
         for label, (start, end) in enumerate(ranges):
             writer.write(key + label, pack([start, end]))
         writer.write(0, pack([key, key + identities]))
@@ -75,18 +86,21 @@ def _private_anonymous_mb() -> float:
     return total / 1024
 
 
-def measure(rec: str) -> dict:
+def measure(rec: str, cache: str | None = None) -> dict:
     """In this process (start it fresh): setup time and memory, then a forked reader."""
     from facecluster.data import FaceDataModule
 
-    before = _rss_mb()
+    before, anonymous = _rss_mb(), _private_anonymous_mb()
     start = time.perf_counter()
-    dm = FaceDataModule(rec, image_size=112, batch_size=128, num_workers=0)
+    dm = FaceDataModule(rec, image_size=112, batch_size=128, num_workers=0, cache=cache)
     dm.setup("fit")
     dataset = dm.train_dataloader().dataset
     result = {
         "setup_s": time.perf_counter() - start,
         "rss_added_mb": _rss_mb() - before,
+        # without the pages of the mapped .rec that the set-up touched (resident, but
+        # the page cache's, shared by every process mapping the file)
+        "anonymous_added_mb": _private_anonymous_mb() - anonymous,
         "train_samples": len(dataset),
     }
     read, write = os.pipe()
@@ -109,24 +123,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1_709_166)
     parser.add_argument("--identities", type=int, default=36_023)
+    parser.add_argument("--layout", choices=("insightface", "im2rec"), default="insightface")
     parser.add_argument("--out", default="bench/results/sample_index.json")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # the fresh process's part
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure)))
+        print(json.dumps(measure(args.measure, args.cache)))
         return
     if not 0 < args.identities <= args.images:
         parser.error(f"need 0 < --identities <= --images, got {args.identities}, {args.images}")
     with tempfile.TemporaryDirectory() as tmp:
-        rec = write_rec(Path(tmp), args.images, args.identities)
-        done = subprocess.run(
-            [sys.executable, __file__, "--measure", str(rec)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        im2rec = args.layout == "im2rec"
+        rec = write_rec(Path(tmp) / "rec", args.images, args.identities, not im2rec)
+        command = [sys.executable, __file__, "--measure", str(rec)]
+        if im2rec:
+            command += ["--cache", str(Path(tmp) / "cache")]
+
+        def run() -> dict:
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            return json.loads(done.stdout.strip().splitlines()[-1])
+
+        result = run()
+        if im2rec:  # the second process reads the labels the first one kept
+            cached = run()
+            result["setup_cached_s"] = cached["setup_s"]
+            result["rss_added_cached_mb"] = cached["rss_added_mb"]
+            result["anonymous_added_cached_mb"] = cached["anonymous_added_mb"]
         result.update(
+            layout=args.layout,
             images=args.images,
             identities=args.identities,
             rec_bytes=rec.stat().st_size,

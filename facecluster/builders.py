@@ -38,6 +38,7 @@ def build_datamodule(cfg: Config, eval_batch_size: int | None = None) -> FaceDat
         **cfg.data.datamodule_args(cfg.seed),
         "subnet_epoch_size": cfg.stage2.epoch_size,
         "subnet_negatives": cfg.stage2.negatives,
+        "cache": str(cfg.cache_dir()),
     }
     if eval_batch_size is not None:
         args["eval_batch_size"] = eval_batch_size

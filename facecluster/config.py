@@ -655,6 +655,11 @@ class Config:
             epochs += int(self.stage2.max_epochs or self.trainer["max_epochs"])
         return epochs
 
+    def cache_dir(self) -> Path:
+        """``output_dir/.cache``: what the runs here may reuse instead of recomputing (the
+        label pass over a ``.rec`` without identity records)."""
+        return Path(self.output_dir).expanduser().resolve() / ".cache"
+
     def partition_method(self) -> str:
         """How identities are grouped: method=random forces the random (ISM) partition."""
         return "random" if self.method == "random" else self.clustering.method

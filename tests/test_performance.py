@@ -257,6 +257,11 @@ def test_sample_index_benchmark_measures_setup_and_a_forked_workers_copy(tmp_pat
     assert result["images"] == 3000 and result["train_samples"] == 60 * 35  # 0.7 of 50 each
     assert result["setup_s"] > 0 and result["rss_bytes_per_image"] > 0
     assert result["worker_private_mb_per_epoch"] > 0  # the worker's reads did copy pages
+    # im2rec's layout: the second process reads the labels the first one kept
+    subprocess.run([*command, "--layout", "im2rec"], cwd=ROOT, check=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["layout"] == "im2rec" and result["train_samples"] == 60 * 35
+    assert result["setup_s"] > 0 and result["setup_cached_s"] > 0
     bad = subprocess.run(
         [sys.executable, "bench/sample_index.py", "--images", "5", "--identities", "9"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,

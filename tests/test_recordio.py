@@ -314,3 +314,41 @@ def test_documented_pack_then_train_commands(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Evaluation on the held-out test split" in proc.stdout
     assert "clustered, all sub-nets (ISM)" in proc.stdout
+
+
+def test_the_label_pass_over_a_file_without_identity_records_is_kept(tmp_path, monkeypatch, caplog):
+    # an im2rec-style file (no header record): the first scan reads every record's
+    # label and keeps the result in the cache folder; the next scan of the unchanged
+    # file reads one record (is key 0 a header?), not all; a rewritten file is read again
+    records = {k: pack(float(k % 3), _jpeg(k)) for k in range(12)}
+    _write(tmp_path, records, order=sorted(records, reverse=True))
+    cache = tmp_path / "runs" / ".cache"
+    first = scan(tmp_path / "train.rec", cache=cache)
+    assert len(list(cache.glob("train-*.labels.npz"))) == 1
+    assert not list(cache.glob("*partial*"))
+
+    reads, head = [], RecordFile.head
+
+    def counted(self, key):
+        reads.append(key)
+        return head(self, key)
+
+    with monkeypatch.context() as m:
+        m.setattr(RecordFile, "head", counted)
+        again = scan(tmp_path / "train.rec", cache=cache)
+    assert reads == [0]
+    assert again.class_names == first.class_names and again.samples == first.samples
+    # a changed file (another size and time): its own labels, not the kept ones
+    records[12] = pack(5.0, _jpeg(12))
+    _write(tmp_path, records)
+    changed = scan(tmp_path / "train.rec", cache=cache)
+    assert len(changed.class_names) == 4 and len(changed.samples) == 13
+    kept = sorted(cache.glob("train-*.labels.npz"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(kept) == 2
+    # a kept file that cannot be read is made again, with a warning
+    kept[-1].write_bytes(b"not a numpy file")
+    with caplog.at_level("WARNING"):
+        assert scan(tmp_path / "train.rec", cache=cache).samples == changed.samples
+    assert "unreadable" in caplog.text and str(kept[-1]) in caplog.text
+    with np.load(kept[-1]) as made_again:
+        assert len(made_again["keys"]) == 13

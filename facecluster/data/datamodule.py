@@ -430,6 +430,9 @@ class FaceDataModule(lightning.LightningDataModule):
         decode: ``cpu``: the loaders decode; ``device``: training loaders ship JPEG bytes
             and :meth:`on_after_batch_transfer` decodes each batch on the training device
             (``data.decode``).
+        cache: Where the label pass over a ``.rec`` without identity records is kept
+            for the next process that scans the same file (the run's ``output_dir``/
+            ``.cache``; None: not kept).
     """
 
     def __init__(
@@ -450,6 +453,7 @@ class FaceDataModule(lightning.LightningDataModule):
         subnet_epoch_size: str = "largest",
         decode: str = "cpu",
         subnet_negatives: float = 0.0,
+        cache: str | None = None,
     ) -> None:
         super().__init__()
         # fail at construction (config time) rather than after a long scan
@@ -518,6 +522,7 @@ class FaceDataModule(lightning.LightningDataModule):
             self.hparams.root,
             min_images_per_class=self.hparams.min_images_per_class,
             max_classes=self.hparams.max_classes,
+            cache=self.hparams.cache,
         )
         folder, self._unseen = hold_out_identities(
             folder, self.hparams.unseen_fraction, self.hparams.seed

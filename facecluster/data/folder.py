@@ -394,7 +394,10 @@ IDENTITY_NAMES = "identities.txt"
 
 
 def scan_record_file(
-    root: str | Path, min_images_per_class: int = 1, max_classes: int | None = None
+    root: str | Path,
+    min_images_per_class: int = 1,
+    max_classes: int | None = None,
+    cache: str | Path | None = None,
 ) -> FaceFolder:
     """Identities and samples of an InsightFace RecordIO file (``.rec`` + ``.idx``).
 
@@ -402,6 +405,8 @@ def scan_record_file(
         root: the ``.rec`` file, or a folder holding ``train.rec`` and ``train.idx``.
         min_images_per_class: as for :func:`scan_image_folder`.
         max_classes: as for :func:`scan_image_folder`.
+        cache: a folder where the label pass over a file without identity records is
+            kept for the next scan (:func:`~facecluster.data.recordio.image_layout`).
 
     Identity names come from ``identities.txt`` beside the file when present (what
     ``facecluster pack`` writes, so a packed folder splits exactly like the folder),
@@ -414,7 +419,7 @@ def scan_record_file(
             f"root {str(root)!r} is not a .rec file or a folder holding train.rec"
         )
     records = RecordFile(*paths)
-    layout = image_layout(records)
+    layout = image_layout(records, cache)
     groups = dict(iter_identities(layout))
     if not groups:
         raise ValueError(f"root={str(root)!r}: {records.rec} holds no image record")
@@ -439,11 +444,15 @@ def scan_record_file(
 
 
 def scan(
-    root: str | Path, min_images_per_class: int = 1, max_classes: int | None = None
+    root: str | Path,
+    min_images_per_class: int = 1,
+    max_classes: int | None = None,
+    cache: str | Path | None = None,
 ) -> FaceFolder:
-    """An image folder or a RecordIO file, told apart by the path."""
+    """An image folder or a RecordIO file, told apart by the path (``cache``: see
+    :func:`scan_record_file`; folders ignore it)."""
     if rec_paths(root) is not None:
-        return scan_record_file(root, min_images_per_class, max_classes)
+        return scan_record_file(root, min_images_per_class, max_classes, cache)
     return scan_image_folder(root, min_images_per_class, max_classes)
 
 

@@ -29,6 +29,9 @@ keys a float32 rounding can reach.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import mmap
 import operator
 import os
@@ -49,6 +52,8 @@ _HEADER = struct.Struct("<IfQQ")  # flag, label, id, id2: 24 bytes
 _LENGTH_MASK = (1 << 29) - 1
 FLOAT32_EXACT = 1 << 24
 """Integers above this are not all representable in float32."""
+
+logger = logging.getLogger(__name__)
 
 
 class RecordError(OSError):
@@ -397,18 +402,19 @@ class RecordLayout:
     """[N] identity label of each image record."""
 
 
-def image_layout(records: RecordFile) -> RecordLayout:
+def image_layout(records: RecordFile, cache: str | Path | None = None) -> RecordLayout:
     """The image records and their identities, from the identity records when present.
 
     With InsightFace's header record only the identity records are read, plus, for
     boundaries past 2^24, the label bytes of the few records around each one.
-    Without it (plain im2rec files) one pass reads every record's label bytes (each
-    rank at each start: the image bytes are not read).
+    Without it (plain im2rec files) one pass reads every record's label bytes (not the
+    image bytes). With ``cache`` (a folder), that pass is kept there and later calls on
+    the same unchanged files read it instead (see :func:`_scan_cached`).
     """
     keys = records.keys()
     header = records.record(keys[0]) if keys[0] == 0 and not records.head(0)[2] else None
     if header is None or header.flag < 2:
-        return _scan_all(records, keys)
+        return _scan_cached(records, keys, cache) if cache is not None else _scan_all(records, keys)
     first, end = _exact_header(records, *(int(v) for v in header.label[:2]))
     ranges = []
     for identity_key in range(first, end):
@@ -496,6 +502,51 @@ def _scan_all(records: RecordFile, keys: list[int]) -> RecordLayout:
     return RecordLayout(
         np.asarray(image_keys, dtype=np.int64)[order], np.asarray(labels, dtype=np.int64)[order]
     )
+
+
+def _stamp(records: RecordFile) -> dict:
+    """What identifies a .rec/.idx pair's content without reading it: paths, sizes and
+    modification times (nanoseconds) of both files."""
+    stamp = {}
+    for part, path in (("rec", records.rec), ("idx", records.idx)):
+        stat = path.stat()
+        stamp[part] = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    return stamp
+
+
+def _scan_cached(records: RecordFile, keys: Sequence[int], cache: str | Path) -> RecordLayout:
+    """:func:`_scan_all`, kept in ``cache/<rec name>-<hash of the stamp>.npz``.
+
+    At Glint360K's size the pass reads a header from each of 17M records spread over
+    the whole file, in every process that scans (each DDP rank, each stage-2 job, each
+    evaluation, each resume); the kept result is 16 bytes an image. It is used only
+    while both files keep the size and modification time it was made from; written
+    to a temporary name, then renamed, so concurrent writers (DDP ranks) never leave
+    a partial file. A cache that cannot be read is made again; one that cannot be
+    written costs a warning, not the run.
+    """
+    stamp = _stamp(records)
+    text = json.dumps(stamp, sort_keys=True)
+    digest = hashlib.sha1(text.encode()).hexdigest()[:16]
+    path = Path(cache) / f"{records.rec.stem}-{digest}.labels.npz"
+    try:
+        with np.load(path) as kept:
+            if str(kept["stamp"]) == text:
+                return RecordLayout(kept["keys"], kept["labels"])
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError) as e:  # unreadable: made again below
+        logger.warning(f"{path}: unreadable ({e}); reading the labels of {records.rec} again")
+    layout = _scan_all(records, keys)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial.npz")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(partial, keys=layout.keys, labels=layout.labels, stamp=np.array(text))
+        os.replace(partial, path)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        logger.warning(f"could not keep the labels of {records.rec} in {path}: {e}")
+    return layout
 
 
 def iter_identities(layout: RecordLayout) -> Iterator[tuple[int, np.ndarray]]:
