@@ -129,6 +129,7 @@ def run_summary(run: Path) -> dict[str, Any]:
         "top_m": {str(p["top_m"]): p["top1"] for p in evaluation["top_m_sweep"]},
         "decision": evaluation.get("decision", {}),
         "training_images": _training_images(run),
+        "batch_size": evaluation["batch_size"],  # of the img/s column
     }
 
 
@@ -226,6 +227,12 @@ def render(result: dict[str, Any], command: str) -> str:
     """docs/RESULTS.md."""
     agg = result["aggregate"]
     seeds = ", ".join(str(s) for s in agg["seeds"]["single"])
+    # summaries kept before the batch size was (bench/results/lfw423.json): the default
+    batch = "/".join(
+        sorted(
+            {str(r.get("batch_size", 256)) for by in result["runs"].values() for r in by.values()}
+        )
+    )
     lines = [
         "# Results: the methods on 423 LFW identities, over seeds",
         "",
@@ -261,7 +268,7 @@ def render(result: dict[str, Any], command: str) -> str:
         "",
         "## Every row, mean ± standard deviation over the seeds",
         "",
-        "| configuration | seeds | model | top-1 | macro F1 | img/s @256 |",
+        f"| configuration | seeds | model | top-1 | macro F1 | img/s @{batch} |",
         "|---|---:|---|---:|---:|---:|",
     ]
     for name, rows in agg["table"].items():

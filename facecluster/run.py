@@ -251,10 +251,16 @@ class RunFolder:
     # ---------------------------------------------------------------- configs
 
     def config(self, overrides: list[str] | tuple = ()) -> Config:
-        """The run's saved config with ``key=value`` overrides (e.g. a moved data.root)."""
+        """The run's saved config with ``key=value`` overrides (e.g. a moved data.root).
+
+        ``output_dir`` is where the folder is now (the saved value may be relative to
+        another directory, or the folder moved), so evaluation and export find what
+        the run's training kept there (``Config.cache_dir``).
+        """
         if not (self.path / CONFIG).is_file():
             raise ConfigError(f"{self.path}: not a facecluster run folder (no {CONFIG})")
-        return load_config(self.path / CONFIG, [*overrides, "resume=null"])
+        here = f"output_dir={self.path.parent}"
+        return load_config(self.path / CONFIG, [here, *overrides, "resume=null"])
 
     def finished_config(self, overrides: list[str] | tuple = ()) -> Config:
         """The config of a finished run (evaluation, inference); refuses unfinished runs,

@@ -335,6 +335,15 @@ def test_evaluation_runs_under_the_precisions_autocast(finished_run):
         assert a.model == b.model and abs(a.top1 - b.top1) <= 0.1, (a.model, a.top1, b.top1)
 
 
+def test_a_moved_run_evaluates_with_the_output_dir_it_is_in(finished_run, tmp_path):
+    # the saved output_dir may be relative to another directory, or the run moved:
+    # evaluation and export look beside the folder where it is now (output_dir/.cache)
+    moved = shutil.copytree(finished_run, tmp_path / "elsewhere" / finished_run.name)
+    cfg = RunFolder(moved).finished_config()
+    assert cfg.output_dir == str(moved.parent) and cfg.cache_dir() == moved.parent / ".cache"
+    assert RunFolder(moved).finished_config(["output_dir=/x"]).output_dir == "/x"
+
+
 @pytest.mark.slow
 def test_exported_identifier_loads_without_training_code(finished_run, tmp_path):
     ident = TwoStageIdentifier.from_run(finished_run)

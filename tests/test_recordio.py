@@ -338,17 +338,21 @@ def test_the_label_pass_over_a_file_without_identity_records_is_kept(tmp_path, m
         again = scan(tmp_path / "train.rec", cache=cache)
     assert reads == [0]
     assert again.class_names == first.class_names and again.samples == first.samples
-    # a changed file (another size and time): its own labels, not the kept ones
+    # a changed file (another size and time): its own labels, not the kept ones, which
+    # it replaces (one kept file per .rec)
     records[12] = pack(5.0, _jpeg(12))
     _write(tmp_path, records)
     changed = scan(tmp_path / "train.rec", cache=cache)
     assert len(changed.class_names) == 4 and len(changed.samples) == 13
-    kept = sorted(cache.glob("train-*.labels.npz"), key=lambda p: p.stat().st_mtime_ns)
-    assert len(kept) == 2
-    # a kept file that cannot be read is made again, with a warning
-    kept[-1].write_bytes(b"not a numpy file")
-    with caplog.at_level("WARNING"):
-        assert scan(tmp_path / "train.rec", cache=cache).samples == changed.samples
-    assert "unreadable" in caplog.text and str(kept[-1]) in caplog.text
-    with np.load(kept[-1]) as made_again:
-        assert len(made_again["keys"]) == 13
+    (kept,) = cache.glob("train-*.labels.npz")
+    # a kept file that cannot be read (not a zip, cut short, empty) is made again
+    whole = kept.read_bytes()
+    for damaged in (b"not a numpy file", whole[: len(whole) // 2], b""):
+        kept.write_bytes(damaged)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert scan(tmp_path / "train.rec", cache=cache).samples == changed.samples
+        assert "unreadable" in caplog.text and str(kept) in caplog.text
+        with np.load(kept) as made_again:
+            assert len(made_again["keys"]) == 13
+    assert [p.name for p in cache.iterdir()] == [kept.name]  # no temporary file left

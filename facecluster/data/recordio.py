@@ -36,6 +36,7 @@ import mmap
 import operator
 import os
 import struct
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -505,47 +506,59 @@ def _scan_all(records: RecordFile, keys: list[int]) -> RecordLayout:
 
 
 def _stamp(records: RecordFile) -> dict:
-    """What identifies a .rec/.idx pair's content without reading it: paths, sizes and
-    modification times (nanoseconds) of both files."""
+    """What identifies a .rec/.idx pair's content without reading it: path, size,
+    modification time (ns) and inode of both files (a file replaced by a copy that
+    kept size and time has another inode)."""
     stamp = {}
     for part, path in (("rec", records.rec), ("idx", records.idx)):
         stat = path.stat()
-        stamp[part] = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+        stamp[part] = [str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino]
     return stamp
 
 
 def _scan_cached(records: RecordFile, keys: Sequence[int], cache: str | Path) -> RecordLayout:
-    """:func:`_scan_all`, kept in ``cache/<rec name>-<hash of the stamp>.npz``.
+    """:func:`_scan_all`, kept in ``cache/<rec name>-<hash of its path>.labels.npz``.
 
     At Glint360K's size the pass reads a header from each of 17M records spread over
     the whole file, in every process that scans (each DDP rank, each stage-2 job, each
-    evaluation, each resume); the kept result is 16 bytes an image. It is used only
-    while both files keep the size and modification time it was made from; written
-    to a temporary name, then renamed, so concurrent writers (DDP ranks) never leave
-    a partial file. A cache that cannot be read is made again; one that cannot be
-    written costs a warning, not the run.
+    evaluation, each resume); the kept result is 16 bytes an image, one file per
+    ``.rec``. It is used only while both files keep the :func:`_stamp` it was made
+    from, and replaced when they change. It is written to a temporary file of its own,
+    synced, then renamed, so concurrent writers (DDP ranks, jobs on other nodes) never
+    leave a partial file under the name. One that cannot be read (truncated, empty,
+    another format) is made again; one that cannot be written costs a warning, not
+    the run.
     """
-    stamp = _stamp(records)
-    text = json.dumps(stamp, sort_keys=True)
-    digest = hashlib.sha1(text.encode()).hexdigest()[:16]
-    path = Path(cache) / f"{records.rec.stem}-{digest}.labels.npz"
+    text = json.dumps(_stamp(records), sort_keys=True)
+    name = hashlib.sha1(str(records.rec.resolve()).encode()).hexdigest()[:16]
+    path = Path(cache) / f"{records.rec.stem}-{name}.labels.npz"
     try:
         with np.load(path) as kept:
             if str(kept["stamp"]) == text:
-                return RecordLayout(kept["keys"], kept["labels"])
+                layout = RecordLayout(kept["keys"], kept["labels"])
+                if layout.keys.shape == layout.labels.shape and layout.keys.ndim == 1:
+                    return layout
+                raise ValueError("keys and labels differ in length")
     except FileNotFoundError:
         pass
-    except (OSError, ValueError, KeyError) as e:  # unreadable: made again below
-        logger.warning(f"{path}: unreadable ({e}); reading the labels of {records.rec} again")
+    except Exception as e:  # any unreadable file (zip, npy or stamp errors): made again
+        logger.warning(f"{path}: unreadable ({e!r}); reading the labels of {records.rec} again")
     layout = _scan_all(records, keys)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial.npz")
+    partial = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(partial, keys=layout.keys, labels=layout.labels, stamp=np.array(text))
+        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, keys=layout.keys, labels=layout.labels, stamp=np.array(text))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(partial, path)
+        partial = None
     except OSError as e:
-        partial.unlink(missing_ok=True)
         logger.warning(f"could not keep the labels of {records.rec} in {path}: {e}")
+    finally:
+        if partial is not None:
+            Path(partial).unlink(missing_ok=True)
     return layout
 
 
