@@ -5,11 +5,12 @@ A file written in place can be left truncated by a crash or a ``kill -9``, and a
 resume or a reader then fails on it. ``atomic_torch_save`` writes to a temporary
 file in the destination folder, fsyncs it and ``os.replace``-s it over the target
 (atomic within one filesystem), then fsyncs the folder so the rename survives a
-power loss: readers see the old file or the complete new one, never a mixture.
-``load_plain`` is the one way facecluster reads a torch file: with
-``weights_only=True``, so a file from someone else (an export, a run folder, an
-assignment) can hold only tensors, numbers, strings and containers of them, and a
-pickle that would run code is refused before anything in it runs.
+power loss: readers see the old file or the complete new one, never a mixture;
+``atomic_file`` does the same for any other writer. ``load_plain`` is the one way
+facecluster reads a torch file: with ``weights_only=True``, so a file from someone
+else (an export, a run folder, an assignment) can hold only tensors, numbers,
+strings and containers of them, and a pickle that would run code is refused before
+anything in it runs.
 Imports nothing of facecluster, so every package may use it.
 """
 
@@ -21,7 +22,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -36,11 +37,15 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save(obj, path)``, atomically; parent folders are created.
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """An open binary file that becomes ``path`` when the block succeeds; parent
+    folders are created.
 
-    On any failure the temporary file is removed and a previous file at ``path`` is
-    left unchanged.
+    It is a temporary file of its own in the destination folder (concurrent writers,
+    DDP ranks or jobs on other nodes, never share one), fsynced, then ``os.replace``-d
+    over ``path``. On any failure the temporary file is removed and a previous file
+    at ``path`` is left unchanged.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +53,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; the result is an ordinary file
@@ -57,7 +62,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(target.parent)
-    return target
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(obj, path)``, atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 @contextlib.contextmanager

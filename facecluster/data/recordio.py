@@ -36,7 +36,6 @@ import mmap
 import operator
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 
 from facecluster.data.images import decode_image
+from facecluster.io import atomic_file
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -523,11 +523,11 @@ def _scan_cached(records: RecordFile, keys: Sequence[int], cache: str | Path) ->
     the whole file, in every process that scans (each DDP rank, each stage-2 job, each
     evaluation, each resume); the kept result is 16 bytes an image, one file per
     ``.rec``. It is used only while both files keep the :func:`_stamp` it was made
-    from, and replaced when they change. It is written to a temporary file of its own,
-    synced, then renamed, so concurrent writers (DDP ranks, jobs on other nodes) never
-    leave a partial file under the name. One that cannot be read (truncated, empty,
-    another format) is made again; one that cannot be written costs a warning, not
-    the run.
+    from, and replaced when they change. It is written by
+    :func:`~facecluster.io.atomic_file`, so concurrent writers (DDP ranks, jobs on
+    other nodes) never leave a partial file under the name. One that cannot be read
+    (truncated, empty, another format) is made again; one that cannot be written
+    costs a warning, not the run.
     """
     text = json.dumps(_stamp(records), sort_keys=True)
     name = hashlib.sha1(str(records.rec.resolve()).encode()).hexdigest()[:16]
@@ -544,21 +544,11 @@ def _scan_cached(records: RecordFile, keys: Sequence[int], cache: str | Path) ->
     except Exception as e:  # any unreadable file (zip, npy or stamp errors): made again
         logger.warning(f"{path}: unreadable ({e!r}); reading the labels of {records.rec} again")
     layout = _scan_all(records, keys)
-    partial = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(path) as f:
             np.savez(f, keys=layout.keys, labels=layout.labels, stamp=np.array(text))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-        partial = None
     except OSError as e:
         logger.warning(f"could not keep the labels of {records.rec} in {path}: {e}")
-    finally:
-        if partial is not None:
-            Path(partial).unlink(missing_ok=True)
     return layout
 
 
