@@ -10,12 +10,14 @@ same folder packed into RecordIO, the same ``.rec`` loader through DataLoader's
 per-item path (``rec_per_item``: fresh memory per batch, as before reused batch
 buffers), the ``.rec`` loader under ``data.decode=device``
 (it reads and ships the JPEG bytes; ``rec_bytes``), and the ceiling: the loaders'
-decoder on the same JPEG bytes in a tight loop in as many processes (one for
-``num_workers=0``). ``device_decode`` times that setting's batched decode on
-``--decode-device`` (nvJPEG on a GPU, libjpeg-turbo on the CPU). Each
-loader figure is the steady rate, after one batch per batch slot; each
-figure is the median of ``--rounds`` rounds, the rounds interleaved, because the
-rate of this shared machine drifts by 10-25% over a minute.
+decoder on the data set's JPEG bytes in a tight loop, in as many processes decoding
+at once (one for ``num_workers=0``; see :func:`ceiling`). ``device_decode`` times
+that setting's batched decode on ``--decode-device`` (nvJPEG on a GPU, libjpeg-turbo
+on the CPU). Each loader figure is the steady rate, after one batch per batch slot.
+A round measures the ``.rec`` loader between two ceiling measurements and divides by
+their mean, because the rate of this shared machine drifts by 10-25% over a minute;
+each figure is the median over ``--rounds`` rounds (ratios: the median of the rounds'
+own ratios).
 
     python bench/data_throughput.py --root ../shared/datasets/lfw-112/images
 
@@ -47,10 +49,10 @@ from facecluster.data.recordio import RecordFile, image_layout
 from facecluster.data.transforms import normalize_images
 
 
-def _jpegs(rec: Path, count: int) -> list[bytes]:
+def _jpegs(rec: Path) -> list[bytes]:
+    """Every image of ``rec``, in file order."""
     records = RecordFile(rec)
-    keys = image_layout(records).keys[:count]
-    return [records.record(int(k)).data for k in keys]
+    return [records.record(int(k)).data for k in image_layout(records).keys]
 
 
 def _pillow(data: bytes) -> Image.Image:
@@ -74,25 +76,53 @@ def _torchvision(data: bytes) -> torch.Tensor:
 
 
 def _decode_rate(decoder, jpegs: list[bytes], seconds: float = 2.0) -> float:
+    done, elapsed = _decode_count(decoder, jpegs, seconds)
+    return done / elapsed
+
+
+def _decode_count(decoder, jpegs: list[bytes], seconds: float, chunk: int = 128):
+    """``(images decoded, seconds taken)``: ``jpegs`` in order, over and over, until
+    ``seconds`` have passed (checked every ``chunk`` images, so that parallel
+    processes stop together)."""
     done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for data in jpegs:
-            decoder(data)
-        done += len(jpegs)
-    return done / (time.perf_counter() - start)
+    while True:
+        for i in range(0, len(jpegs), chunk):
+            for data in jpegs[i : i + chunk]:
+                decoder(data)
+            done += len(jpegs[i : i + chunk])
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return done, elapsed
 
 
-def _worker(args: tuple[list[bytes], float]) -> float:
-    torch.set_num_threads(1)
-    return _decode_rate(_simplejpeg, *args)
+def _ceiling_process(jpegs: list[bytes], seconds: float, barrier, results) -> None:
+    _decode_count(_simplejpeg, jpegs[-256:], 0.2)  # code and tables warm, as in a loader
+    barrier.wait()  # every process decodes over the same interval
+    results.put(_decode_count(_simplejpeg, jpegs, seconds))
 
 
-def ceiling(jpegs: list[bytes], processes: int, seconds: float = 3.0) -> float:
-    """simplejpeg decodes per second, summed over ``processes`` parallel processes."""
-    if processes == 1:
-        return _worker((jpegs, seconds))
-    with mp.get_context("spawn").Pool(processes) as pool:
-        return sum(pool.map(_worker, [(jpegs, seconds)] * processes))
+def ceiling(jpegs: list[bytes], processes: int, seconds: float = 1.0) -> float:
+    """simplejpeg decodes per second of ``processes`` processes decoding at once (forked:
+    they call simplejpeg alone), each its share of ``jpegs`` (``jpegs[p::processes]``)
+    in file order: all images over the longest process's time.
+
+    Give it the whole data set: a set small enough to stay in the CPU caches when it
+    comes round again (the 5,120 images of a loader measurement, 23 MB of LFW-112,
+    decoded for a second and more) would flatter the ceiling."""
+    context = mp.get_context("fork")
+    barrier, results = context.Barrier(processes), context.Queue()
+    workers = [
+        context.Process(
+            target=_ceiling_process, args=(jpegs[p::processes], seconds, barrier, results)
+        )
+        for p in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    counts = [results.get() for _ in workers]
+    for worker in workers:
+        worker.join()
+    return sum(done for done, _ in counts) / max(elapsed for _, elapsed in counts)
 
 
 def loader_rate(
@@ -135,6 +165,45 @@ def loader_rate(
     return done / (time.perf_counter() - start)
 
 
+def measure_round(
+    root: Path,
+    rec: Path,
+    jpegs: list[bytes],
+    workers: int,
+    batches: int,
+    batch_size: int,
+    seconds: float,
+) -> dict[str, float]:
+    """One round at ``workers``: the ``.rec`` loader between two ceiling measurements (the
+    machine's speed drifts; the ratio is to their mean), then the other loaders."""
+    before = ceiling(jpegs, max(1, workers), seconds)
+    rec_rate = loader_rate(rec, workers, batches, batch_size)
+    after = ceiling(jpegs, max(1, workers), seconds)
+    folder = loader_rate(root, workers, batches, batch_size)
+    per_item = loader_rate(rec, workers, batches, batch_size, per_item=True)
+    return {
+        "ceiling": (before + after) / 2,
+        "ceiling_before": before,
+        "ceiling_after": after,
+        # how the ceiling was measured before: one measurement's worth of images, over
+        # and over, in every process (see ceiling)
+        "ceiling_small_set": ceiling(
+            [data for data in jpegs[: batches * batch_size] for _ in range(max(1, workers))],
+            max(1, workers),
+            seconds,
+        ),
+        "folder": folder,
+        "rec": rec_rate,
+        "rec_per_item": per_item,
+        # data.decode=device: the loader reads and ships the JPEG bytes
+        "rec_bytes": loader_rate(rec, workers, batches, batch_size, decode="device"),
+        "rec_vs_ceiling": rec_rate / ((before + after) / 2),
+        "folder_vs_ceiling": folder / ((before + after) / 2),
+        "rec_vs_folder": rec_rate / folder,
+        "rec_vs_per_item": rec_rate / per_item,
+    }
+
+
 def device_decode_rate(jpegs: list[bytes], batch_size: int, device: str, seconds: float) -> float:
     """Images/s of ``data.decode=device``'s batched decode (nvJPEG on CUDA, libjpeg-turbo
     on the CPU), batches of ``batch_size`` of the same JPEGs, output on ``device``."""
@@ -173,7 +242,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--seconds", type=float, default=3.0, help="per decode-rate measurement")
+    parser.add_argument("--seconds", type=float, default=1.0, help="per decode-rate measurement")
     parser.add_argument(
         "--decode-device",
         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -185,9 +254,7 @@ def main() -> None:
     root = Path(args.root).resolve()
     with tempfile.TemporaryDirectory() as tmp:
         rec = pack_folder(root, Path(tmp) / "rec")
-        # as many distinct images as a loader measurement reads: a smaller set repeated
-        # would stay in the CPU caches and flatter the ceiling
-        jpegs = _jpegs(rec, args.batches * args.batch_size)
+        jpegs = _jpegs(rec)  # the whole set (see ceiling)
         decoders = {"pillow": _pillow, "simplejpeg": _simplejpeg, "torchvision": _torchvision}
         result = {
             "root": str(root),
@@ -215,26 +282,15 @@ def main() -> None:
         }
         for workers in args.workers:
             rounds = [
-                {
-                    "ceiling": ceiling(jpegs, max(1, workers), args.seconds),
-                    "folder": loader_rate(root, workers, args.batches, args.batch_size),
-                    "rec": loader_rate(rec, workers, args.batches, args.batch_size),
-                    "rec_per_item": loader_rate(
-                        rec, workers, args.batches, args.batch_size, per_item=True
-                    ),
-                    # data.decode=device: the loader reads and ships the JPEG bytes
-                    "rec_bytes": loader_rate(
-                        rec, workers, args.batches, args.batch_size, decode="device"
-                    ),
-                }
+                measure_round(
+                    root, rec, jpegs, workers, args.batches, args.batch_size, args.seconds
+                )
                 for _ in range(args.rounds)
             ]
             row = {"num_workers": workers}
+            # rates: medians over the rounds; ratios: medians of each round's own ratio,
+            # whose two sides were measured within seconds of each other
             row.update({key: median([r[key] for r in rounds]) for key in rounds[0]})
-            row["rec_vs_ceiling"] = row["rec"] / row["ceiling"]
-            row["folder_vs_ceiling"] = row["folder"] / row["ceiling"]
-            row["rec_vs_folder"] = row["rec"] / row["folder"]
-            row["rec_vs_per_item"] = row["rec"] / row["rec_per_item"]
             row["rounds"] = rounds
             result["rows"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "rounds"}))

@@ -24,7 +24,7 @@ from facecluster.data import (
     split_per_identity,
 )
 from facecluster.data.folder import Samples
-from facecluster.data.images import decode_image
+from facecluster.data.images import decode_image, decode_jpeg_into
 from facecluster.data.transforms import normalize_images
 
 DEMO_ROOT = Path(__file__).resolve().parents[1] / "datasets" / "lfw-demo" / "images"
@@ -288,6 +288,43 @@ def test_decode_image_formats_and_errors(tmp_path: Path) -> None:
         decode_image(truncated)
     with pytest.raises(OSError):
         decode_image(b"<html>404 Not Found</html>")
+
+
+def test_in_place_decode_takes_exactly_the_jpegs_it_decodes_like_decode_image(tmp_path) -> None:
+    # the loaders' fast path: a JPEG of the slot's size in gray, YCbCr or RGB goes
+    # straight into the slot with decode_image's pixels; anything else is refused
+    # (False) and takes decode_image's path
+    import io
+
+    def encoded(image: Image.Image, **save) -> bytes:
+        out = io.BytesIO()
+        image.save(out, "JPEG", **save)
+        return out.getvalue()
+
+    out = np.zeros((112, 112, 3), np.uint8)
+    for path in sorted(DEMO_ROOT.glob("*/*.jpg")):  # all 4,324 demo faces
+        assert decode_jpeg_into(memoryview(path.read_bytes()), out), path
+    rgb = Image.open(_demo_jpegs(1)[0]).convert("RGB")
+    taken = {
+        "baseline": encoded(rgb),
+        "gray": encoded(rgb.convert("L")),
+        "progressive": encoded(rgb, progressive=True),
+        "exif and comment first": encoded(rgb, exif=b"Exif\0\0" + bytes(64), comment="x" * 300),
+    }
+    for name, data in taken.items():
+        out[...] = 0
+        assert decode_jpeg_into(data, out), name
+        assert np.array_equal(out, decode_image(data).numpy()), name
+    refused = {
+        "CMYK": encoded(rgb.convert("CMYK")),
+        "smaller": encoded(rgb.crop((0, 0, 112, 100))),
+        "larger": encoded(rgb.resize((120, 112))),
+        "truncated": taken["baseline"][:1500],
+        "cut in its header": taken["baseline"][:30],
+        "not a JPEG": b"\x89PNG\r\n\x1a\n" + bytes(64),
+    }
+    for name, data in refused.items():
+        assert not decode_jpeg_into(data, out), name
 
 
 def test_mirror_drawn_in_train_only_and_applied_by_normalize() -> None:

@@ -115,6 +115,43 @@ def test_the_index_reads_like_a_dict_and_names_a_bad_line(tmp_path):
             RecordFile(rec)
 
 
+def test_batch_views_equal_encoded_and_leave_unsound_records_to_it(tmp_path):
+    # a loader reads a batch through views(): the same bytes as encoded() for whole
+    # records, None (encoded() then names the fault) for split, corrupt, missing ones
+    split = pack(1.0, b"\xff\xd8xx" + MAGIC_BYTES * 3)
+    records = {0: pack(0.0, _jpeg(1)), 3: pack([2.0, 5.0], _jpeg(2)), 4: split, 6: pack(3.0)}
+    rf = _write(tmp_path, records, order=[6, 3, 0, 4])
+    keys = np.array([3, 0, 4, 6, 5, -1, 2**40, 0])
+    views = rf.views(keys)
+    assert [v is None for v in views] == [False, False, True, False, True, True, True, False]
+    for key, view in zip(keys.tolist(), views, strict=True):
+        if view is not None:
+            assert bytes(view) == rf.encoded(key) and isinstance(view, memoryview)
+    assert bytes(views[3]) == b""  # an identity-style record holds no image
+    assert rf.encoded(4) == b"\xff\xd8xx" + MAGIC_BYTES * 3
+    assert rf.offsets.lookup(keys).tolist() == [rf.offsets.get(k, -1) for k in keys.tolist()]
+    data = bytearray((tmp_path / "train.rec").read_bytes())
+    data[rf.offsets[3]] ^= 0xFF
+    (tmp_path / "train.rec").write_bytes(bytes(data))
+    corrupt = RecordFile(tmp_path / "train.rec")
+    assert corrupt.views(np.array([3, 0]))[0] is None
+    with pytest.raises(RecordError, match=rf"key 3 at offset {rf.offsets[3]}: bad magic"):
+        corrupt.encoded(3)
+    # a sparse index is searched, not tabled: the same answers
+    sparse = _write(tmp_path, {7: pack(0.0, _jpeg(3)), 10**9: pack(1.0, _jpeg(4))})
+    keys = np.array([10**9, 7, 8, -3, 2**62])
+    assert sparse.offsets.lookup(keys).tolist() == [
+        sparse.offsets.get(k, -1) for k in keys.tolist()
+    ]
+    assert [bytes(v) if v is not None else None for v in sparse.views(keys)] == [
+        _jpeg(4),
+        _jpeg(3),
+        None,
+        None,
+        None,
+    ]
+
+
 def test_corrupt_record_and_truncated_file_are_named(tmp_path):
     rf = _write(tmp_path, {0: pack(0.0, _jpeg(1)), 1: pack(0.0, _jpeg(2))})
     data = bytearray((tmp_path / "train.rec").read_bytes())

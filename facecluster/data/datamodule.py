@@ -123,9 +123,9 @@ class FaceImageDataset(Dataset):
         self.records = records
         self.encoded = encoded
         self.transform = transform
-        # plain ints: indexing a tensor per item is slower and tensors in worker
-        # processes go through shared memory for no benefit
-        self._label_map = None if label_map is None else [int(v) for v in label_map.tolist()]
+        # numpy: indexing a tensor per item is slower and tensors in worker processes go
+        # through shared memory for no benefit
+        self._label_map = None if label_map is None else label_map.numpy().astype(np.int64)
         self.on_bad_image = on_bad_image
         if tracker is None:
             tracker = BadImageTracker(self.samples.locators)
@@ -245,7 +245,7 @@ class FaceImageDataset(Dataset):
         if image is None:
             image = self._substitute(index, self.encoded)
         if self._label_map is not None:
-            label = self._label_map[label]
+            label = int(self._label_map[label])
         if isinstance(image, bytes):  # decoded on the device, already at its size
             return image, label, self.transform.mirror(mirror), index
         image, mirror = self.transform(image, mirror)
@@ -275,20 +275,25 @@ class FaceImageDataset(Dataset):
 
     def _collate_into(self, slot: int | None, images: np.ndarray, pairs: list) -> tuple:
         size = self.transform.size
-        labels = []
-        for j, (index, _) in enumerate(pairs):
+        index = np.array([i for i, _ in pairs], dtype=np.int64)
+        positions = index.tolist()
+        if self.records is None:
+            sources = [self._peek(i) for i in positions]
+        else:  # the batch's lookups at once: per image, only a view and the decode
+            bad = self.tracker.bad(self.sample_ids[index]).tolist()
+            views = self.records.views(self.samples.keys[index])
+            sources = [None if b else v for b, v in zip(bad, views, strict=True)]
+        for j, (i, data) in enumerate(zip(positions, sources, strict=True)):
             out = images[j]
-            data = self._peek(index)
             if data is None or not decode_jpeg_into(data, out):  # PNG, other size, broken
-                image = self._load(index, data=data)  # read once
+                image = self._load(i, data=data)  # read once
                 if image is None:
-                    image = self._substitute(index)
+                    image = self._substitute(i)
                 if image.shape[:2] != (size, size):
                     image = self.transform(image, False)[0]
                 out[...] = image.numpy()
-            label = int(self.samples.labels[index])
-            labels.append(label if self._label_map is None else self._label_map[label])
-        rest = [torch.tensor(labels, dtype=torch.long)]
+        labels = self.samples.labels[index]
+        rest = [torch.from_numpy(labels if self._label_map is None else self._label_map[labels])]
         if self.transform.train:
             rest.append(torch.tensor(self.transform.mirrors([m for _, m in pairs])))
         return self.buffers.batch(slot, images, *rest)

@@ -96,19 +96,20 @@ def decode_jpeg_into(data: bytes | memoryview, out: np.ndarray) -> bool:
     False otherwise (a PNG, another size, CMYK, broken bytes), and ``out`` then holds
     nothing useful.
 
-    The loaders' per-image path: a header parse and one decode into the batch, no
-    tensor, no copy of ``data`` (a memoryview into a mapped ``.rec`` will do).
+    The loaders' per-image path: the frame header read in Python (:func:`_frame`, half
+    the time of libjpeg-turbo's header parse, which the decode does again anyway) and
+    one decode into the batch, no tensor, no copy of ``data`` (a memoryview into a
+    mapped ``.rec`` will do).
     """
-    if data[:2] != _JPEG_START:
+    frame = _frame(data) if data[:2] == _JPEG_START else None
+    # one or three components: gray, YCbCr or RGB (four: CMYK/YCCK, converted as PIL does)
+    if frame is None or (frame[1], frame[2], 3) != out.shape or frame[3] not in (1, 3):
         return False
     try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if (height, width, 3) != out.shape or colorspace not in _FAST_COLORSPACES:
-            return False
-        simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
+        decoded = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
     except ValueError:  # truncated or corrupt: decode_image decides and words the error
         return False
-    return True
+    return decoded.shape == out.shape  # libjpeg-turbo read the size the walk did
 
 
 def decode_image(source: str | bytes) -> torch.Tensor:
@@ -143,10 +144,10 @@ _BASELINE_FRAMES = (0xC0, 0xC1)  # SOF0, SOF1: sequential, Huffman-coded
 _NO_LENGTH = {0x01, *range(0xD0, 0xD8)}  # TEM, RSTn: markers without a length field
 
 
-def _frame_marker(data: bytes) -> int | None:
-    """The start-of-frame marker of a JPEG (``0xC0`` baseline, ``0xC2`` progressive...),
-    found by walking its length-prefixed segments; None when the bytes end or break
-    first."""
+def _frame(data: bytes | memoryview) -> tuple[int, int, int, int] | None:
+    """``(marker, height, width, components)`` of a JPEG's frame header (marker ``0xC0``
+    baseline, ``0xC2`` progressive...), found by walking its length-prefixed segments
+    from the start-of-image marker; None when the bytes end or break first."""
     i, end = 2, len(data)
     while i + 4 <= end:
         if data[i] != 0xFF:
@@ -159,9 +160,13 @@ def _frame_marker(data: bytes) -> int | None:
         elif marker == 0xDA:  # a scan before any frame header
             return None
         elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return marker
+            if i + 10 > end:
+                return None
+            # length (2), precision (1), height (2), width (2), components (1)
+            height = data[i + 5] << 8 | data[i + 6]
+            return marker, height, data[i + 7] << 8 | data[i + 8], data[i + 9]
         else:
-            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+            i += 2 + (data[i + 2] << 8 | data[i + 3])
     return None
 
 
@@ -181,11 +186,10 @@ def device_decodable(data: bytes, size: int) -> bool:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:  # a broken header: the CPU path decides and words the error
         return False
-    return (
-        colorspace in _DEVICE_COLORSPACES
-        and height == width == size
-        and _frame_marker(data) in _BASELINE_FRAMES
-    )
+    if colorspace not in _DEVICE_COLORSPACES or not height == width == size:
+        return False
+    frame = _frame(data)
+    return frame is not None and frame[0] in _BASELINE_FRAMES
 
 
 class EncodedImages:
@@ -386,9 +390,16 @@ class BadImageTracker:
             )
 
     def is_bad(self, sample_id: int) -> bool:
+        return bool(self._flags()[sample_id])
+
+    def bad(self, sample_ids: np.ndarray) -> np.ndarray:
+        """:meth:`is_bad` of each of ``sample_ids``, as a bool array."""
+        return self._flags()[sample_ids] != 0
+
+    def _flags(self) -> np.ndarray:
         if self._view is None:  # a numpy view reads a flag 20x faster than tensor indexing
             self._view = self.flags.numpy()
-        return bool(self._view[sample_id])
+        return self._view
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_view": None}  # the view is rebuilt on the shared buffer

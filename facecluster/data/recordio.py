@@ -51,6 +51,7 @@ MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _HEADER = struct.Struct("<IfQQ")  # flag, label, id, id2: 24 bytes
 _LENGTH_MASK = (1 << 29) - 1
+_RECORD_START = struct.Struct("<III")  # magic, lrecord, then the payload header's flag
 FLOAT32_EXACT = 1 << 24
 """Integers above this are not all representable in float32."""
 
@@ -213,6 +214,15 @@ class RecordIndex(Mapping):
         if i < len(self.keys_) and int(self.keys_[i]) == key:
             return int(self.offsets_[i])
         raise KeyError(key)
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """The offsets of ``keys`` (int64), -1 for a key not in the index."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if self._dense is not None:
+            inside = (keys >= 0) & (keys < len(self._dense))
+            return np.where(inside, self._dense[np.where(inside, keys, 0)], -1)
+        i = np.minimum(np.searchsorted(self.keys_, keys), len(self.keys_) - 1)
+        return np.where(self.keys_[i] == keys, self.offsets_[i], -1)
 
     def __contains__(self, key: object) -> bool:
         try:
@@ -382,6 +392,22 @@ class RecordFile:
         except ValueError as e:
             raise self._bad(key, e) from None
         return data if view else bytes(data)
+
+    def views(self, keys: np.ndarray) -> list[memoryview | None]:
+        """:meth:`encoded` with ``view`` for a batch of record keys, at a fraction of its
+        per-record cost: one index lookup for all, one unpack per record. None for a
+        record that is not whole and sound (a missing key, a split, truncated or corrupt
+        record): :meth:`encoded` reads that one and says what is wrong."""
+        buf, size, views = self._buffer(), self.size, []
+        for pos in self.offsets.lookup(keys).tolist():
+            view = None
+            if 0 <= pos <= size - 8 - _HEADER.size:
+                magic, lrecord, flag = _RECORD_START.unpack_from(buf, pos)
+                start, end = pos + 8 + _HEADER.size + 4 * flag, pos + 8 + (lrecord & _LENGTH_MASK)
+                if magic == MAGIC and lrecord >> 29 == 0 and start <= end <= size:
+                    view = buf[start:end]
+            views.append(view)
+        return views
 
     def image(self, locator: int | str) -> torch.Tensor:
         """The decoded image of record ``key`` or locator ``<file>#<key>``: ``uint8[H, W, 3]``
