@@ -96,9 +96,13 @@ def _decode_count(decoder, jpegs: list[bytes], seconds: float, chunk: int = 128)
 
 
 def _ceiling_process(jpegs: list[bytes], seconds: float, barrier, results) -> None:
-    _decode_count(_simplejpeg, jpegs[-256:], 0.2)  # code and tables warm, as in a loader
-    barrier.wait()  # every process decodes over the same interval
-    results.put(_decode_count(_simplejpeg, jpegs, seconds))
+    try:
+        _decode_count(_simplejpeg, jpegs[-256:], 0.2)  # code and tables warm, as in a loader
+        barrier.wait(timeout=120)  # every process decodes over the same interval
+        results.put(_decode_count(_simplejpeg, jpegs, seconds))
+    except BaseException as e:  # a JPEG simplejpeg refuses, a sibling that died: say so
+        barrier.abort()
+        results.put(e)
 
 
 def ceiling(jpegs: list[bytes], processes: int, seconds: float = 1.0) -> float:
@@ -109,19 +113,26 @@ def ceiling(jpegs: list[bytes], processes: int, seconds: float = 1.0) -> float:
     Give it the whole data set: a set small enough to stay in the CPU caches when it
     comes round again (the 5,120 images of a loader measurement, 23 MB of LFW-112,
     decoded for a second and more) would flatter the ceiling."""
+    if len(jpegs) < processes:
+        raise ValueError(f"ceiling: {len(jpegs)} JPEGs for {processes} processes")
     context = mp.get_context("fork")
     barrier, results = context.Barrier(processes), context.Queue()
     workers = [
         context.Process(
-            target=_ceiling_process, args=(jpegs[p::processes], seconds, barrier, results)
+            target=_ceiling_process,
+            args=(jpegs[p::processes], seconds, barrier, results),
+            daemon=True,
         )
         for p in range(processes)
     ]
     for worker in workers:
         worker.start()
-    counts = [results.get() for _ in workers]
+    counts = [results.get(timeout=300) for _ in workers]
     for worker in workers:
         worker.join()
+    failed = [c for c in counts if isinstance(c, BaseException)]
+    if failed:
+        raise RuntimeError(f"ceiling: a decoding process failed: {failed[0]!r}")
     return sum(done for done, _ in counts) / max(elapsed for _, elapsed in counts)
 
 

@@ -277,7 +277,7 @@ class FaceImageDataset(Dataset):
         size = self.transform.size
         index = np.array([i for i, _ in pairs], dtype=np.int64)
         positions = index.tolist()
-        if self.records is None:
+        if self.records is None or self.samples.keys is None:  # files, or named records
             sources = [self._peek(i) for i in positions]
         else:  # the batch's lookups at once: per image, only a view and the decode
             bad = self.tracker.bad(self.sample_ids[index]).tolist()
