@@ -87,9 +87,10 @@ def _decode_count(decoder, jpegs: list[bytes], seconds: float, chunk: int = 128)
     done, start = 0, time.perf_counter()
     while True:
         for i in range(0, len(jpegs), chunk):
-            for data in jpegs[i : i + chunk]:
+            part = jpegs[i : i + chunk]
+            for data in part:
                 decoder(data)
-            done += len(jpegs[i : i + chunk])
+            done += len(part)
             elapsed = time.perf_counter() - start
             if elapsed >= seconds:
                 return done, elapsed
@@ -196,8 +197,8 @@ def measure_round(
         "ceiling": (before + after) / 2,
         "ceiling_before": before,
         "ceiling_after": after,
-        # how the ceiling was measured before: one measurement's worth of images, over
-        # and over, in every process (see ceiling)
+        # the set size the ceiling used before: one measurement's worth of images, over
+        # and over, in every process (see ceiling); synchronised as the ceiling is now
         "ceiling_small_set": ceiling(
             [data for data in jpegs[: batches * batch_size] for _ in range(max(1, workers))],
             max(1, workers),

@@ -96,9 +96,9 @@ def decode_jpeg_into(data: bytes | memoryview, out: np.ndarray) -> bool:
     False otherwise (a PNG, another size, CMYK, broken bytes), and ``out`` then holds
     nothing useful.
 
-    The loaders' per-image path: the frame header read in Python (:func:`_frame`, half
-    the time of libjpeg-turbo's header parse, which the decode does again anyway) and
-    one decode into the batch, no tensor, no copy of ``data`` (a memoryview into a
+    The loaders' per-image path: the frame header read in Python (:func:`_frame`, 60%
+    of the time of libjpeg-turbo's header parse, which the decode does again anyway)
+    and one decode into the batch, no tensor, no copy of ``data`` (a memoryview into a
     mapped ``.rec`` will do).
     """
     frame = _frame(data) if data[:2] == _JPEG_START else None
