@@ -87,15 +87,16 @@ echo "== input pipeline"
 mkdir -p "$(dirname "$OUT")"
 "$PY" - "$PARTS" "$OUT" "$DRY" <<'PYEOF'
 import json, platform, sys
+from importlib.metadata import version
 from pathlib import Path
 
-import torch
-
 parts, out, dry = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
+if not dry:  # a dry run measured on the CPU: no device to name, and torch not imported
+    import torch
 merged = {
     "dry_run": dry,
-    "torch": torch.__version__,
-    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    "torch": version("torch") if dry else torch.__version__,
+    "gpu": None if dry or not torch.cuda.is_available() else torch.cuda.get_device_name(),
     "cpu": platform.processor() or platform.machine(),
 }
 for part in sorted(parts.glob("*.json")):

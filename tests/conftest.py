@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -12,6 +16,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 DEMO = ROOT / "datasets" / "lfw-demo" / "images"
 SHARED_LFW = ROOT.parent / "shared" / "datasets" / "lfw-112" / "images"
+
+
+def run_script(script: str, *args: str) -> None:
+    """``python <script> <args>`` from the repository root, in this process: the script's
+    ``main()`` with ``sys.argv`` set, what its ``if __name__ == "__main__"`` block calls.
+    For a script's later calls in a test whose first call ran it as written: a fresh
+    interpreter costs about 9 s here (importing torch and Lightning), most of a call.
+    Its ``SystemExit`` (a refusal, ``argparse``'s errors) reaches the caller."""
+    path = ROOT / script
+    spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with contextlib.chdir(ROOT), mock.patch.object(sys, "argv", [script, *args]):
+        module.main()
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ from facecluster.evaluation import evaluate_run
 from facecluster.inference.openset import fnir_at_fpir, threshold_at_fpir
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
-from tests.conftest import DEMO, ROOT, SMOKE, smoke_overrides
+from tests.conftest import DEMO, ROOT, SMOKE, run_script, smoke_overrides
 
 EXPORT = "facecluster export runs/<run> exports/demo --onnx"
 ENROLL = "facecluster enroll exports/demo new_people/"
@@ -245,9 +245,11 @@ def test_enrolling_new_identities_without_retraining(open_run, exported, tmp_pat
 @pytest.mark.slow
 def test_open_set_and_enrolment_benchmarks_run(open_run, exported, tmp_path):
     # docs/DEPLOYMENT.md's and docs/EVALUATION.md's measurement commands, at test size
+    # (in this process: their scripts' main(), not a fresh interpreter each)
     out = tmp_path / "open_set.json"
-    command = ["bench/open_set.py", "--run", str(open_run), "--export", str(exported)]
-    _python([*command, "--out", str(out)])
+    run_script(
+        "bench/open_set.py", "--run", str(open_run), "--export", str(exported), "--out", str(out)
+    )
     measured = json.loads(out.read_text())
     assert measured["nonmated_test_faces"] > 0 and 0 <= measured["fpir"] <= 1
     assert measured["named_right"] + measured["named_wrong"] + measured["unknown"] == pytest.approx(
@@ -257,21 +259,13 @@ def test_open_set_and_enrolment_benchmarks_run(open_run, exported, tmp_path):
         load_config(SMOKE, smoke_overrides(tmp_path, "logger=csv", "run_name=all"))
     ).run_dir
     out = tmp_path / "enrollment.json"
-    _python(
-        ["bench/enrollment.py", "--enrolled", str(open_run), "--full", str(full), "--out", str(out)]
+    run_script(
+        "bench/enrollment.py", "--enrolled", str(open_run), "--full", str(full), "--out", str(out)
     )
     measured = json.loads(out.read_text())
     assert measured["identities_enrolled"] == 3 and measured["test_images_enrolled_identities"] > 0
     assert 0 <= measured["top1_enrolled"] <= 1 and 0 <= measured["top1_trained_from_start"] <= 1
     assert 0 <= measured["top1_others_before_enrolment"] <= 1
-
-
-def _python(command: list[str]) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
-    proc = subprocess.run(
-        [sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_load_plain_tells_damaged_files_from_unsafe_ones(tmp_path):

@@ -47,6 +47,9 @@ HEADS = {"arcface": ArcFace, "cosface": CosFace}
 
 
 def _worker(rank: int, port: int, out: dict) -> None:
+    # forked from a process whose OpenMP pool may be running: one thread, as
+    # DataLoader's forked workers do
+    torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
@@ -143,7 +146,11 @@ def processes() -> dict:
     """Each rank's results of ``_sharded_step`` for each head, from one gloo run."""
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    # forked, not spawned: a spawned rank starts an interpreter and imports torch and
+    # Lightning again (about 9 s each here); the gloo group is the same either way
+    mp.start_processes(
+        _worker, args=(_free_port(), out), nprocs=WORLD, join=True, start_method="fork"
+    )
     return {rank: dict(out[rank]) for rank in range(WORLD)}
 
 

@@ -19,6 +19,7 @@ from facecluster.builders import build_trainer, default_precision, module_args
 from facecluster.config import ConfigError, load_config
 from facecluster.models.backbone_module import BackboneSystem
 from facecluster.run import RunFolder, _refuse_contradictions
+from tests.conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_LFW = ROOT.parent / "shared" / "datasets" / "lfw-112" / "images"
@@ -201,7 +202,7 @@ def test_routing_benchmark_times_shared_layers_against_the_single_model(tmp_path
 
 
 @pytest.mark.slow
-def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path):
+def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, capsys):
     # bench/results.py (docs/RESULTS.md) on the smoke config: 2 seeds, two methods
     out, page, js = tmp_path / "runs", tmp_path / "RESULTS.md", tmp_path / "r.json"
     command = [
@@ -233,19 +234,23 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path):
     assert "| clustered | 2 | clustered, routed (top_m=1, moe) |" in text
     assert "| pass | 1 | clustered, routed (top_m=1, moe) |" in text
     assert "- `pass`: clustered, `stage2.epoch_size=mean`" in text
-    # a second call trains nothing and renders the same page
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "training" not in again.stdout
+    # a second call trains nothing and renders the same page (this call and the next
+    # in this process: the first ran the script as written)
+    page.unlink()
+    run_script(*command[1:])
+    assert "training" not in capsys.readouterr().out
     assert page.read_text() == text
     # a kept run trained otherwise than asked is refused, not reported under the new name
-    changed = [*command[:-1], "pass:clustered:stage2.epoch_size=largest@2"]
-    refused = subprocess.run(changed, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0 and "training" not in refused.stdout
-    assert "lfw423-pass-s2 was trained with stage2.epoch_size='mean'" in refused.stderr
+    changed = [*command[1:-1], "pass:clustered:stage2.epoch_size=largest@2"]
+    with pytest.raises(
+        SystemExit, match=r"lfw423-pass-s2 was trained with stage2\.epoch_size='mean'"
+    ):
+        run_script(*changed)
+    assert "training" not in capsys.readouterr().out
     assert page.read_text() == text
 
 
-def test_sample_index_benchmark_measures_setup_and_a_forked_workers_copy(tmp_path):
+def test_sample_index_benchmark_measures_setup_and_a_forked_workers_copy(tmp_path, capsys):
     # bench/sample_index.py (docs/DATA.md) at toy size: 3,000 images of 60 identities
     out = tmp_path / "index.json"
     command = [
@@ -257,13 +262,12 @@ def test_sample_index_benchmark_measures_setup_and_a_forked_workers_copy(tmp_pat
     assert result["images"] == 3000 and result["train_samples"] == 60 * 35  # 0.7 of 50 each
     assert result["setup_s"] > 0 and result["rss_bytes_per_image"] > 0
     assert result["worker_private_mb_per_epoch"] > 0  # the worker's reads did copy pages
-    # im2rec's layout: the second process reads the labels the first one kept
-    subprocess.run([*command, "--layout", "im2rec"], cwd=ROOT, check=True, timeout=300)
+    # im2rec's layout: the second process reads the labels the first one kept (the
+    # measuring processes are fresh ones whichever process starts them)
+    run_script(*command[1:], "--layout", "im2rec")
     result = json.loads(out.read_text())
     assert result["layout"] == "im2rec" and result["train_samples"] == 60 * 35
     assert result["setup_s"] > 0 and result["setup_cached_s"] > 0
-    bad = subprocess.run(
-        [sys.executable, "bench/sample_index.py", "--images", "5", "--identities", "9"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert bad.returncode == 2 and "--identities" in bad.stderr
+    with pytest.raises(SystemExit) as bad:
+        run_script("bench/sample_index.py", "--images", "5", "--identities", "9")
+    assert bad.value.code == 2 and "--identities" in capsys.readouterr().err

@@ -145,7 +145,14 @@ def test_documented_verification_commands(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout + proc.stderr
 
-    out = run(VERIFY_TRAIN, f"output_dir={tmp_path}", "run_name=v", "logger=csv")
+    # evaluated once, by the second command (train.py would evaluate the run too)
+    out = run(
+        VERIFY_TRAIN,
+        f"output_dir={tmp_path}",
+        "run_name=v",
+        "logger=csv",
+        "eval.after_training=false",
+    )
     assert "lfw-112 verification" in out and "(6000 pairs, 10 folds)" in out
     table = run(VERIFY_EVAL.replace("runs/<run>", str(tmp_path / "v")), "eval.timing_batches=1")
     assert "lfw-112 verif." in table
