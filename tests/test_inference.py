@@ -17,7 +17,7 @@ from torch import nn
 import evaluate
 from facecluster.clustering import ClusterAssignment, cluster_identities
 from facecluster.config import ConfigError, load_config
-from facecluster.evaluation import eval_autocast, evaluate_run
+from facecluster.evaluation import eval_autocast, evaluate_run, top_m_sweep
 from facecluster.inference import UNKNOWN, Router, TwoStageIdentifier, fuse
 from facecluster.io import UnsafeFileError
 from facecluster.pipeline import train
@@ -293,6 +293,14 @@ def test_batched_grouping_gives_the_answers_of_one_by_one(top_m):
 def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     return train(load_config(SMOKE, smoke_overrides(tmp, "logger=csv"))).run_dir
+
+
+def test_top_m_sweep_doubles_up_to_k_and_keeps_the_runs_top_m():
+    # sub-net passes over the test split: under 2K, not K(K+1)/2 (2,080 at K = 64)
+    assert top_m_sweep(64, 1) == [1, 2, 4, 8, 16, 32, 64]
+    assert sum(top_m_sweep(64, 1)) == 127
+    assert top_m_sweep(8, 3) == [1, 2, 3, 4, 8]
+    assert top_m_sweep(3, 1) == [1, 2, 3] and top_m_sweep(1, 1) == [1]
 
 
 @pytest.mark.slow
