@@ -188,8 +188,11 @@ def aggregate(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
         paired[name] = {
             "row": mine,
             "seeds": against["single"][2],
+            # the values every seed's sweep scored (runs evaluated before the sweep
+            # doubled have every top_m from 1 to K)
             "top_m": {
-                m: interval([by_seed[s]["top_m"][m] for s in own]) for m in by_seed[own[0]]["top_m"]
+                m: interval([by_seed[s]["top_m"][m] for s in own])
+                for m in sorted(set.intersection(*(set(by_seed[s]["top_m"]) for s in own)), key=int)
             },
             **{
                 f"vs_{other}": {

@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 from unittest import mock
 
 import pytest
@@ -24,12 +25,18 @@ def run_script(script: str, *args: str) -> None:
     For a script's later calls in a test whose first call ran it as written: a fresh
     interpreter costs about 9 s here (importing torch and Lightning), most of a call.
     Its ``SystemExit`` (a refusal, ``argparse``'s errors) reaches the caller."""
+    module = load_script(script)
+    with contextlib.chdir(ROOT), mock.patch.object(sys, "argv", [script, *args]):
+        module.main()
+
+
+def load_script(script: str) -> ModuleType:
+    """A script of the repository (``bench/results.py``) as a module, for its functions."""
     path = ROOT / script
     spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    with contextlib.chdir(ROOT), mock.patch.object(sys, "argv", [script, *args]):
-        module.main()
+    return module
 
 
 @pytest.fixture(autouse=True)

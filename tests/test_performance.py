@@ -19,7 +19,7 @@ from facecluster.builders import build_trainer, default_precision, module_args
 from facecluster.config import ConfigError, load_config
 from facecluster.models.backbone_module import BackboneSystem
 from facecluster.run import RunFolder, _refuse_contradictions
-from tests.conftest import run_script
+from tests.conftest import load_script, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_LFW = ROOT.parent / "shared" / "datasets" / "lfw-112" / "images"
@@ -248,6 +248,16 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, 
         run_script(*changed)
     assert "training" not in capsys.readouterr().out
     assert page.read_text() == text
+
+
+def test_results_pair_the_top_m_values_every_seed_scored():
+    # a run kept from before the top_m sweep doubled has every top_m from 1 to K
+    results = load_script("bench/results.py")
+    runs = json.loads((ROOT / "bench" / "results" / "lfw423.json").read_text())["runs"]
+    seed = runs["clustered"]["43"]
+    seed["top_m"] = {m: seed["top_m"][m] for m in ("1", "2", "4", "8")}
+    top_m = results.aggregate(runs)["paired"]["clustered"]["top_m"]
+    assert list(top_m) == ["1", "2", "4", "8"]
 
 
 def test_sample_index_benchmark_measures_setup_and_a_forked_workers_copy(tmp_path, capsys):
