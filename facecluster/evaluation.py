@@ -312,7 +312,8 @@ def top_m_sweep(clusters: int, top_m: int) -> list[int]:
     """The top_m values the sweep scores: 1, 2, 4, ... doubling up to K, with K and
     ``route.top_m``. A routed pass at top_m runs top_m sub-nets per face, so every
     value from 1 to K would cost K(K+1)/2 sub-net passes over the test split (2,080 at
-    K = 64); doubling costs under 2K (127 at K = 64)."""
+    K = 64); doubling costs under 2K (127 at K = 64), plus ``route.top_m`` when it is
+    not a power of two."""
     values = {clusters, min(top_m, clusters)}
     m = 1
     while m < clusters:
@@ -335,11 +336,10 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
     rows = bench.rows(predictors, bench.verification(ident.router_backbone))
     report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)
     report.decision = {k: ident.route_config.get(k) for k in DECISION_KEYS}
-    sweep = [
-        ident.routed(m, cfg.route.alpha) for m in top_m_sweep(ident.num_clusters, cfg.route.top_m)
-    ]
+    ms = top_m_sweep(ident.num_clusters, cfg.route.top_m)
+    sweep = [ident.routed(m, cfg.route.alpha) for m in ms]
     timings = bench.timings(sweep)
-    for m, routed in enumerate(sweep, start=1):
+    for m, routed in zip(ms, sweep, strict=True):
         scores = bench.score(routed, open_set=False)
         report.top_m_sweep.append(
             {

@@ -31,6 +31,8 @@ def top_m_plot(path: Path, run_name: str, sweep: list[dict[str, float]]) -> Path
     fig, ax1 = _pyplot().subplots(figsize=(6, 4))
     ms = [p["top_m"] for p in sweep]
     ax1.plot(ms, [p["top1"] for p in sweep], "o-", color="C0")
+    ax1.set_xscale("log", base=2)  # the sweep doubles top_m (evaluation.top_m_sweep)
+    ax1.set_xticks(ms, [str(m) for m in ms])
     ax1.set_xlabel("top_m (clusters searched)")
     ax1.set_ylabel("top-1 accuracy", color="C0")
     ax2 = ax1.twinx()

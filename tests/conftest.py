@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -26,8 +26,13 @@ def run_script(script: str, *args: str) -> None:
     interpreter costs about 9 s here (importing torch and Lightning), most of a call.
     Its ``SystemExit`` (a refusal, ``argparse``'s errors) reaches the caller."""
     module = load_script(script)
-    with contextlib.chdir(ROOT), mock.patch.object(sys, "argv", [script, *args]):
-        module.main()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with mock.patch.object(sys, "argv", [script, *args]):
+            module.main()
+    finally:
+        os.chdir(cwd)
 
 
 def load_script(script: str) -> ModuleType:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import evaluate
+from facecluster import evaluation
 from facecluster.clustering import ClusterAssignment, cluster_identities
 from facecluster.config import ConfigError, load_config
 from facecluster.evaluation import eval_autocast, evaluate_run, top_m_sweep
@@ -301,6 +302,16 @@ def test_top_m_sweep_doubles_up_to_k_and_keeps_the_runs_top_m():
     assert sum(top_m_sweep(64, 1)) == 127
     assert top_m_sweep(8, 3) == [1, 2, 3, 4, 8]
     assert top_m_sweep(3, 1) == [1, 2, 3] and top_m_sweep(1, 1) == [1]
+
+
+def test_the_top_m_sweep_records_the_values_it_scored(finished_run, monkeypatch):
+    # K = 3 here, where positions and values coincide: sweep 1 and 3 only
+    monkeypatch.setattr(evaluation, "top_m_sweep", lambda clusters, top_m: [1, clusters])
+    quick = ["eval.plots=false", "eval.timing_batches=1", "route.top_m=3"]
+    report = evaluate_run(finished_run, quick)
+    assert [p["top_m"] for p in report.top_m_sweep] == [1, 3]
+    assert report.rows[0].model == "clustered, routed (top_m=3, moe)"
+    assert report.top_m_sweep[1]["top1"] == report.rows[0].top1
 
 
 @pytest.mark.slow
