@@ -1,8 +1,10 @@
 """Fault injection: ``kill -9`` of a real ``train.py`` process, then ``resume=``.
 
-Every run here is a subprocess, the reference included: the final weights of a
-run killed after an epoch-end checkpoint and resumed must equal an uninterrupted
-run's bit for bit (CPU, same seed; see callbacks/seeding.py).
+The killed and resumed runs are subprocesses: the final weights of a run killed
+after an epoch-end checkpoint and resumed must equal an uninterrupted run's bit for
+bit (CPU, same seed; see callbacks/seeding.py). The uninterrupted reference trains
+in this process, which gives train.py's weights (test_jobs' two-jobs test compares
+the two) without another interpreter start.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from facecluster.config import load_config
+from facecluster.pipeline import train
 from tests.conftest import ROOT, SMOKE, smoke_overrides
 
 pytestmark = pytest.mark.faults
@@ -54,10 +58,9 @@ def _state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    """An uninterrupted subprocess run (shared by both kill tests)."""
+    """An uninterrupted run (shared by both kill tests)."""
     base = tmp_path_factory.mktemp("reference")
-    _run(base / "run", "-c", str(SMOKE), *smoke_overrides(base, *EXTRA))
-    return base / "run"
+    return train(load_config(SMOKE, smoke_overrides(base, *EXTRA))).run_dir
 
 
 def _kill_when(path: Path, proc: subprocess.Popen, log: Path) -> None:
