@@ -23,8 +23,9 @@ train: $(STAMP)  ## train the full method on the bundled LFW demo set and print 
 smoke: $(STAMP)  ## both stages in about a minute (configs/smoke.yaml)
 	$(PY) train.py -c configs/smoke.yaml $(ARGS)
 
+# one worker process per core, each test file in one worker (its module fixtures train once)
 test: $(STAMP)  ## run the test suite
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n auto --dist loadfile $(ARGS)
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
