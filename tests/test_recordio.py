@@ -21,6 +21,7 @@ from facecluster.data.recordio import (
     MAGIC,
     RecordError,
     RecordFile,
+    RecordIndex,
     RecordWriter,
     encode_record,
     image_layout,
@@ -143,6 +144,8 @@ def test_batch_views_equal_encoded_and_leave_unsound_records_to_it(tmp_path):
     assert sparse.offsets.lookup(keys).tolist() == [
         sparse.offsets.get(k, -1) for k in keys.tolist()
     ]
+    empty = RecordIndex(np.array([], dtype=np.int64), np.array([], dtype=np.int64))
+    assert empty.lookup(keys).tolist() == [-1] * len(keys) and len(empty) == 0
     assert [bytes(v) if v is not None else None for v in sparse.views(keys)] == [
         _jpeg(4),
         _jpeg(3),

@@ -221,6 +221,8 @@ class RecordIndex(Mapping):
         if self._dense is not None:
             inside = (keys >= 0) & (keys < len(self._dense))
             return np.where(inside, self._dense[np.where(inside, keys, 0)], -1)
+        if not len(self.keys_):  # RecordFile refuses an empty .idx; the class does not
+            return np.full(keys.shape, -1, dtype=np.int64)
         i = np.minimum(np.searchsorted(self.keys_, keys), len(self.keys_) - 1)
         return np.where(self.keys_[i] == keys, self.offsets_[i], -1)
 
