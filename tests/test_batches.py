@@ -3,8 +3,10 @@ DataLoader's per-item path, never overwritten while a consumer holds them."""
 
 from __future__ import annotations
 
+import gc
 import io
 import multiprocessing
+import os
 import shutil
 from pathlib import Path
 
@@ -155,6 +157,48 @@ def test_a_delivered_batch_frees_its_slot_when_its_last_view_is_gone():
     assert buffers.in_use() == 0 and buffers.claim(1)[0] == 0
     with pytest.raises(ValueError, match="slots must be >= 1"):
         BatchBuffers(0, (1, 4, 4, 3), shared=False)
+
+
+def test_a_batch_left_in_a_reference_cycle_is_not_freed_by_a_forked_worker():
+    """A worker forked while a delivered batch was unreachable garbage inherits it; its
+    collection must not free the slot the main process has delivered again since."""
+    buffers = BatchBuffers(1, (2, 4, 4, 3), shared=True)
+    gc.disable()
+    try:
+        slot, images = buffers.claim(2)
+        cycle = [buffers.batch(slot, images)]
+        cycle.append(cycle)
+        del cycle, images
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # the worker: collect once the parent has delivered the slot again
+            os.read(read, 1)
+            gc.collect()
+            os._exit(0)
+        gc.collect()
+        slot, images = buffers.claim(2)
+        live = buffers.batch(slot, images)
+        os.write(write, b"x")
+        os.waitpid(child, 0)
+    finally:
+        gc.enable()
+    assert buffers.owner.tolist() == [-1] and buffers.claim(2)[0] is None
+    del live
+
+
+def test_without_a_free_slot_a_workers_batch_is_shared_memory_sent_as_it_is(monkeypatch):
+    """No slot free: the batch goes to fresh shared memory, which pickling to the main
+    process sends as it is, as DataLoader's own batches (no second copy)."""
+    import facecluster.data.batches as batches
+
+    monkeypatch.setattr(batches, "get_worker_info", lambda: object())  # as in a worker
+    buffers = BatchBuffers(1, (2, 4, 4, 3), shared=True)
+    buffers.owner[0] = os.getpid()  # the one slot is claimed
+    slot, images = buffers.claim(2)
+    images[...] = 7
+    batch = buffers.batch(slot, images, torch.tensor([0, 1]))
+    assert slot is None and batch[0].untyped_storage().is_shared()
+    assert batch[0].data_ptr() == images.ctypes.data and int(batch[0].sum()) == 7 * 96
 
 
 def test_an_error_gives_the_claimed_slot_back(samples):

@@ -53,17 +53,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _release(owner: np.ndarray, slot: int) -> None:
-    if owner[slot] == _DELIVERED:
+def _release(owner: np.ndarray, slot: int, pid: int) -> None:
+    # Only in the process that delivered the batch: a worker forked while the batch was
+    # unreachable garbage (a reference cycle) inherits it, and its own collection would
+    # otherwise free a slot the main process has since delivered again.
+    if os.getpid() == pid and owner[slot] == _DELIVERED:
         owner[slot] = _FREE
 
 
-def _fresh(shape: tuple[int, ...]) -> np.ndarray:
-    """A new batch array; in a worker, in shared memory, where DataLoader would put it."""
+def _fresh(shape: tuple[int, ...]) -> torch.Tensor:
+    """A new batch; in a worker, in shared memory, where DataLoader would put it, so
+    that sending it copies nothing."""
     if get_worker_info() is None:
-        return np.empty(shape, dtype=np.uint8)
+        return torch.empty(shape, dtype=torch.uint8)
     storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape).numpy()
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
 class _NoLock:
@@ -107,6 +111,7 @@ class BatchBuffers:
             self._lock = _NoLock()
         self.images = self.images.view(slots, *self.shape)
         self.key = uuid.uuid4().hex
+        self._fresh: torch.Tensor | None = None  # the batch claim() made without a slot
         _REGISTRY[self.key] = self
         self._views()
 
@@ -117,7 +122,8 @@ class BatchBuffers:
 
     def __getstate__(self) -> dict:
         # spawned workers: the tensors travel as shared memory, the lock as a lock
-        return {k: v for k, v in self.__dict__.items() if not k.endswith("_np")}
+        state = {k: v for k, v in self.__dict__.items() if not k.endswith("_np")}
+        return {**state, "_fresh": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -143,10 +149,14 @@ class BatchBuffers:
                         return slot, self._images_np[slot, :n]
             finally:
                 self._lock.release()
-        return None, _fresh((n, *self.shape[1:]))
+        # batch() sends this tensor: a tensor made again from the array would not know
+        # its memory is shared, and pickling it would copy the batch into a new segment
+        self._fresh = _fresh((n, *self.shape[1:]))
+        return None, self._fresh.numpy()
 
     def release(self, slot: int | None) -> None:
         """Give back a claimed slot whose batch will not be delivered (an error)."""
+        self._fresh = None
         if slot is not None and self._owner_np[slot] == os.getpid():
             self._owner_np[slot] = _FREE
 
@@ -158,23 +168,32 @@ class BatchBuffers:
         and becomes that tuple in the main process.
         """
         if slot is None:
-            return (torch.from_numpy(images), *rest)
+            fresh, self._fresh = self._fresh, None
+            return (fresh if fresh is not None else torch.from_numpy(images), *rest)
         if get_worker_info() is not None:
             return PooledBatch(self.key, slot, os.getpid(), len(images), rest)
         return self._deliver(slot, os.getpid(), len(images), rest)
 
     def _deliver(self, slot: int, claimer: int, n: int, rest) -> tuple:
-        if self._owner_np[slot] != claimer:
+        # under the claim lock: a worker taking back a dead worker's slot in claim()
+        # cannot slip between the check and the mark (a second at most, as in claim)
+        locked = self._lock.acquire(timeout=1.0)
+        try:
+            owner = int(self._owner_np[slot])
+            if owner == claimer:
+                self._owner_np[slot] = _DELIVERED
+        finally:
+            if locked:
+                self._lock.release()
+        if owner != claimer:
             # only if the worker died after queuing the batch and another took the slot
             raise RuntimeError(
-                f"batch slot {slot} was claimed again (by process {self._owner_np[slot]}) "
-                f"before the batch process {claimer} built in it was read; that worker "
-                "must have died"
+                f"batch slot {slot} was claimed again (by process {owner}) before the "
+                f"batch process {claimer} built in it was read; that worker must have died"
             )
-        self._owner_np[slot] = _DELIVERED
         view = self._images_np[slot, :n]  # a new view object: its finalizer is this batch's
         # not at interpreter exit: a forked child exiting must not free the parent's slots
-        weakref.finalize(view, _release, self._owner_np, slot).atexit = False
+        weakref.finalize(view, _release, self._owner_np, slot, os.getpid()).atexit = False
         return (torch.from_numpy(view), *rest)
 
 
