@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from facecluster.config import ConfigError, load_config
 from facecluster.evaluation import evaluate_run
-from facecluster.inference import TwoStageIdentifier
+from facecluster.inference import StageOneModel, TwoStageIdentifier
 from facecluster.inference.decision import (
     TEMPERATURES,
     Calibration,
@@ -124,6 +124,22 @@ def test_a_subnet_that_says_not_mine_gives_its_identities_less():
     # the linear unit does not use the row: the same answers
     same = split.identify(queries, alpha=0.3, all_subnets=True)
     assert torch.equal(same.identity, ident.identify(queries, alpha=0.3, all_subnets=True).identity)
+
+
+def test_stage1_rows_score_in_float32_under_mixed_precision():
+    """The baselines' rows compare as the routed rows do: head and class-mean cosines
+    in float32 under a bf16 autocast, not rounded to bf16's 3 digits (ties)."""
+    torch.manual_seed(0)
+    head, means = torch.randn(1000, 64), F.normalize(torch.randn(1000, 64), dim=1)
+    model = StageOneModel(torch.nn.Linear(32, 64), head, means)
+    images = torch.randn(40, 32)
+    embeddings = model.embed(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = [p.predict(images) for p in model.predictors()]
+    for (ids, scores, _), rows_of in zip(rows, (F.normalize(head, dim=1), means), strict=True):
+        exact = (embeddings @ rows_of.T).max(dim=1)
+        assert scores.dtype == torch.float32 and torch.equal(ids, exact.indices)
+        torch.testing.assert_close(scores, exact.values)
 
 
 def test_moe_without_its_numbers_asks_for_calibration():

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from facecluster.inference.decision import similarity
+
 Predict = Callable[[Tensor], tuple[Tensor, Tensor, Tensor | None]]
 """images [B, 3, H, W] -> (predicted identities [B], their open-set scores [B] (what an
 "unknown" threshold compares: a similarity), candidate clusters [B, m] or None)."""
@@ -85,7 +87,7 @@ class StageOneModel(nn.Module):
         offered = [
             Predictor(
                 name,
-                lambda x: _best(self.embed(x) @ self.head.T),
+                lambda x: _best(similarity(self.embed(x), self.head)),
                 0.0,
                 count_parameters(self.backbone, self.head),
             )
@@ -97,7 +99,7 @@ class StageOneModel(nn.Module):
                     "nearest class mean"
                     if self.single
                     else "nearest class mean (stage-1 backbone)",
-                    lambda x: _best(self.embed(x) @ means.T),
+                    lambda x: _best(similarity(self.embed(x), means)),
                     0.0,
                     count_parameters(self.backbone, means),
                 )
