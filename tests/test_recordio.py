@@ -166,6 +166,27 @@ def test_corrupt_record_and_truncated_file_are_named(tmp_path):
     (tmp_path / "train.rec").write_bytes(bytes(data[: offset + 4]))
     with pytest.raises(ValueError, match=rf"key 1 points at offset {offset}, past the end"):
         RecordFile(tmp_path / "train.rec")
+    # cut inside the last record (no identity records after it, as in im2rec files):
+    # refused at open too, not when training reaches it; a split record's later part too
+    split = pack(1.0, b"\xff\xd8" + b"xx" + MAGIC_BYTES + bytes(40))
+    for last in (pack(0.0, _jpeg(2)), split):
+        (tmp_path / "train.rec").unlink()
+        _write(tmp_path, {0: pack(0.0, _jpeg(1)), 1: last})
+        data = (tmp_path / "train.rec").read_bytes()
+        (tmp_path / "train.rec").write_bytes(data[:-12])
+        with pytest.raises(ValueError, match=r"ends inside its last record \(key 1 at offset"):
+            RecordFile(tmp_path / "train.rec")
+
+
+def test_an_identity_range_over_keys_the_idx_lacks_is_refused_at_start(tmp_path):
+    records = {k: pack(float(k >= 3), _jpeg(k)) for k in range(1, 6)}
+    records |= {6: pack([1.0, 3.0]), 7: pack([3.0, 6.0]), 0: pack([6.0, 8.0])}
+    _write(tmp_path, records)
+    assert image_layout(RecordFile(tmp_path / "train.rec")).keys.tolist() == [1, 2, 3, 4, 5]
+    idx = tmp_path / "train.idx"
+    idx.write_text("".join(line for line in idx.open() if not line.startswith("4\t")))
+    with pytest.raises(RecordError, match=r"identity 1's image keys \[3, 6\) include key 4"):
+        image_layout(RecordFile(tmp_path / "train.rec"))
 
 
 def test_key_ranges_past_float32_precision_are_exact(tmp_path):
@@ -327,6 +348,9 @@ def test_verification_bin_round_trip_numpy_images_and_refused_code(tmp_path):
         pickle.dump(([Payload()], []), f)
     with pytest.raises(ValueError, match="system is not allowed"):
         read_bin(tmp_path / "evil.bin")
+    (tmp_path / "int.bin").write_bytes(pickle.dumps(7))
+    with pytest.raises(ValueError, match="int.bin is not a verification .bin file"):
+        read_bin(tmp_path / "int.bin")
 
 
 PACK = "facecluster pack ../shared/datasets/lfw-112/images"

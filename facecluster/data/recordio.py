@@ -117,6 +117,12 @@ def encode_record(payload: bytes) -> bytes:
         else:
             i = payload.find(_MAGIC_BYTES, i + 1)
     parts.append(payload[start:])
+    too_long = max(len(part) for part in parts)
+    if too_long >= 1 << 29:  # the length field's 29 bits; dmlc's writer refuses it too
+        raise ValueError(
+            f"a record payload holds {too_long} bytes without a break: RecordIO stores "
+            "under 2^29 (512 MiB)"
+        )
     out = bytearray()
     for n, part in enumerate(parts):
         cflag = 0 if len(parts) == 1 else 1 if n == 0 else 3 if n == len(parts) - 1 else 2
@@ -266,6 +272,31 @@ class RecordFile:
         self.offsets = self._read_index()
         self._map: memoryview | None = None
         self._pid = -1
+        self._check_last_record()
+
+    def _check_last_record(self) -> None:
+        # A file cut inside its last record passes the offsets check of _read_index; a
+        # file without identity records (im2rec, a shuffled pack) ends with an image
+        # record, which would otherwise fail only when training reads it. Only lengths
+        # are checked here: a corrupt record is on_bad_image's to report.
+        last = int(np.argmax(self.offsets.offsets_))
+        key, pos = int(self.offsets.keys_[last]), int(self.offsets.offsets_[last])
+        with open(self.rec, "rb") as f:
+            while True:
+                f.seek(pos)
+                head = f.read(8)
+                magic, lrecord = struct.unpack("<II", head) if len(head) == 8 else (MAGIC, -1)
+                if magic != MAGIC:
+                    return
+                length = lrecord & _LENGTH_MASK
+                if lrecord < 0 or pos + 8 + length > self.size:
+                    raise ValueError(
+                        f"{self.rec} ends inside its last record (key {key} at offset "
+                        f"{self.offsets[key]}, {self.size} bytes): truncated file?"
+                    )
+                if lrecord >> 29 in (0, 3):
+                    return
+                pos += 8 + length + (-length % 4)
 
     def _read_index(self) -> RecordIndex:
         pairs = _canonical_index(self.idx.read_bytes())
@@ -455,7 +486,17 @@ def image_layout(records: RecordFile, cache: str | Path | None = None) -> Record
     counts = bounds[:, 1] - bounds[:, 0]
     image_keys = np.concatenate([np.arange(a, b) for a, b in bounds]) if len(bounds) else []
     labels = np.repeat(np.arange(len(bounds)), counts)
-    return RecordLayout(np.asarray(image_keys, dtype=np.int64), labels)
+    image_keys = np.asarray(image_keys, dtype=np.int64)
+    missing = np.flatnonzero(records.offsets.lookup(image_keys) < 0)
+    if len(missing):
+        i = int(missing[0])
+        a, b = (int(v) for v in bounds[labels[i]])
+        raise RecordError(
+            f"{records.rec}: identity {labels[i]}'s image keys [{a}, {b}) include key "
+            f"{image_keys[i]}, which {records.idx} does not list ({len(missing)} such "
+            "keys): a damaged or truncated .idx?"
+        )
+    return RecordLayout(image_keys, labels)
 
 
 def _exact_bounds(records: RecordFile, ranges: np.ndarray) -> np.ndarray:

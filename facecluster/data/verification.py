@@ -75,7 +75,7 @@ def read_bin(path: str | Path) -> VerificationPairs:
     with open(path, "rb") as f:
         try:
             images, issame = _RestrictedUnpickler(f, encoding="bytes").load()
-        except (pickle.UnpicklingError, ValueError, EOFError) as e:
+        except (pickle.UnpicklingError, ValueError, TypeError, EOFError) as e:
             raise ValueError(f"{path} is not a verification .bin file: {e}") from None
     images = [
         bytes(np.asarray(x, dtype=np.uint8).tobytes()) if not isinstance(x, bytes) else x
