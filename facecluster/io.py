@@ -20,6 +20,7 @@ import contextlib
 import os
 import re
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -74,9 +75,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary file beside ``path`` that replaces it when the block succeeds
-    (``os.replace``): readers see the old file or the whole new one, never a part."""
+    (``os.replace``): readers see the old file or the whole new one, never a part.
+    The temporary name is this call's own: jobs that write the same file at once (every
+    stage-2 job writes the run's identity lists) must not replace or delete each other's."""
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp{target.suffix}")
+    unique = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = target.with_name(f".{target.name}.{unique}.tmp{target.suffix}")
     try:
         yield tmp
         os.replace(tmp, target)

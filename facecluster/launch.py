@@ -194,15 +194,26 @@ def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: i
         log.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         env, gpus = job_environment(name, local=True), slots.get()
-        if gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpus
-        with open(log, "ab") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-            (log.parent / "job.json").write_text(
-                json.dumps({"pid": process.pid, "command": command}, indent=2)
-            )
-            code = process.wait()
-        slots.put(gpus)
+        try:  # the slot goes back whatever happens, or the jobs waiting for it hang
+            if gpus is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpus
+            with open(log, "ab") as out:
+                try:
+                    process = subprocess.Popen(
+                        command, stdout=out, stderr=subprocess.STDOUT, env=env
+                    )
+                except OSError as e:  # too many open files, no memory: this job fails
+                    out.write(f"facecluster: job {name} could not start: {e}\n".encode())
+                    code = 127
+                else:
+                    try:
+                        (log.parent / "job.json").write_text(
+                            json.dumps({"pid": process.pid, "command": command}, indent=2)
+                        )
+                    finally:  # never leave a started job unwaited for
+                        code = process.wait()
+        finally:
+            slots.put(gpus)
         state = "finished" if code == 0 else _exit_status(code)
         rank_zero_info(f"stage 2: job {name} {state} after {time.perf_counter() - start:.0f} s")
         return code

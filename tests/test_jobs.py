@@ -4,6 +4,7 @@ needed), the stages run separately, and a killed job that ``resume`` finishes.""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import torch
 from facecluster import cli, launch
 from facecluster.config import ConfigError, load_config
 from facecluster.evaluation import evaluate_run
+from facecluster.io import replacing
 from facecluster.launch import balanced_groups, gpu_slots
 from facecluster.loggers import build_logger
 from facecluster.pipeline import train
@@ -356,3 +358,51 @@ def test_local_jobs_that_cannot_fit_are_refused_before_any_work(tmp_path, monkey
     with pytest.raises(ConfigError, match="local jobs run on this node only"):
         train(load_config(SMOKE, smoke_overrides(tmp_path, "stage2.jobs=2")))
     assert not (tmp_path / "run").exists(), "refused before the run folder was made"
+
+
+@pytest.mark.timeout(60)
+def test_a_job_that_cannot_start_fails_alone_and_frees_its_slot(tmp_path, monkeypatch):
+    """Popen refused (too many open files): that job is reported failed with its log,
+    the next job still gets the one slot and runs, and nothing hangs."""
+    started = []
+
+    class Started:
+        pid = 4242
+
+        def wait(self):
+            return 0
+
+    def popen(command, **kwargs):
+        if "stage2.subnets=[0]" in command:
+            raise OSError(24, "Too many open files")
+        started.append(command)
+        return Started()
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    run = RunFolder(tmp_path / "run")
+    with pytest.raises(launch.JobsFailed, match=r"1 of 2 stage-2 jobs failed") as failed:
+        launch.run_local(run, [[0], [1]], parallel=1)
+    assert job_name([0]) in str(failed.value) and "exit code 127" in str(failed.value)
+    log = run.job_log(job_name([0])).read_text()
+    assert "could not start: [Errno 24] Too many open files" in log
+    assert len(started) == 1 and "stage2.subnets=[1]" in started[0]
+
+
+def _replace_often(path: Path) -> None:
+    for i in range(400):
+        with replacing(path) as tmp:
+            tmp.write_text(json.dumps(list(range(i, i + 200))))
+
+
+def test_jobs_writing_the_same_file_at_once_do_not_collide(tmp_path):
+    # every stage-2 job writes the run's identity lists at start; with one shared
+    # temporary name, one job's replace or clean-up removed the other's file
+    fork = multiprocessing.get_context("fork")
+    writers = [fork.Process(target=_replace_often, args=(tmp_path / "x.json",)) for _ in "ab"]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert [w.exitcode for w in writers] == [0, 0]
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+    assert len(json.loads((tmp_path / "x.json").read_text())) == 200
