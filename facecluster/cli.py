@@ -112,6 +112,12 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     try:
         cfg = load_config(args.config or [default], args.overrides)
+        if cfg.resume and args.config:
+            raise ConfigError(
+                f"-c {' -c '.join(args.config)} with resume=: a resumed run keeps the "
+                f"config it was started with ({cfg.resume}/config.yaml); give changes as "
+                "key=value overrides"
+            )
         if cfg.resume:
             cfg = RunFolder.config_for_resume(cfg.resume, args.overrides)
         result = train(cfg)

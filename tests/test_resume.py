@@ -109,3 +109,12 @@ def test_resume_after_a_finished_stage1_clusters_by_the_same_method(tmp_path, mo
     expected, got = _params(reference.subnets), _params(resumed.subnets)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_config_file_with_resume_is_refused_not_ignored(tmp_path, capsys):
+    # the resumed run keeps its saved config; a -c file would silently change nothing
+    from facecluster import cli
+
+    assert cli.train_main(["-c", str(SMOKE), f"resume={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"-c {SMOKE} with resume=" in err and "key=value overrides" in err
