@@ -609,12 +609,26 @@ def checkpoint_bytes_needed(cfg: Config, backbone_params: int, num_classes: int)
 
 def _folder_of(resume: Path) -> Path:
     """The run folder of a ``resume=`` path: itself, <run>/stage1/checkpoints/x.ckpt or
-    <run>/stage2/jobs/<job>/checkpoints/x.ckpt."""
+    <run>/stage2/jobs/<job>/checkpoints/x.ckpt.
+
+    Raises:
+        ConfigError: a checkpoint file outside that layout (the run would be written
+            wherever its grandparent folder happens to be).
+    """
     if resume.is_dir():
         return resume
     path = resume.resolve()
-    in_job = len(path.parents) > 4 and path.parents[2].name == "jobs"
-    return path.parents[4] if in_job else path.parents[2]
+    names = [p.name for p in path.parents]
+    if names[:4] == ["checkpoints", names[1], "jobs", "stage2"] and len(names) > 4:
+        return path.parents[4]
+    if names[:2] in (["checkpoints", "stage1"], ["checkpoints", "stage2"]) and len(names) > 2:
+        return path.parents[2]
+    raise ConfigError(
+        f"resume={resume}: a checkpoint resumes inside its run folder, as "
+        "<run>/stage1/checkpoints/<file>.ckpt or <run>/stage2/jobs/<job>/checkpoints/"
+        "<file>.ckpt; put it back there (or copy it to <new run>/stage1/checkpoints/), or "
+        "pass the run folder"
+    )
 
 
 def _refuse_contradictions(saved: Config, cfg: Config, resume: str) -> None:

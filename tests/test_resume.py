@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from facecluster.callbacks import ClusteringCallback
-from facecluster.config import load_config
+from facecluster.config import ConfigError, load_config
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
 from tests.conftest import SMOKE, smoke_overrides
@@ -118,3 +118,12 @@ def test_a_config_file_with_resume_is_refused_not_ignored(tmp_path, capsys):
     assert cli.train_main(["-c", str(SMOKE), f"resume={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert f"-c {SMOKE} with resume=" in err and "key=value overrides" in err
+
+
+def test_a_checkpoint_outside_a_run_folder_is_refused_with_the_layout(tmp_path):
+    # its run folder was taken as the file's grandparent: /home/u/last.ckpt wrote to /
+    moved = tmp_path / "moved ckpts" / "last.ckpt"
+    moved.parent.mkdir()
+    moved.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"resumes inside its run folder, as <run>/stage1"):
+        RunFolder.config_for_resume(str(moved), [])
