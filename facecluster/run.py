@@ -422,9 +422,11 @@ class RunFolder:
         """Hold stage-2 job ``job`` while it trains: a second process that would train
         the same job (a second submission, a resume while jobs still run) is refused.
 
-        The lock is ``stage2/jobs/<job>/running.json`` (host, pid, SLURM job id),
-        created exclusively. A lock left by a process that is gone (same host, no
-        such pid) or by an earlier run of the same SLURM job (requeued) is taken over.
+        The lock is ``stage2/jobs/<job>/running.json`` (host, pid, SLURM job id and
+        restart count), created exclusively. A lock left by a process that is gone
+        (same host, no such pid) or by an earlier run of the same SLURM job (requeued:
+        another ``SLURM_RESTART_COUNT``) is taken over; a live process in the same
+        allocation (two commands under one ``salloc``) is not.
         """
         if not is_global_zero():
             yield
@@ -433,6 +435,7 @@ class RunFolder:
         path.parent.mkdir(parents=True, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid()}
         me["slurm_job"] = os.environ.get("SLURM_JOB_ID")
+        me["slurm_restart"] = os.environ.get("SLURM_RESTART_COUNT", "0")
         while True:
             try:
                 with open(path, "x") as f:
@@ -535,8 +538,9 @@ class StageWeights:
 
 def _lock_is_stale(other: dict[str, Any], me: dict[str, Any]) -> bool:
     """A job lock whose process is gone, or an earlier run of this SLURM job."""
-    if other.get("slurm_job") and other.get("slurm_job") == me["slurm_job"]:
-        return True
+    same_job = other.get("slurm_job") and other.get("slurm_job") == me["slurm_job"]
+    if same_job and other.get("slurm_restart") != me["slurm_restart"]:
+        return True  # requeued: SLURM counts the restarts of a job id
     if other.get("host") != me["host"]:
         return False  # cannot look at another machine's processes
     try:

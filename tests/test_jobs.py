@@ -344,8 +344,15 @@ def test_a_job_that_is_training_is_not_trained_twice(tmp_path, monkeypatch):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "slurm_job": "77"}))
     monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     with run.job_lock("subnets-0-2"):  # the same SLURM job, requeued: taken over
         pass
+    # the same SLURM job and restart, a live process (two commands under one salloc)
+    here = {"host": os.uname().nodename, "pid": os.getpid(), "slurm_job": "77"}
+    lock.write_text(json.dumps({**here, "slurm_restart": "1"}))
+    with pytest.raises(ConfigError, match=r"already training .*SLURM job 77"):
+        with run.job_lock("subnets-0-2"):
+            pass
 
 
 def test_local_jobs_that_cannot_fit_are_refused_before_any_work(tmp_path, monkeypatch):
