@@ -433,9 +433,7 @@ class RunFolder:
             return
         path = self.stage_dir(2, job) / RUNNING
         path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid()}
-        me["slurm_job"] = os.environ.get("SLURM_JOB_ID")
-        me["slurm_restart"] = os.environ.get("SLURM_RESTART_COUNT", "0")
+        me = _lock_owner()
         while True:
             try:
                 with open(path, "x") as f:
@@ -471,7 +469,23 @@ class RunFolder:
         return [subnets for _, subnets in sorted(found)]
 
     def restart_subnets(self, groups: list[list[int]]) -> None:
-        """These sub-nets start over: their jobs' folders and finished files go."""
+        """These sub-nets start over: their jobs' folders and finished files go.
+
+        Raises:
+            ConfigError: a stage-2 job of the run is training now (its lock is live):
+                deleting its folder would leave two processes training its sub-nets.
+        """
+        jobs = self.path / "stage2" / "jobs"
+        for lock in sorted(jobs.glob(f"*/{RUNNING}")) if jobs.is_dir() else ():
+            try:
+                other = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                other = {}  # being written: its job is starting
+            if not other or not _lock_is_stale(other, _lock_owner()):
+                raise ConfigError(
+                    f"stage2.subnets: stage-2 job {lock.parent.name} is training now "
+                    f"({lock}); retrain sub-nets once it has ended"
+                )
         if is_global_zero():
             for group in groups:
                 shutil.rmtree(self.stage_dir(2, job_name(group)), ignore_errors=True)
@@ -534,6 +548,16 @@ class StageWeights:
 
     backbone: dict[str, Tensor]
     head: Tensor
+
+
+def _lock_owner() -> dict[str, Any]:
+    """What a job lock records of the process holding it."""
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
+    }
 
 
 def _lock_is_stale(other: dict[str, Any], me: dict[str, Any]) -> bool:

@@ -413,3 +413,19 @@ def test_jobs_writing_the_same_file_at_once_do_not_collide(tmp_path):
     assert [w.exitcode for w in writers] == [0, 0]
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
     assert len(json.loads((tmp_path / "x.json").read_text())) == 200
+
+
+def test_retraining_named_subnets_while_a_job_trains_is_refused(tmp_path):
+    # stage2.subnets=[...] deleted the job folders first, a live job's lock included
+    run = RunFolder(tmp_path / "run")
+    lock = run.stage_dir(2, job_name([0])) / "running.json"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
+    with pytest.raises(ConfigError, match=rf"job {job_name([0])} is training now"):
+        run.restart_subnets([[0]])
+    assert lock.is_file()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": int(gone.stdout)}))
+    run.restart_subnets([[0]])  # a lock whose process is gone: the job starts over
+    assert not lock.parent.exists()
