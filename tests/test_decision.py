@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from facecluster.config import ConfigError, load_config
 from facecluster.evaluation import evaluate_run
-from facecluster.inference import StageOneModel, TwoStageIdentifier
+from facecluster.inference import StageOneModel, TwoStageIdentifier, count_parameters
 from facecluster.inference.decision import (
     TEMPERATURES,
     Calibration,
@@ -78,6 +78,19 @@ def test_moe_scores_are_the_cluster_probability_times_the_mixture(top_m, weight)
     for i in range(0, len(queries), 16):
         one = ident.identify(queries[i : i + 1], top_m=top_m)
         assert one.identity.item() == result.identity[i].item()
+
+
+@pytest.mark.parametrize("weight", [0.4, 1.0])
+def test_reported_subnet_forwards_and_parameters_are_what_a_pass_runs(weight):
+    # at a generalist weight of 1 no sub-net runs: its rows report none and hold none
+    ident, queries = _moe_identifier(weight)
+    routed, ism = ident.routed(2, 0.0), ident.all_subnets(0.0)
+    runs = ident.identify(queries, top_m=2).subnet_forwards > 0
+    assert runs == (weight < 1)
+    assert routed.subnet_forwards == (2.0 if runs else 0.0)
+    assert ism.subnet_forwards == (float(ident.num_clusters) if runs else 0.0)
+    router = count_parameters(ident.router_backbone)
+    assert (routed.params > router) == runs and (ism.params > router) == runs
 
 
 def test_moe_over_every_cluster_is_ism_and_a_routing_miss_is_not_forced():

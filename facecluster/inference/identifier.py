@@ -390,14 +390,19 @@ class TwoStageIdentifier(nn.Module):
             result = self.identify(images, top_m, alpha)
             return result.identity, result.similarity, result.clusters
 
-        moe = self.moe if self.route_config["decision"] == "moe" else None
-        runs_subnets = moe.generalist_weight < 1 if moe is not None else alpha < 1
+        runs_subnets = self._runs_subnets(alpha)
         return Predictor(
             name or f"{label}, routed (top_m={top_m}, {self.decision_name(alpha)})",
             predict,
             float(top_m) if runs_subnets else 0.0,
-            count_parameters(self.router_backbone, *self._subnet_parts()),
+            count_parameters(self.router_backbone, *(self._subnet_parts() if runs_subnets else ())),
         )
+
+    def _runs_subnets(self, alpha: float) -> bool:
+        """Whether a pass runs any sub-net: not at alpha 1 (linear) or a generalist
+        weight of 1 (moe), where the class means alone decide (:meth:`identify`)."""
+        moe = self.moe if self.route_config["decision"] == "moe" else None
+        return moe.generalist_weight < 1 if moe is not None else alpha < 1
 
     def all_subnets(self, alpha: float) -> Predictor:
         """Every sub-net runs and the best score wins (ISM; under moe, the mixture over
@@ -405,11 +410,12 @@ class TwoStageIdentifier(nn.Module):
         label = "clustered" if self.assignment.method != "random" else "random partition"
         moe = self.route_config["decision"] == "moe"
         router = [self.router_backbone] if alpha > 0 or moe else []
+        subnets = self._subnet_parts() if self._runs_subnets(alpha) else ()
         return Predictor(
             f"{label}, all sub-nets (ISM)",
             partial(self._all_subnets, alpha=alpha),
-            float(self.num_clusters),
-            count_parameters(*self._subnet_parts(), *router),
+            float(self.num_clusters) if subnets else 0.0,
+            count_parameters(*subnets, *router),
         )
 
     def _all_subnets(self, images: Tensor, alpha: float) -> tuple[Tensor, Tensor, None]:
