@@ -288,11 +288,12 @@ class RunFolder:
         path = Path(resume).expanduser()
         if not path.exists():
             raise ConfigError(f"resume={resume}: no such run folder or checkpoint")
-        run = cls(_folder_of(path))
-        if path.is_file():
+        if path.is_file():  # what the file is first, then where it is
             meta = read_checkpoint_meta(path)
             saved = config_from_dict(meta["config"], f"resume={path}")
-        elif (run.path / CONFIG).is_file():
+            run = cls(_folder_of(path))
+        elif (path / CONFIG).is_file():
+            run = cls(path)
             saved = run.config()
         else:
             raise ConfigError(

@@ -146,8 +146,8 @@ def test_stage1_rows_score_in_float32_under_mixed_precision():
     head, means = torch.randn(1000, 64), F.normalize(torch.randn(1000, 64), dim=1)
     model = StageOneModel(torch.nn.Linear(32, 64), head, means)
     images = torch.randn(40, 32)
-    embeddings = model.embed(images)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the backbone runs in bf16
+        embeddings = model.embed(images)
         rows = [p.predict(images) for p in model.predictors()]
     for (ids, scores, _), rows_of in zip(rows, (F.normalize(head, dim=1), means), strict=True):
         exact = (embeddings @ rows_of.T).max(dim=1)

@@ -3,6 +3,8 @@ and end with exactly the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
+import shutil
+
 import lightning as L
 import pytest
 import torch
@@ -77,6 +79,13 @@ def test_resume_from_a_stage1_checkpoint_file(tmp_path):
     steps_per_epoch = torch.load(ckpt, weights_only=False)["global_step"]
     resumed = RunFolder.config_for_resume(str(ckpt), ["stage2.max_epochs=1"])
     assert resumed.data.max_classes == 12, "the run's own config comes back"
+    # out of its run folder's layout it is refused: its grandparent folder was taken as
+    # the run folder, so /home/u/last.ckpt would have written the run into /
+    moved = tmp_path / "moved ckpts" / "last.ckpt"
+    moved.parent.mkdir()
+    shutil.copy(ckpt, moved)
+    with pytest.raises(ConfigError, match=r"resumes inside its run folder, as <run>/stage1"):
+        RunFolder.config_for_resume(str(moved), [])
     result = train(resumed)
     assert result.results["stage1"]["steps"] == 2 * steps_per_epoch
     assert (tmp_path / "run" / "results.json").is_file()
@@ -118,12 +127,3 @@ def test_a_config_file_with_resume_is_refused_not_ignored(tmp_path, capsys):
     assert cli.train_main(["-c", str(SMOKE), f"resume={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert f"-c {SMOKE} with resume=" in err and "key=value overrides" in err
-
-
-def test_a_checkpoint_outside_a_run_folder_is_refused_with_the_layout(tmp_path):
-    # its run folder was taken as the file's grandparent: /home/u/last.ckpt wrote to /
-    moved = tmp_path / "moved ckpts" / "last.ckpt"
-    moved.parent.mkdir()
-    moved.write_bytes(b"")
-    with pytest.raises(ConfigError, match=r"resumes inside its run folder, as <run>/stage1"):
-        RunFolder.config_for_resume(str(moved), [])
