@@ -4,6 +4,7 @@ packed folder exactly as on the folder."""
 from __future__ import annotations
 
 import io
+import shutil
 import struct
 
 import numpy as np
@@ -425,3 +426,16 @@ def test_the_label_pass_over_a_file_without_identity_records_is_kept(tmp_path, m
         with np.load(kept) as made_again:
             assert len(made_again["keys"]) == 13
     assert [p.name for p in cache.iterdir()] == [kept.name]  # no temporary file left
+
+
+def test_an_identities_txt_that_does_not_fit_the_labels_is_named(packed, tmp_path):
+    # it raised a bare IndexError (too few names) or merged identities (a name twice)
+    rec = shutil.copytree(packed / "rec", tmp_path / "rec")
+    names = (rec / "identities.txt").read_text().splitlines()
+    (rec / "identities.txt").write_text("\n".join(names[:-1]) + "\n")
+    short = rf"identities.txt: {len(names) - 1} names for identity labels up to {len(names) - 1}"
+    with pytest.raises(ValueError, match=short):
+        scan(str(rec / "train.rec"))
+    (rec / "identities.txt").write_text("\n".join([names[1], *names[1:]]) + "\n")
+    with pytest.raises(ValueError, match=rf"names listed twice: {names[1]}"):
+        scan(str(rec / "train.rec"))

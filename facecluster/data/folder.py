@@ -25,6 +25,7 @@ import logging
 import operator
 import os
 import random
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -426,6 +427,14 @@ def scan_record_file(
     names_file = records.rec.parent / IDENTITY_NAMES
     if names_file.is_file():
         all_names = names_file.read_text().splitlines()
+        if max(groups) >= len(all_names) or len(set(all_names)) != len(all_names):
+            twice = sorted(n for n, c in Counter(all_names).items() if c > 1)[:3]
+            raise ValueError(
+                f"{names_file}: {len(all_names)} names for identity labels up to "
+                f"{max(groups)}"
+                + (f", names listed twice: {', '.join(twice)}" if twice else "")
+                + "; it must list one name per identity label, in label order"
+            )
         name_of = {label: all_names[label] for label in groups}
     else:
         width = len(str(max(groups)))
