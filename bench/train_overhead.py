@@ -97,6 +97,7 @@ def _config(args, tmp: Path):
             "stage1.max_epochs=1",
             "stage2.max_epochs=1",
             "data.val_fraction=0",
+            "route.decision=linear",  # nothing here routes: no calibration split needed
             "logger=none",
             f"output_dir={tmp}",
         ]

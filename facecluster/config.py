@@ -296,6 +296,14 @@ class OptimConfig:
         if self.warmup_epochs < 0:
             r.add(f"{prefix}warmup_epochs must be >= 0, got {self.warmup_epochs}")
         r.within("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        # torch refuses some of these only when the stage's optimizer is built (stage 2:
+        # after stage 1), and a negative weight decay or poly power not at all
+        r.within("momentum", self.momentum, 0.0, 1.0, closed=False)
+        if self.weight_decay < 0:
+            r.add(f"{prefix}weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            r.add(f"{prefix}betas must be two values in [0, 1), got {list(self.betas)}")
+        r.positive("poly_power", self.poly_power)
         return r.problems
 
 
@@ -600,6 +608,22 @@ class Config:
                 f"clustering.num_clusters={k}: every cluster needs identities"
             )
         trainer_epochs = self.trainer.get("max_epochs")
+        valid_epochs = isinstance(trainer_epochs, int) and not isinstance(trainer_epochs, bool)
+        if trainer_epochs not in (None, -1) and not (valid_epochs and trainer_epochs > 0):
+            found.append(f"trainer.max_epochs must be a whole number > 0, got {trainer_epochs!r}")
+        route = self.route
+        fitted = (route.router_temperature, route.subnet_temperature, route.generalist_weight)
+        if (
+            self.two_stage
+            and self.data.val_fraction == 0
+            and route.decision == "moe"
+            and (None in fitted)
+        ):
+            found.append(
+                "data.val_fraction=0 leaves route.decision=moe no validation faces to fit "
+                "route.router_temperature, route.subnet_temperature and "
+                "route.generalist_weight on: give those three, or keep a validation split"
+            )
         for name in ("stage1", "stage2"):
             if getattr(self, name).max_epochs is None and trainer_epochs in (None, -1):
                 found.append(f"{name}.max_epochs or trainer.max_epochs must be set")
@@ -736,14 +760,37 @@ def _to_config(merged: DictConfig) -> Config:
     return cfg.validate()
 
 
+def _string_keys(schema: type, prefix: str = "") -> list[str]:
+    """The dotted keys of a dataclass schema whose values are strings (or null)."""
+    keys = []
+    for f in fields(schema):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if is_dataclass(default):
+            keys.extend(_string_keys(type(default), prefix + f.name + "."))
+        elif f.type in ("str", "str | None"):
+            keys.append(prefix + f.name)
+    return keys
+
+
 def parse_overrides(overrides: list[str]) -> DictConfig:
-    """``key=value`` strings (Hydra-style dotlist) to a config; values are YAML-typed."""
+    """``key=value`` strings (Hydra-style dotlist) to a config; values are YAML-typed,
+    except for string keys, which take the text as written (``run_name=1e3`` is the
+    name ``1e3``, not ``1000.0``; ``resume=/runs/a #2`` keeps its ``#2``); ``null``
+    still unsets an optional one."""
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
     # launcher=slurm selects the launcher, as a config group would
     overrides = [f"launcher.name={o[9:]}" if o.startswith("launcher=") else o for o in overrides]
-    return OmegaConf.from_dotlist(overrides)
+    strings = set(_string_keys(Config))
+    merged = OmegaConf.create({})
+    for override in overrides:  # in order: a key given twice keeps its last value
+        key, _, value = override.partition("=")
+        if key in strings and value != "null":
+            OmegaConf.update(merged, key, value, merge=True)
+        else:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+    return merged
 
 
 def load_config(

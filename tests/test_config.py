@@ -123,6 +123,37 @@ def test_contradictions_are_listed_together():
     assert "data.decode='gpu' is not one of cpu, device" in message
 
 
+def test_string_keys_take_the_text_as_written():
+    # YAML typing turned run_name=1e3 into "1000.0" and cut resume paths at " #"
+    cfg = load_config(SMOKE, ["run_name=1e3", "output_dir=runs #2", "data.root=0x10"])
+    assert (cfg.run_name, cfg.output_dir, cfg.data.root) == ("1e3", "runs #2", "0x10")
+    cfg = load_config(SMOKE, ["run_name=a", "run_name=null", "stage=1"])
+    assert cfg.run_name is None and cfg.stage == "1"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("stage2.optim.momentum=1.5", "stage2.optim.momentum must be in [0, 1), got 1.5"),
+        ("stage1.optim.weight_decay=-1", "stage1.optim.weight_decay must be >= 0, got -1"),
+        ("stage2.optim.betas=[2,-1]", "stage2.optim.betas must be two values in [0, 1)"),
+        ("stage1.optim.poly_power=-3", "stage1.optim.poly_power must be > 0, got -3"),
+        ("data.val_fraction=0", "data.val_fraction=0 leaves route.decision=moe no validation"),
+    ],
+)
+def test_values_refused_only_later_or_never_are_refused_at_load(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, [override])
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("epochs", ["0", "-5", "abc", "2.5"])
+def test_trainer_max_epochs_must_be_a_positive_whole_number(epochs):
+    nulled = ["stage1.max_epochs=null", "stage2.max_epochs=null"]
+    with pytest.raises(ConfigError, match="trainer.max_epochs must be a whole number > 0"):
+        load_config(DEFAULT, [f"trainer.max_epochs={epochs}", *nulled])
+
+
 def test_bad_override_syntax_is_rejected():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(overrides=["data.root"])
