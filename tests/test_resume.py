@@ -127,3 +127,30 @@ def test_a_config_file_with_resume_is_refused_not_ignored(tmp_path, capsys):
     assert cli.train_main(["-c", str(SMOKE), f"resume={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert f"-c {SMOKE} with resume=" in err and "key=value overrides" in err
+
+
+class StageOneLr(L.Callback):
+    """Stage 1's LR before each epoch's second batch (after the epoch's first step)."""
+
+    def __init__(self) -> None:
+        self.lrs: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.stage == 1 and batch_idx == 1:
+            self.lrs[trainer.current_epoch] = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def test_a_resume_with_other_steps_per_epoch_keeps_the_schedule_in_epochs(tmp_path):
+    # On another device count (here: another batch size) an epoch has another number of
+    # optimizer steps; the restored step count put the schedule at its end (floor LR).
+    common = ("trainer.max_epochs=2", "stage=1")
+    ref = StageOneLr()
+    train(load_config(SMOKE, smoke_overrides(tmp_path / "ref", *common, "data.batch_size=16")),
+          callbacks=[ref])  # fmt: skip
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path / "a", *common))  # batch 8
+    with pytest.raises(Interrupted):
+        train(cfg, callbacks=[StopAtEpochStart(stage=1, epoch=1)])
+    resumed = StageOneLr()
+    run = tmp_path / "a" / "run"
+    train(RunFolder.config_for_resume(str(run), ["data.batch_size=16"]), callbacks=[resumed])
+    assert 0.005 < resumed.lrs[1] == pytest.approx(ref.lrs[1], rel=1e-6)

@@ -3,6 +3,7 @@ and the margin heads' sharding across DDP processes (Partial FC)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -132,8 +133,16 @@ class StageSystem(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
+    def _steps_per_epoch(self) -> float:
+        return self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"stage": self.stage, "config": self.hparams.config}
+        checkpoint[CHECKPOINT_KEY] = {
+            "stage": self.stage,
+            "config": self.hparams.config,
+            # the schedule's unit: a resume on another device count rescales to its own
+            "steps_per_epoch": self._steps_per_epoch(),
+        }
         # Every process takes part; rank 0, which writes the file, gets the whole rows.
         for head, holder, key in self._sharded_states(checkpoint):
             whole = gather_to_first(holder[key], head.num_classes)
@@ -141,6 +150,7 @@ class StageSystem(L.LightningModule):
                 holder[key] = whole
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored_steps_per_epoch = checkpoint.get(CHECKPOINT_KEY, {}).get("steps_per_epoch")
         # Checkpoints hold whole heads: this process keeps its rows. Lightning calls this
         # after configure_model (heads sharded) and before loading weights and optimizer.
         for head, holder, key in self._sharded_states(checkpoint):
@@ -151,6 +161,22 @@ class StageSystem(L.LightningModule):
                     f"{head.num_classes} identities"
                 )
             holder[key] = whole[head.row_start : head.row_start + len(head.weight)].clone()
+
+    def on_train_start(self) -> None:
+        # The LR schedule counts optimizer steps. Resumed on another device count (or
+        # batch size), an epoch has another number of them, and the restored count would
+        # put the schedule elsewhere than this epoch (1 -> 2 devices at mid-run: at its
+        # end, the floor LR for the rest). Rescale the count to the same progress.
+        before = getattr(self, "_restored_steps_per_epoch", None)
+        self._restored_steps_per_epoch = None
+        now = self._steps_per_epoch()
+        if not before or abs(before - now) < 1e-9:
+            return
+        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+        scheduler.last_epoch = round(scheduler.last_epoch * now / before) - 1
+        with warnings.catch_warnings():  # no optimizer step yet in this process: known
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            scheduler.step()  # sets the groups' LRs and get_last_lr() at the new count
 
 
 def _row_state(value: Any) -> bool:
