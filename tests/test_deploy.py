@@ -281,3 +281,20 @@ def test_load_plain_tells_damaged_files_from_unsafe_ones(tmp_path):
         load_plain(tmp_path / "missing.pt")
     torch.save({"weights": torch.ones(2), "name": "a"}, tmp_path / "plain.pt")
     assert load_plain(tmp_path / "plain.pt")["name"] == "a"
+
+
+def test_a_damaged_onnx_export_is_named(tmp_path):
+    # a bad identifier.json or gallery.npz ended in a bare JSON error or a traceback
+    from facecluster.inference.onnx import ONNX_FORMAT, ONNX_VERSION, load_onnx
+
+    (tmp_path / "identifier.json").write_text("{\n")
+    with pytest.raises(ValueError, match=r"identifier.json is not valid JSON"):
+        load_onnx(tmp_path)
+    (tmp_path / "identifier.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"identifier.json: not a facecluster ONNX export"):
+        load_onnx(tmp_path)
+    meta = {"format": ONNX_FORMAT, "version": ONNX_VERSION, "num_clusters": 2}
+    (tmp_path / "identifier.json").write_text(json.dumps(meta))
+    (tmp_path / "gallery.npz").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ValueError, match=r"gallery.npz cannot be read"):
+        load_onnx(tmp_path)

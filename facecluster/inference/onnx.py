@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,11 @@ def load_onnx(
             f"{meta_path} does not exist: {folder} is not a finished ONNX export "
             "(facecluster export RUN OUT --onnx writes OUT/onnx)"
         )
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{meta_path} is not valid JSON ({e}): a damaged export?") from None
+    meta = meta if isinstance(meta, dict) else {}
     if meta.get("format") != ONNX_FORMAT or meta.get("version") not in (1, ONNX_VERSION):
         raise ValueError(
             f"{meta_path}: not a facecluster ONNX export of version 1 or {ONNX_VERSION} "
@@ -177,11 +182,16 @@ def load_onnx(
         )
     k = meta["num_clusters"]
     expected = [*_ASSIGNMENT_ARRAYS, *(f"head{i}" for i in range(k))]
-    with np.load(folder / "gallery.npz", allow_pickle=False) as gallery:
-        missing = [key for key in expected if key not in gallery.files]
-        if missing:
-            raise ValueError(f"{folder / 'gallery.npz'} lacks {', '.join(missing)}")
-        arrays = {key: torch.from_numpy(gallery[key]) for key in gallery.files}
+    try:
+        with np.load(folder / "gallery.npz", allow_pickle=False) as gallery:
+            missing = [key for key in expected if key not in gallery.files]
+            if missing:
+                raise ValueError(f"{folder / 'gallery.npz'} lacks {', '.join(missing)}")
+            arrays = {key: torch.from_numpy(gallery[key]) for key in gallery.files}
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise ValueError(
+            f"{folder / 'gallery.npz'} cannot be read ({e}): a damaged export?"
+        ) from None
     if len(arrays["class_to_cluster"]) != len(meta["class_names"]):
         raise ValueError(
             f"{folder}: gallery.npz holds {len(arrays['class_to_cluster'])} identities, "
