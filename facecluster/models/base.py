@@ -133,15 +133,13 @@ class StageSystem(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
-    def _steps_per_epoch(self) -> float:
-        return self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {
             "stage": self.stage,
             "config": self.hparams.config,
-            # the schedule's unit: a resume on another device count rescales to its own
-            "steps_per_epoch": self._steps_per_epoch(),
+            # the schedule's unit (None outside a fit): a resume on another device
+            # count rescales the step count to its own (on_train_start)
+            "steps_per_epoch": getattr(self, "_steps_per_epoch", None),
         }
         # Every process takes part; rank 0, which writes the file, gets the whole rows.
         for head, holder, key in self._sharded_states(checkpoint):
@@ -169,7 +167,8 @@ class StageSystem(L.LightningModule):
         # end, the floor LR for the rest). Rescale the count to the same progress.
         before = getattr(self, "_restored_steps_per_epoch", None)
         self._restored_steps_per_epoch = None
-        now = self._steps_per_epoch()
+        now = self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs)
+        self._steps_per_epoch = now
         if not before or abs(before - now) < 1e-9:
             return
         scheduler = self.trainer.lr_scheduler_configs[0].scheduler
