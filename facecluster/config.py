@@ -705,9 +705,7 @@ class Config:
 
     def with_overrides(self, overrides: list[str] | tuple) -> Config:
         """This config with ``key=value`` overrides applied, validated."""
-        return _to_config(
-            _merge(OmegaConf.structured(self), parse_overrides(list(overrides)), "command line")
-        )
+        return _to_config(_merge_overrides(OmegaConf.structured(self), list(overrides)))
 
 
 def _all_keys(schema: type, prefix: str = "") -> list[str]:
@@ -737,6 +735,11 @@ def _suggest(key: str, candidates: list[str], prefix: str = "") -> str:
     return f"; did you mean: {', '.join(prefix + c for c in close)}?" if close else ""
 
 
+def _where(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    return f" (in '{key}')" if key else ""
+
+
 def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfig:
     """Merge with messages that name the key and suggest valid ones."""
     try:
@@ -747,14 +750,31 @@ def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfi
             f"{source}: unknown config key '{key}'{_suggest(key, _all_keys(Config))}"
         ) from None
     except ValidationError as e:
-        msg = str(e.msg).splitlines()[0]
-        raise ConfigError(f"{source}: wrong type for '{e.full_key}': {msg}") from None
+        if e.full_key:
+            msg = str(e.msg).splitlines()[0]
+            raise ConfigError(f"{source}: wrong type for '{e.full_key}': {msg}") from None
+        # a whole section given a value ("data=3"), a tuple of the wrong length
+        raise ConfigError(f"{source}: wrong type: {str(e).splitlines()[0]}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{source}: {e}") from None
 
 
+def _merge_overrides(base: DictConfig, overrides: list[str]) -> DictConfig:
+    """:func:`_merge` of command-line overrides; an error that names no key is raised
+    again for the override that fails on its own, which it names."""
+    try:
+        return _merge(base, parse_overrides(overrides), "command line")
+    except ConfigError:
+        for override in overrides:
+            _merge(base, parse_overrides([override]), f"command line, {override}")
+        raise
+
+
 def _to_config(merged: DictConfig) -> Config:
-    cfg = OmegaConf.to_object(merged)
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:  # an interpolation to a key that is not there
+        raise ConfigError(str(e).splitlines()[0] + _where(e)) from None
     assert isinstance(cfg, Config)
     cfg.trainer = dict(cfg.trainer)
     return cfg.validate()
@@ -817,7 +837,7 @@ def load_config(
             raise ConfigError(f"cannot parse {p}: {e}") from None
         merged = _merge(merged, loaded, str(p))
     if overrides:
-        merged = _merge(merged, parse_overrides(list(overrides)), "command line")
+        merged = _merge_overrides(merged, list(overrides))
     return _to_config(merged)
 
 

@@ -154,6 +154,22 @@ def test_trainer_max_epochs_must_be_a_positive_whole_number(epochs):
         load_config(DEFAULT, [f"trainer.max_epochs={epochs}", *nulled])
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["data=3"], "command line, data=3: wrong type: Merge error: int is not a subclass"),
+        (["run_name=x", "route=flat"], "command line, route=flat: wrong type"),
+        (["stage1.optim.betas=[0.9]"], "command line, stage1.optim.betas=[0.9]: wrong type"),
+        (["run_name=${oops}"], "Interpolation key 'oops' not found (in 'run_name')"),
+    ],
+)
+def test_an_error_without_a_key_names_the_override(overrides, expected):
+    # they said "wrong type for 'None'", or ended in a traceback (the interpolation)
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, overrides)
+    assert expected in str(err.value)
+
+
 def test_bad_override_syntax_is_rejected():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(overrides=["data.root"])
