@@ -66,6 +66,10 @@ class RecordError(OSError):
     """
 
 
+class TruncatedRecord(RecordError):
+    """A record runs past the end of its file."""
+
+
 @dataclass(frozen=True)
 class Record:
     """One unpacked payload."""
@@ -277,26 +281,21 @@ class RecordFile:
     def _check_last_record(self) -> None:
         # A file cut inside its last record passes the offsets check of _read_index; a
         # file without identity records (im2rec, a shuffled pack) ends with an image
-        # record, which would otherwise fail only when training reads it. Only lengths
-        # are checked here: a corrupt record is on_bad_image's to report.
+        # record, which would otherwise fail only when training reads it. A corrupt
+        # record is on_bad_image's to report, not a reason to refuse the file.
         last = int(np.argmax(self.offsets.offsets_))
-        key, pos = int(self.offsets.keys_[last]), int(self.offsets.offsets_[last])
-        with open(self.rec, "rb") as f:
-            while True:
-                f.seek(pos)
-                head = f.read(8)
-                magic, lrecord = struct.unpack("<II", head) if len(head) == 8 else (MAGIC, -1)
-                if magic != MAGIC:
-                    return
-                length = lrecord & _LENGTH_MASK
-                if lrecord < 0 or pos + 8 + length > self.size:
-                    raise ValueError(
-                        f"{self.rec} ends inside its last record (key {key} at offset "
-                        f"{self.offsets[key]}, {self.size} bytes): truncated file?"
-                    )
-                if lrecord >> 29 in (0, 3):
-                    return
-                pos += 8 + length + (-length % 4)
+        key = int(self.offsets.keys_[last])
+        try:
+            self.payload(key)
+        except TruncatedRecord:
+            raise ValueError(
+                f"{self.rec} ends inside its last record (key {key} at offset "
+                f"{self.offsets[key]}, {self.size} bytes): truncated file?"
+            ) from None
+        except RecordError:
+            pass
+        finally:
+            self._map = None  # each process maps the file itself, when it first reads
 
     def _read_index(self) -> RecordIndex:
         pairs = _canonical_index(self.idx.read_bytes())
@@ -366,7 +365,9 @@ class RecordFile:
         parts = []
         while True:
             if pos + 8 > self.size:
-                raise RecordError(f"{self.rec} key {key} at offset {self.offsets[key]}: truncated")
+                raise TruncatedRecord(
+                    f"{self.rec} key {key} at offset {self.offsets[key]}: truncated"
+                )
             magic, lrecord = struct.unpack_from("<II", buf, pos)
             if magic != MAGIC:
                 raise RecordError(
@@ -375,7 +376,9 @@ class RecordFile:
                 )
             cflag, length = lrecord >> 29, lrecord & _LENGTH_MASK
             if pos + 8 + length > self.size:
-                raise RecordError(f"{self.rec} key {key} at offset {self.offsets[key]}: truncated")
+                raise TruncatedRecord(
+                    f"{self.rec} key {key} at offset {self.offsets[key]}: truncated"
+                )
             if cflag == 0 and not parts:  # a whole record, the usual case: no copy
                 return buf[pos + 8 : pos + 8 + length]
             parts.append(buf[pos + 8 : pos + 8 + length])
