@@ -288,7 +288,7 @@ class TwoStageIdentifier(nn.Module):
                 "route.decision=moe needs route.router_temperature, route.subnet_temperature "
                 "and route.generalist_weight: calibrate() on the validation split first"
             )
-        use_subnets = (params.generalist_weight < 1.0) if moe else alpha < 1.0
+        use_subnets = self._runs_subnets(alpha)
         batch = images.shape[0]
         features = self._trunk(images)
         need_query = moe or alpha > 0 or not all_subnets
