@@ -22,6 +22,7 @@ No scheduling of our own: local jobs are plain processes, SLURM does the rest.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import queue
@@ -382,6 +383,38 @@ def submit_slurm(
         submit(f"{run.path.name}-assemble", [command], small)
     (run.slurm_dir / "submitted.json").write_text(json.dumps(submitted, indent=2))
     return submitted
+
+
+def check_queue(run: RunFolder) -> None:
+    """Refuse a submission while the jobs of the run's last one are queued or running.
+
+    A second chain would train stage 1, or a stage-2 job, in the same folder twice
+    (``resume=RUN launcher=slurm`` while stage 1 still waits in the queue).
+
+    Raises:
+        ConfigError: naming the jobs still in ``squeue``, or why it could not be asked.
+    """
+    record = run.slurm_dir / "submitted.json"
+    if not record.is_file():
+        return
+    ids = {str(job["job_id"]) for job in json.loads(record.read_text())["jobs"]}
+    # %F: an array's own job id (what submitted.json records), else the job id
+    command = ["squeue", "--noheader", "--format=%F", f"--user={getpass.getuser()}"]
+    try:
+        queued = subprocess.run(command, capture_output=True, text=True, check=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", None) or e
+        raise ConfigError(
+            f"launcher=slurm: cannot ask squeue whether the jobs of the last submission "
+            f"({', '.join(sorted(ids))}, {record}) still run: {detail}"
+        ) from None
+    active = sorted(ids & set(queued.stdout.split()))
+    if active:
+        raise ConfigError(
+            f"launcher=slurm: SLURM jobs {', '.join(active)} of this run's last submission "
+            f"({record}) are still queued or running; submitting again would train the same "
+            "stages twice. Wait for them to end (or scancel them), then resume"
+        )
 
 
 def _after(job_id: str | None) -> str | None:

@@ -39,6 +39,7 @@ from facecluster.data import FaceDataModule
 from facecluster.launch import (
     balanced_groups,
     check_local_jobs,
+    check_queue,
     devices_per_job,
     run_local,
     stage2_overrides,
@@ -96,6 +97,8 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         check_cluster_count(cfg, dm)
         check_local_jobs(cfg)  # local stage-2 jobs must fit this node: known now
         folder = RunFolder.for_training(cfg)
+        if cfg.launcher.name == "slurm":
+            check_queue(folder)  # before the run folder changes
         run_id = folder.create(cfg)
         folder.check_free_space(cfg, backbone_params, dm.num_classes)
         folder.save_class_names(dm.class_names)

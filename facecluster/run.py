@@ -58,6 +58,7 @@ from facecluster.models.base import CHECKPOINT_KEY
 RUN_DIR_ENV = "FACECLUSTER_RUN_DIR"
 JOB_SUBNETS = "subnets.json"
 RUNNING = "running.json"
+REFUSED = "refused.json"
 JOB_ENV = "FACECLUSTER_JOB"
 """Set in the processes the launchers start (the job's name): they read the run's
 config and never rewrite it."""
@@ -424,36 +425,47 @@ class RunFolder:
         the same job (a second submission, a resume while jobs still run) is refused.
 
         The lock is ``stage2/jobs/<job>/running.json`` (host, pid, SLURM job id and
-        restart count), created exclusively. A lock left by a process that is gone
-        (same host, no such pid) or by an earlier run of the same SLURM job (requeued:
-        another ``SLURM_RESTART_COUNT``) is taken over; a live process in the same
-        allocation (two commands under one ``salloc``) is not.
+        restart count, launch), created exclusively by global rank 0. A lock left by a
+        process that is gone (same host, no such pid) or by an earlier run of the same
+        SLURM job (requeued: another ``SLURM_RESTART_COUNT``) is taken over; a live
+        process in the same allocation (two commands under one ``salloc``) is not.
+
+        The other processes that srun or torchrun started with rank 0 wait for its
+        decision: the lock naming their launch, or ``refused.json`` naming it, which
+        they raise too, rather than waiting for rank 0 in DDP setup.
         """
+        path = self.stage_dir(2, job) / RUNNING
+        refused = path.with_name(REFUSED)
+        me = _lock_owner()
         if not is_global_zero():
+            if launched_processes() > 1:
+                _wait_for_lock(path, refused, me["launch"])
             yield
             return
-        path = self.stage_dir(2, job) / RUNNING
         path.parent.mkdir(parents=True, exist_ok=True)
-        me = _lock_owner()
         while True:
             try:
                 with open(path, "x") as f:
                     json.dump(me, f)
                 break
             except FileExistsError:
-                try:
-                    other = json.loads(path.read_text())
-                except (OSError, ValueError):  # being written right now
+                other = _read_json(path)
+                if not other:  # being written right now
                     time.sleep(0.1)
                     continue
                 if not _lock_is_stale(other, me):
                     slurm = f", SLURM job {other['slurm_job']}" if other.get("slurm_job") else ""
-                    raise ConfigError(
+                    message = (
                         f"stage-2 job {job} is already training (host {other['host']}, pid "
                         f"{other['pid']}{slurm}); wait for it to end, or delete {path} if that "
                         "process is gone"
-                    ) from None
+                    )
+                    if me["launch"]:  # this launch's other processes stop too
+                        with replacing(refused) as tmp:
+                            tmp.write_text(json.dumps({"launch": me["launch"], "error": message}))
+                    raise ConfigError(message) from None
                 path.unlink(missing_ok=True)
+        refused.unlink(missing_ok=True)
         try:
             yield
         finally:
@@ -478,10 +490,7 @@ class RunFolder:
         """
         jobs = self.path / "stage2" / "jobs"
         for lock in sorted(jobs.glob(f"*/{RUNNING}")) if jobs.is_dir() else ():
-            try:
-                other = json.loads(lock.read_text())
-            except (OSError, ValueError):
-                other = {}  # being written: its job is starting
+            other = _read_json(lock)  # empty while being written: its job is starting
             if not other or not _lock_is_stale(other, _lock_owner()):
                 raise ConfigError(
                     f"stage2.subnets: stage-2 job {lock.parent.name} is training now "
@@ -558,6 +567,7 @@ def _lock_owner() -> dict[str, Any]:
         "pid": os.getpid(),
         "slurm_job": os.environ.get("SLURM_JOB_ID"),
         "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
+        "launch": _launch_id(),
     }
 
 
@@ -587,6 +597,51 @@ def launched_processes() -> int:
     if os.environ.get("SLURM_STEP_ID") is not None:  # inside srun
         return int(os.environ.get("SLURM_NTASKS", 1))
     return 1
+
+
+def _launch_id() -> str | None:
+    """What the processes that srun or torchrun started together share, else None.
+
+    torchrun's run id is "none" unless a rendezvous id was given, so its master
+    address and port (one launch's alone while it runs) are part of it.
+    """
+    env = os.environ
+    if env.get("TORCHELASTIC_RUN_ID"):
+        return (
+            f"torchrun {env['TORCHELASTIC_RUN_ID']} {env.get('MASTER_ADDR')}:"
+            f"{env.get('MASTER_PORT')} restart {env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        )
+    if env.get("SLURM_STEP_ID") is not None:
+        return (
+            f"srun {env.get('SLURM_JOB_ID')}.{env['SLURM_STEP_ID']} "
+            f"restart {env.get('SLURM_RESTART_COUNT', '0')}"
+        )
+    return None
+
+
+def _wait_for_lock(path: Path, refused: Path, launch: str | None, timeout: float = 300.0) -> None:
+    """A process that srun or torchrun started beside rank 0 waits until rank 0 holds
+    the job lock for their launch (``path`` names it), or refused it (``refused``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lock, refusal = _read_json(path), _read_json(refused)
+        if lock.get("launch") == launch:
+            return
+        if refusal.get("launch") == launch:
+            raise ConfigError(refusal["error"])
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"rank 0 did not take the job lock {path} within {timeout:.0f} s: did it fail?"
+            )
+        time.sleep(0.2)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A small JSON file's content; empty if it is absent or being written."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _wait_for(path: Path, timeout: float = 300.0) -> None:

@@ -166,7 +166,8 @@ def test_a_killed_job_is_the_only_one_resume_retrains(tmp_path, monkeypatch):
 
 
 def _fake_slurm(bin_dir: Path) -> Path:
-    """``sbatch`` that records each submission and answers as SLURM does; ``srun``."""
+    """``sbatch`` that records each submission and answers as SLURM does; ``srun``;
+    ``squeue``."""
     bin_dir.mkdir()
     calls = bin_dir / "calls"
     (bin_dir / "sbatch").write_text(
@@ -177,7 +178,12 @@ def _fake_slurm(bin_dir: Path) -> Path:
         'echo "Submitted batch job $n"\n'
     )
     (bin_dir / "srun").write_text("#!/bin/bash\nexit 0\n")
-    for tool in ("sbatch", "srun"):
+    # squeue lists the ids in bin/queue (none: the jobs have ended); bin/down: it fails
+    (bin_dir / "squeue").write_text(
+        f'#!/bin/bash\n[ -e {bin_dir}/down ] && {{ echo "slurm_load_jobs error" >&2; exit 1; }}\n'
+        f"cat {bin_dir}/queue 2>/dev/null; exit 0\n"
+    )
+    for tool in ("sbatch", "srun", "squeue"):
         (bin_dir / tool).chmod(0o755)
     return calls
 
@@ -215,6 +221,21 @@ def test_slurm_plan_submits_a_chained_array_and_its_jobs_finish_the_run(tmp_path
     ]
     assert last["commands"][0][6] == "stage=assemble"
     assert all("trainer.accelerator=cpu" in c for c in first["commands"])
+
+    # Submitting again while the chain waits in the queue would train stage 1 twice:
+    # refused, naming the jobs, before anything of the run changes.
+    before = {p: p.read_bytes() for p in result.run_dir.rglob("*") if p.is_file()}
+    (tmp_path / "bin" / "queue").write_text("999\n1000\n1002\n")
+    again = RunFolder(result.run_dir).config_for_resume(str(result.run_dir), [])
+    with pytest.raises(ConfigError, match=r"jobs 1000, 1002 of this run's last submission"):
+        train(again)
+    (tmp_path / "bin" / "down").touch()
+    with pytest.raises(ConfigError, match=r"cannot ask squeue .*slurm_load_jobs error"):
+        train(again)
+    assert sorted(calls.iterdir()) == scripts, "nothing was submitted"
+    assert {p: p.read_bytes() for p in result.run_dir.rglob("*") if p.is_file()} == before
+    for name in ("queue", "down"):
+        (tmp_path / "bin" / name).unlink()
 
     # Run the plan here, in its order, as the jobs would (each its own command line).
     def run_job(name: str, command: list[str]) -> None:
@@ -353,6 +374,62 @@ def test_a_job_that_is_training_is_not_trained_twice(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"already training .*SLURM job 77"):
         with run.job_lock("subnets-0-2"):
             pass
+
+
+_SRUN_TASK = """
+import sys, time
+from pathlib import Path
+from facecluster.config import ConfigError
+from facecluster.run import RunFolder
+try:
+    with RunFolder(Path(sys.argv[1])).job_lock("subnets-0-2"):
+        print("training", flush=True)
+        time.sleep(1.0)  # rank 0 holds the lock while its ranks train together
+except ConfigError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+def _srun_step(run: Path, step: int) -> list[subprocess.CompletedProcess]:
+    """The two tasks of srun step ``step`` (SLURM_PROCID 0 and 1) reaching the job lock."""
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(SLURM_JOB_ID="900", SLURM_STEP_ID=str(step), SLURM_NTASKS="2")
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SRUN_TASK, str(run)],
+            cwd=ROOT,
+            text=True,
+            env={**env, "SLURM_PROCID": str(rank)},
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        for rank in (1, 0)  # rank 1 first: it reaches the lock before rank 0 decides
+    ]
+    return [
+        subprocess.CompletedProcess(t.args, t.wait(timeout=120), t.stdout.read(), None)
+        for t in reversed(tasks)
+    ]
+
+
+def test_every_srun_task_of_a_refused_job_stops(tmp_path):
+    # A multi-task SLURM job whose job lock is held by a live process: rank 0 is
+    # refused, and so is rank 1, which would otherwise enter training and wait for
+    # rank 0 in DDP setup until the process-group timeout.
+    run = RunFolder(tmp_path / "run")
+    lock = run.stage_dir(2, "subnets-0-2") / "running.json"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid(), "slurm_job": "7"}))
+    for task in _srun_step(run.path, 0):
+        assert task.returncode == 3, task.stdout
+        assert "subnets-0-2 is already training" in task.stdout and "SLURM job 7" in task.stdout
+    assert json.loads(lock.read_text())["pid"] == os.getpid()  # the holder's lock is kept
+    # the holder has ended: the next step's rank 0 takes the lock over, and both train
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": int(gone.stdout)}))
+    for task in _srun_step(run.path, 1):
+        assert task.returncode == 0 and task.stdout == "training\n", task.stdout
+    assert not lock.exists()
 
 
 def test_local_jobs_that_cannot_fit_are_refused_before_any_work(tmp_path, monkeypatch):
