@@ -105,7 +105,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
-    from facecluster.evaluation import evaluate_runs
+    from facecluster.evaluation import eval_device, evaluate_runs
     from facecluster.launch import JobsFailed
     from facecluster.pipeline import train
     from facecluster.run import RunFolder, is_global_zero
@@ -120,6 +120,8 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             )
         if cfg.resume:
             cfg = RunFolder.config_for_resume(cfg.resume, args.overrides)
+        if cfg.eval.after_training and cfg.assembles and cfg.launcher.name == "local":
+            eval_device(cfg)  # a GPU this machine lacks: refused now, not after training
         result = train(cfg)
         # Every DDP rank trains; the evaluation runs once, in global rank 0 alone, and
         # only when the run is finished (not after stage=1, a job, a SLURM submission).

@@ -665,6 +665,14 @@ class Config:
         """True for the clustered and random methods (sub-nets); False for single."""
         return self.method != "single"
 
+    @property
+    def assembles(self) -> bool:
+        """True when this command ends the run: it assembles the results (and then
+        evaluates, with ``eval.after_training``); not stage=1/cluster or a stage-2 job."""
+        return self.stage in ("all", "assemble") or (
+            self.stage == "2" and self.stage2.group is None
+        )
+
     def stage_config(self, n: int) -> StageConfig:
         return self.stage1 if n == 1 else self.stage2
 

@@ -120,10 +120,9 @@ def _two_stages(run: _Run) -> RunResult:
     if clustering is not None and cfg.stage in ("all", "2"):
         subnets = _stage2(run, clustering)
     results = table = None
-    assemble = cfg.stage in ("all", "assemble") or (cfg.stage == "2" and cfg.stage2.group is None)
-    if assemble and is_global_zero():  # the other ranks' work is on disk by now
+    if cfg.assembles and is_global_zero():  # the other ranks' work is on disk by now
         results, table = _assemble(run, clustering, required=cfg.stage != "2")
-    elif not assemble:
+    elif not cfg.assembles:
         rank_zero_info(f"stage={cfg.stage} done; run folder: {folder.path}")
     assignment = clustering.assignment if clustering is not None else None
     return RunResult(folder.path, results, table, backbone, subnets, assignment)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from callbacks.divergence import DivergenceCallback, DivergenceError
+from facecluster import cli
 from facecluster.builders import build_trainer, default_precision, module_args
 from facecluster.config import ConfigError, load_config
 from facecluster.models.backbone_module import BackboneSystem
@@ -140,6 +141,21 @@ def test_eval_device_is_checked_before_training():
         assert load_config(base, [f"eval.device={ok}"]).eval.device == ok
     with pytest.raises(ConfigError, match=r"eval.device='gpu'.*cuda"):
         load_config(base, ["eval.device=gpu"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_an_evaluation_gpu_this_machine_lacks_is_refused_before_training(tmp_path, capsys):
+    # train.py evaluates after training: eval.device=cuda on a machine without a GPU
+    # is refused before any work, not after the run has trained.
+    args = [
+        "-c",
+        str(ROOT / "configs" / "smoke.yaml"),
+        "eval.device=cuda",
+        f"output_dir={tmp_path}",
+    ]
+    assert cli.train_main(args) == 2
+    assert "eval.device=" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [], "no run folder"
 
 
 def test_scale_benchmark_runs_small_and_writes_its_page(tmp_path):
