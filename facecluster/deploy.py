@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,6 +69,8 @@ def export_run(
     if cfg.data.unseen_fraction > 0:
         identifier.open_set = unknown_threshold(identifier, folder, cfg, fpir)
     out = Path(out)
+    # an earlier export's networks are not this identifier's: never leave them beside it
+    shutil.rmtree(out / ONNX_FOLDER, ignore_errors=True)
     written = [identifier.export(out / TORCH_FILE)]
     if onnx:
         from facecluster.inference.onnx import export_onnx

@@ -21,7 +21,7 @@ from facecluster.builders import build_datamodule
 from facecluster.config import load_config
 from facecluster.data.images import decode_image
 from facecluster.data.transforms import normalize_images
-from facecluster.deploy import identify_files, load_export
+from facecluster.deploy import export_run, identify_files, load_export
 from facecluster.evaluation import evaluate_run
 from facecluster.inference.openset import fnir_at_fpir, threshold_at_fpir
 from facecluster.pipeline import train
@@ -194,6 +194,20 @@ def test_onnx_identifier_matches_torch_on_the_test_split(open_run, exported, tmp
     torch.save(payload, old / "identifier.pt")
     with pytest.raises(ValueError, match="log-probability .* export the run again"):
         identify_files(old, faces, tmp_path / "old.csv", runtime="torch")
+
+
+@pytest.mark.slow
+def test_exporting_again_without_onnx_leaves_no_stale_onnx_models(open_run, exported, tmp_path):
+    # An export folder re-exported without --onnx: the earlier ONNX networks are not
+    # this identifier's, and --runtime onnx must not find them.
+    again = tmp_path / "again"
+    shutil.copytree(exported, again)
+    assert (again / "onnx" / "identifier.json").is_file()
+    written = export_run(open_run, again)
+    assert written == [again / "identifier.pt"] and not (again / "onnx").exists()
+    with pytest.raises(FileNotFoundError):
+        load_export(again, "onnx", "cpu")
+    assert load_export(again, "auto", "cpu").num_clusters == 3
 
 
 @pytest.mark.slow
