@@ -251,8 +251,9 @@ def export_threshold(
             "the run again (facecluster export; identities added since by facecluster "
             "enroll must then be enrolled again) or pass a threshold (--threshold)"
         )
+    # under either decision the candidates searched move the answer's similarity
     chosen_at = open_set.get("top_m", identifier.route_config["top_m"])
-    if moe and top_m not in (None, chosen_at):
+    if top_m not in (None, chosen_at):
         raise ValueError(
             f"{model}'s unknown threshold was chosen at top_m={chosen_at}; with "
             f"top_m={top_m} the answers move: pass a threshold for top_m={top_m} "

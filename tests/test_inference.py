@@ -18,6 +18,7 @@ import evaluate
 from facecluster import evaluation
 from facecluster.clustering import ClusterAssignment, cluster_identities
 from facecluster.config import ConfigError, load_config
+from facecluster.deploy import export_threshold
 from facecluster.evaluation import eval_autocast, evaluate_run, top_m_sweep
 from facecluster.inference import UNKNOWN, Router, TwoStageIdentifier, fuse
 from facecluster.io import UnsafeFileError
@@ -448,3 +449,21 @@ def test_evaluation_goes_to_the_runs_wandb_run_offline(finished_run, monkeypatch
     run_id = json.loads((finished_run / "run.json").read_text())["run_id"]
     assert runs and all(r.name.endswith(run_id) for r in runs), "the training run's W&B id"
     assert list(runs[-1].glob("*.wandb"))
+
+
+@pytest.mark.parametrize("decision", ["moe", "linear"])
+def test_an_export_threshold_holds_only_at_the_top_m_it_was_chosen_at(decision):
+    # Under either decision unit more candidate clusters raise the answer's similarity,
+    # so unknown faces pass a threshold chosen at top_m=1 more often than its FPIR says.
+    ident, _ = _random_identifier()
+    ident.route_config["decision"] = decision
+    ident.open_set = {
+        "threshold": 0.3,
+        "fpir": 0.01,
+        "probes": 9,
+        "top_m": 1,
+        "score": "similarity",
+    }
+    assert export_threshold(ident, "m") == export_threshold(ident, "m", 1) == 0.3
+    with pytest.raises(ValueError, match=r"chosen at top_m=1; with top_m=2"):
+        export_threshold(ident, "m", 2)
