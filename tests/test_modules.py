@@ -66,6 +66,30 @@ def test_warm_start_copies_the_backbone_and_class_means(overlap, not_mine):
         assert torch.equal(rows[: len(members)], assignment.class_means[members])
 
 
+def test_subnet_dropout_draws_repeat_per_batch_and_differ_per_rank(monkeypatch):
+    # A sub-net's dropout masks come from (seed, sub-net, epoch, batch): the same step
+    # draws them again, whatever ran before; another DDP rank, with other images,
+    # draws its own (the same masks on every rank would drop the same units everywhere).
+    cfg = load_config(SMOKE, ["model.embedding_dim=16", "model.dropout=0.5"])
+    model = SubnetSystem(
+        9, [3, 3, 3], backbone=cfg.model.backbone_args(32),
+        head={"name": cfg.head.name, "s": cfg.head.s, "m": cfg.head.m}, optim=OPTIM,
+    )  # fmt: skip
+    model.train()
+    torch.manual_seed(1)
+    batch = {0: (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))}
+
+    def loss(rank: int) -> torch.Tensor:
+        monkeypatch.setattr(SubnetSystem, "global_rank", property(lambda self: rank))
+        torch.manual_seed(rank + 7)  # the global stream plays no part
+        with pytest.warns(UserWarning, match="self.log"):  # no Trainer here
+            return model.training_step(batch, 3)["loss"].detach()
+
+    assert torch.equal(loss(0), loss(0))
+    assert not torch.equal(loss(1), loss(0))
+    assert torch.equal(loss(1), loss(1))
+
+
 def test_gradient_clipping_is_per_subnet():
     # One exploding sub-net must not shrink the others' steps (a global norm would).
     model, _ = _subnets()

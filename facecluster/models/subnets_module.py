@@ -11,7 +11,8 @@ parameter is used in every step (plain ``ddp`` works, no unused-parameter scan).
 A sub-net trains the same however sub-nets are grouped (docs/TRAINING.md): its
 initial head comes from its own seed, its data stream from its own sampler
 (``SubnetSampler``), its forward pass's random draws (dropout) from a generator
-reseeded from (its seed, epoch, batch), and its gradient clipping is its own.
+reseeded from (its seed, epoch, batch, and the DDP rank after rank 0), and its
+gradient clipping is its own.
 
 With ``shared_layers`` > 0 (``model.shared_layers``), each sub-net's first stages
 (stem included) keep the stage-1 weights, frozen: no gradient, BatchNorm statistics
@@ -212,9 +213,12 @@ class SubnetSystem(StageSystem):
             with torch.random.fork_rng(devices=devices):
                 # this sub-net's dropout draws: from its seed and the batch, not from
                 # whichever sub-nets ran before it in this job (the default generators
-                # only: torch.manual_seed would also seed every other backend, ~0.3 ms)
+                # only: torch.manual_seed would also seed every other backend, ~0.3 ms);
+                # each DDP rank its own masks for its own images (rank 0's stream is
+                # the one-process run's)
+                rank = (self.global_rank,) if self.global_rank else ()
                 seed = subnet_seed(
-                    self.hparams.seed, k, SEED_FORWARD, self.current_epoch, batch_idx
+                    self.hparams.seed, k, SEED_FORWARD, self.current_epoch, batch_idx, *rank
                 )
                 torch.random.default_generator.manual_seed(seed)
                 if devices:
