@@ -165,8 +165,9 @@ class FaceFolder:
         class_names: Sorted identity folder names; label ``i`` is ``class_names[i]``.
         samples: ``(image path, label)`` pairs sorted by label, then by path (a
             :class:`Samples`).
-        empty_files: Zero-byte image files of the kept identities, left out of
-            ``samples`` (the datamodule decides whether they stop the run).
+        empty_files: Zero-byte image files of the kept identities and of identity
+            folders whose image files are all zero bytes, left out of ``samples``
+            (the datamodule decides whether they stop the run).
     """
 
     root: Path
@@ -343,7 +344,7 @@ def scan_image_folder(
             listings[entry.name] = listing
             if listing.images:
                 found[entry.name] = listing.images
-            else:
+            elif not listing.empty:  # image files that are all zero bytes: counted below
                 empty_folders.append(entry.path)
     empty_folders.sort()
     root_files.sort()
@@ -360,7 +361,14 @@ def scan_image_folder(
         root, {n: len(v) for n, v in found.items()}, min_images_per_class, max_classes
     )
     samples = Samples.of((path, label) for label, name in enumerate(kept) for path in found[name])
-    empty_files = sorted(p for name in kept for p in listings[name].empty)
+    # zero-byte files of the kept identities and of folders holding nothing else (an
+    # interrupted copy can empty a whole identity): the broken files that
+    # on_bad_image and max_bad_fraction decide on
+    chosen = set(kept)
+    empty_files = sorted(
+        p for name, listing in listings.items() for p in listing.empty
+        if name in chosen or not listing.images
+    )  # fmt: skip
     return FaceFolder(root=root, class_names=kept, samples=samples, empty_files=empty_files)
 
 

@@ -188,6 +188,15 @@ def test_zero_byte_files_are_found_by_the_scan(tmp_path, caplog):
             str(root), batch_size=4, min_images_per_class=5, max_bad_fraction=0.05
         ).setup()
 
+    # an identity whose every file is empty (an interrupted copy) is not a folder that
+    # "holds no image files": its 12 files count as zero-byte files
+    for f in (root / "id_02").iterdir():
+        f.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"13 of 36 image files .* empty .*max_bad_fraction"):
+        FaceDataModule(str(root), batch_size=4, min_images_per_class=5).setup()
+    with pytest.raises(ValueError, match=r"13 zero-byte .*id_02.*on_bad_image=fail"):
+        FaceDataModule(str(root), batch_size=4, min_images_per_class=5, on_bad_image="fail").setup()
+
 
 def test_config_keys_and_build_datamodule(tmp_path):
     root = make_tree(tmp_path / "data", identities=3, per_identity=12)
