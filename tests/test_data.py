@@ -508,7 +508,7 @@ def test_embedding_dataloader_shards(dm: FaceDataModule) -> None:
     full = dm.embedding_dataloader()
     shards = [dm.embedding_dataloader(rank=r, world_size=2) for r in range(2)]
     assert full.dataset.samples == train
-    parts = [loader.dataset.samples for loader in shards]
+    parts = [[loader.dataset.samples[i] for i in loader.sampler] for loader in shards]
     assert len(parts[0]) + len(parts[1]) == len(train)
     assert not set(parts[0]) & set(parts[1])
     assert sorted([*parts[0], *parts[1]]) == sorted(train)

@@ -932,11 +932,15 @@ class FaceDataModule(lightning.LightningDataModule):
     def _eval_loader(self, split: str, ids: np.ndarray) -> DataLoader:
         return self._fixed_order_loader(self._dataset(split, ids, train=False))
 
-    def _fixed_order_loader(self, dataset: FaceImageDataset) -> DataLoader:
+    def _fixed_order_loader(
+        self, dataset: FaceImageDataset, positions: range | None = None
+    ) -> DataLoader:
+        """``dataset`` in order (``positions``: only those of its items, in order)."""
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
             shuffle=False,
+            sampler=positions,
             drop_last=False,
             # Its own generator: creating an evaluation iterator (sanity check,
             # validation) must not draw from the global RNG that training reseeds.
@@ -982,7 +986,10 @@ class FaceDataModule(lightning.LightningDataModule):
 
         Evaluation transforms (no flip), global labels, fixed order, and the
         shard ``train[rank::world_size]`` with no padding or duplication, so
-        per-class sums reduced over ranks equal a single-process pass exactly.
+        per-class sums reduced over ranks equal a single-process pass exactly. The
+        dataset is the whole split and the sampler takes the shard: a broken image
+        (``on_bad_image=skip``) is replaced by the same image as in a one-process pass,
+        from its identity's images on any shard.
 
         Args:
             rank: This process's rank.
@@ -993,4 +1000,6 @@ class FaceDataModule(lightning.LightningDataModule):
                 "embedding_dataloader: need 0 <= rank < world_size, "
                 f"got rank={rank}, world_size={world_size}"
             )
-        return self._eval_loader("train", self._split_indices("train")[rank::world_size])
+        ids = self._split_indices("train")
+        dataset = self._dataset("train", ids, train=False)
+        return self._fixed_order_loader(dataset, range(rank, len(ids), world_size))

@@ -165,6 +165,31 @@ def test_workers_log_once_keep_batches_and_report_to_main_process(tmp_path):
     assert ds.tracker.count() == 2  # set in the workers, read here
 
 
+def test_class_mean_shards_replace_a_broken_image_from_any_shard(tmp_path):
+    # Under DDP each rank embeds train[rank::world]. A shard whose images of an
+    # identity are all broken still gets substitutes, the ones a one-process pass
+    # uses, so the per-class sums reduced over ranks equal the one-process sums.
+    root = make_tree(tmp_path / "data", identities=3, per_identity=12)
+    dm = FaceDataModule(str(root), batch_size=4, min_images_per_class=5, max_bad_fraction=0.5)
+    dm.setup()
+    train = list(dm.split_samples("train"))
+    broken = [path for i, (path, label) in enumerate(train) if label == 1 and i % 2 == 1]
+    assert 2 <= len(broken) < sum(label == 1 for _, label in train)
+    for path in broken:
+        truncate(Path(path))
+
+    def sums(loaders: list[DataLoader]) -> torch.Tensor:
+        total = torch.zeros(3, dtype=torch.float64)
+        for loader in loaders:
+            for images, labels in loader:
+                total.index_add_(0, labels, images.double().flatten(1).sum(1))
+        return total
+
+    shards = sums([dm.embedding_dataloader(rank, 2) for rank in (1, 0)])  # shard 1 first
+    assert dm.bad_images() == sorted(broken)
+    assert torch.equal(shards, sums([dm.embedding_dataloader()]))
+
+
 # ---------------------------------------------------------------- zero-byte: at the scan
 
 
