@@ -101,7 +101,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
             check_queue(folder)  # before the run folder changes
         run_id = folder.create(cfg)
         folder.check_free_space(cfg, backbone_params, dm.num_classes)
-        folder.save_class_names(dm.class_names)
+        folder.keep_class_names(dm.class_names)  # a resume: checked, not rewritten
         folder.save_unseen_identities({s: dm.unseen_identities(s) for s in ("val", "test")})
         rank_zero_info(f"facecluster run folder: {folder.path}")
         logger = build_logger(cfg, folder.path, run_id)

@@ -341,8 +341,19 @@ class RunFolder:
         path = self.path / CALIBRATION
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def save_class_names(self, names: list[str]) -> None:
-        self._write_json(CLASS_NAMES, names)
+    def keep_class_names(self, names: list[str]) -> None:
+        """Record the identity names of a new run, label by label; a run that has them
+        (resumed, a stage-2 job) checks instead that the data still gives the same.
+
+        Raises:
+            ConfigError: the data's identities are not the run's (an identity folder
+                added or removed since): labels would name other people than the
+                stage-1 head, the clusters and the sub-nets were trained on.
+        """
+        if (self.path / CLASS_NAMES).is_file():
+            self.check_identities(names)
+        else:
+            self._write_json(CLASS_NAMES, names)
 
     def class_names(self) -> list[str]:
         return json.loads((self.path / CLASS_NAMES).read_text())
@@ -356,11 +367,19 @@ class RunFolder:
         trained = self.class_names()
         if names != trained:
             order = " (the same count, other names or order)" if len(names) == len(trained) else ""
+            pairs = enumerate(zip(names, trained, strict=False))  # up to the shorter list
+            first = next((i for i, (a, b) in pairs if a != b), None)
+            differ = (
+                f"; label {first} is {names[first]!r} in the data, {trained[first]!r} in the run"
+                if first is not None
+                else ""
+            )
             raise ConfigError(
                 f"{self.path}: the data gives {len(names)} identities, the run trained on "
-                f"{len(trained)}{order}; "
+                f"{len(trained)}{order}{differ}; "
                 "data.root, data.max_classes, data.min_images_per_class, "
-                "data.unseen_fraction and seed must be the run's own"
+                "data.unseen_fraction and seed must be the run's own, and data.root's "
+                "identity folders as they were"
             )
 
     def save_unseen_identities(self, names: dict[str, list[str]]) -> None:

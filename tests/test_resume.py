@@ -13,7 +13,7 @@ from facecluster.callbacks import ClusteringCallback
 from facecluster.config import ConfigError, load_config
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
-from tests.conftest import SMOKE, smoke_overrides
+from tests.conftest import DEMO, SMOKE, smoke_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -118,6 +118,25 @@ def test_resume_after_a_finished_stage1_clusters_by_the_same_method(tmp_path, mo
     expected, got = _params(reference.subnets), _params(resumed.subnets)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_resume_over_other_identities_is_refused(tmp_path):
+    # An identity folder added to data.root after stage 1, whose name sorts first:
+    # with data.max_classes the run keeps as many identities, but every label would
+    # name another person than the stage-1 head learnt. Refused, naming the first.
+    root = tmp_path / "faces"
+    root.mkdir()
+    identities = sorted(p for p in DEMO.iterdir() if p.is_dir())
+    for folder in identities[:13]:
+        (root / folder.name).symlink_to(folder)
+    overrides = smoke_overrides(tmp_path, f"data.root={root}", "stage=1")
+    run_dir = train(load_config(SMOKE, overrides)).run_dir
+    names = RunFolder(run_dir).class_names()
+    (root / "Aaa_Added_Later").symlink_to(identities[12])
+    with pytest.raises(ConfigError, match=r"label 0 is 'Aaa_Added_Later' in the data, "):
+        train(RunFolder.config_for_resume(str(run_dir), ["stage=all"]))
+    assert RunFolder(run_dir).class_names() == names, "the run's names are kept"
+    assert not (run_dir / "clusters.pt").exists()
 
 
 def test_a_config_file_with_resume_is_refused_not_ignored(tmp_path, capsys):
