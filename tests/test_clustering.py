@@ -23,6 +23,7 @@ from facecluster.clustering import (
     cluster_identities,
     dispersion,
     finalize_class_means,
+    kmeans,
 )
 
 
@@ -208,9 +209,11 @@ def test_single_cluster_and_dispersion_edge_cases():
         assert d["size_min"] == d["size_max"] == d["size_mean"] == 9.0
 
 
-def test_dispersion_matches_definition():
+def test_dispersion_matches_definition(monkeypatch):
     a = cluster_identities(random_means(30, seed=1), 4, "kmeans")
     d = dispersion(a)
+    monkeypatch.setattr(kmeans, "_MARGIN_CHUNK", 7)  # in blocks of identities: the same
+    assert dispersion(a)["within"] == pytest.approx(d["within"], abs=1e-12)
     within = torch.stack(
         [1 - a.class_means[c] @ a.centroids[a.class_to_cluster[c]] for c in range(30)]
     ).mean()

@@ -100,6 +100,10 @@ def _assert_replicas_and_shards(tmp_path, run_dir):
     single = finalize_class_means(sums, counts)
     for r in ranks:
         torch.testing.assert_close(r["class_means"], single, rtol=0, atol=1e-5)
+    # Rank 0 clusters and sends the grouping alone; rank 1 completes it with its own
+    # all-reduced means: both hold exactly the saved assignment.
+    saved = ClusterAssignment.load(run_dir / "clusters.pt")
+    assert all(ClusterAssignment.from_dict(r["assignment"]) == saved for r in ranks)
 
 
 def _ddp_train(out, *overrides, **env_extra):

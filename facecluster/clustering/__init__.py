@@ -9,7 +9,7 @@ OpenMP runtime is loaded before ``kmeans`` imports faiss.
 """
 
 from .assignment import ASSIGNMENT_FORMAT, ASSIGNMENT_VERSION, ClusterAssignment  # isort: skip
-from .kmeans import METHODS, cluster_identities, dispersion
+from .kmeans import METHODS, cluster_identities, dispersion, unit_rows
 from .means import accumulate_class_sums, embedding_class_sums, finalize_class_means
 
 __all__ = [
@@ -22,4 +22,5 @@ __all__ = [
     "dispersion",
     "embedding_class_sums",
     "finalize_class_means",
+    "unit_rows",
 ]

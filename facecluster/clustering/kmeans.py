@@ -98,9 +98,15 @@ def _check_inputs(
         raise ValueError(
             f"{name} has all-zero rows (no direction), e.g. identities {bad[:10].tolist()}"
         )
-    # Renormalise: cheap, and guards against drift (e.g. means stored in fp16);
-    # spherical k-means and the inner-product routing both assume unit rows.
-    return (means / norms.unsqueeze(1)).contiguous(), k
+    return unit_rows(means), k
+
+
+def unit_rows(means: torch.Tensor) -> torch.Tensor:
+    """``means`` renormalised row by row in float32, as :func:`cluster_identities` keeps
+    them: cheap, and it guards against drift (e.g. means stored in fp16); spherical
+    k-means and the inner-product routing both assume unit rows."""
+    means = means.detach().to("cpu", torch.float32)
+    return (means / means.norm(dim=1).unsqueeze(1)).contiguous()
 
 
 # -------------------------------------------------------------------- helpers
@@ -448,10 +454,15 @@ def dispersion(assignment: ClusterAssignment) -> dict[str, float]:
         (``inf`` when between is 0 and within is not, ``0.0`` when both are);
         ``size_min``, ``size_max``, ``size_mean`` = identities per cluster.
     """
-    means = assignment.class_means.detach().double().cpu()
+    means = assignment.class_means.detach().cpu()
     centroids = assignment.centroids.detach().double().cpu()
     labels = assignment.class_to_cluster.cpu()
-    within = float((1.0 - (means * centroids[labels]).sum(dim=1)).mean())
+    # in blocks of identities: no float64 copy of all C means (16 GB at 2M x 512 x 2)
+    cosines = torch.cat([
+        (means[s : s + _MARGIN_CHUNK].double() * centroids[labels[s : s + _MARGIN_CHUNK]]).sum(1)
+        for s in range(0, len(means), _MARGIN_CHUNK)
+    ])  # fmt: skip
+    within = float((1.0 - cosines).mean())
     k = centroids.shape[0]
     if k > 1:
         gram = centroids @ centroids.T

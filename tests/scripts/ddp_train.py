@@ -45,6 +45,7 @@ torch.save(
         "subnets": result.subnets.state_dict(),
         "backbone": result.backbone.state_dict(),
         "class_means": result.assignment.class_means,
+        "assignment": result.assignment.to_dict(),
         "world_size": result.subnets.trainer.world_size,
     },
     out / f"rank{rank}.pt",
