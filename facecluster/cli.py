@@ -250,7 +250,7 @@ def enroll_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     try:
         clusters = enroll_folder(args.model, args.folder)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError) as e:  # OSError: a full disk, nothing written
         return _fail(e)
     for name, k in clusters.items():
         print(f"enrolled {name} in cluster {k}")

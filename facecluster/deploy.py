@@ -9,6 +9,7 @@ commands.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -26,6 +27,7 @@ from facecluster.data.transforms import normalize_images
 from facecluster.inference import TwoStageIdentifier
 from facecluster.inference.identifier import UNKNOWN
 from facecluster.inference.openset import threshold_at_fpir
+from facecluster.io import replacing
 
 if TYPE_CHECKING:
     from facecluster.config import Config
@@ -182,12 +184,15 @@ def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -
             raise ValueError(f"{folder}/{name}: no decodable face image to enrol")
         images[name] = normalize_images(torch.cat(batches))
     clusters = identifier.enroll(images)
-    if (model / TORCH_FILE).is_file():
-        identifier.export(model / TORCH_FILE)
-    if (model / ONNX_FOLDER / "identifier.json").is_file():
-        from facecluster.inference.onnx import write_gallery
+    # every file written beside its target first, then all replaced: a failure (a full
+    # disk, Ctrl-C) leaves the export as it was, and the enrolment can be run again
+    with contextlib.ExitStack() as stack:
+        if (model / TORCH_FILE).is_file():
+            identifier.export(stack.enter_context(replacing(model / TORCH_FILE)))
+        if (model / ONNX_FOLDER / "identifier.json").is_file():
+            from facecluster.inference.onnx import write_gallery
 
-        write_gallery(identifier, model / ONNX_FOLDER)
+            write_gallery(identifier, model / ONNX_FOLDER, stack)
     return clusters
 
 

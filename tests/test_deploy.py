@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -226,7 +227,12 @@ def test_enrolling_new_identities_without_retraining(open_run, exported, tmp_pat
         held_out[name] = files[len(files) // 2 :]
     assert ENROLL in (ROOT / "docs" / "DEPLOYMENT.md").read_text()
     command = ENROLL.replace("exports/demo", str(model)).replace("new_people/", f"{people}/")
-    assert cli.main(command.split()[1:]) == 0
+    # a disk that fills while the gallery is written: the export is left as it was
+    files = {p: p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    with mock.patch("numpy.savez", side_effect=OSError(28, "No space left on device")):
+        assert cli.main(command.split()[1:]) == 2
+    assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == files
+    assert cli.main(command.split()[1:]) == 0  # and the enrolment runs again
     torch_ident, onnx_ident = load_export(model, "torch", "cpu"), load_export(model, "onnx", "cpu")
     for ident in (torch_ident, onnx_ident):
         assert ident.class_names == before.class_names + sorted(unseen)

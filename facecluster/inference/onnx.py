@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import warnings
 import zipfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -89,22 +90,33 @@ def export_onnx(identifier: TwoStageIdentifier, folder: str | Path) -> list[Path
     return written + write_gallery(identifier, folder)
 
 
-def write_gallery(identifier: TwoStageIdentifier, folder: str | Path) -> list[Path]:
+def write_gallery(
+    identifier: TwoStageIdentifier, folder: str | Path, stack: ExitStack | None = None
+) -> list[Path]:
     """``gallery.npz`` and ``identifier.json`` of ``identifier`` (the ONNX networks
     stay): what export writes after the networks, and all an enrolment changes.
-    Each file is replaced atomically, the JSON last."""
+    Each file is written beside its target and replaces it, the JSON last, when the
+    files are all written; with ``stack``, when the caller closes it (so that other
+    files replace theirs together: an enrolment that fails replaces nothing)."""
     folder = Path(folder)
-    (folder / "identifier.json").unlink(missing_ok=True)  # unfinished until rewritten
-    written = []
+    with ExitStack() as own:
+        stack = stack if stack is not None else own
+        # entered first, replaced last (the stack closes in reverse)
+        meta_tmp = stack.enter_context(replacing(folder / "identifier.json"))
+        gallery_tmp = stack.enter_context(replacing(folder / "gallery.npz"))
+        _write_gallery(identifier, gallery_tmp, meta_tmp)
+    return [folder / "gallery.npz", folder / "identifier.json"]
+
+
+def _write_gallery(identifier: TwoStageIdentifier, gallery: Path, meta_path: Path) -> None:
     assignment = identifier.assignment.to_dict()
     arrays = {
         key: assignment[key].numpy() for key in (*_ASSIGNMENT_ARRAYS, _OVERLAP) if key in assignment
     }
     for k in range(identifier.num_clusters):
         arrays[f"head{k}"] = identifier.head_rows(k).cpu().numpy()
-    with replacing(folder / "gallery.npz") as tmp:
-        np.savez(tmp, **arrays)
-    written.append(folder / "gallery.npz")
+    with open(gallery, "wb") as f:  # a file object: np.savez would add ".npz" to a name
+        np.savez(f, **arrays)
     meta = {
         "format": ONNX_FORMAT,
         "version": ONNX_VERSION,
@@ -125,10 +137,7 @@ def write_gallery(identifier: TwoStageIdentifier, folder: str | Path) -> list[Pa
             "normalise": "RGB, x / 255 * 2 - 1",
         },
     }
-    with replacing(folder / "identifier.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    written.append(folder / "identifier.json")
-    return written
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
 
 
 class OnnxBackbone(nn.Module):
