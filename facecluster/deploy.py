@@ -257,6 +257,12 @@ def export_threshold(
             "enroll must then be enrolled again) or pass a threshold (--threshold)"
         )
     # under either decision the candidates searched move the answer's similarity
+    if "top_m" not in open_set and top_m is not None:  # an export before eb054d1
+        raise ValueError(
+            f"{model} does not record the top_m its unknown threshold was chosen at (an "
+            "export of an earlier facecluster): leave top_m at the export's, pass a "
+            "threshold (--threshold), or export the run again"
+        )
     chosen_at = open_set.get("top_m", identifier.route_config["top_m"])
     if top_m not in (None, chosen_at):
         raise ValueError(

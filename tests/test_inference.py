@@ -467,3 +467,10 @@ def test_an_export_threshold_holds_only_at_the_top_m_it_was_chosen_at(decision):
     assert export_threshold(ident, "m") == export_threshold(ident, "m", 1) == 0.3
     with pytest.raises(ValueError, match=r"chosen at top_m=1; with top_m=2"):
         export_threshold(ident, "m", 2)
+    # an earlier export that did not record it: only the export's own top_m is safe
+    # (identify has already put the asked top_m into route_config)
+    del ident.open_set["top_m"]
+    ident.route_config["top_m"] = 2
+    assert export_threshold(ident, "m") == 0.3
+    with pytest.raises(ValueError, match=r"does not record the top_m"):
+        export_threshold(ident, "m", 2)
