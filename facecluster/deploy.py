@@ -289,9 +289,9 @@ def identify_files(
     ``threshold``, by default the export's open-set threshold when it has one;
     ``unreadable`` for a file that is not a decodable image); score
     (the decision unit's score: a log-probability under moe); similarity (the answer's
-    similarity, what the threshold compares); cluster (the cluster that owns the best
-    candidate: the sub-net that answered, or with ``clustering.overlap`` possibly the
-    other cluster it belongs to); top5 (up to 5 ``name:score`` pairs from the searched
+    similarity, what the threshold compares); cluster (the cluster whose sub-net
+    answered: with ``clustering.overlap``, the one of the answer's two clusters that
+    gave its score); top5 (up to 5 ``name:score`` pairs from the searched
     clusters, best first, ``;``-separated).
     """
     if batch_size < 1:
@@ -305,7 +305,6 @@ def identify_files(
     size = identifier.backbone_args["image_size"]
     where = resolve_device(device)
     names = identifier.class_names
-    clusters = identifier.class_to_cluster.cpu()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
@@ -324,14 +323,14 @@ def identify_files(
                 ids = result.candidates.cpu().tolist()
                 scores = result.candidate_scores.cpu().tolist()
                 close = result.similarity.cpu().tolist()
-                for path, answer, row_ids, row_scores, sim in zip(
-                    good, answers, ids, scores, close, strict=True
+                answered_by = result.candidate_clusters[:, 0].cpu().tolist()
+                for path, answer, row_ids, row_scores, sim, cluster in zip(
+                    good, answers, ids, scores, close, answered_by, strict=True
                 ):
                     pairs = zip(row_ids, row_scores, strict=True)
                     # fewer than 5 where the searched clusters hold fewer identities
                     top = ";".join(f"{names[i]}:{s:.4f}" for i, s in pairs if i < len(names))
                     identity = "unknown" if answer == UNKNOWN else names[answer]
-                    cluster = int(clusters[row_ids[0]])
                     found[path] = (identity, f"{row_scores[0]:.4f}", f"{sim:.4f}", cluster, top)
             for path in batch:
                 writer.writerow((path, *found.get(path, ("unreadable", "", "", "", ""))))

@@ -258,18 +258,34 @@ def test_an_identity_in_two_clusters_keeps_its_better_score_once(alpha):
     queries = torch.randn(64, 8)
     q = F.normalize(queries, dim=1)
     scores = torch.full((len(q), 30), -torch.inf)
+    source = torch.full((len(q), 30), -1)  # the cluster that gave each identity's best
     for k in range(4):
         members = a.classes_of(k)
         fused = (1 - alpha) * (q @ ident.head(k).T) + alpha * (q @ a.class_means[members].T)
+        better = fused > scores[:, members]
+        source[:, members] = torch.where(better, k, source[:, members])
         scores[:, members] = torch.maximum(scores[:, members], fused)
     top5 = ident.identify(queries, alpha=alpha, all_subnets=True, k=5)
     expected = scores.topk(5, dim=1)
     assert torch.equal(top5.candidates, expected.indices)
     assert torch.allclose(top5.candidate_scores, expected.values)
-    for top_m in (2, 4):
+    # each candidate's cluster is the one whose sub-net gave its kept score: for an
+    # identity in two clusters, sometimes its second (what identify's CSV reports)
+    assert torch.equal(top5.candidate_clusters, source.gather(1, expected.indices))
+    second = top5.candidate_clusters != a.class_to_cluster[top5.candidates]
+    assert second.any()
+    for top_m in (1, 2, 4):
         routed = ident.identify(queries, top_m=top_m, alpha=alpha, k=8)
         for row in routed.candidates.tolist():
             assert len(set(row)) == len(row)  # never the same identity twice
+        # a candidate's cluster was searched, and holds it
+        kept = routed.candidates < 30
+        assert (routed.candidate_clusters[~kept] == -1).all()
+        for face, searched in enumerate(routed.clusters.tolist()):
+            ids = routed.candidates[face][kept[face]].tolist()
+            by = routed.candidate_clusters[face][kept[face]].tolist()
+            for i, c in zip(ids, by, strict=True):
+                assert c in searched and i in a.classes_of(c).tolist()
     # identity 0 (cluster 0, also 1) answered by sub-net 1 alone: its own head row
     face = ident.head(1)[0:1]  # sub-net 1's row for identity 0, its first member
     assert a.classes_of(1)[0] == 0

@@ -37,6 +37,7 @@ the fused score itself under ``linear``), not its posterior.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -232,8 +233,7 @@ def keep_top(
     rows: Tensor,
     score: Tensor,
     members: Tensor,
-    best_similarity: Tensor | None = None,
-    similarity: Tensor | None = None,
+    carried: Sequence[tuple[Tensor, Tensor]] = (),
     empty_id: int | None = None,
 ) -> None:
     """Merge one cluster's candidates into running per-image top-k lists, in place.
@@ -244,11 +244,13 @@ def keep_top(
         rows: the images (indices into B) the cluster scored.
         score: ``[len(rows), n]`` decision scores of the cluster's ``n`` identities.
         members: ``[n]`` their global ids, ascending.
-        best_similarity, similarity: the candidates' similarities (:func:`evidence`),
-            kept alongside their scores (None: none kept).
+        carried: ``(running [B, k], new [len(rows), n])`` pairs of values kept alongside
+            the candidates: their similarities (:func:`evidence`), the cluster that
+            scored them. An empty place holds ``-inf`` (floats) or -1.
         empty_id: the id of an empty place. An identity that two clusters score
-            (``clustering.overlap``) keeps its better score; its other entry is
-            emptied (None: the lists cannot hold an id twice).
+            (``clustering.overlap``) keeps its better score, and its values from the
+            cluster that gave it; its other entry is emptied (None: the lists cannot
+            hold an id twice).
 
     Equal scores rank the lower identity id first, so the answer does not depend on
     the order in which clusters are visited (batched and one-by-one inference agree).
@@ -260,24 +262,26 @@ def keep_top(
         local = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
     scores = torch.cat([best_score[rows], score.gather(1, local)], dim=1)
     ids = torch.cat([best_id[rows], members[local]], dim=1)
-    sims = None
-    if best_similarity is not None:
-        sims = torch.cat([best_similarity[rows], similarity.gather(1, local)], dim=1)
+    values = [torch.cat([best[rows], new.gather(1, local)], dim=1) for best, new in carried]
+
+    def reorder(order: Tensor) -> None:
+        nonlocal scores, ids
+        scores, ids = scores.gather(1, order), ids.gather(1, order)
+        values[:] = [v.gather(1, order) for v in values]
+
     if empty_id is not None:  # equal ids: the better score first, the rest emptied
-        better = torch.sort(scores, dim=1, descending=True, stable=True).indices
-        scores, ids = scores.gather(1, better), ids.gather(1, better)
-        sims = sims.gather(1, better) if sims is not None else None
-    by_id = ids.argsort(dim=1, stable=True)
-    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
-    sims = sims.gather(1, by_id) if sims is not None else None
+        reorder(torch.sort(scores, dim=1, descending=True, stable=True).indices)
+    reorder(ids.argsort(dim=1, stable=True))
     if empty_id is not None:
         repeat = torch.zeros_like(ids, dtype=torch.bool)
         repeat[:, 1:] = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] != empty_id)
         scores = scores.masked_fill(repeat, -torch.inf)
         ids = ids.masked_fill(repeat, empty_id)
-        sims = sims.masked_fill(repeat, -torch.inf) if sims is not None else None
+        values = [
+            v.masked_fill(repeat, -torch.inf if v.is_floating_point() else -1) for v in values
+        ]
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
     best_score[rows] = scores.gather(1, order)
     best_id[rows] = ids.gather(1, order)
-    if best_similarity is not None:
-        best_similarity[rows] = sims.gather(1, order)
+    for (best, _), v in zip(carried, values, strict=True):
+        best[rows] = v.gather(1, order)

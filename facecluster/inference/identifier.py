@@ -79,6 +79,9 @@ class Identification:
     """[B, k] how close the face is to each candidate, in cosine units: what an open-set
     threshold compares (``moe``: :func:`~facecluster.inference.decision.evidence`;
     ``linear``: the fused score itself)."""
+    candidate_clusters: Tensor
+    """[B, k] the cluster whose sub-net (or class means) scored each candidate: with
+    ``clustering.overlap`` an identity's second cluster may be the one (-1 where empty)."""
 
     @property
     def identity(self) -> Tensor:
@@ -303,6 +306,7 @@ class TwoStageIdentifier(nn.Module):
         # clustering.overlap: two clusters may score one identity, listed once
         empty_id = self.assignment.num_classes if len(self.assignment.overlap) else None
         best_similarity = torch.full_like(best_score, -float("inf"))
+        best_cluster = torch.full_like(best_id, -1)
         forwards = 0
         sims = {}
         if moe:  # each candidate cluster's log-probability, renormalised over the candidates
@@ -328,8 +332,12 @@ class TwoStageIdentifier(nn.Module):
                 means = similarity(query[rows], self.class_means[members]) if alpha > 0 else None
                 score = close = fuse(cosine, means, alpha)
             score, close = score.to(best_score.dtype), close.to(best_score.dtype)
-            keep_top(best_score, best_id, rows, score, members, best_similarity, close, empty_id)
-        return Identification(best_id, best_score, clusters, forwards, best_similarity)
+            source = torch.tensor(c, device=score.device).expand(score.shape)
+            carried = [(best_similarity, close), (best_cluster, source)]
+            keep_top(best_score, best_id, rows, score, members, carried, empty_id)
+        return Identification(
+            best_id, best_score, clusters, forwards, best_similarity, best_cluster
+        )
 
     @torch.no_grad()
     def enroll(self, faces: dict[str, Tensor]) -> dict[str, int]:
