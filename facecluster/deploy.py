@@ -183,7 +183,7 @@ def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -
         if not batches:
             raise ValueError(f"{folder}/{name}: no decodable face image to enrol")
         images[name] = normalize_images(torch.cat(batches))
-    clusters = identifier.enroll(images)
+    clusters = identifier.enroll(images, batch_size)
     # every file written beside its target first, then all replaced: a failure (a full
     # disk, Ctrl-C) leaves the export as it was, and the enrolment can be run again
     with contextlib.ExitStack() as stack:

@@ -490,3 +490,19 @@ def test_an_export_threshold_holds_only_at_the_top_m_it_was_chosen_at(decision):
     assert export_threshold(ident, "m") == 0.3
     with pytest.raises(ValueError, match=r"does not record the top_m"):
         export_threshold(ident, "m", 2)
+
+
+def test_enrolment_embeds_a_person_in_batches_with_the_same_rows():
+    # A person with many photos: the networks see at most batch_size images at a
+    # time, and the new class mean and head row are still the normalised means of the
+    # normalised embeddings.
+    ident, _ = _random_identifier(seed=3)
+    faces = {"new": torch.randn(10, 8)}
+    seen = []
+    ident.router_backbone.register_forward_pre_hook(lambda _, args: seen.append(len(args[0])))
+    clusters = ident.enroll(faces, batch_size=3)
+    assert seen[:4] == [3, 3, 3, 1]  # the class mean's pass (then the router's index)
+    k, new = clusters["new"], ident.class_names.index("new")
+    expected = F.normalize(F.normalize(faces["new"], dim=1).mean(0), dim=0)
+    assert torch.allclose(ident.class_means[new], expected, atol=1e-6)
+    assert torch.allclose(ident.head(k)[-1], expected, atol=1e-6)  # identity sub-nets

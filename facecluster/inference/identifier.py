@@ -24,6 +24,7 @@ and all sub-nets (ISM).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -340,7 +341,7 @@ class TwoStageIdentifier(nn.Module):
         )
 
     @torch.no_grad()
-    def enroll(self, faces: dict[str, Tensor]) -> dict[str, int]:
+    def enroll(self, faces: dict[str, Tensor], batch_size: int = 64) -> dict[str, int]:
         """Add identities without retraining; returns each new name's cluster.
 
         For each name, from its face images ``[n, 3, H, W]`` (normalised): its class
@@ -349,7 +350,8 @@ class TwoStageIdentifier(nn.Module):
         picks for that class mean (the gallery before this call decides, so the
         order of ``faces`` does not matter); that cluster's sub-net head gains a row,
         the normalised mean of its normalised sub-net embeddings. Centroids and
-        every existing identity stay as they are.
+        every existing identity stay as they are. The networks take ``batch_size``
+        images at a time, however many a person has.
 
         Raises:
             ValueError: a name that is enrolled already, or no images.
@@ -362,17 +364,11 @@ class TwoStageIdentifier(nn.Module):
                 raise ValueError(f"{name!r}: no face images to enrol")
         if not faces:
             return {}
-        means = torch.cat(
-            [
-                F.normalize(self.embed(images).mean(0, keepdim=True), dim=1)
-                for images in faces.values()
-            ]
-        )
+        means = torch.cat([_direction(self.embed, x, batch_size) for x in faces.values()])
         clusters = self.router.route(means, 1)[:, 0]
         first = self.assignment.num_classes
         for i, (images, k) in enumerate(zip(faces.values(), clusters.tolist(), strict=True)):
-            embedding = F.normalize(self.subnets[k](images).float(), dim=1)
-            row = F.normalize(embedding.mean(0, keepdim=True), dim=1).to(self.head(k))
+            row = _direction(self.subnets[k], images, batch_size).to(self.head(k))
             setattr(self, f"head{k}", torch.cat([self.head(k), row]))
             member = torch.tensor([first + i], device=self.members(k).device)
             setattr(self, f"members{k}", torch.cat([self.members(k), member]))
@@ -569,3 +565,13 @@ def _check_shared(router: nn.Module, subnets: list[nn.Module], stages: int) -> N
                 f"shared_layers={stages}: sub-net {k}'s first {stages} stages differ from "
                 "the stage-1 backbone's (they were not trained with these layers frozen)"
             )
+
+
+def _direction(net: Callable[[Tensor], Tensor], images: Tensor, batch_size: int) -> Tensor:
+    """``[1, d]`` the normalised mean of ``net``'s normalised embeddings of ``images``,
+    ``batch_size`` images at a time (the normalised sum: the same direction)."""
+    total = sum(
+        F.normalize(net(images[s : s + batch_size]).float(), dim=1).sum(0)
+        for s in range(0, len(images), batch_size)
+    )
+    return F.normalize(total[None], dim=1)
