@@ -513,3 +513,15 @@ def test_capacitated_assignment_equals_greedy_over_pairs():
             if greedy[i] < 0 and fill[c] < caps[c]:
                 greedy[i], fill[c] = c, fill[c] + 1
         np.testing.assert_array_equal(_capacitated_assign(sims, caps), greedy)
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.25])
+def test_neighbours_are_the_outsiders_nearest_the_centroid(overlap):
+    # stage2.negatives' order: every identity that is not a member of cluster k (with
+    # clustering.overlap, not a second member either), nearest k's centroid first
+    a = cluster_identities(random_means(40, seed=2), 4, "kmeans", overlap=overlap)
+    for k in range(4):
+        members = set(a.classes_of(k).tolist())
+        outside = [i for i in range(40) if i not in members]
+        cosine = {i: float(a.class_means[i] @ a.centroids[k]) for i in outside}
+        assert a.neighbours(k).tolist() == sorted(outside, key=lambda i: (-cosine[i], i))

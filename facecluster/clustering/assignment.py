@@ -301,11 +301,13 @@ class ClusterAssignment:
         """The identities that are not members of cluster ``k``, nearest its centroid
         first (cosine of their class means; ties to the lower id): whose images teach
         sub-net ``k`` what is not its own (``stage2.negatives``)."""
-        outside = torch.ones(self.num_classes, dtype=torch.bool)
-        outside[self.classes_of(k).cpu()] = False
-        ids = outside.nonzero().flatten()
-        cosine = self.class_means.cpu()[ids] @ self.centroids.cpu()[k]
-        return ids[torch.argsort(cosine, descending=True, stable=True)]
+        members = self.classes_of(k).cpu()
+        # every identity's cosine (no copy of the C x d means), the members' set to -inf:
+        # they sort last, and the stable sort keeps the lower id first among ties
+        cosine = self.class_means.cpu() @ self.centroids.cpu()[k]
+        cosine[members] = -torch.inf
+        order = torch.argsort(cosine, descending=True, stable=True)
+        return order[: self.num_classes - len(members)]
 
     def memberships(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every (identity, cluster) membership as two ``[C + M]`` tensors: each identity
