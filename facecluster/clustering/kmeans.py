@@ -244,9 +244,9 @@ def _capacitated_assign(sims: np.ndarray, capacities: np.ndarray) -> np.ndarray:
 
     The first round places nearly everyone; later rounds carry the few rejected
     identities along their rejection chains (68 rounds at 360,232 x 64). A cluster
-    keeps its holders sorted, so a round costs the proposals it receives, not the
-    cluster's size: a full cluster rejects outright every proposal below its weakest
-    holder, and merges the others with its holders.
+    keeps its holders sorted: a full cluster rejects outright every proposal below its
+    weakest holder; when some proposal beats it, the cluster sorts its holders with
+    those proposals again, which costs its size (about C / K) in that round.
 
     Args:
         sims: ``[C, K]`` similarities.
