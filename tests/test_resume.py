@@ -139,6 +139,19 @@ def test_a_resume_over_other_identities_is_refused(tmp_path):
     assert not (run_dir / "clusters.pt").exists()
 
 
+def test_an_earlier_checkpoint_of_a_finished_stage1_is_refused(tmp_path):
+    # Stage 1 finished, no clustering yet: resuming from its best (not last)
+    # checkpoint would train stage 1 again from there and replace its last.ckpt.
+    overrides = smoke_overrides(tmp_path, "stage=1", "trainer.max_epochs=2")
+    run_dir = train(load_config(SMOKE, overrides)).run_dir
+    last = run_dir / "stage1" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    best = next(last.parent.glob("best-*.ckpt"))
+    with pytest.raises(ConfigError, match=r"stage 1 of .* is finished; continuing from"):
+        train(RunFolder.config_for_resume(str(best), ["stage=cluster"]))
+    assert last.read_bytes() == before and not (run_dir / "clusters.pt").exists()
+
+
 def test_a_config_file_with_resume_is_refused_not_ignored(tmp_path, capsys):
     # the resumed run keeps its saved config; a -c file would silently change nothing
     from facecluster import cli
