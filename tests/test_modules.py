@@ -90,6 +90,18 @@ def test_subnet_dropout_draws_repeat_per_batch_and_differ_per_rank(monkeypatch):
     assert torch.equal(loss(1), loss(1))
 
 
+def test_ddp_leaves_the_head_shards_and_the_clustering_buffers_alone():
+    # DDP broadcasts rank 0's buffers before every forward: the class means ([C, d],
+    # 4 GB at 2M identities) and the cluster maps are set alike on every rank from the
+    # clustering and never change, so they are not sent; nor are the heads' shards.
+    model, _ = _subnets()
+    model.shard_heads(0, 2)
+    ignored = set(model._ddp_params_and_buffers_to_ignore)
+    assert ignored == {"heads.0.weight", "heads.1.weight", "heads.2.weight",
+                       "class_to_cluster", "local_index", "class_means"}  # fmt: skip
+    assert ignored <= set(model.state_dict())
+
+
 def test_gradient_clipping_is_per_subnet():
     # One exploding sub-net must not shrink the others' steps (a global norm would).
     model, _ = _subnets()

@@ -46,6 +46,12 @@ class StageSystem(L.LightningModule):
         """The margin heads, by module name (``head``, ``heads.<k>``)."""
         raise NotImplementedError
 
+    def replicated_buffers(self) -> list[str]:
+        """Buffers every process sets alike and training never changes: DDP need not
+        broadcast them before each forward (the class means: [C, d], 4 GB at 2M
+        identities, at every step)."""
+        return []
+
     def clip_groups(self) -> list[list[nn.Module]]:
         """The sets of modules whose gradients are clipped together (by norm)."""
         return [list(self.trained_modules())]
@@ -84,7 +90,10 @@ class StageSystem(L.LightningModule):
                 head.shard(rank, world)
         # A shard differs by process and its gradient is complete without communication:
         # DDP must neither broadcast nor average it.
-        self._ddp_params_and_buffers_to_ignore = [f"{name}.weight" for name in heads]
+        self._ddp_params_and_buffers_to_ignore = [
+            *(f"{name}.weight" for name in heads),
+            *self.replicated_buffers(),
+        ]
 
     def _param_groups(self) -> list[dict[str, Any]]:
         return param_groups(self.trained_modules(), self.hparams.optim["weight_decay"])

@@ -285,6 +285,10 @@ class SubnetSystem(StageSystem):
     def backbones(self) -> list[nn.Module]:
         return list(self.subnets.values())
 
+    def replicated_buffers(self) -> list[str]:
+        # from the clustering, identical on every rank (tests/test_ddp.py)
+        return ["class_to_cluster", "local_index", "class_means"]
+
     def margin_heads(self) -> dict[str, MarginHead]:
         return {f"heads.{k}": head for k, head in self.heads.items()}
 
