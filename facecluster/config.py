@@ -34,6 +34,12 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 set are resolved against it when they do not exist relative to the working dir."""
 
 
+UNSUPPORTED_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed", "xla")
+"""Lightning strategies that facecluster refuses: the spawn/fork ones load rank 0's
+head shard back into the launching process's whole head at the end of a fit; FSDP
+and DeepSpeed do not honour DDP's ignore list, so the shards would be averaged."""
+
+
 class ConfigError(ValueError):
     """A configuration problem, raised before any work starts."""
 
@@ -642,6 +648,13 @@ class Config:
     def _trainer_problems(self) -> list[str]:
         valid = _trainer_args()
         found = []
+        strategy = self.trainer.get("strategy")
+        if isinstance(strategy, str) and strategy.startswith(UNSUPPORTED_STRATEGIES):
+            found.append(
+                f"trainer.strategy={strategy!r}: the margin heads are sharded across "
+                "processes (Partial FC), which only ddp supports, one process per device "
+                "started by Lightning, torchrun or srun: use trainer.strategy=ddp"
+            )
         for key in self.trainer:
             if key in RESERVED_TRAINER_KEYS:
                 found.append(f"trainer.{key} is set by facecluster itself (see docs/TRAINING.md)")

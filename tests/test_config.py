@@ -249,3 +249,10 @@ def test_config_page_documents_every_key():
         if k not in documented and f"{k.split('.')[0]}.*" not in documented
     ]  # fmt: skip
     assert not missing, f"docs/CONFIG.md has no row for {missing}"
+
+
+def test_strategies_that_cannot_shard_the_heads_are_refused():
+    for strategy in ("ddp_spawn", "ddp_fork", "fsdp", "deepspeed_stage_2"):
+        with pytest.raises(ConfigError, match=rf"trainer.strategy='{strategy}'.* only ddp"):
+            load_config(SMOKE, [f"trainer.strategy={strategy}"])
+    assert load_config(SMOKE, ["trainer.strategy=ddp"]).trainer["strategy"] == "ddp"

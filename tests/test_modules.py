@@ -10,6 +10,7 @@ import torch
 
 from facecluster.clustering import cluster_identities
 from facecluster.config import load_config
+from facecluster.models import subnets_module
 from facecluster.models.optim import build_optimizer, build_scheduler, lr_factor
 from facecluster.models.subnets_module import SubnetSystem
 from facecluster.pipeline import train
@@ -100,6 +101,21 @@ def test_ddp_leaves_the_head_shards_and_the_clustering_buffers_alone():
     assert ignored == {"heads.0.weight", "heads.1.weight", "heads.2.weight",
                        "class_to_cluster", "local_index", "class_means"}  # fmt: skip
     assert ignored <= set(model.state_dict())
+
+
+def test_subnets_never_load_pretrained_weights(monkeypatch):
+    # model.pretrained=true: stage 1 starts from timm's weights; the sub-nets start from
+    # the stage-1 backbone, so building them must not fetch the weights K times again
+    built = []
+    real = subnets_module.create_backbone
+    monkeypatch.setattr(
+        subnets_module, "create_backbone", lambda **kw: built.append(kw["pretrained"]) or real(**kw)
+    )
+    cfg = load_config(SMOKE, ["model.embedding_dim=16"])
+    backbone = {**cfg.model.backbone_args(32), "pretrained": True}
+    head = {"name": cfg.head.name, "s": cfg.head.s, "m": cfg.head.m}
+    SubnetSystem(9, [3, 3, 3], backbone=backbone, head=head, optim=OPTIM)
+    assert built == [False, False, False]
 
 
 def test_gradient_clipping_is_per_subnet():

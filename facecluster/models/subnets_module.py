@@ -103,10 +103,14 @@ class SubnetSystem(StageSystem):
         )
         self.subnets = nn.ModuleDict()
         self.heads = nn.ModuleDict()
+        # every sub-net starts from the stage-1 backbone (warm_start, or a checkpoint):
+        # timm's pretrained weights would be loaded K times for nothing, and fetched on
+        # nodes that may have no network
+        built = {**backbone, "pretrained": False}
         for k in self.subnet_ids:  # keys "subnets.<k>." whatever the group
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(subnet_seed(seed, k))
-                self.subnets[str(k)] = create_backbone(**backbone)
+                self.subnets[str(k)] = create_backbone(**built)
                 self.heads[str(k)] = create_head(
                     num_classes=cluster_sizes[k] + int(not_mine), embedding_dim=dim, **head
                 )
