@@ -10,6 +10,9 @@ folder so the rename itself survives a crash. A crash at any point leaves either
 previous checkpoint or the new one, never a mixture; a failed write (disk full,
 exception) removes its temporary file and leaves the previous checkpoint in place.
 
+Local checkpoints are read memory-mapped, so a resume under DDP reads only each
+process's shard of a sharded head.
+
 It also refuses to write a checkpoint whose weights are not finite: a diverged run
 must not replace the last good checkpoint with NaNs (the DivergenceCallback normally
 stops the run before; this is the guarantee behind it).
@@ -87,3 +90,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 e.errno,
                 f"checkpoint {path} not written ({e}); the previous file there is unchanged",
             ) from e
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """A local checkpoint is memory-mapped (``torch.load(mmap=True)``): each process
+        of a resume reads only the pages it keeps, its shard of a head, instead of the
+        whole gathered head and its optimizer state (about 8 GB each at 2M identities
+        x 512 with SGD's momentum, on every rank of a node). Remote paths go through
+        Lightning's reader."""
+        if get_filesystem(path).protocol not in ("file", "local", ("file", "local")):
+            return super().load_checkpoint(path, map_location, weights_only)
+        kwargs = {} if weights_only is None else {"weights_only": weights_only}
+        where = map_location if map_location is not None else "cpu"
+        return torch.load(path, map_location=where, mmap=True, **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -63,6 +64,20 @@ def test_disk_full_during_save_keeps_previous_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(path)["epoch"] == 0
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_local_checkpoint_is_read_memory_mapped(tmp_path):
+    # a resume under DDP: each rank keeps only its shard of a head, so it should read
+    # only those pages, not the whole gathered head and its optimizer state
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"head.weight": torch.arange(4096.0)}, "epoch": 3}, path)
+    loaded = io.load_checkpoint(path, weights_only=True)
+    assert loaded["epoch"] == 3 and torch.equal(
+        loaded["state_dict"]["head.weight"][:3], torch.arange(3.0)
+    )
+    maps = Path(f"/proc/{os.getpid()}/maps").read_text()
+    assert str(path) in maps, "the file is mapped, not read whole"
 
 
 def test_nan_weights_are_never_written(tmp_path):
