@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from facecluster.config import load_config
-from facecluster.data import FaceDataModule, datamodule
+from facecluster.data import FaceDataModule, datamodule, recordio
+from facecluster.data import pack as pack_module
 from facecluster.data.folder import scan, split_per_identity
 from facecluster.data.images import decode_on_device
 from facecluster.data.pack import main as pack_main
@@ -439,3 +440,40 @@ def test_an_identities_txt_that_does_not_fit_the_labels_is_named(packed, tmp_pat
     (rec / "identities.txt").write_text("\n".join([names[1], *names[1:]]) + "\n")
     with pytest.raises(ValueError, match=rf"names listed twice: {names[1]}"):
         scan(str(rec / "train.rec"))
+
+
+def test_a_pack_cut_short_leaves_no_data_set_and_keeps_the_last_one(packed, tmp_path, monkeypatch):
+    # Ctrl-C or a time limit part-way: what was written must not read as a smaller data
+    # set (a .rec without its header reads as plain im2rec, names "00", "01", ...);
+    # a complete pack already in OUT stays as it was.
+    out = shutil.copytree(packed / "rec", tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 100:
+            raise KeyboardInterrupt
+        return recordio.pack(*args, **kwargs)
+
+    monkeypatch.setattr(pack_module, "pack", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pack_module.pack_folder(DEMO, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "nothing replaced or left"
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):
+        calls.clear()
+        pack_module.pack_folder(DEMO, fresh)
+    assert list(fresh.iterdir()) == []
+
+
+def test_identity_names_with_unusual_characters_survive_the_pack(tmp_path):
+    # identities.txt is UTF-8 and split on newlines only: a name holding \x1c or an
+    # accent keeps its label (str.splitlines split it and shifted every later name)
+    root = tmp_path / "faces"
+    sources = sorted(p for p in DEMO.iterdir() if p.is_dir())[:3]
+    names = ["Ana\x1cMaria", "José_Núñez", sources[2].name]
+    for name, source in zip(names, sources, strict=True):
+        shutil.copytree(source, root / name)
+    assert pack_main([str(root), str(tmp_path / "rec")]) == 0
+    assert scan(str(tmp_path / "rec" / "train.rec")).class_names == sorted(names)

@@ -19,6 +19,7 @@ one pass over the record headers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import sys
 from pathlib import Path
@@ -26,8 +27,9 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from facecluster.data.folder import IDENTITY_NAMES, scan_image_folder
+from facecluster.data.folder import IDENTITY_NAMES, FaceFolder, scan_image_folder
 from facecluster.data.recordio import RecordWriter, pack
+from facecluster.io import replacing
 
 
 def pack_folder(src: str | Path, out: str | Path, shuffle: bool = False, seed: int = 0) -> Path:
@@ -43,10 +45,31 @@ def pack_folder(src: str | Path, out: str | Path, shuffle: bool = False, seed: i
     samples = list(folder.samples)
     if shuffle:
         random.Random(seed).shuffle(samples)
-    with RecordWriter(rec, out / "train.idx") as writer:
+    with Image.open(folder.samples[0][0]) as image:
+        width, height = image.size
+    # Every file is written under a temporary name and they replace OUT's together at
+    # the end, train.rec last: a pack cut short (Ctrl-C, a time limit) leaves no
+    # train.rec that would read as a smaller data set with other identity names.
+    with contextlib.ExitStack() as files:
+        rec_tmp, idx_tmp, names_tmp, property_tmp = (
+            files.enter_context(replacing(out / name))
+            for name in ("train.rec", "train.idx", IDENTITY_NAMES, "property")
+        )
+        _write_records(folder, samples, shuffle, rec_tmp, idx_tmp, f"packing {out}")
+        property_tmp.write_text(f"{folder.num_classes},{height},{width}\n")
+        names_tmp.write_text("\n".join(folder.class_names) + "\n", encoding="utf-8")
+    return rec
+
+
+def _write_records(
+    folder: FaceFolder, samples: list, shuffle: bool, rec: Path, idx: Path, what: str
+) -> None:
+    """The records of ``samples`` (and, unless ``shuffle``, the header and identity
+    records) into ``rec`` and ``idx``."""
+    with RecordWriter(rec, idx) as writer:
         first_key = 1
         ranges: list[list[int]] = [[0, 0] for _ in folder.class_names]
-        for n, (path, label) in enumerate(tqdm(samples, desc=f"packing {out}", unit="img")):
+        for n, (path, label) in enumerate(tqdm(samples, desc=what, unit="img")):
             key = n + (0 if shuffle else first_key)
             writer.write(key, pack(float(label), Path(path).read_bytes()))
             if not shuffle:
@@ -56,11 +79,6 @@ def pack_folder(src: str | Path, out: str | Path, shuffle: bool = False, seed: i
             for label, (start, end) in enumerate(ranges):
                 writer.write(identity_key + label, pack([start, end]))
             writer.write(0, pack([identity_key, identity_key + len(ranges)]))
-    with Image.open(folder.samples[0][0]) as image:
-        width, height = image.size
-    (out / "property").write_text(f"{folder.num_classes},{height},{width}\n")
-    (out / IDENTITY_NAMES).write_text("\n".join(folder.class_names) + "\n")
-    return rec
 
 
 def main(argv: list[str] | None = None) -> int:
