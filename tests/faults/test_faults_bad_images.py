@@ -142,6 +142,23 @@ def test_identity_with_no_readable_image_is_named(tmp_path):
         ds[0]
 
 
+@pytest.mark.parametrize("order", ["by label", "shuffled"])
+def test_a_substitute_is_the_next_good_image_of_the_identity_in_any_sample_order(tmp_path, order):
+    # samples sorted by label (folders, InsightFace .rec) are searched; a shuffled
+    # im2rec file's are grouped: the same substitute either way, never another identity
+    jpegs = _demo_jpegs(6)
+    labels = [0, 0, 1, 1, 1, 2] if order == "by label" else [1, 0, 2, 1, 0, 1]
+    for i, f in enumerate(jpegs):
+        shutil.copyfile(f, tmp_path / f"{i}.jpg")
+    broken = [i for i, y in enumerate(labels) if y == 1][1]  # the identity's second image
+    truncate(tmp_path / f"{broken}.jpg")
+    samples = [(str(tmp_path / f"{i}.jpg"), y) for i, y in enumerate(labels)]
+    ds = FaceImageDataset(samples, build_transforms(32, train=False), max_bad_fraction=0.5)
+    image, label = ds[broken]
+    following = [i for i, y in enumerate(labels) if y == 1][2]
+    assert label == 1 and torch.equal(image, _eval_tensor(tmp_path / f"{following}.jpg"))
+
+
 def test_workers_log_once_keep_batches_and_report_to_main_process(tmp_path):
     """Two epochs with 2 worker processes: each bad path is warned about once in all,
     every batch is full, and the main process sees the flags the workers set."""
