@@ -238,8 +238,10 @@ def sample_columns(
 
     The random scores are drawn for the whole head and each shard takes its slice, so
     shards sample independently of each other even when every process's generator is in
-    the same state (stage 2 reseeds each sub-net's per step), and a step samples the
-    same classes on any number of processes.
+    the same state. The processes' generators are seeded per rank (EpochSeedCallback,
+    and stage 2's per-step forward seed adds the rank), so which classes a step samples
+    depends on the number of processes: with ``sample_rate < 1``, runs on different
+    device counts differ (each a uniform sample).
 
     Args:
         target: ``[N]`` each gathered row's class in this shard, -1 if not here.
