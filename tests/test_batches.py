@@ -8,6 +8,7 @@ import io
 import multiprocessing
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,8 @@ def test_the_datamodules_loaders_decode_into_reused_slots(workers):
     the main process or from worker processes, lies in the loader's own buffers."""
     dm = FaceDataModule(str(DEMO_ROOT), batch_size=8, max_classes=6, seed=3, num_workers=workers)
     for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        if workers and sys.platform == "linux":  # forked whatever Python's default
+            assert loader.multiprocessing_context.get_start_method() == "fork"
         buffers = loader.dataset.buffers
         start = buffers.images.data_ptr()
         end = start + buffers.images.numel()

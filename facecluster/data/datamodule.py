@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -853,6 +854,10 @@ class FaceDataModule(lightning.LightningDataModule):
             "pin_memory": device is not None and device.type == "cuda",
             "persistent_workers": False,
         }
+        if self.hparams.num_workers and sys.platform == "linux":
+            # forked workers share the sample and index arrays' pages; Python 3.14's
+            # default, forkserver, would pickle them into every worker, every epoch
+            kwargs["multiprocessing_context"] = "fork"
         if dataset.encoded:
             kwargs["collate_fn"] = collate_encoded
         else:
