@@ -10,6 +10,7 @@ would otherwise hang for minutes at start: the mode is decided up front.
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import socket
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info
 
 from facecluster.config import Config
@@ -37,8 +40,29 @@ class RunWandbLogger(_StepOffset, WandbLogger):
     """WandbLogger whose step axis continues across the two stages."""
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not
+    deleted: a resume, each ``stage=`` command and a retried stage-2 job add their rows
+    to what the run logged before (its columns read back first, so a new column
+    rewrites the file with every row kept)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
 class RunCSVLogger(_StepOffset, CSVLogger):
-    """CSVLogger whose step column continues across the two stages."""
+    """CSVLogger whose step column continues across the two stages and across the
+    commands of a run (a resumed epoch's steps may then appear twice)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def _has_wandb_key() -> bool:

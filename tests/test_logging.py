@@ -46,3 +46,17 @@ def test_wandb_offline_run_writes_both_stages_to_disk(monkeypatch, tmp_path):
     runs = list((result.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "one W&B run for both stages"
     assert list(runs[0].glob("*.wandb")), "the run's data is on disk for `wandb sync`"
+
+
+def test_a_later_command_of_the_run_adds_to_its_csv_log(tmp_path):
+    # resume=, stage= commands and retried jobs each open the run's logger again:
+    # Lightning's CSV writer deleted metrics.csv then; the rows logged before stay
+    cfg = load_config(SMOKE, ["logger=csv"])
+    first = build_logger(cfg, tmp_path, "id")
+    first.log_metrics({"train/loss": 1.0}, step=10)
+    first.save()
+    resumed = build_logger(cfg, tmp_path, "id")
+    resumed.log_metrics({"train/loss": 0.9, "val/acc": 0.5}, step=20)  # a new column
+    resumed.save()
+    rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    assert rows == ["step,train/loss,val/acc", "10,1.0,", "20,0.9,0.5"]
