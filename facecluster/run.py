@@ -88,13 +88,22 @@ EVAL_FILES = {
 
 # What the checkpoints were trained on: changing any of these on resume would load
 # weights into a model of another shape, or a head over other identities.
-RESUME_FIXED_KEYS = (
-    "method",
+SPLIT_KEYS = (
     "seed",  # decides the split and, with data.unseen_fraction, which identities train
-    "data.root",
     "data.max_classes",
     "data.min_images_per_class",
     "data.unseen_fraction",
+    "data.val_fraction",
+    "data.test_fraction",
+)
+"""What decides which images a run trained on and which it holds out: fixed for a
+resume (stage 2 would train on stage 1's held-out images) and for an evaluation (it
+would test on training images)."""
+
+RESUME_FIXED_KEYS = (
+    "method",
+    *SPLIT_KEYS,
+    "data.root",
     "model",
     "clustering.num_clusters",
     "clustering.method",
@@ -265,8 +274,11 @@ class RunFolder:
 
     def finished_config(self, overrides: list[str] | tuple = ()) -> Config:
         """The config of a finished run (evaluation, inference); refuses unfinished runs,
-        naming the sub-nets still missing and the command that finishes them."""
+        naming the sub-nets still missing and the command that finishes them, and
+        overrides of the keys that decide the split (:data:`SPLIT_KEYS`)."""
         cfg = self.config(overrides)
+        if overrides:
+            _refuse_contradictions(self.config(), cfg, f"run={self.path}", SPLIT_KEYS)
         if not self.finished:
             missing = ""
             if cfg.two_stage and self.clusters_path.is_file():
@@ -734,15 +746,18 @@ def _folder_of(resume: Path) -> Path:
     )
 
 
-def _refuse_contradictions(saved: Config, cfg: Config, resume: str) -> None:
-    """Refuse a resume whose overrides change what the run's checkpoints were trained on.
+def _refuse_contradictions(
+    saved: Config, cfg: Config, resume: str, keys: tuple[str, ...] = RESUME_FIXED_KEYS
+) -> None:
+    """Refuse a resume (or, with ``keys=SPLIT_KEYS``, an evaluation) whose overrides
+    change what the run's checkpoints were trained on.
 
-    Epochs, logger, trainer settings and the like may change; the identities,
-    backbone and clusters may not.
+    Epochs, logger, trainer settings and the like may change; the identities, the
+    split, the backbone and clusters may not.
     """
     old_values, new_values = saved.to_dict(), cfg.to_dict()
     problems = []
-    for key in RESUME_FIXED_KEYS:
+    for key in keys:
         old, new = _select(old_values, key), _select(new_values, key)
         if key == "data.root":  # the same folder, written differently, is no change
             same = saved.data.resolved_root().resolve() == cfg.data.resolved_root().resolve()
@@ -753,10 +768,16 @@ def _refuse_contradictions(saved: Config, cfg: Config, resume: str) -> None:
         if not same:
             problems.append(f"{key}: the run has {old!r}, the command line {new!r}")
     if problems:
+        resuming = keys is RESUME_FIXED_KEYS
         raise ConfigError(
-            f"resume={resume}: the overrides contradict the run's checkpoints:\n  - "
+            f"{'resume=' if resuming else ''}{resume}: the overrides contradict the run's "
+            "checkpoints:\n  - "
             + "\n  - ".join(problems)
-            + "\nStart a new run for these settings (epochs, logger and trainer.* may change)."
+            + (
+                "\nStart a new run for these settings (epochs, logger and trainer.* may change)."
+                if resuming
+                else "\nAn evaluation tests the run's own held-out split; leave these unset."
+            )
         )
 
 

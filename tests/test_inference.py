@@ -454,6 +454,15 @@ def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(finished_run,
     assert "not finished" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="not a facecluster run folder"):
         evaluate_run(tmp_path)
+    # a split other than the run's would test on training images: refused, and a
+    # resume may not move images between the splits either
+    seed = RunFolder(finished_run).config().seed
+    with pytest.raises(ConfigError, match=rf"seed: the run has {seed}, the command line 7"):
+        evaluate_run(finished_run, ["seed=7", "data.test_fraction=0.3"])
+    assert evaluate.main([f"run={finished_run}", "data.val_fraction=0.2"]) == 2
+    assert "data.val_fraction: the run has" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"(?s)resume=.*data.test_fraction: the run has"):
+        RunFolder.config_for_resume(str(finished_run), ["data.test_fraction=0.3"])
 
 
 @pytest.mark.slow
