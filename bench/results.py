@@ -295,10 +295,15 @@ def render(result: dict[str, Any], command: str) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, p in agg["paired"].items():
-        vs_random = p.get("vs_random")
+        # a variant whose seeds the single model (or random) lacks has no paired cells
+        vs_single, vs_random = p.get("vs_single"), p.get("vs_random")
         lines.append(
-            f"| {name} | {len(p['seeds'])} | {p['row']} | {_diff(p['vs_single']['top1'])} | "
-            f"{_diff(p['vs_single']['f1'])} | "
+            f"| {name} | {len(p['seeds'])} | {p['row']} | "
+            + (
+                f"{_diff(vs_single['top1'])} | {_diff(vs_single['f1'])} | "
+                if vs_single
+                else "no common seed | no common seed | "
+            )
             + (f"{_diff(vs_random['top1'])} | {_diff(vs_random['f1'])}" if vs_random else " | ")
             + f" | {p['top_m']['1']['mean']:.2%} | {p['top_m']['2']['mean']:.2%} |"
         )

@@ -274,6 +274,11 @@ def test_results_pair_the_top_m_values_every_seed_scored():
     seed["top_m"] = {m: seed["top_m"][m] for m in ("1", "2", "4", "8")}
     top_m = results.aggregate(runs)["paired"]["clustered"]["top_m"]
     assert list(top_m) == ["1", "2", "4", "8"]
+    # a variant run on a seed the single model lacks renders without paired cells
+    runs["other"] = {"45": runs["clustered"]["42"]}
+    result = {"aggregate": results.aggregate(runs), "runs": runs}
+    page = results.render(result, "python bench/results.py ...")
+    assert "| other | 0 | clustered, routed (top_m=1, moe) | no common seed |" in page
 
 
 def test_sample_index_benchmark_measures_setup_and_a_forked_workers_copy(tmp_path, capsys):
