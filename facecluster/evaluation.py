@@ -251,10 +251,15 @@ def _predict(predictor: Predictor, images: Tensor, autocast: Callable) -> None:
         predictor.predict(normalize_images(images))  # from uint8, as the loader gives them
 
 
+PRECISION_ALIASES = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}
+"""Lightning's older names for ``trainer.precision``, which it still trains under."""
+
+
 def eval_autocast(cfg: Config, device: torch.device) -> Callable[[], Any]:
     """The autocast of ``trainer.precision`` on the evaluation device (``auto`` decides
     as for training: mixed on GPUs, fp32 on CPU), as a context factory."""
     precision = str(cfg.trainer.get("precision", "auto"))
+    precision = PRECISION_ALIASES.get(precision, precision)  # what Lightning trains
     if precision == "auto":
         precision = default_precision("cuda" if device.type == "cuda" else "cpu")
     if precision not in ("bf16-mixed", "16-mixed"):

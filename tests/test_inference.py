@@ -365,6 +365,8 @@ def test_evaluation_runs_under_the_precisions_autocast(finished_run):
     bf16 = RunFolder(finished_run).finished_config(["trainer.precision=bf16-mixed"])
     with eval_autocast(bf16, torch.device("cpu"))():
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    alias = RunFolder(finished_run).finished_config(["trainer.precision=bf16"])  # Lightning's
+    assert eval_autocast(alias, torch.device("cpu")) is not contextlib.nullcontext
     fp32 = evaluate_run(finished_run)
     mixed = evaluate_run(finished_run, ["trainer.precision=bf16-mixed"])
     for a, b in zip(fp32.rows, mixed.rows, strict=True):
