@@ -357,10 +357,14 @@ def submit_slurm(
             params["dependency"] = None
         return params
 
+    def record() -> None:  # after every submission: a later one may fail (check_queue)
+        (run.slurm_dir / "submitted.json").write_text(json.dumps(submitted, indent=2))
+
     def submit(name: str, commands: list[list[str]], size: tuple[int, int]) -> str:
         executor.update_parameters(**parameters(name, size))
         job = executor.submit(TrainJob(name, commands, cwd))
         submitted["jobs"].append({"name": name, "job_id": job.job_id, "commands": commands})
+        record()
         return job.job_id
 
     first = [train_command(run, "stage=1", *_devices(*train_size))] if stage1 else []
@@ -378,10 +382,10 @@ def submit_slurm(
             ]
         after = jobs[0].job_id.split("_")[0]  # the array: afterok waits for every task
         submitted["jobs"].append({"name": name, "job_id": after, "array": commands})
+        record()
     if assemble:
         command = train_command(run, "stage=assemble", *_devices(*small))
         submit(f"{run.path.name}-assemble", [command], small)
-    (run.slurm_dir / "submitted.json").write_text(json.dumps(submitted, indent=2))
     return submitted
 
 
@@ -398,11 +402,11 @@ def check_queue(run: RunFolder) -> None:
     if not record.is_file():
         return
     ids = {str(job["job_id"]) for job in json.loads(record.read_text())["jobs"]}
-    # %F: an array's own job id (what submitted.json records), else the job id
-    command = ["squeue", "--noheader", "--format=%F", f"--user={getpass.getuser()}"]
     try:
+        # %F: an array's own job id (what submitted.json records), else the job id
+        command = ["squeue", "--noheader", "--format=%F", f"--user={getpass.getuser()}"]
         queued = subprocess.run(command, capture_output=True, text=True, check=True, timeout=120)
-    except (OSError, subprocess.SubprocessError) as e:
+    except (OSError, KeyError, subprocess.SubprocessError) as e:  # KeyError: no user name
         detail = getattr(e, "stderr", None) or e
         raise ConfigError(
             f"launcher=slurm: cannot ask squeue whether the jobs of the last submission "

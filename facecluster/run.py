@@ -277,8 +277,9 @@ class RunFolder:
         naming the sub-nets still missing and the command that finishes them, and
         overrides of the keys that decide the split (:data:`SPLIT_KEYS`)."""
         cfg = self.config(overrides)
-        if overrides:
-            _refuse_contradictions(self.config(), cfg, f"run={self.path}", SPLIT_KEYS)
+        if overrides:  # the run's own config with every other override (a moved file)
+            others = [o for o in overrides if o.split("=", 1)[0] not in SPLIT_KEYS]
+            _refuse_contradictions(self.config(others), cfg, f"run={self.path}", SPLIT_KEYS)
         if not self.finished:
             missing = ""
             if cfg.two_stage and self.clusters_path.is_file():
@@ -492,8 +493,9 @@ class RunFolder:
                         "process is gone"
                     )
                     if me["launch"]:  # this launch's other processes stop too
+                        refusal = {"launch": me["launch"], "error": message, "holder": other}
                         with replacing(refused) as tmp:
-                            tmp.write_text(json.dumps({"launch": me["launch"], "error": message}))
+                            tmp.write_text(json.dumps(refusal))
                     raise ConfigError(message) from None
                 path.unlink(missing_ok=True)
         refused.unlink(missing_ok=True)
@@ -658,7 +660,10 @@ def _wait_for_lock(path: Path, refused: Path, launch: str | None, timeout: float
         lock, refusal = _read_json(path), _read_json(refused)
         if lock.get("launch") == launch:
             return
-        if refusal.get("launch") == launch:
+        # a refusal of this launch while its holder still holds the lock: torchrun's
+        # launch id repeats from run to run (static rendezvous), so a refusal left by
+        # an earlier launch names a holder that has since let go
+        if refusal.get("launch") == launch and lock and lock == refusal.get("holder"):
             raise ConfigError(refusal["error"])
         if time.monotonic() > deadline:
             raise ConfigError(

@@ -465,6 +465,15 @@ def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(finished_run,
     assert "data.val_fraction: the run has" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"(?s)resume=.*data.test_fraction: the run has"):
         RunFolder.config_for_resume(str(finished_run), ["data.test_fraction=0.3"])
+    # the check starts from the run's config with the other overrides applied: one that
+    # repairs a setting no longer valid here (a moved verification file) is enough
+    moved = tmp_path / "moved"
+    shutil.copytree(finished_run, moved, ignore=shutil.ignore_patterns("*.ckpt", "*.pt"))
+    config = moved / "config.yaml"
+    config.write_text(
+        config.read_text().replace("verification: []", "verification: [/gone/lfw.bin]")
+    )
+    assert RunFolder(moved).finished_config(["data.verification=[]"]).data.verification == []
 
 
 @pytest.mark.slow

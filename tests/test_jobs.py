@@ -423,11 +423,13 @@ def test_every_srun_task_of_a_refused_job_stops(tmp_path):
         assert task.returncode == 3, task.stdout
         assert "subnets-0-2 is already training" in task.stdout and "SLURM job 7" in task.stdout
     assert json.loads(lock.read_text())["pid"] == os.getpid()  # the holder's lock is kept
-    # the holder has ended: the next step's rank 0 takes the lock over, and both train
+    # the holder has ended: the same launch again (torchrun's static rendezvous repeats
+    # its id) must not take the refusal left behind for its own; rank 0 takes the lock
+    # over, and both train
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     lock.write_text(json.dumps({"host": os.uname().nodename, "pid": int(gone.stdout)}))
-    for task in _srun_step(run.path, 1):
+    for task in _srun_step(run.path, 0):
         assert task.returncode == 0 and task.stdout == "training\n", task.stdout
     assert not lock.exists()
 

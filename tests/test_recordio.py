@@ -105,6 +105,7 @@ def test_the_index_reads_like_a_dict_and_names_a_bad_line(tmp_path):
         "0\t8\nx\t16\n": "line 2: expected 'key<TAB>offset'",
         "0\t8\n\n1\t99999\n": "line 3: key 1 points at offset 99999, past the end",
         "0\t8\n1\t-4\n": "line 2: key 1 points at offset -4, past the end",
+        "0\t8\n1\t-\n": "line 2: expected 'key<TAB>offset'",  # numpy would read 0
         # lines whose extra and missing tokens would pair up in a whole-file parse
         "0\t0\t1\n8\n": "line 1: expected 'key<TAB>offset'",
         "0 8\n\n1 16 2 24\n": "line 3: expected 'key<TAB>offset'",
@@ -476,4 +477,7 @@ def test_identity_names_with_unusual_characters_survive_the_pack(tmp_path):
     for name, source in zip(names, sources, strict=True):
         shutil.copytree(source, root / name)
     assert pack_main([str(root), str(tmp_path / "rec")]) == 0
+    assert scan(str(tmp_path / "rec" / "train.rec")).class_names == sorted(names)
+    listed = tmp_path / "rec" / "identities.txt"  # edited on Windows: CRLF (read_text reads)
+    listed.write_bytes(listed.read_bytes().replace(b"\n", b"\r\n"))
     assert scan(str(tmp_path / "rec" / "train.rec")).class_names == sorted(names)

@@ -184,6 +184,10 @@ def _canonical_index(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     if not np.array_equal(np.searchsorted(ends, tabs), np.arange(len(ends))):
         return None
+    # every key and offset ends with a digit (numpy reads a lone "-" or "+" as 0)
+    last = text[np.concatenate([tabs, ends]) - 1]
+    if np.count_nonzero((last < ord("0")) | (last > ord("9"))):
+        return None
     try:  # numpy's text parser: no Python object per token (4M lines: 0.5 s, not 2.3)
         with warnings.catch_warnings():  # an older numpy warns, not raises, on a bad token
             warnings.simplefilter("error", DeprecationWarning)
