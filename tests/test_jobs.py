@@ -173,6 +173,9 @@ def _fake_slurm(bin_dir: Path) -> Path:
     (bin_dir / "sbatch").write_text(
         "#!/bin/bash\n"
         f"n=$(( $(ls {calls} 2>/dev/null | wc -l) + 1000 ))\n"
+        # bin/fail_at N: the submission that would get job id N fails, as SLURM refuses one
+        f'[ -e {bin_dir}/fail_at ] && [ "$n" = "$(cat {bin_dir}/fail_at)" ] && '
+        '{ echo "sbatch: error: QOSMaxSubmitJobPerUserLimit" >&2; exit 1; }\n'
         f"mkdir -p {calls}\n"
         f'cp "${{@: -1}}" {calls}/$n.sh\n'
         'echo "Submitted batch job $n"\n'
@@ -272,6 +275,25 @@ def test_slurm_plan_submits_a_chained_array_and_its_jobs_finish_the_run(tmp_path
     assert run.finished
     assert {k: run.subnet_file(k).stat().st_mtime_ns for k in (0, 2)} == others
     _assert_identical(weights, _subnets(run.path))  # the same seed, the same sub-net
+
+
+def test_a_chain_that_failed_half_way_is_still_seen_in_the_queue(tmp_path, monkeypatch):
+    # stage 1 was submitted, then SLURM refused the stage-2 array: the queued stage-1
+    # job is recorded, so submitting again while it waits is refused
+    calls = _fake_slurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    (tmp_path / "bin" / "fail_at").write_text("1001")
+    overrides = smoke_overrides(tmp_path, "launcher=slurm", "slurm.gpus_per_node=0")
+    with pytest.raises(Exception, match="QOSMaxSubmitJobPerUserLimit"):
+        train(load_config(SMOKE, overrides))
+    run = RunFolder(tmp_path / "run")
+    assert [
+        j["job_id"] for j in json.loads((run.slurm_dir / "submitted.json").read_text())["jobs"]
+    ] == ["1000"]
+    (tmp_path / "bin" / "queue").write_text("1000\n")
+    with pytest.raises(ConfigError, match=r"jobs 1000 of this run's last submission"):
+        train(run.config_for_resume(str(run.path), []))
+    assert sorted(p.name for p in calls.iterdir()) == ["1000.sh"]
 
 
 def test_slurm_jobs_get_one_task_per_gpu_on_every_node(tmp_path, monkeypatch):
