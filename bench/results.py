@@ -92,20 +92,38 @@ def train_and_evaluate(
 def _check_kept(
     run: Path, method: str, seed: int, configs: list[str], overrides: list[str]
 ) -> None:
-    """A run kept from an earlier call must have been trained as this call asks: the
-    same method, seed and overrides (a variant whose overrides changed under the same
-    name would otherwise be reported with the old runs)."""
+    """A run kept from an earlier call must have been trained as this call asks: every
+    training setting the same, whether from an override or a config file (a variant
+    whose overrides changed under the same name, or a dropped ``--set``, would
+    otherwise be reported with the old runs)."""
     asked = load_config([*configs, f"configs/method/{method}.yaml"], [f"seed={seed}", *overrides])
-    want, have = asked.to_dict(), RunFolder(run).config().to_dict()
-    for key in ("method", "seed", *(o.split("=", 1)[0] for o in overrides)):
-        mine, theirs = want, have
-        for part in key.split("."):
-            mine, theirs = mine[part], theirs[part]
-        if mine != theirs:
+    want, have = _flat(asked.to_dict()), _flat(RunFolder(run).config().to_dict())
+    # every training setting, whether given now or by a config file; not where the run
+    # is, how it was launched or logged, or how it is evaluated
+    for key in sorted(want.keys() | have.keys()):
+        if key.split(".")[0] in NOT_TRAINING or key == "data.root":
+            continue
+        if want.get(key) != have.get(key):
             raise SystemExit(
-                f"{run} was trained with {key}={theirs!r}, this command asks for {mine!r}: "
-                "remove the folder or give the configuration another name"
+                f"{run} was trained with {key}={have.get(key)!r}, this command asks for "
+                f"{want.get(key)!r}: remove the folder or give the configuration another name"
             )
+
+
+NOT_TRAINING = {"output_dir", "run_name", "resume", "stage", "logger", "wandb", "launcher",
+                "slurm", "eval"}  # fmt: skip
+"""Config sections a kept run may differ in (places, launch, logging, evaluation)."""
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _training_images(run: Path) -> dict[str, int]:

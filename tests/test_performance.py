@@ -263,6 +263,12 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, 
     ):
         run_script(*changed)
     assert "training" not in capsys.readouterr().out
+    # so is one trained with a setting this command no longer gives (an override
+    # dropped, another -c): every training setting is compared, not only those given
+    fewer = [c for c in command[1:] if c != "data.batch_size=8"]
+    with pytest.raises(SystemExit, match=r"trained with data.batch_size=8, this command asks for"):
+        run_script(*fewer)
+    assert "training" not in capsys.readouterr().out
     assert page.read_text() == text
 
 
