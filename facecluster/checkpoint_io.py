@@ -76,11 +76,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     f"not writing {path}: {len(bad)} weight tensor(s) hold NaN/Inf "
                     f"({', '.join(bad[:5])}); the previous checkpoint there is kept"
                 )
-        if storage_options is not None or get_filesystem(path).protocol not in (
-            "file",
-            "local",
-            ("file", "local"),
-        ):
+        if storage_options is not None or not _local(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         try:
@@ -99,8 +95,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         whole gathered head and its optimizer state (about 8 GB each at 2M identities
         x 512 with SGD's momentum, on every rank of a node). Remote paths go through
         Lightning's reader."""
-        if get_filesystem(path).protocol not in ("file", "local", ("file", "local")):
+        if not _local(path):
             return super().load_checkpoint(path, map_location, weights_only)
         kwargs = {} if weights_only is None else {"weights_only": weights_only}
         where = map_location if map_location is not None else "cpu"
         return torch.load(path, map_location=where, mmap=True, **kwargs)
+
+
+def _local(path: Any) -> bool:
+    """A path on this machine's filesystem (not ``s3://`` and the like)."""
+    return get_filesystem(path).protocol in ("file", "local", ("file", "local"))

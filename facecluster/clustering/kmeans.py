@@ -52,7 +52,7 @@ METHODS = ("kmeans", "balanced", "random")
 _BALANCED_ROUNDS = 10
 _SUM_CHUNK = 32_768  # rows per float32 partial sum in _normalised_centroids
 _TOP = 8  # preferences sorted up front in _capacitated_assign (the rest on demand)
-_MARGIN_CHUNK = 65_536  # identities per [chunk, K] similarity block in overlap_rows
+_MARGIN_CHUNK = 65_536  # identities per block in overlap_rows and dispersion
 
 
 # --------------------------------------------------------------------- checks

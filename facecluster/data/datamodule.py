@@ -201,7 +201,7 @@ class FaceImageDataset(Dataset):
         self._check_bad_fraction()
 
     def _check_bad_fraction(self) -> None:
-        bad = int(np.count_nonzero(self.tracker.bad(self._split_ids)))
+        bad = self.tracker.count(self._split_ids)
         total = len(self._split_ids)
         if bad > self.max_bad_fraction * total:
             shown = [p for p in self.tracker.bad_paths()][:5]

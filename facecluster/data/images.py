@@ -408,7 +408,7 @@ class BadImageTracker:
         """Every path flagged so far, in sample order."""
         return [self.paths[i] for i in self.flags.nonzero().flatten().tolist()]
 
-    def count(self, sample_ids: torch.Tensor | None = None) -> int:
+    def count(self, sample_ids: np.ndarray | None = None) -> int:
         """Broken samples among ``sample_ids`` (all samples when None)."""
-        flags = self.flags if sample_ids is None else self.flags[sample_ids]
-        return int(flags.sum())
+        flags = self._flags() if sample_ids is None else self.bad(sample_ids)
+        return int(np.count_nonzero(flags))
