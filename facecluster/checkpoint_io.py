@@ -92,8 +92,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         """A local checkpoint is memory-mapped (``torch.load(mmap=True)``): each process
         of a resume reads only the pages it keeps, its shard of a head, instead of the
-        whole gathered head and its optimizer state (about 8 GB each at 2M identities
-        x 512 with SGD's momentum, on every rank of a node). Remote paths go through
+        whole gathered head and its optimizer state (computed: about 8 GB each at 2M
+        identities x 512 with SGD's momentum, on every rank of a node). Remote paths go through
         Lightning's reader."""
         if not _local(path):
             return super().load_checkpoint(path, map_location, weights_only)

@@ -137,7 +137,7 @@ class FaceImageDataset(Dataset):
         # arrays, not lists of ints: a worker reading them copies no page (Samples)
         self.sample_ids = np.array(sample_ids, dtype=np.int64)  # a copy: any input order
         # the datamodule's own array, not a copy: stage 2 makes a dataset per sub-net,
-        # each over the whole split (64 copies of Glint360K's were 6 GB per process)
+        # each over the whole split (computed: 64 copies of Glint360K's, 6 GB per process)
         self._split_ids = np.asarray(
             split_ids if split_ids is not None else self.sample_ids, dtype=np.int64
         )
@@ -233,8 +233,9 @@ class FaceImageDataset(Dataset):
     def _identity_samples(self, label: int) -> list[int]:
         """The samples of identity ``label``, ascending. Samples sorted by label (every
         split and sub-net subset of a folder or an InsightFace .rec is) give a range by
-        binary search; others are grouped once. A table of every identity, built in
-        each worker every epoch, cost 3.7 s and 0.5 GB at 14M samples."""
+        binary search; others are grouped once (a table of every identity, built in
+        each worker every epoch, took seconds and hundreds of MB at 14M samples in a
+        reviewer's measurement)."""
         labels = self.samples.labels
         if self._labels_sorted is None:  # decided on the first broken image
             ordered = len(labels) < 2 or bool(np.all(labels[1:] >= labels[:-1]))
