@@ -12,7 +12,9 @@ logger = logging.getLogger(__name__)
 class BadImageReport(L.Callback):
     """Print the number of undecodable images found so far at every training epoch end.
 
-    Reads :meth:`FaceDataModule.bad_images` of the trainer's datamodule; does nothing
+    First :meth:`FaceDataModule.share_bad_images`: under DDP every rank then knows the
+    files all ranks found, and more than ``data.max_bad_fraction`` of a split broken
+    stops every rank alike. Then reads :meth:`FaceDataModule.bad_images`. Does nothing
     for other datamodules.
     """
 
@@ -20,10 +22,11 @@ class BadImageReport(L.Callback):
         self._reported = 0
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
-        bad_images = getattr(trainer.datamodule, "bad_images", None)
-        if bad_images is None:
+        datamodule = trainer.datamodule
+        if not hasattr(datamodule, "share_bad_images"):
             return
-        bad = bad_images()
+        datamodule.share_bad_images(trainer.strategy.root_device)
+        bad = datamodule.bad_images()
         if len(bad) > self._reported and trainer.is_global_zero:
             logger.warning(
                 "epoch %d: %d undecodable image(s) so far (%d new this epoch) were replaced "

@@ -38,6 +38,7 @@ from pathlib import Path
 import lightning
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -198,18 +199,9 @@ class FaceImageDataset(Dataset):
                 "images)"
             )
         self.tracker.mark(self.sample_ids[index], error)
-        self._check_bad_fraction()
-
-    def _check_bad_fraction(self) -> None:
-        bad = self.tracker.count(self._split_ids)
-        total = len(self._split_ids)
-        if bad > self.max_bad_fraction * total:
-            shown = [p for p in self.tracker.bad_paths()][:5]
-            raise BadImageError(
-                f"{bad} of {total} images of the {self.split_name} are undecodable, more than "
-                f"data.max_bad_fraction={self.max_bad_fraction}; the data set looks damaged "
-                f"(e.g. {', '.join(shown)}). Repair or remove them, or raise data.max_bad_fraction"
-            )
+        # Under DDP this counts this rank's finds only; the datamodule's share_bad_images
+        # counts every rank's at each epoch end.
+        self.tracker.check(self._split_ids, self.max_bad_fraction, self.split_name)
 
     def substitute(self, index: int) -> Tensor:
         """What replaces the broken ``samples[index]``: the next readable image of the
@@ -586,8 +578,28 @@ class FaceDataModule(lightning.LightningDataModule):
         )
 
     def bad_images(self) -> list[str]:
-        """Paths found undecodable so far in this process tree (grows during training)."""
+        """Paths found undecodable so far in this process tree (grows during training;
+        under DDP, with every rank's after :meth:`share_bad_images`)."""
         return [] if self._tracker is None else self._tracker.bad_paths()
+
+    def share_bad_images(self, device: torch.device) -> None:
+        """At an epoch end, on every rank: merge the ranks' broken-file flags (each rank
+        reads only its shard, so it finds only the broken files in it), then stop on every
+        rank alike (:class:`BadImageError`) when more than ``max_bad_fraction`` of a split
+        is broken. Afterwards every rank skips every file found so far, and
+        :meth:`bad_images` lists them all. One process: only the check.
+
+        Args:
+            device: Where the collective runs (the rank's GPU under NCCL).
+        """
+        if self._tracker is None:
+            return
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._tracker.merge(device)
+        for split in SPLIT_NAMES:
+            ids = self._split_indices(split)
+            if len(ids):
+                self._tracker.check(ids, self.hparams.max_bad_fraction, f"{split} split")
 
     def _ensure_setup(self) -> tuple[FaceFolder, dict[str, np.ndarray]]:
         self.setup()

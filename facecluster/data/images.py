@@ -412,3 +412,24 @@ class BadImageTracker:
         """Broken samples among ``sample_ids`` (all samples when None)."""
         flags = self._flags() if sample_ids is None else self.bad(sample_ids)
         return int(np.count_nonzero(flags))
+
+    def check(self, split_ids: np.ndarray, max_bad_fraction: float, split_name: str) -> None:
+        """Raise :class:`BadImageError` when more than ``max_bad_fraction`` of the split
+        ``split_ids`` is flagged, naming the first flagged paths."""
+        bad, total = self.count(split_ids), len(split_ids)
+        if bad > max_bad_fraction * total:
+            shown = self.bad_paths()[:5]
+            raise BadImageError(
+                f"{bad} of {total} images of the {split_name} are undecodable, more than "
+                f"data.max_bad_fraction={max_bad_fraction}; the data set looks damaged "
+                f"(e.g. {', '.join(shown)}). Repair or remove them, or raise data.max_bad_fraction"
+            )
+
+    def merge(self, device: torch.device) -> None:
+        """Take every process's flags (``torch.distributed``; every rank calls it): a rank
+        reads only its shard of a split, so it finds only the broken files in it. ``device``:
+        where the collective runs (the rank's GPU under NCCL)."""
+        flags = self.flags.to(device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        # a worker may flag a file meanwhile: keep its flag too
+        torch.maximum(self.flags, flags.to(self.flags.device), out=self.flags)

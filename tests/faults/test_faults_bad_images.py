@@ -207,6 +207,60 @@ def test_class_mean_shards_replace_a_broken_image_from_any_shard(tmp_path):
     assert torch.equal(shards, sums([dm.embedding_dataloader()]))
 
 
+def _share_on_rank(rank: int, port: int, root: str, limit: float, out: dict) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        # made after the fork: each rank has its own flags, as under DDP
+        dm = FaceDataModule(root, batch_size=4, min_images_per_class=5, max_bad_fraction=limit)
+        for _ in dm.embedding_dataloader(rank, 2):  # this rank's shard of the train split
+            pass
+        found = dm.bad_images()
+        try:
+            dm.share_bad_images(torch.device("cpu"))
+            error = None
+        except BadImageError as e:
+            error = str(e)
+        out[rank] = {"found": found, "shared": dm.bad_images(), "error": error}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_ranks_share_broken_files_and_stop_together_on_the_whole_count(tmp_path):
+    """Under DDP each rank reads its shard: at the epoch end every rank learns the files
+    the others found, and max_bad_fraction counts them all, so each rank's own finds
+    under the limit but their sum over it stops every rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    root = make_tree(tmp_path / "data", identities=3, per_identity=12)
+    dm = FaceDataModule(str(root), batch_size=4, min_images_per_class=5)
+    train = list(dm.split_samples("train"))
+    # one broken file in each rank's shard (train[rank::2]), of different identities
+    broken = [
+        next(path for i, (path, label) in enumerate(train) if label == rank and i % 2 == rank)
+        for rank in (0, 1)
+    ]
+    for path in broken:
+        truncate(Path(path))
+    limit = 1.5 / len(train)  # one broken file is under it, two are over it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.start_processes(
+        _share_on_rank, args=(port, str(root), limit, out), nprocs=2, start_method="fork"
+    )
+    for rank in (0, 1):
+        assert out[rank]["found"] == [broken[rank]]  # before: its own shard's only
+        assert out[rank]["shared"] == sorted(broken)
+        assert f"2 of {len(train)} images of the train split" in out[rank]["error"]
+
+
 # ---------------------------------------------------------------- zero-byte: at the scan
 
 
