@@ -23,6 +23,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info
 
 from facecluster.config import Config
+from facecluster.io import replacing
 
 WANDB_HOST = ("api.wandb.ai", 443)
 
@@ -44,17 +45,41 @@ class _AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not
     deleted: a resume, each ``stage=`` command and a retried stage-2 job add their rows
     to what the run logged before (its columns read back first, so a new column
-    rewrites the file with every row kept)."""
+    rewrites the file with every row kept). The rows from this command's first step on
+    are dropped before its first save: a resume redoes the steps after its checkpoint,
+    and a retried job its stage, so each step is in the file once, as last logged."""
+
+    _continued = False
 
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:
                 self.metrics_keys = sorted(next(csv.reader(f), []))
 
+    def save(self) -> None:
+        if self.metrics and not self._continued and self._fs.isfile(self.metrics_file_path):
+            self._drop_from(min(int(m["step"]) for m in self.metrics))
+        self._continued = self._continued or bool(self.metrics)
+        super().save()
+
+    def _drop_from(self, step: int) -> None:
+        """Rewrite ``metrics.csv`` without its rows of ``step`` and later (atomically)."""
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            keys = reader.fieldnames or []
+        kept = [row for row in rows if row.get("step", "") == "" or int(row["step"]) < step]
+        if len(kept) == len(rows):
+            return
+        with replacing(self.metrics_file_path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(kept)
+
 
 class RunCSVLogger(_StepOffset, CSVLogger):
     """CSVLogger whose step column continues across the two stages and across the
-    commands of a run (a resumed epoch's steps may then appear twice)."""
+    commands of a run (a resumed epoch's steps once, as the resume logged them)."""
 
     @property
     @rank_zero_experiment

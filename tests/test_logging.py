@@ -60,3 +60,20 @@ def test_a_later_command_of_the_run_adds_to_its_csv_log(tmp_path):
     resumed.save()
     rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
     assert rows == ["step,train/loss,val/acc", "10,1.0,", "20,0.9,0.5"]
+
+
+def test_a_resume_replaces_the_rows_of_the_steps_it_redoes(tmp_path):
+    # killed at step 30 after a checkpoint at step 20: the resume logs 20 onwards again,
+    # and the file then holds each step once, the rows before 20 kept
+    cfg = load_config(SMOKE, ["logger=csv"])
+    first = build_logger(cfg, tmp_path, "id")
+    for step in (10, 20, 30):
+        first.log_metrics({"train/loss": step / 10}, step=step)
+    first.save()
+    resumed = build_logger(cfg, tmp_path, "id")
+    resumed.log_metrics({"train/loss": 0.5}, step=20)
+    resumed.save()
+    resumed.log_metrics({"train/loss": 0.4}, step=30)
+    resumed.save()  # a later save of the same command keeps its own rows
+    rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    assert rows == ["step,train/loss", "10,1.0", "20,0.5", "30,0.4"]
