@@ -58,17 +58,28 @@ class _AppendingWriter(ExperimentWriter):
 
     def save(self) -> None:
         if self.metrics and not self._continued and self._fs.isfile(self.metrics_file_path):
-            self._drop_from(min(int(m["step"]) for m in self.metrics))
+            self._drop_redone()
         self._continued = self._continued or bool(self.metrics)
         super().save()
 
-    def _drop_from(self, step: int) -> None:
-        """Rewrite ``metrics.csv`` without its rows of ``step`` and later (atomically)."""
+    def _drop_redone(self) -> None:
+        """Rewrite ``metrics.csv`` (atomically) without the rows this command logs again:
+        every row after its first step, and at that step the rows of the metrics it logs
+        there (stage 1's last rows, its test accuracy and the clustering's, share their
+        step with stage 2's first, and stay)."""
+        first = min(int(m["step"]) for m in self.metrics)
+        again = {k for m in self.metrics if int(m["step"]) == first for k in m}
+        again -= {"step", "epoch"}
+
+        def redone(row: dict[str, str]) -> bool:
+            step = int(row["step"]) if row.get("step") else -1
+            return step > first or (step == first and any(row.get(k) for k in again))
+
         with self._fs.open(self.metrics_file_path, "r", newline="") as f:
             reader = csv.DictReader(f)
             rows = list(reader)
             keys = reader.fieldnames or []
-        kept = [row for row in rows if row.get("step", "") == "" or int(row["step"]) < step]
+        kept = [row for row in rows if not redone(row)]
         if len(kept) == len(rows):
             return
         with replacing(self.metrics_file_path) as tmp, open(tmp, "w", newline="") as f:

@@ -69,6 +69,7 @@ def test_a_resume_replaces_the_rows_of_the_steps_it_redoes(tmp_path):
     first = build_logger(cfg, tmp_path, "id")
     for step in (10, 20, 30):
         first.log_metrics({"train/loss": step / 10}, step=step)
+    first.log_metrics({"test/acc": 0.7}, step=20)  # another metric at the first step: kept
     first.save()
     resumed = build_logger(cfg, tmp_path, "id")
     resumed.log_metrics({"train/loss": 0.5}, step=20)
@@ -76,4 +77,4 @@ def test_a_resume_replaces_the_rows_of_the_steps_it_redoes(tmp_path):
     resumed.log_metrics({"train/loss": 0.4}, step=30)
     resumed.save()  # a later save of the same command keeps its own rows
     rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
-    assert rows == ["step,train/loss", "10,1.0", "20,0.5", "30,0.4"]
+    assert rows == ["step,test/acc,train/loss", "10,,1.0", "20,0.7,", "20,,0.5", "30,,0.4"]
