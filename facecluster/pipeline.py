@@ -187,6 +187,8 @@ def fit_stage1(
     if clustering is not None and clustering.assignment is None:
         # A resumed stage 1 that was already finished skips on_train_end: same method.
         clustering.cluster(trainer, model)
+    if run.folder.has_stage_summary(1):  # finished and tested before (stage=cluster)
+        return model, run.folder.stage_summary(1)
     test = trainer.test(model, datamodule=run.dm, verbose=False)[0]
     summary = {
         "global_step": trainer.global_step,

@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 
+import lightning as L
 import pytest
 import torch
 
@@ -136,14 +137,18 @@ def test_bad_input_stops_before_training_and_names_the_culprit(tmp_path, overrid
     assert not any(tmp_path.rglob("*.ckpt"))
 
 
-def test_clustering_by_the_stage1_head_rows(tmp_path):
+def test_clustering_by_the_stage1_head_rows(tmp_path, monkeypatch):
     # clustering.features=head: the saved assignment is k-means on the trained head's
     # rows (not on the class means, which it keeps for routing)
     head = ("clustering.features=head",)
     train(load_config(SMOKE, smoke_overrides(tmp_path, "stage=1", *head)))
     run = tmp_path / "run"
+    tested = (run / "stage1.json").read_text()
     cfg = load_config(SMOKE, smoke_overrides(tmp_path, f"resume={run}", "stage=cluster", *head))
+    # stage=cluster does not test the finished stage 1 again (a pass over the test split)
+    monkeypatch.setattr(L.Trainer, "test", lambda *a, **k: pytest.fail("stage 1 tested again"))
     result = train(cfg)
+    assert (run / "stage1.json").read_text() == tested
     saved = ClusterAssignment.load(result.run_dir / "clusters.pt")
     rows = result.backbone.head.weight.detach()
     by_head = cluster_identities(saved.class_means, 3, "kmeans", seed=cfg.seed, features=rows)
