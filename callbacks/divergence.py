@@ -83,6 +83,7 @@ class DivergenceCallback(L.Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._patience = self.fp16_patience if scaler is not None else 1
         self._step = torch.tensor(trainer.global_step, device=device)
+        self._last_global_step = trainer.global_step
 
     def _track(self, values: torch.Tensor) -> None:
         vals = values.detach().float()
@@ -108,7 +109,11 @@ class DivergenceCallback(L.Callback):
         if not isinstance(loss, torch.Tensor):
             return  # a skipped step (training_step returned None)
         assert self._step is not None
-        self._step += 1  # the optimizer step this batch made: trainer.global_step
+        # The optimizer step this batch went into: trainer.global_step when the batch
+        # stepped, the next one when it only accumulated (trainer.accumulate_grad_batches)
+        stepped = trainer.global_step > self._last_global_step
+        self._last_global_step = trainer.global_step
+        self._step.fill_(trainer.global_step + (0 if stepped else 1))  # no host sync
         subnets = outputs.get("subnet_losses") if isinstance(outputs, dict) else None
         values = [loss.detach().float().reshape(1)]
         self._names = ["the total loss"]

@@ -35,8 +35,11 @@ def _finite(path) -> bool:
     return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def test_nan_in_stage1_stops_and_keeps_last_good_checkpoint(tmp_path):
-    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "trainer.max_epochs=2"))
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_nan_in_stage1_stops_and_keeps_last_good_checkpoint(tmp_path, accumulate):
+    # under gradient accumulation the step named is the optimizer step, not the batch
+    overrides = ("trainer.max_epochs=2", f"trainer.accumulate_grad_batches={accumulate}")
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, *overrides))
     nan = NaNHead(stage=1, epoch=1, step_in_epoch=2)
     last = tmp_path / "run" / "stage1" / "checkpoints" / "last.ckpt"
     with pytest.raises(DivergenceError) as info:
