@@ -716,7 +716,7 @@ def checkpoint_bytes_needed(cfg: Config, backbone_params: int, num_classes: int)
     Each stage (each stage-2 job) keeps a best and a last checkpoint, and an atomic
     write briefly holds one more copy; a checkpoint holds fp32 weights plus optimizer
     state (SGD momentum: one more copy, AdamW: two). Each finished sub-net's weights
-    are saved once more on their own.
+    are saved once more on their own, and the clustering saves the class means.
     """
     state_copies = 3 if "adamw" in (cfg.stage1.optim.name, cfg.stage2.optim.name) else 2
     heads = num_classes * cfg.model.embedding_dim
@@ -724,7 +724,9 @@ def checkpoint_bytes_needed(cfg: Config, backbone_params: int, num_classes: int)
     # clustering.overlap: its identities have a row in a second sub-net's head too
     heads2 = round(heads * (1 + cfg.clustering.overlap))
     stage2 = cfg.clustering.num_clusters * backbone_params + heads2 if cfg.two_stage else 0
-    return 3 * 4 * state_copies * (stage1 + stage2) + 4 * stage2
+    # clusters.pt: the class means (fp32) and two int64 maps per identity
+    clusters = 4 * heads + 16 * num_classes if cfg.two_stage else 0
+    return 3 * 4 * state_copies * (stage1 + stage2) + 4 * stage2 + clusters
 
 
 def _folder_of(resume: Path) -> Path:

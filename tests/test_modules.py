@@ -92,15 +92,22 @@ def test_subnet_dropout_draws_repeat_per_batch_and_differ_per_rank(monkeypatch):
 
 
 def test_ddp_leaves_the_head_shards_and_the_clustering_buffers_alone():
-    # DDP broadcasts rank 0's buffers before every forward: the class means ([C, d],
-    # 4 GB at 2M identities) and the cluster maps are set alike on every rank from the
-    # clustering and never change, so they are not sent; nor are the heads' shards.
+    # DDP broadcasts rank 0's buffers before every forward: the cluster maps are set
+    # alike on every rank from the clustering and never change, so they are not sent;
+    # nor are the heads' shards.
     model, _ = _subnets()
     model.shard_heads(0, 2)
     ignored = set(model._ddp_params_and_buffers_to_ignore)
     assert ignored == {"heads.0.weight", "heads.1.weight", "heads.2.weight",
-                       "class_to_cluster", "local_index", "class_means"}  # fmt: skip
+                       "class_to_cluster", "local_index"}  # fmt: skip
     assert ignored <= set(model.state_dict())
+
+
+def test_the_class_means_stay_out_of_stage2_checkpoints_and_devices():
+    # read once by the warm start: [C, d] in every job's checkpoints and on every GPU
+    # would be 3.8 GiB each at 2M identities (computed)
+    model, _ = _subnets()
+    assert not any("class_means" in name for name in model.state_dict())
 
 
 def test_subnets_never_load_pretrained_weights(monkeypatch):
@@ -204,9 +211,10 @@ def test_the_demo_recipe_learns_well_above_chance(tmp_path):
 
 
 def test_a_stage2_checkpoint_with_the_old_centroids_buffer_still_loads():
-    # Runs interrupted in stage 2 before the buffer was dropped must still resume.
+    # Runs interrupted in stage 2 before the buffers were dropped must still resume.
     model, _ = _subnets()
-    checkpoint = {"state_dict": {**model.state_dict(), "centroids": torch.zeros(3, 16)}}
+    old = {"centroids": torch.zeros(3, 16), "class_means": torch.zeros(9, 16)}
+    checkpoint = {"state_dict": {**model.state_dict(), **old}}
     fresh, _ = _subnets()
     fresh.on_load_checkpoint(checkpoint)
     fresh.load_state_dict(checkpoint["state_dict"])  # strict, as Lightning loads it

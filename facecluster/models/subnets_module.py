@@ -127,7 +127,9 @@ class SubnetSystem(StageSystem):
         self.register_buffer("class_to_cluster", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("local_index", torch.zeros(num_classes, dtype=torch.long))
         self._members: list[Tensor] = []  # each cluster's identities (set_assignment)
-        self.register_buffer("class_means", torch.zeros(num_classes, dim))
+        # read once, by warm_start, on the CPU: not a buffer, so not in every job's
+        # checkpoints and on every GPU ([C, d]: 3.8 GiB at 2M identities, computed)
+        self._class_means: Tensor | None = None
         self.val_acc = PerClusterAccuracy(len(cluster_sizes))
         self.test_acc = PerClusterAccuracy(len(cluster_sizes))
         self.counts: dict[int, tuple[int, int]] = {}
@@ -146,8 +148,10 @@ class SubnetSystem(StageSystem):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Checkpoints written before facecluster 0.1's consolidation held an unread
-        # ``centroids`` buffer; dropping it lets those runs resume in stage 2.
+        # ``centroids`` buffer, and later ones a ``class_means`` buffer read only by the
+        # warm start; dropping them lets those runs resume in stage 2.
         checkpoint["state_dict"].pop("centroids", None)
+        checkpoint["state_dict"].pop("class_means", None)
         super().on_load_checkpoint(checkpoint)
 
     @property
@@ -156,11 +160,12 @@ class SubnetSystem(StageSystem):
         return len(self.hparams.cluster_sizes)
 
     def set_assignment(self, assignment: Any) -> None:
-        """Copy a ClusterAssignment's labels and class means into the buffers.
+        """Copy a ClusterAssignment's labels into the buffers, and keep its class means
+        for :meth:`warm_start`.
 
-        They travel in every checkpoint: evaluation routes each image to its true
-        cluster's sub-net (``class_to_cluster``, ``local_index``), and the warm start
-        sets head rows to the class means.
+        The labels travel in every checkpoint: evaluation routes each image to its true
+        cluster's sub-net (``class_to_cluster``, ``local_index``). The class means do
+        not (the warm start, their only reader, runs before any checkpoint).
         """
         sizes = assignment.cluster_sizes().tolist()
         if sizes != list(self.hparams.cluster_sizes):
@@ -170,7 +175,7 @@ class SubnetSystem(StageSystem):
             )
         self.class_to_cluster.copy_(assignment.class_to_cluster)
         self.local_index.copy_(assignment.local_index)
-        self.class_means.copy_(assignment.class_means)
+        self._class_means = assignment.class_means
         self._members = [assignment.classes_of(k) for k in range(assignment.num_clusters)]
 
     def warm_start(self, backbone_state: dict[str, Tensor], init_heads_from_means: bool) -> None:
@@ -186,7 +191,7 @@ class SubnetSystem(StageSystem):
             for k in self.subnet_ids:  # a head's rows are its cluster's members, in order
                 members = self._members[k]
                 with torch.no_grad():  # the "not mine" row, last, keeps its random start
-                    self.heads[str(k)].weight[: len(members)].copy_(self.class_means[members])
+                    self.heads[str(k)].weight[: len(members)].copy_(self._class_means[members])
 
     def forward(self, images: Tensor, cluster: int) -> Tensor:
         """Embeddings of ``images`` by sub-net ``cluster``."""
@@ -291,7 +296,7 @@ class SubnetSystem(StageSystem):
 
     def replicated_buffers(self) -> list[str]:
         # from the clustering, identical on every rank (tests/test_ddp.py)
-        return ["class_to_cluster", "local_index", "class_means"]
+        return ["class_to_cluster", "local_index"]
 
     def margin_heads(self) -> dict[str, MarginHead]:
         return {f"heads.{k}": head for k, head in self.heads.items()}
