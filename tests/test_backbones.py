@@ -212,3 +212,19 @@ def test_components_import_only_torch_and_timm() -> None:
             else:
                 continue
             assert set(roots) <= allowed, f"{path.name} imports {roots}"
+
+
+def test_a_timm_vits_position_embedding_and_class_token_are_not_decayed() -> None:
+    # timm lists them in no_weight_decay(); its own optimizer factory exempts them
+    from facecluster.models.optim import param_groups
+
+    vit = create_backbone(
+        "vit_tiny_patch16_224", embedding_dim=8, img_size=32, patch_size=16, depth=1
+    )
+    decay, no_decay = param_groups([vit], 5e-4)
+    exempt = {id(p) for p in no_decay["params"]}
+    named = dict(vit.named_parameters())
+    listed = [n for n in named if n.endswith(("pos_embed", "cls_token"))]
+    assert len(listed) == 2 and all(id(named[n]) in exempt for n in listed)
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert any(p.ndim > 1 for p in decay["params"])

@@ -20,18 +20,33 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
     """Split parameters into decayed weights and undecayed norms/biases.
 
     Weight decay on BatchNorm/PReLU parameters and biases only shrinks them toward
-    zero without regularising capacity; arcface_torch and timm both exempt them.
+    zero without regularising capacity; arcface_torch and timm both exempt them. So
+    are the parameters a timm model names in its ``no_weight_decay()`` (a ViT's
+    position embedding and class token), as timm's optimizer factory does.
     """
     decay, no_decay = [], []
     for module in modules:
+        exempt = _no_weight_decay(module)
         for p in module.parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if p.ndim <= 1 or id(p) in exempt else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def _no_weight_decay(module: nn.Module) -> set[int]:
+    """ids of the parameters that ``module`` or any of its sub-modules lists in its
+    ``no_weight_decay()`` (timm's convention: names relative to that sub-module)."""
+    exempt: set[int] = set()
+    for sub in module.modules():
+        names = getattr(sub, "no_weight_decay", None)
+        if callable(names):
+            params = dict(sub.named_parameters())
+            exempt.update(id(params[n]) for n in names() if n in params)
+    return exempt
 
 
 def build_optimizer(groups: list[dict[str, Any]], optim: dict[str, Any]) -> torch.optim.Optimizer:
