@@ -122,6 +122,34 @@ def test_the_datamodules_loaders_decode_into_reused_slots(workers):
         assert count > 2 and buffers.in_use() == 0
 
 
+def _steps(workers: int) -> tuple[list, list]:
+    dm = FaceDataModule(str(DEMO_ROOT), batch_size=4, max_classes=6, seed=3, num_workers=workers)
+    dm.connect_clusters([torch.tensor([0, 1, 2]), torch.tensor([3, 4]), torch.tensor([5])])
+    loader = dm.train_dataloader()
+    inside = []
+    steps = []
+    for step in loader:
+        for k, (images, *_) in step.items():
+            buffers = loader.dataset.datasets[k].buffers
+            start = buffers.images.data_ptr()
+            inside.append(start <= images.data_ptr() < start + buffers.images.numel())
+        steps.append({k: [t.clone() for t in batch] for k, batch in step.items()})
+    return steps, inside
+
+
+def test_stage2_steps_from_one_worker_pool_equal_the_steps_without_workers():
+    """Stage 2's one loader of steps, through 2 worker processes (not 2 per sub-net):
+    every sub-net's batch lies in its own reused slots and equals the batch decoded in
+    the main process, pixels, local labels and mirrors."""
+    expected, _ = _steps(0)
+    got, inside = _steps(2)
+    assert len(got) == len(expected) > 1 and all(inside)
+    for e, g in zip(expected, got, strict=True):
+        assert set(g) == set(e) == {0, 1, 2}
+        for k in e:
+            assert all(torch.equal(a, b) for a, b in zip(e[k], g[k], strict=True))
+
+
 def test_device_decode_loaders_ship_bytes_not_buffers():
     dm = FaceDataModule(str(DEMO_ROOT), batch_size=8, max_classes=6, seed=3, decode="device")
     assert dm.train_dataloader().dataset.buffers is None

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.utilities import CombinedLoader
 from PIL import Image
 
 from facecluster.data import (
@@ -23,6 +22,7 @@ from facecluster.data import (
     scan_image_folder,
     split_per_identity,
 )
+from facecluster.data.datamodule import SubnetSteps
 from facecluster.data.folder import Samples
 from facecluster.data.images import decode_image, decode_jpeg_into
 from facecluster.data.transforms import normalize_images
@@ -379,7 +379,7 @@ def _image_index(dm: FaceDataModule) -> dict[bytes, int]:
 
 def test_train_loader_before_clusters(dm: FaceDataModule) -> None:
     loader = dm.train_dataloader()
-    assert not isinstance(loader, CombinedLoader)
+    assert not isinstance(loader.dataset, SubnetSteps)
     assert loader.generator is None
     assert isinstance(loader.sampler, torch.utils.data.RandomSampler)
     assert loader.drop_last
@@ -390,15 +390,16 @@ def test_train_loader_before_clusters(dm: FaceDataModule) -> None:
     assert dm.num_clusters is None
 
 
-def test_combined_loader_after_connect_clusters(dm: FaceDataModule) -> None:
+def test_one_loader_of_steps_after_connect_clusters(dm: FaceDataModule) -> None:
     # 6 identities -> 3 clusters; identity 4 is in clusters 1 and 2 (clustering.overlap)
     members = [torch.tensor([1, 3, 5]), torch.tensor([0, 4]), torch.tensor([2, 4])]
     dm.connect_clusters(members)
     assert dm.num_clusters == 3
     combined = dm.train_dataloader()
-    assert isinstance(combined, CombinedLoader)
-    assert combined._mode == "max_size_cycle"
-    assert set(combined.iterables) == {0, 1, 2}
+    # one loader, so one pool of num_workers workers for every sub-net, not one each
+    assert isinstance(combined.dataset, SubnetSteps) and combined.batch_size is None
+    assert combined.num_workers == dm.hparams.num_workers
+    assert set(combined.dataset.datasets) == {0, 1, 2}
     train = Counter(dm.split_labels("train").tolist())
     expected = [sum(train[int(c)] for c in ids) for ids in members]
     assert dm.cluster_train_images() == expected and expected[2] > train[2]
@@ -407,7 +408,7 @@ def test_combined_loader_after_connect_clusters(dm: FaceDataModule) -> None:
     torch.manual_seed(0)
     n_steps = 0
     seen = {k: set() for k in range(3)}
-    for batch, _, _ in combined:
+    for batch in combined:
         assert set(batch) == {0, 1, 2}
         n_steps += 1
         for k, (images, labels, mirror) in batch.items():
@@ -418,7 +419,7 @@ def test_combined_loader_after_connect_clusters(dm: FaceDataModule) -> None:
                 # the image belongs to this cluster, and carries its position there
                 assert int(members[k][label]) == global_label
                 seen[k].add(global_label)
-    assert n_steps == max(len(loader) for loader in combined.iterables.values())
+    assert n_steps == len(combined) == dm.subnet_steps()
     assert 4 in seen[1] and 4 in seen[2]  # the shared identity trains both sub-nets
 
 
@@ -440,7 +441,8 @@ def test_negatives_add_the_nearest_outsiders_images_as_not_mine() -> None:
     assert dm.cluster_train_images()[0] == own + sum(train[c] for c in taken)
     image_index = _image_index(dm)
     labels = {}
-    for images, local, _ in dm.train_dataloader().iterables[0]:
+    for step in dm.train_dataloader():
+        images, local, _ = step[0]
         for image, label in zip(images, local.tolist(), strict=True):
             labels.setdefault(image_index[image.numpy().tobytes()], set()).add(label)
     assert labels[0] == {0} and labels[1] == {1}
@@ -454,10 +456,10 @@ def test_subnet_datasets_share_the_split_instead_of_copying_it() -> None:
     dm = FaceDataModule(str(DEMO_ROOT), batch_size=8, max_classes=6, seed=3)
     dm.connect_clusters([torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])])
     train = dm._split_indices("train")
-    loaders = dm.train_dataloader().iterables.values()
-    assert len(loaders) == 2
-    for loader in loaders:
-        assert np.shares_memory(loader.dataset._split_ids, train)
+    datasets = dm.train_dataloader().dataset.datasets.values()
+    assert len(datasets) == 2
+    for dataset in datasets:
+        assert np.shares_memory(dataset._split_ids, train)
 
 
 def test_mean_epoch_size_passes_the_train_split_once_per_epoch() -> None:
@@ -476,8 +478,9 @@ def test_mean_epoch_size_passes_the_train_split_once_per_epoch() -> None:
     assert largest.subnet_steps() == images[0] // 8
     seen = []
     for epoch in range(2):
-        sampler = dm.train_dataloader().iterables[0].sampler
-        sampler.set_epoch(epoch)
+        sampler = dm.train_dataloader().sampler
+        sampler.set_epoch(epoch)  # sets each sub-net's stream's epoch
+        sampler = sampler.samplers[0]
         order = [i for i, _ in sampler]
         assert len(order) == steps * 8 == len(set(order))  # no image twice in an epoch
         seen.append(order)
@@ -551,9 +554,9 @@ def test_no_training_batch_of_size_one(tmp_path: Path) -> None:
     # cluster 0 = {alice} (8 <= 9): one batch of 8; cluster 1 = {bob, carol} (11 > 9): one of 9
     # (every sub-net gets as many batches as the largest cluster's full batches: 1 here)
     dm.connect_clusters([torch.tensor([0]), torch.tensor([1, 2])])
-    loaders = dm.train_dataloader().iterables
-    assert [len(y) for _, y, _ in loaders[0]] == [8]
-    assert [len(y) for _, y, _ in loaders[1]] == [9]
+    steps = list(dm.train_dataloader())
+    assert [len(step[0][1]) for step in steps] == [8]
+    assert [len(step[1][1]) for step in steps] == [9]
     # a cluster with a single training image is rejected with a clear message
     with pytest.raises(ValueError, match="batches of size 1"):
         dm.connect_clusters([torch.tensor([0, 1]), torch.tensor([2])])

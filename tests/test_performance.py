@@ -56,6 +56,7 @@ def _stub_trainer(scaler: object | None) -> SimpleNamespace:
 
 def _feed(callback, trainer, losses) -> None:
     for i, value in enumerate(losses):
+        trainer.global_step += 1  # each batch an optimizer step, as the Trainer counts it
         callback.on_train_batch_end(trainer, None, {"loss": torch.tensor(value)}, None, i)
 
 

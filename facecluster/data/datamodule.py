@@ -16,9 +16,10 @@ Data flow:
    its result to :meth:`FaceDataModule.connect_clusters` -- the only way cluster
    information enters the data module.
 5. Stage 2 (one sub-net per cluster): :meth:`FaceDataModule.train_dataloader`
-   now returns a :class:`~lightning.pytorch.utilities.CombinedLoader` of one
-   loader per cluster, each serving that cluster's train images with labels
-   remapped to the identity's *local* index inside the cluster.
+   now returns one loader whose every batch is a step of all the job's sub-nets,
+   ``{k: batch_k}`` (:class:`SubnetSteps`, :class:`SubnetStepSampler`): cluster
+   ``k``'s train images with labels remapped to the identity's *local* index
+   inside the cluster. One pool of ``num_workers`` workers serves them all.
 6. Validation and test always use global labels; mapping a global label to
    ``(cluster, local)`` is the model's job, which keeps evaluation identical
    across both stages.
@@ -29,17 +30,17 @@ the data side only knows each cluster's identities, passed to ``connect_clusters
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -67,7 +68,14 @@ from facecluster.data.images import (
 from facecluster.data.recordio import RecordFile
 from facecluster.data.transforms import FaceTransform, build_transforms, normalize_images
 
-__all__ = ["FaceImageDataset", "FaceDataModule", "SubnetSampler", "subnet_seed"]
+__all__ = [
+    "FaceImageDataset",
+    "FaceDataModule",
+    "SubnetSampler",
+    "SubnetStepSampler",
+    "SubnetSteps",
+    "subnet_seed",
+]
 
 SUBNET_EPOCH_SIZES = ("largest", "mean")
 DECODE_PLACES = ("cpu", "device")
@@ -383,6 +391,66 @@ class SubnetSampler(DistributedSampler):
         return self.num_samples
 
 
+class SubnetStepSampler(DistributedSampler):
+    """Stage 2's steps: each item is one step's batch of every sub-net of the job,
+    ``{k: [(index, mirror), ...]}``, cut in order from each sub-net's
+    :class:`SubnetSampler` (the batches a ``DataLoader(batch_size=b, sampler=...)``
+    over that sampler would make). A DistributedSampler subclass, as theirs, so
+    Lightning neither replaces it under DDP nor forgets :meth:`set_epoch`.
+
+    Args:
+        samplers: Each sub-net's stream.
+        batch_sizes: Each sub-net's batch size.
+        steps: Steps per epoch (each sampler yields ``steps x batch`` pairs).
+    """
+
+    def __init__(
+        self, samplers: dict[int, SubnetSampler], batch_sizes: dict[int, int], steps: int
+    ) -> None:
+        first = next(iter(samplers.values()))
+        self.samplers, self.batch_sizes = samplers, batch_sizes
+        self.num_replicas, self.rank, self.seed = first.num_replicas, first.rank, first.seed
+        self.epoch, self.shuffle, self.drop_last = first.epoch, True, False
+        self.num_samples, self.total_size = steps, steps * first.num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        for sampler in self.samplers.values():
+            sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        streams = {k: iter(sampler) for k, sampler in self.samplers.items()}
+        for _ in range(self.num_samples):
+            yield {k: list(itertools.islice(s, self.batch_sizes[k])) for k, s in streams.items()}
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class SubnetSteps(Dataset):
+    """Stage 2's training data in one dataset: the item of ``{k: pairs_k}`` (a
+    :class:`SubnetStepSampler` step) is ``{k: batch_k}``, each sub-net's batch from its
+    own :class:`FaceImageDataset`, collated.
+
+    One loader, so one pool of ``data.num_workers`` worker processes, serves all the
+    sub-nets of a job; a loader per sub-net started K x ``num_workers`` workers per
+    training process every epoch (512 at K=64 and 8 workers).
+
+    Args:
+        datasets: Each sub-net's dataset.
+        collate: Each sub-net's collate function (:func:`collated` for datasets with
+            batch buffers, :func:`collate_encoded` under ``data.decode=device``).
+    """
+
+    def __init__(self, datasets: dict[int, FaceImageDataset], collate: dict[int, Callable]) -> None:
+        self.datasets, self.collate = datasets, collate
+
+    def __getitem__(self, batches: dict[int, list]) -> dict:
+        return {
+            k: self.collate[k](self.datasets[k].__getitems__(pairs)) for k, pairs in batches.items()
+        }
+
+
 SEED_INIT, SEED_DATA, SEED_FORWARD = 0, 1, 2
 """What a sub-net's seed is for: its initial weights, its data stream (per epoch), its
 forward pass's random draws (per epoch and batch)."""
@@ -415,7 +483,7 @@ def network_batches(batch, trainer: lightning.Trainer | None):
 
 
 class FaceDataModule(lightning.LightningDataModule):
-    """Identity-per-folder face dataset with per-identity splits and per-cluster loaders.
+    """Identity-per-folder face dataset with per-identity splits and per-cluster subsets.
 
     Args:
         root: Image folder with one sub-folder per identity, or an InsightFace ``.rec``
@@ -721,7 +789,7 @@ class FaceDataModule(lightning.LightningDataModule):
         subnets: Sequence[int] | None = None,
         neighbours: Sequence[Tensor] | None = None,
     ) -> None:
-        """Attach the stage-2 clusters; training then serves one loader per cluster.
+        """Attach the stage-2 clusters; training then serves every connected cluster from one loader of steps.
 
         Calling it again replaces the previous clusters.
 
@@ -855,7 +923,9 @@ class FaceDataModule(lightning.LightningDataModule):
             )
         return per_rank
 
-    def _loader_kwargs(self, dataset: FaceImageDataset, batch_size: int) -> dict:
+    def _loader_kwargs(self, dataset: FaceImageDataset | None, batch_size: int = 0) -> dict:
+        """A loader's DataLoader arguments; with ``dataset``, its collate function (and
+        its batch buffers, :meth:`_collate`)."""
         # Pinned (page-locked) batches when a Trainer runs on a CUDA device: the copy to
         # the GPU is then asynchronous DMA. No persistent workers: DataLoader draws its
         # workers' seeds from the global RNG at each epoch's iterator, which is what
@@ -871,20 +941,25 @@ class FaceDataModule(lightning.LightningDataModule):
             # forked workers share the sample and index arrays' pages; Python 3.14's
             # default, forkserver, would pickle them into every worker, every epoch
             kwargs["multiprocessing_context"] = "fork"
-        if dataset.encoded:
-            kwargs["collate_fn"] = collate_encoded
-        else:
-            # Batches decoded into reused buffers (facecluster.data.batches): as many as
-            # can be in flight, each worker's prefetched batches plus the ones the main
-            # process holds (the current batch, Lightning's next one, the pin thread's)
-            workers = self.hparams.num_workers
-            dataset.buffers = BatchBuffers(
-                2 * workers + 4 if workers else 3,
-                (batch_size, self.hparams.image_size, self.hparams.image_size, 3),
-                shared=workers > 0,
-            )
-            kwargs["collate_fn"] = collated
+        if dataset is not None:
+            kwargs["collate_fn"] = self._collate(dataset, batch_size)
         return kwargs
+
+    def _collate(self, dataset: FaceImageDataset, batch_size: int) -> Callable:
+        """The collate function of ``dataset``'s batches; unless it is ``encoded``, it
+        gets batch buffers first."""
+        if dataset.encoded:
+            return collate_encoded
+        # Batches decoded into reused buffers (facecluster.data.batches): as many as
+        # can be in flight, each worker's prefetched batches plus the ones the main
+        # process holds (the current batch, Lightning's next one, the pin thread's)
+        workers = self.hparams.num_workers
+        dataset.buffers = BatchBuffers(
+            2 * workers + 4 if workers else 3,
+            (batch_size, self.hparams.image_size, self.hparams.image_size, 3),
+            shared=workers > 0,
+        )
+        return collated
 
     def _train_loader(self, ids: np.ndarray, label_map: Tensor | None, what: str) -> DataLoader:
         per_rank = self._check_train_subset(len(ids), what)
@@ -908,20 +983,18 @@ class FaceDataModule(lightning.LightningDataModule):
             self._encoded_sets[loader] = dataset
         return dataset
 
-    def train_dataloader(self) -> DataLoader | CombinedLoader:
-        """Training loader(s).
+    def train_dataloader(self) -> DataLoader:
+        """The training loader.
 
         Returns:
             Before :meth:`connect_clusters`: one shuffled loader over the train split
-            with global labels. After: ``CombinedLoader({k: loader_k})`` over the
-            connected sub-nets, where ``loader_k`` serves cluster ``k``'s train images
-            with local labels from its own :class:`SubnetSampler`.
+            with global labels. After: one loader of stage-2 steps, each batch
+            ``{k: (images, local labels, mirror)}`` over the connected sub-nets, sub-net
+            ``k``'s from its own :class:`SubnetSampler` (:class:`SubnetSteps`).
         """
         if not self._members:
             return self._train_loader(self._split_indices("train"), None, "the train split")
-        return CombinedLoader(
-            {k: self._subnet_loader(k) for k in self._subnets}, mode="max_size_cycle"
-        )
+        return self._subnet_steps_loader()
 
     def state_dict(self) -> dict:
         """Stage 2: the epoch a resumed fit continues with, for the samplers.
@@ -947,20 +1020,29 @@ class FaceDataModule(lightning.LightningDataModule):
             return max(1, math.ceil(sum(images) / len(images) / world) // batch)
         return max(max(1, math.ceil(n / world) // batch) for n in images)
 
-    def _subnet_loader(self, k: int) -> DataLoader:
-        ids = self._cluster_train_ids(k)
-        per_rank = self._check_train_subset(len(ids), f"cluster {k}")
-        # a cluster smaller than a batch gives batches of all its images, no repeats
-        batch = min(self.hparams.batch_size, per_rank)
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        sampler = SubnetSampler(
-            len(ids), self.subnet_steps() * batch, self.hparams.seed, k, rank, self._world_size()
-        )
+    def _subnet_steps_loader(self) -> DataLoader:
+        steps, rank = self.subnet_steps(), self.trainer.global_rank if self.trainer else 0
+        samplers, batches, datasets, collate = {}, {}, {}, {}
+        for k in self._subnets:
+            ids = self._cluster_train_ids(k)
+            per_rank = self._check_train_subset(len(ids), f"cluster {k}")
+            # a cluster smaller than a batch gives batches of all its images, no repeats
+            batches[k] = min(self.hparams.batch_size, per_rank)
+            # every sampler yields steps x batch pairs: no partial batch
+            samplers[k] = SubnetSampler(
+                len(ids), steps * batches[k], self.hparams.seed, k, rank, self._world_size()
+            )
+            datasets[k] = self._train_dataset(ids, self._label_map(k), k)
+            collate[k] = self._collate(datasets[k], batches[k])
+        sampler = SubnetStepSampler(samplers, batches, steps)
         sampler.set_epoch(self._subnet_epoch)
-        dataset = self._train_dataset(ids, self._label_map(k), k)
-        # every sampler yields steps x batch pairs: equal lengths, no partial batch
+        # batch_size=None: each item is a whole step, collated by SubnetSteps
         return DataLoader(
-            dataset, batch_size=batch, sampler=sampler, **self._loader_kwargs(dataset, batch)
+            SubnetSteps(datasets, collate),
+            batch_size=None,
+            sampler=sampler,
+            **self._loader_kwargs(None),
+            collate_fn=collated,
         )
 
     def _eval_loader(self, split: str, ids: np.ndarray) -> DataLoader:
