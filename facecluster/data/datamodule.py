@@ -789,7 +789,7 @@ class FaceDataModule(lightning.LightningDataModule):
         subnets: Sequence[int] | None = None,
         neighbours: Sequence[Tensor] | None = None,
     ) -> None:
-        """Attach the stage-2 clusters; training then serves every connected cluster from one loader of steps.
+        """Attach the stage-2 clusters; training then serves them from one loader of steps.
 
         Calling it again replaces the previous clusters.
 
