@@ -332,6 +332,44 @@ def test_the_top_m_sweep_records_the_values_it_scored(finished_run, monkeypatch)
 
 
 @pytest.mark.slow
+def test_macro_scores_equal_torchmetrics_and_stay_linear_in_the_identities():
+    # torchmetrics' macro metrics build a [C, C] confusion matrix at every update (69 GB
+    # at 93K identities); MacroScores keeps three [C] counts and gives the same numbers:
+    # identities neither predicted nor present are left out, 0/0 counts 0
+    from torchmetrics.classification import (
+        MulticlassF1Score,
+        MulticlassPrecision,
+        MulticlassRecall,
+    )
+
+    from facecluster.evaluation import MacroScores
+
+    torch.manual_seed(0)
+    c = 9  # identity 8 never appears, 7 is only predicted, 6 is never predicted
+    labels = torch.randint(0, 7, (300,))
+    predicted = torch.where(torch.rand(300) < 0.6, labels, torch.randint(0, 8, (300,)))
+    predicted[predicted == 6] = 5
+    ours, theirs = (
+        MacroScores(c),
+        {
+            "precision": MulticlassPrecision(c, average="macro"),
+            "recall": MulticlassRecall(c, average="macro"),
+            "f1": MulticlassF1Score(c, average="macro"),
+        },
+    )
+    for rows in (slice(0, 128), slice(128, 300)):
+        ours.update(predicted[rows], labels[rows])
+        for metric in theirs.values():
+            metric.update(predicted[rows], labels[rows])
+    got = ours.compute()
+    for name, metric in theirs.items():
+        assert got[name] == pytest.approx(float(metric.compute()), abs=1e-6), name
+    big = MacroScores(2_000_000)  # WebFace42M's identities: three [C] counts
+    big.update(torch.tensor([5, 7, 1_999_999]), torch.tensor([5, 8, 1_999_999]))
+    # identities 5, 7 (predicted only: recall 0/0, counted as 0), 8 and 1,999,999
+    assert big.compute()["recall"] == pytest.approx(2 / 4)
+
+
 def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):
     report = evaluate_run(finished_run)
     models = [r.model for r in report.rows]
