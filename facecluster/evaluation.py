@@ -46,6 +46,7 @@ from facecluster.deploy import calibrate_run, resolve_device
 from facecluster.inference import Predictor, StageOneModel, TwoStageIdentifier
 from facecluster.inference.openset import fnir_at_fpir
 from facecluster.inference.verification import verify
+from facecluster.io import replacing
 from facecluster.loggers import wandb_run
 from facecluster.models.components import load_backbone
 from facecluster.plots import alpha_plot, class_means_plot, top_m_plot
@@ -471,12 +472,7 @@ def _flat(row: Row) -> dict[str, Any]:
 
 def _write(report: RunEvaluation, run: RunFolder, cfg: Config) -> RunEvaluation:
     run.eval_dir.mkdir(exist_ok=True)
-    run.eval_file("table").write_text(format_table(report.rows, cfg.eval.batch_size) + "\n")
     flat = [_flat(r) for r in report.rows]
-    with open(run.eval_file("csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(flat[0]))
-        writer.writeheader()
-        writer.writerows(flat)
     summary = {
         "rows": [asdict(r) for r in report.rows],
         "top_m_sweep": report.top_m_sweep,
@@ -485,7 +481,19 @@ def _write(report: RunEvaluation, run: RunFolder, cfg: Config) -> RunEvaluation:
         "batch_size": cfg.eval.batch_size,
         "torch_threads": torch.get_num_threads(),
     }
-    run.eval_file("json").write_text(json.dumps(summary, indent=2))
+    # all three or none (a full disk, a kill): each through a temporary file, replaced
+    # together when the block ends, results.json (what bench/results.py reads) last: an
+    # ExitStack replaces in the reverse order of entry
+    with contextlib.ExitStack() as stack:
+        table_json, table_csv, table = (
+            stack.enter_context(replacing(run.eval_file(kind))) for kind in ("json", "csv", "table")
+        )
+        table.write_text(format_table(report.rows, cfg.eval.batch_size) + "\n")
+        with open(table_csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(flat[0]))
+            writer.writeheader()
+            writer.writerows(flat)
+        table_json.write_text(json.dumps(summary, indent=2))
     if cfg.logger == "wandb":
         import wandb
 

@@ -4,6 +4,7 @@ evaluate.py end to end on a tiny finished run."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 
@@ -392,6 +393,34 @@ def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):
     ):
         assert (out / name).is_file(), name
     assert json.loads((out / "results.json").read_text())["rows"][0]["model"] == models[0]
+    # a write that fails half-way (a full disk) leaves the last complete results, all three
+    before = {p.name: p.read_bytes() for p in out.glob("results.*")}
+    run = RunFolder(finished_run)
+    report.rows[0] = dataclasses.replace(report.rows[0], top1=0.5)  # another evaluation
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluation.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError(28)))
+        with pytest.raises(OSError):
+            evaluation._write(report, run, run.finished_config([]))
+    assert {p.name: p.read_bytes() for p in out.glob("results.*")} == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_the_class_means_plot_projects_a_sample_of_many_identities(tmp_path, monkeypatch):
+    # at 300K identities the PCA of every mean took 25 s and 1.8 GB: a seeded sample
+    # is projected and shown; the dispersion in the titles still covers every identity
+    from facecluster import plots
+
+    torch.manual_seed(0)
+    means = F.normalize(torch.randn(60, 8), dim=1)
+    assignment = cluster_identities(means, 3, "kmeans", seed=0)
+    monkeypatch.setattr(plots, "PLOTTED_MEANS", 25)
+    svd_rows = []
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(
+        torch.linalg, "svd", lambda x, **k: svd_rows.append(len(x)) or real_svd(x, **k)
+    )
+    path = plots.class_means_plot(tmp_path / "means.png", assignment, seed=0)
+    assert path.is_file() and svd_rows == [25]
 
 
 @pytest.mark.slow
