@@ -169,6 +169,12 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         help="open-set runs: the unknown threshold lets this fraction of the validation "
         "split's unseen faces pass as someone enrolled (default: %(default)s)",
     )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where the passes over the validation split run: auto (a GPU when there is "
+        "one), cpu, cuda",
+    )
     args = parser.parse_args(argv)
     if not 0.0 <= args.fpir < 1.0:
         parser.error(f"--fpir must be in [0, 1), got {args.fpir}")
@@ -176,7 +182,7 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from facecluster.deploy import export_run
 
     try:
-        written = export_run(args.run, args.out, onnx=args.onnx, fpir=args.fpir)
+        written = export_run(args.run, args.out, onnx=args.onnx, fpir=args.fpir, device=args.device)
     except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:
         return _fail(e)
     for path in written:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
+import math
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,19 +46,28 @@ TOP = 5
 
 
 def export_run(
-    run: str | Path, out: str | Path, onnx: bool = False, fpir: float = 0.01
+    run: str | Path,
+    out: str | Path,
+    onnx: bool = False,
+    fpir: float = 0.01,
+    device: str = "auto",
 ) -> list[Path]:
     """Write ``out/identifier.pt`` from a finished two-stage run (and ``out/onnx``).
 
     An open-set run (``data.unseen_fraction > 0``) also gets its "unknown"
     threshold: the routed answer's similarity at which ``fpir`` of the validation
     split's unseen faces would be taken for someone enrolled
-    (:func:`~facecluster.inference.openset.threshold_at_fpir`).
+    (:func:`~facecluster.inference.openset.threshold_at_fpir`). The passes over the
+    validation split (the decision unit's fit, the threshold) run on ``device``
+    (``auto``: a GPU when there is one).
 
     Raises:
-        ValueError: the run is a single-model run (no sub-nets to export).
+        ValueError: the run is a single-model run (no sub-nets to export), or a device
+            this machine lacks.
+        ImportError: ``onnx`` without the onnx extra (before any work).
     """
-    from facecluster.run import RunFolder  # training side (Lightning): only for the export
+    from facecluster.builders import build_datamodule  # Lightning: only for the export
+    from facecluster.run import RunFolder
 
     folder = RunFolder(Path(run))
     cfg = folder.finished_config()
@@ -66,10 +76,26 @@ def export_run(
             f"{run} is a single-model run (method=single): export writes two-stage "
             "identifiers (router and sub-nets); train with method=clustered or random"
         )
-    identifier = TwoStageIdentifier.from_run(folder)
-    calibrate_run(identifier, folder, cfg)
-    if cfg.data.unseen_fraction > 0:
-        identifier.open_set = unknown_threshold(identifier, folder, cfg, fpir)
+    where = resolve_device(device)
+    if onnx:
+        from facecluster.inference.onnx import require_onnx_export
+
+        require_onnx_export()  # before the passes below, and before out/onnx is removed
+    dm = build_datamodule(cfg)
+    folder.check_identities(dm.class_names)
+    unseen = dm.unseen_dataloader("val") if cfg.data.unseen_fraction > 0 else None
+    if unseen is not None and fpir > 0 and len(unseen.dataset) * fpir < 1.0 - 1e-9:
+        logger.warning(
+            "--fpir %g: the run has %d unseen validation faces, too few to measure it (at "
+            "least %d): the threshold lets none of them pass, stricter than asked; a larger "
+            "data.unseen_fraction measures it",
+            fpir, len(unseen.dataset), math.ceil(1 / fpir - 1e-9),
+        )  # fmt: skip
+    identifier = TwoStageIdentifier.from_run(folder, map_location=where)
+    calibrate_run(identifier, folder, cfg, dm)
+    if unseen is not None:
+        identifier.open_set = unknown_threshold(identifier, unseen, fpir)
+    identifier.to("cpu")  # the file loads anywhere
     out = Path(out)
     # an earlier export's networks are not this identifier's: never leave them beside it
     shutil.rmtree(out / ONNX_FOLDER, ignore_errors=True)
@@ -102,20 +128,23 @@ def calibrate_run(
     logger.info("decision unit fitted on the validation split: %s", params)
 
 
+@torch.inference_mode()
 def unknown_threshold(
-    identifier: TwoStageIdentifier, run: RunFolder, cfg: Config, fpir: float
+    identifier: TwoStageIdentifier, unseen: Iterable, fpir: float
 ) -> dict[str, float]:
-    """``{"threshold", "fpir", "probes", "top_m", "score"}`` from the run's unseen
-    validation faces."""
-    from facecluster.builders import build_datamodule  # Lightning: only for the export
-
-    dm = build_datamodule(cfg)
-    run.check_identities(dm.class_names)
-    loader = dm.unseen_dataloader("val")  # an open-set run always has some
-    scores = torch.cat([identifier.identify(normalize_images(x)).similarity for x, _ in loader])
+    """``{"threshold", "fpir", "measured_fpir", "probes", "top_m", "score"}`` from a run's
+    unseen validation faces (``unseen``: their loader), identified where the identifier
+    is. ``measured_fpir``: the share of them the threshold lets pass (at most ``fpir``;
+    0 when they are fewer than ``1 / fpir``)."""
+    device = identifier.class_means.device
+    scores = torch.cat(
+        [identifier.identify(normalize_images(x.to(device))).similarity.cpu() for x, _ in unseen]
+    )
+    threshold = threshold_at_fpir(scores, fpir)
     return {
-        "threshold": threshold_at_fpir(scores, fpir),
+        "threshold": threshold,
         "fpir": fpir,
+        "measured_fpir": (scores >= threshold).double().mean().item(),
         "probes": len(scores),
         # the candidates searched decide the answer: the threshold is chosen at this top_m
         "top_m": identifier.route_config["top_m"],

@@ -118,6 +118,10 @@ def test_documented_identify_answers_unknown_for_unseen_identities(open_run, exp
     torch_export = torch.load(exported / "identifier.pt", weights_only=True)
     open_set = torch_export["open_set"]
     assert open_set["fpir"] == 0.01 and open_set["probes"] > 0
+    # the share of the unseen validation faces it lets pass: none, when they are too
+    # few to measure 1% (the export warns then)
+    assert open_set["measured_fpir"] <= 0.01
+    assert open_set["probes"] >= 100 or open_set["measured_fpir"] == 0.0
     unseen = json.loads((open_run / "unseen_identities.json").read_text())["test"][0]
     command = IDENTIFY.replace("datasets/lfw-demo/images/<identity>", str(DEMO / unseen))
     _facecluster(command.split(), exported.parents[1])
@@ -209,6 +213,25 @@ def test_exporting_again_without_onnx_leaves_no_stale_onnx_models(open_run, expo
     with pytest.raises(FileNotFoundError):
         load_export(again, "onnx", "cpu")
     assert load_export(again, "auto", "cpu").num_clusters == 3
+
+
+@pytest.mark.slow
+def test_an_onnx_export_without_the_extra_is_refused_before_it_changes_anything(
+    open_run, exported, tmp_path, monkeypatch
+):
+    # --onnx without the onnx extra: refused before the earlier export is touched
+    again = tmp_path / "again"
+    shutil.copytree(exported, again)
+    before = {p: p.read_bytes() for p in again.rglob("*") if p.is_file()}
+    import facecluster.inference.onnx as onnx_module
+
+    def missing(module: str):
+        raise ImportError(f"the '{module}' package is missing")
+
+    monkeypatch.setattr(onnx_module, "_require", missing)
+    with pytest.raises(ImportError, match="'onnx"):
+        export_run(open_run, again, onnx=True)
+    assert {p: p.read_bytes() for p in again.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.slow

@@ -55,13 +55,19 @@ def _require(module: str) -> Any:
         ) from None
 
 
+def require_onnx_export() -> None:
+    """ImportError naming the missing package unless :func:`export_onnx` can run."""
+    for module in ("onnx", "onnxscript"):  # the dynamo exporter and its dependency
+        _require(module)
+
+
 def export_onnx(identifier: TwoStageIdentifier, folder: str | Path) -> list[Path]:
     """Write ``identifier`` as ONNX models, ``gallery.npz`` and ``identifier.json``.
 
     Returns:
         The files written, ``identifier.json`` last.
     """
-    _require("onnxscript")  # the dynamo exporter's dependency, named up front
+    require_onnx_export()  # named up front
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "identifier.json").unlink(missing_ok=True)  # unfinished until rewritten
