@@ -80,6 +80,23 @@ def test_moe_scores_are_the_cluster_probability_times_the_mixture(top_m, weight)
         assert one.identity.item() == result.identity[i].item()
 
 
+def test_moe_compares_each_face_with_its_candidate_clusters_class_means_only(monkeypatch):
+    # a batch of varied faces touches every cluster: comparing every face with every
+    # touched cluster's class means was a full scan of the identities per batch (32x the
+    # pairs needed at 200K identities, K=64, in a reviewer's measurement)
+    from facecluster.inference import identifier as module
+
+    ident, queries = _moe_identifier(0.4)
+    pairs = []
+    real = module.similarity
+    monkeypatch.setattr(
+        module, "similarity", lambda a, b: pairs.append(len(a) * len(b)) or real(a, b)
+    )
+    result = ident.identify(queries, top_m=2)
+    needed = sum(len(ident.members(c)) for row in result.clusters.tolist() for c in row)
+    assert sum(pairs) == 2 * needed  # each pair's class-mean and sub-net head cosines
+
+
 @pytest.mark.parametrize("weight", [0.4, 1.0])
 def test_reported_subnet_forwards_and_parameters_are_what_a_pass_runs(weight):
     # at a generalist weight of 1 no sub-net runs: its rows report none and hold none

@@ -309,16 +309,19 @@ class TwoStageIdentifier(nn.Module):
         best_similarity = torch.full_like(best_score, -float("inf"))
         best_cluster = torch.full_like(best_id, -1)
         forwards = 0
-        sims = {}
+        # each candidate cluster's faces: a cluster is scored for those only
+        routed = {
+            c: (clusters == c).any(dim=1).nonzero().squeeze(1) for c in clusters.unique().tolist()
+        }
+        sims = {}  # moe: the similarities of cluster c's faces to its class means
         if moe:  # each candidate cluster's log-probability, renormalised over the candidates
             log_mass = torch.empty(clusters.shape, device=images.device)
-            for c in clusters.unique().tolist():
-                sims[c] = similarity(query, self.class_means[self.members(c)])
+            for c, rows in routed.items():
+                sims[c] = similarity(query[rows], self.class_means[self.members(c)])
                 mass = torch.logsumexp(sims[c] / params.router_temperature, dim=1)
-                log_mass = torch.where(clusters == c, mass[:, None], log_mass)
+                log_mass[rows] = torch.where(clusters[rows] == c, mass[:, None], log_mass[rows])
             log_weight = torch.log_softmax(log_mass, dim=1)
-        for c in clusters.unique().tolist():
-            rows = (clusters == c).any(dim=1).nonzero().squeeze(1)
+        for c, rows in routed.items():
             members = self.members(c)
             cosine = other = None
             if use_subnets:  # alpha 1, weight 1: the clustering unit alone, no sub-net runs
@@ -327,8 +330,8 @@ class TwoStageIdentifier(nn.Module):
                 forwards += len(rows)
             if moe:
                 weight = log_weight.masked_fill(clusters != c, -math.inf).amax(dim=1)[rows]
-                score = moe_scores(weight, cosine, sims[c][rows], params, other)
-                close = evidence(cosine, sims[c][rows], params)
+                score = moe_scores(weight, cosine, sims[c], params, other)
+                close = evidence(cosine, sims[c], params)
             else:
                 means = similarity(query[rows], self.class_means[members]) if alpha > 0 else None
                 score = close = fuse(cosine, means, alpha)
