@@ -477,6 +477,34 @@ def test_exported_identifier_loads_without_training_code(finished_run, tmp_path)
         TwoStageIdentifier.load(tmp_path / "other.pt")
 
 
+@pytest.mark.parametrize("index", ["hnsw", "clusters"])
+def test_an_exported_router_index_is_read_not_built_again(
+    finished_run, tmp_path, monkeypatch, index
+):
+    # building an ivf, clusters or hnsw index over 360K identities took 1.5-6 minutes
+    # (docs/SCALE.md): the export keeps it, a load with the same settings reads it
+    from facecluster.inference import router as router_module
+
+    ident = TwoStageIdentifier.from_run(finished_run, route={"index": index})
+    path = ident.export(tmp_path / "identifier.pt")
+    queries = torch.randn(50, ident.class_means.shape[1])
+    with pytest.MonkeyPatch.context() as patch:
+        for builder in ("build_index", "cluster_lists_index"):
+            patch.setattr(router_module, builder, lambda *a, **k: pytest.fail("built again"))
+        loaded = TwoStageIdentifier.load(path)
+        assert torch.equal(loaded.router.route(queries, 2), ident.router.route(queries, 2))
+    built = []
+    for builder in ("build_index", "cluster_lists_index"):
+        real = getattr(router_module, builder)
+        wrapped = lambda *a, _real=real, **k: built.append(1) or _real(*a, **k)  # noqa: E731
+        monkeypatch.setattr(router_module, builder, wrapped)
+    TwoStageIdentifier.load(path, route={"ivf_nprobe": 1, "hnsw_ef_search": 8})
+    assert built == [1]  # other index settings: built for them
+    flat = TwoStageIdentifier.from_run(finished_run, route={"index": "flat"})
+    payload = torch.load(flat.export(tmp_path / "flat.pt"), weights_only=True)
+    assert "router_index" not in payload  # a flat index is a copy of the class means
+
+
 class _RunsCode:
     """Unpickling this runs a shell command: what a malicious model file holds."""
 

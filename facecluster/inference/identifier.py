@@ -30,6 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -57,6 +58,17 @@ UNKNOWN = -1
 
 EXPORT_FORMAT = "facecluster.two_stage_identifier"
 EXPORT_VERSION = 3
+INDEX_SETTINGS = (
+    ("index", "flat"),
+    ("ivf_nlist", None),
+    ("ivf_nprobe", 16),
+    ("ivf_codes", "flat"),
+    ("lists_per_cluster", 1),
+    ("hnsw_m", 32),
+    ("hnsw_ef_search", 256),
+)
+"""The route settings a router index is built with, and their defaults (older exports
+lack some): an export's saved index serves a load with the same ones."""
 """Version 2: the backbone is described by ``create_backbone``'s keyword arguments.
 Version 3 (the same layout): an open-set threshold compares the answer's similarity
 (``open_set["score"] == "similarity"``), so that a reader of version 2, which compared
@@ -123,6 +135,9 @@ class TwoStageIdentifier(nn.Module):
             index settings).
         shared_layers: the sub-nets' first stages that are the router backbone's own
             (``model.shared_layers``; checked here).
+        router_index: the router's faiss index as saved by :meth:`export`
+            (:meth:`Router.serialized`), for these class means and ``route``'s index
+            settings; None: built here.
     """
 
     def __init__(
@@ -135,6 +150,7 @@ class TwoStageIdentifier(nn.Module):
         class_names: list[str],
         route: dict[str, Any],
         shared_layers: int = 0,
+        router_index: np.ndarray | None = None,
     ) -> None:
         super().__init__()
         self.backbone_args = dict(backbone)
@@ -164,24 +180,21 @@ class TwoStageIdentifier(nn.Module):
         self.open_set: dict[str, float] | None = None
         """``{"threshold", "fpir", "probes"}``: answer unknown below ``threshold``,
         chosen on ``probes`` unseen faces for that FPIR (set by the export)."""
-        self.router = self._build_router()
+        self.router = self._build_router(router_index)
         self.eval()
 
-    def _build_router(self) -> Router:
-        route = self.route_config
+    def index_settings(self) -> dict[str, Any]:
+        """The route settings the router's index is built with (:data:`INDEX_SETTINGS`)."""
+        return {key: self.route_config.get(key, default) for key, default in INDEX_SETTINGS}
+
+    def _build_router(self, prebuilt: np.ndarray | None = None) -> Router:
         return Router(
             self.assignment.class_means,
             self.assignment.class_to_cluster,
             self.assignment.centroids,
-            index=route["index"],
-            neighbours=route["neighbours"],
-            ivf_nlist=route["ivf_nlist"],
-            ivf_nprobe=route["ivf_nprobe"],
-            hnsw_m=route["hnsw_m"],
-            # not in older exports:
-            hnsw_ef_search=route.get("hnsw_ef_search", 256),
-            ivf_codes=route.get("ivf_codes", "flat"),
-            lists_per_cluster=route.get("lists_per_cluster", 1),
+            neighbours=self.route_config["neighbours"],
+            prebuilt=prebuilt,
+            **self.index_settings(),  # older exports lack some: their defaults
         )
 
     @property
@@ -493,6 +506,10 @@ class TwoStageIdentifier(nn.Module):
             "open_set": self.open_set,
             "shared_layers": self.shared_layers,
         }
+        index = self.router.serialized()
+        if index is not None:  # loads read it instead of building it again
+            payload["router_index"] = torch.from_numpy(index)
+            payload["router_index_settings"] = self.index_settings()
         atomic_torch_save(payload, path)
         return path
 
@@ -527,6 +544,11 @@ class TwoStageIdentifier(nn.Module):
                 f"{path} is an identifier export of version {version}; this facecluster "
                 f"reads versions 1 to {EXPORT_VERSION}"
             )
+        route = dict(payload["route"], **(route or {}))
+        saved = payload.get("router_index")
+        same = payload.get("router_index_settings") == {
+            key: route.get(key, default) for key, default in INDEX_SETTINGS
+        }  # other index settings: built again for them
         identifier = cls(
             args,
             load_backbone(args, payload["router_backbone"]),
@@ -534,8 +556,9 @@ class TwoStageIdentifier(nn.Module):
             payload["heads"],
             ClusterAssignment.from_dict(payload["assignment"]),
             payload["class_names"],
-            dict(payload["route"], **(route or {})),
+            route,
             payload.get("shared_layers", 0),
+            saved.cpu().numpy() if saved is not None and same else None,
         )
         identifier.open_set = payload.get("open_set")
         return identifier

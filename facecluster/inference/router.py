@@ -20,6 +20,7 @@ present, flat and ivf-type indexes move to the GPU.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import faiss
@@ -138,6 +139,9 @@ class Router:
         ivf_nlist, ivf_nprobe, ivf_codes, lists_per_cluster, hnsw_m, hnsw_ef_search:
             index settings (lists_per_cluster: index=clusters only).
         use_gpu: None: faiss GPU when available.
+        prebuilt: an index of these settings over these class means, as
+            :meth:`serialized` gave it: read instead of built (an ivf, clusters or hnsw
+            index over 360K identities took 1.5 to 6 minutes to build, docs/SCALE.md).
     """
 
     def __init__(
@@ -154,13 +158,26 @@ class Router:
         hnsw_ef_search: int = 256,
         ivf_codes: str = "flat",
         lists_per_cluster: int = 1,
+        prebuilt: np.ndarray | None = None,
     ) -> None:
         self.class_to_cluster = class_to_cluster.cpu().long()
         self.centroids = centroids.detach().float().cpu()
         self.num_clusters = centroids.shape[0]
         self.num_classes = class_means.shape[0]
         self.neighbours = neighbours
-        if index == "clusters":
+        self.kind = index
+        if prebuilt is not None:
+            self.index = faiss.deserialize_index(np.ascontiguousarray(prebuilt, dtype=np.uint8))
+            if (self.index.ntotal, self.index.d) != tuple(class_means.shape):
+                raise ValueError(
+                    f"the saved router index holds {self.index.ntotal} vectors of "
+                    f"{self.index.d} dimensions, the class means are {tuple(class_means.shape)}"
+                )
+            if use_gpu is None:
+                use_gpu = torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources")
+            if use_gpu and index != "hnsw":
+                self.index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self.index)
+        elif index == "clusters":
             self.index = cluster_lists_index(
                 class_means,
                 self.class_to_cluster,
@@ -184,6 +201,17 @@ class Router:
                 hnsw_ef_search,
                 ivf_codes,
             )
+
+    def serialized(self) -> np.ndarray | None:
+        """The built index as bytes (``faiss.serialize_index``) for ``prebuilt``; None for
+        ``flat``, whose build is a copy of the class means, quicker than reading one."""
+        if self.kind == "flat":
+            return None
+        index = self.index
+        if hasattr(faiss, "index_gpu_to_cpu") and not isinstance(index, faiss.IndexHNSW):
+            with contextlib.suppress(Exception):  # a CPU index is returned as it is
+                index = faiss.index_gpu_to_cpu(index)
+        return faiss.serialize_index(index)
 
     def cluster_scores(self, queries: Tensor, top_m: int = 1) -> Tensor:
         """[B, K] per-cluster routing scores: the best retrieved class-mean similarity.
