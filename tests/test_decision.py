@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from facecluster.config import ConfigError, load_config
 from facecluster.evaluation import evaluate_run
-from facecluster.inference import StageOneModel, TwoStageIdentifier, count_parameters
+from facecluster.inference import StageOneModel, TwoStageIdentifier, count_parameters, decision
 from facecluster.inference.decision import (
     TEMPERATURES,
     Calibration,
@@ -209,6 +209,13 @@ def test_calibration_recovers_the_temperatures_that_generated_the_labels():
     calibration = Calibration()
     right = class_to_cluster[labels][:, None] == torch.arange(k)
     calibration.update_router(similarity, (torch.arange(classes), class_to_cluster), right)
+    # the class means go through in blocks (bounded memory at 2M identities): any block
+    # size gives the same likelihoods
+    blocked = Calibration()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decision, "MEMBER_BLOCK", 7)
+        blocked.update_router(similarity, (torch.arange(classes), class_to_cluster), right)
+    torch.testing.assert_close(blocked.router_nll, calibration.router_nll, rtol=1e-6, atol=1e-6)
     # sub-net cosines whose softmax at true_subnet gives the right identity its probability
     for c in range(k):
         rows = (class_to_cluster[labels] == c).nonzero().squeeze(1)

@@ -47,6 +47,8 @@ DECISIONS = ("moe", "linear")
 
 TEMPERATURES = torch.logspace(math.log10(0.005), 0.0, 40, dtype=torch.float64)
 """Temperatures tried by the calibration (log-spaced, 0.005 to 1)."""
+MEMBER_BLOCK = 65_536
+"""Class means per block of the calibration's router pass."""
 WEIGHTS = torch.linspace(0.0, 1.0, 21, dtype=torch.float64)
 """Generalist weights tried by the calibration."""
 
@@ -145,16 +147,24 @@ class Calibration:
             members: every (identity, cluster) membership, as two ``[P]`` tensors.
             right: ``[n, K]`` whether each cluster has the face's identity.
         """
-        s = similarity.double()
-        s = s - s.max(dim=1, keepdim=True).values
+        s = similarity.float()
+        top = s.max(dim=1, keepdim=True).values
         ids, clusters = (t.to(s.device) for t in members)
-        index = clusters.expand(len(s), -1)
         right = right.to(s.device)
-        per_member = s[:, ids]  # gathered once, not per temperature
-        for i, t in enumerate(TEMPERATURES.tolist()):
-            mass = torch.zeros(right.shape, dtype=s.dtype, device=s.device)
-            mass.scatter_add_(1, index, torch.exp(per_member / t))
-            log_mass = mass.log()
+        temperatures = TEMPERATURES.tolist()
+        mass = torch.zeros(len(temperatures), *right.shape, dtype=torch.float64, device=s.device)
+        # members in blocks: [n, block] at a time, not [n, C] in float64 per temperature
+        # (16 GB for a batch of 256 at 2M identities); exp in float32, whose underflow
+        # (below e^-87 of the largest term) takes nothing a float64 sum would keep
+        for start in range(0, len(ids), MEMBER_BLOCK):
+            block = slice(start, start + MEMBER_BLOCK)
+            shifted = s[:, ids[block]] - top  # <= 0: every term at most 1
+            index = clusters[block].expand(len(s), -1)
+            for i, t in enumerate(temperatures):
+                part = torch.zeros(right.shape, dtype=torch.float32, device=s.device)
+                mass[i] += part.scatter_add_(1, index, torch.exp(shifted / t)).double()
+        for i in range(len(temperatures)):
+            log_mass = mass[i].log()
             found = torch.logsumexp(log_mass.masked_fill(~right, -torch.inf), 1)
             self.router_nll[i] += (torch.logsumexp(log_mass, 1) - found).sum().cpu()
         self.faces += len(s)
