@@ -186,3 +186,28 @@ def test_a_resume_with_other_steps_per_epoch_keeps_the_schedule_in_epochs(tmp_pa
     run = tmp_path / "a" / "run"
     train(RunFolder.config_for_resume(str(run), ["data.batch_size=16"]), callbacks=[resumed])
     assert 0.005 < resumed.lrs[1] == pytest.approx(ref.lrs[1], rel=1e-6)
+
+
+class StepLrs(L.Callback):
+    """Stage 1's LR at each optimizer step (before the step)."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.stage == 1:
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_max_steps_does_not_shorten_a_warm_up_given_in_epochs(tmp_path):
+    # trainer.max_steps caps the run, not an epoch: a one-epoch warm-up stays one epoch
+    # of optimizer steps (it was warm-up epochs x max_steps / max_epochs)
+    common = ("stage=1", "trainer.max_epochs=2", "stage1.optim.warmup_epochs=1")
+    full = StepLrs()
+    train(load_config(SMOKE, smoke_overrides(tmp_path / "full", *common)), callbacks=[full])
+    capped = StepLrs()
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path / "capped", *common, "trainer.max_steps=12"))
+    train(cfg, callbacks=[capped])
+    assert len(capped.lrs) == 12 and len(full.lrs) > 24
+    # the same warm-up, step for step, while it lasts
+    assert capped.lrs == pytest.approx(full.lrs[:12], rel=1e-6)

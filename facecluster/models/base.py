@@ -3,6 +3,7 @@ and the margin heads' sharding across DDP processes (Partial FC)."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -138,9 +139,22 @@ class StageSystem(L.LightningModule):
         optimizer = build_optimizer(self._param_groups(), optim)
         # estimated_stepping_batches accounts for devices, accumulation and limits.
         scheduler = build_scheduler(
-            optimizer, self.trainer.estimated_stepping_batches, self.trainer.max_epochs, optim
+            optimizer,
+            self.trainer.estimated_stepping_batches,
+            self.trainer.max_epochs,
+            optim,
+            self._optimizer_steps_per_epoch(),
         )
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def _optimizer_steps_per_epoch(self) -> float:
+        """Optimizer steps of one epoch, the schedule's unit: ``trainer.max_steps``, which
+        caps ``estimated_stepping_batches``, does not shorten an epoch."""
+        total = self.trainer.estimated_stepping_batches  # sets num_training_batches up
+        batches = self.trainer.num_training_batches
+        if math.isinf(batches) or math.isinf(total):
+            return total / max(1, self.trainer.max_epochs)
+        return math.ceil(batches / self.trainer.accumulate_grad_batches)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {
@@ -176,7 +190,7 @@ class StageSystem(L.LightningModule):
         # end, the floor LR for the rest). Rescale the count to the same progress.
         before = getattr(self, "_restored_steps_per_epoch", None)
         self._restored_steps_per_epoch = None
-        now = self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs)
+        now = self._optimizer_steps_per_epoch()
         self._steps_per_epoch = now
         if not before or abs(before - now) < 1e-9:
             return

@@ -74,11 +74,19 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, optim: dict[str, A
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, max_epochs: int, optim: dict[str, Any]
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    max_epochs: int,
+    optim: dict[str, Any],
+    steps_per_epoch: float | None = None,
 ) -> dict[str, Any]:
-    """A per-step LambdaLR in Lightning's ``lr_scheduler`` config format."""
+    """A per-step LambdaLR in Lightning's ``lr_scheduler`` config format.
+
+    ``steps_per_epoch``: optimizer steps of one epoch, the unit of ``warmup_epochs``
+    (None: ``total_steps / max_epochs``, which ``trainer.max_steps`` would shrink)."""
     total_steps = max(1, int(total_steps))
-    warmup_steps = int(round(optim["warmup_epochs"] * total_steps / max(1, max_epochs)))
+    per_epoch = steps_per_epoch if steps_per_epoch else total_steps / max(1, max_epochs)
+    warmup_steps = int(round(optim["warmup_epochs"] * per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, optim)
     )
