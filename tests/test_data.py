@@ -450,6 +450,26 @@ def test_negatives_add_the_nearest_outsiders_images_as_not_mine() -> None:
     assert torch.equal(dm._label_map(1), torch.tensor([4, 4, 0, 1, 2, 3]))
 
 
+def test_each_clusters_images_are_its_identities_train_images_in_split_order() -> None:
+    # gathered from each identity's run of the label-sorted split; what a mask over
+    # every training label gives, in the same order (the sub-nets' streams depend on it)
+    dm = FaceDataModule(str(DEMO_ROOT), batch_size=4, max_classes=8, seed=5, subnet_negatives=0.3)
+    members = [torch.tensor([0, 5, 6]), torch.tensor([1, 2, 6]), torch.tensor([3, 4, 7])]
+    neighbours = [torch.tensor([7, 1, 2, 3, 4]), torch.tensor([0, 5, 3]), torch.tensor([6, 0])]
+    dm.connect_clusters(members, neighbours=neighbours)
+    train, labels = dm._split_indices("train"), dm.split_labels("train").numpy()
+    label_of = dict(zip(train.tolist(), labels.tolist(), strict=True))
+    for k, ids in enumerate(dm._cluster_ids):
+        own = np.isin(labels, members[k].numpy())
+        served = {label_of[i] for i in ids.tolist()}
+        assert served >= set(members[k].tolist())
+        outsiders = served - set(members[k].tolist())
+        mask = own | np.isin(labels, sorted(outsiders))
+        assert np.array_equal(ids, train[mask])
+        # the outsiders are the nearest ones, whole identities, in order
+        assert sorted(outsiders) == sorted(neighbours[k][: len(outsiders)].tolist())
+
+
 def test_subnet_datasets_share_the_split_instead_of_copying_it() -> None:
     # each sub-net's dataset counts broken files over the whole train split: one array
     # for all of them (K copies of Glint360K's 17M ids were 6 GB per process at K=64)

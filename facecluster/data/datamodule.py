@@ -841,17 +841,29 @@ class FaceDataModule(lightning.LightningDataModule):
         if share > 0 and (neighbours is None or len(neighbours) != len(clusters)):
             raise ValueError("connect_clusters: subnet_negatives needs every cluster's neighbours")
         per_class = torch.bincount(labels, minlength=num_classes)
+        # the train split's positions grouped by label (stable: split order within one),
+        # so a cluster's images are gathered from its identities' runs, not found by a
+        # pass over every training label per cluster (O(N K): 35 s at 40M images, K=64)
+        by_label = torch.argsort(labels, stable=True)
+        starts = torch.cumsum(per_class, 0) - per_class
         for k, ids in enumerate(clusters):
-            member = torch.zeros(num_classes, dtype=torch.bool)
-            member[ids] = True
+            taken = ids
             budget = round(share * int(per_class[ids].sum()))
             if budget > 0:  # the nearest outsiders' images, whole identities, to the budget
                 ranked = torch.as_tensor(neighbours[k], dtype=torch.long).cpu()
+                member = torch.zeros(num_classes, dtype=torch.bool)
+                member[ids] = True
                 if bool(member[ranked].any()):
                     raise ValueError(f"connect_clusters: neighbours[{k}] holds members of {k}")
                 upto = torch.cumsum(per_class[ranked], 0)
-                member[ranked[: int(torch.searchsorted(upto, budget)) + 1]] = True
-            self._cluster_ids.append(train[member[labels]].numpy())
+                taken = torch.cat([ids, ranked[: int(torch.searchsorted(upto, budget)) + 1]])
+            lengths = per_class[taken]
+            # position j of identity c's run: starts[c] + j, for every taken identity
+            first = torch.repeat_interleave(
+                starts[taken] - (torch.cumsum(lengths, 0) - lengths), lengths
+            )
+            positions = by_label[first + torch.arange(int(lengths.sum()))].sort().values
+            self._cluster_ids.append(train[positions].numpy())
         # early feedback: a cluster whose training subset would yield 1-sample batches
         for k in range(num_clusters):
             self._check_train_subset(len(self._cluster_train_ids(k)), f"cluster {k}")
