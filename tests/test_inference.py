@@ -423,6 +423,18 @@ def test_the_class_means_plot_projects_a_sample_of_many_identities(tmp_path, mon
     assert path.is_file() and svd_rows == [25]
 
 
+def test_evaluation_times_faces_drawn_across_the_test_split(finished_run):
+    # the split's first batch is a few identities in a row (they route to a few
+    # sub-nets): the timing batch is drawn across the split instead, the same each time
+    cfg = RunFolder(finished_run).finished_config(["eval.batch_size=16"])
+    bench = evaluation.Bench(cfg, "run", None)
+    first = next(iter(bench.loader))[1].tolist()
+    assert len(bench.sample) == len(bench.sample_labels) == 16
+    assert len(set(bench.sample_labels)) > len(set(first))
+    again = evaluation.Bench(cfg, "run", None)
+    assert torch.equal(again.sample, bench.sample)
+
+
 @pytest.mark.slow
 def test_evaluation_runs_under_the_precisions_autocast(finished_run):
     # trainer.precision=auto on CPU: fp32, no autocast; bf16-mixed: every predictor
