@@ -206,13 +206,16 @@ def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -
     faces: dict[str, list[Path]] = {}
     for path, label in identities.samples:
         faces.setdefault(identities.class_names[label], []).append(Path(path))
-    images = {}
-    for name, paths in tqdm(faces.items(), desc="enrol", unit="identity"):
-        batches = [b for _, _, b in _batches(paths, size, batch_size) if b is not None]
-        if not batches:
-            raise ValueError(f"{folder}/{name}: no decodable face image to enrol")
-        images[name] = normalize_images(torch.cat(batches))
-    clusters = identifier.enroll(images, batch_size)
+    identifier.check_new_names(list(faces))  # before any image is read
+
+    def people() -> Iterator[tuple[str, torch.Tensor]]:  # one person's images at a time
+        for name, paths in tqdm(faces.items(), desc="enrol", unit="identity"):
+            batches = [b for _, _, b in _batches(paths, size, batch_size) if b is not None]
+            if not batches:
+                raise ValueError(f"{folder}/{name}: no decodable face image to enrol")
+            yield name, normalize_images(torch.cat(batches))
+
+    clusters = identifier.enroll(people(), batch_size)
     # every file written beside its target first, then all replaced: a failure (a full
     # disk, Ctrl-C) leaves the export as it was, and the enrolment can be run again
     with contextlib.ExitStack() as stack:

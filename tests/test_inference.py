@@ -633,3 +633,32 @@ def test_enrolment_embeds_a_person_in_batches_with_the_same_rows():
     expected = F.normalize(F.normalize(faces["new"], dim=1).mean(0), dim=0)
     assert torch.allclose(ident.class_means[new], expected, atol=1e-6)
     assert torch.allclose(ident.head(k)[-1], expected, atol=1e-6)  # identity sub-nets
+
+
+def test_enrolment_takes_one_person_at_a_time_and_changes_nothing_until_all_are_done():
+    # enroll_folder hands people over one at a time (a bulk enrolment need not hold
+    # every image); each is routed against the gallery before the call, so the order
+    # does not matter, and a bad person later on leaves the identifier as it was
+    torch.manual_seed(4)
+    people = {f"p{i}": torch.randn(4, 8) for i in range(6)}
+    forward, backward = _random_identifier(seed=3)[0], _random_identifier(seed=3)[0]
+    held = []
+
+    def one_at_a_time(order):
+        for name in order:
+            held.append(name)
+            yield name, people[name]
+
+    a = forward.enroll(one_at_a_time(list(people)))
+    b = backward.enroll(one_at_a_time(list(people)[::-1]))
+    assert a == b and len(held) == 12
+    for name in people:
+        i, j = forward.class_names.index(name), backward.class_names.index(name)
+        assert torch.equal(forward.class_means[i], backward.class_means[j])
+    before = (list(forward.class_names), forward.class_means.clone())
+    again = iter([("q", torch.randn(3, 8)), ("p0", torch.randn(3, 8))])
+    with pytest.raises(ValueError, match="'p0' is enrolled already"):
+        forward.enroll(again)
+    assert forward.class_names == before[0] and torch.equal(forward.class_means, before[1])
+    with pytest.raises(ValueError, match="'r' is given twice"):
+        forward.enroll(iter([("r", torch.randn(3, 8)), ("r", torch.randn(3, 8))]))

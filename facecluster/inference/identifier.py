@@ -24,7 +24,7 @@ and all sub-nets (ISM).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -357,7 +357,9 @@ class TwoStageIdentifier(nn.Module):
         )
 
     @torch.no_grad()
-    def enroll(self, faces: dict[str, Tensor], batch_size: int = 64) -> dict[str, int]:
+    def enroll(
+        self, faces: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], batch_size: int = 64
+    ) -> dict[str, int]:
         """Add identities without retraining; returns each new name's cluster.
 
         For each name, from its face images ``[n, 3, H, W]`` (normalised): its class
@@ -367,33 +369,55 @@ class TwoStageIdentifier(nn.Module):
         order of ``faces`` does not matter); that cluster's sub-net head gains a row,
         the normalised mean of its normalised sub-net embeddings. Centroids and
         every existing identity stay as they are. The networks take ``batch_size``
-        images at a time, however many a person has.
+        images at a time, however many a person has. ``faces`` may be ``(name,
+        images)`` pairs made one at a time: only one person's images are needed at
+        once. Nothing changes until every person is done.
 
         Raises:
-            ValueError: a name that is enrolled already, or no images.
+            ValueError: a name that is enrolled already or given twice, or no images.
         """
+        pairs = faces.items() if isinstance(faces, Mapping) else faces
+        names: list[str] = []
+        means, clusters, rows = [], [], []
         taken = set(self.class_names)
-        for name, images in faces.items():
+        for name, images in pairs:
             if name in taken:
-                raise ValueError(f"{name!r} is enrolled already (identity names are unique)")
+                self.check_new_names([*names, name])  # raises, naming why
+            taken.add(name)
             if len(images) == 0:
                 raise ValueError(f"{name!r}: no face images to enrol")
-        if not faces:
+            mean = _direction(self.embed, images, batch_size)
+            k = int(self.router.route(mean, 1)[0, 0])  # the gallery before this call
+            names.append(name)
+            means.append(mean)
+            clusters.append(k)
+            rows.append(_direction(self.subnets[k], images, batch_size))
+        if not names:
             return {}
-        means = torch.cat([_direction(self.embed, x, batch_size) for x in faces.values()])
-        clusters = self.router.route(means, 1)[:, 0]
         first = self.assignment.num_classes
-        for i, (images, k) in enumerate(zip(faces.values(), clusters.tolist(), strict=True)):
-            row = _direction(self.subnets[k], images, batch_size).to(self.head(k))
-            setattr(self, f"head{k}", torch.cat([self.head(k), row]))
-            member = torch.tensor([first + i], device=self.members(k).device)
-            setattr(self, f"members{k}", torch.cat([self.members(k), member]))
-        self.assignment = self.assignment.extended(means, clusters)
+        for k in sorted(set(clusters)):
+            mine = [i for i, c in enumerate(clusters) if c == k]
+            new_rows = torch.cat([rows[i] for i in mine]).to(self.head(k))
+            setattr(self, f"head{k}", torch.cat([self.head(k), new_rows]))
+            ids = torch.tensor([first + i for i in mine], device=self.members(k).device)
+            setattr(self, f"members{k}", torch.cat([self.members(k), ids]))
+        self.assignment = self.assignment.extended(torch.cat(means), torch.tensor(clusters))
         self.class_means = self.assignment.class_means.to(self.class_means.device)
         self.class_to_cluster = self.assignment.class_to_cluster.to(self.class_to_cluster.device)
-        self.class_names += list(faces)
+        self.class_names += names
         self.router = self._build_router()
-        return dict(zip(faces, clusters.tolist(), strict=True))
+        return dict(zip(names, clusters, strict=True))
+
+    def check_new_names(self, names: Sequence[str]) -> None:
+        """ValueError for a name in ``names`` that is enrolled already or given twice."""
+        taken = set(self.class_names)
+        seen: set[str] = set()
+        for name in names:
+            if name in taken:
+                raise ValueError(f"{name!r} is enrolled already (identity names are unique)")
+            if name in seen:
+                raise ValueError(f"{name!r} is given twice (identity names are unique)")
+            seen.add(name)
 
     def decision_name(self, alpha: float | None = None) -> str:
         """How the decision unit is named in table rows: ``moe`` or ``alpha=<alpha>``."""
