@@ -121,24 +121,34 @@ class ClusteringCallback(L.Callback):
         if self.features == "head":  # every rank sends its shard; rank 0 gets them all
             head = pl_module.head
             rows = gather_to_first(head.weight.detach(), head.num_classes)
-        assignment = payload = None
+        assignment = payload = failure = None
         if trainer.global_rank == 0:
-            assignment = cluster_identities(
-                means,
-                self.num_clusters,
-                self.method,
-                seed=self.seed,
-                niter=self.niter,
-                nredo=self.nredo,
-                features=rows,
-                overlap=self.overlap,
-            )
-            assignment.save(self.save_path)
-            # every rank holds the same all-reduced class means: only the grouping is
-            # sent (labels, centroids, overlap: computed, 32 MB at 2M identities, not 4 GB more)
-            payload = {k: v for k, v in assignment.to_dict().items() if k != "class_means"}
+            try:
+                assignment = cluster_identities(
+                    means,
+                    self.num_clusters,
+                    self.method,
+                    seed=self.seed,
+                    niter=self.niter,
+                    nredo=self.nredo,
+                    features=rows,
+                    overlap=self.overlap,
+                )
+                assignment.save(self.save_path)
+            except Exception as e:  # the other ranks wait in the broadcast: tell them
+                failure = e
+                payload = {"error": f"{type(e).__name__}: {e}"}
+            else:
+                # every rank holds the same all-reduced class means: only the grouping is
+                # sent (labels, centroids, overlap: computed, 32 MB at 2M identities, not
+                # 4 GB more)
+                payload = {k: v for k, v in assignment.to_dict().items() if k != "class_means"}
         # k-means runs once, on rank 0: faiss is not bit-identical across processes.
         payload = trainer.strategy.broadcast(payload, src=0)
+        if failure is not None:
+            raise failure
+        if "error" in payload:  # rank 0's clustering failed: stop here too, not at a timeout
+            raise RuntimeError(f"the clustering failed on rank 0: {payload['error']}")
         if assignment is None:  # the means as cluster_identities keeps them
             assignment = ClusterAssignment.from_dict({**payload, "class_means": unit_rows(means)})
         trainer.strategy.barrier("clustering")
@@ -194,3 +204,4 @@ class ClusteringCallback(L.Callback):
                 data=[[k, n] for k, n in enumerate(sizes)],
                 step=trainer.global_step,
             )
+        trainer.logger.save()  # logged after the fit: nothing of Lightning's saves it now

@@ -525,3 +525,36 @@ def test_neighbours_are_the_outsiders_nearest_the_centroid(overlap):
         outside = [i for i in range(40) if i not in members]
         cosine = {i: float(a.class_means[i] @ a.centroids[k]) for i in outside}
         assert a.neighbours(k).tolist() == sorted(outside, key=lambda i: (-cosine[i], i))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_clustering_that_fails_on_rank_0_stops_every_rank(tmp_path, monkeypatch, rank):
+    # k-means and its save run on rank 0 alone while the others wait in the broadcast:
+    # a failure there (a full disk) is sent to them, so they stop too instead of waiting
+    # for the process group's timeout
+    from types import SimpleNamespace
+
+    from facecluster.callbacks import ClusteringCallback
+    from facecluster.callbacks import clustering as module
+
+    sent = []
+
+    def broadcast(payload, src=0):
+        sent.append(payload)
+        return payload if rank == 0 else {"error": "OSError: [Errno 28] No space left"}
+
+    strategy = SimpleNamespace(broadcast=broadcast, barrier=lambda *a: None)
+    trainer = SimpleNamespace(global_rank=rank, strategy=strategy)
+    unit = ClusteringCallback(None, 2, "kmeans", 0, tmp_path / "clusters.pt")
+    monkeypatch.setattr(unit, "class_means", lambda *a: torch.eye(4))
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left")
+
+    monkeypatch.setattr(module, "cluster_identities", full_disk)
+    expected = OSError if rank == 0 else RuntimeError
+    with pytest.raises(expected, match="No space left"):
+        unit.cluster(trainer, None)
+    assert len(sent) == 1  # every rank went through the broadcast
+    if rank == 0:
+        assert "No space left" in sent[0]["error"]
