@@ -81,9 +81,15 @@ def export_run(
         from facecluster.inference.onnx import require_onnx_export
 
         require_onnx_export()  # before the passes below, and before out/onnx is removed
-    dm = build_datamodule(cfg)
-    folder.check_identities(dm.class_names)
-    unseen = dm.unseen_dataloader("val") if cfg.data.unseen_fraction > 0 else None
+    identifier = TwoStageIdentifier.from_run(folder).to(where)
+    # the data only for a pass over the validation split: a calibrated closed-set run
+    # exports without it (a copied run folder, data elsewhere)
+    calibrate = identifier.route_config["decision"] == "moe" and identifier.moe is None
+    dm = unseen = None
+    if calibrate or cfg.data.unseen_fraction > 0:
+        dm = build_datamodule(cfg)
+        folder.check_identities(dm.class_names)
+        unseen = dm.unseen_dataloader("val") if cfg.data.unseen_fraction > 0 else None
     if unseen is not None and fpir > 0 and len(unseen.dataset) * fpir < 1.0 - 1e-9:
         logger.warning(
             "--fpir %g: the run has %d unseen validation faces, too few to measure it (at "
@@ -91,7 +97,6 @@ def export_run(
             "data.unseen_fraction measures it",
             fpir, len(unseen.dataset), math.ceil(1 / fpir - 1e-9),
         )  # fmt: skip
-    identifier = TwoStageIdentifier.from_run(folder, map_location=where)
     calibrate_run(identifier, folder, cfg, dm)
     if unseen is not None:
         identifier.open_set = unknown_threshold(identifier, unseen, fpir)

@@ -228,3 +228,17 @@ def test_a_timm_vits_position_embedding_and_class_token_are_not_decayed() -> Non
     assert len(listed) == 2 and all(id(named[n]) in exempt for n in listed)
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
     assert any(p.ndim > 1 for p in decay["params"])
+
+    class Wildcard(nn.Module):  # XCiT's form: "pos_embed.*", matched as timm does
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos_embed = nn.Linear(4, 4)
+            self.proj = nn.Linear(4, 4)
+
+        def no_weight_decay(self) -> set[str]:
+            return {"pos_embed.*"}
+
+    net = Wildcard()
+    decay, no_decay = param_groups([net], 5e-4)
+    assert any(p is net.pos_embed.weight for p in no_decay["params"])
+    assert any(p is net.proj.weight for p in decay["params"])

@@ -216,6 +216,14 @@ def test_calibration_recovers_the_temperatures_that_generated_the_labels():
         patch.setattr(decision, "MEMBER_BLOCK", 7)
         blocked.update_router(similarity, (torch.arange(classes), class_to_cluster), right)
     torch.testing.assert_close(blocked.router_nll, calibration.router_nll, rtol=1e-6, atol=1e-6)
+    # a face whose cluster is far below its best class mean: at the coldest temperature
+    # its likelihood is tiny, not zero (in float32 it underflowed, and that temperature's
+    # whole sum became infinite)
+    far = Calibration()
+    far.update_router(torch.tensor([[0.9, 0.1]]), (torch.arange(2), torch.arange(2)),
+                      torch.tensor([[False, True]]))  # fmt: skip
+    assert bool(torch.isfinite(far.router_nll).all())
+    assert far.router_nll[0].item() == pytest.approx(0.8 / float(TEMPERATURES[0]), rel=1e-6)
     # sub-net cosines whose softmax at true_subnet gives the right identity its probability
     for c in range(k):
         rows = (class_to_cluster[labels] == c).nonzero().squeeze(1)

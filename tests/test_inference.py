@@ -517,6 +517,22 @@ def test_an_exported_router_index_is_read_not_built_again(
     assert "router_index" not in payload  # a flat index is a copy of the class means
 
 
+def test_a_calibrated_closed_set_run_exports_without_its_data(finished_run, tmp_path):
+    # the export reads the data only for a pass over the validation split (a fit of the
+    # decision unit not made yet, an open-set threshold): a run folder copied elsewhere
+    from facecluster.deploy import export_run
+
+    export_run(finished_run, tmp_path / "first", device="cpu")  # calibrates if needed
+    moved = tmp_path / "moved"
+    shutil.copytree(finished_run, moved)
+    config = moved / "config.yaml"
+    text = config.read_text()
+    root = load_config(config).data.root
+    config.write_text(text.replace(root, "/nonexistent/faces"))
+    written = export_run(moved, tmp_path / "second", device="cpu")
+    assert written == [tmp_path / "second" / "identifier.pt"]
+
+
 class _RunsCode:
     """Unpickling this runs a shell command: what a malicious model file holds."""
 

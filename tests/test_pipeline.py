@@ -140,7 +140,7 @@ def test_bad_input_stops_before_training_and_names_the_culprit(tmp_path, overrid
 def test_clustering_by_the_stage1_head_rows(tmp_path, monkeypatch):
     # clustering.features=head: the saved assignment is k-means on the trained head's
     # rows (not on the class means, which it keeps for routing)
-    head = ("clustering.features=head",)
+    head = ("clustering.features=head", "logger=csv")
     train(load_config(SMOKE, smoke_overrides(tmp_path, "stage=1", *head)))
     run = tmp_path / "run"
     tested = (run / "stage1.json").read_text()
@@ -149,6 +149,8 @@ def test_clustering_by_the_stage1_head_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(L.Trainer, "test", lambda *a, **k: pytest.fail("stage 1 tested again"))
     result = train(cfg)
     assert (run / "stage1.json").read_text() == tested
+    with open(run / "csv" / "metrics.csv") as f:  # the clustering's figures are logged
+        assert any(row.get("clustering/within") for row in csv.DictReader(f))
     saved = ClusterAssignment.load(result.run_dir / "clusters.pt")
     rows = result.backbone.head.weight.detach()
     by_head = cluster_identities(saved.class_means, 3, "kmeans", seed=cfg.seed, features=rows)

@@ -47,7 +47,7 @@ DECISIONS = ("moe", "linear")
 
 TEMPERATURES = torch.logspace(math.log10(0.005), 0.0, 40, dtype=torch.float64)
 """Temperatures tried by the calibration (log-spaced, 0.005 to 1)."""
-MEMBER_BLOCK = 65_536
+MEMBER_BLOCK = 16_384
 """Class means per block of the calibration's router pass."""
 WEIGHTS = torch.linspace(0.0, 1.0, 21, dtype=torch.float64)
 """Generalist weights tried by the calibration."""
@@ -147,22 +147,22 @@ class Calibration:
             members: every (identity, cluster) membership, as two ``[P]`` tensors.
             right: ``[n, K]`` whether each cluster has the face's identity.
         """
-        s = similarity.float()
-        top = s.max(dim=1, keepdim=True).values
+        s = similarity.float()  # as given: a float64 copy of [n, C] would be 4 GB at 2M
+        top = s.max(dim=1, keepdim=True).values.double()
         ids, clusters = (t.to(s.device) for t in members)
         right = right.to(s.device)
         temperatures = TEMPERATURES.tolist()
         mass = torch.zeros(len(temperatures), *right.shape, dtype=torch.float64, device=s.device)
-        # members in blocks: [n, block] at a time, not [n, C] in float64 per temperature
-        # (16 GB for a batch of 256 at 2M identities); exp in float32, whose underflow
-        # (below e^-87 of the largest term) takes nothing a float64 sum would keep
+        # members in blocks: [n, block] at a time, not [n, C] per temperature (16 GB
+        # for a batch of 256 at 2M identities); float64, whose exp keeps a cluster's
+        # mass above 0 where float32's would underflow (below e^-87 of the largest term,
+        # a cold temperature's whole likelihood then infinite)
         for start in range(0, len(ids), MEMBER_BLOCK):
             block = slice(start, start + MEMBER_BLOCK)
-            shifted = s[:, ids[block]] - top  # <= 0: every term at most 1
+            shifted = s[:, ids[block]].double() - top  # <= 0: every term at most 1
             index = clusters[block].expand(len(s), -1)
             for i, t in enumerate(temperatures):
-                part = torch.zeros(right.shape, dtype=torch.float32, device=s.device)
-                mass[i] += part.scatter_add_(1, index, torch.exp(shifted / t)).double()
+                mass[i].scatter_add_(1, index, torch.exp(shifted / t))
         for i in range(len(temperatures)):
             log_mass = mass[i].log()
             found = torch.logsumexp(log_mass.masked_fill(~right, -torch.inf), 1)

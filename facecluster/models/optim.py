@@ -8,6 +8,7 @@ device count or accumulation.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -44,8 +45,12 @@ def _no_weight_decay(module: nn.Module) -> set[int]:
     for sub in module.modules():
         names = getattr(sub, "no_weight_decay", None)
         if callable(names):
-            params = dict(sub.named_parameters())
-            exempt.update(id(params[n]) for n in names() if n in params)
+            patterns = list(names())  # names or wildcards ("pos_embed.*"), as timm matches
+            exempt.update(
+                id(p)
+                for name, p in sub.named_parameters()
+                if any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+            )
     return exempt
 
 
