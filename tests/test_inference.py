@@ -678,3 +678,27 @@ def test_enrolment_takes_one_person_at_a_time_and_changes_nothing_until_all_are_
     assert forward.class_names == before[0] and torch.equal(forward.class_means, before[1])
     with pytest.raises(ValueError, match="'r' is given twice"):
         forward.enroll(iter([("r", torch.randn(3, 8)), ("r", torch.randn(3, 8))]))
+
+
+def test_the_onnx_folder_keeps_the_router_index_too(tmp_path, monkeypatch):
+    # the gallery holds the built index as a uint8 array (allow_pickle=False), read back
+    # by a load with the same index settings; the networks stand in for ONNX sessions
+    from facecluster.inference import onnx as onnx_module
+    from facecluster.inference import router as router_module
+
+    torch.manual_seed(0)
+    means, clusters = torch.randn(40, 8), [i % 4 for i in range(40)]
+    ident = _identifier(means, clusters, route={"index": "hnsw"})
+    onnx_module.write_gallery(ident, tmp_path)
+    monkeypatch.setattr(onnx_module, "OnnxBackbone", lambda path, device: nn.Identity())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(router_module, "build_index", lambda *a, **k: pytest.fail("built again"))
+        loaded = onnx_module.load_onnx(tmp_path)
+    queries = torch.randn(30, 8)
+    assert torch.equal(loaded.router.route(queries, 2), ident.router.route(queries, 2))
+    built = []
+    real = router_module.build_index
+    counted = lambda *a, **k: built.append(1) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(router_module, "build_index", counted)
+    onnx_module.load_onnx(tmp_path, route={"hnsw_ef_search": 16})
+    assert built == [1]  # other index settings: built for them

@@ -570,9 +570,7 @@ class TwoStageIdentifier(nn.Module):
             )
         route = dict(payload["route"], **(route or {}))
         saved = payload.get("router_index")
-        same = payload.get("router_index_settings") == {
-            key: route.get(key, default) for key, default in INDEX_SETTINGS
-        }  # other index settings: built again for them
+        saved = reusable_index(saved, payload.get("router_index_settings"), route)
         identifier = cls(
             args,
             load_backbone(args, payload["router_backbone"]),
@@ -582,10 +580,21 @@ class TwoStageIdentifier(nn.Module):
             payload["class_names"],
             route,
             payload.get("shared_layers", 0),
-            saved.cpu().numpy() if saved is not None and same else None,
+            saved,
         )
         identifier.open_set = payload.get("open_set")
         return identifier
+
+
+def reusable_index(
+    saved: Tensor | np.ndarray | None, settings: dict[str, Any] | None, route: dict[str, Any]
+) -> np.ndarray | None:
+    """An export's saved router index (:meth:`Router.serialized`) when it was built with
+    ``route``'s index settings (``settings``: those it was built with), else None: the
+    router is then built for them."""
+    if saved is None or settings != {key: route.get(key, d) for key, d in INDEX_SETTINGS}:
+        return None
+    return saved.cpu().numpy() if isinstance(saved, Tensor) else np.asarray(saved)
 
 
 def _tie_trunks(router: nn.Module, subnets: list[nn.Module], stages: int) -> None:

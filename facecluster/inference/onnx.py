@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from facecluster.clustering import ClusterAssignment
-from facecluster.inference.identifier import TwoStageIdentifier
+from facecluster.inference.identifier import TwoStageIdentifier, reusable_index
 from facecluster.io import replacing
 
 ONNX_FORMAT = "facecluster.onnx_identifier"
@@ -121,6 +121,9 @@ def _write_gallery(identifier: TwoStageIdentifier, gallery: Path, meta_path: Pat
     }
     for k in range(identifier.num_clusters):
         arrays[f"head{k}"] = identifier.head_rows(k).cpu().numpy()
+    index = identifier.router.serialized()  # a load with the same settings reads it
+    if index is not None:
+        arrays["router_index"] = index
     with open(gallery, "wb") as f:  # a file object: np.savez would add ".npz" to a name
         np.savez(f, **arrays)
     meta = {
@@ -131,6 +134,7 @@ def _write_gallery(identifier: TwoStageIdentifier, gallery: Path, meta_path: Pat
         "class_names": identifier.class_names,
         "num_clusters": identifier.num_clusters,
         "open_set": identifier.open_set,
+        "router_index_settings": identifier.index_settings() if index is not None else None,
         "assignment": {
             "format": assignment["format"],
             "version": assignment["version"],
@@ -216,6 +220,7 @@ def load_onnx(
     assignment = ClusterAssignment.from_dict(
         {**meta["assignment"], **{key: arrays[key] for key in stored}}
     )
+    route = {**meta["route"], **(route or {})}
     identifier = TwoStageIdentifier(
         meta["backbone"],
         OnnxBackbone(folder / "router.onnx", device),
@@ -223,7 +228,10 @@ def load_onnx(
         [arrays[f"head{i}"] for i in range(k)],
         assignment,
         meta["class_names"],
-        {**meta["route"], **(route or {})},
+        route,
+        router_index=reusable_index(
+            arrays.get("router_index"), meta.get("router_index_settings"), route
+        ),
     )
     identifier.open_set = meta.get("open_set")
     return identifier
