@@ -29,7 +29,7 @@ import contextlib
 import csv
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -450,7 +450,7 @@ def _cells(row: Row, fnir_columns: list[str] = (), verification: list[str] = ())
     ]
 
 
-def _header(rows: list[Row], batch_size: int) -> list[str]:
+def _header(rows: list[Row], batch_size: int | str) -> list[str]:
     header = [c.replace("@256", f"@{batch_size}") for c in COLUMNS]
     at = header.index("routing acc") + 1
     extra = [f"FNIR@FPIR={key}" for key in _keys(rows, "fnir")]
@@ -458,7 +458,7 @@ def _header(rows: list[Row], batch_size: int) -> list[str]:
     return header[:at] + extra + header[at:]
 
 
-def format_table(rows: list[Row], batch_size: int = 256) -> str:
+def format_table(rows: list[Row], batch_size: int | str = 256) -> str:
     """Rows as a markdown table (open-set runs add FNIR@FPIR columns; n/a: too few
     unseen test faces to measure that FPIR)."""
     columns, verification = _keys(rows, "fnir"), _keys(rows, "verification")
@@ -523,4 +523,14 @@ def _write(report: RunEvaluation, run: RunFolder, cfg: Config) -> RunEvaluation:
 def evaluate_runs(run_dirs: list[str | Path], overrides: list[str] | tuple = ()) -> str:
     """Evaluate several runs; returns one markdown table of all their rows."""
     reports = [evaluate_run(r, overrides) for r in run_dirs]
-    return format_table([row for rep in reports for row in rep.rows], reports[0].batch_size)
+    rows = [row for rep in reports for row in rep.rows]
+    sizes = {rep.batch_size for rep in reports}
+    if len(sizes) == 1:
+        return format_table(rows, reports[0].batch_size)
+    # runs timed at other batch sizes (their own eval.batch_size): each row says its own
+    rows = [
+        replace(row, model=f"{row.model} (img/s @{rep.batch_size})")
+        for rep in reports
+        for row in rep.rows
+    ]
+    return format_table(rows, "batch")

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -702,3 +703,23 @@ def test_the_onnx_folder_keeps_the_router_index_too(tmp_path, monkeypatch):
     monkeypatch.setattr(router_module, "build_index", counted)
     onnx_module.load_onnx(tmp_path, route={"hnsw_ef_search": 16})
     assert built == [1]  # other index settings: built for them
+
+
+def test_a_table_of_runs_timed_at_other_batch_sizes_says_each_rows_own(monkeypatch):
+    # evaluate.py run=a run=b: each run is timed at its own eval.batch_size; the header
+    # named the first run's for every row
+    def row(run):
+        return evaluation.Row(
+            run, "single model (one head)", 0.5, 0.5, 0.5, 0.5, None, 0, 100.0, 1.0, 10
+        )
+
+    reports = {
+        "a": evaluation.RunEvaluation(Path("a"), "single", [row("a")], 256),
+        "b": evaluation.RunEvaluation(Path("b"), "single", [row("b")], 64),
+    }
+    monkeypatch.setattr(evaluation, "evaluate_run", lambda run, overrides=(): reports[run])
+    table = evaluation.evaluate_runs(["a", "b"])
+    assert "img/s @batch" in table and "@256" not in table.splitlines()[0]
+    assert "(img/s @256)" in table and "(img/s @64)" in table
+    same = evaluation.evaluate_runs(["a", "a"])
+    assert "img/s @256" in same.splitlines()[0] and "(img/s" not in same
