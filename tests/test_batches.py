@@ -126,6 +126,9 @@ def _steps(workers: int) -> tuple[list, list]:
     dm = FaceDataModule(str(DEMO_ROOT), batch_size=4, max_classes=6, seed=3, num_workers=workers)
     dm.connect_clusters([torch.tensor([0, 1, 2]), torch.tensor([3, 4]), torch.tensor([5])])
     loader = dm.train_dataloader()
+    if workers:  # a step is a batch of every sub-net: one prepared ahead per worker
+        assert loader.prefetch_factor == 1
+        assert all(d.buffers.owner.numel() == workers + 4 for d in loader.dataset.datasets.values())
     inside = []
     steps = []
     for step in loader:

@@ -451,6 +451,11 @@ class SubnetSteps(Dataset):
         }
 
 
+STEPS_PREFETCH = 1
+"""Stage 2's steps each worker prepares ahead: a step is a batch of every sub-net (K
+batches, 310 MB at K=64 and batch 128), so one each keeps a GPU fed, and the
+shared memory in flight is half of DataLoader's default 2."""
+
 SEED_INIT, SEED_DATA, SEED_FORWARD = 0, 1, 2
 """What a sub-net's seed is for: its initial weights, its data stream (per epoch), its
 forward pass's random draws (per epoch and batch)."""
@@ -957,9 +962,9 @@ class FaceDataModule(lightning.LightningDataModule):
             kwargs["collate_fn"] = self._collate(dataset, batch_size)
         return kwargs
 
-    def _collate(self, dataset: FaceImageDataset, batch_size: int) -> Callable:
+    def _collate(self, dataset: FaceImageDataset, batch_size: int, prefetch: int = 2) -> Callable:
         """The collate function of ``dataset``'s batches; unless it is ``encoded``, it
-        gets batch buffers first."""
+        gets batch buffers first (``prefetch``: the loader's ``prefetch_factor``)."""
         if dataset.encoded:
             return collate_encoded
         # Batches decoded into reused buffers (facecluster.data.batches): as many as
@@ -967,7 +972,7 @@ class FaceDataModule(lightning.LightningDataModule):
         # process holds (the current batch, Lightning's next one, the pin thread's)
         workers = self.hparams.num_workers
         dataset.buffers = BatchBuffers(
-            2 * workers + 4 if workers else 3,
+            prefetch * workers + 4 if workers else 3,
             (batch_size, self.hparams.image_size, self.hparams.image_size, 3),
             shared=workers > 0,
         )
@@ -1045,16 +1050,16 @@ class FaceDataModule(lightning.LightningDataModule):
                 len(ids), steps * batches[k], self.hparams.seed, k, rank, self._world_size()
             )
             datasets[k] = self._train_dataset(ids, self._label_map(k), k)
-            collate[k] = self._collate(datasets[k], batches[k])
+            collate[k] = self._collate(datasets[k], batches[k], STEPS_PREFETCH)
         sampler = SubnetStepSampler(samplers, batches, steps)
         sampler.set_epoch(self._subnet_epoch)
+        kwargs = self._loader_kwargs(None)
+        if kwargs["num_workers"]:
+            kwargs["prefetch_factor"] = STEPS_PREFETCH
         # batch_size=None: each item is a whole step, collated by SubnetSteps
+        steps_data = SubnetSteps(datasets, collate)
         return DataLoader(
-            SubnetSteps(datasets, collate),
-            batch_size=None,
-            sampler=sampler,
-            **self._loader_kwargs(None),
-            collate_fn=collated,
+            steps_data, batch_size=None, sampler=sampler, collate_fn=collated, **kwargs
         )
 
     def _eval_loader(self, split: str, ids: np.ndarray) -> DataLoader:
