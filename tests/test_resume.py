@@ -211,3 +211,20 @@ def test_max_steps_does_not_shorten_a_warm_up_given_in_epochs(tmp_path):
     assert len(capped.lrs) == 12 and len(full.lrs) > 24
     # the same warm-up, step for step, while it lasts
     assert capped.lrs == pytest.approx(full.lrs[:12], rel=1e-6)
+
+
+def test_a_resume_under_a_binding_max_steps_keeps_the_schedule_on_the_global_step(tmp_path):
+    # max_steps caps the schedule and the run alike: resumed with another number of steps
+    # per epoch (another device count; here another batch size), the schedule's count
+    # must stay the global step, not be rescaled as an uncapped run's is
+    common = ("stage=1", "trainer.max_epochs=4", "trainer.max_steps=30")
+    ref = StepLrs()
+    train(load_config(SMOKE, smoke_overrides(tmp_path / "ref", *common)), callbacks=[ref])
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path / "a", *common))
+    with pytest.raises(Interrupted):
+        train(cfg, callbacks=[StopAtEpochStart(stage=1, epoch=1)])
+    resumed = StepLrs()
+    run = tmp_path / "a" / "run"
+    train(RunFolder.config_for_resume(str(run), ["data.batch_size=16"]), callbacks=[resumed])
+    assert len(ref.lrs) == 30 and len(resumed.lrs) == 3  # steps 27, 28, 29
+    assert resumed.lrs == pytest.approx(ref.lrs[27:], rel=1e-6)

@@ -190,7 +190,10 @@ class StageSystem(L.LightningModule):
         # end, the floor LR for the rest). Rescale the count to the same progress.
         before = getattr(self, "_restored_steps_per_epoch", None)
         self._restored_steps_per_epoch = None
-        now = self._optimizer_steps_per_epoch()
+        # the schedule's length per epoch, not an epoch's optimizer steps: under a binding
+        # trainer.max_steps the schedule is max_steps long on either side of a resume,
+        # and Lightning stops at that global step, so the count must not be rescaled
+        now = self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs)
         self._steps_per_epoch = now
         if not before or abs(before - now) < 1e-9:
             return
