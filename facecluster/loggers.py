@@ -45,9 +45,10 @@ class _AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not
     deleted: a resume, each ``stage=`` command and a retried stage-2 job add their rows
     to what the run logged before (its columns read back first, so a new column
-    rewrites the file with every row kept). The rows from this command's first step on
-    are dropped before its first save: a resume redoes the steps after its checkpoint,
-    and a retried job its stage, so each step is in the file once, as last logged."""
+    rewrites the file with every row kept). Before this command's first save, the rows
+    it logs again are dropped: every row after its first step, and at that step the rows
+    of the metrics it logs there (a resume redoes the steps after its checkpoint, a
+    retried job its stage), so each step is in the file once, as last logged."""
 
     _continued = False
 

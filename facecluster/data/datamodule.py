@@ -453,7 +453,7 @@ class SubnetSteps(Dataset):
 
 STEPS_PREFETCH = 1
 """Stage 2's steps each worker prepares ahead: a step is a batch of every sub-net (K
-batches, 310 MB at K=64 and batch 128), so one each keeps a GPU fed, and the
+batches, 308 MB at K=64, batch 128 and 112 px, computed), so one each keeps a GPU fed, and the
 shared memory in flight is half of DataLoader's default 2."""
 
 SEED_INIT, SEED_DATA, SEED_FORWARD = 0, 1, 2

@@ -49,8 +49,7 @@ class StageSystem(L.LightningModule):
 
     def replicated_buffers(self) -> list[str]:
         """Buffers every process sets alike and training never changes: DDP need not
-        broadcast them before each forward (the class means: [C, d], computed 4 GB at
-        2M identities x 512, at every step)."""
+        broadcast them before each forward (stage 2's cluster maps, two [C] int64)."""
         return []
 
     def clip_groups(self) -> list[list[nn.Module]]:
@@ -138,19 +137,15 @@ class StageSystem(L.LightningModule):
         optim = self.hparams.optim
         optimizer = build_optimizer(self._param_groups(), optim)
         # estimated_stepping_batches accounts for devices, accumulation and limits.
+        total = self.trainer.estimated_stepping_batches  # also sets num_training_batches
         scheduler = build_scheduler(
-            optimizer,
-            self.trainer.estimated_stepping_batches,
-            self.trainer.max_epochs,
-            optim,
-            self._optimizer_steps_per_epoch(),
+            optimizer, total, self.trainer.max_epochs, optim, self._warmup_unit(total)
         )
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
-    def _optimizer_steps_per_epoch(self) -> float:
-        """Optimizer steps of one epoch, the schedule's unit: ``trainer.max_steps``, which
-        caps ``estimated_stepping_batches``, does not shorten an epoch."""
-        total = self.trainer.estimated_stepping_batches  # sets num_training_batches up
+    def _warmup_unit(self, total: float) -> float:
+        """Optimizer steps of one epoch, the unit of ``warmup_epochs``: a binding
+        ``trainer.max_steps``, which caps ``total``, does not shorten an epoch."""
         batches = self.trainer.num_training_batches
         if math.isinf(batches) or math.isinf(total):
             return total / max(1, self.trainer.max_epochs)
@@ -160,7 +155,7 @@ class StageSystem(L.LightningModule):
         checkpoint[CHECKPOINT_KEY] = {
             "stage": self.stage,
             "config": self.hparams.config,
-            # the schedule's unit (None outside a fit): a resume on another device
+            # the schedule's length per epoch (None outside a fit): a resume on another device
             # count rescales the step count to its own (on_train_start)
             "steps_per_epoch": getattr(self, "_steps_per_epoch", None),
         }
