@@ -165,7 +165,10 @@ def resolve_device(device: str) -> torch.device:
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    where = torch.device(device)  # RuntimeError for a name torch does not know
+    try:
+        where = torch.device(device)
+    except RuntimeError:  # a name torch does not know
+        raise ValueError(f"device {device!r}: use auto, cpu, cuda or cuda:N") from None
     if where.type == "cuda" and (where.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return where

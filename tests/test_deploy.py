@@ -341,3 +341,15 @@ def test_a_damaged_onnx_export_is_named(tmp_path):
     (tmp_path / "gallery.npz").write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(ValueError, match=r"gallery.npz cannot be read"):
         load_onnx(tmp_path)
+
+
+def test_a_device_name_torch_does_not_know_is_refused_naming_it(open_run, tmp_path, capsys):
+    # --device of export, identify and enroll: a clear error, not torch's traceback
+    from facecluster import cli
+    from facecluster.deploy import resolve_device
+
+    with pytest.raises(ValueError, match=r"device 'gpu0': use auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu0")
+    assert cli.export_main([str(open_run), str(tmp_path / "out"), "--device", "gpu0"]) != 0
+    assert "device 'gpu0'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any work
