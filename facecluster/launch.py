@@ -38,6 +38,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 
 from facecluster.config import Config, ConfigError, SlurmConfig
+from facecluster.io import replacing
 from facecluster.run import JOB_ENV, RUN_DIR_ENV, RunFolder, job_name, launched_processes
 
 # A job is a training run of its own: it must not join the DDP world of the
@@ -358,7 +359,8 @@ def submit_slurm(
         return params
 
     def record() -> None:  # after every submission: a later one may fail (check_queue)
-        (run.slurm_dir / "submitted.json").write_text(json.dumps(submitted, indent=2))
+        with replacing(run.slurm_dir / "submitted.json") as tmp:  # never half a record
+            tmp.write_text(json.dumps(submitted, indent=2))
 
     def submit(name: str, commands: list[list[str]], size: tuple[int, int]) -> str:
         executor.update_parameters(**parameters(name, size))
