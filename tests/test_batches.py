@@ -197,6 +197,10 @@ def test_a_batch_left_in_a_reference_cycle_is_not_freed_by_a_forked_worker():
     """A worker forked while a delivered batch was unreachable garbage inherits it; its
     collection must not free the slot the main process has delivered again since."""
     buffers = BatchBuffers(1, (2, 4, 4, 3), shared=True)
+    # other garbage first (an earlier test's progress bars): the child's collection must
+    # find only this test's cycle, not finalizers that wait on a lock another thread of
+    # this process (tqdm's monitor) held at the fork
+    gc.collect()
     gc.disable()
     try:
         slot, images = buffers.claim(2)
