@@ -331,7 +331,7 @@ def identify_files(
     (the decision unit's score: a log-probability under moe); similarity (the answer's
     similarity, what the threshold compares); cluster (the cluster whose sub-net
     answered: with ``clustering.overlap``, the one of the answer's two clusters that
-    gave its score); top5 (up to 5 ``name:score`` pairs from the searched
+    gave its score, or under moe the larger share of it); top5 (up to 5 ``name:score`` pairs from the searched
     clusters, best first, ``;``-separated).
     """
     if batch_size < 1:

@@ -23,7 +23,7 @@ from facecluster.models.components import create_backbone, shareable_stages
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
 from tests.conftest import SMOKE, smoke_overrides
-from tests.test_inference import _random_identifier
+from tests.test_inference import BACKBONE, ROUTE, _assignment, _random_identifier
 
 MOE = {"decision": "moe", "router_temperature": 0.1, "subnet_temperature": 0.05}
 
@@ -48,7 +48,8 @@ def _brute_force(ident, queries, candidates):
             sub = torch.softmax(q[i] @ ident.head(k).T / p.subnet_temperature, 0)
             mean = torch.softmax(q[i] @ ident.class_means[members].T / p.router_temperature, 0)
             mixed = (1 - p.generalist_weight) * sub + p.generalist_weight * mean
-            scores[i, members] = torch.exp(mass[k] - total) * mixed
+            # an identity in two searched clusters (clustering.overlap): both terms
+            scores[i, members] += torch.exp(mass[k] - total) * mixed
     return scores
 
 
@@ -78,6 +79,81 @@ def test_moe_scores_are_the_cluster_probability_times_the_mixture(top_m, weight)
     for i in range(0, len(queries), 16):
         one = ident.identify(queries[i : i + 1], top_m=top_m)
         assert one.identity.item() == result.identity[i].item()
+
+
+@pytest.mark.parametrize("top_m", [1, 2, 4])
+def test_moe_sums_an_identity_over_its_two_searched_clusters(top_m):
+    # clustering.overlap: identities 0, 3, 6, ... are also members of the next cluster.
+    # The mixture gives such an identity both clusters' terms when both are searched
+    # (the calibration's router likelihood counts it so); keeping the larger term alone
+    # left the candidates' probabilities summing to less than 1.
+    torch.manual_seed(5)
+    a = _assignment(torch.randn(30, 8), [i % 4 for i in range(30)])
+    a = a.with_overlap(torch.tensor([[c, (c % 4 + 1) % 4] for c in range(0, 30, 3)]))
+    heads = [F.normalize(torch.randn(len(a.classes_of(k)), 8), dim=1) for k in range(4)]
+    route = dict(ROUTE, **MOE, generalist_weight=0.4)
+    names = [f"id{i}" for i in range(30)]
+    ident = TwoStageIdentifier(
+        BACKBONE, torch.nn.Identity(), [torch.nn.Identity()] * 4, heads, a, names, route
+    )
+    queries = torch.randn(64, 8)
+    result = ident.identify(queries, top_m=top_m, k=30)
+    expected = _brute_force(ident, queries, result.clusters.tolist())
+    kept = result.candidates < 30
+    assert torch.allclose(
+        result.candidate_scores.exp(),
+        expected.gather(1, result.candidates.clamp(max=29)) * kept,
+        atol=1e-6,
+    )
+    assert torch.equal(result.identity, expected.argmax(1))
+    # each identity once, and their probabilities sum to 1
+    for row in result.candidates[kept.all(1)].tolist():
+        assert len(set(row)) == len(row)
+    assert torch.allclose(result.candidate_scores.exp().sum(1), torch.ones(64), atol=1e-5)
+    # its cluster and similarity are those of the larger of its two terms
+    q = F.normalize(queries, dim=1)
+    p = ident.moe
+    for i in range(0, 64, 7):
+        clusters = result.clusters[i].tolist()
+        total = torch.logsumexp(
+            torch.stack(
+                [
+                    torch.logsumexp(q[i] @ a.class_means[ident.members(c)].T / 0.1, 0)
+                    for c in clusters
+                ]
+            ),
+            0,
+        )
+        for j, by, close in zip(
+            result.candidates[i].tolist(),
+            result.candidate_clusters[i].tolist(),
+            result.candidate_similarities[i].tolist(),
+            strict=True,
+        ):
+            if j == 30:  # an empty place: fewer identities were searched
+                continue
+            terms = {}
+            for c in clusters:
+                members = ident.members(c)
+                if j in members.tolist():
+                    row = members.tolist().index(j)
+                    sub = torch.softmax(q[i] @ ident.head(c).T / p.subnet_temperature, 0)[row]
+                    mean = torch.softmax(q[i] @ a.class_means[members].T / 0.1, 0)[row]
+                    mass = torch.logsumexp(q[i] @ a.class_means[members].T / 0.1, 0)
+                    terms[c] = (
+                        (torch.exp(mass - total) * (0.6 * sub + 0.4 * mean)).item(),
+                        (
+                            0.6 * (q[i] @ ident.head(c)[row]) + 0.4 * (q[i] @ a.class_means[j])
+                        ).item(),
+                    )
+            larger = max(terms[c][0] for c in terms)
+            assert terms[by][0] == pytest.approx(larger, rel=1e-5)  # float32 ties aside
+            assert close == pytest.approx(terms[by][1], abs=1e-5)
+    # batched answers equal one-by-one answers
+    for i in range(0, 64, 9):
+        one = ident.identify(queries[i : i + 1], top_m=top_m, k=30)
+        assert torch.equal(one.candidates[0], result.candidates[i])
+        assert torch.equal(one.candidate_clusters[0], result.candidate_clusters[i])
 
 
 def test_moe_compares_each_face_with_its_candidate_clusters_class_means_only(monkeypatch):

@@ -20,7 +20,9 @@ the class-mean softmax inside the cluster (the stage-1 model's own prediction, k
 so that a sub-net's mistake is not final); ``g`` is its weight. The three numbers
 are fitted on the validation split by :class:`Calibration` (negative
 log-likelihood, as temperature scaling does: Guo et al., "On calibration of modern
-neural networks", ICML 2017). Each candidate's score is a probability, so a
+neural networks", ICML 2017). With ``clustering.overlap`` an identity near a boundary is
+a member of two clusters; when both are candidates its probability is the sum of the
+two terms (:func:`sum_shared`), as the mixture defines it. Each candidate's score is a probability, so a
 sub-net that never saw the face's identity no longer outvotes the right one by
 answering confidently: more candidates (``top_m``) can only add evidence.
 
@@ -235,6 +237,51 @@ def fuse(
     if alpha == 1.0:
         return class_mean_similarity
     return (1.0 - alpha) * subnet_cosine + alpha * class_mean_similarity
+
+
+def sum_shared(parts: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]) -> None:
+    """``route.decision=moe`` with ``clustering.overlap``: an identity that two candidate
+    clusters both score gets, in both, the sum of their probabilities, which is what the
+    mixture gives it (and what :meth:`Calibration.update_router` counts a face routed
+    to either of its clusters as); its similarity and cluster become those of the larger
+    of the two terms (the first cluster in ``parts`` on a tie). In place.
+
+    Args:
+        parts: one ``(rows, members, shared, score, close, source)`` per candidate
+            cluster: the images it scored (indices into the batch), its members' global
+            ids, the columns of those members that are in two clusters, and ``[rows,
+            members]`` its scores (log-probabilities), similarities and cluster id.
+    """
+    keys, scores, where = [], [], []
+    size = 1 + max(int(members.max()) for _, members, *_ in parts if len(members))
+    for i, (rows, members, shared, score, _, _) in enumerate(parts):
+        if len(rows) and len(shared):
+            keys.append((rows[:, None] * size + members[shared][None, :]).flatten())
+            scores.append(score[:, shared].flatten())
+            where.append(i)
+    if not keys:
+        return
+    key, value = torch.cat(keys), torch.cat(scores)
+    unique, inverse = torch.unique(key, return_inverse=True)
+    top = value.new_full((len(unique),), -math.inf).scatter_reduce(0, inverse, value, "amax")
+    shift = top.where(top.isfinite(), torch.zeros_like(top))  # all -inf: the sum is -inf
+    total = torch.zeros_like(top).scatter_add(0, inverse, torch.exp(value - shift[inverse]))
+    summed = (shift + total.log())[inverse]
+    position = torch.arange(len(value), device=value.device)
+    largest = value == top[inverse]
+    first = torch.full_like(top, len(value), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse[largest], position[largest], "amin")[inverse]
+    closes = torch.cat([parts[i][4][:, parts[i][2]].flatten() for i in where])
+    sources = torch.cat([parts[i][5][:, parts[i][2]].flatten() for i in where])
+    start = 0
+    for i in where:
+        rows, _, shared, score, close, source = parts[i]
+        end = start + len(rows) * len(shared)
+        shape = (len(rows), len(shared))
+        score[:, shared] = summed[start:end].view(shape).to(score.dtype)
+        close[:, shared] = closes[first[start:end]].view(shape)
+        source[:, shared] = sources[first[start:end]].view(shape)
+        start = end
 
 
 def keep_top(

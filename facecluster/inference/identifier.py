@@ -44,6 +44,7 @@ from facecluster.inference.decision import (
     keep_top,
     moe_scores,
     similarity,
+    sum_shared,
 )
 from facecluster.inference.predictors import Predictor, count_parameters
 from facecluster.inference.router import Router
@@ -94,7 +95,9 @@ class Identification:
     ``linear``: the fused score itself)."""
     candidate_clusters: Tensor
     """[B, k] the cluster whose sub-net (or class means) scored each candidate: with
-    ``clustering.overlap`` an identity's second cluster may be the one (-1 where empty)."""
+    ``clustering.overlap`` an identity's second cluster may be the one (under ``moe``,
+    which sums the two clusters' probabilities, the one that gave the larger share; -1
+    where empty)."""
 
     @property
     def identity(self) -> Tensor:
@@ -334,6 +337,11 @@ class TwoStageIdentifier(nn.Module):
                 mass = torch.logsumexp(sims[c] / params.router_temperature, dim=1)
                 log_mass[rows] = torch.where(clusters[rows] == c, mass[:, None], log_mass[rows])
             log_weight = torch.log_softmax(log_mass, dim=1)
+        # moe: an identity in two candidate clusters gets the sum of both (sum_shared),
+        # so every cluster is scored before any is merged into the lists
+        summing = moe and empty_id is not None
+        shared_ids = self.assignment.overlap[:, 0].to(images.device) if summing else None
+        parts = []
         for c, rows in routed.items():
             members = self.members(c)
             cosine = other = None
@@ -348,13 +356,37 @@ class TwoStageIdentifier(nn.Module):
             else:
                 means = similarity(query[rows], self.class_means[members]) if alpha > 0 else None
                 score = close = fuse(cosine, means, alpha)
-            score, close = score.to(best_score.dtype), close.to(best_score.dtype)
+            close = close.to(best_score.dtype)
             source = torch.tensor(c, device=score.device).expand(score.shape)
-            carried = [(best_similarity, close), (best_cluster, source)]
-            keep_top(best_score, best_id, rows, score, members, carried, empty_id)
+            if summing:  # sum_shared writes into it
+                source = source.clone()
+            shared = torch.isin(members, shared_ids).nonzero().squeeze(1) if summing else None
+            part = (rows, members, shared, score, close, source)
+            if summing:
+                parts.append(part)
+            else:
+                self._keep(best_score, best_id, best_similarity, best_cluster, part, empty_id)
+        if summing:
+            sum_shared(parts)
+            for part in parts:
+                self._keep(best_score, best_id, best_similarity, best_cluster, part, empty_id)
         return Identification(
             best_id, best_score, clusters, forwards, best_similarity, best_cluster
         )
+
+    @staticmethod
+    def _keep(
+        best_score: Tensor,
+        best_id: Tensor,
+        best_similarity: Tensor,
+        best_cluster: Tensor,
+        part: tuple,
+        empty_id: int | None,
+    ) -> None:
+        """Merge one cluster's scores (a ``parts`` entry of :meth:`identify`) into the lists."""
+        rows, members, _, score, close, source = part
+        carried = [(best_similarity, close), (best_cluster, source)]
+        keep_top(best_score, best_id, rows, score.to(best_score.dtype), members, carried, empty_id)
 
     @torch.no_grad()
     def enroll(
