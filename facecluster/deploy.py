@@ -331,8 +331,8 @@ def identify_files(
     (the decision unit's score: a log-probability under moe); similarity (the answer's
     similarity, what the threshold compares); cluster (the cluster whose sub-net
     answered: with ``clustering.overlap``, the one of the answer's two clusters that
-    gave its score, or under moe the larger share of it); top5 (up to 5 ``name:score`` pairs from the searched
-    clusters, best first, ``;``-separated).
+    gave its score, or under moe the larger share of it); top5 (up to 5 ``name:score``
+    pairs from the searched clusters, best first, ``;``-separated).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

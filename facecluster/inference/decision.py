@@ -22,9 +22,9 @@ are fitted on the validation split by :class:`Calibration` (negative
 log-likelihood, as temperature scaling does: Guo et al., "On calibration of modern
 neural networks", ICML 2017). With ``clustering.overlap`` an identity near a boundary is
 a member of two clusters; when both are candidates its probability is the sum of the
-two terms (:func:`sum_shared`), as the mixture defines it. Each candidate's score is a probability, so a
-sub-net that never saw the face's identity no longer outvotes the right one by
-answering confidently: more candidates (``top_m``) can only add evidence.
+two terms (:func:`sum_shared`), as the mixture defines it. Each candidate's score is
+a probability, so a sub-net that never saw the face's identity no longer outvotes the
+right one by answering confidently: more candidates (``top_m``) can only add evidence.
 
 ``route.decision=linear`` is the earlier unit: ``(1 - alpha) * subnet_cosine +
 alpha * class_mean_similarity``; alpha 0 is the sub-nets unit alone, alpha 1 the
