@@ -4,6 +4,7 @@ packed folder exactly as on the folder."""
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
 
@@ -481,3 +482,37 @@ def test_identity_names_with_unusual_characters_survive_the_pack(tmp_path):
     listed = tmp_path / "rec" / "identities.txt"  # edited on Windows: CRLF (read_text reads)
     listed.write_bytes(listed.read_bytes().replace(b"\n", b"\r\n"))
     assert scan(str(tmp_path / "rec" / "train.rec")).class_names == sorted(names)
+
+
+def test_a_name_with_a_line_break_is_refused_before_packing_and_other_bytes_kept(tmp_path):
+    # identities.txt holds a name a line: "Bob\nSmith" shifted every later identity's
+    # name onto the previous one's images; a name that is not UTF-8 failed the pack
+    # after every record was written
+    sources = sorted(p for p in DEMO.iterdir() if p.is_dir())[:3]
+    root = tmp_path / "faces"
+    for name, source in zip(["Alice", "Bob\nSmith", "Carol"], sources, strict=True):
+        shutil.copytree(source, root / name)
+    out = tmp_path / "rec"
+    with pytest.raises(ValueError, match=r"line break cannot be packed \(1: 'Bob\\nSmith'\)"):
+        pack_module.pack_folder(root, out)
+    assert not out.exists() or not any(out.iterdir())
+    assert pack_main([str(root), str(out)]) == 2
+    raw = tmp_path / "raw"
+    for name, source in zip([b"Jos\xe9", b"Ann", b"Zed"], sources, strict=True):
+        shutil.copytree(source, os.fsdecode(bytes(raw) + b"/" + name))
+    assert pack_main([str(raw), str(out)]) == 0
+    names = scan(str(out / "train.rec")).class_names
+    assert names == scan(str(raw)).class_names == ["Ann", os.fsdecode(b"Jos\xe9"), "Zed"]
+
+
+def test_labels_that_are_not_identities_are_named_by_key_and_offset(tmp_path):
+    # a NaN, negative or fractional label, and a header whose identity range is empty
+    for label in (float("nan"), -1.0, 0.5):
+        folder = tmp_path / str(label)
+        folder.mkdir()
+        rf = _write(folder, {0: pack(0.0, _jpeg(1)), 1: pack(np.float32(label), _jpeg(2))})
+        with pytest.raises(RecordError, match=rf"key 1 at offset {rf.offsets[1]}: label .* is not"):
+            image_layout(rf)
+    rf = _write(tmp_path, {0: pack([1.0, 1.0]), 1: pack(np.int64(0), _jpeg(1))})
+    with pytest.raises(RecordError, match=r"key 0 \(the header record\): its identity records"):
+        image_layout(rf)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from facecluster.config import ConfigError, load_config
 from facecluster.data.transforms import load_faces, normalize_images
-from facecluster.data.verification import load_pairs, set_name, write_bin
+from facecluster.data.verification import load_pairs, read_pairs_txt, set_name, write_bin
 from facecluster.evaluation import evaluate_run
 from facecluster.inference.verification import pair_embeddings, ten_fold_accuracy
 from facecluster.pipeline import train
@@ -156,3 +156,28 @@ def test_documented_verification_commands(tmp_path):
     assert "lfw-112 verification" in out and "(6000 pairs, 10 folds)" in out
     table = run(VERIFY_EVAL.replace("runs/<run>", str(tmp_path / "v")), "eval.timing_batches=1")
     assert "lfw-112 verif." in table
+
+
+def test_a_set_is_named_by_the_path_given_not_a_links_target(tmp_path):
+    # a hub or annex cache links lfw.bin to a blob named by its hash: the set was
+    # called after the blob's folder, and two such sets were refused as one name
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (blobs / "3f2a").write_bytes(b"")
+    (tmp_path / "lfw.bin").symlink_to(blobs / "3f2a")
+    assert set_name(tmp_path / "lfw.bin") == "lfw"
+    assert set_name(tmp_path / "sub" / ".." / "lfw.bin") == "lfw"
+
+
+def test_a_first_pair_named_by_numbers_is_not_taken_for_the_header(tmp_path):
+    # identities named by numbers (CASIA, MS1M folders): "0001 1 2" is a pair, where
+    # LFW's header ("10 300") has two fields
+    for name in ("0001", "0002"):
+        (tmp_path / name).mkdir()
+        for i in (1, 2):
+            (tmp_path / name / f"{name}_{i:04d}.jpg").write_bytes(b"x")
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("0001 1 2\n0001 1 0002 2\n")
+    assert read_pairs_txt(tmp_path, pairs)[1] == [True, False]
+    pairs.write_text("1 2\n0001 1 2\n")
+    assert read_pairs_txt(tmp_path, pairs)[1] == [True]

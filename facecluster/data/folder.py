@@ -434,9 +434,11 @@ def scan_record_file(
         raise ValueError(f"root={str(root)!r}: {records.rec} holds no image record")
     names_file = records.rec.parent / IDENTITY_NAMES
     if names_file.is_file():
-        # UTF-8 and split on newlines only: str.splitlines would also split a name at
-        # \x0b, \x1c or \u2028, which folder names may hold
-        all_names = names_file.read_text(encoding="utf-8").removesuffix("\n").split("\n")
+        # UTF-8 (a name that is not keeps its bytes, as the folder's scan reads them),
+        # split on \n or \r\n only (a file edited on Windows): str.splitlines would also
+        # split a name at \x0b, \x1c or \u2028 (pack refuses names with line breaks)
+        text = names_file.read_bytes().decode("utf-8", errors="surrogateescape")
+        all_names = [n.removesuffix("\r") for n in text.removesuffix("\n").split("\n")]
         if max(groups) >= len(all_names) or len(set(all_names)) != len(all_names):
             twice = sorted(n for n, c in Counter(all_names).items() if c > 1)[:3]
             raise ValueError(

@@ -39,6 +39,14 @@ def pack_folder(src: str | Path, out: str | Path, shuffle: bool = False, seed: i
         The written ``train.rec``.
     """
     folder = scan_image_folder(src)
+    # identities.txt holds one name a line: a name with a line break would shift every
+    # later identity's name onto another's images. Refused before any record is written.
+    broken = [name for name in folder.class_names if "\n" in name or "\r" in name]
+    if broken:
+        raise ValueError(
+            f"{src}: identity folder names with a line break cannot be packed "
+            f"({len(broken)}: {', '.join(map(repr, broken[:3]))}); rename them"
+        )
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     rec = out / "train.rec"
@@ -57,7 +65,10 @@ def pack_folder(src: str | Path, out: str | Path, shuffle: bool = False, seed: i
         )
         _write_records(folder, samples, shuffle, rec_tmp, idx_tmp, f"packing {out}")
         property_tmp.write_text(f"{folder.num_classes},{height},{width}\n")
-        names_tmp.write_text("\n".join(folder.class_names) + "\n", encoding="utf-8")
+        # surrogateescape: a folder name that is not UTF-8 keeps its bytes, as
+        # scan_image_folder reads them back
+        names = "\n".join(folder.class_names) + "\n"
+        names_tmp.write_bytes(names.encode("utf-8", errors="surrogateescape"))
     return rec
 
 

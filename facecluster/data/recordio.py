@@ -86,7 +86,7 @@ class Record:
 
 def pack(label: float | Sequence[float], data: bytes = b"", id: int = 0, id2: int = 0) -> bytes:
     """A payload: header, optional label array, encoded image bytes."""
-    if isinstance(label, int | float):
+    if np.ndim(label) == 0:  # a Python or numpy number
         return _HEADER.pack(0, float(label), id, id2) + data
     labels = np.asarray(label, dtype=np.float32)
     return _HEADER.pack(len(labels), 0.0, id, id2) + labels.tobytes() + data
@@ -412,10 +412,19 @@ class RecordFile:
                 if flag > 0 and length >= labels:
                     label = struct.unpack_from("<f", buf, pos + 8 + _HEADER.size)[0]
                 if flag == 0 or length >= labels:
-                    return int(label), label, length > labels
+                    return self._whole(key, label), label, length > labels
         record = self.record(key)
         first = float(record.label if record.flag == 0 else record.label[0])
-        return int(first), first, bool(record.data)
+        return self._whole(key, first), first, bool(record.data)
+
+    def _whole(self, key: int, label: float) -> int:
+        """``label`` as an identity label or key, which is a whole number >= 0."""
+        if label >= 0 and label == label // 1:  # NaN fails both, inf the second
+            return int(label)
+        raise RecordError(
+            f"{self.rec} key {key} at offset {self.offsets[key]}: label {label} is not an "
+            "identity label or record key (a whole number >= 0)"
+        )
 
     def record(self, key: int) -> Record:
         try:
@@ -487,15 +496,19 @@ def image_layout(records: RecordFile, cache: str | Path | None = None) -> Record
     first_key = int(records.offsets.keys_[0])  # no list of every key unless scanned
     header = records.record(0) if first_key == 0 and not records.head(0)[2] else None
     if header is None or header.flag < 2:
-        keys = records.keys()
-        return _scan_cached(records, keys, cache) if cache is not None else _scan_all(records, keys)
-    first, end = _exact_header(records, *(int(v) for v in header.label[:2]))
+        return _scan_cached(records, cache) if cache is not None else _scan_all(records)
+    first, end = _exact_header(records, *(records._whole(0, float(v)) for v in header.label[:2]))
+    if first >= end:
+        raise RecordError(
+            f"{records.rec} key 0 (the header record): its identity records [{first}, "
+            f"{end}) are none; an InsightFace header holds (first identity record, end)"
+        )
     ranges = []
     for identity_key in range(first, end):
         identity = records.record(identity_key)
         if identity.flag < 2:
             raise RecordError(f"{records.rec} key {identity_key}: not an identity record")
-        ranges.append([int(identity.label[0]), int(identity.label[1])])
+        ranges.append([records._whole(identity_key, float(v)) for v in identity.label[:2]])
     bounds = _exact_bounds(records, np.asarray(ranges, dtype=np.int64))
     counts = bounds[:, 1] - bounds[:, 0]
     image_keys = np.concatenate([np.arange(a, b) for a, b in bounds]) if len(bounds) else []
@@ -574,9 +587,9 @@ def _true_boundary(records: RecordFile, approx: int, identity: int, side: int) -
     )
 
 
-def _scan_all(records: RecordFile, keys: list[int]) -> RecordLayout:
+def _scan_all(records: RecordFile) -> RecordLayout:
     labels, image_keys = [], []
-    for key in keys:
+    for key in records.keys():
         label, _, has_image = records.head(key)
         if not has_image:  # a header or identity record of some other writer
             continue
@@ -599,7 +612,7 @@ def _stamp(records: RecordFile) -> dict:
     return stamp
 
 
-def _scan_cached(records: RecordFile, keys: Sequence[int], cache: str | Path) -> RecordLayout:
+def _scan_cached(records: RecordFile, cache: str | Path) -> RecordLayout:
     """:func:`_scan_all`, kept in ``cache/<rec name>-<hash of its path>.labels.npz``.
 
     At Glint360K's size the pass reads a header from each of 17M records spread over
@@ -626,7 +639,7 @@ def _scan_cached(records: RecordFile, keys: Sequence[int], cache: str | Path) ->
         pass
     except Exception as e:  # any unreadable file (zip, npy or stamp errors): made again
         logger.warning(f"{path}: unreadable ({e!r}); reading the labels of {records.rec} again")
-    layout = _scan_all(records, keys)
+    layout = _scan_all(records)  # the list of every key only now (17M at Glint360K)
     try:
         with atomic_file(path) as f:
             np.savez(f, keys=layout.keys, labels=layout.labels, stamp=np.array(text))

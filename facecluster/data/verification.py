@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import io
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,13 +93,14 @@ def read_pairs_txt(root: str | Path, pairs: str | Path) -> tuple[list[Path], lis
 
     Lines ``name i j`` are same-identity pairs, ``name1 i name2 j`` different ones;
     image ``i`` of ``name`` is ``root/name/name_{i:04d}.jpg``. A first line of only
-    numbers (LFW's ``folds pairs-per-fold``) is skipped.
+    numbers (LFW's ``folds pairs-per-fold``, or its one number) is skipped; a first
+    line of three or four numbers is a pair of identities named by numbers.
     """
     root = Path(root)
     paths, issame = [], []
     for line_no, line in enumerate(Path(pairs).read_text().splitlines(), 1):
         parts = line.split()
-        if not parts or (line_no == 1 and all(p.isdigit() for p in parts)):
+        if not parts or (line_no == 1 and len(parts) <= 2 and all(p.isdigit() for p in parts)):
             continue
         if len(parts) == 3:
             a, b = (parts[0], int(parts[1])), (parts[0], int(parts[2]))
@@ -136,8 +138,9 @@ def load_pairs(path: str | Path) -> VerificationPairs:
 
 def set_name(path: str | Path) -> str:
     """How a verification set is called in logs and tables: ``lfw`` for ``lfw.bin``,
-    the folder's name (``lfw-112``) for a ``pairs.txt``."""
-    path = Path(path).resolve()
+    the folder's name (``lfw-112``) for a ``pairs.txt``. The names as given, links not
+    followed: a hub or annex cache links ``lfw.bin`` to a file named by its hash."""
+    path = Path(os.path.abspath(path))  # "." and ".." resolved, links kept
     return path.stem if path.suffix == ".bin" else path.parent.name
 
 
