@@ -111,15 +111,19 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from facecluster.run import RunFolder, is_global_zero
 
     try:
-        cfg = load_config(args.config or [default], args.overrides)
-        if cfg.resume and args.config:
+        # resume=: the overrides apply to the run's own config, never to default.yaml's
+        # (whose 4 clusters refused a job's stage2.subnets=[4,5] of an 8-cluster run)
+        resume = _resume_override(args.overrides)
+        if resume and args.config:
             raise ConfigError(
                 f"-c {' -c '.join(args.config)} with resume=: a resumed run keeps the "
-                f"config it was started with ({cfg.resume}/config.yaml); give changes as "
+                f"config it was started with ({resume}/config.yaml); give changes as "
                 "key=value overrides"
             )
-        if cfg.resume:
-            cfg = RunFolder.config_for_resume(cfg.resume, args.overrides)
+        if resume:
+            cfg = RunFolder.config_for_resume(resume, args.overrides)
+        else:
+            cfg = load_config(args.config or [default], args.overrides)
         if cfg.eval.after_training and cfg.assembles and cfg.launcher.name == "local":
             eval_device(cfg)  # a GPU this machine lacks: refused now, not after training
         result = train(cfg)
@@ -135,6 +139,16 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _resume_override(overrides: list[str]) -> str | None:
+    """The run or checkpoint that ``resume=`` names (its last value; None for ``null``)."""
+    resume = None
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.strip() == "resume":
+            resume = None if value in ("null", "") else value  # a string key: as written
+    return resume
 
 
 def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int:

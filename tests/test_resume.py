@@ -161,6 +161,26 @@ def test_a_config_file_with_resume_is_refused_not_ignored(tmp_path, capsys):
     assert f"-c {SMOKE} with resume=" in err and "key=value overrides" in err
 
 
+def test_resume_overrides_apply_to_the_runs_config_not_the_default_one(tmp_path, monkeypatch):
+    # train.py validated resume='s overrides against configs/default.yaml first: a job
+    # of an 8-cluster run (stage2.subnets=[4, 5], what the launchers pass) was refused
+    # as "not sub-nets of clustering.num_clusters=4", and a smoke run's more-epochs
+    # resume as contradicting default.yaml's stage epochs
+    from facecluster import cli, pipeline
+
+    cfg = load_config(SMOKE, [*smoke_overrides(tmp_path), "clustering.num_clusters=8"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(cfg.run_settings().to_yaml())
+    seen = []
+    monkeypatch.setattr(pipeline, "train", lambda c: seen.append(c) or pytest.skip("reached"))
+    for overrides in (["stage2.subnets=[4,5]", "stage=2"], ["trainer.max_epochs=3"]):
+        with pytest.raises(pytest.skip.Exception):
+            cli.train_main([f"resume={run}", *overrides, "eval.after_training=false"])
+    assert seen[0].stage2.subnets == [4, 5] and seen[0].clustering.num_clusters == 8
+    assert seen[1].trainer["max_epochs"] == 3 and str(seen[1].resume) == str(run)
+
+
 class StageOneLr(L.Callback):
     """Stage 1's LR before each epoch's second batch (after the epoch's first step)."""
 
