@@ -530,3 +530,21 @@ def test_retraining_named_subnets_while_a_job_trains_is_refused(tmp_path):
     lock.write_text(json.dumps({"host": os.uname().nodename, "pid": int(gone.stdout)}))
     run.restart_subnets([[0]])  # a lock whose process is gone: the job starts over
     assert not lock.parent.exists()
+
+
+def test_the_documented_multi_node_commands_fit_together(tmp_path):
+    # docs/TRAINING.md's stage 1 across nodes, then "resume=... launcher=slurm
+    # stage2.jobs=8": a run started with the default 4 clusters refused 8 jobs. Their
+    # arguments as written (the data and the GPU settings aside, neither exists here).
+    text = " ".join((ROOT / "docs" / "TRAINING.md").read_text().replace("\\\n", " ").split())
+    stage1 = re.search(r"srun --ntasks-per-node=8 python train.py (.*?) #", text).group(1)
+    follow = re.search(r"python train.py (resume=/shared/runs/ms1mv3 .*?) ```", text).group(1)
+    local = {"data.root": str(load_config(SMOKE).data.root), "output_dir": str(tmp_path)}
+    args = [a for a in stage1.split() if not a.startswith(("data.root", "output_dir", "trainer."))]
+    cfg = load_config(SMOKE, [*args, *(f"{k}={v}" for k, v in local.items())])
+    run = tmp_path / cfg.run_name
+    run.mkdir()
+    (run / "config.yaml").write_text(cfg.run_settings().to_yaml())
+    overrides = [a.replace("/shared/runs/ms1mv3", str(run)) for a in follow.split()]
+    resumed = RunFolder.config_for_resume(str(run), overrides)
+    assert resumed.stage2.jobs == 8 <= resumed.clustering.num_clusters
