@@ -26,7 +26,7 @@ from facecluster.data import IMAGE_EXTENSIONS, build_transforms, scan_image_fold
 from facecluster.data.images import DECODE_ERRORS, decode_image
 from facecluster.data.transforms import normalize_images
 from facecluster.inference import TwoStageIdentifier
-from facecluster.inference.identifier import UNKNOWN
+from facecluster.inference.identifier import OPEN_SET_SCORE, UNKNOWN
 from facecluster.inference.openset import threshold_at_fpir
 from facecluster.io import replacing
 
@@ -39,9 +39,6 @@ logger = logging.getLogger(__name__)
 TORCH_FILE = "identifier.pt"
 ONNX_FOLDER = "onnx"
 CSV_COLUMNS = ("path", "identity", "score", "similarity", "cluster", "top5")
-OPEN_SET_SCORE = "similarity"
-"""What an export's unknown threshold compares (``Identification.similarity``). Exports
-without this mark chose it on the decision score, a log-probability under moe."""
 TOP = 5
 
 

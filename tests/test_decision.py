@@ -149,6 +149,8 @@ def test_moe_sums_an_identity_over_its_two_searched_clusters(top_m):
             larger = max(terms[c][0] for c in terms)
             assert terms[by][0] == pytest.approx(larger, rel=1e-5)  # float32 ties aside
             assert close == pytest.approx(terms[by][1], abs=1e-5)
+    # an empty batch gives an empty answer, as without overlap
+    assert ident.identify(queries[:0], top_m=top_m, k=30).candidates.shape == (0, 30)
     # batched answers equal one-by-one answers
     for i in range(0, 64, 9):
         one = ident.identify(queries[i : i + 1], top_m=top_m, k=30)

@@ -24,6 +24,7 @@ from facecluster.data.images import decode_image
 from facecluster.data.transforms import normalize_images
 from facecluster.deploy import export_run, identify_files, load_export
 from facecluster.evaluation import evaluate_run
+from facecluster.inference import TwoStageIdentifier
 from facecluster.inference.openset import fnir_at_fpir, threshold_at_fpir
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
@@ -199,6 +200,10 @@ def test_onnx_identifier_matches_torch_on_the_test_split(open_run, exported, tmp
     torch.save(payload, old / "identifier.pt")
     with pytest.raises(ValueError, match="log-probability .* export the run again"):
         identify_files(old, faces, tmp_path / "old.csv", runtime="torch")
+    # loaded through the API, its number is not offered as a similarity threshold
+    stale = TwoStageIdentifier.load(old / "identifier.pt").open_set
+    assert "threshold" not in stale
+    assert stale["log_probability_threshold"] == payload["open_set"]["threshold"]
 
 
 @pytest.mark.slow

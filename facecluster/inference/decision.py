@@ -253,7 +253,7 @@ def sum_shared(parts: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Ten
             members]`` its scores (log-probabilities), similarities and cluster id.
     """
     keys, scores, where = [], [], []
-    size = 1 + max(int(members.max()) for _, members, *_ in parts if len(members))
+    size = 1 + max((int(members.max()) for _, members, *_ in parts if len(members)), default=0)
     for i, (rows, members, shared, score, _, _) in enumerate(parts):
         if len(rows) and len(shared):
             keys.append((rows[:, None] * size + members[shared][None, :]).flatten())

@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 
 UNKNOWN = -1
 """The answer for a face whose best candidate's similarity is below the open-set threshold."""
+OPEN_SET_SCORE = "similarity"
+"""What an export's unknown threshold compares (``Identification.similarity``). Exports
+without this mark chose it on the decision score, a log-probability under moe."""
 
 EXPORT_FORMAT = "facecluster.two_stage_identifier"
 EXPORT_VERSION = 3
@@ -614,8 +617,23 @@ class TwoStageIdentifier(nn.Module):
             payload.get("shared_layers", 0),
             saved,
         )
-        identifier.open_set = payload.get("open_set")
+        identifier.open_set = loaded_open_set(payload.get("open_set"), route)
         return identifier
+
+
+def loaded_open_set(open_set: dict | None, route: dict[str, Any]) -> dict | None:
+    """An export's ``open_set`` as loaded. A ``moe`` threshold that an earlier facecluster
+    chose on the log-probability (no ``score`` mark) is kept as
+    ``log_probability_threshold``, not ``threshold``: nothing may compare an answer's
+    similarity with it (``facecluster identify`` then asks for a new export or a
+    ``--threshold``; ``open_set["threshold"]`` is a KeyError, not a wrong answer)."""
+    if open_set is None or route.get("decision") != "moe":
+        return open_set
+    if open_set.get("score") == OPEN_SET_SCORE or "threshold" not in open_set:
+        return open_set
+    stale = dict(open_set)
+    stale["log_probability_threshold"] = stale.pop("threshold")
+    return stale
 
 
 def reusable_index(

@@ -32,7 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from facecluster.clustering import ClusterAssignment
-from facecluster.inference.identifier import TwoStageIdentifier, reusable_index
+from facecluster.inference.identifier import (
+    TwoStageIdentifier,
+    loaded_open_set,
+    reusable_index,
+)
 from facecluster.io import replacing
 
 ONNX_FORMAT = "facecluster.onnx_identifier"
@@ -72,7 +76,7 @@ def export_onnx(identifier: TwoStageIdentifier, folder: str | Path) -> list[Path
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "identifier.json").unlink(missing_ok=True)  # unfinished until rewritten
     size = identifier.backbone_args["image_size"]
-    example = (torch.zeros(2, 3, size, size),)
+    example = (torch.zeros(2, 3, size, size, device=identifier.class_means.device),)
     batch = torch.export.Dim("batch")
     networks = {"router": identifier.router_backbone}
     networks |= {f"subnet{k}": net for k, net in enumerate(identifier.subnets)}
@@ -233,5 +237,5 @@ def load_onnx(
             arrays.get("router_index"), meta.get("router_index_settings"), route
         ),
     )
-    identifier.open_set = meta.get("open_set")
+    identifier.open_set = loaded_open_set(meta.get("open_set"), route)
     return identifier
