@@ -100,11 +100,17 @@ SPLIT_KEYS = (
 resume (stage 2 would train on stage 1's held-out images) and for an evaluation (it
 would test on training images)."""
 
+NETWORK_KEYS = ("model", "data.image_size")
+"""What decides the networks' shapes and input (an IResNet's fc layer is sized by the
+image size): fixed for a resume and an evaluation (``model``'s speed options aside)."""
+
+EVALUATION_FIXED_KEYS = (*SPLIT_KEYS, *NETWORK_KEYS)
+
 RESUME_FIXED_KEYS = (
     "method",
     *SPLIT_KEYS,
     "data.root",
-    "model",
+    *NETWORK_KEYS,
     "clustering.num_clusters",
     "clustering.method",
     "clustering.features",
@@ -275,11 +281,14 @@ class RunFolder:
     def finished_config(self, overrides: list[str] | tuple = ()) -> Config:
         """The config of a finished run (evaluation, inference); refuses unfinished runs,
         naming the sub-nets still missing and the command that finishes them, and
-        overrides of the keys that decide the split (:data:`SPLIT_KEYS`)."""
+        overrides of the keys that decide the split or the networks
+        (:data:`EVALUATION_FIXED_KEYS`)."""
         cfg = self.config(overrides)
         if overrides:  # the run's own config with every other override (a moved file)
-            others = [o for o in overrides if o.split("=", 1)[0] not in SPLIT_KEYS]
-            _refuse_contradictions(self.config(others), cfg, f"run={self.path}", SPLIT_KEYS)
+            fixed = EVALUATION_FIXED_KEYS
+            # "data={test_fraction: 0.3}" sets a fixed key too: a section's override goes
+            others = [o for o in overrides if not _sets_any(o.split("=", 1)[0].strip(), fixed)]
+            _refuse_contradictions(self.config(others), cfg, f"run={self.path}", fixed)
         if not self.finished:
             missing = ""
             if cfg.two_stage and self.clusters_path.is_file():
@@ -756,8 +765,8 @@ def _folder_of(resume: Path) -> Path:
 def _refuse_contradictions(
     saved: Config, cfg: Config, resume: str, keys: tuple[str, ...] = RESUME_FIXED_KEYS
 ) -> None:
-    """Refuse a resume (or, with ``keys=SPLIT_KEYS``, an evaluation) whose overrides
-    change what the run's checkpoints were trained on.
+    """Refuse a resume (or, with ``keys=EVALUATION_FIXED_KEYS``, an evaluation) whose
+    overrides change what the run's checkpoints were trained on.
 
     Epochs, logger, trainer settings and the like may change; the identities, the
     split, the backbone and clusters may not.
@@ -783,9 +792,15 @@ def _refuse_contradictions(
             + (
                 "\nStart a new run for these settings (epochs, logger and trainer.* may change)."
                 if resuming
-                else "\nAn evaluation tests the run's own held-out split; leave these unset."
+                else "\nAn evaluation tests the run's own networks on its own held-out "
+                "split; leave these unset."
             )
         )
+
+
+def _sets_any(key: str, keys: tuple[str, ...]) -> bool:
+    """Whether an override of ``key`` can set one of ``keys`` (itself, or a section above)."""
+    return any(k == key or k.startswith(key + ".") for k in keys)
 
 
 def _select(values: dict[str, Any], dotted: str) -> Any:

@@ -589,6 +589,15 @@ def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(finished_run,
     assert "data.val_fraction: the run has" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"(?s)resume=.*data.test_fraction: the run has"):
         RunFolder.config_for_resume(str(finished_run), ["data.test_fraction=0.3"])
+    # nor by a whole section's override, nor at another image size (the networks'
+    # input; an IResNet's fc layer is sized by it: a raw size mismatch after loading)
+    with pytest.raises(ConfigError, match=r"data.test_fraction: the run has 0.2, the command"):
+        evaluate_run(finished_run, ["data={test_fraction: 0.3, val_fraction: 0.05}"])
+    size = RunFolder(finished_run).config().data.image_size
+    with pytest.raises(ConfigError, match=rf"data.image_size: the run has {size}, the command"):
+        evaluate_run(finished_run, [f"data.image_size={size * 2}"])
+    with pytest.raises(ConfigError, match=r"(?s)resume=.*data.image_size: the run has"):
+        RunFolder.config_for_resume(str(finished_run), [f"data.image_size={size * 2}"])
     # the check starts from the run's config with the other overrides applied: one that
     # repairs a setting no longer valid here (a moved verification file) is enough
     moved = tmp_path / "moved"
