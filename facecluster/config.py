@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -75,7 +76,7 @@ class _Rules:
             self.add(f"{self.prefix}{name}={value!r} is not one of {', '.join(options)}")
 
     def positive(self, name: str, value: Any) -> None:
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:  # NaN too
             self.add(f"{self.prefix}{name} must be > 0, got {value}")
 
     def within(self, name: str, value: float, lo: float, hi: float, closed: bool = True) -> None:
@@ -83,6 +84,22 @@ class _Rules:
         if not inside:
             bracket = "]" if closed else ")"
             self.add(f"{self.prefix}{name} must be in [{lo:g}, {hi:g}{bracket}, got {value}")
+
+
+def _not_finite(section: Any, prefix: str = "") -> list[str]:
+    """A problem for every float setting that is NaN or infinite (``stage1.optim.lr=nan``
+    passed ``lr <= 0``, and trained stage 1 before stage 2 diverged at its first step)."""
+    found = []
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if is_dataclass(value):
+            found += _not_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{prefix}{f.name} must be a finite number, got {value}")
+        elif isinstance(value, list | tuple):
+            if any(isinstance(v, float) and not math.isfinite(v) for v in value):
+                found.append(f"{prefix}{f.name} must hold finite numbers, got {list(value)}")
+    return found
 
 
 def resolve_data_root(root: str) -> Path:
@@ -578,6 +595,7 @@ class Config:
         found += self.stage1.problems("stage1.") + self.stage2.problems("stage2.")
         for section in (self.route, self.eval, self.wandb, self.slurm):
             found += section.problems()
+        found += _not_finite(self)
         return found + self._across_sections() + self._trainer_problems()
 
     def _across_sections(self) -> list[str]:
@@ -830,7 +848,15 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         if key in strings and value != "null":
             OmegaConf.update(merged, key, value, merge=True)
         else:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+            try:
+                parsed = OmegaConf.from_dotlist([override])
+            except yaml.YAMLError as e:  # "data.verification=[a.bin": no closing bracket
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise ConfigError(
+                    f"command line, {override}: the value is not valid YAML ({problem}); "
+                    "quote an override with spaces or brackets as one shell word"
+                ) from None
+            merged = OmegaConf.merge(merged, parsed)
     return merged
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,11 @@ def test_string_keys_take_the_text_as_written():
         ("stage2.optim.betas=[2,-1]", "stage2.optim.betas must be two values in [0, 1)"),
         ("stage1.optim.poly_power=-3", "stage1.optim.poly_power must be > 0, got -3"),
         ("data.val_fraction=0", "data.val_fraction=0 leaves route.decision=moe no validation"),
+        # NaN passed "lr <= 0": stage 1 trained, then stage 2 diverged at its first step
+        ("stage2.optim.lr=nan", "stage2.optim.lr must be a finite number, got nan"),
+        ("stage1.optim.poly_power=.inf", "stage1.optim.poly_power must be a finite number"),
+        ("head.s=nan", "head.s must be a finite number, got nan"),
+        ("stage1.optim.warmup_epochs=nan", "stage1.optim.warmup_epochs must be a finite"),
     ],
 )
 def test_values_refused_only_later_or_never_are_refused_at_load(override, expected):
@@ -173,6 +179,11 @@ def test_an_error_without_a_key_names_the_override(overrides, expected):
 def test_bad_override_syntax_is_rejected():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(overrides=["data.root"])
+    # a value YAML cannot parse (an unclosed bracket, a shell-split flow mapping) is
+    # named with its override, not a parser traceback
+    for bad in ("data.verification=[a.bin", "slurm.additional={constraint:"):
+        with pytest.raises(ConfigError, match=rf"command line, {re.escape(bad)}: the value is not"):
+            load_config(SMOKE, [bad])
 
 
 def test_relative_data_root_falls_back_to_the_project(tmp_path, monkeypatch):
