@@ -59,6 +59,9 @@ RUN_DIR_ENV = "FACECLUSTER_RUN_DIR"
 JOB_SUBNETS = "subnets.json"
 RUNNING = "running.json"
 REFUSED = "refused.json"
+EMPTY_LOCK_AGE = 10.0
+"""Seconds after which an empty stage-2 job lock (an earlier facecluster's, whose
+process failed while writing it) is taken over instead of waited for."""
 JOB_ENV = "FACECLUSTER_JOB"
 """Set in the processes the launchers start (the job's name): they read the run's
 config and never rewrite it."""
@@ -484,14 +487,20 @@ class RunFolder:
             yield
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                with open(path, "x") as f:
-                    json.dump(me, f)
-                break
-            except FileExistsError:
-                other = _read_json(path)
-                if not other:  # being written right now
+        # the record is written whole, then linked to the lock's name (os.link fails if
+        # it exists, on NFS too): a write that fails (a full disk) leaves no empty lock
+        record = path.with_name(f".{RUNNING}.{os.getpid()}")
+        try:
+            record.write_text(json.dumps(me))
+            while True:
+                try:
+                    os.link(record, path)
+                    break
+                except FileExistsError:
+                    other = _read_json(path)
+                if not other:  # gone since, or empty: left by an earlier facecluster
+                    if _age(path) > EMPTY_LOCK_AGE:
+                        path.unlink(missing_ok=True)
                     time.sleep(0.1)
                     continue
                 if not _lock_is_stale(other, me):
@@ -505,8 +514,10 @@ class RunFolder:
                         refusal = {"launch": me["launch"], "error": message, "holder": other}
                         with replacing(refused) as tmp:
                             tmp.write_text(json.dumps(refusal))
-                    raise ConfigError(message) from None
+                    raise ConfigError(message)
                 path.unlink(missing_ok=True)
+        finally:
+            record.unlink(missing_ok=True)
         refused.unlink(missing_ok=True)
         try:
             yield
@@ -532,8 +543,10 @@ class RunFolder:
         """
         jobs = self.path / "stage2" / "jobs"
         for lock in sorted(jobs.glob(f"*/{RUNNING}")) if jobs.is_dir() else ():
-            other = _read_json(lock)  # empty while being written: its job is starting
-            if not other or not _lock_is_stale(other, _lock_owner()):
+            other = _read_json(lock)  # empty: an earlier facecluster's, left or being written
+            if (not other and _age(lock) <= EMPTY_LOCK_AGE) or (
+                other and not _lock_is_stale(other, _lock_owner())
+            ):
                 raise ConfigError(
                     f"stage2.subnets: stage-2 job {lock.parent.name} is training now "
                     f"({lock}); retrain sub-nets once it has ended"
@@ -679,6 +692,14 @@ def _wait_for_lock(path: Path, refused: Path, launch: str | None, timeout: float
                 f"rank 0 did not take the job lock {path} within {timeout:.0f} s: did it fail?"
             )
         time.sleep(0.2)
+
+
+def _age(path: Path) -> float:
+    """Seconds since ``path`` was last modified (0 if it is gone)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -396,6 +396,28 @@ def test_a_job_that_is_training_is_not_trained_twice(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"already training .*SLURM job 77"):
         with run.job_lock("subnets-0-2"):
             pass
+    # a lock whose owner failed while writing it (a full disk): none is left now, and
+    # an empty one an earlier version left is waited for briefly, then taken over (every
+    # later run of the job, and restart_subnets, waited or refused forever)
+    lock.unlink()
+    monkeypatch.setattr(Path, "write_text", _full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        with run.job_lock("subnets-0-2"):
+            pass
+    monkeypatch.undo()
+    assert list(lock.parent.iterdir()) == []
+    lock.write_text("")
+    old = time.time() - 60
+    os.utime(lock, (old, old))
+    with run.job_lock("subnets-0-2"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    lock.write_text("")
+    os.utime(lock, (old, old))
+    run.restart_subnets([[0, 1]])
+
+
+def _full_disk(self, *args, **kwargs):
+    raise OSError(28, "No space left on device")
 
 
 _SRUN_TASK = """
