@@ -365,7 +365,12 @@ def _assemble(
     table = training_table(results)
     folder.save_training_report(results, table)
     if run.logger is not None and is_global_zero():
-        run.logger.log_metrics(_result_metrics(results))
+        # at the run's last step (with no step a CSV row got len(rows) as its step), and
+        # written now: no Trainer follows whose end would save the CSV
+        last = run.stage1_summary()["global_step"] + (stage2["global_step"] if stage2 else 0)
+        run.logger.step_offset = 0
+        run.logger.log_metrics(_result_metrics(results), step=last)
+        run.logger.save()
     rank_zero_info(f"\n{table}\n\nfacecluster run folder: {folder.path}")
     return results, table
 

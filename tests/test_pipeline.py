@@ -105,6 +105,12 @@ def test_step_axis_continues_across_the_two_stages(finished_run):
     ]
     assert stage1 and stage2
     assert min(stage2) >= stage1_steps > max(stage1) - 1
+    # the assembled results, logged last at the run's last step (they never reached
+    # the file: no Trainer followed to save it)
+    results = [r for r in rows if r.get("results/stage1_acc")]
+    last = stage1_steps + finished_run.results["stage2_steps"]
+    assert len(results) == 1 and int(results[0]["step"]) == last > max(stage2)
+    assert float(results[0]["results/stage1_acc"]) == finished_run.results["stage1"]["accuracy"]
 
 
 def test_held_out_accuracy_is_reported_for_stage1_and_every_subnet(finished_run):
