@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from facecluster.clustering import ClusterAssignment, cluster_identities, dispersion
@@ -71,15 +72,29 @@ def class_means_plot(path: Path, assignment: ClusterAssignment, seed: int) -> Pa
         shown = torch.randperm(len(means), generator=generator)[:PLOTTED_MEANS].sort().values
     sample = means[shown]
     centred = sample - sample.mean(0)
+    plt = _pyplot()
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
     xy = (centred @ v[:2].T).numpy()
+    if xy.shape[1] < 2:  # one identity (or a rank-1 set): its second axis is 0
+        xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
+    # a colour of its own per cluster: "tab10" spread K > 10 ids over 10 colours, so
+    # clusters shared one; tab10, tab20, then K hues
+    k = assignment.num_clusters
+    palette = ListedColormap(
+        [plt.get_cmap("tab10" if k <= 10 else "tab20")(i % 20) for i in range(min(k, 20))]
+        if k <= 20
+        else [plt.get_cmap("hsv")(i / k) for i in range(k)]
+    )
+    norm = BoundaryNorm(np.arange(k + 1) - 0.5, k)
     other_method = "random" if assignment.method != "random" else "kmeans"
     other = cluster_identities(means, assignment.num_clusters, other_method, seed=seed)
-    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     for ax, part in zip(axes, (assignment, other), strict=True):
         stats = dispersion(part)
         colour = part.class_to_cluster[shown].numpy()
-        ax.scatter(xy[:, 0], xy[:, 1], c=colour, cmap="tab10", s=12)
+        ax.scatter(xy[:, 0], xy[:, 1], c=colour, cmap=palette, norm=norm, s=12)
         ax.set_title(f"{part.method}: within {stats['within']:.3f}, between {stats['between']:.3f}")
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")

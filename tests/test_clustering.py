@@ -558,3 +558,24 @@ def test_a_clustering_that_fails_on_rank_0_stops_every_rank(tmp_path, monkeypatc
     assert len(sent) == 1  # every rank went through the broadcast
     if rank == 0:
         assert "No space left" in sent[0]["error"]
+
+
+@pytest.mark.parametrize("k", [1, 16, 30])
+def test_the_class_mean_plot_gives_every_cluster_its_own_colour(k, tmp_path, monkeypatch):
+    # "tab10" spread K > 10 cluster ids over 10 colours (clusters 0 and 1 shared one at
+    # K = 16); one identity, a rank-1 PCA, raised an IndexError
+    from matplotlib.axes import Axes
+
+    from facecluster.plots import class_means_plot
+
+    drawn = []
+    real = Axes.scatter
+    monkeypatch.setattr(
+        Axes, "scatter", lambda ax, *a, **kw: drawn.append(kw) or real(ax, *a, **kw)
+    )
+    torch.manual_seed(0)
+    means = F.normalize(torch.randn(max(k, 40) if k > 1 else 1, 8), dim=1)
+    assignment = cluster_identities(means, k, "balanced")
+    assert class_means_plot(tmp_path / "means.png", assignment, 0).is_file()
+    colours = {tuple(drawn[0]["cmap"](drawn[0]["norm"](c))) for c in range(k)}
+    assert len(colours) == k
