@@ -20,6 +20,13 @@ two fresh processes: the first makes the cache (``setup_s``), the second reads i
 (``setup_cached_s``).
 
     python bench/sample_index.py --layout im2rec --out bench/results/sample_index_im2rec.json
+
+``--first-key`` starts the image keys of the InsightFace layout there instead of at 1:
+past 2^24 = 16,777,216 every identity's stored key range is rounded (float32) and each
+boundary is found again among the records around it, as in the second half of
+WebFace42M (42.5M images) or the end of Glint360K, without writing 17M records first:
+
+    python bench/sample_index.py --first-key 33554433 --out bench/results/index_past_2p24.json
 """
 
 from __future__ import annotations
@@ -37,9 +44,12 @@ from pathlib import Path
 import numpy as np
 
 
-def write_rec(out: Path, images: int, identities: int, identity_records: bool = True) -> Path:
+def write_rec(
+    out: Path, images: int, identities: int, identity_records: bool = True, first_key: int = 1
+) -> Path:
     """``out/train.rec``: ``images`` records spread evenly over ``identities``; with
-    InsightFace's header and identity records, or none (keys from 0, as im2rec)."""
+    InsightFace's header and identity records (image keys from ``first_key``), or none
+    (keys from 0, as im2rec)."""
     from PIL import Image
 
     from facecluster.data.recordio import RecordWriter, pack
@@ -51,7 +61,7 @@ def write_rec(out: Path, images: int, identities: int, identity_records: bool = 
     per[: images % identities] += 1
     out.mkdir(parents=True, exist_ok=True)
     with RecordWriter(out / "train.rec", out / "train.idx") as writer:
-        key, ranges = int(identity_records), []
+        key, ranges = (first_key if identity_records else 0), []
         for label in range(identities):
             start, payload = key, pack(float(label), jpeg)
             for _ in range(per[label]):
@@ -124,6 +134,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1_709_166)
     parser.add_argument("--identities", type=int, default=36_023)
     parser.add_argument("--layout", choices=("insightface", "im2rec"), default="insightface")
+    parser.add_argument(
+        "--first-key", type=int, default=1, help="the first image key (insightface)"
+    )
     parser.add_argument("--out", default="bench/results/sample_index.json")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # the fresh process's part
     parser.add_argument("--cache", help=argparse.SUPPRESS)
@@ -133,9 +146,11 @@ def main() -> None:
         return
     if not 0 < args.identities <= args.images:
         parser.error(f"need 0 < --identities <= --images, got {args.identities}, {args.images}")
+    if args.first_key < 1 or (args.layout == "im2rec" and args.first_key != 1):
+        parser.error("--first-key: a key >= 1, and only for --layout insightface")
     with tempfile.TemporaryDirectory() as tmp:
         im2rec = args.layout == "im2rec"
-        rec = write_rec(Path(tmp) / "rec", args.images, args.identities, not im2rec)
+        rec = write_rec(Path(tmp) / "rec", args.images, args.identities, not im2rec, args.first_key)
         command = [sys.executable, __file__, "--measure", str(rec)]
         if im2rec:
             command += ["--cache", str(Path(tmp) / "cache")]
@@ -152,6 +167,7 @@ def main() -> None:
             result["anonymous_added_cached_mb"] = cached["anonymous_added_mb"]
         result.update(
             layout=args.layout,
+            first_key=args.first_key,
             images=args.images,
             identities=args.identities,
             rec_bytes=rec.stat().st_size,

@@ -82,6 +82,34 @@ def test_label_arrays_unordered_index_and_png(tmp_path):
     assert layout.keys.tolist() == [2, 5] and layout.labels.tolist() == [4, 7]
 
 
+def test_headers_read_at_once_equal_one_by_one(tmp_path):
+    # RecordFile.heads/ranges read the label bytes of many records with numpy (the
+    # label pass, the identity records, the boundaries past 2^24): the same as head()
+    # and record() on every kind of record, split ones and a record at the file's end
+    split = pack(6.0, b"\xff\xd8" + b"xx" + MAGIC_BYTES + bytes(40))
+    records = {
+        1: pack(3.0, _jpeg(1)),
+        2: pack([7.0, 1.5], _jpeg(2)),  # a label array
+        3: split,
+        4: pack([1.0, 3.0]),  # an identity record: no image
+        5: pack(np.float32(2**24 + 2), _jpeg(3)),
+        7: pack([9.0], _jpeg(4)),  # a one-entry array, the last record
+    }
+    rf = _write(tmp_path, records)
+    keys = np.array([7, 1, 2, 3, 4, 5, 6, 0, 3])  # 6 and 0 have no record
+    labels, image, present = rf.heads(keys)
+    assert present.tolist() == [k in records for k in keys.tolist()]
+    for i, key in enumerate(keys.tolist()):
+        if key in records:
+            label, _, has_image = rf.head(key)
+            assert (labels[i], image[i]) == (label, has_image), key
+    assert rf.ranges(np.array([4])).tolist() == [[1, 3]]
+    with pytest.raises(RecordError, match="key 1: not an identity record"):
+        rf.ranges(np.array([4, 1]))
+    with pytest.raises(RecordError, match=r"key 2 at offset \d+: label 1.5 is not"):
+        rf.ranges(np.array([2]))
+
+
 def test_the_index_reads_like_a_dict_and_names_a_bad_line(tmp_path):
     # dense keys (InsightFace), sparse keys (binary search), a key listed twice (the
     # last offset wins, as a dict filled line by line), a blank line, bad lines

@@ -55,6 +55,8 @@ _LENGTH_MASK = (1 << 29) - 1
 _RECORD_START = struct.Struct("<III")  # magic, lrecord, then the payload header's flag
 FLOAT32_EXACT = 1 << 24
 """Integers above this are not all representable in float32."""
+HEADS_BLOCK = 1 << 18
+"""Records per block of :meth:`RecordFile.heads` (a block gathers 16 bytes of each)."""
 
 logger = logging.getLogger(__name__)
 
@@ -417,6 +419,75 @@ class RecordFile:
         first = float(record.label if record.flag == 0 else record.label[0])
         return self._whole(key, first), first, bool(record.data)
 
+    def heads(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`head` for many keys at once, read from the mapped file with numpy:
+        ``(labels, holds_image, present)``, int64 and bool arrays like ``keys``. A key
+        with no record is not present (its label -1). Records that are split, or whose
+        header does not read cleanly, are read by :meth:`head`, which names what is
+        wrong; so is a label that is not a whole number >= 0."""
+        keys = np.asarray(keys, dtype=np.int64).ravel()
+        labels = np.full(len(keys), -1, dtype=np.int64)
+        image = np.zeros(len(keys), dtype=bool)
+        present = np.zeros(len(keys), dtype=bool)
+        for block in range(0, len(keys), HEADS_BLOCK):
+            part = slice(block, block + HEADS_BLOCK)
+            at, clean, length, label_bytes, first, _ = self._fields(keys[part])
+            whole = clean & (first >= 0) & (first == np.floor(first))
+            labels[part][whole] = first[whole].astype(np.int64)
+            image[part][whole] = length[whole] > label_bytes[whole]
+            present[part] = at >= 0
+            for i in np.flatnonzero((at >= 0) & ~whole) + block:  # head reads or names it
+                labels[i], _, image[i] = self.head(int(keys[i]))
+        return labels, image, present
+
+    def ranges(self, keys: np.ndarray) -> np.ndarray:
+        """``[n, 2]`` the key ranges of identity records (the first two entries of their
+        label arrays), read as :meth:`heads` reads; a record that is not an identity
+        record, or a range that is not whole numbers >= 0, is named by key and offset."""
+        keys = np.asarray(keys, dtype=np.int64).ravel()
+        out = np.zeros((len(keys), 2), dtype=np.int64)
+        for block in range(0, len(keys), HEADS_BLOCK):
+            part = slice(block, block + HEADS_BLOCK)
+            at, clean, _, label_bytes, first, second = self._fields(keys[part])
+            pair = np.stack([first, second], axis=1)
+            whole = clean & (label_bytes >= _HEADER.size + 8)
+            whole &= ((pair >= 0) & (pair == np.floor(pair))).all(axis=1)
+            out[part][whole] = pair[whole].astype(np.int64)
+            for i in np.flatnonzero(~whole) + block:  # one by one: read, or named
+                key = int(keys[i])
+                if key not in self.offsets:
+                    raise RecordError(f"{self.rec}: no identity record with key {key}")
+                record = self.record(key)
+                if record.flag < 2:
+                    raise RecordError(f"{self.rec} key {key}: not an identity record")
+                out[i] = [self._whole(key, float(v)) for v in record.label[:2]]
+        return out
+
+    def _fields(self, keys: np.ndarray) -> tuple[np.ndarray, ...]:
+        """What :meth:`heads` and :meth:`ranges` read of each record: its offset (-1:
+        none), whether its start reads cleanly (magic, a whole record, the header and
+        its label array inside the record and the file), its length and header size,
+        and its first two labels (float64; NaN where it has no second)."""
+        at = self.offsets.lookup(keys)
+        data = np.frombuffer(self._buffer(), dtype=np.uint8)
+        room = (at >= 0) & (at + 8 + _HEADER.size <= self.size)
+        start = np.where(room, at, 0)
+        fields = data[start[:, None] + np.arange(16)]  # magic, lrecord, flag, label
+        words = fields.view("<u4")
+        magic, lrecord, flag = words[:, 0], words[:, 1], words[:, 2].astype(np.int64)
+        length = (lrecord & _LENGTH_MASK).astype(np.int64)
+        label_bytes = _HEADER.size + 4 * flag
+        clean = room & (magic == MAGIC) & (lrecord >> 29 == 0) & (length >= label_bytes)
+        clean &= start + 8 + label_bytes <= self.size
+        first = fields.view("<f4")[:, 3].astype(np.float64)
+        second = np.full(len(keys), np.nan)
+        listed = clean & (flag > 0)
+        for entry, out, rows in ((0, first, listed), (1, second, listed & (flag >= 2))):
+            if rows.any():  # a label array's first and second entries, after the header
+                offset = start[rows] + 8 + _HEADER.size + 4 * entry
+                out[rows] = data[offset[:, None] + np.arange(4)].view("<f4")[:, 0]
+        return np.where(at >= 0, at, -1), clean, length, label_bytes, first, second
+
     def _whole(self, key: int, label: float) -> int:
         """``label`` as an identity label or key, which is a whole number >= 0."""
         if label >= 0 and label == label // 1:  # NaN fails both, inf the second
@@ -503,17 +574,18 @@ def image_layout(records: RecordFile, cache: str | Path | None = None) -> Record
             f"{records.rec} key 0 (the header record): its identity records [{first}, "
             f"{end}) are none; an InsightFace header holds (first identity record, end)"
         )
-    ranges = []
-    for identity_key in range(first, end):
-        identity = records.record(identity_key)
-        if identity.flag < 2:
-            raise RecordError(f"{records.rec} key {identity_key}: not an identity record")
-        ranges.append([records._whole(identity_key, float(v)) for v in identity.label[:2]])
-    bounds = _exact_bounds(records, np.asarray(ranges, dtype=np.int64))
+    bounds = _exact_bounds(records, records.ranges(np.arange(first, end)))
     counts = bounds[:, 1] - bounds[:, 0]
-    image_keys = np.concatenate([np.arange(a, b) for a, b in bounds]) if len(bounds) else []
+    if (counts < 0).any():
+        i = int(np.argmax(counts < 0))
+        raise RecordError(
+            f"{records.rec} key {first + i}: identity {i}'s image keys [{bounds[i, 0]}, "
+            f"{bounds[i, 1]}) end before they start"
+        )
     labels = np.repeat(np.arange(len(bounds)), counts)
-    image_keys = np.asarray(image_keys, dtype=np.int64)
+    # each identity's keys start..end-1, for all at once
+    within = np.arange(len(labels)) - np.repeat(np.cumsum(counts) - counts, counts)
+    image_keys = np.repeat(bounds[:, 0], counts) + within
     missing = np.flatnonzero(records.offsets.lookup(image_keys) < 0)
     if len(missing):
         i = int(missing[0])
@@ -529,15 +601,14 @@ def image_layout(records: RecordFile, cache: str | Path | None = None) -> Record
 def _exact_bounds(records: RecordFile, ranges: np.ndarray) -> np.ndarray:
     """Key ranges with float32-rounded boundaries (past 2^24) set to the true ones."""
     bounds = ranges.copy()
-    for i in range(len(bounds)):
-        for side in (0, 1):
-            b = int(bounds[i, side])
-            if b < FLOAT32_EXACT:  # exact; 2^24 itself may be 2^24 + 1 rounded
-                continue
-            if side == 0 and i > 0 and int(ranges[i - 1, 1]) == b:
-                bounds[i, 0] = bounds[i - 1, 1]  # the previous identity's end, found already
-                continue
-            bounds[i, side] = _true_boundary(records, b, identity=i, side=side)
+    ends = np.flatnonzero(ranges[:, 1] >= FLOAT32_EXACT)  # 2^24 itself may be 2^24 + 1
+    bounds[ends, 1] = _true_boundaries(records, ranges[ends, 1], ends, side=1)
+    starts = np.flatnonzero(ranges[:, 0] >= FLOAT32_EXACT)
+    # a start the previous identity's stored end equals: that end, found already
+    follows = (starts > 0) & (ranges[np.maximum(starts - 1, 0), 1] == ranges[starts, 0])
+    bounds[starts[follows], 0] = bounds[starts[follows] - 1, 1]
+    alone = starts[~follows]
+    bounds[alone, 0] = _true_boundaries(records, ranges[alone, 0], alone, side=0)
     return bounds
 
 
@@ -562,43 +633,49 @@ def _exact_header(records: RecordFile, first: int, end: int) -> tuple[int, int]:
     return first, end
 
 
-def _true_boundary(records: RecordFile, approx: int, identity: int, side: int) -> int:
-    # The true key is within one float32 spacing of the stored one.
-    spacing = _spacing(approx)
-    keys = range(approx - spacing - 1, approx + spacing + 1)
-
-    def member(key: int) -> bool | None:  # None: no such record
-        if key not in records.offsets:
-            return None
-        label, _, has_image = records.head(key)
-        return has_image and label == identity
-
-    members = [member(key) for key in keys]  # each record's header read once
-    for n in range(1, len(keys)):
-        before, inside = members[n - 1], members[n]
-        if before is None or inside is None:
-            continue
-        if (side == 0 and inside and not before) or (side == 1 and before and not inside):
-            return keys[n]
-    raise RecordError(
-        f"{records.rec}: identity {identity}'s range {'start' if side == 0 else 'end'} "
-        f"{approx} (float32) matches no change of image label within +-{spacing} keys; "
-        "the image records do not carry their identity's label"
-    )
+def _true_boundaries(
+    records: RecordFile, approx: np.ndarray, identity: np.ndarray, side: int
+) -> np.ndarray:
+    """The true keys of float32-rounded range boundaries (``side`` 0: starts, 1: ends) of
+    the identities ``identity``: where, within one float32 spacing of the stored key,
+    the image records' (exact) label changes into (0) or out of (1) the identity.
+    The records around every boundary are read at once (:meth:`RecordFile.heads`)."""
+    found = np.zeros(len(approx), dtype=np.int64)
+    bits = np.frexp(approx.astype(np.float64))[1]  # each key's bit length, as _spacing
+    per = np.left_shift(1, np.maximum(0, bits - 24)).astype(np.int64)
+    for spacing in np.unique(per).tolist():
+        rows = np.flatnonzero(per == spacing)
+        keys = approx[rows, None] + np.arange(-spacing - 1, spacing + 1)  # [rows, window]
+        labels, image, present = records.heads(keys)
+        shape = keys.shape
+        labels, image, present = labels.reshape(shape), image.reshape(shape), present.reshape(shape)
+        # a key with no record is no member: an identity's keys are contiguous, so the
+        # first image key of a file (nothing before it) can start one too
+        member = present & image & (labels == identity[rows, None])
+        if side == 0:
+            change = member[:, 1:] & ~member[:, :-1]
+        else:
+            change = member[:, :-1] & ~member[:, 1:]
+        missed = ~change.any(axis=1)
+        if missed.any():
+            i = int(np.argmax(missed))
+            raise RecordError(
+                f"{records.rec}: identity {identity[rows[i]]}'s range "
+                f"{'start' if side == 0 else 'end'} {approx[rows[i]]} (float32) matches no "
+                f"change of image label within +-{spacing} keys; the image records do not "
+                "carry their identity's label"
+            )
+        found[rows] = keys[np.arange(len(rows)), change.argmax(axis=1) + 1]
+    return found
 
 
 def _scan_all(records: RecordFile) -> RecordLayout:
-    labels, image_keys = [], []
-    for key in records.keys():
-        label, _, has_image = records.head(key)
-        if not has_image:  # a header or identity record of some other writer
-            continue
-        image_keys.append(key)
-        labels.append(label)
-    order = np.argsort(np.asarray(labels), kind="stable")
-    return RecordLayout(
-        np.asarray(image_keys, dtype=np.int64)[order], np.asarray(labels, dtype=np.int64)[order]
-    )
+    """Every image record's label, in one pass (:meth:`RecordFile.heads`); header and
+    identity records of other writers (no image) are left out."""
+    keys = records.offsets.keys_
+    labels, image, _ = records.heads(keys)
+    order = np.argsort(labels[image], kind="stable")
+    return RecordLayout(keys[image][order], labels[image][order])
 
 
 def _stamp(records: RecordFile) -> dict:
