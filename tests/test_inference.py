@@ -331,6 +331,8 @@ def test_the_top_m_sweep_records_the_values_it_scored(finished_run, monkeypatch)
     assert [p["top_m"] for p in report.top_m_sweep] == [1, 3]
     assert report.rows[0].model == "clustered, routed (top_m=3, moe)"
     assert report.top_m_sweep[1]["top1"] == report.rows[0].top1
+    # and its speed: one timing per predictor, the table's (it was timed again)
+    assert report.top_m_sweep[1]["throughput"] == report.rows[0].throughput
 
 
 @pytest.mark.slow
