@@ -22,7 +22,11 @@ every optimizer step whose gradients are not finite and lowers its scale, so one
 non-finite step changes no weight and training recovers by itself. The check then
 stops only on a non-finite loss that persists for ``fp16_patience`` consecutive
 steps (default 10); bf16 and fp32 stop on the first one. (On CPU ``16-mixed`` runs
-as bf16, without a scaler.)
+as bf16, without a scaler.) A forward that overflowed has already updated BatchNorm's
+running statistics, which the skipped step does not undo: under the scaler each check
+also reads the module's floating-point buffers, and a non-finite one stops the run
+(its NaN would embed every evaluated face as NaN, and the checkpoint plugin would
+refuse the epoch's save on rank 0 alone while the other ranks wait).
 
 The checkpoint plugin (:class:`facecluster.checkpoint_io.AtomicCheckpointIO`)
 refuses to write NaN weights even if a divergence slipped past this check.
@@ -75,6 +79,7 @@ class DivergenceCallback(L.Callback):
         self._first: torch.Tensor | None = None  # global step of the first stop, -1: none
         self._step: torch.Tensor | None = None  # global step counter, kept on the device
         self._since_check = 0
+        self._buffers: list[tuple[str, torch.Tensor]] = []  # checked under fp16 scaling
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
@@ -82,6 +87,9 @@ class DivergenceCallback(L.Callback):
         self._every = self.check_every_n_steps or (1 if device.type == "cpu" else 50)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._patience = self.fp16_patience if scaler is not None else 1
+        if scaler is not None:  # updated in place: the same tensors all along
+            named = pl_module.named_buffers()
+            self._buffers = [(n, b) for n, b in named if b.is_floating_point()]
         self._step = torch.tensor(trainer.global_step, device=device)
         self._last_global_step = trainer.global_step
 
@@ -133,16 +141,35 @@ class DivergenceCallback(L.Callback):
         self._since_check = 0
         first = [] if self._first is None else self._first.tolist()  # the one host read
         local = any(step >= 0 for step in first)
+        poisoned = None if local else self._poisoned_buffer()
+        local = local or poisoned is not None
         if trainer.world_size > 1:
             diverged = trainer.strategy.reduce_boolean_decision(local, all=False)
         else:
             diverged = local
         if diverged:
-            raise DivergenceError(self._message(trainer, first, local))
+            raise DivergenceError(self._message(trainer, first, local, poisoned))
 
-    def _message(self, trainer: L.Trainer, first: list[int], local: bool) -> str:
+    def _poisoned_buffer(self) -> str | None:
+        """The first floating-point buffer that is not finite (fp16 scaling only)."""
+        if not self._buffers:
+            return None
+        finite = torch.stack([torch.isfinite(b).all() for _, b in self._buffers])
+        if bool(finite.all()):  # one host read
+            return None
+        return self._buffers[int((~finite).nonzero()[0])][0]
+
+    def _message(
+        self, trainer: L.Trainer, first: list[int], local: bool, poisoned: str | None = None
+    ) -> str:
         if not local:
             where = f"on another DDP rank (this is rank {trainer.global_rank})"
+        elif poisoned is not None:
+            where = (
+                f"in the buffer {poisoned} by global step {trainer.global_step} (epoch "
+                f"{trainer.current_epoch}): an fp16 overflow that the loss scaler skipped "
+                "still updated it, and every face would now embed as NaN"
+            )
         else:
             culprits = [(s, self._names[i]) for i, s in enumerate(first) if s >= 0]
             # The total is the sum of the sub-nets' losses: name the sub-nets when known.
@@ -156,7 +183,8 @@ class DivergenceCallback(L.Callback):
             )
             where = f"in {what} at global step {step} (epoch {trainer.current_epoch}){persist}"
         return (
-            f"stage {self.stage}: the training loss became NaN/Inf {where}; the run is "
+            f"stage {self.stage}: the training {'state' if poisoned else 'loss'} became "
+            f"NaN/Inf {where}; the run is "
             f"stopped and no checkpoint with these weights was written. Last good "
             f"checkpoint: {self._last_good(trainer)}. Lower stage{self.stage}.optim.lr, add "
             "warm-up (optim.warmup_epochs) or gradient clipping (trainer.gradient_clip_val), "

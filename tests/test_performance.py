@@ -66,12 +66,21 @@ def test_divergence_accelerator_path_defers_reads_and_tolerates_fp16_skips():
     nan = math.nan
     callback = DivergenceCallback(stage=1, check_every_n_steps=5, fp16_patience=3)
     trainer = _stub_trainer(scaler=object())
-    callback.on_train_start(trainer, SimpleNamespace(device=torch.device("cpu")))
+    bn = torch.nn.BatchNorm1d(2)
+    module = SimpleNamespace(device=torch.device("cpu"), named_buffers=bn.named_buffers)
+    callback.on_train_start(trainer, module)
     assert (callback._every, callback._patience) == (5, 3)
     _feed(callback, trainer, [1.0, nan, nan, 1.0, 1.0, 1.0, nan, 1.0, 1.0, 1.0])
     callback.on_train_epoch_end(trainer, None)  # two short streaks: the scaler recovered
     with pytest.raises(DivergenceError, match=r"global step 13 .*3 consecutive steps"):
         _feed(callback, trainer, [nan, nan, nan, nan, 1.0])  # steps 11-14, read at 15
+    # a skipped overflow that reached the BatchNorm statistics: the losses recover, the
+    # buffer does not (NaN embeddings at evaluation; a save refused on rank 0 alone)
+    callback.on_train_start(trainer, module)
+    _feed(callback, trainer, [1.0, nan, 1.0])
+    bn.running_var[1] = math.inf
+    with pytest.raises(DivergenceError, match=r"training state became NaN/Inf in the buffer "):
+        callback.on_train_epoch_end(trainer, None)
     # bf16/fp32 (no scaler): the first non-finite loss stops at the next read
     callback = DivergenceCallback(stage=2, check_every_n_steps=5)
     trainer = _stub_trainer(scaler=None)
