@@ -828,3 +828,33 @@ def test_cuda_decode_runs_on_a_side_stream_that_the_current_stream_waits_for(mon
         ("record", "current"),
     ]
     assert calls == one_call * 2, calls
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_resumed_ddp_stage1_loader_draws_the_epoch_it_continues_with(workers):
+    # Lightning makes a resumed fit's first iterator before it calls set_epoch; with
+    # workers the injected DistributedSampler had drawn epoch 0's order by then, so the
+    # first resumed epoch of a DDP stage 1 trained on other batches than the
+    # uninterrupted run. The datamodule's own sampler starts at the checkpoint's epoch.
+    from types import SimpleNamespace
+
+    def loader(epoch: int | None, rank: int):
+        dm = FaceDataModule(
+            str(DEMO_ROOT), batch_size=8, max_classes=6, seed=3, num_workers=workers
+        )
+        dm.setup("fit")
+        cpu = SimpleNamespace(root_device=torch.device("cpu"))
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, strategy=cpu, current_epoch=2)
+        if epoch is not None:
+            dm.load_state_dict({"next_epoch": epoch})
+        return dm, dm.train_dataloader()
+
+    dm, resumed = loader(3, rank=1)
+    assert isinstance(resumed.sampler, torch.utils.data.DistributedSampler)
+    first = [labels.tolist() for _, labels, _ in resumed]  # iterated before any set_epoch
+    _, fresh = loader(None, rank=1)
+    fresh.sampler.set_epoch(3)  # the uninterrupted run, at its epoch 3
+    assert first == [labels.tolist() for _, labels, _ in fresh]
+    _, other = loader(3, rank=0)  # the other rank: the other half of the same order
+    assert first != [labels.tolist() for _, labels, _ in other]
+    assert dm.state_dict() == {"next_epoch": 3}  # what a checkpoint at epoch 2's end keeps

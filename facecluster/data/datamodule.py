@@ -582,6 +582,7 @@ class FaceDataModule(lightning.LightningDataModule):
         self._subnets: list[int] = []
         self._cluster_ids: list[np.ndarray] = []
         self._subnet_epoch = 0  # the first epoch the sub-nets' samplers draw
+        self._stage1_epoch = 0  # under DDP, the first epoch stage 1's sampler draws
         # data.decode=device: each training loader's dataset (None: stage 1's, k: sub-net
         # k's), which names or replaces an image that the device cannot decode
         self._encoded_sets: dict[int | None, FaceImageDataset] = {}
@@ -981,12 +982,25 @@ class FaceDataModule(lightning.LightningDataModule):
     def _train_loader(self, ids: np.ndarray, label_map: Tensor | None, what: str) -> DataLoader:
         per_rank = self._check_train_subset(len(ids), what)
         dataset = self._train_dataset(ids, label_map, None)
+        # One process: shuffled by the global torch RNG, which EpochSeedCallback reseeds
+        # per epoch. Under DDP: our own DistributedSampler (Lightning's would shuffle a
+        # resumed fit's first epoch as epoch 0: it makes the first iterator, whose
+        # workers draw their indices at once, before it calls set_epoch), at the epoch
+        # the checkpoint continues with (state_dict).
+        sampler = None
+        if self._world_size() > 1:
+            rank = self.trainer.global_rank
+            sampler = DistributedSampler(
+                dataset, self._world_size(), rank, shuffle=True, seed=self.hparams.seed
+            )
+            sampler.set_epoch(self._stage1_epoch)
         # drop_last only when there is more than one batch: a remainder could be a
         # single sample, and a subset no larger than a batch must still yield one batch
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=True,  # global torch RNG, no Generator: reseedable and DDP-replaceable
+            shuffle=sampler is None,
+            sampler=sampler,
             drop_last=per_rank > self.hparams.batch_size,
             **self._loader_kwargs(dataset, self.hparams.batch_size),
         )
@@ -1014,17 +1028,20 @@ class FaceDataModule(lightning.LightningDataModule):
         return self._subnet_steps_loader()
 
     def state_dict(self) -> dict:
-        """Stage 2: the epoch a resumed fit continues with, for the samplers.
+        """The epoch a resumed fit continues with, for the samplers (stage 2's, and stage
+        1's under DDP).
 
         Lightning creates a resumed fit's first training iterator before it calls
         ``set_epoch`` on the samplers, so they must start at the right epoch.
         """
-        if not self._members or self.trainer is None:
+        if self.trainer is None:
             return {}
-        return {"next_subnet_epoch": self.trainer.current_epoch + 1}
+        key = "next_subnet_epoch" if self._members else "next_epoch"
+        return {key: self.trainer.current_epoch + 1}
 
     def load_state_dict(self, state: dict) -> None:
         self._subnet_epoch = int(state.get("next_subnet_epoch", 0))
+        self._stage1_epoch = int(state.get("next_epoch", 0))
 
     def subnet_steps(self) -> int:
         """Batches per stage-2 epoch, the same for every sub-net, counted over all K
