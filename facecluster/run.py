@@ -329,8 +329,17 @@ class RunFolder:
         overrides = [o for o in overrides if not o.startswith("resume=")]
         where = [f"resume={path}", f"output_dir={run.path.parent}", f"run_name={run.path.name}"]
         cfg = saved.with_overrides([*overrides, *where])
-        _refuse_contradictions(saved, cfg, resume)
+        _refuse_contradictions(saved, cfg, resume, RESUME_FIXED_KEYS + run._started_optim(cfg))
         return cfg
+
+    def _started_optim(self, cfg: Config) -> tuple[str, ...]:
+        """``stage<n>.optim`` of each stage that has trained: a resume restores its
+        optimizer and schedule from the checkpoint (the learning rate, weight decay and
+        momentum of the overrides would be ignored, the warm-up and schedule applied to
+        the old base rate). Sub-nets that ``stage2.subnets`` names start over with them."""
+        stage1 = self.last_checkpoint(1).is_file() or self.has_stage_summary(1)
+        stage2 = not cfg.stage2.subnets and bool(self.started_jobs() or self.subnet_records())
+        return (("stage1.optim",) if stage1 else ()) + (("stage2.optim",) if stage2 else ())
 
     def stage1_resume_point(self, resume: str | None) -> Path | None:
         """The checkpoint stage 1 continues from (None: stage 1 starts fresh).
@@ -805,13 +814,14 @@ def _refuse_contradictions(
         if not same:
             problems.append(f"{key}: the run has {old!r}, the command line {new!r}")
     if problems:
-        resuming = keys is RESUME_FIXED_KEYS
+        resuming = keys[: len(RESUME_FIXED_KEYS)] == RESUME_FIXED_KEYS
         raise ConfigError(
             f"{'resume=' if resuming else ''}{resume}: the overrides contradict the run's "
             "checkpoints:\n  - "
             + "\n  - ".join(problems)
             + (
-                "\nStart a new run for these settings (epochs, logger and trainer.* may change)."
+                "\nStart a new run for these settings (epochs, logger and trainer.* may "
+                "change; a stage's optimizer until it has trained)."
                 if resuming
                 else "\nAn evaluation tests the run's own networks on its own held-out "
                 "split; leave these unset."

@@ -181,6 +181,23 @@ def test_resume_overrides_apply_to_the_runs_config_not_the_default_one(tmp_path,
     assert seen[1].trainer["max_epochs"] == 3 and str(seen[1].resume) == str(run)
 
 
+def test_a_trained_stages_optimizer_is_fixed_on_resume(tmp_path):
+    # Lightning restores a stage's optimizer and scheduler from its checkpoint: a new
+    # lr or weight decay was ignored while a new warm-up applied to the old base rate
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path))
+    run = tmp_path / "run"
+    (run / "stage1" / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.run_settings().to_yaml())
+    folder = RunFolder(run)
+    # stage 1 not started: its optimizer may still change
+    assert RunFolder.config_for_resume(str(run), ["stage1.optim.lr=0.01"]).stage1.optim.lr == 0.01
+    folder.last_checkpoint(1).write_bytes(b"")  # stage 1 has trained
+    with pytest.raises(ConfigError, match=r"(?s)stage1.optim: the run has .*a stage's optimizer"):
+        RunFolder.config_for_resume(str(run), ["stage1.optim.lr=0.01"])
+    # stage 2 not started yet: its optimizer may change
+    assert RunFolder.config_for_resume(str(run), ["stage2.optim.lr=0.5"]).stage2.optim.lr == 0.5
+
+
 class StageOneLr(L.Callback):
     """Stage 1's LR before each epoch's second batch (after the epoch's first step)."""
 
