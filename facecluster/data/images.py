@@ -424,7 +424,8 @@ class BadImageTracker:
             return
         bad = self.count(split_ids)
         if bad > max_bad_fraction * total:
-            shown = self.bad_paths()[:5]
+            ids = np.asarray(split_ids)
+            shown = [self.paths[i] for i in ids[self.bad(ids)][:5].tolist()]  # this split's
             raise BadImageError(
                 f"{bad} of {total} images of the {split_name} are undecodable, more than "
                 f"data.max_bad_fraction={max_bad_fraction}; the data set looks damaged "

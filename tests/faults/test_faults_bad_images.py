@@ -369,3 +369,17 @@ def test_run_with_broken_images_completes_and_reports(tmp_path, caplog, monkeypa
         failing = load_config(SMOKE, smoke_overrides(tmp_path / "fail", *overrides))
         with pytest.raises(BadImageError, match=f"cannot decode {broken[0]}"):
             train(failing.with_overrides(["data.on_bad_image=fail"]))
+
+
+def test_too_many_broken_images_names_the_splits_own_files():
+    # the "e.g." list took every flagged path in sample order: a val-split error could
+    # name train files and none of its own
+    from facecluster.data.images import BadImageTracker
+
+    tracker = BadImageTracker([f"img{i}.jpg" for i in range(10)])
+    for i in (0, 1, 7, 8):  # 0, 1 in train (0-5), 7, 8 in val (6-9)
+        tracker.mark(i, OSError("broken"))
+    with pytest.raises(
+        BadImageError, match=r"2 of 4 images of the val split .*\(e\.g\. img7\.jpg, img8\.jpg\)"
+    ):
+        tracker.check(np.arange(6, 10), 0.25, "val split")
