@@ -606,7 +606,15 @@ def test_unseen_identities_never_train_and_serve_val_or_test() -> None:
     assert dm.num_classes == 16 and not set(dm.class_names) & set(val + test)
     assert all(Path(p).parent.name in dm.class_names for p, _ in dm.split_samples("train"))
     images, labels = next(iter(dm.unseen_dataloader("test")))
-    assert (labels == -1).all() and images.dtype == torch.uint8
+    assert (labels < 0).all() and images.dtype == torch.uint8
+    # one negative label per unseen identity: a broken face is replaced by its own
+    # person's (all were -1, and the replacement came from another identity)
+    dataset = dm.unseen_dataloader("test").dataset
+    names = [Path(dataset.samples.locator(i)).parent.name for i in range(len(dataset))]
+    by_label = {}
+    for name, label in zip(names, dataset.samples.labels.tolist(), strict=True):
+        by_label.setdefault(label, set()).add(name)
+    assert sorted(by_label) == [-2, -1] and all(len(n) == 1 for n in by_label.values())
     again = FaceDataModule(str(DEMO_ROOT), max_classes=20, unseen_fraction=0.2, seed=3)
     assert again.unseen_identities("val") == val and again.class_names == dm.class_names
     assert FaceDataModule(str(DEMO_ROOT), max_classes=20, seed=3).unseen_dataloader("test") is None

@@ -1113,16 +1113,21 @@ class FaceDataModule(lightning.LightningDataModule):
         return sorted(self._unseen.get(split, {}))
 
     def unseen_dataloader(self, split: str) -> DataLoader | None:
-        """The faces of the unseen identities of ``split`` (label -1: no enrolled
-        identity is right for them), in fixed order; None when there are none."""
+        """The faces of the unseen identities of ``split``, in fixed order; None when
+        there are none. Their labels are negative, no enrolled identity being right for
+        them: ``i - n`` for the i-th of the n identities, so that a broken face is
+        replaced by another of the same person (``on_bad_image=skip``), not of another."""
         folder, _ = self._ensure_setup()
-        locators = [
-            loc for name in self.unseen_identities(split) for loc in self._unseen[split][name]
+        names = self.unseen_identities(split)
+        samples = [
+            (loc, i - len(names))
+            for i, name in enumerate(names)
+            for loc in self._unseen[split][name]
         ]
-        if not locators:
+        if not samples:
             return None
         dataset = FaceImageDataset(
-            [(loc, -1) for loc in locators],
+            samples,
             build_transforms(self.hparams.image_size, train=False),
             on_bad_image=self.hparams.on_bad_image,
             max_bad_fraction=self.hparams.max_bad_fraction,
