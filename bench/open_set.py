@@ -17,6 +17,7 @@ import torch
 
 from facecluster.builders import build_datamodule
 from facecluster.cli import exit_process
+from facecluster.data import scored
 from facecluster.data.transforms import normalize_images
 from facecluster.deploy import export_threshold, load_export
 from facecluster.run import RunFolder
@@ -37,13 +38,17 @@ def main() -> None:
     dm = build_datamodule(RunFolder(Path(args.run)).finished_config())
     right = wrong = mated = 0
     for images, labels in dm.test_dataloader():
+        keep = scored(labels)  # a broken face that nothing replaced is not a probe
+        images, labels = images[keep], labels[keep]
         result = ident.identify(normalize_images(images))
         named = result.similarity >= threshold
         right += int(((result.identity == labels) & named).sum())
         wrong += int(((result.identity != labels) & named).sum())
         mated += len(labels)
     loader = dm.unseen_dataloader("test")
-    scores = torch.cat([ident.identify(normalize_images(x)).similarity for x, _ in loader])
+    scores = torch.cat(
+        [ident.identify(normalize_images(x[scored(y)])).similarity for x, y in loader]
+    )
     result = {
         "run": args.run,
         "runtime": args.runtime,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from facecluster.data import IMAGE_EXTENSIONS, build_transforms, scan_image_folder
+from facecluster.data import IMAGE_EXTENSIONS, build_transforms, scan_image_folder, scored
 from facecluster.data.images import DECODE_ERRORS, decode_image
 from facecluster.data.transforms import normalize_images
 from facecluster.inference import TwoStageIdentifier
@@ -140,7 +140,11 @@ def unknown_threshold(
     0 when they are fewer than ``1 / fpir``)."""
     device = identifier.class_means.device
     scores = torch.cat(
-        [identifier.identify(normalize_images(x.to(device))).similarity.cpu() for x, _ in unseen]
+        [
+            identifier.identify(normalize_images(x[scored(y)].to(device))).similarity.cpu()
+            for x, y in unseen
+            if scored(y).any()  # broken faces that nothing replaced: not probes
+        ]
     )
     threshold = threshold_at_fpir(scores, fpir)
     return {

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from facecluster.builders import build_datamodule, default_precision, verification_sets
 from facecluster.clustering import ClusterAssignment, embedding_class_sums, finalize_class_means
 from facecluster.config import Config, ConfigError
+from facecluster.data import scored
 from facecluster.data.transforms import normalize_images
 from facecluster.deploy import calibrate_run, resolve_device
 from facecluster.inference import Predictor, StageOneModel, TwoStageIdentifier
@@ -187,6 +188,10 @@ class Bench:
         routes = False
         hits, decision = [], []
         for images, labels in tqdm(self.loader, desc=predictor.name, leave=False):
+            keep = scored(labels)  # a broken face nothing could replace: not scored
+            images, labels = images[keep], labels[keep]
+            if not len(labels):
+                continue
             predicted, score, clusters = self._run(predictor, images)
             hits.append(predicted == labels)
             decision.append(score)
@@ -204,8 +209,9 @@ class Bench:
             desc = f"{predictor.name}, unseen"
             nonmated = torch.cat(
                 [
-                    self._run(predictor, images)[1]
-                    for images, _ in tqdm(self.unseen, desc=desc, leave=False)
+                    self._run(predictor, images[scored(labels)])[1]
+                    for images, labels in tqdm(self.unseen, desc=desc, leave=False)
+                    if scored(labels).any()
                 ]
             )
             for fpir in FPIRS:

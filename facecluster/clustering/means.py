@@ -151,5 +151,8 @@ def embedding_class_sums(
     with torch.inference_mode():
         for images, labels in tqdm(loader, desc="class means", disable=not progress, leave=False):
             embeddings = embed(images.to(device))
-            accumulate_class_sums(embeddings.float(), labels.to(device), sums, counts)
+            # a face no readable one could replace has a negative label (the data
+            # package's IGNORED): it adds to no class
+            keep = (labels >= 0).to(device)
+            accumulate_class_sums(embeddings.float()[keep], labels.to(device)[keep], sums, counts)
     return sums, counts

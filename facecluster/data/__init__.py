@@ -19,7 +19,7 @@ from facecluster.data.folder import (
     scan_record_file,
     split_per_identity,
 )
-from facecluster.data.images import BadImageError, load_rgb
+from facecluster.data.images import IGNORED, BadImageError, load_rgb, scored
 from facecluster.data.recordio import RecordError, RecordFile
 from facecluster.data.transforms import build_transforms
 
@@ -36,6 +36,8 @@ __all__ = [
     "FaceImageDataset",
     "FaceDataModule",
     "SEED_FORWARD",
+    "IGNORED",
+    "scored",
     "SubnetSampler",
     "subnet_seed",
     "BadImageError",

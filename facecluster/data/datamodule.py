@@ -57,6 +57,7 @@ from facecluster.data.folder import (
 from facecluster.data.images import (
     BAD_IMAGE_POLICIES,
     DECODE_ERRORS,
+    IGNORED,
     BadImageError,
     BadImageTracker,
     EncodedImages,
@@ -154,6 +155,7 @@ class FaceImageDataset(Dataset):
         self.split_name = split_name
         self._by_label: dict[int, np.ndarray] | None = None  # unsorted labels, grouped
         self._labels_sorted: bool | None = None  # decided on the first broken file
+        self._ignored: set[int] = set()  # evaluation faces nothing replaces (warned)
         self.buffers: BatchBuffers | None = None
         """Set by the datamodule's loaders: :meth:`__getitems__` then collates into them."""
 
@@ -212,12 +214,19 @@ class FaceImageDataset(Dataset):
         self.tracker.check(self._split_ids, self.max_bad_fraction, self.split_name)
 
     def substitute(self, index: int) -> Tensor:
-        """What replaces the broken ``samples[index]``: the next readable image of the
-        same identity (cyclic), decoded and resized, never mirrored here."""
+        """What replaces the broken ``samples[index]`` of a training set: the next
+        readable image of the same identity (cyclic), decoded and resized, never
+        mirrored here."""
         return self.transform(self._substitute(index), False)[0]
 
+    def _blank(self) -> Tensor:
+        """The image an :data:`IGNORED` face is given: black, at the transform's size."""
+        return torch.zeros(self.transform.size, self.transform.size, 3, dtype=torch.uint8)
+
     def _substitute(self, index: int, encoded: bool = False):
-        """The next readable image of the same identity after ``index`` (cyclic)."""
+        """The next readable image of the same identity after ``index`` (cyclic); for an
+        evaluation dataset, None when there is none (:data:`IGNORED`): an identity with
+        one val image is common, and its one broken file must not stop training."""
         label = int(self.samples.labels[index])
         group = self._identity_samples(label)  # the identity's samples, in sample order
         start = group.index(index)
@@ -225,6 +234,15 @@ class FaceImageDataset(Dataset):
             image = self._load(j, encoded)
             if image is not None:
                 return image
+        if not self.transform.train:
+            if index not in self._ignored:  # once per process
+                self._ignored.add(index)
+                logger.warning(
+                    "data.on_bad_image=skip: no readable image of identity label %d in the "
+                    "%s replaces %s; it is left out of the %s's scores",
+                    label, self.split_name, self.samples.locator(index), self.split_name,
+                )  # fmt: skip
+            return None
         raise BadImageError(
             f"every image of identity label {label} in the {self.split_name} is undecodable "
             f"(e.g. {self.samples.locator(index)}); nothing can replace them"
@@ -262,7 +280,9 @@ class FaceImageDataset(Dataset):
         image = self._load(index, self.encoded)
         if image is None:
             image = self._substitute(index, self.encoded)
-        if self._label_map is not None:
+        if image is None:  # an evaluation face nothing replaces: left out of the scores
+            image, label = self._blank(), IGNORED
+        elif self._label_map is not None:
             label = int(self._label_map[label])
         if isinstance(image, bytes):  # decoded on the device, already at its size
             return image, label, self.transform.mirror(mirror), index
@@ -301,17 +321,25 @@ class FaceImageDataset(Dataset):
             bad = self.tracker.bad(self.sample_ids[index]).tolist()
             views = self.records.views(self.samples.keys[index])
             sources = [None if b else v for b, v in zip(bad, views, strict=True)]
+        ignored = []
         for j, (i, data) in enumerate(zip(positions, sources, strict=True)):
             out = images[j]
             if data is None or not decode_jpeg_into(data, out):  # PNG, other size, broken
                 image = self._load(i, data=data)  # read once
                 if image is None:
                     image = self._substitute(i)
+                if image is None:  # an evaluation face nothing replaces
+                    image = self._blank()
+                    ignored.append(j)
                 if image.shape[:2] != (size, size):
                     image = self.transform(image, False)[0]
                 out[...] = image.numpy()
         labels = self.samples.labels[index]
-        rest = [torch.from_numpy(labels if self._label_map is None else self._label_map[labels])]
+        labels = labels if self._label_map is None else self._label_map[labels]
+        if ignored:
+            labels = labels.copy()
+            labels[ignored] = IGNORED
+        rest = [torch.from_numpy(labels)]
         if self.transform.train:
             rest.append(torch.tensor(self.transform.mirrors([m for _, m in pairs])))
         return self.buffers.batch(slot, images, *rest)

@@ -361,6 +361,18 @@ def _note_refusals(refused: list[BaseException], device: torch.device) -> None:
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+IGNORED = -(1 << 40)
+"""The label of an evaluation face that is broken and that no readable face of its
+identity in its split can replace (``on_bad_image=skip``; an identity with one val image
+is common): scored by nothing (:func:`scored`), not the reason a run stops. Negative,
+as no identity's label is (the unseen identities' are ``-n..-1``)."""
+
+
+def scored(labels: torch.Tensor) -> torch.Tensor:
+    """Which faces of an evaluation batch count: all but the :data:`IGNORED` ones."""
+    return labels != IGNORED
+
+
 class BadImageTracker:
     """Per-sample "known broken" flags shared by a datamodule's datasets and their workers.
 

@@ -259,7 +259,10 @@ class TwoStageIdentifier(nn.Module):
         memberships = self.assignment.memberships()
         every = torch.arange(self.num_clusters)
         for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
+            keep = labels >= 0  # a face no readable one replaced (negative): not scored
+            images, labels = images[keep].to(device), labels[keep].to(device)
+            if not len(labels):
+                continue
             images = normalize(images) if normalize is not None else images
             features = self._trunk(images)
             query = self._embed_from(self.router_backbone, features)

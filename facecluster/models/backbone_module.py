@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
+from facecluster.data import scored
 from facecluster.models.base import StageSystem
 from facecluster.models.components import MarginHead, create_backbone, create_head
 
@@ -63,7 +64,8 @@ class BackboneSystem(StageSystem):
         images, labels = batch
         # Closed-set identification: the identity whose head row is nearest (no margin).
         predictions = self.head.predict(self.backbone(images))
-        metric(predictions, labels)
+        keep = scored(labels)  # a broken face that nothing could replace counts for nothing
+        metric(predictions[keep], labels[keep])
         self.log(key, metric, prog_bar=True, batch_size=len(labels))
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

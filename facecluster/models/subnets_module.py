@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from facecluster.data import SEED_FORWARD, subnet_seed
+from facecluster.data import SEED_FORWARD, scored, subnet_seed
 from facecluster.models.base import StageSystem
 from facecluster.models.components import (
     MarginHead,
@@ -249,6 +249,8 @@ class SubnetSystem(StageSystem):
         # Oracle routing: each image goes to the sub-net of its true identity's cluster,
         # which measures every sub-net on its own cluster (routing comes at inference).
         images, labels = batch
+        keep = scored(labels)  # a broken face that nothing could replace counts for nothing
+        images, labels = images[keep], labels[keep]
         clusters = self.class_to_cluster[labels]
         present = set(clusters.unique().tolist())
         for k in self.subnet_ids:  # in the same order on every process

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from facecluster.builders import build_datamodule
+from facecluster.builders import build_datamodule, module_args
 from facecluster.config import ConfigError, load_config
 from facecluster.data import BadImageError, FaceDataModule, FaceImageDataset, datamodule, load_rgb
 from facecluster.data.images import decode_image, decode_on_device
-from facecluster.data.transforms import build_transforms
+from facecluster.data.transforms import build_transforms, normalize_images
 from facecluster.pipeline import train
 from tests.conftest import DEMO, SMOKE, smoke_overrides
 
@@ -134,12 +134,20 @@ def test_too_many_bad_images_stop_with_a_clear_message(tmp_path):
 
 
 def test_identity_with_no_readable_image_is_named(tmp_path):
+    # a training set stops; an evaluation set leaves the face out (IGNORED, below)
+    from facecluster.data import IGNORED
+
     (tmp_path / "a.jpg").write_bytes(b"\xff\xd8\xff garbage")
     ds = FaceImageDataset(
-        [(str(tmp_path / "a.jpg"), 5)], build_transforms(8, False), max_bad_fraction=1.0
+        [(str(tmp_path / "a.jpg"), 5)], build_transforms(8, True), max_bad_fraction=1.0
     )
     with pytest.raises(BadImageError, match="every image of identity label 5"):
         ds[0]
+    ds = FaceImageDataset(
+        [(str(tmp_path / "a.jpg"), 5)], build_transforms(8, False), max_bad_fraction=1.0
+    )
+    image, label = ds[0]
+    assert label == IGNORED and image.shape == (8, 8, 3) and not image.any()
 
 
 @pytest.mark.parametrize("order", ["by label", "shuffled"])
@@ -383,3 +391,36 @@ def test_too_many_broken_images_names_the_splits_own_files():
         BadImageError, match=r"2 of 4 images of the val split .*\(e\.g\. img7\.jpg, img8\.jpg\)"
     ):
         tracker.check(np.arange(6, 10), 0.25, "val split")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_evaluation_face_nothing_can_replace_is_left_out_not_fatal(tmp_path, workers):
+    # An identity with one val image is common (55 of the demo's 142 identities): its
+    # one broken file stopped the run at the first validation under on_bad_image=skip.
+    # Now it is left out of the scores (IGNORED), and only of them.
+    from facecluster.data import IGNORED, scored
+    from facecluster.models.backbone_module import BackboneSystem
+
+    root = make_tree(tmp_path / "data", identities=3, per_identity=10)
+    dm = FaceDataModule(str(root), batch_size=4, eval_batch_size=4, num_workers=workers,
+                        val_fraction=0.1, test_fraction=0.2, max_bad_fraction=0.5)  # fmt: skip
+    dm.setup()
+    val = list(dm.split_samples("val"))
+    assert [label for _, label in val] == [0, 1, 2]  # one val image each
+    truncate(Path(val[1][0]))
+    labels = torch.cat([labels for _, labels in dm.val_dataloader()])
+    assert labels.tolist() == [0, IGNORED, 2]
+    assert scored(labels).tolist() == [True, False, True]
+    # what the stage-1 validation step counts: the two other faces
+    model = BackboneSystem(3, **module_args(load_config(SMOKE), 1))
+    model.log = lambda *args, **kwargs: None
+    for images, labels in dm.val_dataloader():  # as the device gets it: normalised
+        model.validation_step((normalize_images(images), labels), 0)
+    assert int(model.val_acc.tp + model.val_acc.fn) == 2  # faces counted (micro)
+    # a training identity with no readable image still stops, naming it
+    for path, label in dm.split_samples("train"):
+        if label == 1:
+            truncate(Path(path))
+    with pytest.raises(BadImageError, match="every image of identity label 1 in the train"):
+        for _ in dm.train_dataloader():
+            pass
