@@ -528,10 +528,10 @@ def hold_out_identities(
     new_label = np.array([label_of.get(name, -1) for name in names], dtype=np.int64)
     kept_ids = np.flatnonzero(new_label[labels] >= 0)
     samples = folder.samples.take(kept_ids).relabel(new_label[labels[kept_ids]])
-    held = set(split_of)
-    empty = [p for p in folder.empty_files if Path(p).parent.name not in held]
+    # the held-out identities' empty files stay: the copy of the data set is damaged
+    # there too (they were dropped, so on_bad_image=fail passed them silently)
     return (
-        FaceFolder(folder.root, seen, samples, empty, folder.records),
+        FaceFolder(folder.root, seen, samples, folder.empty_files, folder.records),
         unseen,
     )
 

@@ -302,6 +302,19 @@ def test_zero_byte_files_are_found_by_the_scan(tmp_path, caplog):
         FaceDataModule(str(root), batch_size=4, min_images_per_class=5, on_bad_image="fail").setup()
 
 
+def test_a_held_out_identitys_zero_byte_file_is_found_too(tmp_path):
+    # data.unseen_fraction: the held-out identities' empty files were dropped from the
+    # scan's list, so on_bad_image=fail passed a damaged copy without a word
+    root = make_tree(tmp_path / "data", identities=4, per_identity=12)
+    dm = FaceDataModule(str(root), batch_size=4, min_images_per_class=5, unseen_fraction=0.5)
+    held = dm.unseen_identities("val")[0]
+    empty = sorted((root / held).iterdir())[3]
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"zero-byte .*{held}.*on_bad_image=fail"):
+        FaceDataModule(str(root), batch_size=4, min_images_per_class=5, unseen_fraction=0.5,
+                       on_bad_image="fail").setup()  # fmt: skip
+
+
 def test_config_keys_and_build_datamodule(tmp_path):
     root = make_tree(tmp_path / "data", identities=3, per_identity=12)
     (root / "id_00" / "0000.jpg").write_bytes(b"")
