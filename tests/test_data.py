@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import math
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -866,3 +867,32 @@ def test_a_resumed_ddp_stage1_loader_draws_the_epoch_it_continues_with(workers):
     _, other = loader(3, rank=0)  # the other rank: the other half of the same order
     assert first != [labels.tolist() for _, labels, _ in other]
     assert dm.state_dict() == {"next_epoch": 3}  # what a checkpoint at epoch 2's end keeps
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_evaluation_split_under_ddp_is_padded_with_faces_no_score_counts(workers):
+    # Lightning's DistributedSampler pads a split to a multiple of the world size with
+    # repeated faces, which val/acc, test/acc and the sub-nets' test counts counted
+    # twice; the padding now comes labelled IGNORED
+    from types import SimpleNamespace
+
+    from facecluster.data import IGNORED, scored
+    from facecluster.data.datamodule import EvalShardSampler
+
+    assert [list(EvalShardSampler(5, r, 2)) for r in (0, 1)] == [[0, 2, 4], [1, 3, 5]]
+    assert [len(EvalShardSampler(5, r, 3)) for r in (0, 1, 2)] == [2, 2, 2]
+    dm = FaceDataModule(str(DEMO_ROOT), batch_size=8, eval_batch_size=4, max_classes=6, seed=3,
+                        num_workers=workers)  # fmt: skip
+    dm.setup("fit")
+    expected = dm.split_labels("test").tolist()
+    cpu = SimpleNamespace(root_device=torch.device("cpu"))
+    seen = []
+    for rank in range(3):
+        dm.trainer = SimpleNamespace(world_size=3, global_rank=rank, strategy=cpu)
+        loader = dm.test_dataloader()
+        assert isinstance(loader.sampler, EvalShardSampler)
+        labels = torch.cat([labels for _, labels in loader])
+        assert len(labels) == math.ceil(len(expected) / 3)
+        seen += labels[scored(labels)].tolist()
+        assert (labels[~scored(labels)] == IGNORED).all()
+    assert len(expected) % 3 and sorted(seen) == sorted(expected)  # each face once

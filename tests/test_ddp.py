@@ -54,6 +54,14 @@ def test_documented_multi_device_command_runs_train_py_to_its_last_line(tmp_path
     run_dir = next((tmp_path / "runs").iterdir())
     assert out.rstrip().splitlines()[-1] == f"facecluster run folder: {run_dir}"
     assert (run_dir / "eval" / "results.md").is_file()
+    # the sub-nets' test counts, from both ranks' shards: each test face once (the
+    # padding of a split that 2 ranks do not divide was counted twice)
+    run = RunFolder(run_dir)
+    dm = build_datamodule(run.config())
+    dm.setup("fit")
+    assert sum(r["test_images"] for r in run.subnet_records().values()) == len(
+        dm.split_labels("test")
+    )
 
 
 def _assert_replicas_and_shards(tmp_path, run_dir):

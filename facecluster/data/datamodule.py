@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from facecluster.data.batches import BatchBuffers
 from facecluster.data.folder import (
@@ -70,6 +70,7 @@ from facecluster.data.recordio import RecordFile
 from facecluster.data.transforms import FaceTransform, build_transforms, normalize_images
 
 __all__ = [
+    "EvalShardSampler",
     "FaceImageDataset",
     "FaceDataModule",
     "SubnetSampler",
@@ -276,12 +277,16 @@ class FaceImageDataset(Dataset):
         mirror = None
         if isinstance(index, tuple):
             index, mirror = index
+        padding = index >= len(self.samples)  # EvalShardSampler's: a repeat, not scored
+        index %= len(self.samples)
         label = int(self.samples.labels[index])
         image = self._load(index, self.encoded)
         if image is None:
             image = self._substitute(index, self.encoded)
         if image is None:  # an evaluation face nothing replaces: left out of the scores
             image, label = self._blank(), IGNORED
+        elif padding:
+            label = IGNORED
         elif self._label_map is not None:
             label = int(self._label_map[label])
         if isinstance(image, bytes):  # decoded on the device, already at its size
@@ -314,6 +319,8 @@ class FaceImageDataset(Dataset):
     def _collate_into(self, slot: int | None, images: np.ndarray, pairs: list) -> tuple:
         size = self.transform.size
         index = np.array([i for i, _ in pairs], dtype=np.int64)
+        padding = index >= len(self.samples)  # EvalShardSampler's: a repeat, not scored
+        index %= len(self.samples)
         positions = index.tolist()
         if self.records is None or self.samples.keys is None:  # files, or named records
             sources = [self._peek(i) for i in positions]
@@ -336,9 +343,10 @@ class FaceImageDataset(Dataset):
                 out[...] = image.numpy()
         labels = self.samples.labels[index]
         labels = labels if self._label_map is None else self._label_map[labels]
-        if ignored:
+        if ignored or padding.any():
             labels = labels.copy()
             labels[ignored] = IGNORED
+            labels[padding] = IGNORED
         rest = [torch.from_numpy(labels)]
         if self.transform.train:
             rest.append(torch.tensor(self.transform.mirrors([m for _, m in pairs])))
@@ -360,6 +368,27 @@ def collate_encoded(items: list[tuple]) -> tuple[EncodedImages | Tensor, Tensor,
     else:
         images = torch.stack(images)
     return images, torch.tensor(labels, dtype=torch.long), torch.tensor(mirror, dtype=torch.bool)
+
+
+class EvalShardSampler(DistributedSampler):
+    """An evaluation split under DDP: rank r takes positions r, r + world, ... in order,
+    every rank as many (the loop's collectives and the sharded heads need each rank at
+    every step). Where the split runs out, a rank gets ``size + i`` instead of a repeat
+    of face i: :class:`FaceImageDataset` serves it as face i labelled :data:`IGNORED`,
+    which no score counts (DistributedSampler's repeats were counted twice). A
+    DistributedSampler subclass, so Lightning keeps it."""
+
+    def __init__(self, size: int, rank: int, world_size: int) -> None:
+        self.size, self.rank, self.num_replicas = size, rank, world_size
+        self.epoch, self.seed, self.shuffle, self.drop_last = 0, 0, False, False
+        self.num_samples = math.ceil(size / world_size)
+        self.total_size = self.num_samples * world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 class SubnetSampler(DistributedSampler):
@@ -1108,10 +1137,17 @@ class FaceDataModule(lightning.LightningDataModule):
         )
 
     def _eval_loader(self, split: str, ids: np.ndarray) -> DataLoader:
-        return self._fixed_order_loader(self._dataset(split, ids, train=False))
+        dataset = self._dataset(split, ids, train=False)
+        world = self._world_size()
+        if world == 1:
+            return self._fixed_order_loader(dataset)
+        # Lightning's DistributedSampler would pad with repeated faces, counted twice
+        return self._fixed_order_loader(
+            dataset, EvalShardSampler(len(dataset), self.trainer.global_rank, world)
+        )
 
     def _fixed_order_loader(
-        self, dataset: FaceImageDataset, positions: range | None = None
+        self, dataset: FaceImageDataset, positions: Sequence[int] | Sampler | None = None
     ) -> DataLoader:
         """``dataset`` in order (``positions``: only those of its items, in order)."""
         return DataLoader(
