@@ -124,6 +124,12 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             cfg = RunFolder.config_for_resume(resume, args.overrides)
         else:
             cfg = load_config(args.config or [default], args.overrides)
+            if cfg.resume:  # -c a resumed run's config.yaml: it names the run
+                raise ConfigError(
+                    f"-c {' -c '.join(args.config or [str(default)])} sets resume="
+                    f"{cfg.resume}: resume a run with resume=<run folder> and key=value "
+                    "overrides, which are checked against what it trained on"
+                )
         if cfg.eval.after_training and cfg.assembles and cfg.launcher.name == "local":
             eval_device(cfg)  # a GPU this machine lacks: refused now, not after training
         result = train(cfg)

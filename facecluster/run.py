@@ -338,7 +338,9 @@ class RunFolder:
         momentum of the overrides would be ignored, the warm-up and schedule applied to
         the old base rate). Sub-nets that ``stage2.subnets`` names start over with them."""
         stage1 = self.last_checkpoint(1).is_file() or self.has_stage_summary(1)
-        stage2 = not cfg.stage2.subnets and bool(self.started_jobs() or self.subnet_records())
+        # a job command (stage2.group) resumes its own checkpoint, named sub-nets or not
+        restarts = cfg.stage2.subnets and cfg.stage2.group is None
+        stage2 = not restarts and bool(self.started_jobs() or self.subnet_records())
         return (("stage1.optim",) if stage1 else ()) + (("stage2.optim",) if stage2 else ())
 
     def stage1_resume_point(self, resume: str | None) -> Path | None:
@@ -499,14 +501,22 @@ class RunFolder:
         # the record is written whole, then linked to the lock's name (os.link fails if
         # it exists, on NFS too): a write that fails (a full disk) leaves no empty lock
         record = path.with_name(f".{RUNNING}.{os.getpid()}")
+        text = json.dumps(me)
         try:
-            record.write_text(json.dumps(me))
+            record.write_text(text)
             while True:
                 try:
                     os.link(record, path)
                     break
                 except FileExistsError:
                     other = _read_json(path)
+                except OSError:  # no hard links (an object-store mount): create it at once
+                    try:
+                        with open(path, "x") as f:
+                            f.write(text)
+                        break
+                    except FileExistsError:
+                        other = _read_json(path)
                 if not other:  # gone since, or empty: left by an earlier facecluster
                     if _age(path) > EMPTY_LOCK_AGE:
                         path.unlink(missing_ok=True)

@@ -415,6 +415,17 @@ def test_a_job_that_is_training_is_not_trained_twice(tmp_path, monkeypatch):
     os.utime(lock, (old, old))
     run.restart_subnets([[0, 1]])
 
+    # a filesystem without hard links (an object-store mount): created exclusively
+    def no_links(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with run.job_lock("subnets-0-2"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(ConfigError, match="already training"):
+            with run.job_lock("subnets-0-2"):
+                pass
+
 
 def _full_disk(self, *args, **kwargs):
     raise OSError(28, "No space left on device")

@@ -535,7 +535,7 @@ def test_a_name_with_a_line_break_is_refused_before_packing_and_other_bytes_kept
 
 def test_labels_that_are_not_identities_are_named_by_key_and_offset(tmp_path):
     # a NaN, negative or fractional label, and a header whose identity range is empty
-    for label in (float("nan"), -1.0, 0.5):
+    for label in (float("nan"), -1.0, 0.5, float("inf"), 1e30):
         folder = tmp_path / str(label)
         folder.mkdir()
         rf = _write(folder, {0: pack(0.0, _jpeg(1)), 1: pack(np.float32(label), _jpeg(2))})

@@ -159,6 +159,13 @@ def test_a_config_file_with_resume_is_refused_not_ignored(tmp_path, capsys):
     assert cli.train_main(["-c", str(SMOKE), f"resume={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert f"-c {SMOKE} with resume=" in err and "key=value overrides" in err
+    # a resumed run's config.yaml names the run (resume: ...): given with -c, it
+    # resumed the run without the checks of resume= (a changed split went through)
+    saved = tmp_path / "config.yaml"
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, f"resume={tmp_path / 'run'}"))
+    saved.write_text(cfg.run_settings().to_yaml())
+    assert cli.train_main(["-c", str(saved), "seed=7"]) == 2
+    assert f"sets resume={tmp_path / 'run'}" in capsys.readouterr().err
 
 
 def test_resume_overrides_apply_to_the_runs_config_not_the_default_one(tmp_path, monkeypatch):
@@ -196,6 +203,18 @@ def test_a_trained_stages_optimizer_is_fixed_on_resume(tmp_path):
         RunFolder.config_for_resume(str(run), ["stage1.optim.lr=0.01"])
     # stage 2 not started yet: its optimizer may change
     assert RunFolder.config_for_resume(str(run), ["stage2.optim.lr=0.5"]).stage2.optim.lr == 0.5
+    # a stage-2 job that has a checkpoint resumes it, sub-nets named or not
+    job = folder.last_checkpoint(2, "subnets-0-1")
+    job.parent.mkdir(parents=True)
+    job.write_bytes(b"")
+    (job.parents[1] / "subnets.json").write_text("[0, 1]")
+    assert folder.started_jobs() == [[0, 1]]
+    job_args = ["stage=2", "stage2.jobs=2", "stage2.group=0", "stage2.subnets=[0,1]"]
+    with pytest.raises(ConfigError, match=r"stage2.optim: the run has"):
+        RunFolder.config_for_resume(str(run), [*job_args, "stage2.optim.lr=0.5"])
+    # sub-nets named in the main process start over: a new optimizer is theirs
+    restart = RunFolder.config_for_resume(str(run), ["stage2.subnets=[1]", "stage2.optim.lr=0.5"])
+    assert restart.stage2.optim.lr == 0.5
 
 
 class StageOneLr(L.Callback):

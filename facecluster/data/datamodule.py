@@ -670,10 +670,10 @@ class FaceDataModule(lightning.LightningDataModule):
             max_classes=self.hparams.max_classes,
             cache=self.hparams.cache,
         )
+        self._check_empty_files(folder)  # the whole scan: held-out identities' files too
         folder, self._unseen = hold_out_identities(
             folder, self.hparams.unseen_fraction, self.hparams.seed
         )
-        self._check_empty_files(folder)
         splits = split_per_identity(
             folder, self.hparams.val_fraction, self.hparams.test_fraction, self.hparams.seed
         )

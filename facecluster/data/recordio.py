@@ -432,7 +432,7 @@ class RecordFile:
         for block in range(0, len(keys), HEADS_BLOCK):
             part = slice(block, block + HEADS_BLOCK)
             at, clean, length, label_bytes, first, _ = self._fields(keys[part])
-            whole = clean & (first >= 0) & (first == np.floor(first))
+            whole = clean & (first >= 0) & (first < 2**62) & (first == np.floor(first))
             labels[part][whole] = first[whole].astype(np.int64)
             image[part][whole] = length[whole] > label_bytes[whole]
             present[part] = at >= 0
@@ -451,7 +451,7 @@ class RecordFile:
             at, clean, _, label_bytes, first, second = self._fields(keys[part])
             pair = np.stack([first, second], axis=1)
             whole = clean & (label_bytes >= _HEADER.size + 8)
-            whole &= ((pair >= 0) & (pair == np.floor(pair))).all(axis=1)
+            whole &= ((pair >= 0) & (pair < 2**62) & (pair == np.floor(pair))).all(axis=1)
             out[part][whole] = pair[whole].astype(np.int64)
             for i in np.flatnonzero(~whole) + block:  # one by one: read, or named
                 key = int(keys[i])
@@ -490,7 +490,7 @@ class RecordFile:
 
     def _whole(self, key: int, label: float) -> int:
         """``label`` as an identity label or key, which is a whole number >= 0."""
-        if label >= 0 and label == label // 1:  # NaN fails both, inf the second
+        if 0 <= label < 2**62 and label == label // 1:  # NaN and inf fail
             return int(label)
         raise RecordError(
             f"{self.rec} key {key} at offset {self.offsets[key]}: label {label} is not an "

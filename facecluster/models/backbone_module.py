@@ -65,7 +65,8 @@ class BackboneSystem(StageSystem):
         # Closed-set identification: the identity whose head row is nearest (no margin).
         predictions = self.head.predict(self.backbone(images))
         keep = scored(labels)  # a broken face that nothing could replace counts for nothing
-        metric(predictions[keep], labels[keep])
+        if keep.any():  # a batch of DDP padding alone (EvalShardSampler) updates nothing
+            metric.update(predictions[keep], labels[keep])
         self.log(key, metric, prog_bar=True, batch_size=len(labels))
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
