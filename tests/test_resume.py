@@ -281,6 +281,14 @@ def test_a_resume_under_a_binding_max_steps_keeps_the_schedule_on_the_global_ste
         train(cfg, callbacks=[StopAtEpochStart(stage=1, epoch=1)])
     resumed = StepLrs()
     run = tmp_path / "a" / "run"
+    shutil.copytree(run, tmp_path / "a" / "again")  # the interrupted run, resumed twice
     train(RunFolder.config_for_resume(str(run), ["data.batch_size=16"]), callbacks=[resumed])
     assert len(ref.lrs) == 30 and len(resumed.lrs) == 3  # steps 27, 28, 29
     assert resumed.lrs == pytest.approx(ref.lrs[27:], rel=1e-6)
+    # more epochs under the same binding max_steps: the schedule is the same 30 steps
+    # (the count was rescaled by 4/8, as if the run were half as far)
+    again = StepLrs()
+    more = RunFolder.config_for_resume(str(tmp_path / "a" / "again"), ["trainer.max_epochs=8"])
+    train(more, callbacks=[again])
+    assert 0 < len(again.lrs) < 30
+    assert again.lrs == pytest.approx(ref.lrs[30 - len(again.lrs) :], rel=1e-6)

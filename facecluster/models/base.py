@@ -188,9 +188,15 @@ class StageSystem(L.LightningModule):
         # the schedule's length per epoch, not an epoch's optimizer steps: under a binding
         # trainer.max_steps the schedule is max_steps long on either side of a resume,
         # and Lightning stops at that global step, so the count must not be rescaled
-        now = self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs)
+        trainer = self.trainer
+        now = trainer.estimated_stepping_batches / max(1, trainer.max_epochs)
         self._steps_per_epoch = now
-        if not before or abs(before - now) < 1e-9:
+        # binding now: the schedule runs to max_steps on the global step, whatever the
+        # epochs (a resume that changed trainer.max_epochs changed `now` alone)
+        binding = trainer.max_steps not in (None, -1) and (
+            trainer.estimated_stepping_batches >= trainer.max_steps
+        )
+        if not before or binding or abs(before - now) < 1e-9:
             return
         scheduler = self.trainer.lr_scheduler_configs[0].scheduler
         scheduler.last_epoch = round(scheduler.last_epoch * now / before) - 1
