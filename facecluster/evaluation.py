@@ -200,6 +200,11 @@ class Bench:
                 routes = True
                 found = self.assignment.contains(labels.cpu()[:, None], clusters.cpu())
                 routed += int(found.any(dim=1).sum())
+        if not hits:
+            raise ValueError(
+                f"{self.run_name}: no face of the test split could be read "
+                "(data.on_bad_image=skip left every one out); repair the data set"
+            )
         correct, mated = torch.cat(hits), torch.cat(decision)
         scores: dict[str, Any] = macro.compute()
         scores["top1"] = correct.double().mean().item()
