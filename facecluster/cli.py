@@ -128,7 +128,8 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 raise ConfigError(
                     f"-c {' -c '.join(args.config or [str(default)])} sets resume="
                     f"{cfg.resume}: resume a run with resume=<run folder> and key=value "
-                    "overrides, which are checked against what it trained on"
+                    "overrides, which are checked against what it trained on (or add "
+                    "resume=null to start a new run from that config)"
                 )
         if cfg.eval.after_training and cfg.assembles and cfg.launcher.name == "local":
             eval_device(cfg)  # a GPU this machine lacks: refused now, not after training
