@@ -217,9 +217,7 @@ def _stage2(run: _Run, clustering: ClusteringCallback) -> SubnetSystem | None:
         folder.restart_subnets(groups)
     folder.clear_training_report()  # the results are stale until assembled again
     if len(groups) == 1:
-        # a retrain of named sub-nets logs apart (as a job does): its steps would otherwise
-        # replace the other sub-nets' rows logged at the same steps of the run's log
-        return fit_stage2(run, clustering, groups[0], own_logger=fresh, fresh=fresh)
+        return fit_stage2(run, clustering, groups[0], own_logger=False, fresh=fresh)
     if is_global_zero():  # the other DDP ranks of stage 1 have nothing more to do
         run_local(folder, groups, cfg.launcher.parallel, devices_per_job(cfg))
     return None

@@ -13,7 +13,7 @@ import torch
 from facecluster.clustering import ClusterAssignment, cluster_identities
 from facecluster.config import ConfigError, load_config
 from facecluster.pipeline import train
-from facecluster.run import RunFolder, job_name
+from facecluster.run import RunFolder
 from tests.conftest import DEMO, SMOKE, smoke_overrides
 
 pytestmark = pytest.mark.slow
@@ -234,22 +234,3 @@ def test_last_ckpt_follows_the_final_epoch_even_without_improvement(tmp_path):
     for folder in (run.checkpoint_dir(1), run.checkpoint_dir(2, "subnets-0-2")):
         assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 1
         assert [p.name for p in folder.glob("best-*.ckpt")] == ["best-epoch000.ckpt"]
-
-
-def test_a_retrain_of_named_subnets_keeps_the_other_subnets_log(finished_run, tmp_path):
-    # stage2.subnets=[1] in one process logged into the run's metrics.csv from stage
-    # 2's first step again, which dropped every later row: sub-net 0's history too
-    run = tmp_path / "copy"
-    shutil.copytree(finished_run.run_dir, run)
-
-    def rows(path):
-        with open(path) as f:
-            return list(csv.DictReader(f))
-
-    before = [r for r in rows(run / "csv" / "metrics.csv") if r.get("train/loss_subnet0")]
-    cfg = RunFolder.config_for_resume(str(run), ["stage2.subnets=[1]", "eval.after_training=false"])
-    train(cfg)
-    after = [r for r in rows(run / "csv" / "metrics.csv") if r.get("train/loss_subnet0")]
-    assert before and after == before
-    retrain = rows(run / "csv" / job_name([1]) / "metrics.csv")
-    assert any(r.get("train/loss_subnet1") for r in retrain)
