@@ -73,6 +73,7 @@ def class_means_plot(path: Path, assignment: ClusterAssignment, seed: int) -> Pa
     sample = means[shown]
     centred = sample - sample.mean(0)
     plt = _pyplot()
+    from matplotlib import colormaps
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
@@ -82,11 +83,10 @@ def class_means_plot(path: Path, assignment: ClusterAssignment, seed: int) -> Pa
     # a colour of its own per cluster: "tab10" spread K > 10 ids over 10 colours, so
     # clusters shared one; tab10, tab20, then K hues
     k = assignment.num_clusters
-    palette = ListedColormap(
-        [plt.get_cmap("tab10" if k <= 10 else "tab20")(i % 20) for i in range(min(k, 20))]
-        if k <= 20
-        else [plt.get_cmap("hsv")(i / k) for i in range(k)]
-    )
+    if k <= 20:
+        palette = ListedColormap([colormaps["tab10" if k <= 10 else "tab20"](i) for i in range(k)])
+    else:
+        palette = ListedColormap([colormaps["hsv"](i / k) for i in range(k)])
     norm = BoundaryNorm(np.arange(k + 1) - 0.5, k)
     other_method = "random" if assignment.method != "random" else "kmeans"
     other = cluster_identities(means, assignment.num_clusters, other_method, seed=seed)

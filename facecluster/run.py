@@ -291,7 +291,9 @@ class RunFolder:
             fixed = EVALUATION_FIXED_KEYS
             # "data={test_fraction: 0.3}" sets a fixed key too: a section's override goes
             others = [o for o in overrides if not _sets_any(o.split("=", 1)[0].strip(), fixed)]
-            _refuse_contradictions(self.config(others), cfg, f"run={self.path}", fixed)
+            _refuse_contradictions(
+                self.config(others), cfg, f"run={self.path}", fixed, evaluation=True
+            )
         if not self.finished:
             missing = ""
             if cfg.two_stage and self.clusters_path.is_file():
@@ -803,9 +805,13 @@ def _folder_of(resume: Path) -> Path:
 
 
 def _refuse_contradictions(
-    saved: Config, cfg: Config, resume: str, keys: tuple[str, ...] = RESUME_FIXED_KEYS
+    saved: Config,
+    cfg: Config,
+    resume: str,
+    keys: tuple[str, ...] = RESUME_FIXED_KEYS,
+    evaluation: bool = False,
 ) -> None:
-    """Refuse a resume (or, with ``keys=EVALUATION_FIXED_KEYS``, an evaluation) whose
+    """Refuse a resume (or an ``evaluation``, with ``keys=EVALUATION_FIXED_KEYS``) whose
     overrides change what the run's checkpoints were trained on.
 
     Epochs, logger, trainer settings and the like may change; the identities, the
@@ -824,7 +830,7 @@ def _refuse_contradictions(
         if not same:
             problems.append(f"{key}: the run has {old!r}, the command line {new!r}")
     if problems:
-        resuming = keys[: len(RESUME_FIXED_KEYS)] == RESUME_FIXED_KEYS
+        resuming = not evaluation
         raise ConfigError(
             f"{'resume=' if resuming else ''}{resume}: the overrides contradict the run's "
             "checkpoints:\n  - "

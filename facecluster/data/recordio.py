@@ -486,7 +486,7 @@ class RecordFile:
             if rows.any():  # a label array's first and second entries, after the header
                 offset = start[rows] + 8 + _HEADER.size + 4 * entry
                 out[rows] = data[offset[:, None] + np.arange(4)].view("<f4")[:, 0]
-        return np.where(at >= 0, at, -1), clean, length, label_bytes, first, second
+        return at, clean, length, label_bytes, first, second  # at: -1 for no record
 
     def _whole(self, key: int, label: float) -> int:
         """``label`` as an identity label or key, which is a whole number >= 0."""
@@ -612,9 +612,12 @@ def _exact_bounds(records: RecordFile, ranges: np.ndarray) -> np.ndarray:
     return bounds
 
 
-def _spacing(approx: int) -> int:
-    """How far a float32-rounded integer can be from the true one (its ulp)."""
-    return 1 << max(0, approx.bit_length() - 24)
+def _spacing(approx: int | np.ndarray) -> int | np.ndarray:
+    """How far a float32-rounded integer can be from the true one (its ulp): for a key
+    or an array of keys (below 2^53, exact in float64, whose exponent is the bit length)."""
+    bits = np.frexp(np.asarray(approx, dtype=np.float64))[1]
+    spacing = np.left_shift(1, np.maximum(0, bits - 24)).astype(np.int64)
+    return int(spacing) if spacing.ndim == 0 else spacing
 
 
 def _exact_header(records: RecordFile, first: int, end: int) -> tuple[int, int]:
@@ -641,8 +644,7 @@ def _true_boundaries(
     the image records' (exact) label changes into (0) or out of (1) the identity.
     The records around every boundary are read at once (:meth:`RecordFile.heads`)."""
     found = np.zeros(len(approx), dtype=np.int64)
-    bits = np.frexp(approx.astype(np.float64))[1]  # each key's bit length, as _spacing
-    per = np.left_shift(1, np.maximum(0, bits - 24)).astype(np.int64)
+    per = _spacing(approx)
     for spacing in np.unique(per).tolist():
         rows = np.flatnonzero(per == spacing)
         keys = approx[rows, None] + np.arange(-spacing - 1, spacing + 1)  # [rows, window]
