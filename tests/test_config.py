@@ -220,8 +220,13 @@ def test_documented_train_commands_make_valid_configs():
     commands = _documented_train_commands()
     assert len(commands) >= 20, commands
     demo = str(DEFAULT.parents[1] / "datasets" / "lfw-demo" / "images")
+    shared = DEFAULT.parents[2] / "shared"
+    absent = []  # commands that read ../shared where no shared copy is beside the checkout
     for args in commands:
         if any(a.startswith("resume=") for a in args):
+            continue
+        if not shared.is_dir() and any("../shared/" in a or "experiment/" in a for a in args):
+            absent.append(" ".join(args))
             continue
         files = [args[i + 1] for i, a in enumerate(args) if a == "-c"]
         overrides = [f"data.root={demo}" if a.startswith("data.root=/data/") else a for a in args]
@@ -229,6 +234,8 @@ def test_documented_train_commands_make_valid_configs():
         root = DEFAULT.parents[1]
         cfg = load_config([root / f for f in files] or [DEFAULT], overrides)
         assert cfg.stage_epochs(1) >= 1 and cfg.stage_epochs(2) >= 1, args
+    if absent:
+        pytest.skip(f"{shared} is not beside this checkout; not checked: {absent}")
 
 
 def test_config_page_documents_every_key():
