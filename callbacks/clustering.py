@@ -99,9 +99,10 @@ class ClusteringCallback(L.Callback):
         loader = dm.embedding_dataloader(trainer.global_rank, trainer.world_size)
         device, was_training = pl_module.device, pl_module.training
         pl_module.to(trainer.strategy.root_device).eval()
-        with trainer.precision_plugin.forward_context():
+        precision = trainer.precision_plugin  # *-true precisions: inputs in the weights' dtype
+        with precision.forward_context():
             sums, counts = embedding_class_sums(
-                lambda images: pl_module(normalize_images(images)),
+                lambda images: pl_module(precision.convert_input(normalize_images(images))),
                 loader,
                 dm.num_classes,
                 pl_module.hparams.backbone["embedding_dim"],

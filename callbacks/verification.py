@@ -52,8 +52,12 @@ class VerificationCallback(L.Callback):
         try:
             with torch.inference_mode(), trainer.precision_plugin.forward_context():
                 for name, pairs in self._sets.items():
-                    result = verify(
-                        backbone, pairs, self.image_size, self.batch_size, pl_module.device
+                    result = verify(  # *-true precisions: inputs in the weights' dtype
+                        lambda x: backbone(trainer.precision_plugin.convert_input(x)),
+                        pairs,
+                        self.image_size,
+                        self.batch_size,
+                        pl_module.device,
                     )
                     pl_module.log(f"val/{name}_acc", result.accuracy, rank_zero_only=True)
                     rank_zero_info(

@@ -14,7 +14,7 @@ from facecluster.models import subnets_module
 from facecluster.models.optim import build_optimizer, build_scheduler, lr_factor
 from facecluster.models.subnets_module import SubnetSystem
 from facecluster.pipeline import train
-from tests.conftest import ROOT, SMOKE, smoke_overrides
+from tests.conftest import DEMO, ROOT, SMOKE, smoke_overrides
 
 OPTIM = {
     "name": "sgd",
@@ -179,12 +179,21 @@ def test_scheduler_steps_per_optimizer_step():
 
 
 @pytest.mark.slow
-def test_bf16_mixed_precision_trains_both_stages_on_cpu(tmp_path):
-    result = train(
-        load_config(SMOKE, smoke_overrides(tmp_path, "trainer.precision=bf16-mixed", "logger=none"))
-    )
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_precisions_train_both_stages_on_cpu(tmp_path, precision):
+    # bf16-true: the weights are bf16, so the passes outside the training loop (the
+    # class means, stage-1 verification) must hand them bf16 inputs too; they crashed
+    # on float32 images after stage 1 had trained
+    pairs = tmp_path / "pairs.txt"  # LFW's layout: 10 folds of one same, one different pair
+    names = sorted(p.name for p in DEMO.iterdir())
+    lines = [f"{names[f]}\t1\t2\n{names[f]}\t3\t{names[f + 1]}\t4\n" for f in range(10)]
+    pairs.write_text("10\t1\n" + "".join(lines))
+    (tmp_path / "images").symlink_to(DEMO)
+    overrides = [f"trainer.precision={precision}", "logger=none", f"data.verification=[{pairs}]"]
+    result = train(load_config(SMOKE, smoke_overrides(tmp_path, *overrides)))
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
     for p in result.subnets.parameters():
-        assert p.dtype == torch.float32 and torch.isfinite(p).all()
+        assert p.dtype == dtype and torch.isfinite(p).all()
     assert 0.0 <= result.results["subnets_oracle_accuracy"] <= 1.0
 
 
