@@ -269,16 +269,16 @@ class SubnetSystem(StageSystem):
 
     def _log_accuracy(self, metric: PerClusterAccuracy, prefix: str) -> None:
         """Each sub-net's accuracy and, as ``<prefix>/acc``, the group's."""
-        correct, total = metric.compute()[:, self.subnet_ids]
-        accuracy = correct.float() / total.clamp(min=1)
+        # compute() sums the counts over the processes: logged as numbers, not tensors
+        # Lightning would ask to synchronise again (a warning per key under DDP)
+        correct, total = metric.compute()[:, self.subnet_ids].tolist()
+        accuracy = [c / max(1, n) for c, n in zip(correct, total, strict=True)]
         self.log_dict(
             {f"{prefix}/acc_subnet{k}": a for k, a in zip(self.subnet_ids, accuracy, strict=True)}
         )
-        self.log(f"{prefix}/acc", correct.sum().float() / total.sum().clamp(min=1), prog_bar=True)
+        self.log(f"{prefix}/acc", sum(correct) / max(1, sum(total)), prog_bar=True)
         # the last pass's counts, by sub-net: what a finished sub-net's record keeps
-        self.counts = {
-            k: (int(c), int(n)) for k, c, n in zip(self.subnet_ids, correct, total, strict=True)
-        }
+        self.counts = {k: (c, n) for k, c, n in zip(self.subnet_ids, correct, total, strict=True)}
         metric.reset()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
