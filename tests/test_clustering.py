@@ -66,7 +66,7 @@ def check_consistent(a: ClusterAssignment) -> None:
 
 
 # ------------------------------------------------------------------ k-means
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, 2**32 - 1])  # the last: past faiss's C int
 def test_kmeans_recovers_separated_blobs_up_to_permutation(seed):
     x, blob = blobs(5, 15, seed=seed)
     a = cluster_identities(x, 5, "kmeans", seed=seed, nredo=10)

@@ -118,7 +118,7 @@ def _faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int) -> n
         niter=niter,
         nredo=nredo,
         spherical=True,
-        seed=seed,
+        seed=seed % 2**31,  # a C int in faiss: seeds past 2**31 - 1 raised OverflowError
         verbose=False,
         # faiss warns when there are fewer than 39 points per centroid; with
         # identities (not images) as points, K close to C is legitimate.
