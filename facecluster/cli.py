@@ -204,7 +204,7 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     try:
         written = export_run(args.run, args.out, onnx=args.onnx, fpir=args.fpir, device=args.device)
-    except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:
+    except (ConfigError, OSError, ValueError, ImportError) as e:  # OSError: OUT unwritable
         return _fail(e)
     for path in written:
         print(f"wrote {path}")
@@ -262,7 +262,7 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
             device=args.device,
             top_m=args.top_m,
         )
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError) as e:  # OSError: --out unwritable
         return _fail(e)
     print(f"wrote {count} rows to {args.out}")
     return 0

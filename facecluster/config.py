@@ -589,6 +589,8 @@ class Config:
         r.choice("method", self.method, ("clustered", "random", "single"))
         r.choice("logger", self.logger, ("wandb", "csv", "none"))
         r.choice("stage", self.stage, STAGES)
+        if not 0 <= self.seed < 2**32:  # Lightning seeds numpy, whose seeds are 32-bit
+            r.add(f"seed must be in [0, 2**32 - 1] = [0, 4294967295], got {self.seed}")
         found = r.problems
         for section in (self.data, self.model, self.head, self.clustering, self.launcher):
             found += section.problems()

@@ -74,10 +74,21 @@ def export_run(
             "identifiers (router and sub-nets); train with method=clustered or random"
         )
     where = resolve_device(device)
+    out = Path(out)
+    # before the passes below: where the files go, and out/onnx, which is replaced
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"{out} is not a folder: export writes {TORCH_FILE} and {ONNX_FOLDER}/ in it"
+        )
+    if (out / TORCH_FILE).is_dir():
+        raise ValueError(f"{out / TORCH_FILE} is a folder: export writes the identifier there")
+    from facecluster.inference.onnx import check_replaceable
+
+    check_replaceable(out / ONNX_FOLDER)
     if onnx:
         from facecluster.inference.onnx import require_onnx_export
 
-        require_onnx_export()  # before the passes below, and before out/onnx is removed
+        require_onnx_export()
     identifier = TwoStageIdentifier.from_run(folder).to(where)
     # the data only for a pass over the validation split: a calibrated closed-set run
     # exports without it (a copied run folder, data elsewhere)
@@ -98,9 +109,10 @@ def export_run(
     if unseen is not None:
         identifier.open_set = unknown_threshold(identifier, unseen, fpir)
     identifier.to("cpu")  # the file loads anywhere
-    out = Path(out)
     # an earlier export's networks are not this identifier's: never leave them beside it
-    shutil.rmtree(out / ONNX_FOLDER, ignore_errors=True)
+    check_replaceable(out / ONNX_FOLDER)  # unchanged since the check above, or refused
+    if (out / ONNX_FOLDER).exists():
+        shutil.rmtree(out / ONNX_FOLDER)
     written = [identifier.export(out / TORCH_FILE)]
     if onnx:
         from facecluster.inference.onnx import export_onnx
@@ -170,6 +182,8 @@ def resolve_device(device: str) -> torch.device:
         where = torch.device(device)
     except RuntimeError:  # a name torch does not know
         raise ValueError(f"device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if where.type not in ("cpu", "cuda"):  # mps, xpu...: not what the exports were tested on
+        raise ValueError(f"device {device!r}: use auto, cpu, cuda or cuda:N")
     if where.type == "cuda" and (where.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return where
@@ -182,6 +196,11 @@ def load_export(
     model = Path(model)
     if not model.is_dir():
         raise FileNotFoundError(f"{model} is not a folder written by facecluster export")
+    if not (model / TORCH_FILE).exists() and (model / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{model} is a training run folder, not an export: write one with "
+            f"`facecluster export {model} <folder>` and identify with that folder"
+        )
     if runtime == "auto":
         runtime = "torch" if (model / TORCH_FILE).is_file() else "onnx"
     route = None if top_m is None else {"top_m": top_m}
@@ -237,17 +256,29 @@ def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -
     return clusters
 
 
+def _walk_images(folder: Path) -> Iterator[Path]:
+    """The image files under ``folder``, as the training scan takes them: linked
+    folders followed (each real folder once, so a link up the tree cannot loop),
+    hidden files and folders (``.DS_Store``, macOS's ``._*`` copies) skipped."""
+    seen: set[str] = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield Path(root) / name
+
+
 def image_files(sources: Sequence[str | Path]) -> list[Path]:
     """The image files named, folders searched recursively (sorted), in the order given."""
     files: list[Path] = []
     for source in map(Path, sources):
         if source.is_dir():
-            found = sorted(
-                Path(root) / name
-                for root, _, names in os.walk(source)
-                for name in names
-                if Path(name).suffix.lower() in IMAGE_EXTENSIONS
-            )
+            found = sorted(_walk_images(source))
             if not found:
                 raise FileNotFoundError(
                     f"{source} holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
@@ -337,6 +368,9 @@ def identify_files(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: name the CSV file to write")
     identifier = load_export(model, runtime, device, top_m)
     if top_m is not None and top_m > identifier.num_clusters:
         raise ValueError(f"top_m={top_m}: {model} has {identifier.num_clusters} clusters")
@@ -346,11 +380,14 @@ def identify_files(
     size = identifier.backbone_args["image_size"]
     where = resolve_device(device)
     names = identifier.class_names
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
+    # UTF-8 whatever the locale (a file name that is not UTF-8 keeps its bytes); written
+    # beside `out` and put in its place at the end: an earlier CSV is never left half
+    # overwritten, and a CSV that is there is whole
     with (
-        open(out, "w", newline="") as f,
+        replacing(out) as tmp,
+        open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f,
         tqdm(total=len(files), desc="identify", unit="img") as bar,
     ):
         writer = csv.writer(f)

@@ -358,3 +358,63 @@ def test_a_device_name_torch_does_not_know_is_refused_naming_it(open_run, tmp_pa
     assert cli.export_main([str(open_run), str(tmp_path / "out"), "--device", "gpu0"]) != 0
     assert "device 'gpu0'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_export_never_deletes_an_onnx_folder_it_did_not_write(open_run, exported, tmp_path):
+    # OUT/onnx is replaced by each export: a folder of the user's there, a link (whose
+    # networks, another run's, were left beside the new identifier.pt) or OUT being a
+    # file are refused before any work, naming them, and nothing is changed
+    mine = tmp_path / "mine"
+    (mine / "onnx").mkdir(parents=True)
+    (mine / "onnx" / "notes.txt").write_text("keep me")
+    with pytest.raises(
+        ValueError, match=r"onnx holds files an ONNX export does not write \(notes.txt\)"
+    ):
+        export_run(open_run, mine)
+    assert (mine / "onnx" / "notes.txt").read_text() == "keep me" and not (
+        mine / "identifier.pt"
+    ).exists()
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "onnx").symlink_to(exported / "onnx")
+    with pytest.raises(ValueError, match=r"onnx is a link"):
+        export_run(open_run, linked)
+    assert (exported / "onnx" / "identifier.json").is_file()
+    (tmp_path / "file").write_text("")
+    assert cli.export_main([str(open_run), str(tmp_path / "file")]) == 2
+    # an earlier export of a run (what the folder holds, and its temporary files) is replaced
+    again = tmp_path / "again"
+    shutil.copytree(exported, again)
+    (again / "onnx" / ".gallery.npz.123-abc.tmp.npz").write_bytes(b"")
+    assert (
+        export_run(open_run, again) == [again / "identifier.pt"] and not (again / "onnx").exists()
+    )
+
+
+@pytest.mark.slow
+def test_identify_reads_folders_as_training_does_and_names_its_mistakes(
+    open_run, exported, tmp_path, capsys
+):
+    # linked sub-folders are followed (os.walk did not: their images got no row), hidden
+    # files (macOS's ._ copies) are not images; --out a folder, a run folder for an
+    # export and a device this build does not serve are refused naming them
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    first, second = sorted(p.name for p in DEMO.iterdir())[:2]
+    (photos / "linked").symlink_to(DEMO / first)
+    (photos / "loop").symlink_to(photos)  # a link up the tree: each folder once
+    shutil.copy(DEMO / second / f"{second}_0001.jpg", photos)
+    (photos / f"._{second}_0001.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
+    out = tmp_path / "who.csv"
+    rows = identify_files(exported, [photos], out, device="cpu")
+    listed = [r["path"] for r in csv.DictReader(out.open(encoding="utf-8"))]
+    assert rows == len(listed) == len(list((DEMO / first).glob("*.jpg"))) + 1
+    assert not any(Path(p).name.startswith(".") for p in listed)
+    assert cli.identify_main([str(exported), str(photos), "--out", str(tmp_path)]) == 2
+    assert "is a folder: name the CSV file" in capsys.readouterr().err
+    assert cli.identify_main([str(open_run), str(photos), "--out", str(out)]) == 2
+    assert "is a training run folder, not an export" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"device 'mps': use auto, cpu, cuda"):
+        identify_files(exported, [photos], out, device="mps")
+    assert len(out.read_text(encoding="utf-8").splitlines()) == rows + 1  # the CSV as it was

@@ -21,6 +21,7 @@ identifier's, so both answer alike (tested on a real run's test split). Needs th
 from __future__ import annotations
 
 import json
+import re
 import warnings
 import zipfile
 from contextlib import ExitStack
@@ -63,6 +64,31 @@ def require_onnx_export() -> None:
     """ImportError naming the missing package unless :func:`export_onnx` can run."""
     for module in ("onnx", "onnxscript"):  # the dynamo exporter and its dependency
         _require(module)
+
+
+_WRITTEN = re.compile(r"(router|subnet\d+)\.onnx|gallery\.npz|identifier\.json|\..+\.tmp(\..+)?")
+"""The names an export writes into its folder (the last: ``replacing``'s temporary files)."""
+
+
+def check_replaceable(folder: str | Path) -> None:
+    """Refuse, naming it, a ``folder`` that an export may not delete to write its own:
+    a link, a file, or a folder holding anything an ONNX export does not write (an
+    earlier export of another run is replaced; a folder of the user's is kept)."""
+    folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        what = "a link" if folder.is_symlink() else "not a folder"
+        raise ValueError(
+            f"{folder} is {what}: the export writes its ONNX networks there; remove it "
+            "or export to another folder"
+        )
+    if folder.is_dir():
+        foreign = sorted(p.name for p in folder.iterdir() if not _WRITTEN.fullmatch(p.name))
+        if foreign:
+            raise ValueError(
+                f"{folder} holds files an ONNX export does not write ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}): it is replaced by each export, so "
+                "it is not deleted; move them or export to another folder"
+            )
 
 
 def export_onnx(identifier: TwoStageIdentifier, folder: str | Path) -> list[Path]:
