@@ -113,7 +113,7 @@ class ClusteringCallback(L.Callback):
         # float64 sums: the all-reduced result does not depend on how ranks split the data.
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        return finalize_class_means(sums, counts).cpu()
+        return finalize_class_means(sums, counts, device="cpu")
 
     def cluster(self, trainer: L.Trainer, pl_module: L.LightningModule) -> ClusterAssignment:
         """The whole clustering unit; every rank must call it."""

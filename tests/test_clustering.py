@@ -435,6 +435,35 @@ def test_accumulate_in_halves_equals_one_pass_and_naive_loop():
     torch.testing.assert_close(finalize_class_means(s3, c3), naive, atol=1e-5, rtol=1e-5)
 
 
+def test_the_passes_over_all_class_means_give_the_same_in_blocks(monkeypatch):
+    # At 2M identities the class means are 4 GiB: their final division, the unit-norm
+    # and finiteness checks and the centroid sums go a block of rows at a time (float64
+    # copies of the whole matrix were 8 GiB each); blocks of 3 rows give what one does
+    from facecluster.clustering import assignment as assignment_module
+    from facecluster.clustering import means as means_module
+
+    g = torch.Generator().manual_seed(5)
+    sums = torch.randn(10, 6, dtype=torch.float64, generator=g)
+    counts = torch.randint(1, 9, (10,), generator=g)
+    whole = finalize_class_means(sums, counts)
+    labels = torch.arange(10) % 3
+    one = ClusterAssignment.from_labels(labels, whole, num_clusters=3, method="kmeans")
+    for module in (means_module, assignment_module):
+        monkeypatch.setattr(module, "_ROWS", 3)
+    blocked = finalize_class_means(sums, counts, device="cpu")
+    torch.testing.assert_close(blocked, whole, atol=0, rtol=0)
+    torch.testing.assert_close(F.normalize(sums / counts[:, None], dim=1).float(), whole)
+    three = ClusterAssignment.from_labels(labels, whole, num_clusters=3, method="kmeans")
+    torch.testing.assert_close(three.centroids, one.centroids, atol=1e-7, rtol=0)
+    bad = whole.clone()
+    bad[7, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"class_means contains NaN/inf values \(rows \[7\]\)"):
+        ClusterAssignment.from_labels(labels, bad, num_clusters=3, method="kmeans")
+    bad[7] = whole[7] * 1.5
+    with pytest.raises(ValueError, match=r"1 row\(s\) are not \(e.g. rows \[7\]"):
+        ClusterAssignment.from_labels(labels, bad, num_clusters=3, method="kmeans")
+
+
 def test_accumulate_rejects_bad_input():
     sums, counts = torch.zeros(3, 4), torch.zeros(3, dtype=torch.long)
     with pytest.raises(ValueError, match=r"\[0, 3\)"):

@@ -89,11 +89,26 @@ def _as_tensor(value: Any, name: str) -> torch.Tensor:
         raise ValueError(f"ClusterAssignment.{name} must be a tensor, got {type(value)!r}") from exc
 
 
+_ROWS = 65_536
+"""Rows per block of the checks and sums over all C class means: no float64 or bool
+copy of the whole [C, d] matrix (at 2M x 512: 7.6 and 1 GiB, in every process)."""
+
+
 def _check_unit_rows(t: torch.Tensor, name: str) -> None:
-    if not torch.isfinite(t).all():
-        bad = (~torch.isfinite(t).all(dim=1)).nonzero().flatten()[:10].tolist()
+    blocks = [t[s : s + _ROWS] for s in range(0, len(t), _ROWS)]
+    finite = (
+        torch.cat([torch.isfinite(b).all(dim=1) for b in blocks])
+        if blocks
+        else t.new_ones(0, dtype=torch.bool)
+    )
+    if not finite.all():
+        bad = (~finite).nonzero().flatten()[:10].tolist()
         raise ValueError(f"ClusterAssignment.{name} contains NaN/inf values (rows {bad})")
-    norms = t.double().norm(dim=1)
+    norms = (
+        torch.cat([torch.linalg.vector_norm(b, dim=1, dtype=torch.float64) for b in blocks])
+        if blocks
+        else t.new_zeros(0, dtype=torch.float64)
+    )
     off = ((norms - 1.0).abs() > _NORM_TOL).nonzero().flatten()
     if off.numel():
         rows = off[:10].tolist()
@@ -440,9 +455,11 @@ class ClusterAssignment:
                 f"{empty.numel()} of {k} clusters are empty {empty[:10].tolist()}; every cluster "
                 "needs at least one identity"
             )
-        # Sum in float64 so large clusters do not lose precision; then normalise.
+        # Sum in float64 so large clusters do not lose precision, a block of rows at a
+        # time; then normalise.
         sums = torch.zeros(k, means.shape[1], dtype=torch.float64, device=means.device)
-        sums.index_add_(0, c2c, means.double())
+        for s in range(0, len(means), _ROWS):
+            sums.index_add_(0, c2c[s : s + _ROWS], means[s : s + _ROWS].double())
         centroids = torch.nn.functional.normalize(sums, dim=1).float()
         return cls(
             class_to_cluster=c2c,

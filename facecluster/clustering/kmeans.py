@@ -18,7 +18,8 @@ Three methods (``METHODS``):
   identities).
 * ``"balanced"``: k-means centroids, then a capacity-constrained assignment so
   cluster sizes differ by at most one (equal sub-net sizes balance the
-  distributed training load); see :func:`_balanced_labels`.
+  distributed training load; ``overlap``'s extra members come on top, unbalanced);
+  see :func:`_balanced_labels`.
 * ``"random"``: the ISM baseline, a seeded random near-equal split.
 
 ``overlap`` (``clustering.overlap``) then lets the identities nearest a cluster
