@@ -36,8 +36,8 @@ METHODS = ("clustered", "random", "single")
 STAGES = ("stage1", "stage2")
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179)
 T95 += (2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086)
-"""Two-sided 95% quantiles of Student's t for 1 to 20 degrees of freedom (2.0 beyond:
-a little wide, never narrow, up to 60)."""
+"""Two-sided 95% quantiles of Student's t for 1 to 20 degrees of freedom; beyond, the
+one for 20 (a little wide, never narrow: the quantile falls with the degrees)."""
 
 
 def parse_variant(text: str) -> tuple[str, str, list[str], list[int] | None]:
@@ -151,13 +151,15 @@ def run_summary(run: Path) -> dict[str, Any]:
     }
 
 
-def interval(values: list[float]) -> dict[str, float]:
-    """Mean, standard deviation and 95% t interval of the mean."""
+def interval(values: list[float]) -> dict[str, float | None]:
+    """Mean, standard deviation and 95% t interval of the mean; one value has neither
+    (None: no spread is known, and JSON has no infinity)."""
     n = len(values)
     mean = statistics.fmean(values)
-    sd = statistics.stdev(values) if n > 1 else 0.0
-    t = T95[n - 2] if n - 1 <= len(T95) else 2.0
-    half = t * sd / math.sqrt(n) if n > 1 else math.inf
+    if n < 2:
+        return {"mean": mean, "sd": None, "low": None, "high": None, "n": n}
+    sd = statistics.stdev(values)
+    half = T95[min(n - 2, len(T95) - 1)] * sd / math.sqrt(n)
     return {"mean": mean, "sd": sd, "low": mean - half, "high": mean + half, "n": n}
 
 
@@ -235,6 +237,8 @@ def aggregate(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
 
 
 def _pct(x: dict[str, float]) -> str:
+    if x["n"] < 2:
+        return f"{x['mean']:.2%} (one seed)"
     return f"{x['mean']:.2%} ± {x['sd']:.2%}"
 
 
@@ -367,8 +371,11 @@ def main() -> None:
     args = parser.parse_args()
     json_path, page = ROOT / args.json, ROOT / args.page
     command = "python " + " ".join(["bench/results.py", *sys.argv[1:]])
-    if args.render_only:
+    if args.render_only:  # the page (and the JSON's aggregate) again from the runs kept
         result = json.loads(json_path.read_text())
+        runs = {name: {int(s): v for s, v in by.items()} for name, by in result["runs"].items()}
+        result["aggregate"] = aggregate(runs)  # seeds as numbers, as a training call gives
+        json_path.write_text(json.dumps(result, indent=2, allow_nan=False))
     else:
         if "single" not in args.methods:
             raise SystemExit("--methods must include single: every difference is against it")
@@ -395,7 +402,7 @@ def main() -> None:
             "aggregate": aggregate(runs),
         }
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2))
+        json_path.write_text(json.dumps(result, indent=2, allow_nan=False))
     notes = ROOT / args.notes
     result["notes"] = notes.read_text() if notes.is_file() else ""
     page.write_text(render(result, result["command"]))

@@ -297,6 +297,25 @@ def test_results_pair_the_top_m_values_every_seed_scored():
     assert "| other | 0 | clustered, routed (top_m=1, moe) | no common seed |" in page
 
 
+def test_results_page_is_its_json_rendered_and_one_seed_has_no_spread():
+    # docs/RESULTS.md is what bench/results.py renders from the runs kept in its JSON
+    # (aggregated again), and the JSON is standard (a one-seed configuration has no
+    # standard deviation or interval: null, not 0 and +-Infinity, which JSON lacks)
+    results = load_script("bench/results.py")
+    result = json.loads((ROOT / "bench" / "results" / "lfw423.json").read_text())
+    runs = {name: {int(s): v for s, v in by.items()} for name, by in result["runs"].items()}
+    assert results.aggregate(runs) == result["aggregate"]
+    json.dumps(result, allow_nan=False)
+    result["notes"] = (ROOT / "bench" / "results_notes.md").read_text()
+    page = results.render(result, result["command"])
+    assert page == (ROOT / "docs" / "RESULTS.md").read_text()
+    assert "| shared3 | 1 | clustered, routed (top_m=1, moe) | 69.11% (one seed) |" in page
+    one = results.interval([0.5])
+    assert one["sd"] is None and one["low"] is None and one["n"] == 1
+    wide = results.interval([0.1, 0.3] * 20)  # 39 degrees of freedom: the table's last, 2.086
+    assert wide["high"] - wide["mean"] == pytest.approx(2.086 * wide["sd"] / 40**0.5)
+
+
 def test_sample_index_benchmark_measures_setup_and_a_forked_workers_copy(tmp_path, capsys):
     # bench/sample_index.py (docs/DATA.md) at toy size: 3,000 images of 60 identities
     out = tmp_path / "index.json"
