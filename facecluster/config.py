@@ -113,7 +113,8 @@ def resolve_data_root(root: str) -> Path:
 @dataclass
 class DataConfig:
     root: str = "datasets/lfw-demo/images"
-    """Image folder with one sub-folder per identity (the default is the bundled LFW demo set)."""
+    """Image folder with one sub-folder per identity, or an InsightFace ``.rec`` file or
+    the folder holding ``train.rec``/``train.idx`` (the default is the bundled LFW demo set)."""
     image_size: int = 112
     """Images are resized to image_size x image_size."""
     batch_size: int = 64
@@ -147,8 +148,8 @@ class DataConfig:
     """Stage-1 epochs between verification measurements (the last epoch always)."""
     unseen_fraction: float = 0.0
     """Open set: this fraction of the identities (at least 2 when > 0) never trains;
-    half their faces choose the "unknown" threshold (val), half measure false
-    positives (test). 0: closed set."""
+    half of these identities, all their faces, choose the "unknown" threshold (val),
+    the other half measure false positives (test). 0: closed set."""
 
     def problems(self) -> list[str]:
         r = _Rules("data.")
@@ -266,7 +267,8 @@ class ClusteringConfig:
     num_clusters: int = 4
     """Number of clusters K, i.e. of sub-nets."""
     method: str = "kmeans"
-    """kmeans (spherical, the paper), balanced (equal sizes) or random (the ISM baseline)."""
+    """kmeans (spherical, the paper), balanced (sizes differ by at most one, before
+    ``overlap``'s extra members) or random (the ISM baseline)."""
     niter: int = 20
     """k-means iterations."""
     nredo: int = 1

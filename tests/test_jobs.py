@@ -573,8 +573,13 @@ def test_the_documented_multi_node_commands_fit_together(tmp_path):
     stage1 = re.search(r"srun --ntasks-per-node=8 python train.py (.*?) #", text).group(1)
     follow = re.search(r"python train.py (resume=/shared/runs/ms1mv3 .*?) ```", text).group(1)
     local = {"data.root": str(load_config(SMOKE).data.root), "output_dir": str(tmp_path)}
-    args = [a for a in stage1.split() if not a.startswith(("data.root", "output_dir", "trainer."))]
-    cfg = load_config(SMOKE, [*args, *(f"{k}={v}" for k, v in local.items())])
+    words = stage1.split()
+    files = [ROOT / words[i + 1] for i, w in enumerate(words) if w == "-c"]
+    assert files, "the multi-node commands start from a preset"
+    args = [
+        a for a in words if "=" in a and not a.startswith(("data.root", "output_dir", "trainer."))
+    ]
+    cfg = load_config(files, [*args, *(f"{k}={v}" for k, v in local.items())])
     run = tmp_path / cfg.run_name
     run.mkdir()
     (run / "config.yaml").write_text(cfg.run_settings().to_yaml())
