@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from facecluster.config import ConfigError, load_config
 from facecluster.evaluation import evaluate_run
+from facecluster.io import load_plain
 from facecluster.inference import StageOneModel, TwoStageIdentifier, count_parameters, decision
 from facecluster.inference.decision import (
     TEMPERATURES,
@@ -353,6 +354,12 @@ def test_shared_layers_stay_the_stage1_trunk_and_routed_inference_runs_it_once(t
     for subnet in folder.subnet_weights():
         assert all(torch.equal(subnet.backbone[n], stage1[n]) for n in trunk)  # BN stats too
         assert any(not torch.equal(subnet.backbone[n], stage1[n]) for n in trained)
+    # training held one trunk for the 3 sub-nets, and its checkpoint stores it once
+    state = load_plain(next((run / "stage2").rglob("last.ckpt")))["state_dict"]
+    for n in trunk:
+        stored = {state[f"subnets.{k}.{n}"].untyped_storage().data_ptr() for k in range(3)}
+        assert len(stored) == 1, n
+    assert len({state[f"subnets.{k}.features.6.weight"].data_ptr() for k in range(3)}) == 3
     report = evaluate_run(run)  # fits the decision unit on the validation split, once
     assert report.rows[0].model.endswith("(top_m=1, moe)")
     assert report.decision == {"decision": "moe", "alpha": 0.0, **folder.calibration()}

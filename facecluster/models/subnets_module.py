@@ -124,6 +124,7 @@ class SubnetSystem(StageSystem):
             for module in self._frozen():
                 module.requires_grad_(False)
                 module.eval()  # also the mode Lightning records and restores around validation
+            self._share_trunks(shared_layers)
         self.register_buffer("class_to_cluster", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("local_index", torch.zeros(num_classes, dtype=torch.long))
         self._members: list[Tensor] = []  # each cluster's identities (set_assignment)
@@ -139,6 +140,25 @@ class SubnetSystem(StageSystem):
         for module in self._frozen():  # shared trunks keep the stage-1 BatchNorm statistics
             module.eval()
         return self
+
+    def _share_trunks(self, stages: int) -> None:
+        """One frozen trunk for all sub-nets: each sub-net's trunk parameters and buffers
+        become the first's tensors. They hold the same values (the stage-1 backbone's,
+        loaded into every sub-net by the warm start and by checkpoints), so K copies
+        were held on each device and written into each stage-2 checkpoint (K=8,
+        IResNet-50, 4 stages: 939 MiB of a 1,332 MiB system, measured; K=64,
+        IResNet-100: 12.5 GiB, computed). Keys stay per sub-net: checkpoints keep their
+        layout, and ``torch.save`` writes a shared tensor once."""
+        first, *others = self.subnets.values()
+        for other in others:
+            pairs = zip(first.trunk_modules(stages), other.trunk_modules(stages), strict=True)
+            for mine, theirs in pairs:
+                for a, b in zip(mine.modules(), theirs.modules(), strict=True):
+                    for name, tensor in [
+                        *a.named_parameters(recurse=False),
+                        *a.named_buffers(recurse=False),
+                    ]:
+                        setattr(b, name, tensor)
 
     def _frozen(self) -> list[nn.Module]:
         """The shared trunks' modules, looked up each time (a SyncBatchNorm conversion
