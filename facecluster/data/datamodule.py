@@ -85,14 +85,30 @@ DECODE_PLACES = ("cpu", "device")
 logger = logging.getLogger(__name__)
 
 
+class ClusterLabels:
+    """Global labels -> a cluster's labels: the position among its members (sorted
+    global ids), every other identity ``len(members)`` (the "not mine" class of
+    ``subnet_negatives``). Indexed like the dense ``[C]`` map it replaces, by a label or
+    an array of them; it holds the members alone, where each sub-net's dense map was
+    C int64s in every training process (K=64 at 2M identities: 1 GiB, computed)."""
+
+    def __init__(self, members: np.ndarray) -> None:
+        self.members = np.asarray(members, dtype=np.int64)
+
+    def __getitem__(self, labels: int | np.ndarray) -> np.ndarray:
+        at = np.searchsorted(self.members, labels)
+        found = self.members[np.minimum(at, len(self.members) - 1)] == labels
+        return np.where(found, at, len(self.members))
+
+
 class FaceImageDataset(Dataset):
     """Images from a list of ``(path, global_label)`` pairs.
 
     Args:
         samples: ``(image path, global label)`` pairs.
         transform: The split's :class:`~facecluster.data.transforms.FaceTransform`.
-        label_map: Optional ``LongTensor[C]``; when given, the returned label is
-            ``label_map[global_label]`` (used for cluster-local labels).
+        label_map: Optional ``LongTensor[C]`` or :class:`ClusterLabels`; when given,
+            the returned label is ``label_map[global_label]`` (cluster-local labels).
         on_bad_image: ``"skip"``: an undecodable image is replaced by the next readable
             image of the same identity in ``samples`` (see :mod:`facecluster.data.images`);
             ``"fail"``: raise :class:`BadImageError` naming the file.
@@ -115,7 +131,7 @@ class FaceImageDataset(Dataset):
         self,
         samples: Sequence[tuple[str, int]],
         transform: FaceTransform,
-        label_map: Tensor | None = None,
+        label_map: Tensor | ClusterLabels | None = None,
         on_bad_image: str = "skip",
         tracker: BadImageTracker | None = None,
         sample_ids: Sequence[int] | None = None,
@@ -137,7 +153,9 @@ class FaceImageDataset(Dataset):
         self.transform = transform
         # numpy: indexing a tensor per item is slower and tensors in worker processes go
         # through shared memory for no benefit
-        self._label_map = None if label_map is None else label_map.numpy().astype(np.int64)
+        if isinstance(label_map, Tensor):
+            label_map = label_map.numpy().astype(np.int64)
+        self._label_map = label_map
         self.on_bad_image = on_bad_image
         if tracker is None:
             tracker = BadImageTracker(self.samples.locators)
@@ -763,7 +781,7 @@ class FaceDataModule(lightning.LightningDataModule):
         split: str,
         ids: np.ndarray,
         train: bool,
-        label_map: Tensor | None = None,
+        label_map: ClusterLabels | None = None,
         encoded: bool = False,
     ) -> FaceImageDataset:
         """A dataset of the samples ``ids`` (indices into the scan) drawn from ``split``."""
@@ -954,13 +972,10 @@ class FaceDataModule(lightning.LightningDataModule):
             )
         return tensor
 
-    def _label_map(self, k: int) -> Tensor:
+    def _label_map(self, k: int) -> ClusterLabels:
         """Global label -> cluster ``k``'s label: its members' positions, and for every
         other identity ``len(members)``, the "not mine" class of ``subnet_negatives``."""
-        ids = self._members[k]
-        label_map = torch.full((self.num_classes,), len(ids), dtype=torch.long)
-        label_map[ids] = torch.arange(len(ids))
-        return label_map
+        return ClusterLabels(self._members[k].numpy())
 
     @property
     def num_clusters(self) -> int | None:
@@ -1036,7 +1051,9 @@ class FaceDataModule(lightning.LightningDataModule):
         )
         return collated
 
-    def _train_loader(self, ids: np.ndarray, label_map: Tensor | None, what: str) -> DataLoader:
+    def _train_loader(
+        self, ids: np.ndarray, label_map: ClusterLabels | None, what: str
+    ) -> DataLoader:
         per_rank = self._check_train_subset(len(ids), what)
         dataset = self._train_dataset(ids, label_map, None)
         # One process: shuffled by the global torch RNG, which EpochSeedCallback reseeds
@@ -1063,7 +1080,7 @@ class FaceDataModule(lightning.LightningDataModule):
         )
 
     def _train_dataset(
-        self, ids: np.ndarray, label_map: Tensor | None, loader: int | None
+        self, ids: np.ndarray, label_map: ClusterLabels | None, loader: int | None
     ) -> FaceImageDataset:
         encoded = self.hparams.decode == "device"
         dataset = self._dataset("train", ids, train=True, label_map=label_map, encoded=encoded)
