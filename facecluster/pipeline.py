@@ -264,7 +264,7 @@ def fit_stage2(
             before any rank could see rank 0 delete it).
     """
     job = job_name(subnets)
-    with run.folder.job_lock(job):  # from choosing the checkpoint to the saved sub-nets
+    with run.folder.job_lock(job, subnets):  # from choosing the checkpoint to the saved sub-nets
         return _fit_job(run, clustering, subnets, job, own_logger, fresh)
 
 

@@ -477,9 +477,11 @@ class RunFolder:
             (folder / JOB_SUBNETS).write_text(json.dumps(sorted(subnets)))
 
     @contextlib.contextmanager
-    def job_lock(self, job: str) -> Iterator[None]:
+    def job_lock(self, job: str, subnets: list[int] | None = None) -> Iterator[None]:
         """Hold stage-2 job ``job`` while it trains: a second process that would train
-        the same job (a second submission, a resume while jobs still run) is refused.
+        the same job (a second submission, a resume while jobs still run) is refused,
+        and so is one whose job shares any of ``subnets`` with a job training now
+        (another ``stage2.jobs`` groups the same sub-nets under other names).
 
         The lock is ``stage2/jobs/<job>/running.json`` (host, pid, SLURM job id and
         restart count, launch), created exclusively by global rank 0. A lock left by a
@@ -503,7 +505,7 @@ class RunFolder:
         # the record is written whole, then linked to the lock's name (os.link fails if
         # it exists, on NFS too): a write that fails (a full disk) leaves no empty lock
         record = path.with_name(f".{RUNNING}.{os.getpid()}")
-        text = json.dumps(me)
+        text = json.dumps({**me, "subnets": sorted(subnets or [])})
         try:
             record.write_text(text)
             while True:
@@ -531,19 +533,56 @@ class RunFolder:
                         f"{other['pid']}{slurm}); wait for it to end, or delete {path} if that "
                         "process is gone"
                     )
-                    if me["launch"]:  # this launch's other processes stop too
-                        refusal = {"launch": me["launch"], "error": message, "holder": other}
-                        with replacing(refused) as tmp:
-                            tmp.write_text(json.dumps(refusal))
-                    raise ConfigError(message)
+                    self._refuse(refused, me, message, other)
                 path.unlink(missing_ok=True)
         finally:
             record.unlink(missing_ok=True)
+        # taken, then the others looked at: of two jobs started at once over the same
+        # sub-nets, at least one sees the other
+        busy = self._training_jobs(exclude=job)
+        shared = {name: set(held) & set(subnets or []) for name, (held, _) in busy.items()}
+        for name, common in shared.items():
+            if common:
+                path.unlink(missing_ok=True)
+                holder = busy[name][1]
+                message = (
+                    f"stage-2 job {job} would train sub-nets {sorted(common)}, which job "
+                    f"{name} is training now (host {holder.get('host')}, pid "
+                    f"{holder.get('pid')}); wait for it to end, or delete "
+                    f"{self.stage_dir(2, name) / RUNNING} if that process is gone"
+                )
+                self._refuse(refused, me, message, holder)
         refused.unlink(missing_ok=True)
         try:
             yield
         finally:
             path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _refuse(refused: Path, me: dict[str, Any], message: str, holder: dict[str, Any]) -> None:
+        """Raise ``message``; this launch's other processes (srun's, torchrun's) read it
+        from ``refused`` and stop too."""
+        if me["launch"]:
+            refusal = {"launch": me["launch"], "error": message, "holder": holder}
+            with replacing(refused) as tmp:
+                tmp.write_text(json.dumps(refusal))
+        raise ConfigError(message)
+
+    def _training_jobs(self, exclude: str | None = None) -> dict[str, tuple[list[int], dict]]:
+        """The stage-2 jobs training now (a live lock, or an empty one being written),
+        with their sub-nets (from the lock, or the job's ``subnets.json``) and lock."""
+        jobs = self.path / "stage2" / "jobs"
+        found = {}
+        for lock in sorted(jobs.glob(f"*/{RUNNING}")) if jobs.is_dir() else ():
+            if lock.parent.name == exclude:
+                continue
+            other = _read_json(lock)  # empty: an earlier facecluster's, left or being written
+            if (not other and _age(lock) <= EMPTY_LOCK_AGE) or (
+                other and not _lock_is_stale(other, _lock_owner())
+            ):
+                held = other.get("subnets") or _read_json(lock.parent / JOB_SUBNETS) or []
+                found[lock.parent.name] = (list(held), other)
+        return found
 
     def started_jobs(self) -> list[list[int]]:
         """The sub-nets of each stage-2 job that has saved a checkpoint, furthest first."""
@@ -562,17 +601,19 @@ class RunFolder:
             ConfigError: a stage-2 job of the run is training now (its lock is live):
                 deleting its folder would leave two processes training its sub-nets.
         """
-        jobs = self.path / "stage2" / "jobs"
-        for lock in sorted(jobs.glob(f"*/{RUNNING}")) if jobs.is_dir() else ():
-            other = _read_json(lock)  # empty: an earlier facecluster's, left or being written
-            if (not other and _age(lock) <= EMPTY_LOCK_AGE) or (
-                other and not _lock_is_stale(other, _lock_owner())
-            ):
-                raise ConfigError(
-                    f"stage2.subnets: stage-2 job {lock.parent.name} is training now "
-                    f"({lock}); retrain sub-nets once it has ended"
-                )
+        for name in self._training_jobs():
+            raise ConfigError(
+                f"stage2.subnets: stage-2 job {name} is training now "
+                f"({self.stage_dir(2, name) / RUNNING}); retrain sub-nets once it has ended"
+            )
         if is_global_zero():
+            restarted = {k for group in groups for k in group}
+            # every job over any of them, however it was grouped: a job folder left with
+            # another grouping's checkpoint would be continued by the next resume
+            jobs = self.path / "stage2" / "jobs"
+            for record in sorted(jobs.glob(f"*/{JOB_SUBNETS}")) if jobs.is_dir() else ():
+                if restarted & set(_read_json(record) or []):
+                    shutil.rmtree(record.parent, ignore_errors=True)
             for group in groups:
                 shutil.rmtree(self.stage_dir(2, job_name(group)), ignore_errors=True)
                 for k in group:

@@ -427,6 +427,38 @@ def test_a_job_that_is_training_is_not_trained_twice(tmp_path, monkeypatch):
                 pass
 
 
+def test_the_same_subnets_grouped_otherwise_never_train_twice(tmp_path):
+    # A lock per job name let a second command with another stage2.jobs train the
+    # sub-nets of a job still in its first epoch (no checkpoint yet) under other
+    # names; and a retrain of named sub-nets left the job folders of another grouping,
+    # whose checkpoints the next resume then continued instead of starting over.
+    run = RunFolder(tmp_path / "run")
+    with run.job_lock("subnets-0-2", [0, 1, 2]):
+        with pytest.raises(
+            ConfigError,
+            match=r"job subnets-1 would train sub-nets \[1\], which job subnets-0-2 is training now",
+        ):
+            with run.job_lock("subnets-1", [1]):
+                pass
+        assert not (run.stage_dir(2, "subnets-1") / "running.json").exists()
+        with run.job_lock("subnets-3", [3]):  # other sub-nets: beside it
+            pass
+    # an earlier facecluster's lock names no sub-nets: the job's subnets.json does
+    run.save_job([0, 1, 2])
+    old = run.stage_dir(2, "subnets-0-2") / "running.json"
+    old.write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
+    with pytest.raises(ConfigError, match=r"sub-nets \[2\], which job subnets-0-2"):
+        with run.job_lock("subnets-2_4", [2, 4]):
+            pass
+    old.unlink()
+    (run.stage_dir(2, "subnets-0-2") / "checkpoints").mkdir()
+    (run.stage_dir(2, "subnets-0-2") / "checkpoints" / "last.ckpt").write_bytes(b"")
+    run.save_job([3])
+    run.restart_subnets([[0], [1]])  # sub-nets 0 and 1 start over, whatever grouped them
+    assert not run.stage_dir(2, "subnets-0-2").exists() and run.started_jobs() == []
+    assert run.stage_dir(2, "subnets-3").is_dir()
+
+
 def _full_disk(self, *args, **kwargs):
     raise OSError(28, "No space left on device")
 
