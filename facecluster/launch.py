@@ -22,6 +22,7 @@ No scheduling of our own: local jobs are plain processes, SLURM does the rest.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
@@ -29,8 +30,9 @@ import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -189,6 +191,8 @@ def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: i
     slots: queue.Queue[str | None] = queue.Queue()
     for slot in gpu_slots(_visible_gpus(), min(parallel, len(jobs)), devices):
         slots.put(slot)
+    running: dict[int, subprocess.Popen] = {}  # the jobs' processes, by pid
+    stopped: list[int] = []  # the signal this launcher was stopped by
 
     def one(job: tuple[str, list[str]]) -> int:
         name, command = job
@@ -201,6 +205,8 @@ def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: i
                 env["CUDA_VISIBLE_DEVICES"] = gpus
             with open(log, "ab") as out:
                 try:
+                    if stopped:  # the launcher is stopping: no job starts
+                        raise OSError(f"the launcher was stopped by signal {stopped[0]}")
                     process = subprocess.Popen(
                         command, stdout=out, stderr=subprocess.STDOUT, env=env
                     )
@@ -208,19 +214,21 @@ def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: i
                     out.write(f"facecluster: job {name} could not start: {e}\n".encode())
                     code = 127
                 else:
+                    running[process.pid] = process
                     try:
                         (log.parent / "job.json").write_text(
                             json.dumps({"pid": process.pid, "command": command}, indent=2)
                         )
                     finally:  # never leave a started job unwaited for
                         code = process.wait()
+                        running.pop(process.pid, None)
         finally:
             slots.put(gpus)
         state = "finished" if code == 0 else _exit_status(code)
         rank_zero_info(f"stage 2: job {name} {state} after {time.perf_counter() - start:.0f} s")
         return code
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
+    with _passed_on(running, stopped), ThreadPoolExecutor(max_workers=parallel) as pool:
         codes = list(pool.map(one, jobs))
     failed = [(name, code) for (name, _), code in zip(jobs, codes, strict=True) if code != 0]
     if failed:
@@ -231,6 +239,40 @@ def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: i
             + f"\nThe other jobs' sub-nets are kept. `python train.py resume={run.path}` "
             "trains the missing ones."
         )
+
+
+@contextlib.contextmanager
+def _passed_on(running: dict[int, subprocess.Popen], stopped: list[int]) -> Iterator[None]:
+    """SIGTERM and SIGHUP of the launcher (``kill``, ``timeout``, a scheduler that
+    signals only the main process) go to the running jobs, which stop (their locks
+    released, their checkpoints kept); no other job starts, and the launcher then
+    ends by the same signal. Without it the jobs went on training as orphans, holding
+    their locks and GPUs, and the next resume was refused. (Ctrl-C reaches the whole
+    process group by itself.) In the main thread only, where Python takes signals."""
+    caught = (signal.SIGTERM, signal.SIGHUP)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def pass_on(signum: int, frame: Any) -> None:
+        stopped.append(signum)
+        for process in list(running.values()):
+            process.send_signal(signum)
+        for process in list(running.values()):
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        signal.raise_signal(signum)
+
+    before = {sig: signal.signal(sig, pass_on) for sig in caught}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def _visible_gpus() -> list[str]:

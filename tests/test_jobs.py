@@ -561,6 +561,38 @@ def test_a_job_that_cannot_start_fails_alone_and_frees_its_slot(tmp_path, monkey
     assert len(started) == 1 and "stage2.subnets=[1]" in started[0]
 
 
+_LAUNCHER = """
+import sys, pathlib
+from facecluster import launch
+from facecluster.run import RunFolder
+folder = pathlib.Path(sys.argv[1])
+job = "import os, pathlib, sys, time; pathlib.Path(sys.argv[1]).write_text(str(os.getpid())); time.sleep(120)"
+launch.train_command = lambda run, *o: [sys.executable, "-c", job, str(folder / o[-1].replace("=", "-"))]
+launch.run_local(RunFolder(folder / "run"), [[0], [1]], parallel=1)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_local_launcher_stops_its_jobs(tmp_path):
+    # kill, timeout or a scheduler's SIGTERM to the launcher alone left its running job
+    # training as an orphan (its lock and GPU held, the next resume refused): the signal
+    # now goes to the job, no other job starts, and the launcher ends by that signal
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(tmp_path)], cwd=ROOT)
+    markers = list(tmp_path.glob("stage2.subnets-*"))
+    for _ in range(600):
+        markers = list(tmp_path.glob("stage2.subnets-*"))
+        if markers and markers[0].read_text():
+            break
+        time.sleep(0.1)
+    assert len(markers) == 1, markers
+    job = int(markers[0].read_text())
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=60) == -signal.SIGTERM
+    with pytest.raises(ProcessLookupError):  # gone, and reaped by the launcher
+        os.kill(job, 0)
+    assert len(list(tmp_path.glob("stage2.subnets-*"))) == 1  # the second never started
+
+
 def _replace_often(path: Path) -> None:
     for i in range(400):
         with replacing(path) as tmp:
