@@ -126,12 +126,13 @@ def job_environment(name: str, local: bool) -> dict[str, str]:
 
 def gpu_slots(visible: list[str], parallel: int, devices: int) -> list[str | None]:
     """``CUDA_VISIBLE_DEVICES`` of each of ``parallel`` local jobs: ``devices`` GPUs each,
-    disjoint; [None] * parallel when there is no GPU (or one job at a time).
+    disjoint; [None] * parallel when there is no GPU, the jobs take none (``devices``
+    0: on the CPU) or one job runs at a time.
 
     Raises:
         ConfigError: the jobs at once need more GPUs than are visible.
     """
-    if not visible or parallel == 1:
+    if not visible or parallel == 1 or devices == 0:
         return [None] * parallel
     if parallel * devices > len(visible):
         raise ConfigError(
@@ -169,8 +170,20 @@ def check_local_jobs(cfg: Config) -> None:
 
 
 def devices_per_job(cfg: Config) -> int:
-    """``trainer.devices`` when it is a count, else 1."""
+    """The GPUs each local job takes: none under ``trainer.accelerator=cpu`` (CPU jobs
+    were refused on a machine with fewer GPUs than jobs); ``trainer.devices`` when it
+    is a count, the number of GPUs it names when it is a list or ``"0,1"`` (counted as
+    1 before, so each job got one GPU and asked for two); else (``auto``, -1) 1."""
+    if str(cfg.trainer.get("accelerator", "auto")) == "cpu":
+        return 0
     devices = cfg.trainer.get("devices", 1)
+    if isinstance(devices, list | tuple):
+        return max(1, len(devices))
+    if isinstance(devices, str):
+        named = [d for d in devices.split(",") if d.strip()]
+        if "," in devices:
+            return max(1, len(named))
+        devices = int(devices) if devices.strip().isdigit() else 1
     return devices if isinstance(devices, int) and devices > 0 else 1
 
 

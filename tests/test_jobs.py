@@ -79,6 +79,19 @@ def test_job_names_and_balanced_groups():
     assert gpu_slots([], 4, 1) == [None] * 4
     with pytest.raises(ConfigError, match="need 6 GPUs, 4 are visible"):
         gpu_slots(["0", "1", "2", "3"], 3, 2)
+    # what each job takes: none on the CPU (CPU jobs were refused where GPUs are
+    # fewer than jobs), the GPUs a list or "0,1" names (each counted as one)
+    per_job = [
+        ("cpu", "1", 0), ("cpu", "2", 0), ("gpu", "2", 2), ("gpu", "[0,1]", 2),
+        ("gpu", "0,1", 2), ("gpu", "1,", 1), ("gpu", "'3'", 3), ("auto", "auto", 1),
+        ("gpu", "-1", 1),
+    ]  # fmt: skip
+    for accelerator, devices, gpus in per_job:
+        cfg = load_config(
+            SMOKE, [f"trainer.accelerator={accelerator}", f"trainer.devices={devices}"]
+        )
+        assert launch.devices_per_job(cfg) == gpus, (accelerator, devices)
+    assert gpu_slots(["0"], 2, 0) == [None, None]
 
 
 def test_documented_two_local_jobs_give_the_one_job_weights_and_table(tmp_path):
