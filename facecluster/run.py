@@ -318,8 +318,14 @@ class RunFolder:
             raise ConfigError(f"resume={resume}: no such run folder or checkpoint")
         if path.is_file():  # what the file is first, then where it is
             meta = read_checkpoint_meta(path)
-            saved = config_from_dict(meta["config"], f"resume={path}")
             run = cls(_folder_of(path))
+            # the run's own config where it has one, as resume=<run> takes: a job's
+            # checkpoint holds the job's command (launcher=local, its devices, stage=2),
+            # and a SLURM run resumed from it trained on the login node
+            if (run.path / CONFIG).is_file():
+                saved = run.config()
+            else:
+                saved = config_from_dict(meta["config"], f"resume={path}")
         elif (path / CONFIG).is_file():
             run = cls(path)
             saved = run.config()

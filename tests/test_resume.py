@@ -79,6 +79,17 @@ def test_resume_from_a_stage1_checkpoint_file(tmp_path):
     steps_per_epoch = torch.load(ckpt, weights_only=False)["global_step"]
     resumed = RunFolder.config_for_resume(str(ckpt), ["stage2.max_epochs=1"])
     assert resumed.data.max_classes == 12, "the run's own config comes back"
+    # the run folder's config, not the checkpoint's: a SLURM run's stage-1 job trained
+    # with launcher=local (its command), and resumed from its checkpoint ran locally
+    settings = tmp_path / "run" / "config.yaml"
+    kept = settings.read_text()
+    settings.write_text(
+        RunFolder(tmp_path / "run").config(["launcher=slurm"]).run_settings().to_yaml()
+    )
+    assert RunFolder.config_for_resume(str(ckpt), []).launcher.name == "slurm"
+    settings.unlink()  # gone: what the checkpoint was trained with
+    assert RunFolder.config_for_resume(str(ckpt), []).launcher.name == "local"
+    settings.write_text(kept)
     # out of its run folder's layout it is refused: its grandparent folder was taken as
     # the run folder, so /home/u/last.ckpt would have written the run into /
     moved = tmp_path / "moved ckpts" / "last.ckpt"
