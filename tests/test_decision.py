@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from facecluster.config import ConfigError, load_config
 from facecluster.evaluation import evaluate_run
-from facecluster.io import load_plain
 from facecluster.inference import StageOneModel, TwoStageIdentifier, count_parameters, decision
 from facecluster.inference.decision import (
     TEMPERATURES,
@@ -20,6 +19,7 @@ from facecluster.inference.decision import (
     moe_scores,
     similarity,
 )
+from facecluster.io import load_plain
 from facecluster.models.components import create_backbone, shareable_stages
 from facecluster.pipeline import train
 from facecluster.run import RunFolder

@@ -449,7 +449,7 @@ def test_the_same_subnets_grouped_otherwise_never_train_twice(tmp_path):
     with run.job_lock("subnets-0-2", [0, 1, 2]):
         with pytest.raises(
             ConfigError,
-            match=r"job subnets-1 would train sub-nets \[1\], which job subnets-0-2 is training now",
+            match=r"job subnets-1 would train sub-nets \[1\], which job subnets-0-2 is training",
         ):
             with run.job_lock("subnets-1", [1]):
                 pass
@@ -579,8 +579,10 @@ import sys, pathlib
 from facecluster import launch
 from facecluster.run import RunFolder
 folder = pathlib.Path(sys.argv[1])
-job = "import os, pathlib, sys, time; pathlib.Path(sys.argv[1]).write_text(str(os.getpid())); time.sleep(120)"
-launch.train_command = lambda run, *o: [sys.executable, "-c", job, str(folder / o[-1].replace("=", "-"))]
+job = "import os, pathlib, sys, time; pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))"
+job += "; time.sleep(120)"
+marker = lambda overrides: str(folder / overrides[-1].replace("=", "-"))
+launch.train_command = lambda run, *o: [sys.executable, "-c", job, marker(o)]
 launch.run_local(RunFolder(folder / "run"), [[0], [1]], parallel=1)
 """
 
