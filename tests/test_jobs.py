@@ -536,9 +536,11 @@ def test_every_srun_task_of_a_refused_job_stops(tmp_path):
 
 def test_local_jobs_that_cannot_fit_are_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "_visible_gpus", lambda: ["0", "1"])
-    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "stage2.jobs=3", "launcher.parallel=3"))
+    jobs = ("stage2.jobs=3", "launcher.parallel=3")
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, *jobs, "trainer.accelerator=gpu"))
     with pytest.raises(ConfigError, match=r"parallel=3 jobs x trainer.devices=1 need 3 GPUs"):
         train(cfg)
+    launch.check_local_jobs(load_config(SMOKE, smoke_overrides(tmp_path, *jobs)))  # CPU jobs
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="local jobs run on this node only"):
