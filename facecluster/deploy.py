@@ -382,11 +382,14 @@ def identify_files(
     names = identifier.class_names
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
-    # UTF-8 whatever the locale (a file name that is not UTF-8 keeps its bytes); written
-    # beside `out` and put in its place at the end: an earlier CSV is never left half
-    # overwritten, and a CSV that is there is whole
+    # UTF-8 whatever the locale (a file name that is not UTF-8 keeps its bytes). A file
+    # (a link: the file it names) is written beside it and put in its place at the end:
+    # an earlier CSV is never left half overwritten. Anything else (/dev/stdout, a
+    # pipe) is written as it is.
+    target = out.resolve() if out.is_symlink() else out
+    special = target.exists() and not target.is_file()
     with (
-        replacing(out) as tmp,
+        contextlib.nullcontext(target) if special else replacing(target) as tmp,
         open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f,
         tqdm(total=len(files), desc="identify", unit="img") as bar,
     ):

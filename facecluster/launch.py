@@ -262,7 +262,8 @@ def _passed_on(running: dict[int, subprocess.Popen], stopped: list[int]) -> Iter
     ends by the same signal. Without it the jobs went on training as orphans, holding
     their locks and GPUs, and the next resume was refused. (Ctrl-C reaches the whole
     process group by itself.) In the main thread only, where Python takes signals."""
-    caught = (signal.SIGTERM, signal.SIGHUP)
+    # an ignored signal stays ignored (nohup): the jobs inherit that, as before
+    caught = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN]
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -496,8 +496,9 @@ class RunFolder:
         process in the same allocation (two commands under one ``salloc``) is not.
 
         The other processes that srun or torchrun started with rank 0 wait for its
-        decision: the lock naming their launch, or ``refused.json`` naming it, which
-        they raise too, rather than waiting for rank 0 in DDP setup.
+        decision: the lock naming their launch, once rank 0 has checked the other jobs'
+        sub-nets (``checked``), or ``refused.json`` naming it, which they raise too,
+        rather than waiting for rank 0 in DDP setup.
         """
         path = self.stage_dir(2, job) / RUNNING
         refused = path.with_name(REFUSED)
@@ -511,7 +512,8 @@ class RunFolder:
         # the record is written whole, then linked to the lock's name (os.link fails if
         # it exists, on NFS too): a write that fails (a full disk) leaves no empty lock
         record = path.with_name(f".{RUNNING}.{os.getpid()}")
-        text = json.dumps({**me, "subnets": sorted(subnets or [])})
+        mine = {**me, "subnets": sorted(subnets or []), "checked": False}
+        text = json.dumps(mine)
         try:
             record.write_text(text)
             while True:
@@ -539,7 +541,7 @@ class RunFolder:
                         f"{other['pid']}{slurm}); wait for it to end, or delete {path} if that "
                         "process is gone"
                     )
-                    self._refuse(refused, me, message, other)
+                    self._refuse(refused, me, message, other, path)
                 path.unlink(missing_ok=True)
         finally:
             record.unlink(missing_ok=True)
@@ -557,7 +559,9 @@ class RunFolder:
                     f"{holder.get('pid')}); wait for it to end, or delete "
                     f"{self.stage_dir(2, name) / RUNNING} if that process is gone"
                 )
-                self._refuse(refused, me, message, holder)
+                self._refuse(refused, me, message, holder, self.stage_dir(2, name) / RUNNING)
+        with replacing(path) as tmp:  # now the other ranks of this launch may train
+            tmp.write_text(json.dumps({**mine, "checked": True}))
         refused.unlink(missing_ok=True)
         try:
             yield
@@ -565,11 +569,18 @@ class RunFolder:
             path.unlink(missing_ok=True)
 
     @staticmethod
-    def _refuse(refused: Path, me: dict[str, Any], message: str, holder: dict[str, Any]) -> None:
+    def _refuse(
+        refused: Path, me: dict[str, Any], message: str, holder: dict[str, Any], lock: Path
+    ) -> None:
         """Raise ``message``; this launch's other processes (srun's, torchrun's) read it
-        from ``refused`` and stop too."""
+        from ``refused`` and stop too, while ``holder`` still holds ``lock``."""
         if me["launch"]:
-            refusal = {"launch": me["launch"], "error": message, "holder": holder}
+            refusal = {
+                "launch": me["launch"],
+                "error": message,
+                "holder": holder,
+                "holder_lock": str(lock),
+            }
             with replacing(refused) as tmp:
                 tmp.write_text(json.dumps(refusal))
         raise ConfigError(message)
@@ -748,12 +759,14 @@ def _wait_for_lock(path: Path, refused: Path, launch: str | None, timeout: float
     deadline = time.monotonic() + timeout
     while True:
         lock, refusal = _read_json(path), _read_json(refused)
-        if lock.get("launch") == launch:
+        if lock.get("launch") == launch and lock.get("checked", True):
             return
-        # a refusal of this launch while its holder still holds the lock: torchrun's
-        # launch id repeats from run to run (static rendezvous), so a refusal left by
-        # an earlier launch names a holder that has since let go
-        if refusal.get("launch") == launch and lock and lock == refusal.get("holder"):
+        # a refusal of this launch while its holder still holds its lock (this job's, or
+        # another job's over the same sub-nets): torchrun's launch id repeats from run to
+        # run (static rendezvous), so a refusal left by an earlier launch names a holder
+        # that has since let go
+        held = _read_json(Path(refusal.get("holder_lock", path))) if refusal else {}
+        if refusal.get("launch") == launch and held and held == refusal.get("holder"):
             raise ConfigError(refusal["error"])
         if time.monotonic() > deadline:
             raise ConfigError(

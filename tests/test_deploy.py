@@ -418,3 +418,11 @@ def test_identify_reads_folders_as_training_does_and_names_its_mistakes(
     with pytest.raises(ValueError, match=r"device 'mps': use auto, cpu, cuda"):
         identify_files(exported, [photos], out, device="mps")
     assert len(out.read_text(encoding="utf-8").splitlines()) == rows + 1  # the CSV as it was
+    # --out a link: the file it names is rewritten, the link kept; a device is written
+    # as it is (a temporary file beside /dev/null and a rename would replace it)
+    link = tmp_path / "latest.csv"
+    link.symlink_to(out)
+    assert identify_files(exported, [photos / f"{second}_0001.jpg"], link, device="cpu") == 1
+    assert link.is_symlink() and len(out.read_text(encoding="utf-8").splitlines()) == 2
+    assert identify_files(exported, [photos / f"{second}_0001.jpg"], os.devnull, device="cpu") == 1
+    assert Path(os.devnull).is_char_device()

@@ -482,7 +482,7 @@ from pathlib import Path
 from facecluster.config import ConfigError
 from facecluster.run import RunFolder
 try:
-    with RunFolder(Path(sys.argv[1])).job_lock("subnets-0-2"):
+    with RunFolder(Path(sys.argv[1])).job_lock("subnets-0-2", [0, 1, 2]):
         print("training", flush=True)
         time.sleep(1.0)  # rank 0 holds the lock while its ranks train together
 except ConfigError as e:
@@ -532,6 +532,17 @@ def test_every_srun_task_of_a_refused_job_stops(tmp_path):
     for task in _srun_step(run.path, 0):
         assert task.returncode == 0 and task.stdout == "training\n", task.stdout
     assert not lock.exists()
+    # another job training one of its sub-nets: rank 0, having taken this job's lock,
+    # lets it go and refuses; rank 1 neither trains on the lock nor waits for it
+    other = run.stage_dir(2, "subnets-2_4") / "running.json"
+    other.parent.mkdir(parents=True)
+    here = {"host": os.uname().nodename, "pid": os.getpid(), "subnets": [2, 4]}
+    other.write_text(json.dumps(here))
+    started = time.monotonic()
+    for task in _srun_step(run.path, 1):
+        assert task.returncode == 3, task.stdout
+        assert "would train sub-nets [2], which job subnets-2_4 is training" in task.stdout
+    assert time.monotonic() - started < 60 and not lock.exists() and other.is_file()
 
 
 def test_local_jobs_that_cannot_fit_are_refused_before_any_work(tmp_path, monkeypatch):
@@ -577,7 +588,9 @@ def test_a_job_that_cannot_start_fails_alone_and_frees_its_slot(tmp_path, monkey
 
 
 _LAUNCHER = """
-import sys, pathlib
+import signal, sys, pathlib
+if sys.argv[2:] == ["nohup"]:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 from facecluster import launch
 from facecluster.run import RunFolder
 folder = pathlib.Path(sys.argv[1])
@@ -594,7 +607,7 @@ def test_a_stopped_local_launcher_stops_its_jobs(tmp_path):
     # kill, timeout or a scheduler's SIGTERM to the launcher alone left its running job
     # training as an orphan (its lock and GPU held, the next resume refused): the signal
     # now goes to the job, no other job starts, and the launcher ends by that signal
-    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(tmp_path)], cwd=ROOT)
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(tmp_path), "nohup"], cwd=ROOT)
     markers = list(tmp_path.glob("stage2.subnets-*"))
     for _ in range(600):
         markers = list(tmp_path.glob("stage2.subnets-*"))
@@ -603,6 +616,11 @@ def test_a_stopped_local_launcher_stops_its_jobs(tmp_path):
         time.sleep(0.1)
     assert len(markers) == 1, markers
     job = int(markers[0].read_text())
+    # under nohup a hangup stays ignored, by the launcher and its job
+    launcher.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    assert launcher.poll() is None
+    os.kill(job, 0)
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=60) == -signal.SIGTERM
     with pytest.raises(ProcessLookupError):  # gone, and reaped by the launcher

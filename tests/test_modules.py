@@ -219,6 +219,26 @@ def test_the_demo_recipe_learns_well_above_chance(tmp_path):
     assert all(s["accuracy"] > s["chance"] for s in r["subnets"])
 
 
+def test_shared_trunks_stay_one_through_moves_and_casts():
+    # model.shared_layers: the sub-nets' frozen trunks are one set of tensors; a move or
+    # cast gave every module new buffers (BatchNorm statistics stored K times after)
+    cfg = load_config(SMOKE, ["model.embedding_dim=16"])
+    model = SubnetSystem(
+        6, [2, 2, 2], backbone=cfg.model.backbone_args(32),
+        head={"name": "arcface", "s": 64.0, "m": 0.5}, optim=OPTIM, shared_layers=1,
+    )  # fmt: skip
+    for moved in (model, model.double()):
+        state = moved.state_dict()
+        trunk = [
+            n[len("subnets.0.") :]
+            for n in state
+            if n.startswith(("subnets.0.features.0.", "subnets.0.features.1."))
+        ]
+        assert any("running_mean" in n for n in trunk)
+        for n in trunk:
+            assert len({state[f"subnets.{k}.{n}"].data_ptr() for k in range(3)}) == 1, n
+
+
 def test_a_stage2_checkpoint_with_the_old_centroids_buffer_still_loads():
     # Runs interrupted in stage 2 before the buffers were dropped must still resume.
     model, _ = _subnets()

@@ -160,6 +160,15 @@ class SubnetSystem(StageSystem):
                     ]:
                         setattr(b, name, tensor)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> SubnetSystem:
+        # a move or cast (.to(device), .double()) converts the parameters in place, but
+        # gives every module its own new buffers: the trunks' BatchNorm statistics tied
+        # again, before Lightning's DDP wrapper lists the buffers it broadcasts
+        super()._apply(fn, recurse)
+        if self.hparams.get("shared_layers", 0):
+            self._share_trunks(self.hparams.shared_layers)
+        return self
+
     def _frozen(self) -> list[nn.Module]:
         """The shared trunks' modules, looked up each time (a SyncBatchNorm conversion
         replaces BatchNorm modules after construction)."""
@@ -289,14 +298,16 @@ class SubnetSystem(StageSystem):
 
     def _log_accuracy(self, metric: PerClusterAccuracy, prefix: str) -> None:
         """Each sub-net's accuracy and, as ``<prefix>/acc``, the group's."""
-        # compute() sums the counts over the processes: logged as numbers, not tensors
-        # Lightning would ask to synchronise again (a warning per key under DDP)
+        # compute() sums the counts over the processes, so every process logs the same
+        # numbers; sync_dist (their mean: the same) only keeps Lightning from warning,
+        # once per key under DDP, that epoch-level values should be synchronised
         correct, total = metric.compute()[:, self.subnet_ids].tolist()
         accuracy = [c / max(1, n) for c, n in zip(correct, total, strict=True)]
         self.log_dict(
-            {f"{prefix}/acc_subnet{k}": a for k, a in zip(self.subnet_ids, accuracy, strict=True)}
+            {f"{prefix}/acc_subnet{k}": a for k, a in zip(self.subnet_ids, accuracy, strict=True)},
+            sync_dist=True,
         )
-        self.log(f"{prefix}/acc", sum(correct) / max(1, sum(total)), prog_bar=True)
+        self.log(f"{prefix}/acc", sum(correct) / max(1, sum(total)), prog_bar=True, sync_dist=True)
         # the last pass's counts, by sub-net: what a finished sub-net's record keeps
         self.counts = {k: (c, n) for k, c, n in zip(self.subnet_ids, correct, total, strict=True)}
         metric.reset()
