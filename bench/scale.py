@@ -468,8 +468,10 @@ def _clustering_section(c: dict, classes: int, k: int) -> str:
   ({"meets" if bal <= 2.5 else "misses"} the goal of 2.5x). After k-means it runs up
   to 10 rounds of deferred acceptance over the C x K similarities (each identity's
   first 8 preferences sorted up front, the rest on demand; each cluster keeps its
-  holders sorted, so a round costs what it receives); cluster sizes differ by at most
-  one.
+  holders sorted and rejects outright what falls below its weakest holder, but a
+  round in which a proposal beats it re-sorts that cluster's holders, about C / K of
+  them); cluster sizes differ by at most one (before `clustering.overlap`, whose
+  extra members are not balanced).
 """
 
 
@@ -555,7 +557,12 @@ Wall time of the last runs: {walls}. Exact commands: `commands` in
 - **Sharding is automatic under DDP.** With more than one process (`trainer.devices`,
   `trainer.num_nodes`), every margin head (stage 1, each sub-net's, the single model's)
   is split into one contiguous block of class centres per process, with its optimizer
-  state. DDP leaves the head alone (`_ddp_params_and_buffers_to_ignore`). Each step
+  state. DDP leaves the head alone (`_ddp_params_and_buffers_to_ignore`), and in
+  stage 2 the cluster maps too (set alike on every rank by the clustering). The
+  stage-2 model does not hold the [C, d] class means at all (4 GB at 2M identities x
+  512, computed: 2M x 512 x 4 bytes): the warm start reads them once on the CPU, so
+  they are neither on the GPUs, nor broadcast by DDP, nor in every job's
+  checkpoints. Each step
   all-gathers the embeddings and labels (any batch size, so an epoch's last batch is
   fine) and normalises the softmax across processes.
 - **`head.sample_rate=r`** (default 1) makes each process use only its rows of the
@@ -581,9 +588,13 @@ Wall time of the last runs: {walls}. Exact commands: `commands` in
   starting from exactly the saved weights and momentum, and evaluates in one process.
 - **Limits.** Each process builds the whole head once at start (from the run's seed, so
   every device count starts from the same head) and then keeps its rows: at 2M x 512
-  that is 4.2 GB of host memory for a moment per process. Rows outside a step's sample
+  that is 4.2 GB of host memory for a moment per process. A resume reads the
+  checkpoint memory-mapped (`AtomicCheckpointIO.load_checkpoint`), so each process
+  reads the pages of its own shard of the saved whole head and its optimizer state,
+  not all of them. Rows outside a step's sample
   get a zero gradient but still a momentum and weight-decay update, as in
-  arcface_torch's partial_fc_v2. Only the `ddp` strategies are supported. The sharded
+  arcface_torch's partial_fc_v2. Only `ddp` is supported: `ddp_spawn`, `ddp_fork`,
+  `ddp_notebook`, FSDP and DeepSpeed are refused when the config loads. The sharded
   head has been run on CPU with gloo only (no GPU was available): NCCL, bf16-mixed and
   16-mixed with loss scaling are untested. The head computes in fp32 and gathers
   embeddings in fp32, so a non-finite value reaches every process through the shared

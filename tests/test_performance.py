@@ -316,6 +316,14 @@ def test_results_page_is_its_json_rendered_and_one_seed_has_no_spread():
     assert wide["high"] - wide["mean"] == pytest.approx(2.086 * wide["sd"] / 40**0.5)
 
 
+def test_scale_page_is_its_json_rendered():
+    # docs/SCALE.md says bench/scale.py writes it: passages written into the page by
+    # hand would be lost the next time it is measured
+    scale = load_script("bench/scale.py")
+    result = json.loads((ROOT / "bench" / "results" / "scale.json").read_text())
+    assert scale.render(result) == (ROOT / "docs" / "SCALE.md").read_text()
+
+
 def test_sample_index_benchmark_measures_setup_and_a_forked_workers_copy(tmp_path, capsys):
     # bench/sample_index.py (docs/DATA.md) at toy size: 3,000 images of 60 identities
     out = tmp_path / "index.json"

@@ -140,8 +140,8 @@ class Router:
             index settings (lists_per_cluster: index=clusters only).
         use_gpu: None: faiss GPU when available.
         prebuilt: an index of these settings over these class means, as
-            :meth:`serialized` gave it: read instead of built (an ivf, clusters or hnsw
-            index over 360K identities took 1.5 to 6 minutes to build, docs/SCALE.md).
+            :meth:`serialized` gave it: read instead of built (an ivf or hnsw index over
+            360K identities took 1.5 to 6 minutes to build, docs/SCALE.md).
     """
 
     def __init__(
