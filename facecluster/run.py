@@ -344,12 +344,19 @@ class RunFolder:
         """``stage<n>.optim`` of each stage that has trained: a resume restores its
         optimizer and schedule from the checkpoint (the learning rate, weight decay and
         momentum of the overrides would be ignored, the warm-up and schedule applied to
-        the old base rate). Sub-nets that ``stage2.subnets`` names start over with them."""
+        the old base rate). Sub-nets that ``stage2.subnets`` names start over with them.
+        And ``head`` while a stage is under way (trained, not finished): its loss would
+        change in mid-training; between the stages it may, for the sub-nets."""
         stage1 = self.last_checkpoint(1).is_file() or self.has_stage_summary(1)
         # a job command (stage2.group) resumes its own checkpoint, named sub-nets or not
         restarts = cfg.stage2.subnets and cfg.stage2.group is None
         stage2 = not restarts and bool(self.started_jobs() or self.subnet_records())
-        return (("stage1.optim",) if stage1 else ()) + (("stage2.optim",) if stage2 else ())
+        midway = (stage1 and not self.has_stage_summary(1)) or stage2
+        return (
+            (("stage1.optim",) if stage1 else ())
+            + (("stage2.optim",) if stage2 else ())
+            + (("head",) if midway else ())
+        )
 
     def stage1_resume_point(self, resume: str | None) -> Path | None:
         """The checkpoint stage 1 continues from (None: stage 1 starts fresh).
@@ -897,7 +904,8 @@ def _refuse_contradictions(
             + "\n  - ".join(problems)
             + (
                 "\nStart a new run for these settings (epochs, logger and trainer.* may "
-                "change; a stage's optimizer until it has trained)."
+                "change; a stage's optimizer until it has trained; the head between the "
+                "stages)."
                 if resuming
                 else "\nAn evaluation tests the run's own networks on its own held-out "
                 "split; leave these unset."

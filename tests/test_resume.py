@@ -212,6 +212,11 @@ def test_a_trained_stages_optimizer_is_fixed_on_resume(tmp_path):
     folder.last_checkpoint(1).write_bytes(b"")  # stage 1 has trained
     with pytest.raises(ConfigError, match=r"(?s)stage1.optim: the run has .*a stage's optimizer"):
         RunFolder.config_for_resume(str(run), ["stage1.optim.lr=0.01"])
+    # nor the margin while a stage is under way (its loss would change mid-training)
+    with pytest.raises(ConfigError, match=r"head: the run has .*'m': None.*'m': 0.3"):
+        RunFolder.config_for_resume(str(run), ["head.m=0.3"])
+    folder.save_stage_summary(1, {"global_step": 1})  # stage 1 finished: for the sub-nets
+    assert RunFolder.config_for_resume(str(run), ["head.m=0.3"]).head.m == 0.3
     # stage 2 not started yet: its optimizer may change
     assert RunFolder.config_for_resume(str(run), ["stage2.optim.lr=0.5"]).stage2.optim.lr == 0.5
     # a stage-2 job that has a checkpoint resumes it, sub-nets named or not
@@ -223,6 +228,8 @@ def test_a_trained_stages_optimizer_is_fixed_on_resume(tmp_path):
     job_args = ["stage=2", "stage2.jobs=2", "stage2.group=0", "stage2.subnets=[0,1]"]
     with pytest.raises(ConfigError, match=r"stage2.optim: the run has"):
         RunFolder.config_for_resume(str(run), [*job_args, "stage2.optim.lr=0.5"])
+    with pytest.raises(ConfigError, match=r"head: the run has"):
+        RunFolder.config_for_resume(str(run), [*job_args, "head.sample_rate=0.5"])
     # sub-nets named in the main process start over: a new optimizer is theirs
     restart = RunFolder.config_for_resume(str(run), ["stage2.subnets=[1]", "stage2.optim.lr=0.5"])
     assert restart.stage2.optim.lr == 0.5
