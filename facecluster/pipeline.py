@@ -217,7 +217,11 @@ def _stage2(run: _Run, clustering: ClusteringCallback) -> SubnetSystem | None:
         folder.restart_subnets(groups)
     folder.clear_training_report()  # the results are stale until assembled again
     if len(groups) == 1:
-        return fit_stage2(run, clustering, groups[0], own_logger=False, fresh=fresh)
+        # a retrain of named sub-nets logs to a CSV file of its own, as a job does: in the
+        # run's metrics.csv its steps are the first training's, whose rows (every
+        # sub-net's history) a resumed writer drops as redone
+        own = fresh and cfg.logger == "csv"
+        return fit_stage2(run, clustering, groups[0], own_logger=own, fresh=fresh)
     if is_global_zero():  # the other DDP ranks of stage 1 have nothing more to do
         run_local(folder, groups, cfg.launcher.parallel, devices_per_job(cfg))
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from facecluster.config import load_config
 from facecluster.loggers import RunCSVLogger, build_logger, wandb_mode
 from facecluster.pipeline import train
+from facecluster.run import RunFolder, job_name
 from tests.conftest import SMOKE, smoke_overrides
 
 
@@ -78,3 +80,23 @@ def test_a_resume_replaces_the_rows_of_the_steps_it_redoes(tmp_path):
     resumed.save()  # a later save of the same command keeps its own rows
     rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
     assert rows == ["step,test/acc,train/loss", "10,,1.0", "20,0.7,", "20,,0.5", "30,,0.4"]
+
+
+@pytest.mark.slow
+def test_retraining_named_subnets_keeps_the_others_csv_history(tmp_path):
+    # stage2.subnets=[0] in the main process logged into the run's metrics.csv at the
+    # first training's steps, and the resumed writer dropped those rows as redone: the
+    # history of sub-nets 1 and 2, which were not retrained, was lost
+    run = train(load_config(SMOKE, smoke_overrides(tmp_path, "logger=csv"))).run_dir
+    log = run / "csv" / "metrics.csv"
+
+    def filled(path, column):
+        with open(path, newline="") as f:
+            return sum(1 for row in csv.DictReader(f) if row.get(column))
+
+    before = {k: filled(log, f"train/loss_subnet{k}") for k in (0, 1, 2)}
+    assert min(before.values()) > 0
+    train(RunFolder.config_for_resume(str(run), ["stage=2", "stage2.subnets=[0]"]))
+    assert {k: filled(log, f"train/loss_subnet{k}") for k in (1, 2)} == {1: before[1], 2: before[2]}
+    own = run / "csv" / job_name([0]) / "metrics.csv"
+    assert filled(own, "train/loss_subnet0") > 0 and filled(own, "train/loss_subnet1") == 0
