@@ -69,6 +69,17 @@ def test_interrupted_twice_and_resumed_equals_uninterrupted(tmp_path):
     assert resumed.results["stage1"] == reference.results["stage1"]
 
 
+class MappedCheckpoints(L.Callback):
+    """Checkpoint files still mapped by this process once replaced, at each stage's end."""
+
+    def __init__(self) -> None:
+        self.deleted: list[str] = []
+
+    def on_train_end(self, trainer, pl_module):
+        with open("/proc/self/maps") as f:
+            self.deleted += [line for line in f if ".ckpt" in line and "(deleted)" in line]
+
+
 def test_resume_from_a_stage1_checkpoint_file(tmp_path):
     cfg = load_config(
         SMOKE, smoke_overrides(tmp_path, "trainer.max_epochs=2", "stage2.max_epochs=1")
@@ -97,8 +108,12 @@ def test_resume_from_a_stage1_checkpoint_file(tmp_path):
     shutil.copy(ckpt, moved)
     with pytest.raises(ConfigError, match=r"resumes inside its run folder, as <run>/stage1"):
         RunFolder.config_for_resume(str(moved), [])
-    result = train(resumed)
+    maps = MappedCheckpoints()
+    result = train(resumed, callbacks=[maps])
     assert result.results["stage1"]["steps"] == 2 * steps_per_epoch
+    # the checkpoint is read memory-mapped; the optimizer's state was left in its pages
+    # on the CPU, keeping the replaced last.ckpt's disk blocks for the rest of the run
+    assert maps.deleted == [], maps.deleted
     assert (tmp_path / "run" / "results.json").is_file()
 
 

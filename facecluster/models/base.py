@@ -177,6 +177,14 @@ class StageSystem(L.LightningModule):
                     f"{head.num_classes} identities"
                 )
             holder[key] = whole[head.row_start : head.row_start + len(head.weight)].clone()
+        # the file is read memory-mapped: on the CPU the optimizer would keep its state
+        # in the mapped pages, and the replaced last.ckpt's disk blocks stay allocated
+        # until the process exits (one checkpoint more for the rest of the run)
+        if "optimizer_states" in checkpoint:
+            checkpoint["optimizer_states"] = [
+                {**optimizer, "state": {i: _own(s) for i, s in optimizer["state"].items()}}
+                for optimizer in checkpoint["optimizer_states"]
+            ]
 
     def on_train_start(self) -> None:
         # The LR schedule counts optimizer steps. Resumed on another device count (or
@@ -203,6 +211,11 @@ class StageSystem(L.LightningModule):
         with warnings.catch_warnings():  # no optimizer step yet in this process: known
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
             scheduler.step()  # sets the groups' LRs and get_last_lr() at the new count
+
+
+def _own(state: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's optimizer state with every tensor in memory of its own."""
+    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
 
 
 def _row_state(value: Any) -> bool:
