@@ -37,12 +37,18 @@ class VerificationCallback(L.Callback):
         self.image_size, self.batch_size = image_size, batch_size
         self._sets: dict[str, VerificationPairs] | None = None
 
+    def measures(self, trainer: L.Trainer) -> bool:
+        """Whether the epoch ending now is measured: every ``every_n_epochs``, and the
+        last (stopped early, the last of ``max_epochs``, or ``max_steps`` reached, which
+        ends the fit without ``should_stop``)."""
+        epoch = trainer.current_epoch
+        steps = trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps
+        epochs = (trainer.max_epochs or 0) > 0 and epoch + 1 >= trainer.max_epochs
+        return (epoch + 1) % self.every == 0 or trainer.should_stop or steps or epochs
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        last = (
-            trainer.should_stop or (trainer.max_epochs or 0) > 0 and epoch + 1 >= trainer.max_epochs
-        )
-        if not ((epoch + 1) % self.every == 0 or last) or not trainer.is_global_zero:
+        if not self.measures(trainer) or not trainer.is_global_zero:
             return
         if self._sets is None:
             self._sets = {name: load_pairs(p) for name, p in self.paths.items()}

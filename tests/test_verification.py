@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from facecluster.callbacks import VerificationCallback
 from facecluster.config import ConfigError, load_config
 from facecluster.data.transforms import load_faces, normalize_images
 from facecluster.data.verification import load_pairs, read_pairs_txt, set_name, write_bin
@@ -71,6 +73,23 @@ def test_pair_embeddings_embed_each_distinct_image_once_with_its_mirror():
         x = normalize_images(load_faces([sub.images[i]], 32))
         mirror = normalize_images(load_faces([sub.images[i]], 32), torch.tensor([True]))
         torch.testing.assert_close(got[i], (net(x) + net(mirror))[0])
+
+
+def test_the_last_epoch_is_measured_however_the_fit_ends(tmp_path):
+    # every 5 epochs, and the last: a fit that max_steps ends (without should_stop) had
+    # its final weights unmeasured
+    pairs = tmp_path / "lfw.bin"
+    pairs.write_bytes(b"")  # named, not read: the sets are read on first use
+    callback = VerificationCallback([pairs], every_n_epochs=5, image_size=64, batch_size=8)
+
+    def ending(epoch, step=0, max_steps=-1, max_epochs=10, should_stop=False):
+        return SimpleNamespace(current_epoch=epoch, global_step=step, max_steps=max_steps,
+                               max_epochs=max_epochs, should_stop=should_stop)  # fmt: skip
+
+    assert [e for e in range(10) if callback.measures(ending(e))] == [4, 9]
+    assert callback.measures(ending(1, should_stop=True))
+    assert callback.measures(ending(1, step=20, max_steps=20))
+    assert not callback.measures(ending(1, step=19, max_steps=20))
 
 
 def test_verification_sets_are_checked_at_config_time(tmp_path):
