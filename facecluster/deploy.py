@@ -380,17 +380,22 @@ def identify_files(
     size = identifier.backbone_args["image_size"]
     where = resolve_device(device)
     names = identifier.class_names
-    out.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
     # UTF-8 whatever the locale (a file name that is not UTF-8 keeps its bytes). A file
     # (a link: the file it names) is written beside it and put in its place at the end:
-    # an earlier CSV is never left half overwritten. Anything else (/dev/stdout, a
-    # pipe) is written as it is.
-    target = out.resolve() if out.is_symlink() else out
-    special = target.exists() and not target.is_file()
+    # an earlier CSV is never left half overwritten. A device or a pipe (/dev/stdout,
+    # a shell's >> or | behind it) is written as it is, appended to.
+    special = out.absolute().parts[1:2] in (("dev",), ("proc",)) or (
+        out.exists() and not out.is_file()
+    )
+    target = Path(os.path.realpath(out)) if out.is_symlink() else out
+    if not special:
+        target.parent.mkdir(parents=True, exist_ok=True)
     with (
-        contextlib.nullcontext(target) if special else replacing(target) as tmp,
-        open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f,
+        contextlib.nullcontext(out) if special else replacing(target) as tmp,
+        open(
+            tmp, "a" if special else "w", newline="", encoding="utf-8", errors="surrogateescape"
+        ) as f,
         tqdm(total=len(files), desc="identify", unit="img") as bar,
     ):
         writer = csv.writer(f)

@@ -552,13 +552,33 @@ class RunFolder:
                 path.unlink(missing_ok=True)
         finally:
             record.unlink(missing_ok=True)
-        # taken, then the others looked at: of two jobs started at once over the same
-        # sub-nets, at least one sees the other
+        try:  # taken: let go again on any failure before it is marked checked
+            self._check_subnets_free(job, subnets, path, refused, me, mine)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        refused.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _check_subnets_free(
+        self,
+        job: str,
+        subnets: list[int] | None,
+        path: Path,
+        refused: Path,
+        me: dict[str, Any],
+        mine: dict[str, Any],
+    ) -> None:
+        """Refuse ``job`` if a job training now holds any of ``subnets``; else mark its
+        lock checked. Taken first, then the others looked at: of two jobs started at
+        once over the same sub-nets, at least one sees the other."""
         busy = self._training_jobs(exclude=job)
         shared = {name: set(held) & set(subnets or []) for name, (held, _) in busy.items()}
         for name, common in shared.items():
-            if common:
-                path.unlink(missing_ok=True)
+            if common:  # job_lock lets this job's lock go
                 holder = busy[name][1]
                 message = (
                     f"stage-2 job {job} would train sub-nets {sorted(common)}, which job "
@@ -569,11 +589,6 @@ class RunFolder:
                 self._refuse(refused, me, message, holder, self.stage_dir(2, name) / RUNNING)
         with replacing(path) as tmp:  # now the other ranks of this launch may train
             tmp.write_text(json.dumps({**mine, "checked": True}))
-        refused.unlink(missing_ok=True)
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)
 
     @staticmethod
     def _refuse(
@@ -773,13 +788,19 @@ def _wait_for_lock(path: Path, refused: Path, launch: str | None, timeout: float
         # run (static rendezvous), so a refusal left by an earlier launch names a holder
         # that has since let go
         held = _read_json(Path(refusal.get("holder_lock", path))) if refusal else {}
-        if refusal.get("launch") == launch and held and held == refusal.get("holder"):
+        if refusal.get("launch") == launch and held and _same_holder(held, refusal["holder"]):
             raise ConfigError(refusal["error"])
         if time.monotonic() > deadline:
             raise ConfigError(
                 f"rank 0 did not take the job lock {path} within {timeout:.0f} s: did it fail?"
             )
         time.sleep(0.2)
+
+
+def _same_holder(lock: dict[str, Any], holder: dict[str, Any]) -> bool:
+    """The lock is still the holder's: the same record, but for its ``checked`` mark
+    (set once its own check is done, after another job may have read it)."""
+    return {**lock, "checked": None} == {**holder, "checked": None}
 
 
 def _age(path: Path) -> float:

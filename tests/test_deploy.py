@@ -426,3 +426,7 @@ def test_identify_reads_folders_as_training_does_and_names_its_mistakes(
     assert link.is_symlink() and len(out.read_text(encoding="utf-8").splitlines()) == 2
     assert identify_files(exported, [photos / f"{second}_0001.jpg"], os.devnull, device="cpu") == 1
     assert Path(os.devnull).is_char_device()
+    # /dev/stdout into a pipe (| cat): written through, not a temporary file in /proc
+    command = ["facecluster", "identify", str(exported), str(photos / f"{second}_0001.jpg")]
+    piped = _facecluster([*command, "--out", "/dev/stdout", "--device", "cpu"], tmp_path)
+    assert piped.stdout.startswith("path,identity,score,similarity,cluster,top5\n")

@@ -472,6 +472,36 @@ def test_the_same_subnets_grouped_otherwise_never_train_twice(tmp_path):
     assert run.stage_dir(2, "subnets-3").is_dir()
 
 
+def test_a_refusal_reaches_the_other_ranks_and_a_failed_check_leaves_no_lock(tmp_path, monkeypatch):
+    # the holder marks its own lock checked after this job read it: the other ranks
+    # still take the refusal (they waited out the 300 s timeout)
+    from facecluster import run as run_module
+
+    path, refused = tmp_path / "running.json", tmp_path / "refused.json"
+    holder = {"host": "h", "pid": 1, "launch": "other", "subnets": [2], "checked": False}
+    (tmp_path / "other.json").write_text(json.dumps({**holder, "checked": True}))
+    refused.write_text(json.dumps({"launch": "mine", "error": "refused: shares sub-net 2",
+                                   "holder": holder, "holder_lock": str(tmp_path / "other.json")}))  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="refused: shares sub-net 2"):
+        run_module._wait_for_lock(path, refused, "mine", timeout=30)
+    assert time.monotonic() - started < 5
+    # the lock is taken, then its check fails (a full disk marking it checked): let go
+    run = RunFolder(tmp_path / "run")
+    real = run_module.replacing
+
+    def full(target):
+        if Path(target).name == "running.json":
+            raise OSError(28, "No space left on device")
+        return real(target)
+
+    monkeypatch.setattr(run_module, "replacing", full)
+    with pytest.raises(OSError, match="No space left"):
+        with run.job_lock("subnets-5", [5]):
+            pass
+    assert not (run.stage_dir(2, "subnets-5") / "running.json").exists()
+
+
 def _full_disk(self, *args, **kwargs):
     raise OSError(28, "No space left on device")
 

@@ -177,10 +177,15 @@ class StageSystem(L.LightningModule):
                     f"{head.num_classes} identities"
                 )
             holder[key] = whole[head.row_start : head.row_start + len(head.weight)].clone()
-        # the file is read memory-mapped: on the CPU the optimizer would keep its state
-        # in the mapped pages, and the replaced last.ckpt's disk blocks stay allocated
-        # until the process exits (one checkpoint more for the rest of the run)
-        if "optimizer_states" in checkpoint:
+        # the file is read memory-mapped: training on the CPU the optimizer would keep
+        # its state in the mapped pages, and the replaced last.ckpt's disk blocks stay
+        # allocated until the process exits (one checkpoint more for the rest of the
+        # run). On a GPU the optimizer copies it to the device: no copy here, in RAM.
+        try:
+            on_cpu = self.trainer.strategy.root_device.type == "cpu"
+        except RuntimeError:  # no trainer (load_from_checkpoint): no optimizer restored
+            on_cpu = False
+        if on_cpu and "optimizer_states" in checkpoint:
             checkpoint["optimizer_states"] = [
                 {**optimizer, "state": {i: _own(s) for i, s in optimizer["state"].items()}}
                 for optimizer in checkpoint["optimizer_states"]
