@@ -480,8 +480,8 @@ def test_a_refusal_reaches_the_other_ranks_and_a_failed_check_leaves_no_lock(tmp
     path, refused = tmp_path / "running.json", tmp_path / "refused.json"
     holder = {"host": "h", "pid": 1, "launch": "other", "subnets": [2], "checked": False}
     (tmp_path / "other.json").write_text(json.dumps({**holder, "checked": True}))
-    refused.write_text(json.dumps({"launch": "mine", "error": "refused: shares sub-net 2",
-                                   "holder": holder, "holder_lock": str(tmp_path / "other.json")}))  # fmt: skip
+    refusal = {"launch": "mine", "error": "refused: shares sub-net 2", "holder": holder}
+    refused.write_text(json.dumps({**refusal, "holder_lock": str(tmp_path / "other.json")}))
     started = time.monotonic()
     with pytest.raises(ConfigError, match="refused: shares sub-net 2"):
         run_module._wait_for_lock(path, refused, "mine", timeout=30)
