@@ -104,7 +104,8 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         f"(default: {default.relative_to(default.parents[1])})",
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
+    # overrides before and after -c alike (parse_args refused those after it, valid or not)
+    args = parser.parse_intermixed_args(argv)
     from facecluster.evaluation import eval_device, evaluate_runs
     from facecluster.launch import JobsFailed
     from facecluster.pipeline import train

@@ -593,6 +593,10 @@ class Config:
         r.choice("stage", self.stage, STAGES)
         if not 0 <= self.seed < 2**32:  # Lightning seeds numpy, whose seeds are 32-bit
             r.add(f"seed must be in [0, 2**32 - 1] = [0, 4294967295], got {self.seed}")
+        name = self.run_name
+        if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
+            # ".." wrote the run's files into output_dir's parent, among the user's own
+            r.add(f"run_name must be one folder's name (no '/', not '.' or '..'), got {name!r}")
         found = r.problems
         for section in (self.data, self.model, self.head, self.clustering, self.launcher):
             found += section.problems()

@@ -57,6 +57,24 @@ def test_a_seed_lightning_cannot_take_is_refused_naming_the_key(seed):
     assert load_config(SMOKE, [f"seed={2**32 - 1}"]).seed == 2**32 - 1
 
 
+@pytest.mark.parametrize("name", ["..", ".", "", "a/b", "a\\b"])
+def test_a_run_name_that_is_not_one_folder_is_refused(name):
+    # run_name=.. wrote the run's files into output_dir's parent, among the user's own
+    with pytest.raises(ConfigError, match=r"run_name must be one folder's name"):
+        load_config(SMOKE, [f"run_name={name}"])
+
+
+def test_overrides_after_c_are_read_as_before_it(monkeypatch):
+    # train.py -c x.yaml key=value: argparse refused the override after -c, valid or not
+    from facecluster import cli, pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "train", lambda cfg, **kw: seen.append(cfg) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli.train_main(["logger=none", "-c", str(SMOKE), "data.batch_size=8", "run_name=x"])
+    assert seen[0].data.batch_size == 8 and seen[0].logger == "none" and seen[0].run_name == "x"
+
+
 def test_overrides_are_typed_and_win_over_the_file():
     cfg = load_config(
         SMOKE,

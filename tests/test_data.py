@@ -132,14 +132,18 @@ def test_missing_root_names_path(tmp_path: Path) -> None:
         FaceDataModule(str(missing)).setup()
 
 
-def test_root_without_identities(tmp_path: Path) -> None:
+def test_root_without_identities(tmp_path: Path, caplog) -> None:
     root = tmp_path / "flat"
     root.mkdir()
     shutil.copyfile(_demo_jpegs(1)[0], root / "a.jpg")
+    (root / "notes.txt").write_text("")
     (root / "empty_identity").mkdir()
-    with pytest.raises(ValueError) as err:
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError) as err:
         scan_image_folder(root)
     assert str(root) in str(err.value)
+    # the images directly in the root are named as such, not as non-image files
+    assert "1 image(s) directly in data.root, not in an identity sub-folder" in caplog.text
+    assert "1 non-image file(s) are ignored" in caplog.text and "notes.txt" in caplog.text
 
 
 def test_no_identity_reaches_min_images(tmp_path: Path) -> None:

@@ -390,6 +390,19 @@ TRAIN_ON_REC = "python train.py -c configs/smoke.yaml data.root="
 
 
 @pytest.mark.slow
+def test_pack_refuses_an_out_it_cannot_use_before_the_scan(tmp_path, capsys):
+    # OUT an existing file: a traceback before; OUT the image folder itself: train.rec
+    # and the rest were written among the identities. Both refused before any scan.
+    (tmp_path / "afile").write_text("mine")
+    assert pack_main([str(DEMO), str(tmp_path / "afile")]) == 2
+    assert "afile is a file" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine"
+    src = tmp_path / "faces"
+    shutil.copytree(DEMO / "Abdullah_Gul", src / "Abdullah_Gul")
+    assert pack_main([str(src), str(src / ".." / "faces")]) == 2
+    assert "is SRC" in capsys.readouterr().err and not (src / "train.rec").exists()
+
+
 def test_documented_pack_then_train_commands(tmp_path):
     # docs/DATA.md's two commands as written (the output folder is this test's).
     import os

@@ -271,7 +271,17 @@ def _warn_layout(
             len(bad_links),
             _shown(bad_links),
         )
-    other = root_files + [p for v in listings.values() for p in v.other_files]
+    loose = [p for p in root_files if p.lower().endswith(IMAGE_EXTENSIONS)]
+    if loose:
+        logger.warning(
+            "data.root=%s: %d image(s) directly in data.root, not in an identity "
+            "sub-folder (root/<identity>/<image>), are ignored: %s",
+            root,
+            len(loose),
+            _shown(loose),
+        )
+    other = sorted(set(root_files) - set(loose))
+    other += [p for v in listings.values() for p in v.other_files]
     if other:
         logger.warning(
             "data.root=%s: %d non-image file(s) are ignored (images end in %s): %s",

@@ -38,6 +38,14 @@ def pack_folder(src: str | Path, out: str | Path, shuffle: bool = False, seed: i
     Returns:
         The written ``train.rec``.
     """
+    out = Path(out).expanduser()
+    # before the scan (minutes over millions of files): where the files go
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"OUT {out} is a file: pack writes train.rec, train.idx and property into a folder"
+        )
+    if out.resolve() == Path(src).expanduser().resolve():
+        raise ValueError(f"OUT {out} is SRC: pack into another folder than the images'")
     folder = scan_image_folder(src)
     # identities.txt holds one name a line: a name with a line break would shift every
     # later identity's name onto another's images. Refused before any record is written.
@@ -47,7 +55,6 @@ def pack_folder(src: str | Path, out: str | Path, shuffle: bool = False, seed: i
             f"{src}: identity folder names with a line break cannot be packed "
             f"({len(broken)}: {', '.join(map(repr, broken[:3]))}); rename them"
         )
-    out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     rec = out / "train.rec"
     samples = list(folder.samples)
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rec = pack_folder(args.src, args.out, args.shuffle, args.seed)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: OUT a file, unwritable
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {rec} and {rec.with_suffix('.idx')}")
