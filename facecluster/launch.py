@@ -179,10 +179,9 @@ def devices_per_job(cfg: Config) -> int:
     devices = cfg.trainer.get("devices", 1)
     if isinstance(devices, list | tuple):
         return max(1, len(devices))
+    if isinstance(devices, str) and "," in devices:
+        return max(1, len([d for d in devices.split(",") if d.strip()]))
     if isinstance(devices, str):
-        named = [d for d in devices.split(",") if d.strip()]
-        if "," in devices:
-            return max(1, len(named))
         devices = int(devices) if devices.strip().isdigit() else 1
     return devices if isinstance(devices, int) and devices > 0 else 1
 

@@ -640,10 +640,11 @@ class RunFolder:
             ConfigError: a stage-2 job of the run is training now (its lock is live):
                 deleting its folder would leave two processes training its sub-nets.
         """
-        for name in self._training_jobs():
+        busy = sorted(self._training_jobs())
+        if busy:
             raise ConfigError(
-                f"stage2.subnets: stage-2 job {name} is training now "
-                f"({self.stage_dir(2, name) / RUNNING}); retrain sub-nets once it has ended"
+                f"stage2.subnets: stage-2 job {busy[0]} is training now "
+                f"({self.stage_dir(2, busy[0]) / RUNNING}); retrain sub-nets once it has ended"
             )
         if is_global_zero():
             restarted = {k for group in groups for k in group}
