@@ -16,7 +16,7 @@ from PIL import Image
 from facecluster.config import load_config
 from facecluster.data import FaceDataModule, datamodule, recordio
 from facecluster.data import pack as pack_module
-from facecluster.data.folder import scan, split_per_identity
+from facecluster.data.folder import hold_out_identities, scan, split_per_identity
 from facecluster.data.images import decode_on_device
 from facecluster.data.pack import main as pack_main
 from facecluster.data.recordio import (
@@ -210,6 +210,23 @@ def test_corrupt_record_and_truncated_file_are_named(tmp_path):
             RecordFile(tmp_path / "train.rec")
 
 
+def test_an_idx_cut_short_is_refused_at_open_naming_what_it_leaves_out(tmp_path):
+    # An .idx cut at a line boundary (an interrupted copy) listed fewer records, and
+    # training went on without the rest and their identities, without a word.
+    split = pack(1.0, b"\xff\xd8" + b"xx" + MAGIC_BYTES + bytes(40))  # two parts on disk
+    _write(tmp_path, {0: pack(0.0, _jpeg(1)), 1: split, 2: pack(2.0, _jpeg(3))})
+    RecordFile(tmp_path / "train.rec")  # whole: opens
+    idx = tmp_path / "train.idx"
+    lines = idx.read_text().splitlines(keepends=True)
+    end = int(lines[2].split()[1])  # where the records the cut .idx drops begin
+    idx.write_text("".join(lines[:2]))
+    rest = (tmp_path / "train.rec").stat().st_size - end
+    with pytest.raises(
+        ValueError, match=rf"indexes .*train.rec up to byte {end}, .*key 1\), but {rest} more bytes"
+    ):
+        RecordFile(tmp_path / "train.rec")
+
+
 def test_an_identity_range_over_keys_the_idx_lacks_is_refused_at_start(tmp_path):
     records = {k: pack(float(k >= 3), _jpeg(k)) for k in range(1, 6)}
     records |= {6: pack([1.0, 3.0]), 7: pack([3.0, 6.0]), 0: pack([6.0, 8.0])}
@@ -385,6 +402,66 @@ def test_verification_bin_round_trip_numpy_images_and_refused_code(tmp_path):
         read_bin(tmp_path / "int.bin")
 
 
+def test_verification_bin_refuses_forged_numpy_state_before_numpy_sees_it(tmp_path):
+    # numpy's dtype.__setstate__ accepts a field of Python objects from the file: an
+    # array of forged object pointers, read (and crashed on: a segfault) inside load()
+    # by a bool() in the pickle, or later by the reader. bytes(n) asked for n bytes.
+    import pickle
+
+    from facecluster.data.verification import read_bin
+
+    class ForgedDtype:
+        def __reduce__(self):
+            fields = {"a": (np.dtype("O"), 0)}
+            return (np.dtype, ("V8", False, True), (3, "|", None, ("a",), fields, 8, 1, 0))
+
+    class ObjectArray:
+        def __reduce__(self):
+            return (np.frombuffer, (b"\x41" * 8, ForgedDtype()))
+
+    class PlainDtypeWithFields:  # a u1 given fields by its state
+        def __reduce__(self):
+            fields = {"a": (np.dtype("O"), 0)}
+            return (np.dtype, ("u1", False, True), (3, "|", None, ("a",), fields, 8, 1, 0))
+
+    class Frombuffer:
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+        def __reduce__(self):
+            from numpy._core.numeric import _frombuffer
+
+            return (_frombuffer, (b"\x41" * 8, self.dtype, (1,), "C"))
+
+    class Truth:
+        def __reduce__(self):
+            return (bool, (Frombuffer(ForgedDtype()),))
+
+    cases = {
+        "forged.bin": ([Frombuffer(ForgedDtype()), b"x"], [True]),
+        "truth.bin": ([b"x", b"y"], [Truth()]),
+        "fields.bin": ([Frombuffer(PlainDtypeWithFields()), b"x"], [True]),
+        "frombuffer.bin": ([ObjectArray(), b"x"], [True]),
+    }
+    for name, obj in cases.items():
+        (tmp_path / name).write_bytes(pickle.dumps(obj, protocol=4))
+        with pytest.raises(ValueError, match=f"{name} is not a verification .bin file"):
+            read_bin(tmp_path / name)
+    bomb = b"\x80\x04\x8c\x08builtins\x8c\x05bytes\x93J\x00\x00\x00\x40\x85R]\x86."
+    (tmp_path / "bomb.bin").write_bytes(bomb)
+    with pytest.raises(ValueError, match=r"bytes\(1073741824\) is not allowed"):
+        read_bin(tmp_path / "bomb.bin")
+    # what files made by other tools hold still reads: arrays of every protocol, numpy
+    # booleans and integer flag arrays, either byte order
+    images = [b"\xff\xd8ab", b"\xff\xd8cde"]
+    for protocol in (0, 2, 5):
+        for flags in ([True], [np.bool_(True)], np.array([True]), np.array([1], dtype=">i4")):
+            arrays = [np.frombuffer(x, np.uint8) for x in images]
+            (tmp_path / "ok.bin").write_bytes(pickle.dumps((arrays, flags), protocol=protocol))
+            pairs = read_bin(tmp_path / "ok.bin")
+            assert (pairs.images, pairs.issame) == (images, [True]), (protocol, flags)
+
+
 PACK = "facecluster pack ../shared/datasets/lfw-112/images"
 TRAIN_ON_REC = "python train.py -c configs/smoke.yaml data.root="
 
@@ -544,6 +621,12 @@ def test_a_name_with_a_line_break_is_refused_before_packing_and_other_bytes_kept
     assert pack_main([str(raw), str(out)]) == 0
     names = scan(str(out / "train.rec")).class_names
     assert names == scan(str(raw)).class_names == ["Ann", os.fsdecode(b"Jos\xe9"), "Zed"]
+    # and they split, held out or not, alike in both (Random(str) refused the name)
+    splits = [
+        split_per_identity(hold_out_identities(scan(root), 0.34, seed=3)[0], 0.2, 0.2, seed=3)
+        for root in (str(raw), str(out / "train.rec"))
+    ]
+    assert all(np.array_equal(splits[0][k], splits[1][k]) for k in splits[0])
 
 
 def test_labels_that_are_not_identities_are_named_by_key_and_offset(tmp_path):

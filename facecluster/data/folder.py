@@ -523,7 +523,7 @@ def hold_out_identities(
             f"{len(names) - count} to train on (at least 2 unseen and 1 seen needed): "
             "lower unseen_fraction or use more identities"
         )
-    drawn = sorted(names, key=lambda n: random.Random(f"{seed}:unseen:{n}").random())[:count]
+    drawn = sorted(names, key=lambda n: named_random(f"{seed}:unseen:{n}").random())[:count]
     split_of = {name: UNSEEN_SPLITS[i % 2] for i, name in enumerate(drawn)}
     seen = [n for n in names if n not in split_of]
     label_of = {name: i for i, name in enumerate(seen)}
@@ -575,6 +575,13 @@ def validate_fractions(val_fraction: float, test_fraction: float) -> None:
         )
 
 
+def named_random(text: str) -> random.Random:
+    """``random.Random(text)``, also for a name that is not UTF-8 (kept by the scan with
+    surrogate escapes, which ``Random(str)`` refuses to encode): the same generator as
+    ``Random(text)`` for every other name, so no existing split moves."""
+    return random.Random(text.encode("utf-8", "surrogateescape"))
+
+
 def split_per_identity(
     folder: FaceFolder,
     val_fraction: float,
@@ -622,7 +629,7 @@ def split_per_identity(
         if n - n_test - n_val < 1:
             too_small.append(f"{class_name} ({n})")
             continue
-        random.Random(f"{seed}:{class_name}").shuffle(indices)
+        named_random(f"{seed}:{class_name}").shuffle(indices)
         splits["test"].extend(indices[:n_test])
         splits["val"].extend(indices[n_test : n_test + n_val])
         splits["train"].extend(indices[n_test + n_val :])

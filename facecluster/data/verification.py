@@ -3,13 +3,16 @@
 A ``.bin`` file is a pickle of ``(images, issame)``: ``2 * P`` encoded images (the
 two faces of pair ``p`` are ``images[2p]`` and ``images[2p + 1]``), as ``bytes`` or
 numpy uint8 arrays of the encoded file, and ``P`` booleans. Pickles can run code, so
-:func:`read_bin` uses an unpickler that accepts only those types. :func:`write_bin`
-makes one from an image folder and an LFW-style ``pairs.txt``.
+:func:`read_bin` uses an unpickler that accepts only those types, and builds the numpy
+arrays itself from checked dtypes and raw bytes (numpy's own pickle hooks accept dtype
+states that make object arrays from the file's bytes). :func:`write_bin` makes one
+from an image folder and an LFW-style ``pairs.txt``.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
+import codecs
 import io
 import os
 import pickle
@@ -21,22 +24,100 @@ from PIL import Image
 
 from facecluster.data.images import load_rgb
 
-# What a verification pickle may contain: containers, bytes, and numpy arrays.
+
+class _Dtype:
+    """``numpy.dtype`` as a verification pickle may hold it: a plain integer or boolean
+    type. numpy's own ``dtype.__setstate__`` takes any state a file gives it, fields
+    of Python objects included (an array of forged object pointers, read from the
+    file's bytes): that state is checked here and never reaches numpy."""
+
+    def __init__(self, spec: object, align: object = False, copy: object = False) -> None:
+        if isinstance(spec, bytes):  # a Python 2 pickle read with encoding="bytes"
+            spec = spec.decode("ascii", "replace")
+        try:
+            dtype = np.dtype(spec) if isinstance(spec, str) else None
+        except TypeError:
+            dtype = None
+        if dtype is None or dtype.kind not in "biu" or dtype.fields is not None:
+            raise pickle.UnpicklingError(
+                f"numpy dtype {spec!r} is not allowed in a verification .bin file"
+            )
+        self.dtype = dtype
+
+    def __setstate__(self, state: object) -> None:
+        # (version, byte order, subarray, names, fields, itemsize, alignment, flags)
+        if not (isinstance(state, tuple) and len(state) >= 5 and state[2:5] == (None,) * 3):
+            raise pickle.UnpicklingError("a structured numpy dtype is not allowed in a .bin file")
+        order = state[1].decode("ascii", "replace") if isinstance(state[1], bytes) else state[1]
+        if order in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(order)
+
+
+class _NdarrayType:
+    """What ``numpy.ndarray`` names in a verification pickle (an argument of
+    ``_reconstruct``)."""
+
+
+class _Array:
+    """An array pickled by ``ndarray.__reduce__`` (``_reconstruct``, then its state):
+    built from the state's raw bytes by :meth:`value`, after the load."""
+
+    def __init__(self, cls: object = None, shape: object = None, typecode: object = None) -> None:
+        if cls is not _NdarrayType:
+            raise pickle.UnpicklingError("only numpy arrays may be reconstructed in a .bin file")
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: object) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise pickle.UnpicklingError("a numpy array's state in the .bin file is not understood")
+        _, shape, dtype, fortran, raw = state
+        self.array = _frombuffer(raw, dtype, shape, "F" if fortran else "C")
+
+    def value(self) -> np.ndarray:
+        if self.array is None:
+            raise pickle.UnpicklingError("a numpy array in the .bin file has no data")
+        return self.array
+
+
+def _frombuffer(buffer: object, dtype: object, shape: object, order: object) -> np.ndarray:
+    """``numpy._core.numeric._frombuffer`` (protocol 5 arrays) over a checked dtype."""
+    if not isinstance(dtype, _Dtype) or not isinstance(buffer, (bytes, bytearray)):
+        raise pickle.UnpicklingError(
+            "a numpy array in the .bin file has a dtype or data not allowed"
+        )
+    return np.frombuffer(buffer, dtype.dtype).reshape(shape, order=order)
+
+
+def _scalar(dtype: object, raw: object = b"") -> np.generic:
+    return _frombuffer(raw, dtype, (), "C")[()]
+
+
+def _sized(kind: type):
+    def make(*args: object) -> bytes | bytearray:
+        # bytes(n) is n zero bytes: a few bytes of file asking for any amount of memory
+        if args and not isinstance(args[0], (bytes, bytearray, str, list, tuple)):
+            raise pickle.UnpicklingError(
+                f"{kind.__name__}({args[0]!r}) is not allowed in a .bin file"
+            )
+        return kind(*args)
+
+    return make
+
+
+# What a verification pickle may contain: containers, bytes, booleans and numpy
+# integer/boolean arrays, each name mapped to what builds it here.
 _ALLOWED = {
-    ("builtins", "list"),
-    ("builtins", "tuple"),
-    ("builtins", "bytes"),
-    ("builtins", "bytearray"),
-    ("builtins", "bool"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),  # numpy arrays pickled with protocol 5
-    ("numpy._core.numeric", "_frombuffer"),
-    ("_codecs", "encode"),
+    ("builtins", "list"): list,
+    ("builtins", "tuple"): tuple,
+    ("builtins", "bytes"): _sized(bytes),
+    ("builtins", "bytearray"): _sized(bytearray),
+    ("builtins", "bool"): bool,
+    ("_codecs", "encode"): codecs.encode,
+    ("numpy", "ndarray"): _NdarrayType,
+    ("numpy", "dtype"): _Dtype,
+    **{(f"numpy.{core}.multiarray", "_reconstruct"): _Array for core in ("core", "_core")},
+    **{(f"numpy.{core}.multiarray", "scalar"): _scalar for core in ("core", "_core")},
+    **{(f"numpy.{core}.numeric", "_frombuffer"): _frombuffer for core in ("core", "_core")},
 }
 
 
@@ -50,7 +131,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 f"{module}.{name} is not allowed in a verification .bin file "
                 "(only lists of encoded images and booleans)"
             )
-        return super().find_class(module, name)
+        return _ALLOWED[module, name]
+
+
+def _plain(value: object) -> object:
+    """A loaded value with every :class:`_Array` made its numpy array."""
+    return value.value() if isinstance(value, _Array) else value
 
 
 @dataclass(frozen=True)
@@ -75,14 +161,14 @@ def read_bin(path: str | Path) -> VerificationPairs:
     """Read an InsightFace ``.bin`` verification file (no code from the file runs)."""
     with open(path, "rb") as f:
         try:
-            images, issame = _RestrictedUnpickler(f, encoding="bytes").load()
-        except (pickle.UnpicklingError, ValueError, TypeError, EOFError) as e:
+            images, issame = map(_plain, _RestrictedUnpickler(f, encoding="bytes").load())
+            images = [
+                x if isinstance(x, bytes) else np.asarray(_plain(x), dtype=np.uint8).tobytes()
+                for x in images
+            ]
+            issame = [bool(_plain(x)) for x in issame]
+        except (pickle.UnpicklingError, ValueError, TypeError, EOFError, MemoryError) as e:
             raise ValueError(f"{path} is not a verification .bin file: {e}") from None
-    images = [
-        bytes(np.asarray(x, dtype=np.uint8).tobytes()) if not isinstance(x, bytes) else x
-        for x in images
-    ]
-    issame = [bool(x) for x in issame]
     if len(images) != 2 * len(issame):
         raise ValueError(f"{path}: {len(images)} images for {len(issame)} pairs (expected 2 each)")
     return VerificationPairs(images, issame)
