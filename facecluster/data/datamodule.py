@@ -367,7 +367,7 @@ class FaceImageDataset(Dataset):
             labels[padding] = IGNORED
         rest = [torch.from_numpy(labels)]
         if self.transform.train:
-            rest.append(torch.tensor(self.transform.mirrors([m for _, m in pairs])))
+            rest.append(self.transform.mirrors([m for _, m in pairs]))
         return self.buffers.batch(slot, images, *rest)
 
 

@@ -288,6 +288,8 @@ class RecordFile:
         self.offsets = self._read_index()
         self._map: memoryview | None = None
         self._pid = -1
+        self._words_of: memoryview | None = None  # what _word_array views
+        self._word_array: np.ndarray | None = None
         self._check_last_record()
 
     def _check_last_record(self) -> None:
@@ -297,8 +299,18 @@ class RecordFile:
         # record is on_bad_image's to report, not a reason to refuse the file.
         last = int(np.argmax(self.offsets.offsets_))
         key = int(self.offsets.keys_[last])
+        # An .idx cut short (an interrupted copy) indexes fewer records than the file
+        # holds: the records after the last indexed one, and their identities, would
+        # be left out of training without a word.
         try:
             self.payload(key)
+            end = self._end_of(self.offsets[key])
+            if self._buffer()[end : end + 4] == _MAGIC_BYTES:
+                raise ValueError(
+                    f"{self.idx} indexes {self.rec} up to byte {end}, its last indexed record "
+                    f"(key {key}), but {self.size - end} more bytes of records follow that it "
+                    f"does not list: truncated .idx? (copy it again, or pack the folder again)"
+                )
         except TruncatedRecord:
             raise ValueError(
                 f"{self.rec} ends inside its last record (key {key} at offset "
@@ -308,6 +320,18 @@ class RecordFile:
             pass
         finally:
             self._map = None  # each process maps the file itself, when it first reads
+
+    def _end_of(self, pos: int) -> int:
+        """Where the record that starts at ``pos`` ends: after its last part (a split
+        record has several) and its padding to 4 bytes."""
+        buf = self._buffer()
+        while pos + 8 <= self.size:
+            magic, lrecord = struct.unpack_from("<II", buf, pos)
+            length = lrecord & _LENGTH_MASK
+            pos += 8 + length + (-length % 4)
+            if magic != MAGIC or lrecord >> 29 in (0, 3):
+                break
+        return pos
 
     def _read_index(self) -> RecordIndex:
         pairs = _canonical_index(self.idx.read_bytes())
@@ -355,6 +379,7 @@ class RecordFile:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_map"], state["_pid"] = None, -1
+        state["_words_of"] = state["_word_array"] = None
         return state
 
     def _buffer(self) -> memoryview:
@@ -521,19 +546,33 @@ class RecordFile:
 
     def views(self, keys: np.ndarray) -> list[memoryview | None]:
         """:meth:`encoded` with ``view`` for a batch of record keys, at a fraction of its
-        per-record cost: one index lookup for all, one unpack per record. None for a
-        record that is not whole and sound (a missing key, a split, truncated or corrupt
-        record): :meth:`encoded` reads that one and says what is wrong."""
-        buf, size, views = self._buffer(), self.size, []
-        for pos in self.offsets.lookup(keys).tolist():
-            view = None
-            if 0 <= pos <= size - 8 - _HEADER.size:
-                magic, lrecord, flag = _RECORD_START.unpack_from(buf, pos)
-                start, end = pos + 8 + _HEADER.size + 4 * flag, pos + 8 + (lrecord & _LENGTH_MASK)
-                if magic == MAGIC and lrecord >> 29 == 0 and start <= end <= size:
-                    view = buf[start:end]
-            views.append(view)
-        return views
+        per-record cost: one index lookup and one gather of the records' first words for
+        all, then a slice per record. None for a record that is not whole and sound (a
+        missing key, a split, truncated or corrupt record): :meth:`encoded` reads that
+        one and says what is wrong."""
+        buf, size = self._buffer(), self.size
+        pos = self.offsets.lookup(keys)
+        # magic, lrecord and the payload header's flag: 3 words from the record's start
+        # (dmlc aligns records to 4 bytes; an unaligned offset is not a record start)
+        inside = (pos >= 0) & (pos <= size - 8 - _HEADER.size) & (pos % 4 == 0)
+        if not inside.any():
+            return [None] * len(pos)
+        at = np.where(inside, pos // 4, 0)[:, None] + np.arange(3)
+        magic, lrecord, flag = self._words()[at].astype(np.int64).T
+        start, end = pos + 8 + _HEADER.size + 4 * flag, pos + 8 + (lrecord & _LENGTH_MASK)
+        sound = inside & (magic == MAGIC) & (lrecord >> 29 == 0) & (start <= end) & (end <= size)
+        return [
+            buf[a:b] if ok else None
+            for a, b, ok in zip(start.tolist(), end.tolist(), sound.tolist(), strict=True)
+        ]
+
+    def _words(self) -> np.ndarray:
+        """The mapped file as little-endian uint32 words (its last 0-3 bytes left out)."""
+        buf = self._buffer()
+        if self._words_of is not buf:
+            self._words_of = buf
+            self._word_array = np.frombuffer(buf[: len(buf) // 4 * 4], dtype="<u4")
+        return self._word_array
 
     def image(self, locator: int | str) -> torch.Tensor:
         """The decoded image of record ``key`` or locator ``<file>#<key>``: ``uint8[H, W, 3]``

@@ -76,13 +76,19 @@ class FaceTransform:
         # the same draw and outcome as RandomHorizontalFlip's ``torch.rand(1) < 0.5``
         return self.train and torch.rand(1).item() < 0.5
 
-    def mirrors(self, drawn: list[bool | None]) -> list[bool]:
-        """:meth:`mirror` for a batch, in order: one ``torch.rand(n)`` for the n images
-        without a caller's draw, the same numbers as n ``torch.rand(1)``."""
+    def mirrors(self, drawn: list[bool | None]) -> torch.Tensor:
+        """:meth:`mirror` for a batch, in order, as a bool tensor: one ``torch.rand(n)``
+        for the n images without a caller's draw, the same numbers as n ``torch.rand(1)``."""
+        n = len(drawn)
         if not self.train:
-            return [False] * len(drawn)
-        draws = iter((torch.rand(sum(d is None for d in drawn)) < 0.5).tolist())
-        return [next(draws) if d is None else bool(d) for d in drawn]
+            return torch.zeros(n, dtype=torch.bool)
+        missing = [i for i, d in enumerate(drawn) if d is None]
+        if len(missing) == n:  # the stage-1 loader: every draw is made here
+            return torch.rand(n) < 0.5
+        out = torch.tensor([bool(d) for d in drawn])
+        if missing:
+            out[missing] = torch.rand(len(missing)) < 0.5
+        return out
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, train={self.train})"
