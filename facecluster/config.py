@@ -301,7 +301,8 @@ class OptimConfig:
     momentum: float = 0.9
     """SGD momentum."""
     weight_decay: float = 5e-4
-    """Weight decay (decoupled for AdamW); not applied to norm layers and biases."""
+    """Weight decay (decoupled for AdamW); not applied to 1-D parameters (norm layers,
+    biases, PReLU slopes) nor to a timm model's ``no_weight_decay()`` ones."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     scheduler: str = "cosine"

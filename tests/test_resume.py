@@ -117,6 +117,24 @@ def test_resume_from_a_stage1_checkpoint_file(tmp_path):
     assert (tmp_path / "run" / "results.json").is_file()
 
 
+def test_adamw_step_counts_are_copied_out_of_the_mapped_checkpoint_on_a_gpu(tmp_path):
+    # On a GPU the optimizer moves its moments to the device but leaves AdamW's 0-d
+    # `step` tensors where they are: each, a view of the mapped file, held the whole
+    # replaced last.ckpt for the rest of the run. Only they are copied there.
+    from facecluster.models.base import _own
+
+    weight = torch.nn.Parameter(torch.ones(4, 3))
+    optimizer = torch.optim.AdamW([weight])
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    torch.save({"state": optimizer.state_dict()["state"]}, tmp_path / "last.ckpt")
+    mapped = torch.load(tmp_path / "last.ckpt", mmap=True, weights_only=True)["state"][0]
+    for every, copied in ((False, {"step"}), (True, {"step", "exp_avg", "exp_avg_sq"})):
+        own = _own(mapped, every)
+        assert {k for k in own if own[k].data_ptr() != mapped[k].data_ptr()} == copied
+        assert all(torch.equal(own[k], mapped[k]) for k in mapped)
+
+
 def test_resume_after_a_finished_stage1_clusters_by_the_same_method(tmp_path, monkeypatch):
     # Stopped after stage 1 finished and before the clustering was saved: the resumed
     # stage-1 fit has nothing left to do (Lightning skips on_train_end), and the

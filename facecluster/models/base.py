@@ -180,14 +180,19 @@ class StageSystem(L.LightningModule):
         # the file is read memory-mapped: training on the CPU the optimizer would keep
         # its state in the mapped pages, and the replaced last.ckpt's disk blocks stay
         # allocated until the process exits (one checkpoint more for the rest of the
-        # run). On a GPU the optimizer copies it to the device: no copy here, in RAM.
+        # run). On a GPU the optimizer copies its state to the device, all but AdamW's
+        # 0-d `step` counts (torch and Lightning leave them on the CPU): those are copied
+        # here, a few bytes each, or each would hold the whole mapping.
         try:
             on_cpu = self.trainer.strategy.root_device.type == "cpu"
         except RuntimeError:  # no trainer (load_from_checkpoint): no optimizer restored
             on_cpu = False
-        if on_cpu and "optimizer_states" in checkpoint:
+        if "optimizer_states" in checkpoint:
             checkpoint["optimizer_states"] = [
-                {**optimizer, "state": {i: _own(s) for i, s in optimizer["state"].items()}}
+                {
+                    **optimizer,
+                    "state": {i: _own(s, on_cpu) for i, s in optimizer["state"].items()},
+                }
                 for optimizer in checkpoint["optimizer_states"]
             ]
 
@@ -218,9 +223,13 @@ class StageSystem(L.LightningModule):
             scheduler.step()  # sets the groups' LRs and get_last_lr() at the new count
 
 
-def _own(state: dict[str, Any]) -> dict[str, Any]:
-    """A parameter's optimizer state with every tensor in memory of its own."""
-    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
+def _own(state: dict[str, Any], every: bool = True) -> dict[str, Any]:
+    """A parameter's optimizer state with its tensors in memory of their own: every
+    one, or (``every=False``) the 0-d ones only."""
+    return {
+        k: v.clone() if isinstance(v, Tensor) and (every or v.ndim == 0) else v
+        for k, v in state.items()
+    }
 
 
 def _row_state(value: Any) -> bool:

@@ -20,10 +20,11 @@ from torch import nn
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
     """Split parameters into decayed weights and undecayed norms/biases.
 
-    Weight decay on BatchNorm/PReLU parameters and biases only shrinks them toward
-    zero without regularising capacity; arcface_torch and timm both exempt them. So
-    are the parameters a timm model names in its ``no_weight_decay()`` (a ViT's
-    position embedding and class token), as timm's optimizer factory does.
+    Every parameter of one dimension or none (norm layers, biases, PReLU slopes) is
+    exempt: decay only shrinks them toward zero without regularising capacity. So are
+    the parameters a timm model names in its ``no_weight_decay()`` (a ViT's position
+    embedding and class token). This is timm's optimizer factory's rule; arcface_torch
+    (``train_v2.py``) decays every parameter. The margin heads' rows are decayed.
     """
     decay, no_decay = [], []
     for module in modules:
