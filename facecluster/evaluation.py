@@ -384,8 +384,9 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
     bench = Bench(cfg, run.path.name, ident.assignment)
     run.check_identities(bench.dm.class_names)
     ident.to(bench.device)
-    with bench.autocast():
-        calibrate_run(ident, run, cfg, bench.dm)
+    # fp32, as export fits it: calibration.json serves every later evaluation and export
+    # of the run, so it must not depend on which of them fitted it first
+    calibrate_run(ident, run, cfg, bench.dm)
     means = ident.assignment.class_means.to(bench.device)
     stage1 = StageOneModel(ident.router_backbone, weights.head, means).to(bench.device)
     predictors = ident.predictors(cfg.route.top_m, cfg.route.alpha) + stage1.predictors()

@@ -439,9 +439,10 @@ def test_evaluation_times_faces_drawn_across_the_test_split(finished_run):
 
 
 @pytest.mark.slow
-def test_evaluation_runs_under_the_precisions_autocast(finished_run):
+def test_evaluation_runs_under_the_precisions_autocast(finished_run, tmp_path, monkeypatch):
     # trainer.precision=auto on CPU: fp32, no autocast; bf16-mixed: every predictor
-    # and the single model's class-mean pass run under bf16 autocast, and still work
+    # and the single model's class-mean pass run under bf16 autocast, and still work;
+    # the decision unit's fit does not: calibration.json serves every later export
     cfg = RunFolder(finished_run).finished_config([])
     assert eval_autocast(cfg, torch.device("cpu")) is contextlib.nullcontext
     bf16 = RunFolder(finished_run).finished_config(["trainer.precision=bf16-mixed"])
@@ -450,7 +451,18 @@ def test_evaluation_runs_under_the_precisions_autocast(finished_run):
     alias = RunFolder(finished_run).finished_config(["trainer.precision=bf16"])  # Lightning's
     assert eval_autocast(alias, torch.device("cpu")) is not contextlib.nullcontext
     fp32 = evaluate_run(finished_run)
-    mixed = evaluate_run(finished_run, ["trainer.precision=bf16-mixed"])
+    run = shutil.copytree(finished_run, tmp_path / finished_run.name)
+    (run / "calibration.json").unlink()
+    fitted_under = []
+    calibrate = TwoStageIdentifier.calibrate
+
+    def spy(self, *args, **kwargs):
+        fitted_under.append(torch.is_autocast_enabled("cpu"))
+        return calibrate(self, *args, **kwargs)
+
+    monkeypatch.setattr(TwoStageIdentifier, "calibrate", spy)
+    mixed = evaluate_run(run, ["trainer.precision=bf16-mixed"])
+    assert fitted_under == [False]
     for a, b in zip(fp32.rows, mixed.rows, strict=True):
         assert a.model == b.model and abs(a.top1 - b.top1) <= 0.1, (a.model, a.top1, b.top1)
 
