@@ -41,13 +41,22 @@ def _brute_force(ident, queries, candidates):
     p = ident.moe
     scores = torch.zeros(len(q), ident.assignment.num_classes)
     for i in range(len(q)):
-        sims = {k: q[i] @ ident.class_means[ident.members(k)].T for k in candidates[i]}
-        mass = {k: torch.logsumexp(s / p.router_temperature, 0) for k, s in sims.items()}
+        # an identity in two searched clusters (clustering.overlap) counts half in each
+        # cluster's class means: the class means weigh every identity once
+        held = torch.zeros(ident.assignment.num_classes)
+        for k in candidates[i]:
+            held[ident.members(k)] += 1
+        logits = {
+            k: (q[i] @ ident.class_means[ident.members(k)].T) / p.router_temperature
+            - held[ident.members(k)].log()
+            for k in candidates[i]
+        }
+        mass = {k: torch.logsumexp(s, 0) for k, s in logits.items()}
         total = torch.logsumexp(torch.stack(list(mass.values())), 0)
         for k in candidates[i]:
             members = ident.members(k)
             sub = torch.softmax(q[i] @ ident.head(k).T / p.subnet_temperature, 0)
-            mean = torch.softmax(q[i] @ ident.class_means[members].T / p.router_temperature, 0)
+            mean = torch.softmax(logits[k], 0)
             mixed = (1 - p.generalist_weight) * sub + p.generalist_weight * mean
             # an identity in two searched clusters (clustering.overlap): both terms
             scores[i, members] += torch.exp(mass[k] - total) * mixed
@@ -116,15 +125,14 @@ def test_moe_sums_an_identity_over_its_two_searched_clusters(top_m):
     p = ident.moe
     for i in range(0, 64, 7):
         clusters = result.clusters[i].tolist()
-        total = torch.logsumexp(
-            torch.stack(
-                [
-                    torch.logsumexp(q[i] @ a.class_means[ident.members(c)].T / 0.1, 0)
-                    for c in clusters
-                ]
-            ),
-            0,
-        )
+        held = torch.zeros(30)  # how many searched clusters hold each identity
+        for c in clusters:
+            held[ident.members(c)] += 1
+        logits = {
+            c: q[i] @ a.class_means[ident.members(c)].T / 0.1 - held[ident.members(c)].log()
+            for c in clusters
+        }
+        total = torch.logsumexp(torch.stack([torch.logsumexp(logits[c], 0) for c in clusters]), 0)
         for j, by, close in zip(
             result.candidates[i].tolist(),
             result.candidate_clusters[i].tolist(),
@@ -139,8 +147,8 @@ def test_moe_sums_an_identity_over_its_two_searched_clusters(top_m):
                 if j in members.tolist():
                     row = members.tolist().index(j)
                     sub = torch.softmax(q[i] @ ident.head(c).T / p.subnet_temperature, 0)[row]
-                    mean = torch.softmax(q[i] @ a.class_means[members].T / 0.1, 0)[row]
-                    mass = torch.logsumexp(q[i] @ a.class_means[members].T / 0.1, 0)
+                    mean = torch.softmax(logits[c], 0)[row]
+                    mass = torch.logsumexp(logits[c], 0)
                     terms[c] = (
                         (torch.exp(mass - total) * (0.6 * sub + 0.4 * mean)).item(),
                         (
@@ -150,6 +158,17 @@ def test_moe_sums_an_identity_over_its_two_searched_clusters(top_m):
             larger = max(terms[c][0] for c in terms)
             assert terms[by][0] == pytest.approx(larger, rel=1e-5)  # float32 ties aside
             assert close == pytest.approx(terms[by][1], abs=1e-5)
+    # with the class means alone (g = 1) the unit is nearest class mean over the
+    # candidates' identities: a shared identity's mean counted twice had outvoted a
+    # nearer one (routed and over every cluster)
+    ident.route_config["generalist_weight"] = 1.0
+    for kwargs in ({"top_m": top_m}, {"all_subnets": True}):
+        alone = ident.identify(queries, **kwargs)
+        sims = q @ a.class_means.T
+        searched = a.contains(torch.arange(30)[None, :, None], alone.clusters[:, None, :]).any(2)
+        nearest = sims.masked_fill(~searched, -2).argmax(1)
+        assert torch.equal(alone.identity, nearest), kwargs
+    ident.route_config["generalist_weight"] = 0.4
     # an empty batch gives an empty answer, as without overlap
     assert ident.identify(queries[:0], top_m=top_m, k=30).candidates.shape == (0, 30)
     # batched answers equal one-by-one answers
@@ -303,6 +322,17 @@ def test_calibration_recovers_the_temperatures_that_generated_the_labels():
                       torch.tensor([[False, True]]))  # fmt: skip
     assert bool(torch.isfinite(far.router_nll).all())
     assert far.router_nll[0].item() == pytest.approx(0.8 / float(TEMPERATURES[0]), rel=1e-6)
+    # identity 1 in both clusters (clustering.overlap): half its term in each, as routed
+    # inference over every cluster counts it, so the total counts it once. A face of
+    # identity 2 (cluster 1): p = (e^{s1}/2 + e^{s2}) / (e^{s0} + e^{s1} + e^{s2})
+    shared = Calibration()
+    s = torch.tensor([[0.5, 0.4, 0.2]], dtype=torch.float64)
+    shared.update_router(s, (torch.tensor([0, 1, 1, 2]), torch.tensor([0, 0, 1, 1])),
+                         torch.tensor([[False, True]]))  # fmt: skip
+    t = float(TEMPERATURES[20])
+    e = torch.exp(s[0] / t)
+    expected = -torch.log((e[1] / 2 + e[2]) / e.sum()).item()
+    assert shared.router_nll[20].item() == pytest.approx(expected, rel=1e-6)
     # sub-net cosines whose softmax at true_subnet gives the right identity its probability
     for c in range(k):
         rows = (class_to_cluster[labels] == c).nonzero().squeeze(1)

@@ -22,7 +22,11 @@ are fitted on the validation split by :class:`Calibration` (negative
 log-likelihood, as temperature scaling does: Guo et al., "On calibration of modern
 neural networks", ICML 2017). With ``clustering.overlap`` an identity near a boundary is
 a member of two clusters; when both are candidates its probability is the sum of the
-two terms (:func:`sum_shared`), as the mixture defines it. Each candidate's score is
+two terms (:func:`sum_shared`), as the mixture defines it, and its class-mean softmax
+term counts half in each (``share``: one over the number of the face's candidate
+clusters that hold it), so that the class means weigh each identity once: with ``g =
+1`` the unit is nearest class mean over the candidates' identities, overlap or not.
+Each candidate's score is
 a probability, so a sub-net that never saw the face's identity no longer outvotes the
 right one by answering confidently: more candidates (``top_m``) can only add evidence.
 
@@ -73,6 +77,7 @@ def moe_scores(
     class_mean_similarity: Tensor,
     params: MoeParams,
     not_mine: Tensor | None = None,
+    share: Tensor | None = None,
 ) -> Tensor:
     """``[n, m]`` log-probabilities of a cluster's m identities for n faces.
 
@@ -86,11 +91,14 @@ def moe_scores(
             generalist weight is 1).
         class_mean_similarity: ``[n, m]`` stage-1 similarities to the class means.
         not_mine: ``[n, 1]`` the sub-net's cosine to its "not mine" row (None: none).
+        share: ``[n, m]`` log of each identity's share of its class-mean term (see the
+            module doc; None: all 0, no identity in two candidate clusters).
     """
     g = params.generalist_weight
     # float64: in float32 a log-softmax rounds to 0 once p > 1 - 1e-6 (the ulp of the
     # largest logit), which would tie every confident face at the top of the scale
-    mean = torch.log_softmax(class_mean_similarity.double() / params.router_temperature, dim=1)
+    logits = class_mean_similarity.double() / params.router_temperature
+    mean = torch.log_softmax(logits if share is None else logits + share, dim=1)
     if g == 1.0:
         mixed = mean
     else:
@@ -140,8 +148,9 @@ class Calibration:
     ) -> None:
         """Add faces' router NLL.
 
-        A cluster's mass is the sum over its members, as routed inference computes it;
-        a face is routed right to any cluster that has its identity (with
+        A cluster's mass is the sum over its members, as routed inference over every
+        cluster computes it (an identity in two clusters adds half its term to each); a
+        face is routed right to any cluster that has its identity (with
         ``clustering.overlap``, possibly two).
 
         Args:
@@ -152,6 +161,9 @@ class Calibration:
         s = similarity.float()  # as given: a float64 copy of [n, C] would be 4 GB at 2M
         top = s.max(dim=1, keepdim=True).values.double()
         ids, clusters = (t.to(s.device) for t in members)
+        # an identity in two clusters (clustering.overlap) adds half its term to each, as
+        # routed inference over every cluster counts it: each identity once in the total
+        share = torch.bincount(ids, minlength=len(s[0])).double()[ids].reciprocal()
         right = right.to(s.device)
         temperatures = TEMPERATURES.tolist()
         mass = torch.zeros(len(temperatures), *right.shape, dtype=torch.float64, device=s.device)
@@ -164,7 +176,7 @@ class Calibration:
             shifted = s[:, ids[block]].double() - top  # <= 0: every term at most 1
             index = clusters[block].expand(len(s), -1)
             for i, t in enumerate(temperatures):
-                mass[i].scatter_add_(1, index, torch.exp(shifted / t))
+                mass[i].scatter_add_(1, index, torch.exp(shifted / t) * share[block])
         for i in range(len(temperatures)):
             log_mass = mass[i].log()
             found = torch.logsumexp(log_mass.masked_fill(~right, -torch.inf), 1)

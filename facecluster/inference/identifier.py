@@ -335,18 +335,22 @@ class TwoStageIdentifier(nn.Module):
         routed = {
             c: (clusters == c).any(dim=1).nonzero().squeeze(1) for c in clusters.unique().tolist()
         }
-        sims = {}  # moe: the similarities of cluster c's faces to its class means
-        if moe:  # each candidate cluster's log-probability, renormalised over the candidates
-            log_mass = torch.empty(clusters.shape, device=images.device)
-            for c, rows in routed.items():
-                sims[c] = similarity(query[rows], self.class_means[self.members(c)])
-                mass = torch.logsumexp(sims[c] / params.router_temperature, dim=1)
-                log_mass[rows] = torch.where(clusters[rows] == c, mass[:, None], log_mass[rows])
-            log_weight = torch.log_softmax(log_mass, dim=1)
         # moe: an identity in two candidate clusters gets the sum of both (sum_shared),
         # so every cluster is scored before any is merged into the lists
         summing = moe and empty_id is not None
         shared_ids = self.assignment.overlap[:, 0].to(images.device) if summing else None
+        sims, shares = {}, {}  # moe: cluster c's faces' similarities to its class means
+        if moe:  # each candidate cluster's log-probability, renormalised over the candidates
+            log_mass = torch.empty(clusters.shape, device=images.device)
+            for c, rows in routed.items():
+                sims[c] = similarity(query[rows], self.class_means[self.members(c)])
+                logits = sims[c] / params.router_temperature
+                if summing:
+                    shares[c] = self._class_mean_share(c, clusters[rows], all_subnets)
+                    logits = logits if shares[c] is None else logits + shares[c]
+                mass = torch.logsumexp(logits, dim=1)
+                log_mass[rows] = torch.where(clusters[rows] == c, mass[:, None], log_mass[rows])
+            log_weight = torch.log_softmax(log_mass, dim=1)
         parts = []
         for c, rows in routed.items():
             members = self.members(c)
@@ -357,7 +361,7 @@ class TwoStageIdentifier(nn.Module):
                 forwards += len(rows)
             if moe:
                 weight = log_weight.masked_fill(clusters != c, -math.inf).amax(dim=1)[rows]
-                score = moe_scores(weight, cosine, sims[c], params, other)
+                score = moe_scores(weight, cosine, sims[c], params, other, shares.get(c))
                 close = evidence(cosine, sims[c], params)
             else:
                 means = similarity(query[rows], self.class_means[members]) if alpha > 0 else None
@@ -379,6 +383,27 @@ class TwoStageIdentifier(nn.Module):
         return Identification(
             best_id, best_score, clusters, forwards, best_similarity, best_cluster
         )
+
+    def _class_mean_share(self, c: int, candidates: Tensor, every: bool) -> Tensor | None:
+        """``[n, m]`` log of the share of cluster ``c``'s class-mean term that each of its
+        m members gets for n faces whose candidate clusters are ``candidates`` (``[n,
+        top_m]``): minus the log of how many of them hold the member (0 for most; with
+        ``clustering.overlap``, log 2 where both of a member's clusters are searched).
+        None when no member of ``c`` is in another cluster."""
+        members = self.members(c)
+        overlap = self.assignment.overlap.to(members.device)
+        columns = torch.isin(members, overlap[:, 0]).nonzero().squeeze(1)
+        if not len(columns):
+            return None
+        ids = members[columns]
+        if every:  # every cluster searched: each member's clusters, one and its overlaps
+            held = 1 + torch.bincount(overlap[:, 0], minlength=int(ids.max()) + 1)[ids]
+            held = held.expand(len(candidates), -1)
+        else:
+            held = self.assignment.contains(ids[None, :, None], candidates[:, None, :]).sum(2)
+        share = torch.zeros(len(candidates), len(members), device=members.device)
+        share[:, columns] = -held.float().log()
+        return share
 
     @staticmethod
     def _keep(
