@@ -335,8 +335,10 @@ class TwoStageIdentifier(nn.Module):
         routed = {
             c: (clusters == c).any(dim=1).nonzero().squeeze(1) for c in clusters.unique().tolist()
         }
-        # moe: an identity in two candidate clusters gets the sum of both (sum_shared),
-        # so every cluster is scored before any is merged into the lists
+        # moe: an identity in two candidate clusters gets the sum of both (sum_shared):
+        # those columns are merged into the lists once every cluster is scored, the
+        # others at once (the whole [rows, members] scores of every cluster, kept, were
+        # 15 times a [B, C] matrix over every cluster at 20% overlap)
         summing = moe and empty_id is not None
         shared_ids = self.assignment.overlap[:, 0].to(images.device) if summing else None
         sims, shares = {}, {}  # moe: cluster c's faces' similarities to its class means
@@ -361,21 +363,30 @@ class TwoStageIdentifier(nn.Module):
                 forwards += len(rows)
             if moe:
                 weight = log_weight.masked_fill(clusters != c, -math.inf).amax(dim=1)[rows]
-                score = moe_scores(weight, cosine, sims[c], params, other, shares.get(c))
-                close = evidence(cosine, sims[c], params)
+                means = sims.pop(c)  # [rows, members]: dropped once this cluster is scored
+                score = moe_scores(weight, cosine, means, params, other, shares.pop(c, None))
+                close = evidence(cosine, means, params)
             else:
                 means = similarity(query[rows], self.class_means[members]) if alpha > 0 else None
                 score = close = fuse(cosine, means, alpha)
             close = close.to(best_score.dtype)
             source = torch.tensor(c, device=score.device).expand(score.shape)
-            if summing:  # sum_shared writes into it
-                source = source.clone()
-            shared = torch.isin(members, shared_ids).nonzero().squeeze(1) if summing else None
-            part = (rows, members, shared, score, close, source)
-            if summing:
-                parts.append(part)
-            else:
-                self._keep(best_score, best_id, best_similarity, best_cluster, part, empty_id)
+            part = (rows, members, None, score, close, source)
+            if summing:  # the columns of identities in another cluster wait for sum_shared
+                shared = torch.isin(members, shared_ids)
+                if shared.any():
+                    keep = (~shared).nonzero().squeeze(1)
+                    self._keep(
+                        best_score, best_id, best_similarity, best_cluster,
+                        (rows, members[keep], None, *(t[:, keep] for t in part[3:])), empty_id,
+                    )  # fmt: skip
+                    columns = shared.nonzero().squeeze(1)
+                    parts.append(
+                        (rows, members[columns], torch.arange(len(columns), device=score.device),
+                         score[:, columns], close[:, columns], source[:, columns].clone())
+                    )  # fmt: skip
+                    continue
+            self._keep(best_score, best_id, best_similarity, best_cluster, part, empty_id)
         if summing:
             sum_shared(parts)
             for part in parts:
