@@ -320,10 +320,16 @@ def console() -> NoReturn:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
+        asked = argv[:1] in (["-h"], ["--help"])  # help to stdout (| less); a mistake to stderr
         lines = [f"  {name:<9} {text.splitlines()[0]}" for name, (_, text) in COMMANDS.items()]
-        print(__doc__.split("\n\n")[1], file=sys.stderr)
-        print("\ncommands:\n" + "\n".join(lines), file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+        out = sys.stdout if asked else sys.stderr
+        if argv and not asked:
+            print(f"facecluster: unknown command {argv[0]!r}\n", file=out)
+        print("usage: facecluster {" + ",".join(COMMANDS) + "} ...\n", file=out)
+        print(__doc__.split("\n\n")[1], file=out)
+        print("\ncommands:\n" + "\n".join(lines), file=out)
+        print("\n" + __doc__.split("\n\n")[2].splitlines()[0].replace("``", ""), file=out)
+        return 0 if asked else 2
     command, _ = COMMANDS[argv[0]]
     return command(argv[1:], prog=f"facecluster {argv[0]}")
 

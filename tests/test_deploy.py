@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,8 +42,15 @@ def test_every_command_has_help_with_an_example(command, capsys):
         cli.main([command, "--help"])
     out = capsys.readouterr().out
     assert exit_.value.code == 0 and f"usage: facecluster {command}" in out
-    assert "facecluster " + command in out or f"{command}.py" in out  # an example line
-    assert cli.main(["--help"]) == 0 and cli.main(["nonsense"]) == 2
+    # an example line, indented, after the options: the command with an argument
+    example = rf"^ +(\.venv/bin/)?(facecluster {command}|python {command}\.py) \S"
+    assert re.search(example, out.split("options:")[-1], re.M), out
+    # `facecluster --help` (to stdout) lists every command; a wrong one is an error
+    assert cli.main(["--help"]) == 0
+    listing = capsys.readouterr().out
+    assert re.search(rf"^  {command} +\S", listing, re.M) and "usage: facecluster {" in listing
+    assert cli.main(["nonsense"]) == 2
+    assert "unknown command 'nonsense'" in capsys.readouterr().err
 
 
 def test_threshold_at_fpir_lets_at_most_that_fraction_pass():

@@ -234,3 +234,11 @@ def test_last_ckpt_follows_the_final_epoch_even_without_improvement(tmp_path):
     for folder in (run.checkpoint_dir(1), run.checkpoint_dir(2, "subnets-0-2")):
         assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 1
         assert [p.name for p in folder.glob("best-*.ckpt")] == ["best-epoch000.ckpt"]
+    # the sub-nets were warm-started from the stage-1 backbone: at this learning rate
+    # their weights are still its weights (sub-nets trained from scratch would not be)
+    stage1 = run.stage1_weights().backbone
+    weights = [k for k, v in stage1.items() if v.is_floating_point() and v.ndim > 1]
+    assert weights
+    for subnet in run.subnet_weights():
+        for k in weights:
+            torch.testing.assert_close(subnet.backbone[k], stage1[k], rtol=0, atol=1e-6)
