@@ -446,3 +446,67 @@ def test_an_evaluation_face_nothing_can_replace_is_left_out_not_fatal(tmp_path, 
     with pytest.raises(BadImageError, match="every image of identity label 1 in the train"):
         for _ in dm.train_dataloader():
             pass
+
+
+def test_broken_evaluation_faces_are_left_out_of_the_table_calibration_and_threshold(
+    tmp_path, caplog, monkeypatch
+):
+    # RELIABILITY.md's row: every val and test face of one identity, and every face of
+    # one unseen validation identity, unreadable after training. Evaluation, the
+    # decision unit's fit and the export's open-set threshold skip exactly those faces,
+    # each named in a warning, and finish.
+    from facecluster import evaluation
+    from facecluster.data import IGNORED
+    from facecluster.deploy import export_run
+    from facecluster.evaluation import evaluate_run
+    from facecluster.inference import TwoStageIdentifier
+    from facecluster.inference.decision import Calibration
+    from facecluster.run import RunFolder
+
+    root = shutil.copytree(DEMO, tmp_path / "faces")
+    overrides = smoke_overrides(
+        tmp_path, f"data.root={root}", "logger=none", "eval.after_training=false",
+        "data.unseen_fraction=0.25", "data.max_bad_fraction=0.5",
+    )  # fmt: skip
+    run = RunFolder(train(load_config(SMOKE, overrides)).run_dir)
+    dm = build_datamodule(run.finished_config())
+    dm.setup()
+    val, test = list(dm.split_samples("val")), list(dm.split_samples("test"))
+    label = val[0][1]
+    mine = [path for path, y in val + test if y == label]
+    unseen = dm.unseen_dataloader("val").dataset.samples
+    stranger = [path for path, y in unseen if y == unseen[0][1]]
+    for path in mine + stranger:
+        truncate(Path(path))
+    (run.path / "calibration.json").unlink(missing_ok=True)  # fitted again, now
+    scored_labels, fitted = [], []
+    update, update_router = evaluation.MacroScores.update, Calibration.update_router
+
+    def counted(self, predicted, labels):
+        scored_labels.append((self, labels.clone()))
+        return update(self, predicted, labels)
+
+    def router_faces(self, similarity, members, right):
+        fitted.append(len(similarity))
+        return update_router(self, similarity, members, right)
+
+    monkeypatch.setattr(evaluation.MacroScores, "update", counted)
+    monkeypatch.setattr(Calibration, "update_router", router_faces)
+    with caplog.at_level(logging.WARNING):
+        report = evaluate_run(run.path, ["eval.plots=false", "eval.timing_batches=1"])
+        export_run(run.path, tmp_path / "export")
+    broken_test = sum(1 for path, y in test if y == label)
+    broken_val = sum(1 for path, y in val if y == label)
+    rows = {}  # each row's (and sweep point's) scores: the labels it counted
+    for scores, labels in scored_labels:
+        rows.setdefault(scores, []).extend(labels.tolist())
+    assert len(rows) >= len(report.rows)
+    for labels in rows.values():
+        assert IGNORED not in labels and label not in labels
+        assert len(labels) == len(test) - broken_test
+    assert sum(fitted) == len(val) - broken_val  # the one fit, by evaluation
+    probes = TwoStageIdentifier.load(tmp_path / "export" / "identifier.pt").open_set["probes"]
+    assert probes == len(unseen) - len(stranger)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert all(str(path) in warned for path in mine + stranger), warned
+    assert "left out of the" in warned
