@@ -1,0 +1,239 @@
+"""Every command in the README's and docs' ``bash`` blocks, and what runs it.
+
+``COMMANDS`` maps each one (``.venv/bin/`` dropped, comments cut, continuation lines
+joined) to the test that runs it as written, to the test that runs it with its
+placeholders filled in or its data set replaced, or to the reason the suite leaves it
+out (it trains for many minutes, needs GPUs, a cluster or a data set that is not
+here): a documented command cannot be added without a line here, and a line here
+cannot outlive its command or its test.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from facecluster.run import RunFolder
+from tests.conftest import ROOT
+
+RUN = "run as written"
+FILLED = "run with its placeholders or data set filled in"
+LEFT_OUT = "not run by the suite"
+
+SMOKE_COMMAND = "python train.py -c configs/smoke.yaml"
+LONG = "trains the demo for 10-14 minutes on 2 cores: run by hand (figures in docs/TRAINING.md)"
+LFW423 = "trains LFW-423 for about 10 minutes a method: run by bench/results.py by hand"
+FULL_SIZE = "IResNet-50 on MS1MV3/Glint360K on GPUs: a data set and GPUs that are not here"
+CLUSTER = "needs a SLURM cluster or several nodes; tests/test_jobs.py runs its parts on one"
+BENCH = "a benchmark of minutes that rewrites its committed results; run by hand"
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "make train": (LEFT_OUT, LONG),
+    "make test": (RUN, ".ci/run"),
+    "python train.py": (LEFT_OUT, LONG + " (= make train)"),
+    SMOKE_COMMAND: (RUN, "tests/test_docs.py::test_the_readme_smoke_command_as_written"),
+    "python train.py data.root=/data/faces clustering.num_clusters=8 stage1.max_epochs=20": (
+        LEFT_OUT,
+        "/data/faces is the reader's own data; its config is loaded by "
+        "tests/test_config.py::test_documented_train_commands_make_valid_configs",
+    ),
+    "python train.py -c configs/smoke.yaml trainer.accelerator=cpu trainer.devices=2 "
+    "trainer.strategy=ddp": (
+        RUN,
+        "tests/test_ddp.py::test_documented_multi_device_command_runs_train_py_to_its_last_line",
+    ),
+    "python train.py -c configs/insightface_r50.yaml data.root=/data/ms1m-retinaface-t1 "
+    "trainer.devices=4": (LEFT_OUT, FULL_SIZE),
+    "python train.py resume=runs/20261128-101500-clustered": (
+        FILLED,
+        "tests/test_resume.py::test_resume_from_a_stage1_checkpoint_file",
+    ),
+    "python train.py -c configs/smoke.yaml launcher=local stage2.jobs=2": (
+        FILLED,  # with logger=csv, for the table it compares
+        "tests/test_jobs.py::test_documented_two_local_jobs_give_the_one_job_weights_and_table",
+    ),
+    "python train.py -c configs/experiment/lfw423.yaml -c configs/method/random.yaml": (
+        LEFT_OUT,
+        LFW423,
+    ),
+    "python evaluate.py run=runs/<a> run=runs/<b>": (
+        FILLED,
+        "tests/test_pipeline.py::test_the_ism_baseline_trains_a_random_partition_and_every_"
+        "subnet_answers",
+    ),
+    "facecluster export runs/<run> exports/demo --onnx": (
+        FILLED,
+        "tests/test_deploy.py::exported",
+    ),
+    "facecluster identify exports/demo datasets/lfw-demo/images/<identity> --out who.csv": (
+        FILLED,
+        "tests/test_deploy.py::test_documented_identify_answers_unknown_for_unseen_identities",
+    ),
+    "facecluster enroll exports/demo new_people/": (
+        FILLED,
+        "tests/test_deploy.py::test_enrolling_new_identities_without_retraining",
+    ),
+    "python train.py -c configs/smoke.yaml data.root=/data/faces clustering.num_clusters=8 "
+    "trainer.max_epochs=3": (
+        LEFT_OUT,
+        "/data/faces is the reader's own data; its config is loaded by "
+        "tests/test_config.py::test_documented_train_commands_make_valid_configs",
+    ),
+    "python train.py -c configs/insightface_r50.yaml "
+    "data.root=/data/ms1m-retinaface-t1/train.rec": (LEFT_OUT, FULL_SIZE),
+    "python train.py -c configs/insightface_r50.yaml data.root=/data/glint360k "
+    "clustering.num_clusters=64 head.sample_rate=0.1": (LEFT_OUT, FULL_SIZE),
+    "python bench/sample_index.py": (
+        LEFT_OUT,
+        BENCH + "; tests/test_performance.py runs it small",
+    ),
+    "facecluster pack ../shared/datasets/lfw-112/images /data/lfw-rec": (
+        FILLED,
+        "tests/test_recordio.py::test_documented_pack_then_train_commands",
+    ),
+    "python train.py -c configs/smoke.yaml data.root=/data/lfw-rec/train.rec": (
+        FILLED,
+        "tests/test_recordio.py::test_documented_pack_then_train_commands",
+    ),
+    "python bench/data_throughput.py --root ../shared/datasets/lfw-112/images": (
+        LEFT_OUT,
+        BENCH + "; bench/gpu.sh --dry-run runs it small",
+    ),
+    "python bench/routing_throughput.py --width 16 --image-size 64 --embedding-dim 256 "
+    "--identities 423 --shared-layers 0 2 3 4 --repeats 7 --out "
+    "bench/results/routing_shared.json": (
+        LEFT_OUT,
+        BENCH + "; tests/test_performance.py runs it small",
+    ),
+    "python train.py -c configs/default.yaml -c configs/method/random.yaml": (LEFT_OUT, LONG),
+    "python train.py -c configs/experiment/lfw423.yaml -c configs/method/single.yaml": (
+        LEFT_OUT,
+        LFW423,
+    ),
+    "python evaluate.py run=runs/<run> [run=runs/<other> ...] [data.root=...] [route.top_m=2] "
+    "[eval.batch_size=128]": (LEFT_OUT, "a synopsis, its parts in the other evaluate.py lines"),
+    'python train.py -c configs/smoke.yaml "data.verification=[../shared/datasets/lfw-112/'
+    'pairs.txt]"': (
+        FILLED,  # with eval.after_training=false: evaluate.py, next, evaluates the run
+        "tests/test_verification.py::test_documented_verification_commands",
+    ),
+    'python evaluate.py run=runs/<run> "data.verification=[../shared/datasets/lfw-112/'
+    'pairs.txt]"': (FILLED, "tests/test_verification.py::test_documented_verification_commands"),
+    "python bench/enrollment.py --enrolled runs/<open run> --full runs/demo-all": (
+        FILLED,
+        "tests/test_deploy.py::test_open_set_and_enrolment_benchmarks_run",
+    ),
+    "python bench/routing_throughput.py": (
+        LEFT_OUT,
+        BENCH + "; tests/test_performance.py runs it small",
+    ),
+    "python bench/train_overhead.py": (LEFT_OUT, BENCH),
+    "python train.py stage1.max_epochs=2 stage2.max_epochs=1 logger=none eval.plots=false "
+    "model.compile=false": (LEFT_OUT, LONG),
+    "python train.py stage1.max_epochs=2 stage2.max_epochs=1 logger=none eval.plots=false "
+    "model.compile=true": (LEFT_OUT, LONG),
+    "bash bench/gpu.sh": (LEFT_OUT, "needs a GPU"),
+    "bash bench/gpu.sh --dry-run": (
+        FILLED,
+        "tests/test_performance.py::test_gpu_script_dry_run_writes_every_figure",
+    ),
+    "python bench/results.py --seeds 42 43 44 --out runs/results": (
+        LEFT_OUT,
+        LFW423 + "; tests/test_performance.py runs the harness on the smoke config",
+    ),
+    "python bench/scale.py": (LEFT_OUT, BENCH + "; tests/test_performance.py runs parts small"),
+    "python train.py -c configs/experiment/lfw423.yaml launcher=slurm stage2.jobs=4": (
+        LEFT_OUT,
+        CLUSTER,
+    ),
+    "torchrun --nnodes=2 --nproc_per_node=8": (LEFT_OUT, CLUSTER),
+    "srun --ntasks-per-node=8 python train.py": (LEFT_OUT, CLUSTER),
+    "python train.py resume=/shared/runs/ms1mv3 launcher=slurm stage2.jobs=8": (
+        LEFT_OUT,
+        CLUSTER,
+    ),
+    "torchrun --standalone --nproc_per_node=2 train.py -c configs/smoke.yaml run_name=torchrun "
+    "stage=1 trainer.accelerator=cpu trainer.devices=2 trainer.strategy=ddp": (
+        RUN,
+        "tests/test_jobs.py::test_documented_torchrun_stage1_writes_one_run_folder",
+    ),
+}
+"""Documented command (or, for a long one, its start) -> (status, test or reason)."""
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """``(page, command)`` for every line of the README's and docs' ``bash`` blocks."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    found = []
+    for page in pages:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.sub(r"(^|\s+)#.*$", "", line.strip())
+                if line:
+                    found.append((page.name, " ".join(line.split()).replace(".venv/bin/", "")))
+    return found
+
+
+def _entry(command: str) -> str | None:
+    """The ``COMMANDS`` key of a documented command: itself, or the longest key it starts
+    with (long commands are keyed by their start)."""
+    if command in COMMANDS:
+        return command
+    starts = [key for key in COMMANDS if command.startswith(key + " ")]
+    return max(starts, key=len) if starts else None
+
+
+def _strings(path) -> set[str]:
+    """The string constants of a Python file, whitespace collapsed."""
+    tree = ast.parse(path.read_text())
+    return {
+        " ".join(node.value.split())
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
+
+
+def test_every_documented_command_is_run_or_says_why_not():
+    commands = documented_commands()
+    assert len(commands) >= 40, commands
+    unlisted = [f"{page}: {command}" for page, command in commands if _entry(command) is None]
+    assert not unlisted, "add them to tests/test_docs.py COMMANDS:\n" + "\n".join(unlisted)
+    stale = set(COMMANDS) - {_entry(command) for _, command in commands}
+    assert not stale, f"no longer documented: {sorted(stale)}"
+    defined = {}  # test file -> its test functions
+    for command, (status, where) in COMMANDS.items():
+        assert status in (RUN, FILLED, LEFT_OUT), status
+        if status == LEFT_OUT or "::" not in where:
+            continue
+        path, name = where.split("::")
+        if path not in defined:
+            tree = ast.parse((ROOT / path).read_text())
+            defined[path] = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        assert name in defined[path], f"{where} does not exist"
+        if status == RUN:  # the test holds the command itself, as documented
+            assert command in _strings(ROOT / path), f"{where} does not hold {command!r}"
+    assert os.access(ROOT / ".ci" / "run", os.R_OK)  # `make test`'s runner
+
+
+@pytest.mark.slow
+def test_the_readme_smoke_command_as_written(tmp_path):
+    # README's first command after `make train`, as written, in a folder of its own:
+    # both stages, the results table, the evaluation, the run folder as the last line.
+    assert SMOKE_COMMAND in [command for page, command in documented_commands()]
+    for name in ("train.py", "configs", "datasets"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
+    command = [sys.executable, *SMOKE_COMMAND.split()[1:]]
+    proc = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=480
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert proc.stdout.rstrip().splitlines()[-1] == f"facecluster run folder: {run_dir}"
+    assert "Evaluation on the held-out test split" in proc.stdout
+    assert RunFolder(run_dir).finished
