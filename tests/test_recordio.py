@@ -437,7 +437,14 @@ def test_verification_bin_refuses_forged_numpy_state_before_numpy_sees_it(tmp_pa
         def __reduce__(self):
             return (bool, (Frombuffer(ForgedDtype()),))
 
+    class Codec:  # pickles of bytes use latin-1; another codec has no business here
+        def __reduce__(self):
+            import codecs
+
+            return (codecs.encode, ("abc", "rot13"))
+
     cases = {
+        "codec.bin": ([Codec(), b"x"], [True]),
         "forged.bin": ([Frombuffer(ForgedDtype()), b"x"], [True]),
         "truth.bin": ([b"x", b"y"], [Truth()]),
         "fields.bin": ([Frombuffer(PlainDtypeWithFields()), b"x"], [True]),

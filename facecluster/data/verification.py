@@ -12,7 +12,6 @@ from an image folder and an LFW-style ``pairs.txt``.
 from __future__ import annotations
 
 import _compat_pickle
-import codecs
 import io
 import os
 import pickle
@@ -104,6 +103,17 @@ def _sized(kind: type):
     return make
 
 
+def _latin1(text: object, encoding: object = "utf-8", errors: object = "strict") -> bytes:
+    """``_codecs.encode`` as pickles of ``bytes`` before protocol 3 use it: latin-1 only
+    (any other codec is no part of a verification file)."""
+    if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in (
+        "latin1",
+        "latin-1",
+    ):
+        raise pickle.UnpicklingError(f"_codecs.encode(..., {encoding!r}) is not allowed")
+    return text.encode("latin-1")
+
+
 # What a verification pickle may contain: containers, bytes, booleans and numpy
 # integer/boolean arrays, each name mapped to what builds it here.
 _ALLOWED = {
@@ -112,7 +122,7 @@ _ALLOWED = {
     ("builtins", "bytes"): _sized(bytes),
     ("builtins", "bytearray"): _sized(bytearray),
     ("builtins", "bool"): bool,
-    ("_codecs", "encode"): codecs.encode,
+    ("_codecs", "encode"): _latin1,
     ("numpy", "ndarray"): _NdarrayType,
     ("numpy", "dtype"): _Dtype,
     **{(f"numpy.{core}.multiarray", "_reconstruct"): _Array for core in ("core", "_core")},
