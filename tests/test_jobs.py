@@ -668,7 +668,8 @@ def test_sigterm_to_the_launcher_stops_its_training_job_lock_released_checkpoint
         sys.executable, *TWO_JOBS.split()[1:], "logger=none", "stage2.max_epochs=200",
         f"output_dir={tmp_path}", "run_name=run",
     ]  # fmt: skip
-    launcher = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL)
+    log = open(tmp_path / "train.log", "wb")  # noqa: SIM115 (closed below)
+    launcher = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=log, stderr=log)
     jobs = tmp_path / "run" / "stage2" / "jobs"
     saved = []
     for _ in range(1200):
@@ -676,9 +677,10 @@ def test_sigterm_to_the_launcher_stops_its_training_job_lock_released_checkpoint
         if saved or launcher.poll() is not None:
             break
         time.sleep(0.1)
-    assert len(saved) == 1, (saved, launcher.poll())
+    assert len(saved) == 1, (saved, launcher.poll(), (tmp_path / "train.log").read_text()[-3000:])
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=120) == -signal.SIGTERM
+    log.close()
     assert list(jobs.glob("*/running.json")) == []  # a resume is not refused
     job = saved[0].parents[1]
     assert torch.load(saved[0], weights_only=False)["epoch"] >= 0
