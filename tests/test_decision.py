@@ -178,6 +178,27 @@ def test_moe_sums_an_identity_over_its_two_searched_clusters(top_m):
         assert torch.equal(one.candidate_clusters[0], result.candidate_clusters[i])
 
 
+def test_moe_with_every_identity_in_two_clusters():
+    # clustering.overlap=1: no cluster holds an identity of its own alone (the columns
+    # merged at once were none, and an empty merge crashed every pass)
+    torch.manual_seed(6)
+    a = _assignment(torch.randn(12, 8), [i % 4 for i in range(12)])
+    a = a.with_overlap(
+        torch.tensor(sorted(([(i + 1) % 4, i] for i in range(12)), key=lambda r: r))[:, [1, 0]]
+    )
+    heads = [F.normalize(torch.randn(len(a.classes_of(k)), 8), dim=1) for k in range(4)]
+    route = dict(ROUTE, **MOE, generalist_weight=0.4)
+    names = [f"id{i}" for i in range(12)]
+    ident = TwoStageIdentifier(
+        BACKBONE, torch.nn.Identity(), [torch.nn.Identity()] * 4, heads, a, names, route
+    )
+    queries = torch.randn(16, 8)
+    for kwargs in ({"top_m": 1}, {"top_m": 2}, {"top_m": 4}, {"all_subnets": True}):
+        result = ident.identify(queries, **kwargs)  # k=1: argmax over each cluster
+        expected = _brute_force(ident, queries, result.clusters.tolist())
+        assert torch.equal(result.identity, expected.argmax(1)), kwargs
+
+
 def test_moe_compares_each_face_with_its_candidate_clusters_class_means_only(monkeypatch):
     # a batch of varied faces touches every cluster: comparing every face with every
     # touched cluster's class means was a full scan of the identities per batch (32x the

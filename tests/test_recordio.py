@@ -467,6 +467,9 @@ def test_verification_bin_refuses_forged_numpy_state_before_numpy_sees_it(tmp_pa
             (tmp_path / "ok.bin").write_bytes(pickle.dumps((arrays, flags), protocol=protocol))
             pairs = read_bin(tmp_path / "ok.bin")
             assert (pairs.images, pairs.issame) == (images, [True]), (protocol, flags)
+        # the images as one numpy byte-string array (np.array of the list)
+        (tmp_path / "ok.bin").write_bytes(pickle.dumps((np.array(images), [True]), protocol))
+        assert read_bin(tmp_path / "ok.bin").images == images
 
 
 PACK = "facecluster pack ../shared/datasets/lfw-112/images"

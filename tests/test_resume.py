@@ -133,6 +133,18 @@ def test_adamw_step_counts_are_copied_out_of_the_mapped_checkpoint_on_a_gpu(tmp_
         own = _own(mapped, every)
         assert {k for k in own if own[k].data_ptr() != mapped[k].data_ptr()} == copied
         assert all(torch.equal(own[k], mapped[k]) for k in mapped)
+    # and the module's hook does it on a GPU (every tensor on the CPU)
+    from types import SimpleNamespace
+
+    from facecluster.models.base import StageSystem
+
+    for device, copied in (("cuda", {"step"}), ("cpu", {"step", "exp_avg", "exp_avg_sq"})):
+        trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+        module = SimpleNamespace(trainer=trainer, _sharded_states=lambda checkpoint: [])
+        checkpoint = {"optimizer_states": [{"state": {0: mapped}, "param_groups": []}]}
+        StageSystem.on_load_checkpoint(module, checkpoint)
+        own = checkpoint["optimizer_states"][0]["state"][0]
+        assert {k for k in own if own[k].data_ptr() != mapped[k].data_ptr()} == copied, device
 
 
 def test_resume_after_a_finished_stage1_clusters_by_the_same_method(tmp_path, monkeypatch):

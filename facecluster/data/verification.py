@@ -30,6 +30,8 @@ class _Dtype:
     of Python objects included (an array of forged object pointers, read from the
     file's bytes): that state is checked here and never reaches numpy."""
 
+    dtype: np.dtype | None = None  # set by __init__ (a pickle may skip it: NEWOBJ)
+
     def __init__(self, spec: object, align: object = False, copy: object = False) -> None:
         if isinstance(spec, bytes):  # a Python 2 pickle read with encoding="bytes"
             spec = spec.decode("ascii", "replace")
@@ -37,7 +39,8 @@ class _Dtype:
             dtype = np.dtype(spec) if isinstance(spec, str) else None
         except TypeError:
             dtype = None
-        if dtype is None or dtype.kind not in "biu" or dtype.fields is not None:
+        # integers, booleans, and byte strings (images as one numpy "S" array)
+        if dtype is None or dtype.kind not in "biuS" or dtype.fields is not None:
             raise pickle.UnpicklingError(
                 f"numpy dtype {spec!r} is not allowed in a verification .bin file"
             )
@@ -61,6 +64,8 @@ class _Array:
     """An array pickled by ``ndarray.__reduce__`` (``_reconstruct``, then its state):
     built from the state's raw bytes by :meth:`value`, after the load."""
 
+    array: np.ndarray | None = None
+
     def __init__(self, cls: object = None, shape: object = None, typecode: object = None) -> None:
         if cls is not _NdarrayType:
             raise pickle.UnpicklingError("only numpy arrays may be reconstructed in a .bin file")
@@ -80,7 +85,11 @@ class _Array:
 
 def _frombuffer(buffer: object, dtype: object, shape: object, order: object) -> np.ndarray:
     """``numpy._core.numeric._frombuffer`` (protocol 5 arrays) over a checked dtype."""
-    if not isinstance(dtype, _Dtype) or not isinstance(buffer, (bytes, bytearray)):
+    if (
+        not isinstance(dtype, _Dtype)
+        or dtype.dtype is None
+        or not isinstance(buffer, (bytes, bytearray))
+    ):
         raise pickle.UnpicklingError(
             "a numpy array in the .bin file has a dtype or data not allowed"
         )
@@ -145,7 +154,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def _plain(value: object) -> object:
-    """A loaded value with every :class:`_Array` made its numpy array."""
+    """A loaded value with every :class:`_Array` made its numpy array (a dtype or a
+    class where an image or a flag belongs is refused)."""
+    if isinstance(value, (_Dtype, type)):
+        raise pickle.UnpicklingError(f"a {type(value).__name__} where data belongs")
     return value.value() if isinstance(value, _Array) else value
 
 

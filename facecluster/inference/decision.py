@@ -163,7 +163,7 @@ class Calibration:
         ids, clusters = (t.to(s.device) for t in members)
         # an identity in two clusters (clustering.overlap) adds half its term to each, as
         # routed inference over every cluster counts it: each identity once in the total
-        share = torch.bincount(ids, minlength=len(s[0])).double()[ids].reciprocal()
+        share = torch.bincount(ids, minlength=s.shape[1]).double()[ids].reciprocal()
         right = right.to(s.device)
         temperatures = TEMPERATURES.tolist()
         mass = torch.zeros(len(temperatures), *right.shape, dtype=torch.float64, device=s.device)
@@ -191,6 +191,10 @@ class Calibration:
         not_mine: Tensor | None = None,
     ) -> None:
         """Add the mixture NLL of faces whose true cluster is the one scored here.
+
+        The cluster is scored alone, as routed inference at ``top_m=1`` (the default)
+        scores it: with ``clustering.overlap`` no member's class-mean term is shared
+        with another searched cluster (:func:`moe_scores`' ``share`` is 0).
 
         Args:
             subnet_cosine: ``[n, m]`` that cluster's sub-net cosines.

@@ -340,7 +340,7 @@ class TwoStageIdentifier(nn.Module):
         # others at once (the whole [rows, members] scores of every cluster, kept, were
         # 15 times a [B, C] matrix over every cluster at 20% overlap)
         summing = moe and empty_id is not None
-        shared_ids = self.assignment.overlap[:, 0].to(images.device) if summing else None
+        shared_ids = self._overlap_on(images.device)[0] if summing else None
         sims, shares = {}, {}  # moe: cluster c's faces' similarities to its class means
         if moe:  # each candidate cluster's log-probability, renormalised over the candidates
             log_mass = torch.empty(clusters.shape, device=images.device)
@@ -376,10 +376,12 @@ class TwoStageIdentifier(nn.Module):
                 shared = torch.isin(members, shared_ids)
                 if shared.any():
                     keep = (~shared).nonzero().squeeze(1)
-                    self._keep(
-                        best_score, best_id, best_similarity, best_cluster,
-                        (rows, members[keep], None, *(t[:, keep] for t in part[3:])), empty_id,
-                    )  # fmt: skip
+                    if len(keep):  # (a cluster may hold no identity of its own alone)
+                        self._keep(
+                            best_score, best_id, best_similarity, best_cluster,
+                            (rows, members[keep], None, *(t[:, keep] for t in part[3:])),
+                            empty_id,
+                        )  # fmt: skip
                     columns = shared.nonzero().squeeze(1)
                     parts.append(
                         (rows, members[columns], torch.arange(len(columns), device=score.device),
@@ -402,19 +404,33 @@ class TwoStageIdentifier(nn.Module):
         ``clustering.overlap``, log 2 where both of a member's clusters are searched).
         None when no member of ``c`` is in another cluster."""
         members = self.members(c)
-        overlap = self.assignment.overlap.to(members.device)
-        columns = torch.isin(members, overlap[:, 0]).nonzero().squeeze(1)
+        overlap_ids, overlap_keys = self._overlap_on(members.device)
+        columns = torch.isin(members, overlap_ids).nonzero().squeeze(1)
         if not len(columns):
             return None
         ids = members[columns]
         if every:  # every cluster searched: each member's clusters, one and its overlaps
-            held = 1 + torch.bincount(overlap[:, 0], minlength=int(ids.max()) + 1)[ids]
+            held = 1 + torch.bincount(overlap_ids, minlength=int(ids.max()) + 1)[ids]
             held = held.expand(len(candidates), -1)
-        else:
-            held = self.assignment.contains(ids[None, :, None], candidates[:, None, :]).sum(2)
+        else:  # the candidates that own the member or gain it by overlap
+            ids, searched = ids[None, :, None], candidates[:, None, :]
+            own = self.class_to_cluster[ids] == searched
+            gained = torch.isin(searched * self.assignment.num_classes + ids, overlap_keys)
+            held = (own | gained).sum(2)
         share = torch.zeros(len(candidates), len(members), device=members.device)
         share[:, columns] = -held.float().log()
         return share
+
+    def _overlap_on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``clustering.overlap``'s identities and their ``cluster * C + identity`` keys,
+        on ``device``: copied there once, not at every batch (the assignment stays on
+        the CPU)."""
+        cached = getattr(self, "_overlap_cache", None)  # (assignment, device, ids, keys)
+        if cached is None or cached[0] is not self.assignment or cached[2].device != device:
+            overlap = self.assignment.overlap.to(device)  # enrolment makes a new assignment
+            keys = overlap[:, 1] * self.assignment.num_classes + overlap[:, 0]
+            cached = self._overlap_cache = (self.assignment, device, overlap[:, 0], keys)
+        return cached[2], cached[3]
 
     @staticmethod
     def _keep(
