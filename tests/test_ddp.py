@@ -202,4 +202,5 @@ def test_a_run_resumes_and_evaluates_on_another_device_count(tmp_path):
     by_head = cluster_identities(saved.class_means, 3, "kmeans", seed=seed, features=rows)
     assert torch.equal(saved.class_to_cluster, by_head.class_to_cluster)
     report = evaluate_run(run_dir, ["eval.plots=false", "eval.timing_batches=1"])
-    assert report is not None
+    assert len(report.rows) == 4 and all(0.0 <= r.top1 <= 1.0 for r in report.rows)
+    assert report.rows[0].routing_accuracy is not None

@@ -65,7 +65,9 @@ def test_last_ckpt_holds_the_final_epoch_of_each_stage(finished_run, tmp_path):
 
 def test_every_checkpoint_carries_the_resolved_config(finished_run):
     run = finished_run.run_dir
-    for ckpt in [*run.glob("stage1/checkpoints/*.ckpt"), *run.glob("stage2/jobs/*/checkpoints/*")]:
+    ckpts = [*run.glob("stage1/checkpoints/*.ckpt"), *run.glob("stage2/jobs/*/checkpoints/*")]
+    assert len(ckpts) >= 4, ckpts  # best and last of each stage
+    for ckpt in ckpts:
         meta = torch.load(ckpt, map_location="cpu", weights_only=False)["facecluster"]
         assert meta["stage"] in (1, 2)
         assert meta["config"]["data"]["max_classes"] == 12

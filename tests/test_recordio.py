@@ -508,6 +508,13 @@ def test_documented_pack_then_train_commands(tmp_path):
     pack = [str(script), *PACK.split()[1:], str(out)]
     subprocess.run(pack, cwd=root, env=env, check=True, capture_output=True, timeout=300)
     assert (out / "property").read_text().startswith("5749,112,112")
+    # `python -m facecluster.data.pack SRC OUT` (DATA.md) is the same command
+    small, again = tmp_path / "small", tmp_path / "again"
+    for name in sorted(p.name for p in DEMO.iterdir())[:2]:
+        shutil.copytree(DEMO / name, small / name)
+    module = [sys.executable, "-m", "facecluster.data.pack", str(small), str(again)]
+    subprocess.run(module, cwd=root, env=env, check=True, capture_output=True, timeout=120)
+    assert (again / "property").read_text().startswith("2,")
     command = [sys.executable, *TRAIN_ON_REC.split()[1:]]
     command[-1] += str(out / "train.rec")
     command += [f"output_dir={tmp_path / 'runs'}", "logger=csv"]
