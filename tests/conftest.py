@@ -42,6 +42,19 @@ def run_script(script: str, *args: str) -> None:
         os.chdir(cwd)
 
 
+def run_documented(command: str, folder: Path, links: tuple[str, ...] = ("train.py", "configs")):
+    """A documented ``python ...`` command as written, in ``folder`` (its relative paths,
+    ``runs/`` among them, land there), with ``links`` to the repository's files; the
+    completed process (output captured)."""
+    import subprocess
+
+    for name in links:
+        (folder / name).symlink_to(ROOT / name)
+    env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
+    argv = [sys.executable, *command.split()[1:]]
+    return subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=480)
+
+
 def load_script(script: str) -> ModuleType:
     """A script of the repository (``bench/results.py``) as a module, for its functions."""
     path = ROOT / script

@@ -24,7 +24,7 @@ from facecluster.evaluation import evaluate_run
 from facecluster.models.components import load_backbone
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
-from tests.conftest import ROOT, smoke_overrides
+from tests.conftest import ROOT, run_documented, smoke_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
@@ -40,13 +40,7 @@ def test_documented_multi_device_command_runs_train_py_to_its_last_line(tmp_path
     # both stages, the results, and the evaluation that rank 0 runs alone.
     readme = (ROOT / "README.md").read_text()
     assert MULTI_DEVICE in " ".join(readme.replace("\\\n", " ").split())
-    for name in ("train.py", "configs"):
-        (tmp_path / name).symlink_to(ROOT / name)
-    env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
-    command = [sys.executable, *MULTI_DEVICE.split()[1:]]
-    proc = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=480
-    )
+    proc = run_documented(MULTI_DEVICE, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
     assert out.count("Evaluation on the held-out test split") == 1, out[-4000:]

@@ -91,6 +91,19 @@ def test_moe_scores_are_the_cluster_probability_times_the_mixture(top_m, weight)
         assert one.identity.item() == result.identity[i].item()
 
 
+def _overlap_identifier(identities: int, overlap: list[list[int]]) -> TwoStageIdentifier:
+    """A moe identifier over 4 clusters (identity i in cluster i % 4) of random 8-d class
+    means and heads, with ``overlap``'s (identity, cluster) rows."""
+    a = _assignment(torch.randn(identities, 8), [i % 4 for i in range(identities)])
+    a = a.with_overlap(torch.tensor(overlap))
+    heads = [F.normalize(torch.randn(len(a.classes_of(k)), 8), dim=1) for k in range(4)]
+    route = dict(ROUTE, **MOE, generalist_weight=0.4)
+    names = [f"id{i}" for i in range(identities)]
+    return TwoStageIdentifier(
+        BACKBONE, torch.nn.Identity(), [torch.nn.Identity()] * 4, heads, a, names, route
+    )
+
+
 @pytest.mark.parametrize("top_m", [1, 2, 4])
 def test_moe_sums_an_identity_over_its_two_searched_clusters(top_m):
     # clustering.overlap: identities 0, 3, 6, ... are also members of the next cluster.
@@ -98,14 +111,8 @@ def test_moe_sums_an_identity_over_its_two_searched_clusters(top_m):
     # (the calibration's router likelihood counts it so); keeping the larger term alone
     # left the candidates' probabilities summing to less than 1.
     torch.manual_seed(5)
-    a = _assignment(torch.randn(30, 8), [i % 4 for i in range(30)])
-    a = a.with_overlap(torch.tensor([[c, (c % 4 + 1) % 4] for c in range(0, 30, 3)]))
-    heads = [F.normalize(torch.randn(len(a.classes_of(k)), 8), dim=1) for k in range(4)]
-    route = dict(ROUTE, **MOE, generalist_weight=0.4)
-    names = [f"id{i}" for i in range(30)]
-    ident = TwoStageIdentifier(
-        BACKBONE, torch.nn.Identity(), [torch.nn.Identity()] * 4, heads, a, names, route
-    )
+    ident = _overlap_identifier(30, [[c, (c % 4 + 1) % 4] for c in range(0, 30, 3)])
+    a = ident.assignment
     queries = torch.randn(64, 8)
     result = ident.identify(queries, top_m=top_m, k=30)
     expected = _brute_force(ident, queries, result.clusters.tolist())
@@ -182,16 +189,8 @@ def test_moe_with_every_identity_in_two_clusters():
     # clustering.overlap=1: no cluster holds an identity of its own alone (the columns
     # merged at once were none, and an empty merge crashed every pass)
     torch.manual_seed(6)
-    a = _assignment(torch.randn(12, 8), [i % 4 for i in range(12)])
-    a = a.with_overlap(
-        torch.tensor(sorted(([(i + 1) % 4, i] for i in range(12)), key=lambda r: r))[:, [1, 0]]
-    )
-    heads = [F.normalize(torch.randn(len(a.classes_of(k)), 8), dim=1) for k in range(4)]
-    route = dict(ROUTE, **MOE, generalist_weight=0.4)
-    names = [f"id{i}" for i in range(12)]
-    ident = TwoStageIdentifier(
-        BACKBONE, torch.nn.Identity(), [torch.nn.Identity()] * 4, heads, a, names, route
-    )
+    rows = sorted(([(i + 1) % 4, i] for i in range(12)), key=lambda r: r)  # by cluster
+    ident = _overlap_identifier(12, [[i, c] for c, i in rows])
     queries = torch.randn(16, 8)
     for kwargs in ({"top_m": 1}, {"top_m": 2}, {"top_m": 4}, {"all_subnets": True}):
         result = ident.identify(queries, **kwargs)  # k=1: argmax over each cluster

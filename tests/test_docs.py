@@ -13,13 +13,11 @@ from __future__ import annotations
 import ast
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from facecluster.run import RunFolder
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_documented
 
 RUN = "run as written"
 FILLED = "run with its placeholders or data set filled in"
@@ -237,13 +235,7 @@ def test_the_readme_smoke_command_as_written(tmp_path):
     # README's first command after `make train`, as written, in a folder of its own:
     # both stages, the results table, the evaluation, the run folder as the last line.
     assert SMOKE_COMMAND in [command for page, command in documented_commands()]
-    for name in ("train.py", "configs", "datasets"):
-        (tmp_path / name).symlink_to(ROOT / name)
-    env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
-    command = [sys.executable, *SMOKE_COMMAND.split()[1:]]
-    proc = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=480
-    )
+    proc = run_documented(SMOKE_COMMAND, tmp_path, ("train.py", "configs", "datasets"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert proc.stdout.rstrip().splitlines()[-1] == f"facecluster run folder: {run_dir}"
