@@ -52,7 +52,6 @@ MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _HEADER = struct.Struct("<IfQQ")  # flag, label, id, id2: 24 bytes
 _LENGTH_MASK = (1 << 29) - 1
-_RECORD_START = struct.Struct("<III")  # magic, lrecord, then the payload header's flag
 FLOAT32_EXACT = 1 << 24
 """Integers above this are not all representable in float32."""
 HEADS_BLOCK = 1 << 18

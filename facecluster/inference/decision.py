@@ -261,7 +261,7 @@ def fuse(
     return (1.0 - alpha) * subnet_cosine + alpha * class_mean_similarity
 
 
-def sum_shared(parts: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]) -> None:
+def sum_shared(parts: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]) -> None:
     """``route.decision=moe`` with ``clustering.overlap``: an identity that two candidate
     clusters both score gets, in both, the sum of their probabilities, which is what the
     mixture gives it (and what :meth:`Calibration.update_router` counts a face routed
@@ -269,21 +269,19 @@ def sum_shared(parts: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Ten
     of the two terms (the first cluster in ``parts`` on a tie). In place.
 
     Args:
-        parts: one ``(rows, members, shared, score, close, source)`` per candidate
-            cluster: the images it scored (indices into the batch), its members' global
-            ids, the columns of those members that are in two clusters, and ``[rows,
-            members]`` its scores (log-probabilities), similarities and cluster id.
+        parts: one ``(rows, members, score, close, source)`` per candidate cluster, over
+            its members that are in another cluster too: the images it scored (indices
+            into the batch), those members' global ids, and ``[rows, members]`` their
+            scores (log-probabilities), similarities and cluster id.
     """
-    keys, scores, where = [], [], []
-    size = 1 + max((int(members.max()) for _, members, *_ in parts if len(members)), default=0)
-    for i, (rows, members, shared, score, _, _) in enumerate(parts):
-        if len(rows) and len(shared):
-            keys.append((rows[:, None] * size + members[shared][None, :]).flatten())
-            scores.append(score[:, shared].flatten())
-            where.append(i)
-    if not keys:
+    parts = [part for part in parts if len(part[0]) and len(part[1])]
+    if not parts:
         return
-    key, value = torch.cat(keys), torch.cat(scores)
+    size = 1 + max(int(members.max()) for _, members, *_ in parts)
+    key = torch.cat(
+        [(rows[:, None] * size + members[None, :]).flatten() for rows, members, *_ in parts]
+    )
+    value = torch.cat([score.flatten() for _, _, score, _, _ in parts])
     unique, inverse = torch.unique(key, return_inverse=True)
     top = value.new_full((len(unique),), -math.inf).scatter_reduce(0, inverse, value, "amax")
     shift = top.where(top.isfinite(), torch.zeros_like(top))  # all -inf: the sum is -inf
@@ -293,16 +291,14 @@ def sum_shared(parts: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Ten
     largest = value == top[inverse]
     first = torch.full_like(top, len(value), dtype=torch.long)
     first = first.scatter_reduce(0, inverse[largest], position[largest], "amin")[inverse]
-    closes = torch.cat([parts[i][4][:, parts[i][2]].flatten() for i in where])
-    sources = torch.cat([parts[i][5][:, parts[i][2]].flatten() for i in where])
+    closes = torch.cat([close.flatten() for *_, close, _ in parts])
+    sources = torch.cat([source.flatten() for *_, source in parts])
     start = 0
-    for i in where:
-        rows, _, shared, score, close, source = parts[i]
-        end = start + len(rows) * len(shared)
-        shape = (len(rows), len(shared))
-        score[:, shared] = summed[start:end].view(shape).to(score.dtype)
-        close[:, shared] = closes[first[start:end]].view(shape)
-        source[:, shared] = sources[first[start:end]].view(shape)
+    for _, _, score, close, source in parts:
+        end = start + score.numel()
+        score.copy_(summed[start:end].view(score.shape))
+        close.copy_(closes[first[start:end]].view(score.shape))
+        source.copy_(sources[first[start:end]].view(score.shape))
         start = end
 
 

@@ -371,22 +371,18 @@ class TwoStageIdentifier(nn.Module):
                 score = close = fuse(cosine, means, alpha)
             close = close.to(best_score.dtype)
             source = torch.tensor(c, device=score.device).expand(score.shape)
-            part = (rows, members, None, score, close, source)
+            part = (rows, members, score, close, source)
             if summing:  # the columns of identities in another cluster wait for sum_shared
                 shared = torch.isin(members, shared_ids)
                 if shared.any():
                     keep = (~shared).nonzero().squeeze(1)
                     if len(keep):  # (a cluster may hold no identity of its own alone)
+                        own = (rows, members[keep], *(t[:, keep] for t in part[2:]))
                         self._keep(
-                            best_score, best_id, best_similarity, best_cluster,
-                            (rows, members[keep], None, *(t[:, keep] for t in part[3:])),
-                            empty_id,
-                        )  # fmt: skip
-                    columns = shared.nonzero().squeeze(1)
-                    parts.append(
-                        (rows, members[columns], torch.arange(len(columns), device=score.device),
-                         score[:, columns], close[:, columns], source[:, columns].clone())
-                    )  # fmt: skip
+                            best_score, best_id, best_similarity, best_cluster, own, empty_id
+                        )
+                    columns = shared.nonzero().squeeze(1)  # indexed: copies, sum_shared's to write
+                    parts.append((rows, members[columns], *(t[:, columns] for t in part[2:])))
                     continue
             self._keep(best_score, best_id, best_similarity, best_cluster, part, empty_id)
         if summing:
@@ -425,12 +421,12 @@ class TwoStageIdentifier(nn.Module):
         """``clustering.overlap``'s identities and their ``cluster * C + identity`` keys,
         on ``device``: copied there once, not at every batch (the assignment stays on
         the CPU)."""
-        cached = getattr(self, "_overlap_cache", None)  # (assignment, device, ids, keys)
-        if cached is None or cached[0] is not self.assignment or cached[2].device != device:
+        cached = getattr(self, "_overlap_cache", None)  # (assignment, ids, keys)
+        if cached is None or cached[0] is not self.assignment or cached[1].device != device:
             overlap = self.assignment.overlap.to(device)  # enrolment makes a new assignment
             keys = overlap[:, 1] * self.assignment.num_classes + overlap[:, 0]
-            cached = self._overlap_cache = (self.assignment, device, overlap[:, 0], keys)
-        return cached[2], cached[3]
+            cached = self._overlap_cache = (self.assignment, overlap[:, 0], keys)
+        return cached[1], cached[2]
 
     @staticmethod
     def _keep(
@@ -442,7 +438,7 @@ class TwoStageIdentifier(nn.Module):
         empty_id: int | None,
     ) -> None:
         """Merge one cluster's scores (a ``parts`` entry of :meth:`identify`) into the lists."""
-        rows, members, _, score, close, source = part
+        rows, members, score, close, source = part
         carried = [(best_similarity, close), (best_cluster, source)]
         keep_top(best_score, best_id, rows, score.to(best_score.dtype), members, carried, empty_id)
 
