@@ -36,6 +36,7 @@ structure, so it is a property of this synthetic set, not a promise for real dat
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import subprocess
@@ -298,7 +299,7 @@ def routing(
         kind, *options = name.split(", ")
         start = time.perf_counter()
         if name == "ivf, ivf_codes=sq8":  # ivf's trained lists, 8-bit codes
-            router = Router(a.class_means, a.class_to_cluster, a.centroids, "flat", use_gpu=False)
+            router = copy.copy(built["ivf"][0])  # the same settings, another index
             router.index = _sq8_like(built["ivf"][0].index, means)
             seconds = built["ivf"][1] + time.perf_counter() - start
         else:
@@ -487,11 +488,14 @@ def _routing_section(r: dict, batch: int, topics: str) -> str:
     good = [
         (v["ms_per_query"], name)
         for name, v in r.items()
-        if v["ms_per_query"] <= 2.0 and v["agreement"] >= 0.995 and "exact" not in name
+        if v["ms_per_query"] <= 2.0 and v["agreement"] >= 0.995
     ]
     if good:
         ms, name = min(good)
         verdict = f"**Met** by `{name}`: {ms:.2f} ms per query."
+        if any(n == "flat (exact)" for _, n in good) and "exact" not in name:
+            exact = r["flat (exact)"]["ms_per_query"]
+            verdict += f" Exact search (`flat`) meets it too: {exact:.2f} ms per query."
     else:
         best = max(
             (v["agreement"], name) for name, v in r.items()
@@ -526,7 +530,12 @@ The goal is at most 2 ms per query with at least 99.5% agreement. {verdict}
   agreement on your own embeddings (`route.*` settings are evaluation-time options).
 - `hnsw` is faiss's graph index; `route.hnsw_ef_search` trades time for agreement.
 
-Exact search stays the default; `route.index` picks another (docs/EVALUATION.md).
+Exact search stays the default; `route.index` picks another (docs/EVALUATION.md). It
+needs no faiss: each cluster's class means are one block, and a query's score for a
+cluster is its best similarity in that block, one matrix product per cluster, so
+every cluster is ranked by its nearest class mean (the faiss `IndexFlatIP` search it
+replaced took 8.36 ms per query in this table's run of 2026-11-29, retrieved 64
+neighbours and ranked the other clusters by centroid).
 """
 
 

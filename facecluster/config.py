@@ -471,7 +471,8 @@ class RouteConfig:
     hnsw_ef_search: int = 256
     """HNSW candidates kept per search (more: slower, closer to exact; docs/SCALE.md)."""
     neighbours: int = 64
-    """Class means retrieved per query to rank the clusters (at least top_m * 8 are used)."""
+    """Class means an approximate index (clusters, ivf, hnsw) retrieves per query to rank
+    the clusters (at least top_m * 8 are used); flat compares every class mean."""
 
     def problems(self) -> list[str]:
         r = _Rules("route.")

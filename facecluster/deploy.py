@@ -135,7 +135,7 @@ def calibrate_run(
 
         dm = build_datamodule(cfg)
         run.check_identities(dm.class_names)
-    device = identifier.class_means.device
+    device = identifier.device
     loader = tqdm(dm.val_dataloader(), desc="fitting the decision unit", leave=False)
     params = identifier.calibrate(loader, lambda images: normalize_images(images.to(device)))
     run.save_calibration(params.to_route())
@@ -150,7 +150,7 @@ def unknown_threshold(
     unseen validation faces (``unseen``: their loader), identified where the identifier
     is. ``measured_fpir``: the share of them the threshold lets pass (at most ``fpir``;
     0 when they are fewer than ``1 / fpir``)."""
-    device = identifier.class_means.device
+    device = identifier.device
     scores = torch.cat(
         [
             identifier.identify(normalize_images(x[scored(y)].to(device))).similarity.cpu()

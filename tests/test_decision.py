@@ -47,7 +47,7 @@ def _brute_force(ident, queries, candidates):
         for k in candidates[i]:
             held[ident.members(k)] += 1
         logits = {
-            k: (q[i] @ ident.class_means[ident.members(k)].T) / p.router_temperature
+            k: (q[i] @ ident.assignment.class_means[ident.members(k)].T) / p.router_temperature
             - held[ident.members(k)].log()
             for k in candidates[i]
         }
@@ -78,7 +78,9 @@ def test_moe_scores_are_the_cluster_probability_times_the_mixture(top_m, weight)
     for i, j in enumerate(result.identity.tolist()):
         c = int(ident.class_to_cluster[j])
         row = int(ident.assignment.local_index[j])
-        close = (1 - weight) * (q[i] @ ident.head(c)[row]) + weight * (q[i] @ ident.class_means[j])
+        close = (1 - weight) * (q[i] @ ident.head(c)[row]) + weight * (
+            q[i] @ ident.assignment.class_means[j]
+        )
         assert result.similarity[i].item() == pytest.approx(close.item(), abs=1e-5)
     threshold = result.similarity.median().item()
     assert torch.equal(result.answer(threshold) == -1, result.similarity < threshold)

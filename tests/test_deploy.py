@@ -283,13 +283,14 @@ def test_enrolling_new_identities_without_retraining(open_run, exported, tmp_pat
         torch.stack([decode_image(str(p)) for p in sorted((people / name).iterdir())])
     )
     mean = F.normalize(torch_ident.embed(faces).mean(0), dim=0)
-    assert torch.allclose(torch_ident.class_means[new_id], mean, atol=1e-5)
+    assert torch.allclose(torch_ident.assignment.class_means[new_id], mean, atol=1e-5)
     k = int(torch_ident.class_to_cluster[new_id])
     assert torch_ident.members(k)[-1] == new_id
+    assert torch.allclose(torch_ident.means(k)[-1], mean, atol=1e-5)  # the decision unit's
     with torch.no_grad():
         row = F.normalize(F.normalize(torch_ident.subnets[k](faces), dim=1).mean(0), dim=0)
     assert torch.allclose(torch_ident.head(k)[-1], row, atol=1e-5)
-    assert torch.equal(torch_ident.class_means[:new_id], before.class_means)
+    assert torch.equal(torch_ident.assignment.class_means[:new_id], before.assignment.class_means)
     # both runtimes answer alike on the new identities' other faces
     images = normalize_images(torch.stack([decode_image(str(p)) for p in held_out[name]]))
     assert torch.equal(torch_ident.identify(images).identity, onnx_ident.identify(images).identity)

@@ -126,6 +126,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         FILLED,
         "tests/test_deploy.py::test_open_set_and_enrolment_benchmarks_run",
     ),
+    "python bench/routing_throughput.py --width 8 --image-size 32 --identities 1000000 "
+    "--batch 64 --shared-layers 0 --out bench/results/routing_1m.json": (
+        LEFT_OUT,
+        BENCH + " (13 GB of memory); tests/test_performance.py runs the script small",
+    ),
     "python bench/routing_throughput.py": (
         LEFT_OUT,
         BENCH + "; tests/test_performance.py runs it small",

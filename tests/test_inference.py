@@ -81,6 +81,56 @@ def test_router_picks_the_cluster_of_the_nearest_class_mean_and_ranks_top_m():
         router.route(query, 4)
 
 
+def test_flat_router_ranks_every_cluster_by_its_best_class_mean():
+    # index=flat compares every class mean: a cluster's rank is its best member's
+    # similarity, down to the last cluster, also where none of its members is among the
+    # query's nearest 64 (the faiss search it replaced ranked those by centroid)
+    torch.manual_seed(0)
+    means = F.normalize(torch.randn(600, 16), dim=1)
+    a = cluster_identities(means, 12, "kmeans", seed=0)
+    router = Router(a.class_means, a.class_to_cluster, a.centroids, "flat")
+    queries = F.normalize(torch.randn(100, 16), dim=1)
+    sims = queries @ a.class_means.T
+    best = torch.stack([sims[:, a.classes_of(k)].amax(1) for k in range(12)], dim=1)
+    expected = torch.sort(best, dim=1, descending=True, stable=True).indices
+    assert torch.equal(router.route(queries, 12), expected)
+    # blocks of class means at a time give the same ranks
+    import facecluster.inference.router as router_module
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(router_module, "_BLOCK", 1)  # 1,024 class means per product
+        big = F.normalize(torch.randn(5000, 16), dim=1)
+        b = ClusterAssignment.from_labels(torch.arange(5000) % 3, big, "random")
+        blocked = Router(b.class_means, b.class_to_cluster, b.centroids, "flat")
+        best = torch.stack(
+            [(queries @ b.class_means[b.classes_of(k)].T).amax(1) for k in range(3)], dim=1
+        )
+        expected = torch.sort(best, dim=1, descending=True, stable=True).indices
+        assert torch.equal(blocked.route(queries, 3), expected)
+
+
+def test_the_decision_unit_reads_each_clusters_class_means_in_member_order():
+    # means(k) holds cluster k's class means in members(k) order (the moe terms' columns):
+    # views of the flat router's blocks, copies with clustering.overlap; enrolment
+    # extends them
+    torch.manual_seed(0)
+    means = F.normalize(torch.randn(30, 8), dim=1)
+    ident = _identifier(means, [i % 3 for i in range(30)])
+    grouped = ident.router.grouped
+    for k in range(3):
+        assert torch.equal(ident.means(k), ident.assignment.class_means[ident.members(k)])
+        assert ident.means(k).untyped_storage().data_ptr() == grouped.untyped_storage().data_ptr()
+    a = _assignment(means, [i % 3 for i in range(30)]).with_overlap(torch.tensor([[0, 1], [4, 2]]))
+    heads = [a.class_means[a.classes_of(k)] for k in range(3)]
+    shared = TwoStageIdentifier(
+        BACKBONE, nn.Identity(), [nn.Identity() for _ in range(3)], heads, a,
+        [f"id{i}" for i in range(30)], dict(ROUTE),
+    )  # fmt: skip
+    for k in range(3):
+        assert torch.equal(shared.means(k), a.class_means[a.classes_of(k)])
+    assert 0 in shared.members(1).tolist() and 4 in shared.members(2).tolist()
+
+
 def test_cluster_lists_index_holds_each_class_mean_in_its_own_cluster():
     # index=clusters: the clustering's clusters are the inverted lists. Probing all of
     # them is exact search; probing one searches only the nearest centroid's cluster.
@@ -223,7 +273,7 @@ def test_ism_equals_brute_force_over_every_subnet(alpha):
     for k in range(ident.num_clusters):
         members = ident.members(k)
         scores[:, members] = (1 - alpha) * (q @ ident.head(k).T) + alpha * (
-            q @ ident.class_means[members].T
+            q @ ident.assignment.class_means[members].T
         )
     result = ident.identify(queries, alpha=alpha, all_subnets=True)
     assert torch.equal(result.identity, scores.argmax(1))
@@ -514,7 +564,7 @@ def test_an_exported_router_index_is_read_not_built_again(
 
     ident = TwoStageIdentifier.from_run(finished_run, route={"index": index})
     path = ident.export(tmp_path / "identifier.pt")
-    queries = torch.randn(50, ident.class_means.shape[1])
+    queries = torch.randn(50, ident.assignment.class_means.shape[1])
     with pytest.MonkeyPatch.context() as patch:
         for builder in ("build_index", "cluster_lists_index"):
             patch.setattr(router_module, builder, lambda *a, **k: pytest.fail("built again"))
@@ -671,7 +721,8 @@ def test_enrolment_embeds_a_person_in_batches_with_the_same_rows():
     assert seen[:4] == [3, 3, 3, 1]  # the class mean's pass (then the router's index)
     k, new = clusters["new"], ident.class_names.index("new")
     expected = F.normalize(F.normalize(faces["new"], dim=1).mean(0), dim=0)
-    assert torch.allclose(ident.class_means[new], expected, atol=1e-6)
+    assert torch.allclose(ident.assignment.class_means[new], expected, atol=1e-6)
+    assert torch.allclose(ident.means(k)[-1], expected, atol=1e-6)  # the decision unit's
     assert torch.allclose(ident.head(k)[-1], expected, atol=1e-6)  # identity sub-nets
 
 
@@ -694,12 +745,14 @@ def test_enrolment_takes_one_person_at_a_time_and_changes_nothing_until_all_are_
     assert a == b and len(held) == 12
     for name in people:
         i, j = forward.class_names.index(name), backward.class_names.index(name)
-        assert torch.equal(forward.class_means[i], backward.class_means[j])
-    before = (list(forward.class_names), forward.class_means.clone())
+        assert torch.equal(forward.assignment.class_means[i], backward.assignment.class_means[j])
+    before = (list(forward.class_names), forward.assignment.class_means.clone())
     again = iter([("q", torch.randn(3, 8)), ("p0", torch.randn(3, 8))])
     with pytest.raises(ValueError, match="'p0' is enrolled already"):
         forward.enroll(again)
-    assert forward.class_names == before[0] and torch.equal(forward.class_means, before[1])
+    assert forward.class_names == before[0] and torch.equal(
+        forward.assignment.class_means, before[1]
+    )
     with pytest.raises(ValueError, match="'r' is given twice"):
         forward.enroll(iter([("r", torch.randn(3, 8)), ("r", torch.randn(3, 8))]))
 

@@ -102,7 +102,7 @@ def export_onnx(identifier: TwoStageIdentifier, folder: str | Path) -> list[Path
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "identifier.json").unlink(missing_ok=True)  # unfinished until rewritten
     size = identifier.backbone_args["image_size"]
-    example = (torch.zeros(2, 3, size, size, device=identifier.class_means.device),)
+    example = (torch.zeros(2, 3, size, size, device=identifier.device),)
     batch = torch.export.Dim("batch")
     networks = {"router": identifier.router_backbone}
     networks |= {f"subnet{k}": net for k, net in enumerate(identifier.subnets)}

@@ -2,20 +2,21 @@
 
 Ahmadi & Dianat (JSDP 2024): the clustering unit groups identities by their
 class-mean embeddings, so a test face's cluster can be found by comparing its
-stage-1 embedding with the class means. The router searches the class means with
-faiss (Johnson et al., "Billion-scale similarity search with GPUs", 2019) and
-ranks each cluster by the similarity of its best class mean among the retrieved
-neighbours; the ``top_m`` best clusters are the candidates. Routing works for any
-partition, random ones included (then it is no better than luck at picking the
-cluster, which is the point of comparing them).
+stage-1 embedding with the class means. The router ranks each cluster by the
+similarity of its best class mean: over all of them (``flat``, exact), or among the
+neighbours an approximate faiss index retrieves (Johnson et al., "Billion-scale
+similarity search with GPUs", 2019); the ``top_m`` best clusters are the candidates.
+Routing works for any partition, random ones included (then it is no better than luck
+at picking the cluster, which is the point of comparing them).
 
-Index types: ``flat`` (exact inner product, the default), ``clusters`` (inverted
+Index types: ``flat`` (exact: every class mean, the default; a matrix product per
+cluster over the class means stored cluster by cluster, no faiss), ``clusters`` (inverted
 lists that are the clustering's own clusters: the K centroids are the coarse
 quantizer and each class mean sits in its cluster's list, so nothing is trained
 again and a probe visits whole clusters; for hundreds of thousands of identities),
 ``ivf`` (faiss's own k-means lists) and ``hnsw`` (graph); IVF lists hold float32
 vectors or 8-bit codes (``ivf_codes``). With faiss-gpu installed and a CUDA device
-present, flat and ivf-type indexes move to the GPU.
+present, ivf-type indexes move to the GPU.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ import faiss
 import numpy as np
 import torch
 from torch import Tensor
+
+_BLOCK = 1 << 24
+"""Similarities the flat router computes at once (64 MB of float32)."""
 
 
 def _to_numpy(x: Tensor) -> np.ndarray:
@@ -135,10 +139,12 @@ class Router:
         centroids: [K, d] L2-normalised cluster centroids (ranks clusters that no
             retrieved neighbour belongs to, after all retrieved ones).
         index: flat, clusters, ivf or hnsw.
-        neighbours: class means retrieved per query (at least ``top_m * 8``).
+        neighbours: class means an approximate index retrieves per query (at least
+            ``top_m * 8``; ``flat`` compares every class mean).
         ivf_nlist, ivf_nprobe, ivf_codes, lists_per_cluster, hnsw_m, hnsw_ef_search:
             index settings (lists_per_cluster: index=clusters only).
-        use_gpu: None: faiss GPU when available.
+        use_gpu: None: on the GPU when available (``flat``: a CUDA device; the faiss
+            indexes: faiss-gpu too).
         prebuilt: an index of these settings over these class means, as
             :meth:`serialized` gave it: read instead of built (an ivf or hnsw index over
             360K identities took 1.5 to 6 minutes to build, docs/SCALE.md).
@@ -166,7 +172,19 @@ class Router:
         self.num_classes = class_means.shape[0]
         self.neighbours = neighbours
         self.kind = index
-        if prebuilt is not None:
+        if index == "flat":
+            # Each cluster's class means in one block: a query's best similarity in a
+            # cluster is one matrix product and a max over its block. faiss's IndexFlatIP
+            # took 8.36 ms per query against 1.77 at 360K x 512, K=64, batch 256 (docs/
+            # SCALE.md), and ranked clusters without a retrieved neighbour by centroid
+            if use_gpu is None:
+                use_gpu = torch.cuda.is_available()
+            order = torch.sort(self.class_to_cluster, stable=True).indices
+            grouped = class_means.detach().float().cpu()[order].contiguous()
+            self.grouped = grouped.cuda() if use_gpu else grouped
+            sizes = torch.bincount(self.class_to_cluster, minlength=self.num_clusters)
+            self.bounds = [0, *torch.cumsum(sizes, 0).tolist()]
+        elif prebuilt is not None:
             self.index = faiss.deserialize_index(np.ascontiguousarray(prebuilt, dtype=np.uint8))
             if (self.index.ntotal, self.index.d) != tuple(class_means.shape):
                 raise ValueError(
@@ -223,6 +241,9 @@ class Router:
             return self._cluster_scores(queries, top_m)
 
     def _cluster_scores(self, queries: Tensor, top_m: int) -> Tensor:
+        if self.kind == "flat":
+            q = queries.detach().float().to(self.grouped.device)
+            return self._exact_scores(torch.nn.functional.normalize(q, dim=1)).cpu()
         q = torch.nn.functional.normalize(queries.detach().float().cpu(), dim=1)
         k = min(self.num_classes, max(self.neighbours, 8 * top_m))
         sims, ids = self.index.search(_to_numpy(q), k)
@@ -235,6 +256,18 @@ class Router:
             1, clusters, sims, reduce="amax"
         )
         return torch.maximum(scores, retrieved)
+
+    def _exact_scores(self, q: Tensor) -> Tensor:
+        """``flat``: each cluster's best class-mean similarity, over all its members (an
+        empty cluster: centroid similarity - 4, last)."""
+        scores = q @ self.centroids.to(q.device).T - 4.0
+        rows = max(1024, _BLOCK // max(1, len(q)))  # [B, rows] similarities at a time
+        for c in range(self.num_clusters):
+            start, end = self.bounds[c], self.bounds[c + 1]
+            for first in range(start, end, rows):
+                block = (q @ self.grouped[first : min(end, first + rows)].T).amax(dim=1)
+                scores[:, c] = block if first == start else torch.maximum(scores[:, c], block)
+        return scores
 
     def route(self, queries: Tensor, top_m: int = 1) -> Tensor:
         """[B, top_m] cluster ids, best first; ties go to the lower cluster id."""
