@@ -112,7 +112,8 @@ def test_flat_router_ranks_every_cluster_by_its_best_class_mean():
 def test_the_decision_unit_reads_each_clusters_class_means_in_member_order():
     # means(k) holds cluster k's class means in members(k) order (the moe terms' columns):
     # views of the flat router's blocks, copies with clustering.overlap; enrolment
-    # extends them
+    # extends them (test_enrolment_embeds_a_person_in_batches_with_the_same_rows); not
+    # in the state dict
     torch.manual_seed(0)
     means = F.normalize(torch.randn(30, 8), dim=1)
     ident = _identifier(means, [i % 3 for i in range(30)])
@@ -120,6 +121,7 @@ def test_the_decision_unit_reads_each_clusters_class_means_in_member_order():
     for k in range(3):
         assert torch.equal(ident.means(k), ident.assignment.class_means[ident.members(k)])
         assert ident.means(k).untyped_storage().data_ptr() == grouped.untyped_storage().data_ptr()
+    assert not any("means" in key for key in ident.state_dict())
     a = _assignment(means, [i % 3 for i in range(30)]).with_overlap(torch.tensor([[0, 1], [4, 2]]))
     heads = [a.class_means[a.classes_of(k)] for k in range(3)]
     shared = TwoStageIdentifier(

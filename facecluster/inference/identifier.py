@@ -204,19 +204,21 @@ class TwoStageIdentifier(nn.Module):
         )
 
     def _set_means(self) -> None:
-        """Buffers ``means{k}``: cluster ``k``'s class means in ``members(k)`` order, one
-        block each, so that the decision unit's similarities to a candidate cluster are one
-        matrix product (gathering its rows at each call took 91-123 ms at 1M x 512, K=8,
-        against 10-61 ms for the product, batch 1 and 64, one-off measurement). Under the
-        flat router and without ``clustering.overlap`` they are views of the router's own
-        blocks: no copy; otherwise a copy (C x d more, 4 GB at 2M x 512, computed)."""
-        views = self.router.kind == "flat" and not len(self.assignment.overlap)
-        for k in range(self.num_clusters):
-            if views:
-                block = self.router.grouped[self.router.bounds[k] : self.router.bounds[k + 1]]
-            else:
-                block = self.assignment.class_means[self.members(k).cpu()].float()
-            self.register_buffer(f"means{k}", block.to(self.device))
+        """The buffer ``grouped_means``: each cluster's class means in ``members(k)``
+        order, one block after another (:meth:`means` slices it), so that the decision
+        unit's similarities to a candidate cluster are one matrix product (gathering its
+        rows at each call took 91-123 ms at 1M x 512, K=8, against 10-61 ms for the
+        product, batch 1 and 64, one-off measurement). Under the flat router and without
+        ``clustering.overlap`` it is the router's own blocks while both are on the CPU:
+        no copy; otherwise a copy (C x d more, 4 GB at 2M x 512, computed). Not saved in
+        ``state_dict`` (it is the assignment's)."""
+        members = [self.members(k).cpu() for k in range(self.num_clusters)]
+        if self.router.kind == "flat" and not len(self.assignment.overlap):
+            grouped = self.router.grouped
+        else:
+            grouped = self.assignment.class_means[torch.cat(members)].float()
+        self.register_buffer("grouped_means", grouped.to(self.device), persistent=False)
+        self._means_bounds = [0, *np.cumsum([len(m) for m in members]).tolist()]
 
     @property
     def device(self) -> torch.device:
@@ -234,8 +236,8 @@ class TwoStageIdentifier(nn.Module):
         return getattr(self, f"members{k}")
 
     def means(self, k: int) -> Tensor:
-        """``[len(members(k)), d]`` the class means of cluster ``k``'s members."""
-        return getattr(self, f"means{k}")
+        """``[len(members(k)), d]`` the class means of cluster ``k``'s members, a view."""
+        return self.grouped_means[self._means_bounds[k] : self._means_bounds[k + 1]]
 
     def head_rows(self, k: int) -> Tensor:
         """Sub-net ``k``'s head as trained: its identities' rows, then its "not mine"

@@ -143,8 +143,7 @@ class Router:
             ``top_m * 8``; ``flat`` compares every class mean).
         ivf_nlist, ivf_nprobe, ivf_codes, lists_per_cluster, hnsw_m, hnsw_ef_search:
             index settings (lists_per_cluster: index=clusters only).
-        use_gpu: None: on the GPU when available (``flat``: a CUDA device; the faiss
-            indexes: faiss-gpu too).
+        use_gpu: None: faiss GPU when available (not ``flat``, which runs on the CPU).
         prebuilt: an index of these settings over these class means, as
             :meth:`serialized` gave it: read instead of built (an ivf or hnsw index over
             360K identities took 1.5 to 6 minutes to build, docs/SCALE.md).
@@ -176,12 +175,12 @@ class Router:
             # Each cluster's class means in one block: a query's best similarity in a
             # cluster is one matrix product and a max over its block. faiss's IndexFlatIP
             # took 8.36 ms per query against 1.77 at 360K x 512, K=64, batch 256 (docs/
-            # SCALE.md), and ranked clusters without a retrieved neighbour by centroid
-            if use_gpu is None:
-                use_gpu = torch.cuda.is_available()
+            # SCALE.md), and ranked clusters without a retrieved neighbour by centroid.
+            # On the CPU, as faiss-cpu's search was, wherever the identifier runs
+            if prebuilt is not None:
+                raise ValueError("index=flat is built from the class means, not read")
             order = torch.sort(self.class_to_cluster, stable=True).indices
-            grouped = class_means.detach().float().cpu()[order].contiguous()
-            self.grouped = grouped.cuda() if use_gpu else grouped
+            self.grouped = class_means.detach().float().cpu()[order].contiguous()
             sizes = torch.bincount(self.class_to_cluster, minlength=self.num_clusters)
             self.bounds = [0, *torch.cumsum(sizes, 0).tolist()]
         elif prebuilt is not None:
@@ -241,10 +240,9 @@ class Router:
             return self._cluster_scores(queries, top_m)
 
     def _cluster_scores(self, queries: Tensor, top_m: int) -> Tensor:
-        if self.kind == "flat":
-            q = queries.detach().float().to(self.grouped.device)
-            return self._exact_scores(torch.nn.functional.normalize(q, dim=1)).cpu()
         q = torch.nn.functional.normalize(queries.detach().float().cpu(), dim=1)
+        if self.kind == "flat":
+            return self._exact_scores(q)
         k = min(self.num_classes, max(self.neighbours, 8 * top_m))
         sims, ids = self.index.search(_to_numpy(q), k)
         sims, ids = torch.from_numpy(sims), torch.from_numpy(ids)
@@ -260,7 +258,7 @@ class Router:
     def _exact_scores(self, q: Tensor) -> Tensor:
         """``flat``: each cluster's best class-mean similarity, over all its members (an
         empty cluster: centroid similarity - 4, last)."""
-        scores = q @ self.centroids.to(q.device).T - 4.0
+        scores = q @ self.centroids.T - 4.0
         rows = max(1024, _BLOCK // max(1, len(q)))  # [B, rows] similarities at a time
         for c in range(self.num_clusters):
             start, end = self.bounds[c], self.bounds[c + 1]
