@@ -14,7 +14,11 @@ decoder on the data set's JPEG bytes in a tight loop, in as many processes decod
 at once (one for ``num_workers=0``; see :func:`ceiling`). ``device_decode`` times
 that setting's batched decode on ``--decode-device`` (nvJPEG on a GPU, libjpeg-turbo
 on the CPU). Each loader figure is the steady rate, after one batch per batch slot.
-A round measures the ``.rec`` loader between two ceiling measurements and divides by
+The ``.rec`` loader is timed twice: in the first epoch of a new data module
+(``rec_first_epoch``), which checks each record's JPEG header before it decodes it in
+place, and in its second epoch (``rec``), what the rest of a training run sees: the
+records that passed are not checked again (``BadImageTracker.mark_fast``).
+A round measures the ``.rec`` loaders between two ceiling measurements and divides by
 their mean, because the rate of this shared machine drifts by 10-25% over a minute;
 each figure is the median over ``--rounds`` rounds (ratios: the median of the rounds'
 own ratios).
@@ -144,10 +148,13 @@ def loader_rate(
     batch_size: int,
     decode: str = "cpu",
     per_item: bool = False,
+    later_epoch: bool = False,
 ) -> float:
     """Images/s of the stage-1 training loader; ``per_item``: the same dataset through
     DataLoader's default path instead (``dataset[i]`` per image, ``default_collate``,
-    each batch in fresh memory), what the loaders did before reused batch buffers."""
+    each batch in fresh memory), what the loaders did before reused batch buffers;
+    ``later_epoch``: timed in its second epoch (a ``.rec``'s JPEG headers are checked
+    in the first only, ``BadImageTracker.mark_fast``)."""
     dm = FaceDataModule(
         str(root),
         image_size=112,
@@ -168,6 +175,9 @@ def loader_rate(
         loader = DataLoader(
             loader.dataset, batch_size, shuffle=True, drop_last=True, num_workers=workers
         )
+    if later_epoch:
+        for _ in loader:
+            pass
     it = iter(loader)
     for _ in range(warmup):  # workers started, slots in use
         next(it)
@@ -189,7 +199,8 @@ def measure_round(
     """One round at ``workers``: the ``.rec`` loader between two ceiling measurements (the
     machine's speed drifts; the ratio is to their mean), then the other loaders."""
     before = ceiling(jpegs, max(1, workers), seconds)
-    rec_rate = loader_rate(rec, workers, batches, batch_size)
+    first = loader_rate(rec, workers, batches, batch_size)
+    rec_rate = loader_rate(rec, workers, batches, batch_size, later_epoch=True)
     after = ceiling(jpegs, max(1, workers), seconds)
     folder = loader_rate(root, workers, batches, batch_size)
     per_item = loader_rate(rec, workers, batches, batch_size, per_item=True)
@@ -206,10 +217,12 @@ def measure_round(
         ),
         "folder": folder,
         "rec": rec_rate,
+        "rec_first_epoch": first,
         "rec_per_item": per_item,
         # data.decode=device: the loader reads and ships the JPEG bytes
         "rec_bytes": loader_rate(rec, workers, batches, batch_size, decode="device"),
         "rec_vs_ceiling": rec_rate / ((before + after) / 2),
+        "rec_first_epoch_vs_ceiling": first / ((before + after) / 2),
         "folder_vs_ceiling": folder / ((before + after) / 2),
         "rec_vs_folder": rec_rate / folder,
         "rec_vs_per_item": rec_rate / per_item,

@@ -657,3 +657,58 @@ def test_labels_that_are_not_identities_are_named_by_key_and_offset(tmp_path):
     rf = _write(tmp_path, {0: pack([1.0, 1.0]), 1: pack(np.int64(0), _jpeg(1))})
     with pytest.raises(RecordError, match=r"key 0 \(the header record\): its identity records"):
         image_layout(rf)
+
+
+def test_a_records_jpeg_header_is_checked_once_a_run(tmp_path, monkeypatch):
+    # the in-place decode reads a record's JPEG header the first time only: a record
+    # that passed is flagged in the shared tracker and later epochs decode it straight
+    # away, to the same pixels; a CMYK record never passes and keeps Pillow's pixels
+    from torch.utils.data import DataLoader
+
+    from facecluster.data import images as images_module
+    from facecluster.data.batches import BatchBuffers
+    from facecluster.data.datamodule import collated
+    from facecluster.data.pack import pack_folder
+
+    person = tmp_path / "faces" / "someone"
+    person.mkdir(parents=True)
+    jpegs = sorted((DEMO / sorted(p.name for p in DEMO.iterdir())[0]).glob("*.jpg"))
+    for k, jpeg in enumerate(jpegs[:6]):
+        shutil.copyfile(jpeg, person / f"{k}.jpg")
+    Image.open(jpegs[6]).convert("CMYK").save(person / "cmyk.jpg")
+    rec = pack_folder(tmp_path / "faces", tmp_path / "rec")
+    dm = FaceDataModule(str(rec), val_fraction=0.0, test_fraction=0.0, min_images_per_class=1)
+    dataset = dm._dataset("train", dm._split_indices("train"), train=False)
+    dataset.buffers = BatchBuffers(3, (4, 112, 112, 3), shared=False)
+    walked = []
+    frame = images_module._frame
+    monkeypatch.setattr(images_module, "_frame", lambda data: walked.append(1) or frame(data))
+
+    def epoch() -> list:
+        loader = DataLoader(dataset, batch_size=4, collate_fn=collated)
+        return [(images.clone(), labels) for images, labels in loader]
+
+    first, walks = epoch(), len(walked)
+    assert walks == 7  # every record's header, once
+    _, fast = dm._tracker.states(dataset.sample_ids)
+    assert fast.sum() == 6  # the CMYK one never passes
+    second = epoch()
+    assert len(walked) - walks == 1  # the CMYK record's only
+    for (a, y), (b, z) in zip(first, second, strict=True):
+        assert torch.equal(a, b) and torch.equal(y, z)
+    cmyk = next(i for i in range(len(dataset)) if frame(dataset._read(i))[3] == 4)
+    expected = np.array(Image.open(person / "cmyk.jpg").convert("RGB"))
+    assert np.array_equal(torch.cat([a for a, _ in second])[cmyk].numpy(), expected)
+    assert dm._tracker.count() == 0 and dm.bad_images() == []
+
+
+def test_a_broken_flag_outranks_and_outlasts_a_passed_one():
+    from facecluster.data.images import BadImageTracker
+
+    tracker = BadImageTracker(["a", "b", "c"])
+    tracker.mark_fast(np.array([0, 1]))
+    tracker.mark(1, OSError("broken since"))  # (a file may be replaced between epochs)
+    bad, fast = tracker.states(np.array([0, 1, 2]))
+    assert bad.tolist() == [False, True, False] and fast.tolist() == [True, False, False]
+    assert tracker.count() == 1 and tracker.bad_paths() == ["b"] and tracker.is_bad(1)
+    assert int(tracker.flags.max()) == int(tracker.flags[1])  # merge's all-reduce MAX keeps it

@@ -342,23 +342,31 @@ class FaceImageDataset(Dataset):
         positions = index.tolist()
         if self.records is None or self.samples.keys is None:  # files, or named records
             sources = [self._peek(i) for i in positions]
+            checked = [False] * len(positions)
         else:  # the batch's lookups at once: per image, only a view and the decode
-            bad = self.tracker.bad(self.sample_ids[index]).tolist()
+            bad, checked = self.tracker.states(self.sample_ids[index])
             views = self.records.views(self.samples.keys[index])
-            sources = [None if b else v for b, v in zip(bad, views, strict=True)]
-        ignored = []
-        for j, (i, data) in enumerate(zip(positions, sources, strict=True)):
+            sources = [None if b else v for b, v in zip(bad.tolist(), views, strict=True)]
+            checked = checked.tolist()  # decoded in place before: no header checks again
+        passed, ignored = [], []
+        for j, (i, data, known) in enumerate(zip(positions, sources, checked, strict=True)):
             out = images[j]
-            if data is None or not decode_jpeg_into(data, out):  # PNG, other size, broken
-                image = self._load(i, data=data)  # read once
-                if image is None:
-                    image = self._substitute(i)
-                if image is None:  # an evaluation face nothing replaces
-                    image = self._blank()
-                    ignored.append(j)
-                if image.shape[:2] != (size, size):
-                    image = self.transform(image, False)[0]
-                out[...] = image.numpy()
+            if data is not None and decode_jpeg_into(data, out, known):
+                passed.append(j)
+                continue
+            image = self._load(i, data=data)  # PNG, other size, broken: read once
+            if image is None:
+                image = self._substitute(i)
+            if image is None:  # an evaluation face nothing replaces
+                image = self._blank()
+                ignored.append(j)
+            if image.shape[:2] != (size, size):
+                image = self.transform(image, False)[0]
+            out[...] = image.numpy()
+        if passed and self.records is not None:
+            # a record's bytes cannot change while the file is mapped (a file on disk
+            # could be replaced between epochs): its header is read once a run
+            self.tracker.mark_fast(self.sample_ids[index[passed]])
         labels = self.samples.labels[index]
         labels = labels if self._label_map is None else self._label_map[labels]
         if ignored or padding.any():

@@ -90,21 +90,23 @@ _FAST_COLORSPACES = ("YCbCr", "Gray", "RGB")
 _MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 2**62
 
 
-def decode_jpeg_into(data: bytes | memoryview, out: np.ndarray) -> bool:
+def decode_jpeg_into(data: bytes | memoryview, out: np.ndarray, checked: bool = False) -> bool:
     """Decode ``data`` straight into ``out`` (a writable ``uint8[H, W, 3]``) when it is a
     JPEG of exactly that size that :func:`decode_image` would hand to libjpeg-turbo;
     False otherwise (a PNG, another size, CMYK, broken bytes), and ``out`` then holds
-    nothing useful.
+    nothing useful. ``checked``: these very bytes passed before (a ``.rec`` record
+    flagged :meth:`BadImageTracker.mark_fast`): the frame header is not read again.
 
     The loaders' per-image path: the frame header read in Python (:func:`_frame`, 60%
     of the time of libjpeg-turbo's header parse, which the decode does again anyway)
     and one decode into the batch, no tensor, no copy of ``data`` (a memoryview into a
     mapped ``.rec`` will do).
     """
-    frame = _frame(data) if data[:2] == _JPEG_START else None
-    # one or three components: gray, YCbCr or RGB (four: CMYK/YCCK, converted as PIL does)
-    if frame is None or (frame[1], frame[2], 3) != out.shape or frame[3] not in (1, 3):
-        return False
+    if not checked:
+        frame = _frame(data) if data[:2] == _JPEG_START else None
+        # one or three components: gray, YCbCr or RGB (four: CMYK/YCCK, as PIL converts)
+        if frame is None or (frame[1], frame[2], 3) != out.shape or frame[3] not in (1, 3):
+            return False
     try:
         decoded = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
     except ValueError:  # truncated or corrupt: decode_image decides and words the error
@@ -373,8 +375,16 @@ def scored(labels: torch.Tensor) -> torch.Tensor:
     return labels != IGNORED
 
 
+_FAST, _BAD = 1, 2
+"""A sample's flag besides 0 (not seen yet): its bytes passed the in-place decode's
+checks before (``.rec`` records, whose bytes cannot change: :meth:`BadImageTracker.mark_fast`),
+or broken (the larger, so that :meth:`BadImageTracker.merge`'s maximum keeps it)."""
+
+
 class BadImageTracker:
-    """Per-sample "known broken" flags shared by a datamodule's datasets and their workers.
+    """Per-sample "known broken" flags shared by a datamodule's datasets and their workers;
+    for ``.rec`` records also "decoded in place before", so that later epochs skip the
+    JPEG header checks (:func:`decode_jpeg_into`'s ``checked``).
 
     Args:
         paths: Every sample path (``FaceFolder.samples`` order); flag ``i`` is ``paths[i]``.
@@ -391,8 +401,8 @@ class BadImageTracker:
 
     def mark(self, sample_id: int, error: BaseException) -> None:
         """Flag a sample as broken, logging it the first time."""
-        if int(self.flags[sample_id]) == 0:
-            self.flags[sample_id] = 1
+        if int(self.flags[sample_id]) != _BAD:
+            self.flags[sample_id] = _BAD
             logger.warning(
                 "data.on_bad_image=skip: cannot decode %s (%s: %s); it is replaced by another "
                 "image of the same identity",
@@ -402,11 +412,21 @@ class BadImageTracker:
             )
 
     def is_bad(self, sample_id: int) -> bool:
-        return bool(self._flags()[sample_id])
+        return bool(self._flags()[sample_id] == _BAD)
 
     def bad(self, sample_ids: np.ndarray) -> np.ndarray:
         """:meth:`is_bad` of each of ``sample_ids``, as a bool array."""
-        return self._flags()[sample_ids] != 0
+        return self._flags()[sample_ids] == _BAD
+
+    def states(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Bool arrays: which of ``sample_ids`` are broken, and which were decoded in
+        place before (:meth:`mark_fast`)."""
+        flags = self._flags()[sample_ids]
+        return flags == _BAD, flags == _FAST
+
+    def mark_fast(self, sample_ids: np.ndarray) -> None:
+        """``sample_ids`` (``.rec`` records) were decoded in place: their headers passed."""
+        self._flags()[sample_ids] = _FAST
 
     def _flags(self) -> np.ndarray:
         if self._view is None:  # a numpy view reads a flag 20x faster than tensor indexing
@@ -418,12 +438,12 @@ class BadImageTracker:
 
     def bad_paths(self) -> list[str]:
         """Every path flagged so far, in sample order."""
-        return [self.paths[i] for i in self.flags.nonzero().flatten().tolist()]
+        return [self.paths[i] for i in (self.flags == _BAD).nonzero().flatten().tolist()]
 
     def count(self, sample_ids: np.ndarray | None = None) -> int:
         """Broken samples among ``sample_ids`` (all samples when None)."""
-        flags = self._flags() if sample_ids is None else self.bad(sample_ids)
-        return int(np.count_nonzero(flags))
+        flags = self._flags() if sample_ids is None else self._flags()[sample_ids]
+        return int(np.count_nonzero(flags == _BAD))
 
     def check(self, split_ids: np.ndarray, max_bad_fraction: float, split_name: str) -> None:
         """Raise :class:`BadImageError` when more than ``max_bad_fraction`` of the split
