@@ -14,10 +14,11 @@ decoder on the data set's JPEG bytes in a tight loop, in as many processes decod
 at once (one for ``num_workers=0``; see :func:`ceiling`). ``device_decode`` times
 that setting's batched decode on ``--decode-device`` (nvJPEG on a GPU, libjpeg-turbo
 on the CPU). Each loader figure is the steady rate, after one batch per batch slot.
-The ``.rec`` loader is timed twice: in the first epoch of a new data module
-(``rec_first_epoch``), which checks each record's JPEG header before it decodes it in
-place, and in its second epoch (``rec``), what the rest of a training run sees: the
-records that passed are not checked again (``BadImageTracker.mark_fast``).
+The ``.rec`` loader is timed in its second epoch twice, in turn: as a training run's
+later epochs see it (``rec``: the records whose JPEG header passed the in-place
+decode's checks in the first epoch are not checked again,
+``BadImageTracker.mark_passed``), and with those flags cleared (``rec_checked``: every
+header checked, as in a first epoch).
 A round measures the ``.rec`` loaders between two ceiling measurements and divides by
 their mean, because the rate of this shared machine drifts by 10-25% over a minute;
 each figure is the median over ``--rounds`` rounds (ratios: the median of the rounds'
@@ -149,12 +150,14 @@ def loader_rate(
     decode: str = "cpu",
     per_item: bool = False,
     later_epoch: bool = False,
+    forget: bool = False,
 ) -> float:
     """Images/s of the stage-1 training loader; ``per_item``: the same dataset through
     DataLoader's default path instead (``dataset[i]`` per image, ``default_collate``,
     each batch in fresh memory), what the loaders did before reused batch buffers;
     ``later_epoch``: timed in its second epoch (a ``.rec``'s JPEG headers are checked
-    in the first only, ``BadImageTracker.mark_fast``)."""
+    in the first only, ``BadImageTracker.mark_passed``); ``forget``: with the first
+    epoch's passed flags cleared."""
     dm = FaceDataModule(
         str(root),
         image_size=112,
@@ -178,11 +181,20 @@ def loader_rate(
     if later_epoch:
         for _ in loader:
             pass
+        if forget:
+            dm._tracker.passed.zero_()
+    # within one epoch: a new epoch's iterator starts its workers again
+    timed = min(batches, len(loader) - warmup)
+    if timed < 1:
+        raise ValueError(
+            f"an epoch of {len(loader)} batches leaves none to time after {warmup} "
+            "warm-up batches: use a smaller --batch-size or fewer --workers"
+        )
     it = iter(loader)
     for _ in range(warmup):  # workers started, slots in use
         next(it)
     done, start = 0, time.perf_counter()
-    for _ in range(batches):
+    for _ in range(timed):
         done += len(next(it)[0])
     return done / (time.perf_counter() - start)
 
@@ -195,12 +207,18 @@ def measure_round(
     batches: int,
     batch_size: int,
     seconds: float,
+    index: int = 0,
 ) -> dict[str, float]:
-    """One round at ``workers``: the ``.rec`` loader between two ceiling measurements (the
-    machine's speed drifts; the ratio is to their mean), then the other loaders."""
+    """Round ``index`` at ``workers``: the ``.rec`` loaders between two ceiling
+    measurements (the machine's speed drifts; the ratio is to their mean), then the
+    other loaders."""
     before = ceiling(jpegs, max(1, workers), seconds)
-    first = loader_rate(rec, workers, batches, batch_size)
-    rec_rate = loader_rate(rec, workers, batches, batch_size, later_epoch=True)
+    rates = {}
+    for forget in (False, True) if index % 2 == 0 else (True, False):  # in turn
+        rates[forget] = loader_rate(
+            rec, workers, batches, batch_size, later_epoch=True, forget=forget
+        )
+    rec_rate, checked = rates[False], rates[True]
     after = ceiling(jpegs, max(1, workers), seconds)
     folder = loader_rate(root, workers, batches, batch_size)
     per_item = loader_rate(rec, workers, batches, batch_size, per_item=True)
@@ -208,21 +226,23 @@ def measure_round(
         "ceiling": (before + after) / 2,
         "ceiling_before": before,
         "ceiling_after": after,
-        # the set size the ceiling used before: one measurement's worth of images, over
-        # and over, in every process (see ceiling); synchronised as the ceiling is now
+        # the set size the ceiling used before: one measurement's worth of images then
+        # (40 batches), over and over, in every process (see ceiling); synchronised as
+        # the ceiling is now
         "ceiling_small_set": ceiling(
-            [data for data in jpegs[: batches * batch_size] for _ in range(max(1, workers))],
+            [data for data in jpegs[: 40 * batch_size] for _ in range(max(1, workers))],
             max(1, workers),
             seconds,
         ),
         "folder": folder,
         "rec": rec_rate,
-        "rec_first_epoch": first,
+        "rec_checked": checked,
         "rec_per_item": per_item,
         # data.decode=device: the loader reads and ships the JPEG bytes
         "rec_bytes": loader_rate(rec, workers, batches, batch_size, decode="device"),
         "rec_vs_ceiling": rec_rate / ((before + after) / 2),
-        "rec_first_epoch_vs_ceiling": first / ((before + after) / 2),
+        "rec_checked_vs_ceiling": checked / ((before + after) / 2),
+        "rec_vs_checked": rec_rate / checked,
         "folder_vs_ceiling": folder / ((before + after) / 2),
         "rec_vs_folder": rec_rate / folder,
         "rec_vs_per_item": rec_rate / per_item,
@@ -263,7 +283,7 @@ def device_step_us(batch_size: int, rounds: int = 20) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="../shared/datasets/lfw-112/images")
-    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--batches", type=int, default=90, help="timed per loader")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
@@ -308,9 +328,9 @@ def main() -> None:
         for workers in args.workers:
             rounds = [
                 measure_round(
-                    root, rec, jpegs, workers, args.batches, args.batch_size, args.seconds
+                    root, rec, jpegs, workers, args.batches, args.batch_size, args.seconds, i
                 )
-                for _ in range(args.rounds)
+                for i in range(args.rounds)
             ]
             row = {"num_workers": workers}
             # rates: medians over the rounds; ratios: medians of each round's own ratio,

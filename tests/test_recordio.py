@@ -659,10 +659,12 @@ def test_labels_that_are_not_identities_are_named_by_key_and_offset(tmp_path):
         image_layout(rf)
 
 
-def test_a_records_jpeg_header_is_checked_once_a_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_records_jpeg_header_is_checked_once_a_run(tmp_path, monkeypatch, workers):
     # the in-place decode reads a record's JPEG header the first time only: a record
-    # that passed is flagged in the shared tracker and later epochs decode it straight
-    # away, to the same pixels; a CMYK record never passes and keeps Pillow's pixels
+    # that passed is flagged in the shared tracker (by the workers too) and later epochs
+    # decode it straight away, to the same pixels; a CMYK record never passes and keeps
+    # Pillow's pixels
     from torch.utils.data import DataLoader
 
     from facecluster.data import images as images_module
@@ -679,21 +681,20 @@ def test_a_records_jpeg_header_is_checked_once_a_run(tmp_path, monkeypatch):
     rec = pack_folder(tmp_path / "faces", tmp_path / "rec")
     dm = FaceDataModule(str(rec), val_fraction=0.0, test_fraction=0.0, min_images_per_class=1)
     dataset = dm._dataset("train", dm._split_indices("train"), train=False)
-    dataset.buffers = BatchBuffers(3, (4, 112, 112, 3), shared=False)
+    dataset.buffers = BatchBuffers(3, (4, 112, 112, 3), shared=workers > 0)
     walked = []
     frame = images_module._frame
     monkeypatch.setattr(images_module, "_frame", lambda data: walked.append(1) or frame(data))
 
     def epoch() -> list:
-        loader = DataLoader(dataset, batch_size=4, collate_fn=collated)
+        loader = DataLoader(dataset, batch_size=4, collate_fn=collated, num_workers=workers)
         return [(images.clone(), labels) for images, labels in loader]
 
     first, walks = epoch(), len(walked)
-    assert walks == 7  # every record's header, once
-    _, fast = dm._tracker.states(dataset.sample_ids)
-    assert fast.sum() == 6  # the CMYK one never passes
+    assert walks == (0 if workers else 7)  # every record's header, once (in the workers)
+    assert dm._tracker.has_passed(dataset.sample_ids).sum() == 6  # CMYK never passes
     second = epoch()
-    assert len(walked) - walks == 1  # the CMYK record's only
+    assert len(walked) - walks == (0 if workers else 1)  # the CMYK record's only
     for (a, y), (b, z) in zip(first, second, strict=True):
         assert torch.equal(a, b) and torch.equal(y, z)
     cmyk = next(i for i in range(len(dataset)) if frame(dataset._read(i))[3] == 4)
@@ -702,13 +703,13 @@ def test_a_records_jpeg_header_is_checked_once_a_run(tmp_path, monkeypatch):
     assert dm._tracker.count() == 0 and dm.bad_images() == []
 
 
-def test_a_broken_flag_outranks_and_outlasts_a_passed_one():
+def test_passed_and_broken_flags_are_apart():
     from facecluster.data.images import BadImageTracker
 
     tracker = BadImageTracker(["a", "b", "c"])
-    tracker.mark_fast(np.array([0, 1]))
-    tracker.mark(1, OSError("broken since"))  # (a file may be replaced between epochs)
-    bad, fast = tracker.states(np.array([0, 1, 2]))
-    assert bad.tolist() == [False, True, False] and fast.tolist() == [True, False, False]
+    tracker.mark_passed(np.array([0, 1]))
+    tracker.mark(1, OSError("broken since"))
+    tracker.mark_passed(np.array([1]))  # (a worker's batch read before the mark)
+    assert tracker.bad(np.array([0, 1, 2])).tolist() == [False, True, False]
+    assert tracker.has_passed(np.array([0, 1, 2])).tolist() == [True, True, False]
     assert tracker.count() == 1 and tracker.bad_paths() == ["b"] and tracker.is_bad(1)
-    assert int(tracker.flags.max()) == int(tracker.flags[1])  # merge's all-reduce MAX keeps it

@@ -344,7 +344,8 @@ class FaceImageDataset(Dataset):
             sources = [self._peek(i) for i in positions]
             checked = [False] * len(positions)
         else:  # the batch's lookups at once: per image, only a view and the decode
-            bad, checked = self.tracker.states(self.sample_ids[index])
+            ids = self.sample_ids[index]
+            bad, checked = self.tracker.bad(ids), self.tracker.has_passed(ids)
             views = self.records.views(self.samples.keys[index])
             sources = [None if b else v for b, v in zip(bad.tolist(), views, strict=True)]
             checked = checked.tolist()  # decoded in place before: no header checks again
@@ -363,10 +364,12 @@ class FaceImageDataset(Dataset):
             if image.shape[:2] != (size, size):
                 image = self.transform(image, False)[0]
             out[...] = image.numpy()
-        if passed and self.records is not None:
-            # a record's bytes cannot change while the file is mapped (a file on disk
-            # could be replaced between epochs): its header is read once a run
-            self.tracker.mark_fast(self.sample_ids[index[passed]])
+        if passed and self.records is not None and self.samples.keys is not None:
+            # A record's header is read once a run: a .rec is written once (facecluster
+            # never rewrites one in place), where a folder's file may be replaced between
+            # epochs. (A record rewritten mid-run into a same-sized CMYK JPEG would get
+            # libjpeg-turbo's CMYK conversion instead of Pillow's.)
+            self.tracker.mark_passed(self.sample_ids[index[passed]])
         labels = self.samples.labels[index]
         labels = labels if self._label_map is None else self._label_map[labels]
         if ignored or padding.any():

@@ -94,8 +94,8 @@ def decode_jpeg_into(data: bytes | memoryview, out: np.ndarray, checked: bool = 
     """Decode ``data`` straight into ``out`` (a writable ``uint8[H, W, 3]``) when it is a
     JPEG of exactly that size that :func:`decode_image` would hand to libjpeg-turbo;
     False otherwise (a PNG, another size, CMYK, broken bytes), and ``out`` then holds
-    nothing useful. ``checked``: these very bytes passed before (a ``.rec`` record
-    flagged :meth:`BadImageTracker.mark_fast`): the frame header is not read again.
+    nothing useful. ``checked``: these bytes passed before (a ``.rec`` record flagged by
+    :meth:`BadImageTracker.mark_passed`): the frame header is not read again.
 
     The loaders' per-image path: the frame header read in Python (:func:`_frame`, 60%
     of the time of libjpeg-turbo's header parse, which the decode does again anyway)
@@ -375,16 +375,10 @@ def scored(labels: torch.Tensor) -> torch.Tensor:
     return labels != IGNORED
 
 
-_FAST, _BAD = 1, 2
-"""A sample's flag besides 0 (not seen yet): its bytes passed the in-place decode's
-checks before (``.rec`` records, whose bytes cannot change: :meth:`BadImageTracker.mark_fast`),
-or broken (the larger, so that :meth:`BadImageTracker.merge`'s maximum keeps it)."""
-
-
 class BadImageTracker:
     """Per-sample "known broken" flags shared by a datamodule's datasets and their workers;
-    for ``.rec`` records also "decoded in place before", so that later epochs skip the
-    JPEG header checks (:func:`decode_jpeg_into`'s ``checked``).
+    and, for ``.rec`` records, "decoded in place before" (:attr:`passed`), so that later
+    epochs skip the JPEG header checks (:func:`decode_jpeg_into`'s ``checked``).
 
     Args:
         paths: Every sample path (``FaceFolder.samples`` order); flag ``i`` is ``paths[i]``.
@@ -397,12 +391,16 @@ class BadImageTracker:
         # buffer the main process reads, so a path is logged once and counted at
         # epoch end, and later epochs' new workers skip it without retrying.
         self.flags = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
+        # A byte per sample: a .rec record whose header passed the in-place decode's
+        # checks (mark_passed). Apart from the broken flags, which it never touches.
+        self.passed = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
         self._view: np.ndarray | None = None
+        self._passed: np.ndarray | None = None
 
     def mark(self, sample_id: int, error: BaseException) -> None:
         """Flag a sample as broken, logging it the first time."""
-        if int(self.flags[sample_id]) != _BAD:
-            self.flags[sample_id] = _BAD
+        if int(self.flags[sample_id]) == 0:
+            self.flags[sample_id] = 1
             logger.warning(
                 "data.on_bad_image=skip: cannot decode %s (%s: %s); it is replaced by another "
                 "image of the same identity",
@@ -412,21 +410,24 @@ class BadImageTracker:
             )
 
     def is_bad(self, sample_id: int) -> bool:
-        return bool(self._flags()[sample_id] == _BAD)
+        return bool(self._flags()[sample_id])
 
     def bad(self, sample_ids: np.ndarray) -> np.ndarray:
         """:meth:`is_bad` of each of ``sample_ids``, as a bool array."""
-        return self._flags()[sample_ids] == _BAD
+        return self._flags()[sample_ids] != 0
 
-    def states(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Bool arrays: which of ``sample_ids`` are broken, and which were decoded in
-        place before (:meth:`mark_fast`)."""
-        flags = self._flags()[sample_ids]
-        return flags == _BAD, flags == _FAST
+    def has_passed(self, sample_ids: np.ndarray) -> np.ndarray:
+        """Which of ``sample_ids`` :meth:`mark_passed` flagged, as a bool array."""
+        if self._passed is None:
+            self._passed = self.passed.numpy()
+        return self._passed[sample_ids] != 0
 
-    def mark_fast(self, sample_ids: np.ndarray) -> None:
-        """``sample_ids`` (``.rec`` records) were decoded in place: their headers passed."""
-        self._flags()[sample_ids] = _FAST
+    def mark_passed(self, sample_ids: np.ndarray) -> None:
+        """``sample_ids`` (``.rec`` records) were decoded in place: their headers passed
+        the checks, which later epochs need not run again."""
+        if self._passed is None:
+            self._passed = self.passed.numpy()
+        self._passed[sample_ids] = 1
 
     def _flags(self) -> np.ndarray:
         if self._view is None:  # a numpy view reads a flag 20x faster than tensor indexing
@@ -434,16 +435,17 @@ class BadImageTracker:
         return self._view
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_view": None}  # the view is rebuilt on the shared buffer
+        # the views are rebuilt on the shared buffers
+        return {**self.__dict__, "_view": None, "_passed": None}
 
     def bad_paths(self) -> list[str]:
         """Every path flagged so far, in sample order."""
-        return [self.paths[i] for i in (self.flags == _BAD).nonzero().flatten().tolist()]
+        return [self.paths[i] for i in self.flags.nonzero().flatten().tolist()]
 
     def count(self, sample_ids: np.ndarray | None = None) -> int:
         """Broken samples among ``sample_ids`` (all samples when None)."""
-        flags = self._flags() if sample_ids is None else self._flags()[sample_ids]
-        return int(np.count_nonzero(flags == _BAD))
+        flags = self._flags() if sample_ids is None else self.bad(sample_ids)
+        return int(np.count_nonzero(flags))
 
     def check(self, split_ids: np.ndarray, max_bad_fraction: float, split_name: str) -> None:
         """Raise :class:`BadImageError` when more than ``max_bad_fraction`` of the split
