@@ -122,6 +122,17 @@ def test_the_decision_unit_reads_each_clusters_class_means_in_member_order():
         assert torch.equal(ident.means(k), ident.assignment.class_means[ident.members(k)])
         assert ident.means(k).untyped_storage().data_ptr() == grouped.untyped_storage().data_ptr()
     assert not any("means" in key for key in ident.state_dict())
+    # routing scans these blocks where the identifier is (a GPU), with the router's ranks
+    queries = F.normalize(torch.randn(20, 8), dim=1)
+    seen = []
+    route = ident.router.route
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ident.router, "route", lambda *a: seen.append(a[2]) or route(*a))
+        ident.identify(queries)
+    assert seen[0] is ident.grouped_means
+    assert torch.equal(route(queries, 3, ident.grouped_means.clone()), route(queries, 3))
+    with pytest.raises(ValueError, match="blocks of"):
+        route(queries, 1, ident.grouped_means[1:])
     a = _assignment(means, [i % 3 for i in range(30)]).with_overlap(torch.tensor([[0, 1], [4, 2]]))
     heads = [a.class_means[a.classes_of(k)] for k in range(3)]
     shared = TwoStageIdentifier(

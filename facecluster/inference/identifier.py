@@ -220,6 +220,12 @@ class TwoStageIdentifier(nn.Module):
         self.register_buffer("grouped_means", grouped.to(self.device), persistent=False)
         self._means_bounds = [0, *np.cumsum([len(m) for m in members]).tolist()]
 
+    def _route_blocks(self) -> Tensor | None:
+        """The flat router's class-mean blocks where this identifier is (a GPU: the scan
+        runs there), when they are :attr:`grouped_means` (no ``clustering.overlap``)."""
+        same = self.router.kind == "flat" and not len(self.assignment.overlap)
+        return self.grouped_means if same and self.grouped_means.dtype == torch.float32 else None
+
     @property
     def device(self) -> torch.device:
         """Where the identifier's networks and buffers are."""
@@ -350,7 +356,7 @@ class TwoStageIdentifier(nn.Module):
         if all_subnets:
             clusters = torch.arange(self.num_clusters).expand(batch, -1)
         else:
-            clusters = self.router.route(query, top_m)
+            clusters = self.router.route(query, top_m, self._route_blocks())
         clusters = clusters.to(images.device)
         best_score = torch.full((batch, k), -float("inf"), device=images.device)
         best_id = torch.full((batch, k), self.assignment.num_classes, device=images.device)
@@ -502,7 +508,7 @@ class TwoStageIdentifier(nn.Module):
             if len(images) == 0:
                 raise ValueError(f"{name!r}: no face images to enrol")
             mean = _direction(self.embed, images, batch_size)
-            k = int(self.router.route(mean, 1)[0, 0])  # the gallery before this call
+            k = int(self.router.route(mean, 1, self._route_blocks())[0, 0])  # gallery before
             names.append(name)
             means.append(mean)
             clusters.append(k)

@@ -143,7 +143,7 @@ class Router:
             ``top_m * 8``; ``flat`` compares every class mean).
         ivf_nlist, ivf_nprobe, ivf_codes, lists_per_cluster, hnsw_m, hnsw_ef_search:
             index settings (lists_per_cluster: index=clusters only).
-        use_gpu: None: faiss GPU when available (not ``flat``, which runs on the CPU).
+        use_gpu: None: faiss GPU when available (not ``flat``: see ``blocks``).
         prebuilt: an index of these settings over these class means, as
             :meth:`serialized` gave it: read instead of built (an ivf or hnsw index over
             360K identities took 1.5 to 6 minutes to build, docs/SCALE.md).
@@ -176,7 +176,8 @@ class Router:
             # cluster is one matrix product and a max over its block. faiss's IndexFlatIP
             # took 8.36 ms per query against 1.77 at 360K x 512, K=64, batch 256 (docs/
             # SCALE.md), and ranked clusters without a retrieved neighbour by centroid.
-            # On the CPU, as faiss-cpu's search was, wherever the identifier runs
+            # Kept on the CPU; a caller may pass the same blocks where it runs (route's
+            # ``blocks``: TwoStageIdentifier's, on its device)
             if prebuilt is not None:
                 raise ValueError("index=flat is built from the class means, not read")
             order = torch.sort(self.class_to_cluster, stable=True).indices
@@ -230,19 +231,26 @@ class Router:
                 index = faiss.index_gpu_to_cpu(index)
         return faiss.serialize_index(index)
 
-    def cluster_scores(self, queries: Tensor, top_m: int = 1) -> Tensor:
+    def cluster_scores(
+        self, queries: Tensor, top_m: int = 1, blocks: Tensor | None = None
+    ) -> Tensor:
         """[B, K] per-cluster routing scores: the best retrieved class-mean similarity.
 
         Clusters with no retrieved class mean score ``centroid similarity - 4`` so they
-        rank after every retrieved cluster (similarities lie in [-1, 1]).
+        rank after every retrieved cluster (similarities lie in [-1, 1]). ``blocks``
+        (``flat`` only): this router's class-mean blocks, equal to :attr:`grouped`,
+        kept where the caller computes (a GPU): the scores are computed there.
         """
-        with torch.autocast("cpu", enabled=False):  # routing scores in fp32, always
+        flat = self.kind == "flat"
+        where = (self.grouped if blocks is None else blocks).device if flat else torch.device("cpu")
+        with torch.autocast(where.type, enabled=False):  # routing scores in fp32, always
+            if flat:
+                q = torch.nn.functional.normalize(queries.detach().float().to(where), dim=1)
+                return self._exact_scores(q, self.grouped if blocks is None else blocks)
             return self._cluster_scores(queries, top_m)
 
     def _cluster_scores(self, queries: Tensor, top_m: int) -> Tensor:
         q = torch.nn.functional.normalize(queries.detach().float().cpu(), dim=1)
-        if self.kind == "flat":
-            return self._exact_scores(q)
         k = min(self.num_classes, max(self.neighbours, 8 * top_m))
         sims, ids = self.index.search(_to_numpy(q), k)
         sims, ids = torch.from_numpy(sims), torch.from_numpy(ids)
@@ -255,22 +263,25 @@ class Router:
         )
         return torch.maximum(scores, retrieved)
 
-    def _exact_scores(self, q: Tensor) -> Tensor:
+    def _exact_scores(self, q: Tensor, blocks: Tensor) -> Tensor:
         """``flat``: each cluster's best class-mean similarity, over all its members (an
-        empty cluster: centroid similarity - 4, last)."""
-        scores = q @ self.centroids.T - 4.0
+        empty cluster: centroid similarity - 4, last), computed where ``blocks`` are."""
+        if blocks.shape != self.grouped.shape:
+            raise ValueError(f"blocks of {tuple(blocks.shape)} for {tuple(self.grouped.shape)}")
+        scores = q @ self.centroids.to(q.device).T - 4.0
         rows = max(1024, _BLOCK // max(1, len(q)))  # [B, rows] similarities at a time
         for c in range(self.num_clusters):
             start, end = self.bounds[c], self.bounds[c + 1]
             for first in range(start, end, rows):
-                block = (q @ self.grouped[first : min(end, first + rows)].T).amax(dim=1)
+                block = (q @ blocks[first : min(end, first + rows)].T).amax(dim=1)
                 scores[:, c] = block if first == start else torch.maximum(scores[:, c], block)
         return scores
 
-    def route(self, queries: Tensor, top_m: int = 1) -> Tensor:
-        """[B, top_m] cluster ids, best first; ties go to the lower cluster id."""
+    def route(self, queries: Tensor, top_m: int = 1, blocks: Tensor | None = None) -> Tensor:
+        """[B, top_m] cluster ids, best first; ties go to the lower cluster id (on the
+        device of ``blocks``, see :meth:`cluster_scores`; else on the CPU)."""
         if not 1 <= top_m <= self.num_clusters:
             raise ValueError(f"top_m={top_m} must be in [1, {self.num_clusters}]")
-        scores = self.cluster_scores(queries, top_m)
+        scores = self.cluster_scores(queries, top_m, blocks)
         # A stable sort keeps equal scores in cluster order (topk does not promise that).
         return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top_m]
