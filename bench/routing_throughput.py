@@ -3,7 +3,7 @@ single model, with and without shared layers, on CPU.
 
 Routed: one router-backbone forward + the routed sub-net (top_m=1), so with K
 sub-nets of the same backbone the limit of the routed/ISM ratio is K/2. The
-routing search (faiss over the class means) must stay a small share of the
+routing search (over the class means) must stay a small share of the
 pipeline. With ``model.shared_layers=n`` the stage-1 trunk (stem and n stages)
 runs once, then the router's tail and the sub-net's tail: each ``--shared-layers``
 value is timed against the single model (one backbone, one head over all

@@ -534,7 +534,7 @@ Exact search stays the default; `route.index` picks another (docs/EVALUATION.md)
 needs no faiss: each cluster's class means are one block, and a query's score for a
 cluster is its best similarity in that block, one matrix product per cluster, so
 every cluster is ranked by its nearest class mean (the faiss `IndexFlatIP` search it
-replaced took 8.36 ms per query in this table's run of 2026-11-29, retrieved 64
+replaced took 8.36 ms per query in the table's previous run, 2026-11-29, retrieved 64
 neighbours and ranked the other clusters by centroid).
 """
 

@@ -456,8 +456,9 @@ class RouteConfig:
     alpha: float = 0.0
     """decision=linear: score = (1 - alpha) * sub-net cosine + alpha * class-mean similarity."""
     index: str = "flat"
-    """faiss index over the class means: flat (exact inner product), clusters (inverted
-    lists = the clustering's clusters, route.ivf_nprobe nearest searched), ivf or hnsw."""
+    """Search over the class means: flat (exact, every class mean, no faiss), or a faiss
+    index: clusters (inverted lists = the clustering's clusters, route.ivf_nprobe nearest
+    searched), ivf or hnsw."""
     ivf_nlist: int | None = None
     """IVF lists (None: about 4 * sqrt(identities))."""
     ivf_nprobe: int = 16
