@@ -340,7 +340,8 @@ class FaceImageDataset(Dataset):
         padding = index >= len(self.samples)  # EvalShardSampler's: a repeat, not scored
         index %= len(self.samples)
         positions = index.tolist()
-        if self.records is None or self.samples.keys is None:  # files, or named records
+        batched = self.records is not None and self.samples.keys is not None
+        if not batched:  # files, or named records
             sources = [self._peek(i) for i in positions]
             checked = [False] * len(positions)
         else:  # the batch's lookups at once: per image, only a view and the decode
@@ -364,7 +365,7 @@ class FaceImageDataset(Dataset):
             if image.shape[:2] != (size, size):
                 image = self.transform(image, False)[0]
             out[...] = image.numpy()
-        if passed and self.records is not None and self.samples.keys is not None:
+        if passed and batched:
             # A record's header is read once a run: a .rec is written once (facecluster
             # never rewrites one in place), where a folder's file may be replaced between
             # epochs. (A record rewritten mid-run into a same-sized CMYK JPEG would get

@@ -418,16 +418,17 @@ class BadImageTracker:
 
     def has_passed(self, sample_ids: np.ndarray) -> np.ndarray:
         """Which of ``sample_ids`` :meth:`mark_passed` flagged, as a bool array."""
-        if self._passed is None:
-            self._passed = self.passed.numpy()
-        return self._passed[sample_ids] != 0
+        return self._passed_flags()[sample_ids] != 0
 
     def mark_passed(self, sample_ids: np.ndarray) -> None:
         """``sample_ids`` (``.rec`` records) were decoded in place: their headers passed
         the checks, which later epochs need not run again."""
-        if self._passed is None:
+        self._passed_flags()[sample_ids] = 1
+
+    def _passed_flags(self) -> np.ndarray:
+        if self._passed is None:  # numpy views, as _flags
             self._passed = self.passed.numpy()
-        self._passed[sample_ids] = 1
+        return self._passed
 
     def _flags(self) -> np.ndarray:
         if self._view is None:  # a numpy view reads a flag 20x faster than tensor indexing

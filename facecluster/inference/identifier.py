@@ -213,7 +213,9 @@ class TwoStageIdentifier(nn.Module):
         no copy; otherwise a copy (C x d more, 4 GB at 2M x 512, computed). Not saved in
         ``state_dict`` (it is the assignment's)."""
         members = [self.members(k).cpu() for k in range(self.num_clusters)]
-        if self.router.kind == "flat" and not len(self.assignment.overlap):
+        # the flat router's blocks are in the same order unless overlap adds members
+        self._router_order = self.router.kind == "flat" and not len(self.assignment.overlap)
+        if self._router_order:
             grouped = self.router.grouped
         else:
             grouped = self.assignment.class_means[torch.cat(members)].float()
@@ -223,8 +225,8 @@ class TwoStageIdentifier(nn.Module):
     def _route_blocks(self) -> Tensor | None:
         """The flat router's class-mean blocks where this identifier is (a GPU: the scan
         runs there), when they are :attr:`grouped_means` (no ``clustering.overlap``)."""
-        same = self.router.kind == "flat" and not len(self.assignment.overlap)
-        return self.grouped_means if same and self.grouped_means.dtype == torch.float32 else None
+        same = self._router_order and self.grouped_means.dtype == torch.float32
+        return self.grouped_means if same else None
 
     @property
     def device(self) -> torch.device:

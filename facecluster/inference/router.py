@@ -241,13 +241,13 @@ class Router:
         (``flat`` only): this router's class-mean blocks, equal to :attr:`grouped`,
         kept where the caller computes (a GPU): the scores are computed there.
         """
-        flat = self.kind == "flat"
-        where = (self.grouped if blocks is None else blocks).device if flat else torch.device("cpu")
-        with torch.autocast(where.type, enabled=False):  # routing scores in fp32, always
-            if flat:
-                q = torch.nn.functional.normalize(queries.detach().float().to(where), dim=1)
-                return self._exact_scores(q, self.grouped if blocks is None else blocks)
-            return self._cluster_scores(queries, top_m)
+        if self.kind != "flat":
+            with torch.autocast("cpu", enabled=False):  # routing scores in fp32, always
+                return self._cluster_scores(queries, top_m)
+        blocks = self.grouped if blocks is None else blocks
+        with torch.autocast(blocks.device.type, enabled=False):
+            q = torch.nn.functional.normalize(queries.detach().float().to(blocks.device), dim=1)
+            return self._exact_scores(q, blocks)
 
     def _cluster_scores(self, queries: Tensor, top_m: int) -> Tensor:
         q = torch.nn.functional.normalize(queries.detach().float().cpu(), dim=1)
