@@ -936,8 +936,9 @@ def _refuse_contradictions(
 
 
 def _sets_any(key: str, keys: tuple[str, ...]) -> bool:
-    """Whether an override of ``key`` can set one of ``keys`` (itself, or a section above)."""
-    return any(k == key or k.startswith(key + ".") for k in keys)
+    """Whether an override of ``key`` can set one of ``keys``: itself, a section above it
+    (``data={...}``) or a key inside it (``model.embedding_dim`` for ``model``)."""
+    return any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in keys)
 
 
 def _select(values: dict[str, Any], dotted: str) -> Any:
