@@ -487,7 +487,9 @@ class RunFolder:
         if is_global_zero():
             folder = self.stage_dir(2, job_name(subnets))
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / JOB_SUBNETS).write_text(json.dumps(sorted(subnets)))
+            # replaced whole: every job start (a requeue too) writes it while other jobs'
+            # resumes read it (started_jobs), and a half-written file would stop them
+            self._write_json(folder.relative_to(self.path) / JOB_SUBNETS, sorted(subnets))
 
     @contextlib.contextmanager
     def job_lock(self, job: str, subnets: list[int] | None = None) -> Iterator[None]:

@@ -472,6 +472,29 @@ def test_the_same_subnets_grouped_otherwise_never_train_twice(tmp_path):
     assert run.stage_dir(2, "subnets-3").is_dir()
 
 
+def test_a_job_start_killed_while_recording_its_subnets_leaves_the_record_whole(
+    tmp_path, monkeypatch
+):
+    # Every start of a job (a SLURM requeue too) records its sub-nets again while the
+    # other jobs' resumes read the records (started_jobs): written in place, a start
+    # killed mid-write left a half file that stopped every later resume.
+    run = RunFolder(tmp_path / "run")
+    run.save_job([0, 1])
+    (run.stage_dir(2, "subnets-0-1") / "checkpoints").mkdir()
+    (run.stage_dir(2, "subnets-0-1") / "checkpoints" / "last.ckpt").write_bytes(b"")
+    write_text = Path.write_text
+
+    def killed(path, text, *args, **kwargs):
+        write_text(path, text[:2], *args, **kwargs)
+        raise KeyboardInterrupt  # the process dies with half of it written
+
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run.save_job([0, 1])
+    monkeypatch.undo()
+    assert run.started_jobs() == [[0, 1]]
+
+
 def test_a_refusal_reaches_the_other_ranks_and_a_failed_check_leaves_no_lock(tmp_path, monkeypatch):
     # the holder marks its own lock checked after this job read it: the other ranks
     # still take the refusal (they waited out the 300 s timeout)
