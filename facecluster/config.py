@@ -437,7 +437,8 @@ class SlurmConfig:
 
 STAGES = ("all", "1", "cluster", "2", "assemble")
 """What ``stage=`` runs: everything missing, stage 1, the clustering unit, stage 2
-(unfinished or named sub-nets), or the assembly of finished sub-nets into results."""
+(unfinished or named sub-nets), or the assembly of finished sub-nets (method=single:
+of the finished stage 1) into results."""
 
 
 @dataclass
@@ -619,7 +620,7 @@ class Config:
             found.append(f"stage2.subnets: {bad} are not sub-nets of clustering.num_clusters={k}")
         if self.stage2.jobs > k:
             found.append(f"stage2.jobs={self.stage2.jobs} is more than clustering.num_clusters={k}")
-        if not self.two_stage and self.stage in ("cluster", "2", "assemble"):
+        if not self.two_stage and self.stage in ("cluster", "2"):  # assemble: stage 1's
             found.append(f"stage={self.stage}: method=single has stage 1 only")
         if self.method == "clustered" and self.clustering.method == "random":
             found.append("clustering.method=random is the ISM baseline: use method=random")

@@ -99,9 +99,10 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         folder = RunFolder.for_training(cfg)
         if cfg.launcher.name == "slurm":
             check_queue(folder)  # before the run folder changes
-        run_id = folder.create(cfg)
+        run_id = folder.create()
         folder.check_free_space(cfg, backbone_params, dm.num_classes)
         folder.keep_class_names(dm.class_names)  # a resume: checked, not rewritten
+        folder.save_config(cfg)
         folder.save_unseen_identities({s: dm.unseen_identities(s) for s in ("val", "test")})
         rank_zero_info(f"facecluster run folder: {folder.path}")
         logger = build_logger(cfg, folder.path, run_id)
@@ -337,6 +338,11 @@ def _assemble(
     by rank 0). Sub-nets still missing: an error naming them when ``required``, else
     a message and (None, None) (stage=2 over some of the sub-nets)."""
     cfg, folder = run.cfg, run.folder
+    if not folder.has_stage_summary(1) and run.stage1 is None:  # method=single's stage=assemble
+        raise ConfigError(
+            f"stage=assemble: stage 1 of {folder.path} is not finished; train it first with "
+            f"`python train.py resume={folder.path}`"
+        )
     stage2 = assignment = None
     if clustering is not None:
         assignment = _assignment(run, clustering)

@@ -226,8 +226,9 @@ class RunFolder:
     def resolved(self) -> RunFolder:
         return RunFolder(self.path.resolve())
 
-    def create(self, cfg: Config) -> str:
-        """Create (or reopen) the folder and write the config; returns the W&B run id.
+    def create(self) -> str:
+        """Create (or reopen) the folder; returns the W&B run id. The config is written
+        by :meth:`save_config` once the checks at start have passed.
 
         Sets ``FACECLUSTER_RUN_DIR`` so the DDP ranks Lightning starts find it.
         """
@@ -245,12 +246,17 @@ class RunFolder:
                 ) from None
             run_id = uuid.uuid4().hex[:12]
             self._write_json(META, {"run_id": run_id, "created": datetime.now().isoformat()})
-        if is_global_zero() and not os.environ.get(JOB_ENV):  # a job never rewrites it
-            with replacing(self.path / CONFIG) as tmp:  # a job starting reads a whole file
-                tmp.write_text(cfg.run_settings().to_yaml())
         if not is_global_zero():  # started by torchrun/srun with rank 0, not by it
             _wait_for(meta)
         return self.run_id
+
+    def save_config(self, cfg: Config) -> None:
+        """Write the run's config (a resume: with its overrides), after the checks at
+        start (free space, the data's identities): a refused command leaves the saved
+        config as it was, so the next resume does not take up the settings it asked for."""
+        if is_global_zero() and not os.environ.get(JOB_ENV):  # a job never rewrites it
+            with replacing(self.path / CONFIG) as tmp:  # a job starting reads a whole file
+                tmp.write_text(cfg.run_settings().to_yaml())
 
     @property
     def run_id(self) -> str:

@@ -290,6 +290,26 @@ def test_slurm_plan_submits_a_chained_array_and_its_jobs_finish_the_run(tmp_path
     _assert_identical(weights, _subnets(run.path))  # the same seed, the same sub-net
 
 
+def test_slurm_takes_the_single_model_to_its_results(tmp_path, monkeypatch):
+    # The assembly job's stage=assemble was refused for method=single, so a single
+    # model submitted to SLURM trained and never reached its results.
+    _fake_slurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    overrides = smoke_overrides(
+        tmp_path, "method=single", "launcher=slurm", "slurm.gpus_per_node=0", "eval.plots=false"
+    )
+    run = RunFolder(train(load_config(SMOKE, overrides)).run_dir)
+    plan = json.loads((run.slurm_dir / "submitted.json").read_text())
+    assert [len(job["commands"]) for job in plan["jobs"]] == [1, 1]
+    with pytest.raises(ConfigError, match=r"stage=assemble: stage 1 of .* is not finished"):
+        train(run.config_for_resume(str(run.path), ["stage=assemble", "launcher=local"]))
+    for job in plan["jobs"]:  # in order, as the chain runs them
+        with monkeypatch.context() as m:
+            m.setenv(JOB_ENV, job["name"])
+            assert cli.train_main(job["commands"][0][4:]) == 0, job["commands"][0]
+    assert run.finished and (run.path / "eval" / "results.md").is_file()
+
+
 def test_a_chain_that_failed_half_way_is_still_seen_in_the_queue(tmp_path, monkeypatch):
     # stage 1 was submitted, then SLURM refused the stage-2 array: the queued stage-1
     # job is recorded, so submitting again while it waits is refused

@@ -189,9 +189,12 @@ def test_a_resume_over_other_identities_is_refused(tmp_path):
     run_dir = train(load_config(SMOKE, overrides)).run_dir
     names = RunFolder(run_dir).class_names()
     (root / "Aaa_Added_Later").symlink_to(identities[12])
+    saved = (run_dir / "config.yaml").read_bytes()
     with pytest.raises(ConfigError, match=r"label 0 is 'Aaa_Added_Later' in the data, "):
-        train(RunFolder.config_for_resume(str(run_dir), ["stage=all"]))
+        train(RunFolder.config_for_resume(str(run_dir), ["stage=all", "stage2.max_epochs=5"]))
     assert RunFolder(run_dir).class_names() == names, "the run's names are kept"
+    # nor its config: the next resume would have taken up the refused command's settings
+    assert (run_dir / "config.yaml").read_bytes() == saved
     assert not (run_dir / "clusters.pt").exists()
 
 

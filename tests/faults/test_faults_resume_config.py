@@ -15,7 +15,9 @@ pytestmark = pytest.mark.faults
 def run_dir(tmp_path):
     """A run folder with its config.yaml (what resume reads), no training needed."""
     cfg = load_config(SMOKE, smoke_overrides(tmp_path))
-    RunFolder.for_training(cfg).create(cfg)
+    run = RunFolder.for_training(cfg)
+    run.create()
+    run.save_config(cfg)
     return tmp_path / "run"
 
 
