@@ -34,6 +34,27 @@ def test_too_little_free_space_fails_before_training(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))
     cfg = load_config(SMOKE, smoke_overrides(tmp_path))
-    with pytest.raises(ConfigError, match=r"output_dir: .* has 1 MiB free, .* need about \d+ MiB"):
+    with pytest.raises(ConfigError, match=r"output_dir: .* 1 MiB free, .* need about \d+ MiB more"):
         train(cfg)
     assert not any(tmp_path.rglob("*.ckpt")), "nothing trained"
+
+
+def test_the_free_space_check_counts_what_the_run_has_written(tmp_path, monkeypatch):
+    # A resume, each stage-2 job and the assembly asked for the whole run's space
+    # again, however much of it the run's own checkpoints already took.
+    from facecluster.run import RunFolder, checkpoint_bytes_needed
+
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path))
+    run = RunFolder.for_training(cfg)
+    run.create()
+    needed = checkpoint_bytes_needed(cfg, 10**6, 100)
+    checkpoint = run.path / "stage1" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    with open(checkpoint, "wb") as f:  # a sparse file: its size, not its blocks
+        f.truncate(needed - 2**20)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 2**21))
+    run.check_free_space(cfg, 10**6, 100)  # 1 MiB more needed, 2 MiB free
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 2**19))
+    with pytest.raises(ConfigError, match=r"has 0 MiB free, .* need about 1 MiB more"):
+        run.check_free_space(cfg, 10**6, 100)
