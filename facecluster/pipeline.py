@@ -161,15 +161,7 @@ def _stage1_and_clustering(
         if unit is not None:
             unit.restore()
         return None
-    resume = folder.stage1_resume_point(cfg.resume)
-    if trained and resume is not None and resume.resolve() != folder.last_checkpoint(1).resolve():
-        raise ConfigError(
-            f"resume={cfg.resume}: stage 1 of {folder.path} is finished; continuing from "
-            f"this checkpoint would train it again and replace its {resume.parent.name}/"
-            f"{folder.last_checkpoint(1).name} (the clustering uses the finished stage 1): "
-            f"pass the run folder, resume={folder.path}"
-        )
-    backbone, run.stage1 = fit_stage1(run, resume, unit)
+    backbone, run.stage1 = fit_stage1(run, folder.stage1_resume_point(cfg.resume), unit)
     return backbone
 
 

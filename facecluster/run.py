@@ -331,6 +331,7 @@ class RunFolder:
         if path.is_file():  # what the file is first, then where it is
             meta = read_checkpoint_meta(path)
             run = cls(_folder_of(path))
+            run._check_resume_point(path, meta["stage"])
             # the run's own config where it has one, as resume=<run> takes: a job's
             # checkpoint holds the job's command (launcher=local, its devices, stage=2),
             # and a SLURM run resumed from it trained on the login node
@@ -370,22 +371,33 @@ class RunFolder:
             + (("head",) if midway else ())
         )
 
-    def stage1_resume_point(self, resume: str | None) -> Path | None:
-        """The checkpoint stage 1 continues from (None: stage 1 starts fresh).
+    def _check_resume_point(self, path: Path, stage: int) -> None:
+        """Refuse a ``resume=`` checkpoint the run would not continue from, whatever is
+        left to do: a stage-2 checkpoint other than its job's ``last.ckpt`` (a job
+        continues from its own), or an earlier stage-1 checkpoint once stage 1 has
+        finished (it would train stage 1 again from there and replace its last.ckpt;
+        the clustering and the sub-nets use the finished one)."""
+        if stage != 1 and path.name != f"{LAST}.ckpt":
+            raise ConfigError(
+                f"resume={path}: a stage-2 job continues from its own {LAST}.ckpt; "
+                f"pass the run folder {self.path}"
+            )
+        last = self.last_checkpoint(1)
+        if stage == 1 and self.has_stage_summary(1) and path.resolve() != last.resolve():
+            raise ConfigError(
+                f"resume={path}: stage 1 of {self.path} is finished; continuing from this "
+                f"checkpoint would train it again and replace its {last.parent.name}/"
+                f"{last.name} (the clustering and the sub-nets use the finished stage 1): "
+                f"pass the run folder, resume={self.path}"
+            )
 
-        A stage-2 job continues from its own ``last.ckpt``: ``resume=`` may name that
-        file (the run is resumed), not another stage-2 checkpoint.
-        """
+    def stage1_resume_point(self, resume: str | None) -> Path | None:
+        """The checkpoint stage 1 continues from (None: stage 1 starts fresh): a stage-1
+        checkpoint ``resume=`` names, else the run's own ``last.ckpt`` when resuming
+        (``config_for_resume`` has refused the checkpoints it must not continue from)."""
         path = Path(resume) if resume else None
-        if path is not None and path.is_file():
-            stage = read_checkpoint_meta(path)["stage"]
-            if stage == 1:
-                return path
-            if path.name != f"{LAST}.ckpt":
-                raise ConfigError(
-                    f"resume={resume}: a stage-2 job continues from its own {LAST}.ckpt; "
-                    f"pass the run folder {self.path}"
-                )
+        if path is not None and path.is_file() and read_checkpoint_meta(path)["stage"] == 1:
+            return path
         stage1 = self.last_checkpoint(1)
         return stage1 if resume and stage1.is_file() else None
 

@@ -236,6 +236,10 @@ def test_last_ckpt_follows_the_final_epoch_even_without_improvement(tmp_path):
     for folder in (run.checkpoint_dir(1), run.checkpoint_dir(2, "subnets-0-2")):
         assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 1
         assert [p.name for p in folder.glob("best-*.ckpt")] == ["best-epoch000.ckpt"]
+    # a job continues from its own last.ckpt: resume= naming its best one is refused
+    best = run.checkpoint_dir(2, "subnets-0-2") / "best-epoch000.ckpt"
+    with pytest.raises(ConfigError, match=r"a stage-2 job continues from its own last.ckpt"):
+        RunFolder.config_for_resume(str(best))
     # the sub-nets were warm-started from the stage-1 backbone: at this learning rate
     # their weights are still its weights (sub-nets trained from scratch would not be)
     stage1 = run.stage1_weights().backbone

@@ -209,6 +209,12 @@ def test_an_earlier_checkpoint_of_a_finished_stage1_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"stage 1 of .* is finished; continuing from"):
         train(RunFolder.config_for_resume(str(best), ["stage=cluster"]))
     assert last.read_bytes() == before and not (run_dir / "clusters.pt").exists()
+    # and once the clustering is there too (it was let through then, continuing quietly
+    # from last.ckpt, not from the checkpoint named); a stage-2 job's best checkpoint
+    # neither (tests/test_pipeline.py)
+    train(RunFolder.config_for_resume(str(run_dir), ["stage=cluster"]))
+    with pytest.raises(ConfigError, match=r"stage 1 of .* is finished; continuing from"):
+        RunFolder.config_for_resume(str(best))
 
 
 def test_a_config_file_with_resume_is_refused_not_ignored(tmp_path, capsys):
