@@ -225,7 +225,10 @@ def _plan_stage2(run: _Run, assignment: ClusterAssignment) -> tuple[list[list[in
     over (named by ``stage2.subnets``) rather than finish the run.
 
     Finishing: jobs that had saved a checkpoint continue with the same sub-nets (each
-    sub-net in one job only); the other missing sub-nets are balanced into the rest.
+    sub-net in one job only), also one that had saved some of its sub-nets when it was
+    stopped (it saves the others; at K=64 in one job the saves take minutes, and a new
+    job would train them again from the stage-1 backbone); the other missing sub-nets
+    are balanced into the rest.
     """
     cfg, folder = run.cfg, run.folder
     images = run.dm.cluster_train_images()
@@ -235,7 +238,7 @@ def _plan_stage2(run: _Run, assignment: ClusterAssignment) -> tuple[list[list[in
     started: list[list[int]] = []
     taken: set[int] = set()
     for group in folder.started_jobs():  # furthest first
-        if set(group) <= set(todo) and not taken & set(group):
+        if set(group) & set(todo) and not taken & set(group):
             started.append(group)
             taken |= set(group)
     rest = [k for k in todo if k not in taken]
@@ -305,7 +308,9 @@ def _fit_job(
             model, datamodule=run.dm, ckpt_path=str(resume) if resume else None, weights_only=True
         )
         test = trainer.test(model, datamodule=run.dm, verbose=False)[0]
-    for k in subnets:
+    # a job continued after a kill while it saved: the sub-nets it saved stay untouched
+    saved = folder.subnet_records()
+    for k in (k for k in subnets if k not in saved):
         backbone, head = model.subnet_state(k)
         correct, total = model.counts[k]
         record = {

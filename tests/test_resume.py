@@ -69,6 +69,34 @@ def test_interrupted_twice_and_resumed_equals_uninterrupted(tmp_path):
     assert resumed.results["stage1"] == reference.results["stage1"]
 
 
+def test_a_job_stopped_while_saving_its_subnets_is_continued_not_trained_again(
+    tmp_path, monkeypatch
+):
+    # A job saves its sub-nets one after another once trained (minutes at K=64): a
+    # kill after the first one left the others to a new job, trained again from the
+    # stage-1 backbone.
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "logger=none", "eval.after_training=false"))
+    save = RunFolder.save_subnet
+
+    def stopped_after_one(self, k, *args):
+        if self.subnet_records():
+            raise Interrupted(f"saving sub-net {k}")
+        save(self, k, *args)
+
+    monkeypatch.setattr(RunFolder, "save_subnet", stopped_after_one)
+    with pytest.raises(Interrupted, match="saving sub-net 1"):
+        train(cfg)
+    monkeypatch.undo()
+    run = RunFolder(tmp_path / "run")
+    first = run.subnet_file(0).stat().st_mtime_ns
+    checkpoint = run.last_checkpoint(2, "subnets-0-2").read_bytes()
+    result = train(RunFolder.config_for_resume(str(run.path)))
+    assert result.results is not None
+    assert {r["job"] for r in run.subnet_records().values()} == {"subnets-0-2"}
+    assert run.last_checkpoint(2, "subnets-0-2").read_bytes() == checkpoint, "not trained"
+    assert run.subnet_file(0).stat().st_mtime_ns == first, "a saved sub-net is not touched"
+
+
 class MappedCheckpoints(L.Callback):
     """Checkpoint files still mapped by this process once replaced, at each stage's end."""
 
