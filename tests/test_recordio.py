@@ -259,6 +259,105 @@ def test_key_ranges_past_float32_precision_are_exact(tmp_path):
     assert layout.keys.tolist() == list(range(base, base + sum(sizes)))
 
 
+def _insightface(base: int, sizes: list[int], gap_after: int | None = None):
+    """InsightFace's layout: identity ``label``'s ``sizes[label]`` images from key
+    ``base`` on (a key no record has after identity ``gap_after``), then one identity
+    record each, the header at key 0. Returns the records and the ``[start, end)``s."""
+    records, key, ranges = {}, base, []
+    for label, n in enumerate(sizes):
+        ranges.append((key, key + n))
+        for _ in range(n):
+            records[key] = pack(float(label), _jpeg(label * 30))
+            key += 1
+        key += label == gap_after
+    first = key
+    for label, (a, b) in enumerate(ranges):
+        records[first + label] = pack([a, b])
+    records[0] = pack([first, first + len(sizes)])
+    return records, ranges
+
+
+@pytest.mark.parametrize("case", ["empty identity", "key of no identity", "image of no identity"])
+def test_ranges_past_float32_precision_read_as_the_same_layout_below_it(tmp_path, case):
+    # Past 2^24 an empty range [s, s) was looked for among the images (none carries its
+    # label: the run stopped), and a start that rounds like the previous end took that
+    # end though a key of neither lay between (2^24 + 7 and + 8 both store + 8).
+    layouts = []
+    bases = (1000, FLOAT32_EXACT - 4) if case == "empty identity" else (1002, FLOAT32_EXACT + 2)
+    for base in bases:
+        if case == "empty identity":  # [+4, +4) then [+4, +5), both stored [+4, +4];
+            # [+11, +11) then [+11, +15), stored [+12, +12] and [+12, +16]
+            records, ranges = _insightface(base, [5, 3, 0, 1, 6, 0, 4])
+        else:  # identity 0 [+2, +7), a key of neither, identity 1 [+8, +11)
+            records, ranges = _insightface(base, [5, 3], gap_after=0)
+            if case == "image of no identity":
+                records[ranges[0][1]] = pack(7.0, _jpeg(200))
+        folder = tmp_path / str(base)
+        folder.mkdir()
+        layout = image_layout(_write(folder, records))
+        layouts.append((layout.keys - base, layout.labels))
+    stored = np.array(ranges, dtype=np.float32).astype(np.int64)  # the rounding is real:
+    if case == "empty identity":
+        assert stored[3, 0] == stored[3, 1] == ranges[3][0]  # one image: [+4, +5)
+    else:
+        assert stored[0, 1] == stored[1, 0] == ranges[1][0]  # + 7 stored + 8
+    assert np.array_equal(layouts[0][0], layouts[1][0]), case
+    assert np.array_equal(layouts[0][1], layouts[1][1]), case
+    expected = [label for label, (a, b) in enumerate(ranges) for _ in range(b - a)]
+    assert layouts[1][1].tolist() == expected
+
+
+def test_identity_ranges_over_the_header_identity_records_or_each_other_are_refused(tmp_path):
+    # they were laid out: the header and identity records trained on as images, a
+    # record under two labels
+    images = {k: pack(float(k >= 3), _jpeg(k)) for k in range(1, 6)}
+    for ranges, message in {
+        ((0, 3), (3, 6)): r"key 6 at offset \d+: identity 0's image keys \[0, 3\) cover key 0",
+        ((1, 3), (3, 7)): r"key 7 at offset \d+: identity 1's image keys \[3, 7\) cover the id",
+        ((1, 4), (3, 6)): r"key 7 at offset \d+: identity 1's image keys \[3, 6\) overlap iden",
+        ((3, 6), (1, 4)): r"key 6 at offset \d+: identity 0's .* overlap identity 1's \[1, 4\)",
+    }.items():
+        folder = tmp_path / str(ranges)
+        folder.mkdir()
+        records = images | {6: pack(ranges[0]), 7: pack(ranges[1]), 0: pack([6.0, 8.0])}
+        with pytest.raises(RecordError, match=message):
+            image_layout(_write(folder, records))
+    # an empty range, wherever it lies, holds no key: not refused
+    records = images | {6: pack([1.0, 6.0]), 7: pack([0.0, 0.0]), 0: pack([6.0, 8.0])}
+    assert image_layout(_write(tmp_path, records)).labels.tolist() == [0] * 5
+
+
+def test_a_folder_named_like_a_rec_file_is_read_as_the_folder(tmp_path):
+    # glint360k.rec/ holding train.rec/.idx was taken for a missing file
+    records = {k: pack(float(k >= 3), _jpeg(k)) for k in range(1, 6)}
+    records |= {6: pack([1.0, 3.0]), 7: pack([3.0, 6.0]), 0: pack([6.0, 8.0])}
+    (tmp_path / "glint.rec").mkdir()
+    _write(tmp_path / "glint.rec", records)
+    for root in (tmp_path / "glint.rec", f"{tmp_path / 'glint.rec'}/"):
+        assert len(scan(root).samples) == 5
+    with pytest.raises(FileNotFoundError, match=r"missing.rec does not exist"):
+        scan(tmp_path / "missing.rec")
+
+
+def test_a_payload_the_writer_refuses_leaves_no_idx_line(tmp_path, monkeypatch):
+    # the .idx line was written first: the refused key then named the next record
+    real = recordio.encode_record
+
+    def encode(payload):  # stands for a payload of 2^29 bytes or more
+        if payload.endswith(b"HUGE"):
+            raise ValueError("a record payload holds ... under 2^29")
+        return real(payload)
+
+    monkeypatch.setattr(recordio, "encode_record", encode)
+    with RecordWriter(tmp_path / "train.rec", tmp_path / "train.idx") as w:
+        w.write(0, pack(0.0, _jpeg(10)))
+        with pytest.raises(ValueError, match="2"):
+            w.write(1, pack(1.0, b"HUGE"))
+        w.write(2, pack(2.0, _jpeg(200)))
+    rf = RecordFile(tmp_path / "train.rec")
+    assert list(rf.offsets) == [0, 2] and rf.record(2).label == 2.0
+
+
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
     out = tmp_path_factory.mktemp("packed")

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import pickle
+import struct
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +16,13 @@ import torch.nn.functional as F
 from facecluster.callbacks import VerificationCallback
 from facecluster.config import ConfigError, load_config
 from facecluster.data.transforms import load_faces, normalize_images
-from facecluster.data.verification import load_pairs, read_pairs_txt, set_name, write_bin
+from facecluster.data.verification import (
+    load_pairs,
+    read_bin,
+    read_pairs_txt,
+    set_name,
+    write_bin,
+)
 from facecluster.evaluation import evaluate_run
 from facecluster.inference.verification import pair_embeddings, ten_fold_accuracy
 from facecluster.pipeline import train
@@ -200,3 +209,47 @@ def test_a_first_pair_named_by_numbers_is_not_taken_for_the_header(tmp_path):
     assert read_pairs_txt(tmp_path, pairs)[1] == [True, False]
     pairs.write_text("1 2\n0001 1 2\n")
     assert read_pairs_txt(tmp_path, pairs)[1] == [True]
+
+
+def test_a_bin_file_whose_objects_fail_to_build_is_named(tmp_path):
+    # the allowed builders failed on forged arguments with errors that named no file
+    bad = {
+        # numpy.dtype made by NEWOBJ (no __init__, no type), then given a state
+        "newobj_dtype.bin": b"\x80\x04\x8c\x05numpy\x8c\x05dtype\x93)\x81"
+        b"(K\x03\x8c\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb.",
+        # an image of integers past a byte
+        "overflow.bin": pickle.dumps(([[300], [1]], [True]), protocol=4),
+        # bytes("a", "zlib_codec")
+        "codec.bin": b"\x80\x04\x8c\x08builtins\x8c\x05bytes\x93\x8c\x01a\x8c\nzlib_codec\x86R"
+        b"\x8c\x01b\x85\x8c\x08builtins\x8c\x04list\x93N\x85R\x86.",
+    }
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{name} is not a verification .bin file"):
+            read_bin(tmp_path / name)
+
+
+def test_one_object_the_bin_file_references_over_and_over_is_built_once(tmp_path):
+    # the pickle memo hands one object to the reader any number of times: one array
+    # referenced 200 times became 200 copies, bytearray(x) called 200 times too
+    image = np.frombuffer(b"\xff\xd8" + bytes(1 << 16), np.uint8)
+    (tmp_path / "shared.bin").write_bytes(pickle.dumps(([image] * 200, [True] * 100), 4))
+    images = read_bin(tmp_path / "shared.bin").images
+    assert len(images) == 200 and len({id(x) for x in images}) == 1
+    assert images[0] == image.tobytes()
+    data = b"\0" * (1 << 16)
+    for kind in ("bytearray", "list", "tuple"):
+        forged = b"\x80\x04\x8c\x08builtins\x8c" + bytes([len(kind)]) + kind.encode() + b"\x93\x94"
+        forged += b"\x8e" + struct.pack("<Q", len(data)) + data + b"\x94"  # memo 1: the bytes
+        forged += b"](" + b"h\x00h\x01\x85R" * 200  # kind(bytes), 200 times
+        forged += b"e](" + b"\x88" * 100 + b"e\x86."
+        (tmp_path / f"{kind}.bin").write_bytes(forged)
+        with pytest.raises(ValueError, match=f"{kind}.bin is not .* builds more than 4 times"):
+            read_bin(tmp_path / f"{kind}.bin")
+    # files of every protocol still read: numpy array images, the costliest (protocols
+    # 0-2 build each twice), 4 MiB of them (far past the 1 MiB allowance)
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 128, 1 << 18, dtype=np.uint8) for _ in range(16)]
+    for protocol in range(6):
+        (tmp_path / "ok.bin").write_bytes(pickle.dumps((arrays, [False] * 8), protocol))
+        assert read_bin(tmp_path / "ok.bin").images == [a.tobytes() for a in arrays], protocol

@@ -145,8 +145,11 @@ class RecordWriter:
         self._idx = open(idx, "w")  # noqa: SIM115
 
     def write(self, key: int, payload: bytes) -> None:
+        # encoded first: a payload encode_record refuses leaves no .idx line behind,
+        # which would point at the next record's offset under this key
+        record = encode_record(payload)
         self._idx.write(f"{key}\t{self._rec.tell()}\n")
-        self._rec.write(encode_record(payload))
+        self._rec.write(record)
 
     def close(self) -> None:
         self._rec.close()
@@ -160,12 +163,18 @@ class RecordWriter:
 
 
 def rec_paths(root: str | Path) -> tuple[Path, Path] | None:
-    """``(train.rec, train.idx)`` when ``root`` names a .rec file or a folder holding one."""
+    """``(train.rec, train.idx)`` when ``root`` names a .rec file or a folder holding one.
+
+    A folder is looked into first, whatever its name: a download unpacked into
+    ``glint360k.rec/`` holds ``train.rec``. A path ending in ``.rec`` that is no
+    folder is the file itself (its absence is named when it is opened)."""
     root = Path(root).expanduser()
-    rec = root if root.suffix == ".rec" else root / "train.rec"
-    if root.suffix != ".rec" and not rec.is_file():
+    if root.is_dir():
+        rec = root / "train.rec"
+        return (rec, rec.with_suffix(".idx")) if rec.is_file() else None
+    if root.suffix != ".rec":
         return None
-    return rec, rec.with_suffix(".idx")
+    return root, root.with_suffix(".idx")
 
 
 def _canonical_index(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
@@ -620,6 +629,7 @@ def image_layout(records: RecordFile, cache: str | Path | None = None) -> Record
             f"{records.rec} key {first + i}: identity {i}'s image keys [{bounds[i, 0]}, "
             f"{bounds[i, 1]}) end before they start"
         )
+    _check_ranges(records, first, bounds)
     labels = np.repeat(np.arange(len(bounds)), counts)
     # each identity's keys start..end-1, for all at once
     within = np.arange(len(labels)) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -636,15 +646,56 @@ def image_layout(records: RecordFile, cache: str | Path | None = None) -> Record
     return RecordLayout(image_keys, labels)
 
 
+def _check_ranges(records: RecordFile, first: int, bounds: np.ndarray) -> None:
+    """Refuse identity ranges that take the header (key 0) or the identity records
+    (keys from ``first``) for images, or that overlap: their records would be trained
+    on as images, or under two labels. Empty ranges hold no key and are not checked.
+    Vector checks: up to 2M identities."""
+    rows = np.flatnonzero(bounds[:, 1] > bounds[:, 0])
+    order = rows[np.argsort(bounds[rows, 0], kind="stable")]  # by start
+    outside = order[(bounds[order, 0] < 1) | (bounds[order, 1] > first)]
+    if len(outside):
+        i = int(outside[0])
+        a, b = (int(v) for v in bounds[i])
+        what = "key 0, the header record" if a < 1 else f"the identity records (keys {first}-)"
+        raise RecordError(
+            f"{records.rec} key {first + i} at offset {records.offsets[first + i]}: identity "
+            f"{i}'s image keys [{a}, {b}) cover {what}; image keys lie in [1, {first})"
+        )
+    clash = np.flatnonzero(bounds[order[1:], 0] < bounds[order[:-1], 1])
+    if len(clash):
+        i, j = int(order[clash[0] + 1]), int(order[clash[0]])
+        raise RecordError(
+            f"{records.rec} key {first + i} at offset {records.offsets[first + i]}: identity "
+            f"{i}'s image keys [{bounds[i, 0]}, {bounds[i, 1]}) overlap identity {j}'s "
+            f"[{bounds[j, 0]}, {bounds[j, 1]}) (key {first + j}): a record under two labels"
+        )
+
+
 def _exact_bounds(records: RecordFile, ranges: np.ndarray) -> np.ndarray:
-    """Key ranges with float32-rounded boundaries (past 2^24) set to the true ones."""
+    """Key ranges with float32-rounded boundaries (past 2^24) set to the true ones.
+
+    A range whose stored start and end are one float32 value may be empty, ``[s, s)``,
+    or hold a key or two that rounded alike (2^24 + 4 and + 5 both store 2^24 + 4):
+    where no image record near it carries the identity's label it is empty, and kept
+    as stored, as an empty range below 2^24 is."""
     bounds = ranges.copy()
+    alike = ranges[:, 0] == ranges[:, 1]
     ends = np.flatnonzero(ranges[:, 1] >= FLOAT32_EXACT)  # 2^24 itself may be 2^24 + 1
-    bounds[ends, 1] = _true_boundaries(records, ranges[ends, 1], ends, side=1)
-    starts = np.flatnonzero(ranges[:, 0] >= FLOAT32_EXACT)
-    # a start the previous identity's stored end equals: that end, found already
-    follows = (starts > 0) & (ranges[np.maximum(starts - 1, 0), 1] == ranges[starts, 0])
-    bounds[starts[follows], 0] = bounds[starts[follows] - 1, 1]
+    bounds[ends, 1] = _true_boundaries(
+        records, ranges[ends, 1], ends, side=1, may_be_empty=alike[ends]
+    )
+    empty = bounds[:, 1] < 0
+    bounds[empty] = ranges[empty]
+    starts = np.flatnonzero((ranges[:, 0] >= FLOAT32_EXACT) & ~empty)
+    # A start the previous identity's stored end equals is most often that end, found
+    # already: taken where the record there is this identity's. Not always: a key of
+    # neither between them (absent, or an image of no range) rounds alike too.
+    before = np.maximum(starts - 1, 0)
+    follows = (starts > 0) & (ranges[before, 1] == ranges[starts, 0]) & ~empty[before]
+    labels, image, present = records.heads(bounds[before[follows], 1])
+    follows[follows] = present & image & (labels == starts[follows])
+    bounds[starts[follows], 0] = bounds[before[follows], 1]
     alone = starts[~follows]
     bounds[alone, 0] = _true_boundaries(records, ranges[alone, 0], alone, side=0)
     return bounds
@@ -675,12 +726,19 @@ def _exact_header(records: RecordFile, first: int, end: int) -> tuple[int, int]:
 
 
 def _true_boundaries(
-    records: RecordFile, approx: np.ndarray, identity: np.ndarray, side: int
+    records: RecordFile,
+    approx: np.ndarray,
+    identity: np.ndarray,
+    side: int,
+    may_be_empty: np.ndarray | None = None,
 ) -> np.ndarray:
     """The true keys of float32-rounded range boundaries (``side`` 0: starts, 1: ends) of
     the identities ``identity``: where, within one float32 spacing of the stored key,
     the image records' (exact) label changes into (0) or out of (1) the identity.
-    The records around every boundary are read at once (:meth:`RecordFile.heads`)."""
+    The records around every boundary are read at once (:meth:`RecordFile.heads`).
+    -1 for a row of ``may_be_empty`` where no image record near it is the identity's."""
+    if may_be_empty is None:
+        may_be_empty = np.zeros(len(approx), dtype=bool)
     found = np.zeros(len(approx), dtype=np.int64)
     per = _spacing(approx)
     for spacing in np.unique(per).tolist():
@@ -696,7 +754,8 @@ def _true_boundaries(
             change = member[:, 1:] & ~member[:, :-1]
         else:
             change = member[:, :-1] & ~member[:, 1:]
-        missed = ~change.any(axis=1)
+        empty = may_be_empty[rows] & ~member.any(axis=1)
+        missed = ~change.any(axis=1) & ~empty
         if missed.any():
             i = int(np.argmax(missed))
             raise RecordError(
@@ -705,7 +764,7 @@ def _true_boundaries(
                 f"change of image label within +-{spacing} keys; the image records do not "
                 "carry their identity's label"
             )
-        found[rows] = keys[np.arange(len(rows)), change.argmax(axis=1) + 1]
+        found[rows] = np.where(empty, -1, keys[np.arange(len(rows)), change.argmax(axis=1) + 1])
     return found
 
 

@@ -15,6 +15,7 @@ import _compat_pickle
 import io
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,8 @@ class _Dtype:
         # (version, byte order, subarray, names, fields, itemsize, alignment, flags)
         if not (isinstance(state, tuple) and len(state) >= 5 and state[2:5] == (None,) * 3):
             raise pickle.UnpicklingError("a structured numpy dtype is not allowed in a .bin file")
+        if self.dtype is None:  # made by NEWOBJ, which skips __init__ and its checks
+            raise pickle.UnpicklingError("a numpy dtype in the .bin file names no type")
         order = state[1].decode("ascii", "replace") if isinstance(state[1], bytes) else state[1]
         if order in ("<", ">"):
             self.dtype = self.dtype.newbyteorder(order)
@@ -100,10 +103,12 @@ def _scalar(dtype: object, raw: object = b"") -> np.generic:
     return _frombuffer(raw, dtype, (), "C")[()]
 
 
-def _sized(kind: type):
-    def make(*args: object) -> bytes | bytearray:
-        # bytes(n) is n zero bytes: a few bytes of file asking for any amount of memory
-        if args and not isinstance(args[0], (bytes, bytearray, str, list, tuple)):
+def _sized(kind: type, sources: tuple[type, ...] = (bytes, bytearray, str, list, tuple)):
+    def make(*args: object) -> bytes | bytearray | list | tuple:
+        # bytes(n) is n zero bytes: a few bytes of file asking for any amount of memory.
+        # list/tuple copy a container or bytes only: the copy's size is then what
+        # sys.getsizeof counts (_RestrictedUnpickler.built), no new object per element.
+        if args and not isinstance(args[0], sources):
             raise pickle.UnpicklingError(
                 f"{kind.__name__}({args[0]!r}) is not allowed in a .bin file"
             )
@@ -126,8 +131,8 @@ def _latin1(text: object, encoding: object = "utf-8", errors: object = "strict")
 # What a verification pickle may contain: containers, bytes, booleans and numpy
 # integer/boolean arrays, each name mapped to what builds it here.
 _ALLOWED = {
-    ("builtins", "list"): list,
-    ("builtins", "tuple"): tuple,
+    ("builtins", "list"): _sized(list, (bytes, bytearray, list, tuple)),
+    ("builtins", "tuple"): _sized(tuple, (bytes, bytearray, list, tuple)),
     ("builtins", "bytes"): _sized(bytes),
     ("builtins", "bytearray"): _sized(bytearray),
     ("builtins", "bool"): bool,
@@ -140,7 +145,35 @@ _ALLOWED = {
 }
 
 
+# What builds new data from the file's objects. The pickle memo hands one object to
+# them any number of times (bytearray(x) 1,000 times is 1,000 copies of x), so what
+# they build is counted against the file's size.
+_COPIES = (
+    {("builtins", name) for name in ("list", "tuple", "bytes", "bytearray")}
+    | {("_codecs", "encode")}
+    | {(f"numpy.{core}.multiarray", "scalar") for core in ("core", "_core")}
+)
+_GROWTH = 4
+"""A .bin file may build at most this many times its size in bytes (plus 1 MiB). The
+costliest legitimate image, a numpy array pickled with protocol 0-2, is built twice
+(its latin-1 text made bytes, then the array's bytes copied); bytes of protocol 3 or
+later are built not at all."""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BufferedReader, size: int) -> None:
+        super().__init__(file, encoding="bytes")
+        self.size = size
+        self.left = _GROWTH * size + (1 << 20)  # bytes the load may still build
+
+    def built(self, nbytes: int) -> None:
+        self.left -= nbytes
+        if self.left < 0:
+            raise pickle.UnpicklingError(
+                f"it builds more than {_GROWTH} times its {self.size} bytes in memory (one "
+                "object copied over and over)"
+            )
+
     def find_class(self, module: str, name: str):
         # Python 2 names (protocol <= 2: __builtin__.bytes), mapped as pickle maps them.
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
@@ -150,7 +183,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 f"{module}.{name} is not allowed in a verification .bin file "
                 "(only lists of encoded images and booleans)"
             )
-        return _ALLOWED[module, name]
+        make = _ALLOWED[module, name]
+        if (module, name) not in _COPIES:
+            return make
+
+        def counted(*args: object) -> object:
+            value = make(*args)
+            self.built(sys.getsizeof(value))
+            return value
+
+        return counted
 
 
 def _plain(value: object) -> object:
@@ -159,6 +201,24 @@ def _plain(value: object) -> object:
     if isinstance(value, (_Dtype, type)):
         raise pickle.UnpicklingError(f"a {type(value).__name__} where data belongs")
     return value.value() if isinstance(value, _Array) else value
+
+
+def _image_bytes(images: object, unpickler: _RestrictedUnpickler) -> list[bytes]:
+    """Each image as bytes. One array the file references many times (its memo) is
+    converted once, every reference sharing the bytes; the conversions are counted as
+    the load's own copies are (:meth:`_RestrictedUnpickler.built`)."""
+    done: dict[int, tuple[object, bytes]] = {}  # id -> (the object, kept alive; bytes)
+    out = []
+    for x in images:
+        if isinstance(x, bytes):
+            out.append(x)
+            continue
+        if id(x) not in done:
+            data = np.asarray(_plain(x), dtype=np.uint8).tobytes()
+            unpickler.built(len(data))
+            done[id(x)] = (x, data)
+        out.append(done[id(x)][1])
+    return out
 
 
 @dataclass(frozen=True)
@@ -182,14 +242,16 @@ class VerificationPairs:
 def read_bin(path: str | Path) -> VerificationPairs:
     """Read an InsightFace ``.bin`` verification file (no code from the file runs)."""
     with open(path, "rb") as f:
+        unpickler = _RestrictedUnpickler(f, os.fstat(f.fileno()).st_size)
         try:
-            images, issame = map(_plain, _RestrictedUnpickler(f, encoding="bytes").load())
-            images = [
-                x if isinstance(x, bytes) else np.asarray(_plain(x), dtype=np.uint8).tobytes()
-                for x in images
-            ]
+            images, issame = map(_plain, unpickler.load())
+            images = _image_bytes(images, unpickler)
             issame = [bool(_plain(x)) for x in issame]
-        except (pickle.UnpicklingError, ValueError, TypeError, EOFError, MemoryError) as e:
+        except OSError:  # the disk's error, not the file's content
+            raise
+        except Exception as e:
+            # only the allowed builders run, but a forged argument makes them fail in
+            # many ways (AttributeError, OverflowError, LookupError, ...): all the file's
             raise ValueError(f"{path} is not a verification .bin file: {e}") from None
     if len(images) != 2 * len(issame):
         raise ValueError(f"{path}: {len(images)} images for {len(issame)} pairs (expected 2 each)")
