@@ -666,25 +666,28 @@ class RunFolder:
             ConfigError: a stage-2 job of the run is training now (its lock is live):
                 deleting its folder would leave two processes training its sub-nets.
         """
+        if not is_global_zero():
+            # the other DDP ranks: Lightning starts them inside rank 0's job lock, which
+            # they would take for another process training
+            return
         busy = sorted(self._training_jobs())
         if busy:
             raise ConfigError(
                 f"stage2.subnets: stage-2 job {busy[0]} is training now "
                 f"({self.stage_dir(2, busy[0]) / RUNNING}); retrain sub-nets once it has ended"
             )
-        if is_global_zero():
-            restarted = {k for group in groups for k in group}
-            # every job over any of them, however it was grouped: a job folder left with
-            # another grouping's checkpoint would be continued by the next resume
-            jobs = self.path / "stage2" / "jobs"
-            for record in sorted(jobs.glob(f"*/{JOB_SUBNETS}")) if jobs.is_dir() else ():
-                if restarted & set(_read_json(record) or []):
-                    shutil.rmtree(record.parent, ignore_errors=True)
-            for group in groups:
-                shutil.rmtree(self.stage_dir(2, job_name(group)), ignore_errors=True)
-                for k in group:
-                    self.subnet_file(k, ".json").unlink(missing_ok=True)
-                    self.subnet_file(k).unlink(missing_ok=True)
+        restarted = {k for group in groups for k in group}
+        # every job over any of them, however it was grouped: a job folder left with
+        # another grouping's checkpoint would be continued by the next resume
+        jobs = self.path / "stage2" / "jobs"
+        for record in sorted(jobs.glob(f"*/{JOB_SUBNETS}")) if jobs.is_dir() else ():
+            if restarted & set(_read_json(record) or []):
+                shutil.rmtree(record.parent, ignore_errors=True)
+        for group in groups:
+            shutil.rmtree(self.stage_dir(2, job_name(group)), ignore_errors=True)
+            for k in group:
+                self.subnet_file(k, ".json").unlink(missing_ok=True)
+                self.subnet_file(k).unlink(missing_ok=True)
 
     def missing_subnets(self, num_clusters: int) -> list[int]:
         """Sub-nets with no finished record yet."""

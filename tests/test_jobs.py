@@ -492,6 +492,23 @@ def test_the_same_subnets_grouped_otherwise_never_train_twice(tmp_path):
     assert run.stage_dir(2, "subnets-3").is_dir()
 
 
+def test_the_other_ranks_of_a_retrain_leave_the_busy_check_to_rank_zero(tmp_path, monkeypatch):
+    # Lightning starts the other DDP ranks inside rank 0's job lock: there they took
+    # that live lock for another process training, and stage=2 stage2.subnets=[...]
+    # under DDP stopped on rank 1.
+    from lightning.pytorch.utilities import rank_zero_only
+
+    run = RunFolder(tmp_path / "run")
+    run.save_job([0, 1])
+    with run.job_lock("subnets-0-1", [0, 1]):  # rank 0, training the retrain
+        monkeypatch.setattr(rank_zero_only, "rank", 1)
+        run.restart_subnets([[0, 1]])
+        assert run.stage_dir(2, "subnets-0-1").is_dir(), "only rank 0 deletes"
+        monkeypatch.setattr(rank_zero_only, "rank", 0)
+        with pytest.raises(ConfigError, match="job subnets-0-1 is training now"):
+            run.restart_subnets([[0, 1]])
+
+
 def test_a_job_start_killed_while_recording_its_subnets_leaves_the_record_whole(
     tmp_path, monkeypatch
 ):
