@@ -97,6 +97,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         check_cluster_count(cfg, dm)
         check_local_jobs(cfg)  # local stage-2 jobs must fit this node: known now
         folder = RunFolder.for_training(cfg)
+        _check_prerequisites(cfg, folder)
         if cfg.launcher.name == "slurm":
             check_queue(folder)  # before the run folder changes
         run_id = folder.create()
@@ -108,6 +109,28 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         logger = build_logger(cfg, folder.path, run_id)
         with finish_logger(logger):
             return _two_stages(_Run(cfg, dm, folder, logger, callbacks))
+
+
+def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
+    """Refuse ``stage=`` before the run folder changes, here or at submission, when what
+    it needs is missing: stage=cluster a finished stage 1, stage=2 and a two-stage
+    assembly the clustering, a single model's assembly its finished stage 1 (a SLURM
+    submission queued jobs that could only fail)."""
+    if cfg.stage == "cluster" and not folder.has_stage_summary(1):
+        raise ConfigError(
+            f"stage=cluster: stage 1 of {folder.path} is not finished; train it first with "
+            f"`python train.py resume={folder.path} stage=1`"
+        )
+    if cfg.stage in ("2", "assemble") and cfg.two_stage and not folder.clusters_path.is_file():
+        raise ConfigError(
+            f"stage={cfg.stage}: {folder.clusters_path} is missing: the run has no clustering "
+            "yet (stage=cluster)"
+        )
+    if cfg.stage == "assemble" and not cfg.two_stage and not folder.has_stage_summary(1):
+        raise ConfigError(
+            f"stage=assemble: stage 1 of {folder.path} is not finished; train it first with "
+            f"`python train.py resume={folder.path}`"
+        )
 
 
 def _two_stages(run: _Run) -> RunResult:
@@ -151,11 +174,6 @@ def _stage1_and_clustering(
     run folder lacks. Returns the stage-1 model when it was fitted here."""
     cfg, folder = run.cfg, run.folder
     trained = folder.has_stage_summary(1)
-    if cfg.stage == "cluster" and not trained:
-        raise ConfigError(
-            f"stage=cluster: stage 1 of {folder.path} is not finished; train it first with "
-            f"`python train.py resume={folder.path} stage=1`"
-        )
     unit = clustering if cfg.stage != "1" else None
     if trained and (unit is None or folder.clusters_path.is_file()):
         if unit is not None:
@@ -335,11 +353,6 @@ def _assemble(
     by rank 0). Sub-nets still missing: an error naming them when ``required``, else
     a message and (None, None) (stage=2 over some of the sub-nets)."""
     cfg, folder = run.cfg, run.folder
-    if not folder.has_stage_summary(1) and run.stage1 is None:  # method=single's stage=assemble
-        raise ConfigError(
-            f"stage=assemble: stage 1 of {folder.path} is not finished; train it first with "
-            f"`python train.py resume={folder.path}`"
-        )
     stage2 = assignment = None
     if clustering is not None:
         assignment = _assignment(run, clustering)

@@ -350,14 +350,24 @@ def test_slurm_jobs_get_one_task_per_gpu_on_every_node(tmp_path, monkeypatch):
     assert command[-3:] == ["trainer.accelerator=gpu", "trainer.devices=4", "trainer.num_nodes=2"]
 
 
-def test_stage_rules_name_what_is_missing(tmp_path):
+def test_stage_rules_name_what_is_missing(tmp_path, monkeypatch):
     cfg = load_config(SMOKE, smoke_overrides(tmp_path, "stage=1"))
     first = train(cfg)
     run = RunFolder(first.run_dir)
     assert first.results is None and run.has_stage_summary(1)
     assert not run.clusters_path.exists(), "stage=1 is stage 1 alone"
+    saved = (run.path / "config.yaml").read_bytes()
     with pytest.raises(ConfigError, match="stage=2: .*clusters.pt is missing.*stage=cluster"):
         train(run.config_for_resume(str(run.path), ["stage=2"]))
+    # nor submitted to SLURM, where the jobs could only fail; the run is left as it was
+    _fake_slurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    slurm = ["launcher=slurm", "slurm.gpus_per_node=0"]
+    for stage in ("stage=2", "stage=assemble"):
+        with pytest.raises(ConfigError, match=f"{stage}: .*clusters.pt is missing"):
+            train(run.config_for_resume(str(run.path), [stage, *slurm]))
+    assert not run.slurm_dir.exists() and (run.path / "config.yaml").read_bytes() == saved
+    monkeypatch.undo()
     train(run.config_for_resume(str(run.path), ["stage=cluster"]))
     assert run.clusters_path.is_file() and not run.path.joinpath("stage2").exists()
     with pytest.raises(ConfigError, match=r"sub-nets \[0, 1, 2\] .* are not trained"):
