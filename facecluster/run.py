@@ -359,11 +359,18 @@ class RunFolder:
         momentum of the overrides would be ignored, the warm-up and schedule applied to
         the old base rate). Sub-nets that ``stage2.subnets`` names start over with them.
         And ``head`` while a stage is under way (trained, not finished): its loss would
-        change in mid-training; between the stages it may, for the sub-nets."""
+        change in mid-training; between the stages it may, for the sub-nets. A retrain of
+        named sub-nets may change both only while no other job is under way: the saved
+        config is what the next resume continues that job with."""
         stage1 = self.last_checkpoint(1).is_file() or self.has_stage_summary(1)
         # a job command (stage2.group) resumes its own checkpoint, named sub-nets or not
         restarts = cfg.stage2.subnets and cfg.stage2.group is None
-        stage2 = not restarts and bool(self.started_jobs() or self.subnet_records())
+        if restarts:  # the jobs over named sub-nets go (restart_subnets); the others stay
+            named, done = set(cfg.stage2.subnets), set(self.subnet_records())
+            jobs = self.started_jobs()
+            stage2 = any(not set(job) & named and set(job) - done for job in jobs)
+        else:
+            stage2 = bool(self.started_jobs() or self.subnet_records())
         midway = (stage1 and not self.has_stage_summary(1)) or stage2
         return (
             (("stage1.optim",) if stage1 else ())

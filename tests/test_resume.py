@@ -315,6 +315,14 @@ def test_a_trained_stages_optimizer_is_fixed_on_resume(tmp_path):
     # sub-nets named in the main process start over: a new optimizer is theirs
     restart = RunFolder.config_for_resume(str(run), ["stage2.subnets=[1]", "stage2.optim.lr=0.5"])
     assert restart.stage2.optim.lr == 0.5
+    # unless another job is under way: the next resume would continue it with them
+    other = folder.last_checkpoint(2, "subnets-2")
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"")
+    (other.parents[1] / "subnets.json").write_text("[2]")
+    for change in ("stage2.optim.lr=0.5", "head.m=0.3"):
+        with pytest.raises(ConfigError, match=r"(stage2.optim|head): the run has"):
+            RunFolder.config_for_resume(str(run), ["stage2.subnets=[1]", change])
 
 
 class StageOneLr(L.Callback):
