@@ -242,16 +242,7 @@ def test_key_ranges_past_float32_precision_are_exact(tmp_path):
     # InsightFace stores [start, end) ranges as float32: past 2^24 odd keys round.
     base = FLOAT32_EXACT - 4
     sizes = [5, 3, 6, 1, 4]  # boundaries at 2^24 + 1, + 4, + 5, + 9
-    records, key, ranges = {}, base, []
-    for label, n in enumerate(sizes):
-        ranges.append((key, key + n))
-        for _ in range(n):
-            records[key] = pack(float(label), _jpeg(label * 30))
-            key += 1
-    first = key
-    for label, (a, b) in enumerate(ranges):
-        records[first + label] = pack([a, b])
-    records[0] = pack([first, first + len(sizes)])
+    records, _ = _insightface(base, sizes)
     assert int(np.float32(FLOAT32_EXACT + 1)) != FLOAT32_EXACT + 1  # the rounding is real
     layout = image_layout(_write(tmp_path, records))
     expected = [label for label, n in enumerate(sizes) for _ in range(n)]
