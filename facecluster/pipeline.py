@@ -131,6 +131,19 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
             f"stage=assemble: stage 1 of {folder.path} is not finished; train it first with "
             f"`python train.py resume={folder.path}`"
         )
+    if cfg.stage == "assemble" and cfg.two_stage:
+        _refuse_missing(folder, folder.missing_subnets(cfg.clustering.num_clusters))
+    if cfg.two_stage and cfg.stage in ("all", "2") and cfg.stage2.subnets is not None:
+        if cfg.stage2.group is None:  # a retrain (a job of one resumes its own group)
+            folder.check_no_job_training()
+
+
+def _refuse_missing(folder: RunFolder, missing: list[int]) -> None:
+    if missing:
+        raise ConfigError(
+            f"stage=assemble: sub-nets {missing} of {folder.path} are not trained; "
+            f"train them with `python train.py resume={folder.path}`"
+        )
 
 
 def _two_stages(run: _Run) -> RunResult:
@@ -364,11 +377,7 @@ def _assemble(
                 f"(`python train.py resume={folder.path}`)"
             )
             return None, None
-        if missing:
-            raise ConfigError(
-                f"stage=assemble: sub-nets {missing} of {folder.path} are not trained; "
-                f"train them with `python train.py resume={folder.path}`"
-            )
+        _refuse_missing(folder, missing)
         correct = sum(r["test_correct"] for r in records.values())
         images = sum(r["test_images"] for r in records.values())
         stage2 = {

@@ -666,6 +666,26 @@ class RunFolder:
                 found.append((-last.stat().st_mtime, json.loads(record.read_text())))
         return [subnets for _, subnets in sorted(found)]
 
+    def check_no_job_training(self) -> None:
+        """Refuse a retrain of named sub-nets (``stage2.subnets``) while a stage-2 job of
+        the run is training: deleting its folder would leave two processes training its
+        sub-nets. The processes srun or torchrun start together check alike, each
+        leaving out its own launch's lock (rank 0 may hold it by then); the other ranks
+        Lightning starts, inside rank 0's job lock, leave the check to rank 0."""
+        if not is_global_zero() and launched_processes() == 1:
+            return
+        launch = _launch_id()
+        busy = sorted(
+            job
+            for job, (_, lock) in self._training_jobs().items()
+            if launch is None or lock.get("launch") != launch
+        )
+        if busy:
+            raise ConfigError(
+                f"stage2.subnets: stage-2 job {busy[0]} is training now "
+                f"({self.stage_dir(2, busy[0]) / RUNNING}); retrain sub-nets once it has ended"
+            )
+
     def restart_subnets(self, groups: list[list[int]]) -> None:
         """These sub-nets start over: their jobs' folders and finished files go.
 
@@ -673,16 +693,9 @@ class RunFolder:
             ConfigError: a stage-2 job of the run is training now (its lock is live):
                 deleting its folder would leave two processes training its sub-nets.
         """
+        self.check_no_job_training()
         if not is_global_zero():
-            # the other DDP ranks: Lightning starts them inside rank 0's job lock, which
-            # they would take for another process training
             return
-        busy = sorted(self._training_jobs())
-        if busy:
-            raise ConfigError(
-                f"stage2.subnets: stage-2 job {busy[0]} is training now "
-                f"({self.stage_dir(2, busy[0]) / RUNNING}); retrain sub-nets once it has ended"
-            )
         restarted = {k for group in groups for k in group}
         # every job over any of them, however it was grouped: a job folder left with
         # another grouping's checkpoint would be continued by the next resume

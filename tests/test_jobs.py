@@ -370,6 +370,14 @@ def test_stage_rules_name_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.undo()
     train(run.config_for_resume(str(run.path), ["stage=cluster"]))
     assert run.clusters_path.is_file() and not run.path.joinpath("stage2").exists()
+    # a retrain refused while a job trains leaves the config as it was: the next
+    # resume would continue that job with the refused learning rate
+    saved = (run.path / "config.yaml").read_bytes()
+    with run.job_lock("subnets-0-2", [0, 1, 2]):
+        with pytest.raises(ConfigError, match="job subnets-0-2 is training now"):
+            retrain = ["stage=2", "stage2.subnets=[1]", "stage2.optim.lr=0.5"]
+            train(run.config_for_resume(str(run.path), retrain))
+    assert (run.path / "config.yaml").read_bytes() == saved
     with pytest.raises(ConfigError, match=r"sub-nets \[0, 1, 2\] .* are not trained"):
         train(run.config_for_resume(str(run.path), ["stage=assemble"]))
     with pytest.raises(ConfigError, match="stage=cluster: method=single"):
@@ -517,6 +525,18 @@ def test_the_other_ranks_of_a_retrain_leave_the_busy_check_to_rank_zero(tmp_path
         monkeypatch.setattr(rank_zero_only, "rank", 0)
         with pytest.raises(ConfigError, match="job subnets-0-1 is training now"):
             run.restart_subnets([[0, 1]])
+    # srun's (or torchrun's) ranks start together and all check, rank 0's own lock of
+    # their launch left out (a rank 1 slower than rank 0 saw it, and stopped)
+    for name, value in (("SLURM_STEP_ID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_JOB_ID", "9")):
+        monkeypatch.setenv(name, value)
+    with run.job_lock("subnets-0-1", [0, 1]):
+        monkeypatch.setattr(rank_zero_only, "rank", 1)
+        run.check_no_job_training()
+        monkeypatch.setenv("SLURM_JOB_ID", "10")  # another launch's job: training now
+        with pytest.raises(ConfigError, match="job subnets-0-1 is training now"):
+            run.check_no_job_training()
+        monkeypatch.setattr(rank_zero_only, "rank", 0)
+        monkeypatch.setenv("SLURM_JOB_ID", "9")
 
 
 def test_a_job_start_killed_while_recording_its_subnets_leaves_the_record_whole(
