@@ -340,9 +340,11 @@ def _fit_job(
         )
         test = trainer.test(model, datamodule=run.dm, verbose=False)[0]
     # a job continued after a kill while it saved: the sub-nets it saved stay untouched
-    saved = folder.subnet_records()
-    for k in (k for k in subnets if k not in saved):
-        backbone, head = model.subnet_state(k)
+    saved = folder.subnet_records() if is_global_zero() else {}
+    for k in subnets:
+        backbone, head = model.subnet_state(k)  # every rank: it gathers a sharded head
+        if k in saved:
+            continue
         correct, total = model.counts[k]
         record = {
             "cluster": k,

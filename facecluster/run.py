@@ -208,7 +208,11 @@ class RunFolder:
         if os.environ.get(RUN_DIR_ENV):
             return cls(Path(os.environ[RUN_DIR_ENV]))
         if cfg.resume:
-            return cls(_folder_of(Path(cfg.resume))).resolved()
+            run = cls(_folder_of(Path(cfg.resume))).resolved()
+            path = Path(cfg.resume)
+            if path.is_file():  # train(cfg) called without RunFolder.config_for_resume
+                run._check_resume_point(path, read_checkpoint_meta(path)["stage"])
+            return run
         processes = launched_processes()
         if processes > 1 and not cfg.run_name:
             raise ConfigError(

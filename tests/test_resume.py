@@ -243,6 +243,8 @@ def test_an_earlier_checkpoint_of_a_finished_stage1_is_refused(tmp_path):
     train(RunFolder.config_for_resume(str(run_dir), ["stage=cluster"]))
     with pytest.raises(ConfigError, match=r"stage 1 of .* is finished; continuing from"):
         RunFolder.config_for_resume(str(best))
+    with pytest.raises(ConfigError, match=r"stage 1 of .* is finished; continuing from"):
+        train(load_config(SMOKE, smoke_overrides(tmp_path, f"resume={best}")))  # in-process
 
 
 def test_a_config_file_with_resume_is_refused_not_ignored(tmp_path, capsys):
