@@ -352,6 +352,17 @@ class RunFolder:
                 "pass the folder printed at the start of the run, or a checkpoint"
             )
         overrides = [o for o in overrides if not o.startswith("resume=")]
+        here = {"output_dir": run.path.parent.resolve(), "run_name": run.path.name}
+        for override in overrides:
+            key, _, value = (part.strip() for part in override.partition("="))
+            if key in here:  # the run stays where it is: a new name or place was ignored
+                given = Path(value).expanduser().resolve() if key == "output_dir" else value
+                if given != here[key]:
+                    raise ConfigError(
+                        f"resume={resume}: {key}={value} would move the run, which stays in "
+                        f"{run.path}; leave {key} unset (or copy the run folder and resume "
+                        "the copy)"
+                    )
         where = [f"resume={path}", f"output_dir={run.path.parent}", f"run_name={run.path.name}"]
         cfg = saved.with_overrides([*overrides, *where])
         _refuse_contradictions(saved, cfg, resume, RESUME_FIXED_KEYS + run._started_optim(cfg))

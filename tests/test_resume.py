@@ -247,6 +247,20 @@ def test_an_earlier_checkpoint_of_a_finished_stage1_is_refused(tmp_path):
         train(load_config(SMOKE, smoke_overrides(tmp_path, f"resume={best}")))  # in-process
 
 
+def test_a_resume_that_names_another_run_folder_is_refused_not_ignored(tmp_path):
+    # run_name and output_dir were replaced by the resumed run's own without a word
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path))
+    run = RunFolder.for_training(cfg)
+    run.create()
+    run.save_config(cfg)
+    for override in ("run_name=other", f"output_dir={tmp_path / 'elsewhere'}"):
+        with pytest.raises(ConfigError, match=rf"{override.split('=')[0]}=.* would move the run"):
+            RunFolder.config_for_resume(str(run.path), [override])
+    # its own name and place, written another way, are no change
+    same = [f"run_name={run.path.name}", f"output_dir={tmp_path}/./"]
+    assert RunFolder.config_for_resume(str(run.path), same).run_name == run.path.name
+
+
 def test_a_config_file_with_resume_is_refused_not_ignored(tmp_path, capsys):
     # the resumed run keeps its saved config; a -c file would silently change nothing
     from facecluster import cli
