@@ -146,6 +146,11 @@ def test_the_index_reads_like_a_dict_and_names_a_bad_line(tmp_path):
         idx.write_text(text)
         with pytest.raises(ValueError, match=message):
             RecordFile(rec)
+    # bytes of no text (a damaged file), or digits that are not ASCII
+    for data in (b"0\t8\n1\t1\xff6\n", "0\t8\n1\t\uff11\uff16\n".encode()):
+        idx.write_bytes(data)
+        with pytest.raises(ValueError, match=r"train.idx line 2: expected 'key<TAB>offset'"):
+            RecordFile(rec)
 
 
 def test_batch_views_equal_encoded_and_leave_unsound_records_to_it(tmp_path):

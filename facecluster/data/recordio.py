@@ -364,7 +364,9 @@ class RecordFile:
 
     def _read_index_lines(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         keys, offsets, line_numbers = [], [], []
-        with open(self.idx) as f:
+        # ASCII, whatever the locale: a stray byte fails as a bad token on its line
+        # (named), not as a UnicodeDecodeError, and no non-ASCII digit reads as one
+        with open(self.idx, encoding="ascii", errors="replace") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
