@@ -366,6 +366,16 @@ class RunFolder:
         where = [f"resume={path}", f"output_dir={run.path.parent}", f"run_name={run.path.name}"]
         cfg = saved.with_overrides([*overrides, *where])
         _refuse_contradictions(saved, cfg, resume, RESUME_FIXED_KEYS + run._started_optim(cfg))
+        epochs = saved.stage_epochs(1)
+        if run.has_stage_summary(1) and cfg.stage_epochs(1) != epochs:
+            # without the clustering yet, stage 1 would continue from its last.ckpt for the
+            # new count (its stage1.json then stale); with it, the count is ignored
+            raise ConfigError(
+                f"resume={resume}: stage 1 of {run.path} is finished after {epochs} epochs; "
+                f"{cfg.stage_epochs(1)} would train it again or change nothing. Leave stage 1's "
+                "epochs as they are (trainer.max_epochs sets them too, where stage1.max_epochs "
+                "is unset: set stage2.max_epochs for the sub-nets), or start a new run"
+            )
         return cfg
 
     def _started_optim(self, cfg: Config) -> tuple[str, ...]:

@@ -240,6 +240,13 @@ def test_an_earlier_checkpoint_of_a_finished_stage1_is_refused(tmp_path):
     # and once the clustering is there too (it was let through then, continuing quietly
     # from last.ckpt, not from the checkpoint named); a stage-2 job's best checkpoint
     # neither (tests/test_pipeline.py)
+    # nor other stage-1 epochs: without the clustering they trained stage 1 on from its
+    # last.ckpt and left stage1.json as it was
+    for more in ("trainer.max_epochs=3", "stage1.max_epochs=3"):
+        with pytest.raises(ConfigError, match=r"stage 1 of .* is finished after 2 epochs; 3"):
+            RunFolder.config_for_resume(str(run_dir), ["stage=cluster", more])
+    cfg = RunFolder.config_for_resume(str(run_dir), ["stage2.max_epochs=3"])  # the sub-nets'
+    assert cfg.stage_epochs(1) == 2 and cfg.stage_epochs(2) == 3
     train(RunFolder.config_for_resume(str(run_dir), ["stage=cluster"]))
     with pytest.raises(ConfigError, match=r"stage 1 of .* is finished; continuing from"):
         RunFolder.config_for_resume(str(best))
