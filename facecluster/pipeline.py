@@ -100,7 +100,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         _check_prerequisites(cfg, folder)
         if cfg.launcher.name == "slurm":
             check_queue(folder)  # before the run folder changes
-        run_id = folder.create()
+        run_id = folder.create(new=not cfg.resume)
         folder.check_free_space(cfg, backbone_params, dm.num_classes)
         folder.keep_class_names(dm.class_names)  # a resume: checked, not rewritten
         folder.save_config(cfg)

@@ -221,7 +221,13 @@ class RunFolder:
             )
         name = cfg.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.method}"
         run = cls(Path(cfg.output_dir).expanduser() / name).resolved()
-        if (run.path / CONFIG).exists() and is_global_zero():
+        # The processes srun or torchrun start beside rank 0 refuse an existing run too,
+        # or they would wait for it in DDP setup once it has refused (srun does not stop
+        # them); one whose run.json names their own launch is the run their rank 0 has
+        # just created (create)
+        if (run.path / CONFIG).exists() and (
+            is_global_zero() or _read_json(run.path / META).get("launch") != _launch_id()
+        ):
             raise ConfigError(
                 f"run folder {run.path} already exists; pass resume={run.path} to continue it"
             )
@@ -230,15 +236,21 @@ class RunFolder:
     def resolved(self) -> RunFolder:
         return RunFolder(self.path.resolve())
 
-    def create(self) -> str:
+    def create(self, new: bool = False) -> str:
         """Create (or reopen) the folder; returns the W&B run id. The config is written
-        by :meth:`save_config` once the checks at start have passed.
+        by :meth:`save_config` once the checks at start have passed. ``new``: a new run
+        (not a resume), whose ``run.json`` names the launch that creates it, so that the
+        processes srun or torchrun started with rank 0 wait for this launch's, not an
+        earlier command's that was refused before writing its config.
 
         Sets ``FACECLUSTER_RUN_DIR`` so the DDP ranks Lightning starts find it.
         """
         os.environ[RUN_DIR_ENV] = str(self.path)
         meta = self.path / META
-        if is_global_zero() and not meta.exists():
+        together = new and launched_processes() > 1
+        if is_global_zero() and (
+            not meta.exists() or (together and not (self.path / CONFIG).exists())
+        ):
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
                 probe = self.path / ".write-test"
@@ -248,10 +260,11 @@ class RunFolder:
                 raise ConfigError(
                     f"output_dir: cannot write the run folder {self.path} ({e})"
                 ) from None
-            run_id = uuid.uuid4().hex[:12]
-            self._write_json(META, {"run_id": run_id, "created": datetime.now().isoformat()})
+            run_id = _read_json(meta).get("run_id") or uuid.uuid4().hex[:12]
+            created = datetime.now().isoformat()
+            self._write_json(META, {"run_id": run_id, "created": created, "launch": _launch_id()})
         if not is_global_zero():  # started by torchrun/srun with rank 0, not by it
-            _wait_for(meta)
+            _wait_for(meta, launch=_launch_id() if together else None)
         return self.run_id
 
     def save_config(self, cfg: Config) -> None:
@@ -894,10 +907,11 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _wait_for(path: Path, timeout: float = 300.0) -> None:
-    """Wait until rank 0 has written ``path`` (processes started together)."""
+def _wait_for(path: Path, timeout: float = 300.0, launch: str | None = None) -> None:
+    """Wait until rank 0 has written ``path`` (processes started together); with
+    ``launch``, a JSON ``path`` naming that launch."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not path.exists() or (launch is not None and _read_json(path).get("launch") != launch):
         if time.monotonic() > deadline:
             raise ConfigError(f"{path} did not appear within {timeout:.0f} s: did rank 0 fail?")
         time.sleep(0.2)

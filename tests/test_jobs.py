@@ -25,7 +25,7 @@ from facecluster.io import replacing
 from facecluster.launch import balanced_groups, gpu_slots
 from facecluster.loggers import build_logger
 from facecluster.pipeline import train
-from facecluster.run import JOB_ENV, RunFolder, job_name
+from facecluster.run import JOB_ENV, RUN_DIR_ENV, RunFolder, job_name
 from tests.conftest import SMOKE, smoke_overrides
 
 pytestmark = pytest.mark.slow
@@ -537,6 +537,40 @@ def test_the_other_ranks_of_a_retrain_leave_the_busy_check_to_rank_zero(tmp_path
             run.check_no_job_training()
         monkeypatch.setattr(rank_zero_only, "rank", 0)
         monkeypatch.setenv("SLURM_JOB_ID", "9")
+
+
+def test_the_other_srun_tasks_refuse_an_existing_run_folder_as_rank_0_does(tmp_path, monkeypatch):
+    # Only rank 0 refused a run_name that exists: the other tasks went on into DDP
+    # setup and waited there for it until the timeout (srun does not stop them).
+    from lightning.pytorch.utilities import rank_zero_only
+
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path))
+    old = RunFolder.for_training(cfg)
+    monkeypatch.setenv(RUN_DIR_ENV, "")  # create() sets it for the ranks Lightning starts
+    old.create(new=True)
+    old.save_config(cfg)  # an earlier run: its run.json names no launch of srun
+    monkeypatch.setenv(RUN_DIR_ENV, "")
+    for name, value in (("SLURM_STEP_ID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_JOB_ID", "9")):
+        monkeypatch.setenv(name, value)
+    for rank in (0, 1):
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        with pytest.raises(ConfigError, match="already exists; pass resume="):
+            RunFolder.for_training(cfg)
+    # a new run, its folder left by an earlier command refused before its config: rank
+    # 0 names this launch in run.json, keeping the W&B id; the other tasks wait for that
+    (old.path / "config.yaml").unlink()
+    run_id = old.run_id
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert RunFolder.for_training(cfg).create(new=True) == run_id
+    old.save_config(cfg)  # rank 0 went on: the other tasks come after it
+    monkeypatch.setenv(RUN_DIR_ENV, "")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert RunFolder.for_training(cfg).create(new=True) == run_id
+    monkeypatch.setenv(RUN_DIR_ENV, "")
+    monkeypatch.setenv("SLURM_JOB_ID", "10")  # another launch: an existing run to it
+    with pytest.raises(ConfigError, match="already exists; pass resume="):
+        RunFolder.for_training(cfg)
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
 
 
 def test_a_job_start_killed_while_recording_its_subnets_leaves_the_record_whole(
