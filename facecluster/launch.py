@@ -145,18 +145,21 @@ def gpu_slots(visible: list[str], parallel: int, devices: int) -> list[str | Non
 # ---------------------------------------------------------------------- local
 
 
-def check_local_jobs(cfg: Config) -> None:
+def check_local_jobs(cfg: Config, jobs: int | None = None) -> None:
     """Before any work: stage-2 local jobs this config would start must fit this node.
+    ``jobs``: the jobs a resume's plan holds (``stage2.jobs`` when None; jobs that had
+    started under another ``stage2.jobs`` continue as they were grouped).
 
     Raises:
         ConfigError: the run spans nodes (local jobs run here only), or the jobs at
             once need more GPUs than are visible.
     """
+    jobs = cfg.stage2.jobs if jobs is None else jobs
     local_jobs = (
         cfg.launcher.name == "local"
         and cfg.two_stage
         and cfg.stage in ("all", "2")
-        and cfg.stage2.jobs > 1
+        and jobs > 1
         and cfg.stage2.group is None
     )
     if not local_jobs:
@@ -166,7 +169,7 @@ def check_local_jobs(cfg: Config) -> None:
             "stage2.jobs: local jobs run on this node only; a run across nodes trains "
             "stage 2 with launcher=slurm (or stage=1 across nodes, then launcher=slurm)"
         )
-    gpu_slots(_visible_gpus(), min(cfg.launcher.parallel, cfg.stage2.jobs), devices_per_job(cfg))
+    gpu_slots(_visible_gpus(), min(cfg.launcher.parallel, jobs), devices_per_job(cfg))
 
 
 def devices_per_job(cfg: Config) -> int:

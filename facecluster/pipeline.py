@@ -237,6 +237,8 @@ def _stage2(run: _Run, clustering: ClusteringCallback) -> SubnetSystem | None:
     groups, fresh = _plan_stage2(run, assignment)
     if not groups:
         return None
+    if len(groups) > 1:  # before anything changes: a resume may plan more than stage2.jobs
+        check_local_jobs(cfg, len(groups))
     if fresh:
         folder.restart_subnets(groups)
     folder.clear_training_report()  # the results are stale until assembled again

@@ -705,6 +705,13 @@ def test_local_jobs_that_cannot_fit_are_refused_before_any_work(tmp_path, monkey
     with pytest.raises(ConfigError, match=r"parallel=3 jobs x trainer.devices=1 need 3 GPUs"):
         train(cfg)
     launch.check_local_jobs(load_config(SMOKE, smoke_overrides(tmp_path, *jobs)))  # CPU jobs
+    # a resume at stage2.jobs=1 continues the jobs an earlier stage2.jobs=3 started: 3
+    one = load_config(
+        SMOKE, smoke_overrides(tmp_path, "launcher.parallel=3", "trainer.accelerator=gpu")
+    )
+    launch.check_local_jobs(one)
+    with pytest.raises(ConfigError, match=r"parallel=3 jobs x trainer.devices=1 need 3 GPUs"):
+        launch.check_local_jobs(one, 3)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="local jobs run on this node only"):
