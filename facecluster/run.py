@@ -365,12 +365,16 @@ class RunFolder:
                 "pass the folder printed at the start of the run, or a checkpoint"
             )
         overrides = [o for o in overrides if not o.startswith("resume=")]
-        here = {"output_dir": run.path.parent.resolve(), "run_name": run.path.name}
+        # the run's own name and place, as given and behind a symbolic link
+        here = {
+            "output_dir": {run.path.parent.resolve(), run.path.resolve().parent},
+            "run_name": {run.path.name, run.path.resolve().name},
+        }
         for override in overrides:
-            key, _, value = (part.strip() for part in override.partition("="))
+            key, _, value = (part.strip().strip("'\"") for part in override.partition("="))
             if key in here:  # the run stays where it is: a new name or place was ignored
                 given = Path(value).expanduser().resolve() if key == "output_dir" else value
-                if given != here[key]:
+                if given not in here[key]:
                     raise ConfigError(
                         f"resume={resume}: {key}={value} would move the run, which stays in "
                         f"{run.path}; leave {key} unset (or copy the run folder and resume "
@@ -383,11 +387,17 @@ class RunFolder:
         if run.has_stage_summary(1) and cfg.stage_epochs(1) != epochs:
             # without the clustering yet, stage 1 would continue from its last.ckpt for the
             # new count (its stage1.json then stale); with it, the count is ignored
+            advice = (
+                "Leave stage 1's epochs as they are (trainer.max_epochs sets them too, where "
+                "stage1.max_epochs is unset: set stage2.max_epochs for the sub-nets), or start "
+                "a new run"
+                if cfg.two_stage
+                else "The single model's training is finished (its epochs are stage1's and "
+                "stage2's); start a new run for more"
+            )
             raise ConfigError(
                 f"resume={resume}: stage 1 of {run.path} is finished after {epochs} epochs; "
-                f"{cfg.stage_epochs(1)} would train it again or change nothing. Leave stage 1's "
-                "epochs as they are (trainer.max_epochs sets them too, where stage1.max_epochs "
-                "is unset: set stage2.max_epochs for the sub-nets), or start a new run"
+                f"{cfg.stage_epochs(1)} would train it again or change nothing. {advice}"
             )
         return cfg
 
@@ -707,17 +717,14 @@ class RunFolder:
     def check_no_job_training(self) -> None:
         """Refuse a retrain of named sub-nets (``stage2.subnets``) while a stage-2 job of
         the run is training: deleting its folder would leave two processes training its
-        sub-nets. The processes srun or torchrun start together check alike, each
-        leaving out its own launch's lock (rank 0 may hold it by then); the other ranks
-        Lightning starts, inside rank 0's job lock, leave the check to rank 0."""
-        if not is_global_zero() and launched_processes() == 1:
+        sub-nets. Global rank 0 decides alone: the ranks Lightning starts come up inside
+        its own job lock, and ranks on other nodes cannot tell a lock left there by a
+        process that is gone from a live one (they would disagree with rank 0). When it
+        refuses, the ranks srun or torchrun started beside it stop at the job lock they
+        wait for (``job_lock``: "rank 0 did not take the job lock")."""
+        if not is_global_zero():
             return
-        launch = _launch_id()
-        busy = sorted(
-            job
-            for job, (_, lock) in self._training_jobs().items()
-            if launch is None or lock.get("launch") != launch
-        )
+        busy = sorted(self._training_jobs())
         if busy:
             raise ConfigError(
                 f"stage2.subnets: stage-2 job {busy[0]} is training now "

@@ -263,9 +263,12 @@ def test_a_resume_that_names_another_run_folder_is_refused_not_ignored(tmp_path)
     for override in ("run_name=other", f"output_dir={tmp_path / 'elsewhere'}"):
         with pytest.raises(ConfigError, match=rf"{override.split('=')[0]}=.* would move the run"):
             RunFolder.config_for_resume(str(run.path), [override])
-    # its own name and place, written another way, are no change
+    # its own name and place, written another way or behind a link, are no change
     same = [f"run_name={run.path.name}", f"output_dir={tmp_path}/./"]
     assert RunFolder.config_for_resume(str(run.path), same).run_name == run.path.name
+    (tmp_path / "latest").symlink_to(run.path)
+    same = [f"run_name='{run.path.name}'", f'output_dir="{tmp_path}"']
+    assert RunFolder.config_for_resume(str(tmp_path / "latest"), same)
 
 
 def test_a_config_file_with_resume_is_refused_not_ignored(tmp_path, capsys):
