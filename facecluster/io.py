@@ -77,15 +77,24 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary file beside ``path`` that replaces it when the block succeeds
     (``os.replace``): readers see the old file or the whole new one, never a part.
     The temporary name is this call's own: jobs that write the same file at once (every
-    stage-2 job writes the run's identity lists) must not replace or delete each other's."""
+    stage-2 job writes the run's identity lists) must not replace or delete each other's.
+    The file is fsynced before it takes the name, and the folder after, as
+    :func:`atomic_file` does: a power loss may leave the old file, not an empty one
+    under the name (a sub-net's record that no resume could parse)."""
     target = Path(path)
     unique = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = target.with_name(f".{target.name}.{unique}.tmp{target.suffix}")
     try:
         yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_dir(target.parent)
 
 
 class UnsafeFileError(ValueError):

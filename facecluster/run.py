@@ -854,12 +854,17 @@ def _launch_id() -> str | None:
     """What the processes that srun or torchrun started together share, else None.
 
     torchrun's run id is "none" unless a rendezvous id was given, so its master
-    address and port (one launch's alone while it runs) are part of it.
+    address and port (one launch's alone while it runs) are part of it; a loopback
+    master (one machine's launch, ``--standalone`` or a static port) is the same address
+    on every machine, so the machine's name is too.
     """
     env = os.environ
     if env.get("TORCHELASTIC_RUN_ID"):
+        master = env.get("MASTER_ADDR")
+        if master in ("127.0.0.1", "localhost", "::1"):
+            master = f"{socket.gethostname()}/{master}"
         return (
-            f"torchrun {env['TORCHELASTIC_RUN_ID']} {env.get('MASTER_ADDR')}:"
+            f"torchrun {env['TORCHELASTIC_RUN_ID']} {master}:"
             f"{env.get('MASTER_PORT')} restart {env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         )
     if env.get("SLURM_STEP_ID") is not None:

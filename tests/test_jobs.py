@@ -826,6 +826,44 @@ def _replace_often(path: Path) -> None:
             tmp.write_text(json.dumps(list(range(i, i + 200))))
 
 
+def test_torchrun_launches_on_two_machines_at_a_loopback_master_differ(monkeypatch):
+    # a static rendezvous (--master-port, MASTER_ADDR 127.0.0.1) gave every machine's
+    # launch one id: a job lock of one machine's launch passed for another's
+    from facecluster import run as run_module
+
+    for name, value in (("TORCHELASTIC_RUN_ID", "none"), ("MASTER_ADDR", "127.0.0.1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    ids = set()
+    for host in ("node-a", "node-b"):
+        monkeypatch.setattr(run_module.socket, "gethostname", lambda host=host: host)
+        ids.add(run_module._launch_id())
+    assert len(ids) == 2
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")  # a multi-node launch: one id for all
+    ids = set()
+    for host in ("node-a", "node-b"):
+        monkeypatch.setattr(run_module.socket, "gethostname", lambda host=host: host)
+        ids.add(run_module._launch_id())
+    assert len(ids) == 1
+
+
+def test_a_replaced_record_is_on_disk_before_it_takes_the_name(tmp_path, monkeypatch):
+    # run records (a sub-net's, the job's, the calibration) were renamed over the old
+    # file unflushed: after a power loss the name could hold an empty file, which every
+    # later resume failed to parse
+    synced, fsync = [], os.fsync
+
+    def recorded(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    with replacing(tmp_path / "x.json") as tmp:
+        tmp.write_text("{}")
+    assert [Path(p).name.startswith(".x.json.") for p in synced] == [True, False]
+    assert synced[1] == str(tmp_path) and (tmp_path / "x.json").read_text() == "{}"
+
+
 def test_jobs_writing_the_same_file_at_once_do_not_collide(tmp_path):
     # every stage-2 job writes the run's identity lists at start; with one shared
     # temporary name, one job's replace or clean-up removed the other's file
