@@ -449,7 +449,8 @@ class RunFolder:
     def stage1_resume_point(self, resume: str | None) -> Path | None:
         """The checkpoint stage 1 continues from (None: stage 1 starts fresh): a stage-1
         checkpoint ``resume=`` names, else the run's own ``last.ckpt`` when resuming
-        (``config_for_resume`` has refused the checkpoints it must not continue from)."""
+        (:meth:`for_training` has refused the checkpoints it must not continue from, and
+        ``config_for_resume`` before it, on the command line)."""
         path = Path(resume) if resume else None
         if path is not None and path.is_file() and read_checkpoint_meta(path)["stage"] == 1:
             return path
