@@ -24,7 +24,7 @@ FILLED = "run with its placeholders or data set filled in"
 LEFT_OUT = "not run by the suite"
 
 SMOKE_COMMAND = "python train.py -c configs/smoke.yaml"
-LONG = "trains the demo for 10-14 minutes on 2 cores: run by hand (figures in docs/TRAINING.md)"
+LONG = "trains the demo for 7-14 minutes on 2 cores: run by hand (the time in README.md)"
 LFW423 = "trains LFW-423 for about 10 minutes a method: run by bench/results.py by hand"
 FULL_SIZE = "IResNet-50 on MS1MV3/Glint360K on GPUs: a data set and GPUs that are not here"
 CLUSTER = "needs a SLURM cluster or several nodes; tests/test_jobs.py runs its parts on one"
