@@ -9,11 +9,14 @@ atomic checkpoint writes.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -180,19 +183,52 @@ def build_trainer(
                 cfg.data.eval_batch_size or cfg.data.batch_size,
             )
         )
-    kwargs = dict(cfg.trainer)
-    if kwargs.get("precision", "auto") == "auto":
-        kwargs["precision"] = default_precision(str(kwargs.get("accelerator", "auto")))
+    kwargs = _trainer_kwargs(cfg, stage)
+    if cfg.trainer.get("precision", "auto") == "auto":
         rank_zero_info(f"trainer.precision=auto: {kwargs['precision']}")
-    kwargs["max_epochs"] = cfg.stage_epochs(stage)
-    if cfg.data.val_fraction == 0:
-        kwargs["limit_val_batches"] = 0
-    plugins = _plugins(kwargs)
     return L.Trainer(
         **kwargs,
         logger=logger if logger is not None else False,
         callbacks=stage_callbacks,
-        plugins=plugins,
         default_root_dir=str(run.stage_dir(stage, job)),
         enable_checkpointing=True,
     )
+
+
+def check_trainer(cfg: Config) -> None:
+    """Before the run folder changes: refuse ``trainer.*`` values Lightning's Trainer
+    refuses (``devices=abc``, ``strategy=foo``, ``accelerator=gpu`` on a machine
+    without one, ...), which otherwise stopped the run with a traceback after its
+    folder and logger were made. Builds stage 1's Trainer once, quietly, and drops it.
+
+    Raises:
+        ConfigError: naming the ``trainer.*`` settings and Lightning's reason.
+    """
+    kwargs = _trainer_kwargs(cfg, 1)
+    quiet = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [log.level for log in quiet]
+    try:
+        for log in quiet:
+            log.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            L.Trainer(**kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    except (MisconfigurationException, ImportError, TypeError, ValueError) as e:
+        settings = " ".join(f"trainer.{k}={v}" for k, v in cfg.trainer.items())
+        raise ConfigError(f"trainer: Lightning refuses {settings}: {e}") from None
+    finally:
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
+
+
+def _trainer_kwargs(cfg: Config, stage: int) -> dict[str, Any]:
+    """Stage ``stage``'s Trainer arguments from ``trainer.*``: precision ``auto``
+    resolved, its epochs, validation off without a validation split, our plugins."""
+    kwargs = dict(cfg.trainer)
+    if kwargs.get("precision", "auto") == "auto":
+        kwargs["precision"] = default_precision(str(kwargs.get("accelerator", "auto")))
+    kwargs["max_epochs"] = cfg.stage_epochs(stage)
+    if cfg.data.val_fraction == 0:
+        kwargs["limit_val_batches"] = 0
+    kwargs["plugins"] = _plugins(kwargs)
+    return kwargs

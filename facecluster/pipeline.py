@@ -30,6 +30,7 @@ from facecluster.builders import (
     build_datamodule,
     build_trainer,
     check_cluster_count,
+    check_trainer,
     module_args,
 )
 from facecluster.callbacks import ClusteringCallback
@@ -92,6 +93,8 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
     """
     with _run_dir_for_this_run_only():
         L.seed_everything(cfg.seed, workers=True, verbose=False)
+        if cfg.launcher.name == "local" and cfg.stage != "assemble":  # jobs run as local
+            check_trainer(cfg)  # what Lightning refuses, before the data scan
         backbone_params = backbone_parameters(cfg)
         dm = build_datamodule(cfg)
         check_cluster_count(cfg, dm)
