@@ -538,7 +538,13 @@ def _write(report: RunEvaluation, run: RunFolder, cfg: Config) -> RunEvaluation:
 
 
 def evaluate_runs(run_dirs: list[str | Path], overrides: list[str] | tuple = ()) -> str:
-    """Evaluate several runs; returns one markdown table of all their rows."""
+    """Evaluate several runs; returns one markdown table of all their rows.
+
+    Every run is checked (a run folder, finished, the overrides allowed) before the
+    first is evaluated: a typo in the last ``run=`` was found only after the others'
+    evaluations (minutes each), and the table was never printed."""
+    for r in run_dirs:
+        RunFolder(Path(r).resolve()).finished_config(overrides)
     reports = [evaluate_run(r, overrides) for r in run_dirs]
     rows = [row for rep in reports for row in rep.rows]
     sizes = {rep.batch_size for rep in reports}

@@ -647,13 +647,20 @@ def test_files_from_elsewhere_that_would_run_code_are_refused(finished_run, tmp_
 
 
 @pytest.mark.slow
-def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(finished_run, tmp_path, capsys):
+def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(
+    finished_run, tmp_path, capsys, monkeypatch
+):
     assert evaluate.main([f"run={finished_run}", "eval.plots=false", "eval.timing_batches=1"]) == 0
     assert "clustered, all sub-nets (ISM)" in capsys.readouterr().out
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "config.yaml").write_text((finished_run / "config.yaml").read_text())
     assert evaluate.main([f"run={unfinished}"]) == 2
+    assert "not finished" in capsys.readouterr().err
+    # several runs: every one is checked before the first is evaluated
+    with monkeypatch.context() as m:
+        m.setattr(evaluation, "evaluate_run", lambda *a: pytest.fail("evaluated before checks"))
+        assert evaluate.main([f"run={finished_run}", f"run={unfinished}"]) == 2
     assert "not finished" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="not a facecluster run folder"):
         evaluate_run(tmp_path)
