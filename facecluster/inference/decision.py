@@ -35,7 +35,9 @@ alpha * class_mean_similarity``; alpha 0 is the sub-nets unit alone, alpha 1 the
 clustering unit alone (nearest class mean within the candidate clusters).
 
 Scores are computed in float32 under any autocast (``moe``'s log-probabilities in
-float64). An
+float64, then ranked in float32: a log-probability near 0, a confident face's, keeps
+its digits there; two candidates within about 1e-7 of each other elsewhere tie, and
+the lower identity id wins). An
 open-set threshold compares each answer's similarity (:func:`evidence` under ``moe``,
 the fused score itself under ``linear``), not its posterior.
 """
