@@ -897,13 +897,13 @@ class FaceDataModule(lightning.LightningDataModule):
             neighbours: With ``subnet_negatives``: ``neighbours[k]``, identities that
                 are not cluster ``k``'s, nearest first
                 (``ClusterAssignment.neighbours(k)``); their training images, in that
-                order, up to ``subnet_negatives`` times cluster ``k``'s own, join its
-                loader with label ``len(members[k])`` ("not mine").
+                order (each identity's in split order), ``subnet_negatives`` times
+                cluster ``k``'s own (rounded; fewer when the outsiders have fewer),
+                join its loader with label ``len(members[k])`` ("not mine").
 
         Raises:
             ValueError: Not integer ids, an empty cluster, ids out of range, repeated
-                or not increasing, an identity in no cluster, or a cluster whose
-                training subset is too small to form a batch of 2.
+                or not increasing, or an identity in no cluster.
         """
         num_classes = self.num_classes
         if num_classes == 0:  # unreachable after a successful scan
@@ -940,26 +940,28 @@ class FaceDataModule(lightning.LightningDataModule):
         by_label = torch.argsort(labels, stable=True)
         starts = torch.cumsum(per_class, 0) - per_class
         for k, ids in enumerate(clusters):
-            taken = ids
+            taken, lengths = ids, per_class[ids]
             budget = round(share * int(per_class[ids].sum()))
-            if budget > 0:  # the nearest outsiders' images, whole identities, to the budget
+            if budget > 0:  # the nearest outsiders' images, in order, up to the budget
                 ranked = torch.as_tensor(neighbours[k], dtype=torch.long).cpu()
                 member = torch.zeros(num_classes, dtype=torch.bool)
                 member[ids] = True
                 if bool(member[ranked].any()):
                     raise ValueError(f"connect_clusters: neighbours[{k}] holds members of {k}")
                 upto = torch.cumsum(per_class[ranked], 0)
-                taken = torch.cat([ids, ranked[: int(torch.searchsorted(upto, budget)) + 1]])
-            lengths = per_class[taken]
+                outsiders = ranked[: int(torch.searchsorted(upto, budget)) + 1]
+                counts = per_class[outsiders].clone()
+                # the identity that crosses the budget gives its first images only (in
+                # split order): taken whole, one identity of 370 training images could
+                # make the "not mine" class most of a sub-net's data at r=0.25
+                counts[-1] -= max(0, int(upto[len(outsiders) - 1]) - budget)
+                taken, lengths = torch.cat([ids, outsiders]), torch.cat([lengths, counts])
             # position j of identity c's run: starts[c] + j, for every taken identity
             first = torch.repeat_interleave(
                 starts[taken] - (torch.cumsum(lengths, 0) - lengths), lengths
             )
             positions = by_label[first + torch.arange(int(lengths.sum()))].sort().values
             self._cluster_ids.append(train[positions].numpy())
-        # early feedback: a cluster whose training subset would yield 1-sample batches
-        for k in range(num_clusters):
-            self._check_train_subset(len(self._cluster_train_ids(k)), f"cluster {k}")
 
     @staticmethod
     def _members_tensor(value: Tensor, k: int, num_classes: int) -> Tensor:
@@ -1145,9 +1147,12 @@ class FaceDataModule(lightning.LightningDataModule):
         samplers, batches, datasets, collate = {}, {}, {}, {}
         for k in self._subnets:
             ids = self._cluster_train_ids(k)
-            per_rank = self._check_train_subset(len(ids), f"cluster {k}")
-            # a cluster smaller than a batch gives batches of all its images, no repeats
-            batches[k] = min(self.hparams.batch_size, per_rank)
+            per_rank = math.ceil(len(ids) / self._world_size())
+            # a cluster smaller than a batch gives batches of all its images, no repeats;
+            # one with fewer than 2 per process gives 2, its stream passing over its
+            # images more than once (BatchNorm cannot train on 1; refused, it stopped a
+            # run whose stage 1 had trained, and no resume could change the clustering)
+            batches[k] = max(2, min(self.hparams.batch_size, per_rank))
             # every sampler yields steps x batch pairs: no partial batch
             samplers[k] = SubnetSampler(
                 len(ids), steps * batches[k], self.hparams.seed, k, rank, self._world_size()
