@@ -5,16 +5,26 @@ and, with ``--onnx``, ``onnx/`` (see :mod:`facecluster.inference.onnx`).
 ``identify_files`` reads image files or folders in batches, identifies them with
 either runtime and writes one CSV row per image. docs/DEPLOYMENT.md shows both
 commands.
+
+``export`` and ``enroll`` change an export folder as a whole: the new files are written
+into a folder of their own inside it, which one rename commits (``.facecluster-update``),
+and are then put in place (:func:`finish_update`). A failure or a killed process before
+the rename leaves the export as it was; after it, the next command on the folder
+(``identify``, ``enroll``, ``export``: :func:`load_export`) completes the update before
+it reads anything. So ``identifier.pt`` and ``onnx/`` never hold two different
+identifiers, one of each.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
 import math
 import os
 import shutil
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +38,7 @@ from facecluster.data.transforms import normalize_images
 from facecluster.inference import TwoStageIdentifier
 from facecluster.inference.identifier import OPEN_SET_SCORE, UNKNOWN
 from facecluster.inference.openset import threshold_at_fpir
-from facecluster.io import replacing
+from facecluster.io import _fsync_dir, atomic_file, replacing
 
 if TYPE_CHECKING:
     from facecluster.config import Config
@@ -38,6 +48,10 @@ logger = logging.getLogger(__name__)
 
 TORCH_FILE = "identifier.pt"
 ONNX_FOLDER = "onnx"
+UPDATE = ".facecluster-update"
+"""An export folder's committed update, not yet all in place (:func:`finish_update`); an
+update being written, or being removed, is ``UPDATE.<process>-<random>.tmp`` / ``.done``."""
+UPDATE_PLAN = "update.json"
 CSV_COLUMNS = ("path", "identity", "score", "similarity", "cluster", "top5")
 TOP = 5
 
@@ -82,6 +96,8 @@ def export_run(
         )
     if (out / TORCH_FILE).is_dir():
         raise ValueError(f"{out / TORCH_FILE} is a folder: export writes the identifier there")
+    if out.is_dir():  # an export or enrolment there that died after its commit: completed
+        finish_update(out)
     from facecluster.inference.onnx import check_replaceable
 
     check_replaceable(out / ONNX_FOLDER)
@@ -111,14 +127,15 @@ def export_run(
     identifier.to("cpu")  # the file loads anywhere
     # an earlier export's networks are not this identifier's: never leave them beside it
     check_replaceable(out / ONNX_FOLDER)  # unchanged since the check above, or refused
-    if (out / ONNX_FOLDER).exists():
-        shutil.rmtree(out / ONNX_FOLDER)
-    written = [identifier.export(out / TORCH_FILE)]
-    if onnx:
-        from facecluster.inference.onnx import export_onnx
+    # all written beside the earlier export first: an export that fails (the ONNX
+    # exporter, a full disk, Ctrl-C) leaves that one as it was
+    with _updating(out, replace_onnx=True) as new:
+        written = [identifier.export(new / TORCH_FILE)]
+        if onnx:
+            from facecluster.inference.onnx import export_onnx
 
-        written += export_onnx(identifier, out / ONNX_FOLDER)
-    return written
+            written += export_onnx(identifier, new / ONNX_FOLDER)
+    return [out / path.relative_to(new) for path in written]
 
 
 @torch.inference_mode()
@@ -201,12 +218,15 @@ def load_export(
             f"{model} is a training run folder, not an export: write one with "
             f"`facecluster export {model} <folder>` and identify with that folder"
         )
+    finish_update(model)  # an export or enrolment that died after its commit: completed
     if runtime == "auto":
         runtime = "torch" if (model / TORCH_FILE).is_file() else "onnx"
     route = None if top_m is None else {"top_m": top_m}
     where = resolve_device(device)
     if runtime == "onnx":
-        from facecluster.inference.onnx import load_onnx
+        from facecluster.inference.onnx import load_onnx, require_onnx_runtime
+
+        require_onnx_runtime()  # before the gallery is read
 
         # the networks run where onnxruntime's provider is; the gallery follows the images
         return load_onnx(model / ONNX_FOLDER, route, where.type).to(where)
@@ -244,16 +264,114 @@ def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -
             yield name, normalize_images(torch.cat(batches))
 
     clusters = identifier.enroll(people(), batch_size)
-    # every file written beside its target first, then all replaced: a failure (a full
-    # disk, Ctrl-C) leaves the export as it was, and the enrolment can be run again
-    with contextlib.ExitStack() as stack:
+    # every file written into a new folder first, then all committed by one rename: a
+    # failure (a full disk, Ctrl-C, a killed process) leaves the export as it was, and the
+    # enrolment can be run again; torch and ONNX galleries never disagree
+    with _updating(model, replace_onnx=False) as new:
         if (model / TORCH_FILE).is_file():
-            identifier.export(stack.enter_context(replacing(model / TORCH_FILE)))
+            identifier.export(new / TORCH_FILE)
         if (model / ONNX_FOLDER / "identifier.json").is_file():
             from facecluster.inference.onnx import write_gallery
 
-            write_gallery(identifier, model / ONNX_FOLDER, stack)
+            write_gallery(identifier, new / ONNX_FOLDER)
     return clusters
+
+
+@contextlib.contextmanager
+def _updating(out: Path, replace_onnx: bool) -> Iterator[Path]:
+    """A new folder inside the export folder ``out`` to write its new files into, laid
+    out as ``out`` (``identifier.pt``, ``onnx/...``), which replace ``out``'s together
+    when the block succeeds.
+
+    The folder is renamed :data:`UPDATE` in one step (the commit), then its files are
+    put in place (:func:`finish_update`). On a failure before the commit the folder is
+    removed and ``out`` is left as it was; a process killed before it leaves a folder
+    that the next update removes, one killed after it leaves :data:`UPDATE`, which the
+    next command on ``out`` puts in place before it reads anything.
+
+    Args:
+        replace_onnx: ``out/onnx`` becomes what was written to ``onnx/`` (removed when
+            nothing was): an export, whose networks an earlier export's must not outlive.
+            Else the files written there replace theirs and the rest stay (an enrolment:
+            the networks do not change).
+    """
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f"{UPDATE}.*"):  # an update killed before its commit, or after
+        shutil.rmtree(stale, ignore_errors=True)  # it was put in place
+    new = out / f"{UPDATE}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    new.mkdir()
+    try:
+        yield new
+        onnx = f"{ONNX_FOLDER}/"
+        # identifier.json last: the file that marks an ONNX folder finished (load_onnx)
+        files = sorted(
+            (path.relative_to(new).as_posix() for path in new.rglob("*") if path.is_file()),
+            key=lambda name: (name == f"{onnx}identifier.json", name),
+        )
+        earlier = (out / ONNX_FOLDER).is_dir() and replace_onnx
+        old = [onnx + path.name for path in (out / ONNX_FOLDER).iterdir()] if earlier else []
+        plan = {
+            # identifier.json first: the earlier ONNX folder is unfinished from the start
+            "remove": sorted(
+                (name for name in old if name not in files),
+                key=lambda name: (name != f"{onnx}identifier.json", name),
+            ),
+            "files": files,
+            "remove_onnx": replace_onnx and not any(name.startswith(onnx) for name in files),
+        }
+        with atomic_file(new / UPDATE_PLAN) as f:
+            f.write(json.dumps(plan, indent=1).encode())
+        os.rename(new, out / UPDATE)  # the commit; refused while another update is pending
+        _fsync_dir(out)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)  # gone already after the commit
+        if created:
+            with contextlib.suppress(OSError):  # what this export made, if it is empty
+                out.rmdir()
+        raise
+    finish_update(out)
+
+
+def finish_update(out: str | Path) -> None:
+    """Put the committed update of the export folder ``out`` (:func:`_updating`) in
+    place, if it has one: an export or enrolment that was killed while it moved its
+    files, or is moving them now. Each step can run again and may run in two processes
+    at once (the update's files stay until all are in place, and are linked, not moved),
+    so every command that reads an export runs this first."""
+    out = Path(out)
+    update = out / UPDATE
+    if not update.is_dir():
+        return
+    done = out / f"{UPDATE}.{os.getpid()}-{uuid.uuid4().hex[:8]}.done"
+    try:
+        plan = json.loads((update / UPDATE_PLAN).read_text())
+        for name in plan["remove"]:
+            stale = out / name
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
+        for name in plan["files"]:
+            target = out / name
+            target.parent.mkdir(exist_ok=True)
+            with replacing(target) as tmp:
+                try:
+                    os.link(update / name, tmp)
+                except FileNotFoundError:
+                    raise
+                except OSError:  # a file system without hard links
+                    shutil.copyfile(update / name, tmp)
+        if plan["remove_onnx"]:
+            with contextlib.suppress(OSError):  # a file that came since: the folder stays
+                (out / ONNX_FOLDER).rmdir()
+        os.rename(update, done)  # all in place: no longer pending
+    except FileNotFoundError:
+        if update.is_dir():
+            raise
+        return  # another process put it in place meanwhile
+    _fsync_dir(out)
+    shutil.rmtree(done, ignore_errors=True)
 
 
 def _walk_images(folder: Path) -> Iterator[Path]:

@@ -23,7 +23,7 @@ from facecluster.builders import build_datamodule
 from facecluster.config import load_config
 from facecluster.data.images import decode_image
 from facecluster.data.transforms import normalize_images
-from facecluster.deploy import export_run, identify_files, load_export
+from facecluster.deploy import enroll_folder, export_run, identify_files, load_export
 from facecluster.evaluation import evaluate_run
 from facecluster.inference import TwoStageIdentifier
 from facecluster.inference.openset import fnir_at_fpir, threshold_at_fpir
@@ -247,6 +247,38 @@ def test_an_onnx_export_without_the_extra_is_refused_before_it_changes_anything(
     assert {p: p.read_bytes() for p in again.rglob("*") if p.is_file()} == before
 
 
+def _contents(folder: Path) -> dict[Path, bytes | None]:
+    """Every file's bytes and every folder (None) under ``folder``, hidden ones too."""
+    return {p: p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+@pytest.mark.slow
+def test_a_re_export_that_fails_midway_leaves_the_earlier_export(open_run, exported, tmp_path):
+    # OUT/onnx was deleted before the new export was written: an ONNX exporter that
+    # raised after the first network left an export without its ONNX folder. The new
+    # files are written aside and replace the old ones once all are written; a failure
+    # removes them and leaves the earlier export, byte for byte, loadable on both runtimes
+    again = tmp_path / "again"
+    shutil.copytree(exported, again)
+    before = _contents(again)
+    real, exported_networks = torch.onnx.export, []
+
+    def fails_on_the_second_network(*args, **kwargs):
+        exported_networks.append(args[2])
+        if len(exported_networks) == 2:
+            raise RuntimeError("the exporter failed")
+        return real(*args, **kwargs)
+
+    with (
+        mock.patch("torch.onnx.export", fails_on_the_second_network),
+        pytest.raises(RuntimeError, match="the exporter failed"),
+    ):
+        export_run(open_run, again, onnx=True, device="cpu")
+    assert len(exported_networks) == 2 and _contents(again) == before
+    torch_ident, onnx_ident = load_export(again, "torch", "cpu"), load_export(again, "onnx", "cpu")
+    assert onnx_ident.class_names == torch_ident.class_names
+
+
 @pytest.mark.slow
 def test_enrolling_new_identities_without_retraining(open_run, exported, tmp_path):
     model = tmp_path / "model"
@@ -297,6 +329,47 @@ def test_enrolling_new_identities_without_retraining(open_run, exported, tmp_pat
     # a name that is enrolled already is refused, and nothing is written
     assert cli.main(["enroll", str(model), str(people)]) == 2
     assert load_export(model, "torch", "cpu").class_names == torch_ident.class_names
+
+
+class _Killed(BaseException):
+    """A process that dies where this is raised: no error handling of facecluster's
+    (``except Exception``) sees it."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed_at", ["identifier.pt", "onnx/gallery.npz", "onnx/identifier.json"])
+def test_an_enrolment_killed_while_it_replaces_its_files_is_all_or_nothing(
+    open_run, exported, tmp_path, monkeypatch, killed_at
+):
+    # enroll replaced identifier.pt, onnx/gallery.npz and onnx/identifier.json one by
+    # one: a process that died between two of them left an ONNX folder that did not load
+    # (the new gallery, the old JSON) or torch and ONNX galleries that disagreed (the new
+    # identities in one only). It dies here just before each of the three takes its
+    # place; the next command on the export finds all three new or all three old.
+    model = tmp_path / "model"
+    shutil.copytree(exported, model)
+    old = load_export(model, "torch", "cpu").class_names
+    unseen = json.loads((open_run / "unseen_identities.json").read_text())["val"]
+    people = tmp_path / "new_people"
+    for name in unseen:
+        (people / name).mkdir(parents=True)
+        for path in sorted((DEMO / name).glob("*.jpg"))[:2]:
+            shutil.copy(path, people / name / path.name)
+    real = os.replace
+
+    def dies_before(src, dst, *args, **kwargs):
+        if Path(dst) == model / killed_at:
+            raise _Killed
+        return real(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", dies_before)
+        with pytest.raises(_Killed):
+            enroll_folder(model, people)
+    torch_names = load_export(model, "torch", "cpu").class_names
+    onnx_names = load_export(model, "onnx", "cpu").class_names
+    assert torch_names == onnx_names and torch_names in (old, old + sorted(unseen))
+    assert not list(model.glob(".facecluster-update*"))  # an update left is put in place
 
 
 @pytest.mark.slow
@@ -367,6 +440,25 @@ def test_a_device_name_torch_does_not_know_is_refused_naming_it(open_run, tmp_pa
     assert cli.export_main([str(open_run), str(tmp_path / "out"), "--device", "gpu0"]) != 0
     assert "device 'gpu0'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_identify_on_onnx_without_onnxruntime_is_refused_before_the_export_is_read(
+    exported, tmp_path, monkeypatch, capsys
+):
+    # a missing onnxruntime was found when the first network's session was built, after
+    # gallery.npz (gigabytes of arrays at 2M identities) had been read in full
+    import numpy as np
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` fails
+    read, real_load = [], np.load
+    monkeypatch.setattr(np, "load", lambda *a, **k: read.append(a[0]) or real_load(*a, **k))
+    face, out = next(DEMO.rglob("*.jpg")), tmp_path / "who.csv"
+    argv = ["identify", str(exported), str(face), "--runtime", "onnx", "--out", str(out)]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "the 'onnxruntime' package: pip install 'facecluster[onnx]'" in error
+    assert read == [] and not out.exists()  # nothing of the export read, no CSV
 
 
 @pytest.mark.slow

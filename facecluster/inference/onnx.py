@@ -66,6 +66,13 @@ def require_onnx_export() -> None:
         _require(module)
 
 
+def require_onnx_runtime() -> None:
+    """ImportError naming the package unless :func:`load_onnx` can run the networks: for
+    a caller to ask before the folder is read (a gallery at 2M identities is gigabytes of
+    arrays, read in full before the first network's session is built)."""
+    _require("onnxruntime")
+
+
 _WRITTEN = re.compile(r"(router|subnet\d+)\.onnx|gallery\.npz|identifier\.json|\..+\.tmp(\..+)?")
 """The names an export writes into its folder (the last: ``replacing``'s temporary files)."""
 
@@ -109,12 +116,14 @@ def export_onnx(identifier: TwoStageIdentifier, folder: str | Path) -> list[Path
     written = []
     for name, network in networks.items():
         path = folder / f"{name}.onnx"
-        with warnings.catch_warnings():  # the exporter's advice on opsets and dynamic dims
-            warnings.simplefilter("ignore")
+        # fsynced before it takes its name, as the gallery is: an export is committed as a
+        # whole after its files are written (facecluster.deploy), so none may be left empty
+        with replacing(path) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's advice on opsets and dynamic dims
             torch.onnx.export(
                 network.eval(),
                 example,
-                path,
+                tmp,
                 input_names=["images"],
                 output_names=["embeddings"],
                 dynamic_shapes=({0: batch},),
@@ -126,17 +135,15 @@ def export_onnx(identifier: TwoStageIdentifier, folder: str | Path) -> list[Path
     return written + write_gallery(identifier, folder)
 
 
-def write_gallery(
-    identifier: TwoStageIdentifier, folder: str | Path, stack: ExitStack | None = None
-) -> list[Path]:
+def write_gallery(identifier: TwoStageIdentifier, folder: str | Path) -> list[Path]:
     """``gallery.npz`` and ``identifier.json`` of ``identifier`` (the ONNX networks
     stay): what export writes after the networks, and all an enrolment changes.
     Each file is written beside its target and replaces it, the JSON last, when the
-    files are all written; with ``stack``, when the caller closes it (so that other
-    files replace theirs together: an enrolment that fails replaces nothing)."""
+    files are all written. An enrolment writes them into a new folder, which replaces
+    the export's files together with ``identifier.pt`` (facecluster.deploy)."""
     folder = Path(folder)
-    with ExitStack() as own:
-        stack = stack if stack is not None else own
+    folder.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
         # entered first, replaced last (the stack closes in reverse)
         meta_tmp = stack.enter_context(replacing(folder / "identifier.json"))
         gallery_tmp = stack.enter_context(replacing(folder / "gallery.npz"))
