@@ -212,7 +212,9 @@ def check_trainer(cfg: Config) -> None:
             log.setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            L.Trainer(**kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+            # as build_trainer makes it (barebones=true refuses the checkpointing)
+            trainer_args = {"enable_progress_bar": False, **kwargs}
+            L.Trainer(**trainer_args, logger=False, enable_checkpointing=True)
     except (MisconfigurationException, ImportError, TypeError, ValueError) as e:
         settings = " ".join(f"trainer.{k}={v}" for k, v in cfg.trainer.items())
         raise ConfigError(f"trainer: Lightning refuses {settings}: {e}") from None

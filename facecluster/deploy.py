@@ -310,12 +310,19 @@ def _updating(out: Path, replace_onnx: bool) -> Iterator[Path]:
             key=lambda name: (name == f"{onnx}identifier.json", name),
         )
         earlier = (out / ONNX_FOLDER).is_dir() and replace_onnx
+        if earlier:  # again: a file of the user's may have come while the networks exported
+            from facecluster.inference.onnx import check_replaceable
+
+            check_replaceable(out / ONNX_FOLDER)
         old = [onnx + path.name for path in (out / ONNX_FOLDER).iterdir()] if earlier else []
+        marker = f"{onnx}identifier.json"
         plan = {
-            # identifier.json first: the earlier ONNX folder is unfinished from the start
+            # the earlier ONNX folder's identifier.json first, even when a new one replaces
+            # it last: that folder reads as unfinished (load_onnx) from the start, never
+            # as finished with some of the new files beside some of its own
             "remove": sorted(
-                (name for name in old if name not in files),
-                key=lambda name: (name != f"{onnx}identifier.json", name),
+                (name for name in old if name not in files or name == marker),
+                key=lambda name: (name != marker, name),
             ),
             "files": files,
             "remove_onnx": replace_onnx and not any(name.startswith(onnx) for name in files),

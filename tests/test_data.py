@@ -455,6 +455,10 @@ def test_negatives_add_the_nearest_outsiders_images_as_not_mine() -> None:
     assert all(labels[c] == {2} for c in taken) and set(labels) <= {0, 1, *taken}
     assert dm._label_map(1)[np.arange(6)].tolist() == [4, 4, 0, 1, 2, 3]
     assert [int(dm._label_map(1)[c]) for c in range(6)] == [4, 4, 0, 1, 2, 3]  # one by one
+    # a cluster with no outsiders (K=1, or every identity in two clusters) has none to
+    # take: it crashed after stage 1, at every resume, once the budget was trimmed
+    dm.connect_clusters([torch.arange(6)], neighbours=[torch.tensor([], dtype=torch.long)])
+    assert dm.cluster_train_images() == [sum(train.values())]
 
 
 def test_each_clusters_images_are_its_identities_train_images_in_split_order() -> None:

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from facecluster import cli
+from facecluster import cli, deploy
 from facecluster.builders import build_datamodule
 from facecluster.config import load_config
 from facecluster.data.images import decode_image
@@ -370,6 +370,60 @@ def test_an_enrolment_killed_while_it_replaces_its_files_is_all_or_nothing(
     onnx_names = load_export(model, "onnx", "cpu").class_names
     assert torch_names == onnx_names and torch_names in (old, old + sorted(unseen))
     assert not list(model.glob(".facecluster-update*"))  # an update left is put in place
+
+
+def _old_export(out: Path) -> None:
+    """An earlier export's files, each holding "old"."""
+    (out / "onnx").mkdir(parents=True)
+    for name in ("identifier.json", "gallery.npz", "router.onnx", "subnet0.onnx"):
+        (out / "onnx" / name).write_text("old")
+    (out / "identifier.pt").write_text("old")
+
+
+def test_a_re_export_killed_while_its_files_move_never_leaves_onnx_reading_finished(
+    tmp_path, monkeypatch
+):
+    # the earlier onnx/identifier.json (what marks an ONNX folder finished) stayed until
+    # the new one replaced it, last: a process killed between two files left new and
+    # old networks in a folder that loaded as finished. It goes first now; the next
+    # command on the export puts the rest in place.
+    out = tmp_path / "export"
+    _old_export(out)
+    real = os.replace
+
+    def dies_before_the_sub_net(src, dst, *args, **kwargs):
+        if Path(dst) == out / "onnx" / "subnet0.onnx":
+            raise _Killed
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", dies_before_the_sub_net)
+    with pytest.raises(_Killed), deploy._updating(out, replace_onnx=True) as new:
+        (new / "identifier.pt").write_text("new")
+        (new / "onnx").mkdir()
+        for name in ("router.onnx", "subnet0.onnx", "gallery.npz", "identifier.json"):
+            (new / "onnx" / name).write_text("new")
+    monkeypatch.setattr(os, "replace", real)
+    assert not (out / "onnx" / "identifier.json").exists()  # reads as unfinished
+    deploy.finish_update(out)
+    assert {p.name: p.read_text() for p in (out / "onnx").iterdir()} == dict.fromkeys(
+        ("router.onnx", "subnet0.onnx", "gallery.npz", "identifier.json"), "new"
+    )
+    assert (out / "identifier.pt").read_text() == "new"
+
+
+def test_a_file_put_in_onnx_while_the_networks_export_is_kept(tmp_path):
+    # onnx/ was checked for files of the user's before the networks exported (minutes
+    # at K=64), and its listing taken after: a file that came meanwhile was deleted
+    out = tmp_path / "export"
+    _old_export(out)
+    with pytest.raises(ValueError, match=r"holds files an ONNX export does not write \(NOTES"):
+        with deploy._updating(out, replace_onnx=True) as new:
+            (new / "onnx").mkdir()
+            (new / "onnx" / "identifier.json").write_text("new")
+            (out / "onnx" / "NOTES.txt").write_text("mine")
+    assert (out / "onnx" / "NOTES.txt").read_text() == "mine"
+    assert (out / "onnx" / "identifier.json").read_text() == "old"
+    assert not list(out.glob(".facecluster-update*"))
 
 
 @pytest.mark.slow

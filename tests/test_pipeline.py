@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 
+from facecluster.builders import check_trainer
 from facecluster.clustering import ClusterAssignment, cluster_identities
 from facecluster.config import ConfigError, load_config
 from facecluster.pipeline import train
@@ -141,12 +142,25 @@ def test_an_existing_run_folder_is_not_overwritten(finished_run):
         # traceback after its folder and logger were made.
         (["trainer.devices=abc"], r"^trainer: .*trainer\.devices=abc.*should be an int > 0"),
         (["trainer.strategy=foo"], r"^trainer: .*invalid strategy name: `strategy='foo'`"),
+        # the check builds the Trainer as the stage builds it: with its checkpoints
+        (
+            ["trainer.barebones=true", "trainer.enable_model_summary=false"],
+            r"^trainer: .*barebones=True, enable_checkpointing=True",
+        ),
     ],
 )
 def test_bad_input_stops_before_training_and_names_the_culprit(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         train(load_config(SMOKE, smoke_overrides(tmp_path, *overrides)))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("shown", ["true", "false"])
+def test_the_trainer_check_takes_every_setting_the_trainer_takes(tmp_path, shown):
+    # the check's own quiet progress bar is the user's to set (it was passed twice)
+    check_trainer(
+        load_config(SMOKE, smoke_overrides(tmp_path, f"trainer.enable_progress_bar={shown}"))
+    )
 
 
 def test_clustering_by_the_stage1_head_rows(tmp_path, monkeypatch):

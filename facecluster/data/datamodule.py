@@ -942,7 +942,8 @@ class FaceDataModule(lightning.LightningDataModule):
         for k, ids in enumerate(clusters):
             taken, lengths = ids, per_class[ids]
             budget = round(share * int(per_class[ids].sum()))
-            if budget > 0:  # the nearest outsiders' images, in order, up to the budget
+            if budget > 0 and len(neighbours[k]):  # the nearest outsiders' images, in order,
+                # up to the budget (none: one cluster, or every identity in two)
                 ranked = torch.as_tensor(neighbours[k], dtype=torch.long).cpu()
                 member = torch.zeros(num_classes, dtype=torch.bool)
                 member[ids] = True
