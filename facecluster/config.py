@@ -894,6 +894,8 @@ def load_config(
             loaded = OmegaConf.load(p)
         except Exception as e:  # YAML syntax errors name line and column
             raise ConfigError(f"cannot parse {p}: {e}") from None
+        if not isinstance(loaded, DictConfig):  # a list at the top: OmegaConf's TypeError
+            raise ConfigError(f"{p}: a config file holds `key: value` lines, not a list")
         merged = _merge(merged, loaded, str(p))
     if overrides:
         merged = _merge_overrides(merged, list(overrides))

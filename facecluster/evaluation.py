@@ -47,7 +47,7 @@ from facecluster.deploy import calibrate_run, resolve_device
 from facecluster.inference import Predictor, StageOneModel, TwoStageIdentifier
 from facecluster.inference.openset import fnir_at_fpir
 from facecluster.inference.verification import verify
-from facecluster.io import replacing
+from facecluster.io import replacing_together
 from facecluster.loggers import wandb_run
 from facecluster.models.components import load_backbone
 from facecluster.plots import alpha_plot, class_means_plot, top_m_plot
@@ -507,12 +507,9 @@ def _write(report: RunEvaluation, run: RunFolder, cfg: Config) -> RunEvaluation:
         "torch_threads": torch.get_num_threads(),
     }
     # all three or none (a full disk, a kill): each through a temporary file, replaced
-    # together when the block ends, results.json (what bench/results.py reads) last: an
-    # ExitStack replaces in the reverse order of entry
-    with contextlib.ExitStack() as stack:
-        table_json, table_csv, table = (
-            stack.enter_context(replacing(run.eval_file(kind))) for kind in ("json", "csv", "table")
-        )
+    # together when the block ends, results.json (what bench/results.py reads) last
+    with replacing_together(*(run.eval_file(kind) for kind in ("table", "csv", "json"))) as temps:
+        table, table_csv, table_json = temps
         table.write_text(format_table(report.rows, cfg.eval.batch_size) + "\n")
         with open(table_csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(flat[0]))

@@ -57,7 +57,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the result is an ordinary file
+        os.chmod(tmp, _file_mode(target))  # mkstemp creates 0600
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -72,6 +72,20 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
+def _file_mode(target: Path) -> int:
+    """The permissions a rewritten file keeps (a file made private stays private), or
+    those of a new file under this process's umask."""
+    with contextlib.suppress(OSError):
+        return target.stat().st_mode & 0o777
+    try:  # read, not set: os.umask would change it for every thread for a moment
+        status = Path("/proc/self/status").read_text()
+        umask = int(re.search(r"^Umask:\s*([0-7]+)", status, re.M).group(1), 8)  # type: ignore[union-attr]
+    except (OSError, AttributeError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary file beside ``path`` that replaces it when the block succeeds
@@ -81,20 +95,37 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
     The file is fsynced before it takes the name, and the folder after, as
     :func:`atomic_file` does: a power loss may leave the old file, not an empty one
     under the name (a sub-net's record that no resume could parse)."""
-    target = Path(path)
-    unique = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = target.with_name(f".{target.name}.{unique}.tmp{target.suffix}")
-    try:
+    with replacing_together(path) as (tmp,):
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def replacing_together(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
+    """:func:`replacing` for files that belong together (a ``.rec`` and its index, an
+    evaluation's three tables): every temporary file is fsynced before the first takes
+    its name, then they replace theirs in the order given. A failure before then (a
+    full disk that only the fsync of a large file reports, Ctrl-C) leaves every target
+    as it was; nested ``replacing`` blocks had renamed the others by then."""
+    targets = [Path(p) for p in paths]
+    temps = [
+        t.with_name(f".{t.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{t.suffix}")
+        for t in targets
+    ]
+    try:
+        yield temps
+        for tmp in temps:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for tmp, target in zip(temps, targets, strict=True):
+            os.replace(tmp, target)
     finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(target.parent)
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+    for folder in dict.fromkeys(t.parent for t in targets):
+        _fsync_dir(folder)
 
 
 class UnsafeFileError(ValueError):

@@ -16,6 +16,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -102,11 +103,21 @@ class RunCSVLogger(_StepOffset, CSVLogger):
         return self._experiment
 
 
-def _has_wandb_key() -> bool:
+def _wandb_server() -> tuple[str, int]:
+    """The W&B server's host and port: ``WANDB_BASE_URL`` (a self-hosted server), else
+    W&B's own."""
+    base = os.environ.get("WANDB_BASE_URL")
+    if not base:
+        return WANDB_HOST
+    url = urlparse(base if "://" in base else f"https://{base}")
+    return url.hostname or WANDB_HOST[0], url.port or (80 if url.scheme == "http" else 443)
+
+
+def _has_wandb_key(host: str) -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    return netrc.is_file() and host in netrc.read_text(errors="ignore")
 
 
 def _reachable(host: tuple[str, int], timeout: float = 3.0) -> bool:
@@ -123,10 +134,11 @@ def wandb_mode(cfg: Config) -> tuple[str, str]:
         return cfg.wandb.mode, "wandb.mode"
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"], "WANDB_MODE"
-    if not _has_wandb_key():
-        return "offline", "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
-    if not _reachable(WANDB_HOST):
-        return "offline", f"{WANDB_HOST[0]} is unreachable"
+    server = _wandb_server()
+    if not _has_wandb_key(server[0]):
+        return "offline", f"no W&B API key for {server[0]} (set WANDB_API_KEY or run `wandb login`)"
+    if not _reachable(server):
+        return "offline", f"{server[0]}:{server[1]} is unreachable"
     return "online", "API key found and W&B reachable"
 
 

@@ -125,6 +125,10 @@ def test_misspelled_key_in_a_yaml_file_names_the_file(tmp_path):
         ConfigError, match=r"bad.yaml: unknown config key 'model.backbon'.*model.backbone"
     ):
         load_config(bad)
+    # a list at the top crashed in OmegaConf's merge with a TypeError
+    bad.write_text("- stage1.max_epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: a config file holds `key: value` lines"):
+        load_config(bad)
 
 
 def test_contradictions_are_listed_together():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import socket
 
 import pytest
 
@@ -27,6 +28,22 @@ def test_key_without_network_means_offline(monkeypatch, tmp_path):
     monkeypatch.setattr("facecluster.loggers.WANDB_HOST", ("127.0.0.1", 9))  # nothing listens
     mode, reason = wandb_mode(load_config(SMOKE))
     assert mode == "offline" and "unreachable" in reason
+
+
+def test_a_self_hosted_server_is_the_one_asked(monkeypatch, tmp_path):
+    # WANDB_BASE_URL: the key and the reachability are the user's server's; both were
+    # asked of api.wandb.ai, so a self-hosted server's runs went offline
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1\n  login user\n  password " + "x" * 40 + "\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert wandb_mode(load_config(SMOKE))[0] == "online"
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens
+    mode, reason = wandb_mode(load_config(SMOKE))
+    assert mode == "offline" and "127.0.0.1:9 is unreachable" in reason
 
 
 def test_explicit_mode_wins(monkeypatch):

@@ -6,7 +6,11 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -32,7 +36,7 @@ from facecluster.data.recordio import (
     unpack,
 )
 from facecluster.pipeline import train
-from tests.conftest import DEMO, SMOKE, smoke_overrides
+from tests.conftest import DEMO, ROOT, SMOKE, smoke_overrides
 
 MAGIC_BYTES = struct.pack("<I", MAGIC)
 
@@ -585,6 +589,18 @@ def test_pack_refuses_an_out_it_cannot_use_before_the_scan(tmp_path, capsys):
     assert "is SRC" in capsys.readouterr().err and not (src / "train.rec").exists()
 
 
+def test_a_broken_first_image_is_packed_as_any_other(tmp_path):
+    # its size was read for `property`: a broken first file refused the whole folder,
+    # where a broken file anywhere else is packed and training skips it
+    src = tmp_path / "faces"
+    shutil.copytree(DEMO / "Abdullah_Gul", src / "Abdullah_Gul")
+    (src / "Abdullah_Gul" / "000.jpg").write_text("<html>not a face</html>")
+    assert pack_main([str(src), str(tmp_path / "out")]) == 0
+    with Image.open(next((DEMO / "Abdullah_Gul").glob("*.jpg"))) as image:
+        width, height = image.size
+    assert (tmp_path / "out" / "property").read_text() == f"1,{height},{width}\n"
+
+
 def test_documented_pack_then_train_commands(tmp_path):
     # docs/DATA.md's two commands as written (the output folder is this test's).
     import os
@@ -697,6 +713,43 @@ def test_a_pack_cut_short_leaves_no_data_set_and_keeps_the_last_one(packed, tmp_
         calls.clear()
         pack_module.pack_folder(DEMO, fresh)
     assert list(fresh.iterdir()) == []
+    # a full disk that only train.rec's fsync reports (delayed allocation, NFS, quotas):
+    # the index, names and property were already renamed in, beside the old train.rec
+    monkeypatch.setattr(pack_module, "pack", recordio.pack)
+    real_fsync = os.fsync
+
+    def disk_full_at_the_rec(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".rec"):
+            raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_full_at_the_rec)
+    with pytest.raises(OSError, match="No space left"):
+        pack_module.pack_folder(DEMO, out, shuffle=True)  # another train.idx
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "nothing replaced or left"
+
+
+def test_a_pack_stopped_by_sigterm_leaves_out_as_it_was(packed, tmp_path):
+    # a time limit's SIGTERM (timeout, SLURM) skipped the clean-up that Ctrl-C gets: the
+    # partial train.rec stayed in OUT as a hidden file, one more at every attempt
+    out = shutil.copytree(packed / "rec", tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    slow = (
+        "import sys, time\n"
+        "from facecluster.data import pack\n"
+        "real = pack.pack\n"
+        "pack.pack = lambda *a, **k: time.sleep(0.01) or real(*a, **k)\n"
+        "sys.exit(pack.main(sys.argv[1:]))\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", slow, str(DEMO), str(out)], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".train.rec") for p in out.iterdir()):
+        assert process.poll() is None and time.monotonic() < deadline, "the pack never started"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 128 + signal.SIGTERM
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "nothing replaced or left"
 
 
 def test_identity_names_with_unusual_characters_survive_the_pack(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from facecluster.data.folder import IDENTITY_NAMES, FaceFolder, scan_image_folder
 from facecluster.data.recordio import RecordWriter, pack
-from facecluster.io import replacing
+from facecluster.io import replacing_together
 
 
 def pack_folder(src: str | Path, out: str | Path, shuffle: bool = False, seed: int = 0) -> Path:
@@ -60,16 +61,13 @@ def pack_folder(src: str | Path, out: str | Path, shuffle: bool = False, seed: i
     samples = list(folder.samples)
     if shuffle:
         random.Random(seed).shuffle(samples)
-    with Image.open(folder.samples[0][0]) as image:
-        width, height = image.size
+    height, width = _image_size(folder)
     # Every file is written under a temporary name and they replace OUT's together at
-    # the end, train.rec last: a pack cut short (Ctrl-C, a time limit) leaves no
-    # train.rec that would read as a smaller data set with other identity names.
-    with contextlib.ExitStack() as files:
-        rec_tmp, idx_tmp, names_tmp, property_tmp = (
-            files.enter_context(replacing(out / name))
-            for name in ("train.rec", "train.idx", IDENTITY_NAMES, "property")
-        )
+    # the end, once all are on disk, train.rec last: a pack cut short (Ctrl-C, a time
+    # limit, a full disk that only train.rec's fsync reports) leaves OUT as it was.
+    names = ("property", IDENTITY_NAMES, "train.idx", "train.rec")
+    with replacing_together(*(out / name for name in names)) as temps:
+        property_tmp, names_tmp, idx_tmp, rec_tmp = temps
         _write_records(folder, samples, shuffle, rec_tmp, idx_tmp, f"packing {out}")
         property_tmp.write_text(f"{folder.num_classes},{height},{width}\n")
         # surrogateescape: a folder name that is not UTF-8 keeps its bytes, as
@@ -77,6 +75,17 @@ def pack_folder(src: str | Path, out: str | Path, shuffle: bool = False, seed: i
         names = "\n".join(folder.class_names) + "\n"
         names_tmp.write_bytes(names.encode("utf-8", errors="surrogateescape"))
     return rec
+
+
+def _image_size(folder: FaceFolder) -> tuple[int, int]:
+    """``property``'s height and width: the first image that opens (training skips
+    or refuses broken images by ``data.on_bad_image``; packing one is not an error)."""
+    for path, _ in folder.samples:
+        with contextlib.suppress(OSError, ValueError, Image.DecompressionBombError):
+            with Image.open(path) as image:
+                width, height = image.size
+                return height, width
+    raise ValueError(f"{folder.root}: no image opens, nothing to pack")
 
 
 def _write_records(
@@ -111,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shuffle", action="store_true", help="seeded random record order")
     parser.add_argument("--seed", type=int, default=0, help="seed of --shuffle")
     args = parser.parse_args(argv)
+    # a time limit's SIGTERM (timeout, SLURM) unwinds as Ctrl-C does: the temporary
+    # files are removed, OUT is left as it was; by default it ended the process there
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         rec = pack_folder(args.src, args.out, args.shuffle, args.seed)
     except (OSError, ValueError) as e:  # OSError: OUT a file, unwritable

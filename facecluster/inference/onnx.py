@@ -24,7 +24,6 @@ import json
 import re
 import warnings
 import zipfile
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from facecluster.inference.identifier import (
     loaded_open_set,
     reusable_index,
 )
-from facecluster.io import replacing
+from facecluster.io import replacing, replacing_together
 
 ONNX_FORMAT = "facecluster.onnx_identifier"
 ONNX_VERSION = 2
@@ -143,11 +142,8 @@ def write_gallery(identifier: TwoStageIdentifier, folder: str | Path) -> list[Pa
     the export's files together with ``identifier.pt`` (facecluster.deploy)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stack:
-        # entered first, replaced last (the stack closes in reverse)
-        meta_tmp = stack.enter_context(replacing(folder / "identifier.json"))
-        gallery_tmp = stack.enter_context(replacing(folder / "gallery.npz"))
-        _write_gallery(identifier, gallery_tmp, meta_tmp)
+    with replacing_together(folder / "gallery.npz", folder / "identifier.json") as temps:
+        _write_gallery(identifier, *temps)
     return [folder / "gallery.npz", folder / "identifier.json"]
 
 

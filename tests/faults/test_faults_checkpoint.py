@@ -120,3 +120,21 @@ def test_crash_while_saving_last_ckpt_in_a_real_run_then_resume(tmp_path, monkey
     assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]
     result = train(RunFolder.config_for_resume(str(tmp_path / "run")))
     assert (result.run_dir / "results.json").is_file()
+
+
+def test_a_saved_file_keeps_its_permissions_or_takes_the_umask(tmp_path):
+    # every checkpoint, clusters.pt and exported identifier.pt was made 0644 whatever
+    # the umask, and a file made private (chmod 600) readable by all at its next save:
+    # an export holds class means of people's faces
+    from facecluster.io import atomic_torch_save
+
+    path = tmp_path / "identifier.pt"
+    previous = os.umask(0o077)
+    try:
+        atomic_torch_save({"a": torch.zeros(1)}, path)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.chmod(0o640)
+    atomic_torch_save({"a": torch.ones(1)}, path)
+    assert path.stat().st_mode & 0o777 == 0o640
