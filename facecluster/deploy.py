@@ -355,6 +355,8 @@ def finish_update(out: str | Path) -> None:
         plan = json.loads((update / UPDATE_PLAN).read_text())
         for name in plan["remove"]:
             stale = out / name
+            if name in plan["files"] and _same_file(stale, update / name):
+                continue  # put in place already (by another process now finishing too)
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale)
             else:
@@ -379,6 +381,15 @@ def finish_update(out: str | Path) -> None:
         return  # another process put it in place meanwhile
     _fsync_dir(out)
     shutil.rmtree(done, ignore_errors=True)
+
+
+def _same_file(placed: Path, new: Path) -> bool:
+    """Whether ``placed`` is ``new`` put in place: linked, or copied where the file
+    system has no hard links (the marker file is a small JSON)."""
+    try:
+        return placed.samefile(new) or placed.read_bytes() == new.read_bytes()
+    except OSError:  # either is missing
+        return False
 
 
 def _walk_images(folder: Path) -> Iterator[Path]:

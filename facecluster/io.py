@@ -120,6 +120,7 @@ def replacing_together(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
             finally:
                 os.close(fd)
         for tmp, target in zip(temps, targets, strict=True):
+            os.chmod(tmp, _file_mode(target))  # a file made private stays private
             os.replace(tmp, target)
     finally:
         for tmp in temps:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import netrc
 import os
 import socket
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info
 
-from facecluster.config import Config
+from facecluster.config import Config, ConfigError
 from facecluster.io import replacing
 
 WANDB_HOST = ("api.wandb.ai", 443)
@@ -103,21 +104,30 @@ class RunCSVLogger(_StepOffset, CSVLogger):
         return self._experiment
 
 
-def _wandb_server() -> tuple[str, int]:
-    """The W&B server's host and port: ``WANDB_BASE_URL`` (a self-hosted server), else
-    W&B's own."""
+def _wandb_server() -> tuple[str, int, str]:
+    """The W&B server's host, port and ``host[:port]`` as written (the name wandb keeps
+    its key under in ``.netrc``): ``WANDB_BASE_URL`` (a self-hosted server), else W&B's
+    own."""
     base = os.environ.get("WANDB_BASE_URL")
     if not base:
-        return WANDB_HOST
+        return (*WANDB_HOST, WANDB_HOST[0])
     url = urlparse(base if "://" in base else f"https://{base}")
-    return url.hostname or WANDB_HOST[0], url.port or (80 if url.scheme == "http" else 443)
+    try:
+        port = url.port or (80 if url.scheme == "http" else 443)
+    except ValueError as e:  # a port that is not a number, or past 65535
+        raise ConfigError(f"WANDB_BASE_URL={base!r}: {e}") from None
+    return url.hostname or WANDB_HOST[0], port, url.netloc
 
 
-def _has_wandb_key(host: str) -> bool:
+def _has_wandb_key(netloc: str) -> bool:
+    """``WANDB_API_KEY``, or a password for ``netloc`` in ``.netrc``, as wandb reads it."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.is_file() and host in netrc.read_text(errors="ignore")
+    try:
+        found = netrc.netrc(os.environ.get("NETRC", Path.home() / ".netrc")).authenticators(netloc)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(found and found[2])
 
 
 def _reachable(host: tuple[str, int], timeout: float = 3.0) -> bool:
@@ -134,11 +144,11 @@ def wandb_mode(cfg: Config) -> tuple[str, str]:
         return cfg.wandb.mode, "wandb.mode"
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"], "WANDB_MODE"
-    server = _wandb_server()
-    if not _has_wandb_key(server[0]):
-        return "offline", f"no W&B API key for {server[0]} (set WANDB_API_KEY or run `wandb login`)"
-    if not _reachable(server):
-        return "offline", f"{server[0]}:{server[1]} is unreachable"
+    host, port, netloc = _wandb_server()
+    if not _has_wandb_key(netloc):
+        return "offline", f"no W&B API key for {netloc} (set WANDB_API_KEY or run `wandb login`)"
+    if not _reachable((host, port)):
+        return "offline", f"{host}:{port} is unreachable"
     return "online", "API key found and W&B reachable"
 
 

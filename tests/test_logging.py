@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from facecluster.config import load_config
+from facecluster.config import ConfigError, load_config
 from facecluster.loggers import RunCSVLogger, build_logger, wandb_mode
 from facecluster.pipeline import train
 from facecluster.run import RunFolder, job_name
@@ -36,14 +36,25 @@ def test_a_self_hosted_server_is_the_one_asked(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     netrc = tmp_path / "netrc"
-    netrc.write_text("machine 127.0.0.1\n  login user\n  password " + "x" * 40 + "\n")
     monkeypatch.setenv("NETRC", str(netrc))
+    key = "  login user\n  password " + "x" * 40 + "\n"
     with socket.create_server(("127.0.0.1", 0)) as server:
-        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        port = server.getsockname()[1]
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+        # wandb keeps the key under host:port, as `wandb login` writes it
+        netrc.write_text(f"machine 127.0.0.1:{port}\n{key}")
         assert wandb_mode(load_config(SMOKE))[0] == "online"
+        # a key for another port or for W&B's own server is not this server's: wandb
+        # would find none and stop the run (or prompt), where offline was meant
+        netrc.write_text(f"machine 127.0.0.1:{port + 1}\n{key}machine api.wandb.ai\n{key}")
+        assert wandb_mode(load_config(SMOKE))[0] == "offline"
+    netrc.write_text(f"machine 127.0.0.1:9\n{key}")
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens
     mode, reason = wandb_mode(load_config(SMOKE))
     assert mode == "offline" and "127.0.0.1:9 is unreachable" in reason
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:port")
+    with pytest.raises(ConfigError, match="WANDB_BASE_URL='http://127.0.0.1:port'"):
+        wandb_mode(load_config(SMOKE))
 
 
 def test_explicit_mode_wins(monkeypatch):

@@ -595,7 +595,9 @@ def test_a_broken_first_image_is_packed_as_any_other(tmp_path):
     src = tmp_path / "faces"
     shutil.copytree(DEMO / "Abdullah_Gul", src / "Abdullah_Gul")
     (src / "Abdullah_Gul" / "000.jpg").write_text("<html>not a face</html>")
+    before = signal.getsignal(signal.SIGTERM)
     assert pack_main([str(src), str(tmp_path / "out")]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
     with Image.open(next((DEMO / "Abdullah_Gul").glob("*.jpg"))) as image:
         width, height = image.size
     assert (tmp_path / "out" / "property").read_text() == f"1,{height},{width}\n"

@@ -23,6 +23,8 @@ import contextlib
 import random
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
@@ -108,6 +110,22 @@ def _write_records(
             writer.write(0, pack([identity_key, identity_key + len(ranges)]))
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the block runs, a time limit's SIGTERM (timeout, SLURM) unwinds as Ctrl-C
+    does: the temporary files are removed and OUT is left as it was (the default
+    action ended the process with them in OUT). The caller's own handler comes back
+    after; off the main thread, where handlers cannot be set, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="facecluster pack",
@@ -120,11 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shuffle", action="store_true", help="seeded random record order")
     parser.add_argument("--seed", type=int, default=0, help="seed of --shuffle")
     args = parser.parse_args(argv)
-    # a time limit's SIGTERM (timeout, SLURM) unwinds as Ctrl-C does: the temporary
-    # files are removed, OUT is left as it was; by default it ended the process there
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        rec = pack_folder(args.src, args.out, args.shuffle, args.seed)
+        with _sigterm_unwinds():
+            rec = pack_folder(args.src, args.out, args.shuffle, args.seed)
     except (OSError, ValueError) as e:  # OSError: OUT a file, unwritable
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -126,7 +126,7 @@ def test_a_saved_file_keeps_its_permissions_or_takes_the_umask(tmp_path):
     # every checkpoint, clusters.pt and exported identifier.pt was made 0644 whatever
     # the umask, and a file made private (chmod 600) readable by all at its next save:
     # an export holds class means of people's faces
-    from facecluster.io import atomic_torch_save
+    from facecluster.io import atomic_torch_save, replacing
 
     path = tmp_path / "identifier.pt"
     previous = os.umask(0o077)
@@ -137,4 +137,7 @@ def test_a_saved_file_keeps_its_permissions_or_takes_the_umask(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o600
     path.chmod(0o640)
     atomic_torch_save({"a": torch.ones(1)}, path)
+    assert path.stat().st_mode & 0o777 == 0o640
+    with replacing(path) as tmp:  # config.yaml, records, tables, a pack's files
+        tmp.write_bytes(b"new")
     assert path.stat().st_mode & 0o777 == 0o640
