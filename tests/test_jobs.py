@@ -18,7 +18,7 @@ import lightning as L
 import pytest
 import torch
 
-from facecluster import cli, launch
+from facecluster import cli, launch, pipeline
 from facecluster.config import ConfigError, load_config
 from facecluster.evaluation import evaluate_run
 from facecluster.io import replacing
@@ -698,6 +698,8 @@ def test_every_srun_task_of_a_refused_job_stops(tmp_path):
 
 def test_local_jobs_that_cannot_fit_are_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "_visible_gpus", lambda: ["0", "1"])
+    # a machine with 2 GPUs: Lightning's own check (no GPU here) would refuse first
+    monkeypatch.setattr(pipeline, "check_trainer", lambda cfg: None)
     jobs = ("stage2.jobs=3", "launcher.parallel=3")
     cfg = load_config(SMOKE, smoke_overrides(tmp_path, *jobs, "trainer.accelerator=gpu"))
     with pytest.raises(ConfigError, match=r"parallel=3 jobs x trainer.devices=1 need 3 GPUs"):
