@@ -52,6 +52,7 @@ UPDATE = ".facecluster-update"
 """An export folder's committed update, not yet all in place (:func:`finish_update`); an
 update being written, or being removed, is ``UPDATE.<process>-<random>.tmp`` / ``.done``."""
 UPDATE_PLAN = "update.json"
+LOCK = ".facecluster-lock"
 CSV_COLUMNS = ("path", "identity", "score", "similarity", "cluster", "top5")
 TOP = 5
 
@@ -329,67 +330,84 @@ def _updating(out: Path, replace_onnx: bool) -> Iterator[Path]:
         }
         with atomic_file(new / UPDATE_PLAN) as f:
             f.write(json.dumps(plan, indent=1).encode())
-        os.rename(new, out / UPDATE)  # the commit; refused while another update is pending
-        _fsync_dir(out)
     except BaseException:
-        shutil.rmtree(new, ignore_errors=True)  # gone already after the commit
+        shutil.rmtree(new, ignore_errors=True)
         if created:
             with contextlib.suppress(OSError):  # what this export made, if it is empty
                 out.rmdir()
         raise
-    finish_update(out)
+    with _export_lock(out):
+        try:
+            _finish_locked(out)  # an update another command committed meanwhile: first
+            os.rename(new, out / UPDATE)  # the commit
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        _fsync_dir(out)
+        _finish_locked(out)
 
 
 def finish_update(out: str | Path) -> None:
     """Put the committed update of the export folder ``out`` (:func:`_updating`) in
     place, if it has one: an export or enrolment that was killed while it moved its
-    files, or is moving them now. Each step can run again and may run in two processes
-    at once (the update's files stay until all are in place, and are linked, not moved),
-    so every command that reads an export runs this first."""
+    files. Every command that reads an export runs this first; one process at a time
+    moves the files (:func:`_export_lock`), the others wait and find them in place."""
     out = Path(out)
-    update = out / UPDATE
-    if not update.is_dir():
+    if not (out / UPDATE).is_dir():  # nothing pending: no lock (a read-only export)
         return
+    with _export_lock(out):
+        _finish_locked(out)
+
+
+def _finish_locked(out: Path) -> None:
+    """:func:`finish_update` with :func:`_export_lock` held: the plan is read, and
+    every step taken, by this process alone. Each step can run again after a kill."""
+    update = out / UPDATE
+    if not update.is_dir():  # put in place by the process that held the lock before
+        return
+    plan = json.loads((update / UPDATE_PLAN).read_text())
+    for name in plan["remove"]:
+        stale = out / name
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink(missing_ok=True)
+    for name in plan["files"]:
+        target = out / name
+        target.parent.mkdir(exist_ok=True)
+        with replacing(target) as tmp:
+            try:
+                os.link(update / name, tmp)
+            except FileNotFoundError:
+                raise
+            except OSError:  # a file system without hard links
+                shutil.copyfile(update / name, tmp)
+    if plan["remove_onnx"]:
+        with contextlib.suppress(OSError):  # a file that came since: the folder stays
+            (out / ONNX_FOLDER).rmdir()
     done = out / f"{UPDATE}.{os.getpid()}-{uuid.uuid4().hex[:8]}.done"
-    try:
-        plan = json.loads((update / UPDATE_PLAN).read_text())
-        for name in plan["remove"]:
-            stale = out / name
-            if name in plan["files"] and _same_file(stale, update / name):
-                continue  # put in place already (by another process now finishing too)
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale)
-            else:
-                stale.unlink(missing_ok=True)
-        for name in plan["files"]:
-            target = out / name
-            target.parent.mkdir(exist_ok=True)
-            with replacing(target) as tmp:
-                try:
-                    os.link(update / name, tmp)
-                except FileNotFoundError:
-                    raise
-                except OSError:  # a file system without hard links
-                    shutil.copyfile(update / name, tmp)
-        if plan["remove_onnx"]:
-            with contextlib.suppress(OSError):  # a file that came since: the folder stays
-                (out / ONNX_FOLDER).rmdir()
-        os.rename(update, done)  # all in place: no longer pending
-    except FileNotFoundError:
-        if update.is_dir():
-            raise
-        return  # another process put it in place meanwhile
+    os.rename(update, done)  # all in place: no longer pending
     _fsync_dir(out)
     shutil.rmtree(done, ignore_errors=True)
 
 
-def _same_file(placed: Path, new: Path) -> bool:
-    """Whether ``placed`` is ``new`` put in place: linked, or copied where the file
-    system has no hard links (the marker file is a small JSON)."""
+@contextlib.contextmanager
+def _export_lock(out: Path) -> Iterator[None]:
+    """Held while a process commits an update of ``out`` or moves its files in: an
+    advisory ``flock`` on ``out/.facecluster-lock``, released when the process ends,
+    however it ends. Two commands finishing one update at once removed each other's
+    files, and one holding an old plan applied it to the next update."""
     try:
-        return placed.samefile(new) or placed.read_bytes() == new.read_bytes()
-    except OSError:  # either is missing
-        return False
+        import fcntl
+    except ImportError:  # not POSIX: one command on an export at a time, as documented
+        yield
+        return
+    with open(out / LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _walk_images(folder: Path) -> Iterator[Path]:

@@ -120,7 +120,12 @@ def replacing_together(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
             finally:
                 os.close(fd)
         for tmp, target in zip(temps, targets, strict=True):
-            os.chmod(tmp, _file_mode(target))  # a file made private stays private
+            mode = _file_mode(target)  # a file made private stays private
+            if os.stat(tmp).st_mode & 0o777 != mode:
+                # a temp linked to another user's file (an export update put in place by
+                # another user of a shared folder) is not this process's to chmod
+                with contextlib.suppress(PermissionError):
+                    os.chmod(tmp, mode)
             os.replace(tmp, target)
     finally:
         for tmp in temps:

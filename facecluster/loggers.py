@@ -111,12 +111,21 @@ def _wandb_server() -> tuple[str, int, str]:
     base = os.environ.get("WANDB_BASE_URL")
     if not base:
         return (*WANDB_HOST, WANDB_HOST[0])
-    url = urlparse(base if "://" in base else f"https://{base}")
+    url = urlparse(base)
+    if url.scheme not in ("http", "https") or not url.hostname:  # wandb.init refuses it
+        raise ConfigError(f"WANDB_BASE_URL={base!r}: give the server as http(s)://host[:port]")
     try:
         port = url.port or (80 if url.scheme == "http" else 443)
     except ValueError as e:  # a port that is not a number, or past 65535
         raise ConfigError(f"WANDB_BASE_URL={base!r}: {e}") from None
     return url.hostname or WANDB_HOST[0], port, url.netloc
+
+
+def check_wandb_server(cfg: Config) -> None:
+    """With ``logger=wandb``, refuse a ``WANDB_BASE_URL`` that wandb would refuse, before
+    the run folder is made (:func:`build_logger` asks only after)."""
+    if cfg.logger == "wandb":
+        _wandb_server()
 
 
 def _has_wandb_key(netloc: str) -> bool:

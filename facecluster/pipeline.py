@@ -46,7 +46,7 @@ from facecluster.launch import (
     stage2_overrides,
     submit_slurm,
 )
-from facecluster.loggers import build_logger, finish_logger
+from facecluster.loggers import build_logger, check_wandb_server, finish_logger
 from facecluster.models.backbone_module import BackboneSystem
 from facecluster.models.subnets_module import SubnetSystem
 from facecluster.results import summarise, training_table
@@ -95,6 +95,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if cfg.launcher.name == "local" and cfg.stage != "assemble":  # jobs run as local
             check_trainer(cfg)  # what Lightning refuses, before the data scan
+        check_wandb_server(cfg)
         backbone_params = backbone_parameters(cfg)
         dm = build_datamodule(cfg)
         check_cluster_count(cfg, dm)

@@ -411,39 +411,37 @@ def test_a_re_export_killed_while_its_files_move_never_leaves_onnx_reading_finis
     assert (out / "identifier.pt").read_text() == "new"
 
 
-def test_two_processes_finishing_one_update_never_remove_the_new_marker(tmp_path, monkeypatch):
-    # every command on an export finishes a pending update first, so two may at once.
-    # A has put every file in place and marks the update done while B, started just
-    # before, removes the earlier marker (onnx/identifier.json): it removed A's new one,
-    # found the update gone, and left onnx/ reading unfinished with nothing pending.
+def test_commands_finishing_one_update_take_turns(tmp_path, monkeypatch):
+    # every command on an export finishes a pending update first, so two may at once:
+    # they removed each other's new files (the marker, onnx/identifier.json, after the
+    # other had put it in place), and one holding an old plan applied it to the next
+    # update. One moves the files at a time now, reading the plan once it is its turn.
+    import fcntl
+    import threading
+
     out = tmp_path / "export"
     _old_export(out)
     with monkeypatch.context() as patch:  # committed, not yet put in place
-        patch.setattr(deploy, "finish_update", lambda out: None)
+        patch.setattr(deploy, "_finish_locked", lambda out: None)
         with deploy._updating(out, replace_onnx=True) as new:
             (new / "identifier.pt").write_text("new")
             (new / "onnx").mkdir()
             for name in ("router.onnx", "subnet0.onnx", "gallery.npz", "identifier.json"):
                 (new / "onnx" / name).write_text("new")
-    real_rename, real_link = os.rename, os.link
-
-    def a_marks_done(src, dst):
-        if Path(src) != out / deploy.UPDATE:
-            return real_rename(src, dst)
-        monkeypatch.setattr(os, "rename", real_rename)
-
-        def a_lands_before_b_links(*args):  # B has done its removals by now
-            monkeypatch.setattr(os, "link", real_link)
-            real_rename(src, dst)
-            return real_link(*args)
-
-        monkeypatch.setattr(os, "link", a_lands_before_b_links)
-        deploy.finish_update(out)  # B
-
-    monkeypatch.setattr(os, "rename", a_marks_done)
-    deploy.finish_update(out)  # A
-    assert not (out / deploy.UPDATE).exists()
-    assert (out / "onnx" / "identifier.json").read_text() == "new"
+    assert (out / deploy.UPDATE).is_dir()
+    with open(out / deploy.LOCK, "a") as held:  # another command is moving the files
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=deploy.finish_update, args=(out,))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and (out / "onnx" / "identifier.json").read_text() == "old"
+        fcntl.flock(held, fcntl.LOCK_UN)
+    waiting.join(10)
+    assert not waiting.is_alive() and not (out / deploy.UPDATE).exists()
+    assert {p.name: p.read_text() for p in (out / "onnx").iterdir()} == dict.fromkeys(
+        ("router.onnx", "subnet0.onnx", "gallery.npz", "identifier.json"), "new"
+    )
+    deploy.finish_update(out)  # nothing pending: nothing to do
 
 
 def test_a_file_put_in_onnx_while_the_networks_export_is_kept(tmp_path):

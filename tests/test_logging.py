@@ -52,9 +52,12 @@ def test_a_self_hosted_server_is_the_one_asked(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens
     mode, reason = wandb_mode(load_config(SMOKE))
     assert mode == "offline" and "127.0.0.1:9 is unreachable" in reason
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:port")
-    with pytest.raises(ConfigError, match="WANDB_BASE_URL='http://127.0.0.1:port'"):
-        wandb_mode(load_config(SMOKE))
+    # a URL wandb would refuse is refused before the run folder is made
+    for url in ("http://127.0.0.1:port", "127.0.0.1:8080"):
+        monkeypatch.setenv("WANDB_BASE_URL", url)
+        with pytest.raises(ConfigError, match=f"WANDB_BASE_URL='{url}'"):
+            train(load_config(SMOKE, smoke_overrides(tmp_path, "logger=wandb")))
+        assert not (tmp_path / "run").exists()
 
 
 def test_explicit_mode_wins(monkeypatch):

@@ -119,7 +119,12 @@ def _sigterm_unwinds() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+    def unwind(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not stop the
+        sys.exit(128 + signum)  # clean-up half way, leaving the rest of the temp files
+
+    before = signal.signal(signal.SIGTERM, unwind)
     try:
         yield
     finally:
