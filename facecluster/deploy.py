@@ -330,19 +330,20 @@ def _updating(out: Path, replace_onnx: bool) -> Iterator[Path]:
         }
         with atomic_file(new / UPDATE_PLAN) as f:
             f.write(json.dumps(plan, indent=1).encode())
+        lock = contextlib.ExitStack()
+        lock.enter_context(_export_lock(out))  # a Ctrl-C while it waits: cleaned up too
+        with lock:
+            _finish_locked(out)  # an update another command committed meanwhile: first
+            os.rename(new, out / UPDATE)  # the commit
+            lock = lock.pop_all()  # held on, for putting the files in place
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         if created:
             with contextlib.suppress(OSError):  # what this export made, if it is empty
+                (out / LOCK).unlink(missing_ok=True)
                 out.rmdir()
         raise
-    with _export_lock(out):
-        try:
-            _finish_locked(out)  # an update another command committed meanwhile: first
-            os.rename(new, out / UPDATE)  # the commit
-        except BaseException:
-            shutil.rmtree(new, ignore_errors=True)
-            raise
+    with lock:
         _fsync_dir(out)
         _finish_locked(out)
 
@@ -402,12 +403,24 @@ def _export_lock(out: Path) -> Iterator[None]:
     except ImportError:  # not POSIX: one command on an export at a time, as documented
         yield
         return
-    with open(out / LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    try:  # under the umask, as any file the export writes
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's lock file (a shared export): flock needs
+        # only a descriptor open for reading
+        fd = os.open(out / LOCK, os.O_RDONLY)
+    try:
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without flock (Lustre -o noflock, some NFS)
+            logger.warning(
+                "%s: cannot lock %s (%s); run one command on the export at a time",
+                out,
+                LOCK,
+                e.strerror,
+            )
+        yield  # flock is released when the file is closed, or the process ends
+    finally:
+        os.close(fd)
 
 
 def _walk_images(folder: Path) -> Iterator[Path]:

@@ -444,6 +444,36 @@ def test_commands_finishing_one_update_take_turns(tmp_path, monkeypatch):
     deploy.finish_update(out)  # nothing pending: nothing to do
 
 
+def test_an_update_that_cannot_lock_still_lands_and_one_stopped_waiting_leaves_nothing(
+    tmp_path, monkeypatch, caplog
+):
+    # a file system without flock (Lustre -o noflock, some NFS) failed every export and
+    # enrolment; a Ctrl-C while waiting for the lock left the written update in OUT
+    import errno
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    out = tmp_path / "export"
+    _old_export(out)
+    with monkeypatch.context() as patch:
+        patch.setattr(fcntl, "flock", no_flock)
+        with deploy._updating(out, replace_onnx=False) as new:
+            (new / "identifier.pt").write_text("new")
+    assert (out / "identifier.pt").read_text() == "new" and "cannot lock" in caplog.text
+
+    def interrupted(fd, operation):
+        raise KeyboardInterrupt
+
+    fresh = tmp_path / "fresh"
+    with monkeypatch.context() as patch:
+        patch.setattr(fcntl, "flock", interrupted)
+        with pytest.raises(KeyboardInterrupt), deploy._updating(fresh, replace_onnx=True) as new:
+            (new / "identifier.pt").write_text("new")
+    assert not fresh.exists()
+
+
 def test_a_file_put_in_onnx_while_the_networks_export_is_kept(tmp_path):
     # onnx/ was checked for files of the user's before the networks exported (minutes
     # at K=64), and its listing taken after: a file that came meanwhile was deleted
