@@ -299,7 +299,8 @@ def _updating(out: Path, replace_onnx: bool) -> Iterator[Path]:
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(f"{UPDATE}.*"):  # an update killed before its commit, or after
-        shutil.rmtree(stale, ignore_errors=True)  # it was put in place
+        if not _written_by_a_live_process(stale):  # it was put in place
+            shutil.rmtree(stale, ignore_errors=True)
     new = out / f"{UPDATE}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     new.mkdir()
     try:
@@ -340,7 +341,8 @@ def _updating(out: Path, replace_onnx: bool) -> Iterator[Path]:
         shutil.rmtree(new, ignore_errors=True)
         if created:
             with contextlib.suppress(OSError):  # what this export made, if it is empty
-                (out / LOCK).unlink(missing_ok=True)
+                if [p.name for p in out.iterdir()] == [LOCK]:  # no other command's
+                    (out / LOCK).unlink()
                 out.rmdir()
         raise
     with lock:
@@ -403,15 +405,26 @@ def _export_lock(out: Path) -> Iterator[None]:
     except ImportError:  # not POSIX: one command on an export at a time, as documented
         yield
         return
-    try:  # under the umask, as any file the export writes
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:  # another user's lock file (a shared export): flock needs
-        # only a descriptor open for reading
-        fd = os.open(out / LOCK, os.O_RDONLY)
+    try:
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        # writable by whoever may write the folder (a shared export's group): NFS
+        # locks only a file open for writing
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o644 | (out.stat().st_mode & 0o022))
+    except FileExistsError:
+        try:
+            fd = os.open(out / LOCK, os.O_RDWR)
+        except PermissionError:  # another user's, made before this: local file
+            fd = os.open(out / LOCK, os.O_RDONLY)  # systems lock it read-only too
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as e:  # a file system without flock (Lustre -o noflock, some NFS)
+            if _read_only(fd):  # NFS: not the file system's fault
+                raise PermissionError(
+                    f"{out / LOCK}: cannot lock it open for reading only ({e.strerror}); "
+                    "make it writable for the users of this export"
+                ) from None
             logger.warning(
                 "%s: cannot lock %s (%s); run one command on the export at a time",
                 out,
@@ -421,6 +434,26 @@ def _export_lock(out: Path) -> Iterator[None]:
         yield  # flock is released when the file is closed, or the process ends
     finally:
         os.close(fd)
+
+
+def _read_only(fd: int) -> bool:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+
+
+def _written_by_a_live_process(folder: Path) -> bool:
+    """Whether ``UPDATE.<pid>-<rand>.tmp`` is being written by a process that is still
+    running here (another command's update, not one killed before its commit)."""
+    if not folder.name.endswith(".tmp"):
+        return False  # a .done: put in place already
+    try:
+        os.kill(int(folder.name[len(UPDATE) + 1 :].split("-")[0]), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _walk_images(folder: Path) -> Iterator[Path]:

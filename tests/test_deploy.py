@@ -474,6 +474,28 @@ def test_an_update_that_cannot_lock_still_lands_and_one_stopped_waiting_leaves_n
     assert not fresh.exists()
 
 
+def test_an_update_keeps_what_other_commands_write_and_hold(tmp_path):
+    # an update starting removed every other update folder, the one another command
+    # was writing too; and a failed update of a new OUT removed the lock file another
+    # command held, so a third could take "the" lock beside it
+    import fcntl
+
+    out = tmp_path / "export"
+    with pytest.raises(RuntimeError), deploy._updating(out, replace_onnx=True) as first:
+        with deploy._updating(out, replace_onnx=True) as second:
+            (second / "identifier.pt").write_text("second")
+        assert first.is_dir()  # being written by a live process: kept
+        with open(out / deploy.LOCK) as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # another command holds the lock
+            raise RuntimeError("the first export fails")
+    assert (out / deploy.LOCK).is_file() and (out / "identifier.pt").read_text() == "second"
+    if (out.stat().st_mode & 0o020) == 0:  # the lock file is as writable as its folder
+        out.chmod(out.stat().st_mode | 0o020)
+        (out / deploy.LOCK).unlink()
+        with deploy._export_lock(out):
+            assert (out / deploy.LOCK).stat().st_mode & 0o020
+
+
 def test_a_file_put_in_onnx_while_the_networks_export_is_kept(tmp_path):
     # onnx/ was checked for files of the user's before the networks exported (minutes
     # at K=64), and its listing taken after: a file that came meanwhile was deleted
