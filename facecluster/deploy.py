@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import logging
 import math
@@ -420,7 +421,7 @@ def _export_lock(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as e:  # a file system without flock (Lustre -o noflock, some NFS)
-            if _read_only(fd):  # NFS: not the file system's fault
+            if e.errno == errno.EBADF and _read_only(fd):  # NFS: not the file system's
                 raise PermissionError(
                     f"{out / LOCK}: cannot lock it open for reading only ({e.strerror}); "
                     "make it writable for the users of this export"
@@ -445,14 +446,18 @@ def _read_only(fd: int) -> bool:
 def _written_by_a_live_process(folder: Path) -> bool:
     """Whether ``UPDATE.<pid>-<rand>.tmp`` is being written by a process that is still
     running here (another command's update, not one killed before its commit)."""
-    if not folder.name.endswith(".tmp"):
-        return False  # a .done: put in place already
+    if not folder.name.endswith(".tmp") or os.name == "nt":
+        return False  # a .done: put in place already (Windows: os.kill is no test)
     try:
-        os.kill(int(folder.name[len(UPDATE) + 1 :].split("-")[0]), 0)
-    except (ValueError, ProcessLookupError):
-        return False
+        pid = int(folder.name[len(UPDATE) + 1 :].split("-")[0])
+        # 1: a container's entrypoint, killed; it is pid 1 again in the next container
+        if pid == 1:
+            return False
+        os.kill(pid, 0)
     except PermissionError:  # another user's process
         return True
+    except (ValueError, OSError):  # no such process
+        return False
     return True
 
 

@@ -463,6 +463,21 @@ def test_an_update_that_cannot_lock_still_lands_and_one_stopped_waiting_leaves_n
             (new / "identifier.pt").write_text("new")
     assert (out / "identifier.pt").read_text() == "new" and "cannot lock" in caplog.text
 
+    # opened read-only (another user's lock file): still unlocked on such a file system,
+    # refused on NFS (EBADF: it locks only a file open for writing)
+    def nfs(fd, operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(deploy, "_read_only", lambda fd: True)
+        patch.setattr(fcntl, "flock", no_flock)
+        with deploy._export_lock(out):
+            pass
+        patch.setattr(fcntl, "flock", nfs)
+        with pytest.raises(PermissionError, match="make it writable"):
+            with deploy._export_lock(out):
+                pass
+
     def interrupted(fd, operation):
         raise KeyboardInterrupt
 
@@ -481,6 +496,8 @@ def test_an_update_keeps_what_other_commands_write_and_hold(tmp_path):
     import fcntl
 
     out = tmp_path / "export"
+    killed = out / f"{deploy.UPDATE}.1-deadbeef.tmp"  # a container's entrypoint, killed
+    killed.mkdir(parents=True)
     with pytest.raises(RuntimeError), deploy._updating(out, replace_onnx=True) as first:
         with deploy._updating(out, replace_onnx=True) as second:
             (second / "identifier.pt").write_text("second")
@@ -489,6 +506,7 @@ def test_an_update_keeps_what_other_commands_write_and_hold(tmp_path):
             fcntl.flock(held, fcntl.LOCK_EX)  # another command holds the lock
             raise RuntimeError("the first export fails")
     assert (out / deploy.LOCK).is_file() and (out / "identifier.pt").read_text() == "second"
+    assert not killed.exists()
     if (out.stat().st_mode & 0o020) == 0:  # the lock file is as writable as its folder
         out.chmod(out.stat().st_mode | 0o020)
         (out / deploy.LOCK).unlink()
