@@ -39,7 +39,7 @@ from facecluster.data.transforms import normalize_images
 from facecluster.inference import TwoStageIdentifier
 from facecluster.inference.identifier import OPEN_SET_SCORE, UNKNOWN
 from facecluster.inference.openset import threshold_at_fpir
-from facecluster.io import _fsync_dir, atomic_file, replacing
+from facecluster.io import atomic_file, fsync_dir, replacing
 
 if TYPE_CHECKING:
     from facecluster.config import Config
@@ -347,7 +347,7 @@ def _updating(out: Path, replace_onnx: bool) -> Iterator[Path]:
                 out.rmdir()
         raise
     with lock:
-        _fsync_dir(out)
+        fsync_dir(out)
         _finish_locked(out)
 
 
@@ -391,7 +391,7 @@ def _finish_locked(out: Path) -> None:
             (out / ONNX_FOLDER).rmdir()
     done = out / f"{UPDATE}.{os.getpid()}-{uuid.uuid4().hex[:8]}.done"
     os.rename(update, done)  # all in place: no longer pending
-    _fsync_dir(out)
+    fsync_dir(out)
     shutil.rmtree(done, ignore_errors=True)
 
 

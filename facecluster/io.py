@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import torch
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # Not every platform can open a folder (Windows); os.replace must do there.
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
@@ -62,7 +62,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
@@ -131,7 +131,7 @@ def replacing_together(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
     for folder in dict.fromkeys(t.parent for t in targets):
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
 
 class UnsafeFileError(ValueError):

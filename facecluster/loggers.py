@@ -118,7 +118,7 @@ def _wandb_server() -> tuple[str, int, str]:
         port = url.port or (80 if url.scheme == "http" else 443)
     except ValueError as e:  # a port that is not a number, or past 65535
         raise ConfigError(f"WANDB_BASE_URL={base!r}: {e}") from None
-    return url.hostname or WANDB_HOST[0], port, url.netloc
+    return url.hostname, port, url.netloc
 
 
 def check_wandb_server(cfg: Config) -> None:
