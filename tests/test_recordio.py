@@ -236,6 +236,38 @@ def test_an_idx_cut_short_is_refused_at_open_naming_what_it_leaves_out(tmp_path)
         RecordFile(tmp_path / "train.rec")
 
 
+@pytest.mark.parametrize("block", [recordio.HEADS_BLOCK, 1, 2])
+def test_an_idx_missing_lines_in_the_middle_is_refused_naming_the_first_unlisted_record(
+    tmp_path, monkeypatch, block
+):
+    # A file without identity records (im2rec's layout) says nothing else of which
+    # records it holds: an .idx missing a line in the middle dropped that image, and
+    # maybe its identity, from training without a word. A split record before the gap
+    # (two parts on disk), an .idx out of file order, and a gap at the end of a block
+    # of the pass (block: records per block) must not hide it.
+    monkeypatch.setattr(recordio, "HEADS_BLOCK", block)
+    split = pack(1.0, b"\xff\xd8" + b"xx" + MAGIC_BYTES + bytes(40))
+    records = {3: pack(0.0, _jpeg(1)), 1: split, 2: pack(2.0, _jpeg(3)), 0: pack(2.0, _jpeg(4))}
+    _write(tmp_path, records)
+    assert image_layout(RecordFile(tmp_path / "train.rec")).keys.tolist() == [3, 1, 0, 2]
+    idx = tmp_path / "train.idx"
+    lines = idx.read_text().splitlines(keepends=True)
+    offsets = {int(k): int(v) for k, v in (line.split() for line in lines)}
+    for dropped, before in ((2, "after key 1"), (1, "after key 3"), (3, "before its first")):
+        idx.write_text("".join(reversed([ln for ln in lines if not ln.startswith(f"{dropped}\t")])))
+        rf = RecordFile(tmp_path / "train.rec")  # the tail is listed: opens
+        with pytest.raises(
+            ValueError, match=rf"does not list the record at byte {offsets[dropped]} .*{before}"
+        ):
+            image_layout(rf)
+    # a corrupt record is on_bad_image's: not taken for a gap
+    idx.write_text("".join(lines))
+    data = bytearray((tmp_path / "train.rec").read_bytes())
+    data[offsets[2] + 4] ^= 0xFF  # its length word
+    (tmp_path / "train.rec").write_bytes(bytes(data))
+    assert len(image_layout(RecordFile(tmp_path / "train.rec")).keys) == 4
+
+
 def test_an_identity_range_over_keys_the_idx_lacks_is_refused_at_start(tmp_path):
     records = {k: pack(float(k >= 3), _jpeg(k)) for k in range(1, 6)}
     records |= {6: pack([1.0, 3.0]), 7: pack([3.0, 6.0]), 0: pack([6.0, 8.0])}

@@ -771,12 +771,70 @@ def _true_boundaries(
 
 
 def _scan_all(records: RecordFile) -> RecordLayout:
-    """Every image record's label, in one pass (:meth:`RecordFile.heads`); header and
-    identity records of other writers (no image) are left out."""
-    keys = records.offsets.keys_
-    labels, image, _ = records.heads(keys)
+    """Every image record's label, in one pass (:meth:`RecordFile.heads`) in file
+    order; header and identity records of other writers (no image) are left out.
+
+    Without identity records nothing else says which records a file holds: an ``.idx``
+    with lines missing in the middle would leave their images out of training without
+    a word (:meth:`RecordFile._check_last_record` catches only a cut tail). So each
+    block's records are checked, while their pages are fresh, to be followed by the
+    next listed record (:func:`_check_listed`)."""
+    index = records.offsets
+    in_file = np.argsort(index.offsets_, kind="stable")
+    starts = index.offsets_[in_file]
+    labels = np.empty(len(in_file), dtype=np.int64)
+    image = np.empty(len(in_file), dtype=bool)
+    _check_listed(records, starts[:1], starts[:1], first=True)
+    for block in range(0, len(in_file), HEADS_BLOCK):
+        rows = in_file[block : block + HEADS_BLOCK]
+        labels[rows], image[rows], _ = records.heads(index.keys_[rows])
+        following = starts[block + 1 : block + HEADS_BLOCK + 1]  # the file's end after the last
+        _check_listed(records, starts[block : block + HEADS_BLOCK], following)
+    keys = index.keys_
     order = np.argsort(labels[image], kind="stable")
     return RecordLayout(keys[image][order], labels[image][order])
+
+
+def _check_listed(
+    records: RecordFile, starts: np.ndarray, following: np.ndarray, first: bool = False
+) -> None:
+    """Refuse an ``.idx`` that leaves out records: where one of the listed records
+    (``starts``, sorted offsets) ends, the next listed one (``following``: the sorted
+    offset after each, one fewer for the file's last record) must start, or no record may
+    (another record's magic there means a record the ``.idx`` does not list).
+    ``first``: check the file's start instead (bytes before the first listed record).
+    A record that does not read cleanly is left to :meth:`RecordFile.encoded` (which
+    names it under ``on_bad_image``), not judged here."""
+    words, size = records._words(), records.size
+    if first:
+        ends = np.zeros(1, dtype=np.int64)
+        after = starts
+    else:
+        after = np.r_[following[: len(starts)], np.full(len(starts) - len(following), size)]
+        inside = (starts % 4 == 0) & (starts + 8 <= size)
+        at = np.where(inside, starts // 4, 0)
+        magic, lrecord = words[at], words[np.minimum(at + 1, len(words) - 1)]
+        length = (lrecord & _LENGTH_MASK).astype(np.int64)
+        ends = starts + 8 + length + (-length % 4)
+        inside &= magic == MAGIC
+        for i in np.flatnonzero(inside & (lrecord >> 29 == 1)):  # split: walk its parts
+            ends[i] = records._end_of(int(starts[i]))
+        ends = np.where(inside & (lrecord >> 29 < 2), ends, after)  # unreadable: not judged
+    gap = (ends < after) & (ends + 8 <= size)
+    gap[gap] = words[ends[gap] // 4] == MAGIC
+    if gap.any():
+        i = int(np.argmax(gap))
+        index = records.offsets
+        where = "before its first listed record"
+        if not first:
+            key = int(index.keys_[np.argmax(index.offsets_ == starts[i])])
+            where = f"after key {key} (offset {int(starts[i])})"
+        raise ValueError(
+            f"{records.idx} does not list the record at byte {int(ends[i])} of {records.rec}, "
+            f"{where}; the next listed record starts at byte {int(after[i])}. Lines of the "
+            ".idx are missing, and their images would be left out: copy it again, or pack "
+            "the folder again"
+        )
 
 
 def _stamp(records: RecordFile) -> dict:
