@@ -62,7 +62,9 @@ ENROLL_HELP = """Add new identities to an export without retraining (docs/DEPLOY
 FOLDER holds one sub-folder of aligned face crops per new identity. Each joins
 the router (its stage-1 class mean) and the cluster the router picks for it, whose
 sub-net head gains a row (its mean sub-net embedding). identifier.pt and onnx/
-(gallery and JSON; the ONNX networks do not change) are rewritten in place.
+(gallery and JSON; the ONNX networks do not change) are rewritten in place; if
+another enroll or export changes the folder meanwhile, nothing is written (run
+it again).
 """
 
 IDENTIFY_HELP = """Identify the faces in image files or folders; write one CSV row per image.

@@ -13,6 +13,12 @@ the rename leaves the export as it was; after it, the next command on the folder
 (``identify``, ``enroll``, ``export``: :func:`load_export`) completes the update before
 it reads anything. So ``identifier.pt`` and ``onnx/`` never hold two different
 identifiers, one of each.
+
+An enrolment reads the export it adds to, so it notes the files it read (:func:`_stamp`)
+and commits only if they are still those: one that another command (``enroll``,
+``export``) replaced meanwhile is refused (:class:`ExportChangedError`), nothing written,
+instead of undoing that command's update. ``export`` reads nothing of the folder and
+replaces the identifier whole, so it commits whatever came meanwhile.
 """
 
 from __future__ import annotations
@@ -56,6 +62,11 @@ UPDATE_PLAN = "update.json"
 LOCK = ".facecluster-lock"
 CSV_COLUMNS = ("path", "identity", "score", "similarity", "cluster", "top5")
 TOP = 5
+
+
+class ExportChangedError(OSError):
+    """An export folder was changed by another command while this one ran, so this
+    one's update, made from what it read before, was not written (run it again)."""
 
 
 def export_run(
@@ -130,7 +141,9 @@ def export_run(
     # an earlier export's networks are not this identifier's: never leave them beside it
     check_replaceable(out / ONNX_FOLDER)  # unchanged since the check above, or refused
     # all written beside the earlier export first: an export that fails (the ONNX
-    # exporter, a full disk, Ctrl-C) leaves that one as it was
+    # exporter, a full disk, Ctrl-C) leaves that one as it was. No stamp (_updating's
+    # read): the export is made from the run, not from OUT, and replaces it whole, so one
+    # committed meanwhile (an enrolment too) is replaced as if it had finished just before
     with _updating(out, replace_onnx=True) as new:
         written = [identifier.export(new / TORCH_FILE)]
         if onnx:
@@ -248,8 +261,12 @@ def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -
 
     Raises:
         ValueError: a name that is enrolled already (nothing is written then).
+        ExportChangedError: another command changed the export while this one ran
+            (nothing is written then; run it again).
     """
     model = Path(model)
+    finish_update(model)  # an update left committed is no other command's change
+    read = _stamp(model)  # before the read: a change after it is found at the commit
     identifier = load_export(model, "auto", "cpu")
     identities = scan_image_folder(folder, min_images_per_class=1)
     size = identifier.backbone_args["image_size"]
@@ -269,7 +286,7 @@ def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -
     # every file written into a new folder first, then all committed by one rename: a
     # failure (a full disk, Ctrl-C, a killed process) leaves the export as it was, and the
     # enrolment can be run again; torch and ONNX galleries never disagree
-    with _updating(model, replace_onnx=False) as new:
+    with _updating(model, replace_onnx=False, read=read) as new:
         if (model / TORCH_FILE).is_file():
             identifier.export(new / TORCH_FILE)
         if (model / ONNX_FOLDER / "identifier.json").is_file():
@@ -280,7 +297,9 @@ def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -
 
 
 @contextlib.contextmanager
-def _updating(out: Path, replace_onnx: bool) -> Iterator[Path]:
+def _updating(
+    out: Path, replace_onnx: bool, read: tuple[tuple[int, int, int] | None, ...] | None = None
+) -> Iterator[Path]:
     """A new folder inside the export folder ``out`` to write its new files into, laid
     out as ``out`` (``identifier.pt``, ``onnx/...``), which replace ``out``'s together
     when the block succeeds.
@@ -296,6 +315,9 @@ def _updating(out: Path, replace_onnx: bool) -> Iterator[Path]:
             nothing was): an export, whose networks an earlier export's must not outlive.
             Else the files written there replace theirs and the rest stay (an enrolment:
             the networks do not change).
+        read: :func:`_stamp` of ``out`` when the caller read what it updates (None: it
+            read nothing). Another command's update committed since then is not undone:
+            :class:`ExportChangedError`, and nothing is committed.
     """
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -336,6 +358,11 @@ def _updating(out: Path, replace_onnx: bool) -> Iterator[Path]:
         lock.enter_context(_export_lock(out))  # a Ctrl-C while it waits: cleaned up too
         with lock:
             _finish_locked(out)  # an update another command committed meanwhile: first
+            if read is not None and _stamp(out) != read:
+                raise ExportChangedError(
+                    f"{out} was changed by another command (enroll or export) while this "
+                    "one ran: nothing was written, run it again"
+                )
             os.rename(new, out / UPDATE)  # the commit
             lock = lock.pop_all()  # held on, for putting the files in place
     except BaseException:
@@ -349,6 +376,23 @@ def _updating(out: Path, replace_onnx: bool) -> Iterator[Path]:
     with lock:
         fsync_dir(out)
         _finish_locked(out)
+
+
+def _stamp(out: Path) -> tuple[tuple[int, int, int] | None, ...]:
+    """``identifier.pt`` and ``onnx/identifier.json`` of the export ``out``, each as
+    (size, modification time, inode), None when absent. Every update replaces one of
+    them at least (an export both, or removes the JSON; an enrolment those there are)
+    with a file written for it and linked or copied in (:func:`_finish_locked`): one
+    made later, while the file it replaces still held its inode."""
+    stamps = []
+    for name in (TORCH_FILE, f"{ONNX_FOLDER}/identifier.json"):
+        try:
+            s = os.stat(out / name)
+        except (FileNotFoundError, NotADirectoryError):
+            stamps.append(None)
+        else:
+            stamps.append((s.st_size, s.st_mtime_ns, s.st_ino))
+    return tuple(stamps)
 
 
 def finish_update(out: str | Path) -> None:

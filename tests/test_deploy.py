@@ -514,6 +514,110 @@ def test_an_update_keeps_what_other_commands_write_and_hold(tmp_path):
             assert (out / deploy.LOCK).stat().st_mode & 0o020
 
 
+def _small_export(out: Path) -> list[str]:
+    """A loadable export of 6 identities in 2 clusters (tiny random networks, 16 px),
+    ``identifier.pt`` and the ONNX gallery (``onnx/``: what an enrolment rewrites; no
+    networks), made in a moment; returns its identity names."""
+    import dataclasses
+
+    from facecluster.clustering import ClusterAssignment
+    from facecluster.config import RouteConfig
+    from facecluster.inference.onnx import write_gallery
+    from facecluster.models.components.backbones import create_backbone
+
+    torch.manual_seed(0)
+    args = {"name": "tiny", "embedding_dim": 8, "image_size": 16, "width": 2}
+    means = F.normalize(torch.randn(6, 8), dim=1)
+    assignment = ClusterAssignment.from_labels(torch.tensor([0, 1] * 3), means, "kmeans")
+    names = [f"id{i}" for i in range(6)]
+    identifier = TwoStageIdentifier(
+        args,
+        create_backbone(**args),
+        [create_backbone(**args) for _ in range(2)],
+        [means[assignment.classes_of(k)] for k in range(2)],
+        assignment,
+        names,
+        dataclasses.asdict(RouteConfig(decision="linear")),
+    )
+    identifier.export(out / "identifier.pt")
+    write_gallery(identifier, out / "onnx")
+    return names
+
+
+def _enrolled(out: Path) -> tuple[list[str], list[str]]:
+    """The identity names of ``out``'s identifier.pt and of its ONNX gallery."""
+    gallery = json.loads((out / "onnx" / "identifier.json").read_text())["class_names"]
+    return load_export(out, "torch", "cpu").class_names, gallery
+
+
+def _people(tmp_path: Path, *names: str) -> dict[str, Path]:
+    """A folder to enrol per name: one sub-folder, the name's, of two demo faces."""
+    folders = {}
+    for name, source in zip(names, sorted(DEMO.iterdir()), strict=False):
+        folders[name] = tmp_path / name
+        (folders[name] / name).mkdir(parents=True)
+        for path in sorted(source.glob("*.jpg"))[:2]:
+            shutil.copy(path, folders[name] / name / path.name)
+    return folders
+
+
+@pytest.mark.parametrize("meanwhile", ["enroll", "export"])
+def test_an_enrolment_never_undoes_what_another_command_wrote_meanwhile(
+    tmp_path, monkeypatch, meanwhile
+):
+    # an enrolment read the export, added its people and committed the whole gallery:
+    # made from the export before another command's update (an enrolment, an export)
+    # that committed while it ran, it undid that update without a word. It is refused
+    # now, nothing written, and runs again on what the other command wrote.
+    out = tmp_path / "export"
+    base = _small_export(out)
+    people = _people(tmp_path, "Ann", "Bob")
+    real, other = TwoStageIdentifier.enroll, []
+
+    def another_command_meanwhile(self, faces, batch_size=64):
+        clusters = real(self, faces, batch_size)  # Ann's: the export read, embedded
+        if not other:  # another command runs, start to end, before Ann's commits
+            other.append(meanwhile)
+            if meanwhile == "enroll":
+                other.append(enroll_folder(out, people["Bob"]))
+            else:  # what export_run commits: another identifier, written whole
+                with deploy._updating(out, replace_onnx=True) as new:
+                    other.append(_small_export(new))
+        return clusters
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TwoStageIdentifier, "enroll", another_command_meanwhile)
+        message = (
+            f"{out} was changed by another command (enroll or export) while this one ran: "
+            "nothing was written, run it again"
+        )
+        with pytest.raises(deploy.ExportChangedError, match=re.escape(message)):
+            enroll_folder(out, people["Ann"])
+    kept = base + ["Bob"] if meanwhile == "enroll" else base  # the other command's
+    assert list(other[1]) == (["Bob"] if meanwhile == "enroll" else base)  # it ran through
+    assert _enrolled(out) == (kept, kept)
+    assert not list(out.glob(f"{deploy.UPDATE}*"))  # Ann's update removed
+    assert cli.main(["enroll", str(out), str(people["Ann"])]) == 0  # and run again
+    assert _enrolled(out) == (kept + ["Ann"], kept + ["Ann"])
+
+
+def test_an_update_left_committed_is_completed_not_taken_for_another_commands(
+    tmp_path, monkeypatch
+):
+    # an enrolment killed after its commit: the next one puts it in place and adds its own
+    out = tmp_path / "export"
+    base = _small_export(out)
+    people = _people(tmp_path, "Ann", "Bob")
+    with monkeypatch.context() as patch:
+        patch.setattr(deploy, "_finish_locked", lambda out: None)
+        enroll_folder(out, people["Ann"])
+    gallery = json.loads((out / "onnx" / "identifier.json").read_text())["class_names"]
+    assert (out / deploy.UPDATE).is_dir() and gallery == base  # not in place yet
+    enroll_folder(out, people["Bob"])
+    assert _enrolled(out) == (base + ["Ann", "Bob"], base + ["Ann", "Bob"])
+    assert not list(out.glob(f"{deploy.UPDATE}*"))
+
+
 def test_a_file_put_in_onnx_while_the_networks_export_is_kept(tmp_path):
     # onnx/ was checked for files of the user's before the networks exported (minutes
     # at K=64), and its listing taken after: a file that came meanwhile was deleted
