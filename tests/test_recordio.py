@@ -461,6 +461,58 @@ def test_a_corrupt_record_is_skipped_or_stops_naming_key_and_offset(tmp_path, pa
         failing._dataset(split, [4], train=False)[0]
 
 
+def test_a_record_whose_label_cannot_be_read_is_left_out_or_stops_by_on_bad_image(tmp_path, caplog):
+    # In a file without identity records a record's label is its only word on its
+    # identity: one corrupt record stopped the scan, whatever on_bad_image said. It is
+    # now left out (skip, with a warning naming it) or stops at setup (fail), as a
+    # zero-byte file of a folder is; the kept label pass remembers it.
+    records = {k: pack(float(k // 4), _jpeg(k * 20)) for k in range(12)}
+    rf = _write(tmp_path, records)
+    offset = rf.offsets[5]
+    data = bytearray((tmp_path / "train.rec").read_bytes())
+    data[offset] ^= 0xFF  # key 5's magic
+    (tmp_path / "train.rec").write_bytes(bytes(data))
+    cache = tmp_path / "cache"
+    kw = {"min_images_per_class": 1, "val_fraction": 0.0, "test_fraction": 0.0, "cache": cache}
+    for scan_number in range(2):  # the label pass, then its kept result
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            dm = FaceDataModule(str(tmp_path / "train.rec"), max_bad_fraction=0.1, **kw)
+            dm.setup()
+        assert sorted(dm._folder.samples.keys.tolist()) == [k for k in range(12) if k != 5]
+        assert f"key 5 at offset {offset}: bad magic" in caplog.text, scan_number
+        failing = FaceDataModule(str(tmp_path / "train.rec"), on_bad_image="fail", **kw)
+        with pytest.raises(ValueError, match=rf"1 record.* key 5 at offset {offset}: bad magic"):
+            failing.setup()
+    many = FaceDataModule(str(tmp_path / "train.rec"), max_bad_fraction=0.05, **kw)
+    with pytest.raises(ValueError, match=r"1 of 12 records .* cannot be read, more than"):
+        many.setup()
+
+
+def test_a_corrupt_record_at_a_boundary_past_float32_precision_joins_a_neighbouring_identity(
+    tmp_path,
+):
+    # Past 2^24 each range boundary is found among the records around it: one there
+    # whose header could not be read stopped the run, whatever on_bad_image said (below
+    # 2^24 it lies in its identity's range, and on_bad_image decides when it is read).
+    # Its label unknown, it now joins the identity of the image record before it (or,
+    # with none before it, the one after it), and on_bad_image decides on it as below.
+    sizes = [5, 3, 6, 2, 4]  # boundaries at +5, +8, +14, +16
+    records, _ = _insightface(FLOAT32_EXACT - 4, sizes)
+    rf = _write(tmp_path, records)
+    corrupt = {FLOAT32_EXACT + 1: 0, FLOAT32_EXACT + 10: 2}  # first of identity 1, of 3
+    data = bytearray((tmp_path / "train.rec").read_bytes())
+    for key in corrupt:
+        data[rf.offsets[key]] ^= 0xFF
+    (tmp_path / "train.rec").write_bytes(bytes(data))
+    layout = image_layout(RecordFile(tmp_path / "train.rec"))
+    labels = [i for i, n in enumerate(sizes) for _ in range(n)]
+    for key, joined in corrupt.items():
+        labels[key - (FLOAT32_EXACT - 4)] = joined
+    assert layout.keys.tolist() == list(range(FLOAT32_EXACT - 4, FLOAT32_EXACT + 16))
+    assert layout.labels.tolist() == labels
+
+
 @pytest.mark.slow
 def test_training_on_the_packed_folder_gives_the_folders_stage1_weights(
     tmp_path, packed, monkeypatch
@@ -829,13 +881,17 @@ def test_a_name_with_a_line_break_is_refused_before_packing_and_other_bytes_kept
 
 
 def test_labels_that_are_not_identities_are_named_by_key_and_offset(tmp_path):
-    # a NaN, negative or fractional label, and a header whose identity range is empty
+    # a NaN, negative or fractional label (no identity: the record is left out of the
+    # layout, and on_bad_image decides, as for a corrupt record), and a header whose
+    # identity range is empty
     for label in (float("nan"), -1.0, 0.5, float("inf"), 1e30):
         folder = tmp_path / str(label)
         folder.mkdir()
         rf = _write(folder, {0: pack(0.0, _jpeg(1)), 1: pack(np.float32(label), _jpeg(2))})
+        layout = image_layout(rf)
+        assert layout.keys.tolist() == [0] and layout.unreadable.tolist() == [1]
         with pytest.raises(RecordError, match=rf"key 1 at offset {rf.offsets[1]}: label .* is not"):
-            image_layout(rf)
+            rf.head(1)
     rf = _write(tmp_path, {0: pack([1.0, 1.0]), 1: pack(np.int64(0), _jpeg(1))})
     with pytest.raises(RecordError, match=r"key 0 \(the header record\): its identity records"):
         image_layout(rf)

@@ -711,32 +711,45 @@ class FaceDataModule(lightning.LightningDataModule):
         self._folder, self._splits = folder, splits
 
     def _check_empty_files(self, folder: FaceFolder) -> None:
-        """Zero-byte files (found by the scan, already left out of the samples).
+        """Zero-byte files, and records whose header cannot be read in a ``.rec`` without
+        identity records (found by the scan, already left out of the samples).
 
         Decided here, before any training: ``fail`` stops, ``skip`` warns, and either
         way too many of them means a broken copy of the data set.
         """
-        empty = folder.empty_files
-        if not empty:
-            return
-        shown = ", ".join(empty[:5]) + (f", ... ({len(empty)} in all)" if len(empty) > 5 else "")
-        if self.hparams.on_bad_image == "fail":
-            raise ValueError(
-                f"{len(empty)} zero-byte image file(s) in root={self.hparams.root!r}: {shown}; "
-                "on_bad_image=fail stops here (skip leaves them out)"
-            )
-        total = len(folder.samples) + len(empty)
-        if len(empty) > self.hparams.max_bad_fraction * total:
-            raise ValueError(
-                f"{len(empty)} of {total} image files in root={self.hparams.root!r} are empty "
-                f"(zero bytes), more than max_bad_fraction={self.hparams.max_bad_fraction}: "
-                f"{shown}. "
-                "The copy of the data set looks incomplete; repair it or raise "
-                "max_bad_fraction"
-            )
-        logger.warning(
-            "data.on_bad_image=skip: left out %d zero-byte image file(s): %s", len(empty), shown
+        kinds = (
+            (
+                "zero-byte image file(s)",
+                folder.empty_files,
+                "image files",
+                "are empty (zero bytes)",
+            ),
+            (
+                "record(s) whose header cannot be read (their identity is unknown)",
+                folder.unreadable_records,
+                "records",
+                "cannot be read",
+            ),
         )
+        for what, left_out, unit, are in kinds:
+            if not left_out:
+                continue
+            shown = ", ".join(left_out[:5])
+            shown += f", ... ({len(left_out)} in all)" if len(left_out) > 5 else ""
+            if self.hparams.on_bad_image == "fail":
+                raise ValueError(
+                    f"{len(left_out)} {what} in root={self.hparams.root!r}: {shown}; "
+                    "on_bad_image=fail stops here (skip leaves them out)"
+                )
+            total = len(folder.samples) + len(left_out)
+            if len(left_out) > self.hparams.max_bad_fraction * total:
+                raise ValueError(
+                    f"{len(left_out)} of {total} {unit} in root={self.hparams.root!r} {are}, "
+                    f"more than max_bad_fraction={self.hparams.max_bad_fraction}: {shown}. "
+                    "The copy of the data set looks incomplete; repair it or raise "
+                    "max_bad_fraction"
+                )
+            logger.warning("data.on_bad_image=skip: left out %d %s: %s", len(left_out), what, shown)
 
     def bad_images(self) -> list[str]:
         """Paths found undecodable so far in this process tree (grows during training;

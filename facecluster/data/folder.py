@@ -32,7 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from facecluster.data.recordio import RecordFile, image_layout, iter_identities, rec_paths
+from facecluster.data.recordio import (
+    RecordError,
+    RecordFile,
+    image_layout,
+    iter_identities,
+    rec_paths,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +174,9 @@ class FaceFolder:
         empty_files: Zero-byte image files of the kept identities and of identity
             folders whose image files are all zero bytes, left out of ``samples``
             (the datamodule decides whether they stop the run).
+        unreadable_records: For a RecordIO file without identity records, the records
+            whose header cannot be read (``<file>#<key>: why``): their identity is
+            unknown, so they are left out of ``samples`` (decided as ``empty_files``).
     """
 
     root: Path
@@ -177,6 +186,7 @@ class FaceFolder:
     records: RecordFile | None = None
     """The RecordIO file the samples are in (their locators are ``<file>#<key>``),
     or None for an image folder (the locators are file paths)."""
+    unreadable_records: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -408,6 +418,9 @@ def _select_identities(
     return kept if max_classes is None else kept[:max_classes]
 
 
+UNREADABLE_NAMED = 5
+"""Unreadable records of a scan named with their reason (the rest by locator)."""
+
 IDENTITY_NAMES = "identities.txt"
 """Written by ``facecluster pack`` beside ``train.rec``: one identity name per label."""
 
@@ -471,7 +484,22 @@ def scan_record_file(
         keys=np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64),
         rec=records.rec,
     )
-    return FaceFolder(root=records.rec, class_names=kept, samples=samples, records=records)
+    unreadable = []
+    for key in layout.unreadable[:UNREADABLE_NAMED].tolist():  # why, for the first few
+        try:
+            records.head(key)
+        except RecordError as e:
+            unreadable.append(str(e))
+        else:  # read since the scan kept it (the file was not changed: see _stamp)
+            unreadable.append(records.locator(key))
+    unreadable += [records.locator(k) for k in layout.unreadable[UNREADABLE_NAMED:].tolist()]
+    return FaceFolder(
+        root=records.rec,
+        class_names=kept,
+        samples=samples,
+        records=records,
+        unreadable_records=unreadable,
+    )
 
 
 def scan(
@@ -541,7 +569,14 @@ def hold_out_identities(
     # the held-out identities' empty files stay: the copy of the data set is damaged
     # there too (they were dropped, so on_bad_image=fail passed them silently)
     return (
-        FaceFolder(folder.root, seen, samples, folder.empty_files, folder.records),
+        FaceFolder(
+            folder.root,
+            seen,
+            samples,
+            folder.empty_files,
+            folder.records,
+            folder.unreadable_records,
+        ),
         unseen,
     )
 

@@ -38,7 +38,7 @@ import os
 import struct
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
@@ -56,6 +56,9 @@ FLOAT32_EXACT = 1 << 24
 """Integers above this are not all representable in float32."""
 HEADS_BLOCK = 1 << 18
 """Records per block of :meth:`RecordFile.heads` (a block gathers 16 bytes of each)."""
+UNREADABLE = -2
+"""The label :meth:`RecordFile.heads` gives, with ``strict=False``, a record whose
+header cannot be read (a corrupt or truncated record): its identity is unknown."""
 
 logger = logging.getLogger(__name__)
 
@@ -454,12 +457,16 @@ class RecordFile:
         first = float(record.label if record.flag == 0 else record.label[0])
         return self._whole(key, first), first, bool(record.data)
 
-    def heads(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def heads(
+        self, keys: np.ndarray, strict: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`head` for many keys at once, read from the mapped file with numpy:
         ``(labels, holds_image, present)``, int64 and bool arrays like ``keys``. A key
         with no record is not present (its label -1). Records that are split, or whose
         header does not read cleanly, are read by :meth:`head`, which names what is
-        wrong; so is a label that is not a whole number >= 0."""
+        wrong; so is a label that is not a whole number >= 0. ``strict=False``: such a
+        record is present, holds no image and has the label :data:`UNREADABLE` (call
+        :meth:`head` on it for the reason)."""
         keys = np.asarray(keys, dtype=np.int64).ravel()
         labels = np.full(len(keys), -1, dtype=np.int64)
         image = np.zeros(len(keys), dtype=bool)
@@ -472,7 +479,12 @@ class RecordFile:
             image[part][whole] = length[whole] > label_bytes[whole]
             present[part] = at >= 0
             for i in np.flatnonzero((at >= 0) & ~whole) + block:  # head reads or names it
-                labels[i], _, image[i] = self.head(int(keys[i]))
+                try:
+                    labels[i], _, image[i] = self.head(int(keys[i]))
+                except RecordError:
+                    if strict:
+                        raise
+                    labels[i] = UNREADABLE
         return labels, image, present
 
     def ranges(self, keys: np.ndarray) -> np.ndarray:
@@ -602,6 +614,10 @@ class RecordLayout:
     """[N] image record keys, grouped by identity, identities in label order."""
     labels: np.ndarray
     """[N] identity label of each image record."""
+    unreadable: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """Keys of records whose header cannot be read, in a file without identity records:
+    their identity is unknown, so they are in no identity (``data.on_bad_image``
+    decides whether that stops the run, as for a zero-byte file of a folder)."""
 
 
 def image_layout(records: RecordFile, cache: str | Path | None = None) -> RecordLayout:
@@ -695,7 +711,7 @@ def _exact_bounds(records: RecordFile, ranges: np.ndarray) -> np.ndarray:
     # neither between them (absent, or an image of no range) rounds alike too.
     before = np.maximum(starts - 1, 0)
     follows = (starts > 0) & (ranges[before, 1] == ranges[starts, 0]) & ~empty[before]
-    labels, image, present = records.heads(bounds[before[follows], 1])
+    labels, image, present = records.heads(bounds[before[follows], 1], strict=False)
     follows[follows] = present & image & (labels == starts[follows])
     bounds[starts[follows], 0] = bounds[before[follows], 1]
     alone = starts[~follows]
@@ -746,9 +762,11 @@ def _true_boundaries(
     for spacing in np.unique(per).tolist():
         rows = np.flatnonzero(per == spacing)
         keys = approx[rows, None] + np.arange(-spacing - 1, spacing + 1)  # [rows, window]
-        labels, image, present = records.heads(keys)
+        labels, image, present = records.heads(keys, strict=False)
         shape = keys.shape
         labels, image, present = labels.reshape(shape), image.reshape(shape), present.reshape(shape)
+        unreadable = labels == UNREADABLE
+        labels, image = _join_unreadable(labels, image)
         # a key with no record is no member: an identity's keys are contiguous, so the
         # first image key of a file (nothing before it) can start one too
         member = present & image & (labels == identity[rows, None])
@@ -760,14 +778,39 @@ def _true_boundaries(
         missed = ~change.any(axis=1) & ~empty
         if missed.any():
             i = int(np.argmax(missed))
+            why = "the image records do not carry their identity's label"
+            if unreadable[i].any():  # an identity whose records there are all unreadable
+                bad = keys[i][unreadable[i]].tolist()
+                why = f"the records with keys {bad} there cannot be read (corrupt records?)"
             raise RecordError(
                 f"{records.rec}: identity {identity[rows[i]]}'s range "
                 f"{'start' if side == 0 else 'end'} {approx[rows[i]]} (float32) matches no "
-                f"change of image label within +-{spacing} keys; the image records do not "
-                "carry their identity's label"
+                f"change of image label within +-{spacing} keys; {why}"
             )
         found[rows] = np.where(empty, -1, keys[np.arange(len(rows)), change.argmax(axis=1) + 1])
     return found
+
+
+def _join_unreadable(labels: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of consecutive keys (:func:`_true_boundaries`' windows) with each record
+    whose header cannot be read (:data:`UNREADABLE`) taken as an image of the identity
+    of the image record before it, or, where none is (a header or identity record
+    before it, or the window's start), of the one after it; else left out. So a
+    corrupt record next to a boundary past 2^24 lies in an identity's range, as it
+    does below 2^24, and ``data.on_bad_image`` decides on it when it is read."""
+    readable = (labels >= 0) & (labels != UNREADABLE)  # a record, read
+    if readable.all() or not (labels == UNREADABLE).any():
+        return labels, image
+    width, row = labels.shape[1], np.arange(len(labels))[:, None]
+    at = np.arange(width)
+    before = np.maximum.accumulate(np.where(readable, at, -1), axis=1)
+    after = np.minimum.accumulate(np.where(readable, at, width)[:, ::-1], axis=1)[:, ::-1]
+    from_before = (before >= 0) & image[row, np.maximum(before, 0)]
+    from_after = (after < width) & image[row, np.minimum(after, width - 1)]
+    source = np.where(from_before, before, np.where(from_after, after, -1))
+    joined = (labels == UNREADABLE) & (source >= 0)
+    labels = np.where(joined, labels[row, np.maximum(source, 0)], labels)
+    return labels, image | joined
 
 
 def _scan_all(records: RecordFile) -> RecordLayout:
@@ -787,12 +830,12 @@ def _scan_all(records: RecordFile) -> RecordLayout:
     _check_listed(records, starts[:1], starts[:1], first=True)
     for block in range(0, len(in_file), HEADS_BLOCK):
         rows = in_file[block : block + HEADS_BLOCK]
-        labels[rows], image[rows], _ = records.heads(index.keys_[rows])
+        labels[rows], image[rows], _ = records.heads(index.keys_[rows], strict=False)
         following = starts[block + 1 : block + HEADS_BLOCK + 1]  # the file's end after the last
         _check_listed(records, starts[block : block + HEADS_BLOCK], following)
     keys = index.keys_
     order = np.argsort(labels[image], kind="stable")
-    return RecordLayout(keys[image][order], labels[image][order])
+    return RecordLayout(keys[image][order], labels[image][order], keys[labels == UNREADABLE])
 
 
 def _check_listed(
@@ -867,7 +910,10 @@ def _scan_cached(records: RecordFile, cache: str | Path) -> RecordLayout:
     try:
         with np.load(path) as kept:
             if str(kept["stamp"]) == text:
-                layout = RecordLayout(kept["keys"], kept["labels"])
+                # no "unreadable": kept before they were, when one stopped the scan
+                none = np.zeros(0, dtype=np.int64)
+                unreadable = kept["unreadable"] if "unreadable" in kept.files else none
+                layout = RecordLayout(kept["keys"], kept["labels"], unreadable)
                 if layout.keys.shape == layout.labels.shape and layout.keys.ndim == 1:
                     return layout
                 raise ValueError("keys and labels differ in length")
@@ -878,7 +924,13 @@ def _scan_cached(records: RecordFile, cache: str | Path) -> RecordLayout:
     layout = _scan_all(records)  # the list of every key only now (17M at Glint360K)
     try:
         with atomic_file(path) as f:
-            np.savez(f, keys=layout.keys, labels=layout.labels, stamp=np.array(text))
+            np.savez(
+                f,
+                keys=layout.keys,
+                labels=layout.labels,
+                unreadable=layout.unreadable,
+                stamp=np.array(text),
+            )
     except OSError as e:
         logger.warning(f"could not keep the labels of {records.rec} in {path}: {e}")
     return layout
