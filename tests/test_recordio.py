@@ -238,7 +238,7 @@ def test_an_idx_cut_short_is_refused_at_open_naming_what_it_leaves_out(tmp_path)
 
 @pytest.mark.parametrize("block", [recordio.HEADS_BLOCK, 1, 2])
 def test_an_idx_missing_lines_in_the_middle_is_refused_naming_the_first_unlisted_record(
-    tmp_path, monkeypatch, block
+    tmp_path, monkeypatch, caplog, block
 ):
     # A file without identity records (im2rec's layout) says nothing else of which
     # records it holds: an .idx missing a line in the middle dropped that image, and
@@ -260,6 +260,20 @@ def test_an_idx_missing_lines_in_the_middle_is_refused_naming_the_first_unlisted
             ValueError, match=rf"does not list the record at byte {offsets[dropped]} .*{before}"
         ):
             image_layout(rf)
+    # a key listed twice (im2rec of a list with a repeated index): its earlier record
+    # is listed, though no key reads it (the last offset wins, as in mxnet): here the
+    # file's first record, then its last
+    o = offsets
+    for text in (
+        f"1\t{o[3]}\n1\t{o[1]}\n2\t{o[2]}\n0\t{o[0]}\n",
+        f"3\t{o[3]}\n1\t{o[1]}\n2\t{o[0]}\n2\t{o[2]}\n",
+    ):
+        idx.write_text(text)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            layout = image_layout(RecordFile(tmp_path / "train.rec"))
+        assert "lists 1 key(s) more than once" in caplog.text
+        assert len(layout.keys) == 3
     # a corrupt record is on_bad_image's: not taken for a gap
     idx.write_text("".join(lines))
     data = bytearray((tmp_path / "train.rec").read_bytes())
@@ -732,7 +746,7 @@ def test_the_label_pass_over_a_file_without_identity_records_is_kept(tmp_path, m
     (kept,) = cache.iterdir()  # the kept labels alone, no temporary file beside
     assert kept.name.startswith("train-") and kept.name.endswith(".labels.npz")
 
-    reads, head = [], RecordFile.head
+    reads, head, scanned = [], RecordFile.head, recordio._scan_all
 
     def counted(self, key):
         reads.append(key)
@@ -761,6 +775,17 @@ def test_the_label_pass_over_a_file_without_identity_records_is_kept(tmp_path, m
         with np.load(kept) as made_again:
             assert len(made_again["keys"]) == 13
     assert [p.name for p in cache.iterdir()] == [kept.name]  # no temporary file left
+    # a pass kept by another version of it (one that found no unlisted records) is
+    # made again, not trusted
+    with monkeypatch.context() as m:
+        m.setattr(recordio, "LABEL_PASS_VERSION", recordio.LABEL_PASS_VERSION - 1)
+        scan(tmp_path / "train.rec", cache=cache)
+    reads.clear()
+    with monkeypatch.context() as m:
+        m.setattr(RecordFile, "head", counted)
+        m.setattr(recordio, "_scan_all", lambda records: reads.append("pass") or scanned(records))
+        scan(tmp_path / "train.rec", cache=cache)
+    assert reads.count("pass") == 1
 
 
 def test_an_identities_txt_that_does_not_fit_the_labels_is_named(packed, tmp_path):

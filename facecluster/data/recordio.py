@@ -230,6 +230,11 @@ class RecordIndex(Mapping):
         last = len(keys) - 1 - np.unique(keys[::-1], return_index=True)[1]
         self.keys_ = keys[last]  # sorted, unique
         self.offsets_ = offsets[last]
+        earlier = np.ones(len(keys), dtype=bool)
+        earlier[last] = False
+        self.shadowed = np.unique(offsets[earlier])
+        """Offsets of keys listed again later (im2rec of a list with a repeated index):
+        records the ``.idx`` lists, but which no key reaches, as in mxnet."""
         self._dense: np.ndarray | None = None
         if len(self.keys_) and self.keys_[0] >= 0 and self.keys_[-1] < 2 * len(self.keys_) + 64:
             self._dense = np.full(int(self.keys_[-1]) + 1, -1, dtype=np.int64)
@@ -316,6 +321,8 @@ class RecordFile:
         try:
             self.payload(key)
             end = self._end_of(self.offsets[key])
+            while end in self.offsets.shadowed:  # records of keys listed again, last
+                end = self._end_of(end)
             if self._buffer()[end : end + 4] == _MAGIC_BYTES:
                 raise ValueError(
                     f"{self.idx} indexes {self.rec} up to byte {end}, its last indexed record "
@@ -357,7 +364,17 @@ class RecordFile:
             self._past_end(int(line_numbers[i]), int(keys[i]), int(offsets[i]))
         if not len(keys):
             raise ValueError(f"{self.idx} lists no record")
-        return RecordIndex(keys, offsets)
+        index = RecordIndex(keys, offsets)
+        if len(index.shadowed):
+            logger.warning(
+                "%s lists %d key(s) more than once: each reads its last record, as in mxnet, "
+                "and %d earlier record(s) of those keys (from byte %d) are not read",
+                self.idx,
+                len(keys) - len(index),
+                len(index.shadowed),
+                index.shadowed[0],
+            )
+        return index
 
     def _past_end(self, line_no: int, key: int, offset: int) -> NoReturn:
         raise ValueError(
@@ -865,6 +882,11 @@ def _check_listed(
         ends = np.where(inside & (lrecord >> 29 < 2), ends, after)  # unreadable: not judged
     gap = (ends < after) & (ends + 8 <= size)
     gap[gap] = words[ends[gap] // 4] == MAGIC
+    shadowed = records.offsets.shadowed  # listed, under a key listed again later
+    for i in np.flatnonzero(gap & np.isin(ends, shadowed)):  # rare: one by one
+        while ends[i] < after[i] and ends[i] in shadowed:  # the records after it
+            ends[i] = records._end_of(int(ends[i]))
+        gap[i] = ends[i] < after[i] and ends[i] + 8 <= size and words[ends[i] // 4] == MAGIC
     if gap.any():
         i = int(np.argmax(gap))
         index = records.offsets
@@ -880,11 +902,16 @@ def _check_listed(
         )
 
 
+LABEL_PASS_VERSION = 2
+"""Of what :func:`_scan_all` finds: a pass kept by another version is made again (2:
+unlisted records refused, unreadable ones kept apart)."""
+
+
 def _stamp(records: RecordFile) -> dict:
     """What identifies a .rec/.idx pair's content without reading it: path, size,
     modification time (ns) and inode of both files (a file replaced by a copy that
-    kept size and time has another inode)."""
-    stamp = {}
+    kept size and time has another inode), and the version of the pass."""
+    stamp: dict = {"version": LABEL_PASS_VERSION}
     for part, path in (("rec", records.rec), ("idx", records.idx)):
         stat = path.stat()
         stamp[part] = [str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino]
@@ -910,10 +937,7 @@ def _scan_cached(records: RecordFile, cache: str | Path) -> RecordLayout:
     try:
         with np.load(path) as kept:
             if str(kept["stamp"]) == text:
-                # no "unreadable": kept before they were, when one stopped the scan
-                none = np.zeros(0, dtype=np.int64)
-                unreadable = kept["unreadable"] if "unreadable" in kept.files else none
-                layout = RecordLayout(kept["keys"], kept["labels"], unreadable)
+                layout = RecordLayout(kept["keys"], kept["labels"], kept["unreadable"])
                 if layout.keys.shape == layout.labels.shape and layout.keys.ndim == 1:
                     return layout
                 raise ValueError("keys and labels differ in length")
