@@ -276,10 +276,31 @@ def test_an_idx_missing_lines_in_the_middle_is_refused_naming_the_first_unlisted
         assert len(layout.keys) == 3
     # a corrupt record is on_bad_image's: not taken for a gap
     idx.write_text("".join(lines))
-    data = bytearray((tmp_path / "train.rec").read_bytes())
+    original = (tmp_path / "train.rec").read_bytes()
+    data = bytearray(original)
     data[offsets[2] + 4] ^= 0xFF  # its length word
     (tmp_path / "train.rec").write_bytes(bytes(data))
     assert len(image_layout(RecordFile(tmp_path / "train.rec")).keys) == 4
+    # nor judged by its length when its magic is broken: the next record start after it
+    # is looked for (past the split record's later parts), so a line missing after it
+    # is found still
+    data = bytearray(original)
+    data[offsets[1]] ^= 0xFF
+    (tmp_path / "train.rec").write_bytes(bytes(data))
+    assert image_layout(RecordFile(tmp_path / "train.rec")).unreadable.tolist() == [1]
+    idx.write_text("".join(ln for ln in lines if not ln.startswith("2\t")))
+    with pytest.raises(ValueError, match=rf"at byte {offsets[2]} .*after key 1 "):
+        image_layout(RecordFile(tmp_path / "train.rec"))
+
+
+def test_a_key_listed_again_leaves_unread_only_the_records_its_earlier_lines_name():
+    # a key three times: one key listed twice, two records unread; the same line twice
+    # reads its one record: nothing unread (and no warning at open)
+    index = RecordIndex(np.array([5, 5, 5, 1]), np.array([8, 16, 24, 32]))
+    assert index.listed_twice == 1 and index.shadowed.tolist() == [8, 16]
+    assert index[5] == 24 and index.is_shadowed(16) and not index.is_shadowed(24)
+    same = RecordIndex(np.array([5, 5]), np.array([8, 8]))
+    assert same.listed_twice == 1 and same.shadowed.tolist() == [] and same[5] == 8
 
 
 def test_an_identity_range_over_keys_the_idx_lacks_is_refused_at_start(tmp_path):
@@ -498,33 +519,50 @@ def test_a_record_whose_label_cannot_be_read_is_left_out_or_stops_by_on_bad_imag
         failing = FaceDataModule(str(tmp_path / "train.rec"), on_bad_image="fail", **kw)
         with pytest.raises(ValueError, match=rf"1 record.* key 5 at offset {offset}: bad magic"):
             failing.setup()
-    many = FaceDataModule(str(tmp_path / "train.rec"), max_bad_fraction=0.05, **kw)
-    with pytest.raises(ValueError, match=r"1 of 12 records .* cannot be read, more than"):
-        many.setup()
+    # the share is of the whole file's records (their identities are unknown), whatever
+    # identities are kept
+    for max_classes in (None, 1):
+        many = FaceDataModule(
+            str(tmp_path / "train.rec"), max_bad_fraction=0.05, max_classes=max_classes, **kw
+        )
+        with pytest.raises(ValueError, match=r"1 of 12 records .* cannot be read, more than"):
+            many.setup()
+    # key 0, im2rec's first image (InsightFace's header key): left out as well
+    data[rf.offsets[0]] ^= 0xFF
+    (tmp_path / "train.rec").write_bytes(bytes(data))
+    assert image_layout(RecordFile(tmp_path / "train.rec")).unreadable.tolist() == [0, 5]
+    # every record unreadable: the scan names one
+    for key in range(12):
+        data[rf.offsets[key]] = 0
+    (tmp_path / "train.rec").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"no image record whose label can be read: .*key 0 at"):
+        FaceDataModule(str(tmp_path / "train.rec"), **kw).setup()
 
 
-def test_a_corrupt_record_at_a_boundary_past_float32_precision_joins_a_neighbouring_identity(
+def test_a_corrupt_record_at_a_boundary_past_float32_precision_stops_the_start_named(
     tmp_path,
 ):
-    # Past 2^24 each range boundary is found among the records around it: one there
-    # whose header could not be read stopped the run, whatever on_bad_image said (below
-    # 2^24 it lies in its identity's range, and on_bad_image decides when it is read).
-    # Its label unknown, it now joins the identity of the image record before it (or,
-    # with none before it, the one after it), and on_bad_image decides on it as below.
-    sizes = [5, 3, 6, 2, 4]  # boundaries at +5, +8, +14, +16
-    records, _ = _insightface(FLOAT32_EXACT - 4, sizes)
-    rf = _write(tmp_path, records)
-    corrupt = {FLOAT32_EXACT + 1: 0, FLOAT32_EXACT + 10: 2}  # first of identity 1, of 3
-    data = bytearray((tmp_path / "train.rec").read_bytes())
-    for key in corrupt:
+    # Below 2^24 a corrupt record lies in the range its identity record gives, and
+    # on_bad_image decides when training reads it. Past 2^24 the range boundary is
+    # where the labels of the records around it change: with one of them unreadable,
+    # which identity it belongs to is unknown (a guess put intact images under another
+    # identity): the start stops, naming it.
+    sizes = [5, 3, 6, 2, 4]
+    for base in (1000, FLOAT32_EXACT - 4):
+        records, _ = _insightface(base, sizes)
+        folder = tmp_path / str(base)
+        folder.mkdir()
+        rf = _write(folder, records)
+        key = base + 5  # the first image of identity 1: 2^24 + 1 past it
+        data = bytearray((folder / "train.rec").read_bytes())
         data[rf.offsets[key]] ^= 0xFF
-    (tmp_path / "train.rec").write_bytes(bytes(data))
-    layout = image_layout(RecordFile(tmp_path / "train.rec"))
-    labels = [i for i, n in enumerate(sizes) for _ in range(n)]
-    for key, joined in corrupt.items():
-        labels[key - (FLOAT32_EXACT - 4)] = joined
-    assert layout.keys.tolist() == list(range(FLOAT32_EXACT - 4, FLOAT32_EXACT + 16))
-    assert layout.labels.tolist() == labels
+        (folder / "train.rec").write_bytes(bytes(data))
+        if base < FLOAT32_EXACT - 4:
+            layout = image_layout(RecordFile(folder / "train.rec"))
+            assert layout.labels.tolist() == [i for i, n in enumerate(sizes) for _ in range(n)]
+            continue
+        with pytest.raises(RecordError, match=rf"key {key} at offset {rf.offsets[key]}: bad magic"):
+            image_layout(RecordFile(folder / "train.rec"))
 
 
 @pytest.mark.slow

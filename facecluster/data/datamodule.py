@@ -711,7 +711,7 @@ class FaceDataModule(lightning.LightningDataModule):
         self._folder, self._splits = folder, splits
 
     def _check_empty_files(self, folder: FaceFolder) -> None:
-        """Zero-byte files, and records whose header cannot be read in a ``.rec`` without
+        """Zero-byte files, and records whose label cannot be read in a ``.rec`` without
         identity records (found by the scan, already left out of the samples).
 
         Decided here, before any training: ``fail`` stops, ``skip`` warns, and either
@@ -721,17 +721,19 @@ class FaceDataModule(lightning.LightningDataModule):
             (
                 "zero-byte image file(s)",
                 folder.empty_files,
+                len(folder.samples) + len(folder.empty_files),  # of the kept identities
                 "image files",
                 "are empty (zero bytes)",
             ),
             (
-                "record(s) whose header cannot be read (their identity is unknown)",
+                "record(s) whose label cannot be read (their identity is unknown)",
                 folder.unreadable_records,
+                folder.records_read,  # of the whole file: their identities are unknown
                 "records",
-                "cannot be read",
+                "have labels that cannot be read",
             ),
         )
-        for what, left_out, unit, are in kinds:
+        for what, left_out, total, unit, are in kinds:
             if not left_out:
                 continue
             shown = ", ".join(left_out[:5])
@@ -741,7 +743,6 @@ class FaceDataModule(lightning.LightningDataModule):
                     f"{len(left_out)} {what} in root={self.hparams.root!r}: {shown}; "
                     "on_bad_image=fail stops here (skip leaves them out)"
                 )
-            total = len(folder.samples) + len(left_out)
             if len(left_out) > self.hparams.max_bad_fraction * total:
                 raise ValueError(
                     f"{len(left_out)} of {total} {unit} in root={self.hparams.root!r} {are}, "

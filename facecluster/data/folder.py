@@ -175,8 +175,13 @@ class FaceFolder:
             folders whose image files are all zero bytes, left out of ``samples``
             (the datamodule decides whether they stop the run).
         unreadable_records: For a RecordIO file without identity records, the records
-            whose header cannot be read (``<file>#<key>: why``): their identity is
-            unknown, so they are left out of ``samples`` (decided as ``empty_files``).
+            whose label cannot be read (corrupt, or not an identity label): their
+            identity is unknown, so they are left out of ``samples`` (decided as
+            ``empty_files``). The first few as ``<file> key K at offset O: why``, the
+            rest as ``<file>#<key>``.
+        records_read: How many records the scan of a RecordIO file without identity
+            records read as images or :attr:`unreadable_records` (0 otherwise): the whole
+            file's, whatever identities were kept.
     """
 
     root: Path
@@ -187,6 +192,7 @@ class FaceFolder:
     """The RecordIO file the samples are in (their locators are ``<file>#<key>``),
     or None for an image folder (the locators are file paths)."""
     unreadable_records: list[str] = field(default_factory=list)
+    records_read: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -453,8 +459,20 @@ def scan_record_file(
     records = RecordFile(*paths)
     layout = image_layout(records, cache)
     groups = dict(iter_identities(layout))
+    unreadable = []
+    for key in layout.unreadable[:UNREADABLE_NAMED].tolist():  # why, for the first few
+        try:
+            records.head(key)
+        except RecordError as e:
+            unreadable.append(str(e))
+        else:  # read since the scan kept it (the file was not changed: see _stamp)
+            unreadable.append(records.locator(key))
+    unreadable += [records.locator(k) for k in layout.unreadable[UNREADABLE_NAMED:].tolist()]
     if not groups:
-        raise ValueError(f"root={str(root)!r}: {records.rec} holds no image record")
+        raise ValueError(
+            f"root={str(root)!r}: {records.rec} holds no image record"
+            + (f" whose label can be read: {unreadable[0]}" if unreadable else "")
+        )
     names_file = records.rec.parent / IDENTITY_NAMES
     if names_file.is_file():
         # UTF-8 (a name that is not keeps its bytes, as the folder's scan reads them),
@@ -484,21 +502,13 @@ def scan_record_file(
         keys=np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64),
         rec=records.rec,
     )
-    unreadable = []
-    for key in layout.unreadable[:UNREADABLE_NAMED].tolist():  # why, for the first few
-        try:
-            records.head(key)
-        except RecordError as e:
-            unreadable.append(str(e))
-        else:  # read since the scan kept it (the file was not changed: see _stamp)
-            unreadable.append(records.locator(key))
-    unreadable += [records.locator(k) for k in layout.unreadable[UNREADABLE_NAMED:].tolist()]
     return FaceFolder(
         root=records.rec,
         class_names=kept,
         samples=samples,
         records=records,
         unreadable_records=unreadable,
+        records_read=len(layout.keys) + len(layout.unreadable) if len(layout.unreadable) else 0,
     )
 
 
@@ -576,6 +586,7 @@ def hold_out_identities(
             folder.empty_files,
             folder.records,
             folder.unreadable_records,
+            folder.records_read,
         ),
         unseen,
     )

@@ -232,13 +232,20 @@ class RecordIndex(Mapping):
         self.offsets_ = offsets[last]
         earlier = np.ones(len(keys), dtype=bool)
         earlier[last] = False
-        self.shadowed = np.unique(offsets[earlier])
-        """Offsets of keys listed again later (im2rec of a list with a repeated index):
-        records the ``.idx`` lists, but which no key reaches, as in mxnet."""
+        self.listed_twice = len(np.unique(keys[earlier]))
+        """Keys listed more than once (im2rec of a list with a repeated index)."""
+        self.shadowed = np.setdiff1d(offsets[earlier], self.offsets_)
+        """Sorted offsets of those keys' earlier lines that no key reads (its last line
+        wins, as in mxnet): records the ``.idx`` lists, left unread."""
         self._dense: np.ndarray | None = None
         if len(self.keys_) and self.keys_[0] >= 0 and self.keys_[-1] < 2 * len(self.keys_) + 64:
             self._dense = np.full(int(self.keys_[-1]) + 1, -1, dtype=np.int64)
             self._dense[self.keys_] = self.offsets_
+
+    def is_shadowed(self, offset: int) -> bool:
+        """Whether a record starts at ``offset`` that only an earlier line names."""
+        i = int(np.searchsorted(self.shadowed, offset))
+        return i < len(self.shadowed) and int(self.shadowed[i]) == offset
 
     def __getitem__(self, key: int) -> int:
         key = operator.index(key)
@@ -321,7 +328,7 @@ class RecordFile:
         try:
             self.payload(key)
             end = self._end_of(self.offsets[key])
-            while end in self.offsets.shadowed:  # records of keys listed again, last
+            while self.offsets.is_shadowed(end):  # records of keys listed again, last
                 end = self._end_of(end)
             if self._buffer()[end : end + 4] == _MAGIC_BYTES:
                 raise ValueError(
@@ -365,12 +372,13 @@ class RecordFile:
         if not len(keys):
             raise ValueError(f"{self.idx} lists no record")
         index = RecordIndex(keys, offsets)
-        if len(index.shadowed):
+        if len(index.shadowed):  # (a line listed twice reads one record: no warning)
             logger.warning(
-                "%s lists %d key(s) more than once: each reads its last record, as in mxnet, "
-                "and %d earlier record(s) of those keys (from byte %d) are not read",
+                "%s lists %d key(s) more than once: each reads the record of its last line, "
+                "as in mxnet; %d record(s) that earlier lines name (the first at byte %d) "
+                "are not read",
                 self.idx,
-                len(keys) - len(index),
+                index.listed_twice,
                 len(index.shadowed),
                 index.shadowed[0],
             )
@@ -647,7 +655,10 @@ def image_layout(records: RecordFile, cache: str | Path | None = None) -> Record
     the same unchanged files read it instead (see :func:`_scan_cached`).
     """
     first_key = int(records.offsets.keys_[0])  # no list of every key unless scanned
-    header = records.record(0) if first_key == 0 and not records.head(0)[2] else None
+    try:
+        header = records.record(0) if first_key == 0 and not records.head(0)[2] else None
+    except RecordError:  # im2rec's first image, broken (a header broken: read as im2rec)
+        header = None
     if header is None or header.flag < 2:
         return _scan_cached(records, cache) if cache is not None else _scan_all(records)
     first, end = _exact_header(records, *(records._whole(0, float(v)) for v in header.label[:2]))
@@ -728,7 +739,7 @@ def _exact_bounds(records: RecordFile, ranges: np.ndarray) -> np.ndarray:
     # neither between them (absent, or an image of no range) rounds alike too.
     before = np.maximum(starts - 1, 0)
     follows = (starts > 0) & (ranges[before, 1] == ranges[starts, 0]) & ~empty[before]
-    labels, image, present = records.heads(bounds[before[follows], 1], strict=False)
+    labels, image, present = records.heads(bounds[before[follows], 1])
     follows[follows] = present & image & (labels == starts[follows])
     bounds[starts[follows], 0] = bounds[before[follows], 1]
     alone = starts[~follows]
@@ -779,11 +790,11 @@ def _true_boundaries(
     for spacing in np.unique(per).tolist():
         rows = np.flatnonzero(per == spacing)
         keys = approx[rows, None] + np.arange(-spacing - 1, spacing + 1)  # [rows, window]
-        labels, image, present = records.heads(keys, strict=False)
+        # a record there that cannot be read stops the start: which identity's range
+        # it lies in is what its label would say (below 2^24 the range says it)
+        labels, image, present = records.heads(keys)
         shape = keys.shape
         labels, image, present = labels.reshape(shape), image.reshape(shape), present.reshape(shape)
-        unreadable = labels == UNREADABLE
-        labels, image = _join_unreadable(labels, image)
         # a key with no record is no member: an identity's keys are contiguous, so the
         # first image key of a file (nothing before it) can start one too
         member = present & image & (labels == identity[rows, None])
@@ -795,39 +806,14 @@ def _true_boundaries(
         missed = ~change.any(axis=1) & ~empty
         if missed.any():
             i = int(np.argmax(missed))
-            why = "the image records do not carry their identity's label"
-            if unreadable[i].any():  # an identity whose records there are all unreadable
-                bad = keys[i][unreadable[i]].tolist()
-                why = f"the records with keys {bad} there cannot be read (corrupt records?)"
             raise RecordError(
                 f"{records.rec}: identity {identity[rows[i]]}'s range "
                 f"{'start' if side == 0 else 'end'} {approx[rows[i]]} (float32) matches no "
-                f"change of image label within +-{spacing} keys; {why}"
+                f"change of image label within +-{spacing} keys; the image records do not "
+                "carry their identity's label"
             )
         found[rows] = np.where(empty, -1, keys[np.arange(len(rows)), change.argmax(axis=1) + 1])
     return found
-
-
-def _join_unreadable(labels: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of consecutive keys (:func:`_true_boundaries`' windows) with each record
-    whose header cannot be read (:data:`UNREADABLE`) taken as an image of the identity
-    of the image record before it, or, where none is (a header or identity record
-    before it, or the window's start), of the one after it; else left out. So a
-    corrupt record next to a boundary past 2^24 lies in an identity's range, as it
-    does below 2^24, and ``data.on_bad_image`` decides on it when it is read."""
-    readable = (labels >= 0) & (labels != UNREADABLE)  # a record, read
-    if readable.all() or not (labels == UNREADABLE).any():
-        return labels, image
-    width, row = labels.shape[1], np.arange(len(labels))[:, None]
-    at = np.arange(width)
-    before = np.maximum.accumulate(np.where(readable, at, -1), axis=1)
-    after = np.minimum.accumulate(np.where(readable, at, width)[:, ::-1], axis=1)[:, ::-1]
-    from_before = (before >= 0) & image[row, np.maximum(before, 0)]
-    from_after = (after < width) & image[row, np.minimum(after, width - 1)]
-    source = np.where(from_before, before, np.where(from_after, after, -1))
-    joined = (labels == UNREADABLE) & (source >= 0)
-    labels = np.where(joined, labels[row, np.maximum(source, 0)], labels)
-    return labels, image | joined
 
 
 def _scan_all(records: RecordFile) -> RecordLayout:
@@ -842,14 +828,20 @@ def _scan_all(records: RecordFile) -> RecordLayout:
     index = records.offsets
     in_file = np.argsort(index.offsets_, kind="stable")
     starts = index.offsets_[in_file]
+    # every record a line names, those of keys listed again later too (not read)
+    listed = np.union1d(starts, index.shadowed) if len(index.shadowed) else starts
     labels = np.empty(len(in_file), dtype=np.int64)
     image = np.empty(len(in_file), dtype=bool)
-    _check_listed(records, starts[:1], starts[:1], first=True)
+    _check_listed(records, listed[:1], listed[:1], first=True)
     for block in range(0, len(in_file), HEADS_BLOCK):
         rows = in_file[block : block + HEADS_BLOCK]
         labels[rows], image[rows], _ = records.heads(index.keys_[rows], strict=False)
-        following = starts[block + 1 : block + HEADS_BLOCK + 1]  # the file's end after the last
-        _check_listed(records, starts[block : block + HEADS_BLOCK], following)
+        # the listed records from this block's first to the next block's
+        a = np.searchsorted(listed, starts[block]) if block else 0
+        b = len(listed)
+        if block + HEADS_BLOCK < len(starts):
+            b = np.searchsorted(listed, starts[block + HEADS_BLOCK])
+        _check_listed(records, listed[a:b], listed[a + 1 : b + 1])
     keys = index.keys_
     order = np.argsort(labels[image], kind="stable")
     return RecordLayout(keys[image][order], labels[image][order], keys[labels == UNREADABLE])
@@ -863,8 +855,8 @@ def _check_listed(
     offset after each, one fewer for the file's last record) must start, or no record may
     (another record's magic there means a record the ``.idx`` does not list).
     ``first``: check the file's start instead (bytes before the first listed record).
-    A record that does not read cleanly is left to :meth:`RecordFile.encoded` (which
-    names it under ``on_bad_image``), not judged here."""
+    A record that does not read cleanly (``on_bad_image`` decides on it) is not
+    judged by its length: the next record start after it is looked for instead."""
     words, size = records._words(), records.size
     if first:
         ends = np.zeros(1, dtype=np.int64)
@@ -879,14 +871,11 @@ def _check_listed(
         inside &= magic == MAGIC
         for i in np.flatnonzero(inside & (lrecord >> 29 == 1)):  # split: walk its parts
             ends[i] = records._end_of(int(starts[i]))
-        ends = np.where(inside & (lrecord >> 29 < 2), ends, after)  # unreadable: not judged
+        sound = inside & (lrecord >> 29 < 2)
+        for i in np.flatnonzero(~sound):  # a corrupt record: where does the next start?
+            ends[i] = _next_record(words, int(starts[i]), int(after[i]))
     gap = (ends < after) & (ends + 8 <= size)
     gap[gap] = words[ends[gap] // 4] == MAGIC
-    shadowed = records.offsets.shadowed  # listed, under a key listed again later
-    for i in np.flatnonzero(gap & np.isin(ends, shadowed)):  # rare: one by one
-        while ends[i] < after[i] and ends[i] in shadowed:  # the records after it
-            ends[i] = records._end_of(int(ends[i]))
-        gap[i] = ends[i] < after[i] and ends[i] + 8 <= size and words[ends[i] // 4] == MAGIC
     if gap.any():
         i = int(np.argmax(gap))
         index = records.offsets
@@ -900,6 +889,18 @@ def _check_listed(
             ".idx are missing, and their images would be left out: copy it again, or pack "
             "the folder again"
         )
+
+
+def _next_record(words: np.ndarray, start: int, limit: int) -> int:
+    """The first aligned word after ``start`` and before ``limit`` that starts a record
+    (the magic, then a whole record's or a first part's flag: the writer splits a
+    payload wherever the magic word occurs, so no record holds one otherwise), else
+    ``limit``."""
+    first, last = start // 4 + 1, min(limit // 4, len(words) - 1)
+    span = words[first:last]
+    hits = np.flatnonzero(span == MAGIC)
+    hits = hits[(words[first + hits + 1] >> 29) < 2] if len(hits) else hits
+    return 4 * (first + int(hits[0])) if len(hits) else limit
 
 
 LABEL_PASS_VERSION = 2
