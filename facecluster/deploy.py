@@ -125,7 +125,7 @@ def export_run(
     dm = unseen = None
     if calibrate or cfg.data.unseen_fraction > 0:
         dm = build_datamodule(cfg)
-        folder.check_identities(dm.class_names)
+        folder.check_data(dm)
         unseen = dm.unseen_dataloader("val") if cfg.data.unseen_fraction > 0 else None
     if unseen is not None and fpir > 0 and len(unseen.dataset) * fpir < 1.0 - 1e-9:
         logger.warning(
@@ -166,7 +166,7 @@ def calibrate_run(
         from facecluster.builders import build_datamodule  # Lightning: only here
 
         dm = build_datamodule(cfg)
-        run.check_identities(dm.class_names)
+        run.check_data(dm)
     device = identifier.device
     loader = tqdm(dm.val_dataloader(), desc="fitting the decision unit", leave=False)
     params = identifier.calibrate(loader, lambda images: normalize_images(images.to(device)))

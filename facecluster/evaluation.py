@@ -338,7 +338,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
         report = _evaluate_two_stage(run, cfg)
     else:
         bench = Bench(cfg, run.path.name, None)
-        run.check_identities(bench.dm.class_names)
+        run.check_data(bench.dm)
         model = _single_model(run, cfg, bench)
         rows = bench.rows(model.predictors(), bench.verification(model.backbone))
         report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)
@@ -382,7 +382,7 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
     weights = run.stage1_weights()  # read once: the router's backbone and the stage-1 head
     ident = TwoStageIdentifier.from_run(run, route=cfg.to_dict()["route"], stage1=weights)
     bench = Bench(cfg, run.path.name, ident.assignment)
-    run.check_identities(bench.dm.class_names)
+    run.check_data(bench.dm)
     ident.to(bench.device)
     # fp32, as export fits it: calibration.json serves every later evaluation and export
     # of the run, so it must not depend on which of them fitted it first

@@ -106,7 +106,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
             check_queue(folder)  # before the run folder changes
         run_id = folder.create(new=not cfg.resume)
         folder.check_free_space(cfg, backbone_params, dm.num_classes)
-        folder.keep_class_names(dm.class_names)  # a resume: checked, not rewritten
+        folder.keep_data(dm)  # a resume: checked, not rewritten
         folder.save_config(cfg)
         folder.save_unseen_identities({s: dm.unseen_identities(s) for s in ("val", "test")})
         rank_zero_info(f"facecluster run folder: {folder.path}")

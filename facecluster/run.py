@@ -5,6 +5,7 @@
     <output_dir>/<run_name>/
       config.yaml  run.json           resolved config; W&B run id and creation time
       class_names.json                identity names, index = global label
+      split.json                      a digest of what the val and test splits hold
       unseen_identities.json          open set: identities never trained on ({val, test})
       stage1/checkpoints/             best-epochNNN.ckpt (val/acc) and last.ckpt of stage 1
       stage1.json                     stage-1 steps, epochs and test accuracy
@@ -44,7 +45,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
@@ -54,6 +55,9 @@ from facecluster.clustering import ClusterAssignment
 from facecluster.config import Config, ConfigError, config_from_dict, load_config
 from facecluster.io import atomic_torch_save, load_plain, replacing
 from facecluster.models.base import CHECKPOINT_KEY
+
+if TYPE_CHECKING:
+    from facecluster.data import FaceDataModule
 
 RUN_DIR_ENV = "FACECLUSTER_RUN_DIR"
 JOB_SUBNETS = "subnets.json"
@@ -69,6 +73,7 @@ config and never rewrite it."""
 CONFIG = "config.yaml"
 META = "run.json"
 CLASS_NAMES = "class_names.json"
+SPLIT = "split.json"
 UNSEEN_IDENTITIES = "unseen_identities.json"
 CLUSTERS = "clusters.pt"
 RESULTS = "results.json"
@@ -472,19 +477,43 @@ class RunFolder:
         path = self.path / CALIBRATION
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def keep_class_names(self, names: list[str]) -> None:
-        """Record the identity names of a new run, label by label; a run that has them
-        (resumed, a stage-2 job) checks instead that the data still gives the same.
+    def keep_data(self, dm: FaceDataModule) -> None:
+        """Record the identity names of a new run, label by label, and what its val and
+        test splits hold (:meth:`FaceDataModule.split_fingerprint`); a run that has them
+        (resumed, a stage-2 job) checks instead that the data still gives the same
+        (:meth:`check_data`)."""
+        if (self.path / CLASS_NAMES).is_file():
+            self.check_data(dm)
+            return
+        fingerprint = dm.split_fingerprint() if is_global_zero() else None  # the writer's
+        if fingerprint is not None:
+            self._write_json(SPLIT, {"val_test": fingerprint})
+        self._write_json(CLASS_NAMES, dm.class_names)  # last: it marks the data kept
+
+    def check_data(self, dm: FaceDataModule) -> None:
+        """The data's identities must be the run's, label for label, and split as the
+        run's were (resume, evaluation, export).
 
         Raises:
             ConfigError: the data's identities are not the run's (an identity folder
                 added or removed since): labels would name other people than the
-                stage-1 head, the clusters and the sub-nets were trained on.
+                stage-1 head, the clusters and the sub-nets were trained on. Or their
+                images are split otherwise (the same identities with their images in
+                another order: a ``--shuffle`` pack of the run's folder, another copy):
+                the val and test splits would hold training images. A run made before
+                the splits were recorded is not checked for that.
         """
-        if (self.path / CLASS_NAMES).is_file():
-            self.check_identities(names)
-        else:
-            self._write_json(CLASS_NAMES, names)
+        self.check_identities(dm.class_names)
+        kept = _read_json(self.path / SPLIT).get("val_test")
+        if kept is not None and dm.split_fingerprint() != kept:
+            raise ConfigError(
+                f"{self.path}: the data holds the run's identities, but their images are "
+                "not split as the run's were (the same identities with their images in "
+                "another order, or other images: a `facecluster pack --shuffle` of the "
+                "folder the run trained on, another copy of the data set), so its val and "
+                "test splits would hold images the run trained on; point data.root at the "
+                "data the run trained on (a folder and its plain pack split alike)"
+            )
 
     def class_names(self) -> list[str]:
         return json.loads((self.path / CLASS_NAMES).read_text())

@@ -20,13 +20,14 @@ import evaluate
 from facecluster import evaluation
 from facecluster.clustering import ClusterAssignment, cluster_identities
 from facecluster.config import ConfigError, load_config
+from facecluster.data.pack import main as pack_main
 from facecluster.deploy import export_threshold
 from facecluster.evaluation import eval_autocast, evaluate_run, top_m_sweep
 from facecluster.inference import UNKNOWN, Router, TwoStageIdentifier, fuse
 from facecluster.io import UnsafeFileError
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
-from tests.conftest import SMOKE, smoke_overrides
+from tests.conftest import DEMO, SMOKE, smoke_overrides
 
 ROUTE = {
     "top_m": 1,
@@ -673,6 +674,14 @@ def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(
     assert "data.val_fraction: the run has" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"(?s)resume=.*data.test_fraction: the run has"):
         RunFolder.config_for_resume(str(finished_run), ["data.test_fraction=0.3"])
+    # nor by data.root at the same identities with their images in another order (a
+    # --shuffle pack of the run's folder): the per-identity split differs, and the test
+    # split would hold training images; it was evaluated, and its table written over
+    # the run's
+    shuffled = tmp_path / "shuffled"
+    assert pack_main([str(DEMO), str(shuffled), "--shuffle"]) == 0
+    assert evaluate.main([f"run={finished_run}", f"data.root={shuffled}"]) == 2
+    assert "not split as the run's were" in capsys.readouterr().err
     # nor by a whole section's override, nor at another image size (the networks'
     # input; an IResNet's fc layer is sized by it: a raw size mismatch after loading)
     with pytest.raises(ConfigError, match=r"data.test_fraction: the run has 0.2, the command"):

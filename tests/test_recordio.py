@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from facecluster.config import load_config
+from facecluster.config import ConfigError, load_config
 from facecluster.data import FaceDataModule, datamodule, recordio
 from facecluster.data import pack as pack_module
 from facecluster.data.folder import hold_out_identities, scan, split_per_identity
@@ -474,6 +474,25 @@ def test_datamodule_serves_the_same_pixels_from_rec_and_folder(packed):
     ):
         for x, y in zip(*loaders, strict=True):
             assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+
+
+def test_a_run_checks_that_its_data_splits_its_identities_as_it_did(tmp_path, packed):
+    # the same identities, their images in another order (a --shuffle pack of the
+    # run's folder), split otherwise: a resume or evaluation would test on training
+    # images; the run's folder packed as it is splits alike
+    from facecluster.run import SPLIT, RunFolder
+
+    kw = {"min_images_per_class": 10, "max_classes": 3}
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    run.keep_data(FaceDataModule(str(DEMO), **kw))
+    run.check_data(FaceDataModule(str(packed / "rec"), **kw))
+    shuffled = FaceDataModule(str(packed / "shuffled"), **kw)
+    assert shuffled.class_names == run.class_names()
+    with pytest.raises(ConfigError, match="not split as the run's were"):
+        run.check_data(shuffled)
+    (run.path / SPLIT).unlink()  # a run made before splits were recorded: not checked
+    run.check_data(shuffled)
 
 
 def test_a_corrupt_record_is_skipped_or_stops_naming_key_and_offset(tmp_path, packed):

@@ -30,6 +30,7 @@ the data side only knows each cluster's identities, passed to ``connect_clusters
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import math
@@ -790,6 +791,32 @@ class FaceDataModule(lightning.LightningDataModule):
     def class_names(self) -> list[str]:
         """Identity names; ``class_names[label]`` is the folder name of ``label``."""
         return list(self._ensure_setup()[0].class_names)
+
+    def split_fingerprint(self, identities: int = 64) -> str | None:
+        """What the val and test splits hold, as a digest of the encoded bytes of their
+        images of the first ``identities`` identities, in split order: the same data
+        split the same way gives the same digest whatever its layout (a folder, or that
+        folder packed), and the same identities with their images in another order (a
+        ``--shuffle`` pack of it) another, as their split differs. About ``identities``
+        x 30% of an identity's images are read. None when neither split holds one."""
+        folder, splits = self._ensure_setup()
+        digest, read = hashlib.sha256(), 0
+        for split in ("val", "test"):
+            index = splits[split]
+            chosen = index[folder.samples.labels[index] < identities].tolist()
+            digest.update(f"{split} {len(chosen)};".encode())
+            for i in chosen:
+                source = folder.samples.source(i)
+                try:
+                    if folder.records is not None:
+                        data = folder.records.encoded(source)
+                    else:
+                        data = Path(source).read_bytes()
+                except OSError:  # unreadable (RecordError too): hashed as empty
+                    data = b""
+                digest.update(hashlib.sha1(data).digest())
+            read += len(chosen)
+        return digest.hexdigest() if read else None
 
     def _split_indices(self, split: str) -> np.ndarray:
         if split not in SPLIT_NAMES:
