@@ -3,6 +3,7 @@
 from facecluster.callbacks.bad_images import BadImageReport
 from facecluster.callbacks.clustering import ClusteringCallback
 from facecluster.callbacks.divergence import DivergenceCallback, DivergenceError
+from facecluster.callbacks.interrupt import ResumeHint
 from facecluster.callbacks.seeding import EpochSeedCallback
 from facecluster.callbacks.verification import VerificationCallback
 
@@ -12,5 +13,6 @@ __all__ = [
     "DivergenceCallback",
     "DivergenceError",
     "EpochSeedCallback",
+    "ResumeHint",
     "VerificationCallback",
 ]

@@ -33,7 +33,7 @@ from facecluster.builders import (
     check_trainer,
     module_args,
 )
-from facecluster.callbacks import ClusteringCallback
+from facecluster.callbacks import ClusteringCallback, ResumeHint
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import Config, ConfigError, naming
 from facecluster.data import FaceDataModule
@@ -50,7 +50,7 @@ from facecluster.loggers import build_logger, check_wandb_server, finish_logger
 from facecluster.models.backbone_module import BackboneSystem
 from facecluster.models.subnets_module import SubnetSystem
 from facecluster.results import summarise, training_table
-from facecluster.run import RUN_DIR_ENV, RunFolder, is_global_zero, job_name
+from facecluster.run import JOB_ENV, RUN_DIR_ENV, RunFolder, is_global_zero, job_name
 
 
 @dataclass
@@ -112,7 +112,8 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         rank_zero_info(f"facecluster run folder: {folder.path}")
         logger = build_logger(cfg, folder.path, run_id)
         with finish_logger(logger):
-            return _two_stages(_Run(cfg, dm, folder, logger, callbacks))
+            hint = ResumeHint(folder.path, JOB_ENV)  # Ctrl-C: the command that continues
+            return _two_stages(_Run(cfg, dm, folder, logger, [*callbacks, hint]))
 
 
 def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:

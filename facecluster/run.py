@@ -53,6 +53,7 @@ from torch import Tensor
 
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import Config, ConfigError, config_from_dict, load_config
+from facecluster.data.recordio import rec_paths
 from facecluster.io import atomic_torch_save, load_plain, replacing
 from facecluster.models.base import CHECKPOINT_KEY
 
@@ -880,6 +881,13 @@ def launched_processes() -> int:
     return 1
 
 
+def _data_set(root: Path) -> Path:
+    """What ``data.root`` reads, however written: a RecordIO file (named by itself or by
+    its folder), else the image folder."""
+    paths = rec_paths(root)
+    return (paths[0] if paths is not None else root).resolve()
+
+
 def _launch_id() -> str | None:
     """What the processes that srun or torchrun started together share, else None.
 
@@ -1040,8 +1048,8 @@ def _refuse_contradictions(
     problems = []
     for key in keys:
         old, new = _select(old_values, key), _select(new_values, key)
-        if key == "data.root":  # the same folder, written differently, is no change
-            same = saved.data.resolved_root().resolve() == cfg.data.resolved_root().resolve()
+        if key == "data.root":  # the same data, written differently, is no change
+            same = _data_set(saved.data.resolved_root()) == _data_set(cfg.data.resolved_root())
         elif key == "model":  # speed options change no weight
             same = {**old, **SPEED_OPTIONS} == {**new, **SPEED_OPTIONS}
         else:

@@ -266,3 +266,27 @@ def test_last_ckpt_follows_the_final_epoch_even_without_improvement(tmp_path):
     for subnet in run.subnet_weights():
         for k in weights:
             torch.testing.assert_close(subnet.backbone[k], stage1[k], rtol=0, atol=1e-6)
+
+
+def test_ctrl_c_says_which_command_continues_the_run(tmp_path, capsys):
+    # Lightning ends a Ctrl-C'd fit with exit status 1 after "attempting graceful
+    # shutdown", naming neither the run nor how to continue it
+    import signal
+
+    class CtrlC(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.current_epoch == 1:
+                raise KeyboardInterrupt
+
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "logger=none", "method=single"))
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train(cfg, callbacks=[CtrlC()])
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores a second Ctrl-C
+    assert stop.value.code == 1
+    run = tmp_path / "run"
+    assert f"continue it with\n  python train.py resume={run}\n" in capsys.readouterr().err
+    resumed = RunFolder.config_for_resume(str(run), [])  # the command is one it takes
+    assert RunFolder(run).last_checkpoint(1).is_file() and resumed.method == "single"

@@ -62,6 +62,23 @@ def test_harmless_overrides_and_same_root_written_differently_are_accepted(run_d
     assert cfg.trainer["max_epochs"] == 5 and cfg.logger == "none"
 
 
+def test_a_rec_named_by_itself_or_by_its_folder_is_the_same_data_root(tmp_path):
+    # docs/DATA.md: "point data.root at the .rec file or its folder"; a resume naming
+    # the other was refused as another data root
+    from facecluster.config import load_config
+    from facecluster.data.pack import main as pack_main
+    from facecluster.run import _refuse_contradictions
+
+    assert pack_main([str(DEMO), str(tmp_path / "rec")]) == 0
+    forms = [tmp_path / "rec", tmp_path / "rec" / "train.rec", f"{tmp_path}/./rec/"]
+    configs = [load_config(SMOKE, [f"data.root={root}"]) for root in forms]
+    for saved in configs:
+        for cfg in configs:
+            _refuse_contradictions(saved, cfg, "run")
+    with pytest.raises(ConfigError, match=r"data.root: the run has .*train.rec"):
+        _refuse_contradictions(configs[1], load_config(SMOKE, [f"data.root={DEMO}"]), "run")
+
+
 def test_other_data_root_is_refused(run_dir, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
