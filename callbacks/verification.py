@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from facecluster.config import naming
 from facecluster.data.verification import VerificationPairs, load_pairs, named_sets
 from facecluster.inference.verification import verify
 
@@ -20,6 +21,11 @@ class VerificationCallback(L.Callback):
     only: the other ranks would compute the same figure, and only rank 0 reads the
     sets (on first use). Under the trainer's precision, in eval mode. The last epoch
     is always measured, also when the run stops early.
+
+    The sets were read whole before training (``check_verification_sets``, in
+    facecluster/builders.py) and dropped; they are read again, whole, on first use (a
+    few seconds), and a set that fails then (changed since) stops the run with the same
+    error: a ``ConfigError`` naming the file and, for an image, its index and pair.
 
     Args:
         paths: the sets (``.bin`` files or ``pairs.txt`` with ``images/`` beside).
@@ -51,7 +57,8 @@ class VerificationCallback(L.Callback):
         if not self.measures(trainer) or not trainer.is_global_zero:
             return
         if self._sets is None:
-            self._sets = {name: load_pairs(p) for name, p in self.paths.items()}
+            with naming("data.verification"):
+                self._sets = {name: load_pairs(p) for name, p in self.paths.items()}
         backbone = pl_module.backbone
         training = backbone.training
         backbone.eval()

@@ -31,6 +31,7 @@ from facecluster.builders import (
     build_trainer,
     check_cluster_count,
     check_trainer,
+    check_verification_sets,
     module_args,
 )
 from facecluster.callbacks import ClusteringCallback, ResumeHint
@@ -96,6 +97,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         if cfg.launcher.name == "local" and cfg.stage != "assemble":  # jobs run as local
             check_trainer(cfg)  # what Lightning refuses, before the data scan
         check_wandb_server(cfg)
+        check_verification_sets(cfg)  # read whole: a broken set stops before any training
         backbone_params = backbone_parameters(cfg)
         dm = build_datamodule(cfg)
         check_cluster_count(cfg, dm)

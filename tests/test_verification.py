@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import struct
 from pathlib import Path
 from types import SimpleNamespace
@@ -253,3 +254,118 @@ def test_one_object_the_bin_file_references_over_and_over_is_built_once(tmp_path
     for protocol in range(6):
         (tmp_path / "ok.bin").write_bytes(pickle.dumps((arrays, [False] * 8), protocol))
         assert read_bin(tmp_path / "ok.bin").images == [a.tobytes() for a in arrays], protocol
+
+
+def _jpeg(size: tuple[int, int], seed: int) -> bytes:
+    """A JPEG of ``size`` (width, height), noise."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def _bin(path: Path, size: tuple[int, int] = (64, 64), pairs: int = 10) -> Path:
+    """A verification .bin of ``pairs`` pairs of distinct ``size`` JPEGs."""
+    images = [_jpeg(size, i) for i in range(2 * pairs)]
+    path.write_bytes(pickle.dumps((images, [p % 2 == 0 for p in range(pairs)]), protocol=4))
+    return path
+
+
+def _epoch_end(callback: VerificationCallback) -> None:
+    """The callback at the end of a measured epoch of rank 0 (it reads the sets first)."""
+    trainer = SimpleNamespace(current_epoch=0, global_step=1, max_steps=-1, max_epochs=1,
+                              should_stop=False, is_global_zero=True)  # fmt: skip
+    callback.on_train_epoch_end(trainer, None)
+
+
+def test_a_bin_file_cut_short_is_refused_before_training(tmp_path):
+    # a truncated .bin was read first at the end of stage 1's first epoch (hours in at
+    # MS1MV3 scale); the start-up check only saw that the path existed
+    from facecluster.builders import check_verification_sets
+
+    whole = _bin(tmp_path / "whole.bin").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(whole[: len(whole) // 2])
+    cfg = load_config(
+        SMOKE, [f"data.verification=[{tmp_path / 'whole.bin'},{tmp_path / 'cut.bin'}]"]
+    )
+    refused = r"data.verification: .*cut.bin is not a verification .bin file: .*cut short"
+    with pytest.raises(ConfigError, match=refused):
+        check_verification_sets(cfg)
+    cut = [f"data.verification=[{tmp_path / 'cut.bin'}]"]
+    with pytest.raises(ConfigError, match=refused):
+        check_verification_sets(load_config(SMOKE, [*cut, "stage=1"]))
+    # a command that neither trains stage 1 nor evaluates does not read the sets
+    check_verification_sets(load_config(SMOKE, [*cut, "stage=cluster"]))
+    check_verification_sets(load_config(SMOKE, [*cut, "eval.after_training=false", "stage=2"]))
+    # and, should the file be cut after the start, where stage 1 reads it again
+    with pytest.raises(ConfigError, match=refused):
+        _epoch_end(VerificationCallback([tmp_path / "cut.bin"], 1, 64, 8))
+
+
+def test_a_bin_file_with_an_undecodable_image_is_refused_naming_the_image(tmp_path):
+    # one broken image stopped the first measurement (after an epoch), and evaluate.py,
+    # with PIL's "cannot identify image file <_io.BytesIO object at 0x...>": no file, no pair
+    from facecluster.builders import check_verification_sets, verification_sets
+
+    images = [_jpeg((64, 64), i) for i in range(20)]
+    images[7] = b"<html>404</html>"
+    (tmp_path / "broken.bin").write_bytes(pickle.dumps((images, [True] * 10), protocol=4))
+    cfg = load_config(SMOKE, [f"data.verification=[{tmp_path / 'broken.bin'}]"])
+    named = (
+        r"data.verification: \S*broken.bin: image 7 \(pair 3, its second image\) cannot be "
+        r"decoded \(UnidentifiedImageError: cannot identify image file\)$"
+    )
+    with pytest.raises(ConfigError, match=named):
+        check_verification_sets(cfg)
+    with pytest.raises(ConfigError, match=named):  # what evaluate.py reads the sets with
+        verification_sets(cfg)
+    with pytest.raises(ConfigError, match=named):  # stage 1's first measurement
+        _epoch_end(VerificationCallback([tmp_path / "broken.bin"], 1, 64, 8))
+    # in a pairs list, the image's file is named too
+    for name in ("a", "b"):
+        (tmp_path / "lfw" / "images" / name).mkdir(parents=True)
+        for i in (1, 2):
+            (tmp_path / "lfw" / "images" / name / f"{name}_{i:04d}.jpg").write_bytes(
+                _jpeg((64, 64), i)
+            )
+    (tmp_path / "lfw" / "images" / "b" / "b_0002.jpg").write_bytes(b"")
+    (tmp_path / "lfw" / "pairs.txt").write_text("a 1 2\na 1 b 2\n")
+    with pytest.raises(
+        ConfigError, match=r"pairs.txt: image 3 \(pair 1, its second image, \S*b_0002.jpg\)"
+    ):
+        check_verification_sets(
+            load_config(SMOKE, [f"data.verification=[{tmp_path / 'lfw' / 'pairs.txt'}]"])
+        )
+
+
+def test_a_set_of_another_image_size_is_named_in_a_warning(tmp_path, caplog):
+    # 160x160 or 96x112 (not square) images were resized or squashed to data.image_size
+    # without a word: a plausible, meaningless accuracy
+    import logging
+
+    from facecluster.builders import check_verification_sets
+
+    said = r"its 20 images are {} \(width x height\), not data.image_size=64 square: "
+    sets = {
+        "square.bin": ((64, 64), None),
+        "big.bin": ((160, 160), said.format("160x160") + "verification resizes them to 64x64"),
+        "narrow.bin": ((96, 112), said.format("96x112") + "verification squashes them to 64x64"),
+    }
+    for name, (size, warning) in sets.items():
+        _bin(tmp_path / name, size)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            check_verification_sets(
+                load_config(SMOKE, [f"data.verification=[{tmp_path / name}]", "data.image_size=64"])
+            )
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        if warning is None:
+            assert warned == []
+        else:
+            assert len(warned) == 1 and re.match(
+                rf"data.verification: \S*{name}: {warning}", warned[0]
+            ), warned
