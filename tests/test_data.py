@@ -132,6 +132,15 @@ def test_missing_root_names_path(tmp_path: Path) -> None:
         FaceDataModule(str(missing)).setup()
 
 
+def test_a_root_that_is_a_file_is_named_as_one(tmp_path: Path) -> None:
+    # it was told "does not exist or is not a directory", though it exists
+    image = _demo_jpegs(1)[0]
+    with pytest.raises(NotADirectoryError, match=f"root '{image}' is a file, not an image fold"):
+        FaceDataModule(str(image)).setup()
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # a missing one, as before
+        FaceDataModule(str(tmp_path / "missing.jpg")).setup()
+
+
 def test_root_without_identities(tmp_path: Path, caplog) -> None:
     root = tmp_path / "flat"
     root.mkdir()

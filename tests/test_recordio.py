@@ -874,7 +874,7 @@ def test_a_pack_cut_short_leaves_no_data_set_and_keeps_the_last_one(packed, tmp_
 
     monkeypatch.setattr(pack_module, "pack", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        pack_module.pack_folder(DEMO, out)
+        pack_module.pack_folder(DEMO, out, overwrite=True)  # OUT holds a data set
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "nothing replaced or left"
     fresh = tmp_path / "fresh"
     with pytest.raises(KeyboardInterrupt):
@@ -893,7 +893,7 @@ def test_a_pack_cut_short_leaves_no_data_set_and_keeps_the_last_one(packed, tmp_
 
     monkeypatch.setattr(os, "fsync", disk_full_at_the_rec)
     with pytest.raises(OSError, match="No space left"):
-        pack_module.pack_folder(DEMO, out, shuffle=True)  # another train.idx
+        pack_module.pack_folder(DEMO, out, shuffle=True, overwrite=True)  # another train.idx
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "nothing replaced or left"
 
@@ -910,7 +910,8 @@ def test_a_pack_stopped_by_sigterm_leaves_out_as_it_was(packed, tmp_path):
         "pack.pack = lambda *a, **k: time.sleep(0.01) or real(*a, **k)\n"
         "sys.exit(pack.main(sys.argv[1:]))\n"
     )
-    process = subprocess.Popen([sys.executable, "-c", slow, str(DEMO), str(out)], cwd=ROOT)
+    argv = [str(DEMO), str(out), "--overwrite"]  # OUT holds a data set
+    process = subprocess.Popen([sys.executable, "-c", slow, *argv], cwd=ROOT)
     deadline = time.monotonic() + 60
     while not any(p.name.startswith(".train.rec") for p in out.iterdir()):
         assert process.poll() is None and time.monotonic() < deadline, "the pack never started"
@@ -1033,3 +1034,183 @@ def test_passed_and_broken_flags_are_apart():
     assert tracker.bad(np.array([0, 1, 2])).tolist() == [False, True, False]
     assert tracker.has_passed(np.array([0, 1, 2])).tolist() == [True, True, False]
     assert tracker.count() == 1 and tracker.bad_paths() == ["b"] and tracker.is_bad(1)
+
+
+def _two_identities(tmp_path, names=slice(0, 2)):
+    src = tmp_path / f"faces-{names.start}-{names.stop}"
+    for source in sorted(p for p in DEMO.iterdir() if p.is_dir())[names]:
+        shutil.copytree(source, src / source.name)
+    return src
+
+
+def test_pack_refuses_an_out_holding_a_data_set_unless_overwrite(tmp_path, capsys, monkeypatch):
+    # one mistyped OUT replaced a downloaded data set without a word
+    out = tmp_path / "ms1mv3"
+    assert pack_main([str(_two_identities(tmp_path)), str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    other = _two_identities(tmp_path, slice(2, 5))
+    with monkeypatch.context() as m:  # decided before SRC is read
+        m.setattr(pack_module, "scan_image_folder", lambda *a: pytest.fail("SRC was read"))
+        assert pack_main([str(other), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"OUT {out} already holds train.rec and train.idx" in err and "--overwrite" in err
+        (out / "train.rec").rename(tmp_path / "kept.rec")  # an index alone is refused too
+        with pytest.raises(FileExistsError, match=r"already holds train.idx: .*--overwrite"):
+            pack_module.pack_folder(other, out)
+        (tmp_path / "kept.rec").rename(out / "train.rec")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "nothing replaced"
+    assert pack_main([str(other), str(out), "--overwrite"]) == 0
+    assert (out / "property").read_text().startswith("3,")
+    assert len(scan(out).class_names) == 3
+
+
+def test_an_identities_txt_must_name_exactly_the_identities_of_the_file(packed, tmp_path):
+    # a list left from another data set, longer than the labels, named them silently
+    for layout, whence in (("rec", "header gives"), ("shuffled", "largest image label")):
+        rec = shutil.copytree(packed / layout, tmp_path / layout)
+        names = (rec / "identities.txt").read_text().splitlines()
+        (rec / "identities.txt").write_text("\n".join([*names, "Zed_Stale"]) + "\n")
+        with pytest.raises(ValueError) as error:
+            scan(rec)
+        message = str(error.value)
+        assert f"identities.txt: {len(names) + 1} names for identity labels up to " in message
+        assert f"({len(names)} identities in {rec / 'train.rec'}: " in message and whence in message
+        assert "remove identities.txt" in message and "pack the folder again" in message
+    # InsightFace's layout: the header's identity records count, an empty last one too
+    records, _ = _insightface(1, [2, 3, 0])
+    _write(tmp_path, records)
+    (tmp_path / "identities.txt").write_text("Ann\nBob\nCid\n")
+    assert scan(tmp_path).class_names == ["Ann", "Bob"]
+    (tmp_path / "identities.txt").write_text("Ann\nBob\n")
+    with pytest.raises(ValueError, match=r"2 names for identity labels up to 2 \(3 identities"):
+        scan(tmp_path)
+    # without identity records, records whose label cannot be read may hold the
+    # largest labels: more names than the labels read are accepted, fewer are not
+    folder = tmp_path / "im2rec"
+    folder.mkdir()
+    rf = _write(folder, {k: pack(float(k % 3), _jpeg(k)) for k in range(12)})
+    data = bytearray((folder / "train.rec").read_bytes())
+    for key in (2, 5, 8, 11):  # every image of label 2
+        data[rf.offsets[key]] ^= 0xFF
+    (folder / "train.rec").write_bytes(bytes(data))
+    (folder / "identities.txt").write_text("Ann\nBob\nCid\n")
+    assert scan(folder).class_names == ["Ann", "Bob"]
+    (folder / "identities.txt").write_text("Ann\n")
+    with pytest.raises(ValueError, match=r"1 names for identity labels up to 1 \(2 identities"):
+        scan(folder)
+
+
+def test_a_property_that_disagrees_with_the_file_is_warned_about(packed, tmp_path, caplog):
+    rec = shutil.copytree(packed / "rec", tmp_path / "rec")
+    with caplog.at_level("WARNING"):
+        scan(rec)  # 158,112,112: agrees
+    assert "property" not in caplog.text
+    for text, said in (
+        ("200,112,112\n", "says 200 identities (num_classes,height,width = 200,112,112), but"),
+        ("158\n", "holds '158', not num_classes,height,width"),
+    ):
+        (rec / "property").write_text(text)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert len(scan(rec).class_names) == 158  # a warning, not a refusal
+        assert f"{rec / 'property'} " in caplog.text and said in caplog.text
+        if text.startswith("200"):
+            assert f"{rec / 'train.rec'} holds 158 (the identity records" in caplog.text
+    # image size: data.image_size may differ (images are resized), not compared
+    (rec / "property").write_text("158,64,64\n")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        scan(rec)
+    assert "property" not in caplog.text
+
+
+def test_a_root_naming_the_idx_property_or_a_folder_of_one_rec_is_understood(packed, tmp_path):
+    # data.root=.../train.idx said "does not exist or is not a directory"; a folder of
+    # ms1m.rec + ms1m.idx was read as an image folder ("No identity sub-folders")
+    rec = packed / "rec"
+    expected = scan(rec / "train.rec")
+    assert scan(rec / "train.idx").samples == expected.samples
+    for name in ("property", "identities.txt"):
+        with pytest.raises(NotADirectoryError) as error:
+            scan(rec / name)
+        assert f"is a file, not an image folder, a .rec or its .idx; it lies beside {rec}" in str(
+            error.value
+        )
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(rec / "train.rec", one / "ms1m.rec")
+    shutil.copy(rec / "train.idx", one / "ms1m.idx")
+    shutil.copy(rec / "identities.txt", one / "identities.txt")
+    assert scan(one).samples == scan(one / "ms1m.rec").samples
+    assert scan(one).class_names == expected.class_names
+    # with its .idx missing, or beside another .rec, the folder is told what to do
+    (one / "ms1m.idx").rename(tmp_path / "ms1m.idx")
+    with pytest.raises(ValueError, match=r"holds ms1m.rec without ms1m.idx beside it"):
+        scan(one)
+    (tmp_path / "ms1m.idx").rename(one / "ms1m.idx")
+    shutil.copy(rec / "train.rec", one / "glint.rec")
+    with pytest.raises(ValueError, match=r"2 RecordIO files and no train.rec \(glint.rec, ms1m"):
+        scan(one)
+    # identity folders beside one: an image folder, as before
+    faces = _two_identities(tmp_path)
+    shutil.copy(rec / "train.rec", faces / "x.rec")
+    shutil.copy(rec / "train.idx", faces / "x.idx")
+    assert scan(faces).records is None and len(scan(faces).class_names) == 2
+
+
+def _header_first(folder, fmt):
+    """InsightFace's layout as mxnet writes it: the header first (offset 0), then the
+    images, then the identity records."""
+    folder.mkdir()
+    records, _ = _insightface(1, [3, 4, 5])
+    records |= {k: pack(float(k > 3) + float(k > 7), _jpeg(k, fmt)) for k in range(1, 13)}
+    return _write(folder, records, order=sorted(records))
+
+
+def test_an_idx_of_another_rec_is_a_data_error_with_a_hint(tmp_path):
+    # its RecordError (an OSError) left the scan: a traceback and exit 1, where every
+    # other data error is one line, `error: data: ...`, and exit 2
+    _header_first(tmp_path / "jpeg", "JPEG")
+    _header_first(tmp_path / "png", "PNG")  # smaller records: other offsets
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(tmp_path / "jpeg" / "train.rec", mixed)
+    shutil.copy(tmp_path / "png" / "train.idx", mixed)
+    with pytest.raises(ValueError, match=r"bad magic .* is it the .idx of another .rec\?") as e:
+        scan(mixed)
+    assert isinstance(e.value, RecordError)
+    env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
+    command = [sys.executable, "train.py", "-c", str(SMOKE), f"data.root={mixed}"]
+    command += [f"output_dir={tmp_path / 'runs'}", "logger=csv"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith(f"error: data: {mixed / 'train.rec'} key ")
+    assert "is it the .idx of another .rec?" in proc.stderr
+    # one corrupt record the scan reads: named, with no such hint
+    rf = RecordFile(tmp_path / "jpeg" / "train.rec")
+    data = bytearray((tmp_path / "jpeg" / "train.rec").read_bytes())
+    data[rf.offsets[14]] ^= 0xFF  # identity 1's record
+    (tmp_path / "jpeg" / "train.rec").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"key 14 at offset {rf.offsets[14]}: bad magic") as e:
+        scan(tmp_path / "jpeg")
+    assert "another .rec" not in str(e.value)
+
+
+def test_too_many_undecodable_records_name_offsets_and_say_to_pack_again(packed):
+    from facecluster.data.images import BadImageError, BadImageTracker
+
+    rec = packed / "rec" / "train.rec"
+    offsets = RecordFile(rec).offsets
+    tracker = BadImageTracker([f"{rec}#{key}" for key in (3, 4, 5)])
+    tracker.mark(1, OSError("broken"))
+    with pytest.raises(BadImageError) as error:
+        tracker.check(np.arange(3), 0.1, "train split")
+    message = str(error.value)
+    assert f"(e.g. {rec}#4 (offset {offsets[4]}))" in message
+    assert "pack its images again (facecluster pack SRC OUT --overwrite)" in message
+    assert "Repair or remove" not in message
+    files = BadImageTracker(["/faces/a/1.jpg", "/faces/a/2.jpg"])  # files: as before
+    files.mark(0, OSError("broken"))
+    with pytest.raises(BadImageError, match=r"\(e.g. /faces/a/1.jpg\). Repair or remove them"):
+        files.check(np.arange(2), 0.1, "train split")

@@ -430,6 +430,94 @@ UNREADABLE_NAMED = 5
 IDENTITY_NAMES = "identities.txt"
 """Written by ``facecluster pack`` beside ``train.rec``: one identity name per label."""
 
+PROPERTY = "property"
+"""InsightFace's ``num_classes,height,width`` beside ``train.rec`` (``facecluster pack``
+writes it too): compared with the file's identities, with a warning, never trusted."""
+
+OFFSETS_LOOKED_AT = 1024
+"""How many of an ``.idx``'s offsets, evenly over the file, :func:`_foreign_index` looks at."""
+
+
+class RecordScanError(RecordError, ValueError):
+    """A RecordIO file whose identities cannot be read at start (:func:`scan_record_file`).
+
+    A ValueError too, so that it reaches the user as every other data error at start
+    (the config layer's ``data: ...``, exit 2, where a bare RecordError, an OSError,
+    left a traceback), and still a :class:`RecordError` for whoever catches those.
+    """
+
+
+def _foreign_index(records: RecordFile) -> str:
+    """A hint when the ``.idx`` looks like another file's: of up to
+    :data:`OFFSETS_LOOKED_AT` of its offsets, evenly over the file, more than a tenth
+    (and at least 2) start no record (no record magic, or the middle of a split one)
+    where it says. One corrupt record is not enough. ``""`` otherwise (also when the
+    file cannot be looked at: the error it adds to is the one to see)."""
+    try:
+        misplaced, looked_at = records.misplaced_offsets(OFFSETS_LOOKED_AT)
+    except (OSError, ValueError):  # the file cannot be mapped (changed, emptied)
+        return ""
+    if misplaced < 2 or misplaced * 10 <= looked_at:
+        return ""
+    return (
+        f". At {misplaced} of {looked_at} offsets that {records.idx} lists (looked at "
+        "evenly over the file) no record starts: is it the .idx of another .rec? "
+        f"Copy {records.rec.name} and {records.idx.name} together from one source, or pack "
+        "the folder again"
+    )
+
+
+LARGEST_LABEL = "its largest image label + 1"
+
+
+def _read_names(
+    names_file: Path, records: RecordFile, count: int, whence: str, at_least: int | None
+) -> list[str]:
+    """``identities.txt``'s names, one per identity label of the file (``count``),
+    exactly: a list left from another data set (more names, or fewer) would name
+    identities wrongly. ``at_least``: where the count is not known (unreadable records
+    without identity records), the fewest names accepted."""
+    # UTF-8 (a name that is not keeps its bytes, as the folder's scan reads them),
+    # split on \n or \r\n only (a file edited on Windows): str.splitlines would also
+    # split a name at \x0b, \x1c or \u2028 (pack refuses names with line breaks)
+    text = names_file.read_bytes().decode("utf-8", errors="surrogateescape")
+    all_names = [n.removesuffix("\r") for n in text.removesuffix("\n").split("\n")]
+    fits = len(all_names) == count if at_least is None else len(all_names) >= at_least
+    if fits and len(set(all_names)) == len(all_names):
+        return all_names
+    twice = sorted(n for n, c in Counter(all_names).items() if c > 1)[:3]
+    raise ValueError(
+        f"{names_file}: {len(all_names)} names for identity labels up to {count - 1} "
+        f"({count} identities in {records.rec}: {whence})"
+        + (f", names listed twice: {', '.join(twice)}" if twice else "")
+        + "; it must list one name per identity label, in label order. A list left from "
+        f"another data set names identities wrongly: remove {names_file.name} (the names "
+        "become the zero-padded labels), or pack the folder again (facecluster pack SRC "
+        "OUT --overwrite)"
+    )
+
+
+def _check_property(path: Path, records: RecordFile, count: int, whence: str) -> None:
+    """Warn when ``property``'s ``num_classes`` is not the file's identity count (a file
+    left from another data set, or a ``.rec`` replaced beside it); its image size may
+    differ from ``data.image_size`` (the images are resized) and is not compared."""
+    text = path.read_text(errors="replace").strip()
+    try:
+        num_classes, _, _ = (int(v) for v in text.split(","))
+    except ValueError:
+        logger.warning(
+            "%s holds %r, not num_classes,height,width: not compared with %s",
+            path, text[:80], records.rec,
+        )  # fmt: skip
+        return
+    if num_classes != count:
+        logger.warning(
+            "%s says %d identities (num_classes,height,width = %s), but %s holds %d (%s): "
+            "a property file left from another data set, or the .rec replaced beside it? "
+            "Training reads the file's %d",
+            path, num_classes, text, records.rec, count, whence, count,
+        )  # fmt: skip
+
 
 def scan_record_file(
     root: str | Path,
@@ -440,7 +528,9 @@ def scan_record_file(
     """Identities and samples of an InsightFace RecordIO file (``.rec`` + ``.idx``).
 
     Args:
-        root: the ``.rec`` file, or a folder holding ``train.rec`` and ``train.idx``.
+        root: the ``.rec`` file or its ``.idx``, or a folder holding ``train.rec`` and
+            ``train.idx`` (or one other ``.rec`` and its ``.idx``: see
+            :func:`~facecluster.data.recordio.rec_paths`).
         min_images_per_class: as for :func:`scan_image_folder`.
         max_classes: as for :func:`scan_image_folder`.
         cache: a folder where the label pass over a file without identity records is
@@ -448,16 +538,30 @@ def scan_record_file(
 
     Identity names come from ``identities.txt`` beside the file when present (what
     ``facecluster pack`` writes, so a packed folder splits exactly like the folder),
-    else the zero-padded label. Labels are renumbered ``0..C-1`` over the kept
-    identities in name order, as for a folder.
+    else the zero-padded label; it must hold one name per identity label of the file.
+    ``property`` beside it, when present, is compared with the identity count (a
+    warning). Labels are renumbered ``0..C-1`` over the kept identities in name order,
+    as for a folder.
+
+    Raises:
+        RecordScanError: a record the layout needs cannot be read (a ValueError too).
+        ValueError: the file or ``identities.txt`` does not fit.
     """
     paths = rec_paths(root)
     if paths is None:
         raise FileNotFoundError(
-            f"root {str(root)!r} is not a .rec file or a folder holding train.rec"
+            f"root {str(root)!r} is not a .rec file, its .idx, or a folder holding train.rec"
         )
     records = RecordFile(*paths)
-    layout = image_layout(records, cache)
+    try:
+        layout = image_layout(records, cache)
+    except RecordError as e:
+        raise RecordScanError(f"{e}{_foreign_index(records)}") from None
+    except ValueError as e:  # an .idx missing lines (another file's?)
+        hint = _foreign_index(records)
+        if not hint:
+            raise
+        raise ValueError(f"{e}{hint}") from None
     groups = dict(iter_identities(layout))
     unreadable = []
     for key in layout.unreadable[:UNREADABLE_NAMED].tolist():  # why, for the first few
@@ -472,22 +576,21 @@ def scan_record_file(
         raise ValueError(
             f"root={str(root)!r}: {records.rec} holds no image record"
             + (f" whose label can be read: {unreadable[0]}" if unreadable else "")
+            + _foreign_index(records)
         )
     names_file = records.rec.parent / IDENTITY_NAMES
+    property_file = records.rec.parent / PROPERTY
+    if names_file.is_file() or property_file.is_file():
+        count = layout.identities
+        header = layout.identity_records is not None
+        whence = "the identity records its header gives" if header else LARGEST_LABEL
+        if property_file.is_file():
+            _check_property(property_file, records, count, whence)
     if names_file.is_file():
-        # UTF-8 (a name that is not keeps its bytes, as the folder's scan reads them),
-        # split on \n or \r\n only (a file edited on Windows): str.splitlines would also
-        # split a name at \x0b, \x1c or \u2028 (pack refuses names with line breaks)
-        text = names_file.read_bytes().decode("utf-8", errors="surrogateescape")
-        all_names = [n.removesuffix("\r") for n in text.removesuffix("\n").split("\n")]
-        if max(groups) >= len(all_names) or len(set(all_names)) != len(all_names):
-            twice = sorted(n for n, c in Counter(all_names).items() if c > 1)[:3]
-            raise ValueError(
-                f"{names_file}: {len(all_names)} names for identity labels up to "
-                f"{max(groups)}"
-                + (f", names listed twice: {', '.join(twice)}" if twice else "")
-                + "; it must list one name per identity label, in label order"
-            )
+        # without identity records an unreadable record's label is unknown: a larger
+        # one, its identity's name, may be among them
+        open_ended = len(layout.unreadable) and whence == LARGEST_LABEL
+        all_names = _read_names(names_file, records, count, whence, count if open_ended else None)
         name_of = {label: all_names[label] for label in groups}
     else:
         width = len(str(max(groups)))
@@ -512,6 +615,29 @@ def scan_record_file(
     )
 
 
+def _rec_hint(folder: Path) -> str:
+    """What to point ``data.root`` at when ``folder``, read as an image folder, holds
+    RecordIO files that :func:`~facecluster.data.recordio.rec_paths` does not take
+    (several, one without its ``.idx``, or one beside sub-folders); ``""`` when none."""
+    if not folder.is_dir():
+        return ""
+    recs = sorted(p for p in folder.glob("*.rec") if p.is_file())
+    if len(recs) > 1:
+        return (
+            f"{folder} holds {len(recs)} RecordIO files and no train.rec "
+            f"({_shown([p.name for p in recs])}): point data.root at the .rec to train on"
+        )
+    if recs and not recs[0].with_suffix(".idx").is_file():
+        return (
+            f"{folder} holds {recs[0].name} without {recs[0].with_suffix('.idx').name} "
+            "beside it, which a .rec is read with: copy it there too, then point data.root "
+            f"at {recs[0]}"
+        )
+    if recs:
+        return f"to train on the RecordIO file {folder} holds, point data.root at {recs[0]}"
+    return ""
+
+
 def scan(
     root: str | Path,
     min_images_per_class: int = 1,
@@ -519,10 +645,32 @@ def scan(
     cache: str | Path | None = None,
 ) -> FaceFolder:
     """An image folder or a RecordIO file, told apart by the path (``cache``: see
-    :func:`scan_record_file`; folders ignore it)."""
+    :func:`scan_record_file`; folders ignore it).
+
+    A RecordIO file is named by its ``.rec``, its ``.idx`` or its folder
+    (:func:`~facecluster.data.recordio.rec_paths`). Any other file is refused as such,
+    naming the ``.rec`` beside it (``property``, ``identities.txt``), and a folder
+    read as an image folder that fails names the ``.rec`` files it holds."""
     if rec_paths(root) is not None:
         return scan_record_file(root, min_images_per_class, max_classes, cache)
-    return scan_image_folder(root, min_images_per_class, max_classes)
+    path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        beside = rec_paths(path.parent)
+        if beside is not None:
+            hint = f"it lies beside {beside[0]}: point data.root at that file (or its folder)"
+        else:
+            hint = _rec_hint(path.parent)
+        raise NotADirectoryError(
+            f"root {str(root)!r} is a file, not an image folder, a .rec or its .idx"
+            + (f"; {hint}" if hint else "")
+        )
+    try:
+        return scan_image_folder(root, min_images_per_class, max_classes)
+    except ValueError as e:
+        hint = _rec_hint(path)
+        if not hint:
+            raise
+        raise ValueError(f"{e}. {hint}") from None
 
 
 UNSEEN_SPLITS = ("val", "test")

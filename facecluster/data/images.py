@@ -375,6 +375,32 @@ def scored(labels: torch.Tensor) -> torch.Tensor:
     return labels != IGNORED
 
 
+_RECORD_LOCATOR = re.compile(r"(?P<rec>.+\.rec)#(?P<key>\d+)")
+"""A ``.rec`` record's locator, ``<file>#<key>`` (no image file's name ends so)."""
+
+
+def _records_named(locators: list[str]) -> list[str] | None:
+    """``<file>#<key> (offset O)`` for each of ``locators`` when all are ``.rec``
+    records (the offset from the ``.idx`` beside the file; without it when that cannot
+    be read), else None. For :meth:`BadImageTracker.check`'s message, raised once."""
+    found = [_RECORD_LOCATOR.fullmatch(locator) for locator in locators]
+    if not found or not all(found):
+        return None
+    from facecluster.data.recordio import RecordFile  # recordio imports this module
+
+    offsets: dict[str, object] = {}
+    named = []
+    for locator, match in zip(locators, found, strict=True):
+        rec, key = match["rec"], int(match["key"])
+        try:
+            if rec not in offsets:
+                offsets[rec] = RecordFile(rec).offsets
+            named.append(f"{locator} (offset {offsets[rec][key]})")
+        except Exception:  # noqa: BLE001 (a message's detail: the locator alone will do)
+            named.append(locator)
+    return named
+
+
 class BadImageTracker:
     """Per-sample "known broken" flags shared by a datamodule's datasets and their workers;
     and, for ``.rec`` records, "decoded in place before" (:attr:`passed`), so that later
@@ -461,10 +487,18 @@ class BadImageTracker:
         if bad > max_bad_fraction * total:
             ids = np.asarray(split_ids)
             shown = [self.paths[i] for i in ids[self.bad(ids)][:5].tolist()]  # this split's
+            records = _records_named(shown)
+            # a record cannot be repaired or removed inside its .rec: the file is made again
+            fix = (
+                "A .rec cannot be repaired in place: pack its images again (facecluster pack "
+                "SRC OUT --overwrite)"
+                if records
+                else "Repair or remove them"
+            )
             raise BadImageError(
                 f"{bad} of {total} images of the {split_name} are undecodable, more than "
                 f"data.max_bad_fraction={max_bad_fraction}; the data set looks damaged "
-                f"(e.g. {', '.join(shown)}). Repair or remove them, or raise data.max_bad_fraction"
+                f"(e.g. {', '.join(records or shown)}). {fix}, or raise data.max_bad_fraction"
             )
 
     def merge(self, device: torch.device) -> None:

@@ -12,8 +12,13 @@ seeded random order without header or identity records (the plain im2rec layout
 that DALI-style sequential readers want); the reader then finds the identities in
 one pass over the record headers.
 
+An OUT that already holds ``train.rec`` or ``train.idx`` (a data set: one mistyped OUT
+would replace a downloaded MS1MV3) is refused before SRC is read, unless
+``--overwrite`` is given.
+
     facecluster pack datasets/lfw-demo/images /data/lfw-demo-rec
     python -m facecluster.data.pack SRC OUT --shuffle
+    facecluster pack SRC OUT --overwrite    # replace the data set OUT holds
 """
 
 from __future__ import annotations
@@ -34,12 +39,25 @@ from facecluster.data.folder import IDENTITY_NAMES, FaceFolder, scan_image_folde
 from facecluster.data.recordio import RecordWriter, pack
 from facecluster.io import replacing_together
 
+DATA_SET = ("train.rec", "train.idx")
+"""What makes OUT hold a data set that pack refuses to replace without ``--overwrite``."""
 
-def pack_folder(src: str | Path, out: str | Path, shuffle: bool = False, seed: int = 0) -> Path:
+
+def pack_folder(
+    src: str | Path, out: str | Path, shuffle: bool = False, seed: int = 0, overwrite: bool = False
+) -> Path:
     """Pack every identity of ``src`` (zero-byte files left out) into ``out``.
+
+    Args:
+        overwrite: replace the ``train.rec``/``train.idx`` that ``out`` holds (refused
+            without it, before ``src`` is read).
 
     Returns:
         The written ``train.rec``.
+
+    Raises:
+        FileExistsError: ``out`` holds a data set and ``overwrite`` is not set.
+        ValueError: ``out`` is a file or ``src``, or ``src`` cannot be packed.
     """
     out = Path(out).expanduser()
     # before the scan (minutes over millions of files): where the files go
@@ -49,6 +67,12 @@ def pack_folder(src: str | Path, out: str | Path, shuffle: bool = False, seed: i
         )
     if out.resolve() == Path(src).expanduser().resolve():
         raise ValueError(f"OUT {out} is SRC: pack into another folder than the images'")
+    held = [name for name in DATA_SET if (out / name).exists() or (out / name).is_symlink()]
+    if held and not overwrite:
+        raise FileExistsError(
+            f"OUT {out} already holds {' and '.join(held)}: a data set, which pack would "
+            "replace. Pass --overwrite to replace it, or choose another OUT"
+        )
     folder = scan_image_folder(src)
     # identities.txt holds one name a line: a name with a line break would shift every
     # later identity's name onto another's images. Refused before any record is written.
@@ -142,11 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output folder for train.rec, train.idx, property")
     parser.add_argument("--shuffle", action="store_true", help="seeded random record order")
     parser.add_argument("--seed", type=int, default=0, help="seed of --shuffle")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the train.rec/train.idx (and property, identities.txt) OUT holds",
+    )
     args = parser.parse_args(argv)
     try:
         with _sigterm_unwinds():
-            rec = pack_folder(args.src, args.out, args.shuffle, args.seed)
-    except (OSError, ValueError) as e:  # OSError: OUT a file, unwritable
+            rec = pack_folder(args.src, args.out, args.shuffle, args.seed, args.overwrite)
+    except (OSError, ValueError) as e:  # OSError: OUT unwritable, or holding a data set
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {rec} and {rec.with_suffix('.idx')}")

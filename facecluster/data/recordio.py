@@ -166,15 +166,43 @@ class RecordWriter:
 
 
 def rec_paths(root: str | Path) -> tuple[Path, Path] | None:
-    """``(train.rec, train.idx)`` when ``root`` names a .rec file or a folder holding one.
+    """``(.rec, .idx)`` when ``root`` names a RecordIO data set, else None.
 
-    A folder is looked into first, whatever its name: a download unpacked into
-    ``glint360k.rec/`` holds ``train.rec``. A path ending in ``.rec`` that is no
-    folder is the file itself (its absence is named when it is opened)."""
+    - A folder is looked into first, whatever its name (a download unpacked into
+      ``glint360k.rec/`` holds ``train.rec``): its ``train.rec``; without one, the one
+      ``*.rec`` file it holds, when its ``.idx`` is beside it and the folder holds no
+      sub-folder (identity folders: it is read as an image folder, as before; what
+      a folder of several ``.rec`` files, or of one without its ``.idx``, is told is
+      :func:`~facecluster.data.folder.scan`'s). The look stops at the first sub-folder,
+      so an image folder costs a few entries.
+    - A path ending in ``.rec`` that is no folder is the file itself (its absence is
+      named when it is opened).
+    - A path ending in ``.idx`` that is no folder stands for its ``.rec``: the pair is
+      one data set, named as plainly by either half.
+
+    The ``.idx`` is always the ``.rec``'s path with the suffix ``.idx``."""
     root = Path(root).expanduser()
     if root.is_dir():
         rec = root / "train.rec"
-        return (rec, rec.with_suffix(".idx")) if rec.is_file() else None
+        if rec.is_file():
+            return rec, rec.with_suffix(".idx")
+        found = []
+        with os.scandir(root) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    if entry.is_dir():
+                        return None
+                    if entry.name.endswith(".rec") and entry.is_file():
+                        found.append(Path(entry.path))
+                except OSError:  # a looping link is no data set file
+                    continue
+        if len(found) != 1 or not found[0].with_suffix(".idx").is_file():
+            return None
+        return found[0], found[0].with_suffix(".idx")
+    if root.suffix == ".idx":
+        root = root.with_suffix(".rec")
     if root.suffix != ".rec":
         return None
     return root, root.with_suffix(".idx")
@@ -613,6 +641,19 @@ class RecordFile:
             for a, b, ok in zip(start.tolist(), end.tolist(), sound.tolist(), strict=True)
         ]
 
+    def misplaced_offsets(self, looked_at: int = 1024) -> tuple[int, int]:
+        """``(offsets where no record starts, offsets looked at)``, of up to ``looked_at``
+        of the ``.idx``'s offsets evenly over the file: most of them missing a record
+        means the ``.idx`` of another ``.rec`` (one corrupt record is one of them)."""
+        offsets = np.sort(self.offsets.offsets_)
+        if len(offsets) > looked_at:
+            offsets = offsets[np.linspace(0, len(offsets) - 1, looked_at).astype(np.int64)]
+        words = self._words()
+        inside = (offsets % 4 == 0) & (offsets // 4 + 1 < len(words))
+        at = np.where(inside, offsets // 4, 0)
+        starts = inside & (words[at] == MAGIC) & (words[at + 1] >> 29 < 2)
+        return int(np.count_nonzero(~starts)), len(offsets)
+
     def _words(self) -> np.ndarray:
         """The mapped file as little-endian uint32 words (its last 0-3 bytes left out)."""
         buf = self._buffer()
@@ -643,6 +684,17 @@ class RecordLayout:
     """Keys of records whose header cannot be read, in a file without identity records:
     their identity is unknown, so they are in no identity (``data.on_bad_image``
     decides whether that stops the run, as for a zero-byte file of a folder)."""
+    identity_records: int | None = None
+    """How many identity records the header gives (InsightFace's layout: identities
+    without an image count too); None for a file without them."""
+
+    @property
+    def identities(self) -> int:
+        """How many identity labels the file has: its identity records, else its
+        largest image label + 1."""
+        if self.identity_records is not None:
+            return self.identity_records
+        return int(self.labels.max()) + 1 if len(self.labels) else 0
 
 
 def image_layout(records: RecordFile, cache: str | Path | None = None) -> RecordLayout:
@@ -689,7 +741,7 @@ def image_layout(records: RecordFile, cache: str | Path | None = None) -> Record
             f"{image_keys[i]}, which {records.idx} does not list ({len(missing)} such "
             "keys): a damaged or truncated .idx?"
         )
-    return RecordLayout(image_keys, labels)
+    return RecordLayout(image_keys, labels, identity_records=len(bounds))
 
 
 def _check_ranges(records: RecordFile, first: int, bounds: np.ndarray) -> None:
