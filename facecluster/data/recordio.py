@@ -415,7 +415,8 @@ class RecordFile:
     def _past_end(self, line_no: int, key: int, offset: int) -> NoReturn:
         raise ValueError(
             f"{self.idx} line {line_no}: key {key} points at offset {offset}, "
-            f"past the end of {self.rec} ({self.size} bytes): truncated file?"
+            f"past the end of {self.rec} ({self.size} bytes): truncated file, or the .idx "
+            "of another .rec?"
         )
 
     def _read_index_lines(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
