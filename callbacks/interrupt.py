@@ -5,7 +5,8 @@ attempting graceful shutdown ..." and ends the process with exit status 1, namin
 neither the run folder nor the command that continues it. Its callbacks see the
 interrupt first (``on_exception``): :class:`ResumeHint` prints that command, once,
 from the process that started the run (not from a stage-2 job it launched, nor from
-the other DDP ranks).
+the other DDP ranks). Local stage-2 jobs run outside any Trainer of that process: the
+pipeline prints :func:`resume_hint` when Ctrl-C stops them.
 """
 
 from __future__ import annotations
@@ -18,11 +19,22 @@ from typing import Any
 import lightning as L
 
 
-class ResumeHint(L.Callback):
-    """On Ctrl-C, print ``interrupted: continue with python train.py resume=<run>``."""
+def resume_hint(run_dir: str | Path, stage: str = "all") -> str:
+    """What to say when a run is interrupted: the command that continues it (with the
+    ``stage=`` it ran, which a resume would otherwise take as ``all``)."""
+    again = f" stage={stage}" if stage != "all" else ""
+    return (
+        "\ninterrupted: continue the run (from its last finished epoch, if any) with\n"
+        f"  python train.py resume={run_dir}{again}"
+    )
 
-    def __init__(self, run_dir: str | Path, job_env: str) -> None:
+
+class ResumeHint(L.Callback):
+    """On Ctrl-C, print :func:`resume_hint`."""
+
+    def __init__(self, run_dir: str | Path, stage: str, job_env: str) -> None:
         self.run_dir = Path(run_dir)
+        self.stage = stage
         self.job_env = job_env
 
     def on_exception(
@@ -30,10 +42,6 @@ class ResumeHint(L.Callback):
     ) -> None:
         if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
             return
-        if os.environ.get(self.job_env):  # a stage-2 job: the command that started it says it
+        if os.environ.get(self.job_env):  # a stage-2 job: its parent says it
             return
-        print(
-            f"\ninterrupted: the run's last finished epoch is kept; continue it with\n"
-            f"  python train.py resume={self.run_dir}",
-            file=sys.stderr,
-        )
+        print(resume_hint(self.run_dir, self.stage), file=sys.stderr)

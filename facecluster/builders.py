@@ -63,7 +63,7 @@ def verification_sets(cfg: Config) -> dict[str, VerificationPairs]:
         return {name: load_pairs(path) for name, path in paths.items()}
 
 
-def check_verification_sets(cfg: Config) -> None:
+def check_verification_sets(cfg: Config, stage1_done: bool = False) -> None:
     """Before any training, when this command uses ``data.verification`` (stage 1
     measures it; the evaluation after training tables it): read every set whole, the
     pickle and every image decoded (:func:`~facecluster.data.verification.load_pairs`),
@@ -71,12 +71,14 @@ def check_verification_sets(cfg: Config) -> None:
     short, or an image that cannot be decoded, stops the command here, named (a config
     error), not after the first epoch. Images that are not ``data.image_size`` square
     are resized (squashed, if not square) by verification: a warning says so, in global
-    rank 0. A few seconds per set of 12,000-14,000 images.
+    rank 0. A few seconds per set of 12,000-14,000 images. ``stage1_done``: the run's
+    stage 1 is finished (a resume), so only an evaluation after training reads them.
 
     Raises:
         ConfigError: ``data.verification: <file>: ...``, the file and what is wrong.
     """
-    uses = cfg.stage in ("all", "1") or (cfg.assembles and cfg.eval.after_training)
+    trains = cfg.stage in ("all", "1") and not stage1_done  # stage 1 measures them
+    uses = trains or (cfg.assembles and cfg.eval.after_training)
     if not cfg.data.verification or not uses:
         return
     with naming("data.verification"):

@@ -148,6 +148,8 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except JobsFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # local stage-2 jobs stopped: the pipeline said how to go on
+        return 130
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from facecluster.builders import (
     module_args,
 )
 from facecluster.callbacks import ClusteringCallback, ResumeHint
+from facecluster.callbacks.interrupt import resume_hint
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import Config, ConfigError, naming
 from facecluster.data import FaceDataModule
@@ -97,13 +99,15 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         if cfg.launcher.name == "local" and cfg.stage != "assemble":  # jobs run as local
             check_trainer(cfg)  # what Lightning refuses, before the data scan
         check_wandb_server(cfg)
-        check_verification_sets(cfg)  # read whole: a broken set stops before any training
         backbone_params = backbone_parameters(cfg)
         dm = build_datamodule(cfg)
         check_cluster_count(cfg, dm)
         check_local_jobs(cfg)  # local stage-2 jobs must fit this node: known now
         folder = RunFolder.for_training(cfg)
         _check_prerequisites(cfg, folder)
+        # read whole: a broken set stops before any training (a resume past stage 1
+        # that does not evaluate reads none)
+        check_verification_sets(cfg, stage1_done=folder.has_stage_summary(1))
         if cfg.launcher.name == "slurm":
             check_queue(folder)  # before the run folder changes
         run_id = folder.create(new=not cfg.resume)
@@ -114,7 +118,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         rank_zero_info(f"facecluster run folder: {folder.path}")
         logger = build_logger(cfg, folder.path, run_id)
         with finish_logger(logger):
-            hint = ResumeHint(folder.path, JOB_ENV)  # Ctrl-C: the command that continues
+            hint = ResumeHint(folder.path, cfg.stage, JOB_ENV)  # Ctrl-C: how to continue
             return _two_stages(_Run(cfg, dm, folder, logger, [*callbacks, hint]))
 
 
@@ -256,7 +260,11 @@ def _stage2(run: _Run, clustering: ClusteringCallback) -> SubnetSystem | None:
         own = fresh and cfg.logger == "csv"
         return fit_stage2(run, clustering, groups[0], own_logger=own, fresh=fresh)
     if is_global_zero():  # the other DDP ranks of stage 1 have nothing more to do
-        run_local(folder, groups, cfg.launcher.parallel, devices_per_job(cfg))
+        try:
+            run_local(folder, groups, cfg.launcher.parallel, devices_per_job(cfg))
+        except KeyboardInterrupt:  # outside any Trainer: the jobs stay quiet
+            print(resume_hint(folder.path, cfg.stage), file=sys.stderr)
+            raise
     return None
 
 

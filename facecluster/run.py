@@ -514,7 +514,8 @@ class RunFolder:
         differ = False
         for split, digests in dm.split_fingerprint().items():
             before = kept.get(split, [])
-            changed = sum(a != b for a, b in zip(digests, before, strict=False))
+            pairs = zip(digests, before, strict=False)
+            changed = sum(a != b and "" not in (a, b) for a, b in pairs)  # "": unreadable
             differ |= len(digests) != len(before) or changed * 4 > len(digests)
         if differ:
             raise ConfigError(
@@ -894,7 +895,10 @@ def launched_processes() -> int:
 def _data_set(root: Path) -> Path:
     """What ``data.root`` reads, however written: a RecordIO file (named by itself or by
     its folder), else the image folder."""
-    paths = rec_paths(root)
+    try:
+        paths = rec_paths(root)
+    except OSError:  # a folder this user cannot search: compared as written
+        paths = None
     return (paths[0] if paths is not None else root).resolve()
 
 

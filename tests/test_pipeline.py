@@ -268,17 +268,22 @@ def test_last_ckpt_follows_the_final_epoch_even_without_improvement(tmp_path):
             torch.testing.assert_close(subnet.backbone[k], stage1[k], rtol=0, atol=1e-6)
 
 
-def test_ctrl_c_says_which_command_continues_the_run(tmp_path, capsys):
+def test_ctrl_c_says_which_command_continues_the_run(tmp_path, capsys, monkeypatch):
     # Lightning ends a Ctrl-C'd fit with exit status 1 after "attempting graceful
     # shutdown", naming neither the run nor how to continue it
     import signal
+
+    from facecluster import pipeline
 
     class CtrlC(L.Callback):
         def on_train_batch_end(self, trainer, *args):
             if trainer.current_epoch == 1:
                 raise KeyboardInterrupt
 
-    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "logger=none", "method=single"))
+    hint = "interrupted: continue the run (from its last finished epoch, if any) with\n"
+    run = tmp_path / "run"
+    overrides = smoke_overrides(tmp_path, "logger=none", "stage=1", "stage1.max_epochs=2")
+    cfg = load_config(SMOKE, overrides)
     handler = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit) as stop:
@@ -286,7 +291,20 @@ def test_ctrl_c_says_which_command_continues_the_run(tmp_path, capsys):
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores a second Ctrl-C
     assert stop.value.code == 1
-    run = tmp_path / "run"
-    assert f"continue it with\n  python train.py resume={run}\n" in capsys.readouterr().err
-    resumed = RunFolder.config_for_resume(str(run), [])  # the command is one it takes
-    assert RunFolder(run).last_checkpoint(1).is_file() and resumed.method == "single"
+    # the stage it ran: a plain resume would go on to stage 2
+    assert f"{hint}  python train.py resume={run} stage=1\n" in capsys.readouterr().err
+    assert RunFolder(run).last_checkpoint(1).is_file()
+    # Ctrl-C while local stage-2 jobs run (outside any Trainer of this process): the
+    # same hint, and exit status 130 without a traceback
+    from facecluster import cli
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_local", stopped)
+    code = cli.train_main(
+        [f"resume={run}", "stage=all", "stage2.jobs=2", "eval.after_training=false"]
+    )
+    err = capsys.readouterr().err
+    assert code == 130 and f"{hint}  python train.py resume={run}\n" in err, err[-2000:]
+    assert "Traceback" not in err

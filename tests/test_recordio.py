@@ -4,6 +4,7 @@ packed folder exactly as on the folder."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -476,11 +478,11 @@ def test_datamodule_serves_the_same_pixels_from_rec_and_folder(packed):
             assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
 
 
-def test_a_run_checks_that_its_data_splits_its_identities_as_it_did(tmp_path, packed):
+def test_a_run_checks_that_its_data_splits_its_identities_as_it_did(tmp_path, packed, monkeypatch):
     # the same identities, their images in another order (a --shuffle pack of the
     # run's folder), split otherwise: a resume or evaluation would test on training
     # images; the run's folder packed as it is splits alike
-    from facecluster.run import SPLIT, RunFolder
+    from facecluster.run import CLASS_NAMES, SPLIT, RunFolder
 
     kw = {"min_images_per_class": 10, "max_classes": 3}
     run = RunFolder(tmp_path / "run")
@@ -493,6 +495,23 @@ def test_a_run_checks_that_its_data_splits_its_identities_as_it_did(tmp_path, pa
         run.check_data(shuffled)
     (run.path / SPLIT).unlink()  # a run made before splits were recorded: not checked
     run.check_data(shuffled)
+    # an image that could not be read when the split was recorded (a transient read
+    # error) is not compared, and one broken or repaired since is one of many
+    folder = FaceDataModule(str(DEMO), **kw)
+    first_val = folder.split_samples("val").locators[0]
+    (run.path / CLASS_NAMES).unlink()  # recorded again, as a new run does
+    with monkeypatch.context() as m:
+        original = Path.read_bytes
+
+        def flaky(path):
+            if str(path) == first_val:
+                raise OSError(5, "Input/output error")
+            return original(path)
+
+        m.setattr(Path, "read_bytes", flaky)
+        run.keep_data(FaceDataModule(str(DEMO), **kw))
+    assert json.loads((run.path / SPLIT).read_text())["val"][0] == ""
+    run.check_data(FaceDataModule(str(packed / "rec"), **kw))
 
 
 def test_a_corrupt_record_is_skipped_or_stops_naming_key_and_offset(tmp_path, packed):

@@ -301,6 +301,11 @@ def test_a_bin_file_cut_short_is_refused_before_training(tmp_path):
     # a command that neither trains stage 1 nor evaluates does not read the sets
     check_verification_sets(load_config(SMOKE, [*cut, "stage=cluster"]))
     check_verification_sets(load_config(SMOKE, [*cut, "eval.after_training=false", "stage=2"]))
+    # nor a resume past stage 1 that does not evaluate (its stage 1 is finished)
+    resumed = load_config(SMOKE, [*cut, "eval.after_training=false"])
+    check_verification_sets(resumed, stage1_done=True)
+    with pytest.raises(ConfigError, match=refused):
+        check_verification_sets(resumed, stage1_done=False)
     # and, should the file be cut after the start, where stage 1 reads it again
     with pytest.raises(ConfigError, match=refused):
         _epoch_end(VerificationCallback([tmp_path / "cut.bin"], 1, 64, 8))

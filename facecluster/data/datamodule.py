@@ -795,11 +795,11 @@ class FaceDataModule(lightning.LightningDataModule):
     def split_fingerprint(self, identities: int = 64) -> dict[str, list[str]]:
         """What the val and test splits hold: for each, a short digest of the encoded
         bytes of each of its images of the first ``identities`` identities, in split
-        order. The same data split the same way gives the same digests whatever its
-        layout (a folder, or that folder packed); the same identities with their images
-        in another order (a ``--shuffle`` pack of it) other ones, as their split differs
-        (:meth:`RunFolder.check_data` compares them). About ``identities`` x 30% of an
-        identity's images are read."""
+        order ("" for one that cannot be read). The same data split the same way gives
+        the same digests whatever its layout (a folder, or that folder packed); the
+        same identities with their images in another order (a ``--shuffle`` pack of
+        it) other ones, as their split differs (:meth:`RunFolder.check_data` compares
+        them). About ``identities`` x 30% of an identity's images are read."""
         folder, splits = self._ensure_setup()
         digests: dict[str, list[str]] = {}
         for split in ("val", "test"):
@@ -812,8 +812,9 @@ class FaceDataModule(lightning.LightningDataModule):
                         data = folder.records.encoded(source)
                     else:
                         data = Path(source).read_bytes()
-                except OSError:  # unreadable (RecordError too): hashed as empty
-                    data = b""
+                except OSError:  # unreadable (RecordError too): not compared
+                    digests[split].append("")
+                    continue
                 digests[split].append(hashlib.sha1(data).hexdigest()[:16])
         return digests
 
