@@ -148,7 +148,8 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except JobsFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # local stage-2 jobs stopped: the pipeline said how to go on
+    except KeyboardInterrupt:  # outside a Trainer (Lightning's own ends in exit 1)
+        print("interrupted", file=sys.stderr)  # local stage-2 jobs: the hint came first
         return 130
     return 0
 

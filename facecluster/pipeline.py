@@ -99,15 +99,16 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         if cfg.launcher.name == "local" and cfg.stage != "assemble":  # jobs run as local
             check_trainer(cfg)  # what Lightning refuses, before the data scan
         check_wandb_server(cfg)
+        # read whole: a broken set stops before the data scan and any training (a
+        # resume past stage 1 that does not evaluate reads none)
+        resumed = bool(cfg.resume) and RunFolder.for_training(cfg).has_stage_summary(1)
+        check_verification_sets(cfg, stage1_done=resumed)
         backbone_params = backbone_parameters(cfg)
         dm = build_datamodule(cfg)
         check_cluster_count(cfg, dm)
         check_local_jobs(cfg)  # local stage-2 jobs must fit this node: known now
         folder = RunFolder.for_training(cfg)
         _check_prerequisites(cfg, folder)
-        # read whole: a broken set stops before any training (a resume past stage 1
-        # that does not evaluate reads none)
-        check_verification_sets(cfg, stage1_done=folder.has_stage_summary(1))
         if cfg.launcher.name == "slurm":
             check_queue(folder)  # before the run folder changes
         run_id = folder.create(new=not cfg.resume)

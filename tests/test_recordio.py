@@ -1072,12 +1072,24 @@ def test_pack_refuses_an_out_holding_a_data_set_unless_overwrite(tmp_path, capsy
         m.setattr(pack_module, "scan_image_folder", lambda *a: pytest.fail("SRC was read"))
         assert pack_main([str(other), str(out)]) == 2
         err = capsys.readouterr().err
-        assert f"OUT {out} already holds train.rec and train.idx" in err and "--overwrite" in err
+        assert (
+            "--overwrite" in err and f"OUT {out} already holds a data set (identities.txt, " in err
+        )
         (out / "train.rec").rename(tmp_path / "kept.rec")  # an index alone is refused too
-        with pytest.raises(FileExistsError, match=r"already holds train.idx: .*--overwrite"):
+        with pytest.raises(FileExistsError, match=r"property, train.idx\), .*--overwrite"):
             pack_module.pack_folder(other, out)
         (tmp_path / "kept.rec").rename(out / "train.rec")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "nothing replaced"
+    # a data set under another name (ms1m.rec/.idx), or the files beside one, is
+    # refused too: pack would replace its property and identities.txt
+    for held in (("ms1m.rec", "ms1m.idx"), ("property",)):
+        elsewhere = tmp_path / f"held-{len(held)}"
+        elsewhere.mkdir()
+        for name in held:
+            (elsewhere / name).write_bytes(b"kept")
+        with pytest.raises(FileExistsError, match=rf"data set \({', '.join(sorted(held))}\)"):
+            pack_module.pack_folder(other, elsewhere)
+        assert sorted(p.name for p in elsewhere.iterdir()) == sorted(held)
     assert pack_main([str(other), str(out), "--overwrite"]) == 0
     assert (out / "property").read_text().startswith("3,")
     assert len(scan(out).class_names) == 3
@@ -1099,6 +1111,9 @@ def test_an_identities_txt_must_name_exactly_the_identities_of_the_file(packed, 
     records, _ = _insightface(1, [2, 3, 0])
     _write(tmp_path, records)
     (tmp_path / "identities.txt").write_text("Ann\nBob\nCid\n")
+    assert scan(tmp_path).class_names == ["Ann", "Bob"]
+    # blank lines at its end (an editor's, CRLF too) name nobody
+    (tmp_path / "identities.txt").write_bytes(b"Ann\r\nBob\r\nCid\r\n\r\n\n")
     assert scan(tmp_path).class_names == ["Ann", "Bob"]
     (tmp_path / "identities.txt").write_text("Ann\nBob\n")
     with pytest.raises(ValueError, match=r"2 names for identity labels up to 2 \(3 identities"):

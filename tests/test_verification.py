@@ -282,7 +282,7 @@ def _epoch_end(callback: VerificationCallback) -> None:
     callback.on_train_epoch_end(trainer, None)
 
 
-def test_a_bin_file_cut_short_is_refused_before_training(tmp_path):
+def test_a_bin_file_cut_short_is_refused_before_training(tmp_path, capsys):
     # a truncated .bin was read first at the end of stage 1's first epoch (hours in at
     # MS1MV3 scale); the start-up check only saw that the path existed
     from facecluster.builders import check_verification_sets
@@ -301,6 +301,11 @@ def test_a_bin_file_cut_short_is_refused_before_training(tmp_path):
     # a command that neither trains stage 1 nor evaluates does not read the sets
     check_verification_sets(load_config(SMOKE, [*cut, "stage=cluster"]))
     check_verification_sets(load_config(SMOKE, [*cut, "eval.after_training=false", "stage=2"]))
+    # refused before the data is scanned (minutes for a large folder; its errors first)
+    from facecluster import cli
+
+    code = cli.train_main(["-c", str(SMOKE), *cut, f"data.root={tmp_path / 'nowhere'}"])
+    assert code == 2 and "data.verification" in capsys.readouterr().err
     # nor a resume past stage 1 that does not evaluate (its stage 1 is finished)
     resumed = load_config(SMOKE, [*cut, "eval.after_training=false"])
     check_verification_sets(resumed, stage1_done=True)

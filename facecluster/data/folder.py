@@ -481,7 +481,9 @@ def _read_names(
     # split on \n or \r\n only (a file edited on Windows): str.splitlines would also
     # split a name at \x0b, \x1c or \u2028 (pack refuses names with line breaks)
     text = names_file.read_bytes().decode("utf-8", errors="surrogateescape")
-    all_names = [n.removesuffix("\r") for n in text.removesuffix("\n").split("\n")]
+    all_names = [n.removesuffix("\r") for n in text.split("\n")]
+    while all_names and not all_names[-1]:  # blank lines at the end name nobody
+        all_names.pop()
     fits = len(all_names) == count if at_least is None else len(all_names) >= at_least
     if fits and len(set(all_names)) == len(all_names):
         return all_names
@@ -497,7 +499,9 @@ def _read_names(
     )
 
 
-def _check_property(path: Path, records: RecordFile, count: int, whence: str) -> None:
+def _check_property(
+    path: Path, records: RecordFile, count: int, whence: str, at_least: bool = False
+) -> None:
     """Warn when ``property``'s ``num_classes`` is not the file's identity count (a file
     left from another data set, or a ``.rec`` replaced beside it); its image size may
     differ from ``data.image_size`` (the images are resized) and is not compared."""
@@ -510,7 +514,7 @@ def _check_property(path: Path, records: RecordFile, count: int, whence: str) ->
             path, text[:80], records.rec,
         )  # fmt: skip
         return
-    if num_classes != count:
+    if num_classes != count and not (at_least and num_classes > count):
         logger.warning(
             "%s says %d identities (num_classes,height,width = %s), but %s holds %d (%s): "
             "a property file left from another data set, or the .rec replaced beside it? "
@@ -584,8 +588,9 @@ def scan_record_file(
         count = layout.identities
         header = layout.identity_records is not None
         whence = "the identity records its header gives" if header else LARGEST_LABEL
-        if property_file.is_file():
-            _check_property(property_file, records, count, whence)
+        if property_file.is_file():  # unreadable records may hold larger labels
+            at_least = bool(len(layout.unreadable)) and not header
+            _check_property(property_file, records, count, whence, at_least)
     if names_file.is_file():
         # without identity records an unreadable record's label is unknown: a larger
         # one, its identity's name, may be among them
@@ -634,7 +639,7 @@ def _rec_hint(folder: Path) -> str:
             f"at {recs[0]}"
         )
     if recs:
-        return f"to train on the RecordIO file {folder} holds, point data.root at {recs[0]}"
+        return f"To train on the RecordIO file {folder} holds, point data.root at {recs[0]}"
     return ""
 
 

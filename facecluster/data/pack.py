@@ -12,9 +12,9 @@ seeded random order without header or identity records (the plain im2rec layout
 that DALI-style sequential readers want); the reader then finds the identities in
 one pass over the record headers.
 
-An OUT that already holds ``train.rec`` or ``train.idx`` (a data set: one mistyped OUT
-would replace a downloaded MS1MV3) is refused before SRC is read, unless
-``--overwrite`` is given.
+An OUT that already holds a data set (any ``.rec`` or ``.idx``, ``property`` or
+``identities.txt``: one mistyped OUT would replace a downloaded MS1MV3) is refused
+before SRC is read, unless ``--overwrite`` is given.
 
     facecluster pack datasets/lfw-demo/images /data/lfw-demo-rec
     python -m facecluster.data.pack SRC OUT --shuffle
@@ -39,8 +39,9 @@ from facecluster.data.folder import IDENTITY_NAMES, FaceFolder, scan_image_folde
 from facecluster.data.recordio import RecordWriter, pack
 from facecluster.io import replacing_together
 
-DATA_SET = ("train.rec", "train.idx")
-"""What makes OUT hold a data set that pack refuses to replace without ``--overwrite``."""
+DATA_SET = ("*.rec", "*.idx", "property", IDENTITY_NAMES)
+"""What makes OUT hold a data set (any RecordIO pair, or the files beside one) that pack
+refuses to replace or to write beside without ``--overwrite``."""
 
 
 def pack_folder(
@@ -67,10 +68,12 @@ def pack_folder(
         )
     if out.resolve() == Path(src).expanduser().resolve():
         raise ValueError(f"OUT {out} is SRC: pack into another folder than the images'")
-    held = [name for name in DATA_SET if (out / name).exists() or (out / name).is_symlink()]
+    held = sorted(
+        {p.name for pattern in DATA_SET for p in out.glob(pattern)} if out.is_dir() else []
+    )
     if held and not overwrite:
         raise FileExistsError(
-            f"OUT {out} already holds {' and '.join(held)}: a data set, which pack would "
+            f"OUT {out} already holds a data set ({', '.join(held)}), which pack would "
             "replace. Pass --overwrite to replace it, or choose another OUT"
         )
     folder = scan_image_folder(src)

@@ -201,7 +201,7 @@ def rec_paths(root: str | Path) -> tuple[Path, Path] | None:
         if len(found) != 1 or not found[0].with_suffix(".idx").is_file():
             return None
         return found[0], found[0].with_suffix(".idx")
-    if root.suffix == ".idx":
+    if root.suffix == ".idx" and root.is_file():  # a missing one: not found as written
         root = root.with_suffix(".rec")
     if root.suffix != ".rec":
         return None
