@@ -490,8 +490,8 @@ class BadImageTracker:
             records = _records_named(shown)
             # a record cannot be repaired or removed inside its .rec: the file is made again
             fix = (
-                "A .rec cannot be repaired in place: pack its images again (facecluster pack "
-                "SRC OUT --overwrite)"
+                "A .rec cannot be repaired in place: copy it again from its source, or pack "
+                "its images again (facecluster pack SRC OUT --overwrite)"
                 if records
                 else "Repair or remove them"
             )
