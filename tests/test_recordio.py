@@ -1090,6 +1090,14 @@ def test_pack_refuses_an_out_holding_a_data_set_unless_overwrite(tmp_path, capsy
         with pytest.raises(FileExistsError, match=rf"data set \({', '.join(sorted(held))}\)"):
             pack_module.pack_folder(other, elsewhere)
         assert sorted(p.name for p in elsewhere.iterdir()) == sorted(held)
+    # another name's pair even with --overwrite (which replaces train.* only)
+    with pytest.raises(FileExistsError, match=r"another data set \(ms1m.idx, ms1m.rec\)"):
+        pack_module.pack_folder(other, tmp_path / "held-2", overwrite=True)
+    # a killed pack's hidden temporary files are no data set
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / ".train.rec.123-abcd.tmp.rec").write_bytes(b"half")
+    pack_module.pack_folder(other, killed)
     assert pack_main([str(other), str(out), "--overwrite"]) == 0
     assert (out / "property").read_text().startswith("3,")
     assert len(scan(out).class_names) == 3

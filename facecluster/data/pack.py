@@ -68,9 +68,16 @@ def pack_folder(
         )
     if out.resolve() == Path(src).expanduser().resolve():
         raise ValueError(f"OUT {out} is SRC: pack into another folder than the images'")
-    held = sorted(
-        {p.name for pattern in DATA_SET for p in out.glob(pattern)} if out.is_dir() else []
-    )
+    found = (p.name for pattern in DATA_SET for p in out.glob(pattern)) if out.is_dir() else ()
+    held = sorted(n for n in found if not n.startswith("."))  # not a killed pack's temp files
+    other = [
+        n for n in held if n.endswith((".rec", ".idx")) and n not in ("train.rec", "train.idx")
+    ]
+    if other:  # --overwrite replaces train.*: beside another pair, its files would change
+        raise FileExistsError(
+            f"OUT {out} holds another data set ({', '.join(other)}), whose property and "
+            "identities.txt pack would replace, even with --overwrite: choose another OUT"
+        )
     if held and not overwrite:
         raise FileExistsError(
             f"OUT {out} already holds a data set ({', '.join(held)}), which pack would "

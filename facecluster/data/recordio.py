@@ -177,8 +177,9 @@ def rec_paths(root: str | Path) -> tuple[Path, Path] | None:
       so an image folder costs a few entries.
     - A path ending in ``.rec`` that is no folder is the file itself (its absence is
       named when it is opened).
-    - A path ending in ``.idx`` that is no folder stands for its ``.rec``: the pair is
-      one data set, named as plainly by either half.
+    - A path ending in ``.idx`` that is an existing file stands for its ``.rec``: the
+      pair is one data set, named as plainly by either half (a missing one is not
+      found as written).
 
     The ``.idx`` is always the ``.rec``'s path with the suffix ``.idx``."""
     root = Path(root).expanduser()
