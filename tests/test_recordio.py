@@ -1209,6 +1209,21 @@ def _header_first(folder, fmt):
     return _write(folder, records, order=sorted(records))
 
 
+def test_a_label_of_signalling_nan_bytes_is_refused_without_a_numpy_warning(tmp_path):
+    # bytes that are no label (a foreign .idx points into images) may read as a
+    # signalling NaN: widening it warned "invalid value encountered in cast" before
+    # the clean error
+    import warnings
+
+    payload = bytearray(pack(1.0, _jpeg(1)))
+    payload[4:8] = b"\x01\x00\x80\x7f"  # the label: float32 sNaN
+    _write(tmp_path, {0: pack(0.0, _jpeg(2)), 1: bytes(payload)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        layout = image_layout(RecordFile(tmp_path / "train.rec"))
+    assert layout.keys.tolist() == [0] and layout.unreadable.tolist() == [1]
+
+
 def test_an_idx_of_another_rec_is_a_data_error_with_a_hint(tmp_path):
     # its RecordError (an OSError) left the scan: a traceback and exit 1, where every
     # other data error is one line, `error: data: ...`, and exit 2

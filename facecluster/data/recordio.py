@@ -581,13 +581,16 @@ class RecordFile:
         label_bytes = _HEADER.size + 4 * flag
         clean = room & (magic == MAGIC) & (lrecord >> 29 == 0) & (length >= label_bytes)
         clean &= start + 8 + label_bytes <= self.size
-        first = fields.view("<f4")[:, 3].astype(np.float64)
-        second = np.full(len(keys), np.nan)
-        listed = clean & (flag > 0)
-        for entry, out, rows in ((0, first, listed), (1, second, listed & (flag >= 2))):
-            if rows.any():  # a label array's first and second entries, after the header
-                offset = start[rows] + 8 + _HEADER.size + 4 * entry
-                out[rows] = data[offset[:, None] + np.arange(4)].view("<f4")[:, 0]
+        # bytes that are no label (a foreign .idx, a corrupt record) may read as a
+        # signalling NaN, whose widening numpy warns of: such a label is refused anyway
+        with np.errstate(invalid="ignore"):
+            first = fields.view("<f4")[:, 3].astype(np.float64)
+            second = np.full(len(keys), np.nan)
+            listed = clean & (flag > 0)
+            for entry, out, rows in ((0, first, listed), (1, second, listed & (flag >= 2))):
+                if rows.any():  # a label array's first and second entries, after the header
+                    offset = start[rows] + 8 + _HEADER.size + 4 * entry
+                    out[rows] = data[offset[:, None] + np.arange(4)].view("<f4")[:, 0]
         return at, clean, length, label_bytes, first, second  # at: -1 for no record
 
     def _whole(self, key: int, label: float) -> int:
