@@ -276,6 +276,10 @@ def test_an_idx_missing_lines_in_the_middle_is_refused_naming_the_first_unlisted
             layout = image_layout(RecordFile(tmp_path / "train.rec"))
         assert "lists 1 key(s) more than once" in caplog.text
         assert len(layout.keys) == 3
+    # a line missing right after such a record: named by its byte (no key reads it)
+    idx.write_text(f"2\t{o[3]}\n2\t{o[2]}\n0\t{o[0]}\n")
+    with pytest.raises(ValueError, match=rf"at byte {o[1]} .*after the record at byte {o[3]} "):
+        image_layout(RecordFile(tmp_path / "train.rec"))
     # a corrupt record is on_bad_image's: not taken for a gap
     idx.write_text("".join(lines))
     original = (tmp_path / "train.rec").read_bytes()

@@ -653,11 +653,18 @@ class RecordFile:
         offsets = np.sort(self.offsets.offsets_)
         if len(offsets) > looked_at:
             offsets = offsets[np.linspace(0, len(offsets) - 1, looked_at).astype(np.int64)]
+        starts, _ = self._record_starts(offsets)
+        return int(np.count_nonzero(~starts)), len(offsets)
+
+    def _record_starts(self, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For sorted byte ``offsets``: whether a record starts there (aligned, the
+        magic, a whole record's or a split one's first part), and its length word (0
+        where none can be read)."""
         words = self._words()
         inside = (offsets % 4 == 0) & (offsets // 4 + 1 < len(words))
         at = np.where(inside, offsets // 4, 0)
-        starts = inside & (words[at] == MAGIC) & (words[at + 1] >> 29 < 2)
-        return int(np.count_nonzero(~starts)), len(offsets)
+        lrecord = np.where(inside, words[at + 1], 0).astype(np.int64)
+        return inside & (words[at] == MAGIC) & (lrecord >> 29 < 2), lrecord
 
     def _words(self) -> np.ndarray:
         """The mapped file as little-endian uint32 words (its last 0-3 bytes left out)."""
@@ -920,15 +927,11 @@ def _check_listed(
         after = starts
     else:
         after = np.r_[following[: len(starts)], np.full(len(starts) - len(following), size)]
-        inside = (starts % 4 == 0) & (starts + 8 <= size)
-        at = np.where(inside, starts // 4, 0)
-        magic, lrecord = words[at], words[np.minimum(at + 1, len(words) - 1)]
-        length = (lrecord & _LENGTH_MASK).astype(np.int64)
+        sound, lrecord = records._record_starts(starts)
+        length = lrecord & _LENGTH_MASK
         ends = starts + 8 + length + (-length % 4)
-        inside &= magic == MAGIC
-        for i in np.flatnonzero(inside & (lrecord >> 29 == 1)):  # split: walk its parts
+        for i in np.flatnonzero(sound & (lrecord >> 29 == 1)):  # split: walk its parts
             ends[i] = records._end_of(int(starts[i]))
-        sound = inside & (lrecord >> 29 < 2)
         for i in np.flatnonzero(~sound):  # a corrupt record: where does the next start?
             ends[i] = _next_record(words, int(starts[i]), int(after[i]))
     gap = (ends < after) & (ends + 8 <= size)
@@ -937,9 +940,11 @@ def _check_listed(
         i = int(np.argmax(gap))
         index = records.offsets
         where = "before its first listed record"
-        if not first:
-            key = int(index.keys_[np.argmax(index.offsets_ == starts[i])])
-            where = f"after key {key} (offset {int(starts[i])})"
+        named = np.flatnonzero(index.offsets_ == starts[i]) if not first else []
+        if len(named):
+            where = f"after key {int(index.keys_[named[0]])} (offset {int(starts[i])})"
+        elif not first:  # an earlier line of a key listed again names it
+            where = f"after the record at byte {int(starts[i])} (a key listed again later)"
         raise ValueError(
             f"{records.idx} does not list the record at byte {int(ends[i])} of {records.rec}, "
             f"{where}; the next listed record starts at byte {int(after[i])}. Lines of the "
