@@ -10,7 +10,7 @@ from an image folder and an LFW-style ``pairs.txt``.
 
 :func:`load_pairs` reads a set whole: the pickle (or the pairs list and its image
 files), then every distinct image decoded once, as verification decodes it, and
-dropped (LFW's 12,000 images, 7,701 distinct, 112x112: 1.3 s on one core).
+dropped (LFW's 12,000 images, 7,701 distinct, 112x112: about 0.7 s here).
 A file cut short or an image that cannot be decoded is refused there, named (the
 file, and the image's index and pair), rather than when the first pass reaches it.
 """
