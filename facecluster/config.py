@@ -369,6 +369,12 @@ class Stage2Config(StageConfig):
     own (0.25: one in five of its images), labelled with one extra class. At test
     time that class's probability is taken from the sub-net's identities under
     route.decision=moe. 0: no such class (the paper)."""
+    activation_checkpointing: bool = False
+    """Recompute each sub-net's forward pass in the backward pass instead of keeping its
+    activations: a training step then holds one sub-net's activations at a time instead
+    of those of every sub-net the process trains (with ``data.batch_size`` images each),
+    for one more forward pass per sub-net (about a third more stage-2 compute). The
+    weights trained are the same. For K sub-nets per job on a GPU (docs/SCALE.md)."""
 
     def problems(self, prefix: str) -> list[str]:
         r = _Rules(prefix)

@@ -338,6 +338,7 @@ def _fit_job(
         seed=cfg.seed,
         shared_layers=cfg.model.shared_layers,
         not_mine=cfg.stage2.negatives > 0,
+        activation_checkpointing=cfg.stage2.activation_checkpointing,
     )
     model.set_assignment(assignment)
     folder.save_job(subnets)

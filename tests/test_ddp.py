@@ -155,7 +155,8 @@ def test_a_run_resumes_and_evaluates_on_another_device_count(tmp_path):
     # and its momentum are saved whole and split again on load). The last 2-process
     # command trains both stages: replicas agree, the shards make up the saved heads,
     # the class means equal one process's, the clusters are k-means on the whole head's
-    # rows (clustering.features=head gathers the shards); then one process evaluates.
+    # rows (clustering.features=head gathers the shards); stage 2 recomputes its
+    # activations (stage2.activation_checkpointing); then one process evaluates.
     run_dir = tmp_path / "run"
     last = run_dir / "stage1" / "checkpoints" / "last.ckpt"
     common = [
@@ -185,6 +186,7 @@ def test_a_run_resumes_and_evaluates_on_another_device_count(tmp_path):
         *common,
         "trainer.max_epochs=3",
         "stage2.max_epochs=1",
+        "stage2.activation_checkpointing=true",  # recomputed forward passes under DDP
         SAVE_AT_START=str(tmp_path / "start_on_two.ckpt"),
     )
     _assert_same_training_state(saved_by_one, tmp_path / "start_on_two.ckpt")

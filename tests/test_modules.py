@@ -91,6 +91,50 @@ def test_subnet_dropout_draws_repeat_per_batch_and_differ_per_rank(monkeypatch):
     assert torch.equal(loss(1), loss(1))
 
 
+def _saved_bytes(fn):
+    """fn() and the bytes of the distinct tensors autograd keeps for the backward pass."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def test_activation_checkpointing_holds_one_subnet_at_a_time_and_trains_the_same():
+    # stage2.activation_checkpointing: each sub-net's forward pass is recomputed in the
+    # backward pass, so a step keeps its input images, not all K sub-nets' activations;
+    # the weights, the BatchNorm statistics and the dropout draws are those of the step
+    # without it (the BatchNorm layers must not count the recomputation as a batch)
+    cfg = load_config(SMOKE, ["model.embedding_dim=16", "model.dropout=0.5"])
+    torch.manual_seed(0)
+    batch = {k: (torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])) for k in range(3)}
+    trained, saved = [], []
+    for on in (False, True):
+        model = SubnetSystem(
+            9, [3, 3, 3], backbone=cfg.model.backbone_args(32),
+            head={"name": cfg.head.name, "s": cfg.head.s, "m": cfg.head.m}, optim=OPTIM,
+            activation_checkpointing=on,
+        )  # fmt: skip
+        model.log = lambda *a, **k: None  # no Trainer here
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for step in range(3):
+            out, nbytes = _saved_bytes(lambda: model.training_step(batch, step))  # noqa: B023
+            out["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        saved.append(nbytes)
+        trained.append(model.state_dict())
+    assert saved[1] < saved[0] / 3, f"checkpointed step keeps {saved[1]} of {saved[0]} bytes"
+    assert trained[0].keys() == trained[1].keys()
+    for name, value in trained[0].items():
+        assert torch.equal(value, trained[1][name]), name  # buffers: running stats, counts
+
+
 def test_ddp_leaves_the_head_shards_and_the_clustering_buffers_alone():
     # DDP broadcasts rank 0's buffers before every forward: the cluster maps are set
     # alike on every rank from the clustering and never change, so they are not sent;

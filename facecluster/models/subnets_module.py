@@ -26,10 +26,13 @@ a checkpoint restores it with no resizing.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 from torchmetrics import Metric
 
 from facecluster.data import SEED_FORWARD, scored, subnet_seed
@@ -78,6 +81,10 @@ class SubnetSystem(StageSystem):
             (frozen); 0: whole sub-nets train.
         not_mine: each head has one more row, last, the "not mine" class that the
             other clusters' images of ``stage2.negatives`` are labelled with.
+        activation_checkpointing: recompute each sub-net's forward pass in the backward
+            pass instead of keeping its activations (``stage2.activation_checkpointing``):
+            a step then holds one sub-net's activations at a time, not all of its
+            sub-nets', for one more forward pass per sub-net. The weights are the same.
     """
 
     stage = 2
@@ -94,6 +101,7 @@ class SubnetSystem(StageSystem):
         seed: int = 0,
         shared_layers: int = 0,
         not_mine: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -262,12 +270,26 @@ class SubnetSystem(StageSystem):
                 torch.random.default_generator.manual_seed(seed)
                 if devices:
                     torch.cuda.manual_seed(seed)
-                loss = self.heads[str(k)].loss(self.subnets[str(k)](images), labels)
+                loss = self.heads[str(k)].loss(self._embed(k, images), labels)
             self.log(f"train/loss_subnet{k}", loss, batch_size=len(labels))
             losses[k] = loss.detach()
             total = total + loss
         self.log("train/loss", total, prog_bar=True, batch_size=1)
         return {"loss": total, "subnet_losses": losses}
+
+    def _embed(self, k: int, images: Tensor) -> Tensor:
+        """Sub-net ``k``'s training forward pass; under ``activation_checkpointing`` its
+        activations are recomputed in the backward pass (the same random draws: the
+        generator's state is restored for it; the BatchNorm statistics move once)."""
+        subnet = self.subnets[str(k)]
+        if not self.hparams.get("activation_checkpointing", False):
+            return subnet(images)
+        return checkpoint(
+            subnet,
+            images,
+            use_reentrant=False,
+            context_fn=lambda: (nullcontext(), _KeepRunningStats(subnet)),
+        )
 
     def clip_groups(self) -> list[list[nn.Module]]:
         # Lightning's clipping takes one global norm over all sub-nets: one exploding
@@ -337,3 +359,30 @@ class SubnetSystem(StageSystem):
 
     def trained_modules(self) -> list[nn.Module]:
         return [*self.subnets.values(), *self.heads.values()]
+
+
+class _KeepRunningStats(AbstractContextManager):
+    """Around a checkpointed forward pass's recomputation: the BatchNorm layers of
+    ``module`` end with the running statistics they had before it, so that they move
+    once per step, as without checkpointing (the recomputation normalises with the
+    batch's own statistics, which are what the forward pass used)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.layers = [
+            m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+        ]
+
+    def __enter__(self) -> _KeepRunningStats:
+        self.saved = [
+            [b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+            for m in self.layers
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for m, saved in zip(self.layers, self.saved, strict=True):
+                for buffer, value in zip(
+                    (m.running_mean, m.running_var, m.num_batches_tracked), saved, strict=True
+                ):
+                    buffer.copy_(value)
