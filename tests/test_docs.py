@@ -33,6 +33,10 @@ BENCH = "a benchmark of minutes that rewrites its committed results; run by hand
 COMMANDS: dict[str, tuple[str, str]] = {
     "make train": (LEFT_OUT, LONG),
     "make test": (RUN, ".ci/run"),
+    "python bench/subnet_memory.py --out bench/results/subnet_memory.json": (
+        LEFT_OUT,
+        BENCH + " (tests/test_performance.py runs it at toy size)",
+    ),
     "python train.py": (LEFT_OUT, LONG + " (= make train)"),
     SMOKE_COMMAND: (RUN, "tests/test_docs.py::test_the_readme_smoke_command_as_written"),
     "python train.py data.root=/data/faces clustering.num_clusters=8 stage1.max_epochs=20": (

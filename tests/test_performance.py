@@ -227,6 +227,25 @@ def test_routing_benchmark_times_shared_layers_against_the_single_model(tmp_path
     assert "| shared layers |" in done.stdout
 
 
+def test_subnet_memory_benchmark_counts_k_subnets_and_their_recomputation(tmp_path):
+    # bench/subnet_memory.py (docs/TRAINING.md, stage 2's memory) at toy size: a step
+    # keeps K sub-nets' activations, and under stage2.activation_checkpointing only its
+    # inputs (a small fraction)
+    out = tmp_path / "memory.json"
+    command = [
+        sys.executable, "bench/subnet_memory.py", "--backbone", "iresnet18", "--image-size",
+        "32", "--batch", "2", "--clusters", "1", "2", "--repeats", "1", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {(r["subnets"], r["precision"]): r for r in json.loads(out.read_text())["rows"]}
+    for precision in ("fp32", "bf16"):
+        one, two = rows[1, precision], rows[2, precision]
+        assert two["kept_mib"] == pytest.approx(2 * one["kept_mib"], rel=0.01)
+        assert two["kept_checkpointed_mib"] < two["kept_mib"] / 20
+    assert rows[1, "bf16"]["kept_mib"] < rows[1, "fp32"]["kept_mib"]
+
+
 @pytest.mark.slow
 def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, capsys):
     # bench/results.py (docs/RESULTS.md) on the smoke config: 2 seeds, two methods
