@@ -292,7 +292,7 @@ class RunFolder:
         run's space again: 76 GiB at every start for an R50 over 93K identities, K=64,
         computed)."""
         needed = checkpoint_bytes_needed(cfg, backbone_params, num_classes)
-        written = sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        written = _bytes_under(self.path)
         needed = max(0, needed - written)
         free = shutil.disk_usage(self.path).free
         if free < needed:
@@ -961,6 +961,21 @@ def _age(path: Path) -> float:
         return time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return 0.0
+
+
+def _bytes_under(folder: Path) -> int:
+    """The size of the files under ``folder``. Other jobs of the run write it meanwhile:
+    a file (a temporary one most often, replaced into place) that is gone by the time
+    it is looked at counts for nothing, where a plain ``rglob`` and ``stat`` raised
+    FileNotFoundError at this job's start."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
 
 
 def _read_json(path: Path) -> dict[str, Any]:

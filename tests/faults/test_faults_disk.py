@@ -58,3 +58,32 @@ def test_the_free_space_check_counts_what_the_run_has_written(tmp_path, monkeypa
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 2**19))
     with pytest.raises(ConfigError, match=r"has 0 MiB free, .* need about 1 MiB more"):
         run.check_free_space(cfg, 10**6, 100)
+
+
+def test_the_free_space_check_survives_files_replaced_meanwhile(tmp_path, monkeypatch):
+    # Every stage-2 job checks the space at its start while the others write the run
+    # folder: a temporary file replaced into place between two looks at it (is it a
+    # file, its size) stopped the start with FileNotFoundError (a review saw it after
+    # 487 starts beside a job rewriting subnets.json). One look at each file now.
+    import os
+
+    from facecluster.run import RunFolder
+
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path))
+    run = RunFolder.for_training(cfg)
+    run.create()
+    gone = run.path / "stage2" / ".subnets.json.123-ab.tmp.json"
+    gone.parent.mkdir(parents=True)
+    gone.write_text("{}")
+    real = os.stat
+
+    def stat(path, *args, **kwargs):
+        found = real(path, *args, **kwargs)
+        if str(path) == str(gone):
+            gone.unlink()  # replaced into place by another job right after this look
+        return found
+
+    monkeypatch.setattr(os, "stat", stat)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**11))
+    run.check_free_space(cfg, 10**6, 100)
