@@ -41,6 +41,12 @@ head shard back into the launching process's whole head at the end of a fit; FSD
 and DeepSpeed do not honour DDP's ignore list, so the shards would be averaged."""
 
 
+MAX_IMAGE_SIZE = 1024
+"""Largest ``data.image_size``: face crops are 112 (arcface_torch), and 1024 is the
+largest default input of timm's models (SAM's ViTs); a larger value ended in a huge
+allocation, with a traceback."""
+
+
 class ConfigError(ValueError):
     """A configuration problem, raised before any work starts."""
 
@@ -102,6 +108,22 @@ def _not_finite(section: Any, prefix: str = "") -> list[str]:
     return found
 
 
+def _empty(rules: _Rules, name: str, value: str | None, use: str) -> None:
+    """An empty path (``resume=$RUN`` with RUN unset) is refused, not read as the working
+    dir (``data.root``, ``output_dir``) or as no value (``resume``: a new run started)."""
+    if value is not None and not value.strip():
+        rules.add(f"{rules.prefix}{name}={value!r} is empty (an unset shell variable?): {use}")
+
+
+def _number(value: Any) -> bool:
+    """An int or float as YAML types it (not a bool, which is an int in Python)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _whole(value: Any) -> bool:
+    return _number(value) and isinstance(value, int)
+
+
 def resolve_data_root(root: str) -> Path:
     """A relative data.root is taken from the working dir, else from the project root."""
     p = Path(root).expanduser()
@@ -153,8 +175,14 @@ class DataConfig:
 
     def problems(self) -> list[str]:
         r = _Rules("data.")
+        _empty(r, "root", self.root, "name the image folder or .rec file to train on")
         for name in ("image_size", "eval_batch_size", "min_images_per_class", "max_classes"):
             r.positive(name, getattr(self, name))
+        if self.image_size > MAX_IMAGE_SIZE:
+            r.add(
+                f"data.image_size={self.image_size} is more than {MAX_IMAGE_SIZE}: images are "
+                "resized to image_size x image_size (face crops: 112)"
+            )
         if self.batch_size < 2:
             r.add(
                 "data.batch_size must be >= 2 (BatchNorm1d cannot train on a batch of 1), "
@@ -374,7 +402,7 @@ class Stage2Config(StageConfig):
     activations: a training step then holds one sub-net's activations at a time instead
     of those of every sub-net the process trains (with ``data.batch_size`` images each),
     for one more forward pass per sub-net (about a third more stage-2 compute). The
-    weights trained are the same. For K sub-nets per job on a GPU (docs/SCALE.md)."""
+    weights trained are the same. For K sub-nets per job on a GPU (docs/TRAINING.md)."""
 
     def problems(self, prefix: str) -> list[str]:
         r = _Rules(prefix)
@@ -607,6 +635,13 @@ class Config:
         if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
             # ".." wrote the run's files into output_dir's parent, among the user's own
             r.add(f"run_name must be one folder's name (no '/', not '.' or '..'), got {name!r}")
+        _empty(r, "output_dir", self.output_dir, "name the folder the runs go in (default: runs)")
+        _empty(
+            r,
+            "resume",
+            self.resume,
+            "name the run folder or checkpoint to continue, or leave resume out to start a new run",
+        )
         found = r.problems
         for section in (self.data, self.model, self.head, self.clustering, self.launcher):
             found += section.problems()
@@ -690,6 +725,39 @@ class Config:
                 f"trainer.strategy={strategy!r}: the margin heads are sharded across "
                 "processes (Partial FC), which only ddp supports, one process per device "
                 "started by Lightning, torchrun or srun: use trainer.strategy=ddp"
+            )
+        # values that train nothing: stage 1 "finished" without a checkpoint, and stage 2,
+        # which starts from it, then stopped with a FileNotFoundError (the run stuck)
+        t = self.trainer
+        limit = t.get("limit_train_batches")
+        if _number(limit) and limit == 0:
+            found.append(
+                f"trainer.limit_train_batches={limit} trains no batch, so stage 1 would end "
+                "without the checkpoint stage 2 starts from: use a count > 0 or a fraction "
+                "in (0, 1]"
+            )
+        if _whole(t.get("max_steps")) and t["max_steps"] == 0:
+            found.append(
+                "trainer.max_steps=0 trains no step, so stage 1 would end without the "
+                "checkpoint stage 2 starts from: use a count > 0, or -1 for no limit"
+            )
+        fast = t.get("fast_dev_run")
+        if fast is True or (_whole(fast) and fast > 0):
+            fast = "true" if fast is True else fast  # as written
+            found.append(
+                f"trainer.fast_dev_run={fast} saves no checkpoint, so stage 2 could not start "
+                "from stage 1: for a quick run use configs/smoke.yaml, or "
+                "trainer.limit_train_batches=N with trainer.max_epochs=1"
+            )
+        clip = t.get("gradient_clip_val")
+        if _number(clip) and not clip >= 0:  # NaN too
+            found.append(
+                f"trainer.gradient_clip_val must be >= 0 (0 or null: no clipping), got {clip}"
+            )
+        accumulate = t.get("accumulate_grad_batches")
+        if accumulate is not None and not (_whole(accumulate) and accumulate >= 1):
+            found.append(
+                f"trainer.accumulate_grad_batches must be a whole number >= 1, got {accumulate}"
             )
         for key in self.trainer:
             if key in RESERVED_TRAINER_KEYS:
@@ -902,6 +970,14 @@ def load_config(
             raise ConfigError(f"cannot parse {p}: {e}") from None
         if not isinstance(loaded, DictConfig):  # a list at the top: OmegaConf's TypeError
             raise ConfigError(f"{p}: a config file holds `key: value` lines, not a list")
+        # text (a shell script, an arcface_torch .py config) is one YAML string, which
+        # OmegaConf turns into {text: None}: "unknown config key 'echo hi'"
+        if loaded and not isinstance(
+            yaml.compose(p.read_text(encoding="utf-8"), Loader=yaml.SafeLoader), yaml.MappingNode
+        ):
+            raise ConfigError(
+                f"{p}: not a YAML mapping of config keys (`key: value` lines, as in configs/)"
+            )
         merged = _merge(merged, loaded, str(p))
     if overrides:
         merged = _merge_overrides(merged, list(overrides))

@@ -27,6 +27,7 @@ import getpass
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -389,12 +390,7 @@ def submit_slurm(
     Returns:
         What was submitted (also written to ``slurm/submitted.json``).
     """
-    try:
-        import submitit
-    except ImportError:
-        raise ConfigError(
-            "launcher=slurm needs submitit: pip install 'facecluster[slurm]'"
-        ) from None
+    submitit = _submitit()
     s, cwd = cfg.slurm, os.getcwd()
     run.slurm_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -447,6 +443,35 @@ def submit_slurm(
         command = train_command(run, "stage=assemble", *_devices(*small))
         submit(f"{run.path.name}-assemble", [command], small)
     return submitted
+
+
+def _submitit() -> Any:
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError(
+            "launcher=slurm needs submitit: pip install 'facecluster[slurm]'"
+        ) from None
+    return submitit
+
+
+def check_slurm() -> None:
+    """Before any work: this machine can submit the run's jobs. submitit imports, and
+    SLURM's ``sbatch`` (which submits) and ``srun`` (which submitit's executor asks for,
+    and which starts each job's tasks) are on PATH. Without them the run folder was
+    made, then the submission failed, and the corrected command found the folder there.
+
+    Raises:
+        ConfigError: naming what is missing.
+    """
+    _submitit()
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if missing:
+        raise ConfigError(
+            f"launcher=slurm: {' and '.join(missing)} not found on PATH, so no SLURM job "
+            "can be submitted from here: run train.py on the cluster's login node, or use "
+            "launcher=local"
+        )
 
 
 def check_queue(run: RunFolder) -> None:

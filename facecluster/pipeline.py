@@ -44,6 +44,7 @@ from facecluster.launch import (
     balanced_groups,
     check_local_jobs,
     check_queue,
+    check_slurm,
     devices_per_job,
     run_local,
     stage2_overrides,
@@ -98,6 +99,8 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if cfg.launcher.name == "local" and cfg.stage != "assemble":  # jobs run as local
             check_trainer(cfg)  # what Lightning refuses, before the data scan
+        if cfg.launcher.name == "slurm":
+            check_slurm()  # submitit, sbatch and srun here: before the scan and the folder
         check_wandb_server(cfg)
         # read whole: a broken set stops before the data scan and any training (a
         # resume past stage 1 that does not evaluate reads none)
@@ -148,6 +151,20 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
     if cfg.two_stage and cfg.stage in ("all", "2") and cfg.stage2.subnets is not None:
         if cfg.stage2.group is None:  # a retrain (a job of one resumes its own group)
             folder.check_no_job_training()
+    if cfg.two_stage and cfg.stage == "all" and cfg.stage2.subnets is not None:
+        # stage=all ends by assembling every sub-net: the others must be trained already
+        # (a new run trained stage 1, the clustering and the named ones, then stopped)
+        named = cfg.stage2.subnets
+        others = [k for k in folder.missing_subnets(cfg.clustering.num_clusters) if k not in named]
+        if others:
+            subnets = "[" + ",".join(map(str, named)) + "]"
+            run = folder.path if cfg.resume else "<run>"
+            raise ConfigError(
+                f"stage2.subnets={subnets} with stage=all: sub-nets {others} of {folder.path} "
+                "are not trained yet, and stage=all ends by assembling every sub-net. Train "
+                "the run first (without stage2.subnets); to train named sub-nets again after "
+                f"that: `python train.py resume={run} stage=2 stage2.subnets={subnets}`"
+            )
 
 
 def _refuse_missing(folder: RunFolder, missing: list[int]) -> None:

@@ -324,3 +324,153 @@ def test_strategies_that_cannot_shard_the_heads_are_refused():
         with pytest.raises(ConfigError, match=rf"trainer.strategy='{strategy}'.* only ddp"):
             load_config(SMOKE, [f"trainer.strategy={strategy}"])
     assert load_config(SMOKE, ["trainer.strategy=ddp"]).trainer["strategy"] == "ddp"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trainer.limit_train_batches=0", "trainer.limit_train_batches=0 trains no batch"),
+        ("trainer.limit_train_batches=0.0", "trainer.limit_train_batches=0.0 trains no batch"),
+        ("trainer.max_steps=0", "trainer.max_steps=0 trains no step"),
+        ("trainer.fast_dev_run=true", "trainer.fast_dev_run=true saves no checkpoint"),
+        ("trainer.fast_dev_run=2", "trainer.fast_dev_run=2 saves no checkpoint"),
+    ],
+)
+def test_trainer_settings_that_train_nothing_are_refused_at_load(override, expected):
+    # stage 1 "finished" with 0 epochs and no checkpoint, then stage 2 died with a
+    # FileNotFoundError traceback and the run could never be resumed
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, [override])
+    assert expected in str(err.value)
+    fine = ["trainer.limit_train_batches=0.5", "trainer.max_steps=-1", "trainer.fast_dev_run=false"]
+    assert load_config(SMOKE, fine).trainer["limit_train_batches"] == 0.5
+
+
+@pytest.mark.parametrize(("value", "shown"), [("-1", "-1"), ("-0.5", "-0.5"), (".nan", "nan")])
+def test_a_negative_gradient_clip_is_refused(value, shown):
+    # clip_grad_norm_ with a negative max flipped the gradient's sign, silently
+    with pytest.raises(ConfigError, match=rf"trainer.gradient_clip_val must be >= 0.*got {shown}"):
+        load_config(SMOKE, [f"trainer.gradient_clip_val={value}"])
+    for fine in ("0", "1.5", "null"):
+        load_config(SMOKE, [f"trainer.gradient_clip_val={fine}"])
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "1.5"])
+def test_accumulate_grad_batches_must_be_a_whole_number_of_at_least_one(value):
+    # 0 ended in a ZeroDivisionError traceback after the run folder was written
+    with pytest.raises(
+        ConfigError,
+        match=rf"trainer.accumulate_grad_batches must be a whole number >= 1, got {value}",
+    ):
+        load_config(SMOKE, [f"trainer.accumulate_grad_batches={value}"])
+    assert (
+        load_config(SMOKE, ["trainer.accumulate_grad_batches=2"]).trainer["accumulate_grad_batches"]
+        == 2
+    )
+
+
+def test_an_empty_resume_output_dir_or_data_root_is_refused(monkeypatch, capsys, tmp_path):
+    # resume=$RUN with RUN unset started a new demo run instead of resuming
+    from facecluster import cli, pipeline
+
+    started = []
+    monkeypatch.setattr(pipeline, "train", lambda cfg, **kw: started.append(cfg))
+    assert cli.train_main(["-c", str(SMOKE), "resume=", f"output_dir={tmp_path}"]) == 2
+    assert not started
+    error = capsys.readouterr().err
+    assert "error: invalid configuration" in error and "resume='' is empty" in error
+    for key in ("output_dir", "data.root", "resume"):
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}='' is empty"):
+            load_config(SMOKE, [f"{key}="])
+
+
+def test_slurm_is_refused_before_the_run_folder_where_it_cannot_submit(tmp_path, monkeypatch):
+    # launcher=slurm without SLURM created the run folder, then failed on "srun";
+    # the corrected re-run then said the folder already exists
+    import sys
+
+    from facecluster.pipeline import train
+    from tests.conftest import smoke_overrides
+
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "launcher=slurm", "slurm.gpus_per_node=0"))
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    with pytest.raises(ConfigError, match=r"launcher=slurm: .*sbatch.* not found"):
+        train(cfg)
+    monkeypatch.setitem(sys.modules, "submitit", None)  # not installed
+    with pytest.raises(ConfigError, match=r"launcher=slurm needs submitit"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_new_run_that_names_some_subnets_is_refused_at_start(tmp_path):
+    # stage1, the clustering and sub-net 0 trained, then the assembly refused the run
+    # for sub-nets 1 and 2 (exit 2 after all that work)
+    from facecluster.pipeline import _check_prerequisites, train
+    from facecluster.run import RunFolder
+    from tests.conftest import smoke_overrides
+
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "stage2.subnets=[0]"))
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert re.search(
+        r"stage2.subnets=\[0\] with stage=all: sub-nets \[1, 2\] of .* are not trained yet.*"
+        r"resume=<run> stage=2 stage2.subnets=\[0\]",
+        str(err.value),
+    ), err.value
+    assert not (tmp_path / "run").exists()
+    every = load_config(SMOKE, smoke_overrides(tmp_path, "stage2.subnets=[2,0,1]"))
+    _check_prerequisites(every, RunFolder.for_training(every))  # all of them: a whole run
+
+
+def test_too_few_identities_to_cluster_names_what_held_them_out(tmp_path):
+    # "has only 2 identities with at least 10 images" though 4 qualified: the open set
+    # (data.unseen_fraction) had held 2 of data.max_classes=4 out of training
+    from facecluster.builders import build_datamodule, check_cluster_count
+    from tests.conftest import smoke_overrides
+
+    cfg = load_config(
+        SMOKE, smoke_overrides(tmp_path, "data.max_classes=4", "data.unseen_fraction=0.5")
+    )
+    with pytest.raises(ConfigError) as err:
+        check_cluster_count(cfg, build_datamodule(cfg))
+    message = str(err.value)
+    assert "clustering.num_clusters=3" in message and "only 2 identities train" in message
+    assert "4 identities with at least 10 images" in message
+    assert "data.max_classes=4" in message and "data.unseen_fraction=0.5 holds 2" in message
+
+
+def test_a_config_file_that_is_not_a_yaml_mapping_is_named(tmp_path):
+    # a shell script said "unknown config key 'echo hi'"
+    script = tmp_path / "x.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    arcface = tmp_path / "ms1mv3_r50.py"  # an arcface_torch config
+    arcface.write_text("from easydict import EasyDict as edict\nconfig = edict()\n")
+    for path in (script, arcface):
+        with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: not a YAML mapping"):
+            load_config(path)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing to change\n")
+    assert load_config([SMOKE, empty]).model.backbone == "tiny"
+
+
+def test_an_image_size_too_large_to_train_is_refused_at_load():
+    # data.image_size=100000 ended in a RuntimeError traceback from a huge allocation
+    with pytest.raises(ConfigError, match=r"data.image_size=100000 is more than 1024"):
+        load_config(SMOKE, ["data.image_size=100000"])
+    assert load_config(SMOKE, ["data.image_size=1024"]).data.image_size == 1024
+
+
+def test_a_backbone_that_cannot_take_the_image_size_is_refused_before_any_work():
+    # a ViT built for 224 failed with an AssertionError traceback in training, after
+    # the run folder and its config.yaml were written
+    from facecluster.builders import backbone_parameters
+
+    vit = ["model.backbone=vit_tiny_patch16_224", "data.image_size=64"]
+    with pytest.raises(
+        ConfigError,
+        match=r"model.backbone='vit_tiny_patch16_224' cannot take data.image_size=64 .*"
+        r"model.kwargs.img_size=64",
+    ):
+        backbone_parameters(load_config(SMOKE, vit))
+    assert backbone_parameters(load_config(SMOKE, [*vit, "model.kwargs.img_size=64"])) > 0
