@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 def resume_hint(run_dir: str | Path, stage: str = "all") -> str:
@@ -30,7 +31,8 @@ def resume_hint(run_dir: str | Path, stage: str = "all") -> str:
 
 
 class ResumeHint(L.Callback):
-    """On Ctrl-C, print :func:`resume_hint`."""
+    """On Ctrl-C or SIGTERM (which Lightning turns into ``SIGTERMException`` at the next
+    batch), print :func:`resume_hint`."""
 
     def __init__(self, run_dir: str | Path, stage: str, job_env: str) -> None:
         self.run_dir = Path(run_dir)
@@ -40,7 +42,8 @@ class ResumeHint(L.Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: Any
     ) -> None:
-        if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
+        stopped = isinstance(exception, KeyboardInterrupt | SIGTERMException)
+        if not stopped or not trainer.is_global_zero:
             return
         if os.environ.get(self.job_env):  # a stage-2 job: its parent says it
             return

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import signal
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -151,6 +152,17 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except KeyboardInterrupt:  # outside a Trainer (Lightning's own ends in exit 1)
         print("interrupted", file=sys.stderr)  # local stage-2 jobs: the hint came first
         return 130
+    except SystemExit as e:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(e, SIGTERMException):
+            raise
+        # Lightning's SIGTERM (scancel, a preemption, kill) ends the fit at its next batch
+        # with a SystemExit of no code, exit status 0: a stage-2 job was then counted as
+        # finished, and a SLURM job went on to its next command. ResumeHint printed the
+        # command that continues the run.
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 

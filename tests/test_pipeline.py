@@ -268,6 +268,43 @@ def test_last_ckpt_follows_the_final_epoch_even_without_improvement(tmp_path):
             torch.testing.assert_close(subnet.backbone[k], stage1[k], rtol=0, atol=1e-6)
 
 
+@pytest.mark.faults  # a row of docs/RELIABILITY.md
+@pytest.mark.timeout(300)
+def test_sigterm_ends_train_py_with_143_and_the_resume_command(tmp_path):
+    # Lightning turns SIGTERM (scancel, a preemption, kill) into a SystemExit of no
+    # code: train.py ended with status 0 and no word, a local stage-2 job so stopped
+    # was counted as finished, and a SLURM job went on from stage=1 to the clustering
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    run = tmp_path / "run"
+    command = [
+        sys.executable, "train.py", "-c", "configs/smoke.yaml", "logger=none", "stage=1",
+        "stage1.max_epochs=500", f"output_dir={tmp_path}", "run_name=run",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACECLUSTER_")}
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    last = run / "stage1" / "checkpoints" / "last.ckpt"
+    for _ in range(1800):
+        if last.is_file() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert last.is_file(), proc.communicate(timeout=60)[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert f"with\n  python train.py resume={run} stage=1\n" in err  # ResumeHint
+    assert err.rstrip().endswith("terminated") and "Traceback" not in err
+    assert not RunFolder(run).has_stage_summary(1)  # not taken for a finished stage 1
+
+
 def test_ctrl_c_says_which_command_continues_the_run(tmp_path, capsys, monkeypatch):
     # Lightning ends a Ctrl-C'd fit with exit status 1 after "attempting graceful
     # shutdown", naming neither the run nor how to continue it
