@@ -55,6 +55,18 @@ DDP_ENV = (
     "LOCAL_WORLD_SIZE",
     "MASTER_ADDR",
     "MASTER_PORT",
+    # torchrun's own: Lightning takes a process with TORCHELASTIC_RUN_ID for a torchrun
+    # worker and read the LOCAL_RANK dropped above (a KeyError in every local job
+    # started under torchrun)
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_ERROR_FILE",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
     RUN_DIR_ENV,
 )
 

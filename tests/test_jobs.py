@@ -406,6 +406,33 @@ TORCHRUN = (
 
 
 @pytest.mark.ddp
+def test_a_local_job_started_under_torchrun_is_not_a_torchrun_worker(monkeypatch):
+    # train.py under torchrun starting local stage-2 jobs: each job is a run of its own,
+    # but with torchrun's TORCHELASTIC_RUN_ID left in its environment Lightning took it
+    # for a torchrun worker and read the LOCAL_RANK the job no longer has (KeyError)
+    from unittest import mock
+
+    from lightning.fabric.plugins.environments import TorchElasticEnvironment
+
+    from facecluster.launch import job_environment
+
+    torchrun = {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "GROUP_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1", "GROUP_WORLD_SIZE": "1", "ROLE_RANK": "0",
+        "ROLE_NAME": "default", "ROLE_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none",
+        "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+        "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_ERROR_FILE": "/tmp/x.json",
+    }  # fmt: skip
+    for key, value in torchrun.items():
+        monkeypatch.setenv(key, value)
+    assert TorchElasticEnvironment.detect()
+    env = job_environment("subnets-0-1", local=True)
+    assert not set(torchrun) & set(env)
+    with mock.patch.dict(os.environ, env, clear=True):
+        assert not TorchElasticEnvironment.detect()
+
+
 def test_documented_torchrun_stage1_writes_one_run_folder(tmp_path):
     # docs/TRAINING.md's torchrun form as written: 2 gloo processes that torchrun
     # starts together (Lightning starts none), one run folder, stage 1 alone.
