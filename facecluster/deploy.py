@@ -168,7 +168,8 @@ def calibrate_run(
         dm = build_datamodule(cfg)
         run.check_data(dm)
     device = identifier.device
-    loader = tqdm(dm.val_dataloader(), desc="fitting the decision unit", leave=False)
+    faces = dm.sample_dataloader("val", cfg.route.calibration_faces)
+    loader = tqdm(faces, desc="fitting the decision unit", leave=False)
     params = identifier.calibrate(loader, lambda images: normalize_images(images.to(device)))
     run.save_calibration(params.to_route())
     logger.info("decision unit fitted on the validation split: %s", params)

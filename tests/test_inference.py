@@ -596,6 +596,33 @@ def test_an_exported_router_index_is_read_not_built_again(
     assert "router_index" not in payload  # a flat index is a copy of the class means
 
 
+def test_the_decision_unit_is_fitted_on_a_seeded_sample_of_validation_faces(
+    finished_run, tmp_path, monkeypatch
+):
+    # route.calibration_faces: three numbers need no more faces, and each face costs
+    # 40 temperatures x every identity's exponential; the whole validation split of a
+    # 2M-identity set would take hundreds of CPU hours. The sample is the same each time.
+    run = shutil.copytree(finished_run, tmp_path / finished_run.name)
+    fitted_on = []
+    calibrate = TwoStageIdentifier.calibrate
+
+    def spy(self, loader, *args, **kwargs):
+        batches = list(loader)
+        fitted_on.append(torch.cat([labels for _, labels in batches]))
+        return calibrate(self, batches, *args, **kwargs)
+
+    monkeypatch.setattr(TwoStageIdentifier, "calibrate", spy)
+    overrides = ["route.calibration_faces=7", "eval.timing_batches=1", "eval.plots=false"]
+    for _ in range(2):
+        (run / "calibration.json").unlink(missing_ok=True)
+        evaluate_run(run, overrides)
+    assert len(fitted_on) == 2 and len(fitted_on[0]) == 7
+    assert torch.equal(fitted_on[0], fitted_on[1])
+    (run / "calibration.json").unlink()
+    evaluate_run(run, overrides[1:])  # the default takes the whole split here
+    assert len(fitted_on[2]) > 7 and set(fitted_on[0].tolist()) <= set(fitted_on[2].tolist())
+
+
 def test_a_calibrated_closed_set_run_exports_without_its_data(finished_run, tmp_path):
     # the export reads the data only for a pass over the validation split (a fit of the
     # decision unit not made yet, an open-set threshold): a run folder copied elsewhere

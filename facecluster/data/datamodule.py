@@ -1246,6 +1246,16 @@ class FaceDataModule(lightning.LightningDataModule):
         """Test split, evaluation transforms, global labels, fixed order."""
         return self._eval_loader("test", self._split_indices("test"))
 
+    def sample_dataloader(self, split: str, faces: int) -> DataLoader:
+        """At most ``faces`` of the faces of ``split`` (evaluation transforms, global
+        labels, fixed order): all of them, or a sample drawn with the data seed, the same
+        every time."""
+        ids = self._split_indices(split)
+        if len(ids) > faces:
+            rng = np.random.default_rng(self.hparams.seed)
+            ids = np.sort(rng.choice(ids, faces, replace=False))
+        return self._eval_loader(split, ids)
+
     def unseen_identities(self, split: str) -> list[str]:
         """Names of the identities held out of training whose faces serve ``split``
         (``val`` or ``test``) as non-mated probes (``data.unseen_fraction``)."""
