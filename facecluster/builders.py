@@ -37,7 +37,7 @@ from facecluster.data.verification import (
     size_warning,
 )
 from facecluster.models.components import TimmBackbone, create_backbone, shareable_stages
-from facecluster.run import BEST, LAST, RunFolder, is_global_zero
+from facecluster.run import BEST, LAST, RunFolder, is_global_zero, launched_processes
 
 
 def build_datamodule(cfg: Config, eval_batch_size: int | None = None) -> FaceDataModule:
@@ -274,13 +274,25 @@ def check_trainer(cfg: Config) -> None:
             warnings.simplefilter("ignore")
             # as build_trainer makes it (barebones=true refuses the checkpointing)
             trainer_args = {"enable_progress_bar": False, **kwargs}
-            L.Trainer(**trainer_args, logger=False, enable_checkpointing=True)
+            trainer = L.Trainer(**trainer_args, logger=False, enable_checkpointing=True)
     except (MisconfigurationException, ImportError, TypeError, ValueError) as e:
         settings = " ".join(f"trainer.{k}={v}" for k, v in cfg.trainer.items())
         raise ConfigError(f"trainer: Lightning refuses {settings}: {e}") from None
     finally:
         for log, level in zip(quiet, levels, strict=True):
             log.setLevel(level)
+    started = launched_processes()
+    if started > 1 and trainer.world_size != started:
+        # Lightning checks the count under ddp only: with the default devices=1 each
+        # process trained alone, all into one run folder (best-epoch000-v1.ckpt...)
+        raise ConfigError(
+            f"{started} processes were started by torchrun or srun, but trainer.devices="
+            f"{cfg.trainer.get('devices', 'auto')} x trainer.num_nodes="
+            f"{cfg.trainer.get('num_nodes', 1)} (trainer.strategy="
+            f"{cfg.trainer.get('strategy', 'auto')}) makes {trainer.world_size}: each process "
+            f"would train alone into the same run folder. Set trainer.devices to the "
+            f"processes per node, trainer.num_nodes to the nodes and trainer.strategy=ddp"
+        )
 
 
 def _trainer_kwargs(cfg: Config, stage: int) -> dict[str, Any]:

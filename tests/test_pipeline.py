@@ -163,6 +163,25 @@ def test_the_trainer_check_takes_every_setting_the_trainer_takes(tmp_path, shown
     )
 
 
+def test_torchrun_processes_that_the_trainer_does_not_count_are_refused(tmp_path, monkeypatch):
+    # torchrun --nproc_per_node=2 with the configs' trainer.devices=1: Lightning checks
+    # the count only under ddp, so each process trained alone into one run folder
+    torchrun = {
+        "TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+        "GROUP_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }  # fmt: skip
+    for key, value in torchrun.items():
+        monkeypatch.setenv(key, value)
+    alone = load_config(SMOKE, smoke_overrides(tmp_path))
+    with pytest.raises(ConfigError, match="2 processes were started by torchrun or srun, but "
+                       r"trainer.devices=1 x trainer.num_nodes=1 \(trainer.strategy=auto\) "
+                       "makes 1"):  # fmt: skip
+        check_trainer(alone)
+    ddp = ("trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp")
+    check_trainer(load_config(SMOKE, smoke_overrides(tmp_path, *ddp)))
+
+
 def test_clustering_by_the_stage1_head_rows(tmp_path, monkeypatch):
     # clustering.features=head: the saved assignment is k-means on the trained head's
     # rows (not on the class means, which it keeps for routing)
