@@ -405,7 +405,44 @@ class RunFolder:
                 f"resume={resume}: stage 1 of {run.path} is finished after {epochs} epochs; "
                 f"{cfg.stage_epochs(1)} would train it again or change nothing. {advice}"
             )
+        run._refuse_settled(saved, cfg, resume)
         return cfg
+
+    def _refuse_settled(self, saved: Config, cfg: Config, resume: str) -> None:
+        """Refuse overrides of what the run has done already and will not do again: the
+        clustering's settings once ``clusters.pt`` exists, and stage 2's epochs and epoch
+        size once every sub-net is trained (unless ``stage2.subnets`` names
+        sub-nets to train again). They changed nothing, but the run's ``config.yaml``
+        then recorded them, misdescribing its weights."""
+        if not cfg.two_stage or not self.clusters_path.is_file():
+            return
+        old, new = saved.to_dict(), cfg.to_dict()
+        changed = [
+            f"clustering.{key}={new['clustering'][key]!r} (the run's clusters were made "
+            f"with {value!r})"
+            for key, value in old["clustering"].items()
+            if new["clustering"][key] != value
+        ]
+        trained = not self.missing_subnets(saved.clustering.num_clusters)
+        if trained and cfg.stage2.subnets is None:
+            if cfg.stage_epochs(2) != saved.stage_epochs(2):
+                changed.append(
+                    f"{cfg.stage_epochs(2)} stage-2 epochs (the sub-nets trained "
+                    f"{saved.stage_epochs(2)})"
+                )
+            if cfg.stage2.epoch_size != saved.stage2.epoch_size:  # the optimizer: above
+                changed.append(
+                    f"stage2.epoch_size={cfg.stage2.epoch_size!r} (the sub-nets trained with "
+                    f"{saved.stage2.epoch_size!r})"
+                )
+        if changed:
+            raise ConfigError(
+                f"resume={resume}: {self.path} has done this already and will not do it "
+                f"again, so these would change nothing but the run's record: "
+                f"{'; '.join(changed)}. Leave them unset; to train sub-nets again with new "
+                "settings name them (stage2.subnets=[...]); for a new clustering start a new "
+                "run"
+            )
 
     def _started_optim(self, cfg: Config) -> tuple[str, ...]:
         """``stage<n>.optim`` of each stage that has trained: a resume restores its

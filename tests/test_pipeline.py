@@ -32,6 +32,26 @@ def finished_run(tmp_path_factory):
     return train(cfg)
 
 
+def test_a_finished_run_refuses_overrides_it_would_not_act_on(finished_run, tmp_path):
+    # resume=<finished run> stage2.max_epochs=3 clustering.niter=50 trained nothing, but
+    # the run's config.yaml then said its sub-nets had 3 epochs and its clusters 50
+    # k-means iterations: the next reader of the run was misled
+    run = shutil.copytree(finished_run.run_dir, tmp_path / "run")
+    saved = (run / "config.yaml").read_bytes()
+    refused = {
+        "stage2.max_epochs=9": "9 stage-2 epochs \\(the sub-nets trained 2\\)",
+        "clustering.niter=50": "clustering.niter=50 \\(the run's clusters were made with",
+        "stage2.epoch_size=mean": "stage2.epoch_size='mean'",
+    }
+    for override, named in refused.items():
+        with pytest.raises(ConfigError, match=f"has done this already .*{named}"):
+            RunFolder.config_for_resume(str(run), [override])
+    assert (run / "config.yaml").read_bytes() == saved
+    # sub-nets named to train again take new stage-2 settings
+    again = RunFolder.config_for_resume(str(run), ["stage2.subnets=[1]", "stage2.max_epochs=9"])
+    assert again.stage_epochs(2) == 9
+
+
 def test_run_folder_holds_config_checkpoints_clusters_and_results(finished_run):
     run = finished_run.run_dir
     assert (run / "stage1" / "checkpoints" / "last.ckpt").is_file()
