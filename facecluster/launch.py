@@ -182,7 +182,17 @@ def check_local_jobs(cfg: Config, jobs: int | None = None) -> None:
             "stage2.jobs: local jobs run on this node only; a run across nodes trains "
             "stage 2 with launcher=slurm (or stage=1 across nodes, then launcher=slurm)"
         )
-    gpu_slots(_visible_gpus(), min(cfg.launcher.parallel, jobs), devices_per_job(cfg))
+    parallel, devices = min(cfg.launcher.parallel, jobs), cfg.trainer.get("devices", 1)
+    named = isinstance(devices, list | tuple) or (isinstance(devices, str) and "," in devices)
+    if named and parallel > 1 and devices_per_job(cfg):
+        # a job running beside others sees only its own GPUs, renumbered from 0: the
+        # indices listed would name GPUs it cannot see (Lightning refused them in every job)
+        raise ConfigError(
+            f"trainer.devices={devices} names GPUs, but jobs running at once "
+            f"(launcher.parallel={cfg.launcher.parallel}) take theirs by count: give the "
+            "GPUs per job as a number, and the GPUs to use as CUDA_VISIBLE_DEVICES"
+        )
+    gpu_slots(_visible_gpus(), parallel, devices_per_job(cfg))
 
 
 def devices_per_job(cfg: Config) -> int:

@@ -92,6 +92,12 @@ def test_job_names_and_balanced_groups():
         )
         assert launch.devices_per_job(cfg) == gpus, (accelerator, devices)
     assert gpu_slots(["0"], 2, 0) == [None, None]
+    # GPUs named by index cannot be shared out: a job beside others sees only its own,
+    # renumbered from 0, and Lightning refused the listed indices in every job
+    listed = ["trainer.accelerator=gpu", "trainer.devices=[2,3]", "stage2.jobs=2"]
+    with pytest.raises(ConfigError, match=r"trainer.devices=\[2, 3\] names GPUs, but jobs"):
+        launch.check_local_jobs(load_config(SMOKE, [*listed, "launcher.parallel=2"]))
+    launch.check_local_jobs(load_config(SMOKE, listed))  # one at a time: each sees them all
 
 
 def test_documented_two_local_jobs_give_the_one_job_weights_and_table(tmp_path):
