@@ -136,6 +136,8 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
             f"stage=cluster: stage 1 of {folder.path} is not finished; train it first with "
             f"`python train.py resume={folder.path} stage=1`"
         )
+    if _stage1_pending(cfg, folder):  # another command fitting them: before any write
+        folder.check_stage1_free()
     if cfg.stage in ("2", "assemble") and cfg.two_stage and not folder.clusters_path.is_file():
         raise ConfigError(
             f"stage={cfg.stage}: {folder.clusters_path} is missing: the run has no clustering "
@@ -213,16 +215,30 @@ def _stage1_and_clustering(
     run: _Run, clustering: ClusteringCallback | None
 ) -> BackboneSystem | None:
     """Stage 1 and the clustering unit, whichever of them ``stage=`` asks for and the
-    run folder lacks. Returns the stage-1 model when it was fitted here."""
+    run folder lacks, under the run's stage-1 lock (a second command on the run is
+    refused). Returns the stage-1 model when it was fitted here."""
     cfg, folder = run.cfg, run.folder
-    trained = folder.has_stage_summary(1)
     unit = clustering if cfg.stage != "1" else None
-    if trained and (unit is None or folder.clusters_path.is_file()):
-        if unit is not None:
-            unit.restore()
-        return None
-    backbone, run.stage1 = fit_stage1(run, folder.stage1_resume_point(cfg.resume), unit)
-    return backbone
+    if _stage1_pending(cfg, folder):
+        with folder.stage1_lock():
+            # decided again once held: a command that held it may have finished them since
+            # (fitted again, a finished stage 1 would cluster again, replacing clusters.pt)
+            if _stage1_pending(cfg, folder):
+                resume = folder.stage1_resume_point(cfg.resume)
+                backbone, run.stage1 = fit_stage1(run, resume, unit)
+                return backbone
+    if unit is not None:
+        unit.restore()
+    return None
+
+
+def _stage1_pending(cfg: Config, folder: RunFolder) -> bool:
+    """Whether this command fits stage 1 or the clustering: ``stage=`` asks for what the
+    run folder lacks (a SLURM submission: what its jobs will fit)."""
+    if cfg.stage not in ("all", "1", "cluster"):
+        return False
+    clusters = cfg.two_stage and cfg.stage != "1"
+    return not folder.has_stage_summary(1) or (clusters and not folder.clusters_path.is_file())
 
 
 def fit_stage1(

@@ -8,10 +8,12 @@
       split.json                      digests of what the val and test splits hold
       unseen_identities.json          open set: identities never trained on ({val, test})
       stage1/checkpoints/             best-epochNNN.ckpt (val/acc) and last.ckpt of stage 1
+      stage1/running.json             the lock of the command fitting stage 1 or the clustering
       stage1.json                     stage-1 steps, epochs and test accuracy
       clusters.pt                     the ClusterAssignment (written once, atomically)
       stage2/jobs/<group>/            one stage-2 fit (a job) over a group of sub-nets, named
-                                      by them (subnets-0-2_5): checkpoints/ (best, last), log.txt
+                                      by them (subnets-0-2_5): checkpoints/ (best, last), log.txt,
+                                      running.json (the lock of the process training it)
       stage2/subnets/subnet<k>.pt     sub-net k's final backbone and head rows (atomic), then
       stage2/subnets/subnet<k>.json   its record (job, steps, test counts): k is finished
       stage2.json                     the assembled stage 2 (all K sub-nets finished)
@@ -41,7 +43,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -65,8 +67,8 @@ JOB_SUBNETS = "subnets.json"
 RUNNING = "running.json"
 REFUSED = "refused.json"
 EMPTY_LOCK_AGE = 10.0
-"""Seconds after which an empty stage-2 job lock (an earlier facecluster's, whose
-process failed while writing it) is taken over instead of waited for."""
+"""Seconds after which an empty lock (an earlier facecluster's, whose process failed
+while writing it) is taken over instead of waited for."""
 JOB_ENV = "FACECLUSTER_JOB"
 """Set in the processes the launchers start (the job's name): they read the run's
 config and never rewrite it."""
@@ -656,18 +658,76 @@ class RunFolder:
         and so is one whose job shares any of ``subnets`` with a job training now
         (another ``stage2.jobs`` groups the same sub-nets under other names).
 
-        The lock is ``stage2/jobs/<job>/running.json`` (host, pid, SLURM job id and
-        restart count, launch), created exclusively by global rank 0. A lock left by a
-        process that is gone (same host, no such pid) or by an earlier run of the same
-        SLURM job (requeued: another ``SLURM_RESTART_COUNT``) is taken over; a live
-        process in the same allocation (two commands under one ``salloc``) is not.
-
-        The other processes that srun or torchrun started with rank 0 wait for its
-        decision: the lock naming their launch, once rank 0 has checked the other jobs'
-        sub-nets (``checked``), or ``refused.json`` naming it, which they raise too,
-        rather than waiting for rank 0 in DDP setup.
+        The lock is ``stage2/jobs/<job>/running.json``, held as :meth:`_lock` holds one;
+        once taken, rank 0 looks at the other jobs' sub-nets and marks it ``checked``,
+        which the other processes srun or torchrun started with it wait for too.
         """
         path = self.stage_dir(2, job) / RUNNING
+
+        def check(refused: Path, me: dict[str, Any], mine: dict[str, Any]) -> None:
+            self._check_subnets_free(job, subnets, path, refused, me, mine)
+
+        extra = {"subnets": sorted(subnets or []), "checked": False}
+        with self._lock(path, f"stage-2 job {job} is already training", extra, check):
+            yield
+
+    @contextlib.contextmanager
+    def stage1_lock(self) -> Iterator[None]:
+        """Hold stage 1 and the clustering while this process fits them (``stage=all``,
+        ``1`` or ``cluster``): a second command on the run (a resume while the first
+        still trains) is refused before it trains stage 1 again, or clusters again,
+        into the same ``last.ckpt`` and ``clusters.pt``.
+
+        The lock is ``stage1/running.json``, held as :meth:`_lock` holds one.
+        """
+        with self._lock(self.stage1_lock_path, self._stage1_busy):
+            yield
+
+    @property
+    def stage1_lock_path(self) -> Path:
+        return self.stage_dir(1) / RUNNING
+
+    @property
+    def _stage1_busy(self) -> str:
+        return f"stage 1 (or the clustering) of {self.path} is already running"
+
+    def check_stage1_free(self) -> None:
+        """Refuse a command that would fit stage 1 or the clustering while another holds
+        :meth:`stage1_lock`, at start: before it writes the run's config (a resume's
+        overrides) or anything else. :meth:`stage1_lock` decides again when it is taken
+        (two commands started at once). Global rank 0 decides; the processes srun or
+        torchrun started with it read its refusal at the lock they wait for."""
+        if not is_global_zero():
+            return
+        path, me = self.stage1_lock_path, _lock_owner()
+        other = _read_json(path)
+        if other and not _lock_is_stale(other, me):
+            self._refuse_held(path, me, other, self._stage1_busy)
+
+    @contextlib.contextmanager
+    def _lock(
+        self,
+        path: Path,
+        busy: str,
+        extra: dict[str, Any] | None = None,
+        check: Callable[[Path, dict[str, Any], dict[str, Any]], None] | None = None,
+    ) -> Iterator[None]:
+        """Hold the lock ``path`` while the block runs; a process that holds it already
+        is named in the refusal, ``busy`` ("stage-2 job X is already training") first.
+
+        The lock (host, pid, SLURM job id and restart count, launch, and ``extra``) is
+        created exclusively by global rank 0. A lock left by a process that is gone
+        (same host, no such pid) or by an earlier run of the same SLURM job (requeued:
+        another ``SLURM_RESTART_COUNT``) is taken over; a live process in the same
+        allocation (two commands under one ``salloc``) is not. ``check(refused, me,
+        mine)`` runs once it is taken (it may refuse, which lets the lock go again).
+
+        The other processes that srun or torchrun started with rank 0 wait for its
+        decision: the lock naming their launch (once ``checked``, when ``extra`` has that
+        mark), or ``refused.json`` naming it, which they raise too, rather than waiting
+        for rank 0 in DDP setup. The ranks Lightning's own launcher starts come up inside
+        rank 0's lock (in its ``Trainer.fit``) and take none.
+        """
         refused = path.with_name(REFUSED)
         me = _lock_owner()
         if not is_global_zero():
@@ -679,7 +739,7 @@ class RunFolder:
         # the record is written whole, then linked to the lock's name (os.link fails if
         # it exists, on NFS too): a write that fails (a full disk) leaves no empty lock
         record = path.with_name(f".{RUNNING}.{os.getpid()}")
-        mine = {**me, "subnets": sorted(subnets or []), "checked": False}
+        mine = {**me, **(extra or {})}
         text = json.dumps(mine)
         try:
             record.write_text(text)
@@ -702,26 +762,32 @@ class RunFolder:
                     time.sleep(0.1)
                     continue
                 if not _lock_is_stale(other, me):
-                    slurm = f", SLURM job {other['slurm_job']}" if other.get("slurm_job") else ""
-                    message = (
-                        f"stage-2 job {job} is already training (host {other['host']}, pid "
-                        f"{other['pid']}{slurm}); wait for it to end, or delete {path} if that "
-                        "process is gone"
-                    )
-                    self._refuse(refused, me, message, other, path)
+                    self._refuse_held(path, me, other, busy)
                 path.unlink(missing_ok=True)
         finally:
             record.unlink(missing_ok=True)
-        try:  # taken: let go again on any failure before it is marked checked
-            self._check_subnets_free(job, subnets, path, refused, me, mine)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
+        if check is not None:
+            try:  # taken: let go again on any failure before it is marked checked
+                check(refused, me, mine)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
         refused.unlink(missing_ok=True)
         try:
             yield
         finally:
             path.unlink(missing_ok=True)
+
+    def _refuse_held(
+        self, path: Path, me: dict[str, Any], other: dict[str, Any], busy: str
+    ) -> None:
+        """Refuse: ``other`` holds the lock ``path``, live."""
+        slurm = f", SLURM job {other['slurm_job']}" if other.get("slurm_job") else ""
+        message = (
+            f"{busy} (host {other['host']}, pid {other['pid']}{slurm}); wait for it to end, "
+            f"or delete {path} if that process is gone"
+        )
+        self._refuse(path.with_name(REFUSED), me, message, other, path)
 
     def _check_subnets_free(
         self,

@@ -426,3 +426,84 @@ def test_a_resume_under_a_binding_max_steps_keeps_the_schedule_on_the_global_ste
     train(more, callbacks=[again])
     assert 0 < len(again.lrs) < 30
     assert again.lrs == pytest.approx(ref.lrs[30 - len(again.lrs) :], rel=1e-6)
+
+
+def test_a_resume_while_another_command_fits_stage1_is_refused_before_it_writes(
+    tmp_path, monkeypatch
+):
+    # Stage 1 and the clustering took no lock: a resume started while the first command
+    # still trained stage 1 trained it too, in the same folder, and both clustered and
+    # wrote clusters.pt (only stage 2's job lock stopped one of them).
+    import json
+    import os
+    import socket
+    import subprocess
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from facecluster import run as run_module
+
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, *EPOCHS))
+    with pytest.raises(Interrupted, match="stage 1"):
+        train(cfg, callbacks=[StopAtEpochStart(stage=1, epoch=1)])
+    run = RunFolder(tmp_path / "run")
+    lock = run.path / "stage1" / "running.json"
+    assert not lock.exists(), "let go when the fit failed"
+    checkpoints = run.checkpoint_dir(1)
+    before = {p.name: p.read_bytes() for p in checkpoints.iterdir()}
+    saved_config = (run.path / "config.yaml").read_text()
+    holder = subprocess.Popen(["sleep", "60"])  # the first command, still training
+    try:
+        owner = {"host": socket.gethostname(), "pid": holder.pid, "slurm_job": None}
+        lock.write_text(json.dumps({**owner, "slurm_restart": "0", "launch": None}))
+        for extra in ([], ["stage=1"], ["trainer.max_epochs=3"]):
+            with pytest.raises(
+                ConfigError,
+                match=rf"stage 1 \(or the clustering\) of .* is already running \(host "
+                rf".*, pid {holder.pid}\); wait for it to end, or delete .*running.json",
+            ):
+                train(RunFolder.config_for_resume(str(run.path), extra))
+        # nothing trained or written: its checkpoints, its config (the overrides of the
+        # refused command), no clustering, and the holder's lock
+        assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == before
+        assert (run.path / "config.yaml").read_text() == saved_config
+        assert not run.clusters_path.exists() and not run.has_stage_summary(1)
+        assert json.loads(lock.read_text())["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    # two commands past the check at start at once: the lock itself refuses the second
+    lock.unlink()
+    with run.stage1_lock():
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(ConfigError, match="is already running"):
+            with run.stage1_lock():
+                pass
+        # the ranks Lightning's launcher starts come up inside rank 0's lock
+        monkeypatch.setattr(rank_zero_only, "rank", 1)
+        with run.stage1_lock():
+            pass
+        monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert not lock.exists()
+    # srun's other tasks stop at rank 0's refusal instead of waiting in DDP setup
+    for name, value in (("SLURM_STEP_ID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_JOB_ID", "9")):
+        monkeypatch.setenv(name, value)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    with pytest.raises(ConfigError, match="already running"):
+        run.check_stage1_free()
+    launch = run_module._lock_owner()["launch"]
+    with pytest.raises(ConfigError, match="already running"):
+        run_module._wait_for_lock(lock, lock.with_name("refused.json"), launch, timeout=0)
+    # the same SLURM job, requeued (another restart count): its own lock, taken over
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "slurm_job": "9"}))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with run.stage1_lock():
+        assert json.loads(lock.read_text())["slurm_restart"] == "1"
+    for name in ("SLURM_STEP_ID", "SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(name)
+    # the holder is gone (its pid): the lock is taken over, and let go once done
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+    result = train(RunFolder.config_for_resume(str(run.path), ["stage=1"]))
+    assert run.has_stage_summary(1) and not lock.exists()
+    assert result.backbone is not None
+    assert (checkpoints / "last.ckpt").read_bytes() != before["last.ckpt"]
