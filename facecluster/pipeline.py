@@ -102,18 +102,19 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         if cfg.launcher.name == "slurm":
             check_slurm()  # submitit, sbatch and srun here: before the scan and the folder
         check_wandb_server(cfg)
+        # what the run folder and this node decide, before the data scan (minutes for a
+        # .rec without identity records): an existing run, a missing stage, a busy run
+        folder = RunFolder.for_training(cfg)
+        _check_prerequisites(cfg, folder)
+        check_local_jobs(cfg)  # local stage-2 jobs must fit this node
+        if cfg.launcher.name == "slurm":
+            check_queue(folder)  # before the run folder changes
         # read whole: a broken set stops before the data scan and any training (a
         # resume past stage 1 that does not evaluate reads none)
-        resumed = bool(cfg.resume) and RunFolder.for_training(cfg).has_stage_summary(1)
-        check_verification_sets(cfg, stage1_done=resumed)
+        check_verification_sets(cfg, stage1_done=bool(cfg.resume) and folder.has_stage_summary(1))
         backbone_params = backbone_parameters(cfg)
         dm = build_datamodule(cfg)
         check_cluster_count(cfg, dm)
-        check_local_jobs(cfg)  # local stage-2 jobs must fit this node: known now
-        folder = RunFolder.for_training(cfg)
-        _check_prerequisites(cfg, folder)
-        if cfg.launcher.name == "slurm":
-            check_queue(folder)  # before the run folder changes
         run_id = folder.create(new=not cfg.resume)
         folder.check_free_space(cfg, backbone_params, dm.num_classes)
         folder.keep_data(dm)  # a resume: checked, not rewritten

@@ -253,6 +253,24 @@ def test_the_ism_baseline_trains_a_random_partition_and_every_subnet_answers(
     assert ism.startswith("| ism |") and "| 3 |" in ism  # every sub-net ran
 
 
+def test_an_existing_run_folder_is_refused_before_the_data_scan(tmp_path, monkeypatch):
+    # the same command again (a new run named as an existing one) scanned the data first,
+    # minutes for a .rec without identity records, then said the folder exists
+    import os
+
+    from facecluster import pipeline
+    from facecluster.run import RUN_DIR_ENV
+
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "stage=1"))
+    folder = RunFolder.for_training(cfg)
+    folder.create(new=True)  # sets FACECLUSTER_RUN_DIR for its DDP ranks: not ours
+    os.environ.pop(RUN_DIR_ENV)
+    folder.save_config(cfg)
+    monkeypatch.setattr(pipeline, "build_datamodule", lambda cfg: pytest.fail("data scanned"))
+    with pytest.raises(ConfigError, match="already exists; pass resume="):
+        train(cfg)
+
+
 def test_fewer_identities_than_clusters_is_refused(tmp_path):
     faces = tmp_path / "faces"
     for name in sorted(p.name for p in DEMO.iterdir())[:2]:
