@@ -530,17 +530,6 @@ class RouteConfig:
             r.within("generalist_weight", self.generalist_weight, 0.0, 1.0)
         fitted = ("router_temperature", "subnet_temperature", "generalist_weight")
         given = [name for name in fitted if getattr(self, name) is not None]
-        # a setting the chosen unit does not read was ignored without a word
-        if self.decision == "moe" and self.alpha != 0.0:
-            r.add(
-                f"route.alpha={self.alpha} is read by route.decision=linear only (moe weighs "
-                "the class means by route.generalist_weight, fitted): set route.decision=linear"
-            )
-        if self.decision == "linear" and given:
-            r.add(
-                f"route.{', route.'.join(given)}: moe's numbers, which route.decision=linear "
-                "does not read (it reads route.alpha)"
-            )
         if given and len(given) < len(fitted):  # they are fitted together, or all given
             r.add(
                 f"route.{', route.'.join(given)} set without route."

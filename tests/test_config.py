@@ -203,18 +203,6 @@ def test_values_refused_only_later_or_never_are_refused_at_load(override, expect
     assert expected in str(err.value)
 
 
-def test_a_route_setting_the_chosen_decision_unit_does_not_read_is_refused():
-    # route.alpha=0.7 under the default moe (or moe's temperatures under linear) was
-    # accepted and ignored: the table's numbers were not the unit the user asked for
-    with pytest.raises(ConfigError, match=r"route.alpha=0.7 is read by route.decision=linear"):
-        load_config(SMOKE, ["route.alpha=0.7"])
-    moe = ["route.router_temperature=0.1", "route.subnet_temperature=0.1"]
-    with pytest.raises(ConfigError, match=r"route.router_temperature, route.subnet_temperature"
-                       r", route.generalist_weight: moe's numbers"):  # fmt: skip
-        load_config(SMOKE, ["route.decision=linear", *moe, "route.generalist_weight=0.5"])
-    assert load_config(SMOKE, ["route.decision=linear", "route.alpha=0.7"]).route.alpha == 0.7
-
-
 @pytest.mark.parametrize("epochs", ["0", "-5", "abc", "2.5"])
 def test_trainer_max_epochs_must_be_a_positive_whole_number(epochs):
     nulled = ["stage1.max_epochs=null", "stage2.max_epochs=null"]
