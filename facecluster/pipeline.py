@@ -115,16 +115,21 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         backbone_params = backbone_parameters(cfg)
         dm = build_datamodule(cfg)
         check_cluster_count(cfg, dm)
-        run_id = folder.create(new=not cfg.resume)
-        folder.check_free_space(cfg, backbone_params, dm.num_classes)
-        folder.keep_data(dm)  # a resume: checked, not rewritten
-        folder.save_config(cfg)
-        folder.save_unseen_identities({s: dm.unseen_identities(s) for s in ("val", "test")})
-        rank_zero_info(f"facecluster run folder: {folder.path}")
-        logger = build_logger(cfg, folder.path, run_id)
-        with finish_logger(logger):
-            hint = ResumeHint(folder.path, cfg.stage, JOB_ENV)  # Ctrl-C: how to continue
-            return _two_stages(_Run(cfg, dm, folder, logger, [*callbacks, hint]))
+        run_id = folder.create(new=not cfg.resume)  # a resume's: nothing written
+        # Stage 1 and the clustering are held from here, before this command writes the
+        # run's config: a second command on the run, past the check at start while this
+        # one scanned the data, is refused here (a SLURM submission: its job holds it)
+        fits = cfg.launcher.name == "local" and _stage1_pending(cfg, folder)
+        with folder.stage1_lock() if fits else contextlib.nullcontext():
+            folder.check_free_space(cfg, backbone_params, dm.num_classes)
+            folder.keep_data(dm)  # a resume: checked, not rewritten
+            folder.save_config(cfg)
+            folder.save_unseen_identities({s: dm.unseen_identities(s) for s in ("val", "test")})
+            rank_zero_info(f"facecluster run folder: {folder.path}")
+            logger = build_logger(cfg, folder.path, run_id)
+            with finish_logger(logger):
+                hint = ResumeHint(folder.path, cfg.stage, JOB_ENV)  # Ctrl-C: how to continue
+                return _two_stages(_Run(cfg, dm, folder, logger, [*callbacks, hint]))
 
 
 def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
@@ -216,18 +221,15 @@ def _stage1_and_clustering(
     run: _Run, clustering: ClusteringCallback | None
 ) -> BackboneSystem | None:
     """Stage 1 and the clustering unit, whichever of them ``stage=`` asks for and the
-    run folder lacks, under the run's stage-1 lock (a second command on the run is
-    refused). Returns the stage-1 model when it was fitted here."""
+    run folder lacks (under the run's stage-1 lock, which ``train`` took: decided now,
+    a command that held it before may have finished them; fitted again, a finished
+    stage 1 would cluster again, replacing clusters.pt). Returns the stage-1 model
+    when it was fitted here."""
     cfg, folder = run.cfg, run.folder
     unit = clustering if cfg.stage != "1" else None
     if _stage1_pending(cfg, folder):
-        with folder.stage1_lock():
-            # decided again once held: a command that held it may have finished them since
-            # (fitted again, a finished stage 1 would cluster again, replacing clusters.pt)
-            if _stage1_pending(cfg, folder):
-                resume = folder.stage1_resume_point(cfg.resume)
-                backbone, run.stage1 = fit_stage1(run, resume, unit)
-                return backbone
+        backbone, run.stage1 = fit_stage1(run, folder.stage1_resume_point(cfg.resume), unit)
+        return backbone
     if unit is not None:
         unit.restore()
     return None

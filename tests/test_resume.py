@@ -469,6 +469,23 @@ def test_a_resume_while_another_command_fits_stage1_is_refused_before_it_writes(
         assert (run.path / "config.yaml").read_text() == saved_config
         assert not run.clusters_path.exists() and not run.has_stage_summary(1)
         assert json.loads(lock.read_text())["pid"] == holder.pid
+        # a command past the check at start, the other having taken the lock while it
+        # scanned the data, is refused at the lock: still before it writes the config
+        from facecluster import pipeline
+
+        scan = pipeline.build_datamodule
+
+        def taken_meanwhile(cfg):
+            lock.write_text(json.dumps({**owner, "slurm_restart": "0", "launch": None}))
+            return scan(cfg)
+
+        lock.unlink()
+        monkeypatch.setattr(pipeline, "build_datamodule", taken_meanwhile)
+        with pytest.raises(ConfigError, match=r"is already running \(host"):
+            train(RunFolder.config_for_resume(str(run.path), ["stage2.max_epochs=5"]))
+        monkeypatch.setattr(pipeline, "build_datamodule", scan)
+        assert (run.path / "config.yaml").read_text() == saved_config
+        assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == before
     finally:
         holder.kill()
         holder.wait()
