@@ -105,10 +105,10 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         # what the run folder and this node decide, before the data scan (minutes for a
         # .rec without identity records): an existing run, a missing stage, a busy run
         folder = RunFolder.for_training(cfg)
+        if cfg.launcher.name == "slurm":  # first: the jobs still queued, named as such
+            check_queue(folder)  # before the run folder changes
         _check_prerequisites(cfg, folder)
         check_local_jobs(cfg)  # local stage-2 jobs must fit this node
-        if cfg.launcher.name == "slurm":
-            check_queue(folder)  # before the run folder changes
         # read whole: a broken set stops before the data scan and any training (a
         # resume past stage 1 that does not evaluate reads none)
         check_verification_sets(cfg, stage1_done=bool(cfg.resume) and folder.has_stage_summary(1))

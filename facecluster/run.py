@@ -41,6 +41,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -968,10 +969,14 @@ def _lock_owner() -> dict[str, Any]:
 
 
 def _lock_is_stale(other: dict[str, Any], me: dict[str, Any]) -> bool:
-    """A job lock whose process is gone, or an earlier run of this SLURM job."""
+    """A job lock whose process is gone, or an earlier run of this SLURM job, or one of
+    another SLURM job that has left the queue (killed on its node: an OOM kill, a node
+    failure, which left its lock where a resubmission was refused)."""
     same_job = other.get("slurm_job") and other.get("slurm_job") == me["slurm_job"]
     if same_job and other.get("slurm_restart") != me["slurm_restart"]:
         return True  # requeued: SLURM counts the restarts of a job id
+    if other.get("slurm_job") and not same_job and _slurm_job_gone(str(other["slurm_job"])):
+        return True
     if other.get("host") != me["host"]:
         return False  # cannot look at another machine's processes
     try:
@@ -981,6 +986,19 @@ def _lock_is_stale(other: dict[str, Any], me: dict[str, Any]) -> bool:
     except PermissionError:
         return False
     return False
+
+
+def _slurm_job_gone(job: str) -> bool:
+    """Whether SLURM no longer has job ``job`` queued or running (``squeue -j`` lists
+    nothing, or no longer knows the id); False when squeue cannot be asked."""
+    try:
+        command = ["squeue", "--noheader", "--format=%i", f"--jobs={job}"]
+        asked = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if asked.returncode != 0:  # an id SLURM has forgotten: "Invalid job id specified"
+        return "invalid job id" in asked.stderr.lower()
+    return not asked.stdout.split()
 
 
 def launched_processes() -> int:

@@ -3,6 +3,7 @@ and end with exactly the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import lightning as L
@@ -426,6 +427,32 @@ def test_a_resume_under_a_binding_max_steps_keeps_the_schedule_on_the_global_ste
     train(more, callbacks=[again])
     assert 0 < len(again.lrs) < 30
     assert again.lrs == pytest.approx(ref.lrs[30 - len(again.lrs) :], rel=1e-6)
+
+
+def test_a_lock_of_a_slurm_job_that_left_the_queue_is_taken_over(tmp_path, monkeypatch):
+    # a stage-1 SLURM job killed on its node (an OOM kill, a node failure) left its lock,
+    # which names another host: every resubmission was refused until it was deleted by
+    # hand. squeue, asked about that job, says whether it still runs.
+    import json
+
+    run = RunFolder(tmp_path / "run")
+    lock = run.path / "stage1" / "running.json"
+    lock.parent.mkdir(parents=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    squeue = bin_dir / "squeue"
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    held = {"host": "node17", "pid": 4242, "slurm_job": "77", "slurm_restart": "0"}
+    squeue.write_text("#!/bin/sh\necho 77\n")  # still running
+    squeue.chmod(0o755)
+    lock.write_text(json.dumps(held))
+    with pytest.raises(ConfigError, match=r"already running \(host node17, pid 4242, SLURM job 77"):
+        run.check_stage1_free()
+    squeue.write_text("#!/bin/sh\nexit 0\n")  # gone from the queue
+    run.check_stage1_free()
+    with run.stage1_lock():
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
 
 
 def test_a_resume_while_another_command_fits_stage1_is_refused_before_it_writes(
