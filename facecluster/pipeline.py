@@ -119,10 +119,10 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         # Stage 1 and the clustering are held from here, before this command writes the
         # run's config: a second command on the run, past the check at start while this
         # one scanned the data, is refused here (a SLURM submission: its job holds it)
+        folder.check_free_space(cfg, backbone_params, dm.num_classes)  # on every rank
+        folder.keep_data(dm)  # a resume: checked, not rewritten
         fits = cfg.launcher.name == "local" and _stage1_pending(cfg, folder)
         with folder.stage1_lock() if fits else contextlib.nullcontext():
-            folder.check_free_space(cfg, backbone_params, dm.num_classes)
-            folder.keep_data(dm)  # a resume: checked, not rewritten
             folder.save_config(cfg)
             folder.save_unseen_identities({s: dm.unseen_identities(s) for s in ("val", "test")})
             rank_zero_info(f"facecluster run folder: {folder.path}")

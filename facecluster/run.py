@@ -975,10 +975,10 @@ def _lock_is_stale(other: dict[str, Any], me: dict[str, Any]) -> bool:
     same_job = other.get("slurm_job") and other.get("slurm_job") == me["slurm_job"]
     if same_job and other.get("slurm_restart") != me["slurm_restart"]:
         return True  # requeued: SLURM counts the restarts of a job id
-    if other.get("slurm_job") and not same_job and _slurm_job_gone(str(other["slurm_job"])):
-        return True
     if other.get("host") != me["host"]:
-        return False  # cannot look at another machine's processes
+        # another machine's processes cannot be looked at; SLURM knows its jobs (on this
+        # host the pid decides: an environment can carry an allocation's id past its end)
+        return bool(other.get("slurm_job")) and not same_job and _slurm_job_gone(other["slurm_job"])
     try:
         os.kill(int(other["pid"]), 0)
     except ProcessLookupError:
@@ -988,16 +988,28 @@ def _lock_is_stale(other: dict[str, Any], me: dict[str, Any]) -> bool:
     return False
 
 
+_SQUEUE_FAILED = [-float("inf")]
+"""When squeue last could not be asked: a start that looks at many locks (a stage-2 job
+beside 63 others) asks it again only a minute later, while the ranks srun started with
+it wait for its decision."""
+
+
 def _slurm_job_gone(job: str) -> bool:
     """Whether SLURM no longer has job ``job`` queued or running (``squeue -j`` lists
     nothing, or no longer knows the id); False when squeue cannot be asked."""
+    if time.monotonic() - _SQUEUE_FAILED[0] < 60.0:
+        return False
     try:
         command = ["squeue", "--noheader", "--format=%i", f"--jobs={job}"]
-        asked = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        asked = subprocess.run(command, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
+        _SQUEUE_FAILED[0] = time.monotonic()
         return False
     if asked.returncode != 0:  # an id SLURM has forgotten: "Invalid job id specified"
-        return "invalid job id" in asked.stderr.lower()
+        forgotten = "invalid job id" in asked.stderr.lower()
+        if not forgotten:
+            _SQUEUE_FAILED[0] = time.monotonic()
+        return forgotten
     return not asked.stdout.split()
 
 

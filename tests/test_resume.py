@@ -434,7 +434,12 @@ def test_a_lock_of_a_slurm_job_that_left_the_queue_is_taken_over(tmp_path, monke
     # which names another host: every resubmission was refused until it was deleted by
     # hand. squeue, asked about that job, says whether it still runs.
     import json
+    import socket
+    import subprocess
 
+    from facecluster import run as run_module
+
+    monkeypatch.setattr(run_module, "_SQUEUE_FAILED", [-float("inf")])  # asked afresh
     run = RunFolder(tmp_path / "run")
     lock = run.path / "stage1" / "running.json"
     lock.parent.mkdir(parents=True)
@@ -453,6 +458,16 @@ def test_a_lock_of_a_slurm_job_that_left_the_queue_is_taken_over(tmp_path, monke
     with run.stage1_lock():
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
+    # on this host the pid decides: a live process whose environment still names an
+    # allocation that has ended (a tmux session started under salloc) keeps its lock
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        lock.write_text(json.dumps({**held, "host": socket.gethostname(), "pid": holder.pid}))
+        with pytest.raises(ConfigError, match=rf"already running \(host .*, pid {holder.pid}"):
+            run.check_stage1_free()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_resume_while_another_command_fits_stage1_is_refused_before_it_writes(
