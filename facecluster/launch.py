@@ -253,6 +253,8 @@ def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: i
                     code = 127
                 else:
                     running[process.pid] = process
+                    if stopped:  # the signal came between the check above and now
+                        process.send_signal(stopped[0])
                     try:
                         (log.parent / "job.json").write_text(
                             json.dumps({"pid": process.pid, "command": command}, indent=2)
@@ -302,9 +304,9 @@ def _passed_on(running: dict[int, subprocess.Popen], stopped: list[int]) -> Iter
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
-        signal.raise_signal(signum)
+        # the launcher ends by the signal once the pool has marked every job that had
+        # not started (below): raised here, it could end the process while a pool thread
+        # had made a job's folder but not yet written why the job never ran
 
     before = {sig: signal.signal(sig, pass_on) for sig in caught}
     try:
@@ -312,6 +314,8 @@ def _passed_on(running: dict[int, subprocess.Popen], stopped: list[int]) -> Iter
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+    if stopped:
+        signal.raise_signal(stopped[0])
 
 
 def _visible_gpus() -> list[str]:
