@@ -71,8 +71,9 @@ def check_verification_sets(cfg: Config, stage1_done: bool = False) -> None:
     short, or an image that cannot be decoded, stops the command here, named (a config
     error), not after the first epoch. Images that are not ``data.image_size`` square
     are resized (squashed, if not square) by verification: a warning says so, in global
-    rank 0. A few seconds per set of 12,000-14,000 images. ``stage1_done``: the run's
-    stage 1 is finished (a resume), so only an evaluation after training reads them.
+    rank 0. Under a second for lfw.bin's 12,000 images here (0.69-0.72 s).
+    ``stage1_done``: the run's stage 1 is finished (a resume), so only an evaluation
+    after training reads them.
 
     Raises:
         ConfigError: ``data.verification: <file>: ...``, the file and what is wrong.

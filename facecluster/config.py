@@ -121,6 +121,7 @@ def _number(value: Any) -> bool:
 
 
 def _whole(value: Any) -> bool:
+    """An int as YAML types it (not a bool)."""
     return _number(value) and isinstance(value, int)
 
 
@@ -692,8 +693,7 @@ class Config:
                 f"clustering.num_clusters={k}: every cluster needs identities"
             )
         trainer_epochs = self.trainer.get("max_epochs")
-        valid_epochs = isinstance(trainer_epochs, int) and not isinstance(trainer_epochs, bool)
-        if trainer_epochs not in (None, -1) and not (valid_epochs and trainer_epochs > 0):
+        if trainer_epochs not in (None, -1) and not (_whole(trainer_epochs) and trainer_epochs > 0):
             found.append(f"trainer.max_epochs must be a whole number > 0, got {trainer_epochs!r}")
         route = self.route
         fitted = (route.router_temperature, route.subnet_temperature, route.generalist_weight)

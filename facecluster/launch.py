@@ -183,8 +183,7 @@ def check_local_jobs(cfg: Config, jobs: int | None = None) -> None:
             "stage 2 with launcher=slurm (or stage=1 across nodes, then launcher=slurm)"
         )
     parallel, devices = min(cfg.launcher.parallel, jobs), cfg.trainer.get("devices", 1)
-    named = isinstance(devices, list | tuple) or (isinstance(devices, str) and "," in devices)
-    if named and parallel > 1 and devices_per_job(cfg):
+    if _listed_gpus(devices) is not None and parallel > 1 and devices_per_job(cfg):
         # a job running beside others sees only its own GPUs, renumbered from 0: the
         # indices listed would name GPUs it cannot see (Lightning refused them in every job)
         raise ConfigError(
@@ -203,13 +202,21 @@ def devices_per_job(cfg: Config) -> int:
     if str(cfg.trainer.get("accelerator", "auto")) == "cpu":
         return 0
     devices = cfg.trainer.get("devices", 1)
-    if isinstance(devices, list | tuple):
-        return max(1, len(devices))
-    if isinstance(devices, str) and "," in devices:
-        return max(1, len([d for d in devices.split(",") if d.strip()]))
+    listed = _listed_gpus(devices)
+    if listed is not None:
+        return max(1, len(listed))
     if isinstance(devices, str):
         devices = int(devices) if devices.strip().isdigit() else 1
     return devices if isinstance(devices, int) and devices > 0 else 1
+
+
+def _listed_gpus(devices: Any) -> list[Any] | None:
+    """The GPUs ``trainer.devices`` names, as a list or ``"0,1"``; None for a count."""
+    if isinstance(devices, list | tuple):
+        return list(devices)
+    if isinstance(devices, str) and "," in devices:
+        return [d for d in devices.split(",") if d.strip()]
+    return None
 
 
 def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: int = 1) -> None:

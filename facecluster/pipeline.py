@@ -116,11 +116,11 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         dm = build_datamodule(cfg)
         check_cluster_count(cfg, dm)
         run_id = folder.create(new=not cfg.resume)  # a resume's: nothing written
+        folder.check_free_space(cfg, backbone_params, dm.num_classes)  # on every rank
+        folder.keep_data(dm)  # a resume: checked, not rewritten
         # Stage 1 and the clustering are held from here, before this command writes the
         # run's config: a second command on the run, past the check at start while this
         # one scanned the data, is refused here (a SLURM submission: its job holds it)
-        folder.check_free_space(cfg, backbone_params, dm.num_classes)  # on every rank
-        folder.keep_data(dm)  # a resume: checked, not rewritten
         fits = cfg.launcher.name == "local" and _stage1_pending(cfg, folder)
         with folder.stage1_lock() if fits else contextlib.nullcontext():
             folder.save_config(cfg)

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 from torchmetrics import Metric
 
@@ -288,7 +287,7 @@ class SubnetSystem(StageSystem):
             subnet,
             images,
             use_reentrant=False,
-            context_fn=lambda: (nullcontext(), _KeepRunningStats(subnet)),
+            context_fn=lambda: (nullcontext(), _KeepBuffers(subnet)),
         )
 
     def clip_groups(self) -> list[list[nn.Module]]:
@@ -361,28 +360,21 @@ class SubnetSystem(StageSystem):
         return [*self.subnets.values(), *self.heads.values()]
 
 
-class _KeepRunningStats(AbstractContextManager):
-    """Around a checkpointed forward pass's recomputation: the BatchNorm layers of
-    ``module`` end with the running statistics they had before it, so that they move
-    once per step, as without checkpointing (the recomputation normalises with the
-    batch's own statistics, which are what the forward pass used)."""
+class _KeepBuffers(AbstractContextManager):
+    """Around a checkpointed forward pass's recomputation: ``module``'s buffers end as
+    they were before it (the BatchNorm running statistics, which a forward pass in
+    training mode moves), so that they move once per step, as without checkpointing
+    (the recomputation normalises with the batch's own statistics, which are what the
+    forward pass used)."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.layers = [
-            m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
-        ]
+        self.buffers = list(module.buffers())
 
-    def __enter__(self) -> _KeepRunningStats:
-        self.saved = [
-            [b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
-            for m in self.layers
-        ]
+    def __enter__(self) -> _KeepBuffers:
+        self.saved = [b.clone() for b in self.buffers]
         return self
 
     def __exit__(self, *exc: object) -> None:
         with torch.no_grad():
-            for m, saved in zip(self.layers, self.saved, strict=True):
-                for buffer, value in zip(
-                    (m.running_mean, m.running_var, m.num_batches_tracked), saved, strict=True
-                ):
-                    buffer.copy_(value)
+            for buffer, value in zip(self.buffers, self.saved, strict=True):
+                buffer.copy_(value)
