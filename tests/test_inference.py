@@ -438,6 +438,26 @@ def test_macro_scores_equal_torchmetrics_and_stay_linear_in_the_identities():
     assert big.compute()["recall"] == pytest.approx(2 / 4)
 
 
+def test_evaluation_runs_every_subnet_over_the_test_split_once(finished_run, monkeypatch):
+    """The top_m sweep's top_m = K is the ISM row's pass (the dearest: K sub-nets a
+    face), not a second pass over the test split that gives the same answers."""
+    passes = []
+    score = evaluation.Bench.score
+
+    def spy(self, predictor, open_set=True):
+        if predictor.name not in self._scores:
+            passes.append(predictor.name)
+        return score(self, predictor, open_set)
+
+    monkeypatch.setattr(evaluation.Bench, "score", spy)
+    report = evaluate_run(finished_run)
+    every = [p for p in passes if "ISM" in p or "top_m=3," in p]  # K = 3
+    assert every == ["clustered, all sub-nets (ISM)"], passes
+    assert report.top_m_sweep[-1]["top_m"] == 3
+    assert report.top_m_sweep[-1]["top1"] == report.rows[1].top1  # the ISM row's own score
+    assert report.top_m_sweep[-1]["throughput"] == report.rows[1].throughput
+
+
 def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):
     report = evaluate_run(finished_run)
     models = [r.model for r in report.rows]

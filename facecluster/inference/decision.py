@@ -305,6 +305,34 @@ def sum_shared(parts: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]) -
         start = end
 
 
+def top_columns(score: Tensor, k: int) -> Tensor:
+    """Per row, the columns of the ``k`` highest scores, best first, equal scores by
+    lower column: ``torch.sort(score, descending=True, stable=True).indices[:, :k]``,
+    without sorting every column.
+
+    A cluster of 250K identities (2M, K=8) scored for 64 faces, k=5: 147 ms against
+    1.9 s for the whole sort (one thread, measured). ``torch.topk`` picks among columns equal
+    to the k-th score in no set order, so the rows where more than k columns reach it
+    (or where NaN makes fewer) are sorted whole.
+    """
+    n = score.shape[1]
+    if k == 1:  # argmax returns the first maximum: the lowest column among ties
+        return score.argmax(dim=1, keepdim=True)
+    if k >= n:
+        return torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+    values, picked = torch.topk(score, k, dim=1)
+    picked = picked.sort(dim=1).values  # in column order: the stable sort keeps it in ties
+    local = picked.gather(
+        1, torch.sort(score.gather(1, picked), dim=1, descending=True, stable=True).indices
+    )
+    unclear = ((score >= values[:, -1:]).sum(dim=1) != k).nonzero().squeeze(1)
+    if len(unclear):
+        local[unclear] = torch.sort(score[unclear], dim=1, descending=True, stable=True).indices[
+            :, :k
+        ]
+    return local
+
+
 def keep_top(
     best_score: Tensor,
     best_id: Tensor,
@@ -334,10 +362,7 @@ def keep_top(
     the order in which clusters are visited (batched and one-by-one inference agree).
     """
     k = best_score.shape[1]
-    if k == 1:  # argmax returns the first maximum: the lowest id among ties
-        local = score.argmax(dim=1, keepdim=True)
-    else:
-        local = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+    local = top_columns(score, k)
     scores = torch.cat([best_score[rows], score.gather(1, local)], dim=1)
     ids = torch.cat([best_id[rows], members[local]], dim=1)
     values = [torch.cat([best[rows], new.gather(1, local)], dim=1) for best, new in carried]
