@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,7 +107,9 @@ def replacing_together(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
     evaluation's three tables): every temporary file is fsynced before the first takes
     its name, then they replace theirs in the order given. A failure before then (a
     full disk that only the fsync of a large file reports, Ctrl-C) leaves every target
-    as it was; nested ``replacing`` blocks had renamed the others by then."""
+    as it was; nested ``replacing`` blocks had renamed the others by then. Ctrl-C or
+    SIGTERM during the renames waits until every file is in place (:func:`_signals_held`),
+    never leaving some new files beside the old others."""
     targets = [Path(p) for p in paths]
     temps = [
         t.with_name(f".{t.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{t.suffix}")
@@ -119,19 +123,65 @@ def replacing_together(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        for tmp, target in zip(temps, targets, strict=True):
-            mode = _file_mode(target)  # a file made private stays private
-            if os.stat(tmp).st_mode & 0o777 != mode:
-                # a temp linked to another user's file (an export update put in place by
-                # another user of a shared folder) is not this process's to chmod
-                with contextlib.suppress(PermissionError):
-                    os.chmod(tmp, mode)
-            os.replace(tmp, target)
+        with _signals_held():
+            for tmp, target in zip(temps, targets, strict=True):
+                mode = _file_mode(target)  # a file made private stays private
+                if os.stat(tmp).st_mode & 0o777 != mode:
+                    # a temp linked to another user's file (an export update put in place
+                    # by another user of a shared folder) is not this process's to chmod
+                    with contextlib.suppress(PermissionError):
+                        os.chmod(tmp, mode)
+                os.replace(tmp, target)
+            # inside: a signal let through after the renames would skip what makes
+            # them survive a power loss
+            for folder in dict.fromkeys(t.parent for t in targets):
+                fsync_dir(folder)
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
-    for folder in dict.fromkeys(t.parent for t in targets):
-        fsync_dir(folder)
+
+
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM that arrive while the block runs take effect after it:
+    the handler in place before the block (a KeyboardInterrupt, a time limit's end)
+    runs then, once per signal, in the order they came.
+
+    Blocked in this thread (``signal.pthread_sigmask``) and noted by a handler of the
+    block's own: the kernel hands a signal that the main thread blocks to any other
+    thread (tqdm's monitor, a DataLoader's pin-memory thread), and Python then runs the
+    handler in the main thread all the same, inside the block. Off the main thread
+    (handlers cannot be set there, and none runs there) or without signal masks
+    (Windows), nothing changes; a signal ignored or handled outside Python is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        signal, "pthread_sigmask"
+    ):
+        yield
+        return
+    came: list[int] = []
+
+    def note(signum: int, frame: object) -> None:
+        came.append(signum)
+
+    held = [s for s in HELD_SIGNALS if signal.getsignal(s) not in (signal.SIG_IGN, None)]
+    before: dict[int, Any] = {}
+    mask = None
+    try:
+        for s in held:
+            before[s] = signal.signal(s, note)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        yield
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending one reaches note
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(came):
+            signal.raise_signal(s)  # the first that raises ends the block's caller
 
 
 class UnsafeFileError(ValueError):

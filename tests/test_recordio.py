@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -942,6 +943,68 @@ def test_a_pack_stopped_by_sigterm_leaves_out_as_it_was(packed, tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 128 + signal.SIGTERM
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "nothing replaced or left"
+
+
+def test_a_signal_between_the_final_renames_waits_until_out_is_whole(packed, tmp_path):
+    # Ctrl-C or a time limit's SIGTERM between two of the renames that put the new files
+    # in place left the new property and identities.txt beside the old train.idx and
+    # train.rec (or a new index beside the old .rec, whose offsets run past its end).
+    # The signal waits now until all four are in place, with another thread about (which
+    # the kernel hands a process's signal to when the main thread blocks it).
+    expected = {p.name: p.read_bytes() for p in (packed / "shuffled").iterdir()}
+    real = os.replace
+    for signum, raised in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)):
+        out = shutil.copytree(packed / "rec", tmp_path / f"out-{signum}")  # OUT holds a set
+        renamed = []
+
+        def signalled(src, dst, *args, signum=signum, renamed=renamed, **kwargs):
+            real(src, dst, *args, **kwargs)
+            renamed.append(Path(dst).name)
+            if len(renamed) == 2:
+                os.kill(os.getpid(), signum)
+                time.sleep(0.05)  # long enough for the handler to run, were it not held
+
+        waiting = threading.Event()
+        beside = threading.Thread(target=waiting.wait)
+        beside.start()
+        os.replace = signalled
+        try:
+            with pytest.raises(raised):
+                pack_main([str(DEMO), str(out), "--shuffle", "--overwrite"])
+        finally:
+            os.replace = real
+            waiting.set()
+            beside.join()
+        assert renamed == ["property", "identities.txt", "train.idx", "train.rec"]
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == expected, "the whole new set"
+
+
+def test_zero_byte_images_are_refused_by_the_pack_unless_skip_empty(tmp_path, capsys, caplog):
+    # they were dropped without a word, an identity made only of them with them: the
+    # packed .rec then trained under data.on_bad_image=fail, which refuses the folder
+    src = _two_identities(tmp_path)
+    first, second = sorted(p.name for p in src.iterdir())
+    (src / second / "zz_empty.jpg").write_bytes(b"")
+    (src / "Zed").mkdir()
+    for k in range(7):
+        (src / "Zed" / f"{k}.jpg").write_bytes(b"")
+    out = tmp_path / "rec"
+    assert pack_main([str(src), str(out)]) == 2
+    err = capsys.readouterr().err
+    named = f"8 zero-byte image file(s): {src / second / 'zz_empty.jpg'}, {src / 'Zed' / '0.jpg'}"
+    assert named in err
+    assert "(8 in all)" in err and "1 identity made only of them (Zed)" in err
+    assert "--skip-empty" in err
+    assert not out.exists() or not any(out.iterdir()), "refused before anything is written"
+    with pytest.raises(ValueError, match=r"8 zero-byte image file\(s\)"):
+        pack_module.pack_folder(src, out)
+    with caplog.at_level("WARNING", logger="facecluster.data.pack"):
+        assert pack_main([str(src), str(out), "--skip-empty"]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.name == "facecluster.data.pack"]
+    assert len(warned) == 1 and "left out 8 zero-byte image file(s)" in warned[0]
+    assert "1 identity made only of them (Zed)" in warned[0]
+    assert scan(str(out / "train.rec")).class_names == [first, second]
+    assert len(scan(str(out / "train.rec")).samples) == len(scan(str(src)).samples)
 
 
 def test_identity_names_with_unusual_characters_survive_the_pack(tmp_path):

@@ -12,6 +12,12 @@ seeded random order without header or identity records (the plain im2rec layout
 that DALI-style sequential readers want); the reader then finds the identities in
 one pass over the record headers.
 
+Zero-byte image files (an interrupted copy) are refused before anything is written,
+naming them and the identities made only of them, as training on the folder refuses
+them under ``data.on_bad_image=fail``: a packed file has no trace of them, so training
+on it could not. ``--skip-empty`` packs without them (a warning names them); any other
+broken image is packed as it is, for ``data.on_bad_image`` to decide on.
+
 An OUT that already holds a data set (any ``.rec`` or ``.idx``, ``property`` or
 ``identities.txt``: one mistyped OUT would replace a downloaded MS1MV3) is refused
 before SRC is read, unless ``--overwrite`` is given.
@@ -19,12 +25,14 @@ before SRC is read, unless ``--overwrite`` is given.
     facecluster pack datasets/lfw-demo/images /data/lfw-demo-rec
     python -m facecluster.data.pack SRC OUT --shuffle
     facecluster pack SRC OUT --overwrite    # replace the data set OUT holds
+    facecluster pack SRC OUT --skip-empty   # leave zero-byte image files out
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import random
 import signal
 import sys
@@ -39,26 +47,37 @@ from facecluster.data.folder import IDENTITY_NAMES, FaceFolder, scan_image_folde
 from facecluster.data.recordio import RecordWriter, pack
 from facecluster.io import replacing_together
 
+logger = logging.getLogger(__name__)
+
 DATA_SET = ("*.rec", "*.idx", "property", IDENTITY_NAMES)
 """What makes OUT hold a data set (any RecordIO pair, or the files beside one) that pack
 refuses to replace or to write beside without ``--overwrite``."""
 
 
 def pack_folder(
-    src: str | Path, out: str | Path, shuffle: bool = False, seed: int = 0, overwrite: bool = False
+    src: str | Path,
+    out: str | Path,
+    shuffle: bool = False,
+    seed: int = 0,
+    overwrite: bool = False,
+    skip_empty: bool = False,
 ) -> Path:
-    """Pack every identity of ``src`` (zero-byte files left out) into ``out``.
+    """Pack every identity of ``src`` into ``out``.
 
     Args:
         overwrite: replace the ``train.rec``/``train.idx`` that ``out`` holds (refused
             without it, before ``src`` is read).
+        skip_empty: pack without the zero-byte image files of ``src`` (and the
+            identities made only of them), with a warning that names them; without it
+            they are refused before anything is written.
 
     Returns:
         The written ``train.rec``.
 
     Raises:
         FileExistsError: ``out`` holds a data set and ``overwrite`` is not set.
-        ValueError: ``out`` is a file or ``src``, or ``src`` cannot be packed.
+        ValueError: ``out`` is a file or ``src``, or ``src`` cannot be packed (a
+            zero-byte image file without ``skip_empty``).
     """
     out = Path(out).expanduser()
     # before the scan (minutes over millions of files): where the files go
@@ -92,6 +111,7 @@ def pack_folder(
             f"{src}: identity folder names with a line break cannot be packed "
             f"({len(broken)}: {', '.join(map(repr, broken[:3]))}); rename them"
         )
+    _check_empty_files(src, folder, skip_empty)
     out.mkdir(parents=True, exist_ok=True)
     rec = out / "train.rec"
     samples = list(folder.samples)
@@ -111,6 +131,31 @@ def pack_folder(
         names = "\n".join(folder.class_names) + "\n"
         names_tmp.write_bytes(names.encode("utf-8", errors="surrogateescape"))
     return rec
+
+
+def _check_empty_files(src: str | Path, folder: FaceFolder, skip_empty: bool) -> None:
+    """Zero-byte image files, which the scan leaves out of the samples (and an identity
+    made only of them out of the identities): refused unless ``skip_empty``, then named
+    in a warning. Training on the folder refuses them under ``data.on_bad_image=fail``
+    and above ``data.max_bad_fraction``; the packed file keeps no trace of them."""
+    empty = folder.empty_files
+    if not empty:
+        return
+    shown = ", ".join(empty[:5]) + (f", ... ({len(empty)} in all)" if len(empty) > 5 else "")
+    kept = set(folder.class_names)
+    lost = sorted({Path(p).parent.name for p in empty} - kept)
+    what = f"{len(empty)} zero-byte image file(s): {shown}"
+    if lost:
+        names = ", ".join(lost[:5]) + (", ..." if len(lost) > 5 else "")
+        identities = "identity" if len(lost) == 1 else "identities"
+        what += f"; {len(lost)} {identities} made only of them ({names})"
+    if not skip_empty:
+        raise ValueError(
+            f"{src}: {what}. An interrupted copy? Repair or remove them, or pass "
+            "--skip-empty to pack without them (training on SRC refuses them under "
+            "data.on_bad_image=fail)"
+        )
+    logger.warning("%s: --skip-empty: left out %s", src, what)
 
 
 def _image_size(folder: FaceFolder) -> tuple[int, int]:
@@ -181,10 +226,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="replace the train.rec/train.idx (and property, identities.txt) OUT holds",
     )
+    parser.add_argument(
+        "--skip-empty",
+        action="store_true",
+        help="pack without SRC's zero-byte image files (refused without it)",
+    )
     args = parser.parse_args(argv)
     try:
         with _sigterm_unwinds():
-            rec = pack_folder(args.src, args.out, args.shuffle, args.seed, args.overwrite)
+            rec = pack_folder(
+                args.src, args.out, args.shuffle, args.seed, args.overwrite, args.skip_empty
+            )
     except (OSError, ValueError) as e:  # OSError: OUT unwritable, or holding a data set
         print(f"error: {e}", file=sys.stderr)
         return 2
