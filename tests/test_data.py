@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import logging
 import math
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -179,6 +180,44 @@ def test_samples_are_pairs_held_as_arrays() -> None:
         Samples([0], paths=["a", "b"])
     with pytest.raises(ValueError, match="either keys with rec, or paths"):
         Samples([0], keys=[1])
+
+
+def test_folder_paths_come_back_as_written_and_workers_do_not_copy_them():
+    """Image paths are one byte buffer: any name (accents, a non-UTF-8 byte kept as a
+    surrogate escape) reads back as it was, and a forked DataLoader worker that reads
+    every path makes no copy of them (a list of str: about 96 bytes a path)."""
+    odd = b"/d/caf\xe9/1.jpg".decode("utf-8", "surrogateescape")
+    names = ["/d/Zoë/1.jpg", odd, "/d/ä/2.jpg", "/d/b/3.jpg"]
+    samples = Samples([0, 1, 2, 3], paths=names)
+    assert list(samples.locators) == names and samples.source(1) == odd
+    picked = samples.take(np.array([3, 1])).relabel(np.array([7, 8]))
+    assert picked == [(names[3], 7), (odd, 8)] and picked.paths.buffer is samples.paths.buffer
+    assert samples[1:3] == [(odd, 1), ("/d/ä/2.jpg", 2)]
+    with pytest.raises(ValueError, match="NUL"):
+        Samples([0, 1], paths=["a.jpg", "b\0.jpg"])
+    rollup = Path("/proc/self/smaps_rollup")
+    if not rollup.exists():
+        pytest.skip("needs Linux's /proc/self/smaps_rollup")
+    n = 200_000
+    many = Samples(
+        np.arange(n) // 20, paths=[f"/data/n{i // 20:06d}/{i:08d}.jpg" for i in range(n)]
+    )
+
+    def private_kb() -> int:
+        lines = rollup.read_text().splitlines()
+        return sum(int(line.split()[1]) for line in lines if line.startswith("Private_"))
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker: one epoch's reads of every path
+        before = private_kb()
+        for i in range(n):
+            many.source(i)
+        os.write(write, str(private_kb() - before).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    copied = int(os.read(read, 64)) * 1024
+    assert copied / n < 10, f"a worker copied {copied / n:.0f} bytes per path read"
 
 
 # ---------------------------------------------------------------- splitting
