@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -59,7 +60,7 @@ DOC = Path(__file__).parents[1] / "docs" / "SCALE.md"
 PLOT = DOC.parent / "scale_heads.png"
 HEAD_CLASSES = (10_000, 100_000, 360_232, 2_059_906)
 PER_PROCESS_BATCH = 128  # arcface_torch's default per GPU
-LOGIT_COPIES = 4  # cosine before and after the clamp, margin logits, saved softmax
+LOGIT_COPIES = 4  # cosine, margin logits, saved softmax, their gradient
 MEASURE_LIMIT_GIB = 8.0  # larger heads are computed, not run, on this machine
 
 
@@ -131,15 +132,39 @@ def clustering(means: np.ndarray, k: int, niter: int, repeats: int) -> dict:
 
 
 def head_bytes(rows: int, columns: int, batch: int, dim: int) -> dict[str, int]:
-    """Bytes a process holds for a head shard of ``rows`` class centres in fp32 with SGD:
-    parameters, gradients, momentum, and the step's ``batch x columns`` logits."""
+    """Peak bytes a process holds for a head shard of ``rows`` class centres in fp32 with
+    SGD: parameters, gradients, momentum, and the larger of the two peaks of a step,
+    the loss's forward and backward (``batch x columns`` logits, and a sampled head's
+    rows and their gradient) and the optimizer's update (SGD's weight decay makes a
+    new tensor of the rows' size). Checked against a step's measured peak in
+    :func:`head_peak_check`."""
     state = rows * dim * 4
+    sampled = 2 * columns * dim * 4 if columns < rows else 0
     return {
         "parameters": state,
         "gradients": state,
         "optimizer": state,
-        "logits": LOGIT_COPIES * batch * columns * 4,
+        "step": max(LOGIT_COPIES * batch * columns * 4 + sampled, state),
     }
+
+
+def _head_step(rows: int, shards: int, sample_rate: float, dim: int):
+    """One shard's head step as the training runs it (see :func:`head_step_seconds`)."""
+    torch.manual_seed(0)
+    head = ArcFace(rows, dim, sample_rate=sample_rate)
+    head.world = shards  # a shard's own compute: labels of other shards have no column here
+    head.num_classes = rows * shards  # the whole head's, as in a shard of a real one
+    batch = PER_PROCESS_BATCH * shards
+    embeddings = torch.randn(batch, dim, requires_grad=True)
+    labels = torch.randint(0, rows * shards, (batch,))
+    optimizer = torch.optim.SGD([head.weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        head.loss(embeddings, labels).backward()
+        optimizer.step()
+
+    return head, optimizer, step
 
 
 def head_step_seconds(rows: int, shards: int, sample_rate: float, dim: int, repeats: int) -> float:
@@ -147,26 +172,82 @@ def head_step_seconds(rows: int, shards: int, sample_rate: float, dim: int, repe
     gathered batch (``shards`` x 128 embeddings, labels over all ``rows x shards``
     identities) and an SGD step. One process does a shard's work, without the
     communication (``world`` is set, the process group is not)."""
-    torch.manual_seed(0)
-    head = ArcFace(rows, dim, sample_rate=sample_rate)
-    head.world = shards  # a shard's own compute: labels of other shards have no column here
-    batch = PER_PROCESS_BATCH * shards
-    embeddings = torch.randn(batch, dim, requires_grad=True)
-    labels = torch.randint(0, rows * shards, (batch,))
-    optimizer = torch.optim.SGD([head.weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
-
-    def step() -> None:
-        optimizer.zero_grad()
-        head.loss(embeddings, labels).backward()
-        optimizer.step()
-
+    _, _, step = _head_step(rows, shards, sample_rate, dim)
     step()  # warm-up (first-touch of the optimizer state)
     times = [_seconds(step)[0] for _ in range(repeats)]
     return float(np.median(times))
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status (needs Linux)")
+
+
+def _peak_child(rows: int, shards: int, sample_rate: float, dim: int) -> None:
+    """In a fresh process: one step's peak resident memory beyond the head's weights and
+    momentum (made before, as a trained run holds them), as JSON on stdout. The
+    process's own high-water mark (VmHWM), reset before the step: ``ru_maxrss`` starts
+    from the parent's resident size when a large process starts the child."""
+    head, optimizer, step = _head_step(rows, shards, sample_rate, dim)
+    optimizer.state[head.weight]["momentum_buffer"] = torch.zeros_like(head.weight)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _status_kib("VmRSS")
+    step()
+    print(json.dumps({"step_peak_bytes": (_status_kib("VmHWM") - before) * 1024}))
+
+
+def head_peak_check(dim: int, whole_rows: int) -> list[dict]:
+    """The memory model against a step's measured peak (resident memory, a fresh process
+    each): a whole head of ``whole_rows`` rows on one process, and one of 8 shards of a
+    fifth of that with the gathered batch, each whole and sampled at r = 0.1."""
+    rows_out = []
+    shard_rows = whole_rows // 5
+    checks = [
+        (whole_rows, 1, 1.0),
+        (whole_rows, 1, 0.1),
+        (shard_rows, 8, 1.0),
+        (shard_rows, 8, 0.1),
+    ]
+    for rows, shards, rate in checks:
+        code = (
+            "import sys; sys.path.insert(0, 'bench'); import scale; "
+            f"scale._peak_child({rows}, {shards}, {rate}, {dim})"
+        )
+        # glibc's mmap threshold fixed: by default it rises after a large block is freed,
+        # and later ones then come from a heap that keeps freed pages resident
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=Path(__file__).parents[1], check=True,
+            capture_output=True, text=True, env=env,
+        )  # fmt: skip
+        measured = json.loads(done.stdout.strip().splitlines()[-1])["step_peak_bytes"]
+        columns = rows if rate >= 1 else min(rows, max(int(np.ceil(rate * rows)), 128))
+        parts = head_bytes(rows, columns, PER_PROCESS_BATCH * shards, dim)
+        # the weights and momentum were resident before the step
+        model = sum(parts.values()) - parts["parameters"] - parts["optimizer"]
+        row = {
+            "rows": rows,
+            "shards": shards,
+            "sample_rate": rate,
+            "measured_mib": round(measured / 2**20, 1),
+            "model_mib": round(model / 2**20, 1),
+            # None: too small a head to raise the process's peak at all
+            "model_vs_measured": round(model / measured, 3) if measured > 0 else None,
+        }
+        print(row)
+        rows_out.append(row)
+    return rows_out
+
+
 def heads(
-    dim: int, repeats: int, kmeans_k8: dict | None, classes_list: list[int], limit_gib: float
+    dim: int,
+    repeats: int,
+    kmeans_k8: dict | None,
+    classes_list: list[int],
+    limit_gib: float,
+    peak_rows: int = 0,
 ) -> dict:
     rows_out = []
     configs = [("whole head", 1.0, 1), ("whole head", 1.0, 8)]
@@ -202,6 +283,8 @@ def heads(
             print(row)
             rows_out.append(row)
     result: dict = {"batch_per_process": PER_PROCESS_BATCH, "rows": rows_out}
+    if peak_rows:
+        result["peak_check"] = head_peak_check(dim, peak_rows)
     if kmeans_k8 is not None:
         result["kmeans_k8_at_360k"] = kmeans_k8
     return result
@@ -362,6 +445,25 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _peak_check_text(h: dict) -> str:
+    checks = h.get("peak_check")
+    if not checks:
+        return ""
+    shown = ";\n  ".join(
+        f"{c['rows']:,} rows{' (a shard of 8)' if c['shards'] > 1 else ''}, "
+        f"r = {c['sample_rate']:g}: {c['measured_mib']:,.0f} MiB measured, "
+        f"{c['model_mib']:,.0f} counted"
+        for c in checks
+    )
+    return f"""
+  The count against a step's measured peak, beyond the weights and momentum (resident
+  memory of a fresh process on this CPU, glibc's mmap threshold fixed at 128 KiB):
+  {shown}.
+  The head's cosine keeps no normalised copy of the rows; with one, as
+  before 2026-12-01, the first of these steps took 1,966 MiB against 795 MiB now
+  (glibc's default settings, a one-off script)."""
+
+
 def _heads_section(h: dict) -> str:
     rows = h["rows"]
     table = _table(
@@ -390,10 +492,13 @@ def _heads_section(h: dict) -> str:
 ![head memory and step time against C](scale_heads.png)
 
 - **Memory** is counted from the tensor shapes (fp32, SGD): the process's rows x
-  {h.get("dim", 512)} for the parameters, their gradients and their momentum, plus
-  {LOGIT_COPIES} copies of the step's logits ({h["batch_per_process"]} images per
-  process, gathered over the shards; sampled heads use ceil(r x rows) columns, at
-  least 128 for the positives). Activations of the backbone are not included.
+  {h.get("dim", 512)} for the parameters, their gradients and their momentum, plus the
+  larger of a step's two peaks: the loss's forward and backward, {LOGIT_COPIES} copies of
+  the step's logits ({h["batch_per_process"]} images per process, gathered over the
+  shards; sampled heads use ceil(r x rows) columns, at least 128 for the positives)
+  and a sampled head's rows and their gradient; and the optimizer's update, one more
+  tensor of the rows' size (SGD's weight decay). Activations of the backbone are not
+  included.{_peak_check_text(h)}
 - **Step time** is one head step on this machine's CPU: loss forward and backward and
   the SGD update of the process's rows. With 8 shards it is one shard's work on the
   gathered batch of {8 * h["batch_per_process"]}. A step's communication is not
@@ -669,6 +774,12 @@ def main() -> None:
         default=MEASURE_LIMIT_GIB,
         help="heads needing more memory are computed from the largest one measured",
     )
+    parser.add_argument(
+        "--peak-rows",
+        type=int,
+        default=200_000,
+        help="the memory model's check: a whole head of this many rows (0: none)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--doc", type=Path, default=DOC, help="where SCALE.md goes")
     args = parser.parse_args()
@@ -701,7 +812,12 @@ def main() -> None:
         if part == "heads":
             k8 = largest_cluster(means, 8, args.niter)
             result["heads"] = heads(
-                args.dim, args.repeats, k8, args.head_classes, args.measure_limit_gib
+                args.dim,
+                args.repeats,
+                k8,
+                args.head_classes,
+                args.measure_limit_gib,
+                args.peak_rows,
             )
         elif part == "lfw":
             with tempfile.TemporaryDirectory() as tmp:

@@ -235,3 +235,17 @@ def test_sampled_head_at_rate_one_is_the_whole_head():
     torch.testing.assert_close(sampled.loss(backbone(x), y), full, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="sample_rate"):
         ArcFace(CLASSES, DIM, sample_rate=0.0)
+
+
+def test_a_label_outside_the_head_is_refused_sampled_as_whole():
+    """Sampled (as every sharded head is, under DDP) a label outside the head's
+    identities stopped nothing: it trained as a row whose target logit was 0."""
+    backbone, head, x, y = _data(ArcFace)
+    sampled = ArcFace(CLASSES, DIM, s=16.0, sample_rate=0.5)
+    for bad in (CLASSES, -1):
+        labels = y.clone()
+        labels[3] = bad
+        with pytest.raises(ValueError, match=rf"labels \[{bad}\] are outside this head's 11"):
+            sampled.loss(backbone(x), labels)
+        with pytest.raises((IndexError, RuntimeError)):  # the whole head: torch's own error
+            head.loss(backbone(x), labels)

@@ -178,6 +178,7 @@ def test_scale_benchmark_runs_small_and_writes_its_page(tmp_path):
         "--classes", "3000", "--dim", "32", "--clusters", "8", "--topics", "64",
         "--queries", "256", "--nprobe", "1", "8", "--ivf-nprobe", "4", "--hnsw-ef", "16", "64",
         "--head-classes", "800", "4000", "--repeats", "1", "--measure-limit-gib", "0.001",
+        "--peak-rows", "2000",
         "--lists-per-cluster", "4", "--split-nprobe", "32", "--fine-nlist", "64",
         "--fine-nprobe", "8",
         "--out", str(out), "--doc", str(doc),
@@ -200,6 +201,11 @@ def test_scale_benchmark_runs_small_and_writes_its_page(tmp_path):
     small, large = heads[(800, "whole head", 1)], heads[(4000, "whole head", 1)]
     assert small["step"] == "measured" and large["step"].startswith("computed")
     assert large["memory_parts_gib"]["parameters"] == round(4000 * 32 * 4 / 2**30, 3)
+    checks = result["heads"]["peak_check"]  # the memory count against a measured step
+    assert [(c["rows"], c["shards"], c["sample_rate"]) for c in checks] == [
+        (2000, 1, 1.0), (2000, 1, 0.1), (400, 8, 1.0), (400, 8, 0.1),
+    ]  # fmt: skip
+    assert all(c["measured_mib"] >= 0 and c["model_mib"] > 0 for c in checks)
     sampled = heads[(4000, "Partial FC r=0.1", 8)]
     assert (
         sampled["rows"] == 500

@@ -45,6 +45,38 @@ __all__ = ["HEADS", "ArcFace", "CosFace", "MarginHead", "create_head"]
 _SIN_EPS = 1e-12
 
 
+class _Cosine(torch.autograd.Function):
+    """``cos[b, c] = <e_b, w_c> / |w_c|`` for unit rows ``e``, clamped to [-1, 1].
+
+    What ``F.normalize(w) @ e.T`` gives, without its normalised ``[C, d]`` copy of the
+    weights, which autograd keeps for the backward pass, nor the copies its backward
+    makes: a head step over 200K identities x 512 (fp32, SGD, batch 128) took 5.0x the
+    weights' size beyond them, 3.0x with the division done by autograd, 2.0x here
+    (peak memory, measured on the CPU). Saved for the backward pass: ``e``, ``w`` (the
+    parameter itself) and the ``[C]`` norms. The clamp (rounding can push a dot product
+    of unit vectors just past +-1) passes the gradient through.
+    """
+
+    @staticmethod
+    def forward(ctx, emb: Tensor, weight: Tensor) -> Tensor:
+        norms = torch.linalg.vector_norm(weight, dim=1).clamp_min(1e-12)  # F.normalize's eps
+        ctx.save_for_backward(emb, weight, norms)
+        return (emb @ weight.t()).div_(norms).clamp_(-1.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        emb, weight, norms = ctx.saved_tensors
+        scaled = grad / norms  # d cos / d <e, w> = 1 / |w|
+        grad_emb = scaled @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = scaled.t() @ emb
+            # and through 1 / |w|: minus w_c <w_c, G_c> / |w_c|^2, row by row, in place
+            along = torch.bmm(grad_weight.unsqueeze(1), weight.unsqueeze(2)).view(-1)
+            grad_weight.addcmul_(weight, (along / norms.square()).unsqueeze(1), value=-1.0)
+        return grad_emb, grad_weight
+
+
 class MarginHead(nn.Module):
     """Base class: cosine logits scaled by ``s`` with a margin on the target column.
 
@@ -124,9 +156,7 @@ class MarginHead(nn.Module):
         dtype = self._compute_dtype(embeddings)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             emb = F.normalize(embeddings.to(dtype), dim=1)
-            centres = F.normalize(weight.to(dtype), dim=1)
-            # Rounding can push a dot product of unit vectors just past +-1.
-            return (emb @ centres.t()).clamp(-1.0, 1.0)
+            return _Cosine.apply(emb, weight.to(dtype))
 
     @property
     def sharded(self) -> bool:
@@ -162,6 +192,14 @@ class MarginHead(nn.Module):
         sizes = gather_sizes(len(labels), labels.device)
         embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
         embeddings, labels = gather_rows(embeddings, sizes), gather_rows(labels, sizes)
+        # every process sees the whole batch, so all stop here together; a label no
+        # shard holds would otherwise train on as a row whose target logit is 0
+        outside = (labels < 0) | (labels >= self.num_classes)
+        if bool(outside.any()):
+            raise ValueError(
+                f"labels {labels[outside][:5].tolist()} are outside this head's "
+                f"{self.num_classes} identities (0 to {self.num_classes - 1})"
+            )
         rows = self.weight.shape[0]
         local = labels.long() - self.row_start
         target = torch.where((local >= 0) & (local < rows), local, -1)
