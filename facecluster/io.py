@@ -176,12 +176,27 @@ def _signals_held() -> Iterator[None]:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
         yield
     finally:
-        if mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending one reaches note
-        for s, handler in before.items():
-            signal.signal(s, handler)
-        for s in dict.fromkeys(came):
-            signal.raise_signal(s)  # the first that raises ends the block's caller
+        try:
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending one reaches note
+        finally:
+            _restore_then_raise(list(before.items()), came)
+
+
+def _restore_then_raise(handlers: list[tuple[int, Any]], came: list[int]) -> None:
+    """Put each handler back, then raise each noted signal once, in the order they came
+    (the first that raises ends the caller). Nested, so that a signal whose own handler
+    is back already (a Ctrl-C) cannot skip the steps after it: SIGTERM left to the
+    noting handler would be lost for good."""
+    if handlers:
+        (number, handler), rest = handlers[0], handlers[1:]
+        try:
+            signal.signal(number, handler)
+        finally:
+            _restore_then_raise(rest, came)
+        return
+    for number in dict.fromkeys(came):
+        signal.raise_signal(number)
 
 
 class UnsafeFileError(ValueError):

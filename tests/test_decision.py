@@ -436,20 +436,20 @@ def test_shared_layers_stay_the_stage1_trunk_and_routed_inference_runs_it_once(t
     assert shared.routed(1, 0.0).params == expected + heads
 
 
-@pytest.mark.parametrize("kind", ["ties", "normal", "minus_inf", "nan"])
+@pytest.mark.parametrize("kind", ["ties", "normal", "minus_inf", "nan", "nan_ties"])
 def test_top_columns_is_the_stable_sorts_first_k(kind):
     """identify's k candidates: the best k scores, equal ones by lower id, exactly what
     a stable sort of every column gives (topk alone picks among ties in no set order)."""
     gen = torch.Generator().manual_seed(3)
     for _ in range(40):
         rows, n = (int(v) for v in torch.randint(1, 40, (2,), generator=gen))
-        if kind == "ties":
+        if kind in ("ties", "nan_ties"):  # NaN: topk counts it above every number
             score = torch.randint(0, 3, (rows, n), generator=gen).float()
         else:
             score = torch.randn(rows, n, generator=gen)
         if kind == "minus_inf":
             score[torch.rand(rows, n, generator=gen) < 0.4] = -torch.inf
-        if kind == "nan":
+        if kind in ("nan", "nan_ties"):
             score[torch.rand(rows, n, generator=gen) < 0.2] = torch.nan
         whole = torch.sort(score, dim=1, descending=True, stable=True).indices
         for k in (1, 2, 5, n, n + 1):

@@ -184,6 +184,15 @@ def test_cosine_and_its_gradients_are_those_of_normalised_rows() -> None:
         torch.testing.assert_close(got, want)
 
 
+def test_a_second_derivative_through_the_cosine_is_refused() -> None:
+    # its backward treats the rows' norms as constants: a gradient penalty through it
+    # (create_graph) would have differentiated it wrongly, without a word
+    head = ArcFace(num_classes=5, embedding_dim=4).double()
+    emb = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(head.cosine(emb).sum(), emb, create_graph=True)
+
+
 def test_gradcheck_arcface_in_fallback_region() -> None:
     head = ArcFace(num_classes=3, embedding_dim=4, s=4.0, m=0.5)
     thetas = torch.tensor([0.3, 1.5, 2.9, 3.05], dtype=torch.float64)  # Last two fall back.

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from facecluster import io as facecluster_io
 from facecluster.config import ConfigError, load_config
 from facecluster.data import FaceDataModule, datamodule, recordio
 from facecluster.data import pack as pack_module
@@ -977,6 +978,34 @@ def test_a_signal_between_the_final_renames_waits_until_out_is_whole(packed, tmp
             beside.join()
         assert renamed == ["property", "identities.txt", "train.idx", "train.rec"]
         assert {p.name: p.read_bytes() for p in out.iterdir()} == expected, "the whole new set"
+
+
+def test_a_ctrl_c_while_the_held_signals_are_restored_loses_no_sigterm(monkeypatch):
+    # the restore put SIGINT's handler back first: a Ctrl-C right then raised out of it
+    # and left SIGTERM to the block's noting handler, for good (a later SIGTERM, a time
+    # limit's, did nothing), and the SIGTERM noted in the block was never delivered
+    real = signal.signal
+    came = []
+    before = real(signal.SIGTERM, lambda number, frame: came.append(number))
+
+    def ctrl_c_once_sigint_is_back(number, handler):
+        previous = real(number, handler)
+        if number == signal.SIGINT and handler is signal.default_int_handler:
+            monkeypatch.setattr(facecluster_io.signal, "signal", real)
+            signal.raise_signal(signal.SIGINT)
+        return previous
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with facecluster_io._signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                monkeypatch.setattr(facecluster_io.signal, "signal", ctrl_c_once_sigint_is_back)
+        assert came == [signal.SIGTERM]  # delivered after all
+        os.kill(os.getpid(), signal.SIGTERM)  # and the handler is the caller's again
+        time.sleep(0.05)
+        assert came == [signal.SIGTERM, signal.SIGTERM]
+    finally:
+        real(signal.SIGTERM, before)
 
 
 def test_zero_byte_images_are_refused_by_the_pack_unless_skip_empty(tmp_path, capsys, caplog):

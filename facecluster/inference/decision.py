@@ -325,7 +325,9 @@ def top_columns(score: Tensor, k: int) -> Tensor:
     local = picked.gather(
         1, torch.sort(score.gather(1, picked), dim=1, descending=True, stable=True).indices
     )
-    unclear = ((score >= values[:, -1:]).sum(dim=1) != k).nonzero().squeeze(1)
+    # topk counts NaN above every number: a row's NaN took a place too
+    reach = (score >= values[:, -1:]) | score.isnan()
+    unclear = (reach.sum(dim=1) != k).nonzero().squeeze(1)
     if len(unclear):
         local[unclear] = torch.sort(score[unclear], dim=1, descending=True, stable=True).indices[
             :, :k

@@ -169,7 +169,11 @@ class TwoStageIdentifier(nn.Module):
         self.subnets = nn.ModuleList(subnets)
         sizes = assignment.cluster_sizes().tolist()
         for k, weight in enumerate(head_weights):
-            rows = F.normalize(weight.detach().float(), dim=1)
+            rows = weight.detach().float()
+            # an export's rows are unit already: normalised again at every load, their
+            # last bits would drift with each save and load (an enrolment's)
+            if not bool((torch.linalg.vector_norm(rows, dim=1) - 1).abs().le(1e-6).all()):
+                rows = F.normalize(rows, dim=1)
             members = sizes[k]
             if len(rows) not in (members, members + 1):
                 raise ValueError(

@@ -65,6 +65,11 @@ class _Cosine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        if torch.is_grad_enabled():  # create_graph: this backward is not differentiable
+            raise RuntimeError(
+                "the margin head's cosine has no second derivative (a backward pass with "
+                "create_graph=True, as a gradient penalty needs, goes through it)"
+            )
         emb, weight, norms = ctx.saved_tensors
         scaled = grad / norms  # d cos / d <e, w> = 1 / |w|
         grad_emb = scaled @ weight if ctx.needs_input_grad[0] else None
