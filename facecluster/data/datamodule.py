@@ -52,6 +52,7 @@ from facecluster.data.folder import (
     Samples,
     hold_out_identities,
     scan,
+    shown_list,
     split_per_identity,
     validate_fractions,
 )
@@ -737,8 +738,7 @@ class FaceDataModule(lightning.LightningDataModule):
         for what, left_out, total, unit, are in kinds:
             if not left_out:
                 continue
-            shown = ", ".join(left_out[:5])
-            shown += f", ... ({len(left_out)} in all)" if len(left_out) > 5 else ""
+            shown = shown_list(left_out)
             if self.hparams.on_bad_image == "fail":
                 raise ValueError(
                     f"{len(left_out)} {what} in root={self.hparams.root!r}: {shown}; "

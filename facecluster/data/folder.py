@@ -318,7 +318,8 @@ def _list_images(directory: str) -> _Listing:
     return out
 
 
-def _shown(paths: list[str], limit: int = 5) -> str:
+def shown_list(paths: list[str], limit: int = 5) -> str:
+    """The first ``limit`` of ``paths`` (or names), then how many there are in all."""
     more = f", ... ({len(paths)} in all)" if len(paths) > limit else ""
     return ", ".join(paths[:limit]) + more
 
@@ -337,7 +338,7 @@ def _warn_layout(
             root,
             len(empty_folders),
             ", ".join(IMAGE_EXTENSIONS),
-            _shown(empty_folders),
+            shown_list(empty_folders),
         )
     bad_links = root_bad_links + [p for v in listings.values() for p in v.bad_links]
     if bad_links:
@@ -345,7 +346,7 @@ def _warn_layout(
             "data.root=%s: %d broken or looping symlink(s) are ignored: %s",
             root,
             len(bad_links),
-            _shown(bad_links),
+            shown_list(bad_links),
         )
     loose = [p for p in root_files if p.lower().endswith(IMAGE_EXTENSIONS)]
     if loose:
@@ -354,7 +355,7 @@ def _warn_layout(
             "sub-folder (root/<identity>/<image>), are ignored: %s",
             root,
             len(loose),
-            _shown(loose),
+            shown_list(loose),
         )
     other = sorted(set(root_files) - set(loose))
     other += [p for v in listings.values() for p in v.other_files]
@@ -364,7 +365,7 @@ def _warn_layout(
             root,
             len(other),
             ", ".join(IMAGE_EXTENSIONS),
-            _shown(other),
+            shown_list(other),
         )
     nested = [p for v in listings.values() for p in v.subfolders]
     if nested:
@@ -373,7 +374,7 @@ def _warn_layout(
             "directly inside root/<identity>/ are samples): %s",
             root,
             len(nested),
-            _shown(nested),
+            shown_list(nested),
         )
 
 
@@ -690,7 +691,7 @@ def _rec_hint(folder: Path) -> str:
     if len(recs) > 1:
         return (
             f"{folder} holds {len(recs)} RecordIO files and no train.rec "
-            f"({_shown([p.name for p in recs])}): point data.root at the .rec to train on"
+            f"({shown_list([p.name for p in recs])}): point data.root at the .rec to train on"
         )
     if recs and not recs[0].with_suffix(".idx").is_file():
         return (
@@ -894,9 +895,7 @@ def split_per_identity(
         splits["train"].extend(indices[n_test + n_val :])
 
     if too_small:
-        shown = ", ".join(too_small[:10]) + (
-            f", ... ({len(too_small)} in all)" if len(too_small) > 10 else ""
-        )
+        shown = shown_list(too_small, 10)
         raise ValueError(
             f"{len(too_small)} identities have too few images to keep at least one training image "
             f"with val_fraction={val_fraction} and test_fraction={test_fraction} "

@@ -43,7 +43,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from facecluster.data.folder import IDENTITY_NAMES, FaceFolder, scan_image_folder
+from facecluster.data.folder import IDENTITY_NAMES, FaceFolder, scan_image_folder, shown_list
 from facecluster.data.recordio import RecordWriter, pack
 from facecluster.io import replacing_together
 
@@ -141,14 +141,11 @@ def _check_empty_files(src: str | Path, folder: FaceFolder, skip_empty: bool) ->
     empty = folder.empty_files
     if not empty:
         return
-    shown = ", ".join(empty[:5]) + (f", ... ({len(empty)} in all)" if len(empty) > 5 else "")
-    kept = set(folder.class_names)
-    lost = sorted({Path(p).parent.name for p in empty} - kept)
-    what = f"{len(empty)} zero-byte image file(s): {shown}"
+    lost = sorted({Path(p).parent.name for p in empty} - set(folder.class_names))
+    what = f"{len(empty)} zero-byte image file(s): {shown_list(empty)}"
     if lost:
-        names = ", ".join(lost[:5]) + (", ..." if len(lost) > 5 else "")
         identities = "identity" if len(lost) == 1 else "identities"
-        what += f"; {len(lost)} {identities} made only of them ({names})"
+        what += f"; {len(lost)} {identities} made only of them ({shown_list(lost)})"
     if not skip_empty:
         raise ValueError(
             f"{src}: {what}. An interrupted copy? Repair or remove them, or pass "
