@@ -258,7 +258,8 @@ class RecordIndex(Mapping):
     def __init__(self, keys: np.ndarray, offsets: np.ndarray) -> None:
         if len(keys) < 2 or bool(np.all(keys[1:] > keys[:-1])):
             # in key order, each once (what InsightFace and facecluster pack write): as
-            # it is, no sort (np.unique and setdiff1d over 44.6M lines took 96 s)
+            # it is, no sort (np.unique and setdiff1d over 44.6M lines: 96 s, a review measured;
+            # 5.5 s for 4M here)
             self.keys_, self.offsets_ = keys, offsets
             earlier = np.zeros(len(keys), dtype=bool)
         else:
