@@ -329,20 +329,24 @@ def test_calibration_recovers_the_temperatures_that_generated_the_labels():
     labels = torch.distributions.Categorical(logits=similarity / true_router).sample()
     calibration = Calibration()
     right = class_to_cluster[labels][:, None] == torch.arange(k)
-    calibration.update_router(similarity, (torch.arange(classes), class_to_cluster), right)
-    # the class means go through in blocks (bounded memory at 2M identities): any block
-    # size gives the same likelihoods
-    blocked = Calibration()
+    ones = torch.ones(per)
+    log_mass = [Calibration.cluster_log_mass(similarity[:, c * per : (c + 1) * per], ones)
+                for c in range(k)]  # fmt: skip
+    calibration.update_router(torch.stack(log_mass, dim=2), right)
+    # a cluster's class means go through in blocks (bounded memory at 2M identities): any
+    # block size gives the same masses
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(decision, "MEMBER_BLOCK", 7)
-        blocked.update_router(similarity, (torch.arange(classes), class_to_cluster), right)
-    torch.testing.assert_close(blocked.router_nll, calibration.router_nll, rtol=1e-6, atol=1e-6)
+        patch.setattr(decision, "MEMBER_BLOCK", 2)
+        blocked = Calibration.cluster_log_mass(similarity[:, :per], ones)
+    torch.testing.assert_close(blocked, log_mass[0], rtol=1e-9, atol=1e-9)
     # a face whose cluster is far below its best class mean: at the coldest temperature
     # its likelihood is tiny, not zero (in float32 it underflowed, and that temperature's
     # whole sum became infinite)
     far = Calibration()
-    far.update_router(torch.tensor([[0.9, 0.1]]), (torch.arange(2), torch.arange(2)),
-                      torch.tensor([[False, True]]))  # fmt: skip
+    far_mass = [
+        Calibration.cluster_log_mass(torch.tensor([[s]]), torch.ones(1)) for s in (0.9, 0.1)
+    ]
+    far.update_router(torch.stack(far_mass, dim=2), torch.tensor([[False, True]]))
     assert bool(torch.isfinite(far.router_nll).all())
     assert far.router_nll[0].item() == pytest.approx(0.8 / float(TEMPERATURES[0]), rel=1e-6)
     # identity 1 in both clusters (clustering.overlap): half its term in each, as routed
@@ -350,8 +354,10 @@ def test_calibration_recovers_the_temperatures_that_generated_the_labels():
     # identity 2 (cluster 1): p = (e^{s1}/2 + e^{s2}) / (e^{s0} + e^{s1} + e^{s2})
     shared = Calibration()
     s = torch.tensor([[0.5, 0.4, 0.2]], dtype=torch.float64)
-    shared.update_router(s, (torch.tensor([0, 1, 1, 2]), torch.tensor([0, 0, 1, 1])),
-                         torch.tensor([[False, True]]))  # fmt: skip
+    halves = torch.tensor([1.0, 0.5])
+    shared_mass = [Calibration.cluster_log_mass(s[:, :2], halves),
+                   Calibration.cluster_log_mass(s[:, 1:], halves.flip(0))]  # fmt: skip
+    shared.update_router(torch.stack(shared_mass, dim=2), torch.tensor([[False, True]]))
     t = float(TEMPERATURES[20])
     e = torch.exp(s[0] / t)
     expected = -torch.log((e[1] / 2 + e[2]) / e.sum()).item()

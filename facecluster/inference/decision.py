@@ -56,7 +56,7 @@ DECISIONS = ("moe", "linear")
 TEMPERATURES = torch.logspace(math.log10(0.005), 0.0, 40, dtype=torch.float64)
 """Temperatures tried by the calibration (log-spaced, 0.005 to 1)."""
 MEMBER_BLOCK = 16_384
-"""Class means per block of the calibration's router pass."""
+"""Class means per block of the calibration's router pass (:meth:`Calibration.cluster_log_mass`)."""
 WEIGHTS = torch.linspace(0.0, 1.0, 21, dtype=torch.float64)
 """Generalist weights tried by the calibration."""
 
@@ -145,45 +145,46 @@ class Calibration:
         self.within_nll = torch.zeros(t, t, w, dtype=torch.float64)
         self.faces = 0
 
-    def update_router(
-        self, similarity: Tensor, members: tuple[Tensor, Tensor], right: Tensor
-    ) -> None:
+    @staticmethod
+    def cluster_log_mass(similarity: Tensor, share: Tensor) -> Tensor:
+        """``[T, n]``: the log of one cluster's router mass for n faces at each
+        temperature of :data:`TEMPERATURES`, ``log sum_j share_j exp(s_j / t)`` over its
+        members j (what routed inference over every cluster computes for it).
+
+        Args:
+            similarity: ``[n, m]`` the faces' similarities to the cluster's class means.
+            share: ``[m]`` each member's share of its term: 1, or 1/2 for an identity
+                that ``clustering.overlap`` puts in two clusters (each identity counts
+                once in the total over the clusters).
+        """
+        log_share = share.to(similarity.device, torch.float64).log()
+        n = len(similarity)
+        out = torch.full((len(TEMPERATURES), n), -torch.inf, dtype=torch.float64,
+                         device=similarity.device)  # fmt: skip
+        # members in blocks: [n, block] at a time in float64 (whose exp keeps a far
+        # cluster's mass above 0 where float32's would underflow below e^-87), not a
+        # cluster's [n, m] per temperature (16 GB for 256 faces and 2M identities)
+        for start in range(0, similarity.shape[1], MEMBER_BLOCK):
+            block = similarity[:, start : start + MEMBER_BLOCK].double()
+            weight = log_share[start : start + MEMBER_BLOCK]
+            for i, t in enumerate(TEMPERATURES.tolist()):
+                out[i] = torch.logaddexp(out[i], torch.logsumexp(block / t + weight, dim=1))
+        return out
+
+    def update_router(self, log_mass: Tensor, right: Tensor) -> None:
         """Add faces' router NLL.
 
-        A cluster's mass is the sum over its members, as routed inference over every
-        cluster computes it (an identity in two clusters adds half its term to each); a
-        face is routed right to any cluster that has its identity (with
+        A face is routed right to any cluster that has its identity (with
         ``clustering.overlap``, possibly two).
 
         Args:
-            similarity: ``[n, C]`` their similarities to every class mean.
-            members: every (identity, cluster) membership, as two ``[P]`` tensors.
+            log_mass: ``[T, n, K]`` each cluster's :meth:`cluster_log_mass` for n faces.
             right: ``[n, K]`` whether each cluster has the face's identity.
         """
-        s = similarity.float()  # as given: a float64 copy of [n, C] would be 4 GB at 2M
-        top = s.max(dim=1, keepdim=True).values.double()
-        ids, clusters = (t.to(s.device) for t in members)
-        # an identity in two clusters (clustering.overlap) adds half its term to each, as
-        # routed inference over every cluster counts it: each identity once in the total
-        share = torch.bincount(ids, minlength=s.shape[1]).double()[ids].reciprocal()
-        right = right.to(s.device)
-        temperatures = TEMPERATURES.tolist()
-        mass = torch.zeros(len(temperatures), *right.shape, dtype=torch.float64, device=s.device)
-        # members in blocks: [n, block] at a time, not [n, C] per temperature (16 GB
-        # for a batch of 256 at 2M identities); float64, whose exp keeps a cluster's
-        # mass above 0 where float32's would underflow (below e^-87 of the largest term,
-        # a cold temperature's whole likelihood then infinite)
-        for start in range(0, len(ids), MEMBER_BLOCK):
-            block = slice(start, start + MEMBER_BLOCK)
-            shifted = s[:, ids[block]].double() - top  # <= 0: every term at most 1
-            index = clusters[block].expand(len(s), -1)
-            for i, t in enumerate(temperatures):
-                mass[i].scatter_add_(1, index, torch.exp(shifted / t) * share[block])
-        for i in range(len(temperatures)):
-            log_mass = mass[i].log()
-            found = torch.logsumexp(log_mass.masked_fill(~right, -torch.inf), 1)
-            self.router_nll[i] += (torch.logsumexp(log_mass, 1) - found).sum().cpu()
-        self.faces += len(s)
+        right = right.to(log_mass.device)
+        found = torch.logsumexp(log_mass.masked_fill(~right, -torch.inf), dim=2)
+        self.router_nll += (torch.logsumexp(log_mass, dim=2) - found).sum(dim=1).cpu()
+        self.faces += log_mass.shape[1]
 
     def update_within(
         self,

@@ -294,7 +294,9 @@ class TwoStageIdentifier(nn.Module):
         network input (None: they are already)."""
         calibration = Calibration()
         device = self.device
-        memberships = self.assignment.memberships()
+        ids, _ = self.assignment.memberships()
+        # each member's share of its router term: 1/2 for an identity in two clusters
+        counts = torch.bincount(ids, minlength=self.assignment.num_classes).to(device)
         every = torch.arange(self.num_clusters)
         for images, labels in loader:
             keep = labels >= 0  # a face no readable one replaced (negative): not scored
@@ -304,21 +306,23 @@ class TwoStageIdentifier(nn.Module):
             images = normalize(images) if normalize is not None else images
             features = self._trunk(images)
             query = self._embed_from(self.router_backbone, features)
-            # [n, C]: 2.1 GB for a batch of 256 at 2M identities (computed); each
-            # cluster's block below is taken from it without a copy of its rows
-            sims = query.new_empty(len(query), self.assignment.num_classes)
-            for k in range(self.num_clusters):  # an overlap identity's column: twice, equal
-                sims[:, self.members(k)] = similarity(query, self.means(k))
             clusters = self.class_to_cluster[labels]
-            right = self.assignment.contains(labels.cpu()[:, None], every)
-            calibration.update_router(sims, memberships, right)
-            for k in clusters.unique().tolist():
-                rows = (clusters == k).nonzero().squeeze(1)
+            log_mass = []
+            # one cluster's [n, members] similarities at a time, never [n, C] (computed: 2.1 GB for
+            # a batch of 256 at 2M identities)
+            for k in range(self.num_clusters):
                 members = self.members(k)
+                sims = similarity(query, self.means(k))
+                log_mass.append(calibration.cluster_log_mass(sims, counts[members].reciprocal()))
+                rows = (clusters == k).nonzero().squeeze(1)
+                if not len(rows):
+                    continue
                 embedded = self._embed_from(self.subnets[k], features[rows])
                 cosine, other = self._subnet_cosine(k, embedded)
                 local = torch.searchsorted(members, labels[rows])
-                calibration.update_within(cosine, sims[rows[:, None], members], local, other)
+                calibration.update_within(cosine, sims[rows], local, other)
+            right = self.assignment.contains(labels.cpu()[:, None], every)
+            calibration.update_router(torch.stack(log_mass, dim=2), right)
         params = calibration.fit()
         self.route_config.update(params.to_route())
         return params
