@@ -486,9 +486,9 @@ def test_broken_evaluation_faces_are_left_out_of_the_table_calibration_and_thres
         scored_labels.append((self, labels.clone()))
         return update(self, predicted, labels)
 
-    def router_faces(self, similarity, members, right):
-        fitted.append(len(similarity))
-        return update_router(self, similarity, members, right)
+    def router_faces(self, log_mass, right):
+        fitted.append(log_mass.shape[1])
+        return update_router(self, log_mass, right)
 
     monkeypatch.setattr(evaluation.MacroScores, "update", counted)
     monkeypatch.setattr(Calibration, "update_router", router_faces)
