@@ -177,6 +177,8 @@ class FaceImageDataset(Dataset):
         self._by_label: dict[int, np.ndarray] | None = None  # unsorted labels, grouped
         self._labels_sorted: bool | None = None  # decided on the first broken file
         self._ignored: set[int] = set()  # evaluation faces nothing replaces (warned)
+        self.reserve: FaceImageDataset | None = None
+        """A sub-net's spare "not mine" images, never drawn: see :meth:`_not_mine_substitute`."""
         self.buffers: BatchBuffers | None = None
         """Set by the datamodule's loaders: :meth:`__getitems__` then collates into them."""
 
@@ -245,9 +247,10 @@ class FaceImageDataset(Dataset):
         return torch.zeros(self.transform.size, self.transform.size, 3, dtype=torch.uint8)
 
     def _substitute(self, index: int, encoded: bool = False):
-        """The next readable image of the same identity after ``index`` (cyclic); for an
-        evaluation dataset, None when there is none (:data:`IGNORED`): an identity with
-        one val image is common, and its one broken file must not stop training."""
+        """The next readable image of the same identity after ``index`` (cyclic), or, for
+        a sub-net's "not mine" image (``stage2.negatives``), of any of its outsiders; for
+        an evaluation dataset, None when there is none (:data:`IGNORED`): an identity
+        with one val image is common, and its one broken file must not stop training."""
         label = int(self.samples.labels[index])
         group = self._identity_samples(label)  # the identity's samples, in sample order
         start = group.index(index)
@@ -255,6 +258,8 @@ class FaceImageDataset(Dataset):
             image = self._load(j, encoded)
             if image is not None:
                 return image
+        if self.transform.train and self._not_mine(label):
+            return self._not_mine_substitute(index, encoded)
         if not self.transform.train:
             if index not in self._ignored:  # once per process
                 self._ignored.add(index)
@@ -266,6 +271,34 @@ class FaceImageDataset(Dataset):
             return None
         raise BadImageError(
             f"every image of identity label {label} in the {self.split_name} is undecodable "
+            f"(e.g. {self.samples.locator(index)}); nothing can replace them"
+        )
+
+    def _not_mine(self, label: int) -> bool:
+        """Whether ``label`` is an outsider of a sub-net (its "not mine" class)."""
+        members = getattr(self._label_map, "members", None)  # ClusterLabels
+        return members is not None and int(self._label_map[label]) == len(members)
+
+    def _not_mine_substitute(self, index: int, encoded: bool):
+        """What replaces a sub-net's "not mine" image (``stage2.negatives``) when its
+        identity has no other readable image here: any outsider's image has its label.
+        The next readable outsider image (cyclic), else one of :attr:`reserve` (the rest
+        of the identity that crossed the negatives' budget and gave its first images
+        only, often a single one)."""
+        not_mine = len(self._label_map.members)
+        others = np.flatnonzero(self._label_map[self.samples.labels] == not_mine)
+        later = int(np.searchsorted(others, index, side="right"))  # others[later-1]: index
+        candidates = [(self, j) for j in [*others[later:], *others[: later - 1]]]
+        if self.reserve is not None:
+            candidates += [(self.reserve, j) for j in range(len(self.reserve))]
+        for dataset, j in candidates:
+            image = dataset._load(int(j), encoded)
+            if image is not None:
+                return image
+        spares = len(self.reserve) if self.reserve is not None else 0
+        raise BadImageError(
+            f'every "not mine" image of this sub-net (stage2.negatives: {len(others)} '
+            f"images of other clusters' identities, and {spares} spare) is undecodable "
             f"(e.g. {self.samples.locator(index)}); nothing can replace them"
         )
 
@@ -670,6 +703,7 @@ class FaceDataModule(lightning.LightningDataModule):
         self._members: list[Tensor] = []  # each cluster's identities (connect_clusters)
         self._subnets: list[int] = []
         self._cluster_ids: list[np.ndarray] = []
+        self._cluster_spares: list[np.ndarray] = []  # a cut negative identity's rest
         self._subnet_epoch = 0  # the first epoch the sub-nets' samplers draw
         self._stage1_epoch = 0  # under DDP, the first epoch stage 1's sampler draws
         # data.decode=device: each training loader's dataset (None: stage 1's, k: sub-net
@@ -970,7 +1004,7 @@ class FaceDataModule(lightning.LightningDataModule):
         # each cluster's train samples, in split order: one vectorised pass per cluster
         train = torch.from_numpy(self._split_indices("train"))
         labels = self.split_labels("train")
-        self._cluster_ids = []
+        self._cluster_ids, self._cluster_spares = [], []
         share = self.hparams.subnet_negatives
         if share > 0 and (neighbours is None or len(neighbours) != len(clusters)):
             raise ValueError("connect_clusters: subnet_negatives needs every cluster's neighbours")
@@ -981,7 +1015,7 @@ class FaceDataModule(lightning.LightningDataModule):
         by_label = torch.argsort(labels, stable=True)
         starts = torch.cumsum(per_class, 0) - per_class
         for k, ids in enumerate(clusters):
-            taken, lengths = ids, per_class[ids]
+            taken, lengths, spares = ids, per_class[ids], torch.zeros(0, dtype=torch.long)
             budget = round(share * int(per_class[ids].sum()))
             if budget > 0 and len(neighbours[k]):  # the nearest outsiders' images, in order,
                 # up to the budget (none: one cluster, or every identity in two)
@@ -997,6 +1031,9 @@ class FaceDataModule(lightning.LightningDataModule):
                 # split order): taken whole, one identity of 370 training images could
                 # make the "not mine" class most of a sub-net's data at r=0.25
                 counts[-1] -= max(0, int(upto[len(outsiders) - 1]) - budget)
+                # its other images replace a broken one of those (_not_mine_substitute)
+                c = int(outsiders[-1])
+                spares = by_label[starts[c] + torch.arange(int(counts[-1]), int(per_class[c]))]
                 taken, lengths = torch.cat([ids, outsiders]), torch.cat([lengths, counts])
             # position j of identity c's run: starts[c] + j, for every taken identity
             first = torch.repeat_interleave(
@@ -1004,6 +1041,7 @@ class FaceDataModule(lightning.LightningDataModule):
             )
             positions = by_label[first + torch.arange(int(lengths.sum()))].sort().values
             self._cluster_ids.append(train[positions].numpy())
+            self._cluster_spares.append(train[spares.sort().values].numpy())
 
     @staticmethod
     def _members_tensor(value: Tensor, k: int, num_classes: int) -> Tensor:
@@ -1200,6 +1238,10 @@ class FaceDataModule(lightning.LightningDataModule):
                 len(ids), steps * batches[k], self.hparams.seed, k, rank, self._world_size()
             )
             datasets[k] = self._train_dataset(ids, self._label_map(k), k)
+            if len(self._cluster_spares[k]):
+                datasets[k].reserve = self._dataset(
+                    "train", self._cluster_spares[k], train=True, label_map=self._label_map(k)
+                )
             collate[k] = self._collate(datasets[k], batches[k], STEPS_PREFETCH)
         sampler = SubnetStepSampler(samplers, batches, steps)
         sampler.set_epoch(self._subnet_epoch)

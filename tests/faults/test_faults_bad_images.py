@@ -167,6 +167,44 @@ def test_a_substitute_is_the_next_good_image_of_the_identity_in_any_sample_order
     assert label == 1 and torch.equal(image, _eval_tensor(tmp_path / f"{following}.jpg"))
 
 
+def test_a_broken_not_mine_image_is_replaced_by_another_outsiders(tmp_path):
+    # stage2.negatives: the outsider that crosses a sub-net's budget gives its first
+    # image only; when that one is broken, another outsider's image replaces it, as
+    # stage 1 replaced it from the same identity (before, stage 2 stopped at every
+    # resume: "every image of identity label 1 ... is undecodable")
+    dm = FaceDataModule(
+        str(make_tree(tmp_path / "tree", identities=3, per_identity=12)),
+        batch_size=4, min_images_per_class=2, seed=0, subnet_negatives=0.15,
+        max_bad_fraction=0.1,
+    )  # fmt: skip
+    train = dm.split_samples("train")
+    first_of_1 = int(np.flatnonzero(train.labels == 1)[0])
+    truncate(Path(train.locator(first_of_1)))
+    for _ in dm.train_dataloader():  # stage 1: another image of identity 1 replaces it
+        pass
+    dm.connect_clusters(
+        [torch.tensor([0]), torch.tensor([1, 2])],
+        neighbours=[torch.tensor([1, 2]), torch.tensor([0])],
+    )
+    assert dm.cluster_train_images()[0] == int((train.labels == 0).sum()) + 1  # 1 negative
+    dataset = dm.train_dataloader().dataset.datasets[0]
+    position = int(np.flatnonzero(dataset.samples.labels == 1)[0])
+    assert np.flatnonzero(dataset.samples.labels != 0).tolist() == [position]  # the one
+    image, label, _ = dataset[position]
+    assert label == 1  # "not mine": the head's last row
+    second_of_1 = train.locator(int(np.flatnonzero(train.labels == 1)[1]))
+    expected = build_transforms(dm.hparams.image_size, train=True)(decode_image(second_of_1))[0]
+    assert torch.equal(image, expected)  # identity 1's next image, outside the sub-net's own
+    for _ in dm.train_dataloader():  # a stage-2 epoch, under data.on_bad_image=skip
+        pass
+    # with every spare broken too, the sub-net's "not mine" class is named, not identity 1
+    for j in range(len(dataset.reserve)):
+        truncate(Path(dataset.reserve.samples.locator(j)))
+    dataset.max_bad_fraction = dataset.reserve.max_bad_fraction = 1.0  # that limit aside
+    with pytest.raises(BadImageError, match=r'every "not mine" image of this sub-net \(stage2'):
+        dataset._substitute(position)
+
+
 def test_workers_log_once_keep_batches_and_report_to_main_process(tmp_path):
     """Two epochs with 2 worker processes: each bad path is warned about once in all,
     every batch is full, and the main process sees the flags the workers set."""
