@@ -42,6 +42,9 @@ def test_documented_multi_device_command_runs_train_py_to_its_last_line(tmp_path
     assert MULTI_DEVICE in " ".join(readme.replace("\\\n", " ").split())
     proc = run_documented(MULTI_DEVICE, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # two processes, not one: each says so (every check below also holds for one)
+    for rank in (0, 1):
+        assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in proc.stderr, proc.stderr[-4000:]
     out = proc.stdout
     assert out.count("Evaluation on the held-out test split") == 1, out[-4000:]
     assert out.count("clustered, all sub-nets (ISM)") == 1

@@ -6,7 +6,6 @@ whole-head checkpoint split over the processes and gathered back."""
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
@@ -46,13 +45,11 @@ class _Net(nn.Module):
 HEADS = {"arcface": ArcFace, "cosface": CosFace}
 
 
-def _worker(rank: int, port: int, out: dict) -> None:
+def _worker(rank: int, store: str, out: dict) -> None:
     # forked from a process whose OpenMP pool may be running: one thread, as
     # DataLoader's forked workers do
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         result = {name: _sharded_step(rank, head_cls) for name, head_cls in HEADS.items()}
         out[rank] = result | {"checkpoint": _checkpoint_round_trip(rank)}  # one assignment:
@@ -135,22 +132,17 @@ def _checkpoint_round_trip(rank: int) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def processes() -> dict:
+def processes(tmp_path_factory) -> dict:
     """Each rank's results of ``_sharded_step`` for each head, from one gloo run."""
     manager = mp.Manager()
     out = manager.dict()
+    # a file store, not a port: a free port found here could be taken by another test
+    # process before gloo binds it
+    store = str(tmp_path_factory.mktemp("gloo") / "store")
     # forked, not spawned: a spawned rank starts an interpreter and imports torch and
     # Lightning again (about 9 s each here); the gloo group is the same either way
-    mp.start_processes(
-        _worker, args=(_free_port(), out), nprocs=WORLD, join=True, start_method="fork"
-    )
+    mp.start_processes(_worker, args=(store, out), nprocs=WORLD, join=True, start_method="fork")
     return {rank: dict(out[rank]) for rank in range(WORLD)}
 
 

@@ -253,11 +253,11 @@ def test_class_mean_shards_replace_a_broken_image_from_any_shard(tmp_path):
     assert torch.equal(shards, sums([dm.embedding_dataloader()]))
 
 
-def _share_on_rank(rank: int, port: int, root: str, limit: float, out: dict) -> None:
+def _share_on_rank(rank: int, store: str, root: str, limit: float, out: dict) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         # made after the fork: each rank has its own flags, as under DDP
         dm = FaceDataModule(root, batch_size=4, min_images_per_class=5, max_bad_fraction=limit)
@@ -279,8 +279,6 @@ def test_ranks_share_broken_files_and_stop_together_on_the_whole_count(tmp_path)
     """Under DDP each rank reads its shard: at the epoch end every rank learns the files
     the others found, and max_bad_fraction counts them all, so each rank's own finds
     under the limit but their sum over it stops every rank."""
-    import socket
-
     import torch.multiprocessing as mp
 
     root = make_tree(tmp_path / "data", identities=3, per_identity=12)
@@ -294,12 +292,12 @@ def test_ranks_share_broken_files_and_stop_together_on_the_whole_count(tmp_path)
     for path in broken:
         truncate(Path(path))
     limit = 1.5 / len(train)  # one broken file is under it, two are over it
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = mp.Manager().dict()
+    # a file store, not a port: a free port found here could be taken by another test
+    # process before gloo binds it
+    store = str(tmp_path / "store")
     mp.start_processes(
-        _share_on_rank, args=(port, str(root), limit, out), nprocs=2, start_method="fork"
+        _share_on_rank, args=(store, str(root), limit, out), nprocs=2, start_method="fork"
     )
     for rank in (0, 1):
         assert out[rank]["found"] == [broken[rank]]  # before: its own shard's only
