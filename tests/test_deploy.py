@@ -160,6 +160,28 @@ def test_documented_identify_answers_unknown_for_unseen_identities(open_run, exp
 
 
 @pytest.mark.slow
+def test_export_fpir_sets_the_share_of_unseen_faces_the_threshold_lets_pass(
+    open_run, exported, tmp_path
+):
+    # --fpir 0.2 (docs/DEPLOYMENT.md's flag): a threshold no higher than the default
+    # 1%'s, letting through at most a fifth of the unseen validation faces, measured
+    # on them; a value outside [0, 1) is refused before anything is read
+    default = torch.load(exported / "identifier.pt", weights_only=True)["open_set"]
+    _facecluster(["facecluster", "export", str(open_run), "loose", "--fpir", "0.2"], tmp_path)
+    loose = torch.load(tmp_path / "loose" / "identifier.pt", weights_only=True)["open_set"]
+    assert loose["fpir"] == 0.2 and loose["probes"] == default["probes"] >= 5
+    assert 0 < loose["measured_fpir"] <= 0.2  # >= 5 probes: a fifth of them is measurable
+    assert loose["threshold"] < default["threshold"]
+    script = Path(sys.executable).parent / "facecluster"
+    refused = subprocess.run(
+        [str(script), "export", str(open_run), "bad", "--fpir", "1.5"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--fpir must be in [0, 1), got 1.5" in refused.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
 def test_onnx_identifier_matches_torch_on_the_test_split(open_run, exported, tmp_path):
     torch_ident = load_export(exported, "torch", "cpu")
     onnx_ident = load_export(exported, "onnx", "cpu")

@@ -146,6 +146,13 @@ def test_lfw_verification_during_stage1_and_in_the_evaluation_table(tmp_path):
     assert [r.model for r in rows] == ["single model (one head)", "nearest class mean"]
     accuracies = {r.verification["lfw"] for r in rows}
     assert len(accuracies) == 1 and 0.0 <= accuracies.pop() <= 1.0  # one backbone
+    # export writes two-stage identifiers: a single-model run is refused, saying so
+    # (docs/DEPLOYMENT.md), before anything is written
+    from facecluster.deploy import export_run
+
+    with pytest.raises(ValueError, match=r"single-model run \(method=single\)"):
+        export_run(single, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
 
 
 LFW_SET = '"data.verification=[../shared/datasets/lfw-112/pairs.txt]"'
