@@ -52,8 +52,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "python train.py -c configs/insightface_r50.yaml data.root=/data/ms1m-retinaface-t1 "
     "trainer.devices=4": (LEFT_OUT, FULL_SIZE),
     "python train.py resume=runs/20261128-101500-clustered": (
-        FILLED,
-        "tests/test_resume.py::test_resume_from_a_stage1_checkpoint_file",
+        FILLED,  # train.py resume=<the killed run's folder>, as a subprocess
+        "tests/faults/test_faults_kill.py::"
+        "test_kill_9_after_an_epoch_checkpoint_then_resume_equals_uninterrupted",
     ),
     "python train.py -c configs/smoke.yaml launcher=local stage2.jobs=2": (
         FILLED,  # with logger=csv, for the table it compares
