@@ -36,6 +36,13 @@ ENROLL = "facecluster enroll exports/demo new_people/"
 IDENTIFY = "facecluster identify exports/demo datasets/lfw-demo/images/<identity> --out who.csv"
 
 
+def test_the_console_script_lists_its_commands(tmp_path):
+    # README's and DEPLOYMENT.md's first command, as written, through the installed script
+    proc = _facecluster("facecluster --help".split(), tmp_path)
+    for command in cli.COMMANDS:
+        assert re.search(rf"^\s+{command}\s", proc.stdout, re.M), (command, proc.stdout)
+
+
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
 def test_every_command_has_help_with_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -1,10 +1,11 @@
-"""Every command in the README's and docs' ``bash`` blocks, and what runs it.
+"""Every command in the README's and docs' ``bash`` blocks, and in their prose (an inline
+code span that starts as a command does), and what runs it.
 
 ``COMMANDS`` maps each one (``.venv/bin/`` dropped, comments cut, continuation lines
 joined) to the test that runs it as written, to the test that runs it with its
-placeholders filled in or its data set replaced, or to the reason the suite leaves it
+placeholders filled in or its data set replaced, to the reason the suite leaves it
 out (it trains for many minutes, needs GPUs, a cluster or a data set that is not
-here): a documented command cannot be added without a line here, and a line here
+here), or, for a command only named in prose, to its full form: a documented command cannot be added without a line here, and a line here
 cannot outlive its command or its test.
 """
 
@@ -22,6 +23,7 @@ from tests.conftest import ROOT, run_documented
 RUN = "run as written"
 FILLED = "run with its placeholders or data set filled in"
 LEFT_OUT = "not run by the suite"
+NAME = "a command named in prose (no arguments, or a flag alone): its runs are its full form's"
 
 SMOKE_COMMAND = "python train.py -c configs/smoke.yaml"
 LONG = "trains the demo for 7-14 minutes on 2 cores: run by hand (the time in README.md)"
@@ -29,6 +31,8 @@ LFW423 = "trains LFW-423 for about 10 minutes a method: run by bench/results.py 
 FULL_SIZE = "IResNet-50 on MS1MV3/Glint360K on GPUs: a data set and GPUs that are not here"
 CLUSTER = "needs a SLURM cluster or several nodes; tests/test_jobs.py runs its parts on one"
 BENCH = "a benchmark of minutes that rewrites its committed results; run by hand"
+EXPORT = "facecluster export runs/<run> exports/demo --onnx"
+PACK = "facecluster pack ../shared/datasets/lfw-112/images /data/lfw-rec"
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "make train": (LEFT_OUT, LONG),
@@ -69,7 +73,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_pipeline.py::test_the_ism_baseline_trains_a_random_partition_and_every_"
         "subnet_answers",
     ),
-    "facecluster export runs/<run> exports/demo --onnx": (
+    EXPORT: (
         FILLED,
         "tests/test_deploy.py::exported",
     ),
@@ -95,7 +99,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         LEFT_OUT,
         BENCH + "; tests/test_performance.py runs it small",
     ),
-    "facecluster pack ../shared/datasets/lfw-112/images /data/lfw-rec": (
+    PACK: (
         FILLED,
         "tests/test_recordio.py::test_documented_pack_then_train_commands",
     ),
@@ -170,6 +174,100 @@ COMMANDS: dict[str, tuple[str, str]] = {
         RUN,
         "tests/test_jobs.py::test_documented_torchrun_stage1_writes_one_run_folder",
     ),
+    # inline in the prose
+    "facecluster --help": (RUN, "tests/test_deploy.py::test_the_console_script_lists_its_commands"),
+    "facecluster <command> --help": (
+        FILLED,
+        "tests/test_deploy.py::test_every_command_has_help_with_an_example",
+    ),
+    "facecluster train": (NAME, "python train.py"),
+    "facecluster evaluate": (NAME, "python evaluate.py run=runs/<a> run=runs/<b>"),
+    "facecluster export": (NAME, EXPORT),
+    "facecluster export --fpir": (NAME, "facecluster export --fpir 0.01"),
+    "facecluster identify": (
+        NAME,
+        "facecluster identify exports/demo datasets/lfw-demo/images/<identity> --out who.csv",
+    ),
+    "facecluster pack": (NAME, PACK),
+    "facecluster pack --shuffle": (
+        FILLED,  # of the demo set, by pack's own entry point
+        "tests/test_recordio.py::packed",
+    ),
+    "facecluster pack SRC OUT --overwrite": (
+        FILLED,
+        "tests/test_recordio.py::test_a_pack_stopped_by_sigterm_leaves_out_as_it_was",
+    ),
+    "python -m facecluster.data.pack SRC OUT": (
+        FILLED,
+        "tests/test_recordio.py::test_documented_pack_then_train_commands",
+    ),
+    "facecluster export RUN OUT": (FILLED, "tests/test_deploy.py::exported"),
+    "facecluster export --fpir 0.01": (
+        FILLED,  # --fpir 0.2, against the default 0.01's export
+        "tests/test_deploy.py::test_export_fpir_sets_the_share_of_unseen_faces_the_threshold_"
+        "lets_pass",
+    ),
+    "facecluster identify MODEL IMAGES... --out who.csv": (
+        FILLED,
+        "tests/test_deploy.py::test_documented_identify_answers_unknown_for_unseen_identities",
+    ),
+    "make install": (RUN, ".ci/run"),
+    "python train.py resume=<run folder>": (
+        FILLED,
+        "tests/faults/test_faults_kill.py::"
+        "test_kill_9_after_an_epoch_checkpoint_then_resume_equals_uninterrupted",
+    ),
+    "python train.py resume=RUN": (
+        FILLED,
+        "tests/faults/test_faults_kill.py::"
+        "test_kill_9_after_an_epoch_checkpoint_then_resume_equals_uninterrupted",
+    ),
+    "python train.py [-c CONFIG] [key=value ...]": (LEFT_OUT, "a synopsis"),
+    "python evaluate.py run=runs/<run>": (
+        FILLED,
+        "tests/test_pipeline.py::test_the_ism_baseline_trains_a_random_partition_and_every_"
+        "subnet_answers",
+    ),
+    "python train.py run_name=demo-all data.unseen_fraction=0": (LEFT_OUT, LONG),
+    "python bench/open_set.py --run runs/<run> --export exports/demo": (
+        FILLED,
+        "tests/test_deploy.py::test_open_set_and_enrolment_benchmarks_run",
+    ),
+    "python bench/sample_index.py --layout im2rec --out bench/results/sample_index_im2rec.json": (
+        FILLED,  # small, its --out a temporary file
+        "tests/test_performance.py::test_sample_index_benchmark_measures_setup_and_a_forked_"
+        "workers_copy",
+    ),
+    "python bench/sample_index.py --first-key 33554433 --out bench/results/index_past_2p24.json": (
+        FILLED,
+        "tests/test_performance.py::test_sample_index_benchmark_measures_setup_and_a_forked_"
+        "workers_copy",
+    ),
+    "python bench/sample_index.py --images 2062000 --identities 100000 --out "
+    "/tmp/sample_index_webface.json": (
+        LEFT_OUT,
+        BENCH + "; tests/test_performance.py runs it small",
+    ),
+    "python bench/scale.py --part lfw": (
+        LEFT_OUT,
+        LFW423 + " per sample rate; tests/test_performance.py runs the other parts small",
+    ),
+    "python train.py -c configs/insightface_r50.yaml data.root=datasets/lfw-demo/images "
+    "data.max_classes=12 data.batch_size=16 data.num_workers=1 trainer.accelerator=cpu "
+    "stage1.max_epochs=1 stage2.max_epochs=1 clustering.num_clusters=3 logger=csv "
+    "trainer.limit_train_batches=3 eval.timing_batches=1": (
+        LEFT_OUT,
+        "IResNet-50 through both stages on 2 CPU cores: 19.5 minutes (DATA.md); "
+        "tests/test_config.py loads the preset",
+    ),
+    "python -m pytest -m faults tests": (
+        LEFT_OUT,
+        "the fault suite: make test runs these tests among the others",
+    ),
+    "python -m pytest -m faults tests -q --durations=14": (
+        LEFT_OUT,
+        "the fault suite: make test runs these tests among the others",
+    ),
 }
 """Documented command (or, for one of ``PREFIXES``, its start) -> (status, test or reason)."""
 
@@ -182,16 +280,28 @@ PREFIXES = {
 """Keys that stand for the long documented commands they start (all left out)."""
 
 
+COMMAND = r"(?:\.venv/bin/)?(?:python|facecluster|bash|torchrun|srun|make) "
+"""How a command starts: what every command of the bash blocks starts with."""
+
+
 def documented_commands() -> list[tuple[str, str]]:
-    """``(page, command)`` for every line of the README's and docs' ``bash`` blocks."""
+    """``(page, command)`` for every line of the README's and docs' ``bash`` blocks, every
+    line of their other fenced blocks and every inline code span that starts as a
+    command does (:data:`COMMAND`)."""
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     found = []
     for page in pages:
-        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
-            for line in block.replace("\\\n", " ").splitlines():
-                line = re.sub(r"(^|\s+)#.*$", "", line.strip())
-                if line:
-                    found.append((page.name, " ".join(line.split()).replace(".venv/bin/", "")))
+        text = page.read_text()
+        lines = []
+        for language, block in re.findall(r"```([a-z]*)\n(.*?)```", text, re.S):
+            block = block.replace("\\\n", " ").splitlines()
+            lines += block if language == "bash" else [b for b in block if re.match(COMMAND, b)]
+        prose = " ".join(re.sub(r"```.*?```", "", text, flags=re.S).split())  # spans may wrap
+        lines += re.findall(rf"(?<!`)`({COMMAND}[^`]*)`", prose)
+        for line in lines:
+            line = re.sub(r"(^|\s+)#.*$", "", line.strip())
+            if line:
+                found.append((page.name, " ".join(line.split()).replace(".venv/bin/", "")))
     return found
 
 
@@ -227,7 +337,10 @@ def test_every_documented_command_is_run_or_says_why_not():
     assert not stale, f"no longer documented: {sorted(stale)}"
     defined = {}  # test file -> its test functions
     for command, (status, where) in COMMANDS.items():
-        assert status in (RUN, FILLED, LEFT_OUT), status
+        assert status in (RUN, FILLED, LEFT_OUT, NAME), status
+        if status == NAME:  # its full form is documented and listed
+            assert where in COMMANDS and COMMANDS[where][0] != NAME, (command, where)
+            continue
         if status == LEFT_OUT or "::" not in where:
             continue
         path, name = where.split("::")
