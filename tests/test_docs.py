@@ -5,8 +5,9 @@ code span that starts as a command does), and what runs it.
 joined) to the test that runs it as written, to the test that runs it with its
 placeholders filled in or its data set replaced, to the reason the suite leaves it
 out (it trains for many minutes, needs GPUs, a cluster or a data set that is not
-here), or, for a command only named in prose, to its full form: a documented command cannot be added without a line here, and a line here
-cannot outlive its command or its test.
+here), or, for a command only named in prose, to its full form: a documented command
+cannot be added without a line here, and a line here cannot outlive its command or its
+test.
 """
 
 from __future__ import annotations
