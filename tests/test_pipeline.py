@@ -162,6 +162,9 @@ def test_an_existing_run_folder_is_not_overwritten(finished_run):
         # traceback after its folder and logger were made.
         (["trainer.devices=abc"], r"^trainer: .*trainer\.devices=abc.*should be an int > 0"),
         (["trainer.strategy=foo"], r"^trainer: .*invalid strategy name: `strategy='foo'`"),
+        # Lightning ends a fit at max_time as if it were done: the stage was recorded
+        # finished with 8 of 20 epochs, and no resume could train the rest (review)
+        (["trainer.max_time=00:00:00:08"], r"trainer.max_time=00:00:00:08 is not supported"),
         # the check builds the Trainer as the stage builds it: with its checkpoints
         (
             ["trainer.barebones=true", "trainer.enable_model_summary=false"],
