@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from facecluster.clustering import (
     ClusterAssignment,
@@ -39,6 +40,17 @@ from facecluster.clustering import (
 from facecluster.data import FaceDataModule
 from facecluster.data.transforms import normalize_images
 from facecluster.models.components.partial_fc import gather_to_first
+
+
+def _stop_if_terminated(trainer: L.Trainer) -> None:
+    """Stop, as Lightning's loops do, if any rank has received SIGTERM.
+
+    The clustering runs in ``on_train_end``, after the loops that check Lightning's
+    SIGTERM flag, and the stage's test then installs a handler that clears it: a kill
+    during the class-means pass or k-means was lost, and the run trained on through
+    stage 2 and exited 0. Every rank calls this at the same point (a collective)."""
+    if trainer.strategy.reduce_boolean_decision(bool(trainer.received_sigterm), all=False):
+        raise SIGTERMException()
 
 
 class ClusteringCallback(L.Callback):
@@ -118,6 +130,7 @@ class ClusteringCallback(L.Callback):
     def cluster(self, trainer: L.Trainer, pl_module: L.LightningModule) -> ClusterAssignment:
         """The whole clustering unit; every rank must call it."""
         means = self.class_means(trainer, pl_module)
+        _stop_if_terminated(trainer)  # the pass is a forward over every training image
         rows = None
         if self.features == "head":  # every rank sends its shard; rank 0 gets them all
             head = pl_module.head
@@ -153,6 +166,7 @@ class ClusteringCallback(L.Callback):
         if assignment is None:  # the means as cluster_identities keeps them
             assignment = ClusterAssignment.from_dict({**payload, "class_means": unit_rows(means)})
         trainer.strategy.barrier("clustering")
+        _stop_if_terminated(trainer)  # a resume restores clusters.pt, then tests stage 1
         self._hand_over(assignment)
         self._log(trainer, assignment)
         return assignment

@@ -149,6 +149,13 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
             f"stage={cfg.stage}: {folder.clusters_path} is missing: the run has no clustering "
             "yet (stage=cluster)"
         )
+    if cfg.stage in ("2", "assemble") and cfg.two_stage and not folder.has_stage_summary(1):
+        # clusters.pt is saved at the end of stage 1's fit, before its test: a stop in
+        # between left it alone (stage 2 then trained every sub-net and failed at the end)
+        raise ConfigError(
+            f"stage={cfg.stage}: stage 1 of {folder.path} is not finished (it was stopped "
+            f"before its test); finish it with `python train.py resume={folder.path} stage=1`"
+        )
     if cfg.stage == "assemble" and not cfg.two_stage and not folder.has_stage_summary(1):
         raise ConfigError(
             f"stage=assemble: stage 1 of {folder.path} is not finished; train it first with "
@@ -228,7 +235,13 @@ def _stage1_and_clustering(
     cfg, folder = run.cfg, run.folder
     unit = clustering if cfg.stage != "1" else None
     if _stage1_pending(cfg, folder):
-        backbone, run.stage1 = fit_stage1(run, folder.stage1_resume_point(cfg.resume), unit)
+        # clusters.pt is written once, at the end of stage 1's fit: a run stopped after it
+        # (in stage 1's test) keeps it, never clustered again under finished sub-nets
+        settled = unit is not None and folder.clusters_path.is_file()
+        resume = folder.stage1_resume_point(cfg.resume)
+        backbone, run.stage1 = fit_stage1(run, resume, None if settled else unit)
+        if settled:
+            unit.restore()
         return backbone
     if unit is not None:
         unit.restore()

@@ -9,6 +9,7 @@ the two) without another interpreter start.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -94,3 +95,63 @@ def test_kill_9_after_an_epoch_checkpoint_then_resume_equals_uninterrupted(
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_stop_between_the_clustering_and_stage1s_test_keeps_the_clustering(tmp_path, reference):
+    # clusters.pt is saved at the end of stage 1's fit, stage1.json after its test: a
+    # stop in between left the first without the second. stage=2 trained every sub-net
+    # and then failed on the missing summary; a resume clustered again, rewriting the
+    # "written once" clusters.pt under finished sub-nets (review)
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    (run_dir / "stage1.json").unlink()
+    clusters = run_dir / "clusters.pt"
+    before = (clusters.read_bytes(), clusters.stat().st_mtime_ns)
+
+    refused = _start(tmp_path / "stage2", f"resume={run_dir}", "stage=2")
+    assert refused.wait(timeout=300) == 2
+    log = (tmp_path / "stage2.log").read_text()
+    assert f"stage=2: stage 1 of {run_dir} is not finished" in log, log[-3000:]
+    assert f"python train.py resume={run_dir} stage=1" in log
+
+    _run(tmp_path / "resume", f"resume={run_dir}")
+    assert (clusters.read_bytes(), clusters.stat().st_mtime_ns) == before
+    summary = json.loads((run_dir / "stage1.json").read_text())
+    assert summary == json.loads((reference / "stage1.json").read_text())  # tested again
+    expected, got = _state(reference), _state(run_dir)
+    for key in expected:  # the sub-nets were finished: not trained again
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+SIGTERM_IN_CLASS_MEANS = """
+import os, signal, sys
+from facecluster.callbacks import ClusteringCallback
+from facecluster.cli import train_main
+means = ClusteringCallback.class_means
+def terminated(self, trainer, module):  # SIGTERM arrives during the class-means pass
+    os.kill(os.getpid(), signal.SIGTERM)
+    return means(self, trainer, module)
+ClusteringCallback.class_means = terminated
+sys.exit(train_main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_the_clustering_stops_the_run_before_clusters_pt(tmp_path):
+    # Lightning's SIGTERM handler only sets a flag that its loops check, and they have
+    # ended when the clustering runs (on_train_end): the kill was lost, the run trained
+    # all of stage 2 and exited 0 (review). Now: 143, the resume command, no clustering
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("FACECLUSTER_RUN_DIR", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_IN_CLASS_MEANS, "-c", str(SMOKE),
+         *smoke_overrides(tmp_path, *EXTRA)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert f"python train.py resume={run_dir}\n" in proc.stderr  # ResumeHint
+    assert not (run_dir / "clusters.pt").exists() and not (run_dir / "stage1.json").exists()
+    _run(tmp_path / "resume", f"resume={run_dir}")  # clusters, tests, trains stage 2
+    assert (run_dir / "clusters.pt").is_file() and (run_dir / "results.json").is_file()
