@@ -182,20 +182,33 @@ class DivergenceCallback(L.Callback):
                 else ""
             )
             where = f"in {what} at global step {step} (epoch {trainer.current_epoch}){persist}"
+        good = self._last_good(trainer)
+        if good is not None:  # a resume keeps the optimizer its checkpoint has
+            advice = (
+                "Continue with resume=<run folder> trainer.gradient_clip_val=<norm> (gradient "
+                f"clipping); a resume keeps stage{self.stage}.optim once the stage has a "
+                "checkpoint, so a lower learning rate or a warm-up (optim.warmup_epochs) "
+                "needs a new run."
+            )
+        else:
+            advice = (
+                f"Lower stage{self.stage}.optim.lr, add warm-up (optim.warmup_epochs) or "
+                "gradient clipping (trainer.gradient_clip_val), then continue with "
+                "resume=<run folder>."
+            )
         return (
             f"stage {self.stage}: the training {'state' if poisoned else 'loss'} became "
             f"NaN/Inf {where}; the run is "
             f"stopped and no checkpoint with these weights was written. Last good "
-            f"checkpoint: {self._last_good(trainer)}. Lower stage{self.stage}.optim.lr, add "
-            "warm-up (optim.warmup_epochs) or gradient clipping (trainer.gradient_clip_val), "
-            "then continue with resume=<run folder>."
+            f"checkpoint: {good or 'none of this stage yet (it had not finished an epoch)'}. "
+            f"{advice}"
         )
 
-    def _last_good(self, trainer: L.Trainer) -> str:
+    def _last_good(self, trainer: L.Trainer) -> Path | None:
         candidates = [self.checkpoint] if self.checkpoint is not None else []
         if trainer.ckpt_path:
             candidates.append(Path(trainer.ckpt_path))  # the checkpoint this fit resumed from
         for path in candidates:
             if path.is_file():
-                return str(path)
-        return "none of this stage yet (it had not finished an epoch)"
+                return path
+        return None

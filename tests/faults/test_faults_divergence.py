@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from facecluster.callbacks import DivergenceError
-from facecluster.config import load_config
+from facecluster.config import ConfigError, load_config
 from facecluster.pipeline import train
+from facecluster.run import RunFolder
 from tests.conftest import SMOKE, smoke_overrides
 
 pytestmark = pytest.mark.faults
@@ -50,6 +51,14 @@ def test_nan_in_stage1_stops_and_keeps_last_good_checkpoint(tmp_path, accumulate
     assert f"Last good checkpoint: {last}" in message
     assert torch.load(last, weights_only=False)["epoch"] == 0 and _finite(last)
     assert not (tmp_path / "run" / "clusters.pt").exists()
+    # the advice is what a resume takes: gradient clipping, not another learning rate
+    # (it said to lower stage1.optim.lr, which a resume from that checkpoint refuses)
+    assert "resume=<run folder> trainer.gradient_clip_val=<norm>" in message
+    assert "a lower learning rate or a warm-up (optim.warmup_epochs) needs a new run" in message
+    run = str(tmp_path / "run")
+    RunFolder.config_for_resume(run, ["trainer.gradient_clip_val=1.0"])
+    with pytest.raises(ConfigError, match="stage1.optim"):
+        RunFolder.config_for_resume(run, ["stage1.optim.lr=0.01"])
 
 
 def test_nan_in_one_subnet_names_that_cluster(tmp_path):
