@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import signal
 import sys
 from collections.abc import Callable
@@ -262,6 +263,9 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.top_m is not None and args.top_m < 1:
         parser.error(f"--top-m must be >= 1, got {args.top_m}")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        # nan answered unknown for every face, with exit 0
+        parser.error(f"--threshold must be a finite number, got {args.threshold}")
     from facecluster.deploy import identify_files, resolve_device
 
     try:

@@ -732,6 +732,17 @@ def test_a_device_name_torch_does_not_know_is_refused_naming_it(open_run, tmp_pa
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_identify_refuses_a_threshold_that_is_not_a_number(value, tmp_path, monkeypatch, capsys):
+    # --threshold nan answered unknown for every face, with exit 0 (export --fpir nan
+    # was refused)
+    monkeypatch.setattr(deploy, "identify_files", lambda *a, **k: pytest.fail("identified"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.identify_main([str(tmp_path), "a.jpg", f"--threshold={value}", "--device", "cpu"])
+    assert exit_.value.code == 2
+    assert f"--threshold must be a finite number, got {float(value)}" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_identify_on_onnx_without_onnxruntime_is_refused_before_the_export_is_read(
     exported, tmp_path, monkeypatch, capsys
