@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -711,6 +712,7 @@ class Config:
         for name in ("stage1", "stage2"):
             if getattr(self, name).max_epochs is None and trainer_epochs in (None, -1):
                 found.append(f"{name}.max_epochs or trainer.max_epochs must be set")
+        found += self._warmup_problems()
         if trainer_epochs is not None and None not in (
             self.stage1.max_epochs,
             self.stage2.max_epochs,
@@ -722,6 +724,39 @@ class Config:
                 "(stage1.max_epochs=null stage2.max_epochs=null) to use trainer.max_epochs"
             )
         return found
+
+    def _warmup_problems(self) -> list[str]:
+        """A warm-up as long as its stage or longer: the learning rate only ramps up,
+        never decays (``lr_factor``). Checked against the stage's epochs, what is known
+        before the data is read (a binding ``trainer.max_steps`` ends a stage sooner, by
+        a count of steps per epoch not known yet)."""
+        found = []
+        for n in (1, 2) if self.two_stage else (1,):
+            warmup = self.stage_config(n).optim.warmup_epochs
+            if self.two_stage:
+                counted = (n,)
+                own = self.stage_config(n).max_epochs is not None
+                source = f"stage{n}.max_epochs" if own else "trainer.max_epochs"
+            else:  # stage 1 trains both stages' epochs (stage_epochs)
+                counted, source = (1, 2), "stage 1 + stage 2 epochs: method=single"
+            # epochs not a count (unset, -1): refused above, with their own message
+            if warmup > 0 and all(self._epochs_known(m) for m in counted):
+                epochs = self.stage_epochs(n)
+                if warmup >= epochs:
+                    found.append(
+                        f"stage{n}.optim.warmup_epochs={warmup:g} is not less than stage {n}'s "
+                        f"{epochs} epoch{'s' * (epochs != 1)} ({source}): its learning rate "
+                        "would only ramp up, never decay; shorten the warm-up or train more "
+                        "epochs"
+                    )
+        return found
+
+    def _epochs_known(self, n: int) -> bool:
+        """Whether stage ``n``'s epochs are a count (its own, else trainer.max_epochs)."""
+        epochs = self.stage_config(n).max_epochs
+        if epochs is None:
+            epochs = self.trainer.get("max_epochs")
+        return _whole(epochs) and epochs > 0
 
     def _trainer_problems(self) -> list[str]:
         valid = _trainer_args()
@@ -831,9 +866,16 @@ class Config:
 
     def run_settings(self) -> Config:
         """This config without what one command runs now (``stage``, ``stage2.subnets``,
-        ``stage2.group``): what the run folder keeps for later resumes."""
+        ``stage2.group``): what the run folder keeps for later resumes. Its data paths
+        are absolute: a relative ``data.root`` was read from the project root by a resume
+        from another working dir, and the same folder written absolute was refused."""
         stage2 = dataclasses.replace(self.stage2, subnets=None, group=None)
-        return dataclasses.replace(self, stage="all", stage2=stage2)
+        data = dataclasses.replace(
+            self.data,
+            root=os.path.abspath(self.data.resolved_root()),
+            verification=[os.path.abspath(p) for p in self.data.verification_paths()],
+        )
+        return dataclasses.replace(self, stage="all", stage2=stage2, data=data)
 
     def with_overrides(self, overrides: list[str] | tuple) -> Config:
         """This config with ``key=value`` overrides applied, validated."""

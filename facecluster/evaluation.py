@@ -329,9 +329,21 @@ def eval_device(cfg: Config) -> torch.device:
         raise ConfigError(f"eval.device={e}") from None
 
 
+def run_folder(run_dir: str | Path) -> RunFolder:
+    """The folder ``run=`` names, ``~`` expanded (as ``resume=`` and ``data.root`` are).
+
+    Raises:
+        ConfigError: the path does not exist, naming it as given and where it was looked for.
+    """
+    path = Path(run_dir).expanduser().resolve()
+    if not path.exists():
+        raise ConfigError(f"run={run_dir}: {path} does not exist")
+    return RunFolder(path)
+
+
 def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunEvaluation:
     """Evaluate one finished run on its held-out test split (see the module doc)."""
-    run = RunFolder(Path(run_dir).resolve())
+    run = run_folder(run_dir)
     cfg = run.finished_config(overrides)
     torch.manual_seed(cfg.seed)
     if cfg.two_stage:
@@ -549,7 +561,7 @@ def evaluate_runs(run_dirs: list[str | Path], overrides: list[str] | tuple = ())
     first is evaluated: a typo in the last ``run=`` was found only after the others'
     evaluations (minutes each), and the table was never printed."""
     for r in run_dirs:
-        RunFolder(Path(r).resolve()).finished_config(overrides)
+        run_folder(r).finished_config(overrides)
     reports = [evaluate_run(r, overrides) for r in run_dirs]
     rows = [row for rep in reports for row in rep.rows]
     sizes = {rep.batch_size for rep in reports}

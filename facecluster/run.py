@@ -45,7 +45,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +55,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from facecluster.clustering import ClusterAssignment
-from facecluster.config import Config, ConfigError, config_from_dict, load_config
+from facecluster.config import (
+    ClusteringConfig,
+    Config,
+    ConfigError,
+    HeadConfig,
+    config_from_dict,
+    load_config,
+)
 from facecluster.data.recordio import rec_paths
 from facecluster.io import atomic_torch_save, load_plain, replacing
 from facecluster.models.base import CHECKPOINT_KEY
@@ -116,7 +123,18 @@ NETWORK_KEYS = ("model", "data.image_size")
 """What decides the networks' shapes and input (an IResNet's fc layer is sized by the
 image size): fixed for a resume and an evaluation (``model``'s speed options aside)."""
 
-EVALUATION_FIXED_KEYS = (*SPLIT_KEYS, *NETWORK_KEYS)
+TRAINED_KEYS = (
+    "method",
+    *(f"clustering.{f.name}" for f in fields(ClusteringConfig)),
+    "stage2.negatives",
+    *(f"head.{f.name}" for f in fields(HeadConfig)),
+)
+"""What decides what the run trained: its method, clusters, sub-nets' heads and loss.
+Fixed for an evaluation: another value evaluated the run as another method (its
+eval/results.* overwritten) or ended in an error after minutes (no clusters.pt, a
+top_m beyond the run's clusters)."""
+
+EVALUATION_FIXED_KEYS = (*SPLIT_KEYS, *NETWORK_KEYS, *TRAINED_KEYS)
 
 RESUME_FIXED_KEYS = (
     "method",
@@ -1229,8 +1247,8 @@ def _refuse_contradictions(
                 "change; a stage's optimizer until it has trained; the head between the "
                 "stages)."
                 if resuming
-                else "\nAn evaluation tests the run's own networks on its own held-out "
-                "split; leave these unset."
+                else "\nAn evaluation tests the run as it trained (its method, clusters "
+                "and networks) on its own held-out split; leave these unset."
             )
         )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from facecluster.config import ConfigError, load_config
@@ -84,3 +86,65 @@ def test_other_data_root_is_refused(run_dir, tmp_path):
     other.mkdir()
     with pytest.raises(ConfigError, match=r"data.root: the run has .*lfw-demo"):
         RunFolder.config_for_resume(str(run_dir), [f"data.root={other}"])
+
+
+def test_an_evaluation_may_not_change_what_the_run_trained(run_dir):
+    # evaluate.py run=<clustered run> method=single evaluated it as a single model and
+    # wrote its eval/results.* over the run's; another clustering.num_clusters ended in
+    # "top_m=8 must be in [1, 3]" after the calibration, minutes in
+    refused = {
+        "method=single": "method: the run has 'clustered', the command line 'single'",
+        "clustering.num_clusters=8": "clustering.num_clusters: the run has 3, the command line 8",
+        "clustering.niter=5": "clustering.niter: the run has 20, the command line 5",
+        "stage2.negatives=0.5": "stage2.negatives: the run has 0.0, the command line 0.5",
+        "head.name=cosface": "head.name: the run has 'arcface', the command line 'cosface'",
+        "clustering={overlap: 0.2}": "clustering.overlap: the run has 0.0, the command line 0.2",
+    }
+    for override, named in refused.items():
+        with pytest.raises(ConfigError, match=rf"(?s)run=.*{re.escape(named)}.*leave these unset"):
+            RunFolder(run_dir).finished_config([override])
+    # what it runs at test time may change (the run is not finished: refused for that)
+    with pytest.raises(ConfigError, match="the run is not finished"):
+        RunFolder(run_dir).finished_config(["route.decision=linear", "eval.batch_size=8"])
+
+
+def test_the_run_keeps_its_data_paths_absolute_for_resumes_from_anywhere(tmp_path, monkeypatch):
+    # a relative data.root was saved as typed: a resume from another working dir read it
+    # from the project root (no such folder), and the same folder named absolute was
+    # refused as another data root
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    (start / "faces").symlink_to(DEMO)
+    (start / "lfw.bin").write_bytes(b"")
+    monkeypatch.chdir(start)
+    cfg = load_config(
+        SMOKE, [*smoke_overrides(tmp_path), "data.root=faces", "data.verification=[lfw.bin]"]
+    )
+    run = RunFolder.for_training(cfg)
+    run.create()
+    run.save_config(cfg)
+    saved = RunFolder(tmp_path / "run").config()
+    assert saved.data.root == str(start / "faces")
+    assert saved.data.verification == [str(start / "lfw.bin")]
+    monkeypatch.chdir(elsewhere)
+    for root in (None, str(start / "faces"), "../start/faces"):
+        overrides = [] if root is None else [f"data.root={root}"]
+        cfg = RunFolder.config_for_resume(str(tmp_path / "run"), overrides)
+        assert cfg.data.resolved_root().resolve() == DEMO.resolve()
+    monkeypatch.chdir(start)
+    RunFolder.config_for_resume(str(tmp_path / "run"), ["data.root=faces"])
+
+
+def test_a_run_saved_with_a_relative_data_root_still_resumes_from_the_project(
+    run_dir, tmp_path, monkeypatch
+):
+    # runs made before the paths were saved absolute: the project root, as before
+    settings = run_dir / "config.yaml"
+    settings.write_text(
+        re.sub(r"root: .*", "root: datasets/lfw-demo/images", settings.read_text(), count=1)
+    )
+    monkeypatch.chdir(tmp_path)
+    assert RunFolder(run_dir).config().data.root == "datasets/lfw-demo/images"
+    cfg = RunFolder.config_for_resume(str(run_dir), [f"data.root={DEMO}"])
+    assert cfg.data.resolved_root() == DEMO
