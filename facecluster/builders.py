@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -222,9 +222,11 @@ def build_trainer(
     logger: Any,
     callbacks: Sequence[L.Callback],
     job: str | None = None,
+    batches: Callable[[int], int] | None = None,
 ) -> L.Trainer:
     """A Trainer for stage 1, or for stage-2 job ``job`` (:func:`facecluster.run.job_name`):
-    the user's ``trainer.*`` plus this stage's callbacks."""
+    the user's ``trainer.*`` plus this stage's callbacks. ``batches``: training batches
+    per epoch for a world size, when known (stage 2's, :meth:`FaceDataModule.subnet_steps`)."""
     stage_callbacks = [
         *_checkpoints(cfg, run, stage, job),
         EpochSeedCallback(cfg.seed, stage),
@@ -247,13 +249,21 @@ def build_trainer(
     kwargs = _trainer_kwargs(cfg, stage)
     if cfg.trainer.get("precision", "auto") == "auto":
         rank_zero_info(f"trainer.precision=auto: {kwargs['precision']}")
-    return L.Trainer(
-        **kwargs,
-        logger=logger if logger is not None else False,
-        callbacks=stage_callbacks,
-        default_root_dir=str(run.stage_dir(stage, job)),
-        enable_checkpointing=True,
-    )
+
+    def trainer() -> L.Trainer:
+        return L.Trainer(
+            **kwargs,
+            logger=logger if logger is not None else False,
+            callbacks=stage_callbacks,
+            default_root_dir=str(run.stage_dir(stage, job)),
+            enable_checkpointing=True,
+        )
+
+    made = trainer()
+    # the epoch's batches depend on the world size, which the Trainer decides
+    if batches is not None and _fit_epoch(kwargs, batches(made.world_size), stage):
+        made = trainer()
+    return made
 
 
 def check_trainer(cfg: Config) -> None:
@@ -304,6 +314,30 @@ def check_trainer(cfg: Config) -> None:
             f"would train alone into the same run folder. Set trainer.devices to the "
             f"processes per node, trainer.num_nodes to the nodes and trainer.strategy=ddp"
         )
+
+
+def _fit_epoch(kwargs: dict[str, Any], batches: int, stage: int) -> bool:
+    """Fit per-batch settings to an epoch of ``batches``: a stage-2 epoch is about 1/K of
+    a stage-1 epoch, and Lightning refuses a ``val_check_interval`` count longer than
+    the epoch, or a ``limit_train_batches`` fraction under one batch (it stopped stage 2
+    after stage 1 and the clustering had trained). Whether it changed any."""
+    before = dict(kwargs)
+    interval = kwargs.get("val_check_interval")
+    counted = isinstance(interval, int) and not isinstance(interval, bool)
+    if counted and kwargs.get("check_val_every_n_epoch", 1) is not None and interval > batches:
+        kwargs["val_check_interval"] = batches
+        rank_zero_info(
+            f"trainer.val_check_interval={interval} is longer than stage {stage}'s epoch of "
+            f"{batches} batches: it validates at each epoch's end"
+        )
+    limit = kwargs.get("limit_train_batches")
+    if isinstance(limit, float) and 0 < limit < 1 and int(limit * batches) < 1:
+        kwargs["limit_train_batches"] = 1
+        rank_zero_info(
+            f"trainer.limit_train_batches={limit} of stage {stage}'s epoch of {batches} "
+            "batches is under one batch: it trains one batch per epoch"
+        )
+    return kwargs != before
 
 
 def _trainer_kwargs(cfg: Config, stage: int) -> dict[str, Any]:

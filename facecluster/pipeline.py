@@ -412,7 +412,9 @@ def _fit_job(
         logger.step_offset = run.stage1_summary()["global_step"]
     rank_zero_info(f"stage 2: job {job} trains sub-nets {subnets}")
     with finish_logger(logger if own_logger else None):
-        trainer = build_trainer(cfg, 2, folder, logger, run.callbacks, job=job)
+        trainer = build_trainer(
+            cfg, 2, folder, logger, run.callbacks, job=job, batches=run.dm.subnet_steps
+        )
         trainer.fit(
             model, datamodule=run.dm, ckpt_path=str(resume) if resume else None, weights_only=True
         )

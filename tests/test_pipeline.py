@@ -178,6 +178,26 @@ def test_bad_input_stops_before_training_and_names_the_culprit(tmp_path, overrid
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("trainer.val_check_interval=20", "it validates at each epoch's end"),
+        ("trainer.limit_train_batches=0.06", "it trains one batch per epoch"),
+    ],
+)
+def test_per_batch_trainer_settings_fit_stage2s_shorter_epochs(tmp_path, override, said, caplog):
+    # a sub-net epoch is about 1/K of a stage-1 epoch (11 batches here against 27):
+    # Lightning refused 20 batches between validations, and 0.06 of 11 batches, after
+    # stage 1 and the clustering had trained (review); stage 2 now fits them to its epoch
+    import logging
+
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, override, "eval.after_training=false"))
+    with caplog.at_level(logging.INFO):
+        result = train(cfg)
+    assert RunFolder(result.run_dir).finished
+    assert f"{override} " in caplog.text and said in caplog.text
+
+
 @pytest.mark.parametrize("shown", ["true", "false"])
 def test_the_trainer_check_takes_every_setting_the_trainer_takes(tmp_path, shown):
     # the check's own quiet progress bar is the user's to set (it was passed twice)
@@ -292,6 +312,24 @@ def test_resume_refuses_a_file_that_is_not_a_facecluster_checkpoint(tmp_path):
         RunFolder.config_for_resume(str(fake))
     with pytest.raises(ConfigError, match="not a facecluster run folder"):
         RunFolder.config_for_resume(str(tmp_path))
+
+
+def test_evaluate_expands_the_home_folder_and_names_a_run_that_does_not_exist(
+    tmp_path, monkeypatch, capsys
+):
+    # run=~/runs/x was read as <working dir>/~/runs/x (resume= and data.root expand it),
+    # and a path that does not exist was "not a facecluster run folder (no config.yaml)"
+    from facecluster import cli
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path / "runs"))
+    run = RunFolder.for_training(cfg)
+    run.create()
+    run.save_config(cfg)
+    assert cli.evaluate_main(["run=~/runs/run"]) == 2
+    assert f"run={run.path}: the run is not finished" in capsys.readouterr().err
+    assert cli.evaluate_main(["run=~/runs/gone", "run=~/runs/run"]) == 2
+    assert f"run=~/runs/gone: {tmp_path}/runs/gone does not exist" in capsys.readouterr().err
 
 
 def test_last_ckpt_follows_the_final_epoch_even_without_improvement(tmp_path):

@@ -1211,12 +1211,13 @@ class FaceDataModule(lightning.LightningDataModule):
         self._subnet_epoch = int(state.get("next_subnet_epoch", 0))
         self._stage1_epoch = int(state.get("next_epoch", 0))
 
-    def subnet_steps(self) -> int:
+    def subnet_steps(self, world: int | None = None) -> int:
         """Batches per stage-2 epoch, the same for every sub-net, counted over all K
         clusters so that it does not depend on which sub-nets a job trains: the
         largest cluster's full batches per process (``subnet_epoch_size="largest"``)
-        or the average cluster's (``"mean"``), at least 1."""
-        world, batch = self._world_size(), self.hparams.batch_size
+        or the average cluster's (``"mean"``), at least 1. ``world``: the processes
+        (default: the attached trainer's)."""
+        world, batch = world or self._world_size(), self.hparams.batch_size
         images = self.cluster_train_images()
         if self.hparams.subnet_epoch_size == "mean":
             return max(1, math.ceil(sum(images) / len(images) / world) // batch)
