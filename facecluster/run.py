@@ -63,7 +63,6 @@ from facecluster.config import (
     config_from_dict,
     load_config,
 )
-from facecluster.data.recordio import rec_paths
 from facecluster.io import atomic_torch_save, load_plain, replacing
 from facecluster.models.base import CHECKPOINT_KEY
 
@@ -139,7 +138,6 @@ EVALUATION_FIXED_KEYS = (*SPLIT_KEYS, *NETWORK_KEYS, *TRAINED_KEYS)
 RESUME_FIXED_KEYS = (
     "method",
     *SPLIT_KEYS,
-    "data.root",
     *NETWORK_KEYS,
     "clustering.num_clusters",
     "clustering.method",
@@ -1043,16 +1041,6 @@ def launched_processes() -> int:
     return 1
 
 
-def _data_set(root: Path) -> Path:
-    """What ``data.root`` reads, however written: a RecordIO file (named by itself or by
-    its folder), else the image folder."""
-    try:
-        paths = rec_paths(root)
-    except OSError:  # a folder this user cannot search: compared as written
-        paths = None
-    return (paths[0] if paths is not None else root).resolve()
-
-
 def _launch_id() -> str | None:
     """What the processes that srun or torchrun started together share, else None.
 
@@ -1228,9 +1216,7 @@ def _refuse_contradictions(
     problems = []
     for key in keys:
         old, new = _select(old_values, key), _select(new_values, key)
-        if key == "data.root":  # the same data, written differently, is no change
-            same = _data_set(saved.data.resolved_root()) == _data_set(cfg.data.resolved_root())
-        elif key == "model":  # speed options change no weight
+        if key == "model":  # speed options change no weight
             same = {**old, **SPEED_OPTIONS} == {**new, **SPEED_OPTIONS}
         else:
             same = old == new

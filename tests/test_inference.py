@@ -874,6 +874,7 @@ def test_a_table_of_runs_timed_at_other_batch_sizes_says_each_rows_own(monkeypat
         "b": evaluation.RunEvaluation(Path("b"), "single", [row("b")], 64),
     }
     monkeypatch.setattr(evaluation, "evaluate_run", lambda run, overrides=(): reports[run])
+    monkeypatch.setattr(evaluation, "run_folder", lambda run: RunFolder(Path(run)))
     monkeypatch.setattr(RunFolder, "finished_config", lambda run, overrides=(): None)
     table = evaluation.evaluate_runs(["a", "b"])
     assert "img/s @batch" in table and "@256" not in table.splitlines()[0]
