@@ -125,11 +125,14 @@ class MacroScores:
         self.true = torch.zeros(num_classes, dtype=torch.long)
 
     def update(self, predicted: Tensor, labels: Tensor) -> None:
-        c = len(self.hits)
+        # in place, O(batch): three bincounts of length C took 21 ms per batch of 256
+        # at 2M identities here, against 0.05 ms (one-off), hours over millions of faces
         predicted, labels = predicted.cpu().long(), labels.cpu().long()
-        self.hits += torch.bincount(labels[predicted == labels], minlength=c)
-        self.predicted += torch.bincount(predicted, minlength=c)
-        self.true += torch.bincount(labels, minlength=c)
+        one = torch.ones_like(labels)
+        hit = predicted == labels
+        self.hits.index_add_(0, labels[hit], one[hit])
+        self.predicted.index_add_(0, predicted, one)
+        self.true.index_add_(0, labels, one)
 
     def compute(self) -> dict[str, float]:
         hits, predicted, true = self.hits.double(), self.predicted.double(), self.true.double()
