@@ -10,12 +10,14 @@ atomic checkpoint writes.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -195,6 +197,16 @@ def _plugins(trainer_args: dict[str, Any]) -> list[Any]:
     plugins = list(plugins) if many else [plugins]
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
+    srun = not os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("SLURM_STEP_ID")
+    if (
+        srun
+        and launched_processes() > 1
+        and not any(isinstance(p, ClusterEnvironment) for p in plugins)
+    ):
+        # tasks srun started together: Lightning takes SLURM's ranks only when it detects
+        # SLURM, which it does not under a job named "bash" or "interactive" (salloc's
+        # shell): each task then started a DDP world of its own
+        plugins.append(SLURMEnvironment())
     return plugins
 
 

@@ -953,3 +953,25 @@ def test_the_documented_multi_node_commands_fit_together(tmp_path):
     overrides = [a.replace("/shared/runs/ms1mv3", str(run)) for a in follow.split()]
     resumed = RunFolder.config_for_resume(str(run), overrides)
     assert resumed.stage2.jobs == 8 <= resumed.clustering.num_clusters
+
+
+@pytest.mark.parametrize("job_name", ["bash", "train"])
+def test_srun_tasks_form_one_world_whatever_the_job_name(monkeypatch, tmp_path, job_name):
+    # docs/TRAINING.md's srun form inside salloc, whose shell names the job "bash":
+    # Lightning does not detect SLURM then, and each task started a DDP world of its own
+    # (a review: task 0 trained alone, task 1 found stage 1 "already running")
+    from facecluster.builders import _trainer_kwargs
+
+    srun = {
+        "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "0", "SLURM_JOB_ID": "999", "SLURM_JOB_NAME": job_name,
+        "SLURM_NODELIST": "localhost", "SLURM_NTASKS_PER_NODE": "2",
+    }  # fmt: skip
+    for key, value in srun.items():
+        monkeypatch.setenv(key, value)
+    for key in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    overrides = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, *overrides))
+    trainer = L.Trainer(**_trainer_kwargs(cfg, 1), logger=False)
+    assert (trainer.world_size, trainer.global_rank, trainer.local_rank) == (2, 1, 1)
