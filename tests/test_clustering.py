@@ -572,8 +572,10 @@ def test_a_clustering_that_fails_on_rank_0_stops_every_rank(tmp_path, monkeypatc
         sent.append(payload)
         return payload if rank == 0 else {"error": "OSError: [Errno 28] No space left"}
 
-    strategy = SimpleNamespace(broadcast=broadcast, barrier=lambda *a: None)
-    trainer = SimpleNamespace(global_rank=rank, strategy=strategy)
+    strategy = SimpleNamespace(
+        broadcast=broadcast, barrier=lambda *a: None, reduce_boolean_decision=lambda d, all: d
+    )
+    trainer = SimpleNamespace(global_rank=rank, strategy=strategy, received_sigterm=False)
     unit = ClusteringCallback(None, 2, "kmeans", 0, tmp_path / "clusters.pt")
     monkeypatch.setattr(unit, "class_means", lambda *a: torch.eye(4))
 
