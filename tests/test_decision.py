@@ -227,8 +227,11 @@ def test_reported_subnet_forwards_and_parameters_are_what_a_pass_runs(weight):
     assert runs == (weight < 1)
     assert routed.subnet_forwards == (2.0 if runs else 0.0)
     assert ism.subnet_forwards == (float(ident.num_clusters) if runs else 0.0)
-    router = count_parameters(ident.router_backbone)
+    # the router: its backbone and the class means it ranks the clusters by (and that
+    # moe's class-mean term scores against), which the rows left out (review)
+    router = count_parameters(ident.router_backbone) + ident.grouped_means.numel()
     assert (routed.params > router) == runs and (ism.params > router) == runs
+    assert routed.params >= router and ism.params >= router
 
 
 def test_moe_over_every_cluster_is_ism_and_a_routing_miss_is_not_forced():
@@ -439,7 +442,8 @@ def test_shared_layers_stay_the_stage1_trunk_and_routed_inference_runs_it_once(t
     in_trunk = sum(p.numel() for m in trunk for p in m.parameters())
     heads = sum(shared.head(k).numel() for k in range(shared.num_clusters))
     expected = per_net + shared.num_clusters * (per_net - in_trunk)
-    assert shared.routed(1, 0.0).params == expected + heads
+    means = shared.grouped_means.numel()
+    assert shared.routed(1, 0.0).params == expected + heads + means
 
 
 @pytest.mark.parametrize("kind", ["ties", "normal", "minus_inf", "nan", "nan_ties"])

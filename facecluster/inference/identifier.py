@@ -572,7 +572,11 @@ class TwoStageIdentifier(nn.Module):
             name or f"{label}, routed (top_m={top_m}, {self.decision_name(alpha)})",
             predict,
             float(top_m) if runs_subnets else 0.0,
-            count_parameters(self.router_backbone, *(self._subnet_parts() if runs_subnets else ())),
+            count_parameters(  # routing ranks the clusters by their class means
+                self.router_backbone,
+                self.grouped_means,
+                *(self._subnet_parts() if runs_subnets else ()),
+            ),
         )
 
     def _runs_subnets(self, alpha: float) -> bool:
@@ -586,7 +590,8 @@ class TwoStageIdentifier(nn.Module):
         every cluster); no routing search."""
         label = "clustered" if self.assignment.method != "random" else "random partition"
         moe = self.route_config["decision"] == "moe"
-        router = [self.router_backbone] if alpha > 0 or moe else []
+        # the class-mean term: the router backbone's embedding against the class means
+        router = [self.router_backbone, self.grouped_means] if alpha > 0 or moe else []
         subnets = self._subnet_parts() if self._runs_subnets(alpha) else ()
         return Predictor(
             f"{label}, all sub-nets (ISM)",
