@@ -726,10 +726,10 @@ class Config:
         return found
 
     def _warmup_problems(self) -> list[str]:
-        """A warm-up as long as its stage or longer: the learning rate only ramps up,
-        never decays (``lr_factor``). Checked against the stage's epochs, what is known
-        before the data is read (a binding ``trainer.max_steps`` ends a stage sooner, by
-        a count of steps per epoch not known yet)."""
+        """A warm-up longer than its stage: the learning rate only ramps up, never
+        reaches its peak nor decays (``lr_factor``). Checked against the stage's epochs,
+        what is known before the data is read (a binding ``trainer.max_steps`` ends a
+        stage sooner, by a count of steps per epoch not known yet)."""
         found = []
         for n in (1, 2) if self.two_stage else (1,):
             warmup = self.stage_config(n).optim.warmup_epochs
@@ -742,12 +742,13 @@ class Config:
             # epochs not a count (unset, -1): refused above, with their own message
             if warmup > 0 and all(self._epochs_known(m) for m in counted):
                 epochs = self.stage_epochs(n)
-                if warmup >= epochs:
+                # longer, not equal: a one-epoch try-out keeps the default 1-epoch warm-up
+                if warmup > epochs:
                     found.append(
-                        f"stage{n}.optim.warmup_epochs={warmup:g} is not less than stage {n}'s "
+                        f"stage{n}.optim.warmup_epochs={warmup:g} is longer than stage {n}'s "
                         f"{epochs} epoch{'s' * (epochs != 1)} ({source}): its learning rate "
-                        "would only ramp up, never decay; shorten the warm-up or train more "
-                        "epochs"
+                        "would only ramp up, never reach its peak nor decay; shorten the "
+                        "warm-up or train more epochs"
                     )
         return found
 

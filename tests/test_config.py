@@ -350,28 +350,28 @@ def test_trainer_settings_that_train_nothing_are_refused_at_load(override, expec
     ("overrides", "expected", "shorter"),
     [
         (
-            ["stage1.optim.warmup_epochs=1"],
-            "stage1.optim.warmup_epochs=1 is not less than stage 1's 1 epoch (trainer.max_epochs)",
-            "stage1.optim.warmup_epochs=0.5",
+            ["stage1.optim.warmup_epochs=1.5"],
+            "stage1.optim.warmup_epochs=1.5 is longer than stage 1's 1 epoch (trainer.max_epochs)",
+            "stage1.optim.warmup_epochs=1",  # equal: a one-epoch try-out of the default
         ),
         (
             ["stage2.max_epochs=2", "stage2.optim.warmup_epochs=2.5"],
-            "stage2.optim.warmup_epochs=2.5 is not less than stage 2's 2 epochs (stage2.max_",
+            "stage2.optim.warmup_epochs=2.5 is longer than stage 2's 2 epochs (stage2.max_",
             "stage2.optim.warmup_epochs=1.5",
         ),
         (  # stage 1 trains both stages' epochs
-            ["method=single", "stage1.optim.warmup_epochs=2"],
-            "stage1.optim.warmup_epochs=2 is not less than stage 1's 2 epochs (stage 1 + stage 2",
-            "stage1.optim.warmup_epochs=1.5",
+            ["method=single", "stage1.optim.warmup_epochs=3"],
+            "stage1.optim.warmup_epochs=3 is longer than stage 1's 2 epochs (stage 1 + stage 2",
+            "stage1.optim.warmup_epochs=2",
         ),
     ],
 )
-def test_a_warm_up_as_long_as_its_stage_is_refused_at_load(overrides, expected, shorter):
+def test_a_warm_up_longer_than_its_stage_is_refused_at_load(overrides, expected, shorter):
     # the learning rate only ramped up and never decayed (lr_factor)
     with pytest.raises(ConfigError) as err:
         load_config(SMOKE, overrides)
     assert expected in str(err.value)
-    assert "would only ramp up, never decay" in str(err.value)
+    assert "would only ramp up, never reach its peak nor decay" in str(err.value)
     load_config(SMOKE, [*overrides, shorter])
     # method=single's stage 2 does not train: its warm-up is not checked
     load_config(SMOKE, ["method=single", "stage2.optim.warmup_epochs=5"])
