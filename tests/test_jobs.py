@@ -960,8 +960,13 @@ def test_srun_tasks_form_one_world_whatever_the_job_name(monkeypatch, tmp_path, 
     # docs/TRAINING.md's srun form inside salloc, whose shell names the job "bash":
     # Lightning does not detect SLURM then, and each task started a DDP world of its own
     # (a review: task 0 trained alone, task 1 found stage 1 "already running")
+    from lightning.pytorch.utilities import rank_zero_only
+
     from facecluster.builders import _trainer_kwargs
 
+    # the Trainer sets Lightning's process-wide rank (1 here): this process's later
+    # tests must find it as it was
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     srun = {
         "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
         "SLURM_NODEID": "0", "SLURM_JOB_ID": "999", "SLURM_JOB_NAME": job_name,
