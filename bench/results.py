@@ -129,7 +129,18 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _training_images(run: Path) -> dict[str, int]:
     """Images through a backbone in training (forward and backward), by stage."""
     results = json.loads((run / "results.json").read_text())
-    batch = RunFolder(run).finished_config().data.batch_size  # the run's own config loader
+    cfg = RunFolder(run).finished_config()  # the run's own config loader
+    batch = cfg.data.batch_size
+    # steps x batch counts one process's optimizer steps of one batch each: what this
+    # harness runs (one process, no accumulation); another run would be undercounted
+    # by its accumulation and its process count
+    many = {k: cfg.trainer.get(k, 1) for k in ("accumulate_grad_batches", "devices", "num_nodes")}
+    if any(v not in (1, "1") for v in many.values()):
+        settings = " ".join(f"trainer.{k}={v}" for k, v in many.items())
+        raise ValueError(
+            f"{run}: training images are counted for one process without gradient "
+            f"accumulation, and this run has {settings}"
+        )
     counts = {"stage1": results["stage1"]["steps"] * batch}
     if "subnets" in results:  # each stage-2 step takes a batch for every sub-net
         counts["stage2"] = results["stage2_steps"] * batch * results["num_clusters"]

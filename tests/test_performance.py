@@ -305,6 +305,17 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, 
         run_script(*fewer)
     assert "training" not in capsys.readouterr().out
     assert page.read_text() == text
+    # training images are steps x batch: one process's, one batch a step; a run with
+    # accumulation or several processes is refused, not undercounted (review)
+    results = load_script("bench/results.py")
+    run = out / "lfw423-pass-s2"
+    assert results._training_images(run)["stage1"] == images["pass"]["stage1"]
+    config = run / "config.yaml"
+    config.write_text(
+        config.read_text().replace("trainer:\n", "trainer:\n  accumulate_grad_batches: 2\n", 1)
+    )
+    with pytest.raises(ValueError, match="trainer.accumulate_grad_batches=2"):
+        results._training_images(run)
 
 
 def test_results_pair_the_top_m_values_every_seed_scored():
