@@ -981,7 +981,20 @@ def _lock_owner() -> dict[str, Any]:
         "slurm_job": os.environ.get("SLURM_JOB_ID"),
         "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
         "launch": _launch_id(),
+        "started": _process_start(os.getpid()),
     }
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started, as this machine's boot and the tick count since it
+    (``/proc``; None where there is none): a pid names one process only together with
+    it. A container restarted runs ``train.py`` as pid 1 again."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{boot} {stat.rsplit(')', 1)[1].split()[19]}"  # field 22: starttime
 
 
 def _lock_is_stale(other: dict[str, Any], me: dict[str, Any]) -> bool:
@@ -1000,8 +1013,10 @@ def _lock_is_stale(other: dict[str, Any], me: dict[str, Any]) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:
-        return False
-    return False
+        pass
+    # a live pid, but another process than the lock's (a restarted container's pid 1)
+    started = other.get("started")
+    return started is not None and started != _process_start(int(other["pid"]))
 
 
 _SQUEUE_FAILED = [-float("inf")]

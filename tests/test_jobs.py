@@ -546,6 +546,24 @@ def test_the_same_subnets_grouped_otherwise_never_train_twice(tmp_path):
     assert run.stage_dir(2, "subnets-3").is_dir()
 
 
+def test_a_lock_of_a_pid_now_another_process_is_taken_over(tmp_path):
+    # a container restarted runs train.py as pid 1 again: its lock named a live pid (the
+    # resuming process itself) and every restart was refused as "already running"
+    from facecluster.run import _lock_owner
+
+    run = RunFolder(tmp_path / "run")
+    run.save_job([0])
+    lock = run.stage_dir(2, "subnets-0") / "running.json"
+    me = _lock_owner()
+    boot, ticks = me["started"].split()
+    lock.write_text(json.dumps({**me, "subnets": [0], "started": f"{boot} {int(ticks) - 1}"}))
+    with run.job_lock("subnets-0", [0]):  # the pid's process started later: stale
+        assert json.loads(lock.read_text())["started"] == me["started"]
+    lock.write_text(json.dumps({**me, "subnets": [0], "launch": "another"}))  # this process
+    with pytest.raises(ConfigError, match="already"), run.job_lock("subnets-0", [0]):
+        pass
+
+
 def test_the_other_ranks_of_a_retrain_leave_the_busy_check_to_rank_zero(tmp_path, monkeypatch):
     # Lightning starts the other DDP ranks inside rank 0's job lock: there they took
     # that live lock for another process training, and stage=2 stage2.subnets=[...]
