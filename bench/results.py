@@ -29,6 +29,7 @@ from typing import Any
 
 from facecluster.cli import exit_process
 from facecluster.config import load_config
+from facecluster.evaluation import source_commit
 from facecluster.run import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +83,10 @@ def train_and_evaluate(
         print(f"training {run.name}", flush=True)
         _python(["train.py", *args], log)
     evaluation = run / "eval" / "results.json"
-    if not evaluation.is_file() or "decision" not in json.loads(evaluation.read_text()):
-        # none yet, or one from before the decision unit was recorded: evaluate again
+    kept = json.loads(evaluation.read_text()) if evaluation.is_file() else {}
+    if kept.get("overrides") != [] or kept.get("code") != source_commit():
+        # none yet, or one another code made, or evaluate.py with overrides (another
+        # top_m, decision, device...): every seed's figures from this code, as trained
         print(f"evaluating {run.name}", flush=True)
         _python(["evaluate.py", f"run={run}"], log)
     return run

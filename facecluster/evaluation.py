@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -357,7 +358,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
         model = _single_model(run, cfg, bench)
         rows = bench.rows(model.predictors(), bench.verification(model.backbone))
         report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)
-    return _write(report, run, cfg)
+    return _write(report, run, cfg, list(overrides))
 
 
 def _single_model(run: RunFolder, cfg: Config, bench: Bench) -> StageOneModel:
@@ -518,7 +519,31 @@ def _flat(row: Row) -> dict[str, Any]:
     }
 
 
-def _write(report: RunEvaluation, run: RunFolder, cfg: Config) -> RunEvaluation:
+def source_commit() -> str | None:
+    """The git commit of this facecluster's source (with ``+dirty`` when it has
+    uncommitted changes), or None outside a git checkout: which code evaluated a run."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _write(
+    report: RunEvaluation, run: RunFolder, cfg: Config, overrides: list[str]
+) -> RunEvaluation:
     run.eval_dir.mkdir(exist_ok=True)
     flat = [_flat(r) for r in report.rows]
     summary = {
@@ -528,6 +553,10 @@ def _write(report: RunEvaluation, run: RunFolder, cfg: Config) -> RunEvaluation:
         "decision": report.decision,
         "batch_size": cfg.eval.batch_size,
         "torch_threads": torch.get_num_threads(),
+        # what made these numbers: a table is only comparable with one of the same code
+        # and overrides (bench/results.py evaluates again otherwise)
+        "overrides": overrides,
+        "code": source_commit(),
     }
     # all three or none (a full disk, a kill): each through a temporary file, replaced
     # together when the block ends, results.json (what bench/results.py reads) last

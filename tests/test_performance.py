@@ -291,6 +291,16 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, 
     run_script(*command[1:])
     assert "training" not in capsys.readouterr().out
     assert page.read_text() == text
+    # an evaluation with overrides (evaluate.py ... route.top_m=2) or by other code is
+    # not averaged in with the others: the run is evaluated again, as trained (review)
+    kept = out / "lfw423-pass-s2" / "eval" / "results.json"
+    recorded = json.loads(kept.read_text())
+    assert recorded["overrides"] == [] and recorded["code"] is not None
+    kept.write_text(json.dumps({**recorded, "overrides": ["route.top_m=2"]}))
+    run_script(*command[1:])
+    assert "evaluating lfw423-pass-s2" in capsys.readouterr().out
+    assert json.loads(kept.read_text())["overrides"] == []
+    text = page.read_text()  # that run's throughput, timed again
     # a kept run trained otherwise than asked is refused, not reported under the new name
     changed = [*command[1:-1], "pass:clustered:stage2.epoch_size=largest@2"]
     with pytest.raises(
