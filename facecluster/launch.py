@@ -15,7 +15,8 @@ A job is one command line, the same under both launchers::
   creates the run folder, submits stage 1 with the clustering as one job, the J
   stage-2 jobs as one job array that starts when it succeeds (``afterok``), and
   an assembly job after the array, then returns. Every job is requeued and
-  resumes from the run folder if SLURM preempts it or its time runs out.
+  resumes from the run folder when its time runs out (or SLURM requeues it when
+  preempted, where the cluster is set to).
 
 No scheduling of our own: local jobs are plain processes, SLURM does the rest.
 """
@@ -304,13 +305,7 @@ def _passed_on(running: dict[int, subprocess.Popen], stopped: list[int]) -> Iter
 
     def pass_on(signum: int, frame: Any) -> None:
         stopped.append(signum)
-        for process in list(running.values()):
-            process.send_signal(signum)
-        for process in list(running.values()):
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        _stop(list(running.values()), signum)
         # the launcher ends by the signal once the pool has marked every job that had
         # not started (below): raised here, it could end the process while a pool thread
         # had made a job's folder but not yet written why the job never ran
@@ -359,7 +354,18 @@ class TrainJob:
         env = job_environment(self.name, local=False)  # Lightning reads the SLURM task
         for command in self.commands:
             # SLURM's warning signal is for submitit (in this process), which requeues
-            subprocess.run(command, check=True, cwd=self.cwd, env=env, preexec_fn=_ignore_usr2)
+            child = subprocess.Popen(command, cwd=self.cwd, env=env, preexec_fn=_ignore_usr2)
+            try:
+                code = child.wait()
+            except BaseException:
+                # submitit requeues by raising SystemExit here: the training process was
+                # then killed at once (subprocess.run's cleanup), its logger unfinished
+                # and its lock left behind. SIGTERM stops it at its next batch, with its
+                # own cleanup, within SLURM's warning time
+                _stop([child], signal.SIGTERM)
+                raise
+            if code:
+                raise subprocess.CalledProcessError(code, command)
 
     def checkpoint(self) -> Any:
         from submitit.helpers import DelayedSubmission
@@ -369,6 +375,20 @@ class TrainJob:
 
 def _ignore_usr2() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def _stop(children: list[subprocess.Popen], signum: int, grace: float = 60.0) -> None:
+    """Send ``signum`` to every child (a training process stops at its next batch,
+    letting go of its lock), then SIGKILL any that has not ended ``grace`` seconds
+    later (submitit's warning comes 90 s before a SLURM job's time limit)."""
+    for child in children:
+        child.send_signal(signum)
+    for child in children:
+        try:
+            child.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 def slurm_parameters(s: SlurmConfig, name: str, gpus: int, nodes: int) -> dict[str, Any]:

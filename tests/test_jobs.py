@@ -998,3 +998,37 @@ def test_srun_tasks_form_one_world_whatever_the_job_name(monkeypatch, tmp_path, 
     cfg = load_config(SMOKE, smoke_overrides(tmp_path, *overrides))
     trainer = L.Trainer(**_trainer_kwargs(cfg, 1), logger=False)
     assert (trainer.world_size, trainer.global_rank, trainer.local_rank) == (2, 1, 1)
+
+
+REQUEUED_JOB = """
+import signal, sys, time
+from facecluster.launch import TrainJob
+def requeue(signum, frame):  # what submitit does on SLURM's warning signal
+    sys.exit(-1)
+signal.signal(signal.SIGUSR2, requeue)
+child = (
+    "import signal, sys, time, pathlib\\n"
+    "def stop(s, f):\\n"
+    "    pathlib.Path(sys.argv[1]).write_text('stopped')\\n"
+    "    sys.exit(143)\\n"
+    "signal.signal(signal.SIGTERM, stop)\\n"
+    "print('ready', flush=True)\\n"
+    "time.sleep(120)\\n"
+)
+TrainJob("job", [[sys.executable, "-c", child, sys.argv[1]]], ".")()
+"""
+
+
+def test_a_requeued_slurm_job_stops_its_training_process_with_sigterm(tmp_path):
+    # submitit requeues by raising SystemExit in the job's process: subprocess.run then
+    # killed the training process at once (no lock let go, no logger finished); it now
+    # gets SIGTERM, which Lightning turns into a stop at the next batch
+    marker = tmp_path / "stopped"
+    job = subprocess.Popen(
+        [sys.executable, "-c", REQUEUED_JOB, str(marker)], cwd=ROOT, stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert job.stdout.readline().strip() == "ready"
+    job.send_signal(signal.SIGUSR2)
+    assert job.wait(timeout=60) != 0
+    assert marker.read_text() == "stopped"
