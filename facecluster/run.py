@@ -780,7 +780,7 @@ class RunFolder:
                     continue
                 if not _lock_is_stale(other, me):
                     self._refuse_held(path, me, other, busy)
-                path.unlink(missing_ok=True)
+                _remove_stale(path, other)
         finally:
             record.unlink(missing_ok=True)
         if check is not None:
@@ -995,6 +995,31 @@ def _process_start(pid: int) -> str | None:
     except OSError:
         return None
     return f"{boot} {stat.rsplit(')', 1)[1].split()[19]}"  # field 22: starttime
+
+
+def _remove_stale(path: Path, stale: dict[str, Any]) -> None:
+    """Remove lock ``path`` if it still holds the ``stale`` record read from it.
+
+    Two processes that judged the same lock stale could both take it over: the first
+    replaced it with its own, then the second removed that one and linked its own.
+    The lock is renamed aside first (only one process can), and put back if it is no
+    longer the stale one."""
+    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:  # taken over by another process already
+        return
+    try:
+        if _read_json(aside) != stale:  # a live lock replaced it since: put it back
+            try:
+                os.link(aside, path)
+            except FileExistsError:  # yet another process took it meanwhile
+                pass
+            except OSError:  # no hard links (an object-store mount)
+                with contextlib.suppress(OSError):
+                    os.rename(aside, path)
+    finally:
+        aside.unlink(missing_ok=True)
 
 
 def _lock_is_stale(other: dict[str, Any], me: dict[str, Any]) -> bool:

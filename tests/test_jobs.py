@@ -1032,3 +1032,20 @@ def test_a_requeued_slurm_job_stops_its_training_process_with_sigterm(tmp_path):
     job.send_signal(signal.SIGUSR2)
     assert job.wait(timeout=60) != 0
     assert marker.read_text() == "stopped"
+
+
+def test_a_stale_lock_is_taken_over_once_though_two_processes_judged_it_stale(tmp_path):
+    # B read the stale lock, A replaced it with its own, then B removed A's fresh lock
+    # and linked its own: both held it (review). Only the stale record is removed now
+    from facecluster.run import _remove_stale
+
+    lock = tmp_path / "running.json"
+    stale = {"host": "h", "pid": 1, "started": "gone"}
+    lock.write_text(json.dumps(stale))
+    fresh = {"host": "h", "pid": 2, "started": "now"}
+    lock.unlink()  # A: takes it over between B's read and B's removal
+    lock.write_text(json.dumps(fresh))
+    _remove_stale(lock, stale)  # B
+    assert json.loads(lock.read_text()) == fresh
+    _remove_stale(lock, fresh)  # a stale one is removed, and nothing is left aside
+    assert list(tmp_path.iterdir()) == []
