@@ -487,7 +487,7 @@ def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(evaluation.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError(28)))
         with pytest.raises(OSError):
-            evaluation._write(report, run, run.finished_config([]))
+            evaluation._write(report, run, run.finished_config([]), [])
     assert {p.name: p.read_bytes() for p in out.glob("results.*")} == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
