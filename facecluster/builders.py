@@ -198,15 +198,19 @@ def _plugins(trainer_args: dict[str, Any]) -> list[Any]:
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
     srun = not os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("SLURM_STEP_ID")
+    devices, nodes = trainer_args.get("devices", 1), trainer_args.get("num_nodes", 1)
+    world = devices * nodes if all(type(v) is int for v in (devices, nodes)) else None
     if (
         srun
         and launched_processes() > 1
+        and world == launched_processes()
         and not any(isinstance(p, ClusterEnvironment) for p in plugins)
     ):
-        # tasks srun started together: Lightning takes SLURM's ranks only when it detects
-        # SLURM, which it does not under a job named "bash" or "interactive" (salloc's
-        # shell): each task then started a DDP world of its own
-        plugins.append(SLURMEnvironment())
+        # tasks srun started together, as many as the trainer counts: Lightning takes
+        # SLURM's ranks only when it detects SLURM, which it does not under a job named
+        # "bash" or "interactive" (salloc's shell): each task then started a DDP world
+        # of its own. Requeueing stays submitit's (launcher=slurm), not Lightning's.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return plugins
 
 
@@ -334,20 +338,25 @@ def _fit_epoch(kwargs: dict[str, Any], batches: int, stage: int) -> bool:
     the epoch, or a ``limit_train_batches`` fraction under one batch (it stopped stage 2
     after stage 1 and the clustering had trained). Whether it changed any."""
     before = dict(kwargs)
+    limit = kwargs.get("limit_train_batches")
+    runs = batches  # what Lightning will run of the epoch
+    if isinstance(limit, float) and 0 < limit < 1:
+        runs = int(limit * batches)
+        if runs < 1:
+            runs = kwargs["limit_train_batches"] = 1
+            rank_zero_info(
+                f"trainer.limit_train_batches={limit} of stage {stage}'s epoch of {batches} "
+                "batches is under one batch: it trains one batch per epoch"
+            )
+    elif isinstance(limit, int) and not isinstance(limit, bool):
+        runs = min(limit, batches)
     interval = kwargs.get("val_check_interval")
     counted = isinstance(interval, int) and not isinstance(interval, bool)
-    if counted and kwargs.get("check_val_every_n_epoch", 1) is not None and interval > batches:
-        kwargs["val_check_interval"] = batches
+    if counted and kwargs.get("check_val_every_n_epoch", 1) is not None and interval > runs:
+        kwargs["val_check_interval"] = runs
         rank_zero_info(
             f"trainer.val_check_interval={interval} is longer than stage {stage}'s epoch of "
-            f"{batches} batches: it validates at each epoch's end"
-        )
-    limit = kwargs.get("limit_train_batches")
-    if isinstance(limit, float) and 0 < limit < 1 and int(limit * batches) < 1:
-        kwargs["limit_train_batches"] = 1
-        rank_zero_info(
-            f"trainer.limit_train_batches={limit} of stage {stage}'s epoch of {batches} "
-            "batches is under one batch: it trains one batch per epoch"
+            f"{runs} batches: it validates at each epoch's end"
         )
     return kwargs != before
 

@@ -183,6 +183,8 @@ def test_bad_input_stops_before_training_and_names_the_culprit(tmp_path, overrid
     [
         ("trainer.val_check_interval=20", "it validates at each epoch's end"),
         ("trainer.limit_train_batches=0.06", "it trains one batch per epoch"),
+        # both: the interval against the limited epoch, as Lightning counts it
+        ("trainer.limit_train_batches=0.5 trainer.val_check_interval=10", "epoch's end"),
     ],
 )
 def test_per_batch_trainer_settings_fit_stage2s_shorter_epochs(tmp_path, override, said, caplog):
@@ -191,11 +193,12 @@ def test_per_batch_trainer_settings_fit_stage2s_shorter_epochs(tmp_path, overrid
     # stage 1 and the clustering had trained (review); stage 2 now fits them to its epoch
     import logging
 
-    cfg = load_config(SMOKE, smoke_overrides(tmp_path, override, "eval.after_training=false"))
+    overrides = override.split()
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, *overrides, "eval.after_training=false"))
     with caplog.at_level(logging.INFO):
         result = train(cfg)
     assert RunFolder(result.run_dir).finished
-    assert f"{override} " in caplog.text and said in caplog.text
+    assert f"{overrides[-1]} " in caplog.text and said in caplog.text
 
 
 @pytest.mark.parametrize("shown", ["true", "false"])
