@@ -712,7 +712,6 @@ class Config:
         for name in ("stage1", "stage2"):
             if getattr(self, name).max_epochs is None and trainer_epochs in (None, -1):
                 found.append(f"{name}.max_epochs or trainer.max_epochs must be set")
-        found += self._warmup_problems()
         if trainer_epochs is not None and None not in (
             self.stage1.max_epochs,
             self.stage2.max_epochs,
@@ -725,11 +724,14 @@ class Config:
             )
         return found
 
-    def _warmup_problems(self) -> list[str]:
+    def warmup_problems(self) -> list[str]:
         """A warm-up longer than its stage: the learning rate only ramps up, never
-        reaches its peak nor decays (``lr_factor``). Checked against the stage's epochs,
-        what is known before the data is read (a binding ``trainer.max_steps`` ends a
-        stage sooner, by a count of steps per epoch not known yet)."""
+        reaches its peak nor decays (``lr_factor``). Refused for a new run only
+        (``pipeline.train``): a run saved with one is still evaluated, exported and
+        resumed (a resume may not change a trained stage's ``optim``). Checked against
+        the stage's epochs, what is known before the data is read (a binding
+        ``trainer.max_steps`` ends a stage sooner, by a count of steps per epoch not
+        known yet)."""
         found = []
         for n in (1, 2) if self.two_stage else (1,):
             warmup = self.stage_config(n).optim.warmup_epochs

@@ -97,6 +97,8 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
     """
     with _run_dir_for_this_run_only():
         L.seed_everything(cfg.seed, workers=True, verbose=False)
+        if not cfg.resume and (problems := cfg.warmup_problems()):
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
         if cfg.launcher.name == "local" and cfg.stage != "assemble":  # jobs run as local
             check_trainer(cfg)  # what Lightning refuses, before the data scan
         if cfg.launcher.name == "slurm":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from facecluster.config import ConfigError, load_config, resolve_data_root
-from tests.conftest import SMOKE
+from tests.conftest import SMOKE, smoke_overrides
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -366,15 +366,24 @@ def test_trainer_settings_that_train_nothing_are_refused_at_load(override, expec
         ),
     ],
 )
-def test_a_warm_up_longer_than_its_stage_is_refused_at_load(overrides, expected, shorter):
-    # the learning rate only ramped up and never decayed (lr_factor)
+def test_a_warm_up_longer_than_its_stage_is_refused_for_a_new_run(
+    overrides, expected, shorter, tmp_path
+):
+    # the learning rate only ramped up and never decayed (lr_factor); refused before
+    # the run folder is made, but a run saved with one still loads (evaluation, export)
+    from facecluster.pipeline import train
+
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, *overrides))
     with pytest.raises(ConfigError) as err:
-        load_config(SMOKE, overrides)
+        train(cfg)
     assert expected in str(err.value)
     assert "would only ramp up, never reach its peak nor decay" in str(err.value)
-    load_config(SMOKE, [*overrides, shorter])
+    assert not (tmp_path / "run").exists()
+    assert not load_config(SMOKE, [*overrides, shorter]).warmup_problems()
     # method=single's stage 2 does not train: its warm-up is not checked
-    load_config(SMOKE, ["method=single", "stage2.optim.warmup_epochs=5"])
+    assert not load_config(
+        SMOKE, ["method=single", "stage2.optim.warmup_epochs=5"]
+    ).warmup_problems()
 
 
 @pytest.mark.parametrize(("value", "shown"), [("-1", "-1"), ("-0.5", "-0.5"), (".nan", "nan")])
