@@ -63,6 +63,7 @@ from facecluster.config import (
     config_from_dict,
     load_config,
 )
+from facecluster.data.recordio import rec_paths
 from facecluster.io import atomic_torch_save, load_plain, replacing
 from facecluster.models.base import CHECKPOINT_KEY
 
@@ -407,9 +408,15 @@ class RunFolder:
                     )
         where = [f"resume={path}", f"output_dir={run.path.parent}", f"run_name={run.path.name}"]
         cfg = saved.with_overrides([*overrides, *where])
-        _refuse_contradictions(saved, cfg, resume, RESUME_FIXED_KEYS + run._started_optim(cfg))
+        # data at another path is checked by its split's digests (check_data), which a
+        # run made before split.json lacks: there data.root stays as it was
+        unchecked = () if (run.path / SPLIT).is_file() else ("data.root",)
+        fixed = RESUME_FIXED_KEYS + unchecked + run._started_optim(cfg)
+        _refuse_contradictions(saved, cfg, resume, fixed)
         epochs = saved.stage_epochs(1)
-        if run.has_stage_summary(1) and cfg.stage_epochs(1) != epochs:
+        # stage 1 is done once clusters.pt exists, its test perhaps not (stopped there)
+        done = run.has_stage_summary(1) or (cfg.two_stage and run.clusters_path.is_file())
+        if done and cfg.stage_epochs(1) != epochs:
             # without the clustering yet, stage 1 would continue from its last.ckpt for the
             # new count (its stage1.json then stale); with it, the count is ignored
             advice = (
@@ -997,6 +1004,16 @@ def _process_start(pid: int) -> str | None:
     return f"{boot} {stat.rsplit(')', 1)[1].split()[19]}"  # field 22: starttime
 
 
+def _data_set(root: Path) -> Path:
+    """What ``data.root`` reads, however written: a RecordIO file (named by itself or by
+    its folder), else the image folder."""
+    try:
+        paths = rec_paths(root)
+    except OSError:  # a folder this user cannot search: compared as written
+        paths = None
+    return (paths[0] if paths is not None else root).resolve()
+
+
 def _remove_stale(path: Path, stale: dict[str, Any]) -> None:
     """Remove lock ``path`` if it still holds the ``stale`` record read from it.
 
@@ -1040,8 +1057,8 @@ def _lock_is_stale(other: dict[str, Any], me: dict[str, Any]) -> bool:
     except PermissionError:
         pass
     # a live pid, but another process than the lock's (a restarted container's pid 1)
-    started = other.get("started")
-    return started is not None and started != _process_start(int(other["pid"]))
+    started, now = other.get("started"), _process_start(int(other["pid"]))
+    return started is not None and now is not None and started != now
 
 
 _SQUEUE_FAILED = [-float("inf")]
@@ -1256,7 +1273,9 @@ def _refuse_contradictions(
     problems = []
     for key in keys:
         old, new = _select(old_values, key), _select(new_values, key)
-        if key == "model":  # speed options change no weight
+        if key == "data.root":  # the same data, written differently, is no change
+            same = _data_set(saved.data.resolved_root()) == _data_set(cfg.data.resolved_root())
+        elif key == "model":  # speed options change no weight
             same = {**old, **SPEED_OPTIONS} == {**new, **SPEED_OPTIONS}
         else:
             same = old == new

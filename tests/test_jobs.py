@@ -562,6 +562,14 @@ def test_a_lock_of_a_pid_now_another_process_is_taken_over(tmp_path):
     lock.write_text(json.dumps({**me, "subnets": [0], "launch": "another"}))  # this process
     with pytest.raises(ConfigError, match="already"), run.job_lock("subnets-0", [0]):
         pass
+    # where /proc hides other users' processes (hidepid), an unreadable start is no
+    # proof of another process: another user's live lock is kept (a re-review)
+    from unittest import mock
+
+    from facecluster import run as run_module
+
+    with mock.patch.object(run_module, "_process_start", return_value=None):
+        assert not run_module._lock_is_stale({**me, "launch": "another"}, me)
 
 
 def test_the_other_ranks_of_a_retrain_leave_the_busy_check_to_rank_zero(tmp_path, monkeypatch):

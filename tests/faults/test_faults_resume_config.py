@@ -64,6 +64,34 @@ def test_harmless_overrides_and_same_root_written_differently_are_accepted(run_d
     assert cfg.trainer["max_epochs"] == 5 and cfg.logger == "none"
 
 
+def test_a_run_without_a_recorded_split_keeps_its_data_root(run_dir, tmp_path):
+    # a run made before split.json has only its identity names to check data against:
+    # a --shuffle pack of its folder (the same names, another split) would pass, so
+    # another data.root is refused there, as it was (a re-review); the same data
+    # written otherwise (a .rec named by itself or by its folder) is no change
+    from facecluster.data.pack import main as pack_main
+
+    assert not (run_dir / "split.json").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(ConfigError, match=r"data.root: the run has .*lfw-demo"):
+        RunFolder.config_for_resume(str(run_dir), [f"data.root={other}"])
+    RunFolder.config_for_resume(str(run_dir), [f"data.root={DEMO}/."])
+    assert pack_main([str(DEMO), str(tmp_path / "rec")]) == 0
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace(str(DEMO), str(tmp_path / "rec")))
+    for form in (tmp_path / "rec" / "train.rec", f"{tmp_path}/./rec/"):
+        RunFolder.config_for_resume(str(run_dir), [f"data.root={form}"])
+
+
+def test_stage1_epochs_stay_once_the_clustering_exists_without_stage1s_summary(run_dir):
+    # stopped in stage 1's test: clusters.pt is kept on resume, so more stage-1 epochs
+    # would train a backbone the clusters and class means no longer describe
+    (run_dir / "clusters.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="stage 1 of .* is finished after 1 epochs"):
+        RunFolder.config_for_resume(str(run_dir), ["trainer.max_epochs=3"])
+
+
 def test_the_same_data_at_another_path_resumes_and_other_data_is_refused(tmp_path):
     # staging a data set to another path (node-local disk, a new mount, the project
     # moved) is routine: a resume naming it was refused as another data.root, though
