@@ -29,7 +29,7 @@ from typing import Any
 
 from facecluster.cli import exit_process
 from facecluster.config import load_config
-from facecluster.evaluation import source_commit
+from facecluster.evaluation import source_digest
 from facecluster.run import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def train_and_evaluate(
         _python(["train.py", *args], log)
     evaluation = run / "eval" / "results.json"
     kept = json.loads(evaluation.read_text()) if evaluation.is_file() else {}
-    if kept.get("overrides") != [] or kept.get("code") != source_commit():
+    if kept.get("overrides") != [] or kept.get("code") != source_digest():
         # none yet, or one another code made, or evaluate.py with overrides (another
         # top_m, decision, device...): every seed's figures from this code, as trained
         print(f"evaluating {run.name}", flush=True)

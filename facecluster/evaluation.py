@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
-import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -519,26 +519,17 @@ def _flat(row: Row) -> dict[str, Any]:
     }
 
 
-def source_commit() -> str | None:
-    """The git commit of this facecluster's source (with ``+dirty`` when it has
-    uncommitted changes), or None outside a git checkout: which code evaluated a run."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+def source_digest() -> str:
+    """A digest of facecluster's Python source (the package and its callbacks): which
+    code evaluated a run. Not the git commit: a commit of docs or of the results
+    themselves changes no evaluation."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for folder in (package, package.parent / "callbacks"):
+        for path in sorted(folder.rglob("*.py")) if folder.is_dir() else ():
+            digest.update(str(path.relative_to(package.parent)).encode() + b"\0")
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _write(
@@ -556,7 +547,7 @@ def _write(
         # what made these numbers: a table is only comparable with one of the same code
         # and overrides (bench/results.py evaluates again otherwise)
         "overrides": overrides,
-        "code": source_commit(),
+        "code": source_digest(),
     }
     # all three or none (a full disk, a kill): each through a temporary file, replaced
     # together when the block ends, results.json (what bench/results.py reads) last
