@@ -291,16 +291,6 @@ def check_trainer(cfg: Config) -> None:
     Raises:
         ConfigError: naming the ``trainer.*`` settings and Lightning's reason.
     """
-    if cfg.trainer.get("max_time") is not None:
-        # Lightning ends a fit at max_time as if it were done: the stage would be
-        # recorded finished (stage 2 warm-started from a half-trained backbone, the
-        # missing epochs refused to any resume)
-        raise ConfigError(
-            f"trainer.max_time={cfg.trainer['max_time']} is not supported: a stage it cut "
-            "short would be recorded as finished. Stop the run instead (SIGTERM or Ctrl-C, "
-            "or the job's time limit under launcher=slurm) and continue it with "
-            "resume=<run folder>"
-        )
     kwargs = _trainer_kwargs(cfg, 1)
     quiet = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     levels = [log.level for log in quiet]

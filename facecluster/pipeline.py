@@ -99,6 +99,16 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if not cfg.resume and (problems := cfg.warmup_problems()):
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        if cfg.trainer.get("max_time") is not None:
+            # Lightning ends a fit at max_time as if it were done: the stage would be
+            # recorded finished (stage 2 warm-started from a half-trained backbone, the
+            # missing epochs refused to any resume)
+            raise ConfigError(
+                f"trainer.max_time={cfg.trainer['max_time']} is not supported: a stage it cut "
+                "short would be recorded as finished. Stop the run instead (SIGTERM or Ctrl-C, "
+                "or the job's time limit under launcher=slurm) and continue it with "
+                "resume=<run folder>"
+            )
         if cfg.launcher.name == "local" and cfg.stage != "assemble":  # jobs run as local
             check_trainer(cfg)  # what Lightning refuses, before the data scan
         if cfg.launcher.name == "slurm":
