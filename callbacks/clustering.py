@@ -95,6 +95,9 @@ class ClusteringCallback(L.Callback):
         self.features = features
         self.overlap = overlap
         self.assignment: ClusterAssignment | None = None
+        # stage2.negatives: each cluster's outsiders, ranked once per assignment (a
+        # stage-2 job hands it over twice: all clusters, then its group's)
+        self._neighbours: tuple[ClusterAssignment, list[torch.Tensor]] | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.cluster(trainer, pl_module)
@@ -190,7 +193,9 @@ class ClusteringCallback(L.Callback):
         clusters = range(assignment.num_clusters)
         neighbours = None
         if self.datamodule.hparams.subnet_negatives > 0:  # stage2.negatives
-            neighbours = [assignment.neighbours(k) for k in clusters]
+            if self._neighbours is None or self._neighbours[0] is not assignment:
+                self._neighbours = (assignment, [assignment.neighbours(k) for k in clusters])
+            neighbours = self._neighbours[1]
         self.datamodule.connect_clusters(
             [assignment.classes_of(k) for k in clusters], subnets, neighbours
         )

@@ -362,6 +362,22 @@ def test_save_load_round_trip_is_atomic(tmp_path):
     assert ClusterAssignment.from_dict(a.to_dict()) == a
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+def test_load_maps_the_class_means_and_leaves_the_file_alone(tmp_path):
+    """A stage-2 job's processes share clusters.pt's pages instead of each holding the
+    [C, d] means (4 GB at 2M identities); a write to a loaded tensor stays private."""
+    a = cluster_identities(random_means(64), 4, "random")
+    path = tmp_path / "clusters.pt"
+    a.save(path)
+    b = ClusterAssignment.load(path)
+    with open("/proc/self/maps") as maps:
+        assert str(path) in maps.read()
+    assert b == a
+    b.class_means.mul_(-1)  # copy-on-write: the file keeps the saved means
+    del b
+    assert ClusterAssignment.load(path) == a
+
+
 def test_failed_save_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     a = cluster_identities(random_means(8), 2, "random")
     path = tmp_path / "assignment.pt"
@@ -610,3 +626,34 @@ def test_the_class_mean_plot_gives_every_cluster_its_own_colour(k, tmp_path, mon
     assert class_means_plot(tmp_path / "means.png", assignment, 0).is_file()
     colours = {tuple(drawn[0]["cmap"](drawn[0]["norm"](c))) for c in range(k)}
     assert len(colours) == k
+
+
+def test_a_stage2_job_ranks_each_clusters_outsiders_once(tmp_path, monkeypatch):
+    # stage2.negatives: a job restores the assignment (every cluster), then narrows the
+    # datamodule to its group; each ranking is a product with all C means and a full
+    # sort (0.6-0.9 s per cluster at 2M x 512), so it is done once per cluster
+    from types import SimpleNamespace
+
+    from facecluster.callbacks import ClusteringCallback
+
+    served = []
+    dm = SimpleNamespace(
+        hparams=SimpleNamespace(subnet_negatives=0.25),
+        connect_clusters=lambda members, subnets, neighbours: served.append(
+            (subnets, [n.tolist() for n in neighbours])
+        ),
+    )
+    path = tmp_path / "clusters.pt"
+    saved = cluster_identities(random_means(12), 3, "balanced")
+    saved.save(path)
+    unit = ClusteringCallback(dm, 3, "balanced", 0, path)
+    ranked = []
+    real = ClusterAssignment.neighbours
+    monkeypatch.setattr(
+        ClusterAssignment, "neighbours", lambda self, k: ranked.append(k) or real(self, k)
+    )
+    unit.restore()
+    unit.connect([1])
+    assert sorted(ranked) == [0, 1, 2]
+    expected = [saved.neighbours(k).tolist() for k in range(3)]
+    assert served == [(None, expected), ([1], expected)]

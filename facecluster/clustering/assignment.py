@@ -526,6 +526,11 @@ class ClusterAssignment:
     def load(cls, path: str | os.PathLike[str]) -> ClusterAssignment:
         """Read an assignment written by :meth:`save` (tensors land on CPU).
 
+        The file is memory-mapped, not read: the ``[C, d]`` class means (4 GB at 2M
+        identities x 512) are then pages of the file in the page cache, which every
+        process of a node that loads it shares, instead of a private copy in each (a
+        write to a loaded tensor copies its page, and leaves the file as it was).
+
         Args:
             path: file to read.
 
@@ -537,7 +542,7 @@ class ClusterAssignment:
         """
         path = os.fspath(path)
         # plain data only: a file from elsewhere cannot run code (UnsafeFileError)
-        data = load_plain(path, what="cluster assignment")
+        data = load_plain(path, what="cluster assignment", mmap=True)
         try:
             return cls.from_dict(data)
         except ValueError as exc:
