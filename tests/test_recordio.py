@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -25,7 +26,7 @@ from facecluster.config import ConfigError, load_config
 from facecluster.data import FaceDataModule, datamodule, recordio
 from facecluster.data import pack as pack_module
 from facecluster.data.folder import hold_out_identities, scan, split_per_identity
-from facecluster.data.images import decode_on_device
+from facecluster.data.images import BadImageError, decode_on_device
 from facecluster.data.pack import main as pack_main
 from facecluster.data.recordio import (
     FLOAT32_EXACT,
@@ -382,6 +383,26 @@ def test_ranges_past_float32_precision_read_as_the_same_layout_below_it(tmp_path
     assert layouts[1][1].tolist() == expected
 
 
+@pytest.mark.parametrize("offset", [2, 4])  # the first identity record stored one too high, low
+def test_a_key_of_no_record_before_the_identity_records_past_float32_precision(tmp_path, offset):
+    # the header's first identity key (2^24 + 11 or + 13, both stored + 12) was looked
+    # for as an image record followed by an identity record: with no record just
+    # before it the rounded key stayed, and identity 0's record was read one key off
+    # (a run refused, or identity 0's images dropped and the others relabelled)
+    layouts = []
+    for base in (1000 + offset, FLOAT32_EXACT + offset):
+        records, ranges = _insightface(base, [5, 3], gap_after=1)
+        first = ranges[-1][1] + 1
+        assert int(np.float32(first)) != first or base < FLOAT32_EXACT  # the rounding is real
+        folder = tmp_path / str(base)
+        folder.mkdir()
+        layout = image_layout(_write(folder, records))
+        layouts.append((layout.keys - base, layout.labels))
+    assert np.array_equal(layouts[0][0], layouts[1][0])
+    assert layouts[1][1].tolist() == [0] * 5 + [1] * 3
+    assert layouts[0][1].tolist() == [0] * 5 + [1] * 3
+
+
 def test_identity_ranges_over_the_header_identity_records_or_each_other_are_refused(tmp_path):
     # they were laid out: the header and identity records trained on as images, a
     # record under two labels
@@ -537,6 +558,32 @@ def test_a_corrupt_record_is_skipped_or_stops_naming_key_and_offset(tmp_path, pa
     assert dm.bad_images() == [f"{rec}#5"]
     failing = FaceDataModule(str(tmp_path / "rec"), on_bad_image="fail", **kw)
     with pytest.raises(Exception, match=rf"train.rec#5 .*key 5 at offset {offset}: bad magic"):
+        failing._dataset(split, [4], train=False)[0]
+
+
+def test_an_undecodable_image_in_a_sound_record_is_named_by_key_and_offset(
+    tmp_path, packed, caplog
+):
+    # the record's framing is whole, its JPEG is not: the message named the key alone
+    import shutil
+
+    shutil.copytree(packed / "rec", tmp_path / "rec")
+    rec = tmp_path / "rec" / "train.rec"
+    offset = RecordFile(rec).offsets[5]
+    image = RecordFile(rec).encoded(5)
+    data = bytearray(rec.read_bytes())
+    start = data.find(image, offset)
+    data[start : start + len(image)] = bytes(len(image))  # zeros: no image format at all
+    rec.write_bytes(bytes(data))
+    kw = {"min_images_per_class": 10, "max_classes": 1, "batch_size": 4, "max_bad_fraction": 0.5}
+    dm = FaceDataModule(str(tmp_path / "rec"), **kw)
+    split = next(n for n in ("train", "val", "test") if 4 in dm._split_indices(n))
+    dataset = dm._dataset(split, dm._split_indices(split), train=False)
+    with caplog.at_level(logging.WARNING):
+        assert all(torch.isfinite(dataset[i][0]).all() for i in range(len(dataset)))
+    assert f"cannot decode {rec}#5 (offset {offset})" in caplog.text
+    failing = FaceDataModule(str(tmp_path / "rec"), on_bad_image="fail", **kw)
+    with pytest.raises(BadImageError, match=rf"cannot decode \S*train.rec#5 \(offset {offset}\)"):
         failing._dataset(split, [4], train=False)[0]
 
 

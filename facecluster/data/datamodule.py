@@ -68,7 +68,7 @@ from facecluster.data.images import (
     decode_on_device,
     device_decodable,
 )
-from facecluster.data.recordio import RecordFile
+from facecluster.data.recordio import RecordError, RecordFile
 from facecluster.data.transforms import FaceTransform, build_transforms, normalize_images
 
 __all__ = [
@@ -223,6 +223,10 @@ class FaceImageDataset(Dataset):
         """``samples[index]`` cannot be decoded: stop (``fail``, or too many broken in the
         split), or flag it so that it is replaced from now on (``skip``)."""
         path = self.samples.locator(index)
+        if self.records is not None and not isinstance(error, RecordError):
+            # an undecodable image in a sound record: where it is, as a RecordError says
+            key = int(self.samples.source(index))
+            path = f"{path} (offset {self.records.offsets.get(key)})"
         if self.on_bad_image == "fail":
             # Raised while training, where no config layer can add the key: the
             # message names the setting as the user wrote it.
@@ -231,7 +235,7 @@ class FaceImageDataset(Dataset):
                 "data.on_bad_image=fail stops here (data.on_bad_image=skip replaces broken "
                 "images)"
             )
-        self.tracker.mark(self.sample_ids[index], error)
+        self.tracker.mark(self.sample_ids[index], error, path)
         # Under DDP this counts this rank's finds only; the datamodule's share_bad_images
         # counts every rank's at each epoch end.
         self.tracker.check(self._split_ids, self.max_bad_fraction, self.split_name)

@@ -423,14 +423,14 @@ class BadImageTracker:
         self._view: np.ndarray | None = None
         self._passed: np.ndarray | None = None
 
-    def mark(self, sample_id: int, error: BaseException) -> None:
-        """Flag a sample as broken, logging it the first time."""
+    def mark(self, sample_id: int, error: BaseException, name: str | None = None) -> None:
+        """Flag a sample as broken, logging it (as ``name``, else its path) the first time."""
         if int(self.flags[sample_id]) == 0:
             self.flags[sample_id] = 1
             logger.warning(
                 "data.on_bad_image=skip: cannot decode %s (%s: %s); it is replaced by another "
                 "image of the same identity",
-                self.paths[sample_id],
+                name or self.paths[sample_id],
                 type(error).__name__,
                 error,
             )

@@ -828,15 +828,16 @@ def _spacing(approx: int | np.ndarray) -> int | np.ndarray:
 
 
 def _exact_header(records: RecordFile, first: int, end: int) -> tuple[int, int]:
-    """The header's (first identity key, end), exact: identity records come last."""
+    """The header's (first identity key, end), exact: identity records come last, so
+    within one float32 spacing of the stored key the first one is the first record
+    without an image past the last image record there (keys with no record may lie
+    between the images and the identity records)."""
     if first >= FLOAT32_EXACT:
         spacing = _spacing(first)
-        for key in range(first - spacing, first + spacing + 1):
-            if key - 1 not in records.offsets or key not in records.offsets:
-                continue
-            if records.head(key - 1)[2] and not records.head(key)[2]:
-                first = key
-                break
+        window = [k for k in range(first - spacing, first + spacing + 1) if k in records.offsets]
+        image = {k: records.head(k)[2] for k in window}
+        last_image = max((k for k in window if image[k]), default=-1)
+        first = next((k for k in window if k > last_image and not image[k]), first)
     last = records.offsets.last_key
     if end >= FLOAT32_EXACT and abs(end - (last + 1)) <= _spacing(end):
         end = last + 1
