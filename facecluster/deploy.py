@@ -60,7 +60,7 @@ UPDATE = ".facecluster-update"
 update being written, or being removed, is ``UPDATE.<process>-<random>.tmp`` / ``.done``."""
 UPDATE_PLAN = "update.json"
 LOCK = ".facecluster-lock"
-CSV_COLUMNS = ("path", "identity", "score", "similarity", "cluster", "top5")
+CSV_COLUMNS = ("path", "identity", "score", "similarity", "cluster", "top5", "status")
 TOP = 5
 
 
@@ -184,13 +184,17 @@ def unknown_threshold(
     is. ``measured_fpir``: the share of them the threshold lets pass (at most ``fpir``;
     0 when they are fewer than ``1 / fpir``)."""
     device = identifier.device
-    scores = torch.cat(
-        [
-            identifier.identify(normalize_images(x[scored(y)].to(device))).similarity.cpu()
-            for x, y in unseen
-            if scored(y).any()  # broken faces that nothing replaced: not probes
-        ]
-    )
+    batches = [
+        identifier.identify(normalize_images(x[scored(y)].to(device))).similarity.cpu()
+        for x, y in unseen
+        if scored(y).any()  # broken faces that nothing replaced: not probes
+    ]
+    if not batches:
+        raise ValueError(
+            "none of the run's unseen validation faces could be decoded: the unknown "
+            "threshold is chosen on them (the warnings above name the files)"
+        )
+    scores = torch.cat(batches)
     threshold = threshold_at_fpir(scores, fpir)
     return {
         "threshold": threshold,
@@ -614,7 +618,9 @@ def identify_files(
     similarity, what the threshold compares); cluster (the cluster whose sub-net
     answered: with ``clustering.overlap``, the one of the answer's two clusters that
     gave its score, or under moe the larger share of it); top5 (up to 5 ``name:score``
-    pairs from the searched clusters, best first, ``;``-separated).
+    pairs from the searched clusters, best first, ``;``-separated); status (``known``,
+    ``unknown`` or ``unreadable``: what the identity column says, whatever the names,
+    since an identity may be named ``unknown``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -666,10 +672,13 @@ def identify_files(
                     pairs = zip(row_ids, row_scores, strict=True)
                     # fewer than 5 where the searched clusters hold fewer identities
                     top = ";".join(f"{names[i]}:{s:.4f}" for i, s in pairs if i < len(names))
+                    status = "unknown" if answer == UNKNOWN else "known"
                     identity = "unknown" if answer == UNKNOWN else names[answer]
-                    found[path] = (identity, f"{row_scores[0]:.4f}", f"{sim:.4f}", cluster, top)
+                    scored = (f"{row_scores[0]:.4f}", f"{sim:.4f}", cluster, top, status)
+                    found[path] = (identity, *scored)
             for path in batch:
-                writer.writerow((path, *found.get(path, ("unreadable", "", "", "", ""))))
+                unreadable = ("unreadable", "", "", "", "", "unreadable")
+                writer.writerow((path, *found.get(path, unreadable)))
             rows += len(batch)
             bar.update(len(batch))
     return rows

@@ -60,6 +60,19 @@ def test_every_command_has_help_with_an_example(command, capsys):
     assert "unknown command 'nonsense'" in capsys.readouterr().err
 
 
+def test_an_unknown_threshold_with_no_decodable_unseen_face_says_so():
+    # every unseen validation face broken (nothing replaces one: label IGNORED) left
+    # torch.cat an empty list: "expected a non-empty list of Tensors"
+    from types import SimpleNamespace
+
+    from facecluster.data.images import IGNORED
+
+    images = torch.zeros(2, 112, 112, 3, dtype=torch.uint8)
+    unseen = [(images, torch.full((2,), IGNORED))] * 2
+    with pytest.raises(ValueError, match="none of the run's unseen validation faces could be"):
+        deploy.unknown_threshold(SimpleNamespace(device="cpu"), unseen, 0.01)
+
+
 def test_threshold_at_fpir_lets_at_most_that_fraction_pass():
     nonmated = torch.arange(200, dtype=torch.float32) / 200  # 0.000 .. 0.995
     t = threshold_at_fpir(nonmated, 0.01)  # 2 of 200 may pass: 0.99 and 0.995
@@ -143,7 +156,7 @@ def test_documented_identify_answers_unknown_for_unseen_identities(open_run, exp
     _facecluster(command.split(), exported.parents[1])
     with open(exported.parents[1] / "who.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "identity", "score", "similarity", "cluster", "top5"]
+    assert list(rows[0]) == ["path", "identity", "score", "similarity", "cluster", "top5", "status"]
     assert open_set["score"] == "similarity"
     assert len(rows) == len(list((DEMO / unseen).glob("*.jpg")))
     names = set(RunFolder(open_run).class_names())
@@ -155,6 +168,7 @@ def test_documented_identify_answers_unknown_for_unseen_identities(open_run, exp
         assert row["identity"] == "unknown" or row["identity"] in names
         known = float(row["similarity"]) >= open_set["threshold"]
         assert (row["identity"] == "unknown") != known
+        assert row["status"] == ("known" if known else "unknown")
         assert float(row["score"]) <= 0  # moe: a log-probability
         top = row["top5"].split(";")  # top_m=1: the routed cluster's identities, up to 5
         shown = {pair.split(":")[0] for pair in top}
@@ -795,6 +809,31 @@ def test_export_never_deletes_an_onnx_folder_it_did_not_write(open_run, exported
 
 
 @pytest.mark.slow
+def test_identify_status_tells_an_identity_named_unknown_from_a_rejected_face(
+    open_run, exported, tmp_path
+):
+    # the identity column's words "unknown" and "unreadable" are also possible names
+    photos = tmp_path / "photos"
+    shutil.copytree(DEMO / RunFolder(open_run).class_names()[0], photos)
+    (photos / "broken.jpg").write_bytes(b"")
+    out = tmp_path / "who.csv"
+    identify_files(exported, [photos], out, threshold=-2.0, device="cpu")
+    answers = [r["identity"] for r in csv.DictReader(out.open(encoding="utf-8"))]
+    named = max(set(answers) - {"unreadable"}, key=answers.count)  # its name becomes "unknown"
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    payload = torch.load(exported / "identifier.pt", weights_only=True)
+    payload["class_names"][payload["class_names"].index(named)] = "unknown"
+    torch.save(payload, renamed / "identifier.pt")
+    for threshold, status in ((-2.0, "known"), (2.0, "unknown")):
+        identify_files(renamed, [photos], out, threshold=threshold, device="cpu")
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open(encoding="utf-8"))}
+        assert rows.pop("broken.jpg")["status"] == "unreadable"
+        assert {r["status"] for r in rows.values()} == {status}
+        assert any(r["identity"] == "unknown" for r in rows.values())
+
+
+@pytest.mark.slow
 def test_identify_reads_folders_as_training_does_and_names_its_mistakes(
     open_run, exported, tmp_path, capsys
 ):
@@ -831,4 +870,4 @@ def test_identify_reads_folders_as_training_does_and_names_its_mistakes(
     # /dev/stdout into a pipe (| cat): written through, not a temporary file in /proc
     command = ["facecluster", "identify", str(exported), str(photos / f"{second}_0001.jpg")]
     piped = _facecluster([*command, "--out", "/dev/stdout", "--device", "cpu"], tmp_path)
-    assert piped.stdout.startswith("path,identity,score,similarity,cluster,top5\n")
+    assert piped.stdout.startswith("path,identity,score,similarity,cluster,top5,status\n")
