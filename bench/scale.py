@@ -676,12 +676,20 @@ Wall time of the last runs: {walls}. Exact commands: `commands` in
   stage-2 model does not hold the [C, d] class means at all (4 GB at 2M identities x
   512, computed: 2M x 512 x 4 bytes): the warm start reads them once on the CPU, so
   they are neither on the GPUs, nor broadcast by DDP, nor in every job's
-  checkpoints. Every process does keep them in host memory through stage 2, in the
-  clustering's assignment (4 GB per process, 32 GB on a node of 8, computed), and with
+  checkpoints. They stay in host memory through stage 2, in the clustering's
+  assignment. A stage-2 job (and a resumed run) maps `clusters.pt` instead of reading
+  it (`ClusterAssignment.load`), so the processes of a node share the file's pages in
+  the page cache: loading 500K x 512 means (a 1.03 GB file) and ranking one cluster's
+  neighbours added 42 MB of private memory to the process and 996 MB of shared file
+  pages, against 1,015 MB of private memory when the file was read (2026-12-01, one
+  process, `/proc/self/status`; a one-off script). The process that ran the clustering
+  itself (stage 1 and stage 2 in one command) keeps its own copy (4 GB at 2M x 512, 32
+  GB on a node of 8, computed). With
   `stage2.negatives` each job's start ranks every identity by its cosine to each
-  centroid, twice (the datamodule is connected to all clusters, then to the job's):
-  0.6-0.9 s per cluster at 2M x 512 on this machine's 2 cores (one matrix-vector product
-  and a full sort), so 1-2 minutes per job at K=64 (computed from it). Each step
+  centroid, once per cluster (the datamodule is connected to all clusters, then to the
+  job's, with the same ranking): 0.6-0.9 s per cluster at 2M x 512 on this machine's 2
+  cores (one matrix-vector product and a full sort), so about a minute per job at K=64
+  (computed from it; twice that before 2026-12-01, when each connection ranked again). Each step
   all-gathers the embeddings and labels (any batch size, so an epoch's last batch is
   fine) and normalises the softmax across processes.
 - **`head.sample_rate=r`** (default 1) makes each process use only its rows of the
