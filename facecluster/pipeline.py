@@ -54,7 +54,15 @@ from facecluster.loggers import build_logger, check_wandb_server, finish_logger
 from facecluster.models.backbone_module import BackboneSystem
 from facecluster.models.subnets_module import SubnetSystem
 from facecluster.results import summarise, training_table
-from facecluster.run import JOB_ENV, RUN_DIR_ENV, RunFolder, is_global_zero, job_name
+from facecluster.run import (
+    JOB_ENV,
+    RUN_DIR_ENV,
+    RunFolder,
+    is_global_zero,
+    job_name,
+    launched_processes,
+    rank0_timeout,
+)
 
 
 @dataclass
@@ -109,6 +117,8 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
                 "or the job's time limit under launcher=slurm) and continue it with "
                 "resume=<run folder>"
             )
+        if launched_processes() > 1:
+            rank0_timeout()  # a bad FACECLUSTER_RANK0_TIMEOUT: before the data scan
         if cfg.launcher.name == "local" and cfg.stage != "assemble":  # jobs run as local
             check_trainer(cfg)  # what Lightning refuses, before the data scan
         if cfg.launcher.name == "slurm":

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -80,6 +81,12 @@ while writing it) is taken over instead of waited for."""
 JOB_ENV = "FACECLUSTER_JOB"
 """Set in the processes the launchers start (the job's name): they read the run's
 config and never rewrite it."""
+RANK0_WAIT_ENV = "FACECLUSTER_RANK0_TIMEOUT"
+"""Seconds the other processes that srun or torchrun started wait for rank 0 to open
+the run folder and take its lock (default :data:`RANK0_WAIT_S`). Each process scans
+the data first, so rank 0 may come minutes after them (a cold filesystem cache)."""
+RANK0_WAIT_S = 1800.0
+"""torch.distributed's default process-group timeout, which the ranks wait in next."""
 
 CONFIG = "config.yaml"
 META = "run.json"
@@ -1123,9 +1130,34 @@ def _launch_id() -> str | None:
     return None
 
 
-def _wait_for_lock(path: Path, refused: Path, launch: str | None, timeout: float = 300.0) -> None:
+def rank0_timeout() -> float:
+    """How long a process started beside rank 0 waits for it (:data:`RANK0_WAIT_ENV`)."""
+    value = os.environ.get(RANK0_WAIT_ENV)
+    if value is None:
+        return RANK0_WAIT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or math.isinf(seconds):
+        raise ConfigError(f"{RANK0_WAIT_ENV}={value!r}: give a number of seconds > 0")
+    return seconds
+
+
+def _rank0_late(what: str, timeout: float) -> ConfigError:
+    return ConfigError(
+        f"{what} within {timeout:.0f} s: did rank 0 fail? If it is still reading the "
+        f"data, wait longer: {RANK0_WAIT_ENV}=<seconds> in every process's environment"
+    )
+
+
+def _wait_for_lock(
+    path: Path, refused: Path, launch: str | None, timeout: float | None = None
+) -> None:
     """A process that srun or torchrun started beside rank 0 waits until rank 0 holds
-    the job lock for their launch (``path`` names it), or refused it (``refused``)."""
+    the job lock for their launch (``path`` names it), or refused it (``refused``);
+    ``timeout``: :func:`rank0_timeout` by default."""
+    timeout = rank0_timeout() if timeout is None else timeout
     deadline = time.monotonic() + timeout
     while True:
         lock, refusal = _read_json(path), _read_json(refused)
@@ -1139,9 +1171,7 @@ def _wait_for_lock(path: Path, refused: Path, launch: str | None, timeout: float
         if refusal.get("launch") == launch and held and _same_holder(held, refusal["holder"]):
             raise ConfigError(refusal["error"])
         if time.monotonic() > deadline:
-            raise ConfigError(
-                f"rank 0 did not take the job lock {path} within {timeout:.0f} s: did it fail?"
-            )
+            raise _rank0_late(f"rank 0 did not take the job lock {path}", timeout)
         time.sleep(0.2)
 
 
@@ -1182,13 +1212,15 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _wait_for(path: Path, timeout: float = 300.0, launch: str | None = None) -> None:
+def _wait_for(path: Path, timeout: float | None = None, launch: str | None = None) -> None:
     """Wait until rank 0 has written ``path`` (processes started together); with
-    ``launch``, a JSON ``path`` naming that launch."""
+    ``launch``, a JSON ``path`` naming that launch. ``timeout``: :func:`rank0_timeout`
+    by default."""
+    timeout = rank0_timeout() if timeout is None else timeout
     deadline = time.monotonic() + timeout
     while not path.exists() or (launch is not None and _read_json(path).get("launch") != launch):
         if time.monotonic() > deadline:
-            raise ConfigError(f"{path} did not appear within {timeout:.0f} s: did rank 0 fail?")
+            raise _rank0_late(f"{path} did not appear", timeout)
         time.sleep(0.2)
 
 

@@ -1057,3 +1057,29 @@ def test_a_stale_lock_is_taken_over_once_though_two_processes_judged_it_stale(tm
     assert json.loads(lock.read_text()) == fresh
     _remove_stale(lock, fresh)  # a stale one is removed, and nothing is left aside
     assert list(tmp_path.iterdir()) == []
+
+
+def test_processes_beside_rank_0_wait_for_it_as_long_as_they_are_told(tmp_path, monkeypatch):
+    # every process scans the data before rank 0 opens the run folder: at 42M files
+    # rank 0 can come minutes after the others, who gave up after a fixed 300 s
+    from facecluster import run as run_module
+
+    monkeypatch.delenv(run_module.RANK0_WAIT_ENV, raising=False)
+    assert run_module.rank0_timeout() == 1800.0  # torch.distributed's own default
+    monkeypatch.setenv(run_module.RANK0_WAIT_ENV, "0.2")
+    started = time.monotonic()
+    with pytest.raises(
+        ConfigError,
+        match=r"run.json did not appear within 0 s: did rank 0 fail\? .*_RANK0_TIMEOUT=<seconds>",
+    ):
+        run_module._wait_for(tmp_path / "run.json")
+    assert time.monotonic() - started < 5
+    with pytest.raises(ConfigError, match="did not take the job lock"):
+        run_module._wait_for_lock(tmp_path / "running.json", tmp_path / "refused.json", "me")
+    # a value that is no number of seconds stops an srun task before its data scan
+    monkeypatch.setenv(run_module.RANK0_WAIT_ENV, "half an hour")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "data.root=/nonexistent/faces"))
+    with pytest.raises(ConfigError, match=r"FACECLUSTER_RANK0_TIMEOUT='half an hour': give a"):
+        train(cfg)
