@@ -403,6 +403,21 @@ def test_a_key_of_no_record_before_the_identity_records_past_float32_precision(t
     assert layouts[0][1].tolist() == [0] * 5 + [1] * 3
 
 
+@pytest.mark.parametrize("base", [1002, 2 * FLOAT32_EXACT + 2])
+def test_a_lost_idx_line_of_the_first_identity_record_is_refused_past_float32_precision(
+    tmp_path, base
+):
+    # past 2^25 the next identity record lies within the header's rounding: taken for
+    # the first, it dropped an identity and the last one's images without a word
+    records, ranges = _insightface(base, [2, 3, 2, 3])
+    _write(tmp_path, records)
+    first = ranges[-1][1]
+    idx = tmp_path / "train.idx"
+    idx.write_text("".join(line for line in idx.open() if int(line.split()[0]) != first))
+    with pytest.raises(RecordError, match=rf"no identity record with key {first}"):
+        image_layout(RecordFile(tmp_path / "train.rec"))
+
+
 def test_identity_ranges_over_the_header_identity_records_or_each_other_are_refused(tmp_path):
     # they were laid out: the header and identity records trained on as images, a
     # record under two labels

@@ -829,19 +829,39 @@ def _spacing(approx: int | np.ndarray) -> int | np.ndarray:
 
 def _exact_header(records: RecordFile, first: int, end: int) -> tuple[int, int]:
     """The header's (first identity key, end), exact: identity records come last, so
-    within one float32 spacing of the stored key the first one is the first record
-    without an image past the last image record there (keys with no record may lie
-    between the images and the identity records)."""
+    within one float32 spacing of the stored key it is the first identity record past
+    the last image record there (keys with no record, or a stray record of neither
+    kind, may lie between them) whose range starts at the file's first image key: the
+    next one, where the first one's ``.idx`` line is lost, starts at its own
+    identity's images. None such: the stored key, which the caller then refuses."""
     if first >= FLOAT32_EXACT:
         spacing = _spacing(first)
         window = [k for k in range(first - spacing, first + spacing + 1) if k in records.offsets]
-        image = {k: records.head(k)[2] for k in window}
-        last_image = max((k for k in window if image[k]), default=-1)
-        first = next((k for k in window if k > last_image and not image[k]), first)
+        kinds = {k: _kind(records, k) for k in window}
+        last_image = max((k for k in window if kinds[k] == "image"), default=-1)
+        keys = records.offsets.keys_
+        first_image = int(keys[1] if keys[0] == 0 and len(keys) > 1 else keys[0])
+        for key in (k for k in window if k > last_image and kinds[k] == "identity"):
+            start = float(np.asarray(records.record(key).label).reshape(-1)[0])
+            if start <= float(np.float32(first_image)):  # both rounded alike
+                first = key
+                break
     last = records.offsets.last_key
     if end >= FLOAT32_EXACT and abs(end - (last + 1)) <= _spacing(end):
         end = last + 1
     return first, end
+
+
+def _kind(records: RecordFile, key: int) -> str:
+    """Record ``key``'s kind: ``image``, ``identity`` (no image, a label range), or
+    ``other`` (no image and one label, or unreadable)."""
+    try:
+        record = records.record(key)
+    except RecordError:
+        return "other"
+    if record.data:
+        return "image"
+    return "identity" if record.flag >= 2 else "other"
 
 
 def _true_boundaries(
