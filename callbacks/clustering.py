@@ -96,7 +96,8 @@ class ClusteringCallback(L.Callback):
         self.overlap = overlap
         self.assignment: ClusterAssignment | None = None
         # stage2.negatives: each cluster's outsiders, ranked once per assignment (a
-        # stage-2 job hands it over twice: all clusters, then its group's)
+        # stage-2 job hands it over twice: all clusters, then its group's), kept until
+        # the second hand-over
         self._neighbours: tuple[ClusterAssignment, list[torch.Tensor]] | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -188,6 +189,7 @@ class ClusteringCallback(L.Callback):
         """Serve only these sub-nets' loaders (a stage-2 job's group)."""
         assert self.assignment is not None, "cluster() or restore() first"
         self._hand_over(self.assignment, subnets)
+        self._neighbours = None  # K rankings of C ids: 1 GB at 2M identities and K=64
 
     def _hand_over(self, assignment: ClusterAssignment, subnets: list[int] | None = None) -> None:
         clusters = range(assignment.num_clusters)

@@ -224,7 +224,14 @@ def load_plain(
     if not path.is_file():
         raise FileNotFoundError(f"{path} ({what}) does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not (mmap and "mmap can only be used" in str(e)):
+                raise
+            # not a zip archive (damaged, empty, torch's legacy format): read, the error
+            # says what it is instead of torch's advice on how to save it
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - a damaged file can fail anywhere in unpickling
         named = re.search(r"GLOBAL (\S+)", str(e))
         if named is None:  # damaged or not a torch file: say what broke, not torch's advice

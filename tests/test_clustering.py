@@ -404,8 +404,13 @@ def test_load_errors_name_the_path(tmp_path):
         ClusterAssignment.load(other)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match="garbage.pt"):
+    with pytest.raises(ValueError, match="garbage.pt") as error:
         ClusterAssignment.load(garbage)
+    assert "mmap" not in str(error.value)  # the file is mapped: not torch's save advice
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pt \(cluster assignment\) cannot be read: EOF"):
+        ClusterAssignment.load(empty)
     wrong_version = tmp_path / "v3.pt"
     d = cluster_identities(random_means(4), 2, "random").to_dict()
     d["version"] = 3
@@ -657,3 +662,4 @@ def test_a_stage2_job_ranks_each_clusters_outsiders_once(tmp_path, monkeypatch):
     assert sorted(ranked) == [0, 1, 2]
     expected = [saved.neighbours(k).tolist() for k in range(3)]
     assert served == [(None, expected), ([1], expected)]
+    assert unit._neighbours is None  # not held through stage 2 (1 GB at 2M ids, K=64)
