@@ -792,7 +792,7 @@ class Config:
             found.append(
                 f"trainer.fast_dev_run={fast} saves no checkpoint, so stage 2 could not start "
                 "from stage 1: for a quick run use configs/smoke.yaml, or "
-                "trainer.limit_train_batches=N with trainer.max_epochs=1"
+                "trainer.limit_train_batches=N with stage1.max_epochs=1 stage2.max_epochs=1"
             )
         clip = t.get("gradient_clip_val")
         if _number(clip) and not clip >= 0:  # NaN too

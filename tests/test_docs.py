@@ -213,6 +213,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_deploy.py::test_documented_identify_answers_unknown_for_unseen_identities",
     ),
     "make install": (RUN, ".ci/run"),
+    "make help": (RUN, "tests/test_docs.py::test_make_help_lists_every_target"),
     "python train.py resume=<run folder>": (
         FILLED,
         "tests/faults/test_faults_kill.py::"
@@ -365,3 +366,16 @@ def test_the_readme_smoke_command_as_written(tmp_path):
     assert proc.stdout.rstrip().splitlines()[-1] == f"facecluster run folder: {run_dir}"
     assert "Evaluation on the held-out test split" in proc.stdout
     assert RunFolder(run_dir).finished
+
+
+def test_make_help_lists_every_target():
+    # README names `make help` for the targets besides train and test
+    import subprocess
+
+    listed = subprocess.run(
+        "make help".split(), cwd=ROOT, capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    targets = re.findall(r"^([a-z]+):.*##", (ROOT / "Makefile").read_text(), re.M)
+    assert {"install", "train", "smoke", "test", "lint", "clean", "help"} <= set(targets)
+    for target in targets:
+        assert re.search(rf"^  make {target} +\S", listed, re.M), (target, listed)
