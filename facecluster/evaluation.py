@@ -29,6 +29,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -48,13 +49,15 @@ from facecluster.deploy import calibrate_run, resolve_device
 from facecluster.inference import Predictor, StageOneModel, TwoStageIdentifier
 from facecluster.inference.openset import fnir_at_fpir
 from facecluster.inference.verification import verify
-from facecluster.io import replacing_together
+from facecluster.io import atomic_torch_save, load_plain, replacing_together
 from facecluster.loggers import wandb_run
 from facecluster.models.components import load_backbone
 from facecluster.plots import alpha_plot, class_means_plot, top_m_plot
 from facecluster.results import markdown_table
 from facecluster.run import RunFolder
 from facecluster.timing import Timing, time_interleaved
+
+logger = logging.getLogger(__name__)
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DECISION_KEYS = (
@@ -366,7 +369,33 @@ def _single_model(run: RunFolder, cfg: Config, bench: Bench) -> StageOneModel:
     weights = run.stage1_weights()
     backbone = load_backbone(cfg.model.backbone_args(cfg.data.image_size), weights.backbone)
     backbone.to(bench.device)
-    dm = bench.dm
+    means = _single_model_means(run, cfg, bench, backbone)
+    return StageOneModel(backbone, weights.head, means, single=True).to(bench.device)
+
+
+def _single_model_means(
+    run: RunFolder, cfg: Config, bench: Bench, backbone: torch.nn.Module
+) -> torch.Tensor:
+    """The single model's class means, from one pass over its training split (at
+    Glint360K's size a forward over 17M images), kept in ``eval/class_means.pt`` for
+    the next evaluation of the same weights at the same precision, as a two-stage run
+    keeps its own in ``clusters.pt``."""
+    checkpoint = run.last_checkpoint(1).stat()
+    key = {
+        "checkpoint": [checkpoint.st_size, checkpoint.st_mtime_ns],
+        "precision": str(cfg.trainer.get("precision", "auto")),
+        "device": bench.device.type,
+    }
+    dm, path = bench.dm, run.eval_file("single_means")
+    shape = (dm.num_classes, cfg.model.embedding_dim)
+    try:
+        kept = load_plain(path, what="the single model's class means")
+        if kept.get("key") == key and tuple(kept["means"].shape) == shape:
+            return kept["means"]
+    except FileNotFoundError:
+        pass
+    except (ValueError, KeyError, AttributeError) as e:  # damaged: made again
+        logger.warning("%s cannot be used (%s); computing the class means again", path, e)
     with bench.autocast():
         sums, counts = embedding_class_sums(
             lambda images: backbone(normalize_images(images)),
@@ -377,7 +406,11 @@ def _single_model(run: RunFolder, cfg: Config, bench: Bench) -> StageOneModel:
             progress=True,
         )
     means = finalize_class_means(sums, counts)
-    return StageOneModel(backbone, weights.head, means, single=True).to(bench.device)
+    try:
+        atomic_torch_save({"key": key, "means": means.cpu()}, path)
+    except OSError as e:
+        logger.warning("could not keep the class means in %s: %s", path, e)
+    return means
 
 
 def top_m_sweep(clusters: int, top_m: int) -> list[int]:

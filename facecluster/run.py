@@ -109,6 +109,7 @@ EVAL_FILES = {
     "top_m": "top_m.png",
     "alpha": "alpha.png",
     "class_means": "class_means_pca.png",
+    "single_means": "class_means.pt",  # the single model's, kept for its next evaluation
 }
 """What evaluate.py writes into <run>/eval/."""
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import struct
@@ -126,7 +127,7 @@ def _small_lfw(folder: Path, per_fold: int = 20) -> Path:
 
 @needs_lfw
 @pytest.mark.slow
-def test_lfw_verification_during_stage1_and_in_the_evaluation_table(tmp_path):
+def test_lfw_verification_during_stage1_and_in_the_evaluation_table(tmp_path, monkeypatch):
     pairs = _small_lfw(tmp_path / "lfw")
     assert len(load_pairs(pairs)) == 200
     overrides = smoke_overrides(
@@ -146,6 +147,22 @@ def test_lfw_verification_during_stage1_and_in_the_evaluation_table(tmp_path):
     assert [r.model for r in rows] == ["single model (one head)", "nearest class mean"]
     accuracies = {r.verification["lfw"] for r in rows}
     assert len(accuracies) == 1 and 0.0 <= accuracies.pop() <= 1.0  # one backbone
+    # its class means are kept: the next evaluation of the same weights makes no pass
+    # over the training split (17M images at Glint360K's size); other weights do
+    from facecluster import evaluation
+
+    passes = []
+    real = evaluation.embedding_class_sums
+    monkeypatch.setattr(
+        evaluation, "embedding_class_sums", lambda *a, **k: passes.append(1) or real(*a, **k)
+    )
+    again = evaluate_run(single, ["eval.plots=false", "eval.timing_batches=1"]).rows
+    assert not passes and (single / "eval" / "class_means.pt").is_file()
+    assert [(r.top1, r.f1) for r in again] == [(r.top1, r.f1) for r in rows]
+    checkpoint = single / "stage1" / "checkpoints" / "last.ckpt"
+    os.utime(checkpoint, ns=(0, checkpoint.stat().st_mtime_ns + 1))  # a resume's new epoch
+    third = evaluate_run(single, ["eval.plots=false", "eval.timing_batches=1"]).rows
+    assert passes == [1] and [(r.top1, r.f1) for r in third] == [(r.top1, r.f1) for r in rows]
     # export writes two-stage identifiers: a single-model run is refused, saying so
     # (docs/DEPLOYMENT.md), before anything is written
     from facecluster.deploy import export_run
