@@ -253,8 +253,15 @@ def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: i
                 try:
                     if stopped:  # the launcher is stopping: no job starts
                         raise OSError(f"the launcher was stopped by signal {stopped[0]}")
+                    # a session of its own: a terminal's Ctrl-C reaches the launcher
+                    # alone, which passes it on once (a second SIGINT could cut the
+                    # job's cleanup short, its lock left behind)
                     process = subprocess.Popen(
-                        command, stdout=out, stderr=subprocess.STDOUT, env=env
+                        command,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        start_new_session=True,
                     )
                 except OSError as e:  # too many open files, no memory: this job fails
                     out.write(f"facecluster: job {name} could not start: {e}\n".encode())
@@ -291,14 +298,16 @@ def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: i
 
 @contextlib.contextmanager
 def _passed_on(running: dict[int, subprocess.Popen], stopped: list[int]) -> Iterator[None]:
-    """SIGTERM and SIGHUP of the launcher (``kill``, ``timeout``, a scheduler that
-    signals only the main process) go to the running jobs, which stop (their locks
-    released, their checkpoints kept); no other job starts, and the launcher then
-    ends by the same signal. Without it the jobs went on training as orphans, holding
-    their locks and GPUs, and the next resume was refused. (Ctrl-C reaches the whole
-    process group by itself.) In the main thread only, where Python takes signals."""
+    """SIGTERM, SIGHUP and SIGINT of the launcher (``kill``, ``timeout``, a scheduler
+    that signals only the main process, Ctrl-C: the jobs are in sessions of their own)
+    go to the running jobs, which stop (their locks released, their checkpoints kept);
+    no other job starts, and the launcher then ends by the same signal (SIGINT: as
+    KeyboardInterrupt, which prints the resume command). Without it the jobs went on
+    training as orphans, holding their locks and GPUs, and the next resume was
+    refused. In the main thread only, where Python takes signals."""
     # an ignored signal stays ignored (nohup): the jobs inherit that, as before
-    caught = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN]
+    signals = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    caught = [s for s in signals if signal.getsignal(s) != signal.SIG_IGN]
     if threading.current_thread() is not threading.main_thread():
         yield
         return

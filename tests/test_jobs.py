@@ -182,6 +182,11 @@ def test_a_killed_job_is_the_only_one_resume_retrains(tmp_path, monkeypatch):
     assert fits == [str(victim / "checkpoints" / "last.ckpt")], "the job continued from it"
     assert resumed.results is not None
     assert sorted(resumed.subnets.subnet_ids) == lost, "only the killed job's sub-nets trained"
+    # continued here, the job logs on in its own file, not the run's (whose last test/acc
+    # would then be over its sub-nets only)
+    rows = (run / "csv" / victim.name / "metrics.csv").read_text().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    assert last[header.index("epoch")] == "3" and last[header.index("test/acc")] != ""
     for path, (mtime, data) in before.items():
         assert path.stat().st_mtime_ns == mtime and path.read_bytes() == data, path
     _assert_identical(_subnets(reference), _subnets(run))
@@ -845,6 +850,34 @@ def test_a_stopped_local_launcher_stops_its_jobs(tmp_path):
     os.kill(job, 0)
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=60) == -signal.SIGTERM
+    with pytest.raises(ProcessLookupError):  # gone, and reaped by the launcher
+        os.kill(job, 0)
+    assert len(list(tmp_path.glob("stage2.subnets-*"))) == 1  # the second never started
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("terminal", [False, True])
+def test_ctrl_c_or_sigint_to_the_local_launcher_stops_its_job_once(tmp_path, terminal):
+    # kill -INT of the launcher alone left its running job training (the launcher then
+    # waited for it); a terminal's Ctrl-C (the whole foreground group) reached the job
+    # directly. Now the job is in a session of its own and gets the launcher's SIGINT.
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, str(tmp_path)], cwd=ROOT, start_new_session=True
+    )
+    markers = []
+    for _ in range(600):
+        markers = list(tmp_path.glob("stage2.subnets-*"))
+        if markers and markers[0].read_text():
+            break
+        time.sleep(0.1)
+    assert len(markers) == 1, markers
+    job = int(markers[0].read_text())
+    assert os.getsid(job) == job != os.getsid(launcher.pid)  # out of the terminal's reach
+    if terminal:
+        os.killpg(launcher.pid, signal.SIGINT)
+    else:
+        launcher.send_signal(signal.SIGINT)
+    assert launcher.wait(timeout=60) == -signal.SIGINT  # KeyboardInterrupt, uncaught
     with pytest.raises(ProcessLookupError):  # gone, and reaped by the launcher
         os.kill(job, 0)
     assert len(list(tmp_path.glob("stage2.subnets-*"))) == 1  # the second never started
