@@ -336,10 +336,12 @@ def _stage2(run: _Run, clustering: ClusteringCallback) -> SubnetSystem | None:
         folder.restart_subnets(groups)
     folder.clear_training_report()  # the results are stale until assembled again
     if len(groups) == 1:
-        # a retrain of named sub-nets logs to a CSV file of its own, as a job does: in the
-        # run's metrics.csv its steps are the first training's, whose rows (every
-        # sub-net's history) a resumed writer drops as redone
-        own = fresh and cfg.logger == "csv"
+        # the run's logger continues stage 1 with a stage 2 of one job over every
+        # sub-net; a group of some of them (a job among several, continued here after
+        # it was killed, or the rest of a stopped run) logs to that job's own run, as a
+        # job does, and so does a retrain of named sub-nets: on the run's step axis its
+        # steps would be the first training's (a CSV writer drops those rows as redone)
+        own = fresh or len(groups[0]) < assignment.num_clusters
         return fit_stage2(run, clustering, groups[0], own_logger=own, fresh=fresh)
     if is_global_zero():  # the other DDP ranks of stage 1 have nothing more to do
         try:
