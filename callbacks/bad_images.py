@@ -21,6 +21,13 @@ class BadImageReport(L.Callback):
     def __init__(self) -> None:
         self._reported = 0
 
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
+        # what is known already (found by stage 1, its test, a sanity check) is not new
+        # this epoch: the datamodule's list outlives each stage's Trainer
+        datamodule = trainer.datamodule
+        if hasattr(datamodule, "bad_images"):
+            self._reported = len(datamodule.bad_images())
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         datamodule = trainer.datamodule
         if not hasattr(datamodule, "share_bad_images"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -418,6 +419,9 @@ def test_run_with_broken_images_completes_and_reports(tmp_path, caplog, monkeypa
         assert len(per_file) == 1, messages
     assert any("zero-byte" in m and "id_04" in m for m in messages)
     assert any("undecodable image(s) so far" in m for m in messages)
+    # each found once: stage 2's epochs do not count stage 1's finds as theirs
+    new = [re.search(r"\((\d+) new this epoch\)", m) for m in messages]
+    assert sum(int(n.group(1)) for n in new if n) <= len(broken), messages
     stage2 = list(result.run_dir.glob("stage2/jobs/*/checkpoints/last.ckpt"))
     assert len(stage2) == 1, "stage 2 as one job"
     for last in [result.run_dir / "stage1" / "checkpoints" / "last.ckpt", *stage2]:
