@@ -140,9 +140,14 @@ def processes(tmp_path_factory) -> dict:
     # a file store, not a port: a free port found here could be taken by another test
     # process before gloo binds it
     store = str(tmp_path_factory.mktemp("gloo") / "store")
-    # forked, not spawned: a spawned rank starts an interpreter and imports torch and
-    # Lightning again (about 9 s each here); the gloo group is the same either way
-    mp.start_processes(_worker, args=(store, out), nprocs=WORLD, join=True, start_method="fork")
+    # from a fork server: a rank forked from this process fails in its backward once
+    # an earlier test here has run autograd's threads (the order of test files decides,
+    # "Autograd-and-Fork"); a spawned one imports torch and Lightning again (about 9 s
+    # each here), the server imports them once for all ranks
+    mp.set_forkserver_preload([__name__])
+    mp.start_processes(
+        _worker, args=(store, out), nprocs=WORLD, join=True, start_method="forkserver"
+    )
     return {rank: dict(out[rank]) for rank in range(WORLD)}
 
 
