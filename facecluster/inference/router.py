@@ -278,8 +278,11 @@ class Router:
         return scores
 
     def route(self, queries: Tensor, top_m: int = 1, blocks: Tensor | None = None) -> Tensor:
-        """[B, top_m] cluster ids, best first; ties go to the lower cluster id (on the
-        device of ``blocks``, see :meth:`cluster_scores`; else on the CPU)."""
+        """[B, top_m] cluster ids, best first; equal scores go to the lower cluster id (on
+        the device of ``blocks``, see :meth:`cluster_scores`; else on the CPU). The
+        scores are float32 products taken in blocks whose shapes follow the batch
+        size, so two clusters holding the same class mean can score a few units in the
+        last place apart, and a face alone can go to the other one than in a batch."""
         if not 1 <= top_m <= self.num_clusters:
             raise ValueError(f"top_m={top_m} must be in [1, {self.num_clusters}]")
         scores = self.cluster_scores(queries, top_m, blocks)
