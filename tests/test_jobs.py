@@ -829,20 +829,25 @@ launch.run_local(RunFolder(folder / "run"), [[0], [1]], parallel=1)
 """
 
 
+def _first_stand_in_job(folder: Path) -> int:
+    """The pid of _LAUNCHER's first job, once it has started (the only one started)."""
+    markers = []
+    for _ in range(600):
+        markers = list(folder.glob("stage2.subnets-*"))
+        if markers and markers[0].read_text():
+            break
+        time.sleep(0.1)
+    assert len(markers) == 1, markers
+    return int(markers[0].read_text())
+
+
 @pytest.mark.timeout(120)
 def test_a_stopped_local_launcher_stops_its_jobs(tmp_path):
     # kill, timeout or a scheduler's SIGTERM to the launcher alone left its running job
     # training as an orphan (its lock and GPU held, the next resume refused): the signal
     # now goes to the job, no other job starts, and the launcher ends by that signal
     launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(tmp_path), "nohup"], cwd=ROOT)
-    markers = list(tmp_path.glob("stage2.subnets-*"))
-    for _ in range(600):
-        markers = list(tmp_path.glob("stage2.subnets-*"))
-        if markers and markers[0].read_text():
-            break
-        time.sleep(0.1)
-    assert len(markers) == 1, markers
-    job = int(markers[0].read_text())
+    job = _first_stand_in_job(tmp_path)
     # under nohup a hangup stays ignored, by the launcher and its job
     launcher.send_signal(signal.SIGHUP)
     time.sleep(1.0)
@@ -864,14 +869,7 @@ def test_ctrl_c_or_sigint_to_the_local_launcher_stops_its_job_once(tmp_path, ter
     launcher = subprocess.Popen(
         [sys.executable, "-c", _LAUNCHER, str(tmp_path)], cwd=ROOT, start_new_session=True
     )
-    markers = []
-    for _ in range(600):
-        markers = list(tmp_path.glob("stage2.subnets-*"))
-        if markers and markers[0].read_text():
-            break
-        time.sleep(0.1)
-    assert len(markers) == 1, markers
-    job = int(markers[0].read_text())
+    job = _first_stand_in_job(tmp_path)
     assert os.getsid(job) == job != os.getsid(launcher.pid)  # out of the terminal's reach
     if terminal:
         os.killpg(launcher.pid, signal.SIGINT)
