@@ -672,10 +672,11 @@ def identify_files(
                     pairs = zip(row_ids, row_scores, strict=True)
                     # fewer than 5 where the searched clusters hold fewer identities
                     top = ";".join(f"{names[i]}:{s:.4f}" for i, s in pairs if i < len(names))
-                    status = "unknown" if answer == UNKNOWN else "known"
-                    identity = "unknown" if answer == UNKNOWN else names[answer]
-                    scored = (f"{row_scores[0]:.4f}", f"{sim:.4f}", cluster, top, status)
-                    found[path] = (identity, *scored)
+                    identity, status = (
+                        ("unknown", "unknown") if answer == UNKNOWN else (names[answer], "known")
+                    )
+                    scores = (f"{row_scores[0]:.4f}", f"{sim:.4f}", cluster, top)
+                    found[path] = (identity, *scores, status)
             for path in batch:
                 unreadable = ("unreadable", "", "", "", "", "unreadable")
                 writer.writerow((path, *found.get(path, unreadable)))

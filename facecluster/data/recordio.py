@@ -836,32 +836,30 @@ def _exact_header(records: RecordFile, first: int, end: int) -> tuple[int, int]:
     identity's images. None such: the stored key, which the caller then refuses."""
     if first >= FLOAT32_EXACT:
         spacing = _spacing(first)
-        window = [k for k in range(first - spacing, first + spacing + 1) if k in records.offsets]
-        kinds = {k: _kind(records, k) for k in window}
-        last_image = max((k for k in window if kinds[k] == "image"), default=-1)
-        keys = records.offsets.keys_
-        first_image = int(keys[1] if keys[0] == 0 and len(keys) > 1 else keys[0])
-        for key in (k for k in window if k > last_image and kinds[k] == "identity"):
-            start = float(np.asarray(records.record(key).label).reshape(-1)[0])
-            if start <= float(np.float32(first_image)):  # both rounded alike
-                first = key
-                break
+        keys = range(first - spacing, first + spacing + 1)
+        window = {k: _readable(records, k) for k in keys if k in records.offsets}
+        last_image = max((k for k, r in window.items() if r is not None and r.data), default=-1)
+        listed = records.offsets.keys_
+        first_image = int(listed[1] if listed[0] == 0 and len(listed) > 1 else listed[0])
+        for key, record in window.items():
+            identity = record is not None and not record.data and record.flag >= 2
+            if key > last_image and identity:
+                start = float(np.asarray(record.label).reshape(-1)[0])
+                if start <= float(np.float32(first_image)):  # both rounded alike
+                    first = key
+                    break
     last = records.offsets.last_key
     if end >= FLOAT32_EXACT and abs(end - (last + 1)) <= _spacing(end):
         end = last + 1
     return first, end
 
 
-def _kind(records: RecordFile, key: int) -> str:
-    """Record ``key``'s kind: ``image``, ``identity`` (no image, a label range), or
-    ``other`` (no image and one label, or unreadable)."""
+def _readable(records: RecordFile, key: int) -> Record | None:
+    """Record ``key``, or None where it cannot be read."""
     try:
-        record = records.record(key)
+        return records.record(key)
     except RecordError:
-        return "other"
-    if record.data:
-        return "image"
-    return "identity" if record.flag >= 2 else "other"
+        return None
 
 
 def _true_boundaries(
