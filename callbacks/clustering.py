@@ -7,8 +7,9 @@ class means as a single-process pass. Rank 0 then groups the identities (faiss
 spherical k-means, balanced k-means, or the random ISM partition; by the class means,
 or with ``clustering.features=head`` by the stage-1 head's rows), saves the
 ClusterAssignment in the run folder and broadcasts the grouping (not the class
-means, which every rank holds); every rank hands it to the datamodule through its
-one public method, ``connect_clusters``.
+means, which every rank holds); every rank then maps the saved file in place of its
+own copy, once it has checked that the file holds the same assignment, and hands it to
+the datamodule through its one public method, ``connect_clusters``.
 
 This callback owns the hand-off between the stages, on every path: a fit that
 trains runs :meth:`ClusteringCallback.cluster` in ``on_train_end``; a resumed
@@ -169,11 +170,27 @@ class ClusteringCallback(L.Callback):
             raise RuntimeError(f"the clustering failed on rank 0: {payload['error']}")
         if assignment is None:  # the means as cluster_identities keeps them
             assignment = ClusterAssignment.from_dict({**payload, "class_means": unit_rows(means)})
+        del means, rows
         trainer.strategy.barrier("clustering")
+        assignment = self._mapped(assignment)
         _stop_if_terminated(trainer)  # a resume restores clusters.pt, then tests stage 1
         self._hand_over(assignment)
         self._log(trainer, assignment)
         return assignment
+
+    def _mapped(self, assignment: ClusterAssignment) -> ClusterAssignment:
+        """The saved assignment, mapped as a stage-2 job maps it
+        (:meth:`ClusterAssignment.load`), if the file holds exactly ``assignment``: the
+        class means are then pages of the file, shared by the processes of a node, not
+        a private copy in each that lasts through stage 2 (4 GB at 2M identities x 512,
+        32 GB on a node of 8). A file this rank cannot read yet, or whose content
+        differs (a network file system's cached view of an older one), leaves
+        ``assignment`` as it is."""
+        try:
+            saved = ClusterAssignment.load(self.save_path)
+        except (OSError, ValueError):
+            return assignment
+        return saved if saved == assignment else assignment
 
     def restore(self) -> ClusterAssignment:
         """The saved assignment of a run resumed in stage 2, handed to the datamodule."""

@@ -612,6 +612,71 @@ def test_a_clustering_that_fails_on_rank_0_stops_every_rank(tmp_path, monkeypatc
         assert "No space left" in sent[0]["error"]
 
 
+def _mapped_from(tensor: torch.Tensor, path) -> bool:
+    """Whether ``tensor``'s memory lies in a mapping of the file ``path``."""
+    address, name = tensor.data_ptr(), str(path.resolve())
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() == name:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                if start <= address < end:
+                    return True
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+def test_every_rank_that_clustered_maps_the_saved_class_means(tmp_path):
+    # stage 1 and stage 2 in one command: the [C, d] class means last through stage 2
+    # (the warm start reads them). Each rank now maps clusters.pt, as a stage-2 job
+    # does, so a node's processes share its pages: before, each held its own copy
+    # (4 GB at 2M identities x 512). A file that holds another assignment (a network
+    # file system's older view) is not used.
+    from types import SimpleNamespace
+
+    from facecluster.callbacks import ClusteringCallback
+
+    means = random_means(40)
+    path = tmp_path / "clusters.pt"
+    sent, handed = [], []
+    dm = SimpleNamespace(
+        hparams=SimpleNamespace(subnet_negatives=0.0),
+        connect_clusters=lambda members, subnets, neighbours: handed.append(
+            [m.tolist() for m in members]
+        ),
+    )
+
+    def trainer(rank):
+        def broadcast(payload, src=0):
+            if rank == 0:
+                sent.append(payload)
+            return sent[0]
+
+        strategy = SimpleNamespace(
+            broadcast=broadcast, barrier=lambda *a: None, reduce_boolean_decision=lambda d, all: d
+        )
+        return SimpleNamespace(
+            global_rank=rank, strategy=strategy, received_sigterm=False, logger=None
+        )
+
+    done = {}
+    for rank in (0, 1):
+        unit = ClusteringCallback(dm, 4, "balanced", 0, path)
+        unit.class_means = lambda *a: means.clone()
+        done[rank] = unit.cluster(trainer(rank), None)
+        assert unit.assignment is done[rank]
+        assert _mapped_from(done[rank].class_means, path), rank
+    saved = ClusterAssignment.load(path)
+    assert done[0] == done[1] == saved
+    assert handed[0] == handed[1] == [saved.classes_of(k).tolist() for k in range(4)]
+    # rank 1 again, with a file that is not rank 0's clustering: its own copy stays
+    cluster_identities(means, 4, "random").save(path)
+    unit = ClusteringCallback(dm, 4, "balanced", 0, path)
+    unit.class_means = lambda *a: means.clone()
+    kept = unit.cluster(trainer(1), None)
+    assert kept == done[0] and not _mapped_from(kept.class_means, path)
+
+
 @pytest.mark.parametrize("k", [1, 16, 30])
 def test_the_class_mean_plot_gives_every_cluster_its_own_colour(k, tmp_path, monkeypatch):
     # "tab10" spread K > 10 cluster ids over 10 colours (clusters 0 and 1 shared one at
