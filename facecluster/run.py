@@ -78,6 +78,9 @@ REFUSED = "refused.json"
 EMPTY_LOCK_AGE = 10.0
 """Seconds after which an empty lock (an earlier facecluster's, whose process failed
 while writing it) is taken over instead of waited for."""
+TAKEOVER_AGE = 10.0
+"""Seconds after which a stale lock's takeover mark (left by a process killed in the
+instant it held it) is removed."""
 JOB_ENV = "FACECLUSTER_JOB"
 """Set in the processes the launchers start (the job's name): they read the run's
 config and never rewrite it."""
@@ -789,8 +792,7 @@ class RunFolder:
                     except FileExistsError:
                         other = _read_json(path)
                 if not other:  # gone since, or empty: left by an earlier facecluster
-                    if _age(path) > EMPTY_LOCK_AGE:
-                        path.unlink(missing_ok=True)
+                    _remove_stale(path, other)  # if still empty, after EMPTY_LOCK_AGE
                     time.sleep(0.1)
                     continue
                 if not _lock_is_stale(other, me):
@@ -1023,28 +1025,31 @@ def _data_set(root: Path) -> Path:
 
 
 def _remove_stale(path: Path, stale: dict[str, Any]) -> None:
-    """Remove lock ``path`` if it still holds the ``stale`` record read from it.
+    """Remove lock ``path`` if it still holds the ``stale`` record read from it (``{}``:
+    if it is still empty, and older than :data:`EMPTY_LOCK_AGE`).
 
-    Two processes that judged the same lock stale could both take it over: the first
-    replaced it with its own, then the second removed that one and linked its own.
-    The lock is renamed aside first (only one process can), and put back if it is no
-    longer the stale one."""
-    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    Two processes that judged the same lock stale must not both take it over. One
+    process at a time removes a lock: the one that created its takeover mark
+    (``.running.json.takeover``, exclusively), which reads the lock again under it and
+    removes it only if it is still the stale one. A live lock is never moved or removed
+    by another process. (The version before renamed the lock aside and put it back if
+    it was live: a third process could link its own lock in that gap, and it and the
+    live holder both held it.) The others return at once and read the lock again; a
+    mark left by a process killed while it held it (a read and an unlink) is removed
+    after :data:`TAKEOVER_AGE`."""
+    mark = path.with_name(f".{path.name}.takeover")
     try:
-        os.rename(path, aside)
-    except FileNotFoundError:  # taken over by another process already
+        os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        if _age(mark) > TAKEOVER_AGE:
+            mark.unlink(missing_ok=True)
+        time.sleep(0.05)  # another process is taking it over: read the lock again
         return
     try:
-        if _read_json(aside) != stale:  # a live lock replaced it since: put it back
-            try:
-                os.link(aside, path)
-            except FileExistsError:  # yet another process took it meanwhile
-                pass
-            except OSError:  # no hard links (an object-store mount)
-                with contextlib.suppress(OSError):
-                    os.rename(aside, path)
+        if _read_json(path) == stale and (stale or _age(path) > EMPTY_LOCK_AGE):
+            path.unlink(missing_ok=True)
     finally:
-        aside.unlink(missing_ok=True)
+        mark.unlink(missing_ok=True)
 
 
 def _lock_is_stale(other: dict[str, Any], me: dict[str, Any]) -> bool:

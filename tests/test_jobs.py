@@ -1090,6 +1090,65 @@ def test_a_stale_lock_is_taken_over_once_though_two_processes_judged_it_stale(tm
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_third_process_cannot_take_a_live_lock_while_another_checks_it(tmp_path, monkeypatch):
+    # A took the stale lock over; B, which had judged the same stale record, then
+    # looks at the lock again. The version before renamed the lock aside to look, and
+    # put it back: C, a third process, linked its own lock into that gap, and A and C
+    # both held it (review). B now looks without moving it.
+    from facecluster import run as run_module
+
+    lock = tmp_path / "running.json"
+    stale = {"host": "h", "pid": 1, "started": "gone"}
+    live_a = {"host": "h", "pid": 2, "started": "now"}
+    lock.write_text(json.dumps(live_a))
+    record_c = tmp_path / ".running.json.3"
+    record_c.write_text(json.dumps({"host": "h", "pid": 3, "started": "now"}))
+    third = []
+    real = run_module._read_json
+
+    def read_while_c_tries(path):
+        try:  # C, at the moment B reads
+            os.link(record_c, lock)
+            third.append("C took the lock")
+        except FileExistsError:
+            third.append("refused")
+        return real(path)
+
+    monkeypatch.setattr(run_module, "_read_json", read_while_c_tries)
+    run_module._remove_stale(lock, stale)  # B
+    assert third == ["refused"]
+    assert json.loads(lock.read_text()) == live_a
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".running.json.3", "running.json"]
+
+
+def test_one_process_at_a_time_removes_a_stale_lock(tmp_path, monkeypatch):
+    # the takeover mark: while one process holds it, another leaves the lock alone and
+    # reads it again; a mark left by a process killed while holding it expires
+    from facecluster import run as run_module
+
+    lock = tmp_path / "running.json"
+    stale = {"host": "h", "pid": 1, "started": "gone"}
+    lock.write_text(json.dumps(stale))
+    mark = tmp_path / ".running.json.takeover"
+    mark.touch()  # another process is removing it
+    run_module._remove_stale(lock, stale)
+    assert lock.is_file() and mark.is_file()
+    old = time.time() - run_module.TAKEOVER_AGE - 1
+    os.utime(mark, (old, old))  # its process was killed holding it
+    run_module._remove_stale(lock, stale)  # the expired mark goes
+    assert lock.is_file() and not mark.exists()
+    run_module._remove_stale(lock, stale)
+    assert list(tmp_path.iterdir()) == []
+    # an empty lock (an earlier facecluster's, being written) only once it is old
+    lock.touch()
+    run_module._remove_stale(lock, {})
+    assert lock.is_file()
+    old = time.time() - run_module.EMPTY_LOCK_AGE - 1
+    os.utime(lock, (old, old))
+    run_module._remove_stale(lock, {})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_processes_beside_rank_0_wait_for_it_as_long_as_they_are_told(tmp_path, monkeypatch):
     # every process scans the data before rank 0 opens the run folder: at 42M files
     # rank 0 can come minutes after the others, who gave up after a fixed 300 s
