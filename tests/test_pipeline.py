@@ -137,10 +137,30 @@ def test_step_axis_continues_across_the_two_stages(finished_run):
 
 
 def test_held_out_accuracy_is_reported_for_stage1_and_every_subnet(finished_run):
+    # each figure is what the trained weights score on the test split: the stage-1
+    # model on every face, each sub-net on its own cluster's faces, in its local ids
+    from facecluster.builders import build_datamodule
+    from facecluster.data.transforms import normalize_images
+
     r = finished_run.results
-    assert 0.0 <= r["stage1"]["accuracy"] <= 1.0
-    assert all(0.0 <= s["accuracy"] <= 1.0 for s in r["subnets"])
-    assert sum(s["test_images"] for s in r["subnets"]) == r["test_images"]
+    stage1, net = finished_run.backbone.eval(), finished_run.subnets.eval()
+    hits, correct, total = 0, [0] * 3, [0] * 3
+    dm = build_datamodule(RunFolder(finished_run.run_dir).finished_config())
+    with torch.no_grad():
+        for images, labels in dm.test_dataloader():
+            x, home = normalize_images(images), net.class_to_cluster[labels]
+            hits += int((stage1.head.predict(stage1(x)) == labels).sum())
+            for k in range(3):
+                mine = home == k
+                predicted = net.heads[str(k)].predict(net.subnets[str(k)](x[mine]))
+                correct[k] += int((predicted == net.local_index[labels[mine]]).sum())
+                total[k] += int(mine.sum())
+    assert r["test_images"] == sum(total)
+    assert r["stage1"]["accuracy"] == pytest.approx(hits / sum(total), abs=1e-6)
+    for s in r["subnets"]:
+        k = s["cluster"]
+        assert s["test_images"] == total[k]
+        assert s["accuracy"] == pytest.approx(correct[k] / total[k], abs=1e-6), k
     assert "stage-1 single model" in finished_run.table
 
 
