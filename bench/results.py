@@ -1,7 +1,9 @@
-"""The methods over several seeds on LFW-423, and docs/RESULTS.md from them.
+"""The methods over several seeds on one experiment (LFW-423 by default), and
+docs/RESULTS.md from them.
 
 For every seed and every method (``clustered``, ``random``, ``single``, and any
-``--variant``), trains ``OUT/lfw423-<name>-s<seed>`` with ``train.py`` (an interrupted
+``--variant``), trains ``OUT/<experiment>-<name>-s<seed>`` with ``train.py`` (the
+experiment is named by its ``-c`` config files, ``lfw423`` by default; an interrupted
 run is resumed, a finished one kept; either is refused if it was trained with another
 method, seed or override than asked), evaluates it with ``evaluate.py`` (once), then
 writes the aggregate: each row's mean and standard deviation over the seeds, and
@@ -10,8 +12,12 @@ best row and against routed random, with a 95% t interval.
 
     python bench/results.py --seeds 42 43 44 --out runs/results
 
-Writes ``bench/results/lfw423.json`` and ``docs/RESULTS.md`` (``--render-only``:
-from the json alone). ``--variant NAME:METHOD:KEY=VALUE,...`` adds a configuration,
+Writes ``bench/results/<experiment>.json`` and ``docs/RESULTS.md`` (``--render-only``:
+from the json alone). The page's header states the settings every method shares,
+from the experiment's resolved config (kept in the JSON); its prose comes from
+``bench/results/<experiment>_intro.md`` (the data set, before the settings) and
+``<experiment>_notes.md`` (the findings, after the tables), where they exist.
+``--variant NAME:METHOD:KEY=VALUE,...`` adds a configuration,
 e.g. ``--variant shared3:clustered:model.shared_layers=3``, on ``--variant-seeds``
 or, with a suffix ``@42,43``, on those seeds.
 """
@@ -24,6 +30,7 @@ import math
 import statistics
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +71,46 @@ def _python(args: list[str], log: Path) -> None:
         raise SystemExit(f"{' '.join(args[:2])} failed (exit {done.returncode}); see {log}")
 
 
+def experiment_name(configs: list[str]) -> str:
+    """An experiment's name, from its config files: ``lfw423`` for
+    ``configs/experiment/lfw423.yaml``; runs and results files carry it."""
+    return "+".join(Path(c).stem for c in configs)
+
+
+def setup(configs: list[str], overrides: list[str]) -> dict[str, Any]:
+    """What every method of the experiment shares (the page's header), from its
+    resolved config with the clustered method."""
+    cfg = load_config([*configs, "configs/method/clustered.yaml"], overrides)
+    return {
+        "experiment": experiment_name(configs),
+        "backbone": cfg.model.backbone,
+        "width": dict(cfg.model.kwargs).get("width"),
+        "image_size": cfg.data.image_size,
+        "embedding_dim": cfg.model.embedding_dim,
+        "head": cfg.head.name,
+        "s": cfg.head.s,
+        "m": cfg.head.m if cfg.head.m is not None else _default_margin(cfg.head.name),
+        "stage1_epochs": cfg.stage_epochs(1),
+        "stage2_epochs": cfg.stage_epochs(2),
+        "num_clusters": cfg.clustering.num_clusters,
+    }
+
+
+def _default_margin(head: str) -> float:
+    """The margin a head takes when ``head.m`` is not given."""
+    import inspect
+
+    from facecluster.models.components.heads import HEADS
+
+    return inspect.signature(HEADS[head]).parameters["m"].default
+
+
 def train_and_evaluate(
     out: Path, name: str, method: str, seed: int, configs: list[str], overrides: list[str]
 ) -> Path:
     """One run, trained (or resumed) and evaluated unless that is done already."""
-    run = out / f"lfw423-{name}-s{seed}"
-    log = out / f"lfw423-{name}-s{seed}.log"
+    run = out / f"{experiment_name(configs)}-{name}-s{seed}"
+    log = out / f"{run.name}.log"
     if (run / "config.yaml").is_file():
         _check_kept(run, method, seed, configs, overrides)
     if not (run / "results.json").is_file():
@@ -272,21 +313,22 @@ def render(result: dict[str, Any], command: str) -> str:
             {str(r.get("batch_size", 256)) for by in result["runs"].values() for r in by.values()}
         )
     )
-    lines = [
-        "# Results: the methods on 423 LFW identities, over seeds",
-        "",
-        "The paper's comparison (Ahmadi and Dianat, JSDP 2024), run by this framework on the",
-        "423 identities of LFW (112x112, `../shared/datasets/lfw-112`) that have at least 5",
-        "images: 5,985 images, per-identity split 0.7/0.1/0.2, 1,185 test images. LFW:",
-        "Huang et al. 2007, deep funneling: Huang et al. 2012 (credit and terms in",
-        "`datasets/lfw-demo/README.md`).",
-        "",
-        "Same backbone (IResNet-18, base width 16, 64x64 input, 256-d embedding, ArcFace",
-        "s=64 m=0.5) and settings for every method (`configs/experiment/lfw423.yaml` with",
-        "`configs/method/{clustered,random,single}.yaml`): stage 1 for 8 epochs, stage 2 for 3;",
-        "`method=single` trains its one network for all 11. K=8 clusters. Seeds: " + seeds + ".",
-        "",
-    ]
+    shared = result["setup"]
+    lines = result.get("intro", "").rstrip().splitlines()
+    lines = lines or [f"# Results: the methods over seeds ({shared['experiment']})"]
+    width = f", base width {shared['width']}" if shared["width"] else ""
+    size, epochs = shared["image_size"], (shared["stage1_epochs"], shared["stage2_epochs"])
+    given = f" and `{' '.join(result['overrides'])}`" if result["overrides"] else ""
+    configs = ", ".join(f"`{c}`" for c in result["configs"])
+    sentence = (
+        f"Same backbone (`{shared['backbone']}`{width}, {size}x{size} input, "
+        f"{shared['embedding_dim']}-d embedding, `{shared['head']}` s={shared['s']:g} "
+        f"m={shared['m']:g}) and settings for every method ({configs} with "
+        f"`configs/method/{{clustered,random,single}}.yaml`{given}): stage 1 for "
+        f"{epochs[0]} epochs, stage 2 for {epochs[1]}; `method=single` trains its one "
+        f"network for all {sum(epochs)}. K={shared['num_clusters']} clusters. Seeds: {seeds}."
+    )
+    lines += ["", *textwrap.wrap(sentence, 86), ""]
     variants = result.get("variants", {})
     if variants:
         lines += ["Variants (their name, then the method and the overrides):", ""]
@@ -303,7 +345,7 @@ def render(result: dict[str, Any], command: str) -> str:
         "```",
         "",
         "It trains and evaluates every run it lacks (an interrupted run is resumed), then",
-        "writes `bench/results/lfw423.json` and this page.",
+        f"writes `bench/results/{shared['experiment']}.json` and this page.",
         "",
         "## Every row, mean ± standard deviation over the seeds",
         "",
@@ -378,22 +420,30 @@ def main() -> None:
     )
     parser.add_argument("-c", "--config", action="append", default=None, help="experiment configs")
     parser.add_argument("--set", nargs="*", default=[], help="overrides for every run")
-    parser.add_argument("--json", default="bench/results/lfw423.json")
+    parser.add_argument("--json", default=None, help="bench/results/<experiment>.json")
     parser.add_argument("--page", default="docs/RESULTS.md")
-    parser.add_argument("--notes", default="bench/results_notes.md", help="appended to the page")
+    parser.add_argument(
+        "--intro", default=None, help="the page's opening (bench/results/<experiment>_intro.md)"
+    )
+    parser.add_argument(
+        "--notes", default=None, help="appended to the page (bench/results/<experiment>_notes.md)"
+    )
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
-    json_path, page = ROOT / args.json, ROOT / args.page
+    configs = args.config or ["configs/experiment/lfw423.yaml"]
+    experiment = experiment_name(configs)
+    json_path = ROOT / (args.json or f"bench/results/{experiment}.json")
+    page = ROOT / args.page
     command = "python " + " ".join(["bench/results.py", *sys.argv[1:]])
     if args.render_only:  # the page (and the JSON's aggregate) again from the runs kept
         result = json.loads(json_path.read_text())
         runs = {name: {int(s): v for s, v in by.items()} for name, by in result["runs"].items()}
         result["aggregate"] = aggregate(runs)  # seeds as numbers, as a training call gives
+        result.setdefault("setup", setup(result["configs"], result["overrides"]))
         json_path.write_text(json.dumps(result, indent=2, allow_nan=False))
     else:
         if "single" not in args.methods:
             raise SystemExit("--methods must include single: every difference is against it")
-        configs = args.config or ["configs/experiment/lfw423.yaml"]
         out = (ROOT / args.out).resolve()
         out.mkdir(parents=True, exist_ok=True)
         variant_seeds = args.variant_seeds or args.seeds
@@ -410,6 +460,7 @@ def main() -> None:
             "command": command,
             "configs": configs,
             "overrides": args.set,
+            "setup": setup(configs, args.set),
             "variants": {name: {"method": m, "overrides": o} for name, m, o, _ in args.variant},
             "runs": runs,
             "training_images": {name: training_images(by_seed) for name, by_seed in runs.items()},
@@ -417,8 +468,9 @@ def main() -> None:
         }
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2, allow_nan=False))
-    notes = ROOT / args.notes
-    result["notes"] = notes.read_text() if notes.is_file() else ""
+    for part, given in (("intro", args.intro), ("notes", args.notes)):
+        text = ROOT / (given or f"bench/results/{experiment}_{part}.md")
+        result[part] = text.read_text() if text.is_file() else ""
     page.write_text(render(result, result["command"]))
     print(f"wrote {json_path} and {page}")
 

@@ -285,6 +285,10 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, 
     assert "| clustered | 2 | clustered, routed (top_m=1, moe) |" in text
     assert "| pass | 1 | clustered, routed (top_m=1, moe) |" in text
     assert "- `pass`: clustered, `stage2.epoch_size=mean`" in text
+    # the header is this experiment's (it said LFW-423 and its settings for any -c)
+    assert text.startswith("# Results: the methods over seeds (smoke)\n")
+    assert "LFW" not in text and "K=2 clusters" in text and "`configs/smoke.yaml`" in text
+    assert sorted(p.name for p in out.glob("*-s*") if p.is_dir())[0] == "smoke-clustered-s1"
     # a second call trains nothing and renders the same page (this call and the next
     # in this process: the first ran the script as written)
     page.unlink()
@@ -293,18 +297,18 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, 
     assert page.read_text() == text
     # an evaluation with overrides (evaluate.py ... route.top_m=2) or by other code is
     # not averaged in with the others: the run is evaluated again, as trained (review)
-    kept = out / "lfw423-pass-s2" / "eval" / "results.json"
+    kept = out / "smoke-pass-s2" / "eval" / "results.json"
     recorded = json.loads(kept.read_text())
     assert recorded["overrides"] == [] and recorded["code"] is not None
     kept.write_text(json.dumps({**recorded, "overrides": ["route.top_m=2"]}))
     run_script(*command[1:])
-    assert "evaluating lfw423-pass-s2" in capsys.readouterr().out
+    assert "evaluating smoke-pass-s2" in capsys.readouterr().out
     assert json.loads(kept.read_text())["overrides"] == []
     text = page.read_text()  # that run's throughput, timed again
     # a kept run trained otherwise than asked is refused, not reported under the new name
     changed = [*command[1:-1], "pass:clustered:stage2.epoch_size=largest@2"]
     with pytest.raises(
-        SystemExit, match=r"lfw423-pass-s2 was trained with stage2\.epoch_size='mean'"
+        SystemExit, match=r"smoke-pass-s2 was trained with stage2\.epoch_size='mean'"
     ):
         run_script(*changed)
     assert "training" not in capsys.readouterr().out
@@ -318,7 +322,7 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, 
     # training images are steps x batch: one process's, one batch a step; a run with
     # accumulation or several processes is refused, not undercounted (review)
     results = load_script("bench/results.py")
-    run = out / "lfw423-pass-s2"
+    run = out / "smoke-pass-s2"
     assert results._training_images(run)["stage1"] == images["pass"]["stage1"]
     config = run / "config.yaml"
     config.write_text(
@@ -331,14 +335,15 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, 
 def test_results_pair_the_top_m_values_every_seed_scored():
     # a run kept from before the top_m sweep doubled has every top_m from 1 to K
     results = load_script("bench/results.py")
-    runs = json.loads((ROOT / "bench" / "results" / "lfw423.json").read_text())["runs"]
+    kept = json.loads((ROOT / "bench" / "results" / "lfw423.json").read_text())
+    runs = kept["runs"]
     seed = runs["clustered"]["43"]
     seed["top_m"] = {m: seed["top_m"][m] for m in ("1", "2", "4", "8")}
     top_m = results.aggregate(runs)["paired"]["clustered"]["top_m"]
     assert list(top_m) == ["1", "2", "4", "8"]
     # a variant run on a seed the single model lacks renders without paired cells
     runs["other"] = {"45": runs["clustered"]["42"]}
-    result = {"aggregate": results.aggregate(runs), "runs": runs}
+    result = {**kept, "aggregate": results.aggregate(runs), "runs": runs}
     page = results.render(result, "python bench/results.py ...")
     assert "| other | 0 | clustered, routed (top_m=1, moe) | no common seed |" in page
 
@@ -352,7 +357,8 @@ def test_results_page_is_its_json_rendered_and_one_seed_has_no_spread():
     runs = {name: {int(s): v for s, v in by.items()} for name, by in result["runs"].items()}
     assert results.aggregate(runs) == result["aggregate"]
     json.dumps(result, allow_nan=False)
-    result["notes"] = (ROOT / "bench" / "results_notes.md").read_text()
+    for part in ("intro", "notes"):
+        result[part] = (ROOT / "bench" / "results" / f"lfw423_{part}.md").read_text()
     page = results.render(result, result["command"])
     assert page == (ROOT / "docs" / "RESULTS.md").read_text()
     assert "| shared3 | 1 | clustered, routed (top_m=1, moe) | 69.11% (one seed) |" in page
