@@ -338,7 +338,7 @@ def render(result: dict[str, Any], command: str) -> str:
         ]
         lines.append("")
     lines += [
-        "Command (2-core CPU, no GPU; about 30 minutes per seed for the three methods):",
+        "Command:",
         "",
         "```bash",
         command,
