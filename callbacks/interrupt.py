@@ -20,12 +20,12 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
-def resume_hint(run_dir: str | Path, stage: str = "all") -> str:
-    """What to say when a run is interrupted: the command that continues it (with the
-    ``stage=`` it ran, which a resume would otherwise take as ``all``)."""
+def resume_hint(run_dir: str | Path, stage: str = "all", why: str = "interrupted") -> str:
+    """What to say when a run stops: the command that continues it (with the ``stage=``
+    it ran, which a resume would otherwise take as ``all``)."""
     again = f" stage={stage}" if stage != "all" else ""
     return (
-        "\ninterrupted: continue the run (from its last finished epoch, if any) with\n"
+        f"\n{why}: continue the run (from its last finished epoch, if any) with\n"
         f"  python train.py resume={run_dir}{again}"
     )
 

@@ -110,6 +110,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     # overrides before and after -c alike (parse_args refused those after it, valid or not)
     args = parser.parse_intermixed_args(argv)
+    from facecluster.data import BadImageError
     from facecluster.evaluation import eval_device, evaluate_runs
     from facecluster.launch import JobsFailed
     from facecluster.pipeline import train
@@ -150,6 +151,13 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except JobsFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BadImageError as e:  # a damaged data set, found by a loader: bad input
+        # from a DataLoader worker the message holds the worker's traceback: its last line
+        message = str(e).strip().splitlines()[-1].split("BadImageError: ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
+        for note in getattr(e, "__notes__", ()):  # how to continue the run
+            print(note.lstrip("\n"), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # outside a Trainer (Lightning's own ends in exit 1)
         print("interrupted", file=sys.stderr)  # local stage-2 jobs: the hint came first
         return 130

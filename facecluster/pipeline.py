@@ -39,7 +39,7 @@ from facecluster.callbacks import ClusteringCallback, ResumeHint
 from facecluster.callbacks.interrupt import resume_hint
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import Config, ConfigError, naming
-from facecluster.data import FaceDataModule
+from facecluster.data import BadImageError, FaceDataModule
 from facecluster.launch import (
     balanced_groups,
     check_local_jobs,
@@ -151,7 +151,11 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
             logger = build_logger(cfg, folder.path, run_id)
             with finish_logger(logger):
                 hint = ResumeHint(folder.path, cfg.stage, JOB_ENV)  # Ctrl-C: how to continue
-                return _two_stages(_Run(cfg, dm, folder, logger, [*callbacks, hint]))
+                try:
+                    return _two_stages(_Run(cfg, dm, folder, logger, [*callbacks, hint]))
+                except BadImageError as e:  # found by a loader: the run folder exists now
+                    e.add_note(resume_hint(folder.path, cfg.stage, "once the data is repaired"))
+                    raise
 
 
 def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:

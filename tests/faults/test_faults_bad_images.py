@@ -550,3 +550,30 @@ def test_broken_evaluation_faces_are_left_out_of_the_table_calibration_and_thres
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert all(str(path) in warned for path in mine + stranger), warned
     assert "left out of the" in warned
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_damaged_data_set_found_in_training_ends_in_one_error_and_the_resume_command(
+    tmp_path, capsys, workers
+):
+    # too many broken images in a split are found by a loader, after the run folder is
+    # made: train.py printed two chained tracebacks and exit 1, and the same command
+    # with a higher data.max_bad_fraction was refused (the folder exists)
+    from facecluster.cli import train_main
+
+    root = tmp_path / "faces"
+    for person in sorted(p for p in DEMO.iterdir() if p.is_dir())[:12]:
+        shutil.copytree(person, root / person.name)
+    for image in sorted(root.glob("*/*.jpg"))[::8]:  # an eighth of every split
+        image.write_bytes(b"not a jpeg")
+    overrides = smoke_overrides(
+        tmp_path, f"data.root={root}", f"data.num_workers={workers}", "logger=none"
+    )
+    assert train_main(["-c", str(SMOKE), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [error] = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert re.search(r"of the \w+ split are undecodable, more than data.max_bad_fraction", error)
+    assert str(root) in error  # the culprit named
+    assert err.rstrip().endswith(f"python train.py resume={tmp_path / 'run'}")
+    assert "once the data is repaired: continue the run" in err
