@@ -244,7 +244,7 @@ def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: i
         name, command = job
         log = run.job_log(name)
         log.parent.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
+        start, launched = time.perf_counter(), False
         env, gpus = job_environment(name, local=True), slots.get()
         try:  # the slot goes back whatever happens, or the jobs waiting for it hang
             if gpus is not None:
@@ -268,6 +268,7 @@ def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: i
                     code = 127
                 else:
                     running[process.pid] = process
+                    launched = True
                     if stopped:  # the signal came between the check above and now
                         process.send_signal(stopped[0])
                     try:
@@ -280,6 +281,10 @@ def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: i
         finally:
             slots.put(gpus)
         state = "finished" if code == 0 else _exit_status(code)
+        if code != 0 and stopped:  # the launcher's signal, passed on: not a failure
+            signame = signal.Signals(stopped[0]).name
+            ended = f"exit code {code}" if code > 0 else f"signal {-code}"
+            state = f"stopped by {signame} ({ended})" if launched else f"not started ({signame})"
         rank_zero_info(f"stage 2: job {name} {state} after {time.perf_counter() - start:.0f} s")
         return code
 

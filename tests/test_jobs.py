@@ -913,6 +913,12 @@ def test_sigterm_to_the_launcher_stops_its_training_job_lock_released_checkpoint
     assert (
         "could not start: the launcher was stopped by signal 15" in (other / "log.txt").read_text()
     )
+    # the console says so: neither job failed (before: "failed with exit code 127" for
+    # the one that never started)
+    said = (tmp_path / "train.log").read_text()
+    assert f"stage 2: job {other.name} not started (SIGTERM)" in said
+    assert re.search(rf"stage 2: job {job.name} stopped by SIGTERM \(", said)
+    assert "failed with exit code" not in said
 
 
 def _replace_often(path: Path) -> None:
