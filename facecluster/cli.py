@@ -110,11 +110,15 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     # overrides before and after -c alike (parse_args refused those after it, valid or not)
     args = parser.parse_intermixed_args(argv)
-    from facecluster.data import BadImageError
-    from facecluster.evaluation import eval_device, evaluate_runs
-    from facecluster.launch import JobsFailed
-    from facecluster.pipeline import train
-    from facecluster.run import RunFolder, is_global_zero
+    try:  # torch, Lightning, timm: seconds, in which a Ctrl-C is an interrupt too
+        from facecluster.data import BadImageError
+        from facecluster.evaluation import eval_device, evaluate_runs
+        from facecluster.launch import JobsFailed
+        from facecluster.pipeline import train
+        from facecluster.run import RunFolder, is_global_zero
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
     try:
         # resume=: the overrides apply to the run's own config, never to default.yaml's

@@ -178,7 +178,9 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     try:
         ckpt = load_plain(path, what="checkpoint", mmap=True)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"resume: {e}") from None
+        raise ConfigError(
+            f"resume={path} is neither a run folder nor a facecluster checkpoint: {e}"
+        ) from None
     if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt:
         raise ConfigError(
             f"resume={path}: not a facecluster checkpoint (no '{CHECKPOINT_KEY}' entry); "

@@ -335,6 +335,15 @@ def test_resume_refuses_a_file_that_is_not_a_facecluster_checkpoint(tmp_path):
         RunFolder.config_for_resume(str(fake))
     with pytest.raises(ConfigError, match="not a facecluster run folder"):
         RunFolder.config_for_resume(str(tmp_path))
+    # a file that is no torch file at all (resume=README.md): said so, before the
+    # unpickler's reason ("Unsupported operand 35")
+    text = tmp_path / "README.md"
+    text.write_text("# notes\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"resume=.*README.md is neither a run folder nor a facecluster checkpoint",
+    ):
+        RunFolder.config_for_resume(str(text))
 
 
 def test_evaluate_expands_the_home_folder_and_names_a_run_that_does_not_exist(
@@ -466,3 +475,21 @@ def test_ctrl_c_says_which_command_continues_the_run(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert code == 130 and f"{hint}  python train.py resume={run}\n" in err, err[-2000:]
     assert "Traceback" not in err
+
+
+def test_ctrl_c_while_train_py_imports_torch_is_an_interrupt(capsys, monkeypatch):
+    # Ctrl-C in the seconds train.py imports torch and Lightning printed a traceback
+    # of some 100 lines through their imports (a first-user review)
+    import sys
+
+    from facecluster import cli
+
+    class CtrlCOnImport:
+        def find_spec(self, name, path=None, target=None):
+            if name == "facecluster.launch":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "facecluster.launch")
+    monkeypatch.setattr(sys, "meta_path", [CtrlCOnImport(), *sys.meta_path])
+    assert cli.train_main(["-c", str(SMOKE)]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
