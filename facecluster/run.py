@@ -1315,12 +1315,16 @@ def _refuse_contradictions(
         old, new = _select(old_values, key), _select(new_values, key)
         if key == "data.root":  # the same data, written differently, is no change
             same = _data_set(saved.data.resolved_root()) == _data_set(cfg.data.resolved_root())
-        elif key == "model":  # speed options change no weight
-            same = {**old, **SPEED_OPTIONS} == {**new, **SPEED_OPTIONS}
-        else:
-            same = old == new
-        if not same:
-            problems.append(f"{key}: the run has {old!r}, the command line {new!r}")
+            if not same:
+                problems.append(f"{key}: the run has {old!r}, the command line {new!r}")
+            continue
+        # speed options change no weight
+        ignored = tuple(f"model.{k}" for k in SPEED_OPTIONS) if key == "model" else ()
+        problems += [
+            f"{name}: the run has {was!r}, the command line {now!r}"
+            for name, was, now in _differences(key, old, new)
+            if name not in ignored
+        ]
     if problems:
         resuming = not evaluation
         raise ConfigError(
@@ -1336,6 +1340,18 @@ def _refuse_contradictions(
                 "and networks) on its own held-out split; leave these unset."
             )
         )
+
+
+def _differences(key: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    """Each key under ``key`` whose value differs, named in full (``model.embedding_dim``,
+    not the whole ``model`` section), with the two values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            found
+            for k in sorted(old.keys() | new.keys())
+            for found in _differences(f"{key}.{k}", old.get(k), new.get(k))
+        ]
+    return [] if old == new else [(key, old, new)]
 
 
 def _sets_any(key: str, keys: tuple[str, ...]) -> bool:

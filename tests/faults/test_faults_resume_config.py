@@ -44,7 +44,7 @@ def test_contradicting_overrides_are_refused_with_every_difference(run_dir):
         "clustering.num_clusters: the run has 3, the command line 4",
         "clustering.method: the run has 'kmeans', the command line 'random'",
         "method: the run has 'clustered', the command line 'random'",
-        "'backbone': 'tiny'",
+        "model.backbone: the run has 'tiny', the command line 'iresnet18'",
     ):
         assert expected in message
     # what k-means grouped decides the sub-nets' identities too
