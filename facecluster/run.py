@@ -159,6 +159,17 @@ RESUME_FIXED_KEYS = (
 )
 
 
+SETTLED_KEYS = (
+    "data.batch_size",
+    "head",
+    "trainer.precision",
+    "trainer.accumulate_grad_batches",
+    "trainer.gradient_clip_val",
+)
+"""What shaped a finished run's weights beyond :data:`RESUME_FIXED_KEYS`, the epochs
+and the optimizers: a resume with nothing left to train refuses a change of them,
+which its ``config.yaml`` would record for weights trained otherwise."""
+
 SPEED_OPTIONS = {"compile": False, "channels_last": False}
 """``model`` keys a resume may change: how the network runs, not what it is."""
 
@@ -449,31 +460,44 @@ class RunFolder:
 
     def _refuse_settled(self, saved: Config, cfg: Config, resume: str) -> None:
         """Refuse overrides of what the run has done already and will not do again: the
-        clustering's settings once ``clusters.pt`` exists, and stage 2's epochs and epoch
-        size once every sub-net is trained (unless ``stage2.subnets`` names
-        sub-nets to train again). They changed nothing, but the run's ``config.yaml``
+        clustering's settings once ``clusters.pt`` exists; once every network is trained
+        (unless ``stage2.subnets`` names sub-nets to train again), stage 2's epochs and
+        epoch size and what shaped the weights (:data:`SETTLED_KEYS`: the batch size, the
+        margin head, the precision). They changed nothing, but the run's ``config.yaml``
         then recorded them, misdescribing its weights."""
-        if not cfg.two_stage or not self.clusters_path.is_file():
-            return
         old, new = saved.to_dict(), cfg.to_dict()
-        changed = [
-            f"clustering.{key}={new['clustering'][key]!r} (the run's clusters were made "
-            f"with {value!r})"
-            for key, value in old["clustering"].items()
-            if new["clustering"][key] != value
-        ]
-        trained = not self.missing_subnets(saved.clustering.num_clusters)
+        changed = []
+        if cfg.two_stage and self.clusters_path.is_file():
+            changed += [
+                f"clustering.{key}={new['clustering'][key]!r} (the run's clusters were made "
+                f"with {value!r})"
+                for key, value in old["clustering"].items()
+                if new["clustering"][key] != value
+            ]
+        if cfg.two_stage:
+            trained = self.clusters_path.is_file() and not self.missing_subnets(
+                saved.clustering.num_clusters
+            )
+        else:
+            trained = self.has_stage_summary(1)
         if trained and cfg.stage2.subnets is None:
-            if cfg.stage_epochs(2) != saved.stage_epochs(2):
+            if cfg.two_stage and cfg.stage_epochs(2) != saved.stage_epochs(2):
                 changed.append(
                     f"{cfg.stage_epochs(2)} stage-2 epochs (the sub-nets trained "
                     f"{saved.stage_epochs(2)})"
                 )
-            if cfg.stage2.epoch_size != saved.stage2.epoch_size:  # the optimizer: above
-                changed.append(
+            if cfg.two_stage and cfg.stage2.epoch_size != saved.stage2.epoch_size:
+                changed.append(  # the optimizer: above
                     f"stage2.epoch_size={cfg.stage2.epoch_size!r} (the sub-nets trained with "
                     f"{saved.stage2.epoch_size!r})"
                 )
+            changed += [
+                f"{key}={now!r} (the run trained with {'it unset' if was is None else repr(was)})"
+                for settled in SETTLED_KEYS
+                for key, was, now in _differences(
+                    settled, _select(old, settled), _select(new, settled)
+                )
+            ]
         if changed:
             raise ConfigError(
                 f"resume={resume}: {self.path} has done this already and will not do it "
@@ -1361,6 +1385,7 @@ def _sets_any(key: str, keys: tuple[str, ...]) -> bool:
 
 
 def _select(values: dict[str, Any], dotted: str) -> Any:
+    """``values["a"]["b"]`` for ``a.b``; None where a key is absent (``trainer.*``)."""
     for part in dotted.split("."):
-        values = values[part]
+        values = values.get(part) if isinstance(values, dict) else None
     return values

@@ -42,6 +42,10 @@ def test_a_finished_run_refuses_overrides_it_would_not_act_on(finished_run, tmp_
         "stage2.max_epochs=9": "9 stage-2 epochs \\(the sub-nets trained 2\\)",
         "clustering.niter=50": "clustering.niter=50 \\(the run's clusters were made with",
         "stage2.epoch_size=mean": "stage2.epoch_size='mean'",
+        # what shaped the weights (a first-user review: the batch size, the logger and
+        # the rest were written to config.yaml of weights trained otherwise)
+        "data.batch_size=4": "data.batch_size=4 \\(the run trained with 8\\)",
+        "trainer.precision=bf16-true": "trainer.precision='bf16-true' \\(the run trained with",
     }
     for override, named in refused.items():
         with pytest.raises(ConfigError, match=f"has done this already .*{named}"):

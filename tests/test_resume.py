@@ -308,6 +308,25 @@ def test_resume_overrides_apply_to_the_runs_config_not_the_default_one(tmp_path,
     assert seen[1].trainer["max_epochs"] == 3 and str(seen[1].resume) == str(run)
 
 
+def test_a_finished_single_model_run_refuses_what_would_only_change_its_record(tmp_path):
+    # nothing is left to train: a new batch size or margin would be written to the
+    # run's config.yaml for weights trained otherwise (a first-user review)
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "method=single"))
+    run = tmp_path / "run"
+    (run / "stage1" / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.run_settings().to_yaml())
+    folder = RunFolder(run)
+    # still training: the batch size may change (a resume on fewer devices)
+    assert RunFolder.config_for_resume(str(run), ["data.batch_size=4"]).data.batch_size == 4
+    folder.save_stage_summary(1, {"global_step": 1})  # finished
+    with pytest.raises(ConfigError, match=r"data.batch_size=4 \(the run trained with 8\)"):
+        RunFolder.config_for_resume(str(run), ["data.batch_size=4"])
+    with pytest.raises(ConfigError, match=r"head.m=0.3 \(the run trained with it unset\)"):
+        RunFolder.config_for_resume(str(run), ["head.m=0.3"])
+    # how it is logged and evaluated may change
+    assert RunFolder.config_for_resume(str(run), ["logger=none", "eval.batch_size=8"])
+
+
 def test_a_trained_stages_optimizer_is_fixed_on_resume(tmp_path):
     # Lightning restores a stage's optimizer and scheduler from its checkpoint: a new
     # lr or weight decay was ignored while a new warm-up applied to the old base rate
