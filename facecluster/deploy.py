@@ -273,7 +273,7 @@ def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -
     finish_update(model)  # an update left committed is no other command's change
     read = _stamp(model)  # before the read: a change after it is found at the commit
     identifier = load_export(model, "auto", "cpu")
-    identities = scan_image_folder(folder, min_images_per_class=1)
+    identities = scan_image_folder(folder, min_images_per_class=1, name="folder")
     size = identifier.backbone_args["image_size"]
     faces: dict[str, list[Path]] = {}
     for path, label in identities.samples:

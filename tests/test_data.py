@@ -129,7 +129,7 @@ def test_missing_root_names_path(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as err:
         scan_image_folder(missing)
     assert str(missing) in str(err.value) and "does not exist" in str(err.value)
-    with pytest.raises(FileNotFoundError, match=f"root '{missing}' does not exist"):
+    with pytest.raises(FileNotFoundError, match=f"data.root='{missing}' does not exist"):
         FaceDataModule(str(missing)).setup()
 
 

@@ -829,6 +829,11 @@ def test_pack_refuses_an_out_it_cannot_use_before_the_scan(tmp_path, capsys):
     shutil.copytree(DEMO / "Abdullah_Gul", src / "Abdullah_Gul")
     assert pack_main([str(src), str(src / ".." / "faces")]) == 2
     assert "is SRC" in capsys.readouterr().err and not (src / "train.rec").exists()
+    # a SRC that is no image folder is named as SRC, not as training's data.root
+    assert pack_main([str(tmp_path / "afile"), str(tmp_path / "out")]) == 2
+    assert "SRC=" in (err := capsys.readouterr().err) and "is a file, not a folder" in err
+    assert pack_main([str(src / "Abdullah_Gul"), str(tmp_path / "out")]) == 2
+    assert "found in SRC=" in capsys.readouterr().err
 
 
 def test_a_broken_first_image_is_packed_as_any_other(tmp_path):

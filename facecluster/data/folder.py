@@ -330,11 +330,14 @@ def _warn_layout(
     empty_folders: list[str],
     root_files: list[str],
     root_bad_links: list[str],
+    name: str = "data.root",
 ) -> None:
-    """One warning per kind of layout problem, naming the paths (decided before training)."""
+    """One warning per kind of layout problem, naming the paths (decided before training).
+    ``name``: what the command calls the folder (``data.root``, pack's ``SRC``)."""
     if empty_folders:
         logger.warning(
-            "data.root=%s: %d identity folder(s) hold no image files (%s) and are ignored: %s",
+            "%s=%s: %d identity folder(s) hold no image files (%s) and are ignored: %s",
+            name,
             root,
             len(empty_folders),
             ", ".join(IMAGE_EXTENSIONS),
@@ -343,7 +346,8 @@ def _warn_layout(
     bad_links = root_bad_links + [p for v in listings.values() for p in v.bad_links]
     if bad_links:
         logger.warning(
-            "data.root=%s: %d broken or looping symlink(s) are ignored: %s",
+            "%s=%s: %d broken or looping symlink(s) are ignored: %s",
+            name,
             root,
             len(bad_links),
             shown_list(bad_links),
@@ -351,17 +355,20 @@ def _warn_layout(
     loose = [p for p in root_files if p.lower().endswith(IMAGE_EXTENSIONS)]
     if loose:
         logger.warning(
-            "data.root=%s: %d image(s) directly in data.root, not in an identity "
+            "%s=%s: %d image(s) directly in %s, not in an identity "
             "sub-folder (root/<identity>/<image>), are ignored: %s",
+            name,
             root,
             len(loose),
+            name,
             shown_list(loose),
         )
     other = sorted(set(root_files) - set(loose))
     other += [p for v in listings.values() for p in v.other_files]
     if other:
         logger.warning(
-            "data.root=%s: %d non-image file(s) are ignored (images end in %s): %s",
+            "%s=%s: %d non-image file(s) are ignored (images end in %s): %s",
+            name,
             root,
             len(other),
             ", ".join(IMAGE_EXTENSIONS),
@@ -370,8 +377,9 @@ def _warn_layout(
     nested = [p for v in listings.values() for p in v.subfolders]
     if nested:
         logger.warning(
-            "data.root=%s: %d folder(s) inside identity folders are not read (only files "
+            "%s=%s: %d folder(s) inside identity folders are not read (only files "
             "directly inside root/<identity>/ are samples): %s",
+            name,
             root,
             len(nested),
             shown_list(nested),
@@ -382,6 +390,7 @@ def scan_image_folder(
     root: str | Path,
     min_images_per_class: int = 1,
     max_classes: int | None = None,
+    name: str = "data.root",
 ) -> FaceFolder:
     """Scan ``root`` for identity sub-folders containing images.
 
@@ -392,6 +401,8 @@ def scan_image_folder(
             that can be split into train/val/test.
         max_classes: If given, keep only the first ``max_classes`` identities in
             sorted name order, after the ``min_images_per_class`` filter.
+
+        name: What the command calls ``root`` in its messages (``data.root``, ``SRC``).
 
     Returns:
         The scanned :class:`FaceFolder`.
@@ -408,7 +419,10 @@ def scan_image_folder(
 
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"root {str(root)!r} does not exist or is not a directory")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"{name}={str(root)!r} {what}: give the folder that holds one sub-folder per identity"
+        )
 
     # identity name -> sorted image paths; folders without images are not identities
     found: dict[str, list[str]] = {}
@@ -436,16 +450,16 @@ def scan_image_folder(
     empty_folders.sort()
     root_files.sort()
     root_bad_links.sort()
-    _warn_layout(root, listings, empty_folders, root_files, root_bad_links)
+    _warn_layout(root, listings, empty_folders, root_files, root_bad_links, name)
 
     if not found:
         raise ValueError(
             f"No identity sub-folders containing images ({', '.join(IMAGE_EXTENSIONS)}) found in "
-            f"root={str(root)!r}; expected root/<identity>/<image> layout"
+            f"{name}={str(root)!r}; expected root/<identity>/<image> layout"
         )
 
     kept = _select_identities(
-        root, {n: len(v) for n, v in found.items()}, min_images_per_class, max_classes
+        root, {n: len(v) for n, v in found.items()}, min_images_per_class, max_classes, name
     )
     samples = Samples.of((path, label) for label, name in enumerate(kept) for path in found[name])
     # zero-byte files of the kept identities and of folders holding nothing else (an
@@ -460,7 +474,11 @@ def scan_image_folder(
 
 
 def _select_identities(
-    root: Path, counts: dict[str, int], min_images_per_class: int, max_classes: int | None
+    root: Path,
+    counts: dict[str, int],
+    min_images_per_class: int,
+    max_classes: int | None,
+    name: str = "data.root",
 ) -> list[str]:
     """Identity names kept, sorted: at least ``min_images_per_class`` images, the first
     ``max_classes``. The same rule for image folders and RecordIO files."""
@@ -469,7 +487,7 @@ def _select_identities(
     dropped = [n for n in names if counts[n] < min_images_per_class]
     if not kept:
         raise ValueError(
-            f"No identity in root={str(root)!r} has at least min_images_per_class="
+            f"No identity in {name}={str(root)!r} has at least min_images_per_class="
             f"{min_images_per_class} images (the largest identity has {max(counts.values())}); "
             f"lower min_images_per_class"
         )

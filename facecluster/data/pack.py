@@ -102,7 +102,7 @@ def pack_folder(
             f"OUT {out} already holds a data set ({', '.join(held)}), which pack would "
             "replace. Pass --overwrite to replace it, or choose another OUT"
         )
-    folder = scan_image_folder(src)
+    folder = scan_image_folder(src, name="SRC")
     # identities.txt holds one name a line: a name with a line break would shift every
     # later identity's name onto another's images. Refused before any record is written.
     broken = [name for name in folder.class_names if "\n" in name or "\r" in name]

@@ -68,8 +68,10 @@ def test_symlink_loops_are_named_and_never_hang(tmp_path, caplog):
 
 def test_root_that_is_a_file_or_holds_nothing_fails_clearly(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(FileNotFoundError, match="root .* does not exist or is not a directory"):
+    with pytest.raises(FileNotFoundError, match="data.root=.*file' is a file, not a folder"):
         scan_image_folder(tmp_path / "file")
+    with pytest.raises(FileNotFoundError, match="data.root=.*nowhere' does not exist"):
+        scan_image_folder(tmp_path / "nowhere")
     (tmp_path / "empty" / "someone").mkdir(parents=True)
     with pytest.raises(ValueError, match="No identity sub-folders containing images"):
         scan_image_folder(tmp_path / "empty")
