@@ -1013,9 +1013,12 @@ def load_config(
     """
     merged = OmegaConf.structured(Config)
     paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
-    for p in map(Path, paths):
+    for given in map(Path, paths):
+        # as data.root: from the working dir, else the project's (`facecluster train -c
+        # configs/smoke.yaml` from another folder, as `facecluster --help` shows it)
+        p = resolve_data_root(str(given))
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"config file not found: {given}")
         try:
             loaded = OmegaConf.load(p)
         except Exception as e:  # YAML syntax errors name line and column

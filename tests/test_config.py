@@ -514,3 +514,17 @@ def test_a_backbone_that_cannot_take_the_image_size_is_refused_before_any_work()
     ):
         backbone_parameters(load_config(SMOKE, vit))
     assert backbone_parameters(load_config(SMOKE, [*vit, "model.kwargs.img_size=64"])) > 0
+
+
+def test_a_relative_config_file_is_found_from_another_folder(tmp_path, monkeypatch):
+    # `facecluster train -c configs/smoke.yaml`, as `facecluster --help` shows it, said
+    # "config file not found" anywhere but the project root; data.root did not
+    monkeypatch.chdir(tmp_path)
+    assert load_config(["configs/smoke.yaml"]).data.batch_size == load_config(SMOKE).data.batch_size
+    (tmp_path / "configs").mkdir()  # one in the working dir comes first
+    (tmp_path / "configs" / "smoke.yaml").write_text(
+        SMOKE.read_text().replace("batch_size:", "batch_size: 3 #", 1)
+    )
+    assert load_config(["configs/smoke.yaml"]).data.batch_size == 3
+    with pytest.raises(ConfigError, match="config file not found: configs/nope.yaml"):
+        load_config(["configs/nope.yaml"])
