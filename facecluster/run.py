@@ -78,9 +78,6 @@ REFUSED = "refused.json"
 EMPTY_LOCK_AGE = 10.0
 """Seconds after which an empty lock (an earlier facecluster's, whose process failed
 while writing it) is taken over instead of waited for."""
-TAKEOVER_AGE = 10.0
-"""Seconds after which a stale lock's takeover mark (left by a process killed in the
-instant it held it) is removed."""
 JOB_ENV = "FACECLUSTER_JOB"
 """Set in the processes the launchers start (the job's name): they read the run's
 config and never rewrite it."""
@@ -1056,26 +1053,56 @@ def _remove_stale(path: Path, stale: dict[str, Any]) -> None:
 
     Two processes that judged the same lock stale must not both take it over. One
     process at a time removes a lock: the one that created its takeover mark
-    (``.running.json.takeover``, exclusively), which reads the lock again under it and
-    removes it only if it is still the stale one. A live lock is never moved or removed
-    by another process. (The version before renamed the lock aside and put it back if
-    it was live: a third process could link its own lock in that gap, and it and the
-    live holder both held it.) The others return at once and read the lock again; a
-    mark left by a process killed while it held it (a read and an unlink) is removed
-    after :data:`TAKEOVER_AGE`."""
+    (``.running.json.takeover``, exclusively, naming that process as a lock does), which
+    reads the lock again under it and removes it only if it is still the stale one. A
+    live lock is never moved or removed by another process. (The version before
+    renamed the lock aside and put it back if it was live: a third process could link
+    its own lock in that gap, and it and the live holder both held it.) The others
+    return at once and read the lock again. A mark is taken away only when its process
+    is gone (killed in the instant it held it), as a lock is, never for its age: a
+    holder held up on a slow file system keeps it."""
     mark = path.with_name(f".{path.name}.takeover")
-    try:
-        os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        if _age(mark) > TAKEOVER_AGE:
-            mark.unlink(missing_ok=True)
+    me = _lock_owner()
+    if not _create_whole(mark, json.dumps(me)):
+        held = _read_json(mark)
+        if (held and _lock_is_stale(held, me)) or (not held and _age(mark) > EMPTY_LOCK_AGE):
+            _unlink_if(mark, held)
         time.sleep(0.05)  # another process is taking it over: read the lock again
         return
     try:
         if _read_json(path) == stale and (stale or _age(path) > EMPTY_LOCK_AGE):
             path.unlink(missing_ok=True)
     finally:
-        mark.unlink(missing_ok=True)
+        _unlink_if(mark, me)
+
+
+def _create_whole(path: Path, text: str) -> bool:
+    """Create ``path`` holding ``text`` unless it exists (False): written to a file of its
+    own, then linked to ``path`` (os.link fails if it exists, on NFS too), so that it is
+    never seen empty; where hard links are refused (an object-store mount), created at
+    once and written."""
+    record = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        record.write_text(text)
+        try:
+            os.link(record, path)
+        except FileExistsError:
+            return False
+        except OSError:
+            try:
+                with open(path, "x") as f:
+                    f.write(text)
+            except FileExistsError:
+                return False
+        return True
+    finally:
+        record.unlink(missing_ok=True)
+
+
+def _unlink_if(path: Path, record: dict[str, Any]) -> None:
+    """Remove ``path`` if it still holds ``record``."""
+    if _read_json(path) == record:
+        path.unlink(missing_ok=True)
 
 
 def _lock_is_stale(other: dict[str, Any], me: dict[str, Any]) -> bool:
