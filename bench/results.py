@@ -37,6 +37,7 @@ from typing import Any
 from facecluster.cli import exit_process
 from facecluster.config import load_config
 from facecluster.evaluation import source_digest
+from facecluster.models.components.heads import default_margin
 from facecluster.run import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,20 +90,11 @@ def setup(configs: list[str], overrides: list[str]) -> dict[str, Any]:
         "embedding_dim": cfg.model.embedding_dim,
         "head": cfg.head.name,
         "s": cfg.head.s,
-        "m": cfg.head.m if cfg.head.m is not None else _default_margin(cfg.head.name),
+        "m": cfg.head.m if cfg.head.m is not None else default_margin(cfg.head.name),
         "stage1_epochs": cfg.stage_epochs(1),
         "stage2_epochs": cfg.stage_epochs(2),
         "num_clusters": cfg.clustering.num_clusters,
     }
-
-
-def _default_margin(head: str) -> float:
-    """The margin a head takes when ``head.m`` is not given."""
-    import inspect
-
-    from facecluster.models.components.heads import HEADS
-
-    return inspect.signature(HEADS[head]).parameters["m"].default
 
 
 def train_and_evaluate(

@@ -156,8 +156,8 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except BadImageError as e:  # a damaged data set, found by a loader: bad input
-        # from a DataLoader worker the message holds the worker's traceback: its last line
-        message = str(e).strip().splitlines()[-1].split("BadImageError: ", 1)[-1]
+        # from a DataLoader worker the message holds the worker's traceback: what follows it
+        message = str(e).rsplit("BadImageError: ", 1)[-1].strip()
         print(f"error: {message}", file=sys.stderr)
         for note in getattr(e, "__notes__", ()):  # how to continue the run
             print(note.lstrip("\n"), file=sys.stderr)

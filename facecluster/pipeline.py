@@ -154,7 +154,9 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
                 try:
                     return _two_stages(_Run(cfg, dm, folder, logger, [*callbacks, hint]))
                 except BadImageError as e:  # found by a loader: the run folder exists now
-                    e.add_note(resume_hint(folder.path, cfg.stage, "once the data is repaired"))
+                    if not os.environ.get(JOB_ENV):  # a stage-2 job: its launcher says how
+                        why = "once the data is repaired"
+                        e.add_note(resume_hint(folder.path, cfg.stage, why))
                     raise
 
 

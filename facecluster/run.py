@@ -159,13 +159,13 @@ RESUME_FIXED_KEYS = (
 SETTLED_KEYS = (
     "data.batch_size",
     "head",
-    "trainer.precision",
     "trainer.accumulate_grad_batches",
     "trainer.gradient_clip_val",
 )
 """What shaped a finished run's weights beyond :data:`RESUME_FIXED_KEYS`, the epochs
 and the optimizers: a resume with nothing left to train refuses a change of them,
-which its ``config.yaml`` would record for weights trained otherwise."""
+which its ``config.yaml`` would record for weights trained otherwise. Compared as they
+act (:func:`_settled`): an unset margin is the head's own, no accumulation is 1."""
 
 SPEED_OPTIONS = {"compile": False, "channels_last": False}
 """``model`` keys a resume may change: how the network runs, not what it is."""
@@ -185,9 +185,9 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     """The facecluster metadata of a checkpoint; a clear error for anything else."""
     try:
         ckpt = load_plain(path, what="checkpoint", mmap=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # no checkpoint at all (README.md), or a damaged one
         raise ConfigError(
-            f"resume={path} is neither a run folder nor a facecluster checkpoint: {e}"
+            f"resume={path} is not a run folder, and it cannot be read as a checkpoint: {e}"
         ) from None
     if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt:
         raise ConfigError(
@@ -477,7 +477,8 @@ class RunFolder:
             )
         else:
             trained = self.has_stage_summary(1)
-        if trained and cfg.stage2.subnets is None:
+        # named sub-nets train again with new settings; a single model has none to name
+        if trained and (cfg.stage2.subnets is None or not cfg.two_stage):
             if cfg.two_stage and cfg.stage_epochs(2) != saved.stage_epochs(2):
                 changed.append(
                     f"{cfg.stage_epochs(2)} stage-2 epochs (the sub-nets trained "
@@ -492,16 +493,21 @@ class RunFolder:
                 f"{key}={now!r} (the run trained with {'it unset' if was is None else repr(was)})"
                 for settled in SETTLED_KEYS
                 for key, was, now in _differences(
-                    settled, _select(old, settled), _select(new, settled)
+                    settled, _settled(saved, old, settled), _settled(cfg, new, settled)
                 )
             ]
         if changed:
+            again = (
+                "to train sub-nets again with new settings name them (stage2.subnets=[...]); "
+                "for a new clustering start a new run"
+                if cfg.two_stage
+                else "for other settings start a new run"
+            )
             raise ConfigError(
                 f"resume={resume}: {self.path} has done this already and will not do it "
                 f"again, so these would change nothing but the run's record: "
-                f"{'; '.join(changed)}. Leave them unset; to train sub-nets again with new "
-                "settings name them (stage2.subnets=[...]); for a new clustering start a new "
-                "run"
+                f"{'; '.join(changed)}. Leave them unset (data.eval_batch_size sets the "
+                f"evaluation's batch size); {again}"
             )
 
     def _started_optim(self, cfg: Config) -> tuple[str, ...]:
@@ -1391,6 +1397,22 @@ def _refuse_contradictions(
                 "and networks) on its own held-out split; leave these unset."
             )
         )
+
+
+def _settled(cfg: Config, values: dict[str, Any], key: str) -> Any:
+    """A :data:`SETTLED_KEYS` value as it acts: an unset value is what it means (the
+    head's own margin, no accumulation, no clipping), so writing it out changes nothing."""
+    value = _select(values, key)
+    if key == "head":
+        from facecluster.models.components.heads import default_margin
+
+        margin = default_margin(cfg.head.name) if value["m"] is None else value["m"]
+        return {**value, "m": margin}
+    if key == "trainer.accumulate_grad_batches":
+        return 1 if value is None else value
+    if key == "trainer.gradient_clip_val":
+        return None if value in (None, 0, 0.0) else value
+    return value
 
 
 def _differences(key: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:

@@ -554,7 +554,7 @@ def test_broken_evaluation_faces_are_left_out_of_the_table_calibration_and_thres
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_damaged_data_set_found_in_training_ends_in_one_error_and_the_resume_command(
-    tmp_path, capsys, workers
+    tmp_path, capsys, monkeypatch, workers
 ):
     # too many broken images in a split are found by a loader, after the run folder is
     # made: train.py printed two chained tracebacks and exit 1, and the same command
@@ -577,3 +577,10 @@ def test_a_damaged_data_set_found_in_training_ends_in_one_error_and_the_resume_c
     assert str(root) in error  # the culprit named
     assert err.rstrip().endswith(f"python train.py resume={tmp_path / 'run'}")
     assert "once the data is repaired: continue the run" in err
+    # a stage-2 job gives no command of its own (its stage=2 would never assemble the
+    # run): its launcher's error says how to continue
+    monkeypatch.setenv("FACECLUSTER_JOB", "subnets-0")
+    again = smoke_overrides(tmp_path / "job", f"data.root={root}", "logger=none")
+    assert train_main(["-c", str(SMOKE), *again]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "continue the run" not in err and "Traceback" not in err

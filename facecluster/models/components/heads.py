@@ -23,6 +23,7 @@ the same order as the margin itself.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -38,7 +39,7 @@ from .partial_fc import (
     sharded_cross_entropy,
 )
 
-__all__ = ["HEADS", "ArcFace", "CosFace", "MarginHead", "create_head"]
+__all__ = ["HEADS", "ArcFace", "CosFace", "MarginHead", "create_head", "default_margin"]
 
 # Floor of 1 - cos^2 inside the sqrt: the derivative of sqrt is infinite at 0, which
 # turned into NaN gradients for an embedding exactly on its class centre.
@@ -339,6 +340,11 @@ class CosFace(MarginHead):
 
 
 HEADS: dict[str, type[MarginHead]] = {"arcface": ArcFace, "cosface": CosFace}
+
+
+def default_margin(name: str) -> float:
+    """The margin of head ``name`` when ``head.m`` is unset (0.5 for ArcFace)."""
+    return inspect.signature(HEADS[name]).parameters["m"].default
 
 
 def create_head(
