@@ -800,21 +800,35 @@ class RunFolder:
             yield
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        # written whole, then linked to the lock's name (_create_whole): a write that
-        # fails (a full disk) leaves no empty lock
+        # the record is written whole, then linked to the lock's name (os.link fails if
+        # it exists, on NFS too): a write that fails (a full disk) leaves no empty lock
+        record = path.with_name(f".{RUNNING}.{os.getpid()}")
         mine = {**me, **(extra or {})}
         text = json.dumps(mine)
-        while True:
-            if _create_whole(path, text):
-                break
-            other = _read_json(path)
-            if not other:  # gone since, or empty: left by an earlier facecluster
-                _remove_stale(path, other)  # if still empty, after EMPTY_LOCK_AGE
-                time.sleep(0.1)
-                continue
-            if not _lock_is_stale(other, me):
-                self._refuse_held(path, me, other, busy)
-            _remove_stale(path, other)
+        try:
+            record.write_text(text)
+            while True:
+                try:
+                    os.link(record, path)
+                    break
+                except FileExistsError:
+                    other = _read_json(path)
+                except OSError:  # no hard links (an object-store mount): create it at once
+                    try:
+                        with open(path, "x") as f:
+                            f.write(text)
+                        break
+                    except FileExistsError:
+                        other = _read_json(path)
+                if not other:  # gone since, or empty: left by an earlier facecluster
+                    _remove_stale(path, other)  # if still empty, after EMPTY_LOCK_AGE
+                    time.sleep(0.1)
+                    continue
+                if not _lock_is_stale(other, me):
+                    self._refuse_held(path, me, other, busy)
+                _remove_stale(path, other)
+        finally:
+            record.unlink(missing_ok=True)
         if check is not None:
             try:  # taken: let go again on any failure before it is marked checked
                 check(refused, me, mine)
@@ -1073,7 +1087,7 @@ def _create_whole(path: Path, text: str) -> bool:
     own, then linked to ``path`` (os.link fails if it exists, on NFS too), so that it is
     never seen empty; where hard links are refused (an object-store mount), created at
     once and written."""
-    record = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    record = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     try:
         record.write_text(text)
         try:
