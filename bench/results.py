@@ -36,8 +36,8 @@ from typing import Any
 
 from facecluster.cli import exit_process
 from facecluster.config import load_config
-from facecluster.evaluation import source_digest
 from facecluster.models.components.heads import default_margin
+from facecluster.results import source_digest
 from facecluster.run import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -53,7 +52,7 @@ from facecluster.io import atomic_torch_save, load_plain, replacing_together
 from facecluster.loggers import wandb_run
 from facecluster.models.components import load_backbone
 from facecluster.plots import alpha_plot, class_means_plot, top_m_plot
-from facecluster.results import markdown_table
+from facecluster.results import markdown_table, provenance
 from facecluster.run import RunFolder
 from facecluster.timing import Timing, time_interleaved
 
@@ -552,19 +551,6 @@ def _flat(row: Row) -> dict[str, Any]:
     }
 
 
-def source_digest() -> str:
-    """A digest of facecluster's Python source (the package and its callbacks): which
-    code evaluated a run. Not the git commit: a commit of docs or of the results
-    themselves changes no evaluation."""
-    package = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for folder in (package, package.parent / "callbacks"):
-        for path in sorted(folder.rglob("*.py")) if folder.is_dir() else ():
-            digest.update(str(path.relative_to(package.parent)).encode() + b"\0")
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def _write(
     report: RunEvaluation, run: RunFolder, cfg: Config, overrides: list[str]
 ) -> RunEvaluation:
@@ -577,10 +563,10 @@ def _write(
         "decision": report.decision,
         "batch_size": cfg.eval.batch_size,
         "torch_threads": torch.get_num_threads(),
-        # what made these numbers: a table is only comparable with one of the same code
-        # and overrides (bench/results.py evaluates again otherwise)
+        # what made these numbers: a table is only comparable with one of the same code,
+        # overrides and machine (bench/results.py evaluates again when the first two differ)
         "overrides": overrides,
-        "code": source_digest(),
+        **provenance(),
     }
     # all three or none (a full disk, a kill): each through a temporary file, replaced
     # together when the block ends, results.json (what bench/results.py reads) last

@@ -2,12 +2,17 @@
 
 ``summarise`` turns the two stages' test passes into ``results.json``;
 ``markdown_table`` writes every table facecluster prints (training results and
-evaluation rows alike).
+evaluation rows alike); ``provenance`` records what made a run's numbers (the code
+and the machine) in both ``results.json`` files.
 """
 
 from __future__ import annotations
 
+import hashlib
+import platform
 from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +28,60 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: 
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def source_digest() -> str:
+    """A digest of facecluster's Python source (the package and its callbacks): which
+    code trained or evaluated a run. Not the git commit: a commit of docs or of the
+    results themselves changes no number."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for folder in (package, package.parent / "callbacks"):
+        for path in sorted(folder.rglob("*.py")) if folder.is_dir() else ():
+            digest.update(str(path.relative_to(package.parent)).encode() + b"\0")
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# the packages whose arithmetic or draws reach the weights and the tables
+_PACKAGES = ("torch", "lightning", "timm", "numpy", "faiss-cpu", "simplejpeg", "pillow")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """The machine and software that ran: CPU (and the vector instructions torch's
+    kernels use on it), GPU, Python and the packages of :data:`_PACKAGES`. Float
+    arithmetic rounds differently in other kernels, so the same seed and code can
+    train other weights on another machine (docs/TRAINING.md): compare runs whose
+    records are equal."""
+    versions: dict[str, str | None] = {"torch": torch.__version__}  # with its build: +cu130
+    for name in _PACKAGES[1:]:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "cpu": _cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "packages": versions,
+    }
+
+
+def provenance() -> dict[str, Any]:
+    """``code`` (:func:`source_digest`) and ``machine`` (:func:`machine`)."""
+    return {"code": source_digest(), "machine": machine()}
 
 
 def _majority(labels: torch.Tensor) -> float:
@@ -49,6 +108,7 @@ def summarise(
             "majority": _majority(test_labels),
             "steps": stage1["global_step"],
         },
+        **provenance(),
     }
     if assignment is None or stage2 is None:  # method=single
         return results

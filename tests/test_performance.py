@@ -19,6 +19,7 @@ from facecluster import cli
 from facecluster.builders import build_trainer, default_precision, module_args
 from facecluster.config import ConfigError, load_config
 from facecluster.models.backbone_module import BackboneSystem
+from facecluster.results import machine, source_digest
 from facecluster.run import RunFolder, _refuse_contradictions
 from tests.conftest import load_script, run_script
 
@@ -299,7 +300,8 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, 
     # not averaged in with the others: the run is evaluated again, as trained (review)
     kept = out / "smoke-pass-s2" / "eval" / "results.json"
     recorded = json.loads(kept.read_text())
-    assert recorded["overrides"] == [] and recorded["code"] is not None
+    assert recorded["overrides"] == [] and recorded["code"] == source_digest()
+    assert recorded["machine"] == machine()
     kept.write_text(json.dumps({**recorded, "overrides": ["route.top_m=2"]}))
     run_script(*command[1:])
     assert "evaluating smoke-pass-s2" in capsys.readouterr().out
