@@ -195,7 +195,41 @@ def run_summary(run: Path) -> dict[str, Any]:
         "decision": evaluation.get("decision", {}),
         "training_images": _training_images(run),
         "batch_size": evaluation["batch_size"],  # of the img/s column
+        # where it trained: the same seed trains other weights on other kernels
+        "machine": json.loads((run / "results.json").read_text()).get("machine"),
     }
+
+
+def machine_name(machine: dict[str, Any] | None) -> str:
+    """A run's training machine in words (its ``results.json`` ``machine``)."""
+    if not machine:
+        return "not recorded (runs trained before 2026-12-02)"
+    gpu = f", {machine['gpu']}" if machine.get("gpu") else ""
+    torch_version = machine["packages"]["torch"]
+    return f"{machine['cpu']} ({machine['cpu_capability']} kernels{gpu}), torch {torch_version}"
+
+
+def machines(runs: dict[str, dict[Any, dict[str, Any]]]) -> list[str]:
+    """The page's lines on where the runs trained: runs per machine, and the seeds whose
+    runs trained on different machines (their paired differences mix the two)."""
+    count: dict[str, int] = {}
+    by_seed: dict[Any, set[str]] = {}
+    for by in runs.values():
+        for seed, summary in by.items():
+            name = machine_name(summary.get("machine"))
+            count[name] = count.get(name, 0) + 1
+            if summary.get("machine"):
+                by_seed.setdefault(seed, set()).add(name)
+    runs_on = [f"{name}: {n} run{'s' * (n > 1)}" for name, n in count.items()]
+    lines = [f"Trained on: {'; '.join(runs_on)}."]
+    mixed = sorted(str(s) for s, names in by_seed.items() if len(names) > 1)
+    if mixed:
+        seeds = f"Seeds {', '.join(mixed)} have" if len(mixed) > 1 else f"Seed {mixed[0]} has"
+        lines.append(
+            f"{seeds} runs trained on different machines: the paired differences on "
+            f"{'them' if len(mixed) > 1 else 'it'} include the machines'."
+        )
+    return lines
 
 
 def interval(values: list[float]) -> dict[str, float | None]:
@@ -321,6 +355,8 @@ def render(result: dict[str, Any], command: str) -> str:
         f"network for all {sum(epochs)}. K={shared['num_clusters']} clusters. Seeds: {seeds}."
     )
     lines += ["", *textwrap.wrap(sentence, 86), ""]
+    for line in machines(result["runs"]):
+        lines += [*textwrap.wrap(line, 86), ""]
     variants = result.get("variants", {})
     if variants:
         lines += ["Variants (their name, then the method and the overrides):", ""]
