@@ -165,6 +165,18 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except KeyboardInterrupt:  # outside a Trainer (Lightning's own ends in exit 1)
         print("interrupted", file=sys.stderr)  # local stage-2 jobs: the hint came first
         return 130
+    except RuntimeError as e:
+        if not _peer_stopped(e):
+            raise
+        # Another DDP process stopped (a broken image under data.on_bad_image=fail, an
+        # error of its own) and said why; gloo then fails this one's next collective, a
+        # traceback of 100 lines after that process's one-line error
+        print(
+            "error: another process of this run stopped first (its error is above); "
+            "this one stopped with it",
+            file=sys.stderr,
+        )
+        return 1
     except SystemExit as e:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -179,6 +191,19 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     finally:
         _close_process_group()
     return 0
+
+
+def _peer_stopped(error: RuntimeError) -> bool:
+    """Whether ``error`` is gloo's word that another process of this DDP run has gone
+    (under NCCL, Lightning's launcher ends the others when one of its processes fails)."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return (
+        dist.is_available()
+        and dist.is_initialized()
+        and ("Connection closed by peer" in text or "Connection reset by peer" in text)
+    )
 
 
 def _close_process_group() -> None:

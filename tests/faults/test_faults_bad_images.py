@@ -584,3 +584,41 @@ def test_a_damaged_data_set_found_in_training_ends_in_one_error_and_the_resume_c
     assert train_main(["-c", str(SMOKE), *again]) == 2
     err = capsys.readouterr().err
     assert "error: " in err and "continue the run" not in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_under_ddp_the_process_that_finds_a_broken_image_says_so_and_the_other_stops_in_a_line(
+    tmp_path,
+):
+    # data.on_bad_image=fail on 2 gloo processes: the broken image is in one process's
+    # shard. That one printed its error and the resume command; the other printed a
+    # 100-line gloo traceback ("Connection closed by peer") after it
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    root = tmp_path / "faces"
+    for person in sorted(p for p in DEMO.iterdir() if p.is_dir())[:12]:
+        shutil.copytree(person, root / person.name)
+    broken = sorted(root.glob("*/*.jpg"))[5]
+    broken.write_bytes(b"not a jpeg")
+    overrides = smoke_overrides(
+        tmp_path, f"data.root={root}", "data.on_bad_image=fail", "logger=none", "stage=1"
+    )
+    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    done = subprocess.run(
+        [sys.executable, "train.py", "-c", str(SMOKE), *overrides, *ddp],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode in (1, 2), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = re.findall(r"error: [^\r\n]*", done.stderr)
+    assert len(errors) == 2, errors
+    assert any(f"cannot decode {broken}" in e and "on_bad_image=fail" in e for e in errors)
+    assert any(e.startswith("error: another process of this run stopped first") for e in errors)
+    assert f"python train.py resume={tmp_path / 'run'}" in done.stderr
