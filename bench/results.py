@@ -196,33 +196,43 @@ def run_summary(run: Path) -> dict[str, Any]:
         "training_images": _training_images(run),
         "batch_size": evaluation["batch_size"],  # of the img/s column
         # where it trained: the same seed trains other weights on other kernels
-        "machine": json.loads((run / "results.json").read_text()).get("machine"),
+        "trained_on": [
+            made["machine"]
+            for made in json.loads((run / "results.json").read_text()).get("trained_by", [])
+        ],
     }
 
 
-def machine_name(machine: dict[str, Any] | None) -> str:
-    """A run's training machine in words (its ``results.json`` ``machine``)."""
-    if not machine:
+def machine_name(trained_on: list[dict[str, Any]] | None) -> str:
+    """Where a run trained, in words (its ``results.json`` ``trained_by``): each machine
+    its stages ran on."""
+    if not trained_on:
         return "not recorded (runs trained before 2026-12-02)"
-    gpu = f", {machine['gpu']}" if machine.get("gpu") else ""
-    torch_version = machine["packages"]["torch"]
-    return f"{machine['cpu']} ({machine['cpu_capability']} kernels{gpu}), torch {torch_version}"
+    names = []
+    for machine in trained_on:
+        gpu = f", {machine['gpu']}" if machine.get("gpu") else ""
+        packages = ", ".join(f"{k} {v}" for k, v in machine["packages"].items() if v)
+        names.append(
+            f"{machine['cpu']} ({machine['cpu_capability']} kernels{gpu}), Python "
+            f"{machine['python']}, {packages}"
+        )
+    return " and ".join(names)
 
 
 def machines(runs: dict[str, dict[Any, dict[str, Any]]]) -> list[str]:
     """The page's lines on where the runs trained: runs per machine, and the seeds whose
     runs trained on different machines (their paired differences mix the two)."""
     count: dict[str, int] = {}
-    by_seed: dict[Any, set[str]] = {}
+    by_seed: dict[int, set[str]] = {}
     for by in runs.values():
         for seed, summary in by.items():
-            name = machine_name(summary.get("machine"))
+            name = machine_name(summary.get("trained_on"))
             count[name] = count.get(name, 0) + 1
-            if summary.get("machine"):
-                by_seed.setdefault(seed, set()).add(name)
+            if summary.get("trained_on"):
+                by_seed.setdefault(int(seed), set()).add(name)
     runs_on = [f"{name}: {n} run{'s' * (n > 1)}" for name, n in count.items()]
     lines = [f"Trained on: {'; '.join(runs_on)}."]
-    mixed = sorted(str(s) for s, names in by_seed.items() if len(names) > 1)
+    mixed = [str(s) for s, names in sorted(by_seed.items()) if len(names) > 1]
     if mixed:
         seeds = f"Seeds {', '.join(mixed)} have" if len(mixed) > 1 else f"Seed {mixed[0]} has"
         lines.append(

@@ -53,7 +53,7 @@ from facecluster.launch import (
 from facecluster.loggers import build_logger, check_wandb_server, finish_logger
 from facecluster.models.backbone_module import BackboneSystem
 from facecluster.models.subnets_module import SubnetSystem
-from facecluster.results import summarise, training_table
+from facecluster.results import provenance, summarise, trained_by, training_table
 from facecluster.run import (
     JOB_ENV,
     RUN_DIR_ENV,
@@ -308,6 +308,7 @@ def fit_stage1(
         "global_step": trainer.global_step,
         "test_acc": test["test/acc"],
         "epochs": trainer.current_epoch,
+        **provenance(),  # where and by which code stage 1 trained
     }
     run.folder.save_stage_summary(1, summary)
     return model, summary
@@ -452,6 +453,7 @@ def _fit_job(
     _drop_optimizer_state(trainer)
     # a job continued after a kill while it saved: the sub-nets it saved stay untouched
     saved = folder.subnet_records() if is_global_zero() else {}
+    made = provenance()  # a stage-2 job may run on another machine than stage 1
     for k in subnets:
         backbone, head = model.subnet_state(k)  # every rank: it gathers a sharded head
         if k in saved:
@@ -466,6 +468,7 @@ def _fit_job(
             "test_acc": float(test[f"test/acc_subnet{k}"]),
             "test_correct": correct,
             "test_images": total,
+            **made,
         }
         folder.save_subnet(k, backbone, head, record)
     trainer.strategy.barrier("sub-nets saved")  # every rank may assemble next
@@ -497,6 +500,7 @@ def _assemble(
             "global_step": max(r["global_step"] for r in records.values()),
             "epochs": max(r["epochs"] for r in records.values()),
             "jobs": sorted({r["job"] for r in records.values()}),
+            "trained_by": trained_by(records.values()),
             "test": {
                 "test/acc": correct / max(1, images),
                 **{f"test/acc_subnet{k}": r["test_acc"] for k, r in records.items()},

@@ -3,14 +3,14 @@
 ``summarise`` turns the two stages' test passes into ``results.json``;
 ``markdown_table`` writes every table facecluster prints (training results and
 evaluation rows alike); ``provenance`` records what made a run's numbers (the code
-and the machine) in both ``results.json`` files.
+and the machine): where each stage trained and where it was evaluated.
 """
 
 from __future__ import annotations
 
 import hashlib
 import platform
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -60,10 +60,10 @@ def _cpu_name() -> str:
 
 def machine() -> dict[str, Any]:
     """The machine and software that ran: CPU (and the vector instructions torch's
-    kernels use on it), GPU, Python and the packages of :data:`_PACKAGES`. Float
-    arithmetic rounds differently in other kernels, so the same seed and code can
-    train other weights on another machine (docs/TRAINING.md): compare runs whose
-    records are equal."""
+    kernels use on it), the GPU this process used (none unless it started CUDA),
+    Python and the packages of :data:`_PACKAGES`. Float arithmetic rounds differently
+    in other kernels, so the same seed and code can train other weights on another
+    machine (docs/TRAINING.md): compare runs whose records are equal."""
     versions: dict[str, str | None] = {"torch": torch.__version__}  # with its build: +cu130
     for name in _PACKAGES[1:]:
         try:
@@ -73,15 +73,29 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": _cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_initialized() else None,
         "python": platform.python_version(),
         "packages": versions,
     }
 
 
 def provenance() -> dict[str, Any]:
-    """``code`` (:func:`source_digest`) and ``machine`` (:func:`machine`)."""
+    """``code`` (:func:`source_digest`) and ``machine`` (:func:`machine`): what stage
+    1's summary, each sub-net's record and each evaluation record of the process that
+    made them."""
     return {"code": source_digest(), "machine": machine()}
+
+
+def trained_by(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The distinct :func:`provenance` of ``records`` (stage 1's summary, sub-nets'
+    records), in order; records written before provenance was kept give none."""
+    found: list[dict[str, Any]] = []
+    for record in records:
+        if "machine" in record:
+            made = {"code": record["code"], "machine": record["machine"]}
+            if made not in found:
+                found.append(made)
+    return found
 
 
 def _majority(labels: torch.Tensor) -> float:
@@ -108,7 +122,9 @@ def summarise(
             "majority": _majority(test_labels),
             "steps": stage1["global_step"],
         },
-        **provenance(),
+        # where and by which code stage 1 and the sub-nets trained (a stage-2 job, an
+        # assemble job, a resume may each run elsewhere)
+        "trained_by": trained_by([stage1, *(stage2 or {}).get("trained_by", [])]),
     }
     if assignment is None or stage2 is None:  # method=single
         return results

@@ -14,7 +14,7 @@ from facecluster.builders import check_trainer
 from facecluster.clustering import ClusterAssignment, cluster_identities
 from facecluster.config import ConfigError, load_config
 from facecluster.pipeline import train
-from facecluster.results import source_digest
+from facecluster.results import machine, source_digest
 from facecluster.run import RunFolder
 from tests.conftest import DEMO, SMOKE, smoke_overrides
 
@@ -68,10 +68,14 @@ def test_run_folder_holds_config_checkpoints_clusters_and_results(finished_run):
     assert load_config(run / "config.yaml").data.max_classes == 12
     results = json.loads((run / "results.json").read_text())
     assert results["identities"] == 12 and len(results["subnets"]) == 3
-    # what made the numbers: the same seed trains other weights on other kernels
-    assert results["code"] == source_digest()
-    assert results["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert results["machine"]["packages"]["torch"] == torch.__version__
+    # what made the numbers, each stage's (the same seed trains other weights on other
+    # kernels): stage 1 and the sub-nets trained in this process
+    [made] = results["trained_by"]
+    assert made == {"code": source_digest(), "machine": machine()}
+    assert made["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert made["machine"]["packages"]["torch"] == torch.__version__
+    assert json.loads((run / "stage1.json").read_text())["machine"] == machine()
+    assert record["machine"] == machine() and record["code"] == source_digest()
     assert "sub-net 2, on its own cluster" in (run / "results.md").read_text()
 
 
