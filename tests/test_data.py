@@ -707,6 +707,24 @@ def test_data_package_does_not_import_models_or_clustering() -> None:
                 )
 
 
+def test_the_packer_starts_without_lightning_and_the_package_names_still_resolve() -> None:
+    # facecluster pack --help took 10 s: the package imported its data module, and
+    # with it Lightning, for a command that reads images and writes a .rec
+    import subprocess
+    import sys
+
+    import facecluster.data as data
+
+    code = "import sys, facecluster.data.pack; print('lightning' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
+    for name in data.__all__:  # each name still comes from the package
+        assert getattr(data, name) is not None, name
+    assert data.FaceDataModule.__module__ == "facecluster.data.datamodule"
+    with pytest.raises(AttributeError, match="no attribute 'NotAName'"):
+        data.NotAName  # noqa: B018
+
+
 DEVICES = [
     "cpu",
     pytest.param(
