@@ -194,8 +194,10 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def _peer_stopped(error: RuntimeError) -> bool:
-    """Whether ``error`` is gloo's word that another process of this DDP run has gone
-    (under NCCL, Lightning's launcher ends the others when one of its processes fails)."""
+    """Whether ``error`` is gloo's word that another process of this DDP run has gone.
+    (Under NCCL no collective fails at once: Lightning's launcher in rank 0 kills every
+    process within 5 s of one it started failing; when rank 0 fails first, the others
+    wait for the collective's timeout.)"""
     import torch.distributed as dist
 
     text = str(error)

@@ -566,7 +566,7 @@ def _write(
         # what made these numbers: a table is only comparable with one of the same code,
         # overrides and machine (bench/results.py evaluates again when the first two differ)
         "overrides": overrides,
-        **provenance(),
+        **provenance(eval_device(cfg)),
     }
     # all three or none (a full disk, a kill): each through a temporary file, replaced
     # together when the block ends, results.json (what bench/results.py reads) last

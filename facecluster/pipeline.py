@@ -308,7 +308,7 @@ def fit_stage1(
         "global_step": trainer.global_step,
         "test_acc": test["test/acc"],
         "epochs": trainer.current_epoch,
-        **provenance(),  # where and by which code stage 1 trained
+        **provenance(trainer.strategy.root_device),  # where and by which code it trained
     }
     run.folder.save_stage_summary(1, summary)
     return model, summary
@@ -453,7 +453,8 @@ def _fit_job(
     _drop_optimizer_state(trainer)
     # a job continued after a kill while it saved: the sub-nets it saved stay untouched
     saved = folder.subnet_records() if is_global_zero() else {}
-    made = provenance()  # a stage-2 job may run on another machine than stage 1
+    # a stage-2 job may run on another machine than stage 1
+    made = provenance(trainer.strategy.root_device)
     for k in subnets:
         backbone, head = model.subnet_state(k)  # every rank: it gathers a sharded head
         if k in saved:

@@ -58,12 +58,13 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine() -> dict[str, Any]:
+def machine(device: torch.device | str | None = None) -> dict[str, Any]:
     """The machine and software that ran: CPU (and the vector instructions torch's
-    kernels use on it), the GPU this process used (none unless it started CUDA),
+    kernels use on it), the GPU of ``device`` (the one the work ran on; None: a CPU),
     Python and the packages of :data:`_PACKAGES`. Float arithmetic rounds differently
     in other kernels, so the same seed and code can train other weights on another
     machine (docs/TRAINING.md): compare runs whose records are equal."""
+    device = torch.device(device) if device is not None else None
     versions: dict[str, str | None] = {"torch": torch.__version__}  # with its build: +cu130
     for name in _PACKAGES[1:]:
         try:
@@ -73,17 +74,21 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": _cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_initialized() else None,
+        "gpu": (
+            torch.cuda.get_device_name(device)
+            if device is not None and device.type == "cuda"
+            else None
+        ),
         "python": platform.python_version(),
         "packages": versions,
     }
 
 
-def provenance() -> dict[str, Any]:
-    """``code`` (:func:`source_digest`) and ``machine`` (:func:`machine`): what stage
-    1's summary, each sub-net's record and each evaluation record of the process that
-    made them."""
-    return {"code": source_digest(), "machine": machine()}
+def provenance(device: torch.device | str | None = None) -> dict[str, Any]:
+    """``code`` (:func:`source_digest`) and ``machine`` (:func:`machine` of ``device``):
+    what stage 1's summary, each sub-net's record and each evaluation record of the
+    process that finished them (a part resumed elsewhere names the last)."""
+    return {"code": source_digest(), "machine": machine(device)}
 
 
 def trained_by(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

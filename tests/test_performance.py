@@ -311,7 +311,7 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, 
     kept = out / "smoke-pass-s2" / "eval" / "results.json"
     recorded = json.loads(kept.read_text())
     assert recorded["overrides"] == [] and recorded["code"] == source_digest()
-    assert recorded["machine"] == machine()
+    assert recorded["machine"] == machine("cuda" if torch.cuda.is_available() else None)
     kept.write_text(json.dumps({**recorded, "overrides": ["route.top_m=2"]}))
     run_script(*command[1:])
     assert "evaluating smoke-pass-s2" in capsys.readouterr().out
