@@ -460,8 +460,8 @@ class RunFolder:
         clustering's settings once ``clusters.pt`` exists; once every network is trained
         (unless ``stage2.subnets`` names sub-nets to train again), stage 2's epochs and
         epoch size and what shaped the weights (:data:`SETTLED_KEYS`: the batch size, the
-        margin head, the precision). They changed nothing, but the run's ``config.yaml``
-        then recorded them, misdescribing its weights."""
+        margin head, gradient accumulation and clipping). They changed nothing, but the
+        run's ``config.yaml`` then recorded them, misdescribing its weights."""
         old, new = saved.to_dict(), cfg.to_dict()
         changed = []
         if cfg.two_stage and self.clusters_path.is_file():
