@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -279,7 +282,68 @@ def build_trainer(
     # the epoch's batches depend on the world size, which the Trainer decides
     if batches is not None and _fit_epoch(kwargs, batches(made.world_size), stage):
         made = trainer()
+    if isinstance(getattr(made.strategy.launcher, "procs", None), list):
+        _LAUNCHERS.append(made.strategy.launcher)
     return made
+
+
+_LAUNCHERS: list[Any] = []
+"""The Lightning launchers of this process's Trainers that start processes: under
+Lightning's own DDP launcher (``trainer.devices=N``, no torchrun or srun) rank 0's first
+fit starts the other ranks as its child processes, the launcher's ``procs``."""
+
+STOP_GRACE_S = 10.0
+"""How long a failed rank 0 lets the ranks it started end on their own."""
+
+
+def stop_started_ranks(grace: float = STOP_GRACE_S) -> int:
+    """In a process that failed: end the DDP ranks its Trainer started. Returns how
+    many had to be killed.
+
+    Lightning ends every process when one it started fails, but not when rank 0 (the
+    process that started them) fails alone: a checkpoint that does not fit on its disk,
+    the clustering that it runs alone. The others then wait for it in their next
+    collective, under NCCL for the process group's timeout (30 minutes), holding their
+    GPUs after the command has returned. This closes the process group (under gloo their
+    collective then fails at once and they stop with a line), gives them ``grace``
+    seconds to end, then kills the rest (SIGKILL: a process blocked in a collective
+    does not run its signal handlers).
+    """
+    children = [proc for launcher in _LAUNCHERS for proc in launcher.procs]
+    if not children:
+        return 0
+    for launcher in _LAUNCHERS:
+        # Lightning's child-process observer watches this very list, and kills this
+        # process too when a process in it ends in an error: emptied first, it sees
+        # none of the exits below, and this process's own error and status stand
+        launcher.procs.clear()
+    close_process_group()
+    deadline = time.monotonic() + grace
+    killed = 0
+    for proc in children:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            killed += 1
+    if killed:
+        print(
+            f"note: this process failed (its error follows) and ended the {killed} other "
+            "process(es) of the run that it had started, which were waiting for it",
+            file=sys.stderr,
+            flush=True,
+        )
+    return killed
+
+
+def close_process_group() -> None:
+    """Destroy the DDP process group this process joined (Lightning leaves it): left to
+    the interpreter's exit, a gloo rank once ended in "terminate called without an
+    active exception" and exit status 134 after its work was done (a review, 1 of 5
+    runs of 2 srun tasks), which fails a SLURM step and cancels the jobs after it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def check_trainer(cfg: Config) -> None:

@@ -111,6 +111,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # overrides before and after -c alike (parse_args refused those after it, valid or not)
     args = parser.parse_intermixed_args(argv)
     try:  # torch, Lightning, timm: seconds, in which a Ctrl-C is an interrupt too
+        from facecluster.builders import close_process_group
         from facecluster.data import BadImageError
         from facecluster.evaluation import eval_device, evaluate_runs
         from facecluster.launch import JobsFailed
@@ -189,34 +190,24 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print("terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
-        _close_process_group()
+        close_process_group()
     return 0
 
 
 def _peer_stopped(error: RuntimeError) -> bool:
-    """Whether ``error`` is gloo's word that another process of this DDP run has gone.
-    (Under NCCL no collective fails at once: Lightning's launcher in rank 0 kills every
-    process within 5 s of one it started failing; when rank 0 fails first, the others
-    wait for the collective's timeout.)"""
-    import torch.distributed as dist
-
+    """Whether ``error`` is gloo's word that another process of this DDP run has gone
+    (its transport's message; the process group may be closed by now,
+    :func:`facecluster.builders.stop_started_ranks`). Not a DataLoader worker's own
+    error re-raised here, which a network filesystem's "reset by peer" can be. (Under
+    NCCL no collective fails at once: Lightning's launcher in rank 0 kills every process
+    within 5 s of one it started failing, and rank 0 ends those it started when it
+    fails itself.)"""
     text = str(error)
     return (
-        dist.is_available()
-        and dist.is_initialized()
+        "gloo" in text
+        and "DataLoader worker" not in text
         and ("Connection closed by peer" in text or "Connection reset by peer" in text)
     )
-
-
-def _close_process_group() -> None:
-    """Destroy the DDP process group this process joined (Lightning leaves it): left to
-    the interpreter's exit, a gloo rank once ended in "terminate called without an
-    active exception" and exit status 134 after its work was done (a review, 1 of 5
-    runs of 2 srun tasks), which fails a SLURM step and cancels the jobs after it."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _resume_override(overrides: list[str]) -> str | None:

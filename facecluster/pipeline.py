@@ -34,6 +34,7 @@ from facecluster.builders import (
     check_trainer,
     check_verification_sets,
     module_args,
+    stop_started_ranks,
 )
 from facecluster.callbacks import ClusteringCallback, ResumeHint
 from facecluster.callbacks.interrupt import resume_hint
@@ -103,7 +104,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
             continue a run).
         callbacks: extra Lightning callbacks added to both stages' Trainers.
     """
-    with _run_dir_for_this_run_only():
+    with _this_run_only():
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if not cfg.resume and (problems := cfg.warmup_problems()):
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
@@ -578,12 +579,18 @@ def _submit(run: _Run, clustering: ClusteringCallback | None) -> RunResult:
 
 
 @contextlib.contextmanager
-def _run_dir_for_this_run_only() -> Iterator[None]:
-    # The run folder is passed to the DDP ranks of this run in an environment
-    # variable: never leak it into the next run of the same process.
+def _this_run_only() -> Iterator[None]:
+    """What this process holds for one run, let go when the run ends: the run folder,
+    passed to the DDP ranks in an environment variable (never leaked into the next run
+    of the same process); on an error, the DDP ranks that its Trainer started, which
+    would otherwise wait for it (:func:`stop_started_ranks`; an interrupt, Ctrl-C or
+    SIGTERM, is not an error here: Lightning passes it on)."""
     inherited = os.environ.get(RUN_DIR_ENV)
     try:
         yield
+    except Exception:
+        stop_started_ranks()
+        raise
     finally:
         if inherited is None:
             os.environ.pop(RUN_DIR_ENV, None)

@@ -3,8 +3,10 @@ resume on another device count, and the class means equal a single-process pass.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -111,7 +113,7 @@ def _assert_replicas_and_shards(tmp_path, run_dir):
     assert all(ClusterAssignment.from_dict(r["assignment"]) == saved for r in ranks)
 
 
-def _ddp_train(out, *overrides, **env_extra):
+def _ddp_train(out, *overrides, timeout=480, check=True, **env_extra):
     env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
     env.update(PYTHONPATH=str(ROOT), **env_extra)
     script = ROOT / "tests" / "scripts" / "ddp_train.py"
@@ -121,9 +123,43 @@ def _ddp_train(out, *overrides, **env_extra):
         env=env,
         capture_output=True,
         text=True,
-        timeout=480,
+        timeout=timeout,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_a_rank_0_that_fails_alone_ends_the_ranks_it_started(tmp_path):
+    # Lightning's launcher ends every process when one it started fails, not when rank
+    # 0 fails alone (its disk full at a checkpoint, the clustering it runs alone): the
+    # others waited for it in their next collective, under NCCL for 30 minutes, on
+    # their GPUs, after the command had returned. Here rank 1 waits outside any gloo
+    # collective, as a rank blocked in an NCCL collective does.
+    try:
+        proc = _ddp_train(
+            tmp_path,
+            *smoke_overrides(tmp_path, "logger=none", "stage=1"),
+            "trainer.accelerator=cpu",
+            "trainer.strategy=ddp",
+            timeout=240,  # before: the command waited for rank 1's 600 s (its pipes)
+            check=False,
+            RANK0_FAILS_ALONE="1",
+        )
+        assert proc.returncode == 1, proc.stderr[-4000:]  # rank 0's error, not a kill
+        assert "RuntimeError: rank 0 fails alone (injected)" in proc.stderr
+        assert (
+            "note: this process failed (its error follows) and ended the 1 other process(es)"
+            in proc.stderr
+        ), proc.stderr[-4000:]
+        rank1 = int((tmp_path / "pid1").read_text())
+        with pytest.raises(ProcessLookupError):  # ended and reaped
+            os.kill(rank1, 0)
+    finally:
+        pid = tmp_path / "pid1"
+        if pid.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid.read_text()), signal.SIGKILL)
 
 
 class SaveAtStart(L.Callback):

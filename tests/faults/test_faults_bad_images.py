@@ -625,3 +625,21 @@ def test_under_ddp_the_process_that_finds_a_broken_image_says_so_and_the_other_s
     assert len(errors) == 1 + len(peer), errors
     assert len(peer) == 1 or (done.returncode == -9 and not peer), errors
     assert f"python train.py resume={tmp_path / 'run'}" in done.stderr
+
+
+def test_a_dataloader_workers_reset_by_peer_is_not_taken_for_a_ddp_peers_stop():
+    # train.py says "another process of this run stopped first" for gloo's message only,
+    # not for a worker's error that a network filesystem's reset put in the same words
+    from facecluster.cli import _peer_stopped
+
+    gloo = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection "
+        "closed by peer [127.0.0.1]:19089. This is typically caused by a remote worker crashing."
+    )
+    assert _peer_stopped(gloo)
+    worker = RuntimeError(
+        "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        "call last):\n  ...\nRuntimeError: read of /mnt/nfs/train.rec failed: Connection "
+        "reset by peer"
+    )
+    assert not _peer_stopped(worker)

@@ -5,10 +5,14 @@ each rank executes it whole: ``python ddp_train.py OUT_DIR key=value ...``.
 With ``resume=RUN`` among the overrides the run's own config is resumed; with the
 environment variable SAVE_AT_START=PATH, stage 1 saves a checkpoint to PATH as its
 fit starts (after any resume), for comparison with the checkpoint it resumed from.
+With RANK0_FAILS_ALONE=1, at stage 1's first epoch end each rank writes its process
+id to OUT_DIR/pid<rank>, then rank 0 raises while the others wait outside any gloo
+collective, as ranks blocked in an NCCL collective wait (for its timeout).
 """
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -28,6 +32,17 @@ class SaveAtStart(L.Callback):
             trainer.save_checkpoint(self.path)  # every rank takes part
 
 
+class Rank0FailsAlone(L.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        (self.out / f"pid{trainer.global_rank}").write_text(str(os.getpid()))
+        if trainer.global_rank == 0:
+            raise RuntimeError("rank 0 fails alone (injected)")
+        time.sleep(600)
+
+
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
 resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
 if resume:
@@ -36,7 +51,10 @@ if resume:
 else:
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml", overrides)
 start = os.environ.get("SAVE_AT_START")
-result = train(cfg, callbacks=[SaveAtStart(start)] if start else [])
+callbacks = [SaveAtStart(start)] if start else []
+if os.environ.get("RANK0_FAILS_ALONE"):
+    callbacks.append(Rank0FailsAlone(out))
+result = train(cfg, callbacks=callbacks)
 if result.subnets is None:  # stage=1
     sys.exit(0)
 rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
