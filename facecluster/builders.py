@@ -24,6 +24,7 @@ from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvir
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_info
 
 from facecluster.callbacks import (
@@ -282,15 +283,16 @@ def build_trainer(
     # the epoch's batches depend on the world size, which the Trainer decides
     if batches is not None and _fit_epoch(kwargs, batches(made.world_size), stage):
         made = trainer()
-    if isinstance(getattr(made.strategy.launcher, "procs", None), list):
+    if isinstance(made.strategy.launcher, _SubprocessScriptLauncher):
         _LAUNCHERS.append(made.strategy.launcher)
     return made
 
 
-_LAUNCHERS: list[Any] = []
+_LAUNCHERS: list[_SubprocessScriptLauncher] = []
 """The Lightning launchers of this process's Trainers that start processes: under
-Lightning's own DDP launcher (``trainer.devices=N``, no torchrun or srun) rank 0's first
-fit starts the other ranks as its child processes, the launcher's ``procs``."""
+Lightning's own DDP launcher (``trainer.devices=N``, no torchrun or srun) the first fit
+of each node's local rank 0 starts the node's other ranks as its child processes, the
+launcher's ``procs``."""
 
 STOP_GRACE_S = 10.0
 """How long a failed rank 0 lets the ranks it started end on their own."""
@@ -317,16 +319,19 @@ def stop_started_ranks(grace: float = STOP_GRACE_S) -> int:
         # process too when a process in it ends in an error: emptied first, it sees
         # none of the exits below, and this process's own error and status stand
         launcher.procs.clear()
-    close_process_group()
-    deadline = time.monotonic() + grace
     killed = 0
-    for proc in children:
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            killed += 1
+    try:
+        close_process_group()
+        deadline = time.monotonic() + grace
+        for proc in children:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                killed += 1
+    except Exception as e:  # never in place of the error that brought this process here
+        print(f"note: the processes this one started were not all ended: {e!r}", file=sys.stderr)
     if killed:
         print(
             f"note: this process failed (its error follows) and ended the {killed} other "

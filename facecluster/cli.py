@@ -173,7 +173,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         # error of its own) and said why; gloo then fails this one's next collective, a
         # traceback of 100 lines after that process's one-line error
         print(
-            "error: another process of this run stopped first (its error is above); "
+            "error: another process of this run stopped first (its own error says why); "
             "this one stopped with it",
             file=sys.stderr,
         )
@@ -204,7 +204,7 @@ def _peer_stopped(error: RuntimeError) -> bool:
     fails itself.)"""
     text = str(error)
     return (
-        "gloo" in text
+        "gloo" in text.lower()
         and "DataLoader worker" not in text
         and ("Connection closed by peer" in text or "Connection reset by peer" in text)
     )
