@@ -412,10 +412,14 @@ def test_last_ckpt_follows_the_final_epoch_even_without_improvement(tmp_path):
 
 @pytest.mark.faults  # a row of docs/RELIABILITY.md
 @pytest.mark.timeout(300)
-def test_sigterm_ends_train_py_with_143_and_the_resume_command(tmp_path):
+@pytest.mark.parametrize("every_process", [False, True], ids=["main", "group"])
+def test_sigterm_ends_train_py_with_143_and_the_resume_command(tmp_path, every_process):
     # Lightning turns SIGTERM (scancel, a preemption, kill) into a SystemExit of no
     # code: train.py ended with status 0 and no word, a local stage-2 job so stopped
-    # was counted as finished, and a SLURM job went on from stage=1 to the clustering
+    # was counted as finished, and a SLURM job went on from stage=1 to the clustering.
+    # every_process: SIGTERM to the DataLoader workers too, as scancel, a SLURM time
+    # limit or systemd send it: the workers died of it and the run ended in exit 1,
+    # "DataLoader worker (pid ...) is killed by signal: Terminated", no resume command
     import os
     import signal
     import subprocess
@@ -429,9 +433,17 @@ def test_sigterm_ends_train_py_with_143_and_the_resume_command(tmp_path):
         sys.executable, "train.py", "-c", "configs/smoke.yaml", "logger=none", "stage=1",
         "stage1.max_epochs=500", f"output_dir={tmp_path}", "run_name=run",
     ]  # fmt: skip
+    if every_process:
+        command.append("data.num_workers=2")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACECLUSTER_")}
     proc = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=every_process,  # its process group: train.py and its workers
     )
     last = run / "stage1" / "checkpoints" / "last.ckpt"
     for _ in range(1800):
@@ -439,7 +451,10 @@ def test_sigterm_ends_train_py_with_143_and_the_resume_command(tmp_path):
             break
         time.sleep(0.1)
     assert last.is_file(), proc.communicate(timeout=60)[1][-3000:]
-    proc.send_signal(signal.SIGTERM)
+    if every_process:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert f"with\n  python train.py resume={run} stage=1\n" in err  # ResumeHint

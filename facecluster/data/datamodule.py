@@ -34,6 +34,8 @@ import hashlib
 import itertools
 import logging
 import math
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +44,7 @@ import lightning
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -613,6 +616,27 @@ def network_batches(batch, trainer: lightning.Trainer | None):
     return batch
 
 
+class WorkerStart:
+    """A DataLoader worker's start: SIGTERM ignored, then Lightning's worker seeding.
+
+    scancel, a SLURM time limit or systemd send SIGTERM to every process of the run,
+    the workers too. torch's workers die of it, and the training process then ended in
+    "DataLoader worker (pid ...) is killed by signal: Terminated" (exit 1, no resume
+    command) instead of stopping at its next batch (exit 143). The training process
+    decides; its workers end when it ends their loader, or when it is gone.
+    Lightning seeds workers (``seed_everything(workers=True)``) only in a loader
+    without a ``worker_init_fn``: this does it as Lightning would, for ``rank``.
+    """
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if int(os.environ.get("PL_SEED_WORKERS", 0)):
+            pl_worker_init_function(worker_id, rank=self.rank)
+
+
 class FaceDataModule(lightning.LightningDataModule):
     """Identity-per-folder face dataset with per-identity splits and per-cluster subsets.
 
@@ -1125,6 +1149,9 @@ class FaceDataModule(lightning.LightningDataModule):
             "pin_memory": device is not None and device.type == "cuda",
             "persistent_workers": False,
         }
+        if self.hparams.num_workers:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            kwargs["worker_init_fn"] = WorkerStart(rank)
         if self.hparams.num_workers and sys.platform == "linux":
             # forked workers share the sample and index arrays' pages; Python 3.14's
             # default, forkserver, would pickle them into every worker, every epoch
