@@ -623,7 +623,9 @@ class WorkerStart:
     the workers too. torch's workers die of it, and the training process then ended in
     "DataLoader worker (pid ...) is killed by signal: Terminated" (exit 1, no resume
     command) instead of stopping at its next batch (exit 143). The training process
-    decides; its workers end when it ends their loader, or when it is gone.
+    decides; its workers end when it ends their loader, or when it is gone. A worker
+    starts with SIGTERM blocked (:class:`FaceDataLoader`): one sent before this runs
+    waits, and is dropped here.
     Lightning seeds workers (``seed_everything(workers=True)``) only in a loader
     without a ``worker_init_fn``: this does it as Lightning would, for ``rank``.
     """
@@ -632,9 +634,28 @@ class WorkerStart:
         self.rank = rank
 
     def __call__(self, worker_id: int) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # drops one that waits
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         if int(os.environ.get("PL_SEED_WORKERS", 0)):
             pl_worker_init_function(worker_id, rank=self.rank)
+
+
+class FaceDataLoader(DataLoader):
+    """A DataLoader whose workers start with SIGTERM blocked, until :class:`WorkerStart`
+    ignores it: sent to every process while an epoch's workers were being started
+    (the moment a checkpoint is written), it killed a worker before it could ignore
+    it, and the run again ended in "DataLoader worker ... killed by signal" (once in
+    CI). The training process holds the signal while it starts them, then takes it."""
+
+    def _get_iterator(self):  # DataLoader's iterator types are private
+        if not self.num_workers or not hasattr(signal, "pthread_sigmask"):
+            return super()._get_iterator()
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class FaceDataModule(lightning.LightningDataModule):
@@ -1195,7 +1216,7 @@ class FaceDataModule(lightning.LightningDataModule):
             sampler.set_epoch(self._stage1_epoch)
         # drop_last only when there is more than one batch: a remainder could be a
         # single sample, and a subset no larger than a batch must still yield one batch
-        return DataLoader(
+        return FaceDataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=sampler is None,
@@ -1282,7 +1303,7 @@ class FaceDataModule(lightning.LightningDataModule):
             kwargs["prefetch_factor"] = STEPS_PREFETCH
         # batch_size=None: each item is a whole step, collated by SubnetSteps
         steps_data = SubnetSteps(datasets, collate)
-        return DataLoader(
+        return FaceDataLoader(
             steps_data, batch_size=None, sampler=sampler, collate_fn=collated, **kwargs
         )
 
@@ -1300,7 +1321,7 @@ class FaceDataModule(lightning.LightningDataModule):
         self, dataset: FaceImageDataset, positions: Sequence[int] | Sampler | None = None
     ) -> DataLoader:
         """``dataset`` in order (``positions``: only those of its items, in order)."""
-        return DataLoader(
+        return FaceDataLoader(
             dataset,
             batch_size=self.eval_batch_size,
             shuffle=False,
