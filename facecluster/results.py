@@ -85,9 +85,10 @@ def machine(device: torch.device | str | None = None) -> dict[str, Any]:
 
 
 def provenance(device: torch.device | str | None = None) -> dict[str, Any]:
-    """``code`` (:func:`source_digest`) and ``machine`` (:func:`machine` of ``device``):
-    what stage 1's summary, each sub-net's record and each evaluation record of the
-    process that finished them (a part resumed elsewhere names the last)."""
+    """``code`` (:func:`source_digest`) and ``machine`` (:func:`machine` of ``device``),
+    as stage 1's summary, each sub-net's record and each evaluation record keep them:
+    those of the process that finished the part (a part resumed elsewhere names the
+    last)."""
     return {"code": source_digest(), "machine": machine(device)}
 
 

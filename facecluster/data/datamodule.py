@@ -648,12 +648,12 @@ class FaceDataLoader(DataLoader):
     it, and the run again ended in "DataLoader worker ... killed by signal" (once in
     CI). The training process holds the signal while it starts them, then takes it."""
 
-    def _get_iterator(self):  # DataLoader's iterator types are private
+    def __iter__(self):  # DataLoader's iterator types are private
         if not self.num_workers or not hasattr(signal, "pthread_sigmask"):
-            return super()._get_iterator()
+            return super().__iter__()
         before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
-            return super()._get_iterator()
+            return super().__iter__()  # no persistent workers: it starts them
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
