@@ -3,7 +3,7 @@
 from facecluster.callbacks.bad_images import BadImageReport
 from facecluster.callbacks.clustering import ClusteringCallback
 from facecluster.callbacks.divergence import DivergenceCallback, DivergenceError
-from facecluster.callbacks.interrupt import ResumeHint
+from facecluster.callbacks.interrupt import ResumeHint, StopTogether
 from facecluster.callbacks.seeding import EpochSeedCallback
 from facecluster.callbacks.verification import VerificationCallback
 
@@ -14,5 +14,6 @@ __all__ = [
     "DivergenceError",
     "EpochSeedCallback",
     "ResumeHint",
+    "StopTogether",
     "VerificationCallback",
 ]

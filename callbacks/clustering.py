@@ -28,8 +28,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from facecluster.callbacks.interrupt import stop_if_terminated
 from facecluster.clustering import (
     ClusterAssignment,
     cluster_identities,
@@ -41,17 +41,6 @@ from facecluster.clustering import (
 from facecluster.data import FaceDataModule
 from facecluster.data.transforms import normalize_images
 from facecluster.models.components.partial_fc import gather_to_first
-
-
-def _stop_if_terminated(trainer: L.Trainer) -> None:
-    """Stop, as Lightning's loops do, if any rank has received SIGTERM.
-
-    The clustering runs in ``on_train_end``, after the loops that check Lightning's
-    SIGTERM flag, and the stage's test then installs a handler that clears it: a kill
-    during the class-means pass or k-means was lost, and the run trained on through
-    stage 2 and exited 0. Every rank calls this at the same point (a collective)."""
-    if trainer.strategy.reduce_boolean_decision(bool(trainer.received_sigterm), all=False):
-        raise SIGTERMException()
 
 
 class ClusteringCallback(L.Callback):
@@ -135,7 +124,9 @@ class ClusteringCallback(L.Callback):
     def cluster(self, trainer: L.Trainer, pl_module: L.LightningModule) -> ClusterAssignment:
         """The whole clustering unit; every rank must call it."""
         means = self.class_means(trainer, pl_module)
-        _stop_if_terminated(trainer)  # the pass is a forward over every training image
+        # in on_train_end, past the loops' own checks, and the stage's test would start
+        # afresh: a kill during the pass or k-means was lost (stage 2 trained, exit 0)
+        stop_if_terminated(trainer)  # the pass is a forward over every training image
         rows = None
         if self.features == "head":  # every rank sends its shard; rank 0 gets them all
             head = pl_module.head
@@ -173,7 +164,7 @@ class ClusteringCallback(L.Callback):
         del means, rows
         trainer.strategy.barrier("clustering")
         assignment = self._mapped(assignment)
-        _stop_if_terminated(trainer)  # a resume restores clusters.pt, then tests stage 1
+        stop_if_terminated(trainer)  # a resume restores clusters.pt, then tests stage 1
         self._hand_over(assignment)
         self._log(trainer, assignment)
         return assignment

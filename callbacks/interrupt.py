@@ -7,12 +7,17 @@ interrupt first (``on_exception``): :class:`ResumeHint` prints that command, onc
 from the process that started the run (not from a stage-2 job it launched, nor from
 the other DDP ranks). Local stage-2 jobs run outside any Trainer of that process: the
 pipeline prints :func:`resume_hint` when Ctrl-C stops them.
+
+SIGTERM (scancel, a time limit, a preemption, ``kill``) stops every DDP rank at the
+same batch (:class:`StopTogether`), whichever ranks received it.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +53,72 @@ class ResumeHint(L.Callback):
         if os.environ.get(self.job_env):  # a stage-2 job: its parent says it
             return
         print(resume_hint(self.run_dir, self.stage), file=sys.stderr)
+
+
+_sigterm_received = False
+"""Whether this process has received SIGTERM while a Trainer ran (:class:`StopTogether`);
+never cleared: the process is stopping."""
+
+
+def _note_sigterm(signum: int, frame: Any) -> None:
+    global _sigterm_received
+    _sigterm_received = True
+
+
+def stop_if_terminated(trainer: L.Trainer) -> None:
+    """Raise ``SIGTERMException`` on every rank if any rank has received SIGTERM. A
+    collective: every rank calls it at the same point (one all-reduce of one flag)."""
+    received = _sigterm_received or trainer.received_sigterm
+    if trainer.strategy.reduce_boolean_decision(received, all=False):
+        raise SIGTERMException()
+
+
+class StopTogether(L.Callback):
+    """SIGTERM stops every rank at the same batch, whichever ranks received it.
+
+    Lightning 2.6's handler broadcasts from rank 0 *inside the signal handler* and
+    passes the signal on only to the processes its own Trainer started. A signal to
+    rank 0 alone during stage 2 (whose Trainer started no process: stage 1's did)
+    reached no other rank, and the handler's broadcast met the other rank's next
+    collective, a gradient all-reduce: every process hung, or failed on a size
+    mismatch (exit 1, no resume command). A signal to one rank can also land while the
+    others are in a different collective than the handler's.
+
+    Once a loop has started, this callback's handler only notes the signal
+    (:data:`_sigterm_received`), and every rank asks at each batch start, training,
+    validation and test, whether any rank has noted one (:func:`stop_if_terminated`,
+    one all-reduce of one integer; Lightning already waits for the device at every
+    training step for its own broadcast of its flag, which this handler leaves
+    unset). All then raise ``SIGTERMException`` together, which Lightning's loops would
+    raise: the fit ends, :class:`ResumeHint` prints the command that continues the
+    run, and ``train.py`` exits with 143. The clustering asks at its own points
+    (:class:`facecluster.callbacks.ClusteringCallback`). A signal between Lightning's
+    handler registration and the first loop start still meets Lightning's handler.
+    """
+
+    def _listen(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers are set from the main thread only
+        if signal.getsignal(signal.SIGTERM) is not _note_sigterm:
+            signal.signal(signal.SIGTERM, _note_sigterm)  # Lightning restores its own at teardown
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._listen()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._listen()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._listen()
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._listen()
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        stop_if_terminated(trainer)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        stop_if_terminated(trainer)
+
+    def on_test_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        stop_if_terminated(trainer)

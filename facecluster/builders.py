@@ -31,6 +31,7 @@ from facecluster.callbacks import (
     BadImageReport,
     DivergenceCallback,
     EpochSeedCallback,
+    StopTogether,
     VerificationCallback,
 )
 from facecluster.checkpoint_io import AtomicCheckpointIO
@@ -253,6 +254,7 @@ def build_trainer(
         # Stops a NaN/Inf loss before the epoch-end save could overwrite "last".
         DivergenceCallback(stage, checkpoint=run.last_checkpoint(stage, job)),
         BadImageReport(),
+        StopTogether(),  # SIGTERM to any rank stops them all at one batch
         *callbacks,
     ]
     if logger is not None:

@@ -25,6 +25,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from facecluster.builders import (
     backbone_parameters,
@@ -583,12 +584,15 @@ def _this_run_only() -> Iterator[None]:
     """What this process holds for one run, let go when the run ends: the run folder,
     passed to the DDP ranks in an environment variable (never leaked into the next run
     of the same process); on an error, the DDP ranks that its Trainer started, which
-    would otherwise wait for it (:func:`stop_started_ranks`; an interrupt, Ctrl-C or
-    SIGTERM, is not an error here: Lightning passes it on)."""
+    would otherwise wait for it (:func:`stop_started_ranks`). On SIGTERM every rank
+    stops at the same batch (:class:`facecluster.callbacks.StopTogether`): this one
+    waits for those it started, which Lightning's child-process observer would
+    otherwise take, ending with 143 a moment before this process, for a failure and
+    kill this one before it had said how to continue. (Lightning ends them on Ctrl-C.)"""
     inherited = os.environ.get(RUN_DIR_ENV)
     try:
         yield
-    except Exception:
+    except (Exception, SIGTERMException):
         stop_started_ranks()
         raise
     finally:

@@ -162,6 +162,53 @@ def test_a_rank_0_that_fails_alone_ends_the_ranks_it_started(tmp_path):
                 os.kill(int(pid.read_text()), signal.SIGKILL)
 
 
+@pytest.mark.faults  # a row of docs/RELIABILITY.md
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sigterm_to_one_rank_in_stage_2_stops_both_with_143_and_the_resume_command(tmp_path, rank):
+    # Lightning's handler broadcasts from rank 0 inside the handler and passes the
+    # signal on only to processes its own Trainer started (stage 1's did, stage 2's did
+    # not): a kill of rank 0 alone in stage 2 ended in a gloo size mismatch or a hang,
+    # of rank 1 alone in a hang (both stages), the command never returning
+    import glob
+    import time
+
+    command = [
+        sys.executable, "train.py", "-c", "configs/smoke.yaml", "logger=none",
+        "trainer.devices=2", "trainer.strategy=ddp", "stage2.max_epochs=300",
+        f"output_dir={tmp_path}", "run_name=run",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACECLUSTER_")}
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its process group: both ranks
+    )
+    try:
+        last = str(tmp_path / "run" / "stage2" / "**" / "last.ckpt")
+        for _ in range(3000):  # a stage-2 epoch is done: both ranks are training
+            if glob.glob(last, recursive=True) or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert glob.glob(last, recursive=True), proc.communicate(timeout=60)[1][-3000:]
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            rank1 = [int(p) for p in f.read().split()]  # stage 1's Trainer started it
+        assert len(rank1) == 1
+        os.kill(proc.pid if rank == 0 else rank1[0], signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)  # before: never, for either rank
+        assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+        assert f"with\n  python train.py resume={tmp_path / 'run'}\n" in err  # once
+        assert err.count("resume=") == 1 and "Traceback" not in err, err[-3000:]
+        with pytest.raises(ProcessLookupError):  # rank 1 has ended too
+            os.killpg(proc.pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 class SaveAtStart(L.Callback):
     """Stage 1 saves a checkpoint as its fit starts, after any resume."""
 
