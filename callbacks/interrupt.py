@@ -15,9 +15,8 @@ same batch (:class:`StopTogether`), whichever ranks received it.
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +55,8 @@ class ResumeHint(L.Callback):
 
 
 _sigterm_received = False
-"""Whether this process has received SIGTERM while a Trainer ran (:class:`StopTogether`);
-never cleared: the process is stopping."""
+"""Whether this process has received SIGTERM while a Trainer of this run ran
+(:class:`StopTogether`); cleared when a run starts (:func:`forget_sigterm`)."""
 
 
 def _note_sigterm(signum: int, frame: Any) -> None:
@@ -65,11 +64,16 @@ def _note_sigterm(signum: int, frame: Any) -> None:
     _sigterm_received = True
 
 
+def forget_sigterm() -> None:
+    """A new run of this process starts: a SIGTERM noted for an earlier one is not its."""
+    global _sigterm_received
+    _sigterm_received = False
+
+
 def stop_if_terminated(trainer: L.Trainer) -> None:
     """Raise ``SIGTERMException`` on every rank if any rank has received SIGTERM. A
     collective: every rank calls it at the same point (one all-reduce of one flag)."""
-    received = _sigterm_received or trainer.received_sigterm
-    if trainer.strategy.reduce_boolean_decision(received, all=False):
+    if trainer.strategy.reduce_boolean_decision(_sigterm_received, all=False):
         raise SIGTERMException()
 
 
@@ -81,38 +85,42 @@ class StopTogether(L.Callback):
     rank 0 alone during stage 2 (whose Trainer started no process: stage 1's did)
     reached no other rank, and the handler's broadcast met the other rank's next
     collective, a gradient all-reduce: every process hung, or failed on a size
-    mismatch (exit 1, no resume command). A signal to one rank can also land while the
-    others are in a different collective than the handler's.
+    mismatch (exit 1, no resume command). A signal to rank 1 alone hung the run in
+    either stage.
 
-    Once a loop has started, this callback's handler only notes the signal
-    (:data:`_sigterm_received`), and every rank asks at each batch start, training,
-    validation and test, whether any rank has noted one (:func:`stop_if_terminated`,
-    one all-reduce of one integer; Lightning already waits for the device at every
-    training step for its own broadcast of its flag, which this handler leaves
-    unset). All then raise ``SIGTERMException`` together, which Lightning's loops would
-    raise: the fit ends, :class:`ResumeHint` prints the command that continues the
-    run, and ``train.py`` exits with 143. The clustering asks at its own points
-    (:class:`facecluster.callbacks.ClusteringCallback`). A signal between Lightning's
-    handler registration and the first loop start still meets Lightning's handler.
+    At ``setup`` (before Lightning installs its handler, in every fit and test), this
+    callback puts in the place of Lightning's SIGTERM function one that only notes the
+    signal (:data:`_sigterm_received`). Lightning installs it for the whole run of the
+    Trainer, as its own, and restores the previous handler at teardown. Every rank asks
+    at each batch start, training, validation and test, and at the end of the fit and
+    of the test, whether any rank has noted one (:func:`stop_if_terminated`, one
+    all-reduce of one integer; Lightning already waits for the device at every training
+    step for its own broadcast of its flag, which stays unset). All then raise
+    ``SIGTERMException`` together, as Lightning's loops would: the fit ends,
+    :class:`ResumeHint` prints the command that continues the run, and ``train.py``
+    exits with 143. The clustering asks at its own points
+    (:class:`facecluster.callbacks.ClusteringCallback`).
+
+    Args:
+        on_stop: called in each process as the stop is decided, before any teardown
+            (:func:`facecluster.builders.detach_started_ranks`: Lightning's child-process
+            observer in rank 0 would take the other ranks' exit 143 for a failure and
+            kill rank 0 while it finished, its logger for one).
     """
 
-    def _listen(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers are set from the main thread only
-        if signal.getsignal(signal.SIGTERM) is not _note_sigterm:
-            signal.signal(signal.SIGTERM, _note_sigterm)  # Lightning restores its own at teardown
+    def __init__(self, on_stop: Callable[[], object] | None = None) -> None:
+        self.on_stop = on_stop
 
-    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._listen()
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._listen()
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._listen()
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._listen()
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning's private connector: its registration reads this attribute; a
+        # Lightning without it fails here, loudly, not with the old behaviour
+        connector = trainer._signal_connector
+        if not hasattr(connector, "_sigterm_notifier_fn"):
+            raise RuntimeError(
+                "this Lightning's signal connector has no _sigterm_notifier_fn: "
+                "facecluster.callbacks.StopTogether needs updating for it"
+            )
+        connector._sigterm_notifier_fn = _note_sigterm
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         stop_if_terminated(trainer)
@@ -122,3 +130,15 @@ class StopTogether(L.Callback):
 
     def on_test_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         stop_if_terminated(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stop_if_terminated(trainer)  # a signal during the last batch: before the clustering
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stop_if_terminated(trainer)  # a signal during the last batch: not the next stage
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException) and self.on_stop is not None:
+            self.on_stop()

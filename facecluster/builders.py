@@ -254,7 +254,7 @@ def build_trainer(
         # Stops a NaN/Inf loss before the epoch-end save could overwrite "last".
         DivergenceCallback(stage, checkpoint=run.last_checkpoint(stage, job)),
         BadImageReport(),
-        StopTogether(),  # SIGTERM to any rank stops them all at one batch
+        StopTogether(on_stop=detach_started_ranks),  # SIGTERM to any rank stops all
         *callbacks,
     ]
     if logger is not None:
@@ -296,13 +296,28 @@ Lightning's own DDP launcher (``trainer.devices=N``, no torchrun or srun) the fi
 of each node's local rank 0 starts the node's other ranks as its child processes, the
 launcher's ``procs``."""
 
+_DETACHED: list[subprocess.Popen] = []
+"""Processes taken from the launchers' ``procs`` (:func:`detach_started_ranks`), not
+yet ended by :func:`stop_started_ranks`."""
+
 STOP_GRACE_S = 10.0
 """How long a failed rank 0 lets the ranks it started end on their own."""
 
 
-def stop_started_ranks(grace: float = STOP_GRACE_S) -> int:
-    """In a process that failed: end the DDP ranks its Trainer started. Returns how
-    many had to be killed.
+def detach_started_ranks() -> None:
+    """Take the DDP ranks this process's Trainers started out of Lightning's sight, for
+    :func:`stop_started_ranks` to end. Lightning's child-process observer watches each
+    launcher's ``procs`` list and kills this process too when one of them ends in an
+    error; emptied, it sees none of their exits, and this process's own error, or its
+    stop on SIGTERM, stands."""
+    for launcher in _LAUNCHERS:
+        _DETACHED.extend(launcher.procs)
+        launcher.procs.clear()
+
+
+def stop_started_ranks(grace: float = STOP_GRACE_S, terminated: bool = False) -> int:
+    """In a process that failed, or stopped on SIGTERM (``terminated``): end the DDP
+    ranks its Trainer started. Returns how many had to be killed.
 
     Lightning ends every process when one it started fails, but not when rank 0 (the
     process that started them) fails alone: a checkpoint that does not fit on its disk,
@@ -311,16 +326,15 @@ def stop_started_ranks(grace: float = STOP_GRACE_S) -> int:
     GPUs after the command has returned. This closes the process group (under gloo their
     collective then fails at once and they stop with a line), gives them ``grace``
     seconds to end, then kills the rest (SIGKILL: a process blocked in a collective
-    does not run its signal handlers).
+    does not run its signal handlers). On SIGTERM every rank stops at the same batch
+    (:class:`facecluster.callbacks.StopTogether`) and they end on their own: this waits
+    for them, so the command returns once they have.
     """
-    children = [proc for launcher in _LAUNCHERS for proc in launcher.procs]
+    detach_started_ranks()
+    children = list(_DETACHED)
+    _DETACHED.clear()
     if not children:
         return 0
-    for launcher in _LAUNCHERS:
-        # Lightning's child-process observer watches this very list, and kills this
-        # process too when a process in it ends in an error: emptied first, it sees
-        # none of the exits below, and this process's own error and status stand
-        launcher.procs.clear()
     killed = 0
     try:
         close_process_group()
@@ -335,12 +349,17 @@ def stop_started_ranks(grace: float = STOP_GRACE_S) -> int:
     except Exception as e:  # never in place of the error that brought this process here
         print(f"note: the processes this one started were not all ended: {e!r}", file=sys.stderr)
     if killed:
-        print(
-            f"note: this process failed (its error follows) and ended the {killed} other "
-            "process(es) of the run that it had started, which were waiting for it",
-            file=sys.stderr,
-            flush=True,
-        )
+        if terminated:
+            message = (
+                f"note: this process was stopped by SIGTERM and ended the {killed} other "
+                f"process(es) of the run that it had started, still running {grace:g} s later"
+            )
+        else:
+            message = (
+                f"note: this process failed (its error follows) and ended the {killed} other "
+                "process(es) of the run that it had started, which were waiting for it"
+            )
+        print(message, file=sys.stderr, flush=True)
     return killed
 
 

@@ -184,9 +184,9 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if not isinstance(e, SIGTERMException):
             raise
         # SIGTERM (scancel, a preemption, kill) ends the fit at its next batch, on every
-        # rank (StopTogether), with Lightning's SystemExit of no code, exit status 0: a
-        # stage-2 job was then counted as finished, and a SLURM job went on to its next
-        # command. ResumeHint printed the command that continues the run.
+        # rank (StopTogether), with Lightning's SystemExit of no code. Left as it was, the
+        # exit status was 0: a stage-2 job was then counted as finished, and a SLURM job
+        # went on to its next command. ResumeHint printed the command that continues.
         print("terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:

@@ -38,7 +38,7 @@ from facecluster.builders import (
     stop_started_ranks,
 )
 from facecluster.callbacks import ClusteringCallback, ResumeHint
-from facecluster.callbacks.interrupt import resume_hint
+from facecluster.callbacks.interrupt import forget_sigterm, resume_hint
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import Config, ConfigError, naming
 from facecluster.data import BadImageError, FaceDataModule
@@ -585,14 +585,17 @@ def _this_run_only() -> Iterator[None]:
     passed to the DDP ranks in an environment variable (never leaked into the next run
     of the same process); on an error, the DDP ranks that its Trainer started, which
     would otherwise wait for it (:func:`stop_started_ranks`). On SIGTERM every rank
-    stops at the same batch (:class:`facecluster.callbacks.StopTogether`): this one
-    waits for those it started, which Lightning's child-process observer would
-    otherwise take, ending with 143 a moment before this process, for a failure and
-    kill this one before it had said how to continue. (Lightning ends them on Ctrl-C.)"""
+    stops at the same batch (:class:`facecluster.callbacks.StopTogether`, which took
+    the ranks this one started out of the sight of Lightning's child-process observer)
+    and this one waits for them. (Lightning ends them on Ctrl-C.)"""
     inherited = os.environ.get(RUN_DIR_ENV)
+    forget_sigterm()
     try:
         yield
-    except (Exception, SIGTERMException):
+    except SIGTERMException:
+        stop_started_ranks(terminated=True)
+        raise
+    except Exception:
         stop_started_ranks()
         raise
     finally:

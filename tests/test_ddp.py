@@ -209,6 +209,22 @@ def test_sigterm_to_one_rank_in_stage_2_stops_both_with_143_and_the_resume_comma
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_rank_0_stopped_by_sigterm_is_not_killed_while_it_finishes(tmp_path):
+    # The other rank, stopped at the same batch, exits 143 at once; rank 0 may take
+    # seconds more (a W&B upload). Lightning's child-process observer in rank 0 took
+    # that exit for a failure and SIGKILLed rank 0 (exit -9, no resume command)
+    proc = _ddp_train(
+        tmp_path,
+        *smoke_overrides(tmp_path, "logger=none", "stage=1", "trainer.max_epochs=3"),
+        "trainer.accelerator=cpu",
+        "trainer.strategy=ddp",
+        check=False,
+        SIGTERM_RANK="1",
+    )
+    assert proc.returncode == 143, proc.stderr[-4000:]
+    assert "python train.py resume=" in proc.stderr and "note:" not in proc.stderr
+
+
 class SaveAtStart(L.Callback):
     """Stage 1 saves a checkpoint as its fit starts, after any resume."""
 

@@ -8,9 +8,13 @@ fit starts (after any resume), for comparison with the checkpoint it resumed fro
 With RANK0_FAILS_ALONE=1, at stage 1's first epoch end each rank writes its process
 id to OUT_DIR/pid<rank>, then rank 0 raises while the others wait outside any gloo
 collective, as ranks blocked in an NCCL collective wait (for its timeout).
+With SIGTERM_RANK=r, rank r sends itself SIGTERM at stage 1's first epoch end, and rank
+0 takes 7 s to stop (as a logger that finishes its upload): the script ends as
+train.py does, 143 on SIGTERM.
 """
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -43,6 +47,19 @@ class Rank0FailsAlone(L.Callback):
         time.sleep(600)
 
 
+class SigtermToOneRank(L.Callback):
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.global_rank == self.rank and trainer.current_epoch == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_exception(self, trainer, pl_module, exception):
+        if trainer.global_rank == 0:
+            time.sleep(7)  # past a poll of Lightning's child-process observer (5 s)
+
+
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
 resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
 if resume:
@@ -54,7 +71,12 @@ start = os.environ.get("SAVE_AT_START")
 callbacks = [SaveAtStart(start)] if start else []
 if os.environ.get("RANK0_FAILS_ALONE"):
     callbacks.append(Rank0FailsAlone(out))
-result = train(cfg, callbacks=callbacks)
+if os.environ.get("SIGTERM_RANK"):
+    callbacks.append(SigtermToOneRank(int(os.environ["SIGTERM_RANK"])))
+try:
+    result = train(cfg, callbacks=callbacks)
+except SystemExit as e:  # Lightning's SIGTERMException, as train.py ends on it
+    sys.exit(143 if e.code is None else e.code)
 if result.subnets is None:  # stage=1
     sys.exit(0)
 rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
