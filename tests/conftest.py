@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +25,23 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 DEMO = ROOT / "datasets" / "lfw-demo" / "images"
 SHARED_LFW = ROOT.parent / "shared" / "datasets" / "lfw-112" / "images"
+
+
+def start_train_py(*args: str, own_group: bool = False) -> subprocess.Popen:
+    """``python train.py ARGS`` started from the repository root, for a test that signals
+    it: its output captured as text, without this shell's ``FACECLUSTER_`` variables;
+    ``own_group``: in a process group of its own (its DDP ranks, its DataLoader
+    workers), for ``os.killpg``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACECLUSTER_")}
+    return subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=own_group,
+    )
 
 
 def run_script(script: str, *args: str) -> None:

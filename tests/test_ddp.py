@@ -26,7 +26,7 @@ from facecluster.evaluation import evaluate_run
 from facecluster.models.components import load_backbone
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
-from tests.conftest import ROOT, run_documented, smoke_overrides
+from tests.conftest import ROOT, run_documented, smoke_overrides, start_train_py
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
@@ -171,21 +171,11 @@ def test_sigterm_to_rank_0_alone_in_stage_2_stops_both_with_143_and_the_resume_c
     import glob
     import time
 
-    command = [
-        sys.executable, "train.py", "-c", "configs/smoke.yaml", "logger=none",
-        "trainer.devices=2", "trainer.strategy=ddp", "stage2.max_epochs=300",
-        f"output_dir={tmp_path}", "run_name=run",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FACECLUSTER_")}
-    proc = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its process group: both ranks
-    )
+    proc = start_train_py(
+        "-c", "configs/smoke.yaml", "logger=none", "trainer.devices=2", "trainer.strategy=ddp",
+        "stage2.max_epochs=300", f"output_dir={tmp_path}", "run_name=run",
+        own_group=True,  # both ranks
+    )  # fmt: skip
     try:
         last = str(tmp_path / "run" / "stage2" / "**" / "last.ckpt")
         for _ in range(3000):  # a stage-2 epoch is done: both ranks are training

@@ -422,29 +422,18 @@ def test_sigterm_ends_train_py_with_143_and_the_resume_command(tmp_path, every_p
     # "DataLoader worker (pid ...) is killed by signal: Terminated", no resume command
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
-    from tests.conftest import ROOT
+    from tests.conftest import start_train_py
 
     run = tmp_path / "run"
-    command = [
-        sys.executable, "train.py", "-c", "configs/smoke.yaml", "logger=none", "stage=1",
-        "stage1.max_epochs=500", f"output_dir={tmp_path}", "run_name=run",
+    args = [
+        "-c", "configs/smoke.yaml", "logger=none", "stage=1", "stage1.max_epochs=500",
+        f"output_dir={tmp_path}", "run_name=run",
     ]  # fmt: skip
     if every_process:
-        command.append("data.num_workers=2")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FACECLUSTER_")}
-    proc = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=every_process,  # its process group: train.py and its workers
-    )
+        args.append("data.num_workers=2")
+    proc = start_train_py(*args, own_group=every_process)  # train.py and its workers
     last = run / "stage1" / "checkpoints" / "last.ckpt"
     for _ in range(1800):
         if last.is_file() or proc.poll() is not None:
