@@ -14,9 +14,11 @@ same batch (:class:`StopTogether`), whichever ranks received it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,15 +114,25 @@ class StopTogether(L.Callback):
         self.on_stop = on_stop
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Lightning's private connector: its registration reads this attribute; a
-        # Lightning without it fails here, loudly, not with the old behaviour
-        connector = trainer._signal_connector
-        if not hasattr(connector, "_sigterm_notifier_fn"):
+        # Lightning's private connector: its registration, which follows, reads this
+        trainer._signal_connector._sigterm_notifier_fn = _note_sigterm
+
+    def _check_handler(self) -> None:
+        """A Lightning that registers its handler otherwise fails here, loudly, and not
+        with the behaviour this callback replaces."""
+        handler = signal.getsignal(signal.SIGTERM)
+        if _note_sigterm not in getattr(handler, "signal_handlers", [handler]):
             raise RuntimeError(
-                "this Lightning's signal connector has no _sigterm_notifier_fn: "
-                "facecluster.callbacks.StopTogether needs updating for it"
+                f"SIGTERM's handler is {handler!r}, not facecluster's: this Lightning "
+                "registers its own otherwise; facecluster.callbacks.StopTogether needs "
+                "updating for it"
             )
-        connector._sigterm_notifier_fn = _note_sigterm
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_handler()
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_handler()
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         stop_if_terminated(trainer)
@@ -142,3 +154,22 @@ class StopTogether(L.Callback):
     ) -> None:
         if isinstance(exception, SIGTERMException) and self.on_stop is not None:
             self.on_stop()
+
+
+@contextlib.contextmanager
+def stopping_together(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[None]:
+    """Around work that every rank does with a Trainer's callbacks outside its run (the
+    clustering of a resumed stage 1 whose fit had nothing left to do, which Lightning
+    ends before any hook): SIGTERM is noted as during a fit, where the default action
+    killed the process that received it alone, without the resume command, and a stop
+    decided there (:func:`stop_if_terminated`) is said as Lightning says one, through
+    every callback's ``on_exception`` (:class:`ResumeHint`, :class:`StopTogether`)."""
+    before = signal.signal(signal.SIGTERM, _note_sigterm)
+    try:
+        yield
+    except SIGTERMException as e:
+        for callback in trainer.callbacks:
+            callback.on_exception(trainer, pl_module, e)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -38,7 +38,7 @@ from facecluster.builders import (
     stop_started_ranks,
 )
 from facecluster.callbacks import ClusteringCallback, ResumeHint
-from facecluster.callbacks.interrupt import forget_sigterm, resume_hint
+from facecluster.callbacks.interrupt import forget_sigterm, resume_hint, stopping_together
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import Config, ConfigError, naming
 from facecluster.data import BadImageError, FaceDataModule
@@ -301,7 +301,8 @@ def fit_stage1(
     )
     if clustering is not None and clustering.assignment is None:
         # A resumed stage 1 that was already finished skips on_train_end: same method.
-        clustering.cluster(trainer, model)
+        with stopping_together(trainer, model):
+            clustering.cluster(trainer, model)
     _drop_optimizer_state(trainer)
     if run.folder.has_stage_summary(1):  # finished and tested before (stage=cluster)
         return model, run.folder.stage_summary(1)

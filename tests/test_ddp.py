@@ -117,14 +117,22 @@ def _ddp_train(out, *overrides, timeout=480, check=True, **env_extra):
     env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
     env.update(PYTHONPATH=str(ROOT), **env_extra)
     script = ROOT / "tests" / "scripts" / "ddp_train.py"
-    proc = subprocess.run(
+    started = subprocess.Popen(
         [sys.executable, str(script), str(out), *overrides, "trainer.devices=2"],
         cwd=ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
+        start_new_session=True,  # both ranks, ended together on a timeout
     )
+    try:
+        stdout, stderr = started.communicate(timeout=timeout)
+    except BaseException:  # a timeout: neither rank left running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(started.pid, signal.SIGKILL)
+        raise
+    proc = subprocess.CompletedProcess(started.args, started.returncode, stdout, stderr)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -182,7 +190,9 @@ def test_sigterm_to_rank_0_alone_in_stage_2_stops_both_with_143_and_the_resume_c
             if glob.glob(last, recursive=True) or proc.poll() is not None:
                 break
             time.sleep(0.1)
-        assert glob.glob(last, recursive=True), proc.communicate(timeout=60)[1][-3000:]
+        if not glob.glob(last, recursive=True):
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(proc.communicate()[1][-3000:])
         with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
             rank1 = [int(p) for p in f.read().split()]  # stage 1's Trainer started it
         assert len(rank1) == 1

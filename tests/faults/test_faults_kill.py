@@ -153,5 +153,14 @@ def test_sigterm_during_the_clustering_stops_the_run_before_clusters_pt(tmp_path
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     assert f"python train.py resume={run_dir}\n" in proc.stderr  # ResumeHint
     assert not (run_dir / "clusters.pt").exists() and not (run_dir / "stage1.json").exists()
+    # the resume clusters outside a fit (stage 1 is done): the same signal there was
+    # met by the default action, the process killed without the resume command
+    again = subprocess.run(
+        [sys.executable, "-c", SIGTERM_IN_CLASS_MEANS, f"resume={run_dir}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 128 + signal.SIGTERM, again.stderr[-3000:]
+    assert f"python train.py resume={run_dir}\n" in again.stderr
+    assert not (run_dir / "clusters.pt").exists()
     _run(tmp_path / "resume", f"resume={run_dir}")  # clusters, tests, trains stage 2
     assert (run_dir / "clusters.pt").is_file() and (run_dir / "results.json").is_file()

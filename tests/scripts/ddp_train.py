@@ -9,7 +9,7 @@ With RANK0_FAILS_ALONE=1, at stage 1's first epoch end each rank writes its proc
 id to OUT_DIR/pid<rank>, then rank 0 raises while the others wait outside any gloo
 collective, as ranks blocked in an NCCL collective wait (for its timeout).
 With SIGTERM_RANK=r, rank r sends itself SIGTERM at stage 1's first epoch end, and rank
-0 takes 7 s to stop (as a logger that finishes its upload): the script ends as
+0 takes 12 s to stop (as a logger that finishes its upload): the script ends as
 train.py does, 143 on SIGTERM.
 """
 
@@ -57,7 +57,7 @@ class SigtermToOneRank(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         if trainer.global_rank == 0:
-            time.sleep(7)  # past a poll of Lightning's child-process observer (5 s)
+            time.sleep(12)  # past two polls of Lightning's child-process observer (5 s)
 
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
