@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,8 @@ class StopTogether(L.Callback):
     def _check_handler(self) -> None:
         """A Lightning that registers its handler otherwise fails here, loudly, and not
         with the behaviour this callback replaces."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # Lightning sets no handler outside the main thread (nor can anyone)
         handler = signal.getsignal(signal.SIGTERM)
         if _note_sigterm not in getattr(handler, "signal_handlers", [handler]):
             raise RuntimeError(
@@ -164,7 +167,8 @@ def stopping_together(trainer: L.Trainer, pl_module: L.LightningModule) -> Itera
     killed the process that received it alone, without the resume command, and a stop
     decided there (:func:`stop_if_terminated`) is said as Lightning says one, through
     every callback's ``on_exception`` (:class:`ResumeHint`, :class:`StopTogether`)."""
-    before = signal.signal(signal.SIGTERM, _note_sigterm)
+    main = threading.current_thread() is threading.main_thread()  # where handlers are set
+    before = signal.signal(signal.SIGTERM, _note_sigterm) if main else None
     try:
         yield
     except SIGTERMException as e:
@@ -172,4 +176,5 @@ def stopping_together(trainer: L.Trainer, pl_module: L.LightningModule) -> Itera
             callback.on_exception(trainer, pl_module, e)
         raise
     finally:
-        signal.signal(signal.SIGTERM, before)
+        if main:
+            signal.signal(signal.SIGTERM, before)

@@ -451,6 +451,57 @@ def test_sigterm_ends_train_py_with_143_and_the_resume_command(tmp_path, every_p
     assert not RunFolder(run).has_stage_summary(1)  # not taken for a finished stage 1
 
 
+def test_stop_together_stops_a_fit_at_the_next_batch_and_leaves_a_fit_in_a_thread_alone():
+    # the handler StopTogether gives Lightning notes SIGTERM, the next batch stops the
+    # fit, and the handler before the fit is back after it; Lightning sets no handler
+    # outside the main thread, and a fit there runs (the check of the handler refused it)
+    import os
+    import signal
+    import threading
+
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from facecluster.callbacks import StopTogether
+    from facecluster.callbacks.interrupt import forget_sigterm
+
+    class Signal(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def trainer(*callbacks):
+        return L.Trainer(
+            max_epochs=2, limit_train_batches=4, limit_val_batches=1, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[StopTogether(), *callbacks],
+        )  # fmt: skip
+
+    before = signal.getsignal(signal.SIGTERM)
+    stopped = trainer(Signal())
+    try:
+        with pytest.raises(SIGTERMException):
+            stopped.fit(BoringModel())
+    finally:
+        forget_sigterm()  # the next in-process fit of this worker is not stopped
+    assert stopped.global_step == 2  # the batch after the signal did not run
+    assert signal.getsignal(signal.SIGTERM) is before
+    errors, in_thread = [], trainer()
+    thread = threading.Thread(target=lambda: _fit_noting(in_thread, errors))
+    thread.start()
+    thread.join()
+    assert errors == [] and in_thread.global_step == 8
+
+
+def _fit_noting(trainer, errors):
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    try:
+        trainer.fit(BoringModel())
+    except Exception as e:  # pragma: no cover - what the test reports
+        errors.append(e)
+
+
 def test_ctrl_c_says_which_command_continues_the_run(tmp_path, capsys, monkeypatch):
     # Lightning ends a Ctrl-C'd fit with exit status 1 after "attempting graceful
     # shutdown", naming neither the run nor how to continue it
