@@ -7,7 +7,8 @@ same way. For a two-stage run (method=clustered or method=random):
 - routed: the router picks ``route.top_m`` clusters, only their sub-nets run, the
   decision unit fuses (the paper's method; for a random partition, the routed
   variant of ISM);
-- all sub-nets (ISM): every sub-net runs, the best score wins;
+- all sub-nets (ISM, the paper's baseline): every sub-net answers on its own, the
+  best score wins, with no router and no class means;
 - the stage-1 model (one head over all identities) and nearest class mean on the
   stage-1 backbone: cheap references that separate the effect of the clustering
   from the effect of routing.
@@ -442,14 +443,7 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
     report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)
     report.decision = {k: ident.route_config.get(k) for k in DECISION_KEYS}
     ms = top_m_sweep(ident.num_clusters, cfg.route.top_m)
-    # top_m = K searches every cluster: the ISM row's pass, the dearest of all (K
-    # sub-nets a face), which gives the same answers (tests/test_decision.py) and is
-    # scored and timed once (unless the table's routed row is top_m = K itself)
-    ism = ident.all_subnets(cfg.route.alpha)
-    sweep = [
-        ism if m == ident.num_clusters != cfg.route.top_m else ident.routed(m, cfg.route.alpha)
-        for m in ms
-    ]
+    sweep = [ident.routed(m, cfg.route.alpha) for m in ms]
     # the run's own top_m keeps its table row's speed: timed again, the sweep gave the
     # same predictor a second figure (and top_m.png another than the table's)
     rates = {r.model: r.throughput for r in rows}
@@ -463,8 +457,7 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
                 "top_m": m,
                 "top1": scores["top1"],
                 "throughput": rate,
-                # every cluster searched: each face's own among them
-                "routing_accuracy": scores["routing_accuracy"] if routed is not ism else 1.0,
+                "routing_accuracy": scores["routing_accuracy"],
             }
         )
     if ident.route_config["decision"] == "linear":

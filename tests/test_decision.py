@@ -172,7 +172,7 @@ def test_moe_sums_an_identity_over_its_two_searched_clusters(top_m):
     # candidates' identities: a shared identity's mean counted twice had outvoted a
     # nearer one (routed and over every cluster)
     ident.route_config["generalist_weight"] = 1.0
-    for kwargs in ({"top_m": top_m}, {"all_subnets": True}):
+    for kwargs in ({"top_m": top_m}, {"top_m": ident.num_clusters}):
         alone = ident.identify(queries, **kwargs)
         sims = q @ a.class_means.T
         searched = a.contains(torch.arange(30)[None, :, None], alone.clusters[:, None, :]).any(2)
@@ -195,10 +195,19 @@ def test_moe_with_every_identity_in_two_clusters():
     rows = sorted(([(i + 1) % 4, i] for i in range(12)), key=lambda r: r)  # by cluster
     ident = _overlap_identifier(12, [[i, c] for c, i in rows])
     queries = torch.randn(16, 8)
-    for kwargs in ({"top_m": 1}, {"top_m": 2}, {"top_m": 4}, {"all_subnets": True}):
-        result = ident.identify(queries, **kwargs)  # k=1: argmax over each cluster
+    for top_m in (1, 2, 4):
+        result = ident.identify(queries, top_m=top_m)  # k=1: argmax over each cluster
         expected = _brute_force(ident, queries, result.clusters.tolist())
-        assert torch.equal(result.identity, expected.argmax(1)), kwargs
+        assert torch.equal(result.identity, expected.argmax(1)), top_m
+    # ISM: each identity's two sub-net probabilities, 1/4 each, added
+    q = F.normalize(queries, dim=1)
+    by_hand = torch.zeros(len(q), 12)
+    for k in range(4):
+        sub = torch.softmax(q @ ident.head(k).T / ident.moe.subnet_temperature, 1)
+        by_hand[:, ident.members(k)] += sub / 4
+    ism = ident.identify(queries, all_subnets=True, k=12)
+    assert torch.equal(ism.identity, by_hand.argmax(1))
+    assert torch.allclose(ism.candidate_scores.exp(), by_hand.sort(1, descending=True).values)
 
 
 def test_moe_compares_each_face_with_its_candidate_clusters_class_means_only(monkeypatch):
@@ -220,26 +229,44 @@ def test_moe_compares_each_face_with_its_candidate_clusters_class_means_only(mon
 
 @pytest.mark.parametrize("weight", [0.4, 1.0])
 def test_reported_subnet_forwards_and_parameters_are_what_a_pass_runs(weight):
-    # at a generalist weight of 1 no sub-net runs: its rows report none and hold none
+    # at a generalist weight of 1 no routed sub-net runs: its row reports none and holds
+    # none; ISM runs every sub-net and nothing else, whatever the weight
     ident, queries = _moe_identifier(weight)
-    routed, ism = ident.routed(2, 0.0), ident.all_subnets(0.0)
+    routed, ism = ident.routed(2, 0.0), ident.all_subnets()
     runs = ident.identify(queries, top_m=2).subnet_forwards > 0
     assert runs == (weight < 1)
     assert routed.subnet_forwards == (2.0 if runs else 0.0)
-    assert ism.subnet_forwards == (float(ident.num_clusters) if runs else 0.0)
+    assert ident.identify(queries, all_subnets=True).subnet_forwards == len(queries) * 4
+    assert ism.subnet_forwards == 4.0
     # the router: its backbone and the class means it ranks the clusters by (and that
     # moe's class-mean term scores against), which the rows left out (review)
     router = count_parameters(ident.router_backbone) + ident.grouped_means.numel()
-    assert (routed.params > router) == runs and (ism.params > router) == runs
-    assert routed.params >= router and ism.params >= router
+    assert (routed.params > router) == runs and routed.params >= router
+    heads = sum(ident.head_rows(k).numel() for k in range(4))
+    assert ism.params == count_parameters(*ident.subnets) + heads
 
 
-def test_moe_over_every_cluster_is_ism_and_a_routing_miss_is_not_forced():
+def test_ism_is_the_subnets_alone_and_a_routing_miss_is_not_forced():
+    # ISM, the paper's baseline: each sub-net's own probability (its fitted temperature,
+    # every cluster 1/K), no router, no class means; under moe it had been the mixture
+    # over every cluster, which leans on the stage-1 class means (a review)
     ident, queries = _moe_identifier(0.3, seed=2)
-    every = ident.identify(queries, top_m=ident.num_clusters)
+    q = F.normalize(queries, dim=1)
+    t = ident.moe.subnet_temperature
+    by_hand = torch.zeros(len(q), ident.assignment.num_classes)
+    for k in range(ident.num_clusters):
+        by_hand[:, ident.members(k)] = torch.softmax(q @ ident.head(k).T / t, 1) / 4
     ism = ident.identify(queries, all_subnets=True)
-    assert torch.equal(every.identity, ism.identity)
-    assert torch.allclose(every.score, ism.score, atol=1e-6)
+    assert torch.equal(ism.identity, by_hand.argmax(1))
+    assert torch.allclose(ism.score.double().exp(), by_hand.amax(1).double(), rtol=1e-5)
+    # the class means and the generalist weight play no part
+    every = ident.identify(queries, top_m=ident.num_clusters)
+    assert not torch.equal(every.identity, ism.identity)
+    ident.route_config["generalist_weight"] = 0.9
+    ident.grouped_means.normal_()  # what the router and the class-mean term read
+    assert torch.equal(ident.identify(queries, all_subnets=True).identity, ism.identity)
+    assert not torch.equal(ident.identify(queries, top_m=4).identity, every.identity)
+    ident, queries = _moe_identifier(0.3, seed=2)
     # a candidate that the router ranks second can win when its sub-net is sure
     top1 = ident.identify(queries, top_m=1)
     top2 = ident.identify(queries, top_m=2)
@@ -276,8 +303,10 @@ def test_a_subnet_that_says_not_mine_gives_its_identities_less():
     with pytest.raises(ValueError, match="sub-net 0's head has 10 rows for its 8 identities"):
         build([torch.cat([h, h[:1]]) for h in heads])
     # the linear unit does not use the row: the same answers
-    same = split.identify(queries, alpha=0.3, all_subnets=True)
-    assert torch.equal(same.identity, ident.identify(queries, alpha=0.3, all_subnets=True).identity)
+    every = {"top_m": 4, "alpha": 0.3}
+    assert torch.equal(
+        split.identify(queries, **every).identity, ident.identify(queries, **every).identity
+    )
 
 
 def test_stage1_rows_score_in_float32_under_mixed_precision():

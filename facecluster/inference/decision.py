@@ -104,7 +104,7 @@ def moe_scores(
     if g == 1.0:
         mixed = mean
     else:
-        subnet = _subnet_log_softmax(subnet_cosine, not_mine, params.subnet_temperature)
+        subnet = subnet_log_softmax(subnet_cosine, not_mine, params.subnet_temperature)
         mixed = (
             subnet + math.log1p(-g)
             if g == 0.0
@@ -113,7 +113,7 @@ def moe_scores(
     return cluster_log_weight[:, None].double() + mixed
 
 
-def _subnet_log_softmax(cosine: Tensor, not_mine: Tensor | None, temperature: float) -> Tensor:
+def subnet_log_softmax(cosine: Tensor, not_mine: Tensor | None, temperature: float) -> Tensor:
     """``[n, m]`` a sub-net's log-probabilities of its m identities: the softmax over them
     and, when it has one, its "not mine" class, whose share is then left out."""
     scores = cosine.double() if not_mine is None else torch.cat([cosine, not_mine], 1).double()

@@ -4,8 +4,8 @@ A face's stage-1 embedding goes to the router (the best class mean of each clust
 which picks the ``top_m`` best clusters; only those clusters' sub-nets run, and
 the decision unit (:mod:`facecluster.inference.decision`: a mixture of experts by
 default) combines each sub-net's answer with the class-mean similarities into one
-predicted identity. With ``all_subnets=True`` every sub-net runs and the best
-score wins: the ISM baseline for random partitions.
+predicted identity. With ``all_subnets=True`` every sub-net answers on its own and
+the best score wins, with no router and no class means: the paper's ISM baseline.
 
 With ``model.shared_layers`` > 0 the sub-nets' first stages are the stage-1
 backbone's, frozen: that trunk runs once per face, then the router's tail and each
@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +43,7 @@ from facecluster.inference.decision import (
     keep_top,
     moe_scores,
     similarity,
+    subnet_log_softmax,
     sum_shared,
 )
 from facecluster.inference.predictors import Predictor, count_parameters
@@ -342,10 +342,12 @@ class TwoStageIdentifier(nn.Module):
             images: [B, 3, H, W] normalised face crops.
             top_m: clusters to search (default ``route.top_m``).
             alpha: decision-unit weight of the class-mean similarity (default ``route.alpha``).
-            all_subnets: run every sub-net and keep the best score (ISM; with
-                ``decision=moe`` the mixture over all K clusters, which the router
-                backbone's class-mean similarities weight); no routing
-                and, with alpha 0, no router backbone forward.
+            all_subnets: ISM, the paper's baseline: every sub-net answers on its own
+                and the best score wins, with no router and no class means (no
+                router backbone forward; ``top_m`` and ``alpha`` do not apply). Its
+                score: the sub-net's cosine (``linear``), or its probability under the
+                fitted sub-net temperature (``moe``, every cluster weighted 1/K). The
+                mixture over all K clusters is ``top_m=K``.
             k: candidates kept per face (the prediction is the first).
 
         Returns:
@@ -360,14 +362,14 @@ class TwoStageIdentifier(nn.Module):
                 "route.decision=moe needs route.router_temperature, route.subnet_temperature "
                 "and route.generalist_weight: calibrate() on the validation split first"
             )
-        use_subnets = self._runs_subnets(alpha)
+        use_subnets = all_subnets or self._runs_subnets(alpha)
         batch = images.shape[0]
         features = self._trunk(images)
-        need_query = moe or alpha > 0 or not all_subnets
-        query = self._embed_from(self.router_backbone, features) if need_query else None
-        if all_subnets:
+        if all_subnets:  # ISM: the sub-nets alone, no stage-1 embedding
+            query = None
             clusters = torch.arange(self.num_clusters).expand(batch, -1)
         else:
+            query = self._embed_from(self.router_backbone, features)
             clusters = self.router.route(query, top_m, self._route_blocks())
         clusters = clusters.to(images.device)
         best_score = torch.full((batch, k), -float("inf"), device=images.device)
@@ -389,13 +391,13 @@ class TwoStageIdentifier(nn.Module):
         summing = moe and empty_id is not None
         shared_ids = self._overlap_on(images.device)[0] if summing else None
         sims, shares = {}, {}  # moe: cluster c's faces' similarities to its class means
-        if moe:  # each candidate cluster's log-probability, renormalised over the candidates
+        if moe and not all_subnets:  # each candidate cluster's log-probability, renormalised
             log_mass = torch.empty(clusters.shape, device=images.device)
             for c, rows in routed.items():
                 sims[c] = similarity(query[rows], self.means(c))
                 logits = sims[c] / params.router_temperature
                 if summing:
-                    shares[c] = self._class_mean_share(c, clusters[rows], all_subnets)
+                    shares[c] = self._class_mean_share(c, clusters[rows])
                     logits = logits if shares[c] is None else logits + shares[c]
                 mass = torch.logsumexp(logits, dim=1)
                 log_mass[rows] = torch.where(clusters[rows] == c, mass[:, None], log_mass[rows])
@@ -408,7 +410,15 @@ class TwoStageIdentifier(nn.Module):
                 embedded = self._embed_from(self.subnets[c], features[rows])
                 cosine, other = self._subnet_cosine(c, embedded)
                 forwards += len(rows)
-            if moe:
+            if all_subnets:  # ISM: the sub-net's own answer
+                close = cosine
+                score = (  # moe: each cluster weighted 1/K
+                    subnet_log_softmax(cosine, other, params.subnet_temperature)
+                    - math.log(self.num_clusters)
+                    if moe
+                    else cosine
+                )
+            elif moe:
                 weight = log_weight.masked_fill(clusters != c, -math.inf).amax(dim=1)[rows]
                 means = sims.pop(c)  # [rows, members]: dropped once this cluster is scored
                 score = moe_scores(weight, cosine, means, params, other, shares.pop(c, None))
@@ -440,7 +450,7 @@ class TwoStageIdentifier(nn.Module):
             best_id, best_score, clusters, forwards, best_similarity, best_cluster
         )
 
-    def _class_mean_share(self, c: int, candidates: Tensor, every: bool) -> Tensor | None:
+    def _class_mean_share(self, c: int, candidates: Tensor) -> Tensor | None:
         """``[n, m]`` log of the share of cluster ``c``'s class-mean term that each of its
         m members gets for n faces whose candidate clusters are ``candidates`` (``[n,
         top_m]``): minus the log of how many of them hold the member (0 for most; with
@@ -451,15 +461,11 @@ class TwoStageIdentifier(nn.Module):
         columns = torch.isin(members, overlap_ids).nonzero().squeeze(1)
         if not len(columns):
             return None
-        ids = members[columns]
-        if every:  # every cluster searched: each member's clusters, one and its overlaps
-            held = 1 + torch.bincount(overlap_ids, minlength=int(ids.max()) + 1)[ids]
-            held = held.expand(len(candidates), -1)
-        else:  # the candidates that own the member or gain it by overlap
-            ids, searched = ids[None, :, None], candidates[:, None, :]
-            own = self.class_to_cluster[ids] == searched
-            gained = torch.isin(searched * self.assignment.num_classes + ids, overlap_keys)
-            held = (own | gained).sum(2)
+        # the candidates that own the member or gain it by overlap
+        ids, searched = members[columns][None, :, None], candidates[:, None, :]
+        own = self.class_to_cluster[ids] == searched
+        gained = torch.isin(searched * self.assignment.num_classes + ids, overlap_keys)
+        held = (own | gained).sum(2)
         share = torch.zeros(len(candidates), len(members), device=members.device)
         share[:, columns] = -held.float().log()
         return share
@@ -585,30 +591,27 @@ class TwoStageIdentifier(nn.Module):
         moe = self.moe if self.route_config["decision"] == "moe" else None
         return moe.generalist_weight < 1 if moe is not None else alpha < 1
 
-    def all_subnets(self, alpha: float) -> Predictor:
-        """Every sub-net runs and the best score wins (ISM; under moe, the mixture over
-        every cluster); no routing search."""
+    def all_subnets(self) -> Predictor:
+        """ISM, the paper's baseline: every sub-net answers on its own and the best score
+        wins; no router, no class means (:meth:`identify` with ``all_subnets=True``)."""
         label = "clustered" if self.assignment.method != "random" else "random partition"
-        moe = self.route_config["decision"] == "moe"
-        # the class-mean term: the router backbone's embedding against the class means
-        router = [self.router_backbone, self.grouped_means] if alpha > 0 or moe else []
-        subnets = self._subnet_parts() if self._runs_subnets(alpha) else ()
+        subnets = self._subnet_parts()
         return Predictor(
             f"{label}, all sub-nets (ISM)",
-            partial(self._all_subnets, alpha=alpha),
-            float(self.num_clusters) if subnets else 0.0,
-            count_parameters(*subnets, *router),
+            self._all_subnets,
+            float(self.num_clusters),
+            count_parameters(*subnets),
         )
 
-    def _all_subnets(self, images: Tensor, alpha: float) -> tuple[Tensor, Tensor, None]:
-        result = self.identify(images, alpha=alpha, all_subnets=True)
+    def _all_subnets(self, images: Tensor) -> tuple[Tensor, Tensor, None]:
+        result = self.identify(images, all_subnets=True)
         return result.identity, result.similarity, None
 
     def predictors(self, top_m: int | None = None, alpha: float | None = None) -> list[Predictor]:
         """What this identifier offers at ``route.top_m`` and ``route.alpha`` (defaults)."""
         top_m = self.route_config["top_m"] if top_m is None else top_m
         alpha = self.route_config["alpha"] if alpha is None else alpha
-        return [self.routed(top_m, alpha), self.all_subnets(alpha)]
+        return [self.routed(top_m, alpha), self.all_subnets()]
 
     def _subnet_parts(self) -> list[nn.Module | Tensor]:
         return [*self.subnets, *(self.head_rows(k) for k in range(self.num_clusters))]
