@@ -116,8 +116,8 @@ def main() -> None:
         "routed_images_per_s": args.batch / routed,
         "ism_images_per_s": args.batch / ism,
         "ratio": ism / routed,
-        # ISM runs every sub-net, and under moe the router backbone too; routed runs 2
-        "limit": (k + 1) / 2 if route["decision"] == "moe" else k / 2,
+        # ISM runs every sub-net and nothing else, routed runs 2 backbones
+        "limit": k / 2,
         "routing_search_ms": search * 1000,
         "routing_search_share": search / routed,
         "one_backbone_forward_ms": one_net * 1000,
