@@ -180,6 +180,7 @@ def training_table(results: dict[str, Any]) -> str:
             "",
             "chance: 1 / identities; most frequent: always answering the identity "
             "with the most test images. Each sub-net is scored on the test images of "
-            "its own cluster's identities.",
+            "the identities its cluster owns; its identities are all it answers among "
+            "(with clustering.overlap, its extra members too).",
         ]
     )
