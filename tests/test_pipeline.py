@@ -451,6 +451,49 @@ def test_sigterm_ends_train_py_with_143_and_the_resume_command(tmp_path, every_p
     assert not RunFolder(run).has_stage_summary(1)  # not taken for a finished stage 1
 
 
+@pytest.mark.faults
+def test_loader_workers_drop_a_strangers_sigterm_and_a_script_that_leaves_them_exits():
+    # A script that exits with a loader's iterator alive (a failed in-process train(),
+    # an abandoned next(iter(loader))) waited forever: multiprocessing ends workers at
+    # exit with SIGTERM, which they ignored. They still ignore one from anyone else
+    # (scancel, killpg: the training process decides, the test above).
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from facecluster.config import PROJECT_ROOT
+
+    script = (
+        "import multiprocessing, sys\n"
+        "from facecluster.data import FaceDataModule\n"
+        "dm = FaceDataModule('datasets/lfw-demo/images', batch_size=8, num_workers=2,"
+        " max_classes=5)\n"
+        "dm.setup()\n"
+        "it = iter(dm.train_dataloader())\n"
+        "next(it)\n"
+        "print(*[p.pid for p in multiprocessing.active_children()\n"
+        "        if 'resource_tracker' not in str(p.name)], flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=PROJECT_ROOT, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(workers) == 2, proc.stderr.read() if proc.poll() is not None else workers
+        os.kill(workers[0], signal.SIGTERM)  # from the test, not the training process
+        time.sleep(1)
+        os.kill(workers[0], 0)  # alive: ProcessLookupError otherwise
+        proc.stdin.write("exit\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
+    finally:
+        proc.kill()
+
+
 def test_stop_together_stops_a_fit_at_the_next_batch_and_leaves_a_fit_in_a_thread_alone():
     # the handler StopTogether gives Lightning notes SIGTERM, the next batch stops the
     # fit, and the handler before the fit is back after it; Lightning sets no handler

@@ -37,6 +37,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -179,7 +180,6 @@ class FaceImageDataset(Dataset):
         self.split_name = split_name
         self._by_label: dict[int, np.ndarray] | None = None  # unsorted labels, grouped
         self._labels_sorted: bool | None = None  # decided on the first broken file
-        self._ignored: set[int] = set()  # evaluation faces nothing replaces (warned)
         self.reserve: FaceImageDataset | None = None
         """A sub-net's spare "not mine" images, never drawn: see :meth:`_not_mine_substitute`."""
         self.buffers: BatchBuffers | None = None
@@ -256,26 +256,21 @@ class FaceImageDataset(Dataset):
     def _substitute(self, index: int, encoded: bool = False):
         """The next readable image of the same identity after ``index`` (cyclic), or, for
         a sub-net's "not mine" image (``stage2.negatives``), of any of its outsiders; for
-        an evaluation dataset, None when there is none (:data:`IGNORED`): an identity
-        with one val image is common, and its one broken file must not stop training."""
+        an evaluation dataset, None (:data:`IGNORED`): the face is left out of the
+        scores, not replaced by another face of its identity, which would count that
+        face twice (an identity with one val image is common, and its one broken file
+        must not stop training either)."""
         label = int(self.samples.labels[index])
+        if not self.transform.train:  # (the tracker's warning named the file)
+            return None
         group = self._identity_samples(label)  # the identity's samples, in sample order
         start = group.index(index)
         for j in group[start + 1 :] + group[:start]:
             image = self._load(j, encoded)
             if image is not None:
                 return image
-        if self.transform.train and self._not_mine(label):
+        if self._not_mine(label):
             return self._not_mine_substitute(index, encoded)
-        if not self.transform.train:
-            if index not in self._ignored:  # once per process
-                self._ignored.add(index)
-                logger.warning(
-                    "data.on_bad_image=skip: no readable image of identity label %d in the "
-                    "%s replaces %s; it is left out of the %s's scores",
-                    label, self.split_name, self.samples.locator(index), self.split_name,
-                )  # fmt: skip
-            return None
         raise BadImageError(
             f"every image of identity label {label} in the {self.split_name} is undecodable "
             f"(e.g. {self.samples.locator(index)}); nothing can replace them"
@@ -617,15 +612,22 @@ def network_batches(batch, trainer: lightning.Trainer | None):
 
 
 class WorkerStart:
-    """A DataLoader worker's start: SIGTERM ignored, then Lightning's worker seeding.
+    """A DataLoader worker's start: SIGTERM from anyone but the training process
+    dropped, then Lightning's worker seeding.
 
     scancel, a SLURM time limit or systemd send SIGTERM to every process of the run,
     the workers too. torch's workers die of it, and the training process then ended in
     "DataLoader worker (pid ...) is killed by signal: Terminated" (exit 1, no resume
     command) instead of stopping at its next batch (exit 143). The training process
-    decides; its workers end when it ends their loader, or when it is gone. A worker
-    starts with SIGTERM blocked (:class:`FaceDataLoader`): one sent before this runs
-    waits, and is dropped here.
+    decides; its workers end when it ends their loader, when it terminates them, or
+    when it is gone. A worker starts with SIGTERM blocked (:class:`FaceDataLoader`) and
+    keeps it blocked; one thread takes each SIGTERM and ends the worker when the
+    training process sent it (``Process.terminate``: multiprocessing's at the
+    interpreter's exit, DataLoader's for a worker that does not stop). Ignoring every
+    SIGTERM, as before 2026-12-02, made a script that exited with a loader's iterator
+    alive (a failed in-process ``train()``, an abandoned ``next(iter(loader))``) wait
+    for its workers forever. Where ``signal.sigwaitinfo`` is missing (not Linux), every
+    SIGTERM is ignored, as before.
     Lightning seeds workers (``seed_everything(workers=True)``) only in a loader
     without a ``worker_init_fn``: this does it as Lightning would, for ``rank``.
     """
@@ -634,11 +636,25 @@ class WorkerStart:
         self.rank = rank
 
     def __call__(self, worker_id: int) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # drops one that waits
-        if hasattr(signal, "pthread_sigmask"):
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        if hasattr(signal, "sigwaitinfo"):
+            # blocked here too: a start method that did not inherit the mask
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # taken by the thread only
+            parent = os.getppid()
+            threading.Thread(target=_end_on_sigterm_from, args=(parent,), daemon=True).start()
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # drops one that waits
+            if hasattr(signal, "pthread_sigmask"):
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         if int(os.environ.get("PL_SEED_WORKERS", 0)):
             pl_worker_init_function(worker_id, rank=self.rank)
+
+
+def _end_on_sigterm_from(parent: int) -> None:
+    """A worker's SIGTERM thread: each one taken, the worker ends if ``parent`` sent it."""
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(128 + signal.SIGTERM)
 
 
 class FaceDataLoader(DataLoader):

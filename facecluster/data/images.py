@@ -428,8 +428,9 @@ class BadImageTracker:
         if int(self.flags[sample_id]) == 0:
             self.flags[sample_id] = 1
             logger.warning(
-                "data.on_bad_image=skip: cannot decode %s (%s: %s); it is replaced by another "
-                "image of the same identity",
+                "data.on_bad_image=skip: cannot decode %s (%s: %s); training replaces it by "
+                "another image of the same identity, evaluation and the class means leave it "
+                "out",
                 name or self.paths[sample_id],
                 type(error).__name__,
                 error,

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from facecluster.builders import build_datamodule, module_args
 from facecluster.config import ConfigError, load_config
 from facecluster.data import BadImageError, FaceDataModule, FaceImageDataset, datamodule, load_rgb
-from facecluster.data.images import decode_image, decode_on_device
+from facecluster.data.images import IGNORED, decode_image, decode_on_device, scored
 from facecluster.data.transforms import build_transforms, normalize_images
 from facecluster.pipeline import train
 from tests.conftest import DEMO, SMOKE, smoke_overrides
@@ -92,14 +92,14 @@ def test_odd_modes_and_sizes_become_8bit_rgb(tmp_path):
 # ---------------------------------------------------------------- lazy: skip / fail
 
 
-def _broken_dataset(tmp_path, policy="skip", max_bad_fraction=0.5):
+def _broken_dataset(tmp_path, policy="skip", max_bad_fraction=0.5, train=True):
     good = _demo_jpegs(4)
     for i, f in enumerate(good):
         shutil.copyfile(f, tmp_path / f"{i}.jpg")
     truncate(tmp_path / "1.jpg")
     (tmp_path / "3.jpg").write_text("<html>404 Not Found</html>")  # text named .jpg
     samples = [(str(tmp_path / f"{i}.jpg"), 0) for i in range(4)]
-    transform = build_transforms(32, train=False)
+    transform = build_transforms(32, train=train)
     return FaceImageDataset(
         samples, transform, on_bad_image=policy, max_bad_fraction=max_bad_fraction
     )
@@ -108,8 +108,8 @@ def _broken_dataset(tmp_path, policy="skip", max_bad_fraction=0.5):
 def test_skip_replaces_by_next_good_image_of_same_identity(tmp_path, caplog):
     ds = _broken_dataset(tmp_path)
     with caplog.at_level(logging.WARNING, logger="facecluster.data.images"):
-        x1, y1 = ds[1]
-        x3, y3 = ds[3]
+        x1, y1, _ = ds[(1, False)]
+        x3, y3, _ = ds[(3, False)]
         ds[1], ds[3]  # second reads: no second warning
     assert torch.equal(x1, _eval_tensor(tmp_path / "2.jpg")) and y1 == 0  # next good: 2
     assert torch.equal(x3, _eval_tensor(tmp_path / "0.jpg"))  # wraps around to 0
@@ -118,6 +118,11 @@ def test_skip_replaces_by_next_good_image_of_same_identity(tmp_path, caplog):
     for name in ("1.jpg", "3.jpg"):
         assert sum(str(tmp_path / name) in m for m in logged) == 1, logged
     assert ds.tracker.bad_paths() == [str(tmp_path / "1.jpg"), str(tmp_path / "3.jpg")]
+    # an evaluation set leaves them out of its scores: a substitute, another face of the
+    # identity, would be counted twice (a review)
+    ds = _broken_dataset(tmp_path, train=False)
+    assert [ds[i][1] for i in range(4)] == [0, IGNORED, 0, IGNORED]
+    assert torch.equal(ds[2][0], _eval_tensor(tmp_path / "2.jpg"))
 
 
 def test_fail_names_the_file(tmp_path):
@@ -162,8 +167,8 @@ def test_a_substitute_is_the_next_good_image_of_the_identity_in_any_sample_order
     broken = [i for i, y in enumerate(labels) if y == 1][1]  # the identity's second image
     truncate(tmp_path / f"{broken}.jpg")
     samples = [(str(tmp_path / f"{i}.jpg"), y) for i, y in enumerate(labels)]
-    ds = FaceImageDataset(samples, build_transforms(32, train=False), max_bad_fraction=0.5)
-    image, label = ds[broken]
+    ds = FaceImageDataset(samples, build_transforms(32, train=True), max_bad_fraction=0.5)
+    image, label, _ = ds[(broken, False)]
     following = [i for i, y in enumerate(labels) if y == 1][2]
     assert label == 1 and torch.equal(image, _eval_tensor(tmp_path / f"{following}.jpg"))
 
@@ -217,7 +222,7 @@ def test_workers_log_once_keep_batches_and_report_to_main_process(tmp_path):
     log.addHandler(handler)
     try:
         for _ in range(2):
-            sizes = [len(y) for _, y in loader]
+            sizes = [len(y) for _, y, _ in loader]
             assert sizes == [2, 2]
     finally:
         log.removeHandler(handler)
@@ -229,10 +234,11 @@ def test_workers_log_once_keep_batches_and_report_to_main_process(tmp_path):
     assert ds.tracker.count() == 2  # set in the workers, read here
 
 
-def test_class_mean_shards_replace_a_broken_image_from_any_shard(tmp_path):
-    # Under DDP each rank embeds train[rank::world]. A shard whose images of an
-    # identity are all broken still gets substitutes, the ones a one-process pass
-    # uses, so the per-class sums reduced over ranks equal the one-process sums.
+def test_class_mean_shards_leave_a_broken_image_out_as_one_process_does(tmp_path):
+    # Under DDP each rank embeds train[rank::world]. A broken image is left out of its
+    # class mean (IGNORED), in any shard: the per-class sums reduced over ranks equal
+    # the one-process sums, and count only the readable images (a substitute, another
+    # image of the identity, had counted that image twice).
     root = make_tree(tmp_path / "data", identities=3, per_identity=12)
     dm = FaceDataModule(str(root), batch_size=4, min_images_per_class=5, max_bad_fraction=0.5)
     dm.setup()
@@ -242,16 +248,21 @@ def test_class_mean_shards_replace_a_broken_image_from_any_shard(tmp_path):
     for path in broken:
         truncate(Path(path))
 
-    def sums(loaders: list[DataLoader]) -> torch.Tensor:
-        total = torch.zeros(3, dtype=torch.float64)
+    def sums(loaders: list[DataLoader]) -> tuple[torch.Tensor, torch.Tensor]:
+        total, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.long)
         for loader in loaders:
             for images, labels in loader:
-                total.index_add_(0, labels, images.double().flatten(1).sum(1))
-        return total
+                keep = scored(labels)
+                total.index_add_(0, labels[keep], images[keep].double().flatten(1).sum(1))
+                count.index_add_(0, labels[keep], torch.ones_like(labels[keep]))
+        return total, count
 
     shards = sums([dm.embedding_dataloader(rank, 2) for rank in (1, 0)])  # shard 1 first
     assert dm.bad_images() == sorted(broken)
-    assert torch.equal(shards, sums([dm.embedding_dataloader()]))
+    one = sums([dm.embedding_dataloader()])
+    assert torch.equal(shards[0], one[0]) and torch.equal(shards[1], one[1])
+    readable = torch.bincount(torch.tensor([y for _, y in train]), minlength=3)
+    assert one[1].tolist() == (readable - torch.tensor([0, len(broken), 0])).tolist()
 
 
 def _share_on_rank(rank: int, store: str, root: str, limit: float, out: dict) -> None:
@@ -549,7 +560,7 @@ def test_broken_evaluation_faces_are_left_out_of_the_table_calibration_and_thres
     assert probes == len(unseen) - len(stranger)
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert all(str(path) in warned for path in mine + stranger), warned
-    assert "left out of the" in warned
+    assert "evaluation and the class means leave it out" in warned
 
 
 @pytest.mark.parametrize("workers", [0, 1])
