@@ -35,7 +35,7 @@ from facecluster.callbacks import (
     VerificationCallback,
 )
 from facecluster.checkpoint_io import AtomicCheckpointIO
-from facecluster.config import Config, ConfigError, naming
+from facecluster.config import Config, ConfigError, naming, resolve_data_root
 from facecluster.data import FaceDataModule
 from facecluster.data.verification import (
     VerificationPairs,
@@ -57,6 +57,12 @@ def build_datamodule(cfg: Config, eval_batch_size: int | None = None) -> FaceDat
     }
     if eval_batch_size is not None:
         args["eval_batch_size"] = eval_batch_size
+    if not resolve_data_root(cfg.data.root).exists():  # a run's data moved, too
+        raise ConfigError(
+            f"data.root={cfg.data.root!r} does not exist: give an image folder (one "
+            "sub-folder per identity) or an InsightFace .rec; for a run whose data moved, "
+            "add data.root=<new place> to its resume= or evaluate.py command"
+        )
     with naming("data"):
         dm = FaceDataModule(**args)
         dm.setup()
@@ -135,11 +141,14 @@ def backbone_parameters(cfg: Config) -> int:
     return sum(p.numel() for p in backbone.parameters())
 
 
-def check_cluster_count(cfg: Config, dm: FaceDataModule) -> None:
-    """Every cluster needs identities: refuse fewer training identities than clusters,
-    naming what left them out (``data.max_classes``, the open set's
+def check_identity_count(cfg: Config, dm: FaceDataModule) -> None:
+    """Refuse fewer than 2 training identities (a classifier over one identity learns
+    nothing, and torchmetrics refused it with a traceback once the run folder was
+    made) and, for a two-stage run, fewer than clusters (every cluster needs
+    identities), naming what left them out (``data.max_classes``, the open set's
     ``data.unseen_fraction``) when it did."""
-    if not cfg.two_stage or dm.num_classes >= cfg.clustering.num_clusters:
+    clusters = cfg.clustering.num_clusters if cfg.two_stage else 1
+    if dm.num_classes >= max(2, clusters):
         return
     data = cfg.data
     held = len(dm.unseen_identities("val")) + len(dm.unseen_identities("test"))
@@ -149,6 +158,11 @@ def check_cluster_count(cfg: Config, dm: FaceDataModule) -> None:
         why += f" (data.max_classes={data.max_classes} keeps no more)"
     if held:
         why += f", and data.unseen_fraction={data.unseen_fraction} holds {held} of them out"
+    if dm.num_classes < 2:
+        raise ConfigError(
+            f"only {dm.num_classes} identit{'y' if dm.num_classes == 1 else 'ies'} would "
+            f"train, and identification needs at least 2: {why}"
+        )
     raise ConfigError(
         f"clustering.num_clusters={cfg.clustering.num_clusters} but only {dm.num_classes} "
         f"identities train: {why}"

@@ -137,6 +137,13 @@ def export_run(
     calibrate_run(identifier, folder, cfg, dm)
     if unseen is not None:
         identifier.open_set = unknown_threshold(identifier, unseen, fpir)
+    else:  # said nowhere on screen: identify then named a noise image (a walkthrough)
+        logger.warning(
+            "%s is a closed-set run (data.unseen_fraction=0): the export has no unknown "
+            "threshold, so identify gives every face an enrolled name (its --threshold "
+            "sets one); --fpir applies to runs trained with data.unseen_fraction > 0",
+            folder.path,
+        )
     identifier.to("cpu")  # the file loads anywhere
     # an earlier export's networks are not this identifier's: never leave them beside it
     check_replaceable(out / ONNX_FOLDER)  # unchanged since the check above, or refused
@@ -236,7 +243,7 @@ def load_export(
     if not (model / TORCH_FILE).exists() and (model / "config.yaml").is_file():
         raise FileNotFoundError(
             f"{model} is a training run folder, not an export: write one with "
-            f"`facecluster export {model} <folder>` and identify with that folder"
+            f"`facecluster export {model} <folder>` and use that folder"
         )
     finish_update(model)  # an export or enrolment that died after its commit: completed
     if runtime == "auto":
@@ -599,6 +606,17 @@ def export_threshold(
     return open_set["threshold"]
 
 
+def _check_out_is_not_read(out: Path, model: str | Path, files: Sequence[str | Path]) -> None:
+    """Refuse an ``--out`` that would replace the export or an image being identified
+    (it replaced them with the CSV, exit 0)."""
+    target = Path(os.path.realpath(out))
+    export = Path(os.path.realpath(model))
+    if target == export or export in target.parents:
+        raise ValueError(f"--out {out} is inside the export {model}: name a CSV file elsewhere")
+    if any(Path(os.path.realpath(f)) == target for f in files):
+        raise ValueError(f"--out {out} is one of the images to identify: name another file")
+
+
 def identify_files(
     model: str | Path,
     sources: Sequence[str | Path],
@@ -633,6 +651,7 @@ def identify_files(
     if threshold is None:
         threshold = export_threshold(identifier, model, top_m)
     files = image_files(sources)
+    _check_out_is_not_read(out, model, files)
     size = identifier.backbone_args["image_size"]
     where = resolve_device(device)
     names = identifier.class_names

@@ -31,7 +31,7 @@ from facecluster.builders import (
     backbone_parameters,
     build_datamodule,
     build_trainer,
-    check_cluster_count,
+    check_identity_count,
     check_trainer,
     check_verification_sets,
     module_args,
@@ -138,7 +138,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         check_verification_sets(cfg, stage1_done=bool(cfg.resume) and folder.has_stage_summary(1))
         backbone_params = backbone_parameters(cfg)
         dm = build_datamodule(cfg)
-        check_cluster_count(cfg, dm)
+        check_identity_count(cfg, dm)
         run_id = folder.create(new=not cfg.resume)  # a resume's: nothing written
         folder.check_free_space(cfg, backbone_params, dm.num_classes)  # on every rank
         folder.keep_data(dm)  # a resume: checked, not rewritten
@@ -166,7 +166,13 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
     """Refuse ``stage=`` before the run folder changes, here or at submission, when what
     it needs is missing: stage=cluster a finished stage 1, stage=2 and a two-stage
     assembly the clustering, a single model's assembly its finished stage 1 (a SLURM
-    submission queued jobs that could only fail)."""
+    submission queued jobs that could only fail). Every stage but 1 continues a run, so
+    it needs ``resume=`` (a new folder's name in the advice was refused by that advice)."""
+    if cfg.stage in ("cluster", "2", "assemble") and not cfg.resume:
+        raise ConfigError(
+            f"stage={cfg.stage} continues a run: give resume=<run folder> (a new run starts "
+            "with stage=1, or stage=all, the default)"
+        )
     if cfg.stage == "cluster" and not folder.has_stage_summary(1):
         raise ConfigError(
             f"stage=cluster: stage 1 of {folder.path} is not finished; train it first with "

@@ -226,6 +226,21 @@ def test_an_error_without_a_key_names_the_override(overrides, expected):
     assert expected in str(err.value)
 
 
+def test_one_value_for_a_list_key_says_it_takes_a_list(tmp_path):
+    # "AnyNode is not a ListConfig, TupleConfig, list, or tuple" (a walkthrough: the
+    # docs show one verification file, so one path is a natural thing to type)
+    pairs = tmp_path / "pairs.txt"  # an LFW pairs list, its images/ beside it
+    pairs.write_text("")
+    (tmp_path / "images").mkdir()
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, [f"data.verification={pairs}"])
+    assert str(err.value) == (
+        f"command line, data.verification={pairs}: wrong type for 'data.verification': "
+        "it takes a list, as data.verification=[a,b] (one item: [a])"
+    )
+    assert load_config(SMOKE, [f"data.verification=[{pairs}]"]).data.verification
+
+
 def test_bad_override_syntax_is_rejected():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(overrides=["data.root"])
@@ -466,18 +481,33 @@ def test_a_new_run_that_names_some_subnets_is_refused_at_start(tmp_path):
 def test_too_few_identities_to_cluster_names_what_held_them_out(tmp_path):
     # "has only 2 identities with at least 10 images" though 4 qualified: the open set
     # (data.unseen_fraction) had held 2 of data.max_classes=4 out of training
-    from facecluster.builders import build_datamodule, check_cluster_count
+    from facecluster.builders import build_datamodule, check_identity_count
     from tests.conftest import smoke_overrides
 
     cfg = load_config(
         SMOKE, smoke_overrides(tmp_path, "data.max_classes=4", "data.unseen_fraction=0.5")
     )
     with pytest.raises(ConfigError) as err:
-        check_cluster_count(cfg, build_datamodule(cfg))
+        check_identity_count(cfg, build_datamodule(cfg))
     message = str(err.value)
     assert "clustering.num_clusters=3" in message and "only 2 identities train" in message
     assert "4 identities with at least 10 images" in message
     assert "data.max_classes=4" in message and "data.unseen_fraction=0.5 holds 2" in message
+
+
+@pytest.mark.parametrize("method", ["clustered", "single"])
+def test_one_training_identity_is_refused_before_the_run_folder(tmp_path, method):
+    # a torchmetrics ValueError traceback from the stage-1 module, after the run folder
+    # (config, names, split, an empty stage1/) was written (a walkthrough)
+    from facecluster.pipeline import train
+    from tests.conftest import smoke_overrides
+
+    one = ["data.max_classes=1", "clustering.num_clusters=1", f"method={method}"]
+    overrides = smoke_overrides(tmp_path, *one)
+    cfg = load_config(SMOKE, overrides)
+    with pytest.raises(ConfigError, match=r"only 1 identity would train, and identification"):
+        train(cfg)
+    assert not list(tmp_path.glob("**/config.yaml"))
 
 
 def test_a_config_file_that_is_not_a_yaml_mapping_is_named(tmp_path):

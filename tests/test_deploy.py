@@ -869,6 +869,19 @@ def test_identify_reads_folders_as_training_does_and_names_its_mistakes(
     assert "is a folder: name the CSV file" in capsys.readouterr().err
     assert cli.identify_main([str(open_run), str(photos), "--out", str(out)]) == 2
     assert "is a training run folder, not an export" in capsys.readouterr().err
+    # --out the export's own file, or an image to identify: they were replaced by the
+    # CSV, exit 0 (a walkthrough)
+    image = photos / f"{second}_0001.jpg"
+    kept = {f: f.read_bytes() for f in (exported / "identifier.pt", image)}
+    for wrong, why in (
+        (exported / "identifier.pt", "is inside the export"),
+        (exported / "new.csv", "is inside the export"),
+        (image, "is one of the images to identify"),
+    ):
+        assert cli.identify_main([str(exported), str(photos), "--out", str(wrong)]) == 2
+        assert why in capsys.readouterr().err, wrong
+    assert all(f.read_bytes() == data for f, data in kept.items())
+    assert not (exported / "new.csv").exists()
     with pytest.raises(ValueError, match=r"device 'mps': use auto, cpu, cuda"):
         identify_files(exported, [photos], out, device="mps")
     assert len(out.read_text(encoding="utf-8").splitlines()) == rows + 1  # the CSV as it was

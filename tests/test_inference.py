@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -674,12 +675,15 @@ def test_the_decision_unit_is_fitted_on_a_seeded_sample_of_validation_faces(
     assert len(fitted_on[2]) > 7 and set(fitted_on[0].tolist()) <= set(fitted_on[2].tolist())
 
 
-def test_a_calibrated_closed_set_run_exports_without_its_data(finished_run, tmp_path):
+def test_a_calibrated_closed_set_run_exports_without_its_data(finished_run, tmp_path, caplog):
     # the export reads the data only for a pass over the validation split (a fit of the
     # decision unit not made yet, an open-set threshold): a run folder copied elsewhere
     from facecluster.deploy import export_run
 
-    export_run(finished_run, tmp_path / "first", device="cpu")  # calibrates if needed
+    with caplog.at_level(logging.WARNING, logger="facecluster.deploy"):
+        export_run(finished_run, tmp_path / "first", device="cpu")  # calibrates if needed
+    # it says it has no unknown threshold (nothing on screen did: a walkthrough)
+    assert "closed-set run (data.unseen_fraction=0): the export has no unknown" in caplog.text
     moved = tmp_path / "moved"
     shutil.copytree(finished_run, moved)
     config = moved / "config.yaml"
@@ -688,6 +692,10 @@ def test_a_calibrated_closed_set_run_exports_without_its_data(finished_run, tmp_
     config.write_text(text.replace(root, "/nonexistent/faces"))
     written = export_run(moved, tmp_path / "second", device="cpu")
     assert written == [tmp_path / "second" / "identifier.pt"]
+    # evaluating needs the data: the message says how to point at its new place (it
+    # said "give the folder that holds one sub-folder per identity", a walkthrough)
+    with pytest.raises(ConfigError, match=r"'/nonexistent/faces' does not exist: .* add data.root"):
+        evaluate_run(moved)
 
 
 class _RunsCode:

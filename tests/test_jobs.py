@@ -396,6 +396,12 @@ def test_stage_rules_name_what_is_missing(tmp_path, monkeypatch):
         train(run.config_for_resume(str(run.path), ["stage=assemble"]))
     with pytest.raises(ConfigError, match="stage=cluster: method=single"):
         load_config(SMOKE, ["method=single", "stage=cluster"])
+    # without resume=, the advice named a new run folder that its own command refused
+    for stage in ("stage=cluster", "stage=2", "stage=assemble"):
+        new = load_config(SMOKE, [f"output_dir={tmp_path / 'new'}", stage])
+        with pytest.raises(ConfigError, match=f"{stage} continues a run: give resume="):
+            train(new)
+    assert not (tmp_path / "new").exists()
     with pytest.raises(ConfigError, match="stage2.jobs=4 is more than clustering.num_clusters=3"):
         load_config(SMOKE, ["clustering.num_clusters=3", "stage2.jobs=4"])
 
