@@ -931,7 +931,7 @@ def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfi
             msg = str(e.msg).splitlines()[0]
             if "is not a ListConfig" in msg or "is not a TupleConfig" in msg:
                 # OmegaConf's "AnyNode is not a ListConfig, TupleConfig, list, or tuple"
-                msg = f"it takes a list, as {e.full_key}=[a,b] (one item: [a])"
+                msg = f"it takes a list, as {e.full_key}=[a,b]"
             raise ConfigError(f"{source}: wrong type for '{e.full_key}': {msg}") from None
         # a whole section given a value ("data=3"), a tuple of the wrong length
         raise ConfigError(f"{source}: wrong type: {str(e).splitlines()[0]}") from None

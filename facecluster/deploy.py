@@ -613,7 +613,8 @@ def _check_out_is_not_read(out: Path, model: str | Path, files: Sequence[str | P
     export = Path(os.path.realpath(model))
     if target == export or export in target.parents:
         raise ValueError(f"--out {out} is inside the export {model}: name a CSV file elsewhere")
-    if any(Path(os.path.realpath(f)) == target for f in files):
+    same = os.path.samefile if target.exists() else (lambda a, b: False)  # also A.JPG, a.jpg
+    if any(Path(os.path.realpath(f)) == target or same(f, target) for f in files):
         raise ValueError(f"--out {out} is one of the images to identify: name another file")
 
 

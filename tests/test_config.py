@@ -236,7 +236,7 @@ def test_one_value_for_a_list_key_says_it_takes_a_list(tmp_path):
         load_config(SMOKE, [f"data.verification={pairs}"])
     assert str(err.value) == (
         f"command line, data.verification={pairs}: wrong type for 'data.verification': "
-        "it takes a list, as data.verification=[a,b] (one item: [a])"
+        "it takes a list, as data.verification=[a,b]"
     )
     assert load_config(SMOKE, [f"data.verification=[{pairs}]"]).data.verification
 

@@ -199,15 +199,15 @@ def test_moe_with_every_identity_in_two_clusters():
         result = ident.identify(queries, top_m=top_m)  # k=1: argmax over each cluster
         expected = _brute_force(ident, queries, result.clusters.tolist())
         assert torch.equal(result.identity, expected.argmax(1)), top_m
-    # ISM: each identity's two sub-net probabilities, 1/4 each, added
+    # ISM: each identity's higher sub-net cosine of its two, never summed
     q = F.normalize(queries, dim=1)
-    by_hand = torch.zeros(len(q), 12)
+    by_hand = torch.full((len(q), 12), -2.0)
     for k in range(4):
-        sub = torch.softmax(q @ ident.head(k).T / ident.moe.subnet_temperature, 1)
-        by_hand[:, ident.members(k)] += sub / 4
+        members = ident.members(k)
+        by_hand[:, members] = torch.maximum(by_hand[:, members], q @ ident.head(k).T)
     ism = ident.identify(queries, all_subnets=True, k=12)
     assert torch.equal(ism.identity, by_hand.argmax(1))
-    assert torch.allclose(ism.candidate_scores.exp(), by_hand.sort(1, descending=True).values)
+    assert torch.allclose(ism.candidate_scores, by_hand.sort(1, descending=True).values)
 
 
 def test_moe_compares_each_face_with_its_candidate_clusters_class_means_only(monkeypatch):
@@ -247,22 +247,21 @@ def test_reported_subnet_forwards_and_parameters_are_what_a_pass_runs(weight):
 
 
 def test_ism_is_the_subnets_alone_and_a_routing_miss_is_not_forced():
-    # ISM, the paper's baseline: each sub-net's own probability (its fitted temperature,
-    # every cluster 1/K), no router, no class means; under moe it had been the mixture
-    # over every cluster, which leans on the stage-1 class means (a review)
+    # ISM, the paper's baseline: each sub-net's best cosine, the highest wins; no router,
+    # no class means, no fitted temperature (one fitted with g = 1 is arbitrary). Under
+    # moe it had been the mixture over every cluster, which leans on the class means
     ident, queries = _moe_identifier(0.3, seed=2)
     q = F.normalize(queries, dim=1)
-    t = ident.moe.subnet_temperature
     by_hand = torch.zeros(len(q), ident.assignment.num_classes)
     for k in range(ident.num_clusters):
-        by_hand[:, ident.members(k)] = torch.softmax(q @ ident.head(k).T / t, 1) / 4
+        by_hand[:, ident.members(k)] = q @ ident.head(k).T
     ism = ident.identify(queries, all_subnets=True)
     assert torch.equal(ism.identity, by_hand.argmax(1))
-    assert torch.allclose(ism.score.double().exp(), by_hand.amax(1).double(), rtol=1e-5)
-    # the class means and the generalist weight play no part
+    assert torch.allclose(ism.score, by_hand.amax(1)) and torch.equal(ism.score, ism.similarity)
+    # the class means, the generalist weight and the temperatures play no part
     every = ident.identify(queries, top_m=ident.num_clusters)
     assert not torch.equal(every.identity, ism.identity)
-    ident.route_config["generalist_weight"] = 0.9
+    ident.route_config.update(generalist_weight=0.9, subnet_temperature=0.005)
     ident.grouped_means.normal_()  # what the router and the class-mean term read
     assert torch.equal(ident.identify(queries, all_subnets=True).identity, ism.identity)
     assert not torch.equal(ident.identify(queries, top_m=4).identity, every.identity)

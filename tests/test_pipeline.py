@@ -490,6 +490,9 @@ def test_loader_workers_drop_a_strangers_sigterm_and_a_script_that_leaves_them_e
         proc.stdin.write("exit\n")
         proc.stdin.flush()
         assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
+        # ended as torch ends them (exit 0): with 143 its SIGCHLD check said "DataLoader
+        # worker ... exited unexpectedly" at exit, in 2 of 6 runs (a review)
+        assert "Traceback" not in proc.stderr.read()
     finally:
         proc.kill()
 

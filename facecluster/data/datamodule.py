@@ -654,12 +654,14 @@ def _end_on_sigterm_from(parent: int) -> None:
     """A worker's SIGTERM thread: each one taken, the worker ends if ``parent`` sent it."""
     while True:
         if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
-            os._exit(128 + signal.SIGTERM)
+            # 0, as torch's own worker handler exits on its parent's SIGTERM: the
+            # parent's SIGCHLD check took 143 for a crash ("exited unexpectedly")
+            os._exit(0)
 
 
 class FaceDataLoader(DataLoader):
-    """A DataLoader whose workers start with SIGTERM blocked, until :class:`WorkerStart`
-    ignores it: sent to every process while an epoch's workers were being started
+    """A DataLoader whose workers start with SIGTERM blocked, which :class:`WorkerStart`
+    keeps so: sent to every process while an epoch's workers were being started
     (the moment a checkpoint is written), it killed a worker before it could ignore
     it, and the run again ended in "DataLoader worker ... killed by signal" (once in
     CI). The training process holds the signal while it starts them, then takes it."""
@@ -1376,8 +1378,8 @@ class FaceDataModule(lightning.LightningDataModule):
     def unseen_dataloader(self, split: str) -> DataLoader | None:
         """The faces of the unseen identities of ``split``, in fixed order; None when
         there are none. Their labels are negative, no enrolled identity being right for
-        them: ``i - n`` for the i-th of the n identities, so that a broken face is
-        replaced by another of the same person (``on_bad_image=skip``), not of another."""
+        them: ``i - n`` for the i-th of the n identities (a broken face is left out,
+        :data:`IGNORED`, under ``on_bad_image=skip``)."""
         folder, _ = self._ensure_setup()
         names = self.unseen_identities(split)
         samples = [
@@ -1404,8 +1406,8 @@ class FaceDataModule(lightning.LightningDataModule):
         shard ``train[rank::world_size]`` with no padding or duplication, so
         per-class sums reduced over ranks equal a single-process pass exactly. The
         dataset is the whole split and the sampler takes the shard: a broken image
-        (``on_bad_image=skip``) is replaced by the same image as in a one-process pass,
-        from its identity's images on any shard.
+        (``on_bad_image=skip``) is left out of its class mean (:data:`IGNORED`), on any
+        shard as in a one-process pass.
 
         Args:
             rank: This process's rank.

@@ -364,10 +364,11 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 IGNORED = -(1 << 40)
-"""The label of an evaluation face that is broken and that no readable face of its
-identity in its split can replace (``on_bad_image=skip``; an identity with one val image
-is common): scored by nothing (:func:`scored`), not the reason a run stops. Negative,
-as no identity's label is (the unseen identities' are ``-n..-1``)."""
+"""The label of a broken face of an evaluation dataset (validation, test, the unseen
+faces, the class-mean pass) under ``on_bad_image=skip``: left out, not replaced by
+another face of its identity, which would count that face twice; scored by nothing
+(:func:`scored`), not the reason a run stops. Negative, as no identity's label is (the
+unseen identities' are ``-n..-1``)."""
 
 
 def scored(labels: torch.Tensor) -> torch.Tensor:

@@ -104,7 +104,7 @@ def moe_scores(
     if g == 1.0:
         mixed = mean
     else:
-        subnet = subnet_log_softmax(subnet_cosine, not_mine, params.subnet_temperature)
+        subnet = _subnet_log_softmax(subnet_cosine, not_mine, params.subnet_temperature)
         mixed = (
             subnet + math.log1p(-g)
             if g == 0.0
@@ -113,7 +113,7 @@ def moe_scores(
     return cluster_log_weight[:, None].double() + mixed
 
 
-def subnet_log_softmax(cosine: Tensor, not_mine: Tensor | None, temperature: float) -> Tensor:
+def _subnet_log_softmax(cosine: Tensor, not_mine: Tensor | None, temperature: float) -> Tensor:
     """``[n, m]`` a sub-net's log-probabilities of its m identities: the softmax over them
     and, when it has one, its "not mine" class, whose share is then left out."""
     scores = cosine.double() if not_mine is None else torch.cat([cosine, not_mine], 1).double()
@@ -248,7 +248,8 @@ def evidence(
     normalised over the enrolled identities, so a stranger whose nearest identity is far
     still gets p near 1 when every other identity is farther. On the demo's unseen faces
     (docs/DEPLOYMENT.md, one run) FNIR at FPIR 1% was 40.62% with it against 47.00% on
-    the log-posterior for routed inference, and 40.62% against 39.50% for ISM."""
+    the log-posterior for routed inference, and 40.62% against 39.50% for the mixture over
+    every cluster (then the ISM row)."""
     return fuse(subnet_cosine, class_mean_similarity, params.generalist_weight)
 
 

@@ -43,7 +43,6 @@ from facecluster.inference.decision import (
     keep_top,
     moe_scores,
     similarity,
-    subnet_log_softmax,
     sum_shared,
 )
 from facecluster.inference.predictors import Predictor, count_parameters
@@ -343,11 +342,11 @@ class TwoStageIdentifier(nn.Module):
             top_m: clusters to search (default ``route.top_m``).
             alpha: decision-unit weight of the class-mean similarity (default ``route.alpha``).
             all_subnets: ISM, the paper's baseline: every sub-net answers on its own
-                and the best score wins, with no router and no class means (no
-                router backbone forward; ``top_m`` and ``alpha`` do not apply). Its
-                score: the sub-net's cosine (``linear``), or its probability under the
-                fitted sub-net temperature (``moe``, every cluster weighted 1/K). The
-                mixture over all K clusters is ``top_m=K``.
+                and the highest cosine to a head row wins (an identity in two clusters
+                keeps the higher), with no router, no class means and no fitted
+                numbers, whatever ``route.decision`` (no router backbone forward;
+                ``top_m`` and ``alpha`` do not apply). The decision unit over all K
+                clusters is ``top_m=K``.
             k: candidates kept per face (the prediction is the first).
 
         Returns:
@@ -388,7 +387,7 @@ class TwoStageIdentifier(nn.Module):
         # others at once (keeping every cluster's whole [rows, members] scores to the end
         # grew ISM's peak memory by 1,118 MB where one [B, C] float32 is 51 MB; 708 MB
         # now: 200K identities, K=8, batch 64, 20% overlap, measured)
-        summing = moe and empty_id is not None
+        summing = moe and not all_subnets and empty_id is not None
         shared_ids = self._overlap_on(images.device)[0] if summing else None
         sims, shares = {}, {}  # moe: cluster c's faces' similarities to its class means
         if moe and not all_subnets:  # each candidate cluster's log-probability, renormalised
@@ -410,14 +409,8 @@ class TwoStageIdentifier(nn.Module):
                 embedded = self._embed_from(self.subnets[c], features[rows])
                 cosine, other = self._subnet_cosine(c, embedded)
                 forwards += len(rows)
-            if all_subnets:  # ISM: the sub-net's own answer
-                close = cosine
-                score = (  # moe: each cluster weighted 1/K
-                    subnet_log_softmax(cosine, other, params.subnet_temperature)
-                    - math.log(self.num_clusters)
-                    if moe
-                    else cosine
-                )
+            if all_subnets:  # ISM: the sub-net's own answer, its cosine
+                score = close = cosine
             elif moe:
                 weight = log_weight.masked_fill(clusters != c, -math.inf).amax(dim=1)[rows]
                 means = sims.pop(c)  # [rows, members]: dropped once this cluster is scored
