@@ -24,11 +24,14 @@ from facecluster.models.subnets_module import SubnetSystem
 OPTIM = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 
 
-def system(backbone: str, size: int, k: int, classes: int, checkpointing: bool) -> SubnetSystem:
+def system(
+    backbone: str, size: int, k: int, classes: int, checkpointing: bool, width: int | None
+) -> SubnetSystem:
+    args = {"name": backbone, "embedding_dim": 512, "image_size": size}
     model = SubnetSystem(
         classes * k,
         [classes] * k,
-        backbone={"name": backbone, "embedding_dim": 512, "image_size": size},
+        backbone={**args, **({"width": width} if width is not None else {})},
         head={"name": "arcface", "s": 64.0, "m": 0.5},
         optim=OPTIM,
         activation_checkpointing=checkpointing,
@@ -59,6 +62,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="iresnet50")
     p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--width", type=int, help="the backbone's base width (default: its own)")
     p.add_argument("--batch", type=int, default=4, help="images per sub-net")
     p.add_argument("--clusters", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--repeats", type=int, default=3, help="timed steps of each setting, in turn")
@@ -72,7 +76,7 @@ def main() -> None:
             c: (torch.randn(a.batch, 3, a.image_size, a.image_size), torch.arange(a.batch) % 100)
             for c in range(k)
         }
-        models = {on: system(a.backbone, a.image_size, k, 100, on) for on in (False, True)}
+        models = {on: system(a.backbone, a.image_size, k, 100, on, a.width) for on in (False, True)}
         for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
             kept = {on: step(models[on], batch, dtype)[0] for on in (False, True)}
             times: dict[bool, list[float]] = {False: [], True: []}
@@ -82,6 +86,7 @@ def main() -> None:
             row = {
                 "backbone": a.backbone,
                 "image_size": a.image_size,
+                "width": a.width,
                 "subnets": k,
                 "batch_per_subnet": a.batch,
                 "precision": name,

@@ -156,8 +156,9 @@ class DataConfig:
     max_classes: int | None = None
     """Keep only the first max_classes identities (sorted by name); None keeps all."""
     on_bad_image: str = "skip"
-    """Undecodable image files: skip (replace by another image of the same identity,
-    each path logged once, the total reported at epoch ends) or fail (stop naming the file)."""
+    """Undecodable image files: skip (in training replaced by another image of the same
+    identity; left out of validation, evaluation and the class means; each path logged
+    once, the total reported at epoch ends) or fail (stop naming the file)."""
     max_bad_fraction: float = 0.01
     """Stop when more than this fraction of a split is undecodable or zero-byte files."""
     decode: str = "cpu"
@@ -869,16 +870,17 @@ class Config:
 
     def run_settings(self) -> Config:
         """This config without what one command runs now (``stage``, ``stage2.subnets``,
-        ``stage2.group``): what the run folder keeps for later resumes. Its data paths
-        are absolute: a relative ``data.root`` was read from the project root by a resume
-        from another working dir, and the same folder written absolute was refused."""
+        ``stage2.group``, ``resume``): what the run folder keeps for later resumes (its
+        ``config.yaml``, which ``-c`` starts a new run from, resumed or not). Its data
+        paths are absolute: a relative ``data.root`` was read from the project root by a
+        resume from another working dir, and the same folder written absolute was refused."""
         stage2 = dataclasses.replace(self.stage2, subnets=None, group=None)
         data = dataclasses.replace(
             self.data,
             root=os.path.abspath(self.data.resolved_root()),
             verification=[os.path.abspath(p) for p in self.data.verification_paths()],
         )
-        return dataclasses.replace(self, stage="all", stage2=stage2, data=data)
+        return dataclasses.replace(self, stage="all", stage2=stage2, data=data, resume=None)
 
     def with_overrides(self, overrides: list[str] | tuple) -> Config:
         """This config with ``key=value`` overrides applied, validated."""

@@ -132,6 +132,11 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         if cfg.launcher.name == "slurm":  # first: the jobs still queued, named as such
             check_queue(folder)  # before the run folder changes
         _check_prerequisites(cfg, folder)
+        if cfg.resume and folder.finished and cfg.stage == "all" and cfg.stage2.subnets is None:
+            rank_zero_info(  # it evaluated again, without a word
+                f"{folder.path} is finished: nothing to train; its test split is evaluated "
+                f"again (`python evaluate.py run={folder.path}` does only that)"
+            )
         check_local_jobs(cfg)  # local stage-2 jobs must fit this node
         # read whole: a broken set stops before the data scan and any training (a
         # resume past stage 1 that does not evaluate reads none)

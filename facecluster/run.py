@@ -371,6 +371,14 @@ class RunFolder:
                 self.config(others), cfg, f"run={self.path}", fixed, evaluation=True
             )
         if not self.finished:
+            busy = self.training_now()
+            if busy is not None:  # the advice below would be refused as long as it runs
+                owner = _read_json(busy) or {}
+                raise ConfigError(
+                    f"run={self.path}: the run is not finished: it is training now (host "
+                    f"{owner.get('host', '?')}, pid {owner.get('pid', '?')}, {busy}); "
+                    "evaluate it once that command has finished"
+                )
             missing = ""
             if cfg.two_stage and self.clusters_path.is_file():
                 todo = self.missing_subnets(cfg.clustering.num_clusters)
@@ -911,6 +919,15 @@ class RunFolder:
                 held = other.get("subnets") or _read_json(lock.parent / JOB_SUBNETS) or []
                 found[lock.parent.name] = (list(held), other)
         return found
+
+    def training_now(self) -> Path | None:
+        """The lock of a command training the run now (its stage 1 or clustering, or a
+        stage-2 job), else None."""
+        other = _read_json(self.stage1_lock_path)
+        if other and not _lock_is_stale(other, _lock_owner()):
+            return self.stage1_lock_path
+        jobs = sorted(self._training_jobs())
+        return self.stage_dir(2, jobs[0]) / RUNNING if jobs else None
 
     def started_jobs(self) -> list[list[int]]:
         """The sub-nets of each stage-2 job that has saved a checkpoint, furthest first."""

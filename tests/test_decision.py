@@ -264,6 +264,13 @@ def test_ism_is_the_subnets_alone_and_a_routing_miss_is_not_forced():
     ident.route_config.update(generalist_weight=0.9, subnet_temperature=0.005)
     ident.grouped_means.normal_()  # what the router and the class-mean term read
     assert torch.equal(ident.identify(queries, all_subnets=True).identity, ism.identity)
+    # so an uncalibrated moe identifier answers ISM (it asked for a calibration first)
+    fitted = dict(ident.route_config)
+    ident.route_config.update(router_temperature=None)
+    assert torch.equal(ident.identify(queries, all_subnets=True).identity, ism.identity)
+    with pytest.raises(ValueError, match="calibrate"):
+        ident.identify(queries, top_m=4)
+    ident.route_config.update(fitted)
     assert not torch.equal(ident.identify(queries, top_m=4).identity, every.identity)
     ident, queries = _moe_identifier(0.3, seed=2)
     # a candidate that the router ranks second can win when its sub-net is sure

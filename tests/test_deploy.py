@@ -823,7 +823,7 @@ def test_export_never_deletes_an_onnx_folder_it_did_not_write(open_run, exported
 
 @pytest.mark.slow
 def test_identify_status_tells_an_identity_named_unknown_from_a_rejected_face(
-    open_run, exported, tmp_path
+    open_run, exported, tmp_path, capsys
 ):
     # the identity column's words "unknown" and "unreadable" are also possible names
     photos = tmp_path / "photos"
@@ -831,6 +831,12 @@ def test_identify_status_tells_an_identity_named_unknown_from_a_rejected_face(
     (photos / "broken.jpg").write_bytes(b"")
     out = tmp_path / "who.csv"
     identify_files(exported, [photos], out, threshold=-2.0, device="cpu")
+    # the warning names the file and what it starts with on a line of its own (it showed
+    # PIL's "<_io.BytesIO object at 0x...>", written onto the progress bar's line)
+    warned = [line for line in capsys.readouterr().err.splitlines() if "broken.jpg" in line]
+    assert len(warned) == 1 and warned[0].startswith("cannot decode "), warned
+    assert "not an image format Pillow reads (it starts with b'')" in warned[0]
+    assert "BytesIO" not in warned[0]
     answers = [r["identity"] for r in csv.DictReader(out.open(encoding="utf-8"))]
     named = max(set(answers) - {"unreadable"}, key=answers.count)  # its name becomes "unknown"
     renamed = tmp_path / "renamed"

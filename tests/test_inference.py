@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from facecluster.evaluation import eval_autocast, evaluate_run, top_m_sweep
 from facecluster.inference import UNKNOWN, Router, TwoStageIdentifier, fuse
 from facecluster.io import UnsafeFileError
 from facecluster.pipeline import train
-from facecluster.run import RunFolder
+from facecluster.run import RunFolder, _lock_owner
 from tests.conftest import DEMO, SMOKE, smoke_overrides
 
 ROUTE = {
@@ -743,7 +744,16 @@ def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(
     unfinished.mkdir()
     (unfinished / "config.yaml").write_text((finished_run / "config.yaml").read_text())
     assert evaluate.main([f"run={unfinished}"]) == 2
-    assert "not finished" in capsys.readouterr().err
+    assert "finish it with `python train.py resume=" in capsys.readouterr().err
+    # a run a command is training now: its resume would be refused, so not advised
+    lock = RunFolder(unfinished).stage1_lock_path
+    lock.parent.mkdir()
+    lock.write_text(json.dumps(_lock_owner()))  # this process's: alive
+    assert evaluate.main([f"run={unfinished}"]) == 2
+    err = capsys.readouterr().err
+    assert f"it is training now (host {_lock_owner()['host']}, pid {os.getpid()}" in err
+    assert "resume=" not in err
+    lock.unlink()
     # several runs: every one is checked before the first is evaluated
     with monkeypatch.context() as m:
         m.setattr(evaluation, "evaluate_run", lambda *a: pytest.fail("evaluated before checks"))

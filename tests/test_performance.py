@@ -240,8 +240,9 @@ def test_subnet_memory_benchmark_counts_k_subnets_and_their_recomputation(tmp_pa
     # inputs (a small fraction)
     out = tmp_path / "memory.json"
     command = [
-        sys.executable, "bench/subnet_memory.py", "--backbone", "iresnet18", "--image-size",
-        "32", "--batch", "2", "--clusters", "1", "2", "--repeats", "1", "--out", str(out),
+        sys.executable, "bench/subnet_memory.py", "--backbone", "iresnet18", "--width", "32",
+        "--image-size", "32", "--batch", "2", "--clusters", "1", "2", "--repeats", "1",
+        "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

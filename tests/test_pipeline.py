@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 
 import lightning as L
@@ -54,6 +55,20 @@ def test_a_finished_run_refuses_overrides_it_would_not_act_on(finished_run, tmp_
     # sub-nets named to train again take new stage-2 settings
     again = RunFolder.config_for_resume(str(run), ["stage2.subnets=[1]", "stage2.max_epochs=9"])
     assert again.stage_epochs(2) == 9
+
+
+def test_resuming_a_finished_run_says_it_trains_nothing_and_evaluates(
+    finished_run, tmp_path, caplog
+):
+    # it evaluated the run again without a word, as if it had trained on
+    run = shutil.copytree(finished_run.run_dir, tmp_path / "run")
+    weights = {p: p.read_bytes() for p in (run / "stage2" / "subnets").glob("*.pt")}
+    with caplog.at_level(logging.INFO):
+        result = train(RunFolder.config_for_resume(str(run)))
+    assert f"{run} is finished: nothing to train" in caplog.text
+    assert f"python evaluate.py run={run}" in caplog.text
+    assert result.results is not None and result.backbone is result.subnets is None
+    assert {p: p.read_bytes() for p in weights} == weights
 
 
 def test_run_folder_holds_config_checkpoints_clusters_and_results(finished_run):

@@ -279,13 +279,16 @@ def test_a_config_file_with_resume_is_refused_not_ignored(tmp_path, capsys):
     assert cli.train_main(["-c", str(SMOKE), f"resume={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert f"-c {SMOKE} with resume=" in err and "key=value overrides" in err
-    # a resumed run's config.yaml names the run (resume: ...): given with -c, it
-    # resumed the run without the checks of resume= (a changed split went through)
-    saved = tmp_path / "config.yaml"
-    cfg = load_config(SMOKE, smoke_overrides(tmp_path, f"resume={tmp_path / 'run'}"))
-    saved.write_text(cfg.run_settings().to_yaml())
-    assert cli.train_main(["-c", str(saved), "seed=7"]) == 2
+    # a YAML file that names a run (resume: ...) resumed it without the checks of
+    # resume= (a changed split went through)
+    named = tmp_path / "named.yaml"
+    named.write_text(f"resume: {tmp_path / 'run'}\n")
+    assert cli.train_main(["-c", str(SMOKE), "-c", str(named), "seed=7"]) == 2
     assert f"sets resume={tmp_path / 'run'}" in capsys.readouterr().err
+    # a resumed run's config.yaml does not name it: -c starts a new run from it, as from
+    # the config.yaml of a run never resumed (it named the run, and was refused)
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, f"resume={tmp_path / 'run'}"))
+    assert cfg.resume and cfg.run_settings().to_dict()["resume"] is None
 
 
 def test_resume_overrides_apply_to_the_runs_config_not_the_default_one(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ from typing import NoReturn
 import numpy as np
 import simplejpeg
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,12 @@ def decode_image(source: str | bytes) -> torch.Tensor:
                 return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB"))
         except ValueError:  # truncated or corrupt: PIL decides and words the error
             pass
-    return torch.from_numpy(np.array(load_rgb(io.BytesIO(data))))
+    try:
+        return torch.from_numpy(np.array(load_rgb(io.BytesIO(data))))
+    except UnidentifiedImageError:  # PIL names the BytesIO object ("<_io.BytesIO at 0x..>")
+        raise UnidentifiedImageError(
+            f"not an image format Pillow reads (it starts with {bytes(data[:8])!r})"
+        ) from None
 
 
 _JPEG_END = b"\xff\xd9"

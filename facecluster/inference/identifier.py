@@ -356,7 +356,7 @@ class TwoStageIdentifier(nn.Module):
         alpha = self.route_config["alpha"] if alpha is None else alpha
         moe = self.route_config["decision"] == "moe"
         params = self.moe
-        if moe and params is None:
+        if moe and params is None and not all_subnets:  # ISM uses no fitted number
             raise ValueError(
                 "route.decision=moe needs route.router_temperature, route.subnet_temperature "
                 "and route.generalist_weight: calibrate() on the validation split first"
