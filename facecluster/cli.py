@@ -110,6 +110,29 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     # overrides before and after -c alike (parse_args refused those after it, valid or not)
     args = parser.parse_intermixed_args(argv)
+    # a new run's config is checked before torch is imported: a mistyped key is reported
+    # at once (it took 9 s, the imports below); a resume's needs the run folder's code
+    try:
+        # resume=: the overrides apply to the run's own config, never to default.yaml's
+        # (whose 4 clusters refused a job's stage2.subnets=[4,5] of an 8-cluster run)
+        resume = _resume_override(args.overrides)
+        if resume and args.config:
+            raise ConfigError(
+                f"-c {' -c '.join(args.config)} with resume=: a resumed run keeps the "
+                f"config it was started with ({resume}/config.yaml); give changes as "
+                "key=value overrides"
+            )
+        if not resume:
+            cfg = load_config(args.config or [default], args.overrides)
+            if cfg.resume:  # -c a file that names a run (resume: ...)
+                raise ConfigError(
+                    f"-c {' -c '.join(args.config or [str(default)])} sets resume="
+                    f"{cfg.resume}: resume a run with resume=<run folder> and key=value "
+                    "overrides, which are checked against what it trained on (or add "
+                    "resume=null to start a new run from that config)"
+                )
+    except ConfigError as e:
+        return _fail(e)
     try:  # torch, Lightning, timm: seconds, in which a Ctrl-C is an interrupt too
         from facecluster.builders import close_process_group
         from facecluster.data import BadImageError
@@ -122,26 +145,8 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 130
 
     try:
-        # resume=: the overrides apply to the run's own config, never to default.yaml's
-        # (whose 4 clusters refused a job's stage2.subnets=[4,5] of an 8-cluster run)
-        resume = _resume_override(args.overrides)
-        if resume and args.config:
-            raise ConfigError(
-                f"-c {' -c '.join(args.config)} with resume=: a resumed run keeps the "
-                f"config it was started with ({resume}/config.yaml); give changes as "
-                "key=value overrides"
-            )
         if resume:
             cfg = RunFolder.config_for_resume(resume, args.overrides)
-        else:
-            cfg = load_config(args.config or [default], args.overrides)
-            if cfg.resume:  # -c a resumed run's config.yaml: it names the run
-                raise ConfigError(
-                    f"-c {' -c '.join(args.config or [str(default)])} sets resume="
-                    f"{cfg.resume}: resume a run with resume=<run folder> and key=value "
-                    "overrides, which are checked against what it trained on (or add "
-                    "resume=null to start a new run from that config)"
-                )
         if cfg.eval.after_training and cfg.assembles and cfg.launcher.name == "local":
             eval_device(cfg)  # a GPU this machine lacks: refused now, not after training
         result = train(cfg)

@@ -558,3 +558,20 @@ def test_a_relative_config_file_is_found_from_another_folder(tmp_path, monkeypat
     assert load_config(["configs/smoke.yaml"]).data.batch_size == 3
     with pytest.raises(ConfigError, match="config file not found: configs/nope.yaml"):
         load_config(["configs/nope.yaml"])
+
+
+def test_a_new_runs_config_mistake_is_reported_before_torch_is_imported():
+    # train.py imported torch, Lightning and timm (9 s here) before it read the command
+    # line: a mistyped key took that long to be named
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "import sys; from facecluster.cli import train_main; "
+        "rc = train_main(['data.bogus=1']); print(rc, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.stdout.split() == ["2", "False"], done.stderr[-2000:]
+    assert "unknown config key 'data.bogus'" in done.stderr
