@@ -417,6 +417,9 @@ def slurm_parameters(s: SlurmConfig, name: str, gpus: int, nodes: int) -> dict[s
         "array_parallelism": s.array_parallelism,
         "setup": list(s.setup),
         "additional_parameters": dict(s.additional),
+        # a task that fails (a crash, a lost node) ends the others at once: under NCCL
+        # they waited in their next collective until its timeout (30 min), holding GPUs
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     if gpus:
         params["gpus_per_node"] = gpus

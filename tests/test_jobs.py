@@ -356,6 +356,11 @@ def test_slurm_jobs_get_one_task_per_gpu_on_every_node(tmp_path, monkeypatch):
     assert "--array" not in array, "stage2.jobs=1: one job, not an array"
     assert "#SBATCH --gpus-per-node=1" in assemble and "#SBATCH --nodes=1" in assemble
     assert "#SBATCH --ntasks-per-node=1" in assemble
+    # one task that fails ends the job's others (they waited in a collective until its
+    # timeout, holding their GPUs)
+    for script in (stage1, array, assemble):
+        [srun] = [line for line in script.splitlines() if line.startswith("srun ")]
+        assert "--kill-on-bad-exit=1" in srun.split() and "submitit.core._submit" in srun
     plan = json.loads((result.run_dir / "slurm" / "submitted.json").read_text())
     assert [c[0][6:9] for c in plan["jobs"][1]["array"]] == [
         ["stage=2", "stage2.jobs=1", "stage2.group=0"]
