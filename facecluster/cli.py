@@ -110,8 +110,9 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     # overrides before and after -c alike (parse_args refused those after it, valid or not)
     args = parser.parse_intermixed_args(argv)
-    # a new run's config is checked before torch is imported: a mistyped key is reported
-    # at once (it took 9 s, the imports below); a resume's needs the run folder's code
+    # a new run's config is read before torch is imported: a mistyped key or a wrong type
+    # is reported at once (it took 9 s, the imports below; the checks across keys import
+    # Lightning); a resume's needs the run folder's code
     try:
         # resume=: the overrides apply to the run's own config, never to default.yaml's
         # (whose 4 clusters refused a job's stage2.subnets=[4,5] of an 8-cluster run)
@@ -133,6 +134,9 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 )
     except ConfigError as e:
         return _fail(e)
+    except KeyboardInterrupt:  # its checks import Lightning: seconds, as below
+        print("interrupted", file=sys.stderr)
+        return 130
     try:  # torch, Lightning, timm: seconds, in which a Ctrl-C is an interrupt too
         from facecluster.builders import close_process_group
         from facecluster.data import BadImageError
@@ -314,6 +318,8 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
     if args.threshold is not None and not math.isfinite(args.threshold):
         # nan answered unknown for every face, with exit 0
         parser.error(f"--threshold must be a finite number, got {args.threshold}")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from facecluster.deploy import identify_files, resolve_device
 
     try:
@@ -322,16 +328,17 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
         parser.error(f"--device {args.device}: {e}")
 
     try:
-        count = identify_files(
-            args.model,
-            args.images,
-            args.out,
-            runtime=args.runtime,
-            threshold=args.threshold,
-            batch_size=args.batch_size,
-            device=args.device,
-            top_m=args.top_m,
-        )
+        with logging_redirect_tqdm():  # a warning on a line of its own, not the bar's
+            count = identify_files(
+                args.model,
+                args.images,
+                args.out,
+                runtime=args.runtime,
+                threshold=args.threshold,
+                batch_size=args.batch_size,
+                device=args.device,
+                top_m=args.top_m,
+            )
     except (OSError, ValueError, ImportError) as e:  # OSError: --out unwritable
         return _fail(e)
     print(f"wrote {count} rows to {args.out}")
@@ -343,10 +350,13 @@ def enroll_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("model", help="a folder written by facecluster export")
     parser.add_argument("folder", help="one sub-folder of face images per new identity")
     args = parser.parse_args(argv)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from facecluster.deploy import enroll_folder
 
     try:
-        clusters = enroll_folder(args.model, args.folder)
+        with logging_redirect_tqdm():  # a warning on a line of its own, not the bar's
+            clusters = enroll_folder(args.model, args.folder)
     except (OSError, ValueError, ImportError) as e:  # OSError: a full disk, nothing written
         return _fail(e)
     for name, k in clusters.items():

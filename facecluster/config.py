@@ -870,7 +870,8 @@ class Config:
 
     def run_settings(self) -> Config:
         """This config without what one command runs now (``stage``, ``stage2.subnets``,
-        ``stage2.group``, ``resume``): what the run folder keeps for later resumes (its
+        ``stage2.group``, ``resume``), nor its folder's name (``run_name``: a resume takes
+        it from the folder): what the run folder keeps for later resumes (its
         ``config.yaml``, which ``-c`` starts a new run from, resumed or not). Its data
         paths are absolute: a relative ``data.root`` was read from the project root by a
         resume from another working dir, and the same folder written absolute was refused."""
@@ -880,7 +881,9 @@ class Config:
             root=os.path.abspath(self.data.resolved_root()),
             verification=[os.path.abspath(p) for p in self.data.verification_paths()],
         )
-        return dataclasses.replace(self, stage="all", stage2=stage2, data=data, resume=None)
+        return dataclasses.replace(
+            self, stage="all", stage2=stage2, data=data, resume=None, run_name=None
+        )
 
     def with_overrides(self, overrides: list[str] | tuple) -> Config:
         """This config with ``key=value`` overrides applied, validated."""

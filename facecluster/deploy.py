@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from facecluster.data import IMAGE_EXTENSIONS, build_transforms, scan_image_folder, scored
 from facecluster.data.images import DECODE_ERRORS, decode_image
@@ -295,8 +294,7 @@ def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -
                 raise ValueError(f"{folder}/{name}: no decodable face image to enrol")
             yield name, normalize_images(torch.cat(batches))
 
-    with logging_redirect_tqdm(tqdm_class=tqdm):  # a warning on its own line, not the bar's
-        clusters = identifier.enroll(people(), batch_size)
+    clusters = identifier.enroll(people(), batch_size)
     # every file written into a new folder first, then all committed by one rename: a
     # failure (a full disk, Ctrl-C, a killed process) leaves the export as it was, and the
     # enrolment can be run again; torch and ONNX galleries never disagree
@@ -675,7 +673,6 @@ def identify_files(
             tmp, "a" if special else "w", newline="", encoding="utf-8", errors="surrogateescape"
         ) as f,
         tqdm(total=len(files), desc="identify", unit="img") as bar,
-        logging_redirect_tqdm(tqdm_class=tqdm),  # a warning on its own line, not the bar's
     ):
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)

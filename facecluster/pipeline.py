@@ -132,7 +132,13 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         if cfg.launcher.name == "slurm":  # first: the jobs still queued, named as such
             check_queue(folder)  # before the run folder changes
         _check_prerequisites(cfg, folder)
-        if cfg.resume and folder.finished and cfg.stage == "all" and cfg.stage2.subnets is None:
+        if (
+            cfg.resume
+            and folder.finished
+            and cfg.stage == "all"
+            and cfg.stage2.subnets is None
+            and not (cfg.two_stage and folder.missing_subnets(cfg.clustering.num_clusters))
+        ):
             rank_zero_info(  # it evaluated again, without a word
                 f"{folder.path} is finished: nothing to train; its test split is evaluated "
                 f"again (`python evaluate.py run={folder.path}` does only that)"

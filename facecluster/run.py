@@ -376,8 +376,8 @@ class RunFolder:
                 owner = _read_json(busy) or {}
                 raise ConfigError(
                     f"run={self.path}: the run is not finished: it is training now (host "
-                    f"{owner.get('host', '?')}, pid {owner.get('pid', '?')}, {busy}); "
-                    "evaluate it once that command has finished"
+                    f"{owner.get('host', '?')}, pid {owner.get('pid', '?')}); evaluate it "
+                    f"once it has finished, or delete {busy} if that process is gone"
                 )
             missing = ""
             if cfg.two_stage and self.clusters_path.is_file():

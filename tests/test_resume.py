@@ -286,9 +286,14 @@ def test_a_config_file_with_resume_is_refused_not_ignored(tmp_path, capsys):
     assert cli.train_main(["-c", str(SMOKE), "-c", str(named), "seed=7"]) == 2
     assert f"sets resume={tmp_path / 'run'}" in capsys.readouterr().err
     # a resumed run's config.yaml does not name it: -c starts a new run from it, as from
-    # the config.yaml of a run never resumed (it named the run, and was refused)
+    # the config.yaml of a run never resumed (it named the run, and was refused; the
+    # folder's name, which a resume records, was refused as an existing run's)
     cfg = load_config(SMOKE, smoke_overrides(tmp_path, f"resume={tmp_path / 'run'}"))
-    assert cfg.resume and cfg.run_settings().to_dict()["resume"] is None
+    assert cfg.resume and cfg.run_name == "run"
+    assert {k: cfg.run_settings().to_dict()[k] for k in ("resume", "run_name")} == {
+        "resume": None,
+        "run_name": None,
+    }
 
 
 def test_resume_overrides_apply_to_the_runs_config_not_the_default_one(tmp_path, monkeypatch):

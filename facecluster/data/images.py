@@ -74,7 +74,17 @@ def load_rgb(path: str | io.BytesIO) -> Image.Image:
         OSError, ValueError, SyntaxError, Image.DecompressionBombError: the file is not
             a decodable image (PIL's errors; :data:`DECODE_ERRORS` lists them).
     """
-    with Image.open(path) as image:
+    try:
+        image = Image.open(path)
+    except UnidentifiedImageError:
+        if not isinstance(path, io.BytesIO):
+            raise
+        # PIL names the buffer object ("<_io.BytesIO object at 0x...>"): what it holds
+        start = path.getvalue()[:8]
+        raise UnidentifiedImageError(
+            f"not an image format Pillow reads (it starts with {start!r})"
+        ) from None
+    with image:
         image.load()  # decode now: a truncated file fails here, not inside a transform
         if image.mode in ("I", "F") or image.mode.startswith("I;16"):
             image = _to_8bit(image)
@@ -137,12 +147,7 @@ def decode_image(source: str | bytes) -> torch.Tensor:
                 return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB"))
         except ValueError:  # truncated or corrupt: PIL decides and words the error
             pass
-    try:
-        return torch.from_numpy(np.array(load_rgb(io.BytesIO(data))))
-    except UnidentifiedImageError:  # PIL names the BytesIO object ("<_io.BytesIO at 0x..>")
-        raise UnidentifiedImageError(
-            f"not an image format Pillow reads (it starts with {bytes(data[:8])!r})"
-        ) from None
+    return torch.from_numpy(np.array(load_rgb(io.BytesIO(data))))
 
 
 _JPEG_END = b"\xff\xd9"
