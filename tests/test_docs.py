@@ -69,6 +69,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         LEFT_OUT,
         LFW423,
     ),
+    "python train.py -c configs/experiment/lfw423.yaml -c configs/method/random.yaml seed=42 "
+    "output_dir=runs/results run_name=lfw423-random-s42": (
+        LEFT_OUT,
+        LFW423,
+    ),
     "python evaluate.py run=runs/<a> run=runs/<b>": (
         FILLED,
         "tests/test_pipeline.py::test_the_ism_baseline_trains_a_random_partition_and_every_"
