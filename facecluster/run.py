@@ -144,6 +144,20 @@ top_m beyond the run's clusters)."""
 
 EVALUATION_FIXED_KEYS = (*SPLIT_KEYS, *NETWORK_KEYS, *TRAINED_KEYS)
 
+TRAINING_ONLY_KEYS = (
+    "stage",
+    "resume",
+    "stage1",
+    "stage2",
+    "launcher",
+    "slurm",
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.accumulate_grad_batches",
+    "trainer.gradient_clip_val",
+)
+"""What only training reads: given to an evaluation it changed nothing, silently."""
+
 RESUME_FIXED_KEYS = (
     "method",
     *SPLIT_KEYS,
@@ -361,7 +375,16 @@ class RunFolder:
         """The config of a finished run (evaluation, inference); refuses unfinished runs,
         naming the sub-nets still missing and the command that finishes them, and
         overrides of the keys that decide the split or the networks
-        (:data:`EVALUATION_FIXED_KEYS`)."""
+        (:data:`EVALUATION_FIXED_KEYS`) or that only training reads
+        (:data:`TRAINING_ONLY_KEYS`)."""
+        unread = [o for o in overrides if _is_or_inside(o.split("=", 1)[0], TRAINING_ONLY_KEYS)]
+        if unread:
+            raise ConfigError(
+                f"run={self.path}: {', '.join(unread)}: "
+                f"{'a training setting' if len(unread) == 1 else 'training settings'}, "
+                "which an evaluation does not read (to train the run further, resume it: "
+                f"`python train.py resume={self.path} ...`)"
+            )
         cfg = self.config(overrides)
         if overrides:  # the run's own config with every other override (a moved file)
             fixed = EVALUATION_FIXED_KEYS
@@ -1448,6 +1471,13 @@ def _sets_any(key: str, keys: tuple[str, ...]) -> bool:
     """Whether an override of ``key`` can set one of ``keys``: itself, a section above it
     (``data={...}``) or a key inside it (``model.embedding_dim`` for ``model``)."""
     return any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in keys)
+
+
+def _is_or_inside(key: str, keys: tuple[str, ...]) -> bool:
+    """Whether ``key`` is one of ``keys`` or a key inside one (``stage1.optim.lr`` for
+    ``stage1``); unlike :func:`_sets_any`, not a section above one."""
+    key = key.strip()
+    return any(key == k or key.startswith(k + ".") for k in keys)
 
 
 def _select(values: dict[str, Any], dotted: str) -> Any:

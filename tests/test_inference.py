@@ -768,6 +768,12 @@ def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(
         evaluate_run(finished_run, ["seed=7", "data.test_fraction=0.3"])
     assert evaluate.main([f"run={finished_run}", "data.val_fraction=0.2"]) == 2
     assert "data.val_fraction: the run has" in capsys.readouterr().err
+    # a key only training reads changed nothing, silently
+    assert evaluate.main([f"run={finished_run}", "stage2.max_epochs=9", "seed=3"]) == 2
+    err = capsys.readouterr().err
+    assert "stage2.max_epochs=9: a training setting, which an evaluation does not read" in err
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs=4, launcher.name=slurm: training"):
+        evaluate_run(finished_run, ["trainer.max_epochs=4", "launcher.name=slurm"])
     with pytest.raises(ConfigError, match=r"(?s)resume=.*data.test_fraction: the run has"):
         RunFolder.config_for_resume(str(finished_run), ["data.test_fraction=0.3"])
     # nor by data.root at the same identities with their images in another order (a
