@@ -377,7 +377,12 @@ class RunFolder:
         overrides of the keys that decide the split or the networks
         (:data:`EVALUATION_FIXED_KEYS`) or that only training reads
         (:data:`TRAINING_ONLY_KEYS`)."""
-        unread = [o for o in overrides if _is_or_inside(o.split("=", 1)[0], TRAINING_ONLY_KEYS)]
+        unread = [  # stage2.negatives, which shaped the sub-nets, is named below, as trained
+            o
+            for o in overrides
+            if _is_or_inside(key := o.split("=", 1)[0], TRAINING_ONLY_KEYS)
+            and not _sets_any(key.strip(), EVALUATION_FIXED_KEYS)
+        ]
         if unread:
             raise ConfigError(
                 f"run={self.path}: {', '.join(unread)}: "
