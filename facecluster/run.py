@@ -401,11 +401,11 @@ class RunFolder:
         if not self.finished:
             busy = self.training_now()
             if busy is not None:  # the advice below would be refused as long as it runs
-                owner = _read_json(busy) or {}
+                lock, owner = busy
                 raise ConfigError(
                     f"run={self.path}: the run is not finished: it is training now (host "
                     f"{owner.get('host', '?')}, pid {owner.get('pid', '?')}); evaluate it "
-                    f"once it has finished, or delete {busy} if that process is gone"
+                    f"once it has finished, or delete {lock} if that process is gone"
                 )
             missing = ""
             if cfg.two_stage and self.clusters_path.is_file():
@@ -799,10 +799,14 @@ class RunFolder:
         torchrun started with it read its refusal at the lock they wait for."""
         if not is_global_zero():
             return
-        path, me = self.stage1_lock_path, _lock_owner()
-        other = _read_json(path)
-        if other and not _lock_is_stale(other, me):
-            self._refuse_held(path, me, other, self._stage1_busy)
+        holder = self._stage1_holder()
+        if holder is not None:
+            self._refuse_held(self.stage1_lock_path, _lock_owner(), holder, self._stage1_busy)
+
+    def _stage1_holder(self) -> dict[str, Any] | None:
+        """The record of the live process that holds :meth:`stage1_lock`, else None."""
+        other = _read_json(self.stage1_lock_path)
+        return other if other and not _lock_is_stale(other, _lock_owner()) else None
 
     @contextlib.contextmanager
     def _lock(
@@ -948,14 +952,15 @@ class RunFolder:
                 found[lock.parent.name] = (list(held), other)
         return found
 
-    def training_now(self) -> Path | None:
+    def training_now(self) -> tuple[Path, dict[str, Any]] | None:
         """The lock of a command training the run now (its stage 1 or clustering, or a
-        stage-2 job), else None."""
-        other = _read_json(self.stage1_lock_path)
-        if other and not _lock_is_stale(other, _lock_owner()):
-            return self.stage1_lock_path
-        jobs = sorted(self._training_jobs())
-        return self.stage_dir(2, jobs[0]) / RUNNING if jobs else None
+        stage-2 job) and its record (empty while it is being written), else None."""
+        holder = self._stage1_holder()
+        if holder is not None:
+            return self.stage1_lock_path, holder
+        jobs = self._training_jobs()
+        first = min(jobs, default=None)
+        return (self.stage_dir(2, first) / RUNNING, jobs[first][1]) if first else None
 
     def started_jobs(self) -> list[list[int]]:
         """The sub-nets of each stage-2 job that has saved a checkpoint, furthest first."""
