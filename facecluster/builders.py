@@ -61,8 +61,8 @@ def build_datamodule(cfg: Config, eval_batch_size: int | None = None) -> FaceDat
         raise ConfigError(
             f"data.root={cfg.data.root!r} does not exist: give an image folder (one "
             "sub-folder per identity) or an InsightFace .rec; for a run whose data moved, "
-            "add data.root=<new place> to its resume= or evaluate.py command (facecluster "
-            "export reads the run's config.yaml: set data.root there)"
+            "add data.root=<new place> to its resume= or evaluate.py command, or "
+            "--data-root <new place> to facecluster export"
         )
     with naming("data"):
         dm = FaceDataModule(**args)

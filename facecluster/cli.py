@@ -267,6 +267,11 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         help="where the passes over the validation split run: auto (a GPU when there is "
         "one), cpu, cuda",
     )
+    parser.add_argument(
+        "--data-root",
+        help="where the run's data is now, if it moved since training (the run's "
+        "data.root is used otherwise)",
+    )
     args = parser.parse_args(argv)
     if not 0.0 <= args.fpir < 1.0:
         parser.error(f"--fpir must be in [0, 1), got {args.fpir}")
@@ -274,7 +279,14 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from facecluster.deploy import export_run
 
     try:
-        written = export_run(args.run, args.out, onnx=args.onnx, fpir=args.fpir, device=args.device)
+        written = export_run(
+            args.run,
+            args.out,
+            onnx=args.onnx,
+            fpir=args.fpir,
+            device=args.device,
+            data_root=args.data_root,
+        )
     except (ConfigError, OSError, ValueError, ImportError) as e:  # OSError: OUT unwritable
         return _fail(e)
     for path in written:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from facecluster.config import Config, ConfigError, resolve_data_root
 from facecluster.data import IMAGE_EXTENSIONS, build_transforms, scan_image_folder, scored
 from facecluster.data.images import DECODE_ERRORS, decode_image
 from facecluster.data.transforms import normalize_images
@@ -48,7 +49,6 @@ from facecluster.inference.openset import threshold_at_fpir
 from facecluster.io import atomic_file, fsync_dir, replacing
 
 if TYPE_CHECKING:
-    from facecluster.config import Config
     from facecluster.run import RunFolder
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ def export_run(
     onnx: bool = False,
     fpir: float = 0.01,
     device: str = "auto",
+    data_root: str | Path | None = None,
 ) -> list[Path]:
     """Write ``out/identifier.pt`` from a finished two-stage run (and ``out/onnx``).
 
@@ -83,9 +84,11 @@ def export_run(
     split's unseen faces would be taken for someone enrolled
     (:func:`~facecluster.inference.openset.threshold_at_fpir`). The passes over the
     validation split (the decision unit's fit, the threshold) run on ``device``
-    (``auto``: a GPU when there is one).
+    (``auto``: a GPU when there is one). ``data_root``: where the run's data is now,
+    if it moved (the run's own data, checked as evaluation checks it).
 
     Raises:
+        ConfigError: the data is missing, or is not the run's.
         ValueError: the run is a single-model run (no sub-nets to export), or a device
             this machine lacks.
         ImportError: ``onnx`` without the onnx extra (before any work).
@@ -94,7 +97,11 @@ def export_run(
     from facecluster.run import RunFolder
 
     folder = RunFolder(Path(run))
-    cfg = folder.finished_config()
+    cfg = folder.finished_config([] if data_root is None else [f"data.root={data_root}"])
+    if data_root is not None and not resolve_data_root(cfg.data.root).exists():
+        # a run that needs no data pass would not read it: named here all the same
+        where = resolve_data_root(cfg.data.root)
+        raise ConfigError(f"--data-root {data_root}: {where} does not exist")
     if cfg.method == "single":
         raise ValueError(
             f"{run} is a single-model run (method=single): export writes two-stage "

@@ -210,6 +210,35 @@ def test_export_fpir_sets_the_share_of_unseen_faces_the_threshold_lets_pass(
 
 
 @pytest.mark.slow
+def test_export_of_a_run_whose_data_moved_reads_it_from_data_root(
+    open_run, exported, tmp_path, capsys
+):
+    # a run folder copied to another machine, where its data is elsewhere: the open-set
+    # threshold needs the validation split, so export says where to give its new place
+    # (--data-root), then reads it there, checked as the run's data; a --data-root
+    # that does not exist is named before any work
+    copied = tmp_path / "copied"
+    shutil.copytree(open_run, copied)
+    config = copied / "config.yaml"
+    recorded = f"  root: {DEMO}\n"  # resolved at training
+    assert recorded in config.read_text()
+    config.write_text(config.read_text().replace(recorded, "  root: /gone/lfw-demo/images\n"))
+    assert cli.export_main([str(copied), str(tmp_path / "a")]) == 2
+    error = capsys.readouterr().err
+    assert "data.root='/gone/lfw-demo/images' does not exist" in error
+    assert "--data-root <new place> to facecluster export" in error
+    moved = tmp_path / "elsewhere" / "images"
+    shutil.copytree(DEMO, moved)
+    assert cli.export_main([str(copied), str(tmp_path / "b"), "--data-root", str(moved)]) == 0
+    made = torch.load(tmp_path / "b" / "identifier.pt", weights_only=True)["open_set"]
+    assert made == torch.load(exported / "identifier.pt", weights_only=True)["open_set"]
+    assert "  root: /gone/lfw-demo/images\n" in config.read_text()  # the run is left as it was
+    assert cli.export_main([str(copied), str(tmp_path / "c"), "--data-root", "/nowhere"]) == 2
+    assert "--data-root /nowhere: /nowhere does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
 def test_onnx_identifier_matches_torch_on_the_test_split(open_run, exported, tmp_path):
     torch_ident = load_export(exported, "torch", "cpu")
     onnx_ident = load_export(exported, "onnx", "cpu")
