@@ -384,3 +384,63 @@ def test_make_help_lists_every_target():
     assert {"install", "train", "smoke", "test", "lint", "clean", "help"} <= set(targets)
     for target in targets:
         assert re.search(rf"^  make {target} +\S", listed, re.M), (target, listed)
+
+
+def _layer(path: str) -> str | None:
+    """The import table's name for a source file or a facecluster module path."""
+    parts = path.removesuffix(".py").replace("/", ".").split(".")
+    if parts[0] == "callbacks":
+        return "callbacks"
+    if parts[0] != "facecluster":
+        return path if path in ("train.py", "evaluate.py") else None
+    if len(parts) == 1 or parts[1] == "__init__":
+        return None
+    return "models/components" if parts[1:3] == ["models", "components"] else parts[1]
+
+
+def _imported_layers() -> dict[str, set[str]]:
+    """Each layer's imports of other layers, from every import statement of its files
+    (inside functions and ``TYPE_CHECKING`` too)."""
+    files = [*ROOT.glob("facecluster/**/*.py"), *ROOT.glob("callbacks/*.py")]
+    files += [ROOT / "train.py", ROOT / "evaluate.py"]
+    graph: dict[str, set[str]] = {}
+    for file in files:
+        layer = _layer(str(file.relative_to(ROOT)))
+        if layer is None:
+            continue
+        found = graph.setdefault(layer, set())
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            found.update(_layer(n) for n in names if n.startswith("facecluster."))
+        found -= {None, layer}
+    return graph
+
+
+def test_the_architecture_pages_import_table_is_the_sources():
+    # docs/ARCHITECTURE.md's table of what each module imports of facecluster, and its
+    # claim that imports flow one way: both measured from the source here
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    block = text.split("Imports flow one way", 1)[1].split("```", 2)[1]
+    table: dict[str, str] = {}
+    rows: list[str] = []
+    for line in block.strip().splitlines():
+        if line.startswith(" "):  # a row continued
+            table[rows[-1]] += " " + line.strip()
+            continue
+        modules, deps = re.split(r"\s{2,}", line.strip(), maxsplit=1)
+        rows.append(modules)
+        table[modules] = deps
+    actual = _imported_layers()
+    documented: dict[str, set[str]] = {}
+    for modules, deps in table.items():
+        names = set(re.findall(r"(?<![\w/])[a-z_]+(?:/[a-z_]+)?(?![\w/])", deps)) & set(actual)
+        for module in modules.split(", "):
+            documented[module] = names
+    assert documented == actual
+    order = {layer: i for i, modules in enumerate(rows) for layer in modules.split(", ")}
+    upward = [(a, b) for a, deps in actual.items() for b in deps if order[b] >= order[a]]
+    assert not upward, f"a module imports one listed with or after it: {upward}"
