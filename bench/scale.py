@@ -566,7 +566,8 @@ def _clustering_section(c: dict, classes: int, k: int) -> str:
   centroid unless told otherwise: at K = {k} that is {min(classes, 256 * k):,} of the
   {classes:,} class means.
   facecluster sets `max_points_per_centroid` to C / K, so every identity is used
-  (`tests/test_clustering.py` checks the partition against faiss's on all points).
+  (`tests/test_inference.py::test_kmeans_trains_on_every_class_mean_not_faiss_sample`
+  checks the partition against faiss's on all points).
   Time: {km:.2f}x the bare call ({"meets" if km <= 1.2 else "misses"} the goal of 1.2x);
   the rest is normalising and the nearest-centroid assignment.
 - Times are the median of {len(next(iter(c.values()))["runs"])} runs of each, taken in turn.
