@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from facecluster.config import Config, ConfigError, resolve_data_root
+from facecluster.config import PROJECT_ROOT, Config, ConfigError, resolve_data_root
 from facecluster.data import IMAGE_EXTENSIONS, build_transforms, scan_image_folder, scored
 from facecluster.data.images import DECODE_ERRORS, decode_image
 from facecluster.data.transforms import normalize_images
@@ -97,11 +97,17 @@ def export_run(
     from facecluster.run import RunFolder
 
     folder = RunFolder(Path(run))
-    cfg = folder.finished_config([] if data_root is None else [f"data.root={data_root}"])
+    # the verification sets are not read here: a copied run exports without them
+    moved = ["data.verification=[]", *([] if data_root is None else [f"data.root={data_root}"])]
+    cfg = folder.finished_config(moved)
     if data_root is not None and not resolve_data_root(cfg.data.root).exists():
         # a run that needs no data pass would not read it: named here all the same
-        where = resolve_data_root(cfg.data.root)
-        raise ConfigError(f"--data-root {data_root}: {where} does not exist")
+        given = Path(data_root).expanduser()
+        if given.is_absolute():
+            raise ConfigError(f"--data-root {data_root}: {given} does not exist")
+        raise ConfigError(  # resolve_data_root's two places
+            f"--data-root {data_root}: neither {given.absolute()} nor {PROJECT_ROOT / given} exists"
+        )
     if cfg.method == "single":
         raise ValueError(
             f"{run} is a single-model run (method=single): export writes two-stage "
@@ -125,7 +131,7 @@ def export_run(
         from facecluster.inference.onnx import require_onnx_export
 
         require_onnx_export()
-    identifier = TwoStageIdentifier.from_run(folder).to(where)
+    identifier = TwoStageIdentifier.from_run(folder, cfg=cfg).to(where)
     # the data only for a pass over the validation split: a calibrated closed-set run
     # exports without it (a copied run folder, data elsewhere)
     calibrate = identifier.route_config["decision"] == "moe" and identifier.moe is None

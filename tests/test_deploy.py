@@ -216,13 +216,16 @@ def test_export_of_a_run_whose_data_moved_reads_it_from_data_root(
     # a run folder copied to another machine, where its data is elsewhere: the open-set
     # threshold needs the validation split, so export says where to give its new place
     # (--data-root), then reads it there, checked as the run's data; a --data-root
-    # that does not exist is named before any work
+    # that does not exist is named before any work. The verification set the run
+    # trained with is not there either: export does not read it, and evaluate.py is
+    # given its new place (here: none) as an override
     copied = tmp_path / "copied"
     shutil.copytree(open_run, copied)
     config = copied / "config.yaml"
     recorded = f"  root: {DEMO}\n"  # resolved at training
-    assert recorded in config.read_text()
-    config.write_text(config.read_text().replace(recorded, "  root: /gone/lfw-demo/images\n"))
+    assert recorded in config.read_text() and "  verification: []\n" in config.read_text()
+    text = config.read_text().replace(recorded, "  root: /gone/lfw-demo/images\n")
+    config.write_text(text.replace("  verification: []\n", "  verification:\n  - /gone/lfw.bin\n"))
     assert cli.export_main([str(copied), str(tmp_path / "a")]) == 2
     error = capsys.readouterr().err
     assert "data.root='/gone/lfw-demo/images' does not exist" in error
@@ -233,8 +236,13 @@ def test_export_of_a_run_whose_data_moved_reads_it_from_data_root(
     made = torch.load(tmp_path / "b" / "identifier.pt", weights_only=True)["open_set"]
     assert made == torch.load(exported / "identifier.pt", weights_only=True)["open_set"]
     assert "  root: /gone/lfw-demo/images\n" in config.read_text()  # the run is left as it was
+    overrides = [f"data.root={moved}", "data.verification=[]", "eval.plots=false"]
+    report = evaluate_run(copied, [*overrides, "eval.timing_batches=1"])
+    assert len(report.rows) == 4 and all(0.0 <= row.top1 <= 1.0 for row in report.rows)
     assert cli.export_main([str(copied), str(tmp_path / "c"), "--data-root", "/nowhere"]) == 2
     assert "--data-root /nowhere: /nowhere does not exist" in capsys.readouterr().err
+    assert cli.export_main([str(copied), str(tmp_path / "c"), "--data-root", "faces"]) == 2
+    assert f"neither {Path.cwd() / 'faces'} nor {ROOT / 'faces'} exists" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 

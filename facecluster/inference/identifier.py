@@ -51,6 +51,7 @@ from facecluster.io import atomic_torch_save, load_plain
 from facecluster.models.components import load_backbone, shareable_stages
 
 if TYPE_CHECKING:
+    from facecluster.config import Config
     from facecluster.run import RunFolder, StageWeights
 
 UNKNOWN = -1
@@ -618,6 +619,7 @@ class TwoStageIdentifier(nn.Module):
         route: dict[str, Any] | None = None,
         map_location: str | torch.device = "cpu",
         stage1: StageWeights | None = None,
+        cfg: Config | None = None,
     ) -> TwoStageIdentifier:
         """Load a finished two-stage run: both stages' final weights and the assignment.
 
@@ -626,11 +628,14 @@ class TwoStageIdentifier(nn.Module):
             route: ``route`` settings that replace the run's own.
             map_location: where the weights are loaded.
             stage1: the run's stage-1 weights when the caller has read them already.
+            cfg: the run's finished config when the caller has read it already, with
+                its overrides (a moved data.root or verification set, which the
+                run's own config.yaml would name where they are no longer).
         """
         from facecluster.run import RunFolder  # training-side module: only here
 
         run = run if isinstance(run, RunFolder) else RunFolder(Path(run))
-        cfg = run.finished_config()
+        cfg = cfg or run.finished_config()
         args = cfg.model.backbone_args(cfg.data.image_size)
         stage1 = stage1 or run.stage1_weights(map_location)
         subnets = run.subnet_weights(map_location)
