@@ -429,7 +429,7 @@ def top_m_sweep(clusters: int, top_m: int) -> list[int]:
 
 def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
     weights = run.stage1_weights()  # read once: the router's backbone and the stage-1 head
-    ident = TwoStageIdentifier.from_run(run, route=cfg.to_dict()["route"], stage1=weights, cfg=cfg)
+    ident = TwoStageIdentifier.from_run(run, stage1=weights, cfg=cfg)  # cfg: its route too
     bench = Bench(cfg, run.path.name, ident.assignment)
     run.check_data(bench.dm)
     ident.to(bench.device)

@@ -635,7 +635,7 @@ class TwoStageIdentifier(nn.Module):
         from facecluster.run import RunFolder  # training-side module: only here
 
         run = run if isinstance(run, RunFolder) else RunFolder(Path(run))
-        cfg = cfg or run.finished_config()
+        cfg = cfg if cfg is not None else run.finished_config()
         args = cfg.model.backbone_args(cfg.data.image_size)
         stage1 = stage1 or run.stage1_weights(map_location)
         subnets = run.subnet_weights(map_location)
