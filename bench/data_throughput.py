@@ -35,7 +35,6 @@ import argparse
 import io
 import json
 import multiprocessing as mp
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ from facecluster.data.images import EncodedImages, decode_on_device
 from facecluster.data.pack import pack_folder
 from facecluster.data.recordio import RecordFile, image_layout
 from facecluster.data.transforms import normalize_images
+from facecluster.results import measured
 
 
 def _jpegs(rec: Path) -> list[bytes]:
@@ -304,7 +304,6 @@ def main() -> None:
         result = {
             "root": str(root),
             "records": len(RecordFile(rec).offsets),
-            "cpu": platform.processor() or platform.machine(),
             "cores": mp.cpu_count(),
             "rounds": args.rounds,
             "decoders_images_per_s": {
@@ -342,6 +341,7 @@ def main() -> None:
     print(json.dumps(result["decoders_images_per_s"]))
     print("data.decode=device, batched decode:", json.dumps(result["device_decode"]))
     print("device step on the CPU:", result["device_step_on_cpu_us_per_image"], "us/image")
+    result |= measured(args.decode_device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -32,6 +32,7 @@ from facecluster.cli import exit_process
 from facecluster.data.transforms import load_faces, normalize_images
 from facecluster.deploy import calibrate_run, enroll_folder, export_run, load_export
 from facecluster.inference import TwoStageIdentifier
+from facecluster.results import measured
 from facecluster.run import RunFolder
 
 
@@ -89,6 +90,7 @@ def main() -> None:
             "top1_others_before_enrolment": before,
             "top1_others_after_enrolment": top1(enrolled, test_old),
             "top1_others_trained_with_all": top1(trained, test_old),
+            **measured(),
         }
     for key, value in result.items():
         print(f"{key}: {value:.2%}" if isinstance(value, float) else f"{key}: {value}")

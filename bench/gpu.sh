@@ -86,7 +86,7 @@ echo "== input pipeline"
 
 mkdir -p "$(dirname "$OUT")"
 "$PY" - "$PARTS" "$OUT" "$DRY" <<'PYEOF'
-import json, platform, sys
+import json, sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -97,8 +97,7 @@ merged = {
     "dry_run": dry,
     "torch": version("torch") if dry else torch.__version__,
     "gpu": None if dry or not torch.cuda.is_available() else torch.cuda.get_device_name(),
-    "cpu": platform.processor() or platform.machine(),
-}
+}  # each part's own JSON names its machine and code (facecluster.results.measured)
 for part in sorted(parts.glob("*.json")):
     merged[part.stem] = json.loads(part.read_text())
 out.write_text(json.dumps(merged, indent=2))

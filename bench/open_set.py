@@ -20,6 +20,7 @@ from facecluster.cli import exit_process
 from facecluster.data import scored
 from facecluster.data.transforms import normalize_images
 from facecluster.deploy import export_threshold, load_export
+from facecluster.results import measured
 from facecluster.run import RunFolder
 
 
@@ -62,6 +63,7 @@ def main() -> None:
         "nonmated_test_faces": len(scores),
         "fpir": float((scores >= threshold).float().mean()),
         "target_fpir": ident.open_set["fpir"],
+        **measured(),
     }
     for key, value in result.items():
         print(f"{key}: {value}")

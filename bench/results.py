@@ -37,7 +37,7 @@ from typing import Any
 from facecluster.cli import exit_process
 from facecluster.config import load_config
 from facecluster.models.components.heads import default_margin
-from facecluster.results import source_digest
+from facecluster.results import machine_name, source_digest
 from facecluster.run import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,20 +203,12 @@ def run_summary(run: Path) -> dict[str, Any]:
     }
 
 
-def machine_name(trained_on: list[dict[str, Any]] | None) -> str:
+def trained_on_name(trained_on: list[dict[str, Any]] | None) -> str:
     """Where a run trained, in words (its ``results.json`` ``trained_by``): each machine
     its stages ran on."""
     if not trained_on:
         return "not recorded (runs trained before 2026-12-02)"
-    names = []
-    for machine in trained_on:
-        gpu = f", {machine['gpu']}" if machine.get("gpu") else ""
-        packages = ", ".join(f"{k} {v}" for k, v in machine["packages"].items() if v)
-        names.append(
-            f"{machine['cpu']} ({machine['cpu_capability']} kernels{gpu}), Python "
-            f"{machine['python']}, {packages}"
-        )
-    return " and ".join(names)
+    return " and ".join(machine_name(machine) for machine in trained_on)
 
 
 def machines(runs: dict[str, dict[Any, dict[str, Any]]]) -> list[str]:
@@ -226,7 +218,7 @@ def machines(runs: dict[str, dict[Any, dict[str, Any]]]) -> list[str]:
     by_seed: dict[int, set[str]] = {}
     for by in runs.values():
         for seed, summary in by.items():
-            name = machine_name(summary.get("trained_on"))
+            name = trained_on_name(summary.get("trained_on"))
             count[name] = count.get(name, 0) + 1
             if summary.get("trained_on"):
                 by_seed.setdefault(int(seed), set()).add(name)

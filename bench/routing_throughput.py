@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 from functools import partial
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from facecluster.clustering import ClusterAssignment
 from facecluster.config import RouteConfig
 from facecluster.inference import TwoStageIdentifier
 from facecluster.models.components import create_backbone
+from facecluster.results import measured
 from facecluster.timing import time_interleaved
 
 
@@ -112,7 +112,6 @@ def main() -> None:
         "batch": args.batch,
         "index": args.index,
         "torch_threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
         "routed_images_per_s": args.batch / routed,
         "ism_images_per_s": args.batch / ism,
         "ratio": ism / routed,
@@ -123,6 +122,7 @@ def main() -> None:
         "one_backbone_forward_ms": one_net * 1000,
     }
     result["shared_layers"] = shared_rows(identifier, router, means, images, args)
+    result |= measured()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

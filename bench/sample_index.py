@@ -130,6 +130,8 @@ def measure(rec: str, cache: str | None = None) -> dict:
 
 
 def main() -> None:
+    from facecluster.results import measured
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1_709_166)
     parser.add_argument("--identities", type=int, default=36_023)
@@ -178,6 +180,7 @@ def main() -> None:
     result["worker_bytes_per_train_sample"] = (
         result["worker_private_mb_per_epoch"] * 2**20 / result["train_samples"]
     )
+    result |= measured()
     print(json.dumps(result))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

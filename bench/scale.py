@@ -39,7 +39,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,7 @@ from facecluster.cli import exit_process
 from facecluster.clustering import cluster_identities
 from facecluster.inference.router import Router
 from facecluster.models.components import ArcFace
+from facecluster.results import machine_name, measured
 
 RESULTS = Path(__file__).parent / "results" / "scale.json"
 DOC = Path(__file__).parents[1] / "docs" / "SCALE.md"
@@ -645,6 +645,19 @@ neighbours and ranked the other clusters by centroid).
 """
 
 
+def _machine(result: dict) -> str:
+    """Where the parts ran, in words: one machine, or each part's."""
+    if "measured_by" not in result:  # written before 2026-12-03: the platform's name only
+        return result["machine"]
+    names = {
+        part: f"{machine_name(by['machine'])}, {result['threads']} threads"
+        for part, by in result["measured_by"].items()
+    }
+    if len(set(names.values())) == 1:
+        return next(iter(names.values()))
+    return "; ".join(f"{part} on {name}" for part, name in names.items())
+
+
 def render(result: dict) -> str:
     """docs/SCALE.md from the results."""
     walls = ", ".join(f"{p} {s / 60:.1f} min" for p, s in result.get("wall_s", {}).items())
@@ -657,7 +670,7 @@ facecluster is for 93K (MS1MV3) to 360K (Glint360K) and 2M (WebFace42M) identiti
 Three things grow with the identity count C: the margin head (at 2M x 512 the
 largest tensor of the model), the clustering of the C class means, and routing over
 them. This page shows what facecluster does about each and what it costs, measured on
-this machine ({result["machine"]}) where it fits and computed from measured costs where
+this machine ({_machine(result)}) where it fits and computed from measured costs where
 it does not (marked).
 
 ```bash
@@ -808,7 +821,7 @@ def main() -> None:
         {}
         if not parts
         else {
-            "machine": f"{platform.processor() or platform.machine()}, {threads} threads",
+            "threads": threads,
             "classes": args.classes,
             "dim": args.dim,
             "clusters": args.clusters,
@@ -860,6 +873,8 @@ def main() -> None:
                 args.fine_nprobe,
             )
         result.setdefault("wall_s", {})[part] = round(time.perf_counter() - start, 1)
+        result.setdefault("measured_by", {})[part] = measured()  # parts may run apart
+        result.pop("machine", None)  # earlier versions' platform name
     result.pop("command", None)  # the single command of earlier versions
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -26,6 +26,7 @@ from facecluster.cli import exit_process
 from facecluster.config import load_config
 from facecluster.evaluation import evaluate_run
 from facecluster.pipeline import train
+from facecluster.results import measured
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         **speed.stages,
         "inference": {r.model: {"images_per_s": r.throughput, "ms_at_1": r.latency_ms,
                                 "spread": r.throughput_spread} for r in report.rows},
+        **measured(),
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from facecluster.models.subnets_module import SubnetSystem
+from facecluster.results import measured
 
 OPTIM = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 
@@ -102,7 +103,7 @@ def main() -> None:
                               for key, v in row.items()}), flush=True)  # fmt: skip
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+        a.out.write_text(json.dumps({"rows": rows, **measured()}, indent=1) + "\n")
         print(f"wrote {a.out}")
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from facecluster.evaluation import eval_autocast
 from facecluster.models.backbone_module import BackboneSystem
 from facecluster.models.optim import build_optimizer, build_scheduler, param_groups
 from facecluster.models.subnets_module import SubnetSystem
+from facecluster.results import measured
 from facecluster.run import RunFolder
 from facecluster.timing import time_interleaved
 
@@ -218,10 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     stage1 = [_batch(args, args.classes, generator) for _ in range(n)]
     local = args.classes // args.clusters
     stage2 = [{k: _batch(args, local, generator) for k in range(args.clusters)} for _ in range(n)]
-    result = {"args": vars(args), "cpu": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "threads": torch.get_num_threads()}  # fmt: skip
-    if device.type == "cuda":
-        result["gpu"] = torch.cuda.get_device_name()
+    result = {"args": vars(args), "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(args, Path(tmp))
         for stage, batches in ((1, stage1), (2, stage2)):
@@ -264,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         print("class means:", json.dumps(result["class_means"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    result |= measured(device)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
     return result

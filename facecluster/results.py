@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import platform
 from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,26 @@ def machine(device: torch.device | str | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "packages": versions,
     }
+
+
+def machine_name(record: dict[str, Any]) -> str:
+    """A :func:`machine` record in words: the CPU and its kernels (and GPU), Python and
+    the packages."""
+    gpu = f", {record['gpu']}" if record.get("gpu") else ""
+    packages = ", ".join(f"{k} {v}" for k, v in record["packages"].items() if v)
+    return (
+        f"{record['cpu']} ({record['cpu_capability']} kernels{gpu}), Python "
+        f"{record['python']}, {packages}"
+    )
+
+
+def measured(device: torch.device | str | None = None) -> dict[str, Any]:
+    """What a benchmark's JSON keeps beside its figures: ``measured``, when it finished
+    (UTC, to the second), and :func:`provenance` (``code``, ``machine``). The shared
+    machines these benchmarks run on change from session to session (an Intel Xeon with
+    AVX-512 kernels one day, an AMD EPYC with AVX2 the next), and every rate with them."""
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return {"measured": when, **provenance(device)}
 
 
 def provenance(device: torch.device | str | None = None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +20,7 @@ from facecluster import cli
 from facecluster.builders import build_trainer, default_precision, module_args
 from facecluster.config import ConfigError, load_config
 from facecluster.models.backbone_module import BackboneSystem
-from facecluster.results import machine, source_digest
+from facecluster.results import machine, machine_name, source_digest
 from facecluster.run import RunFolder, _refuse_contradictions
 from tests.conftest import load_script, run_script
 
@@ -142,6 +143,10 @@ def test_gpu_script_dry_run_writes_every_figure(tmp_path):
     data = figures["data"]
     assert data["rows"][0]["rec"] > 0 and data["rows"][0]["rec_bytes"] > 0
     assert data["device_decode"]["images_per_s"] > 0  # data.decode=device's batched decode
+    here = machine()
+    for part in ("overhead-32-true-compile-false", "stages", "data"):  # what ran them
+        assert figures[part]["machine"]["cpu"] == here["cpu"], part
+        assert figures[part]["code"] == source_digest(), part
     bad = subprocess.run(["bash", "bench/gpu.sh", "--bogus"], cwd=ROOT, capture_output=True)
     assert bad.returncode == 2 and b"--bogus" in bad.stderr
 
@@ -214,6 +219,9 @@ def test_scale_benchmark_runs_small_and_writes_its_page(tmp_path):
     )
     page = doc.read_text()
     assert "| 4,000 | Partial FC r=0.2 | 8 |" in page and "## Routing" in page
+    # where each part ran, named on the page (the machines here change from day to day)
+    assert {by["machine"]["cpu"] for by in result["measured_by"].values()} == {machine()["cpu"]}
+    assert f"this machine ({machine_name(machine())}, " in page
     assert (tmp_path / "scale_heads.png").is_file()
 
 
@@ -232,6 +240,8 @@ def test_routing_benchmark_times_shared_layers_against_the_single_model(tmp_path
     for row in result["shared_layers"]:
         assert row["routed_images_per_s"] > 0 and row["single_images_per_s"] > 0
     assert "| shared layers |" in done.stdout
+    assert result["machine"] == machine() and result["code"] == source_digest()
+    assert datetime.fromisoformat(result["measured"]).tzinfo is not None  # UTC
 
 
 def test_subnet_memory_benchmark_counts_k_subnets_and_their_recomputation(tmp_path):
@@ -246,7 +256,9 @@ def test_subnet_memory_benchmark_counts_k_subnets_and_their_recomputation(tmp_pa
     ]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = {(r["subnets"], r["precision"]): r for r in json.loads(out.read_text())["rows"]}
+    result = json.loads(out.read_text())
+    assert result["machine"] == machine()
+    rows = {(r["subnets"], r["precision"]): r for r in result["rows"]}
     for precision in ("fp32", "bf16"):
         one, two = rows[1, precision], rows[2, precision]
         assert two["kept_mib"] == pytest.approx(2 * one["kept_mib"], rel=0.01)
@@ -418,6 +430,7 @@ def test_sample_index_benchmark_measures_setup_and_a_forked_workers_copy(tmp_pat
     assert result["images"] == 3000 and result["train_samples"] == 60 * 35  # 0.7 of 50 each
     assert result["setup_s"] > 0 and result["rss_bytes_per_image"] > 0
     assert result["worker_private_mb_per_epoch"] > 0  # the worker's reads did copy pages
+    assert result["machine"] == machine()
     # im2rec's layout: the second process reads the labels the first one kept (the
     # measuring processes are fresh ones whichever process starts them)
     run_script(*command[1:], "--layout", "im2rec")
