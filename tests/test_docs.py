@@ -444,3 +444,24 @@ def test_the_architecture_pages_import_table_is_the_sources():
     order = {layer: i for i, modules in enumerate(rows) for layer in modules.split(", ")}
     upward = [(a, b) for a, deps in actual.items() for b in deps if order[b] >= order[a]]
     assert not upward, f"a module imports one listed with or after it: {upward}"
+
+
+def test_the_data_pages_throughput_table_is_its_json():
+    # docs/DATA.md's input-throughput table shows bench/results/data_throughput.json's
+    # run (a review found the table and the JSON from different runs), on the machine
+    # the JSON names
+    import json
+
+    result = json.loads((ROOT / "bench" / "results" / "data_throughput.json").read_text())
+    page = (ROOT / "docs" / "DATA.md").read_text()
+    columns = ("ceiling", "folder", "rec", "rec_checked", "rec_per_item")
+    ratios = ("rec_vs_ceiling", "rec_checked_vs_ceiling", "rec_vs_checked", "rec_vs_folder")
+    for row in result["rows"]:
+        cells = [str(row["num_workers"])]
+        cells += [f"{round(row[k]):,}" for k in columns]
+        cells += [f"{row[k]:.2f}" for k in (*ratios, "rec_vs_per_item")]
+        cells.append(f"{round(row['rec_bytes']):,}")
+        assert "| " + " | ".join(cells) + " |" in page, cells
+    machine, when = result["machine"], result["measured"][:10]
+    said = f"`{machine['cpu']}` (torch's `{machine['cpu_capability']}` kernels; {when}"
+    assert said in page.replace("\n", " ")
