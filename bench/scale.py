@@ -647,11 +647,13 @@ neighbours and ranked the other clusters by centroid).
 
 def _machine(result: dict) -> str:
     """Where the parts ran, in words: one machine, or each part's."""
-    if "measured_by" not in result:  # written before 2026-12-03: the platform's name only
-        return result["machine"]
+    by_part = result.get("measured_by", {})
     names = {
-        part: f"{machine_name(by['machine'])}, {result['threads']} threads"
-        for part, by in result["measured_by"].items()
+        # parts run before 2026-12-03 have only the platform's name, in "machine"
+        part: f"{machine_name(by_part[part]['machine'])}, {by_part[part]['threads']} threads"
+        if part in by_part
+        else result["machine"]
+        for part in result.get("wall_s", by_part)
     }
     if len(set(names.values())) == 1:
         return next(iter(names.values()))
@@ -821,7 +823,6 @@ def main() -> None:
         {}
         if not parts
         else {
-            "threads": threads,
             "classes": args.classes,
             "dim": args.dim,
             "clusters": args.clusters,
@@ -873,8 +874,10 @@ def main() -> None:
                 args.fine_nprobe,
             )
         result.setdefault("wall_s", {})[part] = round(time.perf_counter() - start, 1)
-        result.setdefault("measured_by", {})[part] = measured()  # parts may run apart
-        result.pop("machine", None)  # earlier versions' platform name
+        # parts may run apart, on different machines
+        result.setdefault("measured_by", {})[part] = measured() | {"threads": threads}
+    if set(result.get("measured_by", {})) >= set(result.get("wall_s", {})):
+        result.pop("machine", None)  # earlier versions' platform name: no part uses it
     result.pop("command", None)  # the single command of earlier versions
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -35,10 +35,11 @@ class StageSpeed(L.Callback):
     """Training images/s and peak device memory of each stage."""
 
     def __init__(self, skip: int) -> None:
-        self.skip, self.stages = skip, {}
+        self.skip, self.stages, self.device = skip, {}, None
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.images, self.seconds, self.steps, self.last = 0, 0.0, 0, None
+        self.device = pl_module.device  # the machine's record names its GPU
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         **speed.stages,
         "inference": {r.model: {"images_per_s": r.throughput, "ms_at_1": r.latency_ms,
                                 "spread": r.throughput_spread} for r in report.rows},
-        **measured(),
+        **measured(speed.device),
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

@@ -410,6 +410,21 @@ def test_results_page_is_its_json_rendered_and_one_seed_has_no_spread():
     assert wide["high"] - wide["mean"] == pytest.approx(2.086 * wide["sd"] / 40**0.5)
 
 
+def test_the_scale_page_names_each_parts_machine_when_one_part_is_rerun():
+    # parts run apart, on machines that change from day to day: a part measured before
+    # the records (the platform's name only) keeps that name beside a re-run part's
+    scale = load_script("bench/scale.py")
+    here = machine()
+    result = {
+        "machine": "x86_64, 2 threads",
+        "wall_s": {"lfw": 10.0, "routing": 20.0},
+        "measured_by": {"routing": {"machine": here, "threads": 2}},
+    }
+    assert scale._machine(result) == (
+        f"lfw on x86_64, 2 threads; routing on {machine_name(here)}, 2 threads"
+    )
+
+
 def test_scale_page_is_its_json_rendered():
     # docs/SCALE.md says bench/scale.py writes it: passages written into the page by
     # hand would be lost the next time it is measured
