@@ -21,6 +21,7 @@ import math
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 TRAIN_HELP = """Train the two-stage clustered face-identification method.
@@ -81,6 +82,9 @@ below --threshold), score, similarity, cluster (the sub-net that answered), top5
 """
 
 
+EXPORTED = " (a folder written by facecluster export)"
+
+
 def _parser(prog: str, help_text: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         prog=prog,
@@ -93,6 +97,17 @@ def _parser(prog: str, help_text: str) -> argparse.ArgumentParser:
 def _fail(message: object) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def _missing(paths: list[str], prefix: str = "", what: str = "") -> str | None:
+    """The first of ``paths`` that does not exist, named (``~`` expanded, as ``run=``
+    and ``resume=`` are) before the command imports torch and Lightning, which take
+    about 5 s: a typo is told at once. What each path must hold is checked later."""
+    for given in paths:
+        path = Path(given).expanduser().resolve()
+        if not path.exists():
+            return f"{prefix}{given}: {path} does not exist{what}"
+    return None
 
 
 def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -239,6 +254,8 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
     overrides = [a for a in args.args if not a.startswith("run=")]
     if not runs:
         parser.error("give at least one run=<run dir>")
+    if missing := _missing(runs, prefix="run="):
+        return _fail(missing)
     from facecluster.config import ConfigError
     from facecluster.evaluation import evaluate_runs
 
@@ -275,6 +292,8 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 <= args.fpir < 1.0:
         parser.error(f"--fpir must be in [0, 1), got {args.fpir}")
+    if missing := _missing([args.run], what=" (a finished run folder)"):
+        return _fail(missing)
     from facecluster.config import ConfigError
     from facecluster.deploy import export_run
 
@@ -330,6 +349,8 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
     if args.threshold is not None and not math.isfinite(args.threshold):
         # nan answered unknown for every face, with exit 0
         parser.error(f"--threshold must be a finite number, got {args.threshold}")
+    if missing := _missing([args.model], what=EXPORTED):
+        return _fail(missing)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from facecluster.deploy import identify_files, resolve_device
@@ -362,6 +383,8 @@ def enroll_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("model", help="a folder written by facecluster export")
     parser.add_argument("folder", help="one sub-folder of face images per new identity")
     args = parser.parse_args(argv)
+    if missing := _missing([args.model], what=EXPORTED) or _missing([args.folder]):
+        return _fail(missing)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from facecluster.deploy import enroll_folder

@@ -96,7 +96,7 @@ def export_run(
     from facecluster.builders import build_datamodule  # Lightning: only for the export
     from facecluster.run import RunFolder
 
-    folder = RunFolder(Path(run))
+    folder = RunFolder(Path(run).expanduser())
     # the verification sets are not read here: a copied run exports without them
     moved = ["data.verification=[]", *([] if data_root is None else [f"data.root={data_root}"])]
     cfg = folder.finished_config(moved)
@@ -250,7 +250,7 @@ def load_export(
     model: str | Path, runtime: str = "auto", device: str = "auto", top_m: int | None = None
 ) -> TwoStageIdentifier:
     """The identifier of an export folder, on ``runtime`` (torch, onnx, auto)."""
-    model = Path(model)
+    model = Path(model).expanduser()
     if not model.is_dir():
         raise FileNotFoundError(f"{model} is not a folder written by facecluster export")
     if not (model / TORCH_FILE).exists() and (model / "config.yaml").is_file():
@@ -289,7 +289,7 @@ def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -
         ExportChangedError: another command changed the export while this one ran
             (nothing is written then; run it again).
     """
-    model = Path(model)
+    model = Path(model).expanduser()
     finish_update(model)  # an update left committed is no other command's change
     read = _stamp(model)  # before the read: a change after it is found at the commit
     identifier = load_export(model, "auto", "cpu")

@@ -43,6 +43,37 @@ def test_the_console_script_lists_its_commands(tmp_path):
         assert re.search(rf"^\s+{command}\s", proc.stdout, re.M), (command, proc.stdout)
 
 
+def test_a_path_that_does_not_exist_is_named_before_torch_is_imported(tmp_path):
+    # evaluate, export, identify and enroll imported torch and Lightning (5 s here)
+    # before they found that the folder they were given does not exist
+    code = (
+        "import sys; from facecluster import cli; "
+        "print([cli.main(a) for a in sys.argv[1:]], 'torch' in sys.modules)"
+    )
+    gone, here = tmp_path / "gone", tmp_path
+    calls = [
+        f"['evaluate', 'run={here}', 'run={gone}']",
+        f"['export', '{gone}', '{tmp_path}/out']",
+        f"['identify', '{gone}', '{here}']",
+        f"['enroll', '{gone}', '{here}']",
+        f"['enroll', '{here}', '{gone}/new_people']",
+    ]
+    code = code.replace("sys.argv[1:]", "[" + ", ".join(calls) + "]")
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.split() == ["[2,", "2,", "2,", "2,", "2]", "False"], done.stderr
+    errors = done.stderr.splitlines()
+    assert errors == [
+        f"error: run={gone}: {gone} does not exist",
+        f"error: {gone}: {gone} does not exist (a finished run folder)",
+        f"error: {gone}: {gone} does not exist (a folder written by facecluster export)",
+        f"error: {gone}: {gone} does not exist (a folder written by facecluster export)",
+        f"error: {gone}/new_people: {gone}/new_people does not exist",
+    ]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
 def test_every_command_has_help_with_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_:
