@@ -463,5 +463,25 @@ def test_the_data_pages_throughput_table_is_its_json():
         cells.append(f"{round(row['rec_bytes']):,}")
         assert "| " + " | ".join(cells) + " |" in page, cells
     machine, when = result["machine"], result["measured"][:10]
+    text = " ".join(page.split())
     said = f"`{machine['cpu']}` (torch's `{machine['cpu_capability']}` kernels; {when}"
-    assert said in page.replace("\n", " ")
+    assert said in text
+
+    # the prose under the table: each worker count's spread over the rounds, and the
+    # rounds where the .rec loader fell below the folder loader
+    def spread(key: str) -> str:
+        ranges = [
+            f"{min(r[key] for r in row['rounds']):.2f}-{max(r[key] for r in row['rounds']):.2f}"
+            for row in result["rows"]
+        ]
+        return ", ".join(ranges[:-1]) + " and " + ranges[-1]
+
+    assert (
+        f"`.rec / ceiling` ratios spread over {spread('rec_vs_ceiling')}, "
+        f"and their `.rec / checked` ratios over {spread('rec_vs_checked')}"
+    ) in text
+    below = [r["rec_vs_folder"] for row in result["rows"] for r in row["rounds"]]
+    below = [f"{b:.2f}" for b in below if b < 1]
+    words = {0: "no", 1: "one", 2: "two", 3: "three"}
+    said = f"below the folder loader in {words[len(below)]} round"
+    assert said in text and all(b in text[text.index(said) :][:80] for b in below)
