@@ -61,6 +61,7 @@ PLOT = DOC.parent / "scale_heads.png"
 HEAD_CLASSES = (10_000, 100_000, 360_232, 2_059_906)
 PER_PROCESS_BATCH = 128  # arcface_torch's default per GPU
 LOGIT_COPIES = 4  # cosine, margin logits, saved softmax, their gradient
+PARTS = ("heads", "clustering", "routing", "lfw")
 MEASURE_LIMIT_GIB = 8.0  # larger heads are computed, not run, on this machine
 
 
@@ -652,8 +653,9 @@ def _machine(result: dict) -> str:
         # parts run before 2026-12-03 have only the platform's name, in "machine"
         part: f"{machine_name(by_part[part]['machine'])}, {by_part[part]['threads']} threads"
         if part in by_part
-        else result["machine"]
-        for part in result.get("wall_s", by_part)
+        else result.get("machine", "not recorded")
+        for part in PARTS
+        if part in result
     }
     if len(set(names.values())) == 1:
         return next(iter(names.values()))
@@ -777,7 +779,7 @@ def main() -> None:
     parser.add_argument(
         "--part",
         nargs="+",
-        choices=("heads", "clustering", "routing", "lfw"),
+        choices=PARTS,
         default=["heads", "clustering", "routing", "lfw"],
     )
     parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.5])
@@ -876,7 +878,7 @@ def main() -> None:
         result.setdefault("wall_s", {})[part] = round(time.perf_counter() - start, 1)
         # parts may run apart, on different machines
         result.setdefault("measured_by", {})[part] = measured() | {"threads": threads}
-    if set(result.get("measured_by", {})) >= set(result.get("wall_s", {})):
+    if all(part in result.get("measured_by", {}) for part in PARTS if part in result):
         result.pop("machine", None)  # earlier versions' platform name: no part uses it
     result.pop("command", None)  # the single command of earlier versions
     args.out.parent.mkdir(parents=True, exist_ok=True)

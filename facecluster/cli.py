@@ -383,7 +383,9 @@ def enroll_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("model", help="a folder written by facecluster export")
     parser.add_argument("folder", help="one sub-folder of face images per new identity")
     args = parser.parse_args(argv)
-    if missing := _missing([args.model], what=EXPORTED) or _missing([args.folder]):
+    if missing := _missing([args.model], what=EXPORTED) or _missing(
+        [args.folder], what=" (give the folder that holds one sub-folder per new identity)"
+    ):
         return _fail(missing)
     from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -94,9 +94,9 @@ def export_run(
         ImportError: ``onnx`` without the onnx extra (before any work).
     """
     from facecluster.builders import build_datamodule  # Lightning: only for the export
-    from facecluster.run import RunFolder
+    from facecluster.run import run_folder
 
-    folder = RunFolder(Path(run).expanduser())
+    folder = run_folder(run)
     # the verification sets are not read here: a copied run exports without them
     moved = ["data.verification=[]", *([] if data_root is None else [f"data.root={data_root}"])]
     cfg = folder.finished_config(moved)

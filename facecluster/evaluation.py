@@ -54,7 +54,7 @@ from facecluster.loggers import wandb_run
 from facecluster.models.components import load_backbone
 from facecluster.plots import alpha_plot, class_means_plot, top_m_plot
 from facecluster.results import markdown_table, provenance
-from facecluster.run import RunFolder
+from facecluster.run import RunFolder, run_folder
 from facecluster.timing import Timing, time_interleaved
 
 logger = logging.getLogger(__name__)
@@ -334,18 +334,6 @@ def eval_device(cfg: Config) -> torch.device:
         return resolve_device(cfg.eval.device)
     except ValueError as e:
         raise ConfigError(f"eval.device={e}") from None
-
-
-def run_folder(run_dir: str | Path) -> RunFolder:
-    """The folder ``run=`` names, ``~`` expanded (as ``resume=`` and ``data.root`` are).
-
-    Raises:
-        ConfigError: the path does not exist, naming it as given and where it was looked for.
-    """
-    path = Path(run_dir).expanduser().resolve()
-    if not path.exists():
-        raise ConfigError(f"run={run_dir}: {path} does not exist")
-    return RunFolder(path)
 
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunEvaluation:

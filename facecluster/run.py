@@ -1495,3 +1495,15 @@ def _select(values: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         values = values.get(part) if isinstance(values, dict) else None
     return values
+
+
+def run_folder(run_dir: str | Path) -> RunFolder:
+    """The folder ``run=`` names, ``~`` expanded (as ``resume=`` and ``data.root`` are).
+
+    Raises:
+        ConfigError: the path does not exist, naming it as given and where it was looked for.
+    """
+    path = Path(run_dir).expanduser().resolve()
+    if not path.exists():
+        raise ConfigError(f"run={run_dir}: {path} does not exist")
+    return RunFolder(path)

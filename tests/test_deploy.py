@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from facecluster import cli, deploy
 from facecluster.builders import build_datamodule
-from facecluster.config import load_config
+from facecluster.config import ConfigError, load_config
 from facecluster.data.images import decode_image
 from facecluster.data.transforms import normalize_images
 from facecluster.deploy import enroll_folder, export_run, identify_files, load_export
@@ -69,9 +69,13 @@ def test_a_path_that_does_not_exist_is_named_before_torch_is_imported(tmp_path):
         f"error: {gone}: {gone} does not exist (a finished run folder)",
         f"error: {gone}: {gone} does not exist (a folder written by facecluster export)",
         f"error: {gone}: {gone} does not exist (a folder written by facecluster export)",
-        f"error: {gone}/new_people: {gone}/new_people does not exist",
+        f"error: {gone}/new_people: {gone}/new_people does not exist (give the folder that "
+        "holds one sub-folder per new identity)",
     ]
     assert not (tmp_path / "out").exists()
+    # the Python API names it as evaluate_run does (it said "no config.yaml")
+    with pytest.raises(ConfigError, match=f"run={gone}: {gone} does not exist"):
+        export_run(gone, tmp_path / "out")
 
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
