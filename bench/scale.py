@@ -780,7 +780,7 @@ def main() -> None:
         "--part",
         nargs="+",
         choices=PARTS,
-        default=["heads", "clustering", "routing", "lfw"],
+        default=list(PARTS),
     )
     parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.5])
     parser.add_argument(

@@ -21,7 +21,6 @@ import math
 import signal
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import NoReturn
 
 TRAIN_HELP = """Train the two-stage clustered face-identification method.
@@ -97,17 +96,6 @@ def _parser(prog: str, help_text: str) -> argparse.ArgumentParser:
 def _fail(message: object) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
-
-
-def _missing(paths: list[str], prefix: str = "", what: str = "") -> str | None:
-    """The first of ``paths`` that does not exist, named (``~`` expanded, as ``run=``
-    and ``resume=`` are) before the command imports torch and Lightning, which take
-    about 5 s: a typo is told at once. What each path must hold is checked later."""
-    for given in paths:
-        path = Path(given).expanduser().resolve()
-        if not path.exists():
-            return f"{prefix}{given}: {path} does not exist{what}"
-    return None
 
 
 def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -254,9 +242,12 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
     overrides = [a for a in args.args if not a.startswith("run=")]
     if not runs:
         parser.error("give at least one run=<run dir>")
-    if missing := _missing(runs, prefix="run="):
-        return _fail(missing)
-    from facecluster.config import ConfigError
+    from facecluster.config import ConfigError, missing_path
+
+    # before torch and Lightning (about 5 s): a mistyped path is named at once
+    for run in runs:
+        if missing := missing_path(run, prefix="run="):
+            return _fail(missing)
     from facecluster.evaluation import evaluate_runs
 
     try:
@@ -292,9 +283,10 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 <= args.fpir < 1.0:
         parser.error(f"--fpir must be in [0, 1), got {args.fpir}")
-    if missing := _missing([args.run], what=" (a finished run folder)"):
+    from facecluster.config import ConfigError, missing_path
+
+    if missing := missing_path(args.run, what=" (a finished run folder)"):
         return _fail(missing)
-    from facecluster.config import ConfigError
     from facecluster.deploy import export_run
 
     try:
@@ -349,7 +341,9 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
     if args.threshold is not None and not math.isfinite(args.threshold):
         # nan answered unknown for every face, with exit 0
         parser.error(f"--threshold must be a finite number, got {args.threshold}")
-    if missing := _missing([args.model], what=EXPORTED):
+    from facecluster.config import missing_path
+
+    if missing := missing_path(args.model, what=EXPORTED):
         return _fail(missing)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -383,8 +377,10 @@ def enroll_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("model", help="a folder written by facecluster export")
     parser.add_argument("folder", help="one sub-folder of face images per new identity")
     args = parser.parse_args(argv)
-    if missing := _missing([args.model], what=EXPORTED) or _missing(
-        [args.folder], what=" (give the folder that holds one sub-folder per new identity)"
+    from facecluster.config import missing_path
+
+    if missing := missing_path(args.model, what=EXPORTED) or missing_path(
+        args.folder, what=" (give the folder that holds one sub-folder per new identity)"
     ):
         return _fail(missing)
     from tqdm.contrib.logging import logging_redirect_tqdm

@@ -126,6 +126,14 @@ def _whole(value: Any) -> bool:
     return _number(value) and isinstance(value, int)
 
 
+def missing_path(given: str | Path, prefix: str = "", what: str = "") -> str | None:
+    """``given``, ``~`` expanded, named with where it was looked for when it does not
+    exist; ``None`` when it does. Light (no torch): the commands check their paths with
+    it before their imports, and ``run=`` (:func:`facecluster.run.run_folder`) after."""
+    path = Path(given).expanduser().resolve()
+    return None if path.exists() else f"{prefix}{given}: {path} does not exist{what}"
+
+
 def resolve_data_root(root: str) -> Path:
     """A relative data.root is taken from the working dir, else from the project root."""
     p = Path(root).expanduser()

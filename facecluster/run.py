@@ -63,6 +63,7 @@ from facecluster.config import (
     HeadConfig,
     config_from_dict,
     load_config,
+    missing_path,
 )
 from facecluster.data.recordio import rec_paths
 from facecluster.io import atomic_torch_save, load_plain, replacing
@@ -1503,7 +1504,6 @@ def run_folder(run_dir: str | Path) -> RunFolder:
     Raises:
         ConfigError: the path does not exist, naming it as given and where it was looked for.
     """
-    path = Path(run_dir).expanduser().resolve()
-    if not path.exists():
-        raise ConfigError(f"run={run_dir}: {path} does not exist")
-    return RunFolder(path)
+    if missing := missing_path(run_dir, prefix="run="):
+        raise ConfigError(missing)
+    return RunFolder(Path(run_dir).expanduser().resolve())
