@@ -343,8 +343,12 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
         parser.error(f"--threshold must be a finite number, got {args.threshold}")
     from facecluster.config import missing_path
 
-    if missing := missing_path(args.model, what=EXPORTED):
-        return _fail(missing)
+    for path, what in (
+        (args.model, EXPORTED),
+        *((image, " (an image or a folder of images)") for image in args.images),
+    ):
+        if missing := missing_path(path, what=what):
+            return _fail(missing)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from facecluster.deploy import identify_files, resolve_device

@@ -550,7 +550,7 @@ def _walk_images(folder: Path) -> Iterator[Path]:
 def image_files(sources: Sequence[str | Path]) -> list[Path]:
     """The image files named, folders searched recursively (sorted), in the order given."""
     files: list[Path] = []
-    for source in map(Path, sources):
+    for source in (Path(s).expanduser() for s in sources):
         if source.is_dir():
             found = sorted(_walk_images(source))
             if not found:

@@ -44,8 +44,9 @@ def test_the_console_script_lists_its_commands(tmp_path):
 
 
 def test_a_path_that_does_not_exist_is_named_before_torch_is_imported(tmp_path):
-    # evaluate, export, identify and enroll imported torch and Lightning (5 s here)
-    # before they found that the folder they were given does not exist
+    # evaluate, export, identify (its model and its images) and enroll imported torch
+    # and Lightning (5 s here) before they found that a path they were given does not
+    # exist
     code = (
         "import sys; from facecluster import cli; "
         "print([cli.main(a) for a in sys.argv[1:]], 'torch' in sys.modules)"
@@ -55,6 +56,7 @@ def test_a_path_that_does_not_exist_is_named_before_torch_is_imported(tmp_path):
         f"['evaluate', 'run={here}', 'run={gone}']",
         f"['export', '{gone}', '{tmp_path}/out']",
         f"['identify', '{gone}', '{here}']",
+        f"['identify', '{here}', '{here}', '{gone}/face.jpg']",
         f"['enroll', '{gone}', '{here}']",
         f"['enroll', '{here}', '{gone}/new_people']",
     ]
@@ -62,12 +64,13 @@ def test_a_path_that_does_not_exist_is_named_before_torch_is_imported(tmp_path):
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
-    assert done.stdout.split() == ["[2,", "2,", "2,", "2,", "2]", "False"], done.stderr
+    assert done.stdout.split() == ["[2,", "2,", "2,", "2,", "2,", "2]", "False"], done.stderr
     errors = done.stderr.splitlines()
     assert errors == [
         f"error: run={gone}: {gone} does not exist",
         f"error: {gone}: {gone} does not exist (a finished run folder)",
         f"error: {gone}: {gone} does not exist (a folder written by facecluster export)",
+        f"error: {gone}/face.jpg: {gone}/face.jpg does not exist (an image or a folder of images)",
         f"error: {gone}: {gone} does not exist (a folder written by facecluster export)",
         f"error: {gone}/new_people: {gone}/new_people does not exist (give the folder that "
         "holds one sub-folder per new identity)",
