@@ -424,7 +424,7 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
     # fp32, as export fits it: calibration.json serves every later evaluation and export
     # of the run, so it must not depend on which of them fitted it first
     calibrate_run(ident, run, cfg, bench.dm)
-    means = ident.assignment.class_means.to(bench.device)
+    means = ident.assignment.class_means
     stage1 = StageOneModel(ident.router_backbone, weights.head, means).to(bench.device)
     predictors = ident.predictors(cfg.route.top_m, cfg.route.alpha) + stage1.predictors()
     rows = bench.rows(predictors, bench.verification(ident.router_backbone))

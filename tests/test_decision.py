@@ -331,6 +331,19 @@ def test_stage1_rows_score_in_float32_under_mixed_precision():
         torch.testing.assert_close(scores, exact.values)
 
 
+def test_the_stage1_model_moves_its_class_means_with_its_weights():
+    """A second evaluation of a single-model run reads its class means from
+    eval/class_means.pt onto the CPU: on a GPU the nearest-class-mean row then failed
+    with a device mismatch (the means were an attribute that .to() did not move)."""
+    head, means = torch.randn(10, 4), F.normalize(torch.randn(10, 4), dim=1)
+    model = StageOneModel(torch.nn.Linear(4, 4), head, means).to("meta")
+    assert {t.device.type for t in (model.head, model.class_means)} == {"meta"}
+    assert all(p.device.type == "meta" for p in model.parameters())
+    # not part of the state dict: the run's files and exports keep their keys
+    assert "class_means" not in StageOneModel(torch.nn.Linear(4, 4), head, means).state_dict()
+    assert StageOneModel(torch.nn.Linear(4, 4), head).class_means is None
+
+
 def test_moe_without_its_numbers_asks_for_calibration():
     ident, queries = _random_identifier()
     ident.route_config["decision"] = "moe"

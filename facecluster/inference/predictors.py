@@ -74,7 +74,10 @@ class StageOneModel(nn.Module):
         super().__init__()
         self.backbone = backbone.eval()
         self.register_buffer("head", F.normalize(head_weight.detach().float(), dim=1))
-        self.class_means = None if class_means is None else class_means.float()
+        # a buffer, so that .to(device) moves the means with the weights (a plain
+        # attribute stayed where it was loaded: evaluation's kept means, on the CPU)
+        means = None if class_means is None else class_means.float()
+        self.register_buffer("class_means", means, persistent=False)
         self.single = single
 
     @torch.no_grad()
@@ -93,15 +96,14 @@ class StageOneModel(nn.Module):
             )
         ]
         if self.class_means is not None:
-            means = self.class_means
             offered.append(
                 Predictor(
                     "nearest class mean"
                     if self.single
                     else "nearest class mean (stage-1 backbone)",
-                    lambda x: _best(similarity(self.embed(x), means)),
+                    lambda x: _best(similarity(self.embed(x), self.class_means)),
                     0.0,
-                    count_parameters(self.backbone, means),
+                    count_parameters(self.backbone, self.class_means),
                 )
             )
         return offered
