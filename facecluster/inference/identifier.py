@@ -389,7 +389,7 @@ class TwoStageIdentifier(nn.Module):
         # grew ISM's peak memory by 1,118 MB where one [B, C] float32 is 51 MB; 708 MB
         # now: 200K identities, K=8, batch 64, 20% overlap, measured)
         summing = moe and not all_subnets and empty_id is not None
-        shared_ids = self._overlap_on(images.device)[0] if summing else None
+        shared_ids = self._overlap_on(images.device) if summing else None
         sims, shares = {}, {}  # moe: cluster c's faces' similarities to its class means
         if moe and not all_subnets:  # each candidate cluster's log-probability, renormalised
             log_mass = torch.empty(clusters.shape, device=images.device)
@@ -449,31 +449,55 @@ class TwoStageIdentifier(nn.Module):
         m members gets for n faces whose candidate clusters are ``candidates`` (``[n,
         top_m]``): minus the log of how many of them hold the member (0 for most; with
         ``clustering.overlap``, log 2 where both of a member's clusters are searched).
-        None when no member of ``c`` is in another cluster."""
-        members = self.members(c)
-        overlap_ids, overlap_keys = self._overlap_on(members.device)
-        columns = torch.isin(members, overlap_ids).nonzero().squeeze(1)
-        if not len(columns):
+        None when no member of ``c`` is in another cluster. Float ``[n, m]`` tensors
+        only (an int64 ``[n, m, top_m]`` key tensor and ``isin`` over it before)."""
+        shared = self._shared_members(c, candidates.device)
+        if shared is None:
             return None
-        # the candidates that own the member or gain it by overlap
-        ids, searched = members[columns][None, :, None], candidates[:, None, :]
-        own = self.class_to_cluster[ids] == searched
-        gained = torch.isin(searched * self.assignment.num_classes + ids, overlap_keys)
-        held = (own | gained).sum(2)
-        share = torch.zeros(len(candidates), len(members), device=members.device)
-        share[:, columns] = -held.float().log()
+        columns, at, clusters = shared
+        n = len(candidates)
+        searched = torch.zeros(n, self.num_clusters, device=candidates.device)
+        searched.scatter_(1, candidates, 1.0)
+        # how many searched clusters hold each shared member: one count per membership
+        # (its own cluster and its overlap rows, which never repeat nor name its own)
+        held = torch.zeros(n, len(columns), device=candidates.device)
+        held.index_add_(1, at, searched[:, clusters])
+        share = torch.zeros(n, len(self.members(c)), device=candidates.device)
+        share[:, columns] = -held.log()
         return share
 
-    def _overlap_on(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``clustering.overlap``'s identities and their ``cluster * C + identity`` keys,
-        on ``device``: copied there once, not at every batch (the assignment stays on
-        the CPU)."""
-        cached = getattr(self, "_overlap_cache", None)  # (assignment, ids, keys)
+    def _shared_members(self, c: int, device: torch.device) -> tuple[Tensor, ...] | None:
+        """Cluster ``c``'s members that are in another cluster too: their columns in
+        ``members(c)``, then every membership of theirs as (column, cluster); None when
+        there is none. Made once per cluster and device (the assignment is fixed)."""
+        cache = getattr(self, "_shared_cache", None)  # (assignment, device, {c: ...})
+        if cache is None or cache[0] is not self.assignment or cache[1] != device:
+            cache = self._shared_cache = (self.assignment, device, {})
+        if c not in cache[2]:
+            members = self.members(c).to(device)
+            columns = torch.isin(members, self._overlap_on(device)).nonzero().squeeze(1)
+            found = None
+            if len(columns):
+                ids, clusters = (t.to(device) for t in self.assignment.memberships())
+                mine = torch.isin(ids, members[columns])
+                # members(c) is sorted, so a shared member's column is a binary search
+                at = torch.searchsorted(members[columns], ids[mine])
+                found = (columns, at, clusters[mine])
+            cache[2][c] = found
+        return cache[2][c]
+
+    def _overlap_on(self, device: torch.device) -> Tensor:
+        """``clustering.overlap``'s identities (those in a second cluster), on
+        ``device``: copied there once, not at every batch (the assignment stays on the
+        CPU)."""
+        cached = getattr(self, "_overlap_cache", None)  # (assignment, ids)
         if cached is None or cached[0] is not self.assignment or cached[1].device != device:
-            overlap = self.assignment.overlap.to(device)  # enrolment makes a new assignment
-            keys = overlap[:, 1] * self.assignment.num_classes + overlap[:, 0]
-            cached = self._overlap_cache = (self.assignment, overlap[:, 0], keys)
-        return cached[1], cached[2]
+            # enrolment makes a new assignment
+            cached = self._overlap_cache = (
+                self.assignment,
+                self.assignment.overlap[:, 0].to(device),
+            )
+        return cached[1]
 
     @staticmethod
     def _keep(
