@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import struct
@@ -26,7 +27,7 @@ from facecluster.config import ConfigError, load_config
 from facecluster.data import FaceDataModule, datamodule, recordio
 from facecluster.data import pack as pack_module
 from facecluster.data.folder import hold_out_identities, scan, split_per_identity
-from facecluster.data.images import BadImageError, decode_on_device
+from facecluster.data.images import IGNORED, BadImageError, decode_on_device
 from facecluster.data.pack import main as pack_main
 from facecluster.data.recordio import (
     FLOAT32_EXACT,
@@ -510,7 +511,7 @@ def test_packed_folder_scans_and_splits_like_the_folder(packed):
 
 def test_datamodule_serves_the_same_pixels_from_rec_and_folder(packed):
     kw = {"min_images_per_class": 10, "max_classes": 8, "batch_size": 4, "image_size": 32}
-    kw["unseen_fraction"] = 0.25  # the unseen identities' loader names records by locator
+    kw["unseen_fraction"] = 0.25  # the unseen identities' loader: record keys, as the others
     a, b = FaceDataModule(str(DEMO), **kw), FaceDataModule(str(packed / "rec"), **kw)
     for loaders in (
         (a.test_dataloader(), b.test_dataloader()),
@@ -518,6 +519,28 @@ def test_datamodule_serves_the_same_pixels_from_rec_and_folder(packed):
     ):
         for x, y in zip(*loaders, strict=True):
             assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+
+
+def test_a_broken_face_of_an_unseen_identity_in_a_rec_is_skipped_or_named(tmp_path):
+    # the unseen identities' faces were locator strings: a sound record whose JPEG did
+    # not decode raised int('<file>#<key>') (ValueError) under skip and fail alike,
+    # where the folder's loader left the face out
+    root = tmp_path / "faces"
+    for name in sorted(p.name for p in DEMO.iterdir() if p.is_dir())[:4]:
+        shutil.copytree(DEMO / name, root / name)
+    kw = {"min_images_per_class": 1, "unseen_fraction": 0.5, "max_bad_fraction": 1.0}
+    held = FaceDataModule(str(root), **kw).unseen_identities("test")[0]
+    broken = sorted((root / held).iterdir())[0]
+    broken.write_bytes(b"\xff\xd8 not a jpeg")
+    rec = pack_module.pack_folder(root, tmp_path / "rec")
+    for data in (root, rec):
+        dm = FaceDataModule(str(data), **kw)
+        labels = torch.cat([y for _, y in dm.unseen_dataloader("test")])
+        assert (labels == IGNORED).sum() == 1 and (labels < 0).all(), data
+        with pytest.raises(BadImageError, match=r"cannot decode .*on_bad_image=fail") as e:
+            list(FaceDataModule(str(data), **kw, on_bad_image="fail").unseen_dataloader("test"))
+        where = broken.name if data == root else r"train\.rec#\d+ \(offset \d+\)"
+        assert re.search(where, str(e.value)), e.value
 
 
 def test_a_run_checks_that_its_data_splits_its_identities_as_it_did(tmp_path, packed, monkeypatch):

@@ -766,7 +766,7 @@ class FaceDataModule(lightning.LightningDataModule):
         self._tracker: BadImageTracker | None = None
         self._folder: FaceFolder | None = None
         self._splits: dict[str, np.ndarray] | None = None
-        self._unseen: dict[str, dict[str, list[str]]] = {}
+        self._unseen: dict[str, tuple[list[str], Samples]] = {}  # split: names, faces
         self._members: list[Tensor] = []  # each cluster's identities (connect_clusters)
         self._subnets: list[int] = []
         self._cluster_ids: list[np.ndarray] = []
@@ -1373,7 +1373,7 @@ class FaceDataModule(lightning.LightningDataModule):
         """Names of the identities held out of training whose faces serve ``split``
         (``val`` or ``test``) as non-mated probes (``data.unseen_fraction``)."""
         self._ensure_setup()
-        return sorted(self._unseen.get(split, {}))
+        return list(self._unseen[split][0]) if split in self._unseen else []
 
     def unseen_dataloader(self, split: str) -> DataLoader | None:
         """The faces of the unseen identities of ``split``, in fixed order; None when
@@ -1381,13 +1381,8 @@ class FaceDataModule(lightning.LightningDataModule):
         them: ``i - n`` for the i-th of the n identities (a broken face is left out,
         :data:`IGNORED`, under ``on_bad_image=skip``)."""
         folder, _ = self._ensure_setup()
-        names = self.unseen_identities(split)
-        samples = [
-            (loc, i - len(names))
-            for i, name in enumerate(names)
-            for loc in self._unseen[split][name]
-        ]
-        if not samples:
+        samples = self._unseen[split][1] if split in self._unseen else None
+        if samples is None or not len(samples):
             return None
         dataset = FaceImageDataset(
             samples,

@@ -762,7 +762,7 @@ UNSEEN_SPLITS = ("val", "test")
 
 def hold_out_identities(
     folder: FaceFolder, unseen_fraction: float, seed: int
-) -> tuple[FaceFolder, dict[str, dict[str, list[str]]]]:
+) -> tuple[FaceFolder, dict[str, tuple[list[str], Samples]]]:
     """Keep ``unseen_fraction`` of the identities out of training entirely (open set).
 
     The unseen identities are the ``round(fraction * C)`` names (at least 2) that
@@ -774,15 +774,16 @@ def hold_out_identities(
 
     Returns:
         The folder of the seen identities (labels renumbered ``0..C'-1`` in name
-        order) and ``{"val": {name: [locators]}, "test": {...}}``: the unseen
-        identities and their faces.
+        order) and ``{"val": (names, faces), "test": ...}``: each split's unseen
+        identities in name order and their faces, as :class:`Samples` (record keys or
+        paths, not a string per face) labelled ``i - n`` for the i-th of the n.
 
     Raises:
         ValueError: a fraction outside ``[0, 1)``, or too few identities for it.
     """
     if not 0.0 <= unseen_fraction < 1.0:
         raise ValueError(f"unseen_fraction must be in [0, 1), got {unseen_fraction}")
-    unseen: dict[str, dict[str, list[str]]] = {split: {} for split in UNSEEN_SPLITS}
+    unseen: dict[str, tuple[list[str], Samples]] = {}
     if unseen_fraction == 0.0:
         return folder, unseen
     names = folder.class_names
@@ -800,11 +801,13 @@ def hold_out_identities(
     labels = folder.samples.labels
     groups = folder.samples.by_label()
     index_of = {name: i for i, name in enumerate(names)}
-    for name in sorted(split_of, key=index_of.__getitem__):  # label order, as before
-        held_ids = groups.get(index_of[name])
-        if held_ids is not None:
-            locators = [folder.samples.locator(i) for i in held_ids.tolist()]
-            unseen[split_of[name]][name] = locators
+    for split in UNSEEN_SPLITS:
+        held = sorted(n for n in split_of if split_of[n] == split and index_of[n] in groups)
+        faces = [groups[index_of[n]] for n in held]
+        sizes = [len(f) for f in faces]
+        own = np.repeat(np.arange(len(held), dtype=np.int64) - len(held), sizes)
+        ids = np.concatenate(faces) if faces else np.zeros(0, dtype=np.int64)
+        unseen[split] = (held, folder.samples.take(ids).relabel(own))
     new_label = np.array([label_of.get(name, -1) for name in names], dtype=np.int64)
     kept_ids = np.flatnonzero(new_label[labels] >= 0)
     samples = folder.samples.take(kept_ids).relabel(new_label[labels[kept_ids]])
