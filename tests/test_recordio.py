@@ -535,6 +535,10 @@ def test_packed_folder_scans_and_splits_like_the_folder(packed):
     assert [label for _, label in shuffled.samples] == [label for _, label in folder.samples]
     header = RecordFile(packed / "rec" / "train.rec").record(0)
     assert header.flag == 2 and not header.data, "InsightFace layout: record 0 is the header"
+    # its .idx in key order, the header's line first: read as it is, not sorted (a
+    # review: the header's line came last, and a 44.6M-line .idx was sorted at start)
+    keys = [int(line.split()[0]) for line in (packed / "rec" / "train.idx").open()]
+    assert keys == list(range(len(keys)))
     assert (packed / "rec" / "property").read_text().strip() == "158,112,112"
 
 

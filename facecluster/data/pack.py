@@ -173,17 +173,18 @@ def _write_records(
     records) into ``rec`` and ``idx``."""
     with RecordWriter(rec, idx) as writer:
         first_key = 1
+        identity_key = first_key + len(samples)
         ranges: list[list[int]] = [[0, 0] for _ in folder.class_names]
+        if not shuffle:  # first, so that the .idx is in key order (read as it is)
+            writer.write(0, pack([identity_key, identity_key + len(ranges)]))
         for n, (path, label) in enumerate(tqdm(samples, desc=what, unit="img")):
             key = n + (0 if shuffle else first_key)
             writer.write(key, pack(float(label), Path(path).read_bytes()))
             if not shuffle:
                 ranges[label] = [ranges[label][0] or key, key + 1]
         if not shuffle:
-            identity_key = first_key + len(samples)
             for label, (start, end) in enumerate(ranges):
                 writer.write(identity_key + label, pack([start, end]))
-            writer.write(0, pack([identity_key, identity_key + len(ranges)]))
 
 
 @contextlib.contextmanager
