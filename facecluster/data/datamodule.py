@@ -241,7 +241,7 @@ class FaceImageDataset(Dataset):
         self.tracker.mark(self.sample_ids[index], error, path)
         # Under DDP this counts this rank's finds only; the datamodule's share_bad_images
         # counts every rank's at each epoch end.
-        self.tracker.check(self._split_ids, self.max_bad_fraction, self.split_name)
+        self.tracker.check(self._split_ids, self.max_bad_fraction, self.split_name, self.records)
 
     def substitute(self, index: int) -> Tensor:
         """What replaces the broken ``samples[index]`` of a training set: the next
@@ -876,7 +876,9 @@ class FaceDataModule(lightning.LightningDataModule):
         for split in SPLIT_NAMES:
             ids = self._split_indices(split)
             if len(ids):
-                self._tracker.check(ids, self.hparams.max_bad_fraction, f"{split} split")
+                self._tracker.check(
+                    ids, self.hparams.max_bad_fraction, f"{split} split", self._folder.records
+                )
 
     def _ensure_setup(self) -> tuple[FaceFolder, dict[str, np.ndarray]]:
         self.setup()

@@ -27,12 +27,15 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 import simplejpeg
 import torch
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:  # recordio imports this module
+    from facecluster.data.recordio import RecordFile
 
 logger = logging.getLogger(__name__)
 
@@ -390,16 +393,19 @@ _RECORD_LOCATOR = re.compile(r"(?P<rec>.+\.rec)#(?P<key>\d+)")
 """A ``.rec`` record's locator, ``<file>#<key>`` (no image file's name ends so)."""
 
 
-def _records_named(locators: list[str]) -> list[str] | None:
+def _records_named(locators: list[str], records: RecordFile | None = None) -> list[str] | None:
     """``<file>#<key> (offset O)`` for each of ``locators`` when all are ``.rec``
-    records (the offset from the ``.idx`` beside the file; without it when that cannot
-    be read), else None. For :meth:`BadImageTracker.check`'s message, raised once."""
+    records (the offset from ``records``' index when they are its records, else from
+    the ``.idx`` beside the file; without it when that cannot be read), else None. For
+    :meth:`BadImageTracker.check`'s message, raised once."""
     found = [_RECORD_LOCATOR.fullmatch(locator) for locator in locators]
     if not found or not all(found):
         return None
     from facecluster.data.recordio import RecordFile  # recordio imports this module
 
-    offsets: dict[str, object] = {}
+    # the index already read, not the .idx again (WebFace42M's: 44.6M lines, seconds
+    # and gigabytes, in a loader worker or on every rank at once)
+    offsets: dict[str, object] = {} if records is None else {str(records.rec): records.offsets}
     named = []
     for locator, match in zip(locators, found, strict=True):
         rec, key = match["rec"], int(match["key"])
@@ -486,9 +492,16 @@ class BadImageTracker:
         flags = self._flags() if sample_ids is None else self.bad(sample_ids)
         return int(np.count_nonzero(flags))
 
-    def check(self, split_ids: np.ndarray, max_bad_fraction: float, split_name: str) -> None:
+    def check(
+        self,
+        split_ids: np.ndarray,
+        max_bad_fraction: float,
+        split_name: str,
+        records: RecordFile | None = None,
+    ) -> None:
         """Raise :class:`BadImageError` when more than ``max_bad_fraction`` of the split
-        ``split_ids`` is flagged, naming the first flagged paths."""
+        ``split_ids`` is flagged, naming the first flagged paths (``records``: the
+        ``.rec`` they are records of, whose index gives their offsets)."""
         total = len(split_ids)
         # Called at every broken file: first every flag, a contiguous scan (2 ms at 17M
         # samples against 20 for the split's gather, one-off measurement); when those are
@@ -499,7 +512,7 @@ class BadImageTracker:
         if bad > max_bad_fraction * total:
             ids = np.asarray(split_ids)
             shown = [self.paths[i] for i in ids[self.bad(ids)][:5].tolist()]  # this split's
-            records = _records_named(shown)
+            records = _records_named(shown, records)
             # a record cannot be repaired or removed inside its .rec: the file is made again
             fix = (
                 "A .rec cannot be repaired in place: copy it again from its source, or pack "
