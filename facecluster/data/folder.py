@@ -894,7 +894,10 @@ def split_per_identity(
     validate_fractions(val_fraction, test_fraction)
 
     samples = folder.samples
-    splits: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
+    # which split each sample goes to, one byte each: Python lists of the indices took
+    # about 36 bytes an image in every rank (1.5 GB at WebFace42M's 42.5M, computed)
+    split_of = np.full(len(samples), len(SPLIT_NAMES), dtype=np.int8)
+    TEST, VAL, TRAIN = (SPLIT_NAMES.index(name) for name in ("test", "val", "train"))
     too_small: list[str] = []
     for label, group in sorted(samples.by_label().items()):
         class_name = folder.class_names[label]
@@ -911,9 +914,9 @@ def split_per_identity(
             too_small.append(f"{class_name} ({n})")
             continue
         named_random(f"{seed}:{class_name}").shuffle(indices)
-        splits["test"].extend(indices[:n_test])
-        splits["val"].extend(indices[n_test : n_test + n_val])
-        splits["train"].extend(indices[n_test + n_val :])
+        split_of[indices[:n_test]] = TEST
+        split_of[indices[n_test : n_test + n_val]] = VAL
+        split_of[indices[n_test + n_val :]] = TRAIN
 
     if too_small:
         shown = shown_list(too_small, 10)
@@ -925,4 +928,4 @@ def split_per_identity(
             f"test_fraction"
         )
 
-    return {name: np.sort(np.asarray(ids, dtype=np.int64)) for name, ids in splits.items()}
+    return {name: np.flatnonzero(split_of == k) for k, name in enumerate(SPLIT_NAMES)}
