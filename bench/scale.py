@@ -706,6 +706,11 @@ Wall time of the last runs: {walls}. Exact commands: `commands` in
   copy through stage 2 (4 GB at 2M x 512, 32 GB on a node of 8, computed). At 500K x
   512 the check and the mapping took 2.9 s and the process's private memory fell from
   1,443 to 531 MiB (2026-12-01, one process, `/proc/self/status`; a one-off script).
+  Before that mapping, while the clustering runs, every rank holds the all-reduced
+  means once (4 GB at 2M x 512, computed), and rank 0 a normalised copy for k-means
+  besides (8 GB); the other ranks normalise theirs in place (since 2026-12-03: a
+  second copy before, 64 GB on a node of 8 for a moment, computed). The float64 sums
+  of the all-reduce are on the training device until then (7.6 GiB at 2M x 512).
   With
   `stage2.negatives` each job's start ranks every identity by its cosine to each
   centroid, once per cluster (the datamodule is connected to all clusters, then to the

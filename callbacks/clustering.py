@@ -159,8 +159,9 @@ class ClusteringCallback(L.Callback):
             raise failure
         if "error" in payload:  # rank 0's clustering failed: stop here too, not at a timeout
             raise RuntimeError(f"the clustering failed on rank 0: {payload['error']}")
-        if assignment is None:  # the means as cluster_identities keeps them
-            assignment = ClusterAssignment.from_dict({**payload, "class_means": unit_rows(means)})
+        if assignment is None:  # the means as cluster_identities keeps them (no copy)
+            means = unit_rows(means, in_place=True)
+            assignment = ClusterAssignment.from_dict({**payload, "class_means": means})
         del means, rows
         trainer.strategy.barrier("clustering")
         assignment = self._mapped(assignment)
