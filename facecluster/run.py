@@ -79,6 +79,9 @@ REFUSED = "refused.json"
 EMPTY_LOCK_AGE = 10.0
 """Seconds after which an empty lock (an earlier facecluster's, whose process failed
 while writing it) is taken over instead of waited for."""
+LOCK_IDENTITY = ("host", "pid", "started", "slurm_job", "slurm_restart", "launch")
+"""What in a lock names the process holding it (the rest, ``checked``, changes while
+it is held)."""
 JOB_ENV = "FACECLUSTER_JOB"
 """Set in the processes the launchers start (the job's name): they read the run's
 config and never rewrite it."""
@@ -874,13 +877,13 @@ class RunFolder:
             try:  # taken: let go again on any failure before it is marked checked
                 check(refused, me, mine)
             except BaseException:
-                path.unlink(missing_ok=True)
+                _release(path, me)
                 raise
         refused.unlink(missing_ok=True)
         try:
             yield
         finally:
-            path.unlink(missing_ok=True)
+            _release(path, me)
 
     def _refuse_held(
         self, path: Path, me: dict[str, Any], other: dict[str, Any], busy: str
@@ -1154,6 +1157,15 @@ def _create_whole(path: Path, text: str) -> bool:
         return True
     finally:
         record.unlink(missing_ok=True)
+
+
+def _release(path: Path, me: dict[str, Any]) -> None:
+    """Let go of lock ``path`` if this process still holds it. Another process may have
+    taken it over meanwhile (it judged this one stale: a requeue of the same SLURM job
+    while this process was still ending), and its lock is left to it."""
+    held = _read_json(path)
+    if all(held.get(key) == me[key] for key in LOCK_IDENTITY):
+        path.unlink(missing_ok=True)
 
 
 def _unlink_if(path: Path, record: dict[str, Any]) -> None:

@@ -530,6 +530,23 @@ def test_a_job_that_is_training_is_not_trained_twice(tmp_path, monkeypatch):
                 pass
 
 
+def test_a_lock_taken_over_while_its_holder_ends_is_left_to_the_new_holder(tmp_path, monkeypatch):
+    # A requeued SLURM job takes over the lock of its earlier run (another restart
+    # count) while that run's process may still be ending; the ending process then
+    # removed the new holder's lock on its way out, and a third command trained beside it.
+    run = RunFolder(tmp_path / "run")
+    successor = {"host": "node-b", "pid": 7, "slurm_job": "77", "slurm_restart": "1"}
+    for lock_of in (run.stage1_lock, lambda: run.job_lock("subnets-0", [0])):
+        with lock_of():
+            lock = next((tmp_path / "run").rglob("running.json"))
+            lock.write_text(json.dumps(successor))  # taken over meanwhile
+        assert json.loads(lock.read_text()) == successor, "the new holder's lock is kept"
+        lock.unlink()
+        with lock_of():
+            pass
+        assert not lock.exists(), "its own lock is let go"
+
+
 def test_the_same_subnets_grouped_otherwise_never_train_twice(tmp_path):
     # A lock per job name let a second command with another stage2.jobs train the
     # sub-nets of a job still in its first epoch (no checkpoint yet) under other
