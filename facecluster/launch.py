@@ -487,9 +487,11 @@ def submit_slurm(
             tmp.write_text(json.dumps(submitted, indent=2))
 
     def submit(name: str, commands: list[list[str]], size: tuple[int, int]) -> str:
-        executor.update_parameters(**parameters(name, size))
+        params = parameters(name, size)
+        executor.update_parameters(**params)
         job = executor.submit(TrainJob(name, commands, cwd))
-        submitted["jobs"].append({"name": name, "job_id": job.job_id, "commands": commands})
+        entry = {"name": name, "job_id": job.job_id, "dependency": params["dependency"]}
+        submitted["jobs"].append({**entry, "commands": commands})
         record()
         return job.job_id
 
@@ -500,14 +502,16 @@ def submit_slurm(
         after = submit(f"{run.path.name}-stage1", first, train_size)
     if stage2:
         name = f"{run.path.name}-stage2"
-        executor.update_parameters(**parameters(name, train_size))
+        params = parameters(name, train_size)
+        executor.update_parameters(**params)
         commands = [[train_command(run, *o, *_devices(*train_size))] for o in stage2]
         with executor.batch():
             jobs = [
                 executor.submit(TrainJob(f"{name}-{i}", c, cwd)) for i, c in enumerate(commands)
             ]
         after = jobs[0].job_id.split("_")[0]  # the array: afterok waits for every task
-        submitted["jobs"].append({"name": name, "job_id": after, "array": commands})
+        entry = {"name": name, "job_id": after, "dependency": params["dependency"]}
+        submitted["jobs"].append({**entry, "array": commands})
         record()
     if assemble:
         command = train_command(run, "stage=assemble", *_devices(*small))

@@ -242,6 +242,7 @@ def test_slurm_plan_submits_a_chained_array_and_its_jobs_finish_the_run(tmp_path
 
     plan = json.loads((result.run_dir / "slurm" / "submitted.json").read_text())
     first, tasks, last = plan["jobs"]
+    assert [job["dependency"] for job in plan["jobs"]] == [None, "afterok:1000", "afterok:1001"]
     assert [c[5:7] for c in first["commands"]] == [
         ["launcher=local", "stage=1"],
         ["launcher=local", "stage=cluster"],
