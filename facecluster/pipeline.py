@@ -353,7 +353,12 @@ def _stage2(run: _Run, clustering: ClusteringCallback) -> SubnetSystem | None:
         groups = balanced_groups(run.dm.cluster_train_images(), named, cfg.stage2.jobs)
         if cfg.stage2.group >= len(groups):
             return None  # fewer sub-nets than jobs
-        return fit_stage2(run, clustering, groups[cfg.stage2.group], own_logger=True)
+        group = groups[cfg.stage2.group]
+        if not set(group) & set(folder.missing_subnets(assignment.num_clusters)):
+            # run again once it had saved them all (requeued as it ended, or resubmitted)
+            rank_zero_info(f"stage 2: sub-nets {group} are trained already: nothing to do")
+            return None
+        return fit_stage2(run, clustering, group, own_logger=True)
     groups, fresh = _plan_stage2(run, assignment)
     if not groups:
         return None

@@ -284,6 +284,12 @@ def test_slurm_plan_submits_a_chained_array_and_its_jobs_finish_the_run(tmp_path
     for i, (command,) in enumerate(tasks["array"]):
         run_job(f"stage2-{i}", command)
     assert run.missing_subnets(3) == [] and not run.finished
+    # a task run again once its sub-nets are saved (requeued as it ended) trains nothing
+    files = sorted(p for p in run.path.rglob("*") if p.is_file())
+    stamps = [p.stat().st_mtime_ns for p in files]
+    run_job("stage2-0", tasks["array"][0][0])
+    assert sorted(p for p in run.path.rglob("*") if p.is_file()) == files
+    assert [p.stat().st_mtime_ns for p in files] == stamps
     run_job(last["name"], last["commands"][0])
     assert run.finished and (run.path / "eval" / "results.md").is_file()
     assert "stage: all" in (run.path / "config.yaml").read_text(), "jobs never rewrite it"
