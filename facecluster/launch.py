@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from facecluster.config import Config, ConfigError, SlurmConfig
 from facecluster.io import replacing
@@ -306,10 +307,13 @@ def _passed_on(running: dict[int, subprocess.Popen], stopped: list[int]) -> Iter
     """SIGTERM, SIGHUP and SIGINT of the launcher (``kill``, ``timeout``, a scheduler
     that signals only the main process, Ctrl-C: the jobs are in sessions of their own)
     go to the running jobs, which stop (their locks released, their checkpoints kept);
-    no other job starts, and the launcher then ends by the same signal (SIGINT: as
-    KeyboardInterrupt, which prints the resume command). Without it the jobs went on
-    training as orphans, holding their locks and GPUs, and the next resume was
-    refused. In the main thread only, where Python takes signals."""
+    no other job starts, and the launcher then raises: SIGINT as KeyboardInterrupt,
+    SIGTERM as Lightning's SIGTERMException (exit 143), SIGHUP as SystemExit(129), so
+    that the command unwinds (its stage-1 lock let go, its logger's run closed; the
+    signal's default action ended it at once, leaving both) and prints the resume
+    command. Without it the jobs went on training as orphans, holding their locks and
+    GPUs, and the next resume was refused. In the main thread only, where Python takes
+    signals."""
     # an ignored signal stays ignored (nohup): the jobs inherit that, as before
     signals = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
     caught = [s for s in signals if signal.getsignal(s) != signal.SIG_IGN]
@@ -331,7 +335,11 @@ def _passed_on(running: dict[int, subprocess.Popen], stopped: list[int]) -> Iter
         for sig, handler in before.items():
             signal.signal(sig, handler)
     if stopped:
-        signal.raise_signal(stopped[0])
+        handler = before[stopped[0]]
+        if callable(handler):  # Python's KeyboardInterrupt, or a handler of the caller's
+            handler(stopped[0], None)
+        code = 128 + stopped[0]  # the status a shell gives a process the signal ended
+        raise SIGTERMException(code) if stopped[0] == signal.SIGTERM else SystemExit(code)
 
 
 def _visible_gpus() -> list[str]:

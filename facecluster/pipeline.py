@@ -378,7 +378,7 @@ def _stage2(run: _Run, clustering: ClusteringCallback) -> SubnetSystem | None:
     if is_global_zero():  # the other DDP ranks of stage 1 have nothing more to do
         try:
             run_local(folder, groups, cfg.launcher.parallel, devices_per_job(cfg))
-        except KeyboardInterrupt:  # outside any Trainer: the jobs stay quiet
+        except (KeyboardInterrupt, SystemExit):  # the launcher stopped: the jobs stay quiet
             print(resume_hint(folder.path, cfg.stage), file=sys.stderr)
             raise
     return None

@@ -889,7 +889,7 @@ def test_a_stopped_local_launcher_stops_its_jobs(tmp_path):
     assert launcher.poll() is None
     os.kill(job, 0)
     launcher.send_signal(signal.SIGTERM)
-    assert launcher.wait(timeout=60) == -signal.SIGTERM
+    assert launcher.wait(timeout=60) == 128 + signal.SIGTERM
     with pytest.raises(ProcessLookupError):  # gone, and reaped by the launcher
         os.kill(job, 0)
     assert len(list(tmp_path.glob("stage2.subnets-*"))) == 1  # the second never started
@@ -938,9 +938,12 @@ def test_sigterm_to_the_launcher_stops_its_training_job_lock_released_checkpoint
         time.sleep(0.1)
     assert len(saved) == 1, (saved, launcher.poll(), (tmp_path / "train.log").read_text()[-3000:])
     launcher.send_signal(signal.SIGTERM)
-    assert launcher.wait(timeout=120) == -signal.SIGTERM
+    assert launcher.wait(timeout=120) == 128 + signal.SIGTERM
     log.close()
     assert list(jobs.glob("*/running.json")) == []  # a resume is not refused
+    # the launcher unwound: its stage-1 lock let go (the signal's default action ended
+    # it at once, leaving the lock), the resume command printed
+    assert not (tmp_path / "run" / "stage1" / "running.json").exists()
     job = saved[0].parents[1]
     assert torch.load(saved[0], weights_only=False)["epoch"] >= 0
     (other,) = [p for p in jobs.iterdir() if p != job]  # the second job never started
@@ -954,6 +957,7 @@ def test_sigterm_to_the_launcher_stops_its_training_job_lock_released_checkpoint
     assert f"stage 2: job {other.name} not started (SIGTERM)" in said
     assert re.search(rf"stage 2: job {job.name} stopped by SIGTERM \(", said)
     assert "failed with exit code" not in said
+    assert f"python train.py resume={tmp_path / 'run'}" in said
 
 
 def _replace_often(path: Path) -> None:
