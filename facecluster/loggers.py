@@ -191,17 +191,38 @@ def build_logger(cfg: Config, run_dir: Path, run_id: str, job: str | None = None
     )
 
 
+def exit_code(error: BaseException | None) -> int:
+    """The exit status a command ends with when ``error`` leaves it (None: it returned).
+
+    W&B marks a run finished at 0 and failed otherwise: a run ended by an error, by
+    Ctrl-C (Lightning turns it into ``SystemExit(1)``) or by SIGTERM (143) must not
+    look finished on the dashboard."""
+    if error is None:
+        return 0
+    if isinstance(error, SystemExit):
+        code = error.code
+        return code if isinstance(code, int) else int(code is not None)
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    return 1
+
+
 @contextlib.contextmanager
 def finish_logger(logger: Logger | None) -> Iterator[None]:
-    """Always finish the W&B run of a training run, on error too (rank 0 owns it)."""
+    """Always finish the W&B run of a training run, on error too (rank 0 owns it),
+    with the command's exit status (a failed run is shown failed)."""
+    error = None
     try:
         yield
+    except BaseException as e:
+        error = e
+        raise
     finally:
         if isinstance(logger, WandbLogger):
             import wandb
 
             if wandb.run is not None:  # only where the run was started (rank 0)
-                wandb.finish()
+                wandb.finish(exit_code=exit_code(error))
 
 
 @contextlib.contextmanager
@@ -218,7 +239,11 @@ def wandb_run(cfg: Config, run_dir: Path, run_id: str) -> Iterator[Any]:
         dir=str(run_dir),
         mode=mode,
     )
+    error = None
     try:
         yield run
+    except BaseException as e:
+        error = e
+        raise
     finally:
-        run.finish()
+        run.finish(exit_code=exit_code(error))

@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import socket
+import struct
+from pathlib import Path
 
+import lightning as L
 import pytest
 
 from facecluster.config import ConfigError, load_config
@@ -79,6 +82,46 @@ def test_wandb_offline_run_writes_both_stages_to_disk(monkeypatch, tmp_path):
     runs = list((result.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "one W&B run for both stages"
     assert list(runs[0].glob("*.wandb")), "the run's data is on disk for `wandb sync`"
+    assert _exit_codes(runs[0]) == [0], "W&B shows the run finished"
+
+
+def _exit_codes(offline_run: Path) -> list[int]:
+    """The exit codes of an offline W&B run's exit records, read from its ``.wandb``
+    file (LevelDB's log format: a 7-byte file header, then 32 KiB blocks of records,
+    each a 7-byte header (crc, length, type) and data; a protobuf Record may span
+    several: types 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    [path] = offline_run.glob("*.wandb")
+    data, pos, part, codes = path.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header: padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        part += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record.FromString(part)
+            if record.WhichOneof("record_type") == "exit":
+                codes.append(record.exit.exit_code)
+            part = b""
+    return codes
+
+
+class _Fails(L.Callback):
+    def on_train_batch_start(self, trainer, *args):
+        raise RuntimeError("a failure in stage 1")
+
+
+def test_a_run_that_fails_is_shown_failed_in_wandb(monkeypatch, tmp_path):
+    # its W&B run was finished as a success: the dashboard showed a failed run finished
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with pytest.raises(RuntimeError, match="a failure in stage 1"):
+        train(load_config(SMOKE, smoke_overrides(tmp_path, "logger=wandb")), [_Fails()])
+    [run] = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    assert _exit_codes(run) == [1]
 
 
 def test_a_later_command_of_the_run_adds_to_its_csv_log(tmp_path):
