@@ -1079,6 +1079,7 @@ def _lock_owner() -> dict[str, Any]:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME"),
         "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
         "launch": _launch_id(),
         "started": _process_start(os.getpid()),
@@ -1178,13 +1179,19 @@ def _lock_is_stale(other: dict[str, Any], me: dict[str, Any]) -> bool:
     """A job lock whose process is gone, or an earlier run of this SLURM job, or one of
     another SLURM job that has left the queue (killed on its node: an OOM kill, a node
     failure, which left its lock where a resubmission was refused)."""
-    same_job = other.get("slurm_job") and other.get("slurm_job") == me["slurm_job"]
+    same_job = (  # a job id names a job within its cluster only
+        other.get("slurm_job")
+        and other.get("slurm_job") == me["slurm_job"]
+        and other.get("slurm_cluster") == me["slurm_cluster"]
+    )
     if same_job and other.get("slurm_restart") != me["slurm_restart"]:
         return True  # requeued: SLURM counts the restarts of a job id
     if other.get("host") != me["host"]:
         # another machine's processes cannot be looked at; SLURM knows its jobs (on this
         # host the pid decides: an environment can carry an allocation's id past its end)
-        return bool(other.get("slurm_job")) and not same_job and _slurm_job_gone(other["slurm_job"])
+        if not other.get("slurm_job") or same_job:
+            return False
+        return _slurm_job_gone(other["slurm_job"], other.get("slurm_cluster"))
     try:
         os.kill(int(other["pid"]), 0)
     except ProcessLookupError:
@@ -1202,13 +1209,19 @@ beside 63 others) asks it again only a minute later, while the ranks srun starte
 it wait for its decision."""
 
 
-def _slurm_job_gone(job: str) -> bool:
+def _slurm_job_gone(job: str, cluster: str | None = None) -> bool:
     """Whether SLURM no longer has job ``job`` queued or running (``squeue -j`` lists
-    nothing, or no longer knows the id); False when squeue cannot be asked."""
+    nothing, or no longer knows the id); False when squeue cannot be asked.
+
+    ``cluster``: the SLURM cluster the job ran on (``SLURM_CLUSTER_NAME``), asked by name
+    (``--clusters``): under multi-cluster SLURM the default one, asked from another
+    cluster's node or login node, does not know the id, which looked like a job gone."""
     if time.monotonic() - _SQUEUE_FAILED[0] < 60.0:
         return False
     try:
         command = ["squeue", "--noheader", "--format=%i", f"--jobs={job}"]
+        if cluster:
+            command.append(f"--clusters={cluster}")
         asked = subprocess.run(command, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         _SQUEUE_FAILED[0] = time.monotonic()
@@ -1218,7 +1231,12 @@ def _slurm_job_gone(job: str) -> bool:
         if not forgotten:
             _SQUEUE_FAILED[0] = time.monotonic()
         return forgotten
-    return not asked.stdout.split()
+    # --clusters prints a "CLUSTER: <name>" line before the cluster's jobs
+    return not [
+        line
+        for line in asked.stdout.split("\n")
+        if line.strip() and not line.startswith("CLUSTER:")
+    ]
 
 
 def launched_processes() -> int:

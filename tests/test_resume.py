@@ -496,6 +496,19 @@ def test_a_lock_of_a_slurm_job_that_left_the_queue_is_taken_over(tmp_path, monke
     with run.stage1_lock():
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
+    # a job of another cluster (multi-cluster SLURM): the default cluster, asked from
+    # here, does not know its id, which counted as gone; it is asked on its own cluster
+    lock.write_text(json.dumps({**held, "slurm_cluster": "gpu-a"}))
+    squeue.write_text(
+        '#!/bin/sh\ncase "$*" in *--clusters=gpu-a*) printf "CLUSTER: gpu-a\\n%s\\n" $JOB;; '
+        '*) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1;; esac\n'
+    )
+    monkeypatch.setenv("JOB", "77")  # still running there
+    with pytest.raises(ConfigError, match=r"already running \(host node17, pid 4242, SLURM job 77"):
+        run.check_stage1_free()
+    monkeypatch.setenv("JOB", "")  # gone: squeue prints only the cluster's line
+    with run.stage1_lock():
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
     # on this host the pid decides: a live process whose environment still names an
     # allocation that has ended (a tmux session started under salloc) keeps its lock
     holder = subprocess.Popen(["sleep", "60"])
