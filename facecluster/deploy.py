@@ -625,7 +625,8 @@ def _check_out_is_not_read(out: Path, model: str | Path, files: Sequence[str | P
     target = Path(os.path.realpath(out))
     # by file identity, not by name: on a case-insensitive file system (macOS, Windows)
     # EXPORT/../export/x.csv names a file in the export too
-    if any(p.exists() and os.path.samefile(p, model) for p in (target, *target.parents)):
+    export = Path(model).expanduser()
+    if any(p.exists() and os.path.samefile(p, export) for p in (target, *target.parents)):
         raise ValueError(f"--out {out} is inside the export {model}: name a CSV file elsewhere")
     same = os.path.samefile if target.exists() else (lambda a, b: False)  # also A.JPG, a.jpg
     if any(Path(os.path.realpath(f)) == target or same(f, target) for f in files):

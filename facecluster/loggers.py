@@ -13,6 +13,7 @@ import contextlib
 import csv
 import netrc
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from facecluster.config import Config, ConfigError
 from facecluster.io import replacing
@@ -196,9 +198,11 @@ def exit_code(error: BaseException | None) -> int:
 
     W&B marks a run finished at 0 and failed otherwise: a run ended by an error, by
     Ctrl-C (Lightning turns it into ``SystemExit(1)``) or by SIGTERM (143) must not
-    look finished on the dashboard."""
+    look finished on the dashboard. Lightning's SIGTERM stop carries no code: 143."""
     if error is None:
         return 0
+    if isinstance(error, SIGTERMException) and error.code is None:
+        return 128 + signal.SIGTERM  # Lightning's stop on SIGTERM, as train.py exits
     if isinstance(error, SystemExit):
         code = error.code
         return code if isinstance(code, int) else int(code is not None)

@@ -36,6 +36,7 @@ the others through ``FACECLUSTER_RUN_DIR``. Only global rank 0 writes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -1179,10 +1180,13 @@ def _lock_is_stale(other: dict[str, Any], me: dict[str, Any]) -> bool:
     """A job lock whose process is gone, or an earlier run of this SLURM job, or one of
     another SLURM job that has left the queue (killed on its node: an OOM kill, a node
     failure, which left its lock where a resubmission was refused)."""
-    same_job = (  # a job id names a job within its cluster only
+    # a job id names a job within its cluster only (a lock from before the cluster was
+    # recorded: taken as this one's)
+    cluster = other.get("slurm_cluster", me["slurm_cluster"])
+    same_job = (
         other.get("slurm_job")
         and other.get("slurm_job") == me["slurm_job"]
-        and other.get("slurm_cluster") == me["slurm_cluster"]
+        and cluster == me["slurm_cluster"]
     )
     if same_job and other.get("slurm_restart") != me["slurm_restart"]:
         return True  # requeued: SLURM counts the restarts of a job id
@@ -1191,7 +1195,7 @@ def _lock_is_stale(other: dict[str, Any], me: dict[str, Any]) -> bool:
         # host the pid decides: an environment can carry an allocation's id past its end)
         if not other.get("slurm_job") or same_job:
             return False
-        return _slurm_job_gone(other["slurm_job"], other.get("slurm_cluster"))
+        return _slurm_job_gone(other["slurm_job"], cluster)
     try:
         os.kill(int(other["pid"]), 0)
     except ProcessLookupError:
@@ -1213,14 +1217,16 @@ def _slurm_job_gone(job: str, cluster: str | None = None) -> bool:
     """Whether SLURM no longer has job ``job`` queued or running (``squeue -j`` lists
     nothing, or no longer knows the id); False when squeue cannot be asked.
 
-    ``cluster``: the SLURM cluster the job ran on (``SLURM_CLUSTER_NAME``), asked by name
-    (``--clusters``): under multi-cluster SLURM the default one, asked from another
-    cluster's node or login node, does not know the id, which looked like a job gone."""
+    ``cluster``: the SLURM cluster the job ran on (``SLURM_CLUSTER_NAME``). A job of
+    another cluster than this machine's is asked about there (``--clusters``): under
+    multi-cluster SLURM this one's does not know the id, which looked like a job gone.
+    Only then, as ``--clusters`` goes through slurmdbd, which a site without accounting
+    does not run (squeue then fails, and the lock is kept)."""
     if time.monotonic() - _SQUEUE_FAILED[0] < 60.0:
         return False
     try:
         command = ["squeue", "--noheader", "--format=%i", f"--jobs={job}"]
-        if cluster:
+        if cluster and cluster != _local_cluster():
             command.append(f"--clusters={cluster}")
         asked = subprocess.run(command, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
@@ -1237,6 +1243,28 @@ def _slurm_job_gone(job: str, cluster: str | None = None) -> bool:
         for line in asked.stdout.split("\n")
         if line.strip() and not line.startswith("CLUSTER:")
     ]
+
+
+def _local_cluster() -> str | None:
+    """The SLURM cluster this machine belongs to: the job's (``SLURM_CLUSTER_NAME``), else
+    the configured one (a login node); None if neither says."""
+    return os.environ.get("SLURM_CLUSTER_NAME") or _configured_cluster()
+
+
+@functools.cache
+def _configured_cluster() -> str | None:
+    """``ClusterName`` of ``scontrol show config`` (slurm.conf; no slurmdbd), or None."""
+    try:
+        shown = subprocess.run(
+            ["scontrol", "show", "config"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in shown.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ClusterName":
+            return value.strip() or None
+    return None
 
 
 def launched_processes() -> int:

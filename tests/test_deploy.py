@@ -930,7 +930,7 @@ def test_identify_status_tells_an_identity_named_unknown_from_a_rejected_face(
 
 @pytest.mark.slow
 def test_identify_reads_folders_as_training_does_and_names_its_mistakes(
-    open_run, exported, tmp_path, capsys
+    open_run, exported, tmp_path, capsys, monkeypatch
 ):
     # linked sub-folders are followed (os.walk did not: their images got no row), hidden
     # files (macOS's ._ copies) are not images; --out a folder, a run folder for an
@@ -975,6 +975,12 @@ def test_identify_reads_folders_as_training_does_and_names_its_mistakes(
     assert link.is_symlink() and len(out.read_text(encoding="utf-8").splitlines()) == 2
     assert identify_files(exported, [photos / f"{second}_0001.jpg"], os.devnull, device="cpu") == 1
     assert Path(os.devnull).is_char_device()
+    # the export named with ~, as the commands expand it (the --out check did not: a
+    # FileNotFoundError once the model had loaded)
+    monkeypatch.setenv("HOME", str(exported.parent))
+    assert identify_files(f"~/{exported.name}", [image], out, device="cpu") == 1
+    with pytest.raises(ValueError, match="is inside the export"):
+        identify_files(f"~/{exported.name}", [image], exported / "new.csv", device="cpu")
     # /dev/stdout into a pipe (| cat): written through, not a temporary file in /proc
     command = ["facecluster", "identify", str(exported), str(photos / f"{second}_0001.jpg")]
     piped = _facecluster([*command, "--out", "/dev/stdout", "--device", "cpu"], tmp_path)

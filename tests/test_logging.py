@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
+import signal
 import socket
 import struct
 from pathlib import Path
@@ -110,18 +112,31 @@ def _exit_codes(offline_run: Path) -> list[int]:
 
 
 class _Fails(L.Callback):
+    """Stage 1 ends at its second batch: by an error, or by SIGTERM (scancel, a
+    preemption), which Lightning turns into a SystemExit of no code."""
+
+    def __init__(self, how: str):
+        self.how = how
+
     def on_train_batch_start(self, trainer, *args):
-        raise RuntimeError("a failure in stage 1")
+        if trainer.global_step == 1:
+            if self.how == "error":
+                raise RuntimeError("a failure in stage 1")
+            os.kill(os.getpid(), signal.SIGTERM)  # the next batch stops the fit
 
 
-def test_a_run_that_fails_is_shown_failed_in_wandb(monkeypatch, tmp_path):
+@pytest.mark.parametrize(("how", "code"), [("error", 1), ("sigterm", 143)])
+def test_a_run_that_fails_is_shown_failed_in_wandb(how, code, monkeypatch, tmp_path):
     # its W&B run was finished as a success: the dashboard showed a failed run finished
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    with pytest.raises(RuntimeError, match="a failure in stage 1"):
-        train(load_config(SMOKE, smoke_overrides(tmp_path, "logger=wandb")), [_Fails()])
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "logger=wandb"))
+    with pytest.raises(RuntimeError if how == "error" else SIGTERMException):
+        train(cfg, [_Fails(how)])
     [run] = (tmp_path / "run" / "wandb").glob("offline-run-*")
-    assert _exit_codes(run) == [1]
+    assert _exit_codes(run) == [code]
 
 
 def test_a_later_command_of_the_run_adds_to_its_csv_log(tmp_path):

@@ -478,6 +478,8 @@ def test_a_lock_of_a_slurm_job_that_left_the_queue_is_taken_over(tmp_path, monke
     from facecluster import run as run_module
 
     monkeypatch.setattr(run_module, "_SQUEUE_FAILED", [-float("inf")])  # asked afresh
+    for name in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_CLUSTER_NAME"):
+        monkeypatch.delenv(name, raising=False)  # the tests run inside a SLURM job
     run = RunFolder(tmp_path / "run")
     lock = run.path / "stage1" / "running.json"
     lock.parent.mkdir(parents=True)
@@ -509,6 +511,29 @@ def test_a_lock_of_a_slurm_job_that_left_the_queue_is_taken_over(tmp_path, monke
     monkeypatch.setenv("JOB", "")  # gone: squeue prints only the cluster's line
     with run.stage1_lock():
         assert json.loads(lock.read_text())["pid"] == os.getpid()
+    # a job of this machine's cluster is asked about as before, without --clusters, which
+    # goes through slurmdbd: a site without accounting refused every takeover
+    monkeypatch.setenv("SLURM_CLUSTER_NAME", "gpu-a")
+    lock.write_text(json.dumps({**held, "slurm_cluster": "gpu-a"}))
+    squeue.write_text(
+        '#!/bin/sh\ncase "$*" in *--clusters=*) echo "No cluster \'gpu-a\' known by '
+        'database" >&2; exit 1;; *) [ -n "$JOB" ] && echo $JOB; exit 0;; esac\n'
+    )
+    monkeypatch.setenv("JOB", "77")
+    with pytest.raises(ConfigError, match=r"already running \(host node17, pid 4242, SLURM job 77"):
+        run.check_stage1_free()
+    monkeypatch.setenv("JOB", "")
+    run.check_stage1_free()
+    # a lock written before the cluster was recorded, by this job's run before a requeue
+    # (another SLURM_RESTART_COUNT), is stale whatever squeue says
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.setenv("JOB", "77")
+    lock.write_text(json.dumps(held))
+    run.check_stage1_free()
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    monkeypatch.delenv("SLURM_CLUSTER_NAME")
     # on this host the pid decides: a live process whose environment still names an
     # allocation that has ended (a tmux session started under salloc) keeps its lock
     holder = subprocess.Popen(["sleep", "60"])
