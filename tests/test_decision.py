@@ -430,6 +430,25 @@ def test_calibration_recovers_the_temperatures_that_generated_the_labels():
         Calibration().fit()
 
 
+def test_calibration_with_a_router_that_cannot_miss_fits_the_class_means_temperature():
+    # one cluster (or every face routed right): the router NLL is the same at every
+    # temperature, and the fit took the coldest, 0.005, which is also the class means'
+    # softmax temperature inside a cluster: the class means then got no weight
+    torch.manual_seed(0)
+    n, classes, true_t = 2000, 20, 0.1
+    similarity = torch.rand(n, classes) * 0.6
+    labels = torch.distributions.Categorical(logits=similarity / true_t).sample()
+    calibration = Calibration()
+    log_mass = Calibration.cluster_log_mass(similarity, torch.ones(classes))
+    calibration.update_router(log_mass[:, :, None], torch.ones(n, 1, dtype=torch.bool))
+    assert calibration.router_nll.abs().max() < 1e-9  # flat
+    calibration.update_within(torch.rand(n, classes) * 0.3, similarity, labels)  # no signal
+    fitted = calibration.fit()
+    step = math.log(float(TEMPERATURES[1] / TEMPERATURES[0]))
+    assert abs(math.log(fitted.router_temperature / true_t)) <= 2 * step
+    assert fitted.generalist_weight >= 0.8  # the labels came from the class means
+
+
 # ------------------------------------------------------------------ shared layers
 
 

@@ -134,8 +134,9 @@ class Calibration:
     each temperature of :data:`TEMPERATURES`, and the NLL of its identity under the
     within-cluster mixture (its true cluster's sub-net and class means) at each
     (router temperature, sub-net temperature, weight) of the grid. :meth:`fit` takes the
-    router temperature with the lowest router NLL, then the sub-net temperature and weight
-    with the lowest mixture NLL at that router temperature. Only sums are kept: memory
+    router temperature with the lowest router NLL (among those tied, the one whose best
+    mixture NLL is lowest), then the sub-net temperature and weight with the lowest
+    mixture NLL at that router temperature. Only sums are kept: memory
     does not grow with the number of faces.
     """
 
@@ -231,7 +232,14 @@ class Calibration:
     def fit(self) -> MoeParams:
         if self.faces == 0:
             raise ValueError("calibration saw no validation faces (data.val_fraction is 0?)")
-        r = int(self.router_nll.argmin())
+        # router temperatures that fit the router alike (within a millionth of a nat a
+        # face) are told apart by the within-cluster mixture, whose class-mean softmax
+        # takes the same temperature: with one cluster, or every face routed right, the
+        # router NLL is flat (or falls without end as t -> 0), and its first minimum,
+        # the coldest temperature, left the class means no weight
+        tied = self.router_nll <= self.router_nll.min() + 1e-6 * self.faces
+        candidates = tied.nonzero().flatten()
+        r = int(candidates[self.within_nll[candidates].flatten(1).amin(1).argmin()])
         within = self.within_nll[r]
         s, w = divmod(int(within.argmin()), within.shape[1])
         return MoeParams(float(TEMPERATURES[r]), float(TEMPERATURES[s]), float(WEIGHTS[w]))
