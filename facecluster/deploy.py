@@ -272,7 +272,10 @@ def load_export(
         return load_onnx(model / ONNX_FOLDER, route, where.type).to(where)
     if runtime != "torch":
         raise ValueError(f"runtime must be auto, torch or onnx, got {runtime!r}")
-    return TwoStageIdentifier.load(model / TORCH_FILE, route, map_location=where).to(where)
+    # read onto the CPU, then moved: loaded onto a GPU, the whole file (K sub-nets' state
+    # dicts, the assignment's [C, d] class means) stayed there beside the modules made
+    # from it
+    return TwoStageIdentifier.load(model / TORCH_FILE, route).to(where)
 
 
 def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -> dict[str, int]:

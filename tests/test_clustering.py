@@ -270,6 +270,9 @@ def test_assignment_validation():
         ClusterAssignment.from_labels(
             torch.tensor([0, 1, 0, 1, 0, 1]), means, "kmeans", num_clusters=3
         )
+    opposite = torch.cat([means[:1], -means[:1], means[2:]])  # cluster 0: 0 and 1 cancel
+    with pytest.raises(ValueError, match=r"cluster\(s\) \[0\] add up to zero"):
+        ClusterAssignment.from_labels(torch.tensor([0, 0, 1, 2, 1, 2]), opposite, "random")
     with pytest.raises(ValueError, match="dim"):
         ClusterAssignment(
             a.class_to_cluster, a.local_index, a.class_means, a.centroids[:, :3], "random"

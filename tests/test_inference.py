@@ -309,6 +309,8 @@ def test_ism_equals_brute_force_over_every_subnet(alpha):
     assert torch.equal(top5.candidates, expected.indices)
     assert torch.allclose(top5.candidate_scores, expected.values)
     assert torch.equal(top5.identity, result.identity) and torch.equal(top5.score, result.score)
+    with pytest.raises(ValueError, match="k=0: keep at least 1 candidate"):
+        ident.identify(queries, **every, k=0)  # a tensor size mismatch deep in the ranking
     # open set: below the threshold the answer is UNKNOWN (-1); under the linear unit the
     # similarity a threshold compares is the fused score itself
     assert torch.equal(top5.candidate_similarities, top5.candidate_scores)

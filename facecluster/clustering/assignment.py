@@ -452,6 +452,12 @@ class ClusterAssignment:
         sums = torch.zeros(k, means.shape[1], dtype=torch.float64, device=means.device)
         for s in range(0, len(means), _ROWS):
             sums.index_add_(0, c2c[s : s + _ROWS], means[s : s + _ROWS].double())
+        flat = (sums.norm(dim=1) < 1e-12).nonzero().flatten()
+        if flat.numel():  # else "centroids must be L2-normalised", blaming the input
+            raise ValueError(
+                f"the class means of cluster(s) {flat[:10].tolist()} add up to zero (opposite "
+                "means): such a cluster has no direction to route by"
+            )
         centroids = torch.nn.functional.normalize(sums, dim=1).float()
         return cls(
             class_to_cluster=c2c,

@@ -353,6 +353,8 @@ class TwoStageIdentifier(nn.Module):
         Returns:
             The predicted identities, their scores and the candidate clusters.
         """
+        if k < 1:  # it failed in the ranking with a tensor size mismatch
+            raise ValueError(f"k={k}: keep at least 1 candidate per face")
         top_m = self.route_config["top_m"] if top_m is None else top_m
         alpha = self.route_config["alpha"] if alpha is None else alpha
         moe = self.route_config["decision"] == "moe"
