@@ -627,7 +627,7 @@ def _check_out_is_not_read(out: Path, model: str | Path, files: Sequence[str | P
     (it replaced them with the CSV, exit 0)."""
     target = Path(os.path.realpath(out))
     # by file identity, not by name: on a case-insensitive file system (macOS, Windows)
-    # EXPORT/../export/x.csv names a file in the export too
+    # DEMO/x.csv is a file in the export demo/ too
     export = Path(model).expanduser()
     if any(p.exists() and os.path.samefile(p, export) for p in (target, *target.parents)):
         raise ValueError(f"--out {out} is inside the export {model}: name a CSV file elsewhere")
