@@ -252,6 +252,17 @@ def test_a_bin_file_whose_objects_fail_to_build_is_named(tmp_path):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ValueError, match=f"{name} is not a verification .bin file"):
             read_bin(tmp_path / name)
+    # an image made a list of N references to one list of N numbers: 2N bytes of pickle
+    # were made N^2 bytes (1.1 GB and 19 s from a 96 KB file) before the budget refused it
+    n = 2000
+    square = b"\x80\x02]q\x00(" + b"K\x01" * n + b"e0]q\x01(" + b"h\x00" * n + b"e0"
+    (tmp_path / "square.bin").write_bytes(square + b"](h\x01h\x01e]\x88a\x86.")
+    with pytest.raises(ValueError, match="square.bin is not .*: an image is a list: .* bytes or"):
+        read_bin(tmp_path / "square.bin")
+    # a corrupt length field: CPython allocates its claim first (a MemoryError of no text)
+    (tmp_path / "claim.bin").write_bytes(b"\x80\x04\x8e" + (1 << 40).to_bytes(8, "little") + b"x")
+    with pytest.raises(ValueError, match="claim.bin is not .*: a length field claims more memory"):
+        read_bin(tmp_path / "claim.bin")
 
 
 def test_one_object_the_bin_file_references_over_and_over_is_built_once(tmp_path):

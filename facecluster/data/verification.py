@@ -224,11 +224,34 @@ def _image_bytes(images: object, unpickler: _RestrictedUnpickler) -> list[bytes]
             out.append(x)
             continue
         if id(x) not in done:
-            data = np.asarray(_plain(x), dtype=np.uint8).tobytes()
-            unpickler.built(len(data))
-            done[id(x)] = (x, data)
+            done[id(x)] = (x, _one_image_bytes(_plain(x), unpickler))
         out.append(done[id(x)][1])
     return out
+
+
+def _one_image_bytes(value: object, unpickler: _RestrictedUnpickler) -> bytes:
+    """An image that is not ``bytes``: a ``bytearray`` or a numpy array of byte values
+    (InsightFace's files hold one or the other), counted before it is copied. A list of
+    numbers is refused: a list of N references to one list of N numbers costs 2N bytes
+    of pickle and would become N^2 bytes here."""
+    if isinstance(value, bytearray):
+        unpickler.built(len(value))
+        return bytes(value)
+    if not isinstance(value, np.ndarray):
+        raise pickle.UnpicklingError(
+            f"an image is a {type(value).__name__}: a verification .bin holds each image as "
+            "bytes or a numpy uint8 array"
+        )
+    unpickler.built(value.size)
+    if value.dtype != np.uint8:
+        fits = value.dtype.kind in "iu" and (
+            value.size == 0 or (int(value.min()) >= 0 and int(value.max()) <= 255)
+        )
+        if not fits:
+            raise pickle.UnpicklingError(
+                f"an image is a numpy {value.dtype} array that does not hold bytes (0-255)"
+            )
+    return np.ascontiguousarray(value, dtype=np.uint8).tobytes()
 
 
 @dataclass(frozen=True)
@@ -356,8 +379,12 @@ def read_bin(path: str | Path) -> VerificationPairs:
         except Exception as e:
             # only the allowed builders run, but a forged argument makes them fail in
             # many ways (AttributeError, OverflowError, LookupError, ...): all the file's
+            if isinstance(e, MemoryError):  # CPython allocates a length field's claim first
+                reason = "a length field claims more memory than there is (a corrupt file?)"
+            else:
+                reason = str(e) or type(e).__name__
             cut = " (the file ends early: cut short?)" if _truncated(e) else ""
-            raise ValueError(f"{path} is not a verification .bin file: {e}{cut}") from None
+            raise ValueError(f"{path} is not a verification .bin file: {reason}{cut}") from None
     if len(images) != 2 * len(issame):
         raise ValueError(f"{path}: {len(images)} images for {len(issame)} pairs (expected 2 each)")
     return VerificationPairs(images, issame, str(path))
