@@ -458,17 +458,35 @@ def scan_image_folder(
             f"{name}={str(root)!r}; expected root/<identity>/<image> layout"
         )
 
-    kept = _select_identities(
-        root, {n: len(v) for n, v in found.items()}, min_images_per_class, max_classes, name
-    )
-    # zero-byte files of the kept identities and of folders holding nothing else (an
-    # interrupted copy can empty a whole identity): the broken files that
-    # on_bad_image and max_bad_fraction decide on
-    chosen = set(kept)
-    empty_files = sorted(
-        p for name, listing in listings.items() for p in listing.empty
-        if name in chosen or not listing.images
-    )  # fmt: skip
+    # identities are chosen on the files they hold, zero-byte ones included: the damage
+    # of a copy (an interrupted one empties files) does not decide which identities a
+    # run has, and the zero-byte files of every chosen identity are the broken files
+    # that on_bad_image and max_bad_fraction decide on. Counted on the readable files
+    # alone, an identity pushed under min_images_per_class was dropped with its empty
+    # files never named (under on_bad_image=fail too), and the empty folders past
+    # max_classes were counted against the kept identities' files
+    counts = {
+        n: len(ls.images) + len(ls.empty) for n, ls in listings.items() if ls.images or ls.empty
+    }
+    chosen = _select_identities(root, counts, min_images_per_class, max_classes, name)
+    empty_files = sorted(p for name in chosen for p in listings[name].empty)
+    # with them left out (on_bad_image=skip), an identity below the minimum is dropped
+    kept = [n for n in chosen if len(found.get(n, ())) >= min_images_per_class]
+    if len(kept) < len(chosen):
+        short = [n for n in chosen if len(found.get(n, ())) < min_images_per_class]
+        logger.warning(
+            "Dropped %d identities left with fewer than data.min_images_per_class=%d images "
+            "without their zero-byte files: %s",
+            len(short),
+            min_images_per_class,
+            shown_list(short, 5),
+        )
+    if not kept:
+        raise ValueError(
+            f"No identity in {name}={str(root)!r} has min_images_per_class="
+            f"{min_images_per_class} images that are not empty (zero bytes): "
+            f"{shown_list(empty_files)}. The copy of the data set looks incomplete"
+        )
     del listings  # with found, the last references to the path strings but the samples'
     # built from the listings directly: a (path, label) tuple per image, then a list of
     # each, peaked at 261 bytes an image (a one-off measurement, 1M paths)

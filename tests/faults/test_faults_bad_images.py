@@ -350,6 +350,38 @@ def test_zero_byte_files_are_found_by_the_scan(tmp_path, caplog):
         FaceDataModule(str(root), batch_size=4, min_images_per_class=5, on_bad_image="fail").setup()
 
 
+def test_the_identities_kept_do_not_depend_on_which_files_a_copy_emptied(tmp_path, caplog):
+    # identities were chosen on their readable files: one pushed under
+    # min_images_per_class by its empty files was dropped, the files never named even
+    # under on_bad_image=fail; empty folders past max_classes counted against the rest
+    root = make_tree(tmp_path / "data", identities=3, per_identity=12)
+    emptied = sorted((root / "id_01").iterdir())[:3]
+    for f in emptied:
+        f.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"3 zero-byte .*id_01/0000\.jpg.*on_bad_image=fail"):
+        FaceDataModule(
+            str(root), batch_size=4, min_images_per_class=10, on_bad_image="fail"
+        ).setup()
+    with caplog.at_level(logging.WARNING):  # skip: left out, and the identity with them
+        dm = FaceDataModule(str(root), batch_size=4, min_images_per_class=10, max_bad_fraction=0.2)
+        dm.setup()
+    assert dm.class_names == ["id_00", "id_02"]
+    assert (
+        "fewer than data.min_images_per_class=10 images without their zero-byte files: id_01"
+        in caplog.text
+    )
+    assert "left out 3 zero-byte" in caplog.text
+    # three emptied folders past max_classes are no part of a run of the first identity
+    for k in range(3):
+        (root / f"zz_{k}").mkdir()
+        for n in range(12):
+            (root / f"zz_{k}" / f"{n:04d}.jpg").write_bytes(b"")
+    dm = FaceDataModule(str(root), batch_size=4, min_images_per_class=5, max_classes=1,
+                        on_bad_image="fail")  # fmt: skip
+    dm.setup()
+    assert dm.class_names == ["id_00"]
+
+
 def test_a_held_out_identitys_zero_byte_file_is_found_too(tmp_path):
     # data.unseen_fraction: the held-out identities' empty files were dropped from the
     # scan's list, so on_bad_image=fail passed a damaged copy without a word
