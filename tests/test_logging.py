@@ -92,8 +92,13 @@ def _exit_codes(offline_run: Path) -> list[int]:
     file (LevelDB's log format: a 7-byte file header, then 32 KiB blocks of records,
     each a 7-byte header (crc, length, type) and data; a protobuf Record may span
     several: types 1 full, 2 first, 3 middle, 4 last)."""
+    import wandb
     from wandb.proto import wandb_internal_pb2 as pb
 
+    # wandb's service process writes the file after finish() returns: its teardown,
+    # which a command's exit runs too, waits until it is written (read at once, the
+    # exit record was missing once, on a loaded machine)
+    wandb.teardown()
     [path] = offline_run.glob("*.wandb")
     data, pos, part, codes = path.read_bytes(), 7, b"", []
     while pos + 7 <= len(data):
