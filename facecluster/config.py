@@ -774,7 +774,8 @@ class Config:
         valid = _trainer_args()
         found = []
         strategy = self.trainer.get("strategy")
-        if isinstance(strategy, str) and strategy.startswith(UNSUPPORTED_STRATEGIES):
+        # Lightning takes a strategy's name in any case (DDP_SPAWN is ddp_spawn)
+        if isinstance(strategy, str) and strategy.lower().startswith(UNSUPPORTED_STRATEGIES):
             found.append(
                 f"trainer.strategy={strategy!r}: the margin heads are sharded across "
                 "processes (Partial FC), which only ddp supports, one process per device "

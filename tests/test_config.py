@@ -335,7 +335,8 @@ def test_config_page_documents_every_key():
 
 
 def test_strategies_that_cannot_shard_the_heads_are_refused():
-    for strategy in ("ddp_spawn", "ddp_fork", "fsdp", "deepspeed_stage_2"):
+    # in any case: Lightning takes DDP_SPAWN as ddp_spawn
+    for strategy in ("ddp_spawn", "ddp_fork", "fsdp", "deepspeed_stage_2", "DDP_SPAWN", "Ddp_Fork"):
         with pytest.raises(ConfigError, match=rf"trainer.strategy='{strategy}'.* only ddp"):
             load_config(SMOKE, [f"trainer.strategy={strategy}"])
     assert load_config(SMOKE, ["trainer.strategy=ddp"]).trainer["strategy"] == "ddp"
