@@ -372,7 +372,8 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
             )
     except (OSError, ValueError, ImportError) as e:  # OSError: --out unwritable
         return _fail(e)
-    print(f"wrote {count} rows to {args.out}")
+    # on stderr: --out may be /dev/stdout or a pipe, whose CSV it would end
+    print(f"wrote {count} rows to {args.out}", file=sys.stderr)
     return 0
 
 

@@ -5,6 +5,7 @@ tiny run with identities held out of training."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -985,3 +986,6 @@ def test_identify_reads_folders_as_training_does_and_names_its_mistakes(
     command = ["facecluster", "identify", str(exported), str(photos / f"{second}_0001.jpg")]
     piped = _facecluster([*command, "--out", "/dev/stdout", "--device", "cpu"], tmp_path)
     assert piped.stdout.startswith("path,identity,score,similarity,cluster,top5,status\n")
+    # the CSV alone: the status line, on stdout too, was read as a last row
+    assert len(list(csv.reader(io.StringIO(piped.stdout)))) == 2, piped.stdout
+    assert "wrote 1 rows to /dev/stdout" in piped.stderr
