@@ -36,6 +36,24 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 set are resolved against it when they do not exist relative to the working dir."""
 
 
+TRAINER_COUNTS = {
+    "check_val_every_n_epoch": 1,
+    "log_every_n_steps": 0,
+    "num_sanity_val_steps": -1,
+    "min_epochs": 0,
+    "min_steps": 0,
+}
+"""Trainer counts checked at config time, with their least value (null: Lightning's default)."""
+TRAINER_SWITCHES = (
+    "benchmark",
+    "enable_progress_bar",
+    "enable_model_summary",
+    "sync_batchnorm",
+    "detect_anomaly",
+    "inference_mode",
+    "use_distributed_sampler",
+)
+"""Trainer switches checked at config time: true or false (null: Lightning's default)."""
 UNSUPPORTED_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed", "xla")
 """Lightning strategies that facecluster refuses: the spawn/fork ones load rank 0's
 head shard back into the launching process's whole head at the end of a fit; FSDP
@@ -814,6 +832,17 @@ class Config:
             found.append(
                 f"trainer.accumulate_grad_batches must be a whole number >= 1, got {accumulate}"
             )
+        # counts and switches Lightning takes unchecked: a string or a zero passed the
+        # Trainer and failed at the fit, after the run folder was made (a ZeroDivisionError
+        # from check_val_every_n_epoch=0), or was taken as true (sync_batchnorm=abc)
+        for key, least in TRAINER_COUNTS.items():
+            value = t.get(key)
+            if value is not None and not (_whole(value) and value >= least):
+                found.append(f"trainer.{key} must be a whole number >= {least}, got {value!r}")
+        for key in TRAINER_SWITCHES:
+            value = t.get(key)
+            if value is not None and not isinstance(value, bool):
+                found.append(f"trainer.{key} must be true or false, got {value!r}")
         for key in self.trainer:
             if key in RESERVED_TRAINER_KEYS:
                 found.append(f"trainer.{key} is set by facecluster itself (see docs/TRAINING.md)")

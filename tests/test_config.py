@@ -362,6 +362,25 @@ def test_trainer_settings_that_train_nothing_are_refused_at_load(override, expec
     assert load_config(SMOKE, fine).trainer["limit_train_batches"] == 0.5
 
 
+def test_trainer_counts_and_switches_lightning_takes_unchecked_are_refused_at_load():
+    # check_val_every_n_epoch=0 passed the Trainer and raised ZeroDivisionError at the fit,
+    # log_every_n_steps=abc a TypeError, both after the run folder was made; a switch
+    # given a string (sync_batchnorm=abc) was taken as true
+    refused = {
+        "trainer.check_val_every_n_epoch=0": "check_val_every_n_epoch must be a whole number >= 1",
+        "trainer.log_every_n_steps=abc": "log_every_n_steps must be a whole number >= 0, got 'abc'",
+        "trainer.num_sanity_val_steps=-2": "num_sanity_val_steps must be a whole number >= -1",
+        "trainer.sync_batchnorm=abc": "trainer.sync_batchnorm must be true or false, got 'abc'",
+        "trainer.benchmark=abc": "trainer.benchmark must be true or false, got 'abc'",
+    }
+    for override, expected in refused.items():
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            load_config(SMOKE, [override])
+    fine = ["trainer.check_val_every_n_epoch=null", "trainer.num_sanity_val_steps=-1",
+            "trainer.benchmark=true", "trainer.log_every_n_steps=0"]  # fmt: skip
+    assert load_config(SMOKE, fine).trainer["benchmark"] is True
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected", "shorter"),
     [
