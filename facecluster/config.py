@@ -37,6 +37,7 @@ set are resolved against it when they do not exist relative to the working dir."
 
 
 TRAINER_COUNTS = {
+    "accumulate_grad_batches": 1,
     "check_val_every_n_epoch": 1,
     "log_every_n_steps": 0,
     "num_sanity_val_steps": -1,
@@ -826,11 +827,6 @@ class Config:
         if _number(clip) and not clip >= 0:  # NaN too
             found.append(
                 f"trainer.gradient_clip_val must be >= 0 (0 or null: no clipping), got {clip}"
-            )
-        accumulate = t.get("accumulate_grad_batches")
-        if accumulate is not None and not (_whole(accumulate) and accumulate >= 1):
-            found.append(
-                f"trainer.accumulate_grad_batches must be a whole number >= 1, got {accumulate}"
             )
         # counts and switches Lightning takes unchecked: a string or a zero passed the
         # Trainer and failed at the fit, after the run folder was made (a ZeroDivisionError

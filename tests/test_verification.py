@@ -253,7 +253,8 @@ def test_a_bin_file_whose_objects_fail_to_build_is_named(tmp_path):
         with pytest.raises(ValueError, match=f"{name} is not a verification .bin file"):
             read_bin(tmp_path / name)
     # an image made a list of N references to one list of N numbers: 2N bytes of pickle
-    # were made N^2 bytes (1.1 GB and 19 s from a 96 KB file) before the budget refused it
+    # were made N^2 bytes (1.1 GB and 19 s from a 96 KB file, a review measured) before
+    # the budget refused it
     n = 2000
     square = b"\x80\x02]q\x00(" + b"K\x01" * n + b"e0]q\x01(" + b"h\x00" * n + b"e0"
     (tmp_path / "square.bin").write_bytes(square + b"](h\x01h\x01e]\x88a\x86.")

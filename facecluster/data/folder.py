@@ -471,15 +471,15 @@ def scan_image_folder(
     chosen = _select_identities(root, counts, min_images_per_class, max_classes, name)
     empty_files = sorted(p for name in chosen for p in listings[name].empty)
     # with them left out (on_bad_image=skip), an identity below the minimum is dropped
-    kept = [n for n in chosen if len(found.get(n, ())) >= min_images_per_class]
-    if len(kept) < len(chosen):
-        short = [n for n in chosen if len(found.get(n, ())) < min_images_per_class]
+    short = {n for n in chosen if len(found.get(n, ())) < min_images_per_class}
+    kept = [n for n in chosen if n not in short]
+    if short:
         logger.warning(
             "Dropped %d identities left with fewer than data.min_images_per_class=%d images "
             "without their zero-byte files: %s",
             len(short),
             min_images_per_class,
-            shown_list(short, 5),
+            shown_list(sorted(short), 5),
         )
     if not kept:
         raise ValueError(
