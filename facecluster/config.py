@@ -29,7 +29,12 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (
+    ConfigKeyError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 """The checkout (or install) root: relative default paths such as the bundled demo
@@ -619,6 +624,17 @@ class WandbConfig:
 # Trainer arguments facecluster sets itself, per stage.
 RESERVED_TRAINER_KEYS = ("callbacks", "logger", "default_root_dir", "enable_checkpointing")
 
+REMOVED_TRAINER_ARGS = {
+    "gpus": "trainer.accelerator=gpu trainer.devices=N",
+    "num_processes": "trainer.accelerator=cpu trainer.devices=N",
+    "tpu_cores": "trainer.accelerator=tpu trainer.devices=N",
+    "auto_select_gpus": "trainer.devices=auto",
+    "resume_from_checkpoint": "resume=<run folder or checkpoint>",
+    "replace_sampler_ddp": "trainer.use_distributed_sampler",
+}
+"""Lightning 1.x Trainer arguments that 2.0 removed, with what replaces them (the
+closest name by spelling was wrong: ``gpus`` suggested ``plugins``)."""
+
 
 @dataclass
 class Config:
@@ -691,12 +707,14 @@ class Config:
     def _across_sections(self) -> list[str]:
         found = []
         k = self.clustering.num_clusters
-        if self.route.top_m > k:
+        # method=single has no clusters: their count bounds nothing (max_classes=2 was
+        # refused against the default 4 clusters)
+        if self.two_stage and self.route.top_m > k:
             found.append(f"route.top_m={self.route.top_m} is more than clustering.num_clusters={k}")
         bad = [s for s in self.stage2.subnets or () if not 0 <= s < k]
-        if bad:
+        if self.two_stage and bad:
             found.append(f"stage2.subnets: {bad} are not sub-nets of clustering.num_clusters={k}")
-        if self.stage2.jobs > k:
+        if self.two_stage and self.stage2.jobs > k:
             found.append(f"stage2.jobs={self.stage2.jobs} is more than clustering.num_clusters={k}")
         if not self.two_stage and self.stage in ("cluster", "2"):  # assemble: stage 1's
             found.append(f"stage={self.stage}: method=single has stage 1 only")
@@ -716,7 +734,7 @@ class Config:
                 f"method=random partitions at random: clustering.overlap="
                 f"{self.clustering.overlap} (identities near a boundary) contradicts it"
             )
-        if self.data.max_classes is not None and self.data.max_classes < k:
+        if self.two_stage and self.data.max_classes is not None and self.data.max_classes < k:
             found.append(
                 f"data.max_classes={self.data.max_classes} is smaller than "
                 f"clustering.num_clusters={k}: every cluster needs identities"
@@ -737,9 +755,15 @@ class Config:
                 "route.router_temperature, route.subnet_temperature and "
                 "route.generalist_weight on: give those three, or keep a validation split"
             )
-        for name in ("stage1", "stage2"):
-            if getattr(self, name).max_epochs is None and trainer_epochs in (None, -1):
-                found.append(f"{name}.max_epochs or trainer.max_epochs must be set")
+        unset = [n for n in ("stage1", "stage2") if getattr(self, n).max_epochs is None]
+        if trainer_epochs == -1 and unset:
+            # Lightning's "no limit": a stage would never end, and stage 2 never start
+            found.append(
+                f"trainer.max_epochs=-1 would train {' and '.join(unset)} without end: give "
+                f"trainer.max_epochs a count, or {' and '.join(n + '.max_epochs' for n in unset)}"
+            )
+        elif trainer_epochs is None:
+            found += [f"{n}.max_epochs or trainer.max_epochs must be set" for n in unset]
         if trainer_epochs is not None and None not in (
             self.stage1.max_epochs,
             self.stage2.max_epochs,
@@ -747,7 +771,8 @@ class Config:
             found.append(
                 f"trainer.max_epochs={trainer_epochs} would be ignored: "
                 f"stage1.max_epochs={self.stage1.max_epochs} and stage2.max_epochs="
-                f"{self.stage2.max_epochs} are set; set those instead, or null them "
+                f"{self.stage2.max_epochs} are set; set those instead and drop "
+                "trainer.max_epochs (trainer.max_epochs=null), or null them "
                 "(stage1.max_epochs=null stage2.max_epochs=null) to use trainer.max_epochs"
             )
         return found
@@ -842,6 +867,11 @@ class Config:
         for key in self.trainer:
             if key in RESERVED_TRAINER_KEYS:
                 found.append(f"trainer.{key} is set by facecluster itself (see docs/TRAINING.md)")
+            elif key in REMOVED_TRAINER_ARGS:
+                found.append(
+                    f"trainer.{key} is a Lightning 1.x argument that Lightning 2 removed: "
+                    f"use {REMOVED_TRAINER_ARGS[key]}"
+                )
             elif key not in valid:
                 found.append(
                     f"unknown Trainer argument 'trainer.{key}'" + _suggest(key, valid, "trainer.")
@@ -972,10 +1002,37 @@ def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfi
                 # OmegaConf's "AnyNode is not a ListConfig, TupleConfig, list, or tuple"
                 msg = f"it takes a list, as {e.full_key}=[a,b]"
             raise ConfigError(f"{source}: wrong type for '{e.full_key}': {msg}") from None
-        # a whole section given a value ("data=3"), a tuple of the wrong length
+        for key, section, given in _sections_given_values(Config, other):
+            # "data=3", "stage1: {optim: sgd}": OmegaConf names the class, not the key
+            leaves = ", ".join(f.name for f in fields(section))
+            raise ConfigError(
+                f"{source}: '{key}' is a section, given the value {given!r}: give its "
+                f"keys instead ({leaves}), as {key}.<key>=value"
+            ) from None
+        # a tuple of the wrong length
         raise ConfigError(f"{source}: wrong type: {str(e).splitlines()[0]}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def _sections_given_values(
+    schema: type, values: Any, prefix: str = ""
+) -> Iterator[tuple[str, type, Any]]:
+    """Each section of ``schema`` (a nested dataclass) that ``values`` gives a plain
+    value: its dotted key, its dataclass and the value."""
+    if isinstance(values, DictConfig):
+        values = OmegaConf.to_container(values, resolve=False)
+    if not isinstance(values, dict):
+        return
+    for f in fields(schema):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if not is_dataclass(default) or values.get(f.name) is None:
+            continue
+        given = values[f.name]
+        if isinstance(given, dict):
+            yield from _sections_given_values(type(default), given, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", type(default), given
 
 
 def _merge_overrides(base: DictConfig, overrides: list[str]) -> DictConfig:
@@ -993,7 +1050,10 @@ def _to_config(merged: DictConfig) -> Config:
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:  # an interpolation to a key that is not there
-        raise ConfigError(str(e).splitlines()[0] + _where(e)) from None
+        hint = ""
+        if isinstance(e, InterpolationResolutionError):  # a path with "${" in its name
+            hint = "; a '${' meant as text is written '\\${' (quoted, in a shell)"
+        raise ConfigError(str(e).splitlines()[0] + _where(e) + hint) from None
     assert isinstance(cfg, Config)
     cfg.trainer = dict(cfg.trainer)
     return cfg.validate()
@@ -1016,6 +1076,19 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     except for string keys, which take the text as written (``run_name=1e3`` is the
     name ``1e3``, not ``1000.0``; ``resume=/runs/a #2`` keeps its ``#2``); ``null``
     still unsets an optional one."""
+    for override in overrides:  # Hydra's prefixes: a generic message named no fix
+        key = override.partition("=")[0]
+        if key.startswith(("+", "++")) and "=" in override:
+            raise ConfigError(
+                f"command line, {override}: overrides take no '+' (every key of the schema "
+                f"is there already, and trainer.* takes any Trainer argument): write "
+                f"{override.lstrip('+')}"
+            )
+        if key.startswith("~"):
+            raise ConfigError(
+                f"command line, {override}: overrides take no '~'; to unset an optional "
+                f"key, write {key[1:]}=null"
+            )
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
@@ -1027,6 +1100,11 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         key, _, value = override.partition("=")
         if key in strings and value != "null":
             OmegaConf.update(merged, key, value, merge=True)
+        elif not value.strip():  # YAML's null: data.max_classes= unset it, silently
+            raise ConfigError(
+                f"command line, {override}: no value (give one; an optional key is unset "
+                f"with {key}=null)"
+            )
         else:
             try:
                 parsed = OmegaConf.from_dotlist([override])

@@ -92,9 +92,15 @@ def test_overrides_are_typed_and_win_over_the_file():
 
 def test_trainer_max_epochs_that_would_be_ignored_is_refused():
     with pytest.raises(
-        ConfigError, match=r"trainer.max_epochs=3 would be ignored.*stage1.max_epochs=12"
+        ConfigError,
+        match=r"trainer.max_epochs=3 would be ignored.*stage1.max_epochs=12.*"
+        r"drop trainer.max_epochs \(trainer.max_epochs=null\)",
     ):
         load_config(DEFAULT, ["trainer.max_epochs=3"])
+    # Lightning's "no limit" is no stage's end: it was "must be set", though it was
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs=-1 would train stage2 without "
+                       "end: give trainer.max_epochs a count, or stage2.max_epochs$"):  # fmt: skip
+        load_config(DEFAULT, ["trainer.max_epochs=-1", "stage2.max_epochs=null"])
     cfg = load_config(
         DEFAULT, ["trainer.max_epochs=3", "stage1.max_epochs=null", "stage2.max_epochs=null"]
     )
@@ -213,10 +219,11 @@ def test_trainer_max_epochs_must_be_a_positive_whole_number(epochs):
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["data=3"], "command line, data=3: wrong type: Merge error: int is not a subclass"),
-        (["run_name=x", "route=flat"], "command line, route=flat: wrong type"),
+        (["data=3"], "command line, data=3: 'data' is a section, given the value 3: give its"),
+        (["run_name=x", "route=flat"], "command line, route=flat: 'route' is a section"),
+        (["stage1={optim: sgd}"], "'stage1.optim' is a section, given the value 'sgd'"),
         (["stage1.optim.betas=[0.9]"], "command line, stage1.optim.betas=[0.9]: wrong type"),
-        (["run_name=${oops}"], "Interpolation key 'oops' not found (in 'run_name')"),
+        (["run_name=${oops}"], "Interpolation key 'oops' not found (in 'run_name'); a '${'"),
     ],
 )
 def test_an_error_without_a_key_names_the_override(overrides, expected):
@@ -442,6 +449,33 @@ def test_accumulate_grad_batches_must_be_a_whole_number_of_at_least_one(value):
         load_config(SMOKE, ["trainer.accumulate_grad_batches=2"]).trainer["accumulate_grad_batches"]
         == 2
     )
+
+
+def test_hydra_prefixes_and_empty_values_are_refused_naming_the_fix():
+    # "+trainer.foo=1" suggested '+trainer' -> trainer, model.pretrained; "~key" was
+    # "must look like key=value"; "data.max_classes=" unset the key, silently
+    with pytest.raises(ConfigError, match=r"\+trainer.profiler=simple: overrides take no '\+'.*"
+                       "write trainer.profiler=simple$"):  # fmt: skip
+        load_config(SMOKE, ["+trainer.profiler=simple"])
+    with pytest.raises(ConfigError, match="~data.max_classes: overrides take no '~'; to unset "
+                       "an optional key, write data.max_classes=null$"):  # fmt: skip
+        load_config(SMOKE, ["~data.max_classes"])
+    with pytest.raises(ConfigError, match=r"data.max_classes=: no value \(give one; an optional "
+                       r"key is unset with data.max_classes=null\)"):  # fmt: skip
+        load_config(SMOKE, ["data.max_classes="])
+    assert load_config(SMOKE, ["data.max_classes=null"]).data.max_classes is None
+    # Lightning 1.x names: the closest spelling suggested plugins for gpus
+    removed = "trainer.gpus is a Lightning 1.x argument that Lightning 2 removed: use "
+    with pytest.raises(ConfigError, match=removed + "trainer.accelerator=gpu trainer.devices=N"):
+        load_config(SMOKE, ["trainer.gpus=2"])
+
+
+def test_method_single_is_not_bound_by_the_cluster_count():
+    # a single model has no clusters: max_classes=2 was refused against 4 clusters
+    single = load_config(SMOKE, ["method=single", "data.max_classes=2", "route.top_m=9"])
+    assert single.data.max_classes == 2
+    with pytest.raises(ConfigError, match="data.max_classes=2 is smaller than clustering"):
+        load_config(SMOKE, ["data.max_classes=2", "clustering.num_clusters=4"])
 
 
 def test_an_empty_resume_output_dir_or_data_root_is_refused(monkeypatch, capsys, tmp_path):
