@@ -20,7 +20,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
+from lightning.fabric.plugins.environments import (
+    ClusterEnvironment,
+    LightningEnvironment,
+    SLURMEnvironment,
+)
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -413,7 +417,23 @@ def check_trainer(cfg: Config) -> None:
     finally:
         for log, level in zip(quiet, levels, strict=True):
             log.setLevel(level)
+    environment = getattr(trainer.strategy, "cluster_environment", None)
     started = launched_processes()
+    if (
+        trainer.num_nodes > 1
+        and started == 1
+        and isinstance(environment, LightningEnvironment)
+        and "MASTER_ADDR" not in os.environ
+    ):
+        # Lightning starts this node's processes, which then wait for the other nodes'
+        # at 127.0.0.1 without end: the run hung after its folder was made
+        raise ConfigError(
+            f"trainer.num_nodes={trainer.num_nodes}, but no launcher started this run on "
+            "several nodes: run it with srun (SLURM) or torchrun on each node, or set "
+            "MASTER_ADDR, MASTER_PORT and NODE_RANK on each node and run the same command "
+            "there (docs/TRAINING.md); alone, this process would wait for the other nodes "
+            "without end"
+        )
     if started > 1 and trainer.world_size != started:
         # Lightning checks the count under ddp only: with the default devices=1 each
         # process trained alone, all into one run folder (best-epoch000-v1.ckpt...)

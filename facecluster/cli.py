@@ -242,6 +242,8 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
     overrides = [a for a in args.args if not a.startswith("run=")]
     if not runs:
         parser.error("give at least one run=<run dir>")
+    if not all(r.strip() for r in runs):  # "" is the working dir, read as a run
+        parser.error("run= names no folder: give run=<run dir>")
     from facecluster.config import ConfigError, missing_path
 
     # before torch and Lightning (about 5 s): a mistyped path is named at once

@@ -275,6 +275,20 @@ def test_torchrun_processes_that_the_trainer_does_not_count_are_refused(tmp_path
     check_trainer(load_config(SMOKE, smoke_overrides(tmp_path, *ddp)))
 
 
+def test_several_nodes_without_a_launcher_are_refused_instead_of_waiting(tmp_path, monkeypatch):
+    # trainer.num_nodes=2 run by hand: Lightning started this node's processes, which
+    # waited for the other node's at 127.0.0.1 without end, after the run folder was made
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    nodes = ("trainer.accelerator=cpu", "trainer.strategy=ddp", "trainer.num_nodes=2")
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, *nodes))
+    alone = r"trainer.num_nodes=2, but no launcher started this run on several nodes: run it"
+    with pytest.raises(ConfigError, match=alone + r" with srun \(SLURM\) or torchrun"):
+        check_trainer(cfg)  # train() calls it first: a regression here waits, not fails
+    # Lightning's own launch across nodes: the same command on each, told the master
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    check_trainer(cfg)
+
+
 def test_clustering_by_the_stage1_head_rows(tmp_path, monkeypatch):
     # clustering.features=head: the saved assignment is k-means on the trained head's
     # rows (not on the class means, which it keeps for routing)
@@ -389,6 +403,12 @@ def test_evaluate_expands_the_home_folder_and_names_a_run_that_does_not_exist(
     assert f"run={run.path}: the run is not finished" in capsys.readouterr().err
     assert cli.evaluate_main(["run=~/runs/gone", "run=~/runs/run"]) == 2
     assert f"run=~/runs/gone: {tmp_path}/runs/gone does not exist" in capsys.readouterr().err
+    # an empty run= named the working dir, "not a facecluster run folder"
+    monkeypatch.chdir(run.path)
+    with pytest.raises(SystemExit) as exit_:
+        cli.evaluate_main(["run=", "run=~/runs/run"])
+    assert exit_.value.code == 2
+    assert "run= names no folder" in capsys.readouterr().err
 
 
 def test_last_ckpt_follows_the_final_epoch_even_without_improvement(tmp_path):
