@@ -156,12 +156,19 @@ TRAINING_ONLY_KEYS = (
     "stage2",
     "launcher",
     "slurm",
-    "trainer.max_epochs",
-    "trainer.max_steps",
-    "trainer.accumulate_grad_batches",
-    "trainer.gradient_clip_val",
+    "output_dir",
+    "run_name",
+    "trainer",
 )
-"""What only training reads: given to an evaluation it changed nothing, silently."""
+"""What only training reads: given to an evaluation it changed nothing, silently
+(``output_dir`` moved the run's cache away from it; ``trainer.devices`` and
+``trainer.accelerator`` do not choose the evaluation's device, ``eval.device`` does)."""
+
+EVALUATION_TRAINER_KEYS = ("trainer.precision",)
+"""The ``trainer.*`` an evaluation reads: the autocast of its predictors."""
+
+DEVICE_KEYS = ("trainer.devices", "trainer.accelerator", "trainer.num_nodes", "trainer.strategy")
+"""Training's devices: an evaluation given one is pointed to ``eval.device``."""
 
 RESUME_FIXED_KEYS = (
     "method",
@@ -387,13 +394,20 @@ class RunFolder:
             for o in overrides
             if _is_or_inside(key := o.split("=", 1)[0], TRAINING_ONLY_KEYS)
             and not _sets_any(key.strip(), EVALUATION_FIXED_KEYS)
+            and not _is_or_inside(key, EVALUATION_TRAINER_KEYS)
         ]
         if unread:
+            device = any(_is_or_inside(o.split("=", 1)[0], DEVICE_KEYS) for o in unread)
             raise ConfigError(
                 f"run={self.path}: {', '.join(unread)}: "
                 f"{'a training setting' if len(unread) == 1 else 'training settings'}, "
                 "which an evaluation does not read (to train the run further, resume it: "
-                f"`python train.py resume={self.path} ...`)"
+                f"`python train.py resume={self.path} ...`"
+                + (
+                    "; the evaluation's device is eval.device=auto|cpu|cuda|cuda:N)"
+                    if device
+                    else ")"
+                )
             )
         cfg = self.config(overrides)
         if overrides:  # the run's own config with every other override (a moved file)
