@@ -1078,7 +1078,7 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     still unsets an optional one."""
     for override in overrides:  # Hydra's prefixes: a generic message named no fix
         key = override.partition("=")[0]
-        if key.startswith(("+", "++")) and "=" in override:
+        if key.startswith("+") and "=" in override:
             raise ConfigError(
                 f"command line, {override}: overrides take no '+' (every key of the schema "
                 f"is there already, and trainer.* takes any Trainer argument): write "

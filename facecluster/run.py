@@ -156,13 +156,12 @@ TRAINING_ONLY_KEYS = (
     "stage2",
     "launcher",
     "slurm",
-    "output_dir",
     "run_name",
     "trainer",
 )
 """What only training reads: given to an evaluation it changed nothing, silently
-(``output_dir`` moved the run's cache away from it; ``trainer.devices`` and
-``trainer.accelerator`` do not choose the evaluation's device, ``eval.device`` does)."""
+(``trainer.devices`` and ``trainer.accelerator`` do not choose the evaluation's
+device, ``eval.device`` does). Not ``output_dir``: it says where the run's cache is."""
 
 EVALUATION_TRAINER_KEYS = ("trainer.precision",)
 """The ``trainer.*`` an evaluation reads: the autocast of its predictors."""

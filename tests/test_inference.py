@@ -776,12 +776,11 @@ def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(
     assert "stage2.max_epochs=9: a training setting, which an evaluation does not read" in err
     with pytest.raises(ConfigError, match=r"trainer.max_epochs=4, launcher.name=slurm: training"):
         evaluate_run(finished_run, ["trainer.max_epochs=4", "launcher.name=slurm"])
-    # nor any trainer.* but the precision: the device is eval.device's; nor where runs
-    # are written (output_dir moved the run's cache away from it)
+    # nor any trainer.* but the precision (the device is eval.device's), nor run_name
     with pytest.raises(ConfigError, match=r"trainer.devices=2: a training .*eval.device="):
         evaluate_run(finished_run, ["trainer.devices=2", "trainer.precision=32-true"])
-    with pytest.raises(ConfigError, match=r"output_dir=/tmp, run_name=b: training settings"):
-        evaluate_run(finished_run, ["output_dir=/tmp", "run_name=b"])
+    with pytest.raises(ConfigError, match=r"run_name=b, trainer.num_nodes=1: training settings"):
+        evaluate_run(finished_run, ["run_name=b", "trainer.num_nodes=1"])
     with pytest.raises(ConfigError, match=r"(?s)resume=.*data.test_fraction: the run has"):
         RunFolder.config_for_resume(str(finished_run), ["data.test_fraction=0.3"])
     # nor by data.root at the same identities with their images in another order (a
