@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from facecluster.config import PROJECT_ROOT, Config, ConfigError, resolve_data_root
 from facecluster.data import IMAGE_EXTENSIONS, build_transforms, scan_image_folder, scored
+from facecluster.data.folder import shown_list
 from facecluster.data.images import DECODE_ERRORS, decode_image
 from facecluster.data.transforms import normalize_images
 from facecluster.inference import TwoStageIdentifier
@@ -533,11 +534,13 @@ def _written_by_a_live_process(folder: Path) -> bool:
     return True
 
 
-def _walk_images(folder: Path) -> Iterator[Path]:
-    """The image files under ``folder``, as the training scan takes them: linked
-    folders followed (each real folder once, so a link up the tree cannot loop),
-    hidden files and folders (``.DS_Store``, macOS's ``._*`` copies) skipped."""
+def _walk_images(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The image files under ``folder`` and its other files, each sorted, as the
+    training scan (and enroll's) tells them apart (:data:`IMAGE_EXTENSIONS`): linked
+    folders followed (each real folder once, so a link up the tree cannot loop), hidden
+    files and folders (``.DS_Store``, macOS's ``._*`` copies) in neither."""
     seen: set[str] = set()
+    images, other = [], []
     for root, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:
@@ -546,16 +549,28 @@ def _walk_images(folder: Path) -> Iterator[Path]:
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in names:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                yield Path(root) / name
+            if not name.startswith("."):
+                image = Path(name).suffix.lower() in IMAGE_EXTENSIONS
+                (images if image else other).append(Path(root) / name)
+    return sorted(images), sorted(other)
 
 
 def image_files(sources: Sequence[str | Path]) -> list[Path]:
-    """The image files named, folders searched recursively (sorted), in the order given."""
+    """The image files named, folders searched recursively (sorted), in the order given.
+    A folder's other files (``.tif``, ``.gif``: what training and enroll do not read
+    either) are left out with a warning naming them, as enroll's is."""
     files: list[Path] = []
     for source in (Path(s).expanduser() for s in sources):
         if source.is_dir():
-            found = sorted(_walk_images(source))
+            found, other = _walk_images(source)
+            if other:  # left out without a word, a .tif got no row (enroll named it)
+                logger.warning(
+                    "%s: %d non-image file(s) are ignored (images end in %s): %s",
+                    source,
+                    len(other),
+                    ", ".join(IMAGE_EXTENSIONS),
+                    shown_list([str(p) for p in other]),
+                )
             if not found:
                 raise FileNotFoundError(
                     f"{source} holds no image files ({', '.join(IMAGE_EXTENSIONS)})"

@@ -27,6 +27,7 @@ from facecluster.data.transforms import normalize_images
 from facecluster.deploy import enroll_folder, export_run, identify_files, load_export
 from facecluster.evaluation import evaluate_run
 from facecluster.inference import TwoStageIdentifier
+from facecluster.inference.identifier import pack_names, unpack_names
 from facecluster.inference.openset import fnir_at_fpir, threshold_at_fpir
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
@@ -646,10 +647,11 @@ def test_an_update_keeps_what_other_commands_write_and_hold(tmp_path):
             assert (out / deploy.LOCK).stat().st_mode & 0o020
 
 
-def _small_export(out: Path) -> list[str]:
-    """A loadable export of 6 identities in 2 clusters (tiny random networks, 16 px),
-    ``identifier.pt`` and the ONNX gallery (``onnx/``: what an enrolment rewrites; no
-    networks), made in a moment; returns its identity names."""
+def _small_export(out: Path, names: list[str] | None = None) -> list[str]:
+    """A loadable export of 6 identities (``names``, by default id0..id5) in 2 clusters
+    (tiny random networks, 16 px), ``identifier.pt`` and the ONNX gallery (``onnx/``:
+    what an enrolment rewrites; no networks), made in a moment; returns its identity
+    names."""
     import dataclasses
 
     from facecluster.clustering import ClusterAssignment
@@ -661,7 +663,7 @@ def _small_export(out: Path) -> list[str]:
     args = {"name": "tiny", "embedding_dim": 8, "image_size": 16, "width": 2}
     means = F.normalize(torch.randn(6, 8), dim=1)
     assignment = ClusterAssignment.from_labels(torch.tensor([0, 1] * 3), means, "kmeans")
-    names = [f"id{i}" for i in range(6)]
+    names = names or [f"id{i}" for i in range(6)]
     identifier = TwoStageIdentifier(
         args,
         create_backbone(**args),
@@ -919,7 +921,9 @@ def test_identify_status_tells_an_identity_named_unknown_from_a_rejected_face(
     renamed = tmp_path / "renamed"
     renamed.mkdir()
     payload = torch.load(exported / "identifier.pt", weights_only=True)
-    payload["class_names"][payload["class_names"].index(named)] = "unknown"
+    names = unpack_names(payload["class_names"])
+    names[names.index(named)] = "unknown"
+    payload["class_names"] = pack_names(names)
     torch.save(payload, renamed / "identifier.pt")
     for threshold, status in ((-2.0, "known"), (2.0, "unknown")):
         identify_files(renamed, [photos], out, threshold=threshold, device="cpu")
@@ -989,3 +993,95 @@ def test_identify_reads_folders_as_training_does_and_names_its_mistakes(
     # the CSV alone: the status line, on stdout too, was read as a last row
     assert len(list(csv.reader(io.StringIO(piped.stdout)))) == 2, piped.stdout
     assert "wrote 1 rows to /dev/stdout" in piped.stderr
+
+
+def test_identify_names_the_files_of_a_folder_it_leaves_out(tmp_path, caplog):
+    # a folder's .tif, .gif and .jfif files got no row and no word (enroll, and training's
+    # scan, warn about the files they leave out): one warning, their count and names
+    _small_export(tmp_path / "export")
+    photos = tmp_path / "photos"
+    (photos / "more").mkdir(parents=True)
+    face = next(DEMO.rglob("*.jpg"))
+    shutil.copy(face, photos / "face.jpg")
+    for name in ("scan.tif", "more/anim.gif", "more/photo.jfif"):
+        shutil.copy(face, photos / name)
+    out = tmp_path / "who.csv"
+    with caplog.at_level("WARNING", logger="facecluster.deploy"):
+        assert identify_files(tmp_path / "export", [photos], out, device="cpu") == 1
+    warned = [r.getMessage() for r in caplog.records if "non-image" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    assert f"{photos}: 3 non-image file(s) are ignored (images end in .jpg" in warned[0]
+    for name in ("scan.tif", "anim.gif", "photo.jfif"):
+        assert name in warned[0]
+    assert [r["path"] for r in csv.DictReader(out.open(encoding="utf-8"))] == [
+        str(photos / "face.jpg")
+    ]
+
+
+def test_an_export_keeps_any_names_exactly_and_reads_the_list_of_older_versions(tmp_path):
+    # a list of str took 6.6 s to load at 2M identities (weights_only unpickles each):
+    # the names are one utf8 tensor and its int64 offsets, whatever characters they hold
+    from facecluster.inference.identifier import EXPORT_VERSION
+
+    names = ["a\nb", "semi;colon:x", "Zo\u00eb \U0001f600", "", "not utf-8 \udcff", "id5"]
+    _small_export(tmp_path, names)
+    payload = torch.load(tmp_path / "identifier.pt", weights_only=True)
+    assert payload["version"] == EXPORT_VERSION == 4
+    packed = payload["class_names"]
+    assert packed["utf8"].dtype == torch.uint8 and packed["offsets"].dtype == torch.int64
+    assert TwoStageIdentifier.load(tmp_path / "identifier.pt").class_names == names
+    payload.update(version=3, class_names=names)  # as version 3 wrote them
+    torch.save(payload, tmp_path / "v3.pt")
+    assert TwoStageIdentifier.load(tmp_path / "v3.pt").class_names == names
+    payload.update(version=4)  # a list under version 4: refused, not read as names
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"bad.pt: class_names is not the utf8 and offsets"):
+        TwoStageIdentifier.load(tmp_path / "bad.pt")
+    payload["class_names"] = {**packed, "offsets": packed["offsets"].flip(0)}
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"bad.pt: class_names' offsets do not cut"):
+        TwoStageIdentifier.load(tmp_path / "bad.pt")
+
+
+def test_an_export_that_does_not_match_its_assignment_is_refused_naming_it(tmp_path):
+    # names, sub-nets or head rows that disagree with the assignment loaded without a
+    # word and failed at the first identify (an IndexError)
+    from facecluster.inference.onnx import load_onnx
+
+    names = _small_export(tmp_path)
+    path = tmp_path / "identifier.pt"
+    payload = torch.load(path, weights_only=True)
+
+    def refused(change: dict, message: str) -> None:
+        torch.save({**payload, **change}, tmp_path / "tampered.pt")
+        with pytest.raises(ValueError, match=message):
+            TwoStageIdentifier.load(tmp_path / "tampered.pt")
+
+    refused(
+        {"class_names": pack_names(names[:-1])},
+        rf"^export {re.escape(str(tmp_path))}/tampered.pt: assignment maps 6 identities "
+        r"but class_names holds 5$",
+    )
+    refused(
+        {"subnets": payload["subnets"][:1], "heads": payload["heads"][:1]},
+        r"tampered.pt: assignment has 2 clusters but there are 1 sub-nets; assignment has 2 "
+        r"clusters but there are 1 heads$",
+    )
+    refused(
+        {"heads": [payload["heads"][0][:-1], payload["heads"][1]]},
+        r"tampered.pt: sub-net 0's head has 2 rows for its 3 identities",
+    )
+    meta_path = tmp_path / "onnx" / "identifier.json"
+    meta = json.loads(meta_path.read_text())
+    for change, message in (
+        (
+            {"class_names": [*names, "extra"]},
+            "assignment maps 6 identities but class_names holds 7",
+        ),
+        ({"num_clusters": 1}, "assignment has 2 clusters but there are 1 sub-nets"),
+    ):
+        meta_path.write_text(json.dumps({**meta, **change}))
+        with pytest.raises(
+            ValueError, match=rf"^ONNX export {re.escape(str(tmp_path))}/onnx .*: {message}"
+        ):
+            load_onnx(tmp_path / "onnx")

@@ -609,6 +609,7 @@ def test_exported_identifier_loads_without_training_code(finished_run, tmp_path)
     payload = torch.load(path, weights_only=False)
     backbone = payload.pop("backbone")
     payload["version"] = 1
+    payload["class_names"] = ident.class_names  # a list before version 4
     payload["image_size"] = backbone.pop("image_size")
     payload["model"] = {
         "backbone": backbone.pop("name"),

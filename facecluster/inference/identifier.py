@@ -61,7 +61,13 @@ OPEN_SET_SCORE = "similarity"
 without this mark chose it on the decision score, a log-probability under moe."""
 
 EXPORT_FORMAT = "facecluster.two_stage_identifier"
-EXPORT_VERSION = 3
+EXPORT_VERSION = 4
+"""Version 2: the backbone is described by ``create_backbone``'s keyword arguments.
+Version 3 (the same layout): an open-set threshold compares the answer's similarity
+(``open_set["score"] == "similarity"``), so that a reader of version 2, which compared
+``moe`` log-probabilities, refuses the file instead of misreading the threshold.
+Version 4: ``class_names`` is :func:`pack_names`' two tensors, not a list of str (a
+reader of version 3 would take the dict's two keys for the names)."""
 INDEX_SETTINGS = (
     ("index", "flat"),
     ("ivf_nlist", None),
@@ -73,10 +79,6 @@ INDEX_SETTINGS = (
 )
 """The route settings a router index is built with, and their defaults (older exports
 lack some): an export's saved index serves a load with the same ones."""
-"""Version 2: the backbone is described by ``create_backbone``'s keyword arguments.
-Version 3 (the same layout): an open-set threshold compares the answer's similarity
-(``open_set["score"] == "similarity"``), so that a reader of version 2, which compared
-``moe`` log-probabilities, refuses the file instead of misreading the threshold."""
 
 
 @dataclass
@@ -167,6 +169,7 @@ class TwoStageIdentifier(nn.Module):
             _check_shared(router_backbone, subnets, shared_layers)
             _tie_trunks(router_backbone, subnets, shared_layers)
         self.subnets = nn.ModuleList(subnets)
+        check_parts(assignment, len(class_names), len(subnets), [len(w) for w in head_weights])
         sizes = assignment.cluster_sizes().tolist()
         for k, weight in enumerate(head_weights):
             rows = weight.detach().float()
@@ -175,10 +178,6 @@ class TwoStageIdentifier(nn.Module):
             if not bool((torch.linalg.vector_norm(rows, dim=1) - 1).abs().le(1e-6).all()):
                 rows = F.normalize(rows, dim=1)
             members = sizes[k]
-            if len(rows) not in (members, members + 1):
-                raise ValueError(
-                    f"sub-net {k}'s head has {len(rows)} rows for its {members} identities"
-                )
             self.register_buffer(f"head{k}", rows[:members])
             self.register_buffer(f"not_mine{k}", rows[members:])  # [0 or 1, d]
         self.register_buffer("class_to_cluster", assignment.class_to_cluster.long())
@@ -691,7 +690,7 @@ class TwoStageIdentifier(nn.Module):
             "subnets": [s.state_dict() for s in self.subnets],
             "heads": [self.head_rows(k).cpu() for k in range(self.num_clusters)],
             "assignment": self.assignment.to_dict(),
-            "class_names": self.class_names,
+            "class_names": pack_names(self.class_names),
             "open_set": self.open_set,
             "shared_layers": self.shared_layers,
         }
@@ -726,7 +725,7 @@ class TwoStageIdentifier(nn.Module):
                 "image_size": payload["image_size"],
                 **model.get("kwargs", {}),
             }
-        elif version in (2, EXPORT_VERSION):
+        elif version in (2, 3, EXPORT_VERSION):
             args = payload["backbone"]
         else:
             raise ValueError(
@@ -736,19 +735,104 @@ class TwoStageIdentifier(nn.Module):
         route = dict(payload["route"], **(route or {}))
         saved = payload.get("router_index")
         saved = reusable_index(saved, payload.get("router_index_settings"), route)
+        try:  # before the networks are built: a mismatch named, not an IndexError later
+            assignment = ClusterAssignment.from_dict(payload["assignment"])
+            names = payload["class_names"]
+            names = unpack_names(names) if version == EXPORT_VERSION else list(names)
+            heads = [len(rows) for rows in payload["heads"]]
+            check_parts(assignment, len(names), len(payload["subnets"]), heads)
+        except ValueError as e:
+            raise ValueError(f"export {path}: {e}") from None
         identifier = cls(
             args,
             load_backbone(args, payload["router_backbone"]),
             [load_backbone(args, state) for state in payload["subnets"]],
             payload["heads"],
-            ClusterAssignment.from_dict(payload["assignment"]),
-            payload["class_names"],
+            assignment,
+            names,
             route,
             payload.get("shared_layers", 0),
             saved,
         )
         identifier.open_set = loaded_open_set(payload.get("open_set"), route)
         return identifier
+
+
+def check_parts(
+    assignment: ClusterAssignment, names: int, subnets: int, head_rows: Sequence[int]
+) -> None:
+    """ValueError naming every part of an identifier that does not match its cluster
+    assignment: ``names`` identity names (one per identity), ``subnets`` sub-nets and
+    ``len(head_rows)`` heads (one each per cluster), and each head's rows (one per member
+    of its cluster, then at most one "not mine" row). An export tampered with, or written
+    inconsistent, loaded without a word and failed at its first answers (IndexError)."""
+    problems = []
+    if names != assignment.num_classes:
+        problems.append(
+            f"assignment maps {assignment.num_classes} identities but class_names holds {names}"
+        )
+    for count, what in ((subnets, "sub-nets"), (len(head_rows), "heads")):
+        if count != assignment.num_clusters:
+            problems.append(
+                f"assignment has {assignment.num_clusters} clusters but there are {count} {what}"
+            )
+    sizes = assignment.cluster_sizes().tolist()
+    for k, (rows, members) in enumerate(zip(head_rows, sizes, strict=False)):
+        if rows not in (members, members + 1):
+            problems.append(
+                f"sub-net {k}'s head has {rows} rows for its {members} identities (and at "
+                "most one more, its not-mine row)"
+            )
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def pack_names(names: Sequence[str]) -> dict[str, Tensor]:
+    """``names`` as two plain tensors, what an export stores: ``utf8``, every name's
+    UTF-8 bytes one after another (uint8), and ``offsets`` (int64, one more than the
+    names): name i is bytes ``offsets[i]:offsets[i + 1]``. Exact for any str: a
+    separator could occur in a name, and a name from a folder whose name is not UTF-8
+    (its lone surrogates) keeps them (``surrogatepass``). At 2M names a list of str took
+    6.7 s to ``torch.load`` (``weights_only`` unpickles each str), these 0.1 s and 0.5 s
+    to decode (one-off measurement, 2 cores)."""
+    encoded = [name.encode("utf-8", "surrogatepass") for name in names]
+    offsets = torch.zeros(len(encoded) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor([len(b) for b in encoded], dtype=torch.int64).cumsum(0)
+    utf8 = torch.from_numpy(np.frombuffer(b"".join(encoded), dtype=np.uint8).copy())
+    return {"utf8": utf8, "offsets": offsets}
+
+
+def unpack_names(packed: Any) -> list[str]:
+    """The names :func:`pack_names` stored.
+
+    Raises:
+        ValueError: ``packed`` is not what it writes (a damaged or tampered export).
+    """
+    utf8 = packed.get("utf8") if isinstance(packed, Mapping) else None
+    offsets = packed.get("offsets") if isinstance(packed, Mapping) else None
+    if not (isinstance(utf8, Tensor) and isinstance(offsets, Tensor)):
+        raise ValueError("class_names is not the utf8 and offsets tensors of pack_names")
+    utf8, offsets = utf8.cpu(), offsets.cpu()
+    if (
+        utf8.dim() != 1
+        or utf8.dtype != torch.uint8
+        or offsets.dim() != 1
+        or offsets.dtype != torch.int64
+        or not len(offsets)
+        or offsets[0] != 0
+        or offsets[-1] != len(utf8)
+        or bool((offsets[1:] < offsets[:-1]).any())
+    ):
+        raise ValueError(
+            "class_names' offsets do not cut its utf8 bytes into names (int64, from 0 to "
+            "their length, never decreasing)"
+        )
+    data, bounds = utf8.numpy().tobytes(), offsets.tolist()
+    cuts = zip(bounds, bounds[1:], strict=False)
+    try:
+        return [data[a:b].decode("utf-8", "surrogatepass") for a, b in cuts]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"class_names is not UTF-8 ({e})") from None
 
 
 def loaded_open_set(open_set: dict | None, route: dict[str, Any]) -> dict | None:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from facecluster.clustering import ClusterAssignment
 from facecluster.inference.identifier import (
     TwoStageIdentifier,
+    check_parts,
     loaded_open_set,
     reusable_index,
 )
@@ -244,21 +245,21 @@ def load_onnx(
         raise ValueError(
             f"{folder / 'gallery.npz'} cannot be read ({e}): a damaged export?"
         ) from None
-    if len(arrays["class_to_cluster"]) != len(meta["class_names"]):
-        raise ValueError(
-            f"{folder}: gallery.npz holds {len(arrays['class_to_cluster'])} identities, "
-            f"identifier.json names {len(meta['class_names'])} (an interrupted write?)"
-        )
     stored = [*_ASSIGNMENT_ARRAYS, *([_OVERLAP] if _OVERLAP in arrays else [])]
-    assignment = ClusterAssignment.from_dict(
-        {**meta["assignment"], **{key: arrays[key] for key in stored}}
-    )
+    heads = [arrays[f"head{i}"] for i in range(k)]
+    try:  # before the networks' sessions: a mismatch named, not an IndexError later
+        assignment = ClusterAssignment.from_dict(
+            {**meta["assignment"], **{key: arrays[key] for key in stored}}
+        )
+        check_parts(assignment, len(meta["class_names"]), k, [len(rows) for rows in heads])
+    except ValueError as e:
+        raise ValueError(f"ONNX export {folder} (gallery.npz, identifier.json): {e}") from None
     route = {**meta["route"], **(route or {})}
     identifier = TwoStageIdentifier(
         meta["backbone"],
         OnnxBackbone(folder / "router.onnx", device),
         [OnnxBackbone(folder / f"subnet{i}.onnx", device) for i in range(k)],
-        [arrays[f"head{i}"] for i in range(k)],
+        heads,
         assignment,
         meta["class_names"],
         route,
