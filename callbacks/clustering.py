@@ -184,14 +184,17 @@ class ClusteringCallback(L.Callback):
             return assignment
         return saved if saved == assignment else assignment
 
-    def restore(self) -> ClusterAssignment:
-        """The saved assignment of a run resumed in stage 2, handed to the datamodule."""
+    def restore(self, trainer: L.Trainer | None = None) -> ClusterAssignment:
+        """The saved assignment of a resumed run, handed to the datamodule; with the
+        stage-1 ``trainer``, its figures are logged as :meth:`cluster` logs them."""
         if not self.save_path.is_file():
             raise FileNotFoundError(
                 f"{self.save_path} is missing: the run has no clustering yet (stage=cluster)"
             )
         self._hand_over(ClusterAssignment.load(self.save_path))
         assert self.assignment is not None
+        if trainer is not None:
+            self._log(trainer, self.assignment)
         return self.assignment
 
     def connect(self, subnets: list[int]) -> None:

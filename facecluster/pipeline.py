@@ -213,6 +213,8 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
     if cfg.two_stage and cfg.stage in ("all", "2") and cfg.stage2.subnets is not None:
         if cfg.stage2.group is None:  # a retrain (a job of one resumes its own group)
             folder.check_no_job_training()
+    if cfg.resume and cfg.stage2.group is None and not os.environ.get(JOB_ENV):
+        folder.check_not_training()  # a launcher's jobs run beside each other
     if cfg.two_stage and cfg.stage == "all" and cfg.stage2.subnets is not None:
         # stage=all ends by assembling every sub-net: the others must be trained already
         # (a new run trained stage 1, the clustering and the named ones, then stopped)
@@ -286,9 +288,7 @@ def _stage1_and_clustering(
         # (in stage 1's test) keeps it, never clustered again under finished sub-nets
         settled = unit is not None and folder.clusters_path.is_file()
         resume = folder.stage1_resume_point(cfg.resume)
-        backbone, run.stage1 = fit_stage1(run, resume, None if settled else unit)
-        if settled:
-            unit.restore()
+        backbone, run.stage1 = fit_stage1(run, resume, unit, settled)
         return backbone
     if unit is not None:
         unit.restore()
@@ -305,18 +305,27 @@ def _stage1_pending(cfg: Config, folder: RunFolder) -> bool:
 
 
 def fit_stage1(
-    run: _Run, resume: Path | None, clustering: ClusteringCallback | None
+    run: _Run,
+    resume: Path | None,
+    clustering: ClusteringCallback | None,
+    settled: bool = False,
 ) -> tuple[BackboneSystem, dict[str, Any]]:
-    """Stage 1, then the clustering unit (method=single: stage 1 alone, no clustering)."""
+    """Stage 1, then the clustering unit (method=single: stage 1 alone, no clustering);
+    ``settled``: the run has its ``clusters.pt`` already, which is restored, not made
+    again."""
     # Seeded here, not only at start: a resumed run builds the same initial weights.
     torch.manual_seed(run.cfg.seed + 1)
     model = BackboneSystem(run.dm.num_classes, **module_args(run.cfg, 1))
-    extra = [clustering] if clustering is not None else []
+    extra = [clustering] if clustering is not None and not settled else []
     trainer = build_trainer(run.cfg, 1, run.folder, run.logger, [*extra, *run.callbacks])
     trainer.fit(
         model, datamodule=run.dm, ckpt_path=str(resume) if resume else None, weights_only=True
     )
-    if clustering is not None and clustering.assignment is None:
+    if clustering is not None and settled:
+        # logged again: a stop after clusters.pt was saved, before its figures were
+        # logged, lost them for good (a stop in stage 1's test logs them twice, alike)
+        clustering.restore(trainer)
+    elif clustering is not None and clustering.assignment is None:
         # A resumed stage 1 that was already finished skips on_train_end: same method.
         with stopping_together(trainer, model):
             clustering.cluster(trainer, model)

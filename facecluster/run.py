@@ -506,8 +506,40 @@ class RunFolder:
                 f"resume={resume}: stage 1 of {run.path} is finished after {epochs} epochs; "
                 f"{cfg.stage_epochs(1)} would train it again or change nothing. {advice}"
             )
+        run._refuse_fewer_epochs(cfg, resume, stage1_done=done)
         run._refuse_settled(saved, cfg, resume)
         return cfg
+
+    def _refuse_fewer_epochs(self, cfg: Config, resume: str, stage1_done: bool) -> None:
+        """Refuse fewer epochs than an unfinished stage (stage 1, or a stage-2 job with
+        sub-nets still to train) has trained already: Lightning refused the restored
+        checkpoint at the fit with a traceback, after the run's config had taken up the
+        count, so every later resume failed the same way."""
+        started = [] if stage1_done else [(1, self.last_checkpoint(1))]
+        if cfg.two_stage and self.clusters_path.is_file():
+            missing = set(self.missing_subnets(cfg.clustering.num_clusters))
+            named = set(cfg.stage2.subnets or ())  # trained again from the start
+            started += [
+                (2, self.last_checkpoint(2, job_name(subnets)))
+                for subnets in self.started_jobs()
+                if set(subnets) & missing and not set(subnets) <= named
+            ]
+        for stage, last in started:
+            if not last.is_file():
+                continue
+            # saved at an epoch's end: its "epoch" is that epoch's index
+            trained = int(load_plain(last, what="checkpoint", mmap=True)["epoch"]) + 1
+            if cfg.stage_epochs(stage) < trained:
+                own = cfg.stage_config(stage).max_epochs is not None and cfg.two_stage
+                source = f"stage{stage}.max_epochs" if own else "trainer.max_epochs"
+                if not cfg.two_stage:
+                    source = "stage1.max_epochs + stage2.max_epochs: method=single"
+                raise ConfigError(
+                    f"resume={resume}: stage {stage} of {self.path} has trained {trained} "
+                    f"epochs ({last.relative_to(self.path)}); {cfg.stage_epochs(stage)} "
+                    f"({source}) would end it before they were: give at least {trained}, "
+                    "or leave its epochs as they were"
+                )
 
     def _refuse_settled(self, saved: Config, cfg: Config, resume: str) -> None:
         """Refuse overrides of what the run has done already and will not do again: the
@@ -1005,6 +1037,25 @@ class RunFolder:
             raise ConfigError(
                 f"stage2.subnets: stage-2 job {busy[0]} is training now "
                 f"({self.stage_dir(2, busy[0]) / RUNNING}); retrain sub-nets once it has ended"
+            )
+
+    def check_not_training(self) -> None:
+        """Refuse a command that continues the run (not a launcher's job) while another
+        process trains it, at start: it wrote its overrides into the run's config before
+        a lock refused it, so the resume that the training command printed then took them
+        up (fewer epochs than it had trained: a traceback at every later resume), and
+        the local jobs it planned over the locked sub-nets were reported as failed.
+        Global rank 0 decides (:meth:`check_no_job_training`)."""
+        if not is_global_zero():
+            return
+        busy = self.training_now()
+        if busy is not None:
+            lock, owner = busy
+            raise ConfigError(
+                f"resume={self.path}: the run is training now (host {owner.get('host', '?')}, "
+                f"pid {owner.get('pid', '?')}); resume it once that command has ended (or "
+                f"stop it: its own resume continues it), or delete {lock} if that process "
+                "is gone"
             )
 
     def restart_subnets(self, groups: list[list[int]]) -> None:

@@ -404,6 +404,23 @@ def test_stage_rules_name_what_is_missing(tmp_path, monkeypatch):
             retrain = ["stage=2", "stage2.subnets=[1]", "stage2.optim.lr=0.5"]
             train(run.config_for_resume(str(run.path), retrain))
     assert (run.path / "config.yaml").read_bytes() == saved
+    # so is any resume while a command trains the run: it wrote its overrides before a
+    # lock refused it, and the training command's printed resume then took them up
+    with run.job_lock("subnets-0-2", [0, 1, 2]):
+        with pytest.raises(ConfigError, match=r"resume=.*: the run is training now \(host"):
+            train(run.config_for_resume(str(run.path), ["stage2.max_epochs=7"]))
+    assert (run.path / "config.yaml").read_bytes() == saved
+    # a job that has trained 4 epochs: fewer for stage 2 are refused before any write
+    # (Lightning refused its checkpoint at the fit, and at every later resume)
+    run.save_job([0, 1, 2])
+    last = run.last_checkpoint(2, "subnets-0-2")
+    last.parent.mkdir(parents=True)
+    torch.save({**torch.load(run.last_checkpoint(1), weights_only=False), "epoch": 3}, last)
+    fewer = r"has trained 4 epochs \(stage2/jobs/subnets-0-2/checkpoints/last.ckpt\); 2 "
+    with pytest.raises(ConfigError, match=r"stage 2 of .* " + fewer + r"\(stage2.max_epochs\)"):
+        run.config_for_resume(str(run.path), ["stage2.max_epochs=2"])
+    run.config_for_resume(str(run.path), ["stage2.max_epochs=4"])
+    shutil.rmtree(run.stage_dir(2, "subnets-0-2"))
     with pytest.raises(ConfigError, match=r"sub-nets \[0, 1, 2\] .* are not trained"):
         train(run.config_for_resume(str(run.path), ["stage=assemble"]))
     with pytest.raises(ConfigError, match="stage=cluster: method=single"):

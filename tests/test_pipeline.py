@@ -289,6 +289,31 @@ def test_several_nodes_without_a_launcher_are_refused_instead_of_waiting(tmp_pat
     check_trainer(cfg)
 
 
+def test_a_resume_never_takes_up_fewer_epochs_than_trained_nor_loses_the_clustering_figures(
+    tmp_path,
+):
+    # A resume asking fewer epochs than an unfinished stage 1 had trained was saved, then
+    # refused by Lightning with a traceback, at it and at every later resume; and a stop
+    # after clusters.pt was saved, before the clustering's figures were logged (a SIGTERM
+    # or a kill in k-means' wake), left them out of the run's logs for good
+    train(load_config(SMOKE, smoke_overrides(tmp_path, "stage=1", "logger=none",
+                                             "stage1.max_epochs=2")))  # fmt: skip
+    run = RunFolder(tmp_path / "run")
+    summary = run.path / "stage1.json"
+    tested = summary.rename(tmp_path / "stage1.json")  # as stopped before stage 1's end
+    saved = (run.path / "config.yaml").read_bytes()
+    fewer = r"has trained 2 epochs \(stage1/checkpoints/last.ckpt\); 1 \(stage1.max_epochs\)"
+    with pytest.raises(ConfigError, match=r"stage 1 of .* " + fewer + " would end it"):
+        RunFolder.config_for_resume(str(run.path), ["stage1.max_epochs=1"])
+    assert (run.path / "config.yaml").read_bytes() == saved
+    tested.rename(summary)
+    train(RunFolder.config_for_resume(str(run.path), ["stage=cluster"]))
+    summary.unlink()  # clusters.pt saved, then stopped: its figures were not logged
+    train(RunFolder.config_for_resume(str(run.path), ["logger=csv"]))
+    with open(run.path / "csv" / "metrics.csv") as f:
+        assert any(row.get("clustering/within") for row in csv.DictReader(f))
+
+
 def test_clustering_by_the_stage1_head_rows(tmp_path, monkeypatch):
     # clustering.features=head: the saved assignment is k-means on the trained head's
     # rows (not on the class means, which it keeps for routing)
