@@ -276,10 +276,14 @@ class Bench:
             }
 
     def rows(
-        self, predictors: list[Predictor], verification: dict[str, float] | None = None
+        self,
+        predictors: list[Predictor],
+        verification: dict[str, float] | None = None,
+        timings: dict[str, tuple[Timing, Timing]] | None = None,
     ) -> list[Row]:
-        """A table row per predictor; ``verification``: the accuracies of their backbone."""
-        timings = self.timings(predictors)
+        """A table row per predictor; ``verification``: the accuracies of their backbone;
+        ``timings``: theirs from :meth:`timings` (None: timed here)."""
+        timings = timings if timings is not None else self.timings(predictors)
         rows = []
         for p in predictors:
             s, (batch, single) = self.score(p), timings[p.name]
@@ -427,19 +431,20 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
     means = ident.assignment.class_means
     stage1 = StageOneModel(ident.router_backbone, weights.head, means).to(bench.device)
     predictors = ident.predictors(cfg.route.top_m, cfg.route.alpha) + stage1.predictors()
-    rows = bench.rows(predictors, bench.verification(ident.router_backbone))
-    report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)
-    report.decision = {k: ident.route_config.get(k) for k in DECISION_KEYS}
     ms = top_m_sweep(ident.num_clusters, cfg.route.top_m)
     sweep = [ident.routed(m, cfg.route.alpha) for m in ms]
-    # the run's own top_m keeps its table row's speed: timed again, the sweep gave the
-    # same predictor a second figure (and top_m.png another than the table's)
-    rates = {r.model: r.throughput for r in rows}
-    untimed = [p for p in sweep if p.name not in rates]
-    timings = bench.timings(untimed) if untimed else {}
+    # the table's predictors and the sweep's other top_m timed in one interleaved
+    # session: timed apart, a drift of this machine's speed between the two bent the
+    # sweep's curve (224, 400 and 585 img/s at top_m 1, 2 and 3); the run's own top_m
+    # is one predictor, with one figure in the table and in top_m.png
+    names = {p.name for p in predictors}
+    timings = bench.timings(predictors + [p for p in sweep if p.name not in names])
+    rows = bench.rows(predictors, bench.verification(ident.router_backbone), timings)
+    report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)
+    report.decision = {k: ident.route_config.get(k) for k in DECISION_KEYS}
     for m, routed in zip(ms, sweep, strict=True):
         scores = bench.score(routed, open_set=False)
-        rate = rates.get(routed.name) or timings[routed.name][0].rate(cfg.eval.batch_size)
+        rate = timings[routed.name][0].rate(cfg.eval.batch_size)
         report.top_m_sweep.append(
             {
                 "top_m": m,

@@ -403,13 +403,25 @@ def test_top_m_sweep_doubles_up_to_k_and_keeps_the_runs_top_m():
 def test_the_top_m_sweep_records_the_values_it_scored(finished_run, monkeypatch):
     # K = 3 here, where positions and values coincide: sweep 1 and 3 only
     monkeypatch.setattr(evaluation, "top_m_sweep", lambda clusters, top_m: [1, clusters])
+    sessions = []
+    timings = evaluation.Bench.timings
+
+    def recorded(bench, predictors):
+        sessions.append([p.name for p in predictors])
+        return timings(bench, predictors)
+
+    monkeypatch.setattr(evaluation.Bench, "timings", recorded)
     quick = ["eval.plots=false", "eval.timing_batches=1", "route.top_m=3"]
     report = evaluate_run(finished_run, quick)
     assert [p["top_m"] for p in report.top_m_sweep] == [1, 3]
     assert report.rows[0].model == "clustered, routed (top_m=3, moe)"
     assert report.top_m_sweep[1]["top1"] == report.rows[0].top1
-    # and its speed: one timing per predictor, the table's (it was timed again)
+    # and its speed: one timing per predictor, the table's (it was timed again); the
+    # sweep's other top_m in the table's session (a session of its own, apart, bent
+    # its curve when the machine's speed drifted between the two)
     assert report.top_m_sweep[1]["throughput"] == report.rows[0].throughput
+    assert len(sessions) == 1 and "clustered, routed (top_m=1, moe)" in sessions[0]
+    assert sorted(sessions[0]) == sorted({*sessions[0]})
 
 
 @pytest.mark.slow
