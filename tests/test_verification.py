@@ -52,6 +52,11 @@ def test_ten_fold_accuracy_separates_known_pairs():
     assert 0.3 < noise.accuracy < 0.7
     with pytest.raises(ValueError, match="expected 2 each"):
         ten_fold_accuracy(pairs[:-2], same)
+    # 13 pairs: InsightFace's folds (scikit-learn's KFold) are 2, 2, 2, 1, ... pairs, so
+    # pair 3 is one of fold 1's two (these folds were 2, 1, 1, 2, ...: fold 2 alone)
+    flipped = list(same[:13])
+    flipped[3] = not flipped[3]
+    assert ten_fold_accuracy(pairs[:26], flipped).accuracy == pytest.approx(0.95)
 
 
 @needs_lfw
