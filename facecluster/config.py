@@ -652,9 +652,13 @@ class Config:
     logger: str = "wandb"
     """wandb, csv or none."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The images (a folder or a .rec), their split and loaders (docs/DATA.md)."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The backbone: stage 1's, and each sub-net's, warm-started from it."""
     head: HeadConfig = field(default_factory=HeadConfig)
+    """The margin head of stage 1 and of each sub-net."""
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    """How identities are grouped into the sub-nets' clusters."""
     stage1: StageConfig = field(default_factory=StageConfig)
     """Stage 1: the backbone with one margin head over all identities."""
     stage2: Stage2Config = field(default_factory=Stage2Config)
@@ -673,6 +677,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """evaluate.py and the table at the end of train.py."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases, with logger=wandb."""
 
     # ------------------------------------------------------------------ rules
 
