@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -241,7 +242,9 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
     runs = [a.split("=", 1)[1] for a in args.args if a.startswith("run=")]
     overrides = [a for a in args.args if not a.startswith("run=")]
     if not runs:
-        parser.error("give at least one run=<run dir>")
+        folders = [a for a in overrides if "=" not in a and os.path.isdir(os.path.expanduser(a))]
+        hint = f" (did you mean run={folders[0]}?)" if folders else ""  # as export takes it
+        parser.error(f"give at least one run=<run dir>{hint}")
     if not all(r.strip() for r in runs):  # "" is the working dir, read as a run
         parser.error("run= names no folder: give run=<run dir>")
     from facecluster.config import ConfigError, missing_path
@@ -318,7 +321,7 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
         "--runtime",
         choices=("auto", "torch", "onnx"),
         default="auto",
-        help="torch: OUT/identifier.pt; onnx: OUT/onnx on onnxruntime; auto: torch when "
+        help="torch: MODEL/identifier.pt; onnx: MODEL/onnx on onnxruntime; auto: torch when "
         "the export has it (default)",
     )
     parser.add_argument(
@@ -328,7 +331,9 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
         help="answer unknown below this similarity (default: the export's, chosen "
         "on unseen faces for an open-set run; none for a closed-set run)",
     )
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="images per batch (default: %(default)s)"
+    )
     parser.add_argument(
         "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda"
     )

@@ -428,6 +428,10 @@ def test_evaluate_expands_the_home_folder_and_names_a_run_that_does_not_exist(
     assert f"run={run.path}: the run is not finished" in capsys.readouterr().err
     assert cli.evaluate_main(["run=~/runs/gone", "run=~/runs/run"]) == 2
     assert f"run=~/runs/gone: {tmp_path}/runs/gone does not exist" in capsys.readouterr().err
+    # a bare folder, as export and identify take it: the fix named
+    with pytest.raises(SystemExit):
+        cli.evaluate_main([str(run.path)])
+    assert f"(did you mean run={run.path}?)" in capsys.readouterr().err
     # an empty run= named the working dir, "not a facecluster run folder"
     monkeypatch.chdir(run.path)
     with pytest.raises(SystemExit) as exit_:

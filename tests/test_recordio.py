@@ -478,6 +478,12 @@ def test_a_folder_named_like_a_rec_file_is_read_as_the_folder(tmp_path):
         assert len(scan(root).samples) == 5
     with pytest.raises(FileNotFoundError, match=r"missing.rec does not exist"):
         scan(tmp_path / "missing.rec")
+    # a .rec copied without its .idx: said "does not exist", not where it belongs
+    (tmp_path / "alone").mkdir()
+    shutil.copy(tmp_path / "glint.rec" / "train.rec", tmp_path / "alone" / "train.rec")
+    with pytest.raises(FileNotFoundError, match=r"train.idx does not exist \(a .rec is read "
+                       r"through its .idx, beside it: copy train.idx with it"):  # fmt: skip
+        RecordFile(tmp_path / "alone" / "train.rec")
 
 
 def test_a_payload_the_writer_refuses_leaves_no_idx_line(tmp_path, monkeypatch):

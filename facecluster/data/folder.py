@@ -515,7 +515,7 @@ def _select_identities(
         raise ValueError(
             f"No identity in {name}={str(root)!r} has at least min_images_per_class="
             f"{min_images_per_class} images (the largest identity has {max(counts.values())}); "
-            f"lower min_images_per_class"
+            f"lower it: data.min_images_per_class={max(counts.values())}"
         )
     if dropped:
         shown = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")

@@ -343,7 +343,13 @@ class RecordFile:
         self.idx = Path(idx) if idx is not None else self.rec.with_suffix(".idx")
         for path in (self.rec, self.idx):
             if not path.is_file():
-                raise FileNotFoundError(f"{path} does not exist")
+                hint = ""
+                if path == self.idx and idx is None:  # the .rec is there, its index not
+                    hint = (
+                        f" (a .rec is read through its .idx, beside it: copy {path.name} "
+                        "with it; `facecluster pack` writes both)"
+                    )
+                raise FileNotFoundError(f"{path} does not exist{hint}")
         self.size = self.rec.stat().st_size
         self.offsets = self._read_index()
         self._map: memoryview | None = None
