@@ -552,7 +552,8 @@ def _assemble(
         run.logger.step_offset = 0
         run.logger.log_metrics(_result_metrics(results), step=last)
         run.logger.save()
-    rank_zero_info(f"\n{table}\n\nfacecluster run folder: {folder.path}")
+    if is_global_zero():  # a result, on stdout as the evaluation's table (a log: stderr)
+        print(f"\n{table}\n\nfacecluster run folder: {folder.path}", flush=True)
     return results, table
 
 

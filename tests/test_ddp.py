@@ -49,6 +49,8 @@ def test_documented_multi_device_command_runs_train_py_to_its_last_line(tmp_path
         assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in proc.stderr, proc.stderr[-4000:]
     out = proc.stdout
     assert out.count("Evaluation on the held-out test split") == 1, out[-4000:]
+    # the training's own table beside it, on stdout too (on stderr, `> log.txt` lost it)
+    assert out.count("Held-out test accuracy") == 1, out[-4000:]
     assert out.count("clustered, all sub-nets (ISM)") == 1
     run_dir = next((tmp_path / "runs").iterdir())
     assert out.rstrip().splitlines()[-1] == f"facecluster run folder: {run_dir}"
