@@ -86,8 +86,9 @@ class Row:
     throughput: float
     latency_ms: float
     params: int
-    throughput_spread: float = 0.0
-    """Half the range of the timed batches, relative to the median."""
+    throughput_spread: float | None = 0.0
+    """Half the range of the timed batches, relative to the median; None for one timed
+    batch (``eval.timing_batches=1``), which has no range to show."""
     verification: dict[str, float] = field(default_factory=dict)
     """10-fold verification accuracy per ``data.verification`` set, of the backbone
     that embeds faces for this row (the stage-1 backbone: router, head, class means)."""
@@ -300,7 +301,7 @@ class Bench:
                     batch.rate(self.cfg.eval.batch_size),
                     single.median * 1000,
                     p.params,
-                    batch.spread,
+                    batch.spread if len(batch.seconds) > 1 else None,
                     dict(verification or {}),
                     s["fnir"],
                 )
@@ -503,7 +504,8 @@ def _cells(row: Row, fnir_columns: list[str] = (), verification: list[str] = ())
         *("n/a" if v is None else v if v == "" else f"{v:.2%}" for v in fnir),
         *("" if value is None else f"{value:.2%}" for value in verified),
         f"{row.subnet_forwards:g}",
-        f"{row.throughput:.0f} ±{row.throughput_spread:.0%}",
+        f"{row.throughput:.0f}"
+        + ("" if row.throughput_spread is None else f" ±{row.throughput_spread:.0%}"),
         f"{row.latency_ms:.1f}",
         f"{row.params / 1e6:.2f}M",
     ]

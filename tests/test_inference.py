@@ -420,6 +420,9 @@ def test_the_top_m_sweep_records_the_values_it_scored(finished_run, monkeypatch)
     # sweep's other top_m in the table's session (a session of its own, apart, bent
     # its curve when the machine's speed drifted between the two)
     assert report.top_m_sweep[1]["throughput"] == report.rows[0].throughput
+    # one timed batch has no range: "±0%" read as a measured spread
+    assert report.rows[0].throughput_spread is None
+    assert " ±" not in evaluation.format_table(report.rows)
     assert len(sessions) == 1 and "clustered, routed (top_m=1, moe)" in sessions[0]
     assert sorted(sessions[0]) == sorted({*sessions[0]})
 
