@@ -793,12 +793,8 @@ class Config:
         found = []
         for n in (1, 2) if self.two_stage else (1,):
             warmup = self.stage_config(n).optim.warmup_epochs
-            if self.two_stage:
-                counted = (n,)
-                own = self.stage_config(n).max_epochs is not None
-                source = f"stage{n}.max_epochs" if own else "trainer.max_epochs"
-            else:  # stage 1 trains both stages' epochs (stage_epochs)
-                counted, source = (1, 2), "stage 1 + stage 2 epochs: method=single"
+            counted = (n,) if self.two_stage else (1, 2)  # single: both stages' epochs
+            source = self.epochs_source(n)
             # epochs not a count (unset, -1): refused above, with their own message
             if warmup > 0 and all(self._epochs_known(m) for m in counted):
                 epochs = self.stage_epochs(n)
@@ -918,6 +914,14 @@ class Config:
         if not self.two_stage and n == 1:
             epochs += int(self.stage2.max_epochs or self.trainer["max_epochs"])
         return epochs
+
+    def epochs_source(self, n: int) -> str:
+        """The setting :meth:`stage_epochs` takes stage ``n``'s epochs from, as a message
+        names it."""
+        if not self.two_stage:
+            return "stage 1 + stage 2 epochs: method=single"
+        own = self.stage_config(n).max_epochs is not None
+        return f"stage{n}.max_epochs" if own else "trainer.max_epochs"
 
     def cache_dir(self) -> Path:
         """``output_dir/.cache``: what the runs here may reuse instead of recomputing (the

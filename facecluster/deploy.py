@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from facecluster.config import PROJECT_ROOT, Config, ConfigError, resolve_data_root
 from facecluster.data import IMAGE_EXTENSIONS, build_transforms, scan_image_folder, scored
-from facecluster.data.folder import shown_list
+from facecluster.data.folder import warn_ignored_files
 from facecluster.data.images import DECODE_ERRORS, decode_image
 from facecluster.data.transforms import normalize_images
 from facecluster.inference import TwoStageIdentifier
@@ -563,14 +563,8 @@ def image_files(sources: Sequence[str | Path]) -> list[Path]:
     for source in (Path(s).expanduser() for s in sources):
         if source.is_dir():
             found, other = _walk_images(source)
-            if other:  # left out without a word, a .tif got no row (enroll named it)
-                logger.warning(
-                    "%s: %d non-image file(s) are ignored (images end in %s): %s",
-                    source,
-                    len(other),
-                    ", ".join(IMAGE_EXTENSIONS),
-                    shown_list([str(p) for p in other]),
-                )
+            # left out without a word, a .tif got no row (enroll's scan named it)
+            warn_ignored_files(str(source), [str(p) for p in other])
             if not found:
                 raise FileNotFoundError(
                     f"{source} holds no image files ({', '.join(IMAGE_EXTENSIONS)})"

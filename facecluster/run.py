@@ -530,15 +530,11 @@ class RunFolder:
             # saved at an epoch's end: its "epoch" is that epoch's index
             trained = int(load_plain(last, what="checkpoint", mmap=True)["epoch"]) + 1
             if cfg.stage_epochs(stage) < trained:
-                own = cfg.stage_config(stage).max_epochs is not None and cfg.two_stage
-                source = f"stage{stage}.max_epochs" if own else "trainer.max_epochs"
-                if not cfg.two_stage:
-                    source = "stage1.max_epochs + stage2.max_epochs: method=single"
                 raise ConfigError(
                     f"resume={resume}: stage {stage} of {self.path} has trained {trained} "
                     f"epochs ({last.relative_to(self.path)}); {cfg.stage_epochs(stage)} "
-                    f"({source}) would end it before they were: give at least {trained}, "
-                    "or leave its epochs as they were"
+                    f"({cfg.epochs_source(stage)}) would end it before they were: give at "
+                    f"least {trained}, or leave its epochs as they were"
                 )
 
     def _refuse_settled(self, saved: Config, cfg: Config, resume: str) -> None:

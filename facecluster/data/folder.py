@@ -324,6 +324,20 @@ def shown_list(paths: list[str], limit: int = 5) -> str:
     return ", ".join(paths[:limit]) + more
 
 
+def warn_ignored_files(where: str, files: list[str]) -> None:
+    """Warn, naming them, of the files under ``where`` that are not read as images
+    (their names do not end in :data:`IMAGE_EXTENSIONS`): the training scan's and
+    ``identify``'s one wording."""
+    if files:
+        logger.warning(
+            "%s: %d non-image file(s) are ignored (images end in %s): %s",
+            where,
+            len(files),
+            ", ".join(IMAGE_EXTENSIONS),
+            shown_list(files),
+        )
+
+
 def _warn_layout(
     root: Path,
     listings: dict[str, _Listing],
@@ -365,15 +379,7 @@ def _warn_layout(
         )
     other = sorted(set(root_files) - set(loose))
     other += [p for v in listings.values() for p in v.other_files]
-    if other:
-        logger.warning(
-            "%s=%s: %d non-image file(s) are ignored (images end in %s): %s",
-            name,
-            root,
-            len(other),
-            ", ".join(IMAGE_EXTENSIONS),
-            shown_list(other),
-        )
+    warn_ignored_files(f"{name}={root}", other)
     nested = [p for v in listings.values() for p in v.subfolders]
     if nested:
         logger.warning(
