@@ -436,8 +436,8 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
     sweep = [ident.routed(m, cfg.route.alpha) for m in ms]
     # the table's predictors and the sweep's other top_m timed in one interleaved
     # session: timed apart, a drift of this machine's speed between the two bent the
-    # sweep's curve (224, 400 and 585 img/s at top_m 1, 2 and 3); the run's own top_m
-    # is one predictor, with one figure in the table and in top_m.png
+    # sweep's curve (a review's smoke run: 224, 400 and 585 img/s at top_m 1, 2 and 3);
+    # the run's own top_m is one predictor, with one figure in the table and top_m.png
     names = {p.name for p in predictors}
     timings = bench.timings(predictors + [p for p in sweep if p.name not in names])
     rows = bench.rows(predictors, bench.verification(ident.router_backbone), timings)
