@@ -39,7 +39,7 @@ from facecluster.callbacks import (
     VerificationCallback,
 )
 from facecluster.checkpoint_io import AtomicCheckpointIO
-from facecluster.config import Config, ConfigError, naming, resolve_data_root
+from facecluster.config import Config, ConfigError, check_data_root, naming
 from facecluster.data import FaceDataModule
 from facecluster.data.verification import (
     VerificationPairs,
@@ -61,13 +61,7 @@ def build_datamodule(cfg: Config, eval_batch_size: int | None = None) -> FaceDat
     }
     if eval_batch_size is not None:
         args["eval_batch_size"] = eval_batch_size
-    if not resolve_data_root(cfg.data.root).exists():  # a run's data moved, too
-        raise ConfigError(
-            f"data.root={cfg.data.root!r} does not exist: give an image folder (one "
-            "sub-folder per identity) or an InsightFace .rec; for a run whose data moved, "
-            "add data.root=<new place> to its resume= or evaluate.py command, or "
-            "--data-root <new place> to facecluster export"
-        )
+    check_data_root(cfg.data.root, run=True)  # a new run's was checked at load
     with naming("data"):
         dm = FaceDataModule(**args)
         dm.setup()

@@ -100,7 +100,7 @@ def _fail(message: object) -> int:
 
 
 def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from facecluster.config import PROJECT_ROOT, ConfigError, load_config
+    from facecluster.config import PROJECT_ROOT, ConfigError, check_data_root, load_config
 
     default = PROJECT_ROOT / "configs" / "default.yaml"
     parser = _parser(prog or "train.py", TRAIN_HELP)
@@ -136,6 +136,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     "overrides, which are checked against what it trained on (or add "
                     "resume=null to start a new run from that config)"
                 )
+            check_data_root(cfg.data.root, run=False)  # before the imports' seconds
     except ConfigError as e:
         return _fail(e)
     except KeyboardInterrupt:  # its checks import Lightning: seconds, as below

@@ -166,6 +166,29 @@ def resolve_data_root(root: str) -> Path:
     return PROJECT_ROOT / p
 
 
+def check_data_root(root: str, run: bool) -> None:
+    """Refuse a ``data.root`` that does not exist, light (no torch): a new run's is
+    checked as its config is read (``run=False``), a run's (a resume, an evaluation, an
+    export: ``run=True``) when its data is scanned, with the advice for data that moved
+    since it trained."""
+    if resolve_data_root(root).exists():
+        return
+    places = (
+        []
+        if Path(root).expanduser().is_absolute()
+        else list(dict.fromkeys([Path.cwd(), PROJECT_ROOT]))
+    )
+    where = f" (looked for in {' and '.join(map(str, places))})" if places else ""
+    moved = (
+        "; for a run whose data moved, add data.root=<new place> to its resume= or "
+        "evaluate.py command, or --data-root <new place> to facecluster export"
+    )
+    raise ConfigError(
+        f"data.root={root!r} does not exist{where}: give an image folder (one sub-folder "
+        f"per identity) or an InsightFace .rec{moved if run else ''}"
+    )
+
+
 @dataclass
 class DataConfig:
     root: str = "datasets/lfw-demo/images"

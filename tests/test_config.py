@@ -493,6 +493,26 @@ def test_an_empty_resume_output_dir_or_data_root_is_refused(monkeypatch, capsys,
             load_config(SMOKE, [f"{key}="])
 
 
+def test_a_new_runs_missing_data_root_is_named_with_where_it_was_looked_for(
+    monkeypatch, capsys, tmp_path
+):
+    # a new run's missing data.root was found after the imports and the checks (5-7 s),
+    # with advice for a run whose data moved; a relative one did not say where it looked
+    from facecluster import cli, pipeline
+
+    started = []
+    monkeypatch.setattr(pipeline, "train", lambda cfg, **kw: started.append(cfg))
+    monkeypatch.chdir(tmp_path)
+    args = ["-c", str(SMOKE), f"output_dir={tmp_path / 'runs'}", "eval.after_training=false"]
+    assert cli.train_main([*args, "data.root=faces"]) == 2
+    assert not started and not (tmp_path / "runs").exists()
+    error = capsys.readouterr().err
+    assert f"data.root='faces' does not exist (looked for in {tmp_path} and " in error
+    assert "an InsightFace .rec" in error and "moved" not in error
+    (tmp_path / "faces").mkdir()  # found in the working directory: on to the training
+    assert cli.train_main([*args, "data.root=faces"]) == 0 and len(started) == 1
+
+
 def test_slurm_is_refused_before_the_run_folder_where_it_cannot_submit(tmp_path, monkeypatch):
     # launcher=slurm without SLURM created the run folder, then failed on "srun";
     # the corrected re-run then said the folder already exists
