@@ -26,6 +26,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from facecluster.config import COMMAND
+
 
 def resume_hint(run_dir: str | Path, stage: str = "all", why: str = "interrupted") -> str:
     """What to say when a run stops: the command that continues it (with the ``stage=``
@@ -33,7 +35,7 @@ def resume_hint(run_dir: str | Path, stage: str = "all", why: str = "interrupted
     again = f" stage={stage}" if stage != "all" else ""
     return (
         f"\n{why}: continue the run (from its last finished epoch, if any) with\n"
-        f"  python train.py resume={run_dir}{again}"
+        f"  {COMMAND['train']} resume={run_dir}{again}"
     )
 
 

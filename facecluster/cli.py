@@ -455,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\ncommands:\n" + "\n".join(lines), file=out)
         print("\n" + __doc__.split("\n\n")[2].splitlines()[0].replace("``", ""), file=out)
         return 0 if asked else 2
+    from facecluster.config import COMMAND
+
+    COMMAND.update(train="facecluster train", evaluate="facecluster evaluate")  # hints
     command, _ = COMMANDS[argv[0]]
     return command(argv[1:], prog=f"facecluster {argv[0]}")
 

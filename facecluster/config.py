@@ -150,6 +150,12 @@ def _whole(value: Any) -> bool:
     return _number(value) and isinstance(value, int)
 
 
+COMMAND = {"train": "python train.py", "evaluate": "python evaluate.py"}
+"""How messages name the commands that continue and evaluate a run. ``facecluster
+train`` and ``facecluster evaluate`` (:func:`facecluster.cli.main`) put their own names
+here, so that a hint works where there is no train.py (an installed package)."""
+
+
 def missing_path(given: str | Path, prefix: str = "", what: str = "") -> str | None:
     """``given``, ``~`` expanded, named with where it was looked for when it does not
     exist; ``None`` when it does. Light (no torch): the commands check their paths with

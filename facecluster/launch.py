@@ -42,7 +42,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from facecluster.config import Config, ConfigError, SlurmConfig
+from facecluster.config import COMMAND, Config, ConfigError, SlurmConfig
 from facecluster.io import replacing
 from facecluster.run import JOB_ENV, RUN_DIR_ENV, RunFolder, job_name, launched_processes
 
@@ -297,7 +297,7 @@ def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: i
         raise JobsFailed(
             f"{len(failed)} of {len(jobs)} stage-2 jobs failed:\n  - "
             + "\n  - ".join(lines)
-            + f"\nThe other jobs' sub-nets are kept. `python train.py resume={run.path}` "
+            + f"\nThe other jobs' sub-nets are kept. `{COMMAND['train']} resume={run.path}` "
             "trains the missing ones."
         )
 

@@ -40,7 +40,7 @@ from facecluster.builders import (
 from facecluster.callbacks import ClusteringCallback, ResumeHint
 from facecluster.callbacks.interrupt import forget_sigterm, resume_hint, stopping_together
 from facecluster.clustering import ClusterAssignment
-from facecluster.config import Config, ConfigError, naming
+from facecluster.config import COMMAND, Config, ConfigError, naming
 from facecluster.data import BadImageError, FaceDataModule
 from facecluster.launch import (
     balanced_groups,
@@ -141,7 +141,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         ):
             rank_zero_info(  # it evaluated again, without a word
                 f"{folder.path} is finished: nothing to train; its test split is evaluated "
-                f"again (`python evaluate.py run={folder.path}` does only that)"
+                f"again (`{COMMAND['evaluate']} run={folder.path}` does only that)"
             )
         check_local_jobs(cfg)  # local stage-2 jobs must fit this node
         # read whole: a broken set stops before the data scan and any training (a
@@ -187,7 +187,7 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
     if cfg.stage == "cluster" and not folder.has_stage_summary(1):
         raise ConfigError(
             f"stage=cluster: stage 1 of {folder.path} is not finished; train it first with "
-            f"`python train.py resume={folder.path} stage=1`"
+            f"`{COMMAND['train']} resume={folder.path} stage=1`"
         )
     if _stage1_pending(cfg, folder):  # another command fitting them: before any write
         folder.check_stage1_free()
@@ -201,12 +201,12 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
         # between left it alone (stage 2 then trained every sub-net and failed at the end)
         raise ConfigError(
             f"stage={cfg.stage}: stage 1 of {folder.path} is not finished (it was stopped "
-            f"before its test); finish it with `python train.py resume={folder.path} stage=1`"
+            f"before its test); finish it with `{COMMAND['train']} resume={folder.path} stage=1`"
         )
     if cfg.stage == "assemble" and not cfg.two_stage and not folder.has_stage_summary(1):
         raise ConfigError(
             f"stage=assemble: stage 1 of {folder.path} is not finished; train it first with "
-            f"`python train.py resume={folder.path}`"
+            f"`{COMMAND['train']} resume={folder.path}`"
         )
     if cfg.stage == "assemble" and cfg.two_stage:
         _refuse_missing(folder, folder.missing_subnets(cfg.clustering.num_clusters))
@@ -227,7 +227,7 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
                 f"stage2.subnets={subnets} with stage=all: sub-nets {others} of {folder.path} "
                 "are not trained yet, and stage=all ends by assembling every sub-net. Train "
                 "the run first (without stage2.subnets); to train named sub-nets again after "
-                f"that: `python train.py resume={run} stage=2 stage2.subnets={subnets}`"
+                f"that: `{COMMAND['train']} resume={run} stage=2 stage2.subnets={subnets}`"
             )
 
 
@@ -235,7 +235,7 @@ def _refuse_missing(folder: RunFolder, missing: list[int]) -> None:
     if missing:
         raise ConfigError(
             f"stage=assemble: sub-nets {missing} of {folder.path} are not trained; "
-            f"train them with `python train.py resume={folder.path}`"
+            f"train them with `{COMMAND['train']} resume={folder.path}`"
         )
 
 
@@ -525,7 +525,7 @@ def _assemble(
         if missing and not required:
             rank_zero_info(
                 f"sub-nets {missing} are still to train; the results come when they are "
-                f"(`python train.py resume={folder.path}`)"
+                f"(`{COMMAND['train']} resume={folder.path}`)"
             )
             return None, None
         _refuse_missing(folder, missing)
@@ -607,7 +607,7 @@ def _submit(run: _Run, clustering: ClusteringCallback | None) -> RunResult:
         names = ", ".join(f"{j['name']} ({j['job_id']})" for j in submitted["jobs"])
         rank_zero_info(
             f"submitted to SLURM: {names}; logs in {folder.slurm_dir}. When the last job "
-            f"is done: python evaluate.py run={folder.path}"
+            f"is done: {COMMAND['evaluate']} run={folder.path}"
         )
     return RunResult(folder.path, None, None)
 

@@ -58,6 +58,7 @@ from torch import Tensor
 
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import (
+    COMMAND,
     ClusteringConfig,
     Config,
     ConfigError,
@@ -401,7 +402,7 @@ class RunFolder:
                 f"run={self.path}: {', '.join(unread)}: "
                 f"{'a training setting' if len(unread) == 1 else 'training settings'}, "
                 "which an evaluation does not read (to train the run further, resume it: "
-                f"`python train.py resume={self.path} ...`"
+                f"`{COMMAND['train']} resume={self.path} ...`"
                 + (
                     "; the evaluation's device is eval.device=auto|cpu|cuda|cuda:N)"
                     if device
@@ -432,7 +433,7 @@ class RunFolder:
                     missing = f"; sub-nets {todo} of stage 2 are not trained"
             raise ConfigError(
                 f"run={self.path}: the run is not finished (no {RESULTS}{missing}); "
-                f"finish it with `python train.py resume={self.path}`"
+                f"finish it with `{COMMAND['train']} resume={self.path}`"
             )
         return cfg
 
@@ -1117,7 +1118,7 @@ class RunFolder:
         if missing:
             raise ConfigError(
                 f"{self.path}: sub-nets {missing} of stage 2 are not trained; finish them "
-                f"with `python train.py resume={self.path}`"
+                f"with `{COMMAND['train']} resume={self.path}`"
             )
         weights = []
         for k in range(num_clusters):

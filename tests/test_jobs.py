@@ -155,7 +155,7 @@ def test_a_killed_job_is_the_only_one_resume_retrains(tmp_path, monkeypatch):
     out, err = parent.communicate(timeout=240)
     assert parent.returncode == 1, err[-3000:]
     assert f"{victim.name}: killed by signal 9" in err
-    assert f"`python train.py resume={run}` trains the missing ones" in err
+    assert f"`facecluster train resume={run}` trains the missing ones" in err  # its command
 
     lost = _job_subnets(victim)
     folder = RunFolder(run)

@@ -652,6 +652,15 @@ def test_ctrl_c_says_which_command_continues_the_run(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert code == 130 and f"{hint}  python train.py resume={run}\n" in err, err[-2000:]
     assert "Traceback" not in err
+    # under `facecluster train` the hint names that command: an installed package has
+    # no train.py (the hint said `python train.py` whichever command ran)
+    from facecluster.config import COMMAND
+
+    for name in COMMAND:  # put back after the test: facecluster's main sets them
+        monkeypatch.setitem(COMMAND, name, COMMAND[name])
+    code = cli.main(["train", f"resume={run}", "stage2.jobs=2", "eval.after_training=false"])
+    err = capsys.readouterr().err
+    assert code == 130 and f"{hint}  facecluster train resume={run}\n" in err, err[-2000:]
 
 
 def test_ctrl_c_while_train_py_imports_torch_is_an_interrupt(capsys, monkeypatch):
