@@ -387,30 +387,18 @@ def close_process_group() -> None:
 
 def check_trainer(cfg: Config) -> None:
     """Before the run folder changes: refuse ``trainer.*`` values Lightning's Trainer
-    refuses (``devices=abc``, ``strategy=foo``, ``accelerator=gpu`` on a machine
-    without one, ...), which otherwise stopped the run with a traceback after its
-    folder and logger were made. Builds stage 1's Trainer once, quietly, and drops it.
+    refuses on this machine (``devices=abc``, ``strategy=foo``, ``accelerator=gpu`` on a
+    machine without one, ...), which otherwise stopped the run with a traceback after
+    its folder and logger were made, and a DDP world this launch cannot make (several
+    nodes that nothing launched, processes the Trainer does not count). Builds stage 1's
+    Trainer once, quietly, and drops it. :func:`check_trainer_settings` is the part that
+    holds on any machine.
 
     Raises:
-        ConfigError: naming the ``trainer.*`` settings and Lightning's reason.
+        ConfigError: naming the ``trainer.*`` settings and Lightning's reason, or the
+            settings that do not fit this launch.
     """
-    kwargs = _trainer_kwargs(cfg, 1)
-    quiet = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [log.level for log in quiet]
-    try:
-        for log in quiet:
-            log.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # as build_trainer makes it (barebones=true refuses the checkpointing)
-            trainer_args = {"enable_progress_bar": False, **kwargs}
-            trainer = L.Trainer(**trainer_args, logger=False, enable_checkpointing=True)
-    except (MisconfigurationException, ImportError, TypeError, ValueError) as e:
-        settings = " ".join(f"trainer.{k}={v}" for k, v in cfg.trainer.items())
-        raise ConfigError(f"trainer: Lightning refuses {settings}: {e}") from None
-    finally:
-        for log, level in zip(quiet, levels, strict=True):
-            log.setLevel(level)
+    trainer = _trial_trainer(cfg)
     environment = getattr(trainer.strategy, "cluster_environment", None)
     started = launched_processes()
     if (
@@ -439,6 +427,43 @@ def check_trainer(cfg: Config) -> None:
             f"would train alone into the same run folder. Set trainer.devices to the "
             f"processes per node, trainer.num_nodes to the nodes and trainer.strategy=ddp"
         )
+
+
+def check_trainer_settings(cfg: Config) -> None:
+    """:func:`check_trainer`'s part that holds on any machine: stage 1's Trainer built as
+    for one process on the CPU, so every ``trainer.*`` setting but ``accelerator``,
+    ``devices`` and ``num_nodes`` is checked, with the same message. For
+    ``launcher=slurm`` on the login node, which may have no GPU and is no job's node:
+    each job's command line sets those three from ``slurm.*``, and the job checks them
+    (:func:`check_trainer`) where it runs, with its GPUs and its srun tasks.
+
+    Raises:
+        ConfigError: naming the ``trainer.*`` settings and Lightning's reason.
+    """
+    _trial_trainer(cfg, accelerator="cpu", devices=1, num_nodes=1)
+
+
+def _trial_trainer(cfg: Config, **hardware: Any) -> L.Trainer:
+    """Stage 1's Trainer, built quietly to be dropped; ``hardware``: Trainer arguments
+    in place of the user's."""
+    kwargs = {**_trainer_kwargs(cfg, 1), **hardware}
+    quiet = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [log.level for log in quiet]
+    try:
+        for log in quiet:
+            log.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # as build_trainer makes it (barebones=true refuses the checkpointing)
+            trainer_args = {"enable_progress_bar": False, **kwargs}
+            trainer = L.Trainer(**trainer_args, logger=False, enable_checkpointing=True)
+    except (MisconfigurationException, ImportError, TypeError, ValueError) as e:
+        settings = " ".join(f"trainer.{k}={v}" for k, v in cfg.trainer.items())
+        raise ConfigError(f"trainer: Lightning refuses {settings}: {e}") from None
+    finally:
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
+    return trainer
 
 
 def _fit_epoch(kwargs: dict[str, Any], batches: int, stage: int) -> bool:

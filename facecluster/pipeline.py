@@ -33,6 +33,7 @@ from facecluster.builders import (
     build_trainer,
     check_identity_count,
     check_trainer,
+    check_trainer_settings,
     check_verification_sets,
     module_args,
     stop_started_ranks,
@@ -121,8 +122,11 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
             )
         if launched_processes() > 1:
             rank0_timeout()  # a bad FACECLUSTER_RANK0_TIMEOUT: before the data scan
-        if cfg.launcher.name == "local" and cfg.stage != "assemble":  # jobs run as local
-            check_trainer(cfg)  # what Lightning refuses, before the data scan
+        if cfg.stage != "assemble":  # what Lightning refuses, before the data scan
+            if cfg.launcher.name == "local":  # a SLURM job's command is launcher=local
+                check_trainer(cfg)
+            else:  # the login node: before any submission; a job's GPUs are its own check
+                check_trainer_settings(cfg)
         if cfg.launcher.name == "slurm":
             check_slurm()  # submitit, sbatch and srun here: before the scan and the folder
         check_wandb_server(cfg)

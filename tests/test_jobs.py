@@ -376,6 +376,27 @@ def test_slurm_jobs_get_one_task_per_gpu_on_every_node(tmp_path, monkeypatch):
     assert command[-3:] == ["trainer.accelerator=gpu", "trainer.devices=4", "trainer.num_nodes=2"]
 
 
+def test_a_trainer_setting_lightning_refuses_is_refused_before_submission(tmp_path, monkeypatch):
+    # the login node built no Trainer: a typo was found by the stage-1 job, once it had
+    # waited in the queue and started on its node
+    calls = _fake_slurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    slurm = ("launcher=slurm", "slurm.gpus_per_node=4", "slurm.nodes=2")
+    refused = r"trainer: Lightning refuses .*trainer.strategy=foo.*invalid strategy name"
+    with pytest.raises(ConfigError, match=refused) as submitted:
+        train(load_config(SMOKE, smoke_overrides(tmp_path, *slurm, "trainer.strategy=foo")))
+    with pytest.raises(ConfigError) as local:
+        train(load_config(SMOKE, smoke_overrides(tmp_path, "trainer.strategy=foo")))
+    assert str(submitted.value) == str(local.value), "the message a local run gives"
+    assert not calls.exists() and not (tmp_path / "run").exists(), "nothing submitted or written"
+    # what the jobs' nodes decide is theirs to check: GPUs and nodes this machine lacks
+    # (the command lines set them from slurm.*), and a world that srun launches
+    nodes = ("trainer.accelerator=gpu", "trainer.devices=4", "trainer.num_nodes=2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    train(load_config(SMOKE, smoke_overrides(tmp_path, *slurm, *nodes, "trainer.strategy=ddp")))
+    assert len(list(calls.iterdir())) == 3
+
+
 def test_stage_rules_name_what_is_missing(tmp_path, monkeypatch):
     cfg = load_config(SMOKE, smoke_overrides(tmp_path, "stage=1"))
     first = train(cfg)
