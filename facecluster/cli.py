@@ -78,7 +78,8 @@ IDENTIFY_HELP = """Identify the faces in image files or folders; write one CSV r
 Images must be aligned face crops, as in training (any size: they are resized
 to the model's input). Columns: path, identity ("unknown" when the similarity is
 below --threshold), score, similarity, cluster (the sub-net that answered), top5
-(name:score;...), status (known, unknown or unreadable).
+(name:score;...), status (known, unknown, unreadable, or failed: an embedding that is
+NaN, inf or zero).
 """
 
 

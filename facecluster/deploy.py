@@ -41,11 +41,11 @@ from tqdm.auto import tqdm
 
 from facecluster.config import PROJECT_ROOT, Config, ConfigError, resolve_data_root
 from facecluster.data import IMAGE_EXTENSIONS, build_transforms, scan_image_folder, scored
-from facecluster.data.folder import warn_ignored_files
+from facecluster.data.folder import shown_list, warn_ignored_files
 from facecluster.data.images import DECODE_ERRORS, decode_image
 from facecluster.data.transforms import normalize_images
 from facecluster.inference import TwoStageIdentifier
-from facecluster.inference.identifier import OPEN_SET_SCORE, UNKNOWN
+from facecluster.inference.identifier import FAILED, OPEN_SET_SCORE, UNKNOWN
 from facecluster.inference.openset import threshold_at_fpir
 from facecluster.io import atomic_file, fsync_dir, replacing
 
@@ -665,8 +665,10 @@ def identify_files(
     answered: with ``clustering.overlap``, the one of the answer's two clusters that
     gave its score, or under moe the larger share of it); top5 (up to 5 ``name:score``
     pairs from the searched clusters, best first, ``;``-separated); status (``known``,
-    ``unknown`` or ``unreadable``: what the identity column says, whatever the names,
-    since an identity may be named ``unknown``).
+    ``unknown``, ``unreadable`` or ``failed``: what the identity column says, whatever the
+    names, since an identity may be named ``unknown``). A ``failed`` face is one whose
+    embedding is NaN, inf or zero (``Identification.failed``): no name, the other columns
+    empty, and one warning names such files.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -684,6 +686,7 @@ def identify_files(
     where = resolve_device(device)
     names = identifier.class_names
     rows = 0
+    failed = []
     # UTF-8 whatever the locale (a file name that is not UTF-8 keeps its bytes). A file
     # (a link: the file it names) is written beside it and put in its place at the end:
     # an earlier CSV is never left half overwritten. A device or a pipe (/dev/stdout,
@@ -716,6 +719,10 @@ def identify_files(
                 for path, answer, row_ids, row_scores, sim, cluster in zip(
                     good, answers, ids, scores, close, answered_by, strict=True
                 ):
+                    if answer == FAILED:  # nothing to compare: no name, no number
+                        failed.append(str(path))
+                        found[path] = ("failed", "", "", "", "", "failed")
+                        continue
                     pairs = zip(row_ids, row_scores, strict=True)
                     # fewer than 5 where the searched clusters hold fewer identities
                     top = ";".join(f"{names[i]}:{s:.4f}" for i, s in pairs if i < len(names))
@@ -729,4 +736,12 @@ def identify_files(
                 writer.writerow((path, *found.get(path, unreadable)))
             rows += len(batch)
             bar.update(len(batch))
+    if failed:  # every file: the export's networks give NaN; some: those images
+        logger.warning(
+            "%d image(s) got no identity (status failed): the model's embedding of each is "
+            "NaN, inf or zero (an image it cannot embed, or networks whose weights are not "
+            "finite): %s",
+            len(failed),
+            shown_list(failed),
+        )
     return rows

@@ -15,9 +15,11 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from facecluster import cli, deploy
 from facecluster.builders import build_datamodule
@@ -1016,6 +1018,96 @@ def test_identify_names_the_files_of_a_folder_it_leaves_out(tmp_path, caplog):
     assert [r["path"] for r in csv.DictReader(out.open(encoding="utf-8"))] == [
         str(photos / "face.jpg")
     ]
+
+
+def test_identify_writes_a_face_the_model_cannot_embed_as_failed_naming_it(
+    tmp_path, monkeypatch, caplog
+):
+    # an embedding of NaN (networks whose weights went non-finite, an input they cannot
+    # embed) was routed to cluster 0: without a threshold the CSV named its best identity,
+    # status known; here the export's router backbone gives NaN for an all-black image
+    _small_export(tmp_path / "export")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(next(DEMO.rglob("*.jpg")), photos / "face.jpg")
+    Image.new("RGB", (16, 16)).save(photos / "black.png")
+    load = deploy.load_export
+
+    def broken(*args, **kwargs):
+        identifier = load(*args, **kwargs)
+        black = lambda x: (x == -1).flatten(1).all(1)[:, None]  # noqa: E731
+        identifier.router_backbone.register_forward_hook(
+            lambda module, args, out: out.masked_fill(black(args[0]), float("nan"))
+        )
+        return identifier
+
+    monkeypatch.setattr(deploy, "load_export", broken)
+    out = tmp_path / "who.csv"
+    for threshold in (None, -2.0):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="facecluster.deploy"):
+            identify_files(tmp_path / "export", [photos], out, threshold=threshold, device="cpu")
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open(encoding="utf-8"))}
+        assert list(rows["black.png"].values())[1:] == ["failed", "", "", "", "", "failed"]
+        assert rows["face.jpg"]["status"] == "known" and rows["face.jpg"]["identity"] != "failed"
+        warned = [r.getMessage() for r in caplog.records if "status failed" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].startswith("1 image(s) got no identity"), warned
+        assert "embedding of each is NaN, inf or zero" in warned[0]
+        assert warned[0].endswith(f": {photos / 'black.png'}")
+
+
+def test_an_identifier_whose_weights_are_not_finite_is_neither_written_nor_loaded(tmp_path):
+    # such an export loaded without a word and answered every face with an identity of
+    # cluster 0; the check is check_parts', which also refuses an export tampered with
+    from facecluster.inference.onnx import load_onnx
+
+    _small_export(tmp_path)
+    path = tmp_path / "identifier.pt"
+    identifier = TwoStageIdentifier.load(path)
+    weight = next(n for n, t in identifier.subnets[1].named_parameters() if t.dim() > 1)
+    with torch.no_grad():
+        identifier.subnets[1].get_parameter(weight)[0] = float("nan")
+    with pytest.raises(
+        ValueError,
+        match=rf"^not writing {re.escape(str(tmp_path))}/again.pt: 1 tensor\(s\) hold NaN or "
+        rf"inf \(subnets.1.{re.escape(weight)}\)$",
+    ):
+        identifier.export(tmp_path / "again.pt")
+    assert not (tmp_path / "again.pt").exists()
+    payload = torch.load(path, weights_only=True)
+    router = dict(payload["router_backbone"])
+    key = next(iter(router))
+    router[key] = router[key] * float("nan")
+    heads = [payload["heads"][0], payload["heads"][1].clone()]
+    heads[1][2, 0] = -float("inf")
+    means = payload["assignment"]["class_means"].clone()
+    means[4, 1] = float("nan")
+    for change, named in (
+        (
+            {"router_backbone": router},
+            rf"1 tensor\(s\) hold NaN or inf \(router_backbone.{re.escape(key)}\)",
+        ),
+        ({"heads": heads}, r"1 tensor\(s\) hold NaN or inf \(heads.1\)"),
+        (
+            {"assignment": {**payload["assignment"], "class_means": means}},
+            r"ClusterAssignment.class_means contains NaN/inf values \(rows \[4\]\)",
+        ),
+    ):
+        torch.save({**payload, **change}, tmp_path / "tampered.pt")
+        with pytest.raises(
+            ValueError, match=rf"^export {re.escape(str(tmp_path))}/tampered.pt: {named}$"
+        ):
+            TwoStageIdentifier.load(tmp_path / "tampered.pt")
+    # the ONNX gallery's head rows, before any network is read
+    with np.load(tmp_path / "onnx" / "gallery.npz") as arrays:
+        gallery = dict(arrays)
+    gallery["head1"][0, 0] = np.nan
+    np.savez(tmp_path / "onnx" / "gallery.npz", **gallery)
+    with pytest.raises(
+        ValueError,
+        match=r"gallery.npz, identifier.json\): 1 tensor\(s\) hold NaN or inf \(heads.1\)$",
+    ):
+        load_onnx(tmp_path / "onnx")
 
 
 def test_an_export_keeps_any_names_exactly_and_reads_the_list_of_older_versions(tmp_path):

@@ -7,7 +7,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -383,6 +385,51 @@ def test_batched_grouping_gives_the_answers_of_one_by_one(top_m):
     assert batched.subnet_forwards == len(queries) * top_m
 
 
+@pytest.mark.parametrize("decision", ["linear", "moe"])
+def test_a_face_whose_embedding_has_no_direction_gets_no_identity(decision):
+    # an embedding of NaN, inf or zeros (networks whose weights went non-finite, an input
+    # they cannot embed) was routed to cluster 0 and answered with its best identity, a
+    # NaN score under moe and, without a threshold, a name
+    from facecluster.inference.identifier import FAILED
+
+    ident, queries = _random_identifier(seed=2)
+    ident.route_config.update(
+        decision=decision, router_temperature=0.1, subnet_temperature=0.05, generalist_weight=0.4
+    )
+    bad = torch.stack([torch.full((8,), math.nan), torch.zeros(8), queries[2]])
+    bad[2, 3] = math.inf
+    faces = torch.cat([bad, queries[:5]])
+    lost = torch.tensor([True] * 3 + [False] * 5)
+    assert ident.router.route(faces, 2)[:3].tolist() == [[-1, -1]] * 3  # no cluster
+    assert torch.equal(ident.router.route(faces, 2)[3:], ident.router.route(queries[:5], 2))
+    for options in ({"top_m": 1}, {"top_m": 2, "k": 3}, {"all_subnets": True}):
+        result, alone = ident.identify(faces, **options), ident.identify(queries[:5], **options)
+        assert torch.equal(result.failed, lost), options
+        assert result.answer(None)[:3].tolist() == result.answer(-2.0)[:3].tolist() == [FAILED] * 3
+        assert torch.equal(result.answer(None)[3:], alone.answer(None))
+        assert torch.equal(result.candidates[3:], alone.candidates)  # the others as alone
+        assert torch.equal(result.candidate_scores[3:], alone.candidate_scores)
+        # nothing compared: empty lists, no number, never a real identity
+        assert bool((result.candidates[:3] == ident.assignment.num_classes).all())
+        assert bool((result.candidate_scores[:3] == -math.inf).all())
+        assert bool((result.candidate_similarities[:3] == -math.inf).all())
+        assert bool((result.candidate_clusters[:3] == -1).all())
+    # a sub-net that gives NaN fails the faces routed to its cluster, and only those
+    ident.subnets[1] = ident.subnets[1].__class__()  # its own module, not the others'
+    ident.subnets[1].register_forward_hook(lambda module, args, out: out * math.nan)
+    result = ident.identify(queries, top_m=1)
+    assert torch.equal(result.failed, result.clusters[:, 0] == 1) and bool(result.failed.any())
+    assert bool((result.answer(None) == FAILED).eq(result.failed).all())
+    # enrolment: a person whose faces embed to NaN is refused, nothing enrolled
+    names = list(ident.class_names)
+    with pytest.raises(ValueError, match=r"'nan': the stage-1 backbone's embedding of its faces"):
+        ident.enroll({"nan": bad[:1]})
+    routed_to_1 = queries[result.clusters[:, 0] == 1][:2]
+    with pytest.raises(ValueError, match=r"'p': the sub-net 1's embedding of its faces is NaN"):
+        ident.enroll({"p": routed_to_1})
+    assert ident.class_names == names
+
+
 # --------------------------------------------------------------------------- a real run
 
 
@@ -715,6 +762,43 @@ def test_a_calibrated_closed_set_run_exports_without_its_data(finished_run, tmp_
     # said "give the folder that holds one sub-folder per identity", a walkthrough)
     with pytest.raises(ConfigError, match=r"'/nonexistent/faces' does not exist: .* add data.root"):
         evaluate_run(moved)
+
+
+@pytest.mark.parametrize("part", ["stage-1 backbone", "sub-net head"])
+def test_exporting_a_run_whose_weights_are_not_finite_is_refused_naming_the_tensor(
+    finished_run, tmp_path, monkeypatch, capsys, part
+):
+    # such an export answered every face with an identity of cluster 0
+    from facecluster.cli import export_main
+    from facecluster.deploy import export_run
+
+    stage1, subnets = RunFolder.stage1_weights, RunFolder.subnet_weights
+    backbone = stage1(RunFolder(finished_run)).backbone
+    first = next(name for name, t in backbone.items() if t.is_floating_point())
+
+    def nan_stage1(self, *args, **kwargs):
+        weights = stage1(self, *args, **kwargs)
+        poisoned = {**weights.backbone, first: weights.backbone[first] * math.nan}
+        return dataclasses.replace(weights, backbone=poisoned)
+
+    def inf_head(self, *args, **kwargs):
+        weights = subnets(self, *args, **kwargs)
+        head = weights[1].head.clone().index_fill_(1, torch.tensor([0]), math.inf)
+        return [weights[0], dataclasses.replace(weights[1], head=head), *weights[2:]]
+
+    if part == "stage-1 backbone":
+        monkeypatch.setattr(RunFolder, "stage1_weights", nan_stage1)
+        named = f"router_backbone.{first}"
+    else:
+        monkeypatch.setattr(RunFolder, "subnet_weights", inf_head)
+        named = "heads.1"
+    out = tmp_path / "out"
+    refused = rf"^run {finished_run}: 1 tensor\(s\) hold NaN or inf \({re.escape(named)}\)$"
+    with pytest.raises(ValueError, match=refused):
+        export_run(finished_run, out, device="cpu")
+    assert export_main([str(finished_run), str(out), "--device", "cpu"]) == 2
+    assert f"1 tensor(s) hold NaN or inf ({named})" in capsys.readouterr().err
+    assert not out.exists()  # refused before any work
 
 
 class _RunsCode:

@@ -46,7 +46,7 @@ from facecluster.inference.decision import (
     sum_shared,
 )
 from facecluster.inference.predictors import Predictor, count_parameters
-from facecluster.inference.router import Router
+from facecluster.inference.router import NO_CLUSTER, Router, has_direction
 from facecluster.io import atomic_torch_save, load_plain
 from facecluster.models.components import load_backbone, shareable_stages
 
@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 
 UNKNOWN = -1
 """The answer for a face whose best candidate's similarity is below the open-set threshold."""
+FAILED = -2
+"""The answer for a face that got no candidate: its embedding had no direction
+(``Identification.failed``)."""
 OPEN_SET_SCORE = "similarity"
 """What an export's unknown threshold compares (``Identification.similarity``). Exports
 without this mark chose it on the decision score, a log-probability under moe."""
@@ -103,10 +106,16 @@ class Identification:
     ``clustering.overlap`` an identity's second cluster may be the one (under ``moe``,
     which sums the two clusters' probabilities, the one that gave the larger share; -1
     where empty)."""
+    failed: Tensor
+    """[B] faces whose stage-1 embedding, or a searched sub-net's, had no direction (NaN,
+    inf or zero: networks whose weights went non-finite, or an input they cannot embed).
+    Nothing was compared: their lists are empty (every candidate the id past the last
+    identity, scores and similarities ``-inf``, clusters -1; their ``clusters`` row -1 when
+    routed) and :meth:`answer` gives :data:`FAILED`."""
 
     @property
     def identity(self) -> Tensor:
-        """[B] predicted global identity ids."""
+        """[B] predicted global identity ids (a failed face's: the id past the last)."""
         return self.candidates[:, 0]
 
     @property
@@ -121,11 +130,13 @@ class Identification:
 
     def answer(self, threshold: float | None) -> Tensor:
         """[B] the predicted identity, or :data:`UNKNOWN` (-1) where its similarity is
-        below ``threshold`` (open set; None: always the identity)."""
-        if threshold is None:
-            return self.identity
-        known = self.similarity >= threshold
-        return self.identity.where(known, torch.full_like(self.identity, UNKNOWN))
+        below ``threshold`` (open set; None: always the identity); :data:`FAILED` (-2)
+        for a :attr:`failed` face, whatever the threshold."""
+        answer = self.identity
+        if threshold is not None:
+            known = self.similarity >= threshold
+            answer = answer.where(known, torch.full_like(answer, UNKNOWN))
+        return answer.masked_fill(self.failed, FAILED)
 
 
 class TwoStageIdentifier(nn.Module):
@@ -169,7 +180,8 @@ class TwoStageIdentifier(nn.Module):
             _check_shared(router_backbone, subnets, shared_layers)
             _tie_trunks(router_backbone, subnets, shared_layers)
         self.subnets = nn.ModuleList(subnets)
-        check_parts(assignment, len(class_names), len(subnets), [len(w) for w in head_weights])
+        networks = _network_weights(router_backbone.state_dict(), [s.state_dict() for s in subnets])
+        check_parts(assignment, len(class_names), len(subnets), head_weights, networks)
         sizes = assignment.cluster_sizes().tolist()
         for k, weight in enumerate(head_weights):
             rows = weight.detach().float()
@@ -350,7 +362,9 @@ class TwoStageIdentifier(nn.Module):
             k: candidates kept per face (the prediction is the first).
 
         Returns:
-            The predicted identities, their scores and the candidate clusters.
+            The predicted identities, their scores and the candidate clusters. A face
+            whose embedding has no direction (NaN, inf, zero) gets none
+            (``Identification.failed``).
         """
         if k < 1:  # it failed in the ranking with a tensor size mismatch
             raise ValueError(f"k={k}: keep at least 1 candidate per face")
@@ -373,6 +387,9 @@ class TwoStageIdentifier(nn.Module):
             query = self._embed_from(self.router_backbone, features)
             clusters = self.router.route(query, top_m, self._route_blocks())
         clusters = clusters.to(images.device)
+        # routed nowhere (a stage-1 embedding with no direction), or a searched sub-net's
+        # embedding with none: no candidate (their NaN or 0 similarities ranked someone)
+        failed = clusters[:, 0] == NO_CLUSTER
         best_score = torch.full((batch, k), -float("inf"), device=images.device)
         best_id = torch.full((batch, k), self.assignment.num_classes, device=images.device)
         # clustering.overlap: two clusters may score one identity, listed once
@@ -382,7 +399,9 @@ class TwoStageIdentifier(nn.Module):
         forwards = 0
         # each candidate cluster's faces: a cluster is scored for those only
         routed = {
-            c: (clusters == c).any(dim=1).nonzero().squeeze(1) for c in clusters.unique().tolist()
+            c: (clusters == c).any(dim=1).nonzero().squeeze(1)
+            for c in clusters.unique().tolist()
+            if c != NO_CLUSTER
         }
         # moe: an identity in two candidate clusters gets the sum of both (sum_shared):
         # those columns are merged into the lists once every cluster is scored, the
@@ -409,6 +428,7 @@ class TwoStageIdentifier(nn.Module):
             cosine = other = None
             if use_subnets:  # alpha 1, weight 1: the clustering unit alone, no sub-net runs
                 embedded = self._embed_from(self.subnets[c], features[rows])
+                failed[rows] |= ~has_direction(embedded)
                 cosine, other = self._subnet_cosine(c, embedded)
                 forwards += len(rows)
             if all_subnets:  # ISM: the sub-net's own answer, its cosine
@@ -441,8 +461,13 @@ class TwoStageIdentifier(nn.Module):
             sum_shared(parts)
             for part in parts:
                 self._keep(best_score, best_id, best_similarity, best_cluster, part, empty_id)
+        empty = failed[:, None]
+        best_score.masked_fill_(empty, -math.inf)
+        best_id.masked_fill_(empty, self.assignment.num_classes)
+        best_similarity.masked_fill_(empty, -math.inf)
+        best_cluster.masked_fill_(empty, -1)
         return Identification(
-            best_id, best_score, clusters, forwards, best_similarity, best_cluster
+            best_id, best_score, clusters, forwards, best_similarity, best_cluster, failed
         )
 
     def _class_mean_share(self, c: int, candidates: Tensor) -> Tensor | None:
@@ -532,7 +557,8 @@ class TwoStageIdentifier(nn.Module):
         once. Nothing changes until every person is done.
 
         Raises:
-            ValueError: a name that is enrolled already or given twice, or no images.
+            ValueError: a name that is enrolled already or given twice, no images, or
+                images whose mean embedding has no direction (NaN, inf or zero).
         """
         pairs = faces.items() if isinstance(faces, Mapping) else faces
         names: list[str] = []
@@ -546,10 +572,17 @@ class TwoStageIdentifier(nn.Module):
                 raise ValueError(f"{name!r}: no face images to enrol")
             mean = _direction(self.embed, images, batch_size)
             k = int(self.router.route(mean, 1, self._route_blocks())[0, 0])  # gallery before
+            row = None if k == NO_CLUSTER else _direction(self.subnets[k], images, batch_size)
+            if row is None or not has_direction(row).all():  # one image's NaN: the mean's
+                network = "stage-1 backbone" if row is None else f"sub-net {k}"
+                raise ValueError(
+                    f"{name!r}: the {network}'s embedding of its faces is NaN, inf or zero "
+                    "(an image it cannot embed, or weights that are not finite): not enrolled"
+                )
             names.append(name)
             means.append(mean)
             clusters.append(k)
-            rows.append(_direction(self.subnets[k], images, batch_size))
+            rows.append(row)
         if not names:
             return {}
         first = self.assignment.num_classes
@@ -667,19 +700,30 @@ class TwoStageIdentifier(nn.Module):
         route = {**cfg.to_dict()["route"], **(route or {})}
         for key, value in run.calibration().items():  # fitted on the validation split
             route[key] = value if route.get(key) is None else route[key]
-        return cls(
-            args,
-            load_backbone(args, stage1.backbone),
-            [load_backbone(args, w.backbone) for w in subnets],
-            [w.head for w in subnets],
-            run.assignment(),
-            run.class_names(),
-            route,
-            cfg.model.shared_layers,
-        )
+        router_backbone = load_backbone(args, stage1.backbone)
+        networks = [load_backbone(args, w.backbone) for w in subnets]
+        assignment, names = run.assignment(), run.class_names()
+        try:  # what check_parts finds (a weight that is not finite), named with the run
+            return cls(
+                args,
+                router_backbone,
+                networks,
+                [w.head for w in subnets],
+                assignment,
+                names,
+                route,
+                cfg.model.shared_layers,
+            )
+        except ValueError as e:
+            raise ValueError(f"run {run.path}: {e}") from None
 
     def export(self, path: str | Path) -> Path:
-        """Write one self-contained file (atomic: a crash never leaves half a file)."""
+        """Write one self-contained file (atomic: a crash never leaves half a file).
+
+        Raises:
+            ValueError: a weight that is not finite (:func:`check_parts`), named; nothing
+                is written.
+        """
         path = Path(path)
         payload = {
             "format": EXPORT_FORMAT,
@@ -694,6 +738,12 @@ class TwoStageIdentifier(nn.Module):
             "open_set": self.open_set,
             "shared_layers": self.shared_layers,
         }
+        networks = _network_weights(payload["router_backbone"], payload["subnets"])
+        try:  # as they are now: checked when built, they may have changed since
+            names = len(self.class_names)
+            check_parts(self.assignment, names, self.num_clusters, payload["heads"], networks)
+        except ValueError as e:
+            raise ValueError(f"not writing {path}: {e}") from None
         index = self.router.serialized()
         if index is not None:  # loads read it instead of building it again
             payload["router_index"] = torch.from_numpy(index)
@@ -739,8 +789,8 @@ class TwoStageIdentifier(nn.Module):
             assignment = ClusterAssignment.from_dict(payload["assignment"])
             names = payload["class_names"]
             names = unpack_names(names) if version == EXPORT_VERSION else list(names)
-            heads = [len(rows) for rows in payload["heads"]]
-            check_parts(assignment, len(names), len(payload["subnets"]), heads)
+            networks = _network_weights(payload["router_backbone"], payload["subnets"])
+            check_parts(assignment, len(names), len(payload["subnets"]), payload["heads"], networks)
         except ValueError as e:
             raise ValueError(f"export {path}: {e}") from None
         identifier = cls(
@@ -759,13 +809,22 @@ class TwoStageIdentifier(nn.Module):
 
 
 def check_parts(
-    assignment: ClusterAssignment, names: int, subnets: int, head_rows: Sequence[int]
+    assignment: ClusterAssignment,
+    names: int,
+    subnets: int,
+    heads: Sequence[Tensor],
+    weights: Iterable[tuple[str, Tensor]] = (),
 ) -> None:
     """ValueError naming every part of an identifier that does not match its cluster
     assignment: ``names`` identity names (one per identity), ``subnets`` sub-nets and
-    ``len(head_rows)`` heads (one each per cluster), and each head's rows (one per member
-    of its cluster, then at most one "not mine" row). An export tampered with, or written
-    inconsistent, loaded without a word and failed at its first answers (IndexError)."""
+    ``heads`` (one each per cluster), and each head's rows (one per member of its
+    cluster, then at most one "not mine" row); and every tensor of ``weights`` (the
+    networks', named: :func:`_network_weights`) and of ``heads`` (``heads.<k>``) that
+    holds NaN or inf (the class means cannot: :class:`ClusterAssignment` refuses them).
+    An export tampered with, or written inconsistent, loaded without a word and failed at
+    its first answers (IndexError); one whose weights went NaN answered every face with
+    an identity of cluster 0."""
+    head_rows = [len(rows) for rows in heads]
     problems = []
     if names != assignment.num_classes:
         problems.append(
@@ -783,8 +842,34 @@ def check_parts(
                 f"sub-net {k}'s head has {rows} rows for its {members} identities (and at "
                 "most one more, its not-mine row)"
             )
+    named = [*weights, *((f"heads.{k}", rows) for k, rows in enumerate(heads))]
+    bad = [name for name, t in named if not _finite(t)]
+    if bad:
+        more = ", ..." if len(bad) > 5 else ""
+        problems.append(f"{len(bad)} tensor(s) hold NaN or inf ({', '.join(bad[:5])}{more})")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def _finite(t: Any) -> bool:
+    """Whether every value of ``t`` is finite (one that is not a floating-point tensor
+    is). Its least and greatest values tell, NaN being both: no bool copy of ``t``
+    (``isfinite``'s took 22 times as long, 250K x 512 on one thread, measured)."""
+    if not isinstance(t, Tensor) or not t.is_floating_point() or not t.numel():
+        return True
+    low, high = torch.aminmax(t.detach())
+    return bool(low.isfinite() & high.isfinite())
+
+
+def _network_weights(
+    router: Mapping[str, Tensor], subnets: Sequence[Mapping[str, Tensor]]
+) -> list[tuple[str, Tensor]]:
+    """The networks' state dicts as one list, each tensor named as an export holds it:
+    ``router_backbone.<key>``, ``subnets.<k>.<key>``."""
+    return [
+        *((f"router_backbone.{key}", t) for key, t in router.items()),
+        *((f"subnets.{k}.{key}", t) for k, state in enumerate(subnets) for key, t in state.items()),
+    ]
 
 
 def pack_names(names: Sequence[str]) -> dict[str, Tensor]:

@@ -251,7 +251,7 @@ def load_onnx(
         assignment = ClusterAssignment.from_dict(
             {**meta["assignment"], **{key: arrays[key] for key in stored}}
         )
-        check_parts(assignment, len(meta["class_names"]), k, [len(rows) for rows in heads])
+        check_parts(assignment, len(meta["class_names"]), k, heads)
     except ValueError as e:
         raise ValueError(f"ONNX export {folder} (gallery.npz, identifier.json): {e}") from None
     route = {**meta["route"], **(route or {})}

@@ -31,6 +31,18 @@ from torch import Tensor
 
 _BLOCK = 1 << 24
 """Similarities the flat router computes at once (64 MB of float32)."""
+NO_CLUSTER = -1
+""":meth:`Router.route`'s cluster for a query that has no direction (:func:`has_direction`)."""
+
+
+def has_direction(x: Tensor) -> Tensor:
+    """``[B]`` whether each row of ``x`` ``[B, d]`` is an embedding with a direction:
+    finite and not zero. ``F.normalize`` makes the others NaN (NaN or inf in them) or
+    (near) zero vectors, whose similarities to every class mean are NaN or 0 alike:
+    ranked, they went to cluster 0, whose best identity was then the answer. Normalised,
+    a direction has length 1 (an already normalised ``x`` is tested alike)."""
+    unit = torch.nn.functional.normalize(x.detach().float(), dim=1)
+    return torch.linalg.vector_norm(unit, dim=1) > 0.5  # NaN: False
 
 
 def _to_numpy(x: Tensor) -> np.ndarray:
@@ -282,9 +294,13 @@ class Router:
         the device of ``blocks``, see :meth:`cluster_scores`; else on the CPU). The
         scores are float32 products taken in blocks whose shapes follow the batch
         size, so two clusters holding the same class mean can score a few units in the
-        last place apart, and a face alone can go to the other one than in a batch."""
+        last place apart, and a face alone can go to the other one than in a batch. A
+        query with no direction (NaN, inf or zero: :func:`has_direction`) is near no
+        cluster: its row is :data:`NO_CLUSTER` (-1)."""
         if not 1 <= top_m <= self.num_clusters:
             raise ValueError(f"top_m={top_m} must be in [1, {self.num_clusters}]")
         scores = self.cluster_scores(queries, top_m, blocks)
         # A stable sort keeps equal scores in cluster order (topk does not promise that).
-        return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top_m]
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top_m]
+        lost = ~has_direction(queries).to(order.device)
+        return order.masked_fill(lost[:, None], NO_CLUSTER)
