@@ -50,6 +50,16 @@ from facecluster.data.verification import (
 from facecluster.models.components import TimmBackbone, create_backbone, shareable_stages
 from facecluster.run import BEST, LAST, RunFolder, is_global_zero, launched_processes
 
+# Lightning's notices that nobody using facecluster can act on, printed at every Trainer
+# (twice a run): an advertisement for its cloud logger, and torch's deprecation of a
+# pytree call inside Lightning's own code
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+)
+warnings.filterwarnings(
+    "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning
+)
+
 
 def build_datamodule(cfg: Config, eval_batch_size: int | None = None) -> FaceDataModule:
     """The scanned and split datamodule of ``cfg.data``; bad data fails here, named."""

@@ -52,6 +52,8 @@ def test_documented_multi_device_command_runs_train_py_to_its_last_line(tmp_path
     # the training's own table beside it, on stdout too (on stderr, `> log.txt` lost it)
     assert out.count("Held-out test accuracy") == 1, out[-4000:]
     assert out.count("clustered, all sub-nets (ISM)") == 1
+    # none of Lightning's notices that no user can act on (twice a run each, before)
+    assert "Tip:" not in proc.stderr and "LeafSpec" not in proc.stderr
     run_dir = next((tmp_path / "runs").iterdir())
     assert out.rstrip().splitlines()[-1] == f"facecluster run folder: {run_dir}"
     assert (run_dir / "eval" / "results.md").is_file()
