@@ -40,7 +40,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from facecluster.builders import build_datamodule, default_precision, verification_sets
+from facecluster.builders import (
+    build_datamodule,
+    default_precision,
+    verification_sets,
+    warn_emulated_bf16,
+)
 from facecluster.clustering import ClusterAssignment, embedding_class_sums, finalize_class_means
 from facecluster.config import Config, ConfigError
 from facecluster.data import scored
@@ -329,6 +334,8 @@ def eval_autocast(cfg: Config, device: torch.device) -> Callable[[], Any]:
         return contextlib.nullcontext
     # fp16 autocast on a CPU is what Lightning runs as bf16 too
     half = precision == "16-mixed" and device.type == "cuda"
+    if device.type == "cpu":
+        warn_emulated_bf16(str(cfg.trainer.get("precision", "auto")))
     return partial(torch.autocast, device.type, dtype=torch.float16 if half else torch.bfloat16)
 
 
