@@ -265,9 +265,9 @@ def default_precision(accelerator: str) -> str:
 def warn_emulated_bf16(precision: str) -> None:
     """Warn (global rank 0) when a 16-bit ``precision`` (the ``trainer.precision`` given)
     runs on a CPU without bf16 instructions (``16-mixed`` runs as bf16 on a CPU): oneDNN
-    then emulates every bf16 matrix product. A training step of the demo's backbone (IResNet-18, batch 32 at 64
-    px) took 33 times as long as under 32-true on a 2-core AMD EPYC with AVX2 (53.7 s
-    against 1.6 s, 2026-12-04, a one-off script)."""
+    then emulates every bf16 matrix product. A training step of the demo's backbone
+    (IResNet-18, batch 32 at 64 px) took 33 times as long as under 32-true on a 2-core
+    AMD EPYC with AVX2 (53.7 s against 1.6 s, 2026-12-04, a one-off script)."""
     if "16" not in precision or torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return
     if is_global_zero():
