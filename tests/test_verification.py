@@ -265,10 +265,56 @@ def test_a_bin_file_whose_objects_fail_to_build_is_named(tmp_path):
     (tmp_path / "square.bin").write_bytes(square + b"](h\x01h\x01e]\x88a\x86.")
     with pytest.raises(ValueError, match="square.bin is not .*: an image is a list: .* bytes or"):
         read_bin(tmp_path / "square.bin")
-    # a corrupt length field: CPython allocates its claim first (a MemoryError of no text)
+    # a corrupt length field: CPython allocated its claim first (a MemoryError of no text)
     (tmp_path / "claim.bin").write_bytes(b"\x80\x04\x8e" + (1 << 40).to_bytes(8, "little") + b"x")
-    with pytest.raises(ValueError, match="claim.bin is not .*: a length field claims more memory"):
+    claims = r"claim.bin is not .*: a length field claims 1099511627776 bytes from byte 11, but"
+    with pytest.raises(ValueError, match=claims):
         read_bin(tmp_path / "claim.bin")
+
+
+def test_a_bin_file_whose_memo_index_or_lengths_claim_memory_is_refused_before_it_is_taken(
+    tmp_path,
+):
+    # A 9-byte file naming memo index 2^22 made the C unpickler grow its memo table to
+    # 2^23 entries and zero-fill them (64 MiB; 2^25: 512 MiB, 2^32: 64 GiB) before
+    # anything of ours ran. Length fields that claim more than the file holds are
+    # refused before anything is allocated for them (the C unpickler allocated each
+    # claim, untouched; pickle's pure-Python one zero-fills a BYTEARRAY8's).
+    import tracemalloc
+
+    g = 1 << 30
+    forged = {
+        "memo.bin": (b"\x80\x02Nr" + struct.pack("<I", 1 << 22) + b".", "it holds None, not"),
+        "binbytes8.bin": (b"\x80\x04\x8e" + struct.pack("<Q", g) + b"x", "claims 1073741824"),
+        "binunicode8.bin": (b"\x80\x04\x8d" + struct.pack("<Q", g) + b"x", "claims 1073741824"),
+        "bytearray8.bin": (b"\x80\x05\x96" + struct.pack("<Q", g) + b"x", "claims 1073741824"),
+        "frame.bin": (b"\x80\x04\x95" + struct.pack("<Q", g) + b"N.", "claims 1073741824"),
+        "binbytes.bin": (b"\x80\x03B" + struct.pack("<I", g) + b"x", "claims 1073741824"),
+        "long4.bin": (b"\x80\x02\x8b" + struct.pack("<i", g) + b"x", "claims 1073741824"),
+        # inside a frame of 10 bytes (the frame's bytes read, the claim never allocated)
+        "framed.bin": (
+            b"\x80\x05\x95" + struct.pack("<Q", 10) + b"\x96" + struct.pack("<Q", g) + b"x",
+            "pickle exhausted before end of frame",
+        ),
+    }
+    for name, (data, said) in forged.items():
+        (tmp_path / name).write_bytes(data)
+        tracemalloc.start()
+        try:
+            with pytest.raises(
+                ValueError, match=f"{name} is not a verification .bin file: .*{said}"
+            ):
+                read_bin(tmp_path / name)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20, (name, peak)
+    # a pickle that memoizes at indexes that large still reads (the memo is a dict)
+    images = [b"\xff\xd8ab", b"\xff\xd8cd"]
+    p2 = b"\x80\x02]r" + struct.pack("<I", 1 << 22) + b"(" + b"".join(b"U\x04" + x for x in images)
+    p2 += b"e]\x88a\x86r" + struct.pack("<I", 1 << 21) + b"."
+    (tmp_path / "far_memo.bin").write_bytes(p2)
+    assert read_bin(tmp_path / "far_memo.bin").images == images
 
 
 def test_one_object_the_bin_file_references_over_and_over_is_built_once(tmp_path):

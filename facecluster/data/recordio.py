@@ -506,8 +506,12 @@ class RecordFile:
                 return _MAGIC_BYTES.join(parts)
 
     def head(self, key: int) -> tuple[int, float, bool]:
-        """(identity label, first label, holds an image) of record ``key``, reading only
-        its header bytes (the whole payload only for a record split by the writer)."""
+        """(identity label, first label, is an image record) of record ``key``, reading
+        only its header bytes (the whole payload only for a record split by the writer).
+        An image record is one with bytes after its labels, or one of no label array
+        (``flag`` 0 or 1) whose image is empty (what mxnet's ``im2rec --pass-through``
+        writes for a zero-byte file: a broken image, ``data.on_bad_image``'s); a header
+        or identity record (a label array, ``flag >= 2``, nothing after it) is none."""
         pos = self.offsets.get(key)
         if pos is None:
             raise KeyError(f"{self.rec}: no record with key {key} in {self.idx}")
@@ -521,16 +525,16 @@ class RecordFile:
                 if flag > 0 and length >= labels:
                     label = struct.unpack_from("<f", buf, pos + 8 + _HEADER.size)[0]
                 if flag == 0 or length >= labels:
-                    return self._whole(key, label), label, length > labels
+                    return self._whole(key, label), label, length > labels or flag < 2
         record = self.record(key)
         first = float(record.label if record.flag == 0 else record.label[0])
-        return self._whole(key, first), first, bool(record.data)
+        return self._whole(key, first), first, bool(record.data) or record.flag < 2
 
     def heads(
         self, keys: np.ndarray, strict: bool = True
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`head` for many keys at once, read from the mapped file with numpy:
-        ``(labels, holds_image, present)``, int64 and bool arrays like ``keys``. A key
+        ``(labels, is_image, present)``, int64 and bool arrays like ``keys``. A key
         with no record is not present (its label -1). Records that are split, or whose
         header does not read cleanly, are read by :meth:`head`, which names what is
         wrong; so is a label that is not a whole number >= 0. ``strict=False``: such a
@@ -545,7 +549,9 @@ class RecordFile:
             at, clean, length, label_bytes, first, _ = self._fields(keys[part])
             whole = clean & (first >= 0) & (first < 2**62) & (first == np.floor(first))
             labels[part][whole] = first[whole].astype(np.int64)
-            image[part][whole] = length[whole] > label_bytes[whole]
+            # bytes after the labels, or no label array (flag < 2: an empty image, broken)
+            is_image = (length > label_bytes) | (label_bytes < _HEADER.size + 8)
+            image[part][whole] = is_image[whole]
             present[part] = at >= 0
             for i in np.flatnonzero((at >= 0) & ~whole) + block:  # head reads or names it
                 try:
@@ -767,7 +773,40 @@ def image_layout(records: RecordFile, cache: str | Path | None = None) -> Record
             f"{image_keys[i]}, which {records.idx} does not list ({len(missing)} such "
             "keys): a damaged or truncated .idx?"
         )
+    _warn_uncovered(records, first, image_keys)
     return RecordLayout(image_keys, labels, identity_records=len(bounds))
+
+
+def _warn_uncovered(records: RecordFile, first: int, covered: np.ndarray) -> None:
+    """Warn of the image records keyed in ``[1, first)`` (between the header and the
+    identity records) that no identity range covers: they are left out, where
+    arcface_torch's ``MXFaceDataset`` trains on every key below the header's first
+    identity record, each under its own label. ``covered``: the ranges' keys, each
+    listed and in ``[1, first)`` once (checked before). Costs a count when there are
+    none; the file is not kept (no label pass), so every scan warns."""
+    listed = records.offsets.keys_  # sorted
+    inside = listed[np.searchsorted(listed, 1) : np.searchsorted(listed, first)]
+    if len(inside) == len(covered):
+        return
+    marked = np.zeros(first, dtype=bool)
+    marked[covered] = True
+    left = inside[~marked[inside]]
+    labels, image, _ = records.heads(left, strict=False)
+    left = left[image | (labels == UNREADABLE)]  # not a stray identity-style record
+    if len(left):
+        key = int(left[0])
+        logger.warning(
+            "%s: %d image record(s) keyed between the header and the identity records "
+            "(keys 1-%d) lie in no identity's key range (the first: key %d at offset %d) "
+            "and are left out of training, where arcface_torch's MXFaceDataset trains on "
+            "them under their own labels: damaged identity records? (pack the images "
+            "again to train on them)",
+            records.rec,
+            len(left),
+            first - 1,
+            key,
+            records.offsets[key],
+        )
 
 
 def _check_ranges(records: RecordFile, first: int, bounds: np.ndarray) -> None:
@@ -957,7 +996,9 @@ def _true_boundaries(
 
 def _scan_all(records: RecordFile) -> RecordLayout:
     """Every image record's label, in one pass (:meth:`RecordFile.heads`) in file
-    order; header and identity records of other writers (no image) are left out.
+    order; header and identity records of other writers (a label array, no image) are
+    left out, and an image record with an empty image is kept (a broken image, found
+    when it is read, as one in an identity's range is).
 
     Without identity records nothing else says which records a file holds: an ``.idx``
     with lines missing in the middle would leave their images out of training without
@@ -1040,9 +1081,10 @@ def _next_record(words: np.ndarray, start: int, limit: int) -> int:
     return 4 * (first + int(hits[0])) if len(hits) else limit
 
 
-LABEL_PASS_VERSION = 2
+LABEL_PASS_VERSION = 3
 """Of what :func:`_scan_all` finds: a pass kept by another version is made again (2:
-unlisted records refused, unreadable ones kept apart)."""
+unlisted records refused, unreadable ones kept apart; 3: a record of no label array and
+an empty image is an image, broken, where it was left out)."""
 
 
 def _stamp(records: RecordFile) -> dict:
