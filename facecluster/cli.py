@@ -458,9 +458,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if asked else 2
     from facecluster.config import COMMAND
 
-    COMMAND.update(train="facecluster train", evaluate="facecluster evaluate")  # hints
     command, _ = COMMANDS[argv[0]]
-    return command(argv[1:], prog=f"facecluster {argv[0]}")
+    named = dict(COMMAND)
+    COMMAND.update(train="facecluster train", evaluate="facecluster evaluate")  # hints
+    try:
+        return command(argv[1:], prog=f"facecluster {argv[0]}")
+    finally:  # as they were, for a caller in the same process
+        COMMAND.update(named)
 
 
 if __name__ == "__main__":
