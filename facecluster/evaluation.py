@@ -141,7 +141,10 @@ class MacroScores:
         one = torch.ones_like(labels)
         hit = predicted == labels
         self.hits.index_add_(0, labels[hit], one[hit])
-        self.predicted.index_add_(0, predicted, one)
+        # a face that got no identity (Identification.failed: the id past the last) is a
+        # miss, no identity's prediction (it stopped the evaluation with an IndexError)
+        named = (predicted >= 0) & (predicted < len(self.predicted))
+        self.predicted.index_add_(0, predicted[named], one[named])
         self.true.index_add_(0, labels, one)
 
     def compute(self) -> dict[str, float]:

@@ -427,6 +427,14 @@ def test_a_face_whose_embedding_has_no_direction_gets_no_identity(decision):
     routed_to_1 = queries[result.clusters[:, 0] == 1][:2]
     with pytest.raises(ValueError, match=r"'p': the sub-net 1's embedding of its faces is NaN"):
         ident.enroll({"p": routed_to_1})
+    # the evaluation's scores take such a face as a miss, no identity's prediction (an
+    # IndexError stopped the evaluation)
+    from facecluster.evaluation import MacroScores
+
+    identity, _, _ = ident.routed(1, 0.3).predict(faces)
+    macro = MacroScores(ident.assignment.num_classes)
+    macro.update(identity, torch.arange(len(faces)))
+    assert int(macro.true.sum()) == len(faces) and int(macro.predicted.sum()) == len(faces) - 3
     assert ident.class_names == names
 
 
