@@ -268,7 +268,7 @@ def warn_emulated_bf16(precision: str) -> None:
     then emulates every bf16 matrix product. A training step of the demo's backbone
     (IResNet-18, batch 32 at 64 px) took 33 times as long as under 32-true on a 2-core
     AMD EPYC with AVX2 (53.7 s against 1.6 s, 2026-12-04, a one-off script)."""
-    if "16" not in precision or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if "16" not in precision or _cpu_bf16():
         return
     if is_global_zero():
         logging.getLogger(__name__).warning(
@@ -277,6 +277,13 @@ def warn_emulated_bf16(precision: str) -> None:
             "product is emulated, many times slower than 32-true (33x for a training step "
             "of the demo's backbone, measured); trainer.precision=32-true runs at full speed"
         )
+
+
+def _cpu_bf16() -> bool:
+    """Whether this CPU has bf16 instructions, as oneDNN sees them; torch builds without
+    oneDNN (some ARM ones) have no such op: taken as yes, nothing to warn of."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return supported is None or bool(supported())
 
 
 def build_trainer(
@@ -472,7 +479,12 @@ def check_trainer_settings(cfg: Config) -> None:
     Raises:
         ConfigError: naming the ``trainer.*`` settings and Lightning's reason.
     """
-    _trial_trainer(cfg, accelerator="cpu", devices=1, num_nodes=1)
+    plugins = _trainer_kwargs(cfg, 1)["plugins"]
+    if not any(isinstance(p, ClusterEnvironment) for p in plugins):
+        # not SLURM's: a submission from inside an allocation (sbatch --ntasks=4 around
+        # train.py) is no job's world, and Lightning refused its ntasks with a traceback
+        plugins = [*plugins, LightningEnvironment()]
+    _trial_trainer(cfg, accelerator="cpu", devices=1, num_nodes=1, plugins=plugins)
 
 
 def _trial_trainer(cfg: Config, **hardware: Any) -> L.Trainer:

@@ -393,6 +393,14 @@ def test_a_trainer_setting_lightning_refuses_is_refused_before_submission(tmp_pa
     # (the command lines set them from slurm.*), and a world that srun launches
     nodes = ("trainer.accelerator=gpu", "trainer.devices=4", "trainer.num_nodes=2")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
+    # submitted from inside an allocation of 4 tasks (an sbatch script around train.py):
+    # no job's world either (Lightning's SLURM check refused it with a traceback)
+    for name, value in {
+        "SLURM_NTASKS": "4",
+        "SLURM_JOB_NAME": "driver",
+        "SLURM_JOB_ID": "7",
+    }.items():
+        monkeypatch.setenv(name, value)
     train(load_config(SMOKE, smoke_overrides(tmp_path, *slurm, *nodes, "trainer.strategy=ddp")))
     assert len(list(calls.iterdir())) == 3
 
