@@ -26,24 +26,13 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from facecluster.io import atomic_torch_save
+from facecluster.io import atomic_torch_save, non_finite_keys
 
 __all__ = ["AtomicCheckpointIO", "NonFiniteCheckpointError"]
 
 
 class NonFiniteCheckpointError(RuntimeError):
     """A checkpoint about to be written holds NaN or Inf weights."""
-
-
-def non_finite_keys(state_dict: dict[str, Any]) -> list[str]:
-    """Names of the floating-point tensors of ``state_dict`` holding NaN or Inf."""
-    return [
-        key
-        for key, value in state_dict.items()
-        if isinstance(value, torch.Tensor)
-        and value.is_floating_point()
-        and not bool(torch.isfinite(value).all())
-    ]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
