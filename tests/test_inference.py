@@ -438,6 +438,33 @@ def test_a_face_whose_embedding_has_no_direction_gets_no_identity(decision):
     assert ident.class_names == names
 
 
+def test_calibration_leaves_out_faces_embedded_with_no_direction(caplog):
+    # one validation face of NaN stopped the decision unit's fit, and so the evaluation
+    # and every export of the run, with an IndexError (argmin of an empty tensor)
+    labels = torch.arange(64) % 30
+    ident, queries = _random_identifier(seed=2)
+    clean = ident.calibrate([(queries[1:], labels[1:])])
+    bad = queries.clone()
+    bad[0] = math.nan
+    ident, _ = _random_identifier(seed=2)
+    with caplog.at_level("WARNING", logger="facecluster.inference.identifier"):
+        assert ident.calibrate([(bad, labels)]) == clean  # as without that face
+    assert "1 validation face(s) embedded with no direction" in caplog.text
+    # a sub-net that gives NaN: the faces of its cluster are left out of its fit
+    ident, _ = _random_identifier(seed=2)
+    ident.subnets[1] = ident.subnets[1].__class__()
+    ident.subnets[1].register_forward_hook(lambda module, args, out: out * math.nan)
+    in_1 = int((ident.class_to_cluster[labels] == 1).sum())
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="facecluster.inference.identifier"):
+        ident.calibrate([(queries, labels)])
+    assert f"{in_1} validation face(s) embedded with no direction" in caplog.text
+    # every face: said, not an empty argmin
+    ident, _ = _random_identifier(seed=2)
+    with pytest.raises(ValueError, match=r"every validation face \(3\) embeds with no direction"):
+        ident.calibrate([(torch.full((3, 8), math.nan), labels[:3])])
+
+
 # --------------------------------------------------------------------------- a real run
 
 

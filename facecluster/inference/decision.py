@@ -145,6 +145,7 @@ class Calibration:
         self.router_nll = torch.zeros(t, dtype=torch.float64)
         self.within_nll = torch.zeros(t, t, w, dtype=torch.float64)
         self.faces = 0
+        self.left_out = 0  # faces embedded with no direction (NaN, inf, zero), not fitted on
 
     @staticmethod
     def cluster_log_mass(similarity: Tensor, share: Tensor) -> Tensor:
@@ -230,6 +231,11 @@ class Calibration:
             self.within_nll += -mix.clamp_min(1e-300).log().sum(dim=3).cpu()
 
     def fit(self) -> MoeParams:
+        if self.faces == 0 and self.left_out:
+            raise ValueError(
+                f"calibration: every validation face ({self.left_out}) embeds with no "
+                "direction (NaN, inf or zero): the networks' weights or inputs are broken"
+            )
         if self.faces == 0:
             raise ValueError("calibration saw no validation faces (data.val_fraction is 0?)")
         # router temperatures that fit the router alike (within a millionth of a nat a

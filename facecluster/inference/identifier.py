@@ -23,6 +23,7 @@ and all sub-nets (ISM).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ from facecluster.models.components import load_backbone, shareable_stages
 if TYPE_CHECKING:
     from facecluster.config import Config
     from facecluster.run import RunFolder, StageWeights
+
+logger = logging.getLogger(__name__)
 
 UNKNOWN = -1
 """The answer for a face whose best candidate's similarity is below the open-set threshold."""
@@ -317,6 +320,14 @@ class TwoStageIdentifier(nn.Module):
             images = normalize(images) if normalize is not None else images
             features = self._trunk(images)
             query = self._embed_from(self.router_backbone, features)
+            # a face the stage-1 backbone embeds with no direction (NaN, inf, zero) is
+            # routed nowhere (identify fails it): left out, counted, not fitted on
+            seen = has_direction(query)
+            if not bool(seen.all()):
+                calibration.left_out += int((~seen).sum())
+                features, query, labels = features[seen], query[seen], labels[seen]
+                if not len(labels):
+                    continue
             clusters = self.class_to_cluster[labels]
             log_mass = []
             # one cluster's [n, members] similarities at a time, never [n, C] (computed: 2.1 GB for
@@ -329,12 +340,24 @@ class TwoStageIdentifier(nn.Module):
                 if not len(rows):
                     continue
                 embedded = self._embed_from(self.subnets[k], features[rows])
+                fine = has_direction(embedded)  # the sub-net's own NaN: that face fails
+                if not bool(fine.all()):
+                    calibration.left_out += int((~fine).sum())
+                    rows, embedded = rows[fine], embedded[fine]
+                    if not len(rows):
+                        continue
                 cosine, other = self._subnet_cosine(k, embedded)
                 local = torch.searchsorted(members, labels[rows])
                 calibration.update_within(cosine, sims[rows], local, other)
             right = self.assignment.contains(labels.cpu()[:, None], every)
             calibration.update_router(torch.stack(log_mass, dim=2), right)
         params = calibration.fit()
+        if calibration.left_out:
+            logger.warning(
+                "%d validation face(s) embedded with no direction (NaN, inf or zero) were "
+                "left out of the decision unit's fit, as identify fails them",
+                calibration.left_out,
+            )
         self.route_config.update(params.to_route())
         return params
 
