@@ -349,8 +349,8 @@ class HeadConfig:
         r.positive("s", self.s)
         if not 0.0 < self.sample_rate <= 1.0:
             r.add(f"head.sample_rate must be in (0, 1], got {self.sample_rate}")
-        if self.m is not None:
-            r.within("m", self.m, 0.0, math.pi / 2, closed=False)
+        if self.m is not None:  # the heads' own bounds: an angle for ArcFace, a cosine for CosFace
+            r.within("m", self.m, 0.0, 2.0 if self.name == "cosface" else math.pi / 2, closed=False)
         return r.problems
 
 

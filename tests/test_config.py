@@ -209,6 +209,16 @@ def test_values_refused_only_later_or_never_are_refused_at_load(override, expect
     assert expected in str(err.value)
 
 
+def test_the_margin_is_bounded_in_its_heads_own_units():
+    # ArcFace's m is an angle, below pi/2; CosFace's a cosine, below 2, and the config
+    # refused CosFace margins from pi/2 on with ArcFace's bound
+    with pytest.raises(ConfigError, match=r"head.m must be in \[0, 1.5708\), got 1.6"):
+        load_config(SMOKE, ["head.m=1.6"])
+    assert load_config(SMOKE, ["head.name=cosface", "head.m=1.6"]).head.m == 1.6
+    with pytest.raises(ConfigError, match=r"head.m must be in \[0, 2\), got 2"):
+        load_config(SMOKE, ["head.name=cosface", "head.m=2"])
+
+
 @pytest.mark.parametrize("epochs", ["0", "-5", "abc", "2.5"])
 def test_trainer_max_epochs_must_be_a_positive_whole_number(epochs):
     nulled = ["stage1.max_epochs=null", "stage2.max_epochs=null"]
