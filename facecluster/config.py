@@ -186,8 +186,9 @@ def check_data_root(root: str, run: bool) -> None:
     )
     where = f" (looked for in {' and '.join(map(str, places))})" if places else ""
     moved = (
-        "; for a run whose data moved, add data.root=<new place> to its resume= or "
-        "evaluate.py command, or --data-root <new place> to facecluster export"
+        f"; for a run whose data moved, add data.root=<new place> to its "
+        f"`{COMMAND['train']} resume=<run>` or `{COMMAND['evaluate']}` command, or "
+        "--data-root <new place> to facecluster export"
     )
     raise ConfigError(
         f"data.root={root!r} does not exist{where}: give an image folder (one sub-folder "

@@ -797,8 +797,12 @@ def test_a_calibrated_closed_set_run_exports_without_its_data(finished_run, tmp_
     assert written == [tmp_path / "second" / "identifier.pt"]
     # evaluating needs the data: the message says how to point at its new place (it
     # said "give the folder that holds one sub-folder per identity", a walkthrough)
-    with pytest.raises(ConfigError, match=r"'/nonexistent/faces' does not exist: .* add data.root"):
+    with pytest.raises(
+        ConfigError, match=r"'/nonexistent/faces' does not exist: .* add data.root"
+    ) as e:
         evaluate_run(moved)
+    # naming the commands as they are typed (it said "its resume= or evaluate.py command")
+    assert "`python train.py resume=<run>` or `python evaluate.py` command" in str(e.value)
 
 
 @pytest.mark.parametrize("part", ["stage-1 backbone", "sub-net head"])
