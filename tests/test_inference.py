@@ -438,6 +438,22 @@ def test_a_face_whose_embedding_has_no_direction_gets_no_identity(decision):
     assert ident.class_names == names
 
 
+def test_a_tensor_held_under_several_names_is_scanned_once_and_each_name_reported(monkeypatch):
+    # model.shared_layers: the frozen trunk is the router backbone's and every sub-net's,
+    # and the identifier's check scanned it once per network (K + 1 times)
+    from facecluster import io
+
+    trunk, tail = torch.randn(64, 8), torch.randn(8)
+    trunk[3, 1] = math.nan
+    named = {"router_backbone.w": trunk, "subnets.0.w": trunk, "subnets.1.w": trunk}
+    named |= {"subnets.0.b": tail, "subnets.1.b": tail.clone(), "rows": trunk[:3]}
+    scanned = []
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: scanned.append(t) or aminmax(t))
+    assert io.non_finite_keys(named) == ["router_backbone.w", "subnets.0.w", "subnets.1.w"]
+    assert len(scanned) == 4  # the trunk, the tail, its copy, a view of other rows
+
+
 def test_calibration_leaves_out_faces_embedded_with_no_direction(caplog):
     # one validation face of NaN stopped the decision unit's fit, and so the evaluation
     # and every export of the run, with an IndexError (argmin of an empty tensor)
