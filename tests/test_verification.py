@@ -332,7 +332,7 @@ def test_one_object_the_bin_file_references_over_and_over_is_built_once(tmp_path
         forged += b"](" + b"h\x00h\x01\x85R" * 200  # kind(bytes), 200 times
         forged += b"e](" + b"\x88" * 100 + b"e\x86."
         (tmp_path / f"{kind}.bin").write_bytes(forged)
-        with pytest.raises(ValueError, match=f"{kind}.bin is not .* builds more than 4 times"):
+        with pytest.raises(ValueError, match=f"{kind}.bin is not .* builds more than 8 times"):
             read_bin(tmp_path / f"{kind}.bin")
     # files of every protocol still read: numpy array images, the costliest (protocols
     # 0-2 build each twice), 4 MiB of them (far past the 1 MiB allowance)
@@ -341,6 +341,34 @@ def test_one_object_the_bin_file_references_over_and_over_is_built_once(tmp_path
     for protocol in range(6):
         (tmp_path / "ok.bin").write_bytes(pickle.dumps((arrays, [False] * 8), protocol))
         assert read_bin(tmp_path / "ok.bin").images == [a.tobytes() for a in arrays], protocol
+
+
+def test_a_bin_file_of_objects_made_from_nothing_is_refused_within_its_budget(tmp_path):
+    # a byte of EMPTY_LIST builds a 64-byte list, one of MEMOIZE a memo entry: 2 MiB of
+    # them took 56-144 MiB before the file was refused for its missing end
+    import tracemalloc
+
+    size = 2 << 20
+    runs = {"lists": b"]", "marks": b"(", "dicts": b"}", "memo": b"N\x94", "tuples": b"N\x85"}
+    for name, body in runs.items():
+        (tmp_path / f"{name}.bin").write_bytes(b"\x80\x04" + body * (size // len(body)))
+        tracemalloc.start()
+        try:
+            with pytest.raises(ValueError, match=f"{name}.bin is not .* builds more than 8 times"):
+                read_bin(tmp_path / f"{name}.bin")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 * size + (2 << 20), (name, peak)
+    (tmp_path / "set.bin").write_bytes(b"\x80\x04\x8f.")
+    with pytest.raises(ValueError, match="set.bin is not .*: a set is not allowed"):
+        read_bin(tmp_path / "set.bin")
+    # small images pickled as numpy arrays, the most opcodes per byte, still read in every
+    # protocol: 1 KB each, 4 MiB of them
+    arrays = [np.frombuffer(b"\xff\xd8" + bytes(1022), np.uint8) for _ in range(4096)]
+    for protocol in range(6):
+        (tmp_path / "small.bin").write_bytes(pickle.dumps((arrays, [True] * 2048), protocol))
+        assert len(read_bin(tmp_path / "small.bin").images) == 4096, protocol
 
 
 def _jpeg(size: tuple[int, int], seed: int) -> bytes:

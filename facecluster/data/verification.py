@@ -164,11 +164,40 @@ _COPIES = (
     | {("_codecs", "encode")}
     | {(f"numpy.{core}.multiarray", "scalar") for core in ("core", "_core")}
 )
-_GROWTH = 4
-"""A .bin file may build at most this many times its size in bytes (plus 1 MiB). The
-costliest legitimate image, a numpy array pickled with protocol 0-2, is built twice
-(its latin-1 text made bytes, then the array's bytes copied); bytes of protocol 3 or
-later are built not at all."""
+_GROWTH = 8
+"""A .bin file may build at most this many times its size in bytes (plus 1 MiB): what
+its builders copy (above) and what its opcodes make (:data:`_OPCODE_COST`). The
+costliest legitimate images, small numpy arrays pickled with protocol 1 (1 KB each, 32
+opcodes each), are charged 3.6 times their size: twice their bytes (the latin-1 text made
+bytes, then the array's bytes copied), and the memo entries, tuples and marks around
+them; plain bytes of protocol 3 or later build about 0.1 times theirs."""
+
+
+_OPCODE_COST, _MEMO_COST, _STACK_COST = 80, 112, 8
+"""Bytes each pickle opcode is charged against the budget (:data:`_GROWTH`): the most
+one makes from its byte or two, measured with tracemalloc over 200,000 of each
+(``EMPTY_DICT`` 72 and its stack slot 8, ``EMPTY_LIST`` and ``MARK`` 64, a ``TUPLE1``
+56, a 2-character string 59), a memo entry, which a dict holds, up to 110; a reference
+already made, a singleton or what only moves objects (:data:`_STACK_OPCODES`) takes a
+stack slot. Sets (224) are refused: no allowed object is one. A file of empty lists
+alone took 64 times its size before it was refused for its missing end."""
+_MEMO_OPCODES = {op[0] for op in (pickle.MEMOIZE, pickle.PUT, pickle.BINPUT, pickle.LONG_BINPUT)}
+_STACK_OPCODES = {
+    op[0]
+    for op in (
+        *(pickle.GET, pickle.BINGET, pickle.LONG_BINGET, pickle.DUP, pickle.EMPTY_TUPLE),
+        *(pickle.NONE, pickle.NEWTRUE, pickle.NEWFALSE, pickle.BININT1, pickle.PROTO),
+        *(pickle.APPEND, pickle.APPENDS, pickle.SETITEM, pickle.SETITEMS, pickle.FRAME),
+        *(pickle.POP, pickle.POP_MARK, pickle.STOP, pickle.BUILD, pickle.REDUCE),
+        *(pickle.GLOBAL, pickle.STACK_GLOBAL),
+    )
+}
+
+
+def _cost(opcode: int) -> int:
+    if opcode in _MEMO_OPCODES:
+        return _MEMO_COST
+    return _STACK_COST if opcode in _STACK_OPCODES else _OPCODE_COST
 
 
 _FEW = 1 << 16
@@ -179,6 +208,16 @@ every read made LFW's 12,000 images, pickled with protocol 2 as numpy arrays, re
 
 class _PastEnd(pickle.UnpicklingError):
     """The file ends before what a length field claims (cut short, or a corrupt length)."""
+
+
+def _charged(load, cost: int):
+    """``load``, an unpickler's opcode, charging ``cost`` bytes first (:meth:`built`)."""
+
+    def run(self: _RestrictedUnpickler) -> None:
+        self.built(cost)
+        load(self)
+
+    return run
 
 
 class _RestrictedUnpickler(pickle._Unpickler):
@@ -218,12 +257,26 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
 
+    def _no_sets(self) -> None:
+        raise pickle.UnpicklingError(
+            "a set is not allowed in a verification .bin file (only lists of encoded "
+            "images and booleans)"
+        )
+
+    for _opcode in (pickle.EMPTY_SET, pickle.ADDITEMS, pickle.FROZENSET):
+        dispatch[_opcode[0]] = _no_sets
+
+    # every opcode is charged what it may build from its byte or two (_OPCODE_COST), so
+    # that a file of empty lists alone (64 bytes each) stays within the budget too
+    dispatch = {code: _charged(load, _cost(code)) for code, load in dispatch.items()}
+    del _opcode
+
     def built(self, nbytes: int) -> None:
         self.left -= nbytes
         if self.left < 0:
             raise pickle.UnpicklingError(
                 f"it builds more than {_GROWTH} times its {self.size} bytes in memory (one "
-                "object copied over and over)"
+                "object copied over and over, or a run of objects made from nothing)"
             )
 
     def find_class(self, module: str, name: str):
