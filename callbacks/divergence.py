@@ -17,16 +17,17 @@ steps reported are still exact: the first bad step is recorded on the device.
 Under DDP the decision is all-reduced at each check so every rank stops together
 (a rank that stopped alone would leave the others waiting in the next all-reduce).
 
-fp16 loss scaling (``trainer.precision=16-mixed`` on a GPU): the GradScaler skips
-every optimizer step whose gradients are not finite and lowers its scale, so one
-non-finite step changes no weight and training recovers by itself. The check then
-stops only on a non-finite loss that persists for ``fp16_patience`` consecutive
-steps (default 10); bf16 and fp32 stop on the first one. (On CPU ``16-mixed`` runs
-as bf16, without a scaler.) A forward that overflowed has already updated BatchNorm's
-running statistics, which the skipped step does not undo: under the scaler each check
-also reads the module's floating-point buffers, and a non-finite one stops the run
-(its NaN would embed every evaluated face as NaN, and the checkpoint plugin would
-refuse the epoch's save on rank 0 alone while the other ranks wait).
+fp16 loss scaling (``trainer.precision=16-mixed`` on a GPU): the GradScaler skips the
+step of every sub-net whose gradients are not finite (of the whole network in stage 1;
+:class:`facecluster.models.precision.GroupSkipMixedPrecision`) and lowers its scale,
+so a non-finite step changes none of its weights and training recovers by itself. The
+check then stops only on a non-finite loss that persists for ``fp16_patience``
+consecutive steps (default 10); bf16 and fp32 stop on the first one. (On CPU
+``16-mixed`` runs as bf16, without a scaler.) A forward that overflowed has already
+updated BatchNorm's running statistics, which the skipped step does not undo: under
+the scaler each check also reads the module's floating-point buffers, and a non-finite
+one stops the run (its NaN would embed every evaluated face as NaN, and the checkpoint
+plugin would refuse the epoch's save on rank 0 alone while the other ranks wait).
 
 The checkpoint plugin (:class:`facecluster.checkpoint_io.AtomicCheckpointIO`)
 refuses to write NaN weights even if a divergence slipped past this check.

@@ -50,6 +50,7 @@ from facecluster.data.verification import (
     size_warning,
 )
 from facecluster.models.components import TimmBackbone, create_backbone, shareable_stages
+from facecluster.models.precision import skip_groups_apart
 from facecluster.run import BEST, LAST, RunFolder, is_global_zero, launched_processes
 
 # Lightning's notices that nobody using facecluster can act on, printed at every Trainer
@@ -335,6 +336,7 @@ def build_trainer(
     # the epoch's batches depend on the world size, which the Trainer decides
     if batches is not None and _fit_epoch(kwargs, batches(made.world_size), stage):
         made = trainer()
+    skip_groups_apart(made)  # 16-mixed: a sub-net's fp16 overflow skips its own step only
     if isinstance(made.strategy.launcher, _SubprocessScriptLauncher):
         _LAUNCHERS.append(made.strategy.launcher)
     return made

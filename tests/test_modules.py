@@ -183,6 +183,107 @@ def test_gradient_clipping_is_per_subnet():
         assert torch.equal(p.grad, b), "a small sub-net's gradient was changed"
 
 
+class _StepBatches(torch.utils.data.Dataset):
+    """Stage-2 training batches, one per sub-net, ``len`` steps."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        labels = torch.tensor([0, 1, 2, 0, 1, 2])
+        return {k: (torch.randn(6, 3, 32, 32, generator=g), labels) for k in range(3)}
+
+
+def _fp16_steps(
+    plugin_cls, steps: int, overflow_at: int | None, clip: float | None = None
+) -> tuple[dict, float]:
+    """Stage 2 under a 16-mixed plugin on the CPU (fp16 autocast, a GradScaler), sub-net
+    1 overflowing at step ``overflow_at``: the trained weights and the final scale."""
+    import lightning as L
+
+    model, _ = _subnets()
+    model.hparams.optim = {**model.hparams.optim, "weight_decay": 5e-4}  # momentum 0.9
+
+    def overflow(module, args, out):
+        return out * math.inf if model.global_step == overflow_at else out
+
+    model.subnets["1"].register_forward_hook(overflow)
+    # a low first scale: the default 65536 overflows every sub-net at the first step
+    plugin = plugin_cls("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=4.0))
+    trainer = L.Trainer(
+        accelerator="cpu", plugins=[plugin], max_steps=steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, gradient_clip_val=clip,
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(_StepBatches(steps), batch_size=None)
+    trainer.fit(model, train_dataloaders=loader)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, plugin.scaler.get_scale()
+
+
+def test_an_fp16_overflow_skips_the_step_of_its_own_subnet_only():
+    # under 16-mixed one loss scaler serves a stage-2 job: an overflow in one sub-net
+    # skipped the step of every sub-net of the job (Lightning's MixedPrecision)
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from facecluster.models.precision import GroupSkipMixedPrecision
+
+    start = {n: p.detach().clone() for n, p in _subnets()[0].named_parameters()}
+
+    def moved(weights: dict) -> dict[str, bool]:  # per sub-net, with its head
+        return {
+            k: any(not torch.equal(w, start[n]) for n, w in weights.items()
+                   if n.startswith((f"subnets.{k}.", f"heads.{k}.")))
+            for k in "012"
+        }  # fmt: skip
+
+    weights, scale = _fp16_steps(MixedPrecision, 1, overflow_at=0)
+    assert moved(weights) == {"0": False, "1": False, "2": False} and scale == 2.0
+    weights, scale = _fp16_steps(GroupSkipMixedPrecision, 1, overflow_at=0)
+    assert moved(weights) == {"0": True, "1": False, "2": True}  # no decay, no momentum
+    assert scale == 2.0  # the scale still backs off
+    clipped, _ = _fp16_steps(GroupSkipMixedPrecision, 1, overflow_at=0, clip=1.0)
+    assert moved(clipped) == {"0": True, "1": False, "2": True}  # per-sub-net clipping too
+    # without an overflow it is the scaler's own step, weight for weight
+    ours, scale = _fp16_steps(GroupSkipMixedPrecision, 2, overflow_at=None)
+    theirs, their_scale = _fp16_steps(MixedPrecision, 2, overflow_at=None)
+    assert moved(ours) == {"0": True, "1": True, "2": True} and scale == their_scale == 4.0
+    for name, value in ours.items():
+        assert torch.equal(value, theirs[name]), name
+
+
+def test_only_lightnings_fp16_plugin_is_replaced():
+    # 16-mixed on a GPU: Lightning's MixedPrecision, with its scaler, becomes the
+    # group-skipping one; bf16 (no scaler), fp32 and a plugin of the user's own stay
+    import lightning as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from facecluster.models.precision import GroupSkipMixedPrecision, skip_groups_apart
+
+    class Own(MixedPrecision):
+        pass
+
+    quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    fp16 = MixedPrecision("16-mixed", "cpu")
+    trainer = L.Trainer(accelerator="cpu", plugins=[fp16], **quiet)
+    skip_groups_apart(trainer)
+    assert type(trainer.precision_plugin) is GroupSkipMixedPrecision
+    assert trainer.precision_plugin.scaler is fp16.scaler and trainer.precision == "16-mixed"
+    # a checkpoint saved under Lightning's plugin resumes with the scale it had reached
+    saved = torch.amp.GradScaler("cpu", init_scale=8.0).state_dict()
+    trainer.precision_plugin.on_load_checkpoint({"MixedPrecision": saved})
+    assert trainer.precision_plugin.scaler.get_scale() == 8.0
+    for kept in (Own("16-mixed", "cpu"), "bf16-mixed", "32-true"):
+        plugins = {"plugins": [kept]} if not isinstance(kept, str) else {"precision": kept}
+        trainer = L.Trainer(accelerator="cpu", **plugins, **quiet)
+        plugin = trainer.precision_plugin
+        skip_groups_apart(trainer)
+        assert trainer.precision_plugin is plugin
+
+
 def test_assignment_buffers_survive_a_state_dict_round_trip():
     model, assignment = _subnets()
     fresh, _ = _subnets()

@@ -52,10 +52,25 @@ def _worker(rank: int, store: str, out: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         result = {name: _sharded_step(rank, head_cls) for name, head_cls in HEADS.items()}
-        out[rank] = result | {"checkpoint": _checkpoint_round_trip(rank)}  # one assignment:
-        # a manager's dict does not see changes made inside its values
+        out[rank] = result | {  # one assignment:
+            "checkpoint": _checkpoint_round_trip(rank),
+            "overflowed": _overflow_flags(rank),
+        }  # a manager's dict does not see changes made inside its values
     finally:
         dist.destroy_process_group()
+
+
+def _overflow_flags(rank: int) -> list[bool]:
+    """Which of two groups (sub-nets) the fp16 step skips when only rank 1's shard of
+    group 1's head overflowed (GroupSkipMixedPrecision's check, heads sharded)."""
+    from facecluster.models.precision import _overflowed
+
+    groups = [[nn.Parameter(torch.zeros(3))], [nn.Parameter(torch.zeros(3))]]
+    for (param,) in groups:
+        param.grad = torch.ones(3)
+    if rank == 1:
+        groups[1][0].grad[2] = math.inf
+    return _overflowed(groups, sharded=True)
 
 
 def _sharded_step(rank: int, head_cls: type) -> dict:
@@ -209,6 +224,13 @@ def test_a_whole_head_checkpoint_is_split_on_load_and_gathered_on_save(processes
         assert got["ignored"] == ["head.weight"]  # DDP neither broadcasts nor averages it
     assert torch.equal(processes[0]["checkpoint"]["saved"], whole["state_dict"]["head.weight"])
     assert torch.equal(processes[0]["checkpoint"]["saved_momentum"], momentum)
+
+
+@pytest.mark.ddp
+def test_an_fp16_overflow_in_one_shard_skips_that_subnet_on_every_process(processes):
+    # a sharded head's gradients are each process's own: a process that skipped a sub-net
+    # alone would leave its replicated backbone behind the others'
+    assert [processes[rank]["overflowed"] for rank in range(WORLD)] == [[False, True]] * WORLD
 
 
 def test_sample_columns_keeps_every_positive_and_the_exact_count():

@@ -243,6 +243,8 @@ def clip_gradients_(modules: list[nn.Module], value: float, algorithm: str | Non
     gradients is summed over processes, so every process scales by the same factor.
     """
     params = [p for m in modules for p in m.parameters() if p.grad is not None]
+    if not params:  # a group whose fp16 step is skipped (GroupSkipMixedPrecision): on every
+        return  # process alike, so the shards' all-reduce below is skipped alike
     if algorithm == "value":
         nn.utils.clip_grad_value_(params, value)
         return
