@@ -199,10 +199,11 @@ class _StepBatches(torch.utils.data.Dataset):
 
 
 def _fp16_steps(
-    plugin_cls, steps: int, overflow_at: int | None, clip: float | None = None
+    plugin_cls, steps: int, overflow_at: int | None, clip: float | None = None, device="cpu"
 ) -> tuple[dict, float]:
-    """Stage 2 under a 16-mixed plugin on the CPU (fp16 autocast, a GradScaler), sub-net
-    1 overflowing at step ``overflow_at``: the trained weights and the final scale."""
+    """Stage 2 under a 16-mixed plugin on ``device`` (fp16 autocast, a GradScaler), sub-net
+    1 overflowing at step ``overflow_at``: the trained weights (on the CPU) and the final
+    scale."""
     import lightning as L
 
     model, _ = _subnets()
@@ -213,18 +214,32 @@ def _fp16_steps(
 
     model.subnets["1"].register_forward_hook(overflow)
     # a low first scale: the default 65536 overflows every sub-net at the first step
-    plugin = plugin_cls("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=4.0))
+    plugin = plugin_cls("16-mixed", device, torch.amp.GradScaler(device, init_scale=4.0))
     trainer = L.Trainer(
-        accelerator="cpu", plugins=[plugin], max_steps=steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, gradient_clip_val=clip,
+        accelerator="cpu" if device == "cpu" else "gpu", devices=1, plugins=[plugin],
+        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, gradient_clip_val=clip,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(_StepBatches(steps), batch_size=None)
     trainer.fit(model, train_dataloaders=loader)
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, plugin.scaler.get_scale()
+    weights = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+    return weights, plugin.scaler.get_scale()
 
 
-def test_an_fp16_overflow_skips_the_step_of_its_own_subnet_only():
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_fp16_overflow_skips_the_step_of_its_own_subnet_only(device):
     # under 16-mixed one loss scaler serves a stage-2 job: an overflow in one sub-net
     # skipped the step of every sub-net of the job (Lightning's MixedPrecision)
     from lightning.pytorch.plugins.precision import MixedPrecision
@@ -240,16 +255,16 @@ def test_an_fp16_overflow_skips_the_step_of_its_own_subnet_only():
             for k in "012"
         }  # fmt: skip
 
-    weights, scale = _fp16_steps(MixedPrecision, 1, overflow_at=0)
+    weights, scale = _fp16_steps(MixedPrecision, 1, overflow_at=0, device=device)
     assert moved(weights) == {"0": False, "1": False, "2": False} and scale == 2.0
-    weights, scale = _fp16_steps(GroupSkipMixedPrecision, 1, overflow_at=0)
+    weights, scale = _fp16_steps(GroupSkipMixedPrecision, 1, overflow_at=0, device=device)
     assert moved(weights) == {"0": True, "1": False, "2": True}  # no decay, no momentum
     assert scale == 2.0  # the scale still backs off
-    clipped, _ = _fp16_steps(GroupSkipMixedPrecision, 1, overflow_at=0, clip=1.0)
+    clipped, _ = _fp16_steps(GroupSkipMixedPrecision, 1, overflow_at=0, clip=1.0, device=device)
     assert moved(clipped) == {"0": True, "1": False, "2": True}  # per-sub-net clipping too
     # without an overflow it is the scaler's own step, weight for weight
-    ours, scale = _fp16_steps(GroupSkipMixedPrecision, 2, overflow_at=None)
-    theirs, their_scale = _fp16_steps(MixedPrecision, 2, overflow_at=None)
+    ours, scale = _fp16_steps(GroupSkipMixedPrecision, 2, overflow_at=None, device=device)
+    theirs, their_scale = _fp16_steps(MixedPrecision, 2, overflow_at=None, device=device)
     assert moved(ours) == {"0": True, "1": True, "2": True} and scale == their_scale == 4.0
     for name, value in ours.items():
         assert torch.equal(value, theirs[name]), name
