@@ -566,7 +566,8 @@ def _clustering_section(c: dict, classes: int, k: int) -> str:
 - **k-means uses every class mean.** faiss trains on a sample of 256 points per
   centroid unless told otherwise: at K = {k} that is {min(classes, 256 * k):,} of the
   {classes:,} class means.
-  facecluster sets `max_points_per_centroid` to C / K, so every identity is used
+  facecluster sets `max_points_per_centroid` to C / K (never below faiss's 256), so
+  every identity is used
   (`tests/test_inference.py::test_kmeans_trains_on_every_class_mean_not_faiss_sample`
   checks the partition against faiss's on all points).
   Time: {km:.2f}x the bare call ({"meets" if km <= 1.2 else "misses"} the goal of 1.2x);
@@ -748,7 +749,7 @@ Wall time of the last runs: {walls}. Exact commands: `commands` in
   not all of them. Rows outside a step's sample
   get a zero gradient but still a momentum and weight-decay update, as in
   arcface_torch's partial_fc_v2. Only `ddp` is supported: `ddp_spawn`, `ddp_fork`,
-  `ddp_notebook`, FSDP and DeepSpeed are refused when the config loads. The sharded
+  `ddp_notebook`, `xla`, FSDP and DeepSpeed are refused when the config loads. The sharded
   head has been run on CPU with gloo only (no GPU was available): NCCL, bf16-mixed and
   16-mixed with loss scaling are untested. The head computes in fp32 and gathers
   embeddings in fp32, so a non-finite value reaches every process through the shared
