@@ -270,25 +270,42 @@ def test_an_fp16_overflow_skips_the_step_of_its_own_subnet_only(device):
         assert torch.equal(value, theirs[name]), name
 
 
-def test_only_lightnings_fp16_plugin_is_replaced():
+def test_only_lightnings_fp16_plugin_is_replaced(tmp_path):
     # 16-mixed on a GPU: Lightning's MixedPrecision, with its scaler, becomes the
-    # group-skipping one; bf16 (no scaler), fp32 and a plugin of the user's own stay
+    # group-skipping one in every Trainer build_trainer makes (a ShardedGradScaler, from
+    # the same settings, with several processes); bf16 (no scaler), fp32 and a plugin of
+    # the user's own stay
     import lightning as L
     from lightning.pytorch.plugins.precision import MixedPrecision
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-    from facecluster.models.precision import GroupSkipMixedPrecision, skip_groups_apart
+    from facecluster.builders import build_trainer
+    from facecluster.models.precision import (
+        GroupSkipMixedPrecision,
+        group_skip_plugin,
+        skip_groups_apart,
+    )
+    from facecluster.run import RunFolder, job_name
 
     class Own(MixedPrecision):
         pass
 
     quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
     fp16 = MixedPrecision("16-mixed", "cpu")
-    trainer = L.Trainer(accelerator="cpu", plugins=[fp16], **quiet)
-    skip_groups_apart(trainer)
-    assert type(trainer.precision_plugin) is GroupSkipMixedPrecision
-    assert trainer.precision_plugin.scaler is fp16.scaler and trainer.precision == "16-mixed"
+    cfg = load_config(SMOKE, ["trainer.accelerator=cpu"])
+    # on the CPU Lightning turns "16-mixed" into bf16: its fp16 plugin given instead
+    cfg.trainer.update(precision=None, plugins=[fp16])
+    for stage, job in ((1, None), (2, job_name([0, 1, 2]))):
+        trainer = build_trainer(cfg, stage, RunFolder(tmp_path / "run"), None, [], job=job)
+        assert type(trainer.precision_plugin) is GroupSkipMixedPrecision, stage
+        assert trainer.precision_plugin.scaler is fp16.scaler and trainer.precision == "16-mixed"
+    fp16.scaler = torch.amp.GradScaler("cpu", init_scale=32.0, growth_interval=7)
+    sharded = group_skip_plugin(fp16, 2).scaler
+    assert type(sharded) is ShardedGradScaler and sharded.state_dict() == fp16.scaler.state_dict()
     # a checkpoint saved under Lightning's plugin resumes with the scale it had reached
     saved = torch.amp.GradScaler("cpu", init_scale=8.0).state_dict()
+    trainer = L.Trainer(accelerator="cpu", plugins=[MixedPrecision("16-mixed", "cpu")], **quiet)
+    skip_groups_apart(trainer)
     trainer.precision_plugin.on_load_checkpoint({"MixedPrecision": saved})
     assert trainer.precision_plugin.scaler.get_scale() == 8.0
     for kept in (Own("16-mixed", "cpu"), "bf16-mixed", "32-true"):

@@ -54,23 +54,61 @@ def _worker(rank: int, store: str, out: dict) -> None:
         result = {name: _sharded_step(rank, head_cls) for name, head_cls in HEADS.items()}
         out[rank] = result | {  # one assignment:
             "checkpoint": _checkpoint_round_trip(rank),
-            "overflowed": _overflow_flags(rank),
+            "fp16": _fp16_overflow_steps(rank),
         }  # a manager's dict does not see changes made inside its values
     finally:
         dist.destroy_process_group()
 
 
-def _overflow_flags(rank: int) -> list[bool]:
-    """Which of two groups (sub-nets) the fp16 step skips when only rank 1's shard of
-    group 1's head overflowed (GroupSkipMixedPrecision's check, heads sharded)."""
-    from facecluster.models.precision import _overflowed
+def _fp16_overflow_steps(rank: int) -> dict[str, tuple]:
+    """GroupSkipMixedPrecision's step with sharded heads when only rank 1's shards
+    overflow: of sub-net 1 (``one``), of both (``all``), of stage 1's single group
+    (``stage1``). Per case: which groups stepped on this rank, and the scale after."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
 
-    groups = [[nn.Parameter(torch.zeros(3))], [nn.Parameter(torch.zeros(3))]]
-    for (param,) in groups:
-        param.grad = torch.ones(3)
-    if rank == 1:
-        groups[1][0].grad[2] = math.inf
-    return _overflowed(groups, sharded=True)
+    from facecluster.models.precision import group_skip_plugin
+
+    class Model:  # what the plugin reads of a StageSystem
+        automatic_optimization = True
+
+        def __init__(self, groups: list[list[nn.Module]]) -> None:
+            self.groups = groups
+
+        def clip_groups(self) -> list[list[nn.Module]]:
+            return self.groups
+
+    out = {}
+    for case, bad in (("one", [1]), ("all", [0, 1]), ("stage1", [0])):
+        torch.manual_seed(0)
+        heads = [ArcFace(CLASSES, IN, s=16.0) for _ in range(2 if case != "stage1" else 1)]
+        for head in heads:
+            head.shard(rank, WORLD)
+        groups = [[nn.Linear(IN, IN), head] for head in heads]
+        params = [[p for m in group for p in m.parameters()] for group in groups]
+        optimizer = torch.optim.SGD([p for group in params for p in group], lr=0.1, momentum=0.9)
+        lightning_plugin = MixedPrecision(
+            "16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=4.0)
+        )
+        plugin = group_skip_plugin(lightning_plugin, WORLD)
+        plugin._after_closure = lambda model, optimizer: None  # hooks and clipping: none
+        before = [[p.detach().clone() for p in group] for group in params]
+
+        def closure():
+            for group in params:  # noqa: B023
+                for p in group:
+                    p.grad = torch.full_like(p, 4.0)
+            if rank == 1:  # this rank's shards only: no other process sees them
+                for g in bad:  # noqa: B023
+                    groups[g][1].weight.grad[0, 0] = math.inf  # noqa: B023
+            return plugin.scaler.scale(torch.tensor(1.0))  # noqa: B023
+
+        plugin.optimizer_step(optimizer, model=Model(groups), closure=closure)
+        stepped = [
+            all(not torch.equal(p, b) for p, b in zip(group, old, strict=True))
+            for group, old in zip(params, before, strict=True)
+        ]
+        out[case] = (stepped, plugin.scaler.get_scale())
+    return out
 
 
 def _sharded_step(rank: int, head_cls: type) -> dict:
@@ -228,9 +266,11 @@ def test_a_whole_head_checkpoint_is_split_on_load_and_gathered_on_save(processes
 
 @pytest.mark.ddp
 def test_an_fp16_overflow_in_one_shard_skips_that_subnet_on_every_process(processes):
-    # a sharded head's gradients are each process's own: a process that skipped a sub-net
-    # alone would leave its replicated backbone behind the others'
-    assert [processes[rank]["overflowed"] for rank in range(WORLD)] == [[False, True]] * WORLD
+    # a sharded head's gradients are each process's own: a process that skipped a step
+    # (a sub-net's, or stage 1's) alone, or lowered its loss scale alone, would leave its
+    # replicated backbone apart from the others'
+    expected = {"one": ([True, False], 2.0), "all": ([False, False], 2.0), "stage1": ([False], 2.0)}
+    assert [processes[rank]["fp16"] for rank in range(WORLD)] == [expected] * WORLD
 
 
 def test_sample_columns_keeps_every_positive_and_the_exact_count():

@@ -12,20 +12,27 @@ step of all its job mates, and a sub-net that overflowed often held the others b
 head) and drops the gradients of the groups that are not finite, so the optimizer
 steps the others and leaves those as a skipped step would (SGD and AdamW pass over a
 parameter without a gradient: no weight decay, no momentum or moment update). The
-scale still backs off at any overflow, as the scaler's own rule says. Under DDP the
-gradients of replicated weights are all-reduced, so every process finds the same
-groups; a sharded margin head's gradients are its process's own, so with sharded
-heads the groups' flags are all-reduced too (one collective of K flags a step), and
-no process steps a sub-net another skipped. With one group (stage 1), or every group
-overflowed, it is Lightning's step.
+scale still backs off at any overflow, as the scaler's own rule says. With one group
+(stage 1), or every group overflowed, it is Lightning's step.
 
-The check reads each group's gradient norm once a step (one pass over the
-gradients, as norm clipping makes) and its K flags once on the host, as the scaler's
-own step does.
+Under DDP the gradients of replicated weights are all-reduced, so every process finds
+the same overflows in them; a sharded margin head's gradients are each process's own
+(Partial FC), so one process's shard can overflow alone. The groups' flags are then
+all-reduced (one collective of K flags a step), and so is the scaler's own flag:
+under DDP the scaler is ``ShardedGradScaler`` (torch's FSDP scaler, which all-reduces
+what ``unscale_`` found), so every process steps, skips and scales alike; with
+Lightning's scaler a process whose shard overflowed skipped a step (stage 1: the
+whole step) the others took, and lowered a scale the others kept, and the replicated
+backbones drifted apart.
+
+The check reads each group's largest absolute gradient once a step (one pass over the
+gradients) and the K flags once on the host, one host sync more than the scaler's
+own step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,10 +41,11 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from facecluster.models.components import MarginHead
 
-__all__ = ["GroupSkipMixedPrecision", "skip_groups_apart"]
+__all__ = ["GroupSkipMixedPrecision", "group_skip_plugin", "skip_groups_apart"]
 
 
 class GroupSkipMixedPrecision(MixedPrecision):
@@ -99,9 +107,12 @@ def _any_sharded(groups: list[list[nn.Module]]) -> bool:
 
 def _overflowed(params: list[list[nn.Parameter]], sharded: bool) -> list[bool]:
     """Whether each group's gradients hold a value that is not finite (the same list on
-    every process when ``sharded``: a shard's gradients are its process's own)."""
+    every process when ``sharded``: a shard's gradients are its process's own). The
+    largest absolute value tells, exactly: an L2 norm's squares could overflow on
+    finite gradients."""
     norms = [
-        nn.utils.get_total_norm([p.grad for p in group]) if group else None for group in params
+        nn.utils.get_total_norm([p.grad for p in group], norm_type=math.inf) if group else None
+        for group in params
     ]
     device = next((n.device for n in norms if n is not None), torch.device("cpu"))
     flags = torch.stack(
@@ -118,12 +129,24 @@ def _overflowed(params: list[list[nn.Parameter]], sharded: bool) -> list[bool]:
     return flags.bool().tolist()
 
 
+def group_skip_plugin(plugin: Any, world_size: int) -> GroupSkipMixedPrecision | None:
+    """What replaces Lightning's fp16 ``plugin`` (``16-mixed`` on a GPU), None for any
+    other: its scaler, or with several processes a ``ShardedGradScaler`` that starts
+    from that scaler's settings (module docstring)."""
+    if type(plugin) is not MixedPrecision or plugin.scaler is None:
+        return None
+    scaler = plugin.scaler
+    if world_size > 1 and scaler.is_enabled():
+        # its process group: the default one, which Lightning sets up before the fit
+        scaler = ShardedGradScaler(plugin.device, process_group=None)
+        scaler.load_state_dict(plugin.scaler.state_dict())
+    return GroupSkipMixedPrecision(plugin.precision, plugin.device, scaler)
+
+
 def skip_groups_apart(trainer: L.Trainer) -> None:
     """Give ``trainer`` :class:`GroupSkipMixedPrecision` in place of Lightning's fp16
-    plugin (the same scaler), when it has one: ``16-mixed`` on a GPU. A plugin of the
-    user's own, bf16 and fp32 are left as they are."""
-    plugin = trainer.strategy.precision_plugin
-    if type(plugin) is MixedPrecision and plugin.scaler is not None:
-        trainer.strategy.precision_plugin = GroupSkipMixedPrecision(
-            plugin.precision, plugin.device, plugin.scaler
-        )
+    plugin, when it has one (:func:`group_skip_plugin`). A plugin of the user's own,
+    bf16 and fp32 are left as they are."""
+    plugin = group_skip_plugin(trainer.strategy.precision_plugin, trainer.world_size)
+    if plugin is not None:
+        trainer.strategy.precision_plugin = plugin
