@@ -466,19 +466,32 @@ def test_calibration_leaves_out_faces_embedded_with_no_direction(caplog):
     with caplog.at_level("WARNING", logger="facecluster.inference.identifier"):
         assert ident.calibrate([(bad, labels)]) == clean  # as without that face
     assert "1 validation face(s) embedded with no direction" in caplog.text
-    # a sub-net that gives NaN: the faces of its cluster are left out of its fit
+
+    # a sub-net that gives NaN: the faces of its cluster are left out of the whole fit,
+    # its router terms too (they stayed in the router's), as identify fails them
+    def nan_subnets(ident, clusters):
+        for k in clusters:
+            ident.subnets[k] = ident.subnets[k].__class__()
+            ident.subnets[k].register_forward_hook(lambda module, args, out: out * math.nan)
+
     ident, _ = _random_identifier(seed=2)
-    ident.subnets[1] = ident.subnets[1].__class__()
-    ident.subnets[1].register_forward_hook(lambda module, args, out: out * math.nan)
-    in_1 = int((ident.class_to_cluster[labels] == 1).sum())
+    others = ident.class_to_cluster[labels] != 1
+    without = ident.calibrate([(queries[others], labels[others])])
+    ident, _ = _random_identifier(seed=2)
+    nan_subnets(ident, [1])
     caplog.clear()
     with caplog.at_level("WARNING", logger="facecluster.inference.identifier"):
-        ident.calibrate([(queries, labels)])
-    assert f"{in_1} validation face(s) embedded with no direction" in caplog.text
-    # every face: said, not an empty argmin
+        assert ident.calibrate([(queries, labels)]) == without
+    assert f"{int((~others).sum())} validation face(s) embedded with no direction" in caplog.text
+    # every face: said, not an empty argmin, nor a fit on nothing (the sub-nets' own
+    # temperature 0.005 and weight 0 when every sub-net failed)
+    every = r"every validation face \({}\) embeds with no direction"
     ident, _ = _random_identifier(seed=2)
-    with pytest.raises(ValueError, match=r"every validation face \(3\) embeds with no direction"):
+    with pytest.raises(ValueError, match=every.format(3)):
         ident.calibrate([(torch.full((3, 8), math.nan), labels[:3])])
+    nan_subnets(ident, range(ident.num_clusters))
+    with pytest.raises(ValueError, match=every.format(64)):
+        ident.calibrate([(queries, labels)])
 
 
 # --------------------------------------------------------------------------- a real run

@@ -234,7 +234,8 @@ class Calibration:
         if self.faces == 0 and self.left_out:
             raise ValueError(
                 f"calibration: every validation face ({self.left_out}) embeds with no "
-                "direction (NaN, inf or zero): the networks' weights or inputs are broken"
+                "direction (NaN, inf or zero) in the stage-1 backbone or in its sub-net: "
+                "the networks' weights or inputs are broken"
             )
         if self.faces == 0:
             raise ValueError("calibration saw no validation faces (data.val_fraction is 0?)")

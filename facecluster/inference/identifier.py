@@ -329,7 +329,7 @@ class TwoStageIdentifier(nn.Module):
                 if not len(labels):
                     continue
             clusters = self.class_to_cluster[labels]
-            log_mass = []
+            log_mass, fitted = [], torch.ones(len(labels), dtype=torch.bool)
             # one cluster's [n, members] similarities at a time, never [n, C] (computed: 2.1 GB for
             # a batch of 256 at 2M identities)
             for k in range(self.num_clusters):
@@ -341,8 +341,9 @@ class TwoStageIdentifier(nn.Module):
                     continue
                 embedded = self._embed_from(self.subnets[k], features[rows])
                 fine = has_direction(embedded)  # the sub-net's own NaN: that face fails
-                if not bool(fine.all()):
+                if not bool(fine.all()):  # (its router terms are left out too, below)
                     calibration.left_out += int((~fine).sum())
+                    fitted[rows[~fine].cpu()] = False
                     rows, embedded = rows[fine], embedded[fine]
                     if not len(rows):
                         continue
@@ -350,7 +351,9 @@ class TwoStageIdentifier(nn.Module):
                 local = torch.searchsorted(members, labels[rows])
                 calibration.update_within(cosine, sims[rows], local, other)
             right = self.assignment.contains(labels.cpu()[:, None], every)
-            calibration.update_router(torch.stack(log_mass, dim=2), right)
+            if bool(fitted.any()):
+                kept = fitted.to(device)
+                calibration.update_router(torch.stack(log_mass, dim=2)[:, kept], right[fitted])
         params = calibration.fit()
         if calibration.left_out:
             logger.warning(
