@@ -345,13 +345,25 @@ def test_one_object_the_bin_file_references_over_and_over_is_built_once(tmp_path
 
 def test_a_bin_file_of_objects_made_from_nothing_is_refused_within_its_budget(tmp_path):
     # a byte of EMPTY_LIST builds a 64-byte list, one of MEMOIZE a memo entry: 2 MiB of
-    # them took 56-144 MiB before the file was refused for its missing end
+    # them took 56-144 MiB before the file was refused for its missing end; calls to an
+    # allowed maker (REDUCE, BUILD: an array wrapper, a view) 36-78 MiB, lookups of its
+    # name (a new counting closure each) 119 MiB, a mark's items (the stack and the
+    # container both) 32 MiB
     import tracemalloc
 
     size = 2 << 20
     runs = {"lists": b"]", "marks": b"(", "dicts": b"}", "memo": b"N\x94", "tuples": b"N\x85"}
-    for name, body in runs.items():
-        (tmp_path / f"{name}.bin").write_bytes(b"\x80\x04" + body * (size // len(body)))
+    runs = {name: (b"", body, b"") for name, body in runs.items()}
+    maker = b"\x8c\x15numpy.core.multiarray\x8c\x0c_reconstruct\x93\x94"
+    maker += b"\x8c\x05numpy\x8c\x07ndarray\x93\x85\x94"  # memo 0: the maker, 1: its args
+    runs |= {
+        "calls": (maker, b"h\x00h\x01R", b"."),
+        "lookups": (b"\x8c\x08builtins\x94\x8c\x05bytes\x94", b"h\x00h\x01\x93", b"."),
+        "items": (b"](", b"N", b"e."),
+    }
+    for name, (head, body, tail) in runs.items():
+        data = head + body * ((size - len(head) - len(tail)) // len(body)) + tail
+        (tmp_path / f"{name}.bin").write_bytes(b"\x80\x04" + data)
         tracemalloc.start()
         try:
             with pytest.raises(ValueError, match=f"{name}.bin is not .* builds more than 8 times"):

@@ -26,7 +26,7 @@ import re
 import struct
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,28 +168,35 @@ _GROWTH = 8
 """A .bin file may build at most this many times its size in bytes (plus 1 MiB): what
 its builders copy (above) and what its opcodes make (:data:`_OPCODE_COST`). The
 costliest legitimate images, small numpy arrays pickled with protocol 1 (1 KB each, 32
-opcodes each), are charged 3.6 times their size: twice their bytes (the latin-1 text made
+opcodes each), are charged 4.6 times their size: twice their bytes (the latin-1 text made
 bytes, then the array's bytes copied), and the memo entries, tuples and marks around
 them; plain bytes of protocol 3 or later build about 0.1 times theirs."""
 
 
-_OPCODE_COST, _MEMO_COST, _STACK_COST = 80, 112, 8
+_OPCODE_COST, _MEMO_COST, _STACK_COST, _CALL_COST = 80, 112, 16, 320
 """Bytes each pickle opcode is charged against the budget (:data:`_GROWTH`): the most
 one makes from its byte or two, measured with tracemalloc over 200,000 of each
 (``EMPTY_DICT`` 72 and its stack slot 8, ``EMPTY_LIST`` and ``MARK`` 64, a ``TUPLE1``
-56, a 2-character string 59), a memo entry, which a dict holds, up to 110; a reference
-already made, a singleton or what only moves objects (:data:`_STACK_OPCODES`) takes a
-stack slot. Sets (224) are refused: no allowed object is one. A file of empty lists
-alone took 64 times its size before it was refused for its missing end."""
+56, a 2-character string 59); a memo entry, which a dict holds, up to 110; a reference
+already made, a singleton or what only moves objects (:data:`_STACK_OPCODES`) a stack
+slot and its copy into the container a mark's items end in (8 each, the stack list's
+growth on top); a call of an allowed maker or a ``__setstate__`` (``REDUCE``,
+``BUILD``), the object it makes (a numpy array view about 200 bytes, the array
+wrapper here with its ``__dict__`` about 300; a copy it makes is charged on its own,
+by size). Sets (224) are refused: no allowed object is one. A file of empty lists alone
+took 64 times its size before it was refused for its missing end, one of ``REDUCE``
+and ``BUILD`` calls 39 times."""
 _MEMO_OPCODES = {op[0] for op in (pickle.MEMOIZE, pickle.PUT, pickle.BINPUT, pickle.LONG_BINPUT)}
+_CALL_OPCODES = {
+    op[0] for op in (pickle.REDUCE, pickle.BUILD, pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.OBJ)
+} | {pickle.INST[0]}
 _STACK_OPCODES = {
     op[0]
     for op in (
         *(pickle.GET, pickle.BINGET, pickle.LONG_BINGET, pickle.DUP, pickle.EMPTY_TUPLE),
         *(pickle.NONE, pickle.NEWTRUE, pickle.NEWFALSE, pickle.BININT1, pickle.PROTO),
         *(pickle.APPEND, pickle.APPENDS, pickle.SETITEM, pickle.SETITEMS, pickle.FRAME),
-        *(pickle.POP, pickle.POP_MARK, pickle.STOP, pickle.BUILD, pickle.REDUCE),
-        *(pickle.GLOBAL, pickle.STACK_GLOBAL),
+        *(pickle.POP, pickle.POP_MARK, pickle.STOP, pickle.GLOBAL, pickle.STACK_GLOBAL),
     )
 }
 
@@ -197,6 +204,8 @@ _STACK_OPCODES = {
 def _cost(opcode: int) -> int:
     if opcode in _MEMO_OPCODES:
         return _MEMO_COST
+    if opcode in _CALL_OPCODES:
+        return _CALL_COST
     return _STACK_COST if opcode in _STACK_OPCODES else _OPCODE_COST
 
 
@@ -237,6 +246,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         super().__init__(file, encoding="bytes")
         self.size = size
         self.left = _GROWTH * size + (1 << 20)  # bytes the load may still build
+        self._counted: dict[tuple[str, str], Callable[..., object]] = {}  # find_class's
         self._file = file
         self._file_read = self._read_file  # how the unpickler reads the file
 
@@ -291,13 +301,15 @@ class _RestrictedUnpickler(pickle._Unpickler):
         make = _ALLOWED[module, name]
         if (module, name) not in _COPIES:
             return make
+        if (module, name) not in self._counted:  # one a name: GLOBAL costs a stack slot
 
-        def counted(*args: object) -> object:
-            value = make(*args)
-            self.built(sys.getsizeof(value))
-            return value
+            def counted(*args: object) -> object:
+                value = make(*args)
+                self.built(sys.getsizeof(value))
+                return value
 
-        return counted
+            self._counted[module, name] = counted
+        return self._counted[module, name]
 
 
 def _plain(value: object) -> object:
