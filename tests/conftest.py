@@ -18,6 +18,7 @@ from unittest import mock
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from facecluster.config import load_config  # noqa: E402
 
@@ -25,6 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 DEMO = ROOT / "datasets" / "lfw-demo" / "images"
 SHARED_LFW = ROOT.parent / "shared" / "datasets" / "lfw-112" / "images"
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+"""What a test parametrized by device runs on: the CPU, and a CUDA device where there is one."""
 
 
 def start_train_py(*args: str, own_group: bool = False) -> subprocess.Popen:

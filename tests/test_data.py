@@ -28,6 +28,7 @@ from facecluster.data.datamodule import SubnetSteps
 from facecluster.data.folder import Samples
 from facecluster.data.images import decode_image, decode_jpeg_into
 from facecluster.data.transforms import normalize_images
+from tests.conftest import DEVICES
 
 DEMO_ROOT = Path(__file__).resolve().parents[1] / "datasets" / "lfw-demo" / "images"
 DATA_PKG = Path(__file__).resolve().parents[1] / "facecluster" / "data"
@@ -724,18 +725,6 @@ def test_the_packer_starts_without_lightning_and_the_package_names_still_resolve
     assert data.FaceDataModule.__module__ == "facecluster.data.datamodule"
     with pytest.raises(AttributeError, match="no attribute 'NotAName'"):
         data.NotAName  # noqa: B018
-
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-        ],
-    ),
-]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -14,7 +14,7 @@ from facecluster.models import subnets_module
 from facecluster.models.optim import build_optimizer, build_scheduler, lr_factor
 from facecluster.models.subnets_module import SubnetSystem
 from facecluster.pipeline import train
-from tests.conftest import DEMO, ROOT, SMOKE, smoke_overrides
+from tests.conftest import DEMO, DEVICES, ROOT, SMOKE, smoke_overrides
 
 OPTIM = {
     "name": "sgd",
@@ -224,18 +224,6 @@ def _fp16_steps(
     trainer.fit(model, train_dataloaders=loader)
     weights = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
     return weights, plugin.scaler.get_scale()
-
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-        ],
-    ),
-]
 
 
 @pytest.mark.parametrize("device", DEVICES)
