@@ -41,7 +41,6 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
-from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from facecluster.models.components import MarginHead
 
@@ -137,6 +136,9 @@ def group_skip_plugin(plugin: Any, world_size: int) -> GroupSkipMixedPrecision |
         return None
     scaler = plugin.scaler
     if world_size > 1 and scaler.is_enabled():
+        # only here: torch builds without distributed support have no FSDP to import
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
         # its process group: the default one, which Lightning sets up before the fit
         scaler = ShardedGradScaler(plugin.device, process_group=None)
         scaler.load_state_dict(plugin.scaler.state_dict())
