@@ -96,12 +96,9 @@ class GroupSkipMixedPrecision(MixedPrecision):
 
 
 def _any_sharded(groups: list[list[nn.Module]]) -> bool:
-    return any(
-        isinstance(head, MarginHead) and head.sharded
-        for group in groups
-        for m in group
-        for head in m.modules()
-    )
+    # a group is a network and its head (StageSystem.clip_groups): the heads are its
+    # members, no walk through every network's modules at every step
+    return any(isinstance(m, MarginHead) and m.sharded for group in groups for m in group)
 
 
 def _overflowed(params: list[list[nn.Parameter]], sharded: bool) -> list[bool]:
