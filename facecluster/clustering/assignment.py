@@ -95,13 +95,19 @@ copy of the whole [C, d] matrix (at 2M x 512: 7.6 and 1 GiB, in every process)."
 
 
 def _check_unit_rows(t: torch.Tensor, name: str) -> None:
-    blocks = t.split(_ROWS)  # an empty t: one empty block
-    finite = torch.cat([torch.isfinite(b).all(dim=1) for b in blocks])
-    if not finite.all():
-        bad = (~finite).nonzero().flatten()[:10].tolist()
-        raise ValueError(f"ClusterAssignment.{name} contains NaN/inf values (rows {bad})")
-    norms = torch.cat([torch.linalg.vector_norm(b, dim=1, dtype=torch.float64) for b in blocks])
-    off = ((norms - 1.0).abs() > _NORM_TOL).nonzero().flatten()
+    # One float32 norm a row, block by block: a row holding NaN or inf has a non-finite
+    # norm, so no separate finiteness pass (a bool copy reduced row by row) and no float64
+    # copy of each block: 0.7 s at 2M x 512 where those took 16 s (two threads, measured),
+    # in every process that builds an assignment. A finite row too large for float32's
+    # norm is not unit either.
+    norms = torch.cat([torch.linalg.vector_norm(b, dim=1) for b in t.split(_ROWS)])
+    broken = (~torch.isfinite(norms)).nonzero().flatten()[:_ROWS]
+    nan = broken[~torch.isfinite(t[broken]).all(dim=1)]
+    if nan.numel():
+        raise ValueError(
+            f"ClusterAssignment.{name} contains NaN/inf values (rows {nan[:10].tolist()})"
+        )
+    off = (~((norms - 1.0).abs() <= _NORM_TOL)).nonzero().flatten()
     if off.numel():
         rows = off[:10].tolist()
         raise ValueError(
