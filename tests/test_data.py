@@ -24,7 +24,7 @@ from facecluster.data import (
     scan_image_folder,
     split_per_identity,
 )
-from facecluster.data.datamodule import SubnetSteps
+from facecluster.data.datamodule import ShuffleSampler, SubnetSteps
 from facecluster.data.folder import Samples
 from facecluster.data.images import decode_image, decode_jpeg_into
 from facecluster.data.transforms import normalize_images
@@ -436,7 +436,8 @@ def test_train_loader_before_clusters(dm: FaceDataModule) -> None:
     loader = dm.train_dataloader()
     assert not isinstance(loader.dataset, SubnetSteps)
     assert loader.generator is None
-    assert isinstance(loader.sampler, torch.utils.data.RandomSampler)
+    # RandomSampler's order from the global RNG (EpochSeedCallback reseeds it per epoch)
+    assert isinstance(loader.sampler, ShuffleSampler) and loader.sampler.seed is None
     assert loader.drop_last
     n_train = len(dm.split_labels("train"))
     labels = torch.cat([y for _, y, _ in loader])
@@ -943,6 +944,30 @@ def test_a_resumed_ddp_stage1_loader_draws_the_epoch_it_continues_with(workers):
     _, other = loader(3, rank=0)  # the other rank: the other half of the same order
     assert first != [labels.tolist() for _, labels, _ in other]
     assert dm.state_dict() == {"next_epoch": 3}  # what a checkpoint at epoch 2's end keeps
+
+
+def test_stage1_shuffles_in_torchs_order_without_a_list_of_every_index(monkeypatch):
+    # A run's batches must not change with the sampler's rewrite (a resumed run continues
+    # the order it trained in): the indices and order of torch's DistributedSampler
+    # under DDP, RandomSampler's (from the global RNG) in one process, in chunks
+    from facecluster.data import datamodule as dm_module
+
+    monkeypatch.setattr(dm_module, "_CHUNK", 7)  # several chunks, a partial last one
+    data = list(range(23))
+    for world in (2, 3, 5, 30):  # 30: padded past a whole repeat of the data
+        for rank in (0, world - 1):
+            theirs = torch.utils.data.DistributedSampler(data, world, rank, seed=11)
+            mine = ShuffleSampler(len(data), rank, world, seed=11)
+            for epoch in (0, 4):
+                theirs.set_epoch(epoch)
+                mine.set_epoch(epoch)
+                assert list(mine) == list(theirs) and len(mine) == len(theirs)
+    torch.manual_seed(5)
+    theirs = list(torch.utils.data.RandomSampler(data))
+    after = torch.rand(1)  # the global RNG is left where RandomSampler leaves it
+    torch.manual_seed(5)
+    assert list(ShuffleSampler(len(data))) == theirs and torch.rand(1) == after
+    assert len(ShuffleSampler(len(data))) == len(data)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
