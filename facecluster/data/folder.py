@@ -36,7 +36,6 @@ from facecluster.data.recordio import (
     RecordError,
     RecordFile,
     image_layout,
-    iter_identities,
     rec_paths,
 )
 
@@ -471,10 +470,12 @@ def scan_image_folder(
     # alone, an identity pushed under min_images_per_class was dropped with its empty
     # files never named (under on_bad_image=fail too), and the empty folders past
     # max_classes were counted against the kept identities' files
-    counts = {
-        n: len(ls.images) + len(ls.empty) for n, ls in listings.items() if ls.images or ls.empty
-    }
-    chosen = _select_identities(root, counts, min_images_per_class, max_classes, name)
+    named = [n for n, ls in listings.items() if ls.images or ls.empty]
+    counts = np.array([len(listings[n].images) + len(listings[n].empty) for n in named])
+    chosen = [
+        named[i]
+        for i in _select_identities(root, named, counts, min_images_per_class, max_classes, name)
+    ]
     empty_files = sorted(p for name in chosen for p in listings[name].empty)
     # with them left out (on_bad_image=skip), an identity below the minimum is dropped
     short = {n for n in chosen if len(found.get(n, ())) < min_images_per_class}
@@ -507,24 +508,27 @@ def scan_image_folder(
 
 def _select_identities(
     root: Path,
-    counts: dict[str, int],
+    names: Sequence[str],
+    counts: np.ndarray,
     min_images_per_class: int,
     max_classes: int | None,
     name: str = "data.root",
-) -> list[str]:
-    """Identity names kept, sorted: at least ``min_images_per_class`` images, the first
+) -> np.ndarray:
+    """Positions in ``names`` of the identities kept, in name order: at least
+    ``min_images_per_class`` images (``counts``, one per name), the first
     ``max_classes``. The same rule for image folders and RecordIO files."""
-    names = sorted(counts)
-    kept = [n for n in names if counts[n] >= min_images_per_class]
-    dropped = [n for n in names if counts[n] < min_images_per_class]
-    if not kept:
+    # a list already in order (a .rec's zero-padded labels) is sorted in one pass
+    order = np.array(sorted(range(len(names)), key=names.__getitem__), dtype=np.int64)
+    enough = counts[order] >= min_images_per_class
+    if not enough.any():
         raise ValueError(
             f"No identity in {name}={str(root)!r} has at least min_images_per_class="
-            f"{min_images_per_class} images (the largest identity has {max(counts.values())}); "
-            f"lower it: data.min_images_per_class={max(counts.values())}"
+            f"{min_images_per_class} images (the largest identity has {counts.max()}); "
+            f"lower it: data.min_images_per_class={counts.max()}"
         )
-    if dropped:
-        shown = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")
+    dropped = order[~enough]
+    if len(dropped):
+        shown = ", ".join(names[i] for i in dropped[:5]) + (", ..." if len(dropped) > 5 else "")
         logger.warning(
             "Dropped %d of %d identities with fewer than data.min_images_per_class=%d images: %s",
             len(dropped),
@@ -532,6 +536,7 @@ def _select_identities(
             min_images_per_class,
             shown,
         )
+    kept = order[enough]
     return kept if max_classes is None else kept[:max_classes]
 
 
@@ -677,7 +682,11 @@ def scan_record_file(
         if not hint:
             raise
         raise ValueError(f"{e}{hint}") from None
-    groups = dict(iter_identities(layout))
+    # the identities present, in label order (the layout groups its keys by label)
+    labels = layout.labels
+    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]]) if len(labels) else labels
+    counts = np.diff(np.r_[starts, len(labels)])
+    present = labels[starts].tolist()
     unreadable = []
     for key in layout.unreadable[:UNREADABLE_NAMED].tolist():  # why, for the first few
         try:
@@ -687,7 +696,7 @@ def scan_record_file(
         else:  # read since the scan kept it (the file was not changed: see _stamp)
             unreadable.append(records.locator(key))
     unreadable += [records.locator(k) for k in layout.unreadable[UNREADABLE_NAMED:].tolist()]
-    if not groups:
+    if not present:
         raise ValueError(
             f"root={str(root)!r}: {records.rec} holds no image record"
             + (f" whose label can be read: {unreadable[0]}" if unreadable else "")
@@ -707,23 +716,22 @@ def scan_record_file(
         # one, its identity's name, may be among them
         open_ended = len(layout.unreadable) and whence == LARGEST_LABEL
         all_names = _read_names(names_file, records, count, whence, count if open_ended else None)
-        name_of = {label: all_names[label] for label in groups}
+        names = [all_names[label] for label in present]
     else:
-        width = len(str(max(groups)))
-        name_of = {label: f"{label:0{width}d}" for label in groups}
-    by_name = {name_of[label]: keys for label, keys in groups.items()}
-    kept = _select_identities(
-        records.rec, {n: len(k) for n, k in by_name.items()}, min_images_per_class, max_classes
-    )
-    keys = [by_name[name] for name in kept]
+        names = list(map(f"%0{len(str(present[-1]))}d".__mod__, present))  # zero-padded
+    # one vectorised gather, where a dict of each identity's keys took 8 s at 2M
+    # identities (10M records), per process
+    kept = _select_identities(records.rec, names, counts, min_images_per_class, max_classes)
+    sizes = counts[kept]
+    first = starts[kept] - (np.cumsum(sizes) - sizes)  # each kept key's source offset
     samples = Samples(
-        np.repeat(np.arange(len(kept)), [len(k) for k in keys]),
-        keys=np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64),
+        np.repeat(np.arange(len(kept)), sizes),
+        keys=layout.keys[np.repeat(first, sizes) + np.arange(int(sizes.sum()))],
         rec=records.rec,
     )
     return FaceFolder(
         root=records.rec,
-        class_names=kept,
+        class_names=[names[i] for i in kept],
         samples=samples,
         records=records,
         unreadable_records=unreadable,

@@ -1138,14 +1138,3 @@ def _scan_cached(records: RecordFile, cache: str | Path) -> RecordLayout:
     except OSError as e:
         logger.warning(f"could not keep the labels of {records.rec} in {path}: {e}")
     return layout
-
-
-def iter_identities(layout: RecordLayout) -> Iterator[tuple[int, np.ndarray]]:
-    """(label, image keys) per identity present, in label order."""
-    labels = layout.labels
-    if not len(labels):
-        return
-    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
-    ends = np.r_[starts[1:], len(labels)]
-    for a, b in zip(starts, ends, strict=True):
-        yield int(labels[a]), layout.keys[a:b]
