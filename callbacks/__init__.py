@@ -4,6 +4,7 @@ from facecluster.callbacks.bad_images import BadImageReport
 from facecluster.callbacks.clustering import ClusteringCallback
 from facecluster.callbacks.divergence import DivergenceCallback, DivergenceError
 from facecluster.callbacks.interrupt import ResumeHint, StopTogether
+from facecluster.callbacks.progress import StderrProgressBar
 from facecluster.callbacks.seeding import EpochSeedCallback
 from facecluster.callbacks.verification import VerificationCallback
 
@@ -14,6 +15,7 @@ __all__ = [
     "DivergenceError",
     "EpochSeedCallback",
     "ResumeHint",
+    "StderrProgressBar",
     "StopTogether",
     "VerificationCallback",
 ]

@@ -37,6 +37,7 @@ from facecluster.callbacks import (
     BadImageReport,
     DivergenceCallback,
     EpochSeedCallback,
+    StderrProgressBar,
     StopTogether,
     VerificationCallback,
 )
@@ -320,6 +321,8 @@ def build_trainer(
             )
         )
     kwargs = _trainer_kwargs(cfg, stage)
+    if kwargs.get("enable_progress_bar", True) is not False:
+        stage_callbacks.append(StderrProgressBar())  # stdout holds the results alone
     if cfg.trainer.get("precision", "auto") == "auto":
         rank_zero_info(f"trainer.precision=auto: {kwargs['precision']}")
 

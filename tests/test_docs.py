@@ -370,6 +370,9 @@ def test_the_readme_smoke_command_as_written(tmp_path):
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert proc.stdout.rstrip().splitlines()[-1] == f"facecluster run folder: {run_dir}"
     assert "Evaluation on the held-out test split" in proc.stdout
+    # stdout holds the tables alone: the progress bars go to stderr, with the logs
+    assert "Epoch 0" in proc.stderr and "Epoch 0" not in proc.stdout
+    assert "Sanity Checking" not in proc.stdout and "Testing" not in proc.stdout
     assert RunFolder(run_dir).finished
 
 
