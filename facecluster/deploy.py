@@ -123,6 +123,11 @@ def export_run(
         )
     if (out / TORCH_FILE).is_dir():
         raise ValueError(f"{out / TORCH_FILE} is a folder: export writes the identifier there")
+    if (out / "config.yaml").is_file():  # identify would answer with this run for that one
+        raise ValueError(
+            f"{out} is a training run folder (it holds config.yaml): export to a folder of "
+            f"its own, e.g. {out / 'export'}"
+        )
     if out.is_dir():  # an export or enrolment there that died after its commit: completed
         finish_update(out)
     from facecluster.inference.onnx import check_replaceable

@@ -892,6 +892,15 @@ def test_export_never_deletes_an_onnx_folder_it_did_not_write(open_run, exported
     assert (exported / "onnx" / "identifier.json").is_file()
     (tmp_path / "file").write_text("")
     assert cli.export_main([str(open_run), str(tmp_path / "file")]) == 2
+    # a training run's folder (another run's, or its own): identify would then answer
+    # with this run's model when given that run
+    for run in (open_run, exported.parent / "other-run"):
+        if not (run / "config.yaml").is_file():  # the open run's own is left as it is
+            run.mkdir()
+            (run / "config.yaml").write_text("")
+        with pytest.raises(ValueError, match=r"is a training run folder \(it holds config.yaml\)"):
+            export_run(open_run, run)
+        assert not (run / "identifier.pt").exists()
     # an earlier export of a run (what the folder holds, and its temporary files) is replaced
     again = tmp_path / "again"
     shutil.copytree(exported, again)
