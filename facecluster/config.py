@@ -1194,6 +1194,16 @@ def load_config(
             )
         merged = _merge(merged, loaded, str(p))
     if overrides:
+        given = parse_overrides(list(overrides))
+        # Both stages' epochs on the command line: a file's trainer.max_epochs (smoke.yaml's
+        # 1) gives way, where it was refused as a value they would leave unused
+        if (
+            paths
+            and OmegaConf.select(given, "trainer.max_epochs", default="unset") == "unset"
+            and None not in [OmegaConf.select(given, f"stage{i}.max_epochs") for i in (1, 2)]
+            and merged.trainer.get("max_epochs") is not None
+        ):
+            merged.trainer.max_epochs = None
         merged = _merge_overrides(merged, list(overrides))
     return _to_config(merged)
 

@@ -90,6 +90,19 @@ def test_overrides_are_typed_and_win_over_the_file():
     assert cfg.stage_epochs(1) == 3 and cfg.stage_epochs(2) == 1
 
 
+def test_both_stages_epochs_on_the_command_line_override_a_files_trainer_max_epochs():
+    # smoke.yaml sets trainer.max_epochs: 1; "-c configs/smoke.yaml stage1.max_epochs=6
+    # stage2.max_epochs=3" was refused, naming a key the user never typed
+    smoke = DEFAULT.with_name("smoke.yaml")
+    cfg = load_config(smoke, ["stage1.max_epochs=6", "stage2.max_epochs=3"])
+    assert (cfg.stage_epochs(1), cfg.stage_epochs(2)) == (6, 3)
+    assert cfg.trainer.get("max_epochs") is None
+    cfg = load_config(smoke, ["stage1.max_epochs=6"])  # stage 2 still takes the file's 1
+    assert (cfg.stage_epochs(1), cfg.stage_epochs(2)) == (6, 1)
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs=3 would be ignored"):
+        load_config(smoke, ["trainer.max_epochs=3", "stage1.max_epochs=6", "stage2.max_epochs=3"])
+
+
 def test_trainer_max_epochs_that_would_be_ignored_is_refused():
     with pytest.raises(
         ConfigError,
