@@ -104,7 +104,9 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from facecluster.config import PROJECT_ROOT, ConfigError, check_data_root, load_config
 
     default = PROJECT_ROOT / "configs" / "default.yaml"
-    parser = _parser(prog or "train.py", TRAIN_HELP)
+    # under the console script its examples name it (train.py is not installed)
+    text = TRAIN_HELP if prog is None else TRAIN_HELP.replace("python train.py", prog)
+    parser = _parser(prog or "train.py", text)
     parser.add_argument(
         "-c",
         "--config",
@@ -236,7 +238,8 @@ def _resume_override(overrides: list[str]) -> str | None:
 
 
 def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = _parser(prog or "evaluate.py", EVALUATE_HELP)
+    text = EVALUATE_HELP if prog is None else EVALUATE_HELP.replace("python evaluate.py", prog)
+    parser = _parser(prog or "evaluate.py", text)
     parser.add_argument(
         "args", nargs="+", help="run=<run dir> (repeatable) and key=value overrides"
     )
