@@ -789,7 +789,9 @@ class TwoStageIdentifier(nn.Module):
         Only plain data is read (``weights_only``): a file holding anything else is
         refused with :class:`~facecluster.io.UnsafeFileError` before any of it runs.
         """
-        payload = load_plain(path, map_location, "exported identifier")
+        # mapped: the head rows and class means (gigabytes at 2M identities) stay the page
+        # cache's, shared by the processes that load the file, where reading made a copy
+        payload = load_plain(path, map_location, "exported identifier", mmap=True)
         if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
             raise ValueError(f"{path} is not an exported facecluster identifier")
         version = payload.get("version")
