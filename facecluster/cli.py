@@ -198,6 +198,11 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except SystemExit as e:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+        if isinstance(e.__context__, KeyboardInterrupt) and e.code == 1:
+            # Lightning ends a fit stopped by Ctrl-C with exit(1), a failure's status;
+            # ResumeHint printed the command that continues
+            print("interrupted", file=sys.stderr)
+            return 130
         if not isinstance(e, SIGTERMException):
             raise
         # SIGTERM (scancel, a preemption, kill) ends the fit at its next batch, on every

@@ -476,8 +476,12 @@ def test_last_ckpt_follows_the_final_epoch_even_without_improvement(tmp_path):
 
 @pytest.mark.faults  # a row of docs/RELIABILITY.md
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("every_process", [False, True], ids=["main", "group"])
-def test_sigterm_ends_train_py_with_143_and_the_resume_command(tmp_path, every_process):
+@pytest.mark.parametrize(
+    ("every_process", "sig"),
+    [(False, "SIGTERM"), (True, "SIGTERM"), (False, "SIGINT")],
+    ids=["main", "group", "ctrl-c"],
+)
+def test_sigterm_ends_train_py_with_143_and_the_resume_command(tmp_path, every_process, sig):
     # Lightning turns SIGTERM (scancel, a preemption, kill) into a SystemExit of no
     # code: train.py ended with status 0 and no word, a local stage-2 job so stopped
     # was counted as finished, and a SLURM job went on from stage=1 to the clustering.
@@ -504,14 +508,17 @@ def test_sigterm_ends_train_py_with_143_and_the_resume_command(tmp_path, every_p
             break
         time.sleep(0.1)
     assert last.is_file(), proc.communicate(timeout=60)[1][-3000:]
+    # SIGINT, a terminal's Ctrl-C, which Lightning ended with exit(1), a failure's status
+    signum = getattr(signal, sig)
     if every_process:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signum)
     else:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert proc.returncode == 128 + signum, err[-3000:]
     assert f"with\n  python train.py resume={run} stage=1\n" in err  # ResumeHint
-    assert err.rstrip().endswith("terminated") and "Traceback" not in err
+    word = "terminated" if signum == signal.SIGTERM else "interrupted"
+    assert err.rstrip().endswith(word) and "Traceback" not in err
     assert not RunFolder(run).has_stage_summary(1)  # not taken for a finished stage 1
 
 
