@@ -163,7 +163,10 @@ def test_no_identity_reaches_min_images(tmp_path: Path) -> None:
         scan_image_folder(root, min_images_per_class=5)
     text = str(err.value)
     assert str(root) in text and "min_images_per_class=5" in text and "has 3" in text
-    assert text.endswith("lower it: data.min_images_per_class=3")  # a fix to type
+    assert text.endswith("lower it, data.min_images_per_class=3")  # a fix to type
+    # a run's own command (resume, evaluate, export) given other data: the fix is the
+    # data, not the setting, which the run's checks then refused
+    assert "Resuming, evaluating or exporting a run: point data.root at the data" in text
 
 
 def test_samples_are_pairs_held_as_arrays() -> None:

@@ -523,8 +523,9 @@ def _select_identities(
     if not enough.any():
         raise ValueError(
             f"No identity in {name}={str(root)!r} has at least min_images_per_class="
-            f"{min_images_per_class} images (the largest identity has {counts.max()}); "
-            f"lower it: data.min_images_per_class={counts.max()}"
+            f"{min_images_per_class} images (the largest identity has {counts.max()}). "
+            "Resuming, evaluating or exporting a run: point data.root at the data it "
+            f"trained on. A new run: lower it, data.min_images_per_class={counts.max()}"
         )
     dropped = order[~enough]
     if len(dropped):
