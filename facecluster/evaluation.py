@@ -290,8 +290,9 @@ class Bench:
         verification: dict[str, float] | None = None,
         timings: dict[str, tuple[Timing, Timing]] | None = None,
     ) -> list[Row]:
-        """A table row per predictor; ``verification``: the accuracies of their backbone;
-        ``timings``: theirs from :meth:`timings` (None: timed here)."""
+        """A table row per predictor; ``verification``: the accuracies of the run's
+        stage-1 backbone, given on the rows that embed with it (not ISM's); ``timings``:
+        theirs from :meth:`timings` (None: timed here)."""
         timings = timings if timings is not None else self.timings(predictors)
         rows = []
         for p in predictors:
@@ -310,7 +311,7 @@ class Bench:
                     single.median * 1000,
                     p.params,
                     batch.spread if len(batch.seconds) > 1 else None,
-                    dict(verification or {}),
+                    dict(verification or {}) if p.stage1_backbone else {},
                     s["fnir"],
                 )
             )

@@ -679,6 +679,7 @@ class TwoStageIdentifier(nn.Module):
             self._all_subnets,
             float(self.num_clusters),
             count_parameters(*subnets),
+            stage1_backbone=False,
         )
 
     def _all_subnets(self, images: Tensor) -> tuple[Tensor, Tensor, None]:

@@ -45,6 +45,9 @@ class Predictor:
     """Sub-net forward passes per image."""
     params: int
     """Parameters of its inference path."""
+    stage1_backbone: bool = True
+    """Whether it embeds faces with the run's stage-1 (router) backbone, whose
+    verification accuracies an evaluation table gives: not ISM, the sub-nets alone."""
 
 
 def _best(scores: Tensor) -> tuple[Tensor, Tensor, None]:
