@@ -55,14 +55,16 @@ from facecluster.models.precision import skip_groups_apart
 from facecluster.run import BEST, LAST, RunFolder, is_global_zero, launched_processes
 
 # Lightning's notices that nobody using facecluster can act on, printed at every Trainer
-# (twice a run): an advertisement for its cloud logger, and torch's deprecation of a
-# pytree call inside Lightning's own code
+# (twice a run): an advertisement for its cloud logger, torch's deprecation of a pytree
+# call inside Lightning's own code, and, at every resume, that the checkpoint folder the
+# run continues from is not empty (a new run never starts in an existing run folder)
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
 )
 warnings.filterwarnings(
     "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning
 )
+warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty", UserWarning)
 
 
 def build_datamodule(cfg: Config, eval_batch_size: int | None = None) -> FaceDataModule:

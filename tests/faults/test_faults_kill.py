@@ -89,6 +89,8 @@ def test_kill_9_after_an_epoch_checkpoint_then_resume_equals_uninterrupted(
     assert not (run_dir / "results.json").exists()
 
     _run(tmp_path / "resume", f"resume={run_dir}")
+    # Lightning's notice, at every resume, that the checkpoint folder is not empty
+    assert "exists and is not empty" not in (tmp_path / "resume.log").read_text()
 
     assert (run_dir / "results.json").is_file()
     expected, got = _state(reference), _state(run_dir)
