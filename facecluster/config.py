@@ -743,13 +743,14 @@ class Config:
         found = []
         k = self.clustering.num_clusters
         # method=single has no clusters: their count bounds nothing (max_classes=2 was
-        # refused against the default 4 clusters)
-        if self.two_stage and self.route.top_m > k:
+        # refused against the default 4 clusters), nor does a count refused itself
+        # (num_clusters=-1 was three errors)
+        if self.two_stage and k >= 1 and self.route.top_m > k:
             found.append(f"route.top_m={self.route.top_m} is more than clustering.num_clusters={k}")
-        bad = [s for s in self.stage2.subnets or () if not 0 <= s < k]
+        bad = [s for s in self.stage2.subnets or () if s < 0 or (k >= 1 and s >= k)]
         if self.two_stage and bad:
             found.append(f"stage2.subnets: {bad} are not sub-nets of clustering.num_clusters={k}")
-        if self.two_stage and self.stage2.jobs > k:
+        if self.two_stage and k >= 1 and self.stage2.jobs > k:
             found.append(f"stage2.jobs={self.stage2.jobs} is more than clustering.num_clusters={k}")
         if not self.two_stage and self.stage in ("cluster", "2"):  # assemble: stage 1's
             found.append(f"stage={self.stage}: method=single has stage 1 only")

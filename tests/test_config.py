@@ -201,6 +201,17 @@ def test_string_keys_take_the_text_as_written():
     assert cfg.run_name is None and cfg.stage == "1"
 
 
+def test_a_refused_cluster_count_is_one_error_not_three():
+    # num_clusters=-1 also made route.top_m=1 and stage2.jobs=1 "more than" it
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, ["clustering.num_clusters=-1", "stage2.subnets=[5]"])
+    assert str(err.value).endswith(
+        "invalid configuration:\n  - clustering.num_clusters must be > 0, got -1"
+    )
+    with pytest.raises(ConfigError, match=r"stage2.subnets: \[-1\] are not sub-nets"):
+        load_config(SMOKE, ["clustering.num_clusters=0", "stage2.subnets=[-1]"])
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
