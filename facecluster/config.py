@@ -1201,7 +1201,11 @@ def load_config(
         if (
             paths
             and OmegaConf.select(given, "trainer.max_epochs", default="unset") == "unset"
-            and None not in [OmegaConf.select(given, f"stage{i}.max_epochs") for i in (1, 2)]
+            and None
+            not in [  # an interpolation (${...}) to a key outside them: not known here
+                OmegaConf.select(given, f"stage{i}.max_epochs", throw_on_resolution_failure=False)
+                for i in (1, 2)
+            ]
             and merged.trainer.get("max_epochs") is not None
         ):
             merged.trainer.max_epochs = None

@@ -281,7 +281,8 @@ def load_export(
     # read onto the CPU, then moved: loaded onto a GPU, the whole file (K sub-nets' state
     # dicts, the assignment's [C, d] class means) stayed there beside the modules made
     # from it
-    return TwoStageIdentifier.load(model / TORCH_FILE, route).to(where)
+    # mapped: a command's load (identify, enroll) keeps the largest arrays shared page cache
+    return TwoStageIdentifier.load(model / TORCH_FILE, route, mmap=True).to(where)
 
 
 def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -> dict[str, int]:

@@ -573,7 +573,8 @@ def _write(
         table, table_csv, table_json = temps
         table.write_text(format_table(report.rows, cfg.eval.batch_size) + "\n")
         with open(table_csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(flat[0]))
+            # every row's fields: the ISM row has no verification fields
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
             writer.writeheader()
             writer.writerows(flat)
         table_json.write_text(json.dumps(summary, indent=2))

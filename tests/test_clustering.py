@@ -486,6 +486,16 @@ def test_the_passes_over_all_class_means_give_the_same_in_blocks(monkeypatch):
     bad[7] = whole[7] * 1.5
     with pytest.raises(ValueError, match=r"1 row\(s\) are not \(e.g. rows \[7\]"):
         ClusterAssignment.from_labels(labels, bad, num_clusters=3, method="kmeans")
+    # rows too large for a float32 norm (inf) fill more than a block before a NaN row:
+    # the NaN is still named as such, and those rows' true norms are shown
+    bad[:5] = 1e30
+    bad[8, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/inf values \(rows \[8\]\)"):
+        ClusterAssignment.from_labels(labels, bad, num_clusters=3, method="kmeans")
+    bad[8] = whole[8]
+    with pytest.raises(ValueError, match=r"6 row\(s\) are not \(e.g. rows \[0, 1, 2, 3, 4, 7\] "
+                       r"with norms \[2.449\d*e\+30, "):  # fmt: skip
+        ClusterAssignment.from_labels(labels, bad, num_clusters=3, method="kmeans")
 
 
 def test_accumulate_rejects_bad_input():

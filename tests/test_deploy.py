@@ -1121,6 +1121,27 @@ def test_an_identifier_whose_weights_are_not_finite_is_neither_written_nor_loade
         load_onnx(tmp_path / "onnx")
 
 
+def test_a_loaded_identifier_is_read_unless_asked_to_map_its_file(tmp_path):
+    # A server holds an identifier for long: a file copied over the mapped one (cp, not a
+    # rename) ended the process with SIGBUS or swapped its weights. The API reads the
+    # file; the commands (identify, enroll: a load per command) map it.
+    from facecluster.deploy import load_export
+
+    _small_export(tmp_path)
+    path = tmp_path / "identifier.pt"
+    read = TwoStageIdentifier.load(path)
+    mapped = TwoStageIdentifier.load(path, mmap=True)
+    command = load_export(tmp_path, "torch", "cpu")
+    before = read.assignment.class_means.clone()
+    with open(path, "r+b") as f:  # the same file, overwritten in place, bytes changed
+        data = bytearray(f.read())
+        f.seek(0)
+        f.write(bytes(b ^ 0x55 for b in data))
+    assert torch.equal(read.assignment.class_means, before)
+    for identifier in (mapped, command):  # what a mapped load shares: the file's pages
+        assert not torch.equal(identifier.assignment.class_means, before)
+
+
 def test_an_export_keeps_any_names_exactly_and_reads_the_list_of_older_versions(tmp_path):
     # a list of str took 6.6 s to load at 2M identities (weights_only unpickles each):
     # the names are one utf8 tensor and its int64 offsets, whatever characters they hold

@@ -101,8 +101,9 @@ def _check_unit_rows(t: torch.Tensor, name: str) -> None:
     # in every process that builds an assignment. A finite row too large for float32's
     # norm is not unit either.
     norms = torch.cat([torch.linalg.vector_norm(b, dim=1) for b in t.split(_ROWS)])
-    broken = (~torch.isfinite(norms)).nonzero().flatten()[:_ROWS]
-    nan = broken[~torch.isfinite(t[broken]).all(dim=1)]
+    broken = (~torch.isfinite(norms)).nonzero().flatten()  # NaN/inf, or past float32
+    nan = [b[~torch.isfinite(t[b]).all(dim=1)] for b in broken.split(_ROWS)]
+    nan = torch.cat(nan) if nan else broken
     if nan.numel():
         raise ValueError(
             f"ClusterAssignment.{name} contains NaN/inf values (rows {nan[:10].tolist()})"
@@ -110,9 +111,10 @@ def _check_unit_rows(t: torch.Tensor, name: str) -> None:
     off = (~((norms - 1.0).abs() <= _NORM_TOL)).nonzero().flatten()
     if off.numel():
         rows = off[:10].tolist()
+        shown = [round(float(torch.linalg.vector_norm(t[i].double())), 4) for i in rows]
         raise ValueError(
             f"ClusterAssignment.{name} must be L2-normalised row-wise; {off.numel()} row(s) are "
-            f"not (e.g. rows {rows} with norms {[round(float(norms[i]), 4) for i in rows]})"
+            f"not (e.g. rows {rows} with norms {shown})"
         )
 
 

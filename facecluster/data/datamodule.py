@@ -454,13 +454,15 @@ class ShuffleSampler(DistributedSampler):
     """Stage 1's training order, the indices and order of torch's samplers, held as one
     int64 tensor and handed out a chunk at a time (:func:`_in_chunks`).
 
-    Under DDP (``seed`` given) DistributedSampler's: a permutation seeded by ``seed +
-    epoch``, padded with its first indices to a multiple of ``world_size``, rank ``r``
-    taking positions ``r, r + world_size, ...``. In one process (``seed`` None)
-    RandomSampler's: a permutation from a generator seeded by one draw of the global
-    RNG when the epoch's iteration starts (EpochSeedCallback reseeds it per epoch). A
-    DistributedSampler subclass, so Lightning neither replaces it under DDP nor
-    forgets :meth:`set_epoch`.
+    With more than one process (``seed`` given) DistributedSampler's: a permutation
+    seeded by ``seed + epoch``, padded with its first indices to a multiple of
+    ``world_size``, rank ``r`` taking positions ``r, r + world_size, ...``. In one
+    process (``seed`` None) RandomSampler's: a permutation from a generator seeded by
+    one draw of the global RNG when the epoch's iteration starts (EpochSeedCallback
+    reseeds it per epoch), also under ``strategy=ddp`` with one device (Lightning put
+    its own DistributedSampler there until 2026-12-04, in place of RandomSampler:
+    another order). A DistributedSampler subclass, so Lightning neither replaces it
+    under DDP nor forgets :meth:`set_epoch`.
     """
 
     def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int | None = None):

@@ -784,15 +784,18 @@ class TwoStageIdentifier(nn.Module):
         path: str | Path,
         route: dict[str, Any] | None = None,
         map_location: str | torch.device = "cpu",
+        mmap: bool = False,
     ) -> TwoStageIdentifier:
         """Read a file written by ``export`` (plain torch + the backbone registry).
 
         Only plain data is read (``weights_only``): a file holding anything else is
         refused with :class:`~facecluster.io.UnsafeFileError` before any of it runs.
+        ``mmap``: map the file instead of reading it; its head rows and class means
+        (gigabytes at 2M identities) then stay shared page cache. The file must then
+        only be replaced by a rename (as export and enroll do): one copied over it
+        while it is mapped ends the process (SIGBUS) or changes the loaded weights.
         """
-        # mapped: the head rows and class means (gigabytes at 2M identities) stay the page
-        # cache's, shared by the processes that load the file, where reading made a copy
-        payload = load_plain(path, map_location, "exported identifier", mmap=True)
+        payload = load_plain(path, map_location, "exported identifier", mmap=mmap)
         if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
             raise ValueError(f"{path} is not an exported facecluster identifier")
         version = payload.get("version")
