@@ -32,3 +32,9 @@ class StderrProgressBar(TQDMProgressBar):
     def init_predict_tqdm(self):
         with contextlib.redirect_stdout(sys.stderr):
             return super().init_predict_tqdm()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # a bar stopped mid-line (tqdm ends none of its updates with a newline): the
+        # error that follows, on the same stream now, starts a line of its own
+        if self.is_enabled:
+            print(file=sys.stderr, flush=True)
