@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 
 from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+def _on_stderr(init: Callable) -> Callable:
+    """``init``, the maker of one of Lightning's bars, making it write to stderr:
+    Lightning passes ``file=sys.stdout``, read when the bar is made."""
+
+    def made_on_stderr(self: TQDMProgressBar):
+        with contextlib.redirect_stdout(sys.stderr):
+            return init(self)
+
+    return made_on_stderr
 
 
 class StderrProgressBar(TQDMProgressBar):
@@ -13,25 +25,11 @@ class StderrProgressBar(TQDMProgressBar):
     so ``python train.py > results.txt`` kept thousands of bar updates between the
     result tables that are a command's only output on stdout."""
 
-    def init_sanity_tqdm(self):
-        with contextlib.redirect_stdout(sys.stderr):  # Lightning passes file=sys.stdout
-            return super().init_sanity_tqdm()
-
-    def init_train_tqdm(self):
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().init_train_tqdm()
-
-    def init_validation_tqdm(self):
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().init_validation_tqdm()
-
-    def init_test_tqdm(self):
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().init_test_tqdm()
-
-    def init_predict_tqdm(self):
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().init_predict_tqdm()
+    init_sanity_tqdm = _on_stderr(TQDMProgressBar.init_sanity_tqdm)
+    init_train_tqdm = _on_stderr(TQDMProgressBar.init_train_tqdm)
+    init_validation_tqdm = _on_stderr(TQDMProgressBar.init_validation_tqdm)
+    init_test_tqdm = _on_stderr(TQDMProgressBar.init_test_tqdm)
+    init_predict_tqdm = _on_stderr(TQDMProgressBar.init_predict_tqdm)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # a bar stopped mid-line (tqdm ends none of its updates with a newline): the
