@@ -708,9 +708,10 @@ Wall time of the last runs: {walls}. Exact commands: `commands` in
   512 the check and the mapping took 2.9 s and the process's private memory fell from
   1,443 to 531 MiB (2026-12-01, one process, `/proc/self/status`; a one-off script).
   The check (every class mean finite and of unit norm) runs wherever an assignment is
-  built or loaded: at 2M x 512 it took 16.0-17.3 s with a finiteness pass and float64
-  norms, 0.61 s since 2026-12-04 with one float32 norm per row (two threads, random
-  unit rows; a one-off script).
+  built or loaded: at 2M x 512 it took 12.8-17.3 s with a finiteness pass and float64
+  norms, 0.26-0.65 s since 2026-12-04 with one float32 norm per row (two threads,
+  random unit rows, 2026-12-04; a review's runs and one alternating the two versions,
+  beside a training; one-off scripts).
   Before that mapping, while the clustering runs, every rank holds the all-reduced
   means once (4 GB at 2M x 512, computed), and rank 0 a normalised copy for k-means
   besides (8 GB); the other ranks normalise theirs in place (since 2026-12-03: a
