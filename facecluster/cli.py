@@ -101,7 +101,13 @@ def _fail(message: object) -> int:
 
 
 def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from facecluster.config import PROJECT_ROOT, ConfigError, check_data_root, load_config
+    from facecluster.config import (
+        COMMAND,
+        PROJECT_ROOT,
+        ConfigError,
+        check_data_root,
+        load_config,
+    )
 
     default = PROJECT_ROOT / "configs" / "default.yaml"
     # under the console script its examples name it (train.py is not installed)
@@ -166,7 +172,15 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         # only when the run is finished (not after stage=1, a job, a SLURM submission).
         if is_global_zero() and cfg.eval.after_training and result.results is not None:
             print("\nEvaluation on the held-out test split (docs/EVALUATION.md):")
-            print(evaluate_runs([result.run_dir]))
+            try:
+                print(evaluate_runs([result.run_dir]))
+            except KeyboardInterrupt:  # the training is done: say how to evaluate it
+                print(
+                    f"interrupted during the evaluation; the run has finished training: "
+                    f"`{COMMAND['evaluate']} run={result.run_dir}` evaluates it",
+                    file=sys.stderr,
+                )
+                return 130
             print(f"\nfacecluster run folder: {result.run_dir}")
     except ConfigError as e:
         return _fail(e)

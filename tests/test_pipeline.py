@@ -670,6 +670,29 @@ def test_ctrl_c_says_which_command_continues_the_run(tmp_path, capsys, monkeypat
     assert code == 130 and f"{hint}  facecluster train resume={run}\n" in err, err[-2000:]
 
 
+def test_ctrl_c_in_the_evaluation_after_training_names_the_command_that_evaluates(
+    capsys, monkeypatch, tmp_path
+):
+    # the run had finished training; "interrupted" alone left the user to find that
+    # out and how to get its table
+    from types import SimpleNamespace
+
+    from facecluster import cli, evaluation, pipeline
+
+    run = tmp_path / "runs" / "done"
+    finished = SimpleNamespace(run_dir=run, results={"clustered": {}})
+    monkeypatch.setattr(pipeline, "train", lambda cfg, **kw: finished)
+
+    def stopped(runs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "evaluate_runs", stopped)
+    assert cli.train_main(["-c", str(SMOKE), f"output_dir={tmp_path / 'runs'}"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted during the evaluation; the run has finished training" in err
+    assert f"`python evaluate.py run={run}` evaluates it" in err
+
+
 def test_ctrl_c_while_train_py_imports_torch_is_an_interrupt(capsys, monkeypatch):
     # Ctrl-C in the seconds train.py imports torch and Lightning printed a traceback
     # of some 100 lines through their imports (a first-user review)
