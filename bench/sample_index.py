@@ -13,11 +13,12 @@ write to the objects a lookup returns, so their copy-on-write pages are copied).
 (a tenth of Glint360K: 17,091,657 images of 360,232 identities). Prints one JSON line
 and writes it to ``--out``; docs/DATA.md quotes it.
 
-``--layout im2rec`` writes the file without header and identity records, as plain
-``im2rec`` does: identities then come from one pass over every record's label, kept
-in a cache folder (``output_dir/.cache`` in a run). The set-up is measured twice, in
-two fresh processes: the first makes the cache (``setup_s``), the second reads it
-(``setup_cached_s``).
+The set-up is measured twice, in two fresh processes sharing a cache folder
+(``output_dir/.cache`` in a run): the first makes the kept split (``setup_s``), the
+second reads it (``setup_cached_s``), as every later DDP rank, stage-2 job,
+evaluation and resume of a run does. ``--layout im2rec`` writes the file without
+header and identity records, as plain ``im2rec`` does: identities then come from one
+pass over every record's label, kept there too.
 
     python bench/sample_index.py --layout im2rec --out bench/results/sample_index_im2rec.json
 
@@ -154,19 +155,17 @@ def main() -> None:
         im2rec = args.layout == "im2rec"
         rec = write_rec(Path(tmp) / "rec", args.images, args.identities, not im2rec, args.first_key)
         command = [sys.executable, __file__, "--measure", str(rec)]
-        if im2rec:
-            command += ["--cache", str(Path(tmp) / "cache")]
+        command += ["--cache", str(Path(tmp) / "cache")]
 
         def run() -> dict:
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             return json.loads(done.stdout.strip().splitlines()[-1])
 
         result = run()
-        if im2rec:  # the second process reads the labels the first one kept
-            cached = run()
-            result["setup_cached_s"] = cached["setup_s"]
-            result["rss_added_cached_mb"] = cached["rss_added_mb"]
-            result["anonymous_added_cached_mb"] = cached["anonymous_added_mb"]
+        cached = run()  # the second process reads the split (and labels) the first kept
+        result["setup_cached_s"] = cached["setup_s"]
+        result["rss_added_cached_mb"] = cached["rss_added_mb"]
+        result["anonymous_added_cached_mb"] = cached["anonymous_added_mb"]
         result.update(
             layout=args.layout,
             first_key=args.first_key,

@@ -697,6 +697,65 @@ def test_unseen_identities_never_train_and_serve_val_or_test() -> None:
         FaceDataModule(str(DEMO_ROOT), max_classes=2, unseen_fraction=0.5).setup()
 
 
+def test_a_split_is_kept_for_the_next_process_and_only_for_the_same_data(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    # every DDP rank, stage-2 job, evaluation and resume split the data again: 69 s at
+    # 2M identities; the kept split is the one made again, or not used
+    from facecluster.data import folder as folder_module
+
+    cache = tmp_path / ".cache"
+
+    def made(**settings) -> tuple[list[str], dict[str, list[str]], list[str]]:
+        dm = FaceDataModule(str(DEMO_ROOT), max_classes=30, cache=str(cache), **settings)
+        dm.setup()
+        splits = {s: [p for p, _ in dm.split_samples(s)] for s in ("train", "val", "test")}
+        return dm.class_names, splits, dm.unseen_identities("test")
+
+    settings = {"unseen_fraction": 0.2, "seed": 3}
+    first = made(**settings)
+    (kept,) = cache.iterdir()
+    assert kept.name.startswith("split-") and kept.name.endswith(".npz")
+    with monkeypatch.context() as m:  # the kept split is used: nothing is drawn again
+        m.setattr(folder_module, "_draw_unseen", lambda *a: pytest.fail("drawn again"))
+        m.setattr(folder_module, "_split_codes", lambda *a: pytest.fail("split again"))
+        assert made(**settings) == first
+    uncached = FaceDataModule(str(DEMO_ROOT), max_classes=30, **settings)
+    uncached.setup()
+    assert uncached.class_names == first[0] and uncached.unseen_identities("test") == first[2]
+    assert [p for p, _ in uncached.split_samples("val")] == first[1]["val"]
+    # another seed, fraction or set of identities: its own split, not the kept one
+    for other in ({"seed": 4}, {"val_fraction": 0.2}, {"unseen_fraction": 0.1}):
+        changed = made(**{**settings, **other})
+        assert changed != first
+    changed = FaceDataModule(str(DEMO_ROOT), max_classes=29, cache=str(cache), **settings)
+    changed.setup()
+    assert changed.class_names != first[0]
+    assert len(list(cache.iterdir())) == 5
+    # a kept file that cannot be read, or does not fit, is made again, the same
+    whole = kept.read_bytes()
+    for damaged in (b"not a numpy file", whole[: len(whole) // 2], b""):
+        kept.write_bytes(damaged)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert made(**settings) == first
+        assert "unreadable" in caplog.text and str(kept) in caplog.text
+    with kept.open("wb") as f:  # readable, but another data set's
+        np.savez(f, drawn=np.array([0, 1, 2], dtype=np.int64), split_of=np.zeros(5, np.int8))
+    with caplog.at_level("WARNING"):
+        assert made(**settings) == first
+    assert "unreadable" in caplog.text
+    assert kept.read_bytes() == whole
+    # a cache folder that cannot be written costs a warning, not the run
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the folder should be")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        dm = FaceDataModule(str(DEMO_ROOT), max_classes=30, cache=str(blocked), **settings)
+        dm.setup()
+    assert dm.unseen_identities("test") == first[2] and "could not keep the split" in caplog.text
+
+
 def test_data_package_does_not_import_models_or_clustering() -> None:
     for path in DATA_PKG.glob("*.py"):
         tree = ast.parse(path.read_text())

@@ -235,6 +235,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_pipeline.py::test_the_ism_baseline_trains_a_random_partition_and_every_"
         "subnet_answers",
     ),
+    "python evaluate.py run=<run>": (
+        FILLED,
+        "tests/test_pipeline.py::test_the_ism_baseline_trains_a_random_partition_and_every_"
+        "subnet_answers",
+    ),
     "python train.py run_name=demo-all data.unseen_fraction=0": (LEFT_OUT, LONG),
     "python bench/open_set.py --run runs/<run> --export exports/demo": (
         FILLED,
@@ -252,6 +257,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "python bench/sample_index.py --images 2062000 --identities 100000 --out "
     "/tmp/sample_index_webface.json": (
+        LEFT_OUT,
+        BENCH + "; tests/test_performance.py runs it small",
+    ),
+    "python bench/sample_index.py --images 8400000 --identities 400000 --out "
+    "/tmp/sample_index_8m.json": (
         LEFT_OUT,
         BENCH + "; tests/test_performance.py runs it small",
     ),
@@ -367,7 +377,7 @@ def test_the_readme_smoke_command_as_written(tmp_path):
     assert SMOKE_COMMAND in [command for page, command in documented_commands()]
     proc = run_documented(SMOKE_COMMAND, tmp_path, ("train.py", "configs", "datasets"))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.name != ".cache"]
     assert proc.stdout.rstrip().splitlines()[-1] == f"facecluster run folder: {run_dir}"
     assert "Evaluation on the held-out test split" in proc.stdout
     # stdout holds the tables alone: the progress bars go to stderr, with the logs

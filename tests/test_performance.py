@@ -481,6 +481,7 @@ def test_sample_index_benchmark_measures_setup_and_a_forked_workers_copy(tmp_pat
     result = json.loads(out.read_text())
     assert result["images"] == 3000 and result["train_samples"] == 60 * 35  # 0.7 of 50 each
     assert result["setup_s"] > 0 and result["rss_bytes_per_image"] > 0
+    assert result["setup_cached_s"] > 0  # a second process, reading the kept split
     assert result["worker_private_mb_per_epoch"] > 0  # the worker's reads did copy pages
     assert result["machine"] == machine()
     # im2rec's layout: the second process reads the labels the first one kept (the

@@ -54,10 +54,9 @@ from facecluster.data.folder import (
     SPLIT_NAMES,
     FaceFolder,
     Samples,
-    hold_out_identities,
     scan,
     shown_list,
-    split_per_identity,
+    split_data,
     validate_fractions,
 )
 from facecluster.data.images import (
@@ -755,8 +754,9 @@ class FaceDataModule(lightning.LightningDataModule):
         decode: ``cpu``: the loaders decode; ``device``: training loaders ship JPEG bytes
             and :meth:`on_after_batch_transfer` decodes each batch on the training device
             (``data.decode``).
-        cache: Where the label pass over a ``.rec`` without identity records is kept
-            for the next process that scans the same file (the run's ``output_dir``/
+        cache: Where the label pass over a ``.rec`` without identity records and the
+            split (:func:`~facecluster.data.folder.split_data`) are kept for the next
+            process that scans and splits the same data (the run's ``output_dir``/
             ``.cache``; None: not kept).
     """
 
@@ -852,11 +852,13 @@ class FaceDataModule(lightning.LightningDataModule):
             cache=self.hparams.cache,
         )
         self._check_empty_files(folder)  # the whole scan: held-out identities' files too
-        folder, self._unseen = hold_out_identities(
-            folder, self.hparams.unseen_fraction, self.hparams.seed
-        )
-        splits = split_per_identity(
-            folder, self.hparams.val_fraction, self.hparams.test_fraction, self.hparams.seed
+        folder, self._unseen, splits = split_data(
+            folder,
+            self.hparams.unseen_fraction,
+            self.hparams.val_fraction,
+            self.hparams.test_fraction,
+            self.hparams.seed,
+            cache=self.hparams.cache,  # the next process's (rank, job, evaluation) split
         )
         self._tracker = BadImageTracker(folder.samples.locators)
         self._folder, self._splits = folder, splits
