@@ -196,6 +196,30 @@ class StageSystem(L.LightningModule):
                 for optimizer in checkpoint["optimizer_states"]
             ]
 
+    def on_train_epoch_end(self) -> None:
+        self.sync_buffers()
+
+    def sync_buffers(self) -> None:
+        """Give every DDP process rank 0's buffers (BatchNorm's running statistics).
+
+        DDP copies rank 0's buffers to the others at the start of each training
+        forward, and each process then updates them with its own batch: after the last
+        step the other processes' BatchNorm statistics are not those of the model that
+        rank 0 saves. A validation pass happens to copy them again; without one (no
+        validation at the last epoch, ``data.val_fraction=0``), the class means (each
+        process embeds its share of the images) and the stage's test used models that
+        were never saved: class means up to 0.03 off the saved backbone's in
+        ``tests/test_ddp.py``'s 2-process run. Called at the end of every training epoch, before the
+        clustering, the test and the checkpoint; the next training forward would have
+        overwritten them anyway, so training does not change.
+        """
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        ignored = set(getattr(self, "_ddp_params_and_buffers_to_ignore", ()))
+        for name, buffer in self.named_buffers():
+            if name not in ignored:  # the same on every process already
+                dist.broadcast(buffer, src=0)
+
     def on_train_start(self) -> None:
         # The LR schedule counts optimizer steps. Resumed on another device count (or
         # batch size), an epoch has another number of them, and the restored count would
