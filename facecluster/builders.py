@@ -420,6 +420,22 @@ def stop_started_ranks(grace: float = STOP_GRACE_S, terminated: bool = False) ->
     return killed
 
 
+def peer_stopped(error: RuntimeError) -> bool:
+    """Whether ``error`` is gloo's word that another process of this DDP run has gone
+    (its transport's message; the process group may be closed by now,
+    :func:`stop_started_ranks`). Not a DataLoader worker's own
+    error re-raised here, which a network filesystem's "reset by peer" can be. (Under
+    NCCL no collective fails at once: Lightning's launcher in rank 0 kills every process
+    within 5 s of one it started failing, and rank 0 ends those it started when it
+    fails itself.)"""
+    text = str(error)
+    return (
+        "gloo" in text.lower()
+        and "DataLoader worker" not in text
+        and ("Connection closed by peer" in text or "Connection reset by peer" in text)
+    )
+
+
 def close_process_group() -> None:
     """Destroy the DDP process group this process joined (Lightning leaves it): left to
     the interpreter's exit, a gloo rank once ended in "terminate called without an

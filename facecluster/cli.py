@@ -152,7 +152,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     try:  # torch, Lightning, timm: seconds, in which a Ctrl-C is an interrupt too
-        from facecluster.builders import close_process_group
+        from facecluster.builders import close_process_group, peer_stopped
         from facecluster.data import BadImageError
         from facecluster.evaluation import eval_device, evaluate_runs
         from facecluster.launch import JobsFailed
@@ -198,7 +198,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print("interrupted", file=sys.stderr)  # local stage-2 jobs: the hint came first
         return 130
     except RuntimeError as e:
-        if not _peer_stopped(e):
+        if not peer_stopped(e):
             raise
         # Another DDP process stopped (a broken image under data.on_bad_image=fail, an
         # error of its own) and said why; gloo then fails this one's next collective, a
@@ -208,6 +208,8 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             "this one stopped with it",
             file=sys.stderr,
         )
+        for note in getattr(e, "__notes__", ()):  # how to continue the run
+            print(note.lstrip("\n"), file=sys.stderr)
         return 1
     except SystemExit as e:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -228,22 +230,6 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     finally:
         close_process_group()
     return 0
-
-
-def _peer_stopped(error: RuntimeError) -> bool:
-    """Whether ``error`` is gloo's word that another process of this DDP run has gone
-    (its transport's message; the process group may be closed by now,
-    :func:`facecluster.builders.stop_started_ranks`). Not a DataLoader worker's own
-    error re-raised here, which a network filesystem's "reset by peer" can be. (Under
-    NCCL no collective fails at once: Lightning's launcher in rank 0 kills every process
-    within 5 s of one it started failing, and rank 0 ends those it started when it
-    fails itself.)"""
-    text = str(error)
-    return (
-        "gloo" in text.lower()
-        and "DataLoader worker" not in text
-        and ("Connection closed by peer" in text or "Connection reset by peer" in text)
-    )
 
 
 def _resume_override(overrides: list[str]) -> str | None:

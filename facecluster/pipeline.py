@@ -36,6 +36,7 @@ from facecluster.builders import (
     check_trainer_settings,
     check_verification_sets,
     module_args,
+    peer_stopped,
     stop_started_ranks,
 )
 from facecluster.callbacks import ClusteringCallback, ResumeHint
@@ -173,6 +174,11 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
                 except BadImageError as e:  # found by a loader: the run folder exists now
                     if not os.environ.get(JOB_ENV):  # a stage-2 job: its launcher says how
                         why = "once the data is repaired"
+                        e.add_note(resume_hint(folder.path, cfg.stage, why))
+                    raise
+                except RuntimeError as e:  # another rank gone: killed (OOM), or its error
+                    if peer_stopped(e) and not os.environ.get(JOB_ENV):
+                        why = "once its cause is dealt with"
                         e.add_note(resume_hint(folder.path, cfg.stage, why))
                     raise
 

@@ -673,16 +673,44 @@ def test_under_ddp_the_process_that_finds_a_broken_image_says_so_and_the_other_s
 def test_a_dataloader_workers_reset_by_peer_is_not_taken_for_a_ddp_peers_stop():
     # train.py says "another process of this run stopped first" for gloo's message only,
     # not for a worker's error that a network filesystem's reset put in the same words
-    from facecluster.cli import _peer_stopped
+    from facecluster.builders import peer_stopped
 
     gloo = RuntimeError(
         "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection "
         "closed by peer [127.0.0.1]:19089. This is typically caused by a remote worker crashing."
     )
-    assert _peer_stopped(gloo)
+    assert peer_stopped(gloo)
     worker = RuntimeError(
         "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent "
         "call last):\n  ...\nRuntimeError: read of /mnt/nfs/train.rec failed: Connection "
         "reset by peer"
     )
-    assert not _peer_stopped(worker)
+    assert not peer_stopped(worker)
+
+
+def test_a_process_whose_ddp_peer_is_gone_says_how_to_continue_the_run(
+    tmp_path, capsys, monkeypatch
+):
+    # a rank SIGKILLed (the OOM killer) leaves no line of its own: the one left said
+    # "another process ... stopped first" and nothing about the run, which a resume
+    # continues (a review of the DDP paths)
+    from facecluster import pipeline
+    from facecluster.cli import train_main
+
+    def gone(run):
+        raise RuntimeError(
+            "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+            "[127.0.0.1]:5555"
+        )
+
+    monkeypatch.setattr(pipeline, "_two_stages", gone)
+    overrides = smoke_overrides(tmp_path, "logger=none")
+    assert train_main(["-c", str(SMOKE), *overrides]) == 1
+    err = capsys.readouterr().err
+    assert "error: another process of this run stopped first" in err
+    assert "once its cause is dealt with: continue the run" in err
+    assert err.rstrip().endswith(f"python train.py resume={tmp_path / 'run'}")
+    # a stage-2 job's launcher says how to continue, as for its other errors
+    monkeypatch.setenv("FACECLUSTER_JOB", "subnets-0")
+    assert train_main(["-c", str(SMOKE), *smoke_overrides(tmp_path / "job", "logger=none")]) == 1
+    assert "continue the run" not in capsys.readouterr().err
