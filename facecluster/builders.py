@@ -562,6 +562,26 @@ def _fit_epoch(kwargs: dict[str, Any], batches: int, stage: int) -> bool:
     return kwargs != before
 
 
+def fit_eval_batches(trainer: L.Trainer, dm: FaceDataModule, stage: int) -> None:
+    """Raise a ``limit_val_batches`` / ``limit_test_batches`` fraction under one batch of
+    this process's share of the split to one batch: Lightning refuses it when the loop
+    starts, and the test starts after the stage has trained (a review: stage 2 trained,
+    then ``0.01 * 10 < 1`` stopped the run, whose resume failed the same way)."""
+    for split in ("val", "test"):
+        name = f"limit_{split}_batches"
+        limit = getattr(trainer, name)
+        if not (isinstance(limit, float) and 0 < limit < 1):
+            continue
+        faces = -(-len(dm.split_labels(split)) // trainer.world_size)  # one rank's, padded
+        batches = -(-faces // dm.eval_batch_size)
+        if batches and int(limit * batches) < 1:
+            setattr(trainer, name, 1)
+            rank_zero_info(
+                f"trainer.{name}={limit} of stage {stage}'s {split} split of {batches} "
+                f"batches is under one batch: it runs one batch"
+            )
+
+
 def _trainer_kwargs(cfg: Config, stage: int) -> dict[str, Any]:
     """Stage ``stage``'s Trainer arguments from ``trainer.*``: precision ``auto``
     resolved, its epochs, validation off without a validation split, our plugins."""

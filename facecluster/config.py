@@ -867,6 +867,21 @@ class Config:
                 "without the checkpoint stage 2 starts from: use a count > 0 or a fraction "
                 "in (0, 1]"
             )
+        limit = t.get("limit_test_batches")
+        if _number(limit) and limit == 0:  # trainer.test() gave [] and an IndexError
+            found.append(
+                f"trainer.limit_test_batches={limit} tests nothing, and each stage ends with "
+                "its test (the held-out accuracy in results.json): use a count > 0 or a "
+                "fraction in (0, 1]"
+            )
+        overfit = t.get("overfit_batches")
+        if _number(overfit) and overfit != 0:  # Lightning swaps the train sampler
+            found.append(
+                f"trainer.overfit_batches={overfit}: stage 2's sampler serves each sub-net "
+                "its own cluster's batches and cannot be replaced by Lightning's (stage 2 "
+                "failed after stage 1 had trained): to train on a few batches use "
+                "trainer.limit_train_batches=N"
+            )
         if _whole(t.get("max_steps")) and t["max_steps"] == 0:
             found.append(
                 "trainer.max_steps=0 trains no step, so stage 1 would end without the "

@@ -35,6 +35,7 @@ from facecluster.builders import (
     check_trainer,
     check_trainer_settings,
     check_verification_sets,
+    fit_eval_batches,
     module_args,
     peer_stopped,
     stop_started_ranks,
@@ -328,6 +329,7 @@ def fit_stage1(
     model = BackboneSystem(run.dm.num_classes, **module_args(run.cfg, 1))
     extra = [clustering] if clustering is not None and not settled else []
     trainer = build_trainer(run.cfg, 1, run.folder, run.logger, [*extra, *run.callbacks])
+    fit_eval_batches(trainer, run.dm, 1)
     trainer.fit(
         model, datamodule=run.dm, ckpt_path=str(resume) if resume else None, weights_only=True
     )
@@ -490,6 +492,7 @@ def _fit_job(
         trainer = build_trainer(
             cfg, 2, folder, logger, run.callbacks, job=job, batches=run.dm.subnet_steps
         )
+        fit_eval_batches(trainer, run.dm, 2)
         trainer.fit(
             model, datamodule=run.dm, ckpt_path=str(resume) if resume else None, weights_only=True
         )

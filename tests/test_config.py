@@ -395,6 +395,10 @@ def test_strategies_that_cannot_shard_the_heads_are_refused():
         ("trainer.max_steps=0", "trainer.max_steps=0 trains no step"),
         ("trainer.fast_dev_run=true", "trainer.fast_dev_run=true saves no checkpoint"),
         ("trainer.fast_dev_run=2", "trainer.fast_dev_run=2 saves no checkpoint"),
+        # found after each stage had trained (its test), or stage 1 (stage 2's sampler)
+        ("trainer.limit_test_batches=0", "trainer.limit_test_batches=0 tests nothing"),
+        ("trainer.overfit_batches=2", "trainer.overfit_batches=2: stage 2's sampler"),
+        ("trainer.overfit_batches=0.1", "trainer.overfit_batches=0.1: stage 2's sampler"),
     ],
 )
 def test_trainer_settings_that_train_nothing_are_refused_at_load(override, expected):
@@ -404,6 +408,7 @@ def test_trainer_settings_that_train_nothing_are_refused_at_load(override, expec
         load_config(SMOKE, [override])
     assert expected in str(err.value)
     fine = ["trainer.limit_train_batches=0.5", "trainer.max_steps=-1", "trainer.fast_dev_run=false"]
+    fine += ["trainer.limit_test_batches=0.5", "trainer.overfit_batches=0"]
     assert load_config(SMOKE, fine).trainer["limit_train_batches"] == 0.5
 
 

@@ -232,6 +232,9 @@ def test_bad_input_stops_before_training_and_names_the_culprit(tmp_path, overrid
         ("trainer.limit_train_batches=0.06", "it trains one batch per epoch"),
         # both: the interval against the limited epoch, as Lightning counts it
         ("trainer.limit_train_batches=0.5 trainer.val_check_interval=10", "epoch's end"),
+        # under one batch of the val or test split: Lightning refused the test fraction
+        # after the stage had trained (a review)
+        ("trainer.limit_val_batches=0.01 trainer.limit_test_batches=0.01", "runs one batch"),
     ],
 )
 def test_per_batch_trainer_settings_fit_stage2s_shorter_epochs(tmp_path, override, said, caplog):
