@@ -606,6 +606,18 @@ class RouteConfig:
             r.positive(name, getattr(self, name))
         return r.problems
 
+    def check_identities(self, identities: int) -> None:
+        """ConfigError for settings the run's ``identities`` cannot serve, decided once
+        their count is known (after the data scan, or from the run folder): an IVF index
+        trains its lists on the class means, and faiss refused more lists than class
+        means in the evaluation after both stages had trained."""
+        if self.index == "ivf" and self.ivf_nlist is not None and self.ivf_nlist > identities:
+            raise ConfigError(
+                f"route.ivf_nlist={self.ivf_nlist} lists for route.index=ivf, but the run "
+                f"has {identities} identities (faiss trains each list on class means): "
+                f"use route.ivf_nlist <= {identities}, or null for about 4 * sqrt(identities)"
+            )
+
 
 @dataclass
 class EvalConfig:

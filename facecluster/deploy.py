@@ -101,6 +101,7 @@ def export_run(
     # the verification sets are not read here: a copied run exports without them
     moved = ["data.verification=[]", *([] if data_root is None else [f"data.root={data_root}"])]
     cfg = folder.finished_config(moved)
+    cfg.route.check_identities(len(folder.class_names()))  # the router's index is built
     if data_root is not None and not resolve_data_root(cfg.data.root).exists():
         # a run that needs no data pass would not read it: named here all the same
         given = Path(data_root).expanduser()

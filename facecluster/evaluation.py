@@ -356,6 +356,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
     """Evaluate one finished run on its held-out test split (see the module doc)."""
     run = run_folder(run_dir)
     cfg = run.finished_config(overrides)
+    cfg.route.check_identities(len(run.class_names()))  # before any weights are read
     torch.manual_seed(cfg.seed)
     if cfg.two_stage:
         report = _evaluate_two_stage(run, cfg)

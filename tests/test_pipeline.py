@@ -10,6 +10,7 @@ import shutil
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from facecluster.builders import check_trainer
 from facecluster.clustering import ClusterAssignment, cluster_identities
@@ -55,6 +56,35 @@ def test_a_finished_run_refuses_overrides_it_would_not_act_on(finished_run, tmp_
     # sub-nets named to train again take new stage-2 settings
     again = RunFolder.config_for_resume(str(run), ["stage2.subnets=[1]", "stage2.max_epochs=9"])
     assert again.stage_epochs(2) == 9
+
+
+def test_more_ivf_lists_than_identities_are_refused_before_training_and_evaluation(
+    finished_run, tmp_path, capsys
+):
+    # faiss refused them in the evaluation that ends train.py, after both stages had
+    # trained, with its own traceback (a review of late errors); export the same
+    from facecluster import cli
+    from facecluster.deploy import export_run
+    from facecluster.evaluation import evaluate_run
+
+    ivf = ["route.index=ivf", "route.ivf_nlist=1000"]
+    args = ["-c", str(SMOKE), *smoke_overrides(tmp_path, "logger=none", *ivf)]
+    assert cli.train_main(args) == 2
+    assert "route.ivf_nlist=1000 lists for route.index=ivf, but the run has " in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "run").exists()  # refused after the scan, before the folder
+    identities = len(RunFolder(finished_run.run_dir).class_names())
+    with pytest.raises(ConfigError, match=f"route.ivf_nlist <= {identities}"):
+        evaluate_run(finished_run.run_dir, ivf)
+    run = shutil.copytree(finished_run.run_dir, tmp_path / "copied")  # its config says so
+    saved = OmegaConf.load(run / "config.yaml")
+    saved.route.index, saved.route.ivf_nlist = "ivf", 1000
+    OmegaConf.save(saved, run / "config.yaml")
+    with pytest.raises(ConfigError, match="route.ivf_nlist=1000"):
+        export_run(run, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    evaluate_run(finished_run.run_dir, ["route.index=ivf", f"route.ivf_nlist={identities}"])
 
 
 def test_resuming_a_finished_run_says_it_trains_nothing_and_evaluates(
