@@ -660,6 +660,10 @@ class WandbConfig:
         r = _Rules("wandb.")
         if self.mode is not None:
             r.choice("mode", self.mode, ("online", "offline", "disabled"))
+        # wandb refused them when stage 1's fit started, after the data scan
+        for tag in self.tags:
+            if not 1 <= len(str(tag)) <= 64:
+                r.add(f"wandb.tags: each tag is 1 to 64 characters (W&B's rule), got {tag!r}")
         return r.problems
 
 

@@ -123,11 +123,32 @@ def _wandb_server() -> tuple[str, int, str]:
     return url.hostname, port, url.netloc
 
 
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
+"""The modes ``WANDB_MODE`` may name (wandb's own list; ``wandb.mode`` takes the first
+three)."""
+
+
 def check_wandb_server(cfg: Config) -> None:
-    """With ``logger=wandb``, refuse a ``WANDB_BASE_URL`` that wandb would refuse, before
-    the run folder is made (:func:`build_logger` asks only after)."""
-    if cfg.logger == "wandb":
-        _wandb_server()
+    """With ``logger=wandb``, refuse before the run folder is made (and the data scan)
+    what wandb would refuse only when stage 1's fit starts (:func:`build_logger`): a
+    ``WANDB_BASE_URL`` or ``WANDB_MODE`` it does not take, and W&B online without an
+    API key for the server (wandb's UsageError, after minutes of scanning a ``.rec``)."""
+    if cfg.logger != "wandb":
+        return
+    _, _, netloc = _wandb_server()
+    env = os.environ.get("WANDB_MODE")
+    if not cfg.wandb.mode and env and env not in WANDB_MODES:
+        raise ConfigError(
+            f"WANDB_MODE={env!r} is not a W&B mode ({', '.join(WANDB_MODES)}): unset it to "
+            "let facecluster decide, or set wandb.mode=online|offline|disabled"
+        )
+    mode, why = (cfg.wandb.mode, "wandb.mode") if cfg.wandb.mode else (env, "WANDB_MODE")
+    if mode in ("online", "shared", "run") and not _has_wandb_key(netloc):
+        raise ConfigError(
+            f"{why}={mode} logs to W&B, but there is no API key for {netloc}: set "
+            "WANDB_API_KEY or run `wandb login`, or log offline (wandb.mode=offline; "
+            "`wandb sync` uploads it later)"
+        )
 
 
 def _has_wandb_key(netloc: str) -> bool:

@@ -65,6 +65,39 @@ def test_a_self_hosted_server_is_the_one_asked(monkeypatch, tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+def test_a_wandb_mode_that_cannot_log_is_refused_before_the_data_scan(monkeypatch, tmp_path):
+    # W&B online without a key, a WANDB_MODE wandb does not take, a tag over 64
+    # characters: wandb refused each when stage 1's fit started, after the data scan
+    # (minutes on a .rec), leaving a run folder (a review of late errors)
+    from facecluster.loggers import check_wandb_server
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    scanned = []
+    monkeypatch.setattr("facecluster.pipeline.build_datamodule", lambda *a: scanned.append(a))
+    wandb = smoke_overrides(tmp_path, "logger=wandb")
+    with pytest.raises(ConfigError, match="WANDB_MODE=online logs to W&B, but there is no API"):
+        train(load_config(SMOKE, wandb))
+    assert not scanned and not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="wandb.mode=online logs to W&B, but there is no API"):
+        check_wandb_server(load_config(SMOKE, [*wandb, "wandb.mode=online"]))
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    with pytest.raises(ConfigError, match="WANDB_MODE='bogus' is not a W&B mode"):
+        check_wandb_server(load_config(SMOKE, wandb))
+    check_wandb_server(load_config(SMOKE, [*wandb, "wandb.mode=offline"]))  # it decides
+    for fine in ("offline", "disabled", "dryrun"):
+        monkeypatch.setenv("WANDB_MODE", fine)
+        check_wandb_server(load_config(SMOKE, wandb))
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # a key: online goes on
+    monkeypatch.setenv("WANDB_MODE", "online")
+    check_wandb_server(load_config(SMOKE, wandb))
+    with pytest.raises(ConfigError, match="wandb.tags: each tag is 1 to 64 characters"):
+        load_config(SMOKE, ["wandb.tags=[" + "x" * 70 + "]"])
+    assert load_config(SMOKE, ["wandb.tags=[" + "x" * 64 + "]"]).wandb.tags == ["x" * 64]
+
+
 def test_explicit_mode_wins(monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_mode(load_config(SMOKE, ["wandb.mode=disabled"]))[0] == "disabled"
