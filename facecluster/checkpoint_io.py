@@ -73,7 +73,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except OSError as e:
             raise OSError(
                 e.errno,
-                f"checkpoint {path} not written ({e}); the previous file there is unchanged",
+                f"checkpoint {path} not written ({e.strerror or e}); the previous file "
+                "there is unchanged",
             ) from e
 
     def load_checkpoint(

@@ -152,7 +152,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     try:  # torch, Lightning, timm: seconds, in which a Ctrl-C is an interrupt too
-        from facecluster.builders import close_process_group, peer_stopped
+        from facecluster.builders import close_process_group, disk_full, peer_stopped
         from facecluster.data import BadImageError
         from facecluster.evaluation import eval_device, evaluate_runs
         from facecluster.launch import JobsFailed
@@ -197,6 +197,14 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except KeyboardInterrupt:  # outside a Trainer (Lightning's own ends in exit 1)
         print("interrupted", file=sys.stderr)  # local stage-2 jobs: the hint came first
         return 130
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        for note in getattr(e, "__notes__", ()):  # how to continue the run
+            print(note.lstrip("\n"), file=sys.stderr)
+        return 1
     except RuntimeError as e:
         if not peer_stopped(e):
             raise

@@ -18,8 +18,10 @@ Imports nothing of facecluster, so every package may use it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -69,9 +71,26 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save(obj, path)``, atomically (:func:`atomic_file`)."""
+    """``torch.save(obj, path)``, atomically (:func:`atomic_file`).
+
+    Raises:
+        OSError: the write failed, naming ``path`` (and, for a full disk, the space
+            left there); torch's zip writer reports a failed write as a RuntimeError
+            ("unexpected pos"), the OSError only as its context.
+    """
     with atomic_file(path) as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            failed = e.__context__
+            if not isinstance(failed, OSError):
+                raise
+            why = failed.strerror or str(failed)
+            if failed.errno in (errno.ENOSPC, errno.EDQUOT):
+                with contextlib.suppress(OSError):
+                    free = shutil.disk_usage(Path(path).parent).free
+                    why += f", {free / 2**20:.1f} MiB free there"
+            raise OSError(failed.errno, why, str(path)) from None
     return Path(path)
 
 

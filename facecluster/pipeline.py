@@ -35,6 +35,7 @@ from facecluster.builders import (
     check_trainer,
     check_trainer_settings,
     check_verification_sets,
+    disk_full,
     fit_eval_batches,
     module_args,
     peer_stopped,
@@ -181,6 +182,10 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
                     if peer_stopped(e) and not os.environ.get(JOB_ENV):
                         why = "once its cause is dealt with"
                         e.add_note(resume_hint(folder.path, cfg.stage, why))
+                    raise
+                except OSError as e:  # a full disk: the checkpoints before it are whole
+                    if disk_full(e) and not os.environ.get(JOB_ENV):
+                        e.add_note(resume_hint(folder.path, cfg.stage, "once there is space"))
                     raise
 
 

@@ -66,6 +66,63 @@ def test_disk_full_during_save_keeps_previous_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+class FullDisk:
+    """A file whose writes fail as a full disk's do once ``room`` bytes are written."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def filling_the_disk(room: int, name: str = ""):
+    """torch.save, writing through :class:`FullDisk` into a file whose name holds ``name``."""
+
+    def save(obj, f, *a, **k):
+        where = os.readlink(f"/proc/self/fd/{f.fileno()}") if hasattr(f, "fileno") else ""
+        return real_save(obj, FullDisk(f, room) if name in where else f, *a, **k)
+
+    return save
+
+
+def test_a_full_disk_in_torchs_own_writer_is_named_as_one(tmp_path, monkeypatch, capsys):
+    # torch's zip writer turns the full disk's OSError into "RuntimeError: [enforce fail
+    # at inline_container.cc:672] . unexpected pos 173888 vs 173784", the OSError only
+    # as its context: a 60-line traceback ended on that, with no resume command (a
+    # review filled a tmpfs mid-run)
+    from facecluster.cli import train_main
+    from facecluster.io import atomic_torch_save
+
+    path = tmp_path / "clusters.pt"
+    atomic_torch_save({"epoch": 0}, path)
+    monkeypatch.setattr(torch, "save", filling_the_disk(1000))
+    with pytest.raises(OSError) as full:
+        atomic_torch_save({"w": torch.zeros(10_000)}, path)
+    assert full.value.errno == errno.ENOSPC and full.value.filename == str(path)
+    assert "No space left on device" in str(full.value) and "MiB free there" in str(full.value)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path) == {"epoch": 0} and [p.name for p in tmp_path.iterdir()] == [path.name]
+    # in a run: one line naming the checkpoint, then the command that continues it
+    monkeypatch.setattr(torch, "save", filling_the_disk(1000, "last.ckpt"))
+    overrides = smoke_overrides(tmp_path, "logger=none", "trainer.max_epochs=1")
+    assert train_main(["-c", str(SMOKE), *overrides]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "unexpected pos" not in err, err[-3000:]
+    assert "error: checkpoint " in err, err[-3000:]
+    assert "not written (No space left on device" in err
+    assert "once there is space: continue the run" in err
+    assert err.rstrip().endswith(f"python train.py resume={tmp_path / 'run'}")
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train_main([f"resume={tmp_path / 'run'}", "eval.after_training=false"]) == 0
+
+
 def test_a_local_checkpoint_is_read_memory_mapped(tmp_path):
     # a resume under DDP: each rank keeps only its shard of a head, so it should read
     # only those pages, not the whole gathered head and its optimizer state
