@@ -1021,8 +1021,12 @@ class Config:
         )
 
     def with_overrides(self, overrides: list[str] | tuple) -> Config:
-        """This config with ``key=value`` overrides applied, validated."""
-        return _to_config(_merge_overrides(OmegaConf.structured(self), list(overrides)))
+        """This config with ``key=value`` overrides applied, validated (both stages'
+        epochs among them replace ``trainer.max_epochs``, as on a new run's command line)."""
+        merged = OmegaConf.structured(self)
+        if overrides:
+            _epochs_given(merged, list(overrides))
+        return _to_config(_merge_overrides(merged, list(overrides)))
 
 
 def _all_keys(schema: type, prefix: str = "") -> list[str]:
@@ -1226,22 +1230,27 @@ def load_config(
             )
         merged = _merge(merged, loaded, str(p))
     if overrides:
-        given = parse_overrides(list(overrides))
-        # Both stages' epochs on the command line: a file's trainer.max_epochs (smoke.yaml's
-        # 1) gives way, where it was refused as a value they would leave unused
-        if (
-            paths
-            and OmegaConf.select(given, "trainer.max_epochs", default="unset") == "unset"
-            and None
-            not in [  # an interpolation (${...}) to a key outside them: not known here
-                OmegaConf.select(given, f"stage{i}.max_epochs", throw_on_resolution_failure=False)
-                for i in (1, 2)
-            ]
-            and merged.trainer.get("max_epochs") is not None
-        ):
-            merged.trainer.max_epochs = None
+        if paths:
+            _epochs_given(merged, list(overrides))
         merged = _merge_overrides(merged, list(overrides))
     return _to_config(merged)
+
+
+def _epochs_given(merged: DictConfig, overrides: list[str]) -> None:
+    """Both stages' epochs among ``overrides``, not ``trainer.max_epochs``: the
+    ``trainer.max_epochs`` of ``merged`` (a file's, smoke.yaml's 1, or a resumed run's)
+    gives way, where it was refused as a value they would leave unused."""
+    given = parse_overrides(overrides)
+    if (
+        OmegaConf.select(given, "trainer.max_epochs", default="unset") == "unset"
+        and None
+        not in [  # an interpolation (${...}) to a key outside them: not known here
+            OmegaConf.select(given, f"stage{i}.max_epochs", throw_on_resolution_failure=False)
+            for i in (1, 2)
+        ]
+        and merged.trainer.get("max_epochs") is not None
+    ):
+        merged.trainer.max_epochs = None
 
 
 def config_from_dict(values: dict[str, Any], source: str) -> Config:

@@ -101,6 +101,14 @@ def test_both_stages_epochs_on_the_command_line_override_a_files_trainer_max_epo
     assert (cfg.stage_epochs(1), cfg.stage_epochs(2)) == (6, 1)
     with pytest.raises(ConfigError, match=r"trainer.max_epochs=3 would be ignored"):
         load_config(smoke, ["trainer.max_epochs=3", "stage1.max_epochs=6", "stage2.max_epochs=3"])
+    # a resume's overrides on a run started from smoke.yaml: the same (they were refused)
+    run = load_config(smoke)
+    cfg = run.with_overrides(["stage1.max_epochs=6", "stage2.max_epochs=3"])
+    assert (cfg.stage_epochs(1), cfg.stage_epochs(2)) == (6, 3)
+    assert cfg.trainer.get("max_epochs") is None and run.trainer["max_epochs"] == 1
+    assert run.with_overrides(["stage1.max_epochs=6"]).stage_epochs(2) == 1
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs=3 would be ignored"):
+        run.with_overrides(["trainer.max_epochs=3", "stage1.max_epochs=6", "stage2.max_epochs=3"])
     # an interpolation to the file's value, which the overrides alone cannot resolve:
     # the config's own error, not OmegaConf's traceback
     with pytest.raises(ConfigError, match=r"trainer.max_epochs=1 would be ignored"):
