@@ -987,12 +987,8 @@ class Config:
 
     def cache_dir(self) -> Path:
         """``output_dir/.cache``: what the runs here may reuse instead of recomputing (the
-        label pass over a ``.rec`` without identity records)."""
+        label pass over a ``.rec`` without identity records, the split)."""
         return Path(self.output_dir).expanduser().resolve() / ".cache"
-
-    def partition_method(self) -> str:
-        """How identities are grouped: method=random forces the random (ISM) partition."""
-        return "random" if self.method == "random" else self.clustering.method
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts and lists (stored in checkpoints and in the run folder)."""
@@ -1131,6 +1127,9 @@ def _to_config(merged: DictConfig) -> Config:
         raise ConfigError(str(e).splitlines()[0] + _where(e) + hint) from None
     assert isinstance(cfg, Config)
     cfg.trainer = dict(cfg.trainer)
+    if cfg.method == "random" and cfg.clustering.method == "kmeans":  # the default's
+        # the ISM baseline partitions at random: its config.yaml said kmeans
+        cfg.clustering.method = "random"
     return cfg.validate()
 
 

@@ -279,7 +279,7 @@ def _clustering_unit(run: _Run) -> ClusteringCallback:
     return ClusteringCallback(
         run.dm,
         c.num_clusters,
-        run.cfg.partition_method(),
+        c.method,
         run.cfg.seed,
         run.folder.clusters_path,
         niter=c.niter,

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from facecluster.config import ConfigError, load_config, resolve_data_root
 from tests.conftest import SMOKE, smoke_overrides
@@ -88,6 +89,16 @@ def test_overrides_are_typed_and_win_over_the_file():
     assert cfg.data.image_size == 64 and isinstance(cfg.data.image_size, int)
     assert cfg.clustering.num_clusters == 8
     assert cfg.stage_epochs(1) == 3 and cfg.stage_epochs(2) == 1
+
+
+def test_the_ism_baselines_config_says_it_partitions_at_random():
+    # method=random on the command line kept clustering.method's default, kmeans, in the
+    # run's config.yaml, although the run partitions at random
+    cfg = load_config(DEFAULT, ["method=random"])
+    assert cfg.clustering.method == "random"
+    assert yaml.safe_load(cfg.to_yaml())["clustering"]["method"] == "random"
+    assert cfg.with_overrides([]).clustering.method == "random"  # a resume's, the same
+    assert load_config(DEFAULT).clustering.method == "kmeans"
 
 
 def test_both_stages_epochs_on_the_command_line_override_a_files_trainer_max_epochs():
