@@ -152,14 +152,27 @@ def check_wandb_server(cfg: Config) -> None:
 
 
 def _has_wandb_key(netloc: str) -> bool:
-    """``WANDB_API_KEY``, or a password for ``netloc`` in ``.netrc``, as wandb reads it."""
-    if os.environ.get("WANDB_API_KEY"):
+    """Whether wandb would find credentials for the server ``netloc``:
+    ``WANDB_API_KEY``, an identity token file (``WANDB_IDENTITY_TOKEN_FILE``), or a key
+    in the netrc file wandb reads, found by wandb's own lookup (``NETRC`` with a ``~``,
+    an empty ``NETRC`` taken as unset, ``~/_netrc``; a reading of our own refused those
+    setups, which wandb accepts)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
+    url = os.environ.get("WANDB_BASE_URL") or f"https://{netloc}"
     try:
-        found = netrc.netrc(os.environ.get("NETRC", Path.home() / ".netrc")).authenticators(netloc)
-    except (OSError, netrc.NetrcParseError):
-        return False
-    return bool(found and found[2])
+        from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
+    except ImportError:  # a wandb without that module: ``NETRC`` or ``~/.netrc`` alone
+        path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+        try:
+            found = netrc.netrc(path).authenticators(netloc)
+        except (OSError, netrc.NetrcParseError):
+            return False
+        return bool(found and found[2])
+    try:
+        return read_netrc_auth(host=url) is not None
+    except Exception:  # a key wandb finds malformed: its own error names it, at the fit
+        return True
 
 
 def _reachable(host: tuple[str, int], timeout: float = 3.0) -> bool:

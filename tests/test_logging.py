@@ -90,8 +90,26 @@ def test_a_wandb_mode_that_cannot_log_is_refused_before_the_data_scan(monkeypatc
     for fine in ("offline", "disabled", "dryrun"):
         monkeypatch.setenv("WANDB_MODE", fine)
         check_wandb_server(load_config(SMOKE, wandb))
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # a key: online goes on
+    # wherever wandb finds a key, online goes on (a review: these were refused):
+    # NETRC with a ~, an empty NETRC, ~/_netrc, an identity token file, WANDB_API_KEY
     monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    entry = "machine api.wandb.ai\n  login user\n  password " + "x" * 40 + "\n"
+    for netrc, env in (("wb.netrc", "~/wb.netrc"), (".netrc", ""), ("_netrc", None)):
+        (tmp_path / netrc).write_text(entry)
+        (tmp_path / netrc).chmod(0o600)
+        if env is None:
+            monkeypatch.delenv("NETRC")
+        else:
+            monkeypatch.setenv("NETRC", env)
+        check_wandb_server(load_config(SMOKE, wandb))
+        (tmp_path / netrc).unlink()
+    with pytest.raises(ConfigError, match="no API key"):
+        check_wandb_server(load_config(SMOKE, wandb))
+    monkeypatch.setenv("WANDB_IDENTITY_TOKEN_FILE", str(tmp_path / "token"))
+    check_wandb_server(load_config(SMOKE, wandb))
+    monkeypatch.delenv("WANDB_IDENTITY_TOKEN_FILE")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     check_wandb_server(load_config(SMOKE, wandb))
     with pytest.raises(ConfigError, match="wandb.tags: each tag is 1 to 64 characters"):
         load_config(SMOKE, ["wandb.tags=[" + "x" * 70 + "]"])
