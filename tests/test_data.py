@@ -720,6 +720,12 @@ def test_a_split_is_kept_for_the_next_process_and_only_for_the_same_data(
         m.setattr(folder_module, "_draw_unseen", lambda *a: pytest.fail("drawn again"))
         m.setattr(folder_module, "_split_codes", lambda *a: pytest.fail("split again"))
         assert made(**settings) == first
+        # data.root as a training gives it (relative) and as its saved config does
+        # (absolute): one split, whose paths only ordered it (a review: split again)
+        m.chdir(DEMO_ROOT.parent)
+        relative = FaceDataModule(DEMO_ROOT.name, max_classes=30, cache=str(cache), **settings)
+        relative.setup()
+        assert relative.unseen_identities("test") == first[2]
     uncached = FaceDataModule(str(DEMO_ROOT), max_classes=30, **settings)
     uncached.setup()
     assert uncached.class_names == first[0] and uncached.unseen_identities("test") == first[2]

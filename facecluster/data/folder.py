@@ -1079,13 +1079,14 @@ def split_data(
 
     With ``cache``, the result is kept there as ``split-<digest>.npz`` (one byte an
     image, 8 an unseen identity) for the next process that splits the same samples
-    alike. At 2M identities and 41M images the two took 69 s in every process (each
+    alike. At 2M identities and 41M images the two took 77 s in every process (each
     DDP rank, each stage-2 job, each evaluation and resume; measured on this 2-core
     machine), most of it one seeded generator per identity, which keeps an identity's
     split independent of the others. The digest is taken over what the result depends
-    on, not the file's stamp: the names, every sample's label and key (or path), in
-    order, the seed, the fractions and :data:`SPLIT_VERSION`. So a kept split is used
-    exactly when the split made again would equal it. A kept file that cannot be read is
+    on, not the file's stamp: the names, every sample's label in order (and a ``.rec``'s
+    record keys; a folder's paths only ordered its samples), the seed, the fractions and
+    :data:`SPLIT_VERSION`. So a kept split is used exactly when the split made again
+    would equal it. A kept file that cannot be read is
     made again; one that cannot be written costs a warning, not the run.
 
     Returns:
@@ -1151,11 +1152,12 @@ def _split_digest(
     for start in range(0, len(folder.class_names), _PATH_CHUNK):  # a NUL after each name
         part = folder.class_names[start : start + _PATH_CHUNK]
         digest.update(("\0".join(part) + "\0").encode("utf-8", "surrogatepass"))
-    columns = [samples.labels]
-    if samples.paths is None:
-        columns.append(samples.keys)
-    else:
-        columns += [samples.paths.buffer, samples.paths.starts, samples.paths.ends]
+    # a folder's split reads its samples' order, never their paths (they are in path
+    # order already): the same run's data under a relative and an absolute data.root,
+    # or moved, is the same split; a .rec's is sorted by record key
+    records = samples.paths is None
+    digest.update(b"keys" if records else b"order")
+    columns = [samples.labels, *([samples.keys] if records else [])]
     for column in columns:
         array = np.ascontiguousarray(column)
         digest.update(f"{array.dtype.str}{array.shape}".encode())
