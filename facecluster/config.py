@@ -150,6 +150,9 @@ def _whole(value: Any) -> bool:
     return _number(value) and isinstance(value, int)
 
 
+CACHE_FOLDER = ".cache"
+"""The folder in ``output_dir`` that keeps what later processes reuse (Config.cache_dir)."""
+
 COMMAND = {"train": "python train.py", "evaluate": "python evaluate.py"}
 """How messages name the commands that continue and evaluate a run. ``facecluster
 train`` and ``facecluster evaluate`` (:func:`facecluster.cli.main`) put their own names
@@ -739,6 +742,8 @@ class Config:
         if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
             # ".." wrote the run's files into output_dir's parent, among the user's own
             r.add(f"run_name must be one folder's name (no '/', not '.' or '..'), got {name!r}")
+        elif name == CACHE_FOLDER:  # the run's files among the kept splits (cache_dir)
+            r.add(f"run_name={name!r} is the folder of output_dir's cache: choose another name")
         _empty(r, "output_dir", self.output_dir, "name the folder the runs go in (default: runs)")
         _empty(
             r,
@@ -988,7 +993,7 @@ class Config:
     def cache_dir(self) -> Path:
         """``output_dir/.cache``: what the runs here may reuse instead of recomputing (the
         label pass over a ``.rec`` without identity records, the split)."""
-        return Path(self.output_dir).expanduser().resolve() / ".cache"
+        return Path(self.output_dir).expanduser().resolve() / CACHE_FOLDER
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts and lists (stored in checkpoints and in the run folder)."""

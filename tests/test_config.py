@@ -65,6 +65,13 @@ def test_a_run_name_that_is_not_one_folder_is_refused(name):
         load_config(SMOKE, [f"run_name={name}"])
 
 
+def test_the_cache_folders_name_is_refused_as_a_run_name():
+    # output_dir/.cache keeps the splits: a run named so had its files among them
+    with pytest.raises(ConfigError, match=r"run_name='.cache' is the folder of output_dir's"):
+        load_config(SMOKE, ["run_name=.cache"])
+    assert load_config(SMOKE, ["run_name=.cache2"]).run_name == ".cache2"
+
+
 def test_overrides_after_c_are_read_as_before_it(monkeypatch):
     # train.py -c x.yaml key=value: argparse refused the override after -c, valid or not
     from facecluster import cli, pipeline
