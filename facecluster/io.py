@@ -78,19 +78,19 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
             left there); torch's zip writer reports a failed write as a RuntimeError
             ("unexpected pos"), the OSError only as its context.
     """
-    with atomic_file(path) as f:
-        try:
+    try:
+        with atomic_file(path) as f:
             torch.save(obj, f)
-        except RuntimeError as e:
-            failed = e.__context__
-            if not isinstance(failed, OSError):
-                raise
-            why = failed.strerror or str(failed)
-            if failed.errno in (errno.ENOSPC, errno.EDQUOT):
-                with contextlib.suppress(OSError):
-                    free = shutil.disk_usage(Path(path).parent).free
-                    why += f", {free / 2**20:.1f} MiB free there"
-            raise OSError(failed.errno, why, str(path)) from None
+    except RuntimeError as e:
+        failed = e.__context__
+        if not isinstance(failed, OSError):
+            raise
+        why = failed.strerror or str(failed)
+        if failed.errno in (errno.ENOSPC, errno.EDQUOT):  # its temporary file removed
+            with contextlib.suppress(OSError):
+                free = shutil.disk_usage(Path(path).parent).free
+                why += f", {free / 2**20:.1f} MiB free there"
+        raise OSError(failed.errno, why, str(path)) from None
     return Path(path)
 
 

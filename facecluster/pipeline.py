@@ -184,8 +184,9 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
                         e.add_note(resume_hint(folder.path, cfg.stage, why))
                     raise
                 except OSError as e:  # a full disk: the checkpoints before it are whole
-                    if disk_full(e) and not os.environ.get(JOB_ENV):
-                        e.add_note(resume_hint(folder.path, cfg.stage, "once there is space"))
+                    if disk_full(e) and not os.environ.get(JOB_ENV):  # the run's disk
+                        why = f"once there is space for {folder.path}"
+                        e.add_note(resume_hint(folder.path, cfg.stage, why))
                     raise
 
 
