@@ -327,6 +327,24 @@ PRECISION_ALIASES = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "6
 """Lightning's older names for ``trainer.precision``, which it still trains under."""
 
 
+EVALUATION_PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+"""The ``trainer.precision`` values an evaluation runs (:func:`eval_autocast`): fp32, or
+an autocast; a ``*-true`` other than 32 is a training setting."""
+
+
+def _check_precision(cfg: Config, overrides: list[str] | tuple) -> None:
+    """Refuse a ``trainer.precision`` override that the evaluation would not run: it ran
+    fp32 for any other value, ``bogus`` too, and its results.json named the value."""
+    if not any(o.split("=", 1)[0].strip() == "trainer.precision" for o in overrides):
+        return
+    given = str(cfg.trainer.get("precision"))
+    if PRECISION_ALIASES.get(given, given) not in EVALUATION_PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={given}: an evaluation runs {', '.join(EVALUATION_PRECISIONS)} "
+            "(fp32 or an autocast of the fp32 weights)"
+        )
+
+
 def eval_autocast(cfg: Config, device: torch.device) -> Callable[[], Any]:
     """The autocast of ``trainer.precision`` on the evaluation device (``auto`` decides
     as for training: mixed on GPUs, fp32 on CPU), as a context factory."""
@@ -357,6 +375,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
     run = run_folder(run_dir)
     cfg = run.finished_config(overrides)
     cfg.route.check_identities(len(run.class_names()))  # before any weights are read
+    _check_precision(cfg, overrides)
     torch.manual_seed(cfg.seed)
     if cfg.two_stage:
         report = _evaluate_two_stage(run, cfg)

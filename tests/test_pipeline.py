@@ -87,6 +87,17 @@ def test_more_ivf_lists_than_identities_are_refused_before_training_and_evaluati
     evaluate_run(finished_run.run_dir, ["route.index=ivf", f"route.ivf_nlist={identities}"])
 
 
+def test_an_evaluation_refuses_a_precision_it_would_not_run(finished_run):
+    # trainer.precision=bogus or bf16-true ran fp32, and results.json named the value
+    from facecluster.evaluation import evaluate_run
+
+    for value in ("bogus", "bf16-true", "16-true"):
+        with pytest.raises(ConfigError, match=f"trainer.precision={value}: an evaluation runs"):
+            evaluate_run(finished_run.run_dir, [f"trainer.precision={value}"])
+    report = evaluate_run(finished_run.run_dir, ["trainer.precision=32", "eval.plots=false"])
+    assert report.rows
+
+
 def test_resuming_a_finished_run_says_it_trains_nothing_and_evaluates(
     finished_run, tmp_path, caplog
 ):
