@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import unicodedata
 from pathlib import Path
 
 import faiss
@@ -1069,6 +1070,16 @@ def test_enrolment_takes_one_person_at_a_time_and_changes_nothing_until_all_are_
     )
     with pytest.raises(ValueError, match="'r' is given twice"):
         forward.enroll(iter([("r", torch.randn(3, 8)), ("r", torch.randn(3, 8))]))
+    # the same name however its characters are composed (a macOS folder's "José" is
+    # decomposed) or with spaces around it: a second identity no answer told apart
+    forward.enroll({"José Müller": torch.randn(3, 8)})
+    decomposed = unicodedata.normalize("NFD", "José Müller")
+    assert decomposed != "José Müller"
+    for again_named in (decomposed, "José Müller ", " p0"):
+        with pytest.raises(ValueError, match="is enrolled already as '"):
+            forward.enroll({again_named: torch.randn(3, 8)})
+    with pytest.raises(ValueError, match="'s ' is given twice as 's'"):
+        forward.enroll(iter([("s", torch.randn(3, 8)), ("s ", torch.randn(3, 8))]))
 
 
 def test_the_onnx_folder_keeps_the_router_index_too(tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,12 @@ class Identification:
             known = self.similarity >= threshold
             answer = answer.where(known, torch.full_like(answer, UNKNOWN))
         return answer.masked_fill(self.failed, FAILED)
+
+
+def same_name(name: str) -> str:
+    """The form in which identity names are compared for enrolment: NFC (the same
+    characters however composed) without surrounding spaces."""
+    return unicodedata.normalize("NFC", name).strip()
 
 
 class TwoStageIdentifier(nn.Module):
@@ -589,11 +596,11 @@ class TwoStageIdentifier(nn.Module):
         pairs = faces.items() if isinstance(faces, Mapping) else faces
         names: list[str] = []
         means, clusters, rows = [], [], []
-        taken = set(self.class_names)
+        taken = {same_name(n) for n in self.class_names}
         for name, images in pairs:
-            if name in taken:
+            if same_name(name) in taken:
                 self.check_new_names([*names, name])  # raises, naming why
-            taken.add(name)
+            taken.add(same_name(name))
             if len(images) == 0:
                 raise ValueError(f"{name!r}: no face images to enrol")
             mean = _direction(self.embed, images, batch_size)
@@ -626,15 +633,21 @@ class TwoStageIdentifier(nn.Module):
         return dict(zip(names, clusters, strict=True))
 
     def check_new_names(self, names: Sequence[str]) -> None:
-        """ValueError for a name in ``names`` that is enrolled already or given twice."""
-        taken = set(self.class_names)
-        seen: set[str] = set()
+        """ValueError for a name in ``names`` that is enrolled already or given twice,
+        compared as :func:`same_name` does (a macOS folder's decomposed "José" and a
+        trailing space made a second identity that no answer could tell apart)."""
+        taken = {same_name(n): n for n in self.class_names}
+        seen: dict[str, str] = {}
         for name in names:
-            if name in taken:
-                raise ValueError(f"{name!r} is enrolled already (identity names are unique)")
-            if name in seen:
-                raise ValueError(f"{name!r} is given twice (identity names are unique)")
-            seen.add(name)
+            key = same_name(name)
+            for earlier, why in ((taken, "is enrolled already"), (seen, "is given twice")):
+                if key in earlier:
+                    alike = "" if earlier[key] == name else f" as {earlier[key]!r}"
+                    raise ValueError(
+                        f"{name!r} {why}{alike} (identity names are unique, compared after "
+                        "Unicode normalisation (NFC) and without surrounding spaces)"
+                    )
+            seen[key] = name
 
     def decision_name(self, alpha: float | None = None) -> str:
         """How the decision unit is named in table rows: ``moe`` or ``alpha=<alpha>``."""
