@@ -45,9 +45,9 @@ from facecluster.data.folder import shown_list, warn_ignored_files
 from facecluster.data.images import DECODE_ERRORS, decode_image
 from facecluster.data.transforms import normalize_images
 from facecluster.inference import TwoStageIdentifier
-from facecluster.inference.identifier import FAILED, OPEN_SET_SCORE, UNKNOWN
+from facecluster.inference.identifier import FAILED, OPEN_SET_SCORE, UNKNOWN, unpack_names
 from facecluster.inference.openset import threshold_at_fpir
-from facecluster.io import atomic_file, fsync_dir, replacing
+from facecluster.io import atomic_file, fsync_dir, load_plain, replacing
 
 if TYPE_CHECKING:
     from facecluster.run import RunFolder
@@ -154,6 +154,7 @@ def export_run(
             "data.unseen_fraction measures it",
             fpir, len(unseen.dataset), math.ceil(1 / fpir - 1e-9),
         )  # fmt: skip
+    _warn_dropped_names(out, identifier.class_names)
     calibrate_run(identifier, folder, cfg, dm)
     if unseen is not None:
         identifier.open_set = unknown_threshold(identifier, unseen, fpir)
@@ -178,6 +179,31 @@ def export_run(
 
             written += export_onnx(identifier, new / ONNX_FOLDER)
     return [out / path.relative_to(new) for path in written]
+
+
+def _warn_dropped_names(out: Path, names: Sequence[str]) -> None:
+    """Warn, naming them, of the identities an export in ``out`` holds that ``names``
+    (the run's) lack: those enrolled into it, which the new export replaces (it said
+    nothing: a gallery that silently lost people)."""
+    try:
+        if (out / TORCH_FILE).is_file():
+            payload = load_plain(out / TORCH_FILE, "cpu", "exported identifier", mmap=True)
+            held = unpack_names(payload["class_names"])
+        elif (out / ONNX_FOLDER / "identifier.json").is_file():
+            held = json.loads((out / ONNX_FOLDER / "identifier.json").read_text())["class_names"]
+        else:
+            return
+    except Exception as e:  # a damaged export is replaced whole: said, not fatal
+        logger.warning("%s: its identities could not be read (%s); it is replaced", out, e)
+        return
+    run = set(names)
+    dropped = [name for name in held if name not in run]
+    if dropped:
+        logger.warning(
+            "%s held %d identit%s that the run does not have (enrolled into it): %s. The new "
+            "export replaces them; enrol them again with `facecluster enroll %s <folder>`",
+            out, len(dropped), "y" if len(dropped) == 1 else "ies", shown_list(dropped), out,
+        )  # fmt: skip
 
 
 @torch.inference_mode()
