@@ -292,6 +292,11 @@ def load_export(
             f"`facecluster export {model} <folder>` and use that folder"
         )
     finish_update(model)  # an export or enrolment that died after its commit: completed
+    if not (model / TORCH_FILE).exists() and not (model / ONNX_FOLDER).exists():
+        raise FileNotFoundError(  # it named onnx/identifier.json, as if half an export
+            f"{model} holds neither {TORCH_FILE} nor {ONNX_FOLDER}/: not a folder written by "
+            "facecluster export (`facecluster export <run> <folder>` makes one)"
+        )
     if runtime == "auto":
         runtime = "torch" if (model / TORCH_FILE).is_file() else "onnx"
     route = None if top_m is None else {"top_m": top_m}

@@ -978,6 +978,13 @@ def test_identify_reads_folders_as_training_does_and_names_its_mistakes(
     assert "is a folder: name the CSV file" in capsys.readouterr().err
     assert cli.identify_main([str(open_run), str(photos), "--out", str(out)]) == 2
     assert "is a training run folder, not an export" in capsys.readouterr().err
+    # a folder of images as the export: it named onnx/identifier.json, as if the
+    # export were half written (a review of the deploy side)
+    not_an_export = f"{photos} holds neither identifier.pt nor onnx/: not a folder written"
+    assert cli.identify_main([str(photos), str(photos), "--out", str(out)]) == 2
+    assert not_an_export in capsys.readouterr().err
+    assert cli.enroll_main([str(photos), str(photos)]) == 2
+    assert not_an_export in capsys.readouterr().err
     # --out the export's own file, or an image to identify: they were replaced by the
     # CSV, exit 0 (a walkthrough)
     image = photos / f"{second}_0001.jpg"
