@@ -9,7 +9,6 @@ atomic checkpoint writes.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
@@ -436,11 +435,6 @@ def peer_stopped(error: RuntimeError) -> bool:
         and "DataLoader worker" not in text
         and ("Connection closed by peer" in text or "Connection reset by peer" in text)
     )
-
-
-def disk_full(error: OSError) -> bool:
-    """Whether ``error`` is a write refused for space: the device full, or a quota."""
-    return error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def close_process_group() -> None:

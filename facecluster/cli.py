@@ -152,9 +152,10 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     try:  # torch, Lightning, timm: seconds, in which a Ctrl-C is an interrupt too
-        from facecluster.builders import close_process_group, disk_full, peer_stopped
+        from facecluster.builders import close_process_group, peer_stopped
         from facecluster.data import BadImageError
         from facecluster.evaluation import eval_device, evaluate_runs
+        from facecluster.io import disk_full
         from facecluster.launch import JobsFailed
         from facecluster.pipeline import train
         from facecluster.run import RunFolder, is_global_zero

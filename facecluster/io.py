@@ -70,6 +70,11 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     fsync_dir(target.parent)
 
 
+def disk_full(error: OSError) -> bool:
+    """Whether ``error`` is a write refused for space: the device full, or a quota."""
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save(obj, path)``, atomically (:func:`atomic_file`).
 
@@ -86,7 +91,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         if not isinstance(failed, OSError):
             raise
         why = failed.strerror or str(failed)
-        if failed.errno in (errno.ENOSPC, errno.EDQUOT):  # its temporary file removed
+        if disk_full(failed):  # measured once its temporary file is removed
             with contextlib.suppress(OSError):
                 free = shutil.disk_usage(Path(path).parent).free
                 why += f", {free / 2**20:.1f} MiB free there"

@@ -35,7 +35,6 @@ from facecluster.builders import (
     check_trainer,
     check_trainer_settings,
     check_verification_sets,
-    disk_full,
     fit_eval_batches,
     module_args,
     peer_stopped,
@@ -46,6 +45,7 @@ from facecluster.callbacks.interrupt import forget_sigterm, resume_hint, stoppin
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import COMMAND, Config, ConfigError, naming
 from facecluster.data import BadImageError, FaceDataModule
+from facecluster.io import disk_full
 from facecluster.launch import (
     balanced_groups,
     check_local_jobs,

@@ -1086,8 +1086,8 @@ def split_data(
     on, not the file's stamp: the names, every sample's label in order (and a ``.rec``'s
     record keys; a folder's paths only ordered its samples), the seed, the fractions and
     :data:`SPLIT_VERSION`. So a kept split is used exactly when the split made again
-    would equal it. A kept file that cannot be read is
-    made again; one that cannot be written costs a warning, not the run.
+    would equal it. A kept file that cannot be read is made again; one that cannot be
+    written costs a warning, not the run.
 
     Returns:
         The seen identities' folder, the unseen ones (:func:`hold_out_identities`) and
