@@ -166,6 +166,7 @@ def export_run(
             folder.path,
         )
     identifier.to("cpu")  # the file loads anywhere
+    identifier.export_id = uuid.uuid4().hex  # its identifier.pt and onnx/ say so alike
     # an earlier export's networks are not this identifier's: never leave them beside it
     check_replaceable(out / ONNX_FOLDER)  # unchanged since the check above, or refused
     # all written beside the earlier export first: an export that fails (the ONNX
@@ -307,14 +308,41 @@ def load_export(
         require_onnx_runtime()  # before the gallery is read
 
         # the networks run where onnxruntime's provider is; the gallery follows the images
-        return load_onnx(model / ONNX_FOLDER, route, where.type).to(where)
-    if runtime != "torch":
+        identifier = load_onnx(model / ONNX_FOLDER, route, where.type)
+    elif runtime == "torch":
+        # read onto the CPU, then moved: loaded onto a GPU, the whole file (K sub-nets'
+        # state dicts, the assignment's [C, d] class means) stayed there beside the
+        # modules made from it; mapped: a command's load (identify, enroll) keeps the
+        # largest arrays shared page cache
+        identifier = TwoStageIdentifier.load(model / TORCH_FILE, route, mmap=True)
+    else:
         raise ValueError(f"runtime must be auto, torch or onnx, got {runtime!r}")
-    # read onto the CPU, then moved: loaded onto a GPU, the whole file (K sub-nets' state
-    # dicts, the assignment's [C, d] class means) stayed there beside the modules made
-    # from it
-    # mapped: a command's load (identify, enroll) keeps the largest arrays shared page cache
-    return TwoStageIdentifier.load(model / TORCH_FILE, route, mmap=True).to(where)
+    _check_one_export(model, identifier.export_id, runtime)
+    return identifier.to(where)
+
+
+def _check_one_export(model: Path, export_id: str | None, runtime: str) -> None:
+    """ValueError when ``model``'s ``identifier.pt`` and ``onnx/`` come from different
+    exports (one copied from another export): each runtime answered with its own
+    networks and gallery, and an enrolment wrote the torch gallery into ``onnx/`` beside
+    another export's networks, silently. Exports from before the ids pass."""
+    other = ONNX_FOLDER if runtime == "torch" else TORCH_FILE
+    if export_id is None or not (model / other).exists():
+        return
+    try:
+        if runtime == "torch":
+            theirs = json.loads((model / ONNX_FOLDER / "identifier.json").read_text())
+        else:
+            theirs = load_plain(model / TORCH_FILE, "cpu", "exported identifier", mmap=True)
+        their_id = theirs.get("export_id") if isinstance(theirs, dict) else None
+    except Exception:  # unreadable: its own load says so, when it reads it
+        return
+    if their_id is not None and their_id != export_id:
+        raise ValueError(
+            f"{model}: {TORCH_FILE} and {ONNX_FOLDER}/ come from different exports "
+            f"({export_id} and {their_id}): one was copied from another export. Export "
+            f"the run again into {model} (`facecluster export <run> {model} --onnx`)"
+        )
 
 
 def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -> dict[str, int]:

@@ -477,6 +477,32 @@ def test_enrolling_new_identities_without_retraining(open_run, exported, tmp_pat
     assert load_export(model, "torch", "cpu").class_names == before.class_names
 
 
+def test_an_identifier_and_onnx_folder_from_two_exports_are_refused(
+    open_run, exported, tmp_path, capsys
+):
+    # an identifier.pt copied from another export: torch and onnx answered differently,
+    # and an enrolment wrote the torch gallery into onnx/ beside the other export's
+    # networks, silently (a review of the deploy side)
+    other = tmp_path / "other"
+    export_run(open_run, other)  # torch only: another export, another id
+    mixed = shutil.copytree(exported, tmp_path / "mixed")
+    shutil.copy(other / "identifier.pt", mixed / "identifier.pt")
+    for runtime in ("torch", "onnx"):
+        with pytest.raises(ValueError, match="identifier.pt and onnx/ come from different"):
+            load_export(mixed, runtime, "cpu")
+    files = {p: p.read_bytes() for p in mixed.rglob("*") if p.is_file()}
+    people = tmp_path / "people"
+    shutil.copytree(DEMO / sorted(p.name for p in DEMO.iterdir())[0], people / "Someone")
+    assert cli.main(["enroll", str(mixed), str(people)]) == 2
+    assert "come from different exports" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in mixed.rglob("*") if p.is_file()} == files
+    # one export's two halves agree, and an enrolment keeps them agreeing
+    whole = shutil.copytree(exported, tmp_path / "whole")
+    assert cli.main(["enroll", str(whole), str(people)]) == 0
+    ids = {load_export(whole, runtime, "cpu").export_id for runtime in ("torch", "onnx")}
+    assert len(ids) == 1 and None not in ids
+
+
 class _Killed(BaseException):
     """A process that dies where this is raised: no error handling of facecluster's
     (``except Exception``) sees it."""

@@ -210,6 +210,9 @@ class TwoStageIdentifier(nn.Module):
         self.open_set: dict[str, float] | None = None
         """``{"threshold", "fpir", "probes"}``: answer unknown below ``threshold``,
         chosen on ``probes`` unseen faces for that FPIR (set by the export)."""
+        self.export_id: str | None = None
+        """Which export this is (set by the export, kept by enrolment): its
+        ``identifier.pt`` and ``onnx/`` hold the same one (``load_export`` checks)."""
         self.router = self._build_router(router_index)
         self._set_means()
         self.eval()
@@ -776,6 +779,7 @@ class TwoStageIdentifier(nn.Module):
             "assignment": self.assignment.to_dict(),
             "class_names": pack_names(self.class_names),
             "open_set": self.open_set,
+            "export_id": self.export_id,
             "shared_layers": self.shared_layers,
         }
         networks = _network_weights(payload["router_backbone"], payload["subnets"])
@@ -848,6 +852,7 @@ class TwoStageIdentifier(nn.Module):
         except ValueError as e:
             raise ValueError(f"export {path}: {e}") from None
         identifier.open_set = loaded_open_set(payload.get("open_set"), route)
+        identifier.export_id = payload.get("export_id")  # None: before export ids
         return identifier
 
 

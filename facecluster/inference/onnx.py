@@ -168,6 +168,7 @@ def _write_gallery(identifier: TwoStageIdentifier, gallery: Path, meta_path: Pat
         "class_names": identifier.class_names,
         "num_clusters": identifier.num_clusters,
         "open_set": identifier.open_set,
+        "export_id": identifier.export_id,
         "router_index_settings": identifier.index_settings() if index is not None else None,
         "assignment": {
             "format": assignment["format"],
@@ -268,4 +269,5 @@ def load_onnx(
         ),
     )
     identifier.open_set = loaded_open_set(meta.get("open_set"), route)
+    identifier.export_id = meta.get("export_id")  # None: before export ids
     return identifier
