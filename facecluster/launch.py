@@ -586,7 +586,3 @@ def check_queue(run: RunFolder) -> None:
             f"({record}) are still queued or running; submitting again would train the same "
             "stages twice. Wait for them to end (or scancel them), then resume"
         )
-
-
-def _after(job_id: str | None) -> str | None:
-    return f"afterok:{job_id}" if job_id else None

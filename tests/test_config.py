@@ -263,6 +263,30 @@ def test_values_refused_only_later_or_never_are_refused_at_load(override, expect
     assert expected in str(err.value)
 
 
+def _choices(key: str) -> list[str]:
+    """The values the config takes for ``key``, as its refusal of another one lists them."""
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, [f"{key}=no-such-value"])
+    found = re.search(rf"{re.escape(key)}='no-such-value' is not one of ([^\n]+)", str(err.value))
+    assert found, str(err.value)
+    return found.group(1).split(", ")
+
+
+def test_the_configs_choices_are_the_ones_the_code_behind_them_takes():
+    # config.py may not import the layers it configures, so it spells their choices
+    # out: a choice added to one side only is refused at load, or fails mid-run
+    from facecluster.clustering.kmeans import METHODS
+    from facecluster.data.datamodule import DECODE_PLACES, SUBNET_EPOCH_SIZES
+    from facecluster.data.images import BAD_IMAGE_POLICIES
+    from facecluster.models.components.heads import HEADS
+
+    assert _choices("data.on_bad_image") == list(BAD_IMAGE_POLICIES)
+    assert _choices("data.decode") == list(DECODE_PLACES)
+    assert _choices("clustering.method") == list(METHODS)
+    assert _choices("stage2.epoch_size") == list(SUBNET_EPOCH_SIZES)
+    assert _choices("head.name") == list(HEADS)
+
+
 def test_the_margin_is_bounded_in_its_heads_own_units():
     # ArcFace's m is an angle, below pi/2; CosFace's a cosine, below 2, and the config
     # refused CosFace margins from pi/2 on with ArcFace's bound

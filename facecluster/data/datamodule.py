@@ -1195,10 +1195,6 @@ class FaceDataModule(lightning.LightningDataModule):
         """Number of clusters K, or ``None`` before :meth:`connect_clusters`."""
         return len(self._members) if self._members else None
 
-    def _cluster_train_samples(self, k: int) -> Samples:
-        folder, _ = self._ensure_setup()
-        return folder.samples.take(self._cluster_train_ids(k))
-
     def _cluster_train_ids(self, k: int) -> np.ndarray:
         assert self._members, "connect_clusters() first"
         return self._cluster_ids[k]

@@ -864,7 +864,7 @@ def _draw_unseen(names: Sequence[str], unseen_fraction: float, seed: int) -> lis
     rng = random.Random()
 
     def rank(i: int) -> float:
-        rng.seed(_name_seed(f"{seed}:unseen:{names[i]}"))  # = named_random(...).random()
+        rng.seed(_name_seed(f"{seed}:unseen:{names[i]}"))  # = Random(that text).random()
         return rng.random()
 
     return sorted(range(len(names)), key=rank)[:count]
@@ -941,15 +941,11 @@ def validate_fractions(val_fraction: float, test_fraction: float) -> None:
 
 
 def _name_seed(text: str) -> bytes:
-    """The seed of :func:`named_random`: ``text``'s UTF-8 bytes, surrogate escapes kept."""
+    """A seed for ``random.Random`` from ``text``: its UTF-8 bytes, surrogate escapes
+    kept, so a name that is not UTF-8 (kept by the scan with surrogate escapes, which
+    ``Random(str)`` refuses to encode) seeds too, and every other name gives the same
+    generator as ``Random(text)``, so no existing split moves."""
     return text.encode("utf-8", "surrogateescape")
-
-
-def named_random(text: str) -> random.Random:
-    """``random.Random(text)``, also for a name that is not UTF-8 (kept by the scan with
-    surrogate escapes, which ``Random(str)`` refuses to encode): the same generator as
-    ``Random(text)`` for every other name, so no existing split moves."""
-    return random.Random(_name_seed(text))
 
 
 _SPLIT_BLOCK = 1 << 20
@@ -1043,7 +1039,7 @@ def _split_codes(
             if n - n_test - n_val < 1:
                 too_small.append(f"{folder.class_names[label]} ({n})")
                 continue
-            rng.seed(_name_seed(f"{seed}:{folder.class_names[label]}"))  # = named_random's
+            rng.seed(_name_seed(f"{seed}:{folder.class_names[label]}"))  # = Random(that text)'s
             rng.shuffle(indices)
             shuffled += indices
             runs += (n_test, n_val, n - n_test - n_val)

@@ -51,8 +51,6 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-DECISIONS = ("moe", "linear")
-
 TEMPERATURES = torch.logspace(math.log10(0.005), 0.0, 40, dtype=torch.float64)
 """Temperatures tried by the calibration (log-spaced, 0.005 to 1)."""
 MEMBER_BLOCK = 16_384
