@@ -17,6 +17,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -43,13 +44,14 @@ from facecluster.callbacks import (
 )
 from facecluster.checkpoint_io import AtomicCheckpointIO
 from facecluster.config import Config, ConfigError, check_data_root, naming
-from facecluster.data import FaceDataModule
+from facecluster.data import BadImageError, FaceDataModule
 from facecluster.data.verification import (
     VerificationPairs,
     load_pairs,
     named_sets,
     size_warning,
 )
+from facecluster.io import disk_full
 from facecluster.models.components import TimmBackbone, create_backbone, shareable_stages
 from facecluster.models.precision import skip_groups_apart
 from facecluster.run import BEST, LAST, RunFolder, is_global_zero, launched_processes
@@ -419,6 +421,36 @@ def stop_started_ranks(grace: float = STOP_GRACE_S, terminated: bool = False) ->
             )
         print(message, file=sys.stderr, flush=True)
     return killed
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """How a command tells of a run stopped by bad data, a lost peer or a full disk: one
+    line instead of a traceback, the exit status, and when to resume (the run folder
+    exists by then, and its checkpoints before the stop are whole)."""
+
+    message: str
+    status: int
+    when: str
+
+
+def stopped_run(error: BaseException) -> Stopped | None:
+    """What a run stopped by ``error`` says, when a resume continues it once the cause is
+    dealt with; None for any other error (its traceback is the message)."""
+    if isinstance(error, BadImageError):  # found by a loader: bad input
+        # from a DataLoader worker the message holds the worker's traceback: what follows it
+        message = str(error).rsplit("BadImageError: ", 1)[-1].strip()
+        return Stopped(message, 2, "once the data is repaired")
+    if isinstance(error, RuntimeError) and peer_stopped(error):
+        # another DDP process stopped (a broken image under data.on_bad_image=fail, an
+        # error of its own) and said why; gloo then fails this one's next collective, a
+        # traceback of 100 lines after that process's one-line error
+        message = "another process of this run stopped first (its own error says why); "
+        return Stopped(message + "this one stopped with it", 1, "once its cause is dealt with")
+    if isinstance(error, OSError) and disk_full(error):
+        where = f"{error.filename}: " if error.filename else ""
+        return Stopped(f"{where}{error.strerror or error}", 1, "once the disk has space")
+    return None
 
 
 def peer_stopped(error: RuntimeError) -> bool:

@@ -95,6 +95,12 @@ def _parser(prog: str, help_text: str) -> argparse.ArgumentParser:
     )
 
 
+def _interrupted() -> int:
+    """Ctrl-C: say so and end with the status a shell gives a process SIGINT ended."""
+    print("interrupted", file=sys.stderr)
+    return 128 + signal.SIGINT
+
+
 def _fail(message: object) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -149,19 +155,16 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except ConfigError as e:
         return _fail(e)
     except KeyboardInterrupt:  # its checks import Lightning: seconds, as below
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
     try:  # torch, Lightning, timm: seconds, in which a Ctrl-C is an interrupt too
-        from facecluster.builders import close_process_group, peer_stopped
-        from facecluster.data import BadImageError
+        from facecluster.builders import close_process_group, stopped_run
         from facecluster.evaluation import eval_device, evaluate_runs
-        from facecluster.io import disk_full
         from facecluster.launch import JobsFailed
+        from facecluster.loggers import exit_code
         from facecluster.pipeline import train
         from facecluster.run import RunFolder, is_global_zero
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
 
     try:
         if resume:
@@ -181,53 +184,29 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     f"`{COMMAND['evaluate']} run={result.run_dir}` evaluates it",
                     file=sys.stderr,
                 )
-                return 130
+                return 128 + signal.SIGINT
             print(f"\nfacecluster run folder: {result.run_dir}")
     except ConfigError as e:
         return _fail(e)
     except JobsFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except BadImageError as e:  # a damaged data set, found by a loader: bad input
-        # from a DataLoader worker the message holds the worker's traceback: what follows it
-        message = str(e).rsplit("BadImageError: ", 1)[-1].strip()
-        print(f"error: {message}", file=sys.stderr)
-        for note in getattr(e, "__notes__", ()):  # how to continue the run
-            print(note.lstrip("\n"), file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # outside a Trainer (Lightning's own ends in exit 1)
-        print("interrupted", file=sys.stderr)  # local stage-2 jobs: the hint came first
-        return 130
-    except OSError as e:
-        if not disk_full(e):
+        return _interrupted()  # local stage-2 jobs: the hint came first
+    except Exception as e:  # a damaged data set, a lost DDP peer, a full disk
+        if (stop := stopped_run(e)) is None:
             raise
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"error: {stop.message}", file=sys.stderr)
         for note in getattr(e, "__notes__", ()):  # how to continue the run
             print(note.lstrip("\n"), file=sys.stderr)
-        return 1
-    except RuntimeError as e:
-        if not peer_stopped(e):
-            raise
-        # Another DDP process stopped (a broken image under data.on_bad_image=fail, an
-        # error of its own) and said why; gloo then fails this one's next collective, a
-        # traceback of 100 lines after that process's one-line error
-        print(
-            "error: another process of this run stopped first (its own error says why); "
-            "this one stopped with it",
-            file=sys.stderr,
-        )
-        for note in getattr(e, "__notes__", ()):  # how to continue the run
-            print(note.lstrip("\n"), file=sys.stderr)
-        return 1
+        return stop.status
     except SystemExit as e:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if isinstance(e.__context__, KeyboardInterrupt) and e.code == 1:
             # Lightning ends a fit stopped by Ctrl-C with exit(1), a failure's status;
             # ResumeHint printed the command that continues
-            print("interrupted", file=sys.stderr)
-            return 130
+            return _interrupted()
         if not isinstance(e, SIGTERMException):
             raise
         # SIGTERM (scancel, a preemption, kill) ends the fit at its next batch, on every
@@ -235,7 +214,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         # exit status was 0: a stage-2 job was then counted as finished, and a SLURM job
         # went on to its next command. ResumeHint printed the command that continues.
         print("terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return exit_code(e)
     finally:
         close_process_group()
     return 0

@@ -241,7 +241,7 @@ def exit_code(error: BaseException | None) -> int:
         code = error.code
         return code if isinstance(code, int) else int(code is not None)
     if isinstance(error, KeyboardInterrupt):
-        return 130
+        return 128 + signal.SIGINT
     return 1
 
 

@@ -37,15 +37,14 @@ from facecluster.builders import (
     check_verification_sets,
     fit_eval_batches,
     module_args,
-    peer_stopped,
     stop_started_ranks,
+    stopped_run,
 )
 from facecluster.callbacks import ClusteringCallback, ResumeHint
 from facecluster.callbacks.interrupt import forget_sigterm, resume_hint, stopping_together
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import COMMAND, Config, ConfigError, naming
-from facecluster.data import BadImageError, FaceDataModule
-from facecluster.io import disk_full
+from facecluster.data import FaceDataModule
 from facecluster.launch import (
     balanced_groups,
     check_local_jobs,
@@ -173,20 +172,10 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
                 hint = ResumeHint(folder.path, cfg.stage, JOB_ENV)  # Ctrl-C: how to continue
                 try:
                     return _two_stages(_Run(cfg, dm, folder, logger, [*callbacks, hint]))
-                except BadImageError as e:  # found by a loader: the run folder exists now
-                    if not os.environ.get(JOB_ENV):  # a stage-2 job: its launcher says how
-                        why = "once the data is repaired"
-                        e.add_note(resume_hint(folder.path, cfg.stage, why))
-                    raise
-                except RuntimeError as e:  # another rank gone: killed (OOM), or its error
-                    if peer_stopped(e) and not os.environ.get(JOB_ENV):
-                        why = "once its cause is dealt with"
-                        e.add_note(resume_hint(folder.path, cfg.stage, why))
-                    raise
-                except OSError as e:  # a full disk: the checkpoints before it are whole
-                    if disk_full(e) and not os.environ.get(JOB_ENV):  # the run's disk
-                        why = f"once there is space for {folder.path}"
-                        e.add_note(resume_hint(folder.path, cfg.stage, why))
+                except Exception as e:  # bad data, a lost peer, a full disk: how to go on
+                    stop = stopped_run(e)  # (a stage-2 job: its launcher says how)
+                    if stop and not os.environ.get(JOB_ENV):
+                        e.add_note(resume_hint(folder.path, cfg.stage, stop.when))
                     raise
 
 

@@ -117,7 +117,7 @@ def test_a_full_disk_in_torchs_own_writer_is_named_as_one(tmp_path, monkeypatch,
     assert "Traceback" not in err and "unexpected pos" not in err, err[-3000:]
     assert "error: checkpoint " in err, err[-3000:]
     assert "not written (No space left on device" in err
-    assert f"once there is space for {tmp_path / 'run'}: continue the run" in err
+    assert "once the disk has space: continue the run" in err
     assert err.rstrip().endswith(f"python train.py resume={tmp_path / 'run'}")
     monkeypatch.setattr(torch, "save", real_save)
     assert train_main([f"resume={tmp_path / 'run'}", "eval.after_training=false"]) == 0
