@@ -685,6 +685,11 @@ REMOVED_TRAINER_ARGS = {
 closest name by spelling was wrong: ``gpus`` suggested ``plugins``)."""
 
 
+def invalid(problems: list[str]) -> ConfigError:
+    """The error that refuses a config for ``problems``, one per line."""
+    return ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
 @dataclass
 class Config:
     method: str = "clustered"
@@ -834,15 +839,29 @@ class Config:
             )
         return found
 
-    def warmup_problems(self) -> list[str]:
-        """A warm-up longer than its stage: the learning rate only ramps up, never
-        reaches its peak nor decays (``lr_factor``). Refused for a new run only
-        (``pipeline.train``): a run saved with one is still evaluated, exported and
-        resumed (a resume may not change a trained stage's ``optim``). Checked against
-        the stage's epochs, what is known before the data is read (a binding
-        ``trainer.max_steps`` ends a stage sooner, by a count of steps per epoch not
-        known yet)."""
+    def training_problems(self) -> list[str]:
+        """What a command that trains refuses (``pipeline.train``), and evaluation and
+        export of a run saved with it do not:
+
+        - ``trainer.max_time``: Lightning ends a fit at it as if it were done, so the stage
+          would be recorded finished (stage 2 warm-started from a half-trained backbone,
+          the missing epochs refused to any resume);
+        - for a new run, a warm-up longer than its stage: the learning rate only ramps
+          up, never reaches its peak nor decays (``lr_factor``). A run saved with one is
+          still resumed (a resume may not change a trained stage's ``optim``). Checked
+          against the stage's epochs, what is known before the data is read (a binding
+          ``trainer.max_steps`` ends a stage sooner, by a count of steps per epoch not
+          known yet)."""
         found = []
+        if self.trainer.get("max_time") is not None:
+            found.append(
+                f"trainer.max_time={self.trainer['max_time']} is not supported: a stage it "
+                "cut short would be recorded as finished. Stop the run instead (SIGTERM or "
+                "Ctrl-C, or the job's time limit under launcher=slurm) and continue it with "
+                "resume=<run folder>"
+            )
+        if self.resume:
+            return found
         for n in (1, 2) if self.two_stage else (1,):
             warmup = self.stage_config(n).optim.warmup_epochs
             counted = (n,) if self.two_stage else (1, 2)  # single: both stages' epochs
@@ -948,9 +967,8 @@ class Config:
 
     def validate(self) -> Config:
         """Raise every problem as one ConfigError; returns self."""
-        found = self.problems()
-        if found:
-            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(found))
+        if found := self.problems():
+            raise invalid(found)
         return self
 
     # ------------------------------------------------------------ derived values

@@ -43,7 +43,7 @@ from facecluster.builders import (
 from facecluster.callbacks import ClusteringCallback, ResumeHint
 from facecluster.callbacks.interrupt import forget_sigterm, resume_hint, stopping_together
 from facecluster.clustering import ClusterAssignment
-from facecluster.config import COMMAND, Config, ConfigError, naming
+from facecluster.config import COMMAND, Config, ConfigError, invalid, naming
 from facecluster.data import FaceDataModule
 from facecluster.launch import (
     balanced_groups,
@@ -110,18 +110,8 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
     """
     with _this_run_only():
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        if not cfg.resume and (problems := cfg.warmup_problems()):
-            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-        if cfg.trainer.get("max_time") is not None:
-            # Lightning ends a fit at max_time as if it were done: the stage would be
-            # recorded finished (stage 2 warm-started from a half-trained backbone, the
-            # missing epochs refused to any resume)
-            raise ConfigError(
-                f"trainer.max_time={cfg.trainer['max_time']} is not supported: a stage it cut "
-                "short would be recorded as finished. Stop the run instead (SIGTERM or Ctrl-C, "
-                "or the job's time limit under launcher=slurm) and continue it with "
-                "resume=<run folder>"
-            )
+        if problems := cfg.training_problems():
+            raise invalid(problems)
         if launched_processes() > 1:
             rank0_timeout()  # a bad FACECLUSTER_RANK0_TIMEOUT: before the data scan
         if cfg.stage != "assemble":  # what Lightning refuses, before the data scan

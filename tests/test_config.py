@@ -514,11 +514,11 @@ def test_a_warm_up_longer_than_its_stage_is_refused_for_a_new_run(
     assert expected in str(err.value)
     assert "would only ramp up, never reach its peak nor decay" in str(err.value)
     assert not (tmp_path / "run").exists()
-    assert not load_config(SMOKE, [*overrides, shorter]).warmup_problems()
+    assert not load_config(SMOKE, [*overrides, shorter]).training_problems()
     # method=single's stage 2 does not train: its warm-up is not checked
     assert not load_config(
         SMOKE, ["method=single", "stage2.optim.warmup_epochs=5"]
-    ).warmup_problems()
+    ).training_problems()
 
 
 @pytest.mark.parametrize(("value", "shown"), [("-1", "-1"), ("-0.5", "-0.5"), (".nan", "nan")])
