@@ -142,7 +142,7 @@ def check_wandb_server(cfg: Config) -> None:
             f"WANDB_MODE={env!r} is not a W&B mode ({', '.join(WANDB_MODES)}): unset it to "
             "let facecluster decide, or set wandb.mode=online|offline|disabled"
         )
-    mode, why = (cfg.wandb.mode, "wandb.mode") if cfg.wandb.mode else (env, "WANDB_MODE")
+    mode, why = _chosen_mode(cfg) or (None, "")
     if mode in ("online", "shared", "run") and not _has_wandb_key(netloc):
         raise ConfigError(
             f"{why}={mode} logs to W&B, but there is no API key for {netloc}: set "
@@ -183,12 +183,20 @@ def _reachable(host: tuple[str, int], timeout: float = 3.0) -> bool:
         return False
 
 
-def wandb_mode(cfg: Config) -> tuple[str, str]:
-    """The W&B mode to use and why: ``wandb.mode``, else ``WANDB_MODE``, else decided."""
+def _chosen_mode(cfg: Config) -> tuple[str, str] | None:
+    """The W&B mode the user chose and where: ``wandb.mode``, else ``WANDB_MODE``."""
     if cfg.wandb.mode:
         return cfg.wandb.mode, "wandb.mode"
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"], "WANDB_MODE"
+    return None
+
+
+def wandb_mode(cfg: Config) -> tuple[str, str]:
+    """The W&B mode to use and why: the user's choice (:func:`_chosen_mode`), else
+    decided."""
+    if chosen := _chosen_mode(cfg):
+        return chosen
     host, port, netloc = _wandb_server()
     if not _has_wandb_key(netloc):
         return "offline", f"no W&B API key for {netloc} (set WANDB_API_KEY or run `wandb login`)"
