@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -331,10 +332,10 @@ def _check_one_export(model: Path, export_id: str | None, runtime: str) -> None:
         return
     try:
         if runtime == "torch":
-            theirs = json.loads((model / ONNX_FOLDER / "identifier.json").read_text())
+            their_id = _onnx_export_id(model / ONNX_FOLDER)
         else:
             theirs = load_plain(model / TORCH_FILE, "cpu", "exported identifier", mmap=True)
-        their_id = theirs.get("export_id") if isinstance(theirs, dict) else None
+            their_id = theirs.get("export_id") if isinstance(theirs, dict) else None
     except Exception:  # unreadable: its own load says so, when it reads it
         return
     if their_id is not None and their_id != export_id:
@@ -343,6 +344,18 @@ def _check_one_export(model: Path, export_id: str | None, runtime: str) -> None:
             f"({export_id} and {their_id}): one was copied from another export. Export "
             f"the run again into {model} (`facecluster export <run> {model} --onnx`)"
         )
+
+
+def _onnx_export_id(folder: Path) -> str | None:
+    """The id of the ONNX export ``folder``: ``gallery.npz``'s small member, read alone
+    (``identifier.json``, which holds every name, for an export written before it)."""
+    from facecluster.inference.onnx import EXPORT_ID
+
+    with np.load(folder / "gallery.npz", allow_pickle=False) as gallery:
+        if EXPORT_ID in gallery.files:
+            return bytes(gallery[EXPORT_ID]).decode()
+    meta = json.loads((folder / "identifier.json").read_text())
+    return meta.get("export_id") if isinstance(meta, dict) else None
 
 
 def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -> dict[str, int]:

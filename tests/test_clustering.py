@@ -308,6 +308,10 @@ def test_overlap_adds_the_identities_nearest_a_boundary_to_their_next_cluster():
         assert bool(a.contains(torch.tensor(c), torch.tensor(k)))
     assert torch.equal(a.cluster_sizes(), plain.cluster_sizes() + torch.bincount(a.overlap[:, 1]))
     assert [len(a.classes_of(k)) for k in range(4)] == a.cluster_sizes().tolist()
+    for each in (a, plain):  # the sub-nets' and identifier's members, from one sort
+        assert list(map(torch.Tensor.tolist, each.all_members())) == [
+            each.classes_of(k).tolist() for k in range(4)
+        ]
     for c in range(40):  # an identity's own local index still finds it in its own cluster
         assert int(a.classes_of(int(a.class_to_cluster[c]))[a.local_index[c]]) == c
     outside = [(c, k) for c in range(40) for k in range(4) if c not in a.classes_of(k).tolist()]

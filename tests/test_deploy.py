@@ -490,6 +490,12 @@ def test_an_identifier_and_onnx_folder_from_two_exports_are_refused(
     for runtime in ("torch", "onnx"):
         with pytest.raises(ValueError, match="identifier.pt and onnx/ come from different"):
             load_export(mixed, runtime, "cpu")
+    # the torch load reads onnx/'s id alone, from gallery.npz: not identifier.json,
+    # which holds every name (tens of MB at 2M identities)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(json, "loads", lambda *a, **k: pytest.fail("identifier.json parsed"))
+        with pytest.raises(ValueError, match="identifier.pt and onnx/ come from different"):
+            load_export(mixed, "torch", "cpu")
     files = {p: p.read_bytes() for p in mixed.rglob("*") if p.is_file()}
     people = tmp_path / "people"
     shutil.copytree(DEMO / sorted(p.name for p in DEMO.iterdir())[0], people / "Someone")

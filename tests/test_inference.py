@@ -29,6 +29,7 @@ from facecluster.data.pack import main as pack_main
 from facecluster.deploy import export_threshold
 from facecluster.evaluation import eval_autocast, evaluate_run, top_m_sweep
 from facecluster.inference import UNKNOWN, Router, TwoStageIdentifier, fuse
+from facecluster.inference.identifier import ENROLL_ROUTE_BATCH
 from facecluster.io import UnsafeFileError
 from facecluster.pipeline import train
 from facecluster.run import RunFolder, _lock_owner
@@ -139,6 +140,13 @@ def test_the_decision_unit_reads_each_clusters_class_means_in_member_order():
     assert torch.equal(route(queries, 3, ident.grouped_means.clone()), route(queries, 3))
     with pytest.raises(ValueError, match="blocks of"):
         route(queries, 1, ident.grouped_means[1:])
+    # moved (to a GPU: every buffer copied, as here), the router keeps no copy of its
+    # own where the identifier was (4 GB of host memory at 2M x 512)
+    before = route(queries, 3)
+    ident._apply(torch.Tensor.clone)
+    assert ident.grouped_means.data_ptr() != grouped.data_ptr()
+    assert ident.router.grouped is ident.grouped_means
+    assert torch.equal(ident.router.route(queries, 3), before)
     a = _assignment(means, [i % 3 for i in range(30)]).with_overlap(torch.tensor([[0, 1], [4, 2]]))
     heads = [a.class_means[a.classes_of(k)] for k in range(3)]
     shared = TwoStageIdentifier(
@@ -1044,10 +1052,12 @@ def test_enrolment_embeds_a_person_in_batches_with_the_same_rows():
 def test_enrolment_takes_one_person_at_a_time_and_changes_nothing_until_all_are_done():
     # enroll_folder hands people over one at a time (a bulk enrolment need not hold
     # every image); each is routed against the gallery before the call, so the order
-    # does not matter, and a bad person later on leaves the identifier as it was
+    # does not matter, and a bad person later on leaves the identifier as it was. They
+    # are routed ENROLL_ROUTE_BATCH at a time, each to the cluster it gets alone
     torch.manual_seed(4)
-    people = {f"p{i}": torch.randn(4, 8) for i in range(6)}
+    people = {f"p{i}": torch.randn(4, 8) for i in range(ENROLL_ROUTE_BATCH + 4)}
     forward, backward = _random_identifier(seed=3)[0], _random_identifier(seed=3)[0]
+    alone = _random_identifier(seed=3)[0]
     held = []
 
     def one_at_a_time(order):
@@ -1057,7 +1067,11 @@ def test_enrolment_takes_one_person_at_a_time_and_changes_nothing_until_all_are_
 
     a = forward.enroll(one_at_a_time(list(people)))
     b = backward.enroll(one_at_a_time(list(people)[::-1]))
-    assert a == b and len(held) == 12
+    assert a == b and len(held) == 2 * len(people)
+    for name, images in people.items():
+        mean = F.normalize(F.normalize(alone.embed(images), dim=1).sum(0)[None], dim=1)
+        assert a[name] == int(alone.router.route(mean, 1)[0, 0])
+    assert len(set(a.values())) > 1, "the people went to more than one cluster"
     for name in people:
         i, j = forward.class_names.index(name), backward.class_names.index(name)
         assert torch.equal(forward.assignment.class_means[i], backward.assignment.class_means[j])

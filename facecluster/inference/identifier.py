@@ -67,6 +67,10 @@ OPEN_SET_SCORE = "similarity"
 """What an export's unknown threshold compares (``Identification.similarity``). Exports
 without this mark chose it on the decision score, a log-probability under moe."""
 
+ENROLL_ROUTE_BATCH = 16
+"""People :meth:`TwoStageIdentifier.enroll` routes at once (their images held until
+then): the router scans every class mean per call, 4 GB at 2M x 512."""
+
 EXPORT_FORMAT = "facecluster.two_stage_identifier"
 EXPORT_VERSION = 4
 """Version 2: the backbone is described by ``create_backbone``'s keyword arguments.
@@ -203,8 +207,8 @@ class TwoStageIdentifier(nn.Module):
             self.register_buffer(f"head{k}", rows[:members])
             self.register_buffer(f"not_mine{k}", rows[members:])  # [0 or 1, d]
         self.register_buffer("class_to_cluster", assignment.class_to_cluster.long())
-        for k in range(assignment.num_clusters):
-            self.register_buffer(f"members{k}", assignment.classes_of(k))
+        for k, members in enumerate(assignment.all_members()):
+            self.register_buffer(f"members{k}", members)
         self.assignment = assignment
         self.class_names = list(class_names)
         self.open_set: dict[str, float] | None = None
@@ -250,6 +254,16 @@ class TwoStageIdentifier(nn.Module):
         self.register_buffer("grouped_means", grouped.to(self.device), persistent=False)
         self._means_bounds = [0, *np.cumsum([len(m) for m in members]).tolist()]
 
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> TwoStageIdentifier:
+        """``to``, ``cuda``, ``float`` and the like, and the flat router's blocks follow
+        :attr:`grouped_means` where they are the same (fp32): left behind, the router
+        kept its own C x d copy on the CPU beside the moved one (4 GB at 2M x 512,
+        computed) only for a shape check."""
+        super()._apply(fn, recurse)
+        if getattr(self, "_router_order", False) and self.grouped_means.dtype == torch.float32:
+            self.router.grouped = self.grouped_means
+        return self
+
     def _route_blocks(self) -> Tensor | None:
         """The flat router's class-mean blocks where this identifier is (a GPU: the scan
         runs there), when they are :attr:`grouped_means` (no ``clustering.overlap``)."""
@@ -277,8 +291,10 @@ class TwoStageIdentifier(nn.Module):
 
     def head_rows(self, k: int) -> Tensor:
         """Sub-net ``k``'s head as trained: its identities' rows, then its "not mine"
-        row when it has one (what export writes)."""
-        return torch.cat([self.head(k), getattr(self, f"not_mine{k}")])
+        row when it has one (what export writes). The head itself without one: no
+        copy of its rows (C x d in all, 4 GB at 2M x 512, computed)."""
+        not_mine = getattr(self, f"not_mine{k}")
+        return torch.cat([self.head(k), not_mine]) if len(not_mine) else self.head(k)
 
     def _subnet_cosine(self, k: int, embeddings: Tensor) -> tuple[Tensor, Tensor | None]:
         """Sub-net ``k``'s cosines to its identities ``[n, m]``, and to its "not mine"
@@ -445,7 +461,6 @@ class TwoStageIdentifier(nn.Module):
         # grew ISM's peak memory by 1,118 MB where one [B, C] float32 is 51 MB; 708 MB
         # now: 200K identities, K=8, batch 64, 20% overlap, measured)
         summing = moe and not all_subnets and empty_id is not None
-        shared_ids = self._overlap_on(images.device) if summing else None
         sims, shares = {}, {}  # moe: cluster c's faces' similarities to its class means
         if moe and not all_subnets:  # each candidate cluster's log-probability, renormalised
             log_mass = torch.empty(clusters.shape, device=images.device)
@@ -480,18 +495,21 @@ class TwoStageIdentifier(nn.Module):
             close = close.to(best_score.dtype)
             source = torch.tensor(c, device=score.device).expand(score.shape)
             part = (rows, members, score, close, source)
-            if summing:  # the columns of identities in another cluster wait for sum_shared
-                shared = torch.isin(members, shared_ids)
-                if shared.any():
-                    keep = (~shared).nonzero().squeeze(1)
-                    if len(keep):  # (a cluster may hold no identity of its own alone)
-                        own = (rows, members[keep], *(t[:, keep] for t in part[2:]))
-                        self._keep(
-                            best_score, best_id, best_similarity, best_cluster, own, empty_id
-                        )
-                    columns = shared.nonzero().squeeze(1)  # indexed: copies, sum_shared's to write
-                    parts.append((rows, members[columns], *(t[:, columns] for t in part[2:])))
-                    continue
+            # the columns of identities in another cluster too wait for sum_shared, found
+            # once per cluster (an isin over its members at each batch: 330 ms a cluster
+            # at 2M identities, K=8, measured)
+            found = self._shared_members(c, images.device) if summing else None
+            if found is not None:
+                columns = found[0]
+                own = torch.ones(len(members), dtype=torch.bool, device=members.device)
+                own[columns] = False
+                keep = own.nonzero().squeeze(1)
+                if len(keep):  # (a cluster may hold no identity of its own alone)
+                    mine = (rows, members[keep], *(t[:, keep] for t in part[2:]))
+                    self._keep(best_score, best_id, best_similarity, best_cluster, mine, empty_id)
+                # indexed: copies, sum_shared's to write
+                parts.append((rows, members[columns], *(t[:, columns] for t in part[2:])))
+                continue
             self._keep(best_score, best_id, best_similarity, best_cluster, part, empty_id)
         if summing:
             sum_shared(parts)
@@ -589,8 +607,8 @@ class TwoStageIdentifier(nn.Module):
         the normalised mean of its normalised sub-net embeddings. Centroids and
         every existing identity stay as they are. The networks take ``batch_size``
         images at a time, however many a person has. ``faces`` may be ``(name,
-        images)`` pairs made one at a time: only one person's images are needed at
-        once. Nothing changes until every person is done.
+        images)`` pairs made one at a time: only :data:`ENROLL_ROUTE_BATCH` people's
+        images are held at once. Nothing changes until every person is done.
 
         Raises:
             ValueError: a name that is enrolled already or given twice, no images, or
@@ -600,27 +618,44 @@ class TwoStageIdentifier(nn.Module):
         names: list[str] = []
         means, clusters, rows = [], [], []
         taken = {same_name(n) for n in self.class_names}
+        waiting: list[tuple[str, Tensor]] = []  # people whose class mean awaits the router
+
+        def route_waiting() -> None:
+            # routed together, against the gallery before this call: one scan of every
+            # class mean per person took 0.2 s at 1M identities, 52 ms per person at 64
+            # (measured); their images are kept meanwhile, ENROLL_ROUTE_BATCH people's
+            mine = torch.cat(means[len(clusters) :])
+            for (name, images), k in zip(
+                waiting,
+                self.router.route(mine, 1, self._route_blocks())[:, 0].tolist(),
+                strict=True,
+            ):
+                row = None if k == NO_CLUSTER else _direction(self.subnets[k], images, batch_size)
+                if row is None or not has_direction(row).all():  # one image's NaN: the mean's
+                    network = "stage-1 backbone" if row is None else f"sub-net {k}"
+                    raise ValueError(
+                        f"{name!r}: the {network}'s embedding of its faces is NaN, inf or zero "
+                        "(an image it cannot embed, or weights that are not finite): not enrolled"
+                    )
+                clusters.append(k)
+                rows.append(row)
+            waiting.clear()
+
         for name, images in pairs:
             if same_name(name) in taken:
                 self.check_new_names([*names, name])  # raises, naming why
             taken.add(same_name(name))
             if len(images) == 0:
                 raise ValueError(f"{name!r}: no face images to enrol")
-            mean = _direction(self.embed, images, batch_size)
-            k = int(self.router.route(mean, 1, self._route_blocks())[0, 0])  # gallery before
-            row = None if k == NO_CLUSTER else _direction(self.subnets[k], images, batch_size)
-            if row is None or not has_direction(row).all():  # one image's NaN: the mean's
-                network = "stage-1 backbone" if row is None else f"sub-net {k}"
-                raise ValueError(
-                    f"{name!r}: the {network}'s embedding of its faces is NaN, inf or zero "
-                    "(an image it cannot embed, or weights that are not finite): not enrolled"
-                )
             names.append(name)
-            means.append(mean)
-            clusters.append(k)
-            rows.append(row)
+            means.append(_direction(self.embed, images, batch_size))
+            waiting.append((name, images))
+            if len(waiting) == ENROLL_ROUTE_BATCH:
+                route_waiting()
         if not names:
             return {}
+        if waiting:
+            route_waiting()
         first = self.assignment.num_classes
         for k in sorted(set(clusters)):
             mine = [i for i, c in enumerate(clusters) if c == k]
@@ -628,6 +663,11 @@ class TwoStageIdentifier(nn.Module):
             setattr(self, f"head{k}", torch.cat([self.head(k), new_rows]))
             ids = torch.tensor([first + i for i in mine], device=self.members(k).device)
             setattr(self, f"members{k}", torch.cat([self.members(k), ids]))
+        # the router and its blocks (a C x d copy each) go before the new ones are
+        # built: kept, enrolment at 2M identities held one more (4 GB, computed)
+        self.router = None
+        self.grouped_means = torch.empty(0)
+        self._overlap_cache = self._shared_cache = None  # they keep the old assignment
         self.assignment = self.assignment.extended(torch.cat(means), torch.tensor(clusters))
         self.class_to_cluster = self.assignment.class_to_cluster.to(self.device)
         self.class_names += names

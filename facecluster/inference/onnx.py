@@ -46,6 +46,9 @@ ONNX_VERSION = 2
 a reader of version 1 refuses the folder instead of comparing log-probabilities."""
 _ASSIGNMENT_ARRAYS = ("class_to_cluster", "local_index", "class_means", "centroids")
 _OVERLAP = "overlap"  # the rows of clustering.overlap; absent when there are none
+EXPORT_ID = "export_id"
+"""``gallery.npz``'s member with the export's id (UTF-8 bytes), as ``identifier.json``
+holds it: a check reads it without parsing every name (tens of MB at 2M)."""
 
 
 def _require(module: str) -> Any:
@@ -158,6 +161,8 @@ def _write_gallery(identifier: TwoStageIdentifier, gallery: Path, meta_path: Pat
     index = identifier.router.serialized()  # a load with the same settings reads it
     if index is not None:
         arrays["router_index"] = index
+    if identifier.export_id is not None:  # read alone by load_export's check of the folder
+        arrays[EXPORT_ID] = np.frombuffer(identifier.export_id.encode(), np.uint8)
     with open(gallery, "wb") as f:  # a file object: np.savez would add ".npz" to a name
         np.savez(f, **arrays)
     meta = {

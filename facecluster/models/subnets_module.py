@@ -213,7 +213,7 @@ class SubnetSystem(StageSystem):
         self.class_to_cluster.copy_(assignment.class_to_cluster)
         self.local_index.copy_(assignment.local_index)
         self._class_means = assignment.class_means
-        self._members = [assignment.classes_of(k) for k in range(assignment.num_clusters)]
+        self._members = assignment.all_members()
 
     def warm_start(self, backbone_state: dict[str, Tensor], init_heads_from_means: bool) -> None:
         """Start every sub-net from the stage-1 backbone (call after set_assignment).
