@@ -53,7 +53,7 @@ from facecluster.cli import exit_process
 from facecluster.clustering import cluster_identities
 from facecluster.inference.router import Router
 from facecluster.models.components import ArcFace
-from facecluster.results import machine_name, measured
+from facecluster.results import machine_name, markdown_table, measured
 
 RESULTS = Path(__file__).parent / "results" / "scale.json"
 DOC = Path(__file__).parents[1] / "docs" / "SCALE.md"
@@ -440,10 +440,8 @@ def plot_heads(heads_result: dict, path: Path) -> None:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |"]
-    lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    """The package's table, its first column left, the others right."""
+    return markdown_table(header, rows, "l" + "r" * (len(header) - 1))
 
 
 def _peak_check_text(h: dict) -> str:

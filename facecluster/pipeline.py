@@ -58,7 +58,13 @@ from facecluster.launch import (
 from facecluster.loggers import build_logger, check_wandb_server, finish_logger
 from facecluster.models.backbone_module import BackboneSystem
 from facecluster.models.subnets_module import SubnetSystem
-from facecluster.results import provenance, summarise, trained_by, training_table
+from facecluster.results import (
+    provenance,
+    result_metrics,
+    stage2_summary,
+    summarise,
+    training_table,
+)
 from facecluster.run import (
     JOB_ENV,
     RUN_DIR_ENV,
@@ -527,18 +533,7 @@ def _assemble(
             )
             return None, None
         _refuse_missing(folder, missing)
-        correct = sum(r["test_correct"] for r in records.values())
-        images = sum(r["test_images"] for r in records.values())
-        stage2 = {
-            "global_step": max(r["global_step"] for r in records.values()),
-            "epochs": max(r["epochs"] for r in records.values()),
-            "jobs": sorted({r["job"] for r in records.values()}),
-            "trained_by": trained_by(records.values()),
-            "test": {
-                "test/acc": correct / max(1, images),
-                **{f"test/acc_subnet{k}": r["test_acc"] for k, r in records.items()},
-            },
-        }
+        stage2 = stage2_summary(records)
         folder.save_stage_summary(2, stage2)
     results = summarise(cfg.method, run.dm, assignment, run.stage1_summary(), stage2)
     table = training_table(results)
@@ -548,7 +543,7 @@ def _assemble(
         # written now: no Trainer follows whose end would save the CSV
         last = run.stage1_summary()["global_step"] + (stage2["global_step"] if stage2 else 0)
         run.logger.step_offset = 0
-        run.logger.log_metrics(_result_metrics(results), step=last)
+        run.logger.log_metrics(result_metrics(results), step=last)
         run.logger.save()
     if is_global_zero():  # a result, on stdout as the evaluation's table (a log: stderr)
         print(f"\n{table}\n\nfacecluster run folder: {folder.path}", flush=True)
@@ -561,15 +556,6 @@ def _assignment(run: _Run, clustering: ClusteringCallback) -> ClusterAssignment:
         return clustering.assignment
     with naming(f"stage={run.cfg.stage}"):
         return clustering.restore()
-
-
-def _result_metrics(results: dict[str, Any]) -> dict[str, float]:
-    metrics = {"results/stage1_acc": results["stage1"]["accuracy"]}
-    for s in results.get("subnets", []):
-        metrics[f"results/subnet{s['cluster']}_acc"] = s["accuracy"]
-    if "subnets_oracle_accuracy" in results:
-        metrics["results/subnets_oracle_acc"] = results["subnets_oracle_accuracy"]
-    return metrics
 
 
 def _submit(run: _Run, clustering: ClusteringCallback | None) -> RunResult:

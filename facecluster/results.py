@@ -125,6 +125,34 @@ def trained_by(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
+def stage2_summary(records: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Stage 2's summary (``stage2.json``) from every sub-net's record: the furthest
+    step and epoch, the jobs, who trained them, and the held-out accuracy over all of
+    their test images and of each."""
+    correct = sum(r["test_correct"] for r in records.values())
+    images = sum(r["test_images"] for r in records.values())
+    return {
+        "global_step": max(r["global_step"] for r in records.values()),
+        "epochs": max(r["epochs"] for r in records.values()),
+        "jobs": sorted({r["job"] for r in records.values()}),
+        "trained_by": trained_by(records.values()),
+        "test": {
+            "test/acc": correct / max(1, images),
+            **{f"test/acc_subnet{k}": r["test_acc"] for k, r in records.items()},
+        },
+    }
+
+
+def result_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """The logger's ``results/*`` metrics of :func:`summarise`'s results."""
+    metrics = {"results/stage1_acc": results["stage1"]["accuracy"]}
+    for s in results.get("subnets", []):
+        metrics[f"results/subnet{s['cluster']}_acc"] = s["accuracy"]
+    if "subnets_oracle_accuracy" in results:
+        metrics["results/subnets_oracle_acc"] = results["subnets_oracle_accuracy"]
+    return metrics
+
+
 def _majority(labels: torch.Tensor) -> float:
     # Always answering the most frequent identity: the bar an unbalanced set sets.
     return float(torch.bincount(labels).max()) / max(1, len(labels))

@@ -236,8 +236,13 @@ class RunFolder:
         if stage == 2:
             if job is None:
                 raise ValueError("stage 2 has one folder per job: name the job")
-            return self.path / "stage2" / "jobs" / job
+            return self.jobs_dir / job
         return self.path / f"stage{stage}"
+
+    @property
+    def jobs_dir(self) -> Path:
+        """The folder of the stage-2 jobs' folders."""
+        return self.path / "stage2" / "jobs"
 
     def checkpoint_dir(self, stage: int, job: str | None = None) -> Path:
         return self.stage_dir(stage, job) / "checkpoints"
@@ -745,15 +750,19 @@ class RunFolder:
         if any(names.values()):
             self._write_json(UNSEEN_IDENTITIES, names)
 
+    def stage_summary_path(self, stage: int) -> Path:
+        """``stage<n>.json``: the stage's held-out summary, written when it is done."""
+        return self.path / f"stage{stage}.json"
+
     def save_stage_summary(self, stage: int, summary: dict[str, Any]) -> None:
-        self._write_json(f"stage{stage}.json", summary)
+        self._write_json(self.stage_summary_path(stage).name, summary)
 
     def stage_summary(self, stage: int) -> dict[str, Any]:
-        return json.loads((self.path / f"stage{stage}.json").read_text())
+        return json.loads(self.stage_summary_path(stage).read_text())
 
     def has_stage_summary(self, stage: int) -> bool:
         """Stage 1: trained and tested; stage 2: every sub-net finished and assembled."""
-        return (self.path / f"stage{stage}.json").is_file()
+        return self.stage_summary_path(stage).is_file()
 
     def save_training_report(self, results: dict[str, Any], table: str) -> None:
         self._write_json(RESULTS, results)
@@ -764,7 +773,7 @@ class RunFolder:
         """Sub-nets are (re)trained: the run's results, stage-2 summary and the decision
         unit's fitted numbers no longer hold."""
         if is_global_zero():
-            for name in (RESULTS, RESULTS_TABLE, "stage2.json", CALIBRATION):
+            for name in (RESULTS, RESULTS_TABLE, self.stage_summary_path(2).name, CALIBRATION):
                 (self.path / name).unlink(missing_ok=True)
 
     # ----------------------------------------------------------------- sub-nets
@@ -986,7 +995,7 @@ class RunFolder:
     def _training_jobs(self, exclude: str | None = None) -> dict[str, tuple[list[int], dict]]:
         """The stage-2 jobs training now (a live lock, or an empty one being written),
         with their sub-nets (from the lock, or the job's ``subnets.json``) and lock."""
-        jobs = self.path / "stage2" / "jobs"
+        jobs = self.jobs_dir
         found = {}
         for lock in sorted(jobs.glob(f"*/{RUNNING}")) if jobs.is_dir() else ():
             if lock.parent.name == exclude:
@@ -1011,7 +1020,7 @@ class RunFolder:
 
     def started_jobs(self) -> list[list[int]]:
         """The sub-nets of each stage-2 job that has saved a checkpoint, furthest first."""
-        jobs = self.path / "stage2" / "jobs"
+        jobs = self.jobs_dir
         found = []
         for last in jobs.glob(f"*/checkpoints/{LAST}.ckpt") if jobs.is_dir() else ():
             record = last.parents[1] / JOB_SUBNETS
@@ -1068,7 +1077,7 @@ class RunFolder:
         restarted = {k for group in groups for k in group}
         # every job over any of them, however it was grouped: a job folder left with
         # another grouping's checkpoint would be continued by the next resume
-        jobs = self.path / "stage2" / "jobs"
+        jobs = self.jobs_dir
         for record in sorted(jobs.glob(f"*/{JOB_SUBNETS}")) if jobs.is_dir() else ():
             if restarted & set(_read_json(record) or []):
                 shutil.rmtree(record.parent, ignore_errors=True)
