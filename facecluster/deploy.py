@@ -47,6 +47,7 @@ from facecluster.data.images import DECODE_ERRORS, decode_image
 from facecluster.data.transforms import normalize_images
 from facecluster.inference import TwoStageIdentifier
 from facecluster.inference.identifier import FAILED, OPEN_SET_SCORE, UNKNOWN, unpack_names
+from facecluster.inference.onnx import EXPORT_ID, ONNX_GALLERY, ONNX_META
 from facecluster.inference.openset import threshold_at_fpir
 from facecluster.io import atomic_file, fsync_dir, load_plain, replacing
 
@@ -191,8 +192,8 @@ def _warn_dropped_names(out: Path, names: Sequence[str]) -> None:
         if (out / TORCH_FILE).is_file():
             payload = load_plain(out / TORCH_FILE, "cpu", "exported identifier", mmap=True)
             held = unpack_names(payload["class_names"])
-        elif (out / ONNX_FOLDER / "identifier.json").is_file():
-            held = json.loads((out / ONNX_FOLDER / "identifier.json").read_text())["class_names"]
+        elif (out / ONNX_FOLDER / ONNX_META).is_file():
+            held = json.loads((out / ONNX_FOLDER / ONNX_META).read_text())["class_names"]
         else:
             return
     except Exception as e:  # a damaged export is replaced whole: said, not fatal
@@ -349,12 +350,10 @@ def _check_one_export(model: Path, export_id: str | None, runtime: str) -> None:
 def _onnx_export_id(folder: Path) -> str | None:
     """The id of the ONNX export ``folder``: ``gallery.npz``'s small member, read alone
     (``identifier.json``, which holds every name, for an export written before it)."""
-    from facecluster.inference.onnx import EXPORT_ID
-
-    with np.load(folder / "gallery.npz", allow_pickle=False) as gallery:
+    with np.load(folder / ONNX_GALLERY, allow_pickle=False) as gallery:
         if EXPORT_ID in gallery.files:
             return bytes(gallery[EXPORT_ID]).decode()
-    meta = json.loads((folder / "identifier.json").read_text())
+    meta = json.loads((folder / ONNX_META).read_text())
     return meta.get("export_id") if isinstance(meta, dict) else None
 
 
@@ -397,7 +396,7 @@ def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -
     with _updating(model, replace_onnx=False, read=read) as new:
         if (model / TORCH_FILE).is_file():
             identifier.export(new / TORCH_FILE)
-        if (model / ONNX_FOLDER / "identifier.json").is_file():
+        if (model / ONNX_FOLDER / ONNX_META).is_file():
             from facecluster.inference.onnx import write_gallery
 
             write_gallery(identifier, new / ONNX_FOLDER)
@@ -440,7 +439,7 @@ def _updating(
         # identifier.json last: the file that marks an ONNX folder finished (load_onnx)
         files = sorted(
             (path.relative_to(new).as_posix() for path in new.rglob("*") if path.is_file()),
-            key=lambda name: (name == f"{onnx}identifier.json", name),
+            key=lambda name: (name == f"{onnx}{ONNX_META}", name),
         )
         earlier = (out / ONNX_FOLDER).is_dir() and replace_onnx
         if earlier:  # again: a file of the user's may have come while the networks exported
@@ -448,7 +447,7 @@ def _updating(
 
             check_replaceable(out / ONNX_FOLDER)
         old = [onnx + path.name for path in (out / ONNX_FOLDER).iterdir()] if earlier else []
-        marker = f"{onnx}identifier.json"
+        marker = f"{onnx}{ONNX_META}"
         plan = {
             # the earlier ONNX folder's identifier.json first, even when a new one replaces
             # it last: that folder reads as unfinished (load_onnx) from the start, never
@@ -493,7 +492,7 @@ def _stamp(out: Path) -> tuple[tuple[int, int, int] | None, ...]:
     with a file written for it and linked or copied in (:func:`_finish_locked`): one
     made later, while the file it replaces still held its inode."""
     stamps = []
-    for name in (TORCH_FILE, f"{ONNX_FOLDER}/identifier.json"):
+    for name in (TORCH_FILE, f"{ONNX_FOLDER}/{ONNX_META}"):
         try:
             s = os.stat(out / name)
         except (FileNotFoundError, NotADirectoryError):

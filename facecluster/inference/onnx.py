@@ -40,6 +40,11 @@ from facecluster.inference.identifier import (
 )
 from facecluster.io import replacing, replacing_together
 
+ONNX_META = "identifier.json"
+"""An ONNX export's names, settings and format, written last: its presence marks the
+folder finished."""
+ONNX_GALLERY = "gallery.npz"
+"""An ONNX export's arrays: head rows, class means, the assignment, the router index."""
 ONNX_FORMAT = "facecluster.onnx_identifier"
 ONNX_VERSION = 2
 """Version 2 (the layout of 1): the open-set threshold compares the answer's similarity;
@@ -110,7 +115,7 @@ def export_onnx(identifier: TwoStageIdentifier, folder: str | Path) -> list[Path
     require_onnx_export()  # named up front
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "identifier.json").unlink(missing_ok=True)  # unfinished until rewritten
+    (folder / ONNX_META).unlink(missing_ok=True)  # unfinished until rewritten
     size = identifier.backbone_args["image_size"]
     example = (torch.zeros(2, 3, size, size, device=identifier.device),)
     batch = torch.export.Dim("batch")
@@ -146,9 +151,9 @@ def write_gallery(identifier: TwoStageIdentifier, folder: str | Path) -> list[Pa
     the export's files together with ``identifier.pt`` (facecluster.deploy)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with replacing_together(folder / "gallery.npz", folder / "identifier.json") as temps:
+    with replacing_together(folder / ONNX_GALLERY, folder / ONNX_META) as temps:
         _write_gallery(identifier, *temps)
-    return [folder / "gallery.npz", folder / "identifier.json"]
+    return [folder / ONNX_GALLERY, folder / ONNX_META]
 
 
 def _write_gallery(identifier: TwoStageIdentifier, gallery: Path, meta_path: Path) -> None:
@@ -223,7 +228,7 @@ def load_onnx(
     onnxruntime. Reads JSON and ``allow_pickle=False`` arrays only: nothing in the
     folder can run code but the ONNX graphs, which onnxruntime interprets."""
     folder = Path(folder)
-    meta_path = folder / "identifier.json"
+    meta_path = folder / ONNX_META
     if not meta_path.is_file():
         raise FileNotFoundError(
             f"{meta_path} does not exist: {folder} is not a finished ONNX export "
@@ -242,7 +247,7 @@ def load_onnx(
     k = meta["num_clusters"]
     expected = [*_ASSIGNMENT_ARRAYS, *(f"head{i}" for i in range(k))]
     try:
-        with np.load(folder / "gallery.npz", allow_pickle=False) as gallery:
+        with np.load(folder / ONNX_GALLERY, allow_pickle=False) as gallery:
             missing = [key for key in expected if key not in gallery.files]
             if missing:
                 raise ValueError(f"{folder / 'gallery.npz'} lacks {', '.join(missing)}")
