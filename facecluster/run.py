@@ -384,7 +384,11 @@ class RunFolder:
         the run's training kept there (``Config.cache_dir``).
         """
         if not (self.path / CONFIG).is_file():
-            raise ConfigError(f"{self.path}: not a facecluster run folder (no {CONFIG})")
+            raise ConfigError(  # an export folder, given to evaluate or export, too
+                f"{self.path}: not a facecluster run folder (no {CONFIG}): evaluation and "
+                "export take the folder that training made (runs/<run>); an export's folder "
+                "is for `facecluster identify` and `facecluster enroll`"
+            )
         here = f"output_dir={self.path.parent}"
         return load_config(self.path / CONFIG, [here, *overrides, "resume=null"])
 

@@ -482,6 +482,11 @@ def test_evaluate_expands_the_home_folder_and_names_a_run_that_does_not_exist(
         cli.evaluate_main(["run=", "run=~/runs/run"])
     assert exit_.value.code == 2
     assert "run= names no folder" in capsys.readouterr().err
+    # an export's folder for a run's: said what takes which (it said "no config.yaml")
+    export = tmp_path / "export"
+    (export / "onnx").mkdir(parents=True)
+    assert cli.evaluate_main([f"run={export}"]) == 2
+    assert "an export's folder is for `facecluster identify`" in capsys.readouterr().err
 
 
 def test_last_ckpt_follows_the_final_epoch_even_without_improvement(tmp_path):
