@@ -350,6 +350,8 @@ def _check_one_export(model: Path, export_id: str | None, runtime: str) -> None:
 def _onnx_export_id(folder: Path) -> str | None:
     """The id of the ONNX export ``folder``: ``gallery.npz``'s small member, read alone
     (``identifier.json``, which holds every name, for an export written before it)."""
+    if not (folder / ONNX_META).is_file():  # unfinished (another command writes it)
+        return None
     with np.load(folder / ONNX_GALLERY, allow_pickle=False) as gallery:
         if EXPORT_ID in gallery.files:
             return bytes(gallery[EXPORT_ID]).decode()

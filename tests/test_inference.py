@@ -147,6 +147,8 @@ def test_the_decision_unit_reads_each_clusters_class_means_in_member_order():
     assert ident.grouped_means.data_ptr() != grouped.data_ptr()
     assert ident.router.grouped is ident.grouped_means
     assert torch.equal(ident.router.route(queries, 3), before)
+    ident.enroll({"new": torch.randn(2, 8)})  # a new router, with the same one copy
+    assert ident.router.grouped is ident.grouped_means
     a = _assignment(means, [i % 3 for i in range(30)]).with_overlap(torch.tensor([[0, 1], [4, 2]]))
     heads = [a.class_means[a.classes_of(k)] for k in range(3)]
     shared = TwoStageIdentifier(
@@ -1049,6 +1051,18 @@ def test_enrolment_embeds_a_person_in_batches_with_the_same_rows():
     assert torch.allclose(ident.head(k)[-1], expected, atol=1e-6)  # identity sub-nets
 
 
+def _fails_once(build):
+    calls = []
+
+    def first_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("no room for the new router")
+        return build(*args, **kwargs)
+
+    return first_fails
+
+
 def test_enrolment_takes_one_person_at_a_time_and_changes_nothing_until_all_are_done():
     # enroll_folder hands people over one at a time (a bulk enrolment need not hold
     # every image); each is routed against the gallery before the call, so the order
@@ -1072,6 +1086,19 @@ def test_enrolment_takes_one_person_at_a_time_and_changes_nothing_until_all_are_
         mean = F.normalize(F.normalize(alone.embed(images), dim=1).sum(0)[None], dim=1)
         assert a[name] == int(alone.router.route(mean, 1)[0, 0])
     assert len(set(a.values())) > 1, "the people went to more than one cluster"
+    # a failure after the old router was let go (out of memory at 2M identities, where
+    # it is let go first) leaves the identifier as it was, not without a router
+    queries = torch.randn(12, 8)
+    answers = forward.identify(queries)
+    names, heads = list(forward.class_names), [forward.head(k).clone() for k in range(4)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(forward, "_build_router", _fails_once(forward._build_router))
+        with pytest.raises(MemoryError):
+            forward.enroll({"late": torch.randn(3, 8)})
+    assert forward.class_names == names
+    assert all(torch.equal(forward.head(k), heads[k]) for k in range(4))
+    again = forward.identify(queries)
+    assert torch.equal(again.identity, answers.identity) and torch.equal(again.score, answers.score)
     for name in people:
         i, j = forward.class_names.index(name), backward.class_names.index(name)
         assert torch.equal(forward.assignment.class_means[i], backward.assignment.class_means[j])

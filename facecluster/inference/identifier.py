@@ -252,6 +252,8 @@ class TwoStageIdentifier(nn.Module):
         else:
             grouped = self.assignment.class_means[torch.cat(members)].float()
         self.register_buffer("grouped_means", grouped.to(self.device), persistent=False)
+        if self._router_order:  # on a GPU the router's CPU blocks go: one C x d copy less
+            self.router.grouped = self.grouped_means
         self._means_bounds = [0, *np.cumsum([len(m) for m in members]).tolist()]
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> TwoStageIdentifier:
@@ -260,8 +262,9 @@ class TwoStageIdentifier(nn.Module):
         kept its own C x d copy on the CPU beside the moved one (4 GB at 2M x 512,
         computed) only for a shape check."""
         super()._apply(fn, recurse)
-        if getattr(self, "_router_order", False) and self.grouped_means.dtype == torch.float32:
-            self.router.grouped = self.grouped_means
+        if getattr(self, "_router_order", False):  # routing compares in float32
+            means = self.grouped_means
+            self.router.grouped = means if means.dtype == torch.float32 else means.float()
         return self
 
     def _route_blocks(self) -> Tensor | None:
@@ -657,22 +660,35 @@ class TwoStageIdentifier(nn.Module):
         if waiting:
             route_waiting()
         first = self.assignment.num_classes
-        for k in sorted(set(clusters)):
-            mine = [i for i, c in enumerate(clusters) if c == k]
-            new_rows = torch.cat([rows[i] for i in mine]).to(self.head(k))
-            setattr(self, f"head{k}", torch.cat([self.head(k), new_rows]))
-            ids = torch.tensor([first + i for i in mine], device=self.members(k).device)
-            setattr(self, f"members{k}", torch.cat([self.members(k), ids]))
+        before = (self.assignment, self.class_to_cluster, len(self.class_names), {})
         # the router and its blocks (a C x d copy each) go before the new ones are
         # built: kept, enrolment at 2M identities held one more (4 GB, computed)
         self.router = None
         self.grouped_means = torch.empty(0)
         self._overlap_cache = self._shared_cache = None  # they keep the old assignment
-        self.assignment = self.assignment.extended(torch.cat(means), torch.tensor(clusters))
-        self.class_to_cluster = self.assignment.class_to_cluster.to(self.device)
-        self.class_names += names
-        self.router = self._build_router()
-        self._set_means()
+        try:
+            self.assignment = self.assignment.extended(torch.cat(means), torch.tensor(clusters))
+            for k in sorted(set(clusters)):
+                before[3][k] = (self.head(k), self.members(k))
+                mine = [i for i, c in enumerate(clusters) if c == k]
+                new_rows = torch.cat([rows[i] for i in mine]).to(self.head(k))
+                setattr(self, f"head{k}", torch.cat([self.head(k), new_rows]))
+                ids = torch.tensor([first + i for i in mine], device=self.members(k).device)
+                setattr(self, f"members{k}", torch.cat([self.members(k), ids]))
+            self.class_to_cluster = self.assignment.class_to_cluster.to(self.device)
+            self.class_names += names
+            self.router = self._build_router()
+            self._set_means()
+        except BaseException:  # out of memory at 2M, Ctrl-C: the identifier as it was
+            self.assignment, self.class_to_cluster, count, kept = before
+            for k, (head, members) in kept.items():
+                setattr(self, f"head{k}", head)
+                setattr(self, f"members{k}", members)
+            del self.class_names[count:]
+            self.router = None  # a half-built one first: its memory
+            self.router = self._build_router()
+            self._set_means()
+            raise
         return dict(zip(names, clusters, strict=True))
 
     def check_new_names(self, names: Sequence[str]) -> None:

@@ -188,8 +188,8 @@ class Router:
             # cluster is one matrix product and a max over its block. faiss's IndexFlatIP
             # took 8.36 ms per query against 1.77 at 360K x 512, K=64, batch 256 (docs/
             # SCALE.md), and ranked clusters without a retrieved neighbour by centroid.
-            # Kept on the CPU; a caller may pass the same blocks where it runs (route's
-            # ``blocks``: TwoStageIdentifier's, on its device)
+            # Made on the CPU; a caller may pass the same blocks where it runs (route's
+            # ``blocks``), and TwoStageIdentifier moves these with it (one copy)
             if prebuilt is not None:
                 raise ValueError("index=flat is built from the class means, not read")
             order = torch.sort(self.class_to_cluster, stable=True).indices
@@ -291,7 +291,8 @@ class Router:
 
     def route(self, queries: Tensor, top_m: int = 1, blocks: Tensor | None = None) -> Tensor:
         """[B, top_m] cluster ids, best first; equal scores go to the lower cluster id (on
-        the device of ``blocks``, see :meth:`cluster_scores`; else on the CPU). The
+        the device of ``blocks``, see :meth:`cluster_scores`; else where
+        :attr:`grouped` is: the CPU, or a TwoStageIdentifier's device). The
         scores are float32 products taken in blocks whose shapes follow the batch
         size, so two clusters holding the same class mean can score a few units in the
         last place apart, and a face alone can go to the other one than in a batch. A
