@@ -133,6 +133,11 @@ def _not_finite(section: Any, prefix: str = "") -> list[str]:
     return found
 
 
+_SAID_EMPTY = ("data.root", "output_dir", "resume", "run_name")
+"""Text keys whose empty value the config's rules refuse with words of their own (an unset
+shell variable?); every other key's empty override is refused as no value."""
+
+
 def _empty(rules: _Rules, name: str, value: str | None, use: str) -> None:
     """An empty path (``resume=$RUN`` with RUN unset) is refused, not read as the working
     dir (``data.root``, ``output_dir``) or as no value (``resume``: a new run started)."""
@@ -953,7 +958,7 @@ class Config:
                 found.append(f"trainer.{key} must be true or false, got {value!r}")
         for key in self.trainer:
             if key in RESERVED_TRAINER_KEYS:
-                found.append(f"trainer.{key} is set by facecluster itself (see docs/TRAINING.md)")
+                found.append(f"trainer.{key} is set by facecluster itself (see docs/CONFIG.md)")
             elif key in REMOVED_TRAINER_ARGS:
                 found.append(
                     f"trainer.{key} is a Lightning 1.x argument that Lightning 2 removed: "
@@ -1195,9 +1200,10 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     merged = OmegaConf.create({})
     for override in overrides:  # in order: a key given twice keeps its last value
         key, _, value = override.partition("=")
-        if key in strings and value != "null":
+        if key in strings and value != "null" and (value.strip() or key in _SAID_EMPTY):
             OmegaConf.update(merged, key, value, merge=True)
-        elif not value.strip():  # YAML's null: data.max_classes= unset it, silently
+        elif not value.strip():  # YAML's null (data.max_classes= unset it, silently), and a
+            # text key's empty string (slurm.partition=: the default partition, silently)
             raise ConfigError(
                 f"command line, {override}: no value (give one; an optional key is unset "
                 f"with {key}=null)"

@@ -45,6 +45,15 @@ class RunWandbLogger(_StepOffset, WandbLogger):
     """WandbLogger whose step axis continues across the two stages."""
 
 
+if not hasattr(ExperimentWriter, "_check_log_dir_exists"):  # pragma: no cover
+    # renamed by a Lightning release, the override below would never run, and Lightning's
+    # own would delete a resumed run's metrics.csv: silently
+    raise ImportError(
+        "lightning's ExperimentWriter has no _check_log_dir_exists: this Lightning release "
+        "is not supported by facecluster's CSV logger (see pyproject.toml for the range)"
+    )
+
+
 class _AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not
     deleted: a resume, each ``stage=`` command and a retried stage-2 job add their rows

@@ -557,6 +557,11 @@ def test_hydra_prefixes_and_empty_values_are_refused_naming_the_fix():
                        r"key is unset with data.max_classes=null\)"):  # fmt: skip
         load_config(SMOKE, ["data.max_classes="])
     assert load_config(SMOKE, ["data.max_classes=null"]).data.max_classes is None
+    # a text key's empty value was taken as the empty string: slurm.partition= then
+    # submitted to the default partition, silently
+    for key in ("slurm.partition", "wandb.entity", "model.backbone"):
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}=: no value \(give one"):
+            load_config(SMOKE, [f"{key}="])
     # Lightning 1.x names: the closest spelling suggested plugins for gpus
     removed = "trainer.gpus is a Lightning 1.x argument that Lightning 2 removed: use "
     with pytest.raises(ConfigError, match=removed + "trainer.accelerator=gpu trainer.devices=N"):
