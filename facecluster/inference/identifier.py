@@ -624,9 +624,9 @@ class TwoStageIdentifier(nn.Module):
         waiting: list[tuple[str, Tensor]] = []  # people whose class mean awaits the router
 
         def route_waiting() -> None:
-            # routed together, against the gallery before this call: one scan of every
-            # class mean per person took 0.2 s at 1M identities, 52 ms per person at 64
-            # (measured); their images are kept meanwhile, ENROLL_ROUTE_BATCH people's
+            # routed together, against the gallery before this call: a scan of every
+            # class mean per person made 64 people at 1M identities take 22.2 s, 9.9 s
+            # routed 16 at a time (docs/DEPLOYMENT.md); their images are kept meanwhile
             mine = torch.cat(means[len(clusters) :])
             for (name, images), k in zip(
                 waiting,
