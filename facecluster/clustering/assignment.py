@@ -397,7 +397,8 @@ class ClusterAssignment:
 
     def all_members(self) -> list[torch.Tensor]:
         """``[classes_of(k) for k in range(K)]``, from one sort of every membership: K
-        scans of the C identities took 1.43 s at 2M identities, K=64 (measured)."""
+        scans of the C identities took 1.43 s at 2M identities, K=64, one sort 0.19 s (as a
+        review measured them)."""
         ids, clusters = self.memberships()
         order = torch.sort(clusters * self.num_classes + ids).indices
         sizes = torch.bincount(clusters, minlength=self.num_clusters).tolist()
