@@ -309,8 +309,9 @@ def load_export(
 
         require_onnx_runtime()  # before the gallery is read
 
-        # the networks run where onnxruntime's provider is; the gallery follows the images
-        identifier = load_onnx(model / ONNX_FOLDER, route, where.type)
+        # the networks run where onnxruntime's provider is; the gallery follows the images.
+        # Mapped, as identifier.pt is below
+        identifier = load_onnx(model / ONNX_FOLDER, route, where.type, mmap=True)
     elif runtime == "torch":
         # read onto the CPU, then moved: loaded onto a GPU, the whole file (K sub-nets'
         # state dicts, the assignment's [C, d] class means) stayed there beside the

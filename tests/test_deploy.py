@@ -1190,6 +1190,36 @@ def test_a_loaded_identifier_is_read_unless_asked_to_map_its_file(tmp_path):
         assert not torch.equal(identifier.assignment.class_means, before)
 
 
+def test_the_onnx_gallery_is_read_unless_asked_to_map_it(exported, tmp_path):
+    # as identifier.pt (above): the commands' loads map onnx/gallery.npz, whose head rows
+    # and class means were read whole (4 GB each at 2M identities x 512, each process's
+    # own); the API reads it
+    from facecluster.inference.onnx import load_onnx, read_gallery
+
+    export = shutil.copytree(exported, tmp_path / "export")
+    gallery = export / "onnx" / "gallery.npz"
+    read, mapped = read_gallery(gallery), read_gallery(gallery, mmap=True)
+    assert read.keys() == mapped.keys() and "class_means" in mapped
+    for key, array in read.items():
+        assert array.dtype == mapped[key].dtype and np.array_equal(array, mapped[key]), key
+    assert isinstance(mapped["class_means"], np.memmap)
+    loaded = load_onnx(export / "onnx")
+    command = load_export(export, "onnx", "cpu")
+    before = loaded.assignment.class_means.clone()
+    assert torch.equal(command.assignment.class_means, before)
+    with open(gallery, "r+b") as f:  # the same file, overwritten in place, bytes changed
+        data = bytearray(f.read())
+        f.seek(0)
+        f.write(bytes(b ^ 0x55 for b in data))
+    assert torch.equal(loaded.assignment.class_means, before)
+    assert not torch.equal(command.assignment.class_means, before)  # the file's pages
+    # a gallery whose arrays were stored compressed (np.savez_compressed) is read
+    np.savez_compressed(tmp_path / "compressed.npz", **read)
+    again = read_gallery(tmp_path / "compressed.npz", mmap=True)
+    assert not any(isinstance(a, np.memmap) for a in again.values())
+    assert all(np.array_equal(again[key], array) for key, array in read.items())
+
+
 def test_an_export_keeps_any_names_exactly_and_reads_the_list_of_older_versions(tmp_path):
     # a list of str took 6.6 s to load at 2M identities (weights_only unpickles each):
     # the names are one utf8 tensor and its int64 offsets, whatever characters they hold

@@ -14,14 +14,18 @@
 ``load_onnx`` rebuilds the :class:`TwoStageIdentifier` with each network replaced
 by an :class:`OnnxBackbone` (an onnxruntime session): the networks run on
 onnxruntime, and routing and the decision unit are the same code as the torch
-identifier's, so both answer alike (tested on a real run's test split). Needs the
-``onnx`` extra: ``pip install 'facecluster[onnx]'``.
+identifier's, so both answer alike (tested on a real run's test split). With
+``mmap=True`` (the commands' loads) the gallery's arrays are mapped from the file, as
+``TwoStageIdentifier.load`` maps ``identifier.pt``. Needs the ``onnx`` extra:
+``pip install 'facecluster[onnx]'``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -221,12 +225,75 @@ class OnnxBackbone(nn.Module):
         return torch.from_numpy(self.session.run(None, feed)[0]).to(images.device)
 
 
+def read_gallery(path: str | Path, mmap: bool = False) -> dict[str, np.ndarray]:
+    """The arrays of ``gallery.npz``, by name (``allow_pickle=False``).
+
+    ``mmap``: each array that the file stores uncompressed (``np.savez`` stores them
+    so) is mapped copy-on-write instead of read: the head rows and class means (4 GB
+    each at 2M identities x 512) stay page cache, shared by the processes that load
+    the gallery. The file must then only be replaced by a rename, as export and
+    enrol replace it; a compressed member is read.
+
+    Raises:
+        ValueError: the file is not a readable ``.npz`` (damaged, truncated), naming it.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as gallery:
+            if not mmap:
+                return {key: gallery[key] for key in gallery.files}
+            return {
+                info.filename.removesuffix(".npy"): (
+                    _mapped_member(path, info)
+                    if info.compress_type == zipfile.ZIP_STORED
+                    else gallery[info.filename.removesuffix(".npy")]
+                )
+                for info in gallery.zip.infolist()
+            }
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read ({e}): a damaged export?") from None
+
+
+def _mapped_member(path: Path, info: zipfile.ZipInfo) -> np.ndarray:
+    """The ``.npy`` array an uncompressed zip member holds, mapped from ``path``: its
+    bytes follow the member's local header (30 bytes, then its name and extra field,
+    whose lengths may differ from the central directory's) and the ``.npy`` header."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise ValueError(f"member {info.filename}: no local header at {info.header_offset}")
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(f)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f"member {info.filename}: .npy format {version} is not mapped")
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject:  # what allow_pickle=False refuses
+        raise ValueError(f"member {info.filename} holds Python objects")
+    count = math.prod(shape)
+    if offset + count * dtype.itemsize > path.stat().st_size:
+        raise ValueError(f"member {info.filename} runs past the end of the file (truncated)")
+    if count == 0:  # nothing to map (np.memmap refuses a length of 0)
+        return np.empty(shape, dtype)
+    return np.memmap(path, dtype, "c", offset, shape, "F" if fortran else "C")
+
+
 def load_onnx(
-    folder: str | Path, route: dict[str, Any] | None = None, device: str = "cpu"
+    folder: str | Path,
+    route: dict[str, Any] | None = None,
+    device: str = "cpu",
+    mmap: bool = False,
 ) -> TwoStageIdentifier:
     """The identifier of a folder written by :func:`export_onnx`, its networks on
     onnxruntime. Reads JSON and ``allow_pickle=False`` arrays only: nothing in the
-    folder can run code but the ONNX graphs, which onnxruntime interprets."""
+    folder can run code but the ONNX graphs, which onnxruntime interprets. ``mmap``:
+    map the gallery's arrays instead of reading them (:func:`read_gallery`)."""
     folder = Path(folder)
     meta_path = folder / ONNX_META
     if not meta_path.is_file():
@@ -246,16 +313,13 @@ def load_onnx(
         )
     k = meta["num_clusters"]
     expected = [*_ASSIGNMENT_ARRAYS, *(f"head{i}" for i in range(k))]
-    try:
-        with np.load(folder / ONNX_GALLERY, allow_pickle=False) as gallery:
-            missing = [key for key in expected if key not in gallery.files]
-            if missing:
-                raise ValueError(f"{folder / 'gallery.npz'} lacks {', '.join(missing)}")
-            arrays = {key: torch.from_numpy(gallery[key]) for key in gallery.files}
-    except (zipfile.BadZipFile, EOFError, OSError) as e:
-        raise ValueError(
-            f"{folder / 'gallery.npz'} cannot be read ({e}): a damaged export?"
-        ) from None
+    arrays = {
+        key: torch.from_numpy(array)
+        for key, array in read_gallery(folder / ONNX_GALLERY, mmap).items()
+    }
+    missing = [key for key in expected if key not in arrays]
+    if missing:
+        raise ValueError(f"{folder / ONNX_GALLERY} lacks {', '.join(missing)}")
     stored = [*_ASSIGNMENT_ARRAYS, *([_OVERLAP] if _OVERLAP in arrays else [])]
     heads = [arrays[f"head{i}"] for i in range(k)]
     try:  # before the networks' sessions: a mismatch named, not an IndexError later
