@@ -1218,6 +1218,14 @@ def test_the_onnx_gallery_is_read_unless_asked_to_map_it(exported, tmp_path):
     again = read_gallery(tmp_path / "compressed.npz", mmap=True)
     assert not any(isinstance(a, np.memmap) for a in again.values())
     assert all(np.array_equal(again[key], array) for key, array in read.items())
+    # a shape damaged in a member's header is refused, not given the next member's bytes
+    np.savez(tmp_path / "shape.npz", a=np.zeros((3, 4), np.float32), b=np.ones(8, np.float32))
+    data = (tmp_path / "shape.npz").read_bytes()
+    assert data.count(b"(3, 4)") == 1
+    (tmp_path / "shape.npz").write_bytes(data.replace(b"(3, 4)", b"(5, 4)"))
+    for mmap in (False, True):  # read: the CRC; mapped: the member's length
+        with pytest.raises(ValueError, match=r"shape\.npz cannot be read \(.*\): a damaged"):
+            read_gallery(tmp_path / "shape.npz", mmap=mmap)
 
 
 def test_an_export_keeps_any_names_exactly_and_reads_the_list_of_older_versions(tmp_path):

@@ -29,7 +29,7 @@ import struct
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -239,49 +239,56 @@ def read_gallery(path: str | Path, mmap: bool = False) -> dict[str, np.ndarray]:
     """
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as gallery:
+        # one open file for the list of members, their headers and their mappings: a
+        # gallery renamed over this one meanwhile (an enrolment) is not half read
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as gallery:
             if not mmap:
                 return {key: gallery[key] for key in gallery.files}
-            return {
-                info.filename.removesuffix(".npy"): (
-                    _mapped_member(path, info)
-                    if info.compress_type == zipfile.ZIP_STORED
-                    else gallery[info.filename.removesuffix(".npy")]
+            arrays = {}
+            for info in gallery.zip.infolist():
+                key = info.filename.removesuffix(".npy")
+                mapped = (
+                    _mapped_member(f, info) if info.compress_type == zipfile.ZIP_STORED else None
                 )
-                for info in gallery.zip.infolist()
-            }
+                arrays[key] = gallery[key] if mapped is None else mapped
+            return arrays
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         raise ValueError(f"{path} cannot be read ({e}): a damaged export?") from None
 
 
-def _mapped_member(path: Path, info: zipfile.ZipInfo) -> np.ndarray:
-    """The ``.npy`` array an uncompressed zip member holds, mapped from ``path``: its
-    bytes follow the member's local header (30 bytes, then its name and extra field,
-    whose lengths may differ from the central directory's) and the ``.npy`` header."""
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)
-        if len(local) < 30 or local[:4] != b"PK\x03\x04":
-            raise ValueError(f"member {info.filename}: no local header at {info.header_offset}")
-        name_length, extra_length = struct.unpack("<HH", local[26:30])
-        f.seek(info.header_offset + 30 + name_length + extra_length)
-        version = np.lib.format.read_magic(f)
-        read_header = {
-            (1, 0): np.lib.format.read_array_header_1_0,
-            (2, 0): np.lib.format.read_array_header_2_0,
-        }.get(version)
-        if read_header is None:
-            raise ValueError(f"member {info.filename}: .npy format {version} is not mapped")
-        shape, fortran, dtype = read_header(f)
-        offset = f.tell()
+def _mapped_member(f: BinaryIO, info: zipfile.ZipInfo) -> np.ndarray | None:
+    """The ``.npy`` array an uncompressed zip member of the open file ``f`` holds,
+    mapped: its bytes follow the member's local header (30 bytes, then its name and
+    extra field, whose lengths may differ from the central directory's) and the
+    ``.npy`` header. None for a header format this does not map (3.0: read instead).
+    Not checked against the member's CRC, as a mapped ``identifier.pt`` is not: the
+    shapes are (``check_parts``)."""
+    f.seek(info.header_offset)
+    local = f.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise ValueError(f"member {info.filename}: no local header at {info.header_offset}")
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    start = info.header_offset + 30 + name_length + extra_length
+    f.seek(start)
+    version = np.lib.format.read_magic(f)
+    read_header = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }.get(version)
+    if read_header is None:
+        return None
+    shape, fortran, dtype = read_header(f)
+    offset = f.tell()
     if dtype.hasobject:  # what allow_pickle=False refuses
         raise ValueError(f"member {info.filename} holds Python objects")
     count = math.prod(shape)
-    if offset + count * dtype.itemsize > path.stat().st_size:
-        raise ValueError(f"member {info.filename} runs past the end of the file (truncated)")
+    if offset + count * dtype.itemsize > start + info.compress_size:  # a damaged shape
+        raise ValueError(f"member {info.filename}: its header's shape {shape} runs past it")
     if count == 0:  # nothing to map (np.memmap refuses a length of 0)
         return np.empty(shape, dtype)
-    return np.memmap(path, dtype, "c", offset, shape, "F" if fortran else "C")
+    # the data lies where the zip puts it, not 64-byte aligned as in identifier.pt:
+    # torch's CPU kernels take unaligned float32 rows
+    return np.memmap(f, dtype, "c", offset, shape, "F" if fortran else "C")
 
 
 def load_onnx(
