@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import signal
 import sys
@@ -251,13 +250,24 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
     for run in runs:
         if missing := missing_path(run, prefix="run="):
             return _fail(missing)
+    from facecluster.data import BadImageError
     from facecluster.evaluation import evaluate_runs
 
     try:
         print(evaluate_runs(runs, overrides))
-    except ConfigError as e:
-        return _fail(e)
+    except (ConfigError, BadImageError) as e:
+        return _fail(_said(e))
     return 0
+
+
+def _said(error: Exception) -> object:
+    """An evaluation's or export's error as its one line: a damaged data set's (a
+    ``BadImageError`` from a loader, whose text may hold a worker's traceback) as a
+    training run says it; any other as it is."""
+    from facecluster.builders import stopped_run
+
+    stopped = stopped_run(error)
+    return error if stopped is None else stopped.message
 
 
 def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -286,10 +296,13 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 <= args.fpir < 1.0:
         parser.error(f"--fpir must be in [0, 1), got {args.fpir}")
+    if not args.out.strip():  # "" wrote identifier.pt into the working directory
+        parser.error("OUT names no folder: give the folder to write the export in")
     from facecluster.config import ConfigError, missing_path
 
     if missing := missing_path(args.run, what=" (a finished run folder)"):
         return _fail(missing)
+    from facecluster.data import BadImageError
     from facecluster.deploy import export_run
 
     try:
@@ -301,8 +314,8 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             device=args.device,
             data_root=args.data_root,
         )
-    except (ConfigError, OSError, ValueError, ImportError) as e:  # OSError: OUT unwritable
-        return _fail(e)
+    except (ConfigError, OSError, ValueError, ImportError, BadImageError) as e:  # OSError:
+        return _fail(_said(e))  # OUT unwritable, or a full disk
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -343,9 +356,10 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.top_m is not None and args.top_m < 1:
         parser.error(f"--top-m must be >= 1, got {args.top_m}")
-    if args.threshold is not None and not math.isfinite(args.threshold):
-        # nan answered unknown for every face, with exit 0
-        parser.error(f"--threshold must be a finite number, got {args.threshold}")
+    if args.threshold is not None and not -1.0 <= args.threshold <= 1.0:
+        # nan answered unknown for every face, with exit 0; so did 5, which no cosine
+        # similarity reaches
+        parser.error(f"--threshold must be a similarity in [-1, 1], got {args.threshold}")
     from facecluster.config import missing_path
 
     for path, what in (

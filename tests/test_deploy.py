@@ -880,17 +880,23 @@ def test_a_device_name_torch_does_not_know_is_refused_naming_it(open_run, tmp_pa
     assert cli.export_main([str(open_run), str(tmp_path / "out"), "--device", "gpu0"]) != 0
     assert "device 'gpu0'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before any work
+    with pytest.raises(SystemExit) as exit_:  # "": the working directory, silently
+        cli.export_main([str(open_run), " "])
+    assert exit_.value.code == 2 and "OUT names no folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
-def test_identify_refuses_a_threshold_that_is_not_a_number(value, tmp_path, monkeypatch, capsys):
-    # --threshold nan answered unknown for every face, with exit 0 (export --fpir nan
-    # was refused)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "5", "-1.5"])
+def test_identify_refuses_a_threshold_that_is_not_a_similarity(
+    value, tmp_path, monkeypatch, capsys
+):
+    # --threshold nan (or 5, above any cosine) answered unknown for every face, with
+    # exit 0 (export --fpir nan was refused)
     monkeypatch.setattr(deploy, "identify_files", lambda *a, **k: pytest.fail("identified"))
     with pytest.raises(SystemExit) as exit_:
         cli.identify_main([str(tmp_path), "a.jpg", f"--threshold={value}", "--device", "cpu"])
     assert exit_.value.code == 2
-    assert f"--threshold must be a finite number, got {float(value)}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--threshold must be a similarity in [-1, 1], got {float(value)}" in err
 
 
 @pytest.mark.slow

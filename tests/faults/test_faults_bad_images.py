@@ -532,7 +532,7 @@ def test_an_evaluation_face_nothing_can_replace_is_left_out_not_fatal(tmp_path, 
 
 
 def test_broken_evaluation_faces_are_left_out_of_the_table_calibration_and_threshold(
-    tmp_path, caplog, monkeypatch
+    tmp_path, caplog, monkeypatch, capsys
 ):
     # RELIABILITY.md's row: every val and test face of one identity, and every face of
     # one unseen validation identity, unreadable after training. Evaluation, the
@@ -593,6 +593,17 @@ def test_broken_evaluation_faces_are_left_out_of_the_table_calibration_and_thres
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert all(str(path) in warned for path in mine + stranger), warned
     assert "evaluation and the class means leave it out" in warned
+    # more broken faces than data.max_bad_fraction lets pass: evaluate.py says so in its
+    # one error line, as train.py does (it printed a traceback)
+    from facecluster.cli import evaluate_main
+
+    capsys.readouterr()
+    assert evaluate_main([f"run={run.path}", "data.max_bad_fraction=0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [error] = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert re.search(r"of the test split are undecodable, more than data.max_bad_fraction", error)
+    assert str(mine[0]) in error or str(root) in error
 
 
 @pytest.mark.parametrize("workers", [0, 1])
