@@ -379,6 +379,8 @@ def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -
     read = _stamp(model)  # before the read: a change after it is found at the commit
     identifier = load_export(model, "auto", "cpu")
     identities = scan_image_folder(folder, min_images_per_class=1, name="folder")
+    for path in identities.empty_files:  # not in the samples: left out without a word
+        logger.warning("cannot decode %s (an empty file, zero bytes): left out", path)
     size = identifier.backbone_args["image_size"]
     faces: dict[str, list[Path]] = {}
     for path, label in identities.samples:

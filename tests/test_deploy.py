@@ -959,6 +959,21 @@ def test_export_never_deletes_an_onnx_folder_it_did_not_write(open_run, exported
     )
 
 
+def test_enrol_names_the_empty_image_files_it_leaves_out(tmp_path, caplog):
+    # a zero-byte photo was left out without a word, where a file it cannot decode is
+    # named (identify and training name both)
+    _small_export(tmp_path / "export")
+    person = tmp_path / "people" / "Zed"
+    person.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(person / f"{i}.jpg")
+    (person / "zero.jpg").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="facecluster.deploy"):
+        assert list(enroll_folder(tmp_path / "export", tmp_path / "people")) == ["Zed"]
+    warned = [r.getMessage() for r in caplog.records if "zero.jpg" in r.getMessage()]
+    assert warned == [f"cannot decode {person / 'zero.jpg'} (an empty file, zero bytes): left out"]
+
+
 @pytest.mark.slow
 def test_identify_status_tells_an_identity_named_unknown_from_a_rejected_face(
     open_run, exported, tmp_path, capsys
