@@ -972,6 +972,15 @@ def test_enrol_names_the_empty_image_files_it_leaves_out(tmp_path, caplog):
         assert list(enroll_folder(tmp_path / "export", tmp_path / "people")) == ["Zed"]
     warned = [r.getMessage() for r in caplog.records if "zero.jpg" in r.getMessage()]
     assert warned == [f"cannot decode {person / 'zero.jpg'} (an empty file, zero bytes): left out"]
+    # a person with nothing but empty files is refused, as one whose files cannot be
+    # decoded is (dropped with a warning, the others were enrolled without them)
+    (tmp_path / "people" / "Zed").rename(tmp_path / "people" / "Ann")
+    (tmp_path / "people" / "Bo").mkdir()
+    (tmp_path / "people" / "Bo" / "0.jpg").write_bytes(b"")
+    before = (tmp_path / "export" / "identifier.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"people/Bo: no decodable face image to enrol"):
+        enroll_folder(tmp_path / "export", tmp_path / "people")
+    assert (tmp_path / "export" / "identifier.pt").read_bytes() == before
 
 
 @pytest.mark.slow
