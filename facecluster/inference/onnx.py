@@ -230,9 +230,9 @@ def read_gallery(path: str | Path, mmap: bool = False) -> dict[str, np.ndarray]:
 
     ``mmap``: each array that the file stores uncompressed (``np.savez`` stores them
     so) is mapped copy-on-write instead of read: the head rows and class means (4 GB
-    each at 2M identities x 512) stay page cache, shared by the processes that load
-    the gallery. The file must then only be replaced by a rename, as export and
-    enrol replace it; a compressed member is read.
+    each at 2M identities x 512, computed) stay page cache, shared by the processes
+    that load the gallery. The file must then only be replaced by a rename, as export
+    and enrol replace it; a compressed member is read.
 
     Raises:
         ValueError: the file is not a readable ``.npz`` (damaged, truncated), naming it.
