@@ -297,6 +297,7 @@ class RunFolder:
                 f"{processes} processes were started by torchrun or srun: name the run "
                 "(run_name=...) so that they all write one run folder"
             )
+        _check_output_dir(Path(cfg.output_dir).expanduser())
         name = cfg.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.method}"
         run = cls(Path(cfg.output_dir).expanduser() / name).resolved()
         # The processes srun or torchrun start beside rank 0 refuse an existing run too,
@@ -1510,6 +1511,24 @@ def checkpoint_bytes_needed(cfg: Config, backbone_params: int, num_classes: int)
     # clusters.pt: the class means (fp32) and two int64 maps per identity
     clusters = 4 * heads + 16 * num_classes if cfg.two_stage else 0
     return 3 * 4 * state_copies * (stage1 + stage2) + 4 * stage2 + clusters
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Refuse an ``output_dir`` that cannot hold run folders, before the data scan
+    (minutes over a large set) that used to come first: a file, or a path through one,
+    or a folder this user cannot write.
+
+    Raises:
+        ConfigError: naming output_dir and what is wrong with it.
+    """
+    here = output_dir.absolute()
+    while not here.exists() and here != here.parent:  # the nearest part that exists
+        here = here.parent
+    if not here.is_dir():
+        where = "is a file" if here == output_dir.absolute() else f"lies under a file ({here})"
+        raise ConfigError(f"output_dir={output_dir} {where}: name a folder for the runs")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={output_dir}: {here} is not writable by this user")
 
 
 def _folder_of(resume: Path) -> Path:

@@ -14,20 +14,35 @@ from tests.conftest import SMOKE, smoke_overrides
 pytestmark = pytest.mark.faults
 
 
-@pytest.mark.parametrize("where", ["file", "proc"])
-def test_unwritable_output_dir_fails_at_start_naming_it(tmp_path, where):
+@pytest.mark.parametrize(
+    ("where", "said"),
+    [
+        ("file", r"output_dir=\S+/not-a-folder is a file: name a folder"),
+        ("under-file", r"output_dir=\S+/not-a-folder/runs lies under a file \(\S+/not-a-folder\)"),
+        ("proc", r"output_dir: cannot write the run folder"),
+    ],
+    ids=["file", "under-file", "proc"],
+)
+def test_unwritable_output_dir_fails_at_start_naming_it(tmp_path, monkeypatch, where, said):
     # Tests run as root, where chmod does not stop writes: use a file where a folder
     # is expected, and a read-only kernel filesystem.
-    if where == "file":
+    if where == "proc":
+        out = "/proc/facecluster-runs"
+    else:
         blocker = tmp_path / "not-a-folder"
         blocker.write_text("x")
-        out = blocker / "runs"
-    else:
-        out = "/proc/facecluster-runs"
+        out = blocker / "runs" if where == "under-file" else blocker
+        # a file is refused before the data scan (minutes over a large set), which
+        # was the first to find it
+        monkeypatch.setattr("facecluster.pipeline.build_datamodule", _no_scan)
     cfg = load_config(SMOKE, smoke_overrides(tmp_path, f"output_dir={out}"))
-    with pytest.raises(ConfigError, match=r"output_dir: cannot write the run folder"):
+    with pytest.raises(ConfigError, match=said):
         train(cfg)
     assert not any(tmp_path.rglob("*.ckpt"))
+
+
+def _no_scan(cfg):
+    raise AssertionError("the data was scanned before output_dir was checked")
 
 
 def test_too_little_free_space_fails_before_training(tmp_path, monkeypatch):
