@@ -952,7 +952,8 @@ TRAIN_ON_REC = "python train.py -c configs/smoke.yaml data.root="
 @pytest.mark.slow
 def test_pack_refuses_an_out_it_cannot_use_before_the_scan(tmp_path, capsys):
     # OUT an existing file: a traceback before; OUT the image folder itself: train.rec
-    # and the rest were written among the identities. Both refused before any scan.
+    # and the rest were written among the identities (or beside them, in a folder of
+    # SRC). All refused before any scan.
     (tmp_path / "afile").write_text("mine")
     assert pack_main([str(DEMO), str(tmp_path / "afile")]) == 2
     assert "afile is a file" in capsys.readouterr().err
@@ -961,6 +962,9 @@ def test_pack_refuses_an_out_it_cannot_use_before_the_scan(tmp_path, capsys):
     shutil.copytree(DEMO / "Abdullah_Gul", src / "Abdullah_Gul")
     assert pack_main([str(src), str(src / ".." / "faces")]) == 2
     assert "is SRC" in capsys.readouterr().err and not (src / "train.rec").exists()
+    # OUT inside SRC: the packed files became an identity folder of SRC
+    assert pack_main([str(src), str(src / "packed")]) == 2
+    assert "is inside SRC" in capsys.readouterr().err and not (src / "packed").exists()
     # a SRC that is no image folder is named as SRC, not as training's data.root
     assert pack_main([str(tmp_path / "afile"), str(tmp_path / "out")]) == 2
     assert "SRC=" in (err := capsys.readouterr().err) and "is a file, not a folder" in err

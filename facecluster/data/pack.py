@@ -76,7 +76,7 @@ def pack_folder(
 
     Raises:
         FileExistsError: ``out`` holds a data set and ``overwrite`` is not set.
-        ValueError: ``out`` is a file or ``src``, or ``src`` cannot be packed (a
+        ValueError: ``out`` is a file, ``src`` or inside it, or ``src`` cannot be packed (a
             zero-byte image file without ``skip_empty``).
     """
     out = Path(out).expanduser()
@@ -85,8 +85,14 @@ def pack_folder(
         raise ValueError(
             f"OUT {out} is a file: pack writes train.rec, train.idx and property into a folder"
         )
-    if out.resolve() == Path(src).expanduser().resolve():
+    source = Path(src).expanduser().resolve()
+    if out.resolve() == source:
         raise ValueError(f"OUT {out} is SRC: pack into another folder than the images'")
+    if source in out.resolve().parents:  # SRC would gain an identity of packed files
+        raise ValueError(
+            f"OUT {out} is inside SRC {src}: the next scan of SRC would take it for an "
+            "identity; pack into a folder outside the images'"
+        )
     found = (p.name for pattern in DATA_SET for p in out.glob(pattern)) if out.is_dir() else ()
     held = sorted(n for n in found if not n.startswith("."))  # not a killed pack's temp files
     other = [
