@@ -752,6 +752,13 @@ class Config:
         if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
             # ".." wrote the run's files into output_dir's parent, among the user's own
             r.add(f"run_name must be one folder's name (no '/', not '.' or '..'), got {name!r}")
+        elif name is not None and (not name.strip() or not name.isprintable()):
+            # a blank folder or one whose name holds a line break, that a shell or a
+            # listing of output_dir shows as nothing or as two names (a walkthrough)
+            r.add(
+                "run_name needs a visible character and no line break, tab or other "
+                f"unprintable character, got {name!r}"
+            )
         elif name == CACHE_FOLDER:  # the run's files among the kept splits (cache_dir)
             r.add(f"run_name={name!r} is the folder of output_dir's cache: choose another name")
         _empty(r, "output_dir", self.output_dir, "name the folder the runs go in (default: runs)")

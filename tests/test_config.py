@@ -65,6 +65,14 @@ def test_a_run_name_that_is_not_one_folder_is_refused(name):
         load_config(SMOKE, [f"run_name={name}"])
 
 
+@pytest.mark.parametrize("name", [" ", "a\nb", "a\tb"])
+def test_a_run_name_that_a_listing_cannot_show_is_refused(name):
+    # a blank folder name, or one a line break showed as two names in `ls runs`
+    with pytest.raises(ConfigError, match=r"run_name needs a visible character and no line"):
+        load_config(SMOKE, [f"run_name={name}"])
+    assert load_config(SMOKE, ["run_name=José Müller 2"]).run_name == "José Müller 2"
+
+
 def test_the_cache_folders_name_is_refused_as_a_run_name():
     # output_dir/.cache keeps the splits: a run named so had its files among them
     with pytest.raises(ConfigError, match=r"run_name='.cache' is the folder of output_dir's"):

@@ -1121,6 +1121,13 @@ def test_enrolment_takes_one_person_at_a_time_and_changes_nothing_until_all_are_
             forward.enroll({again_named: torch.randn(3, 8)})
     with pytest.raises(ValueError, match="'s ' is given twice as 's'"):
         forward.enroll(iter([("s", torch.randn(3, 8)), ("s ", torch.randn(3, 8))]))
+    # a blank name (answers that print nothing) and a line break (a table row split
+    # in two) were enrolled
+    held = list(forward.class_names)
+    for bad in (" ", "", "Ann\nLee", "Ann\tLee"):
+        with pytest.raises(ValueError, match="needs a visible character and no line break"):
+            forward.enroll({bad: torch.randn(3, 8)})
+    assert forward.class_names == held
 
 
 def test_the_onnx_folder_keeps_the_router_index_too(tmp_path, monkeypatch):

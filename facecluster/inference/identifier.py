@@ -153,6 +153,17 @@ def same_name(name: str) -> str:
     return unicodedata.normalize("NFC", name).strip()
 
 
+def _check_readable(name: str) -> None:
+    """ValueError for an identity name that is blank or holds a control character: a
+    blank name answered faces with nothing to read, a line break split the printed
+    table's row (a walkthrough)."""
+    if not same_name(name) or any(unicodedata.category(c) == "Cc" for c in name):
+        raise ValueError(
+            f"{name!r}: an identity name needs a visible character and no line break or "
+            "other control character; rename its folder"
+        )
+
+
 class TwoStageIdentifier(nn.Module):
     """Router + sub-nets + decision unit, for inference.
 
@@ -614,8 +625,9 @@ class TwoStageIdentifier(nn.Module):
         images are held at once. Nothing changes until every person is done.
 
         Raises:
-            ValueError: a name that is enrolled already or given twice, no images, or
-                images whose mean embedding has no direction (NaN, inf or zero).
+            ValueError: a name that is blank, holds a control character, is enrolled
+                already or given twice; no images, or images whose mean embedding has
+                no direction (NaN, inf or zero).
         """
         pairs = faces.items() if isinstance(faces, Mapping) else faces
         names: list[str] = []
@@ -645,6 +657,7 @@ class TwoStageIdentifier(nn.Module):
             waiting.clear()
 
         for name, images in pairs:
+            _check_readable(name)
             if same_name(name) in taken:
                 self.check_new_names([*names, name])  # raises, naming why
             taken.add(same_name(name))
@@ -692,13 +705,15 @@ class TwoStageIdentifier(nn.Module):
         return dict(zip(names, clusters, strict=True))
 
     def check_new_names(self, names: Sequence[str]) -> None:
-        """ValueError for a name in ``names`` that is enrolled already or given twice,
-        compared as :func:`same_name` does (a macOS folder's decomposed "José" and a
-        trailing space made a second identity that no answer could tell apart)."""
+        """ValueError for a name in ``names`` that is blank, holds a control character
+        (a line break), or is enrolled already or given twice, the last two compared as
+        :func:`same_name` does (a macOS folder's decomposed "José" and a trailing space
+        made a second identity that no answer could tell apart)."""
         taken = {same_name(n): n for n in self.class_names}
         seen: dict[str, str] = {}
         for name in names:
             key = same_name(name)
+            _check_readable(name)
             for earlier, why in ((taken, "is enrolled already"), (seen, "is given twice")):
                 if key in earlier:
                     alike = "" if earlier[key] == name else f" as {earlier[key]!r}"
