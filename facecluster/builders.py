@@ -128,7 +128,13 @@ def backbone_parameters(cfg: Config) -> int:
     Returns:
         Its parameter count (for the disk-space check).
     """
-    with naming(f"model.backbone={cfg.model.backbone!r}", KeyError, TypeError):
+    # a keyword the backbone does not take was named as the backbone alone (a walkthrough)
+    given = ", ".join(f"model.kwargs.{k}={v!r}" for k, v in cfg.model.kwargs.items())
+    with naming(
+        f"model.backbone={cfg.model.backbone!r}" + (f" with {given}" if given else ""),
+        KeyError,
+        TypeError,
+    ):
         backbone = create_backbone(**cfg.model.backbone_args(cfg.data.image_size))
     size = cfg.data.image_size
     try:

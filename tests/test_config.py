@@ -711,7 +711,7 @@ def test_an_image_size_too_large_to_train_is_refused_at_load():
     assert load_config(SMOKE, ["data.image_size=1024"]).data.image_size == 1024
 
 
-def test_a_backbone_that_cannot_take_the_image_size_is_refused_before_any_work():
+def test_a_backbone_that_cannot_take_the_image_size_or_a_keyword_is_refused_before_any_work():
     # a ViT built for 224 failed with an AssertionError traceback in training, after
     # the run folder and its config.yaml were written
     from facecluster.builders import backbone_parameters
@@ -724,6 +724,12 @@ def test_a_backbone_that_cannot_take_the_image_size_is_refused_before_any_work()
     ):
         backbone_parameters(load_config(SMOKE, vit))
     assert backbone_parameters(load_config(SMOKE, [*vit, "model.kwargs.img_size=64"])) > 0
+    # a keyword the backbone does not take: named with the backbone (only it was)
+    with pytest.raises(
+        ConfigError,
+        match=r"model.backbone='tiny' with model.kwargs.foo=1: .*unexpected keyword .*'foo'",
+    ):
+        backbone_parameters(load_config(SMOKE, ["model.kwargs.foo=1"]))
 
 
 def test_a_relative_config_file_is_found_from_another_folder(tmp_path, monkeypatch):
