@@ -231,7 +231,9 @@ def test_a_set_is_named_by_the_path_given_not_a_links_target(tmp_path):
     assert set_name(tmp_path / "sub" / ".." / "lfw.bin") == "lfw"
 
 
-def test_a_first_pair_named_by_numbers_is_not_taken_for_the_header(tmp_path):
+def test_a_first_pair_named_by_numbers_is_not_taken_for_the_header_and_a_bad_line_is_named(
+    tmp_path,
+):
     # identities named by numbers (CASIA, MS1M folders): "0001 1 2" is a pair, where
     # LFW's header ("10 300") has two fields
     for name in ("0001", "0002"):
@@ -243,6 +245,11 @@ def test_a_first_pair_named_by_numbers_is_not_taken_for_the_header(tmp_path):
     assert read_pairs_txt(tmp_path, pairs)[1] == [True, False]
     pairs.write_text("1 2\n0001 1 2\n")
     assert read_pairs_txt(tmp_path, pairs)[1] == [True]
+    # a word where an image number goes: int()'s "invalid literal for int()" alone
+    for line in ("0001 1 x", "0001 one 0002 2"):
+        pairs.write_text(f"0001 1 2\n{line}\n")
+        with pytest.raises(ValueError, match=rf"pairs.txt line 2: expected `name i j` .*{line!r}"):
+            read_pairs_txt(tmp_path, pairs)
 
 
 def test_a_bin_file_whose_objects_fail_to_build_is_named(tmp_path):
@@ -261,6 +268,10 @@ def test_a_bin_file_whose_objects_fail_to_build_is_named(tmp_path):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ValueError, match=f"{name} is not a verification .bin file"):
             read_bin(tmp_path / name)
+    # no pickle at all (an unknown first opcode): the reason was the byte alone, "197"
+    (tmp_path / "junk.bin").write_bytes(b"\xc5\x01junk")
+    with pytest.raises(ValueError, match=r"junk.bin is not .*: not a pickle \(KeyError: 197\)"):
+        read_bin(tmp_path / "junk.bin")
     # an image made a list of N references to one list of N numbers: 2N bytes of pickle
     # were made N^2 bytes (1.1 GB and 19 s from a 96 KB file, a review measured) before
     # the budget refused it

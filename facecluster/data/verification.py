@@ -491,6 +491,8 @@ def read_bin(path: str | Path) -> VerificationPairs:
             # only the allowed builders run, but a forged argument makes them fail in
             # many ways (AttributeError, OverflowError, LookupError, ...): all the file's
             reason = str(e) or type(e).__name__
+            if isinstance(e, KeyError):  # an unknown opcode said only its byte ("197")
+                reason = f"not a pickle ({type(e).__name__}: {e})"
             cut = " (the file ends early: cut short?)" if _truncated(e) else ""
             raise ValueError(f"{path} is not a verification .bin file: {reason}{cut}") from None
     if len(images) != 2 * len(issame):
@@ -518,12 +520,17 @@ def read_pairs_txt(root: str | Path, pairs: str | Path) -> tuple[list[Path], lis
         parts = line.split()
         if not parts or (line_no == 1 and len(parts) <= 2 and all(p.isdigit() for p in parts)):
             continue
+        numbers = parts[1::2] if len(parts) == 4 else parts[1:]
+        if len(parts) not in (3, 4) or not all(n.isdigit() for n in numbers):
+            # a word where an image number goes said only int()'s "invalid literal"
+            raise ValueError(
+                f"{pairs} line {line_no}: expected `name i j` or `name1 i name2 j` (i, j "
+                f"image numbers), got {line!r}"
+            )
         if len(parts) == 3:
             a, b = (parts[0], int(parts[1])), (parts[0], int(parts[2]))
-        elif len(parts) == 4:
-            a, b = (parts[0], int(parts[1])), (parts[2], int(parts[3]))
         else:
-            raise ValueError(f"{pairs} line {line_no}: expected 3 or 4 fields, got {line!r}")
+            a, b = (parts[0], int(parts[1])), (parts[2], int(parts[3]))
         for name, i in (a, b):
             path = root / name / f"{name}_{i:04d}.jpg"
             if not path.is_file():
