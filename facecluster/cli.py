@@ -244,12 +244,13 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
         parser.error(f"give at least one run=<run dir>{hint}")
     if not all(r.strip() for r in runs):  # "" is the working dir, read as a run
         parser.error("run= names no folder: give run=<run dir>")
-    from facecluster.config import ConfigError, missing_path
+    from facecluster.config import ConfigError, missing_path, not_a_run
 
-    # before torch and Lightning (about 5 s): a mistyped path is named at once
-    for run in runs:
-        if missing := missing_path(run, prefix="run="):
-            return _fail(missing)
+    # before torch and Lightning (about 5 s): a mistyped path, or an export's folder,
+    # is named at once
+    said = [missing_path(run, prefix="run=") for run in runs] + [not_a_run(r) for r in runs]
+    if problem := next((p for p in said if p), None):
+        return _fail(problem)
     from facecluster.data import BadImageError
     from facecluster.evaluation import evaluate_runs
 
@@ -298,10 +299,10 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.error(f"--fpir must be in [0, 1), got {args.fpir}")
     if not args.out.strip():  # "" wrote identifier.pt into the working directory
         parser.error("OUT names no folder: give the folder to write the export in")
-    from facecluster.config import ConfigError, missing_path
+    from facecluster.config import ConfigError, missing_path, not_a_run
 
-    if missing := missing_path(args.run, what=" (a finished run folder)"):
-        return _fail(missing)
+    if problem := missing_path(args.run, what=" (a finished run folder)") or not_a_run(args.run):
+        return _fail(problem)
     from facecluster.data import BadImageError
     from facecluster.deploy import export_run
 

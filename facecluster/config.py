@@ -172,6 +172,23 @@ def missing_path(given: str | Path, prefix: str = "", what: str = "") -> str | N
     return None if path.exists() else f"{prefix}{given}: {path} does not exist{what}"
 
 
+RUN_CONFIG = "config.yaml"
+"""The run folder's saved config: what makes a folder a run's."""
+
+
+def not_a_run(folder: str | Path) -> str | None:
+    """Why ``folder`` (which exists) is not a run folder, or ``None``. Light (no torch):
+    evaluate and export say it before their imports, and :meth:`RunFolder.config` after."""
+    path = Path(folder).expanduser().resolve()
+    if (path / RUN_CONFIG).is_file():
+        return None
+    return (  # an export folder, given to evaluate or export, most likely
+        f"{path}: not a facecluster run folder (no {RUN_CONFIG}): evaluation and export "
+        "take the folder that training made (runs/<run>); an export's folder is for "
+        "`facecluster identify` and `facecluster enroll`"
+    )
+
+
 def resolve_data_root(root: str) -> Path:
     """A relative data.root is taken from the working dir, else from the project root."""
     p = Path(root).expanduser()

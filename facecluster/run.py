@@ -66,6 +66,10 @@ from facecluster.config import (
     config_from_dict,
     load_config,
     missing_path,
+    not_a_run,
+)
+from facecluster.config import (
+    RUN_CONFIG as CONFIG,
 )
 from facecluster.data.recordio import rec_paths
 from facecluster.io import atomic_torch_save, load_plain, replacing
@@ -94,7 +98,6 @@ the data first, so rank 0 may come minutes after them (a cold filesystem cache).
 RANK0_WAIT_S = 1800.0
 """torch.distributed's default process-group timeout, which the ranks wait in next."""
 
-CONFIG = "config.yaml"
 META = "run.json"
 CLASS_NAMES = "class_names.json"
 SPLIT = "split.json"
@@ -384,12 +387,8 @@ class RunFolder:
         another directory, or the folder moved), so evaluation and export find what
         the run's training kept there (``Config.cache_dir``).
         """
-        if not (self.path / CONFIG).is_file():
-            raise ConfigError(  # an export folder, given to evaluate or export, too
-                f"{self.path}: not a facecluster run folder (no {CONFIG}): evaluation and "
-                "export take the folder that training made (runs/<run>); an export's folder "
-                "is for `facecluster identify` and `facecluster enroll`"
-            )
+        if problem := not_a_run(self.path):
+            raise ConfigError(problem)
         here = f"output_dir={self.path.parent}"
         return load_config(self.path / CONFIG, [here, *overrides, "resume=null"])
 

@@ -48,10 +48,10 @@ def test_the_console_script_lists_its_commands(tmp_path):
         assert re.search(rf"^\s+{command}\s", proc.stdout, re.M), (command, proc.stdout)
 
 
-def test_a_path_that_does_not_exist_is_named_before_torch_is_imported(tmp_path):
+def test_a_path_that_does_not_exist_or_is_no_run_is_named_before_torch_is_imported(tmp_path):
     # evaluate, export, identify (its model and its images) and enroll imported torch
     # and Lightning (5 s here) before they found that a path they were given does not
-    # exist
+    # exist, and evaluate and export before they found a folder that is not a run's
     code = (
         "import sys; from facecluster import cli; "
         "print([cli.main(a) for a in sys.argv[1:]], 'torch' in sys.modules)"
@@ -64,12 +64,15 @@ def test_a_path_that_does_not_exist_is_named_before_torch_is_imported(tmp_path):
         f"['identify', '{here}', '{here}', '{gone}/face.jpg']",
         f"['enroll', '{gone}', '{here}']",
         f"['enroll', '{here}', '{gone}/new_people']",
+        # a folder that is not a run's (an export's, most likely): said as early
+        f"['evaluate', 'run={here}']",
+        f"['export', '{here}', '{tmp_path}/out']",
     ]
     code = code.replace("sys.argv[1:]", "[" + ", ".join(calls) + "]")
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
-    assert done.stdout.split() == ["[2,", "2,", "2,", "2,", "2,", "2]", "False"], done.stderr
+    assert done.stdout.split() == ["[2,", *["2,"] * 6, "2]", "False"], done.stderr
     errors = done.stderr.splitlines()
     assert errors == [
         f"error: run={gone}: {gone} does not exist",
@@ -79,6 +82,12 @@ def test_a_path_that_does_not_exist_is_named_before_torch_is_imported(tmp_path):
         f"error: {gone}: {gone} does not exist (a folder written by facecluster export)",
         f"error: {gone}/new_people: {gone}/new_people does not exist (give the folder that "
         "holds one sub-folder per new identity)",
+        *[
+            f"error: {here}: not a facecluster run folder (no config.yaml): evaluation and "
+            "export take the folder that training made (runs/<run>); an export's folder is for "
+            "`facecluster identify` and `facecluster enroll`"
+        ]
+        * 2,
     ]
     assert not (tmp_path / "out").exists()
     # the Python API names it as evaluate_run does (it said "no config.yaml")
