@@ -27,7 +27,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from facecluster.callbacks.interrupt import stop_if_terminated
 from facecluster.clustering import (
@@ -39,6 +39,7 @@ from facecluster.clustering import (
     unit_rows,
 )
 from facecluster.data import FaceDataModule
+from facecluster.data.folder import shown_list
 from facecluster.data.transforms import normalize_images
 from facecluster.models.components.partial_fc import gather_to_first
 
@@ -226,6 +227,18 @@ class ClusteringCallback(L.Callback):
             f"{stats['within']:.4f}, between-cluster {stats['between']:.4f}; "
             f"saved to {self.save_path}"
         )
+        alone = [k for k, n in enumerate(sizes) if n == 1]
+        if alone and not self.datamodule.hparams.subnet_negatives > 0:  # no "not mine"
+            # K close to the identity count, or k-means isolating one: such a sub-net's
+            # ArcFace loss, a softmax over one identity, is zero at every step
+            which = shown_list([str(k) for k in alone])
+            rank_zero_warn(
+                f"clustering: cluster{'s' if len(alone) > 1 else ''} {which} "
+                f"of {assignment.num_clusters} hold{'' if len(alone) > 1 else 's'} one "
+                "identity: a sub-net over one identity has a zero loss and learns nothing; "
+                "fewer clusters (clustering.num_clusters), or stage2.negatives (a 'not mine' "
+                "class), give it something to learn"
+            )
         if trainer.logger is None:
             return
         trainer.logger.log_metrics(

@@ -694,6 +694,33 @@ def test_every_rank_that_clustered_maps_the_saved_class_means(tmp_path):
     assert kept == done[0] and not _mapped_from(kept.class_means, path)
 
 
+def test_a_cluster_of_one_identity_is_warned_of(tmp_path):
+    # num_clusters close to the identity count made sub-nets over one identity, whose
+    # ArcFace loss is zero at every step, without a word
+    import warnings
+    from types import SimpleNamespace
+
+    from facecluster.callbacks import ClusteringCallback
+
+    means = random_means(6)
+    trainer = SimpleNamespace(global_rank=0, logger=None)
+
+    def warned(labels, negatives=0.0):
+        dm = SimpleNamespace(hparams=SimpleNamespace(subnet_negatives=negatives))
+        unit = ClusteringCallback(dm, 3, "kmeans", 0, tmp_path / "clusters.pt")
+        assignment = ClusterAssignment.from_labels(torch.tensor(labels), means, "kmeans", 3)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            unit._log(trainer, assignment)
+        return [str(w.message) for w in seen]
+
+    said = warned([0, 0, 1, 2, 2, 2])
+    assert len(said) == 1 and said[0].startswith("clustering: cluster 1 of 3 holds one identity")
+    assert "clusters 0, 1 of 3 hold one identity" in warned([0, 1, 2, 2, 2, 2])[0]
+    assert warned([0, 0, 1, 1, 2, 2]) == []
+    assert warned([0, 0, 1, 2, 2, 2], negatives=0.25) == []  # a "not mine" class to learn
+
+
 @pytest.mark.parametrize("k", [1, 16, 30])
 def test_the_class_mean_plot_gives_every_cluster_its_own_colour(k, tmp_path, monkeypatch):
     # "tab10" spread K > 10 cluster ids over 10 colours (clusters 0 and 1 shared one at
