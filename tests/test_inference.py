@@ -688,10 +688,22 @@ def test_evaluation_times_faces_drawn_across_the_test_split(finished_run):
     cfg = RunFolder(finished_run).finished_config(["eval.batch_size=16"])
     bench = evaluation.Bench(cfg, "run", None)
     first = next(iter(bench.loader))[1].tolist()
-    assert len(bench.sample) == len(bench.sample_labels) == 16
-    assert len(set(bench.sample_labels)) > len(set(first))
+    faces, labels = bench.timing_faces
+    assert len(faces) == len(labels) == 16
+    assert len(set(labels)) > len(set(first))
     again = evaluation.Bench(cfg, "run", None)
-    assert torch.equal(again.sample, bench.sample)
+    assert torch.equal(again.timing_faces[0], faces)
+
+
+def test_evaluating_on_other_data_says_so_before_reading_its_images(finished_run, tmp_path):
+    # other data whose images do not decode: the timing batch was read before the data
+    # was checked against the run, so the error called it a damaged data set
+    for person in "abcdef":
+        (tmp_path / person).mkdir()
+        for i in range(12):
+            (tmp_path / person / f"{i}.jpg").write_bytes(bytes(range(200)) * 3)
+    with pytest.raises(ConfigError, match=r"the data gives 6 identities, the run trained on"):
+        evaluation.evaluate_run(finished_run, [f"data.root={tmp_path}"])
 
 
 @pytest.mark.slow
