@@ -520,8 +520,8 @@ class BadImageTracker:
                 if records
                 else "Repair or remove them"
             )
-            raise BadImageError(
-                f"{bad} of {total} images of the {split_name} are undecodable, more than "
+            raise BadImageError(  # "at least": a pass stops at the first over the limit
+                f"at least {bad} of {total} images of the {split_name} are undecodable, more than "
                 f"data.max_bad_fraction={max_bad_fraction}; the data set looks damaged "
                 f"(e.g. {', '.join(records or shown)}). {fix}, or raise data.max_bad_fraction"
             )
