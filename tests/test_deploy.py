@@ -987,9 +987,17 @@ def test_enrol_names_the_empty_image_files_it_leaves_out(tmp_path, caplog):
     (tmp_path / "people" / "Bo").mkdir()
     (tmp_path / "people" / "Bo" / "0.jpg").write_bytes(b"")
     before = (tmp_path / "export" / "identifier.pt").read_bytes()
-    with pytest.raises(ValueError, match=r"people/Bo: no decodable face image to enrol"):
+    caplog.clear()
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(ValueError, match=r"people/Bo: no decodable face image to enrol"),
+    ):
         enroll_folder(tmp_path / "export", tmp_path / "people")
     assert (tmp_path / "export" / "identifier.pt").read_bytes() == before
+    # the scan's warning in enrolment's words (it named data.min_images_per_class=1)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "Dropped 1 identity made only of zero-byte files: Bo" in warned
+    assert "min_images_per_class" not in warned
 
 
 @pytest.mark.slow

@@ -482,7 +482,14 @@ def scan_image_folder(
     # with them left out (on_bad_image=skip), an identity below the minimum is dropped
     short = {n for n in chosen if len(found.get(n, ())) < min_images_per_class}
     kept = [n for n in chosen if n not in short]
-    if short:
+    if short and min_images_per_class == 1:  # pack's and enroll's scans: no setting
+        logger.warning(
+            "Dropped %d %s made only of zero-byte files: %s",
+            len(short),
+            "identity" if len(short) == 1 else "identities",
+            shown_list(sorted(short), 5),
+        )
+    elif short:
         logger.warning(
             "Dropped %d identities left with fewer than data.min_images_per_class=%d images "
             "without their zero-byte files: %s",
