@@ -1239,6 +1239,33 @@ def test_zero_byte_images_are_refused_by_the_pack_unless_skip_empty(tmp_path, ca
     assert len(scan(str(out / "train.rec")).samples) == len(scan(str(src)).samples)
 
 
+def test_the_pack_names_the_images_that_look_damaged(tmp_path, caplog):
+    # they were packed without a word, and training on the pack can name only their
+    # records (train.rec#key): the pack names the source files
+    src = _two_identities(tmp_path)
+    with caplog.at_level("WARNING", logger="facecluster.data.pack"):
+        assert pack_main([str(src), str(tmp_path / "clean")]) == 0
+    assert not caplog.records, "a whole folder of good faces: no warning"
+    first, second = sorted(src.iterdir())
+    cut = sorted(first.glob("*.jpg"))[0]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    (second / "page.jpg").write_bytes(b"<!DOCTYPE html><p>429 Too Many Requests</p>")
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(image, "PNG")
+    (second / "short.png").write_bytes(image.getvalue()[:-20])
+    with caplog.at_level("WARNING", logger="facecluster.data.pack"):
+        assert pack_main([str(src), str(tmp_path / "rec")]) == 0
+    [warned] = [r.getMessage() for r in caplog.records]
+    assert warned.startswith(f"{src}: 3 image(s) look damaged, packed as they are")
+    for named in (
+        f"{cut} (a JPEG cut short: no end-of-image marker)",
+        f"{second / 'page.jpg'} (not an image: it starts with b'<!DOCTYP')",
+        f"{second / 'short.png'} (a PNG cut short: no IEND chunk)",
+    ):
+        assert named in warned, named
+    assert len(scan(str(tmp_path / "rec" / "train.rec")).samples) == len(scan(str(src)).samples)
+
+
 def test_identity_names_with_unusual_characters_survive_the_pack(tmp_path):
     # identities.txt is UTF-8 and split on newlines only: a name holding \x1c or an
     # accent keeps its label (str.splitlines split it and shifted every later name)

@@ -16,7 +16,9 @@ Zero-byte image files (an interrupted copy) are refused before anything is writt
 naming them and the identities made only of them, as training on the folder refuses
 them under ``data.on_bad_image=fail``: a packed file has no trace of them, so training
 on it could not. ``--skip-empty`` packs without them (a warning names them); any other
-broken image is packed as it is, for ``data.on_bad_image`` to decide on.
+broken image is packed as it is, for ``data.on_bad_image`` to decide on, and a warning
+names those that look damaged (a JPEG cut short, a file that is no image: told from
+the bytes' structure, without decoding).
 
 An OUT that already holds a data set (any ``.rec`` or ``.idx``, ``property`` or
 ``identities.txt``: one mistyped OUT would replace a downloaded MS1MV3) is refused
@@ -44,6 +46,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from facecluster.data.folder import IDENTITY_NAMES, FaceFolder, scan_image_folder, shown_list
+from facecluster.data.images import image_damage
 from facecluster.data.recordio import RecordWriter, pack
 from facecluster.io import replacing_together
 
@@ -132,12 +135,20 @@ def pack_folder(
     names = ("property", IDENTITY_NAMES, "train.idx", "train.rec")
     with replacing_together(*(out / name for name in names)) as temps:
         property_tmp, names_tmp, idx_tmp, rec_tmp = temps
-        _write_records(folder, order, shuffle, rec_tmp, idx_tmp, f"packing {out}")
+        damaged = _write_records(folder, order, shuffle, rec_tmp, idx_tmp, f"packing {out}")
         property_tmp.write_text(f"{folder.num_classes},{height},{width}\n")
         # surrogateescape: a folder name that is not UTF-8 keeps its bytes, as
         # scan_image_folder reads them back
         names = "\n".join(folder.class_names) + "\n"
         names_tmp.write_bytes(names.encode("utf-8", errors="surrogateescape"))
+    if damaged:  # named here, by file: training on the pack can name only its records
+        logger.warning(
+            "%s: %d image(s) look damaged, packed as they are (training skips or refuses "
+            "them by data.on_bad_image): %s",
+            src,
+            len(damaged),
+            shown_list(damaged),
+        )
     return rec
 
 
@@ -176,10 +187,15 @@ def _image_size(folder: FaceFolder) -> tuple[int, int]:
 
 def _write_records(
     folder: FaceFolder, order: np.ndarray, shuffle: bool, rec: Path, idx: Path, what: str
-) -> None:
+) -> list[str]:
     """The records of ``folder``'s samples in ``order`` (and, unless ``shuffle``, the
-    header and identity records) into ``rec`` and ``idx``."""
+    header and identity records) into ``rec`` and ``idx``.
+
+    Returns:
+        The images that look damaged (:func:`image_damage`), each with why.
+    """
     samples = folder.samples
+    damaged: list[str] = []
     with RecordWriter(rec, idx) as writer:
         first_key = 1
         identity_key = first_key + len(order)
@@ -189,12 +205,16 @@ def _write_records(
         for n, i in enumerate(tqdm(order, desc=what, unit="img")):  # no list of ints
             path, label = samples[i]
             key = n + (0 if shuffle else first_key)
-            writer.write(key, pack(float(label), Path(path).read_bytes()))
+            data = Path(path).read_bytes()
+            if (why := image_damage(data)) is not None:
+                damaged.append(f"{path} ({why})")
+            writer.write(key, pack(float(label), data))
             if not shuffle:
                 ranges[label] = [ranges[label][0] or key, key + 1]
         if not shuffle:
             for label, (start, end) in enumerate(ranges):
                 writer.write(identity_key + label, pack([start, end]))
+    return damaged
 
 
 @contextlib.contextmanager
