@@ -22,6 +22,7 @@ import inspect
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -170,6 +171,23 @@ def missing_path(given: str | Path, prefix: str = "", what: str = "") -> str | N
     it before their imports, and ``run=`` (:func:`facecluster.run.run_folder`) after."""
     path = Path(given).expanduser().resolve()
     return None if path.exists() else f"{prefix}{given}: {path} does not exist{what}"
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name an identity or a run, or None: it is blank (spaces and
+    invisible format characters only), or holds a line break or another control
+    character (Unicode categories Cc, Zl, Zp), which splits a printed table's row and a
+    folder listing's line. Letters of any script, spaces between words, a no-break
+    space or a zero-width non-joiner (Persian names) are fine."""
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
+        return "holds a line break or another control character"
+    if all(unicodedata.category(c) in ("Zs", "Cf") for c in name):
+        return "is blank"
+    return None
+
+
+NAME_RULE = "it needs a visible character and no line break or other control character"
+"""What :func:`name_problem` asks of a name, as the messages say it."""
 
 
 RUN_CONFIG = "config.yaml"
@@ -769,13 +787,11 @@ class Config:
         if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
             # ".." wrote the run's files into output_dir's parent, among the user's own
             r.add(f"run_name must be one folder's name (no '/', not '.' or '..'), got {name!r}")
-        elif name is not None and (not name.strip() or not name.isprintable()):
+        elif name is not None and not self.resume and (why := name_problem(name)):
             # a blank folder or one whose name holds a line break, that a shell or a
-            # listing of output_dir shows as nothing or as two names (a walkthrough)
-            r.add(
-                "run_name needs a visible character and no line break, tab or other "
-                f"unprintable character, got {name!r}"
-            )
+            # listing of output_dir shows as nothing or as two names (a walkthrough); a
+            # resume's run_name is its folder's, whatever it is
+            r.add(f"run_name={name!r} {why}: {NAME_RULE}")
         elif name == CACHE_FOLDER:  # the run's files among the kept splits (cache_dir)
             r.add(f"run_name={name!r} is the folder of output_dir's cache: choose another name")
         _empty(r, "output_dir", self.output_dir, "name the folder the runs go in (default: runs)")

@@ -65,12 +65,20 @@ def test_a_run_name_that_is_not_one_folder_is_refused(name):
         load_config(SMOKE, [f"run_name={name}"])
 
 
-@pytest.mark.parametrize("name", [" ", "a\nb", "a\tb"])
-def test_a_run_name_that_a_listing_cannot_show_is_refused(name):
+@pytest.mark.parametrize("name", [" ", "a\nb", "a\tb", "a\u2028b", "\u200b"])
+def test_a_run_name_that_a_listing_cannot_show_is_refused(name, tmp_path):
     # a blank folder name, or one a line break showed as two names in `ls runs`
-    with pytest.raises(ConfigError, match=r"run_name needs a visible character and no line"):
+    with pytest.raises(ConfigError, match=r"run_name=.*: it needs a visible character and no"):
         load_config(SMOKE, [f"run_name={name}"])
-    assert load_config(SMOKE, ["run_name=José Müller 2"]).run_name == "José Müller 2"
+    for fine in (
+        "José Müller 2",
+        "k20\xa0copy",
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+    ):
+        assert load_config(SMOKE, [f"run_name={fine}"]).run_name == fine
+    # a resume's run_name is its folder's, whatever it is (a copy named so resumed)
+    resumed = load_config(SMOKE, [f"run_name={name}", f"resume={tmp_path}"])
+    assert resumed.run_name == name
 
 
 def test_the_cache_folders_name_is_refused_as_a_run_name():

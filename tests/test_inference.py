@@ -1136,10 +1136,17 @@ def test_enrolment_takes_one_person_at_a_time_and_changes_nothing_until_all_are_
     # a blank name (answers that print nothing) and a line break (a table row split
     # in two) were enrolled
     held = list(forward.class_names)
-    for bad in (" ", "", "Ann\nLee", "Ann\tLee"):
+    for bad in (" ", "", "Ann\nLee", "Ann\tLee", "Ann\u2028Lee", "\u200b", "\xa0"):
         with pytest.raises(ValueError, match="needs a visible character and no line break"):
             forward.enroll({bad: torch.randn(3, 8)})
     assert forward.class_names == held
+    # a no-break space, a zero-width non-joiner (Persian names) are parts of names
+    forward.enroll(
+        {
+            "Ann\xa0Lee": torch.randn(3, 8),
+            "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645": torch.randn(3, 8),
+        }
+    )
 
 
 def test_the_onnx_folder_keeps_the_router_index_too(tmp_path, monkeypatch):

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facecluster.clustering import ClusterAssignment
+from facecluster.config import NAME_RULE, name_problem
 from facecluster.inference.decision import (
     Calibration,
     MoeParams,
@@ -154,14 +155,11 @@ def same_name(name: str) -> str:
 
 
 def _check_readable(name: str) -> None:
-    """ValueError for an identity name that is blank or holds a control character: a
-    blank name answered faces with nothing to read, a line break split the printed
-    table's row (a walkthrough)."""
-    if not same_name(name) or any(unicodedata.category(c) == "Cc" for c in name):
-        raise ValueError(
-            f"{name!r}: an identity name needs a visible character and no line break or "
-            "other control character; rename its folder"
-        )
+    """ValueError for an identity name that :func:`name_problem` refuses: a blank name
+    answered faces with nothing to read, a line break split the printed table's row (a
+    walkthrough)."""
+    if why := name_problem(name):
+        raise ValueError(f"{name!r}: an identity name that {why}: {NAME_RULE}; rename its folder")
 
 
 class TwoStageIdentifier(nn.Module):
