@@ -952,8 +952,8 @@ TRAIN_ON_REC = "python train.py -c configs/smoke.yaml data.root="
 @pytest.mark.slow
 def test_pack_refuses_an_out_it_cannot_use_before_the_scan(tmp_path, capsys):
     # OUT an existing file: a traceback before; OUT the image folder itself: train.rec
-    # and the rest were written among the identities (or beside them, in a folder of
-    # SRC). All refused before any scan.
+    # and the rest were written among the identities (or in a folder of SRC, which every
+    # scan of SRC then warned of). All refused before any scan.
     (tmp_path / "afile").write_text("mine")
     assert pack_main([str(DEMO), str(tmp_path / "afile")]) == 2
     assert "afile is a file" in capsys.readouterr().err
@@ -965,6 +965,8 @@ def test_pack_refuses_an_out_it_cannot_use_before_the_scan(tmp_path, capsys):
     # OUT inside SRC: the packed files became an identity folder of SRC
     assert pack_main([str(src), str(src / "packed")]) == 2
     assert "is inside SRC" in capsys.readouterr().err and not (src / "packed").exists()
+    assert pack_main([str(src), str(src / ".rec")]) == 0  # hidden: no scan sees it
+    assert scan(str(src)).class_names == ["Abdullah_Gul"]
     # a SRC that is no image folder is named as SRC, not as training's data.root
     assert pack_main([str(tmp_path / "afile"), str(tmp_path / "out")]) == 2
     assert "SRC=" in (err := capsys.readouterr().err) and "is a file, not a folder" in err
@@ -1247,7 +1249,8 @@ def test_the_pack_names_the_images_that_look_damaged(tmp_path, caplog):
         assert pack_main([str(src), str(tmp_path / "clean")]) == 0
     assert not caplog.records, "a whole folder of good faces: no warning"
     first, second = sorted(src.iterdir())
-    cut = sorted(first.glob("*.jpg"))[0]
+    cut, longer = sorted(first.glob("*.jpg"))[:2]
+    longer.write_bytes(longer.read_bytes() + b"\0\0ftypmp42" * 100)  # a motion photo: whole
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     (second / "page.jpg").write_bytes(b"<!DOCTYPE html><p>429 Too Many Requests</p>")
     image = io.BytesIO()

@@ -190,18 +190,18 @@ _PNG_START, _PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
 
 def image_damage(data: bytes) -> str | None:
     """What is wrong with ``data`` as a whole image, told from its structure alone (no
-    decode: 1.1 us an LFW JPEG, one-off measurement), or None: a JPEG whose segments
-    break off before its frame header, or that does not end with its end-of-image
-    marker (a file cut short, which the decoder refuses); a PNG without its closing
-    IEND chunk; bytes of no format the loaders read. A BMP or WebP passes on its
-    signature. ``facecluster pack`` names such files, which it packs as they are."""
-    whole = data.rstrip(b"\0\r\n ")
+    decode: 4.6 us an LFW JPEG, one-off measurement), or None: a JPEG whose segments
+    break off before its frame header, or without an end-of-image marker (a file cut
+    short, which the decoder refuses; one with data after its marker, a phone's motion
+    photo, decodes and passes); a PNG without its IEND chunk; bytes of no format the
+    loaders read. A BMP or WebP passes on its signature. ``facecluster pack`` names
+    such files, which it packs as they are."""
     if data.startswith(_JPEG_START):
         if _frame(data) is None:
             return "a JPEG whose header breaks off"
-        return None if whole.endswith(_JPEG_END) else "a JPEG cut short: no end-of-image marker"
+        return None if _JPEG_END in data else "a JPEG cut short: no end-of-image marker"
     if data.startswith(_PNG_START):
-        return None if whole.endswith(_PNG_END) else "a PNG cut short: no IEND chunk"
+        return None if _PNG_END in data else "a PNG cut short: no IEND chunk"
     if data.startswith(b"BM") or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
         return None
     return f"not an image: it starts with {bytes(data[:8])!r}"

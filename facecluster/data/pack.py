@@ -91,10 +91,11 @@ def pack_folder(
     source = Path(src).expanduser().resolve()
     if out.resolve() == source:
         raise ValueError(f"OUT {out} is SRC: pack into another folder than the images'")
-    if source in out.resolve().parents:  # SRC would gain an identity of packed files
+    inside = out.resolve().relative_to(source).parts if source in out.resolve().parents else ()
+    if inside and not inside[0].startswith("."):  # a hidden folder: every scan skips it
         raise ValueError(
-            f"OUT {out} is inside SRC {src}: the next scan of SRC would take it for an "
-            "identity; pack into a folder outside the images'"
+            f"OUT {out} is inside SRC {src}: every scan of SRC would warn of it as an "
+            "identity folder without images; pack into a folder outside the images'"
         )
     found = (p.name for pattern in DATA_SET for p in out.glob(pattern)) if out.is_dir() else ()
     held = sorted(n for n in found if not n.startswith("."))  # not a killed pack's temp files
