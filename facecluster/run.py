@@ -1527,7 +1527,9 @@ def _check_output_dir(output_dir: Path) -> None:
         where = "is a file" if here == output_dir.absolute() else f"lies under a file ({here})"
         raise ConfigError(f"output_dir={output_dir} {where}: name a folder for the runs")
     if not os.access(here, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir={output_dir}: {here} is not writable by this user")
+        raise ConfigError(
+            f"output_dir={output_dir}: {here} cannot be written (read-only, or no permission)"
+        )
 
 
 def _folder_of(resume: Path) -> Path:

@@ -491,8 +491,9 @@ def read_bin(path: str | Path) -> VerificationPairs:
             # only the allowed builders run, but a forged argument makes them fail in
             # many ways (AttributeError, OverflowError, LookupError, ...): all the file's
             reason = str(e) or type(e).__name__
-            if isinstance(e, KeyError):  # an unknown opcode said only its byte ("197")
-                reason = f"not a pickle ({type(e).__name__}: {e})"
+            if isinstance(e, KeyError) and e.args and isinstance(e.args[0], int):
+                # an unknown opcode: its byte alone was the reason ("197")
+                reason = f"unknown pickle opcode 0x{e.args[0]:02x}: not a pickle, or a damaged one"
             cut = " (the file ends early: cut short?)" if _truncated(e) else ""
             raise ValueError(f"{path} is not a verification .bin file: {reason}{cut}") from None
     if len(images) != 2 * len(issame):
@@ -521,7 +522,7 @@ def read_pairs_txt(root: str | Path, pairs: str | Path) -> tuple[list[Path], lis
         if not parts or (line_no == 1 and len(parts) <= 2 and all(p.isdigit() for p in parts)):
             continue
         numbers = parts[1::2] if len(parts) == 4 else parts[1:]
-        if len(parts) not in (3, 4) or not all(n.isdigit() for n in numbers):
+        if len(parts) not in (3, 4) or not all(n.isdecimal() for n in numbers):
             # a word where an image number goes said only int()'s "invalid literal"
             raise ValueError(
                 f"{pairs} line {line_no}: expected `name i j` or `name1 i name2 j` (i, j "
