@@ -59,6 +59,7 @@ from torch import Tensor
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import (
     COMMAND,
+    RUN_CONFIG,
     ClusteringConfig,
     Config,
     ConfigError,
@@ -67,9 +68,6 @@ from facecluster.config import (
     load_config,
     missing_path,
     not_a_run,
-)
-from facecluster.config import (
-    RUN_CONFIG as CONFIG,
 )
 from facecluster.data.recordio import rec_paths
 from facecluster.io import atomic_torch_save, load_plain, replacing
@@ -307,7 +305,7 @@ class RunFolder:
         # or they would wait for it in DDP setup once it has refused (srun does not stop
         # them); one whose run.json names their own launch is the run their rank 0 has
         # just created (create)
-        if (run.path / CONFIG).exists() and (
+        if (run.path / RUN_CONFIG).exists() and (
             is_global_zero() or _read_json(run.path / META).get("launch") != _launch_id()
         ):
             raise ConfigError(
@@ -331,7 +329,7 @@ class RunFolder:
         meta = self.path / META
         together = new and launched_processes() > 1
         if is_global_zero() and (
-            not meta.exists() or (together and not (self.path / CONFIG).exists())
+            not meta.exists() or (together and not (self.path / RUN_CONFIG).exists())
         ):
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -354,7 +352,7 @@ class RunFolder:
         start (free space, the data's identities): a refused command leaves the saved
         config as it was, so the next resume does not take up the settings it asked for."""
         if is_global_zero() and not os.environ.get(JOB_ENV):  # a job never rewrites it
-            with replacing(self.path / CONFIG) as tmp:  # a job starting reads a whole file
+            with replacing(self.path / RUN_CONFIG) as tmp:  # a job starting reads a whole file
                 tmp.write_text(cfg.run_settings().to_yaml())
 
     @property
@@ -390,7 +388,7 @@ class RunFolder:
         if problem := not_a_run(self.path):
             raise ConfigError(problem)
         here = f"output_dir={self.path.parent}"
-        return load_config(self.path / CONFIG, [here, *overrides, "resume=null"])
+        return load_config(self.path / RUN_CONFIG, [here, *overrides, "resume=null"])
 
     def finished_config(self, overrides: list[str] | tuple = ()) -> Config:
         """The config of a finished run (evaluation, inference); refuses unfinished runs,
@@ -463,16 +461,16 @@ class RunFolder:
             # the run's own config where it has one, as resume=<run> takes: a job's
             # checkpoint holds the job's command (launcher=local, its devices, stage=2),
             # and a SLURM run resumed from it trained on the login node
-            if (run.path / CONFIG).is_file():
+            if (run.path / RUN_CONFIG).is_file():
                 saved = run.config()
             else:
                 saved = config_from_dict(meta["config"], f"resume={path}")
-        elif (path / CONFIG).is_file():
+        elif (path / RUN_CONFIG).is_file():
             run = cls(path)
             saved = run.config()
         else:
             raise ConfigError(
-                f"resume={resume}: not a facecluster run folder (no {CONFIG}); "
+                f"resume={resume}: not a facecluster run folder (no {RUN_CONFIG}); "
                 "pass the folder printed at the start of the run, or a checkpoint"
             )
         overrides = [o for o in overrides if not o.startswith("resume=")]
