@@ -41,6 +41,19 @@ def test_unwritable_output_dir_fails_at_start_naming_it(tmp_path, monkeypatch, w
     assert not any(tmp_path.rglob("*.ckpt"))
 
 
+def test_an_output_dir_this_user_may_not_write_is_refused_before_the_scan(tmp_path, monkeypatch):
+    # root writes anywhere: os.access stands in for another user's view
+    import facecluster.run as run_module
+
+    monkeypatch.setattr(run_module.os, "access", lambda path, mode: False)
+    monkeypatch.setattr("facecluster.pipeline.build_datamodule", _no_scan)
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, f"output_dir={tmp_path}/runs/new"))
+    said = rf"output_dir={tmp_path}/runs/new: {tmp_path} cannot be written \(read-only, or no"
+    with pytest.raises(ConfigError, match=said):
+        train(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
 def _no_scan(cfg):
     raise AssertionError("the data was scanned before output_dir was checked")
 
