@@ -88,11 +88,11 @@ def pack_folder(
         raise ValueError(
             f"OUT {out} is a file: pack writes train.rec, train.idx and property into a folder"
         )
-    source = Path(src).expanduser().resolve()
-    if out.resolve() == source:
+    source, target = Path(src).expanduser().resolve(), out.resolve()
+    if target == source:
         raise ValueError(f"OUT {out} is SRC: pack into another folder than the images'")
-    inside = out.resolve().relative_to(source).parts if source in out.resolve().parents else ()
-    if inside and not inside[0].startswith("."):  # a hidden folder: every scan skips it
+    # a hidden folder inside SRC is allowed: every scan skips it
+    if source in target.parents and not target.relative_to(source).parts[0].startswith("."):
         raise ValueError(
             f"OUT {out} is inside SRC {src}: every scan of SRC would warn of it as an "
             "identity folder without images; pack into a folder outside the images'"
