@@ -305,7 +305,9 @@ class DataConfig:
         r.within("unseen_fraction", self.unseen_fraction, 0.0, 1.0, closed=False)
         r.positive("verification_every", self.verification_every)
         for path in self.verification_paths():
-            if not path.is_file():
+            if path.is_dir():  # was reported as "does not exist"
+                r.add(f"data.verification: {path} is a folder: name its .bin file or pairs.txt")
+            elif not path.is_file():
                 r.add(f"data.verification: {path} does not exist")
             elif path.suffix != ".bin" and not (path.parent / "images").is_dir():
                 r.add(

@@ -458,6 +458,46 @@ def test_a_bin_file_cut_short_is_refused_before_training(tmp_path, capsys):
         _epoch_end(VerificationCallback([tmp_path / "cut.bin"], 1, 64, 8))
 
 
+def test_a_set_the_ten_folds_cannot_measure_is_refused_before_training(tmp_path, capsys):
+    # a .bin of 2 pairs (or none) passed the start-up check and stopped the run at the
+    # end of stage 1's first epoch ("2 pairs cannot make 10 folds"), its folder left
+    # behind; flags all alike gave 100%; the flag "no" was read as True
+    from facecluster import cli
+    from facecluster.builders import check_verification_sets, verification_sets
+
+    images = [_jpeg((64, 64), i) for i in range(20)]
+    sets = {
+        "two.bin": (
+            (images[:4], [True, False]),
+            r"2 pairs; the 10-fold protocol needs at least 10",
+        ),
+        "none.bin": (([], []), r"0 pairs; the 10-fold protocol"),
+        "same.bin": ((images, [True] * 10), r"all 10 pairs are same-identity pairs"),
+        "words.bin": ((images, ["yes", "no"] * 5), r"pair 0's is-same flag is 'yes' \(str\)"),
+        "twos.bin": ((images, [2, 0] * 5), r"pair 0's is-same flag is 2 \(int\)"),
+    }
+    for name, (content, said) in sets.items():
+        (tmp_path / name).write_bytes(pickle.dumps(content, protocol=4))
+        cfg = load_config(SMOKE, [f"data.verification=[{tmp_path / name}]"])
+        with pytest.raises(ConfigError, match=rf"^data.verification: \S*{name}.*: {said}"):
+            check_verification_sets(cfg)
+        with pytest.raises(ConfigError, match=said):  # what evaluate.py reads the sets with
+            verification_sets(cfg)
+    # numpy flags and 0/1 are InsightFace's own forms, and pass
+    mixed = [np.bool_(True), 0, np.int64(1), False, True] * 2
+    (tmp_path / "numpy.bin").write_bytes(pickle.dumps((images, mixed), protocol=4))
+    check_verification_sets(load_config(SMOKE, [f"data.verification=[{tmp_path / 'numpy.bin'}]"]))
+    # from train.py: one line, before the data scan, and no run folder
+    code = cli.train_main(["-c", str(SMOKE), f"data.verification=[{tmp_path / 'two.bin'}]",
+                           f"output_dir={tmp_path / 'runs'}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "two.bin: 2 pairs" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+    # a folder named for its set was "does not exist"
+    with pytest.raises(ConfigError, match=r"lfw-112 is a folder: name its .bin file or pairs.txt"):
+        load_config(SMOKE, [f"data.verification=[{SHARED_LFW.parent}]"])
+
+
 def test_a_bin_file_with_an_undecodable_image_is_refused_naming_the_image(tmp_path):
     # one broken image stopped the first measurement (after an epoch), and evaluate.py,
     # with PIL's "cannot identify image file <_io.BytesIO object at 0x...>": no file, no pair
@@ -466,7 +506,9 @@ def test_a_bin_file_with_an_undecodable_image_is_refused_naming_the_image(tmp_pa
 
     images = [_jpeg((64, 64), i) for i in range(20)]
     images[7] = b"<html>404</html>"
-    (tmp_path / "broken.bin").write_bytes(pickle.dumps((images, [True] * 10), protocol=4))
+    (tmp_path / "broken.bin").write_bytes(
+        pickle.dumps((images, [p % 2 == 0 for p in range(10)]), protocol=4)
+    )
     cfg = load_config(SMOKE, [f"data.verification=[{tmp_path / 'broken.bin'}]"])
     named = (
         r"data.verification: \S*broken.bin: image 7 \(pair 3, its second image\) cannot be "
@@ -487,7 +529,7 @@ def test_a_bin_file_with_an_undecodable_image_is_refused_naming_the_image(tmp_pa
                 _jpeg((64, 64), i)
             )
     (tmp_path / "lfw" / "images" / "b" / "b_0002.jpg").write_bytes(b"")
-    (tmp_path / "lfw" / "pairs.txt").write_text("a 1 2\na 1 b 2\n")
+    (tmp_path / "lfw" / "pairs.txt").write_text("a 1 2\na 1 b 2\n" * 5)
     with pytest.raises(
         ConfigError, match=r"pairs.txt: image 3 \(pair 1, its second image, \S*b_0002.jpg\)"
     ):

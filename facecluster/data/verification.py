@@ -35,6 +35,9 @@ from PIL import Image
 
 from facecluster.data.images import DECODE_ERRORS, decode_image, load_rgb
 
+FOLDS = 10
+"""Folds of the verification protocol (LFW's, and arcface_torch's for its .bin sets)."""
+
 
 class _Dtype:
     """``numpy.dtype`` as a verification pickle may hold it: a plain integer or boolean
@@ -484,7 +487,7 @@ def read_bin(path: str | Path) -> VerificationPairs:
                 raise pickle.UnpicklingError(f"it holds {what}, not (images, issame)")
             images, issame = map(_plain, loaded)
             images = _image_bytes(images, unpickler)
-            issame = [bool(_plain(x)) for x in issame]
+            issame = [_flag(_plain(x), p) for p, x in enumerate(issame)]
         except (OSError, MemoryError):  # the disk's or the machine's, not the file's:
             raise  # no length field's claim is allocated before the file holds it
         except Exception as e:
@@ -499,6 +502,44 @@ def read_bin(path: str | Path) -> VerificationPairs:
     if len(images) != 2 * len(issame):
         raise ValueError(f"{path}: {len(images)} images for {len(issame)} pairs (expected 2 each)")
     return VerificationPairs(images, issame, str(path))
+
+
+def _flag(value: object, p: int) -> bool:
+    """Pair ``p``'s is-same flag: a bool, numpy bool, or the integer 0 or 1. Anything
+    else is refused: ``bool()`` read the string "no" as True."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    raise pickle.UnpicklingError(
+        f"pair {p}'s is-same flag is {shown} ({type(value).__name__}): a .bin holds "
+        "True/False (or 0/1) for each pair"
+    )
+
+
+def check_pairs(pairs: VerificationPairs) -> None:
+    """Refuse a set that the 10-fold protocol cannot measure: fewer pairs than folds
+    (it failed after stage 1's first epoch, the run folder left behind), or pairs that
+    are all same-identity or all different (every threshold's accuracy is then the
+    same, and 100% says nothing).
+
+    Raises:
+        ValueError: the file, and what it holds.
+    """
+    same = sum(pairs.issame)
+    if len(pairs) < FOLDS:
+        raise ValueError(
+            f"{pairs.source}: {len(pairs)} pairs; the {FOLDS}-fold protocol needs at least "
+            f"{FOLDS} (LFW's pairs.txt lists 6,000)"
+        )
+    if same in (0, len(pairs)):
+        kind = "same-identity" if same else "different-identity"
+        raise ValueError(
+            f"{pairs.source}: all {len(pairs)} pairs are {kind} pairs; verification needs "
+            "both kinds to choose a threshold"
+        )
 
 
 def _truncated(error: Exception) -> bool:
@@ -555,7 +596,8 @@ def load_pairs(path: str | Path) -> VerificationPairs:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"verification set {path} does not exist")
+        what = "is a folder: name its .bin file or pairs.txt" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"verification set {path} {what}")
     files = None
     if path.suffix == ".bin":
         pairs = read_bin(path)
@@ -568,6 +610,7 @@ def load_pairs(path: str | Path) -> VerificationPairs:
             )
         files, issame = read_pairs_txt(images, path)
         pairs = VerificationPairs([p.read_bytes() for p in files], issame, str(path))
+    check_pairs(pairs)
     return dataclasses.replace(pairs, sizes=decoded_sizes(pairs, files))
 
 

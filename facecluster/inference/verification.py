@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facecluster.data.transforms import load_faces, normalize_images
-from facecluster.data.verification import VerificationPairs
+from facecluster.data.verification import FOLDS, VerificationPairs
 
 THRESHOLDS = torch.arange(0, 400, dtype=torch.float64) / 100
 
@@ -37,7 +37,7 @@ class VerificationResult:
 
 
 def ten_fold_accuracy(
-    embeddings: Tensor, issame: list[bool], folds: int = 10
+    embeddings: Tensor, issame: list[bool], folds: int = FOLDS
 ) -> VerificationResult:
     """The protocol above on ``embeddings`` ``[2P, d]`` (pair p: rows 2p and 2p + 1)."""
     same = torch.as_tensor(issame, dtype=torch.bool)
