@@ -1326,6 +1326,19 @@ def test_labels_that_are_not_identities_are_named_by_key_and_offset(tmp_path):
     rf = _write(tmp_path, {0: pack([1.0, 1.0]), 1: pack(np.int64(0), _jpeg(1))})
     with pytest.raises(RecordError, match=r"key 0 \(the header record\): its identity records"):
         image_layout(rf)
+    # a junk end key was allocated for (np.arange over 2^31 keys asked 16 GiB, and a
+    # walkthrough's file reached 17.5 GB before a 32 GiB request failed); the .idx's
+    # last key bounds it
+    records, _ = _insightface(1, [2, 3])
+    records[0] = pack([6.0, float(2**31)])
+    (tmp_path / "junk").mkdir()
+    rf = _write(tmp_path / "junk", records)
+    with pytest.raises(
+        RecordError,
+        match=r"key 0 \(the header record\): its identity records \[6, 2147483648\) run past "
+        r"the last key, 7, that \S*train.idx lists: a damaged header, or a truncated .idx",
+    ):
+        image_layout(rf)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -751,6 +751,13 @@ def image_layout(records: RecordFile, cache: str | Path | None = None) -> Record
             f"{records.rec} key 0 (the header record): its identity records [{first}, "
             f"{end}) are none; an InsightFace header holds (first identity record, end)"
         )
+    last = records.offsets.last_key
+    if end > last + 1:  # a junk end was allocated for: 32 GiB at 2^31 keys
+        raise RecordError(
+            f"{records.rec} key 0 (the header record): its identity records [{first}, "
+            f"{end}) run past the last key, {last}, that {records.idx} lists: a damaged "
+            "header, or a truncated .idx"
+        )
     bounds = _exact_bounds(records, records.ranges(np.arange(first, end)))
     counts = bounds[:, 1] - bounds[:, 0]
     if (counts < 0).any():
