@@ -1482,6 +1482,20 @@ def test_an_identities_txt_must_name_exactly_the_identities_of_the_file(packed, 
     (folder / "identities.txt").write_text("Ann\n")
     with pytest.raises(ValueError, match=r"1 names for identity labels up to 1 \(2 identities"):
         scan(folder)
+    # one corrupt label (2e9) in an im2rec file blamed identities.txt alone: the record
+    # that holds it is named too
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    labels = [0, 0, 1, 1, 2, 2e9, 2]
+    rf = _write(corrupt, {k: pack(label, _jpeg(k)) for k, label in enumerate(labels)})
+    (corrupt / "identities.txt").write_text("Ann\nBob\nCid\n")
+    with pytest.raises(
+        ValueError,
+        match=r"3 names for identity labels up to 2000000000 \(2000000001 identities in "
+        rf"\S*train.rec: its largest image label \+ 1, key 5's at offset {rf.offsets[5]}; 4 "
+        r"labels have images: a corrupt label\?\)",
+    ):
+        scan(corrupt)
 
 
 def test_a_property_that_disagrees_with_the_file_is_warned_about(packed, tmp_path, caplog):

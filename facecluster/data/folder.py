@@ -726,13 +726,20 @@ def scan_record_file(
         count = layout.identities
         header = layout.identity_records is not None
         whence = "the identity records its header gives" if header else LARGEST_LABEL
+        if not header and len(present) < count:  # labels unused: one corrupt label?
+            # (a label of 2e9 in an im2rec file blamed identities.txt alone)
+            key = int(layout.keys[-1])  # grouped by label: the largest label's last
+            whence += (
+                f", key {key}'s at offset {records.offsets[key]}; {len(present)} labels "
+                "have images: a corrupt label?"
+            )
         if property_file.is_file():  # unreadable records may hold larger labels
             at_least = bool(len(layout.unreadable)) and not header
             _check_property(property_file, records, count, whence, at_least)
     if names_file.is_file():
         # without identity records an unreadable record's label is unknown: a larger
         # one, its identity's name, may be among them
-        open_ended = len(layout.unreadable) and whence == LARGEST_LABEL
+        open_ended = len(layout.unreadable) and not header
         all_names = _read_names(names_file, records, count, whence, count if open_ended else None)
         names = [all_names[label] for label in present]
     else:
