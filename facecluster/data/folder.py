@@ -20,6 +20,7 @@ identity's split never depends on which other identities were kept by
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -799,9 +800,12 @@ def scan(
     (:func:`~facecluster.data.recordio.rec_paths`). Any other file is refused as such,
     naming the ``.rec`` beside it (``property``, ``identities.txt``), and a folder
     read as an image folder that fails names the ``.rec`` files it holds."""
-    if rec_paths(root) is not None:
-        return scan_record_file(root, min_images_per_class, max_classes, cache)
+    paths = rec_paths(root)
     path = Path(root).expanduser()
+    if paths is not None:
+        if path.is_dir():
+            _warn_folders_beside(path, paths[0])
+        return scan_record_file(root, min_images_per_class, max_classes, cache)
     if path.exists() and not path.is_dir():
         beside = rec_paths(path.parent)
         if beside is not None:
@@ -819,6 +823,22 @@ def scan(
         if not hint:
             raise
         raise ValueError(f"{e}. {hint}") from None
+
+
+def _warn_folders_beside(root: Path, rec: Path) -> None:
+    """Warn when ``root``, read for its ``train.rec``, holds folders too (identity
+    folders, maybe: it trained on the ``.rec`` without a word). Hidden ones are not
+    counted; the look stops at the first folder."""
+    with os.scandir(root) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):  # a looping link is no folder
+                if not entry.name.startswith(".") and entry.is_dir():
+                    logger.warning(
+                        f"root {str(root)!r} holds {rec.name} and folders too ({entry.name}, "
+                        f"...): training reads {rec}. To train on the image folders, point "
+                        f"data.root at a folder without {rec.name}"
+                    )
+                    return
 
 
 UNSEEN_SPLITS = ("val", "test")
