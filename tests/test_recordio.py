@@ -1487,6 +1487,11 @@ def test_an_identities_txt_must_name_exactly_the_identities_of_the_file(packed, 
     (tmp_path / "identities.txt").write_text("Ann\nBob\n")
     with pytest.raises(ValueError, match=r"2 names for identity labels up to 2 \(3 identities"):
         scan(tmp_path)
+    # a blank line among them named an identity ''
+    for text in ("Ann\n\nCid\n", "Ann\r\n\r\nCid\r\n"):
+        (tmp_path / "identities.txt").write_text(text)
+        with pytest.raises(ValueError, match=r"identities.txt: line 2 is blank \(1 such lines\)"):
+            scan(tmp_path)
     # without identity records, records whose label cannot be read may hold the
     # largest labels: more names than the labels read are accepted, fewer are not
     folder = tmp_path / "im2rec"

@@ -619,6 +619,12 @@ def _read_names(
     all_names = [n.removesuffix("\r") for n in text.split("\n")]
     while all_names and not all_names[-1]:  # blank lines at the end name nobody
         all_names.pop()
+    blank = [i for i, n in enumerate(all_names, 1) if not n]  # " " may name a folder
+    if blank:  # was an identity named ''
+        raise ValueError(
+            f"{names_file}: line {blank[0]} is blank ({len(blank)} such lines): it lists one "
+            "name per identity label, each on its own line"
+        )
     fits = len(all_names) == count if at_least is None else len(all_names) >= at_least
     if fits and len(set(all_names)) == len(all_names):
         return all_names
