@@ -270,7 +270,20 @@ def test_a_bin_file_whose_objects_fail_to_build_is_named(tmp_path):
             read_bin(tmp_path / name)
     # no pickle at all (an unknown first opcode): the reason was the byte alone, "197"
     (tmp_path / "junk.bin").write_bytes(b"\xc5\x01junk")
-    with pytest.raises(ValueError, match=r"junk.bin is not .*: unknown pickle opcode 0xc5: not a"):
+    with pytest.raises(ValueError, match=r"junk.bin is not .*: unknown pickle opcode 0xc5 \(it "):
+        read_bin(tmp_path / "junk.bin")
+    # other files that are no pickle said only the unpickler's words ("pop from empty
+    # list" for a .npy); what they start with is named, an empty one is said to be
+    (tmp_path / "junk.bin").write_bytes(b"\x93NUMPY\x01\x00v\x00{'descr'")
+    with pytest.raises(ValueError, match=r"pop from empty list \(it starts with b'\\x93NUMPY"):
+        read_bin(tmp_path / "junk.bin")
+    (tmp_path / "junk.bin").write_bytes(b"\x80\x04\xc5junk")  # a pickle's start, then junk
+    with pytest.raises(ValueError, match=r"unknown pickle opcode 0xc5: a damaged pickle\?$"):
+        read_bin(tmp_path / "junk.bin")
+    (tmp_path / "junk.bin").write_bytes(b"")
+    with pytest.raises(
+        ValueError, match=r"junk.bin is not a verification .bin file: the file is empty$"
+    ):
         read_bin(tmp_path / "junk.bin")
     # an image made a list of N references to one list of N numbers: 2N bytes of pickle
     # were made N^2 bytes (1.1 GB and 19 s from a 96 KB file, a review measured) before

@@ -494,10 +494,18 @@ def read_bin(path: str | Path) -> VerificationPairs:
             # only the allowed builders run, but a forged argument makes them fail in
             # many ways (AttributeError, OverflowError, LookupError, ...): all the file's
             reason = str(e) or type(e).__name__
+            f.seek(0)
+            start = f.read(8)
+            cut = " (the file ends early: cut short?)" if _truncated(e) else ""
+            if not start:
+                reason, cut = "the file is empty", ""
+            elif start[0] != pickle.PROTO[0] and not cut:  # "pop from empty list" alone
+                # InsightFace's sets are pickled with protocol 2 or later, which start so
+                cut = f" (it starts with {start!r}, not a pickle's 0x80: not a pickle?)"
             if isinstance(e, KeyError) and e.args and isinstance(e.args[0], int):
                 # an unknown opcode: its byte alone was the reason ("197")
-                reason = f"unknown pickle opcode 0x{e.args[0]:02x}: not a pickle, or a damaged one"
-            cut = " (the file ends early: cut short?)" if _truncated(e) else ""
+                reason = f"unknown pickle opcode 0x{e.args[0]:02x}"
+                reason += "" if cut else ": a damaged pickle?"
             raise ValueError(f"{path} is not a verification .bin file: {reason}{cut}") from None
     if len(images) != 2 * len(issame):
         raise ValueError(f"{path}: {len(images)} images for {len(issame)} pairs (expected 2 each)")
