@@ -143,7 +143,8 @@ def test_the_index_reads_like_a_dict_and_names_a_bad_line(tmp_path):
         "0\t8\n1\t16 9\n": "line 2: expected 'key<TAB>offset'",
         "0\t8\nx\t16\n": "line 2: expected 'key<TAB>offset'",
         "0\t8\n\n1\t99999\n": "line 3: key 1 points at offset 99999, past the end",
-        "0\t8\n1\t-4\n": "line 2: key 1 points at offset -4, past the end",
+        "0\t8\n1\t-4\n": "line 2: key 1 points at offset -4, before the start of the file",
+        "0\t8\n\n1\t-4\n": "line 3: key 1 points at offset -4, before the start",  # said "past"
         "0\t8\n1\t-\n": "line 2: expected 'key<TAB>offset'",  # numpy would read 0
         # lines whose extra and missing tokens would pair up in a whole-file parse
         "0\t0\t1\n8\n": "line 1: expected 'key<TAB>offset'",

@@ -428,6 +428,11 @@ class RecordFile:
         return index
 
     def _past_end(self, line_no: int, key: int, offset: int) -> NoReturn:
+        if offset < 0:  # was "past the end"
+            raise ValueError(
+                f"{self.idx} line {line_no}: key {key} points at offset {offset}, before the "
+                "start of the file: a damaged .idx?"
+            )
         raise ValueError(
             f"{self.idx} line {line_no}: key {key} points at offset {offset}, "
             f"past the end of {self.rec} ({self.size} bytes): truncated file, or the .idx "
