@@ -1359,6 +1359,18 @@ def test_labels_that_are_not_identities_are_named_by_key_and_offset(tmp_path):
         r"the last key, 7, that \S*train.idx lists: a damaged header, or a truncated .idx",
     ):
         image_layout(rf)
+    # an identity record's junk range [1e12, 1e12 + 3) stores one float32 value: it was
+    # read as an empty identity, and its images left out with a warning only
+    records, _ = _insightface(1, [3, 3])
+    records[8] = pack([1e12, 1e12 + 3])
+    (tmp_path / "far").mkdir()
+    rf = _write(tmp_path / "far", records)
+    with pytest.raises(
+        RecordError,
+        match=rf"key 8 at offset {rf.offsets[8]}: identity 1's image keys \[999999995904, "
+        r"999999995904\) lie past the identity records \(keys 7-\); image keys lie in \[1, 7\)",
+    ):
+        image_layout(rf)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -824,8 +824,19 @@ def _warn_uncovered(records: RecordFile, first: int, covered: np.ndarray) -> Non
 def _check_ranges(records: RecordFile, first: int, bounds: np.ndarray) -> None:
     """Refuse identity ranges that take the header (key 0) or the identity records
     (keys from ``first``) for images, or that overlap: their records would be trained
-    on as images, or under two labels. Empty ranges hold no key and are not checked.
+    on as images, or under two labels. Empty ranges hold no key: one is refused only
+    when it lies past the identity records' first key by more than float32's rounding
+    there (a damaged record: [1e12, 1e12 + 3) stored one value, read as empty).
     Vector checks: up to 2M identities."""
+    empty = np.flatnonzero(bounds[:, 1] == bounds[:, 0])
+    past = empty[bounds[empty, 0] > first + _spacing(bounds[empty, 0])]
+    if len(past):
+        i = int(past[0])
+        raise RecordError(
+            f"{records.rec} key {first + i} at offset {records.offsets[first + i]}: identity "
+            f"{i}'s image keys [{bounds[i, 0]}, {bounds[i, 1]}) lie past the identity records "
+            f"(keys {first}-); image keys lie in [1, {first})"
+        )
     rows = np.flatnonzero(bounds[:, 1] > bounds[:, 0])
     order = rows[np.argsort(bounds[rows, 0], kind="stable")]  # by start
     outside = order[(bounds[order, 0] < 1) | (bounds[order, 1] > first)]
