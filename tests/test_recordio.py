@@ -992,6 +992,13 @@ def test_pack_refuses_an_out_it_cannot_use_before_the_scan(tmp_path, capsys):
     assert "SRC=" in (err := capsys.readouterr().err) and "is a file, not a folder" in err
     assert pack_main([str(src / "Abdullah_Gul"), str(tmp_path / "out")]) == 2
     assert "found in SRC=" in capsys.readouterr().err
+    # a packed data set as SRC said only "No identity sub-folders ... found"
+    for packed in (src / ".rec", src / ".rec" / "train.rec"):
+        assert pack_main([str(packed), str(tmp_path / "out")]) == 2
+        assert (
+            f"SRC {packed} is a RecordIO data set already ({src / '.rec' / 'train.rec'}): "
+            "train on it as it is"
+        ) in capsys.readouterr().err
 
 
 def test_a_broken_first_image_is_packed_as_any_other(tmp_path):

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from facecluster.data.folder import IDENTITY_NAMES, FaceFolder, scan_image_folder, shown_list
 from facecluster.data.images import image_damage
-from facecluster.data.recordio import RecordWriter, pack
+from facecluster.data.recordio import RecordWriter, pack, rec_paths
 from facecluster.io import replacing_together
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,17 @@ def pack_folder(
             f"OUT {out} already holds a data set ({', '.join(held)}), which pack would "
             "replace. Pass --overwrite to replace it, or choose another OUT"
         )
-    folder = scan_image_folder(src, name="SRC")
+    try:
+        folder = scan_image_folder(src, name="SRC")
+    except (OSError, ValueError) as e:
+        packed = rec_paths(src)
+        if packed is None:
+            raise
+        # said only "No identity sub-folders ... found"
+        raise ValueError(
+            f"SRC {src} is a RecordIO data set already ({packed[0]}): train on it as it is "
+            f"(data.root={packed[0]}); pack reads an image folder ({e})"
+        ) from None
     # identities.txt holds one name a line: a name with a line break would shift every
     # later identity's name onto another's images. Refused before any record is written.
     broken = [name for name in folder.class_names if "\n" in name or "\r" in name]
