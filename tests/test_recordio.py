@@ -487,12 +487,15 @@ def test_a_folder_named_like_a_rec_file_is_read_as_the_folder(tmp_path):
         RecordFile(tmp_path / "alone" / "train.rec")
 
 
-def test_a_folder_of_train_rec_and_identity_folders_warns_which_it_reads(tmp_path, caplog):
+def test_a_folder_of_train_rec_and_identity_folders_warns_which_it_reads(
+    tmp_path, caplog, monkeypatch
+):
     # identity folders beside a train.rec: it trained on the .rec without a word
     records = {k: pack(float(k >= 3), _jpeg(k)) for k in range(1, 6)}
     records |= {6: pack([1.0, 3.0]), 7: pack([3.0, 6.0]), 0: pack([6.0, 8.0])}
     _write(tmp_path, records)
     (tmp_path / ".cache").mkdir()  # hidden: not counted
+    (tmp_path / "lost+found").mkdir()  # a file system's, on a data set's own mount
     with caplog.at_level("WARNING"):
         assert len(scan(tmp_path).samples) == 5
     assert "folders too" not in caplog.text
@@ -500,10 +503,27 @@ def test_a_folder_of_train_rec_and_identity_folders_warns_which_it_reads(tmp_pat
     with caplog.at_level("WARNING"):
         assert len(scan(tmp_path).samples) == 5
     assert (
-        f"root '{tmp_path}' holds train.rec and folders too (Ann, ...): training reads "
+        f"root '{tmp_path}' holds train.rec and folders too (Ann): training reads "
         f"{tmp_path / 'train.rec'}. To train on the image folders, point data.root at a "
         "folder without train.rec"
     ) in caplog.text
+    for name in ("Bob", "Cid", "Dan"):
+        (tmp_path / name).mkdir()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        scan(tmp_path)
+    assert re.search(r"folders too \((\w+, ){3}\.\.\.\)", caplog.text)
+    # a folder that can be entered but not listed (shared storage, mode 711): its
+    # train.rec is read as before, not stopped by the look for folders
+    real_scandir = os.scandir
+
+    def refused(path):
+        if Path(path) == tmp_path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refused)
+    assert len(scan(tmp_path).samples) == 5
 
 
 def test_a_payload_the_writer_refuses_leaves_no_idx_line(tmp_path, monkeypatch):

@@ -833,18 +833,25 @@ def scan(
 
 def _warn_folders_beside(root: Path, rec: Path) -> None:
     """Warn when ``root``, read for its ``train.rec``, holds folders too (identity
-    folders, maybe: it trained on the ``.rec`` without a word). Hidden ones are not
-    counted; the look stops at the first folder."""
-    with os.scandir(root) as entries:
+    folders, maybe: it trained on the ``.rec`` without a word). Hidden ones and a
+    file system's ``lost+found`` are not counted; up to 3 are named. A folder that
+    cannot be listed (execute permission only: its files can still be read) is not
+    looked into."""
+    folders: list[str] = []
+    with contextlib.suppress(OSError), os.scandir(root) as entries:
         for entry in entries:
             with contextlib.suppress(OSError):  # a looping link is no folder
-                if not entry.name.startswith(".") and entry.is_dir():
-                    logger.warning(
-                        f"root {str(root)!r} holds {rec.name} and folders too ({entry.name}, "
-                        f"...): training reads {rec}. To train on the image folders, point "
-                        f"data.root at a folder without {rec.name}"
-                    )
-                    return
+                if entry.name[:1] != "." and entry.name != "lost+found" and entry.is_dir():
+                    folders.append(entry.name)
+                    if len(folders) > 3:
+                        break
+    if folders:
+        shown = ", ".join(sorted(folders[:3])) + (", ..." if len(folders) > 3 else "")
+        logger.warning(
+            f"root {str(root)!r} holds {rec.name} and folders too ({shown}): training "
+            f"reads {rec}. To train on the image folders, point data.root at a folder "
+            f"without {rec.name}"
+        )
 
 
 UNSEEN_SPLITS = ("val", "test")
