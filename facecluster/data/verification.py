@@ -530,8 +530,8 @@ def _flag(value: object, p: int) -> bool:
 def check_pairs(pairs: VerificationPairs) -> None:
     """Refuse a set that the 10-fold protocol cannot measure: fewer pairs than folds
     (it failed after stage 1's first epoch, the run folder left behind), or pairs that
-    are all same-identity or all different (every threshold's accuracy is then the
-    same, and 100% says nothing).
+    are all same-identity or all different (the threshold the protocol picks then
+    scores 100% whatever the model).
 
     Raises:
         ValueError: the file, and what it holds.
