@@ -357,7 +357,7 @@ class RunFolder:
 
     @property
     def run_id(self) -> str:
-        return json.loads((self.path / META).read_text())["run_id"]
+        return read_state(self.path / META)["run_id"]
 
     def check_free_space(self, cfg: Config, backbone_params: int, num_classes: int) -> None:
         """Fail at start, naming output_dir, when the disk cannot hold the checkpoints
@@ -669,7 +669,7 @@ class RunFolder:
     def calibration(self) -> dict[str, float]:
         """The fitted ``route`` numbers of the decision unit ({} before they are fitted)."""
         path = self.path / CALIBRATION
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_state(path) if path.is_file() else {}
 
     def keep_data(self, dm: FaceDataModule) -> None:
         """Record the identity names of a new run, label by label, and what its val and
@@ -698,7 +698,10 @@ class RunFolder:
                 made before the splits were recorded is not checked for that.
         """
         self.check_identities(dm.class_names)
-        kept = _read_json(self.path / SPLIT)
+        path = self.path / SPLIT
+        # a damaged one read as absent, "a run made before split.json": unchecked, the
+        # test split held training images and the results were written over
+        kept = read_state(path) if path.is_file() else {}
         if not kept:
             return
         # Images broken since (a disk error) change a few digests; a split made otherwise
@@ -721,7 +724,7 @@ class RunFolder:
             )
 
     def class_names(self) -> list[str]:
-        return json.loads((self.path / CLASS_NAMES).read_text())
+        return read_state(self.path / CLASS_NAMES)
 
     def check_identities(self, names: list[str]) -> None:
         """The data's identities must be the run's, label for label (evaluation, export).
@@ -760,7 +763,7 @@ class RunFolder:
         self._write_json(self.stage_summary_path(stage).name, summary)
 
     def stage_summary(self, stage: int) -> dict[str, Any]:
-        return json.loads(self.stage_summary_path(stage).read_text())
+        return read_state(self.stage_summary_path(stage))
 
     def has_stage_summary(self, stage: int) -> bool:
         """Stage 1: trained and tested; stage 2: every sub-net finished and assembled."""
@@ -792,12 +795,15 @@ class RunFolder:
         self._write_json(self.subnet_file(k, ".json").relative_to(self.path), record)
 
     def subnet_records(self) -> dict[int, dict[str, Any]]:
-        """The finished sub-nets' records, by cluster."""
+        """The finished sub-nets' records, by cluster: a record whose weights (.pt) are
+        gone is not (the run said "finished", then its evaluation failed on the file;
+        now the sub-net is trained again)."""
         folder = self.subnet_file(0).parent
         records = {}
         for path in sorted(folder.glob("subnet*.json")) if folder.is_dir() else ():
-            record = json.loads(path.read_text())
-            records[int(record["cluster"])] = record
+            record = read_state(path)
+            if path.with_suffix(".pt").is_file():
+                records[int(record["cluster"])] = record
         return records
 
     def save_job(self, subnets: list[int]) -> None:
@@ -1027,7 +1033,7 @@ class RunFolder:
         for last in jobs.glob(f"*/checkpoints/{LAST}.ckpt") if jobs.is_dir() else ():
             record = last.parents[1] / JOB_SUBNETS
             if record.is_file():
-                found.append((-last.stat().st_mtime, json.loads(record.read_text())))
+                found.append((-last.stat().st_mtime, read_state(record)))
         return [subnets for _, subnets in sorted(found)]
 
     def check_no_job_training(self) -> None:
@@ -1448,6 +1454,24 @@ def _bytes_under(folder: Path) -> int:
             except FileNotFoundError:
                 pass
     return total
+
+
+def read_state(path: Path) -> Any:
+    """A JSON file the run keeps (``split.json``, ``stage1.json``, a sub-net's record,
+    ...): one that is not JSON is named as a damaged run folder, one line, where a
+    traceback ended in ``JSONDecodeError`` (a lock file being written is
+    :func:`_read_json`'s).
+
+    Raises:
+        ConfigError: the file, and why it cannot be read.
+    """
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # UnicodeDecodeError too
+        raise ConfigError(
+            f"{path} cannot be read ({type(e).__name__}: {e}): the run folder is damaged; "
+            "restore the file from a copy of the run, or start a new run"
+        ) from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

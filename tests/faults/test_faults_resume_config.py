@@ -114,6 +114,31 @@ def test_the_same_data_at_another_path_resumes_and_other_data_is_refused(tmp_pat
     )
     assert RunFolder(result.run_dir).finished
     assert RunFolder(run).config().data.root == str(moved)  # the next resume reads it
+    # a damaged split.json was read as a run made before it: the check was skipped, the
+    # evaluation written over with one whose test split held training images
+    (run / "split.json").write_text("{junk")
+    with pytest.raises(
+        ConfigError, match=r"split.json cannot be read \(JSONDecodeError: .*\): the run folder"
+    ):
+        train(load_config(SMOKE, smoke_overrides(tmp_path, f"resume={run}", f"data.root={moved}")))
+
+
+def test_damaged_state_files_are_named_and_a_subnet_without_weights_is_unfinished(run_dir):
+    # a junk stage1.json (or a sub-net's record) ended in a JSONDecodeError traceback; a
+    # sub-net whose .pt was deleted counted as finished, and its evaluation failed on it
+    run = RunFolder(run_dir)
+    run.stage_summary_path(1).parent.mkdir(parents=True, exist_ok=True)
+    run.stage_summary_path(1).write_text("")
+    with pytest.raises(ConfigError, match=r"stage1.json cannot be read \(JSONDecodeError"):
+        run.stage_summary(1)
+    for k in (0, 1):
+        run.subnet_file(k).parent.mkdir(parents=True, exist_ok=True)
+        run.subnet_file(k, ".json").write_text(f'{{"cluster": {k}}}')
+    run.subnet_file(0).write_bytes(b"weights")
+    assert list(run.subnet_records()) == [0]
+    run.subnet_file(1, ".json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match=r"subnet1.json cannot be read \(UnicodeDecodeError"):
+        run.subnet_records()
 
 
 def test_an_evaluation_may_not_change_what_the_run_trained(run_dir):
