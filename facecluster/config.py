@@ -23,7 +23,7 @@ import math
 import os
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -1154,6 +1154,28 @@ def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfi
         raise ConfigError(f"{source}: wrong type: {str(e).splitlines()[0]}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{source}: {e}") from None
+    except TypeError:  # "Cannot merge incompatible container types", naming no key
+        for key in _lists_given_items(base, other):
+            raise ConfigError(
+                f"{source}: '{key}' takes a whole list, as {key}=[a,b]: an item cannot be "
+                f"set by its index ({key}.0=...)"
+            ) from None
+        raise
+
+
+def _lists_given_items(base: Any, values: Any, prefix: str = "") -> Iterator[str]:
+    """The keys of ``base`` that hold a list where ``values`` gives a mapping
+    (``wandb.tags.0=x``: OmegaConf's TypeError named no key)."""
+    if not isinstance(base, DictConfig) or not isinstance(values, (dict, DictConfig)):
+        return
+    for key, value in values.items():
+        if key not in base:
+            continue
+        node = base._get_node(key)
+        if isinstance(node, Sequence) and isinstance(value, (dict, DictConfig)):
+            yield f"{prefix}{key}"
+        elif isinstance(node, DictConfig):
+            yield from _lists_given_items(node, value, f"{prefix}{key}.")
 
 
 def _sections_given_values(

@@ -350,6 +350,15 @@ def test_one_value_for_a_list_key_says_it_takes_a_list(tmp_path):
         "it takes a list, as data.verification=[a,b]"
     )
     assert load_config(SMOKE, [f"data.verification=[{pairs}]"]).data.verification
+    # an item set by its index ended in OmegaConf's TypeError "Cannot merge
+    # incompatible container types", a traceback naming no key (a walkthrough)
+    for key in ("wandb.tags", "stage1.optim.betas", "slurm.setup"):
+        with pytest.raises(ConfigError) as err:
+            load_config(SMOKE, [f"{key}.0=1"])
+        assert str(err.value) == (
+            f"command line, {key}.0=1: '{key}' takes a whole list, as {key}=[a,b]: an item "
+            f"cannot be set by its index ({key}.0=...)"
+        )
 
 
 def test_bad_override_syntax_is_rejected():
