@@ -503,27 +503,40 @@ def submit_slurm(
         record()
         return job.job_id
 
-    first = [train_command(run, "stage=1", *_devices(*train_size))] if stage1 else []
-    if cluster:
-        first.append(train_command(run, "stage=cluster", *_devices(*train_size)))
-    if first:
-        after = submit(f"{run.path.name}-stage1", first, train_size)
-    if stage2:
-        name = f"{run.path.name}-stage2"
-        params = parameters(name, train_size)
-        executor.update_parameters(**params)
-        commands = [[train_command(run, *o, *_devices(*train_size))] for o in stage2]
-        with executor.batch():
-            jobs = [
-                executor.submit(TrainJob(f"{name}-{i}", c, cwd)) for i, c in enumerate(commands)
-            ]
-        after = jobs[0].job_id.split("_")[0]  # the array: afterok waits for every task
-        entry = {"name": name, "job_id": after, "dependency": params["dependency"]}
-        submitted["jobs"].append({**entry, "array": commands})
-        record()
-    if assemble:
-        command = train_command(run, "stage=assemble", *_devices(*small))
-        submit(f"{run.path.name}-assemble", [command], small)
+    def submit_all() -> None:
+        nonlocal after
+        first = [train_command(run, "stage=1", *_devices(*train_size))] if stage1 else []
+        if cluster:
+            first.append(train_command(run, "stage=cluster", *_devices(*train_size)))
+        if first:
+            after = submit(f"{run.path.name}-stage1", first, train_size)
+        if stage2:
+            name = f"{run.path.name}-stage2"
+            params = parameters(name, train_size)
+            executor.update_parameters(**params)
+            commands = [[train_command(run, *o, *_devices(*train_size))] for o in stage2]
+            with executor.batch():
+                jobs = [
+                    executor.submit(TrainJob(f"{name}-{i}", c, cwd)) for i, c in enumerate(commands)
+                ]
+            after = jobs[0].job_id.split("_")[0]  # the array: afterok waits for every task
+            entry = {"name": name, "job_id": after, "dependency": params["dependency"]}
+            submitted["jobs"].append({**entry, "array": commands})
+            record()
+        if assemble:
+            command = train_command(run, "stage=assemble", *_devices(*small))
+            submit(f"{run.path.name}-assemble", [command], small)
+
+    try:
+        submit_all()
+    except submitit.core.utils.FailedJobError as e:  # a 45-line traceback, no next step
+        ids = [job["job_id"] for job in submitted["jobs"]]
+        queued = f"; the jobs before it ({', '.join(ids)}) are queued: scancel them" if ids else ""
+        raise ConfigError(
+            f"launcher=slurm: sbatch refused a job ({' '.join(str(e).split())}){queued}. "
+            f"Correct the slurm.* setting and submit again: python train.py resume={run.path} "
+            "slurm.<key>=..."
+        ) from None
     return submitted
 
 

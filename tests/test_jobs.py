@@ -338,8 +338,14 @@ def test_a_chain_that_failed_half_way_is_still_seen_in_the_queue(tmp_path, monke
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     (tmp_path / "bin" / "fail_at").write_text("1001")
     overrides = smoke_overrides(tmp_path, "launcher=slurm", "slurm.gpus_per_node=0")
-    with pytest.raises(Exception, match="QOSMaxSubmitJobPerUserLimit"):
+    with pytest.raises(ConfigError) as refused:  # was submitit's 45-line traceback
         train(load_config(SMOKE, overrides))
+    assert re.fullmatch(
+        r"launcher=slurm: sbatch refused a job \(.*sbatch: error: QOSMaxSubmitJobPerUserLimit"
+        r".*\); the jobs before it \(1000\) are queued: scancel them. Correct the slurm.\* "
+        rf"setting and submit again: python train.py resume={tmp_path / 'run'} slurm.<key>=...",
+        str(refused.value),
+    ), str(refused.value)
     run = RunFolder(tmp_path / "run")
     assert [
         j["job_id"] for j in json.loads((run.slurm_dir / "submitted.json").read_text())["jobs"]
