@@ -290,11 +290,27 @@ def _stage1_and_clustering(
         # (in stage 1's test) keeps it, never clustered again under finished sub-nets
         settled = unit is not None and folder.clusters_path.is_file()
         resume = folder.stage1_resume_point(cfg.resume)
+        if cfg.resume and resume is None:
+            _warn_starting_over(folder.last_checkpoint(1), "stage 1")
         backbone, run.stage1 = fit_stage1(run, resume, unit, settled)
         return backbone
     if unit is not None:
         unit.restore()
     return None
+
+
+def _warn_starting_over(last: Path, what: str) -> None:
+    """A resumed stage whose ``last.ckpt`` is gone while other checkpoints of it are
+    there (deleted by hand, a disk clean-up) starts over at epoch 0: said, naming them
+    (its trained epochs were lost without a word)."""
+    kept = sorted(p.name for p in last.parent.glob("*.ckpt")) if last.parent.is_dir() else []
+    if kept:
+        shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+        rank_zero_warn(
+            f"{what}: {last} is missing, so it starts over at epoch 0, though {shown} "
+            f"{'is' if len(kept) == 1 else 'are'} there: to continue from one, stop now and "
+            f"copy it to {last.name}"
+        )
 
 
 def _stage1_pending(cfg: Config, folder: RunFolder) -> bool:
@@ -471,6 +487,8 @@ def _fit_job(
     folder.save_job(subnets)
     resume = folder.last_checkpoint(2, job)
     if fresh or not resume.is_file():
+        if not fresh:
+            _warn_starting_over(resume, f"stage-2 job {job}")
         resume = None
         model.warm_start(folder.stage1_weights().backbone, cfg.head.init_from_class_means)
     logger = run.logger

@@ -201,3 +201,22 @@ def test_a_run_saved_with_a_relative_data_root_still_resumes_from_the_project(
     assert RunFolder(run_dir).config().data.root == "datasets/lfw-demo/images"
     cfg = RunFolder.config_for_resume(str(run_dir), [f"data.root={DEMO}"])
     assert cfg.data.resolved_root() == DEMO
+
+
+def test_a_stage_whose_last_checkpoint_is_gone_says_it_starts_over(tmp_path):
+    # last.ckpt deleted, best-epoch000.ckpt left: the resume trained stage 1 again from
+    # epoch 0 without a word (a walkthrough)
+    from facecluster.pipeline import train
+
+    train(load_config(SMOKE, smoke_overrides(tmp_path, "stage=1", "logger=none")))
+    run = RunFolder(tmp_path / "run")
+    run.last_checkpoint(1).unlink()
+    run.stage_summary_path(1).unlink()  # stage 1 unfinished, as stopped mid-way
+    resumed = run.config_for_resume(str(run.path), ["stage=1", "logger=none"])
+    with pytest.warns(UserWarning) as warned:
+        train(resumed)
+    said = [str(w.message) for w in warned if "starts over" in str(w.message)]
+    assert said == [
+        f"stage 1: {run.last_checkpoint(1)} is missing, so it starts over at epoch 0, though "
+        "best-epoch000.ckpt is there: to continue from one, stop now and copy it to last.ckpt"
+    ]
