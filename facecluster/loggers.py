@@ -30,6 +30,7 @@ from facecluster.config import Config, ConfigError
 from facecluster.io import replacing
 
 WANDB_HOST = ("api.wandb.ai", 443)
+"""W&B's server where the installed wandb's settings cannot be read (:func:`_default_base_url`)."""
 
 
 class _StepOffset:
@@ -115,13 +116,29 @@ class RunCSVLogger(_StepOffset, CSVLogger):
         return self._experiment
 
 
+def _default_base_url() -> str:
+    """W&B's own server as the installed wandb names it (its ``Settings().base_url``,
+    which also reads wandb's settings files): wandb 0.31 logs to
+    ``https://api.forge.coreweave.com``, where ``api.wandb.ai`` was asked before, and
+    `wandb login`'s key under the new name was not found."""
+    try:
+        from wandb.sdk.wandb_settings import Settings
+
+        return str(Settings().base_url)
+    except Exception:  # another wandb layout, or settings it refuses: its own error later
+        return f"https://{WANDB_HOST[0]}"
+
+
 def _wandb_server() -> tuple[str, int, str]:
     """The W&B server's host, port and ``host[:port]`` as written (the name wandb keeps
     its key under in ``.netrc``): ``WANDB_BASE_URL`` (a self-hosted server), else W&B's
-    own."""
+    own, as the installed wandb names it."""
     base = os.environ.get("WANDB_BASE_URL")
     if not base:
-        return (*WANDB_HOST, WANDB_HOST[0])
+        url = urlparse(_default_base_url())
+        if not url.hostname:
+            return (*WANDB_HOST, WANDB_HOST[0])
+        return url.hostname, url.port or (80 if url.scheme == "http" else 443), url.netloc
     url = urlparse(base)
     if url.scheme not in ("http", "https") or not url.hostname:  # wandb.init refuses it
         raise ConfigError(f"WANDB_BASE_URL={base!r}: give the server as http(s)://host[:port]")

@@ -9,6 +9,7 @@ import signal
 import socket
 import struct
 from pathlib import Path
+from urllib.parse import urlparse
 
 import lightning as L
 import pytest
@@ -30,7 +31,9 @@ def test_no_api_key_means_offline(monkeypatch, tmp_path):
 def test_key_without_network_means_offline(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    monkeypatch.setattr("facecluster.loggers.WANDB_HOST", ("127.0.0.1", 9))  # nothing listens
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    nowhere = lambda: "http://127.0.0.1:9"  # noqa: E731 (nothing listens)
+    monkeypatch.setattr("facecluster.loggers._default_base_url", nowhere)
     mode, reason = wandb_mode(load_config(SMOKE))
     assert mode == "offline" and "unreachable" in reason
 
@@ -69,7 +72,7 @@ def test_a_wandb_mode_that_cannot_log_is_refused_before_the_data_scan(monkeypatc
     # W&B online without a key, a WANDB_MODE wandb does not take, a tag over 64
     # characters: wandb refused each when stage 1's fit started, after the data scan
     # (minutes on a .rec), leaving a run folder (a review of late errors)
-    from facecluster.loggers import check_wandb_server
+    from facecluster.loggers import _wandb_server, check_wandb_server
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_BASE_URL", raising=False)
@@ -94,7 +97,13 @@ def test_a_wandb_mode_that_cannot_log_is_refused_before_the_data_scan(monkeypatc
     # NETRC with a ~, an empty NETRC, ~/_netrc, an identity token file, WANDB_API_KEY
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("HOME", str(tmp_path))
-    entry = "machine api.wandb.ai\n  login user\n  password " + "x" * 40 + "\n"
+    # the key under W&B's own server as the installed wandb names it (0.31: not
+    # api.wandb.ai, which was asked, so `wandb login`'s key was not found)
+    from wandb.sdk.wandb_settings import Settings
+
+    own = urlparse(Settings().base_url).netloc
+    assert _wandb_server()[2] == own
+    entry = f"machine {own}\n  login user\n  password " + "x" * 40 + "\n"
     for netrc, env in (("wb.netrc", "~/wb.netrc"), (".netrc", ""), ("_netrc", None)):
         (tmp_path / netrc).write_text(entry)
         (tmp_path / netrc).chmod(0o600)
