@@ -161,7 +161,7 @@ def check_wandb_server(cfg: Config) -> None:
     API key for the server (wandb's UsageError, after minutes of scanning a ``.rec``)."""
     if cfg.logger != "wandb":
         return
-    _, _, netloc = _wandb_server()
+    host, port, netloc = _wandb_server()
     env = os.environ.get("WANDB_MODE")
     if not cfg.wandb.mode and env and env not in WANDB_MODES:
         raise ConfigError(
@@ -174,6 +174,13 @@ def check_wandb_server(cfg: Config) -> None:
             f"{why}={mode} logs to W&B, but there is no API key for {netloc}: set "
             "WANDB_API_KEY or run `wandb login`, or log offline (wandb.mode=offline; "
             "`wandb sync` uploads it later)"
+        )
+    if mode in ("online", "shared", "run") and not _reachable((host, port)):
+        # wandb.init retried for about 100 s, then a traceback, the run folder left
+        raise ConfigError(
+            f"{why}={mode} logs to W&B, but {host}:{port} is unreachable (a 3-second "
+            "check): log offline (wandb.mode=offline; `wandb sync` uploads it later), or "
+            "leave the mode unset and facecluster logs offline when the server is unreachable"
         )
 
 

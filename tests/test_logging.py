@@ -97,6 +97,7 @@ def test_a_wandb_mode_that_cannot_log_is_refused_before_the_data_scan(monkeypatc
     # NETRC with a ~, an empty NETRC, ~/_netrc, an identity token file, WANDB_API_KEY
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr("facecluster.loggers._reachable", lambda *a, **k: True)
     # the key under W&B's own server as the installed wandb names it (0.31: not
     # api.wandb.ai, which was asked, so `wandb login`'s key was not found)
     from wandb.sdk.wandb_settings import Settings
@@ -120,6 +121,13 @@ def test_a_wandb_mode_that_cannot_log_is_refused_before_the_data_scan(monkeypatc
     monkeypatch.delenv("WANDB_IDENTITY_TOKEN_FILE")
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     check_wandb_server(load_config(SMOKE, wandb))
+    # online asked, with a key, but the server unreachable: wandb.init retried for about
+    # 100 s, then a traceback, the run folder left behind (a walkthrough)
+    monkeypatch.setattr("facecluster.loggers._reachable", lambda *a, **k: False)
+    with pytest.raises(ConfigError, match=r"WANDB_MODE=online logs to W&B, but \S+:\d+ is unr"):
+        check_wandb_server(load_config(SMOKE, wandb))
+    monkeypatch.delenv("WANDB_MODE")
+    check_wandb_server(load_config(SMOKE, wandb))  # not asked: it logs offline
     with pytest.raises(ConfigError, match="wandb.tags: each tag is 1 to 64 characters"):
         load_config(SMOKE, ["wandb.tags=[" + "x" * 70 + "]"])
     assert load_config(SMOKE, ["wandb.tags=[" + "x" * 64 + "]"]).wandb.tags == ["x" * 64]
