@@ -1335,6 +1335,8 @@ def load_config(
         # as data.root: from the working dir, else the project's (`facecluster train -c
         # configs/smoke.yaml` from another folder, as `facecluster --help` shows it)
         p = resolve_data_root(str(given))
+        if p.is_dir():  # was "config file not found"
+            raise ConfigError(f"config file {given} is a folder: name a YAML file in it")
         if not p.is_file():
             raise ConfigError(f"config file not found: {given}")
         try:

@@ -778,6 +778,8 @@ def test_a_relative_config_file_is_found_from_another_folder(tmp_path, monkeypat
     assert load_config(["configs/smoke.yaml"]).data.batch_size == 3
     with pytest.raises(ConfigError, match="config file not found: configs/nope.yaml"):
         load_config(["configs/nope.yaml"])
+    with pytest.raises(ConfigError, match="config file configs is a folder: name a YAML file"):
+        load_config(["configs"])  # was "config file not found"
 
 
 def test_a_new_runs_config_mistake_is_reported_before_torch_is_imported():
