@@ -534,7 +534,7 @@ def submit_slurm(
         queued = f"; the jobs before it ({', '.join(ids)}) are queued: scancel them" if ids else ""
         raise ConfigError(
             f"launcher=slurm: sbatch refused a job ({' '.join(str(e).split())}){queued}. "
-            f"Correct the slurm.* setting and submit again: python train.py resume={run.path} "
+            f"Correct the slurm.* setting and submit again: {COMMAND['train']} resume={run.path} "
             "slurm.<key>=..."
         ) from None
     return submitted
