@@ -576,38 +576,7 @@ class SlurmConfig:
             r.positive(name, getattr(self, name))
         if self.gpus_per_node < 0:
             r.add(f"slurm.gpus_per_node must be >= 0, got {self.gpus_per_node}")
-        for key in self.additional:  # sbatch's --key, written key or key_with_underscores
-            option = str(key).replace("-", "_")
-            if option in SLURM_SET:
-                r.add(
-                    f"slurm.additional.{key}: facecluster sets --{option.replace('_', '-')} "
-                    f"itself ({SLURM_SET[option]}): it would replace that in every job"
-                )
         return r.problems
-
-
-SLURM_SET = {
-    "time": "give slurm.time_min",
-    "nodes": "give slurm.nodes",
-    "ntasks_per_node": "one task per GPU: give slurm.gpus_per_node",
-    "ntasks": "one task per GPU: give slurm.gpus_per_node",
-    "gpus_per_node": "give slurm.gpus_per_node",
-    "cpus_per_task": "give slurm.cpus_per_task",
-    "mem": "give slurm.mem_gb",
-    "partition": "give slurm.partition",
-    "account": "give slurm.account",
-    "qos": "give slurm.qos",
-    "dependency": "afterok on the job before: stage 1, the clustering, stage 2, the assembly",
-    "kill_on_invalid_dep": "a job whose dependency failed is cancelled",
-    "job_name": "each job is named for its stage",
-    "array": "stage 2's jobs are one array",
-    "output": "submitit's log files, under the run's slurm/",
-    "error": "submitit's log files, under the run's slurm/",
-    "signal": "submitit's warning before the time limit, which requeues the job",
-}
-"""sbatch options the SLURM launcher sets (``launch.slurm_parameters``, submitit):
-``slurm.additional`` may not give them (``dependency: singleton`` replaced the
-``afterok`` that makes stage 2 wait for stage 1)."""
 
 
 STAGES = ("all", "1", "cluster", "2", "assemble")

@@ -361,23 +361,6 @@ def test_one_value_for_a_list_key_says_it_takes_a_list(tmp_path):
         )
 
 
-def test_slurm_additional_may_not_replace_what_the_launcher_sets():
-    # {dependency: singleton} replaced the afterok that makes stage 2 wait for stage 1
-    # in every job's #SBATCH lines; {time: 5} the time limit (a walkthrough)
-    given = (
-        "slurm.additional={dependency: singleton, ntasks-per-node: 4, time: 5, constraint: a100}"
-    )
-    with pytest.raises(ConfigError) as err:
-        load_config(SMOKE, [given])
-    said = str(err.value)
-    assert "slurm.additional.dependency: facecluster sets --dependency itself (afterok" in said
-    assert "slurm.additional.ntasks-per-node: facecluster sets --ntasks-per-node" in said
-    assert "slurm.additional.time: facecluster sets --time itself (give slurm.time_min)" in said
-    assert "constraint" not in said
-    cfg = load_config(SMOKE, ["slurm.additional={constraint: a100, exclude: node12}"])
-    assert cfg.slurm.additional == {"constraint": "a100", "exclude": "node12"}
-
-
 def test_bad_override_syntax_is_rejected():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(overrides=["data.root"])
