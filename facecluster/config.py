@@ -1171,7 +1171,7 @@ def _lists_given_items(base: Any, values: Any, prefix: str = "") -> Iterator[str
     for key, value in values.items():
         if key not in base:
             continue
-        node = base._get_node(key)
+        node = base[key]  # a list's, a tuple's or a section's own config object
         if isinstance(node, Sequence) and isinstance(value, (dict, DictConfig)):
             yield f"{prefix}{key}"
         elif isinstance(node, DictConfig):

@@ -118,7 +118,8 @@ class RunCSVLogger(_StepOffset, CSVLogger):
 
 def _default_base_url() -> str:
     """W&B's own server as the installed wandb names it (its ``Settings().base_url``,
-    which also reads wandb's settings files): wandb 0.31 logs to
+    the default only: a ``base_url`` that ``wandb login --host`` wrote to wandb's
+    settings file is not read here, as wandb's setup reads it): wandb 0.31 logs to
     ``https://api.forge.coreweave.com``, where ``api.wandb.ai`` was asked before, and
     `wandb login`'s key under the new name was not found."""
     try:

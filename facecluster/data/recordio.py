@@ -757,7 +757,7 @@ def image_layout(records: RecordFile, cache: str | Path | None = None) -> Record
             f"{end}) are none; an InsightFace header holds (first identity record, end)"
         )
     last = records.offsets.last_key
-    if end > last + 1:  # a junk end was allocated for: 32 GiB at 2^31 keys
+    if end > last + 1:  # a junk end was allocated for: 16 GiB of keys at 2^31
         raise RecordError(
             f"{records.rec} key 0 (the header record): its identity records [{first}, "
             f"{end}) run past the last key, {last}, that {records.idx} lists: a damaged "
