@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import io
 import json
 import os
 import queue
@@ -424,7 +425,9 @@ def slurm_parameters(s: SlurmConfig, name: str, gpus: int, nodes: int) -> dict[s
         "cpus_per_task": s.cpus_per_task,
         "array_parallelism": s.array_parallelism,
         "setup": list(s.setup),
-        "additional_parameters": dict(s.additional),
+        # a key set to null is dropped (the one way an override removes a saved key);
+        # submitit wrote it as --key=None
+        "additional_parameters": {k: v for k, v in s.additional.items() if v is not None},
         # a task that fails (a crash, a lost node) ends the others at once: under NCCL
         # they waited in their next collective until its timeout (30 min), holding GPUs
         "srun_args": ["--kill-on-bad-exit=1"],
@@ -527,16 +530,25 @@ def submit_slurm(
             command = train_command(run, "stage=assemble", *_devices(*small))
             submit(f"{run.path.name}-assemble", [command], small)
 
+    said, refused = io.StringIO(), ""  # submitit prints a refusing sbatch's words
     try:
-        submit_all()
+        with contextlib.redirect_stderr(said):
+            submit_all()
     except submitit.core.utils.FailedJobError as e:  # a 45-line traceback, no next step
+        refused = str(e)
+    finally:  # what else was said; sbatch's words go into the message, once
+        sys.stderr.write(
+            said.getvalue().replace(f"{refused}\n", "", 1) if refused else said.getvalue()
+        )
+    if refused:
         ids = [job["job_id"] for job in submitted["jobs"]]
         queued = f"; the jobs before it ({', '.join(ids)}) are queued: scancel them" if ids else ""
         raise ConfigError(
-            f"launcher=slurm: sbatch refused a job ({' '.join(str(e).split())}){queued}. "
-            f"Correct the slurm.* setting and submit again: {COMMAND['train']} resume={run.path} "
-            "slurm.<key>=..."
-        ) from None
+            f"launcher=slurm: sbatch refused a job ({' '.join(refused.split())}){queued}. "
+            "Submit again once its cause is mended (a limit of the queue, or a slurm.* "
+            f"setting: add slurm.<key>=... to the command): {COMMAND['train']} "
+            f"resume={run.path}"
+        )
     return submitted
 
 
@@ -550,16 +562,59 @@ def _submitit() -> Any:
     return submitit
 
 
-def check_slurm() -> None:
+LAUNCHER_SBATCH = {
+    "time": "slurm.time_min", "nodes": "slurm.nodes", "ntasks-per-node": "slurm.gpus_per_node",
+    "cpus-per-task": "slurm.cpus_per_task", "gpus-per-node": "slurm.gpus_per_node",
+    "job-name": None, "dependency": None, "kill-on-invalid-dep": None, "array": None,
+    "output": None, "error": None, "open-mode": None, "signal": None,
+}  # fmt: skip
+"""sbatch options the launcher writes into every job, with the ``slurm.*`` key that
+sets each (submitit owns the last five)."""
+
+OTHER_SBATCH = ("gpus", "ntasks")
+"""sbatch options of their own whose names begin one of :data:`LAUNCHER_SBATCH`."""
+
+
+def _owned_option(key: str, s: SlurmConfig) -> tuple[str, str | None] | None:
+    """The sbatch option, and the ``slurm.*`` key that sets it, of the launcher's (or of a
+    ``slurm.*`` key that is set) that a ``slurm.additional`` key names: sbatch takes any
+    unambiguous abbreviation (``depend``) and ``_`` for ``-``."""
+    name = str(key).lstrip("-").replace("_", "-").lower()
+    owned = dict(LAUNCHER_SBATCH)
+    owned |= {k: f"slurm.{k}" for k in ("partition", "account", "qos") if getattr(s, k)}
+    if s.mem_gb:  # else --mem is the user's (--mem=0: all of a node's memory)
+        owned["mem"] = "slurm.mem_gb"
+    if name not in owned and len(name) >= 3 and name not in OTHER_SBATCH:
+        name = next((o for o in owned if o.startswith(name)), name)
+    return (name, owned[name]) if name in owned else None
+
+
+def check_slurm(cfg: Config) -> None:
     """Before any work: this machine can submit the run's jobs. submitit imports, and
     SLURM's ``sbatch`` (which submits) and ``srun`` (which submitit's executor asks for,
     and which starts each job's tasks) are on PATH. Without them the run folder was
     made, then the submission failed, and the corrected command found the folder there.
 
+    ``slurm.additional`` may not set what the launcher sets: it replaced it in every
+    job (``dependency: singleton`` unchained the stages, ``time`` the requeue limit,
+    ``nodes`` the DDP world the command lines ask for). Checked here, at submission,
+    not at every config load: a run saved with such a key is still evaluated, exported
+    and resumed locally.
+
     Raises:
-        ConfigError: naming what is missing.
+        ConfigError: naming what is missing, or the ``slurm.additional`` key.
     """
     _submitit()
+    for key, value in cfg.slurm.additional.items():
+        owned = _owned_option(key, cfg.slurm) if value is not None else None
+        if owned:
+            option, setting = owned
+            use = f"; set it with {setting}" if setting else ""
+            raise ConfigError(
+                f"slurm.additional.{key}: --{option} is the launcher's to set: it would "
+                f"replace the launcher's in every job{use}. Drop it with "
+                f"slurm.additional.{key}=null"
+            )
     missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
     if missing:
         raise ConfigError(

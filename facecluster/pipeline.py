@@ -126,7 +126,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
             else:  # the login node: before any submission; a job's GPUs are its own check
                 check_trainer_settings(cfg)
         if cfg.launcher.name == "slurm":
-            check_slurm()  # submitit, sbatch and srun here: before the scan and the folder
+            check_slurm(cfg)  # submitit, sbatch and srun here: before the scan and the folder
         check_wandb_server(cfg)
         # what the run folder and this node decide, before the data scan (minutes for a
         # .rec without identity records): an existing run, a missing stage, a busy run

@@ -331,7 +331,7 @@ def test_slurm_takes_the_single_model_to_its_results(tmp_path, monkeypatch):
     assert run.finished and (run.path / "eval" / "results.md").is_file()
 
 
-def test_a_chain_that_failed_half_way_is_still_seen_in_the_queue(tmp_path, monkeypatch):
+def test_a_chain_that_failed_half_way_is_still_seen_in_the_queue(tmp_path, monkeypatch, capsys):
     # stage 1 was submitted, then SLURM refused the stage-2 array: the queued stage-1
     # job is recorded, so submitting again while it waits is refused
     calls = _fake_slurm(tmp_path / "bin")
@@ -342,10 +342,12 @@ def test_a_chain_that_failed_half_way_is_still_seen_in_the_queue(tmp_path, monke
         train(load_config(SMOKE, overrides))
     assert re.fullmatch(
         r"launcher=slurm: sbatch refused a job \(.*sbatch: error: QOSMaxSubmitJobPerUserLimit"
-        r".*\); the jobs before it \(1000\) are queued: scancel them. Correct the slurm.\* "
-        rf"setting and submit again: python train.py resume={tmp_path / 'run'} slurm.<key>=...",
+        r".*\); the jobs before it \(1000\) are queued: scancel them. Submit again once its "
+        r"cause is mended \(a limit of the queue, or a slurm.\* setting: add slurm.<key>=... to "
+        rf"the command\): python train.py resume={tmp_path / 'run'}",
         str(refused.value),
     ), str(refused.value)
+    assert "QOSMaxSubmitJobPerUserLimit" not in capsys.readouterr().err, "said once, in the error"
     run = RunFolder(tmp_path / "run")
     assert [
         j["job_id"] for j in json.loads((run.slurm_dir / "submitted.json").read_text())["jobs"]
@@ -354,6 +356,37 @@ def test_a_chain_that_failed_half_way_is_still_seen_in_the_queue(tmp_path, monke
     with pytest.raises(ConfigError, match=r"jobs 1000 of this run's last submission"):
         train(run.config_for_resume(str(run.path), []))
     assert sorted(p.name for p in calls.iterdir()) == ["1000.sh"]
+
+
+def test_slurm_additional_may_not_replace_what_the_launcher_sets(tmp_path, monkeypatch):
+    # {dependency: singleton} replaced the afterok chain in every job: the stage-2 array
+    # could start before stage 1 had clustered; time replaced slurm.time_min
+    calls = _fake_slurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    slurm = ("launcher=slurm", "slurm.gpus_per_node=0")
+    for given, refused in {
+        "{dependency: singleton}": r"slurm.additional.dependency: --dependency is the launcher's",
+        "{depend: singleton}": r"slurm.additional.depend: --dependency is the launcher's",
+        "{time: '2-00:00:00'}": r"--time is the launcher's .* set it with slurm.time_min",
+        "{open_mode: truncate}": r"--open-mode is the launcher's to set",
+    }.items():
+        overrides = smoke_overrides(tmp_path, *slurm, f"slurm.additional={given}")
+        with pytest.raises(ConfigError, match=refused):
+            train(load_config(SMOKE, overrides))
+    mem = smoke_overrides(tmp_path, *slurm, "slurm.mem_gb=64", "slurm.additional={mem: 0}")
+    with pytest.raises(ConfigError, match=r"--mem is the launcher's .* slurm.mem_gb"):
+        train(load_config(SMOKE, mem))
+    assert not calls.exists() and not (tmp_path / "run").exists(), "nothing submitted or written"
+
+    # --mem=0 (all of a node's memory) is the user's where slurm.mem_gb is unset; a key
+    # set to null is left out, the one way an override removes a key a run was saved with
+    extra = "slurm.additional={mem: 0, dependency: singleton, constraint: a100}"
+    overrides = smoke_overrides(tmp_path, *slurm, extra, "slurm.additional.dependency=null")
+    train(load_config(SMOKE, overrides))
+    script = (calls / "1000.sh").read_text()
+    assert "#SBATCH --mem=0" in script and "#SBATCH --constraint=a100" in script
+    assert "--dependency" not in script and "None" not in script
+    assert "#SBATCH --dependency=afterok:1000" in (calls / "1001.sh").read_text()
 
 
 def test_slurm_jobs_get_one_task_per_gpu_on_every_node(tmp_path, monkeypatch):
