@@ -117,15 +117,21 @@ class RunCSVLogger(_StepOffset, CSVLogger):
 
 
 def _default_base_url() -> str:
-    """W&B's own server as the installed wandb names it (its ``Settings().base_url``,
-    the default only: a ``base_url`` that ``wandb login --host`` wrote to wandb's
-    settings file is not read here, as wandb's setup reads it): wandb 0.31 logs to
-    ``https://api.forge.coreweave.com``, where ``api.wandb.ai`` was asked before, and
-    `wandb login`'s key under the new name was not found."""
+    """The W&B server the installed wandb logs to without ``WANDB_BASE_URL``: the
+    ``base_url`` of its settings files (``wandb login --host`` writes the global one,
+    ``$WANDB_CONFIG_DIR/settings`` or ``~/.config/wandb/settings``), read as wandb's setup
+    reads them, else its own default (wandb 0.31: ``https://api.forge.coreweave.com``,
+    where ``api.wandb.ai`` was asked before, and `wandb login`'s key under the new name
+    was not found)."""
     try:
+        from wandb.env import CONFIG_DIR
         from wandb.sdk.wandb_settings import Settings
 
-        return str(Settings().base_url)
+        settings = Settings(quiet=True)  # no "Loading settings from ..." line
+        folder = Path(os.environ.get(CONFIG_DIR) or "~/.config/wandb").expanduser()
+        settings.settings_system = str(folder / "settings")
+        settings.update_from_system_settings()  # a file it cannot parse: its own message
+        return str(settings.base_url)
     except Exception:  # another wandb layout, or settings it refuses: its own error later
         return f"https://{WANDB_HOST[0]}"
 

@@ -262,3 +262,31 @@ def test_retraining_named_subnets_keeps_the_others_csv_history(tmp_path):
     assert {k: filled(log, f"train/loss_subnet{k}") for k in (1, 2)} == {1: before[1], 2: before[2]}
     own = run / "csv" / job_name([0]) / "metrics.csv"
     assert filled(own, "train/loss_subnet0") > 0 and filled(own, "train/loss_subnet1") == 0
+
+
+def test_the_server_wandb_login_host_chose_is_the_one_asked(monkeypatch, tmp_path):
+    # `wandb login --host` writes base_url to wandb's global settings file, which wandb
+    # logs to: its key (kept under that host) was not found, so runs went offline
+    from facecluster.loggers import _wandb_server, check_wandb_server
+
+    for name in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    settings = tmp_path / ".config" / "wandb" / "settings"
+    settings.parent.mkdir(parents=True)
+    settings.write_text("[default]\nbase_url = https://wandb.example.org:8443\n")
+    assert _wandb_server() == ("wandb.example.org", 8443, "wandb.example.org:8443")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "elsewhere"))  # wandb's own name
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "settings").write_text("[default]\nbase_url = http://wb.lab\n")
+    assert _wandb_server() == ("wb.lab", 80, "wb.lab")
+
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    netrc.write_text("machine wb.lab\n  login user\n  password " + "x" * 40 + "\n")
+    asked = []
+    monkeypatch.setattr("facecluster.loggers._reachable", lambda *a, **k: asked.append(a) or 1)
+    wandb = smoke_overrides(tmp_path, "logger=wandb", "wandb.mode=online")
+    check_wandb_server(load_config(SMOKE, wandb))
+    assert asked == [(("wb.lab", 80),)]
+    assert wandb_mode(load_config(SMOKE))[0] == "online"
