@@ -357,7 +357,7 @@ class RunFolder:
 
     @property
     def run_id(self) -> str:
-        return read_state(self.path / META)["run_id"]
+        return read_state(self.path / META, keys=("run_id",))["run_id"]
 
     def check_free_space(self, cfg: Config, backbone_params: int, num_classes: int) -> None:
         """Fail at start, naming output_dir, when the disk cannot hold the checkpoints
@@ -724,7 +724,7 @@ class RunFolder:
             )
 
     def class_names(self) -> list[str]:
-        return read_state(self.path / CLASS_NAMES)
+        return read_state(self.path / CLASS_NAMES, list)
 
     def check_identities(self, names: list[str]) -> None:
         """The data's identities must be the run's, label for label (evaluation, export).
@@ -801,7 +801,7 @@ class RunFolder:
         folder = self.subnet_file(0).parent
         records = {}
         for path in sorted(folder.glob("subnet*.json")) if folder.is_dir() else ():
-            record = read_state(path)
+            record = read_state(path, keys=("cluster",))
             if path.with_suffix(".pt").is_file():
                 records[int(record["cluster"])] = record
         return records
@@ -1033,7 +1033,7 @@ class RunFolder:
         for last in jobs.glob(f"*/checkpoints/{LAST}.ckpt") if jobs.is_dir() else ():
             record = last.parents[1] / JOB_SUBNETS
             if record.is_file():
-                found.append((-last.stat().st_mtime, read_state(record)))
+                found.append((-last.stat().st_mtime, read_state(record, list)))
         return [subnets for _, subnets in sorted(found)]
 
     def check_no_job_training(self) -> None:
@@ -1456,22 +1456,33 @@ def _bytes_under(folder: Path) -> int:
     return total
 
 
-def read_state(path: Path) -> Any:
+def read_state(path: Path, shape: type = dict, keys: tuple[str, ...] = ()) -> Any:
     """A JSON file the run keeps (``split.json``, ``stage1.json``, a sub-net's record,
-    ...): one that is not JSON is named as a damaged run folder, one line, where a
-    traceback ended in ``JSONDecodeError`` (a lock file being written is
+    ...), which must hold a ``shape`` (with ``keys``): one that is not JSON, or JSON of
+    another shape, is named as a damaged run folder, one line, where a traceback ended
+    in ``JSONDecodeError``, ``TypeError`` or ``KeyError`` (a lock file being written is
     :func:`_read_json`'s).
 
     Raises:
         ConfigError: the file, and why it cannot be read.
     """
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except ValueError as e:  # UnicodeDecodeError too
-        raise ConfigError(
-            f"{path} cannot be read ({type(e).__name__}: {e}): the run folder is damaged; "
-            "restore the file from a copy of the run, or start a new run"
-        ) from None
+        why = f"{type(e).__name__}: {e}"
+    else:
+        missing = [key for key in keys if key not in state] if isinstance(state, shape) else []
+        if not isinstance(state, shape):
+            kind = "an object" if shape is dict else "a list"
+            why = f"it holds {json.dumps(state)[:40]}, not {kind}"
+        elif missing:
+            why = f"it has no {', '.join(map(repr, missing))}"
+        else:
+            return state
+    raise ConfigError(
+        f"{path} cannot be read ({why}): the run folder is damaged; "
+        "restore the file from a copy of the run, or start a new run"
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

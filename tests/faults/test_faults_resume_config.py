@@ -139,6 +139,16 @@ def test_damaged_state_files_are_named_and_a_subnet_without_weights_is_unfinishe
     run.subnet_file(1, ".json").write_bytes(b"\xff\xfe")
     with pytest.raises(ConfigError, match=r"subnet1.json cannot be read \(UnicodeDecodeError"):
         run.subnet_records()
+    # JSON of another shape ended in a TypeError or KeyError traceback
+    run.subnet_file(1, ".json").write_text("[1]")
+    with pytest.raises(ConfigError, match=r"subnet1.json .*\(it holds \[1\], not an object"):
+        run.subnet_records()
+    run.subnet_file(1, ".json").write_text('{"kluster": 1}')
+    with pytest.raises(ConfigError, match=r"subnet1.json cannot be read \(it has no 'cluster'\)"):
+        run.subnet_records()
+    run.stage_summary_path(1).write_text("null")
+    with pytest.raises(ConfigError, match=r"stage1.json .*\(it holds null, not an object"):
+        run.stage_summary(1)
 
 
 def test_an_evaluation_may_not_change_what_the_run_trained(run_dir):
