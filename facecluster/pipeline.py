@@ -434,9 +434,18 @@ def _plan_stage2(run: _Run, assignment: ClusterAssignment) -> tuple[list[list[in
             started.append(group)
             taken |= set(group)
     rest = [k for k in todo if k not in taken]
-    if rest:
-        started += balanced_groups(images, rest, cfg.stage2.jobs - len(started))
-    return started, False
+    groups = started + (
+        balanced_groups(images, rest, cfg.stage2.jobs - len(started)) if rest else []
+    )
+    if started and len(groups) != cfg.stage2.jobs and len(todo) >= cfg.stage2.jobs:
+        rank_zero_warn(
+            f"stage2.jobs={cfg.stage2.jobs}, but {len(started)} job(s) of the run had started "
+            f"({', '.join(job_name(g) for g in started)}) and continue from their checkpoints "
+            f"with their sub-nets: stage 2 runs as {len(groups)} job(s). To group the "
+            "sub-nets anew, retrain them from the stage-1 backbone: stage2.subnets=[...]",
+            category=UserWarning,
+        )
+    return groups, False
 
 
 def fit_stage2(

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -356,6 +357,33 @@ def test_a_chain_that_failed_half_way_is_still_seen_in_the_queue(tmp_path, monke
     with pytest.raises(ConfigError, match=r"jobs 1000 of this run's last submission"):
         train(run.config_for_resume(str(run.path), []))
     assert sorted(p.name for p in calls.iterdir()) == ["1000.sh"]
+
+
+def test_a_resume_says_when_started_jobs_keep_it_from_stage2_jobs(tmp_path):
+    # stage2.jobs given to a resume was silently not what ran: jobs that had saved a
+    # checkpoint continue with their sub-nets, the rest are balanced into what is left
+    from types import SimpleNamespace
+
+    folder = RunFolder(tmp_path / "run")
+    for age, subnets in enumerate(([0, 1], [2])):  # the furthest (latest saved) first
+        job = folder.last_checkpoint(2, job_name(subnets))
+        job.parent.mkdir(parents=True)
+        job.write_bytes(b"")
+        os.utime(job, (1e9 - age, 1e9 - age))
+        (job.parents[1] / "subnets.json").write_text(json.dumps(subnets))
+
+    def plan(jobs: int) -> list[list[int]]:
+        cfg = load_config(SMOKE, [f"stage2.jobs={jobs}", "clustering.num_clusters=5"])
+        dm = SimpleNamespace(cluster_train_images=lambda: [9, 8, 7, 6, 5])
+        run = SimpleNamespace(cfg=cfg, folder=folder, dm=dm)
+        return pipeline._plan_stage2(run, SimpleNamespace(num_clusters=5))[0]
+
+    with pytest.warns(UserWarning, match=r"stage2.jobs=1, but 2 job\(s\) of the run had started "
+                      r"\(subnets-0-1, subnets-2\) .* stage 2 runs as 3 job\(s\)"):  # fmt: skip
+        assert plan(1) == [[0, 1], [2], [3, 4]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plan(4) == [[0, 1], [2], [3], [4]]  # as asked: no word
 
 
 def test_slurm_additional_may_not_replace_what_the_launcher_sets(tmp_path, monkeypatch):
