@@ -26,16 +26,16 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from facecluster.config import COMMAND
+from facecluster.config import resume_command
 
 
 def resume_hint(run_dir: str | Path, stage: str = "all", why: str = "interrupted") -> str:
     """What to say when a run stops: the command that continues it (with the ``stage=``
     it ran, which a resume would otherwise take as ``all``)."""
-    again = f" stage={stage}" if stage != "all" else ""
+    again = [f"stage={stage}"] if stage != "all" else []
     return (
         f"\n{why}: continue the run (from its last finished epoch, if any) with\n"
-        f"  {COMMAND['train']} resume={run_dir}{again}"
+        f"  {resume_command(run_dir, *again)}"
     )
 
 

@@ -22,6 +22,7 @@ import inspect
 import math
 import os
 import re
+import shlex
 import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -163,6 +164,12 @@ COMMAND = {"train": "python train.py", "evaluate": "python evaluate.py"}
 """How messages name the commands that continue and evaluate a run. ``facecluster
 train`` and ``facecluster evaluate`` (:func:`facecluster.cli.main`) put their own names
 here, so that a hint works where there is no train.py (an installed package)."""
+
+
+def resume_command(run: str | Path, *overrides: str) -> str:
+    """The command that continues ``run``, quoted for a POSIX shell where it must be
+    (a run folder's path with a space was two arguments when pasted)."""
+    return f"{COMMAND['train']} {shlex.join([f'resume={run}', *overrides])}"
 
 
 def missing_path(given: str | Path, prefix: str = "", what: str = "") -> str | None:

@@ -43,7 +43,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from facecluster.config import COMMAND, Config, ConfigError, SlurmConfig
+from facecluster.config import Config, ConfigError, SlurmConfig, resume_command
 from facecluster.io import replacing
 from facecluster.run import JOB_ENV, RUN_DIR_ENV, RunFolder, job_name, launched_processes
 
@@ -298,7 +298,7 @@ def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: i
         raise JobsFailed(
             f"{len(failed)} of {len(jobs)} stage-2 jobs failed:\n  - "
             + "\n  - ".join(lines)
-            + f"\nThe other jobs' sub-nets are kept. `{COMMAND['train']} resume={run.path}` "
+            + f"\nThe other jobs' sub-nets are kept. `{resume_command(run.path)}` "
             "trains the missing ones."
         )
 
@@ -546,8 +546,8 @@ def submit_slurm(
         raise ConfigError(
             f"launcher=slurm: sbatch refused a job ({' '.join(refused.split())}){queued}. "
             "Submit again once its cause is mended (a limit of the queue, or a slurm.* "
-            f"setting: add slurm.<key>=... to the command): {COMMAND['train']} "
-            f"resume={run.path}"
+            f"setting: add slurm.<key>=... to the command): "
+            f"{resume_command(run.path)}"
         )
     return submitted
 

@@ -43,7 +43,7 @@ from facecluster.builders import (
 from facecluster.callbacks import ClusteringCallback, ResumeHint
 from facecluster.callbacks.interrupt import forget_sigterm, resume_hint, stopping_together
 from facecluster.clustering import ClusterAssignment
-from facecluster.config import COMMAND, Config, ConfigError, invalid, naming
+from facecluster.config import COMMAND, Config, ConfigError, invalid, naming, resume_command
 from facecluster.data import FaceDataModule
 from facecluster.launch import (
     balanced_groups,
@@ -189,7 +189,7 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
     if cfg.stage == "cluster" and not folder.has_stage_summary(1):
         raise ConfigError(
             f"stage=cluster: stage 1 of {folder.path} is not finished; train it first with "
-            f"`{COMMAND['train']} resume={folder.path} stage=1`"
+            f"`{resume_command(folder.path, 'stage=1')}`"
         )
     if _stage1_pending(cfg, folder):  # another command fitting them: before any write
         folder.check_stage1_free()
@@ -203,12 +203,12 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
         # between left it alone (stage 2 then trained every sub-net and failed at the end)
         raise ConfigError(
             f"stage={cfg.stage}: stage 1 of {folder.path} is not finished (it was stopped "
-            f"before its test); finish it with `{COMMAND['train']} resume={folder.path} stage=1`"
+            f"before its test); finish it with `{resume_command(folder.path, 'stage=1')}`"
         )
     if cfg.stage == "assemble" and not cfg.two_stage and not folder.has_stage_summary(1):
         raise ConfigError(
             f"stage=assemble: stage 1 of {folder.path} is not finished; train it first with "
-            f"`{COMMAND['train']} resume={folder.path}`"
+            f"`{resume_command(folder.path)}`"
         )
     if cfg.stage == "assemble" and cfg.two_stage:
         _refuse_missing(folder, folder.missing_subnets(cfg.clustering.num_clusters))
@@ -224,12 +224,17 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
         others = [k for k in folder.missing_subnets(cfg.clustering.num_clusters) if k not in named]
         if others:
             subnets = "[" + ",".join(map(str, named)) + "]"
-            run = folder.path if cfg.resume else "<run>"
+            again = ("stage=2", f"stage2.subnets={subnets}")
+            command = (
+                resume_command(folder.path, *again)
+                if cfg.resume
+                else f"{COMMAND['train']} resume=<run> {' '.join(again)}"
+            )
             raise ConfigError(
                 f"stage2.subnets={subnets} with stage=all: sub-nets {others} of {folder.path} "
                 "are not trained yet, and stage=all ends by assembling every sub-net. Train "
                 "the run first (without stage2.subnets); to train named sub-nets again after "
-                f"that: `{COMMAND['train']} resume={run} stage=2 stage2.subnets={subnets}`"
+                f"that: `{command}`"
             )
 
 
@@ -237,7 +242,7 @@ def _refuse_missing(folder: RunFolder, missing: list[int]) -> None:
     if missing:
         raise ConfigError(
             f"stage=assemble: sub-nets {missing} of {folder.path} are not trained; "
-            f"train them with `{COMMAND['train']} resume={folder.path}`"
+            f"train them with `{resume_command(folder.path)}`"
         )
 
 
@@ -556,7 +561,7 @@ def _assemble(
         if missing and not required:
             rank_zero_info(
                 f"sub-nets {missing} are still to train; the results come when they are "
-                f"(`{COMMAND['train']} resume={folder.path}`)"
+                f"(`{resume_command(folder.path)}`)"
             )
             return None, None
         _refuse_missing(folder, missing)

@@ -58,7 +58,6 @@ from torch import Tensor
 
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import (
-    COMMAND,
     RUN_CONFIG,
     ClusteringConfig,
     Config,
@@ -68,6 +67,7 @@ from facecluster.config import (
     load_config,
     missing_path,
     not_a_run,
+    resume_command,
 )
 from facecluster.data.recordio import rec_paths
 from facecluster.io import atomic_torch_save, load_plain, replacing
@@ -409,7 +409,7 @@ class RunFolder:
                 f"run={self.path}: {', '.join(unread)}: "
                 f"{'a training setting' if len(unread) == 1 else 'training settings'}, "
                 "which an evaluation does not read (to train the run further, resume it: "
-                f"`{COMMAND['train']} resume={self.path} ...`"
+                f"`{resume_command(self.path)} ...`"
                 + (
                     "; the evaluation's device is eval.device=auto|cpu|cuda|cuda:N)"
                     if device
@@ -440,7 +440,7 @@ class RunFolder:
                     missing = f"; sub-nets {todo} of stage 2 are not trained"
             raise ConfigError(
                 f"run={self.path}: the run is not finished (no {RESULTS}{missing}); "
-                f"finish it with `{COMMAND['train']} resume={self.path}`"
+                f"finish it with `{resume_command(self.path)}`"
             )
         return cfg
 
@@ -1135,7 +1135,7 @@ class RunFolder:
         if missing:
             raise ConfigError(
                 f"{self.path}: sub-nets {missing} of stage 2 are not trained; finish them "
-                f"with `{COMMAND['train']} resume={self.path}`"
+                f"with `{resume_command(self.path)}`"
             )
         weights = []
         for k in range(num_clusters):

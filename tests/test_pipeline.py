@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shlex
 import shutil
 
 import lightning as L
@@ -681,8 +682,9 @@ def test_ctrl_c_says_which_command_continues_the_run(tmp_path, capsys, monkeypat
                 raise KeyboardInterrupt
 
     hint = "interrupted: continue the run (from its last finished epoch, if any) with\n"
-    run = tmp_path / "run"
-    overrides = smoke_overrides(tmp_path, "logger=none", "stage=1", "stage1.max_epochs=2")
+    # a path with a space is quoted (pasted, it was two arguments)
+    run, quoted = tmp_path / "my runs" / "run", shlex.quote(f"resume={tmp_path}/my runs/run")
+    overrides = smoke_overrides(run.parent, "logger=none", "stage=1", "stage1.max_epochs=2")
     cfg = load_config(SMOKE, overrides)
     handler = signal.getsignal(signal.SIGINT)
     try:
@@ -692,7 +694,7 @@ def test_ctrl_c_says_which_command_continues_the_run(tmp_path, capsys, monkeypat
         signal.signal(signal.SIGINT, handler)  # Lightning ignores a second Ctrl-C
     assert stop.value.code == 1
     # the stage it ran: a plain resume would go on to stage 2
-    assert f"{hint}  python train.py resume={run} stage=1\n" in capsys.readouterr().err
+    assert f"{hint}  python train.py {quoted} stage=1\n" in capsys.readouterr().err
     assert RunFolder(run).last_checkpoint(1).is_file()
     # Ctrl-C while local stage-2 jobs run (outside any Trainer of this process): the
     # same hint, and exit status 130 without a traceback
@@ -706,7 +708,7 @@ def test_ctrl_c_says_which_command_continues_the_run(tmp_path, capsys, monkeypat
         [f"resume={run}", "stage=all", "stage2.jobs=2", "eval.after_training=false"]
     )
     err = capsys.readouterr().err
-    assert code == 130 and f"{hint}  python train.py resume={run}\n" in err, err[-2000:]
+    assert code == 130 and f"{hint}  python train.py {quoted}\n" in err, err[-2000:]
     assert "Traceback" not in err
     # under `facecluster train` the hint names that command: an installed package has
     # no train.py (the hint said `python train.py` whichever command ran)
@@ -716,7 +718,7 @@ def test_ctrl_c_says_which_command_continues_the_run(tmp_path, capsys, monkeypat
         monkeypatch.setitem(COMMAND, name, COMMAND[name])
     code = cli.main(["train", f"resume={run}", "stage2.jobs=2", "eval.after_training=false"])
     err = capsys.readouterr().err
-    assert code == 130 and f"{hint}  facecluster train resume={run}\n" in err, err[-2000:]
+    assert code == 130 and f"{hint}  facecluster train {quoted}\n" in err, err[-2000:]
 
 
 def test_ctrl_c_in_the_evaluation_after_training_names_the_command_that_evaluates(
