@@ -193,6 +193,7 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
         )
     if _stage1_pending(cfg, folder):  # another command fitting them: before any write
         folder.check_stage1_free()
+        _check_clusters_kept(cfg, folder)
     if cfg.stage in ("2", "assemble") and cfg.two_stage and not folder.clusters_path.is_file():
         raise ConfigError(
             f"stage={cfg.stage}: {folder.clusters_path} is missing: the run has no clustering "
@@ -236,6 +237,26 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
                 "the run first (without stage2.subnets); to train named sub-nets again after "
                 f"that: `{command}`"
             )
+
+
+def _check_clusters_kept(cfg: Config, folder: RunFolder) -> None:
+    """Refuse to cluster again under sub-nets trained on the run's clusters: a
+    ``clusters.pt`` deleted while finished (or started) sub-nets remain was made anew,
+    and the sub-nets were assembled over groups they never trained on (k-means on
+    another machine, thread count or faiss version need not give the same groups).
+    Sub-nets this command retrains (``stage2.subnets``) do not count."""
+    if not cfg.two_stage or cfg.stage == "1" or folder.clusters_path.is_file():
+        return
+    trained = set(folder.subnet_records()) | {k for g in folder.started_jobs() for k in g}
+    kept = sorted(trained - set(cfg.stage2.subnets or ()))
+    if kept:
+        every = ",".join(map(str, range(cfg.clustering.num_clusters)))
+        raise ConfigError(
+            f"{folder.clusters_path} is missing, but sub-nets {kept} of {folder.path} were "
+            "trained on its clusters: clustering again need not give the same groups. "
+            "Restore clusters.pt from a copy of the run, or cluster again and retrain every "
+            f"sub-net: `{resume_command(folder.path, f'stage2.subnets=[{every}]')}`"
+        )
 
 
 def _refuse_missing(folder: RunFolder, missing: list[int]) -> None:

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from facecluster.config import ConfigError, load_config
+from facecluster.pipeline import train
 from facecluster.run import RunFolder
 from tests.conftest import DEMO, SMOKE, smoke_overrides
 
@@ -230,3 +231,26 @@ def test_a_stage_whose_last_checkpoint_is_gone_says_it_starts_over(tmp_path):
         f"stage 1: {run.last_checkpoint(1)} is missing, so it starts over at epoch 0, though "
         "best-epoch000.ckpt is there: to continue from one, stop now and copy it to last.ckpt"
     ]
+
+
+def test_no_new_clustering_under_trained_subnets(run_dir):
+    # a clusters.pt deleted under finished sub-nets was made again by k-means, and the
+    # sub-nets assembled over groups they need not have trained on
+    run = RunFolder(run_dir)
+    run.save_stage_summary(1, {"global_step": 1})
+    run.subnet_file(1).parent.mkdir(parents=True)
+    run.subnet_file(1).write_bytes(b"weights")
+    run.subnet_file(1, ".json").write_text('{"cluster": 1}')
+    job = run.last_checkpoint(2, "subnets-2")  # a job under way counts too
+    job.parent.mkdir(parents=True)
+    job.write_bytes(b"")
+    (job.parents[1] / "subnets.json").write_text("[2]")
+    before = sorted(p for p in run_dir.rglob("*"))
+    for given, kept in (([], "1, 2"), (["stage=cluster"], "1, 2"), (["stage2.subnets=[1]"], "2")):
+        with pytest.raises(
+            ConfigError,
+            match=rf"clusters.pt is missing, but sub-nets \[{kept}\] of .* were trained on its "
+            r"clusters: .*`python train.py resume=\S+ 'stage2.subnets=\[0,1,2\]'`",
+        ):
+            train(RunFolder.config_for_resume(str(run_dir), given))
+    assert sorted(p for p in run_dir.rglob("*")) == before, "nothing changed"
