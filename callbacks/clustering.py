@@ -192,7 +192,7 @@ class ClusteringCallback(L.Callback):
             raise FileNotFoundError(
                 f"{self.save_path} is missing: the run has no clustering yet (stage=cluster)"
             )
-        self._hand_over(ClusterAssignment.load(self.save_path))
+        self._hand_over(ClusterAssignment.load(self.save_path, self.num_clusters))
         assert self.assignment is not None
         if trainer is not None:
             self._log(trainer, self.assignment)

@@ -1101,7 +1101,16 @@ class RunFolder:
         return [k for k in range(num_clusters) if k not in done]
 
     def assignment(self) -> ClusterAssignment:
-        return ClusterAssignment.load(self.clusters_path)
+        """The run's clusters: ``clusters.pt``, which must hold ``config.yaml``'s number.
+
+        Raises:
+            ConfigError: the file is damaged, or is not of this config (one line, where
+                a traceback came; a hand-edited ``num_clusters`` was ignored silently).
+        """
+        try:
+            return ClusterAssignment.load(self.clusters_path, self.config().clustering.num_clusters)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     # ----------------------------------------------------------------- weights
     # The stage systems' attribute names are the checkpoints' key prefixes:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import evaluate
-from facecluster import evaluation
+from facecluster import cli, evaluation
 from facecluster.clustering import ClusterAssignment, cluster_identities
 from facecluster.config import ConfigError, load_config
 from facecluster.data.pack import main as pack_main
@@ -742,6 +742,27 @@ def test_a_moved_run_evaluates_with_the_output_dir_it_is_in(finished_run, tmp_pa
     cfg = RunFolder(moved).finished_config()
     assert cfg.output_dir == str(moved.parent) and cfg.cache_dir() == moved.parent / ".cache"
     assert RunFolder(moved).finished_config(["output_dir=/x"]).output_dir == "/x"
+
+
+def test_a_clustering_that_is_not_the_runs_is_named_in_one_line(finished_run, tmp_path, capsys):
+    # config.yaml's num_clusters edited by hand was ignored without a word (clusters.pt
+    # decided); a damaged clusters.pt ended evaluate.py and a resume in a traceback
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("num_clusters: 3", "num_clusters: 4"))
+    said = r"clusters.pt holds 3 clusters, but the run's clustering.num_clusters is 4"
+    with pytest.raises(ConfigError, match=said):
+        RunFolder(run).assignment()
+    for command in (evaluate.main, cli.train_main):
+        key = "run" if command is evaluate.main else "resume"
+        before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+        assert command([f"{key}={run}", "eval.plots=false"]) == 2
+        assert re.search(f"error: .*{said}", capsys.readouterr().err)
+        assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    config.write_text((finished_run / "config.yaml").read_text())
+    (run / "clusters.pt").write_bytes(b"junk")
+    assert evaluate.main([f"run={run}", "eval.plots=false"]) == 2
+    assert "clusters.pt (cluster assignment) cannot be read" in capsys.readouterr().err
 
 
 @pytest.mark.slow

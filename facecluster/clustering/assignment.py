@@ -546,7 +546,9 @@ class ClusterAssignment:
         atomic_torch_save(self.to_dict(), path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> ClusterAssignment:
+    def load(
+        cls, path: str | os.PathLike[str], num_clusters: int | None = None
+    ) -> ClusterAssignment:
         """Read an assignment written by :meth:`save` (tensors land on CPU).
 
         The file is memory-mapped, not read: the ``[C, d]`` class means (4 GB at 2M
@@ -556,20 +558,30 @@ class ClusterAssignment:
 
         Args:
             path: file to read.
+            num_clusters: the run's ``clustering.num_clusters``, which the file must
+                hold (a ``config.yaml`` edited by hand changed nothing, silently).
 
         Raises:
             FileNotFoundError: if ``path`` does not exist (message names it).
             ValueError: if the file is not a facecluster cluster assignment
-                (unreadable, wrong format marker, invalid content); the
-                message names ``path``.
+                (unreadable, wrong format marker, invalid content), or holds another
+                number of clusters; the message names ``path``.
         """
         path = os.fspath(path)
         # plain data only: a file from elsewhere cannot run code (UnsafeFileError)
         data = load_plain(path, what="cluster assignment", mmap=True)
         try:
-            return cls.from_dict(data)
+            assignment = cls.from_dict(data)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
+        if num_clusters is not None and assignment.num_clusters != num_clusters:
+            raise ValueError(
+                f"{path} holds {assignment.num_clusters} clusters, but the run's "
+                f"clustering.num_clusters is {num_clusters}: its config.yaml was edited? "
+                "A run keeps the clustering it trained on; a new number of clusters is a "
+                "new run"
+            )
+        return assignment
 
     # ------------------------------------------------------------- dunders
     def __eq__(self, other: object) -> bool:
