@@ -524,6 +524,13 @@ def test_a_folder_of_train_rec_and_identity_folders_warns_which_it_reads(
 
     monkeypatch.setattr(os, "scandir", refused)
     assert len(scan(tmp_path).samples) == 5
+    monkeypatch.undo()
+    # without its .idx: that error alone (the warning came first, as if it would train)
+    (tmp_path / "train.idx").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING"), pytest.raises((FileNotFoundError, ValueError), match="idx"):
+        scan(tmp_path)
+    assert "folders too" not in caplog.text
 
 
 def test_a_payload_the_writer_refuses_leaves_no_idx_line(tmp_path, monkeypatch):

@@ -809,7 +809,7 @@ def scan(
     paths = rec_paths(root)
     path = Path(root).expanduser()
     if paths is not None:
-        if path.is_dir():
+        if path.is_dir() and Path(paths[1]).is_file():  # a missing .idx: its error alone
             _warn_folders_beside(path, paths[0])
         return scan_record_file(root, min_images_per_class, max_classes, cache)
     if path.exists() and not path.is_dir():
