@@ -197,7 +197,7 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
     if cfg.two_stage and cfg.resume and folder.clusters_path.is_file():
         # damaged, or not the config's K (config.yaml edited): before the resume's
         # overrides reach config.yaml (memory-mapped: the class means are not read)
-        folder.assignment()
+        folder.assignment(cfg.clustering.num_clusters)
     if cfg.stage in ("2", "assemble") and cfg.two_stage and not folder.clusters_path.is_file():
         raise ConfigError(
             f"stage={cfg.stage}: {folder.clusters_path} is missing: the run has no clustering "

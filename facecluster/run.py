@@ -70,7 +70,7 @@ from facecluster.config import (
     resume_command,
 )
 from facecluster.data.recordio import rec_paths
-from facecluster.io import atomic_torch_save, load_plain, replacing
+from facecluster.io import UnsafeFileError, atomic_torch_save, load_plain, replacing
 from facecluster.models.base import CHECKPOINT_KEY
 
 if TYPE_CHECKING:
@@ -1100,15 +1100,19 @@ class RunFolder:
         done = self.subnet_records()
         return [k for k in range(num_clusters) if k not in done]
 
-    def assignment(self) -> ClusterAssignment:
-        """The run's clusters: ``clusters.pt``, which must hold ``config.yaml``'s number.
+    def assignment(self, num_clusters: int | None = None) -> ClusterAssignment:
+        """The run's clusters: ``clusters.pt``, holding ``num_clusters`` when given (the
+        run's config's: a hand-edited ``config.yaml`` was ignored without a word).
 
         Raises:
-            ConfigError: the file is damaged, or is not of this config (one line, where
-                a traceback came; a hand-edited ``num_clusters`` was ignored silently).
+            UnsafeFileError: the file holds objects other than plain data.
+            ConfigError: the file is damaged, or holds another number of clusters (one
+                line, where a traceback came).
         """
         try:
-            return ClusterAssignment.load(self.clusters_path, self.config().clustering.num_clusters)
+            return ClusterAssignment.load(self.clusters_path, num_clusters)
+        except UnsafeFileError:
+            raise
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

@@ -752,7 +752,7 @@ def test_a_clustering_that_is_not_the_runs_is_named_in_one_line(finished_run, tm
     config.write_text(config.read_text().replace("num_clusters: 3", "num_clusters: 4"))
     said = r"clusters.pt holds 3 clusters, but the run's clustering.num_clusters is 4"
     with pytest.raises(ConfigError, match=said):
-        RunFolder(run).assignment()
+        RunFolder(run).assignment(4)
     for command in (evaluate.main, cli.train_main):
         key = "run" if command is evaluate.main else "resume"
         before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}

@@ -814,7 +814,7 @@ class TwoStageIdentifier(nn.Module):
             route[key] = value if route.get(key) is None else route[key]
         router_backbone = load_backbone(args, stage1.backbone)
         networks = [load_backbone(args, w.backbone) for w in subnets]
-        assignment, names = run.assignment(), run.class_names()
+        assignment, names = run.assignment(cfg.clustering.num_clusters), run.class_names()
         try:  # what check_parts finds (a weight that is not finite), named with the run
             return cls(
                 args,
