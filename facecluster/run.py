@@ -160,6 +160,8 @@ TRAINING_ONLY_KEYS = (
     "slurm",
     "run_name",
     "trainer",
+    "data.decode",  # evaluation loaders decode on the CPU
+    "data.verification_every",  # stage 1's interval
 )
 """What only training reads: given to an evaluation it changed nothing, silently
 (``trainer.devices`` and ``trainer.accelerator`` do not choose the evaluation's

@@ -990,6 +990,9 @@ def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(
     assert "stage2.max_epochs=9: a training setting, which an evaluation does not read" in err
     with pytest.raises(ConfigError, match=r"trainer.max_epochs=4, launcher.name=slurm: training"):
         evaluate_run(finished_run, ["trainer.max_epochs=4", "launcher.name=slurm"])
+    # data.* keys only training reads too (evaluation loaders decode on the CPU)
+    with pytest.raises(ConfigError, match=r"data.decode=device, data.verification_every=3: tr"):
+        evaluate_run(finished_run, ["data.decode=device", "data.verification_every=3"])
     # nor any trainer.* but the precision (the device is eval.device's), nor run_name
     with pytest.raises(ConfigError, match=r"trainer.devices=2: a training .*eval.device="):
         evaluate_run(finished_run, ["trainer.devices=2", "trainer.precision=32-true"])
