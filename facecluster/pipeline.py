@@ -236,8 +236,9 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
                 else f"{COMMAND['train']} resume=<run> {' '.join(again)}"
             )
             raise ConfigError(
-                f"stage2.subnets={subnets} with stage=all: sub-nets {others} of {folder.path} "
-                "are not trained yet, and stage=all ends by assembling every sub-net. Train "
+                f"stage2.subnets={subnets} with stage=all: sub-nets {others} of "
+                f"{folder.path if cfg.resume else 'a new run'} are not trained yet, and "
+                "stage=all ends by assembling every sub-net. Train "
                 "the run first (without stage2.subnets); to train named sub-nets again after "
                 f"that: `{command}`"
             )

@@ -666,7 +666,7 @@ def test_a_new_run_that_names_some_subnets_is_refused_at_start(tmp_path):
     with pytest.raises(ConfigError) as err:
         train(cfg)
     assert re.search(
-        r"stage2.subnets=\[0\] with stage=all: sub-nets \[1, 2\] of .* are not trained yet.*"
+        r"stage2.subnets=\[0\] with stage=all: sub-nets \[1, 2\] of a new run are not trained yet.*"
         r"resume=<run> stage=2 stage2.subnets=\[0\]",
         str(err.value),
     ), err.value
