@@ -249,18 +249,20 @@ def _check_clusters_kept(cfg: Config, folder: RunFolder) -> None:
     ``clusters.pt`` deleted while finished (or started) sub-nets remain was made anew,
     and the sub-nets were assembled over groups they never trained on (k-means on
     another machine, thread count or faiss version need not give the same groups).
-    Sub-nets this command retrains (``stage2.subnets``) do not count."""
+    Named sub-nets (``stage2.subnets``) count too: their files stay until stage 2
+    retrains them, and a ``stage=cluster``, a stop before stage 2 or a SLURM job that
+    does not carry the names left them to be assembled over the new clusters."""
     if not cfg.two_stage or cfg.stage == "1" or folder.clusters_path.is_file():
         return
-    trained = set(folder.subnet_records()) | {k for g in folder.started_jobs() for k in g}
-    kept = sorted(trained - set(cfg.stage2.subnets or ()))
+    kept = sorted(set(folder.subnet_records()) | {k for g in folder.started_jobs() for k in g})
     if kept:
-        every = ",".join(map(str, range(cfg.clustering.num_clusters)))
         raise ConfigError(
             f"{folder.clusters_path} is missing, but sub-nets {kept} of {folder.path} were "
             "trained on its clusters: clustering again need not give the same groups. "
-            "Restore clusters.pt from a copy of the run, or cluster again and retrain every "
-            f"sub-net: `{resume_command(folder.path, f'stage2.subnets=[{every}]')}`"
+            "Restore clusters.pt from a copy of the run; or delete "
+            f"{folder.path / 'stage2'} (the sub-nets and jobs of the lost clusters) and "
+            "resume, which clusters again and trains every sub-net: "
+            f"`{resume_command(folder.path)}`"
         )
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 
 from facecluster.config import ConfigError, load_config
-from facecluster.pipeline import train
+from facecluster.pipeline import _check_prerequisites, train
 from facecluster.run import RunFolder
 from tests.conftest import DEMO, SMOKE, smoke_overrides
 
@@ -246,11 +247,16 @@ def test_no_new_clustering_under_trained_subnets(run_dir):
     job.write_bytes(b"")
     (job.parents[1] / "subnets.json").write_text("[2]")
     before = sorted(p for p in run_dir.rglob("*"))
-    for given, kept in (([], "1, 2"), (["stage=cluster"], "1, 2"), (["stage2.subnets=[1]"], "2")):
+    # named sub-nets count too: stage=cluster (or a stop before stage 2, or a SLURM
+    # clustering job) left their files to be assembled over the new clusters
+    every = "stage2.subnets=[0,1,2]"
+    for given in ([], ["stage=cluster"], [every], ["stage=cluster", every]):
         with pytest.raises(
             ConfigError,
-            match=rf"clusters.pt is missing, but sub-nets \[{kept}\] of .* were trained on its "
-            r"clusters: .*`python train.py resume=\S+ 'stage2.subnets=\[0,1,2\]'`",
+            match=r"clusters.pt is missing, but sub-nets \[1, 2\] of .* were trained on its "
+            rf"clusters: .* or delete {run_dir / 'stage2'} .*`python train.py resume=\S+`$",
         ):
             train(RunFolder.config_for_resume(str(run_dir), given))
     assert sorted(p for p in run_dir.rglob("*")) == before, "nothing changed"
+    shutil.rmtree(run_dir / "stage2")  # the advice: the resume clusters and trains them all
+    _check_prerequisites(RunFolder.config_for_resume(str(run_dir), []), run)
