@@ -470,7 +470,10 @@ def _plan_stage2(run: _Run, assignment: ClusterAssignment) -> tuple[list[list[in
     groups = started + (
         balanced_groups(images, rest, cfg.stage2.jobs - len(started)) if rest else []
     )
-    if started and len(groups) != cfg.stage2.jobs and len(todo) >= cfg.stage2.jobs:
+    # a count other than the one the started jobs were grouped by (a job that finished
+    # while another was stopped leaves fewer groups: no word for that)
+    planned = balanced_groups(images, range(assignment.num_clusters), cfg.stage2.jobs)
+    if len(groups) != cfg.stage2.jobs and any(group not in planned for group in started):
         rank_zero_warn(
             f"stage2.jobs={cfg.stage2.jobs}, but {len(started)} job(s) of the run had started "
             f"({', '.join(job_name(g) for g in started)}) and continue from their checkpoints "

@@ -384,6 +384,22 @@ def test_a_resume_says_when_started_jobs_keep_it_from_stage2_jobs(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert plan(4) == [[0, 1], [2], [3], [4]]  # as asked: no word
+    # the count unchanged, one job finished and another stopped: fewer groups, no word
+    # (it told a plain resume to retrain from the stage-1 backbone; a review)
+    assert balanced_groups([9, 8, 7, 6, 5], range(5), 2) == [[0, 3, 4], [1, 2]]
+    shutil.rmtree(folder.stage_dir(2, job_name([0, 1])))
+    shutil.rmtree(folder.stage_dir(2, job_name([2])))
+    job = folder.last_checkpoint(2, job_name([1, 2]))
+    job.parent.mkdir(parents=True)
+    job.write_bytes(b"")
+    (job.parents[1] / "subnets.json").write_text("[1, 2]")
+    for k in (0, 3, 4):  # the other job's sub-nets are finished
+        folder.subnet_file(k).parent.mkdir(parents=True, exist_ok=True)
+        folder.subnet_file(k).write_bytes(b"weights")
+        folder.subnet_file(k, ".json").write_text(json.dumps({"cluster": k}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plan(2) == [[1, 2]]
 
 
 def test_slurm_additional_may_not_replace_what_the_launcher_sets(tmp_path, monkeypatch):
