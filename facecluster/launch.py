@@ -565,11 +565,12 @@ def _submitit() -> Any:
 LAUNCHER_SBATCH = {
     "time": "slurm.time_min", "nodes": "slurm.nodes", "ntasks-per-node": "slurm.gpus_per_node",
     "cpus-per-task": "slurm.cpus_per_task", "gpus-per-node": "slurm.gpus_per_node",
-    "job-name": None, "dependency": None, "kill-on-invalid-dep": None, "array": None,
-    "output": None, "error": None, "open-mode": None, "signal": None,
+    "job-name": None, "dependency": None, "kill-on-invalid-dep": None,
+    "array": "slurm.array_parallelism", "output": None, "error": None, "open-mode": None,
 }  # fmt: skip
 """sbatch options the launcher writes into every job, with the ``slurm.*`` key that
-sets each (submitit owns the last five)."""
+sets each (submitit owns the last four). Not ``signal``: submitit's ``USR2@90`` may be
+given more time (``USR2@300`` for a slow checkpoint save)."""
 
 OTHER_SBATCH = ("gpus", "ntasks")
 """sbatch options of their own whose names begin one of :data:`LAUNCHER_SBATCH`."""

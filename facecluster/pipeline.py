@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -233,7 +234,7 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
             command = (
                 resume_command(folder.path, *again)
                 if cfg.resume
-                else f"{COMMAND['train']} resume=<run> {' '.join(again)}"
+                else f"{COMMAND['train']} resume=<run> {shlex.join(again)}"
             )
             raise ConfigError(
                 f"stage2.subnets={subnets} with stage=all: sub-nets {others} of "

@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -311,7 +312,8 @@ class RunFolder:
             is_global_zero() or _read_json(run.path / META).get("launch") != _launch_id()
         ):
             raise ConfigError(
-                f"run folder {run.path} already exists; pass resume={run.path} to continue it"
+                f"run folder {run.path} already exists; pass "
+                f"{shlex.quote(f'resume={run.path}')} to continue it"
             )
         return run
 
@@ -644,7 +646,7 @@ class RunFolder:
                 f"resume={path}: stage 1 of {self.path} is finished; continuing from this "
                 f"checkpoint would train it again and replace its {last.parent.name}/"
                 f"{last.name} (the clustering and the sub-nets use the finished stage 1): "
-                f"pass the run folder, resume={self.path}"
+                f"pass the run folder, {shlex.quote(f'resume={self.path}')}"
             )
 
     def stage1_resume_point(self, resume: str | None) -> Path | None:

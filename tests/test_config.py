@@ -667,7 +667,7 @@ def test_a_new_run_that_names_some_subnets_is_refused_at_start(tmp_path):
         train(cfg)
     assert re.search(
         r"stage2.subnets=\[0\] with stage=all: sub-nets \[1, 2\] of a new run are not trained yet.*"
-        r"resume=<run> stage=2 stage2.subnets=\[0\]",
+        r"resume=<run> stage=2 'stage2.subnets=\[0\]'",
         str(err.value),
     ), err.value
     assert not (tmp_path / "run").exists()

@@ -659,7 +659,7 @@ def _check_property(
         logger.warning(
             "%s says %d identities (num_classes,height,width = %s), but %s holds %d (%s): "
             "a property file left from another data set, or the .rec replaced beside it? "
-            "The identities are the file's (property is only compared)",
+            "The identities are the .rec's (property is only compared)",
             path, num_classes, text, records.rec, count, whence,
         )  # fmt: skip
 
