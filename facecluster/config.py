@@ -671,6 +671,30 @@ class RouteConfig:
             )
 
 
+def route_problems(route: Any) -> list[str]:
+    """What is wrong with ``route`` settings that come from elsewhere than a config (an
+    export's, a run's ``calibration.json``, the API's ``route=``), by :class:`RouteConfig`'s
+    rules: each key one of its own, of its type, within its range (the missing ones take
+    their defaults). A NaN temperature read from a file answered every face wrongly
+    without a word; a string, a traceback at the first face."""
+    if not isinstance(route, dict):
+        return [f"route settings must be a mapping of key to value, got {str(route)[:40]}"]
+    known = [f.name for f in fields(RouteConfig)]
+    unknown = [key for key in route if key not in known]
+    if unknown:
+        return [
+            f"route.{key}: no such setting{_suggest(str(key), known, 'route.')}" for key in unknown
+        ]
+    try:
+        section = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RouteConfig), route))
+    except OmegaConfBaseException as e:
+        message = str(getattr(e, "msg", e)).splitlines()[0]
+        return [f"route.{getattr(e, 'full_key', '')}: {message}"]
+    found = section.problems()
+    named = {re.match(r"route\.\w+", problem)[0] for problem in found}
+    return found + [p for p in _not_finite(section, "route.") if p.split()[0] not in named]
+
+
 @dataclass
 class EvalConfig:
     batch_size: int = 256

@@ -69,6 +69,7 @@ from facecluster.config import (
     missing_path,
     not_a_run,
     resume_command,
+    route_problems,
 )
 from facecluster.data.recordio import rec_paths
 from facecluster.io import UnsafeFileError, atomic_torch_save, load_plain, replacing
@@ -673,7 +674,18 @@ class RunFolder:
     def calibration(self) -> dict[str, float]:
         """The fitted ``route`` numbers of the decision unit ({} before they are fitted)."""
         path = self.path / CALIBRATION
-        return read_state(path) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        fitted = ("router_temperature", "subnet_temperature", "generalist_weight")
+        values = read_state(path, dict, fitted)
+        problems = route_problems(values)
+        if problems or len(values) != len(fitted):
+            why = "; ".join(problems) or f"it holds more than {', '.join(fitted)}"
+            raise ConfigError(
+                f"{path} cannot be used ({why}): the run folder is damaged; restore the "
+                "file from a copy of the run, or delete it to fit these numbers again"
+            )
+        return values
 
     def keep_data(self, dm: FaceDataModule) -> None:
         """Record the identity names of a new run, label by label, and what its val and

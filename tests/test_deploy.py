@@ -1342,3 +1342,72 @@ def test_an_export_that_does_not_match_its_assignment_is_refused_naming_it(tmp_p
             ValueError, match=rf"^ONNX export {re.escape(str(tmp_path))}/onnx .*: {message}"
         ):
             load_onnx(tmp_path / "onnx")
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"route": {"router_temperature": float("nan")}}, r"route.router_temperature must be > 0"),
+        ({"route": {"subnet_temperature": -0.1}}, r"route.subnet_temperature must be > 0"),
+        ({"route": {"generalist_weight": 7}}, r"route.generalist_weight must be in \[0, 1\]"),
+        ({"route": {"router_temperature": "hot"}}, r"route.router_temperature: Value 'hot'"),
+        ({"route": {"decision": "vote"}}, r"route.decision='vote' is not one of moe, linear"),
+        ({"route": {"top_m": 0}}, r"route.top_m must be > 0"),
+        ({"open_set": {"threshold": float("nan")}}, r"open_set's threshold is nan"),
+        ({"open_set": {"threshold": "0.3"}}, r"open_set's threshold is '0.3'"),
+        ({"open_set": {"threshold": 0.3, "top_m": 0}}, r"open_set's top_m is 0"),
+    ],
+)
+def test_an_exports_decision_numbers_are_checked_when_it_loads(tmp_path, change, named):
+    # a NaN router temperature in an export answered every face wrongly without a word, a
+    # negative one ran, a string or generalist_weight=7 failed at the first face
+    from facecluster.inference.onnx import load_onnx
+
+    _small_export(tmp_path)
+    moe = {"decision": "moe", "router_temperature": 0.05, "subnet_temperature": 0.07}
+    moe["generalist_weight"] = 0.5
+    payload = torch.load(tmp_path / "identifier.pt", weights_only=True)
+    route = {**payload["route"], **moe, **change.get("route", {})}
+    open_set = {"score": "similarity", **change["open_set"]} if "open_set" in change else None
+    torch.save({**payload, "route": route, "open_set": open_set}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=rf"^export {re.escape(str(tmp_path))}/bad.pt: {named}"):
+        TwoStageIdentifier.load(tmp_path / "bad.pt")
+    meta_path = tmp_path / "onnx" / "identifier.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "route": route, "open_set": open_set}))
+    with pytest.raises(ValueError, match=rf"onnx \(identifier.json\): {named}"):
+        load_onnx(tmp_path / "onnx")  # before its networks are read (it has none)
+
+
+def test_route_settings_given_to_the_api_are_checked_by_the_configs_rules(tmp_path):
+    _small_export(tmp_path)
+    path = tmp_path / "identifier.pt"
+    assert TwoStageIdentifier.load(path, route={"top_m": 2}).route_config["top_m"] == 2
+    with pytest.raises(ValueError, match=r"route.router_temperture: no such setting; did you "):
+        TwoStageIdentifier.load(path, route={"router_temperture": 0.1})
+    with pytest.raises(ValueError, match=r"\(route=\{'alpha': 2\}\): route.alpha must be in"):
+        TwoStageIdentifier.load(path, route={"alpha": 2})
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        ('{"router_temperature": NaN, "subnet_temperature": 0.1, "generalist_weight": 0.5}',
+         r"route.router_temperature must be > 0, got nan"),
+        ('{"router_temperature": 0.1, "subnet_temperature": 0.1, "generalist_weight": "x"}',
+         r"route.generalist_weight: Value 'x'"),
+        ('{"router_temperature": 0.1, "subnet_temperature": 0.1}',
+         r"cannot be read \(it has no 'generalist_weight'\)"),
+        ('{"router_temperature": 0.1, "subnet_temperature": 0.1, "generalist_weight": 0.5, '
+         '"alpha": 0.5}', r"it holds more than router_temperature"),
+    ],
+)  # fmt: skip
+def test_a_runs_damaged_calibration_is_named_not_used(tmp_path, content, named):
+    # evaluate and export read the run's fitted decision numbers without a check: a NaN
+    # temperature gave a wrong table, a string a traceback
+    (tmp_path / "calibration.json").write_text(content)
+    with pytest.raises(ConfigError, match=rf"calibration.json .*{named}"):
+        RunFolder(tmp_path).calibration()
+    good = '{"router_temperature": 0.1, "subnet_temperature": 0.2, "generalist_weight": 0.5}'
+    (tmp_path / "calibration.json").write_text(good)
+    assert RunFolder(tmp_path).calibration()["subnet_temperature"] == 0.2

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facecluster.clustering import ClusterAssignment
-from facecluster.config import NAME_RULE, name_problem
+from facecluster.config import NAME_RULE, ConfigError, name_problem, route_problems
 from facecluster.inference.decision import (
     Calibration,
     MoeParams,
@@ -196,7 +196,7 @@ class TwoStageIdentifier(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone_args = dict(backbone)
-        self.route_config = {"decision": "linear", **route}  # exports before moe: linear
+        self.route_config = checked_route(route)
         self.router_backbone = router_backbone
         self.shared_layers = shared_layers
         if shared_layers:
@@ -809,7 +809,7 @@ class TwoStageIdentifier(nn.Module):
         args = cfg.model.backbone_args(cfg.data.image_size)
         stage1 = stage1 or run.stage1_weights(map_location)
         subnets = run.subnet_weights(map_location)
-        route = {**cfg.to_dict()["route"], **(route or {})}
+        given, route = route, {**cfg.to_dict()["route"], **(route or {})}
         for key, value in run.calibration().items():  # fitted on the validation split
             route[key] = value if route.get(key) is None else route[key]
         router_backbone = load_backbone(args, stage1.backbone)
@@ -827,7 +827,8 @@ class TwoStageIdentifier(nn.Module):
                 cfg.model.shared_layers,
             )
         except ValueError as e:
-            raise ValueError(f"run {run.path}: {e}") from None
+            where = f"run {run.path}" + (f" (route={given})" if given else "")
+            raise ValueError(f"{where}: {e}") from None
 
     def export(self, path: str | Path) -> Path:
         """Write one self-contained file (atomic: a crash never leaves half a file).
@@ -900,7 +901,7 @@ class TwoStageIdentifier(nn.Module):
                 f"{path} is an identifier export of version {version}; this facecluster "
                 f"reads versions 1 to {EXPORT_VERSION}"
             )
-        route = dict(payload["route"], **(route or {}))
+        route_given, route = route, dict(payload["route"], **(route or {}))
         saved = payload.get("router_index")
         saved = reusable_index(saved, payload.get("router_index_settings"), route)
         try:  # what the constructor's check_parts finds, named with the file
@@ -918,9 +919,11 @@ class TwoStageIdentifier(nn.Module):
                 payload.get("shared_layers", 0),
                 saved,
             )
+            identifier.open_set = loaded_open_set(payload.get("open_set"), route)
         except ValueError as e:
-            raise ValueError(f"export {path}: {e}") from None
-        identifier.open_set = loaded_open_set(payload.get("open_set"), route)
+            raise ValueError(
+                f"export {path}{f' (route={route_given})' if route_given else ''}: {e}"
+            ) from None
         identifier.export_id = payload.get("export_id")  # None: before export ids
         return identifier
 
@@ -1032,13 +1035,43 @@ def loaded_open_set(open_set: dict | None, route: dict[str, Any]) -> dict | None
     ``log_probability_threshold``, not ``threshold``: nothing may compare an answer's
     similarity with it (``facecluster identify`` then asks for a new export or a
     ``--threshold``; ``open_set["threshold"]`` is a KeyError, not a wrong answer)."""
-    if open_set is None or route.get("decision") != "moe":
-        return open_set
-    if open_set.get("score") == OPEN_SET_SCORE or "threshold" not in open_set:
-        return open_set
-    stale = dict(open_set)
-    stale["log_probability_threshold"] = stale.pop("threshold")
-    return stale
+    if open_set is None:
+        return None
+    if not isinstance(open_set, dict):
+        raise ValueError(f"open_set must be a mapping, holds {str(open_set)[:40]}")
+    stale = route.get("decision") == "moe" and open_set.get("score") != OPEN_SET_SCORE
+    if stale and "threshold" in open_set:
+        open_set = dict(open_set)
+        open_set["log_probability_threshold"] = open_set.pop("threshold")
+    threshold = open_set.get("threshold", 0.0)
+    if not (_is_number(threshold) and -1.0 <= threshold <= 1.0):
+        raise ValueError(
+            f"open_set's threshold is {threshold!r}: an unknown threshold compares a "
+            "similarity, a number in [-1, 1]"
+        )
+    top_m = open_set.get("top_m", 1)
+    if not (isinstance(top_m, int) and not isinstance(top_m, bool) and top_m > 0):
+        raise ValueError(f"open_set's top_m is {top_m!r}, not a number of clusters (> 0)")
+    return open_set
+
+
+def checked_route(route: Mapping[str, Any]) -> dict[str, Any]:
+    """``route`` as an identifier keeps it (``decision`` linear where it is not given:
+    exports before moe), checked by the config's rules (:func:`route_problems`).
+
+    Raises:
+        ConfigError: every setting that is unknown, of another type or out of range.
+    """
+    route = {"decision": "linear", **route}
+    problems = route_problems(route)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return route
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float that is finite (a bool is no number here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def reusable_index(

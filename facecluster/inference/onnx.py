@@ -39,6 +39,7 @@ from facecluster.clustering import ClusterAssignment
 from facecluster.inference.identifier import (
     TwoStageIdentifier,
     check_parts,
+    checked_route,
     loaded_open_set,
     reusable_index,
 )
@@ -336,7 +337,13 @@ def load_onnx(
         check_parts(assignment, len(meta["class_names"]), k, heads)
     except ValueError as e:
         raise ValueError(f"ONNX export {folder} (gallery.npz, identifier.json): {e}") from None
-    route = {**meta["route"], **(route or {})}
+    given = route
+    try:  # the route and open set it holds (and any given): a bad number named, not used
+        route = checked_route({**meta["route"], **(given or {})})
+        open_set = loaded_open_set(meta.get("open_set"), route)
+    except ValueError as e:
+        source = f"{ONNX_META}, route={given}" if given else ONNX_META
+        raise ValueError(f"ONNX export {folder} ({source}): {e}") from None
     identifier = TwoStageIdentifier(
         meta["backbone"],
         OnnxBackbone(folder / "router.onnx", device),
@@ -349,6 +356,6 @@ def load_onnx(
             arrays.get("router_index"), meta.get("router_index_settings"), route
         ),
     )
-    identifier.open_set = loaded_open_set(meta.get("open_set"), route)
+    identifier.open_set = open_set
     identifier.export_id = meta.get("export_id")  # None: before export ids
     return identifier
