@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property, partial
@@ -380,6 +382,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
     cfg = run.finished_config(overrides)
     cfg.route.check_identities(len(run.class_names()))  # before any weights are read
     _check_precision(cfg, overrides)
+    check_writable(run)
     torch.manual_seed(cfg.seed)
     if cfg.two_stage:
         report = _evaluate_two_stage(run, cfg)
@@ -390,6 +393,24 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
         rows = bench.rows(model.predictors(), bench.verification(model.backbone))
         report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)
     return _write(report, run, cfg, list(overrides))
+
+
+def check_writable(run: RunFolder) -> None:
+    """ConfigError where the evaluation could not write its results into ``<run>/eval``
+    (``eval`` a file, or one of its results a folder, a read-only run folder): found when
+    the whole evaluation had run, it ended in a traceback and the table was lost."""
+    files = [run.eval_file(kind) for kind in ("table", "csv", "json")]
+    try:
+        run.eval_dir.mkdir(exist_ok=True)
+        if folder := next((f for f in files if f.is_dir()), None):
+            raise IsADirectoryError(errno.EISDIR, "a folder where a result goes", str(folder))
+        tempfile.TemporaryFile(dir=run.eval_dir).close()
+    except OSError as e:
+        raise ConfigError(
+            f"{e.filename or run.eval_dir}: the evaluation cannot write its results there "
+            f"({e.strerror or e}): make {run.eval_dir} a writable folder, or evaluate a "
+            "copy of the run"
+        ) from None
 
 
 def _single_model(run: RunFolder, cfg: Config, bench: Bench) -> StageOneModel:
@@ -628,6 +649,7 @@ def evaluate_runs(run_dirs: list[str | Path], overrides: list[str] | tuple = ())
     evaluations (minutes each), and the table was never printed."""
     for r in run_dirs:
         run_folder(r).finished_config(overrides)
+        check_writable(run_folder(r))
     reports = [evaluate_run(r, overrides) for r in run_dirs]
     rows = [row for rep in reports for row in rep.rows]
     sizes = {rep.batch_size for rep in reports}

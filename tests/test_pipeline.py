@@ -760,3 +760,23 @@ def test_ctrl_c_while_train_py_imports_torch_is_an_interrupt(capsys, monkeypatch
     monkeypatch.setattr(sys, "meta_path", [CtrlCOnImport(), *sys.meta_path])
     assert cli.train_main(["-c", str(SMOKE)]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_evaluate_refuses_an_eval_folder_it_cannot_write_before_evaluating(
+    finished_run, tmp_path, monkeypatch, capsys
+):
+    # <run>/eval a file (or a result a folder): found when the whole evaluation had run,
+    # a traceback and no table. Every run= is checked before the first is evaluated.
+    from facecluster import cli, evaluation
+
+    monkeypatch.setattr(evaluation, "_evaluate_two_stage", lambda *a: pytest.fail("evaluated"))
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run.run_dir, copy, ignore=shutil.ignore_patterns("eval"))
+    (copy / "eval").write_text("not a folder\n")
+    assert cli.evaluate_main([f"run={finished_run.run_dir}", f"run={copy}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{copy}/eval: the evaluation cannot write its results there" in err, err
+    (copy / "eval").unlink()
+    (copy / "eval" / "results.md").mkdir(parents=True)
+    assert cli.evaluate_main([f"run={copy}"]) == 2
+    assert f"{copy}/eval/results.md: the evaluation cannot write" in capsys.readouterr().err
