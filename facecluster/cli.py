@@ -256,8 +256,8 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
 
     try:
         print(evaluate_runs(runs, overrides))
-    except (ConfigError, BadImageError) as e:
-        return _fail(_said(e))
+    except (ConfigError, OSError, ValueError, BadImageError) as e:  # OSError, ValueError:
+        return _fail(_said(e))  # a damaged run folder (a checkpoint cut short, missing)
     return 0
 
 

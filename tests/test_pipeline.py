@@ -780,3 +780,18 @@ def test_evaluate_refuses_an_eval_folder_it_cannot_write_before_evaluating(
     (copy / "eval" / "results.md").mkdir(parents=True)
     assert cli.evaluate_main([f"run={copy}"]) == 2
     assert f"{copy}/eval/results.md: the evaluation cannot write" in capsys.readouterr().err
+
+
+def test_evaluate_names_a_damaged_checkpoint_in_one_line(finished_run, tmp_path, capsys):
+    # a checkpoint cut short (a copy interrupted) or missing ended in a traceback
+    from facecluster import cli
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run.run_dir, copy)
+    last = copy / "stage1" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    assert cli.evaluate_main([f"run={copy}", "eval.plots=false"]) == 2
+    assert f"{last} (stage-1 checkpoint) cannot be read" in capsys.readouterr().err
+    last.unlink()
+    assert cli.evaluate_main([f"run={copy}", "eval.plots=false"]) == 2
+    assert f"{last} is missing" in capsys.readouterr().err
