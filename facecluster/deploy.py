@@ -49,7 +49,7 @@ from facecluster.inference import TwoStageIdentifier
 from facecluster.inference.identifier import FAILED, OPEN_SET_SCORE, UNKNOWN, unpack_names
 from facecluster.inference.onnx import EXPORT_ID, ONNX_GALLERY, ONNX_META
 from facecluster.inference.openset import threshold_at_fpir
-from facecluster.io import atomic_file, fsync_dir, load_plain, replacing
+from facecluster.io import atomic_file, check_can_write, fsync_dir, load_plain, replacing
 
 if TYPE_CHECKING:
     from facecluster.run import RunFolder
@@ -136,6 +136,13 @@ def export_run(
     from facecluster.inference.onnx import check_replaceable
 
     check_replaceable(out / ONNX_FOLDER)
+    try:  # before the passes over the data, not after them
+        check_can_write(out)
+    except OSError as e:
+        raise ConfigError(
+            f"{e.filename or out}: export cannot write there ({e.strerror or e}): give an "
+            "OUT in a writable folder"
+        ) from None
     if onnx:
         from facecluster.inference.onnx import require_onnx_export
 

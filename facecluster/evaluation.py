@@ -31,7 +31,6 @@ import csv
 import errno
 import json
 import logging
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property, partial
@@ -56,7 +55,7 @@ from facecluster.deploy import calibrate_run, resolve_device
 from facecluster.inference import Predictor, StageOneModel, TwoStageIdentifier
 from facecluster.inference.openset import fnir_at_fpir
 from facecluster.inference.verification import verify
-from facecluster.io import atomic_torch_save, load_plain, replacing_together
+from facecluster.io import atomic_torch_save, check_can_write, load_plain, replacing_together
 from facecluster.loggers import wandb_run
 from facecluster.models.components import load_backbone
 from facecluster.plots import alpha_plot, class_means_plot, top_m_plot
@@ -401,10 +400,9 @@ def check_writable(run: RunFolder) -> None:
     the whole evaluation had run, it ended in a traceback and the table was lost."""
     files = [run.eval_file(kind) for kind in ("table", "csv", "json")]
     try:
-        run.eval_dir.mkdir(exist_ok=True)
+        check_can_write(run.eval_dir)
         if folder := next((f for f in files if f.is_dir()), None):
             raise IsADirectoryError(errno.EISDIR, "a folder where a result goes", str(folder))
-        tempfile.TemporaryFile(dir=run.eval_dir).close()
     except OSError as e:
         raise ConfigError(
             f"{e.filename or run.eval_dir}: the evaluation cannot write its results there "

@@ -224,6 +224,22 @@ def _restore_then_raise(handlers: list[tuple[int, Any]], came: list[int]) -> Non
         signal.raise_signal(number)
 
 
+def check_can_write(folder: Path) -> None:
+    """OSError unless a file can be made in ``folder``, or, where it does not exist yet,
+    in its nearest existing parent (nothing is left behind): a read-only file system or
+    folder, or a file where a folder is needed, named before the work whose results
+    would go there rather than after it."""
+    target = folder
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(target))
+    try:
+        tempfile.TemporaryFile(dir=target).close()
+    except OSError as e:  # named by the folder, not by the probe's random name
+        raise OSError(e.errno, e.strerror, str(target)) from None
+
+
 def non_finite_keys(tensors: dict[str, Any]) -> list[str]:
     """Names of the floating-point tensors of ``tensors`` holding NaN or inf (the other
     values are skipped). Each tensor's least and greatest values tell, NaN being both:

@@ -1411,3 +1411,15 @@ def test_a_runs_damaged_calibration_is_named_not_used(tmp_path, content, named):
     good = '{"router_temperature": 0.1, "subnet_temperature": 0.2, "generalist_weight": 0.5}'
     (tmp_path / "calibration.json").write_text(good)
     assert RunFolder(tmp_path).calibration()["subnet_temperature"] == 0.2
+
+
+def test_export_refuses_an_out_it_cannot_write_before_any_pass(
+    open_run, tmp_path, monkeypatch, capsys
+):
+    # an OUT under a file (or on a read-only file system) was found after the threshold
+    # and calibration passes, a bare "[Errno 20] Not a directory"
+    monkeypatch.setattr(TwoStageIdentifier, "from_run", lambda *a, **k: pytest.fail("loaded"))
+    (tmp_path / "afile").write_text("")
+    assert cli.export_main([str(open_run), str(tmp_path / "afile" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'afile'}: export cannot write there (not a folder)" in err, err
