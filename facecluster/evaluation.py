@@ -394,6 +394,26 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
     return _write(report, run, cfg, list(overrides))
 
 
+def _warn_other_faces(runs: list[RunFolder]) -> None:
+    """Warn where runs evaluated into one table were tested on other faces than the
+    first's (other identities, or another test split: another data set, seed or
+    data.unseen_fraction): their rows then compare nothing, and one table said nothing."""
+    first = runs[0]
+    names, test = first.class_names(), first.test_split()
+    for run in runs[1:]:
+        what = [
+            *(["identities"] if run.class_names() != names else []),
+            *(["test split"] if run.test_split() != test else []),
+        ]
+        if what:
+            logger.warning(
+                "run=%s has another %s than run=%s: their rows are measured on other "
+                "faces and do not compare; evaluate runs trained on the same data and seed "
+                "together",
+                run.path, " and ".join(what), first.path,
+            )  # fmt: skip
+
+
 def check_writable(run: RunFolder) -> None:
     """ConfigError where the evaluation could not write its results into ``<run>/eval``
     (``eval`` a file, or one of its results a folder, a read-only run folder): found when
@@ -648,6 +668,7 @@ def evaluate_runs(run_dirs: list[str | Path], overrides: list[str] | tuple = ())
     for r in run_dirs:
         run_folder(r).finished_config(overrides)
         check_writable(run_folder(r))
+    _warn_other_faces([run_folder(r) for r in run_dirs])
     reports = [evaluate_run(r, overrides) for r in run_dirs]
     rows = [row for rep in reports for row in rep.rows]
     sizes = {rep.batch_size for rep in reports}

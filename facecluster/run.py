@@ -742,6 +742,12 @@ class RunFolder:
     def class_names(self) -> list[str]:
         return read_state(self.path / CLASS_NAMES, list)
 
+    def test_split(self) -> list[str] | None:
+        """The digests of the test split's images as the run recorded them (None: a run
+        made before ``split.json``)."""
+        path = self.path / SPLIT
+        return read_state(path).get("test") if path.is_file() else None
+
     def check_identities(self, names: list[str]) -> None:
         """The data's identities must be the run's, label for label (evaluation, export).
 

@@ -795,3 +795,21 @@ def test_evaluate_names_a_damaged_checkpoint_in_one_line(finished_run, tmp_path,
     last.unlink()
     assert cli.evaluate_main([f"run={copy}", "eval.plots=false"]) == 2
     assert f"{last} is missing" in capsys.readouterr().err
+
+
+def test_runs_tested_on_other_faces_are_warned_of_in_one_table(finished_run, tmp_path, caplog):
+    # evaluate.py run=A run=B put runs of other data sets or splits in one table unsaid
+    from facecluster.evaluation import _warn_other_faces
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run.run_dir, copy, ignore=shutil.ignore_patterns("stage*"))
+    runs = [RunFolder(finished_run.run_dir), RunFolder(copy)]
+    with caplog.at_level(logging.WARNING, "facecluster"):
+        _warn_other_faces(runs)
+    assert not caplog.records  # the same faces
+    split = json.loads((copy / "split.json").read_text())
+    split["test"] = split["test"][1:]
+    (copy / "split.json").write_text(json.dumps(split))
+    with caplog.at_level(logging.WARNING, "facecluster"):
+        _warn_other_faces(runs)
+    assert f"run={copy} has another test split than run={finished_run.run_dir}" in caplog.text
