@@ -251,11 +251,13 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
     said = [missing_path(run, prefix="run=") for run in runs] + [not_a_run(r) for r in runs]
     if problem := next((p for p in said if p), None):
         return _fail(problem)
-    from facecluster.data import BadImageError
-    from facecluster.evaluation import evaluate_runs
+    try:  # the imports too: torch and Lightning, seconds in which a Ctrl-C is an interrupt
+        from facecluster.data import BadImageError
+        from facecluster.evaluation import evaluate_runs
 
-    try:
         print(evaluate_runs(runs, overrides))
+    except KeyboardInterrupt:  # first: the names below may not be imported yet
+        return _interrupted()
     except (ConfigError, OSError, ValueError, BadImageError) as e:  # OSError, ValueError:
         return _fail(_said(e))  # a damaged run folder (a checkpoint cut short, missing)
     return 0
@@ -474,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     COMMAND.update(train="facecluster train", evaluate="facecluster evaluate")  # hints
     try:
         return command(argv[1:], prog=f"facecluster {argv[0]}")
+    except KeyboardInterrupt:  # export, identify, enroll, pack: a line, not a traceback
+        return _interrupted()
     finally:  # as they were, for a caller in the same process
         COMMAND.update(named)
 

@@ -1423,3 +1423,22 @@ def test_export_refuses_an_out_it_cannot_write_before_any_pass(
     assert cli.export_main([str(open_run), str(tmp_path / "afile" / "out")]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'afile'}: export cannot write there (not a folder)" in err, err
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_the_shells_status(tmp_path, monkeypatch, capsys):
+    # a KeyboardInterrupt traceback (exit 130 all the same) from evaluate, export, enroll
+    # and identify; train said "interrupted" already
+    from facecluster import evaluation
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(deploy, "export_run", interrupt)
+    monkeypatch.setattr(evaluation, "evaluate_runs", interrupt)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("method: clustered\n")
+    assert cli.main(["export", str(run), str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.strip().endswith("interrupted")
+    assert cli.evaluate_main([f"run={run}"]) == 130
+    assert capsys.readouterr().err.strip().endswith("interrupted")
