@@ -101,6 +101,8 @@ RANK0_WAIT_S = 1800.0
 META = "run.json"
 CLASS_NAMES = "class_names.json"
 SPLIT = "split.json"
+SPLITS = ("val", "test")
+"""The splits ``split.json`` records (:meth:`FaceDataModule.split_fingerprint`)."""
 UNSEEN_IDENTITIES = "unseen_identities.json"
 CLUSTERS = "clusters.pt"
 RESULTS = "results.json"
@@ -717,9 +719,9 @@ class RunFolder:
         path = self.path / SPLIT
         # a damaged one read as absent, "a run made before split.json": unchecked, the
         # test split held training images and the results were written over
-        kept = read_state(path) if path.is_file() else {}
-        if not kept:
+        if not path.is_file():
             return
+        kept = read_state(path, dict, SPLITS)  # {} too: damaged, not a run made before it
         # Images broken since (a disk error) change a few digests; a split made otherwise
         # changes most: an image is at the same place of an identity's split by chance
         # only (1 in 3 for an identity of 3 images, fewer for larger ones)
@@ -746,7 +748,7 @@ class RunFolder:
         """The digests of the test split's images as the run recorded them (None: a run
         made before ``split.json``)."""
         path = self.path / SPLIT
-        return read_state(path).get("test") if path.is_file() else None
+        return read_state(path, dict, SPLITS)["test"] if path.is_file() else None
 
     def check_identities(self, names: list[str]) -> None:
         """The data's identities must be the run's, label for label (evaluation, export).

@@ -123,6 +123,9 @@ def test_the_same_data_at_another_path_resumes_and_other_data_is_refused(tmp_pat
         ConfigError, match=r"split.json cannot be read \(JSONDecodeError: .*\): the run folder"
     ):
         train(load_config(SMOKE, smoke_overrides(tmp_path, f"resume={run}", f"data.root={moved}")))
+    (run / "split.json").write_text("{}")  # JSON, but nothing recorded: damaged too
+    with pytest.raises(ConfigError, match=r"split.json cannot be read \(it has no 'val', 'test'"):
+        train(load_config(SMOKE, smoke_overrides(tmp_path, f"resume={run}", f"data.root={moved}")))
 
 
 def test_damaged_state_files_are_named_and_a_subnet_without_weights_is_unfinished(run_dir):
