@@ -690,7 +690,12 @@ def route_problems(route: Any) -> list[str]:
     except OmegaConfBaseException as e:
         message = str(getattr(e, "msg", e)).splitlines()[0]
         return [f"route.{getattr(e, 'full_key', '')}: {message}"]
-    found = section.problems()
+    found = [  # OmegaConf reads "0.05" as 0.05, but the caller keeps the given value
+        f"route.{key}={value!r} is text, not a number"
+        for key, value in route.items()
+        if isinstance(value, str) and not isinstance(getattr(section, key), str)
+    ]
+    found += section.problems()
     named = {re.match(r"route\.\w+", problem)[0] for problem in found}
     return found + [p for p in _not_finite(section, "route.") if p.split()[0] not in named]
 

@@ -679,14 +679,12 @@ class RunFolder:
         if not path.is_file():
             return {}
         fitted = ("router_temperature", "subnet_temperature", "generalist_weight")
-        values = read_state(path, dict, fitted)
+        advice = "restore the file from a copy of the run, or delete it to fit these again"
+        values = read_state(path, dict, fitted, advice)
         problems = route_problems(values)
         if problems or len(values) != len(fitted):
             why = "; ".join(problems) or f"it holds more than {', '.join(fitted)}"
-            raise ConfigError(
-                f"{path} cannot be used ({why}): the run folder is damaged; restore the "
-                "file from a copy of the run, or delete it to fit these numbers again"
-            )
+            raise ConfigError(f"{path} cannot be used ({why}): the run folder is damaged; {advice}")
         return values
 
     def keep_data(self, dm: FaceDataModule) -> None:
@@ -1493,7 +1491,13 @@ def _bytes_under(folder: Path) -> int:
     return total
 
 
-def read_state(path: Path, shape: type = dict, keys: tuple[str, ...] = ()) -> Any:
+STATE_ADVICE = "restore the file from a copy of the run, or start a new run"
+"""What :func:`read_state` advises for a file it cannot read."""
+
+
+def read_state(
+    path: Path, shape: type = dict, keys: tuple[str, ...] = (), advice: str = STATE_ADVICE
+) -> Any:
     """A JSON file the run keeps (``split.json``, ``stage1.json``, a sub-net's record,
     ...), which must hold a ``shape`` (with ``keys``): one that is not JSON, or JSON of
     another shape, is named as a damaged run folder, one line, where a traceback ended
@@ -1516,10 +1520,7 @@ def read_state(path: Path, shape: type = dict, keys: tuple[str, ...] = ()) -> An
             why = f"it has no {', '.join(map(repr, missing))}"
         else:
             return state
-    raise ConfigError(
-        f"{path} cannot be read ({why}): the run folder is damaged; "
-        "restore the file from a copy of the run, or start a new run"
-    )
+    raise ConfigError(f"{path} cannot be read ({why}): the run folder is damaged; {advice}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

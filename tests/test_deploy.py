@@ -1351,11 +1351,13 @@ def test_an_export_that_does_not_match_its_assignment_is_refused_naming_it(tmp_p
         ({"route": {"subnet_temperature": -0.1}}, r"route.subnet_temperature must be > 0"),
         ({"route": {"generalist_weight": 7}}, r"route.generalist_weight must be in \[0, 1\]"),
         ({"route": {"router_temperature": "hot"}}, r"route.router_temperature: Value 'hot'"),
+        ({"route": {"router_temperature": "0.05"}}, r"route.router_temperature='0.05' is text"),
         ({"route": {"decision": "vote"}}, r"route.decision='vote' is not one of moe, linear"),
         ({"route": {"top_m": 0}}, r"route.top_m must be > 0"),
         ({"open_set": {"threshold": float("nan")}}, r"open_set's threshold is nan"),
         ({"open_set": {"threshold": "0.3"}}, r"open_set's threshold is '0.3'"),
         ({"open_set": {"threshold": 0.3, "top_m": 0}}, r"open_set's top_m is 0"),
+        ({"open_set": {"threshold": 1.01}}, r"open_set's threshold is 1.01"),
     ],
 )
 def test_an_exports_decision_numbers_are_checked_when_it_loads(tmp_path, change, named):
@@ -1387,6 +1389,10 @@ def test_route_settings_given_to_the_api_are_checked_by_the_configs_rules(tmp_pa
         TwoStageIdentifier.load(path, route={"router_temperture": 0.1})
     with pytest.raises(ValueError, match=r"\(route=\{'alpha': 2\}\): route.alpha must be in"):
         TwoStageIdentifier.load(path, route={"alpha": 2})
+    # a threshold a float32 cosine just above 1 gave (threshold_at_fpir) loads
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "open_set": {"threshold": 1.0000001, "top_m": 1}}, path)
+    assert TwoStageIdentifier.load(path).open_set["threshold"] == 1.0000001
 
 
 @pytest.mark.parametrize(
@@ -1397,7 +1403,10 @@ def test_route_settings_given_to_the_api_are_checked_by_the_configs_rules(tmp_pa
         ('{"router_temperature": 0.1, "subnet_temperature": 0.1, "generalist_weight": "x"}',
          r"route.generalist_weight: Value 'x'"),
         ('{"router_temperature": 0.1, "subnet_temperature": 0.1}',
-         r"cannot be read \(it has no 'generalist_weight'\)"),
+         r"cannot be read \(it has no 'generalist_weight'\): the run folder is damaged; "
+         r"restore the file from a copy of the run, or delete it"),
+        ('{"router_temperature": "0.1", "subnet_temperature": 0.1, "generalist_weight": 0.5}',
+         r"route.router_temperature='0.1' is text, not a number"),
         ('{"router_temperature": 0.1, "subnet_temperature": 0.1, "generalist_weight": 0.5, '
          '"alpha": 0.5}', r"it holds more than router_temperature"),
     ],

@@ -1212,6 +1212,8 @@ def test_a_table_of_runs_timed_at_other_batch_sizes_says_each_rows_own(monkeypat
     monkeypatch.setattr(evaluation, "evaluate_run", lambda run, overrides=(): reports[run])
     monkeypatch.setattr(evaluation, "run_folder", lambda run: RunFolder(Path(run)))
     monkeypatch.setattr(RunFolder, "finished_config", lambda run, overrides=(): None)
+    monkeypatch.setattr(evaluation, "check_writable", lambda run: None)  # no folders here
+    monkeypatch.setattr(evaluation, "_warn_other_faces", lambda runs: None)
     table = evaluation.evaluate_runs(["a", "b"])
     assert "img/s @batch" in table and "@256" not in table.splitlines()[0]
     assert "(img/s @256)" in table and "(img/s @64)" in table

@@ -1044,7 +1044,9 @@ def loaded_open_set(open_set: dict | None, route: dict[str, Any]) -> dict | None
         open_set = dict(open_set)
         open_set["log_probability_threshold"] = open_set.pop("threshold")
     threshold = open_set.get("threshold", 0.0)
-    if not (_is_number(threshold) and -1.0 <= threshold <= 1.0):
+    # float32 cosines of unit vectors reach 1 + 5e-7, and a threshold is the next float
+    # above a score (threshold_at_fpir): an export may hold one just above 1
+    if not (_is_number(threshold) and -1.0 - 1e-5 <= threshold <= 1.0 + 1e-5):
         raise ValueError(
             f"open_set's threshold is {threshold!r}: an unknown threshold compares a "
             "similarity, a number in [-1, 1]"
