@@ -665,10 +665,11 @@ def evaluate_runs(run_dirs: list[str | Path], overrides: list[str] | tuple = ())
     Every run is checked (a run folder, finished, the overrides allowed) before the
     first is evaluated: a typo in the last ``run=`` was found only after the others'
     evaluations (minutes each), and the table was never printed."""
-    for r in run_dirs:
-        run_folder(r).finished_config(overrides)
-        check_writable(run_folder(r))
-    _warn_other_faces([run_folder(r) for r in run_dirs])
+    folders = [run_folder(r) for r in run_dirs]
+    for folder in folders:
+        folder.finished_config(overrides)
+        check_writable(folder)
+    _warn_other_faces(folders)
     reports = [evaluate_run(r, overrides) for r in run_dirs]
     rows = [row for rep in reports for row in rep.rows]
     sizes = {rep.batch_size for rep in reports}

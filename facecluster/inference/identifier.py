@@ -1034,7 +1034,12 @@ def loaded_open_set(open_set: dict | None, route: dict[str, Any]) -> dict | None
     chose on the log-probability (no ``score`` mark) is kept as
     ``log_probability_threshold``, not ``threshold``: nothing may compare an answer's
     similarity with it (``facecluster identify`` then asks for a new export or a
-    ``--threshold``; ``open_set["threshold"]`` is a KeyError, not a wrong answer)."""
+    ``--threshold``; ``open_set["threshold"]`` is a KeyError, not a wrong answer).
+
+    Raises:
+        ValueError: ``open_set`` is no mapping, its threshold no similarity (a finite
+            number in [-1, 1], float32's rounding allowed) or its ``top_m`` no count.
+    """
     if open_set is None:
         return None
     if not isinstance(open_set, dict):
