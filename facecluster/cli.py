@@ -251,15 +251,19 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
     said = [missing_path(run, prefix="run=") for run in runs] + [not_a_run(r) for r in runs]
     if problem := next((p for p in said if p), None):
         return _fail(problem)
+    # OSError, ValueError: a damaged run folder (a checkpoint cut short, missing)
+    said_in_one_line: tuple[type[Exception], ...] = (ConfigError, OSError, ValueError)
     try:  # the imports too: torch and Lightning, seconds in which a Ctrl-C is an interrupt
         from facecluster.data import BadImageError
+
+        said_in_one_line += (BadImageError,)  # once imported: a failed import stays itself
         from facecluster.evaluation import evaluate_runs
 
         print(evaluate_runs(runs, overrides))
-    except KeyboardInterrupt:  # first: the names below may not be imported yet
+    except KeyboardInterrupt:
         return _interrupted()
-    except (ConfigError, OSError, ValueError, BadImageError) as e:  # OSError, ValueError:
-        return _fail(_said(e))  # a damaged run folder (a checkpoint cut short, missing)
+    except said_in_one_line as e:
+        return _fail(_said(e))
     return 0
 
 

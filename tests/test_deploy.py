@@ -1451,3 +1451,16 @@ def test_ctrl_c_ends_a_command_with_one_line_and_the_shells_status(tmp_path, mon
     assert capsys.readouterr().err.strip().endswith("interrupted")
     assert cli.evaluate_main([f"run={run}"]) == 130
     assert capsys.readouterr().err.strip().endswith("interrupted")
+
+
+def test_a_failed_import_in_evaluate_is_raised_as_itself(tmp_path, monkeypatch):
+    # a broken install: facecluster.data failing to import was shown behind an
+    # UnboundLocalError for BadImageError, raised while matching the except clause
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("method: clustered\n")
+    monkeypatch.setitem(sys.modules, "facecluster.data", None)
+    with pytest.raises(ImportError, match="facecluster.data"):
+        cli.evaluate_main([f"run={run}"])
