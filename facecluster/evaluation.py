@@ -434,7 +434,9 @@ def check_writable(run: RunFolder) -> None:
 def _single_model(run: RunFolder, cfg: Config, bench: Bench) -> StageOneModel:
     """The single-model baseline, with class means from one pass over its training split."""
     weights = run.stage1_weights()
-    backbone = load_backbone(cfg.model.backbone_args(cfg.data.image_size), weights.backbone)
+    args = cfg.model.backbone_args(cfg.data.image_size)
+    edited = f"{run.path}'s stage-1 weights (config.yaml's model settings edited since training?)"
+    backbone = load_backbone(args, weights.backbone, edited)
     backbone.to(bench.device)
     means = _single_model_means(run, cfg, bench, backbone)
     return StageOneModel(backbone, weights.head, means, single=True).to(bench.device)

@@ -242,3 +242,20 @@ def test_a_timm_vits_position_embedding_and_class_token_are_not_decayed() -> Non
     decay, no_decay = param_groups([net], 5e-4)
     assert any(p is net.pos_embed.weight for p in no_decay["params"])
     assert any(p is net.proj.weight for p in decay["params"])
+
+
+def test_weights_that_do_not_fit_the_settings_are_named_in_one_line() -> None:
+    # a run's model settings or an export's backbone edited since training gave torch's
+    # size-mismatch RuntimeError or a TypeError, as a traceback from evaluate or identify
+    from facecluster.models.components import load_backbone
+
+    args = {"name": "iresnet18", "embedding_dim": 16, "image_size": 64, "width": 4}
+    weights = create_backbone(**args).state_dict()
+    assert not load_backbone(args, weights).training
+    for change, named in (
+        ({"image_size": 32}, r"do not fit the backbone .*'image_size': 32.*: size mismatch for fc"),
+        ({"embedding_dim": 8}, r"do not fit the backbone .*: size mismatch for fc.weight"),
+        ({"widht": 4}, r"build no backbone: .*unexpected keyword argument 'widht'"),
+    ):
+        with pytest.raises(ValueError, match=named):
+            load_backbone({**args, **change}, weights)

@@ -873,6 +873,11 @@ def test_a_damaged_onnx_export_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"identifier.json: not a facecluster ONNX export"):
         load_onnx(tmp_path)
     meta = {"format": ONNX_FORMAT, "version": ONNX_VERSION, "num_clusters": 2}
+    (tmp_path / "identifier.json").write_text(json.dumps(meta))  # its other keys missing
+    with pytest.raises(ValueError, match=r"identifier.json: class_names is not a list of"):
+        load_onnx(tmp_path)
+    meta |= {"class_names": ["a", "b"], "assignment": {}, "route": {}}
+    meta["backbone"] = {"name": "tiny", "image_size": 16, "embedding_dim": 8}
     (tmp_path / "identifier.json").write_text(json.dumps(meta))
     (tmp_path / "gallery.npz").write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(ValueError, match=r"gallery.npz cannot be read"):
@@ -1464,3 +1469,34 @@ def test_a_failed_import_in_evaluate_is_raised_as_itself(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "facecluster.data", None)
     with pytest.raises(ImportError, match="facecluster.data"):
         cli.evaluate_main([f"run={run}"])
+
+
+def test_an_exports_damaged_backbone_settings_are_named_when_it_loads(exported, tmp_path, capsys):
+    # a damaged image size in onnx/identifier.json loaded and failed at the first face
+    # with a traceback; one in identifier.pt gave torch's size mismatch or a TypeError
+    from facecluster.inference.onnx import load_onnx
+
+    copy = tmp_path / "demo"
+    shutil.copytree(exported, copy)
+    meta_path = copy / "onnx" / "identifier.json"
+    meta = json.loads(meta_path.read_text())
+    size = meta["backbone"]["image_size"]
+    for change, named in (
+        ({"backbone": {**meta["backbone"], "image_size": size + 8}}, rf"takes {size} px images"),
+        ({"backbone": {**meta["backbone"], "image_size": "abc"}}, r"image_size is 'abc', not a"),
+        ({"backbone": None}, r"backbone is None, not a mapping"),
+        ({"num_clusters": "2"}, r"num_clusters is '2', not a number of clusters"),
+        ({"class_names": None}, r"class_names is not a list of names"),
+    ):
+        meta_path.write_text(json.dumps({**meta, **change}))
+        with pytest.raises(ValueError, match=rf"onnx.*{named}.*: a damaged export\?$"):
+            load_onnx(copy / "onnx")
+        assert cli.main(["identify", str(copy), str(DEMO), "--runtime", "onnx"]) == 2
+        assert "a damaged export?" in capsys.readouterr().err
+    payload = torch.load(copy / "identifier.pt", weights_only=True)
+    for size_given in ("abc", 0):  # another whole number: test_backbones (load_backbone)
+        backbone = {**payload["backbone"], "image_size": size_given}
+        torch.save({**payload, "backbone": backbone}, copy / "identifier.pt")
+        named = rf"identifier.pt: backbone.image_size is {size_given!r}, not a positive whole"
+        with pytest.raises(ValueError, match=rf"^export {re.escape(str(copy))}/{named}"):
+            TwoStageIdentifier.load(copy / "identifier.pt")

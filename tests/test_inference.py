@@ -1183,7 +1183,12 @@ def test_the_onnx_folder_keeps_the_router_index_too(tmp_path, monkeypatch):
     means, clusters = torch.randn(40, 8), [i % 4 for i in range(40)]
     ident = _identifier(means, clusters, route={"index": "hnsw"})
     onnx_module.write_gallery(ident, tmp_path)
-    monkeypatch.setattr(onnx_module, "OnnxBackbone", lambda path, device: nn.Identity())
+    def stand_in(path, device):
+        network = nn.Identity()
+        network.image_size = None  # as a graph of any input size says
+        return network
+
+    monkeypatch.setattr(onnx_module, "OnnxBackbone", stand_in)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(router_module, "build_index", lambda *a, **k: pytest.fail("built again"))
         loaded = onnx_module.load_onnx(tmp_path)

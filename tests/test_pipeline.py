@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import shlex
 import shutil
 
@@ -788,6 +789,15 @@ def test_evaluate_names_a_damaged_checkpoint_in_one_line(finished_run, tmp_path,
 
     copy = tmp_path / "copy"
     shutil.copytree(finished_run.run_dir, copy)
+    # model settings edited since training: torch's size mismatch, as a traceback
+    config = (copy / "config.yaml").read_text()
+    edited = re.sub(r"(?m)^  embedding_dim: \d+$", "  embedding_dim: 8", config)
+    (copy / "config.yaml").write_text(edited)
+    assert edited != config and cli.evaluate_main([f"run={copy}", "eval.plots=false"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {copy}'s stage-1 weights (config.yaml's model settings edited" in err, err
+    assert "'embedding_dim': 8" in err and "size mismatch" in err and len(err.splitlines()) == 1
+    (copy / "config.yaml").write_text(config)
     last = copy / "stage1" / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])
     assert cli.evaluate_main([f"run={copy}", "eval.plots=false"]) == 2

@@ -195,7 +195,7 @@ class TwoStageIdentifier(nn.Module):
         router_index: np.ndarray | None = None,
     ) -> None:
         super().__init__()
-        self.backbone_args = dict(backbone)
+        self.backbone_args = checked_backbone(backbone)
         self.route_config = checked_route(route)
         self.router_backbone = router_backbone
         self.shared_layers = shared_layers
@@ -812,8 +812,12 @@ class TwoStageIdentifier(nn.Module):
         given, route = route, {**cfg.to_dict()["route"], **(route or {})}
         for key, value in run.calibration().items():  # fitted on the validation split
             route[key] = value if route.get(key) is None else route[key]
-        router_backbone = load_backbone(args, stage1.backbone)
-        networks = [load_backbone(args, w.backbone) for w in subnets]
+        edited = f"{run.path}'s {{}} (config.yaml's model settings edited since training?)"
+        router_backbone = load_backbone(args, stage1.backbone, edited.format("stage-1 weights"))
+        networks = [
+            load_backbone(args, w.backbone, edited.format(f"sub-net {k}'s weights"))
+            for k, w in enumerate(subnets)
+        ]
         assignment, names = run.assignment(cfg.clustering.num_clusters), run.class_names()
         try:  # what check_parts finds (a weight that is not finite), named with the run
             return cls(
@@ -1074,6 +1078,24 @@ def checked_route(route: Mapping[str, Any]) -> dict[str, Any]:
     if problems:
         raise ConfigError("; ".join(problems))
     return route
+
+
+def checked_backbone(args: Any) -> dict[str, Any]:
+    """An identifier's backbone arguments (what builds its networks and sizes its
+    input), their input size and embedding width checked: a damaged export's was used
+    at the first face.
+
+    Raises:
+        ValueError: ``args`` is no mapping, or its ``image_size`` or ``embedding_dim``
+            is not a positive whole number.
+    """
+    if not isinstance(args, Mapping):
+        raise ValueError(f"backbone is {args!r}, not the backbone's arguments")
+    for key in ("image_size", "embedding_dim"):
+        value = args.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"backbone.{key} is {value!r}, not a positive whole number")
+    return dict(args)
 
 
 def _is_number(value: Any) -> bool:

@@ -39,6 +39,7 @@ from facecluster.clustering import ClusterAssignment
 from facecluster.inference.identifier import (
     TwoStageIdentifier,
     check_parts,
+    checked_backbone,
     checked_route,
     loaded_open_set,
     reusable_index,
@@ -220,10 +221,32 @@ class OnnxBackbone(nn.Module):
             self.session = ort.InferenceSession(str(path), providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime's errors are not OSErrors
             raise ValueError(f"{path} is not a loadable ONNX model: {e}") from None
+        width = self.session.get_inputs()[0].shape[-1]
+        self.image_size: int | None = width if isinstance(width, int) else None
+        """The input's side in pixels (None: the graph takes any)."""
 
     def forward(self, images: Tensor) -> Tensor:
         feed = {"images": np.ascontiguousarray(images.detach().float().cpu().numpy())}
         return torch.from_numpy(self.session.run(None, feed)[0]).to(images.device)
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What makes a parsed ``identifier.json`` unreadable (keys missing or of another
+    type), before any of it is used; None when nothing does."""
+    k = meta.get("num_clusters")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        return f"num_clusters is {k!r}, not a number of clusters"
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return "class_names is not a list of names"
+    for key in ("backbone", "assignment", "route"):
+        if not isinstance(meta.get(key), dict):
+            return f"{key} is {meta.get(key)!r}, not a mapping"
+    try:
+        checked_backbone(meta["backbone"])
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def read_gallery(path: str | Path, mmap: bool = False) -> dict[str, np.ndarray]:
@@ -319,6 +342,8 @@ def load_onnx(
             f"{meta_path}: not a facecluster ONNX export of version 1 or {ONNX_VERSION} "
             f"(format {meta.get('format')!r}, version {meta.get('version')!r})"
         )
+    if problem := _meta_problem(meta):
+        raise ValueError(f"{meta_path}: {problem}: a damaged export?")
     k = meta["num_clusters"]
     expected = [*_ASSIGNMENT_ARRAYS, *(f"head{i}" for i in range(k))]
     arrays = {
@@ -344,10 +369,19 @@ def load_onnx(
     except ValueError as e:
         source = f"{ONNX_META}, route={given}" if given else ONNX_META
         raise ValueError(f"ONNX export {folder} ({source}): {e}") from None
+    router = OnnxBackbone(folder / "router.onnx", device)
+    subnets = [OnnxBackbone(folder / f"subnet{i}.onnx", device) for i in range(k)]
+    size = meta["backbone"]["image_size"]
+    for name, network in (("router", router), *((f"subnet{i}", n) for i, n in enumerate(subnets))):
+        if network.image_size not in (None, size):  # None: a graph of any size
+            raise ValueError(
+                f"{folder / name}.onnx takes {network.image_size} px images but {meta_path} "
+                f"says {size} (backbone.image_size): a damaged export?"
+            )
     identifier = TwoStageIdentifier(
         meta["backbone"],
-        OnnxBackbone(folder / "router.onnx", device),
-        [OnnxBackbone(folder / f"subnet{i}.onnx", device) for i in range(k)],
+        router,
+        subnets,
         heads,
         assignment,
         meta["class_names"],

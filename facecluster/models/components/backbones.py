@@ -284,13 +284,32 @@ def shareable_stages(backbone: nn.Module) -> int:
     return int(getattr(backbone, "num_stages", 0))
 
 
-def load_backbone(args: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
+def load_backbone(
+    args: dict[str, Any], state_dict: dict[str, torch.Tensor], source: str = "the saved weights"
+) -> nn.Module:
     """A trained backbone for inference: the one way weights are loaded into one.
 
     Built by :func:`create_backbone` from ``args`` (its keyword arguments, ``name``
     included) without downloading pretrained weights, since the trained weights
-    replace them; returned in eval mode.
+    replace them; returned in eval mode. ``source``: where the weights come from, for
+    the error.
+
+    Raises:
+        ValueError: ``args`` build no backbone, or one the weights do not fit (a run's
+            ``model`` settings or an export's ``backbone`` edited since: another
+            ``image_size`` or ``embedding_dim``), naming the first mismatch.
     """
-    backbone = create_backbone(**{**args, "pretrained": False})
-    backbone.load_state_dict(state_dict)
+    try:
+        backbone = create_backbone(**{**args, "pretrained": False})
+    except TypeError as e:  # an argument of another type, or one the backbone lacks
+        raise ValueError(f"backbone arguments {args} build no backbone: {e}") from None
+    try:
+        backbone.load_state_dict(state_dict)
+    except RuntimeError as e:  # "Error(s) in loading state_dict for X:", then each
+        found = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        first = found[0] if found else str(e)
+        raise ValueError(
+            f"{source} do not fit the backbone {args} builds: "
+            f"{first[:300]}{'...' if len(first) > 300 else ''}"
+        ) from None
     return backbone.eval()
