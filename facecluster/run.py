@@ -724,11 +724,22 @@ class RunFolder:
         # changes most: an image is at the same place of an identity's split by chance
         # only (1 in 3 for an identity of 3 images, fewer for larger ones)
         differ = False
+        counts = []  # images added or removed since: named as such, not as another order
         for split, digests in dm.split_fingerprint().items():
             before = kept.get(split, [])
             pairs = zip(digests, before, strict=False)
             changed = sum(a != b and "" not in (a, b) for a, b in pairs)  # "": unreadable
             differ |= len(digests) != len(before) or changed * 4 > len(digests)
+            if len(digests) != len(before):
+                counts.append(f"{split} {len(digests)} images, the run's {len(before)}")
+        if counts:
+            raise ConfigError(
+                f"{self.path}: the data holds the run's identities, but other images: its "
+                f"split gives {'; '.join(counts)} (images added to or removed from "
+                "data.root's identity folders since the run), so its val "
+                "and test splits would hold images the run trained on; "
+                "point data.root at the data the run trained on, as it was"
+            )
         if differ:
             raise ConfigError(
                 f"{self.path}: the data holds the run's identities, but their images are "

@@ -663,6 +663,16 @@ def test_a_run_checks_that_its_data_splits_its_identities_as_it_did(tmp_path, pa
         run.keep_data(FaceDataModule(str(DEMO), **kw))
     assert json.loads((run.path / SPLIT).read_text())["val"][0] == ""
     run.check_data(FaceDataModule(str(packed / "rec"), **kw))
+    # images removed since: named as such (it said "another order"), with the counts
+    copy = tmp_path / "fewer"
+    for name in run.class_names():
+        shutil.copytree(DEMO / name, copy / name)
+    for image in sorted((copy / run.class_names()[0]).iterdir())[:3]:
+        image.unlink()
+    fewer = FaceDataModule(str(copy), **kw)
+    assert fewer.class_names == run.class_names()
+    with pytest.raises(ConfigError, match=r"other images: its split gives .* images, the run's"):
+        run.check_data(fewer)
 
 
 def test_a_corrupt_record_is_skipped_or_stops_naming_key_and_offset(tmp_path, packed):
