@@ -1183,6 +1183,7 @@ def test_the_onnx_folder_keeps_the_router_index_too(tmp_path, monkeypatch):
     means, clusters = torch.randn(40, 8), [i % 4 for i in range(40)]
     ident = _identifier(means, clusters, route={"index": "hnsw"})
     onnx_module.write_gallery(ident, tmp_path)
+
     def stand_in(path, device):
         network = nn.Identity()
         network.image_size = None  # as a graph of any input size says
