@@ -669,7 +669,8 @@ def evaluate_runs(run_dirs: list[str | Path], overrides: list[str] | tuple = ())
     evaluations (minutes each), and the table was never printed."""
     folders = [run_folder(r) for r in run_dirs]
     for folder in folders:
-        folder.finished_config(overrides)
+        cfg = folder.finished_config(overrides)
+        folder.check_weights(cfg.two_stage)
         check_writable(folder)
     _warn_other_faces(folders)
     reports = [evaluate_run(r, overrides) for r in run_dirs]

@@ -26,6 +26,7 @@ import signal
 import tempfile
 import threading
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -261,6 +262,23 @@ def non_finite_keys(tensors: dict[str, Any]) -> list[str]:
 
 class UnsafeFileError(ValueError):
     """A torch file holds Python objects other than plain data, so it was not loaded."""
+
+
+def check_archive(path: str | os.PathLike[str], what: str = "file") -> None:
+    """That ``path`` is there and its zip directory (torch's file format) reads: a file
+    cut short or of another format is found without reading its tensors.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not a readable zip archive.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} ({what}) does not exist")
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{path} ({what}) cannot be read: {e}: a damaged file?") from None
 
 
 def load_plain(

@@ -72,7 +72,13 @@ from facecluster.config import (
     route_problems,
 )
 from facecluster.data.recordio import rec_paths
-from facecluster.io import UnsafeFileError, atomic_torch_save, load_plain, replacing
+from facecluster.io import (
+    UnsafeFileError,
+    atomic_torch_save,
+    check_archive,
+    load_plain,
+    replacing,
+)
 from facecluster.models.base import CHECKPOINT_KEY
 
 if TYPE_CHECKING:
@@ -1155,9 +1161,7 @@ class RunFolder:
 
     def stage1_weights(self, map_location: str | torch.device = "cpu") -> StageWeights:
         """The stage-1 backbone and head of the final finished epoch."""
-        path = self.last_checkpoint(1)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: is stage 1 finished?")
+        path = self._stage1_checkpoint()
         # memory-mapped: a stage-2 job reads the backbone, not the (large) head
         state = load_plain(path, map_location, "stage-1 checkpoint", mmap=True)["state_dict"]
         return StageWeights(_under(state, "backbone."), state["head.weight"])
@@ -1168,26 +1172,67 @@ class RunFolder:
         Raises:
             ConfigError: sub-nets are missing, named, with the command that trains them.
         """
+        files = self._subnet_files()
+        if isinstance(files, Path):  # a run finished before stage 2 had jobs: one
+            state = load_plain(files, map_location, "stage-2 checkpoint")["state_dict"]
+            return [  # checkpoint held every sub-net
+                StageWeights(_under(state, f"subnets.{k}."), state[f"heads.{k}.weight"])
+                for k in range(self.assignment().num_clusters)
+            ]
+        weights = []
+        for k, path in enumerate(files):
+            saved = load_plain(path, map_location, f"sub-net {k}")
+            weights.append(StageWeights(saved["backbone"], saved["head"]))
+        return weights
+
+    def _stage1_checkpoint(self) -> Path:
+        path = self.last_checkpoint(1)
+        if not path.is_file():
+            why = (
+                "deleted or moved since the run finished?"
+                if self.finished
+                else "is stage 1 finished?"
+            )
+            raise FileNotFoundError(f"{path} is missing: {why}")
+        return path
+
+    def _subnet_files(self) -> list[Path] | Path:
+        """Each sub-net's file (index = cluster), or the one stage-2 checkpoint of a run
+        finished before stage 2 had jobs.
+
+        Raises:
+            ConfigError: sub-nets are missing, named, with the command that trains them.
+        """
         num_clusters = self.assignment().num_clusters
         missing = self.missing_subnets(num_clusters)
         legacy = self.path / "stage2" / "checkpoints" / f"{LAST}.ckpt"
         if len(missing) == num_clusters and self.finished and legacy.is_file():
-            # a run finished before stage 2 had jobs: one checkpoint held every sub-net
-            state = load_plain(legacy, map_location, "stage-2 checkpoint")["state_dict"]
-            return [
-                StageWeights(_under(state, f"subnets.{k}."), state[f"heads.{k}.weight"])
-                for k in range(num_clusters)
-            ]
+            return legacy
         if missing:
             raise ConfigError(
                 f"{self.path}: sub-nets {missing} of stage 2 are not trained; finish them "
                 f"with `{resume_command(self.path)}`"
             )
-        weights = []
-        for k in range(num_clusters):
-            saved = load_plain(self.subnet_file(k), map_location, f"sub-net {k}")
-            weights.append(StageWeights(saved["backbone"], saved["head"]))
-        return weights
+        return [self.subnet_file(k) for k in range(num_clusters)]
+
+    def check_weights(self, two_stage: bool) -> None:
+        """Every weights file an evaluation of the run reads is there and not cut short
+        (its zip directory reads; no tensor is read): ``evaluate.py run=A run=B`` checks
+        every run before the first one's evaluation, minutes at scale.
+
+        Raises:
+            FileNotFoundError: a file is missing. ValueError: one is cut short or is no
+                torch file. ConfigError: sub-nets are not trained.
+        """
+        files = {self._stage1_checkpoint(): "stage-1 checkpoint"}
+        if two_stage:
+            subnets = self._subnet_files()
+            if isinstance(subnets, Path):
+                files[subnets] = "stage-2 checkpoint"
+            else:
+                files |= {path: f"sub-net {k}" for k, path in enumerate(subnets)}
+        for path, what in files.items():
+            check_archive(path, what)
 
 
 @dataclass(frozen=True)

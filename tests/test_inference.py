@@ -13,6 +13,7 @@ import re
 import shutil
 import unicodedata
 from pathlib import Path
+from types import SimpleNamespace
 
 import faiss
 import numpy as np
@@ -1217,7 +1218,9 @@ def test_a_table_of_runs_timed_at_other_batch_sizes_says_each_rows_own(monkeypat
     }
     monkeypatch.setattr(evaluation, "evaluate_run", lambda run, overrides=(): reports[run])
     monkeypatch.setattr(evaluation, "run_folder", lambda run: RunFolder(Path(run)))
-    monkeypatch.setattr(RunFolder, "finished_config", lambda run, overrides=(): None)
+    single = SimpleNamespace(two_stage=False)
+    monkeypatch.setattr(RunFolder, "finished_config", lambda run, overrides=(): single)
+    monkeypatch.setattr(RunFolder, "check_weights", lambda run, two_stage: None)
     monkeypatch.setattr(evaluation, "check_writable", lambda run: None)  # no folders here
     monkeypatch.setattr(evaluation, "_warn_other_faces", lambda runs: None)
     table = evaluation.evaluate_runs(["a", "b"])

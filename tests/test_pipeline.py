@@ -807,6 +807,31 @@ def test_evaluate_names_a_damaged_checkpoint_in_one_line(finished_run, tmp_path,
     assert f"{last} is missing" in capsys.readouterr().err
 
 
+def test_evaluating_several_runs_checks_every_runs_weights_first(
+    finished_run, tmp_path, monkeypatch, capsys
+):
+    # run=A run=B: a sub-net file of B missing or cut short, or its stage-1 checkpoint
+    # gone, was found after A's whole evaluation (minutes at scale)
+    from facecluster import cli, evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate_run", lambda *a: pytest.fail("evaluated"))
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run.run_dir, copy)
+    runs = [f"run={finished_run.run_dir}", f"run={copy}", "eval.plots=false"]
+    subnet = RunFolder(copy).subnet_file(1)
+    subnet.write_bytes(subnet.read_bytes()[:-100])
+    assert cli.evaluate_main(runs) == 2
+    assert f"error: {subnet} (sub-net 1) cannot be read" in capsys.readouterr().err
+    subnet.unlink()
+    assert cli.evaluate_main(runs) == 2
+    assert f"error: {copy}: sub-nets [1] of stage 2 are not trained" in capsys.readouterr().err
+    last = copy / "stage1" / "checkpoints" / "last.ckpt"
+    last.unlink()
+    assert cli.evaluate_main(runs) == 2
+    err = capsys.readouterr().err
+    assert f"error: {last} is missing: deleted or moved since the run finished?" in err
+
+
 def test_runs_tested_on_other_faces_are_warned_of_in_one_table(finished_run, tmp_path, caplog):
     # evaluate.py run=A run=B put runs of other data sets or splits in one table unsaid
     from facecluster.evaluation import _warn_other_faces
