@@ -1390,6 +1390,11 @@ def test_route_settings_given_to_the_api_are_checked_by_the_configs_rules(tmp_pa
     _small_export(tmp_path)
     path = tmp_path / "identifier.pt"
     assert TwoStageIdentifier.load(path, route={"top_m": 2}).route_config["top_m"] == 2
+    # numpy and torch scalars (values computed with them) were refused by OmegaConf's
+    # "not a supported primitive type"
+    for top_m, alpha in ((np.int64(2), np.float32(0.5)), (torch.tensor(2), torch.tensor(0.5))):
+        route = TwoStageIdentifier.load(path, route={"top_m": top_m, "alpha": alpha}).route_config
+        assert (route["top_m"], route["alpha"]) == (2, 0.5) and type(route["top_m"]) is int
     with pytest.raises(ValueError, match=r"route.router_temperture: no such setting; did you "):
         TwoStageIdentifier.load(path, route={"router_temperture": 0.1})
     with pytest.raises(ValueError, match=r"\(route=\{'alpha': 2\}\): route.alpha must be in"):

@@ -1073,7 +1073,12 @@ def checked_route(route: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         ConfigError: every setting that is unknown, of another type or out of range.
     """
-    route = {"decision": "linear", **route}
+    # a numpy or torch scalar (a value computed with them) as the number it holds
+    plain = {
+        k: v.item() if isinstance(v, np.generic | Tensor) and v.ndim == 0 else v
+        for k, v in route.items()
+    }
+    route = {"decision": "linear", **plain}
     problems = route_problems(route)
     if problems:
         raise ConfigError("; ".join(problems))
