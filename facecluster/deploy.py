@@ -131,9 +131,17 @@ def export_run(
             f"{out} is a training run folder (it holds config.yaml): export to a folder of "
             f"its own, e.g. {out / 'export'}"
         )
+    from facecluster.inference.onnx import ONNX_META, check_replaceable
+
+    if (out / ONNX_META).is_file() and not (out / TORCH_FILE).exists():
+        # an export's onnx/: its identifier.pt and onnx/ went in it, and the next export
+        # to the export above refused the files it found there
+        raise ValueError(
+            f"{out} is an export's {ONNX_FOLDER} folder (it holds {ONNX_META}): export to "
+            f"{out.parent} to replace that export, or to a folder of its own"
+        )
     if out.is_dir():  # an export or enrolment there that died after its commit: completed
         finish_update(out)
-    from facecluster.inference.onnx import check_replaceable
 
     check_replaceable(out / ONNX_FOLDER)
     try:  # before the passes over the data, not after them

@@ -1433,7 +1433,7 @@ def test_a_runs_damaged_calibration_is_named_not_used(tmp_path, content, named):
 
 
 def test_export_refuses_an_out_it_cannot_write_before_any_pass(
-    open_run, tmp_path, monkeypatch, capsys
+    open_run, exported, tmp_path, monkeypatch, capsys
 ):
     # an OUT under a file (or on a read-only file system) was found after the threshold
     # and calibration passes, a bare "[Errno 20] Not a directory"
@@ -1442,6 +1442,14 @@ def test_export_refuses_an_out_it_cannot_write_before_any_pass(
     assert cli.export_main([str(open_run), str(tmp_path / "afile" / "out")]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'afile'}: export cannot write there (not a folder)" in err, err
+    # an export's onnx/ as OUT: the export went inside it, and the next export to the
+    # export above refused the identifier.pt and onnx/ it found in its onnx/
+    (tmp_path / "demo" / "onnx").mkdir(parents=True)
+    shutil.copy(exported / "onnx" / "identifier.json", tmp_path / "demo" / "onnx")
+    assert cli.export_main([str(open_run), str(tmp_path / "demo" / "onnx"), "--onnx"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'demo' / 'onnx'} is an export's onnx folder" in err, err
+    assert sorted(p.name for p in (tmp_path / "demo").rglob("*")) == ["identifier.json", "onnx"]
 
 
 def test_ctrl_c_ends_a_command_with_one_line_and_the_shells_status(tmp_path, monkeypatch, capsys):
