@@ -1377,13 +1377,18 @@ def test_an_exports_decision_numbers_are_checked_when_it_loads(tmp_path, change,
     route = {**payload["route"], **moe, **change.get("route", {})}
     open_set = {"score": "similarity", **change["open_set"]} if "open_set" in change else None
     torch.save({**payload, "route": route, "open_set": open_set}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=rf"^export {re.escape(str(tmp_path))}/bad.pt: {named}"):
-        TwoStageIdentifier.load(tmp_path / "bad.pt")
+    # a route= given beside the file's fault is not named: it was, though innocent
+    for given in (None, {"alpha": 0.5}):
+        with pytest.raises(
+            ValueError, match=rf"^export {re.escape(str(tmp_path))}/bad.pt: {named}"
+        ):
+            TwoStageIdentifier.load(tmp_path / "bad.pt", route=given)
     meta_path = tmp_path / "onnx" / "identifier.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "route": route, "open_set": open_set}))
-    with pytest.raises(ValueError, match=rf"onnx \(identifier.json\): {named}"):
-        load_onnx(tmp_path / "onnx")  # before its networks are read (it has none)
+    for given in (None, {"alpha": 0.5}):
+        with pytest.raises(ValueError, match=rf"onnx \(identifier.json\): {named}"):
+            load_onnx(tmp_path / "onnx", route=given)  # before its networks are read (none)
 
 
 def test_route_settings_given_to_the_api_are_checked_by_the_configs_rules(tmp_path):

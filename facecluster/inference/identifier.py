@@ -809,9 +809,11 @@ class TwoStageIdentifier(nn.Module):
         args = cfg.model.backbone_args(cfg.data.image_size)
         stage1 = stage1 or run.stage1_weights(map_location)
         subnets = run.subnet_weights(map_location)
-        given, route = route, {**cfg.to_dict()["route"], **(route or {})}
+        given, stored = route, cfg.to_dict()["route"]
+        route = {**stored, **(given or {})}
         for key, value in run.calibration().items():  # fitted on the validation split
-            route[key] = value if route.get(key) is None else route[key]
+            for settings in (route, stored):
+                settings[key] = value if settings.get(key) is None else settings[key]
         edited = f"{run.path}'s {{}} (config.yaml's model settings edited since training?)"
         router_backbone = load_backbone(args, stage1.backbone, edited.format("stage-1 weights"))
         networks = [
@@ -831,7 +833,7 @@ class TwoStageIdentifier(nn.Module):
                 cfg.model.shared_layers,
             )
         except ValueError as e:
-            where = f"run {run.path}" + (f" (route={given})" if given else "")
+            where = f"run {run.path}" + (f" (route={given})" if refuses(given, stored) else "")
             raise ValueError(f"{where}: {e}") from None
 
     def export(self, path: str | Path) -> Path:
@@ -925,9 +927,8 @@ class TwoStageIdentifier(nn.Module):
             )
             identifier.open_set = loaded_open_set(payload.get("open_set"), route)
         except ValueError as e:
-            raise ValueError(
-                f"export {path}{f' (route={route_given})' if route_given else ''}: {e}"
-            ) from None
+            named = f" (route={route_given})" if refuses(route_given, payload["route"]) else ""
+            raise ValueError(f"export {path}{named}: {e}") from None
         identifier.export_id = payload.get("export_id")  # None: before export ids
         return identifier
 
@@ -1101,6 +1102,23 @@ def checked_backbone(args: Any) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"backbone.{key} is {value!r}, not a positive whole number")
     return dict(args)
+
+
+def refuses(given: Mapping[str, Any] | None, stored: Mapping[str, Any]) -> bool:
+    """Whether the route check refuses the settings ``given`` (``route=`` of a load)
+    rather than the ``stored`` ones they replace: only then is ``route=`` named in the
+    error (a file's own bad number was blamed on an innocent ``route=`` beside it)."""
+    if not given:
+        return False
+    try:
+        checked_route(stored)
+    except ValueError:
+        return False  # the file's own
+    try:
+        checked_route({**stored, **given})
+    except ValueError:
+        return True
+    return False
 
 
 def _is_number(value: Any) -> bool:

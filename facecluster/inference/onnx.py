@@ -42,6 +42,7 @@ from facecluster.inference.identifier import (
     checked_backbone,
     checked_route,
     loaded_open_set,
+    refuses,
     reusable_index,
 )
 from facecluster.io import replacing, replacing_together
@@ -367,7 +368,7 @@ def load_onnx(
         route = checked_route({**meta["route"], **(given or {})})
         open_set = loaded_open_set(meta.get("open_set"), route)
     except ValueError as e:
-        source = f"{ONNX_META}, route={given}" if given else ONNX_META
+        source = f"{ONNX_META}, route={given}" if refuses(given, meta["route"]) else ONNX_META
         raise ValueError(f"ONNX export {folder} ({source}): {e}") from None
     router = OnnxBackbone(folder / "router.onnx", device)
     subnets = [OnnxBackbone(folder / f"subnet{i}.onnx", device) for i in range(k)]
