@@ -500,6 +500,12 @@ def test_a_set_the_ten_folds_cannot_measure_is_refused_before_training(tmp_path,
     mixed = [np.bool_(True), 0, np.int64(1), False, True] * 2
     (tmp_path / "numpy.bin").write_bytes(pickle.dumps((images, mixed), protocol=4))
     check_verification_sets(load_config(SMOKE, [f"data.verification=[{tmp_path / 'numpy.bin'}]"]))
+    # and so do 0 and 1 written as floats (refused); 0.5 is no flag
+    (tmp_path / "floats.bin").write_bytes(pickle.dumps((images, [1.0, 0.0] * 5), protocol=4))
+    check_verification_sets(load_config(SMOKE, [f"data.verification=[{tmp_path}/floats.bin]"]))
+    (tmp_path / "half.bin").write_bytes(pickle.dumps((images, [0.5, 1.0] * 5), protocol=4))
+    with pytest.raises(ConfigError, match=r"pair 0's is-same flag is 0.5 \(float\)"):
+        check_verification_sets(load_config(SMOKE, [f"data.verification=[{tmp_path}/half.bin]"]))
     # from train.py: one line, before the data scan, and no run folder
     code = cli.train_main(["-c", str(SMOKE), f"data.verification=[{tmp_path / 'two.bin'}]",
                            f"output_dir={tmp_path / 'runs'}"])  # fmt: skip

@@ -513,11 +513,11 @@ def read_bin(path: str | Path) -> VerificationPairs:
 
 
 def _flag(value: object, p: int) -> bool:
-    """Pair ``p``'s is-same flag: a bool, numpy bool, or the integer 0 or 1. Anything
-    else is refused: ``bool()`` read the string "no" as True."""
+    """Pair ``p``'s is-same flag: a bool, numpy bool, or the number 0 or 1 (an int or a
+    float). Anything else is refused: ``bool()`` read the string "no" as True."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
-    if isinstance(value, (int, np.integer)) and value in (0, 1):
+    if isinstance(value, (int, float, np.integer, np.floating)) and value in (0, 1):
         return bool(value)
     shown = repr(value)
     shown = shown if len(shown) <= 40 else shown[:37] + "..."
