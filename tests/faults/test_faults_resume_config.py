@@ -98,8 +98,6 @@ def test_the_same_data_at_another_path_resumes_and_other_data_is_refused(tmp_pat
     # staging a data set to another path (node-local disk, a new mount, the project
     # moved) is routine: a resume naming it was refused as another data.root, though
     # the data itself decides, identity by identity and by its split's digests
-    import shutil
-
     from facecluster.pipeline import train
 
     moved, other = tmp_path / "moved", tmp_path / "other"
