@@ -1518,3 +1518,14 @@ def test_an_exports_damaged_backbone_settings_are_named_when_it_loads(exported, 
         named = rf"identifier.pt: backbone.image_size is {size_given!r}, not a positive whole"
         with pytest.raises(ValueError, match=rf"^export {re.escape(str(copy))}/{named}"):
             TwoStageIdentifier.load(copy / "identifier.pt")
+
+
+def test_identify_refuses_images_the_networks_do_not_take(tmp_path):
+    # a size-agnostic backbone embedded crops of another size or channels last without
+    # a word (an IResNet failed with a matrix-size error)
+    _small_export(tmp_path)
+    identifier = TwoStageIdentifier.load(tmp_path / "identifier.pt")
+    assert len(identifier.identify(torch.zeros(2, 3, 16, 16)).identity) == 2
+    for shape in ((2, 3, 32, 32), (2, 16, 16, 3), (3, 16, 16), (2, 1, 16, 16)):
+        with pytest.raises(ValueError, match=r"takes a batch \[B, 3, 16, 16\] of normalised"):
+            identifier.identify(torch.zeros(shape))

@@ -432,6 +432,7 @@ class TwoStageIdentifier(nn.Module):
         """
         if k < 1:  # it failed in the ranking with a tensor size mismatch
             raise ValueError(f"k={k}: keep at least 1 candidate per face")
+        self._check_images(images)
         top_m = self.route_config["top_m"] if top_m is None else top_m
         alpha = self.route_config["alpha"] if alpha is None else alpha
         moe = self.route_config["decision"] == "moe"
@@ -606,6 +607,19 @@ class TwoStageIdentifier(nn.Module):
         keep_top(best_score, best_id, rows, score.to(best_score.dtype), members, carried, empty_id)
 
     @torch.no_grad()
+    def _check_images(self, images: Tensor) -> None:
+        """Face crops as the networks take them: a size-agnostic backbone (``tiny``,
+        timm CNNs) embedded crops of another size, or channels last, without a word,
+        and an IResNet failed with a matrix-size error."""
+        size = self.backbone_args["image_size"]
+        expected = (3, size, size)
+        if images.ndim == 3 or (images.ndim == 4 and tuple(images.shape[1:]) != expected):
+            raise ValueError(
+                f"images of shape {list(images.shape)}: this identifier takes a batch "
+                f"[B, 3, {size}, {size}] of normalised RGB crops (channels first; one face "
+                "as images[None])"
+            )
+
     def enroll(
         self, faces: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], batch_size: int = 64
     ) -> dict[str, int]:
