@@ -1273,7 +1273,7 @@ def _data_set(root: Path) -> Path:
     its folder), else the image folder."""
     try:
         paths = rec_paths(root)
-    except OSError:  # a folder this user cannot search: compared as written
+    except (OSError, ValueError):  # a folder this user cannot search: compared as written
         paths = None
     return (paths[0] if paths is not None else root).resolve()
 

@@ -1065,3 +1065,35 @@ def test_an_evaluation_split_under_ddp_is_padded_with_faces_no_score_counts(work
         seen += labels[scored(labels)].tolist()
         assert (labels[~scored(labels)] == IGNORED).all()
     assert len(expected) % 3 and sorted(seen) == sorted(expected)  # each face once
+
+
+def test_a_folder_this_user_cannot_read_is_named_in_one_line(tmp_path, monkeypatch, capsys):
+    # a folder without read permission ended the run in a PermissionError traceback
+    # (exit 1): from the scan of an identity folder, or, for data.root itself, naming
+    # the train.rec the look for a RecordIO file could not stat; a link to such a folder
+    # was "a broken or looping symlink", dropped
+    from facecluster import cli
+    from facecluster.data.folder import scan
+    from tests.conftest import SMOKE
+
+    root = _make_tree(tmp_path / "data", {"alice": 3, "bob": 3})
+    scandir = os.scandir
+    locked = {str(root / "bob"), str(root)}
+
+    def refusing(path="."):
+        if str(path) in locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    locked.discard(str(root))
+    with pytest.raises(ValueError, match=rf"cannot read {root / 'bob'} \(Permission denied\)"):
+        scan(root)
+    runs = tmp_path / "runs"
+    assert cli.train_main(["-c", str(SMOKE), f"data.root={root}", f"output_dir={runs}"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: data: data.root='{root}': cannot read {root / 'bob'}" in err, err
+    assert "Traceback" not in err and not runs.exists()
+    locked.add(str(root))
+    with pytest.raises(ValueError, match=rf"cannot read the folder {root} \(Permission denied\)"):
+        scan(root)

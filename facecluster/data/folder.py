@@ -284,8 +284,8 @@ def _entry_kind(entry: os.DirEntry) -> str:
             return "dir"
         if entry.is_file():
             return "file"
-    except OSError as e:
-        if e.errno == errno.ELOOP or entry.is_symlink():
+    except OSError as e:  # a link to a folder this user may not enter: not broken
+        if e.errno == errno.ELOOP or (entry.is_symlink() and e.errno != errno.EACCES):
             return "bad_link"
         raise
     return "bad_link" if entry.is_symlink() else "other"
@@ -438,23 +438,32 @@ def scan_image_folder(
     empty_folders: list[str] = []
     root_files: list[str] = []
     root_bad_links: list[str] = []
-    with os.scandir(root) as entries:
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            kind = _entry_kind(entry)
-            if kind == "bad_link":
-                root_bad_links.append(entry.path)
-                continue
-            if kind != "dir":
-                root_files.append(entry.path)
-                continue
-            listing = _list_images(entry.path)
-            listings[entry.name] = listing
-            if listing.images:
-                found[entry.name] = listing.images
-            elif not listing.empty:  # image files that are all zero bytes: counted below
-                empty_folders.append(entry.path)
+    where = root
+    try:  # a folder or file this user may not read: named, not a PermissionError traceback
+        with os.scandir(root) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                where = Path(entry.path)
+                kind = _entry_kind(entry)
+                if kind == "bad_link":
+                    root_bad_links.append(entry.path)
+                    continue
+                if kind != "dir":
+                    root_files.append(entry.path)
+                    continue
+                listing = _list_images(entry.path)
+                listings[entry.name] = listing
+                if listing.images:
+                    found[entry.name] = listing.images
+                elif not listing.empty:  # image files that are all zero bytes: counted below
+                    empty_folders.append(entry.path)
+    except OSError as e:
+        culprit = e.filename or where
+        raise ValueError(
+            f"{name}={str(root)!r}: cannot read {culprit} ({e.strerror or e}): make the "
+            "data readable by this user, or move what it cannot read out of the folder"
+        ) from None
     empty_folders.sort()
     root_files.sort()
     root_bad_links.sort()

@@ -184,29 +184,40 @@ def rec_paths(root: str | Path) -> tuple[Path, Path] | None:
     The ``.idx`` is always the ``.rec``'s path with the suffix ``.idx``."""
     root = Path(root).expanduser()
     if root.is_dir():
-        rec = root / "train.rec"
-        if rec.is_file():
-            return rec, rec.with_suffix(".idx")
-        found = []
-        with os.scandir(root) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                try:
-                    if entry.is_dir():
-                        return None
-                    if entry.name.endswith(".rec") and entry.is_file():
-                        found.append(Path(entry.path))
-                except OSError:  # a looping link is no data set file
-                    continue
-        if len(found) != 1 or not found[0].with_suffix(".idx").is_file():
-            return None
-        return found[0], found[0].with_suffix(".idx")
+        try:
+            return _rec_in_folder(root)
+        except PermissionError as e:  # it named the train.rec it could not look for
+            raise ValueError(
+                f"cannot read the folder {root} ({e.strerror}): make it readable by this "
+                "user (or run as one who can read it)"
+            ) from None
     if root.suffix == ".idx" and root.is_file():  # a missing one: not found as written
         root = root.with_suffix(".rec")
     if root.suffix != ".rec":
         return None
     return root, root.with_suffix(".idx")
+
+
+def _rec_in_folder(root: Path) -> tuple[Path, Path] | None:
+    """:func:`rec_paths` of a folder."""
+    rec = root / "train.rec"
+    if rec.is_file():
+        return rec, rec.with_suffix(".idx")
+    found = []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    return None
+                if entry.name.endswith(".rec") and entry.is_file():
+                    found.append(Path(entry.path))
+            except OSError:  # a looping link is no data set file
+                continue
+    if len(found) != 1 or not found[0].with_suffix(".idx").is_file():
+        return None
+    return found[0], found[0].with_suffix(".idx")
 
 
 def _canonical_index(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
