@@ -229,6 +229,11 @@ class FaceImageDataset(Dataset):
             # an undecodable image in a sound record: where it is, as a RecordError says
             key = int(self.samples.source(index))
             path = f"{path} (offset {self.records.offsets.get(key)})"
+        if isinstance(error, PermissionError):  # not a damaged image: skip would hide it
+            raise BadImageError(
+                f"cannot read {path} ({error.strerror or error}): the file is not damaged "
+                "but this user may not read it; make the data readable by this user"
+            )
         if self.on_bad_image == "fail":
             # Raised while training, where no config layer can add the key: the
             # message names the setting as the user wrote it.

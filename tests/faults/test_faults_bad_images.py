@@ -726,3 +726,21 @@ def test_a_process_whose_ddp_peer_is_gone_says_how_to_continue_the_run(
     monkeypatch.setenv("FACECLUSTER_JOB", "subnets-0")
     assert train_main(["-c", str(SMOKE), *smoke_overrides(tmp_path / "job", "logger=none")]) == 1
     assert "continue the run" not in capsys.readouterr().err
+
+
+def test_a_file_this_user_cannot_read_stops_as_such_under_skip(tmp_path, monkeypatch):
+    # a file without read permission was counted as a damaged image under skip ("the
+    # data set looks damaged ... Repair or remove them"), or replaced by another image
+    # without a word within data.max_bad_fraction
+    ds = _broken_dataset(tmp_path, max_bad_fraction=0.9)
+    read_bytes = Path.read_bytes
+
+    def refusing(path):
+        if path.name == "0.jpg":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refusing)
+    ds[2]
+    with pytest.raises(BadImageError, match=r"0\.jpg \(Permission denied\): the file is not"):
+        ds[0]
