@@ -276,8 +276,10 @@ class FaceImageDataset(Dataset):
         if self._not_mine(label):
             return self._not_mine_substitute(index, encoded)
         raise BadImageError(
-            f"every image of identity label {label} in the {self.split_name} is undecodable "
-            f"(e.g. {self.samples.locator(index)}); nothing can replace them"
+            f"every image in the {self.split_name} of the identity of "
+            f"{self.samples.locator(index)} (label {label}) is undecodable; nothing can "
+            "replace them: repair them (a run keeps its identities: one removed from the "
+            "data cannot be resumed; remove it and start a new run instead)"
         )
 
     def _not_mine(self, label: int) -> bool:

@@ -147,7 +147,7 @@ def test_identity_with_no_readable_image_is_named(tmp_path):
     ds = FaceImageDataset(
         [(str(tmp_path / "a.jpg"), 5)], build_transforms(8, True), max_bad_fraction=1.0
     )
-    with pytest.raises(BadImageError, match="every image of identity label 5"):
+    with pytest.raises(BadImageError, match=r"of the identity of \S+a.jpg \(label 5\) is undec"):
         ds[0]
     ds = FaceImageDataset(
         [(str(tmp_path / "a.jpg"), 5)], build_transforms(8, False), max_bad_fraction=1.0
@@ -526,7 +526,7 @@ def test_an_evaluation_face_nothing_can_replace_is_left_out_not_fatal(tmp_path, 
     for path, label in dm.split_samples("train"):
         if label == 1:
             truncate(Path(path))
-    with pytest.raises(BadImageError, match="every image of identity label 1 in the train"):
+    with pytest.raises(BadImageError, match=r"every image in the train split of the identity"):
         for _ in dm.train_dataloader():
             pass
 
