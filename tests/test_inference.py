@@ -705,6 +705,8 @@ def test_evaluating_on_other_data_says_so_before_reading_its_images(finished_run
             (tmp_path / person / f"{i}.jpg").write_bytes(bytes(range(200)) * 3)
     with pytest.raises(ConfigError, match=r"the data gives 6 identities, the run trained on"):
         evaluation.evaluate_run(finished_run, [f"data.root={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"to train on other identities, start a new run\)$"):
+        evaluation.evaluate_run(finished_run, [f"data.root={tmp_path}"])
 
 
 @pytest.mark.slow
