@@ -1343,7 +1343,9 @@ def load_config(
         if p.is_dir():  # was "config file not found"
             raise ConfigError(f"config file {given} is a folder: name a YAML file in it")
         if not p.is_file():
-            raise ConfigError(f"config file not found: {given}")
+            # `-c output_dir=x`: the file after -c left out, the next argument taken
+            hint = " (-c takes a YAML file, not a key=value override)" if "=" in str(given) else ""
+            raise ConfigError(f"config file not found: {given}{hint}")
         try:
             loaded = OmegaConf.load(p)
         except Exception as e:  # YAML syntax errors name line and column
