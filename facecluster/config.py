@@ -726,6 +726,10 @@ class EvalConfig:
         return r.problems
 
 
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"
+"""Characters W&B refuses in a project name (wandb's own check, at ``wandb.init``)."""
+
+
 @dataclass
 class WandbConfig:
     project: str = "facecluster"
@@ -742,6 +746,14 @@ class WandbConfig:
         if self.mode is not None:
             r.choice("mode", self.mode, ("online", "offline", "disabled"))
         # wandb refused them when stage 1's fit started, after the data scan
+        bad = sorted({c for c in str(self.project) if c in WANDB_PROJECT_FORBIDDEN})
+        if bad:
+            r.add(
+                f"wandb.project={self.project!r}: a W&B project name cannot hold "
+                f"{' '.join(bad)} (W&B's rule; the team goes in wandb.entity)"
+            )
+        if len(str(self.project)) > 128:
+            r.add(f"wandb.project: at most 128 characters (W&B's rule), got {len(self.project)}")
         for tag in self.tags:
             if not 1 <= len(str(tag)) <= 64:
                 r.add(f"wandb.tags: each tag is 1 to 64 characters (W&B's rule), got {tag!r}")

@@ -56,7 +56,7 @@ from facecluster.inference import Predictor, StageOneModel, TwoStageIdentifier
 from facecluster.inference.openset import fnir_at_fpir
 from facecluster.inference.verification import verify
 from facecluster.io import atomic_torch_save, check_can_write, load_plain, replacing_together
-from facecluster.loggers import wandb_run
+from facecluster.loggers import check_wandb_server, wandb_run
 from facecluster.models.components import load_backbone
 from facecluster.plots import alpha_plot, class_means_plot, top_m_plot
 from facecluster.results import markdown_table, provenance
@@ -382,6 +382,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunE
     cfg.route.check_identities(len(run.class_names()))  # before any weights are read
     _check_precision(cfg, overrides)
     check_writable(run)
+    check_wandb_server(cfg)  # logger=wandb: what wandb refuses, before the evaluation
     torch.manual_seed(cfg.seed)
     if cfg.two_stage:
         report = _evaluate_two_stage(run, cfg)
@@ -672,6 +673,7 @@ def evaluate_runs(run_dirs: list[str | Path], overrides: list[str] | tuple = ())
         cfg = folder.finished_config(overrides)
         folder.check_weights(cfg.two_stage)
         check_writable(folder)
+        check_wandb_server(cfg)
     _warn_other_faces(folders)
     reports = [evaluate_run(r, overrides) for r in run_dirs]
     rows = [row for rep in reports for row in rep.rows]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import netrc
 import os
 import signal
@@ -168,12 +169,19 @@ def check_wandb_server(cfg: Config) -> None:
     API key for the server (wandb's UsageError, after minutes of scanning a ``.rec``)."""
     if cfg.logger != "wandb":
         return
+    if importlib.util.find_spec("wandb") is None:  # Lightning's error came at the fit
+        raise ConfigError(
+            "logger=wandb needs the wandb package: pip install 'wandb>=0.17', or log with "
+            "logger=csv (or none)"
+        )
     host, port, netloc = _wandb_server()
     env = os.environ.get("WANDB_MODE")
-    if not cfg.wandb.mode and env and env not in WANDB_MODES:
+    # wandb reads it whatever mode it is given: one set empty failed at the fit too
+    if env is not None and env not in WANDB_MODES:
         raise ConfigError(
-            f"WANDB_MODE={env!r} is not a W&B mode ({', '.join(WANDB_MODES)}): unset it to "
-            "let facecluster decide, or set wandb.mode=online|offline|disabled"
+            f"WANDB_MODE={env!r} is not a W&B mode ({', '.join(WANDB_MODES)}), and wandb "
+            "reads it whatever wandb.mode says: unset it (facecluster then decides), or set "
+            "it to one of those"
         )
     mode, why = _chosen_mode(cfg) or (None, "")
     if mode in ("online", "shared", "run") and not _has_wandb_key(netloc):

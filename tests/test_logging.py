@@ -86,10 +86,21 @@ def test_a_wandb_mode_that_cannot_log_is_refused_before_the_data_scan(monkeypatc
     assert not scanned and not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="wandb.mode=online logs to W&B, but there is no API"):
         check_wandb_server(load_config(SMOKE, [*wandb, "wandb.mode=online"]))
-    monkeypatch.setenv("WANDB_MODE", "bogus")
-    with pytest.raises(ConfigError, match="WANDB_MODE='bogus' is not a W&B mode"):
-        check_wandb_server(load_config(SMOKE, wandb))
-    check_wandb_server(load_config(SMOKE, [*wandb, "wandb.mode=offline"]))  # it decides
+    # set empty, or beside a wandb.mode (wandb reads it all the same: its pydantic
+    # traceback at the fit, after the scan, and from evaluate.py after the evaluation)
+    for bad in ("bogus", ""):
+        monkeypatch.setenv("WANDB_MODE", bad)
+        for mode in ([], ["wandb.mode=offline"]):
+            with pytest.raises(ConfigError, match=rf"WANDB_MODE={bad!r} is not a W&B mode"):
+                check_wandb_server(load_config(SMOKE, [*wandb, *mode]))
+    # wandb not installed: Lightning's ModuleNotFoundError came at the fit
+    with monkeypatch.context() as m:
+        m.setattr("importlib.util.find_spec", lambda name, *a: None)
+        with pytest.raises(ConfigError, match=r"logger=wandb needs the wandb package: pip"):
+            check_wandb_server(load_config(SMOKE, wandb))
+    # a project name W&B refuses: at the config, not at the fit
+    with pytest.raises(ConfigError, match=r"wandb.project='a/b': a W&B project name cannot"):
+        load_config(SMOKE, [*wandb, "wandb.project=a/b"])
     for fine in ("offline", "disabled", "dryrun"):
         monkeypatch.setenv("WANDB_MODE", fine)
         check_wandb_server(load_config(SMOKE, wandb))
