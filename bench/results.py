@@ -439,6 +439,15 @@ def render(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
+def page_path(json_path: str | None, page: str | None) -> Path:
+    """Where the page goes (relative paths are the project root's): ``page``, else
+    beside a ``--json`` of one's own (a trial rewrote docs/RESULTS.md), else the
+    project's docs/RESULTS.md."""
+    if page is not None:
+        return Path(page)
+    return Path("docs/RESULTS.md") if json_path is None else Path(json_path).with_suffix(".md")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
@@ -451,7 +460,11 @@ def main() -> None:
     parser.add_argument("-c", "--config", action="append", default=None, help="experiment configs")
     parser.add_argument("--set", nargs="*", default=[], help="overrides for every run")
     parser.add_argument("--json", default=None, help="bench/results/<experiment>.json")
-    parser.add_argument("--page", default="docs/RESULTS.md")
+    parser.add_argument(
+        "--page",
+        default=None,
+        help="default: docs/RESULTS.md, or beside --json (as .md) when --json is given",
+    )
     parser.add_argument(
         "--intro", default=None, help="the page's opening (bench/results/<experiment>_intro.md)"
     )
@@ -463,7 +476,7 @@ def main() -> None:
     configs = args.config or ["configs/experiment/lfw423.yaml"]
     experiment = experiment_name(configs)
     json_path = ROOT / (args.json or f"bench/results/{experiment}.json")
-    page = ROOT / args.page
+    page = ROOT / page_path(args.json, args.page)
     command = "python " + " ".join(["bench/results.py", *sys.argv[1:]])
     if args.render_only:  # the page (and the JSON's aggregate) again from the runs kept
         result = json.loads(json_path.read_text())

@@ -825,8 +825,16 @@ def main() -> None:
         help="the memory model's check: a whole head of this many rows (0: none)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--doc", type=Path, default=DOC, help="where SCALE.md goes")
+    parser.add_argument(
+        "--doc",
+        type=Path,
+        default=None,
+        help="where the page goes (default: docs/SCALE.md for the default --out, else "
+        "beside --out, as .md; the heads plot beside it)",
+    )
     args = parser.parse_args()
+    # an --out of one's own (a trial at toy size) rewrote the project's page and plot
+    args.doc = args.doc or (DOC if args.out == RESULTS else args.out.with_suffix(".md"))
     threads = torch.get_num_threads()
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
     parts = [] if args.render_only else args.part

@@ -212,7 +212,12 @@ def test_scale_benchmark_runs_small_and_writes_its_page(tmp_path):
     # bench/scale.py (docs/SCALE.md) at toy size: head memory and step time (the larger
     # head computed from the smaller), the clustering timings, routing through the
     # cluster lists equal to exact search once every cluster is probed, and the page.
-    out, doc = tmp_path / "scale.json", tmp_path / "SCALE.md"
+    # no --doc: the page goes beside --out (the project's docs/SCALE.md and its plot
+    # were rewritten by a trial of one's own)
+    out, doc = tmp_path / "scale.json", tmp_path / "scale.md"
+    project = {
+        p: p.read_bytes() for p in (ROOT / "docs" / "SCALE.md", ROOT / "docs" / "scale_heads.png")
+    }
     command = [
         sys.executable, "bench/scale.py", "--part", "heads", "clustering", "routing",
         "--classes", "3000", "--dim", "32", "--clusters", "8", "--topics", "64",
@@ -221,9 +226,10 @@ def test_scale_benchmark_runs_small_and_writes_its_page(tmp_path):
         "--peak-rows", "2000",
         "--lists-per-cluster", "4", "--split-nprobe", "32", "--fine-nlist", "64",
         "--fine-nprobe", "8",
-        "--out", str(out), "--doc", str(doc),
+        "--out", str(out),
     ]  # fmt: skip
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert all(path.read_bytes() == data for path, data in project.items())
     result = json.loads(out.read_text())
     clustering = result["clustering"]
     assert clustering["bare faiss.Kmeans"]["vs_bare"] == 1.0
@@ -394,6 +400,10 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, 
 def test_results_pair_the_top_m_values_every_seed_scored():
     # a run kept from before the top_m sweep doubled has every top_m from 1 to K
     results = load_script("bench/results.py")
+    # its page goes beside a --json of one's own, not over docs/RESULTS.md
+    assert results.page_path(None, None) == Path("docs/RESULTS.md")
+    assert results.page_path("/tmp/trial.json", None) == Path("/tmp/trial.md")
+    assert results.page_path("/tmp/trial.json", "p.md") == Path("p.md")
     kept = json.loads((ROOT / "bench" / "results" / "lfw423.json").read_text())
     runs = kept["runs"]
     seed = runs["clustered"]["43"]
