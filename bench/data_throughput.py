@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from facecluster.cli import exit_process
+from facecluster.cli import at_least, exit_process
 from facecluster.data import FaceDataModule
 from facecluster.data.images import EncodedImages, decode_on_device
 from facecluster.data.pack import pack_folder
@@ -283,11 +283,13 @@ def device_step_us(batch_size: int, rounds: int = 20) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="../shared/datasets/lfw-112/images")
-    parser.add_argument("--batches", type=int, default=90, help="timed per loader")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--seconds", type=float, default=1.0, help="per decode-rate measurement")
+    parser.add_argument("--batches", type=at_least(1), default=90, help="timed per loader")
+    parser.add_argument("--batch-size", type=at_least(1), default=128)
+    parser.add_argument("--rounds", type=at_least(1), default=3)
+    parser.add_argument("--workers", type=at_least(0), nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--seconds", type=at_least(0.01, float), default=1.0, help="per decode-rate measurement"
+    )
     parser.add_argument(
         "--decode-device",
         default="cuda" if torch.cuda.is_available() else "cpu",

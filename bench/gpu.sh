@@ -15,22 +15,34 @@
 # Options: --out FILE (default bench/results/gpu.json), --lfw DIR (default
 # ../shared/datasets/lfw-112/images when it is there, else the bundled
 # datasets/lfw-demo/images; --dry-run: the bundled set). Each step's JSON is kept in FILE's folder as
-# gpu-parts/ even when a later step fails, and merged into FILE at the end.
+# gpu-parts/ even when a later step fails, and merged into FILE at the end. --dry-run
+# writes to $TMPDIR (or /tmp) unless given --out: it never replaces the GPU figures.
+# Relative paths given are the caller's; the defaults are the project's.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-
+usage="use --dry-run, --out FILE, --lfw DIR"
 DRY=0
-OUT=bench/results/gpu.json
+OUT=
 LFW=
 while [ $# -gt 0 ]; do
   case "$1" in
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | cut -c3-; exit 0 ;;
     --dry-run) DRY=1 ;;
-    --out) OUT=$2; shift ;;
-    --lfw) LFW=$2; shift ;;
-    *) echo "bench/gpu.sh: unknown argument $1 (use --dry-run, --out FILE, --lfw DIR)" >&2; exit 2 ;;
+    --out|--lfw)
+      if [ $# -lt 2 ] || [ -z "$2" ]; then
+        echo "bench/gpu.sh: $1 needs a value ($usage)" >&2; exit 2
+      fi
+      case "$2" in /*) value=$2 ;; *) value=$PWD/$2 ;; esac
+      if [ "$1" = --out ]; then OUT=$value; else LFW=$value; fi
+      shift ;;
+    *) echo "bench/gpu.sh: unknown argument $1 ($usage)" >&2; exit 2 ;;
   esac
   shift
 done
+cd "$(dirname "$0")/.."
+if [ -z "$OUT" ]; then
+  OUT=bench/results/gpu.json
+  [ "$DRY" = 1 ] && OUT=${TMPDIR:-/tmp}/facecluster-gpu-dry-run.json
+fi
 if [ -z "$LFW" ]; then
   LFW=../shared/datasets/lfw-112/images
   { [ "$DRY" = 1 ] || [ ! -d "$LFW" ]; } && LFW=datasets/lfw-demo/images
@@ -38,6 +50,11 @@ fi
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python
 [ -d "$LFW" ] || { echo "bench/gpu.sh: no image folder at $LFW (--lfw DIR)" >&2; exit 1; }
+if [ "$DRY" = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "bench/gpu.sh: no CUDA device visible to $PY; run with --dry-run to check the script" >&2
+  exit 1
+fi
+# after the checks: a refused start leaves the parts of the last run as they were
 PARTS=$(dirname "$OUT")/gpu-parts
 rm -rf "$PARTS"
 mkdir -p "$PARTS"
@@ -51,10 +68,6 @@ if [ "$DRY" = 1 ]; then
   RUN=(-c configs/smoke.yaml data.max_classes=8 trainer.accelerator=cpu eval.plots=false)
   DATA=(--batches 2 --batch-size 8 --rounds 1 --workers 0 --seconds 0.2)
 else
-  if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "bench/gpu.sh: no CUDA device visible to $PY; run with --dry-run to check the script" >&2
-    exit 1
-  fi
   ACC=gpu
   PRECISIONS="bf16-mixed 16-mixed"
   OVERHEAD=(--backbone iresnet50 --width 64 --image-size 112 --batch-size 256 --classes 10000 --steps 20 --warmup 5 --rounds 3)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from facecluster.cli import exit_process
+from facecluster.cli import at_least, exit_process
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import RouteConfig
 from facecluster.inference import TwoStageIdentifier
@@ -39,17 +39,19 @@ from facecluster.timing import time_interleaved
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="iresnet18")
-    parser.add_argument("--width", type=int, default=32, help="IResNet base width")
-    parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--embedding-dim", type=int, default=512)
-    parser.add_argument("--clusters", type=int, default=8)
-    parser.add_argument("--identities", type=int, default=10_000)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--width", type=at_least(1), default=32, help="IResNet base width")
+    parser.add_argument("--image-size", type=at_least(1), default=112)
+    parser.add_argument("--embedding-dim", type=at_least(1), default=512)
+    parser.add_argument("--clusters", type=at_least(1), default=8)
+    parser.add_argument("--identities", type=at_least(1), default=10_000)
+    parser.add_argument("--batch", type=at_least(1), default=256)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--index", default="flat")
-    parser.add_argument("--shared-layers", type=int, nargs="*", default=[0, 2, 3, 4])
+    parser.add_argument("--shared-layers", type=at_least(0), nargs="*", default=[0, 2, 3, 4])
     parser.add_argument("--out", default="bench/results/routing_throughput.json")
     args = parser.parse_args()
+    if args.identities < args.clusters:  # "assignment has 2 clusters but there are 4 sub-nets"
+        parser.error(f"--identities {args.identities} cannot fill --clusters {args.clusters}")
     torch.manual_seed(0)
 
     kwargs = {"width": args.width} if args.backbone.startswith("iresnet") else {}

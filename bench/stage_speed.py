@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from facecluster.cli import exit_process
+from facecluster.cli import at_least, exit_process
 from facecluster.config import load_config
 from facecluster.evaluation import evaluate_run
 from facecluster.pipeline import train
@@ -75,7 +75,7 @@ class StageSpeed(L.Callback):
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--config", action="append", default=[])
-    parser.add_argument("--skip", type=int, default=2, help="untimed first steps per stage")
+    parser.add_argument("--skip", type=at_least(0), default=2, help="untimed first steps per stage")
     parser.add_argument("--out", default="bench/results/stage_speed.json")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from facecluster.cli import at_least
 from facecluster.models.subnets_module import SubnetSystem
 from facecluster.results import measured
 
@@ -62,11 +63,13 @@ def step(model: SubnetSystem, batch: dict, dtype: torch.dtype | None) -> tuple[i
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="iresnet50")
-    p.add_argument("--image-size", type=int, default=112)
-    p.add_argument("--width", type=int, help="the backbone's base width (default: its own)")
-    p.add_argument("--batch", type=int, default=4, help="images per sub-net")
-    p.add_argument("--clusters", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--repeats", type=int, default=3, help="timed steps of each setting, in turn")
+    p.add_argument("--image-size", type=at_least(1), default=112)
+    p.add_argument("--width", type=at_least(1), help="the backbone's base width (default: its own)")
+    p.add_argument("--batch", type=at_least(1), default=4, help="images per sub-net")
+    p.add_argument("--clusters", type=at_least(1), nargs="+", default=[1, 2, 4])
+    p.add_argument(
+        "--repeats", type=at_least(1), default=3, help="timed steps of each setting, in turn"
+    )
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     torch.manual_seed(0)

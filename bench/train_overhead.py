@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from facecluster.builders import build_trainer, module_args
-from facecluster.cli import exit_process
+from facecluster.cli import at_least, exit_process
 from facecluster.clustering.means import accumulate_class_sums, embedding_class_sums
 from facecluster.config import load_config
 from facecluster.data.datamodule import network_batches
@@ -201,14 +201,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", default="false", choices=["false", "true"])
     parser.add_argument("--channels-last", default="false", choices=["false", "true"])
     parser.add_argument("--backbone", default="iresnet18")
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--classes", type=int, default=160)
-    parser.add_argument("--clusters", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=15, help="timed steps per fit")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--width", type=at_least(1), default=16)
+    parser.add_argument("--image-size", type=at_least(1), default=64)
+    parser.add_argument("--batch-size", type=at_least(1), default=64)
+    parser.add_argument("--classes", type=at_least(2), default=160)
+    parser.add_argument("--clusters", type=at_least(1), default=2)
+    parser.add_argument("--steps", type=at_least(1), default=15, help="timed steps per fit")
+    parser.add_argument("--warmup", type=at_least(0), default=3)
+    parser.add_argument("--rounds", type=at_least(1), default=5)
     parser.add_argument("--out", default="bench/results/train_overhead.json")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.accelerator in ("gpu", "cuda") else "cpu")

@@ -85,6 +85,25 @@ NaN, inf or zero).
 EXPORTED = " (a folder written by facecluster export)"
 
 
+def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse ``type``: a number of ``kind`` (int or float) not below ``minimum``,
+    refused in argparse's one line otherwise (a count of 0 made a benchmark divide by
+    zero or time nothing, and write its figures all the same)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not value >= minimum:  # NaN too
+            raise argparse.ArgumentTypeError(f"{text} is below {minimum:g}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
 def _parser(prog: str, help_text: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         prog=prog,

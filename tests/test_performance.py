@@ -3,9 +3,11 @@ accelerator path, the overhead benchmark and bench/gpu.sh (dry run)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from datetime import datetime
@@ -154,9 +156,9 @@ def test_gpu_script_dry_run_writes_every_figure(tmp_path):
     # bench/gpu.sh as a GPU machine runs it, every step at toy size on the CPU (the
     # bundled demo set)
     out = tmp_path / "gpu.json"
-    done = subprocess.run(
-        ["bash", "bench/gpu.sh", "--dry-run", "--out", str(out)],
-        cwd=ROOT,
+    done = subprocess.run(  # a relative --out is the caller's (it was the project's)
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "--out", "gpu.json"],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         env={**os.environ, "PY": sys.executable},
@@ -183,6 +185,14 @@ def test_gpu_script_dry_run_writes_every_figure(tmp_path):
         assert figures[part]["code"] == source_digest(), part
     bad = subprocess.run(["bash", "bench/gpu.sh", "--bogus"], cwd=ROOT, capture_output=True)
     assert bad.returncode == 2 and b"--bogus" in bad.stderr
+    bad = subprocess.run(["bash", "bench/gpu.sh", "--out"], cwd=ROOT, capture_output=True)
+    assert bad.returncode == 2 and b"--out needs a value" in bad.stderr  # "$2: unbound"
+    if not torch.cuda.is_available():  # refused: the parts of the last run stay (emptied)
+        done = subprocess.run(
+            ["bash", "bench/gpu.sh", "--out", str(out)], cwd=ROOT, capture_output=True
+        )
+        assert done.returncode == 1 and b"no CUDA device visible" in done.stderr
+        assert (tmp_path / "gpu-parts" / "stages.json").is_file()
 
 
 def test_eval_device_is_checked_before_training():
@@ -503,3 +513,37 @@ def test_sample_index_benchmark_measures_setup_and_a_forked_workers_copy(tmp_pat
     with pytest.raises(SystemExit) as bad:
         run_script("bench/sample_index.py", "--images", "5", "--identities", "9")
     assert bad.value.code == 2 and "--identities" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "said"),
+    [
+        ("data_throughput.py", ["--batches", "0"], "argument --batches: 0 is below 1"),
+        ("routing_throughput.py", ["--identities", "2", "--clusters", "4"], "cannot fill"),
+        ("train_overhead.py", ["--classes", "1"], "argument --classes: 1 is below 2"),
+        ("subnet_memory.py", ["--clusters", "0"], "argument --clusters: 0 is below 1"),
+        ("stage_speed.py", ["--skip", "-1"], "argument --skip: -1 is below 0"),
+    ],
+)
+def test_a_benchmark_refuses_a_count_that_measures_nothing(script, args, said):
+    # 0 or a negative count ended in a ZeroDivisionError or StatisticsError traceback, or
+    # wrote figures of nothing timed (exit 0)
+    done = subprocess.run(
+        [sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and said in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_the_benchmarks_count_type_takes_numbers_from_a_minimum():
+    from facecluster.cli import at_least
+
+    assert at_least(0.01, float)("0.5") == 0.5 and at_least(0)("0") == 0
+    for parse, text, error in (
+        (at_least(0.01, float), "-1", "-1 is below 0.01"),
+        (at_least(0.01, float), "nan", "nan is below 0.01"),
+        (at_least(1), "x", "'x' is not a whole number"),
+        (at_least(1), "1.5", "'1.5' is not a whole number"),
+    ):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(error)):
+            parse(text)
