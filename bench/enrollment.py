@@ -29,6 +29,7 @@ import torch
 
 from facecluster.builders import build_datamodule
 from facecluster.cli import exit_process
+from facecluster.config import ConfigError
 from facecluster.data.transforms import load_faces, normalize_images
 from facecluster.deploy import calibrate_run, enroll_folder, export_run, load_export
 from facecluster.inference import TwoStageIdentifier
@@ -56,10 +57,28 @@ def main() -> None:
     parser.add_argument("--full", required=True, help="run B, every identity trained")
     parser.add_argument("--out", default="bench/results/enrollment.json")
     args = parser.parse_args()
-    unseen_file = Path(args.enrolled) / "unseen_identities.json"
-    unseen = sorted(sum(json.loads(unseen_file.read_text()).values(), []))
-    full = RunFolder(Path(args.full))
-    dm = build_datamodule(full.finished_config())
+    try:  # the runs, before minutes of work: one line each (tracebacks, or figures of
+        # runs that do not belong together, written with exit 0)
+        enrolled, full = RunFolder(Path(args.enrolled)), RunFolder(Path(args.full))
+        enrolled.finished_config()
+        full_cfg = full.finished_config()
+        unseen_file = enrolled.path / "unseen_identities.json"
+        if not unseen_file.is_file():
+            parser.error(
+                f"--enrolled {args.enrolled} holds no identity out of training (no "
+                f"{unseen_file.name}): train it with data.unseen_fraction > 0"
+            )
+        unseen = sorted(sum(json.loads(unseen_file.read_text()).values(), []))
+        missing = sorted({*unseen, *enrolled.class_names()} - set(full.class_names()))
+        if missing:
+            parser.error(
+                f"--full {args.full} did not train {len(missing)} of the identities of "
+                f"--enrolled {args.enrolled} (e.g. {missing[0]!r}): give the same config "
+                "with data.unseen_fraction=0"
+            )
+    except (ConfigError, OSError, ValueError) as e:
+        parser.error(str(e))
+    dm = build_datamodule(full_cfg)
     names = dm.class_names
     split = {
         s: [(p, names[label]) for p, label in dm.split_samples(s)] for s in ("train", "val", "test")

@@ -17,6 +17,7 @@ import torch
 
 from facecluster.builders import build_datamodule
 from facecluster.cli import exit_process
+from facecluster.config import ConfigError
 from facecluster.data import scored
 from facecluster.data.transforms import normalize_images
 from facecluster.deploy import export_threshold, load_export
@@ -32,11 +33,21 @@ def main() -> None:
     parser.add_argument("--runtime", default="torch", choices=("torch", "onnx"))
     parser.add_argument("--out", default="bench/results/open_set.json")
     args = parser.parse_args()
-    ident = load_export(args.export, args.runtime, "cpu")
-    threshold = export_threshold(ident, args.export)
+    try:  # the run and the export, before the passes: one line each (tracebacks, or
+        # figures of another run's faces)
+        run = RunFolder(Path(args.run))
+        cfg = run.finished_config()
+        ident = load_export(args.export, args.runtime, "cpu")
+        if ident.class_names[: len(run.class_names())] != run.class_names():
+            parser.error(f"--export {args.export} is not an export of --run {args.run}")
+        if not cfg.data.unseen_fraction > 0:
+            parser.error(f"--run {args.run} holds no identity out of training (an open-set run)")
+        threshold = export_threshold(ident, args.export)
+    except (ConfigError, OSError, ValueError) as e:
+        parser.error(str(e))
     if threshold is None:
-        raise SystemExit(f"{args.export} has no unknown threshold: is {args.run} an open-set run?")
-    dm = build_datamodule(RunFolder(Path(args.run)).finished_config())
+        parser.error(f"--export {args.export} has no unknown threshold")
+    dm = build_datamodule(cfg)
     right = wrong = mated = 0
     for images, labels in dm.test_dataloader():
         keep = scored(labels)  # a broken face that nothing replaced is not a probe

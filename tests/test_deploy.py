@@ -822,7 +822,7 @@ def test_a_file_put_in_onnx_while_the_networks_export_is_kept(tmp_path):
 
 
 @pytest.mark.slow
-def test_open_set_and_enrolment_benchmarks_run(open_run, exported, tmp_path):
+def test_open_set_and_enrolment_benchmarks_run(open_run, exported, tmp_path, capsys):
     # docs/DEPLOYMENT.md's and docs/EVALUATION.md's measurement commands, at test size
     # (in this process: their scripts' main(), not a fresh interpreter each)
     out = tmp_path / "open_set.json"
@@ -845,6 +845,17 @@ def test_open_set_and_enrolment_benchmarks_run(open_run, exported, tmp_path):
     assert measured["identities_enrolled"] == 3 and measured["test_images_enrolled_identities"] > 0
     assert 0 <= measured["top1_enrolled"] <= 1 and 0 <= measured["top1_trained_from_start"] <= 1
     assert 0 <= measured["top1_others_before_enrolment"] <= 1
+    # runs that do not belong together, refused in one line before any work: a
+    # traceback after the known faces' pass, or figures of nothing (exit 0)
+    for script, args, said in (
+        ("open_set", ["--run", full, "--export", exported], "is not an export of --run"),
+        ("enrollment", ["--enrolled", full, "--full", open_run], "holds no identity out of"),
+        ("enrollment", ["--enrolled", open_run, "--full", open_run], "did not train 3 of the"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            run_script(f"bench/{script}.py", *map(str, args), "--out", str(tmp_path / "no.json"))
+        assert stop.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "no.json").exists()
 
 
 def test_load_plain_tells_damaged_files_from_unsafe_ones(tmp_path):
