@@ -46,7 +46,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from facecluster.cli import at_least, exit_process
-from facecluster.data import FaceDataModule
+from facecluster.data import FaceDataModule, scan_image_folder
 from facecluster.data.images import EncodedImages, decode_on_device
 from facecluster.data.pack import pack_folder
 from facecluster.data.recordio import RecordFile, image_layout
@@ -297,11 +297,22 @@ def main() -> None:
     )
     parser.add_argument("--out", default="bench/results/data_throughput.json")
     args = parser.parse_args()
+    if not args.root.strip():  # "": the working directory, packed
+        parser.error("--root names no folder: give an image folder of JPEG faces")
+    if args.decode_device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--decode-device {args.decode_device}: this machine has no CUDA device")
     torch.set_num_threads(1)  # one thread per process, as in DataLoader workers
     root = Path(args.root).resolve()
     with tempfile.TemporaryDirectory() as tmp:
-        rec = pack_folder(root, Path(tmp) / "rec")
+        try:
+            rec = pack_folder(root, Path(tmp) / "rec")
+        except (OSError, ValueError) as e:  # the packer's messages name SRC: it is --root
+            parser.error(f"--root: {str(e).replace('SRC=', '')}")
         jpegs = _jpegs(rec)  # the whole set (see ceiling)
+        other = next((i for i, data in enumerate(jpegs) if data[:2] != b"\xff\xd8"), None)
+        if other is not None:  # the decoders timed are JPEG decoders: a PNG stopped them
+            path = scan_image_folder(root).samples.locator(other)  # pack's order
+            parser.error(f"--root: {path} is not a JPEG; the benchmark times JPEG decoding")
         decoders = {"pillow": _pillow, "simplejpeg": _simplejpeg, "torchvision": _torchvision}
         result = {
             "root": str(root),

@@ -547,3 +547,23 @@ def test_the_benchmarks_count_type_takes_numbers_from_a_minimum():
     ):
         with pytest.raises(argparse.ArgumentTypeError, match=re.escape(error)):
             parse(text)
+
+
+def test_the_input_benchmark_refuses_a_set_it_cannot_time(tmp_path, capsys):
+    # a set of PNG faces (valid for training) ended in simplejpeg's "Could not determine
+    # subsampling level" traceback, --root "" packed the working directory, and the
+    # packer's messages named its own SRC=
+    from PIL import Image
+
+    for person in ("a", "b"):
+        (tmp_path / "png" / person).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16)).save(tmp_path / "png" / person / f"{i}.png")
+    for root, said in (
+        (tmp_path / "png", f"--root: {tmp_path / 'png' / 'a' / '0.png'} is not a JPEG"),
+        ("", "--root names no folder"),
+        (tmp_path / "none", f"--root: '{tmp_path / 'none'}' does not exist"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            run_script("bench/data_throughput.py", "--root", str(root), "--out", "/dev/null")
+        assert stop.value.code == 2 and said in capsys.readouterr().err
