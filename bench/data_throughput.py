@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from facecluster.cli import at_least, exit_process
+from facecluster.cli import at_least, exit_process, output_file
 from facecluster.data import FaceDataModule, scan_image_folder
 from facecluster.data.images import EncodedImages, decode_on_device
 from facecluster.data.pack import pack_folder
@@ -295,7 +295,7 @@ def main() -> None:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="where data.decode=device's batched decode is timed (default: cuda if present)",
     )
-    parser.add_argument("--out", default="bench/results/data_throughput.json")
+    parser.add_argument("--out", type=output_file, default="bench/results/data_throughput.json")
     args = parser.parse_args()
     if not args.root.strip():  # "": the working directory, packed
         parser.error("--root names no folder: give an image folder of JPEG faces")

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from facecluster.builders import build_datamodule
-from facecluster.cli import exit_process
+from facecluster.cli import exit_process, output_file
 from facecluster.config import ConfigError
 from facecluster.data.transforms import load_faces, normalize_images
 from facecluster.deploy import calibrate_run, enroll_folder, export_run, load_export
@@ -55,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--enrolled", required=True, help="run A, with unseen identities")
     parser.add_argument("--full", required=True, help="run B, every identity trained")
-    parser.add_argument("--out", default="bench/results/enrollment.json")
+    parser.add_argument("--out", type=output_file, default="bench/results/enrollment.json")
     args = parser.parse_args()
     try:  # the runs, before minutes of work: one line each (tracebacks, or figures of
         # runs that do not belong together, written with exit 0)
@@ -113,6 +113,7 @@ def main() -> None:
         }
     for key, value in result.items():
         print(f"{key}: {value:.2%}" if isinstance(value, float) else f"{key}: {value}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 

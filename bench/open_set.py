@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from facecluster.builders import build_datamodule
-from facecluster.cli import exit_process
+from facecluster.cli import exit_process, output_file
 from facecluster.config import ConfigError
 from facecluster.data import scored
 from facecluster.data.transforms import normalize_images
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="an open-set run (data.unseen_fraction > 0)")
     parser.add_argument("--export", required=True, help="its facecluster export folder")
     parser.add_argument("--runtime", default="torch", choices=("torch", "onnx"))
-    parser.add_argument("--out", default="bench/results/open_set.json")
+    parser.add_argument("--out", type=output_file, default="bench/results/open_set.json")
     args = parser.parse_args()
     try:  # the run and the export, before the passes: one line each (tracebacks, or
         # figures of another run's faces)
@@ -78,6 +78,7 @@ def main() -> None:
     }
     for key, value in result.items():
         print(f"{key}: {value}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from facecluster.cli import at_least, exit_process
+from facecluster.cli import at_least, exit_process, output_file
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import RouteConfig
 from facecluster.inference import TwoStageIdentifier
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--index", default="flat")
     parser.add_argument("--shared-layers", type=at_least(0), nargs="*", default=[0, 2, 3, 4])
-    parser.add_argument("--out", default="bench/results/routing_throughput.json")
+    parser.add_argument("--out", type=output_file, default="bench/results/routing_throughput.json")
     args = parser.parse_args()
     if args.identities < args.clusters:  # "assignment has 2 clusters but there are 4 sub-nets"
         parser.error(f"--identities {args.identities} cannot fill --clusters {args.clusters}")

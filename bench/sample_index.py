@@ -145,7 +145,13 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args.measure, args.cache)))
         return
-    from facecluster.results import measured  # not in the measuring process: its imports
+    from facecluster.cli import output_file  # not in the measuring process: its imports
+    from facecluster.results import measured
+
+    try:  # before the measurement, not after it
+        output_file(args.out)
+    except argparse.ArgumentTypeError as e:
+        parser.error(f"argument --out: {e}")
 
     if not 0 < args.identities <= args.images:
         parser.error(f"need 0 < --identities <= --images, got {args.identities}, {args.images}")

@@ -22,9 +22,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from facecluster.cli import at_least, exit_process
-from facecluster.config import load_config
+from facecluster.cli import at_least, exit_process, output_file
+from facecluster.config import ConfigError, load_config
 from facecluster.evaluation import evaluate_run
+from facecluster.io import check_can_write
 from facecluster.pipeline import train
 from facecluster.results import measured
 
@@ -76,12 +77,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--config", action="append", default=[])
     parser.add_argument("--skip", type=at_least(0), default=2, help="untimed first steps per stage")
-    parser.add_argument("--out", default="bench/results/stage_speed.json")
+    parser.add_argument("--out", type=output_file, default="bench/results/stage_speed.json")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config or [ROOT / "configs" / "default.yaml"], args.overrides)
+    args = parser.parse_intermixed_args(argv)  # overrides after options too, as train.py
+    try:  # the config's and the data's refusals in one line, as train.py says them
+        cfg = load_config(args.config or [ROOT / "configs" / "default.yaml"], args.overrides)
+        check_can_write(Path(args.out).parent)  # before the training, not after it
+    except (ConfigError, OSError) as e:
+        parser.error(str(e))
     speed = StageSpeed(args.skip)
-    result = train(cfg, callbacks=[speed])
+    try:
+        result = train(cfg, callbacks=[speed])
+    except ConfigError as e:
+        parser.error(str(e))
     report = evaluate_run(result.run_dir)
     out = {
         "config": args.config,

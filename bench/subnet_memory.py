@@ -15,11 +15,10 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from facecluster.cli import at_least
+from facecluster.cli import at_least, output_file
 from facecluster.models.subnets_module import SubnetSystem
 from facecluster.results import measured
 
@@ -70,7 +69,7 @@ def main() -> None:
     p.add_argument(
         "--repeats", type=at_least(1), default=3, help="timed steps of each setting, in turn"
     )
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=output_file)
     a = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)

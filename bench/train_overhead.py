@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from facecluster.builders import build_trainer, module_args
-from facecluster.cli import at_least, exit_process
+from facecluster.cli import at_least, exit_process, output_file
 from facecluster.clustering.means import accumulate_class_sums, embedding_class_sums
 from facecluster.config import load_config
 from facecluster.data.datamodule import network_batches
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=at_least(1), default=15, help="timed steps per fit")
     parser.add_argument("--warmup", type=at_least(0), default=3)
     parser.add_argument("--rounds", type=at_least(1), default=5)
-    parser.add_argument("--out", default="bench/results/train_overhead.json")
+    parser.add_argument("--out", type=output_file, default="bench/results/train_overhead.json")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.accelerator in ("gpu", "cuda") else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

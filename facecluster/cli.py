@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 TRAIN_HELP = """Train the two-stage clustered face-identification method.
@@ -102,6 +103,24 @@ def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
 
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
     return parse
+
+
+def output_file(text: str) -> Path:
+    """An argparse ``type`` for a file a command writes at its end: a path whose folder
+    can be written (or made), refused in argparse's one line otherwise; a folder under
+    a file, or a read-only one, was found after the work."""
+    from facecluster.io import check_can_write
+
+    path = Path(text)
+    if not text.strip() or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is no file name")
+    try:
+        check_can_write(path.parent)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(
+            f"{text}: cannot write there ({e.strerror or e}: {e.filename})"
+        ) from None
+    return path
 
 
 def _parser(prog: str, help_text: str) -> argparse.ArgumentParser:

@@ -523,6 +523,7 @@ def test_sample_index_benchmark_measures_setup_and_a_forked_workers_copy(tmp_pat
         ("train_overhead.py", ["--classes", "1"], "argument --classes: 1 is below 2"),
         ("subnet_memory.py", ["--clusters", "0"], "argument --clusters: 0 is below 1"),
         ("stage_speed.py", ["--skip", "-1"], "argument --skip: -1 is below 0"),
+        ("open_set.py", ["--run", "r", "--export", "e", "--out", "/dev/null/o.json"], "(not a f"),
     ],
 )
 def test_a_benchmark_refuses_a_count_that_measures_nothing(script, args, said):
@@ -535,8 +536,21 @@ def test_a_benchmark_refuses_a_count_that_measures_nothing(script, args, said):
     assert "Traceback" not in done.stderr
 
 
-def test_the_benchmarks_count_type_takes_numbers_from_a_minimum():
-    from facecluster.cli import at_least
+def test_the_benchmarks_argument_types_refuse_what_cannot_run(tmp_path, capsys):
+    from facecluster.cli import at_least, output_file
+
+    # an --out that cannot be written was found after the work (minutes), a config or
+    # data error of stage_speed was a traceback
+    assert output_file(str(tmp_path / "new" / "x.json")) == tmp_path / "new" / "x.json"
+    for text, error in (("/dev/null/x.json", "cannot write there (not a folder"), ("", "no file")):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(error)):
+            output_file(text)
+    stage_speed = load_script("bench/stage_speed.py")
+    with pytest.raises(SystemExit) as stop:
+        stage_speed.main(["-c", str(SMOKE), f"data.root={tmp_path / 'none'}", "--out", "o.json"])
+    assert stop.value.code == 2 and f"data.root='{tmp_path / 'none'}' does not exist" in (
+        capsys.readouterr().err
+    )
 
     assert at_least(0.01, float)("0.5") == 0.5 and at_least(0)("0") == 0
     for parse, text, error in (
