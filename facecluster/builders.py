@@ -456,6 +456,15 @@ def stopped_run(error: BaseException) -> Stopped | None:
     if isinstance(error, OSError) and disk_full(error):
         where = f"{error.filename}: " if error.filename else ""
         return Stopped(f"{where}{error.strerror or error}", 1, "once the disk has space")
+    if type(error).__name__ == "CommError" and type(error).__module__.startswith("wandb"):
+        # the server took the connection (the start-up check's test) but did not answer
+        # as W&B does: a WANDB_BASE_URL mistyped, a proxy, an outage
+        server = os.environ.get("WANDB_BASE_URL") or "W&B's default server"
+        message = (
+            f"W&B at {server} did not answer as W&B ({error}); log offline with "
+            "wandb.mode=offline (`wandb sync` uploads it later), or check WANDB_BASE_URL"
+        )
+        return Stopped(message, 1, "once W&B answers, or with wandb.mode=offline")
     return None
 
 

@@ -301,3 +301,25 @@ def test_the_server_wandb_login_host_chose_is_the_one_asked(monkeypatch, tmp_pat
     check_wandb_server(load_config(SMOKE, wandb))
     assert asked == [(("wb.lab", 80),)]
     assert wandb_mode(load_config(SMOKE))[0] == "online"
+
+
+def test_a_server_that_does_not_answer_as_wandb_stops_the_run_in_one_line(
+    monkeypatch, tmp_path, capsys
+):
+    # the start-up check connects (TCP) only: a WANDB_BASE_URL mistyped to a server
+    # that answers 404 ended in wandb's CommError traceback at stage 1's fit
+    import wandb
+    from wandb.errors import CommError
+
+    from facecluster import cli
+
+    def refused(*args, **kwargs):
+        raise CommError("Failed to get resume status for run x: returned error 404")
+
+    monkeypatch.setattr(wandb, "init", refused)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://wandb.example:81")
+    args = ["-c", str(SMOKE), *smoke_overrides(tmp_path, "logger=wandb", "wandb.mode=offline")]
+    assert cli.train_main(args) == 1
+    err = capsys.readouterr().err
+    assert "error: W&B at http://wandb.example:81 did not answer as W&B (Failed to get" in err
+    assert "Traceback" not in err and "python train.py resume=" in err, err
