@@ -33,6 +33,7 @@ WebFace42M (42.5M images) or the end of Glint360K, without writing 17M records f
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import json
 import os
@@ -146,6 +147,7 @@ def main() -> None:
         print(json.dumps(measure(args.measure, args.cache)))
         return
     from facecluster.cli import output_file  # not in the measuring process: its imports
+    from facecluster.data import FaceDataModule
     from facecluster.results import measured
 
     try:  # before the measurement, not after it
@@ -153,8 +155,13 @@ def main() -> None:
     except argparse.ArgumentTypeError as e:
         parser.error(f"argument --out: {e}")
 
-    if not 0 < args.identities <= args.images:
-        parser.error(f"need 0 < --identities <= --images, got {args.identities}, {args.images}")
+    # the measured data module keeps identities of its default min_images_per_class
+    least = inspect.signature(FaceDataModule).parameters["min_images_per_class"].default
+    if not 0 < args.identities * least <= args.images:
+        parser.error(
+            f"need --identities > 0 and --images >= {least} x --identities (the data "
+            f"module's min_images_per_class), got {args.identities}, {args.images}"
+        )
     if args.first_key < 1 or (args.layout == "im2rec" and args.first_key != 1):
         parser.error("--first-key: a key >= 1, and only for --layout insightface")
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,7 +171,10 @@ def main() -> None:
         command += ["--cache", str(Path(tmp) / "cache")]
 
         def run() -> dict:
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:  # its own error, not CalledProcessError's exit status alone
+                lines = done.stderr.strip().splitlines() or ["(no output)"]
+                parser.error(f"the measuring process failed: {lines[-1]}")
             return json.loads(done.stdout.strip().splitlines()[-1])
 
         result = run()

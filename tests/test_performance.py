@@ -513,6 +513,11 @@ def test_sample_index_benchmark_measures_setup_and_a_forked_workers_copy(tmp_pat
     with pytest.raises(SystemExit) as bad:
         run_script("bench/sample_index.py", "--images", "5", "--identities", "9")
     assert bad.value.code == 2 and "--identities" in capsys.readouterr().err
+    # 1 image an identity: the measuring process's scan refused it, and the command
+    # said only CalledProcessError's exit status
+    with pytest.raises(SystemExit) as bad:
+        run_script("bench/sample_index.py", "--images", "10", "--identities", "10")
+    assert bad.value.code == 2 and "--images >= 10 x --identities" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
