@@ -1220,7 +1220,7 @@ def test_a_table_of_runs_timed_at_other_batch_sizes_says_each_rows_own(monkeypat
     }
     monkeypatch.setattr(evaluation, "evaluate_run", lambda run, overrides=(): reports[run])
     monkeypatch.setattr(evaluation, "run_folder", lambda run: RunFolder(Path(run)))
-    single = SimpleNamespace(two_stage=False)
+    single = SimpleNamespace(two_stage=False, logger="csv")
     monkeypatch.setattr(RunFolder, "finished_config", lambda run, overrides=(): single)
     monkeypatch.setattr(RunFolder, "check_weights", lambda run, two_stage: None)
     monkeypatch.setattr(evaluation, "check_writable", lambda run: None)  # no folders here

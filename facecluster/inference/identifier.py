@@ -606,7 +606,6 @@ class TwoStageIdentifier(nn.Module):
         carried = [(best_similarity, close), (best_cluster, source)]
         keep_top(best_score, best_id, rows, score.to(best_score.dtype), members, carried, empty_id)
 
-    @torch.no_grad()
     def _check_images(self, images: Tensor) -> None:
         """Face crops as the networks take them: a size-agnostic backbone (``tiny``,
         timm CNNs) embedded crops of another size, or channels last, without a word,
@@ -620,6 +619,7 @@ class TwoStageIdentifier(nn.Module):
                 "as images[None])"
             )
 
+    @torch.no_grad()
     def enroll(
         self, faces: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], batch_size: int = 64
     ) -> dict[str, int]:
