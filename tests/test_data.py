@@ -1097,3 +1097,13 @@ def test_a_folder_this_user_cannot_read_is_named_in_one_line(tmp_path, monkeypat
     locked.add(str(root))
     with pytest.raises(ValueError, match=rf"cannot read the folder {root} \(Permission denied\)"):
         scan(root)
+
+
+def test_a_data_root_one_level_too_high_names_the_folder_to_give(tmp_path):
+    # a download unpacked as lfw/images/<identity>: "No identity sub-folders" and a
+    # warning of nested folders, no word of where the identities are
+    from facecluster.data.folder import scan
+
+    _make_tree(tmp_path / "lfw" / "images", {"alice": 2, "bob": 2})
+    with pytest.raises(ValueError, match=r"holds identity folders: data.root=\S+/lfw/images\?$"):
+        scan(tmp_path / "lfw")

@@ -320,6 +320,19 @@ def _list_images(directory: str) -> _Listing:
     return out
 
 
+def _deeper_hint(listings: dict[str, _Listing], name: str) -> str:
+    """``data.root`` one level too high (a download's ``lfw/images/<identity>``): the
+    first folder whose own sub-folders hold images, named as the root to give."""
+    for entry in sorted(listings):
+        for sub in listings[entry].subfolders[:3]:  # a look, not a second scan
+            with contextlib.suppress(OSError):
+                if _list_images(sub).images:
+                    return (
+                        f". Its folder {entry} holds identity folders: {name}={Path(sub).parent}?"
+                    )
+    return ""
+
+
 def shown_list(paths: list[str], limit: int = 5) -> str:
     """The first ``limit`` of ``paths`` (or names), then how many there are in all."""
     more = f", ... ({len(paths)} in all)" if len(paths) > limit else ""
@@ -473,6 +486,7 @@ def scan_image_folder(
         raise ValueError(
             f"No identity sub-folders containing images ({', '.join(IMAGE_EXTENSIONS)}) found in "
             f"{name}={str(root)!r}; expected root/<identity>/<image> layout"
+            + _deeper_hint(listings, name)
         )
 
     # identities are chosen on the files they hold, zero-byte ones included: the damage
