@@ -741,19 +741,28 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
     """Run tags."""
 
+    def project_problems(self) -> list[str]:
+        """W&B's rules for a project name: checked where W&B is logged to
+        (``check_wandb_server``), not at every config load (a CSV-logged run's saved
+        ``team/project`` would stop its resume)."""
+        found = []
+        bad = sorted({c for c in str(self.project) if c in WANDB_PROJECT_FORBIDDEN})
+        if bad:
+            found.append(
+                f"wandb.project={self.project!r}: a W&B project name cannot hold "
+                f"{' '.join(bad)} (W&B's rule; the team goes in wandb.entity)"
+            )
+        if len(str(self.project)) > 128:
+            found.append(
+                f"wandb.project: at most 128 characters (W&B's rule), got {len(self.project)}"
+            )
+        return found
+
     def problems(self) -> list[str]:
         r = _Rules("wandb.")
         if self.mode is not None:
             r.choice("mode", self.mode, ("online", "offline", "disabled"))
         # wandb refused them when stage 1's fit started, after the data scan
-        bad = sorted({c for c in str(self.project) if c in WANDB_PROJECT_FORBIDDEN})
-        if bad:
-            r.add(
-                f"wandb.project={self.project!r}: a W&B project name cannot hold "
-                f"{' '.join(bad)} (W&B's rule; the team goes in wandb.entity)"
-            )
-        if len(str(self.project)) > 128:
-            r.add(f"wandb.project: at most 128 characters (W&B's rule), got {len(self.project)}")
         for tag in self.tags:
             if not 1 <= len(str(tag)) <= 64:
                 r.add(f"wandb.tags: each tag is 1 to 64 characters (W&B's rule), got {tag!r}")

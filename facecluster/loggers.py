@@ -174,6 +174,8 @@ def check_wandb_server(cfg: Config) -> None:
             "logger=wandb needs the wandb package: pip install 'wandb>=0.17', or log with "
             "logger=csv (or none)"
         )
+    if problems := cfg.wandb.project_problems():
+        raise ConfigError("; ".join(problems))
     host, port, netloc = _wandb_server()
     env = os.environ.get("WANDB_MODE")
     # wandb reads it whatever mode it is given: one set empty failed at the fit too

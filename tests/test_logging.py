@@ -98,9 +98,11 @@ def test_a_wandb_mode_that_cannot_log_is_refused_before_the_data_scan(monkeypatc
         m.setattr("importlib.util.find_spec", lambda name, *a: None)
         with pytest.raises(ConfigError, match=r"logger=wandb needs the wandb package: pip"):
             check_wandb_server(load_config(SMOKE, wandb))
-    # a project name W&B refuses: at the config, not at the fit
+    # a project name W&B refuses: at the start, not at the fit; a CSV-logged run's
+    # saved one still loads (its resume and evaluation)
     with pytest.raises(ConfigError, match=r"wandb.project='a/b': a W&B project name cannot"):
-        load_config(SMOKE, [*wandb, "wandb.project=a/b"])
+        check_wandb_server(load_config(SMOKE, [*wandb, "wandb.project=a/b"]))
+    load_config(SMOKE, ["logger=csv", "wandb.project=a/b"])
     for fine in ("offline", "disabled", "dryrun"):
         monkeypatch.setenv("WANDB_MODE", fine)
         check_wandb_server(load_config(SMOKE, wandb))
