@@ -16,7 +16,7 @@
 # ../shared/datasets/lfw-112/images when it is there, else the bundled
 # datasets/lfw-demo/images; --dry-run: the bundled set). Each step's JSON is kept in FILE's folder as
 # gpu-parts/ even when a later step fails, and merged into FILE at the end. --dry-run
-# writes to $TMPDIR (or /tmp) unless given --out: it never replaces the GPU figures.
+# writes into a new temporary folder unless given --out: it never replaces the GPU figures.
 # Relative paths given are the caller's; the defaults are the project's.
 set -euo pipefail
 usage="use --dry-run, --out FILE, --lfw DIR"
@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | cut -c3-; exit 0 ;;
     --dry-run) DRY=1 ;;
     --out|--lfw)
-      if [ $# -lt 2 ] || [ -z "$2" ]; then
+      if [ $# -lt 2 ] || [ -z "$2" ] || [ "${2#--}" != "$2" ]; then
         echo "bench/gpu.sh: $1 needs a value ($usage)" >&2; exit 2
       fi
       case "$2" in /*) value=$2 ;; *) value=$PWD/$2 ;; esac
@@ -41,7 +41,7 @@ done
 cd "$(dirname "$0")/.."
 if [ -z "$OUT" ]; then
   OUT=bench/results/gpu.json
-  [ "$DRY" = 1 ] && OUT=${TMPDIR:-/tmp}/facecluster-gpu-dry-run.json
+  [ "$DRY" = 1 ] && OUT=$(mktemp -d)/gpu.json  # a folder of its own: runs side by side
 fi
 if [ -z "$LFW" ]; then
   LFW=../shared/datasets/lfw-112/images

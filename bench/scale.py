@@ -834,7 +834,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     # an --out of one's own (a trial at toy size) rewrote the project's page and plot
-    args.doc = args.doc or (DOC if args.out == RESULTS else args.out.with_suffix(".md"))
+    own = args.out.resolve() != RESULTS.resolve()  # the default, however it is written
+    args.doc = args.doc or (args.out.with_suffix(".md") if own else DOC)
     threads = torch.get_num_threads()
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
     parts = [] if args.render_only else args.part

@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -104,8 +105,8 @@ def main() -> None:
             print(json.dumps({key: round(v, 3) if isinstance(v, float) else v
                               for key, v in row.items()}), flush=True)  # fmt: skip
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({"rows": rows, **measured()}, indent=1) + "\n")
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({"rows": rows, **measured()}, indent=1) + "\n")
         print(f"wrote {a.out}")
 
 

@@ -457,12 +457,15 @@ def stopped_run(error: BaseException) -> Stopped | None:
         where = f"{error.filename}: " if error.filename else ""
         return Stopped(f"{where}{error.strerror or error}", 1, "once the disk has space")
     if type(error).__name__ == "CommError" and type(error).__module__.startswith("wandb"):
-        # the server took the connection (the start-up check's test) but did not answer
-        # as W&B does: a WANDB_BASE_URL mistyped, a proxy, an outage
-        server = os.environ.get("WANDB_BASE_URL") or "W&B's default server"
+        # the server took the connection (the start-up check's test) but refused or did
+        # not answer as W&B does: a WANDB_BASE_URL mistyped, a proxy, an outage, an
+        # entity or project this key may not write to
+        server = os.environ.get("WANDB_BASE_URL")
+        where = f"W&B at {server} (WANDB_BASE_URL)" if server else "W&B"
         message = (
-            f"W&B at {server} did not answer as W&B ({error}); log offline with "
-            "wandb.mode=offline (`wandb sync` uploads it later), or check WANDB_BASE_URL"
+            f"{where} refused the run or did not answer ({error}): check wandb.entity, "
+            "wandb.project and WANDB_BASE_URL, or log offline with wandb.mode=offline "
+            "(`wandb sync` uploads it later)"
         )
         return Stopped(message, 1, "once W&B answers, or with wandb.mode=offline")
     return None

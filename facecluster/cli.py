@@ -105,22 +105,27 @@ def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
     return parse
 
 
-def output_file(text: str) -> Path:
+def output_file(text: str) -> str:
     """An argparse ``type`` for a file a command writes at its end: a path whose folder
     can be written (or made), refused in argparse's one line otherwise; a folder under
-    a file, or a read-only one, was found after the work."""
+    a file, or a read-only one, was found after the work. The path as given (a string:
+    the scripts keep their arguments in their JSON)."""
     from facecluster.io import check_can_write
 
     path = Path(text)
     if not text.strip() or path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is no file name")
+    if path.exists():  # /dev/null, a file of one's own in a read-only folder: itself
+        if os.access(path, os.W_OK):
+            return text
+        raise argparse.ArgumentTypeError(f"{text}: cannot write it (no write permission)")
     try:
         check_can_write(path.parent)
     except OSError as e:
         raise argparse.ArgumentTypeError(
             f"{text}: cannot write there ({e.strerror or e}: {e.filename})"
         ) from None
-    return path
+    return text
 
 
 def _parser(prog: str, help_text: str) -> argparse.ArgumentParser:

@@ -1365,7 +1365,8 @@ def load_config(
             raise ConfigError(f"config file {given} is a folder: name a YAML file in it")
         if not p.is_file():
             # `-c output_dir=x`: the file after -c left out, the next argument taken
-            hint = " (-c takes a YAML file, not a key=value override)" if "=" in str(given) else ""
+            override = "=" in str(given) and given.suffix not in (".yaml", ".yml")
+            hint = " (-c takes a YAML file, not a key=value override)" if override else ""
             raise ConfigError(f"config file not found: {given}{hint}")
         try:
             loaded = OmegaConf.load(p)

@@ -786,7 +786,7 @@ class RunFolder:
                 f"{len(trained)}{order}{differ}; "
                 "data.root, data.max_classes, data.min_images_per_class, "
                 "data.unseen_fraction and seed must be the run's own, and data.root's "
-                "identity folders as they were (to train on other identities, start a new run)"
+                "identities as they were (to train on other identities, start a new run)"
             )
 
     def save_unseen_identities(self, names: dict[str, list[str]]) -> None:

@@ -761,6 +761,8 @@ def test_a_relative_config_file_is_found_from_another_folder(tmp_path, monkeypat
     assert load_config(["configs/smoke.yaml"]).data.batch_size == 3
     with pytest.raises(ConfigError, match=r"not found: output_dir=x \(-c takes a YAML file, not"):
         load_config(["output_dir=x"])  # `-c output_dir=x`: the file after -c left out
+    with pytest.raises(ConfigError, match=r"config file not found: lr=0.1.yaml$"):
+        load_config(["lr=0.1.yaml"])  # a file's name that holds "=": no such hint
     with pytest.raises(ConfigError, match="config file not found: configs/nope.yaml$"):
         load_config(["configs/nope.yaml"])
     with pytest.raises(ConfigError, match="config file configs is a folder: name a YAML file"):

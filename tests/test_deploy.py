@@ -869,6 +869,16 @@ def test_load_plain_tells_damaged_files_from_unsafe_ones(tmp_path):
         assert not isinstance(error.value, UnsafeFileError)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_plain(tmp_path / "missing.pt")
+    # evaluate.py's check of every run= first agrees with load_plain: the damaged files
+    # refused, torch's legacy (pickle) format passed on to it (a review)
+    from facecluster.io import check_archive
+
+    for name in ("text.pt", "noise.pt"):
+        with pytest.raises(ValueError, match=rf"{name} \(export\) cannot be read"):
+            check_archive(tmp_path / name, "export")
+    torch.save({"a": torch.ones(2)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    check_archive(tmp_path / "old.pt")
+    assert torch.equal(load_plain(tmp_path / "old.pt")["a"], torch.ones(2))
     torch.save({"weights": torch.ones(2), "name": "a"}, tmp_path / "plain.pt")
     assert load_plain(tmp_path / "plain.pt")["name"] == "a"
 
@@ -1540,3 +1550,8 @@ def test_identify_refuses_images_the_networks_do_not_take(tmp_path):
     for shape in ((2, 3, 32, 32), (2, 16, 16, 3), (3, 16, 16), (2, 1, 16, 16)):
         with pytest.raises(ValueError, match=r"takes a batch \[B, 3, 16, 16\] of normalised"):
             identifier.identify(torch.zeros(shape))
+    with pytest.raises(ValueError, match=r"^'zed': images of shape \[2, 3, 32, 32\]: this"):
+        identifier.enroll({"zed": torch.zeros(2, 3, 32, 32)})
+    # an enrolment builds no autograd graph (its @torch.no_grad() was once displaced)
+    identifier.enroll({"zed": torch.randn(2, 3, 16, 16)})
+    assert not any(identifier.head_rows(k).requires_grad for k in range(2))

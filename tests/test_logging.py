@@ -323,5 +323,5 @@ def test_a_server_that_does_not_answer_as_wandb_stops_the_run_in_one_line(
     args = ["-c", str(SMOKE), *smoke_overrides(tmp_path, "logger=wandb", "wandb.mode=offline")]
     assert cli.train_main(args) == 1
     err = capsys.readouterr().err
-    assert "error: W&B at http://wandb.example:81 did not answer as W&B (Failed to get" in err
+    assert "error: W&B at http://wandb.example:81 (WANDB_BASE_URL) refused the run or did" in err
     assert "Traceback" not in err and "python train.py resume=" in err, err

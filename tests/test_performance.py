@@ -546,7 +546,8 @@ def test_the_benchmarks_argument_types_refuse_what_cannot_run(tmp_path, capsys):
 
     # an --out that cannot be written was found after the work (minutes), a config or
     # data error of stage_speed was a traceback
-    assert output_file(str(tmp_path / "new" / "x.json")) == tmp_path / "new" / "x.json"
+    assert output_file(str(tmp_path / "new" / "x.json")) == str(tmp_path / "new" / "x.json")
+    assert output_file("/dev/null") == "/dev/null"  # a file there: itself, not /dev
     for text, error in (("/dev/null/x.json", "cannot write there (not a folder"), ("", "no file")):
         with pytest.raises(argparse.ArgumentTypeError, match=re.escape(error)):
             output_file(text)
@@ -578,11 +579,12 @@ def test_the_input_benchmark_refuses_a_set_it_cannot_time(tmp_path, capsys):
         (tmp_path / "png" / person).mkdir(parents=True)
         for i in range(2):
             Image.new("RGB", (16, 16)).save(tmp_path / "png" / person / f"{i}.png")
+    out = tmp_path / "out.json"
     for root, said in (
         (tmp_path / "png", f"--root: {tmp_path / 'png' / 'a' / '0.png'} is not a JPEG"),
         ("", "--root names no folder"),
         (tmp_path / "none", f"--root: '{tmp_path / 'none'}' does not exist"),
     ):
         with pytest.raises(SystemExit) as stop:
-            run_script("bench/data_throughput.py", "--root", str(root), "--out", "/dev/null")
+            run_script("bench/data_throughput.py", "--root", str(root), "--out", str(out))
         assert stop.value.code == 2 and said in capsys.readouterr().err

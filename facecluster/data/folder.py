@@ -285,7 +285,7 @@ def _entry_kind(entry: os.DirEntry) -> str:
         if entry.is_file():
             return "file"
     except OSError as e:  # a link to a folder this user may not enter: not broken
-        if e.errno == errno.ELOOP or (entry.is_symlink() and e.errno != errno.EACCES):
+        if e.errno == errno.ELOOP or (entry.is_symlink() and not isinstance(e, PermissionError)):
             return "bad_link"
         raise
     return "bad_link" if entry.is_symlink() else "other"
@@ -471,11 +471,15 @@ def scan_image_folder(
                     found[entry.name] = listing.images
                 elif not listing.empty:  # image files that are all zero bytes: counted below
                     empty_folders.append(entry.path)
-    except OSError as e:
+    except OSError as e:  # NFS's ESTALE, EIO, a file gone between listing and stat
         culprit = e.filename or where
+        advice = (
+            ": make the data readable by this user, or move what it cannot read out of the folder"
+            if isinstance(e, PermissionError)
+            else ""
+        )
         raise ValueError(
-            f"{name}={str(root)!r}: cannot read {culprit} ({e.strerror or e}): make the "
-            "data readable by this user, or move what it cannot read out of the folder"
+            f"{name}={str(root)!r}: cannot read {culprit} ({e.strerror or e}){advice}"
         ) from None
     empty_folders.sort()
     root_files.sort()

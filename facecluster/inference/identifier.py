@@ -414,7 +414,8 @@ class TwoStageIdentifier(nn.Module):
         """Identify a batch of faces.
 
         Args:
-            images: [B, 3, H, W] normalised face crops.
+            images: [B, 3, S, S] normalised face crops, S the identifier's
+                ``backbone_args["image_size"]`` (another shape: ValueError).
             top_m: clusters to search (default ``route.top_m``).
             alpha: decision-unit weight of the class-mean similarity (default ``route.alpha``).
             all_subnets: ISM, the paper's baseline: every sub-net answers on its own
@@ -638,7 +639,8 @@ class TwoStageIdentifier(nn.Module):
 
         Raises:
             ValueError: a name that is blank, holds a control character, is enrolled
-                already or given twice; no images, or images whose mean embedding has
+                already or given twice; no images, images that are not [n, 3, S, S]
+                at the identifier's image size, or images whose mean embedding has
                 no direction (NaN, inf or zero).
         """
         pairs = faces.items() if isinstance(faces, Mapping) else faces
@@ -675,6 +677,10 @@ class TwoStageIdentifier(nn.Module):
             taken.add(same_name(name))
             if len(images) == 0:
                 raise ValueError(f"{name!r}: no face images to enrol")
+            try:  # another size: a size-agnostic backbone enrolled it without a word
+                self._check_images(images)
+            except ValueError as e:
+                raise ValueError(f"{name!r}: {e}") from None
             names.append(name)
             means.append(_direction(self.embed, images, batch_size))
             waiting.append((name, images))
