@@ -37,11 +37,11 @@ def main() -> None:
         # figures of another run's faces)
         run = RunFolder(Path(args.run))
         cfg = run.finished_config()
+        if not cfg.data.unseen_fraction > 0:  # before the export's load (seconds at scale)
+            parser.error(f"--run {args.run} holds no identity out of training (an open-set run)")
         ident = load_export(args.export, args.runtime, "cpu")
         if ident.class_names[: len(run.class_names())] != run.class_names():
             parser.error(f"--export {args.export} is not an export of --run {args.run}")
-        if not cfg.data.unseen_fraction > 0:
-            parser.error(f"--run {args.run} holds no identity out of training (an open-set run)")
         threshold = export_threshold(ident, args.export)
     except (ConfigError, OSError, ValueError) as e:
         parser.error(str(e))

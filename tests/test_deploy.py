@@ -847,8 +847,10 @@ def test_open_set_and_enrolment_benchmarks_run(open_run, exported, tmp_path, cap
     assert 0 <= measured["top1_others_before_enrolment"] <= 1
     # runs that do not belong together, refused in one line before any work: a
     # traceback after the known faces' pass, or figures of nothing (exit 0)
+    export_run(full, tmp_path / "full-export")
     for script, args, said in (
-        ("open_set", ["--run", full, "--export", exported], "is not an export of --run"),
+        ("open_set", ["--run", full, "--export", exported], "holds no identity out of"),
+        ("open_set", ["--run", open_run, "--export", tmp_path / "full-export"], "is not an ex"),
         ("enrollment", ["--enrolled", full, "--full", open_run], "holds no identity out of"),
         ("enrollment", ["--enrolled", open_run, "--full", open_run], "did not train 3 of the"),
     ):
