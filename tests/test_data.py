@@ -1107,3 +1107,29 @@ def test_a_data_root_one_level_too_high_names_the_folder_to_give(tmp_path):
     _make_tree(tmp_path / "lfw" / "images", {"alice": 2, "bob": 2})
     with pytest.raises(ValueError, match=r"holds identity folders: data.root=\S+/lfw/images\?$"):
         scan(tmp_path / "lfw")
+
+
+def test_a_link_to_a_folder_this_user_may_not_enter_is_not_called_broken():
+    # it was warned of as "broken or looping" and its identity dropped without a word
+    # of permissions (as root nothing refuses: a stand-in entry)
+    import errno
+
+    from facecluster.data.folder import _entry_kind
+
+    class Link:
+        path = "/data/linked"
+
+        def __init__(self, error):
+            self.error = error
+
+        def is_dir(self):
+            raise self.error
+
+        def is_symlink(self):
+            return True
+
+    for error in (PermissionError(errno.EACCES, "denied"), PermissionError(errno.EPERM, "no")):
+        with pytest.raises(PermissionError):
+            _entry_kind(Link(error))
+    assert _entry_kind(Link(OSError(errno.ELOOP, "loop"))) == "bad_link"
+    assert _entry_kind(Link(OSError(errno.ENOENT, "gone"))) == "bad_link"
