@@ -267,7 +267,7 @@ def build_logger(cfg: Config, run_dir: Path, run_id: str, job: str | None = None
     if cfg.logger == "csv":
         return RunCSVLogger(save_dir=str(run_dir), name="csv", version=job or "")
     mode, reason = wandb_mode(cfg)
-    if mode == "offline":
+    if mode in ("offline", "dryrun"):  # dryrun: wandb's older name for offline
         rank_zero_info(
             f"W&B offline ({reason}): the run is written to {run_dir / 'wandb'}; "
             f"upload it later with `wandb sync {run_dir / 'wandb'}/offline-run-*`"

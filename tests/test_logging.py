@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 import os
 import signal
 import socket
@@ -325,3 +326,18 @@ def test_a_server_that_does_not_answer_as_wandb_stops_the_run_in_one_line(
     err = capsys.readouterr().err
     assert "error: W&B at http://wandb.example:81 (WANDB_BASE_URL) refused the run or did" in err
     assert "Traceback" not in err and "python train.py resume=" in err, err
+
+
+def test_an_offline_wandb_run_says_where_it_is_written_under_either_name(
+    monkeypatch, tmp_path, caplog
+):
+    # WANDB_MODE=dryrun (wandb's older name for offline) wrote offline without the line
+    # that names the folder and the `wandb sync` command
+    for mode in ("offline", "dryrun"):
+        monkeypatch.setenv("WANDB_MODE", mode)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            build_logger(load_config(SMOKE, ["logger=wandb"]), tmp_path, "id")
+        assert f"W&B offline (WANDB_MODE): the run is written to {tmp_path / 'wandb'}" in (
+            caplog.text
+        ), mode
