@@ -24,7 +24,7 @@ import os
 import re
 import shlex
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -1179,6 +1179,13 @@ def _suggest(key: str, candidates: list[str], prefix: str = "") -> str:
     return f"; did you mean: {', '.join(prefix + c for c in close)}?" if close else ""
 
 
+def _dotted(value: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of a nested mapping (``{"project": "x"}`` -> ``["project"]``)."""
+    if not isinstance(value, Mapping):
+        return [prefix.rstrip(".")] if prefix else []
+    return [k for key, v in value.items() for k in _dotted(v, f"{prefix}{key}.")]
+
+
 def _where(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None)
     return f" (in '{key}')" if key else ""
@@ -1199,6 +1206,16 @@ def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfi
             if "is not a ListConfig" in msg or "is not a TupleConfig" in msg:
                 # OmegaConf's "AnyNode is not a ListConfig, TupleConfig, list, or tuple"
                 msg = f"it takes a list, as {e.full_key}=[a,b]"
+            elif "'DictConfig'" in msg:  # logger.project=x, seed.a=1: a key under a value
+                tree = other if isinstance(other, DictConfig) else OmegaConf.create(other)
+                given = OmegaConf.select(tree, e.full_key)
+                inner = _dotted(
+                    OmegaConf.to_container(given) if isinstance(given, DictConfig) else {}
+                )
+                tried = [f"{e.full_key}.{k}" for k in inner] or [e.full_key]
+                keys = [k for k in _all_keys(Config) if k != e.full_key]
+                suggestions = "".join(_suggest(k, keys) for k in tried[:1])
+                msg = f"{e.full_key} is a value, not a section (no {tried[0]}){suggestions}"
             raise ConfigError(f"{source}: wrong type for '{e.full_key}': {msg}") from None
         for key, section, given in _sections_given_values(Config, other):
             # "data=3", "stage1: {optim: sgd}": OmegaConf names the class, not the key

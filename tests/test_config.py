@@ -784,3 +784,13 @@ def test_a_new_runs_config_mistake_is_reported_before_torch_is_imported():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.stdout.split() == ["2", "False"], done.stderr[-2000:]
     assert "unknown config key 'data.bogus'" in done.stderr
+
+
+def test_a_key_under_a_value_names_the_key_it_may_mean():
+    # logger.project=x said OmegaConf's "Cannot convert 'DictConfig' to string"
+    with pytest.raises(ConfigError, match=r"logger is a value, not a section \(no logger.projec"):
+        load_config(SMOKE, ["logger.project=x"])
+    with pytest.raises(ConfigError, match=r"did you mean: wandb.project\?$"):
+        load_config(SMOKE, ["logger.project=x"])
+    with pytest.raises(ConfigError, match=r"'seed': seed is a value, not a section \(no seed.a"):
+        load_config(SMOKE, ["seed.a=1"])
