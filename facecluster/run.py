@@ -741,9 +741,9 @@ class RunFolder:
         if counts:
             raise ConfigError(
                 f"{self.path}: the data holds the run's identities, but other images: its "
-                f"split gives {'; '.join(counts)} (images added to or removed from "
-                "data.root's identity folders since the run), so its val "
-                "and test splits would hold images the run trained on; "
+                f"split gives {'; '.join(counts)} (images added to or removed from the "
+                "data since the run), so its val and test splits would hold images the "
+                "run trained on; "
                 "point data.root at the data the run trained on, as it was"
             )
         if differ:
