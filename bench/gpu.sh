@@ -39,10 +39,6 @@ while [ $# -gt 0 ]; do
   shift
 done
 cd "$(dirname "$0")/.."
-if [ -z "$OUT" ]; then
-  OUT=bench/results/gpu.json
-  [ "$DRY" = 1 ] && OUT=$(mktemp -d)/gpu.json  # a folder of its own: runs side by side
-fi
 if [ -z "$LFW" ]; then
   LFW=../shared/datasets/lfw-112/images
   { [ "$DRY" = 1 ] || [ ! -d "$LFW" ]; } && LFW=datasets/lfw-demo/images
@@ -54,7 +50,12 @@ if [ "$DRY" = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_
   echo "bench/gpu.sh: no CUDA device visible to $PY; run with --dry-run to check the script" >&2
   exit 1
 fi
-# after the checks: a refused start leaves the parts of the last run as they were
+# after the checks: a refused start leaves the parts of the last run as they were, and
+# makes no folder
+if [ -z "$OUT" ]; then
+  OUT=bench/results/gpu.json
+  [ "$DRY" = 1 ] && OUT=$(mktemp -d)/gpu.json  # a folder of its own: runs side by side
+fi
 PARTS=$(dirname "$OUT")/gpu-parts
 rm -rf "$PARTS"
 mkdir -p "$PARTS"

@@ -113,9 +113,13 @@ def output_file(text: str) -> str:
     from facecluster.io import check_can_write
 
     path = Path(text)
-    if not text.strip() or path.is_dir():
+    try:
+        folder, exists = path.is_dir(), path.exists()
+    except OSError as e:  # under a folder this user cannot search
+        raise argparse.ArgumentTypeError(f"{text}: cannot look there ({e.strerror})") from None
+    if not text.strip() or folder:
         raise argparse.ArgumentTypeError(f"{text!r} is no file name")
-    if path.exists():  # /dev/null, a file of one's own in a read-only folder: itself
+    if exists:  # /dev/null, a file of one's own in a read-only folder: itself
         if os.access(path, os.W_OK):
             return text
         raise argparse.ArgumentTypeError(f"{text}: cannot write it (no write permission)")

@@ -1212,10 +1212,14 @@ def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfi
                 inner = _dotted(
                     OmegaConf.to_container(given) if isinstance(given, DictConfig) else {}
                 )
-                tried = [f"{e.full_key}.{k}" for k in inner] or [e.full_key]
-                keys = [k for k in _all_keys(Config) if k != e.full_key]
-                suggestions = "".join(_suggest(k, keys) for k in tried[:1])
-                msg = f"{e.full_key} is a value, not a section (no {tried[0]}){suggestions}"
+                if not inner:  # seed={}: an empty section given
+                    msg = f"{e.full_key} is a value, given an empty section {{}}"
+                else:  # keys of the same name elsewhere (wandb.project), else none
+                    tried = f"{e.full_key}.{inner[0]}"
+                    leaf = tried.rsplit(".", 1)[-1]
+                    same = [k for k in _all_keys(Config) if k.rsplit(".", 1)[-1] == leaf]
+                    hint = f"; did you mean: {', '.join(same[:3])}?" if same else ""
+                    msg = f"{e.full_key} is a value, not a section (no {tried}){hint}"
             raise ConfigError(f"{source}: wrong type for '{e.full_key}': {msg}") from None
         for key, section, given in _sections_given_values(Config, other):
             # "data=3", "stage1: {optim: sgd}": OmegaConf names the class, not the key

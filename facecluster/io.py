@@ -266,10 +266,12 @@ class UnsafeFileError(ValueError):
 
 def check_archive(path: str | os.PathLike[str], what: str = "file") -> None:
     """That ``path`` is there and its zip directory (torch's file format) reads: a file
-    cut short or of another format is found without reading its tensors.
+    cut short or of another format is found without reading its tensors. A file of
+    torch's legacy format (a pickle) passes; :func:`load_plain` reads it.
 
     Raises:
-        FileNotFoundError: no such file. ValueError: not a readable zip archive.
+        FileNotFoundError: no such file. ValueError: neither a readable zip archive nor
+            a pickle.
     """
     path = Path(path)
     if not path.is_file():

@@ -164,9 +164,10 @@ three)."""
 
 def check_wandb_server(cfg: Config) -> None:
     """With ``logger=wandb``, refuse before the run folder is made (and the data scan)
-    what wandb would refuse only when stage 1's fit starts (:func:`build_logger`): a
-    ``WANDB_BASE_URL`` or ``WANDB_MODE`` it does not take, and W&B online without an
-    API key for the server (wandb's UsageError, after minutes of scanning a ``.rec``)."""
+    what wandb would refuse only when stage 1's fit starts (:func:`build_logger`): wandb
+    not installed, a project name W&B refuses, a ``WANDB_BASE_URL`` or ``WANDB_MODE``
+    it does not take, and W&B online without an API key for the server (wandb's
+    UsageError, after minutes of scanning a ``.rec``)."""
     if cfg.logger != "wandb":
         return
     if importlib.util.find_spec("wandb") is None:  # Lightning's error came at the fit

@@ -1217,8 +1217,8 @@ class RunFolder:
 
     def check_weights(self, two_stage: bool) -> None:
         """Every weights file an evaluation of the run reads is there and not cut short
-        (its zip directory reads; no tensor is read): ``evaluate.py run=A run=B`` checks
-        every run before the first one's evaluation, minutes at scale.
+        (:func:`~facecluster.io.check_archive`; no tensor is read): ``evaluate.py run=A
+        run=B`` checks every run before the first one's evaluation, minutes at scale.
 
         Raises:
             FileNotFoundError: a file is missing. ValueError: one is cut short or is no

@@ -792,5 +792,7 @@ def test_a_key_under_a_value_names_the_key_it_may_mean():
         load_config(SMOKE, ["logger.project=x"])
     with pytest.raises(ConfigError, match=r"did you mean: wandb.project\?$"):
         load_config(SMOKE, ["logger.project=x"])
-    with pytest.raises(ConfigError, match=r"'seed': seed is a value, not a section \(no seed.a"):
-        load_config(SMOKE, ["seed.a=1"])
+    with pytest.raises(ConfigError, match=r"'seed': seed is a value, not a section \(no seed.a\)$"):
+        load_config(SMOKE, ["seed.a=1"])  # no key of that name: no suggestion
+    with pytest.raises(ConfigError, match=r"'seed': seed is a value, given an empty section"):
+        load_config(SMOKE, ["seed={}"])

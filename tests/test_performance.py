@@ -185,8 +185,9 @@ def test_gpu_script_dry_run_writes_every_figure(tmp_path):
         assert figures[part]["code"] == source_digest(), part
     bad = subprocess.run(["bash", "bench/gpu.sh", "--bogus"], cwd=ROOT, capture_output=True)
     assert bad.returncode == 2 and b"--bogus" in bad.stderr
-    bad = subprocess.run(["bash", "bench/gpu.sh", "--out"], cwd=ROOT, capture_output=True)
-    assert bad.returncode == 2 and b"--out needs a value" in bad.stderr  # "$2: unbound"
+    for args in (["--out"], ["--out", "--dry-run"]):  # "$2: unbound"; an option as OUT
+        bad = subprocess.run(["bash", "bench/gpu.sh", *args], cwd=ROOT, capture_output=True)
+        assert bad.returncode == 2 and b"--out needs a value" in bad.stderr, args
     if not torch.cuda.is_available():  # refused: the parts of the last run stay (emptied)
         done = subprocess.run(
             ["bash", "bench/gpu.sh", "--out", str(out)], cwd=ROOT, capture_output=True

@@ -415,7 +415,8 @@ class TwoStageIdentifier(nn.Module):
 
         Args:
             images: [B, 3, S, S] normalised face crops, S the identifier's
-                ``backbone_args["image_size"]`` (another shape: ValueError).
+                ``backbone_args["image_size"]`` (one face without its batch axis, or a
+                4-D batch of another shape: ValueError).
             top_m: clusters to search (default ``route.top_m``).
             alpha: decision-unit weight of the class-mean similarity (default ``route.alpha``).
             all_subnets: ISM, the paper's baseline: every sub-net answers on its own
@@ -639,8 +640,9 @@ class TwoStageIdentifier(nn.Module):
 
         Raises:
             ValueError: a name that is blank, holds a control character, is enrolled
-                already or given twice; no images, images that are not [n, 3, S, S]
-                at the identifier's image size, or images whose mean embedding has
+                already or given twice; no images, images of 3 dimensions or a 4-D
+                batch that is not [n, 3, S, S] at the identifier's image size, or
+                images whose mean embedding has
                 no direction (NaN, inf or zero).
         """
         pairs = faces.items() if isinstance(faces, Mapping) else faces
