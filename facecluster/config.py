@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     ConfigKeyError,
     InterpolationResolutionError,
@@ -311,7 +311,11 @@ class DataConfig:
         r.within("val_fraction", self.val_fraction, 0.0, 1.0, closed=False)
         r.within("unseen_fraction", self.unseen_fraction, 0.0, 1.0, closed=False)
         r.positive("verification_every", self.verification_every)
-        for path in self.verification_paths():
+        # OmegaConf takes a mapping as an item of a list[str] ([{a: 1}]): a TypeError below
+        others = [v for v in self.verification if not isinstance(v, str)]
+        if others:
+            r.add(f"data.verification: each item is a file's path, got {others[0]!r}")
+        for path in [] if others else self.verification_paths():
             if path.is_dir():  # was reported as "does not exist"
                 r.add(f"data.verification: {path} is a folder: name its .bin file or pairs.txt")
             elif not path.is_file():
@@ -764,7 +768,9 @@ class WandbConfig:
             r.choice("mode", self.mode, ("online", "offline", "disabled"))
         # wandb refused them when stage 1's fit started, after the data scan
         for tag in self.tags:
-            if not 1 <= len(str(tag)) <= 64:
+            if not isinstance(tag, str):  # a mapping ([{a: 1}]) passed as an item
+                r.add(f"wandb.tags: each tag is text, got {tag!r}")
+            elif not 1 <= len(str(tag)) <= 64:
                 r.add(f"wandb.tags: each tag is 1 to 64 characters (W&B's rule), got {tag!r}")
         return r.problems
 
@@ -1238,6 +1244,9 @@ def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfi
                 f"{source}: '{key}' takes a whole list, as {key}=[a,b]: an item cannot be "
                 f"set by its index ({key}.0=...)"
             ) from None
+        for key, takes in _containers_given_otherwise(base, other):  # model.kwargs=[1]
+            example = f"{key}={{name: value}}" if takes == "mapping" else f"{key}=[a,b]"
+            raise ConfigError(f"{source}: '{key}' takes a {takes}, as {example}") from None
         raise
 
 
@@ -1274,6 +1283,22 @@ def _sections_given_values(
             yield from _sections_given_values(type(default), given, f"{prefix}{f.name}.")
         else:
             yield f"{prefix}{f.name}", type(default), given
+
+
+def _containers_given_otherwise(base: DictConfig, other: DictConfig | dict) -> Iterator[tuple]:
+    """``(key, "mapping" or "list")`` of each key of a section whose value in ``base``
+    is a mapping given a list, or the reverse: what OmegaConf's "Cannot merge
+    incompatible container types" does not name."""
+    tree = OmegaConf.to_container(other) if isinstance(other, DictConfig) else other
+    for section, values in (tree or {}).items():
+        if not isinstance(values, dict) or not isinstance(base.get(section), DictConfig):
+            continue
+        for key, value in values.items():
+            current = base[section].get(key)
+            if isinstance(current, DictConfig) and isinstance(value, list):
+                yield f"{section}.{key}", "mapping"
+            elif isinstance(current, ListConfig) and isinstance(value, dict):
+                yield f"{section}.{key}", "list"
 
 
 def _merge_overrides(base: DictConfig, overrides: list[str]) -> DictConfig:

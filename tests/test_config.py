@@ -796,3 +796,15 @@ def test_a_key_under_a_value_names_the_key_it_may_mean():
         load_config(SMOKE, ["seed.a=1"])  # no key of that name: no suggestion
     with pytest.raises(ConfigError, match=r"'seed': seed is a value, given an empty section"):
         load_config(SMOKE, ["seed={}"])
+
+
+def test_a_value_of_the_wrong_container_kind_is_named():
+    # data.verification=[{a: 1}] and model.kwargs=[1] ended in TypeError tracebacks,
+    # wandb.tags=[{a: 1}] was taken (a second review)
+    for override, said in (
+        ("data.verification=[{a: 1}]", r"data.verification: each item is a file's path, got"),
+        ("model.kwargs=[1]", r"'model.kwargs' takes a mapping, as model.kwargs=\{name: value\}"),
+        ("wandb.tags=[{a: 1}]", r"wandb.tags: each tag is text, got \{'a': 1\}"),
+    ):
+        with pytest.raises(ConfigError, match=said):
+            load_config(SMOKE, [override])
