@@ -596,6 +596,11 @@ STAGES = ("all", "1", "cluster", "2", "assemble")
 of the finished stage 1) into results."""
 
 
+FITTED_ROUTE = ("router_temperature", "subnet_temperature", "generalist_weight")
+"""The ``route`` numbers of ``decision=moe`` fitted on the validation split, together
+(``calibration.json``, :class:`~facecluster.inference.decision.MoeParams`)."""
+
+
 @dataclass
 class RouteConfig:
     top_m: int = 1
@@ -649,7 +654,7 @@ class RouteConfig:
         r.positive("subnet_temperature", self.subnet_temperature)
         if self.generalist_weight is not None:
             r.within("generalist_weight", self.generalist_weight, 0.0, 1.0)
-        fitted = ("router_temperature", "subnet_temperature", "generalist_weight")
+        fitted = FITTED_ROUTE
         given = [name for name in fitted if getattr(self, name) is not None]
         if given and len(given) < len(fitted):  # they are fitted together, or all given
             r.add(

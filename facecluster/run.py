@@ -59,6 +59,7 @@ from torch import Tensor
 
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import (
+    FITTED_ROUTE,
     RUN_CONFIG,
     ClusteringConfig,
     Config,
@@ -684,7 +685,7 @@ class RunFolder:
         path = self.path / CALIBRATION
         if not path.is_file():
             return {}
-        fitted = ("router_temperature", "subnet_temperature", "generalist_weight")
+        fitted = FITTED_ROUTE
         advice = "restore the file from a copy of the run, or delete it to fit these again"
         values = read_state(path, dict, fitted, advice)
         problems = route_problems(values)

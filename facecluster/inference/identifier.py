@@ -37,7 +37,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facecluster.clustering import ClusterAssignment
-from facecluster.config import NAME_RULE, ConfigError, name_problem, route_problems
+from facecluster.config import (
+    FITTED_ROUTE,
+    NAME_RULE,
+    ConfigError,
+    name_problem,
+    route_problems,
+)
 from facecluster.inference.decision import (
     Calibration,
     MoeParams,
@@ -334,8 +340,7 @@ class TwoStageIdentifier(nn.Module):
     @property
     def moe(self) -> MoeParams | None:
         """The fitted numbers of ``route.decision=moe`` (None until calibrated)."""
-        names = ("router_temperature", "subnet_temperature", "generalist_weight")
-        values = [self.route_config.get(n) for n in names]
+        values = [self.route_config.get(n) for n in FITTED_ROUTE]
         return None if any(v is None for v in values) else MoeParams(*values)
 
     @torch.no_grad()
@@ -832,10 +837,9 @@ class TwoStageIdentifier(nn.Module):
         stage1 = stage1 or run.stage1_weights(map_location)
         subnets = run.subnet_weights(map_location)
         given, stored = route, cfg.to_dict()["route"]
-        route = {**stored, **(given or {})}
         for key, value in run.calibration().items():  # fitted on the validation split
-            for settings in (route, stored):
-                settings[key] = value if settings.get(key) is None else settings[key]
+            stored[key] = value if stored.get(key) is None else stored[key]
+        route = {**stored, **(given or {})}
         edited = f"{run.path}'s {{}} (config.yaml's model settings edited since training?)"
         router_backbone = load_backbone(args, stage1.backbone, edited.format("stage-1 weights"))
         networks = [
