@@ -3,6 +3,7 @@ mixed precision, and that the real demo recipe learns."""
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -418,3 +419,29 @@ def test_a_stage2_checkpoint_with_the_old_centroids_buffer_still_loads():
     fresh.on_load_checkpoint(checkpoint)
     fresh.load_state_dict(checkpoint["state_dict"])  # strict, as Lightning loads it
     assert torch.equal(fresh.class_to_cluster, model.class_to_cluster)
+
+
+def test_building_a_stage_model_keeps_nothing_of_its_caller_alive():
+    # Lightning's save_hyperparameters, left to find the constructor's frame itself,
+    # kept it (and every caller's frame and locals) in a reference cycle until the next
+    # garbage collection: a caller's tensors (class means, embeddings) outlived it
+    import weakref
+
+    from facecluster.models.backbone_module import BackboneSystem
+
+    def build(system) -> weakref.ref:
+        held = torch.zeros(4)  # a caller's local
+        if system is BackboneSystem:
+            backbone = {"name": "tiny", "embedding_dim": 8, "image_size": 16}
+            BackboneSystem(5, backbone, {"name": "arcface", "s": 16.0, "m": None}, OPTIM)
+        else:
+            _subnets()
+        return weakref.ref(held)
+
+    gc.collect()
+    gc.disable()  # what the cyclic collector would free later does not count
+    try:
+        for system in (BackboneSystem, SubnetSystem):
+            assert build(system)() is None, system.__name__
+    finally:
+        gc.enable()

@@ -31,6 +31,7 @@ the data side only knows each cluster's identities, passed to ``connect_clusters
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import logging
 import math
@@ -816,7 +817,10 @@ class FaceDataModule(lightning.LightningDataModule):
                 f"subnet_epoch_size must be one of {', '.join(SUBNET_EPOCH_SIZES)}, "
                 f"got {subnet_epoch_size!r}"
             )
-        self.save_hyperparameters()
+        # this frame given: Lightning's own lookup keeps its frame in a reference cycle,
+        # and with it every caller's frame and locals until the next garbage collection
+        # (a loader's worker processes, a caller's tensors)
+        self.save_hyperparameters(frame=inspect.currentframe())
 
         self._tracker: BadImageTracker | None = None
         self._folder: FaceFolder | None = None

@@ -7,6 +7,7 @@ and, trained alone, the paper's non-distributed single-model baseline.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -40,7 +41,10 @@ class BackboneSystem(StageSystem):
         config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # this frame given: Lightning's own lookup keeps its frame in a reference cycle,
+        # and with it every caller's frame and locals until the next garbage collection
+        # (a loader's worker processes, a caller's tensors)
+        self.save_hyperparameters(frame=inspect.currentframe())
         self.backbone = create_backbone(**backbone)
         self.head = create_head(
             num_classes=num_classes, embedding_dim=backbone["embedding_dim"], **head

@@ -26,6 +26,7 @@ a checkpoint restores it with no resizing.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -103,7 +104,10 @@ class SubnetSystem(StageSystem):
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # this frame given: Lightning's own lookup keeps its frame in a reference cycle,
+        # and with it every caller's frame and locals until the next garbage collection
+        # (a loader's worker processes, a caller's tensors)
+        self.save_hyperparameters(frame=inspect.currentframe())
         dim = backbone["embedding_dim"]
         self.subnet_ids = (
             list(subnet_ids) if subnet_ids is not None else list(range(len(cluster_sizes)))
