@@ -378,11 +378,21 @@ def eval_device(cfg: Config) -> torch.device:
 def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunEvaluation:
     """Evaluate one finished run on its held-out test split (see the module doc)."""
     run = run_folder(run_dir)
+    return _evaluate(run, _checked_config(run, overrides), overrides)
+
+
+def _checked_config(run: RunFolder, overrides: list[str] | tuple) -> Config:
+    """``run``'s finished config under ``overrides``, once everything that can be
+    refused without reading weights or data has been checked."""
     cfg = run.finished_config(overrides)
     cfg.route.check_identities(len(run.class_names()))  # before any weights are read
     _check_precision(cfg, overrides)
     check_writable(run)
     check_wandb_server(cfg)  # logger=wandb: what wandb refuses, before the evaluation
+    return cfg
+
+
+def _evaluate(run: RunFolder, cfg: Config, overrides: list[str] | tuple) -> RunEvaluation:
     torch.manual_seed(cfg.seed)
     if cfg.two_stage:
         report = _evaluate_two_stage(run, cfg)
@@ -665,17 +675,18 @@ def _write(
 def evaluate_runs(run_dirs: list[str | Path], overrides: list[str] | tuple = ()) -> str:
     """Evaluate several runs; returns one markdown table of all their rows.
 
-    Every run is checked (a run folder, finished, the overrides allowed) before the
-    first is evaluated: a typo in the last ``run=`` was found only after the others'
-    evaluations (minutes each), and the table was never printed."""
+    Every run is checked (a run folder, finished, the overrides allowed and servable by
+    its identities, its weights files whole, W&B) before the first is evaluated, each
+    once: a typo in the last ``run=`` was found only after the others' evaluations
+    (minutes each), and the table was never printed."""
     folders = [run_folder(r) for r in run_dirs]
-    for folder in folders:
-        cfg = folder.finished_config(overrides)
+    configs = [_checked_config(folder, overrides) for folder in folders]
+    for folder, cfg in zip(folders, configs, strict=True):
         folder.check_weights(cfg.two_stage)
-        check_writable(folder)
-        check_wandb_server(cfg)
     _warn_other_faces(folders)
-    reports = [evaluate_run(r, overrides) for r in run_dirs]
+    reports = [
+        _evaluate(folder, cfg, overrides) for folder, cfg in zip(folders, configs, strict=True)
+    ]
     rows = [row for rep in reports for row in rep.rows]
     sizes = {rep.batch_size for rep in reports}
     if len(sizes) == 1:

@@ -814,10 +814,18 @@ def test_evaluating_several_runs_checks_every_runs_weights_first(
     # gone, was found after A's whole evaluation (minutes at scale)
     from facecluster import cli, evaluation
 
-    monkeypatch.setattr(evaluation, "evaluate_run", lambda *a: pytest.fail("evaluated"))
+    for name in ("evaluate_run", "_evaluate"):
+        monkeypatch.setattr(evaluation, name, lambda *a: pytest.fail("evaluated"), raising=False)
     copy = tmp_path / "copy"
     shutil.copytree(finished_run.run_dir, copy)
     runs = [f"run={finished_run.run_dir}", f"run={copy}", "eval.plots=false"]
+    # route settings B's identities cannot serve (they were checked in B's turn)
+    names = json.loads((copy / "class_names.json").read_text())
+    (copy / "class_names.json").write_text(json.dumps(names[:-1]))
+    ivf = [*runs, "route.index=ivf", f"route.ivf_nlist={len(names)}"]
+    assert cli.evaluate_main(ivf) == 2
+    assert f"route.ivf_nlist={len(names)} lists" in capsys.readouterr().err
+    (copy / "class_names.json").write_text(json.dumps(names))
     subnet = RunFolder(copy).subnet_file(1)
     subnet.write_bytes(subnet.read_bytes()[:-100])
     assert cli.evaluate_main(runs) == 2
