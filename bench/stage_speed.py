@@ -61,10 +61,20 @@ class StageSpeed(L.Callback):
     def on_validation_start(self, trainer, pl_module) -> None:
         self.last = None  # validation is not training time
 
+    def unmeasured(self) -> list[str]:
+        """The stages whose every step fell within ``--skip``: no speed measured."""
+        return [
+            f"{stage} ran {figures['steps']} steps, all within --skip {self.skip}: its "
+            "images_per_s is null; use a smaller --skip or more steps"
+            for stage, figures in self.stages.items()
+            if figures["images_per_s"] is None
+        ]
+
     def on_train_end(self, trainer, pl_module) -> None:
         cuda = pl_module.device.type == "cuda"
         self.stages[f"stage{pl_module.stage}"] = {
             "images_per_s": self.images / self.seconds if self.seconds else None,
+            "steps": self.steps,
             "timed_steps": max(0, self.steps - self.skip),
             "peak_memory_gb": torch.cuda.max_memory_allocated(pl_module.device) / 2**30
             if cuda
@@ -100,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
+    if unmeasured := speed.unmeasured():  # written all the same: the inference figures
+        parser.exit(1, "".join(f"{parser.prog}: error: {m}\n" for m in unmeasured))
     return out
 
 

@@ -570,6 +570,29 @@ def test_the_benchmarks_argument_types_refuse_what_cannot_run(tmp_path, capsys):
             parse(text)
 
 
+def test_stage_speed_says_a_stage_it_did_not_time():
+    # --skip at least a stage's steps wrote images_per_s: null, exit 0, without a word
+    speed = load_script("bench/stage_speed.py").StageSpeed(skip=3)
+    module = SimpleNamespace(device=torch.device("cpu"), stage=1)
+    batch = (torch.zeros(4, 1), torch.zeros(4))
+    for steps in (3, 5):
+        speed.on_train_start(None, module)
+        for i in range(steps):
+            speed.on_train_batch_start(None, module, batch, i)
+            speed.on_train_batch_end(None, module, None, batch, i)
+        speed.on_train_end(None, module)
+        timed = speed.stages["stage1"]
+        assert timed["steps"] == steps and timed["timed_steps"] == steps - 3
+        if steps == 3:
+            assert timed["images_per_s"] is None
+            assert speed.unmeasured() == [
+                "stage1 ran 3 steps, all within --skip 3: its images_per_s is null; use a "
+                "smaller --skip or more steps"
+            ]
+        else:
+            assert timed["images_per_s"] > 0 and speed.unmeasured() == []
+
+
 def test_the_input_benchmark_refuses_a_set_it_cannot_time(tmp_path, capsys):
     # a set of PNG faces (valid for training) ended in simplejpeg's "Could not determine
     # subsampling level" traceback, --root "" packed the working directory, and the
