@@ -11,6 +11,7 @@ from facecluster.models.components import (
     IResNet,
     available_backbones,
     create_backbone,
+    load_backbone,
     register_backbone,
 )
 
@@ -259,3 +260,33 @@ def test_weights_that_do_not_fit_the_settings_are_named_in_one_line() -> None:
     ):
         with pytest.raises(ValueError, match=named):
             load_backbone({**args, **change}, weights)
+
+
+def test_timm_pretrained_weights_see_the_normalisation_they_were_trained_on(monkeypatch) -> None:
+    # every image reaches a backbone scaled to [-1, 1]; timm's pretrained CNNs were
+    # trained on ImageNet's mean and std, and were fed [-1, 1] unconverted
+    import timm
+
+    create = timm.create_model  # no download here: the architecture, its pretrained_cfg
+    monkeypatch.setattr(timm, "create_model", lambda *a, pretrained, **k: create(*a, **k))
+    seen = []
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    for pretrained in (True, False):
+        model = create_backbone("resnet18", embedding_dim=8, pretrained=pretrained).eval()
+        model.body.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+        model(x)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert torch.allclose(seen[0], ((x + 1) / 2 - mean) / std, atol=1e-6)
+    assert torch.equal(seen[1], x)  # trained from scratch: on [-1, 1] as it is
+
+    # the weights carry it: evaluation and the sub-nets rebuild without pretrained
+    # weights; weights saved before the conversion load with none
+    trained = create_backbone("resnet18", embedding_dim=8, pretrained=True).state_dict()
+    rebuilt = load_backbone({"name": "resnet18", "embedding_dim": 8}, trained)
+    assert torch.equal(rebuilt.input_scale, trained["input_scale"])
+    assert not torch.equal(rebuilt.input_scale, torch.ones(1, 3, 1, 1))
+    older = {k: v for k, v in trained.items() if not k.startswith("input_")}
+    rebuilt = load_backbone({"name": "resnet18", "embedding_dim": 8}, older)
+    assert torch.equal(rebuilt.input_scale, torch.ones(1, 3, 1, 1))
+    assert torch.equal(rebuilt.input_shift, torch.zeros(1, 3, 1, 1))

@@ -105,8 +105,21 @@ class EmbeddingNeck(nn.Module):
         return self.bn(self.fc(self.dropout(x)))
 
 
+_IDENTITY = ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
+"""``TimmBackbone``'s input conversion without pretrained weights: scale, shift."""
+
+
 class TimmBackbone(nn.Module):
     """A timm model without classifier followed by an ``EmbeddingNeck``.
+
+    Images come in as every backbone takes them, scaled to [-1, 1] (mean 0.5, std 0.5:
+    :func:`~facecluster.data.transforms.normalize_images`). With ``pretrained``, a fixed
+    per-channel affine (``input_scale``, ``input_shift``) first turns that into the
+    normalisation the weights were trained on, timm's ``pretrained_cfg`` mean and std
+    (ImageNet's for most CNNs: fed [-1, 1], their warm start was off); without, it is
+    the identity. Buffers, so the weights carry it: the sub-nets' warm start,
+    evaluation and the ONNX export rebuild the model without pretrained weights. Weights
+    saved before it existed load with the identity, what they were trained with.
 
     Args:
         name: timm model name (an architecture, optionally with a ``.tag``).
@@ -134,10 +147,25 @@ class TimmBackbone(nn.Module):
         # head_hidden_size features once the classifier is removed, not num_features.
         in_features = getattr(self.body, "head_hidden_size", None) or self.body.num_features
         self.neck = EmbeddingNeck(in_features, embedding_dim, dropout)
+        scale, shift = _IDENTITY
+        if pretrained:
+            weights = getattr(self.body, "pretrained_cfg", None) or {}
+            mean, std = weights.get("mean", ()), weights.get("std", ())
+            if len(mean) == 3 and len(std) == 3:  # x' = ((x + 1) / 2 - mean) / std
+                mean, std = torch.tensor(mean), torch.tensor(std)
+                scale, shift = (0.5 / std).tolist(), ((0.5 - mean) / std).tolist()
+        self.register_buffer("input_scale", torch.tensor(scale).view(1, 3, 1, 1))
+        self.register_buffer("input_shift", torch.tensor(shift).view(1, 3, 1, 1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for name, value in zip(("input_scale", "input_shift"), _IDENTITY, strict=True):
+            # weights saved before the conversion: trained on [-1, 1] as it stood
+            state_dict.setdefault(prefix + name, torch.tensor(value).view(1, 3, 1, 1))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Maps images ``[B, 3, H, W]`` to embeddings ``[B, embedding_dim]``."""
-        return self.neck(self.body(x))
+        return self.neck(self.body(x * self.input_scale + self.input_shift))
 
 
 class TinyBackbone(nn.Module):
