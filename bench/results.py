@@ -179,7 +179,13 @@ def _training_images(run: Path) -> dict[str, int]:
         )
     counts = {"stage1": results["stage1"]["steps"] * batch}
     if "subnets" in results:  # each stage-2 step takes a batch for every sub-net
-        counts["stage2"] = results["stage2_steps"] * batch * results["num_clusters"]
+        # its own: a cluster with fewer training images than a batch takes them all
+        # (runs trained before the records said so: data.batch_size, an upper bound)
+        records = RunFolder(run).subnet_records()
+        counts["stage2"] = sum(
+            results["stage2_steps"] * records.get(k, {}).get("batch_size", batch)
+            for k in range(results["num_clusters"])
+        )
     return counts
 
 
@@ -419,7 +425,9 @@ def render(result: dict[str, Any], command: str) -> str:
     lines += [
         "Counted as training images through a backbone (forward and backward), from each",
         "run's steps: stage 1 steps x batch, stage 2 steps x batch x K (every step takes a",
-        "batch for each sub-net; with `stage2.epoch_size=largest`, the default, smaller",
+        "batch for each sub-net: `data.batch_size`, or all the training images of a smaller",
+        "cluster, as each sub-net's record says in runs trained since 2026-12-05; older runs",
+        "count a whole batch; with `stage2.epoch_size=largest`, the default, smaller",
         "clusters cycle, so stage 2 differs by seed with the largest cluster). Means over",
         "the seeds, and each seed's total. The class-mean pass (one forward over the",
         "training split) and, at test time, the router's backbone are not in it.",

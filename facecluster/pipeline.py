@@ -568,6 +568,10 @@ def _fit_job(
             "identities": sizes[k],
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
+            # its images per step: global_step x batch_size x world_size went through
+            # its backbone (bench/results.py's training compute)
+            "batch_size": run.dm.subnet_batch_size(k),
+            "world_size": trainer.world_size,
             "test_acc": float(test[f"test/acc_subnet{k}"]),
             "test_correct": correct,
             "test_images": total,

@@ -400,6 +400,15 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, 
     results = load_script("bench/results.py")
     run = out / "smoke-pass-s1"
     assert results._training_images(run)["stage1"] == images["pass"]["stage1"]
+    # stage 2: each sub-net's own batch, which its record keeps (a cluster with fewer
+    # training images than a batch takes them all; counted as a whole batch, review)
+    records = RunFolder(run).subnet_records()
+    assert [(r["batch_size"], r["world_size"]) for r in records.values()] == [(8, 1)] * 2
+    steps = json.loads((run / "results.json").read_text())["stage2_steps"]
+    assert results._training_images(run)["stage2"] == images["pass"]["stage2"] == steps * 16
+    record = RunFolder(run).subnet_file(1).with_suffix(".json")
+    record.write_text(json.dumps({**json.loads(record.read_text()), "batch_size": 3}))
+    assert results._training_images(run)["stage2"] == steps * (8 + 3)
     config = run / "config.yaml"
     config.write_text(
         config.read_text().replace("trainer:\n", "trainer:\n  accumulate_grad_batches: 2\n", 1)

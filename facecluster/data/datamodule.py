@@ -1350,17 +1350,21 @@ class FaceDataModule(lightning.LightningDataModule):
             return max(1, math.ceil(sum(images) / len(images) / world) // batch)
         return max(max(1, math.ceil(n / world) // batch) for n in images)
 
+    def subnet_batch_size(self, k: int) -> int:
+        """Sub-net ``k``'s batch per process in stage 2: ``batch_size``, or all of its
+        cluster's training images a process draws when they are fewer (no repeats),
+        at least 2 (its stream then passes over its images more than once: BatchNorm
+        cannot train on 1; refused, it stopped a run whose stage 1 had trained, and no
+        resume could change the clustering)."""
+        per_rank = math.ceil(len(self._cluster_train_ids(k)) / self._world_size())
+        return max(2, min(self.hparams.batch_size, per_rank))
+
     def _subnet_steps_loader(self) -> DataLoader:
         steps, rank = self.subnet_steps(), self.trainer.global_rank if self.trainer else 0
         samplers, batches, datasets, collate = {}, {}, {}, {}
         for k in self._subnets:
             ids = self._cluster_train_ids(k)
-            per_rank = math.ceil(len(ids) / self._world_size())
-            # a cluster smaller than a batch gives batches of all its images, no repeats;
-            # one with fewer than 2 per process gives 2, its stream passing over its
-            # images more than once (BatchNorm cannot train on 1; refused, it stopped a
-            # run whose stage 1 had trained, and no resume could change the clustering)
-            batches[k] = max(2, min(self.hparams.batch_size, per_rank))
+            batches[k] = self.subnet_batch_size(k)
             # every sampler yields steps x batch pairs: no partial batch
             samplers[k] = SubnetSampler(
                 len(ids), steps * batches[k], self.hparams.seed, k, rank, self._world_size()
