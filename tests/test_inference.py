@@ -975,7 +975,8 @@ def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(
     lock.unlink()
     # several runs: every one is checked before the first is evaluated
     with monkeypatch.context() as m:
-        m.setattr(evaluation, "evaluate_run", lambda *a: pytest.fail("evaluated before checks"))
+        for name in ("evaluate_run", "_evaluate"):
+            m.setattr(evaluation, name, lambda *a: pytest.fail("evaluated before checks"))
         assert evaluate.main([f"run={finished_run}", f"run={unfinished}"]) == 2
     assert "not finished" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="not a facecluster run folder"):
@@ -1218,13 +1219,12 @@ def test_a_table_of_runs_timed_at_other_batch_sizes_says_each_rows_own(monkeypat
         "a": evaluation.RunEvaluation(Path("a"), "single", [row("a")], 256),
         "b": evaluation.RunEvaluation(Path("b"), "single", [row("b")], 64),
     }
-    monkeypatch.setattr(evaluation, "evaluate_run", lambda run, overrides=(): reports[run])
+    monkeypatch.setattr(evaluation, "_evaluate", lambda run, cfg, o: reports[str(run.path)])
     monkeypatch.setattr(evaluation, "run_folder", lambda run: RunFolder(Path(run)))
-    single = SimpleNamespace(two_stage=False, logger="csv")
-    monkeypatch.setattr(RunFolder, "finished_config", lambda run, overrides=(): single)
+    single = SimpleNamespace(two_stage=False)
+    monkeypatch.setattr(evaluation, "_checked_config", lambda run, overrides: single)
     monkeypatch.setattr(RunFolder, "check_weights", lambda run, two_stage: None)
-    monkeypatch.setattr(evaluation, "check_writable", lambda run: None)  # no folders here
-    monkeypatch.setattr(evaluation, "_warn_other_faces", lambda runs: None)
+    monkeypatch.setattr(evaluation, "_warn_other_faces", lambda runs: None)  # no folders here
     table = evaluation.evaluate_runs(["a", "b"])
     assert "img/s @batch" in table and "@256" not in table.splitlines()[0]
     assert "(img/s @256)" in table and "(img/s @64)" in table
