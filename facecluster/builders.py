@@ -18,6 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -51,8 +52,13 @@ from facecluster.data.verification import (
     named_sets,
     size_warning,
 )
-from facecluster.io import disk_full
-from facecluster.models.components import TimmBackbone, create_backbone, shareable_stages
+from facecluster.io import disk_full, load_plain
+from facecluster.models.components import (
+    TimmBackbone,
+    create_backbone,
+    load_backbone,
+    shareable_stages,
+)
 from facecluster.models.precision import skip_groups_apart
 from facecluster.run import BEST, LAST, RunFolder, is_global_zero, launched_processes
 
@@ -162,6 +168,51 @@ def backbone_parameters(cfg: Config) -> int:
             )
         )
     return sum(p.numel() for p in backbone.parameters())
+
+
+def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
+    """``model.weights``: the backbone weights stage 1 starts from, read (memory-mapped)
+    and loaded once into the backbone the config builds, so that a file of another
+    architecture or size is refused before any work; None when unset.
+
+    Takes a state dict of tensors (``torch.save(backbone.state_dict())``; arcface_torch's
+    ``backbone.pth`` has the keys of facecluster's IResNets, a ``module.`` prefix is
+    dropped) or a facecluster checkpoint of stage 1 or of a single model (its
+    ``backbone.*`` weights).
+
+    Raises:
+        ConfigError: naming the file: missing, unreadable, holding no backbone weights, or
+            weights that do not fit (the first mismatch).
+    """
+    if cfg.model.weights is None:
+        return None
+    path = Path(cfg.model.weights).expanduser()
+    given = f"model.weights={cfg.model.weights!r}"
+    try:
+        loaded = load_plain(path, what="backbone weights", mmap=True)
+    except (OSError, ValueError) as e:  # missing, damaged, or not plain data
+        raise ConfigError(f"{given}: {e}") from None
+    state = loaded if isinstance(loaded, dict) else {}
+    if isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint: its backbone
+        state = {
+            k.removeprefix("backbone."): v
+            for k, v in state["state_dict"].items()
+            if k.startswith("backbone.")
+        }
+    elif state and all(str(k).startswith("module.") for k in state):  # saved under DDP
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(
+            f"{given}: {path} holds no backbone weights: give a state dict of tensors "
+            "(torch.save(backbone.state_dict())) or a facecluster stage-1 checkpoint"
+        )
+    try:
+        load_backbone(
+            cfg.model.backbone_args(cfg.data.image_size), state, f"the weights of {given}"
+        )
+    except ValueError as e:  # another architecture, width, embedding size or image size
+        raise ConfigError(str(e)) from None
+    return state
 
 
 def check_identity_count(cfg: Config, dm: FaceDataModule) -> None:

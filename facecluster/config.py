@@ -355,6 +355,11 @@ class ModelConfig:
     """Size of the face embedding."""
     pretrained: bool = False
     """Load timm's pretrained weights (needs network access; never the default)."""
+    weights: str | None = None
+    """A file of backbone weights stage 1 starts from instead of a random initialisation:
+    ``torch.save(backbone.state_dict())`` (arcface_torch's ``backbone.pth`` for the same
+    IResNet) or a facecluster checkpoint (its ``backbone.*``). Read when stage 1 starts
+    from epoch 0; a resume continues from its checkpoint."""
     dropout: float = 0.0
     """Dropout before the embedding layer."""
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -370,6 +375,11 @@ class ModelConfig:
 
     def problems(self) -> list[str]:
         r = _Rules("model.")
+        if self.pretrained and self.weights is not None:
+            r.add(
+                f"model.weights={self.weights!r} and model.pretrained=true both give stage 1's "
+                "starting weights: set one"
+            )
         r.positive("embedding_dim", self.embedding_dim)
         r.within("dropout", self.dropout, 0.0, 1.0, closed=False)
         r.within("shared_layers", self.shared_layers, 0, 4)

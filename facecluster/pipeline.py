@@ -38,6 +38,7 @@ from facecluster.builders import (
     check_verification_sets,
     fit_eval_batches,
     module_args,
+    starting_weights,
     stop_started_ranks,
     stopped_run,
 )
@@ -99,6 +100,8 @@ class _Run:
     folder: RunFolder
     logger: Any
     callbacks: Sequence[L.Callback]
+    weights: dict[str, Any] | None = None
+    """``model.weights`` read and checked at start, when stage 1 starts from epoch 0."""
     stage1: dict[str, Any] | None = None
     """Stage 1's summary when this process fitted it (other ranks may not see the file
     rank 0 writes yet), else read from the run folder."""
@@ -151,6 +154,8 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         # resume past stage 1 that does not evaluate reads none)
         check_verification_sets(cfg, stage1_done=bool(cfg.resume) and folder.has_stage_summary(1))
         backbone_params = backbone_parameters(cfg)
+        fresh = _stage1_pending(cfg, folder) and folder.stage1_resume_point(cfg.resume) is None
+        weights = starting_weights(cfg) if fresh else None  # before the data scan
         dm = build_datamodule(cfg)
         check_identity_count(cfg, dm)
         run_id = folder.create(new=not cfg.resume)  # a resume's: nothing written
@@ -168,7 +173,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
             with finish_logger(logger):
                 hint = ResumeHint(folder.path, cfg.stage, JOB_ENV)  # Ctrl-C: how to continue
                 try:
-                    return _two_stages(_Run(cfg, dm, folder, logger, [*callbacks, hint]))
+                    return _two_stages(_Run(cfg, dm, folder, logger, [*callbacks, hint], weights))
                 except Exception as e:  # bad data, a lost peer, a full disk: how to go on
                     stop = stopped_run(e)  # (a stage-2 job: its launcher says how)
                     if stop and not os.environ.get(JOB_ENV):
@@ -368,6 +373,8 @@ def fit_stage1(
     # Seeded here, not only at start: a resumed run builds the same initial weights.
     torch.manual_seed(run.cfg.seed + 1)
     model = BackboneSystem(run.dm.num_classes, **module_args(run.cfg, 1))
+    if resume is None and run.weights is not None:  # model.weights: not a random start
+        model.backbone.load_state_dict(run.weights)
     extra = [clustering] if clustering is not None and not settled else []
     trainer = build_trainer(run.cfg, 1, run.folder, run.logger, [*extra, *run.callbacks])
     fit_eval_batches(trainer, run.dm, 1)

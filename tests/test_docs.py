@@ -101,6 +101,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data.root=/data/ms1m-retinaface-t1/train.rec": (LEFT_OUT, FULL_SIZE),
     "python train.py -c configs/insightface_r50.yaml data.root=/data/glint360k "
     "clustering.num_clusters=64 head.sample_rate=0.1": (LEFT_OUT, FULL_SIZE),
+    "python train.py -c configs/insightface_r50.yaml data.root=/data/faces "
+    "model.weights=/models/ms1mv3_arcface_r50/backbone.pth": (
+        LEFT_OUT,
+        "the reader's data and arcface_torch's released weights (no download here); "
+        "tests/test_pipeline.py::test_stage1_starts_from_the_backbone_weights_model_weights_"
+        "names trains stage 1 from a weights file",
+    ),
     "python bench/sample_index.py": (
         LEFT_OUT,
         BENCH + "; tests/test_performance.py runs it small",

@@ -856,3 +856,37 @@ def test_runs_tested_on_other_faces_are_warned_of_in_one_table(finished_run, tmp
     with caplog.at_level(logging.WARNING, "facecluster"):
         _warn_other_faces(runs)
     assert f"run={copy} has another test split than run={finished_run.run_dir}" in caplog.text
+
+
+def test_stage1_starts_from_the_backbone_weights_model_weights_names(tmp_path, capsys):
+    # an arcface_torch backbone.pth (the keys of facecluster's IResNets; saved from a DDP
+    # wrapper: a module. prefix) or a finished run's stage 1: stage 1 starts from it
+    from facecluster import cli
+    from facecluster.builders import starting_weights
+    from facecluster.models.components import create_backbone
+
+    torch.manual_seed(123)
+    start = create_backbone("tiny", embedding_dim=64).state_dict()
+    weights = tmp_path / "backbone.pth"
+    torch.save({f"module.{k}": v for k, v in start.items()}, weights)
+    out = tmp_path / "runs"
+    lr = "stage1.optim.lr=1e-9"  # the weights stay where they started
+    train(load_config(SMOKE, smoke_overrides(out, "stage=1", "logger=none", lr,
+                                             f"model.weights={weights}")))  # fmt: skip
+    trained = torch.load(RunFolder(out / "run").last_checkpoint(1), weights_only=True)
+    backbone = {k.removeprefix("backbone."): v for k, v in trained["state_dict"].items()}
+    for name, value in start.items():
+        if "running_" not in name and "num_batches" not in name:  # BN statistics move
+            assert torch.allclose(backbone[name], value, atol=1e-5), name
+    random = create_backbone("tiny", embedding_dim=64).state_dict()["neck.fc.weight"]
+    assert not torch.allclose(start["neck.fc.weight"], random, atol=1e-2)  # a real test
+    # a finished run's stage-1 checkpoint is taken too; weights of another backbone are
+    # refused before any run folder, naming the first mismatch
+    given = RunFolder(out / "run").last_checkpoint(1)
+    cfg = load_config(SMOKE, [f"model.weights={given}"])
+    assert torch.equal(starting_weights(cfg)["neck.fc.weight"], backbone["neck.fc.weight"])
+    args = ["-c", str(SMOKE), f"output_dir={tmp_path / 'new'}", f"model.weights={weights}"]
+    assert cli.train_main([*args, "model.embedding_dim=32"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: the weights of model.weights='{weights}' do not fit the backbone" in err
+    assert "size mismatch for neck.fc.weight" in err and not (tmp_path / "new").exists()
