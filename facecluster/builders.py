@@ -177,8 +177,8 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
 
     Takes a state dict of tensors (``torch.save(backbone.state_dict())``; arcface_torch's
     ``backbone.pth`` has the keys of facecluster's IResNets, a ``module.`` prefix is
-    dropped) or a facecluster checkpoint of stage 1 or of a single model (its
-    ``backbone.*`` weights).
+    dropped), a facecluster checkpoint of stage 1 or of a single model (its
+    ``backbone.*`` weights) or a sub-net's file (``stage2/subnets/subnet<k>.pt``).
 
     Raises:
         ConfigError: naming the file: missing, unreadable, holding no backbone weights, or
@@ -188,6 +188,10 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
         return None
     path = Path(cfg.model.weights).expanduser()
     given = f"model.weights={cfg.model.weights!r}"
+    if path.is_dir():  # a run folder, as resume= and run= take
+        raise ConfigError(
+            f"{given} is a folder: give a file, such as a run's stage1/checkpoints/last.ckpt"
+        )
     try:
         loaded = load_plain(path, what="backbone weights", mmap=True)
     except (OSError, ValueError) as e:  # missing, damaged, or not plain data
@@ -199,12 +203,22 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
             for k, v in state["state_dict"].items()
             if k.startswith("backbone.")
         }
+    elif isinstance(state.get("backbone"), dict):  # a sub-net's file: backbone and head
+        state = state["backbone"]
     elif state and all(str(k).startswith("module.") for k in state):  # saved under DDP
         state = {k.removeprefix("module."): v for k, v in state.items()}
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        stage2 = isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict)
         raise ConfigError(
-            f"{given}: {path} holds no backbone weights: give a state dict of tensors "
-            "(torch.save(backbone.state_dict())) or a facecluster stage-1 checkpoint"
+            f"{given}: {path} holds no backbone weights"
+            + (
+                " (a stage-2 checkpoint holds sub-nets: give one sub-net's file, "
+                "stage2/subnets/subnet<k>.pt)"
+                if stage2
+                else ""
+            )  # fmt: skip
+            + ": give a state dict of tensors (torch.save(backbone.state_dict())), a "
+            "facecluster stage-1 checkpoint or a sub-net's file"
         )
     try:
         load_backbone(

@@ -358,8 +358,9 @@ class ModelConfig:
     weights: str | None = None
     """A file of backbone weights stage 1 starts from instead of a random initialisation:
     ``torch.save(backbone.state_dict())`` (arcface_torch's ``backbone.pth`` for the same
-    IResNet) or a facecluster checkpoint (its ``backbone.*``). Read when stage 1 starts
-    from epoch 0; a resume continues from its checkpoint."""
+    IResNet), a facecluster checkpoint of stage 1 (its ``backbone.*``) or a sub-net's
+    file. Read when stage 1 starts from epoch 0, a resume's too while stage 1 has no
+    checkpoint; the run keeps it absolute, and a resume may give it anew (moved since)."""
     dropout: float = 0.0
     """Dropout before the embedding layer."""
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -1160,8 +1161,13 @@ class Config:
             root=os.path.abspath(self.data.resolved_root()),
             verification=[os.path.abspath(p) for p in self.data.verification_paths()],
         )
+        weights = self.model.weights  # read again by a resume before stage 1's checkpoint
+        model = dataclasses.replace(
+            self.model,
+            weights=None if weights is None else os.path.abspath(os.path.expanduser(weights)),
+        )
         return dataclasses.replace(
-            self, stage="all", stage2=stage2, data=data, resume=None, run_name=None
+            self, stage="all", stage2=stage2, data=data, model=model, resume=None, run_name=None
         )
 
     def with_overrides(self, overrides: list[str] | tuple) -> Config:

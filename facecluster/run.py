@@ -210,6 +210,10 @@ act (:func:`_settled`): an unset margin is the head's own, no accumulation is 1.
 SPEED_OPTIONS = {"compile": False, "channels_last": False}
 """``model`` keys a resume may change: how the network runs, not what it is."""
 
+FREE_MODEL_KEYS = (*SPEED_OPTIONS, "weights")
+"""``model`` keys a resume may change: the speed options, and ``weights``, where stage 1
+starts (read again only while it has no checkpoint: a file moved since is given anew)."""
+
 
 def is_global_zero() -> bool:
     """True in the process that writes the run folder.
@@ -1706,8 +1710,8 @@ def _refuse_contradictions(
             if not same:
                 problems.append(f"{key}: the run has {old!r}, the command line {new!r}")
             continue
-        # speed options change no weight
-        ignored = tuple(f"model.{k}" for k in SPEED_OPTIONS) if key == "model" else ()
+        # speed options change no weight; the starting weights none that trained
+        ignored = tuple(f"model.{k}" for k in FREE_MODEL_KEYS) if key == "model" else ()
         problems += [
             f"{name}: the run has {was!r}, the command line {now!r}"
             for name, was, now in _differences(key, old, new)

@@ -858,7 +858,7 @@ def test_runs_tested_on_other_faces_are_warned_of_in_one_table(finished_run, tmp
     assert f"run={copy} has another test split than run={finished_run.run_dir}" in caplog.text
 
 
-def test_stage1_starts_from_the_backbone_weights_model_weights_names(tmp_path, capsys):
+def test_stage1_starts_from_the_backbone_weights_model_weights_names(tmp_path, capsys, monkeypatch):
     # an arcface_torch backbone.pth (the keys of facecluster's IResNets; saved from a DDP
     # wrapper: a module. prefix) or a finished run's stage 1: stage 1 starts from it
     from facecluster import cli
@@ -871,8 +871,10 @@ def test_stage1_starts_from_the_backbone_weights_model_weights_names(tmp_path, c
     torch.save({f"module.{k}": v for k, v in start.items()}, weights)
     out = tmp_path / "runs"
     lr = "stage1.optim.lr=1e-9"  # the weights stay where they started
+    monkeypatch.chdir(tmp_path)  # given relative, kept absolute: a resume elsewhere reads it
     train(load_config(SMOKE, smoke_overrides(out, "stage=1", "logger=none", lr,
-                                             f"model.weights={weights}")))  # fmt: skip
+                                             "model.weights=backbone.pth")))  # fmt: skip
+    assert RunFolder(out / "run").config().model.weights == str(weights)
     trained = torch.load(RunFolder(out / "run").last_checkpoint(1), weights_only=True)
     backbone = {k.removeprefix("backbone."): v for k, v in trained["state_dict"].items()}
     for name, value in start.items():
@@ -885,6 +887,15 @@ def test_stage1_starts_from_the_backbone_weights_model_weights_names(tmp_path, c
     given = RunFolder(out / "run").last_checkpoint(1)
     cfg = load_config(SMOKE, [f"model.weights={given}"])
     assert torch.equal(starting_weights(cfg)["neck.fc.weight"], backbone["neck.fc.weight"])
+    subnet = tmp_path / "subnet0.pt"  # a sub-net's file: its backbone and head rows
+    torch.save({"backbone": start, "head": torch.zeros(3, 64)}, subnet)
+    cfg = load_config(SMOKE, [f"model.weights={subnet}"])
+    assert torch.equal(starting_weights(cfg)["neck.fc.weight"], start["neck.fc.weight"])
+    with pytest.raises(ConfigError, match="is a folder: give a file, such as a run's stage1/"):
+        starting_weights(load_config(SMOKE, [f"model.weights={out / 'run'}"]))
+    # a file moved since: a resume may name it anew (read again while stage 1 has no
+    # checkpoint), where any other model setting is refused
+    RunFolder.config_for_resume(str(out / "run"), [f"model.weights={subnet}"])
     args = ["-c", str(SMOKE), f"output_dir={tmp_path / 'new'}", f"model.weights={weights}"]
     assert cli.train_main([*args, "model.embedding_dim=32"]) == 2
     err = capsys.readouterr().err
