@@ -38,6 +38,12 @@ class StageSpeed(L.Callback):
         self.skip, self.stages, self.device = skip, {}, None
 
     def on_train_start(self, trainer, pl_module) -> None:
+        batches = trainer.estimated_stepping_batches * trainer.accumulate_grad_batches
+        if batches <= self.skip:  # refused now, not after both stages and the evaluation
+            raise ConfigError(
+                f"stage {pl_module.stage} has {batches} steps, all within --skip "
+                f"{self.skip}: nothing would be timed; use a smaller --skip or more steps"
+            )
         self.images, self.seconds, self.steps, self.last = 0, 0.0, 0, None
         self.device = pl_module.device  # the machine's record names its GPU
         if pl_module.device.type == "cuda":

@@ -584,12 +584,16 @@ def test_stage_speed_says_a_stage_it_did_not_time():
     speed = load_script("bench/stage_speed.py").StageSpeed(skip=3)
     module = SimpleNamespace(device=torch.device("cpu"), stage=1)
     batch = (torch.zeros(4, 1), torch.zeros(4))
-    for steps in (3, 5):
-        speed.on_train_start(None, module)
+    trainer = SimpleNamespace(estimated_stepping_batches=3, accumulate_grad_batches=1)
+    with pytest.raises(ConfigError, match="stage 1 has 3 steps, all within --skip 3"):
+        speed.on_train_start(trainer, module)  # refused before it trains
+    trainer.estimated_stepping_batches = 5
+    for steps in (3, 5):  # a stage stopped early, and one that ran its steps
+        speed.on_train_start(trainer, module)
         for i in range(steps):
-            speed.on_train_batch_start(None, module, batch, i)
-            speed.on_train_batch_end(None, module, None, batch, i)
-        speed.on_train_end(None, module)
+            speed.on_train_batch_start(trainer, module, batch, i)
+            speed.on_train_batch_end(trainer, module, None, batch, i)
+        speed.on_train_end(trainer, module)
         timed = speed.stages["stage1"]
         assert timed["steps"] == steps and timed["timed_steps"] == steps - 3
         if steps == 3:
