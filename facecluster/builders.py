@@ -176,8 +176,9 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
     architecture or size is refused before any work; None when unset.
 
     Takes a state dict of tensors (``torch.save(backbone.state_dict())``; arcface_torch's
-    ``backbone.pth`` has the keys of facecluster's IResNets, a ``module.`` prefix is
-    dropped), a facecluster checkpoint of stage 1 or of a single model (its
+    ``backbone.pth`` or ``model.pt`` has the keys of facecluster's IResNets, a
+    ``module.`` prefix is dropped; its ``checkpoint_gpu_<rank>.pt``, its
+    ``state_dict_backbone``), a facecluster checkpoint of stage 1 or of a single model (its
     ``backbone.*`` weights) or a sub-net's file (``stage2/subnets/subnet<k>.pt``).
 
     Raises:
@@ -205,6 +206,8 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
         }
     elif isinstance(state.get("backbone"), dict):  # a sub-net's file: backbone and head
         state = state["backbone"]
+    elif isinstance(state.get("state_dict_backbone"), dict):  # arcface_torch's checkpoint
+        state = state["state_dict_backbone"]
     elif state and all(str(k).startswith("module.") for k in state):  # saved under DDP
         state = {k.removeprefix("module."): v for k, v in state.items()}
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):

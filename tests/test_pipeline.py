@@ -889,8 +889,11 @@ def test_stage1_starts_from_the_backbone_weights_model_weights_names(tmp_path, c
     assert torch.equal(starting_weights(cfg)["neck.fc.weight"], backbone["neck.fc.weight"])
     subnet = tmp_path / "subnet0.pt"  # a sub-net's file: its backbone and head rows
     torch.save({"backbone": start, "head": torch.zeros(3, 64)}, subnet)
-    cfg = load_config(SMOKE, [f"model.weights={subnet}"])
-    assert torch.equal(starting_weights(cfg)["neck.fc.weight"], start["neck.fc.weight"])
+    resumable = tmp_path / "checkpoint_gpu_0.pt"  # arcface_torch's, with save_all_states
+    torch.save({"epoch": 3, "state_dict_backbone": start, "state_dict_softmax_fc": {}}, resumable)
+    for file in (subnet, resumable):
+        cfg = load_config(SMOKE, [f"model.weights={file}"])
+        assert torch.equal(starting_weights(cfg)["neck.fc.weight"], start["neck.fc.weight"])
     with pytest.raises(ConfigError, match="is a folder: give a file, such as a run's stage1/"):
         starting_weights(load_config(SMOKE, [f"model.weights={out / 'run'}"]))
     # a file moved since: a resume may name it anew (read again while stage 1 has no
