@@ -219,7 +219,7 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
                 "stage2/subnets/subnet<k>.pt)"
                 if stage2
                 else ""
-            )  # fmt: skip
+            )
             + ": give a state dict of tensors (torch.save(backbone.state_dict())), a "
             "facecluster stage-1 checkpoint or a sub-net's file"
         )
