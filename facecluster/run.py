@@ -173,10 +173,17 @@ TRAINING_ONLY_KEYS = (
     "trainer",
     "data.decode",  # evaluation loaders decode on the CPU
     "data.verification_every",  # stage 1's interval
+    "model.weights",  # where stage 1 started
 )
 """What only training reads: given to an evaluation it changed nothing, silently
 (``trainer.devices`` and ``trainer.accelerator`` do not choose the evaluation's
 device, ``eval.device`` does). Not ``output_dir``: it says where the run's cache is."""
+
+TRAINING_ONLY_INSIDE_FIXED = tuple(
+    k for k in TRAINING_ONLY_KEYS if any(k.startswith(f + ".") for f in EVALUATION_FIXED_KEYS)
+)
+"""Training-only keys inside a section an evaluation keeps fixed (``model.weights`` in
+``model``): refused as training's, not compared with the run's."""
 
 EVALUATION_TRAINER_KEYS = ("trainer.precision",)
 """The ``trainer.*`` an evaluation reads: the autocast of its predictors."""
@@ -418,7 +425,10 @@ class RunFolder:
             o
             for o in overrides
             if _is_or_inside(key := o.split("=", 1)[0], TRAINING_ONLY_KEYS)
-            and not _sets_any(key.strip(), EVALUATION_FIXED_KEYS)
+            and (
+                _is_or_inside(key, TRAINING_ONLY_INSIDE_FIXED)  # model.weights
+                or not _sets_any(key.strip(), EVALUATION_FIXED_KEYS)
+            )
             and not _is_or_inside(key, EVALUATION_TRAINER_KEYS)
         ]
         if unread:

@@ -997,6 +997,10 @@ def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(
     # data.* keys only training reads too (evaluation loaders decode on the CPU)
     with pytest.raises(ConfigError, match=r"data.decode=device, data.verification_every=3: tr"):
         evaluate_run(finished_run, ["data.decode=device", "data.verification_every=3"])
+    # and model.weights, inside the model section an evaluation keeps: where stage 1
+    # started (it was compared with the run's and passed, changing nothing)
+    with pytest.raises(ConfigError, match=r"model.weights=w.pt: a training setting"):
+        evaluate_run(finished_run, ["model.weights=w.pt"])
     # nor any trainer.* but the precision (the device is eval.device's), nor run_name
     with pytest.raises(ConfigError, match=r"trainer.devices=2: a training .*eval.device="):
         evaluate_run(finished_run, ["trainer.devices=2", "trainer.precision=32-true"])
