@@ -196,7 +196,9 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
     try:
         loaded = load_plain(path, what="backbone weights", mmap=True)
     except (OSError, ValueError) as e:  # missing, damaged, or not plain data
-        raise ConfigError(f"{given}: {e}") from None
+        moved = isinstance(e, FileNotFoundError) and cfg.resume
+        hint = "; moved? name it anew: model.weights=<new place>" if moved else ""
+        raise ConfigError(f"{given}: {e}{hint}") from None
     state = loaded if isinstance(loaded, dict) else {}
     if isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint: its backbone
         state = {

@@ -219,7 +219,8 @@ SPEED_OPTIONS = {"compile": False, "channels_last": False}
 
 FREE_MODEL_KEYS = (*SPEED_OPTIONS, "weights")
 """``model`` keys a resume may change: the speed options, and ``weights``, where stage 1
-starts (read again only while it has no checkpoint: a file moved since is given anew)."""
+starts, while stage 1 has trained nothing (``_check_starting_weights``: a file moved
+since is given anew)."""
 
 
 def is_global_zero() -> bool:
@@ -415,6 +416,22 @@ class RunFolder:
         here = f"output_dir={self.path.parent}"
         return load_config(self.path / RUN_CONFIG, [here, *overrides, "resume=null"])
 
+    def _check_starting_weights(self, saved: Config, cfg: Config, resume: str) -> None:
+        """A resume may name ``model.weights`` anew (a file moved since) only while stage
+        1 has trained nothing: after that the file is not read, and the run's config
+        would record another start than its weights had."""
+
+        def where(weights: str | None) -> str | None:
+            return None if weights is None else os.path.abspath(os.path.expanduser(weights))
+
+        trained = self.has_stage_summary(1) or self.last_checkpoint(1).is_file()
+        if trained and where(cfg.model.weights) != where(saved.model.weights):
+            raise ConfigError(
+                f"resume={resume}: model.weights: stage 1 of {self.path} started from "
+                f"{saved.model.weights!r} and has trained since, so the file is no longer "
+                "read: leave model.weights unset"
+            )
+
     def finished_config(self, overrides: list[str] | tuple = ()) -> Config:
         """The config of a finished run (evaluation, inference); refuses unfinished runs,
         naming the sub-nets still missing and the command that finishes them, and
@@ -524,6 +541,7 @@ class RunFolder:
         unchecked = () if (run.path / SPLIT).is_file() else ("data.root",)
         fixed = RESUME_FIXED_KEYS + unchecked + run._started_optim(cfg)
         _refuse_contradictions(saved, cfg, resume, fixed)
+        run._check_starting_weights(saved, cfg, resume)
         epochs = saved.stage_epochs(1)
         # stage 1 is done once clusters.pt exists, its test perhaps not (stopped there)
         done = run.has_stage_summary(1) or (cfg.two_stage and run.clusters_path.is_file())
@@ -1720,8 +1738,10 @@ def _refuse_contradictions(
             if not same:
                 problems.append(f"{key}: the run has {old!r}, the command line {new!r}")
             continue
-        # speed options change no weight; the starting weights none that trained
-        ignored = tuple(f"model.{k}" for k in FREE_MODEL_KEYS) if key == "model" else ()
+        # speed options change no weight; the starting weights, on a resume, none that
+        # trained (config_for_resume decides); an evaluation reads neither
+        free = SPEED_OPTIONS if evaluation else FREE_MODEL_KEYS
+        ignored = tuple(f"model.{k}" for k in free) if key == "model" else ()
         problems += [
             f"{name}: the run has {was!r}, the command line {now!r}"
             for name, was, now in _differences(key, old, new)

@@ -896,9 +896,16 @@ def test_stage1_starts_from_the_backbone_weights_model_weights_names(tmp_path, c
         assert torch.equal(starting_weights(cfg)["neck.fc.weight"], start["neck.fc.weight"])
     with pytest.raises(ConfigError, match="is a folder: give a file, such as a run's stage1/"):
         starting_weights(load_config(SMOKE, [f"model.weights={out / 'run'}"]))
-    # a file moved since: a resume may name it anew (read again while stage 1 has no
-    # checkpoint), where any other model setting is refused
-    RunFolder.config_for_resume(str(out / "run"), [f"model.weights={subnet}"])
+    # a file moved since: a resume may name it anew while stage 1 has trained nothing
+    # (it is read again then); once stage 1 has, the run's config would record another
+    # start than its weights had (a review)
+    with pytest.raises(ConfigError, match="started from .* and has trained since, so the"):
+        RunFolder.config_for_resume(str(out / "run"), [f"model.weights={subnet}"])
+    RunFolder.config_for_resume(str(out / "run"), ["model.weights=backbone.pth"])  # the same
+    untrained = tmp_path / "untrained"  # stopped before stage 1's first checkpoint
+    shutil.copytree(out / "run", untrained, ignore=shutil.ignore_patterns("stage1*"))
+    cfg = RunFolder.config_for_resume(str(untrained), [f"model.weights={subnet}"])
+    assert cfg.model.weights == str(subnet)
     args = ["-c", str(SMOKE), f"output_dir={tmp_path / 'new'}", f"model.weights={weights}"]
     assert cli.train_main([*args, "model.embedding_dim=32"]) == 2
     err = capsys.readouterr().err
