@@ -1738,8 +1738,9 @@ def _refuse_contradictions(
             if not same:
                 problems.append(f"{key}: the run has {old!r}, the command line {new!r}")
             continue
-        # speed options change no weight; the starting weights, on a resume, none that
-        # trained (config_for_resume decides); an evaluation reads neither
+        # speed options change no weight; a resume may also name the starting weights
+        # anew while stage 1 has trained nothing (_check_starting_weights); an evaluation
+        # refuses them as training's
         free = SPEED_OPTIONS if evaluation else FREE_MODEL_KEYS
         ignored = tuple(f"model.{k}" for k in free) if key == "model" else ()
         problems += [
