@@ -420,12 +420,9 @@ class RunFolder:
         """A resume may name ``model.weights`` anew (a file moved since) only while stage
         1 has trained nothing: after that the file is not read, and the run's config
         would record another start than its weights had."""
-
-        def where(weights: str | None) -> str | None:
-            return None if weights is None else os.path.abspath(os.path.expanduser(weights))
-
         trained = self.has_stage_summary(1) or self.last_checkpoint(1).is_file()
-        if trained and where(cfg.model.weights) != where(saved.model.weights):
+        # as config.yaml keeps it (absolute): the same file, written relative, is no change
+        if trained and cfg.run_settings().model.weights != saved.model.weights:
             raise ConfigError(
                 f"resume={resume}: model.weights: stage 1 of {self.path} started from "
                 f"{saved.model.weights!r} and has trained since, so the file is no longer "

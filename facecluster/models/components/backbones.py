@@ -109,6 +109,13 @@ _IDENTITY = ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
 """``TimmBackbone``'s input conversion without pretrained weights: scale, shift."""
 
 
+def _identity_if_missing(module, state_dict, prefix, *_) -> None:
+    """A load pre-hook of ``TimmBackbone``: weights saved before its input conversion
+    were trained on [-1, 1] as it stood, and load with the identity."""
+    for name, value in zip(("input_scale", "input_shift"), _IDENTITY, strict=True):
+        state_dict.setdefault(prefix + name, torch.tensor(value).view(1, 3, 1, 1))
+
+
 class TimmBackbone(nn.Module):
     """A timm model without classifier followed by an ``EmbeddingNeck``.
 
@@ -156,12 +163,7 @@ class TimmBackbone(nn.Module):
                 scale, shift = (0.5 / std).tolist(), ((0.5 - mean) / std).tolist()
         self.register_buffer("input_scale", torch.tensor(scale).view(1, 3, 1, 1))
         self.register_buffer("input_shift", torch.tensor(shift).view(1, 3, 1, 1))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        for name, value in zip(("input_scale", "input_shift"), _IDENTITY, strict=True):
-            # weights saved before the conversion: trained on [-1, 1] as it stood
-            state_dict.setdefault(prefix + name, torch.tensor(value).view(1, 3, 1, 1))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.register_load_state_dict_pre_hook(_identity_if_missing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Maps images ``[B, 3, H, W]`` to embeddings ``[B, embedding_dim]``."""
