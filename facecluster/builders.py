@@ -212,6 +212,10 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
         state = state["state_dict_backbone"]
     elif state and all(str(k).startswith("module.") for k in state):  # saved under DDP
         state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(str(k).startswith("backbone.") for k in state):  # a stage module's state_dict()
+        state = {
+            k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
+        }
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         stage2 = isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict)
         raise ConfigError(
@@ -231,6 +235,12 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
         )
     except ValueError as e:  # another architecture, width, embedding size or image size
         raise ConfigError(str(e)) from None
+    for name, value in state.items():  # a diverged run's weights would train on as NaN
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ConfigError(
+                f"{given}: {path} holds non-finite values (NaN or Inf) in {name}: weights "
+                "saved from a run that diverged? give weights saved before it did"
+            )
     return state
 
 

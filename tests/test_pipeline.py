@@ -891,9 +891,19 @@ def test_stage1_starts_from_the_backbone_weights_model_weights_names(tmp_path, c
     torch.save({"backbone": start, "head": torch.zeros(3, 64)}, subnet)
     resumable = tmp_path / "checkpoint_gpu_0.pt"  # arcface_torch's, with save_all_states
     torch.save({"epoch": 3, "state_dict_backbone": start, "state_dict_softmax_fc": {}}, resumable)
-    for file in (subnet, resumable):
+    module = tmp_path / "system.pt"  # torch.save(BackboneSystem.state_dict()): head too
+    system = {f"backbone.{k}": v for k, v in start.items()}
+    torch.save({**system, "head.weight": start["neck.fc.weight"]}, module)
+    for file in (subnet, resumable, module):
         cfg = load_config(SMOKE, [f"model.weights={file}"])
         assert torch.equal(starting_weights(cfg)["neck.fc.weight"], start["neck.fc.weight"])
+    diverged = tmp_path / "diverged.pt"  # a run's last weights after its loss went NaN
+    nan = torch.full_like(start["neck.fc.weight"], torch.nan)
+    torch.save({**start, "neck.fc.weight": nan}, diverged)
+    with pytest.raises(
+        ConfigError, match=r"holds non-finite values \(NaN or Inf\) in neck.fc.weight"
+    ):
+        starting_weights(load_config(SMOKE, [f"model.weights={diverged}"]))
     with pytest.raises(ConfigError, match="is a folder: give a file, such as a run's stage1/"):
         starting_weights(load_config(SMOKE, [f"model.weights={out / 'run'}"]))
     # a file moved since: a resume may name it anew while stage 1 has trained nothing
