@@ -217,7 +217,8 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
             k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
         }
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        stage2 = isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict)
+        lightning = isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict)
+        stage2 = lightning and any(str(k).startswith("subnets.") for k in loaded["state_dict"])
         raise ConfigError(
             f"{given}: {path} holds no backbone weights"
             + (

@@ -904,6 +904,14 @@ def test_stage1_starts_from_the_backbone_weights_model_weights_names(tmp_path, c
         ConfigError, match=r"holds non-finite values \(NaN or Inf\) in neck.fc.weight"
     ):
         starting_weights(load_config(SMOKE, [f"model.weights={diverged}"]))
+    stage2 = tmp_path / "stage2.ckpt"  # sub-nets, no backbone.*: the sub-net files are
+    torch.save({"state_dict": {"subnets.0.neck.fc.weight": start["neck.fc.weight"]}}, stage2)
+    with pytest.raises(ConfigError, match=r"no backbone weights \(a stage-2 checkpoint holds"):
+        starting_weights(load_config(SMOKE, [f"model.weights={stage2}"]))
+    other = tmp_path / "other.ckpt"  # another project's Lightning checkpoint
+    torch.save({"state_dict": {"model.fc.weight": start["neck.fc.weight"]}}, other)
+    with pytest.raises(ConfigError, match=r"other.ckpt holds no backbone weights: give a state"):
+        starting_weights(load_config(SMOKE, [f"model.weights={other}"]))
     with pytest.raises(ConfigError, match="is a folder: give a file, such as a run's stage1/"):
         starting_weights(load_config(SMOKE, [f"model.weights={out / 'run'}"]))
     # a file moved since: a resume may name it anew while stage 1 has trained nothing
