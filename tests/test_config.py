@@ -808,3 +808,40 @@ def test_a_value_of_the_wrong_container_kind_is_named():
     ):
         with pytest.raises(ConfigError, match=said):
             load_config(SMOKE, [override])
+
+
+def test_config_page_defaults_are_the_schemas():
+    # the default column of docs/CONFIG.md is the schema's default (before any YAML
+    # file: "(demo: ...)" notes what configs/default.yaml sets); a row naming several
+    # keys lists their defaults in order
+    from dataclasses import MISSING, fields, is_dataclass
+
+    from facecluster.config import Config
+
+    def defaults(cls, prefix=""):
+        for f in fields(cls):
+            value = f.default if f.default_factory is MISSING else f.default_factory()
+            if is_dataclass(value):
+                yield from defaults(type(value), f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", value
+
+    schema = dict(defaults(Config))
+    page = (DEFAULT.parents[1] / "docs" / "CONFIG.md").read_text()
+    checked, wrong = 0, []
+    for cell, default in re.findall(r"^\| (`.*?) \| (.*?) \|", page, re.M):
+        keys = re.findall(r"`([a-z_][a-zA-Z0-9_.*]*)`", cell)
+        shown = default.split(" (")[0].split(", ") if len(keys) > 1 else [default.split(" (")[0]]
+        for key, text in zip(keys, shown, strict=False):
+            for name in {key.replace("stageN.", "stage1."), key.replace("stageN.", "stage2.")}:
+                if name not in schema or text.strip() == "":
+                    continue
+                value, doc = schema[name], yaml.safe_load(text.strip().strip("`"))
+                if isinstance(value, float) and isinstance(doc, str):
+                    doc = float(doc)  # YAML 1.1 reads 5e-4 as a string
+                if isinstance(value, tuple):
+                    value = list(value)
+                checked += 1
+                if doc != value and not (value is None and doc is None):
+                    wrong.append(f"{name}: the page says {text!r}, the schema {value!r}")
+    assert checked > 90 and not wrong, wrong
