@@ -501,8 +501,9 @@ def _heads_section(h: dict) -> str:
 - **Step time** is one head step on this machine's CPU: loss forward and backward and
   the SGD update of the process's rows. With 8 shards it is one shard's work on the
   gathered batch of {8 * h["batch_per_process"]}. A step's communication is not
-  included: the batch sizes, the embeddings and labels gathered, two all-reduces of
-  [gathered batch] floats for the loss, and one of [gathered batch, 512] for the
+  included: the batch sizes, the embeddings and labels gathered, two all-reduces for
+  the loss (the rows' maxima, [gathered batch] floats, then their normalisers and
+  target logits, [2, gathered batch]), and one of [gathered batch, 512] for the
   embeddings' gradient. Rows marked "computed" did not fit this machine and are
   the same configuration's time at the largest measured C, scaled by C.
 - At {big:,} identities the whole head on one process needs {whole["memory_gib"]:.1f}
