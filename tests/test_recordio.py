@@ -281,6 +281,14 @@ def test_an_idx_missing_lines_in_the_middle_is_refused_naming_the_first_unlisted
             layout = image_layout(RecordFile(tmp_path / "train.rec"))
         assert "lists 1 key(s) more than once" in caplog.text
         assert len(layout.keys) == 3
+    # two keys at one record (a damaged line): read twice, the other never (a review)
+    for text in (
+        f"3\t{o[3]}\n1\t{o[1]}\n2\t{o[1]}\n0\t{o[0]}\n",  # in key order: not file order
+        f"0\t{o[3]}\n1\t{o[1]}\n2\t{o[2]}\n3\t{o[2]}\n",  # in file order
+    ):
+        idx.write_text(text)
+        with pytest.raises(ValueError, match=r"train.idx: keys \d and \d point at the same rec"):
+            RecordFile(tmp_path / "train.rec")
     # a line missing right after such a record: named by its byte (no key reads it)
     idx.write_text(f"2\t{o[3]}\n2\t{o[2]}\n0\t{o[0]}\n")
     with pytest.raises(ValueError, match=rf"at byte {o[1]} .*after the record at byte {o[3]} "):
