@@ -590,11 +590,12 @@ class RunFolder:
 
     def _refuse_settled(self, saved: Config, cfg: Config, resume: str) -> None:
         """Refuse overrides of what the run has done already and will not do again: the
-        clustering's settings once ``clusters.pt`` exists; once every network is trained
-        (unless ``stage2.subnets`` names sub-nets to train again), stage 2's epochs and
-        epoch size and what shaped the weights (:data:`SETTLED_KEYS`: the batch size, the
-        margin head, gradient accumulation and clipping). They changed nothing, but the
-        run's ``config.yaml`` then recorded them, misdescribing its weights."""
+        clustering's settings once ``clusters.pt`` exists; once the single model or one
+        sub-net has finished (unless ``stage2.subnets`` names sub-nets to train again),
+        stage 2's epochs and epoch size and what shaped the weights (:data:`SETTLED_KEYS`:
+        the batch size, the margin head, gradient accumulation and clipping). They changed
+        nothing for what had finished, or trained the rest otherwise, but the run's
+        ``config.yaml`` then recorded them, misdescribing its weights."""
         old, new = saved.to_dict(), cfg.to_dict()
         changed = []
         if cfg.two_stage and self.clusters_path.is_file():
@@ -604,22 +605,27 @@ class RunFolder:
                 for key, value in old["clustering"].items()
                 if new["clustering"][key] != value
             ]
+        finished: list[int] = []  # sub-nets trained with the run's settings
+        clusters = saved.clustering.num_clusters
         if cfg.two_stage:
-            trained = self.clusters_path.is_file() and not self.missing_subnets(
-                saved.clustering.num_clusters
-            )
+            missing = self.missing_subnets(clusters) if self.clusters_path.is_file() else None
+            finished = [k for k in range(clusters) if missing is not None and k not in missing]
+            # one finished sub-net is enough: the others would train otherwise, and the
+            # run's config.yaml describe them alone (a review: a mixed run, exit 0)
+            trained = bool(finished)
         else:
             trained = self.has_stage_summary(1)
+        subnets = "the sub-nets" if len(finished) == clusters else f"sub-nets {finished}"
         # named sub-nets train again with new settings; a single model has none to name
         if trained and (cfg.stage2.subnets is None or not cfg.two_stage):
             if cfg.two_stage and cfg.stage_epochs(2) != saved.stage_epochs(2):
                 changed.append(
-                    f"{cfg.stage_epochs(2)} stage-2 epochs (the sub-nets trained "
+                    f"{cfg.stage_epochs(2)} stage-2 epochs ({subnets} trained "
                     f"{saved.stage_epochs(2)})"
                 )
             if cfg.two_stage and cfg.stage2.epoch_size != saved.stage2.epoch_size:
                 changed.append(  # the optimizer: above
-                    f"stage2.epoch_size={cfg.stage2.epoch_size!r} (the sub-nets trained with "
+                    f"stage2.epoch_size={cfg.stage2.epoch_size!r} ({subnets} trained with "
                     f"{saved.stage2.epoch_size!r})"
                 )
             changed += [
@@ -636,11 +642,17 @@ class RunFolder:
                 if cfg.two_stage
                 else "for other settings start a new run"
             )
+            done = (
+                "has done this already and will not do it again, so these would change "
+                "nothing but the run's record"
+                if not 0 < len(finished) < clusters
+                else f"has finished sub-nets {finished} with the run's settings, and the "
+                f"others train with the same: these would train the others otherwise, and "
+                f"the run's record would describe them alone"
+            )
             raise ConfigError(
-                f"resume={resume}: {self.path} has done this already and will not do it "
-                f"again, so these would change nothing but the run's record: "
-                f"{'; '.join(changed)}. Leave them unset (data.eval_batch_size sets the "
-                f"evaluation's batch size); {again}"
+                f"resume={resume}: {self.path} {done}: {'; '.join(changed)}. Leave them "
+                f"unset (data.eval_batch_size sets the evaluation's batch size); {again}"
             )
 
     def _started_optim(self, cfg: Config) -> tuple[str, ...]:

@@ -58,6 +58,15 @@ def test_a_finished_run_refuses_overrides_it_would_not_act_on(finished_run, tmp_
     # sub-nets named to train again take new stage-2 settings
     again = RunFolder.config_for_resume(str(run), ["stage2.subnets=[1]", "stage2.max_epochs=9"])
     assert again.stage_epochs(2) == 9
+    # some sub-nets finished (a stage-2 job done, another stopped): the others train with
+    # the run's settings, not a resume's (they trained otherwise, exit 0: a review)
+    (run / "stage2" / "subnets" / "subnet0.json").unlink()
+    for override in ("stage2.max_epochs=9", "data.batch_size=4", "stage2.epoch_size=mean"):
+        with pytest.raises(ConfigError, match=r"has finished sub-nets \[1, 2\] with the run's"):
+            RunFolder.config_for_resume(str(run), [override])
+    for k in (1, 2):  # none finished: stage 2 has not trained with them yet
+        (run / "stage2" / "subnets" / f"subnet{k}.json").unlink()
+    assert RunFolder.config_for_resume(str(run), ["stage2.max_epochs=9"]).stage_epochs(2) == 9
 
 
 def test_more_ivf_lists_than_identities_are_refused_before_training_and_evaluation(
