@@ -220,7 +220,21 @@ class StageSystem(L.LightningModule):
             if name not in ignored:  # the same on every process already
                 dist.broadcast(buffer, src=0)
 
+    def on_fit_start(self) -> None:
+        # A resume under trainer.max_steps: Lightning then counts training in steps and
+        # takes any restored loop state for a restart inside an epoch, so an epoch-end
+        # checkpoint (every checkpoint facecluster saves) had its next epoch counted as
+        # done without a batch (Lightning issue #19617's family; a stage one epoch short,
+        # its record not). max_steps is hidden while the loops' state is restored (after
+        # this hook), and given back when training starts, before the first step.
+        loop = self.trainer.fit_loop.epoch_loop
+        if self.trainer.ckpt_path is not None and loop.max_steps != -1:
+            self._hidden_max_steps, loop.max_steps = loop.max_steps, -1
+
     def on_train_start(self) -> None:
+        hidden = getattr(self, "_hidden_max_steps", None)
+        if hidden is not None:
+            self.trainer.fit_loop.epoch_loop.max_steps, self._hidden_max_steps = hidden, None
         # The LR schedule counts optimizer steps. Resumed on another device count (or
         # batch size), an epoch has another number of them, and the restored count would
         # put the schedule elsewhere than this epoch (1 -> 2 devices at mid-run: at its
