@@ -208,11 +208,15 @@ SETTLED_KEYS = (
     "head",
     "trainer.accumulate_grad_batches",
     "trainer.gradient_clip_val",
+    "trainer.gradient_clip_algorithm",
+    "trainer.limit_train_batches",
+    "trainer.max_steps",
 )
 """What shaped a finished run's weights beyond :data:`RESUME_FIXED_KEYS`, the epochs
 and the optimizers: a resume with nothing left to train refuses a change of them,
 which its ``config.yaml`` would record for weights trained otherwise. Compared as they
-act (:func:`_settled`): an unset margin is the head's own, no accumulation is 1."""
+act (:func:`_settled`): an unset margin is the head's own, no accumulation is 1, no
+clipping algorithm is ``norm``, no step cap is -1."""
 
 SPEED_OPTIONS = {"compile": False, "channels_last": False}
 """``model`` keys a resume may change: how the network runs, not what it is."""
@@ -616,8 +620,11 @@ class RunFolder:
         else:
             trained = self.has_stage_summary(1)
         subnets = "the sub-nets" if len(finished) == clusters else f"sub-nets {finished}"
-        # named sub-nets train again with new settings; a single model has none to name
-        if trained and (cfg.stage2.subnets is None or not cfg.two_stage):
+        # named sub-nets train again with new settings, when they are all that finished
+        # (the run then trains every sub-net with them); a single model has none to name
+        kept = sorted(set(finished) - set(cfg.stage2.subnets or range(clusters)))
+        retrained = cfg.stage2.subnets is not None and not kept
+        if trained and (not retrained or not cfg.two_stage):
             if cfg.two_stage and cfg.stage_epochs(2) != saved.stage_epochs(2):
                 changed.append(
                     f"{cfg.stage_epochs(2)} stage-2 epochs ({subnets} trained "
@@ -636,8 +643,10 @@ class RunFolder:
                 )
             ]
         if changed:
+            every = ",".join(map(str, sorted({*finished, *(cfg.stage2.subnets or ())})))
             again = (
-                "to train sub-nets again with new settings name them (stage2.subnets=[...]); "
+                "to train sub-nets again with new settings name every finished one "
+                f"(stage2.subnets=[{every}]); "
                 "for a new clustering start a new run"
                 if cfg.two_stage
                 else "for other settings start a new run"
@@ -670,7 +679,10 @@ class RunFolder:
         if restarts:  # the jobs over named sub-nets go (restart_subnets); the others stay
             named, done = set(cfg.stage2.subnets), set(self.subnet_records())
             jobs = self.started_jobs()
-            stage2 = any(not set(job) & named and set(job) - done for job in jobs)
+            # a finished sub-net not named, or another job under way, keeps its own
+            stage2 = bool(done - named) or any(
+                not set(job) & named and set(job) - done for job in jobs
+            )
         else:
             stage2 = bool(self.started_jobs() or self.subnet_records())
         midway = (stage1 and not self.has_stage_summary(1)) or stage2
@@ -1752,6 +1764,8 @@ def _refuse_contradictions(
         # refuses them as training's
         free = SPEED_OPTIONS if evaluation else FREE_MODEL_KEYS
         ignored = tuple(f"model.{k}" for k in free) if key == "model" else ()
+        if key == "head":  # as it acts: ArcFace's own margin written out is no change
+            old, new = _settled(saved, old_values, key), _settled(cfg, new_values, key)
         problems += [
             f"{name}: the run has {was!r}, the command line {now!r}"
             for name, was, now in _differences(key, old, new)
@@ -1787,6 +1801,12 @@ def _settled(cfg: Config, values: dict[str, Any], key: str) -> Any:
         return 1 if value is None else value
     if key == "trainer.gradient_clip_val":
         return None if value in (None, 0, 0.0) else value
+    if key == "trainer.gradient_clip_algorithm":
+        return "norm" if value is None else value
+    if key == "trainer.limit_train_batches":  # a fraction; 1.0 is every batch
+        return None if value == 1.0 and isinstance(value, float) else value
+    if key == "trainer.max_steps":
+        return None if value == -1 else value
     return value
 
 

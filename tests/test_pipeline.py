@@ -50,14 +50,27 @@ def test_a_finished_run_refuses_overrides_it_would_not_act_on(finished_run, tmp_
         # what shaped the weights (a first-user review: the batch size, the logger and
         # the rest were written to config.yaml of weights trained otherwise)
         "data.batch_size=4": "data.batch_size=4 \\(the run trained with 8\\)",
+        # trainer settings that shaped the training (an audit: recorded, never acted on)
+        "trainer.limit_train_batches=0.5": "limit_train_batches=0.5 \\(the run trained with it",
+        "trainer.max_steps=10": "trainer.max_steps=10 \\(the run trained with it unset",
+        "trainer.gradient_clip_algorithm=value": "algorithm='value' \\(the run trained with 'norm'",
     }
     for override, named in refused.items():
         with pytest.raises(ConfigError, match=f"has done this already .*{named}"):
             RunFolder.config_for_resume(str(run), [override])
     assert (run / "config.yaml").read_bytes() == saved
-    # sub-nets named to train again take new stage-2 settings
-    again = RunFolder.config_for_resume(str(run), ["stage2.subnets=[1]", "stage2.max_epochs=9"])
-    assert again.stage_epochs(2) == 9
+    # what writes out a setting's own value is no change (ArcFace's margin, in the
+    # head a run keeps fixed)
+    RunFolder.config_for_resume(str(run), ["head.m=0.5", "trainer.max_steps=-1"])
+    # sub-nets named to train again take new stage-2 settings when they are every
+    # finished one: the run then trained each with them (one named alone left the others
+    # trained otherwise, config.yaml describing it alone: an audit)
+    again = ["stage2.subnets=[0,1,2]", "stage2.max_epochs=9", "stage2.optim.lr=0.3"]
+    assert RunFolder.config_for_resume(str(run), again).stage_epochs(2) == 9
+    with pytest.raises(ConfigError, match=r"name every finished one \(stage2.subnets=\[0,1,2\]"):
+        RunFolder.config_for_resume(str(run), ["stage2.subnets=[1]", "stage2.max_epochs=9"])
+    with pytest.raises(ConfigError, match=r"stage2.optim.lr: the run has"):
+        RunFolder.config_for_resume(str(run), ["stage2.subnets=[1]", "stage2.optim.lr=0.3"])
     # some sub-nets finished (a stage-2 job done, another stopped): the others train with
     # the run's settings, not a resume's (they trained otherwise, exit 0: a review)
     (run / "stage2" / "subnets" / "subnet0.json").unlink()

@@ -362,7 +362,7 @@ def test_a_trained_stages_optimizer_is_fixed_on_resume(tmp_path):
     ):
         RunFolder.config_for_resume(str(run), ["stage1.optim.lr=0.01"])
     # nor the margin while a stage is under way (its loss would change mid-training)
-    with pytest.raises(ConfigError, match=r"head.m: the run has None, the command line 0.3"):
+    with pytest.raises(ConfigError, match=r"head.m: the run has 0.5, the command line 0.3"):
         RunFolder.config_for_resume(str(run), ["head.m=0.3"])
     folder.save_stage_summary(1, {"global_step": 1})  # stage 1 finished: for the sub-nets
     assert RunFolder.config_for_resume(str(run), ["head.m=0.3"]).head.m == 0.3
