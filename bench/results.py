@@ -177,11 +177,15 @@ def _training_images(run: Path) -> dict[str, int]:
             f"{run}: training images are counted for one process without gradient "
             f"accumulation, and this run has {settings}"
         )
-    counts = {"stage1": results["stage1"]["steps"] * batch}
+    # stage 1's own batch where its record has it (runs trained since 2026-12-05): a
+    # resume between the stages may have given stage 2 another data.batch_size
+    folder = RunFolder(run)
+    stage1 = folder.stage_summary(1) if folder.has_stage_summary(1) else {}
+    counts = {"stage1": results["stage1"]["steps"] * stage1.get("batch_size", batch)}
     if "subnets" in results:  # each stage-2 step takes a batch for every sub-net
         # its own: a cluster with fewer training images than a batch takes them all
         # (runs trained before the records said so: data.batch_size, an upper bound)
-        records = RunFolder(run).subnet_records()
+        records = folder.subnet_records()
         counts["stage2"] = sum(
             results["stage2_steps"] * records.get(k, {}).get("batch_size", batch)
             for k in range(results["num_clusters"])

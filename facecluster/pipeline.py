@@ -397,6 +397,9 @@ def fit_stage1(
         "global_step": trainer.global_step,
         "test_acc": test["test/acc"],
         "epochs": trainer.current_epoch,
+        # its own: a resume between the stages may give stage 2 another data.batch_size
+        "batch_size": run.dm.stage1_batch_size(),
+        "world_size": trainer.world_size,
         **provenance(trainer.strategy.root_device),  # where and by which code it trained
     }
     run.folder.save_stage_summary(1, summary)

@@ -9,7 +9,7 @@
       unseen_identities.json          open set: identities never trained on ({val, test})
       stage1/checkpoints/             best-epochNNN.ckpt (val/acc) and last.ckpt of stage 1
       stage1/running.json             the lock of the command fitting stage 1 or the clustering
-      stage1.json                     stage-1 steps, epochs and test accuracy
+      stage1.json                     stage-1 steps, epochs, test accuracy, batch, processes
       clusters.pt                     the ClusterAssignment (written once, atomically)
       stage2/jobs/<group>/            one stage-2 fit (a job) over a group of sub-nets, named
                                       by them (subnets-0-2_5): checkpoints/ (best, last), log.txt,

@@ -409,7 +409,13 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, 
     record = RunFolder(run).subnet_file(1).with_suffix(".json")
     record.write_text(json.dumps({**json.loads(record.read_text()), "batch_size": 3}))
     assert results._training_images(run)["stage2"] == steps * (8 + 3)
+    # stage 1's own batch, which stage1.json keeps: a resume between the stages may give
+    # stage 2 another data.batch_size, which config.yaml then holds (an audit)
+    summary = json.loads((run / "stage1.json").read_text())
+    assert (summary["batch_size"], summary["world_size"]) == (8, 1)
     config = run / "config.yaml"
+    config.write_text(config.read_text().replace("batch_size: 8", "batch_size: 4", 1))
+    assert results._training_images(run)["stage1"] == images["pass"]["stage1"]
     config.write_text(
         config.read_text().replace("trainer:\n", "trainer:\n  accumulate_grad_batches: 2\n", 1)
     )

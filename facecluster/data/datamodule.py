@@ -1350,6 +1350,12 @@ class FaceDataModule(lightning.LightningDataModule):
             return max(1, math.ceil(sum(images) / len(images) / world) // batch)
         return max(max(1, math.ceil(n / world) // batch) for n in images)
 
+    def stage1_batch_size(self) -> int:
+        """Stage 1's batch per process: ``batch_size``, or all of the train split a
+        process draws when that is fewer (the loader's rule, :meth:`train_dataloader`)."""
+        per_rank = math.ceil(len(self._split_indices("train")) / self._world_size())
+        return min(self.hparams.batch_size, per_rank)
+
     def subnet_batch_size(self, k: int) -> int:
         """Sub-net ``k``'s batch per process in stage 2: ``batch_size``, or all of its
         cluster's training images a process draws when they are fewer (no repeats),
