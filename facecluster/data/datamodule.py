@@ -753,7 +753,8 @@ class FaceDataModule(lightning.LightningDataModule):
             a split (of all images, for zero-byte files at setup) stops the run.
         subnet_epoch_size: Stage 2's batches per sub-net per epoch, from the largest
             cluster's training images (``largest``) or the average cluster's (``mean``:
-            an epoch puts the training split's worth of images through the sub-nets)
+            an epoch puts the training split's worth of images through the sub-nets,
+            more with overlap or negatives, whose images the clusters count)
             (``stage2.epoch_size``).
         subnet_negatives: Stage 2: each sub-net's loader also serves this many images
             per image of its own from the identities of other clusters nearest it
