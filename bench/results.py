@@ -181,6 +181,11 @@ def _training_images(run: Path) -> dict[str, int]:
     # resume between the stages may have given stage 2 another data.batch_size
     folder = RunFolder(run)
     stage1 = folder.stage_summary(1) if folder.has_stage_summary(1) else {}
+    if stage1.get("world_size", 1) != 1:  # config.yaml holds the last command's devices
+        raise ValueError(
+            f"{run}: training images are counted for one process, and its stage 1 ran on "
+            f"{stage1['world_size']}"
+        )
     counts = {"stage1": results["stage1"]["steps"] * stage1.get("batch_size", batch)}
     if "subnets" in results:  # each stage-2 step takes a batch for every sub-net
         # its own: a cluster with fewer training images than a batch takes them all

@@ -184,7 +184,20 @@ class DivergenceCallback(L.Callback):
             )
             where = f"in {what} at global step {step} (epoch {trainer.current_epoch}){persist}"
         good = self._last_good(trainer)
-        if good is not None:  # a resume keeps the optimizer its checkpoint has
+        if good is not None and self.stage == 2:
+            # a plain resume keeps the run's settings once another sub-net has finished
+            # (RunFolder._refuse_settled); named sub-nets train again with new ones
+            diverged = [i - 1 for i, s in enumerate(first) if i > 0 and s >= 0] if local else []
+            named = ",".join(map(str, diverged)) or "..."
+            advice = (
+                "Continue with resume=<run folder> trainer.gradient_clip_val=<norm> (gradient "
+                "clipping) while no other sub-net has finished; or train the diverged "
+                "sub-nets again from the stage-1 backbone with new settings, resume=<run "
+                f"folder> stage2.subnets=[{named}] trainer.gradient_clip_val=<norm> or a "
+                "lower stage2.optim.lr (each sub-net's record keeps the settings it trained "
+                "with)."
+            )
+        elif good is not None:  # a resume keeps the optimizer its checkpoint has
             advice = (
                 "Continue with resume=<run folder> trainer.gradient_clip_val=<norm> (gradient "
                 f"clipping); a resume keeps stage{self.stage}.optim once the stage has a "

@@ -75,6 +75,7 @@ from facecluster.run import (
     job_name,
     launched_processes,
     rank0_timeout,
+    stage2_settings,
 )
 
 
@@ -582,6 +583,7 @@ def _fit_job(
             # its backbone (bench/results.py's training compute)
             "batch_size": run.dm.subnet_batch_size(k),
             "world_size": trainer.world_size,
+            "settings": stage2_settings(run.cfg),  # config.yaml: the last command's
             "test_acc": float(test[f"test/acc_subnet{k}"]),
             "test_correct": correct,
             "test_images": total,

@@ -212,11 +212,26 @@ SETTLED_KEYS = (
     "trainer.limit_train_batches",
     "trainer.max_steps",
 )
-"""What shaped a finished run's weights beyond :data:`RESUME_FIXED_KEYS`, the epochs
-and the optimizers: a resume with nothing left to train refuses a change of them,
-which its ``config.yaml`` would record for weights trained otherwise. Compared as they
+"""What shaped a run's weights beyond :data:`RESUME_FIXED_KEYS`, the epochs and the
+optimizers: a resume refuses a change of them once the single model or one sub-net has
+finished (unless it names sub-nets to train again), which its ``config.yaml`` would
+record for weights trained otherwise. Compared as they
 act (:func:`_settled`): an unset margin is the head's own, no accumulation is 1, no
 clipping algorithm is ``norm``, no step cap is -1."""
+
+
+def stage2_settings(cfg: Config) -> dict[str, Any]:
+    """What shaped a sub-net's training, as its record keeps it: ``config.yaml`` holds
+    the last command's settings, and a retrain of named sub-nets may give them others
+    than the sub-nets that finished before (values as they act, :func:`_settled`)."""
+    values = cfg.to_dict()
+    return {
+        "stage2.epochs": cfg.stage_epochs(2),
+        "stage2.epoch_size": cfg.stage2.epoch_size,
+        "stage2.optim": values["stage2"]["optim"],
+        **{key: _settled(cfg, values, key) for key in SETTLED_KEYS},
+    }
+
 
 SPEED_OPTIONS = {"compile": False, "channels_last": False}
 """``model`` keys a resume may change: how the network runs, not what it is."""
@@ -614,17 +629,15 @@ class RunFolder:
         if cfg.two_stage:
             missing = self.missing_subnets(clusters) if self.clusters_path.is_file() else None
             finished = [k for k in range(clusters) if missing is not None and k not in missing]
-            # one finished sub-net is enough: the others would train otherwise, and the
-            # run's config.yaml describe them alone (a review: a mixed run, exit 0)
+            # one finished sub-net is enough: the others would train otherwise, unasked,
+            # under a config.yaml describing them alone (a review: a mixed run, exit 0)
             trained = bool(finished)
         else:
             trained = self.has_stage_summary(1)
         subnets = "the sub-nets" if len(finished) == clusters else f"sub-nets {finished}"
-        # named sub-nets train again with new settings, when they are all that finished
-        # (the run then trains every sub-net with them); a single model has none to name
-        kept = sorted(set(finished) - set(cfg.stage2.subnets or range(clusters)))
-        retrained = cfg.stage2.subnets is not None and not kept
-        if trained and (not retrained or not cfg.two_stage):
+        # named sub-nets train again with new settings (each sub-net's record keeps the
+        # settings it trained with: stage2_settings); a single model has none to name
+        if trained and (cfg.stage2.subnets is None or not cfg.two_stage):
             if cfg.two_stage and cfg.stage_epochs(2) != saved.stage_epochs(2):
                 changed.append(
                     f"{cfg.stage_epochs(2)} stage-2 epochs ({subnets} trained "
@@ -643,11 +656,12 @@ class RunFolder:
                 )
             ]
         if changed:
-            every = ",".join(map(str, sorted({*finished, *(cfg.stage2.subnets or ())})))
+            rest = [k for k in range(clusters) if k not in finished]
             again = (
-                "to train sub-nets again with new settings name every finished one "
-                f"(stage2.subnets=[{every}]); "
-                "for a new clustering start a new run"
+                "to train sub-nets with new settings name them (stage2.subnets="
+                f"[{','.join(map(str, rest or range(clusters)))}]: they train again from the "
+                "stage-1 backbone, and each sub-net's record keeps the settings it trained "
+                "with); for a new clustering start a new run"
                 if cfg.two_stage
                 else "for other settings start a new run"
             )
@@ -679,10 +693,7 @@ class RunFolder:
         if restarts:  # the jobs over named sub-nets go (restart_subnets); the others stay
             named, done = set(cfg.stage2.subnets), set(self.subnet_records())
             jobs = self.started_jobs()
-            # a finished sub-net not named, or another job under way, keeps its own
-            stage2 = bool(done - named) or any(
-                not set(job) & named and set(job) - done for job in jobs
-            )
+            stage2 = any(not set(job) & named and set(job) - done for job in jobs)
         else:
             stage2 = bool(self.started_jobs() or self.subnet_records())
         midway = (stage1 and not self.has_stage_summary(1)) or stage2
@@ -1778,7 +1789,7 @@ def _refuse_contradictions(
             "checkpoints:\n  - "
             + "\n  - ".join(problems)
             + (
-                "\nStart a new run for these settings (epochs, logger and trainer.* may "
+                "\nStart a new run for these settings (epochs, logger and most trainer.* may "
                 "change; a stage's optimizer until it has trained; the head between the "
                 "stages)."
                 if resuming

@@ -61,6 +61,19 @@ def test_nan_in_stage1_stops_and_keeps_last_good_checkpoint(tmp_path, accumulate
         RunFolder.config_for_resume(run, ["stage1.optim.lr=0.01"])
 
 
+def test_a_subnet_that_diverged_after_a_checkpoint_is_told_how_to_train_again(tmp_path):
+    # once another sub-net has finished, a plain resume keeps the run's settings: the
+    # advice names the diverged sub-nets to train again with new ones, which is taken
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "trainer.max_epochs=2"))
+    with pytest.raises(DivergenceError) as info:
+        train(cfg, callbacks=[NaNHead(stage=2, epoch=1, step_in_epoch=1, cluster=1)])
+    message = str(info.value)
+    assert "resume=<run folder> stage2.subnets=[1] trainer.gradient_clip_val=<norm>" in message
+    run = str(tmp_path / "run")
+    again = ["stage2.subnets=[1]", "trainer.gradient_clip_val=1.0", "stage2.optim.lr=0.01"]
+    assert RunFolder.config_for_resume(run, again).stage2.optim.lr == 0.01
+
+
 def test_nan_in_one_subnet_names_that_cluster(tmp_path):
     cfg = load_config(SMOKE, smoke_overrides(tmp_path))
     nan = NaNHead(stage=2, epoch=0, step_in_epoch=1, cluster=1)
