@@ -457,7 +457,7 @@ class RecordFile:
         raise ValueError(
             f"{self.idx}: keys {a} and {b} point at the same record, at offset {offset} "
             f"({len(same)} such repeat(s)): a damaged .idx? Each key names a record of its "
-            f"own; rebuild the .idx"
+            f"own; restore the .idx from a copy of the data set"
         )
 
     def _past_end(self, line_no: int, key: int, offset: int) -> NoReturn:
