@@ -165,7 +165,8 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _training_images(run: Path) -> dict[str, int]:
     """Images through a backbone in training (forward and backward), by stage."""
     results = json.loads((run / "results.json").read_text())
-    cfg = RunFolder(run).finished_config()  # the run's own config loader
+    folder = RunFolder(run)
+    cfg = folder.finished_config()  # the run's own config loader
     batch = cfg.data.batch_size
     # steps x batch counts one process's optimizer steps of one batch each: what this
     # harness runs (one process, no accumulation); another run would be undercounted
@@ -179,7 +180,6 @@ def _training_images(run: Path) -> dict[str, int]:
         )
     # stage 1's own batch where its record has it (runs trained since 2026-12-05): a
     # resume between the stages may have given stage 2 another data.batch_size
-    folder = RunFolder(run)
     stage1 = folder.stage_summary(1) if folder.has_stage_summary(1) else {}
     if stage1.get("world_size", 1) != 1:  # config.yaml holds the last command's devices
         raise ValueError(

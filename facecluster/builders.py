@@ -200,25 +200,22 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
         hint = "; moved? name it anew: model.weights=<new place>" if moved else ""
         raise ConfigError(f"{given}: {e}{hint}") from None
     state = loaded if isinstance(loaded, dict) else {}
-    if isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint: its backbone
-        state = {
-            k.removeprefix("backbone."): v
-            for k, v in state["state_dict"].items()
-            if k.startswith("backbone.")
-        }
+    lightning = isinstance(state.get("state_dict"), dict)
+    if lightning:  # a Lightning checkpoint: its backbone.* (below)
+        state = state["state_dict"]
     elif isinstance(state.get("backbone"), dict):  # a sub-net's file: backbone and head
         state = state["backbone"]
     elif isinstance(state.get("state_dict_backbone"), dict):  # arcface_torch's checkpoint
         state = state["state_dict_backbone"]
     elif state and all(str(k).startswith("module.") for k in state):  # saved under DDP
         state = {k.removeprefix("module."): v for k, v in state.items()}
-    if any(str(k).startswith("backbone.") for k in state):  # a stage module's state_dict()
+    stage2 = lightning and any(str(k).startswith("subnets.") for k in state)
+    # a stage module's weights, in its checkpoint or its own state_dict(): the backbone's
+    if lightning or any(str(k).startswith("backbone.") for k in state):
         state = {
             k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
         }
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        lightning = isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict)
-        stage2 = lightning and any(str(k).startswith("subnets.") for k in loaded["state_dict"])
         raise ConfigError(
             f"{given}: {path} holds no backbone weights"
             + (
