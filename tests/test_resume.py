@@ -446,6 +446,43 @@ def test_max_steps_does_not_shorten_a_warm_up_given_in_epochs(tmp_path):
     assert capped.lrs == pytest.approx(full.lrs[:12], rel=1e-6)
 
 
+def test_a_resume_that_lifts_a_binding_max_steps_continues_the_schedule_of_its_epochs(
+    tmp_path,
+):
+    # The checkpoint kept the schedule's length per epoch (max_steps / epochs when the
+    # cap binds) as an epoch's steps: lifted on resume, the count was put ahead by
+    # 27/20, and the last epoch trained partly at the floor LR (0): a review
+    common = ("stage=1", "trainer.max_epochs=2")
+    ref = StepLrs()
+    train(load_config(SMOKE, smoke_overrides(tmp_path / "ref", *common)), callbacks=[ref])
+    capped = load_config(SMOKE, smoke_overrides(tmp_path / "a", *common, "trainer.max_steps=40"))
+    with pytest.raises(Interrupted):
+        train(capped, callbacks=[StopAtEpochStart(stage=1, epoch=1)])
+    resumed = StepLrs()
+    run = tmp_path / "a" / "run"
+    train(RunFolder.config_for_resume(str(run), ["trainer.max_steps=-1"]), callbacks=[resumed])
+    assert len(ref.lrs) == 54 and len(resumed.lrs) == 27
+    assert resumed.lrs == pytest.approx(ref.lrs[27:], rel=1e-6)
+
+
+def test_a_max_steps_that_ends_a_stage_within_its_warm_up_is_warned_of(tmp_path):
+    # the config refuses a warm-up longer than the stage's epochs; a binding max_steps
+    # is often a try-out, so it trains, and says its LR never reaches its peak
+    cfg = load_config(
+        SMOKE,
+        smoke_overrides(
+            tmp_path, "stage=1", "trainer.max_epochs=2", "stage1.optim.warmup_epochs=1",
+            "trainer.max_steps=9",
+        ),
+    )  # fmt: skip
+    lrs = StepLrs()
+    with pytest.warns(UserWarning, match=r"trainer.max_steps=9 ends stage 1 after 9 optimizer "
+                      r"steps, within its warm-up of 27 \(stage1.optim.warmup_epochs=1\): its "
+                      r"learning rate only ramps up, to 33% of its peak"):  # fmt: skip
+        train(cfg, callbacks=[lrs])
+    assert len(lrs.lrs) == 9 and lrs.lrs[-1] == pytest.approx(cfg.stage1.optim.lr * 9 / 27)
+
+
 def test_a_resume_under_a_binding_max_steps_keeps_the_schedule_on_the_global_step(tmp_path):
     # max_steps caps the schedule and the run alike: resumed with another number of steps
     # per epoch (another device count; here another batch size), the schedule's count

@@ -11,11 +11,12 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from facecluster.models.components import MarginHead
 from facecluster.models.components.partial_fc import gather_to_first
-from facecluster.models.optim import build_optimizer, build_scheduler, param_groups
+from facecluster.models.optim import build_optimizer, build_scheduler, param_groups, warmup_steps
 
 CHECKPOINT_KEY = "facecluster"
 """Key under which every facecluster checkpoint stores its stage and resolved config."""
@@ -138,9 +139,19 @@ class StageSystem(L.LightningModule):
         optimizer = build_optimizer(self._param_groups(), optim)
         # estimated_stepping_batches accounts for devices, accumulation and limits.
         total = self.trainer.estimated_stepping_batches  # also sets num_training_batches
-        scheduler = build_scheduler(
-            optimizer, total, self.trainer.max_epochs, optim, self._warmup_unit(total)
-        )
+        unit = self._warmup_unit(total)
+        scheduler = build_scheduler(optimizer, total, self.trainer.max_epochs, optim, unit)
+        warmup = warmup_steps(optim, unit)
+        if not math.isinf(total) and warmup > total:
+            # a binding trainer.max_steps (a warm-up longer than the stage's epochs is
+            # refused for a new run by the config): often a try-out; warned of, not refused
+            key = f"stage{self.stage}.optim.warmup_epochs"
+            rank_zero_warn(
+                f"trainer.max_steps={self.trainer.max_steps} ends stage {self.stage} after "
+                f"{int(total)} optimizer steps, within its warm-up of {warmup} ({key}="
+                f"{optim['warmup_epochs']:g}): its learning rate only ramps up, to "
+                f"{total / warmup:.0%} of its peak, and never decays"
+            )
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def _warmup_unit(self, total: float) -> float:
@@ -155,7 +166,7 @@ class StageSystem(L.LightningModule):
         checkpoint[CHECKPOINT_KEY] = {
             "stage": self.stage,
             "config": self.hparams.config,
-            # the schedule's length per epoch (None outside a fit): a resume on another device
+            # an epoch's optimizer steps (None outside a fit): a resume on another device
             # count rescales the step count to its own (on_train_start)
             "steps_per_epoch": getattr(self, "_steps_per_epoch", None),
         }
@@ -241,24 +252,30 @@ class StageSystem(L.LightningModule):
         # end, the floor LR for the rest). Rescale the count to the same progress.
         before = getattr(self, "_restored_steps_per_epoch", None)
         self._restored_steps_per_epoch = None
-        # the schedule's length per epoch, not an epoch's optimizer steps: under a binding
-        # trainer.max_steps the schedule is max_steps long on either side of a resume,
-        # and Lightning stops at that global step, so the count must not be rescaled
+        # an epoch's optimizer steps, not the schedule's length over the epochs: a binding
+        # trainer.max_steps shortens the schedule, not an epoch (saved as the schedule's
+        # length, a resume that lifted the cap put the count ahead, then trained the
+        # rest at the floor LR: a review, 21 of 66 steps)
         trainer = self.trainer
-        now = trainer.estimated_stepping_batches / max(1, trainer.max_epochs)
+        now = self._warmup_unit(trainer.estimated_stepping_batches)
         self._steps_per_epoch = now
         # binding now: the schedule runs to max_steps on the global step, whatever the
-        # epochs (a resume that changed trainer.max_epochs changed `now` alone)
+        # epochs, and Lightning stops at that global step: the count is not rescaled
         binding = trainer.max_steps not in (None, -1) and (
             trainer.estimated_stepping_batches >= trainer.max_steps
         )
-        if not before or binding or abs(before - now) < 1e-9:
+        if not before:  # a fit from its start
             return
         scheduler = self.trainer.lr_scheduler_configs[0].scheduler
-        scheduler.last_epoch = round(scheduler.last_epoch * now / before) - 1
+        if not binding and abs(before - now) > 1e-9:
+            scheduler.last_epoch = round(scheduler.last_epoch * now / before)
+        # The restored optimizer holds the LR its checkpoint's schedule gave this count;
+        # a resume may have changed the schedule's length (more epochs, a lifted
+        # max_steps), and its first step took the old LR: this fit's LR at the count.
+        scheduler.last_epoch -= 1
         with warnings.catch_warnings():  # no optimizer step yet in this process: known
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-            scheduler.step()  # sets the groups' LRs and get_last_lr() at the new count
+            scheduler.step()  # sets the groups' LRs and get_last_lr() at the count
 
 
 def _own(state: dict[str, Any], every: bool = True) -> dict[str, Any]:

@@ -79,6 +79,11 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, optim: dict[str, A
     raise ValueError(f"unknown scheduler {optim['scheduler']!r}; valid: cosine, poly, constant")
 
 
+def warmup_steps(optim: dict[str, Any], steps_per_epoch: float) -> int:
+    """Optimizer steps of ``optim``'s warm-up, given in epochs of ``steps_per_epoch``."""
+    return int(round(optim["warmup_epochs"] * steps_per_epoch))
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     total_steps: int,
@@ -92,8 +97,8 @@ def build_scheduler(
     (None: ``total_steps / max_epochs``, which ``trainer.max_steps`` would shrink)."""
     total_steps = max(1, int(total_steps))
     per_epoch = steps_per_epoch if steps_per_epoch else total_steps / max(1, max_epochs)
-    warmup_steps = int(round(optim["warmup_epochs"] * per_epoch))
+    warmup = warmup_steps(optim, per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, optim)
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, optim)
     )
     return {"scheduler": scheduler, "interval": "step", "frequency": 1}
