@@ -318,19 +318,24 @@ def _plugins(trainer_args: dict[str, Any]) -> list[Any]:
     plugins = list(plugins) if many else [plugins]
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
-    srun = not os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("SLURM_STEP_ID")
+    if any(isinstance(p, ClusterEnvironment) for p in plugins):
+        return plugins  # the user's
+    torchrun = os.environ.get("TORCHELASTIC_RUN_ID")
+    srun = not torchrun and os.environ.get("SLURM_STEP_ID")
     devices, nodes = trainer_args.get("devices", 1), trainer_args.get("num_nodes", 1)
     world = devices * nodes if all(type(v) is int for v in (devices, nodes)) else None
-    if (
-        srun
-        and launched_processes() > 1
-        and world == launched_processes()
-        and not any(isinstance(p, ClusterEnvironment) for p in plugins)
+    if torchrun:  # Lightning's own choice, before SLURM's (torchrun in a batch script)
+        return plugins
+    if (srun and launched_processes() > 1 and world == launched_processes()) or (
+        SLURMEnvironment.detect()
     ):
         # tasks srun started together, as many as the trainer counts: Lightning takes
         # SLURM's ranks only when it detects SLURM, which it does not under a job named
         # "bash" or "interactive" (salloc's shell): each task then started a DDP world
-        # of its own. Requeueing stays submitit's (launcher=slurm), not Lightning's.
+        # of its own. Where it detects SLURM, the same without its requeue: requeueing
+        # is submitit's (launcher=slurm); Lightning's (on SIGUSR1, when a user's sbatch
+        # asks for it) saved an hpc_ckpt and requeued a command that, run again, is
+        # refused as a run folder that exists (a review).
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return plugins
 
@@ -607,6 +612,8 @@ def check_trainer(cfg: Config) -> None:
             "there (docs/TRAINING.md); alone, this process would wait for the other nodes "
             "without end"
         )
+    if isinstance(environment, SLURMEnvironment):
+        _check_slurm_tasks(cfg, trainer, started)
     if started > 1 and trainer.world_size != started:
         # Lightning checks the count under ddp only: with the default devices=1 each
         # process trained alone, all into one run folder (best-epoch000-v1.ckpt...)
@@ -617,6 +624,39 @@ def check_trainer(cfg: Config) -> None:
             f"{cfg.trainer.get('strategy', 'auto')}) makes {trainer.world_size}: each process "
             f"would train alone into the same run folder. Set trainer.devices to the "
             f"processes per node, trainer.num_nodes to the nodes and trainer.strategy=ddp"
+        )
+
+
+def _check_slurm_tasks(cfg: Config, trainer: L.Trainer, started: int) -> None:
+    """Under SLURM (Lightning's SLURMEnvironment), Lightning starts no process itself:
+    it takes the job's ``SLURM_NTASKS`` tasks for processes srun started, one per
+    device. Refuse a launch where that does not hold: run by the batch script itself,
+    a DDP world waited for the other tasks without end (Lightning issues #8707,
+    #19817); srun with fewer tasks than devices trained that many processes, on one of
+    the devices asked for, silently (a review)."""
+    tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    asked = trainer.num_devices * trainer.num_nodes
+    settings = (
+        f"trainer.devices={cfg.trainer.get('devices', 'auto')} x trainer.num_nodes="
+        f"{cfg.trainer.get('num_nodes', 1)}"
+    )
+    if started == 1 and os.environ.get("SLURM_STEP_ID") is None and trainer.world_size > 1:
+        raise ConfigError(
+            f"this process runs in SLURM job {os.environ.get('SLURM_JOB_ID', '?')}'s batch "
+            f"script, not under srun: Lightning takes the job's {tasks} tasks "
+            f"(SLURM_NTASKS) for {tasks} processes srun started, and this one would wait "
+            f"for the others without end. Prepend srun (`srun python train.py ...`, one "
+            f"task per device: #SBATCH --ntasks-per-node=<trainer.devices>), or use "
+            f"launcher=slurm (docs/TRAINING.md)"
+        )
+    if asked != trainer.world_size:
+        raise ConfigError(
+            f"SLURM started {tasks} task(s) for this run (SLURM_NTASKS), but {settings} "
+            f"asks for {asked} processes, one per device: Lightning would train "
+            f"{trainer.world_size} process(es) and leave the other devices idle. Give the "
+            f"job one task per device (#SBATCH --ntasks-per-node=<trainer.devices>, "
+            f"--nodes=<trainer.num_nodes>), or set trainer.devices and trainer.num_nodes "
+            f"to its tasks"
         )
 
 
@@ -631,7 +671,8 @@ def check_trainer_settings(cfg: Config) -> None:
     Raises:
         ConfigError: naming the ``trainer.*`` settings and Lightning's reason.
     """
-    plugins = _trainer_kwargs(cfg, 1)["plugins"]
+    # SLURM's, as _plugins hands it: not this machine's launch (that is each job's)
+    plugins = [p for p in _trainer_kwargs(cfg, 1)["plugins"] if not isinstance(p, SLURMEnvironment)]
     if not any(isinstance(p, ClusterEnvironment) for p in plugins):
         # not SLURM's: a submission from inside an allocation (sbatch --ntasks=4 around
         # train.py) is no job's world, and Lightning refused its ntasks with a traceback

@@ -1213,6 +1213,84 @@ def test_srun_tasks_form_one_world_whatever_the_job_name(monkeypatch, tmp_path, 
     assert (trainer.world_size, trainer.global_rank, trainer.local_rank) == (2, 1, 1)
 
 
+def test_lightnings_slurm_requeue_is_off_in_a_one_task_slurm_job(monkeypatch, tmp_path):
+    # requeueing is submitit's: Lightning's own (on SIGUSR1, when a user's sbatch asks
+    # for it) saved an hpc_ckpt and requeued a command that, run again, is refused as a
+    # run folder that exists (a review; launcher=slurm's one-task jobs had it on)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from facecluster.builders import _trainer_kwargs
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
+    for key, value in {**SLURM_JOB, "SLURM_STEP_ID": "0", "SLURM_NTASKS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "trainer.accelerator=cpu"))
+    trainer = L.Trainer(**_trainer_kwargs(cfg, 1), logger=False)
+    # what Lightning's signal connector reads to install its SIGUSR1 requeue
+    environment = trainer._accelerator_connector.cluster_environment
+    assert type(environment).__name__ == "SLURMEnvironment"
+    assert environment.auto_requeue is False
+
+
+SLURM_JOB = {
+    "SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "train", "SLURM_NNODES": "1",
+    "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+    "SLURM_NODELIST": "localhost",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("launch", "refusal"),
+    [
+        # the batch script runs train.py itself: Lightning took the job's 2 tasks for
+        # srun's and waited for the second process without end
+        ({"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2"}, "batch script, not under srun"),
+        # srun started one task for 2 devices: one process trained, silently
+        ({"SLURM_STEP_ID": "0", "SLURM_NTASKS": "1"}, "asks for 2 processes, one per device"),
+    ],
+    ids=["no-srun", "one-task"],
+)
+def test_a_slurm_launch_with_other_processes_than_devices_is_refused_before_its_folder(
+    monkeypatch, tmp_path, launch, refusal
+):
+    from lightning.pytorch.utilities import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
+    for key, value in {**SLURM_JOB, **launch}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("SLURM_STEP_ID", "TORCHELASTIC_RUN_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        if key not in launch:
+            monkeypatch.delenv(key, raising=False)
+    overrides = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, *overrides))
+    with pytest.raises(ConfigError, match=refusal):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_inside_a_slurm_job_forms_torchruns_world(monkeypatch, tmp_path):
+    # a batch script that runs torchrun: Lightning prefers torchrun's ranks to SLURM's,
+    # and so must the SLURM environment facecluster hands it in SLURM jobs
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from facecluster.builders import _trainer_kwargs
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
+    torchrun = {
+        "TORCHELASTIC_RUN_ID": "abc", "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1",
+        "GROUP_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29555", "SLURM_NTASKS": "1",
+    }  # fmt: skip
+    for key, value in {**SLURM_JOB, **torchrun}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
+    overrides = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, *overrides))
+    trainer = L.Trainer(**_trainer_kwargs(cfg, 1), logger=False)
+    assert (trainer.world_size, trainer.global_rank, trainer.local_rank) == (2, 1, 1)
+
+
 REQUEUED_JOB = """
 import signal, sys, time
 from facecluster.launch import TrainJob
