@@ -336,7 +336,13 @@ def _plugins(trainer_args: dict[str, Any]) -> list[Any]:
         # is submitit's (launcher=slurm); Lightning's (on SIGUSR1, when a user's sbatch
         # asks for it) saved an hpc_ckpt and requeued a command that, run again, is
         # refused as a run folder that exists (a review).
-        plugins.append(SLURMEnvironment(auto_requeue=False))
+        try:
+            plugins.append(SLURMEnvironment(auto_requeue=False))
+        except RuntimeError:
+            # Lightning's refusal of this job's variables (--ntasks without
+            # --ntasks-per-node): a Trainer that takes SLURM's ranks says so itself;
+            # launcher=slurm's submission from such an allocation builds none
+            pass
     return plugins
 
 
