@@ -43,7 +43,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from facecluster.config import Config, ConfigError, SlurmConfig, resume_command
+from facecluster.config import COMMAND, Config, ConfigError, SlurmConfig, resume_command
 from facecluster.io import replacing
 from facecluster.run import JOB_ENV, RUN_DIR_ENV, RunFolder, job_name, launched_processes
 
@@ -180,10 +180,18 @@ def check_local_jobs(cfg: Config, jobs: int | None = None) -> None:
     )
     if not local_jobs:
         return
-    if int(cfg.trainer.get("num_nodes", 1)) > 1 or launched_processes() > 1:
+    if int(cfg.trainer.get("num_nodes", 1)) > 1:
         raise ConfigError(
             "stage2.jobs: local jobs run on this node only; a run across nodes trains "
             "stage 2 with launcher=slurm (or stage=1 across nodes, then launcher=slurm)"
+        )
+    if (started := launched_processes()) > 1:
+        # one node, but each of torchrun's or srun's processes would start the jobs
+        raise ConfigError(
+            f"stage2.jobs: local jobs are started by one process, and torchrun or srun "
+            f"started {started} here: run this command as one process (each job starts "
+            f"its own trainer.devices processes), or stage=1 under torchrun or srun, "
+            f"then `{COMMAND['train']} resume=<run folder> stage2.jobs=...` as one process"
         )
     parallel, devices = min(cfg.launcher.parallel, jobs), cfg.trainer.get("devices", 1)
     if _listed_gpus(devices) is not None and parallel > 1 and devices_per_job(cfg):

@@ -945,9 +945,14 @@ def test_local_jobs_that_cannot_fit_are_refused_before_any_work(tmp_path, monkey
         launch.check_local_jobs(one, 3)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="local jobs run on this node only"):
+    with pytest.raises(ConfigError, match="local jobs are started by one process, and "
+                       "torchrun or srun started 2 here"):  # fmt: skip
         train(load_config(SMOKE, smoke_overrides(tmp_path, "stage2.jobs=2")))
     assert not (tmp_path / "run").exists(), "refused before the run folder was made"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    across = smoke_overrides(tmp_path, "stage2.jobs=2", "trainer.num_nodes=2")
+    with pytest.raises(ConfigError, match="local jobs run on this node only"):
+        launch.check_local_jobs(load_config(SMOKE, across))
 
 
 @pytest.mark.timeout(60)
