@@ -302,7 +302,7 @@ def _checkpoints(cfg: Config, run: RunFolder, stage: int, job: str | None) -> li
             ModelCheckpoint(
                 filename=BEST,
                 auto_insert_metric_name=False,
-                monitor="val/acc",
+                monitor="val/acc" if stage == 1 else "val/acc_subnets",
                 mode="max",
                 **common,
             )

@@ -31,6 +31,7 @@ import csv
 import errno
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property, partial
@@ -626,6 +627,23 @@ def _flat(row: Row) -> dict[str, Any]:
     }
 
 
+def _scalars(rows: list[Row]) -> dict[str, float]:
+    """Each row's top-1, macro F1, routing accuracy and images/s as numbers, keyed
+    ``eval/<row>/<figure>`` (the row's model, lowercased, non-alphanumerics as ``_``):
+    W&B's runs table compares runs by scalars (its table of strings shows one run)."""
+    found: dict[str, float] = {}
+    for row in rows:
+        name = re.sub(r"[^a-z0-9]+", "_", row.model.lower()).strip("_")
+        figures = {
+            "top1": row.top1,
+            "macro_f1": row.f1,
+            "routing_accuracy": row.routing_accuracy,
+            "images_per_s": row.throughput,
+        }
+        found.update({f"eval/{name}/{k}": v for k, v in figures.items() if v is not None})
+    return found
+
+
 def _write(
     report: RunEvaluation, run: RunFolder, cfg: Config, overrides: list[str]
 ) -> RunEvaluation:
@@ -668,6 +686,7 @@ def _write(
                 )
             }
             logs.update({f"eval/{p.stem}": wandb.Image(str(p)) for p in report.plots})
+            logs.update(_scalars(report.rows))
             wb.log(logs)
     return report
 

@@ -187,7 +187,7 @@ def test_a_killed_job_is_the_only_one_resume_retrains(tmp_path, monkeypatch):
     # would then be over its sub-nets only)
     rows = (run / "csv" / victim.name / "metrics.csv").read_text().splitlines()
     header, last = rows[0].split(","), rows[-1].split(",")
-    assert last[header.index("epoch")] == "3" and last[header.index("test/acc")] != ""
+    assert last[header.index("epoch")] == "3" and last[header.index("test/acc_subnets")] != ""
     for path, (mtime, data) in before.items():
         assert path.stat().st_mtime_ns == mtime and path.read_bytes() == data, path
     _assert_identical(_subnets(reference), _subnets(run))

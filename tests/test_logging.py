@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import os
+import re
 import signal
 import socket
 import struct
@@ -14,8 +16,10 @@ from urllib.parse import urlparse
 
 import lightning as L
 import pytest
+import yaml
 
 from facecluster.config import ConfigError, load_config
+from facecluster.evaluation import evaluate_runs
 from facecluster.loggers import RunCSVLogger, build_logger, wandb_mode
 from facecluster.pipeline import train
 from facecluster.run import RunFolder, job_name
@@ -167,13 +171,62 @@ def test_wandb_offline_run_writes_both_stages_to_disk(monkeypatch, tmp_path):
     assert len(runs) == 1, "one W&B run for both stages"
     assert list(runs[0].glob("*.wandb")), "the run's data is on disk for `wandb sync`"
     assert _exit_codes(runs[0]) == [0], "W&B shows the run finished"
+    # W&B's summary keeps a name's last value: stage 2 logged its sub-nets' accuracy
+    # (each face sent to its own cluster's sub-net) as test/acc, over stage 1's
+    history = _history(runs[0])
+    assert history["test/acc"] == [pytest.approx(result.results["stage1"]["accuracy"])]
+    assert history["test/acc_subnets"] == [pytest.approx(result.results["subnets_oracle_accuracy"])]
+    assert "train/loss_subnets" in history and "val/acc_subnets" in history
+    # the config is the run's: each stage's hyper-parameters (optim, head...) under one
+    # name each left stage 2's in W&B's config, stage1.optim.lr=0.1 shown as 0.05
+    config = _config(runs[0])
+    assert set(config) - {"_wandb"} == {"config"}
+    assert config["config"] == yaml.safe_load((result.run_dir / "config.yaml").read_text())
+
+    # the evaluation's figures as numbers, which W&B's runs table compares runs by
+    evaluate_runs([result.run_dir])
+    rows = json.loads((result.run_dir / "eval" / "results.json").read_text())["rows"]
+    later = _history(max((result.run_dir / "wandb").glob("offline-run-*")))
+    for row in rows:
+        name = re.sub(r"[^a-z0-9]+", "_", row["model"].lower()).strip("_")
+        assert later[f"eval/{name}/top1"] == [pytest.approx(row["top1"])], name
+        assert later[f"eval/{name}/macro_f1"] == [pytest.approx(row["f1"])], name
+
+
+def _history(offline_run: Path) -> dict[str, list]:
+    """Each key an offline W&B run logged, with its values in order."""
+    found: dict[str, list] = {}
+    for record in _records(offline_run):
+        if record.WhichOneof("record_type") == "history":
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                found.setdefault(key, []).append(json.loads(item.value_json))
+    return found
+
+
+def _config(offline_run: Path) -> dict:
+    """An offline W&B run's config, its updates applied in order."""
+    found: dict = {}
+    for record in _records(offline_run):
+        if record.WhichOneof("record_type") == "config":
+            for item in record.config.update:
+                key = item.key or "/".join(item.nested_key)
+                found[key] = json.loads(item.value_json)
+    return found
 
 
 def _exit_codes(offline_run: Path) -> list[int]:
-    """The exit codes of an offline W&B run's exit records, read from its ``.wandb``
-    file (LevelDB's log format: a 7-byte file header, then 32 KiB blocks of records,
-    each a 7-byte header (crc, length, type) and data; a protobuf Record may span
-    several: types 1 full, 2 first, 3 middle, 4 last)."""
+    """The exit codes of an offline W&B run's exit records."""
+    return [
+        r.exit.exit_code for r in _records(offline_run) if r.WhichOneof("record_type") == "exit"
+    ]
+
+
+def _records(offline_run: Path) -> list:
+    """The records of an offline W&B run, read from its ``.wandb`` file (LevelDB's log
+    format: a 7-byte file header, then 32 KiB blocks of records, each a 7-byte header
+    (crc, length, type) and data; a protobuf Record may span several: types 1 full, 2
+    first, 3 middle, 4 last)."""
     import wandb
     from wandb.proto import wandb_internal_pb2 as pb
 
@@ -182,7 +235,7 @@ def _exit_codes(offline_run: Path) -> list[int]:
     # exit record was missing once, on a loaded machine)
     wandb.teardown()
     [path] = offline_run.glob("*.wandb")
-    data, pos, part, codes = path.read_bytes(), 7, b"", []
+    data, pos, part, records = path.read_bytes(), 7, b"", []
     while pos + 7 <= len(data):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a header: padding
             pos += 32768 - pos % 32768
@@ -191,11 +244,9 @@ def _exit_codes(offline_run: Path) -> list[int]:
         part += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
-            record = pb.Record.FromString(part)
-            if record.WhichOneof("record_type") == "exit":
-                codes.append(record.exit.exit_code)
+            records.append(pb.Record.FromString(part))
             part = b""
-    return codes
+    return records
 
 
 class _Fails(L.Callback):

@@ -820,8 +820,10 @@ class FaceDataModule(lightning.LightningDataModule):
             )
         # this frame given: Lightning's own lookup keeps its frame in a reference cycle,
         # and with it every caller's frame and locals until the next garbage collection
-        # (a loader's worker processes, a caller's tensors)
-        self.save_hyperparameters(frame=inspect.currentframe())
+        # (a loader's worker processes, a caller's tensors). Not logged: the stages'
+        # optim, head, num_classes... under one name each, W&B's config kept stage 2's
+        # (a review); StageSystem.on_fit_start logs the run's config instead.
+        self.save_hyperparameters(frame=inspect.currentframe(), logger=False)
 
         self._tracker: BadImageTracker | None = None
         self._folder: FaceFolder | None = None

@@ -43,8 +43,10 @@ class BackboneSystem(StageSystem):
         super().__init__()
         # this frame given: Lightning's own lookup keeps its frame in a reference cycle,
         # and with it every caller's frame and locals until the next garbage collection
-        # (a loader's worker processes, a caller's tensors)
-        self.save_hyperparameters(frame=inspect.currentframe())
+        # (a loader's worker processes, a caller's tensors). Not logged: the stages'
+        # optim, head, num_classes... under one name each, W&B's config kept stage 2's
+        # (a review); StageSystem.on_fit_start logs the run's config instead.
+        self.save_hyperparameters(frame=inspect.currentframe(), logger=False)
         self.backbone = create_backbone(**backbone)
         self.head = create_head(
             num_classes=num_classes, embedding_dim=backbone["embedding_dim"], **head

@@ -232,6 +232,10 @@ class StageSystem(L.LightningModule):
                 dist.broadcast(buffer, src=0)
 
     def on_fit_start(self) -> None:
+        # the run's resolved config, as config.yaml holds it, is what the logger keeps
+        # (the modules' own hyper-parameters are not logged: see save_hyperparameters)
+        if self.logger is not None and self.hparams.get("config") is not None:
+            self.logger.log_hyperparams({"config": self.hparams.config})
         # A resume under trainer.max_steps: Lightning then counts training in steps and
         # takes any restored loop state for a restart inside an epoch, so an epoch-end
         # checkpoint (every checkpoint facecluster saves) had its next epoch counted as

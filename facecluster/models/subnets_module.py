@@ -106,8 +106,10 @@ class SubnetSystem(StageSystem):
         super().__init__()
         # this frame given: Lightning's own lookup keeps its frame in a reference cycle,
         # and with it every caller's frame and locals until the next garbage collection
-        # (a loader's worker processes, a caller's tensors)
-        self.save_hyperparameters(frame=inspect.currentframe())
+        # (a loader's worker processes, a caller's tensors). Not logged: the stages'
+        # optim, head, num_classes... under one name each, W&B's config kept stage 2's
+        # (a review); StageSystem.on_fit_start logs the run's config instead.
+        self.save_hyperparameters(frame=inspect.currentframe(), logger=False)
         dim = backbone["embedding_dim"]
         self.subnet_ids = (
             list(subnet_ids) if subnet_ids is not None else list(range(len(cluster_sizes)))
@@ -277,7 +279,10 @@ class SubnetSystem(StageSystem):
             self.log(f"train/loss_subnet{k}", loss, batch_size=len(labels))
             losses[k] = loss.detach()
             total = total + loss
-        self.log("train/loss", total, prog_bar=True, batch_size=1)
+        # not train/loss, stage 1's name: W&B's summary kept the last stage's value
+        # under one name, and a job's sum grew with its sub-nets (a review). The mean
+        # over the job's sub-nets; each step minimises their sum.
+        self.log("train/loss_subnets", total / len(batch), prog_bar=True, batch_size=1)
         return {"loss": total, "subnet_losses": losses}
 
     def _embed(self, k: int, images: Tensor) -> Tensor:
@@ -323,7 +328,9 @@ class SubnetSystem(StageSystem):
             metric.update(k, predictions == self.local_index[labels[idx]])
 
     def _log_accuracy(self, metric: PerClusterAccuracy, prefix: str) -> None:
-        """Each sub-net's accuracy and, as ``<prefix>/acc``, the group's."""
+        """Each sub-net's accuracy and, as ``<prefix>/acc_subnets``, the group's (not
+        ``<prefix>/acc``, stage 1's: one model's accuracy over all identities, where this
+        one sends each face to its own cluster's sub-net)."""
         # compute() sums the counts over the processes, so every process logs the same
         # numbers; sync_dist (their mean: the same) only keeps Lightning from warning,
         # once per key under DDP, that epoch-level values should be synchronised
@@ -333,7 +340,8 @@ class SubnetSystem(StageSystem):
             {f"{prefix}/acc_subnet{k}": a for k, a in zip(self.subnet_ids, accuracy, strict=True)},
             sync_dist=True,
         )
-        self.log(f"{prefix}/acc", sum(correct) / max(1, sum(total)), prog_bar=True, sync_dist=True)
+        pooled = sum(correct) / max(1, sum(total))
+        self.log(f"{prefix}/acc_subnets", pooled, prog_bar=True, sync_dist=True)
         # the last pass's counts, by sub-net: what a finished sub-net's record keeps
         self.counts = {k: (c, n) for k, c, n in zip(self.subnet_ids, correct, total, strict=True)}
         metric.reset()
