@@ -405,7 +405,18 @@ class StageOneLr(L.Callback):
             self.lrs[trainer.current_epoch] = trainer.optimizers[0].param_groups[0]["lr"]
 
 
-def test_a_resume_with_other_steps_per_epoch_keeps_the_schedule_in_epochs(tmp_path):
+def _as_older_checkpoint(path, schedule_per_epoch: float | None = None) -> None:
+    """Rewrite a checkpoint as facecluster saved it until 2026-12-06: "steps_per_epoch",
+    the schedule's length per epoch (an epoch's steps unless max_steps bound it)."""
+    checkpoint = torch.load(path, weights_only=False)
+    saved = checkpoint["facecluster"]
+    steps = saved.pop("optimizer_steps_per_epoch")
+    saved["steps_per_epoch"] = steps if schedule_per_epoch is None else schedule_per_epoch
+    torch.save(checkpoint, path)
+
+
+@pytest.mark.parametrize("saved_by", ["", "older"])
+def test_a_resume_with_other_steps_per_epoch_keeps_the_schedule_in_epochs(tmp_path, saved_by):
     # On another device count (here: another batch size) an epoch has another number of
     # optimizer steps; the restored step count put the schedule at its end (floor LR).
     common = ("trainer.max_epochs=2", "stage=1")
@@ -417,6 +428,8 @@ def test_a_resume_with_other_steps_per_epoch_keeps_the_schedule_in_epochs(tmp_pa
         train(cfg, callbacks=[StopAtEpochStart(stage=1, epoch=1)])
     resumed = StageOneLr()
     run = tmp_path / "a" / "run"
+    if saved_by == "older":  # its key until 2026-12-06: the schedule's length per epoch
+        _as_older_checkpoint(run / "stage1" / "checkpoints" / "last.ckpt")
     train(RunFolder.config_for_resume(str(run), ["data.batch_size=16"]), callbacks=[resumed])
     assert 0.005 < resumed.lrs[1] == pytest.approx(ref.lrs[1], rel=1e-6)
 
@@ -446,8 +459,9 @@ def test_max_steps_does_not_shorten_a_warm_up_given_in_epochs(tmp_path):
     assert capped.lrs == pytest.approx(full.lrs[:12], rel=1e-6)
 
 
+@pytest.mark.parametrize("saved_by", ["", "older"])
 def test_a_resume_that_lifts_a_binding_max_steps_continues_the_schedule_of_its_epochs(
-    tmp_path,
+    tmp_path, saved_by
 ):
     # The checkpoint kept the schedule's length per epoch (max_steps / epochs when the
     # cap binds) as an epoch's steps: lifted on resume, the count was put ahead by
@@ -460,6 +474,8 @@ def test_a_resume_that_lifts_a_binding_max_steps_continues_the_schedule_of_its_e
         train(capped, callbacks=[StopAtEpochStart(stage=1, epoch=1)])
     resumed = StepLrs()
     run = tmp_path / "a" / "run"
+    if saved_by == "older":  # what a checkpoint held until 2026-12-06: max_steps / epochs
+        _as_older_checkpoint(run / "stage1" / "checkpoints" / "last.ckpt", 40 / 2)
     train(RunFolder.config_for_resume(str(run), ["trainer.max_steps=-1"]), callbacks=[resumed])
     assert len(ref.lrs) == 54 and len(resumed.lrs) == 27
     assert resumed.lrs == pytest.approx(ref.lrs[27:], rel=1e-6)
