@@ -618,7 +618,10 @@ def check_trainer(cfg: Config) -> None:
             "there (docs/TRAINING.md); alone, this process would wait for the other nodes "
             "without end"
         )
-    if isinstance(environment, SLURMEnvironment):
+    # stage=2 as local jobs: this process only starts them, each job without SLURM's
+    # task variables, whose own processes Lightning starts (launch.SLURM_TASK_ENV)
+    jobs_only = cfg.stage == "2" and cfg.starts_local_jobs()
+    if isinstance(environment, SLURMEnvironment) and not jobs_only:
         _check_slurm_tasks(cfg, trainer, started)
     if started > 1 and trainer.world_size != started:
         # Lightning checks the count under ddp only: with the default devices=1 each

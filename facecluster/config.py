@@ -1112,6 +1112,19 @@ class Config:
             self.stage == "2" and self.stage2.group is None
         )
 
+    def starts_local_jobs(self, jobs: int | None = None) -> bool:
+        """Whether this command trains stage 2 as local jobs it starts (``launcher=local``,
+        more than one job, not itself a job). ``jobs``: the jobs a resume's plan holds
+        (``stage2.jobs`` when None)."""
+        jobs = self.stage2.jobs if jobs is None else jobs
+        return (
+            self.launcher.name == "local"
+            and self.two_stage
+            and self.stage in ("all", "2")
+            and jobs > 1
+            and self.stage2.group is None
+        )
+
     def stage_config(self, n: int) -> StageConfig:
         return self.stage1 if n == 1 else self.stage2
 

@@ -171,14 +171,7 @@ def check_local_jobs(cfg: Config, jobs: int | None = None) -> None:
             once need more GPUs than are visible.
     """
     jobs = cfg.stage2.jobs if jobs is None else jobs
-    local_jobs = (
-        cfg.launcher.name == "local"
-        and cfg.two_stage
-        and cfg.stage in ("all", "2")
-        and jobs > 1
-        and cfg.stage2.group is None
-    )
-    if not local_jobs:
+    if not cfg.starts_local_jobs(jobs):
         return
     if int(cfg.trainer.get("num_nodes", 1)) > 1:
         raise ConfigError(

@@ -1274,6 +1274,28 @@ def test_a_slurm_launch_with_other_processes_than_devices_is_refused_before_its_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("tasks", ["1", "2"])
+def test_local_stage2_jobs_started_from_a_slurm_batch_script_are_not_refused(
+    monkeypatch, tmp_path, tasks
+):
+    # the command only starts the jobs, each without SLURM's task variables, whose
+    # processes Lightning starts: the batch script's tasks are not its world (a review)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from facecluster.builders import check_trainer
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
+    for key, value in {**SLURM_JOB, "SLURM_NTASKS": tasks, "SLURM_NTASKS_PER_NODE": tasks}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("SLURM_STEP_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    overrides = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    jobs = ["stage=2", "stage2.jobs=2", "launcher.parallel=2"]
+    check_trainer(load_config(SMOKE, smoke_overrides(tmp_path, *overrides, *jobs)))
+    with pytest.raises(ConfigError, match="SLURM"):  # stage 1 trains in this process
+        check_trainer(load_config(SMOKE, smoke_overrides(tmp_path, *overrides, "stage2.jobs=2")))
+
+
 def test_torchrun_inside_a_slurm_job_forms_torchruns_world(monkeypatch, tmp_path):
     # a batch script that runs torchrun: Lightning prefers torchrun's ranks to SLURM's,
     # and so must the SLURM environment facecluster hands it in SLURM jobs
