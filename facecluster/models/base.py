@@ -142,7 +142,8 @@ class StageSystem(L.LightningModule):
         unit = self._warmup_unit(total)
         scheduler = build_scheduler(optimizer, total, self.trainer.max_epochs, optim, unit)
         warmup = warmup_steps(optim, unit)
-        if not math.isinf(total) and warmup > total:
+        capped = self.trainer.max_steps not in (None, -1)
+        if capped and not math.isinf(total) and warmup > total:
             # a binding trainer.max_steps (a warm-up longer than the stage's epochs is
             # refused for a new run by the config): often a try-out; warned of, not refused
             key = f"stage{self.stage}.optim.warmup_epochs"
