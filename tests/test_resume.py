@@ -405,13 +405,12 @@ class StageOneLr(L.Callback):
             self.lrs[trainer.current_epoch] = trainer.optimizers[0].param_groups[0]["lr"]
 
 
-def _as_older_checkpoint(path, schedule_per_epoch: float | None = None) -> None:
-    """Rewrite a checkpoint as facecluster saved it until 2026-12-06: "steps_per_epoch",
-    the schedule's length per epoch (an epoch's steps unless max_steps bound it)."""
+def _as_older_checkpoint(path, schedule_per_epoch: float) -> None:
+    """Rewrite a checkpoint as facecluster saved it until 2026-12-06, with
+    "steps_per_epoch": the schedule's length per epoch (an epoch's steps unless
+    trainer.max_steps bound it)."""
     checkpoint = torch.load(path, weights_only=False)
-    saved = checkpoint["facecluster"]
-    steps = saved.pop("optimizer_steps_per_epoch")
-    saved["steps_per_epoch"] = steps if schedule_per_epoch is None else schedule_per_epoch
+    checkpoint["facecluster"]["steps_per_epoch"] = schedule_per_epoch
     torch.save(checkpoint, path)
 
 
@@ -429,7 +428,7 @@ def test_a_resume_with_other_steps_per_epoch_keeps_the_schedule_in_epochs(tmp_pa
     resumed = StageOneLr()
     run = tmp_path / "a" / "run"
     if saved_by == "older":  # its key until 2026-12-06: the schedule's length per epoch
-        _as_older_checkpoint(run / "stage1" / "checkpoints" / "last.ckpt")
+        _as_older_checkpoint(run / "stage1" / "checkpoints" / "last.ckpt", 54 / 2)
     train(RunFolder.config_for_resume(str(run), ["data.batch_size=16"]), callbacks=[resumed])
     assert 0.005 < resumed.lrs[1] == pytest.approx(ref.lrs[1], rel=1e-6)
 

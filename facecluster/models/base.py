@@ -167,11 +167,6 @@ class StageSystem(L.LightningModule):
         checkpoint[CHECKPOINT_KEY] = {
             "stage": self.stage,
             "config": self.hparams.config,
-            # an epoch's optimizer steps (None outside a fit): a resume on another device
-            # count rescales the step count to its own (on_train_start). A key of its
-            # own: "steps_per_epoch", saved until 2026-12-06, was the schedule's length
-            # per epoch, which a binding trainer.max_steps makes another number
-            "optimizer_steps_per_epoch": getattr(self, "_steps_per_epoch", None),
         }
         # Every process takes part; rank 0, which writes the file, gets the whole rows.
         for head, holder, key in self._sharded_states(checkpoint):
@@ -180,11 +175,6 @@ class StageSystem(L.LightningModule):
                 holder[key] = whole
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get(CHECKPOINT_KEY, {})
-        if saved.get("optimizer_steps_per_epoch"):
-            self._restored_steps_per_epoch = (saved["optimizer_steps_per_epoch"], True)
-        elif saved.get("steps_per_epoch"):  # an older checkpoint's: see on_train_start
-            self._restored_steps_per_epoch = (saved["steps_per_epoch"], False)
         # Checkpoints hold whole heads: this process keeps its rows. Lightning calls this
         # after configure_model (heads sharded) and before loading weights and optimizer.
         for head, holder, key in self._sharded_states(checkpoint):
@@ -261,30 +251,24 @@ class StageSystem(L.LightningModule):
         # batch size), an epoch has another number of them, and the restored count would
         # put the schedule elsewhere than this epoch (1 -> 2 devices at mid-run: at its
         # end, the floor LR for the rest). Rescale the count to the same progress.
-        before, steps = getattr(self, "_restored_steps_per_epoch", None) or (None, True)
-        self._restored_steps_per_epoch = None
-        # an epoch's optimizer steps, not the schedule's length over the epochs: a binding
-        # trainer.max_steps shortens the schedule, not an epoch (saved as the schedule's
-        # length, a resume that lifted the cap put the count ahead, then trained the
-        # rest at the floor LR: a review, 21 of 66 steps)
         trainer = self.trainer
+        if trainer.current_epoch == 0:  # a fit from its start: nothing restored
+            return
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        # Every checkpoint facecluster saves is an epoch-end one: the epochs done had
+        # the count's steps in all. (Checkpoints until 2026-12-06 kept the schedule's
+        # length per epoch for it, which a binding trainer.max_steps makes another
+        # number: a resume that lifted the cap put the count ahead, and trained the
+        # rest at the floor LR, 21 of 66 steps in a review's run.)
+        before = scheduler.last_epoch / trainer.current_epoch
         now = self._warmup_unit(trainer.estimated_stepping_batches)
-        self._steps_per_epoch = now
         # binding now: the schedule runs to max_steps on the global step, whatever the
         # epochs, and Lightning stops at that global step: the count is not rescaled
         binding = trainer.max_steps not in (None, -1) and (
             trainer.estimated_stepping_batches >= trainer.max_steps
         )
-        if not before:  # a fit from its start
-            return
-        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
-        if not steps and trainer.current_epoch > 0:
-            # an older checkpoint's number was the schedule's length per epoch; its
-            # epoch's steps are the count over the epochs done (every checkpoint
-            # facecluster saves is an epoch-end one)
-            before = scheduler.last_epoch / trainer.current_epoch
         if not binding and abs(before - now) > 1e-9:
-            scheduler.last_epoch = round(scheduler.last_epoch * now / before)
+            scheduler.last_epoch = round(trainer.current_epoch * now)
         # The restored optimizer holds the LR its checkpoint's schedule gave this count;
         # a resume may have changed the schedule's length (more epochs, a lifted
         # max_steps), and its first step took the old LR: this fit's LR at the count.
