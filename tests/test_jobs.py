@@ -1231,10 +1231,11 @@ def test_lightnings_slurm_requeue_is_off_in_a_one_task_slurm_job(monkeypatch, tm
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     cfg = load_config(SMOKE, smoke_overrides(tmp_path, "trainer.accelerator=cpu"))
-    trainer = L.Trainer(**_trainer_kwargs(cfg, 1), logger=False)
-    # what Lightning's signal connector reads to install its SIGUSR1 requeue
-    environment = trainer._accelerator_connector.cluster_environment
-    assert type(environment).__name__ == "SLURMEnvironment"
+    # the cluster environment the Trainer is given, whose auto_requeue Lightning's
+    # signal handling reads to install its SIGUSR1 requeue
+    [environment] = [
+        p for p in _trainer_kwargs(cfg, 1)["plugins"] if type(p).__name__ == "SLURMEnvironment"
+    ]
     assert environment.auto_requeue is False
 
 
