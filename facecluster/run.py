@@ -559,8 +559,7 @@ class RunFolder:
         _refuse_contradictions(saved, cfg, resume, fixed)
         run._check_starting_weights(saved, cfg, resume)
         epochs = saved.stage_epochs(1)
-        # stage 1 is done once clusters.pt exists, its test perhaps not (stopped there)
-        done = run.has_stage_summary(1) or (cfg.two_stage and run.clusters_path.is_file())
+        done = run.stage1_finished
         if done and cfg.stage_epochs(1) != epochs:
             # without the clustering yet, stage 1 would continue from its last.ckpt for the
             # new count (its stage1.json then stale); with it, the count is ignored
@@ -715,7 +714,7 @@ class RunFolder:
                 f"pass the run folder {self.path}"
             )
         last = self.last_checkpoint(1)
-        if stage == 1 and self.has_stage_summary(1) and path.resolve() != last.resolve():
+        if stage == 1 and self.stage1_finished and path.resolve() != last.resolve():
             raise ConfigError(
                 f"resume={path}: stage 1 of {self.path} is finished; continuing from this "
                 f"checkpoint would train it again and replace its {last.parent.name}/"
@@ -872,6 +871,13 @@ class RunFolder:
     def has_stage_summary(self, stage: int) -> bool:
         """Stage 1: trained and tested; stage 2: every sub-net finished and assembled."""
         return self.stage_summary_path(stage).is_file()
+
+    @property
+    def stage1_finished(self) -> bool:
+        """Stage 1's training is over: tested (stage1.json), or clustered (clusters.pt,
+        written at the end of its fit; a stop in its test leaves no stage1.json). The
+        clusters and the sub-nets are made from that stage 1, never trained again."""
+        return self.has_stage_summary(1) or self.clusters_path.is_file()
 
     def save_training_report(self, results: dict[str, Any], table: str) -> None:
         self._write_json(RESULTS, results)

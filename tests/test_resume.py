@@ -257,6 +257,15 @@ def test_an_earlier_checkpoint_of_a_finished_stage1_is_refused(tmp_path):
         RunFolder.config_for_resume(str(best))
     with pytest.raises(ConfigError, match=r"stage 1 of .* is finished; continuing from"):
         train(load_config(SMOKE, smoke_overrides(tmp_path, f"resume={best}")))  # in-process
+    # stopped in stage 1's test, after the clustering saved clusters.pt: stage 1 trained
+    # again from the earlier checkpoint under the clusters of the finished one
+    (run_dir / "stage1.json").unlink()
+    before = last.read_bytes()
+    with pytest.raises(ConfigError, match=r"stage 1 of .* is finished; continuing from"):
+        RunFolder.config_for_resume(str(best))
+    with pytest.raises(ConfigError, match=r"stage 1 of .* is finished; continuing from"):
+        train(load_config(SMOKE, smoke_overrides(tmp_path, f"resume={best}")))
+    assert last.read_bytes() == before
 
 
 def test_a_resume_that_names_another_run_folder_is_refused_not_ignored(tmp_path):
