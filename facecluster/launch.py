@@ -45,7 +45,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from facecluster.config import COMMAND, Config, ConfigError, SlurmConfig, resume_command
 from facecluster.io import replacing
-from facecluster.run import JOB_ENV, RUN_DIR_ENV, RunFolder, job_name, launched_processes
+from facecluster.run import (
+    JOB_ENV,
+    RUN_DIR_ENV,
+    RunFolder,
+    job_name,
+    launched_processes,
+    read_state,
+)
 
 # A job is a training run of its own: it must not join the DDP world of the
 # process that launched it.
@@ -638,7 +645,18 @@ def check_queue(run: RunFolder) -> None:
     record = run.slurm_dir / "submitted.json"
     if not record.is_file():
         return
-    ids = {str(job["job_id"]) for job in json.loads(record.read_text())["jobs"]}
+    advice = (
+        "once squeue shows none of this run's jobs, delete it and submit again (it is "
+        "written at each submission)"
+    )
+    jobs = read_state(record, dict, ("jobs",), advice)["jobs"]
+    try:
+        ids = {str(job["job_id"]) for job in jobs}
+    except (TypeError, KeyError) as e:
+        why = f"{type(e).__name__}: {e}"
+        raise ConfigError(
+            f"{record} cannot be read ({why}): the run folder is damaged; {advice}"
+        ) from None
     try:
         # %F: an array's own job id (what submitted.json records), else the job id
         command = ["squeue", "--noheader", "--format=%F", f"--user={getpass.getuser()}"]

@@ -357,6 +357,15 @@ def test_a_chain_that_failed_half_way_is_still_seen_in_the_queue(tmp_path, monke
     with pytest.raises(ConfigError, match=r"jobs 1000 of this run's last submission"):
         train(run.config_for_resume(str(run.path), []))
     assert sorted(p.name for p in calls.iterdir()) == ["1000.sh"]
+    # a damaged record (a full disk, an edit) is named, one line (was a JSONDecodeError's
+    # traceback), with what to do
+    record = run.slurm_dir / "submitted.json"
+    named = r"submitted.json cannot be read \(.*damaged; once squeue"
+    for damaged in ('{"jobs": [{"job_id": "1000"', '{"jobs": [{"name": "stage1"}]}'):
+        record.write_text(damaged)
+        with pytest.raises(ConfigError, match=named):
+            train(run.config_for_resume(str(run.path), []))
+    assert sorted(p.name for p in calls.iterdir()) == ["1000.sh"]
 
 
 def test_a_resume_says_when_started_jobs_keep_it_from_stage2_jobs(tmp_path):
