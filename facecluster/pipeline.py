@@ -658,7 +658,7 @@ def _submit(run: _Run, clustering: ClusteringCallback | None) -> RunResult:
             overrides = stage2_overrides(cfg.stage2.jobs, todo)
         if overrides:
             folder.clear_training_report()
-    assemble = cfg.stage in ("all", "2", "assemble")
+    assemble = cfg.assembles
     if folder.path.resolve().parts[1:2] in (("tmp",), ("dev",)):
         rank_zero_warn(
             f"launcher=slurm: the run folder {folder.path} looks local to this machine; "
