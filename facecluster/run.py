@@ -77,6 +77,7 @@ from facecluster.io import (
     UnsafeFileError,
     atomic_torch_save,
     check_archive,
+    check_can_write,
     load_plain,
     replacing,
 )
@@ -378,9 +379,7 @@ class RunFolder:
         ):
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
-                probe = self.path / ".write-test"
-                probe.write_text("ok")
-                probe.unlink()
+                check_can_write(self.path)
             except OSError as e:
                 raise ConfigError(
                     f"output_dir: cannot write the run folder {self.path} ({e})"
@@ -1724,10 +1723,13 @@ def _check_output_dir(output_dir: Path) -> None:
     if not here.is_dir():
         where = "is a file" if here == output_dir.absolute() else f"lies under a file ({here})"
         raise ConfigError(f"output_dir={output_dir} {where}: name a folder for the runs")
-    if not os.access(here, os.W_OK | os.X_OK):
+    try:  # a file made, not os.access: that says yes where root's writes are squashed (NFS)
+        check_can_write(here)
+    except OSError as e:
         raise ConfigError(
-            f"output_dir={output_dir}: {here} cannot be written (read-only, or no permission)"
-        )
+            f"output_dir={output_dir}: {here} cannot be written (read-only, or no "
+            f"permission: making a file there failed, {e.strerror or e})"
+        ) from None
 
 
 def _folder_of(resume: Path) -> Path:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.faults
     [
         ("file", r"output_dir=\S+/not-a-folder is a file: name a folder"),
         ("under-file", r"output_dir=\S+/not-a-folder/runs lies under a file \(\S+/not-a-folder\)"),
-        ("proc", r"output_dir: cannot write the run folder"),
+        ("proc", r"output_dir=/proc/facecluster-runs: /proc cannot be written \(read-only"),
     ],
     ids=["file", "under-file", "proc"],
 )
@@ -42,13 +42,18 @@ def test_unwritable_output_dir_fails_at_start_naming_it(tmp_path, monkeypatch, w
 
 
 def test_an_output_dir_this_user_may_not_write_is_refused_before_the_scan(tmp_path, monkeypatch):
-    # root writes anywhere: os.access stands in for another user's view
-    import facecluster.run as run_module
+    # root writes anywhere: a refused file stands in for another user's view (os.access
+    # said yes where a write failed, as under NFS's root squash)
+    import facecluster.io
 
-    monkeypatch.setattr(run_module.os, "access", lambda path, mode: False)
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(facecluster.io.tempfile, "TemporaryFile", refused)
     monkeypatch.setattr("facecluster.pipeline.build_datamodule", _no_scan)
     cfg = load_config(SMOKE, smoke_overrides(tmp_path, f"output_dir={tmp_path}/runs/new"))
     said = rf"output_dir={tmp_path}/runs/new: {tmp_path} cannot be written \(read-only, or no"
+    said += r" permission: making a file there failed, Permission denied\)"
     with pytest.raises(ConfigError, match=said):
         train(cfg)
     assert not (tmp_path / "runs").exists()
