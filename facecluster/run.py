@@ -5,7 +5,8 @@
     <output_dir>/<run_name>/
       config.yaml  run.json           resolved config; W&B run id and creation time
       class_names.json                identity names, index = global label
-      split.json                      digests of what the val and test splits hold
+      split.json                      digests of what the val and test splits hold and of
+                                      each identity's image count
       unseen_identities.json          open set: identities never trained on ({val, test})
       stage1/checkpoints/             best-epochNNN.ckpt (val/acc) and last.ckpt of stage 1
       stage1/running.json             the lock of the command fitting stage 1 or the clustering
@@ -765,7 +766,9 @@ class RunFolder:
             self.check_data(dm)
             return
         if is_global_zero():  # the writer's alone
-            self._write_json(SPLIT, dm.split_fingerprint())
+            images, per_identity = dm.images_per_identity()
+            kept = {**dm.split_fingerprint(), "images": images, "per_identity": per_identity}
+            self._write_json(SPLIT, kept)
         self._write_json(CLASS_NAMES, dm.class_names)  # last: it marks the data kept
 
     def check_data(self, dm: FaceDataModule) -> None:
@@ -779,8 +782,10 @@ class RunFolder:
                 images are split otherwise (the same identities with their images in
                 another order: a ``--shuffle`` pack of the run's folder, another copy):
                 the val and test splits would hold training images; more than a quarter
-                of the recorded images differing, or a split of another size. A run
-                made before the splits were recorded is not checked for that.
+                of the recorded images differing, or a split of another size. Or an
+                identity holds more or fewer images than it did (any identity: its
+                split changes too). A run made before the splits were recorded is not
+                checked for that, nor one recorded before 2026-12-06 for the counts.
         """
         self.check_identities(dm.class_names)
         path = self.path / SPLIT
@@ -789,13 +794,29 @@ class RunFolder:
         if not path.is_file():
             return
         kept = read_state(path, dict, SPLITS)  # {} too: damaged, not a run made before it
+        images, per_identity = dm.images_per_identity()
+        if kept.get("per_identity", per_identity) != per_identity:  # recorded since 2026-12-06
+            before = kept.get("images")
+            said = (
+                f"its splits hold {images:,} images, the run's {before:,}"
+                if isinstance(before, int) and images != before
+                else f"its splits hold {images:,} images, as the run's, but not as many of "
+                "each identity"
+            )
+            raise ConfigError(
+                f"{self.path}: the data holds the run's identities, but other images: {said} "
+                "(images added to or removed from the data since the run), so its val and "
+                "test splits would hold images the run trained on; point data.root at the "
+                "data the run trained on, as it was"
+            )
         # Images broken since (a disk error) change a few digests; a split made otherwise
         # changes most: an image is at the same place of an identity's split by chance
         # only (1 in 3 for an identity of 3 images, fewer for larger ones)
         differ = False
         counts = []  # images added or removed since: named as such, not as another order
-        for split, digests in dm.split_fingerprint().items():
-            before = kept.get(split, [])
+        fingerprint = dm.split_fingerprint()
+        for split in SPLITS:
+            digests, before = fingerprint[split], kept[split]
             pairs = zip(digests, before, strict=False)
             changed = sum(a != b and "" not in (a, b) for a, b in pairs)  # "": unreadable
             differ |= len(digests) != len(before) or changed * 4 > len(digests)

@@ -679,8 +679,41 @@ def test_a_run_checks_that_its_data_splits_its_identities_as_it_did(tmp_path, pa
         image.unlink()
     fewer = FaceDataModule(str(copy), **kw)
     assert fewer.class_names == run.class_names()
-    with pytest.raises(ConfigError, match=r"other images: its split gives .* images, the run's"):
+    with pytest.raises(ConfigError, match=r"other images: its splits hold .* images, the run's"):
         run.check_data(fewer)
+
+
+def test_a_run_refuses_data_whose_identities_hold_other_images_than_it_trained_on(tmp_path):
+    # an image added to or removed from any identity splits it otherwise; only the first
+    # 64 identities' val and test images are read, and one image differing there passed
+    from facecluster.run import RunFolder
+
+    kw = {"min_images_per_class": 1}
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    run.keep_data(FaceDataModule(str(DEMO), **kw))
+    names = run.class_names()
+    assert len(names) > 64
+    for changed in (names[-1], names[0]):  # past the 64 read, and among them
+        root = tmp_path / f"faces-{changed}"
+        root.mkdir()
+        for name in names:
+            if name == changed:
+                shutil.copytree(DEMO / name, root / name)
+            else:
+                (root / name).symlink_to(DEMO / name)
+        first = sorted((root / changed).iterdir())[0]
+        shutil.copy(first, root / changed / f"0-{first.name}")  # one more image
+        with pytest.raises(ConfigError, match=r"other images: its splits hold [\d,]+ images, the"):
+            run.check_data(FaceDataModule(str(root), **kw))
+        # one moved to another identity: as many in all
+        other = names[1] if changed == names[0] else names[0]
+        (root / other).unlink()
+        shutil.copytree(DEMO / other, root / other)
+        next((root / other).iterdir()).unlink()
+        with pytest.raises(ConfigError, match=r"as the run's, but not as many of each identity"):
+            run.check_data(FaceDataModule(str(root), **kw))
+    run.check_data(FaceDataModule(str(DEMO), **kw))  # the same data passes
 
 
 def test_a_corrupt_record_is_skipped_or_stops_naming_key_and_offset(tmp_path, packed):

@@ -985,6 +985,16 @@ class FaceDataModule(lightning.LightningDataModule):
                 digests[split].append(hashlib.sha1(data).hexdigest()[:16])
         return digests
 
+    def images_per_identity(self) -> tuple[int, str]:
+        """How many images the train, val and test splits hold in all, and a short digest
+        of each identity's count. An image added to or removed from any identity splits
+        it otherwise (:meth:`split_fingerprint` reads the first identities' images only);
+        the labels tell, no image is read."""
+        folder, splits = self._ensure_setup()
+        index = np.concatenate([splits[split] for split in SPLIT_NAMES])
+        counts = np.bincount(folder.samples.labels[index], minlength=self.num_classes)
+        return len(index), hashlib.sha1(counts.astype("<i8").tobytes()).hexdigest()[:16]
+
     def _split_indices(self, split: str) -> np.ndarray:
         if split not in SPLIT_NAMES:
             raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
