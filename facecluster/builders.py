@@ -292,11 +292,13 @@ def _checkpoints(cfg: Config, run: RunFolder, stage: int, job: str | None) -> li
     # never starts mid-epoch (ordinary DataLoaders cannot fast-forward). "last" has
     # its own callback: with a monitor, Lightning 2.6 rewrites "last" only in epochs
     # that improve the monitor, so resume and evaluation would miss the final epochs.
+    # "best" comes first: each saves in this order, and last.ckpt holds the state of
+    # both, so "best" has taken in the epoch when it does (a resume restored the epoch
+    # before it: the best-* file of the last epoch was kept beside the next one, and an
+    # epoch worse than it could be taken for the best)
     folder = run.checkpoint_dir(stage, job)
     common = {"dirpath": folder, "save_top_k": 1, "save_on_train_epoch_end": True}
-    checkpoints = [
-        ModelCheckpoint(filename=LAST, monitor=None, enable_version_counter=False, **common)
-    ]
+    checkpoints = []
     if cfg.data.val_fraction > 0:
         checkpoints.append(
             ModelCheckpoint(
@@ -307,7 +309,8 @@ def _checkpoints(cfg: Config, run: RunFolder, stage: int, job: str | None) -> li
                 **common,
             )
         )
-    return checkpoints
+    last = ModelCheckpoint(filename=LAST, monitor=None, enable_version_counter=False, **common)
+    return [*checkpoints, last]
 
 
 def _plugins(trainer_args: dict[str, Any]) -> list[Any]:

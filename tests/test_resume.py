@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -72,6 +73,15 @@ def test_interrupted_twice_and_resumed_equals_uninterrupted(tmp_path, cap):
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
     assert resumed.results["stage2_steps"] == reference.results["stage2_steps"]
     assert resumed.results["stage1"] == reference.results["stage1"]
+
+    # one best-* file a stage (a job), of the same epoch: last.ckpt was saved before the
+    # best-* callback took its epoch in, so a resume restored the one before it, kept
+    # both files, and could take a worse epoch for the best
+    def kept(run: Path) -> list[str]:
+        return sorted(str(p.relative_to(run)) for p in run.rglob("*.ckpt"))
+
+    assert kept(run_dir) == kept(tmp_path / "a" / "run")
+    assert len([name for name in kept(run_dir) if "best-" in name]) == 2
 
 
 def test_a_job_stopped_while_saving_its_subnets_is_continued_not_trained_again(
