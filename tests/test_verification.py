@@ -423,7 +423,7 @@ def _jpeg(size: tuple[int, int], seed: int) -> bytes:
     return out.getvalue()
 
 
-def _bin(path: Path, size: tuple[int, int] = (64, 64), pairs: int = 10) -> Path:
+def _bin(path: Path, size: tuple[int, int] = (64, 64), pairs: int = 20) -> Path:
     """A verification .bin of ``pairs`` pairs of distinct ``size`` JPEGs."""
     images = [_jpeg(size, i) for i in range(2 * pairs)]
     path.write_bytes(pickle.dumps((images, [p % 2 == 0 for p in range(pairs)]), protocol=4))
@@ -478,16 +478,22 @@ def test_a_set_the_ten_folds_cannot_measure_is_refused_before_training(tmp_path,
     from facecluster import cli
     from facecluster.builders import check_verification_sets, verification_sets
 
-    images = [_jpeg((64, 64), i) for i in range(20)]
+    images = [_jpeg((64, 64), i) for i in range(40)]
     sets = {
         "two.bin": (
             (images[:4], [True, False]),
-            r"2 pairs; the 10-fold protocol needs at least 10",
+            r"2 pairs; the 10-fold protocol needs at least 20, two a fold, one of each kind",
         ),
         "none.bin": (([], []), r"0 pairs; the 10-fold protocol"),
-        "same.bin": ((images, [True] * 10), r"all 10 pairs are same-identity pairs"),
-        "words.bin": ((images, ["yes", "no"] * 5), r"pair 0's is-same flag is 'yes' \(str\)"),
-        "twos.bin": ((images, [2, 0] * 5), r"pair 0's is-same flag is 2 \(int\)"),
+        "same.bin": ((images, [True] * 20), r"all 20 pairs are same-identity pairs"),
+        "words.bin": ((images, ["yes", "no"] * 10), r"pair 0's is-same flag is 'yes' \(str\)"),
+        "twos.bin": ((images, [2, 0] * 10), r"pair 0's is-same flag is 2 \(int\)"),
+        # a pairs list sorted by kind: every fold of one kind, each scored on the others'
+        # threshold (a walkthrough's agedb_30.bin of 300 same, then 300 different: 28%)
+        "sorted.bin": (
+            (images, [True] * 10 + [False] * 10),
+            r"fold 1 of 10 \(pairs 1-2 of 20, in file order\) holds same-identity pairs only",
+        ),
     }
     for name, (content, said) in sets.items():
         (tmp_path / name).write_bytes(pickle.dumps(content, protocol=4))
@@ -497,13 +503,13 @@ def test_a_set_the_ten_folds_cannot_measure_is_refused_before_training(tmp_path,
         with pytest.raises(ConfigError, match=said):  # what evaluate.py reads the sets with
             verification_sets(cfg)
     # numpy flags and 0/1 are InsightFace's own forms, and pass
-    mixed = [np.bool_(True), 0, np.int64(1), False, True] * 2
+    mixed = [np.bool_(True), 0, np.int64(1), False] * 5
     (tmp_path / "numpy.bin").write_bytes(pickle.dumps((images, mixed), protocol=4))
     check_verification_sets(load_config(SMOKE, [f"data.verification=[{tmp_path / 'numpy.bin'}]"]))
     # and so do 0 and 1 written as floats (refused); 0.5 is no flag
-    (tmp_path / "floats.bin").write_bytes(pickle.dumps((images, [1.0, 0.0] * 5), protocol=4))
+    (tmp_path / "floats.bin").write_bytes(pickle.dumps((images, [1.0, 0.0] * 10), protocol=4))
     check_verification_sets(load_config(SMOKE, [f"data.verification=[{tmp_path}/floats.bin]"]))
-    (tmp_path / "half.bin").write_bytes(pickle.dumps((images, [0.5, 1.0] * 5), protocol=4))
+    (tmp_path / "half.bin").write_bytes(pickle.dumps((images, [0.5, 1.0] * 10), protocol=4))
     with pytest.raises(ConfigError, match=r"pair 0's is-same flag is 0.5 \(float\)"):
         check_verification_sets(load_config(SMOKE, [f"data.verification=[{tmp_path}/half.bin]"]))
     # from train.py: one line, before the data scan, and no run folder
@@ -523,10 +529,10 @@ def test_a_bin_file_with_an_undecodable_image_is_refused_naming_the_image(tmp_pa
     # (now: what the bytes start with)
     from facecluster.builders import check_verification_sets, verification_sets
 
-    images = [_jpeg((64, 64), i) for i in range(20)]
+    images = [_jpeg((64, 64), i) for i in range(40)]
     images[7] = b"<html>404</html>"
     (tmp_path / "broken.bin").write_bytes(
-        pickle.dumps((images, [p % 2 == 0 for p in range(10)]), protocol=4)
+        pickle.dumps((images, [p % 2 == 0 for p in range(20)]), protocol=4)
     )
     cfg = load_config(SMOKE, [f"data.verification=[{tmp_path / 'broken.bin'}]"])
     named = (
@@ -548,7 +554,7 @@ def test_a_bin_file_with_an_undecodable_image_is_refused_naming_the_image(tmp_pa
                 _jpeg((64, 64), i)
             )
     (tmp_path / "lfw" / "images" / "b" / "b_0002.jpg").write_bytes(b"")
-    (tmp_path / "lfw" / "pairs.txt").write_text("a 1 2\na 1 b 2\n" * 5)
+    (tmp_path / "lfw" / "pairs.txt").write_text("a 1 2\na 1 b 2\n" * 10)
     with pytest.raises(
         ConfigError, match=r"pairs.txt: image 3 \(pair 1, its second image, \S*b_0002.jpg\)"
     ):
@@ -564,7 +570,7 @@ def test_a_set_of_another_image_size_is_named_in_a_warning(tmp_path, caplog):
 
     from facecluster.builders import check_verification_sets
 
-    said = r"its 20 images are {} \(width x height\), not data.image_size=64 square: "
+    said = r"its 40 images are {} \(width x height\), not data.image_size=64 square: "
     sets = {
         "square.bin": ((64, 64), None),
         "big.bin": ((160, 160), said.format("160x160") + "verification resizes them to 64x64"),

@@ -39,6 +39,13 @@ FOLDS = 10
 """Folds of the verification protocol (LFW's, and arcface_torch's for its .bin sets)."""
 
 
+def fold_sizes(pairs: int, folds: int = FOLDS) -> list[int]:
+    """How many pairs each fold of the protocol holds: the pairs in file order, cut into
+    contiguous folds, the first ``pairs % folds`` one pair larger (scikit-learn's KFold,
+    as InsightFace's verification.py cuts them; equal at 6,000 or 7,000 pairs)."""
+    return [pairs // folds + (k < pairs % folds) for k in range(folds)]
+
+
 class _Dtype:
     """``numpy.dtype`` as a verification pickle may hold it: a plain integer or boolean
     type. numpy's own ``dtype.__setstate__`` takes any state a file gives it, fields
@@ -528,19 +535,20 @@ def _flag(value: object, p: int) -> bool:
 
 
 def check_pairs(pairs: VerificationPairs) -> None:
-    """Refuse a set that the 10-fold protocol cannot measure: fewer pairs than folds
-    (it failed after stage 1's first epoch, the run folder left behind), or pairs that
-    are all same-identity or all different (the threshold the protocol picks then
-    scores 100% whatever the model).
+    """Refuse a set that the 10-fold protocol cannot measure: fewer than two pairs a
+    fold (fewer than the folds failed after stage 1's first epoch, the run folder left
+    behind), pairs that are all same-identity or all different (the threshold the
+    protocol picks then scores 100% whatever the model), or a fold of one kind (a list
+    sorted by kind: each fold scored on the others' threshold, 28% measured).
 
     Raises:
         ValueError: the file, and what it holds.
     """
     same = sum(pairs.issame)
-    if len(pairs) < FOLDS:
+    if len(pairs) < 2 * FOLDS:
         raise ValueError(
             f"{pairs.source}: {len(pairs)} pairs; the {FOLDS}-fold protocol needs at least "
-            f"{FOLDS} (LFW's pairs.txt lists 6,000)"
+            f"{2 * FOLDS}, two a fold, one of each kind (LFW's pairs.txt lists 6,000)"
         )
     if same in (0, len(pairs)):
         kind = "same-identity" if same else "different-identity"
@@ -548,6 +556,20 @@ def check_pairs(pairs: VerificationPairs) -> None:
             f"{pairs.source}: all {len(pairs)} pairs are {kind} pairs; verification needs "
             "both kinds to choose a threshold"
         )
+    start = 0
+    for k, size in enumerate(fold_sizes(len(pairs))):
+        kinds = set(pairs.issame[start : start + size])
+        if len(kinds) == 1:  # a pairs list sorted by kind: 28% measured below chance
+            kind = "same-identity" if kinds.pop() else "different-identity"
+            raise ValueError(
+                f"{pairs.source}: fold {k + 1} of {FOLDS} (pairs {start + 1}-{start + size} "
+                f"of {len(pairs)}, in file order) holds {kind} pairs only: the protocol "
+                f"scores each fold on the threshold the other {FOLDS - 1} choose, so a fold "
+                "of one kind measures that threshold, not the model. Order the pairs so "
+                "that every tenth of the list holds both kinds (LFW's pairs.txt and "
+                "InsightFace's .bin files hold half of each in every fold)"
+            )
+        start += size
 
 
 def _truncated(error: Exception) -> bool:

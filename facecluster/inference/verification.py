@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facecluster.data.transforms import load_faces, normalize_images
-from facecluster.data.verification import FOLDS, VerificationPairs
+from facecluster.data.verification import FOLDS, VerificationPairs, fold_sizes
 
 THRESHOLDS = torch.arange(0, 400, dtype=torch.float64) / 100
 
@@ -48,10 +48,7 @@ def ten_fold_accuracy(
     e = F.normalize(embeddings.double(), dim=1)
     distance = (e[0::2] - e[1::2]).pow(2).sum(dim=1)
     correct = (distance[None, :] < THRESHOLDS[:, None]) == same[None, :]  # [T, P]
-    # contiguous folds, the first P % folds one pair larger: scikit-learn's KFold, as
-    # InsightFace's verification.py cuts them (equal at 6,000 or 7,000 pairs)
-    sizes = torch.full((folds,), len(same) // folds)
-    sizes[: len(same) % folds] += 1
+    sizes = torch.tensor(fold_sizes(len(same), folds))
     fold_of = torch.repeat_interleave(torch.arange(folds), sizes)
     accuracies, thresholds = [], []
     for fold in range(folds):
