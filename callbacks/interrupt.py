@@ -69,6 +69,12 @@ def _note_sigterm(signum: int, frame: Any) -> None:
     _sigterm_received = True
 
 
+def sigterm_received() -> bool:
+    """Whether this process has received SIGTERM (not the other ranks: that takes a
+    collective, :func:`stop_if_terminated`)."""
+    return _sigterm_received
+
+
 def forget_sigterm() -> None:
     """A new run of this process starts: a SIGTERM noted for an earlier one is not its."""
     global _sigterm_received

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from facecluster.callbacks.interrupt import sigterm_received
 from facecluster.config import naming
 from facecluster.data.verification import VerificationPairs, load_pairs, named_sets
 from facecluster.inference.verification import verify
@@ -27,6 +28,11 @@ class VerificationCallback(L.Callback):
     (under a second for lfw.bin's 12,000 images here), and a set that fails then
     (changed since) stops the run with the same error: a ``ConfigError`` naming the
     file and, for an image, its index and pair.
+
+    A SIGTERM to rank 0 ends the measurement at its next batch, unlogged: the epoch's
+    checkpoint is saved after it, and a SLURM job's grace period (30 s by default) may
+    be shorter than a measurement of several sets with a large backbone; the run then
+    stops as at any batch (:class:`facecluster.callbacks.StopTogether`).
 
     Args:
         paths: the sets (``.bin`` files or ``pairs.txt`` with ``images/`` beside).
@@ -62,17 +68,26 @@ class VerificationCallback(L.Callback):
                 self._sets = {name: load_pairs(p) for name, p in self.paths.items()}
         backbone = pl_module.backbone
         training = backbone.training
+
+        def embed(x: torch.Tensor) -> torch.Tensor:
+            if sigterm_received():
+                raise _Stopped
+            return backbone(trainer.precision_plugin.convert_input(x))  # *-true: its dtype
+
         backbone.eval()
         try:
             with torch.inference_mode(), trainer.precision_plugin.forward_context():
                 for name, pairs in self._sets.items():
-                    result = verify(  # *-true precisions: inputs in the weights' dtype
-                        lambda x: backbone(trainer.precision_plugin.convert_input(x)),
-                        pairs,
-                        self.image_size,
-                        self.batch_size,
-                        pl_module.device,
-                    )
+                    try:
+                        result = verify(
+                            embed, pairs, self.image_size, self.batch_size, pl_module.device
+                        )
+                    except _Stopped:
+                        rank_zero_info(
+                            f"epoch {epoch}: SIGTERM: {name} verification stopped, not "
+                            "logged; the epoch is saved, then the run stops"
+                        )
+                        return
                     pl_module.log(f"val/{name}_acc", result.accuracy, rank_zero_only=True)
                     rank_zero_info(
                         f"epoch {epoch}: {name} verification {result.accuracy:.2%} "
@@ -80,3 +95,7 @@ class VerificationCallback(L.Callback):
                     )
         finally:
             backbone.train(training)
+
+
+class _Stopped(Exception):
+    """A SIGTERM ended a verification measurement."""

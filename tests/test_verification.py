@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -590,3 +591,44 @@ def test_a_set_of_another_image_size_is_named_in_a_warning(tmp_path, caplog):
             assert len(warned) == 1 and re.match(
                 rf"data.verification: \S*{name}: {warning}", warned[0]
             ), warned
+
+
+def test_a_sigterm_during_verification_ends_it_at_the_next_batch(tmp_path, caplog):
+    # rank 0 measured every set to its end before the epoch's checkpoint was saved: a
+    # SIGTERM there waited for it (6 minutes for LFW on CPU in a walkthrough; a SLURM
+    # job's grace is 30 s by default), and a kill after the grace lost the epoch
+    from lightning.pytorch.plugins.precision import Precision
+
+    from facecluster.callbacks import interrupt
+
+    calls = []
+
+    class Backbone(torch.nn.Module):
+        def forward(self, x):
+            calls.append(len(x))
+            if len(calls) == 2:  # the first batch's mirror images: a SIGTERM arrives
+                interrupt._note_sigterm(15, None)
+            return x.flatten(1)[:, :8]
+
+    logged = []
+    module = SimpleNamespace(
+        backbone=Backbone(), device=torch.device("cpu"), log=lambda *a, **k: logged.append(a)
+    )
+    trainer = SimpleNamespace(current_epoch=0, global_step=1, max_steps=-1, max_epochs=1,
+                              should_stop=False, is_global_zero=True,
+                              precision_plugin=Precision())  # fmt: skip
+    sets = [_bin(tmp_path / "a.bin", pairs=40), _bin(tmp_path / "b.bin")]
+    callback = VerificationCallback(sets, 1, 64, 16)  # 80 images: 5 batches, 10 calls
+    try:
+        with caplog.at_level(logging.INFO):
+            callback.on_train_epoch_end(trainer, module)
+    finally:
+        interrupt.forget_sigterm()
+    assert len(calls) == 2 and logged == []
+    assert module.backbone.training, "back in training mode"
+    assert "epoch 0: SIGTERM: a verification stopped, not logged; the epoch is saved" in (
+        caplog.text
+    )
+    # without one, both sets are measured
+    callback.on_train_epoch_end(trainer, module)
+    assert [name for name, *_ in logged] == ["val/a_acc", "val/b_acc"]
