@@ -49,7 +49,14 @@ from facecluster.inference import TwoStageIdentifier
 from facecluster.inference.identifier import FAILED, OPEN_SET_SCORE, UNKNOWN, unpack_names
 from facecluster.inference.onnx import EXPORT_ID, ONNX_GALLERY, ONNX_META
 from facecluster.inference.openset import threshold_at_fpir
-from facecluster.io import atomic_file, check_can_write, fsync_dir, load_plain, replacing
+from facecluster.io import (
+    atomic_file,
+    atomic_torch_save,
+    check_can_write,
+    fsync_dir,
+    load_plain,
+    replacing,
+)
 
 if TYPE_CHECKING:
     from facecluster.run import RunFolder
@@ -57,6 +64,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TORCH_FILE = "identifier.pt"
+BACKBONE_FILE = "backbone.pth"
+"""The stage-1 backbone's state dict alone, as arcface_torch saves one (an IResNet's
+keys are arcface_torch's): for other tools, and ``model.weights``."""
 ONNX_FOLDER = "onnx"
 UPDATE = ".facecluster-update"
 """An export folder's committed update, not yet all in place (:func:`finish_update`); an
@@ -80,7 +90,8 @@ def export_run(
     device: str = "auto",
     data_root: str | Path | None = None,
 ) -> list[Path]:
-    """Write ``out/identifier.pt`` from a finished two-stage run (and ``out/onnx``).
+    """Write ``out/identifier.pt`` and ``out/backbone.pth`` (the stage-1 backbone's state
+    dict) from a finished two-stage run (and ``out/onnx``).
 
     An open-set run (``data.unseen_fraction > 0``) also gets its "unknown"
     threshold: the routed answer's similarity at which ``fpir`` of the validation
@@ -192,6 +203,8 @@ def export_run(
     # committed meanwhile (an enrolment too) is replaced as if it had finished just before
     with _updating(out, replace_onnx=True) as new:
         written = [identifier.export(new / TORCH_FILE)]
+        atomic_torch_save(identifier.router_backbone.state_dict(), new / BACKBONE_FILE)
+        written.append(new / BACKBONE_FILE)
         if onnx:
             from facecluster.inference.onnx import export_onnx
 

@@ -241,6 +241,30 @@ def test_documented_identify_answers_unknown_for_unseen_identities(open_run, exp
     assert unknown >= 0.5
 
 
+def test_the_export_holds_the_stage1_backbone_as_a_state_dict_model_weights_reads(
+    open_run, exported, tmp_path
+):
+    # arcface_torch's users evaluate a backbone.pth (IJB-B/C scripts); a run kept its
+    # stage-1 backbone only inside Lightning checkpoints and identifier.pt
+    from facecluster.builders import starting_weights
+    from facecluster.models.components import create_backbone
+
+    weights = torch.load(exported / "backbone.pth", weights_only=True, map_location="cpu")
+    identifier = load_export(exported, "torch", "cpu")
+    backbone = create_backbone(**identifier.backbone_args).eval()
+    backbone.load_state_dict(weights)  # strict: the file is that backbone's, key for key
+    faces = torch.randn(4, 3, *(2 * [identifier.backbone_args["image_size"]]))
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            backbone(faces), identifier.router_backbone.eval()(faces), rtol=0, atol=0
+        )
+    # and a new run starts from it
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, f"model.weights={exported}/backbone.pth"))
+    started = starting_weights(cfg)
+    assert started.keys() == weights.keys()
+    assert all(torch.equal(started[k], weights[k]) for k in weights)
+
+
 @pytest.mark.slow
 def test_export_fpir_sets_the_share_of_unseen_faces_the_threshold_lets_pass(
     open_run, exported, tmp_path
@@ -363,7 +387,8 @@ def test_exporting_again_without_onnx_leaves_no_stale_onnx_models(open_run, expo
     shutil.copytree(exported, again)
     assert (again / "onnx" / "identifier.json").is_file()
     written = export_run(open_run, again)
-    assert written == [again / "identifier.pt"] and not (again / "onnx").exists()
+    assert written == [again / "identifier.pt", again / "backbone.pth"]
+    assert not (again / "onnx").exists()
     with pytest.raises(FileNotFoundError):
         load_export(again, "onnx", "cpu")
     assert load_export(again, "auto", "cpu").num_clusters == 3
@@ -994,7 +1019,8 @@ def test_export_never_deletes_an_onnx_folder_it_did_not_write(open_run, exported
     shutil.copytree(exported, again)
     (again / "onnx" / ".gallery.npz.123-abc.tmp.npz").write_bytes(b"")
     assert (
-        export_run(open_run, again) == [again / "identifier.pt"] and not (again / "onnx").exists()
+        export_run(open_run, again) == [again / "identifier.pt", again / "backbone.pth"]
+        and not (again / "onnx").exists()
     )
 
 

@@ -870,7 +870,7 @@ def test_a_calibrated_closed_set_run_exports_without_its_data(finished_run, tmp_
     root = load_config(config).data.root
     config.write_text(text.replace(root, "/nonexistent/faces"))
     written = export_run(moved, tmp_path / "second", device="cpu")
-    assert written == [tmp_path / "second" / "identifier.pt"]
+    assert written == [tmp_path / "second" / "identifier.pt", tmp_path / "second" / "backbone.pth"]
     # evaluating needs the data: the message says how to point at its new place (it
     # said "give the folder that holds one sub-folder per identity", a walkthrough)
     with pytest.raises(
