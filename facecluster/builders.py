@@ -73,6 +73,11 @@ warnings.filterwarnings(
     "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning
 )
 warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty", UserWarning)
+# the verification sets' accuracies are measured and logged by rank 0 alone (a sync_dist
+# would wait for ranks that log nothing): Lightning's advice, at every epoch under DDP
+warnings.filterwarnings(
+    "ignore", r"It is recommended to use `self.log\('val/[^']+_acc', \.\.\., sync_dist=True\)`"
+)
 
 
 def build_datamodule(cfg: Config, eval_batch_size: int | None = None) -> FaceDataModule:

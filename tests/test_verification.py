@@ -632,3 +632,27 @@ def test_a_sigterm_during_verification_ends_it_at_the_next_batch(tmp_path, caplo
     # without one, both sets are measured
     callback.on_train_epoch_end(trainer, module)
     assert [name for name, *_ in logged] == ["val/a_acc", "val/b_acc"]
+
+
+def test_lightnings_sync_dist_advice_is_not_printed_for_rank_zeros_verification_logs():
+    # rank 0 alone measures and logs val/<set>_acc: under DDP Lightning advised
+    # sync_dist=True at every epoch (which would wait for the ranks that log nothing).
+    # In a process of its own: pytest replaces the warning filters a module sets
+    import subprocess
+    import sys
+
+    advice = (
+        "It is recommended to use `self.log({!r}, ..., sync_dist=True)` when logging on epoch "
+        "level in distributed setting to accumulate the metric across devices."
+    )
+    code = (
+        "import warnings, facecluster.builders\n"
+        "from lightning.pytorch.utilities.warnings import PossibleUserWarning\n"
+        "for name in ('val/lfw_acc', 'val/cfp_fp_acc', 'train/loss'):\n"
+        f"    warnings.warn({advice!r}.format(name), PossibleUserWarning)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "'val/lfw_acc'" not in proc.stderr and "'val/cfp_fp_acc'" not in proc.stderr
+    assert advice.format("train/loss") in proc.stderr  # other names are still advised
