@@ -252,13 +252,26 @@ def _check_prerequisites(cfg: Config, folder: RunFolder) -> None:
 
 
 def _check_clusters_kept(cfg: Config, folder: RunFolder) -> None:
-    """Refuse to cluster again under sub-nets trained on the run's clusters: a
+    """Refuse to train stage 1 again under the run's clusters (its last.ckpt lost after
+    the clustering), or to cluster again under sub-nets trained on the run's clusters: a
     ``clusters.pt`` deleted while finished (or started) sub-nets remain was made anew,
     and the sub-nets were assembled over groups they never trained on (k-means on
     another machine, thread count or faiss version need not give the same groups).
     Named sub-nets (``stage2.subnets``) count too: their files stay until stage 2
     retrains them, and a ``stage=cluster``, a stop before stage 2 or a SLURM job that
     does not carry the names left them to be assembled over the new clusters."""
+    last = folder.last_checkpoint(1)
+    if folder.clusters_path.is_file() and not folder.has_stage_summary(1) and not last.is_file():
+        # stopped in stage 1's test, then last.ckpt lost: stage 1 trained again from epoch
+        # 0 under the clusters of the backbone it replaced (a review)
+        raise ConfigError(
+            f"{last} is missing, but stage 1 of {folder.path} has been clustered "
+            f"({folder.clusters_path.name}): training stage 1 again would give the sub-nets "
+            "another backbone than the clusters were made from. Restore last.ckpt from a "
+            f"copy of the run; or delete {folder.clusters_path} and {folder.path / 'stage2'} "
+            f"and resume, which trains stage 1 again and clusters it: "
+            f"`{resume_command(folder.path)}`"
+        )
     if not cfg.two_stage or cfg.stage == "1" or folder.clusters_path.is_file():
         return
     kept = sorted(set(folder.subnet_records()) | {k for g in folder.started_jobs() for k in g})

@@ -235,6 +235,25 @@ def test_a_stage_whose_last_checkpoint_is_gone_says_it_starts_over(tmp_path):
     ]
 
 
+def test_stage1_is_not_trained_again_under_its_clusters(tmp_path):
+    # stopped in stage 1's test (clusters.pt saved, no stage1.json), then last.ckpt lost:
+    # the resume trained stage 1 again from epoch 0 and kept the clusters of the backbone
+    # it replaced, for the sub-nets to start from the new one (a review)
+    from facecluster.pipeline import train
+
+    train(load_config(SMOKE, smoke_overrides(tmp_path, "stage=1", "logger=none")))
+    run = RunFolder(tmp_path / "run")
+    train(run.config_for_resume(str(run.path), ["stage=cluster", "logger=none"]))
+    run.stage_summary_path(1).unlink()
+    run.last_checkpoint(1).unlink()
+    clusters = run.clusters_path.read_bytes()
+    for stage in ("all", "1"):
+        with pytest.raises(ConfigError, match=r"last.ckpt is missing, but stage 1 of .* has been"):
+            train(run.config_for_resume(str(run.path), [f"stage={stage}", "logger=none"]))
+    assert run.clusters_path.read_bytes() == clusters
+    assert not run.last_checkpoint(1).exists() and not (run.path / "stage2").exists()
+
+
 def test_no_new_clustering_under_trained_subnets(run_dir):
     # a clusters.pt deleted under finished sub-nets was made again by k-means, and the
     # sub-nets assembled over groups they need not have trained on
