@@ -153,6 +153,13 @@ def export_run(
         )
     if out.is_dir():  # an export or enrolment there that died after its commit: completed
         finish_update(out)
+    if (out / BACKBONE_FILE).exists() and not (out / TORCH_FILE).is_file():
+        # weights of the user's (the file model.weights names, say); an export's killed
+        # as its files moved in was completed above
+        raise ValueError(
+            f"{out / BACKBONE_FILE} is not an export's (no {TORCH_FILE} beside it): export "
+            f"writes the stage-1 backbone there; export to a folder of its own"
+        )
 
     check_replaceable(out / ONNX_FOLDER)
     try:  # before the passes over the data, not after them

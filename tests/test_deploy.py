@@ -258,6 +258,13 @@ def test_the_export_holds_the_stage1_backbone_as_a_state_dict_model_weights_read
         torch.testing.assert_close(
             backbone(faces), identifier.router_backbone.eval()(faces), rtol=0, atol=0
         )
+    # a backbone.pth that is no export's (weights of the user's) is not written over
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "backbone.pth").write_bytes(b"arcface_torch's weights")
+    with pytest.raises(ValueError, match=r"backbone.pth is not an export's \(no identifier.pt"):
+        export_run(open_run, mine)
+    assert (mine / "backbone.pth").read_bytes() == b"arcface_torch's weights"
     # and a new run starts from it
     cfg = load_config(SMOKE, smoke_overrides(tmp_path, f"model.weights={exported}/backbone.pth"))
     started = starting_weights(cfg)
