@@ -804,8 +804,9 @@ class RunFolder:
                 "each identity"
             )
             raise ConfigError(
-                f"{self.path}: the data holds the run's identities, but other images: {said} "
-                "(images added to or removed from the data since the run), so its val and "
+                f"{self.path}: the data at {dm.hparams.root} holds the run's identities, but "
+                f"other images: {said} (images added to or removed from the data since the "
+                "run), so its val and "
                 "test splits would hold images the run trained on; point data.root at the "
                 "data the run trained on, as it was"
             )
@@ -824,20 +825,21 @@ class RunFolder:
                 counts.append(f"{split} {len(digests)} images, the run's {len(before)}")
         if counts:
             raise ConfigError(
-                f"{self.path}: the data holds the run's identities, but other images: its "
-                f"split gives {'; '.join(counts)} (images added to or removed from the "
-                "data since the run), so its val and test splits would hold images the "
-                "run trained on; "
-                "point data.root at the data the run trained on, as it was"
+                f"{self.path}: the data at {dm.hparams.root} holds the run's identities, but "
+                f"other images: its split gives {'; '.join(counts)} (images added to or "
+                "removed from the data since the run), so its val and test splits would "
+                "hold images the run trained on; point data.root at the data the run "
+                "trained on, as it was"
             )
         if differ:
             raise ConfigError(
-                f"{self.path}: the data holds the run's identities, but their images are "
-                "not split as the run's were (the same identities with their images in "
-                "another order, or other images: a `facecluster pack --shuffle` of the "
-                "folder the run trained on, another copy of the data set), so its val and "
-                "test splits would hold images the run trained on; point data.root at the "
-                "data the run trained on (a folder and its plain pack split alike)"
+                f"{self.path}: the data at {dm.hparams.root} holds the run's identities, but "
+                "their images are not split as the run's were (the same identities with "
+                "their images in another order, or other images: a `facecluster pack "
+                "--shuffle` of the folder the run trained on, another copy of the data "
+                "set), so its val and test splits would hold images the run trained on; "
+                "point data.root at the data the run trained on (a folder and its plain "
+                "pack split alike)"
             )
 
     def class_names(self) -> list[str]:
