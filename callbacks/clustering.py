@@ -39,8 +39,8 @@ from facecluster.clustering import (
     unit_rows,
 )
 from facecluster.data import FaceDataModule
-from facecluster.data.folder import shown_list
 from facecluster.data.transforms import normalize_images
+from facecluster.io import shown_list
 from facecluster.models.components.partial_fc import gather_to_first
 
 

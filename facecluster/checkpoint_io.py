@@ -26,7 +26,7 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from facecluster.io import atomic_torch_save, non_finite_keys
+from facecluster.io import atomic_torch_save, non_finite_keys, shown_list
 
 __all__ = ["AtomicCheckpointIO", "NonFiniteCheckpointError"]
 
@@ -63,7 +63,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if bad:
                 raise NonFiniteCheckpointError(
                     f"not writing {path}: {len(bad)} weight tensor(s) hold NaN/Inf "
-                    f"({', '.join(bad[:5])}); the previous checkpoint there is kept"
+                    f"({shown_list(bad)}); the previous checkpoint there is kept"
                 )
         if storage_options is not None or not _local(path):
             super().save_checkpoint(checkpoint, path, storage_options)

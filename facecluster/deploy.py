@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from facecluster.config import PROJECT_ROOT, Config, ConfigError, resolve_data_root
 from facecluster.data import IMAGE_EXTENSIONS, build_transforms, scan_image_folder, scored
-from facecluster.data.folder import shown_list, warn_ignored_files
+from facecluster.data.folder import warn_ignored_files
 from facecluster.data.images import DECODE_ERRORS, decode_image
 from facecluster.data.transforms import normalize_images
 from facecluster.inference import TwoStageIdentifier
@@ -53,9 +53,12 @@ from facecluster.io import (
     atomic_file,
     atomic_torch_save,
     check_can_write,
+    file_stamp,
     fsync_dir,
     load_plain,
+    pid_alive,
     replacing,
+    shown_list,
 )
 
 if TYPE_CHECKING:
@@ -539,11 +542,9 @@ def _stamp(out: Path) -> tuple[tuple[int, int, int] | None, ...]:
     stamps = []
     for name in (TORCH_FILE, f"{ONNX_FOLDER}/{ONNX_META}"):
         try:
-            s = os.stat(out / name)
+            stamps.append(file_stamp(out / name))
         except (FileNotFoundError, NotADirectoryError):
             stamps.append(None)
-        else:
-            stamps.append((s.st_size, s.st_mtime_ns, s.st_ino))
     return tuple(stamps)
 
 
@@ -642,19 +643,14 @@ def _read_only(fd: int) -> bool:
 def _written_by_a_live_process(folder: Path) -> bool:
     """Whether ``UPDATE.<pid>-<rand>.tmp`` is being written by a process that is still
     running here (another command's update, not one killed before its commit)."""
-    if not folder.name.endswith(".tmp") or os.name == "nt":
-        return False  # a .done: put in place already (Windows: os.kill is no test)
+    if not folder.name.endswith(".tmp"):
+        return False  # a .done: put in place already
     try:
         pid = int(folder.name[len(UPDATE) + 1 :].split("-")[0])
-        # 1: a container's entrypoint, killed; it is pid 1 again in the next container
-        if pid == 1:
-            return False
-        os.kill(pid, 0)
-    except PermissionError:  # another user's process
-        return True
-    except (ValueError, OSError):  # no such process
+    except ValueError:
         return False
-    return True
+    # 1: a container's entrypoint, killed; it is pid 1 again in the next container
+    return pid != 1 and pid_alive(pid)
 
 
 def _walk_images(folder: Path) -> tuple[list[Path], list[Path]]:

@@ -56,7 +56,13 @@ from facecluster.deploy import calibrate_run, resolve_device
 from facecluster.inference import Predictor, StageOneModel, TwoStageIdentifier
 from facecluster.inference.openset import fnir_at_fpir
 from facecluster.inference.verification import verify
-from facecluster.io import atomic_torch_save, check_can_write, load_plain, replacing_together
+from facecluster.io import (
+    atomic_torch_save,
+    check_can_write,
+    file_stamp,
+    load_plain,
+    replacing_together,
+)
 from facecluster.loggers import check_wandb_server, wandb_run
 from facecluster.models.components import load_backbone
 from facecluster.plots import alpha_plot, class_means_plot, top_m_plot
@@ -461,9 +467,8 @@ def _single_model_means(
     Glint360K's size a forward over 17M images), kept in ``eval/class_means.pt`` for
     the next evaluation of the same weights at the same precision, as a two-stage run
     keeps its own in ``clusters.pt``."""
-    checkpoint = run.last_checkpoint(1).stat()
     key = {
-        "checkpoint": [checkpoint.st_size, checkpoint.st_mtime_ns],
+        "checkpoint": list(file_stamp(run.last_checkpoint(1))),
         "precision": str(cfg.trainer.get("precision", "auto")),
         "device": bench.device.type,
     }

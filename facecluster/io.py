@@ -11,7 +11,9 @@ tensors of a checkpoint or an export that hold NaN or inf. ``load_plain`` is the
 facecluster reads a torch file: with ``weights_only=True``, so a file from someone
 else (an export, a run folder, an assignment) can hold only tensors, numbers,
 strings and containers of them, and a pickle that would run code is refused before
-anything in it runs.
+anything in it runs. ``file_stamp``, ``pid_alive`` and ``shown_list`` are the one
+way each module tells a file replaced, a process gone, and names many files in a
+message.
 Imports nothing of facecluster, so every package may use it.
 """
 
@@ -239,6 +241,35 @@ def check_can_write(folder: Path) -> None:
         tempfile.TemporaryFile(dir=target).close()
     except OSError as e:  # named by the folder, not by the probe's random name
         raise OSError(e.errno, e.strerror, str(target)) from None
+
+
+def file_stamp(path: str | os.PathLike[str]) -> tuple[int, int, int]:
+    """What tells file ``path`` replaced without reading it: its size, modification time
+    (ns) and inode (a copy that kept size and time has another inode)."""
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (another user's counts). Windows
+    cannot tell (``os.kill`` ends the process there): True, so nothing that may be
+    another process's is taken."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except OSError:  # ProcessLookupError
+        return False
+    return True
+
+
+def shown_list(names: list[str], limit: int = 5) -> str:
+    """The first ``limit`` of ``names`` (files, identities, keys), then how many there
+    are in all: the one way a message names many of them."""
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def non_finite_keys(tensors: dict[str, Any]) -> list[str]:

@@ -47,6 +47,7 @@ from facecluster.callbacks.interrupt import forget_sigterm, resume_hint, stoppin
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import COMMAND, Config, ConfigError, invalid, naming, resume_command
 from facecluster.data import FaceDataModule
+from facecluster.io import shown_list
 from facecluster.launch import (
     balanced_groups,
     check_local_jobs,
@@ -358,7 +359,7 @@ def _warn_starting_over(last: Path, what: str) -> None:
     (its trained epochs were lost without a word)."""
     kept = sorted(p.name for p in last.parent.glob("*.ckpt")) if last.parent.is_dir() else []
     if kept:
-        shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+        shown = shown_list(kept, 3)
         rank_zero_warn(
             f"{what}: {last} is missing, so it starts over at epoch 0, though {shown} "
             f"{'is' if len(kept) == 1 else 'are'} there: to continue from one, stop now and "

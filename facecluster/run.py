@@ -80,6 +80,7 @@ from facecluster.io import (
     check_archive,
     check_can_write,
     load_plain,
+    pid_alive,
     replacing,
 )
 from facecluster.models.base import CHECKPOINT_KEY
@@ -1458,12 +1459,8 @@ def _lock_is_stale(other: dict[str, Any], me: dict[str, Any]) -> bool:
         if not other.get("slurm_job") or same_job:
             return False
         return _slurm_job_gone(other["slurm_job"], cluster)
-    try:
-        os.kill(int(other["pid"]), 0)
-    except ProcessLookupError:
+    if not pid_alive(int(other["pid"])):
         return True
-    except PermissionError:
-        pass
     # a live pid, but another process than the lock's (a restarted container's pid 1)
     started, now = other.get("started"), _process_start(int(other["pid"]))
     return started is not None and now is not None and started != now

@@ -516,11 +516,12 @@ def test_accumulate_rejects_bad_input():
 def test_finalize_names_empty_classes():
     sums, counts = torch.zeros(5, 3), torch.zeros(5, dtype=torch.long)
     accumulate_class_sums(torch.randn(4, 3), torch.tensor([0, 2, 2, 4]), sums, counts)
-    with pytest.raises(ValueError, match=r"class ids \[1, 3\]"):
+    with pytest.raises(ValueError, match=r"class ids 1, 3$"):
         finalize_class_means(sums, counts)
     many = torch.zeros(30, 3), torch.zeros(30)
     with pytest.raises(
-        ValueError, match=r"30 of 30 classes.*\[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\] and 20 more"
+        ValueError,
+        match=r"30 of 30 classes.*ids 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, \.\.\. \(30 in all\)",
     ):
         finalize_class_means(*many)
 

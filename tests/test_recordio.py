@@ -1398,7 +1398,7 @@ def test_a_name_with_a_line_break_is_refused_before_packing_and_other_bytes_kept
     for name, source in zip(["Alice", "Bob\nSmith", "Carol"], sources, strict=True):
         shutil.copytree(source, root / name)
     out = tmp_path / "rec"
-    with pytest.raises(ValueError, match=r"line break cannot be packed \(1: 'Bob\\nSmith'\)"):
+    with pytest.raises(ValueError, match=r"line break cannot be packed \('Bob\\nSmith'\)"):
         pack_module.pack_folder(root, out)
     assert not out.exists() or not any(out.iterdir())
     assert pack_main([str(root), str(out)]) == 2

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from facecluster.io import shown_list
+
 __all__ = ["accumulate_class_sums", "embedding_class_sums", "finalize_class_means"]
 
 _ROWS = 65_536  # class rows per block of finalize_class_means
@@ -113,11 +115,9 @@ def finalize_class_means(
         raise ValueError(f"counts must be [C]={sums.shape[0]}, got shape {tuple(counts.shape)}")
     empty = (counts.to(sums.device) <= 0).nonzero().flatten()
     if empty.numel():
-        shown = empty[:10].tolist()
-        more = f" and {empty.numel() - len(shown)} more" if empty.numel() > len(shown) else ""
         raise ValueError(
             f"{empty.numel()} of {sums.shape[0]} classes have no embeddings, so they have no class "
-            f"mean: class ids {shown}{more}"
+            f"mean: class ids {shown_list([str(i) for i in empty.tolist()], 10)}"
         )
     # Divide and normalise in at least float64 when the sums are float64, so the
     # accumulated precision is not thrown away before the final cast; a block of rows

@@ -36,21 +36,13 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from facecluster.io import pid_alive
+
 __all__ = ["BatchBuffers", "PooledBatch"]
 
 _FREE, _DELIVERED = 0, -1  # a slot's owner: free, in use in the main process, or a pid
 
 _REGISTRY: weakref.WeakValueDictionary[str, BatchBuffers] = weakref.WeakValueDictionary()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _release(owner: np.ndarray, slot: int, pid: int) -> None:
@@ -144,7 +136,7 @@ class BatchBuffers:
                 for slot, owner in enumerate(self._owner_np.tolist()):
                     # a pid other than ours: claimed by a worker; one that has exited
                     # was shut down before the main process read that batch
-                    if owner == _FREE or (owner > 0 and owner != pid and not _alive(owner)):
+                    if owner == _FREE or (owner > 0 and owner != pid and not pid_alive(owner)):
                         self._owner_np[slot] = pid
                         return slot, self._images_np[slot, :n]
             finally:

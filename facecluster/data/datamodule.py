@@ -56,7 +56,6 @@ from facecluster.data.folder import (
     FaceFolder,
     Samples,
     scan,
-    shown_list,
     split_data,
     validate_fractions,
 )
@@ -74,6 +73,7 @@ from facecluster.data.images import (
 )
 from facecluster.data.recordio import RecordError, RecordFile
 from facecluster.data.transforms import FaceTransform, build_transforms, normalize_images
+from facecluster.io import shown_list
 
 __all__ = [
     "EvalShardSampler",

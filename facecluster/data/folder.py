@@ -40,7 +40,7 @@ from facecluster.data.recordio import (
     image_layout,
     rec_paths,
 )
-from facecluster.io import atomic_file
+from facecluster.io import atomic_file, shown_list
 
 logger = logging.getLogger(__name__)
 
@@ -333,12 +333,6 @@ def _deeper_hint(listings: dict[str, _Listing], name: str) -> str:
     return ""
 
 
-def shown_list(paths: list[str], limit: int = 5) -> str:
-    """The first ``limit`` of ``paths`` (or names), then how many there are in all."""
-    more = f", ... ({len(paths)} in all)" if len(paths) > limit else ""
-    return ", ".join(paths[:limit]) + more
-
-
 def warn_ignored_files(where: str, files: list[str]) -> None:
     """Warn, naming them, of the files under ``where`` that are not read as images
     (their names do not end in :data:`IMAGE_EXTENSIONS`): the training scan's and
@@ -574,7 +568,7 @@ def _select_identities(
         )
     dropped = order[~enough]
     if len(dropped):
-        shown = ", ".join(names[i] for i in dropped[:5]) + (", ..." if len(dropped) > 5 else "")
+        shown = shown_list([names[i] for i in dropped])
         logger.warning(
             "Dropped %d of %d identities with fewer than data.min_images_per_class=%d images: %s",
             len(dropped),

@@ -45,10 +45,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from facecluster.data.folder import IDENTITY_NAMES, FaceFolder, scan_image_folder, shown_list
+from facecluster.data.folder import IDENTITY_NAMES, FaceFolder, scan_image_folder
 from facecluster.data.images import image_damage
 from facecluster.data.recordio import RecordWriter, pack, rec_paths
-from facecluster.io import replacing_together
+from facecluster.io import replacing_together, shown_list
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def pack_folder(
     if broken:
         raise ValueError(
             f"{src}: identity folder names with a line break cannot be packed "
-            f"({len(broken)}: {', '.join(map(repr, broken[:3]))}); rename them"
+            f"({shown_list([repr(name) for name in broken], 3)}); rename them"
         )
     _check_empty_files(src, folder, skip_empty)
     out.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from facecluster.data.images import decode_image
-from facecluster.io import atomic_file
+from facecluster.io import atomic_file, file_stamp
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -1149,8 +1149,7 @@ def _stamp(records: RecordFile) -> dict:
     kept size and time has another inode), and the version of the pass."""
     stamp: dict = {"version": LABEL_PASS_VERSION}
     for part, path in (("rec", records.rec), ("idx", records.idx)):
-        stat = path.stat()
-        stamp[part] = [str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        stamp[part] = [str(path.resolve()), *file_stamp(path)]
     return stamp
 
 

@@ -56,7 +56,7 @@ from facecluster.inference.decision import (
 )
 from facecluster.inference.predictors import Predictor, count_parameters
 from facecluster.inference.router import NO_CLUSTER, Router, has_direction
-from facecluster.io import atomic_torch_save, load_plain, non_finite_keys
+from facecluster.io import atomic_torch_save, load_plain, non_finite_keys, shown_list
 from facecluster.models.components import load_backbone, shareable_stages
 
 if TYPE_CHECKING:
@@ -995,8 +995,7 @@ def check_parts(
             )
     bad = non_finite_keys({**dict(weights), **{f"heads.{k}": w for k, w in enumerate(heads)}})
     if bad:
-        more = ", ..." if len(bad) > 5 else ""
-        problems.append(f"{len(bad)} tensor(s) hold NaN or inf ({', '.join(bad[:5])}{more})")
+        problems.append(f"{len(bad)} tensor(s) hold NaN or inf ({shown_list(bad)})")
     if problems:
         raise ValueError("; ".join(problems))
 

@@ -45,7 +45,7 @@ from facecluster.inference.identifier import (
     refuses,
     reusable_index,
 )
-from facecluster.io import replacing, replacing_together
+from facecluster.io import replacing, replacing_together, shown_list
 
 ONNX_META = "identifier.json"
 """An ONNX export's names, settings and format, written last: its presence marks the
@@ -107,8 +107,8 @@ def check_replaceable(folder: str | Path) -> None:
         foreign = sorted(p.name for p in folder.iterdir() if not _WRITTEN.fullmatch(p.name))
         if foreign:
             raise ValueError(
-                f"{folder} holds files an ONNX export does not write ({', '.join(foreign[:5])}"
-                f"{', ...' if len(foreign) > 5 else ''}): it is replaced by each export, so "
+                f"{folder} holds files an ONNX export does not write ({shown_list(foreign)}): "
+                "it is replaced by each export, so "
                 "it is not deleted; move them or export to another folder"
             )
 
