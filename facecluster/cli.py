@@ -49,11 +49,12 @@ table, its CSV/JSON and plots are written to <run>/eval/.
 
 EXPORT_HELP = """Write a finished two-stage run as files to deploy (docs/DEPLOYMENT.md).
 
-    facecluster export runs/<run> exports/demo          # OUT/identifier.pt
+    facecluster export runs/<run> exports/demo          # OUT/identifier.pt, OUT/backbone.pth
     facecluster export runs/<run> exports/demo --onnx   # and OUT/onnx/: ONNX models + arrays
 
 OUT/identifier.pt holds plain tensors, numbers and strings only (read back with
-torch.load(weights_only=True)). --onnx adds the router backbone and every sub-net
+torch.load(weights_only=True)); OUT/backbone.pth is the stage-1 backbone's state
+dict (arcface_torch's layout for an IResNet). --onnx adds the router backbone and every sub-net
 as ONNX models, with the class means, head rows and cluster assignment in
 gallery.npz and the rest in identifier.json.
 """
