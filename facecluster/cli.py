@@ -232,6 +232,13 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     file=sys.stderr,
                 )
                 return 128 + signal.SIGINT
+            except (OSError, ValueError) as e:  # as evaluate.py says them: one line
+                print(
+                    f"error: {_said(e)}\nthe run has finished training: "
+                    f"`{COMMAND['evaluate']} run={result.run_dir}` evaluates it",
+                    file=sys.stderr,
+                )
+                return 2
             print(f"\nfacecluster run folder: {result.run_dir}")
     except ConfigError as e:
         return _fail(e)

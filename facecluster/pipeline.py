@@ -147,9 +147,19 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
             and cfg.stage2.subnets is None
             and not (cfg.two_stage and folder.missing_subnets(cfg.clustering.num_clusters))
         ):
+            try:  # what the evaluation (or the results table) reads: named in one line
+                folder.check_weights(cfg.two_stage)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"resume={folder.path} is finished, but {e}") from e
+            evaluates = cfg.eval.after_training
             rank_zero_info(  # it evaluated again, without a word
-                f"{folder.path} is finished: nothing to train; its test split is evaluated "
-                f"again (`{COMMAND['evaluate']} run={folder.path}` does only that)"
+                f"{folder.path} is finished: nothing to train; "
+                + (
+                    f"its test split is evaluated again (`{COMMAND['evaluate']} "
+                    f"run={folder.path}` does only that)"
+                    if evaluates
+                    else f"`{COMMAND['evaluate']} run={folder.path}` evaluates it"
+                )
             )
         check_local_jobs(cfg)  # local stage-2 jobs must fit this node
         # read whole: a broken set stops before the data scan and any training (a

@@ -1651,10 +1651,12 @@ def read_state(
     :func:`_read_json`'s).
 
     Raises:
-        ConfigError: the file, and why it cannot be read.
+        ConfigError: the file, and why it cannot be read (or that it is missing).
     """
     try:
         state = json.loads(path.read_text())
+    except FileNotFoundError:  # a raw "[Errno 2]" said nothing of the run folder
+        raise ConfigError(f"{path} is missing: the run folder is damaged; {advice}") from None
     except ValueError as e:  # UnicodeDecodeError too
         why = f"{type(e).__name__}: {e}"
     else:

@@ -832,6 +832,38 @@ def test_evaluate_names_a_damaged_checkpoint_in_one_line(finished_run, tmp_path,
     assert f"{last} is missing" in capsys.readouterr().err
 
 
+def test_resuming_a_finished_run_with_damaged_weights_names_the_file_in_one_line(
+    finished_run, tmp_path, capsys, caplog, monkeypatch
+):
+    # resume=<finished run> whose sub-net file was cut short ended in a traceback after
+    # "its test split is evaluated again"; without the evaluation it ended in exit 0
+    from facecluster import cli
+
+    copy = shutil.copytree(finished_run.run_dir, tmp_path / "copy")
+    subnet = copy / "stage2" / "subnets" / "subnet0.pt"
+    subnet.write_bytes(subnet.read_bytes()[:500])
+    for after in ("true", "false"):
+        assert cli.train_main([f"resume={copy}", f"eval.after_training={after}"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: resume={copy} is finished, but {subnet} (sub-net 0) cannot be" in err
+        assert len(err.strip().splitlines()) == 1, err
+    subnet.write_bytes((finished_run.run_dir / "stage2" / "subnets" / "subnet0.pt").read_bytes())
+    assert cli.train_main([f"resume={copy}", "eval.after_training=false"]) == 0
+    said = f"is finished: nothing to train; `python evaluate.py run={copy}` evaluates it"
+    assert said in caplog.text  # not "its test split is evaluated again"
+    # the evaluation after training fails on the run's files: one line, and how to go on
+    from facecluster import evaluation
+
+    def damaged(runs, *args):
+        raise OSError(f"{runs[0]}/eval cannot be read")
+
+    monkeypatch.setattr(evaluation, "evaluate_runs", damaged)
+    assert cli.train_main([f"resume={copy}", "eval.after_training=true"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {copy}/eval cannot be read\nthe run has finished training: " in err, err
+    assert f"`python evaluate.py run={copy}` evaluates it" in err and "Traceback" not in err
+
+
 def test_evaluating_several_runs_checks_every_runs_weights_first(
     finished_run, tmp_path, monkeypatch, capsys
 ):

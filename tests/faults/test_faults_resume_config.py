@@ -152,6 +152,10 @@ def test_damaged_state_files_are_named_and_a_subnet_without_weights_is_unfinishe
     run.stage_summary_path(1).write_text("null")
     with pytest.raises(ConfigError, match=r"stage1.json .*\(it holds null, not an object"):
         run.stage_summary(1)
+    # a file gone (class_names.json: evaluate.py said only "[Errno 2] No such file")
+    run.stage_summary_path(1).unlink()
+    with pytest.raises(ConfigError, match=r"stage1.json is missing: the run folder is damaged"):
+        run.stage_summary(1)
 
 
 def test_an_evaluation_may_not_change_what_the_run_trained(run_dir):
