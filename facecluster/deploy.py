@@ -423,11 +423,18 @@ def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -
     faces: dict[str, list[Path]] = {}
     for path, label in identities.samples:
         faces.setdefault(identities.class_names[label], []).append(Path(path))
-    # a person whose files are all empty was dropped by the scan, with a warning; one
-    # whose files cannot be decoded stops the enrolment (below): both are refused
+    # a person whose files are all empty, or who has no image file at all (.heic only,
+    # an empty folder), was dropped by the scan, with a warning; one whose files cannot
+    # be decoded stops the enrolment (below): all are refused (the others enrolled, a
+    # second enroll of the folder refused them as enrolled already)
     bare = {Path(p).relative_to(identities.root).parts[0] for p in identities.empty_files}
+    bare |= {Path(p).name for p in identities.empty_folders}
     if bare - faces.keys():
-        raise ValueError(f"{folder}/{min(bare - faces.keys())}: no decodable face image to enrol")
+        name = min(bare - faces.keys())
+        raise ValueError(
+            f"{folder}/{name}: no decodable face image to enrol (images end in "
+            f"{', '.join(IMAGE_EXTENSIONS)}); nothing is enrolled"
+        )
     identifier.check_new_names(list(faces))  # before any image is read
 
     def people() -> Iterator[tuple[str, torch.Tensor]]:  # one person's images at a time

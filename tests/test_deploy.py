@@ -1060,6 +1060,17 @@ def test_enrol_names_the_empty_image_files_it_leaves_out(tmp_path, caplog):
     # the scan's warning in enrolment's words (it named data.min_images_per_class=1)
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "Dropped 1 identity made only of zero-byte files: Bo" in warned
+    # a person with no image file at all (an empty folder, photos of a type not read)
+    # was skipped with a warning while the others were enrolled: a second enroll of the
+    # folder, photos added, was then refused as "enrolled already"
+    shutil.rmtree(tmp_path / "people" / "Bo")
+    for files in ([], ["a.heic", "notes.txt"]):
+        (tmp_path / "people" / "Cy").mkdir(exist_ok=True)
+        for name in files:
+            (tmp_path / "people" / "Cy" / name).write_bytes(b"x")
+        with pytest.raises(ValueError, match=r"people/Cy: no decodable face image to enrol"):
+            enroll_folder(tmp_path / "export", tmp_path / "people")
+        assert (tmp_path / "export" / "identifier.pt").read_bytes() == before
     assert "min_images_per_class" not in warned
 
 

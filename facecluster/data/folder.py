@@ -244,6 +244,8 @@ class FaceFolder:
         records_read: How many records the scan of a RecordIO file without identity
             records read as images or :attr:`unreadable_records` (0 otherwise): the whole
             file's, whatever identities were kept.
+        empty_folders: Identity folders holding no image file at all (an image folder's
+            scan warns of them; enroll refuses them: a person it would skip).
     """
 
     root: Path
@@ -255,6 +257,7 @@ class FaceFolder:
     or None for an image folder (the locators are file paths)."""
     unreadable_records: list[str] = field(default_factory=list)
     records_read: int = 0
+    empty_folders: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -534,7 +537,13 @@ def scan_image_folder(
     paths = [path for name in kept for path in found.pop(name)]
     del found
     samples = Samples(labels, paths=paths)
-    return FaceFolder(root=root, class_names=kept, samples=samples, empty_files=empty_files)
+    return FaceFolder(
+        root=root,
+        class_names=kept,
+        samples=samples,
+        empty_files=empty_files,
+        empty_folders=empty_folders,
+    )
 
 
 def _ranges(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
