@@ -52,6 +52,14 @@ TRAINER_COUNTS = {
     "min_steps": 0,
 }
 """Trainer counts checked at config time, with their least value (null: Lightning's default)."""
+TRAINER_FRACTIONS = (
+    "limit_train_batches",
+    "limit_val_batches",
+    "limit_test_batches",
+    "limit_predict_batches",
+    "val_check_interval",
+)
+"""Trainer settings that are a count of batches or a fraction of an epoch's."""
 TRAINER_SWITCHES = (
     "benchmark",
     "enable_progress_bar",
@@ -1077,6 +1085,21 @@ class Config:
             value = t.get(key)
             if value is not None and not isinstance(value, bool):
                 found.append(f"trainer.{key} must be true or false, got {value!r}")
+        # a string here was named only inside Lightning's TypeError, after every trainer
+        # setting ("'<' not supported between instances of 'str' and 'int'")
+        steps = t.get("max_steps")
+        if steps is not None and not (_whole(steps) and steps >= -1):
+            found.append(
+                f"trainer.max_steps must be a whole number >= -1 (-1: no limit), got {steps!r}"
+            )
+        for key in TRAINER_FRACTIONS:
+            value = t.get(key)
+            whole = _whole(value) and value >= 0
+            if value is not None and not (whole or (isinstance(value, float) and 0 <= value <= 1)):
+                found.append(
+                    f"trainer.{key} must be a count (a whole number >= 0) or a fraction in "
+                    f"[0, 1], got {value!r}"
+                )
         for key in self.trainer:
             if key in RESERVED_TRAINER_KEYS:
                 found.append(f"trainer.{key} is set by facecluster itself (see docs/CONFIG.md)")

@@ -497,12 +497,19 @@ def test_trainer_counts_and_switches_lightning_takes_unchecked_are_refused_at_lo
         "trainer.num_sanity_val_steps=-2": "num_sanity_val_steps must be a whole number >= -1",
         "trainer.sync_batchnorm=abc": "trainer.sync_batchnorm must be true or false, got 'abc'",
         "trainer.benchmark=abc": "trainer.benchmark must be true or false, got 'abc'",
+        # named only inside Lightning's TypeError, after every trainer setting
+        "trainer.max_steps=abc": "trainer.max_steps must be a whole number >= -1 (-1: no limit)",
+        "trainer.max_steps=-2": "trainer.max_steps must be a whole number >= -1",
+        "trainer.limit_train_batches=abc": "limit_train_batches must be a count (a whole number",
+        "trainer.limit_val_batches=-1": "trainer.limit_val_batches must be a count",
+        "trainer.val_check_interval=1.5": "fraction in [0, 1], got 1.5",
     }
     for override, expected in refused.items():
         with pytest.raises(ConfigError, match=re.escape(expected)):
             load_config(SMOKE, [override])
     fine = ["trainer.check_val_every_n_epoch=null", "trainer.num_sanity_val_steps=-1",
-            "trainer.benchmark=true", "trainer.log_every_n_steps=0"]  # fmt: skip
+            "trainer.benchmark=true", "trainer.log_every_n_steps=0",
+            "trainer.limit_val_batches=3", "trainer.val_check_interval=0.5"]  # fmt: skip
     assert load_config(SMOKE, fine).trainer["benchmark"] is True
 
 

@@ -1757,3 +1757,14 @@ def test_too_many_undecodable_records_name_offsets_and_say_to_pack_again(packed,
     files.mark(0, OSError("broken"))
     with pytest.raises(BadImageError, match=r"\(e.g. /faces/a/1.jpg\). Repair or remove them"):
         files.check(np.arange(2), 0.1, "train split")
+
+
+def test_a_negative_shuffle_seed_is_named_and_leaves_no_out(tmp_path, capsys):
+    # numpy's "expected non-negative integer" named no option, after OUT was made
+    with pytest.raises(SystemExit) as stopped:
+        pack_main([str(DEMO), str(tmp_path / "out"), "--shuffle", "--seed", "-5"])
+    assert stopped.value.code == 2
+    assert "argument --seed: must be >= 0, got -5" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        pack_module.pack_folder(DEMO, tmp_path / "api", shuffle=True, seed=-5)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "api").exists()

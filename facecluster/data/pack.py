@@ -132,13 +132,13 @@ def pack_folder(
             f"({shown_list([repr(name) for name in broken], 3)}); rename them"
         )
     _check_empty_files(src, folder, skip_empty)
-    out.mkdir(parents=True, exist_ok=True)
-    rec = out / "train.rec"
     # the order as sample indices (8 bytes an image): a list of (path, label) tuples
     # took about 190 bytes an image (8 GB for WebFace42M's 42.5M, computed; review)
     order = np.arange(len(folder.samples))
-    if shuffle:
+    if shuffle:  # before OUT is made: a seed numpy refuses left an empty OUT behind
         order = np.random.default_rng(seed).permutation(len(order))
+    out.mkdir(parents=True, exist_ok=True)
+    rec = out / "train.rec"
     height, width = _image_size(folder)
     # Every file is written under a temporary name and they replace OUT's together at
     # the end, once all are on disk, train.rec last: a pack cut short (Ctrl-C, a time
@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         help="pack without SRC's zero-byte image files (refused without it)",
     )
     args = parser.parse_args(argv)
+    if args.seed < 0:  # numpy said only "expected non-negative integer"
+        parser.error(f"argument --seed: must be >= 0, got {args.seed}")
     try:
         with _sigterm_unwinds():
             rec = pack_folder(
