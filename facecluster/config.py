@@ -1256,6 +1256,8 @@ def _where(e: OmegaConfBaseException) -> str:
 
 def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfig:
     """Merge with messages that name the key and suggest valid ones."""
+    for key, given in _switches_given_others(Config, other):  # OmegaConf took 2 for true
+        raise ConfigError(f"{source}: {key} must be true or false, got {given!r}")
     try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as e:
@@ -1340,6 +1342,28 @@ def _sections_given_values(
             yield from _sections_given_values(type(default), given, f"{prefix}{f.name}.")
         else:
             yield f"{prefix}{f.name}", type(default), given
+
+
+def _switches_given_others(
+    schema: type, values: Any, prefix: str = ""
+) -> Iterator[tuple[str, Any]]:
+    """Each true-or-false key of ``schema`` that ``values`` gives something else (a
+    number, a word), with that value: OmegaConf took ``eval.after_training=2`` for true
+    and ``0`` for false, where the trainer's switches are refused it."""
+    if isinstance(values, DictConfig):
+        values = OmegaConf.to_container(values, resolve=False)
+    if not isinstance(values, dict):
+        return
+    for f in fields(schema):
+        if f.name not in values:
+            continue
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        given = values[f.name]
+        if is_dataclass(default):
+            yield from _switches_given_others(type(default), given, f"{prefix}{f.name}.")
+        elif f.type == "bool" and given is not None and not isinstance(given, bool):
+            if not (isinstance(given, str) and given.startswith("${")):  # interpolation
+                yield f"{prefix}{f.name}", given
 
 
 def _containers_given_otherwise(base: DictConfig, other: DictConfig | dict) -> Iterator[tuple]:

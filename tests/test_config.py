@@ -852,3 +852,18 @@ def test_config_page_defaults_are_the_schemas():
                 if doc != value and not (value is None and doc is None):
                     wrong.append(f"{name}: the page says {text!r}, the schema {value!r}")
     assert checked > 90 and not wrong, wrong
+
+
+def test_a_true_or_false_setting_given_a_number_is_refused(tmp_path):
+    # OmegaConf took eval.after_training=2 and model.compile=2 for true, eval.plots=0 for
+    # false, in a YAML file too; the trainer's switches were already refused a string
+    for override, given in (("eval.after_training=2", "2"), ("eval.plots=0", "0")):
+        with pytest.raises(
+            ConfigError, match=rf"{override.split('=')[0]} must be true or false, got {given}$"
+        ):
+            load_config(SMOKE, [override])
+    (tmp_path / "c.yaml").write_text("model:\n  compile: 1\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: model.compile must be true or false, got 1"):
+        load_config([SMOKE, tmp_path / "c.yaml"])
+    fine = load_config(SMOKE, ["eval.plots=false", "model.compile=true"])
+    assert fine.eval.plots is False and fine.model.compile is True
