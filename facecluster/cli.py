@@ -299,6 +299,10 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
         parser.error(f"give at least one run=<run dir>{hint}")
     if not all(r.strip() for r in runs):  # "" is the working dir, read as a run
         parser.error("run= names no folder: give run=<run dir>")
+    real = [os.path.realpath(os.path.expanduser(r)) for r in runs]
+    if twice := next((r for i, r in enumerate(runs) if real[i] in real[:i]), None):
+        # it evaluated the run again and printed its rows twice
+        parser.error(f"run={twice} names a run given already: give each run once")
     from facecluster.config import ConfigError, missing_path, not_a_run
 
     # before torch and Lightning (about 5 s): a mistyped path, or an export's folder,

@@ -682,7 +682,8 @@ def _walk_images(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 def image_files(sources: Sequence[str | Path]) -> list[Path]:
-    """The image files named, folders searched recursively (sorted), in the order given.
+    """The image files named, folders searched recursively (sorted), in the order given,
+    each once (a file named and found in a folder named too: one CSV row, not two).
     A folder's other files (``.tif``, ``.gif``: what training and enroll do not read
     either) are left out with a warning naming them, as enroll's is."""
     files: list[Path] = []
@@ -700,7 +701,12 @@ def image_files(sources: Sequence[str | Path]) -> list[Path]:
             files.append(source)
         else:
             raise FileNotFoundError(f"{source} does not exist")
-    return files
+    unique, seen = [], set()
+    for f in files:
+        if os.path.abspath(f) not in seen:
+            seen.add(os.path.abspath(f))
+            unique.append(f)
+    return unique
 
 
 def _batches(

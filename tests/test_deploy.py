@@ -1198,6 +1198,8 @@ def test_identify_names_the_files_of_a_folder_it_leaves_out(tmp_path, caplog):
     assert [r["path"] for r in csv.DictReader(out.open(encoding="utf-8"))] == [
         str(photos / "face.jpg")
     ]
+    # an image named and found in a folder named too got two rows
+    assert identify_files(tmp_path / "export", [photos, photos / "face.jpg"], out) == 1
 
 
 def test_identify_writes_a_face_the_model_cannot_embed_as_failed_naming_it(

@@ -959,6 +959,11 @@ def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(
 ):
     assert evaluate.main([f"run={finished_run}", "eval.plots=false", "eval.timing_batches=1"]) == 0
     assert "clustered, all sub-nets (ISM)" in capsys.readouterr().out
+    # a run named twice was evaluated twice, its rows printed twice
+    with pytest.raises(SystemExit) as refused:
+        evaluate.main([f"run={finished_run}", f"run={finished_run}/"])
+    assert refused.value.code == 2
+    assert f"run={finished_run}/ names a run given already" in capsys.readouterr().err
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "config.yaml").write_text((finished_run / "config.yaml").read_text())
