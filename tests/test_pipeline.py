@@ -12,6 +12,7 @@ import shutil
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from facecluster.builders import check_trainer
@@ -177,6 +178,26 @@ def test_last_ckpt_holds_the_final_epoch_of_each_stage(finished_run, tmp_path):
         assert torch.equal(weights.head, final[f"heads.{k}.weight"])
         for name, value in weights.backbone.items():
             assert torch.equal(value, final[f"subnets.{k}.{name}"]), name
+    # what evaluation and export run on: the identifier built from the run, each sub-net
+    # k with sub-net k's own network and head rows (a sub-net wired to another's
+    # weights still answered, only worse), the router with stage 1's backbone
+    from facecluster.builders import build_datamodule
+    from facecluster.data.transforms import normalize_images
+    from facecluster.inference import TwoStageIdentifier
+
+    ident = TwoStageIdentifier.from_run(run).eval()
+    trained, stage1 = finished_run.subnets.eval(), finished_run.backbone.eval()
+    images, _ = next(iter(build_datamodule(run.finished_config()).test_dataloader()))
+    x = normalize_images(images)
+    assert ident.shared_layers == 0 and ident.num_clusters == 3
+    with torch.no_grad():
+        assert torch.allclose(ident.router_backbone(x), stage1(x), rtol=0, atol=1e-6)
+        for k in range(3):
+            mine = trained.subnets[str(k)](x)
+            assert torch.allclose(ident.subnets[k](x), mine, rtol=0, atol=1e-6), k
+            rows = F.normalize(trained.heads[str(k)].weight.detach().float(), dim=1)
+            assert ident.head_rows(k).shape == rows.shape, k
+            assert torch.allclose(ident.head_rows(k), rows, rtol=0, atol=1e-6), k
 
 
 def test_every_checkpoint_carries_the_resolved_config(finished_run):
@@ -239,11 +260,12 @@ def test_held_out_accuracy_is_reported_for_stage1_and_every_subnet(finished_run)
 
     r = finished_run.results
     stage1, net = finished_run.backbone.eval(), finished_run.subnets.eval()
-    hits, correct, total = 0, [0] * 3, [0] * 3
+    hits, correct, total, seen = 0, [0] * 3, [0] * 3, []
     dm = build_datamodule(RunFolder(finished_run.run_dir).finished_config())
     with torch.no_grad():
         for images, labels in dm.test_dataloader():
             x, home = normalize_images(images), net.class_to_cluster[labels]
+            seen.append(labels)
             hits += int((stage1.head.predict(stage1(x)) == labels).sum())
             for k in range(3):
                 mine = home == k
@@ -256,6 +278,20 @@ def test_held_out_accuracy_is_reported_for_stage1_and_every_subnet(finished_run)
         k = s["cluster"]
         assert s["test_images"] == total[k]
         assert s["accuracy"] == pytest.approx(correct[k] / total[k], abs=1e-6), k
+    # the sub-nets together: every test face scored once, by its own cluster's sub-net
+    # (weighted by images, not a mean of the sub-nets' accuracies)
+    assert r["subnets_oracle_accuracy"] == pytest.approx(sum(correct) / sum(total), abs=1e-6)
+    # the most-frequent-identity bar: of all test faces, and of each cluster's own
+    labels = torch.cat(seen)
+    home = net.class_to_cluster[labels]
+    assert r["stage1"]["majority"] == pytest.approx(
+        int(torch.bincount(labels).max()) / len(labels), abs=1e-12
+    )
+    for s in r["subnets"]:
+        mine = labels[home == s["cluster"]]
+        assert s["majority"] == pytest.approx(
+            int(torch.bincount(mine).max()) / len(mine), abs=1e-12
+        ), s["cluster"]
     assert "stage-1 single model" in finished_run.table
 
 
