@@ -4,6 +4,7 @@ evaluate.py end to end on a tiny finished run."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import json
 import logging
@@ -629,17 +630,29 @@ def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):
     from facecluster.builders import build_datamodule
     from facecluster.data.transforms import normalize_images
 
+    # top-1: the routed answers (route.top_m, the fitted decision unit) and the stage-1
+    # head's best row that equal the face's identity, counted here (a table that showed
+    # another figure under top-1 passed)
+    cfg = RunFolder(finished_run).finished_config()
     ident = TwoStageIdentifier.from_run(finished_run).eval()
-    found = faces = 0
+    head = F.normalize(RunFolder(finished_run).stage1_weights().head.float(), dim=1)
+    found = faces = right = stage1_right = 0
     with torch.no_grad():
         for images, labels in build_datamodule(
-            RunFolder(finished_run).finished_config()
+            cfg, eval_batch_size=cfg.eval.batch_size
         ).test_dataloader():
-            clusters = ident.router.route(ident.embed(normalize_images(images)), 1)
+            x = normalize_images(images)
+            embedded = ident.embed(x)
+            clusters = ident.router.route(embedded, 1)
             found += int(ident.assignment.contains(labels[:, None], clusters).any(dim=1).sum())
+            right += int((ident.identify(x).answer(None) == labels).sum())
+            stage1_right += int(((embedded @ head.T).argmax(dim=1) == labels).sum())
             faces += len(labels)
     assert routed.routing_accuracy == pytest.approx(found / faces, abs=1e-12)
     assert 0 < found < faces  # at this size the router misses some faces, not all
+    assert routed.top1 == pytest.approx(right / faces, abs=1e-12)
+    assert models[2] == "stage-1 model (one head)"
+    assert report.rows[2].top1 == pytest.approx(stage1_right / faces, abs=1e-12)
     # every cluster searched: every face's own among them
     assert report.top_m_sweep[-1]["routing_accuracy"] == 1.0
     out = finished_run / "eval"
@@ -653,6 +666,47 @@ def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):
     ):
         assert (out / name).is_file(), name
     assert json.loads((out / "results.json").read_text())["rows"][0]["model"] == models[0]
+
+    # results.md and results.csv: each cell, read by its column's name, is the report's
+    # figure under that name (a figure written under another column's name passed)
+    def cells(line):
+        return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+    header, _, *body = [cells(line) for line in (out / "results.md").read_text().splitlines()]
+    table = [dict(zip(header, line, strict=True)) for line in body]
+    with open(out / "results.csv", newline="") as f:
+        saved = list(csv.DictReader(f))
+    assert len(table) == len(saved) == len(report.rows)
+    assert not any(column.startswith("FNIR") for column in header)  # a closed-set run
+    for row, md, flat in zip(report.rows, table, saved, strict=True):
+        spread = row.throughput_spread
+        shown = {
+            "run": row.run,
+            "model": row.model,
+            "top-1": f"{row.top1:.2%}",
+            "macro P": f"{row.precision:.2%}",
+            "macro R": f"{row.recall:.2%}",
+            "macro F1": f"{row.f1:.2%}",
+            "routing acc": "" if row.routing_accuracy is None else f"{row.routing_accuracy:.2%}",
+            "sub-net fwd/img": f"{row.subnet_forwards:g}",
+            f"img/s @{report.batch_size}": f"{row.throughput:.0f}"
+            + ("" if spread is None else f" ±{spread:.0%}"),
+            "ms @1": f"{row.latency_ms:.1f}",
+            "params": f"{row.params / 1e6:.2f}M",
+        }
+        for column in header:
+            if column.endswith(" verif."):
+                value = row.verification.get(column.removesuffix(" verif."))
+                shown[column] = "" if value is None else f"{value:.2%}"
+        assert md == shown, row.model
+        # the CSV: every figure as str() writes it (exact), "" for None and for a field
+        # only other rows have
+        fields = dataclasses.asdict(row)
+        assert fields.pop("fnir") == {}
+        fields.update({f"{k}_verification": v for k, v in fields.pop("verification").items()})
+        assert set(fields) <= set(flat)
+        written = {k: "" if v is None else str(v) for k, v in fields.items()}
+        assert flat == {**dict.fromkeys(flat, ""), **written}, row.model
     # a write that fails half-way (a full disk) leaves the last complete results, all three
     before = {p.name: p.read_bytes() for p in out.glob("results.*")}
     run = RunFolder(finished_run)
