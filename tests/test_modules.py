@@ -326,8 +326,33 @@ def test_lr_schedule_warms_up_then_decays(scheduler):
         assert tail[-1] == 1.0
     else:
         assert tail[-1] == pytest.approx(0.1)
+    # half-way through the decay (step 55 of warm-up 10 + 90): each shape's own value
     if scheduler == "cosine":
         assert lr_factor(55, total, warmup, optim) == pytest.approx(0.1 + 0.9 * 0.5)
+    if scheduler == "poly":  # floor + (1 - floor) * (1 - progress) ** poly_power
+        assert lr_factor(55, total, warmup, optim) == pytest.approx(0.1 + 0.9 * 0.5**2.0)
+        cubic = dict(optim, poly_power=3.0)
+        assert lr_factor(55, total, warmup, cubic) == pytest.approx(0.1 + 0.9 * 0.5**3.0)
+
+
+def test_adamw_is_built_with_the_configured_betas_and_each_groups_weight_decay():
+    decayed, exempt = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))
+    groups = [
+        {"params": [decayed], "weight_decay": 5e-4},
+        {"params": [exempt], "weight_decay": 0.0},
+    ]
+    optim = dict(OPTIM, name="adamw", lr=0.01, betas=(0.8, 0.95))
+    optimizer = build_optimizer(groups, optim)
+    assert type(optimizer) is torch.optim.AdamW
+    assert [g["betas"] for g in optimizer.param_groups] == [(0.8, 0.95)] * 2
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [5e-4, 0.0]
+    assert [g["lr"] for g in optimizer.param_groups] == [0.01] * 2
+    sgd = build_optimizer(groups, OPTIM)
+    assert type(sgd) is torch.optim.SGD
+    assert [(g["momentum"], g["weight_decay"]) for g in sgd.param_groups] == [
+        (0.9, 5e-4),
+        (0.9, 0.0),
+    ]
 
 
 def test_scheduler_steps_per_optimizer_step():
