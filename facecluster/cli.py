@@ -359,6 +359,12 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         help="where the run's data is now, if it moved since training (the run's "
         "data.root is used otherwise)",
     )
+    parser.add_argument(
+        "--drop-enrolled",
+        action="store_true",
+        help="replace an OUT that holds identities enrolled into it (refused without it: "
+        "the export is made from the run, which does not have them)",
+    )
     args = parser.parse_args(argv)
     if not 0.0 <= args.fpir < 1.0:
         parser.error(f"--fpir must be in [0, 1), got {args.fpir}")
@@ -379,6 +385,7 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             fpir=args.fpir,
             device=args.device,
             data_root=args.data_root,
+            drop_enrolled=args.drop_enrolled,
         )
     except (ConfigError, OSError, ValueError, ImportError, BadImageError) as e:  # OSError:
         return _fail(_said(e))  # OUT unwritable, or a full disk

@@ -92,9 +92,14 @@ def export_run(
     fpir: float = 0.01,
     device: str = "auto",
     data_root: str | Path | None = None,
+    drop_enrolled: bool = False,
 ) -> list[Path]:
     """Write ``out/identifier.pt`` and ``out/backbone.pth`` (the stage-1 backbone's state
     dict) from a finished two-stage run (and ``out/onnx``).
+
+    An export is made from the run: identities enrolled into ``out`` are not in it. An
+    ``out`` holding such identities is refused before any work unless ``drop_enrolled``
+    (one enrolled while this export runs is replaced, with a warning naming it).
 
     An open-set run (``data.unseen_fraction > 0``) also gets its "unknown"
     threshold: the routed answer's similarity at which ``fpir`` of the validation
@@ -106,8 +111,9 @@ def export_run(
 
     Raises:
         ConfigError: the data is missing, or is not the run's.
-        ValueError: the run is a single-model run (no sub-nets to export), or a device
-            this machine lacks.
+        ValueError: the run is a single-model run (no sub-nets to export), a device
+            this machine lacks, or ``out`` holds enrolled identities (without
+            ``drop_enrolled``).
         ImportError: ``onnx`` without the onnx extra (before any work).
     """
     from facecluster.builders import build_datamodule  # Lightning: only for the export
@@ -165,6 +171,15 @@ def export_run(
         )
 
     check_replaceable(out / ONNX_FOLDER)
+    enrolled = _enrolled_only(out, folder.class_names())
+    if enrolled and not drop_enrolled:  # replaced after a warning: a gallery lost people
+        raise ValueError(
+            f"{out} holds {len(enrolled)} identit{'y' if len(enrolled) == 1 else 'ies'} "
+            f"enrolled into it that the run does not have ({shown_list(enrolled)}), which "
+            "an export of the run would replace: export to another folder, or pass "
+            f"--drop-enrolled to replace them (and enrol them again with `facecluster "
+            f"enroll {out} <folder>`)"
+        )
     try:  # before the passes over the data, not after them
         check_can_write(out)
     except OSError as e:
@@ -192,7 +207,12 @@ def export_run(
             "data.unseen_fraction measures it",
             fpir, len(unseen.dataset), math.ceil(1 / fpir - 1e-9),
         )  # fmt: skip
-    _warn_dropped_names(out, identifier.class_names)
+    if dropped := _enrolled_only(out, identifier.class_names):
+        logger.warning(
+            "%s held %d identit%s that the run does not have (enrolled into it): %s. The new "
+            "export replaces them; enrol them again with `facecluster enroll %s <folder>`",
+            out, len(dropped), "y" if len(dropped) == 1 else "ies", shown_list(dropped), out,
+        )  # fmt: skip
     calibrate_run(identifier, folder, cfg, dm)
     if unseen is not None:
         identifier.open_set = unknown_threshold(identifier, unseen, fpir)
@@ -222,10 +242,10 @@ def export_run(
     return [out / path.relative_to(new) for path in written]
 
 
-def _warn_dropped_names(out: Path, names: Sequence[str]) -> None:
-    """Warn, naming them, of the identities an export in ``out`` holds that ``names``
-    (the run's) lack: those enrolled into it, which the new export replaces (it said
-    nothing: a gallery that silently lost people)."""
+def _enrolled_only(out: Path, names: Sequence[str]) -> list[str]:
+    """The identities an export in ``out`` holds that ``names`` (the run's) lack: those
+    enrolled into it, which a new export of the run replaces ([] where ``out`` holds no
+    export; a damaged one, replaced whole, is said)."""
     try:
         if (out / TORCH_FILE).is_file():
             payload = load_plain(out / TORCH_FILE, "cpu", "exported identifier", mmap=True)
@@ -233,18 +253,12 @@ def _warn_dropped_names(out: Path, names: Sequence[str]) -> None:
         elif (out / ONNX_FOLDER / ONNX_META).is_file():
             held = json.loads((out / ONNX_FOLDER / ONNX_META).read_text())["class_names"]
         else:
-            return
+            return []
     except Exception as e:  # a damaged export is replaced whole: said, not fatal
         logger.warning("%s: its identities could not be read (%s); it is replaced", out, e)
-        return
+        return []
     run = set(names)
-    dropped = [name for name in held if name not in run]
-    if dropped:
-        logger.warning(
-            "%s held %d identit%s that the run does not have (enrolled into it): %s. The new "
-            "export replaces them; enrol them again with `facecluster enroll %s <folder>`",
-            out, len(dropped), "y" if len(dropped) == 1 else "ies", shown_list(dropped), out,
-        )  # fmt: skip
+    return [name for name in held if name not in run]
 
 
 @torch.inference_mode()

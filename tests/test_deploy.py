@@ -453,7 +453,7 @@ def test_a_re_export_that_fails_midway_leaves_the_earlier_export(open_run, expor
 
 
 @pytest.mark.slow
-def test_enrolling_new_identities_without_retraining(open_run, exported, tmp_path, caplog):
+def test_enrolling_new_identities_without_retraining(open_run, exported, tmp_path, caplog, capsys):
     model = tmp_path / "model"
     shutil.copytree(exported, model)
     before = load_export(model, "torch", "cpu")
@@ -508,10 +508,17 @@ def test_enrolling_new_identities_without_retraining(open_run, exported, tmp_pat
     # a name that is enrolled already is refused, and nothing is written
     assert cli.main(["enroll", str(model), str(people)]) == 2
     assert load_export(model, "torch", "cpu").class_names == torch_ident.class_names
-    # exporting the run again over it replaces the enrolled people: said, naming them
-    # (the gallery lost them silently; a review of the deploy side)
+    # exporting the run again over it would replace the enrolled people: refused, naming
+    # them, before any work (it replaced them after a warning, a gallery that lost people;
+    # a bad-input review), unless asked for
+    kept = (model / "identifier.pt").read_bytes()
+    assert cli.main(["export", str(open_run), str(model)]) == 2
+    err = capsys.readouterr().err
+    assert f"{model} holds {len(unseen)} identities enrolled into it that the run does not" in err
+    assert all(name in err for name in unseen) and "pass --drop-enrolled to replace" in err
+    assert (model / "identifier.pt").read_bytes() == kept
     with caplog.at_level(logging.WARNING):
-        export_run(open_run, model)
+        export_run(open_run, model, drop_enrolled=True)
     assert f"{model} held {len(unseen)} identities that the run does not have" in caplog.text
     assert all(name in caplog.text for name in unseen)
     assert f"facecluster enroll {model} <folder>" in caplog.text
