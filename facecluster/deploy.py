@@ -146,6 +146,14 @@ def export_run(
         )
     if (out / TORCH_FILE).is_dir():
         raise ValueError(f"{out / TORCH_FILE} is a folder: export writes the identifier there")
+    data = resolve_data_root(cfg.data.root).absolute()
+    if data.is_dir() and data in (out.absolute(), *out.absolute().parents):
+        # the next scan of the data took it for an identity folder (warned of as one
+        # holding no images), or for one more person where it held an image
+        raise ValueError(
+            f"{out} is inside the run's data.root ({data}), where the next training or "
+            "evaluation would read it as an identity's folder: export to a folder of its own"
+        )
     if (out / "config.yaml").is_file():  # identify would answer with this run for that one
         raise ValueError(
             f"{out} is a training run folder (it holds config.yaml): export to a folder of "

@@ -1028,6 +1028,14 @@ def test_export_never_deletes_an_onnx_folder_it_did_not_write(open_run, exported
         with pytest.raises(ValueError, match=r"is a training run folder \(it holds config.yaml\)"):
             export_run(open_run, run)
         assert not (run / "identifier.pt").exists()
+    # a folder inside the run's data.root: the next scan read it as an identity's
+    inside = DEMO / "exports" / "demo"
+    try:
+        with pytest.raises(ValueError, match=r"is inside the run's data.root \("):
+            export_run(open_run, inside)
+        assert not (DEMO / "exports").exists()
+    finally:
+        shutil.rmtree(DEMO / "exports", ignore_errors=True)
     # an earlier export of a run (what the folder holds, and its temporary files) is replaced
     again = tmp_path / "again"
     shutil.copytree(exported, again)
