@@ -44,6 +44,7 @@ from facecluster.config import PROJECT_ROOT, Config, ConfigError, resolve_data_r
 from facecluster.data import IMAGE_EXTENSIONS, build_transforms, scan_image_folder, scored
 from facecluster.data.folder import warn_ignored_files
 from facecluster.data.images import DECODE_ERRORS, decode_image
+from facecluster.data.recordio import rec_paths
 from facecluster.data.transforms import normalize_images
 from facecluster.inference import TwoStageIdentifier
 from facecluster.inference.identifier import FAILED, OPEN_SET_SCORE, UNKNOWN, unpack_names
@@ -147,7 +148,8 @@ def export_run(
     if (out / TORCH_FILE).is_dir():
         raise ValueError(f"{out / TORCH_FILE} is a folder: export writes the identifier there")
     data = resolve_data_root(cfg.data.root).absolute()
-    if data.is_dir() and data in (out.absolute(), *out.absolute().parents):
+    images = data.is_dir() and rec_paths(data) is None  # a .rec's folder: no scan to mislead
+    if images and data in (out.absolute(), *out.absolute().parents):
         # the next scan of the data took it for an identity folder (warned of as one
         # holding no images), or for one more person where it held an image
         raise ValueError(
