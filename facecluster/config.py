@@ -896,8 +896,11 @@ class Config:
         found += self.stage1.problems("stage1.") + self.stage2.problems("stage2.")
         for section in (self.route, self.eval, self.wandb, self.slurm):
             found += section.problems()
-        found += _not_finite(self)
-        return found + self._across_sections() + self._trainer_problems()
+        # a NaN or inf is said once, as that (it also failed "> 0" or "in [0, 1]")
+        not_finite = _not_finite(self)
+        keys = {problem.split()[0] for problem in not_finite}
+        found = [p for p in found if re.split(r"[ =]", p, maxsplit=1)[0] not in keys]
+        return found + not_finite + self._across_sections() + self._trainer_problems()
 
     def _across_sections(self) -> list[str]:
         found = []

@@ -271,12 +271,16 @@ def test_a_refused_cluster_count_is_one_error_not_three():
         ("stage1.optim.poly_power=.inf", "stage1.optim.poly_power must be a finite number"),
         ("head.s=nan", "head.s must be a finite number, got nan"),
         ("stage1.optim.warmup_epochs=nan", "stage1.optim.warmup_epochs must be a finite"),
+        ("stage1.optim.lr=nan", "stage1.optim.lr must be a finite number, got nan"),
+        ("route.alpha=nan", "route.alpha must be a finite number, got nan"),
     ],
 )
 def test_values_refused_only_later_or_never_are_refused_at_load(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(SMOKE, [override])
     assert expected in str(err.value)
+    # one problem, said once (a NaN was also "must be > 0, got nan")
+    assert str(err.value).count(override.split("=")[0]) == 1, str(err.value)
 
 
 def _choices(key: str) -> list[str]:
