@@ -180,6 +180,9 @@ def test_lfw_verification_during_stage1_and_in_the_evaluation_table(tmp_path, mo
     with pytest.raises(ValueError, match=r"single-model run \(method=single\)"):
         export_run(single, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+    # route.* on a single-model run was accepted, and its table had no routed row
+    with pytest.raises(ConfigError, match=r"route.top_m=2: a single-model run \(method=single"):
+        evaluate_run(single, ["route.top_m=2"])
 
 
 LFW_SET = '"data.verification=[../shared/datasets/lfw-112/pairs.txt]"'
