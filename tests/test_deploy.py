@@ -520,6 +520,23 @@ def test_enrolling_new_identities_without_retraining(open_run, exported, tmp_pat
     # both runtimes answer alike on the new identities' other faces
     images = normalize_images(torch.stack([decode_image(str(p)) for p in held_out[name]]))
     assert torch.equal(torch_ident.identify(images).identity, onnx_ident.identify(images).identity)
+    # an enrolled person is identified as themselves. This tiny run's embeddings are
+    # too weak for a person's other faces (or even most of their enrolment faces) to
+    # be told apart, but a face enrolled alone is its identity's class mean and head
+    # row exactly: identify, reading the export from disk, names that person on it,
+    # known, on both runtimes
+    alone, one_face = tmp_path / "alone", tmp_path / "one_face"
+    shutil.copytree(exported, alone)
+    for person in unseen:
+        (one_face / person).mkdir(parents=True)
+        shutil.copy(held_out[person][0], one_face / person / "face.jpg")
+    enroll_folder(alone, one_face)
+    faces = [one_face / person / "face.jpg" for person in sorted(unseen)]
+    for runtime in ("torch", "onnx"):
+        identify_files(alone, faces, tmp_path / "alone.csv", runtime=runtime)
+        with open(tmp_path / "alone.csv") as f:
+            answers = [(row["identity"], row["status"]) for row in csv.DictReader(f)]
+        assert answers == [(person, "known") for person in sorted(unseen)], runtime
     # a name that is enrolled already is refused, and nothing is written
     assert cli.main(["enroll", str(model), str(people)]) == 2
     assert load_export(model, "torch", "cpu").class_names == torch_ident.class_names
