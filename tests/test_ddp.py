@@ -4,6 +4,7 @@ resume on another device count, and the class means equal a single-process pass.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -309,3 +310,9 @@ def test_a_run_resumes_and_evaluates_on_another_device_count(tmp_path):
     report = evaluate_run(run_dir, ["eval.plots=false", "eval.timing_batches=1"])
     assert len(report.rows) == 4 and all(0.0 <= r.top1 <= 1.0 for r in report.rows)
     assert report.rows[0].routing_accuracy is not None
+    # one process's evaluation of the stage-1 head is the test accuracy the two
+    # processes measured at the end of training (same weights, same test split: no
+    # face repeated or left out by the split over processes)
+    stage1 = [r for r in report.rows if r.model == "stage-1 model (one head)"]
+    recorded = json.loads((run_dir / "results.json").read_text())["stage1"]["accuracy"]
+    assert len(stage1) == 1 and stage1[0].top1 == pytest.approx(recorded, abs=1e-6)
