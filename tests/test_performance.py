@@ -138,7 +138,14 @@ def test_compile_and_channels_last_keep_weights_names_and_outputs():
     torch.manual_seed(0)
     fast = BackboneSystem(num_classes=5, **module_args(fast_cfg, 1))
     fast.configure_model()
+    # every backbone is compiled in place (nn.Module.compile sets the call that
+    # forward goes through), the plain model's not
+    backbones = list(fast.backbones())
+    compiled = [backbone._compiled_call_impl for backbone in backbones]
+    assert backbones and all(call is not None for call in compiled)
+    assert all(backbone._compiled_call_impl is None for backbone in plain.backbones())
     fast.configure_model()  # a second Trainer entry applies nothing twice
+    assert [backbone._compiled_call_impl for backbone in backbones] == compiled
     assert list(fast.state_dict()) == list(plain.state_dict())  # checkpoints unchanged
     convs = [p for p in fast.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
