@@ -296,9 +296,17 @@ def test_held_out_accuracy_is_reported_for_stage1_and_every_subnet(finished_run)
 
 
 def test_an_existing_run_folder_is_not_overwritten(finished_run):
-    cfg = load_config(SMOKE, smoke_overrides(finished_run.run_dir.parent))
+    # refused, and nothing under the output folder is written, added or removed: every
+    # file byte for byte, every folder, hidden ones too
+    out = finished_run.run_dir.parent
+    before = {p: p.read_bytes() if p.is_file() else None for p in out.rglob("*")}
+    assert (finished_run.run_dir / "config.yaml") in before
+    cfg = load_config(SMOKE, smoke_overrides(out))
     with pytest.raises(ConfigError, match="already exists; pass resume="):
         train(cfg)
+    after = {p: p.read_bytes() if p.is_file() else None for p in out.rglob("*")}
+    assert after.keys() == before.keys()
+    assert [p for p in before if after[p] != before[p]] == []
 
 
 @pytest.mark.parametrize(
