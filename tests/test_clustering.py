@@ -100,6 +100,14 @@ def test_kmeans_is_deterministic_for_a_seed():
     x, _ = blobs(6, 20, noise=0.3, seed=4)
     assert cluster_identities(x, 6, seed=7) == cluster_identities(x, 6, seed=7)
 
+    # the seed is used: another one finds another local optimum on these overlapping
+    # blobs, other groups of identities, not only the same groups numbered otherwise
+    def groups(seed: int) -> set[frozenset[int]]:
+        labels = cluster_identities(x, 6, seed=seed).class_to_cluster.tolist()
+        return {frozenset(i for i, c in enumerate(labels) if c == k) for k in set(labels)}
+
+    assert groups(7) != groups(8)
+
 
 def test_kmeans_beats_random_and_within_decreases_with_k():
     x, _ = blobs(8, 25, noise=0.3, seed=5)
