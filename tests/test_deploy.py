@@ -1156,6 +1156,66 @@ def test_identify_status_tells_an_identity_named_unknown_from_a_rejected_face(
 
 
 @pytest.mark.slow
+def test_identify_searches_top_m_clusters_of_a_closed_set_export(open_run, exported, tmp_path):
+    # a closed-set export (the run's, with no unknown threshold) has no threshold tied
+    # to a top_m: --top-m 2 searches two clusters, and the API's top_m=2 writes the
+    # same CSV. The top5 column shows it: one cluster's identities at top_m=1, five
+    # from two clusters, not all from one, at top_m=2
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    payload = torch.load(exported / "identifier.pt", weights_only=True)
+    payload["open_set"] = None
+    torch.save(payload, closed / "identifier.pt")
+    ident = load_export(closed, "torch", "cpu")
+    assert ident.open_set is None and ident.route_config["top_m"] == 1
+    clusters = [set(ident.members(k).tolist()) for k in range(ident.num_clusters)]
+    names = ident.class_names
+    folder = DEMO / names[0]
+    shown = {}
+    for top_m in (1, 2):
+        out = tmp_path / f"top{top_m}.csv"
+        argv = ["identify", str(closed), str(folder), "--top-m", str(top_m), "--out", str(out)]
+        assert cli.main(argv) == 0
+        rows = list(csv.DictReader(out.open(encoding="utf-8")))
+        assert len(rows) == len(list(folder.glob("*.jpg")))
+        assert all(row["status"] == "known" for row in rows)
+        shown[top_m] = [
+            {names.index(pair.split(":")[0]) for pair in row["top5"].split(";")} for row in rows
+        ]
+        api = tmp_path / f"api{top_m}.csv"
+        assert identify_files(closed, [folder], api, top_m=top_m) == len(rows)
+        assert api.read_bytes() == out.read_bytes()
+    assert all(any(ids <= c for c in clusters) for ids in shown[1])
+    pairs = [a | b for i, a in enumerate(clusters) for b in clusters[i + 1 :]]
+    for ids in shown[2]:
+        assert len(ids) == 5 and not any(ids <= c for c in clusters), (ids, clusters)
+        assert any(ids <= pair for pair in pairs), (ids, clusters)
+
+
+@pytest.mark.slow
+def test_identify_writes_the_same_csv_whatever_its_batch_size(open_run, exported, tmp_path):
+    # --batch-size 1 (each image alone, the unreadable one a batch with no image) and
+    # the default 64 (all in one batch) write the same bytes: rows in the files' order,
+    # the unreadable one in its place, every number as the default's
+    photos = tmp_path / "photos"
+    shutil.copytree(DEMO / RunFolder(open_run).class_names()[0], photos)
+    broken = photos / f"{sorted(photos.iterdir())[0].stem}_broken.jpg"  # second
+    broken.write_bytes(b"not an image")
+    files = sorted(photos.iterdir())
+    assert 5 < len(files) < 64 and files.index(broken) == 1
+    outs = {}
+    for size in (None, 1):
+        outs[size] = tmp_path / f"batch{size}.csv"
+        extra = [] if size is None else ["--batch-size", str(size)]
+        argv = ["identify", str(exported), str(photos), "--out", str(outs[size]), *extra]
+        assert cli.main(argv) == 0
+    rows = list(csv.DictReader(outs[None].open(encoding="utf-8")))
+    assert [Path(row["path"]).name for row in rows] == [p.name for p in files]
+    assert [row["status"] for row in rows].count("unreadable") == 1
+    assert outs[1].read_bytes() == outs[None].read_bytes()
+
+
+@pytest.mark.slow
 def test_identify_reads_folders_as_training_does_and_names_its_mistakes(
     open_run, exported, tmp_path, capsys, monkeypatch
 ):
