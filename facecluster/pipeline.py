@@ -19,7 +19,7 @@ import os
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,15 @@ from facecluster.builders import (
 from facecluster.callbacks import ClusteringCallback, ResumeHint
 from facecluster.callbacks.interrupt import forget_sigterm, resume_hint, stopping_together
 from facecluster.clustering import ClusterAssignment
-from facecluster.config import COMMAND, Config, ConfigError, invalid, naming, resume_command
+from facecluster.config import (
+    COMMAND,
+    Config,
+    ConfigError,
+    SlurmConfig,
+    invalid,
+    naming,
+    resume_command,
+)
 from facecluster.data import FaceDataModule
 from facecluster.io import shown_list
 from facecluster.launch import (
@@ -133,6 +141,8 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
                 check_trainer_settings(cfg)
         if cfg.launcher.name == "slurm":
             check_slurm(cfg)  # submitit, sbatch and srun here: before the scan and the folder
+        elif not cfg.resume and "SLURM_JOB_ID" not in os.environ:  # a job's own: launcher=local
+            _warn_slurm_unused(cfg)
         check_wandb_server(cfg)
         # what the run folder and this node decide, before the data scan (minutes for a
         # .rec without identity records): an existing run, a missing stage, a busy run
@@ -361,6 +371,19 @@ def _stage1_and_clustering(
     if unit is not None:
         unit.restore()
     return None
+
+
+def _warn_slurm_unused(cfg: Config) -> None:
+    """A new run given ``slurm.*`` settings with ``launcher=local`` trains on this
+    machine (a login node, say), where the settings change nothing: said, naming them
+    (it trained here without a word)."""
+    default = asdict(SlurmConfig())
+    given = [f"slurm.{k}={v}" for k, v in asdict(cfg.slurm).items() if v != default[k]]
+    if given:
+        rank_zero_warn(
+            f"{', '.join(given)} set, but launcher=local trains on this machine, where "
+            "slurm.* changes nothing: launcher=slurm submits the run to SLURM"
+        )
 
 
 def _warn_starting_over(last: Path, what: str) -> None:

@@ -8,6 +8,7 @@ import logging
 import re
 import shlex
 import shutil
+import warnings
 
 import lightning as L
 import pytest
@@ -496,6 +497,31 @@ def test_an_existing_run_folder_is_refused_before_the_data_scan(tmp_path, monkey
     monkeypatch.setattr(pipeline, "build_datamodule", lambda cfg: pytest.fail("data scanned"))
     with pytest.raises(ConfigError, match="already exists; pass resume="):
         train(cfg)
+
+
+def test_slurm_settings_of_a_local_run_are_said_to_change_nothing(tmp_path, monkeypatch):
+    # slurm.partition=gpu without launcher=slurm trained on this machine (a login node)
+    # without a word; a SLURM job's own command (launcher=local inside it) is not warned
+    from facecluster import pipeline
+
+    class Scanned(Exception):
+        pass
+
+    def scan(cfg):  # the warning comes before the data scan: stopped there
+        raise Scanned
+
+    monkeypatch.setattr(pipeline, "build_datamodule", scan)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    given = ("slurm.partition=gpu", "slurm.nodes=2")
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, *given))
+    with pytest.warns(UserWarning, match=r"slurm.partition=gpu, slurm.nodes=2 set, but launch"):
+        with pytest.raises(Scanned):
+            train(cfg)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "slurm.*set, but launcher=local")
+        with pytest.raises(Scanned):
+            train(load_config(SMOKE, smoke_overrides(tmp_path, *given, "run_name=job")))
 
 
 def test_fewer_identities_than_clusters_is_refused(tmp_path):
