@@ -99,8 +99,11 @@ def export_run(
     dict) from a finished two-stage run (and ``out/onnx``).
 
     An export is made from the run: identities enrolled into ``out`` are not in it. An
-    ``out`` holding such identities is refused before any work unless ``drop_enrolled``
-    (one enrolled while this export runs is replaced, with a warning naming it).
+    ``out`` holding an export of the run with identities enrolled into it is refused
+    before any work unless ``drop_enrolled``; an enrolment committed while this export
+    runs stops it (:class:`ExportChangedError`, nothing written) unless ``drop_enrolled``
+    (then it is replaced, with a warning naming them). An export of another run in
+    ``out`` is replaced, with a warning naming the identities it held.
 
     An open-set run (``data.unseen_fraction > 0``) also gets its "unknown"
     threshold: the routed answer's similarity at which ``fpir`` of the validation
@@ -115,6 +118,8 @@ def export_run(
         ValueError: the run is a single-model run (no sub-nets to export), a device
             this machine lacks, or ``out`` holds enrolled identities (without
             ``drop_enrolled``).
+        ExportChangedError: an enrolment into ``out`` committed while this export ran
+            (without ``drop_enrolled``); nothing is written.
         ImportError: ``onnx`` without the onnx extra (before any work).
     """
     from facecluster.builders import build_datamodule  # Lightning: only for the export
@@ -181,7 +186,10 @@ def export_run(
         )
 
     check_replaceable(out / ONNX_FOLDER)
-    enrolled = _enrolled_only(out, folder.class_names())
+    # identities enrolled into an export of this run follow its own (an export of another
+    # run, or of this one trained on other data, is replaced with a warning, below)
+    read, held, trained = _stamp(out), _held_names(out), folder.class_names()
+    enrolled = held[len(trained) :] if held[: len(trained)] == trained else []
     if enrolled and not drop_enrolled:  # replaced after a warning: a gallery lost people
         raise ValueError(
             f"{out} holds {len(enrolled)} identit{'y' if len(enrolled) == 1 else 'ies'} "
@@ -217,10 +225,12 @@ def export_run(
             "data.unseen_fraction measures it",
             fpir, len(unseen.dataset), math.ceil(1 / fpir - 1e-9),
         )  # fmt: skip
-    if dropped := _enrolled_only(out, identifier.class_names):
+    run = set(identifier.class_names)
+    if dropped := [name for name in _held_names(out) if name not in run]:
         logger.warning(
-            "%s held %d identit%s that the run does not have (enrolled into it): %s. The new "
-            "export replaces them; enrol them again with `facecluster enroll %s <folder>`",
+            "%s held %d identit%s that the run does not have (enrolled into it, or another "
+            "run's): %s. The new export replaces them; enrol people again with `facecluster "
+            "enroll %s <folder>`",
             out, len(dropped), "y" if len(dropped) == 1 else "ies", shown_list(dropped), out,
         )  # fmt: skip
     calibrate_run(identifier, folder, cfg, dm)
@@ -238,10 +248,10 @@ def export_run(
     # an earlier export's networks are not this identifier's: never leave them beside it
     check_replaceable(out / ONNX_FOLDER)  # unchanged since the check above, or refused
     # all written beside the earlier export first: an export that fails (the ONNX
-    # exporter, a full disk, Ctrl-C) leaves that one as it was. No stamp (_updating's
-    # read): the export is made from the run, not from OUT, and replaces it whole, so one
-    # committed meanwhile (an enrolment too) is replaced as if it had finished just before
-    with _updating(out, replace_onnx=True) as new:
+    # exporter, a full disk, Ctrl-C) leaves that one as it was. An update committed to OUT
+    # since its identities were checked (an enrolment) is not replaced: ExportChangedError
+    # (with drop_enrolled it is, as if it had finished just before the export)
+    with _updating(out, replace_onnx=True, read=None if drop_enrolled else read) as new:
         written = [identifier.export(new / TORCH_FILE)]
         atomic_torch_save(identifier.router_backbone.state_dict(), new / BACKBONE_FILE)
         written.append(new / BACKBONE_FILE)
@@ -252,10 +262,10 @@ def export_run(
     return [out / path.relative_to(new) for path in written]
 
 
-def _enrolled_only(out: Path, names: Sequence[str]) -> list[str]:
-    """The identities an export in ``out`` holds that ``names`` (the run's) lack: those
-    enrolled into it, which a new export of the run replaces ([] where ``out`` holds no
-    export; a damaged one, replaced whole, is said)."""
+def _held_names(out: Path) -> list[str]:
+    """The identities of the export in ``out``, in label order (an export's, then those
+    enrolled into it); [] where ``out`` holds none, or a damaged one (replaced whole:
+    said)."""
     try:
         if (out / TORCH_FILE).is_file():
             payload = load_plain(out / TORCH_FILE, "cpu", "exported identifier", mmap=True)
@@ -267,8 +277,7 @@ def _enrolled_only(out: Path, names: Sequence[str]) -> list[str]:
     except Exception as e:  # a damaged export is replaced whole: said, not fatal
         logger.warning("%s: its identities could not be read (%s); it is replaced", out, e)
         return []
-    run = set(names)
-    return [name for name in held if name not in run]
+    return list(held)
 
 
 @torch.inference_mode()

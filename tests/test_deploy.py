@@ -1712,3 +1712,42 @@ def test_identify_refuses_images_the_networks_do_not_take(tmp_path):
     # an enrolment builds no autograd graph (its @torch.no_grad() was once displaced)
     identifier.enroll({"zed": torch.randn(2, 3, 16, 16)})
     assert not any(identifier.head_rows(k).requires_grad for k in range(2))
+
+
+def test_an_enrolment_committed_while_the_run_exports_is_not_replaced(
+    open_run, exported, tmp_path, monkeypatch, caplog
+):
+    # the refusal of an OUT with enrolled people was checked once, before the passes: an
+    # enroll that committed during them (most of an export's time) was replaced silently
+    from facecluster import deploy
+
+    out = tmp_path / "out"
+    shutil.copytree(exported, out)
+    person = tmp_path / "people" / "Zed"
+    person.mkdir(parents=True)
+    shutil.copy(next(DEMO.rglob("*.jpg")), person / "0.jpg")
+    calibrate = deploy.calibrate_run
+
+    def enrol_meanwhile(*args, **kwargs):
+        enroll_folder(out, tmp_path / "people")
+        return calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(deploy, "calibrate_run", enrol_meanwhile)
+    with pytest.raises(deploy.ExportChangedError, match="changed by another command"):
+        export_run(open_run, out)
+    assert load_export(out, "torch", "cpu").class_names[-1] == "Zed"
+    # asked to drop them: replaced, the people named
+    monkeypatch.setattr(deploy, "calibrate_run", calibrate)
+    export_run(open_run, out, drop_enrolled=True)
+    assert "Zed" not in load_export(out, "torch", "cpu").class_names
+    # an export of another run (here: the same networks under other names) is replaced,
+    # with a warning naming them, not refused as enrolled people
+    ident = load_export(out, "torch", "cpu")
+    ident.class_names = [f"x{name}" for name in ident.class_names]
+    ident.export(out / "identifier.pt")
+    with caplog.at_level(logging.WARNING, logger="facecluster.deploy"):
+        export_run(open_run, out)
+    assert "identities that the run does not have (enrolled into it, or another run's)" in (
+        caplog.text
+    )
+    assert load_export(out, "torch", "cpu").class_names[0] == ident.class_names[0][1:]
