@@ -32,7 +32,7 @@ import errno
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property, partial
 from pathlib import Path
@@ -385,7 +385,21 @@ def eval_device(cfg: Config) -> torch.device:
 def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunEvaluation:
     """Evaluate one finished run on its held-out test split (see the module doc)."""
     run = run_folder(run_dir)
-    return _evaluate(run, _checked_config(run, overrides), overrides)
+    cfg = _checked_config(run, overrides)
+    _check_routed([cfg], [run], overrides)
+    return _evaluate(run, cfg, overrides)
+
+
+def _check_routed(configs: list[Config], runs: list[RunFolder], overrides: Sequence[str]) -> None:
+    """Refuse ``route.*`` overrides when no run routes (single-model runs only): they
+    were accepted and the table had no routed row. Beside a two-stage run they are its."""
+    routed = [o for o in overrides if o.split("=", 1)[0].strip().split(".")[0] == "route"]
+    if routed and not any(cfg.two_stage for cfg in configs):
+        raise ConfigError(
+            f"{', '.join(routed)}: {', '.join(f'run={r.path}' for r in runs)} "
+            f"{'is a single-model run' if len(runs) == 1 else 'are single-model runs'} "
+            "(method=single), with no router and no sub-nets: route.* changes nothing there"
+        )
 
 
 def _checked_config(run: RunFolder, overrides: list[str] | tuple) -> Config:
@@ -705,6 +719,7 @@ def evaluate_runs(run_dirs: list[str | Path], overrides: list[str] | tuple = ())
     (minutes each), and the table was never printed."""
     folders = [run_folder(r) for r in run_dirs]
     configs = [_checked_config(folder, overrides) for folder in folders]
+    _check_routed(configs, folders, overrides)
     for folder, cfg in zip(folders, configs, strict=True):
         folder.check_weights(cfg.two_stage)
     _warn_other_faces(folders)

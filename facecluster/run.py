@@ -479,12 +479,6 @@ class RunFolder:
                 )
             )
         cfg = self.config(overrides)
-        routed = [o for o in overrides if _is_or_inside(o.split("=", 1)[0], ("route",))]
-        if routed and not cfg.two_stage:  # accepted, and the table had no routed row
-            raise ConfigError(
-                f"run={self.path}: {', '.join(routed)}: a single-model run (method=single) "
-                "has no router and no sub-nets, so route.* changes nothing in its evaluation"
-            )
         if overrides:  # the run's own config with every other override (a moved file)
             fixed = EVALUATION_FIXED_KEYS
             # "data={test_fraction: 0.3}" sets a fixed key too: a section's override goes

@@ -192,8 +192,15 @@ def test_lfw_verification_during_stage1_and_in_the_evaluation_table(tmp_path, mo
         export_run(single, tmp_path / "export")
     assert not (tmp_path / "export").exists()
     # route.* on a single-model run was accepted, and its table had no routed row
-    with pytest.raises(ConfigError, match=r"route.top_m=2: a single-model run \(method=single"):
+    with pytest.raises(ConfigError, match=r"route.top_m=2: run=.* is a single-model run \(me"):
         evaluate_run(single, ["route.top_m=2"])
+    # beside a two-stage run it is that run's (EVALUATION.md's run=A run=B route.top_m=2)
+    from facecluster.evaluation import evaluate_runs
+
+    both = evaluate_runs(
+        [run, single], ["route.top_m=2", "eval.plots=false", "eval.timing_batches=1"]
+    )
+    assert "top_m=2" in both and "single model (one head)" in both
 
 
 def _stage1_verification(run_dir: Path, pairs: Path) -> float:
