@@ -57,7 +57,6 @@ TRAINER_FRACTIONS = (
     "limit_val_batches",
     "limit_test_batches",
     "limit_predict_batches",
-    "val_check_interval",
 )
 """Trainer settings that are a count of batches or a fraction of an epoch's."""
 TRAINER_SWITCHES = (
@@ -1103,6 +1102,16 @@ class Config:
                     f"trainer.{key} must be a count (a whole number >= 0) or a fraction in "
                     f"[0, 1], got {value!r}"
                 )
+        # batches (0: a ZeroDivisionError at the fit), a fraction of an epoch, or a time
+        # ("00:00:30:00", {minutes: 30}), which Lightning parses itself
+        every = t.get("val_check_interval")
+        batches = _whole(every) and every >= 1
+        fraction = isinstance(every, float) and 0 < every <= 1
+        if every is not None and not (batches or fraction or isinstance(every, str | dict)):
+            found.append(
+                "trainer.val_check_interval must be a count of batches (a whole number >= 1), "
+                f"a fraction of an epoch in (0, 1], or a time ('00:00:30:00'), got {every!r}"
+            )
         for key in self.trainer:
             if key in RESERVED_TRAINER_KEYS:
                 found.append(f"trainer.{key} is set by facecluster itself (see docs/CONFIG.md)")

@@ -506,7 +506,8 @@ def test_trainer_counts_and_switches_lightning_takes_unchecked_are_refused_at_lo
         "trainer.max_steps=-2": "trainer.max_steps must be a whole number >= -1",
         "trainer.limit_train_batches=abc": "limit_train_batches must be a count (a whole number",
         "trainer.limit_val_batches=-1": "trainer.limit_val_batches must be a count",
-        "trainer.val_check_interval=1.5": "fraction in [0, 1], got 1.5",
+        "trainer.val_check_interval=1.5": "a fraction of an epoch in (0, 1], or a time",
+        "trainer.val_check_interval=0": "val_check_interval must be a count of batches (a whole",
     }
     for override, expected in refused.items():
         with pytest.raises(ConfigError, match=re.escape(expected)):
@@ -514,6 +515,11 @@ def test_trainer_counts_and_switches_lightning_takes_unchecked_are_refused_at_lo
     fine = ["trainer.check_val_every_n_epoch=null", "trainer.num_sanity_val_steps=-1",
             "trainer.benchmark=true", "trainer.log_every_n_steps=0",
             "trainer.limit_val_batches=3", "trainer.val_check_interval=0.5"]  # fmt: skip
+    # Lightning's time interval (a review of the diff: refused, runs saved with it too)
+    assert (
+        load_config(SMOKE, ["trainer.val_check_interval=00:00:30:00"]).trainer["val_check_interval"]
+        == "00:00:30:00"
+    )
     assert load_config(SMOKE, fine).trainer["benchmark"] is True
 
 
