@@ -895,11 +895,12 @@ class Config:
         found += self.stage1.problems("stage1.") + self.stage2.problems("stage2.")
         for section in (self.route, self.eval, self.wandb, self.slurm):
             found += section.problems()
-        # a NaN or inf is said once, as that (it also failed "> 0" or "in [0, 1]")
+        # a NaN or inf is said once, as that (it also failed "> 0", "in [0, 1]" or a sum's
+        # bound): the problems that name its key are left out
         not_finite = _not_finite(self)
-        keys = {problem.split()[0] for problem in not_finite}
-        found = [p for p in found if re.split(r"[ =]", p, maxsplit=1)[0] not in keys]
-        return found + not_finite + self._across_sections() + self._trainer_problems()
+        named = [re.compile(rf"(?<![\w.]){re.escape(p.split()[0])}\b") for p in not_finite]
+        found = [p for p in found + self._across_sections() if not any(n.search(p) for n in named)]
+        return found + not_finite + self._trainer_problems()
 
     def _across_sections(self) -> list[str]:
         found = []

@@ -152,9 +152,9 @@ def export_run(
         )
     if (out / TORCH_FILE).is_dir():
         raise ValueError(f"{out / TORCH_FILE} is a folder: export writes the identifier there")
-    data = resolve_data_root(cfg.data.root).absolute()
+    data = resolve_data_root(cfg.data.root).resolve()  # links resolved on both sides
     images = data.is_dir() and rec_paths(data) is None  # a .rec's folder: no scan to mislead
-    if images and data in (out.absolute(), *out.absolute().parents):
+    if images and data in (out.resolve(), *out.resolve().parents):
         # the next scan of the data took it for an identity folder (warned of as one
         # holding no images), or for one more person where it held an image
         raise ValueError(
@@ -683,8 +683,8 @@ def _read_only(fd: int) -> bool:
 def _written_by_a_live_process(folder: Path) -> bool:
     """Whether ``UPDATE.<pid>-<rand>.tmp`` is being written by a process that is still
     running here (another command's update, not one killed before its commit)."""
-    if not folder.name.endswith(".tmp"):
-        return False  # a .done: put in place already
+    if not folder.name.endswith(".tmp") or os.name == "nt":
+        return False  # a .done: put in place already (Windows: no pid test, removed)
     try:
         pid = int(folder.name[len(UPDATE) + 1 :].split("-")[0])
     except ValueError:

@@ -482,7 +482,8 @@ def _single_model_means(
     the next evaluation of the same weights at the same precision, as a two-stage run
     keeps its own in ``clusters.pt``."""
     key = {
-        "checkpoint": list(file_stamp(run.last_checkpoint(1))),
+        # size and time, not the inode: a copied run (cp -a, rsync) keeps its means
+        "checkpoint": list(file_stamp(run.last_checkpoint(1))[:2]),
         "precision": str(cfg.trainer.get("precision", "auto")),
         "device": bench.device.type,
     }

@@ -273,6 +273,7 @@ def test_a_refused_cluster_count_is_one_error_not_three():
         ("stage1.optim.warmup_epochs=nan", "stage1.optim.warmup_epochs must be a finite"),
         ("stage1.optim.lr=nan", "stage1.optim.lr must be a finite number, got nan"),
         ("route.alpha=nan", "route.alpha must be a finite number, got nan"),
+        ("data.test_fraction=.inf", "data.test_fraction must be a finite number, got inf"),
     ],
 )
 def test_values_refused_only_later_or_never_are_refused_at_load(override, expected):

@@ -1066,6 +1066,10 @@ def test_export_never_deletes_an_onnx_folder_it_did_not_write(open_run, exported
         with pytest.raises(ValueError, match=r"is inside the run's data.root \("):
             export_run(open_run, inside)
         assert not (DEMO / "exports").exists()
+        (tmp_path / "faces").symlink_to(DEMO)  # the same folder through a link
+        with pytest.raises(ValueError, match=r"is inside the run's data.root \("):
+            export_run(open_run, tmp_path / "faces" / "exports")
+        assert not (DEMO / "exports").exists()
     finally:
         shutil.rmtree(DEMO / "exports", ignore_errors=True)
     # an earlier export of a run (what the folder holds, and its temporary files) is replaced

@@ -9,6 +9,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import struct
 from pathlib import Path
 from types import SimpleNamespace
@@ -184,6 +185,10 @@ def test_lfw_verification_during_stage1_and_in_the_evaluation_table(tmp_path, mo
     os.utime(checkpoint, ns=(0, checkpoint.stat().st_mtime_ns + 1))  # a resume's new epoch
     third = evaluate_run(single, ["eval.plots=false", "eval.timing_batches=1"]).rows
     assert passes == [1] and [(r.top1, r.f1) for r in third] == [(r.top1, r.f1) for r in rows]
+    # a copy of the run (cp -a, rsync: times kept, other inodes) keeps them too
+    copy = shutil.copytree(single, tmp_path / "copy")
+    evaluate_run(copy, ["eval.plots=false", "eval.timing_batches=1"])
+    assert passes == [1]
     # export writes two-stage identifiers: a single-model run is refused, saying so
     # (docs/DEPLOYMENT.md), before anything is written
     from facecluster.deploy import export_run
