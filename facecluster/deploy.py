@@ -461,12 +461,17 @@ def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -
     # be decoded stops the enrolment (below): all are refused (the others enrolled, a
     # second enroll of the folder refused them as enrolled already)
     bare = {Path(p).relative_to(identities.root).parts[0] for p in identities.empty_files}
-    bare |= {Path(p).name for p in identities.empty_folders}
-    if bare - faces.keys():
-        name = min(bare - faces.keys())
+    # a zip made on macOS holds __MACOSX/ of hidden ._* copies: no person (warned of)
+    no_images = {Path(p).name for p in identities.empty_folders} - {"__MACOSX"}
+    if (bare | no_images) - faces.keys():
+        name = min((bare | no_images) - faces.keys())
+        why = (
+            f"no image file (images end in {', '.join(IMAGE_EXTENSIONS)})"
+            if name in no_images
+            else "its image files are empty (zero bytes)"
+        )
         raise ValueError(
-            f"{folder}/{name}: no decodable face image to enrol (images end in "
-            f"{', '.join(IMAGE_EXTENSIONS)}); nothing is enrolled"
+            f"{folder}/{name}: no decodable face image to enrol: {why}; nothing is enrolled"
         )
     identifier.check_new_names(list(faces))  # before any image is read
 
