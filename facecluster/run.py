@@ -1318,15 +1318,21 @@ class RunFolder:
             FileNotFoundError: a file is missing. ValueError: one is cut short or is no
                 torch file. ConfigError: sub-nets are not trained.
         """
-        files = {self._stage1_checkpoint(): "stage-1 checkpoint"}
+        restore = "; restore it from a copy of the run"
+        files = {self._stage1_checkpoint(): ("stage-1 checkpoint", restore)}
         if two_stage:
             subnets = self._subnet_files()
             if isinstance(subnets, Path):
-                files[subnets] = "stage-2 checkpoint"
+                files[subnets] = ("stage-2 checkpoint", restore)
             else:
-                files |= {path: f"sub-net {k}" for k, path in enumerate(subnets)}
-        for path, what in files.items():
-            check_archive(path, what)
+                for k, path in enumerate(subnets):  # one sub-net trains again on its own
+                    again = f'{resume_command(self.path)} "stage2.subnets=[{k}]"'
+                    files[path] = (f"sub-net {k}", f"{restore}, or train it again: `{again}`")
+        for path, (what, remedy) in files.items():
+            try:
+                check_archive(path, what)
+            except ValueError as e:  # cut short, or no torch file: what to do
+                raise ValueError(f"{e}{remedy}") from None
 
 
 @dataclass(frozen=True)

@@ -916,6 +916,8 @@ def test_resuming_a_finished_run_with_damaged_weights_names_the_file_in_one_line
         assert cli.train_main([f"resume={copy}", f"eval.after_training={after}"]) == 2
         err = capsys.readouterr().err
         assert f"error: resume={copy} is finished, but {subnet} (sub-net 0) cannot be" in err
+        # and what to do (a review of the diff: this command trains sub-net 0 again)
+        assert f'or train it again: `python train.py resume={copy} "stage2.subnets=[0]"`' in err
         assert len(err.strip().splitlines()) == 1, err
     subnet.write_bytes((finished_run.run_dir / "stage2" / "subnets" / "subnet0.pt").read_bytes())
     assert cli.train_main([f"resume={copy}", "eval.after_training=false"]) == 0
