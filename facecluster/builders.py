@@ -44,15 +44,24 @@ from facecluster.callbacks import (
     VerificationCallback,
 )
 from facecluster.checkpoint_io import AtomicCheckpointIO
-from facecluster.config import Config, ConfigError, check_data_root, naming
+from facecluster.config import (
+    NAME_RULE,
+    Config,
+    ConfigError,
+    check_data_root,
+    naming,
+    unreadable_names,
+)
 from facecluster.data import BadImageError, FaceDataModule
+from facecluster.data.folder import IDENTITY_NAMES
+from facecluster.data.recordio import rec_paths
 from facecluster.data.verification import (
     VerificationPairs,
     load_pairs,
     named_sets,
     size_warning,
 )
-from facecluster.io import disk_full, load_plain
+from facecluster.io import disk_full, load_plain, shown_list
 from facecluster.models.components import (
     TimmBackbone,
     create_backbone,
@@ -274,6 +283,28 @@ def check_identity_count(cfg: Config, dm: FaceDataModule) -> None:
         f"clustering.num_clusters={cfg.clustering.num_clusters} but only {dm.num_classes} "
         f"identities train: {why}"
     )
+
+
+def check_identity_names(cfg: Config, dm: FaceDataModule) -> None:
+    """Refuse a new run whose identities (held-out ones included) have a name that
+    :func:`~facecluster.config.name_problem` refuses: a tab or line break splits the rows
+    of the results and of identify's answers, and a blank name answers nothing to read;
+    enrol and pack refuse such names, training took them for hours of work. A resumed
+    run's names are its own (checked against the data, not refused)."""
+    if cfg.resume:
+        return
+    names = [*dm.class_names, *dm.unseen_identities("val"), *dm.unseen_identities("test")]
+    if broken := unreadable_names(names):
+        where = (
+            f"their lines of {IDENTITY_NAMES} beside the .rec"
+            if rec_paths(cfg.data.root)
+            else "their folders"
+        )
+        raise ConfigError(
+            f"data.root={cfg.data.root}: {len(broken)} identity name(s) cannot name an "
+            f"identity ({shown_list([repr(name) for name, _ in broken], 3)}: {broken[0][1]}); "
+            f"{NAME_RULE}: rename {where}"
+        )
 
 
 def module_args(cfg: Config, stage: int) -> dict[str, Any]:

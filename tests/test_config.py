@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -722,6 +723,37 @@ def test_one_training_identity_is_refused_before_the_run_folder(tmp_path, method
     cfg = load_config(SMOKE, overrides)
     with pytest.raises(ConfigError, match=r"only 1 identity would train, and identification"):
         train(cfg)
+    assert not list(tmp_path.glob("**/config.yaml"))
+
+
+def test_identity_names_that_pack_and_enrol_refuse_are_refused_before_the_run_folder(tmp_path):
+    # a folder named with a tab (or blank) trained for hours, then split the rows of the
+    # results and of identify's answers; pack and enrol refused it. Held-out identities
+    # (data.unseen_fraction) are named in the results too.
+    from facecluster.builders import build_datamodule
+    from facecluster.pipeline import train
+    from tests.conftest import DEMO, smoke_overrides
+
+    root = tmp_path / "faces"
+    sources = sorted(p for p in DEMO.iterdir() if p.is_dir())[:6]
+    names = ["Ann", "Bob\tSmith", "Carl", "Dee", "Eve", "\u200b"]
+    for name, source in zip(names, sources, strict=True):
+        shutil.copytree(source, root / name)
+    shared = [f"data.root={root}", "data.max_classes=null", "clustering.num_clusters=2"]
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, *shared))
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert str(err.value) == (
+        f"data.root={root}: 2 identity name(s) cannot name an identity ('Bob\\tSmith', "
+        "'\\u200b': holds a line break or another control character); it needs a visible "
+        "character and no line break or other control character: rename their folders"
+    )
+    assert not list(tmp_path.glob("**/config.yaml"))
+    (root / "Bob\tSmith").rename(root / "Bob Smith")
+    held = smoke_overrides(tmp_path, *shared, "data.unseen_fraction=0.2", "seed=8")
+    assert build_datamodule(load_config(SMOKE, held)).unseen_identities("test") == ["\u200b"]
+    with pytest.raises(ConfigError, match=r"1 identity name\(s\) .*\('\\u200b': is blank\)"):
+        train(load_config(SMOKE, held))
     assert not list(tmp_path.glob("**/config.yaml"))
 
 

@@ -1375,16 +1375,21 @@ def test_the_pack_names_the_images_that_look_damaged(tmp_path, caplog):
 
 
 def test_identity_names_with_unusual_characters_survive_the_pack(tmp_path):
-    # identities.txt is UTF-8 and split on newlines only: a name holding \x1c or an
-    # accent keeps its label (str.splitlines split it and shifted every later name)
+    # identities.txt is UTF-8 and split on newlines only: a name holding \x1c (written
+    # by another tool: pack and a new run refuse it) or an accent keeps its label
+    # (str.splitlines split it and shifted every later name)
     root = tmp_path / "faces"
     sources = sorted(p for p in DEMO.iterdir() if p.is_dir())[:3]
-    names = ["Ana\x1cMaria", "José_Núñez", sources[2].name]
+    names = ["Ana Maria", "José_Núñez", sources[2].name]
     for name, source in zip(names, sources, strict=True):
         shutil.copytree(source, root / name)
     assert pack_main([str(root), str(tmp_path / "rec")]) == 0
     assert scan(str(tmp_path / "rec" / "train.rec")).class_names == sorted(names)
-    listed = tmp_path / "rec" / "identities.txt"  # edited on Windows: CRLF (read_text reads)
+    listed = tmp_path / "rec" / "identities.txt"
+    listed.write_text(listed.read_text(encoding="utf-8").replace(" ", "\x1c"), encoding="utf-8")
+    names[0] = "Ana\x1cMaria"
+    assert scan(str(tmp_path / "rec" / "train.rec")).class_names == sorted(names)
+    # edited on Windows: CRLF (read_text reads)
     listed.write_bytes(listed.read_bytes().replace(b"\n", b"\r\n"))
     assert scan(str(tmp_path / "rec" / "train.rec")).class_names == sorted(names)
 
@@ -1398,7 +1403,14 @@ def test_a_name_with_a_line_break_is_refused_before_packing_and_other_bytes_kept
     for name, source in zip(["Alice", "Bob\nSmith", "Carol"], sources, strict=True):
         shutil.copytree(source, root / name)
     out = tmp_path / "rec"
-    with pytest.raises(ValueError, match=r"line break cannot be packed \('Bob\\nSmith'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 identity folder name\(s\) cannot be packed \('Bob\\nSmith': holds a line break",
+    ):
+        pack_module.pack_folder(root, out)
+    # a tab too, which training refuses (a name that only packed would fail at train.py)
+    (root / "Bob\nSmith").rename(root / "Bob\tSmith")
+    with pytest.raises(ValueError, match=r"\('Bob\\tSmith': holds a line break or another control"):
         pack_module.pack_folder(root, out)
     assert not out.exists() or not any(out.iterdir())
     assert pack_main([str(root), str(out)]) == 2

@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from facecluster.config import NAME_RULE, unreadable_names
 from facecluster.data.folder import IDENTITY_NAMES, FaceFolder, scan_image_folder
 from facecluster.data.images import image_damage
 from facecluster.data.recordio import RecordWriter, pack, rec_paths
@@ -124,12 +125,13 @@ def pack_folder(
             f"(data.root={packed[0]}); pack reads an image folder ({e})"
         ) from None
     # identities.txt holds one name a line: a name with a line break would shift every
-    # later identity's name onto another's images. Refused before any record is written.
-    broken = [name for name in folder.class_names if "\n" in name or "\r" in name]
-    if broken:
+    # later identity's name onto another's images; training refuses the rest of what
+    # name_problem refuses (a tab, a blank name). Refused before any record is written.
+    if broken := unreadable_names(folder.class_names):
         raise ValueError(
-            f"{src}: identity folder names with a line break cannot be packed "
-            f"({shown_list([repr(name) for name in broken], 3)}); rename them"
+            f"{src}: {len(broken)} identity folder name(s) cannot be packed "
+            f"({shown_list([repr(name) for name, _ in broken], 3)}: {broken[0][1]}); "
+            f"{NAME_RULE}: rename them"
         )
     _check_empty_files(src, folder, skip_empty)
     # the order as sample indices (8 bytes an image): a list of (path, label) tuples
