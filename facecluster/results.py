@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import platform
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -101,7 +101,7 @@ def measured(device: torch.device | str | None = None) -> dict[str, Any]:
     (UTC, to the second), and :func:`provenance` (``code``, ``machine``). The shared
     machines these benchmarks run on change from session to session (an Intel Xeon with
     AVX-512 kernels one day, an AMD EPYC with AVX2 the next), and every rate with them."""
-    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    when = datetime.now(UTC).isoformat(timespec="seconds")
     return {"measured": when, **provenance(device)}
 
 
