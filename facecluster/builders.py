@@ -45,6 +45,7 @@ from facecluster.callbacks import (
 )
 from facecluster.checkpoint_io import AtomicCheckpointIO
 from facecluster.config import (
+    COMMAND,
     NAME_RULE,
     Config,
     ConfigError,
@@ -693,7 +694,7 @@ def _check_slurm_tasks(cfg: Config, trainer: L.Trainer, started: int) -> None:
             f"this process runs in SLURM job {os.environ.get('SLURM_JOB_ID', '?')}'s batch "
             f"script, not under srun: Lightning takes the job's {tasks} tasks "
             f"(SLURM_NTASKS) for {tasks} processes srun started, and this one would wait "
-            f"for the others without end. Prepend srun (`srun python train.py ...`, one "
+            f"for the others without end. Prepend srun (`srun {COMMAND['train']} ...`, one "
             f"task per device: #SBATCH --ntasks-per-node=<trainer.devices>), or use "
             f"launcher=slurm (docs/TRAINING.md)"
         )

@@ -628,8 +628,8 @@ def check_slurm(cfg: Config) -> None:
     if missing:
         raise ConfigError(
             f"launcher=slurm: {' and '.join(missing)} not found on PATH, so no SLURM job "
-            "can be submitted from here: run train.py on the cluster's login node, or use "
-            "launcher=local"
+            f"can be submitted from here: run `{COMMAND['train']}` on the cluster's login "
+            "node, or use launcher=local"
         )
 
 

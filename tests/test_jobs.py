@@ -442,6 +442,24 @@ def test_slurm_additional_may_not_replace_what_the_launcher_sets(tmp_path, monke
     assert "#SBATCH --dependency=afterok:1000" in (calls / "1001.sh").read_text()
 
 
+def test_no_sbatch_here_names_the_command_the_user_ran(tmp_path, monkeypatch):
+    # under `facecluster train` (an installed package, no train.py) it said "run
+    # train.py on the cluster's login node"
+    from facecluster.config import COMMAND
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither sbatch nor srun
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "launcher=slurm"))
+    for command in ("python train.py", "facecluster train"):
+        monkeypatch.setitem(COMMAND, "train", command)
+        with pytest.raises(ConfigError) as err:
+            launch.check_slurm(cfg)
+        assert str(err.value) == (
+            "launcher=slurm: sbatch and srun not found on PATH, so no SLURM job can be "
+            f"submitted from here: run `{command}` on the cluster's login node, or use "
+            "launcher=local"
+        )
+
+
 def test_slurm_jobs_get_one_task_per_gpu_on_every_node(tmp_path, monkeypatch):
     calls = _fake_slurm(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")

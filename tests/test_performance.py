@@ -17,9 +17,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from callbacks.divergence import DivergenceCallback, DivergenceError
 from facecluster import cli
 from facecluster.builders import build_trainer, default_precision, module_args
+from facecluster.callbacks.divergence import DivergenceCallback, DivergenceError
 from facecluster.config import ConfigError, load_config
 from facecluster.models.backbone_module import BackboneSystem
 from facecluster.results import machine, machine_name, source_digest
