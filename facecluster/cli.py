@@ -156,13 +156,13 @@ def _fail(message: object) -> int:
 def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from facecluster.config import (
         COMMAND,
-        PROJECT_ROOT,
         ConfigError,
         check_data_root,
+        default_config,
         load_config,
     )
 
-    default = PROJECT_ROOT / "configs" / "default.yaml"
+    default = default_config()
     # under the console script its examples name it (train.py is not installed)
     text = TRAIN_HELP if prog is None else TRAIN_HELP.replace("python train.py", prog)
     parser = _parser(prog or "train.py", text)

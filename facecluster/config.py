@@ -42,6 +42,30 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 """The checkout (or install) root: relative default paths such as the bundled demo
 set are resolved against it when they do not exist relative to the working dir."""
 
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+"""``configs/`` as an installed package holds it (pyproject's package-dir ships the
+checkout's ``configs/`` as ``facecluster/configs``; a checkout has none here)."""
+
+DEMO_ROOT = "datasets/lfw-demo/images"
+"""The bundled demo set, ``data.root``'s default: in the checkout, not in the package."""
+
+
+def config_file(given: str | Path) -> Path:
+    """A ``-c`` file: from the working dir, else the checkout's (as data.root), else,
+    for ``configs/...``, the installed package's copy (no checkout: a wheel)."""
+    path = resolve_data_root(str(given))
+    parts = Path(given).parts
+    if not path.exists() and len(parts) > 1 and parts[0] == "configs":
+        if (packaged := PACKAGE_CONFIGS.joinpath(*parts[1:])).exists():
+            return packaged
+    return path
+
+
+def default_config() -> Path:
+    """``configs/default.yaml`` of the checkout, else of the installed package."""
+    path = PROJECT_ROOT / "configs" / "default.yaml"
+    return path if path.is_file() else PACKAGE_CONFIGS / "default.yaml"
+
 
 TRAINER_COUNTS = {
     "accumulate_grad_batches": 1,
@@ -262,15 +286,21 @@ def check_data_root(root: str, run: bool) -> None:
         f"`{COMMAND['train']} resume=<run>` or `{COMMAND['evaluate']}` command, or "
         "--data-root <new place> to facecluster export"
     )
+    demo = (
+        " (the bundled demo set comes with a checkout of facecluster's repository, not "
+        "with the installed package)"
+        if root == DEMO_ROOT and not (PROJECT_ROOT / "configs").is_dir()
+        else ""
+    )
     raise ConfigError(
-        f"data.root={root!r} does not exist{where}: give an image folder (one sub-folder "
-        f"per identity) or an InsightFace .rec{moved if run else ''}"
+        f"data.root={root!r} does not exist{where}{demo}: give an image folder (one "
+        f"sub-folder per identity) or an InsightFace .rec{moved if run else ''}"
     )
 
 
 @dataclass
 class DataConfig:
-    root: str = "datasets/lfw-demo/images"
+    root: str = DEMO_ROOT
     """Image folder with one sub-folder per identity, or an InsightFace ``.rec`` file or
     the folder holding ``train.rec``/``train.idx`` (the default is the bundled LFW demo set)."""
     image_size: int = 112
@@ -1515,7 +1545,7 @@ def load_config(
     for given in map(Path, paths):
         # as data.root: from the working dir, else the project's (`facecluster train -c
         # configs/smoke.yaml` from another folder, as `facecluster --help` shows it)
-        p = resolve_data_root(str(given))
+        p = config_file(given)
         if p.is_dir():  # was "config file not found"
             raise ConfigError(f"config file {given} is a folder: name a YAML file in it")
         if not p.is_file():

@@ -215,6 +215,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_recordio.py::test_documented_pack_then_train_commands",
     ),
     "facecluster export RUN OUT": (FILLED, "tests/test_deploy.py::exported"),
+    "facecluster train -c configs/smoke.yaml data.root=<your faces>": (
+        FILLED,  # from the wheel, unpacked, with 6 of the demo's identities
+        "tests/test_packaging.py::test_an_installed_package_reads_its_configs_and_says_where_"
+        "the_demo_is",
+    ),
     "facecluster export --fpir 0.01": (
         FILLED,  # --fpir 0.2, against the default 0.01's export
         "tests/test_deploy.py::test_export_fpir_sets_the_share_of_unseen_faces_the_threshold_"
