@@ -34,7 +34,7 @@ import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -611,7 +611,7 @@ def _finish_locked(out: Path) -> None:
     update = out / UPDATE
     if not update.is_dir():  # put in place by the process that held the lock before
         return
-    plan = json.loads((update / UPDATE_PLAN).read_text())
+    plan = _read_plan(out)
     for name in plan["remove"]:
         stale = out / name
         if stale.is_dir() and not stale.is_symlink():
@@ -635,6 +635,54 @@ def _finish_locked(out: Path) -> None:
     os.rename(update, done)  # all in place: no longer pending
     fsync_dir(out)
     shutil.rmtree(done, ignore_errors=True)
+
+
+def _read_plan(out: Path) -> dict[str, Any]:
+    """The committed update's plan, once every name in it is one that an export or an
+    enrolment writes (``identifier.pt``, ``backbone.pth``, ``onnx/<network, gallery,
+    identifier.json or a temporary file>``) and ``out/onnx`` is no link: the plan is
+    acted on before anything of the folder is read, so a folder from elsewhere whose
+    plan named ``../x``, an absolute path or a file under a linked folder removed any
+    folder and wrote any file there, ``site-packages/x.pth`` too (a security review).
+
+    Raises:
+        ValueError: naming the plan and what it names, nothing done.
+    """
+    from facecluster.inference.onnx import written_name
+
+    path = out / UPDATE / UPDATE_PLAN
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+        names = [*plan["remove"], *plan["files"]]
+        ok_types = isinstance(plan["remove_onnx"], bool) and all(isinstance(n, str) for n in names)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path} cannot be read ({e}): {_PLAN_ADVICE.format(out=out)}") from None
+    if not ok_types:
+        raise ValueError(f"{path} is not an update plan: {_PLAN_ADVICE.format(out=out)}")
+    onnx = f"{ONNX_FOLDER}/"
+    foreign = [
+        name
+        for name in names
+        if name not in (TORCH_FILE, BACKBONE_FILE)
+        and not (name.startswith(onnx) and written_name(name.removeprefix(onnx)))
+    ]
+    if foreign:
+        raise ValueError(
+            f"{path} names {shown_list([repr(n) for n in foreign], 3)}, which no export or "
+            f"enrolment writes, so nothing was done: {_PLAN_ADVICE.format(out=out)}"
+        )
+    if (out / ONNX_FOLDER).is_symlink() and any(n.startswith(onnx) for n in names):
+        raise ValueError(
+            f"{out / ONNX_FOLDER} is a link, which an update would write through, so nothing "
+            f"was done: {_PLAN_ADVICE.format(out=out)}"
+        )
+    return plan
+
+
+_PLAN_ADVICE = (
+    "facecluster did not leave {out} so (a copy from elsewhere, or a folder changed by "
+    "hand); export the run again into a new folder"
+)
 
 
 @contextlib.contextmanager

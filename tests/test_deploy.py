@@ -669,6 +669,46 @@ def test_a_re_export_killed_while_its_files_move_never_leaves_onnx_reading_finis
     assert (out / "identifier.pt").read_text() == "new"
 
 
+def test_a_pending_update_that_names_what_no_export_writes_is_refused_untouched(tmp_path):
+    # every command on an export acts on its pending plan before reading anything: a
+    # folder from elsewhere whose plan named an absolute path removed that folder, and
+    # one naming ../x or a file under a linked onnx/ wrote there (site-packages/x.pth
+    # ran code at the next python start; a security review)
+    import json
+
+    victim = tmp_path / "victim"
+    (victim / "keep").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "export"
+    update = out / deploy.UPDATE
+    (update / "onnx").mkdir(parents=True)
+    (update / "identifier.pt").write_text("new")
+    (update / "onnx" / "router.onnx").write_text("new")
+    for path in ("../planted.txt", str(elsewhere / "x.pth"), "onnx/../../planted.txt"):
+        (tmp_path / "planted.txt").unlink(missing_ok=True)
+        plan = {"remove": [str(victim)], "files": ["identifier.pt", path], "remove_onnx": False}
+        (update / deploy.UPDATE_PLAN).write_text(json.dumps(plan))
+        with pytest.raises(ValueError, match=r"update\.json names .*which no export or enrolment"):
+            deploy.finish_update(out)
+        assert (victim / "keep").is_dir() and not (tmp_path / "planted.txt").exists()
+        assert not list(elsewhere.iterdir()) and not (out / "identifier.pt").exists()
+    (out / "onnx").symlink_to(elsewhere)  # onnx/router.onnx written into elsewhere/
+    plan = {"remove": [], "files": ["identifier.pt", "onnx/router.onnx"], "remove_onnx": False}
+    (update / deploy.UPDATE_PLAN).write_text(json.dumps(plan))
+    with pytest.raises(ValueError, match=r"onnx is a link, which an update would write through"):
+        deploy.finish_update(out)
+    assert not list(elsewhere.iterdir()) and not (out / "identifier.pt").exists()
+    (update / deploy.UPDATE_PLAN).write_text("{not json")
+    with pytest.raises(ValueError, match=r"update\.json cannot be read"):
+        deploy.finish_update(out)
+    (out / "onnx").unlink()  # the plan an export writes is put in place
+    (update / deploy.UPDATE_PLAN).write_text(json.dumps(plan))
+    deploy.finish_update(out)
+    assert (out / "identifier.pt").read_text() == (out / "onnx" / "router.onnx").read_text()
+    assert not update.exists()
+
+
 def test_commands_finishing_one_update_take_turns(tmp_path, monkeypatch):
     # every command on an export finishes a pending update first, so two may at once:
     # they removed each other's new files (the marker, onnx/identifier.json, after the

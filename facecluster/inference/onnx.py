@@ -92,6 +92,12 @@ _WRITTEN = re.compile(r"(router|subnet\d+)\.onnx|gallery\.npz|identifier\.json|\
 """The names an export writes into its folder (the last: ``replacing``'s temporary files)."""
 
 
+def written_name(name: str) -> bool:
+    """Whether ``name`` is one that an ONNX export writes into its folder (one name: no
+    ``/`` or ``..``)."""
+    return _WRITTEN.fullmatch(name) is not None and "/" not in name and ".." not in name
+
+
 def check_replaceable(folder: str | Path) -> None:
     """Refuse, naming it, a ``folder`` that an export may not delete to write its own:
     a link, a file, or a folder holding anything an ONNX export does not write (an
@@ -104,7 +110,7 @@ def check_replaceable(folder: str | Path) -> None:
             "or export to another folder"
         )
     if folder.is_dir():
-        foreign = sorted(p.name for p in folder.iterdir() if not _WRITTEN.fullmatch(p.name))
+        foreign = sorted(p.name for p in folder.iterdir() if not written_name(p.name))
         if foreign:
             raise ValueError(
                 f"{folder} holds files an ONNX export does not write ({shown_list(foreign)}): "
