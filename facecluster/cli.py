@@ -222,9 +222,9 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         # Every DDP rank trains; the evaluation runs once, in global rank 0 alone, and
         # only when the run is finished (not after stage=1, a job, a SLURM submission).
         if is_global_zero() and cfg.eval.after_training and result.results is not None:
-            print("\nEvaluation on the held-out test split (docs/EVALUATION.md):")
-            try:
-                print(evaluate_runs([result.run_dir]))
+            try:  # the heading with its table: W&B's lines came between them
+                table = evaluate_runs([result.run_dir])
+                print(f"\nEvaluation on the held-out test split (docs/EVALUATION.md):\n{table}")
             except KeyboardInterrupt:  # the training is done: say how to evaluate it
                 print(
                     f"interrupted during the evaluation; the run has finished training: "

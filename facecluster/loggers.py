@@ -46,6 +46,13 @@ class _StepOffset:
 class RunWandbLogger(_StepOffset, WandbLogger):
     """WandbLogger whose step axis continues across the two stages."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Lightning passes wandb.init anonymous=None, which wandb 0.19+ answers with
+        # "The anonymous setting has no effect and will be removed" at every run
+        if self._wandb_init.get("anonymous", "") is None:
+            del self._wandb_init["anonymous"]
+
 
 if not hasattr(ExperimentWriter, "_check_log_dir_exists"):  # pragma: no cover
     # renamed by a Lightning release, the override below would never run, and Lightning's
@@ -335,6 +342,9 @@ def wandb_run(cfg: Config, run_dir: Path, run_id: str) -> Iterator[Any]:
         resume="allow",
         dir=str(run_dir),
         mode=mode,
+        # the training's banner and summary were printed already: a second set of
+        # about 35 lines came between the evaluation's heading and its table
+        settings=wandb.Settings(silent=True),
     )
     error = None
     try:

@@ -163,10 +163,15 @@ def test_csv_and_none_loggers(tmp_path):
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_writes_both_stages_to_disk(monkeypatch, tmp_path):
+def test_wandb_offline_run_writes_both_stages_to_disk(monkeypatch, tmp_path, capfd):
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_SILENT")  # what a user sees
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     result = train(load_config(SMOKE, smoke_overrides(tmp_path, "logger=wandb")))
+    said = capfd.readouterr().err
+    assert "wandb: Tracking run" in said  # W&B's banner, where the run starts
+    # Lightning passed anonymous=None, which W&B answered with a warning at every run
+    assert "anonymous" not in said
     runs = list((result.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "one W&B run for both stages"
     assert list(runs[0].glob("*.wandb")), "the run's data is on disk for `wandb sync`"
@@ -185,6 +190,9 @@ def test_wandb_offline_run_writes_both_stages_to_disk(monkeypatch, tmp_path):
 
     # the evaluation's figures as numbers, which W&B's runs table compares runs by
     evaluate_runs([result.run_dir])
+    # silently: a second banner and summary (35 lines) came between the evaluation's
+    # heading and its table
+    assert "wandb:" not in capfd.readouterr().err
     rows = json.loads((result.run_dir / "eval" / "results.json").read_text())["rows"]
     later = _history(max((result.run_dir / "wandb").glob("offline-run-*")))
     for row in rows:
