@@ -30,6 +30,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from facecluster.callbacks.interrupt import stop_if_terminated
+from facecluster.callbacks.progress import close_train_bar
 from facecluster.clustering import (
     ClusterAssignment,
     cluster_identities,
@@ -92,6 +93,7 @@ class ClusteringCallback(L.Callback):
         self._neighbours: tuple[ClusterAssignment, list[torch.Tensor]] | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        close_train_bar(trainer)  # the clustering's bar and summary on lines of their own
         self.cluster(trainer, pl_module)
 
     @torch.no_grad()

@@ -36,3 +36,14 @@ class StderrProgressBar(TQDMProgressBar):
         # error that follows, on the same stream now, starts a line of its own
         if self.is_enabled:
             print(file=sys.stderr, flush=True)
+
+
+def close_train_bar(trainer) -> None:
+    """Close ``trainer``'s epoch bar now: Lightning closes it at ``on_train_end`` after
+    the callbacks listed before the bar's, so a line those print there (the clustering's
+    summary) was written onto the end of the open bar, after tqdm's cursor-up code of
+    the class-means bar nested under it. Closing twice is closing once."""
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, TQDMProgressBar):
+        with contextlib.suppress(TypeError):  # no bar made yet (no training batch)
+            bar.train_progress_bar.close()

@@ -73,11 +73,14 @@ from facecluster.models.precision import skip_groups_apart
 from facecluster.run import BEST, LAST, RunFolder, is_global_zero, launched_processes
 
 # Lightning's notices that nobody using facecluster can act on, printed at every Trainer
-# (twice a run): an advertisement for its cloud logger, torch's deprecation of a pytree
-# call inside Lightning's own code, and, at every resume, that the checkpoint folder the
-# run continues from is not empty (a new run never starts in an existing run folder)
+# (twice a run): an advertisement for its cloud logger, that fit stopped at max_epochs
+# or max_steps (the end of a stage: written onto the end of the still open epoch bar),
+# torch's deprecation of a pytree call inside Lightning's own code, and, at every
+# resume, that the checkpoint folder the run continues from is not empty (a new run
+# never starts in an existing run folder)
+_NOTICES = ("\N{ELECTRIC LIGHT BULB} Tip:", "`Trainer.fit` stopped: `max_")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-    lambda record: not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+    lambda record: not str(record.msg).startswith(_NOTICES)
 )
 warnings.filterwarnings(
     "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning

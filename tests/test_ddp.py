@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -55,6 +56,11 @@ def test_documented_multi_device_command_runs_train_py_to_its_last_line(tmp_path
     assert out.count("clustered, all sub-nets (ISM)") == 1
     # none of Lightning's notices that no user can act on (twice a run each, before)
     assert "Tip:" not in proc.stderr and "LeafSpec" not in proc.stderr
+    assert "`Trainer.fit` stopped" not in proc.stderr  # onto the end of the epoch bar
+    # the clustering's summary on a line of its own: it was written onto the end of the
+    # open epoch bar, after the class-means bar's cursor-up code
+    (summary,) = re.findall(r".*clustering \(kmeans, K=3\).*", proc.stderr)
+    assert summary.startswith("clustering (kmeans"), repr(summary[:200])
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.name != ".cache"]
     assert out.rstrip().splitlines()[-1] == f"facecluster run folder: {run_dir}"
     assert (run_dir / "eval" / "results.md").is_file()
