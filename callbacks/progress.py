@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
+import time
 from collections.abc import Callable
 
 from lightning.pytorch.callbacks import TQDMProgressBar
@@ -20,10 +22,36 @@ def _on_stderr(init: Callable) -> Callable:
     return made_on_stderr
 
 
+NOT_A_TERMINAL_EVERY_S = 30.0
+"""Where stderr is not a terminal (a log file, a SLURM job's output), the bars are
+written at most once in this many seconds, and when they end."""
+
+
 class StderrProgressBar(TQDMProgressBar):
     """Lightning's progress bars, written to stderr: Lightning writes them to stdout,
     so ``python train.py > results.txt`` kept thousands of bar updates between the
-    result tables that are a command's only output on stdout."""
+    result tables that are a command's only output on stdout.
+
+    Into a file (stderr not a terminal) a bar is written at most once every
+    :data:`NOT_A_TERMINAL_EVERY_S` seconds, and at its end: every batch wrote one, 239
+    updates for a one-minute smoke run, and hundreds of thousands for a SLURM job's
+    day of training (a console-output review)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._to_terminal = sys.stderr.isatty()
+        self._written = -math.inf  # time.monotonic() of the last write into a file
+
+    def _should_update(self, current: int, total: int) -> bool:
+        if not super()._should_update(current, total):
+            return False
+        if self._to_terminal or current == total:
+            return True
+        now = time.monotonic()
+        if now - self._written < NOT_A_TERMINAL_EVERY_S:
+            return False
+        self._written = now
+        return True
 
     init_sanity_tqdm = _on_stderr(TQDMProgressBar.init_sanity_tqdm)
     init_train_tqdm = _on_stderr(TQDMProgressBar.init_train_tqdm)

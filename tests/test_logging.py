@@ -400,3 +400,26 @@ def test_an_offline_wandb_run_says_where_it_is_written_under_either_name(
         assert f"W&B offline (WANDB_MODE): the run is written to {tmp_path / 'wandb'}" in (
             caplog.text
         ), mode
+
+
+def test_training_bars_into_a_file_are_written_every_30_seconds_and_at_their_end(monkeypatch):
+    # every batch wrote the bar into a SLURM job's output file: 220 carriage returns for
+    # a one-minute smoke run, hundreds of thousands for a day of training
+    import sys
+    import time
+
+    from facecluster.callbacks import progress
+
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    bar = progress.StderrProgressBar()
+    written = []
+    for step in range(1, 101):  # a step a second
+        now[0] += 1
+        if bar._should_update(step, 100):
+            written.append(step)
+    assert written == [1, 31, 61, 91, 100]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: every step
+    bar = progress.StderrProgressBar()
+    assert all(bar._should_update(step, 100) for step in range(1, 101))
