@@ -151,13 +151,14 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         if cfg.launcher.name == "slurm":  # first: the jobs still queued, named as such
             check_queue(folder)  # before the run folder changes
         _check_prerequisites(cfg, folder)
-        if (
-            cfg.resume
+        done = (
+            bool(cfg.resume)
             and folder.finished
             and cfg.stage == "all"
             and cfg.stage2.subnets is None
             and not (cfg.two_stage and folder.missing_subnets(cfg.clustering.num_clusters))
-        ):
+        )
+        if done:
             try:  # what the evaluation (or the results table) reads: named in one line
                 folder.check_weights(cfg.two_stage)
             except (OSError, ValueError) as e:
@@ -193,6 +194,8 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
             folder.save_config(cfg)
             folder.save_unseen_identities({s: dm.unseen_identities(s) for s in ("val", "test")})
             rank_zero_info(f"facecluster run folder: {folder.path}")
+            if cfg.resume and not done and cfg.launcher.name == "local":  # where it goes on
+                rank_zero_info(f"resumed: {_resumed_from(cfg, folder)}")
             logger = build_logger(cfg, folder.path, run_id)
             with finish_logger(logger):
                 hint = ResumeHint(folder.path, cfg.stage, JOB_ENV)  # Ctrl-C: how to continue
@@ -400,6 +403,19 @@ def _warn_starting_over(last: Path, what: str) -> None:
             f"{'is' if len(kept) == 1 else 'are'} there: to continue from one, stop now and "
             f"copy it to {last.name}"
         )
+
+
+def _resumed_from(cfg: Config, folder: RunFolder) -> str:
+    """Where a resumed run goes on, in a few words (a run stopped before stage 1 saved
+    a checkpoint started it again without a word, a review of the console output)."""
+    if folder.has_stage_summary(1):
+        if cfg.two_stage and not folder.clusters_path.is_file():
+            return "stage 1 is done; its backbone clusters the identities"
+        return "stage 1 is done" + ("; stage 2 goes on" if cfg.two_stage else "")
+    point = folder.stage1_resume_point(cfg.resume)
+    if point is None:
+        return "stage 1 starts again from its first epoch (it had saved no checkpoint)"
+    return f"stage 1 goes on from {point}"
 
 
 def _stage1_pending(cfg: Config, folder: RunFolder) -> bool:

@@ -136,6 +136,7 @@ def test_resuming_a_finished_run_says_it_trains_nothing_and_evaluates(
     with caplog.at_level(logging.INFO):
         result = train(RunFolder.config_for_resume(str(run)))
     assert f"{run} is finished: nothing to train" in caplog.text
+    assert "resumed:" not in caplog.text  # nothing goes on
     assert f"python evaluate.py run={run}" in caplog.text
     assert result.results is not None and result.backbone is result.subnets is None
     assert {p: p.read_bytes() for p in weights} == weights

@@ -3,6 +3,7 @@ and end with exactly the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -42,7 +43,7 @@ def _params(module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("cap", [(), ("trainer.max_steps=100000",)], ids=["", "max_steps"])
-def test_interrupted_twice_and_resumed_equals_uninterrupted(tmp_path, cap):
+def test_interrupted_twice_and_resumed_equals_uninterrupted(tmp_path, cap, caplog):
     # cap: a trainer.max_steps that does not bind; Lightning read a resume's epoch-end
     # checkpoint under it as one saved inside that epoch, and counted the next epoch
     # without training it (stage 1 one epoch short, the record saying it was not: a review)
@@ -55,16 +56,26 @@ def test_interrupted_twice_and_resumed_equals_uninterrupted(tmp_path, cap):
     assert (run_dir / "stage1" / "checkpoints" / "last.ckpt").is_file()
     assert not (run_dir / "clusters.pt").exists()
 
-    with pytest.raises(Interrupted, match="stage 2"):
+    # each resume says where the run goes on (a stage 1 begun again said nothing)
+    from facecluster.pipeline import _resumed_from
+
+    assert _resumed_from(cfg, RunFolder(tmp_path / "none")) == (
+        "stage 1 starts again from its first epoch (it had saved no checkpoint)"
+    )
+    with caplog.at_level(logging.INFO), pytest.raises(Interrupted, match="stage 2"):
         train(
             RunFolder.config_for_resume(str(run_dir)),
             callbacks=[StopAtEpochStart(stage=2, epoch=1)],
         )
+    assert f"resumed: stage 1 goes on from {run_dir}/stage1/checkpoints/last.ckpt" in caplog.text
     assert (run_dir / "clusters.pt").is_file()
     stage2_last = RunFolder(run_dir).last_checkpoint(2, "subnets-0-2")
     assert torch.load(stage2_last, weights_only=False)["epoch"] == 0
 
-    resumed = train(RunFolder.config_for_resume(str(run_dir)))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        resumed = train(RunFolder.config_for_resume(str(run_dir)))
+    assert "resumed: stage 1 is done; stage 2 goes on" in caplog.text
 
     assert resumed.assignment == reference.assignment
     expected, got = _params(reference.subnets), _params(resumed.subnets)
