@@ -239,7 +239,8 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     file=sys.stderr,
                 )
                 return 2
-            print(f"\nfacecluster run folder: {result.run_dir}")
+            print(f"\nfacecluster run folder: {result.run_dir}", flush=True)
+            _say_where(result.run_dir)
     except ConfigError as e:
         return _fail(e)
     except JobsFailed as e:
@@ -323,7 +324,20 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
         return _interrupted()
     except said_in_one_line as e:
         return _fail(_said(e))
+    for run in runs:
+        _say_where(Path(run))
     return 0
+
+
+def _say_where(run: Path) -> None:
+    """After a run's evaluation, on stderr: where its results are and how to use the
+    run (the last lines named the run folder alone, a review of the console output)."""
+    print(
+        f"{run}: tables and plots in {run / 'eval'} (results.md, .csv, .json); identify "
+        f"faces with it: `facecluster export {run} exports/{run.name}`, then `facecluster "
+        f"identify exports/{run.name} <images>` (docs/DEPLOYMENT.md)",
+        file=sys.stderr,
+    )
 
 
 def _said(error: Exception) -> object:

@@ -63,6 +63,12 @@ def test_documented_multi_device_command_runs_train_py_to_its_last_line(tmp_path
     assert summary.startswith("clustering (kmeans"), repr(summary[:200])
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.name != ".cache"]
     assert out.rstrip().splitlines()[-1] == f"facecluster run folder: {run_dir}"
+    # where the results are and what to do next, on stderr (the run folder alone, before)
+    assert proc.stderr.rstrip().splitlines()[-1] == (
+        f"{run_dir}: tables and plots in {run_dir}/eval (results.md, .csv, .json); identify "
+        f"faces with it: `facecluster export {run_dir} exports/{run_dir.name}`, then "
+        f"`facecluster identify exports/{run_dir.name} <images>` (docs/DEPLOYMENT.md)"
+    )
     assert (run_dir / "eval" / "results.md").is_file()
     # the sub-nets' test counts, from both ranks' shards: each test face once (the
     # padding of a split that 2 ranks do not divide was counted twice)

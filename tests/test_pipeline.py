@@ -478,6 +478,8 @@ def test_the_ism_baseline_trains_a_random_partition_and_every_subnet_answers(
     table = said.out
     # the speed measurement says what it does (12 to 40 s without a word, before)
     assert re.search(r"timing \d+ predictors: 1 batch\(es\) of 64 and 20 single images", said.err)
+    for evaluated in (finished_run.run_dir, run):  # where each run's results are
+        assert f"{evaluated}: tables and plots in {evaluated / 'eval'} (results.md" in said.err
     rows = {tuple(c.strip() for c in line.split("|")[1:3]) for line in table.splitlines()}
     assert ("run", "clustered, routed (top_m=1, moe)") in rows
     assert ("ism", "random partition, routed (top_m=1, moe)") in rows
