@@ -84,12 +84,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         of a resume reads only the pages it keeps, its shard of a head, instead of the
         whole gathered head and its optimizer state (computed: about 8 GB each at 2M
         identities x 512 with SGD's momentum, on every rank of a node). Remote paths go through
-        Lightning's reader."""
+        Lightning's reader. ``weights_only=None`` reads weights only, as every read of
+        facecluster does: torch's own default follows TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD,
+        under which a crafted checkpoint ran its code (a security review)."""
+        weights_only = True if weights_only is None else weights_only
         if not _local(path):
             return super().load_checkpoint(path, map_location, weights_only)
-        kwargs = {} if weights_only is None else {"weights_only": weights_only}
         where = map_location if map_location is not None else "cpu"
-        return torch.load(path, map_location=where, mmap=True, **kwargs)
+        return torch.load(path, map_location=where, mmap=True, weights_only=weights_only)
 
 
 def _local(path: Any) -> bool:

@@ -1007,6 +1007,22 @@ def test_files_from_elsewhere_that_would_run_code_are_refused(finished_run, tmp_
     assert not marker.exists()
 
 
+def test_lightnings_checkpoint_reads_are_weights_only_whatever_torch_is_told(tmp_path, monkeypatch):
+    # Lightning's reader passes weights_only=None where its caller gave none: torch's
+    # default then followed TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, and a crafted checkpoint
+    # ran its code (a security review)
+    import pickle
+
+    from facecluster.checkpoint_io import AtomicCheckpointIO
+
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": {}, "x": _RunsCode(marker)}, tmp_path / "crafted.ckpt")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(pickle.UnpicklingError, match="posix.system"):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "crafted.ckpt", weights_only=None)
+    assert not marker.exists()
+
+
 @pytest.mark.slow
 def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(
     finished_run, tmp_path, capsys, monkeypatch
