@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from facecluster.clustering import ClusterAssignment, cluster_identities, dispersion
+from facecluster.io import replacing
 
 
 def _pyplot():
@@ -23,7 +24,10 @@ def _pyplot():
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    # a temporary file put in its place: a plot left as a link (a run folder from
+    # elsewhere) was written through onto the file it names (a security review)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
     _pyplot().close(fig)
     return path
 

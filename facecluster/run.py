@@ -905,7 +905,8 @@ class RunFolder:
     def save_training_report(self, results: dict[str, Any], table: str) -> None:
         self._write_json(RESULTS, results)
         if is_global_zero():
-            (self.path / RESULTS_TABLE).write_text(table + "\n")
+            with replacing(self.path / RESULTS_TABLE) as tmp:  # never through a link
+                tmp.write_text(table + "\n")
 
     def clear_training_report(self) -> None:
         """Sub-nets are (re)trained: the run's results, stage-2 summary and the decision

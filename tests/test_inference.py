@@ -1023,6 +1023,26 @@ def test_lightnings_checkpoint_reads_are_weights_only_whatever_torch_is_told(tmp
     assert not marker.exists()
 
 
+def test_a_plot_or_table_left_as_a_link_is_replaced_not_written_through(tmp_path):
+    # a run folder from elsewhere whose eval/alpha.png named a file of the user's: the
+    # evaluation wrote its plot over that file (a security review)
+    from facecluster import plots
+
+    victim = tmp_path / "mine.txt"
+    victim.write_text("keep")
+    link = tmp_path / "run" / "eval" / "alpha.png"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(victim)
+    plt = plots._pyplot()
+    plots._save(plt.figure(), link)
+    assert victim.read_text() == "keep" and not link.is_symlink()
+    assert link.read_bytes().startswith(b"\x89PNG")
+    table = tmp_path / "run" / "results.md"
+    table.symlink_to(victim)
+    RunFolder(tmp_path / "run").save_training_report({}, "| table |")
+    assert victim.read_text() == "keep" and table.read_text() == "| table |\n"
+
+
 @pytest.mark.slow
 def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(
     finished_run, tmp_path, capsys, monkeypatch
