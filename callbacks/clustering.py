@@ -223,11 +223,12 @@ class ClusteringCallback(L.Callback):
             return
         stats = dispersion(assignment)
         sizes = assignment.cluster_sizes().tolist()
+        both = len(assignment.overlap)  # "(0 in two)" was read as nothing (a review)
         rank_zero_info(
             f"clustering ({assignment.method}, K={assignment.num_clusters}): identities per "
-            f"cluster {sizes} ({len(assignment.overlap)} in two); within-cluster dispersion "
-            f"{stats['within']:.4f}, between-cluster {stats['between']:.4f}; "
-            f"saved to {self.save_path}"
+            f"cluster {sizes}{f', {both} of them in two clusters' if both else ''}; "
+            f"within-cluster dispersion {stats['within']:.4f}, between-cluster "
+            f"{stats['between']:.4f}; saved to {self.save_path}"
         )
         alone = [k for k, n in enumerate(sizes) if n == 1]
         if alone and not self.datamodule.hparams.subnet_negatives > 0:  # no "not mine"

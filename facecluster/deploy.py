@@ -476,7 +476,7 @@ def enroll_folder(model: str | Path, folder: str | Path, batch_size: int = 64) -
     identifier.check_new_names(list(faces))  # before any image is read
 
     def people() -> Iterator[tuple[str, torch.Tensor]]:  # one person's images at a time
-        for name, paths in tqdm(faces.items(), desc="enrol", unit="identity"):
+        for name, paths in tqdm(faces.items(), desc="enroll", unit="identity"):
             batches = [b for _, _, b in _batches(paths, size, batch_size) if b is not None]
             if not batches:
                 raise ValueError(f"{folder}/{name}: no decodable face image to enrol")
