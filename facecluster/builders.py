@@ -78,7 +78,12 @@ from facecluster.run import BEST, LAST, RunFolder, is_global_zero, launched_proc
 # torch's deprecation of a pytree call inside Lightning's own code, and, at every
 # resume, that the checkpoint folder the run continues from is not empty (a new run
 # never starts in an existing run folder)
-_NOTICES = ("\N{ELECTRIC LIGHT BULB} Tip:", "`Trainer.fit` stopped: `max_")
+_NOTICES = (
+    "\N{ELECTRIC LIGHT BULB} Tip:",
+    "`Trainer.fit` stopped: `max_",
+    "TPU available: False",
+    "Loading `train_dataloader` to estimate number of stepping batches",
+)
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith(_NOTICES)
 )
@@ -86,6 +91,10 @@ warnings.filterwarnings(
     "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning
 )
 warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty", UserWarning)
+# said in facecluster's settings instead (hardware_hints): Lightning's name Trainer and
+# DataLoader arguments that no facecluster user sets
+warnings.filterwarnings("ignore", r"GPU available but not used")
+warnings.filterwarnings("ignore", r"The '\w+_dataloader' does not have many workers")
 # the verification sets' accuracies are measured and logged by rank 0 alone (a sync_dist
 # would wait for ranks that log nothing): Lightning's advice, at every epoch under DDP
 warnings.filterwarnings(
@@ -387,6 +396,28 @@ def _plugins(trainer_args: dict[str, Any]) -> list[Any]:
             # launcher=slurm's submission from such an allocation builds none
             pass
     return plugins
+
+
+def hardware_hints(cfg: Config) -> list[str]:
+    """What Lightning's "GPU available but not used" and "does not have many workers"
+    said in its own terms (``Trainer(accelerator='gpu')``, ``num_workers=15`` in the
+    ``DataLoader``), in the settings a facecluster user sets; once a command (pipeline's
+    train says them), not at each stage. Workers are asked for on a GPU only: on the
+    CPU they take its cores from training (the demo and smoke configs' 1 and 0)."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    gpu = torch.cuda.is_available()
+    hints = []
+    if gpu and accelerator == "cpu":
+        hints.append(
+            "a CUDA GPU is here, but trainer.accelerator=cpu trains on the CPU (the demo and "
+            "smoke configs choose it): add trainer.accelerator=gpu to train on the GPU"
+        )
+    elif gpu and accelerator in ("gpu", "cuda", "auto") and cfg.data.num_workers == 0:
+        hints.append(
+            "data.num_workers=0 decodes the images in the training process, between steps: "
+            "on a GPU set data.num_workers to about the CPU cores per GPU (docs/DATA.md)"
+        )
+    return hints
 
 
 def default_precision(accelerator: str) -> str:

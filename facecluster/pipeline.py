@@ -38,6 +38,7 @@ from facecluster.builders import (
     check_trainer_settings,
     check_verification_sets,
     fit_eval_batches,
+    hardware_hints,
     module_args,
     starting_weights,
     stop_started_ranks,
@@ -194,6 +195,8 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
             folder.save_config(cfg)
             folder.save_unseen_identities({s: dm.unseen_identities(s) for s in ("val", "test")})
             rank_zero_info(f"facecluster run folder: {folder.path}")
+            for hint in hardware_hints(cfg):
+                rank_zero_warn(hint)
             if cfg.resume and not done and cfg.launcher.name == "local":  # where it goes on
                 rank_zero_info(f"resumed: {_resumed_from(cfg, folder)}")
             logger = build_logger(cfg, folder.path, run_id)

@@ -57,6 +57,7 @@ def test_documented_multi_device_command_runs_train_py_to_its_last_line(tmp_path
     # none of Lightning's notices that no user can act on (twice a run each, before)
     assert "Tip:" not in proc.stderr and "LeafSpec" not in proc.stderr
     assert "`Trainer.fit` stopped" not in proc.stderr  # onto the end of the epoch bar
+    assert "TPU available" not in proc.stderr and "to estimate number of" not in proc.stderr
     # the clustering's summary on a line of its own: it was written onto the end of the
     # open epoch bar, after the class-means bar's cursor-up code
     (summary,) = re.findall(r".*clustering \(kmeans, K=3\).*", proc.stderr)

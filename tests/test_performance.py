@@ -638,3 +638,23 @@ def test_the_input_benchmark_refuses_a_set_it_cannot_time(tmp_path, capsys):
         with pytest.raises(SystemExit) as stop:
             run_script("bench/data_throughput.py", "--root", str(root), "--out", str(out))
         assert stop.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_a_gpu_left_unused_or_unfed_is_said_in_facecluster_settings(monkeypatch):
+    # Lightning said "You can set it by doing `Trainer(accelerator='gpu')`" and
+    # "increasing ... `num_workers=15` in the `DataLoader`", settings nobody here sets,
+    # at each stage, and the second on the CPU too, where workers take training's cores
+    from facecluster.builders import hardware_hints
+
+    smoke = load_config(SMOKE)  # trainer.accelerator: cpu, data.num_workers: 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hardware_hints(smoke) == []
+    assert hardware_hints(smoke.with_overrides(["trainer.accelerator=auto"])) == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    (unused,) = hardware_hints(smoke)
+    assert "trainer.accelerator=cpu trains on the CPU" in unused
+    assert "add trainer.accelerator=gpu" in unused
+    (unfed,) = hardware_hints(smoke.with_overrides(["trainer.accelerator=gpu"]))
+    assert unfed.startswith("data.num_workers=0 decodes the images in the training process")
+    fed = ["trainer.accelerator=gpu", "data.num_workers=4"]
+    assert hardware_hints(smoke.with_overrides(fed)) == []
