@@ -325,19 +325,28 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
     except said_in_one_line as e:
         return _fail(_said(e))
     for run in runs:
-        _say_where(Path(run))
+        _say_where(Path(run).expanduser())
     return 0
 
 
 def _say_where(run: Path) -> None:
-    """After a run's evaluation, on stderr: where its results are and how to use the
-    run (the last lines named the run folder alone, a review of the console output)."""
-    print(
-        f"{run}: tables and plots in {run / 'eval'} (results.md, .csv, .json); identify "
-        f"faces with it: `facecluster export {run} exports/{run.name}`, then `facecluster "
-        f"identify exports/{run.name} <images>` (docs/DEPLOYMENT.md)",
-        file=sys.stderr,
-    )
+    """After a run's evaluation, on stderr: where its results are and, for a two-stage
+    run, how to use it (the last lines named the run folder alone, a review of the
+    console output)."""
+    import shlex
+
+    from facecluster.run import RunFolder
+
+    folder = RunFolder(run.resolve())
+    plots = " and plots" if any(folder.eval_dir.glob("*.png")) else ""
+    said = f"{run}: tables{plots} in {folder.eval_dir} (results.md, .csv, .json)"
+    if folder.config().two_stage:  # export writes two-stage identifiers
+        out = shlex.quote(f"exports/{folder.path.name}")
+        said += (
+            f"; identify faces with it: `facecluster export {shlex.quote(str(run))} {out}`, "
+            f"then `facecluster identify {out} <images>` (docs/DEPLOYMENT.md)"
+        )
+    print(said, file=sys.stderr)
 
 
 def _said(error: Exception) -> object:

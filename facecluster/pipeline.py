@@ -198,7 +198,8 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
             for hint in hardware_hints(cfg):
                 rank_zero_warn(hint)
             if cfg.resume and not done and cfg.launcher.name == "local":  # where it goes on
-                rank_zero_info(f"resumed: {_resumed_from(cfg, folder)}")
+                if where := _resumed_from(cfg, folder):
+                    rank_zero_info(f"resumed: {where}")
             logger = build_logger(cfg, folder.path, run_id)
             with finish_logger(logger):
                 hint = ResumeHint(folder.path, cfg.stage, JOB_ENV)  # Ctrl-C: how to continue
@@ -408,17 +409,20 @@ def _warn_starting_over(last: Path, what: str) -> None:
         )
 
 
-def _resumed_from(cfg: Config, folder: RunFolder) -> str:
-    """Where a resumed run goes on, in a few words (a run stopped before stage 1 saved
-    a checkpoint started it again without a word, a review of the console output)."""
-    if folder.has_stage_summary(1):
-        if cfg.two_stage and not folder.clusters_path.is_file():
+def _resumed_from(cfg: Config, folder: RunFolder) -> str | None:
+    """Where a resumed run goes on, in a few words, or None (this command trains
+    nothing of it: ``stage=1`` of a run past stage 1): a run stopped before stage 1
+    saved a checkpoint began again without a word (a review of the console output)."""
+    if _stage1_pending(cfg, folder):
+        if folder.has_stage_summary(1):  # only its clustering is missing
             return "stage 1 is done; its backbone clusters the identities"
-        return "stage 1 is done" + ("; stage 2 goes on" if cfg.two_stage else "")
-    point = folder.stage1_resume_point(cfg.resume)
-    if point is None:
-        return "stage 1 starts again from its first epoch (it had saved no checkpoint)"
-    return f"stage 1 goes on from {point}"
+        point = folder.stage1_resume_point(cfg.resume)
+        if point is None:
+            return "stage 1 starts again from its first epoch (it had saved no checkpoint)"
+        return f"stage 1 goes on from {point}"
+    if cfg.two_stage and cfg.stage in ("all", "2"):
+        return "stage 1 is done; stage 2 goes on"
+    return None
 
 
 def _stage1_pending(cfg: Config, folder: RunFolder) -> bool:

@@ -479,12 +479,33 @@ def test_the_ism_baseline_trains_a_random_partition_and_every_subnet_answers(
     # the speed measurement says what it does (12 to 40 s without a word, before)
     assert re.search(r"timing \d+ predictors: 1 batch\(es\) of 64 and 20 single images", said.err)
     for evaluated in (finished_run.run_dir, run):  # where each run's results are
-        assert f"{evaluated}: tables and plots in {evaluated / 'eval'} (results.md" in said.err
+        assert f"{evaluated}: tables" in said.err
+        assert f" in {evaluated / 'eval'} (results.md, .csv, .json); identify faces" in said.err
     rows = {tuple(c.strip() for c in line.split("|")[1:3]) for line in table.splitlines()}
     assert ("run", "clustered, routed (top_m=1, moe)") in rows
     assert ("ism", "random partition, routed (top_m=1, moe)") in rows
     ism = next(line for line in table.splitlines() if "random partition, all sub-nets" in line)
     assert ism.startswith("| ism |") and "| 3 |" in ism  # every sub-net ran
+
+
+def test_the_closing_line_offers_export_only_for_a_two_stage_run(tmp_path, capsys):
+    # it offered `facecluster export` after a single-model run, which export refuses,
+    # said "plots" where eval.plots=false wrote none, and quoted no path with a space
+    from facecluster.cli import _say_where
+
+    for method, two_stage in (("single", False), ("clustered", True)):
+        run = tmp_path / f"my {method} run"
+        (run / "eval").mkdir(parents=True)
+        cfg = load_config(SMOKE, [f"method={method}"])
+        (run / "config.yaml").write_text(cfg.run_settings().to_yaml())
+        _say_where(run)
+        said = capsys.readouterr().err
+        assert said.startswith(f"{run}: tables in {run / 'eval'} (results.md, .csv, .json)")
+        assert ("facecluster export" in said) == two_stage, said
+    assert f"`facecluster export '{run}' 'exports/my clustered run'`" in said
+    (run / "eval" / "top_m.png").write_bytes(b"png")
+    _say_where(run)
+    assert f"{run}: tables and plots in" in capsys.readouterr().err
 
 
 def test_an_existing_run_folder_is_refused_before_the_data_scan(tmp_path, monkeypatch):

@@ -76,6 +76,9 @@ def test_interrupted_twice_and_resumed_equals_uninterrupted(tmp_path, cap, caplo
     with caplog.at_level(logging.INFO):
         resumed = train(RunFolder.config_for_resume(str(run_dir)))
     assert "resumed: stage 1 is done; stage 2 goes on" in caplog.text
+    for stage in ("1", "cluster", "assemble"):  # none of them trains anything of it now
+        again = RunFolder.config_for_resume(str(run_dir), [f"stage={stage}"])
+        assert _resumed_from(again, RunFolder(run_dir)) is None, stage
 
     assert resumed.assignment == reference.assignment
     expected, got = _params(reference.subnets), _params(resumed.subnets)
