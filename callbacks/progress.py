@@ -33,7 +33,8 @@ class StderrProgressBar(TQDMProgressBar):
     result tables that are a command's only output on stdout.
 
     Into a file (stderr not a terminal) a bar is written at most once every
-    :data:`NOT_A_TERMINAL_EVERY_S` seconds, and at its end: every batch wrote one, 239
+    :data:`NOT_A_TERMINAL_EVERY_S` seconds, and where it ends (its last batch, or the
+    batch a stop or trainer.max_steps ended the epoch at): every batch wrote one, 239
     updates for a one-minute smoke run, and hundreds of thousands for a SLURM job's
     day of training (a console-output review)."""
 
@@ -41,6 +42,7 @@ class StderrProgressBar(TQDMProgressBar):
         super().__init__(*args, **kwargs)
         self._to_terminal = sys.stderr.isatty()
         self._written = -math.inf  # time.monotonic() of the last write into a file
+        self._seen = 0  # training batches of this epoch so far (the bar may lag behind)
 
     def _should_update(self, current: int, total: int) -> bool:
         if not super()._should_update(current, total):
@@ -59,10 +61,37 @@ class StderrProgressBar(TQDMProgressBar):
     init_test_tqdm = _on_stderr(TQDMProgressBar.init_test_tqdm)
     init_predict_tqdm = _on_stderr(TQDMProgressBar.init_predict_tqdm)
 
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._seen = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._seen = batch_idx + 1
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def catch_up(self) -> None:
+        """Write the epoch bar at the batch training reached, where the throttle left it
+        behind: an epoch that ends before its last batch (trainer.max_steps, a stop)
+        showed the count of the last write, up to 30 s old."""
+        with contextlib.suppress(TypeError):  # no bar made yet
+            bar = self.train_progress_bar
+            if not bar.disable and bar.n != self._seen:
+                bar.n = self._seen
+                bar.refresh()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.catch_up()
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.catch_up()
+        super().on_train_end(trainer, pl_module)
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # a bar stopped mid-line (tqdm ends none of its updates with a newline): the
         # error that follows, on the same stream now, starts a line of its own
         if self.is_enabled:
+            self.catch_up()
             print(file=sys.stderr, flush=True)
 
 
@@ -72,6 +101,8 @@ def close_train_bar(trainer) -> None:
     summary) was written onto the end of the open bar, after tqdm's cursor-up code of
     the class-means bar nested under it. Closing twice is closing once."""
     bar = trainer.progress_bar_callback
+    if isinstance(bar, StderrProgressBar):
+        bar.catch_up()
     if isinstance(bar, TQDMProgressBar):
         with contextlib.suppress(TypeError):  # no bar made yet (no training batch)
             bar.train_progress_bar.close()

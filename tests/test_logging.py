@@ -423,3 +423,28 @@ def test_training_bars_into_a_file_are_written_every_30_seconds_and_at_their_end
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: every step
     bar = progress.StderrProgressBar()
     assert all(bar._should_update(step, 100) for step in range(1, 101))
+
+
+def test_a_throttled_epoch_bar_ends_at_the_batch_training_reached(monkeypatch):
+    # trainer.max_steps (or a stop) ended an epoch at batch 7 of 33 and the bar, last
+    # written 30 s before, said 0/33 in every line after (a review of the diff)
+    import io
+
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+    from facecluster.callbacks import progress
+
+    bar = progress.StderrProgressBar()
+    written = io.StringIO()
+    bar.train_progress_bar = Tqdm(total=33, file=written)
+    bar._seen = 7
+    order = []
+    monkeypatch.setattr(TQDMProgressBar, "on_train_epoch_end", lambda *a: order.append("bar"))
+    monkeypatch.setattr(TQDMProgressBar, "on_train_end", lambda *a: order.append("end"))
+    bar.on_train_epoch_end(None, None)
+    assert bar.train_progress_bar.n == 7 and "7/33" in written.getvalue()
+    assert order == ["bar"]  # after the catch-up: Lightning's postfix shows 7/33 too
+    bar._seen = 9
+    bar.on_train_end(None, None)
+    assert bar.train_progress_bar.n == 9 and order == ["bar", "end"]
