@@ -51,6 +51,7 @@ from facecluster.config import (
     ConfigError,
     check_data_root,
     naming,
+    resolve_data_root,
     unreadable_names,
 )
 from facecluster.data import BadImageError, FaceDataModule
@@ -310,12 +311,12 @@ def check_identity_names(cfg: Config, dm: FaceDataModule) -> None:
     if broken := unreadable_names(names):
         where = (
             f"their lines of {IDENTITY_NAMES} beside the .rec"
-            if rec_paths(cfg.data.root)
+            if rec_paths(resolve_data_root(cfg.data.root))
             else "their folders"
         )
         raise ConfigError(
             f"data.root={cfg.data.root}: {len(broken)} identity name(s) cannot name an "
-            f"identity ({shown_list([repr(name) for name, _ in broken], 3)}: {broken[0][1]}); "
+            f"identity ({shown_list([f'{name!r} {why}' for name, why in broken], 3)}); "
             f"{NAME_RULE}: rename {where}"
         )
 
@@ -405,19 +406,27 @@ def hardware_hints(cfg: Config) -> list[str]:
     train says them), not at each stage. Workers are asked for on a GPU only: on the
     CPU they take its cores from training (the demo and smoke configs' 1 and 0)."""
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    gpu = torch.cuda.is_available()
-    hints = []
-    if gpu and accelerator == "cpu":
-        hints.append(
-            "a CUDA GPU is here, but trainer.accelerator=cpu trains on the CPU (the demo and "
-            "smoke configs choose it): add trainer.accelerator=gpu to train on the GPU"
-        )
-    elif gpu and accelerator in ("gpu", "cuda", "auto") and cfg.data.num_workers == 0:
-        hints.append(
-            "data.num_workers=0 decodes the images in the training process, between steps: "
-            "on a GPU set data.num_workers to about the CPU cores per GPU (docs/DATA.md)"
-        )
-    return hints
+    kind = (
+        "a CUDA GPU"
+        if torch.cuda.is_available()
+        else "an Apple GPU (MPS)"
+        if torch.backends.mps.is_available()
+        else None
+    )
+    if kind is None:
+        return []
+    if accelerator == "cpu":
+        return [
+            f"{kind} is here, but trainer.accelerator=cpu (the demo and smoke configs' "
+            "setting) trains on the CPU: add trainer.accelerator=gpu to train on the GPU"
+        ]
+    if cfg.data.num_workers < 2:
+        return [
+            f"data.num_workers={cfg.data.num_workers} decodes the images in too few processes "
+            "to keep a GPU busy: set data.num_workers to about the CPU cores per GPU "
+            "(docs/DATA.md)"
+        ]
+    return []
 
 
 def default_precision(accelerator: str) -> str:

@@ -46,25 +46,29 @@ PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 """``configs/`` as an installed package holds it (pyproject's package-dir ships the
 checkout's ``configs/`` as ``facecluster/configs``; a checkout has none here)."""
 
+CHECKOUT = None if PACKAGE_CONFIGS.is_dir() else PROJECT_ROOT
+"""The checkout facecluster runs from, None for an installed package: there
+PROJECT_ROOT is site-packages, whose ``configs/`` of another package was read for
+``-c configs/...`` (a review)."""
+
 DEMO_ROOT = "datasets/lfw-demo/images"
 """The bundled demo set, ``data.root``'s default: in the checkout, not in the package."""
 
 
 def config_file(given: str | Path) -> Path:
-    """A ``-c`` file: from the working dir, else the checkout's (as data.root), else,
-    for ``configs/...``, the installed package's copy (no checkout: a wheel)."""
-    path = resolve_data_root(str(given))
-    parts = Path(given).parts
-    if not path.exists() and len(parts) > 1 and parts[0] == "configs":
-        if (packaged := PACKAGE_CONFIGS.joinpath(*parts[1:])).exists():
-            return packaged
+    """A ``-c`` file: from the working dir, else the checkout's (as data.root), or, for
+    ``configs/...`` of an installed package, its own copy."""
+    path = Path(given).expanduser()
+    if path.is_absolute() or path.exists() or CHECKOUT is not None:
+        return resolve_data_root(str(given))
+    if len(path.parts) > 1 and path.parts[0] == "configs":
+        return PACKAGE_CONFIGS.joinpath(*path.parts[1:])
     return path
 
 
 def default_config() -> Path:
-    """``configs/default.yaml`` of the checkout, else of the installed package."""
-    path = PROJECT_ROOT / "configs" / "default.yaml"
-    return path if path.is_file() else PACKAGE_CONFIGS / "default.yaml"
+    """``configs/default.yaml`` of the checkout, or of the installed package."""
+    return (PACKAGE_CONFIGS if CHECKOUT is None else CHECKOUT / "configs") / "default.yaml"
 
 
 TRAINER_COUNTS = {
@@ -261,11 +265,11 @@ def not_a_run(folder: str | Path) -> str | None:
 
 
 def resolve_data_root(root: str) -> Path:
-    """A relative data.root is taken from the working dir, else from the project root."""
+    """A relative data.root is taken from the working dir, else from the checkout."""
     p = Path(root).expanduser()
-    if p.is_absolute() or p.exists():
+    if p.is_absolute() or p.exists() or CHECKOUT is None:
         return p
-    return PROJECT_ROOT / p
+    return CHECKOUT / p
 
 
 def check_data_root(root: str, run: bool) -> None:
@@ -278,7 +282,7 @@ def check_data_root(root: str, run: bool) -> None:
     places = (
         []
         if Path(root).expanduser().is_absolute()
-        else list(dict.fromkeys([Path.cwd(), PROJECT_ROOT]))
+        else list(dict.fromkeys([Path.cwd(), *([CHECKOUT] if CHECKOUT else [])]))
     )
     where = f" (looked for in {' and '.join(map(str, places))})" if places else ""
     moved = (
@@ -289,7 +293,7 @@ def check_data_root(root: str, run: bool) -> None:
     demo = (
         " (the bundled demo set comes with a checkout of facecluster's repository, not "
         "with the installed package)"
-        if root == DEMO_ROOT and not (PROJECT_ROOT / "configs").is_dir()
+        if root == DEMO_ROOT and CHECKOUT is None
         else ""
     )
     raise ConfigError(

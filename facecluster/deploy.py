@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from facecluster.config import PROJECT_ROOT, Config, ConfigError, resolve_data_root
+from facecluster.config import CHECKOUT, Config, ConfigError, resolve_data_root
 from facecluster.data import IMAGE_EXTENSIONS, build_transforms, scan_image_folder, scored
 from facecluster.data.folder import warn_ignored_files
 from facecluster.data.images import DECODE_ERRORS, decode_image
@@ -133,10 +133,10 @@ def export_run(
     if data_root is not None and not resolve_data_root(cfg.data.root).exists():
         # a run that needs no data pass would not read it: named here all the same
         given = Path(data_root).expanduser()
-        if given.is_absolute():
-            raise ConfigError(f"--data-root {data_root}: {given} does not exist")
+        if given.is_absolute() or CHECKOUT is None:
+            raise ConfigError(f"--data-root {data_root}: {given.absolute()} does not exist")
         raise ConfigError(  # resolve_data_root's two places
-            f"--data-root {data_root}: neither {given.absolute()} nor {PROJECT_ROOT / given} exists"
+            f"--data-root {data_root}: neither {given.absolute()} nor {CHECKOUT / given} exists"
         )
     if cfg.method == "single":
         raise ValueError(

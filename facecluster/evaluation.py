@@ -275,7 +275,8 @@ class Bench:
         # said while it runs, never updated (no write inside the timed calls): a run's
         # evaluation was silent for 12 to 40 s here (a console-output review)
         what = (
-            f"timing {len(predictors)} predictors: {rounds} batch(es) of {size} and 20 "
+            f"timing {len(predictors)} predictor{'s' * (len(predictors) != 1)}: {rounds} "
+            f"batch(es) of {size} and 20 "
             "single images each"
         )
         with tqdm(desc=what, bar_format="{desc}", leave=False):

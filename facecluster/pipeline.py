@@ -195,7 +195,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
             folder.save_config(cfg)
             folder.save_unseen_identities({s: dm.unseen_identities(s) for s in ("val", "test")})
             rank_zero_info(f"facecluster run folder: {folder.path}")
-            for hint in hardware_hints(cfg):
+            for hint in [] if done else hardware_hints(cfg):  # nothing trains when done
                 rank_zero_warn(hint)
             if cfg.resume and not done and cfg.launcher.name == "local":  # where it goes on
                 if where := _resumed_from(cfg, folder):

@@ -648,13 +648,19 @@ def test_a_gpu_left_unused_or_unfed_is_said_in_facecluster_settings(monkeypatch)
 
     smoke = load_config(SMOKE)  # trainer.accelerator: cpu, data.num_workers: 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert hardware_hints(smoke) == []
     assert hardware_hints(smoke.with_overrides(["trainer.accelerator=auto"])) == []
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # a Mac's
+    (unused,) = hardware_hints(smoke)
+    assert unused.startswith("an Apple GPU (MPS) is here, but trainer.accelerator=cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     (unused,) = hardware_hints(smoke)
-    assert "trainer.accelerator=cpu trains on the CPU" in unused
+    assert unused.startswith("a CUDA GPU is here, but trainer.accelerator=cpu (the demo")
     assert "add trainer.accelerator=gpu" in unused
-    (unfed,) = hardware_hints(smoke.with_overrides(["trainer.accelerator=gpu"]))
-    assert unfed.startswith("data.num_workers=0 decodes the images in the training process")
+    for workers in (0, 1):  # default.yaml's 1 too
+        given = ["trainer.accelerator=gpu", f"data.num_workers={workers}"]
+        (unfed,) = hardware_hints(smoke.with_overrides(given))
+        assert unfed.startswith(f"data.num_workers={workers} decodes the images in too few")
     fed = ["trainer.accelerator=gpu", "data.num_workers=4"]
     assert hardware_hints(smoke.with_overrides(fed)) == []

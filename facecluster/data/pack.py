@@ -130,7 +130,7 @@ def pack_folder(
     if broken := unreadable_names(folder.class_names):
         raise ValueError(
             f"{src}: {len(broken)} identity folder name(s) cannot be packed "
-            f"({shown_list([repr(name) for name, _ in broken], 3)}: {broken[0][1]}); "
+            f"({shown_list([f'{name!r} {why}' for name, why in broken], 3)}); "
             f"{NAME_RULE}: rename them"
         )
     _check_empty_files(src, folder, skip_empty)
