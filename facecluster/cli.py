@@ -340,7 +340,11 @@ def _say_where(run: Path) -> None:
     folder = RunFolder(run.resolve())
     plots = " and plots" if any(folder.eval_dir.glob("*.png")) else ""
     said = f"{run}: tables{plots} in {folder.eval_dir} (results.md, .csv, .json)"
-    if folder.config().two_stage:  # export writes two-stage identifiers
+    try:  # a run just evaluated: its config reads; were it not, the hint is left out
+        two_stage = folder.config().two_stage
+    except (OSError, ValueError):
+        two_stage = False
+    if two_stage:  # export writes two-stage identifiers
         out = shlex.quote(f"exports/{folder.path.name}")
         said += (
             f"; identify faces with it: `facecluster export {shlex.quote(str(run))} {out}`, "
