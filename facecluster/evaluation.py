@@ -274,9 +274,9 @@ class Bench:
         rounds = self.cfg.eval.timing_batches
         # said while it runs, never updated (no write inside the timed calls): a run's
         # evaluation was silent for 12 to 40 s here (a console-output review)
+        n = len(predictors)
         what = (
-            f"timing {len(predictors)} predictor{'s' * (len(predictors) != 1)}: {rounds} "
-            f"batch(es) of {size} and 20 "
+            f"timing {n} predictor{'s' * (n != 1)}: {rounds} batch(es) of {size} and 20 "
             "single images each"
         )
         with tqdm(desc=what, bar_format="{desc}", leave=False):
