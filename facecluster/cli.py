@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Callable
@@ -333,8 +334,6 @@ def _say_where(run: Path) -> None:
     """After a run's evaluation, on stderr: where its results are and, for a two-stage
     run, how to use it (the last lines named the run folder alone, a review of the
     console output)."""
-    import shlex
-
     from facecluster.run import RunFolder
 
     folder = RunFolder(run.resolve())
@@ -418,6 +417,12 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return _fail(_said(e))  # OUT unwritable, or a full disk
     for path in written:
         print(f"wrote {path}")
+    out = shlex.quote(str(args.out))  # what to do with it (a review of the console output)
+    print(
+        f"identify faces with it: `facecluster identify {out} <images>`; add people "
+        f"without training: `facecluster enroll {out} <folder of person folders>`",
+        file=sys.stderr,
+    )
     return 0
 
 

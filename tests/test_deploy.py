@@ -326,6 +326,13 @@ def test_export_of_a_run_whose_data_moved_reads_it_from_data_root(
     moved = tmp_path / "elsewhere" / "images"
     shutil.copytree(DEMO, moved)
     assert cli.export_main([str(copied), str(tmp_path / "b"), "--data-root", str(moved)]) == 0
+    said = capsys.readouterr()  # the files written, then what to do with them
+    assert said.out.startswith(f"wrote {tmp_path / 'b' / 'identifier.pt'}\n")
+    assert said.err.endswith(
+        f"identify faces with it: `facecluster identify {tmp_path / 'b'} <images>`; add "
+        f"people without training: `facecluster enroll {tmp_path / 'b'} <folder of person "
+        "folders>`\n"
+    )
     made = torch.load(tmp_path / "b" / "identifier.pt", weights_only=True)["open_set"]
     assert made == torch.load(exported / "identifier.pt", weights_only=True)["open_set"]
     assert "  root: /gone/lfw-demo/images\n" in config.read_text()  # the run is left as it was
