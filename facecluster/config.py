@@ -238,8 +238,8 @@ _WORD = re.compile(r"\w")  # a letter or digit of any script: neither Zs nor Cf
 def unreadable_names(names: Sequence[str]) -> list[tuple[str, str]]:
     """``(name, why)`` for each of ``names`` that :func:`name_problem` refuses, in order.
     Only the names that hold a control character or no letter or digit are looked at
-    character by character: :func:`name_problem` on each of WebFace42M's 2M names took
-    14 s, this 1 s (measured on 2 cores)."""
+    character by character: :func:`name_problem` on each of 2M names of 20 characters
+    (WebFace42M's count) took 13.7 s, this 0.8 s (measured on 2 cores)."""
     return [
         (name, why)
         for name in names
