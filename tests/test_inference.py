@@ -230,15 +230,15 @@ def test_kmeans_trains_on_every_class_mean_not_faiss_sample():
     assert found != partition(sampled.centroids)
 
 
-@pytest.mark.parametrize(
-    ("index", "options"),
-    [
-        ("ivf", {}),
-        ("ivf", {"ivf_codes": "sq8"}),
-        ("clusters", {"ivf_codes": "sq8", "lists_per_cluster": 4}),
-        ("hnsw", {}),
-    ],
-)
+APPROXIMATE_INDEXES = [
+    ("ivf", {}),
+    ("ivf", {"ivf_codes": "sq8"}),
+    ("clusters", {"ivf_codes": "sq8", "lists_per_cluster": 4}),
+    ("hnsw", {}),
+]
+
+
+@pytest.mark.parametrize(("index", "options"), APPROXIMATE_INDEXES)
 def test_approximate_indexes_route_like_exact_search_on_separated_data(index, options):
     torch.manual_seed(0)
     means = F.normalize(torch.randn(400, 16), dim=1)
@@ -248,6 +248,78 @@ def test_approximate_indexes_route_like_exact_search_on_separated_data(index, op
     exact = Router(means, clusters, centroids, "flat").route(queries, 2)
     approx = Router(means, clusters, centroids, index, ivf_nprobe=64, **options).route(queries, 2)
     assert (exact[:, 0] == approx[:, 0]).float().mean() >= 0.95
+
+
+def _separated(n=400, d=16, k=8):
+    torch.manual_seed(0)
+    means = F.normalize(torch.randn(n, d), dim=1)
+    clusters = torch.arange(n) % k
+    centroids = F.normalize(torch.stack([means[clusters == c].mean(0) for c in range(k)]), dim=1)
+    return means, clusters, centroids
+
+
+@pytest.mark.parametrize(("index", "options"), APPROXIMATE_INDEXES)
+def test_a_saved_router_index_is_put_together_from_plain_arrays_as_it_was(
+    index, options, monkeypatch
+):
+    # an export keeps the index's parts as plain arrays, not faiss's serialised bytes
+    # (faiss's reader trusts those: a crafted blob made it open a file of its choosing):
+    # put together over the same class means, nothing trained again, it finds the same
+    # neighbours with the same similarities for every query
+    from facecluster.inference import router as router_module
+
+    means, clusters, centroids = _separated()
+    built = Router(means, clusters, centroids, index, ivf_nprobe=3, hnsw_ef_search=16, **options)
+    parts = built.saved_parts()
+    assert parts and all(p.dtype.kind in "iuf" for p in parts.values())
+    for name in ("deserialize_index", "Kmeans"):
+        monkeypatch.setattr(faiss, name, lambda *a, _n=name, **k: pytest.fail(f"faiss.{_n}"))
+    for name in ("build_index", "cluster_lists_index"):
+        monkeypatch.setattr(router_module, name, lambda *a, **k: pytest.fail("built again"))
+    again = Router(
+        means, clusters, centroids, index, ivf_nprobe=3, hnsw_ef_search=16, prebuilt=parts,
+        **options,
+    )  # fmt: skip
+    queries = F.normalize(means[:60] + 0.3 * torch.randn(60, 16), dim=1).numpy()
+    (sims, ids), (sims_again, ids_again) = (
+        built.index.search(queries, 20),
+        again.index.search(queries, 20),
+    )
+    assert np.array_equal(ids, ids_again) and np.array_equal(sims, sims_again)
+
+
+def _crafted(parts, name, value):
+    return {**parts, name: value}
+
+
+@pytest.mark.parametrize(
+    ("index", "options", "name", "craft"),
+    [
+        ("hnsw", {}, "levels", lambda p: p["levels"] + 40),  # past the graph's top level
+        ("hnsw", {}, "levels", lambda p: p["levels"].astype(np.float32)),
+        ("hnsw", {}, "offsets", lambda p: p["offsets"] + 8),
+        ("hnsw", {}, "neighbors", lambda p: np.where(p["neighbors"] == 7, 10**6, p["neighbors"])),
+        ("hnsw", {}, "neighbors", lambda p: np.where(p["neighbors"] == 7, -5, p["neighbors"])),
+        ("hnsw", {}, "neighbors", lambda p: p["neighbors"][:-1]),
+        ("hnsw", {}, "entry_point", lambda p: np.array([1 << 40])),
+        ("hnsw", {}, "entry_point", lambda p: np.flatnonzero(p["levels"] == 1)[:1]),
+        ("ivf", {}, "lists", lambda p: np.where(p["lists"] == 0, 1 << 40, p["lists"])),
+        ("ivf", {}, "lists", lambda p: None),
+        ("ivf", {}, "centroids", lambda p: np.full_like(p["centroids"], np.nan)),
+        ("ivf", {}, "centroids", lambda p: p["centroids"][:, :8].copy()),
+        ("ivf", {}, "centroids", lambda p: np.zeros((1 << 20, 16), np.float32)),
+        ("ivf", {"ivf_codes": "sq8"}, "sq_trained", lambda p: p["sq_trained"][:5]),
+        ("clusters", {}, "lists", lambda p: p["lists"][:-1]),
+    ],
+)
+def test_a_crafted_router_index_part_is_refused_by_name(index, options, name, craft):
+    # what faiss would take on trust is checked against the class means first: no
+    # neighbour, list or level that points outside the arrays reaches faiss's search
+    means, clusters, centroids = _separated()
+    parts = Router(means, clusters, centroids, index, **options).saved_parts()
+    crafted = _crafted(parts, name, craft(parts))
+    with pytest.raises(ValueError, match=f"saved router index's {name} "):
+        Router(means, clusters, centroids, index, prebuilt=crafted, **options)
 
 
 def test_decision_unit_alpha_selects_and_blends_the_two_units():
@@ -878,7 +950,31 @@ def test_an_exported_router_index_is_read_not_built_again(
     assert built == [1]  # other index settings: built for them
     flat = TwoStageIdentifier.from_run(finished_run, route={"index": "flat"})
     payload = torch.load(flat.export(tmp_path / "flat.pt"), weights_only=True)
-    assert "router_index" not in payload  # a flat index is a copy of the class means
+    assert "router_parts" not in payload  # a flat index is a copy of the class means
+
+
+def test_an_exports_crafted_or_older_router_index_is_never_handed_to_faiss(
+    finished_run, tmp_path, caplog
+):
+    # a crafted part is refused naming the export; faiss's serialised bytes, which
+    # exports kept before 2026-12-06, are not read (built again, with a warning)
+    ident = TwoStageIdentifier.from_run(finished_run, route={"index": "hnsw"})
+    payload = torch.load(ident.export(tmp_path / "identifier.pt"), weights_only=True)
+    neighbours = payload["router_parts"]["neighbors"]
+    neighbours[neighbours == 1] = 1 << 30
+    torch.save(payload, tmp_path / "crafted.pt")
+    with pytest.raises(ValueError, match=r"crafted\.pt: the saved router index's neighbors"):
+        TwoStageIdentifier.load(tmp_path / "crafted.pt")
+    del payload["router_parts"]
+    blob = faiss.serialize_index(ident.router.index)
+    payload["router_index"] = torch.from_numpy(blob)
+    torch.save(payload, tmp_path / "older.pt")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(faiss, "deserialize_index", lambda *a: pytest.fail("faiss read the bytes"))
+        older = TwoStageIdentifier.load(tmp_path / "older.pt")
+    assert "saved by an earlier facecluster as faiss's bytes" in caplog.text
+    queries = torch.randn(30, ident.assignment.class_means.shape[1])
+    assert torch.equal(older.router.route(queries, 2), ident.router.route(queries, 2))
 
 
 def test_the_decision_unit_is_fitted_on_a_seeded_sample_of_validation_faces(
@@ -1279,8 +1375,9 @@ def test_enrolment_takes_one_person_at_a_time_and_changes_nothing_until_all_are_
 
 
 def test_the_onnx_folder_keeps_the_router_index_too(tmp_path, monkeypatch):
-    # the gallery holds the built index as a uint8 array (allow_pickle=False), read back
-    # by a load with the same index settings; the networks stand in for ONNX sessions
+    # the gallery holds the built index's parts as plain arrays (allow_pickle=False),
+    # put together by a load with the same index settings; the networks stand in for
+    # ONNX sessions
     from facecluster.inference import onnx as onnx_module
     from facecluster.inference import router as router_module
 

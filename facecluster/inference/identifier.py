@@ -97,6 +97,10 @@ INDEX_SETTINGS = (
 )
 """The route settings a router index is built with, and their defaults (older exports
 lack some): an export's saved index serves a load with the same ones."""
+ROUTER_PARTS = "router_parts"
+"""An export's key (``gallery.npz``: prefix) for the plain arrays of its router index
+(:func:`~facecluster.inference.router.index_parts`). Exports before 2026-12-06 kept
+faiss's serialised bytes under ``router_index``: not read (:func:`older_index_note`)."""
 
 
 @dataclass
@@ -183,8 +187,8 @@ class TwoStageIdentifier(nn.Module):
             index settings).
         shared_layers: the sub-nets' first stages that are the router backbone's own
             (``model.shared_layers``; checked here).
-        router_index: the router's faiss index as saved by :meth:`export`
-            (:meth:`Router.serialized`), for these class means and ``route``'s index
+        router_index: the parts of the router's faiss index as saved by :meth:`export`
+            (:meth:`Router.saved_parts`), for these class means and ``route``'s index
             settings; None: built here.
     """
 
@@ -198,7 +202,7 @@ class TwoStageIdentifier(nn.Module):
         class_names: list[str],
         route: dict[str, Any],
         shared_layers: int = 0,
-        router_index: np.ndarray | None = None,
+        router_index: dict[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__()
         self.backbone_args = checked_backbone(backbone)
@@ -240,7 +244,7 @@ class TwoStageIdentifier(nn.Module):
         """The route settings the router's index is built with (:data:`INDEX_SETTINGS`)."""
         return {key: self.route_config.get(key, default) for key, default in INDEX_SETTINGS}
 
-    def _build_router(self, prebuilt: np.ndarray | None = None) -> Router:
+    def _build_router(self, prebuilt: dict[str, np.ndarray] | None = None) -> Router:
         return Router(
             self.assignment.class_means,
             self.assignment.class_to_cluster,
@@ -890,9 +894,9 @@ class TwoStageIdentifier(nn.Module):
             check_parts(self.assignment, names, self.num_clusters, payload["heads"], networks)
         except ValueError as e:
             raise ValueError(f"not writing {path}: {e}") from None
-        index = self.router.serialized()
-        if index is not None:  # loads read it instead of building it again
-            payload["router_index"] = torch.from_numpy(index)
+        parts = self.router.saved_parts()
+        if parts is not None:  # loads put it together instead of building it again
+            payload[ROUTER_PARTS] = {name: torch.from_numpy(a) for name, a in parts.items()}
             payload["router_index_settings"] = self.index_settings()
         atomic_torch_save(payload, path)
         return path
@@ -934,7 +938,9 @@ class TwoStageIdentifier(nn.Module):
                 f"reads versions 1 to {EXPORT_VERSION}"
             )
         route_given, route = route, dict(payload["route"], **(route or {}))
-        saved = payload.get("router_index")
+        saved = payload.get(ROUTER_PARTS)
+        if payload.get("router_index") is not None:  # faiss's bytes: not read
+            logger.warning(older_index_note(path))
         saved = reusable_index(saved, payload.get("router_index_settings"), route)
         try:  # what the constructor's check_parts finds, named with the file
             assignment = ClusterAssignment.from_dict(payload["assignment"])
@@ -1152,14 +1158,31 @@ def _is_number(value: Any) -> bool:
 
 
 def reusable_index(
-    saved: Tensor | np.ndarray | None, settings: dict[str, Any] | None, route: dict[str, Any]
-) -> np.ndarray | None:
-    """An export's saved router index (:meth:`Router.serialized`) when it was built with
-    ``route``'s index settings (``settings``: those it was built with), else None: the
-    router is then built for them."""
-    if saved is None or settings != {key: route.get(key, d) for key, d in INDEX_SETTINGS}:
+    saved: dict[str, Tensor | np.ndarray] | None,
+    settings: dict[str, Any] | None,
+    route: dict[str, Any],
+) -> dict[str, np.ndarray] | None:
+    """An export's saved router index parts (:meth:`Router.saved_parts`) when it was
+    built with ``route``'s index settings (``settings``: those it was built with), else
+    None: the router is then built for them."""
+    if not isinstance(saved, dict):
         return None
-    return saved.cpu().numpy() if isinstance(saved, Tensor) else np.asarray(saved)
+    if settings != {key: route.get(key, d) for key, d in INDEX_SETTINGS}:
+        return None
+    return {
+        str(name): part.cpu().numpy() if isinstance(part, Tensor) else np.asarray(part)
+        for name, part in saved.items()
+    }
+
+
+def older_index_note(path: str | Path) -> str:
+    """The warning for an export whose router index an earlier facecluster saved as
+    faiss's own bytes, which are not read (faiss's reader trusts them)."""
+    return (
+        f"{path}: its router index was saved by an earlier facecluster as faiss's bytes, "
+        "which are not read (a crafted blob can make faiss open files); the index is "
+        "built at each load instead: export the run again to keep it"
+    )
 
 
 def _tie_trunks(router: nn.Module, subnets: list[nn.Module], stages: int) -> None:

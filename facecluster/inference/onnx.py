@@ -23,6 +23,7 @@ identifier's, so both answer alike (tested on a real run's test split). With
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import struct
@@ -37,15 +38,19 @@ from torch import Tensor, nn
 
 from facecluster.clustering import ClusterAssignment
 from facecluster.inference.identifier import (
+    ROUTER_PARTS,
     TwoStageIdentifier,
     check_parts,
     checked_backbone,
     checked_route,
     loaded_open_set,
+    older_index_note,
     refuses,
     reusable_index,
 )
 from facecluster.io import replacing, replacing_together, shown_list
+
+logger = logging.getLogger(__name__)
 
 ONNX_META = "identifier.json"
 """An ONNX export's names, settings and format, written last: its presence marks the
@@ -176,9 +181,9 @@ def _write_gallery(identifier: TwoStageIdentifier, gallery: Path, meta_path: Pat
     }
     for k in range(identifier.num_clusters):
         arrays[f"head{k}"] = identifier.head_rows(k).cpu().numpy()
-    index = identifier.router.serialized()  # a load with the same settings reads it
-    if index is not None:
-        arrays["router_index"] = index
+    parts = identifier.router.saved_parts()  # a load with the same settings reads them
+    for name, part in (parts or {}).items():
+        arrays[f"{ROUTER_PARTS}.{name}"] = part
     if identifier.export_id is not None:  # read alone by load_export's check of the folder
         arrays[EXPORT_ID] = np.frombuffer(identifier.export_id.encode(), np.uint8)
     with open(gallery, "wb") as f:  # a file object: np.savez would add ".npz" to a name
@@ -192,7 +197,7 @@ def _write_gallery(identifier: TwoStageIdentifier, gallery: Path, meta_path: Pat
         "num_clusters": identifier.num_clusters,
         "open_set": identifier.open_set,
         "export_id": identifier.export_id,
-        "router_index_settings": identifier.index_settings() if index is not None else None,
+        "router_index_settings": identifier.index_settings() if parts is not None else None,
         "assignment": {
             "format": assignment["format"],
             "version": assignment["version"],
@@ -376,6 +381,10 @@ def load_onnx(
     except ValueError as e:
         source = f"{ONNX_META}, route={given}" if refuses(given, meta["route"]) else ONNX_META
         raise ValueError(f"ONNX export {folder} ({source}): {e}") from None
+    prefix = f"{ROUTER_PARTS}."
+    saved_parts = {key[len(prefix) :]: a for key, a in arrays.items() if key.startswith(prefix)}
+    if "router_index" in arrays:  # faiss's bytes: not read
+        logger.warning(older_index_note(folder / ONNX_GALLERY))
     router = OnnxBackbone(folder / "router.onnx", device)
     subnets = [OnnxBackbone(folder / f"subnet{i}.onnx", device) for i in range(k)]
     size = meta["backbone"]["image_size"]
@@ -393,9 +402,7 @@ def load_onnx(
         assignment,
         meta["class_names"],
         route,
-        router_index=reusable_index(
-            arrays.get("router_index"), meta.get("router_index_settings"), route
-        ),
+        router_index=reusable_index(saved_parts, meta.get("router_index_settings"), route),
     )
     identifier.open_set = open_set
     identifier.export_id = meta.get("export_id")  # None: before export ids

@@ -98,14 +98,140 @@ def cluster_lists_index(
         _, nearest = km.index.search(data[members], 1)
         assignment[members] = sum(len(x) for x in sub_centroids) + nearest[:, 0]
         sub_centroids.append(km.centroids)
-    quantizer = faiss.IndexFlatIP(d)
-    quantizer.add(np.ascontiguousarray(np.concatenate(sub_centroids), dtype=np.float32))
+    return _filled_ivf(data, np.concatenate(sub_centroids), assignment, codes, nprobe)
+
+
+def _filled_ivf(
+    data: np.ndarray,
+    centroids: np.ndarray,
+    lists: np.ndarray,
+    codes: str,
+    nprobe: int,
+    sq_trained: np.ndarray | None = None,
+) -> faiss.IndexIVF:
+    """An inner-product IVF whose list ``i`` has centroid row ``i`` of ``centroids`` and
+    holds the rows of ``data`` that ``lists`` puts there, in order. ``sq8`` codes: their
+    8-bit ranges trained on ``data``, or ``sq_trained`` (a saved index's)."""
+    quantizer = faiss.IndexFlatIP(data.shape[1])
+    quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
     index = _ivf(quantizer, quantizer.ntotal, codes)
-    index.train(data)  # the quantizer is full: only 8-bit ranges are trained, if any
+    if sq_trained is None:
+        index.train(data)  # the quantizer is full: only 8-bit ranges are trained, if any
+    else:
+        faiss.copy_array_to_vector(sq_trained, index.sq.trained)
+        index.is_trained = True
     ids = np.arange(len(data), dtype=np.int64)
-    index.add_core(len(data), faiss.swig_ptr(data), faiss.swig_ptr(ids), faiss.swig_ptr(assignment))
+    lists = np.ascontiguousarray(lists, dtype=np.int64)
+    index.add_core(len(data), faiss.swig_ptr(data), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
     index.nprobe = min(nprobe, index.nlist)
     return index
+
+
+def index_parts(index: faiss.Index) -> dict[str, np.ndarray]:
+    """The plain arrays that rebuild a built ``clusters``, ``ivf`` or ``hnsw`` index over
+    the same vectors (:func:`rebuilt_index`): what took building (the lists' centroids
+    and which list holds each vector, the 8-bit ranges; the graph), none of the vectors.
+    Not ``faiss.serialize_index``'s bytes: faiss's reader trusts them, and a crafted
+    blob made it open a file of its choosing, or allocate what the blob claimed."""
+    if isinstance(index, faiss.IndexHNSW):
+        graph = index.hnsw
+        return {
+            "levels": faiss.vector_to_array(graph.levels).astype(np.int32),
+            "offsets": faiss.vector_to_array(graph.offsets).astype(np.int64),
+            "neighbors": faiss.vector_to_array(graph.neighbors).astype(np.int32),
+            "entry_point": np.array([graph.entry_point], dtype=np.int64),
+        }
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    lists = np.full(ivf.ntotal, -1, dtype=np.int64)
+    for number in range(ivf.nlist):
+        if size := ivf.invlists.list_size(number):
+            lists[faiss.rev_swig_ptr(ivf.invlists.get_ids(number), size)] = number
+    parts = {"centroids": ivf.quantizer.reconstruct_n(0, ivf.nlist), "lists": lists}
+    if isinstance(ivf, faiss.IndexIVFScalarQuantizer):
+        parts["sq_trained"] = faiss.vector_to_array(ivf.sq.trained)
+    return parts
+
+
+def rebuilt_index(
+    parts: dict[str, np.ndarray],
+    vectors: Tensor,
+    kind: str,
+    ivf_nprobe: int = 16,
+    ivf_codes: str = "flat",
+    hnsw_m: int = 32,
+    hnsw_ef_search: int = 256,
+) -> faiss.Index:
+    """The index :func:`index_parts` took apart, put together again over ``vectors``
+    (the same class means) in a fraction of its build time. Every part is checked
+    against the vectors before faiss sees it (a crafted export's arrays could otherwise
+    make faiss read outside them): a bad one is a ValueError naming it."""
+    data = _to_numpy(vectors)
+    n, d = data.shape
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        per_level = faiss.vector_to_array(index.hnsw.cum_nneighbor_per_level).astype(np.int64)
+        levels = _part(parts, "levels", (n,), 1, len(per_level) - 1)
+        offsets = _part(parts, "offsets", (n + 1,), 0, None)
+        if offsets[0] != 0 or not np.array_equal(np.diff(offsets), per_level[levels]):
+            raise ValueError(
+                "the saved router index's offsets do not fit its levels (hnsw_m="
+                f"{hnsw_m}: {per_level[1]} neighbours on level 0)"
+            )
+        neighbors = _part(parts, "neighbors", (int(offsets[-1]),), -1, n - 1)
+        entry = int(_part(parts, "entry_point", (1,), 0, n - 1)[0])
+        if levels[entry] != levels.max():
+            raise ValueError("the saved router index's entry_point is not on its top level")
+        index.storage.add(data)
+        graph = index.hnsw
+        faiss.copy_array_to_vector(levels.astype(np.int32), graph.levels)
+        faiss.copy_array_to_vector(offsets.astype(np.uint64), graph.offsets)
+        faiss.copy_array_to_vector(neighbors.astype(np.int32), graph.neighbors)
+        graph.entry_point, graph.max_level = entry, int(levels[entry]) - 1
+        graph.efSearch = hnsw_ef_search
+        index.ntotal = n
+        return index
+    centroids = parts.get("centroids")
+    if not (
+        isinstance(centroids, np.ndarray)
+        and centroids.dtype == np.float32
+        and centroids.ndim == 2
+        and centroids.shape[1] == d
+        and 1 <= len(centroids) <= n
+        and np.isfinite(centroids).all()
+    ):
+        raise ValueError(
+            f"the saved router index's centroids are not 1 to {n} finite float32 rows of {d}"
+        )
+    lists = _part(parts, "lists", (n,), 0, len(centroids) - 1)
+    trained = None
+    if ivf_codes == "sq8":
+        trained = parts.get("sq_trained")
+        if not (
+            isinstance(trained, np.ndarray)
+            and trained.dtype == np.float32
+            and trained.shape == (2 * d,)
+            and np.isfinite(trained).all()
+        ):
+            raise ValueError(f"the saved router index's sq_trained is not {2 * d} finite float32s")
+    return _filled_ivf(data, centroids, lists, ivf_codes, ivf_nprobe, trained)
+
+
+def _part(
+    parts: dict[str, np.ndarray], name: str, shape: tuple[int], low: int, high: int | None
+) -> np.ndarray:
+    """``parts[name]`` as int64: integers of ``shape``, each in [low, high]."""
+    part = parts.get(name)
+    if not (
+        isinstance(part, np.ndarray)
+        and part.dtype.kind in "iu"
+        and part.shape == shape
+        and (part.size == 0 or (part.min() >= low and (high is None or part.max() <= high)))
+    ):
+        bound = "" if high is None else f" to {high}"
+        raise ValueError(
+            f"the saved router index's {name} is not {shape[0]} integers from {low}{bound}"
+        )
+    return part.astype(np.int64)
 
 
 def build_index(
@@ -156,9 +282,9 @@ class Router:
         ivf_nlist, ivf_nprobe, ivf_codes, lists_per_cluster, hnsw_m, hnsw_ef_search:
             index settings (lists_per_cluster: index=clusters only).
         use_gpu: None: faiss GPU when available (not ``flat``: see ``blocks``).
-        prebuilt: an index of these settings over these class means, as
-            :meth:`serialized` gave it: read instead of built (an ivf or hnsw index over
-            360K identities took 1.5 to 6 minutes to build, docs/SCALE.md).
+        prebuilt: the parts of an index of these settings over these class means, as
+            :meth:`saved_parts` gave them: put together instead of built (an ivf or hnsw
+            index over 360K identities took 1.5 to 6 minutes to build, docs/SCALE.md).
     """
 
     def __init__(
@@ -175,7 +301,7 @@ class Router:
         hnsw_ef_search: int = 256,
         ivf_codes: str = "flat",
         lists_per_cluster: int = 1,
-        prebuilt: np.ndarray | None = None,
+        prebuilt: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.class_to_cluster = class_to_cluster.cpu().long()
         self.centroids = centroids.detach().float().cpu()
@@ -197,12 +323,9 @@ class Router:
             sizes = torch.bincount(self.class_to_cluster, minlength=self.num_clusters)
             self.bounds = [0, *torch.cumsum(sizes, 0).tolist()]
         elif prebuilt is not None:
-            self.index = faiss.deserialize_index(np.ascontiguousarray(prebuilt, dtype=np.uint8))
-            if (self.index.ntotal, self.index.d) != tuple(class_means.shape):
-                raise ValueError(
-                    f"the saved router index holds {self.index.ntotal} vectors of "
-                    f"{self.index.d} dimensions, the class means are {tuple(class_means.shape)}"
-                )
+            self.index = rebuilt_index(
+                prebuilt, class_means, index, ivf_nprobe, ivf_codes, hnsw_m, hnsw_ef_search
+            )
             if use_gpu is None:
                 use_gpu = torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources")
             if use_gpu and index != "hnsw":
@@ -232,8 +355,8 @@ class Router:
                 ivf_codes,
             )
 
-    def serialized(self) -> np.ndarray | None:
-        """The built index as bytes (``faiss.serialize_index``) for ``prebuilt``; None for
+    def saved_parts(self) -> dict[str, np.ndarray] | None:
+        """The built index's parts (:func:`index_parts`) for ``prebuilt``; None for
         ``flat``, whose build is a copy of the class means, quicker than reading one."""
         if self.kind == "flat":
             return None
@@ -241,7 +364,7 @@ class Router:
         if hasattr(faiss, "index_gpu_to_cpu") and not isinstance(index, faiss.IndexHNSW):
             with contextlib.suppress(Exception):  # a CPU index is returned as it is
                 index = faiss.index_gpu_to_cpu(index)
-        return faiss.serialize_index(index)
+        return index_parts(index)
 
     def cluster_scores(
         self, queries: Tensor, top_m: int = 1, blocks: Tensor | None = None
