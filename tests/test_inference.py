@@ -292,6 +292,15 @@ def _crafted(parts, name, value):
     return {**parts, name: value}
 
 
+def _linked_below(parts):
+    """hnsw: a node's first neighbour on level 1 made one that only level 0 has (a search
+    on level 1 would read that node's level-1 slots, past its own)."""
+    levels, neighbors = parts["levels"], parts["neighbors"].copy()
+    top, bottom = np.flatnonzero(levels >= 2)[0], np.flatnonzero(levels == 1)[-1]
+    neighbors[parts["offsets"][top] + 32 * 2] = bottom  # hnsw_m=32: 64 slots on level 0
+    return neighbors
+
+
 @pytest.mark.parametrize(
     ("index", "options", "name", "craft"),
     [
@@ -301,6 +310,7 @@ def _crafted(parts, name, value):
         ("hnsw", {}, "neighbors", lambda p: np.where(p["neighbors"] == 7, 10**6, p["neighbors"])),
         ("hnsw", {}, "neighbors", lambda p: np.where(p["neighbors"] == 7, -5, p["neighbors"])),
         ("hnsw", {}, "neighbors", lambda p: p["neighbors"][:-1]),
+        ("hnsw", {}, "neighbors", _linked_below),
         ("hnsw", {}, "entry_point", lambda p: np.array([1 << 40])),
         ("hnsw", {}, "entry_point", lambda p: np.flatnonzero(p["levels"] == 1)[:1]),
         ("ivf", {}, "lists", lambda p: np.where(p["lists"] == 0, 1 << 40, p["lists"])),

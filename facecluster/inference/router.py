@@ -178,6 +178,15 @@ def rebuilt_index(
                 f"{hnsw_m}: {per_level[1]} neighbours on level 0)"
             )
         neighbors = _part(parts, "neighbors", (int(offsets[-1]),), -1, n - 1)
+        for level in range(1, int(levels.max())):  # a search there reads its neighbours'
+            upper = np.flatnonzero(levels > level)  # slots on that level: they must have some
+            slots = offsets[upper, None] + np.arange(per_level[level], per_level[level + 1])
+            found = neighbors[slots]
+            if bool(((found >= 0) & (levels[found.clip(0)] <= level)).any()):
+                raise ValueError(
+                    f"the saved router index's neighbors link level {level} to a node "
+                    "that is not on it"
+                )
         entry = int(_part(parts, "entry_point", (1,), 0, n - 1)[0])
         if levels[entry] != levels.max():
             raise ValueError("the saved router index's entry_point is not on its top level")
