@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import lightning as L
 import pytest
+import wandb
 import yaml
 
 from facecluster.config import ConfigError, load_config
@@ -167,6 +168,9 @@ def test_wandb_offline_run_writes_both_stages_to_disk(monkeypatch, tmp_path, cap
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_SILENT")  # what a user sees
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    # W&B reads WANDB_SILENT once a process: a silent W&B run of another test in this
+    # worker would keep this one silent too (the suite's order varies with its workers)
+    wandb.teardown()
     result = train(load_config(SMOKE, smoke_overrides(tmp_path, "logger=wandb")))
     said = capfd.readouterr().err
     assert "wandb: Tracking run" in said  # W&B's banner, where the run starts
