@@ -9,6 +9,7 @@ atomic checkpoint writes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ from facecluster.data.verification import (
     load_pairs,
     named_sets,
     size_warning,
+    trained_pairs_warning,
 )
 from facecluster.io import disk_full, load_plain, shown_list
 from facecluster.models.components import (
@@ -127,7 +129,7 @@ def verification_sets(cfg: Config) -> dict[str, VerificationPairs]:
         return {name: load_pairs(path) for name, path in paths.items()}
 
 
-def check_verification_sets(cfg: Config, stage1_done: bool = False) -> None:
+def check_verification_sets(cfg: Config, stage1_done: bool = False) -> list[VerificationPairs]:
     """Before any training, when this command uses ``data.verification`` (stage 1
     measures it; the evaluation after training tables it): read every set whole, the
     pickle and every image decoded (:func:`~facecluster.data.verification.load_pairs`),
@@ -139,18 +141,34 @@ def check_verification_sets(cfg: Config, stage1_done: bool = False) -> None:
     ``stage1_done``: the run's stage 1 is finished (a resume), so only an evaluation
     after training reads them.
 
+    Returns:
+        The sets read, their images dropped, for :func:`warn_trained_pairs` once the
+        data is scanned (none when this command uses none).
+
     Raises:
         ConfigError: ``data.verification: <file>: ...``, the file and what is wrong.
     """
     trains = cfg.stage in ("all", "1") and not stage1_done  # stage 1 measures them
     uses = trains or (cfg.assembles and cfg.eval.after_training)
     if not cfg.data.verification or not uses:
-        return
+        return []
+    read = []
     with naming("data.verification"):
         for path in named_sets(cfg.data.verification_paths()).values():
-            warning = size_warning(load_pairs(path), cfg.data.image_size)
+            pairs = load_pairs(path)
+            warning = size_warning(pairs, cfg.data.image_size)
             if warning and is_global_zero():
                 logging.getLogger(__name__).warning(f"data.verification: {warning}")
+            read.append(dataclasses.replace(pairs, images=[]))
+    return read
+
+
+def warn_trained_pairs(sets: Iterable[VerificationPairs], trained: list[str]) -> None:
+    """Warn, in global rank 0, for each set with pairs of identities the run trains on
+    (``trained``; :func:`~facecluster.data.verification.trained_pairs_warning`)."""
+    for pairs in sets:
+        if (warning := trained_pairs_warning(pairs, trained)) and is_global_zero():
+            logging.getLogger(__name__).warning(f"data.verification: {warning}")
 
 
 def backbone_parameters(cfg: Config) -> int:

@@ -47,6 +47,7 @@ from facecluster.builders import (
     default_precision,
     verification_sets,
     warn_emulated_bf16,
+    warn_trained_pairs,
 )
 from facecluster.clustering import ClusterAssignment, embedding_class_sums, finalize_class_means
 from facecluster.config import Config, ConfigError
@@ -297,12 +298,14 @@ class Bench:
         """``data.verification`` accuracies of ``backbone`` (empty when there are none)."""
         if not self.cfg.data.verification:
             return {}
+        sets = verification_sets(self.cfg)
+        warn_trained_pairs(sets.values(), self.dm.class_names)  # beside the table
         with self.autocast():
             return {
                 name: verify(
                     backbone, pairs, self.cfg.data.image_size, self.cfg.eval.batch_size, self.device
                 ).accuracy
-                for name, pairs in verification_sets(self.cfg).items()
+                for name, pairs in sets.items()
             }
 
     def rows(

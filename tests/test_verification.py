@@ -23,15 +23,18 @@ from facecluster.callbacks import VerificationCallback
 from facecluster.config import ConfigError, load_config
 from facecluster.data.transforms import load_faces, normalize_images
 from facecluster.data.verification import (
+    VerificationPairs,
     load_pairs,
     read_bin,
     read_pairs_txt,
     set_name,
+    trained_pairs_warning,
     write_bin,
 )
 from facecluster.evaluation import evaluate_run
 from facecluster.inference.verification import pair_embeddings, ten_fold_accuracy
 from facecluster.pipeline import train
+from facecluster.run import RunFolder
 from tests.conftest import SHARED_LFW, SMOKE, smoke_overrides
 
 PAIRS = SHARED_LFW.parent / "pairs.txt"
@@ -136,16 +139,26 @@ def _small_lfw(folder: Path, per_fold: int = 20) -> Path:
 
 @needs_lfw
 @pytest.mark.slow
-def test_lfw_verification_during_stage1_and_in_the_evaluation_table(tmp_path, monkeypatch):
+def test_lfw_verification_during_stage1_and_in_the_evaluation_table(tmp_path, monkeypatch, caplog):
     pairs = _small_lfw(tmp_path / "lfw")
     assert len(load_pairs(pairs)) == 200
     overrides = smoke_overrides(
         tmp_path, "logger=csv", f"data.verification=[{pairs}]", "eval.after_training=false"
     )
     run = train(load_config(SMOKE, overrides)).run_dir
+    # the demo's identities are LFW's: pairs of them are no held-out figure, and both the
+    # training's start and the evaluation say how many (counted here by hand)
+    trained = set(RunFolder(run).class_names())
+    lines = [line.split() for line in pairs.read_text().splitlines()[1:]]
+    same = sum(len(p) == 3 and p[0] in trained for p in lines)
+    other = sum(len(p) == 4 and (p[0] in trained or p[2] in trained) for p in lines)
+    assert same and other
+    said = f"{same} of its 100 matched pairs and {other} of its 100 mismatched pairs are of"
+    assert caplog.text.count(said) == 1
     metrics = (next((run / "csv").rglob("metrics.csv"))).read_text()
     assert "val/lfw_acc" in metrics.splitlines()[0]
     report = evaluate_run(run, ["eval.plots=false", "eval.timing_batches=1"])
+    assert caplog.text.count(said) == 2
     by_row = {row.model: row.verification.get("lfw") for row in report.rows}
     # ISM, the sub-nets alone, embeds with no stage-1 backbone: its cell stays empty
     ism = [model for model in by_row if model.endswith("(ISM)")]
@@ -707,3 +720,14 @@ def test_lightnings_sync_dist_advice_is_not_printed_for_rank_zeros_verification_
     )
     assert "'val/lfw_acc'" not in proc.stderr and "'val/cfp_fp_acc'" not in proc.stderr
     assert advice.format("train/loss") in proc.stderr  # other names are still advised
+
+
+def test_the_trained_pairs_warning_counts_pairs_that_name_a_trained_identity():
+    # a mismatched pair counts when either of its people trained; a .bin names no one
+    pairs = VerificationPairs(
+        [b""] * 8, [True, True, False, False], "p.txt", identities=list("aabbacde")
+    )
+    said = trained_pairs_warning(pairs, ["a", "e"])
+    assert said.startswith("p.txt: 1 of its 2 matched pairs and 2 of its 2 mismatched pairs")
+    assert trained_pairs_warning(pairs, ["z"]) is None
+    assert trained_pairs_warning(VerificationPairs([b""] * 8, [True] * 4, "lfw.bin"), ["a"]) is None
