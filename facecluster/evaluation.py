@@ -56,7 +56,7 @@ from facecluster.data.transforms import normalize_images
 from facecluster.deploy import calibrate_run, resolve_device
 from facecluster.inference import Predictor, StageOneModel, TwoStageIdentifier
 from facecluster.inference.openset import fnir_at_fpir
-from facecluster.inference.verification import verify
+from facecluster.inference.verification import VerificationResult, verify
 from facecluster.io import (
     atomic_torch_save,
     check_can_write,
@@ -109,6 +109,9 @@ class Row:
     fnir: dict[str, float | None] = field(default_factory=dict)
     """Open set: FNIR at each FPIR of ``FPIRS`` (key ``"1%"``...), None where the test
     split's unseen faces are too few to measure it; empty for a closed-set run."""
+    verification_std: dict[str, float] = field(default_factory=dict)
+    """The standard deviation of the 10 fold accuracies behind each of
+    :attr:`verification` (population, as InsightFace's ``Accuracy-Flip: mean+-std``)."""
 
 
 @dataclass
@@ -294,8 +297,8 @@ class Bench:
         return {p.name: (batches[p.name], singles[p.name]) for p in predictors}
 
     @torch.inference_mode()
-    def verification(self, backbone: torch.nn.Module) -> dict[str, float]:
-        """``data.verification`` accuracies of ``backbone`` (empty when there are none)."""
+    def verification(self, backbone: torch.nn.Module) -> dict[str, VerificationResult]:
+        """``data.verification`` results of ``backbone`` (empty when there are none)."""
         if not self.cfg.data.verification:
             return {}
         sets = verification_sets(self.cfg)
@@ -304,20 +307,23 @@ class Bench:
             return {
                 name: verify(
                     backbone, pairs, self.cfg.data.image_size, self.cfg.eval.batch_size, self.device
-                ).accuracy
+                )
                 for name, pairs in sets.items()
             }
 
     def rows(
         self,
         predictors: list[Predictor],
-        verification: dict[str, float] | None = None,
+        verification: dict[str, VerificationResult] | None = None,
         timings: dict[str, tuple[Timing, Timing]] | None = None,
     ) -> list[Row]:
-        """A table row per predictor; ``verification``: the accuracies of the run's
+        """A table row per predictor; ``verification``: the results of the run's
         stage-1 backbone, given on the rows that embed with it (not ISM's); ``timings``:
         theirs from :meth:`timings` (None: timed here)."""
         timings = timings if timings is not None else self.timings(predictors)
+        verified = (verification or {}).items()
+        accuracy = {name: result.accuracy for name, result in verified}
+        std = {name: result.std for name, result in verified}
         rows = []
         for p in predictors:
             s, (batch, single) = self.score(p), timings[p.name]
@@ -335,8 +341,9 @@ class Bench:
                     single.median * 1000,
                     p.params,
                     batch.spread if len(batch.seconds) > 1 else None,
-                    dict(verification or {}) if p.stage1_backbone else {},
+                    accuracy if p.stage1_backbone else {},
                     s["fnir"],
+                    std if p.stage1_backbone else {},
                 )
             )
         return rows
@@ -612,7 +619,7 @@ def _keys(rows: list[Row], field: str) -> list[str]:
 def _cells(row: Row, fnir_columns: list[str] = (), verification: list[str] = ()) -> list[str]:
     routing = "" if row.routing_accuracy is None else f"{row.routing_accuracy:.2%}"
     fnir = [row.fnir.get(key, "") for key in fnir_columns]  # "": a closed-set run
-    verified = [row.verification.get(key) for key in verification]
+    verified = [(row.verification.get(key), row.verification_std.get(key)) for key in verification]
     return [
         row.run,
         row.model,
@@ -622,13 +629,21 @@ def _cells(row: Row, fnir_columns: list[str] = (), verification: list[str] = ())
         f"{row.f1:.2%}",
         routing,
         *("n/a" if v is None else v if v == "" else f"{v:.2%}" for v in fnir),
-        *("" if value is None else f"{value:.2%}" for value in verified),
+        *(_verified(value, std) for value, std in verified),
         f"{row.subnet_forwards:g}",
         f"{row.throughput:.0f}"
         + ("" if row.throughput_spread is None else f" ±{row.throughput_spread:.0%}"),
         f"{row.latency_ms:.1f}",
         f"{row.params / 1e6:.2f}M",
     ]
+
+
+def _verified(accuracy: float | None, std: float | None) -> str:
+    """A verification cell: the mean ± std of the 10 folds (the std alone absent: a Row
+    built without one)."""
+    if accuracy is None:
+        return ""
+    return f"{accuracy:.2%}" + ("" if std is None else f" ±{std:.2%}")
 
 
 def _header(rows: list[Row], batch_size: int | str) -> list[str]:
@@ -652,10 +667,12 @@ def _flat(row: Row) -> dict[str, Any]:
     """A row as CSV fields: ``fnir@fpir=<rate>`` and ``<set>_verification`` fields."""
     fields = asdict(row)
     fnir, verification = fields.pop("fnir"), fields.pop("verification")
+    std = fields.pop("verification_std")
     return {
         **fields,
         **{f"fnir@fpir={k}": v for k, v in fnir.items()},
         **{f"{k}_verification": v for k, v in verification.items()},
+        **{f"{k}_verification_std": v for k, v in std.items()},
     }
 
 

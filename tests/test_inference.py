@@ -778,14 +778,17 @@ def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):
         }
         for column in header:
             if column.endswith(" verif."):
-                value = row.verification.get(column.removesuffix(" verif."))
-                shown[column] = "" if value is None else f"{value:.2%}"
+                name = column.removesuffix(" verif.")
+                value, std = row.verification.get(name), row.verification_std.get(name)
+                shown[column] = "" if value is None else f"{value:.2%} ±{std:.2%}"
         assert md == shown, row.model
         # the CSV: every figure as str() writes it (exact), "" for None and for a field
         # only other rows have
         fields = dataclasses.asdict(row)
         assert fields.pop("fnir") == {}
         fields.update({f"{k}_verification": v for k, v in fields.pop("verification").items()})
+        std = fields.pop("verification_std")
+        fields.update({f"{k}_verification_std": v for k, v in std.items()})
         assert set(fields) <= set(flat)
         written = {k: "" if v is None else str(v) for k, v in fields.items()}
         assert flat == {**dict.fromkeys(flat, ""), **written}, row.model

@@ -172,7 +172,11 @@ def test_lfw_verification_during_stage1_and_in_the_evaluation_table(tmp_path, mo
     assert accuracy == _stage1_verification(run, pairs)
     logged = [row["val/lfw_acc"] for row in csv.DictReader(io.StringIO(metrics))]
     assert accuracy == pytest.approx(float([v for v in logged if v][-1]), abs=1e-6)
-    assert "lfw verif." in (run / "eval" / "results.md").read_text()
+    # mean ± std of the folds, as InsightFace prints them and papers report them
+    std = _stage1_verification(run, pairs, std=True)
+    assert {r.verification_std.get("lfw") for r in report.rows} == {std, None}
+    assert f"| {accuracy:.2%} ±{std:.2%} |" in (run / "eval" / "results.md").read_text()
+    assert "lfw_verification_std" in (run / "eval" / "results.csv").read_text()
     # the single-model baseline's rows get it from their own backbone
     single = train(load_config(SMOKE, [*overrides, "method=single", "run_name=single"])).run_dir
     rows = evaluate_run(single, ["eval.plots=false", "eval.timing_batches=1"]).rows
@@ -221,9 +225,9 @@ def test_lfw_verification_during_stage1_and_in_the_evaluation_table(tmp_path, mo
     assert "top_m=2" in both and "single model (one head)" in both
 
 
-def _stage1_verification(run_dir: Path, pairs: Path) -> float:
-    """The 10-fold accuracy of ``run_dir``'s stage-1 backbone on ``pairs``, with the
-    weights read from its checkpoint here."""
+def _stage1_verification(run_dir: Path, pairs: Path, std: bool = False) -> float:
+    """The 10-fold accuracy of ``run_dir``'s stage-1 backbone on ``pairs`` (``std``: the
+    folds' standard deviation instead), with the weights read from its checkpoint here."""
     from facecluster.inference.verification import verify
     from facecluster.models.components import create_backbone
     from facecluster.run import RunFolder
@@ -233,7 +237,8 @@ def _stage1_verification(run_dir: Path, pairs: Path) -> float:
     backbone = create_backbone(**cfg.model.backbone_args(cfg.data.image_size)).eval()
     backbone.load_state_dict(folder.stage1_weights().backbone)
     with torch.inference_mode():
-        return verify(backbone, load_pairs(pairs), cfg.data.image_size, 64).accuracy
+        result = verify(backbone, load_pairs(pairs), cfg.data.image_size, 64)
+    return result.std if std else result.accuracy
 
 
 LFW_SET = '"data.verification=[../shared/datasets/lfw-112/pairs.txt]"'
