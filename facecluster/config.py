@@ -781,8 +781,9 @@ class EvalConfig:
     batch_size: int = 256
     """Batch size of the accuracy passes and of the throughput measurement."""
     timing_batches: int = 3
-    """Batches timed per predictor for throughput, interleaved across predictors (after one
-    warm-up batch each); latency uses 20 calls on one image. The table shows the median."""
+    """Timed passes per predictor over the one timing batch (the same seeded test faces
+    for every predictor), interleaved across predictors, after one warm-up pass each;
+    latency uses 20 calls on one image. The table shows the median."""
     device: str = "auto"
     """Where evaluation runs: auto (the GPU when there is one), cpu, cuda, cuda:N."""
     plots: bool = True
