@@ -1,18 +1,20 @@
 """Per-epoch reseeding, so a run resumed at an epoch boundary replays exactly.
 
 Lightning checkpoints do not hold the global RNG state, so after a resume the
-shuffle order, the flips and the DataLoader workers' seeds would all differ from
-an uninterrupted run. This callback makes each epoch's randomness a function of
-(seed, stage, epoch, rank) alone.
+DataLoader workers' seeds and the model's own draws (dropout) would differ from an
+uninterrupted run. This callback makes each epoch's global randomness a function of
+(seed, stage, epoch, rank) alone. The shuffle and the mirrors do not use it: each
+stage's sampler draws them from its own generator (``ShuffleSampler``,
+``SubnetSampler``; stage 1's drew from it until 2026-12-06, at a moment that
+depended on the worker count).
 
 Where the reseed happens matters (lightning 2.6, measured with an RNG probe): an
-epoch draws twice from the global RNG, first when its DataLoader iterator is
-created (the workers' base seed), then when the sampler starts (the shuffle).
-Later epochs create their iterator after ``on_train_epoch_end`` of the previous
+epoch draws from the global RNG when its DataLoader iterator is created (the
+workers' base seed). Later epochs create their iterator after ``on_train_epoch_end`` of the previous
 epoch; the first epoch of a resumed fit creates it during ``configure_optimizers``
 (``estimated_stepping_batches``), right after the checkpoint is restored. So the
 seed of epoch e+1 is set at the end of epoch e, or, when resuming, in
-``on_load_checkpoint``: both paths then draw the same two numbers. Evaluation
+``on_load_checkpoint``: both paths then draw the same number. Evaluation
 loaders use their own generator, so the sanity check and validation draw nothing
 from the global RNG in between. tests/test_resume.py checks the weights of an
 interrupted and resumed run are bit-identical to an uninterrupted one.

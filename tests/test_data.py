@@ -443,8 +443,8 @@ def test_train_loader_before_clusters(dm: FaceDataModule) -> None:
     loader = dm.train_dataloader()
     assert not isinstance(loader.dataset, SubnetSteps)
     assert loader.generator is None
-    # RandomSampler's order from the global RNG (EpochSeedCallback reseeds it per epoch)
-    assert isinstance(loader.sampler, ShuffleSampler) and loader.sampler.seed is None
+    # the stream of the run's seed and the epoch, whatever the global RNG holds
+    assert isinstance(loader.sampler, ShuffleSampler) and loader.sampler.seed == dm.hparams.seed
     assert loader.drop_last
     n_train = len(dm.split_labels("train"))
     labels = torch.cat([y for _, y, _ in loader])
@@ -1018,28 +1018,46 @@ def test_a_resumed_ddp_stage1_loader_draws_the_epoch_it_continues_with(workers):
     assert dm.state_dict() == {"next_epoch": 3}  # what a checkpoint at epoch 2's end keeps
 
 
-def test_stage1_shuffles_in_torchs_order_without_a_list_of_every_index(monkeypatch):
-    # A run's batches must not change with the sampler's rewrite (a resumed run continues
-    # the order it trained in): the indices and order of torch's DistributedSampler
-    # under DDP, RandomSampler's (from the global RNG) in one process, in chunks
+def test_stage1_streams_index_and_mirror_pairs_in_chunks_of_the_seed_and_epoch(monkeypatch):
+    # Stage 1's stream: DistributedSampler's layout (a padded permutation, rank r taking
+    # positions r, r + world...) of a generator seeded by (seed, epoch) through
+    # SeedSequence, so that seed 43's first epoch is not seed 42's second (a seed sweep
+    # trained one identity sequence shifted by an epoch, a review). Each index comes with
+    # its mirror draw, from the same generator: neither the global RNG nor a worker's
+    # decides anything (the worker count changed stage 1's weights, a review).
     from facecluster.data import datamodule as dm_module
 
     monkeypatch.setattr(dm_module, "_CHUNK", 7)  # several chunks, a partial last one
     data = list(range(23))
-    for world in (2, 3, 5, 30):  # 30: padded past a whole repeat of the data
-        for rank in (0, world - 1):
-            theirs = torch.utils.data.DistributedSampler(data, world, rank, seed=11)
-            mine = ShuffleSampler(len(data), rank, world, seed=11)
-            for epoch in (0, 4):
-                theirs.set_epoch(epoch)
-                mine.set_epoch(epoch)
-                assert list(mine) == list(theirs) and len(mine) == len(theirs)
+
+    def stream(world, rank, seed, epoch):
+        sampler = ShuffleSampler(len(data), seed, rank, world)
+        sampler.set_epoch(epoch)
+        torch.manual_seed(rank + 100 * epoch)  # the global RNG anywhere: no matter
+        pairs = list(sampler)
+        assert len(pairs) == len(sampler) and all(type(m) is bool for _, m in pairs)
+        return pairs
+
+    for world in (1, 2, 3, 5, 30):  # 30: padded past a whole repeat of the data
+        for epoch in (0, 4):
+            ranks = [stream(world, rank, 11, epoch) for rank in range(world)]
+            torch.manual_seed(7)
+            assert ranks[0] == stream(world, 0, 11, epoch)  # a function of its arguments
+            torch_layout = torch.utils.data.DistributedSampler(data, world, 0, seed=0)
+            assert len(ranks[0]) == len(torch_layout)
+            interleaved = [ranks[p % world][p // world][0] for p in range(world * len(ranks[0]))]
+            first = interleaved[: len(data)]
+            assert sorted(first) == data  # a permutation, padded with its first indices
+            assert interleaved[len(data) :] == (first * 2)[: len(interleaved) - len(data)]
+    assert stream(2, 0, 43, 0) != stream(2, 0, 42, 1)
+    assert [i for i, _ in stream(1, 0, 42, 0)] != [i for i, _ in stream(1, 0, 42, 1)]
+    mirrors = [m for _, m in stream(1, 0, 42, 0) + stream(1, 0, 42, 1)]
+    assert 10 < sum(mirrors) < 36  # about half of 46
     torch.manual_seed(5)
-    theirs = list(torch.utils.data.RandomSampler(data))
-    after = torch.rand(1)  # the global RNG is left where RandomSampler leaves it
+    after = torch.rand(1)
     torch.manual_seed(5)
-    assert list(ShuffleSampler(len(data))) == theirs and torch.rand(1) == after
-    assert len(ShuffleSampler(len(data))) == len(data)
+    list(ShuffleSampler(len(data), 42))
+    assert torch.rand(1) == after  # the global RNG is not drawn from
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -518,11 +518,15 @@ def test_enrolling_new_identities_without_retraining(open_run, exported, tmp_pat
         joined = int(torch_ident.class_to_cluster[new_id + i])
         mean_i = torch_ident.assignment.class_means[new_id + i]
         assert joined == int(before.router.route(mean_i[None], 1)[0, 0]), person
-    assert torch_ident.members(k)[-1] == new_id
-    assert torch.allclose(torch_ident.means(k)[-1], mean, atol=1e-5)  # the decision unit's
+    # the new identities that joined cluster k come last in its members, in id order
+    clusters = torch_ident.class_to_cluster.tolist()
+    newcomers = [i for i in range(new_id, len(clusters)) if clusters[i] == k]
+    assert torch_ident.members(k)[-len(newcomers) :].tolist() == newcomers
+    at = newcomers.index(new_id) - len(newcomers)
+    assert torch.allclose(torch_ident.means(k)[at], mean, atol=1e-5)  # the decision unit's
     with torch.no_grad():
         row = F.normalize(F.normalize(torch_ident.subnets[k](faces), dim=1).mean(0), dim=0)
-    assert torch.allclose(torch_ident.head(k)[-1], row, atol=1e-5)
+    assert torch.allclose(torch_ident.head(k)[at], row, atol=1e-5)
     assert torch.equal(torch_ident.assignment.class_means[:new_id], before.assignment.class_means)
     # both runtimes answer alike on the new identities' other faces
     images = normalize_images(torch.stack([decode_image(str(p)) for p in held_out[name]]))
@@ -1216,7 +1220,7 @@ def test_identify_searches_top_m_clusters_of_a_closed_set_export(open_run, expor
     # a closed-set export (the run's, with no unknown threshold) has no threshold tied
     # to a top_m: --top-m 2 searches two clusters, and the API's top_m=2 writes the
     # same CSV. The top5 column shows it: one cluster's identities at top_m=1, five
-    # from two clusters, not all from one, at top_m=2
+    # from two clusters at top_m=2, not all from one where the first has fewer than 5
     closed = tmp_path / "closed"
     closed.mkdir()
     payload = torch.load(exported / "identifier.pt", weights_only=True)
@@ -1226,7 +1230,10 @@ def test_identify_searches_top_m_clusters_of_a_closed_set_export(open_run, expor
     assert ident.open_set is None and ident.route_config["top_m"] == 1
     clusters = [set(ident.members(k).tolist()) for k in range(ident.num_clusters)]
     names = ident.class_names
-    folder = DEMO / names[0]
+    # someone whose clusters all hold fewer than 5 identities (faces routed there show
+    # a second cluster's at top_m=2)
+    person = next(i for i in range(len(names)) if all(len(c) < 5 for c in clusters if i in c))
+    folder = DEMO / names[person]
     shown = {}
     for top_m in (1, 2):
         out = tmp_path / f"top{top_m}.csv"
@@ -1243,9 +1250,13 @@ def test_identify_searches_top_m_clusters_of_a_closed_set_export(open_run, expor
         assert api.read_bytes() == out.read_bytes()
     assert all(any(ids <= c for c in clusters) for ids in shown[1])
     pairs = [a | b for i, a in enumerate(clusters) for b in clusters[i + 1 :]]
-    for ids in shown[2]:
-        assert len(ids) == 5 and not any(ids <= c for c in clusters), (ids, clusters)
-        assert any(ids <= pair for pair in pairs), (ids, clusters)
+    spanned = 0
+    for one, two in zip(shown[1], shown[2], strict=True):
+        assert len(two) == 5 and any(two <= pair for pair in pairs), (two, clusters)
+        if all(len(c) < 5 for c in clusters if one <= c):  # its cluster cannot fill 5
+            assert not any(two <= c for c in clusters), (two, clusters)
+            spanned += 1
+    assert spanned, (shown, clusters)
 
 
 @pytest.mark.slow
@@ -1283,7 +1294,10 @@ def test_identify_writes_the_same_csv_whatever_its_batch_size(open_run, exported
         (texts_a, numbers_a), (texts_b, numbers_b) = cells(a), cells(b)
         assert texts_a == texts_b
         assert numbers_a == pytest.approx(numbers_b, abs=1.5e-4)  # as many, each close
-    assert sum(len(cells(row)[1]) for row in rows) > 6 * (len(rows) - 1)  # read
+    # numbers were compared: every readable face's score and similarity at least (its
+    # top5 too, where it is known)
+    read = [len(cells(row)[1]) for row in rows if row["status"] != "unreadable"]
+    assert len(read) == len(rows) - 1 and min(read) >= 2
 
 
 @pytest.mark.slow

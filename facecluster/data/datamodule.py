@@ -458,36 +458,41 @@ def _in_chunks(*columns: Tensor) -> Iterator:
 
 
 class ShuffleSampler(DistributedSampler):
-    """Stage 1's training order, the indices and order of torch's samplers, held as one
-    int64 tensor and handed out a chunk at a time (:func:`_in_chunks`).
+    """Stage 1's training stream: ``(index, mirror)`` pairs, a function of
+    ``(seed, epoch, rank, world_size)`` alone, held as tensors and handed out a chunk
+    at a time (:func:`_in_chunks`).
 
-    With more than one process (``seed`` given) DistributedSampler's: a permutation
-    seeded by ``seed + epoch``, padded with its first indices to a multiple of
-    ``world_size``, rank ``r`` taking positions ``r, r + world_size, ...``. In one
-    process (``seed`` None) RandomSampler's: a permutation from a generator seeded by
-    one draw of the global RNG when the epoch's iteration starts (EpochSeedCallback
-    reseeds it per epoch), also under ``strategy=ddp`` with one device (Lightning put
-    its own DistributedSampler there until 2026-12-04, in place of RandomSampler:
-    another order). A DistributedSampler subclass, so Lightning neither replaces it
-    under DDP nor forgets :meth:`set_epoch`.
+    One generator, seeded by ``(seed, epoch)`` through numpy's SeedSequence
+    (:func:`subnet_seed`), draws a permutation, then a mirror for each position; the
+    permutation is padded with its first indices to a multiple of ``world_size``, and
+    rank ``r`` takes positions ``r, r + world_size, ...`` (DistributedSampler's
+    layout). Until 2026-12-06 the order was torch's: under DDP DistributedSampler's
+    ``seed + epoch``, under which seed 43's first epoch was seed 42's second (a seed
+    sweep trained one identity sequence shifted by an epoch), in one process
+    RandomSampler's draw from the global RNG, and the mirrors were drawn by whichever
+    process collated the batch: the worker count changed stage 1's weights (the
+    global RNG stood elsewhere when a loader with workers started its iterator, and
+    the mirrors came from the workers' RNGs; a review). A DistributedSampler
+    subclass, so Lightning neither replaces it under DDP nor forgets :meth:`set_epoch`.
     """
 
-    def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int | None = None):
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.size, self.rank, self.num_replicas = size, rank, world_size
         self.epoch, self.seed, self.shuffle, self.drop_last = 0, seed, True, False
         self.num_samples = math.ceil(size / world_size)
         self.total_size = self.num_samples * world_size
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, bool]]:
         generator = torch.Generator()
-        if self.seed is None:  # RandomSampler's draw, at the same moment (its first item)
-            generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
-        else:
-            generator.manual_seed(self.seed + self.epoch)
+        generator.manual_seed(subnet_seed(self.seed, 0, SEED_SHUFFLE, self.epoch))
         order = torch.randperm(self.size, generator=generator)
+        # a byte each, not rand()'s float: 16M positions are 16 MB, not 64 + 16
+        drawn = torch.randint(2, (self.total_size,), generator=generator, dtype=torch.uint8)
+        mirror = drawn.view(torch.bool)
         if self.total_size > self.size:
             order = order.repeat(math.ceil(self.total_size / self.size))[: self.total_size]
-        yield from _in_chunks(order[self.rank : self.total_size : self.num_replicas].contiguous())
+        mine = slice(self.rank, self.total_size, self.num_replicas)
+        yield from _in_chunks(order[mine].contiguous(), mirror[mine].contiguous())
 
     def __len__(self) -> int:
         return self.num_samples
@@ -635,9 +640,11 @@ STEPS_PREFETCH = 1
 batches, 308 MB at K=64, batch 128 and 112 px, computed), so one each keeps a GPU fed, and the
 shared memory in flight is half of DataLoader's default 2."""
 
-SEED_INIT, SEED_DATA, SEED_FORWARD = 0, 1, 2
+SEED_INIT, SEED_DATA, SEED_FORWARD, SEED_SHUFFLE = 0, 1, 2, 3
 """What a sub-net's seed is for: its initial weights, its data stream (per epoch), its
-forward pass's random draws (per epoch and batch)."""
+forward pass's random draws (per epoch and batch); and stage 1's stream
+(:class:`ShuffleSampler`, drawn as sub-net 0's SEED_SHUFFLE, a purpose no sub-net
+draws)."""
 
 
 def subnet_seed(seed: int, k: int, purpose: int = SEED_INIT, *counters: int) -> int:
@@ -834,7 +841,7 @@ class FaceDataModule(lightning.LightningDataModule):
         self._cluster_ids: list[np.ndarray] = []
         self._cluster_spares: list[np.ndarray] = []  # a cut negative identity's rest
         self._subnet_epoch = 0  # the first epoch the sub-nets' samplers draw
-        self._stage1_epoch = 0  # under DDP, the first epoch stage 1's sampler draws
+        self._stage1_epoch = 0  # the first epoch stage 1's sampler draws
         # data.decode=device: each training loader's dataset (None: stage 1's, k: sub-net
         # k's), which names or replaces an image that the device cannot decode
         self._encoded_sets: dict[int | None, FaceImageDataset] = {}
@@ -1292,17 +1299,14 @@ class FaceDataModule(lightning.LightningDataModule):
     ) -> DataLoader:
         per_rank = self._check_train_subset(len(ids), what)
         dataset = self._train_dataset(ids, label_map, None)
-        # One process: shuffled by the global torch RNG, which EpochSeedCallback reseeds
-        # per epoch. Under DDP: our own sampler (Lightning's would shuffle a resumed
-        # fit's first epoch as epoch 0: it makes the first iterator, whose workers draw
-        # their indices at once, before it calls set_epoch), at the epoch the checkpoint
-        # continues with (state_dict).
+        # Our own sampler, at the epoch the checkpoint continues with (state_dict):
+        # Lightning's would shuffle a resumed fit's first epoch as epoch 0 (it makes the
+        # first iterator, whose workers draw their indices at once, before it calls
+        # set_epoch)
         world = self._world_size()
-        if world > 1:
-            sampler = ShuffleSampler(len(ids), self.trainer.global_rank, world, self.hparams.seed)
-            sampler.set_epoch(self._stage1_epoch)
-        else:
-            sampler = ShuffleSampler(len(ids))
+        rank = self.trainer.global_rank if world > 1 else 0
+        sampler = ShuffleSampler(len(ids), self.hparams.seed, rank, world)
+        sampler.set_epoch(self._stage1_epoch)
         # drop_last only when there is more than one batch: a remainder could be a
         # single sample, and a subset no larger than a batch must still yield one batch
         return FaceDataLoader(
@@ -1336,8 +1340,8 @@ class FaceDataModule(lightning.LightningDataModule):
         return self._subnet_steps_loader()
 
     def state_dict(self) -> dict:
-        """The epoch a resumed fit continues with, for the samplers (stage 2's, and stage
-        1's under DDP).
+        """The epoch a resumed fit continues with, for the samplers (stage 1's and stage
+        2's).
 
         Lightning creates a resumed fit's first training iterator before it calls
         ``set_epoch`` on the samplers, so they must start at the right epoch.
