@@ -61,10 +61,12 @@ def _cpu_name() -> str:
 
 def machine(device: torch.device | str | None = None) -> dict[str, Any]:
     """The machine and software that ran: CPU (and the vector instructions torch's
-    kernels use on it), the GPU of ``device`` (the one the work ran on; None: a CPU),
-    Python and the packages of :data:`_PACKAGES`. Float arithmetic rounds differently
-    in other kernels, so the same seed and code can train other weights on another
-    machine (docs/TRAINING.md): compare runs whose records are equal."""
+    kernels use on it), torch's CPU threads in this process, the GPU of ``device`` (the
+    one the work ran on; None: a CPU), Python and the packages of :data:`_PACKAGES`.
+    Float arithmetic rounds differently in other kernels, and CPU reductions split
+    differently over another thread count, so the same seed and code can train other
+    weights on another machine (docs/TRAINING.md): compare runs whose records are
+    equal."""
     device = torch.device(device) if device is not None else None
     versions: dict[str, str | None] = {"torch": torch.__version__}  # with its build: +cu130
     for name in _PACKAGES[1:]:
@@ -75,6 +77,7 @@ def machine(device: torch.device | str | None = None) -> dict[str, Any]:
     return {
         "cpu": _cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
         "gpu": (
             torch.cuda.get_device_name(device)
             if device is not None and device.type == "cuda"
@@ -89,9 +92,12 @@ def machine_name(record: dict[str, Any]) -> str:
     """A :func:`machine` record in words: the CPU and its kernels (and GPU), Python and
     the packages."""
     gpu = f", {record['gpu']}" if record.get("gpu") else ""
+    # records before 2026-12-06 lack the thread count
+    count = record.get("threads")
+    threads = "" if count is None else f", {count} thread{'s' if count != 1 else ''}"
     packages = ", ".join(f"{k} {v}" for k, v in record["packages"].items() if v)
     return (
-        f"{record['cpu']} ({record['cpu_capability']} kernels{gpu}), Python "
+        f"{record['cpu']} ({record['cpu_capability']} kernels{threads}{gpu}), Python "
         f"{record['python']}, {packages}"
     )
 

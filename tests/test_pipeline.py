@@ -159,6 +159,8 @@ def test_run_folder_holds_config_checkpoints_clusters_and_results(finished_run):
     [made] = results["trained_by"]
     assert made == {"code": source_digest(), "machine": machine()}
     assert made["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    # the thread count too: CPU reductions over another count train other weights
+    assert made["machine"]["threads"] == torch.get_num_threads()
     assert made["machine"]["packages"]["torch"] == torch.__version__
     assert json.loads((run / "stage1.json").read_text())["machine"] == machine()
     assert record["machine"] == machine() and record["code"] == source_digest()
