@@ -1387,7 +1387,7 @@ def test_enrolment_takes_one_person_at_a_time_and_changes_nothing_until_all_are_
     )
 
 
-def test_the_onnx_folder_keeps_the_router_index_too(tmp_path, monkeypatch):
+def test_the_onnx_folder_keeps_the_router_index_too(tmp_path, monkeypatch, caplog):
     # the gallery holds the built index's parts as plain arrays (allow_pickle=False),
     # put together by a load with the same index settings; the networks stand in for
     # ONNX sessions
@@ -1416,6 +1416,18 @@ def test_the_onnx_folder_keeps_the_router_index_too(tmp_path, monkeypatch):
     monkeypatch.setattr(router_module, "build_index", counted)
     onnx_module.load_onnx(tmp_path, route={"hnsw_ef_search": 16})
     assert built == [1]  # other index settings: built for them
+    # a gallery of an earlier facecluster holds faiss's bytes instead: not read, the
+    # index built with a warning (the ONNX folder was refused, the review of the change)
+    gallery = tmp_path / onnx_module.ONNX_GALLERY
+    arrays = {k: v for k, v in np.load(gallery).items() if not k.startswith("router_parts.")}
+    arrays["router_index"] = faiss.serialize_index(ident.router.index)
+    with open(gallery, "wb") as f:
+        np.savez(f, **arrays)
+    monkeypatch.setattr(faiss, "deserialize_index", lambda *a: pytest.fail("faiss read it"))
+    with caplog.at_level(logging.WARNING):
+        older = onnx_module.load_onnx(tmp_path)
+    assert built == [1, 1] and "saved by an earlier facecluster" in caplog.text
+    assert torch.equal(older.router.route(queries, 2), ident.router.route(queries, 2))
 
 
 def test_a_table_of_runs_timed_at_other_batch_sizes_says_each_rows_own(monkeypatch):

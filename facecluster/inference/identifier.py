@@ -1165,7 +1165,7 @@ def reusable_index(
     """An export's saved router index parts (:meth:`Router.saved_parts`) when it was
     built with ``route``'s index settings (``settings``: those it was built with), else
     None: the router is then built for them."""
-    if not isinstance(saved, dict):
+    if not isinstance(saved, dict) or not saved:  # none, faiss's bytes, or no parts
         return None
     if settings != {key: route.get(key, d) for key, d in INDEX_SETTINGS}:
         return None
