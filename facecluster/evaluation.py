@@ -267,9 +267,10 @@ class Bench:
     def timings(self, predictors: list[Predictor]) -> dict[str, tuple[Timing, Timing]]:
         """Per predictor: the time of a batch of ``eval.batch_size`` and of one image.
 
-        Interleaved (see :mod:`facecluster.timing`): ``eval.timing_batches`` batches and
-        20 calls on one image per predictor, the predictors taking turns, from the loader's
-        uint8 images (normalisation included).
+        Interleaved (see :mod:`facecluster.timing`): ``eval.timing_batches`` passes over
+        the one timing batch (:attr:`timing_faces`) and 20 calls on one image per
+        predictor, the predictors taking turns, from the loader's uint8 images
+        (normalisation included).
         """
         images, size = self.timing_faces[0].to(self.device), self.cfg.eval.batch_size
         batch = images.repeat((size + len(images) - 1) // len(images), 1, 1, 1)[:size]
@@ -280,8 +281,8 @@ class Bench:
         # evaluation was silent for 12 to 40 s here (a console-output review)
         n = len(predictors)
         what = (
-            f"timing {n} predictor{'s' * (n != 1)}: {rounds} batch(es) of {size} and 20 "
-            "single images each"
+            f"timing {n} predictor{'s' * (n != 1)}: {rounds} pass(es) over a batch of {size} "
+            "and 20 single images each"
         )
         with tqdm(desc=what, bar_format="{desc}", leave=False):
             batches = time_interleaved(
@@ -704,7 +705,6 @@ def _write(
         "alpha_sweep": report.alpha_sweep,
         "decision": report.decision,
         "batch_size": cfg.eval.batch_size,
-        "torch_threads": torch.get_num_threads(),
         # what made these numbers: a table is only comparable with one of the same code,
         # overrides and machine (bench/results.py evaluates again when the first two differ)
         "overrides": overrides,

@@ -1257,10 +1257,10 @@ class FaceDataModule(lightning.LightningDataModule):
         """A loader's DataLoader arguments; with ``dataset``, its collate function (and
         its batch buffers, :meth:`_collate`)."""
         # Pinned (page-locked) batches when a Trainer runs on a CUDA device: the copy to
-        # the GPU is then asynchronous DMA. No persistent workers: DataLoader draws its
-        # workers' seeds from the global RNG at each epoch's iterator, which is what
-        # makes an epoch's augmentation replayable on resume (EpochSeedCallback);
-        # persistent workers would keep the first epoch's seeds.
+        # the GPU is then asynchronous DMA. No persistent workers: each epoch's iterator
+        # starts its own, as before 2026-12-06, when their seeds decided the mirrors
+        # (the samplers hand every draw to the workers now); persistent workers were
+        # not measured.
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         kwargs = {
             "num_workers": self.hparams.num_workers,

@@ -42,10 +42,12 @@ class FaceTransform:
     Args:
         size: Output side length in pixels.
         train: Mirror horizontally with probability 0.5 (faces are aligned, so
-            crops/rotations would break the alignment). The draw is
-            ``torch.rand(1) < 0.5`` from the global torch RNG, one per image, as
-            ``RandomHorizontalFlip`` draws it, so seeded runs replay the same
-            augmentation; :func:`normalize_images` applies it. False: never mirror.
+            crops/rotations would break the alignment). The draw is the sampler's
+            (``ShuffleSampler``, ``SubnetSampler``: a function of the seed and the
+            epoch); an index that comes without one (another sampler's) draws
+            ``torch.rand(1) < 0.5`` from the global torch RNG, as
+            ``RandomHorizontalFlip`` does. :func:`normalize_images` applies it.
+            False: never mirror.
     """
 
     def __init__(self, size: int, train: bool) -> None:
@@ -83,7 +85,7 @@ class FaceTransform:
         if not self.train:
             return torch.zeros(n, dtype=torch.bool)
         missing = [i for i, d in enumerate(drawn) if d is None]
-        if len(missing) == n:  # the stage-1 loader: every draw is made here
+        if len(missing) == n:  # another sampler than facecluster's: every draw made here
             return torch.rand(n) < 0.5
         out = torch.tensor([bool(d) for d in drawn])
         if missing:
