@@ -479,7 +479,8 @@ def test_the_ism_baseline_trains_a_random_partition_and_every_subnet_answers(
     said = capsys.readouterr()
     table = said.out
     # the speed measurement says what it does (12 to 40 s without a word, before)
-    assert re.search(r"timing \d+ predictors: 1 batch\(es\) of 64 and 20 single images", said.err)
+    timing = r"timing \d+ predictors: 1 pass\(es\) over a batch of 64 and 20 single"
+    assert re.search(timing, said.err)
     for evaluated in (finished_run.run_dir, run):  # where each run's results are
         assert f"{evaluated}: tables" in said.err
         assert f" in {evaluated / 'eval'} (results.md, .csv, .json); identify faces" in said.err
