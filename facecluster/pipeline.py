@@ -177,16 +177,17 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
             )
         check_local_jobs(cfg)  # local stage-2 jobs must fit this node
         # read whole: a broken set stops before the data scan and any training (a
-        # resume past stage 1 that does not evaluate reads none)
+        # resume past stage 1 that does not evaluate reads none); its pairs' people are
+        # compared with the run's identities once the data is scanned
         stage1_done = bool(cfg.resume) and folder.has_stage_summary(1)
-        verification = check_verification_sets(cfg, stage1_done)  # its pairs' identities:
+        verification = check_verification_sets(cfg, stage1_done)
         backbone_params = backbone_parameters(cfg)
         fresh = _stage1_pending(cfg, folder) and folder.stage1_resume_point(cfg.resume) is None
         weights = starting_weights(cfg) if fresh else None  # before the data scan
         dm = build_datamodule(cfg)
         check_identity_count(cfg, dm)
         check_identity_names(cfg, dm)  # before the run folder is made
-        warn_trained_pairs(verification, dm.class_names)  # checked against the data's
+        warn_trained_pairs(verification, dm.class_names)
         run_id = folder.create(new=not cfg.resume)  # a resume's: nothing written
         folder.check_free_space(cfg, backbone_params, dm.num_classes)  # on every rank
         folder.keep_data(dm)  # a resume: checked, not rewritten

@@ -84,10 +84,9 @@ class FaceTransform:
         n = len(drawn)
         if not self.train:
             return torch.zeros(n, dtype=torch.bool)
+        # facecluster's samplers draw every mirror; another sampler's indices come bare
         missing = [i for i, d in enumerate(drawn) if d is None]
-        if len(missing) == n:  # another sampler than facecluster's: every draw made here
-            return torch.rand(n) < 0.5
-        out = torch.tensor([bool(d) for d in drawn])
+        out = torch.tensor([bool(d) for d in drawn], dtype=torch.bool)
         if missing:
             out[missing] = torch.rand(len(missing)) < 0.5
         return out
