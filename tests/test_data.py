@@ -788,14 +788,27 @@ def test_the_packer_starts_without_lightning_and_the_package_names_still_resolve
     import subprocess
     import sys
 
+    import facecluster
     import facecluster.data as data
+    import facecluster.models as models
 
-    code = "import sys, facecluster.data.pack; print('lightning' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.stdout.strip() == "False", done.stderr[-2000:]
-    for name in data.__all__:  # each name still comes from the package
-        assert getattr(data, name) is not None, name
+    # nor does the inference side (identify, enroll), nor `import facecluster`
+    for module in ("facecluster.data.pack", "facecluster.inference", "facecluster"):
+        code = f"import sys, {module}; print('lightning' in sys.modules)"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.stdout.strip() == "False", (module, done.stderr[-2000:])
+    for package in (data, models):  # each name still comes from the package
+        for name in package.__all__:
+            assert getattr(package, name) is not None, name
     assert data.FaceDataModule.__module__ == "facecluster.data.datamodule"
+    # the Python API's names, from the packages (an ImportError for the first two: a
+    # user had to find the modules that define them)
+    assert models.BackboneSystem.__module__ == "facecluster.models.backbone_module"
+    assert data.normalize_images.__module__ == "facecluster.data.transforms"
+    assert data.load_faces.__module__ == "facecluster.data.transforms"
+    from importlib.metadata import version
+
+    assert facecluster.__version__ == version("facecluster")
     with pytest.raises(AttributeError, match="no attribute 'NotAName'"):
         data.NotAName  # noqa: B018
 

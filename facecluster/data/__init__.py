@@ -31,6 +31,8 @@ _MODULES = {
     "RecordError": "recordio",
     "RecordFile": "recordio",
     "build_transforms": "transforms",
+    "load_faces": "transforms",
+    "normalize_images": "transforms",
 }
 
 __all__ = list(_MODULES)
