@@ -174,8 +174,9 @@ def warn_trained_pairs(sets: Iterable[VerificationPairs], trained: list[str]) ->
 def backbone_parameters(cfg: Config) -> int:
     """Build the backbone once before any work (a bad name fails with close names) and
     run it on a batch of 2 zero images: a backbone that cannot take ``data.image_size``
-    (a timm ViT built for 224) is refused here, not in training after the run folder
-    was made. The pass costs about 0.3 s for iresnet50 at 112 on one CPU thread.
+    (a timm ViT built for 224), or does not give one ``model.embedding_dim`` embedding
+    per image, is refused here, not in training after the run folder was made. The pass
+    costs about 0.3 s for iresnet50 at 112 on one CPU thread.
 
     Returns:
         Its parameter count (for the disk-space check).
@@ -191,7 +192,7 @@ def backbone_parameters(cfg: Config) -> int:
     size = cfg.data.image_size
     try:
         with torch.no_grad():
-            backbone.eval()(torch.zeros(2, 3, size, size))
+            out = backbone.eval()(torch.zeros(2, 3, size, size))
     except (AssertionError, RuntimeError, ValueError, TypeError) as e:
         hint = (
             f"; a timm model with a fixed input size takes model.kwargs.img_size={size}"
@@ -203,6 +204,16 @@ def backbone_parameters(cfg: Config) -> int:
             f"model.backbone={cfg.model.backbone!r} cannot take data.image_size={size} "
             f"images ({reason}){hint}"
         ) from None
+    # a backbone of the user's own (register_backbone) that gives [B, d', 1, 1] or
+    # another width failed in the first training step, after the run folder was made
+    dim = cfg.model.embedding_dim
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if shape != (2, dim):
+        raise ConfigError(
+            f"model.backbone={cfg.model.backbone!r} gives {shape} for a batch of 2 "
+            f"{size}x{size} images; facecluster needs (2, {dim}): one "
+            f"model.embedding_dim={dim} embedding per image (flatten or project its output)"
+        )
     available = shareable_stages(backbone)
     if cfg.model.shared_layers > available:
         raise ConfigError(

@@ -426,6 +426,29 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
+def _add_imports(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module to import first: the one whose register_backbone added the run's "
+        "backbone, when the run trained one of yours (its config's imports; repeatable)",
+    )
+
+
+def _imported(imports: list[str]) -> str | None:
+    """``--import``'s modules imported; the error's text when one cannot be."""
+    from facecluster.config import ConfigError, import_modules
+
+    try:
+        import_modules(imports, key="--import")
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = _parser(prog or "facecluster identify", IDENTIFY_HELP)
     parser.add_argument("model", help="a folder written by facecluster export")
@@ -456,6 +479,7 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
     parser.add_argument(
         "--top-m", type=int, default=None, help="clusters searched (default: the run's)"
     )
+    _add_imports(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -473,6 +497,8 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
     ):
         if missing := missing_path(path, what=what):
             return _fail(missing)
+    if problem := _imported(args.imports):
+        return _fail(problem)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from facecluster.deploy import identify_files, resolve_device
@@ -505,6 +531,7 @@ def enroll_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = _parser(prog or "facecluster enroll", ENROLL_HELP)
     parser.add_argument("model", help="a folder written by facecluster export")
     parser.add_argument("folder", help="one sub-folder of face images per new identity")
+    _add_imports(parser)
     args = parser.parse_args(argv)
     from facecluster.config import missing_path
 
@@ -512,6 +539,8 @@ def enroll_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         args.folder, what=" (give the folder that holds one sub-folder per new identity)"
     ):
         return _fail(missing)
+    if problem := _imported(args.imports):
+        return _fail(problem)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from facecluster.deploy import enroll_folder

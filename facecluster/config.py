@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import importlib
 import inspect
 import math
 import os
 import re
 import shlex
+import traceback
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -883,6 +885,11 @@ class Config:
     """A run folder or a facecluster checkpoint to continue."""
     logger: str = "wandb"
     """wandb, csv or none."""
+    imports: list[str] = field(default_factory=list)
+    """Python modules imported before the rest of the config is checked, such as one of
+    yours whose ``register_backbone`` adds a backbone (docs/CONFIG.md); by name, from
+    where this Python imports (installed, or on PYTHONPATH). The run keeps them: its
+    resume, stage-2 jobs, evaluation and export import them too."""
     data: DataConfig = field(default_factory=DataConfig)
     """The images (a folder or a .rec), their split and loaders (docs/DATA.md)."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -1456,6 +1463,35 @@ def _merge_overrides(base: DictConfig, overrides: list[str]) -> DictConfig:
         raise
 
 
+MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def import_modules(names: Sequence[str], key: str = "imports") -> None:
+    """Import each module of ``names`` (what registers a backbone of the user's own).
+
+    Raises:
+        ConfigError: naming ``key[i]``: not a module name, not importable, or its import
+            failed (the exception and the line of the user's file that raised it).
+    """
+    for i, name in enumerate(names):
+        given = f"{key}[{i}]={name!r}"
+        if not isinstance(name, str) or not MODULE_NAME.fullmatch(name):
+            raise ConfigError(f"{given} is not a module name (such as mypackage.backbones)")
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            raise ConfigError(
+                f"{given} cannot be imported ({e}): it must be importable by this Python "
+                "(installed, or its folder on PYTHONPATH)"
+            ) from None
+        except Exception as e:  # the user's module raised: say where, in one line
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            raise ConfigError(
+                f"{given}: importing it failed at {frame.filename}:{frame.lineno}: "
+                f"{type(e).__name__}: {e}"
+            ) from None
+
+
 def _to_config(merged: DictConfig) -> Config:
     try:
         cfg = OmegaConf.to_object(merged)
@@ -1465,6 +1501,7 @@ def _to_config(merged: DictConfig) -> Config:
             hint = "; a '${' meant as text is written '\\${' (quoted, in a shell)"
         raise ConfigError(str(e).splitlines()[0] + _where(e) + hint) from None
     assert isinstance(cfg, Config)
+    import_modules(cfg.imports)
     cfg.trainer = dict(cfg.trainer)
     if cfg.method == "random" and cfg.clustering.method == "kmeans":  # the default's
         # the ISM baseline partitions at random: its config.yaml said kmeans

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -290,3 +292,71 @@ def test_timm_pretrained_weights_see_the_normalisation_they_were_trained_on(monk
     rebuilt = load_backbone({"name": "resnet18", "embedding_dim": 8}, older)
     assert torch.equal(rebuilt.input_scale, torch.ones(1, 3, 1, 1))
     assert torch.equal(rebuilt.input_shift, torch.zeros(1, 3, 1, 1))
+
+
+def test_a_backbone_of_ones_own_trains_in_jobs_evaluates_and_identifies(
+    tmp_path, monkeypatch, capsys
+):
+    # register_backbone worked only in the process that imported the user's module: the
+    # stage-2 jobs (python -m facecluster.cli), evaluate.py, export and identify said
+    # "unknown backbone". `imports` names it in the config; the run keeps it. The
+    # module is docs/CONFIG.md's, as written there.
+    import re
+    import sys
+
+    from facecluster import cli
+    from facecluster.builders import backbone_parameters
+    from facecluster.config import ConfigError, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "CONFIG.md").read_text()
+    (snippet,) = re.findall(r"```python\n(# mynets\.py.*?)```", page, re.S)
+    (tmp_path / "mynets.py").write_text(snippet)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the jobs' processes
+    monkeypatch.chdir(tmp_path)
+    smoke = str(root / "configs" / "smoke.yaml")
+    try:
+        common = ["-c", smoke, "imports=[mynets]", "model.backbone=mynet", "logger=none"]
+        assert cli.train_main([*common, "run_name=r", "launcher=local", "stage2.jobs=2"]) == 0
+        run = tmp_path / "runs" / "r"
+        jobs = sorted((run / "stage2" / "jobs").iterdir())
+        assert len(jobs) == 2  # each job a process of its own, which imported the module
+        assert cli.evaluate_main([f"run={run}", "eval.timing_batches=1", "eval.plots=false"]) == 0
+        assert cli.export_main([str(run), "exp"]) == 0
+        faces = str(root / "datasets" / "lfw-demo" / "images")
+        del BACKBONES["mynet"]  # another process: the export alone does not import code
+        sys.modules.pop("mynets")
+        capsys.readouterr()
+        assert cli.main(["identify", "exp", faces, "--out", "ids.csv"]) == 2
+        assert "unknown backbone 'mynet'" in (err := capsys.readouterr().err)
+        assert "importing mynets: pass --import mynets to facecluster identify" in err
+        assert cli.main(["identify", "exp", faces, "--out", "ids.csv", "--import", "mynets"]) == 0
+        assert len((tmp_path / "ids.csv").read_text().splitlines()) > 100
+        # a builder whose output is not one embedding per image: refused before any work
+        # (it failed in the first training step, after the run folder was made)
+        register_backbone("facecluster_test_4d")(
+            lambda embedding_dim, image_size, dropout: nn.Conv2d(3, embedding_dim, 1)
+        )
+        with pytest.raises(ConfigError, match=r"4d' gives \(2, 64, 112, 112\) .*\(2, 64\)"):
+            backbone_parameters(load_config(smoke, ["model.backbone=facecluster_test_4d"]))
+    finally:
+        for name in ("mynet", "facecluster_test_4d"):
+            BACKBONES.pop(name, None)
+        sys.modules.pop("mynets", None)
+
+
+def test_imports_that_cannot_be_imported_are_named(tmp_path, monkeypatch):
+    from facecluster.config import ConfigError, load_config
+
+    (tmp_path / "facecluster_test_broken.py").write_text("x = 1\nraise RuntimeError('oops')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for given, said in (
+        ("facecluster_test_missing", r"imports\[0\]='facecluster_test_missing' cannot be "
+         r"imported \(No module named .*PYTHONPATH"),
+        ("a-b", r"imports\[0\]='a-b' is not a module name"),
+        ("facecluster_test_broken", r"importing it failed at .*facecluster_test_broken.py:2: "
+         r"RuntimeError: oops"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError, match=said):
+            load_config(None, [f"imports=[{given}]"])

@@ -1790,8 +1790,20 @@ def test_identify_refuses_images_the_networks_do_not_take(tmp_path):
     identifier = TwoStageIdentifier.load(tmp_path / "identifier.pt")
     assert len(identifier.identify(torch.zeros(2, 3, 16, 16)).identity) == 2
     for shape in ((2, 3, 32, 32), (2, 16, 16, 3), (3, 16, 16), (2, 1, 16, 16)):
-        with pytest.raises(ValueError, match=r"takes a batch \[B, 3, 16, 16\] of normalised"):
-            identifier.identify(torch.zeros(shape))
+        for call in (identifier.identify, identifier.embed):  # embed: a conv's size error
+            with pytest.raises(ValueError, match=r"takes a batch \[B, 3, 16, 16\] of norm"):
+                call(torch.zeros(shape))
+    # image files as a user reads them: load_faces's uint8 pixels, channels last, are
+    # refused with the call that makes crops of them
+    from facecluster.data import load_faces, normalize_images
+
+    files = [str(p) for p in sorted(DEMO.rglob("*.jpg"))[:3]]
+    with pytest.raises(ValueError, match=r"normalize_images\(load_faces\(paths, 16\)\)"):
+        identifier.embed(load_faces(files, 16))
+    with pytest.raises(ValueError, match=r"dtype torch.uint8: .*data.normalize_images\)"):
+        identifier.embed(load_faces(files, 16).permute(0, 3, 1, 2))
+    embedded = identifier.embed(normalize_images(load_faces(files, 16)))
+    assert embedded.shape == (3, identifier.backbone_args["embedding_dim"])
     with pytest.raises(ValueError, match=r"^'zed': images of shape \[2, 3, 32, 32\]: this"):
         identifier.enroll({"zed": torch.zeros(2, 3, 32, 32)})
     # an enrolment builds no autograd graph (its @torch.no_grad() was once displaced)

@@ -57,7 +57,7 @@ from facecluster.inference.decision import (
 from facecluster.inference.predictors import Predictor, count_parameters
 from facecluster.inference.router import NO_CLUSTER, Router, has_direction
 from facecluster.io import atomic_torch_save, load_plain, non_finite_keys, shown_list
-from facecluster.models.components import load_backbone, shareable_stages
+from facecluster.models.components import BACKBONES, load_backbone, shareable_stages
 
 if TYPE_CHECKING:
     from facecluster.config import Config
@@ -233,6 +233,9 @@ class TwoStageIdentifier(nn.Module):
         self.open_set: dict[str, float] | None = None
         """``{"threshold", "fpir", "probes"}``: answer unknown below ``threshold``,
         chosen on ``probes`` unseen faces for that FPIR (set by the export)."""
+        self.imports: list[str] = []
+        """The run's ``imports`` (the modules that registered a backbone of the user's
+        own), kept in the export so that a load without them can name them."""
         self.export_id: str | None = None
         """Which export this is (set by the export, kept by enrolment): its
         ``identifier.pt`` and ``onnx/`` hold the same one (``load_export`` checks)."""
@@ -327,7 +330,11 @@ class TwoStageIdentifier(nn.Module):
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
-        """L2-normalised stage-1 embeddings [B, d] (what the router compares)."""
+        """L2-normalised stage-1 embeddings [B, d] (what the router compares) of a batch
+        of face crops as :meth:`identify` takes them; from image files:
+        ``normalize_images(load_faces(paths, backbone_args["image_size"]))``
+        (``facecluster.data``)."""
+        self._check_images(images)
         return F.normalize(self.router_backbone(images).float(), dim=1)
 
     def _trunk(self, images: Tensor) -> Tensor:
@@ -627,7 +634,13 @@ class TwoStageIdentifier(nn.Module):
             raise ValueError(
                 f"images of shape {list(images.shape)}: this identifier takes a batch "
                 f"[B, 3, {size}, {size}] of normalised RGB crops (channels first; one face "
-                "as images[None])"
+                "as images[None]; from files: normalize_images(load_faces(paths, "
+                f"{size})), facecluster.data)"
+            )
+        if not images.is_floating_point():  # load_faces's uint8 pixels, not normalised
+            raise ValueError(
+                f"images of dtype {images.dtype}: this identifier takes normalised RGB "
+                "crops in [-1, 1] (facecluster.data.normalize_images)"
             )
 
     @torch.no_grad()
@@ -852,7 +865,7 @@ class TwoStageIdentifier(nn.Module):
         ]
         assignment, names = run.assignment(cfg.clustering.num_clusters), run.class_names()
         try:  # what check_parts finds (a weight that is not finite), named with the run
-            return cls(
+            identifier = cls(
                 args,
                 router_backbone,
                 networks,
@@ -865,6 +878,8 @@ class TwoStageIdentifier(nn.Module):
         except ValueError as e:
             where = f"run {run.path}" + (f" (route={given})" if refuses(given, stored) else "")
             raise ValueError(f"{where}: {e}") from None
+        identifier.imports = list(cfg.imports)
+        return identifier
 
     def export(self, path: str | Path) -> Path:
         """Write one self-contained file (atomic: a crash never leaves half a file).
@@ -887,6 +902,7 @@ class TwoStageIdentifier(nn.Module):
             "open_set": self.open_set,
             "export_id": self.export_id,
             "shared_layers": self.shared_layers,
+            "imports": list(self.imports),
         }
         networks = _network_weights(payload["router_backbone"], payload["subnets"])
         try:  # as they are now: checked when built, they may have changed since
@@ -937,6 +953,9 @@ class TwoStageIdentifier(nn.Module):
                 f"{path} is an identifier export of version {version}; this facecluster "
                 f"reads versions 1 to {EXPORT_VERSION}"
             )
+        imports = payload.get("imports") or []  # none: before imports (2026-12-06)
+        if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
+            raise ValueError(f"{path}: imports is {imports!r}, not a list of module names")
         route_given, route = route, dict(payload["route"], **(route or {}))
         saved = payload.get(ROUTER_PARTS)
         if payload.get("router_index") is not None:  # faiss's bytes: not read
@@ -960,9 +979,22 @@ class TwoStageIdentifier(nn.Module):
             identifier.open_set = loaded_open_set(payload.get("open_set"), route)
         except ValueError as e:
             named = f" (route={route_given})" if refuses(route_given, payload["route"]) else ""
-            raise ValueError(f"export {path}{named}: {e}") from None
+            raise ValueError(f"export {path}{named}: {e}{_imports_hint(args, imports)}") from None
         identifier.export_id = payload.get("export_id")  # None: before export ids
+        identifier.imports = imports
         return identifier
+
+
+def _imports_hint(args: Mapping[str, Any], imports: list[str]) -> str:
+    """What to do when an export's backbone is one the user registered and this process
+    has not imported (never imported by a load: an export is data, not code)."""
+    if not imports or args.get("name") in BACKBONES:
+        return ""
+    modules = " ".join(f"--import {m}" for m in imports)
+    return (
+        f"; the run registered it by importing {', '.join(imports)}: pass {modules} to "
+        "facecluster identify or enroll, or import it before TwoStageIdentifier.load"
+    )
 
 
 def check_parts(
