@@ -360,6 +360,7 @@ def module_args(cfg: Config, stage: int) -> dict[str, Any]:
             "s": cfg.head.s,
             "m": cfg.head.m,
             "sample_rate": cfg.head.sample_rate,
+            **cfg.head.head_options(),
         },
         "optim": config[f"stage{stage}"]["optim"],
         "config": config,

@@ -459,11 +459,16 @@ class ModelConfig:
 @dataclass
 class HeadConfig:
     name: str = "arcface"
-    """Margin head: arcface or cosface."""
+    """Margin head: arcface, cosface or adaface."""
     s: float = 64.0
     """Logit scale."""
     m: float | None = None
-    """Margin (None: the head's default, 0.5 for ArcFace, 0.35 for CosFace)."""
+    """Margin (None: the head's default, 0.5 for ArcFace, 0.35 for CosFace, 0.4 for
+    AdaFace)."""
+    h: float = 0.333
+    """AdaFace: how far a face's standardised embedding norm moves its margin."""
+    t_alpha: float = 0.01
+    """AdaFace: momentum of the running mean and std of the batches' embedding norms."""
     init_from_class_means: bool = True
     """Stage 2: start each sub-net's head rows from its identities' class means."""
     sample_rate: float = 1.0
@@ -471,13 +476,30 @@ class HeadConfig:
 
     def problems(self) -> list[str]:
         r = _Rules("head.")
-        r.choice("name", self.name, ("arcface", "cosface"))
+        r.choice("name", self.name, ("arcface", "cosface", "adaface"))
         r.positive("s", self.s)
         if not 0.0 < self.sample_rate <= 1.0:
             r.add(f"head.sample_rate must be in (0, 1], got {self.sample_rate}")
         if self.m is not None:  # the heads' own bounds: an angle for ArcFace, a cosine for CosFace
-            r.within("m", self.m, 0.0, 2.0 if self.name == "cosface" else math.pi / 2, closed=False)
+            bound = {"cosface": 2.0, "adaface": 1.0}.get(self.name, math.pi / 2)
+            r.within("m", self.m, 0.0, bound, closed=False)
+        if self.name == "adaface":
+            r.positive("h", self.h)
+            if not 0.0 < self.t_alpha <= 1.0:
+                r.add(f"head.t_alpha must be in (0, 1], got {self.t_alpha}")
+        else:  # set for nothing: said, not ignored
+            given = [f"head.{k}={v}" for k, v in self.head_options(True).items()]
+            if given:
+                r.add(f"{' and '.join(given)}: AdaFace's, but head.name={self.name!r}")
         return r.problems
+
+    def head_options(self, changed: bool = False) -> dict[str, float]:
+        """The head's own arguments beyond s and m: AdaFace's ``h`` and ``t_alpha``
+        (``changed``: those set to other than their defaults, whatever the head)."""
+        options = {"h": self.h, "t_alpha": self.t_alpha}
+        if changed:
+            return {k: v for k, v in options.items() if v != getattr(HeadConfig, k)}
+        return options if self.name == "adaface" else {}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Tests for facecluster.models.components.heads (ArcFace / CosFace margin heads)."""
+"""Tests for facecluster.models.components.heads (ArcFace / CosFace / AdaFace margin heads)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from facecluster.models.components import HEADS, ArcFace, CosFace, MarginHead, create_head
+from facecluster.models.components import (
+    HEADS,
+    AdaFace,
+    ArcFace,
+    CosFace,
+    MarginHead,
+    create_head,
+)
 
 
 def _plane_setup(head: MarginHead, thetas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +147,9 @@ def test_defaults_and_create_head() -> None:
     custom = create_head("arcface", num_classes=5, embedding_dim=8, s=30.0, m=0.3)
     assert (custom.s, custom.m) == (30.0, 0.3)
     assert custom.weight.shape == (5, 8)
-    assert HEADS == {"arcface": ArcFace, "cosface": CosFace}
+    assert HEADS == {"arcface": ArcFace, "cosface": CosFace, "adaface": AdaFace}
+    ada = create_head("adaface", num_classes=5, embedding_dim=8, m=None, h=0.2)
+    assert (ada.s, ada.m, ada.h, ada.t_alpha) == (64.0, 0.4, 0.2, 0.01)
 
 
 def test_weight_init_like_arcface_torch() -> None:
@@ -306,3 +315,76 @@ def test_margin_can_be_changed_after_construction() -> None:
     head.m = 0.2
     expected = _hand_arcface(_hand_cosine(emb, head.weight), labels, 10.0, 0.2)
     torch.testing.assert_close(head(emb, labels), expected, atol=1e-10, rtol=0)
+
+
+class _AuthorsAdaFace:
+    """The AdaFace head of the authors' code (github.com/mk-minchul/AdaFace, head.py,
+    ``AdaFace.forward``), transcribed line by line with its state: the reference."""
+
+    def __init__(self, weight: torch.Tensor, m=0.4, h=0.333, s=64.0, t_alpha=0.01) -> None:
+        self.kernel = weight.t()  # the authors keep [d, C]
+        self.m, self.h, self.s, self.t_alpha, self.eps = m, h, s, t_alpha, 1e-3
+        self.batch_mean = torch.ones(1, dtype=weight.dtype) * 20
+        self.batch_std = torch.ones(1, dtype=weight.dtype) * 100
+
+    def forward(self, embbedings, norms, label):
+        kernel_norm = self.kernel / self.kernel.norm(dim=0, keepdim=True)
+        cosine = torch.mm(embbedings, kernel_norm)
+        cosine = cosine.clamp(-1 + self.eps, 1 - self.eps)
+        safe_norms = torch.clip(norms, min=0.001, max=100).clone().detach()
+        with torch.no_grad():
+            mean = safe_norms.mean().detach()
+            std = safe_norms.std().detach()
+            self.batch_mean = mean * self.t_alpha + (1 - self.t_alpha) * self.batch_mean
+            self.batch_std = std * self.t_alpha + (1 - self.t_alpha) * self.batch_std
+        margin_scaler = (safe_norms - self.batch_mean) / (self.batch_std + self.eps)
+        margin_scaler = torch.clip(margin_scaler * self.h, -1, 1)
+        m_arc = torch.zeros(label.size()[0], cosine.size()[1], dtype=cosine.dtype)
+        m_arc.scatter_(1, label.reshape(-1, 1), 1.0)
+        m_arc = m_arc * (self.m * margin_scaler * -1)
+        theta = cosine.acos()
+        theta_m = torch.clip(theta + m_arc, min=self.eps, max=math.pi - self.eps)
+        cosine = theta_m.cos()
+        m_cos = torch.zeros(label.size()[0], cosine.size()[1], dtype=cosine.dtype)
+        m_cos.scatter_(1, label.reshape(-1, 1), 1.0)
+        cosine = cosine - m_cos * (self.m + (self.m * margin_scaler))
+        return cosine * self.s
+
+
+def test_adaface_matches_the_authors_head_over_steps_of_its_running_statistics() -> None:
+    # norms from 0.5 to 60 (clear and blurred faces), three steps so that the running
+    # mean and std move; the statistics move in training mode only
+    torch.manual_seed(3)
+    head = AdaFace(num_classes=9, embedding_dim=8, s=32.0, m=0.4).double()
+    reference = _AuthorsAdaFace(head.weight.detach().clone(), s=32.0)
+    for _ in range(3):
+        direction = F.normalize(torch.randn(12, 8, dtype=torch.float64), dim=1)
+        norms = torch.empty(12, 1, dtype=torch.float64).uniform_(0.5, 60.0)
+        labels = torch.randint(0, 9, (12,))
+        logits = head(direction * norms, labels)
+        expected = reference.forward(direction, norms, labels)
+        torch.testing.assert_close(logits, expected, atol=1e-9, rtol=0)
+        torch.testing.assert_close(head.batch_mean.view(1), reference.batch_mean.view(1))
+        torch.testing.assert_close(head.batch_std.view(1), reference.batch_std.view(1))
+    # the loss is the cross-entropy of these logits, and its gradient is finite
+    emb = (direction * norms).requires_grad_()
+    loss = head.loss(emb, labels)
+    torch.testing.assert_close(loss, F.cross_entropy(head.eval()(emb, labels), labels))
+    loss.backward()
+    assert torch.isfinite(emb.grad).all() and torch.isfinite(head.weight.grad).all()
+    kept = head.batch_mean.clone(), head.batch_std.clone()
+    head.eval()(emb.detach(), labels)  # evaluation: the statistics stay
+    assert torch.equal(head.batch_mean, kept[0]) and torch.equal(head.batch_std, kept[1])
+    # a batch of one face: its sample std is NaN, which would stay in the running std
+    head.train()(emb.detach()[:1], labels[:1])
+    assert torch.isfinite(head.batch_std) and torch.equal(head.batch_std, kept[1])
+    assert head.batch_mean != kept[0]
+    # checkpoints keep the statistics
+    assert {"batch_mean", "batch_std"} <= set(head.state_dict())
+    for bad, said in (
+        ({"h": 0.0}, "h must be"),
+        ({"t_alpha": 0.0}, "t_alpha"),
+        ({"m": 1.0}, "m must"),
+    ):
+        with pytest.raises(ValueError, match=said):
+            AdaFace(3, 4, **bad)

@@ -369,6 +369,30 @@ def test_scheduler_steps_per_optimizer_step():
     assert lrs[-1] < 0.01 and not math.isnan(lrs[-1])
 
 
+def test_adaface_trains_both_stages_and_checkpoints_keep_its_norm_statistics(tmp_path):
+    from facecluster.config import ConfigError
+    from facecluster.models.components import AdaFace
+
+    overrides = ["head.name=adaface", "head.h=0.5", "logger=none"]
+    result = train(load_config(SMOKE, smoke_overrides(tmp_path, *overrides)))
+    heads = [result.backbone.head, *result.subnets.heads.values()]
+    for head in heads:  # each head's running statistics moved from their start (20, 100)
+        assert isinstance(head, AdaFace) and head.h == 0.5
+        assert head.batch_mean != 20.0 and head.batch_std != 100.0
+        assert torch.isfinite(head.batch_mean) and torch.isfinite(head.batch_std)
+    saved = torch.load(
+        tmp_path / "run" / "stage1" / "checkpoints" / "last.ckpt", weights_only=False
+    )["state_dict"]
+    assert torch.equal(saved["head.batch_mean"], result.backbone.head.batch_mean)
+    # AdaFace's own keys with another head: said, not ignored; its margin's bound
+    with pytest.raises(ConfigError, match=r"head.h=0.5: AdaFace's, but head.name='arcface'"):
+        load_config(SMOKE, ["head.h=0.5"])
+    with pytest.raises(ConfigError, match=r"head.m must be in \[0, 1\), got 1"):
+        load_config(SMOKE, ["head.name=adaface", "head.m=1"])
+    with pytest.raises(ConfigError, match=r"head.t_alpha must be in \(0, 1\], got 0"):
+        load_config(SMOKE, ["head.name=adaface", "head.t_alpha=0"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_bf16_precisions_train_both_stages_on_cpu(tmp_path, precision):

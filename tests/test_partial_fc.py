@@ -16,7 +16,7 @@ from torch import nn
 
 from facecluster.models.backbone_module import BackboneSystem
 from facecluster.models.base import clip_gradients_
-from facecluster.models.components import ArcFace, CosFace
+from facecluster.models.components import AdaFace, ArcFace, CosFace
 from facecluster.models.components.partial_fc import gather_to_first, sample_columns, shard_range
 
 CLASSES, DIM, IN = 11, 16, 12
@@ -42,7 +42,7 @@ class _Net(nn.Module):
         return self.backbone(x)
 
 
-HEADS = {"arcface": ArcFace, "cosface": CosFace}
+HEADS = {"arcface": ArcFace, "cosface": CosFace, "adaface": AdaFace}
 
 
 def _worker(rank: int, store: str, out: dict) -> None:
@@ -127,6 +127,8 @@ def _sharded_step(rank: int, head_cls: type) -> dict:
         "row_start": head.row_start,
         "predict": head.predict(backbone(x[rows]).detach()),
         "whole": gather_to_first(head.weight.detach(), CLASSES),
+        # AdaFace's running statistics: of the whole batch, alike in every process
+        "buffers": {name: b.clone() for name, b in head.named_buffers()},
     }
     clip_gradients_([backbone, head], 0.05, None)
     result["clipped"] = [p.grad.clone() for p in (*backbone.parameters(), head.weight)]
@@ -227,6 +229,10 @@ def test_sharded_head_on_three_processes_equals_the_whole_head_in_one(head_name,
         expected = head.cosine(embeddings[BATCH[rank]].detach()).argmax(dim=1)
         assert torch.equal(got["predict"], expected)
     assert torch.equal(ranks[0]["whole"], head.weight.detach())
+    for rank in range(WORLD):
+        assert ranks[rank]["buffers"].keys() == dict(head.named_buffers()).keys()
+        for name, value in head.named_buffers():
+            torch.testing.assert_close(ranks[rank]["buffers"][name], value, rtol=0, atol=1e-6)
     assert ranks[1]["whole"] is None and ranks[2]["whole"] is None
 
     # clipping: one norm over the backbone and both shards, as over the whole head

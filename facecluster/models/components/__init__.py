@@ -15,12 +15,13 @@ from .backbones import (
     register_backbone,
     shareable_stages,
 )
-from .heads import HEADS, ArcFace, CosFace, MarginHead, create_head
+from .heads import HEADS, AdaFace, ArcFace, CosFace, MarginHead, create_head
 from .iresnet import IBasicBlock, IResNet
 
 __all__ = [
     "BACKBONES",
     "HEADS",
+    "AdaFace",
     "ArcFace",
     "CosFace",
     "EmbeddingNeck",

@@ -11,6 +11,10 @@ the training task harder than plain softmax and so compacts each identity:
 * CosFace, additive cosine margin (a.k.a. large margin cosine loss): Wang et al.,
   "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018,
   arXiv:1801.09414. Target logit ``s * (cos(theta) - m)``.
+* AdaFace, a margin that adapts to image quality through the embedding's norm: Kim,
+  Jain and Liu, "AdaFace: Quality Adaptive Margin for Face Recognition", CVPR 2022,
+  arXiv:2204.00964. Target logit ``s * (cos(theta - m * z) - m - m * z)``, ``z`` the
+  norm's standardised place in the batch (running statistics), times ``h``, in [-1, 1].
 
 Feed the logits to ``torch.nn.functional.cross_entropy``, or call ``loss``, which also
 covers a head sharded across processes and sampled (Partial FC, partial_fc.py): the
@@ -39,7 +43,7 @@ from .partial_fc import (
     sharded_cross_entropy,
 )
 
-__all__ = ["HEADS", "ArcFace", "CosFace", "MarginHead", "create_head", "default_margin"]
+__all__ = ["HEADS", "AdaFace", "ArcFace", "CosFace", "MarginHead", "create_head", "default_margin"]
 
 # Floor of 1 - cos^2 inside the sqrt: the derivative of sqrt is infinite at 0, which
 # turned into NaN gradients for an embedding exactly on its class centre.
@@ -86,8 +90,8 @@ class _Cosine(torch.autograd.Function):
 class MarginHead(nn.Module):
     """Base class: cosine logits scaled by ``s`` with a margin on the target column.
 
-    Subclasses implement ``_margin`` (the target cosine after the margin) and may
-    override ``_validate_margin``.
+    Subclasses implement ``_margin`` (the target cosine after the margin, given each
+    row's embedding norm, which only AdaFace reads) and may override ``_validate_margin``.
 
     Args:
         num_classes: Number of identities (rows of ``weight``).
@@ -133,8 +137,13 @@ class MarginHead(nn.Module):
         if not (math.isfinite(m) and m >= 0):
             raise ValueError(f"margin m must be a finite number >= 0, got m={m}")
 
-    def _margin(self, cos: Tensor) -> Tensor:
-        """Returns the target cosine after the margin (unscaled), elementwise."""
+    def _margin(self, cos: Tensor, norms: Tensor) -> Tensor:
+        """Returns the target cosine after the margin (unscaled), elementwise.
+
+        Args:
+            cos: ``[B, 1]`` each row's cosine to its target centre.
+            norms: ``[B, 1]`` each row's embedding norm before normalising (detached).
+        """
         raise NotImplementedError
 
     def _compute_dtype(self, embeddings: Tensor) -> torch.dtype:
@@ -215,7 +224,8 @@ class MarginHead(nn.Module):
             index, target = sample_columns(target, shard, self.num_classes, self.sample_rate)
             weight = weight[index]
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            logits = self._margin_logits(self._cosine(embeddings, weight), target)
+            cos = self._cosine(embeddings, weight)
+            logits = self._margin_logits(cos, target, _norms(embeddings, cos.dtype))
             return sharded_cross_entropy(logits, target).mean()
 
     @torch.no_grad()
@@ -244,16 +254,21 @@ class MarginHead(nn.Module):
                 f"labels must have shape [{embeddings.shape[0]}], got {tuple(labels.shape)}"
             )
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            return self._margin_logits(self.cosine(embeddings), labels.long())
+            cos = self.cosine(embeddings)
+            return self._margin_logits(cos, labels.long(), _norms(embeddings, cos.dtype))
 
-    def _margin_logits(self, cos: Tensor, target: Tensor) -> Tensor:
+    def _margin_logits(self, cos: Tensor, target: Tensor, norms: Tensor) -> Tensor:
         """``s * cos`` with the margin on each row's target column; a target of -1 (the
-        class is another shard's) leaves its row as it is. No host synchronisation."""
+        class is another shard's) leaves its row as it is. ``norms``: ``[B]``, each
+        row's embedding norm. No host synchronisation."""
+        norms = norms.unsqueeze(1)
         if cos.shape[1] == 0:  # a shard with no rows (fewer classes than processes)
+            self._margin(cos.new_zeros(len(cos), 1), norms)  # AdaFace: its statistics
             return cos * self.s
         index = target.clamp(min=0).unsqueeze(1)
         picked = cos.gather(1, index)
-        target_cos = torch.where(index == target.unsqueeze(1), self._margin(picked), picked)
+        margined = self._margin(picked, norms)
+        target_cos = torch.where(index == target.unsqueeze(1), margined, picked)
         return cos.scatter(1, index, target_cos) * self.s
 
     def extra_repr(self) -> str:
@@ -306,7 +321,7 @@ class ArcFace(MarginHead):
         if not (math.isfinite(m) and 0 <= m < math.pi / 2):
             raise ValueError(f"ArcFace margin m must be in [0, pi/2) radians, got m={m}")
 
-    def _margin(self, cos: Tensor) -> Tensor:
+    def _margin(self, cos: Tensor, norms: Tensor) -> Tensor:
         # Constants derived from self.m on every call, so that a margin schedule that
         # assigns head.m during training takes effect.
         cos_m, sin_m = math.cos(self.m), math.sin(self.m)
@@ -342,11 +357,92 @@ class CosFace(MarginHead):
         if not (math.isfinite(m) and 0 <= m < 2):
             raise ValueError(f"CosFace margin m must be in [0, 2), got m={m}")
 
-    def _margin(self, cos: Tensor) -> Tensor:
+    def _margin(self, cos: Tensor, norms: Tensor) -> Tensor:
         return cos - self.m
 
 
-HEADS: dict[str, type[MarginHead]] = {"arcface": ArcFace, "cosface": CosFace}
+# AdaFace's clip of the cosine and of the angle after the margin, and of the norms
+_ADA_EPS = 1e-3
+_ADA_NORM_RANGE = (0.001, 100.0)
+
+
+class AdaFace(MarginHead):
+    """Quality-adaptive margin (Kim, Jain and Liu, CVPR 2022, arXiv:2204.00964).
+
+    A face's embedding norm stands for its image quality: standardised by the running
+    mean and standard deviation of the training batches' norms, times ``h`` and clipped
+    to [-1, 1], it gives ``z``; the target cosine becomes ``cos(theta - m * z) - m -
+    m * z``, so a clear face (``z`` near 1) gets an angular margin like ArcFace's and a
+    blurred one (``z`` near -1) an additive one like CosFace's, of 0 at the extreme.
+
+    This is the authors' ``AdaFace`` head (github.com/mk-minchul/AdaFace, ``head.py``):
+    the same defaults (``m=0.4, h=0.333, t_alpha=0.01``, statistics starting at mean 20
+    and std 100), the norms clipped to [0.001, 100] and detached, the statistics updated
+    before ``z`` is taken, the target's cosine clipped to ``1e-3`` inside [-1, 1] for
+    ``acos`` and the angle to ``[1e-3, pi - 1e-3]``. Two differences: the other columns'
+    cosines are not clipped (the authors clip every one, a change of at most 1e-3), and a
+    batch of one face does not update the standard deviation (its sample std is NaN,
+    which would stay in the running value). The statistics move in training mode only,
+    over the whole batch a step sees (under Partial FC, every process's batch: each
+    process computes the same values); they are buffers, so checkpoints keep them.
+
+    Args:
+        num_classes: Number of identities.
+        embedding_dim: Size of the embeddings.
+        s: Logit scale, > 0.
+        m: Margin in ``[0, 1)``.
+        h: How far a norm's standardised value moves the margin, > 0.
+        t_alpha: The running statistics' momentum, in (0, 1].
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        s: float = 64.0,
+        m: float = 0.4,
+        sample_rate: float = 1.0,
+        h: float = 0.333,
+        t_alpha: float = 0.01,
+    ) -> None:
+        super().__init__(num_classes, embedding_dim, s, m, sample_rate)
+        if not (math.isfinite(h) and h > 0):
+            raise ValueError(f"AdaFace h must be a positive finite number, got h={h}")
+        if not (0.0 < t_alpha <= 1.0):
+            raise ValueError(f"AdaFace t_alpha must be in (0, 1], got t_alpha={t_alpha}")
+        self.h, self.t_alpha = float(h), float(t_alpha)
+        self.register_buffer("batch_mean", torch.tensor(20.0))
+        self.register_buffer("batch_std", torch.tensor(100.0))
+
+    def _validate_margin(self, m: float) -> None:
+        if not (math.isfinite(m) and 0 <= m < 1):
+            raise ValueError(f"AdaFace margin m must be in [0, 1), got m={m}")
+
+    def _margin(self, cos: Tensor, norms: Tensor) -> Tensor:
+        norms = norms.clamp(*_ADA_NORM_RANGE)
+        mean, std = self.batch_mean.to(norms.dtype), self.batch_std.to(norms.dtype)
+        if self.training:
+            with torch.no_grad():
+                mean = norms.mean() * self.t_alpha + (1 - self.t_alpha) * mean
+                self.batch_mean.copy_(mean)
+                if len(norms) > 1:
+                    std = norms.std() * self.t_alpha + (1 - self.t_alpha) * std
+                    self.batch_std.copy_(std)
+        z = ((norms - mean) / (std + _ADA_EPS) * self.h).clamp(-1.0, 1.0)
+        theta = torch.acos(cos.clamp(-1 + _ADA_EPS, 1 - _ADA_EPS))
+        angle = (theta - self.m * z).clamp(_ADA_EPS, math.pi - _ADA_EPS)
+        return torch.cos(angle) - (self.m + self.m * z)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, h={self.h}, t_alpha={self.t_alpha}"
+
+
+def _norms(embeddings: Tensor, dtype: torch.dtype) -> Tensor:
+    """Each embedding's L2 norm, detached (AdaFace's quality signal; no gradient)."""
+    return embeddings.detach().to(dtype).norm(dim=1)
+
+
+HEADS: dict[str, type[MarginHead]] = {"arcface": ArcFace, "cosface": CosFace, "adaface": AdaFace}
 
 
 def default_margin(name: str) -> float:
@@ -361,16 +457,19 @@ def create_head(
     s: float | None = None,
     m: float | None = None,
     sample_rate: float = 1.0,
+    **kwargs: float,
 ) -> MarginHead:
     """Creates a margin head by name.
 
     Args:
-        name: A key of ``HEADS`` (``"arcface"`` or ``"cosface"``).
+        name: A key of ``HEADS`` (``"arcface"``, ``"cosface"`` or ``"adaface"``).
         num_classes: Number of identities.
         embedding_dim: Size of the embeddings.
         s: Logit scale; ``None`` uses the head's default (64).
-        m: Margin; ``None`` uses the head's default (ArcFace 0.5 rad, CosFace 0.35).
+        m: Margin; ``None`` uses the head's default (ArcFace 0.5 rad, CosFace 0.35,
+            AdaFace 0.4).
         sample_rate: Partial FC's share of class centres per training step, in (0, 1].
+        **kwargs: The head's own further arguments (AdaFace's ``h`` and ``t_alpha``).
 
     Returns:
         The head.
@@ -383,4 +482,4 @@ def create_head(
     if head_cls is None:
         raise ValueError(f"unknown head {name!r}; valid names: {', '.join(sorted(HEADS))}")
     options = {key: value for key, value in {"s": s, "m": m}.items() if value is not None}
-    return head_cls(num_classes, embedding_dim, sample_rate=sample_rate, **options)
+    return head_cls(num_classes, embedding_dim, sample_rate=sample_rate, **options, **kwargs)
