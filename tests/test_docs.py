@@ -37,6 +37,11 @@ PACK = "facecluster pack ../shared/datasets/lfw-112/images /data/lfw-rec"
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "make train": (LEFT_OUT, LONG),
+    "python train.py head.name=adaface": (
+        LEFT_OUT,
+        LONG + "; tests/test_modules.py::test_adaface_trains_both_stages_and_checkpoints_"
+        "keep_its_norm_statistics trains AdaFace on the smoke config",
+    ),
     "python train.py imports=[mynets] model.backbone=mynet": (
         FILLED,  # the smoke config, a module of the test's, two stage-2 jobs
         "tests/test_backbones.py::test_a_backbone_of_ones_own_trains_in_jobs_evaluates_and_"
