@@ -379,6 +379,14 @@ def test_adaface_matches_the_authors_head_over_steps_of_its_running_statistics()
     head.train()(emb.detach()[:1], labels[:1])
     assert torch.isfinite(head.batch_std) and torch.equal(head.batch_std, kept[1])
     assert head.batch_mean != kept[0]
+    # cast to bf16 (trainer.precision=bf16-true), the statistics stay float32: a bf16
+    # mean near 20 took no update below 0.0625 and stopped short of the batches'
+    head = AdaFace(num_classes=9, embedding_dim=8).to(torch.bfloat16)
+    assert head.weight.dtype == torch.bfloat16 and head.batch_mean.dtype == torch.float32
+    for _ in range(200):
+        head(torch.randn(16, 8, dtype=torch.bfloat16) * 5, torch.randint(0, 9, (16,)))
+    assert head.batch_mean < 15.5  # 20 x 0.99^200 + 13.7 x (1 - 0.99^200) = 14.5; bf16: 18.25
+    assert head.double().batch_mean.dtype == torch.float64  # wider is kept
     # checkpoints keep the statistics
     assert {"batch_mean", "batch_std"} <= set(head.state_dict())
     for bad, said in (
