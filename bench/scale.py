@@ -734,9 +734,10 @@ Wall time of the last runs: {walls}. Exact commands: `commands` in
   `facecluster/models/components/partial_fc.py` works it out).
   `tests/test_partial_fc.py` checks, on 3 gloo processes with unequal batches, that the
   loss, the backbone gradient and each shard's gradient equal one process's with the
-  whole head (within 1e-5), for ArcFace and CosFace, and that sampling keeps every
-  positive and uses exactly max(positives, ceil(r x rows)) rows. The margin is applied
-  in fp32 with autocast off.
+  whole head (within 1e-5), for ArcFace, CosFace and AdaFace (whose running norm
+  statistics, taken over the gathered batch, are alike in every process), and that
+  sampling keeps every positive and uses exactly max(positives, ceil(r x rows)) rows.
+  The margin is applied in fp32 with autocast off.
 - **Clipping** by norm counts every shard: the shards' squared norms are summed over
   processes, so all processes scale their gradients by the same factor.
 - **Checkpoints hold the whole head** and its whole optimizer state, gathered on save

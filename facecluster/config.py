@@ -465,10 +465,12 @@ class HeadConfig:
     m: float | None = None
     """Margin (None: the head's default, 0.5 for ArcFace, 0.35 for CosFace, 0.4 for
     AdaFace)."""
-    h: float = 0.333
-    """AdaFace: how far a face's standardised embedding norm moves its margin."""
-    t_alpha: float = 0.01
-    """AdaFace: momentum of the running mean and std of the batches' embedding norms."""
+    h: float | None = None
+    """AdaFace: how far a face's standardised embedding norm moves its margin (None:
+    0.333, the authors')."""
+    t_alpha: float | None = None
+    """AdaFace: momentum of the running mean and std of the batches' embedding norms
+    (None: 0.01, the authors')."""
     init_from_class_means: bool = True
     """Stage 2: start each sub-net's head rows from its identities' class means."""
     sample_rate: float = 1.0
@@ -483,23 +485,21 @@ class HeadConfig:
         if self.m is not None:  # the heads' own bounds: an angle for ArcFace, a cosine for CosFace
             bound = {"cosface": 2.0, "adaface": 1.0}.get(self.name, math.pi / 2)
             r.within("m", self.m, 0.0, bound, closed=False)
+        given = {k: v for k, v in {"h": self.h, "t_alpha": self.t_alpha}.items() if v is not None}
         if self.name == "adaface":
             r.positive("h", self.h)
-            if not 0.0 < self.t_alpha <= 1.0:
+            if self.t_alpha is not None and not 0.0 < self.t_alpha <= 1.0:
                 r.add(f"head.t_alpha must be in (0, 1], got {self.t_alpha}")
-        else:  # set for nothing: said, not ignored
-            given = [f"head.{k}={v}" for k, v in self.head_options(True).items()]
-            if given:
-                r.add(f"{' and '.join(given)}: AdaFace's, but head.name={self.name!r}")
+        elif given:  # set for nothing: said, not ignored
+            named = " and ".join(f"head.{k}={v}" for k, v in given.items())
+            r.add(f"{named}: AdaFace's, but head.name={self.name!r}")
         return r.problems
 
-    def head_options(self, changed: bool = False) -> dict[str, float]:
-        """The head's own arguments beyond s and m: AdaFace's ``h`` and ``t_alpha``
-        (``changed``: those set to other than their defaults, whatever the head)."""
+    def head_options(self) -> dict[str, float]:
+        """The head's own arguments beyond s and m that are set (AdaFace's ``h`` and
+        ``t_alpha``; unset: the head's defaults)."""
         options = {"h": self.h, "t_alpha": self.t_alpha}
-        if changed:
-            return {k: v for k, v in options.items() if v != getattr(HeadConfig, k)}
-        return options if self.name == "adaface" else {}
+        return {k: v for k, v in options.items() if v is not None}
 
 
 @dataclass
@@ -1507,11 +1507,40 @@ def import_modules(names: Sequence[str], key: str = "imports") -> None:
                 "(installed, or its folder on PYTHONPATH)"
             ) from None
         except Exception as e:  # the user's module raised: say where, in one line
-            frame = traceback.extract_tb(e.__traceback__)[-1]
+            frames = traceback.extract_tb(e.__traceback__)
+            ours = str(Path(__file__).resolve().parent)  # the last frame outside facecluster
+            frame = next((f for f in reversed(frames) if not f.filename.startswith(ours)), None)
+            frame = frame or frames[-1]
             raise ConfigError(
                 f"{given}: importing it failed at {frame.filename}:{frame.lineno}: "
                 f"{type(e).__name__}: {e}"
             ) from None
+    _share_import_roots(names)
+
+
+def _share_import_roots(names: Sequence[str]) -> None:
+    """Put the folder each of ``names`` was imported from on ``PYTHONPATH``, for the
+    run's other processes (stage-2 jobs run ``python -m facecluster.cli``): a module
+    beside ``train.py``, found through the script's folder, was imported by the first
+    process and not by the jobs, which failed after stage 1. Installed modules are
+    found anyway and are left out."""
+    import site
+    import sys
+
+    installed = {str(Path(p).resolve()) for p in site.getsitepackages()}
+    given = os.environ.get("PYTHONPATH", "")
+    paths = given.split(os.pathsep) if given else []
+    for name in names:
+        top = sys.modules.get(name.split(".")[0])
+        file = getattr(top, "__file__", None)
+        if not file:  # a namespace package: no one folder
+            continue
+        root = Path(file).resolve().parent
+        root = root.parent if Path(file).name == "__init__.py" else root
+        if str(root) not in installed and str(root) not in paths:
+            paths.append(str(root))
+    if os.pathsep.join(paths) != given:
+        os.environ["PYTHONPATH"] = os.pathsep.join(paths)
 
 
 def _to_config(merged: DictConfig) -> Config:

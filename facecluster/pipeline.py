@@ -623,7 +623,8 @@ def _fit_job(
         if not fresh:
             _warn_starting_over(resume, f"stage-2 job {job}")
         resume = None
-        model.warm_start(folder.stage1_weights().backbone, cfg.head.init_from_class_means)
+        stage1 = folder.stage1_weights()
+        model.warm_start(stage1.backbone, cfg.head.init_from_class_means, stage1.head_state)
     logger = run.logger
     if own_logger:
         logger = build_logger(cfg, folder.path, folder.run_id, job)

@@ -49,7 +49,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -553,6 +553,10 @@ class RunFolder:
                     )
         where = [f"resume={path}", f"output_dir={run.path.parent}", f"run_name={run.path.name}"]
         cfg = saved.with_overrides([*overrides, *where])
+        # the run's modules stay: one registers its backbone for every later process (a
+        # resume with imports=[] wrote them out of config.yaml, and the stage-2 jobs
+        # failed after stage 1); a resume may add others
+        cfg.imports = list(dict.fromkeys([*saved.imports, *cfg.imports]))
         # data at another path is checked by its split's digests (check_data), which a
         # run made before split.json lacks: there data.root stays as it was
         unchecked = () if (run.path / SPLIT).is_file() else ("data.root",)
@@ -1259,7 +1263,8 @@ class RunFolder:
         path = self._stage1_checkpoint()
         # memory-mapped: a stage-2 job reads the backbone, not the (large) head
         state = load_plain(path, map_location, "stage-1 checkpoint", mmap=True)["state_dict"]
-        return StageWeights(_under(state, "backbone."), state["head.weight"])
+        head_state = {k: v for k, v in _under(state, "head.").items() if k != "weight"}
+        return StageWeights(_under(state, "backbone."), state["head.weight"], head_state)
 
     def subnet_weights(self, map_location: str | torch.device = "cpu") -> list[StageWeights]:
         """Each sub-net's backbone and head rows (index = cluster), as its job finished.
@@ -1342,6 +1347,9 @@ class StageWeights:
 
     backbone: dict[str, Tensor]
     head: Tensor
+    head_state: dict[str, Tensor] = field(default_factory=dict)
+    """The head's other saved tensors (AdaFace's running norm statistics): stage 1's
+    start each sub-net's head, whose backbone starts from stage 1's."""
 
 
 def _lock_owner() -> dict[str, Any]:

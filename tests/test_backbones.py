@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -311,15 +312,24 @@ def test_a_backbone_of_ones_own_trains_in_jobs_evaluates_and_identifies(
     root = Path(__file__).resolve().parents[1]
     page = (root / "docs" / "CONFIG.md").read_text()
     (snippet,) = re.findall(r"```python\n(# mynets\.py.*?)```", page, re.S)
-    (tmp_path / "mynets.py").write_text(snippet)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the jobs' processes
+    code = tmp_path / "code"  # found by this process only, as a script's own folder is
+    code.mkdir()
+    (code / "mynets.py").write_text(snippet)
+    monkeypatch.syspath_prepend(str(code))
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # restored after
     monkeypatch.chdir(tmp_path)
     smoke = str(root / "configs" / "smoke.yaml")
     try:
         common = ["-c", smoke, "imports=[mynets]", "model.backbone=mynet", "logger=none"]
-        assert cli.train_main([*common, "run_name=r", "launcher=local", "stage2.jobs=2"]) == 0
+        assert cli.train_main([*common, "run_name=r", "stage=1"]) == 0
+        # the jobs are processes of their own: they import the module from the run's
+        # config.yaml, found through the PYTHONPATH the import gave them; a resume that
+        # names no imports keeps the run's (it wrote them out, and the jobs failed)
+        assert str(code) in os.environ["PYTHONPATH"].split(os.pathsep)
         run = tmp_path / "runs" / "r"
+        resume = [f"resume={run}", "imports=[]", "launcher=local", "stage2.jobs=2"]
+        assert cli.train_main(resume) == 0
+        assert load_config(run / "config.yaml").imports == ["mynets"]
         jobs = sorted((run / "stage2" / "jobs").iterdir())
         assert len(jobs) == 2  # each job a process of its own, which imported the module
         assert cli.evaluate_main([f"run={run}", "eval.timing_batches=1", "eval.plots=false"]) == 0
@@ -350,6 +360,10 @@ def test_imports_that_cannot_be_imported_are_named(tmp_path, monkeypatch):
     from facecluster.config import ConfigError, load_config
 
     (tmp_path / "facecluster_test_broken.py").write_text("x = 1\nraise RuntimeError('oops')\n")
+    # a name taken by another builder: the user's line, not facecluster's that raised
+    clash = "from facecluster.models.components import register_backbone\n\n\n"
+    clash += "register_backbone('tiny')(lambda **kw: None)\n"
+    (tmp_path / "facecluster_test_clash.py").write_text(clash)
     monkeypatch.syspath_prepend(str(tmp_path))
     for given, said in (
         ("facecluster_test_missing", r"imports\[0\]='facecluster_test_missing' cannot be "
@@ -357,6 +371,28 @@ def test_imports_that_cannot_be_imported_are_named(tmp_path, monkeypatch):
         ("a-b", r"imports\[0\]='a-b' is not a module name"),
         ("facecluster_test_broken", r"importing it failed at .*facecluster_test_broken.py:2: "
          r"RuntimeError: oops"),
+        ("facecluster_test_clash", r"failed at .*facecluster_test_clash.py:4: ValueError: "
+         r"backbone 'tiny' is already registered"),
     ):  # fmt: skip
         with pytest.raises(ConfigError, match=said):
             load_config(None, [f"imports=[{given}]"])
+    # a script run as __main__ that imports names too: its definitions run twice, the
+    # same builder registered again (it was "already registered")
+    import importlib.util
+    import sys
+
+    same = tmp_path / "facecluster_test_twice.py"
+    same.write_text(
+        "from torch import nn\nfrom facecluster.models.components import register_backbone\n\n\n"
+        "@register_backbone('facecluster_test_twice')\nclass Net(nn.Linear):\n    pass\n"
+    )
+    try:
+        for module in ("facecluster_test_main", "facecluster_test_twice"):  # as __main__
+            spec = importlib.util.spec_from_file_location(module, same)
+            sys.modules[module] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(sys.modules[module])
+        assert BACKBONES["facecluster_test_twice"].__module__ == "facecluster_test_twice"
+    finally:
+        BACKBONES.pop("facecluster_test_twice", None)
+        for module in ("facecluster_test_main", "facecluster_test_twice"):
+            sys.modules.pop(module, None)

@@ -366,6 +366,21 @@ def test_adaface_matches_the_authors_head_over_steps_of_its_running_statistics()
         torch.testing.assert_close(logits, expected, atol=1e-9, rtol=0)
         torch.testing.assert_close(head.batch_mean.view(1), reference.batch_mean.view(1))
         torch.testing.assert_close(head.batch_std.view(1), reference.batch_std.view(1))
+    # both clips: statistics that put z past [-1, 1], a face on its centre (cos 1) and
+    # one opposite it (cos -1), whose angles the clips keep off 0 and pi
+    for stats in ((head.batch_mean, head.batch_std), (reference.batch_mean, reference.batch_std)):
+        stats[0].fill_(10.0), stats[1].fill_(2.0)
+    direction = F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=1)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    centres = F.normalize(head.weight.detach()[labels], dim=1)
+    direction[0], direction[1] = centres[0], -centres[1]
+    norms = torch.tensor([[0.2], [40.0], [3.0], [12.0], [25.0], [150.0]], dtype=torch.float64)
+    logits = head(direction * norms, labels)
+    torch.testing.assert_close(
+        logits, reference.forward(direction, norms, labels), atol=1e-9, rtol=0
+    )
+    z = (norms.clamp(0.001, 100) - head.batch_mean) / (head.batch_std + 1e-3) * head.h
+    assert z.min() < -1 and z.max() > 1  # the clip of z was reached, both ways
     # the loss is the cross-entropy of these logits, and its gradient is finite
     emb = (direction * norms).requires_grad_()
     loss = head.loss(emb, labels)
@@ -387,6 +402,8 @@ def test_adaface_matches_the_authors_head_over_steps_of_its_running_statistics()
         head(torch.randn(16, 8, dtype=torch.bfloat16) * 5, torch.randint(0, 9, (16,)))
     assert head.batch_mean < 15.5  # 20 x 0.99^200 + 13.7 x (1 - 0.99^200) = 14.5; bf16: 18.25
     assert head.double().batch_mean.dtype == torch.float64  # wider is kept
+    head.batch_mean.fill_(14.6012)  # and a cast does not round them through bf16 (a resume
+    assert head.to(torch.bfloat16).batch_mean.item() == pytest.approx(14.6012)  # casts after)
     # checkpoints keep the statistics
     assert {"batch_mean", "batch_std"} <= set(head.state_dict())
     for bad, said in (

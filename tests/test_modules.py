@@ -369,10 +369,20 @@ def test_scheduler_steps_per_optimizer_step():
     assert lrs[-1] < 0.01 and not math.isnan(lrs[-1])
 
 
-def test_adaface_trains_both_stages_and_checkpoints_keep_its_norm_statistics(tmp_path):
+def test_adaface_trains_both_stages_and_checkpoints_keep_its_norm_statistics(tmp_path, monkeypatch):
     from facecluster.config import ConfigError
     from facecluster.models.components import AdaFace
 
+    # each sub-net's head starts from stage 1's statistics (it started from AdaFace's
+    # own, a std of 100, where a margin barely moves: a review)
+    started = []
+    warm_start = SubnetSystem.warm_start
+
+    def spy(model, backbone, init, head_state=None):
+        warm_start(model, backbone, init, head_state)
+        started.append([(h.batch_mean.clone(), h.batch_std.clone()) for h in model.heads.values()])
+
+    monkeypatch.setattr(SubnetSystem, "warm_start", spy)
     overrides = ["head.name=adaface", "head.h=0.5", "logger=none"]
     result = train(load_config(SMOKE, smoke_overrides(tmp_path, *overrides)))
     heads = [result.backbone.head, *result.subnets.heads.values()]
@@ -384,9 +394,16 @@ def test_adaface_trains_both_stages_and_checkpoints_keep_its_norm_statistics(tmp
         tmp_path / "run" / "stage1" / "checkpoints" / "last.ckpt", weights_only=False
     )["state_dict"]
     assert torch.equal(saved["head.batch_mean"], result.backbone.head.batch_mean)
+    (heads,) = started
+    assert len(heads) == 3 and saved["head.batch_std"] != 100.0
+    for mean, std in heads:
+        assert torch.equal(mean, saved["head.batch_mean"]) and torch.equal(
+            std, saved["head.batch_std"]
+        )
     # AdaFace's own keys with another head: said, not ignored; its margin's bound
-    with pytest.raises(ConfigError, match=r"head.h=0.5: AdaFace's, but head.name='arcface'"):
-        load_config(SMOKE, ["head.h=0.5"])
+    for given in ("0.5", "0.333"):  # set, even to the authors' value: said, not ignored
+        with pytest.raises(ConfigError, match=rf"head.h={given}: AdaFace's, but head.name='arc"):
+            load_config(SMOKE, [f"head.h={given}"])
     with pytest.raises(ConfigError, match=r"head.m must be in \[0, 1\), got 1"):
         load_config(SMOKE, ["head.name=adaface", "head.m=1"])
     with pytest.raises(ConfigError, match=r"head.t_alpha must be in \(0, 1\], got 0"):

@@ -221,15 +221,29 @@ class SubnetSystem(StageSystem):
         self._class_means = assignment.class_means
         self._members = assignment.all_members()
 
-    def warm_start(self, backbone_state: dict[str, Tensor], init_heads_from_means: bool) -> None:
+    def warm_start(
+        self,
+        backbone_state: dict[str, Tensor],
+        init_heads_from_means: bool,
+        head_state: dict[str, Tensor] | None = None,
+    ) -> None:
         """Start every sub-net from the stage-1 backbone (call after set_assignment).
 
         With ``init_heads_from_means`` each head row starts at its identity's class
         mean: the stage-1 backbone already separates those identities, so stage 2
-        starts from a working classifier instead of random rows.
+        starts from a working classifier instead of random rows. ``head_state``: the
+        stage-1 head's other tensors; each head takes those it has too (AdaFace's norm
+        statistics: they describe the backbone the sub-nets start from, and from
+        AdaFace's own start, a std of 100, a sub-net's margin barely moved).
         """
         for subnet in self.subnets.values():
             subnet.load_state_dict(backbone_state)
+        for head in self.heads.values():
+            own = dict(head.named_buffers())
+            with torch.no_grad():
+                for name, value in (head_state or {}).items():
+                    if name in own and own[name].shape == value.shape:
+                        own[name].copy_(value)
         if init_heads_from_means:
             for k in self.subnet_ids:  # a head's rows are its cluster's members, in order
                 members = self._members[k]

@@ -22,6 +22,7 @@ most of timm's import time is torchvision, which Lightning loads anyway).
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -69,12 +70,22 @@ def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callabl
         raise ValueError("backbone name must be a non-empty string")
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in BACKBONES:
+        if name in BACKBONES and not _same_builder(BACKBONES[name], builder):
             raise ValueError(f"backbone {name!r} is already registered")
         BACKBONES[name] = builder
         return builder
 
     return decorator
+
+
+def _same_builder(a: Callable[..., nn.Module], b: Callable[..., nn.Module]) -> bool:
+    """The same definition imported twice: a script run as ``__main__`` that the
+    config's ``imports`` names too is imported again under its module name."""
+    try:
+        same_file = inspect.getfile(a) == inspect.getfile(b)
+    except TypeError:  # a builtin or a C callable: no file to compare
+        return False
+    return same_file and a.__qualname__ == b.__qualname__
 
 
 def available_backbones() -> list[str]:
@@ -245,7 +256,8 @@ def _unknown_backbone_error(name: str) -> ValueError:
     hint = f"; did you mean: {', '.join(close)}" if close else ""
     return ValueError(
         f"unknown backbone {name!r}{hint} (registered: {', '.join(available_backbones())}; "
-        f"or any timm model name, see timm.list_models())"
+        f"or any timm model name, see timm.list_models(); one of yours: its module in "
+        f"the config's imports, docs/CONFIG.md)"
     )
 
 

@@ -373,8 +373,10 @@ class AdaFace(MarginHead):
     A face's embedding norm stands for its image quality: standardised by the running
     mean and standard deviation of the training batches' norms, times ``h`` and clipped
     to [-1, 1], it gives ``z``; the target cosine becomes ``cos(theta - m * z) - m -
-    m * z``, so a clear face (``z`` near 1) gets an angular margin like ArcFace's and a
-    blurred one (``z`` near -1) an additive one like CosFace's, of 0 at the extreme.
+    m * z``: ArcFace's ``cos(theta + m)`` for a low-norm (poor) face at ``z = -1``,
+    CosFace's ``cos(theta) - m`` at ``z = 0``, and for a high-norm (clear) face at
+    ``z = 1`` a negative angular margin with a shift, ``cos(theta - m) - 2m``, which
+    weighs its hard examples more (the paper's Figure 2).
 
     This is the authors' ``AdaFace`` head (github.com/mk-minchul/AdaFace, ``head.py``):
     the same defaults (``m=0.4, h=0.333, t_alpha=0.01``, statistics starting at mean 20
@@ -424,11 +426,15 @@ class AdaFace(MarginHead):
         # (trainer.precision=bf16-true): in bf16 an update of t_alpha x (norm - mean)
         # below half a step (0.0625 between 16 and 32) was rounded away: over 200
         # batches of norms near 13.7 the mean stopped at 18.25 instead of 14.6
+        # (and are not rounded through bf16 on their way: a resume restores them
+        # before Lightning casts the module)
+        kept = {name: getattr(self, name) for name in ("batch_mean", "batch_std")}
         super()._apply(fn, recurse)
-        for name in ("batch_mean", "batch_std"):
-            value = getattr(self, name)
-            if value.dtype != torch.promote_types(value.dtype, torch.float32):
-                setattr(self, name, value.float())
+        for name, value in kept.items():
+            cast = getattr(self, name)
+            dtype = torch.promote_types(cast.dtype, torch.float32)
+            if cast.dtype != dtype:
+                setattr(self, name, value.to(device=cast.device, dtype=dtype))
         return self
 
     def _margin(self, cos: Tensor, norms: Tensor) -> Tensor:
