@@ -1524,6 +1524,8 @@ def _share_import_roots(names: Sequence[str]) -> None:
     beside ``train.py``, found through the script's folder, was imported by the first
     process and not by the jobs, which failed after stage 1. Installed modules are
     found anyway and are left out."""
+    if not names:  # every config load of a run without imports: nothing to look up
+        return
     import site
     import sys
 
