@@ -9,7 +9,7 @@ From Python (docs/ARCHITECTURE.md has every module and why):
 - the parts: ``facecluster.data`` (``FaceDataModule``, ``scan``, ``load_faces``,
   ``normalize_images``), ``facecluster.models`` (``BackboneSystem``, ``SubnetSystem``),
   ``facecluster.models.components`` (``create_backbone``, ``register_backbone``,
-  ``create_head``), ``facecluster.clustering``;
+  ``create_head``, ``register_head``), ``facecluster.clustering``;
 - a trained run or export: ``facecluster.inference.TwoStageIdentifier`` (``from_run``,
   ``load``, ``embed``, ``identify``; docs/DEPLOYMENT.md).
 

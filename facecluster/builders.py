@@ -69,6 +69,7 @@ from facecluster.io import disk_full, load_plain, shown_list
 from facecluster.models.components import (
     TimmBackbone,
     create_backbone,
+    create_head,
     load_backbone,
     shareable_stages,
 )
@@ -169,6 +170,25 @@ def warn_trained_pairs(sets: Iterable[VerificationPairs], trained: list[str]) ->
     for pairs in sets:
         if (warning := trained_pairs_warning(pairs, trained)) and is_global_zero():
             logging.getLogger(__name__).warning(f"data.verification: {warning}")
+
+
+def check_head(cfg: Config) -> None:
+    """Build the margin head once on 2 identities before any work: an unknown
+    ``head.name`` (a head of the user's own whose module ``imports`` does not name)
+    or a ``head.m`` out of that head's own bounds is refused here, not when stage 1
+    builds it after the run folder was made."""
+    m = cfg.head.m
+    given = f"head.name={cfg.head.name!r}" + (f" with head.m={m}" if m is not None else "")
+    with naming(given, TypeError):
+        create_head(
+            cfg.head.name,
+            2,
+            cfg.model.embedding_dim,
+            s=cfg.head.s,
+            m=cfg.head.m,
+            sample_rate=cfg.head.sample_rate,
+            **cfg.head.head_options(),
+        )
 
 
 def backbone_parameters(cfg: Config) -> int:

@@ -456,10 +456,16 @@ class ModelConfig:
         }
 
 
+HEAD_MARGIN_BOUNDS = {"arcface": math.pi / 2, "cosface": 2.0, "adaface": 1.0}
+"""The built-in heads' margins are in [0, bound): an angle for ArcFace, a cosine for
+CosFace and AdaFace. A head of the user's own is bounded by its ``_validate_margin``."""
+
+
 @dataclass
 class HeadConfig:
     name: str = "arcface"
-    """Margin head: arcface, cosface or adaface."""
+    """Margin head: arcface, cosface, adaface, or one of the user's own registered with
+    ``register_head`` in a module that ``imports`` names."""
     s: float = 64.0
     """Logit scale."""
     m: float | None = None
@@ -478,12 +484,16 @@ class HeadConfig:
 
     def problems(self) -> list[str]:
         r = _Rules("head.")
-        r.choice("name", self.name, ("arcface", "cosface", "adaface"))
+        # a name of a head of the user's own (register_head, in a module `imports`
+        # names) is checked with the head's own bounds when a run starts
+        # (builders.check_head): this layer cannot read the registry
+        if not isinstance(self.name, str) or not self.name.strip():
+            r.add(f"head.name={self.name!r} names no margin head (arcface, cosface, adaface)")
         r.positive("s", self.s)
         if not 0.0 < self.sample_rate <= 1.0:
             r.add(f"head.sample_rate must be in (0, 1], got {self.sample_rate}")
-        if self.m is not None:  # the heads' own bounds: an angle for ArcFace, a cosine for CosFace
-            bound = {"cosface": 2.0, "adaface": 1.0}.get(self.name, math.pi / 2)
+        bound = HEAD_MARGIN_BOUNDS.get(self.name)
+        if self.m is not None and bound is not None:
             r.within("m", self.m, 0.0, bound, closed=False)
         given = {k: v for k, v in {"h": self.h, "t_alpha": self.t_alpha}.items() if v is not None}
         if self.name == "adaface":

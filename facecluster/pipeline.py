@@ -32,6 +32,7 @@ from facecluster.builders import (
     backbone_parameters,
     build_datamodule,
     build_trainer,
+    check_head,
     check_identity_count,
     check_identity_names,
     check_trainer,
@@ -182,6 +183,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         stage1_done = bool(cfg.resume) and folder.has_stage_summary(1)
         verification = check_verification_sets(cfg, stage1_done)
         backbone_params = backbone_parameters(cfg)
+        check_head(cfg)
         fresh = _stage1_pending(cfg, folder) and folder.stage1_resume_point(cfg.resume) is None
         weights = starting_weights(cfg) if fresh else None  # before the data scan
         dm = build_datamodule(cfg)

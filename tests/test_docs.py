@@ -47,6 +47,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_backbones.py::test_a_backbone_of_ones_own_trains_in_jobs_evaluates_and_"
         "identifies",
     ),
+    "python train.py imports=[myheads] head.name=combined": (
+        FILLED,  # the smoke config, the page's module, both stages, export, identify
+        "tests/test_modules.py::test_a_margin_head_of_ones_own_trains_both_stages_and_its_"
+        "export_needs_no_import",
+    ),
     "make test": (RUN, ".ci/run"),
     "python bench/subnet_memory.py --out bench/results/subnet_memory.json": (
         LEFT_OUT,

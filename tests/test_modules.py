@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 
 import pytest
 import torch
@@ -408,6 +409,76 @@ def test_adaface_trains_both_stages_and_checkpoints_keep_its_norm_statistics(tmp
         load_config(SMOKE, ["head.name=adaface", "head.m=1"])
     with pytest.raises(ConfigError, match=r"head.t_alpha must be in \(0, 1\], got 0"):
         load_config(SMOKE, ["head.name=adaface", "head.t_alpha=0"])
+
+
+def test_a_margin_head_of_ones_own_trains_both_stages_and_its_export_needs_no_import(
+    tmp_path, monkeypatch
+):
+    # head.name listed the built-in heads: a head of one's own could not be named (a
+    # review). The module is docs/CONFIG.md's, as written there.
+    import re
+    import sys
+
+    from facecluster import cli
+    from facecluster.config import ConfigError
+    from facecluster.models.components import HEADS, MarginHead, register_head
+
+    page = (ROOT / "docs" / "CONFIG.md").read_text()
+    (snippet,) = re.findall(r"```python\n(# myheads\.py.*?)```", page, re.S)
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "myheads.py").write_text(snippet)
+    monkeypatch.syspath_prepend(str(code))
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # restored after
+    run = tmp_path / "run"
+    try:
+        # not imported: refused at the start, before the run folder, naming imports
+        with pytest.raises(ConfigError, match=r"head.name='combined': unknown head .*imports"):
+            train(load_config(SMOKE, smoke_overrides(tmp_path, "head.name=combined")))
+        assert not run.exists()
+        mine = ["imports=[myheads]", "head.name=combined", "logger=none"]
+        # its own bounds, before any work
+        with pytest.raises(ConfigError, match=r"head.m=2.0: combined margin m must be in"):
+            train(load_config(SMOKE, smoke_overrides(tmp_path, *mine, "head.m=2")))
+        assert not run.exists()
+        result = train(load_config(SMOKE, smoke_overrides(tmp_path, *mine)))
+        combined = HEADS["combined"]
+        heads = [result.backbone.head, *result.subnets.heads.values()]
+        assert len(heads) == 4 and all(type(h) is combined and h.m == 0.3 for h in heads)
+        assert result.results is not None  # both stages trained, the test split evaluated
+        # its margin is the one the module gives: cos(theta + m) - c
+        cos = torch.tensor([[0.9], [0.1]], dtype=torch.float64)
+        expected = torch.cos(torch.acos(cos) + 0.3) - 0.2
+        assert torch.allclose(heads[0]._margin(cos, torch.ones_like(cos)), expected)
+        # an export is data: its heads are rows, identify needs no --import
+        assert cli.export_main([str(run), str(tmp_path / "exp")]) == 0
+        del HEADS["combined"]
+        sys.modules.pop("myheads")
+        sys.path.remove(str(code))
+        faces = tmp_path / "faces"
+        person = sorted(DEMO.iterdir())[0]
+        (faces / person.name).mkdir(parents=True)
+        for image in sorted(person.iterdir())[:4]:
+            (faces / person.name / image.name).write_bytes(image.read_bytes())
+        out = tmp_path / "ids.csv"
+        assert cli.main(["identify", str(tmp_path / "exp"), str(faces), "--out", str(out)]) == 0
+        assert len(out.read_text().splitlines()) == 5
+    finally:
+        HEADS.pop("combined", None)
+        sys.modules.pop("myheads", None)
+    # what register_head refuses, naming the head
+    with pytest.raises(TypeError, match=r"head 'x': <class 'int'> is not a subclass of Marg"):
+        register_head("x")(int)
+
+    class NoDefault(MarginHead):
+        def __init__(self, num_classes, embedding_dim, s, m, sample_rate=1.0):
+            super().__init__(num_classes, embedding_dim, s, m, sample_rate)
+
+    with pytest.raises(TypeError, match=r"NoDefault.__init__ needs .* lacks a default for s, a"):
+        register_head("x")(NoDefault)
+    with pytest.raises(ValueError, match=r"head 'arcface' is already registered"):
+        register_head("arcface")(type("Other", (HEADS["cosface"],), {}))
+    assert "x" not in HEADS
 
 
 @pytest.mark.slow

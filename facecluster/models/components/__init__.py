@@ -15,7 +15,7 @@ from .backbones import (
     register_backbone,
     shareable_stages,
 )
-from .heads import HEADS, AdaFace, ArcFace, CosFace, MarginHead, create_head
+from .heads import HEADS, AdaFace, ArcFace, CosFace, MarginHead, create_head, register_head
 from .iresnet import IBasicBlock, IResNet
 
 __all__ = [
@@ -35,5 +35,6 @@ __all__ = [
     "create_head",
     "load_backbone",
     "register_backbone",
+    "register_head",
     "shareable_stages",
 ]

@@ -70,7 +70,7 @@ def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callabl
         raise ValueError("backbone name must be a non-empty string")
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in BACKBONES and not _same_builder(BACKBONES[name], builder):
+        if name in BACKBONES and not same_definition(BACKBONES[name], builder):
             raise ValueError(f"backbone {name!r} is already registered")
         BACKBONES[name] = builder
         return builder
@@ -78,9 +78,10 @@ def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callabl
     return decorator
 
 
-def _same_builder(a: Callable[..., nn.Module], b: Callable[..., nn.Module]) -> bool:
+def same_definition(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
     """The same definition imported twice: a script run as ``__main__`` that the
-    config's ``imports`` names too is imported again under its module name."""
+    config's ``imports`` names too is imported again under its module name (a builder
+    or head registered twice is then no clash)."""
     try:
         same_file = inspect.getfile(a) == inspect.getfile(b)
     except TypeError:  # a builtin or a C callable: no file to compare

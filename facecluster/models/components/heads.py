@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backbones import same_definition
 from .partial_fc import (
     gather_rows,
     gather_sizes,
@@ -44,7 +46,16 @@ from .partial_fc import (
     sharded_cross_entropy,
 )
 
-__all__ = ["HEADS", "AdaFace", "ArcFace", "CosFace", "MarginHead", "create_head", "default_margin"]
+__all__ = [
+    "HEADS",
+    "AdaFace",
+    "ArcFace",
+    "CosFace",
+    "MarginHead",
+    "create_head",
+    "default_margin",
+    "register_head",
+]
 
 # Floor of 1 - cos^2 inside the sqrt: the derivative of sqrt is infinite at 0, which
 # turned into NaN gradients for an embedding exactly on its class centre.
@@ -464,6 +475,48 @@ def _norms(embeddings: Tensor, dtype: torch.dtype) -> Tensor:
 HEADS: dict[str, type[MarginHead]] = {"arcface": ArcFace, "cosface": CosFace, "adaface": AdaFace}
 
 
+def register_head(name: str) -> Callable[[type[MarginHead]], type[MarginHead]]:
+    """Returns a class decorator that adds a margin head to ``HEADS``, for ``head.name``.
+
+    The class subclasses :class:`MarginHead`, implements ``_margin`` (and may override
+    ``_validate_margin`` and ``_margin_logits``), and takes ``(num_classes,
+    embedding_dim, s, m, sample_rate)`` with defaults for ``s`` and ``m`` (an unset
+    ``head.m`` is the class's default). The config's ``imports`` key makes every process
+    of a run import the module that registers it (docs/CONFIG.md).
+
+    Raises:
+        ValueError: If ``name`` is empty or already registered to another class.
+        TypeError: If the class is not a MarginHead or lacks those arguments.
+    """
+    if not name or not isinstance(name, str):
+        raise ValueError("head name must be a non-empty string")
+
+    def decorator(cls: type[MarginHead]) -> type[MarginHead]:
+        if not (isinstance(cls, type) and issubclass(cls, MarginHead)):
+            raise TypeError(f"head {name!r}: {cls!r} is not a subclass of MarginHead")
+        parameters = inspect.signature(cls).parameters
+        lacking = [
+            key
+            for key in ("num_classes", "embedding_dim", "s", "m", "sample_rate")
+            if key not in parameters
+        ] + [
+            f"a default for {key}"
+            for key in ("s", "m")
+            if key in parameters and parameters[key].default is inspect.Parameter.empty
+        ]
+        if lacking:
+            raise TypeError(
+                f"head {name!r}: {cls.__name__}.__init__ needs num_classes, embedding_dim, "
+                f"s, m and sample_rate, with defaults for s and m; it lacks {', '.join(lacking)}"
+            )
+        if name in HEADS and not same_definition(HEADS[name], cls):
+            raise ValueError(f"head {name!r} is already registered")
+        HEADS[name] = cls
+        return cls
+
+    return decorator
+
+
 def default_margin(name: str) -> float:
     """The margin of head ``name`` when ``head.m`` is unset (0.5 for ArcFace)."""
     return inspect.signature(HEADS[name]).parameters["m"].default
@@ -481,7 +534,8 @@ def create_head(
     """Creates a margin head by name.
 
     Args:
-        name: A key of ``HEADS`` (``"arcface"``, ``"cosface"`` or ``"adaface"``).
+        name: A key of ``HEADS`` (``"arcface"``, ``"cosface"``, ``"adaface"`` or one
+            added by :func:`register_head`).
         num_classes: Number of identities.
         embedding_dim: Size of the embeddings.
         s: Logit scale; ``None`` uses the head's default (64).
@@ -499,6 +553,9 @@ def create_head(
     """
     head_cls = HEADS.get(name)
     if head_cls is None:
-        raise ValueError(f"unknown head {name!r}; valid names: {', '.join(sorted(HEADS))}")
+        raise ValueError(
+            f"unknown head {name!r}; valid names: {', '.join(sorted(HEADS))} (a head of "
+            "your own: register_head in a module the config's imports key names)"
+        )
     options = {key: value for key, value in {"s": s, "m": m}.items() if value is not None}
     return head_cls(num_classes, embedding_dim, sample_rate=sample_rate, **options, **kwargs)
