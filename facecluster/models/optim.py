@@ -16,6 +16,30 @@ from typing import Any
 import torch
 from torch import nn
 
+OPTIM_KEYS = (
+    "name",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "betas",
+    "scheduler",
+    "warmup_epochs",
+    "min_lr_ratio",
+    "poly_power",
+)
+"""The keys of a ``stageN.optim`` section, every one of which the stages read."""
+
+
+def check_optim(optim: dict[str, Any]) -> None:
+    """Refuse an ``optim`` dict that lacks keys (a partial one, from Python: it was a
+    KeyError in ``configure_optimizers``, once ``fit`` had started), naming them."""
+    missing = [key for key in OPTIM_KEYS if key not in optim]
+    if missing:
+        raise ValueError(
+            f"optim lacks {', '.join(map(repr, missing))}: give a whole stageN.optim "
+            "section, e.g. dataclasses.asdict(facecluster.config.OptimConfig(lr=0.05))"
+        )
+
 
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
     """Split parameters into decayed weights and undecayed norms/biases.
