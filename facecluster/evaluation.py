@@ -53,7 +53,7 @@ from facecluster.clustering import ClusterAssignment, embedding_class_sums, fina
 from facecluster.config import Config, ConfigError
 from facecluster.data import scored
 from facecluster.data.transforms import normalize_images
-from facecluster.deploy import calibrate_run, resolve_device
+from facecluster.deploy import TOP, calibrate_run, resolve_device
 from facecluster.inference import Predictor, StageOneModel, TwoStageIdentifier
 from facecluster.inference.openset import fnir_at_fpir
 from facecluster.inference.verification import VerificationResult, verify
@@ -81,6 +81,10 @@ DECISION_KEYS = (
     "subnet_temperature",
     "generalist_weight",
 )
+RANK = TOP
+"""Identification at rank ``RANK`` (top-5, a point of the CMC curve): the face's
+identity among a predictor's ``RANK`` best candidates, those ``facecluster identify``
+lists."""
 FPIRS = (0.01, 0.001)
 """The false-positive identification rates at which open-set runs report FNIR."""
 
@@ -112,6 +116,9 @@ class Row:
     verification_std: dict[str, float] = field(default_factory=dict)
     """The standard deviation of the 10 fold accuracies behind each of
     :attr:`verification` (population, as InsightFace's ``Accuracy-Flip: mean+-std``)."""
+    top5: float | None = None
+    """The share of test faces whose identity is among the predictor's 5 best candidates
+    (``RANK``; None: a row built without it)."""
 
 
 @dataclass
@@ -210,7 +217,7 @@ class Bench:
 
     @torch.inference_mode()
     def score(self, predictor: Predictor, open_set: bool = True) -> dict[str, Any]:
-        """Top-1, macro P/R/F1 and routing accuracy over the test split; with
+        """Top-1, top-5, macro P/R/F1 and routing accuracy over the test split; with
         ``open_set``, also FNIR at ``FPIRS`` over the unseen test faces (open-set runs)."""
         cached = self._scores.get(predictor.name)
         if cached is not None and (cached["fnir"] or not open_set or self.unseen is None):
@@ -218,14 +225,16 @@ class Bench:
         macro = MacroScores(self.dm.num_classes)
         routed = 0
         routes = False
-        hits, decision = [], []
+        hits, ranked_hits, decision = [], [], []
         for images, labels in tqdm(self.loader, desc=predictor.name, leave=False):
             keep = scored(labels)  # a broken face nothing could replace: not scored
             images, labels = images[keep], labels[keep]
             if not len(labels):
                 continue
-            predicted, score, clusters = self._run(predictor, images)
+            ranked, score, clusters = self._run(predictor, images, RANK)
+            predicted = ranked[:, 0]
             hits.append(predicted == labels)
+            ranked_hits.append((ranked == labels[:, None]).any(dim=1))
             decision.append(score)
             macro.update(predicted, labels)
             if clusters is not None and self.assignment is not None:
@@ -240,6 +249,7 @@ class Bench:
         correct, mated = torch.cat(hits), torch.cat(decision)
         scores: dict[str, Any] = macro.compute()
         scores["top1"] = correct.double().mean().item()
+        scores["top5"] = torch.cat(ranked_hits).double().mean().item()
         scores["routing_accuracy"] = routed / len(correct) if routes else None
         scores["fnir"] = {}
         if self.unseen is not None and open_set:
@@ -257,11 +267,14 @@ class Bench:
         self._scores[predictor.name] = scores
         return scores
 
-    def _run(self, predictor: Predictor, images: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """A predictor on a loader batch: identities and scores on the CPU, clusters."""
+    def _run(
+        self, predictor: Predictor, images: Tensor, k: int = 1
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A predictor on a loader batch: its ``k`` best identities [B, k] and the first's
+        scores on the CPU, clusters."""
         with self.autocast():
-            predicted, score, clusters = predictor.predict(normalize_images(images.to(self.device)))
-        return predicted.cpu(), score.float().cpu(), clusters
+            ranked, score, clusters = predictor.predict(normalize_images(images.to(self.device)), k)
+        return ranked.cpu(), score.float().cpu(), clusters
 
     @torch.inference_mode()
     def timings(self, predictors: list[Predictor]) -> dict[str, tuple[Timing, Timing]]:
@@ -345,6 +358,7 @@ class Bench:
                     accuracy if p.stage1_backbone else {},
                     s["fnir"],
                     std if p.stage1_backbone else {},
+                    s["top5"],
                 )
             )
         return rows
@@ -352,7 +366,7 @@ class Bench:
 
 def _predict(predictor: Predictor, images: Tensor, autocast: Callable) -> None:
     with autocast():
-        predictor.predict(normalize_images(images))  # from uint8, as the loader gives them
+        predictor.predict(normalize_images(images), 1)  # from uint8, as the loader gives them
 
 
 PRECISION_ALIASES = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}
@@ -607,7 +621,7 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
 # --------------------------------------------------------------------------- output
 
 
-_HEADER = "run|model|top-1|macro P|macro R|macro F1|routing acc|sub-net fwd/img|img/s @256"
+_HEADER = "run|model|top-1|top-5|macro P|macro R|macro F1|routing acc|sub-net fwd/img|img/s @256"
 COLUMNS = (*_HEADER.split("|"), "ms @1", "params")
 
 
@@ -625,6 +639,7 @@ def _cells(row: Row, fnir_columns: list[str] = (), verification: list[str] = ())
         row.run,
         row.model,
         f"{row.top1:.2%}",
+        "" if row.top5 is None else f"{row.top5:.2%}",
         f"{row.precision:.2%}",
         f"{row.recall:.2%}",
         f"{row.f1:.2%}",
@@ -678,7 +693,7 @@ def _flat(row: Row) -> dict[str, Any]:
 
 
 def _scalars(rows: list[Row]) -> dict[str, float]:
-    """Each row's top-1, macro F1, routing accuracy and images/s as numbers, keyed
+    """Each row's top-1, top-5, macro F1, routing accuracy and images/s as numbers, keyed
     ``eval/<row>/<figure>`` (the row's model, lowercased, non-alphanumerics as ``_``):
     W&B's runs table compares runs by scalars (its table of strings shows one run)."""
     found: dict[str, float] = {}
@@ -686,6 +701,7 @@ def _scalars(rows: list[Row]) -> dict[str, float]:
         name = re.sub(r"[^a-z0-9]+", "_", row.model.lower()).strip("_")
         figures = {
             "top1": row.top1,
+            "top5": row.top5,
             "macro_f1": row.f1,
             "routing_accuracy": row.routing_accuracy,
             "images_per_s": row.throughput,

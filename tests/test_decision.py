@@ -324,11 +324,14 @@ def test_stage1_rows_score_in_float32_under_mixed_precision():
     images = torch.randn(40, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the backbone runs in bf16
         embeddings = model.embed(images)
-        rows = [p.predict(images) for p in model.predictors()]
+        rows = [p.predict(images, 5) for p in model.predictors()]
     for (ids, scores, _), rows_of in zip(rows, (F.normalize(head, dim=1), means), strict=True):
         exact = (embeddings @ rows_of.T).max(dim=1)
-        assert scores.dtype == torch.float32 and torch.equal(ids, exact.indices)
+        assert scores.dtype == torch.float32 and torch.equal(ids[:, 0], exact.indices)
         torch.testing.assert_close(scores, exact.values)
+        # the 5 best, best first: the evaluation's top-5
+        ranked = torch.sort(embeddings @ rows_of.T, dim=1, descending=True, stable=True)
+        assert torch.equal(ids, ranked.indices[:, :5])
 
 
 def test_the_stage1_model_moves_its_class_means_with_its_weights():

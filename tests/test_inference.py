@@ -526,7 +526,7 @@ def test_a_face_whose_embedding_has_no_direction_gets_no_identity(decision):
     # IndexError stopped the evaluation)
     from facecluster.evaluation import MacroScores
 
-    identity, _, _ = ident.routed(1, 0.3).predict(faces)
+    identity = ident.routed(1, 0.3).predict(faces, 1)[0][:, 0]
     macro = MacroScores(ident.assignment.num_classes)
     macro.update(identity, torch.arange(len(faces)))
     assert int(macro.true.sum()) == len(faces) and int(macro.predicted.sum()) == len(faces) - 3
@@ -718,7 +718,7 @@ def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):
     cfg = RunFolder(finished_run).finished_config()
     ident = TwoStageIdentifier.from_run(finished_run).eval()
     head = F.normalize(RunFolder(finished_run).stage1_weights().head.float(), dim=1)
-    found = faces = right = stage1_right = 0
+    found = faces = right = stage1_right = right5 = stage1_right5 = 0
     with torch.no_grad():
         for images, labels in build_datamodule(
             cfg, eval_batch_size=cfg.eval.batch_size
@@ -729,12 +729,20 @@ def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):
             found += int(ident.assignment.contains(labels[:, None], clusters).any(dim=1).sum())
             right += int((ident.identify(x).answer(None) == labels).sum())
             stage1_right += int(((embedded @ head.T).argmax(dim=1) == labels).sum())
+            # top-5: the identity among the routed search's 5 best candidates
+            five = ident.identify(x, k=5).candidates
+            right5 += int((five == labels[:, None]).any(dim=1).sum())
+            best5 = (embedded @ head.T).topk(5, dim=1).indices
+            stage1_right5 += int((best5 == labels[:, None]).any(dim=1).sum())
             faces += len(labels)
     assert routed.routing_accuracy == pytest.approx(found / faces, abs=1e-12)
     assert 0 < found < faces  # at this size the router misses some faces, not all
     assert routed.top1 == pytest.approx(right / faces, abs=1e-12)
     assert models[2] == "stage-1 model (one head)"
     assert report.rows[2].top1 == pytest.approx(stage1_right / faces, abs=1e-12)
+    assert routed.top5 == pytest.approx(right5 / faces, abs=1e-12) and routed.top5 > routed.top1
+    assert report.rows[2].top5 == pytest.approx(stage1_right5 / faces, abs=1e-12)
+    assert all(r.top1 <= r.top5 <= 1 for r in report.rows)
     # every cluster searched: every face's own among them
     assert report.top_m_sweep[-1]["routing_accuracy"] == 1.0
     out = finished_run / "eval"
@@ -766,6 +774,7 @@ def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):
             "run": row.run,
             "model": row.model,
             "top-1": f"{row.top1:.2%}",
+            "top-5": f"{row.top5:.2%}",
             "macro P": f"{row.precision:.2%}",
             "macro R": f"{row.recall:.2%}",
             "macro F1": f"{row.f1:.2%}",

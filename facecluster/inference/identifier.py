@@ -776,9 +776,9 @@ class TwoStageIdentifier(nn.Module):
         (``alpha``: the linear decision unit's weight; ignored by moe)."""
         label = "clustered" if self.assignment.method != "random" else "random partition"
 
-        def predict(images: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-            result = self.identify(images, top_m, alpha)
-            return result.identity, result.similarity, result.clusters
+        def predict(images: Tensor, k: int = 1) -> tuple[Tensor, Tensor, Tensor | None]:
+            result = self.identify(images, top_m, alpha, k=k)
+            return result.candidates, result.similarity, result.clusters
 
         runs_subnets = self._runs_subnets(alpha)
         return Predictor(
@@ -811,9 +811,9 @@ class TwoStageIdentifier(nn.Module):
             stage1_backbone=False,
         )
 
-    def _all_subnets(self, images: Tensor) -> tuple[Tensor, Tensor, None]:
-        result = self.identify(images, all_subnets=True)
-        return result.identity, result.similarity, None
+    def _all_subnets(self, images: Tensor, k: int = 1) -> tuple[Tensor, Tensor, None]:
+        result = self.identify(images, all_subnets=True, k=k)
+        return result.candidates, result.similarity, None
 
     def predictors(self, top_m: int | None = None, alpha: float | None = None) -> list[Predictor]:
         """What this identifier offers at ``route.top_m`` and ``route.alpha`` (defaults)."""

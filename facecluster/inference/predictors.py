@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from facecluster.inference.decision import similarity
+from facecluster.inference.decision import similarity, top_columns
 
-Predict = Callable[[Tensor], tuple[Tensor, Tensor, Tensor | None]]
-"""images [B, 3, H, W] -> (predicted identities [B], their open-set scores [B] (what an
-"unknown" threshold compares: a similarity), candidate clusters [B, m] or None)."""
+Predict = Callable[[Tensor, int], tuple[Tensor, Tensor, Tensor | None]]
+"""(images [B, 3, H, W], k) -> (the k best identities [B, k], best first: the first is
+the prediction; the prediction's open-set score [B] (what an "unknown" threshold
+compares: a similarity); candidate clusters [B, m] or None)."""
 
 
 def count_parameters(*parts: nn.Module | Tensor) -> int:
@@ -40,7 +41,8 @@ class Predictor:
     name: str
     """Its row name in evaluation tables."""
     predict: Predict
-    """images -> (identities, scores, candidate clusters or None when it does not route)."""
+    """(images, k) -> (the k best identities, the first's score, candidate clusters or
+    None when it does not route)."""
     subnet_forwards: float
     """Sub-net forward passes per image."""
     params: int
@@ -50,10 +52,11 @@ class Predictor:
     verification accuracies an evaluation table gives: not ISM, the sub-nets alone."""
 
 
-def _best(scores: Tensor) -> tuple[Tensor, Tensor, None]:
-    """The highest-scoring identity of each row (the lowest id among ties), its score."""
-    best = scores.max(dim=1)
-    return best.indices, best.values, None
+def _best(scores: Tensor, k: int) -> tuple[Tensor, Tensor, None]:
+    """The ``k`` highest-scoring identities of each row, best first (the lower id among
+    ties), and the first one's score."""
+    ranked = top_columns(scores, k)
+    return ranked, scores.gather(1, ranked[:, :1]).squeeze(1), None
 
 
 class StageOneModel(nn.Module):
@@ -93,7 +96,7 @@ class StageOneModel(nn.Module):
         offered = [
             Predictor(
                 name,
-                lambda x: _best(similarity(self.embed(x), self.head)),
+                lambda x, k=1: _best(similarity(self.embed(x), self.head), k),
                 0.0,
                 count_parameters(self.backbone, self.head),
             )
@@ -104,7 +107,7 @@ class StageOneModel(nn.Module):
                     "nearest class mean"
                     if self.single
                     else "nearest class mean (stage-1 backbone)",
-                    lambda x: _best(similarity(self.embed(x), self.class_means)),
+                    lambda x, k=1: _best(similarity(self.embed(x), self.class_means), k),
                     0.0,
                     count_parameters(self.backbone, self.class_means),
                 )
