@@ -1849,10 +1849,12 @@ def _settled(cfg: Config, values: dict[str, Any], key: str) -> Any:
     head's own margin, no accumulation, no clipping), so writing it out changes nothing."""
     value = _select(values, key)
     if key == "head":
-        from facecluster.models.components.heads import default_margin
+        from facecluster.models.components.heads import HEADS, default_margin
 
-        margin = default_margin(cfg.head.name) if value["m"] is None else value["m"]
-        return {**value, "m": margin}
+        # a name no head is registered under (a typo, a module imports does not name)
+        # keeps its unset margin: the resume is refused as changing the head, naming it
+        known = value["m"] is None and cfg.head.name in HEADS
+        return {**value, "m": default_margin(cfg.head.name) if known else value["m"]}
     if key == "trainer.accumulate_grad_batches":
         return 1 if value is None else value
     if key == "trainer.gradient_clip_val":

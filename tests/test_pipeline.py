@@ -60,6 +60,9 @@ def test_a_finished_run_refuses_overrides_it_would_not_act_on(finished_run, tmp_
     for override, named in refused.items():
         with pytest.raises(ConfigError, match=f"has done this already .*{named}"):
             RunFolder.config_for_resume(str(run), [override])
+    # a head no module registered (a typo): named, not a KeyError from its margin
+    with pytest.raises(ConfigError, match=r"head.name: the run has 'arcface', the command li"):
+        RunFolder.config_for_resume(str(run), ["head.name=arcfce"])
     assert (run / "config.yaml").read_bytes() == saved
     # what writes out a setting's own value is no change (ArcFace's margin, in the
     # head a run keeps fixed)
