@@ -17,7 +17,6 @@ from torchmetrics.classification import MulticlassAccuracy
 from facecluster.data import scored
 from facecluster.models.base import StageSystem
 from facecluster.models.components import MarginHead, create_backbone, create_head
-from facecluster.models.optim import check_optim
 
 
 class BackboneSystem(StageSystem):
@@ -41,7 +40,6 @@ class BackboneSystem(StageSystem):
         optim: dict[str, Any],
         config: dict[str, Any] | None = None,
     ) -> None:
-        check_optim(optim)  # before any work: a partial dict failed once fit had started
         super().__init__()
         # this frame given: Lightning's own lookup keeps its frame in a reference cycle,
         # and with it every caller's frame and locals until the next garbage collection

@@ -16,7 +16,13 @@ from torch import Tensor, nn
 
 from facecluster.models.components import MarginHead
 from facecluster.models.components.partial_fc import gather_to_first
-from facecluster.models.optim import build_optimizer, build_scheduler, param_groups, warmup_steps
+from facecluster.models.optim import (
+    build_optimizer,
+    build_scheduler,
+    check_optim,
+    param_groups,
+    warmup_steps,
+)
 
 CHECKPOINT_KEY = "facecluster"
 """Key under which every facecluster checkpoint stores its stage and resolved config."""
@@ -136,6 +142,9 @@ class StageSystem(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optim = self.hparams.optim
+        # here, not when the system is built: one built for inference or a memory
+        # measurement needs no optimizer settings
+        check_optim(optim)
         optimizer = build_optimizer(self._param_groups(), optim)
         # estimated_stepping_batches accounts for devices, accumulation and limits.
         total = self.trainer.estimated_stepping_batches  # also sets num_training_batches

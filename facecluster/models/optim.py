@@ -31,8 +31,8 @@ OPTIM_KEYS = (
 
 
 def check_optim(optim: dict[str, Any]) -> None:
-    """Refuse an ``optim`` dict that lacks keys (a partial one, from Python: it was a
-    KeyError in ``configure_optimizers``, once ``fit`` had started), naming them."""
+    """Refuse an ``optim`` dict that lacks keys (a partial one, from Python), naming
+    them: ``configure_optimizers`` stopped with ``KeyError: 'name'``."""
     missing = [key for key in OPTIM_KEYS if key not in optim]
     if missing:
         raise ValueError(

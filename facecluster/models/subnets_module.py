@@ -44,7 +44,6 @@ from facecluster.models.components import (
     shareable_stages,
 )
 from facecluster.models.components.partial_fc import gather_to_first
-from facecluster.models.optim import check_optim
 
 
 class PerClusterAccuracy(Metric):
@@ -104,7 +103,6 @@ class SubnetSystem(StageSystem):
         not_mine: bool = False,
         activation_checkpointing: bool = False,
     ) -> None:
-        check_optim(optim)  # before any work: a partial dict failed once fit had started
         super().__init__()
         # this frame given: Lightning's own lookup keeps its frame in a reference cycle,
         # and with it every caller's frame and locals until the next garbage collection
