@@ -185,7 +185,7 @@ def check_head(cfg: Config) -> None:
             2,
             cfg.model.embedding_dim,
             s=cfg.head.s,
-            m=cfg.head.m,
+            m=m,
             sample_rate=cfg.head.sample_rate,
             **cfg.head.head_options(),
         )

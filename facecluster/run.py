@@ -1853,8 +1853,9 @@ def _settled(cfg: Config, values: dict[str, Any], key: str) -> Any:
 
         # a name no head is registered under (a typo, a module imports does not name)
         # keeps its unset margin: the resume is refused as changing the head, naming it
-        known = value["m"] is None and cfg.head.name in HEADS
-        return {**value, "m": default_margin(cfg.head.name) if known else value["m"]}
+        if value["m"] is None and cfg.head.name in HEADS:
+            return {**value, "m": default_margin(cfg.head.name)}
+        return dict(value)
     if key == "trainer.accumulate_grad_batches":
         return 1 if value is None else value
     if key == "trainer.gradient_clip_val":
