@@ -174,11 +174,13 @@ def warn_trained_pairs(sets: Iterable[VerificationPairs], trained: list[str]) ->
 
 def check_head(cfg: Config) -> None:
     """Build the margin head once on 2 identities before any work: an unknown
-    ``head.name`` (a head of the user's own whose module ``imports`` does not name)
-    or a ``head.m`` out of that head's own bounds is refused here, not when stage 1
-    builds it after the run folder was made."""
+    ``head.name`` (a head of the user's own whose module ``imports`` does not name),
+    a ``head.m`` out of that head's own bounds or a ``head.kwargs`` key its class does
+    not take is refused here, not when stage 1 builds it after the run folder was made."""
     m = cfg.head.m
-    given = f"head.name={cfg.head.name!r}" + (f" with head.m={m}" if m is not None else "")
+    named = [f"head.m={m}"] if m is not None else []
+    named += [f"head.kwargs.{k}={v!r}" for k, v in cfg.head.kwargs.items()]
+    given = f"head.name={cfg.head.name!r}" + (f" with {', '.join(named)}" if named else "")
     with naming(given, TypeError):
         create_head(
             cfg.head.name,

@@ -460,6 +460,14 @@ HEAD_MARGIN_BOUNDS = {"arcface": math.pi / 2, "cosface": 2.0, "adaface": 1.0}
 """The built-in heads' margins are in [0, bound): an angle for ArcFace, a cosine for
 CosFace and AdaFace. A head of the user's own is bounded by its ``_validate_margin``."""
 
+HEAD_GIVEN = {
+    "num_classes": "facecluster gives it (the identities the head serves)",
+    "embedding_dim": "set model.embedding_dim",
+    **{key: f"set head.{key}" for key in ("s", "m", "sample_rate", "h", "t_alpha")},
+}
+"""A head class's arguments that facecluster gives, each from one place: never from
+``head.kwargs``."""
+
 
 @dataclass
 class HeadConfig:
@@ -481,9 +489,14 @@ class HeadConfig:
     """Stage 2: start each sub-net's head rows from its identities' class means."""
     sample_rate: float = 1.0
     """Partial FC: share of class centres per step, every positive kept (1: all)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments of the head's class: a head of your own's (e.g.
+    ``head.kwargs.c=0.25``); checked against its signature when a run starts."""
 
     def problems(self) -> list[str]:
         r = _Rules("head.")
+        for key in sorted(set(self.kwargs) & set(HEAD_GIVEN)):  # one place for each value
+            r.add(f"head.kwargs.{key}: {HEAD_GIVEN[key]}, not head.kwargs")
         # a name of a head of the user's own (register_head, in a module `imports`
         # names) is checked with the head's own bounds when a run starts
         # (builders.check_head): this layer cannot read the registry
@@ -507,9 +520,9 @@ class HeadConfig:
 
     def head_options(self) -> dict[str, float]:
         """The head's own arguments beyond s and m that are set (AdaFace's ``h`` and
-        ``t_alpha``; unset: the head's defaults)."""
+        ``t_alpha``; unset: the head's defaults), and ``kwargs``."""
         options = {"h": self.h, "t_alpha": self.t_alpha}
-        return {k: v for k, v in options.items() if v is not None}
+        return {**{k: v for k, v in options.items() if v is not None}, **dict(self.kwargs)}
 
 
 @dataclass

@@ -1822,8 +1822,9 @@ def _refuse_contradictions(
         ignored = tuple(f"model.{k}" for k in free) if key == "model" else ()
         if key == "head":  # as it acts: ArcFace's own margin written out is no change
             old, new = _settled(saved, old_values, key), _settled(cfg, new_values, key)
-        problems += [
-            f"{name}: the run has {was!r}, the command line {now!r}"
+        problems += [  # None: unset, or a key of model.kwargs/head.kwargs not given
+            f"{name}: the run has {'it unset' if was is None else repr(was)}, the command "
+            f"line {'unsets it' if now is None else repr(now)}"
             for name, was, now in _differences(key, old, new)
             if name not in ignored
         ]

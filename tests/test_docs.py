@@ -47,7 +47,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_backbones.py::test_a_backbone_of_ones_own_trains_in_jobs_evaluates_and_"
         "identifies",
     ),
-    "python train.py imports=[myheads] head.name=combined": (
+    "python train.py imports=[myheads] head.name=combined head.kwargs.c=0.25": (
         FILLED,  # the smoke config, the page's module, both stages, export, identify
         "tests/test_modules.py::test_a_margin_head_of_ones_own_trains_both_stages_and_its_"
         "export_needs_no_import",

@@ -1214,7 +1214,7 @@ def test_evaluate_cli_prints_one_table_and_refuses_unfinished_runs(
     # started (it was compared with the run's and passed, changing nothing)
     with pytest.raises(ConfigError, match=r"model.weights=w.pt: a training setting"):
         evaluate_run(finished_run, ["model.weights=w.pt"])
-    with pytest.raises(ConfigError, match=r"model.weights: the run has None, the command"):
+    with pytest.raises(ConfigError, match=r"model.weights: the run has it unset, the command"):
         evaluate_run(finished_run, ["model={weights: w.pt}"])  # the section, as a whole
     # nor any trainer.* but the precision (the device is eval.device's), nor run_name
     with pytest.raises(ConfigError, match=r"trainer.devices=2: a training .*eval.device="):

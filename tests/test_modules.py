@@ -437,18 +437,27 @@ def test_a_margin_head_of_ones_own_trains_both_stages_and_its_export_needs_no_im
             train(load_config(SMOKE, smoke_overrides(tmp_path, "head.name=combined")))
         assert not run.exists()
         mine = ["imports=[myheads]", "head.name=combined", "logger=none"]
-        # its own bounds, before any work
+        # its own bounds, and the arguments its class takes, before any work
         with pytest.raises(ConfigError, match=r"head.m=2.0: combined margin m must be in"):
             train(load_config(SMOKE, smoke_overrides(tmp_path, *mine, "head.m=2")))
+        unknown = r"head.kwargs.q=1: .*unexpected keyword argument 'q'"
+        with pytest.raises(ConfigError, match=unknown):
+            train(load_config(SMOKE, smoke_overrides(tmp_path, *mine, "head.kwargs.q=1")))
         assert not run.exists()
+        # what facecluster gives a head comes from one place, at load
+        with pytest.raises(ConfigError, match=r"head.kwargs.m: set head.m, not head.kwargs"):
+            load_config(SMOKE, smoke_overrides(tmp_path, *mine, "head.kwargs.m=0.1"))
+        # the page's command: its further argument c from head.kwargs
+        mine.append("head.kwargs.c=0.25")
         result = train(load_config(SMOKE, smoke_overrides(tmp_path, *mine)))
         combined = HEADS["combined"]
         heads = [result.backbone.head, *result.subnets.heads.values()]
         assert len(heads) == 4 and all(type(h) is combined and h.m == 0.3 for h in heads)
+        assert all(h.c == 0.25 for h in heads)
         assert result.results is not None  # both stages trained, the test split evaluated
         # its margin is the one the module gives: cos(theta + m) - c
         cos = torch.tensor([[0.9], [0.1]], dtype=torch.float64)
-        expected = torch.cos(torch.acos(cos) + 0.3) - 0.2
+        expected = torch.cos(torch.acos(cos) + 0.3) - 0.25
         assert torch.allclose(heads[0]._margin(cos, torch.ones_like(cos)), expected)
         # an export is data: its heads are rows, identify needs no --import
         assert cli.export_main([str(run), str(tmp_path / "exp")]) == 0

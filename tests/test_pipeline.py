@@ -63,6 +63,9 @@ def test_a_finished_run_refuses_overrides_it_would_not_act_on(finished_run, tmp_
     # a head no module registered (a typo): named, not a KeyError from its margin
     with pytest.raises(ConfigError, match=r"head.name: the run has 'arcface', the command li"):
         RunFolder.config_for_resume(str(run), ["head.name=arcfce"])
+    # a further argument of the head's class, named in full
+    with pytest.raises(ConfigError, match=r"head.kwargs.c: the run has it unset, the comman"):
+        RunFolder.config_for_resume(str(run), ["head.kwargs.c=0.1"])
     assert (run / "config.yaml").read_bytes() == saved
     # what writes out a setting's own value is no change (ArcFace's margin, in the
     # head a run keeps fixed)

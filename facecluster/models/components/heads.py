@@ -481,8 +481,9 @@ def register_head(name: str) -> Callable[[type[MarginHead]], type[MarginHead]]:
     The class subclasses :class:`MarginHead`, implements ``_margin`` (and may override
     ``_validate_margin`` and ``_margin_logits``), and takes ``(num_classes,
     embedding_dim, s, m, sample_rate)`` with defaults for ``s`` and ``m`` (an unset
-    ``head.m`` is the class's default). The config's ``imports`` key makes every process
-    of a run import the module that registers it (docs/CONFIG.md).
+    ``head.m`` is the class's default); its further arguments come from ``head.kwargs``.
+    The config's ``imports`` key makes every process of a run import the module that
+    registers it (docs/CONFIG.md).
 
     Raises:
         ValueError: If ``name`` is empty or already registered to another class.
@@ -542,7 +543,8 @@ def create_head(
         m: Margin; ``None`` uses the head's default (ArcFace 0.5 rad, CosFace 0.35,
             AdaFace 0.4).
         sample_rate: Partial FC's share of class centres per training step, in (0, 1].
-        **kwargs: The head's own further arguments (AdaFace's ``h`` and ``t_alpha``).
+        **kwargs: The head's own further arguments (AdaFace's ``h`` and ``t_alpha``,
+            ``head.kwargs``).
 
     Returns:
         The head.
