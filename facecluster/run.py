@@ -655,9 +655,7 @@ class RunFolder:
             changed += [
                 f"{key}={now!r} (the run trained with {'it unset' if was is None else repr(was)})"
                 for settled in SETTLED_KEYS
-                for key, was, now in _differences(
-                    settled, _settled(saved, old, settled), _settled(cfg, new, settled)
-                )
+                for key, was, now in _differences(settled, *_settled_pair(saved, cfg, settled))
             ]
         if changed:
             rest = [k for k in range(clusters) if k not in finished]
@@ -1821,7 +1819,7 @@ def _refuse_contradictions(
         free = SPEED_OPTIONS if evaluation else FREE_MODEL_KEYS
         ignored = tuple(f"model.{k}" for k in free) if key == "model" else ()
         if key == "head":  # as it acts: ArcFace's own margin written out is no change
-            old, new = _settled(saved, old_values, key), _settled(cfg, new_values, key)
+            old, new = _settled_pair(saved, cfg, key)
         problems += [  # None: unset, or a key of model.kwargs/head.kwargs not given
             f"{name}: the run has {'it unset' if was is None else repr(was)}, the command "
             f"line {'unsets it' if now is None else repr(now)}"
@@ -1868,6 +1866,16 @@ def _settled(cfg: Config, values: dict[str, Any], key: str) -> Any:
     if key == "trainer.max_steps":
         return None if value == -1 else value
     return value
+
+
+def _settled_pair(saved: Config, cfg: Config, key: str) -> tuple[Any, Any]:
+    """A :data:`SETTLED_KEYS` value as it acts in the run's config and in the command's.
+    A head no module registered (a typo of its name) has a margin unknown here: its
+    unset ``head.m`` is not shown as a change beside the name's."""
+    old, new = _settled(saved, saved.to_dict(), key), _settled(cfg, cfg.to_dict(), key)
+    if key == "head" and new["m"] is None and new["name"] != old["name"]:
+        new = {**new, "m": old["m"]}
+    return old, new
 
 
 def _differences(key: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
