@@ -574,7 +574,10 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
     means = ident.assignment.class_means
     stage1 = StageOneModel(ident.router_backbone, weights.head, means).to(bench.device)
     predictors = ident.predictors(cfg.route.top_m, cfg.route.alpha) + stage1.predictors()
-    ms = top_m_sweep(ident.num_clusters, cfg.route.top_m)
+    # the sweeps cost about 2K sub-net passes per test face beside the table's
+    # K + route.top_m (docs/EVALUATION.md): eval.sweeps=false leaves them out
+    ms = top_m_sweep(ident.num_clusters, cfg.route.top_m) if cfg.eval.sweeps else []
+    alphas = ALPHAS if cfg.eval.sweeps else ()
     sweep = [ident.routed(m, cfg.route.alpha) for m in ms]
     # the table's predictors and the sweep's other top_m timed in one interleaved
     # session: timed apart, a drift of this machine's speed between the two bent the
@@ -597,12 +600,12 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
             }
         )
     if ident.route_config["decision"] == "linear":
-        for alpha in ALPHAS:
+        for alpha in alphas:
             scores = bench.score(ident.routed(cfg.route.top_m, alpha), open_set=False)
             report.alpha_sweep.append({"alpha": alpha, "top1": scores["top1"]})
     else:  # the generalist's weight, each row with the fitted temperatures
         fitted = dict(ident.route_config)
-        for weight in ALPHAS:
+        for weight in alphas:
             ident.route_config["generalist_weight"] = weight
             name = f"generalist weight {weight:g}"
             scores = bench.score(ident.routed(cfg.route.top_m, 0.0, name), open_set=False)
@@ -610,11 +613,14 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
         ident.route_config = fitted
     if cfg.eval.plots:
         run.eval_dir.mkdir(exist_ok=True)
-        report.plots = [
-            top_m_plot(run.eval_file("top_m"), run.path.name, report.top_m_sweep),
-            alpha_plot(run.eval_file("alpha"), run.path.name, report.alpha_sweep),
-            class_means_plot(run.eval_file("class_means"), ident.assignment, cfg.seed),
-        ]
+        if cfg.eval.sweeps:
+            report.plots += [
+                top_m_plot(run.eval_file("top_m"), run.path.name, report.top_m_sweep),
+                alpha_plot(run.eval_file("alpha"), run.path.name, report.alpha_sweep),
+            ]
+        report.plots.append(
+            class_means_plot(run.eval_file("class_means"), ident.assignment, cfg.seed)
+        )
     return report
 
 

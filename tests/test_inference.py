@@ -697,6 +697,20 @@ def test_evaluation_passes_over_the_test_split_once_per_predictor(finished_run, 
     assert report.top_m_sweep[0]["top1"] == report.rows[0].top1  # the table's routed row
     assert report.top_m_sweep[0]["throughput"] == report.rows[0].throughput
     assert report.top_m_sweep[-1]["top_m"] == 3
+    # eval.sweeps=false: the table's rows are its only passes (the sweeps are about 2K
+    # sub-net passes per face beside the table's K + 1, at K = 64 two thirds of the
+    # evaluation), the same figures, and no sweep or sweep plot is written
+    passes.clear()
+    (finished_run / "eval" / "top_m.png").unlink()
+    table = evaluate_run(finished_run, ["eval.sweeps=false"])
+    assert passes == [row.model for row in report.rows]
+    for new, old in zip(table.rows, report.rows, strict=True):
+        assert (new.model, new.top1, new.top5, new.f1) == (old.model, old.top1, old.top5, old.f1)
+    assert table.top_m_sweep == table.alpha_sweep == []
+    saved = json.loads((finished_run / "eval" / "results.json").read_text())
+    assert saved["top_m_sweep"] == saved["alpha_sweep"] == []
+    assert not (finished_run / "eval" / "top_m.png").exists()
+    assert (finished_run / "eval" / "class_means_pca.png").is_file()
 
 
 def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):
