@@ -546,6 +546,11 @@ def main() -> None:
         variant_seeds = args.variant_seeds or args.seeds
         plan = [(m, m, [], args.seeds) for m in args.methods]
         plan += [(n, m, o, seeds or variant_seeds) for n, m, o, seeds in args.variant]
+        for name, method, overrides, _ in plan:  # the page reports the top_m sweep
+            if not load_config(
+                [*configs, f"configs/method/{method}.yaml"], [*args.set, *overrides]
+            ).eval.sweeps:
+                raise SystemExit(f"{name}: eval.sweeps=false; the page reports the top_m sweep")
         runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name, *_ in plan}
         for seed in sorted({s for *_, seeds in plan for s in seeds}):
             for name, method, overrides, seeds in plan:

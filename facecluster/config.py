@@ -463,10 +463,11 @@ CosFace and AdaFace. A head of the user's own is bounded by its ``_validate_marg
 HEAD_GIVEN = {
     "num_classes": "facecluster gives it (the identities the head serves)",
     "embedding_dim": "set model.embedding_dim",
-    **{key: f"set head.{key}" for key in ("s", "m", "sample_rate", "h", "t_alpha")},
+    **{key: f"set head.{key}" for key in ("name", "s", "m", "sample_rate")},
 }
 """A head class's arguments that facecluster gives, each from one place: never from
-``head.kwargs``."""
+``head.kwargs`` (nor AdaFace's ``h`` and ``t_alpha``, which ``head.h`` and
+``head.t_alpha`` set; a head of the user's own may take arguments of those names)."""
 
 
 @dataclass
@@ -491,12 +492,16 @@ class HeadConfig:
     """Partial FC: share of class centres per step, every positive kept (1: all)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Further keyword arguments of the head's class: a head of your own's (e.g.
-    ``head.kwargs.c=0.25``); checked against its signature when a run starts."""
+    ``head.kwargs.c=0.25``; null: the class's default); checked against its signature
+    when a run starts. ``head.kwargs={}`` on the command line clears them."""
 
     def problems(self) -> list[str]:
         r = _Rules("head.")
-        for key in sorted(set(self.kwargs) & set(HEAD_GIVEN)):  # one place for each value
-            r.add(f"head.kwargs.{key}: {HEAD_GIVEN[key]}, not head.kwargs")
+        given = dict(HEAD_GIVEN)
+        if self.name == "adaface":
+            given.update({key: f"set head.{key}" for key in ("h", "t_alpha")})
+        for key in sorted(set(self.kwargs) & set(given)):  # one place for each value
+            r.add(f"head.kwargs.{key}: {given[key]}, not head.kwargs")
         # a name of a head of the user's own (register_head, in a module `imports`
         # names) is checked with the head's own bounds when a run starts
         # (builders.check_head): this layer cannot read the registry
@@ -520,9 +525,9 @@ class HeadConfig:
 
     def head_options(self) -> dict[str, float]:
         """The head's own arguments beyond s and m that are set (AdaFace's ``h`` and
-        ``t_alpha``; unset: the head's defaults), and ``kwargs``."""
-        options = {"h": self.h, "t_alpha": self.t_alpha}
-        return {**{k: v for k, v in options.items() if v is not None}, **dict(self.kwargs)}
+        ``t_alpha``, ``kwargs``' keys; unset or null: the head's defaults)."""
+        options = {"h": self.h, "t_alpha": self.t_alpha, **dict(self.kwargs)}
+        return {k: v for k, v in options.items() if v is not None}
 
 
 @dataclass
@@ -1501,15 +1506,30 @@ def _containers_given_otherwise(base: DictConfig, other: DictConfig | dict) -> I
                 yield f"{section}.{key}", "list"
 
 
+WHOLE_MAPPINGS = ("model.kwargs", "head.kwargs")
+"""Free-form argument mappings that a command line's ``key={...}`` replaces whole
+(``head.kwargs={}`` clears the arguments a run's config.yaml keeps for its head, before
+a resume gives the sub-nets another); sections merge key by key."""
+
+
 def _merge_overrides(base: DictConfig, overrides: list[str]) -> DictConfig:
     """:func:`_merge` of command-line overrides; an error that names no key is raised
     again for the override that fails on its own, which it names."""
     try:
-        return _merge(base, parse_overrides(overrides), "command line")
+        merged = _merge(base, parse_overrides(overrides), "command line")
     except ConfigError:
         for override in overrides:
             _merge(base, parse_overrides([override]), f"command line, {override}")
         raise
+    keys = [o.partition("=")[0].strip() for o in overrides]
+    for key in WHOLE_MAPPINGS:  # its last whole value, and its keys given after it
+        if key not in keys:
+            continue
+        last = max(i for i, k in enumerate(keys) if k == key)
+        after = zip(overrides[last:], keys[last:], strict=True)
+        given = [o for o, k in after if k == key or k.startswith(key + ".")]
+        OmegaConf.update(merged, key, OmegaConf.select(parse_overrides(given), key), merge=False)
+    return merged
 
 
 MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")

@@ -611,6 +611,9 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
             scores = bench.score(ident.routed(cfg.route.top_m, 0.0, name), open_set=False)
             report.alpha_sweep.append({"generalist_weight": weight, "top1": scores["top1"]})
         ident.route_config = fitted
+    if not cfg.eval.sweeps:  # an earlier evaluation's would contradict results.json
+        for kind in ("top_m", "alpha"):
+            run.eval_file(kind).unlink(missing_ok=True)
     if cfg.eval.plots:
         run.eval_dir.mkdir(exist_ok=True)
         if cfg.eval.sweeps:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from facecluster.config import ConfigError, load_config, resolve_data_root
-from tests.conftest import SMOKE, smoke_overrides
+from tests.conftest import ROOT, SMOKE, smoke_overrides
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -911,3 +911,30 @@ def test_a_true_or_false_setting_given_a_number_is_refused(tmp_path):
         load_config([SMOKE, tmp_path / "c.yaml"])
     fine = load_config(SMOKE, ["eval.plots=false", "model.compile=true"])
     assert fine.eval.plots is False and fine.model.compile is True
+
+
+def test_head_kwargs_set_a_heads_own_arguments_from_one_place():
+    # head.kwargs: a head of one's own's further arguments (docs/CONFIG.md); what
+    # facecluster gives a head has its own key, named in the refusal
+    assert load_config(SMOKE, ["head.kwargs.c=0.25"]).head.head_options() == {"c": 0.25}
+    with pytest.raises(ConfigError, match=r"head.kwargs.m: set head.m, not head.kwargs"):
+        load_config(SMOKE, ["head.kwargs.m=0.1"])
+    with pytest.raises(ConfigError, match=r"head.kwargs.name: set head.name, not head.kwargs"):
+        load_config(SMOKE, ["head.kwargs.name=x"])  # was "got multiple values for 'name'"
+    # h and t_alpha are AdaFace's keys only under adaface: a head of one's own may take
+    # arguments of those names (each refusal sent the user to the other)
+    assert load_config(SMOKE, ["head.kwargs.h=0.5"]).head.head_options() == {"h": 0.5}
+    with pytest.raises(ConfigError, match=r"head.kwargs.h: set head.h, not head.kwargs"):
+        load_config(SMOKE, ["head.name=adaface", "head.kwargs.h=0.5"])
+    # null: the class's default, as unset
+    assert load_config(SMOKE, ["head.kwargs.c=null"]).head.head_options() == {}
+    # a whole mapping replaces: a resume that gives the sub-nets another head clears
+    # the arguments config.yaml keeps for the run's (merged, they could not be removed)
+    saved = load_config(SMOKE, ["head.kwargs.c=0.25", "head.kwargs.d=1"])
+    resumed = saved.with_overrides(["head.name=cosface", "head.kwargs={}"])
+    assert resumed.head.kwargs == {} and resumed.head.name == "cosface"
+    given = ["head.kwargs={}", "head.kwargs.e=2", "head.kwargs={d: 3}", "head.kwargs.f=4"]
+    assert saved.with_overrides(given).head.kwargs == {"d": 3, "f": 4}
+    assert saved.with_overrides(["head.kwargs.e=2"]).head.kwargs == {"c": 0.25, "d": 1, "e": 2}
+    default = ROOT / "configs" / "default.yaml"  # model.kwargs: {width: 16}
+    assert load_config(default, ["model.kwargs={depth: 3}"]).model.kwargs == {"depth": 3}

@@ -701,7 +701,7 @@ def test_evaluation_passes_over_the_test_split_once_per_predictor(finished_run, 
     # sub-net passes per face beside the table's K + 1, at K = 64 two thirds of the
     # evaluation), the same figures, and no sweep or sweep plot is written
     passes.clear()
-    (finished_run / "eval" / "top_m.png").unlink()
+    assert (finished_run / "eval" / "top_m.png").is_file()  # the full evaluation's
     table = evaluate_run(finished_run, ["eval.sweeps=false"])
     assert passes == [row.model for row in report.rows]
     for new, old in zip(table.rows, report.rows, strict=True):
@@ -709,7 +709,8 @@ def test_evaluation_passes_over_the_test_split_once_per_predictor(finished_run, 
     assert table.top_m_sweep == table.alpha_sweep == []
     saved = json.loads((finished_run / "eval" / "results.json").read_text())
     assert saved["top_m_sweep"] == saved["alpha_sweep"] == []
-    assert not (finished_run / "eval" / "top_m.png").exists()
+    for stale in ("top_m.png", "alpha.png"):  # the earlier evaluation's: gone with it
+        assert not (finished_run / "eval" / stale).exists(), stale
     assert (finished_run / "eval" / "class_means_pca.png").is_file()
 
 

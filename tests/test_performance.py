@@ -401,6 +401,11 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, 
     with pytest.raises(SystemExit, match=r"trained with data.batch_size=8, this command asks for"):
         run_script(*fewer)
     assert "training" not in capsys.readouterr().out
+    # the page reports the top_m sweep: a run that would not score it is refused first
+    no_sweeps = [*command[1:5], "eval.sweeps=false", *command[5:]]
+    with pytest.raises(SystemExit, match=r"clustered: eval.sweeps=false; the page reports"):
+        run_script(*no_sweeps)
+    assert "training" not in capsys.readouterr().out
     assert page.read_text() == text
     # training images are steps x batch: one process's, one batch a step; a run with
     # accumulation or several processes is refused, not undercounted (review)
