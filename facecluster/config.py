@@ -520,7 +520,8 @@ class HeadConfig:
                 r.add(f"head.t_alpha must be in (0, 1], got {self.t_alpha}")
         elif given:  # set for nothing: said, not ignored
             named = " and ".join(f"head.{k}={v}" for k, v in given.items())
-            r.add(f"{named}: AdaFace's, but head.name={self.name!r}")
+            unset = " ".join(f"head.{k}=null" for k in given)  # a resume's config.yaml keeps them
+            r.add(f"{named}: AdaFace's, but head.name={self.name!r} (to unset: {unset})")
         return r.problems
 
     def head_options(self) -> dict[str, float]:

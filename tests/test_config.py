@@ -938,3 +938,10 @@ def test_head_kwargs_set_a_heads_own_arguments_from_one_place():
     assert saved.with_overrides(["head.kwargs.e=2"]).head.kwargs == {"c": 0.25, "d": 1, "e": 2}
     default = ROOT / "configs" / "default.yaml"  # model.kwargs: {width: 16}
     assert load_config(default, ["model.kwargs={depth: 3}"]).model.kwargs == {"depth": 3}
+
+    # AdaFace's own keys, kept by a run's config.yaml: a resume that gives the sub-nets
+    # another head is told how to unset them
+    ada = load_config(SMOKE, ["head.name=adaface", "head.h=0.5"])
+    with pytest.raises(ConfigError, match=r"head.name='arcface' \(to unset: head.h=null\)"):
+        ada.with_overrides(["head.name=arcface"])
+    assert ada.with_overrides(["head.name=arcface", "head.h=null"]).head.h is None
