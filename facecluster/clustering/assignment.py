@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -337,8 +338,17 @@ class ClusterAssignment:
         mine = self.class_to_cluster.to(ids.device)[ids] == clusters
         if not len(self.overlap):
             return mine
-        keys = (self.overlap[:, 1] * self.num_classes + self.overlap[:, 0]).to(ids.device)
-        return mine | torch.isin(clusters * self.num_classes + ids, keys)
+        # a binary search of the keys, sorted once: torch.isin sorted them at every call
+        # (per batch of every routed pass): 21 ms a batch of 256 at 400K overlap rows of
+        # 2M identities against 0.02 ms, one thread on this machine (2026-12-06)
+        keys = self._overlap_keys.to(ids.device)
+        query = clusters * self.num_classes + ids
+        return mine | (keys[torch.searchsorted(keys, query).clamp(max=len(keys) - 1)] == query)
+
+    @cached_property
+    def _overlap_keys(self) -> torch.Tensor:
+        """``overlap``'s rows as sorted keys ``cluster * C + identity``, for :meth:`contains`."""
+        return torch.sort(self.overlap[:, 1] * self.num_classes + self.overlap[:, 0]).values
 
     def extended(self, class_means: torch.Tensor, clusters: torch.Tensor) -> ClusterAssignment:
         """This assignment with new identities appended (ids ``C, C+1, ...``): their
