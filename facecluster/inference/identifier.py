@@ -822,7 +822,11 @@ class TwoStageIdentifier(nn.Module):
         return [self.routed(top_m, alpha), self.all_subnets()]
 
     def _subnet_parts(self) -> list[nn.Module | Tensor]:
-        return [*self.subnets, *(self.head_rows(k) for k in range(self.num_clusters))]
+        # each head and its "not mine" row apart: head_rows would copy every head (4 GB
+        # at 2M x 512 with stage2.negatives, for each predictor built)
+        clusters = range(self.num_clusters)
+        not_mine = [getattr(self, f"not_mine{k}") for k in clusters]
+        return [*self.subnets, *(self.head(k) for k in clusters), *not_mine]
 
     # ------------------------------------------------------------------ loading, export
 
