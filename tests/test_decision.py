@@ -534,3 +534,29 @@ def test_top_columns_is_the_stable_sorts_first_k(kind):
         whole = torch.sort(score, dim=1, descending=True, stable=True).indices
         for k in (1, 2, 5, n, n + 1):
             assert torch.equal(top_columns(score, k), whole[:, :k]), (kind, k)
+
+
+def test_sum_shared_in_chunks_of_faces_equals_it_at_once():
+    # a batch at top_m = K over a 2M-identity overlap merged 200M elements at once (15 GB,
+    # computed): faces are independent, so groups of whole faces give the same sums,
+    # similarities and clusters, the first cluster still winning a tie
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randperm(60, generator=g)[:24]
+    parts = []
+    for c in range(3):
+        members = torch.sort(shared[torch.randperm(24, generator=g)[:16]]).values
+        rows = torch.sort(torch.randperm(10, generator=g)[:7]).values  # faces routed here
+        score = torch.randn(7, 16, generator=g).round(decimals=1)  # ties across clusters
+        score[0, :4] = -math.inf
+        close = torch.randn(7, 16, generator=g)
+        source = torch.full((7, 16), c, dtype=torch.long)
+        parts.append((rows, members, score, close, source))
+    whole = [tuple(t.clone() for t in part) for part in parts]
+    decision.sum_shared(whole)
+    for chunk in (1, 16, 50, 3 * 16 * 3):  # one face a time (at most), up to a few
+        chunked = [tuple(t.clone() for t in part) for part in parts]
+        decision.sum_shared(chunked, chunk)
+        for got, want in zip(chunked, whole, strict=True):
+            for a, b in zip(got[2:], want[2:], strict=True):
+                assert torch.equal(a, b), chunk
+    assert not all(torch.equal(a[2], b[2]) for a, b in zip(whole, parts, strict=True))
