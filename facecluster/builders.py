@@ -179,7 +179,7 @@ def check_head(cfg: Config) -> None:
     not take is refused here, not when stage 1 builds it after the run folder was made."""
     m = cfg.head.m
     named = [f"head.m={m}"] if m is not None else []
-    named += [f"head.kwargs.{k}={v!r}" for k, v in cfg.head.kwargs.items()]
+    named += [f"head.kwargs.{k}={v!r}" for k, v in cfg.head.kwargs.items() if v is not None]
     given = f"head.name={cfg.head.name!r}" + (f" with {', '.join(named)}" if named else "")
     with naming(given, TypeError):
         create_head(

@@ -440,9 +440,10 @@ def test_a_margin_head_of_ones_own_trains_both_stages_and_its_export_needs_no_im
         # its own bounds, and the arguments its class takes, before any work
         with pytest.raises(ConfigError, match=r"head.m=2.0: combined margin m must be in"):
             train(load_config(SMOKE, smoke_overrides(tmp_path, *mine, "head.m=2")))
-        unknown = r"head.kwargs.q=1: .*unexpected keyword argument 'q'"
+        unknown = r"with head.kwargs.q=1: .*unexpected keyword argument 'q'"
+        given = ("head.kwargs.q=1", "head.kwargs.c=null")  # null: the default, not named
         with pytest.raises(ConfigError, match=unknown):
-            train(load_config(SMOKE, smoke_overrides(tmp_path, *mine, "head.kwargs.q=1")))
+            train(load_config(SMOKE, smoke_overrides(tmp_path, *mine, *given)))
         assert not run.exists()
         # what facecluster gives a head comes from one place, at load
         with pytest.raises(ConfigError, match=r"head.kwargs.m: set head.m, not head.kwargs"):
