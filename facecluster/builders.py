@@ -182,15 +182,7 @@ def check_head(cfg: Config) -> None:
     named += [f"head.kwargs.{k}={v!r}" for k, v in cfg.head.kwargs.items() if v is not None]
     given = f"head.name={cfg.head.name!r}" + (f" with {', '.join(named)}" if named else "")
     with naming(given, TypeError):
-        create_head(
-            cfg.head.name,
-            2,
-            cfg.model.embedding_dim,
-            s=cfg.head.s,
-            m=m,
-            sample_rate=cfg.head.sample_rate,
-            **cfg.head.head_options(),
-        )
+        create_head(num_classes=2, embedding_dim=cfg.model.embedding_dim, **cfg.head.head_args())
 
 
 def backbone_parameters(cfg: Config) -> int:
@@ -377,13 +369,7 @@ def module_args(cfg: Config, stage: int) -> dict[str, Any]:
     config = cfg.run_settings().to_dict()
     return {
         "backbone": cfg.model.backbone_args(cfg.data.image_size),
-        "head": {
-            "name": cfg.head.name,
-            "s": cfg.head.s,
-            "m": cfg.head.m,
-            "sample_rate": cfg.head.sample_rate,
-            **cfg.head.head_options(),
-        },
+        "head": cfg.head.head_args(),
         "optim": config[f"stage{stage}"]["optim"],
         "config": config,
     }

@@ -524,6 +524,17 @@ class HeadConfig:
             r.add(f"{named}: AdaFace's, but head.name={self.name!r} (to unset: {unset})")
         return r.problems
 
+    def head_args(self) -> dict[str, Any]:
+        """Keyword arguments of ``create_head`` for this head section, beside the
+        identity count and the embedding size (as ``ModelConfig.backbone_args``)."""
+        return {
+            "name": self.name,
+            "s": self.s,
+            "m": self.m,
+            "sample_rate": self.sample_rate,
+            **self.head_options(),
+        }
+
     def head_options(self) -> dict[str, float]:
         """The head's own arguments beyond s and m that are set (AdaFace's ``h`` and
         ``t_alpha``, ``kwargs``' keys; unset or null: the head's defaults)."""
