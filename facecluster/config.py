@@ -853,9 +853,10 @@ class EvalConfig:
     plots: bool = True
     """Write the top_m / alpha / class-mean plots (PNG, and W&B images with logger=wandb)."""
     sweeps: bool = True
-    """Score the top_m and the generalist weight (or alpha) sweeps of a two-stage run:
-    at K sub-nets about 2K sub-net passes per test face beside the table's K +
-    ``route.top_m`` (docs/EVALUATION.md); false: the table's rows alone."""
+    """Score and time the top_m and the generalist weight (or alpha) sweeps of a
+    two-stage run: they answer in the table's one pass over the test split and reuse
+    its embeddings, so they cost their decision-unit work per face and their throughput
+    measurement (docs/EVALUATION.md); false: the table's rows alone."""
     after_training: bool = True
     """train.py ends by evaluating the run it trained (evaluate.py does it later otherwise)."""
 

@@ -32,7 +32,7 @@ import errno
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property, partial
 from pathlib import Path
@@ -183,6 +183,46 @@ class MacroScores:
         }
 
 
+class _Tally:
+    """One predictor's counts over the test split, batch by batch."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.macro = MacroScores(num_classes)
+        self.hits: list[Tensor] = []
+        self.ranked_hits: list[Tensor] = []
+        self.decision: list[Tensor] = []
+        """The prediction's score per face (a mated search's, for FNIR)."""
+        self.routed, self.routes = 0, False
+
+    def add(
+        self,
+        ranked: Tensor,
+        score: Tensor,
+        clusters: Tensor | None,
+        labels: Tensor,
+        assignment: ClusterAssignment | None,
+    ) -> None:
+        predicted = ranked[:, 0]
+        self.hits.append(predicted == labels)
+        self.ranked_hits.append((ranked == labels[:, None]).any(dim=1))
+        self.decision.append(score)
+        self.macro.update(predicted, labels)
+        if clusters is not None and assignment is not None:
+            self.routes = True
+            found = assignment.contains(labels.cpu()[:, None], clusters.cpu())
+            self.routed += int(found.any(dim=1).sum())
+
+    def result(self) -> dict[str, Any]:
+        """Top-1, top-5, macro P/R/F1, routing accuracy; ``fnir`` None (not measured)."""
+        correct = torch.cat(self.hits)
+        scores: dict[str, Any] = self.macro.compute()
+        scores["top1"] = correct.double().mean().item()
+        scores["top5"] = torch.cat(self.ranked_hits).double().mean().item()
+        scores["routing_accuracy"] = self.routed / len(correct) if self.routes else None
+        scores["fnir"] = None
+        return scores
+
+
 class Bench:
     """Scores and times predictors on one run's test split; each score is computed once.
 
@@ -215,66 +255,101 @@ class Bench:
         items = [dataset[i] for i in drawn[: self.cfg.eval.batch_size].sort().values.tolist()]
         return torch.stack([image for image, _ in items]), [int(label) for _, label in items]
 
-    @torch.inference_mode()
     def score(self, predictor: Predictor, open_set: bool = True) -> dict[str, Any]:
         """Top-1, top-5, macro P/R/F1 and routing accuracy over the test split; with
-        ``open_set``, also FNIR at ``FPIRS`` over the unseen test faces (open-set runs)."""
-        cached = self._scores.get(predictor.name)
-        if cached is not None and (cached["fnir"] or not open_set or self.unseen is None):
-            return cached  # the headline row and the sweeps share passes
-        macro = MacroScores(self.dm.num_classes)
-        routed = 0
-        routes = False
-        hits, ranked_hits, decision = [], [], []
-        for images, labels in tqdm(self.loader, desc=predictor.name, leave=False):
-            keep = scored(labels)  # a broken face nothing could replace: not scored
-            images, labels = images[keep], labels[keep]
-            if not len(labels):
-                continue
-            ranked, score, clusters = self._run(predictor, images, RANK)
-            predicted = ranked[:, 0]
-            hits.append(predicted == labels)
-            ranked_hits.append((ranked == labels[:, None]).any(dim=1))
-            decision.append(score)
-            macro.update(predicted, labels)
-            if clusters is not None and self.assignment is not None:
-                routes = True
-                found = self.assignment.contains(labels.cpu()[:, None], clusters.cpu())
-                routed += int(found.any(dim=1).sum())
-        if not hits:
+        ``open_set``, also FNIR at ``FPIRS`` over the unseen test faces (open-set runs).
+        A predictor that :meth:`score_all` has scored is not run again."""
+        self.score_all([predictor], [predictor.name] if open_set else ())
+        scores = self._scores[predictor.name]
+        return {**scores, "fnir": (scores["fnir"] if open_set else None) or {}}
+
+    @torch.inference_mode()
+    def score_all(
+        self,
+        predictors: Sequence[Predictor],
+        open_set: Sequence[str] = (),
+        models: Sequence[Any] = (),
+    ) -> None:
+        """Runs the predictors not scored yet over the test split in one pass: each
+        batch is read, decoded and moved to the device once, and all of them answer it
+        (a pass each read the split once per predictor, 15 times at K = 64 with the
+        sweeps). ``open_set``: the predictors, by name, that the unseen test faces of an
+        open-set run go through too, in one pass as well. ``models``: those behind the
+        predictors, each batch answered within their ``embeddings_once(images)``, so
+        that each network embeds it once (:meth:`TwoStageIdentifier.embeddings_once`).
+
+        Only each predictor's figures are kept, and the per-face scores of the
+        open-set ones until their FNIR: a [C] count per predictor at once was 48 MB at
+        2M identities, times 15 (computed)."""
+        measure_fnir = self.unseen is not None
+        todo = {
+            p.name: p
+            for p in predictors
+            if p.name not in self._scores
+            or (measure_fnir and p.name in open_set and self._scores[p.name]["fnir"] is None)
+        }
+        if not todo:
+            return
+        tallies = {name: _Tally(self.dm.num_classes) for name in todo}
+        for labels, answers in self._answers(self.loader, todo.values(), models, RANK):
+            for name, (ranked, score, clusters) in answers.items():
+                tallies[name].add(ranked, score, clusters, labels, self.assignment)
+        if any(not tally.hits for tally in tallies.values()):
             raise ValueError(
                 f"{self.run_name}: no face of the test split could be read "
                 "(data.on_bad_image=skip left every one out); repair the data set"
             )
-        correct, mated = torch.cat(hits), torch.cat(decision)
-        scores: dict[str, Any] = macro.compute()
-        scores["top1"] = correct.double().mean().item()
-        scores["top5"] = torch.cat(ranked_hits).double().mean().item()
-        scores["routing_accuracy"] = routed / len(correct) if routes else None
-        scores["fnir"] = {}
-        if self.unseen is not None and open_set:
-            desc = f"{predictor.name}, unseen"
-            nonmated = torch.cat(
-                [
-                    self._run(predictor, images[scored(labels)])[1]
-                    for images, labels in tqdm(self.unseen, desc=desc, leave=False)
-                    if scored(labels).any()
-                ]
+        self._scores.update({name: tally.result() for name, tally in tallies.items()})
+        wanted = [p for name, p in todo.items() if measure_fnir and name in open_set]
+        if not wanted:
+            return
+        found: dict[str, list[Tensor]] = {p.name: [] for p in wanted}
+        for _, answers in self._answers(self.unseen, wanted, models, 1, "unseen test faces"):
+            for name, (_, score, _) in answers.items():
+                found[name].append(score)
+        if not found[wanted[0].name]:
+            raise ValueError(
+                f"{self.run_name}: no unseen face of the test split could be read "
+                "(data.on_bad_image=skip left every one out); repair the data set"
             )
+        for name, nonmated in found.items():
+            tally, fnir = tallies[name], {}
+            correct, mated = torch.cat(tally.hits), torch.cat(tally.decision)
             for fpir in FPIRS:
-                measured = fnir_at_fpir(correct, mated, nonmated, fpir)
-                scores["fnir"][f"{fpir:.1%}".replace(".0%", "%")] = measured and measured[0]
-        self._scores[predictor.name] = scores
-        return scores
+                measured = fnir_at_fpir(correct, mated, torch.cat(nonmated), fpir)
+                fnir[f"{fpir:.1%}".replace(".0%", "%")] = measured and measured[0]
+            self._scores[name]["fnir"] = fnir
 
-    def _run(
-        self, predictor: Predictor, images: Tensor, k: int = 1
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """A predictor on a loader batch: its ``k`` best identities [B, k] and the first's
-        scores on the CPU, clusters."""
-        with self.autocast():
-            ranked, score, clusters = predictor.predict(normalize_images(images.to(self.device)), k)
-        return ranked.cpu(), score.float().cpu(), clusters
+    def _answers(
+        self,
+        loader: Any,
+        predictors: Iterable[Predictor],
+        models: Sequence[Any],
+        k: int,
+        what: str = "test split",
+    ) -> Iterator[tuple[Tensor, dict[str, tuple[Tensor, Tensor, Tensor | None]]]]:
+        """Per batch of ``loader``: its scored labels and each predictor's answer (its
+        ``k`` best identities, the first's score, its candidate clusters), on the CPU."""
+        predictors = list(predictors)
+        desc = f"{what}, {len(predictors)} predictor{'s' * (len(predictors) != 1)}"
+        for images, labels in tqdm(loader, desc=desc, leave=False):
+            keep = scored(labels)  # a broken face nothing could replace: not scored
+            images, labels = images[keep], labels[keep]
+            if not len(labels):
+                continue
+            x = normalize_images(images.to(self.device))
+            answers = {}
+            with contextlib.ExitStack() as once, self.autocast():
+                for model in models:
+                    once.enter_context(model.embeddings_once(x))
+                for p in predictors:
+                    try:
+                        ranked, score, clusters = p.predict(x, k)
+                    except Exception as e:  # the pass names every predictor, not this one
+                        e.add_note(f"(while {p.name!r} answered a batch of the {what})")
+                        raise
+                    answers[p.name] = (ranked.cpu(), score.float().cpu(), clusters)
+            yield labels, answers
 
     @torch.inference_mode()
     def timings(self, predictors: list[Predictor]) -> dict[str, tuple[Timing, Timing]]:
@@ -330,11 +405,15 @@ class Bench:
         predictors: list[Predictor],
         verification: dict[str, VerificationResult] | None = None,
         timings: dict[str, tuple[Timing, Timing]] | None = None,
+        models: Sequence[Any] = (),
     ) -> list[Row]:
         """A table row per predictor; ``verification``: the results of the run's
         stage-1 backbone, given on the rows that embed with it (not ISM's); ``timings``:
-        theirs from :meth:`timings` (None: timed here)."""
+        theirs from :meth:`timings` (None: timed here); ``models``: as for
+        :meth:`score_all`."""
         timings = timings if timings is not None else self.timings(predictors)
+        # one pass for them all (a single model's two rows embed with one backbone)
+        self.score_all(predictors, [p.name for p in predictors], models)
         verified = (verification or {}).items()
         accuracy = {name: result.accuracy for name, result in verified}
         std = {name: result.std for name, result in verified}
@@ -455,7 +534,8 @@ def _evaluate(run: RunFolder, cfg: Config, overrides: list[str] | tuple) -> RunE
         bench = Bench(cfg, run.path.name, None)
         run.check_data(bench.dm)
         model = _single_model(run, cfg, bench)
-        rows = bench.rows(model.predictors(), bench.verification(model.backbone))
+        verification = bench.verification(model.backbone)
+        rows = bench.rows(model.predictors(), verification, models=[model])
         report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)
     return _write(report, run, cfg, list(overrides))
 
@@ -550,10 +630,10 @@ def _single_model_means(
 
 def top_m_sweep(clusters: int, top_m: int) -> list[int]:
     """The top_m values the sweep scores: 1, 2, 4, ... doubling up to K, with K and
-    ``route.top_m``. A routed pass at top_m runs top_m sub-nets per face, so every
-    value from 1 to K would cost K(K+1)/2 sub-net passes over the test split (2,080 at
-    K = 64); doubling costs under 2K (127 at K = 64), plus ``route.top_m`` when it is
-    not a power of two."""
+    ``route.top_m``. A routed predictor at top_m scores top_m clusters' members per test
+    face and runs top_m sub-nets per timed face, so every value from 1 to K would cost
+    K(K+1)/2 clusters' worth (2,080 at K = 64); doubling costs under 2K (127 at K = 64),
+    plus ``route.top_m`` when it is not a power of two."""
     values = {clusters, min(top_m, clusters)}
     m = 1
     while m < clusters:
@@ -574,17 +654,33 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
     means = ident.assignment.class_means
     stage1 = StageOneModel(ident.router_backbone, weights.head, means).to(bench.device)
     predictors = ident.predictors(cfg.route.top_m, cfg.route.alpha) + stage1.predictors()
-    # the sweeps cost about 2K sub-net passes per test face beside the table's
-    # K + route.top_m (docs/EVALUATION.md): eval.sweeps=false leaves them out
+    # the sweeps: their decision-unit work per face (no network forward: the one pass
+    # below) and their timing (docs/EVALUATION.md); eval.sweeps=false leaves them out
     ms = top_m_sweep(ident.num_clusters, cfg.route.top_m) if cfg.eval.sweeps else []
     alphas = ALPHAS if cfg.eval.sweeps else ()
     sweep = [ident.routed(m, cfg.route.alpha) for m in ms]
+    if ident.route_config["decision"] == "linear":
+        weight_key = "alpha"
+        weighted = [ident.routed(cfg.route.top_m, alpha) for alpha in alphas]
+    else:  # the generalist's weight, each row with the fitted temperatures
+        weight_key = "generalist_weight"
+        weighted = [
+            ident.routed(cfg.route.top_m, 0.0, f"generalist weight {w:g}", generalist_weight=w)
+            for w in alphas
+        ]
     # the table's predictors and the sweep's other top_m timed in one interleaved
     # session: timed apart, a drift of this machine's speed between the two bent the
     # sweep's curve (a review's smoke run: 224, 400 and 585 img/s at top_m 1, 2 and 3);
     # the run's own top_m is one predictor, with one figure in the table and top_m.png
     names = {p.name for p in predictors}
     timings = bench.timings(predictors + [p for p in sweep if p.name not in names])
+    # every predictor in one pass over the test split, each network embedding each batch
+    # once: the sweeps then cost no sub-net forward beyond ISM's K a face (about 3K apart)
+    bench.score_all(
+        predictors + sweep + weighted,
+        open_set=[p.name for p in predictors],
+        models=[ident, stage1],
+    )
     rows = bench.rows(predictors, bench.verification(ident.router_backbone), timings)
     report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)
     report.decision = {k: ident.route_config.get(k) for k in DECISION_KEYS}
@@ -599,18 +695,9 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
                 "routing_accuracy": scores["routing_accuracy"],
             }
         )
-    if ident.route_config["decision"] == "linear":
-        for alpha in alphas:
-            scores = bench.score(ident.routed(cfg.route.top_m, alpha), open_set=False)
-            report.alpha_sweep.append({"alpha": alpha, "top1": scores["top1"]})
-    else:  # the generalist's weight, each row with the fitted temperatures
-        fitted = dict(ident.route_config)
-        for weight in alphas:
-            ident.route_config["generalist_weight"] = weight
-            name = f"generalist weight {weight:g}"
-            scores = bench.score(ident.routed(cfg.route.top_m, 0.0, name), open_set=False)
-            report.alpha_sweep.append({"generalist_weight": weight, "top1": scores["top1"]})
-        ident.route_config = fitted
+    for weight, routed in zip(alphas, weighted, strict=True):
+        scores = bench.score(routed, open_set=False)
+        report.alpha_sweep.append({weight_key: weight, "top1": scores["top1"]})
     if not cfg.eval.sweeps:  # an earlier evaluation's would contradict results.json
         for kind in ("top_m", "alpha"):
             run.eval_file(kind).unlink(missing_ok=True)

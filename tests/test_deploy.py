@@ -202,6 +202,23 @@ def test_open_set_run_holds_identities_out_and_reports_fnir(open_run, monkeypatc
         assert isinstance(row.fnir["20%"], float) and 0.0 <= row.fnir["20%"] <= 1.0
         assert f"{row.fnir['20%']:.2%}" in table
     assert "FNIR@FPIR=20%" in table and "FNIR@FPIR=1%" in table and "n/a" in table
+    # the routed row's FNIR as lone identify calls give it: its mated searches over the
+    # test split, its non-mated ones over the unseen test faces (the evaluation scores
+    # both in one pass each, every predictor answering each batch in turn)
+    cfg = RunFolder(open_run).finished_config()
+    dm = build_datamodule(cfg, eval_batch_size=cfg.eval.batch_size)
+    ident = TwoStageIdentifier.from_run(open_run).eval()
+    correct, mated, nonmated = [], [], []
+    with torch.no_grad():
+        for images, labels in dm.test_dataloader():
+            found = ident.identify(normalize_images(images))
+            correct.append(found.answer(None) == labels)
+            mated.append(found.similarity)
+        for images, _ in dm.unseen_dataloader("test"):
+            nonmated.append(ident.identify(normalize_images(images)).similarity)
+    fnir, _ = fnir_at_fpir(torch.cat(correct), torch.cat(mated), torch.cat(nonmated), 0.2)
+    assert report.rows[0].model.startswith("clustered, routed")
+    assert report.rows[0].fnir["20%"] == pytest.approx(fnir, abs=1e-12)
 
 
 @pytest.mark.slow

@@ -173,6 +173,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         BENCH + "; tests/test_performance.py runs it small",
     ),
     "python bench/train_overhead.py": (LEFT_OUT, BENCH),
+    "python bench/eval_cost.py --out bench/results/eval_cost.json": (
+        LEFT_OUT,
+        BENCH + "; tests/test_inference.py::test_the_evaluation_cost_benchmark_runs_on_a_"
+        "finished_run runs it on the smoke run",
+    ),
     "python train.py stage1.max_epochs=2 stage2.max_epochs=1 logger=none eval.plots=false "
     "model.compile=false": (LEFT_OUT, LONG),
     "python train.py stage1.max_epochs=2 stage2.max_epochs=1 logger=none eval.plots=false "

@@ -35,7 +35,7 @@ from facecluster.inference.identifier import ENROLL_ROUTE_BATCH
 from facecluster.io import UnsafeFileError
 from facecluster.pipeline import train
 from facecluster.run import RunFolder, _lock_owner
-from tests.conftest import DEMO, SMOKE, smoke_overrides
+from tests.conftest import DEMO, SMOKE, run_script, smoke_overrides
 
 ROUTE = {
     "top_m": 1,
@@ -672,38 +672,80 @@ def test_macro_scores_equal_torchmetrics_and_stay_linear_in_the_identities():
     assert big.compute()["recall"] == pytest.approx(2 / 4)
 
 
-def test_evaluation_passes_over_the_test_split_once_per_predictor(finished_run, monkeypatch):
-    """Every predictor's pass over the test split runs once: the sweep's top_m = 1 is
-    the table's routed row, not a second pass; ISM (the sub-nets alone) and the sweep's
-    top_m = K (the mixture over every cluster) are two passes, which give other answers."""
-    passes = []
-    score = evaluation.Bench.score
+def test_evaluation_reads_the_test_split_once_and_each_subnet_embeds_a_face_once(
+    finished_run, monkeypatch
+):
+    """Every predictor (the table's, the top_m sweep's, the decision weights') answers
+    each test batch in one pass over the split, and each network embeds each face once
+    in it: a pass per predictor read the split 11 times here, and ran about 3K + 3
+    network forwards a face (at K = 64, 209 against 66 now, docs/EVALUATION.md)."""
+    passes, embedded, counting = [], {}, []
+    answers, embed_from = evaluation.Bench._answers, TwoStageIdentifier._embed_from
 
-    def spy(self, predictor, open_set=True):
-        if predictor.name not in self._scores:
-            passes.append(predictor.name)
-        return score(self, predictor, open_set)
+    def spy(self, loader, predictors, shared, k, what="test split"):
+        predictors = list(predictors)
+        if predictors:  # none: no batch is read
+            passes.append((what, [p.name for p in predictors]))
+        counting.append(True)
+        try:
+            for labels, found in answers(self, loader, predictors, shared, k, what):
+                embedded.setdefault(what, {}).setdefault("faces", 0)
+                embedded[what]["faces"] += len(labels)
+                yield labels, found
+        finally:
+            counting.pop()
 
-    monkeypatch.setattr(evaluation.Bench, "score", spy)
+    def count(self, net, features):
+        if counting:
+            seen = embedded.setdefault(passes[-1][0], {})
+            seen[id(net)] = seen.get(id(net), 0) + len(features)
+        return embed_from(self, net, features)
+
+    monkeypatch.setattr(evaluation.Bench, "_answers", spy)
+    monkeypatch.setattr(TwoStageIdentifier, "_embed_from", count)
     report = evaluate_run(finished_run)
-    assert len(passes) == len(set(passes)), passes
-    routed = [p for p in passes if "routed (top_m=" in p]  # K = 3
-    assert [p.split(",")[1] for p in routed] == [
-        " routed (top_m=1",
-        " routed (top_m=2",
-        " routed (top_m=3",
-    ]
-    assert "clustered, all sub-nets (ISM)" in passes
+    (what, names), *rest = passes
+    assert what == "test split" and len(names) == len(set(names)) and not rest, passes
+    routed = [name.split(",")[1] for name in names if "routed (top_m=" in name]  # K = 3
+    assert routed == [" routed (top_m=1", " routed (top_m=2", " routed (top_m=3"]
+    assert [f"generalist weight {w:g}" for w in evaluation.ALPHAS] == names[-5:]
+    assert set(names) >= {row.model for row in report.rows}  # the table's 4 rows too
+    ident = TwoStageIdentifier.from_run(finished_run)
+    counts = embedded["test split"]
+    faces = counts.pop("faces")
+    # the router backbone and the 3 sub-nets (each net seen through its id): every face
+    # once by each, whichever of the 11 predictors asked
+    assert sorted(counts.values()) == [faces] * 4, counts
     assert report.top_m_sweep[0]["top1"] == report.rows[0].top1  # the table's routed row
     assert report.top_m_sweep[0]["throughput"] == report.rows[0].throughput
-    assert report.top_m_sweep[-1]["top_m"] == 3
+    assert report.top_m_sweep[-1]["top_m"] == 3 == ident.num_clusters
+    # each sweep's figure is its own predictor's, as a lone identify gives it: top_m,
+    # and moe's generalist weight (from 0, the sub-nets' term, to 1, the class means)
+    from facecluster.builders import build_datamodule
+    from facecluster.data.transforms import normalize_images
+
+    cfg = RunFolder(finished_run).finished_config()
+    ident = TwoStageIdentifier.from_run(finished_run).eval()
+    right = {("top_m", m): 0 for m in (1, 2, 3)} | {("w", w): 0 for w in evaluation.ALPHAS}
+    loader = build_datamodule(cfg, eval_batch_size=cfg.eval.batch_size).test_dataloader()
+    with torch.no_grad():
+        for images, labels in loader:
+            x = normalize_images(images)
+            for kind, value in right:
+                ask = {"top_m": value} if kind == "top_m" else {"generalist_weight": value}
+                right[kind, value] += int((ident.identify(x, **ask).answer(None) == labels).sum())
+    faces = len(loader.dataset)
+    swept = {("top_m", r["top_m"]): r["top1"] for r in report.top_m_sweep}
+    swept |= {("w", r["generalist_weight"]): r["top1"] for r in report.alpha_sweep}
+    assert swept == pytest.approx({key: n / faces for key, n in right.items()}, abs=1e-12)
+    assert len({swept["w", w] for w in evaluation.ALPHAS}) > 1  # the weights differ
     # eval.sweeps=false: the table's rows are its only passes (the sweeps are about 2K
     # sub-net passes per face beside the table's K + 1, at K = 64 two thirds of the
     # evaluation), the same figures, and no sweep or sweep plot is written
     passes.clear()
     assert (finished_run / "eval" / "top_m.png").is_file()  # the full evaluation's
     table = evaluate_run(finished_run, ["eval.sweeps=false"])
-    assert passes == [row.model for row in report.rows]
+    assert passes == [("test split", [row.model for row in report.rows])]
     for new, old in zip(table.rows, report.rows, strict=True):
         assert (new.model, new.top1, new.top5, new.f1) == (old.model, old.top1, old.top5, old.f1)
     assert table.top_m_sweep == table.alpha_sweep == []
@@ -712,6 +754,24 @@ def test_evaluation_passes_over_the_test_split_once_per_predictor(finished_run, 
     for stale in ("top_m.png", "alpha.png"):  # the earlier evaluation's: gone with it
         assert not (finished_run / "eval" / stale).exists(), stale
     assert (finished_run / "eval" / "class_means_pca.png").is_file()
+
+
+def test_the_evaluation_cost_benchmark_runs_on_a_finished_run(finished_run, tmp_path):
+    # docs/EVALUATION.md's measurement (bench/eval_cost.py) on a copy of the smoke run:
+    # with the sweeps or without, the scoring passes send each test and unseen face
+    # through the router backbone, the K sub-nets and the stage-1 model's backbone
+    # (its head's and nearest class mean's rows), and the sweeps add only their timing
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    out = tmp_path / "eval_cost.json"
+    run_script("bench/eval_cost.py", "--run", str(run), "--rounds", "1", "--out", str(out))
+    measured = json.loads(out.read_text())
+    faces = measured["test_faces"] + measured["unseen_test_faces"]
+    assert measured["clusters"] == 3 and measured["test_faces"] > 0
+    for variant in ("sweeps", "table only"):
+        assert measured[variant]["scoring_network_images"] == faces * (3 + 2), variant
+    assert measured["sweeps"]["network_images"] > measured["table only"]["network_images"]
+    assert measured["code"] and measured["machine"]["threads"] >= 1
+    assert not (run / "eval").exists()  # the benchmark evaluated a copy
 
 
 def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):

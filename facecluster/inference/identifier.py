@@ -23,11 +23,13 @@ and all sub-nets (ISM).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +56,7 @@ from facecluster.inference.decision import (
     similarity,
     sum_shared,
 )
-from facecluster.inference.predictors import Predictor, count_parameters
+from facecluster.inference.predictors import BatchMemo, Predictor, count_parameters
 from facecluster.inference.router import NO_CLUSTER, Router, has_direction
 from facecluster.io import atomic_torch_save, load_plain, non_finite_keys, shown_list
 from facecluster.models.components import BACKBONES, load_backbone, shareable_stages
@@ -241,6 +243,7 @@ class TwoStageIdentifier(nn.Module):
         ``identifier.pt`` and ``onnx/`` hold the same one (``load_export`` checks)."""
         self.router = self._build_router(router_index)
         self._set_means()
+        self._memo = BatchMemo()  # embeddings_once
         self.eval()
 
     def index_settings(self) -> dict[str, Any]:
@@ -348,6 +351,25 @@ class TwoStageIdentifier(nn.Module):
         out = net.tail(features, self.shared_layers) if self.shared_layers else net(features)
         return F.normalize(out.float(), dim=1)
 
+    def embeddings_once(self, images: Tensor) -> contextlib.AbstractContextManager:
+        """Within the block, :meth:`identify` on ``images`` (this tensor) runs each
+        network once on the whole batch and keeps its embeddings, whichever top_m,
+        decision weight or ISM asks: for scoring many predictors on one batch (the
+        evaluation's table and sweeps: K + 1 network forwards a face, against about
+        3K + 3 with a pass each). A sub-net embeds every face of the batch the first
+        time any face needs it, so this pays only where every sub-net runs anyway (ISM
+        does); deployment does not use it. The embeddings equal a lone call's up to
+        float rounding (a batch of another size may take other kernels)."""
+        return self._memo.batch(images)
+
+    def _subnet_embeddings(self, c: int, images: Tensor, features: Tensor, rows: Tensor) -> Tensor:
+        """Sub-net ``c``'s embeddings of the batch's faces ``rows``: of those alone, or
+        under :meth:`embeddings_once` of the whole batch once, then indexed."""
+        net = self.subnets[c]
+        if self._memo.kept(images) is None:
+            return self._embed_from(net, features[rows])
+        return self._memo.get(images, ("subnet", c), partial(self._embed_from, net, features))[rows]
+
     @property
     def moe(self) -> MoeParams | None:
         """The fitted numbers of ``route.decision=moe`` (None until calibrated)."""
@@ -426,6 +448,7 @@ class TwoStageIdentifier(nn.Module):
         alpha: float | None = None,
         all_subnets: bool = False,
         k: int = 1,
+        generalist_weight: float | None = None,
     ) -> Identification:
         """Identify a batch of faces.
 
@@ -442,6 +465,9 @@ class TwoStageIdentifier(nn.Module):
                 ``top_m`` and ``alpha`` do not apply). The decision unit over all K
                 clusters is ``top_m=K``.
             k: candidates kept per face (the prediction is the first).
+            generalist_weight: ``route.decision=moe``'s weight of the class-mean term
+                in [0, 1] (default the fitted ``route.generalist_weight``; 1: the class
+                means alone decide and no sub-net runs); moe's counterpart of ``alpha``.
 
         Returns:
             The predicted identities, their scores and the candidate clusters. A face
@@ -460,14 +486,19 @@ class TwoStageIdentifier(nn.Module):
                 "route.decision=moe needs route.router_temperature, route.subnet_temperature "
                 "and route.generalist_weight: calibrate() on the validation split first"
             )
-        use_subnets = all_subnets or self._runs_subnets(alpha)
+        if generalist_weight is not None and not 0 <= generalist_weight <= 1:
+            raise ValueError(f"generalist_weight={generalist_weight}: a weight in [0, 1]")
+        if generalist_weight is not None and params is not None:
+            params = replace(params, generalist_weight=generalist_weight)
+        use_subnets = all_subnets or self._runs_subnets(alpha, generalist_weight)
         batch = images.shape[0]
-        features = self._trunk(images)
+        features = self._memo.get(images, "trunk", partial(self._trunk, images))
         if all_subnets:  # ISM: the sub-nets alone, no stage-1 embedding
             query = None
             clusters = torch.arange(self.num_clusters).expand(batch, -1)
         else:
-            query = self._embed_from(self.router_backbone, features)
+            embed = partial(self._embed_from, self.router_backbone, features)
+            query = self._memo.get(images, "router", embed)
             clusters = self.router.route(query, top_m, self._route_blocks())
         clusters = clusters.to(images.device)
         # routed nowhere (a stage-1 embedding with no direction), or a searched sub-net's
@@ -509,7 +540,7 @@ class TwoStageIdentifier(nn.Module):
             members = self.members(c)
             cosine = other = None
             if use_subnets:  # alpha 1, weight 1: the clustering unit alone, no sub-net runs
-                embedded = self._embed_from(self.subnets[c], features[rows])
+                embedded = self._subnet_embeddings(c, images, features, rows)
                 failed[rows] |= ~has_direction(embedded)
                 cosine, other = self._subnet_cosine(c, embedded)
                 forwards += len(rows)
@@ -771,16 +802,23 @@ class TwoStageIdentifier(nn.Module):
             return "moe"
         return f"alpha={self.route_config['alpha'] if alpha is None else alpha:g}"
 
-    def routed(self, top_m: int, alpha: float, name: str | None = None) -> Predictor:
+    def routed(
+        self,
+        top_m: int,
+        alpha: float,
+        name: str | None = None,
+        generalist_weight: float | None = None,
+    ) -> Predictor:
         """Routed inference (the paper's method): only the top_m clusters' sub-nets run
-        (``alpha``: the linear decision unit's weight; ignored by moe)."""
+        (``alpha``: the linear decision unit's weight, ignored by moe;
+        ``generalist_weight``: moe's, None for the fitted one when it predicts)."""
         label = "clustered" if self.assignment.method != "random" else "random partition"
 
         def predict(images: Tensor, k: int = 1) -> tuple[Tensor, Tensor, Tensor | None]:
-            result = self.identify(images, top_m, alpha, k=k)
+            result = self.identify(images, top_m, alpha, k=k, generalist_weight=generalist_weight)
             return result.candidates, result.similarity, result.clusters
 
-        runs_subnets = self._runs_subnets(alpha)
+        runs_subnets = self._runs_subnets(alpha, generalist_weight)
         return Predictor(
             name or f"{label}, routed (top_m={top_m}, {self.decision_name(alpha)})",
             predict,
@@ -792,11 +830,14 @@ class TwoStageIdentifier(nn.Module):
             ),
         )
 
-    def _runs_subnets(self, alpha: float) -> bool:
+    def _runs_subnets(self, alpha: float, generalist_weight: float | None = None) -> bool:
         """Whether a pass runs any sub-net: not at alpha 1 (linear) or a generalist
-        weight of 1 (moe), where the class means alone decide (:meth:`identify`)."""
+        weight of 1 (moe, ``generalist_weight`` or the fitted one), where the class
+        means alone decide (:meth:`identify`)."""
         moe = self.moe if self.route_config["decision"] == "moe" else None
-        return moe.generalist_weight < 1 if moe is not None else alpha < 1
+        if moe is None:
+            return alpha < 1
+        return (moe.generalist_weight if generalist_weight is None else generalist_weight) < 1
 
     def all_subnets(self) -> Predictor:
         """ISM, the paper's baseline: every sub-net answers on its own and the best score

@@ -8,8 +8,10 @@ sub-nets (ISM). Evaluation runs the same loop over all of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +54,40 @@ class Predictor:
     verification accuracies an evaluation table gives: not ISM, the sub-nets alone."""
 
 
+class BatchMemo:
+    """What a model computes from one batch, kept while several predictors take turns
+    on it (evaluation: the table's rows and the sweeps answer each test batch in turn).
+
+    Within ``with memo.batch(images):``, :meth:`get` computes a value once per key for
+    that tensor; outside the block, or for another tensor, it computes every time, so
+    deployment's calls never see a kept value."""
+
+    def __init__(self) -> None:
+        self._kept: tuple[Tensor, dict[Hashable, Any]] | None = None
+
+    @contextlib.contextmanager
+    def batch(self, images: Tensor) -> Iterator[None]:
+        before, self._kept = self._kept, (images, {})
+        try:
+            yield
+        finally:
+            self._kept = before  # a nested block gives the outer one its values back
+
+    def kept(self, images: Tensor) -> dict[Hashable, Any] | None:
+        """The values kept for ``images`` (None: not inside its block)."""
+        kept = self._kept
+        return kept[1] if kept is not None and kept[0] is images else None
+
+    def get(self, images: Tensor, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()``, once per ``key`` within ``images``' block."""
+        kept = self.kept(images)
+        if kept is None:
+            return compute()
+        if key not in kept:
+            kept[key] = compute()
+        return kept[key]
+
+
 def _best(scores: Tensor, k: int) -> tuple[Tensor, Tensor, None]:
     """The ``k`` highest-scoring identities of each row, best first (the lower id among
     ties), and the first one's score."""
@@ -85,11 +121,19 @@ class StageOneModel(nn.Module):
         means = None if class_means is None else class_means.float()
         self.register_buffer("class_means", means, persistent=False)
         self.single = single
+        self._memo = BatchMemo()
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
         """L2-normalised embeddings [B, d]."""
-        return F.normalize(self.backbone(images).float(), dim=1)
+        return self._memo.get(
+            images, "embedding", lambda: F.normalize(self.backbone(images).float(), dim=1)
+        )
+
+    def embeddings_once(self, images: Tensor) -> contextlib.AbstractContextManager:
+        """Within the block, :meth:`embed` on ``images`` (this tensor) runs the backbone
+        once for the head's and the class means' predictors together."""
+        return self._memo.batch(images)
 
     def predictors(self) -> list[Predictor]:
         name = "single model (one head)" if self.single else "stage-1 model (one head)"
