@@ -126,7 +126,11 @@ def main() -> None:
             "unseen_test_faces": 0 if unseen is None else len(unseen.dataset),
             **{
                 name: {
-                    **{k: statistics.median(r[k] for r in rounds) for k in rounds[0]},
+                    "seconds": statistics.median(r["seconds"] for r in rounds),
+                    "scoring_seconds": statistics.median(r["scoring_seconds"] for r in rounds),
+                    # counts: the same in every round
+                    "network_images": rounds[0]["network_images"],
+                    "scoring_network_images": rounds[0]["scoring_network_images"],
                     "seconds_each": [round(r["seconds"], 2) for r in rounds],
                 }
                 for name, rounds in found.items()
