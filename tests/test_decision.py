@@ -179,6 +179,20 @@ def test_moe_sums_an_identity_over_its_two_searched_clusters(top_m):
         nearest = sims.masked_fill(~searched, -2).argmax(1)
         assert torch.equal(alone.identity, nearest), kwargs
     ident.route_config["generalist_weight"] = 0.4
+    # the weight given to identify (the evaluation's weight sweep) is the weight in the
+    # config: the same answers, with the fitted temperatures; outside [0, 1] refused
+    for weight in (0.0, 1.0):
+        given = ident.identify(queries, top_m=top_m, generalist_weight=weight, k=5)
+        ident.route_config["generalist_weight"] = weight
+        kept = ident.identify(queries, top_m=top_m, k=5)
+        ident.route_config["generalist_weight"] = 0.4
+        assert torch.equal(given.candidates, kept.candidates)
+        assert given.subnet_forwards == kept.subnet_forwards
+        assert torch.equal(given.candidate_scores, kept.candidate_scores)
+    assert ident.moe.generalist_weight == 0.4  # the identifier's own is left as it was
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"generalist_weight=.*: a weight in \[0, 1\]"):
+            ident.identify(queries, generalist_weight=bad)
     # an empty batch gives an empty answer, as without overlap
     assert ident.identify(queries[:0], top_m=top_m, k=30).candidates.shape == (0, 30)
     # batched answers equal one-by-one answers
