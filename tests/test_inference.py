@@ -762,6 +762,7 @@ def test_the_evaluation_cost_benchmark_runs_on_a_finished_run(finished_run, tmp_
     # through the router backbone, the K sub-nets and the stage-1 model's backbone
     # (its head's and nearest class mean's rows), and the sweeps add only their timing
     run = shutil.copytree(finished_run, tmp_path / "run")
+    before = {p: p.read_bytes() for p in run.glob("eval/*") if p.is_file()}  # other tests'
     out = tmp_path / "eval_cost.json"
     run_script("bench/eval_cost.py", "--run", str(run), "--rounds", "1", "--out", str(out))
     measured = json.loads(out.read_text())
@@ -771,7 +772,8 @@ def test_the_evaluation_cost_benchmark_runs_on_a_finished_run(finished_run, tmp_
         assert measured[variant]["scoring_network_images"] == faces * (3 + 2), variant
     assert measured["sweeps"]["network_images"] > measured["table only"]["network_images"]
     assert measured["code"] and measured["machine"]["threads"] >= 1
-    assert not (run / "eval").exists()  # the benchmark evaluated a copy
+    # the benchmark evaluated a copy: the run's own results as they were
+    assert {p: p.read_bytes() for p in run.glob("eval/*") if p.is_file()} == before
 
 
 def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):
