@@ -993,6 +993,15 @@ def test_a_clustering_that_is_not_the_runs_is_named_in_one_line(finished_run, tm
     assert "clusters.pt (cluster assignment) cannot be read" in capsys.readouterr().err
 
 
+def test_routed_rows_of_two_weights_have_two_names(finished_run):
+    # an evaluation scores each row name once: route.alpha=0.2500001 was named as the
+    # alpha sweep's 0.25, and one of the two took the other's figures
+    ident = TwoStageIdentifier.from_run(finished_run, route={"decision": "linear"})
+    assert ident.decision_name(0.25) == "alpha=0.25" and ident.decision_name(1.0) == "alpha=1"
+    assert ident.decision_name(0.2500001) == "alpha=0.2500001"
+    assert ident.routed(1, 0.2500001).name != ident.routed(1, 0.25).name
+
+
 @pytest.mark.slow
 def test_exported_identifier_loads_without_training_code(finished_run, tmp_path):
     # linear: moe's fitted numbers come from an evaluation, which this test does not need

@@ -797,10 +797,15 @@ class TwoStageIdentifier(nn.Module):
             seen[key] = name
 
     def decision_name(self, alpha: float | None = None) -> str:
-        """How the decision unit is named in table rows: ``moe`` or ``alpha=<alpha>``."""
+        """How the decision unit is named in table rows: ``moe`` or ``alpha=<alpha>``
+        (``0.3``, or every digit where six would name another weight: an evaluation
+        scores each name once, and ``route.alpha=0.2500001`` was taken for the alpha
+        sweep's 0.25)."""
         if self.route_config["decision"] == "moe":
             return "moe"
-        return f"alpha={self.route_config['alpha'] if alpha is None else alpha:g}"
+        value = float(self.route_config["alpha"] if alpha is None else alpha)
+        short = f"{value:g}"
+        return f"alpha={short if float(short) == value else repr(value)}"
 
     def routed(
         self,
