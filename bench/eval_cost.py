@@ -25,7 +25,7 @@ import torch
 
 from facecluster.builders import build_datamodule
 from facecluster.cli import at_least, output_file
-from facecluster.config import load_config
+from facecluster.config import ConfigError, load_config
 from facecluster.evaluation import Bench, evaluate_run
 from facecluster.models.components import create_backbone
 from facecluster.pipeline import train
@@ -48,12 +48,11 @@ def trained(out: Path, clusters: int) -> Path:
     return train(load_config("configs/default.yaml", overrides)).run_dir
 
 
-def evaluation(run: Path, overrides: list[str]) -> dict[str, float]:
-    """One evaluation's wall seconds and images through the run's networks, in all and
-    in its throughput measurement (``Bench.timings``); the rest is scoring the test
-    and unseen faces (and calibration, done by the warm-up evaluation)."""
-    cfg = RunFolder(run).finished_config()
-    kind = type(create_backbone(**cfg.model.backbone_args(cfg.data.image_size)))
+def evaluation(run: Path, kind: type, overrides: list[str]) -> dict[str, float]:
+    """One evaluation's wall seconds and images through the run's networks (modules of
+    the class ``kind``), in all and in its throughput measurement (``Bench.timings``);
+    the rest is scoring the test and unseen faces (and calibration, done by the warm-up
+    evaluation)."""
     seen = {"all": 0, "timing": 0}
     timing_seconds, timings, inside = [0.0], Bench.timings, []
 
@@ -97,7 +96,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.run is not None:
-            cfg = RunFolder(args.run).finished_config()
+            try:  # one line, not a traceback
+                cfg = RunFolder(args.run).finished_config()
+            except (ConfigError, OSError, ValueError) as e:
+                parser.error(str(e))
             if not cfg.two_stage:
                 parser.error(f"--run {args.run}: a single-model run has no sweeps")
             if cfg.model.shared_layers:
@@ -109,12 +111,13 @@ def main() -> None:
         run = shutil.copytree(args.run, Path(tmp) / "run") if args.run else None
         run = run or trained(Path(tmp), args.clusters)
         cfg = RunFolder(run).finished_config()
+        kind = type(create_backbone(**cfg.model.backbone_args(cfg.data.image_size)))
         variants = {"sweeps": ["eval.sweeps=true"], "table only": ["eval.sweeps=false"]}
-        evaluation(run, ["eval.sweeps=false"])  # warm-up: calibration, the class means
+        evaluation(run, kind, ["eval.sweeps=false"])  # warm-up: calibration.json, caches
         found: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, overrides in variants.items():
-                found[name].append(evaluation(run, overrides))
+                found[name].append(evaluation(run, kind, overrides))
         dm = build_datamodule(cfg)
         unseen = dm.unseen_dataloader("test")
         report = {

@@ -678,7 +678,8 @@ def test_evaluation_reads_the_test_split_once_and_each_subnet_embeds_a_face_once
     """Every predictor (the table's, the top_m sweep's, the decision weights') answers
     each test batch in one pass over the split, and each network embeds each face once
     in it: a pass per predictor read the split 11 times here, and ran about 3K + 3
-    network forwards a face (at K = 64, 209 against 66 now, docs/EVALUATION.md)."""
+    sub-net forwards a face beside a backbone forward per predictor (at K = 64, 209
+    network forwards against 66 now, docs/EVALUATION.md)."""
     passes, embedded, counting = [], {}, []
     answers, embed_from = evaluation.Bench._answers, TwoStageIdentifier._embed_from
 
@@ -756,7 +757,7 @@ def test_evaluation_reads_the_test_split_once_and_each_subnet_embeds_a_face_once
     assert (finished_run / "eval" / "class_means_pca.png").is_file()
 
 
-def test_the_evaluation_cost_benchmark_runs_on_a_finished_run(finished_run, tmp_path):
+def test_the_evaluation_cost_benchmark_runs_on_a_finished_run(finished_run, tmp_path, capsys):
     # docs/EVALUATION.md's measurement (bench/eval_cost.py) on a copy of the smoke run:
     # with the sweeps or without, the scoring passes send each test and unseen face
     # through the router backbone, the K sub-nets and the stage-1 model's backbone
@@ -774,6 +775,10 @@ def test_the_evaluation_cost_benchmark_runs_on_a_finished_run(finished_run, tmp_
     assert measured["code"] and measured["machine"]["threads"] >= 1
     # the benchmark evaluated a copy: the run's own results as they were
     assert {p: p.read_bytes() for p in run.glob("eval/*") if p.is_file()} == before
+    # a folder that is no run: refused in argparse's one line, not a traceback
+    with pytest.raises(SystemExit):
+        run_script("bench/eval_cost.py", "--run", str(tmp_path), "--out", str(out))
+    assert "not a facecluster run folder" in capsys.readouterr().err
 
 
 def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):

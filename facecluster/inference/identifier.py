@@ -355,8 +355,9 @@ class TwoStageIdentifier(nn.Module):
         """Within the block, :meth:`identify` on ``images`` (this tensor) runs each
         network once on the whole batch and keeps its embeddings, whichever top_m,
         decision weight or ISM asks: for scoring many predictors on one batch (the
-        evaluation's table and sweeps: K + 1 network forwards a face, against about
-        3K + 3 with a pass each). A sub-net embeds every face of the batch the first
+        evaluation's table and sweeps: K + 1 network forwards a face, where a pass each
+        ran about 3K + 3 sub-net forwards and a router forward per routed predictor).
+        A sub-net embeds every face of the batch the first
         time any face needs it, so this pays only where every sub-net runs anyway (ISM
         does); deployment does not use it. The embeddings equal a lone call's up to
         float rounding (a batch of another size may take other kernels)."""
