@@ -311,23 +311,38 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
     # is named at once
     said = [missing_path(run, prefix="run=") for run in runs] + [not_a_run(r) for r in runs]
     if problem := next((p for p in said if p), None):
-        return _fail(problem)
+        return _fail(problem) if _torchrun_rank() == 0 else 2  # the same on every rank
     # OSError, ValueError: a damaged run folder (a checkpoint cut short, missing)
     said_in_one_line: tuple[type[Exception], ...] = (ConfigError, OSError, ValueError)
     try:  # the imports too: torch and Lightning, seconds in which a Ctrl-C is an interrupt
         from facecluster.data import BadImageError
 
         said_in_one_line += (BadImageError,)  # once imported: a failed import stays itself
-        from facecluster.evaluation import evaluate_runs
+        from facecluster.evaluation import evaluate_runs, torchrun_ranks
 
-        print(evaluate_runs(runs, overrides))
+        with torchrun_ranks() as ranks:  # one process, or those torchrun started
+            table = evaluate_runs(runs, overrides, ranks)
     except KeyboardInterrupt:
         return _interrupted()
     except said_in_one_line as e:
-        return _fail(_said(e))
+        if not (rank := _torchrun_rank()):
+            return _fail(_said(e))
+        # a ConfigError is the same on every rank: rank 0 says it; a damaged face of
+        # this rank's shard, this rank alone
+        return 2 if isinstance(e, ConfigError) else _fail(f"rank {rank}: {_said(e)}")
+    if not ranks.lead:  # rank 0 prints the table and writes the results
+        return 0
+    print(table)
     for run in runs:
         _say_where(Path(run).expanduser())
     return 0
+
+
+def _torchrun_rank() -> int:
+    """This process's rank among those ``torchrun`` started (0 without torchrun)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return 0
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _say_where(run: Path) -> None:

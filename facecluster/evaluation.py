@@ -20,8 +20,10 @@ identity inside the chosen clusters), sub-net forwards per image, throughput at
 inference path. The sweeps over top_m and alpha are the same loop over routed
 predictors; plots are in :mod:`facecluster.plots`.
 
-Evaluation runs in one process (rank 0 after a DDP training run): nothing here
-synchronises over a process group.
+Evaluation runs in one process (rank 0 after a DDP training run), or in the processes
+that ``torchrun`` starts for ``evaluate.py`` (:class:`Ranks`): each scores its shard of
+the test split, their counts are summed, and rank 0 alone fits, times, verifies and
+writes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import csv
 import errno
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -87,6 +90,93 @@ identity among a predictor's ``RANK`` best candidates, those ``facecluster ident
 lists."""
 FPIRS = (0.01, 0.001)
 """The false-positive identification rates at which open-set runs report FNIR."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The processes evaluating together (``torchrun --nproc_per_node=N evaluate.py``):
+    each scores its shard of the test split (and of a single model's training split, for
+    its class means), and their counts are summed over the process group, so that every
+    rank ends with the figures of the whole split; the work that is the same on every
+    rank (fitting the decision unit, timing, verification) runs on rank 0 alone and is
+    shared, and rank 0 alone writes. The collectives, a few per predictor, go over gloo
+    on CPU tensors: the GPUs' memory is the networks'. ``Ranks()``: one process."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def lead(self) -> bool:
+        """Whether this process writes (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """``(rank, world)``: the positions ``rank, rank + world, ...`` of a split."""
+        return self.rank, self.world
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the ranks (itself for one process)."""
+        if self.world == 1:
+            return tensor
+        summed = tensor.cpu()  # a copy when it is on a GPU: gloo reduces CPU tensors
+        torch.distributed.all_reduce(summed)
+        return summed.to(tensor.device)
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order."""
+        if self.world == 1:
+            return [value]
+        found: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(found, value)
+        return found
+
+    def share(self, make: Callable[[], Any]) -> Any:
+        """``make()``, called on rank 0 alone, on every rank; the others wait (timing
+        on rank 0 is then undisturbed by their work)."""
+        value = [make() if self.lead else None]
+        if self.world > 1:
+            torch.distributed.broadcast_object_list(value, src=0)
+        return value[0]
+
+    def check_device(self, cfg: Config) -> None:
+        """Several processes: each evaluates on the GPU of its ``LOCAL_RANK``, so
+        ``eval.device`` cannot name one, and the machine must have that many GPUs."""
+        if self.world == 1 or eval_device(cfg).type != "cuda":
+            return
+        if cfg.eval.device not in ("auto", "cuda"):
+            raise ConfigError(
+                f"eval.device={cfg.eval.device}: each of torchrun's {self.world} processes "
+                "evaluates on the GPU of its LOCAL_RANK; give eval.device=cuda (or auto)"
+            )
+        if self.local_rank >= (gpus := torch.cuda.device_count()):
+            raise ConfigError(
+                f"torchrun started LOCAL_RANK={self.local_rank} on a machine with {gpus} "
+                f"GPU(s): give --nproc_per_node={gpus} at most (or eval.device=cpu)"
+            )
+
+
+@contextlib.contextmanager
+def torchrun_ranks() -> Iterator[Ranks]:
+    """The processes ``torchrun`` started for this evaluation (from its ``RANK``,
+    ``LOCAL_RANK``, ``WORLD_SIZE`` variables; ``Ranks()`` without them), their process
+    group joined and left again; each process's GPU is that of its ``LOCAL_RANK``, and
+    ranks other than 0 log errors only (rank 0 says what they all would)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        yield Ranks()
+        return
+    ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0)))
+    if torch.cuda.is_available() and ranks.local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(ranks.local_rank)  # "cuda" is this process's GPU
+    if not ranks.lead:
+        logging.getLogger("facecluster").setLevel(logging.ERROR)
+    torch.distributed.init_process_group("gloo")
+    try:
+        yield ranks
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 @dataclass
@@ -212,6 +302,28 @@ class _Tally:
             found = assignment.contains(labels.cpu()[:, None], clusters.cpu())
             self.routed += int(found.any(dim=1).sum())
 
+    def merge(self, ranks: Ranks) -> None:
+        """The counts of every rank's shard of the split, on every rank: the macro
+        counts summed, the per-face hits and scores gathered (FNIR ranks them)."""
+        if ranks.world == 1:
+            return
+        for counts in ("hits", "predicted", "true"):
+            setattr(self.macro, counts, ranks.sum(getattr(self.macro, counts)))
+        faces = [
+            (torch.cat(part) if part else torch.empty(0, dtype=dtype))
+            for part, dtype in (
+                (self.hits, torch.bool),
+                (self.ranked_hits, torch.bool),
+                (self.decision, torch.float32),
+            )
+        ]
+        shards = ranks.gather((*faces, self.routed, self.routes))
+        self.hits, self.ranked_hits, self.decision = (
+            [shard[i] for shard in shards if len(shard[i])] for i in range(3)
+        )
+        self.routed = sum(shard[3] for shard in shards)
+        self.routes = any(shard[4] for shard in shards)
+
     def result(self) -> dict[str, Any]:
         """Top-1, top-5, macro P/R/F1, routing accuracy; ``fnir`` None (not measured)."""
         correct = torch.cat(self.hits)
@@ -231,15 +343,22 @@ class Bench:
         run_name: the run column of the rows.
         assignment: the clusters, for routing accuracy (None: no routing): a route is
             right when a chosen cluster has the face's identity among its members.
+        ranks: the processes evaluating together, each scoring its shard (:class:`Ranks`).
     """
 
-    def __init__(self, cfg: Config, run_name: str, assignment: ClusterAssignment | None) -> None:
-        self.cfg, self.run_name, self.assignment = cfg, run_name, assignment
+    def __init__(
+        self,
+        cfg: Config,
+        run_name: str,
+        assignment: ClusterAssignment | None,
+        ranks: Ranks = Ranks(),  # noqa: B008 (frozen: one process)
+    ) -> None:
+        self.cfg, self.run_name, self.assignment, self.ranks = cfg, run_name, assignment, ranks
         self.device = eval_device(cfg)
         self.autocast = eval_autocast(cfg, self.device)
         self.dm = build_datamodule(cfg, eval_batch_size=cfg.eval.batch_size)
-        self.loader = self.dm.test_dataloader()
-        self.unseen = self.dm.unseen_dataloader("test")
+        self.loader = self.dm.test_dataloader(ranks.shard)
+        self.unseen = self.dm.unseen_dataloader("test", ranks.shard)
         self._scores: dict[str, dict[str, Any]] = {}
 
     @cached_property
@@ -294,6 +413,8 @@ class Bench:
         for labels, answers in self._answers(self.loader, todo.values(), models, RANK):
             for name, (ranked, score, clusters) in answers.items():
                 tallies[name].add(ranked, score, clusters, labels, self.assignment)
+        for tally in tallies.values():  # one at a time: a [C] count each
+            tally.merge(self.ranks)
         if any(not tally.hits for tally in tallies.values()):
             raise ValueError(
                 f"{self.run_name}: no face of the test split could be read "
@@ -307,6 +428,8 @@ class Bench:
         for _, answers in self._answers(self.unseen, wanted, models, 1, "unseen test faces"):
             for name, (_, score, _) in answers.items():
                 found[name].append(score)
+        for name, scores in found.items():
+            found[name] = [score for shard in self.ranks.gather(scores) for score in shard]
         if not found[wanted[0].name]:
             raise ValueError(
                 f"{self.run_name}: no unseen face of the test split could be read "
@@ -332,7 +455,7 @@ class Bench:
         ``k`` best identities, the first's score, its candidate clusters), on the CPU."""
         predictors = list(predictors)
         desc = f"{what}, {len(predictors)} predictor{'s' * (len(predictors) != 1)}"
-        for images, labels in tqdm(loader, desc=desc, leave=False):
+        for images, labels in tqdm(loader, desc=desc, leave=False, disable=not self.ranks.lead):
             keep = scored(labels)  # a broken face nothing could replace: not scored
             images, labels = images[keep], labels[keep]
             if not len(labels):
@@ -358,8 +481,12 @@ class Bench:
         Interleaved (see :mod:`facecluster.timing`): ``eval.timing_batches`` passes over
         the one timing batch (:attr:`timing_faces`) and 20 calls on one image per
         predictor, the predictors taking turns, from the loader's uint8 images
-        (normalisation included).
+        (normalisation included). Several processes: rank 0 times while the others
+        wait, and shares its figures.
         """
+        return self.ranks.share(partial(self._timings, predictors))
+
+    def _timings(self, predictors: list[Predictor]) -> dict[str, tuple[Timing, Timing]]:
         images, size = self.timing_faces[0].to(self.device), self.cfg.eval.batch_size
         batch = images.repeat((size + len(images) - 1) // len(images), 1, 1, 1)[:size]
         cuda = self.device.type == "cuda"
@@ -387,9 +514,13 @@ class Bench:
 
     @torch.inference_mode()
     def verification(self, backbone: torch.nn.Module) -> dict[str, VerificationResult]:
-        """``data.verification`` results of ``backbone`` (empty when there are none)."""
+        """``data.verification`` results of ``backbone`` (empty when there are none);
+        several processes: rank 0's, shared."""
         if not self.cfg.data.verification:
             return {}
+        return self.ranks.share(partial(self._verification, backbone))
+
+    def _verification(self, backbone: torch.nn.Module) -> dict[str, VerificationResult]:
         sets = verification_sets(self.cfg)
         warn_trained_pairs(sets.values(), self.dm.class_names)  # beside the table
         with self.autocast():
@@ -495,12 +626,17 @@ def eval_device(cfg: Config) -> torch.device:
         raise ConfigError(f"eval.device={e}") from None
 
 
-def evaluate_run(run_dir: str | Path, overrides: list[str] | tuple = ()) -> RunEvaluation:
-    """Evaluate one finished run on its held-out test split (see the module doc)."""
+def evaluate_run(
+    run_dir: str | Path,
+    overrides: list[str] | tuple = (),
+    ranks: Ranks = Ranks(),  # noqa: B008 (frozen: one process)
+) -> RunEvaluation:
+    """Evaluate one finished run on its held-out test split (see the module doc);
+    ``ranks``: the processes evaluating it together, each with its shard."""
     run = run_folder(run_dir)
-    cfg = _checked_config(run, overrides)
+    cfg = _checked_config(run, overrides, ranks)
     _check_routed([cfg], [run], overrides)
-    return _evaluate(run, cfg, overrides)
+    return _evaluate(run, cfg, overrides, ranks)
 
 
 def _check_routed(configs: list[Config], runs: list[RunFolder], overrides: Sequence[str]) -> None:
@@ -515,29 +651,32 @@ def _check_routed(configs: list[Config], runs: list[RunFolder], overrides: Seque
         )
 
 
-def _checked_config(run: RunFolder, overrides: list[str] | tuple) -> Config:
+def _checked_config(run: RunFolder, overrides: list[str] | tuple, ranks: Ranks) -> Config:
     """``run``'s finished config under ``overrides``, once everything that can be
     refused without reading weights or data has been checked."""
     cfg = run.finished_config(overrides)
     cfg.route.check_identities(len(run.class_names()))  # before any weights are read
     _check_precision(cfg, overrides)
+    ranks.check_device(cfg)
     check_writable(run)
     check_wandb_server(cfg)  # logger=wandb: what wandb refuses, before the evaluation
     return cfg
 
 
-def _evaluate(run: RunFolder, cfg: Config, overrides: list[str] | tuple) -> RunEvaluation:
+def _evaluate(
+    run: RunFolder, cfg: Config, overrides: list[str] | tuple, ranks: Ranks
+) -> RunEvaluation:
     torch.manual_seed(cfg.seed)
     if cfg.two_stage:
-        report = _evaluate_two_stage(run, cfg)
+        report = _evaluate_two_stage(run, cfg, ranks)
     else:
-        bench = Bench(cfg, run.path.name, None)
+        bench = Bench(cfg, run.path.name, None, ranks)
         run.check_data(bench.dm)
         model = _single_model(run, cfg, bench)
         verification = bench.verification(model.backbone)
         rows = bench.rows(model.predictors(), verification, models=[model])
         report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)
-    return _write(report, run, cfg, list(overrides))
+    return _write(report, run, cfg, list(overrides), ranks) if ranks.lead else report
 
 
 def _warn_other_faces(runs: list[RunFolder]) -> None:
@@ -601,7 +740,7 @@ def _single_model_means(
         "precision": str(cfg.trainer.get("precision", "auto")),
         "device": bench.device.type,
     }
-    dm, path = bench.dm, run.eval_file("single_means")
+    dm, path, ranks = bench.dm, run.eval_file("single_means"), bench.ranks
     shape = (dm.num_classes, cfg.model.embedding_dim)
     try:
         kept = load_plain(path, what="the single model's class means")
@@ -614,13 +753,15 @@ def _single_model_means(
     with bench.autocast():
         sums, counts = embedding_class_sums(
             lambda images: backbone(normalize_images(images)),
-            dm.embedding_dataloader(),
+            dm.embedding_dataloader(*ranks.shard),
             dm.num_classes,
             cfg.model.embedding_dim,
             device=bench.device,
-            progress=True,
+            progress=ranks.lead,
         )
-    means = finalize_class_means(sums, counts)
+    means = finalize_class_means(ranks.sum(sums), ranks.sum(counts))
+    if not ranks.lead:
+        return means
     try:
         atomic_torch_save({"key": key, "means": means.cpu()}, path)
     except OSError as e:
@@ -642,15 +783,20 @@ def top_m_sweep(clusters: int, top_m: int) -> list[int]:
     return sorted(values)
 
 
-def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
+def _evaluate_two_stage(run: RunFolder, cfg: Config, ranks: Ranks) -> RunEvaluation:
     weights = run.stage1_weights()  # read once: the router's backbone and the stage-1 head
     ident = TwoStageIdentifier.from_run(run, stage1=weights, cfg=cfg)  # cfg: its route too
-    bench = Bench(cfg, run.path.name, ident.assignment)
+    bench = Bench(cfg, run.path.name, ident.assignment, ranks)
     run.check_data(bench.dm)
     ident.to(bench.device)
-    # fp32, as export fits it: calibration.json serves every later evaluation and export
-    # of the run, so it must not depend on which of them fitted it first
-    calibrate_run(ident, run, cfg, bench.dm)
+
+    def calibrated() -> dict[str, Any]:
+        # fp32, as export fits it: calibration.json serves every later evaluation and
+        # export of the run, so it must not depend on which of them fitted it first
+        calibrate_run(ident, run, cfg, bench.dm)
+        return dict(ident.route_config)
+
+    ident.route_config.update(ranks.share(calibrated))  # fitted once, by rank 0
     means = ident.assignment.class_means
     stage1 = StageOneModel(ident.router_backbone, weights.head, means).to(bench.device)
     predictors = ident.predictors(cfg.route.top_m, cfg.route.alpha) + stage1.predictors()
@@ -698,6 +844,8 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config) -> RunEvaluation:
     for weight, routed in zip(alphas, weighted, strict=True):
         scores = bench.score(routed, open_set=False)
         report.alpha_sweep.append({weight_key: weight, "top1": scores["top1"]})
+    if not ranks.lead:  # rank 0 writes
+        return report
     if not cfg.eval.sweeps:  # an earlier evaluation's would contradict results.json
         for kind in ("top_m", "alpha"):
             run.eval_file(kind).unlink(missing_ok=True)
@@ -807,7 +955,7 @@ def _scalars(rows: list[Row]) -> dict[str, float]:
 
 
 def _write(
-    report: RunEvaluation, run: RunFolder, cfg: Config, overrides: list[str]
+    report: RunEvaluation, run: RunFolder, cfg: Config, overrides: list[str], ranks: Ranks
 ) -> RunEvaluation:
     run.eval_dir.mkdir(exist_ok=True)
     flat = [_flat(r) for r in report.rows]
@@ -820,6 +968,8 @@ def _write(
         # what made these numbers: a table is only comparable with one of the same code,
         # overrides and machine (bench/results.py evaluates again when the first two differ)
         "overrides": overrides,
+        # the scores' passes split over this many processes (the timings: rank 0's alone)
+        "processes": ranks.world,
         **provenance(eval_device(cfg)),
     }
     # all three or none (a full disk, a kill): each through a temporary file, replaced
@@ -852,21 +1002,27 @@ def _write(
     return report
 
 
-def evaluate_runs(run_dirs: list[str | Path], overrides: list[str] | tuple = ()) -> str:
-    """Evaluate several runs; returns one markdown table of all their rows.
+def evaluate_runs(
+    run_dirs: list[str | Path],
+    overrides: list[str] | tuple = (),
+    ranks: Ranks = Ranks(),  # noqa: B008 (frozen: one process)
+) -> str:
+    """Evaluate several runs; returns one markdown table of all their rows (on every
+    rank of ``ranks``, which evaluate each run together; rank 0 writes).
 
     Every run is checked (a run folder, finished, the overrides allowed and servable by
     its identities, its weights files whole, W&B) before the first is evaluated, each
     once: a typo in the last ``run=`` was found only after the others' evaluations
     (minutes each), and the table was never printed."""
     folders = [run_folder(r) for r in run_dirs]
-    configs = [_checked_config(folder, overrides) for folder in folders]
+    configs = [_checked_config(folder, overrides, ranks) for folder in folders]
     _check_routed(configs, folders, overrides)
     for folder, cfg in zip(folders, configs, strict=True):
         folder.check_weights(cfg.two_stage)
     _warn_other_faces(folders)
     reports = [
-        _evaluate(folder, cfg, overrides) for folder, cfg in zip(folders, configs, strict=True)
+        _evaluate(folder, cfg, overrides, ranks)
+        for folder, cfg in zip(folders, configs, strict=True)
     ]
     rows = [row for rep in reports for row in rep.rows]
     sizes = {rep.batch_size for rep in reports}

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -23,12 +24,13 @@ from facecluster.clustering import (
     cluster_identities,
     finalize_class_means,
 )
+from facecluster.config import load_config
 from facecluster.data.transforms import normalize_images
 from facecluster.evaluation import evaluate_run
 from facecluster.models.components import load_backbone
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
-from tests.conftest import ROOT, run_documented, smoke_overrides, start_train_py
+from tests.conftest import ROOT, SMOKE, run_documented, smoke_overrides, start_train_py
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
@@ -329,3 +331,58 @@ def test_a_run_resumes_and_evaluates_on_another_device_count(tmp_path):
     stage1 = [r for r in report.rows if r.model == "stage-1 model (one head)"]
     recorded = json.loads((run_dir / "results.json").read_text())["stage1"]["accuracy"]
     assert len(stage1) == 1 and stage1[0].top1 == pytest.approx(recorded, abs=1e-6)
+
+
+TORCHRUN_EVALUATE = "torchrun --nproc_per_node=2 evaluate.py run=runs/<run>"
+
+
+def _figures(results: dict) -> tuple:
+    """What an evaluation measured of a run's faces (its timings left out)."""
+    scores = ("model", "top1", "top5", "precision", "recall", "f1", "routing_accuracy", "fnir")
+    return (
+        [{key: row[key] for key in scores} for row in results["rows"]],
+        [{k: v for k, v in point.items() if k != "throughput"} for point in results["top_m_sweep"]],
+        results["alpha_sweep"],
+    )
+
+
+def test_torchrun_evaluates_runs_over_two_processes_with_the_figures_of_one(tmp_path):
+    # docs/EVALUATION.md's command with two runs: an open-set clustered run and a single
+    # model, whose class means are a pass over its training split. Two gloo processes,
+    # each scoring its shard, give one process's figures to the digit (the counts summed,
+    # the unseen faces' scores gathered for FNIR), and one table, written by rank 0.
+    doc = (ROOT / "docs" / "EVALUATION.md").read_text()
+    assert TORCHRUN_EVALUATE in doc
+    quick = ["eval.plots=false", "eval.timing_batches=1"]
+    runs, alone = [], []
+    for method in ("clustered", "single"):
+        extra = [f"method={method}", "data.unseen_fraction=0.25", "logger=none"]
+        run_dir = train(load_config(SMOKE, smoke_overrides(tmp_path / method, *extra))).run_dir
+        evaluate_run(run_dir, quick)
+        runs.append(run_dir)
+        alone.append(json.loads((run_dir / "eval" / "results.json").read_text()))
+    assert alone[0]["rows"][0]["fnir"], "an open-set run: FNIR measured"
+    means = RunFolder(runs[1]).eval_file("single_means")
+    kept = torch.load(means, weights_only=True)["means"]
+    means.unlink()  # computed again, each rank a shard of the training split
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2"]
+    env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
+    proc = subprocess.run(
+        [*torchrun, "evaluate.py", *(f"run={r}" for r in runs), *quick],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("| run | model |") == 1, proc.stdout  # rank 0's table alone
+    for run_dir, one in zip(runs, alone, strict=True):
+        two = json.loads((run_dir / "eval" / "results.json").read_text())
+        assert two["processes"] == 2 and one["processes"] == 1
+        assert _figures(two) == _figures(one)
+        assert proc.stderr.count(f"{run_dir}: tables") == 1
+    assert torch.allclose(torch.load(means, weights_only=True)["means"], kept, atol=1e-6)
+    # an override every rank refuses: said once, by rank 0, before any evaluation
+    bad = subprocess.run(
+        [*torchrun, "evaluate.py", f"run={runs[0]}", "route.top_m=4"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode != 0
+    assert bad.stderr.count("route.top_m=4 is more than clustering.num_clusters=3") == 1

@@ -267,6 +267,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_pipeline.py::test_the_ism_baseline_trains_a_random_partition_and_every_"
         "subnet_answers",
     ),
+    "torchrun --nproc_per_node=2 evaluate.py run=runs/<run>": (
+        FILLED,  # two runs, a clustered open-set one and a single model
+        "tests/test_ddp.py::test_torchrun_evaluates_runs_over_two_processes_with_the_"
+        "figures_of_one",
+    ),
+    "python evaluate.py": (NAME, "python evaluate.py run=runs/<run>"),
     "python evaluate.py run=<run>": (
         FILLED,
         "tests/test_pipeline.py::test_the_ism_baseline_trains_a_random_partition_and_every_"

@@ -27,6 +27,7 @@ import evaluate
 from facecluster import cli, evaluation
 from facecluster.clustering import ClusterAssignment, cluster_identities
 from facecluster.config import ConfigError, load_config
+from facecluster.data import scored
 from facecluster.data.pack import main as pack_main
 from facecluster.deploy import export_threshold
 from facecluster.evaluation import eval_autocast, evaluate_run, top_m_sweep
@@ -596,6 +597,23 @@ def test_calibration_leaves_out_faces_embedded_with_no_direction(caplog):
 def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     return train(load_config(SMOKE, smoke_overrides(tmp, "logger=csv"))).run_dir
+
+
+def test_each_process_of_an_evaluation_scores_a_shard_of_the_test_split(finished_run):
+    # torchrun's processes (evaluation.Ranks) split the test split between them: no face
+    # scored twice, none left out; the padding that evens the shards out is scored by none
+    cfg = evaluation.RunFolder(finished_run).finished_config()
+    whole = evaluation.Bench(cfg, "run", None)
+    labels = torch.cat([y for _, y in whole.loader])
+    positions, shards = [], []
+    for rank in (0, 1):
+        bench = evaluation.Bench(cfg, "run", None, evaluation.Ranks(rank, 2))
+        positions.append({p for p in bench.loader.sampler if p < len(labels)})
+        shards.append(torch.cat([y[scored(y)] for _, y in bench.loader]))
+    assert not positions[0] & positions[1]
+    assert positions[0] | positions[1] == set(range(len(labels)))
+    assert len(shards[0]) == len(positions[0]) and len(shards[1]) == len(positions[1])
+    assert torch.equal(torch.cat(shards).sort().values, labels.sort().values)
 
 
 def test_top_m_sweep_doubles_up_to_k_and_keeps_the_runs_top_m():

@@ -1409,15 +1409,22 @@ class FaceDataModule(lightning.LightningDataModule):
             steps_data, batch_size=None, sampler=sampler, collate_fn=collated, **kwargs
         )
 
-    def _eval_loader(self, split: str, ids: np.ndarray) -> DataLoader:
+    def _eval_loader(
+        self, split: str, ids: np.ndarray, shard: tuple[int, int] | None = None
+    ) -> DataLoader:
         dataset = self._dataset(split, ids, train=False)
-        world = self._world_size()
+        return self._shard_loader(dataset, shard)
+
+    def _shard_loader(self, dataset: FaceImageDataset, shard: tuple[int, int] | None) -> DataLoader:
+        """``dataset`` in order, this process's shard of it: ``shard`` (rank, world size)
+        when given, else the Trainer's (the whole of it without one)."""
+        rank, world = shard or (
+            (self.trainer.global_rank, self._world_size()) if self.trainer else (0, 1)
+        )
         if world == 1:
             return self._fixed_order_loader(dataset)
         # Lightning's DistributedSampler would pad with repeated faces, counted twice
-        return self._fixed_order_loader(
-            dataset, EvalShardSampler(len(dataset), self.trainer.global_rank, world)
-        )
+        return self._fixed_order_loader(dataset, EvalShardSampler(len(dataset), rank, world))
 
     def _fixed_order_loader(
         self, dataset: FaceImageDataset, positions: Sequence[int] | Sampler | None = None
@@ -1439,9 +1446,11 @@ class FaceDataModule(lightning.LightningDataModule):
         """Validation split, evaluation transforms, global labels, fixed order."""
         return self._eval_loader("val", self._split_indices("val"))
 
-    def test_dataloader(self) -> DataLoader:
-        """Test split, evaluation transforms, global labels, fixed order."""
-        return self._eval_loader("test", self._split_indices("test"))
+    def test_dataloader(self, shard: tuple[int, int] | None = None) -> DataLoader:
+        """Test split, evaluation transforms, global labels, fixed order. ``shard``:
+        ``(rank, world_size)``, that process's positions ``rank, rank + world_size, ...``
+        (an evaluation over several processes; default: the Trainer's)."""
+        return self._eval_loader("test", self._split_indices("test"), shard)
 
     def sample_dataloader(self, split: str, faces: int) -> DataLoader:
         """At most ``faces`` of the faces of ``split`` (evaluation transforms, global
@@ -1459,11 +1468,14 @@ class FaceDataModule(lightning.LightningDataModule):
         self._ensure_setup()
         return list(self._unseen[split][0]) if split in self._unseen else []
 
-    def unseen_dataloader(self, split: str) -> DataLoader | None:
+    def unseen_dataloader(
+        self, split: str, shard: tuple[int, int] | None = None
+    ) -> DataLoader | None:
         """The faces of the unseen identities of ``split``, in fixed order; None when
         there are none. Their labels are negative, no enrolled identity being right for
         them: ``i - n`` for the i-th of the n identities (a broken face is left out,
-        :data:`IGNORED`, under ``on_bad_image=skip``)."""
+        :data:`IGNORED`, under ``on_bad_image=skip``). ``shard``: as for
+        :meth:`test_dataloader` (default: all of them)."""
         folder, _ = self._ensure_setup()
         samples = self._unseen[split][1] if split in self._unseen else None
         if samples is None or not len(samples):
@@ -1476,7 +1488,7 @@ class FaceDataModule(lightning.LightningDataModule):
             split_name=f"unseen identities of the {split} split",
             records=folder.records,
         )
-        return self._fixed_order_loader(dataset)
+        return self._shard_loader(dataset, shard or (0, 1))
 
     def embedding_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Train split for computing class-mean embeddings.
