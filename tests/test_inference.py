@@ -908,7 +908,7 @@ def test_evaluate_writes_the_table_sweeps_and_plots(finished_run):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(evaluation.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError(28)))
         with pytest.raises(OSError):
-            evaluation._write(report, run, run.finished_config([]), [])
+            evaluation._write(report, run, run.finished_config([]), [], evaluation.Ranks())
     assert {p.name: p.read_bytes() for p in out.glob("results.*")} == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
@@ -1560,10 +1560,10 @@ def test_a_table_of_runs_timed_at_other_batch_sizes_says_each_rows_own(monkeypat
         "a": evaluation.RunEvaluation(Path("a"), "single", [row("a")], 256),
         "b": evaluation.RunEvaluation(Path("b"), "single", [row("b")], 64),
     }
-    monkeypatch.setattr(evaluation, "_evaluate", lambda run, cfg, o: reports[str(run.path)])
+    monkeypatch.setattr(evaluation, "_evaluate", lambda run, cfg, o, ranks: reports[str(run.path)])
     monkeypatch.setattr(evaluation, "run_folder", lambda run: RunFolder(Path(run)))
     single = SimpleNamespace(two_stage=False)
-    monkeypatch.setattr(evaluation, "_checked_config", lambda run, overrides: single)
+    monkeypatch.setattr(evaluation, "_checked_config", lambda run, overrides, ranks: single)
     monkeypatch.setattr(RunFolder, "check_weights", lambda run, two_stage: None)
     monkeypatch.setattr(evaluation, "_warn_other_faces", lambda runs: None)  # no folders here
     table = evaluation.evaluate_runs(["a", "b"])
