@@ -3,9 +3,9 @@
 Evaluates a copy of a finished run (``evaluate_run``, as ``evaluate.py run=<run>``
 does; the run's own ``eval/`` is left as it was) with and without ``eval.sweeps``, the
 two in turn for ``--rounds`` rounds, counting the images that go through a network of
-the run's backbone class (the router backbone, the stage-1 model's and every sub-net;
-whole networks: a run with ``model.shared_layers`` is refused), in all and in the
-throughput measurement, and the test faces. A run is trained first when none is
+the run's backbone class (the router backbone, which the stage-1 model's rows share,
+and every sub-net; whole networks: a run with ``model.shared_layers`` is refused), in
+all and in the throughput measurement, and the test faces. A run is trained first when none is
 given: the bundled demo's config at ``clustering.num_clusters=8``, one epoch a stage.
 
     python bench/eval_cost.py --out bench/results/eval_cost.json

@@ -798,7 +798,9 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config, ranks: Ranks) -> RunEvaluat
 
     ident.route_config.update(ranks.share(calibrated))  # fitted once, by rank 0
     means = ident.assignment.class_means
-    stage1 = StageOneModel(ident.router_backbone, weights.head, means).to(bench.device)
+    # its rows embed with the router's backbone: one forward a test face for them all
+    stage1 = StageOneModel(ident.router_backbone, weights.head, means, embed=ident.embed)
+    stage1.to(bench.device)
     predictors = ident.predictors(cfg.route.top_m, cfg.route.alpha) + stage1.predictors()
     # the sweeps: their decision-unit work per face (no network forward: the one pass
     # below) and their timing (docs/EVALUATION.md); eval.sweeps=false leaves them out
@@ -825,7 +827,7 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config, ranks: Ranks) -> RunEvaluat
     bench.score_all(
         predictors + sweep + weighted,
         open_set=[p.name for p in predictors],
-        models=[ident, stage1],
+        models=[ident],  # stage1 embeds through it
     )
     rows = bench.rows(predictors, bench.verification(ident.router_backbone), timings)
     report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)

@@ -367,6 +367,7 @@ def test_torchrun_evaluates_runs_over_two_processes_with_the_figures_of_one(tmp_
     means.unlink()  # computed again, each rank a shard of the training split
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2"]
     env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
+    env["TMPDIR"] = str(tmp_path)  # torchrun's log folders, not in /tmp
     proc = subprocess.run(
         [*torchrun, "evaluate.py", *(f"run={r}" for r in runs), *quick],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,

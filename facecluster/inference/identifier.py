@@ -336,9 +336,17 @@ class TwoStageIdentifier(nn.Module):
         """L2-normalised stage-1 embeddings [B, d] (what the router compares) of a batch
         of face crops as :meth:`identify` takes them; from image files:
         ``normalize_images(load_faces(paths, backbone_args["image_size"]))``
-        (``facecluster.data``)."""
+        (``facecluster.data``). Within :meth:`embeddings_once`, the embeddings
+        :meth:`identify` routes the batch by, computed once."""
         self._check_images(images)
-        return F.normalize(self.router_backbone(images).float(), dim=1)
+        return self._router_embedding(images)
+
+    def _router_embedding(self, images: Tensor) -> Tensor:
+        """The router backbone's embeddings of ``images`` (under :meth:`embeddings_once`,
+        of the whole batch once, as its trunk's output)."""
+        features = self._memo.get(images, "trunk", partial(self._trunk, images))
+        embed = partial(self._embed_from, self.router_backbone, features)
+        return self._memo.get(images, "router", embed)
 
     def _trunk(self, images: Tensor) -> Tensor:
         """What every network's tail starts from: the shared trunk's output, or the images."""
@@ -498,8 +506,7 @@ class TwoStageIdentifier(nn.Module):
             query = None
             clusters = torch.arange(self.num_clusters).expand(batch, -1)
         else:
-            embed = partial(self._embed_from, self.router_backbone, features)
-            query = self._memo.get(images, "router", embed)
+            query = self._router_embedding(images)
             clusters = self.router.route(query, top_m, self._route_blocks())
         clusters = clusters.to(images.device)
         # routed nowhere (a stage-1 embedding with no direction), or a searched sub-net's

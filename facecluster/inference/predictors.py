@@ -104,6 +104,10 @@ class StageOneModel(nn.Module):
         class_means: [C, d] L2-normalised class means, for nearest-class-mean
             identification (None: that predictor is not offered).
         single: the run is the single-model baseline (names its rows so).
+        embed: where another model computes the same embeddings, its function (the
+            evaluation's: the identifier's :meth:`TwoStageIdentifier.embed`, whose
+            ``embeddings_once`` keeps the router's for the batch, so that the backbone
+            embeds a test face once for the router and these rows); None: ``backbone``.
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class StageOneModel(nn.Module):
         head_weight: Tensor,
         class_means: Tensor | None = None,
         single: bool = False,
+        embed: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone.eval()
@@ -122,10 +127,13 @@ class StageOneModel(nn.Module):
         self.register_buffer("class_means", means, persistent=False)
         self.single = single
         self._memo = BatchMemo()
+        self._embed = embed
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
         """L2-normalised embeddings [B, d]."""
+        if self._embed is not None:
+            return self._embed(images)
         return self._memo.get(
             images, "embedding", lambda: F.normalize(self.backbone(images).float(), dim=1)
         )
