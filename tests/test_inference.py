@@ -697,7 +697,7 @@ def test_evaluation_reads_the_test_split_once_and_each_subnet_embeds_a_face_once
     each test batch in one pass over the split, and each network embeds each face once
     in it: a pass per predictor read the split 11 times here, and ran about 3K + 3
     sub-net forwards a face beside a backbone forward per predictor (at K = 64, 209
-    network forwards against 66 now, docs/EVALUATION.md)."""
+    network forwards against 65 now, docs/EVALUATION.md)."""
     passes, embedded, counting = [], {}, []
     answers, embed_from = evaluation.Bench._answers, TwoStageIdentifier._embed_from
 
