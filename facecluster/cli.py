@@ -318,8 +318,14 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
         from facecluster.data import BadImageError
 
         said_in_one_line += (BadImageError,)  # once imported: a failed import stays itself
-        from facecluster.evaluation import evaluate_runs, torchrun_ranks
+        from facecluster.evaluation import (
+            PeerStopped,
+            evaluate_runs,
+            said_by_this_rank,
+            torchrun_ranks,
+        )
 
+        said_in_one_line += (PeerStopped,)
         with torchrun_ranks() as ranks:  # one process, or those torchrun started
             table = evaluate_runs(runs, overrides, ranks)
     except KeyboardInterrupt:
@@ -327,9 +333,10 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
     except said_in_one_line as e:
         if not (rank := _torchrun_rank()):
             return _fail(_said(e))
-        # a ConfigError is the same on every rank: rank 0 says it; a damaged face of
-        # this rank's shard, this rank alone
-        return 2 if isinstance(e, ConfigError) else _fail(f"rank {rank}: {_said(e)}")
+        # torchrun's other processes: what a pass over this one's shard met (a broken
+        # face), which no other process sees; the rest every process meets, and rank 0
+        # says it
+        return _fail(f"rank {rank}: {_said(e)}") if said_by_this_rank(e, rank) else 2
     if not ranks.lead:  # rank 0 prints the table and writes the results
         return 0
     print(table)

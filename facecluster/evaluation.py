@@ -54,7 +54,7 @@ from facecluster.builders import (
 )
 from facecluster.clustering import ClusterAssignment, embedding_class_sums, finalize_class_means
 from facecluster.config import Config, ConfigError
-from facecluster.data import scored
+from facecluster.data import BadImageError, scored
 from facecluster.data.transforms import normalize_images
 from facecluster.deploy import TOP, calibrate_run, resolve_device
 from facecluster.inference import Predictor, StageOneModel, TwoStageIdentifier
@@ -105,6 +105,8 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1
+    """The processes on this machine (torchrun's ``LOCAL_WORLD_SIZE``)."""
 
     @property
     def lead(self) -> bool:
@@ -116,20 +118,28 @@ class Ranks:
         """``(rank, world)``: the positions ``rank, rank + world, ...`` of a split."""
         return self.rank, self.world
 
-    def sum(self, tensor: Tensor) -> Tensor:
-        """``tensor`` summed over the ranks (itself for one process)."""
+    def sum(self, tensor: Tensor, chunk_bytes: int = 64 << 20) -> Tensor:
+        """``tensor`` summed over the ranks, in place (itself for one process), a
+        ``chunk_bytes`` piece at a time: a single model's class sums are 8 GB at 2M
+        identities, and a whole copy of them on the CPU per process was 64 GB of a
+        machine's memory at 8 processes."""
         if self.world == 1:
             return tensor
-        summed = tensor.cpu()  # a copy when it is on a GPU: gloo reduces CPU tensors
-        torch.distributed.all_reduce(summed)
-        return summed.to(tensor.device)
+        flat = tensor.view(-1)
+        step = max(1, chunk_bytes // tensor.element_size())
+        for start in range(0, len(flat), step):
+            part = flat[start : start + step]
+            summed = part.cpu()  # a copy from a GPU; the piece itself on the CPU
+            self._collective(torch.distributed.all_reduce, summed)
+            part.copy_(summed)
+        return tensor
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order."""
         if self.world == 1:
             return [value]
         found: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(found, value)
+        self._collective(torch.distributed.all_gather_object, found, value)
         return found
 
     def share(self, make: Callable[[], Any]) -> Any:
@@ -137,12 +147,43 @@ class Ranks:
         on rank 0 is then undisturbed by their work)."""
         value = [make() if self.lead else None]
         if self.world > 1:
-            torch.distributed.broadcast_object_list(value, src=0)
+            self._collective(torch.distributed.broadcast_object_list, value, src=0)
         return value[0]
+
+    def share_bad_images(self, dm: Any) -> None:
+        """After a pass over sharded splits: every rank's broken faces on every rank,
+        and ``data.max_bad_fraction`` checked over the whole split (each rank found only
+        those of its shard, and measured them against the whole: a limit N times
+        looser), on every rank alike."""
+        if self.world > 1:
+            self._collective(dm.share_bad_images, torch.device("cpu"))
+
+    @contextlib.contextmanager
+    def own_shard(self) -> Iterator[None]:
+        """A pass over this rank's shard: what stops it is this rank's to say (a broken
+        face, ``data.on_bad_image=fail``), where an error every rank meets is rank 0's
+        (:func:`said_by_this_rank`)."""
+        try:
+            yield
+        except Exception as e:
+            if self.world > 1:
+                e.facecluster_rank = self.rank  # type: ignore[attr-defined]
+            raise
+
+    def _collective(self, op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return op(*args, **kwargs)
+        except BadImageError:  # share_bad_images' check, the same on every rank
+            raise
+        except RuntimeError as e:  # gloo: "Connection closed by peer" and the like
+            raise PeerStopped(
+                "another process of this evaluation stopped (its error is above)"
+            ) from e
 
     def check_device(self, cfg: Config) -> None:
         """Several processes: each evaluates on the GPU of its ``LOCAL_RANK``, so
-        ``eval.device`` cannot name one, and the machine must have that many GPUs."""
+        ``eval.device`` cannot name one, and the machine must have that many GPUs
+        (checked for every process of the machine alike, so that rank 0 says it)."""
         if self.world == 1 or eval_device(cfg).type != "cuda":
             return
         if cfg.eval.device not in ("auto", "cuda"):
@@ -150,28 +191,43 @@ class Ranks:
                 f"eval.device={cfg.eval.device}: each of torchrun's {self.world} processes "
                 "evaluates on the GPU of its LOCAL_RANK; give eval.device=cuda (or auto)"
             )
-        if self.local_rank >= (gpus := torch.cuda.device_count()):
+        if self.local_world > (gpus := torch.cuda.device_count()):
             raise ConfigError(
-                f"torchrun started LOCAL_RANK={self.local_rank} on a machine with {gpus} "
+                f"torchrun started {self.local_world} processes on a machine with {gpus} "
                 f"GPU(s): give --nproc_per_node={gpus} at most (or eval.device=cpu)"
             )
+
+
+class PeerStopped(RuntimeError):
+    """A collective of the evaluation failed: another process stopped (and said why)."""
+
+
+def said_by_this_rank(error: BaseException, rank: int) -> bool:
+    """Whether process ``rank`` of an evaluation says ``error``: rank 0 says every
+    error; another rank only what a pass over its own shard met (:meth:`Ranks.own_shard`):
+    the rest, a refused setting or a damaged run folder, every rank meets alike."""
+    return rank == 0 or getattr(error, "facecluster_rank", None) == rank
 
 
 @contextlib.contextmanager
 def torchrun_ranks() -> Iterator[Ranks]:
     """The processes ``torchrun`` started for this evaluation (from its ``RANK``,
-    ``LOCAL_RANK``, ``WORLD_SIZE`` variables; ``Ranks()`` without them), their process
-    group joined and left again; each process's GPU is that of its ``LOCAL_RANK``, and
-    ranks other than 0 log errors only (rank 0 says what they all would)."""
+    ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE`` variables; ``Ranks()`` without
+    them), their process group joined and left again; each process's GPU is that of its
+    ``LOCAL_RANK``. Ranks other than 0 log errors and the broken faces of their shards
+    only: rank 0 warns of what they all would."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         yield Ranks()
         return
-    ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0)))
+    env = {k: int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    ranks = Ranks(env["RANK"], world, env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"] or 1)
     if torch.cuda.is_available() and ranks.local_rank < torch.cuda.device_count():
         torch.cuda.set_device(ranks.local_rank)  # "cuda" is this process's GPU
     if not ranks.lead:
         logging.getLogger("facecluster").setLevel(logging.ERROR)
+        # each broken face is found by the rank whose shard holds it: said there
+        logging.getLogger("facecluster.data.images").setLevel(logging.WARNING)
     torch.distributed.init_process_group("gloo")
     try:
         yield ranks
@@ -410,9 +466,11 @@ class Bench:
         if not todo:
             return
         tallies = {name: _Tally(self.dm.num_classes) for name in todo}
-        for labels, answers in self._answers(self.loader, todo.values(), models, RANK):
-            for name, (ranked, score, clusters) in answers.items():
-                tallies[name].add(ranked, score, clusters, labels, self.assignment)
+        with self.ranks.own_shard():
+            for labels, answers in self._answers(self.loader, todo.values(), models, RANK):
+                for name, (ranked, score, clusters) in answers.items():
+                    tallies[name].add(ranked, score, clusters, labels, self.assignment)
+        self.ranks.share_bad_images(self.dm)
         for tally in tallies.values():  # one at a time: a [C] count each
             tally.merge(self.ranks)
         if any(not tally.hits for tally in tallies.values()):
@@ -425,9 +483,11 @@ class Bench:
         if not wanted:
             return
         found: dict[str, list[Tensor]] = {p.name: [] for p in wanted}
-        for _, answers in self._answers(self.unseen, wanted, models, 1, "unseen test faces"):
-            for name, (_, score, _) in answers.items():
-                found[name].append(score)
+        with self.ranks.own_shard():
+            for _, answers in self._answers(self.unseen, wanted, models, 1, "unseen test faces"):
+                for name, (_, score, _) in answers.items():
+                    found[name].append(score)
+        self.ranks.share_bad_images(self.dm)
         for name, scores in found.items():
             found[name] = [score for shard in self.ranks.gather(scores) for score in shard]
         if not found[wanted[0].name]:
@@ -742,15 +802,28 @@ def _single_model_means(
     }
     dm, path, ranks = bench.dm, run.eval_file("single_means"), bench.ranks
     shape = (dm.num_classes, cfg.model.embedding_dim)
-    try:
-        kept = load_plain(path, what="the single model's class means")
-        if kept.get("key") == key and tuple(kept["means"].shape) == shape:
-            return kept["means"]
-    except FileNotFoundError:
-        pass
-    except (ValueError, KeyError, AttributeError) as e:  # damaged: made again
-        logger.warning("%s cannot be used (%s); computing the class means again", path, e)
-    with bench.autocast():
+    what = "the single model's class means"
+
+    def kept() -> Tensor | None:
+        try:
+            found = load_plain(path, what=what)
+            if found.get("key") == key and tuple(found["means"].shape) == shape:
+                return found["means"]
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, AttributeError) as e:  # damaged: made again
+            logger.warning("%s cannot be used (%s); computing the class means again", path, e)
+        return None
+
+    # rank 0 decides for all: ranks that decided apart (a file one machine sees and
+    # another does not yet) would enter other collectives, and wait for ever
+    means = kept() if ranks.lead else None
+    if ranks.share(lambda: means is not None):
+        if means is None:
+            with ranks.own_shard():
+                means = load_plain(path, what=what)["means"]
+        return means
+    with bench.autocast(), ranks.own_shard():
         sums, counts = embedding_class_sums(
             lambda images: backbone(normalize_images(images)),
             dm.embedding_dataloader(*ranks.shard),
@@ -759,6 +832,7 @@ def _single_model_means(
             device=bench.device,
             progress=ranks.lead,
         )
+    ranks.share_bad_images(dm)
     means = finalize_class_means(ranks.sum(sums), ranks.sum(counts))
     if not ranks.lead:
         return means

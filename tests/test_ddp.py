@@ -17,6 +17,7 @@ import lightning as L
 import pytest
 import torch
 
+from facecluster import evaluation
 from facecluster.builders import build_datamodule
 from facecluster.clustering import (
     ClusterAssignment,
@@ -25,6 +26,7 @@ from facecluster.clustering import (
     finalize_class_means,
 )
 from facecluster.config import load_config
+from facecluster.data import BadImageError
 from facecluster.data.transforms import normalize_images
 from facecluster.evaluation import evaluate_run
 from facecluster.models.components import load_backbone
@@ -353,11 +355,13 @@ def test_torchrun_evaluates_runs_over_two_processes_with_the_figures_of_one(tmp_
     # the unseen faces' scores gathered for FNIR), and one table, written by rank 0.
     doc = (ROOT / "docs" / "EVALUATION.md").read_text()
     assert TORCHRUN_EVALUATE in doc
+    data = shutil.copytree(ROOT / "datasets" / "lfw-demo" / "images", tmp_path / "faces")
     quick = ["eval.plots=false", "eval.timing_batches=1"]
     runs, alone = [], []
     for method in ("clustered", "single"):
-        extra = [f"method={method}", "data.unseen_fraction=0.25", "logger=none"]
-        run_dir = train(load_config(SMOKE, smoke_overrides(tmp_path / method, *extra))).run_dir
+        extra = [f"method={method}", "data.unseen_fraction=0.25", f"data.root={data}"]
+        cfg = load_config(SMOKE, smoke_overrides(tmp_path / method, *extra, "logger=none"))
+        run_dir = train(cfg).run_dir
         evaluate_run(run_dir, quick)
         runs.append(run_dir)
         alone.append(json.loads((run_dir / "eval" / "results.json").read_text()))
@@ -368,10 +372,14 @@ def test_torchrun_evaluates_runs_over_two_processes_with_the_figures_of_one(tmp_
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2"]
     env = {k: v for k, v in os.environ.items() if k != "FACECLUSTER_RUN_DIR"}
     env["TMPDIR"] = str(tmp_path)  # torchrun's log folders, not in /tmp
-    proc = subprocess.run(
-        [*torchrun, "evaluate.py", *(f"run={r}" for r in runs), *quick],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+
+    def evaluate_on_two(*args):
+        return subprocess.run(
+            [*torchrun, "evaluate.py", *args], cwd=ROOT, env=env, capture_output=True,
+            text=True, timeout=300,
+        )  # fmt: skip
+
+    proc = evaluate_on_two(*(f"run={r}" for r in runs), *quick)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("| run | model |") == 1, proc.stdout  # rank 0's table alone
     for run_dir, one in zip(runs, alone, strict=True):
@@ -381,9 +389,35 @@ def test_torchrun_evaluates_runs_over_two_processes_with_the_figures_of_one(tmp_
         assert proc.stderr.count(f"{run_dir}: tables") == 1
     assert torch.allclose(torch.load(means, weights_only=True)["means"], kept, atol=1e-6)
     # an override every rank refuses: said once, by rank 0, before any evaluation
-    bad = subprocess.run(
-        [*torchrun, "evaluate.py", f"run={runs[0]}", "route.top_m=4"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    bad = evaluate_on_two(f"run={runs[0]}", "route.top_m=4")
     assert bad.returncode != 0
     assert bad.stderr.count("route.top_m=4 is more than clustering.num_clusters=3") == 1
+    # a broken test face in each rank's shard (positions 0 and 1, not among the 4
+    # faces rank 0 times at eval.batch_size=4), under a limit of 1.5 faces: one process
+    # refuses the data set; each rank alone found one face, under the limit, and the
+    # evaluation gave figures over fewer faces, until the ranks' finds were counted
+    # together (each said by the rank that read it)
+    test = evaluation.Bench(RunFolder(runs[0]).finished_config(), "run", None).loader.dataset
+    broken = [test.samples.locators[i] for i in (0, 1)]
+    first = Path(broken[0]).read_bytes()
+    for path in broken:
+        Path(path).write_bytes(b"\0" * 100)
+    limit = f"data.max_bad_fraction={1.5 / len(test)}"
+    quick.append("eval.batch_size=4")
+    with pytest.raises(BadImageError, match=f"at least 2 of {len(test)} images of the test"):
+        evaluate_run(runs[0], [*quick, limit])
+    damaged = evaluate_on_two(f"run={runs[0]}", *quick, limit)
+    assert damaged.returncode != 0
+    assert damaged.stderr.count(f"at least 2 of {len(test)} images of the test split") == 1
+    assert all(damaged.stderr.count(f"cannot decode {path}") == 1 for path in broken)
+    # no process's traceback (torchrun's own report of the exit statuses follows)
+    assert not re.search(r'File "[^"]*facecluster/', damaged.stderr), damaged.stderr[-3000:]
+    # data.on_bad_image=fail, a broken face in rank 1's shard alone (and not among the
+    # 4 faces rank 0 times): rank 1 says it, rank 0 that the evaluation stopped (its
+    # collective lost rank 1), if it is not ended first
+    Path(broken[0]).write_bytes(first)
+    failed = evaluate_on_two(f"run={runs[0]}", *quick, "data.on_bad_image=fail")
+    assert failed.returncode != 0
+    said = [line for line in failed.stderr.splitlines() if "error: " in line]
+    assert f"error: rank 1: cannot decode {broken[1]}" in said[0], said
+    assert all("another process of this evaluation stopped" in line for line in said[1:])

@@ -29,7 +29,7 @@ from facecluster.config import ConfigError, load_config
 from facecluster.data.images import decode_image
 from facecluster.data.transforms import normalize_images
 from facecluster.deploy import enroll_folder, export_run, identify_files, load_export
-from facecluster.evaluation import evaluate_run
+from facecluster.evaluation import Bench, Ranks, evaluate_run
 from facecluster.inference import TwoStageIdentifier
 from facecluster.inference.identifier import pack_names, unpack_names
 from facecluster.inference.openset import fnir_at_fpir, threshold_at_fpir
@@ -158,6 +158,17 @@ def open_run(tmp_path_factory):
     )
     cfg = load_config(SMOKE, smoke_overrides(tmp, *overrides))
     return train(cfg).run_dir
+
+
+def test_each_process_of_an_evaluation_scores_a_shard_of_the_unseen_faces(open_run):
+    # torchrun's processes split the unseen test faces (FNIR's non-mated searches) as
+    # they split the test split: each face once
+    cfg = RunFolder(open_run).finished_config()
+    whole = Bench(cfg, "run", None).unseen
+    positions = [set(Bench(cfg, "run", None, Ranks(rank, 2)).unseen.sampler) for rank in (0, 1)]
+    faces = len(whole.dataset)
+    assert faces > 2 and not positions[0] & positions[1]
+    assert {p for shard in positions for p in shard if p < faces} == set(range(faces))
 
 
 @pytest.fixture(scope="module")

@@ -616,6 +616,35 @@ def test_each_process_of_an_evaluation_scores_a_shard_of_the_test_split(finished
     assert torch.equal(torch.cat(shards).sort().values, labels.sort().values)
 
 
+def test_each_process_computes_a_single_models_class_means_over_a_shard(
+    finished_run, tmp_path, monkeypatch
+):
+    # a single model's class means (a pass over the training split, 17M images at
+    # Glint360K's size): each of torchrun's processes embeds its shard of the split,
+    # and only rank 0 keeps the means in eval/class_means.pt
+    class Apart(evaluation.Ranks):  # no process group here: nothing is sent
+        def _collective(self, op, *args, **kwargs):
+            return None
+
+    run = RunFolder(shutil.copytree(finished_run, tmp_path / "run"))
+    run.eval_file("single_means").unlink(missing_ok=True)  # another test's
+    cfg = run.finished_config()
+    read, embed_sums = [], evaluation.embedding_class_sums
+    monkeypatch.setattr(
+        evaluation,
+        "embedding_class_sums",
+        lambda embed, loader, *a, **k: (
+            read.append(list(loader.sampler)) or embed_sums(embed, loader, *a, **k)
+        ),
+    )
+    for rank in (1, 0):
+        bench = evaluation.Bench(cfg, "run", None, Apart(rank, 2))
+        evaluation._single_model(run, cfg, bench)
+        assert run.eval_file("single_means").is_file() == (rank == 0)
+    train = len(bench.dm.split_labels("train"))
+    assert not set(read[0]) & set(read[1]) and sorted(read[0] + read[1]) == list(range(train))
+
+
 def test_top_m_sweep_doubles_up_to_k_and_keeps_the_runs_top_m():
     # sub-net passes over the test split: under 2K, not K(K+1)/2 (2,080 at K = 64)
     assert top_m_sweep(64, 1) == [1, 2, 4, 8, 16, 32, 64]
