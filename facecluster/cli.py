@@ -333,10 +333,12 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
     except said_in_one_line as e:
         if not (rank := _torchrun_rank()):
             return _fail(_said(e))
-        # torchrun's other processes: what a pass over this one's shard met (a broken
-        # face), which no other process sees; the rest every process meets, and rank 0
-        # says it
-        return _fail(f"rank {rank}: {_said(e)}") if said_by_this_rank(e, rank) else 2
+        # torchrun's other processes: what this one met alone (a broken face of its
+        # shard); what every process meets, rank 0 says
+        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        if said_by_this_rank(e, rank, local_rank):
+            return _fail(f"rank {rank}: {_said(e)}")
+        return 2
     if not ranks.lead:  # rank 0 prints the table and writes the results
         return 0
     print(table)

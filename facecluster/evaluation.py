@@ -37,6 +37,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,8 @@ class Ranks:
         machine's memory at 8 processes."""
         if self.world == 1:
             return tensor
+        if not tensor.is_contiguous():  # summed into a copy, the caller's left as it was
+            raise ValueError("Ranks.sum sums a contiguous tensor in place")
         flat = tensor.view(-1)
         step = max(1, chunk_bytes // tensor.element_size())
         for start in range(0, len(flat), step):
@@ -156,18 +159,19 @@ class Ranks:
         those of its shard, and measured them against the whole: a limit N times
         looser), on every rank alike."""
         if self.world > 1:
-            self._collective(dm.share_bad_images, torch.device("cpu"))
+            with self.alike():
+                self._collective(dm.share_bad_images, torch.device("cpu"))
 
     @contextlib.contextmanager
-    def own_shard(self) -> Iterator[None]:
-        """A pass over this rank's shard: what stops it is this rank's to say (a broken
-        face, ``data.on_bad_image=fail``), where an error every rank meets is rank 0's
-        (:func:`said_by_this_rank`)."""
+    def alike(self) -> Iterator[None]:
+        """What every rank meets alike here (a refused setting, a damaged run folder, a
+        count over all the shards): rank 0 says it, not every process
+        (:func:`said_by_this_rank`); any other error is said by the rank that met it."""
         try:
             yield
         except Exception as e:
             if self.world > 1:
-                e.facecluster_rank = self.rank  # type: ignore[attr-defined]
+                e.facecluster_alike = True  # type: ignore[attr-defined]
             raise
 
     def _collective(self, op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -175,7 +179,13 @@ class Ranks:
             return op(*args, **kwargs)
         except BadImageError:  # share_bad_images' check, the same on every rank
             raise
-        except RuntimeError as e:  # gloo: "Connection closed by peer" and the like
+        except RuntimeError as e:  # gloo's own errors are plain RuntimeErrors
+            if "Timed out" in str(e):  # this rank waited too long: it says so
+                raise TimeoutError(
+                    f"waited {RANKS_TIMEOUT} for the other processes of this evaluation "
+                    "(rank 0 fits the decision unit, times, verifies and writes alone, "
+                    f"meanwhile): {str(e).splitlines()[0][:200]}"
+                ) from e
             raise PeerStopped(
                 "another process of this evaluation stopped (its error is above)"
             ) from e
@@ -198,15 +208,27 @@ class Ranks:
             )
 
 
+RANKS_TIMEOUT = timedelta(hours=2)
+"""How long torchrun's processes wait for each other in a collective: the others wait
+while rank 0 fits the decision unit, times, runs the verification sets and writes
+(gloo's default, 30 minutes, could end a large run's evaluation there)."""
+
+
 class PeerStopped(RuntimeError):
     """A collective of the evaluation failed: another process stopped (and said why)."""
 
 
-def said_by_this_rank(error: BaseException, rank: int) -> bool:
+def said_by_this_rank(error: BaseException, rank: int, local_rank: int) -> bool:
     """Whether process ``rank`` of an evaluation says ``error``: rank 0 says every
-    error; another rank only what a pass over its own shard met (:meth:`Ranks.own_shard`):
-    the rest, a refused setting or a damaged run folder, every rank meets alike."""
-    return rank == 0 or getattr(error, "facecluster_rank", None) == rank
+    error; another says what it met alone (a broken face of its shard, a timeout), and
+    what every rank meets alike (:meth:`Ranks.alike`) only as the first process of
+    another machine (whose data or run folder may not be rank 0's); a lost peer
+    (:class:`PeerStopped`) is rank 0's to say."""
+    if rank == 0:
+        return True
+    if isinstance(error, PeerStopped):
+        return False
+    return local_rank == 0 if getattr(error, "facecluster_alike", False) else True
 
 
 @contextlib.contextmanager
@@ -228,7 +250,7 @@ def torchrun_ranks() -> Iterator[Ranks]:
         logging.getLogger("facecluster").setLevel(logging.ERROR)
         # each broken face is found by the rank whose shard holds it: said there
         logging.getLogger("facecluster.data.images").setLevel(logging.WARNING)
-    torch.distributed.init_process_group("gloo")
+    torch.distributed.init_process_group("gloo", timeout=RANKS_TIMEOUT)
     try:
         yield ranks
     finally:
@@ -466,35 +488,35 @@ class Bench:
         if not todo:
             return
         tallies = {name: _Tally(self.dm.num_classes) for name in todo}
-        with self.ranks.own_shard():
-            for labels, answers in self._answers(self.loader, todo.values(), models, RANK):
-                for name, (ranked, score, clusters) in answers.items():
-                    tallies[name].add(ranked, score, clusters, labels, self.assignment)
+        for labels, answers in self._answers(self.loader, todo.values(), models, RANK):
+            for name, (ranked, score, clusters) in answers.items():
+                tallies[name].add(ranked, score, clusters, labels, self.assignment)
         self.ranks.share_bad_images(self.dm)
         for tally in tallies.values():  # one at a time: a [C] count each
             tally.merge(self.ranks)
-        if any(not tally.hits for tally in tallies.values()):
-            raise ValueError(
-                f"{self.run_name}: no face of the test split could be read "
-                "(data.on_bad_image=skip left every one out); repair the data set"
-            )
+        with self.ranks.alike():  # the counts of every shard
+            if any(not tally.hits for tally in tallies.values()):
+                raise ValueError(
+                    f"{self.run_name}: no face of the test split could be read "
+                    "(data.on_bad_image=skip left every one out); repair the data set"
+                )
         self._scores.update({name: tally.result() for name, tally in tallies.items()})
         wanted = [p for name, p in todo.items() if measure_fnir and name in open_set]
         if not wanted:
             return
         found: dict[str, list[Tensor]] = {p.name: [] for p in wanted}
-        with self.ranks.own_shard():
-            for _, answers in self._answers(self.unseen, wanted, models, 1, "unseen test faces"):
-                for name, (_, score, _) in answers.items():
-                    found[name].append(score)
+        for _, answers in self._answers(self.unseen, wanted, models, 1, "unseen test faces"):
+            for name, (_, score, _) in answers.items():
+                found[name].append(score)
         self.ranks.share_bad_images(self.dm)
         for name, scores in found.items():
             found[name] = [score for shard in self.ranks.gather(scores) for score in shard]
-        if not found[wanted[0].name]:
-            raise ValueError(
-                f"{self.run_name}: no unseen face of the test split could be read "
-                "(data.on_bad_image=skip left every one out); repair the data set"
-            )
+        with self.ranks.alike():  # the faces of every shard
+            if not found[wanted[0].name]:
+                raise ValueError(
+                    f"{self.run_name}: no unseen face of the test split could be read "
+                    "(data.on_bad_image=skip left every one out); repair the data set"
+                )
         for name, nonmated in found.items():
             tally, fnir = tallies[name], {}
             correct, mated = torch.cat(tally.hits), torch.cat(tally.decision)
@@ -693,9 +715,10 @@ def evaluate_run(
 ) -> RunEvaluation:
     """Evaluate one finished run on its held-out test split (see the module doc);
     ``ranks``: the processes evaluating it together, each with its shard."""
-    run = run_folder(run_dir)
-    cfg = _checked_config(run, overrides, ranks)
-    _check_routed([cfg], [run], overrides)
+    with ranks.alike():
+        run = run_folder(run_dir)
+        cfg = _checked_config(run, overrides, ranks)
+        _check_routed([cfg], [run], overrides)
     return _evaluate(run, cfg, overrides, ranks)
 
 
@@ -730,8 +753,9 @@ def _evaluate(
     if cfg.two_stage:
         report = _evaluate_two_stage(run, cfg, ranks)
     else:
-        bench = Bench(cfg, run.path.name, None, ranks)
-        run.check_data(bench.dm)
+        with ranks.alike():
+            bench = Bench(cfg, run.path.name, None, ranks)
+            run.check_data(bench.dm)
         model = _single_model(run, cfg, bench)
         verification = bench.verification(model.backbone)
         rows = bench.rows(model.predictors(), verification, models=[model])
@@ -819,11 +843,14 @@ def _single_model_means(
     # another does not yet) would enter other collectives, and wait for ever
     means = kept() if ranks.lead else None
     if ranks.share(lambda: means is not None):
-        if means is None:
-            with ranks.own_shard():
-                means = load_plain(path, what=what)["means"]
+        if means is None and (means := kept()) is None:  # this rank's: checked again
+            raise ValueError(
+                f"{path}: rank 0 found the class means of these weights there, this "
+                "process other ones or none (is the run folder the same on every machine, "
+                "and was no other evaluation writing it?)"
+            )
         return means
-    with bench.autocast(), ranks.own_shard():
+    with bench.autocast():
         sums, counts = embedding_class_sums(
             lambda images: backbone(normalize_images(images)),
             dm.embedding_dataloader(*ranks.shard),
@@ -858,10 +885,11 @@ def top_m_sweep(clusters: int, top_m: int) -> list[int]:
 
 
 def _evaluate_two_stage(run: RunFolder, cfg: Config, ranks: Ranks) -> RunEvaluation:
-    weights = run.stage1_weights()  # read once: the router's backbone and the stage-1 head
-    ident = TwoStageIdentifier.from_run(run, stage1=weights, cfg=cfg)  # cfg: its route too
-    bench = Bench(cfg, run.path.name, ident.assignment, ranks)
-    run.check_data(bench.dm)
+    with ranks.alike():  # the run's files and data, which every rank reads
+        weights = run.stage1_weights()  # read once: the router's backbone, the stage-1 head
+        ident = TwoStageIdentifier.from_run(run, stage1=weights, cfg=cfg)  # cfg: its route
+        bench = Bench(cfg, run.path.name, ident.assignment, ranks)
+        run.check_data(bench.dm)
     ident.to(bench.device)
 
     def calibrated() -> dict[str, Any]:
@@ -1090,11 +1118,12 @@ def evaluate_runs(
     its identities, its weights files whole, W&B) before the first is evaluated, each
     once: a typo in the last ``run=`` was found only after the others' evaluations
     (minutes each), and the table was never printed."""
-    folders = [run_folder(r) for r in run_dirs]
-    configs = [_checked_config(folder, overrides, ranks) for folder in folders]
-    _check_routed(configs, folders, overrides)
-    for folder, cfg in zip(folders, configs, strict=True):
-        folder.check_weights(cfg.two_stage)
+    with ranks.alike():
+        folders = [run_folder(r) for r in run_dirs]
+        configs = [_checked_config(folder, overrides, ranks) for folder in folders]
+        _check_routed(configs, folders, overrides)
+        for folder, cfg in zip(folders, configs, strict=True):
+            folder.check_weights(cfg.two_stage)
     _warn_other_faces(folders)
     reports = [
         _evaluate(folder, cfg, overrides, ranks)

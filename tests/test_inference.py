@@ -616,6 +616,39 @@ def test_each_process_of_an_evaluation_scores_a_shard_of_the_test_split(finished
     assert torch.equal(torch.cat(shards).sort().values, labels.sort().values)
 
 
+def test_torchruns_processes_say_each_error_once(finished_run):
+    # who says what under torchrun (docs/EVALUATION.md): rank 0 every error; another
+    # rank what it met alone, and what every rank meets alike only as the first process
+    # of another machine; a lost peer is rank 0's to say, a timeout the waiting rank's
+    from facecluster.data import BadImageError
+
+    ranks = evaluation.Ranks(1, 2, 1, 2)
+    with pytest.raises(ConfigError) as refused:  # a setting every rank refuses
+        evaluate_run(finished_run, ["route.top_m=4"], ranks)
+    said = evaluation.said_by_this_rank
+    assert said(refused.value, 0, 0) and not said(refused.value, 1, 1)
+    assert said(refused.value, 2, 0)  # another machine's first process
+    alone = BadImageError("cannot decode x.jpg")  # met in this rank's shard
+    assert said(alone, 1, 1)
+
+    def failing(message):
+        def op(*args, **kwargs):
+            raise RuntimeError(message)
+
+        return op
+
+    with pytest.raises(evaluation.PeerStopped) as lost:
+        ranks._collective(failing("[pair.cc:561] Connection closed by peer [127.0.0.1]:1"))
+    assert said(lost.value, 0, 0) and not said(lost.value, 1, 1)
+    with pytest.raises(TimeoutError, match="waited 2:00:00 for the other processes"):
+        ranks._collective(failing("[unbound_buffer.cc:78] Timed out waiting 5000ms for recv"))
+    with pytest.raises(BadImageError):  # share_bad_images' check: itself, on every rank
+        ranks._collective(lambda: (_ for _ in ()).throw(BadImageError("at least 2 of 61")))
+    summed = torch.arange(6).view(2, 3).t()  # not contiguous: it would sum a copy
+    with pytest.raises(ValueError, match="contiguous"):
+        ranks.sum(summed)
+
+
 def test_each_process_computes_a_single_models_class_means_over_a_shard(
     finished_run, tmp_path, monkeypatch
 ):
