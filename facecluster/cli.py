@@ -45,7 +45,9 @@ EVALUATE_HELP = """Evaluate finished runs on their held-out test split and print
     python evaluate.py run=runs/<run> data.root=/data/faces route.top_m=2 eval.batch_size=128
 
 Other key=value pairs override the runs' saved configs (docs/EVALUATION.md). The
-table, its CSV/JSON and plots are written to <run>/eval/.
+table, its CSV/JSON and plots are written to <run>/eval/. Started by torchrun
+(--nproc_per_node=N), each process scores its shard of the test split, with one
+process's figures (docs/EVALUATION.md).
 """
 
 EXPORT_HELP = """Write a finished two-stage run as files to deploy (docs/DEPLOYMENT.md).
