@@ -23,7 +23,10 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from facecluster.evaluation import Ranks
 
 TRAIN_HELP = """Train the two-stage clustered face-identification method.
 
@@ -158,7 +161,6 @@ def _fail(message: object) -> int:
 
 def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from facecluster.config import (
-        COMMAND,
         ConfigError,
         check_data_root,
         default_config,
@@ -208,11 +210,11 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return _interrupted()
     try:  # torch, Lightning, timm: seconds, in which a Ctrl-C is an interrupt too
         from facecluster.builders import close_process_group, stopped_run
-        from facecluster.evaluation import eval_device, evaluate_runs
+        from facecluster.evaluation import eval_device, training_ranks
         from facecluster.launch import JobsFailed
         from facecluster.loggers import exit_code
         from facecluster.pipeline import train
-        from facecluster.run import RunFolder, is_global_zero
+        from facecluster.run import RunFolder
     except KeyboardInterrupt:
         return _interrupted()
 
@@ -222,28 +224,13 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if cfg.eval.after_training and cfg.assembles and cfg.launcher.name == "local":
             eval_device(cfg)  # a GPU this machine lacks: refused now, not after training
         result = train(cfg)
-        # Every DDP rank trains; the evaluation runs once, in global rank 0 alone, and
-        # only when the run is finished (not after stage=1, a job, a SLURM submission).
-        if is_global_zero() and cfg.eval.after_training and result.results is not None:
-            try:  # the heading with its table: W&B's lines came between them
-                table = evaluate_runs([result.run_dir])
-                print(f"\nEvaluation on the held-out test split (docs/EVALUATION.md):\n{table}")
-            except KeyboardInterrupt:  # the training is done: say how to evaluate it
-                print(
-                    f"interrupted during the evaluation; the run has finished training: "
-                    f"`{COMMAND['evaluate']} run={result.run_dir}` evaluates it",
-                    file=sys.stderr,
-                )
-                return 128 + signal.SIGINT
-            except (OSError, ValueError) as e:  # as evaluate.py says them: one line
-                print(
-                    f"error: {_said(e)}\nthe run has finished training: "
-                    f"`{COMMAND['evaluate']} run={result.run_dir}` evaluates it",
-                    file=sys.stderr,
-                )
-                return 2
-            print(f"\nfacecluster run folder: {result.run_dir}", flush=True)
-            _say_where(result.run_dir)
+        # Every DDP rank trains, and evaluates its shard of the test split (rank 0 alone
+        # prints and writes), only when the run is finished (not after stage=1, a job, a
+        # SLURM submission): rank 0 knows whether it is.
+        if cfg.eval.after_training and cfg.assembles and cfg.launcher.name == "local":
+            with training_ranks(cfg) as ranks:
+                if ranks.share(lambda: result.results is not None):
+                    return _evaluate_trained(result.run_dir, ranks)
     except ConfigError as e:
         return _fail(e)
     except JobsFailed as e:
@@ -275,6 +262,38 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return exit_code(e)
     finally:
         close_process_group()
+    return 0
+
+
+def _evaluate_trained(run_dir: Path, ranks: Ranks) -> int:
+    """``train.py``'s evaluation of the run it finished, on each of the training's
+    processes (``ranks``); rank 0 prints the table. An error is said as ``evaluate.py``
+    says it (:func:`said_by_this_rank`), with how to evaluate the run again."""
+    from facecluster.builders import detach_started_ranks, stop_started_ranks
+    from facecluster.config import COMMAND
+    from facecluster.data import BadImageError
+    from facecluster.evaluation import PeerStopped, evaluate_runs, said_by_this_rank
+
+    # Lightning's observer of the ranks this process started kills it (SIGKILL, without
+    # a word) when one of them fails: here this process says why, and stops on its own
+    detach_started_ranks()
+    again = f"the run has finished training: `{COMMAND['evaluate']} run={run_dir}` evaluates it"
+    try:  # the heading with its table: W&B's lines came between them
+        table = evaluate_runs([run_dir], ranks=ranks)
+    except KeyboardInterrupt:  # the training is done: say how to evaluate it
+        if ranks.lead:
+            print(f"interrupted during the evaluation; {again}", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (OSError, ValueError, BadImageError, PeerStopped) as e:  # as evaluate.py says
+        if said_by_this_rank(e, ranks.rank, ranks.local_rank):
+            said = _said(e) if ranks.lead else f"rank {ranks.rank}: {_said(e)}"
+            print(f"error: {said}" + (f"\n{again}" if ranks.lead else ""), file=sys.stderr)
+        stop_started_ranks()  # those this process started, ended with it
+        return 2
+    if ranks.lead:
+        print(f"\nEvaluation on the held-out test split (docs/EVALUATION.md):\n{table}")
+        print(f"\nfacecluster run folder: {run_dir}", flush=True)
+        _say_where(run_dir)
     return 0
 
 

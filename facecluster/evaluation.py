@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
@@ -108,6 +109,8 @@ class Ranks:
     local_rank: int = 0
     local_world: int = 1
     """The processes on this machine (torchrun's ``LOCAL_WORLD_SIZE``)."""
+    group: Any = None
+    """The gloo process group of the collectives (None: the default one, torchrun's)."""
 
     @property
     def lead(self) -> bool:
@@ -133,7 +136,7 @@ class Ranks:
         for start in range(0, len(flat), step):
             part = flat[start : start + step]
             summed = part.cpu()  # a copy from a GPU; the piece itself on the CPU
-            self._collective(torch.distributed.all_reduce, summed)
+            self._collective(torch.distributed.all_reduce, summed, group=self.group)
             part.copy_(summed)
         return tensor
 
@@ -142,7 +145,7 @@ class Ranks:
         if self.world == 1:
             return [value]
         found: list[Any] = [None] * self.world
-        self._collective(torch.distributed.all_gather_object, found, value)
+        self._collective(torch.distributed.all_gather_object, found, value, group=self.group)
         return found
 
     def share(self, make: Callable[[], Any]) -> Any:
@@ -150,7 +153,9 @@ class Ranks:
         on rank 0 is then undisturbed by their work)."""
         value = [make() if self.lead else None]
         if self.world > 1:
-            self._collective(torch.distributed.broadcast_object_list, value, src=0)
+            self._collective(
+                torch.distributed.broadcast_object_list, value, src=0, group=self.group
+            )
         return value[0]
 
     def share_bad_images(self, dm: Any) -> None:
@@ -160,7 +165,7 @@ class Ranks:
         looser), on every rank alike."""
         if self.world > 1:
             with self.alike():
-                self._collective(dm.share_bad_images, torch.device("cpu"))
+                self._collective(dm.share_bad_images, torch.device("cpu"), self.group)
 
     @contextlib.contextmanager
     def alike(self) -> Iterator[None]:
@@ -236,8 +241,7 @@ def torchrun_ranks() -> Iterator[Ranks]:
     """The processes ``torchrun`` started for this evaluation (from its ``RANK``,
     ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE`` variables; ``Ranks()`` without
     them), their process group joined and left again; each process's GPU is that of its
-    ``LOCAL_RANK``. Ranks other than 0 log errors and the broken faces of their shards
-    only: rank 0 warns of what they all would."""
+    ``LOCAL_RANK``."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         yield Ranks()
@@ -246,15 +250,56 @@ def torchrun_ranks() -> Iterator[Ranks]:
     ranks = Ranks(env["RANK"], world, env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"] or 1)
     if torch.cuda.is_available() and ranks.local_rank < torch.cuda.device_count():
         torch.cuda.set_device(ranks.local_rank)  # "cuda" is this process's GPU
-    if not ranks.lead:
-        logging.getLogger("facecluster").setLevel(logging.ERROR)
-        # each broken face is found by the rank whose shard holds it: said there
-        logging.getLogger("facecluster.data.images").setLevel(logging.WARNING)
     torch.distributed.init_process_group("gloo", timeout=RANKS_TIMEOUT)
     try:
-        yield ranks
+        with _quiet_unless_lead(ranks):
+            yield ranks
     finally:
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def training_ranks(cfg: Config) -> Iterator[Ranks]:
+    """After ``train.py`` on several processes (DDP: Lightning's launcher, torchrun or
+    srun): the training's processes, which evaluate the run together as torchrun's do
+    (:func:`torchrun_ranks`), each on the device it trained on, over a gloo group of
+    their own (the training's may be NCCL's, with its 30-minute timeout). ``Ranks()``
+    for one process, and where ``eval.device`` names one GPU (``cuda:N``), which rank 0
+    then evaluates on alone. Every process of the training enters it."""
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1 or cfg.eval.device.startswith("cuda:"):
+        yield Ranks()
+        return
+    rank, group = dist.get_rank(), dist.new_group(backend="gloo", timeout=RANKS_TIMEOUT)
+    try:
+        hosts = [None] * world  # each machine's processes: its first one speaks for it
+        dist.all_gather_object(hosts, socket.gethostname(), group=group)
+        here = [r for r, host in enumerate(hosts) if host == hosts[rank]]
+        ranks = Ranks(rank, world, here.index(rank), len(here), group)
+        with _quiet_unless_lead(ranks):
+            yield ranks
+    finally:  # unless a failed rank 0 closed every group, to end the ranks it started
+        if dist.is_initialized():
+            dist.destroy_process_group(group)
+
+
+@contextlib.contextmanager
+def _quiet_unless_lead(ranks: Ranks) -> Iterator[None]:
+    """Ranks other than 0 log errors and the broken faces of their shards only: rank 0
+    warns of what they all would."""
+    if ranks.lead:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("facecluster", "facecluster.data.images")]
+    levels = [logger.level for logger in loggers]
+    loggers[0].setLevel(logging.ERROR)
+    loggers[1].setLevel(logging.WARNING)  # each broken face: said by the rank that read it
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 @dataclass

@@ -41,6 +41,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning
 import numpy as np
@@ -930,7 +931,7 @@ class FaceDataModule(lightning.LightningDataModule):
         under DDP, with every rank's after :meth:`share_bad_images`)."""
         return [] if self._tracker is None else self._tracker.bad_paths()
 
-    def share_bad_images(self, device: torch.device) -> None:
+    def share_bad_images(self, device: torch.device, group: Any = None) -> None:
         """At an epoch end, on every rank: merge the ranks' broken-file flags (each rank
         reads only its shard, so it finds only the broken files in it), then stop on every
         rank alike (:class:`BadImageError`) when more than ``max_bad_fraction`` of a split
@@ -939,11 +940,12 @@ class FaceDataModule(lightning.LightningDataModule):
 
         Args:
             device: Where the collective runs (the rank's GPU under NCCL).
+            group: Its process group (None: the default one).
         """
         if self._tracker is None:
             return
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            self._tracker.merge(device)
+            self._tracker.merge(device, group)
         for split in SPLIT_NAMES:
             ids = self._split_indices(split)
             if len(ids):

@@ -27,7 +27,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import simplejpeg
@@ -548,11 +548,12 @@ class BadImageTracker:
                 f"(e.g. {', '.join(records or shown)}). {fix}, or raise data.max_bad_fraction"
             )
 
-    def merge(self, device: torch.device) -> None:
+    def merge(self, device: torch.device, group: Any = None) -> None:
         """Take every process's flags (``torch.distributed``; every rank calls it): a rank
         reads only its shard of a split, so it finds only the broken files in it. ``device``:
-        where the collective runs (the rank's GPU under NCCL)."""
+        where the collective runs (the rank's GPU under NCCL), over ``group`` (None: the
+        default process group)."""
         flags = self.flags.to(device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)
         # a worker may flag a file meanwhile: keep its flag too
         torch.maximum(self.flags, flags.to(self.flags.device), out=self.flags)
