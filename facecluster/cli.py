@@ -285,10 +285,13 @@ def _evaluate_trained(run_dir: Path, ranks: Ranks) -> int:
             print(f"interrupted during the evaluation; {again}", file=sys.stderr)
         return 128 + signal.SIGINT
     except (OSError, ValueError, BadImageError, PeerStopped) as e:  # as evaluate.py says
+        # the ranks this process started, waiting for it in a collective that its exit
+        # alone would end (a process group's destruction does not): they have nothing
+        # left to keep, and one that failed first is gone by now
+        stop_started_ranks(grace=2.0)
         if said_by_this_rank(e, ranks.rank, ranks.local_rank):
             said = _said(e) if ranks.lead else f"rank {ranks.rank}: {_said(e)}"
             print(f"error: {said}" + (f"\n{again}" if ranks.lead else ""), file=sys.stderr)
-        stop_started_ranks()  # those this process started, ended with it
         return 2
     if ranks.lead:
         print(f"\nEvaluation on the held-out test split (docs/EVALUATION.md):\n{table}")

@@ -45,7 +45,7 @@ MULTI_DEVICE = (
 
 def test_documented_multi_device_command_runs_train_py_to_its_last_line(tmp_path):
     # The README's command as written, in a folder of its own: 2 gloo processes through
-    # both stages, the results, and the evaluation that rank 0 runs alone.
+    # both stages, the results, and the evaluation, which they share.
     readme = (ROOT / "README.md").read_text()
     assert MULTI_DEVICE in " ".join(readme.replace("\\\n", " ").split())
     proc = run_documented(MULTI_DEVICE, tmp_path)
@@ -74,7 +74,12 @@ def test_documented_multi_device_command_runs_train_py_to_its_last_line(tmp_path
         f"faces with it: `facecluster export {run_dir} exports/{run_dir.name}`, then "
         f"`facecluster identify exports/{run_dir.name} <images>` (docs/DEPLOYMENT.md)"
     )
-    assert (run_dir / "eval" / "results.md").is_file()
+    # both processes evaluated, each its shard of the test split: one process's figures
+    two = json.loads((run_dir / "eval" / "results.json").read_text())
+    evaluate_run(run_dir, ["eval.timing_batches=1"])
+    one = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert _figures(two) == _figures(one)
     # the sub-nets' test counts, from both ranks' shards: each test face once (the
     # padding of a split that 2 ranks do not divide was counted twice)
     run = RunFolder(run_dir)
@@ -83,6 +88,54 @@ def test_documented_multi_device_command_runs_train_py_to_its_last_line(tmp_path
     assert sum(r["test_images"] for r in run.subnet_records().values()) == len(
         dm.split_labels("test")
     )
+
+
+@pytest.mark.parametrize("failing", [1, 0])
+def test_a_rank_that_fails_in_train_pys_evaluation_is_said_once_and_ends_both(tmp_path, failing):
+    # train.py's processes evaluate the run they trained together: a file of rank 1's
+    # shard that cannot be read is said by rank 1; rank 0, whose next collective lost
+    # it, says so in a line (Lightning's observer killed it without a word, SIGKILL:
+    # rank 1's own error was its only line) with how to evaluate the run again. A rank 0
+    # that fails alone ends rank 1, which waited for it in a collective.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACECLUSTER_")}
+    env.update(PYTHONPATH=str(ROOT), EVAL_FAILS_ON_RANK=str(failing), PIDS=str(tmp_path))
+    overrides = ["-c", str(SMOKE), *smoke_overrides(tmp_path, "logger=none", "eval.plots=false")]
+    command = [sys.executable, str(ROOT / "tests" / "scripts" / "train_py_eval_fault.py")]
+    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    try:
+        proc = subprocess.run(
+            [*command, *overrides, *ddp],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            start_new_session=True,
+        )
+        errors = re.findall(r"error: [^\r\n]*", proc.stderr)  # some after a progress bar
+        assert proc.returncode == 2, proc.stderr[-4000:]  # rank 0's own, not a SIGKILL
+        assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+        injected = f"cannot read faces/x.jpg: injected into rank {failing}"
+        if failing:
+            assert errors == [
+                f"error: rank 1: {injected}",
+                "error: another process of this evaluation stopped (its error is above)",
+            ], proc.stderr[-4000:]
+            assert "note:" not in proc.stderr  # rank 1 had ended: none to end
+        else:
+            assert errors == [f"error: {injected}"], proc.stderr[-4000:]
+            assert "and ended the 1 other process(es) of the run" in proc.stderr
+        run_dir = tmp_path / "run"
+        assert proc.stderr.rstrip().splitlines()[-1] == (
+            f"the run has finished training: `python evaluate.py run={run_dir}` evaluates it"
+        )
+        assert (run_dir / "results.md").is_file() and not (run_dir / "eval").exists()
+        with pytest.raises(ProcessLookupError):  # rank 1 ended and reaped, not left waiting
+            os.kill(int((tmp_path / "pid1").read_text()), 0)
+    finally:
+        for pid in tmp_path.glob("pid*"):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid.read_text()), signal.SIGKILL)
 
 
 def _assert_replicas_and_shards(tmp_path, run_dir):
