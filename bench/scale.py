@@ -746,8 +746,9 @@ Wall time of the last runs: {walls}. Exact commands: `commands` in
   trained on N processes resumes, evaluates and exports on M.
   `tests/test_ddp.py` trains on 2 processes, resumes on 1, then on 2 again, each fit
   starting from exactly the saved weights and momentum, and evaluates in one process;
-  evaluate.py under torchrun evaluates on N, each process scoring a shard of the test
-  split, with one process's figures (docs/EVALUATION.md).
+  evaluate.py under torchrun evaluates on N, and so do the N processes of a DDP
+  train.py after training, each process scoring a shard of the test split, with one
+  process's figures (docs/EVALUATION.md).
 - **Limits.** Each process builds the whole head once at start (from the run's seed, so
   every device count starts from the same head) and then keeps its rows: at 2M x 512
   that is 4.2 GB of host memory for a moment per process. A resume reads the
