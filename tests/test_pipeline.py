@@ -867,7 +867,7 @@ def test_ctrl_c_in_the_evaluation_after_training_names_the_command_that_evaluate
     finished = SimpleNamespace(run_dir=run, results={"clustered": {}})
     monkeypatch.setattr(pipeline, "train", lambda cfg, **kw: finished)
 
-    def stopped(runs):
+    def stopped(runs, overrides=(), ranks=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(evaluation, "evaluate_runs", stopped)
@@ -963,7 +963,7 @@ def test_resuming_a_finished_run_with_damaged_weights_names_the_file_in_one_line
     # the evaluation after training fails on the run's files: one line, and how to go on
     from facecluster import evaluation
 
-    def damaged(runs, *args):
+    def damaged(runs, *args, **kwargs):
         raise OSError(f"{runs[0]}/eval cannot be read")
 
     monkeypatch.setattr(evaluation, "evaluate_runs", damaged)
