@@ -352,8 +352,8 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
         said_in_one_line += (PeerStopped,)
         with torchrun_ranks() as ranks:  # one process, or those torchrun started
             table = evaluate_runs(runs, overrides, ranks)
-    except KeyboardInterrupt:
-        return _interrupted()
+    except KeyboardInterrupt:  # Ctrl-C reaches each of torchrun's processes: one line
+        return _interrupted() if _torchrun_rank() == 0 else 128 + signal.SIGINT
     except said_in_one_line as e:
         if not (rank := _torchrun_rank()):
             return _fail(_said(e))

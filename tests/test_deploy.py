@@ -4,6 +4,7 @@ tiny run with identities held out of training."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -1765,6 +1766,13 @@ def test_ctrl_c_ends_a_command_with_one_line_and_the_shells_status(tmp_path, mon
     assert capsys.readouterr().err.strip().endswith("interrupted")
     assert cli.evaluate_main([f"run={run}"]) == 130
     assert capsys.readouterr().err.strip().endswith("interrupted")
+    # under torchrun Ctrl-C reaches every process: rank 0 says it, the others are quiet
+    monkeypatch.setattr(evaluation, "torchrun_ranks", contextlib.nullcontext)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("1", ""), ("0", "interrupted")):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.evaluate_main([f"run={run}"]) == 130
+        assert capsys.readouterr().err.strip() == said
 
 
 def test_a_failed_import_in_evaluate_is_raised_as_itself(tmp_path, monkeypatch):
