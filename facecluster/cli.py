@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
-    from facecluster.evaluation import Ranks
+    from facecluster.config import Config
+    from facecluster.pipeline import RunResult
 
 TRAIN_HELP = """Train the two-stage clustered face-identification method.
 
@@ -210,7 +211,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return _interrupted()
     try:  # torch, Lightning, timm: seconds, in which a Ctrl-C is an interrupt too
         from facecluster.builders import close_process_group, stopped_run
-        from facecluster.evaluation import eval_device, training_ranks
+        from facecluster.evaluation import eval_device
         from facecluster.launch import JobsFailed
         from facecluster.loggers import exit_code
         from facecluster.pipeline import train
@@ -221,16 +222,12 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         if resume:
             cfg = RunFolder.config_for_resume(resume, args.overrides)
-        if cfg.eval.after_training and cfg.assembles and cfg.launcher.name == "local":
+        evaluates = cfg.eval.after_training and cfg.assembles and cfg.launcher.name == "local"
+        if evaluates:
             eval_device(cfg)  # a GPU this machine lacks: refused now, not after training
         result = train(cfg)
-        # Every DDP rank trains, and evaluates its shard of the test split (rank 0 alone
-        # prints and writes), only when the run is finished (not after stage=1, a job, a
-        # SLURM submission): rank 0 knows whether it is.
-        if cfg.eval.after_training and cfg.assembles and cfg.launcher.name == "local":
-            with training_ranks(cfg) as ranks:
-                if ranks.share(lambda: result.results is not None):
-                    return _evaluate_trained(result.run_dir, ranks)
+        if evaluates:  # every DDP rank, each its shard of the test split
+            return _evaluate_trained(cfg, result)
     except ConfigError as e:
         return _fail(e)
     except JobsFailed as e:
@@ -265,33 +262,50 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
-def _evaluate_trained(run_dir: Path, ranks: Ranks) -> int:
-    """``train.py``'s evaluation of the run it finished, on each of the training's
-    processes (``ranks``); rank 0 prints the table. An error is said as ``evaluate.py``
-    says it (:func:`said_by_this_rank`), with how to evaluate the run again."""
+def _evaluate_trained(cfg: Config, result: RunResult) -> int:
+    """``train.py``'s evaluation of the run it trained (when finished), on every one of
+    the training's processes (:func:`facecluster.evaluation.training_ranks`); rank 0
+    prints the table. An error is said as ``evaluate.py`` says it
+    (:func:`said_by_this_rank`), with how to evaluate the run again."""
+    from lightning.pytorch.utilities import rank_zero_only
+
     from facecluster.builders import detach_started_ranks, stop_started_ranks
     from facecluster.config import COMMAND
     from facecluster.data import BadImageError
-    from facecluster.evaluation import PeerStopped, evaluate_runs, said_by_this_rank
+    from facecluster.evaluation import (
+        PeerStopped,
+        Ranks,
+        evaluate_runs,
+        said_by_this_rank,
+        training_ranks,
+    )
 
     # Lightning's observer of the ranks this process started kills it (SIGKILL, without
     # a word) when one of them fails: here this process says why, and stops on its own
     detach_started_ranks()
+    run_dir = result.run_dir
     again = f"the run has finished training: `{COMMAND['evaluate']} run={run_dir}` evaluates it"
-    try:  # the heading with its table: W&B's lines came between them
-        table = evaluate_runs([run_dir], ranks=ranks)
-    except KeyboardInterrupt:  # the training is done: say how to evaluate it
-        if ranks.lead:
-            print(f"interrupted during the evaluation; {again}", file=sys.stderr)
-        return 128 + signal.SIGINT
-    except (OSError, ValueError, BadImageError, PeerStopped) as e:  # as evaluate.py says
-        # the ranks this process started, waiting for it in a collective that its exit
+    ranks = None
+    try:  # rank 0 alone assembled the results (None: sub-nets still to train)
+        with training_ranks(cfg, result.results is not None) as ranks:
+            if ranks is None:  # not finished, or another process evaluates
+                return 0
+            table = evaluate_runs([run_dir], ranks=ranks)  # the heading with it, below
+    except BaseException as e:
+        # the ranks this process started wait for it in a collective that its exit
         # alone would end (a process group's destruction does not): they have nothing
         # left to keep, and one that failed first is gone by now
         stop_started_ranks(grace=2.0)
-        if said_by_this_rank(e, ranks.rank, ranks.local_rank):
-            said = _said(e) if ranks.lead else f"rank {ranks.rank}: {_said(e)}"
-            print(f"error: {said}" + (f"\n{again}" if ranks.lead else ""), file=sys.stderr)
+        who = ranks or Ranks(rank_zero_only.rank)  # the group was not made: the global rank
+        if isinstance(e, KeyboardInterrupt):  # the training is done: say how to evaluate
+            if who.lead:
+                print(f"interrupted during the evaluation; {again}", file=sys.stderr)
+            return 128 + signal.SIGINT
+        if not isinstance(e, (OSError, ValueError, BadImageError, PeerStopped)):
+            raise  # its traceback
+        if said_by_this_rank(e, who.rank, who.local_rank):  # as evaluate.py says it
+            said = _said(e) if who.lead else f"rank {who.rank}: {_said(e)}"
+            print(f"error: {said}" + (f"\n{again}" if who.lead else ""), file=sys.stderr)
         return 2
     if ranks.lead:
         print(f"\nEvaluation on the held-out test split (docs/EVALUATION.md):\n{table}")

@@ -96,7 +96,8 @@ FPIRS = (0.01, 0.001)
 
 @dataclass(frozen=True)
 class Ranks:
-    """The processes evaluating together (``torchrun --nproc_per_node=N evaluate.py``):
+    """The processes evaluating together (``torchrun --nproc_per_node=N evaluate.py``,
+    :func:`torchrun_ranks`; a DDP ``train.py``'s after training, :func:`training_ranks`):
     each scores its shard of the test split (and of a single model's training split, for
     its class means), and their counts are summed over the process group, so that every
     rank ends with the figures of the whole split; the work that is the same on every
@@ -214,7 +215,7 @@ class Ranks:
 
 
 RANKS_TIMEOUT = timedelta(hours=2)
-"""How long torchrun's processes wait for each other in a collective: the others wait
+"""How long the evaluation's processes wait for each other in a collective: the others wait
 while rank 0 fits the decision unit, times, runs the verification sets and writes
 (gloo's default, 30 minutes, could end a large run's evaluation there)."""
 
@@ -259,22 +260,42 @@ def torchrun_ranks() -> Iterator[Ranks]:
 
 
 @contextlib.contextmanager
-def training_ranks(cfg: Config) -> Iterator[Ranks]:
+def training_ranks(cfg: Config, finished: bool) -> Iterator[Ranks | None]:
     """After ``train.py`` on several processes (DDP: Lightning's launcher, torchrun or
     srun): the training's processes, which evaluate the run together as torchrun's do
-    (:func:`torchrun_ranks`), each on the device it trained on, over a gloo group of
-    their own (the training's may be NCCL's, with its 30-minute timeout). ``Ranks()``
-    for one process, and where ``eval.device`` names one GPU (``cuda:N``), which rank 0
-    then evaluates on alone. Every process of the training enters it."""
+    (:func:`torchrun_ranks`), over a gloo group of their own (the training's may be
+    NCCL's, with its 30-minute timeout), each on its GPU (the one it trained on, which
+    Lightning made its ``cuda``) or on the CPU. Every process of the training enters
+    it; ``finished`` is rank 0's word (it alone assembled the results) that the run is
+    finished (the others' is not read). None where this process does not evaluate: on
+    every rank for a run not finished; on all but rank 0 where it evaluates alone, for
+    ``eval.device=cuda:N`` (that GPU) and on a GPU after a training on CPUs (whose
+    processes have no GPU of their own).
+
+    Raises:
+        PeerStopped: another process stopped before the evaluation (rank 0, whose own
+            error is said, failed after the training).
+    """
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if world == 1 or cfg.eval.device.startswith("cuda:"):
-        yield Ranks()
+    if world == 1:
+        yield Ranks() if finished else None
         return
-    rank, group = dist.get_rank(), dist.new_group(backend="gloo", timeout=RANKS_TIMEOUT)
+    rank, word, hosts = dist.get_rank(), [finished], [None] * world
+    alone = cfg.eval.device.startswith("cuda:") or (
+        eval_device(cfg).type == "cuda" and "nccl" not in dist.get_backend()
+    )
     try:
-        hosts = [None] * world  # each machine's processes: its first one speaks for it
-        dist.all_gather_object(hosts, socket.gethostname(), group=group)
+        dist.broadcast_object_list(word, src=0)  # over the training's group, as it ends
+        if word[0] and not alone:
+            group = dist.new_group(backend="gloo", timeout=RANKS_TIMEOUT)
+            dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    except RuntimeError as e:  # torch's DistNetworkError among them
+        raise PeerStopped("another process of this run stopped (its error is above)") from e
+    if not word[0] or alone:
+        yield Ranks() if word[0] and rank == 0 else None
+        return
+    try:  # each machine's processes: its first one speaks for it
         here = [r for r, host in enumerate(hosts) if host == hosts[rank]]
         ranks = Ranks(rank, world, here.index(rank), len(here), group)
         with _quiet_unless_lead(ranks):

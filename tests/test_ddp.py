@@ -90,18 +90,22 @@ def test_documented_multi_device_command_runs_train_py_to_its_last_line(tmp_path
     )
 
 
-@pytest.mark.parametrize("failing", [1, 0])
-def test_a_rank_that_fails_in_train_pys_evaluation_is_said_once_and_ends_both(tmp_path, failing):
-    # train.py's processes evaluate the run they trained together: a file of rank 1's
-    # shard that cannot be read is said by rank 1; rank 0, whose next collective lost
-    # it, says so in a line (Lightning's observer killed it without a word, SIGKILL:
-    # rank 1's own error was its only line) with how to evaluate the run again. A rank 0
-    # that fails alone ends rank 1, which waited for it in a collective.
+@pytest.mark.parametrize("fault", ["rank1", "rank0", "assemble"])
+def test_a_rank_that_fails_after_a_ddp_training_is_said_once_and_ends_both(tmp_path, fault):
+    # train.py's processes evaluate the run they trained together. rank1: a file of rank
+    # 1's shard that cannot be read is said by rank 1; rank 0, whose next collective lost
+    # it, says so in a line (Lightning's observer killed it without a word, SIGKILL) with
+    # how to evaluate the run again. rank0: an error no command foresees, in rank 0's
+    # evaluation: its traceback, and rank 1, which waited for it in a collective, ended
+    # (it went on after the command had returned). assemble: rank 0 alone fails writing
+    # the results, before the evaluation: its line alone (rank 1, waiting to make the
+    # evaluation's process group, printed a 29-line traceback).
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACECLUSTER_")}
-    env.update(PYTHONPATH=str(ROOT), EVAL_FAILS_ON_RANK=str(failing), PIDS=str(tmp_path))
+    env.update(PYTHONPATH=str(ROOT), FAULT=fault, PIDS=str(tmp_path))
     overrides = ["-c", str(SMOKE), *smoke_overrides(tmp_path, "logger=none", "eval.plots=false")]
     command = [sys.executable, str(ROOT / "tests" / "scripts" / "train_py_eval_fault.py")]
     ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    run_dir = tmp_path / "run"
     try:
         proc = subprocess.run(
             [*command, *overrides, *ddp],
@@ -113,23 +117,27 @@ def test_a_rank_that_fails_in_train_pys_evaluation_is_said_once_and_ends_both(tm
             start_new_session=True,
         )
         errors = re.findall(r"error: [^\r\n]*", proc.stderr)  # some after a progress bar
-        assert proc.returncode == 2, proc.stderr[-4000:]  # rank 0's own, not a SIGKILL
-        assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
-        injected = f"cannot read faces/x.jpg: injected into rank {failing}"
-        if failing:
+        again = f"the run has finished training: `python evaluate.py run={run_dir}` evaluates it"
+        injected = f"cannot read faces/x.jpg: injected into {fault.replace('k', 'k ')}"
+        if fault == "rank1":
+            assert proc.returncode == 2, proc.stderr[-4000:]  # rank 0's own, not a SIGKILL
             assert errors == [
                 f"error: rank 1: {injected}",
                 "error: another process of this evaluation stopped (its error is above)",
             ], proc.stderr[-4000:]
-            assert "note:" not in proc.stderr  # rank 1 had ended: none to end
-        else:
-            assert errors == [f"error: {injected}"], proc.stderr[-4000:]
+            assert proc.stderr.rstrip().splitlines()[-1] == again
+            assert "note:" not in proc.stderr and "Traceback" not in proc.stderr
+        elif fault == "rank0":
+            assert proc.returncode == 1, proc.stderr[-4000:]
+            assert f"RuntimeError: {injected}" in proc.stderr
             assert "and ended the 1 other process(es) of the run" in proc.stderr
-        run_dir = tmp_path / "run"
-        assert proc.stderr.rstrip().splitlines()[-1] == (
-            f"the run has finished training: `python evaluate.py run={run_dir}` evaluates it"
-        )
-        assert (run_dir / "results.md").is_file() and not (run_dir / "eval").exists()
+            assert proc.stderr.count("Traceback") == 1, proc.stderr[-4000:]  # rank 0's
+        else:
+            assert proc.returncode == 1, proc.stderr[-4000:]
+            assert errors == [f"error: {run_dir}: No space left on device"], proc.stderr[-4000:]
+            assert "Traceback" not in proc.stderr and "rank1]" not in proc.stderr
+        if fault != "assemble":
+            assert (run_dir / "results.md").is_file() and not (run_dir / "eval").exists()
         with pytest.raises(ProcessLookupError):  # rank 1 ended and reaped, not left waiting
             os.kill(int((tmp_path / "pid1").read_text()), 0)
     finally:

@@ -649,6 +649,52 @@ def test_torchruns_processes_say_each_error_once(finished_run):
         ranks.sum(summed)
 
 
+def test_after_a_ddp_training_the_processes_evaluate_together_unless_a_gpu_is_not_theirs(
+    smoke_cfg, monkeypatch
+):
+    # train.py's processes evaluate the run together, each on its own GPU or the CPU;
+    # rank 0 alone evaluates on the GPU that eval.device=cuda:N names, and on a GPU after
+    # a training on CPUs (gloo), whose processes all took cuda:0 or were refused as
+    # more processes than GPUs, after the whole training
+    import torch.distributed as dist
+
+    class GroupMade(Exception):
+        pass
+
+    def new_group(**kwargs):
+        raise GroupMade
+
+    rank, backend, device = 0, "gloo", "cpu"
+    for name, value in {
+        "is_available": lambda: True,
+        "is_initialized": lambda: True,
+        "get_world_size": lambda: 2,
+        "get_rank": lambda: rank,
+        "get_backend": lambda: backend,
+        "broadcast_object_list": lambda word, src: None,  # rank 0's word: True
+        "new_group": new_group,
+    }.items():
+        monkeypatch.setattr(dist, name, value)
+    monkeypatch.setattr(evaluation, "eval_device", lambda cfg: torch.device(device))
+
+    def entered(*overrides):
+        with evaluation.training_ranks(smoke_cfg(*overrides), finished=True) as ranks:
+            return ranks
+
+    for rank, backend, device in [(0, "gloo", "cpu"), (1, "nccl", "cuda"), (0, "gloo", "cuda")]:
+        if (device, backend) == ("cuda", "gloo"):  # a GPU, after a training on CPUs
+            assert entered() == evaluation.Ranks()
+            rank = 1
+            assert entered() is None
+        else:  # every process evaluates: the gloo group is made
+            with pytest.raises(GroupMade):
+                entered()
+    rank, backend, device = 0, "nccl", "cuda"
+    assert entered("eval.device=cuda:1") == evaluation.Ranks()
+    rank = 1
+    assert entered("eval.device=cuda:1") is None
+
+
 def test_each_process_computes_a_single_models_class_means_over_a_shard(
     finished_run, tmp_path, monkeypatch
 ):
