@@ -269,8 +269,9 @@ def training_ranks(cfg: Config, finished: bool) -> Iterator[Ranks | None]:
     it; ``finished`` is rank 0's word (it alone assembled the results) that the run is
     finished (the others' is not read). None where this process does not evaluate: on
     every rank for a run not finished; on all but rank 0 where it evaluates alone, for
-    ``eval.device=cuda:N`` (that GPU) and on a GPU after a training on CPUs (whose
-    processes have no GPU of their own).
+    ``eval.device=cuda:N`` (that GPU) and for an evaluation on a GPU after a training
+    over a process group that is not NCCL's (gloo's: on CPUs, whose processes have no
+    GPU each), as rank 0 decides for all.
 
     Raises:
         PeerStopped: another process stopped before the evaluation (rank 0, whose own
@@ -281,19 +282,20 @@ def training_ranks(cfg: Config, finished: bool) -> Iterator[Ranks | None]:
     if world == 1:
         yield Ranks() if finished else None
         return
-    rank, word, hosts = dist.get_rank(), [finished], [None] * world
     alone = cfg.eval.device.startswith("cuda:") or (
         eval_device(cfg).type == "cuda" and "nccl" not in dist.get_backend()
     )
-    try:
-        dist.broadcast_object_list(word, src=0)  # over the training's group, as it ends
-        if word[0] and not alone:
+    rank, word, hosts = dist.get_rank(), [finished, alone], [None] * world
+    try:  # rank 0's word, over the training's group as it ends (its GPUs may differ)
+        dist.broadcast_object_list(word, src=0)
+        finished, alone = word
+        if finished and not alone:
             group = dist.new_group(backend="gloo", timeout=RANKS_TIMEOUT)
             dist.all_gather_object(hosts, socket.gethostname(), group=group)
     except RuntimeError as e:  # torch's DistNetworkError among them
         raise PeerStopped("another process of this run stopped (its error is above)") from e
-    if not word[0] or alone:
-        yield Ranks() if word[0] and rank == 0 else None
+    if not finished or alone:
+        yield Ranks() if finished and rank == 0 else None
         return
     try:  # each machine's processes: its first one speaks for it
         here = [r for r, host in enumerate(hosts) if host == hosts[rank]]
