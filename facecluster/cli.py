@@ -276,7 +276,6 @@ def _evaluate_trained(cfg: Config, result: RunResult) -> int:
         PeerStopped,
         Ranks,
         evaluate_runs,
-        said_by_this_rank,
         training_ranks,
     )
 
@@ -303,10 +302,7 @@ def _evaluate_trained(cfg: Config, result: RunResult) -> int:
             return 128 + signal.SIGINT
         if not isinstance(e, (OSError, ValueError, BadImageError, PeerStopped)):
             raise  # its traceback
-        if said_by_this_rank(e, who.rank, who.local_rank):  # as evaluate.py says it
-            said = _said(e) if who.lead else f"rank {who.rank}: {_said(e)}"
-            print(f"error: {said}" + (f"\n{again}" if who.lead else ""), file=sys.stderr)
-        return 2
+        return _said_by_rank(e, who.rank, who.local_rank, then=again)  # as evaluate.py
     if ranks.lead:
         print(f"\nEvaluation on the held-out test split (docs/EVALUATION.md):\n{table}")
         print(f"\nfacecluster run folder: {run_dir}", flush=True)
@@ -356,12 +352,7 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
         from facecluster.data import BadImageError
 
         said_in_one_line += (BadImageError,)  # once imported: a failed import stays itself
-        from facecluster.evaluation import (
-            PeerStopped,
-            evaluate_runs,
-            said_by_this_rank,
-            torchrun_ranks,
-        )
+        from facecluster.evaluation import PeerStopped, evaluate_runs, torchrun_ranks
 
         said_in_one_line += (PeerStopped,)
         with torchrun_ranks() as ranks:  # one process, or those torchrun started
@@ -369,14 +360,7 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
     except KeyboardInterrupt:  # Ctrl-C reaches each of torchrun's processes: one line
         return _interrupted() if _torchrun_rank() == 0 else 128 + signal.SIGINT
     except said_in_one_line as e:
-        if not (rank := _torchrun_rank()):
-            return _fail(_said(e))
-        # torchrun's other processes: what this one met alone (a broken face of its
-        # shard); what every process meets, rank 0 says
-        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-        if said_by_this_rank(e, rank, local_rank):
-            return _fail(f"rank {rank}: {_said(e)}")
-        return 2
+        return _said_by_rank(e, _torchrun_rank(), int(os.environ.get("LOCAL_RANK", "0") or 0))
     if not ranks.lead:  # rank 0 prints the table and writes the results
         return 0
     print(table)
@@ -412,6 +396,21 @@ def _say_where(run: Path) -> None:
             f"then `facecluster identify {out} <images>` (docs/DEPLOYMENT.md)"
         )
     print(said, file=sys.stderr)
+
+
+def _said_by_rank(error: Exception, rank: int, local_rank: int, then: str = "") -> int:
+    """An evaluation's error, in one line, said by the process whose it is to say
+    (:func:`facecluster.evaluation.said_by_this_rank`): rank 0's as it is (then
+    ``then``, a line of its own), another rank's after its rank. Exit status 2."""
+    if not rank:
+        return _fail(f"{_said(error)}\n{then}" if then else _said(error))
+    from facecluster.evaluation import said_by_this_rank
+
+    # what this process met alone (a broken face of its shard); what every process
+    # meets, rank 0 says (and the first process of each other machine)
+    if said_by_this_rank(error, rank, local_rank):
+        return _fail(f"rank {rank}: {_said(error)}")
+    return 2
 
 
 def _said(error: Exception) -> object:
