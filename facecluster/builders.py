@@ -591,9 +591,17 @@ def detach_started_ranks() -> None:
         launcher.procs.clear()
 
 
-def stop_started_ranks(grace: float = STOP_GRACE_S, terminated: bool = False) -> int:
-    """In a process that failed, or stopped on SIGTERM (``terminated``): end the DDP
-    ranks its Trainer started. Returns how many had to be killed.
+_STOPPED_BY = {  # stop_started_ranks' cause, in its note
+    "failed": "failed (its error follows)",
+    "terminated": "was stopped by SIGTERM",
+    "interrupted": "was interrupted",
+}
+
+
+def stop_started_ranks(grace: float = STOP_GRACE_S, cause: str = "failed") -> int:
+    """In a process that failed, or stopped on SIGTERM (``cause="terminated"``) or
+    Ctrl-C (``"interrupted"``): end the DDP ranks its Trainer started. Returns how many
+    had to be killed.
 
     Lightning ends every process when one it started fails, but not when rank 0 (the
     process that started them) fails alone: a checkpoint that does not fit on its disk,
@@ -606,6 +614,7 @@ def stop_started_ranks(grace: float = STOP_GRACE_S, terminated: bool = False) ->
     (:class:`facecluster.callbacks.StopTogether`) and they end on their own: this waits
     for them, so the command returns once they have.
     """
+    what = _STOPPED_BY[cause]  # a wrong cause: before anything is ended
     detach_started_ranks()
     children = list(_DETACHED)
     _DETACHED.clear()
@@ -625,17 +634,16 @@ def stop_started_ranks(grace: float = STOP_GRACE_S, terminated: bool = False) ->
     except Exception as e:  # never in place of the error that brought this process here
         print(f"note: the processes this one started were not all ended: {e!r}", file=sys.stderr)
     if killed:
-        if terminated:
-            message = (
-                f"note: this process was stopped by SIGTERM and ended the {killed} other "
-                f"process(es) of the run that it had started, still running {grace:g} s later"
-            )
-        else:
-            message = (
-                f"note: this process failed (its error follows) and ended the {killed} other "
-                "process(es) of the run that it had started, which were waiting for it"
-            )
-        print(message, file=sys.stderr, flush=True)
+        # a failed process's ranks wait for it; the others may still have been at work
+        still = (
+            "which were waiting for it" if cause == "failed" else f"still running {grace:g} s later"
+        )
+        print(
+            f"note: this process {what} and ended the {killed} other process(es) of the run "
+            f"that it had started, {still}",
+            file=sys.stderr,
+            flush=True,
+        )
     return killed
 
 

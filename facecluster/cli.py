@@ -294,9 +294,10 @@ def _evaluate_trained(cfg: Config, result: RunResult) -> int:
         # the ranks this process started wait for it in a collective that its exit
         # alone would end (a process group's destruction does not): they have nothing
         # left to keep, and one that failed first is gone by now
-        stop_started_ranks(grace=2.0)
+        interrupted = isinstance(e, KeyboardInterrupt)
+        stop_started_ranks(grace=2.0, cause="interrupted" if interrupted else "failed")
         who = ranks or Ranks(rank_zero_only.rank)  # the group was not made: the global rank
-        if isinstance(e, KeyboardInterrupt):  # the training is done: say how to evaluate
+        if interrupted:  # the training is done: say how to evaluate
             if who.lead:
                 print(f"interrupted during the evaluation; {again}", file=sys.stderr)
             return 128 + signal.SIGINT

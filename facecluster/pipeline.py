@@ -769,7 +769,7 @@ def _this_run_only() -> Iterator[None]:
     try:
         yield
     except SIGTERMException:
-        stop_started_ranks(terminated=True)
+        stop_started_ranks(cause="terminated")
         raise
     except Exception:
         stop_started_ranks()

@@ -17,7 +17,7 @@ import lightning as L
 import pytest
 import torch
 
-from facecluster import evaluation
+from facecluster import builders, evaluation
 from facecluster.builders import build_datamodule
 from facecluster.clustering import (
     ClusterAssignment,
@@ -220,6 +220,33 @@ def _ddp_train(out, *overrides, timeout=480, check=True, **env_extra):
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+@pytest.mark.parametrize(
+    ("cause", "note"),
+    [
+        ("failed", "this process failed (its error follows) and ended the 1 other process(es) "
+         "of the run that it had started, which were waiting for it"),
+        ("interrupted", "this process was interrupted and ended the 1 other process(es) of the "
+         "run that it had started, still running 0.2 s later"),
+        ("terminated", "this process was stopped by SIGTERM and ended the 1 other process(es) "
+         "of the run that it had started, still running 0.2 s later"),
+    ],
+)  # fmt: skip
+def test_ending_the_started_ranks_says_why_this_process_stopped(cause, note, capsys):
+    # a rank that outlives the grace is killed, and the note says what happened to this
+    # process: Ctrl-C to rank 0 alone (train.py's evaluation) is no failure
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        builders._DETACHED.append(child)
+        assert builders.stop_started_ranks(grace=0.2, cause=cause) == 1
+        assert child.poll() is not None and not builders._DETACHED
+        assert capsys.readouterr().err.strip() == f"note: {note}"
+        with pytest.raises(KeyError):  # a mistyped cause, before anything is ended
+            builders.stop_started_ranks(cause="stopped")
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_a_rank_0_that_fails_alone_ends_the_ranks_it_started(tmp_path):
