@@ -293,7 +293,13 @@ def training_ranks(cfg: Config, finished: bool) -> Iterator[Ranks | None]:
             group = dist.new_group(backend="gloo", timeout=RANKS_TIMEOUT)
             dist.all_gather_object(hosts, socket.gethostname(), group=group)
     except RuntimeError as e:  # torch's DistNetworkError among them
-        raise PeerStopped("another process of this run stopped (its error is above)") from e
+        # most often a peer gone (rank 0 failed after the training and said why), but
+        # this process may have met its own (a port it cannot bind): its first line
+        first = str(e).strip().partition("\n")[0][:200]
+        raise PeerStopped(
+            "another process of this run stopped (its error is above), or this one could "
+            f"not join it: {first}"
+        ) from e
     if not finished or alone:
         yield Ranks() if finished and rank == 0 else None
         return

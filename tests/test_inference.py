@@ -693,6 +693,20 @@ def test_after_a_ddp_training_the_processes_evaluate_together_unless_a_gpu_is_no
     assert entered("eval.device=cuda:1") == evaluation.Ranks()
     rank = 1
     assert entered("eval.device=cuda:1") is None
+    # a group this process cannot make (its own error, or a peer gone): rank 0 says
+    # the cause's first line, not only that another process stopped
+    rank, backend, device = 0, "gloo", "cpu"
+
+    def unbound(**kwargs):
+        raise RuntimeError("cannot bind to port 29517: Address already in use\nC++ trace")
+
+    monkeypatch.setattr(dist, "new_group", unbound)
+    with pytest.raises(evaluation.PeerStopped) as stopped:
+        entered()
+    assert str(stopped.value) == (
+        "another process of this run stopped (its error is above), or this one could not "
+        "join it: cannot bind to port 29517: Address already in use"
+    )
 
 
 def test_each_process_computes_a_single_models_class_means_over_a_shard(
