@@ -748,10 +748,18 @@ def _submit(run: _Run, clustering: ClusteringCallback | None) -> RunResult:
             cfg, folder, stage1=stage1, cluster=cluster, stage2=overrides, assemble=assemble
         )
         names = ", ".join(f"{j['name']} ({j['job_id']})" for j in submitted["jobs"])
-        rank_zero_info(
-            f"submitted to SLURM: {names}; logs in {folder.slurm_dir}. When the last job "
-            f"is done: {COMMAND['evaluate']} run={folder.path}"
-        )
+        if assemble and cfg.eval.after_training:  # evaluating it again would do it twice
+            then = (
+                "The last job assembles the results and evaluates the run: its table in "
+                f"{folder.eval_file('table')}"
+            )
+        elif assemble:
+            then = f"When the last job is done: {COMMAND['evaluate']} run={folder.path}"
+        else:  # stage=1 or stage=cluster: the run is not finished by these jobs
+            then = (
+                f"When the last job is done, the run continues with `{resume_command(folder.path)}`"
+            )
+        rank_zero_info(f"submitted to SLURM: {names}; logs in {folder.slurm_dir}. {then}")
     return RunResult(folder.path, None, None)
 
 

@@ -4,6 +4,7 @@ needed), the stages run separately, and a killed job that ``resume`` finishes.""
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -217,6 +218,32 @@ def _fake_slurm(bin_dir: Path) -> Path:
     for tool in ("sbatch", "srun", "squeue"):
         (bin_dir / tool).chmod(0o755)
     return calls
+
+
+@pytest.mark.parametrize(
+    ("extra", "then"),
+    [
+        ((), "The last job assembles the results and evaluates the run: its table in "
+         "{run}/eval/results.md"),
+        (("eval.after_training=false",), "When the last job is done: python evaluate.py "
+         "run={run}"),
+        (("stage=1",), "When the last job is done, the run continues with `python train.py "
+         "resume={run}`"),
+    ],
+    ids=["evaluated", "not-evaluated", "stage-1"],
+)  # fmt: skip
+def test_a_slurm_submission_says_what_follows_the_last_job(
+    tmp_path, monkeypatch, caplog, extra, then
+):
+    # the assembly job evaluates the run (eval.after_training): the message told users
+    # to evaluate it again once the jobs were done (hours of GPU at scale)
+    _fake_slurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    overrides = smoke_overrides(tmp_path, "launcher=slurm", "slurm.gpus_per_node=0", *extra)
+    with caplog.at_level(logging.INFO):
+        run_dir = train(load_config(SMOKE, overrides)).run_dir
+    said = [r.getMessage() for r in caplog.records if "submitted to SLURM" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith(f". {then.format(run=run_dir)}"), said
 
 
 def test_slurm_plan_submits_a_chained_array_and_its_jobs_finish_the_run(tmp_path, monkeypatch):
