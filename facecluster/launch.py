@@ -124,6 +124,23 @@ def train_command(run: RunFolder, *overrides: str) -> list[str]:
     ]
 
 
+def evaluate_command(run: RunFolder, processes: int) -> list[str]:
+    """The command line that evaluates ``run`` on ``processes`` GPUs of one machine:
+    ``facecluster evaluate`` under torchrun, each process its shard of the test split
+    (docs/EVALUATION.md)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "facecluster.cli",
+        "evaluate",
+        f"run={run.path}",
+    ]
+
+
 def stage2_overrides(jobs: int, subnets: list[int]) -> list[list[str]]:
     """The overrides of ``jobs`` stage-2 jobs over ``subnets``: job i trains group i of
     :func:`balanced_groups`, which it computes from the clustering (known or not when
@@ -372,9 +389,10 @@ class TrainJob:
     """A SLURM job: ``facecluster train`` command lines, run in order in every task.
 
     SLURM starts one task per GPU (``srun``); Lightning's SLURM environment makes
-    them one DDP run. Before a preemption or the time limit, submitit calls
-    :meth:`checkpoint` and requeues the job, which then resumes from the run
-    folder's checkpoints.
+    them one DDP run. (The assembly job on several GPUs is one task, whose evaluation
+    starts a process per GPU under torchrun: :func:`evaluate_command`.) Before a
+    preemption or the time limit, submitit calls :meth:`checkpoint` and requeues the
+    job, which then resumes from the run folder's checkpoints.
     """
 
     name: str
@@ -422,14 +440,16 @@ def _stop(children: list[subprocess.Popen], signum: int, grace: float = 60.0) ->
             child.wait()
 
 
-def slurm_parameters(s: SlurmConfig, name: str, gpus: int, nodes: int) -> dict[str, Any]:
+def slurm_parameters(
+    s: SlurmConfig, name: str, gpus: int, nodes: int, tasks: int | None = None
+) -> dict[str, Any]:
     """submitit SlurmExecutor parameters of one job: ``nodes`` x ``gpus`` GPUs, one task
-    per GPU (one task per node without GPUs)."""
+    per GPU (one task per node without GPUs) unless ``tasks`` per node are given."""
     params: dict[str, Any] = {
         "job_name": name,
         "time": s.time_min,
         "nodes": nodes,
-        "ntasks_per_node": max(1, gpus),
+        "ntasks_per_node": tasks or max(1, gpus),
         "cpus_per_task": s.cpus_per_task,
         "array_parallelism": s.array_parallelism,
         "setup": list(s.setup),
@@ -490,9 +510,9 @@ def submit_slurm(
     submitted: dict[str, Any] = {"run": str(run.path), "jobs": []}
     after: str | None = None
     train_size = (s.gpus_per_node, s.nodes)  # stage 1 and each stage-2 job
-    small = (min(1, s.gpus_per_node), 1)  # the assembly and the evaluation
+    small = (min(1, s.gpus_per_node), 1)  # the assembly (and the evaluation on one GPU)
 
-    def parameters(name: str, size: tuple[int, int]) -> dict[str, Any]:
+    def parameters(name: str, size: tuple[int, ...]) -> dict[str, Any]:
         params = slurm_parameters(s, name, *size)
         if after:  # a job whose dependency failed is cancelled, not left pending
             params["dependency"] = f"afterok:{after}"
@@ -505,7 +525,7 @@ def submit_slurm(
         with replacing(run.slurm_dir / "submitted.json") as tmp:  # never half a record
             tmp.write_text(json.dumps(submitted, indent=2))
 
-    def submit(name: str, commands: list[list[str]], size: tuple[int, int]) -> str:
+    def submit(name: str, commands: list[list[str]], size: tuple[int, ...]) -> str:
         params = parameters(name, size)
         executor.update_parameters(**params)
         job = executor.submit(TrainJob(name, commands, cwd))
@@ -535,8 +555,22 @@ def submit_slurm(
             submitted["jobs"].append({**entry, "array": commands})
             record()
         if assemble:
-            command = train_command(run, "stage=assemble", *_devices(*small))
-            submit(f"{run.path.name}-assemble", [command], small)
+            name = f"{run.path.name}-assemble"
+            if (
+                cfg.eval.after_training
+                and s.gpus_per_node > 1
+                and not cfg.eval.device.startswith("cuda:")  # one GPU: torchrun refuses it
+            ):
+                # one task on one node's GPUs: the assembly, then the evaluation on all of
+                # them under torchrun (the assembly alone has no process group to share)
+                once = ("eval.after_training=false", *_devices(1, 1))
+                commands = [
+                    train_command(run, "stage=assemble", *once),
+                    evaluate_command(run, s.gpus_per_node),
+                ]
+                submit(name, commands, (s.gpus_per_node, 1, 1))
+            else:
+                submit(name, [train_command(run, "stage=assemble", *_devices(*small))], small)
 
     said, refused = io.StringIO(), ""  # submitit prints a refusing sbatch's words
     try:

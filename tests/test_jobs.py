@@ -24,7 +24,7 @@ from facecluster import cli, launch, pipeline
 from facecluster.config import ConfigError, load_config
 from facecluster.evaluation import evaluate_run
 from facecluster.io import replacing
-from facecluster.launch import balanced_groups, gpu_slots
+from facecluster.launch import balanced_groups, evaluate_command, gpu_slots
 from facecluster.loggers import build_logger
 from facecluster.pipeline import train
 from facecluster.run import JOB_ENV, RUN_DIR_ENV, RunFolder, job_name
@@ -229,8 +229,12 @@ def _fake_slurm(bin_dir: Path) -> Path:
          "run={run}"),
         (("stage=1",), "When the last job is done, the run continues with `python train.py "
          "resume={run}`"),
+        (("slurm.gpus_per_node=2",), "The last job assembles the results and evaluates the run: "
+         "its table in {run}/eval/results.md"),
+        (("slurm.gpus_per_node=2", "eval.device=cuda:1"), "The last job assembles the results "
+         "and evaluates the run: its table in {run}/eval/results.md"),
     ],
-    ids=["evaluated", "not-evaluated", "stage-1"],
+    ids=["evaluated", "not-evaluated", "stage-1", "on-2-gpus", "on-gpu-1"],
 )  # fmt: skip
 def test_a_slurm_submission_says_what_follows_the_last_job(
     tmp_path, monkeypatch, caplog, extra, then
@@ -244,6 +248,15 @@ def test_a_slurm_submission_says_what_follows_the_last_job(
         run_dir = train(load_config(SMOKE, overrides)).run_dir
     said = [r.getMessage() for r in caplog.records if "submitted to SLURM" in r.getMessage()]
     assert len(said) == 1 and said[0].endswith(f". {then.format(run=run_dir)}"), said
+    last = json.loads((run_dir / "slurm" / "submitted.json").read_text())["jobs"][-1]
+    script = sorted((tmp_path / "bin" / "calls").iterdir())[-1].read_text()
+    if extra == ("slurm.gpus_per_node=2",):  # the assembly, then the evaluation on both GPUs
+        assert last["commands"][0][6:8] == ["stage=assemble", "eval.after_training=false"]
+        assert last["commands"][1] == evaluate_command(RunFolder(run_dir), 2)
+        assert "#SBATCH --gpus-per-node=2" in script and "--ntasks-per-node=1" in script
+    elif "stage=1" not in extra:  # one GPU: the assembly evaluates as it ends (cuda:1
+        # named: torchrun's processes would refuse it after the assembly)
+        assert len(last["commands"]) == 1 and last["commands"][0][6] == "stage=assemble"
 
 
 def test_slurm_plan_submits_a_chained_array_and_its_jobs_finish_the_run(tmp_path, monkeypatch):
@@ -321,6 +334,14 @@ def test_slurm_plan_submits_a_chained_array_and_its_jobs_finish_the_run(tmp_path
     run_job(last["name"], last["commands"][0])
     assert run.finished and (run.path / "eval" / "results.md").is_file()
     assert "stage: all" in (run.path / "config.yaml").read_text(), "jobs never rewrite it"
+    # the evaluation an assembly job on several GPUs runs after it (torchrun, here two
+    # processes on the CPU): the run's table again, from both
+    env = {**os.environ, JOB_ENV: last["name"], "TMPDIR": str(tmp_path)}
+    evaluated = subprocess.run(
+        evaluate_command(run, 2), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(run.eval_file("json").read_text())["processes"] == 2
 
     # Train one named sub-net again, through SLURM: its files and its job's checkpoints
     # go at submission, one task trains it from the stage-1 backbone, the others stay.
