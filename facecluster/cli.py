@@ -20,6 +20,7 @@ import gc
 import os
 import shlex
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -267,6 +268,7 @@ def _evaluate_trained(cfg: Config, result: RunResult) -> int:
     the training's processes (:func:`facecluster.evaluation.training_ranks`); rank 0
     prints the table. An error is said as ``evaluate.py`` says it
     (:func:`said_by_this_rank`), with how to evaluate the run again."""
+    import torch
     from lightning.pytorch.utilities import rank_zero_only
 
     from facecluster.builders import detach_started_ranks, stop_started_ranks
@@ -278,12 +280,16 @@ def _evaluate_trained(cfg: Config, result: RunResult) -> int:
         evaluate_runs,
         training_ranks,
     )
+    from facecluster.launch import local_evaluation_gpus
 
     # Lightning's observer of the ranks this process started kills it (SIGKILL, without
     # a word) when one of them fails: here this process says why, and stops on its own
     detach_started_ranks()
     run_dir = result.run_dir
     again = f"the run has finished training: `{COMMAND['evaluate']} run={run_dir}` evaluates it"
+    if result.results is not None and not torch.distributed.is_initialized():
+        if gpus := local_evaluation_gpus(cfg):  # stage-2 jobs side by side on these GPUs
+            return _evaluate_on_gpus(run_dir, gpus, again)
     ranks = None
     try:  # rank 0 alone assembled the results (None: sub-nets still to train)
         with training_ranks(cfg, result.results is not None) as ranks:
@@ -308,6 +314,32 @@ def _evaluate_trained(cfg: Config, result: RunResult) -> int:
         print(f"\nEvaluation on the held-out test split (docs/EVALUATION.md):\n{table}")
         print(f"\nfacecluster run folder: {run_dir}", flush=True)
         _say_where(run_dir)
+    return 0
+
+
+def _evaluate_on_gpus(run_dir: Path, gpus: list[str], again: str) -> int:
+    """After stage-2 local jobs side by side on ``gpus``: the run's evaluation on all of
+    them, ``facecluster evaluate`` under torchrun (a process each, its shard of the
+    test split), which prints the table; this process trained alone and has no process
+    group to share. Returns its exit status."""
+    from facecluster.launch import DDP_ENV, evaluate_command
+    from facecluster.run import RunFolder
+
+    print(
+        f"\nEvaluation on the held-out test split (docs/EVALUATION.md), on GPUs "
+        f"{','.join(gpus)}, a torchrun process each:",
+        flush=True,
+    )
+    env = {k: v for k, v in os.environ.items() if k not in DDP_ENV}
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)  # the jobs' GPUs, as numbered here
+    try:
+        code = subprocess.run(evaluate_command(RunFolder(run_dir), len(gpus)), env=env).returncode
+    except KeyboardInterrupt:  # torchrun's processes had it too, and said it
+        print(again, file=sys.stderr)
+        return 128 + signal.SIGINT
+    if code:  # their error is above
+        print(again, file=sys.stderr)
+        return code if code > 0 else 128 - code  # a signal's status, as a shell gives it
     return 0
 
 

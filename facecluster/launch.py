@@ -141,6 +141,20 @@ def evaluate_command(run: RunFolder, processes: int) -> list[str]:
     ]
 
 
+def local_evaluation_gpus(cfg: Config) -> list[str]:
+    """The GPUs that evaluate a run after its stage-2 local jobs, one torchrun process
+    each (:func:`evaluate_command`): those the jobs took at once (``launcher.parallel``
+    jobs of ``trainer.devices`` GPUs), when they are more than one and the evaluation
+    runs on a GPU that ``eval.device`` does not name (``auto`` or ``cuda``); else []:
+    the command's own process evaluates, as after any training."""
+    if not cfg.starts_local_jobs() or cfg.eval.device not in ("auto", "cuda"):
+        return []
+    parallel = min(cfg.launcher.parallel, cfg.stage2.jobs)
+    slots = gpu_slots(_visible_gpus(), parallel, devices_per_job(cfg))
+    gpus = [gpu for slot in slots if slot for gpu in slot.split(",")]
+    return gpus if len(gpus) > 1 else []
+
+
 def stage2_overrides(jobs: int, subnets: list[int]) -> list[list[str]]:
     """The overrides of ``jobs`` stage-2 jobs over ``subnets``: job i trains group i of
     :func:`balanced_groups`, which it computes from the clustering (known or not when

@@ -1536,3 +1536,46 @@ def test_processes_beside_rank_0_wait_for_it_as_long_as_they_are_told(tmp_path, 
     cfg = load_config(SMOKE, smoke_overrides(tmp_path, "data.root=/nonexistent/faces"))
     with pytest.raises(ConfigError, match=r"FACECLUSTER_RANK0_TIMEOUT='half an hour': give a"):
         train(cfg)
+
+
+def test_after_local_jobs_side_by_side_on_gpus_the_evaluation_takes_them_all(
+    smoke_cfg, tmp_path, monkeypatch, capsys
+):
+    # stage2.jobs on an 8-GPU machine trains the sub-nets side by side, then evaluated
+    # the run on one GPU while the others idled (65 forwards a test face at K=64): the
+    # GPUs the jobs took evaluate it, a torchrun process each (GPUs faked here)
+    monkeypatch.setattr(launch, "_visible_gpus", lambda: ["3", "5", "6", "7"])
+    jobs = ("stage2.jobs=3", "launcher.parallel=2", "trainer.accelerator=gpu")
+    assert launch.local_evaluation_gpus(smoke_cfg(*jobs)) == ["3", "5"]
+    assert launch.local_evaluation_gpus(smoke_cfg(*jobs, "trainer.devices=2")) == [
+        "3", "5", "6", "7",
+    ]  # fmt: skip
+    # one job at a time, jobs on the CPU, the evaluation on the CPU or on a GPU named:
+    # the command's own process evaluates, as after any training
+    for other in (
+        "launcher.parallel=1", "stage2.jobs=1", "trainer.accelerator=cpu", "eval.device=cpu",
+        "eval.device=cuda:1",
+    ):  # fmt: skip
+        assert launch.local_evaluation_gpus(smoke_cfg(*jobs, other)) == [], other
+    ran = []
+
+    def stand_in(command, env, code=0):
+        ran.append((command, env))
+        return subprocess.CompletedProcess(command, code)
+
+    monkeypatch.setattr(cli.subprocess, "run", stand_in)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # not passed on: torchrun sets its own
+    run_dir = tmp_path / "run"
+    finished = pipeline.RunResult(run_dir, {"stage1": {}}, None)
+    assert cli._evaluate_trained(smoke_cfg(*jobs), finished) == 0
+    ((command, env),) = ran
+    assert command == launch.evaluate_command(RunFolder(run_dir), 2)
+    assert env["CUDA_VISIBLE_DEVICES"] == "3,5" and "LOCAL_RANK" not in env
+    assert "on GPUs 3,5, a torchrun process each" in capsys.readouterr().out
+    # its failure: torchrun's status, and how to evaluate the run again
+    monkeypatch.setattr(cli.subprocess, "run", lambda c, env: stand_in(c, env, code=1))
+    assert cli._evaluate_trained(smoke_cfg(*jobs), finished) == 1
+    assert capsys.readouterr().err.strip().endswith(f"evaluate.py run={run_dir}` evaluates it")
+    # a run not finished (sub-nets still to train): nothing evaluates
+    assert cli._evaluate_trained(smoke_cfg(*jobs), pipeline.RunResult(run_dir, None, None)) == 0
+    assert len(ran) == 2
