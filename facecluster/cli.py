@@ -20,7 +20,6 @@ import gc
 import os
 import shlex
 import signal
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -289,6 +288,7 @@ def _evaluate_trained(cfg: Config, result: RunResult) -> int:
     again = f"the run has finished training: `{COMMAND['evaluate']} run={run_dir}` evaluates it"
     if result.results is not None and not torch.distributed.is_initialized():
         if gpus := local_evaluation_gpus(cfg):  # stage-2 jobs side by side on these GPUs
+            torch.cuda.empty_cache()  # this process's cached blocks, on the first of them
             return _evaluate_on_gpus(run_dir, gpus, again)
     ranks = None
     try:  # rank 0 alone assembled the results (None: sub-nets still to train)
@@ -322,7 +322,7 @@ def _evaluate_on_gpus(run_dir: Path, gpus: list[str], again: str) -> int:
     them, ``facecluster evaluate`` under torchrun (a process each, its shard of the
     test split), which prints the table; this process trained alone and has no process
     group to share. Returns its exit status."""
-    from facecluster.launch import DDP_ENV, evaluate_command
+    from facecluster.launch import run_evaluation
     from facecluster.run import RunFolder
 
     print(
@@ -330,16 +330,17 @@ def _evaluate_on_gpus(run_dir: Path, gpus: list[str], again: str) -> int:
         f"{','.join(gpus)}, a torchrun process each:",
         flush=True,
     )
-    env = {k: v for k, v in os.environ.items() if k not in DDP_ENV}
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)  # the jobs' GPUs, as numbered here
     try:
-        code = subprocess.run(evaluate_command(RunFolder(run_dir), len(gpus)), env=env).returncode
-    except KeyboardInterrupt:  # torchrun's processes had it too, and said it
+        code = run_evaluation(RunFolder(run_dir), gpus)
+    except BaseException as e:  # a signal passed on to its processes, which have ended
         print(again, file=sys.stderr)
-        return 128 + signal.SIGINT
+        if isinstance(e, KeyboardInterrupt):  # its rank 0 said "interrupted"
+            return 128 + signal.SIGINT
+        raise  # SIGTERM: train_main says it (143); SIGHUP: 129
     if code:  # their error is above
         print(again, file=sys.stderr)
         return code if code > 0 else 128 - code  # a signal's status, as a shell gives it
+    print(f"\nfacecluster run folder: {run_dir}", flush=True)  # train.py's last line
     return 0
 
 

@@ -696,9 +696,11 @@ class SlurmConfig:
     nodes: int = 1
     """Nodes per job (stage 1 and each stage-2 job): multi-node DDP through srun."""
     gpus_per_node: int = 1
-    """GPUs per node; one task per GPU (Lightning's SLURM environment starts no processes)."""
+    """GPUs per node; one task per GPU (Lightning's SLURM environment starts no
+    processes), but the assembly job, one task whose evaluation starts a torchrun
+    process per GPU."""
     cpus_per_task: int = 8
-    """CPU cores per task (data loading workers)."""
+    """CPU cores per task (data loading workers); per GPU in the assembly job."""
     mem_gb: int | None = None
     """Memory per node in GB (None: the partition's default)."""
     array_parallelism: int = 64

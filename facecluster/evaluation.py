@@ -275,7 +275,9 @@ def training_ranks(cfg: Config, finished: bool) -> Iterator[Ranks | None]:
 
     Raises:
         PeerStopped: another process stopped before the evaluation (rank 0, whose own
-            error is said, failed after the training).
+            error is said, failed after the training), or rank 0 could not make the
+            evaluation's group.
+        ConnectionError: another rank could not make it (said by that rank).
     """
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -288,18 +290,23 @@ def training_ranks(cfg: Config, finished: bool) -> Iterator[Ranks | None]:
     rank, word, hosts = dist.get_rank(), [finished, alone], [None] * world
     try:  # rank 0's word, over the training's group as it ends (its GPUs may differ)
         dist.broadcast_object_list(word, src=0)
-        finished, alone = word
+    except RuntimeError as e:  # torch's DistNetworkError among them: rank 0 failed
+        raise PeerStopped("another process of this run stopped (its error is above)") from e
+    finished, alone = word
+    try:
         if finished and not alone:
             group = dist.new_group(backend="gloo", timeout=RANKS_TIMEOUT)
             dist.all_gather_object(hosts, socket.gethostname(), group=group)
-    except RuntimeError as e:  # torch's DistNetworkError among them
-        # most often a peer gone (rank 0 failed after the training and said why), but
-        # this process may have met its own (a port it cannot bind): its first line
+    except RuntimeError as e:
+        # a peer gone, or this process's own error (a port it cannot bind): its first
+        # line, said by rank 0 and by the rank that met it (the others wait for it)
         first = str(e).strip().partition("\n")[0][:200]
-        raise PeerStopped(
-            "another process of this run stopped (its error is above), or this one could "
-            f"not join it: {first}"
-        ) from e
+        if rank == 0:
+            raise PeerStopped(
+                "another process of this run stopped (its error is above), or this one "
+                f"could not join it: {first}"
+            ) from e
+        raise ConnectionError(f"could not join the evaluation's process group: {first}") from e
     if not finished or alone:
         yield Ranks() if finished and rank == 0 else None
         return

@@ -152,7 +152,32 @@ def local_evaluation_gpus(cfg: Config) -> list[str]:
     parallel = min(cfg.launcher.parallel, cfg.stage2.jobs)
     slots = gpu_slots(_visible_gpus(), parallel, devices_per_job(cfg))
     gpus = [gpu for slot in slots if slot for gpu in slot.split(",")]
-    return gpus if len(gpus) > 1 else []
+    # MIG instances: a process sees one at most, so torchrun's could not share them
+    if len(gpus) < 2 or any(gpu.strip().startswith("MIG-") for gpu in gpus):
+        return []
+    return gpus
+
+
+def run_evaluation(run: RunFolder, gpus: list[str]) -> int:
+    """:func:`evaluate_command` on ``gpus`` (``CUDA_VISIBLE_DEVICES``), in a session of
+    its own, this process's SIGTERM, SIGHUP and SIGINT passed on to it as to local jobs
+    (:func:`_passed_on`, which raises once it has ended). Returns its exit status."""
+    env = {k: v for k, v in os.environ.items() if k not in DDP_ENV}
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    child = subprocess.Popen(evaluate_command(run, len(gpus)), env=env, start_new_session=True)
+    # waited for in a thread, as the local jobs are: a handler of _passed_on that waits
+    # for the child in the thread that already waits in Popen.wait deadlocks on its lock
+    waiter = threading.Thread(target=child.wait, daemon=True)
+    stopped: list[int] = []
+    try:
+        with _passed_on({child.pid: child}, stopped):
+            waiter.start()
+            while waiter.is_alive():
+                waiter.join(0.5)
+        return child.returncode
+    finally:  # never left running: an error here, or a signal passed on ends it
+        if child.poll() is None:
+            _stop([child], signal.SIGTERM)
 
 
 def stage2_overrides(jobs: int, subnets: list[int]) -> list[list[str]]:
@@ -458,13 +483,15 @@ def slurm_parameters(
     s: SlurmConfig, name: str, gpus: int, nodes: int, tasks: int | None = None
 ) -> dict[str, Any]:
     """submitit SlurmExecutor parameters of one job: ``nodes`` x ``gpus`` GPUs, one task
-    per GPU (one task per node without GPUs) unless ``tasks`` per node are given."""
+    per GPU (one task per node without GPUs) unless ``tasks`` per node are given; the
+    node's cores follow its GPUs (``slurm.cpus_per_task`` per GPU)."""
+    tasks = tasks or max(1, gpus)
     params: dict[str, Any] = {
         "job_name": name,
         "time": s.time_min,
         "nodes": nodes,
-        "ntasks_per_node": tasks or max(1, gpus),
-        "cpus_per_task": s.cpus_per_task,
+        "ntasks_per_node": tasks,
+        "cpus_per_task": s.cpus_per_task * max(1, gpus) // tasks,
         "array_parallelism": s.array_parallelism,
         "setup": list(s.setup),
         # a key set to null is dropped (the one way an override removes a saved key);
@@ -569,22 +596,20 @@ def submit_slurm(
             submitted["jobs"].append({**entry, "array": commands})
             record()
         if assemble:
-            name = f"{run.path.name}-assemble"
-            if (
-                cfg.eval.after_training
-                and s.gpus_per_node > 1
-                and not cfg.eval.device.startswith("cuda:")  # one GPU: torchrun refuses it
-            ):
+            name, gpus = f"{run.path.name}-assemble", s.gpus_per_node
+            if not (cfg.eval.after_training and gpus > 1 and cfg.eval.device != "cpu"):
+                submit(name, [train_command(run, "stage=assemble", *_devices(*small))], small)
+            elif cfg.eval.device.startswith("cuda:"):  # the GPU it names, of the node's
+                submit(name, [train_command(run, "stage=assemble", *_devices(1, 1))], (gpus, 1, 1))
+            else:
                 # one task on one node's GPUs: the assembly, then the evaluation on all of
                 # them under torchrun (the assembly alone has no process group to share)
                 once = ("eval.after_training=false", *_devices(1, 1))
                 commands = [
                     train_command(run, "stage=assemble", *once),
-                    evaluate_command(run, s.gpus_per_node),
+                    evaluate_command(run, gpus),
                 ]
-                submit(name, commands, (s.gpus_per_node, 1, 1))
-            else:
-                submit(name, [train_command(run, "stage=assemble", *_devices(*small))], small)
+                submit(name, commands, (gpus, 1, 1))
 
     said, refused = io.StringIO(), ""  # submitit prints a refusing sbatch's words
     try:
@@ -654,12 +679,14 @@ def check_slurm(cfg: Config) -> None:
 
     ``slurm.additional`` may not set what the launcher sets: it replaced it in every
     job (``dependency: singleton`` unchained the stages, ``time`` the requeue limit,
-    ``nodes`` the DDP world the command lines ask for). Checked here, at submission,
+    nodes the DDP world the command lines ask for); nor may ``eval.device`` name a GPU
+    the assembly job, which evaluates, lacks. Checked here, at submission,
     not at every config load: a run saved with such a key is still evaluated, exported
     and resumed locally.
 
     Raises:
-        ConfigError: naming what is missing, or the ``slurm.additional`` key.
+        ConfigError: naming what is missing, the ``slurm.additional`` key, or
+            ``eval.device``.
     """
     _submitit()
     for key, value in cfg.slurm.additional.items():
@@ -671,6 +698,15 @@ def check_slurm(cfg: Config) -> None:
                 f"slurm.additional.{key}: --{option} is the launcher's to set: it would "
                 f"replace the launcher's in every job{use}. Drop it with "
                 f"slurm.additional.{key}=null"
+            )
+    gpus, device = cfg.slurm.gpus_per_node, cfg.eval.device
+    if cfg.assembles and cfg.eval.after_training and device.startswith("cuda"):
+        # the assembly job evaluates: a GPU it lacks failed it once it had assembled
+        if int(device.partition(":")[2] or 0) >= gpus:
+            raise ConfigError(
+                f"eval.device={device}: the assembly job, which evaluates the run, has "
+                f"{gpus} GPU(s) (slurm.gpus_per_node={gpus}): give eval.device=auto, or "
+                "eval.after_training=false and evaluate the run once the jobs are done"
             )
     missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
     if missing:

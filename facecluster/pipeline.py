@@ -748,6 +748,11 @@ def _submit(run: _Run, clustering: ClusteringCallback | None) -> RunResult:
             cfg, folder, stage1=stage1, cluster=cluster, stage2=overrides, assemble=assemble
         )
         names = ", ".join(f"{j['name']} ({j['job_id']})" for j in submitted["jobs"])
+        if not names:  # stage=1 or stage=cluster of a run that has it
+            rank_zero_info(
+                f"launcher=slurm: stage={cfg.stage} of {folder.path} is done: nothing to submit"
+            )
+            return RunResult(folder.path, None, None)
         if assemble and cfg.eval.after_training:  # evaluating it again would do it twice
             then = (
                 "The last job assembles the results and evaluates the run: its table in "

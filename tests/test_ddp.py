@@ -249,6 +249,27 @@ def test_ending_the_started_ranks_says_why_this_process_stopped(cause, note, cap
         child.wait()
 
 
+def test_ctrl_c_in_train_pys_evaluation_ends_the_started_ranks_as_interrupted(
+    tmp_path, monkeypatch, capsys
+):
+    # the note of the ranks ended is that this process was interrupted, not that it failed
+    from facecluster import cli
+    from facecluster.pipeline import RunResult
+
+    causes = []
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "evaluate_runs", interrupted)
+    monkeypatch.setattr(builders, "stop_started_ranks", lambda **kw: causes.append(kw) or 0)
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path))
+    finished = RunResult(tmp_path / "run", {"stage1": {}}, None)
+    assert cli._evaluate_trained(cfg, finished) == 128 + signal.SIGINT
+    assert causes == [{"grace": 2.0, "cause": "interrupted"}]
+    assert "interrupted during the evaluation" in capsys.readouterr().err
+
+
 def test_a_rank_0_that_fails_alone_ends_the_ranks_it_started(tmp_path):
     # Lightning's launcher ends every process when one it started fails, not when rank
     # 0 fails alone (its disk full at a checkpoint, the clustering it runs alone): the

@@ -707,6 +707,14 @@ def test_after_a_ddp_training_the_processes_evaluate_together_unless_a_gpu_is_no
         "another process of this run stopped (its error is above), or this one could not "
         "join it: cannot bind to port 29517: Address already in use"
     )
+    rank = 1  # another rank says its own (rank 0 waits for it in the group's making)
+    with pytest.raises(
+        ConnectionError,
+        match="could not join the evaluation's process group: "
+        "cannot bind to port 29517: Address already in use$",
+    ):
+        entered()
+    assert evaluation.said_by_this_rank(ConnectionError(), 1, 0)
 
 
 def test_each_process_computes_a_single_models_class_means_over_a_shard(

@@ -3,6 +3,7 @@ needed), the stages run separately, and a killed job that ``resume`` finishes.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +22,7 @@ import lightning as L
 import pytest
 import torch
 
-from facecluster import cli, launch, pipeline
+from facecluster import cli, evaluation, launch, pipeline
 from facecluster.config import ConfigError, load_config
 from facecluster.evaluation import evaluate_run
 from facecluster.io import replacing
@@ -233,8 +235,10 @@ def _fake_slurm(bin_dir: Path) -> Path:
          "its table in {run}/eval/results.md"),
         (("slurm.gpus_per_node=2", "eval.device=cuda:1"), "The last job assembles the results "
          "and evaluates the run: its table in {run}/eval/results.md"),
+        (("slurm.gpus_per_node=2", "eval.device=cpu"), "The last job assembles the results "
+         "and evaluates the run: its table in {run}/eval/results.md"),
     ],
-    ids=["evaluated", "not-evaluated", "stage-1", "on-2-gpus", "on-gpu-1"],
+    ids=["evaluated", "not-evaluated", "stage-1", "on-2-gpus", "on-gpu-1", "on-cpu"],
 )  # fmt: skip
 def test_a_slurm_submission_says_what_follows_the_last_job(
     tmp_path, monkeypatch, caplog, extra, then
@@ -253,10 +257,21 @@ def test_a_slurm_submission_says_what_follows_the_last_job(
     if extra == ("slurm.gpus_per_node=2",):  # the assembly, then the evaluation on both GPUs
         assert last["commands"][0][6:8] == ["stage=assemble", "eval.after_training=false"]
         assert last["commands"][1] == evaluate_command(RunFolder(run_dir), 2)
-        assert "#SBATCH --gpus-per-node=2" in script and "--ntasks-per-node=1" in script
-    elif "stage=1" not in extra:  # one GPU: the assembly evaluates as it ends (cuda:1
-        # named: torchrun's processes would refuse it after the assembly)
+    elif "stage=1" not in extra:  # the assembly evaluates as it ends (cuda:1 named:
+        # torchrun's processes would refuse it after the assembly)
         assert len(last["commands"]) == 1 and last["commands"][0][6] == "stage=assemble"
+    if "eval.device=cpu" not in extra and "slurm.gpus_per_node=2" in extra:  # one task,
+        # both GPUs and the cores of two tasks
+        assert "#SBATCH --gpus-per-node=2" in script and "--ntasks-per-node=1" in script
+        assert "#SBATCH --cpus-per-task=16" in script
+    # a GPU the assembly job lacks: refused at submission (it failed once assembled)
+    for device, gpus in (("cuda:2", 2), ("cuda", 0)) if not extra else ():
+        lacking = smoke_overrides(
+            tmp_path / device, "launcher=slurm", f"slurm.gpus_per_node={gpus}",
+            f"eval.device={device}",
+        )  # fmt: skip
+        with pytest.raises(ConfigError, match=f"eval.device={device}: the assembly job"):
+            train(load_config(SMOKE, lacking))
 
 
 def test_slurm_plan_submits_a_chained_array_and_its_jobs_finish_the_run(tmp_path, monkeypatch):
@@ -519,8 +534,9 @@ def test_slurm_jobs_get_one_task_per_gpu_on_every_node(tmp_path, monkeypatch):
     for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--mem=200GB"):
         assert f"#SBATCH {line}" in stage1 and f"#SBATCH {line}" in array
     assert "--array" not in array, "stage2.jobs=1: one job, not an array"
-    assert "#SBATCH --gpus-per-node=1" in assemble and "#SBATCH --nodes=1" in assemble
-    assert "#SBATCH --ntasks-per-node=1" in assemble
+    # the assembly: one task on one node's 4 GPUs (its evaluation starts a process each)
+    assert "#SBATCH --gpus-per-node=4" in assemble and "#SBATCH --nodes=1" in assemble
+    assert "#SBATCH --ntasks-per-node=1" in assemble and "#SBATCH --cpus-per-task=32" in assemble
     # one task that fails ends the job's others (they waited in a collective until its
     # timeout, holding their GPUs)
     for script in (stage1, array, assemble):
@@ -1557,25 +1573,84 @@ def test_after_local_jobs_side_by_side_on_gpus_the_evaluation_takes_them_all(
         "eval.device=cuda:1",
     ):  # fmt: skip
         assert launch.local_evaluation_gpus(smoke_cfg(*jobs, other)) == [], other
-    ran = []
+    # MIG instances: a process sees one at most, none for torchrun's second process
+    with monkeypatch.context() as m:
+        m.setattr(launch, "_visible_gpus", lambda: ["MIG-4b1c", "MIG-9e2a"])
+        assert launch.local_evaluation_gpus(smoke_cfg(*jobs)) == []
+    # train.py's evaluation then runs on them: here a stand-in for torchrun's command,
+    # which writes its environment and ends as FAKE_MODE says
+    out = tmp_path / "child.json"
+    script = (
+        "import json, os, pathlib, signal, sys, time\n"
+        "out = pathlib.Path(os.environ['FAKE_OUT'])\n"
+        "def said(signum, frame):\n"
+        "    out.with_suffix('.signal').write_text(str(signum)); sys.exit(3)\n"
+        "signal.signal(signal.SIGTERM, said); signal.signal(signal.SIGINT, said)\n"
+        "out.write_text(json.dumps(dict(os.environ)))\n"
+        "mode = os.environ['FAKE_MODE']\n"
+        "if mode == 'wait': time.sleep(60)\n"
+        "if mode == 'kill': os.kill(os.getpid(), signal.SIGKILL)\n"
+        "sys.exit(int(mode))\n"
+    )
+    made = []
 
-    def stand_in(command, env, code=0):
-        ran.append((command, env))
-        return subprocess.CompletedProcess(command, code)
+    def command(run, processes):
+        made.append((run.path, processes))
+        return [sys.executable, "-c", script]
 
-    monkeypatch.setattr(cli.subprocess, "run", stand_in)
-    monkeypatch.setenv("LOCAL_RANK", "0")  # not passed on: torchrun sets its own
+    monkeypatch.setattr(launch, "evaluate_command", command)
+    monkeypatch.setenv("FAKE_OUT", str(out))
+    for name in ("LOCAL_RANK", "MASTER_PORT", "TORCHELASTIC_RUN_ID", RUN_DIR_ENV):
+        monkeypatch.setenv(name, "0")  # torchrun sets its own; not this run's folder
     run_dir = tmp_path / "run"
     finished = pipeline.RunResult(run_dir, {"stage1": {}}, None)
-    assert cli._evaluate_trained(smoke_cfg(*jobs), finished) == 0
-    ((command, env),) = ran
-    assert command == launch.evaluate_command(RunFolder(run_dir), 2)
-    assert env["CUDA_VISIBLE_DEVICES"] == "3,5" and "LOCAL_RANK" not in env
-    assert "on GPUs 3,5, a torchrun process each" in capsys.readouterr().out
-    # its failure: torchrun's status, and how to evaluate the run again
-    monkeypatch.setattr(cli.subprocess, "run", lambda c, env: stand_in(c, env, code=1))
-    assert cli._evaluate_trained(smoke_cfg(*jobs), finished) == 1
-    assert capsys.readouterr().err.strip().endswith(f"evaluate.py run={run_dir}` evaluates it")
-    # a run not finished (sub-nets still to train): nothing evaluates
+
+    def evaluated(mode):
+        monkeypatch.setenv("FAKE_MODE", mode)
+        out.unlink(missing_ok=True)
+        return cli._evaluate_trained(smoke_cfg(*jobs), finished)
+
+    assert evaluated("0") == 0 and made == [(run_dir, 2)]
+    env = json.loads(out.read_text())
+    assert env["CUDA_VISIBLE_DEVICES"] == "3,5" and not set(launch.DDP_ENV) & set(env)
+    said = capsys.readouterr().out
+    assert "on GPUs 3,5, a torchrun process each" in said
+    assert said.rstrip().splitlines()[-1] == f"facecluster run folder: {run_dir}"
+    again = f"evaluate.py run={run_dir}` evaluates it"
+    # its failure, or its end by a signal: that status, and how to evaluate again
+    for mode, status in (("1", 1), ("kill", 128 + signal.SIGKILL)):
+        assert evaluated(mode) == status
+        assert capsys.readouterr().err.strip().endswith(again)
+    # SIGTERM or Ctrl-C to this process goes on to torchrun's (in a session of their
+    # own), which end first: 143 (train_main says "terminated"), 130
+
+    def signal_when_started(signum):
+        deadline = time.monotonic() + 60
+        while not out.is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        out.unlink()  # the last child's, before the signal waits for this one's
+        out.with_suffix(".signal").unlink(missing_ok=True)
+        threading.Thread(target=signal_when_started, args=(signum,)).start()
+        if signum == signal.SIGTERM:
+            with pytest.raises(SystemExit) as stopped:
+                evaluated("wait")
+            assert stopped.value.code == 128 + signum
+        else:
+            assert evaluated("wait") == 128 + signum
+        assert out.with_suffix(".signal").read_text() == str(int(signum))
+        assert capsys.readouterr().err.strip().endswith(again)
+    # a run not finished (sub-nets still to train), or a process in a DDP group (its
+    # ranks evaluate together, training_ranks): no torchrun of its own
     assert cli._evaluate_trained(smoke_cfg(*jobs), pipeline.RunResult(run_dir, None, None)) == 0
-    assert len(ran) == 2
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+
+    @contextlib.contextmanager
+    def elsewhere(cfg, done):
+        yield None  # another process evaluates
+
+    monkeypatch.setattr(evaluation, "training_ranks", elsewhere)
+    assert cli._evaluate_trained(smoke_cfg(*jobs), finished) == 0
+    assert len(made) == 5
