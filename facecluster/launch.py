@@ -164,19 +164,26 @@ def run_evaluation(run: RunFolder, gpus: list[str]) -> int:
     (:func:`_passed_on`, which raises once it has ended). Returns its exit status."""
     env = {k: v for k, v in os.environ.items() if k not in DDP_ENV}
     env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    child = subprocess.Popen(evaluate_command(run, len(gpus)), env=env, start_new_session=True)
-    # waited for in a thread, as the local jobs are: a handler of _passed_on that waits
-    # for the child in the thread that already waits in Popen.wait deadlocks on its lock
-    waiter = threading.Thread(target=child.wait, daemon=True)
+    child: subprocess.Popen | None = None
+    running: dict[int, subprocess.Popen] = {}
     stopped: list[int] = []
     try:
-        with _passed_on({child.pid: child}, stopped):
+        with _passed_on(running, stopped):  # its handlers first: no signal is missed
+            child = subprocess.Popen(
+                evaluate_command(run, len(gpus)), env=env, start_new_session=True
+            )
+            running[child.pid] = child
+            if stopped:  # a signal while it started: passed on now
+                _stop([child], stopped[0])
+            # waited for in a thread, as the local jobs are: a handler of _passed_on
+            # waiting for the child in the thread that waits in Popen.wait deadlocks
+            waiter = threading.Thread(target=child.wait, daemon=True)
             waiter.start()
             while waiter.is_alive():
                 waiter.join(0.5)
         return child.returncode
     finally:  # never left running: an error here, or a signal passed on ends it
-        if child.poll() is None:
+        if child is not None and child.poll() is None:
             _stop([child], signal.SIGTERM)
 
 
@@ -387,14 +394,18 @@ def _passed_on(running: dict[int, subprocess.Popen], stopped: list[int]) -> Iter
         return
 
     def pass_on(signum: int, frame: Any) -> None:
+        if stopped:  # a second Ctrl-C while the first is passed on: torchrun's agent
+            return  # cut its own stop of its workers short on another signal
         stopped.append(signum)
         _stop(list(running.values()), signum)
         # the launcher ends by the signal once the pool has marked every job that had
         # not started (below): raised here, it could end the process while a pool thread
         # had made a job's folder but not yet written why the job never ran
 
-    before = {sig: signal.signal(sig, pass_on) for sig in caught}
-    try:
+    before: dict[int, Any] = {}
+    try:  # each handler restored below, also when a signal lands between two of them
+        for sig in caught:
+            before[sig] = signal.signal(sig, pass_on)
         yield
     finally:
         for sig, handler in before.items():

@@ -750,7 +750,8 @@ def _submit(run: _Run, clustering: ClusteringCallback | None) -> RunResult:
         names = ", ".join(f"{j['name']} ({j['job_id']})" for j in submitted["jobs"])
         if not names:  # stage=1 or stage=cluster of a run that has it
             rank_zero_info(
-                f"launcher=slurm: stage={cfg.stage} of {folder.path} is done: nothing to submit"
+                f"launcher=slurm: stage={cfg.stage} of {folder.path} is done: nothing to "
+                f"submit; `{resume_command(folder.path)}` submits the rest of the run"
             )
             return RunResult(folder.path, None, None)
         if assemble and cfg.eval.after_training:  # evaluating it again would do it twice

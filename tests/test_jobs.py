@@ -264,6 +264,17 @@ def test_a_slurm_submission_says_what_follows_the_last_job(
         # both GPUs and the cores of two tasks
         assert "#SBATCH --gpus-per-node=2" in script and "--ntasks-per-node=1" in script
         assert "#SBATCH --cpus-per-task=16" in script
+    if extra == ("stage=1",):  # submitted again once stage 1 is done: nothing to submit
+        with monkeypatch.context() as m:
+            m.setattr(RunFolder, "has_stage_summary", lambda self, n: True)
+            caplog.clear()
+            with caplog.at_level(logging.INFO):
+                train(RunFolder(run_dir).config_for_resume(str(run_dir), ["stage=1"]))
+        said = [r.getMessage() for r in caplog.records if "launcher=slurm" in r.getMessage()]
+        assert said == [
+            f"launcher=slurm: stage=1 of {run_dir} is done: nothing to submit; "
+            f"`python train.py resume={run_dir}` submits the rest of the run"
+        ]
     # a GPU the assembly job lacks: refused at submission (it failed once assembled)
     for device, gpus in (("cuda:2", 2), ("cuda", 0)) if not extra else ():
         lacking = smoke_overrides(
@@ -1624,22 +1635,29 @@ def test_after_local_jobs_side_by_side_on_gpus_the_evaluation_takes_them_all(
     # SIGTERM or Ctrl-C to this process goes on to torchrun's (in a session of their
     # own), which end first: 143 (train_main says "terminated"), 130
 
-    def signal_when_started(signum):
+    def signal_when_started(signum, done):  # never once the evaluation has returned
         deadline = time.monotonic() + 60
-        while not out.is_file() and time.monotonic() < deadline:
+        while not out.is_file() and not done.is_set() and time.monotonic() < deadline:
             time.sleep(0.05)
-        os.kill(os.getpid(), signum)
+        if out.is_file() and not done.is_set():
+            os.kill(os.getpid(), signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         out.unlink()  # the last child's, before the signal waits for this one's
         out.with_suffix(".signal").unlink(missing_ok=True)
-        threading.Thread(target=signal_when_started, args=(signum,)).start()
-        if signum == signal.SIGTERM:
-            with pytest.raises(SystemExit) as stopped:
-                evaluated("wait")
-            assert stopped.value.code == 128 + signum
-        else:
-            assert evaluated("wait") == 128 + signum
+        done = threading.Event()
+        sender = threading.Thread(target=signal_when_started, args=(signum, done), daemon=True)
+        sender.start()
+        try:
+            if signum == signal.SIGTERM:
+                with pytest.raises(SystemExit) as stopped:
+                    evaluated("wait")
+                assert stopped.value.code == 128 + signum
+            else:
+                assert evaluated("wait") == 128 + signum
+        finally:
+            done.set()
+            sender.join()
         assert out.with_suffix(".signal").read_text() == str(int(signum))
         assert capsys.readouterr().err.strip().endswith(again)
     # a run not finished (sub-nets still to train), or a process in a DDP group (its
