@@ -610,7 +610,7 @@ def submit_slurm(
             name, gpus = f"{run.path.name}-assemble", s.gpus_per_node
             if not (cfg.eval.after_training and gpus > 1 and cfg.eval.device != "cpu"):
                 submit(name, [train_command(run, "stage=assemble", *_devices(*small))], small)
-            elif cfg.eval.device.startswith("cuda:"):  # the GPU it names, of the node's
+            elif cfg.eval.device.startswith("cuda:"):  # the GPU it names, of the job's
                 submit(name, [train_command(run, "stage=assemble", *_devices(1, 1))], (gpus, 1, 1))
             else:
                 # one task on one node's GPUs: the assembly, then the evaluation on all of
@@ -690,7 +690,7 @@ def check_slurm(cfg: Config) -> None:
 
     ``slurm.additional`` may not set what the launcher sets: it replaced it in every
     job (``dependency: singleton`` unchained the stages, ``time`` the requeue limit,
-    nodes the DDP world the command lines ask for); nor may ``eval.device`` name a GPU
+    ``nodes`` the DDP world the command lines ask for); nor may ``eval.device`` name a GPU
     the assembly job, which evaluates, lacks. Checked here, at submission,
     not at every config load: a run saved with such a key is still evaluated, exported
     and resumed locally.
