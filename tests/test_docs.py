@@ -196,7 +196,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         LEFT_OUT,
         CLUSTER,
     ),
-    "torchrun --nnodes=2 --nproc_per_node=8": (LEFT_OUT, CLUSTER),
+    "torchrun --nnodes=2 --nproc_per_node=8": (
+        LEFT_OUT,
+        CLUSTER + "; tests/test_jobs.py::test_documented_two_node_torchrun_form_trains_one_run_"
+        "on_one_machine runs it as two torchrun agents on one machine",
+    ),
     "srun --ntasks-per-node=8 python train.py": (LEFT_OUT, CLUSTER),
     "python train.py resume=/shared/runs/ms1mv3 launcher=slurm stage2.jobs=8": (
         LEFT_OUT,

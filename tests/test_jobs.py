@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -708,6 +709,44 @@ def test_documented_torchrun_stage1_writes_one_run_folder(tmp_path):
     run = RunFolder(tmp_path / "runs" / "torchrun")
     assert run.has_stage_summary(1) and not run.clusters_path.exists()
     assert "stage=1 done" in proc.stdout + proc.stderr
+
+
+def test_documented_two_node_torchrun_form_trains_one_run_on_one_machine(tmp_path):
+    # docs/TRAINING.md's torchrun across nodes (--nnodes=2, one command per node), here
+    # two torchrun agents on this machine, one process each: node 1's process joins
+    # node 0's world (trainer.num_nodes=2 is neither refused nor a second run) and
+    # node 0 alone writes the run folder and its last line
+    documented = " ".join((ROOT / "docs" / "TRAINING.md").read_text().split())
+    assert "torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK" in documented
+    for name in ("train.py", "configs"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    with socket.socket() as s:  # a free port for node 0's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        str(Path(sys.executable).parent / "torchrun"), "--nnodes=2", "--nproc_per_node=1",
+        "--master_addr=127.0.0.1", f"--master_port={port}", "train.py", "-c",
+        "configs/smoke.yaml", "run_name=nodes", "stage=1", "trainer.devices=1",
+        "trainer.num_nodes=2", "trainer.strategy=ddp",
+    ]  # fmt: skip
+    nodes = [
+        subprocess.Popen(
+            [*command[:3], f"--node_rank={rank}", *command[3:]],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    said = [node.communicate(timeout=480)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], said[0][-3000:] + said[1][-3000:]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [".cache", "nodes"]
+    run = RunFolder(tmp_path / "runs" / "nodes")
+    assert run.has_stage_summary(1) and not run.clusters_path.exists()
+    assert "MEMBER: 2/2" in said[1] and "stage=1 done" not in said[1]
+    assert said[0].rstrip().endswith("stage=1 done; run folder: " + str(run.path))
 
 
 def test_a_job_that_is_training_is_not_trained_twice(tmp_path, monkeypatch):
