@@ -1261,8 +1261,8 @@ class FaceDataModule(lightning.LightningDataModule):
         # Pinned (page-locked) batches when a Trainer runs on a CUDA device: the copy to
         # the GPU is then asynchronous DMA. No persistent workers: each epoch's iterator
         # starts its own, as before 2026-12-06, when their seeds decided the mirrors
-        # (the samplers hand every draw to the workers now); persistent workers were
-        # not measured.
+        # (the samplers hand every draw to the workers now); persistent workers saved
+        # no time at an epoch's start (docs/PERFORMANCE.md).
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         kwargs = {
             "num_workers": self.hparams.num_workers,
