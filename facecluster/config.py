@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import json
 import math
 import os
 import re
@@ -251,18 +252,50 @@ def unreadable_names(names: Sequence[str]) -> list[tuple[str, str]]:
 
 RUN_CONFIG = "config.yaml"
 """The run folder's saved config: what makes a folder a run's."""
+RUN_META = "run.json"
+"""The run folder's id, creation, launch and format (:meth:`RunFolder.create`)."""
+RUN_FORMAT = 1
+"""The run-folder format this facecluster writes and reads: ``run.json``'s ``format``,
+with the ``facecluster`` release that made the folder (a folder without them, made
+before 2026-12-07, has this format). A release that changes what a run's files mean
+raises it, so that an older facecluster refuses such a folder (:func:`not_a_run`):
+read by today's schema, a newer run's new setting was "unknown config key" (a typo, by
+its hint) and a newer record "a damaged run folder"."""
 
 
 def not_a_run(folder: str | Path) -> str | None:
-    """Why ``folder`` (which exists) is not a run folder, or ``None``. Light (no torch):
-    evaluate and export say it before their imports, and :meth:`RunFolder.config` after."""
+    """Why ``folder`` (which exists) is not a run folder this facecluster reads, or
+    ``None``. Light (no torch): evaluate and export say it before their imports, and
+    :meth:`RunFolder.config` (resume, evaluation, export) after."""
     path = Path(folder).expanduser().resolve()
-    if (path / RUN_CONFIG).is_file():
+    if not (path / RUN_CONFIG).is_file():
+        return (  # an export folder, given to evaluate or export, most likely
+            f"{path}: not a facecluster run folder (no {RUN_CONFIG}): evaluation and export "
+            "take the folder that training made (runs/<run>); an export's folder is for "
+            "`facecluster identify` and `facecluster enroll`"
+        )
+    try:
+        meta = json.loads((path / RUN_META).read_text())
+    except (OSError, ValueError):  # none or damaged: said where the run's id is read
         return None
-    return (  # an export folder, given to evaluate or export, most likely
-        f"{path}: not a facecluster run folder (no {RUN_CONFIG}): evaluation and export "
-        "take the folder that training made (runs/<run>); an export's folder is for "
-        "`facecluster identify` and `facecluster enroll`"
+    stamp = meta.get("format") if isinstance(meta, dict) else None
+    if isinstance(stamp, int) and not isinstance(stamp, bool) and stamp > RUN_FORMAT:
+        return newer_format(path, "run folder", stamp, RUN_FORMAT, meta.get("facecluster"))
+    return None
+
+
+def newer_format(
+    path: str | Path, what: str, stamp: int, newest: int, writer: object = None
+) -> str:
+    """What a file or folder of a format newer than this facecluster reads says:
+    ``stamp`` and ``writer`` (the facecluster release it names, if any) against this
+    release's ``newest``."""
+    import facecluster
+
+    by = f"facecluster {writer}" if isinstance(writer, str) and writer else "a later facecluster"
+    return (
+        f"{path}: a {what} of format {stamp}, made by {by}; this facecluster "
+        f"({facecluster.__version__}) reads formats up to {newest}: read it with {by} or later"
     )
 
 

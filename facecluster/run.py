@@ -62,6 +62,8 @@ from facecluster.clustering import ClusterAssignment
 from facecluster.config import (
     FITTED_ROUTE,
     RUN_CONFIG,
+    RUN_FORMAT,
+    RUN_META,
     ClusteringConfig,
     Config,
     ConfigError,
@@ -73,6 +75,7 @@ from facecluster.config import (
     resume_command,
     route_problems,
 )
+from facecluster.data.folder import SPLIT_VERSION
 from facecluster.data.recordio import rec_paths
 from facecluster.io import (
     UnsafeFileError,
@@ -108,7 +111,7 @@ the data first, so rank 0 may come minutes after them (a cold filesystem cache).
 RANK0_WAIT_S = 1800.0
 """torch.distributed's default process-group timeout, which the ranks wait in next."""
 
-META = "run.json"
+META = RUN_META
 CLASS_NAMES = "class_names.json"
 SPLIT = "split.json"
 SPLITS = ("val", "test")
@@ -388,7 +391,12 @@ class RunFolder:
                 ) from None
             run_id = _read_json(meta).get("run_id") or uuid.uuid4().hex[:12]
             created = datetime.now().isoformat()
-            self._write_json(META, {"run_id": run_id, "created": created, "launch": _launch_id()})
+            import facecluster
+
+            stamp = {"format": RUN_FORMAT, "facecluster": facecluster.__version__}
+            self._write_json(
+                META, {"run_id": run_id, "created": created, "launch": _launch_id(), **stamp}
+            )
         if not is_global_zero():  # started by torchrun/srun with rank 0, not by it
             _wait_for(meta, launch=_launch_id() if together else None)
         return self.run_id
@@ -770,7 +778,12 @@ class RunFolder:
             return
         if is_global_zero():  # the writer's alone
             images, per_identity = dm.images_per_identity()
-            kept = {**dm.split_fingerprint(), "images": images, "per_identity": per_identity}
+            kept = {
+                **dm.split_fingerprint(),
+                "images": images,
+                "per_identity": per_identity,
+                "split_version": SPLIT_VERSION,
+            }
             self._write_json(SPLIT, kept)
         self._write_json(CLASS_NAMES, dm.class_names)  # last: it marks the data kept
 
@@ -797,6 +810,14 @@ class RunFolder:
         if not path.is_file():
             return
         kept = read_state(path, dict, SPLITS)  # {} too: damaged, not a run made before it
+        made = kept.get("split_version", 1)  # recorded since 2026-12-07
+        if made != SPLIT_VERSION:  # its digests would not match: not the data's fault
+            raise ConfigError(
+                f"{path}: the run's images were split by facecluster's split version "
+                f"{made!r}; this facecluster splits by version {SPLIT_VERSION}, so its val "
+                "and test splits would not be the run's: resume, evaluate or export it with "
+                "the facecluster that trained it"
+            )
         images, per_identity = dm.images_per_identity()
         if kept.get("per_identity", per_identity) != per_identity:  # recorded since 2026-12-06
             before = kept.get("images")

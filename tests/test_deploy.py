@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import facecluster
 from facecluster import cli, deploy
 from facecluster.builders import build_datamodule
 from facecluster.config import ConfigError, load_config
@@ -1048,6 +1049,11 @@ def test_a_damaged_onnx_export_is_named(tmp_path):
     (tmp_path / "identifier.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"identifier.json: not a facecluster ONNX export"):
         load_onnx(tmp_path)
+    meta = {"format": ONNX_FORMAT, "version": ONNX_VERSION + 1, "facecluster": "9.1"}
+    (tmp_path / "identifier.json").write_text(json.dumps(meta))  # a later release's
+    with pytest.raises(ValueError, match=r"json: a facecluster ONNX export of format 3, made "
+                       r"by facecluster 9.1; .* reads formats up to 2"):  # fmt: skip
+        load_onnx(tmp_path)  # "not a facecluster ONNX export", as if another file
     meta = {"format": ONNX_FORMAT, "version": ONNX_VERSION, "num_clusters": 2}
     (tmp_path / "identifier.json").write_text(json.dumps(meta))  # its other keys missing
     with pytest.raises(ValueError, match=r"identifier.json: class_names is not a list of"):
@@ -1581,6 +1587,15 @@ def test_an_export_keeps_any_names_exactly_and_reads_the_list_of_older_versions(
     _small_export(tmp_path, names)
     payload = torch.load(tmp_path / "identifier.pt", weights_only=True)
     assert payload["version"] == EXPORT_VERSION == 4
+    assert payload["facecluster"] == facecluster.__version__
+    meta = json.loads((tmp_path / "onnx" / "identifier.json").read_text())
+    assert meta["facecluster"] == facecluster.__version__
+    newer = {**payload, "version": 5, "facecluster": "9.1"}  # a later release's, to this one
+    torch.save(newer, tmp_path / "v5.pt")
+    with pytest.raises(ValueError, match=r"v5.pt: a facecluster export of format 5, made by "
+                       r"facecluster 9.1; this facecluster \(.*\) reads formats up to 4: read "
+                       r"it with facecluster 9.1 or later"):  # fmt: skip
+        TwoStageIdentifier.load(tmp_path / "v5.pt")
     packed = payload["class_names"]
     assert packed["utf8"].dtype == torch.uint8 and packed["offsets"].dtype == torch.int64
     assert TwoStageIdentifier.load(tmp_path / "identifier.pt").class_names == names

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from facecluster.builders import check_trainer
 from facecluster.clustering import ClusterAssignment, cluster_identities
 from facecluster.config import ConfigError, load_config
+from facecluster.evaluation import evaluate_run
 from facecluster.pipeline import train
 from facecluster.results import machine, source_digest
 from facecluster.run import RunFolder
@@ -37,6 +38,46 @@ def finished_run(tmp_path_factory):
     overrides = ("logger=csv", "trainer.max_epochs=2", "clustering.overlap=0.25")
     cfg = load_config(SMOKE, smoke_overrides(tmp_path, *overrides))
     return train(cfg)
+
+
+def test_a_run_folder_of_a_later_format_is_refused_naming_the_release_that_made_it(
+    finished_run, tmp_path, capsys
+):
+    # a run folder that a later facecluster made, read by this one: its new setting was
+    # "unknown config key ... did you mean" (a typo, by the hint) and a new record "the
+    # run folder is damaged"; and a run split by another split version was said to
+    # have been pointed at other data
+    from facecluster import __version__, cli
+    from facecluster.config import RUN_FORMAT
+    from facecluster.data.folder import SPLIT_VERSION
+
+    made = json.loads((finished_run.run_dir / "run.json").read_text())
+    assert (made["format"], made["facecluster"]) == (RUN_FORMAT, __version__) == (1, __version__)
+    split = json.loads((finished_run.run_dir / "split.json").read_text())
+    assert split["split_version"] == SPLIT_VERSION
+    run = shutil.copytree(finished_run.run_dir, tmp_path / "run")
+    (run / "run.json").write_text(json.dumps({**made, "format": 2, "facecluster": "9.1"}))
+    with (run / "config.yaml").open("a") as f:
+        f.write("later_setting: 1\n")  # what a later release may write
+    said = (
+        rf"{run}: a run folder of format 2, made by facecluster 9.1; this facecluster "
+        rf"\({re.escape(__version__)}\) reads formats up to 1: read it with facecluster 9.1 "
+        "or later"
+    )
+    for command in (cli.evaluate_main, cli.train_main):
+        assert command([f"{'run' if command is cli.evaluate_main else 'resume'}={run}"]) == 2
+        assert re.search(said, capsys.readouterr().err)
+    assert cli.export_main([str(run), str(tmp_path / "out")]) == 2
+    assert re.search(said, capsys.readouterr().err) and not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match=said):
+        RunFolder(run).finished_config()
+    # this format, split by another split version: said so, not the data's fault
+    shutil.rmtree(run)
+    run = shutil.copytree(finished_run.run_dir, tmp_path / "run")
+    (run / "split.json").write_text(json.dumps({**split, "split_version": 2}))
+    said = r"split.json: the run's images were split by facecluster's split version 2; "
+    with pytest.raises(ConfigError, match=said + "this facecluster splits by version 1"):
+        evaluate_run(run)
 
 
 def test_a_finished_run_refuses_overrides_it_would_not_act_on(finished_run, tmp_path):

@@ -1137,7 +1137,9 @@ def _split_codes(
 
 SPLIT_VERSION = 1
 """The version of :func:`hold_out_identities` and :func:`split_per_identity`'s results,
-part of what names a kept split: raise it when either gives other results."""
+part of what names a kept split, and recorded in a run's ``split.json`` (a run split by
+another is refused, :meth:`RunFolder.check_data`): raise it when either gives other
+results."""
 
 
 def split_data(

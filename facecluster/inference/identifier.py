@@ -38,12 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import facecluster
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import (
     FITTED_ROUTE,
     NAME_RULE,
     ConfigError,
     name_problem,
+    newer_format,
     route_problems,
 )
 from facecluster.inference.decision import (
@@ -950,6 +952,7 @@ class TwoStageIdentifier(nn.Module):
         payload = {
             "format": EXPORT_FORMAT,
             "version": EXPORT_VERSION,
+            "facecluster": facecluster.__version__,  # the release that wrote it
             "backbone": self.backbone_args,
             "route": self.route_config,
             "router_backbone": self.router_backbone.state_dict(),
@@ -1006,6 +1009,11 @@ class TwoStageIdentifier(nn.Module):
             }
         elif version in (2, 3, EXPORT_VERSION):
             args = payload["backbone"]
+        elif isinstance(version, int) and version > EXPORT_VERSION:
+            writer = payload.get("facecluster")
+            raise ValueError(
+                newer_format(path, "facecluster export", version, EXPORT_VERSION, writer)
+            )
         else:
             raise ValueError(
                 f"{path} is an identifier export of version {version}; this facecluster "

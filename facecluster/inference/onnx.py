@@ -36,7 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+import facecluster
 from facecluster.clustering import ClusterAssignment
+from facecluster.config import newer_format
 from facecluster.inference.identifier import (
     ROUTER_PARTS,
     TwoStageIdentifier,
@@ -191,6 +193,7 @@ def _write_gallery(identifier: TwoStageIdentifier, gallery: Path, meta_path: Pat
     meta = {
         "format": ONNX_FORMAT,
         "version": ONNX_VERSION,
+        "facecluster": facecluster.__version__,  # the release that wrote it
         "backbone": identifier.backbone_args,
         "route": identifier.route_config,
         "class_names": identifier.class_names,
@@ -349,6 +352,13 @@ def load_onnx(
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{meta_path} is not valid JSON ({e}): a damaged export?") from None
     meta = meta if isinstance(meta, dict) else {}
+    version = meta.get("version")
+    if meta.get("format") == ONNX_FORMAT and isinstance(version, int) and version > ONNX_VERSION:
+        raise ValueError(
+            newer_format(
+                meta_path, "facecluster ONNX export", version, ONNX_VERSION, meta.get("facecluster")
+            )
+        )
     if meta.get("format") != ONNX_FORMAT or meta.get("version") not in (1, ONNX_VERSION):
         raise ValueError(
             f"{meta_path}: not a facecluster ONNX export of version 1 or {ONNX_VERSION} "
