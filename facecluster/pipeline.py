@@ -38,6 +38,7 @@ from facecluster.builders import (
     check_trainer,
     check_trainer_settings,
     check_verification_sets,
+    close_process_group,
     fit_eval_batches,
     hardware_hints,
     module_args,
@@ -526,7 +527,14 @@ def _stage2(run: _Run, clustering: ClusteringCallback) -> SubnetSystem | None:
         # steps would be the first training's (a CSV writer drops those rows as redone)
         own = fresh or len(groups[0]) < assignment.num_clusters
         return fit_stage2(run, clustering, groups[0], own_logger=own, fresh=fresh)
-    if is_global_zero():  # the other DDP ranks of stage 1 have nothing more to do
+    # The other DDP processes of stage 1 have nothing more to do: every process leaves
+    # the training's process group and they end now. Waiting in train.py's evaluation
+    # for rank 0, in a collective of that group, they timed out after its 30 minutes
+    # while the jobs trained, and their launcher (Lightning's or torchrun) then killed
+    # rank 0 with its jobs running; and they held their GPUs. Rank 0 evaluates after
+    # the jobs: alone, or on the GPUs the jobs took (cli._evaluate_trained).
+    close_process_group()
+    if is_global_zero():
         try:
             run_local(folder, groups, cfg.launcher.parallel, devices_per_job(cfg))
         except (KeyboardInterrupt, SystemExit):  # the launcher stopped: the jobs stay quiet

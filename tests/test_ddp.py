@@ -90,6 +90,34 @@ def test_documented_multi_device_command_runs_train_py_to_its_last_line(tmp_path
     )
 
 
+def test_after_a_ddp_stage_1_the_other_ranks_end_when_local_jobs_start(tmp_path):
+    # train.py with stage 1 on 2 processes, then stage 2 as 2 local jobs that rank 0
+    # starts: rank 1 waited for rank 0 in the evaluation's first collective while the
+    # jobs trained, on the training's group, whose 30 minutes ran out in a long stage 2
+    # (its launcher, Lightning's or torchrun, then killed rank 0, its jobs left running;
+    # and it held its GPU). It now ends when the jobs start; rank 0 evaluates the run.
+    script = ROOT / "tests" / "scripts" / "ddp_then_local_jobs.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACECLUSTER_")}
+    env.update(PYTHONPATH=str(ROOT), MARKS=str(tmp_path))
+    jobs = ("logger=none", "eval.plots=false", "launcher=local", "stage2.jobs=2")
+    overrides = ["-c", str(SMOKE), *smoke_overrides(tmp_path, *jobs)]
+    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    proc = subprocess.run(
+        [sys.executable, str(script), *overrides, *ddp],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        start_new_session=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "rank1").read_text() == "0"  # before the jobs started
+    run = tmp_path / "run"
+    assert json.loads((run / "eval" / "results.json").read_text())["processes"] == 1
+    assert proc.stdout.rstrip().endswith(f"facecluster run folder: {run}")
+
+
 @pytest.mark.parametrize("fault", ["rank1", "rank0", "assemble"])
 def test_a_rank_that_fails_after_a_ddp_training_is_said_once_and_ends_both(tmp_path, fault):
     # train.py's processes evaluate the run they trained together. rank1: a file of rank
