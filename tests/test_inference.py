@@ -91,6 +91,29 @@ def test_router_picks_the_cluster_of_the_nearest_class_mean_and_ranks_top_m():
         router.route(query, 4)
 
 
+def test_a_faiss_gpu_index_goes_to_this_processs_gpu(monkeypatch):
+    # with faiss-gpu, every router index went to GPU 0: under torchrun all the processes'
+    # indexes, scratch memory and CUDA contexts on one GPU (a review). No GPU or
+    # faiss-gpu here: their calls are stand-ins that record the device asked for.
+    from facecluster.inference import router as router_module
+
+    moved = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # torchrun's LOCAL_RANK 3
+    monkeypatch.setattr(router_module.faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(
+        router_module.faiss,
+        "index_cpu_to_gpu",
+        lambda res, device, index: moved.append(device) or index,
+        raising=False,
+    )
+    torch.manual_seed(0)
+    a = cluster_identities(F.normalize(torch.randn(300, 16), dim=1), 4, "kmeans", seed=0)
+    for kind in ("ivf", "clusters", "hnsw"):  # faiss has no GPU HNSW: it stays
+        Router(a.class_means, a.class_to_cluster, a.centroids, kind, ivf_nlist=8)
+    assert moved == [3, 3]
+
+
 def test_flat_router_ranks_every_cluster_by_its_best_class_mean():
     # index=flat compares every class mean: a cluster's rank is its best member's
     # similarity, down to the last cluster, also where none of its members is among the

@@ -270,11 +270,20 @@ def build_index(
     else:
         raise ValueError(f"index={kind!r} is not one of flat, ivf, hnsw")
     index.add(data)
+    return index if kind == "hnsw" else on_faiss_gpu(index, use_gpu)  # no GPU HNSW in faiss
+
+
+def on_faiss_gpu(index: faiss.Index, use_gpu: bool | None) -> faiss.Index:
+    """``index`` moved to this process's current CUDA device where ``use_gpu`` (None:
+    where faiss has GPU support, faiss-gpu, and a GPU is visible), else itself. Under
+    torchrun, and in train.py's shared evaluation, the current device is each process's
+    own GPU; GPU 0 for every process put their indexes, their scratch memory and a
+    CUDA context each on one GPU (a review)."""
     if use_gpu is None:
         use_gpu = torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources")
-    if use_gpu and kind != "hnsw":  # faiss has no GPU HNSW
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    return index
+    if not use_gpu:
+        return index
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), torch.cuda.current_device(), index)
 
 
 class Router:
@@ -335,10 +344,8 @@ class Router:
             self.index = rebuilt_index(
                 prebuilt, class_means, index, ivf_nprobe, ivf_codes, hnsw_m, hnsw_ef_search
             )
-            if use_gpu is None:
-                use_gpu = torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources")
-            if use_gpu and index != "hnsw":
-                self.index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self.index)
+            if index != "hnsw":
+                self.index = on_faiss_gpu(self.index, use_gpu)
         elif index == "clusters":
             self.index = cluster_lists_index(
                 class_means,
@@ -348,10 +355,7 @@ class Router:
                 lists_per_cluster,
                 ivf_codes,
             )
-            if use_gpu is None:
-                use_gpu = torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources")
-            if use_gpu:
-                self.index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self.index)
+            self.index = on_faiss_gpu(self.index, use_gpu)
         else:
             self.index = build_index(
                 class_means,
