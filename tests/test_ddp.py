@@ -90,27 +90,41 @@ def test_documented_multi_device_command_runs_train_py_to_its_last_line(tmp_path
     )
 
 
+def _ddp_script(
+    script: str, tmp_path: Path, overrides: tuple = (), timeout: int = 300, **env: Path | str
+) -> subprocess.CompletedProcess:
+    """``tests/scripts/<script>`` on the smoke config, its stage 1 on 2 gloo processes
+    (Lightning's launcher re-runs the script for rank 1), with ``env`` set."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FACECLUSTER_")}
+    clean.update(PYTHONPATH=str(ROOT), **{k: str(v) for k, v in env.items()})
+    settings = smoke_overrides(tmp_path, "logger=none", "eval.plots=false", *overrides)
+    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "scripts" / script),
+            "-c",
+            str(SMOKE),
+            *settings,
+            *ddp,
+        ],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
+
+
 def test_after_a_ddp_stage_1_the_other_ranks_end_when_local_jobs_start(tmp_path):
     # train.py with stage 1 on 2 processes, then stage 2 as 2 local jobs that rank 0
     # starts: rank 1 waited for rank 0 in the evaluation's first collective while the
     # jobs trained, on the training's group, whose 30 minutes ran out in a long stage 2
     # (its launcher, Lightning's or torchrun, then killed rank 0, its jobs left running;
     # and it held its GPU). It now ends when the jobs start; rank 0 evaluates the run.
-    script = ROOT / "tests" / "scripts" / "ddp_then_local_jobs.py"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FACECLUSTER_")}
-    env.update(PYTHONPATH=str(ROOT), MARKS=str(tmp_path))
-    jobs = ("logger=none", "eval.plots=false", "launcher=local", "stage2.jobs=2")
-    overrides = ["-c", str(SMOKE), *smoke_overrides(tmp_path, *jobs)]
-    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
-    proc = subprocess.run(
-        [sys.executable, str(script), *overrides, *ddp],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-        start_new_session=True,
-    )
+    jobs = ("launcher=local", "stage2.jobs=2")
+    proc = _ddp_script("ddp_then_local_jobs.py", tmp_path, jobs, timeout=400, MARKS=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "rank1").read_text() == "0"  # before the jobs started
     run = tmp_path / "run"
@@ -128,22 +142,9 @@ def test_a_rank_that_fails_after_a_ddp_training_is_said_once_and_ends_both(tmp_p
     # (it went on after the command had returned). assemble: rank 0 alone fails writing
     # the results, before the evaluation: its line alone (rank 1, waiting to make the
     # evaluation's process group, printed a 29-line traceback).
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FACECLUSTER_")}
-    env.update(PYTHONPATH=str(ROOT), FAULT=fault, PIDS=str(tmp_path))
-    overrides = ["-c", str(SMOKE), *smoke_overrides(tmp_path, "logger=none", "eval.plots=false")]
-    command = [sys.executable, str(ROOT / "tests" / "scripts" / "train_py_eval_fault.py")]
-    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
     run_dir = tmp_path / "run"
     try:
-        proc = subprocess.run(
-            [*command, *overrides, *ddp],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            start_new_session=True,
-        )
+        proc = _ddp_script("train_py_eval_fault.py", tmp_path, FAULT=fault, PIDS=tmp_path)
         errors = re.findall(r"error: [^\r\n]*", proc.stderr)  # some after a progress bar
         again = f"the run has finished training: `python evaluate.py run={run_dir}` evaluates it"
         injected = f"cannot read faces/x.jpg: injected into {fault.replace('k', 'k ')}"
