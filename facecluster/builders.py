@@ -321,7 +321,8 @@ def check_identity_count(cfg: Config, dm: FaceDataModule) -> None:
     ``data.unseen_fraction``) when it did."""
     clusters = cfg.clustering.num_clusters if cfg.two_stage else 1
     if dm.num_classes >= max(2, clusters):
-        cfg.route.check_identities(dm.num_classes)  # the evaluation's, before training
+        if cfg.two_stage:  # the evaluation's router, before training
+            cfg.route.check_identities(dm.num_classes)
         return
     data = cfg.data
     held = len(dm.unseen_identities("val")) + len(dm.unseen_identities("test"))

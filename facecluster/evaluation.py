@@ -819,7 +819,11 @@ def _checked_config(run: RunFolder, overrides: list[str] | tuple, ranks: Ranks) 
     """``run``'s finished config under ``overrides``, once everything that can be
     refused without reading weights or data has been checked."""
     cfg = run.finished_config(overrides)
-    cfg.route.check_identities(len(run.class_names()))  # before any weights are read
+    if cfg.two_stage:  # before any weights are read; a single model has no router
+        try:
+            cfg.route.check_identities(len(run.class_names()))
+        except ConfigError as e:  # which run, in a table of several
+            raise ConfigError(f"run={run.path}: {e}") from None
     _check_precision(cfg, overrides)
     ranks.check_device(cfg)
     check_writable(run)

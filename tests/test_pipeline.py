@@ -1031,7 +1031,7 @@ def test_evaluating_several_runs_checks_every_runs_weights_first(
     (copy / "class_names.json").write_text(json.dumps(names[:-1]))
     ivf = [*runs, "route.index=ivf", f"route.ivf_nlist={len(names)}"]
     assert cli.evaluate_main(ivf) == 2
-    assert f"route.ivf_nlist={len(names)} lists" in capsys.readouterr().err
+    assert f"run={copy}: route.ivf_nlist={len(names)} lists" in capsys.readouterr().err
     (copy / "class_names.json").write_text(json.dumps(names))
     subnet = RunFolder(copy).subnet_file(1)
     subnet.write_bytes(subnet.read_bytes()[:-100])

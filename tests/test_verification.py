@@ -223,6 +223,13 @@ def test_lfw_verification_during_stage1_and_in_the_evaluation_table(tmp_path, mo
         [run, single], ["route.top_m=2", "eval.plots=false", "eval.timing_batches=1"]
     )
     assert "top_m=2" in both and "single model (one head)" in both
+    # route settings only a router reads: the single model's identity count refused
+    # them, in its own turn (as the two-stage run's, unnamed) or beside a two-stage run
+    ivf = ["route.index=ivf", "route.ivf_nlist=1000"]
+    with pytest.raises(ConfigError, match=r"route.ivf_nlist=1000: run=.* is a single-model"):
+        evaluate_run(single, ivf)
+    with pytest.raises(ConfigError, match=rf"^run=.*{run.name}: route.ivf_nlist=1000 lists"):
+        evaluate_runs([single, run], ivf)
 
 
 def _stage1_verification(run_dir: Path, pairs: Path, std: bool = False) -> float:
