@@ -479,8 +479,17 @@ def _ignore_usr2() -> None:
 def _stop(children: list[subprocess.Popen], signum: int, grace: float = 60.0) -> None:
     """Send ``signum`` to every child (a training process stops at its next batch,
     letting go of its lock), then SIGKILL any that has not ended ``grace`` seconds
-    later (submitit's warning comes 90 s before a SLURM job's time limit)."""
+    later (submitit's warning comes 90 s before a SLURM job's time limit). A child that
+    leads a session of its own (a local job, the evaluation's torchrun) has what is left
+    of its process group killed once it has ended: a job's other DDP process, started
+    by Lightning's launcher, waited for the ended rank 0 until its process group's
+    30-minute timeout where the signal had ended rank 0 before Lightning's handler was
+    in place, while the job was starting (a review)."""
+    leaders = set()
     for child in children:
+        with contextlib.suppress(ProcessLookupError):  # ended already: its pid is free
+            if child.poll() is None and os.getpgid(child.pid) == child.pid:
+                leaders.add(child.pid)
         child.send_signal(signum)
     for child in children:
         try:
@@ -488,6 +497,9 @@ def _stop(children: list[subprocess.Popen], signum: int, grace: float = 60.0) ->
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+        if child.pid in leaders:  # its group outlives it while a member is left
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)
 
 
 def slurm_parameters(

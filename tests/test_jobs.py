@@ -1131,16 +1131,19 @@ if sys.argv[2:] == ["nohup"]:
 from facecluster import launch
 from facecluster.run import RunFolder
 folder = pathlib.Path(sys.argv[1])
-job = "import os, pathlib, sys, time; pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))"
-job += "; time.sleep(120)"
+# a job with another process in its process group, as Lightning starts a job's rank 1
+job = "import os, pathlib, subprocess, sys, time"
+job += "; other = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])"
+job += "; pathlib.Path(sys.argv[1]).write_text(f'{os.getpid()} {other.pid}'); time.sleep(120)"
 marker = lambda overrides: str(folder / overrides[-1].replace("=", "-"))
 launch.train_command = lambda run, *o: [sys.executable, "-c", job, marker(o)]
 launch.run_local(RunFolder(folder / "run"), [[0], [1]], parallel=1)
 """
 
 
-def _first_stand_in_job(folder: Path) -> int:
-    """The pid of _LAUNCHER's first job, once it has started (the only one started)."""
+def _first_stand_in_job(folder: Path) -> tuple[int, int]:
+    """The pids of _LAUNCHER's first job (the only one started) and of the other process
+    of its group, once it has started."""
     markers = []
     for _ in range(600):
         markers = list(folder.glob("stage2.subnets-*"))
@@ -1148,7 +1151,21 @@ def _first_stand_in_job(folder: Path) -> int:
             break
         time.sleep(0.1)
     assert len(markers) == 1, markers
-    return int(markers[0].read_text())
+    job, other = map(int, markers[0].read_text().split())
+    return job, other
+
+
+def _ended(pid: int, wait: float = 10.0) -> bool:
+    """Whether process ``pid`` has ended within ``wait`` seconds (gone, or a zombie that
+    its new parent has not reaped)."""
+    stat = Path(f"/proc/{pid}/stat")
+    for _ in range(int(wait * 10)):
+        with contextlib.suppress(FileNotFoundError):
+            if stat.read_text().rsplit(")", 1)[1].split()[0] not in "ZX":
+                time.sleep(0.1)
+                continue
+        return True
+    return False
 
 
 @pytest.mark.timeout(120)
@@ -1157,7 +1174,7 @@ def test_a_stopped_local_launcher_stops_its_jobs(tmp_path):
     # training as an orphan (its lock and GPU held, the next resume refused): the signal
     # now goes to the job, no other job starts, and the launcher ends by that signal
     launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(tmp_path), "nohup"], cwd=ROOT)
-    job = _first_stand_in_job(tmp_path)
+    job, other = _first_stand_in_job(tmp_path)
     # under nohup a hangup stays ignored, by the launcher and its job
     launcher.send_signal(signal.SIGHUP)
     time.sleep(1.0)
@@ -1167,6 +1184,10 @@ def test_a_stopped_local_launcher_stops_its_jobs(tmp_path):
     assert launcher.wait(timeout=60) == 128 + signal.SIGTERM
     with pytest.raises(ProcessLookupError):  # gone, and reaped by the launcher
         os.kill(job, 0)
+    # the job ended by the signal's default action (Lightning's handler is installed
+    # once its processes have met): the other process of its group, which waited for
+    # it (a DDP job's rank 1, 30 minutes), ends with it (a review)
+    assert _ended(other)
     assert len(list(tmp_path.glob("stage2.subnets-*"))) == 1  # the second never started
 
 
@@ -1179,7 +1200,7 @@ def test_ctrl_c_or_sigint_to_the_local_launcher_stops_its_job_once(tmp_path, ter
     launcher = subprocess.Popen(
         [sys.executable, "-c", _LAUNCHER, str(tmp_path)], cwd=ROOT, start_new_session=True
     )
-    job = _first_stand_in_job(tmp_path)
+    job, _ = _first_stand_in_job(tmp_path)
     assert os.getsid(job) == job != os.getsid(launcher.pid)  # out of the terminal's reach
     if terminal:
         os.killpg(launcher.pid, signal.SIGINT)
