@@ -131,12 +131,23 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
     Args:
         cfg: a validated config (``load_config``; ``RunFolder.config_for_resume`` to
             continue a run).
-        callbacks: extra Lightning callbacks added to both stages' Trainers.
+        callbacks: extra Lightning callbacks added to both stages' Trainers, which
+            run in this process: refused where stage 2 trains in jobs of their own
+            (``launcher=slurm``; ``launcher=local`` with ``stage2.jobs`` > 1).
     """
     with _this_run_only():
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if problems := cfg.training_problems():
             raise invalid(problems)
+        if callbacks and (cfg.launcher.name == "slurm" or cfg.starts_local_jobs()):
+            # they were left out of the jobs without a word (a review)
+            jobs = "launcher=slurm" if cfg.launcher.name == "slurm" else "stage2.jobs"
+            names = ", ".join(type(c).__name__ for c in callbacks)
+            raise ConfigError(
+                f"train(callbacks=[{names}]): {jobs} trains in processes of their own, "
+                "which callbacks given here cannot reach: train with launcher=local "
+                "stage2.jobs=1 (every stage in this process)"
+            )
         if launched_processes() > 1:
             rank0_timeout()  # a bad FACECLUSTER_RANK0_TIMEOUT: before the data scan
         if cfg.stage != "assemble":  # what Lightning refuses, before the data scan

@@ -749,6 +749,21 @@ def test_documented_two_node_torchrun_form_trains_one_run_on_one_machine(tmp_pat
     assert said[0].rstrip().endswith("stage=1 done; run folder: " + str(run.path))
 
 
+def test_callbacks_given_to_train_are_refused_where_stage_2_trains_in_jobs(tmp_path):
+    # train(cfg, callbacks=[...]) added them to this process's Trainers alone: stage 2's
+    # local or SLURM jobs ran without them, without a word (a review)
+    for jobs, said in (
+        (["launcher=local", "stage2.jobs=2"], "stage2.jobs"),
+        (["launcher=slurm"], "launcher=slurm"),
+    ):
+        cfg = load_config(SMOKE, smoke_overrides(tmp_path, *jobs))
+        with pytest.raises(
+            ConfigError, match=rf"train\(callbacks=\[Callback\]\): {said} trains in"
+        ):
+            train(cfg, callbacks=[L.Callback()])
+    assert not (tmp_path / "run").exists()  # before any work
+
+
 def test_a_job_that_is_training_is_not_trained_twice(tmp_path, monkeypatch):
     # A second process for the same stage-2 job (a second submission, a resume while
     # jobs still run) is refused; a lock left by a process that is gone is taken over.
