@@ -371,6 +371,11 @@ def load_export(
             f"{model} holds neither {TORCH_FILE} nor {ONNX_FOLDER}/: not a folder written by "
             "facecluster export (`facecluster export <run> <folder>` makes one)"
         )
+    if runtime == "onnx" and not (model / ONNX_FOLDER).exists():  # not a damaged export
+        raise FileNotFoundError(
+            f"{model} was exported without --onnx (no {ONNX_FOLDER}/): `facecluster export "
+            f"<run> {model} --onnx` writes one, or leave the runtime to torch"
+        )
     if runtime == "auto":
         runtime = "torch" if (model / TORCH_FILE).is_file() else "onnx"
     route = None if top_m is None else {"top_m": top_m}

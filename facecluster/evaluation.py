@@ -806,13 +806,18 @@ def evaluate_run(
 def _check_routed(configs: list[Config], runs: list[RunFolder], overrides: Sequence[str]) -> None:
     """Refuse ``route.*`` overrides when no run routes (single-model runs only): they
     were accepted and the table had no routed row. Beside a two-stage run they are its."""
-    routed = [o for o in overrides if o.split("=", 1)[0].strip().split(".")[0] == "route"]
+    routed = [o for o in overrides if _routes(o)]
     if routed and not any(cfg.two_stage for cfg in configs):
         raise ConfigError(
             f"{', '.join(routed)}: {', '.join(f'run={r.path}' for r in runs)} "
             f"{'is a single-model run' if len(runs) == 1 else 'are single-model runs'} "
             "(method=single), with no router and no sub-nets: route.* changes nothing there"
         )
+
+
+def _routes(override: str) -> bool:
+    """Whether ``override`` sets a ``route.*`` key (what only a router reads)."""
+    return override.split("=", 1)[0].strip().split(".")[0] == "route"
 
 
 def _checked_config(run: RunFolder, overrides: list[str] | tuple, ranks: Ranks) -> Config:
@@ -1155,8 +1160,10 @@ def _write(
         "decision": report.decision,
         "batch_size": cfg.eval.batch_size,
         # what made these numbers: a table is only comparable with one of the same code,
-        # overrides and machine (bench/results.py evaluates again when the first two differ)
-        "overrides": overrides,
+        # overrides and machine (bench/results.py evaluates again when the first two
+        # differ); a single model's leave out route.*, which it has no router to act on
+        # (given for the two-stage runs beside it in one table)
+        "overrides": overrides if cfg.two_stage else [o for o in overrides if not _routes(o)],
         # the scores' passes split over this many processes (the timings: rank 0's alone)
         "processes": ranks.world,
         **provenance(eval_device(cfg)),

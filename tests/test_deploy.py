@@ -1039,6 +1039,16 @@ def test_load_plain_tells_damaged_files_from_unsafe_ones(tmp_path):
     assert load_plain(tmp_path / "plain.pt")["name"] == "a"
 
 
+def test_the_onnx_runtime_of_an_export_without_onnx_says_how_to_add_it(tmp_path):
+    # it said onnx/identifier.json does not exist, "not a finished ONNX export", as if
+    # the export were damaged (a review)
+    _small_export(tmp_path)
+    shutil.rmtree(tmp_path / "onnx")  # as `facecluster export RUN OUT` writes it
+    with pytest.raises(FileNotFoundError, match=r"was exported without --onnx \(no onnx/\)"):
+        load_export(tmp_path, "onnx", "cpu")
+    assert load_export(tmp_path, "auto", "cpu").class_names  # torch's, as before
+
+
 def test_a_damaged_onnx_export_is_named(tmp_path):
     # a bad identifier.json or gallery.npz ended in a bare JSON error or a traceback
     from facecluster.inference.onnx import ONNX_FORMAT, ONNX_VERSION, load_onnx

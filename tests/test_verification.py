@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import pickle
@@ -223,6 +224,11 @@ def test_lfw_verification_during_stage1_and_in_the_evaluation_table(tmp_path, mo
         [run, single], ["route.top_m=2", "eval.plots=false", "eval.timing_batches=1"]
     )
     assert "top_m=2" in both and "single model (one head)" in both
+    # each run records the overrides it ran under: the single model none of route.*
+    # (bench/results.py evaluated it again for them)
+    recorded = {r: json.loads((r / "eval" / "results.json").read_text()) for r in (run, single)}
+    assert recorded[run]["overrides"][0] == "route.top_m=2"
+    assert recorded[single]["overrides"] == ["eval.plots=false", "eval.timing_batches=1"]
     # route settings only a router reads: the single model's identity count refused
     # them, in its own turn (as the two-stage run's, unnamed) or beside a two-stage run
     ivf = ["route.index=ivf", "route.ivf_nlist=1000"]
