@@ -292,7 +292,8 @@ def newer_format(
     release's ``newest``."""
     import facecluster
 
-    by = f"facecluster {writer}" if isinstance(writer, str) and writer else "a later facecluster"
+    known = isinstance(writer, str) and writer not in ("", "unknown")  # "unknown": a source tree
+    by = f"facecluster {writer}" if known else "a later facecluster"
     return (
         f"{path}: a {what} of format {stamp}, made by {by}; this facecluster "
         f"({facecluster.__version__}) reads formats up to {newest}: read it with {by} or later"

@@ -351,6 +351,14 @@ def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: i
                     finally:  # never leave a started job unwaited for
                         code = process.wait()
                         running.pop(process.pid, None)
+                        # nor a process of its group: a DDP job's other ranks (Lightning's
+                        # launcher starts them there) waited up to their process group's
+                        # 30-minute timeout, holding their GPUs, for a rank 0 that had
+                        # ended without stopping them: by a signal that came before
+                        # Lightning's handler was in place (the launcher's, passed on
+                        # while the job started), the OOM killer, a crash (a review)
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.killpg(process.pid, signal.SIGKILL)
         finally:
             slots.put(gpus)
         state = "finished" if code == 0 else _exit_status(code)
@@ -479,17 +487,8 @@ def _ignore_usr2() -> None:
 def _stop(children: list[subprocess.Popen], signum: int, grace: float = 60.0) -> None:
     """Send ``signum`` to every child (a training process stops at its next batch,
     letting go of its lock), then SIGKILL any that has not ended ``grace`` seconds
-    later (submitit's warning comes 90 s before a SLURM job's time limit). A child that
-    leads a session of its own (a local job, the evaluation's torchrun) has what is left
-    of its process group killed once it has ended: a job's other DDP process, started
-    by Lightning's launcher, waited for the ended rank 0 until its process group's
-    30-minute timeout where the signal had ended rank 0 before Lightning's handler was
-    in place, while the job was starting (a review)."""
-    leaders = set()
+    later (submitit's warning comes 90 s before a SLURM job's time limit)."""
     for child in children:
-        with contextlib.suppress(ProcessLookupError):  # ended already: its pid is free
-            if child.poll() is None and os.getpgid(child.pid) == child.pid:
-                leaders.add(child.pid)
         child.send_signal(signum)
     for child in children:
         try:
@@ -497,9 +496,6 @@ def _stop(children: list[subprocess.Popen], signum: int, grace: float = 60.0) ->
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-        if child.pid in leaders:  # its group outlives it while a member is left
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.pid, signal.SIGKILL)
 
 
 def slurm_parameters(

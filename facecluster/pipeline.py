@@ -39,6 +39,7 @@ from facecluster.builders import (
     check_trainer_settings,
     check_verification_sets,
     close_process_group,
+    detach_started_ranks,
     fit_eval_batches,
     hardware_hints,
     module_args,
@@ -139,14 +140,9 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if problems := cfg.training_problems():
             raise invalid(problems)
-        if callbacks and (cfg.launcher.name == "slurm" or cfg.starts_local_jobs()):
-            # they were left out of the jobs without a word (a review)
-            jobs = "launcher=slurm" if cfg.launcher.name == "slurm" else "stage2.jobs"
-            names = ", ".join(type(c).__name__ for c in callbacks)
-            raise ConfigError(
-                f"train(callbacks=[{names}]): {jobs} trains in processes of their own, "
-                "which callbacks given here cannot reach: train with launcher=local "
-                "stage2.jobs=1 (every stage in this process)"
+        if cfg.launcher.name == "slurm" or cfg.starts_local_jobs():
+            _refuse_callbacks(
+                callbacks, "launcher=slurm" if cfg.launcher.name == "slurm" else "stage2.jobs"
             )
         if launched_processes() > 1:
             rank0_timeout()  # a bad FACECLUSTER_RANK0_TIMEOUT: before the data scan
@@ -361,6 +357,19 @@ def _two_stages(run: _Run) -> RunResult:
     return RunResult(folder.path, results, table, backbone, subnets, assignment)
 
 
+def _refuse_callbacks(callbacks: Sequence[L.Callback], jobs: str) -> None:
+    """ConfigError for callbacks given to :func:`train` (its own ``ResumeHint`` aside)
+    where stage 2 trains in jobs of their own, as ``jobs`` names them: they were left out
+    of the jobs without a word (a review)."""
+    if given := [c for c in callbacks if not isinstance(c, ResumeHint)]:
+        names = ", ".join(type(c).__name__ for c in given)
+        raise ConfigError(
+            f"train(callbacks=[{names}]): {jobs} trains in processes of their own, which "
+            "callbacks given here cannot reach: train with launcher=local stage2.jobs=1 "
+            "(every stage in this process)"
+        )
+
+
 def _clustering_unit(run: _Run) -> ClusteringCallback:
     c = run.cfg.clustering
     return ClusteringCallback(
@@ -527,6 +536,7 @@ def _stage2(run: _Run, clustering: ClusteringCallback) -> SubnetSystem | None:
         return None
     if len(groups) > 1:  # before anything changes: a resume may plan more than stage2.jobs
         check_local_jobs(cfg, len(groups))
+        _refuse_callbacks(run.callbacks, f"its plan of {len(groups)} stage-2 jobs")
     if fresh:
         folder.restart_subnets(groups)
     folder.clear_training_report()  # the results are stale until assembled again
@@ -538,14 +548,18 @@ def _stage2(run: _Run, clustering: ClusteringCallback) -> SubnetSystem | None:
         # steps would be the first training's (a CSV writer drops those rows as redone)
         own = fresh or len(groups[0]) < assignment.num_clusters
         return fit_stage2(run, clustering, groups[0], own_logger=own, fresh=fresh)
-    # The other DDP processes of stage 1 have nothing more to do: every process leaves
+    # The other DDP processes of stage 1 (Lightning's launcher started them: local jobs
+    # under torchrun or srun are refused) have nothing more to do: every process leaves
     # the training's process group and they end now. Waiting in train.py's evaluation
     # for rank 0, in a collective of that group, they timed out after its 30 minutes
-    # while the jobs trained, and their launcher (Lightning's or torchrun) then killed
-    # rank 0 with its jobs running; and they held their GPUs. Rank 0 evaluates after
-    # the jobs: alone, or on the GPUs the jobs took (cli._evaluate_trained).
+    # while the jobs trained, and Lightning's observer then killed rank 0 with its jobs
+    # running; and they held their GPUs. Rank 0 evaluates after the jobs: alone, or on
+    # the GPUs the jobs took (cli._evaluate_trained).
     close_process_group()
     if is_global_zero():
+        # one that ends in an error now (a Ctrl-C that reached it) must not have the
+        # observer kill this process, and the jobs with it unstopped
+        detach_started_ranks()
         try:
             run_local(folder, groups, cfg.launcher.parallel, devices_per_job(cfg))
         except (KeyboardInterrupt, SystemExit):  # the launcher stopped: the jobs stay quiet

@@ -338,6 +338,8 @@ class RunFolder:
             return cls(Path(os.environ[RUN_DIR_ENV]))
         if cfg.resume:
             run = cls(_folder_of(Path(cfg.resume))).resolved()
+            if problem := not_a_run(run.path):  # train(cfg) called without config_for_resume
+                raise ConfigError(problem)
             path = Path(cfg.resume)
             if path.is_file():  # train(cfg) called without RunFolder.config_for_resume
                 run._check_resume_point(path, read_checkpoint_meta(path)["stage"])
@@ -803,21 +805,21 @@ class RunFolder:
                 split changes too). A run made before the splits were recorded is not
                 checked for that, nor one recorded before 2026-12-06 for the counts.
         """
-        self.check_identities(dm.class_names)
         path = self.path / SPLIT
         # a damaged one read as absent, "a run made before split.json": unchecked, the
         # test split held training images and the results were written over
-        if not path.is_file():
-            return
-        kept = read_state(path, dict, SPLITS)  # {} too: damaged, not a run made before it
-        made = kept.get("split_version", 1)  # recorded since 2026-12-07
-        if made != SPLIT_VERSION:  # its digests would not match: not the data's fault
-            raise ConfigError(
+        kept = read_state(path, dict, SPLITS) if path.is_file() else None  # damaged: said
+        made = (kept or {}).get("split_version", 1)  # recorded since 2026-12-07
+        if made != SPLIT_VERSION:  # first: the open set's identities are split by it too,
+            raise ConfigError(  # and other identities were said to be other data
                 f"{path}: the run's images were split by facecluster's split version "
                 f"{made!r}; this facecluster splits by version {SPLIT_VERSION}, so its val "
                 "and test splits would not be the run's: resume, evaluate or export it with "
                 "the facecluster that trained it"
             )
+        self.check_identities(dm.class_names)
+        if kept is None:
+            return
         images, per_identity = dm.images_per_identity()
         if kept.get("per_identity", per_identity) != per_identity:  # recorded since 2026-12-06
             before = kept.get("images")

@@ -121,8 +121,8 @@ def test_after_a_ddp_stage_1_the_other_ranks_end_when_local_jobs_start(tmp_path)
     # train.py with stage 1 on 2 processes, then stage 2 as 2 local jobs that rank 0
     # starts: rank 1 waited for rank 0 in the evaluation's first collective while the
     # jobs trained, on the training's group, whose 30 minutes ran out in a long stage 2
-    # (its launcher, Lightning's or torchrun, then killed rank 0, its jobs left running;
-    # and it held its GPU). It now ends when the jobs start; rank 0 evaluates the run.
+    # (Lightning's observer then killed rank 0, its jobs left running; and it held its
+    # GPU). It now ends when the jobs start; rank 0 evaluates the run.
     jobs = ("launcher=local", "stage2.jobs=2")
     proc = _ddp_script("ddp_then_local_jobs.py", tmp_path, jobs, timeout=400, MARKS=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]

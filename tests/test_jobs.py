@@ -1162,7 +1162,7 @@ def _first_stand_in_job(folder: Path) -> tuple[int, int]:
     markers = []
     for _ in range(600):
         markers = list(folder.glob("stage2.subnets-*"))
-        if markers and markers[0].read_text():
+        if markers and len(markers[0].read_text().split()) == 2:  # both written
             break
         time.sleep(0.1)
     assert len(markers) == 1, markers
@@ -1181,6 +1181,22 @@ def _ended(pid: int, wait: float = 10.0) -> bool:
                 continue
         return True
     return False
+
+
+def test_a_job_that_ends_on_its_own_leaves_no_process_of_its_group(tmp_path, monkeypatch):
+    # a DDP job's rank 0 that ended without stopping its other ranks (the OOM killer, a
+    # crash) left them waiting for it up to 30 minutes, holding their GPUs (a review): a
+    # stand-in job that starts another process in its group and fails at once
+    job = "import pathlib, subprocess, sys"
+    job += "; other = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])"
+    job += "; pathlib.Path(sys.argv[1]).write_text(str(other.pid)); sys.exit(3)"
+    marker = tmp_path / "other"
+    monkeypatch.setattr(
+        launch, "train_command", lambda run, *o: [sys.executable, "-c", job, str(marker)]
+    )
+    with pytest.raises(launch.JobsFailed, match="exit code 3"):
+        launch.run_local(RunFolder(tmp_path / "run"), [[0]], parallel=1)
+    assert _ended(int(marker.read_text()))
 
 
 @pytest.mark.timeout(120)

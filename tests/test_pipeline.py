@@ -71,10 +71,15 @@ def test_a_run_folder_of_a_later_format_is_refused_naming_the_release_that_made_
     assert re.search(said, capsys.readouterr().err) and not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match=said):
         RunFolder(run).finished_config()
-    # this format, split by another split version: said so, not the data's fault
+    with pytest.raises(ConfigError, match=said):  # train(cfg) of a resume, from Python
+        RunFolder.for_training(load_config(SMOKE, [f"resume={run}"]))
+    # this format, split by another split version: said so, not the data's fault, also
+    # where its identities differ too (the open set's are held out by the same rules)
     shutil.rmtree(run)
     run = shutil.copytree(finished_run.run_dir, tmp_path / "run")
     (run / "split.json").write_text(json.dumps({**split, "split_version": 2}))
+    names = json.loads((run / "class_names.json").read_text())
+    (run / "class_names.json").write_text(json.dumps([*names[1:], names[0]]))
     said = r"split.json: the run's images were split by facecluster's split version 2; "
     with pytest.raises(ConfigError, match=said + "this facecluster splits by version 1"):
         evaluate_run(run)
