@@ -731,6 +731,15 @@ def check_trainer(cfg: Config) -> None:
     trainer = _trial_trainer(cfg)
     if isinstance(trainer.accelerator, CPUAccelerator):
         warn_emulated_bf16(str(cfg.trainer.get("precision", "auto")))
+        if getattr(trainer.strategy, "_layer_sync", None) is not None:
+            # torch's SyncBatchNorm syncs GPU (CUDA/XPU) modules only: DDP refused it on
+            # the CPU when it wrapped the model, after the data scan and the run folder
+            raise ConfigError(
+                f"trainer.sync_batchnorm=true with trainer.strategy="
+                f"{cfg.trainer.get('strategy', 'auto')} on the CPU: torch's SyncBatchNorm "
+                "needs a GPU (or XPU) in each process. Leave it out on the CPU (each "
+                "process then normalises over its own batch), or train on GPUs"
+            )
     environment = getattr(trainer.strategy, "cluster_environment", None)
     started = launched_processes()
     if (

@@ -447,6 +447,19 @@ def test_torchrun_processes_that_the_trainer_does_not_count_are_refused(tmp_path
     check_trainer(load_config(SMOKE, smoke_overrides(tmp_path, *ddp)))
 
 
+def test_sync_batchnorm_under_ddp_on_the_cpu_is_refused_before_the_data_scan(tmp_path):
+    # torch's DDP raised "SyncBatchNorm layers only work with GPU modules" when it wrapped
+    # the model, after the data scan and the run folder
+    synced = ("trainer.accelerator=cpu", "trainer.strategy=ddp", "trainer.sync_batchnorm=true")
+    for devices in ("trainer.devices=2", "trainer.devices=1"):  # ddp's group syncs at 1 too
+        cfg = load_config(SMOKE, smoke_overrides(tmp_path, *synced, devices))
+        with pytest.raises(ConfigError, match="trainer.sync_batchnorm=true with trainer.strategy="
+                           "ddp on the CPU: torch's SyncBatchNorm needs a GPU"):  # fmt: skip
+            check_trainer(cfg)
+    # one process without a group normalises over its batch, as without the setting
+    check_trainer(load_config(SMOKE, smoke_overrides(tmp_path, "trainer.sync_batchnorm=true")))
+
+
 def test_several_nodes_without_a_launcher_are_refused_instead_of_waiting(tmp_path, monkeypatch):
     # trainer.num_nodes=2 run by hand: Lightning started this node's processes, which
     # waited for the other node's at 127.0.0.1 without end, after the run folder was made
