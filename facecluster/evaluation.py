@@ -219,6 +219,12 @@ RANKS_TIMEOUT = timedelta(hours=2)
 while rank 0 fits the decision unit, times, runs the verification sets and writes
 (gloo's default, 30 minutes, could end a large run's evaluation there)."""
 
+JOIN_TIMEOUT = timedelta(minutes=10)
+"""How long the training's processes wait for each other to make the evaluation's group
+(:func:`training_ranks`): they come to it together, from rank 0's word, so a longer wait
+is a process that could not join (it says why). Rank 0 waited :data:`RANKS_TIMEOUT`
+for it; the group then waits that long in its collectives."""
+
 
 class PeerStopped(RuntimeError):
     """A collective of the evaluation failed: another process stopped (and said why)."""
@@ -295,8 +301,12 @@ def training_ranks(cfg: Config, finished: bool) -> Iterator[Ranks | None]:
     finished, alone = word
     try:
         if finished and not alone:
-            group = dist.new_group(backend="gloo", timeout=RANKS_TIMEOUT)
+            group = dist.new_group(backend="gloo", timeout=JOIN_TIMEOUT)
             dist.all_gather_object(hosts, socket.gethostname(), group=group)
+            # made: its collectives may wait for rank 0's work (torch's set_timeout is
+            # public since 2026, _set_pg_timeout its older, now deprecated, name)
+            set_timeout = getattr(dist, "set_timeout", None)
+            (set_timeout or dist.distributed_c10d._set_pg_timeout)(RANKS_TIMEOUT, group)
     except RuntimeError as e:
         # a peer gone, or this process's own error (a port it cannot bind): its first
         # line, said by rank 0 and by the rank that met it (the others wait for it)

@@ -740,6 +740,73 @@ def test_after_a_ddp_training_the_processes_evaluate_together_unless_a_gpu_is_no
     assert evaluation.said_by_this_rank(ConnectionError(), 1, 0)
 
 
+def _join_evaluation(rank: int, port: int, cfg, rank1_joins: bool, out: dict) -> None:
+    """A DDP training's process (2 gloo ranks) entering its evaluation's group, with a
+    2-second wait to make it and 60 for its collectives; rank 1 then waits 4 s."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    evaluation.JOIN_TIMEOUT = timedelta(seconds=2)
+    evaluation.RANKS_TIMEOUT = timedelta(seconds=60)
+    evaluation.eval_device = lambda cfg: torch.device("cpu")
+    if rank == 1 and not rank1_joins:
+
+        def unbound(**kwargs):
+            raise RuntimeError("cannot bind to port 29517: Address already in use")
+
+        dist.new_group = unbound
+    start = time.monotonic()
+    try:
+        with evaluation.training_ranks(cfg, finished=True) as ranks:
+            if rank == 1:
+                time.sleep(4)  # rank 0 waits in the next collective
+            dist.barrier(group=ranks.group)
+        said = "evaluated"
+    except Exception as e:
+        said = f"{type(e).__name__}: {str(e).partition(chr(10))[0]}"
+    finally:
+        dist.destroy_process_group()
+    out[rank] = (said, time.monotonic() - start)
+
+
+@pytest.mark.parametrize("rank1_joins", [False, True], ids=["rank1-cannot-join", "joined"])
+def test_a_rank_that_cannot_join_the_evaluation_is_not_waited_for_the_evaluations_timeout(
+    smoke_cfg, rank1_joins
+):
+    # after a DDP training, a rank that could not make the evaluation's gloo group (a
+    # port it cannot bind) left rank 0 waiting for it as long as the evaluation's
+    # collectives may wait (2 h): the group is made within a wait of its own, and its
+    # collectives then wait the evaluation's time (a rank that is late in one is waited for)
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.set_forkserver_preload([__name__])
+    mp.start_processes(_join_evaluation, args=(port, smoke_cfg(), rank1_joins, out),
+                       nprocs=2, join=True, start_method="forkserver")  # fmt: skip
+    if rank1_joins:
+        assert [out[r][0] for r in (0, 1)] == ["evaluated", "evaluated"]
+        return
+    assert out[1][0] == (
+        "ConnectionError: could not join the evaluation's process group: cannot bind to "
+        "port 29517: Address already in use"
+    )
+    assert out[0][0].startswith(
+        "PeerStopped: another process of this run stopped (its error is above), or this one "
+        "could not join it: "
+    )
+    assert out[0][1] < 30  # its 2 s to make the group, not the collectives' 60
+
+
 def test_each_process_computes_a_single_models_class_means_over_a_shard(
     finished_run, tmp_path, monkeypatch
 ):
