@@ -201,11 +201,18 @@ def _training_images(run: Path) -> dict[str, int]:
 def run_summary(run: Path) -> dict[str, Any]:
     """What the aggregate needs from one evaluated run."""
     evaluation = json.loads((run / "eval" / "results.json").read_text())
+    rows = {
+        r["model"]: {k: r[k] for k in ("top1", "f1", "routing_accuracy", "throughput")}
+        for r in evaluation["rows"]
+    }
+    if not any(name.startswith(REFERENCE_ROWS) for name in rows):  # a StopIteration later
+        raise SystemExit(
+            f"{run / 'eval' / 'results.json'} has no row of the run's one network "
+            f"({' or '.join(REFERENCE_ROWS)}), which its speeds are relative to: evaluate "
+            f"it again (python evaluate.py run={run})"
+        )
     return {
-        "rows": {
-            r["model"]: {k: r[k] for k in ("top1", "f1", "routing_accuracy", "throughput")}
-            for r in evaluation["rows"]
-        },
+        "rows": rows,
         "top_m": {str(p["top_m"]): p["top1"] for p in evaluation["top_m_sweep"]},
         "decision": evaluation.get("decision", {}),
         "training_images": _training_images(run),
@@ -279,7 +286,10 @@ def reference_row(rows: dict[str, Any]) -> str:
     """The run's one network over all identities: the stage-1 model of a two-stage run,
     the single model of a single run; the same architecture, timed in the same
     evaluation as the run's other rows."""
-    return next(name for name in rows if name.startswith(("stage-1 model", "single model")))
+    return next(name for name in rows if name.startswith(REFERENCE_ROWS))
+
+
+REFERENCE_ROWS = ("stage-1 model", "single model")
 
 
 def relative_speed(rows: dict[str, Any], row: str) -> float:

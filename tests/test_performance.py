@@ -433,6 +433,11 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, 
     )
     with pytest.raises(ValueError, match="trainer.accumulate_grad_batches=2"):
         results._training_images(run)
+    # an evaluation without the run's one network (a hand-edited results.json): said,
+    # naming the file, where a bare StopIteration came from the speed column
+    kept.write_text(json.dumps({**recorded, "rows": recorded["rows"][:1]}))
+    with pytest.raises(SystemExit, match=rf"{kept} has no row of the run's one network"):
+        results.run_summary(run)
 
 
 def test_results_pair_the_top_m_values_every_seed_scored():
