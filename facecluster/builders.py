@@ -2,7 +2,7 @@
 
 The Lightning plumbing of a run lives here so that ``pipeline.py`` reads like the
 method. A stage's Trainer gets the user's ``trainer.*`` settings plus what every
-facecluster stage needs: epoch-end checkpoints (``last`` and the best ``val/acc``),
+facecluster stage needs: epoch-end checkpoints (``last.ckpt``),
 per-epoch reseeding for exact resume, the divergence stop, the bad-image report and
 atomic checkpoint writes.
 """
@@ -74,7 +74,7 @@ from facecluster.models.components import (
     shareable_stages,
 )
 from facecluster.models.precision import skip_groups_apart
-from facecluster.run import BEST, LAST, RunFolder, is_global_zero, launched_processes
+from facecluster.run import LAST, RunFolder, is_global_zero, launched_processes
 
 # Lightning's notices that nobody using facecluster can act on, printed at every Trainer
 # (twice a run): an advertisement for its cloud logger, that fit stopped at max_epochs
@@ -377,29 +377,23 @@ def module_args(cfg: Config, stage: int) -> dict[str, Any]:
 
 
 def _checkpoints(cfg: Config, run: RunFolder, stage: int, job: str | None) -> list[ModelCheckpoint]:
-    # Both are saved after the epoch's validation, at a clean epoch boundary: a resume
-    # never starts mid-epoch (ordinary DataLoaders cannot fast-forward). "last" has
-    # its own callback: with a monitor, Lightning 2.6 rewrites "last" only in epochs
-    # that improve the monitor, so resume and evaluation would miss the final epochs.
-    # "best" comes first: each saves in this order, and last.ckpt holds the state of
-    # both, so "best" has taken in the epoch when it does (a resume restored the epoch
-    # before it: the best-* file of the last epoch was kept beside the next one, and an
-    # epoch worse than it could be taken for the best)
-    folder = run.checkpoint_dir(stage, job)
-    common = {"dirpath": folder, "save_top_k": 1, "save_on_train_epoch_end": True}
-    checkpoints = []
-    if cfg.data.val_fraction > 0:
-        checkpoints.append(
-            ModelCheckpoint(
-                filename=BEST,
-                auto_insert_metric_name=False,
-                monitor="val/acc" if stage == 1 else "val/acc_subnets",
-                mode="max",
-                **common,
-            )
+    # last.ckpt alone, saved after the epoch's validation, at a clean epoch boundary: a
+    # resume never starts mid-epoch (ordinary DataLoaders cannot fast-forward). Until
+    # 2026-12-07 a best-epochNNN.ckpt by val/acc was kept beside it, which nothing read
+    # (evaluation, export and stage 2 take the last epoch): a third copy of every
+    # checkpoint at an epoch's end, 8 GB of writes more for stage 1 at 2M identities.
+    # monitor=None: with a monitor, Lightning 2.6 rewrites "last" only in epochs that
+    # improve it, so resume and evaluation would miss the final epochs.
+    return [
+        ModelCheckpoint(
+            dirpath=run.checkpoint_dir(stage, job),
+            filename=LAST,
+            monitor=None,
+            save_top_k=1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
         )
-    last = ModelCheckpoint(filename=LAST, monitor=None, enable_version_counter=False, **common)
-    return [*checkpoints, last]
+    ]
 
 
 def _plugins(trainer_args: dict[str, Any]) -> list[Any]:
@@ -764,7 +758,7 @@ def check_trainer(cfg: Config) -> None:
         _check_slurm_tasks(cfg, trainer, started)
     if started > 1 and trainer.world_size != started:
         # Lightning checks the count under ddp only: with the default devices=1 each
-        # process trained alone, all into one run folder (best-epoch000-v1.ckpt...)
+        # process trained alone, all into one run folder (each over the others' last.ckpt)
         raise ConfigError(
             f"{started} processes were started by torchrun or srun, but trainer.devices="
             f"{cfg.trainer.get('devices', 'auto')} x trainer.num_nodes="

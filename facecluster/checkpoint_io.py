@@ -20,6 +20,7 @@ stops the run before; this is the guarantee behind it).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,6 +69,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _local(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
+        # a write killed before its rename (kill -9, the OOM killer, a node lost) left
+        # its temporary file, as large as the checkpoint: this process is the one writer
+        # of this file (the stage's or the job's lock), so any other is such a leftover
+        for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         try:
             atomic_torch_save(checkpoint, path)
         except OSError as e:
@@ -91,7 +97,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not _local(path):
             return super().load_checkpoint(path, map_location, weights_only)
         where = map_location if map_location is not None else "cpu"
-        return torch.load(path, map_location=where, mmap=True, weights_only=weights_only)
+        checkpoint = torch.load(path, map_location=where, mmap=True, weights_only=weights_only)
+        states = checkpoint.get("callbacks")
+        for key in [k for k in states or () if str(k).startswith(_BEST_CHECKPOINT)]:
+            # a run saved before 2026-12-07 kept a best-* checkpoint by val/acc too:
+            # Lightning asked for its callback at a resume ("Please add the following
+            # callbacks"), which no longer exists
+            del states[key]
+        return checkpoint
+
+
+_BEST_CHECKPOINT = "ModelCheckpoint{'monitor': 'val/acc"
+"""The state key of the callback that kept ``best-epochNNN.ckpt`` until 2026-12-07 (by
+``val/acc`` in stage 1, ``val/acc_subnets`` in stage 2)."""
 
 
 def _local(path: Any) -> bool:

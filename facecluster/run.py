@@ -8,12 +8,12 @@
       split.json                      digests of what the val and test splits hold and of
                                       each identity's image count
       unseen_identities.json          open set: identities never trained on ({val, test})
-      stage1/checkpoints/             best-epochNNN.ckpt (val/acc) and last.ckpt of stage 1
+      stage1/checkpoints/             last.ckpt of stage 1 (its last finished epoch)
       stage1/running.json             the lock of the command fitting stage 1 or the clustering
       stage1.json                     stage-1 steps, epochs, test accuracy, batch, processes
       clusters.pt                     the ClusterAssignment (written once, atomically)
       stage2/jobs/<group>/            one stage-2 fit (a job) over a group of sub-nets, named
-                                      by them (subnets-0-2_5): checkpoints/ (best, last), log.txt,
+                                      by them (subnets-0-2_5): checkpoints/last.ckpt, log.txt,
                                       running.json (the lock of the process training it)
       stage2/subnets/subnet<k>.pt     sub-net k's final backbone and head rows (atomic), then
       stage2/subnets/subnet<k>.json   its record (job, steps, test counts): k is finished
@@ -124,8 +124,6 @@ CALIBRATION = "calibration.json"
 RESULTS_TABLE = "results.md"
 LAST = "last"
 """Checkpoint file stem of the final finished epoch of a stage (``last.ckpt``)."""
-BEST = "best-epoch{epoch:03d}"
-"""Checkpoint file name pattern of the best val/acc epoch of a stage."""
 EVAL_FILES = {
     "table": "results.md",
     "csv": "results.csv",
@@ -419,7 +417,7 @@ class RunFolder:
         """Fail at start, naming output_dir, when the disk cannot hold the checkpoints
         still to be written: the run's estimate less what its folder holds already (a
         resume, each stage-2 job and the assembly would otherwise ask for the whole
-        run's space again: 76 GiB at every start for an R50 over 93K identities, K=64,
+        run's space again: 54 GiB at every start for an R50 over 93K identities, K=64,
         computed)."""
         needed = checkpoint_bytes_needed(cfg, backbone_params, num_classes)
         written = _bytes_under(self.path)
@@ -1751,8 +1749,8 @@ def _under(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 def checkpoint_bytes_needed(cfg: Config, backbone_params: int, num_classes: int) -> int:
     """Disk the run's checkpoints need: a generous estimate, checked before any work.
 
-    Each stage (each stage-2 job) keeps a best and a last checkpoint, and an atomic
-    write briefly holds one more copy; a checkpoint holds fp32 weights plus optimizer
+    Each stage (each stage-2 job) keeps its last checkpoint, and an atomic write briefly
+    holds one more copy; a checkpoint holds fp32 weights plus optimizer
     state (SGD momentum: one more copy, AdamW: two). Each finished sub-net's weights
     are saved once more on their own, and the clustering saves the class means.
     """
@@ -1764,7 +1762,7 @@ def checkpoint_bytes_needed(cfg: Config, backbone_params: int, num_classes: int)
     stage2 = cfg.clustering.num_clusters * backbone_params + heads2 if cfg.two_stage else 0
     # clusters.pt: the class means (fp32) and two int64 maps per identity
     clusters = 4 * heads + 16 * num_classes if cfg.two_stage else 0
-    return 3 * 4 * state_copies * (stage1 + stage2) + 4 * stage2 + clusters
+    return 2 * 4 * state_copies * (stage1 + stage2) + 4 * stage2 + clusters
 
 
 def _check_output_dir(output_dir: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -88,14 +89,40 @@ def test_interrupted_twice_and_resumed_equals_uninterrupted(tmp_path, cap, caplo
     assert resumed.results["stage2_steps"] == reference.results["stage2_steps"]
     assert resumed.results["stage1"] == reference.results["stage1"]
 
-    # one best-* file a stage (a job), of the same epoch: last.ckpt was saved before the
-    # best-* callback took its epoch in, so a resume restored the one before it, kept
-    # both files, and could take a worse epoch for the best
+    # a stage's (a job's) last.ckpt alone, as uninterrupted, and no temporary file
     def kept(run: Path) -> list[str]:
-        return sorted(str(p.relative_to(run)) for p in run.rglob("*.ckpt"))
+        return sorted(str(p.relative_to(run)) for p in run.rglob("checkpoints/*"))
 
     assert kept(run_dir) == kept(tmp_path / "a" / "run")
-    assert len([name for name in kept(run_dir) if "best-" in name]) == 2
+    assert [Path(name).name for name in kept(run_dir)] == ["last.ckpt", "last.ckpt"]
+
+
+BEST_STATE = (
+    "ModelCheckpoint{'monitor': 'val/acc', 'mode': 'max', 'every_n_train_steps': 0, "
+    "'every_n_epochs': 1, 'train_time_interval': None}"
+)
+
+
+def test_a_run_saved_with_a_best_checkpoint_resumes_without_asking_for_its_callback(tmp_path):
+    # until 2026-12-07 each stage kept a best-epochNNN.ckpt by val/acc beside last.ckpt
+    # (read by nothing), whose callback's state last.ckpt holds: at a resume of such a
+    # run Lightning warned "Please add the following callbacks: [ModelCheckpoint...]"
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "stage=1", "logger=none", *EPOCHS))
+    with pytest.raises(Interrupted, match="stage 1"):
+        train(cfg, callbacks=[StopAtEpochStart(stage=1, epoch=1)])
+    run = RunFolder(tmp_path / "run")
+    last = run.last_checkpoint(1)
+    checkpoint = torch.load(last, weights_only=True)
+    (state,) = checkpoint["callbacks"].values()
+    best = {**state, "monitor": "val/acc", "best_model_path": str(last.parent / "best.ckpt")}
+    checkpoint["callbacks"] = {BEST_STATE: best, **checkpoint["callbacks"]}
+    torch.save(checkpoint, last)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        train(run.config_for_resume(str(run.path), ["stage=1"]))
+    assert run.has_stage_summary(1)
+    assert not [w for w in said if "add the following callbacks" in str(w.message)]
+    assert BEST_STATE not in torch.load(last, weights_only=True)["callbacks"]  # saved anew
 
 
 def test_a_job_stopped_while_saving_its_subnets_is_continued_not_trained_again(
@@ -262,7 +289,8 @@ def test_an_earlier_checkpoint_of_a_finished_stage1_is_refused(tmp_path):
     run_dir = train(load_config(SMOKE, overrides)).run_dir
     last = run_dir / "stage1" / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
-    best = next(last.parent.glob("best-*.ckpt"))
+    best = last.parent / "best-epoch000.ckpt"  # another checkpoint of it, as runs kept
+    shutil.copy(last, best)  # until 2026-12-07
     with pytest.raises(ConfigError, match=r"stage 1 of .* is finished; continuing from"):
         train(RunFolder.config_for_resume(str(best), ["stage=cluster"]))
     assert last.read_bytes() == before and not (run_dir / "clusters.pt").exists()

@@ -221,13 +221,14 @@ def test_a_run_saved_with_a_relative_data_root_still_resumes_from_the_project(
 
 
 def test_a_stage_whose_last_checkpoint_is_gone_says_it_starts_over(tmp_path):
-    # last.ckpt deleted, best-epoch000.ckpt left: the resume trained stage 1 again from
-    # epoch 0 without a word (a walkthrough)
+    # last.ckpt deleted, another checkpoint left (a copy, or a best-* file of a run saved
+    # before 2026-12-07): the resume trained stage 1 again from epoch 0 without a word
+    # (a walkthrough)
     from facecluster.pipeline import train
 
     train(load_config(SMOKE, smoke_overrides(tmp_path, "stage=1", "logger=none")))
     run = RunFolder(tmp_path / "run")
-    run.last_checkpoint(1).unlink()
+    run.last_checkpoint(1).rename(run.checkpoint_dir(1) / "best-epoch000.ckpt")
     run.stage_summary_path(1).unlink()  # stage 1 unfinished, as stopped mid-way
     resumed = run.config_for_resume(str(run.path), ["stage=1", "logger=none"])
     with pytest.warns(UserWarning) as warned:
