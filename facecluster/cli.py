@@ -179,6 +179,12 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         help="YAML file, only what differs from the schema; repeat to merge several "
         f"(default: {default.relative_to(default.parents[1])})",
     )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config this command would train with (YAML) and exit "
+        "without training",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     # overrides before and after -c alike (parse_args refused those after it, valid or not)
     args = parser.parse_intermixed_args(argv)
@@ -197,6 +203,9 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             )
         if not resume:
             cfg = load_config(args.config or [default], args.overrides)
+            if args.print_config:  # Hydra's --cfg job, LightningCLI's --print_config
+                print(cfg.to_yaml(), end="")
+                return 0
             if cfg.resume:  # -c a file that names a run (resume: ...)
                 raise ConfigError(
                     f"-c {' -c '.join(args.config or [str(default)])} sets resume="
@@ -222,6 +231,9 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         if resume:
             cfg = RunFolder.config_for_resume(resume, args.overrides)
+            if args.print_config:
+                print(cfg.to_yaml(), end="")
+                return 0
         evaluates = cfg.eval.after_training and cfg.assembles and cfg.launcher.name == "local"
         if evaluates:
             eval_device(cfg)  # a GPU this machine lacks: refused now, not after training

@@ -26,6 +26,7 @@ import os
 import re
 import shlex
 import traceback
+import typing
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -1078,7 +1079,10 @@ class Config:
         if not self.two_stage and self.stage in ("cluster", "2"):  # assemble: stage 1's
             found.append(f"stage={self.stage}: method=single has stage 1 only")
         if self.method == "clustered" and self.clustering.method == "random":
-            found.append("clustering.method=random is the ISM baseline: use method=random")
+            found.append(
+                "method=clustered with clustering.method=random: a random partition is the "
+                "ISM baseline, method=random; k-means clusters are clustering.method=kmeans"
+            )
         if self.method == "random" and self.clustering.method == "balanced":
             found.append(
                 "method=random partitions at random: clustering.method=balanced contradicts it"
@@ -1122,7 +1126,12 @@ class Config:
                 f"trainer.max_epochs a count, or {' and '.join(n + '.max_epochs' for n in unset)}"
             )
         elif trainer_epochs is None:
-            found += [f"{n}.max_epochs or trainer.max_epochs must be set" for n in unset]
+            found += [
+                f"{n}.max_epochs or trainer.max_epochs must be set (a -c file replaces "
+                "configs/default.yaml, which sets them: -c configs/default.yaml first builds "
+                "on it)"
+                for n in unset
+            ]
         if trainer_epochs is not None and None not in (
             self.stage1.max_epochs,
             self.stage2.max_epochs,
@@ -1349,13 +1358,17 @@ class Config:
         return Path(self.output_dir).expanduser().resolve() / CACHE_FOLDER
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dicts and lists (stored in checkpoints and in the run folder)."""
-        values = OmegaConf.to_container(OmegaConf.structured(self), resolve=True)
+        """Plain nested dicts and lists (stored in checkpoints and in the run folder), its
+        values as they are: resolved when the config was loaded (a ``${`` left in one is
+        text, given as ``\\${``; resolving it again failed once the run had started)."""
+        values = OmegaConf.to_container(OmegaConf.structured(self), resolve=False)
         assert isinstance(values, dict)
         return values
 
     def to_yaml(self) -> str:
-        return OmegaConf.to_yaml(OmegaConf.structured(self))
+        """A YAML file that loads as this config (``config.yaml``): a ``${`` in a value is
+        written ``\\${``, text as given, not an interpolation."""
+        return OmegaConf.to_yaml(_literal(self.to_dict()))
 
     def run_settings(self) -> Config:
         """This config without what one command runs now (``stage``, ``stage2.subnets``,
@@ -1382,10 +1395,22 @@ class Config:
     def with_overrides(self, overrides: list[str] | tuple) -> Config:
         """This config with ``key=value`` overrides applied, validated (both stages'
         epochs among them replace ``trainer.max_epochs``, as on a new run's command line)."""
-        merged = OmegaConf.structured(self)
+        merged = OmegaConf.merge(OmegaConf.structured(Config), _literal(self.to_dict()))
         if overrides:
             _epochs_given(merged, list(overrides))
         return _to_config(_merge_overrides(merged, list(overrides)))
+
+
+def _literal(values: Any) -> Any:
+    """``values`` (a loaded config's plain values) with every ``${`` in a text escaped,
+    for OmegaConf to take them as text again: they were resolved when loaded."""
+    if isinstance(values, str):
+        return values.replace("${", "\\${")
+    if isinstance(values, dict):
+        return {key: _literal(value) for key, value in values.items()}
+    if isinstance(values, list | tuple):
+        return [_literal(value) for value in values]
+    return values
 
 
 def _all_keys(schema: type, prefix: str = "") -> list[str]:
@@ -1427,6 +1452,17 @@ def _where(e: OmegaConfBaseException) -> str:
     return f" (in '{key}')" if key else ""
 
 
+FOREIGN_KEYS = {
+    "defaults": "Hydra's defaults lists are not read here; config files are composed with "
+    "-c, later ones winning (-c configs/default.yaml -c configs/method/random.yaml)",
+    "experiment": "an experiment is a config file, given with -c "
+    "(-c configs/experiment/lfw423.yaml)",
+    "ckpt_path": "resume=<run folder or .ckpt> continues a run",
+    "resume_from_checkpoint": "resume=<run folder or .ckpt> continues a run",
+}
+"""Keys of Hydra's and Lightning's command lines, with what facecluster takes instead."""
+
+
 def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfig:
     """Merge with messages that name the key and suggest valid ones."""
     for key, given in _switches_given_others(Config, other):  # OmegaConf took 2 for true
@@ -1435,9 +1471,9 @@ def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfi
         return OmegaConf.merge(base, other)
     except ConfigKeyError as e:
         key = e.full_key
-        raise ConfigError(
-            f"{source}: unknown config key '{key}'{_suggest(key, _all_keys(Config))}"
-        ) from None
+        elsewhere = FOREIGN_KEYS.get(key.split(".")[0])
+        hint = f": {elsewhere}" if elsewhere else _suggest(key, _all_keys(Config))
+        raise ConfigError(f"{source}: unknown config key '{key}'{hint}") from None
     except ValidationError as e:
         if e.full_key:
             msg = str(e.msg).splitlines()[0]
@@ -1684,10 +1720,12 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
                 f"{override.lstrip('+')}"
             )
         if key.startswith("~"):
-            raise ConfigError(
-                f"command line, {override}: overrides take no '~'; to unset an optional "
-                f"key, write {key[1:]}=null"
+            unset = (
+                f"to unset an optional key, write {key[1:]}=null"
+                if _optional(key[1:]) is not False
+                else f"{key[1:]} is not optional: give it a value"
             )
+            raise ConfigError(f"command line, {override}: overrides take no '~'; {unset}")
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
@@ -1697,7 +1735,14 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     merged = OmegaConf.create({})
     for override in overrides:  # in order: a key given twice keeps its last value
         key, _, value = override.partition("=")
+        _refuse_yaml_surprises(override, value, text=key in strings)
+        if value in YAML_NULLS:  # as a number key reads them (run_name=~ named a folder ~)
+            value = "null"
+            if key == "logger":  # "Incompatible value 'None' for field of type 'str'"
+                raise ConfigError(f"command line, {override}: no logger is logger=none")
         if key in strings and value != "null" and (value.strip() or key in _SAID_EMPTY):
+            if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]  # Hydra's quoted text (run_name='my run' kept the quotes)
             OmegaConf.update(merged, key, value, merge=True)
         elif not value.strip():  # YAML's null (data.max_classes= unset it, silently), and a
             # text key's empty string (slurm.partition=: the default partition, silently)
@@ -1716,6 +1761,45 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
                 ) from None
             merged = OmegaConf.merge(merged, parsed)
     return merged
+
+
+def _optional(key: str) -> bool | None:
+    """Whether the schema's ``key`` may be null (None: no such key, or under a mapping)."""
+    schema: Any = Config
+    *sections, leaf = key.split(".")
+    for name in sections:
+        schema = typing.get_type_hints(schema).get(name) if is_dataclass(schema) else None
+    hint = typing.get_type_hints(schema).get(leaf) if is_dataclass(schema) else None
+    return None if hint is None else type(None) in typing.get_args(hint)
+
+
+YAML_NULLS = ("null", "Null", "NULL", "~")
+"""What YAML reads as null: a string key's override takes them so too."""
+
+
+def _refuse_yaml_surprises(override: str, value: str, text: bool) -> None:
+    """Values YAML 1.1 (OmegaConf's) reads otherwise than they look, refused where they
+    were taken without a word: ``None`` (text, where a Python user means null), and
+    for a key that is not text (``text``), ``010`` (octal: 8) and ``2:00:00`` (base 60:
+    7200, which ``slurm.time_min``, in minutes, took for 5 days). Quoted, each is text."""
+    if value == "None":
+        raise ConfigError(
+            f"command line, {override}: YAML's null is written null (an optional key is "
+            "unset with key=null); None would be the text 'None' (quote it to mean that)"
+        )
+    if text:
+        return
+    if re.fullmatch(r"[-+]?0[0-7_]+", value):
+        raise ConfigError(
+            f"command line, {override}: YAML reads a number with a leading 0 as octal "
+            f"({int(value.replace('_', ''), 8)}): write it without the 0 (or quote it as text)"
+        )
+    if re.fullmatch(r"[-+]?[1-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?", value):
+        raise ConfigError(
+            f"command line, {override}: YAML reads {value} as a number in base 60: write "
+            "the number itself (slurm.time_min is in minutes), or quote a time as text "
+            "(trainer.val_check_interval='00:00:30:00', days:hours:minutes:seconds)"
+        )
 
 
 def load_config(
@@ -1743,6 +1827,9 @@ def load_config(
             # `-c output_dir=x`: the file after -c left out, the next argument taken
             override = "=" in str(given) and given.suffix not in (".yaml", ".yml")
             hint = " (-c takes a YAML file, not a key=value override)" if override else ""
+            named = Path("configs") / f"{given}.yaml"  # -c smoke, as Hydra's config name
+            if not override and not given.suffix and config_file(named).is_file():
+                hint = f" (did you mean -c {named}?)"
             raise ConfigError(f"config file not found: {given}{hint}")
         try:
             loaded = OmegaConf.load(p)
@@ -1785,4 +1872,4 @@ def _epochs_given(merged: DictConfig, overrides: list[str]) -> None:
 
 def config_from_dict(values: dict[str, Any], source: str) -> Config:
     """A Config from plain nested dicts (a checkpoint's copy), validated."""
-    return _to_config(_merge(OmegaConf.structured(Config), values, source))
+    return _to_config(_merge(OmegaConf.structured(Config), _literal(values), source))

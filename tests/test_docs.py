@@ -53,6 +53,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "export_needs_no_import",
     ),
     "make test": (RUN, ".ci/run"),
+    "python train.py -c configs/experiment/lfw423.yaml -c configs/method/random.yaml "
+    "--print-config": (RUN, "tests/test_config.py::test_print_config_shows_the_resolved_config"),
     "python bench/subnet_memory.py --out bench/results/subnet_memory.json": (
         LEFT_OUT,
         BENCH + " (tests/test_performance.py runs it at toy size)",
