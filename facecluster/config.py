@@ -216,7 +216,12 @@ def missing_path(given: str | Path, prefix: str = "", what: str = "") -> str | N
     exist; ``None`` when it does. Light (no torch): the commands check their paths with
     it before their imports, and ``run=`` (:func:`facecluster.run.run_folder`) after."""
     path = Path(given).expanduser().resolve()
-    return None if path.exists() else f"{prefix}{given}: {path} does not exist{what}"
+    if path.exists():
+        return None
+    key, equals, value = str(given).partition("=")
+    if equals and not prefix and Path(value).expanduser().exists():  # export run=runs/x
+        return f"{given}: give the path itself, {value}, without {key}="
+    return f"{prefix}{given}: {path} does not exist{what}"
 
 
 def name_problem(name: str) -> str | None:

@@ -617,7 +617,7 @@ def test_values_yaml_reads_otherwise_than_they_look_are_refused(override, expect
         load_config(SMOKE, [override])
 
 
-def test_the_forms_of_other_tools_are_answered_with_facecluster_s():
+def test_the_forms_of_other_tools_are_answered_with_facecluster_s(capsys):
     # a review: Hydra's defaults list and experiment= were met with unrelated spellings
     # (eval.plots, eval, data), ~seed was told to write seed=null (refused), and the
     # method files the other way round were told "use method=random"
@@ -638,6 +638,11 @@ def test_the_forms_of_other_tools_are_answered_with_facecluster_s():
         load_config(method, ["method=clustered"])
     with pytest.raises(ConfigError, match=re.escape("(did you mean -c configs/smoke.yaml?)")):
         load_config("smoke")  # Hydra's --config-name
+    # `facecluster export run=runs/x out`: export takes the folder itself
+    from facecluster.cli import export_main
+
+    assert export_main([f"run={DEMO}", "out"]) == 2
+    assert f"run={DEMO}: give the path itself, {DEMO}, without run=" in capsys.readouterr().err
     # a method file alone replaces default.yaml and its epochs: said so
     with pytest.raises(ConfigError, match="a -c file replaces configs/default.yaml"):
         load_config(ROOT / "configs" / "method" / "random.yaml")
