@@ -1485,6 +1485,11 @@ def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfi
             if "is not a ListConfig" in msg or "is not a TupleConfig" in msg:
                 # OmegaConf's "AnyNode is not a ListConfig, TupleConfig, list, or tuple"
                 msg = f"it takes a list, as {e.full_key}=[a,b]"
+            elif "to Dict[" in msg:  # trainer=gpu: "Cannot assign str to Dict[str, Any]"
+                msg = (
+                    f"it takes named values, as {e.full_key}.<name>=value or "
+                    f"{e.full_key}={{name: value}}"
+                )
             elif "'DictConfig'" in msg:  # logger.project=x, seed.a=1: a key under a value
                 tree = other if isinstance(other, DictConfig) else OmegaConf.create(other)
                 given = OmegaConf.select(tree, e.full_key)

@@ -629,6 +629,8 @@ def test_the_forms_of_other_tools_are_answered_with_facecluster_s(capsys):
         "ckpt_path=x": "resume=<run folder or .ckpt> continues a run",
         "~seed": "overrides take no '~'; seed is not optional: give it a value",
         "logger=null": "logger=null: no logger is logger=none",
+        "trainer=gpu": "wrong type for 'trainer': it takes named values, as "
+        "trainer.<name>=value or trainer={name: value}",
     }
     for override, expected in said.items():
         with pytest.raises(ConfigError, match=re.escape(expected)):
