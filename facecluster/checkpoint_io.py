@@ -98,13 +98,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location, weights_only)
         where = map_location if map_location is not None else "cpu"
         checkpoint = torch.load(path, map_location=where, mmap=True, weights_only=weights_only)
-        states = checkpoint.get("callbacks")
-        for key in [k for k in states or () if str(k).startswith(_BEST_CHECKPOINT)]:
+        states = checkpoint.get("callbacks") or {}
+        for key in [k for k, state in states.items() if _best_checkpoint(k, state)]:
             # a run saved before 2026-12-07 kept a best-* checkpoint by val/acc too:
             # Lightning asked for its callback at a resume ("Please add the following
             # callbacks"), which no longer exists
             del states[key]
         return checkpoint
+
+
+def _best_checkpoint(key: Any, state: Any) -> bool:
+    """Whether ``state`` (under ``key``) is that of the callback that kept
+    ``best-epochNNN.ckpt`` until 2026-12-07, not a user's own ``ModelCheckpoint`` of the
+    same monitor (``train(cfg, callbacks=[...])``), whose state a resume restores."""
+    best = state.get("best_model_path") if isinstance(state, dict) else None
+    return str(key).startswith(_BEST_CHECKPOINT) and Path(str(best)).name.startswith("best-epoch")
 
 
 _BEST_CHECKPOINT = "ModelCheckpoint{'monitor': 'val/acc"

@@ -1745,11 +1745,11 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     merged = OmegaConf.create({})
     for override in overrides:  # in order: a key given twice keeps its last value
         key, _, value = override.partition("=")
-        _refuse_yaml_surprises(override, value, text=key in strings)
-        if value in YAML_NULLS:  # as a number key reads them (run_name=~ named a folder ~)
-            value = "null"
-            if key == "logger":  # "Incompatible value 'None' for field of type 'str'"
-                raise ConfigError(f"command line, {override}: no logger is logger=none")
+        _refuse_yaml_surprises(f"command line, {override}", value, text=key in strings)
+        if key == "logger" and value in YAML_NULLS:  # "Incompatible value 'None' for ..."
+            raise ConfigError(f"command line, {override}: no logger is logger=none")
+        if key in strings and value in YAML_NULLS and _optional(key):
+            value = "null"  # as a number key reads them (wandb.entity=~ was the text ~)
         if key in strings and value != "null" and (value.strip() or key in _SAID_EMPTY):
             if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":
                 value = value[1:-1]  # Hydra's quoted text (run_name='my run' kept the quotes)
@@ -1787,29 +1787,59 @@ YAML_NULLS = ("null", "Null", "NULL", "~")
 """What YAML reads as null: a string key's override takes them so too."""
 
 
-def _refuse_yaml_surprises(override: str, value: str, text: bool) -> None:
-    """Values YAML 1.1 (OmegaConf's) reads otherwise than they look, refused where they
-    were taken without a word: ``None`` (text, where a Python user means null), and
-    for a key that is not text (``text``), ``010`` (octal: 8) and ``2:00:00`` (base 60:
-    7200, which ``slurm.time_min``, in minutes, took for 5 days). Quoted, each is text."""
+def _refuse_yaml_surprises(where: str, value: str, text: bool) -> None:
+    """Plain values YAML 1.1 (OmegaConf's) reads otherwise than they look, refused
+    where they were taken without a word (``where``: the override, or the file, line
+    and key): ``None`` (text, where a Python user means null), and for a key that is
+    not text (``text``), ``010`` (octal: 8) and ``2:00:00`` (base 60: 7200, which
+    ``slurm.time_min``, in minutes, took for 5 days). Quoted, each is text."""
+    quoted = "\"key='...'\" in a shell, 'text' in a file"
     if value == "None":
         raise ConfigError(
-            f"command line, {override}: YAML's null is written null (an optional key is "
-            "unset with key=null); None would be the text 'None' (quote it to mean that)"
+            f"{where}: YAML's null is written null (an optional key is unset with null; "
+            f"no logger is logger=none); None would be the text 'None' (quote it, as "
+            f"{quoted}, to mean that)"
         )
     if text:
         return
     if re.fullmatch(r"[-+]?0[0-7_]+", value):
         raise ConfigError(
-            f"command line, {override}: YAML reads a number with a leading 0 as octal "
-            f"({int(value.replace('_', ''), 8)}): write it without the 0 (or quote it as text)"
+            f"{where}: YAML reads a number with a leading 0 as octal "
+            f"({int(value.replace('_', ''), 8)}): write it without the 0 (or quote it as "
+            f"text, {quoted})"
         )
-    if re.fullmatch(r"[-+]?[1-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?", value):
+    # base 60: a whole number from 1 (00:00:30:00 is text), or any with a fraction
+    if re.fullmatch(
+        r"[-+]?([1-9][0-9_]*(:[0-5]?[0-9])+|[0-9][0-9_]*(:[0-5]?[0-9])+\.[0-9_]*)", value
+    ):
         raise ConfigError(
-            f"command line, {override}: YAML reads {value} as a number in base 60: write "
-            "the number itself (slurm.time_min is in minutes), or quote a time as text "
-            "(trainer.val_check_interval='00:00:30:00', days:hours:minutes:seconds)"
+            f"{where}: YAML reads {value} as a number in base 60: write the number itself "
+            f"(slurm.time_min is in minutes), or quote a time as text ({quoted})"
         )
+
+
+def _refuse_yaml_surprises_in(path: Path, node: yaml.Node) -> None:
+    """:func:`_refuse_yaml_surprises` over a config file's plain values (``node``: its
+    composed YAML), naming the file, the line and the key."""
+    strings = set(_string_keys(Config))
+    nodes: list[tuple[str, yaml.Node]] = [("", node)]
+    while nodes:
+        key, node = nodes.pop()
+        if isinstance(node, yaml.MappingNode):
+            nodes += [(f"{key}{name.value}.", value) for name, value in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            nodes += [(key, item) for item in node.value]
+        elif isinstance(node, yaml.ScalarNode) and node.style is None:  # plain, not quoted
+            key = key.rstrip(".")
+            where = f"{path}, line {node.start_mark.line + 1}, {key}: {node.value}"
+            _refuse_yaml_surprises(where, node.value, text=key in strings)
+
+
+def text_override(key: str, value: str | Path) -> str:
+    """``key=value`` that reads as the text ``value`` whatever it holds (a run folder
+    named ``None``, ``~``, ``010`` or with a ``${``), for the overrides facecluster
+    composes itself."""
+    return f"{key}='{str(value).replace('${', chr(92) + '${')}'"
 
 
 def load_config(
@@ -1849,12 +1879,13 @@ def load_config(
             raise ConfigError(f"{p}: a config file holds `key: value` lines, not a list")
         # text (a shell script, an arcface_torch .py config) is one YAML string, which
         # OmegaConf turns into {text: None}: "unknown config key 'echo hi'"
-        if loaded and not isinstance(
-            yaml.compose(p.read_text(encoding="utf-8"), Loader=yaml.SafeLoader), yaml.MappingNode
-        ):
+        composed = yaml.compose(p.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        if loaded and not isinstance(composed, yaml.MappingNode):
             raise ConfigError(
                 f"{p}: not a YAML mapping of config keys (`key: value` lines, as in configs/)"
             )
+        if composed is not None:
+            _refuse_yaml_surprises_in(p, composed)
         merged = _merge(merged, loaded, str(p))
     if overrides:
         if paths:

@@ -74,6 +74,7 @@ from facecluster.config import (
     not_a_run,
     resume_command,
     route_problems,
+    text_override,
 )
 from facecluster.data.folder import SPLIT_VERSION
 from facecluster.data.recordio import rec_paths
@@ -441,7 +442,7 @@ class RunFolder:
         """
         if problem := not_a_run(self.path):
             raise ConfigError(problem)
-        here = f"output_dir={self.path.parent}"
+        here = text_override("output_dir", self.path.parent)
         return load_config(self.path / RUN_CONFIG, [here, *overrides, "resume=null"])
 
     def _check_starting_weights(self, saved: Config, cfg: Config, resume: str) -> None:
@@ -559,7 +560,11 @@ class RunFolder:
                         f"{run.path}; leave {key} unset (or copy the run folder and resume "
                         "the copy)"
                     )
-        where = [f"resume={path}", f"output_dir={run.path.parent}", f"run_name={run.path.name}"]
+        where = [
+            text_override("resume", path),
+            text_override("output_dir", run.path.parent),
+            text_override("run_name", run.path.name),  # a run named None, ~ or with a ${
+        ]
         cfg = saved.with_overrides([*overrides, *where])
         # the run's modules stay: one registers its backbone for every later process (a
         # resume with imports=[] wrote them out of config.yaml, and the stage-2 jobs

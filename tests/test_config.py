@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from facecluster.config import ConfigError, load_config, resolve_data_root
+from facecluster.config import ConfigError, load_config, resolve_data_root, text_override
 from tests.conftest import DEMO, ROOT, SMOKE, run_documented, smoke_overrides
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
@@ -597,6 +597,12 @@ def test_quoted_text_and_yamls_nulls_read_as_on_other_command_lines():
     for null in ("null", "Null", "NULL", "~"):
         assert load_config(SMOKE, ["wandb.entity=x", f"wandb.entity={null}"]).wandb.entity is None
     assert load_config(SMOKE, ["run_name='None'", "data.root='x'"]).run_name == "None"
+    # ~ is a path's home where the key cannot be null (output_dir=~ was the home folder)
+    assert load_config(SMOKE, ["output_dir=~"]).output_dir == "~"
+    # the overrides facecluster composes itself read as the text they hold (a resume of a
+    # run folder named None was refused, one named ~ lost its name)
+    for name in ("None", "~", "NULL", "'my run'", "a${b}", "010", "2:00:00", "x'"):
+        assert load_config(SMOKE, [text_override("run_name", name)]).run_name == name
 
 
 @pytest.mark.parametrize(
@@ -612,9 +618,21 @@ def test_quoted_text_and_yamls_nulls_read_as_on_other_command_lines():
         ("trainer.val_check_interval=1:30", r"or quote a time as text"),
     ],
 )
-def test_values_yaml_reads_otherwise_than_they_look_are_refused(override, expected):
+def test_values_yaml_reads_otherwise_than_they_look_are_refused(override, expected, tmp_path):
     with pytest.raises(ConfigError, match=expected):
         load_config(SMOKE, [override])
+    # in a config file too, naming the file, its line and the key
+    key, _, value = override.partition("=")
+    *sections, leaf = key.split(".")
+    lines = [f"{'  ' * i}{name}:" for i, name in enumerate(sections)]
+    given = tmp_path / "given.yaml"
+    given.write_text("\n".join(["stage: all", *lines, f"{'  ' * len(sections)}{leaf}: {value}"]))
+    line = len(sections) + 2
+    with pytest.raises(ConfigError, match=rf"given.yaml, line {line}, {key}: {value}: YAML"):
+        load_config([SMOKE, given])
+    given.write_text(given.read_text().replace(f": {value}", f": '{value}'"))  # quoted: text
+    if key in ("wandb.entity", "trainer.val_check_interval"):
+        load_config([SMOKE, given])
 
 
 def test_the_forms_of_other_tools_are_answered_with_facecluster_s(capsys):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from facecluster.callbacks import ClusteringCallback
+from facecluster.checkpoint_io import AtomicCheckpointIO
 from facecluster.config import ConfigError, load_config
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
@@ -114,7 +115,16 @@ def test_a_run_saved_with_a_best_checkpoint_resumes_without_asking_for_its_callb
     last = run.last_checkpoint(1)
     checkpoint = torch.load(last, weights_only=True)
     (state,) = checkpoint["callbacks"].values()
-    best = {**state, "monitor": "val/acc", "best_model_path": str(last.parent / "best.ckpt")}
+    best = {
+        **state,
+        "monitor": "val/acc",
+        "best_model_path": str(last.parent / "best-epoch000.ckpt"),
+    }
+    # a user's own ModelCheckpoint of that monitor (train(cfg, callbacks=[...])) keeps its state
+    mine = {**best, "best_model_path": str(tmp_path / "mine" / "epoch=0-step=5.ckpt")}
+    copy = tmp_path / "mine.ckpt"
+    torch.save({**checkpoint, "callbacks": {BEST_STATE: mine}}, copy)
+    assert BEST_STATE in AtomicCheckpointIO().load_checkpoint(copy)["callbacks"]
     checkpoint["callbacks"] = {BEST_STATE: best, **checkpoint["callbacks"]}
     torch.save(checkpoint, last)
     with warnings.catch_warnings(record=True) as said:
