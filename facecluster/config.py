@@ -1831,8 +1831,9 @@ def _refuse_yaml_surprises_in(path: Path, node: yaml.Node) -> None:
             nodes += [(key, item) for item in node.value]
         elif isinstance(node, yaml.ScalarNode) and node.style is None:  # plain, not quoted
             key = key.rstrip(".")
-            where = f"{path}, line {node.start_mark.line + 1}, {key}: {node.value}"
-            _refuse_yaml_surprises(where, node.value, text=key in strings)
+            if key not in strings:  # a text key's None is text: config.yaml writes it so
+                where = f"{path}, line {node.start_mark.line + 1}, {key}: {node.value}"
+                _refuse_yaml_surprises(where, node.value, text=False)
 
 
 def text_override(key: str, value: str | Path) -> str:
