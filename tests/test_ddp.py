@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from facecluster import builders, evaluation
 from facecluster.builders import build_datamodule
@@ -559,3 +560,34 @@ def test_torchrun_evaluates_runs_over_two_processes_with_the_figures_of_one(tmp_
     said = [line for line in failed.stderr.splitlines() if "error: " in line]
     assert f"error: rank 1: cannot decode {broken[1]}" in said[0], said
     assert all("another process of this evaluation stopped" in line for line in said[1:])
+
+
+def test_a_margin_head_of_ones_own_trains_under_ddp(tmp_path):
+    # a head of one's own (docs/CONFIG.md's myheads.py, registered by its module) under
+    # DDP: Lightning's launcher starts rank 1 from the command line, which imports the
+    # module again (imports=); the head is sharded over the processes as a built-in
+    # one is (Partial FC), and gathered whole into the checkpoint (untested before)
+    page = (ROOT / "docs" / "CONFIG.md").read_text()
+    (snippet,) = re.findall(r"```python\n(# myheads\.py.*?)```", page, re.S)
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "myheads.py").write_text(snippet)
+    mine = ("imports=[myheads]", "head.name=combined", "head.kwargs.c=0.25")
+    settings = smoke_overrides(tmp_path, "logger=none", "stage=1", *mine)
+    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), str(ROOT)])}
+    proc = subprocess.run(
+        [sys.executable, "train.py", "-c", str(SMOKE), *settings, *ddp],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = RunFolder(tmp_path / "run")
+    assert run.stage_summary(1)["world_size"] == 2
+    names = json.loads((run.path / "class_names.json").read_text())
+    saved = yaml.safe_load((run.path / "config.yaml").read_text())  # no import of myheads
+    assert saved["head"]["name"] == "combined" and saved["head"]["kwargs"] == {"c": 0.25}
+    assert run.stage1_weights().head.shape == (len(names), saved["model"]["embedding_dim"])
