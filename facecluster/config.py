@@ -1719,8 +1719,10 @@ def _string_keys(schema: type, prefix: str = "") -> list[str]:
 def parse_overrides(overrides: list[str]) -> DictConfig:
     """``key=value`` strings (Hydra-style dotlist) to a config; values are YAML-typed,
     except for string keys, which take the text as written (``run_name=1e3`` is the
-    name ``1e3``, not ``1000.0``; ``resume=/runs/a #2`` keeps its ``#2``); ``null``
-    still unsets an optional one."""
+    name ``1e3``, not ``1000.0``; ``resume=/runs/a #2`` keeps its ``#2``) but for one
+    pair of quotes around it (``run_name='my run'``, as Hydra reads it); YAML's null
+    (``null``, ``~``, ``Null``, ``NULL``) still unsets an optional one. Values YAML reads
+    otherwise than they look are refused (:func:`_refuse_yaml_surprises`)."""
     for override in overrides:  # Hydra's prefixes: a generic message named no fix
         key = override.partition("=")[0]
         if key.startswith("+") and "=" in override:
