@@ -33,6 +33,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -725,7 +726,9 @@ def check_trainer(cfg: Config) -> None:
     trainer = _trial_trainer(cfg)
     if isinstance(trainer.accelerator, CPUAccelerator):
         warn_emulated_bf16(str(cfg.trainer.get("precision", "auto")))
-        if getattr(trainer.strategy, "_layer_sync", None) is not None:
+        if cfg.trainer.get("sync_batchnorm") is True and isinstance(
+            trainer.strategy, ParallelStrategy
+        ):
             # torch's SyncBatchNorm syncs GPU (CUDA/XPU) modules only: DDP refused it on
             # the CPU when it wrapped the model, after the data scan and the run folder
             raise ConfigError(
