@@ -112,7 +112,6 @@ the data first, so rank 0 may come minutes after them (a cold filesystem cache).
 RANK0_WAIT_S = 1800.0
 """torch.distributed's default process-group timeout, which the ranks wait in next."""
 
-META = RUN_META
 CLASS_NAMES = "class_names.json"
 SPLIT = "split.json"
 SPLITS = ("val", "test")
@@ -357,7 +356,7 @@ class RunFolder:
         # them); one whose run.json names their own launch is the run their rank 0 has
         # just created (create)
         if (run.path / RUN_CONFIG).exists() and (
-            is_global_zero() or _read_json(run.path / META).get("launch") != _launch_id()
+            is_global_zero() or _read_json(run.path / RUN_META).get("launch") != _launch_id()
         ):
             raise ConfigError(
                 f"run folder {run.path} already exists; pass "
@@ -378,7 +377,7 @@ class RunFolder:
         Sets ``FACECLUSTER_RUN_DIR`` so the DDP ranks Lightning starts find it.
         """
         os.environ[RUN_DIR_ENV] = str(self.path)
-        meta = self.path / META
+        meta = self.path / RUN_META
         together = new and launched_processes() > 1
         if is_global_zero() and (
             not meta.exists() or (together and not (self.path / RUN_CONFIG).exists())
@@ -396,7 +395,7 @@ class RunFolder:
 
             stamp = {"format": RUN_FORMAT, "facecluster": facecluster.__version__}
             self._write_json(
-                META, {"run_id": run_id, "created": created, "launch": _launch_id(), **stamp}
+                RUN_META, {"run_id": run_id, "created": created, "launch": _launch_id(), **stamp}
             )
         if not is_global_zero():  # started by torchrun/srun with rank 0, not by it
             _wait_for(meta, launch=_launch_id() if together else None)
@@ -412,7 +411,7 @@ class RunFolder:
 
     @property
     def run_id(self) -> str:
-        return read_state(self.path / META, keys=("run_id",))["run_id"]
+        return read_state(self.path / RUN_META, keys=("run_id",))["run_id"]
 
     def check_free_space(self, cfg: Config, backbone_params: int, num_classes: int) -> None:
         """Fail at start, naming output_dir, when the disk cannot hold the checkpoints
