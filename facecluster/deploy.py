@@ -48,7 +48,7 @@ from facecluster.data.recordio import rec_paths
 from facecluster.data.transforms import normalize_images
 from facecluster.inference import TwoStageIdentifier
 from facecluster.inference.identifier import FAILED, OPEN_SET_SCORE, UNKNOWN, unpack_names
-from facecluster.inference.onnx import EXPORT_ID, ONNX_GALLERY, ONNX_META
+from facecluster.inference.onnx import EXPORT_ID, ONNX_GALLERY, ONNX_META, check_replaceable
 from facecluster.inference.openset import threshold_at_fpir
 from facecluster.io import (
     atomic_file,
@@ -146,45 +146,7 @@ def export_run(
     where = resolve_device(device)
     out = Path(out)
     # before the passes below: where the files go, and out/onnx, which is replaced
-    if out.exists() and not out.is_dir():
-        raise ValueError(
-            f"{out} is not a folder: export writes {TORCH_FILE} and {ONNX_FOLDER}/ in it"
-        )
-    if (out / TORCH_FILE).is_dir():
-        raise ValueError(f"{out / TORCH_FILE} is a folder: export writes the identifier there")
-    data = resolve_data_root(cfg.data.root).resolve()  # links resolved on both sides
-    images = data.is_dir() and rec_paths(data) is None  # a .rec's folder: no scan to mislead
-    if images and data in (out.resolve(), *out.resolve().parents):
-        # the next scan of the data took it for an identity folder (warned of as one
-        # holding no images), or for one more person where it held an image
-        raise ValueError(
-            f"{out} is inside the run's data.root ({data}), where the next training or "
-            "evaluation would read it as an identity's folder: export to a folder of its own"
-        )
-    if (out / "config.yaml").is_file():  # identify would answer with this run for that one
-        raise ValueError(
-            f"{out} is a training run folder (it holds config.yaml): export to a folder of "
-            f"its own, e.g. {out / 'export'}"
-        )
-    from facecluster.inference.onnx import ONNX_META, check_replaceable
-
-    if (out / ONNX_META).is_file() and not (out / TORCH_FILE).exists():
-        # an export's onnx/: its identifier.pt and onnx/ went in it, and the next export
-        # to the export above refused the files it found there
-        raise ValueError(
-            f"{out} is an export's {ONNX_FOLDER} folder (it holds {ONNX_META}): export to "
-            f"{out.parent} to replace that export, or to a folder of its own"
-        )
-    if out.is_dir():  # an export or enrolment there that died after its commit: completed
-        finish_update(out)
-    if (out / BACKBONE_FILE).exists() and not (out / TORCH_FILE).is_file():
-        # weights of the user's (the file model.weights names, say); an export's killed
-        # as its files moved in was completed above
-        raise ValueError(
-            f"{out / BACKBONE_FILE} is not an export's (no {TORCH_FILE} beside it): export "
-            f"writes the stage-1 backbone there; export to a folder of its own"
-        )
-
+    _check_export_target(out, resolve_data_root(cfg.data.root).resolve())  # links resolved
     check_replaceable(out / ONNX_FOLDER)
     # identities enrolled into an export of this run follow its own (an export of another
     # run, or of this one trained on other data, is replaced with a warning, below)
@@ -260,6 +222,48 @@ def export_run(
 
             written += export_onnx(identifier, new / ONNX_FOLDER)
     return [out / path.relative_to(new) for path in written]
+
+
+def _check_export_target(out: Path, data: Path) -> None:
+    """Refuse an ``out`` that cannot hold an export, before any pass over the data: a
+    file, a folder inside the run's image folder ``data`` (links resolved), a run
+    folder, an export's own onnx/, or one holding a ``backbone.pth`` of the user's. An
+    export or enrolment there that died after its commit is completed first."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"{out} is not a folder: export writes {TORCH_FILE} and {ONNX_FOLDER}/ in it"
+        )
+    if (out / TORCH_FILE).is_dir():
+        raise ValueError(f"{out / TORCH_FILE} is a folder: export writes the identifier there")
+    images = data.is_dir() and rec_paths(data) is None  # a .rec's folder: no scan to mislead
+    if images and data in (out.resolve(), *out.resolve().parents):
+        # the next scan of the data took it for an identity folder (warned of as one
+        # holding no images), or for one more person where it held an image
+        raise ValueError(
+            f"{out} is inside the run's data.root ({data}), where the next training or "
+            "evaluation would read it as an identity's folder: export to a folder of its own"
+        )
+    if (out / "config.yaml").is_file():  # identify would answer with this run for that one
+        raise ValueError(
+            f"{out} is a training run folder (it holds config.yaml): export to a folder of "
+            f"its own, e.g. {out / 'export'}"
+        )
+    if (out / ONNX_META).is_file() and not (out / TORCH_FILE).exists():
+        # an export's onnx/: its identifier.pt and onnx/ went in it, and the next export
+        # to the export above refused the files it found there
+        raise ValueError(
+            f"{out} is an export's {ONNX_FOLDER} folder (it holds {ONNX_META}): export to "
+            f"{out.parent} to replace that export, or to a folder of its own"
+        )
+    if out.is_dir():  # an export or enrolment there that died after its commit: completed
+        finish_update(out)
+    if (out / BACKBONE_FILE).exists() and not (out / TORCH_FILE).is_file():
+        # weights of the user's (the file model.weights names, say); an export's killed
+        # as its files moved in was completed above
+        raise ValueError(
+            f"{out / BACKBONE_FILE} is not an export's (no {TORCH_FILE} beside it): export "
+            f"writes the stage-1 backbone there; export to a folder of its own"
+        )
 
 
 def _held_names(out: Path) -> list[str]:
@@ -541,8 +545,6 @@ def _updating(
         )
         earlier = (out / ONNX_FOLDER).is_dir() and replace_onnx
         if earlier:  # again: a file of the user's may have come while the networks exported
-            from facecluster.inference.onnx import check_replaceable
-
             check_replaceable(out / ONNX_FOLDER)
         old = [onnx + path.name for path in (out / ONNX_FOLDER).iterdir()] if earlier else []
         marker = f"{onnx}{ONNX_META}"
