@@ -245,7 +245,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except JobsFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # outside a Trainer (Lightning's own ends in exit 1)
+    except KeyboardInterrupt:  # in a fit too: train() raises Lightning's exit(1) as one
         return _interrupted()  # local stage-2 jobs: the hint came first
     except Exception as e:  # a damaged data set, a lost DDP peer, a full disk
         if (stop := stopped_run(e)) is None:
@@ -257,10 +257,6 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except SystemExit as e:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if isinstance(e.__context__, KeyboardInterrupt) and e.code == 1:
-            # Lightning ends a fit stopped by Ctrl-C with exit(1), a failure's status;
-            # ResumeHint printed the command that continues
-            return _interrupted()
         if not isinstance(e, SIGTERMException):
             raise
         # SIGTERM (scancel, a preemption, kill) ends the fit at its next batch, on every

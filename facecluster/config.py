@@ -1852,7 +1852,9 @@ def load_config(
 
     Args:
         path: optional YAML file, or several merged in order (later ones win); each
-            lists only what differs from the schema defaults.
+            lists only what differs from the schema defaults. Without one, the schema's
+            defaults alone, which leave the stages' epochs unset: the command line starts
+            from :func:`default_config` (the demo's ``configs/default.yaml``).
         overrides: ``key=value`` strings applied last.
 
     Returns:

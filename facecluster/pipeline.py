@@ -137,6 +137,9 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
             (``launcher=slurm``; ``launcher=local`` with ``stage2.jobs`` > 1).
     """
     with _this_run_only():
+        # a config changed after its load (cfg.method = ...) is checked again: such a
+        # run trained, and its config.yaml was then refused by evaluate, export, resume
+        cfg.validate()
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if problems := cfg.training_problems():
             raise invalid(problems)
@@ -802,25 +805,40 @@ def _submit(run: _Run, clustering: ClusteringCallback | None) -> RunResult:
     return RunResult(folder.path, None, None)
 
 
+SEED_ENV = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+"""What ``L.seed_everything(..., workers=True)`` leaves in the environment."""
+
+
 @contextlib.contextmanager
 def _this_run_only() -> Iterator[None]:
     """What this process holds for one run, let go when the run ends: the run folder,
     passed to the DDP ranks in an environment variable (never leaked into the next run
-    of the same process); on an error, the DDP ranks that its Trainer started, which
-    would otherwise wait for it (:func:`stop_started_ranks`). On SIGTERM every rank
+    of the same process), and Lightning's seed (:data:`SEED_ENV`); on an error, the DDP
+    ranks that its Trainer started, which would otherwise wait for it
+    (:func:`stop_started_ranks`). On SIGTERM every rank
     stops at the same batch (:class:`facecluster.callbacks.StopTogether`, which took
     the ranks this one started out of the sight of Lightning's child-process observer)
     and this one waits for them. (Lightning ends them on Ctrl-C.)"""
-    inherited = os.environ.get(RUN_DIR_ENV)
+    inherited = {name: os.environ.get(name) for name in (RUN_DIR_ENV, *SEED_ENV)}
     forget_sigterm()
     try:
         yield
     except SIGTERMException:
         stop_started_ranks(cause="terminated")
         raise
+    except SystemExit as e:
+        if e.code == 1 and isinstance(e.__context__, KeyboardInterrupt):
+            # Lightning ends a fit stopped by Ctrl-C with exit(1): raised as what it is,
+            # as an interrupt outside a Trainer is (a notebook's `except
+            # KeyboardInterrupt` caught neither SystemExit nor, in Jupyter, its traceback)
+            raise KeyboardInterrupt from e
+        raise
     except Exception:
         stop_started_ranks()
         raise
     finally:
-        if inherited is None:
-            os.environ.pop(RUN_DIR_ENV, None)
+        for name, value in inherited.items():  # the next run in this process starts clean
+            if value is None:
+                os.environ.pop(name, None)
+            elif name != RUN_DIR_ENV:
+                os.environ[name] = value

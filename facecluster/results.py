@@ -234,8 +234,13 @@ def training_table(results: dict[str, Any]) -> str:
             markdown_table(header, cells, "lrrrrr"),
             "",
             "chance: 1 / identities; most frequent: always answering the identity "
-            "with the most test images. Each sub-net is scored on the test images of "
-            "the identities its cluster owns; its identities are all it answers among "
-            "(with clustering.overlap, its extra members too).",
+            "with the most test images."
+            + (
+                " Each sub-net is scored on the test images of the identities its "
+                "cluster owns; its identities are all it answers among (with "
+                "clustering.overlap, its extra members too)."
+                if "subnets" in results
+                else ""
+            ),
         ]
     )

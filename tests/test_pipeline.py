@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
 import shlex
 import shutil
@@ -577,6 +578,29 @@ def test_the_closing_line_offers_export_only_for_a_two_stage_run(tmp_path, capsy
     assert f"{run}: tables and plots in" in capsys.readouterr().err
 
 
+def test_a_config_changed_after_its_load_is_checked_again_before_any_work(tmp_path):
+    # cfg.method = "bogus" (a notebook's edit) trained both stages and saved a run that
+    # evaluate, export and resume then refused (its config.yaml invalid)
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path))
+    cfg.method = "bogus"
+    with pytest.raises(ConfigError, match="method='bogus' is not one of"):
+        train(cfg)
+    assert not any(tmp_path.iterdir())  # no run folder
+
+
+def test_the_single_models_training_table_speaks_of_no_sub_nets():
+    from facecluster.results import training_table
+
+    scores = {"accuracy": 0.5, "chance": 0.1, "majority": 0.2}
+    single = {"method": "single", "identities": 10, "test_images": 20, "stage1": scores}
+    assert "sub-net" not in training_table(single)
+    subnet = {"cluster": 0, "identities": 5, "test_images": 10, **scores}
+    clustered = {**single, "method": "clustered", "clustering": "kmeans", "num_clusters": 1}
+    table = training_table({**clustered, "subnets": [subnet]})
+    assert "| sub-net 0, on its own cluster |" in table
+    assert "Each sub-net is scored on the test images of the identities its cluster" in table
+
+
 def test_an_existing_run_folder_is_refused_before_the_data_scan(tmp_path, monkeypatch):
     # the same command again (a new run named as an existing one) scanned the data first,
     # minutes for a .rec without identity records, then said the folder exists
@@ -883,12 +907,17 @@ def test_ctrl_c_says_which_command_continues_the_run(tmp_path, capsys, monkeypat
     overrides = smoke_overrides(run.parent, "logger=none", "stage=1", "stage1.max_epochs=2")
     cfg = load_config(SMOKE, overrides)
     handler = signal.getsignal(signal.SIGINT)
+    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
     try:
-        with pytest.raises(SystemExit) as stop:
+        # raised as what it is, as a Ctrl-C outside the Trainer is: Lightning's exit(1)
+        # was a SystemExit, which a notebook's `except KeyboardInterrupt` missed
+        with pytest.raises(KeyboardInterrupt):
             train(cfg, callbacks=[CtrlC()])
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores a second Ctrl-C
-    assert stop.value.code == 1
+    # Lightning's seed_everything left its seed for the next run of this process
+    assert "PL_GLOBAL_SEED" not in os.environ and "PL_SEED_WORKERS" not in os.environ
     # the stage it ran: a plain resume would go on to stage 2
     assert f"{hint}  python train.py {quoted} stage=1\n" in capsys.readouterr().err
     assert RunFolder(run).last_checkpoint(1).is_file()
