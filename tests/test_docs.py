@@ -13,6 +13,7 @@ test.
 from __future__ import annotations
 
 import ast
+import csv
 import os
 import re
 
@@ -542,3 +543,26 @@ def test_the_data_pages_throughput_table_is_its_json():
     words = {0: "no", 1: "one", 2: "two", 3: "three"}
     said = f"below the folder loader in {words[len(below)]} round"
     assert said in text and all(b in text[text.index(said) :][:80] for b in below)
+
+
+@pytest.mark.slow
+def test_the_python_block_of_the_training_page_as_written(tmp_path):
+    # docs/TRAINING.md's "From Python": train, evaluate, export and identify from one
+    # script, in a folder of its own (its relative paths land there)
+    page = (ROOT / "docs" / "TRAINING.md").read_text()
+    section = page[page.index("## From Python") :]
+    (block,) = re.findall(r"```python\n(.*?)```", section[: section.index("\n## ", 3)], re.S)
+    (tmp_path / "from_python.py").write_text(block)
+    proc = run_documented("python from_python.py", tmp_path, ("configs", "datasets"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Held-out test accuracy (kmeans clustering, K=3)" in proc.stdout  # train's table
+    (printed,) = re.findall(r"^(\S+) (\S+)$", proc.stdout, re.M)  # the first print()
+    assert all(0 <= float(figure) <= 1 for figure in printed)
+    assert "clustered, routed (top_m=1, moe)" in proc.stdout, proc.stdout[-2000:]
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.name != ".cache"]
+    assert RunFolder(run_dir).finished and (run_dir / "eval" / "results.json").is_file()
+    assert (tmp_path / "exports" / "smoke" / "identifier.pt").is_file()
+    with open(tmp_path / "who.csv") as f:
+        rows = list(csv.DictReader(f))
+    images = list((ROOT / "datasets" / "lfw-demo" / "images" / "Adrien_Brody").iterdir())
+    assert len(rows) == len(images) > 0 and all(row["status"] for row in rows)
