@@ -53,6 +53,7 @@ from facecluster.callbacks.interrupt import forget_sigterm, resume_hint, stoppin
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import (
     COMMAND,
+    RUN_CONFIG,
     Config,
     ConfigError,
     SlurmConfig,
@@ -209,6 +210,8 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         # one scanned the data, is refused here (a SLURM submission: its job holds it)
         fits = cfg.launcher.name == "local" and _stage1_pending(cfg, folder)
         with folder.stage1_lock() if fits else contextlib.nullcontext():
+            if not cfg.resume and launched_processes() == 1:  # created by two at once?
+                folder.check_unclaimed((RUN_CONFIG,))  # (class_names.json: ours, or theirs)
             folder.save_config(cfg)
             folder.save_unseen_identities({s: dm.unseen_identities(s) for s in ("val", "test")})
             rank_zero_info(f"facecluster run folder: {folder.path}")

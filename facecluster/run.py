@@ -376,9 +376,11 @@ class RunFolder:
 
         Sets ``FACECLUSTER_RUN_DIR`` so the DDP ranks Lightning starts find it.
         """
+        together = new and launched_processes() > 1
+        if new and not together:
+            self.check_unclaimed()
         os.environ[RUN_DIR_ENV] = str(self.path)
         meta = self.path / RUN_META
-        together = new and launched_processes() > 1
         if is_global_zero() and (
             not meta.exists() or (together and not (self.path / RUN_CONFIG).exists())
         ):
@@ -400,6 +402,23 @@ class RunFolder:
         if not is_global_zero():  # started by torchrun/srun with rank 0, not by it
             _wait_for(meta, launch=_launch_id() if together else None)
         return self.run_id
+
+    def check_unclaimed(self, names: tuple[str, ...] = (RUN_CONFIG, CLASS_NAMES)) -> None:
+        """Refuse a new run whose folder another command has written ``names`` into since
+        this one found it free (:meth:`for_training`, before the data scan): two commands
+        started with one ``run_name``, or in the same second without one. The second took
+        the first's run over, rewriting its ``config.yaml`` (a review). Global rank 0
+        decides (the ranks Lightning's launcher starts come up after it wrote the
+        config); the processes srun or torchrun start together are refused at start."""
+        if not is_global_zero():
+            return
+        if found := [name for name in names if (self.path / name).exists()]:
+            raise ConfigError(
+                f"run folder {self.path} was made by another command while this one read "
+                f"the data (it holds {found[0]} now): two commands started with one "
+                "run_name, or in the same second without one. Give each run its own "
+                f"run_name, or pass {shlex.quote(f'resume={self.path}')} to continue that run"
+            )
 
     def save_config(self, cfg: Config) -> None:
         """Write the run's config (a resume: with its overrides), after the checks at

@@ -619,6 +619,44 @@ def test_an_existing_run_folder_is_refused_before_the_data_scan(tmp_path, monkey
         train(cfg)
 
 
+@pytest.mark.parametrize("made", ["during the data scan", "after this one's create"])
+def test_a_run_folder_another_command_made_meanwhile_is_not_taken_over(tmp_path, monkeypatch, made):
+    # two commands started with one run_name (or in one second without one): the second,
+    # past the check at start while the first made the folder, found stage 1 done, took
+    # no lock, rewrote the first's config.yaml and printed its results as its own
+    from facecluster import pipeline
+
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "stage1.optim.lr=0.05"))
+    other = load_config(SMOKE, smoke_overrides(tmp_path))
+    theirs = other.run_settings().to_yaml()
+    run = tmp_path / "run"
+
+    def the_other_command_writes():
+        (run / "config.yaml").write_text(theirs)
+
+    if made == "during the data scan":
+        scan = pipeline.build_datamodule
+
+        def slow_scan(cfg):
+            run.mkdir()
+            the_other_command_writes()
+            return scan(cfg)
+
+        monkeypatch.setattr(pipeline, "build_datamodule", slow_scan)
+    else:  # between this command's create and its lock: only its stage-1 lock sees it
+        keep = RunFolder.keep_data
+
+        def kept(folder, dm):
+            keep(folder, dm)
+            the_other_command_writes()
+
+        monkeypatch.setattr(RunFolder, "keep_data", kept)
+    with pytest.raises(ConfigError, match="was made by another command while this one read"):
+        train(cfg)
+    assert (run / "config.yaml").read_text() == theirs
+    assert not (run / "stage1" / "checkpoints").exists()
+
+
 def test_slurm_settings_of_a_local_run_are_said_to_change_nothing(tmp_path, monkeypatch):
     # slurm.partition=gpu without launcher=slurm trained on this machine (a login node)
     # without a word; a SLURM job's own command (launcher=local inside it) is not warned
