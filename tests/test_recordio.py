@@ -1783,3 +1783,19 @@ def test_a_negative_shuffle_seed_is_named_and_leaves_no_out(tmp_path, capsys):
     with pytest.raises(ValueError):
         pack_module.pack_folder(DEMO, tmp_path / "api", shuffle=True, seed=-5)
     assert not (tmp_path / "out").exists() and not (tmp_path / "api").exists()
+
+
+def test_a_rec_replaced_under_a_run_is_named_not_read_as_damaged_records(tmp_path):
+    # `facecluster pack --overwrite` into the folder a run trained on: the next epoch's
+    # workers opened the new file with the old offsets, every record read as corrupt,
+    # and the run stopped on a "damaged" data set (a concurrency review)
+    src, out = _two_identities(tmp_path, slice(0, 3)), tmp_path / "packed"
+    assert pack_main([str(src), str(out)]) == 0
+    dm = FaceDataModule(
+        str(out), min_images_per_class=1, batch_size=4, image_size=32, num_workers=1
+    )
+    loader = dm.train_dataloader()
+    assert sum(len(batch[1]) for batch in loader) > 0  # an epoch, its worker forked
+    assert pack_main([str(src), str(out), "--overwrite", "--shuffle"]) == 0
+    with pytest.raises(BadImageError, match="train.rec was replaced or changed since it was read"):
+        next(iter(loader))  # the next epoch's worker

@@ -45,7 +45,7 @@ from typing import NoReturn
 import numpy as np
 import torch
 
-from facecluster.data.images import decode_image
+from facecluster.data.images import BadImageError, decode_image
 from facecluster.io import atomic_file, file_stamp
 
 MAGIC = 0xCED7230A
@@ -361,7 +361,8 @@ class RecordFile:
                         "with it; `facecluster pack` writes both)"
                     )
                 raise FileNotFoundError(f"{path} does not exist{hint}")
-        self.size = self.rec.stat().st_size
+        self.stamp = file_stamp(self.rec)  # what each process's map must be of
+        self.size = self.stamp[0]
         self.offsets = self._read_index()
         self._map: memoryview | None = None
         self._pid = -1
@@ -506,6 +507,19 @@ class RecordFile:
         # a memoryview: its slices are views of the mapped file, an mmap's are copies
         if self._map is None or self._pid != os.getpid():
             with open(self.rec, "rb") as f:
+                stat = os.fstat(f.fileno())
+                if (stat.st_size, stat.st_mtime_ns, stat.st_ino) != self.stamp:
+                    # its offsets are the old file's: each record read as corrupt, and the
+                    # run stopped on a "damaged" data set (a review: a `facecluster pack
+                    # --overwrite` of the folder a run trained on, its workers opening the new
+                    # file at the next epoch). Not an OSError: no bad image.
+                    raise BadImageError(
+                        f"{self.rec} was replaced or changed since it was read at start "
+                        f"({self.stamp[0]} bytes then, {stat.st_size} now): a .rec must stay as "
+                        "it is while a run reads it (a `facecluster pack --overwrite` into its "
+                        "folder?). Put the file the run started with back, or start a new run "
+                        "on the new one (a resume checks that its split is the run's)"
+                    )
                 self._map = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
             self._pid = os.getpid()
         return self._map
