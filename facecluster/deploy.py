@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import json
 import logging
 import math
@@ -51,10 +50,12 @@ from facecluster.inference.identifier import FAILED, OPEN_SET_SCORE, UNKNOWN, un
 from facecluster.inference.onnx import EXPORT_ID, ONNX_GALLERY, ONNX_META, check_replaceable
 from facecluster.inference.openset import threshold_at_fpir
 from facecluster.io import (
+    LOCK,
     atomic_file,
     atomic_torch_save,
     check_can_write,
     file_stamp,
+    folder_lock,
     fsync_dir,
     load_plain,
     pid_alive,
@@ -76,7 +77,6 @@ UPDATE = ".facecluster-update"
 """An export folder's committed update, not yet all in place (:func:`finish_update`); an
 update being written, or being removed, is ``UPDATE.<process>-<random>.tmp`` / ``.done``."""
 UPDATE_PLAN = "update.json"
-LOCK = ".facecluster-lock"
 CSV_COLUMNS = ("path", "identity", "score", "similarity", "cluster", "top5", "status")
 TOP = 5
 
@@ -562,7 +562,8 @@ def _updating(
         with atomic_file(new / UPDATE_PLAN) as f:
             f.write(json.dumps(plan, indent=1).encode())
         lock = contextlib.ExitStack()
-        lock.enter_context(_export_lock(out))  # a Ctrl-C while it waits: cleaned up too
+        # a Ctrl-C while it waits: cleaned up too
+        lock.enter_context(folder_lock(out, "the export"))
         with lock:
             _finish_locked(out)  # an update another command committed meanwhile: first
             if read is not None and _stamp(out) != read:
@@ -604,16 +605,17 @@ def finish_update(out: str | Path) -> None:
     """Put the committed update of the export folder ``out`` (:func:`_updating`) in
     place, if it has one: an export or enrolment that was killed while it moved its
     files. Every command that reads an export runs this first; one process at a time
-    moves the files (:func:`_export_lock`), the others wait and find them in place."""
+    moves the files (:func:`~facecluster.io.folder_lock`), the others wait and find them
+    in place."""
     out = Path(out)
     if not (out / UPDATE).is_dir():  # nothing pending: no lock (a read-only export)
         return
-    with _export_lock(out):
+    with folder_lock(out, "the export"):
         _finish_locked(out)
 
 
 def _finish_locked(out: Path) -> None:
-    """:func:`finish_update` with :func:`_export_lock` held: the plan is read, and
+    """:func:`finish_update` with :func:`~facecluster.io.folder_lock` held: the plan is read, and
     every step taken, by this process alone. Each step can run again after a kill."""
     update = out / UPDATE
     if not update.is_dir():  # put in place by the process that held the lock before
@@ -690,54 +692,6 @@ _PLAN_ADVICE = (
     "facecluster did not leave {out} so (a copy from elsewhere, or a folder changed by "
     "hand); export the run again into a new folder"
 )
-
-
-@contextlib.contextmanager
-def _export_lock(out: Path) -> Iterator[None]:
-    """Held while a process commits an update of ``out`` or moves its files in: an
-    advisory ``flock`` on ``out/.facecluster-lock``, released when the process ends,
-    however it ends. Two commands finishing one update at once removed each other's
-    files, and one holding an old plan applied it to the next update."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: one command on an export at a time, as documented
-        yield
-        return
-    try:
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        # writable by whoever may write the folder (a shared export's group): NFS
-        # locks only a file open for writing
-        with contextlib.suppress(OSError):
-            os.fchmod(fd, 0o644 | (out.stat().st_mode & 0o022))
-    except FileExistsError:
-        try:
-            fd = os.open(out / LOCK, os.O_RDWR)
-        except PermissionError:  # another user's, made before this: local file
-            fd = os.open(out / LOCK, os.O_RDONLY)  # systems lock it read-only too
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as e:  # a file system without flock (Lustre -o noflock, some NFS)
-            if e.errno == errno.EBADF and _read_only(fd):  # NFS: not the file system's
-                raise PermissionError(
-                    f"{out / LOCK}: cannot lock it open for reading only ({e.strerror}); "
-                    "make it writable for the users of this export"
-                ) from None
-            logger.warning(
-                "%s: cannot lock %s (%s); run one command on the export at a time",
-                out,
-                LOCK,
-                e.strerror,
-            )
-        yield  # flock is released when the file is closed, or the process ends
-    finally:
-        os.close(fd)
-
-
-def _read_only(fd: int) -> bool:
-    import fcntl
-
-    return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
 
 
 def _written_by_a_live_process(folder: Path) -> bool:

@@ -13,7 +13,7 @@ else (an export, a run folder, an assignment) can hold only tensors, numbers,
 strings and containers of them, and a pickle that would run code is refused before
 anything in it runs. ``file_stamp``, ``pid_alive`` and ``shown_list`` are the one
 way each module tells a file replaced, a process gone, and names many files in a
-message.
+message; ``folder_lock`` the one lock of a folder updated in place.
 Imports nothing of facecluster, so every package may use it.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import shutil
@@ -241,6 +242,66 @@ def check_can_write(folder: Path) -> None:
         tempfile.TemporaryFile(dir=target).close()
     except OSError as e:  # named by the folder, not by the probe's random name
         raise OSError(e.errno, e.strerror, str(target)) from None
+
+
+LOCK = ".facecluster-lock"
+"""The lock file of a folder that commands update in place (an export, a pack's OUT)."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str, wait: bool = True) -> Iterator[None]:
+    """Held while a process updates ``folder`` (``what``: "the export", "OUT"): an
+    advisory ``flock`` on ``folder/.facecluster-lock``, released when the process ends,
+    however it ends. Two commands finishing one export's update at once removed each
+    other's files; two packs into one OUT each replaced the other's data set.
+
+    ``wait=False``: BlockingIOError at once where another process holds it. On a file
+    system without ``flock`` (Lustre ``-o noflock``, some NFS) the block runs unlocked,
+    with a warning; a lock file open read-only on NFS, which locks only a file open for
+    writing, is refused."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one command on a folder at a time, as documented
+        yield
+        return
+    try:
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        # writable by whoever may write the folder (a shared export's group): NFS
+        # locks only a file open for writing
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o644 | (folder.stat().st_mode & 0o022))
+    except FileExistsError:
+        try:
+            fd = os.open(folder / LOCK, os.O_RDWR)
+        except PermissionError:  # another user's, made before this: local file
+            fd = os.open(folder / LOCK, os.O_RDONLY)  # systems lock it read-only too
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise
+        except OSError as e:  # a file system without flock
+            if e.errno == errno.EBADF and _read_only(fd):  # NFS: not the file system's
+                raise PermissionError(
+                    f"{folder / LOCK}: cannot lock it open for reading only ({e.strerror}); "
+                    f"make it writable for the users of {what}"
+                ) from None
+            logging.getLogger("facecluster").warning(
+                "%s: cannot lock %s (%s); run one command on %s at a time",
+                folder,
+                LOCK,
+                e.strerror,
+                what,
+            )
+        yield  # flock is released when the file is closed, or the process ends
+    finally:
+        os.close(fd)
+
+
+def _read_only(fd: int) -> bool:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
 
 
 def file_stamp(path: str | os.PathLike[str]) -> tuple[int, int, int]:

@@ -26,6 +26,7 @@ from PIL import Image
 
 import facecluster
 from facecluster import cli, deploy
+from facecluster import io as fio
 from facecluster.builders import build_datamodule
 from facecluster.config import ConfigError, load_config
 from facecluster.data.images import decode_image
@@ -768,7 +769,7 @@ def test_commands_finishing_one_update_take_turns(tmp_path, monkeypatch):
             for name in ("router.onnx", "subnet0.onnx", "gallery.npz", "identifier.json"):
                 (new / "onnx" / name).write_text("new")
     assert (out / deploy.UPDATE).is_dir()
-    with open(out / deploy.LOCK, "a") as held:  # another command is moving the files
+    with open(out / fio.LOCK, "a") as held:  # another command is moving the files
         fcntl.flock(held, fcntl.LOCK_EX)
         waiting = threading.Thread(target=deploy.finish_update, args=(out,))
         waiting.start()
@@ -808,13 +809,13 @@ def test_an_update_that_cannot_lock_still_lands_and_one_stopped_waiting_leaves_n
         raise OSError(errno.EBADF, "Bad file descriptor")
 
     with monkeypatch.context() as patch:
-        patch.setattr(deploy, "_read_only", lambda fd: True)
+        patch.setattr(fio, "_read_only", lambda fd: True)
         patch.setattr(fcntl, "flock", no_flock)
-        with deploy._export_lock(out):
+        with fio.folder_lock(out, "the export"):
             pass
         patch.setattr(fcntl, "flock", nfs)
         with pytest.raises(PermissionError, match="make it writable"):
-            with deploy._export_lock(out):
+            with fio.folder_lock(out, "the export"):
                 pass
 
     def interrupted(fd, operation):
@@ -841,16 +842,16 @@ def test_an_update_keeps_what_other_commands_write_and_hold(tmp_path):
         with deploy._updating(out, replace_onnx=True) as second:
             (second / "identifier.pt").write_text("second")
         assert first.is_dir()  # being written by a live process: kept
-        with open(out / deploy.LOCK) as held:
+        with open(out / fio.LOCK) as held:
             fcntl.flock(held, fcntl.LOCK_EX)  # another command holds the lock
             raise RuntimeError("the first export fails")
-    assert (out / deploy.LOCK).is_file() and (out / "identifier.pt").read_text() == "second"
+    assert (out / fio.LOCK).is_file() and (out / "identifier.pt").read_text() == "second"
     assert not killed.exists()
     if (out.stat().st_mode & 0o020) == 0:  # the lock file is as writable as its folder
         out.chmod(out.stat().st_mode | 0o020)
-        (out / deploy.LOCK).unlink()
-        with deploy._export_lock(out):
-            assert (out / deploy.LOCK).stat().st_mode & 0o020
+        (out / fio.LOCK).unlink()
+        with fio.folder_lock(out, "the export"):
+            assert (out / fio.LOCK).stat().st_mode & 0o020
 
 
 def _small_export(out: Path, names: list[str] | None = None) -> list[str]:

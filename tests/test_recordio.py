@@ -1218,7 +1218,7 @@ def test_a_pack_cut_short_leaves_no_data_set_and_keeps_the_last_one(packed, tmp_
     with pytest.raises(KeyboardInterrupt):
         calls.clear()
         pack_module.pack_folder(DEMO, fresh)
-    assert list(fresh.iterdir()) == []
+    assert [p.name for p in fresh.iterdir()] == [facecluster_io.LOCK]  # no data set, the lock
     # a full disk that only train.rec's fsync reports (delayed allocation, NFS, quotas):
     # the index, names and property were already renamed in, beside the old train.rec
     monkeypatch.setattr(pack_module, "pack", recordio.pack)
@@ -1691,6 +1691,13 @@ def test_a_root_naming_the_idx_property_or_a_folder_of_one_rec_is_understood(pac
     shutil.copy(rec / "train.rec", faces / "x.rec")
     shutil.copy(rec / "train.idx", faces / "x.idx")
     assert scan(faces).records is None and len(scan(faces).class_names) == 2
+    # a pack's OUT while it writes: its temporary files, hidden, are not the data set to
+    # point data.root at (it was told to train on `.train.rec.<pid>-<hex>.tmp.rec`)
+    writing = tmp_path / "writing"
+    writing.mkdir()
+    shutil.copy(rec / "train.rec", writing / ".train.rec.4242-deadbeef.tmp.rec")
+    with pytest.raises(ValueError, match=r"temporary files of a `facecluster pack` \(\.train"):
+        scan(writing)
 
 
 def _header_first(folder, fmt):
@@ -1799,3 +1806,38 @@ def test_a_rec_replaced_under_a_run_is_named_not_read_as_damaged_records(tmp_pat
     assert pack_main([str(src), str(out), "--overwrite", "--shuffle"]) == 0
     with pytest.raises(BadImageError, match="train.rec was replaced or changed since it was read"):
         next(iter(loader))  # the next epoch's worker
+
+
+def test_packs_into_one_out_at_once_and_a_killed_packs_files(tmp_path, monkeypatch, caplog):
+    # two packs into one OUT both finished, the later replacing the first's data set
+    # without --overwrite; a pack killed part-way left its temporary .rec (as large as
+    # the data set, hidden) for good (a concurrency review)
+    import fcntl
+
+    src, out = _two_identities(tmp_path), tmp_path / "out"
+    out.mkdir()
+    with open(out / facecluster_io.LOCK, "a") as other:  # another pack is writing OUT
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(FileExistsError, match="being written by another facecluster pack"):
+            pack_module.pack_folder(src, out)
+    # another pack finished into OUT while this one scanned SRC: refused, its files kept
+    scan_src = pack_module.scan_image_folder
+
+    def finished_meanwhile(*args, **kwargs):
+        folder = scan_src(*args, **kwargs)
+        for name in ("train.rec", "train.idx"):
+            (out / name).write_bytes(b"the other pack's")
+        return folder
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pack_module, "scan_image_folder", finished_meanwhile)
+        with pytest.raises(FileExistsError, match="already holds a data set"):
+            pack_module.pack_folder(src, out)
+    assert (out / "train.rec").read_bytes() == b"the other pack's"
+    # a killed pack's temporary files: removed by the next pack into OUT, said
+    killed = out / ".train.rec.4242-deadbeef.tmp.rec"
+    killed.write_bytes(b"\0" * 1000)
+    with caplog.at_level(logging.WARNING):
+        pack_module.pack_folder(src, out, overwrite=True)
+    assert not killed.exists() and "a pack stopped before its end left" in caplog.text
+    assert scan(out / "train.rec").class_names == scan(src).class_names  # packed whole

@@ -806,7 +806,14 @@ def _rec_hint(folder: Path) -> str:
     (several, one without its ``.idx``, or one beside sub-folders); ``""`` when none."""
     if not folder.is_dir():
         return ""
-    recs = sorted(p for p in folder.glob("*.rec") if p.is_file())
+    found = sorted(p for p in folder.glob("*.rec") if p.is_file())
+    recs = [p for p in found if not p.name.startswith(".")]  # as rec_paths reads a folder
+    if not recs and any(".tmp" in p.name for p in found):  # replacing_together's names
+        return (
+            f"{folder} holds the temporary files of a `facecluster pack` ({found[0].name}): "
+            "a pack is writing the data set there, or was stopped before its end; wait for "
+            "it to finish (or pack again), then train on the folder"
+        )
     if len(recs) > 1:
         return (
             f"{folder} holds {len(recs)} RecordIO files and no train.rec "

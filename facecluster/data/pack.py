@@ -49,7 +49,7 @@ from facecluster.config import NAME_RULE, unreadable_names
 from facecluster.data.folder import IDENTITY_NAMES, FaceFolder, scan_image_folder
 from facecluster.data.images import image_damage
 from facecluster.data.recordio import RecordWriter, pack, rec_paths
-from facecluster.io import replacing_together, shown_list
+from facecluster.io import LOCK, folder_lock, replacing_together, shown_list
 
 logger = logging.getLogger(__name__)
 
@@ -98,21 +98,7 @@ def pack_folder(
             f"OUT {out} is inside SRC {src}: every scan of SRC would warn of it as an "
             "identity folder without images; pack into a folder outside the images'"
         )
-    found = (p.name for pattern in DATA_SET for p in out.glob(pattern)) if out.is_dir() else ()
-    held = sorted(n for n in found if not n.startswith("."))  # not a killed pack's temp files
-    other = [
-        n for n in held if n.endswith((".rec", ".idx")) and n not in ("train.rec", "train.idx")
-    ]
-    if other:  # --overwrite replaces train.*: beside another pair, its files would change
-        raise FileExistsError(
-            f"OUT {out} holds another data set ({', '.join(other)}), whose property and "
-            "identities.txt pack would replace, even with --overwrite: choose another OUT"
-        )
-    if held and not overwrite:
-        raise FileExistsError(
-            f"OUT {out} already holds a data set ({', '.join(held)}), which pack would "
-            "replace. Pass --overwrite to replace it, or choose another OUT"
-        )
+    _check_out(out, overwrite)
     try:
         folder = scan_image_folder(src, name="SRC")
     except (OSError, ValueError) as e:
@@ -146,14 +132,24 @@ def pack_folder(
     # the end, once all are on disk, train.rec last: a pack cut short (Ctrl-C, a time
     # limit, a full disk that only train.rec's fsync reports) leaves OUT as it was.
     names = ("property", IDENTITY_NAMES, "train.idx", "train.rec")
-    with replacing_together(*(out / name for name in names)) as temps:
-        property_tmp, names_tmp, idx_tmp, rec_tmp = temps
-        damaged = _write_records(folder, order, shuffle, rec_tmp, idx_tmp, f"packing {out}")
-        property_tmp.write_text(f"{folder.num_classes},{height},{width}\n")
-        # surrogateescape: a folder name that is not UTF-8 keeps its bytes, as
-        # scan_image_folder reads them back
-        names = "\n".join(folder.class_names) + "\n"
-        names_tmp.write_bytes(names.encode("utf-8", errors="surrogateescape"))
+    with contextlib.ExitStack() as held:
+        try:  # two packs into one OUT both finished, the later replacing the first's
+            held.enter_context(folder_lock(out, "OUT", wait=False))
+        except BlockingIOError:
+            raise FileExistsError(
+                f"OUT {out} is being written by another facecluster pack (it holds the "
+                f"lock {out / LOCK}): wait for it to end, or choose another OUT"
+            ) from None
+        _check_out(out, overwrite)  # again: a pack that finished into it meanwhile
+        _remove_stopped_packs(out, names)
+        with replacing_together(*(out / name for name in names)) as temps:
+            property_tmp, names_tmp, idx_tmp, rec_tmp = temps
+            damaged = _write_records(folder, order, shuffle, rec_tmp, idx_tmp, f"packing {out}")
+            property_tmp.write_text(f"{folder.num_classes},{height},{width}\n")
+            # surrogateescape: a folder name that is not UTF-8 keeps its bytes, as
+            # scan_image_folder reads them back
+            names = "\n".join(folder.class_names) + "\n"
+            names_tmp.write_bytes(names.encode("utf-8", errors="surrogateescape"))
     if damaged:  # named here, by file: training on the pack can name only its records
         logger.warning(
             "%s: %d image(s) look damaged, packed as they are (training skips or refuses "
@@ -163,6 +159,44 @@ def pack_folder(
             shown_list(damaged),
         )
     return rec
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` holding a data set (without ``overwrite``), or another one's
+    ``.rec``/``.idx`` beside which a pack would change its ``property``."""
+    found = (p.name for pattern in DATA_SET for p in out.glob(pattern)) if out.is_dir() else ()
+    held = sorted(n for n in found if not n.startswith("."))  # not a killed pack's temp files
+    other = [
+        n for n in held if n.endswith((".rec", ".idx")) and n not in ("train.rec", "train.idx")
+    ]
+    if other:  # --overwrite replaces train.*: beside another pair, its files would change
+        raise FileExistsError(
+            f"OUT {out} holds another data set ({', '.join(other)}), whose property and "
+            "identities.txt pack would replace, even with --overwrite: choose another OUT"
+        )
+    if held and not overwrite:
+        raise FileExistsError(
+            f"OUT {out} already holds a data set ({', '.join(held)}), which pack would "
+            "replace. Pass --overwrite to replace it, or choose another OUT"
+        )
+
+
+def _remove_stopped_packs(out: Path, names: tuple[str, ...]) -> None:
+    """Remove the temporary files (``.train.rec.<pid>-<hex>.tmp.rec`` ...) that a pack
+    killed before its end left in ``out``: as large as the data set, and hidden. Called
+    with ``out``'s lock held, so no other pack is writing them."""
+    left = [p for name in names for p in out.glob(f".{name}.*.tmp*") if p.is_file()]
+    if left:
+        size = sum(p.stat().st_size for p in left)
+        for path in left:
+            path.unlink(missing_ok=True)
+        logger.warning(
+            "%s: removed %d file(s) of %.1f MB that a pack stopped before its end left (%s)",
+            out,
+            len(left),
+            size / 1e6,
+            shown_list(sorted(p.name for p in left)),
+        )
 
 
 def _check_empty_files(src: str | Path, folder: FaceFolder, skip_empty: bool) -> None:
