@@ -55,7 +55,7 @@ from facecluster.builders import (
     warn_trained_pairs,
 )
 from facecluster.clustering import ClusterAssignment, embedding_class_sums, finalize_class_means
-from facecluster.config import Config, ConfigError
+from facecluster.config import COMMAND, Config, ConfigError
 from facecluster.data import BadImageError, scored
 from facecluster.data.transforms import normalize_images
 from facecluster.deploy import TOP, calibrate_run, resolve_device
@@ -68,6 +68,7 @@ from facecluster.io import (
     file_stamp,
     load_plain,
     replacing_together,
+    shown_list,
 )
 from facecluster.loggers import check_wandb_server, wandb_run
 from facecluster.models.components import load_backbone
@@ -850,8 +851,9 @@ def _evaluate(
     run: RunFolder, cfg: Config, overrides: list[str] | tuple, ranks: Ranks
 ) -> RunEvaluation:
     torch.manual_seed(cfg.seed)
+    stamp = run.weights_stamp(cfg.two_stage) if ranks.lead else {}  # before any read
     if cfg.two_stage:
-        report = _evaluate_two_stage(run, cfg, ranks)
+        report = _evaluate_two_stage(run, cfg, ranks, stamp)
     else:
         with ranks.alike():
             bench = Bench(cfg, run.path.name, None, ranks)
@@ -860,7 +862,23 @@ def _evaluate(
         verification = bench.verification(model.backbone)
         rows = bench.rows(model.predictors(), verification, models=[model])
         report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)
-    return _write(report, run, cfg, list(overrides), ranks) if ranks.lead else report
+    if not ranks.lead:
+        return report
+    _check_unchanged(run, cfg, stamp)
+    return _write(report, run, cfg, list(overrides), ranks)
+
+
+def _check_unchanged(run: RunFolder, cfg: Config, stamp: dict[str, Any]) -> None:
+    """Refuse to write an evaluation of weights that another command has replaced since
+    (``stamp``: :meth:`RunFolder.weights_stamp` before they were read): it wrote the
+    old weights' figures over the new ones', without a word."""
+    if changed := [k for k, v in run.weights_stamp(cfg.two_stage).items() if stamp[k] != v]:
+        raise ConfigError(
+            f"run={run.path}: its {shown_list(changed)} changed while this evaluation ran "
+            "(a resume trained them again, or another command wrote them): its figures are "
+            f"of the weights before, and were not written. Evaluate it again: "
+            f"`{COMMAND['evaluate']} run={run.path}`"
+        )
 
 
 def _warn_other_faces(runs: list[RunFolder]) -> None:
@@ -984,7 +1002,9 @@ def top_m_sweep(clusters: int, top_m: int) -> list[int]:
     return sorted(values)
 
 
-def _evaluate_two_stage(run: RunFolder, cfg: Config, ranks: Ranks) -> RunEvaluation:
+def _evaluate_two_stage(
+    run: RunFolder, cfg: Config, ranks: Ranks, stamp: dict[str, Any]
+) -> RunEvaluation:
     with ranks.alike():  # the run's files and data, which every rank reads
         weights = run.stage1_weights()  # read once: the router's backbone, the stage-1 head
         ident = TwoStageIdentifier.from_run(run, stage1=weights, cfg=cfg)  # cfg: its route
@@ -1050,6 +1070,7 @@ def _evaluate_two_stage(run: RunFolder, cfg: Config, ranks: Ranks) -> RunEvaluat
         report.alpha_sweep.append({weight_key: weight, "top1": scores["top1"]})
     if not ranks.lead:  # rank 0 writes
         return report
+    _check_unchanged(run, cfg, stamp)  # before the plots too
     if not cfg.eval.sweeps:  # an earlier evaluation's would contradict results.json
         for kind in ("top_m", "alpha"):
             run.eval_file(kind).unlink(missing_ok=True)

@@ -83,6 +83,7 @@ from facecluster.io import (
     atomic_torch_save,
     check_archive,
     check_can_write,
+    file_stamp,
     load_plain,
     pid_alive,
     replacing,
@@ -1327,6 +1328,31 @@ class RunFolder:
             weights.append(StageWeights(saved["backbone"], saved["head"]))
         return weights
 
+    def _weights_files(self, two_stage: bool) -> dict[Path, tuple[str, str]]:
+        """The weights files an evaluation of the run reads: ``{path: (what, remedy)}``
+        (the remedy where one is missing or damaged)."""
+        restore = "; restore it from a copy of the run"
+        files = {self._stage1_checkpoint(): ("stage-1 checkpoint", restore)}
+        if two_stage:
+            subnets = self._subnet_files()
+            if isinstance(subnets, Path):
+                files[subnets] = ("stage-2 checkpoint", restore)
+            else:
+                for k, path in enumerate(subnets):  # one sub-net trains again on its own
+                    again = f'{resume_command(self.path)} "stage2.subnets=[{k}]"'
+                    files[path] = (f"sub-net {k}", f"{restore}, or train it again: `{again}`")
+        return files
+
+    def weights_stamp(self, two_stage: bool) -> dict[str, tuple[int, int, int]]:
+        """What tells the run's weights (:meth:`check_weights`' files and, for a
+        two-stage run, its clusters) rewritten since (:func:`~facecluster.io.file_stamp`),
+        by what they are: an evaluation that began before a resume retrained sub-nets
+        wrote the old weights' figures over the new ones' (a review)."""
+        files = {what: path for path, (what, _) in self._weights_files(two_stage).items()}
+        if two_stage:
+            files["clusters.pt"] = self.clusters_path
+        return {what: file_stamp(path) for what, path in files.items()}
+
     def _stage1_checkpoint(self) -> Path:
         path = self.last_checkpoint(1)
         if not path.is_file():
@@ -1366,17 +1392,7 @@ class RunFolder:
             FileNotFoundError: a file is missing. ValueError: one is cut short or is no
                 torch file. ConfigError: sub-nets are not trained.
         """
-        restore = "; restore it from a copy of the run"
-        files = {self._stage1_checkpoint(): ("stage-1 checkpoint", restore)}
-        if two_stage:
-            subnets = self._subnet_files()
-            if isinstance(subnets, Path):
-                files[subnets] = ("stage-2 checkpoint", restore)
-            else:
-                for k, path in enumerate(subnets):  # one sub-net trains again on its own
-                    again = f'{resume_command(self.path)} "stage2.subnets=[{k}]"'
-                    files[path] = (f"sub-net {k}", f"{restore}, or train it again: `{again}`")
-        for path, (what, remedy) in files.items():
+        for path, (what, remedy) in self._weights_files(two_stage).items():
             try:
                 check_archive(path, what)
             except ValueError as e:  # cut short, or no torch file: what to do

@@ -1792,3 +1792,37 @@ def test_a_table_of_runs_timed_at_other_batch_sizes_says_each_rows_own(monkeypat
     assert "(img/s @256)" in table and "(img/s @64)" in table
     same = evaluation.evaluate_runs(["a", "a"])
     assert "img/s @256" in same.splitlines()[0] and "(img/s" not in same
+
+
+@pytest.mark.parametrize("method", ["clustered", "single"])
+def test_an_evaluation_whose_weights_were_trained_again_meanwhile_writes_nothing(
+    tmp_path, monkeypatch, finished_run, method
+):
+    # an evaluation that began before `resume=<run> stage2.subnets=[0]` retrained a
+    # sub-net wrote the old sub-net's figures over the retrain's own, exit 0 (a review)
+    import shutil
+
+    from facecluster import evaluation
+
+    if method == "single":
+        run = train(load_config(SMOKE, smoke_overrides(tmp_path, "method=single"))).run_dir
+        rewritten = RunFolder(run).last_checkpoint(1)
+    else:
+        run = shutil.copytree(finished_run, tmp_path / "run")
+        rewritten = run / "stage2" / "subnets" / "subnet0.pt"
+    results = run / "eval" / "results.json"
+    results.parent.mkdir(exist_ok=True)
+    results.write_text("the retrain's own\n")
+    passes = evaluation.Bench.rows
+
+    def retrained_meanwhile(*args, **kwargs):
+        rows = passes(*args, **kwargs)
+        shutil.copy(rewritten, tmp_path / "new")
+        os.replace(tmp_path / "new", rewritten)  # what a retrain's atomic save does
+        return rows
+
+    monkeypatch.setattr(evaluation.Bench, "rows", retrained_meanwhile)
+    what = "sub-net 0" if method == "clustered" else "stage-1 checkpoint"
+    with pytest.raises(ConfigError, match=f"its {what} changed while this evaluation ran"):
+        evaluation.evaluate_runs([run])
+    assert results.read_text() == "the retrain's own\n"
