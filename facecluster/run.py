@@ -520,7 +520,7 @@ class RunFolder:
                 lock, owner = busy
                 raise ConfigError(
                     f"run={self.path}: the run is not finished: it is training now (host "
-                    f"{owner.get('host', '?')}, pid {owner.get('pid', '?')}); evaluate it "
+                    f"{owner.get('host', '?')}, pid {owner.get('pid', '?')}); try again "
                     f"once it has finished, or delete {lock} if that process is gone"
                 )
             missing = ""
