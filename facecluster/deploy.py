@@ -610,8 +610,17 @@ def finish_update(out: str | Path) -> None:
     out = Path(out)
     if not (out / UPDATE).is_dir():  # nothing pending: no lock (a read-only export)
         return
-    with folder_lock(out, "the export"):
-        _finish_locked(out)
+    try:
+        with folder_lock(out, "the export"):
+            _finish_locked(out)
+    except PermissionError as e:  # was the bare errno line of a temporary file's name
+        raise PermissionError(
+            f"{out} holds an update that an export or enrolment committed but did not put "
+            f"in place (it was stopped), which this user cannot do ({e.strerror or e}: "
+            f"{e.filename}): a user who can write {out} (its owner, uid "
+            f"{out.stat().st_uid}) completes it by running any facecluster command on it, "
+            f"e.g. `facecluster identify {out} <image>`"
+        ) from None
 
 
 def _finish_locked(out: Path) -> None:

@@ -842,7 +842,7 @@ def _checked_config(run: RunFolder, overrides: list[str] | tuple, ranks: Ranks) 
             raise ConfigError(f"run={run.path}: {e}") from None
     _check_precision(cfg, overrides)
     ranks.check_device(cfg)
-    check_writable(run)
+    check_writable(run, cfg.logger == "wandb")
     check_wandb_server(cfg)  # logger=wandb: what wandb refuses, before the evaluation
     return cfg
 
@@ -901,19 +901,25 @@ def _warn_other_faces(runs: list[RunFolder]) -> None:
             )  # fmt: skip
 
 
-def check_writable(run: RunFolder) -> None:
+def check_writable(run: RunFolder, wandb: bool = False) -> None:
     """ConfigError where the evaluation could not write its results into ``<run>/eval``
     (``eval`` a file, or one of its results a folder, a read-only run folder): found when
-    the whole evaluation had run, it ended in a traceback and the table was lost."""
+    the whole evaluation had run, it ended in a traceback and the table was lost. With
+    ``wandb``, ``<run>/wandb`` too, where the run's W&B files go: W&B otherwise fell back
+    to a temporary folder, where `wandb sync <run>/wandb` did not find an offline run."""
     files = [run.eval_file(kind) for kind in ("table", "csv", "json")]
+    folder = run.eval_dir
     try:
-        check_can_write(run.eval_dir)
-        if folder := next((f for f in files if f.is_dir()), None):
-            raise IsADirectoryError(errno.EISDIR, "a folder where a result goes", str(folder))
+        check_can_write(folder)
+        if wandb and (run.path / "wandb").is_dir():
+            folder = run.path / "wandb"
+            check_can_write(folder)
+        if found := next((f for f in files if f.is_dir()), None):
+            raise IsADirectoryError(errno.EISDIR, "a folder where a result goes", str(found))
     except OSError as e:
         raise ConfigError(
-            f"{e.filename or run.eval_dir}: the evaluation cannot write its results there "
-            f"({e.strerror or e}): make {run.eval_dir} a writable folder, or evaluate a "
+            f"{e.filename or folder}: the evaluation cannot write its results there "
+            f"({e.strerror or e}): make {folder} a writable folder, or evaluate a "
             "copy of the run"
         ) from None
 

@@ -342,6 +342,14 @@ class RunFolder:
             path = Path(cfg.resume)
             if path.is_file():  # train(cfg) called without RunFolder.config_for_resume
                 run._check_resume_point(path, read_checkpoint_meta(path)["stage"])
+            try:  # another user's run: its config.yaml failed, after the data scan
+                check_can_write(run.path)
+            except OSError as e:
+                raise ConfigError(
+                    f"resume={cfg.resume}: this user cannot write the run folder "
+                    f"{run.path} ({e.strerror or e}): resume it as a user who can (its owner, "
+                    f"uid {run.path.stat().st_uid}), or copy the run folder and resume the copy"
+                ) from None
             return run
         processes = launched_processes()
         if processes > 1 and not cfg.run_name:

@@ -120,3 +120,63 @@ def test_the_free_space_check_survives_files_replaced_meanwhile(tmp_path, monkey
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**11))
     run.check_free_space(cfg, 10**6, 100)
+
+
+def _refused_in(monkeypatch, *folders):
+    """Making a file in ``folders`` fails as for another user (tests run as root)."""
+    import facecluster.io
+
+    real = facecluster.io.tempfile.TemporaryFile
+
+    def refused(*args, dir=None, **kwargs):
+        if str(dir) in map(str, folders):
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(facecluster.io.tempfile, "TemporaryFile", refused)
+
+
+def test_another_users_run_is_refused_at_resume_before_the_scan(tmp_path, monkeypatch):
+    # a run folder this user may read but not write: the resume scanned the data, then
+    # failed with a PermissionError traceback at its config.yaml (a review, two users)
+    from facecluster.run import RunFolder
+
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path))
+    run = RunFolder.for_training(cfg)
+    run.create(new=True)  # sets FACECLUSTER_RUN_DIR for its DDP ranks: not ours
+    monkeypatch.setenv("FACECLUSTER_RUN_DIR", "")
+    run.save_config(cfg)
+    resume = RunFolder.config_for_resume(str(run.path))
+    _refused_in(monkeypatch, run.path)
+    monkeypatch.setattr("facecluster.pipeline.build_datamodule", _no_scan)
+    with pytest.raises(ConfigError, match="this user cannot write the run folder"):
+        train(resume)
+
+
+def test_an_evaluation_refuses_a_wandb_folder_it_cannot_write(tmp_path, monkeypatch):
+    # W&B fell back to a temporary folder, where `wandb sync <run>/wandb` found nothing
+    from facecluster.evaluation import check_writable
+    from facecluster.run import RunFolder
+
+    run = RunFolder(tmp_path / "run")
+    (run.path / "wandb").mkdir(parents=True)
+    _refused_in(monkeypatch, run.path / "wandb")
+    check_writable(run)  # logged otherwise: not its concern
+    with pytest.raises(ConfigError, match=r"run/wandb: the evaluation cannot write"):
+        check_writable(run, wandb=True)
+
+
+def test_an_export_update_another_user_must_complete_says_so(tmp_path, monkeypatch):
+    # the bare "[Errno 13] Permission denied: '<out>/.identifier.pt.<pid>-<hex>.tmp.pt'"
+    # was all a user who may only read the export was told
+    from facecluster import deploy
+
+    out = tmp_path / "export"
+    (out / deploy.UPDATE).mkdir(parents=True)
+
+    def refused(out):
+        raise PermissionError(13, "Permission denied", str(out / ".identifier.pt.1-ab.tmp.pt"))
+
+    monkeypatch.setattr(deploy, "_finish_locked", refused)
+    with pytest.raises(PermissionError, match="holds an update that an export or enrolment"):
+        deploy.load_export(out)
