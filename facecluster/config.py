@@ -274,6 +274,8 @@ def not_a_run(folder: str | Path) -> str | None:
     ``None``. Light (no torch): evaluate and export say it before their imports, and
     :meth:`RunFolder.config` (resume, evaluation, export) after."""
     path = Path(folder).expanduser().resolve()
+    if cannot := unreadable_folder(path):
+        return cannot
     if not (path / RUN_CONFIG).is_file():
         return (  # an export folder, given to evaluate or export, most likely
             f"{path}: not a facecluster run folder (no {RUN_CONFIG}): evaluation and export "
@@ -287,6 +289,20 @@ def not_a_run(folder: str | Path) -> str | None:
     stamp = meta.get("format") if isinstance(meta, dict) else None
     if isinstance(stamp, int) and not isinstance(stamp, bool) and stamp > RUN_FORMAT:
         return newer_format(path, "run folder", stamp, RUN_FORMAT, meta.get("facecluster"))
+    return None
+
+
+def unreadable_folder(path: Path) -> str | None:
+    """Why this user cannot look into the folder ``path`` (another user's, made under
+    umask 077), or ``None``: each look inside it was a PermissionError traceback."""
+    try:
+        (path / RUN_CONFIG).is_file()
+    except PermissionError as e:
+        return (
+            f"{path}: this user cannot read the folder ({e.strerror}; its owner is uid "
+            f"{path.stat().st_uid}): ask its owner to make it readable (chmod -R g+rX), "
+            "or copy it"
+        )
     return None
 
 

@@ -75,6 +75,7 @@ from facecluster.config import (
     resume_command,
     route_problems,
     text_override,
+    unreadable_folder,
 )
 from facecluster.data.folder import SPLIT_VERSION
 from facecluster.data.recordio import rec_paths
@@ -552,6 +553,8 @@ class RunFolder:
         path = Path(resume).expanduser()
         if not path.exists():
             raise ConfigError(f"resume={resume}: no such run folder or checkpoint")
+        if path.is_dir() and (cannot := unreadable_folder(path)):
+            raise ConfigError(f"resume={resume}: {cannot}")
         if path.is_file():  # what the file is first, then where it is
             meta = read_checkpoint_meta(path)
             run = cls(_folder_of(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections import namedtuple
 
@@ -180,3 +181,31 @@ def test_an_export_update_another_user_must_complete_says_so(tmp_path, monkeypat
     monkeypatch.setattr(deploy, "_finish_locked", refused)
     with pytest.raises(PermissionError, match="holds an update that an export or enrolment"):
         deploy.load_export(out)
+
+
+def test_a_run_folder_this_user_cannot_enter_is_named_not_a_traceback(
+    tmp_path, monkeypatch, capsys
+):
+    # another user's run made under umask 077: evaluate, export and resume each ended in
+    # a PermissionError traceback at their first look inside it (a review, two users)
+    from pathlib import Path
+
+    from facecluster import cli
+    from facecluster.run import RunFolder
+
+    run = tmp_path / "theirs"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 1\n")
+    real = Path.is_file
+
+    def is_file(path):
+        if path.parent == run:  # root enters any folder: a refused look stands in
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    said = "this user cannot read the folder (Permission denied; its owner is uid"
+    with pytest.raises(ConfigError, match=rf"resume={run}: {run}: {re.escape(said)}"):
+        RunFolder.config_for_resume(str(run))
+    assert cli.evaluate_main([f"run={run}"]) == 2
+    assert said in capsys.readouterr().err
