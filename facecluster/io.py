@@ -48,9 +48,12 @@ def fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+def atomic_file(path: str | os.PathLike[str], shared: bool = False) -> Iterator[BinaryIO]:
     """An open binary file that becomes ``path`` when the block succeeds; parent
-    folders are created.
+    folders are created. It keeps the mode of the file it replaces (one made private
+    stays private); ``shared``, a cache that other users of the folder read, takes this
+    process's umask instead: a cache written under umask 077 and rewritten by another
+    user kept 0600, and each user in turn found it unreadable and made it again.
 
     It is a temporary file of its own in the destination folder (concurrent writers,
     DDP ranks or jobs on other nodes, never share one), fsynced, then ``os.replace``-d
@@ -66,7 +69,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(target))  # mkstemp creates 0600
+        os.chmod(tmp, _file_mode(None if shared else target))  # mkstemp creates 0600
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -103,11 +106,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
-def _file_mode(target: Path) -> int:
+def _file_mode(target: Path | None) -> int:
     """The permissions a rewritten file keeps (a file made private stays private), or
-    those of a new file under this process's umask."""
-    with contextlib.suppress(OSError):
-        return target.stat().st_mode & 0o777
+    those of a new file under this process's umask (``target`` None: always those)."""
+    if target is not None:
+        with contextlib.suppress(OSError):
+            return target.stat().st_mode & 0o777
     try:  # read, not set: os.umask would change it for every thread for a moment
         status = Path("/proc/self/status").read_text()
         umask = int(re.search(r"^Umask:\s*([0-7]+)", status, re.M).group(1), 8)  # type: ignore[union-attr]

@@ -1192,7 +1192,7 @@ def split_data(
     split_of = _split_codes(seen, val_fraction, test_fraction, seed)
     if path is not None:
         try:
-            with atomic_file(path) as f:
+            with atomic_file(path, shared=True) as f:  # other users' runs read it too
                 np.savez(f, drawn=np.array(drawn, dtype=np.int64), split_of=split_of)
         except OSError as e:
             logger.warning(f"could not keep the split of {folder.root} in {path}: {e}")

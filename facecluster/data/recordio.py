@@ -1196,7 +1196,7 @@ def _scan_cached(records: RecordFile, cache: str | Path) -> RecordLayout:
         logger.warning(f"{path}: unreadable ({e!r}); reading the labels of {records.rec} again")
     layout = _scan_all(records)  # the list of every key only now (17M at Glint360K)
     try:
-        with atomic_file(path) as f:
+        with atomic_file(path, shared=True) as f:  # other users' runs read it too
             np.savez(
                 f,
                 keys=layout.keys,

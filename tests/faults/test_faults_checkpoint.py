@@ -213,3 +213,18 @@ def test_a_saved_file_keeps_its_permissions_or_takes_the_umask(tmp_path):
     with replacing(path) as tmp:  # config.yaml, records, tables, a pack's files
         tmp.write_bytes(b"new")
     assert path.stat().st_mode & 0o777 == 0o640
+    # a cache of output_dir/.cache, which every user's runs read, takes the umask of the
+    # process that writes it: one written under umask 077 and rewritten by another user
+    # (who could not read it) stayed 0600, and each user in turn made it again
+    from facecluster.io import atomic_file
+
+    cache = tmp_path / "split-0123.npz"
+    cache.write_bytes(b"another user's")
+    cache.chmod(0o600)
+    previous = os.umask(0o002)
+    try:
+        with atomic_file(cache, shared=True) as f:
+            f.write(b"new")
+    finally:
+        os.umask(previous)
+    assert cache.stat().st_mode & 0o777 == 0o664
