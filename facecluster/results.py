@@ -159,9 +159,13 @@ def result_metrics(results: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def _majority(labels: torch.Tensor) -> float:
-    # Always answering the most frequent identity: the bar an unbalanced set sets.
-    return float(torch.bincount(labels).max()) / max(1, len(labels))
+def _majority(test: torch.Tensor, train: torch.Tensor) -> float:
+    """Always answering the identity with the most training images, scored on ``test``:
+    the bar an unbalanced set sets, chosen without looking at the labels it is scored
+    on."""
+    if not len(test) or not len(train):
+        return 0.0
+    return int((test == torch.bincount(train).argmax()).sum()) / len(test)
 
 
 def summarise(
@@ -172,7 +176,7 @@ def summarise(
     stage2: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The held-out accuracies of stage 1 and of each sub-net (``results.json``)."""
-    test_labels = dm.split_labels("test")
+    test_labels, train_labels = dm.split_labels("test"), dm.split_labels("train")
     results: dict[str, Any] = {
         "method": method,
         "identities": dm.num_classes,
@@ -180,7 +184,7 @@ def summarise(
         "stage1": {
             "accuracy": float(stage1["test_acc"]),
             "chance": 1.0 / dm.num_classes,
-            "majority": _majority(test_labels),
+            "majority": _majority(test_labels, train_labels),
             "steps": stage1["global_step"],
         },
         # where and by which code stage 1 and the sub-nets trained (a stage-2 job, an
@@ -190,6 +194,7 @@ def summarise(
     if assignment is None or stage2 is None:  # method=single
         return results
     clusters = assignment.class_to_cluster[test_labels]
+    train_clusters = assignment.class_to_cluster[train_labels]
     results["clustering"] = assignment.method
     results["num_clusters"] = assignment.num_clusters
     results["subnets"] = [
@@ -199,7 +204,7 @@ def summarise(
             "test_images": int((clusters == k).sum()),
             "accuracy": float(stage2["test"][f"test/acc_subnet{k}"]),
             "chance": 1.0 / n,
-            "majority": _majority(test_labels[clusters == k]),
+            "majority": _majority(test_labels[clusters == k], train_labels[train_clusters == k]),
         }
         for k, n in enumerate(assignment.cluster_sizes().tolist())
     ]
@@ -234,7 +239,7 @@ def training_table(results: dict[str, Any]) -> str:
             markdown_table(header, cells, "lrrrrr"),
             "",
             "chance: 1 / identities; most frequent: always answering the identity "
-            "with the most test images."
+            "with the most training images."
             + (
                 " Each sub-net is scored on the test images of the identities its "
                 "cluster owns; its identities are all it answers among (with "
