@@ -163,6 +163,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         # what the run folder and this node decide, before the data scan (minutes for a
         # .rec without identity records): an existing run, a missing stage, a busy run
         folder = RunFolder.for_training(cfg)
+        held = frozenset() if cfg.resume else folder.held()  # a new run's, before the scan
         if cfg.launcher.name == "slurm":  # first: the jobs still queued, named as such
             check_queue(folder)  # before the run folder changes
         _check_prerequisites(cfg, folder)
@@ -202,7 +203,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         check_identity_count(cfg, dm)
         check_identity_names(cfg, dm)  # before the run folder is made
         warn_trained_pairs(verification, dm.class_names)
-        run_id = folder.create(new=not cfg.resume)  # a resume's: nothing written
+        run_id = folder.create(new=not cfg.resume, held=held)  # a resume's: nothing written
         folder.check_free_space(cfg, backbone_params, dm.num_classes)  # on every rank
         folder.keep_data(dm)  # a resume: checked, not rewritten
         # Stage 1 and the clustering are held from here, before this command writes the
@@ -211,7 +212,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         fits = cfg.launcher.name == "local" and _stage1_pending(cfg, folder)
         with folder.stage1_lock() if fits else contextlib.nullcontext():
             if not cfg.resume and launched_processes() == 1:  # created by two at once?
-                folder.check_unclaimed((RUN_CONFIG,))  # (class_names.json: ours, or theirs)
+                folder.check_unclaimed(names=(RUN_CONFIG,))  # (class_names.json: ours now)
             folder.save_config(cfg)
             folder.save_unseen_identities({s: dm.unseen_identities(s) for s in ("val", "test")})
             rank_zero_info(f"facecluster run folder: {folder.path}")

@@ -377,9 +377,11 @@ class RunFolder:
     def resolved(self) -> RunFolder:
         return RunFolder(self.path.resolve())
 
-    def create(self, new: bool = False) -> str:
+    def create(self, new: bool = False, held: frozenset[str] = frozenset()) -> str:
         """Create (or reopen) the folder; returns the W&B run id. The config is written
-        by :meth:`save_config` once the checks at start have passed. ``new``: a new run
+        by :meth:`save_config` once the checks at start have passed. ``held``: what
+        :meth:`held` found in the folder before the data scan (a new run refuses what
+        another command has written since, :meth:`check_unclaimed`). ``new``: a new run
         (not a resume), whose ``run.json`` names the launch that creates it, so that the
         processes srun or torchrun started with rank 0 wait for this launch's, not an
         earlier command's that was refused before writing its config.
@@ -388,7 +390,7 @@ class RunFolder:
         """
         together = new and launched_processes() > 1
         if new and not together:
-            self.check_unclaimed()
+            self.check_unclaimed(held)
         os.environ[RUN_DIR_ENV] = str(self.path)
         meta = self.path / RUN_META
         if is_global_zero() and (
@@ -413,16 +415,25 @@ class RunFolder:
             _wait_for(meta, launch=_launch_id() if together else None)
         return self.run_id
 
-    def check_unclaimed(self, names: tuple[str, ...] = (RUN_CONFIG, CLASS_NAMES)) -> None:
+    CLAIMS = (RUN_CONFIG, CLASS_NAMES)
+    """What a new run writes first into its folder: what another command's holds."""
+
+    def held(self) -> frozenset[str]:
+        """Which of :attr:`CLAIMS` the folder holds now (before the data scan: a folder
+        left by a command stopped before its config is taken as it is)."""
+        return frozenset(name for name in self.CLAIMS if (self.path / name).exists())
+
+    def check_unclaimed(self, held: frozenset[str] = frozenset(), names: tuple = CLAIMS) -> None:
         """Refuse a new run whose folder another command has written ``names`` into since
-        this one found it free (:meth:`for_training`, before the data scan): two commands
-        started with one ``run_name``, or in the same second without one. The second took
-        the first's run over, rewriting its ``config.yaml`` (a review). Global rank 0
-        decides (the ranks Lightning's launcher starts come up after it wrote the
-        config); the processes srun or torchrun start together are refused at start."""
+        this one found it free or as ``held`` (:meth:`for_training`, before the data
+        scan): two commands started with one ``run_name``, or in the same second without
+        one. The second took the first's run over, rewriting its ``config.yaml`` (a
+        review). Global rank 0 decides (the ranks Lightning's launcher starts come up
+        after it wrote the config); the processes srun or torchrun start together are
+        refused at start."""
         if not is_global_zero():
             return
-        if found := [name for name in names if (self.path / name).exists()]:
+        if found := [n for n in names if n not in held and (self.path / n).exists()]:
             raise ConfigError(
                 f"run folder {self.path} was made by another command while this one read "
                 f"the data (it holds {found[0]} now): two commands started with one "

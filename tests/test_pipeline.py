@@ -664,6 +664,22 @@ def test_a_run_folder_another_command_made_meanwhile_is_not_taken_over(tmp_path,
     assert not (run / "stage1" / "checkpoints").exists()
 
 
+def test_a_folder_left_by_a_command_stopped_before_its_config_is_trained_in(tmp_path, monkeypatch):
+    # its class_names.json was there before this command began: not another command's
+    # claim (refused, with advice that did not work either: the folder has no config)
+    from facecluster.builders import build_datamodule
+
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "stage=1"))
+    stopped = RunFolder.for_training(cfg)
+    stopped.create(new=True)
+    monkeypatch.setenv("FACECLUSTER_RUN_DIR", "")  # create() sets it for its DDP ranks
+    stopped.keep_data(build_datamodule(cfg))
+    assert (stopped.path / "class_names.json").is_file()
+    assert not (stopped.path / "config.yaml").exists()
+    assert train(cfg).run_dir == stopped.path
+    assert stopped.has_stage_summary(1)
+
+
 def test_slurm_settings_of_a_local_run_are_said_to_change_nothing(tmp_path, monkeypatch):
     # slurm.partition=gpu without launcher=slurm trained on this machine (a login node)
     # without a word; a SLURM job's own command (launcher=local inside it) is not warned
