@@ -361,7 +361,9 @@ class RecordFile:
                         "with it; `facecluster pack` writes both)"
                     )
                 raise FileNotFoundError(f"{path} does not exist{hint}")
-        self.stamp = file_stamp(self.rec)  # what each process's map must be of
+        # what each process's map must be of: size and modification time, not the inode,
+        # which some FUSE mounts (sshfs, cloud buckets) do not keep for an unchanged file
+        self.stamp = file_stamp(self.rec)[:2]
         self.size = self.stamp[0]
         self.offsets = self._read_index()
         self._map: memoryview | None = None
@@ -508,7 +510,7 @@ class RecordFile:
         if self._map is None or self._pid != os.getpid():
             with open(self.rec, "rb") as f:
                 stat = os.fstat(f.fileno())
-                if (stat.st_size, stat.st_mtime_ns, stat.st_ino) != self.stamp:
+                if (stat.st_size, stat.st_mtime_ns) != self.stamp:
                     # its offsets are the old file's: each record read as corrupt, and the
                     # run stopped on a "damaged" data set (a review: a `facecluster pack
                     # --overwrite` of the folder a run trained on, its workers opening the new
