@@ -1365,7 +1365,7 @@ class RunFolder:
                     files[path] = (f"sub-net {k}", f"{restore}, or train it again: `{again}`")
         return files
 
-    def weights_stamp(self, two_stage: bool) -> dict[str, tuple[int, int, int]]:
+    def weights_stamp(self, two_stage: bool) -> dict[str, tuple[int, int]]:
         """What tells the run's weights (:meth:`check_weights`' files and, for a
         two-stage run, its clusters) rewritten since (:func:`~facecluster.io.file_stamp`),
         by what they are: an evaluation that began before a resume retrained sub-nets
@@ -1373,7 +1373,8 @@ class RunFolder:
         files = {what: path for path, (what, _) in self._weights_files(two_stage).items()}
         if two_stage:
             files["clusters.pt"] = self.clusters_path
-        return {what: file_stamp(path) for what, path in files.items()}
+        # size and modification time: not the inode, which some FUSE mounts do not keep
+        return {what: file_stamp(path)[:2] for what, path in files.items()}
 
     def _stage1_checkpoint(self) -> Path:
         path = self.last_checkpoint(1)
