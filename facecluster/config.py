@@ -294,14 +294,23 @@ def not_a_run(folder: str | Path) -> str | None:
 
 def unreadable_folder(path: Path) -> str | None:
     """Why this user cannot look into the folder ``path`` (another user's, made under
-    umask 077), or ``None``: each look inside it was a PermissionError traceback."""
+    umask 077, or inside such a folder), or ``None``: each look inside it was a
+    PermissionError traceback. Names the outermost folder that keeps this user out."""
     try:
         (path / RUN_CONFIG).is_file()
     except PermissionError as e:
+        closed = next(
+            (p for p in (*reversed(path.parents), path) if not os.access(p, os.R_OK | os.X_OK)),
+            path,
+        )
+        try:
+            owner = f", owned by uid {closed.stat().st_uid}"
+        except OSError:
+            owner = ""
         return (
-            f"{path}: this user cannot read the folder ({e.strerror}; its owner is uid "
-            f"{path.stat().st_uid}): ask its owner to make it readable (chmod -R g+rX), "
-            "or copy it"
+            f"{path}: this user cannot read it ({e.strerror}): {closed}{owner} does not let "
+            "this user in; ask its owner to make it readable (chmod g+rX on each folder "
+            "down to it), or copy the run"
         )
     return None
 

@@ -58,9 +58,9 @@ from facecluster.io import (
     folder_lock,
     fsync_dir,
     load_plain,
-    pid_alive,
     replacing,
     shown_list,
+    written_by_a_live_process,
 )
 
 if TYPE_CHECKING:
@@ -610,17 +610,18 @@ def finish_update(out: str | Path) -> None:
     out = Path(out)
     if not (out / UPDATE).is_dir():  # nothing pending: no lock (a read-only export)
         return
-    try:
-        with folder_lock(out, "the export"):
+    with folder_lock(out, "the export"):  # its own errors as they are
+        try:
             _finish_locked(out)
-    except PermissionError as e:  # was the bare errno line of a temporary file's name
-        raise PermissionError(
-            f"{out} holds an update that an export or enrolment committed but did not put "
-            f"in place (it was stopped), which this user cannot do ({e.strerror or e}: "
-            f"{e.filename}): a user who can write {out} (its owner, uid "
-            f"{out.stat().st_uid}) completes it by running any facecluster command on it, "
-            f"e.g. `facecluster identify {out} <image>`"
-        ) from None
+        except PermissionError as e:  # was the bare errno line of a temporary file's name
+            where = f": {e.filename}" if e.filename else ""
+            raise PermissionError(
+                f"{out} holds an update that an export or enrolment committed but did not "
+                f"put in place (it was stopped), which this user cannot do ({e.strerror or e}"
+                f"{where}): a user who can write {out} (its owner, uid {out.stat().st_uid}) "
+                "completes it by running any facecluster command on it, e.g. `facecluster "
+                f"identify {out} <image>`"
+            ) from None
 
 
 def _finish_locked(out: Path) -> None:
@@ -705,15 +706,9 @@ _PLAN_ADVICE = (
 
 def _written_by_a_live_process(folder: Path) -> bool:
     """Whether ``UPDATE.<pid>-<rand>.tmp`` is being written by a process that is still
-    running here (another command's update, not one killed before its commit)."""
-    if not folder.name.endswith(".tmp") or os.name == "nt":
-        return False  # a .done: put in place already (Windows: no pid test, removed)
-    try:
-        pid = int(folder.name[len(UPDATE) + 1 :].split("-")[0])
-    except ValueError:
-        return False
-    # 1: a container's entrypoint, killed; it is pid 1 again in the next container
-    return pid != 1 and pid_alive(pid)
+    running here (another command's update, not one killed before its commit); a
+    ``.done`` is put in place already."""
+    return folder.name.endswith(".tmp") and written_by_a_live_process(folder, UPDATE)
 
 
 def _walk_images(folder: Path) -> tuple[list[Path], list[Path]]:

@@ -864,18 +864,19 @@ def _evaluate(
         report = RunEvaluation(run.path, cfg.method, rows, cfg.eval.batch_size)
     if not ranks.lead:
         return report
-    _check_unchanged(run, cfg, stamp)
+    if not cfg.two_stage:  # a two-stage run's was checked before its plots
+        _check_unchanged(run, stamp)
     return _write(report, run, cfg, list(overrides), ranks)
 
 
-def _check_unchanged(run: RunFolder, cfg: Config, stamp: dict[str, Any]) -> None:
+def _check_unchanged(run: RunFolder, stamp: dict[str, Any]) -> None:
     """Refuse to write an evaluation of weights that another command has replaced since
     (``stamp``: :meth:`RunFolder.weights_stamp` before they were read): it wrote the
     old weights' figures over the new ones', without a word."""
-    if changed := [k for k, v in run.weights_stamp(cfg.two_stage).items() if stamp[k] != v]:
+    if changed := run.changed_weights(stamp):
         raise ConfigError(
             f"run={run.path}: its {shown_list(changed)} changed while this evaluation ran "
-            "(a resume trained them again, or another command wrote them): its figures are "
+            "(a resume trains them again, or another command wrote them): its figures are "
             f"of the weights before, and were not written. Evaluate it again: "
             f"`{COMMAND['evaluate']} run={run.path}`"
         )
@@ -911,16 +912,17 @@ def check_writable(run: RunFolder, wandb: bool = False) -> None:
     folder = run.eval_dir
     try:
         check_can_write(folder)
-        if wandb and (run.path / "wandb").is_dir():
+        if wandb:  # or the run folder, where it is made
             folder = run.path / "wandb"
             check_can_write(folder)
         if found := next((f for f in files if f.is_dir()), None):
             raise IsADirectoryError(errno.EISDIR, "a folder where a result goes", str(found))
     except OSError as e:
+        unlogged = " (W&B's files), or pass logger=none" if folder.name == "wandb" else ""
         raise ConfigError(
             f"{e.filename or folder}: the evaluation cannot write its results there "
-            f"({e.strerror or e}): make {folder} a writable folder, or evaluate a "
-            "copy of the run"
+            f"({e.strerror or e}): make {folder} a writable folder{unlogged}, or evaluate "
+            "a copy of the run"
         ) from None
 
 
@@ -944,7 +946,7 @@ def _single_model_means(
     keeps its own in ``clusters.pt``."""
     key = {
         # size and time, not the inode: a copied run (cp -a, rsync) keeps its means
-        "checkpoint": list(file_stamp(run.last_checkpoint(1))[:2]),
+        "checkpoint": list(file_stamp(run.last_checkpoint(1), inode=False)),
         "precision": str(cfg.trainer.get("precision", "auto")),
         "device": bench.device.type,
     }
@@ -1076,7 +1078,7 @@ def _evaluate_two_stage(
         report.alpha_sweep.append({weight_key: weight, "top1": scores["top1"]})
     if not ranks.lead:  # rank 0 writes
         return report
-    _check_unchanged(run, cfg, stamp)  # before the plots too
+    _check_unchanged(run, stamp)  # before the plots and the tables are written
     if not cfg.eval.sweeps:  # an earlier evaluation's would contradict results.json
         for kind in ("top_m", "alpha"):
             run.eval_file(kind).unlink(missing_ok=True)

@@ -308,11 +308,29 @@ def _read_only(fd: int) -> bool:
     return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
 
 
-def file_stamp(path: str | os.PathLike[str]) -> tuple[int, int, int]:
-    """What tells file ``path`` replaced without reading it: its size, modification time
-    (ns) and inode (a copy that kept size and time has another inode)."""
+def file_stamp(path: str | os.PathLike[str] | int, inode: bool = True) -> tuple[int, ...]:
+    """What tells file ``path`` (or open file descriptor) replaced without reading it:
+    its size, modification time (ns) and inode (a copy that kept size and time has
+    another inode). ``inode=False``: size and time alone, for what must read as the same
+    file after a copy (``cp -a``, rsync) or on a FUSE mount (sshfs, a cloud bucket) that
+    does not keep an unchanged file's inode."""
     stat = os.stat(path)
-    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ino)[: 3 if inode else 2]
+
+
+def written_by_a_live_process(path: Path, prefix: str) -> bool:
+    """Whether ``path``, named ``<prefix>.<pid>-<hex>...`` by the process that writes it
+    (:func:`replacing_together`'s temporary files, an export's update folder), is being
+    written by a process still running here: not one killed before it finished. pid 1
+    (a container's entrypoint, killed) is taken for gone: it is pid 1 again in the next
+    container. Windows cannot tell: False."""
+    if os.name == "nt" or not path.name.startswith(prefix + "."):
+        return False
+    try:
+        pid = int(path.name[len(prefix) + 1 :].split("-")[0])
+    except ValueError:
+        return False
+    return pid != 1 and pid_alive(pid)
 
 
 def pid_alive(pid: int) -> bool:

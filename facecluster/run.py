@@ -438,7 +438,8 @@ class RunFolder:
                 f"run folder {self.path} was made by another command while this one read "
                 f"the data (it holds {found[0]} now): two commands started with one "
                 "run_name, or in the same second without one. Give each run its own "
-                f"run_name, or pass {shlex.quote(f'resume={self.path}')} to continue that run"
+                f"run_name (once that command has finished, "
+                f"{shlex.quote(f'resume={self.path}')} continues its run)"
             )
 
     def save_config(self, cfg: Config) -> None:
@@ -562,10 +563,10 @@ class RunFolder:
         overrides that contradict what the checkpoints were trained on.
         """
         path = Path(resume).expanduser()
+        if cannot := unreadable_folder(path):  # another user's: before any look inside
+            raise ConfigError(f"resume={resume}: {cannot}")
         if not path.exists():
             raise ConfigError(f"resume={resume}: no such run folder or checkpoint")
-        if path.is_dir() and (cannot := unreadable_folder(path)):
-            raise ConfigError(f"resume={resume}: {cannot}")
         if path.is_file():  # what the file is first, then where it is
             meta = read_checkpoint_meta(path)
             run = cls(_folder_of(path))
@@ -1365,16 +1366,30 @@ class RunFolder:
                     files[path] = (f"sub-net {k}", f"{restore}, or train it again: `{again}`")
         return files
 
-    def weights_stamp(self, two_stage: bool) -> dict[str, tuple[int, int]]:
-        """What tells the run's weights (:meth:`check_weights`' files and, for a
-        two-stage run, its clusters) rewritten since (:func:`~facecluster.io.file_stamp`),
-        by what they are: an evaluation that began before a resume retrained sub-nets
-        wrote the old weights' figures over the new ones' (a review)."""
+    def weights_stamp(self, two_stage: bool) -> dict[str, tuple[Path, tuple[int, ...]]]:
+        """The run's weights files (:meth:`check_weights`' and, for a two-stage run, its
+        clusters) by what they are, each with what tells it rewritten since
+        (:func:`~facecluster.io.file_stamp`; :func:`changed_weights` looks again): an
+        evaluation that began before a resume retrained sub-nets wrote the old weights'
+        figures over the new ones' (a review)."""
         files = {what: path for path, (what, _) in self._weights_files(two_stage).items()}
         if two_stage:
             files["clusters.pt"] = self.clusters_path
-        # size and modification time: not the inode, which some FUSE mounts do not keep
-        return {what: file_stamp(path)[:2] for what, path in files.items()}
+        return {what: (path, file_stamp(path, inode=False)) for what, path in files.items()}
+
+    @staticmethod
+    def changed_weights(stamp: dict[str, tuple[Path, tuple[int, ...]]]) -> list[str]:
+        """What of :meth:`weights_stamp`'s files is no longer as it was: rewritten, or
+        gone (a resume retraining a sub-net deletes its file first)."""
+        changed = []
+        for what, (path, then) in stamp.items():
+            try:
+                now = file_stamp(path, inode=False)
+            except FileNotFoundError:
+                now = None
+            if now != then:
+                changed.append(what)
+        return changed
 
     def _stage1_checkpoint(self) -> Path:
         path = self.last_checkpoint(1)

@@ -1794,12 +1794,13 @@ def test_a_table_of_runs_timed_at_other_batch_sizes_says_each_rows_own(monkeypat
     assert "img/s @256" in same.splitlines()[0] and "(img/s" not in same
 
 
-@pytest.mark.parametrize("method", ["clustered", "single"])
+@pytest.mark.parametrize("method", ["clustered", "single", "clustered, still retraining"])
 def test_an_evaluation_whose_weights_were_trained_again_meanwhile_writes_nothing(
     tmp_path, monkeypatch, finished_run, method
 ):
     # an evaluation that began before `resume=<run> stage2.subnets=[0]` retrained a
-    # sub-net wrote the old sub-net's figures over the retrain's own, exit 0 (a review)
+    # sub-net wrote the old sub-net's figures over the retrain's own, exit 0 (a review);
+    # one that ends while the retrain runs finds the sub-net's file gone
     import shutil
 
     from facecluster import evaluation
@@ -1817,12 +1818,15 @@ def test_an_evaluation_whose_weights_were_trained_again_meanwhile_writes_nothing
 
     def retrained_meanwhile(*args, **kwargs):
         rows = passes(*args, **kwargs)
-        shutil.copy(rewritten, tmp_path / "new")
-        os.replace(tmp_path / "new", rewritten)  # what a retrain's atomic save does
+        if method.endswith("still retraining"):
+            RunFolder(run).restart_subnets([[0]])  # what the resume does as it starts
+        else:
+            shutil.copy(rewritten, tmp_path / "new")
+            os.replace(tmp_path / "new", rewritten)  # what a retrain's atomic save does
         return rows
 
     monkeypatch.setattr(evaluation.Bench, "rows", retrained_meanwhile)
-    what = "sub-net 0" if method == "clustered" else "stage-1 checkpoint"
+    what = "stage-1 checkpoint" if method == "single" else "sub-net 0"
     with pytest.raises(ConfigError, match=f"its {what} changed while this evaluation ran"):
         evaluation.evaluate_runs([run])
     assert results.read_text() == "the retrain's own\n"

@@ -1834,10 +1834,19 @@ def test_packs_into_one_out_at_once_and_a_killed_packs_files(tmp_path, monkeypat
         with pytest.raises(FileExistsError, match="already holds a data set"):
             pack_module.pack_folder(src, out)
     assert (out / "train.rec").read_bytes() == b"the other pack's"
-    # a killed pack's temporary files: removed by the next pack into OUT, said
-    killed = out / ".train.rec.4242-deadbeef.tmp.rec"
+    # a killed pack's temporary files: removed by the next pack into OUT, said; those of
+    # a pack still running (a file system without flock: unlocked) are kept
+    import subprocess
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    gone = ended.pid  # a process that has ended
+    killed = out / f".train.rec.{gone}-deadbeef.tmp.rec"
     killed.write_bytes(b"\0" * 1000)
+    writing = out / f".train.idx.{os.getpid()}-cafef00d.tmp.idx"
+    writing.write_bytes(b"0\t0\n")
     with caplog.at_level(logging.WARNING):
         pack_module.pack_folder(src, out, overwrite=True)
     assert not killed.exists() and "a pack stopped before its end left" in caplog.text
+    assert writing.exists()
     assert scan(out / "train.rec").class_names == scan(src).class_names  # packed whole

@@ -49,7 +49,13 @@ from facecluster.config import NAME_RULE, unreadable_names
 from facecluster.data.folder import IDENTITY_NAMES, FaceFolder, scan_image_folder
 from facecluster.data.images import image_damage
 from facecluster.data.recordio import RecordWriter, pack, rec_paths
-from facecluster.io import LOCK, folder_lock, replacing_together, shown_list
+from facecluster.io import (
+    LOCK,
+    folder_lock,
+    replacing_together,
+    shown_list,
+    written_by_a_live_process,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +190,14 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def _remove_stopped_packs(out: Path, names: tuple[str, ...]) -> None:
     """Remove the temporary files (``.train.rec.<pid>-<hex>.tmp.rec`` ...) that a pack
     killed before its end left in ``out``: as large as the data set, and hidden. Called
-    with ``out``'s lock held, so no other pack is writing them."""
-    left = [p for name in names for p in out.glob(f".{name}.*.tmp*") if p.is_file()]
+    with ``out``'s lock held; a file whose process still runs here is kept all the same
+    (a file system without ``flock`` runs the pack unlocked)."""
+    left = [
+        p
+        for name in names
+        for p in out.glob(f".{name}.*.tmp*")
+        if p.is_file() and not written_by_a_live_process(p, f".{name}")
+    ]
     if left:
         size = sum(p.stat().st_size for p in left)
         for path in left:

@@ -39,6 +39,7 @@ import struct
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import NoReturn
 
@@ -361,9 +362,7 @@ class RecordFile:
                         "with it; `facecluster pack` writes both)"
                     )
                 raise FileNotFoundError(f"{path} does not exist{hint}")
-        # what each process's map must be of: size and modification time, not the inode,
-        # which some FUSE mounts (sshfs, cloud buckets) do not keep for an unchanged file
-        self.stamp = file_stamp(self.rec)[:2]
+        self.stamp = file_stamp(self.rec, inode=False)  # what each process's map must be of
         self.size = self.stamp[0]
         self.offsets = self._read_index()
         self._map: memoryview | None = None
@@ -509,18 +508,21 @@ class RecordFile:
         # a memoryview: its slices are views of the mapped file, an mmap's are copies
         if self._map is None or self._pid != os.getpid():
             with open(self.rec, "rb") as f:
-                stat = os.fstat(f.fileno())
-                if (stat.st_size, stat.st_mtime_ns) != self.stamp:
+                now = file_stamp(f.fileno(), inode=False)
+                if now != self.stamp:
                     # its offsets are the old file's: each record read as corrupt, and the
                     # run stopped on a "damaged" data set (a review: a `facecluster pack
                     # --overwrite` of the folder a run trained on, its workers opening the new
                     # file at the next epoch). Not an OSError: no bad image.
+                    then, since = (datetime.fromtimestamp(t[1] / 1e9) for t in (self.stamp, now))
                     raise BadImageError(
                         f"{self.rec} was replaced or changed since it was read at start "
-                        f"({self.stamp[0]} bytes then, {stat.st_size} now): a .rec must stay as "
-                        "it is while a run reads it (a `facecluster pack --overwrite` into its "
-                        "folder?). Put the file the run started with back, or start a new run "
-                        "on the new one (a resume checks that its split is the run's)"
+                        f"({self.stamp[0]:,} bytes modified {then:%Y-%m-%d %H:%M:%S} then, "
+                        f"{now[0]:,} bytes modified {since:%Y-%m-%d %H:%M:%S} now): a .rec "
+                        "must stay as it is while a run reads it (a `facecluster pack "
+                        "--overwrite` into its folder?). Put the file the run started with "
+                        "back, or start a new run on the new one (a resume checks that its "
+                        "split is the run's)"
                     )
                 self._map = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
             self._pid = os.getpid()

@@ -163,7 +163,7 @@ def test_an_evaluation_refuses_a_wandb_folder_it_cannot_write(tmp_path, monkeypa
     (run.path / "wandb").mkdir(parents=True)
     _refused_in(monkeypatch, run.path / "wandb")
     check_writable(run)  # logged otherwise: not its concern
-    with pytest.raises(ConfigError, match=r"run/wandb: the evaluation cannot write"):
+    with pytest.raises(ConfigError, match=r"run/wandb: the evaluation cannot write.*logger=none"):
         check_writable(run, wandb=True)
 
 
@@ -186,25 +186,29 @@ def test_an_export_update_another_user_must_complete_says_so(tmp_path, monkeypat
 def test_a_run_folder_this_user_cannot_enter_is_named_not_a_traceback(
     tmp_path, monkeypatch, capsys
 ):
-    # another user's run made under umask 077: evaluate, export and resume each ended in
-    # a PermissionError traceback at their first look inside it (a review, two users)
+    # another user's run made under umask 077 (its runs/ folder 0700 too): evaluate,
+    # export and resume each ended in a PermissionError traceback at their first look
+    # inside it (a review, two users)
+    import os
     from pathlib import Path
 
     from facecluster import cli
     from facecluster.run import RunFolder
 
-    run = tmp_path / "theirs"
-    run.mkdir()
+    theirs = tmp_path / "alice" / "runs"
+    run = theirs / "x"
+    run.mkdir(parents=True)
     (run / "config.yaml").write_text("seed: 1\n")
-    real = Path.is_file
+    real_is_file, real_access = Path.is_file, os.access
 
-    def is_file(path):
-        if path.parent == run:  # root enters any folder: a refused look stands in
+    def is_file(path):  # root enters any folder: refused looks stand in
+        if theirs in path.parents:
             raise PermissionError(13, "Permission denied", str(path))
-        return real(path)
+        return real_is_file(path)
 
     monkeypatch.setattr(Path, "is_file", is_file)
-    said = "this user cannot read the folder (Permission denied; its owner is uid"
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != theirs and real_access(p, mode))
+    said = f"this user cannot read it (Permission denied): {theirs}, owned by uid"
     with pytest.raises(ConfigError, match=rf"resume={run}: {run}: {re.escape(said)}"):
         RunFolder.config_for_resume(str(run))
     assert cli.evaluate_main([f"run={run}"]) == 2
