@@ -13,7 +13,9 @@ else (an export, a run folder, an assignment) can hold only tensors, numbers,
 strings and containers of them, and a pickle that would run code is refused before
 anything in it runs. ``file_stamp``, ``pid_alive`` and ``shown_list`` are the one
 way each module tells a file replaced, a process gone, and names many files in a
-message; ``folder_lock`` the one lock of a folder updated in place.
+message; ``written_by_a_live_process`` tells a temporary file of a running process
+from one left by a killed one; ``folder_lock`` is the one lock of a folder updated in
+place.
 Imports nothing of facecluster, so every package may use it.
 """
 
