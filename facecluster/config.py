@@ -216,6 +216,8 @@ def missing_path(given: str | Path, prefix: str = "", what: str = "") -> str | N
     exist; ``None`` when it does. Light (no torch): the commands check their paths with
     it before their imports, and ``run=`` (:func:`facecluster.run.run_folder`) after."""
     path = Path(given).expanduser().resolve()
+    if cannot := unreadable_folder(path):  # exists() failed on it with a traceback
+        return f"{prefix}{cannot}"
     if path.exists():
         return None
     key, equals, value = str(given).partition("=")
@@ -299,10 +301,10 @@ def unreadable_folder(path: Path) -> str | None:
     try:
         (path / RUN_CONFIG).is_file()
     except PermissionError as e:
-        closed = next(
-            (p for p in (*reversed(path.parents), path) if not os.access(p, os.R_OK | os.X_OK)),
-            path,
-        )
+        # the folders above need only be passed through (0711); this one read too
+        closed = next((p for p in reversed(path.parents) if not os.access(p, os.X_OK)), None)
+        if closed is None:
+            closed = path
         try:
             owner = f", owned by uid {closed.stat().st_uid}"
         except OSError:

@@ -610,18 +610,19 @@ def finish_update(out: str | Path) -> None:
     out = Path(out)
     if not (out / UPDATE).is_dir():  # nothing pending: no lock (a read-only export)
         return
-    with folder_lock(out, "the export"):  # its own errors as they are
-        try:
+    try:
+        with folder_lock(out, "the export"):
             _finish_locked(out)
-        except PermissionError as e:  # was the bare errno line of a temporary file's name
-            where = f": {e.filename}" if e.filename else ""
-            raise PermissionError(
-                f"{out} holds an update that an export or enrolment committed but did not "
-                f"put in place (it was stopped), which this user cannot do ({e.strerror or e}"
-                f"{where}): a user who can write {out} (its owner, uid {out.stat().st_uid}) "
-                "completes it by running any facecluster command on it, e.g. `facecluster "
-                f"identify {out} <image>`"
-            ) from None
+    except PermissionError as e:  # was the bare errno line of a temporary file's name
+        if e.filename is None:  # folder_lock's own word (a lock file NFS cannot lock)
+            raise
+        raise PermissionError(
+            f"{out} holds an update that an export or enrolment committed but did not put "
+            f"in place (it was stopped), which this user cannot do ({e.strerror or e}: "
+            f"{e.filename}): a user who can write {out} (its owner, uid {out.stat().st_uid}) "
+            f"completes it by running any facecluster command on it, e.g. `facecluster "
+            f"identify {out} <image>`"
+        ) from None
 
 
 def _finish_locked(out: Path) -> None:

@@ -70,7 +70,7 @@ from facecluster.io import (
     replacing_together,
     shown_list,
 )
-from facecluster.loggers import check_wandb_server, wandb_run
+from facecluster.loggers import check_wandb_server, wandb_mode, wandb_run
 from facecluster.models.components import load_backbone
 from facecluster.plots import alpha_plot, class_means_plot, top_m_plot
 from facecluster.results import markdown_table, provenance
@@ -842,7 +842,7 @@ def _checked_config(run: RunFolder, overrides: list[str] | tuple, ranks: Ranks) 
             raise ConfigError(f"run={run.path}: {e}") from None
     _check_precision(cfg, overrides)
     ranks.check_device(cfg)
-    check_writable(run, cfg.logger == "wandb")
+    check_writable(run, cfg.logger == "wandb" and wandb_mode(cfg)[0] in ("offline", "dryrun"))
     check_wandb_server(cfg)  # logger=wandb: what wandb refuses, before the evaluation
     return cfg
 
@@ -902,19 +902,20 @@ def _warn_other_faces(runs: list[RunFolder]) -> None:
             )  # fmt: skip
 
 
-def check_writable(run: RunFolder, wandb: bool = False) -> None:
+def check_writable(run: RunFolder, wandb_offline: bool = False) -> None:
     """ConfigError where the evaluation could not write its results into ``<run>/eval``
     (``eval`` a file, or one of its results a folder, a read-only run folder): found when
     the whole evaluation had run, it ended in a traceback and the table was lost. With
-    ``wandb``, ``<run>/wandb`` too, where the run's W&B files go: W&B otherwise fell back
-    to a temporary folder, where `wandb sync <run>/wandb` did not find an offline run."""
+    ``wandb_offline``, ``<run>/wandb`` too (or the run folder, where it is made), where
+    an offline W&B run goes: W&B otherwise fell back to a temporary folder, where `wandb
+    sync <run>/wandb` did not find it (online, it is uploaded all the same)."""
     files = [run.eval_file(kind) for kind in ("table", "csv", "json")]
-    folder = run.eval_dir
+    folder = run.path / "wandb"
     try:
-        check_can_write(folder)
-        if wandb:  # or the run folder, where it is made
-            folder = run.path / "wandb"
+        if wandb_offline:
             check_can_write(folder)
+        folder = run.eval_dir
+        check_can_write(folder)
         if found := next((f for f in files if f.is_dir()), None):
             raise IsADirectoryError(errno.EISDIR, "a folder where a result goes", str(found))
     except OSError as e:

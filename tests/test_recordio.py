@@ -1840,13 +1840,19 @@ def test_packs_into_one_out_at_once_and_a_killed_packs_files(tmp_path, monkeypat
 
     ended = subprocess.Popen(["true"])
     ended.wait()
-    gone = ended.pid  # a process that has ended
-    killed = out / f".train.rec.{gone}-deadbeef.tmp.rec"
+    killed = out / f".train.rec.{ended.pid}-deadbeef.tmp.rec"  # a process that has ended
     killed.write_bytes(b"\0" * 1000)
-    writing = out / f".train.idx.{os.getpid()}-cafef00d.tmp.idx"
-    writing.write_bytes(b"0\t0\n")
-    with caplog.at_level(logging.WARNING):
-        pack_module.pack_folder(src, out, overwrite=True)
-    assert not killed.exists() and "a pack stopped before its end left" in caplog.text
-    assert writing.exists()
+    reused = out / f".property.{os.getpid()}-0badf00d.tmp"  # its pid is this pack's now
+    reused.write_bytes(b"1,2,3\n")
+    running = subprocess.Popen(["sleep", "60"])
+    try:
+        writing = out / f".train.idx.{running.pid}-cafef00d.tmp.idx"
+        writing.write_bytes(b"0\t0\n")
+        with caplog.at_level(logging.WARNING):
+            pack_module.pack_folder(src, out, overwrite=True)
+    finally:
+        running.kill()
+    assert not killed.exists() and not reused.exists()
+    assert "a pack stopped before its end left" in caplog.text
+    assert writing.exists() and "a process still running here is writing them" in caplog.text
     assert scan(out / "train.rec").class_names == scan(src).class_names  # packed whole

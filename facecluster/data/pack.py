@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -192,12 +193,19 @@ def _remove_stopped_packs(out: Path, names: tuple[str, ...]) -> None:
     killed before its end left in ``out``: as large as the data set, and hidden. Called
     with ``out``'s lock held; a file whose process still runs here is kept all the same
     (a file system without ``flock`` runs the pack unlocked)."""
-    left = [
-        p
-        for name in names
-        for p in out.glob(f".{name}.*.tmp*")
-        if p.is_file() and not written_by_a_live_process(p, f".{name}")
+    found = [(p, name) for name in names for p in out.glob(f".{name}.*.tmp*") if p.is_file()]
+    # this process's own pid names none of its files yet: a killed pack's, pid reused
+    mine = f".{os.getpid()}-"
+    live = [
+        p for p, name in found if mine not in p.name and written_by_a_live_process(p, f".{name}")
     ]
+    left = [p for p, _ in found if p not in live]
+    if live:
+        logger.warning(
+            "%s: kept %s: a process still running here is writing them (another pack?)",
+            out,
+            shown_list(sorted(p.name for p in live)),
+        )
     if left:
         size = sum(p.stat().st_size for p in left)
         for path in left:

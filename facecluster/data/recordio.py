@@ -517,8 +517,8 @@ class RecordFile:
                     then, since = (datetime.fromtimestamp(t[1] / 1e9) for t in (self.stamp, now))
                     raise BadImageError(
                         f"{self.rec} was replaced or changed since it was read at start "
-                        f"({self.stamp[0]:,} bytes modified {then:%Y-%m-%d %H:%M:%S} then, "
-                        f"{now[0]:,} bytes modified {since:%Y-%m-%d %H:%M:%S} now): a .rec "
+                        f"({self.stamp[0]:,} bytes modified {then:%Y-%m-%d %H:%M:%S.%f} then, "
+                        f"{now[0]:,} bytes modified {since:%Y-%m-%d %H:%M:%S.%f} now): a .rec "
                         "must stay as it is while a run reads it (a `facecluster pack "
                         "--overwrite` into its folder?). Put the file the run started with "
                         "back, or start a new run on the new one (a resume checks that its "

@@ -162,9 +162,9 @@ def test_an_evaluation_refuses_a_wandb_folder_it_cannot_write(tmp_path, monkeypa
     run = RunFolder(tmp_path / "run")
     (run.path / "wandb").mkdir(parents=True)
     _refused_in(monkeypatch, run.path / "wandb")
-    check_writable(run)  # logged otherwise: not its concern
+    check_writable(run)  # logged online or not at all: not its concern
     with pytest.raises(ConfigError, match=r"run/wandb: the evaluation cannot write.*logger=none"):
-        check_writable(run, wandb=True)
+        check_writable(run, wandb_offline=True)
 
 
 def test_an_export_update_another_user_must_complete_says_so(tmp_path, monkeypatch):
@@ -195,21 +195,29 @@ def test_a_run_folder_this_user_cannot_enter_is_named_not_a_traceback(
     from facecluster import cli
     from facecluster.run import RunFolder
 
-    theirs = tmp_path / "alice" / "runs"
+    alice = tmp_path / "alice"  # 0711: passed through, not listed
+    theirs = alice / "runs"  # 0700
     run = theirs / "x"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("seed: 1\n")
-    real_is_file, real_access = Path.is_file, os.access
+    real_stat, real_access = Path.stat, os.access
 
-    def is_file(path):  # root enters any folder: refused looks stand in
+    def stat(path, **kwargs):  # root enters any folder: refused looks stand in
         if theirs in path.parents:
             raise PermissionError(13, "Permission denied", str(path))
-        return real_is_file(path)
+        return real_stat(path, **kwargs)
 
-    monkeypatch.setattr(Path, "is_file", is_file)
-    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != theirs and real_access(p, mode))
+    def access(path, mode):
+        if Path(path) == theirs or (Path(path) == alice and mode & os.R_OK):
+            return False
+        return real_access(path, mode)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    monkeypatch.setattr(os, "access", access)
     said = f"this user cannot read it (Permission denied): {theirs}, owned by uid"
     with pytest.raises(ConfigError, match=rf"resume={run}: {run}: {re.escape(said)}"):
         RunFolder.config_for_resume(str(run))
-    assert cli.evaluate_main([f"run={run}"]) == 2
-    assert said in capsys.readouterr().err
+    for command in (cli.evaluate_main, cli.export_main):
+        args = [f"run={run}"] if command is cli.evaluate_main else [str(run), str(tmp_path / "e")]
+        assert command(args) == 2
+        assert said in capsys.readouterr().err
