@@ -295,9 +295,10 @@ def not_a_run(folder: str | Path) -> str | None:
 
 
 def unreadable_folder(path: Path) -> str | None:
-    """Why this user cannot look into the folder ``path`` (another user's, made under
-    umask 077, or inside such a folder), or ``None``: each look inside it was a
-    PermissionError traceback. Names the outermost folder that keeps this user out."""
+    """Why this user cannot look into ``path`` (a run, an export or images of another
+    user's, made under umask 077, or inside such a folder), or ``None``: each look
+    inside it was a PermissionError traceback. Names the outermost folder that keeps
+    this user out."""
     try:
         (path / RUN_CONFIG).is_file()
     except PermissionError as e:
@@ -312,7 +313,7 @@ def unreadable_folder(path: Path) -> str | None:
         return (
             f"{path}: this user cannot read it ({e.strerror}): {closed}{owner} does not let "
             "this user in; ask its owner to make it readable (chmod g+rX on each folder "
-            "down to it), or copy the run"
+            "down to it), or work on a copy"
         )
     return None
 
