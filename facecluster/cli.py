@@ -354,12 +354,14 @@ def _evaluate_on_gpus(run_dir: Path, gpus: list[str], again: str) -> int:
 
 def _resume_override(overrides: list[str]) -> str | None:
     """The run or checkpoint that ``resume=`` names (its last value; None for ``null``)."""
+    from facecluster.config import YAML_NULLS, command_line_text
+
     resume = None
     for override in overrides:
         key, _, value = override.partition("=")
-        if key.strip() == "resume":
-            resume = None if value in ("null", "") else value  # a string key: as written
-    return resume
+        if key.strip() == "resume":  # a text key's rules (resume='runs/my run' kept quotes)
+            resume = None if value in (*YAML_NULLS, "") else command_line_text(value)
+    return resume or None
 
 
 def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -28,7 +28,7 @@ import shlex
 import traceback
 import typing
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     ConfigKeyError,
+    GrammarParseError,
     InterpolationResolutionError,
     OmegaConfBaseException,
     ValidationError,
@@ -1069,6 +1070,8 @@ class Config:
         if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
             # ".." wrote the run's files into output_dir's parent, among the user's own
             r.add(f"run_name must be one folder's name (no '/', not '.' or '..'), got {name!r}")
+        elif name is not None and len(os.fsencode(name)) > 255:  # "File name too long"
+            r.add(f"run_name is {len(os.fsencode(name))} bytes long: a folder's name takes 255")
         elif name is not None and not self.resume and (why := name_problem(name)):
             # a blank folder or one whose name holds a line break, that a shell or a
             # listing of output_dir shows as nothing or as two names (a walkthrough); a
@@ -1394,14 +1397,14 @@ class Config:
         """Plain nested dicts and lists (stored in checkpoints and in the run folder), its
         values as they are: resolved when the config was loaded (a ``${`` left in one is
         text, given as ``\\${``; resolving it again failed once the run had started)."""
-        values = OmegaConf.to_container(OmegaConf.structured(self), resolve=False)
-        assert isinstance(values, dict)
-        return values
+        # not through OmegaConf, which read a text's ${ as an interpolation again (an
+        # unclosed one, output_dir='runs\${x', stopped the run at config.yaml)
+        return _plain(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         """A YAML file that loads as this config (``config.yaml``): a ``${`` in a value is
         written ``\\${``, text as given, not an interpolation."""
-        return OmegaConf.to_yaml(_literal(self.to_dict()))
+        return _quote_none(OmegaConf.to_yaml(_literal(self.to_dict())))
 
     def run_settings(self) -> Config:
         """This config without what one command runs now (``stage``, ``stage2.subnets``,
@@ -1432,6 +1435,34 @@ class Config:
         if overrides:
             _epochs_given(merged, list(overrides))
         return _to_config(_merge_overrides(merged, list(overrides)))
+
+
+def _plain(values: Any) -> Any:
+    """``values`` with tuples as lists (as OmegaConf gives them)."""
+    if isinstance(values, dict):
+        return {key: _plain(value) for key, value in values.items()}
+    if isinstance(values, list | tuple):
+        return [_plain(value) for value in values]
+    return values
+
+
+def _quote_none(text: str) -> str:
+    """OmegaConf's YAML ``text`` with each text value ``None`` quoted, which OmegaConf
+    writes plain: a config file's plain ``None`` means null outside text keys, and is
+    refused there (``model.kwargs.x='None'``'s run could not be resumed)."""
+    spans = []
+    nodes = [yaml.compose(text, Loader=yaml.SafeLoader)]  # marks count characters
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, yaml.MappingNode):
+            nodes += [value for _, value in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            nodes += node.value
+        elif isinstance(node, yaml.ScalarNode) and node.style is None and node.value == "None":
+            spans.append((node.start_mark.index, node.end_mark.index))
+    for start, end in sorted(spans, reverse=True):
+        text = text[:start] + "'None'" + text[end:]
+    return text
 
 
 def _literal(values: Any) -> Any:
@@ -1540,8 +1571,10 @@ def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfi
                 f"{source}: '{key}' is a section, given the value {given!r}: give its "
                 f"keys instead ({leaves}), as {key}.<key>=value"
             ) from None
-        # a tuple of the wrong length
-        raise ConfigError(f"{source}: wrong type: {str(e).splitlines()[0]}") from None
+        # a tuple of the wrong length, or of items of the wrong type (whose message
+        # OmegaConf leaves a template: "Value '$VALUE' of type '$VALUE_TYPE' could not")
+        msg = re.sub(r"Value '\$VALUE' of type '\$VALUE_TYPE'", "an item", str(e).splitlines()[0])
+        raise ConfigError(f"{source}: wrong type: {msg}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{source}: {e}") from None
     except TypeError:  # "Cannot merge incompatible container types", naming no key
@@ -1732,16 +1765,22 @@ def _to_config(merged: DictConfig) -> Config:
     return cfg.validate()
 
 
-def _string_keys(schema: type, prefix: str = "") -> list[str]:
-    """The dotted keys of a dataclass schema whose values are strings (or null)."""
+def _string_keys(
+    schema: type, prefix: str = "", types: tuple[str, ...] = ("str", "str | None")
+) -> list[str]:
+    """The dotted keys of a dataclass schema whose values are strings (or null); with
+    ``types=TEXT_LISTS``, those whose values are lists of strings."""
     keys = []
     for f in fields(schema):
         default = f.default_factory() if callable(f.default_factory) else f.default
         if is_dataclass(default):
-            keys.extend(_string_keys(type(default), prefix + f.name + "."))
-        elif f.type in ("str", "str | None"):
+            keys.extend(_string_keys(type(default), prefix + f.name + ".", types))
+        elif f.type in types:
             keys.append(prefix + f.name)
     return keys
+
+
+TEXT_LISTS = ("list[str]", "list[str] | None")
 
 
 def parse_overrides(overrides: list[str]) -> DictConfig:
@@ -1775,32 +1814,49 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     merged = OmegaConf.create({})
     for override in overrides:  # in order: a key given twice keeps its last value
         key, _, value = override.partition("=")
-        _refuse_yaml_surprises(f"command line, {override}", value, text=key in strings)
+        where = f"command line, {override}"
+        if key in strings:
+            _refuse_yaml_surprises(where, value, text=True)
+        elif value.strip():  # its items and a section's keys too (wandb.tags=[010])
+            with contextlib.suppress(yaml.YAMLError):  # from_dotlist names it, below
+                node = yaml.compose(value, Loader=_YAML_LOADER)
+                _refuse_yaml_surprises_in(
+                    node, lambda *_, where=where: where, key + ".", none_is_text=False
+                )
         if key == "logger" and value in YAML_NULLS:  # "Incompatible value 'None' for ..."
-            raise ConfigError(f"command line, {override}: no logger is logger=none")
+            raise ConfigError(f"{where}: no logger is logger=none")
         if key in strings and value in YAML_NULLS and _optional(key):
             value = "null"  # as a number key reads them (wandb.entity=~ was the text ~)
-        if key in strings and value != "null" and (value.strip() or key in _SAID_EMPTY):
-            if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]  # Hydra's quoted text (run_name='my run' kept the quotes)
-            OmegaConf.update(merged, key, value, merge=True)
-        elif not value.strip():  # YAML's null (data.max_classes= unset it, silently), and a
-            # text key's empty string (slurm.partition=: the default partition, silently)
-            raise ConfigError(
-                f"command line, {override}: no value (give one; an optional key is unset "
-                f"with {key}=null)"
-            )
-        else:
-            try:
-                parsed = OmegaConf.from_dotlist([override])
-            except yaml.YAMLError as e:  # "data.verification=[a.bin": no closing bracket
-                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        try:
+            if key in strings and value != "null" and (value.strip() or key in _SAID_EMPTY):
+                OmegaConf.update(merged, key, command_line_text(value), merge=True)
+            elif not value.strip():  # YAML's null (data.max_classes= unset it, silently),
+                # and a text key's empty string (slurm.partition=: the default partition)
                 raise ConfigError(
-                    f"command line, {override}: the value is not valid YAML ({problem}); "
-                    "quote an override with spaces or brackets as one shell word"
-                ) from None
-            merged = OmegaConf.merge(merged, parsed)
+                    f"{where}: no value (give one; an optional key is unset with {key}=null)"
+                )
+            else:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+        except yaml.YAMLError as e:  # "data.verification=[a.bin": no closing bracket
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(
+                f"{where}: the value is not valid YAML ({problem}); quote an override with "
+                "spaces or brackets as one shell word"
+            ) from None
+        except OmegaConfBaseException as e:  # an unclosed ${ (a traceback), a null key
+            hint = ""
+            if isinstance(e, GrammarParseError):
+                hint = "; a '${' meant as text is written '\\${' (quoted, in a shell)"
+            raise ConfigError(f"{where}: {str(e).splitlines()[0]}{hint}") from None
     return merged
+
+
+def command_line_text(value: str) -> str:
+    """A text key's command-line value as the key takes it: as written, but for one pair
+    of quotes around it, as Hydra reads them (``run_name='my run'`` is ``my run``)."""
+    if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
 
 
 def _optional(key: str) -> bool | None:
@@ -1848,22 +1904,59 @@ def _refuse_yaml_surprises(where: str, value: str, text: bool) -> None:
         )
 
 
-def _refuse_yaml_surprises_in(path: Path, node: yaml.Node) -> None:
-    """:func:`_refuse_yaml_surprises` over a config file's plain values (``node``: its
-    composed YAML), naming the file, the line and the key."""
+def _refuse_yaml_surprises_in(
+    node: yaml.Node,
+    where: Callable[[str, yaml.ScalarNode], str],
+    prefix: str = "",
+    none_is_text: bool = True,
+) -> None:
+    """:func:`_refuse_yaml_surprises` over the plain values of ``node`` (a config file's
+    composed YAML, or a command-line value under the key ``prefix``), each named by
+    ``where(key, scalar)``. A text key's value and a text list's item that YAML reads as
+    a number or a truth value written otherwise (``run_name: 010`` was the name ``8``,
+    ``wandb.tags: [yes]`` the tag ``True``) are refused too. With ``none_is_text``
+    (a file), a text key's ``None`` is the text: a run's ``config.yaml`` wrote it so."""
     strings = set(_string_keys(Config))
-    nodes: list[tuple[str, yaml.Node]] = [("", node)]
+    lists = set(_string_keys(Config, types=TEXT_LISTS))
+    nodes: list[tuple[str, yaml.Node, bool]] = [(prefix, node, False)]
     while nodes:
-        key, node = nodes.pop()
+        key, node, item = nodes.pop()
         if isinstance(node, yaml.MappingNode):
-            nodes += [(f"{key}{name.value}.", value) for name, value in node.value]
+            nodes += [(f"{key}{name.value}.", value, False) for name, value in node.value]
         elif isinstance(node, yaml.SequenceNode):
-            nodes += [(key, item) for item in node.value]
-        elif isinstance(node, yaml.ScalarNode) and node.style is None:  # plain, not quoted
+            nodes += [(key, value, True) for value in node.value]
+        elif isinstance(node, yaml.ScalarNode) and not node.style:  # plain (libyaml: "")
             key = key.rstrip(".")
-            if key not in strings:  # a text key's None is text: config.yaml writes it so
-                where = f"{path}, line {node.start_mark.line + 1}, {key}: {node.value}"
-                _refuse_yaml_surprises(where, node.value, text=False)
+            text = key in (lists if item else strings)
+            here = where(key, node)
+            if not text:
+                _refuse_yaml_surprises(here, node.value, text=False)
+            elif node.value == "None":
+                if not none_is_text:
+                    _refuse_yaml_surprises(here, node.value, text=True)
+            else:
+                _refuse_text_read_otherwise(here, node.value)
+
+
+def _refuse_text_read_otherwise(where: str, value: str) -> None:
+    """A text's plain ``value`` that YAML reads as a number or a truth value whose text
+    differs (``010``: 8, ``1e3``: 1000.0, ``yes``: True), refused: the text key took
+    that text, not the one written."""
+    try:
+        read = OmegaConf.to_container(OmegaConf.create(f"v: {value}"))["v"]  # type: ignore[index]
+    except Exception:  # not a value on its own (a folded multi-line text): as written
+        return
+    if isinstance(read, bool | int | float) and str(read) != value:
+        raise ConfigError(
+            f"{where}: YAML reads {value} as the {type(read).__name__} {read!r}, which a text "
+            f"key takes as {str(read)!r}: quote it to keep it as written "
+            "(\"key='...'\" in a shell, 'text' in a file)"
+        )
+
+
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""OmegaConf's own YAML parser (libyaml where PyYAML has it: it takes a tab before a
+comment, which PyYAML's Python scanner refuses)."""
 
 
 def text_override(key: str, value: str | Path) -> str:
@@ -1912,13 +2005,19 @@ def load_config(
             raise ConfigError(f"{p}: a config file holds `key: value` lines, not a list")
         # text (a shell script, an arcface_torch .py config) is one YAML string, which
         # OmegaConf turns into {text: None}: "unknown config key 'echo hi'"
-        composed = yaml.compose(p.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        try:
+            composed = yaml.compose(p.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cannot parse {p}: {e}") from None
         if loaded and not isinstance(composed, yaml.MappingNode):
             raise ConfigError(
                 f"{p}: not a YAML mapping of config keys (`key: value` lines, as in configs/)"
             )
         if composed is not None:
-            _refuse_yaml_surprises_in(p, composed)
+            _refuse_yaml_surprises_in(
+                composed,
+                lambda key, node, p=p: f"{p}, line {node.start_mark.line + 1}, {key}: {node.value}",
+            )
         merged = _merge(merged, loaded, str(p))
     if overrides:
         if paths:

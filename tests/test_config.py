@@ -638,6 +638,83 @@ def test_values_yaml_reads_otherwise_than_they_look_are_refused(override, expect
         load_config([SMOKE, given])
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [  # a property test: in a section's value or a list's items these passed silently
+        ("data={min_images_per_class: 010}", r"leading 0 as octal \(8\)"),
+        ("model.kwargs={width: 010}", r"leading 0 as octal \(8\)"),
+        ("slurm={time_min: 2:00:00}", "YAML reads 2:00:00 as a number in base 60"),
+        ("wandb={entity: None}", "YAML's null is written null"),
+        ("wandb.tags=[None]", "YAML's null is written null"),
+        # a text list's items and a section's text keys were YAML-typed, then made text
+        ("wandb.tags=[010]", "YAML reads 010 as the int 8, which a text key takes as '8'"),
+        ("wandb.tags=[yes]", "YAML reads yes as the bool True"),
+        ("slurm.setup=[2:00]", "YAML reads 2:00 as the int 120"),
+        ("wandb={project: 1e3}", "YAML reads 1e3 as the float 1000.0"),
+        # OmegaConf's own errors were tracebacks
+        ("run_name=a${b", r"no viable alternative.*a '\$\{' meant as text is written"),
+        ("seed=${b", r"no viable alternative.*a '\$\{' meant as text is written"),
+        ("model.kwargs={~: a}", "Incompatible key type 'NoneType'"),
+        # its message was a template: "Value '$VALUE' of type '$VALUE_TYPE' could not be"
+        ("stage1.optim.betas=[a, b]", "wrong type: an item could not be converted to Float"),
+        # OSError "File name too long" once the run folder was made
+        (f"run_name={'a' * 300}", "run_name is 300 bytes long: a folder's name takes 255"),
+    ],
+)
+def test_values_inside_sections_and_lists_follow_the_same_rules(override, expected):
+    with pytest.raises(ConfigError, match=expected) as err:
+        load_config(SMOKE, [override])
+    assert override in str(err.value) or "run_name is" in str(err.value)
+    # the same items quoted are the text written
+    assert load_config(SMOKE, ["wandb.tags=['010', 'yes', 2024, '1e3']"]).wandb.tags == [
+        "010",
+        "yes",
+        "2024",
+        "1e3",
+    ]
+
+
+def test_a_text_key_in_a_file_keeps_the_text_written_or_is_refused(tmp_path):
+    # run_name: 010 in a -c file named the run 8 (on the command line: 010)
+    given = tmp_path / "given.yaml"
+    for value, read in [("010", "8"), ("yes", "True"), ("1e3", "1000.0"), ("1_000", "1000")]:
+        given.write_text(f"stage: all\nwandb:\n  project: {value}\n")
+        with pytest.raises(ConfigError, match=rf"given.yaml, line 3, wandb.project: {value}: "):
+            load_config([SMOKE, given])
+        given.write_text(f"stage: all\nwandb:\n  project: '{value}'\n  tags: [a, {value}]\n")
+        with pytest.raises(ConfigError, match=f"which a text key takes as '{read}'"):
+            load_config([SMOKE, given])
+    given.write_text("stage: all\nwandb:\n  project: 2024\n")  # the same text: taken
+    assert load_config([SMOKE, given]).wandb.project == "2024"
+    # a tab before a comment: OmegaConf reads it, the file check's parser stopped on it
+    given.write_text("seed: 5\t# five\n")
+    assert load_config([SMOKE, given]).seed == 5
+
+
+@pytest.mark.parametrize(
+    "override", ["model.kwargs.x='None'", "wandb.tags=['None', '010']", "output_dir=runs\\${x"]
+)
+def test_what_a_command_line_gives_its_config_yaml_keeps(override, tmp_path):
+    # a property test: the text None in a mapping was written plain, which the file check
+    # then refused at resume; an unclosed \${ stopped the run at config.yaml (a traceback)
+    cfg = load_config(SMOKE, [override])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.run_settings().to_yaml())
+    assert load_config(saved).to_dict() == cfg.run_settings().to_dict()
+
+
+def test_resume_reads_its_value_as_the_other_text_keys(tmp_path, capsys):
+    # resume='runs/my run' looked for a folder with the quotes in its name; resume=~
+    # (YAML's null) for a run in the home folder
+    from facecluster.cli import train_main
+
+    (tmp_path / "my run").mkdir()
+    assert train_main([f"resume='{tmp_path}/my run'"]) == 2
+    assert f"resume={tmp_path}/my run: not a facecluster run folder" in capsys.readouterr().err
+    assert train_main(["resume=~", "--print-config"]) == 0
+    assert "\nresume: null\n" in capsys.readouterr().out
+
+
 def test_the_forms_of_other_tools_are_answered_with_facecluster_s(capsys):
     # a review: Hydra's defaults list and experiment= were met with unrelated spellings
     # (eval.plots, eval, data), ~seed was told to write seed=null (refused), and the
