@@ -363,6 +363,34 @@ def _insightface(base: int, sizes: list[int], gap_after: int | None = None):
     return records, ranges
 
 
+def test_keys_far_past_float32_precision_are_refused_at_once(tmp_path):
+    # a fuzzing review: keys near 2^50 (a 12 KB file) kept the scan busy for good (a
+    # Python loop over one float32 spacing, 2^27 keys), near 2^40 asked numpy for 1 TiB
+    records, _ = _insightface(2**50, [2, 1])
+    with pytest.raises(RecordError, match=r"key 0 \(the header record\).*lie past key 2\^32"):
+        image_layout(_write(tmp_path, records))
+    # a sound header, an identity record's range far past it: named before the search
+    records, ranges = _insightface(100, [2, 1])
+    records[ranges[-1][1] + 1] = pack([2.0**50, 2.0**50 + 1])  # identity 1's record
+    with pytest.raises(RecordError, match=r"identity 1's image keys \[\d+, \d+\) lie past"):
+        image_layout(_write(tmp_path, records))
+
+
+def test_a_damaged_label_at_a_boundary_past_float32_precision_is_said(tmp_path, caplog):
+    # past 2^24 a range's end is where its records' labels change: one damaged label
+    # (identity 1's image labelled 0) moved an intact image of identity 1 to identity 0
+    # without a word (below 2^24 the exact ranges decide)
+    base = FLOAT32_EXACT + 3
+    records, ranges = _insightface(base, [6, 6])
+    records[base + 7] = pack(0.0, _jpeg(30))  # identity 1's second image, labelled 0
+    with caplog.at_level("WARNING"):
+        layout = image_layout(_write(tmp_path, records))
+    assert len(layout.keys) == 12
+    assert f"carry another label between two of its records (the first: key {base + 6} " in (
+        caplog.text
+    )
+
+
 @pytest.mark.parametrize("case", ["empty identity", "key of no identity", "image of no identity"])
 def test_ranges_past_float32_precision_read_as_the_same_layout_below_it(tmp_path, case):
     # Past 2^24 an empty range [s, s) was looked for among the images (none carries its
@@ -848,6 +876,24 @@ def test_an_empty_image_in_a_file_without_identity_records_is_a_broken_image(tmp
     again = FaceDataModule(str(tmp_path / "train.rec"), **kw)
     again.setup()
     assert sorted(again._folder.samples.keys.tolist()) == list(range(9))
+    # one written by something else with the files' stamp (a fuzzing review): a key
+    # the .idx lacks stopped a read with a KeyError, a negative label named another
+    # identity; both are made again
+    stamp["version"] = json.loads(str(np.load(kept)["stamp"]))["version"]
+    for damage in ({"keys": 99}, {"labels": -1}):
+        name, value = next(iter(damage.items()))
+        changed = dict(before, keys=np.arange(9), labels=np.array([0, 0, 0, 1, 1, 1, 1, 2, 2]))
+        changed[name] = changed[name].copy()
+        changed[name][3] = value
+        np.savez(kept, **changed, stamp=np.array(json.dumps(stamp, sort_keys=True)))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            again = FaceDataModule(str(tmp_path / "train.rec"), **kw)
+            again.setup()
+        assert 'unreadable (ValueError("keys past train.idx\'s, or negative labels"))' in (
+            caplog.text
+        )
+        assert sorted(again._folder.samples.keys.tolist()) == list(range(9))
 
 
 def test_image_records_no_identity_range_covers_are_warned_about(tmp_path, caplog):

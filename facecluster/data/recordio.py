@@ -55,6 +55,9 @@ _HEADER = struct.Struct("<IfQQ")  # flag, label, id, id2: 24 bytes
 _LENGTH_MASK = (1 << 29) - 1
 FLOAT32_EXACT = 1 << 24
 """Integers above this are not all representable in float32."""
+KEY_LIMIT = 1 << 32
+"""Header keys from here are refused: the search for a float32-rounded key's true value
+reads a window of twice its spacing (512 keys at 2^32; 2^27, for hours, at 2^50)."""
 HEADS_BLOCK = 1 << 18
 """Records per block of :meth:`RecordFile.heads` (a block gathers 16 bytes of each)."""
 UNREADABLE = -2
@@ -801,7 +804,15 @@ def image_layout(records: RecordFile, cache: str | Path | None = None) -> Record
         header = None
     if header is None or header.flag < 2:
         return _scan_cached(records, cache) if cache is not None else _scan_all(records)
-    first, end = _exact_header(records, *(records._whole(0, float(v)) for v in header.label[:2]))
+    stored = [records._whole(0, float(v)) for v in header.label[:2]]
+    if max(stored) >= KEY_LIMIT:  # the search around each float32 key grows with it
+        raise RecordError(
+            f"{records.rec} key 0 (the header record): its identity records [{stored[0]}, "
+            f"{stored[1]}) lie past key 2^32, where a float32 label places a key only to "
+            f"within +-{_spacing(max(stored))}: a damaged header? (the largest InsightFace "
+            "data sets end below key 2^28)"
+        )
+    first, end = _exact_header(records, *stored)
     if first >= end:
         raise RecordError(
             f"{records.rec} key 0 (the header record): its identity records [{first}, "
@@ -814,7 +825,17 @@ def image_layout(records: RecordFile, cache: str | Path | None = None) -> Record
             f"{end}) run past the last key, {last}, that {records.idx} lists: a damaged "
             "header, or a truncated .idx"
         )
-    bounds = _exact_bounds(records, records.ranges(np.arange(first, end)))
+    ranges = records.ranges(np.arange(first, end))
+    # far past the identity records: refused before the search around each boundary
+    far = np.flatnonzero(ranges.max(axis=1) > first + _spacing(first))
+    if len(far):
+        i = int(far[0])
+        raise RecordError(
+            f"{records.rec} key {first + i} at offset {records.offsets[first + i]}: identity "
+            f"{i}'s image keys [{ranges[i, 0]}, {ranges[i, 1]}) lie past the identity records "
+            f"(keys {first}-); image keys lie in [1, {first})"
+        )
+    bounds = _exact_bounds(records, ranges)
     counts = bounds[:, 1] - bounds[:, 0]
     if (counts < 0).any():
         i = int(np.argmax(counts < 0))
@@ -851,9 +872,7 @@ def _warn_uncovered(records: RecordFile, first: int, covered: np.ndarray) -> Non
     inside = listed[np.searchsorted(listed, 1) : np.searchsorted(listed, first)]
     if len(inside) == len(covered):
         return
-    marked = np.zeros(first, dtype=bool)
-    marked[covered] = True
-    left = inside[~marked[inside]]
+    left = inside[~np.isin(inside, covered, assume_unique=True)]  # not an array of `first`
     labels, image, _ = records.heads(left, strict=False)
     left = left[image | (labels == UNREADABLE)]  # not a stray identity-style record
     if len(left):
@@ -1034,38 +1053,77 @@ def _true_boundaries(
         may_be_empty = np.zeros(len(approx), dtype=bool)
     found = np.zeros(len(approx), dtype=np.int64)
     per = _spacing(approx)
+    interleaved: list[np.ndarray] = []
     for spacing in np.unique(per).tolist():
-        rows = np.flatnonzero(per == spacing)
-        keys = approx[rows, None] + np.arange(-spacing - 1, spacing + 1)  # [rows, window]
-        # a record there that cannot be read stops the start: which identity's range
-        # it lies in is what its label would say (below 2^24 the range says it)
-        labels, image, present = records.heads(keys)
-        shape = keys.shape
-        labels, image, present = labels.reshape(shape), image.reshape(shape), present.reshape(shape)
-        # a key with no record is no member: an identity's keys are contiguous, so the
-        # first image key of a file (nothing before it) can start one too
-        member = present & image & (labels == identity[rows, None])
-        if side == 0:
-            change = member[:, 1:] & ~member[:, :-1]
-        else:
-            change = member[:, :-1] & ~member[:, 1:]
-        empty = may_be_empty[rows] & ~member.any(axis=1)
-        missed = ~change.any(axis=1) & ~empty
-        if missed.any():
-            i = int(np.argmax(missed))
-            raise RecordError(
-                f"{records.rec}: identity {identity[rows[i]]}'s range "
-                f"{'start' if side == 0 else 'end'} {approx[rows[i]]} (float32) matches no "
-                f"change of image label within +-{spacing} keys; the image records do not "
-                "carry their identity's label"
+        same = np.flatnonzero(per == spacing)
+        chunk = max(1, 2**22 // (2 * spacing + 2))  # windows of a few million keys at once
+        for rows in (same[i : i + chunk] for i in range(0, len(same), chunk)):
+            _find_boundaries(
+                records, approx, identity, side, may_be_empty, rows, spacing, found, interleaved
             )
-        # a start is the first change in the window, an end the last: a key the .idx
-        # lacks inside the range is a change too, and taken for the end it cut the
-        # range short there, leaving the keys after it out without a word (past 2^24;
-        # below it the missing key is found inside the range and named)
-        at = change.argmax(axis=1) if side == 0 else shape[1] - 2 - change[:, ::-1].argmax(axis=1)
-        found[rows] = np.where(empty, -1, keys[np.arange(len(rows)), at + 1])
+    keys = np.unique(np.concatenate(interleaved)) if interleaved else []
+    if len(keys):  # below 2^24 the exact ranges decide, whatever a record's label says
+        logger.warning(
+            "%s: %d image record(s) past key 2^24, where float32 ranges leave an identity's "
+            "boundary to its records' own labels, carry another label between two of its "
+            "records (the first: key %d at offset %d): some of these images may be trained "
+            "under the neighbouring identity; a damaged record?",
+            records.rec,
+            len(keys),
+            int(keys[0]),
+            records.offsets[int(keys[0])],
+        )
     return found
+
+
+def _find_boundaries(
+    records: RecordFile,
+    approx: np.ndarray,
+    identity: np.ndarray,
+    side: int,
+    may_be_empty: np.ndarray,
+    rows: np.ndarray,
+    spacing: int,
+    found: np.ndarray,
+    interleaved: list[np.ndarray],
+) -> None:
+    """:func:`_true_boundaries` of ``rows`` (one float32 spacing), into ``found``; the
+    keys of records of other labels between a row's own (a damaged label: at a boundary
+    which of the two is damaged is not known) appended to ``interleaved``."""
+    keys = approx[rows, None] + np.arange(-spacing - 1, spacing + 1)  # [rows, window]
+    # a record there that cannot be read stops the start: which identity's range
+    # it lies in is what its label would say (below 2^24 the range says it)
+    labels, image, present = records.heads(keys)
+    shape = keys.shape
+    labels, image, present = labels.reshape(shape), image.reshape(shape), present.reshape(shape)
+    # a key with no record is no member: an identity's keys are contiguous, so the
+    # first image key of a file (nothing before it) can start one too
+    member = present & image & (labels == identity[rows, None])
+    if side == 0:
+        change = member[:, 1:] & ~member[:, :-1]
+    else:
+        change = member[:, :-1] & ~member[:, 1:]
+    empty = may_be_empty[rows] & ~member.any(axis=1)
+    missed = ~change.any(axis=1) & ~empty
+    if missed.any():
+        i = int(np.argmax(missed))
+        raise RecordError(
+            f"{records.rec}: identity {identity[rows[i]]}'s range "
+            f"{'start' if side == 0 else 'end'} {approx[rows[i]]} (float32) matches no "
+            f"change of image label within +-{spacing} keys; the image records do not "
+            "carry their identity's label"
+        )
+    # a start is the first change in the window, an end the last: a key the .idx
+    # lacks inside the range is a change too, and taken for the end it cut the
+    # range short there, leaving the keys after it out without a word (past 2^24;
+    # below it the missing key is found inside the range and named)
+    at = change.argmax(axis=1) if side == 0 else shape[1] - 2 - change[:, ::-1].argmax(axis=1)
+    found[rows] = np.where(empty, -1, keys[np.arange(len(rows)), at + 1])
+    column = np.arange(shape[1])
+    first = member.argmax(axis=1)[:, None]
+    last = shape[1] - 1 - member[:, ::-1].argmax(axis=1)[:, None]
+    between = present & ~member & (column > first) & (column < last)
+    interleaved.append(keys[between & member.any(axis=1)[:, None]])
 
 
 def _scan_all(records: RecordFile) -> RecordLayout:
@@ -1191,9 +1249,18 @@ def _scan_cached(records: RecordFile, cache: str | Path) -> RecordLayout:
         with np.load(path) as kept:
             if str(kept["stamp"]) == text:
                 layout = RecordLayout(kept["keys"], kept["labels"], kept["unreadable"])
-                if layout.keys.shape == layout.labels.shape and layout.keys.ndim == 1:
-                    return layout
-                raise ValueError("keys and labels differ in length")
+                if layout.keys.shape != layout.labels.shape or layout.keys.ndim != 1:
+                    raise ValueError("keys and labels differ in length")
+                # what the pass could have made of these files (the cache is another
+                # file: a key past the .idx's stopped a read, a negative label named
+                # another identity, silently); bounds, not a lookup of each key (1 s a
+                # process at Glint360K's 17M)
+                index = records.offsets
+                keys = np.concatenate([layout.keys, layout.unreadable])
+                low, high = (keys.min(), keys.max()) if len(keys) else (index.keys_[0],) * 2
+                if low < index.keys_[0] or high > index.last_key or (layout.labels < 0).any():
+                    raise ValueError(f"keys past {records.idx.name}'s, or negative labels")
+                return layout
     except FileNotFoundError:
         pass
     except Exception as e:  # any unreadable file (zip, npy or stamp errors): made again
