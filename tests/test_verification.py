@@ -328,11 +328,39 @@ def test_a_first_pair_named_by_numbers_is_not_taken_for_the_header_and_a_bad_lin
     assert read_pairs_txt(tmp_path, pairs)[1] == [True, False]
     pairs.write_text("1 2\n0001 1 2\n")
     assert read_pairs_txt(tmp_path, pairs)[1] == [True]
-    # a word where an image number goes: int()'s "invalid literal for int()" alone
-    for line in ("0001 1 x", "0001 one 0002 2", "0001 1 \u00b2"):
+    # a word where an image number goes: int()'s "invalid literal for int()" alone; a
+    # number of 4,301 digits: Python's "Exceeds the limit", naming no file
+    for line in ("0001 1 x", "0001 one 0002 2", "0001 1 \u00b2", f"0001 1 {'9' * 4301}"):
         pairs.write_text(f"0001 1 2\n{line}\n")
         with pytest.raises(ValueError, match=rf"pairs.txt line 2: expected `name i j` .*{line!r}"):
             read_pairs_txt(tmp_path, pairs)
+
+
+def test_a_pairs_list_that_is_no_text_or_names_no_file_is_named(tmp_path):
+    # a fuzzing review: a Latin-1 byte said "'utf-8' codec can't decode byte 0xe9" with
+    # no file; a name too long for a file stopped train.py with an OSError traceback
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_bytes("Jos\u00e9 1 2\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"pairs.txt: not a UTF-8 text file \(invalid contin"):
+        read_pairs_txt(tmp_path, pairs)
+    pairs.write_text(f"{'a' * 300} 1 2\n")
+    with pytest.raises(ValueError, match=r"pairs.txt line 1: .*aaaa_0001.jpg: File name too long"):
+        read_pairs_txt(tmp_path, pairs)
+
+
+def test_a_bin_file_whose_values_are_huge_is_named_in_a_short_line(tmp_path):
+    # a 67 KB file made train.py print a 262 MB error line, a 105 KB one asked for
+    # gigabytes (the repr of one 64 KB bytes object referenced thousands of times)
+    big = b"\x8e" + struct.pack("<Q", 1 << 16) + bytes(1 << 16) + b"\x94"  # memo 0
+    many = b"](" + b"h\x00" * 1000 + b"e"  # a list of it, 1,000 times (250 MB of repr)
+    # list({0: that list}): refused, naming its argument; a pair's flag that list
+    sized = b"\x80\x04" + big + b"0\x8c\x08builtins\x8c\x04list\x93}K\x00" + many + b"s\x85R"
+    flag = b"\x80\x04" + big + b"0](h\x00h\x00e]" + many + b"a\x86."
+    for name, data in (("sized.bin", sized + b"]\x86."), ("flag.bin", flag)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError) as err:
+            read_bin(tmp_path / name)
+        assert name in str(err.value) and len(str(err.value)) < 400, str(err.value)[:400]
 
 
 def test_a_bin_file_whose_objects_fail_to_build_is_named(tmp_path):
