@@ -1049,7 +1049,10 @@ def test_verification_bin_refuses_forged_numpy_state_before_numpy_sees_it(tmp_pa
             self.dtype = dtype
 
         def __reduce__(self):
-            from numpy._core.numeric import _frombuffer
+            try:
+                from numpy._core.numeric import _frombuffer
+            except ImportError:  # numpy 1.x
+                from numpy.core.numeric import _frombuffer
 
             return (_frombuffer, (b"\x41" * 8, self.dtype, (1,), "C"))
 

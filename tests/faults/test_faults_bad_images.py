@@ -70,7 +70,7 @@ def _eval_tensor(path: Path) -> torch.Tensor:
 def test_odd_modes_and_sizes_become_8bit_rgb(tmp_path):
     gray16 = tmp_path / "gray16.png"
     Image.fromarray(np.full((40, 30), 32896, dtype=np.uint16)).save(gray16)  # mid grey
-    assert Image.open(gray16).mode.startswith("I;16")
+    assert Image.open(gray16).mode in ("I", "I;16")  # 16-bit grey (Pillow < 10.3: "I")
     Image.new("CMYK", (50, 50), (0, 255, 0, 0)).save(tmp_path / "cmyk.jpg")
     Image.new("L", (50, 50), 200).save(tmp_path / "gray.png")
     Image.new("RGBA", (50, 50), (10, 20, 30, 0)).save(tmp_path / "rgba.png")
