@@ -675,7 +675,7 @@ def _read_plan(out: Path) -> dict[str, Any]:
         plan = json.loads(path.read_text(encoding="utf-8"))
         names = [*plan["remove"], *plan["files"]]
         ok_types = isinstance(plan["remove_onnx"], bool) and all(isinstance(n, str) for n in names)
-    except (OSError, ValueError, TypeError, KeyError) as e:
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as e:
         raise ValueError(f"{path} cannot be read ({e}): {_PLAN_ADVICE.format(out=out)}") from None
     if not ok_types:
         raise ValueError(f"{path} is not an update plan: {_PLAN_ADVICE.format(out=out)}")

@@ -1077,6 +1077,179 @@ def test_a_damaged_onnx_export_is_named(tmp_path):
         load_onnx(tmp_path)
 
 
+def _torch_payload(change):
+    """A change to the small export's identifier.pt, through its payload."""
+
+    def damage(out: Path) -> None:
+        payload = torch.load(out / "identifier.pt", weights_only=True)
+        change(payload)
+        torch.save(payload, out / "identifier.pt")
+
+    return damage
+
+
+def _onnx_meta(change):
+    """A change to the small export's onnx/identifier.json (identifier.pt removed: both
+    commands then read onnx/)."""
+
+    def damage(out: Path) -> None:
+        (out / "identifier.pt").unlink()
+        path = out / "onnx" / "identifier.json"
+        path.write_text(change(json.loads(path.read_text())))
+
+    return damage
+
+
+def _onnx_gallery(change):
+    """A change to the bytes of the small export's onnx/gallery.npz (identifier.pt
+    removed)."""
+
+    def damage(out: Path) -> None:
+        (out / "identifier.pt").unlink()
+        path = out / "onnx" / "gallery.npz"
+        data = bytearray(path.read_bytes())
+        change(data)
+        path.write_bytes(bytes(data))
+
+    return damage
+
+
+def _flip_npy_header(data: bytearray) -> None:
+    data[data.index(b"{'descr'")] = ord("z")  # a member's .npy header: one byte
+
+
+def _unknown_compression(data: bytearray) -> None:
+    data[data.index(b"PK\x01\x02") + 10] = 77  # a member's compression method field
+
+
+def _set(key, value):
+    return lambda payload: payload.__setitem__(key, value)
+
+
+def _set_in(key, inner, value):
+    return lambda payload: payload[key].__setitem__(inner, value)
+
+
+DAMAGED_EXPORTS = {  # a fuzzing review's findings, each a traceback before
+    "gallery member's header": (
+        _onnx_gallery(_flip_npy_header),
+        r"onnx/gallery.npz cannot be read \(\w+: .*\): a damaged export\?",  # TokenError
+    ),
+    "gallery compression method": (
+        _onnx_gallery(_unknown_compression),
+        r"onnx/gallery.npz cannot be read \(NotImplementedError: That compression method is "
+        r"not supported\): a damaged export\?",
+    ),
+    "num_clusters past the identities": (  # it ran out of memory
+        _onnx_meta(lambda meta: json.dumps({**meta, "num_clusters": 10**10})),
+        r"onnx/identifier.json: num_clusters is 10000000000, more than its 6 identities: a "
+        r"damaged export\?",
+    ),
+    "JSON nested too deep": (
+        _onnx_meta(lambda meta: "[" * 100_000),
+        r"onnx/identifier.json is not valid JSON \(maximum recursion depth exceeded.*\): a "
+        r"damaged export\?",
+    ),
+    **{
+        f"no {key}": (
+            _torch_payload(lambda payload, key=key: payload.pop(key)),
+            rf"identifier.pt: {key} is missing: the file is damaged; export the run again",
+        )
+        for key in ("heads", "route", "subnets", "class_names")
+    },
+    "no backbone": (
+        _torch_payload(lambda payload: payload.pop("backbone")),
+        r"identifier.pt: backbone is None, not the backbone's arguments: the file is damaged",
+    ),
+    "route a number": (
+        _torch_payload(_set("route", 5)),
+        r"identifier.pt: route is not a mapping of route settings: the file is damaged",
+    ),
+    "sub-net no state dict": (
+        _torch_payload(_set_in("subnets", 0, "x")),
+        r"identifier.pt: subnets is not a list of state dicts: the file is damaged",
+    ),
+    "backbone name a number": (
+        _torch_payload(_set_in("backbone", "name", 2)),
+        r"identifier.pt: backbone.name is 2, not a backbone's name: the file is damaged",
+    ),
+    "head a float": (
+        _torch_payload(_set_in("heads", 0, 1.5)),
+        r"identifier.pt: heads \[0\] are not tensors of head rows as wide as the class means",
+    ),
+    "head of another width": (  # a traceback at the first face
+        _torch_payload(_set_in("heads", 1, torch.zeros(3, 5))),
+        r"identifier.pt: heads \[1\] are not tensors of head rows as wide as the class means",
+    ),
+    "shared_layers text": (
+        _torch_payload(_set("shared_layers", "x")),
+        r"identifier.pt: shared_layers is not a number of stages: the file is damaged",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", ["identify", "enroll"])
+@pytest.mark.parametrize("case", sorted(DAMAGED_EXPORTS))
+def test_a_damaged_export_file_is_named_in_one_line_before_any_output(
+    tmp_path, capsys, command, case
+):
+    # a fuzzing review: each of these ended identify and enroll in a traceback
+    damage, named = DAMAGED_EXPORTS[case]
+    out = tmp_path / "export"
+    out.mkdir()
+    _small_export(out)
+    damage(out)
+    before = _contents(out)
+    csv_path = tmp_path / "who.csv"
+    if command == "identify":
+        face = str(next(DEMO.rglob("*.jpg")))
+        args = ["identify", str(out), face, "--out", str(csv_path), "--device", "cpu"]
+    else:
+        args = ["enroll", str(out), str(_people(tmp_path, "newcomer")["newcomer"])]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: (export )?{re.escape(str(out))}/{named}.*\n", err), err
+    assert not csv_path.exists() and _contents(out) == before
+
+
+@pytest.mark.parametrize("key", ["top_m", "alpha", "neighbours"])
+def test_an_exports_route_without_a_setting_takes_its_default(tmp_path, monkeypatch, key):
+    # route_problems says missing settings take their defaults, but the identifier kept
+    # the route as it was: a KeyError at the first face (top_m, alpha) or at the load
+    # (neighbours), in identifier.pt and onnx/identifier.json alike. Every export held
+    # them; a file without one is damaged or hand-written, and loads as the docs say
+    from facecluster.config import RouteConfig
+    from facecluster.inference import onnx as onnx_module
+    from facecluster.models.components.backbones import create_backbone
+
+    out = tmp_path / "export"
+    out.mkdir()
+    _small_export(out)
+    default = getattr(RouteConfig(), key)
+    payload = torch.load(out / "identifier.pt", weights_only=True)
+    del payload["route"][key]
+    torch.save(payload, out / "identifier.pt")
+    csv_path = tmp_path / "who.csv"
+    face = str(next(DEMO.rglob("*.jpg")))
+    assert cli.main(["identify", str(out), face, "--out", str(csv_path), "--device", "cpu"]) == 0
+    assert len(list(csv.DictReader(csv_path.open()))) == 1
+    assert TwoStageIdentifier.load(out / "identifier.pt").route_config[key] == default
+    meta_path = out / "onnx" / "identifier.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["route"][key]
+    meta_path.write_text(json.dumps(meta))
+
+    def stand_in(path, device):  # the export's tiny networks, for ONNX sessions
+        network = create_backbone(**meta["backbone"]).eval()
+        network.image_size = None
+        return network
+
+    monkeypatch.setattr(onnx_module, "OnnxBackbone", stand_in)
+    loaded = onnx_module.load_onnx(out / "onnx")
+    assert loaded.route_config[key] == default
+    assert len(loaded.identify(torch.randn(2, 3, 16, 16)).identity) == 2
+
+
 def test_a_device_name_torch_does_not_know_is_refused_naming_it(open_run, tmp_path, capsys):
     # --device of export, identify and enroll: a clear error, not torch's traceback
     from facecluster import cli

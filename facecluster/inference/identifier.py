@@ -28,7 +28,7 @@ import logging
 import math
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +44,7 @@ from facecluster.config import (
     FITTED_ROUTE,
     NAME_RULE,
     ConfigError,
+    RouteConfig,
     name_problem,
     newer_format,
     route_problems,
@@ -1000,15 +1001,17 @@ class TwoStageIdentifier(nn.Module):
             raise ValueError(f"{path} is not an exported facecluster identifier")
         version = payload.get("version")
         if version == 1:  # the config's model section and image_size, not builder arguments
-            model = payload["model"]
+            model = payload.get("model")
+            model = model if isinstance(model, dict) else {}  # damaged: checked below
+            kwargs = model.get("kwargs")
             args = {
-                "name": model["backbone"],
-                "embedding_dim": model["embedding_dim"],
-                "image_size": payload["image_size"],
-                **model.get("kwargs", {}),
+                "name": model.get("backbone"),
+                "embedding_dim": model.get("embedding_dim"),
+                "image_size": payload.get("image_size"),
+                **(kwargs if isinstance(kwargs, dict) else {}),
             }
         elif version in (2, 3, EXPORT_VERSION):
-            args = payload["backbone"]
+            args = payload.get("backbone")
         elif isinstance(version, int) and version > EXPORT_VERSION:
             writer = payload.get("facecluster")
             raise ValueError(
@@ -1022,6 +1025,47 @@ class TwoStageIdentifier(nn.Module):
         imports = payload.get("imports") or []  # none: before imports (2026-12-06)
         if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
             raise ValueError(f"{path}: imports is {imports!r}, not a list of module names")
+        # what every version holds, each of its kind, before any of it is used: a damaged
+        # or hand-made file ended in a KeyError, TypeError or AttributeError (each head's
+        # tensor: check_parts)
+        subnets, names, shared = (
+            payload.get(k) for k in ("subnets", "class_names", "shared_layers")
+        )
+        holds = (
+            ("route", isinstance(payload.get("route"), dict), "a mapping of route settings"),
+            ("router_backbone", isinstance(payload.get("router_backbone"), dict), "a state dict"),
+            (
+                "subnets",
+                isinstance(subnets, list) and all(isinstance(s, dict) for s in subnets),
+                "a list of state dicts",
+            ),
+            ("heads", isinstance(payload.get("heads"), list), "a list of head-row tensors"),
+            ("assignment", isinstance(payload.get("assignment"), dict), "a cluster assignment"),
+            (  # version 4's: unpack_names checks them
+                "class_names",
+                (version == EXPORT_VERSION and names is not None)
+                or (isinstance(names, list) and all(isinstance(n, str) for n in names)),
+                "a list of names",
+            ),
+            (
+                "shared_layers",
+                shared is None or (isinstance(shared, int) and not isinstance(shared, bool)),
+                "a number of stages",
+            ),
+        )
+        problems = [
+            f"{key} is missing" if key not in payload else f"{key} is not {what}"
+            for key, ok, what in holds
+            if not ok
+        ]
+        try:
+            checked_backbone(args)
+        except ValueError as e:
+            problems.insert(0, str(e))
+        if problems:
+            raise ValueError(
+                f"export {path}: {'; '.join(problems)}: the file is damaged; export the run again"
+            )
         route_given, route = route, dict(payload["route"], **(route or {}))
         saved = payload.get(ROUTER_PARTS)
         if payload.get("router_index") is not None:  # faiss's bytes: not read
@@ -1078,7 +1122,18 @@ def check_parts(
     holds NaN or inf (the class means cannot: :class:`ClusterAssignment` refuses them).
     An export tampered with, or written inconsistent, loaded without a word and failed at
     its first answers (IndexError); one whose weights went NaN answered every face with
-    an identity of cluster 0."""
+    an identity of cluster 0. A head that is no tensor of rows as wide as the class means
+    is named alone (a float ended in a TypeError, another width at the first face)."""
+    width = assignment.class_means.shape[1]
+    other = [
+        k
+        for k, rows in enumerate(heads)
+        if not (isinstance(rows, Tensor) and rows.dim() == 2 and rows.shape[1] == width)
+    ]
+    if other:
+        raise ValueError(
+            f"heads {other} are not tensors of head rows as wide as the class means ({width})"
+        )
     head_rows = [len(rows) for rows in heads]
     problems = []
     if names != assignment.num_classes:
@@ -1197,18 +1252,23 @@ def loaded_open_set(open_set: dict | None, route: dict[str, Any]) -> dict | None
 
 
 def checked_route(route: Mapping[str, Any]) -> dict[str, Any]:
-    """``route`` as an identifier keeps it (``decision`` linear where it is not given:
-    exports before moe), checked by the config's rules (:func:`route_problems`).
+    """``route`` as an identifier keeps it: every setting, those it lacks at their
+    defaults (:class:`RouteConfig`'s, but ``decision`` linear: exports before moe lack
+    it; a file without ``top_m`` or ``alpha`` failed at the first face with a KeyError),
+    checked by the config's rules (:func:`route_problems`).
 
     Raises:
-        ConfigError: every setting that is unknown, of another type or out of range.
+        ConfigError: ``route`` is no mapping, or every setting that is unknown, of
+            another type or out of range.
     """
+    if not isinstance(route, Mapping):
+        raise ConfigError("; ".join(route_problems(route)))
     # a numpy or torch scalar (a value computed with them) as the number it holds
     plain = {
         k: v.item() if isinstance(v, np.generic | Tensor) and v.ndim == 0 else v
         for k, v in route.items()
     }
-    route = {"decision": "linear", **plain}
+    route = {**asdict(RouteConfig()), "decision": "linear", **plain}
     problems = route_problems(route)
     if problems:
         raise ConfigError("; ".join(problems))
@@ -1221,11 +1281,14 @@ def checked_backbone(args: Any) -> dict[str, Any]:
     at the first face.
 
     Raises:
-        ValueError: ``args`` is no mapping, or its ``image_size`` or ``embedding_dim``
-            is not a positive whole number.
+        ValueError: ``args`` is no mapping, its ``name`` no name, or its ``image_size``
+            or ``embedding_dim`` is not a positive whole number.
     """
     if not isinstance(args, Mapping):
         raise ValueError(f"backbone is {args!r}, not the backbone's arguments")
+    name = args.get("name")
+    if not isinstance(name, str) or not name:  # 2 ended in an AttributeError in timm
+        raise ValueError(f"backbone.name is {name!r}, not a backbone's name")
     for key in ("image_size", "embedding_dim"):
         value = args.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -254,6 +254,8 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
     names = meta.get("class_names")
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         return "class_names is not a list of names"
+    if k > len(names):  # no cluster is empty: 10**10 ran out of memory listing its heads
+        return f"num_clusters is {k}, more than its {len(names)} identities"
     for key in ("backbone", "assignment", "route"):
         if not isinstance(meta.get(key), dict):
             return f"{key} is {meta.get(key)!r}, not a mapping"
@@ -274,7 +276,8 @@ def read_gallery(path: str | Path, mmap: bool = False) -> dict[str, np.ndarray]:
     and enrol replace it; a compressed member is read.
 
     Raises:
-        ValueError: the file is not a readable ``.npz`` (damaged, truncated), naming it.
+        ValueError: the file is not a readable ``.npz`` (damaged, truncated, a member's
+            header or compression field changed), naming it.
     """
     path = Path(path)
     try:
@@ -291,8 +294,12 @@ def read_gallery(path: str | Path, mmap: bool = False) -> dict[str, np.ndarray]:
                 )
                 arrays[key] = gallery[key] if mapped is None else mapped
             return arrays
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path} cannot be read ({e}): a damaged export?") from None
+    except Exception as e:  # noqa: BLE001 - zipfile's and numpy's readers of damaged bytes
+        # raise more than ValueError and OSError: a member's .npy header (TokenError), its
+        # compression field (NotImplementedError), its deflated bytes (zlib.error), ...
+        raise ValueError(
+            f"{path} cannot be read ({type(e).__name__}: {e}): a damaged export?"
+        ) from None
 
 
 def _mapped_member(f: BinaryIO, info: zipfile.ZipInfo) -> np.ndarray | None:
@@ -349,7 +356,7 @@ def load_onnx(
         )
     try:
         meta = json.loads(meta_path.read_text())
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nesting
         raise ValueError(f"{meta_path} is not valid JSON ({e}): a damaged export?") from None
     meta = meta if isinstance(meta, dict) else {}
     version = meta.get("version")
