@@ -914,7 +914,7 @@ class RunFolder:
             )
 
     def class_names(self) -> list[str]:
-        return read_state(self.path / CLASS_NAMES, list)
+        return read_state(self.path / CLASS_NAMES, list, items=str)
 
     def test_split(self) -> list[str] | None:
         """The digests of the test split's images as the run recorded them (None: a run
@@ -1348,6 +1348,22 @@ class RunFolder:
         weights = []
         for k, path in enumerate(files):
             saved = load_plain(path, map_location, f"sub-net {k}")
+            saved = saved if isinstance(saved, dict) else {}
+            # what save_subnet writes: a KeyError, or a TypeError where the weights went
+            problems = [
+                f"it has no {key!r}" if key not in saved else f"its {key!r} is not {what}"
+                for key, kind, what in (
+                    ("backbone", dict, "a state dict"),
+                    ("head", Tensor, "a tensor of head rows"),
+                )
+                if not isinstance(saved.get(key), kind)
+            ]
+            if problems:
+                _, remedy = self._weights_files(True)[path]
+                raise ConfigError(
+                    f"{path} (sub-net {k}) cannot be read ({'; '.join(problems)}): the run "
+                    f"folder is damaged{remedy}"
+                )
             weights.append(StageWeights(saved["backbone"], saved["head"]))
         return weights
 
@@ -1753,13 +1769,18 @@ STATE_ADVICE = "restore the file from a copy of the run, or start a new run"
 
 
 def read_state(
-    path: Path, shape: type = dict, keys: tuple[str, ...] = (), advice: str = STATE_ADVICE
+    path: Path,
+    shape: type = dict,
+    keys: tuple[str, ...] = (),
+    advice: str = STATE_ADVICE,
+    items: type | None = None,
 ) -> Any:
     """A JSON file the run keeps (``split.json``, ``stage1.json``, a sub-net's record,
-    ...), which must hold a ``shape`` (with ``keys``): one that is not JSON, or JSON of
-    another shape, is named as a damaged run folder, one line, where a traceback ended
-    in ``JSONDecodeError``, ``TypeError`` or ``KeyError`` (a lock file being written is
-    :func:`_read_json`'s).
+    ...), which must hold a ``shape`` (with ``keys``; a list: of ``items`` when given):
+    one that is not JSON, or JSON of another shape, is named as a damaged run folder,
+    one line, where a traceback ended in ``JSONDecodeError``, ``RecursionError`` (deep
+    nesting), ``TypeError``, ``KeyError`` or ``AttributeError`` (a lock file being
+    written is :func:`_read_json`'s).
 
     Raises:
         ConfigError: the file, and why it cannot be read (or that it is missing).
@@ -1768,15 +1789,20 @@ def read_state(
         state = json.loads(path.read_text())
     except FileNotFoundError:  # a raw "[Errno 2]" said nothing of the run folder
         raise ConfigError(f"{path} is missing: the run folder is damaged; {advice}") from None
-    except ValueError as e:  # UnicodeDecodeError too
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError too; [[[... nested deep
         why = f"{type(e).__name__}: {e}"
     else:
         missing = [key for key in keys if key not in state] if isinstance(state, shape) else []
+        listed = isinstance(state, list) and items is not None
+        others = [item for item in state if not isinstance(item, items)] if listed else []
         if not isinstance(state, shape):
             kind = "an object" if shape is dict else "a list"
             why = f"it holds {json.dumps(state)[:40]}, not {kind}"
         elif missing:
             why = f"it has no {', '.join(map(repr, missing))}"
+        elif others:  # a name null or 5: an AttributeError or TypeError at the export
+            kind = "text" if items is str else f"a {items.__name__}"
+            why = f"its entry {json.dumps(others[0])[:40]} is not {kind}"
         else:
             return state
     raise ConfigError(f"{path} cannot be read ({why}): the run folder is damaged; {advice}")
@@ -1786,7 +1812,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     """A small JSON file's content; empty if it is absent or being written."""
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 

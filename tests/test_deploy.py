@@ -1250,6 +1250,77 @@ def test_an_exports_route_without_a_setting_takes_its_default(tmp_path, monkeypa
     assert len(loaded.identify(torch.randn(2, 3, 16, 16)).identity) == 2
 
 
+def _subnet_file(change):
+    """A change to sub-net 0's saved weights (``{"backbone", "head"}``)."""
+
+    def damage(run: Path) -> None:
+        path = run / "stage2" / "subnets" / "subnet0.pt"
+        saved = torch.load(path, weights_only=True)
+        change(saved)
+        torch.save(saved, path)
+
+    return damage
+
+
+DAMAGED_RUN_FILES = {  # a fuzzing review's findings, each a traceback before
+    **{
+        f"{name} nested too deep": (
+            lambda run, name=name: (run / name).write_text("[" * 100_000),
+            rf"{name} cannot be read \(RecursionError: maximum recursion depth exceeded.*\): "
+            "the run folder is damaged; restore the file from a copy of the run",
+        )
+        for name in ("class_names.json", "split.json")
+    },
+    **{
+        f"a name that is {entry}": (
+            lambda run, entry=entry: (run / "class_names.json").write_text(f'["a", {entry}]'),
+            rf"class_names.json cannot be read \(its entry {re.escape(entry)} is not text\): "
+            "the run folder is damaged",
+        )
+        for entry in ("null", "5", "true", '["a"]', '{"a": 1}')
+    },
+    **{
+        f"a sub-net without its {key}": (
+            _subnet_file(lambda saved, key=key: saved.pop(key)),
+            rf"subnet0.pt \(sub-net 0\) cannot be read \(it has no '{key}'\): the run folder is "
+            r"damaged; restore it from a copy of the run, or train it again: `.* resume=.* "
+            r'"stage2.subnets=\[0\]"`',
+        )
+        for key in ("backbone", "head")
+    },
+    "a sub-net's backbone no state dict": (
+        _subnet_file(lambda saved: saved.__setitem__("backbone", "x")),
+        r"subnet0.pt \(sub-net 0\) cannot be read \(its 'backbone' is not a state dict\)",
+    ),
+    "a sub-net's head no tensor": (
+        _subnet_file(lambda saved: saved.__setitem__("head", [1.5])),
+        r"subnet0.pt \(sub-net 0\) cannot be read \(its 'head' is not a tensor of head rows\)",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(DAMAGED_RUN_FILES))
+def test_a_damaged_run_file_stops_export_and_evaluate_in_one_line(open_run, tmp_path, capsys, case):
+    # a fuzzing review: each of these ended `facecluster export` and `evaluate.py run=` in
+    # a traceback (RecursionError, AttributeError, TypeError, KeyError)
+    damage, named = DAMAGED_RUN_FILES[case]
+    run = shutil.copytree(open_run, tmp_path / "run")
+    damage(run)
+    before = _contents(run)
+    out = tmp_path / "export"
+    assert cli.main(["export", str(run), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: {re.escape(str(run))}/.*{named}.*\n", err), err
+    assert not (out / "identifier.pt").exists()
+    assert cli.evaluate_main([f"run={run}", "eval.plots=false"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(
+        rf"error: (run={re.escape(str(run))}: )?{re.escape(str(run))}/.*{named}.*\n", err
+    ), err
+    assert _contents(run) == before  # no table written
+
+
 def test_a_device_name_torch_does_not_know_is_refused_naming_it(open_run, tmp_path, capsys):
     # --device of export, identify and enroll: a clear error, not torch's traceback
     from facecluster import cli

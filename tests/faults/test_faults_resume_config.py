@@ -152,6 +152,19 @@ def test_damaged_state_files_are_named_and_a_subnet_without_weights_is_unfinishe
     run.stage_summary_path(1).write_text("null")
     with pytest.raises(ConfigError, match=r"stage1.json .*\(it holds null, not an object"):
         run.stage_summary(1)
+    # nested past Python's recursion limit, or a name that is no text: a RecursionError,
+    # or an AttributeError or TypeError where the names were used (a fuzzing review)
+    run.stage_summary_path(1).write_text("[" * 100_000)
+    with pytest.raises(ConfigError, match=r"stage1.json cannot be read \(RecursionError: "):
+        run.stage_summary(1)
+    for entry in ("null", "5", "true", '["a"]'):
+        (run_dir / "class_names.json").write_text(f'["a", {entry}, "b"]')
+        with pytest.raises(
+            ConfigError, match=rf"class_names.json cannot be read \(its entry {re.escape(entry)} "
+        ):
+            run.class_names()
+    (run_dir / "class_names.json").write_text('["a", "b"]')
+    assert run.class_names() == ["a", "b"]
     # a file gone (class_names.json: evaluate.py said only "[Errno 2] No such file")
     run.stage_summary_path(1).unlink()
     with pytest.raises(ConfigError, match=r"stage1.json is missing: the run folder is damaged"):
