@@ -1328,7 +1328,8 @@ class RunFolder:
         """The stage-1 backbone and head of the final finished epoch."""
         path = self._stage1_checkpoint()
         # memory-mapped: a stage-2 job reads the backbone, not the (large) head
-        state = load_plain(path, map_location, "stage-1 checkpoint", mmap=True)["state_dict"]
+        saved = load_plain(path, map_location, "stage-1 checkpoint", mmap=True)
+        state = self._checked_state(path, saved, "stage-1 checkpoint", ["head.weight"])
         head_state = {k: v for k, v in _under(state, "head.").items() if k != "weight"}
         return StageWeights(_under(state, "backbone."), state["head.weight"], head_state)
 
@@ -1340,7 +1341,9 @@ class RunFolder:
         """
         files = self._subnet_files()
         if isinstance(files, Path):  # a run finished before stage 2 had jobs: one
-            state = load_plain(files, map_location, "stage-2 checkpoint")["state_dict"]
+            saved = load_plain(files, map_location, "stage-2 checkpoint")
+            heads = [f"heads.{k}.weight" for k in range(self.assignment().num_clusters)]
+            state = self._checked_state(files, saved, "stage-2 checkpoint", heads)
             return [  # checkpoint held every sub-net
                 StageWeights(_under(state, f"subnets.{k}."), state[f"heads.{k}.weight"])
                 for k in range(self.assignment().num_clusters)
@@ -1366,6 +1369,26 @@ class RunFolder:
                 )
             weights.append(StageWeights(saved["backbone"], saved["head"]))
         return weights
+
+    @staticmethod
+    def _checked_state(path: Path, saved: Any, what: str, tensors: list[str]) -> dict:
+        """A Lightning checkpoint's ``state_dict``, holding each of ``tensors``.
+
+        Raises:
+            ConfigError: it has none, or lacks one of them (a KeyError before).
+        """
+        state = saved.get("state_dict") if isinstance(saved, dict) else None
+        if not isinstance(state, dict):
+            problem = "it has no state dict"
+        else:
+            lacking = [key for key in tensors if not isinstance(state.get(key), Tensor)]
+            problem = f"its state dict lacks {lacking[0]!r}" if lacking else ""
+        if problem:
+            raise ConfigError(
+                f"{path} ({what}) cannot be read ({problem}): the run folder is damaged; "
+                "restore it from a copy of the run"
+            )
+        return state
 
     def _weights_files(self, two_stage: bool) -> dict[Path, tuple[str, str]]:
         """The weights files an evaluation of the run reads: ``{path: (what, remedy)}``

@@ -1262,6 +1262,18 @@ def _subnet_file(change):
     return damage
 
 
+def _stage1_file(change):
+    """A change to the stage-1 checkpoint (``last.ckpt``)."""
+
+    def damage(run: Path) -> None:
+        path = run / "stage1" / "checkpoints" / "last.ckpt"
+        saved = torch.load(path, weights_only=True)
+        change(saved)
+        torch.save(saved, path)
+
+    return damage
+
+
 DAMAGED_RUN_FILES = {  # a fuzzing review's findings, each a traceback before
     **{
         f"{name} nested too deep": (
@@ -1296,6 +1308,21 @@ DAMAGED_RUN_FILES = {  # a fuzzing review's findings, each a traceback before
         _subnet_file(lambda saved: saved.__setitem__("head", [1.5])),
         r"subnet0.pt \(sub-net 0\) cannot be read \(its 'head' is not a tensor of head rows\)",
     ),
+    **{  # stage 1's checkpoint, read but lacking what the stage saves: a KeyError before
+        f"a stage-1 checkpoint without {what}": (
+            _stage1_file(change),
+            rf"last.ckpt \(stage-1 checkpoint\) cannot be read \({said}\): the run folder "
+            "is damaged; restore it from a copy of the run",
+        )
+        for what, change, said in (
+            ("its state dict", lambda saved: saved.pop("state_dict"), "it has no state dict"),
+            (
+                "its head",
+                lambda saved: saved["state_dict"].pop("head.weight"),
+                "its state dict lacks 'head.weight'",
+            ),
+        )
+    },
 }
 
 
