@@ -1250,28 +1250,25 @@ def test_an_exports_route_without_a_setting_takes_its_default(tmp_path, monkeypa
     assert len(loaded.identify(torch.randn(2, 3, 16, 16)).identity) == 2
 
 
-def _subnet_file(change):
-    """A change to sub-net 0's saved weights (``{"backbone", "head"}``)."""
+def _weights_file(name: str, change):
+    """A change to a run's weights file ``name`` (sub-net 0's ``{"backbone", "head"}``,
+    stage 1's Lightning checkpoint)."""
 
     def damage(run: Path) -> None:
-        path = run / "stage2" / "subnets" / "subnet0.pt"
+        path = run / name
         saved = torch.load(path, weights_only=True)
         change(saved)
         torch.save(saved, path)
 
     return damage
+
+
+def _subnet_file(change):
+    return _weights_file("stage2/subnets/subnet0.pt", change)
 
 
 def _stage1_file(change):
-    """A change to the stage-1 checkpoint (``last.ckpt``)."""
-
-    def damage(run: Path) -> None:
-        path = run / "stage1" / "checkpoints" / "last.ckpt"
-        saved = torch.load(path, weights_only=True)
-        change(saved)
-        torch.save(saved, path)
-
-    return damage
+    return _weights_file("stage1/checkpoints/last.ckpt", change)
 
 
 DAMAGED_RUN_FILES = {  # a fuzzing review's findings, each a traceback before

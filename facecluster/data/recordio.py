@@ -827,14 +827,9 @@ def image_layout(records: RecordFile, cache: str | Path | None = None) -> Record
         )
     ranges = records.ranges(np.arange(first, end))
     # far past the identity records: refused before the search around each boundary
-    far = np.flatnonzero(ranges.max(axis=1) > first + _spacing(first))
-    if len(far):
-        i = int(far[0])
-        raise RecordError(
-            f"{records.rec} key {first + i} at offset {records.offsets[first + i]}: identity "
-            f"{i}'s image keys [{ranges[i, 0]}, {ranges[i, 1]}) lie past the identity records "
-            f"(keys {first}-); image keys lie in [1, {first})"
-        )
+    _refuse_past(
+        records, first, ranges, np.flatnonzero(ranges.max(axis=1) > first + _spacing(first))
+    )
     bounds = _exact_bounds(records, ranges)
     counts = bounds[:, 1] - bounds[:, 0]
     if (counts < 0).any():
@@ -891,6 +886,18 @@ def _warn_uncovered(records: RecordFile, first: int, covered: np.ndarray) -> Non
         )
 
 
+def _refuse_past(records: RecordFile, first: int, bounds: np.ndarray, past: np.ndarray) -> None:
+    """Refuse the identity ranges ``past`` (rows of ``bounds``) that lie past the identity
+    records (keys from ``first``), naming the first one's record."""
+    if len(past):
+        i = int(past[0])
+        raise RecordError(
+            f"{records.rec} key {first + i} at offset {records.offsets[first + i]}: identity "
+            f"{i}'s image keys [{bounds[i, 0]}, {bounds[i, 1]}) lie past the identity records "
+            f"(keys {first}-); image keys lie in [1, {first})"
+        )
+
+
 def _check_ranges(records: RecordFile, first: int, bounds: np.ndarray) -> None:
     """Refuse identity ranges that take the header (key 0) or the identity records
     (keys from ``first``) for images, or that overlap: their records would be trained
@@ -899,14 +906,9 @@ def _check_ranges(records: RecordFile, first: int, bounds: np.ndarray) -> None:
     there (a damaged record: [1e12, 1e12 + 3) stored one value, read as empty).
     Vector checks: up to 2M identities."""
     empty = np.flatnonzero(bounds[:, 1] == bounds[:, 0])
-    past = empty[bounds[empty, 0] > first + _spacing(bounds[empty, 0])]
-    if len(past):
-        i = int(past[0])
-        raise RecordError(
-            f"{records.rec} key {first + i} at offset {records.offsets[first + i]}: identity "
-            f"{i}'s image keys [{bounds[i, 0]}, {bounds[i, 1]}) lie past the identity records "
-            f"(keys {first}-); image keys lie in [1, {first})"
-        )
+    _refuse_past(
+        records, first, bounds, empty[bounds[empty, 0] > first + _spacing(bounds[empty, 0])]
+    )
     rows = np.flatnonzero(bounds[:, 1] > bounds[:, 0])
     order = rows[np.argsort(bounds[rows, 0], kind="stable")]  # by start
     outside = order[(bounds[order, 0] < 1) | (bounds[order, 1] > first)]
