@@ -148,9 +148,15 @@ def decode_image(source: str | bytes) -> torch.Tensor:
             # PIL raises its DecompressionBombError
             if colorspace in _FAST_COLORSPACES and height * width <= _MAX_PIXELS:
                 return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB"))
-        except ValueError:  # truncated or corrupt: PIL decides and words the error
+        except _HEADER_ERRORS:  # truncated, corrupt or unknown: PIL decides, words the error
             pass
     return torch.from_numpy(np.array(load_rgb(io.BytesIO(data))))
+
+
+_HEADER_ERRORS = (ValueError, KeyError)
+"""What ``simplejpeg.decode_jpeg_header`` raises for a header it cannot read: a KeyError
+for a chroma subsampling its table lacks (libjpeg-turbo 3's 4:4:1, which Pillow and
+libjpeg-turbo's decoder read: a loader stopped on ``KeyError: 6``)."""
 
 
 _JPEG_END = b"\xff\xd9"
@@ -221,7 +227,7 @@ def device_decodable(data: bytes, size: int) -> bool:
         return False
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError:  # a broken header: the CPU path decides and words the error
+    except _HEADER_ERRORS:  # a broken header: the CPU path decides and words the error
         return False
     if colorspace not in _DEVICE_COLORSPACES or not height == width == size:
         return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import shutil
@@ -87,6 +88,22 @@ def test_odd_modes_and_sizes_become_8bit_rgb(tmp_path):
     assert set(np.asarray(load_rgb(str(gray16))).ravel().tolist()) == {128}
     assert np.asarray(Image.open(gray16).convert("RGB")).min() == 255
     assert np.asarray(load_rgb(str(tmp_path / "cmyk.jpg")))[0, 0].tolist()[1] < 60  # magenta
+
+
+def test_a_jpeg_of_a_subsampling_the_header_reader_lacks_is_decoded(tmp_path):
+    # a fuzzing review: 4:4:1 chroma subsampling (cjpeg -sample 1x4,1x1,1x1), which
+    # libjpeg-turbo and Pillow decode, stopped the loaders with simplejpeg's KeyError: 6
+    from facecluster.data.images import device_decodable
+
+    buffer = io.BytesIO()
+    face = Image.open(_demo_jpegs(1)[0]).convert("RGB").resize((96, 96))
+    face.save(buffer, "JPEG", subsampling=0)
+    data = bytearray(buffer.getvalue())
+    data[data.index(b"\xff\xc0") + 11] = 0x14  # the luma component sampled 1x4
+    path = tmp_path / "441.jpg"
+    path.write_bytes(bytes(data))
+    assert torch.equal(decode_image(str(path)), torch.from_numpy(np.array(load_rgb(str(path)))))
+    assert not device_decodable(bytes(data), 96)  # the CPU decodes it
 
 
 # ---------------------------------------------------------------- lazy: skip / fail
