@@ -26,7 +26,7 @@ from facecluster import io as facecluster_io
 from facecluster.config import ConfigError, load_config
 from facecluster.data import FaceDataModule, datamodule, recordio
 from facecluster.data import pack as pack_module
-from facecluster.data.folder import hold_out_identities, scan, split_per_identity
+from facecluster.data.folder import hold_out_identities, scan, scan_record_file, split_per_identity
 from facecluster.data.images import IGNORED, BadImageError, decode_on_device
 from facecluster.data.pack import main as pack_main
 from facecluster.data.recordio import (
@@ -1129,6 +1129,43 @@ def test_pack_refuses_an_out_it_cannot_use_before_the_scan(tmp_path, capsys):
             f"SRC {packed} is a RecordIO data set already ({src / '.rec' / 'train.rec'}): "
             "train on it as it is"
         ) in capsys.readouterr().err
+
+
+def test_pack_refuses_a_src_holding_a_rec_and_an_out_holding_a_folder_of_its_names(
+    tmp_path, capsys
+):
+    # a property test: SRC with a train.rec beside its identity folders was packed from
+    # the folders (a "non-image file" warning), where training on SRC reads the .rec;
+    # an OUT whose train.rec is a folder took --overwrite's other files, then failed
+    src = tmp_path / "faces"
+    shutil.copytree(DEMO / "Abdullah_Gul", src / "Abdullah_Gul")
+    assert pack_main([str(src), str(tmp_path / "one")]) == 0
+    for name in ("train.rec", "train.idx"):
+        shutil.copy(tmp_path / "one" / name, src / name)
+    assert pack_main([str(src), str(tmp_path / "two")]) == 2
+    said = f"SRC {src} holds a RecordIO data set ({src / 'train.rec'}) beside its identity"
+    assert said in capsys.readouterr().err and not (tmp_path / "two").exists()
+    out = tmp_path / "three"
+    (out / "train.rec").mkdir(parents=True)
+    for args in ([], ["--overwrite"]):
+        assert pack_main([str(DEMO), str(out), *args]) == 2
+        assert f"OUT {out} holds a folder named train.rec" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == ["train.rec"]
+    # the selection values a folder's scan refuses, a .rec's too (max_classes=-1 was
+    # every identity but the last)
+    for kwargs in ({"max_classes": -1}, {"max_classes": 0}, {"min_images_per_class": 0}):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            scan_record_file(tmp_path / "one" / "train.rec", **kwargs)
+
+
+def test_a_folder_of_zero_byte_images_only_is_said_to_look_incomplete(tmp_path):
+    # an interrupted copy: "No identity sub-folders containing images ... expected
+    # root/<identity>/<image> layout", where the layout is right and the files empty
+    for name in ("Ann", "Bob"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "1.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="images that are not empty.*looks incomplete"):
+        scan(str(tmp_path))
 
 
 def test_a_broken_first_image_is_packed_as_any_other(tmp_path):

@@ -430,11 +430,7 @@ def scan_image_folder(
         ValueError: No identity sub-folder contains images, none has at least
             ``min_images_per_class`` images, or an argument is out of range.
     """
-    if min_images_per_class < 1:
-        raise ValueError(f"min_images_per_class must be >= 1, got {min_images_per_class}")
-    if max_classes is not None and max_classes < 1:
-        raise ValueError(f"max_classes must be >= 1 or null, got {max_classes}")
-
+    _check_selection(min_images_per_class, max_classes)
     root = Path(root).expanduser()
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
@@ -483,7 +479,8 @@ def scan_image_folder(
     root_bad_links.sort()
     _warn_layout(root, listings, empty_folders, root_files, root_bad_links, name)
 
-    if not found:
+    if not found and not any(listing.empty for listing in listings.values()):
+        # (image files that are all zero bytes: an interrupted copy, said below)
         raise ValueError(
             f"No identity sub-folders containing images ({', '.join(IMAGE_EXTENSIONS)}) found in "
             f"{name}={str(root)!r}; expected root/<identity>/<image> layout"
@@ -694,6 +691,15 @@ def _check_property(
         )  # fmt: skip
 
 
+def _check_selection(min_images_per_class: int, max_classes: int | None) -> None:
+    """Refuse selection values out of range (a .rec took max_classes=-1 as all but the
+    last identity)."""
+    if min_images_per_class < 1:
+        raise ValueError(f"min_images_per_class must be >= 1, got {min_images_per_class}")
+    if max_classes is not None and max_classes < 1:
+        raise ValueError(f"max_classes must be >= 1 or null, got {max_classes}")
+
+
 def scan_record_file(
     root: str | Path,
     min_images_per_class: int = 1,
@@ -722,6 +728,7 @@ def scan_record_file(
         RecordScanError: a record the layout needs cannot be read (a ValueError too).
         ValueError: the file or ``identities.txt`` does not fit.
     """
+    _check_selection(min_images_per_class, max_classes)
     paths = rec_paths(root)
     if paths is None:
         raise FileNotFoundError(

@@ -117,6 +117,13 @@ def pack_folder(
             f"SRC {src} is a RecordIO data set already ({packed[0]}): train on it as it is "
             f"(data.root={packed[0]}); pack reads an image folder ({e})"
         ) from None
+    if (packed := rec_paths(src)) is not None:  # packed the folders without a word, where
+        # training on SRC reads this .rec (the folder scan's warning named it "not an image")
+        raise ValueError(
+            f"SRC {src} holds a RecordIO data set ({packed[0]}) beside its identity folders: "
+            "training on SRC reads that .rec, not the folders. Move it out of SRC to pack "
+            "the images"
+        )
     # identities.txt holds one name a line: a name with a line break would shift every
     # later identity's name onto another's images; training refuses the rest of what
     # name_problem refuses (a tab, a blank name). Refused before any record is written.
@@ -171,7 +178,14 @@ def pack_folder(
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse an ``out`` holding a data set (without ``overwrite``), or another one's
     ``.rec``/``.idx`` beside which a pack would change its ``property``."""
-    found = (p.name for pattern in DATA_SET for p in out.glob(pattern)) if out.is_dir() else ()
+    entries = [p for pattern in DATA_SET for p in out.glob(pattern)] if out.is_dir() else []
+    if folders := sorted(p.name for p in entries if p.is_dir()):  # the rename failed at the
+        # end, the other files replaced (SRC pp/train.rec into pp with --overwrite)
+        raise ValueError(
+            f"OUT {out} holds a folder named {folders[0]}, where pack writes a file: choose "
+            "another OUT"
+        )
+    found = (p.name for p in entries)
     held = sorted(n for n in found if not n.startswith("."))  # not a killed pack's temp files
     other = [
         n for n in held if n.endswith((".rec", ".idx")) and n not in ("train.rec", "train.idx")
