@@ -789,6 +789,16 @@ class SlurmConfig:
             r.positive(name, getattr(self, name))
         if self.gpus_per_node < 0:
             r.add(f"slurm.gpus_per_node must be >= 0, got {self.gpus_per_node}")
+        # OmegaConf takes a mapping as an item of a list[str]: `- echo node: $(hostname)`
+        # is one, which submitit failed on at submission, after the run folder was made
+        others = [line for line in self.setup if not isinstance(line, str)]
+        if others:
+            shown = repr(others[0])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            r.add(
+                f"slurm.setup: each item is a shell line, got {shown}: YAML reads a line "
+                "holding ': ' as a mapping; quote the line"
+            )
         return r.problems
 
 
@@ -1438,7 +1448,7 @@ class Config:
 
 
 def _plain(values: Any) -> Any:
-    """``values`` with tuples as lists (as OmegaConf gives them)."""
+    """``values`` with tuples as lists (as a config file writes them)."""
     if isinstance(values, dict):
         return {key: _plain(value) for key, value in values.items()}
     if isinstance(values, list | tuple):

@@ -674,6 +674,20 @@ def test_values_inside_sections_and_lists_follow_the_same_rules(override, expect
     ]
 
 
+def test_a_setup_line_yaml_reads_as_a_mapping_is_refused(tmp_path):
+    # `- echo node: $(hostname)` is a mapping to YAML, which OmegaConf takes as an item of
+    # a list of text: submitit failed on it at submission, after the run folder was made
+    given = tmp_path / "given.yaml"
+    given.write_text("slurm:\n  setup:\n    - module load cuda\n    - echo node: $(hostname)\n")
+    said = r"slurm.setup: each item is a shell line, got \{'echo node': '\$\(hostname\)'\}"
+    with pytest.raises(ConfigError, match=said):
+        load_config([SMOKE, given])
+    with pytest.raises(ConfigError, match="slurm.setup: each item is a shell line"):
+        load_config(SMOKE, ["slurm.setup=[echo a: b]"])
+    given.write_text("slurm:\n  setup:\n    - 'echo node: $(hostname)'\n")  # quoted: text
+    assert load_config([SMOKE, given]).slurm.setup == ["echo node: $(hostname)"]
+
+
 def test_a_text_key_in_a_file_keeps_the_text_written_or_is_refused(tmp_path):
     # run_name: 010 in a -c file named the run 8 (on the command line: 010)
     given = tmp_path / "given.yaml"

@@ -332,8 +332,9 @@ def test_a_first_pair_named_by_numbers_is_not_taken_for_the_header_and_a_bad_lin
     # number of 4,301 digits: Python's "Exceeds the limit", naming no file
     for line in ("0001 1 x", "0001 one 0002 2", "0001 1 \u00b2", f"0001 1 {'9' * 4301}"):
         pairs.write_text(f"0001 1 2\n{line}\n")
-        with pytest.raises(ValueError, match=rf"pairs.txt line 2: expected `name i j` .*{line!r}"):
+        with pytest.raises(ValueError, match=r"pairs.txt line 2: expected `name i j` ") as err:
             read_pairs_txt(tmp_path, pairs)
+        assert repr(line)[:20] in str(err.value) and len(str(err.value)) < 300
 
 
 def test_a_pairs_list_that_is_no_text_or_names_no_file_is_named(tmp_path):

@@ -808,7 +808,7 @@ def image_layout(records: RecordFile, cache: str | Path | None = None) -> Record
     if max(stored) >= KEY_LIMIT:  # the search around each float32 key grows with it
         raise RecordError(
             f"{records.rec} key 0 (the header record): its identity records [{stored[0]}, "
-            f"{stored[1]}) lie past key 2^32, where a float32 label places a key only to "
+            f"{stored[1]}) lie at or past key 2^32, where a float32 label places a key only to "
             f"within +-{_spacing(max(stored))}: a damaged header? (the largest InsightFace "
             "data sets end below key 2^28)"
         )
@@ -1258,8 +1258,9 @@ def _scan_cached(records: RecordFile, cache: str | Path) -> RecordLayout:
                 # another identity, silently); bounds, not a lookup of each key (1 s a
                 # process at Glint360K's 17M)
                 index = records.offsets
-                keys = np.concatenate([layout.keys, layout.unreadable])
-                low, high = (keys.min(), keys.max()) if len(keys) else (index.keys_[0],) * 2
+                arrays = [a for a in (layout.keys, layout.unreadable) if len(a)]
+                low = min((int(a.min()) for a in arrays), default=index.keys_[0])
+                high = max((int(a.max()) for a in arrays), default=index.keys_[0])
                 if low < index.keys_[0] or high > index.last_key or (layout.labels < 0).any():
                     raise ValueError(f"keys past {records.idx.name}'s, or negative labels")
                 return layout

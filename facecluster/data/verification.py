@@ -23,7 +23,6 @@ import io
 import os
 import pickle
 import re
-import reprlib
 import struct
 import sys
 from collections import Counter
@@ -35,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from facecluster.data.images import DECODE_ERRORS, decode_image, load_rgb
+from facecluster.io import shown_value
 
 FOLDS = 10
 """Folds of the verification protocol (LFW's, and arcface_torch's for its .bin sets)."""
@@ -65,7 +65,7 @@ class _Dtype:
         # integers, booleans, and byte strings (images as one numpy "S" array)
         if dtype is None or dtype.kind not in "biuS" or dtype.fields is not None:
             raise pickle.UnpicklingError(
-                f"numpy dtype {_shown(spec)} is not allowed in a verification .bin file"
+                f"numpy dtype {shown_value(spec)} is not allowed in a verification .bin file"
             )
         self.dtype = dtype
 
@@ -132,7 +132,7 @@ def _sized(kind: type, sources: tuple[type, ...] = (bytes, bytearray, str, list,
         # sys.getsizeof counts (_RestrictedUnpickler.built), no new object per element.
         if args and not isinstance(args[0], sources):
             raise pickle.UnpicklingError(
-                f"{kind.__name__}({_shown(args[0])}) is not allowed in a .bin file"
+                f"{kind.__name__}({shown_value(args[0])}) is not allowed in a .bin file"
             )
         return kind(*args)
 
@@ -146,7 +146,7 @@ def _latin1(text: object, encoding: object = "utf-8", errors: object = "strict")
         "latin1",
         "latin-1",
     ):
-        raise pickle.UnpicklingError(f"_codecs.encode(..., {_shown(encoding)}) is not allowed")
+        raise pickle.UnpicklingError(f"_codecs.encode(..., {shown_value(encoding)}) is not allowed")
     return text.encode("latin-1")
 
 
@@ -531,19 +531,9 @@ def _flag(value: object, p: int) -> bool:
     if isinstance(value, (int, float, np.integer, np.floating)) and value in (0, 1):
         return bool(value)
     raise pickle.UnpicklingError(
-        f"pair {p}'s is-same flag is {_shown(value)} ({type(value).__name__}): a .bin holds "
+        f"pair {p}'s is-same flag is {shown_value(value)} ({type(value).__name__}): a .bin holds "
         "True/False (or 0/1) for each pair"
     )
-
-
-def _shown(value: object) -> str:
-    """A value from the file, as a message shows it: at most about 40 characters, built
-    without the whole repr (a 100 KB file's list of one 64 KB bytes object, referenced
-    20,000 times, made a repr of 5 GB)."""
-    shown = reprlib.Repr()  # keyword arguments from Python 3.12
-    shown.maxlevel, shown.maxlist, shown.maxtuple, shown.maxstring, shown.maxother = 2, 3, 3, 30, 30
-    text = shown.repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_pairs(pairs: VerificationPairs) -> None:
@@ -603,7 +593,9 @@ def read_pairs_txt(root: str | Path, pairs: str | Path) -> tuple[list[Path], lis
     try:
         text = Path(pairs).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:  # said without the file's name
-        raise ValueError(f"{pairs}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+        raise ValueError(
+            f"{pairs}: not a UTF-8 text file ({e.reason} at byte {e.start}): save it as UTF-8"
+        ) from None
     for line_no, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts or (line_no == 1 and len(parts) <= 2 and all(p.isdigit() for p in parts)):
@@ -614,7 +606,7 @@ def read_pairs_txt(root: str | Path, pairs: str | Path) -> tuple[list[Path], lis
             # a word where an image number goes said only int()'s "invalid literal"
             raise ValueError(
                 f"{pairs} line {line_no}: expected `name i j` or `name1 i name2 j` (i, j "
-                f"image numbers), got {line!r}"
+                f"image numbers), got {shown_value(line, 80)}"
             )
         if len(parts) == 3:
             a, b = (parts[0], int(parts[1])), (parts[0], int(parts[2]))

@@ -61,7 +61,13 @@ from facecluster.inference.decision import (
 )
 from facecluster.inference.predictors import BatchMemo, Predictor, count_parameters
 from facecluster.inference.router import NO_CLUSTER, Router, has_direction
-from facecluster.io import atomic_torch_save, load_plain, non_finite_keys, shown_list
+from facecluster.io import (
+    atomic_torch_save,
+    load_plain,
+    non_finite_keys,
+    shown_list,
+    shown_value,
+)
 from facecluster.models.components import BACKBONES, load_backbone, shareable_stages
 
 if TYPE_CHECKING:
@@ -1024,7 +1030,9 @@ class TwoStageIdentifier(nn.Module):
             )
         imports = payload.get("imports") or []  # none: before imports (2026-12-06)
         if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
-            raise ValueError(f"{path}: imports is {imports!r}, not a list of module names")
+            raise ValueError(
+                f"{path}: imports is {shown_value(imports)}, not a list of module names"
+            )
         # what every version holds, each of its kind, before any of it is used: a damaged
         # or hand-made file ended in a KeyError, TypeError or AttributeError (each head's
         # tensor: check_parts)
@@ -1242,12 +1250,14 @@ def loaded_open_set(open_set: dict | None, route: dict[str, Any]) -> dict | None
     # above a score (threshold_at_fpir): an export may hold one just above 1
     if not (_is_number(threshold) and -1.0 - 1e-5 <= threshold <= 1.0 + 1e-5):
         raise ValueError(
-            f"open_set's threshold is {threshold!r}: an unknown threshold compares a "
+            f"open_set's threshold is {shown_value(threshold)}: an unknown threshold compares a "
             "similarity, a number in [-1, 1]"
         )
     top_m = open_set.get("top_m", 1)
     if not (isinstance(top_m, int) and not isinstance(top_m, bool) and top_m > 0):
-        raise ValueError(f"open_set's top_m is {top_m!r}, not a number of clusters (> 0)")
+        raise ValueError(
+            f"open_set's top_m is {shown_value(top_m)}, not a number of clusters (> 0)"
+        )
     return open_set
 
 
@@ -1285,14 +1295,14 @@ def checked_backbone(args: Any) -> dict[str, Any]:
             or ``embedding_dim`` is not a positive whole number.
     """
     if not isinstance(args, Mapping):
-        raise ValueError(f"backbone is {args!r}, not the backbone's arguments")
+        raise ValueError(f"backbone is {shown_value(args)}, not the backbone's arguments")
     name = args.get("name")
     if not isinstance(name, str) or not name:  # 2 ended in an AttributeError in timm
-        raise ValueError(f"backbone.name is {name!r}, not a backbone's name")
+        raise ValueError(f"backbone.name is {shown_value(name)}, not a backbone's name")
     for key in ("image_size", "embedding_dim"):
         value = args.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"backbone.{key} is {value!r}, not a positive whole number")
+            raise ValueError(f"backbone.{key} is {shown_value(value)}, not a positive whole number")
     return dict(args)
 
 

@@ -50,7 +50,7 @@ from facecluster.inference.identifier import (
     refuses,
     reusable_index,
 )
-from facecluster.io import replacing, replacing_together, shown_list
+from facecluster.io import replacing, replacing_together, shown_list, shown_value
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
     type), before any of it is used; None when nothing does."""
     k = meta.get("num_clusters")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        return f"num_clusters is {k!r}, not a number of clusters"
+        return f"num_clusters is {shown_value(k)}, not a number of clusters"
     names = meta.get("class_names")
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         return "class_names is not a list of names"
@@ -258,7 +258,7 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
         return f"num_clusters is {k}, more than its {len(names)} identities"
     for key in ("backbone", "assignment", "route"):
         if not isinstance(meta.get(key), dict):
-            return f"{key} is {meta.get(key)!r}, not a mapping"
+            return f"{key} is {shown_value(meta.get(key))}, not a mapping"
     try:
         checked_backbone(meta["backbone"])
     except ValueError as e:
@@ -294,6 +294,8 @@ def read_gallery(path: str | Path, mmap: bool = False) -> dict[str, np.ndarray]:
                 )
                 arrays[key] = gallery[key] if mapped is None else mapped
             return arrays
+    except MemoryError:  # the machine's, not the file's
+        raise
     except Exception as e:  # noqa: BLE001 - zipfile's and numpy's readers of damaged bytes
         # raise more than ValueError and OSError: a member's .npy header (TokenError), its
         # compression field (NotImplementedError), its deflated bytes (zlib.error), ...
@@ -369,7 +371,8 @@ def load_onnx(
     if meta.get("format") != ONNX_FORMAT or meta.get("version") not in (1, ONNX_VERSION):
         raise ValueError(
             f"{meta_path}: not a facecluster ONNX export of version 1 or {ONNX_VERSION} "
-            f"(format {meta.get('format')!r}, version {meta.get('version')!r})"
+            f"(format {shown_value(meta.get('format'))}, "
+            f"version {shown_value(meta.get('version'))})"
         )
     if problem := _meta_problem(meta):
         raise ValueError(f"{meta_path}: {problem}: a damaged export?")
