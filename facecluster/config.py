@@ -676,7 +676,9 @@ class OptimConfig:
         r.within("momentum", self.momentum, 0.0, 1.0, closed=False)
         if self.weight_decay < 0:
             r.add(f"{prefix}weight_decay must be >= 0, got {self.weight_decay}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+        numbers = all(isinstance(b, int | float) and not isinstance(b, bool) for b in self.betas)
+        # (OmegaConf takes a list as an item: [[0.9], 0.99] was a TypeError traceback)
+        if len(self.betas) != 2 or not numbers or not all(0.0 <= b < 1.0 for b in self.betas):
             r.add(f"{prefix}betas must be two values in [0, 1), got {list(self.betas)}")
         r.positive("poly_power", self.poly_power)
         return r.problems
@@ -735,7 +737,10 @@ class Stage2Config(StageConfig):
         if self.subnets is not None:
             if not self.subnets:
                 r.add(f"{prefix}subnets is empty: name at least one sub-net, or null for all")
-            if len(set(self.subnets)) != len(self.subnets):
+            if not all(isinstance(k, int) and not isinstance(k, bool) for k in self.subnets):
+                # OmegaConf takes a list as an item: [[0]] was a TypeError traceback
+                r.add(f"{prefix}subnets: each item is a sub-net's number, got {self.subnets}")
+            elif len(set(self.subnets)) != len(self.subnets):
                 r.add(f"{prefix}subnets={self.subnets} names a sub-net twice")
         return super().problems(prefix) + r.problems
 
@@ -1117,7 +1122,8 @@ class Config:
         # (num_clusters=-1 was three errors)
         if self.two_stage and k >= 1 and self.route.top_m > k:
             found.append(f"route.top_m={self.route.top_m} is more than clustering.num_clusters={k}")
-        bad = [s for s in self.stage2.subnets or () if s < 0 or (k >= 1 and s >= k)]
+        numbers = [s for s in self.stage2.subnets or () if isinstance(s, int)]  # others: said
+        bad = [s for s in numbers if s < 0 or (k >= 1 and s >= k)]
         if self.two_stage and bad:
             found.append(f"stage2.subnets: {bad} are not sub-nets of clustering.num_clusters={k}")
         if self.two_stage and k >= 1 and self.stage2.jobs > k:

@@ -657,6 +657,9 @@ def test_values_yaml_reads_otherwise_than_they_look_are_refused(override, expect
         ("model.kwargs={~: a}", "Incompatible key type 'NoneType'"),
         # its message was a template: "Value '$VALUE' of type '$VALUE_TYPE' could not be"
         ("stage1.optim.betas=[a, b]", "wrong type: an item could not be converted to Float"),
+        # a list where a number goes: TypeError tracebacks in the checks
+        ("stage2.subnets=[[0]]", r"stage2.subnets: each item is a sub-net's number, got \[\[0\]\]"),
+        ("stage1.optim.betas=[[0.9], 0.99]", r"betas must be two values in \[0, 1\), got \[\["),
         # OSError "File name too long" once the run folder was made
         (f"run_name={'a' * 300}", "run_name is 300 bytes long: a folder's name takes 255"),
     ],
@@ -664,7 +667,8 @@ def test_values_yaml_reads_otherwise_than_they_look_are_refused(override, expect
 def test_values_inside_sections_and_lists_follow_the_same_rules(override, expected):
     with pytest.raises(ConfigError, match=expected) as err:
         load_config(SMOKE, [override])
-    assert override in str(err.value) or "run_name is" in str(err.value)
+    said = str(err.value)
+    assert override in said or re.search("run_name is|subnets:|betas must", said)
     # the same items quoted are the text written
     assert load_config(SMOKE, ["wandb.tags=['010', 'yes', 2024, '1e3']"]).wandb.tags == [
         "010",
