@@ -66,7 +66,7 @@ from facecluster.data.verification import (
     size_warning,
     trained_pairs_warning,
 )
-from facecluster.io import disk_full, load_plain, shown_list
+from facecluster.io import disk_full, load_plain, non_finite_keys, shown_list
 from facecluster.models.components import (
     TimmBackbone,
     create_backbone,
@@ -285,9 +285,12 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
     # a stage module's weights, in its checkpoint or its own state_dict(): the backbone's
     if lightning or any(str(k).startswith("backbone.") for k in state):
         state = {
-            k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
+            k.removeprefix("backbone."): v
+            for k, v in state.items()
+            if isinstance(k, str) and k.startswith("backbone.")
         }
-    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    named = all(isinstance(k, str) for k in state)  # {0: tensor}: a traceback in torch
+    if not state or not named or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(
             f"{given}: {path} holds no backbone weights"
             + (
@@ -305,13 +308,26 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
         )
     except ValueError as e:  # another architecture, width, embedding size or image size
         raise ConfigError(str(e)) from None
-    for name, value in state.items():  # a diverged run's weights would train on as NaN
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ConfigError(
-                f"{given}: {path} holds non-finite values (NaN or Inf) in {name}: weights "
-                "saved from a run that diverged? give weights saved before it did"
-            )
-    return state
+    # integers where the network holds floats: load_state_dict cast int8 weights (97% of
+    # them 0) and trained on, without a word; BatchNorm's step count is an integer
+    other = [
+        (name, v.dtype)
+        for name, v in state.items()
+        if not v.is_floating_point() and not name.endswith("num_batches_tracked")
+    ]
+    if other:
+        raise ConfigError(
+            f"{given}: {path} holds {other[0][1]} values in {other[0][0]}, where the backbone "
+            "holds floating-point weights: give weights saved as float32, float16 or bfloat16"
+        )
+    if bad := non_finite_keys(state):  # a diverged run's weights would train on as NaN
+        raise ConfigError(
+            f"{given}: {path} holds non-finite values (NaN, Inf, or past float32's range) in "
+            f"{bad[0]}: weights saved from a run that diverged? give weights saved before it did"
+        )
+    # in memory, not mapped from the file until the fit: a file replaced or cut short
+    # during the data scan was a SIGBUS (the backbone's tensors only: not a checkpoint's head)
+    return {name: value.clone() for name, value in state.items()}
 
 
 def check_identity_count(cfg: Config, dm: FaceDataModule) -> None:

@@ -371,19 +371,21 @@ def shown_value(value: object, limit: int = 40) -> str:
 
 
 def non_finite_keys(tensors: dict[str, Any]) -> list[str]:
-    """Names of the floating-point tensors of ``tensors`` holding NaN or inf (the other
-    values are skipped). Each tensor's least and greatest values tell, NaN being both:
-    no bool copy of it (``isfinite(t).all()`` took 22 times as long on a 250K x 512
-    tensor on one thread, measured). A tensor held under several names (the frozen trunk
-    that ``model.shared_layers`` shares between the stage-1 backbone and every sub-net)
-    is scanned once, and each of its names reported."""
+    """Names of the floating-point tensors of ``tensors`` holding NaN or inf, or values
+    past float32's range (the other values are skipped). Each tensor's least and
+    greatest values tell, NaN being both: no bool copy of it (``isfinite(t).all()``
+    took 22 times as long on a 250K x 512 tensor on one thread, measured). A tensor held
+    under several names (the frozen trunk that ``model.shared_layers`` shares between
+    the stage-1 backbone and every sub-net) is scanned once, and each of its names
+    reported."""
     bad, seen = [], {}
     for key, value in tensors.items():
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
             same = (value.device, value.data_ptr(), value.dtype, value.shape, value.stride())
             if same not in seen:
                 low, high = torch.aminmax(value.detach())
-                seen[same] = not bool(low.isfinite() & high.isfinite())
+                # as float32 (the networks' own): a float64 past its range is inf there
+                seen[same] = not bool(low.float().isfinite() & high.float().isfinite())
             if seen[same]:
                 bad.append(key)
     return bad

@@ -271,7 +271,40 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
             f"resume={path}: not a facecluster checkpoint (no '{CHECKPOINT_KEY}' entry); "
             "pass a run folder or a .ckpt written by facecluster"
         )
-    return ckpt[CHECKPOINT_KEY]
+    meta = ckpt[CHECKPOINT_KEY]
+    # what on_save_checkpoint writes: a TypeError or KeyError at start, or a stage 7
+    # told it was a stage-2 job's
+    if not (isinstance(meta, dict) and meta.get("stage") in (1, 2) and "config" in meta):
+        raise ConfigError(
+            f"resume={path}: its '{CHECKPOINT_KEY}' entry is not facecluster's (a stage, "
+            "1 or 2, and the run's config): the file is damaged; pass the run folder"
+        )
+    return meta
+
+
+def check_checkpoint_of_run(path: Path, meta: dict[str, Any], cfg: Config, resume: str) -> None:
+    """Refuse a checkpoint saved by another run (its config differs from the run's on
+    :data:`RESUME_FIXED_KEYS`, which no resume changes): another run's ``last.ckpt``
+    copied into this one resumed with exit 0, its head rows other people's, or ended
+    in Lightning's strict-load traceback after ``config.yaml`` was rewritten."""
+    try:
+        theirs = config_from_dict(meta["config"], f"{path}'s config")
+    except (ConfigError, TypeError, KeyError):  # another release's keys: cannot tell
+        return
+    ours, values = cfg.to_dict(), theirs.to_dict()
+    ignored = tuple(f"model.{k}" for k in FREE_MODEL_KEYS)
+    problems = [
+        f"{name}: {was!r} in the checkpoint, {now!r} in the run"
+        for key in RESUME_FIXED_KEYS
+        for name, was, now in _differences(key, _select(values, key), _select(ours, key))
+        if name not in ignored
+    ]
+    if problems:
+        raise ConfigError(
+            f"resume={resume}: {path} was not saved by this run ({'; '.join(problems[:3])}): "
+            "restore the run's own checkpoint from a copy of the run, or delete it (the "
+            "stage, or its job, then trains from its start)"
+        )
 
 
 @dataclass(frozen=True)
@@ -571,13 +604,17 @@ class RunFolder:
             meta = read_checkpoint_meta(path)
             run = cls(_folder_of(path))
             run._check_resume_point(path, meta["stage"])
-            # the run's own config where it has one, as resume=<run> takes: a job's
-            # checkpoint holds the job's command (launcher=local, its devices, stage=2),
-            # and a SLURM run resumed from it trained on the login node
-            if (run.path / RUN_CONFIG).is_file():
-                saved = run.config()
-            else:
-                saved = config_from_dict(meta["config"], f"resume={path}")
+            # the run's own config, as resume=<run> takes: a job's checkpoint holds the
+            # job's command (launcher=local, its devices, stage=2), and a SLURM run
+            # resumed from it trained on the login node
+            if not (run.path / RUN_CONFIG).is_file():  # (what the checkpoint holds was
+                # taken here once, then refused by for_training: the run is damaged)
+                raise ConfigError(
+                    f"resume={resume}: {run.path} has no {RUN_CONFIG}: the run folder is "
+                    f"damaged; restore {RUN_CONFIG} from a copy of the run"
+                )
+            saved = run.config()
+            check_checkpoint_of_run(path, meta, saved, resume)
         elif (path / RUN_CONFIG).is_file():
             run = cls(path)
             saved = run.config()
@@ -656,8 +693,18 @@ class RunFolder:
         for stage, last in started:
             if not last.is_file():
                 continue
-            # saved at an epoch's end: its "epoch" is that epoch's index
-            trained = int(load_plain(last, what="checkpoint", mmap=True)["epoch"]) + 1
+            over = "stage 1 then trains" if stage == 1 else "its job then trains"
+            try:
+                saved = load_plain(last, what="checkpoint", mmap=True)
+                # saved at an epoch's end: its "epoch" is that epoch's index
+                trained = int(saved["epoch"]) + 1
+                meta = saved[CHECKPOINT_KEY]
+            except (OSError, ValueError, KeyError, TypeError) as e:  # a traceback before
+                raise ConfigError(
+                    f"resume={resume}: {last} cannot be read ({type(e).__name__}: {e}): "
+                    f"restore it from a copy of the run, or delete it ({over} from its start)"
+                ) from None
+            check_checkpoint_of_run(last, meta if isinstance(meta, dict) else {}, cfg, resume)
             if cfg.stage_epochs(stage) < trained:
                 raise ConfigError(
                     f"resume={resume}: stage {stage} of {self.path} has trained {trained} "

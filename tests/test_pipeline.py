@@ -1092,6 +1092,39 @@ def test_evaluate_names_a_damaged_checkpoint_in_one_line(finished_run, tmp_path,
     assert f"{last} is missing" in capsys.readouterr().err
 
 
+def test_a_resume_refuses_a_damaged_or_foreign_checkpoint_of_an_unfinished_stage(tmp_path):
+    # a fuzzing review: a last.ckpt cut short, of an unfinished stage 1, was a traceback
+    # at resume; another run's last.ckpt copied over it resumed with exit 0 (its head
+    # rows other people's) or failed in Lightning's strict load after config.yaml was
+    # rewritten; a checkpoint's facecluster entry of another shape was a TypeError
+    runs = {}
+    for seed in (42, 7):
+        given = smoke_overrides(tmp_path / f"seed{seed}", "stage=1", "logger=none", f"seed={seed}")
+        runs[seed] = RunFolder(train(load_config(SMOKE, given)).run_dir)
+        (runs[seed].path / "stage1.json").unlink()  # stage 1 not finished
+    run, last = runs[42], runs[42].last_checkpoint(1)
+    RunFolder.config_for_resume(str(run.path), [])  # its own: resumes
+    kept = last.read_bytes()
+    last.write_bytes(kept[:100_000])
+    with pytest.raises(ConfigError, match=r"last.ckpt cannot be read \(.*\): restore it from"):
+        RunFolder.config_for_resume(str(run.path), [])
+    shutil.copy(runs[7].last_checkpoint(1), last)
+    said = r"last.ckpt was not saved by this run \(seed: 7 in the checkpoint, 42 in the run\)"
+    with pytest.raises(ConfigError, match=said):
+        RunFolder.config_for_resume(str(run.path), [])
+    with pytest.raises(ConfigError, match=said):  # named itself
+        RunFolder.config_for_resume(str(last), [])
+    ckpt = torch.load(runs[7].last_checkpoint(1), weights_only=True)
+    ckpt["facecluster"] = {"stage": 7}
+    torch.save(ckpt, last)
+    with pytest.raises(ConfigError, match="its 'facecluster' entry is not facecluster's"):
+        RunFolder.config_for_resume(str(last), [])
+    last.write_bytes(kept)
+    (run.path / "config.yaml").unlink()  # the docs' fallback was refused by for_training
+    with pytest.raises(ConfigError, match="has no config.yaml: the run folder is damaged"):
+        RunFolder.config_for_resume(str(last), [])
+
+
 def test_resuming_a_finished_run_with_damaged_weights_names_the_file_in_one_line(
     finished_run, tmp_path, capsys, caplog, monkeypatch
 ):
@@ -1219,10 +1252,23 @@ def test_stage1_starts_from_the_backbone_weights_model_weights_names(tmp_path, c
     diverged = tmp_path / "diverged.pt"  # a run's last weights after its loss went NaN
     nan = torch.full_like(start["neck.fc.weight"], torch.nan)
     torch.save({**start, "neck.fc.weight": nan}, diverged)
-    with pytest.raises(
-        ConfigError, match=r"holds non-finite values \(NaN or Inf\) in neck.fc.weight"
-    ):
+    with pytest.raises(ConfigError, match=r"holds non-finite values \(NaN, Inf, or past "):
         starting_weights(load_config(SMOKE, [f"model.weights={diverged}"]))
+    # a fuzzing review: int8 weights were cast (97% of them 0) and trained on without a
+    # word; float64 past float32's range passed the check and diverged at step 1; keys
+    # that are no names were an AttributeError traceback
+    for name, changed, said in (
+        ("int8", {"neck.fc.weight": start["neck.fc.weight"].to(torch.int8)}, "torch.int8 values"),
+        ("huge", {"neck.fc.weight": start["neck.fc.weight"].double() * 1e45}, "past float32"),
+        ("keys", {0: start["neck.fc.weight"]}, "holds no backbone weights"),
+    ):
+        torch.save({**start, **changed}, tmp_path / f"{name}.pt")
+        with pytest.raises(ConfigError, match=said):
+            starting_weights(load_config(SMOKE, [f"model.weights={tmp_path / name}.pt"]))
+    # read into memory: mapped from the file until the fit, one replaced or cut short in
+    # the meantime (a data scan) was a SIGBUS
+    loaded = starting_weights(load_config(SMOKE, [f"model.weights={weights}"]))
+    assert all(v.untyped_storage().filename is None for v in loaded.values())
     stage2 = tmp_path / "stage2.ckpt"  # sub-nets, no backbone.*: the sub-net files are
     torch.save({"state_dict": {"subnets.0.neck.fc.weight": start["neck.fc.weight"]}}, stage2)
     with pytest.raises(ConfigError, match=r"no backbone weights \(a stage-2 checkpoint holds"):

@@ -192,8 +192,11 @@ def test_resume_from_a_stage1_checkpoint_file(tmp_path):
         RunFolder(tmp_path / "run").config(["launcher=slurm"]).run_settings().to_yaml()
     )
     assert RunFolder.config_for_resume(str(ckpt), []).launcher.name == "slurm"
-    settings.unlink()  # gone: what the checkpoint was trained with
-    assert RunFolder.config_for_resume(str(ckpt), []).launcher.name == "local"
+    settings.unlink()  # gone: the checkpoint's config was taken here, and the run then
+    # refused by train.py as no run folder ("evaluation and export take the folder"): the
+    # run folder is damaged, said at once
+    with pytest.raises(ConfigError, match="has no config.yaml: the run folder is damaged"):
+        RunFolder.config_for_resume(str(ckpt), [])
     settings.write_text(kept)
     # out of its run folder's layout it is refused: its grandparent folder was taken as
     # the run folder, so /home/u/last.ckpt would have written the run into /
