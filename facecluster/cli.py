@@ -387,7 +387,8 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
 
     # before torch and Lightning (about 5 s): a mistyped path, or an export's folder,
     # is named at once
-    said = [missing_path(run, prefix="run=") for run in runs] + [not_a_run(r) for r in runs]
+    said = [missing_path(run, prefix="run=") for run in runs]
+    said += [] if any(said) else [not_a_run(r) for r in runs]  # (~nouser: a traceback)
     if problem := next((p for p in said if p), None):
         return _fail(problem) if _torchrun_rank() == 0 else 2  # the same on every rank
     # OSError, ValueError: a damaged run folder (a checkpoint cut short, missing)
@@ -499,6 +500,8 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 <= args.fpir < 1.0:
         parser.error(f"--fpir must be in [0, 1), got {args.fpir}")
+    if 0.0 < args.fpir < 1e-12:  # 1/fpir unseen faces: an OverflowError traceback at 1e-320
+        parser.error(f"--fpir {args.fpir}: give 0 (no unseen face passes) or at least 1e-12")
     if not args.out.strip():  # "" wrote identifier.pt into the working directory
         parser.error("OUT names no folder: give the folder to write the export in")
     from facecluster.config import ConfigError, missing_path, not_a_run
@@ -558,8 +561,11 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
     parser = _parser(prog or "facecluster identify", IDENTIFY_HELP)
     parser.add_argument("model", help="a folder written by facecluster export")
     parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
-    parser.add_argument(
-        "--out", default="identities.csv", help="CSV to write (default: %(default)s)"
+    parser.add_argument(  # checked before the work: a folder under a file failed after it
+        "--out",
+        type=output_file,
+        default="identities.csv",
+        help="CSV to write (default: %(default)s)",
     )
     parser.add_argument(
         "--runtime",

@@ -63,6 +63,8 @@ DEMO_ROOT = "datasets/lfw-demo/images"
 def config_file(given: str | Path) -> Path:
     """A ``-c`` file: from the working dir, else the checkout's (as data.root), or, for
     ``configs/...`` of an installed package, its own copy."""
+    if home := unknown_home(given):
+        raise ConfigError(f"-c {home}")
     path = Path(given).expanduser()
     if path.is_absolute() or path.exists() or CHECKOUT is not None:
         return resolve_data_root(str(given))
@@ -212,10 +214,29 @@ def resume_command(run: str | Path, *overrides: str) -> str:
     return f"{COMMAND['train']} {shlex.join([f'resume={run}', *overrides])}"
 
 
+def unknown_home(given: str | Path) -> str | None:
+    """Why ``given`` cannot be expanded, or None: it begins with ``~user`` for a user
+    this machine does not have (a shell leaves it as typed, and pathlib's expanduser
+    raised a RuntimeError: a traceback in every command)."""
+    text = str(given)
+    if not text.startswith("~") or os.path.expanduser(text) != text:
+        return None
+    user = text[1:].split(os.sep, 1)[0]
+    if not user:
+        return f"{text}: no home folder ($HOME) to expand ~ to"
+    return f"{text}: this machine has no user {user!r}, whose home folder ~{user} would be"
+
+
 def missing_path(given: str | Path, prefix: str = "", what: str = "") -> str | None:
     """``given``, ``~`` expanded, named with where it was looked for when it does not
     exist; ``None`` when it does. Light (no torch): the commands check their paths with
-    it before their imports, and ``run=`` (:func:`facecluster.run.run_folder`) after."""
+    it before their imports, and ``run=`` (:func:`facecluster.run.run_folder`) after.
+    A blank path (the working dir, which identify searched and enroll enrolled whole)
+    names nothing."""
+    if not str(given).strip():
+        return f"{prefix}{given!r} names no file or folder{what}"
+    if home := unknown_home(given):
+        return f"{prefix}{home}"
     path = Path(given).expanduser().resolve()
     if cannot := unreadable_folder(path):  # exists() failed on it with a traceback
         return f"{prefix}{cannot}"
@@ -336,7 +357,12 @@ def newer_format(
 
 
 def resolve_data_root(root: str) -> Path:
-    """A relative data.root is taken from the working dir, else from the checkout."""
+    """A relative data.root is taken from the working dir, else from the checkout.
+
+    Raises:
+        ConfigError: ``root`` begins with ``~user`` of no user here."""
+    if home := unknown_home(root):
+        raise ConfigError(home)
     p = Path(root).expanduser()
     if p.is_absolute() or p.exists() or CHECKOUT is None:
         return p

@@ -75,6 +75,7 @@ from facecluster.config import (
     resume_command,
     route_problems,
     text_override,
+    unknown_home,
     unreadable_folder,
 )
 from facecluster.data.folder import SPLIT_VERSION
@@ -595,6 +596,8 @@ class RunFolder:
         Refuses a path that is neither a run folder nor a facecluster checkpoint, and
         overrides that contradict what the checkpoints were trained on.
         """
+        if home := unknown_home(resume):  # a RuntimeError traceback in expanduser
+            raise ConfigError(f"resume={home}")
         path = Path(resume).expanduser()
         if cannot := unreadable_folder(path):  # another user's: before any look inside
             raise ConfigError(f"resume={resume}: {cannot}")

@@ -1350,6 +1350,42 @@ def test_a_damaged_run_file_stops_export_and_evaluate_in_one_line(open_run, tmp_
     assert _contents(run) == before  # no table written
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [  # a fuzzing review of the commands' arguments: each a traceback, or work done
+        (["identify", str(DEMO), "~nouser/x", "--out", "o.csv"], "no user 'nouser'"),
+        (["enroll", "~nouser/x", "new"], "no user 'nouser'"),
+        (["export", "~nouser/x", "out"], "no user 'nouser'"),
+        (["pack", "~nouser/x", "out"], "SRC ~nouser/x: this machine has no user 'nouser'"),
+        (["evaluate", "run=~nouser/x"], "run=~nouser/x: this machine has no user"),
+        (["train", "-c", "~nouser/x"], "-c ~nouser/x: this machine has no user"),
+        (["train", "resume=~nouser/x"], "resume=~nouser/x: this machine has no user"),
+        # a blank path was the working dir: identified, enrolled or packed into whole
+        (["identify", str(DEMO), "", "--out", "o.csv"], "'' names no file or folder"),
+        (["enroll", str(DEMO), ""], "'' names no file or folder"),
+        (["pack", str(DEMO), ""], "OUT '' names no folder"),
+        # found after the scan, or after the work, naming no option
+        (["pack", str(DEMO), "afile/sub"], "OUT afile/sub cannot be made: afile is a file"),
+        (["identify", str(DEMO), "x", "--out", "afile/o.csv"], "argument --out: afile/o.csv"),
+        # 1/fpir unseen faces overflowed: a traceback once the passes were done
+        (["export", "run", "out", "--fpir", "1e-320"], "give 0 .* or at least 1e-12"),
+    ],
+)
+def test_command_arguments_are_refused_in_one_line_before_any_work(
+    tmp_path, monkeypatch, capsys, args, said
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("mine")
+    try:
+        code = cli.main(args)
+    except SystemExit as e:  # argparse's own error: --out, --fpir
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert re.search(said, err) and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written
+
+
 def test_a_device_name_torch_does_not_know_is_refused_naming_it(open_run, tmp_path, capsys):
     # --device of export, identify and enroll: a clear error, not torch's traceback
     from facecluster import cli

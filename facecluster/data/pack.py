@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from facecluster.config import NAME_RULE, unreadable_names
+from facecluster.config import NAME_RULE, unknown_home, unreadable_names
 from facecluster.data.folder import IDENTITY_NAMES, FaceFolder, scan_image_folder
 from facecluster.data.images import image_damage
 from facecluster.data.recordio import RecordWriter, pack, rec_paths
@@ -90,6 +90,11 @@ def pack_folder(
         ValueError: ``out`` is a file, ``src`` or inside it, or ``src`` cannot be packed (a
             zero-byte image file without ``skip_empty``).
     """
+    for name, given in (("SRC", src), ("OUT", out)):
+        if not str(given).strip():  # the working dir: OUT got the four files there
+            raise ValueError(f"{name} {given!r} names no folder")
+        if home := unknown_home(given):  # a RuntimeError traceback in expanduser
+            raise ValueError(f"{name} {home}")
     out = Path(out).expanduser()
     # before the scan (minutes over millions of files): where the files go
     if out.exists() and not out.is_dir():
@@ -106,6 +111,9 @@ def pack_folder(
             "identity folder without images; pack into a folder outside the images'"
         )
     _check_out(out, overwrite)
+    above = next((p for p in out.parents if p.exists()), None)  # found after the scan
+    if above is not None and not above.is_dir():
+        raise ValueError(f"OUT {out} cannot be made: {above} is a file")
     try:
         folder = scan_image_folder(src, name="SRC")
     except (OSError, ValueError) as e:
