@@ -561,11 +561,8 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
     parser = _parser(prog or "facecluster identify", IDENTIFY_HELP)
     parser.add_argument("model", help="a folder written by facecluster export")
     parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
-    parser.add_argument(  # checked before the work: a folder under a file failed after it
-        "--out",
-        type=output_file,
-        default="identities.csv",
-        help="CSV to write (default: %(default)s)",
+    parser.add_argument(
+        "--out", default="identities.csv", help="CSV to write (default: %(default)s)"
     )
     parser.add_argument(
         "--runtime",
@@ -608,6 +605,11 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
     ):
         if missing := missing_path(path, what=what):
             return _fail(missing)
+    if not Path(args.out).is_dir():  # (a folder: identify_files names it, and the fix)
+        try:  # before the work: a folder under a file, or a blank name, failed after it
+            output_file(args.out)
+        except argparse.ArgumentTypeError as e:
+            return _fail(f"--out {e}")
     if problem := _imported(args.imports):
         return _fail(problem)
     from tqdm.contrib.logging import logging_redirect_tqdm

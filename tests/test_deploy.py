@@ -1366,7 +1366,7 @@ def test_a_damaged_run_file_stops_export_and_evaluate_in_one_line(open_run, tmp_
         (["pack", str(DEMO), ""], "OUT '' names no folder"),
         # found after the scan, or after the work, naming no option
         (["pack", str(DEMO), "afile/sub"], "OUT afile/sub cannot be made: afile is a file"),
-        (["identify", str(DEMO), "x", "--out", "afile/o.csv"], "argument --out: afile/o.csv"),
+        (["identify", str(DEMO), str(DEMO), "--out", "afile/o.csv"], "--out afile/o.csv: cannot"),
         # 1/fpir unseen faces overflowed: a traceback once the passes were done
         (["export", "run", "out", "--fpir", "1e-320"], "give 0 .* or at least 1e-12"),
     ],
