@@ -1060,9 +1060,10 @@ def _true_boundaries(
         same = np.flatnonzero(per == spacing)
         chunk = max(1, 2**22 // (2 * spacing + 2))  # windows of a few million keys at once
         for rows in (same[i : i + chunk] for i in range(0, len(same), chunk)):
-            _find_boundaries(
-                records, approx, identity, side, may_be_empty, rows, spacing, found, interleaved
+            found[rows], odd = _find_boundaries(
+                records, approx[rows], identity[rows], side, may_be_empty[rows], spacing
             )
+            interleaved.append(odd)
     keys = np.unique(np.concatenate(interleaved)) if interleaved else []
     if len(keys):  # below 2^24 the exact ranges decide, whatever a record's label says
         logger.warning(
@@ -1084,15 +1085,12 @@ def _find_boundaries(
     identity: np.ndarray,
     side: int,
     may_be_empty: np.ndarray,
-    rows: np.ndarray,
     spacing: int,
-    found: np.ndarray,
-    interleaved: list[np.ndarray],
-) -> None:
-    """:func:`_true_boundaries` of ``rows`` (one float32 spacing), into ``found``; the
-    keys of records of other labels between a row's own (a damaged label: at a boundary
-    which of the two is damaged is not known) appended to ``interleaved``."""
-    keys = approx[rows, None] + np.arange(-spacing - 1, spacing + 1)  # [rows, window]
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_true_boundaries` of rows of one float32 ``spacing``: their true keys (-1:
+    empty), and the keys of records of other labels between a row's own (a damaged
+    label: at a boundary which of the two is damaged is not known)."""
+    keys = approx[:, None] + np.arange(-spacing - 1, spacing + 1)  # [rows, window]
     # a record there that cannot be read stops the start: which identity's range
     # it lies in is what its label would say (below 2^24 the range says it)
     labels, image, present = records.heads(keys)
@@ -1100,18 +1098,18 @@ def _find_boundaries(
     labels, image, present = labels.reshape(shape), image.reshape(shape), present.reshape(shape)
     # a key with no record is no member: an identity's keys are contiguous, so the
     # first image key of a file (nothing before it) can start one too
-    member = present & image & (labels == identity[rows, None])
+    member = present & image & (labels == identity[:, None])
     if side == 0:
         change = member[:, 1:] & ~member[:, :-1]
     else:
         change = member[:, :-1] & ~member[:, 1:]
-    empty = may_be_empty[rows] & ~member.any(axis=1)
+    empty = may_be_empty & ~member.any(axis=1)
     missed = ~change.any(axis=1) & ~empty
     if missed.any():
         i = int(np.argmax(missed))
         raise RecordError(
-            f"{records.rec}: identity {identity[rows[i]]}'s range "
-            f"{'start' if side == 0 else 'end'} {approx[rows[i]]} (float32) matches no "
+            f"{records.rec}: identity {identity[i]}'s range "
+            f"{'start' if side == 0 else 'end'} {approx[i]} (float32) matches no "
             f"change of image label within +-{spacing} keys; the image records do not "
             "carry their identity's label"
         )
@@ -1120,12 +1118,12 @@ def _find_boundaries(
     # range short there, leaving the keys after it out without a word (past 2^24;
     # below it the missing key is found inside the range and named)
     at = change.argmax(axis=1) if side == 0 else shape[1] - 2 - change[:, ::-1].argmax(axis=1)
-    found[rows] = np.where(empty, -1, keys[np.arange(len(rows)), at + 1])
+    found = np.where(empty, -1, keys[np.arange(len(keys)), at + 1])
     column = np.arange(shape[1])
     first = member.argmax(axis=1)[:, None]
     last = shape[1] - 1 - member[:, ::-1].argmax(axis=1)[:, None]
     between = present & ~member & (column > first) & (column < last)
-    interleaved.append(keys[between & member.any(axis=1)[:, None]])
+    return found, keys[between & member.any(axis=1)[:, None]]
 
 
 def _scan_all(records: RecordFile) -> RecordLayout:
