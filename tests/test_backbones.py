@@ -13,10 +13,12 @@ from torch import nn
 from facecluster.models.components import (
     BACKBONES,
     IResNet,
+    MobileFaceNet,
     available_backbones,
     create_backbone,
     load_backbone,
     register_backbone,
+    shareable_stages,
 )
 
 
@@ -26,7 +28,8 @@ def _num_params(module: nn.Module) -> int:
 
 def test_registry_names() -> None:
     assert available_backbones() == sorted(
-        ["iresnet18", "iresnet34", "iresnet50", "iresnet100", "tiny"]
+        ["iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "mbf", "mbf_large"]
+        + ["tiny"]
     )
     assert available_backbones() == sorted(BACKBONES)
 
@@ -66,7 +69,7 @@ def test_iresnet_param_counts_match_arcface_torch(name: str, expected: int) -> N
     assert _num_params(model) == pytest.approx(expected, rel=0.01)
 
 
-@pytest.mark.parametrize("name", ["iresnet50", "iresnet100"])
+@pytest.mark.parametrize("name", ["iresnet50", "iresnet100", "iresnet200"])
 def test_deep_iresnets_run_at_112(name: str) -> None:
     # Full depth at a narrow width: the whole architecture runs at 112x112, cheaply.
     torch.manual_seed(0)
@@ -75,6 +78,75 @@ def test_deep_iresnets_run_at_112(name: str) -> None:
         out = model(torch.randn(2, 3, 112, 112))
     assert out.shape == (2, 512)
     assert torch.isfinite(out).all()
+
+
+# arcface_torch's MobileFaceNets at 512-d (backbones/mobilefacenet.py: get_mbf and
+# get_mbf_large): their state dicts' entries, parameters, and the SHA-256 of the lines
+# "<key> <shape>" in state-dict order, computed from arcface_torch's own module on
+# 2026-12-07. The same keys and shapes in the same order: its released backbone.pth loads
+# (model.weights), and its weights gave the same embeddings, to the last bit, when loaded.
+_ARCFACE_TORCH_MBF = {
+    "mbf": (333, 2_059_520, "9559fd021a31b1bc4f8906903cc7f219fb894ab5a6514ac22597689891dd31ab"),
+    "mbf_large": (
+        606,
+        6_314_880,
+        "c5baa81a0265edd39676fe3c2b0716778b10ee01b7694c8141f7f2eb042834fd",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ARCFACE_TORCH_MBF))
+def test_mobilefacenets_have_arcface_torchs_layout(name: str) -> None:
+    import hashlib
+
+    with torch.device("meta"):
+        model = create_backbone(name)
+    assert isinstance(model, MobileFaceNet)
+    state = model.state_dict()
+    lines = "\n".join(f"{key} {tuple(value.shape)}" for key, value in state.items())
+    digest = hashlib.sha256(lines.encode()).hexdigest()
+    assert (len(state), _num_params(model), digest) == _ARCFACE_TORCH_MBF[name]
+
+
+def test_a_mobilefacenet_splits_into_trunk_and_tail_at_any_multiple_of_16() -> None:
+    torch.manual_seed(0)
+    model = create_backbone("mbf", embedding_dim=64, image_size=32).eval()
+    assert model.features.layers[0].layers[0].kernel_size == (2, 2)  # 32 // 16
+    assert shareable_stages(model) == 3
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        whole = model(images)
+        assert whole.shape == (2, 64) and torch.isfinite(whole).all()
+        for stages in range(4):
+            trunk = model.trunk(images, stages)
+            torch.testing.assert_close(model.tail(trunk, stages), whole, rtol=0, atol=0)
+            x = images
+            for module in model.trunk_modules(stages):
+                x = module(x)
+            assert torch.equal(x, trunk)
+    model.train()
+    model(images).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert create_backbone("mbf_large", image_size=16, dropout=0.25).dropout.p == 0.25
+
+
+@pytest.mark.parametrize("image_size", [100, 8])
+def test_a_mobilefacenet_refuses_a_size_its_gdc_cannot_cover(image_size: int) -> None:
+    with pytest.raises(ValueError, match="multiple of 16"):
+        create_backbone("mbf", image_size=image_size)
+
+
+def test_a_mobilefacenet_exports_to_onnx_with_the_same_embeddings(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from facecluster.inference.onnx import OnnxBackbone, export_network
+
+    torch.manual_seed(0)
+    model = create_backbone("mbf", embedding_dim=32, image_size=32).eval()
+    path = export_network(model, 32, tmp_path / "mbf.onnx")
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(OnnxBackbone(path)(images), model(images), rtol=1e-4, atol=1e-4)
 
 
 def test_iresnet_layout() -> None:

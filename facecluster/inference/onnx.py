@@ -137,30 +137,35 @@ def export_onnx(identifier: TwoStageIdentifier, folder: str | Path) -> list[Path
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ONNX_META).unlink(missing_ok=True)  # unfinished until rewritten
     size = identifier.backbone_args["image_size"]
-    example = (torch.zeros(2, 3, size, size, device=identifier.device),)
-    batch = torch.export.Dim("batch")
     networks = {"router": identifier.router_backbone}
     networks |= {f"subnet{k}": net for k, net in enumerate(identifier.subnets)}
     written = []
     for name, network in networks.items():
-        path = folder / f"{name}.onnx"
-        # fsynced before it takes its name, as the gallery is: an export is committed as a
-        # whole after its files are written (facecluster.deploy), so none may be left empty
-        with replacing(path) as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the exporter's advice on opsets and dynamic dims
-            torch.onnx.export(
-                network.eval(),
-                example,
-                tmp,
-                input_names=["images"],
-                output_names=["embeddings"],
-                dynamic_shapes=({0: batch},),
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
-        written.append(path)
+        written.append(export_network(network, size, folder / f"{name}.onnx"))
     return written + write_gallery(identifier, folder)
+
+
+def export_network(network: nn.Module, image_size: int, path: Path) -> Path:
+    """Write one backbone as ``path``: ``images`` ``float32[batch, 3, image_size,
+    image_size]`` in (the batch size free), ``embeddings`` out. Returns ``path``."""
+    device = next(network.parameters()).device
+    example = (torch.zeros(2, 3, image_size, image_size, device=device),)
+    # fsynced before it takes its name, as the gallery is: an export is committed as a
+    # whole after its files are written (facecluster.deploy), so none may be left empty
+    with replacing(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's advice on opsets and dynamic dims
+        torch.onnx.export(
+            network.eval(),
+            example,
+            tmp,
+            input_names=["images"],
+            output_names=["embeddings"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    return path
 
 
 def write_gallery(identifier: TwoStageIdentifier, folder: str | Path) -> list[Path]:

@@ -17,6 +17,7 @@ from .backbones import (
 )
 from .heads import HEADS, AdaFace, ArcFace, CosFace, MarginHead, create_head, register_head
 from .iresnet import IBasicBlock, IResNet
+from .mobilefacenet import MobileFaceNet
 
 __all__ = [
     "BACKBONES",
@@ -28,6 +29,7 @@ __all__ = [
     "IBasicBlock",
     "IResNet",
     "MarginHead",
+    "MobileFaceNet",
     "TimmBackbone",
     "TinyBackbone",
     "available_backbones",

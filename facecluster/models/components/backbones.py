@@ -3,10 +3,11 @@
 Every backbone maps images ``[B, 3, H, W]`` to raw (not L2-normalised) embeddings
 ``[B, embedding_dim]`` and exposes ``embedding_dim``; the margin head normalises.
 
-* Registered here: ``iresnet18/34/50/100`` (IResNet of Deng et al., "ArcFace: Additive
+* Registered here: ``iresnet18/34/50/100/200`` (IResNet of Deng et al., "ArcFace: Additive
   Angular Margin Loss for Deep Face Recognition", arXiv:1801.07698, as in insightface's
   arcface_torch, with the improved residual block of Duta et al., "Improved Residual
-  Networks for Image and Video Recognition", arXiv:2004.04989; see ``iresnet.py``) and
+  Networks for Image and Video Recognition", arXiv:2004.04989; see ``iresnet.py``),
+  ``mbf`` and ``mbf_large`` (arcface_torch's MobileFaceNets, ``mobilefacenet.py``) and
   ``tiny``, a ~60k-parameter network for tests and CPU demos.
 * Any other name that ``timm`` knows: the timm model with its classifier removed
   (``num_classes=0``, so it returns globally pooled features) followed by an
@@ -29,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .iresnet import iresnet18, iresnet34, iresnet50, iresnet100
+from .iresnet import iresnet18, iresnet34, iresnet50, iresnet100, iresnet200
+from .mobilefacenet import mbf, mbf_large
 
 __all__ = [
     "BACKBONES",
@@ -246,6 +248,9 @@ register_backbone("iresnet18")(iresnet18)
 register_backbone("iresnet34")(iresnet34)
 register_backbone("iresnet50")(iresnet50)
 register_backbone("iresnet100")(iresnet100)
+register_backbone("iresnet200")(iresnet200)
+register_backbone("mbf")(mbf)
+register_backbone("mbf_large")(mbf_large)
 
 
 def _unknown_backbone_error(name: str) -> ValueError:

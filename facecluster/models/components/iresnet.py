@@ -26,7 +26,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["IBasicBlock", "IResNet", "iresnet18", "iresnet34", "iresnet50", "iresnet100"]
+__all__ = [
+    "IBasicBlock",
+    "IResNet",
+    "iresnet18",
+    "iresnet34",
+    "iresnet50",
+    "iresnet100",
+    "iresnet200",
+]
 
 # arcface_torch uses eps=1e-5 everywhere (the torch default); spelled out so that the
 # match with the reference checkpoints' BN statistics stays obvious.
@@ -38,6 +46,7 @@ _LAYERS: dict[int, tuple[int, int, int, int]] = {
     34: (3, 4, 6, 3),
     50: (3, 4, 14, 3),
     100: (3, 13, 30, 3),
+    200: (6, 26, 60, 6),
 }
 
 
@@ -299,3 +308,14 @@ def iresnet100(
 ) -> IResNet:
     """IResNet-100 (blocks 3, 13, 30, 3). Arguments as in ``IResNet``."""
     return _iresnet(100, embedding_dim, image_size, dropout, width, **kwargs)
+
+
+def iresnet200(
+    embedding_dim: int = 512,
+    image_size: int = 112,
+    dropout: float = 0.0,
+    width: int = 64,
+    **kwargs: object,
+) -> IResNet:
+    """IResNet-200 (blocks 6, 26, 60, 6). Arguments as in ``IResNet``."""
+    return _iresnet(200, embedding_dim, image_size, dropout, width, **kwargs)
