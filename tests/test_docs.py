@@ -126,6 +126,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_pipeline.py::test_stage1_starts_from_the_backbone_weights_model_weights_"
         "names trains stage 1 from a weights file",
     ),
+    "python train.py -c configs/insightface_r50.yaml data.root=/data/faces model.backbone=mbf "
+    "stage1.optim.weight_decay=1e-4 stage2.optim.weight_decay=1e-4": (
+        LEFT_OUT,
+        FULL_SIZE + "; its config is loaded by "
+        "tests/test_config.py::test_documented_train_commands_make_valid_configs",
+    ),
     "python bench/sample_index.py": (
         LEFT_OUT,
         BENCH + "; tests/test_performance.py runs it small",
