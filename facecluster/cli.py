@@ -303,7 +303,13 @@ def _evaluate_trained(cfg: Config, result: RunResult) -> int:
         with training_ranks(cfg, result.results is not None) as ranks:
             if ranks is None:  # not finished, or another process evaluates
                 return 0
-            table = evaluate_runs([run_dir], ranks=ranks)  # the heading with it, below
+            try:
+                table = evaluate_runs([run_dir], ranks=ranks)  # the heading with it, below
+            except (OSError, ValueError, BadImageError, PeerStopped) as e:
+                if ranks.lead:  # first stops the ranks it started (below)
+                    raise
+                # said before leaving the group, as evaluate.py's (it started no ranks)
+                return _said_by_rank(e, ranks.rank, ranks.local_rank, then=again)
     except BaseException as e:
         # the ranks this process started wait for it in a collective that its exit
         # alone would end (a process group's destruction does not): they have nothing
@@ -401,7 +407,14 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> int
 
         said_in_one_line += (PeerStopped,)
         with torchrun_ranks() as ranks:  # one process, or those torchrun started
-            table = evaluate_runs(runs, overrides, ranks)
+            try:
+                table = evaluate_runs(runs, overrides, ranks)
+            except said_in_one_line as e:
+                # said before this process leaves the group: rank 0's collective fails
+                # once it has, and rank 0 says the error is above (a test delays the
+                # leaving: said after it, the line came second, or never once torchrun
+                # ended this process as rank 0 exited)
+                return _said_by_rank(e, ranks.rank, ranks.local_rank)
     except KeyboardInterrupt:  # Ctrl-C reaches each of torchrun's processes: one line
         return _interrupted() if _torchrun_rank() == 0 else 128 + signal.SIGINT
     except said_in_one_line as e:
