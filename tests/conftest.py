@@ -95,12 +95,20 @@ def load_script(script: str) -> ModuleType:
 
 
 @pytest.fixture(autouse=True)
-def _no_wandb_network(monkeypatch):
-    """Tests never talk to W&B: no key, offline unless a test says otherwise. No run
-    folder or job marker leaks from one test into the next (RunFolder.create sets the
-    first for DDP ranks; monkeypatch restores only what it changed itself)."""
+def _no_wandb_network(monkeypatch, tmp_path_factory):
+    """Tests never talk to W&B: no key, offline unless a test says otherwise. wandb's
+    own files (its debug logs, artifact staging, settings) go to the session's
+    temporary folder, not the user's home (a flakiness review found hundreds left in
+    ``~/.cache/wandb`` and ``~/.local/share/wandb``), and a key in the user's
+    ``~/.netrc`` is not read. No run folder or job marker leaks from one test into the
+    next (RunFolder.create sets the first for DDP ranks; monkeypatch restores only what
+    it changed itself)."""
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
+    home = tmp_path_factory.getbasetemp() / "wandb-home"
+    for name in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(name, str(home / name.lower()))
+    monkeypatch.setenv("NETRC", str(home / "no-netrc"))
     for name in ("FACECLUSTER_RUN_DIR", "FACECLUSTER_JOB"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)  # restored to absent after the test, whoever set it

@@ -346,7 +346,7 @@ def test_the_server_wandb_login_host_chose_is_the_one_asked(monkeypatch, tmp_pat
     # logs to: its key (kept under that host) was not found, so runs went offline
     from facecluster.loggers import _wandb_server, check_wandb_server
 
-    for name in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE"):
+    for name in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "WANDB_CONFIG_DIR"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     settings = tmp_path / ".config" / "wandb" / "settings"
