@@ -19,7 +19,7 @@ import os
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,9 @@ class _Run:
     stage1: dict[str, Any] | None = None
     """Stage 1's summary when this process fitted it (other ranks may not see the file
     rank 0 writes yet), else read from the run folder."""
+    stage1_held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    """The run's stage-1 lock while this command holds it (:meth:`RunFolder.stage1_lock`),
+    let go once stage 1 and the clustering are on disk."""
 
     def stage1_summary(self) -> dict[str, Any]:
         return self.stage1 if self.stage1 is not None else self.folder.stage_summary(1)
@@ -210,7 +213,11 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
         # run's config: a second command on the run, past the check at start while this
         # one scanned the data, is refused here (a SLURM submission: its job holds it)
         fits = cfg.launcher.name == "local" and _stage1_pending(cfg, folder)
-        with folder.stage1_lock() if fits else contextlib.nullcontext():
+        with contextlib.ExitStack() as stage1_held:
+            if fits:
+                stage1_held.enter_context(folder.stage1_lock())
+            elif cfg.launcher.name == "local":  # a lock a killed command left: removed
+                folder.drop_stale_stage1_lock()
             if not cfg.resume and launched_processes() == 1:  # created by two at once?
                 folder.check_unclaimed(names=(RUN_CONFIG,))  # (class_names.json: ours now)
             folder.save_config(cfg)
@@ -225,7 +232,10 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> RunResult:
             with finish_logger(logger):
                 hint = ResumeHint(folder.path, cfg.stage, JOB_ENV)  # Ctrl-C: how to continue
                 try:
-                    return _two_stages(_Run(cfg, dm, folder, logger, [*callbacks, hint], weights))
+                    extra = [*callbacks, hint]
+                    return _two_stages(
+                        _Run(cfg, dm, folder, logger, extra, weights, stage1_held=stage1_held)
+                    )
                 except Exception as e:  # bad data, a lost peer, a full disk: how to go on
                     stop = stopped_run(e)  # (a stage-2 job: its launcher says how)
                     if stop and not os.environ.get(JOB_ENV):
@@ -354,6 +364,10 @@ def _two_stages(run: _Run) -> RunResult:
     if cfg.stage in ("all", "1", "cluster"):
         backbone = _stage1_and_clustering(run, clustering)
     if clustering is not None and cfg.stage in ("all", "2"):
+        # stage 1 and the clustering are on disk: their lock goes (held through stage 2,
+        # a kill there left it in the run once a resume had finished it, where another
+        # machine's command cannot tell it is stale; each stage-2 job holds its own)
+        run.stage1_held.close()
         subnets = _stage2(run, clustering)
     results = table = None
     if cfg.assembles and is_global_zero():  # the other ranks' work is on disk by now

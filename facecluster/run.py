@@ -1121,6 +1121,14 @@ class RunFolder:
         if holder is not None:
             self._refuse_held(self.stage1_lock_path, _lock_owner(), holder, self._stage1_busy)
 
+    def drop_stale_stage1_lock(self) -> None:
+        """Remove a :meth:`stage1_lock` whose process is gone (killed before it let go),
+        by global rank 0, for a command that does not take it: a finished run kept it,
+        and a command on another machine cannot tell it from a live one."""
+        if is_global_zero() and (other := _read_json(self.stage1_lock_path)):
+            if _lock_is_stale(other, _lock_owner()):
+                _remove_stale(self.stage1_lock_path, other)
+
     def _stage1_holder(self) -> dict[str, Any] | None:
         """The record of the live process that holds :meth:`stage1_lock`, else None."""
         other = _read_json(self.stage1_lock_path)

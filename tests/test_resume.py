@@ -676,6 +676,33 @@ def test_a_lock_of_a_slurm_job_that_left_the_queue_is_taken_over(tmp_path, monke
         holder.wait()
 
 
+def test_the_stage1_lock_goes_with_the_clustering_and_a_killed_commands_is_removed(tmp_path):
+    # The stage-1 lock was held through stage 2: a kill -9 there left stage1/running.json
+    # in the run that a resume then finished (it took no stage-1 lock, stage 1 done),
+    # where a command on another machine cannot tell it is stale (a kill-and-resume fuzz)
+    import json
+    import socket
+    import subprocess
+
+    lock = tmp_path / "run" / "stage1" / "running.json"
+    seen = {}
+
+    class Look(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen[pl_module.stage] = lock.exists()
+
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "eval.after_training=false"))
+    with pytest.raises(Interrupted, match="stage 2"):
+        train(cfg, callbacks=[Look(), StopAtEpochStart(stage=2, epoch=0)])
+    assert seen == {1: True, 2: False}, "held in stage 1 alone"
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid of this host whose process has ended: a kill -9's lock
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid}))
+    again = smoke_overrides(tmp_path, f"resume={tmp_path / 'run'}", "eval.after_training=false")
+    assert train(load_config(SMOKE, again)).results is not None
+    assert not lock.exists()
+
+
 def test_a_resume_while_another_command_fits_stage1_is_refused_before_it_writes(
     tmp_path, monkeypatch
 ):
