@@ -621,6 +621,12 @@ class RunFolder:
         elif (path / RUN_CONFIG).is_file():
             run = cls(path)
             saved = run.config()
+        elif (path / RUN_META).is_file():  # made, then stopped before its config.yaml
+            raise ConfigError(
+                f"resume={resume}: this run was stopped before it saved its {RUN_CONFIG} "
+                "(in its checks at start), so it trained nothing: start it again with the "
+                f"command that made it ({path} may be deleted)"
+            )
         else:
             raise ConfigError(
                 f"resume={resume}: not a facecluster run folder (no {RUN_CONFIG}); "

@@ -333,6 +333,21 @@ def test_an_earlier_checkpoint_of_a_finished_stage1_is_refused(tmp_path):
     assert last.read_bytes() == before
 
 
+def test_a_run_stopped_before_its_config_is_said_to_be_started_again(tmp_path):
+    # Ctrl-C in the checks at start (a kill-and-resume fuzz) left run.json alone: resume=
+    # said "pass the folder printed at the start of the run", which was never printed
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path))
+    run = RunFolder.for_training(cfg)
+    run.create()  # then stopped, before save_config
+    with pytest.raises(ConfigError, match="stopped before it saved its config.yaml .* again"):
+        RunFolder.config_for_resume(str(run.path), [])
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path))  # the command that made it
+    assert RunFolder.for_training(cfg).path == run.path
+    run.create()
+    run.save_config(cfg)
+    assert RunFolder.config_for_resume(str(run.path), []).run_name == run.path.name
+
+
 def test_a_resume_that_names_another_run_folder_is_refused_not_ignored(tmp_path):
     # run_name and output_dir were replaced by the resumed run's own without a word
     cfg = load_config(SMOKE, smoke_overrides(tmp_path))
