@@ -144,7 +144,7 @@ def replacing_together(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
     its name, then they replace theirs in the order given. A failure before then (a
     full disk that only the fsync of a large file reports, Ctrl-C) leaves every target
     as it was; nested ``replacing`` blocks had renamed the others by then. Ctrl-C or
-    SIGTERM during the renames waits until every file is in place (:func:`_signals_held`),
+    SIGTERM during the renames waits until every file is in place (:func:`signals_held`),
     never leaving some new files beside the old others."""
     targets = [Path(p) for p in paths]
     temps = [
@@ -159,7 +159,7 @@ def replacing_together(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        with _signals_held():
+        with signals_held():
             for tmp, target in zip(temps, targets, strict=True):
                 mode = _file_mode(target)  # a file made private stays private
                 if os.stat(tmp).st_mode & 0o777 != mode:
@@ -181,7 +181,7 @@ HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
+def signals_held() -> Iterator[None]:
     """Ctrl-C (SIGINT) and SIGTERM that arrive while the block runs take effect after it:
     the handler in place before the block (a KeyboardInterrupt, a time limit's end)
     runs then, once per signal, in the order they came.

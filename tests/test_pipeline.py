@@ -854,6 +854,39 @@ def test_sigterm_ends_train_py_with_143_and_the_resume_command(tmp_path, every_p
 
 
 @pytest.mark.faults
+def test_a_ctrl_c_while_a_loader_starts_its_workers_is_raised_after_not_dropped():
+    # Ctrl-C in the moment os.fork runs its hooks (a loader starting its workers) was
+    # raised inside a hook, where Python drops it ("Exception ignored in: _releaseLock"):
+    # the evaluation at the end of a training went on to exit 0, or stopped on the
+    # workers the Ctrl-C had ended, exit 1 (a kill-and-resume fuzz). A hook sends it here.
+    import os
+    import signal
+
+    from facecluster.data.datamodule import FaceDataLoader, WorkerStart
+
+    armed = [True]
+
+    def interrupt():
+        if armed:
+            armed.clear()
+            os.kill(os.getpid(), signal.SIGINT)
+
+    os.register_at_fork(after_in_parent=interrupt)  # (disarmed once it has run)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        loader = FaceDataLoader(
+            list(range(8)), batch_size=4, num_workers=1, worker_init_fn=WorkerStart(0)
+        )
+        with pytest.raises(KeyboardInterrupt):
+            list(loader)  # the Ctrl-C dropped: both batches
+        assert not armed
+        assert [b.tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # workers sound
+    finally:
+        armed.clear()
+        signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.faults
 def test_loader_workers_drop_a_strangers_sigterm_and_a_script_that_leaves_them_exits():
     # A script that exits with a loader's iterator alive (a failed in-process train(),
     # an abandoned next(iter(loader))) waited forever: multiprocessing ends workers at

@@ -1399,7 +1399,7 @@ def test_a_ctrl_c_while_the_held_signals_are_restored_loses_no_sigterm(monkeypat
 
     try:
         with pytest.raises(KeyboardInterrupt):
-            with facecluster_io._signals_held():
+            with facecluster_io.signals_held():
                 os.kill(os.getpid(), signal.SIGTERM)
                 monkeypatch.setattr(facecluster_io.signal, "signal", ctrl_c_once_sigint_is_back)
         assert came == [signal.SIGTERM]  # delivered after all
