@@ -236,7 +236,8 @@ def backbone_parameters(cfg: Config) -> int:
             + (
                 f"has {available} stages to share"
                 if available
-                else "cannot share stages (IResNets and tiny can); set model.shared_layers=0"
+                else "cannot share stages (IResNets, MobileFaceNets and tiny can); "
+                "set model.shared_layers=0"
             )
         )
     return sum(p.numel() for p in backbone.parameters())
@@ -248,7 +249,8 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
     architecture or size is refused before any work; None when unset.
 
     Takes a state dict of tensors (``torch.save(backbone.state_dict())``; arcface_torch's
-    ``backbone.pth`` or ``model.pt`` has the keys of facecluster's IResNets, a
+    ``backbone.pth`` or ``model.pt`` has the keys of facecluster's IResNets and
+    MobileFaceNets, a
     ``module.`` prefix is dropped; its ``checkpoint_gpu_<rank>.pt``, its
     ``state_dict_backbone``), a facecluster checkpoint of stage 1 or of a single model (its
     ``backbone.*`` weights) or a sub-net's file (``stage2/subnets/subnet<k>.pt``).

@@ -503,7 +503,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "iresnet18"
-    """A registered backbone (iresnet18/34/50/100, tiny) or any timm model name."""
+    """A registered backbone (iresnet18/34/50/100/200, mbf, mbf_large, tiny) or any timm
+    model name."""
     embedding_dim: int = 512
     """Size of the face embedding."""
     pretrained: bool = False
@@ -525,7 +526,8 @@ class ModelConfig:
     shared_layers: int = 0
     """Stages of the stage-1 backbone (stem included) that every sub-net shares, frozen:
     stage 2 trains only the later stages, and routed inference runs the shared trunk once
-    per face (IResNets and tiny: 1 to 4; 0: sub-nets are whole copies)."""
+    per face (IResNets and tiny: 1 to 4, MobileFaceNets: 1 to 3; 0: sub-nets are whole
+    copies)."""
 
     def problems(self) -> list[str]:
         r = _Rules("model.")

@@ -124,7 +124,7 @@ class _Run:
     rank 0 writes yet), else read from the run folder."""
     stage1_held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     """The run's stage-1 lock while this command holds it (:meth:`RunFolder.stage1_lock`),
-    let go once stage 1 and the clustering are on disk."""
+    let go once this process's stage-2 job holds its own lock (:func:`fit_stage2`)."""
 
     def stage1_summary(self) -> dict[str, Any]:
         return self.stage1 if self.stage1 is not None else self.folder.stage_summary(1)
@@ -364,10 +364,6 @@ def _two_stages(run: _Run) -> RunResult:
     if cfg.stage in ("all", "1", "cluster"):
         backbone = _stage1_and_clustering(run, clustering)
     if clustering is not None and cfg.stage in ("all", "2"):
-        # stage 1 and the clustering are on disk: their lock goes (held through stage 2,
-        # a kill there left it in the run once a resume had finished it, where another
-        # machine's command cannot tell it is stale; each stage-2 job holds its own)
-        run.stage1_held.close()
         subnets = _stage2(run, clustering)
     results = table = None
     if cfg.assembles and is_global_zero():  # the other ranks' work is on disk by now
@@ -646,6 +642,10 @@ def fit_stage2(
     """
     job = job_name(subnets)
     with run.folder.job_lock(job, subnets):  # from choosing the checkpoint to the saved sub-nets
+        # this job's lock holds the run now: the stage-1 lock goes (held through stage 2,
+        # a kill there left it in the run once a resume had finished it, where another
+        # machine's command cannot tell it is stale). Local jobs' launcher keeps it.
+        run.stage1_held.close()
         return _fit_job(run, clustering, subnets, job, own_logger, fresh)
 
 

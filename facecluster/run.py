@@ -621,11 +621,18 @@ class RunFolder:
         elif (path / RUN_CONFIG).is_file():
             run = cls(path)
             saved = run.config()
-        elif (path / RUN_META).is_file():  # made, then stopped before its config.yaml
+        elif (path / RUN_META).is_file() and not any(
+            (path / name).exists() for name in ("stage1", "stage2", CLUSTERS, RESULTS)
+        ):  # made, then stopped before its config.yaml (a run that trained: damaged, below)
             raise ConfigError(
                 f"resume={resume}: this run was stopped before it saved its {RUN_CONFIG} "
                 "(in its checks at start), so it trained nothing: start it again with the "
                 f"command that made it ({path} may be deleted)"
+            )
+        elif (path / RUN_META).is_file():
+            raise ConfigError(
+                f"resume={resume}: {path} has no {RUN_CONFIG}: the run folder is damaged; "
+                f"restore {RUN_CONFIG} from a copy of the run"
             )
         else:
             raise ConfigError(

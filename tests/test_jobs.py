@@ -141,6 +141,27 @@ def _stage1_only(src: Path, dst: Path) -> Path:
 
 
 @pytest.mark.faults  # a row of docs/RELIABILITY.md
+def test_the_launcher_of_local_jobs_holds_the_run_while_they_train(tmp_path, monkeypatch):
+    # The stage-1 lock let go before stage 2 (a change of 2026-12-07, caught by a diff
+    # review) left a run of local jobs unheld while they started and between them: a
+    # resume then passed its check at start and wrote its overrides to config.yaml,
+    # which the launcher's later jobs read. In-process, a stage-2 job's lock holds it.
+    seen = []
+
+    def jobs(folder, *args):
+        seen.append(folder.training_now())
+        with pytest.raises(ConfigError, match="training now"):
+            folder.check_not_training()  # a second command's check at start
+        raise KeyboardInterrupt  # the jobs never run
+
+    monkeypatch.setattr(pipeline, "run_local", jobs)
+    two = smoke_overrides(tmp_path, "launcher=local", "stage2.jobs=2", "logger=none")
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(SMOKE, two))
+    assert seen and seen[0] is not None and seen[0][0].name == "running.json"
+    assert not (tmp_path / "run" / "stage1" / "running.json").exists()  # let go at the end
+
+
 def test_a_killed_job_is_the_only_one_resume_retrains(tmp_path, monkeypatch):
     reference = train(load_config(SMOKE, smoke_overrides(tmp_path / "ref", *EPOCHS))).run_dir
     run = _stage1_only(reference, tmp_path / "killed" / "run")

@@ -341,6 +341,10 @@ def test_a_run_stopped_before_its_config_is_said_to_be_started_again(tmp_path):
     run.create()  # then stopped, before save_config
     with pytest.raises(ConfigError, match="stopped before it saved its config.yaml .* again"):
         RunFolder.config_for_resume(str(run.path), [])
+    (run.path / "stage1").mkdir()  # it trained (config.yaml lost since): damaged
+    with pytest.raises(ConfigError, match="has no config.yaml: the run folder is damaged"):
+        RunFolder.config_for_resume(str(run.path), [])
+    (run.path / "stage1").rmdir()
     cfg = load_config(SMOKE, smoke_overrides(tmp_path))  # the command that made it
     assert RunFolder.for_training(cfg).path == run.path
     run.create()

@@ -148,6 +148,7 @@ def export_onnx(identifier: TwoStageIdentifier, folder: str | Path) -> list[Path
 def export_network(network: nn.Module, image_size: int, path: Path) -> Path:
     """Write one backbone as ``path``: ``images`` ``float32[batch, 3, image_size,
     image_size]`` in (the batch size free), ``embeddings`` out. Returns ``path``."""
+    require_onnx_export()  # named up front
     device = next(network.parameters()).device
     example = (torch.zeros(2, 3, image_size, image_size, device=device),)
     # fsynced before it takes its name, as the gallery is: an export is committed as a

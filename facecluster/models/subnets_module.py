@@ -130,7 +130,11 @@ class SubnetSystem(StageSystem):
         if shared_layers:
             available = shareable_stages(next(iter(self.subnets.values())))
             if not 0 < shared_layers <= available:
-                can = f"1 to {available} stages" if available else "no stages (IResNets, tiny can)"
+                can = (
+                    f"1 to {available} stages"
+                    if available
+                    else "no stages (IResNets, MobileFaceNets, tiny can)"
+                )
                 raise ValueError(
                     f"shared_layers={shared_layers}: backbone {backbone['name']!r} can share {can}"
                 )
