@@ -686,7 +686,10 @@ def stopped_run(error: BaseException) -> Stopped | None:
         message = "another process of this run stopped first (its own error says why); "
         return Stopped(message + "this one stopped with it", 1, "once its cause is dealt with")
     if isinstance(error, OSError) and disk_full(error):
-        where = f"{error.filename}: " if error.filename else ""
+        # a copy's (shutil: wandb's media files) names its source first, the file it
+        # could not write second (a full-disk review: the message sent users to /tmp)
+        written = error.filename2 or error.filename
+        where = f"{written}: " if written else ""
         return Stopped(f"{where}{error.strerror or error}", 1, "once the disk has space")
     if type(error).__name__ == "CommError" and type(error).__module__.startswith("wandb"):
         # the server took the connection (the start-up check's test) but refused or did

@@ -344,10 +344,11 @@ def run_local(run: RunFolder, groups: list[list[int]], parallel: int, devices: i
                     launched = True
                     if stopped:  # the signal came between the check above and now
                         process.send_signal(stopped[0])
-                    try:
-                        (log.parent / "job.json").write_text(
-                            json.dumps({"pid": process.pid, "command": command}, indent=2)
-                        )
+                    try:  # whole or not at all, a full disk named (a full-disk review)
+                        with replacing(log.parent / "job.json") as tmp:
+                            tmp.write_text(
+                                json.dumps({"pid": process.pid, "command": command}, indent=2)
+                            )
                     finally:  # never leave a started job unwaited for
                         code = process.wait()
                         running.pop(process.pid, None)

@@ -85,10 +85,12 @@ from facecluster.io import (
     atomic_torch_save,
     check_archive,
     check_can_write,
+    disk_full,
     file_stamp,
     load_plain,
     pid_alive,
     replacing,
+    write_error,
 )
 from facecluster.models.base import CHECKPOINT_KEY
 
@@ -1185,7 +1187,12 @@ class RunFolder:
         mine = {**me, **(extra or {})}
         text = json.dumps(mine)
         try:
-            record.write_text(text)
+            try:
+                record.write_text(text)
+            except OSError as e:  # a full disk: named by the lock it was for
+                if disk_full(e):
+                    raise write_error(e, path) from None
+                raise
             while True:
                 try:
                     os.link(record, path)
