@@ -50,6 +50,26 @@ _LAYERS: dict[int, tuple[int, int, int, int]] = {
 }
 
 
+def check_sizes(
+    network: str, why: str, image_size: int, embedding_dim: int, dropout: float
+) -> None:
+    """Refuse the sizes a face network of four stride-2 steps cannot take (IResNet,
+    MobileFaceNet); ``why`` it needs a multiple of 16.
+
+    Raises:
+        ValueError: naming the argument.
+    """
+    if image_size < 16 or image_size % 16 != 0:
+        raise ValueError(
+            f"{network} needs image_size to be a positive multiple of 16 ({why}), got "
+            f"image_size={image_size}"
+        )
+    if embedding_dim < 1:
+        raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     """3x3 convolution with padding 1 and no bias (a BN always follows)."""
     return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
@@ -131,17 +151,12 @@ class IResNet(nn.Module):
         super().__init__()
         if len(layers) != 4 or any(int(n) < 1 for n in layers):
             raise ValueError(f"layers must be four positive block counts, got {layers!r}")
-        if image_size < 16 or image_size % 16 != 0:
-            raise ValueError(
-                f"IResNet needs image_size to be a positive multiple of 16 (four stride-2 "
-                f"stages feed a fully connected layer), got image_size={image_size}"
-            )
-        if embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
+        check_sizes(
+            "IResNet", "four stride-2 stages feed a fully connected layer",
+            image_size, embedding_dim, dropout,
+        )  # fmt: skip
         if width < 1:
             raise ValueError(f"width must be positive, got {width}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
         self.embedding_dim = embedding_dim
         self.image_size = image_size

@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .iresnet import check_sizes
+
 __all__ = ["MobileFaceNet", "mbf", "mbf_large"]
 
 
@@ -118,16 +120,10 @@ class MobileFaceNet(nn.Module):
             raise ValueError(f"blocks must be four positive block counts, got {blocks!r}")
         if not isinstance(scale, int) or scale < 1:
             raise ValueError(f"scale must be a positive integer, got {scale!r}")
-        if image_size < 16 or image_size % 16 != 0:
-            raise ValueError(
-                f"MobileFaceNet needs image_size to be a positive multiple of 16 (four "
-                f"stride-2 layers, then a convolution over the whole map), got "
-                f"image_size={image_size}"
-            )
-        if embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_sizes(
+            "MobileFaceNet", "four stride-2 layers, then a convolution over the whole map",
+            image_size, embedding_dim, dropout,
+        )  # fmt: skip
         self.embedding_dim = embedding_dim
         self.image_size = image_size
         self.blocks = blocks
