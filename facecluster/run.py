@@ -285,6 +285,14 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def _without_config(resume: str, folder: Path) -> ConfigError:
+    """``resume=``'s refusal of a run folder that trained and has lost its config.yaml."""
+    return ConfigError(
+        f"resume={resume}: {folder} has no {RUN_CONFIG}: the run folder is damaged; "
+        f"restore {RUN_CONFIG} from a copy of the run"
+    )
+
+
 def check_checkpoint_of_run(path: Path, meta: dict[str, Any], cfg: Config, resume: str) -> None:
     """Refuse a checkpoint saved by another run (its config differs from the run's on
     :data:`RESUME_FIXED_KEYS`, which no resume changes): another run's ``last.ckpt``
@@ -614,10 +622,7 @@ class RunFolder:
             # resumed from it trained on the login node
             if not (run.path / RUN_CONFIG).is_file():  # (what the checkpoint holds was
                 # taken here once, then refused by for_training: the run is damaged)
-                raise ConfigError(
-                    f"resume={resume}: {run.path} has no {RUN_CONFIG}: the run folder is "
-                    f"damaged; restore {RUN_CONFIG} from a copy of the run"
-                )
+                raise _without_config(resume, run.path)
             saved = run.config()
             check_checkpoint_of_run(path, meta, saved, resume)
         elif (path / RUN_CONFIG).is_file():
@@ -632,10 +637,7 @@ class RunFolder:
                 f"command that made it ({path} may be deleted)"
             )
         elif (path / RUN_META).is_file():
-            raise ConfigError(
-                f"resume={resume}: {path} has no {RUN_CONFIG}: the run folder is damaged; "
-                f"restore {RUN_CONFIG} from a copy of the run"
-            )
+            raise _without_config(resume, path)
         else:
             raise ConfigError(
                 f"resume={resume}: not a facecluster run folder (no {RUN_CONFIG}); "
