@@ -93,6 +93,17 @@ NaN, inf or zero).
 
 EXPORTED = " (a folder written by facecluster export)"
 
+IJB_HELP = """IJB-B or IJB-C 1:1 verification of an export's stage-1 backbone: TAR at each FAR.
+
+    facecluster ijb exports/r50 /data/IJB_release/IJBC
+    facecluster ijb exports/r50 /data/IJB_release/IJBB --target IJBB --out ijbb.json
+
+The release folder holds meta/ and loose_crop/. Each face is aligned by its five
+points, embedded with its mirror image, weighted by its detector score, pooled into
+its template, and each pair scored by cosine, as arcface_torch's eval_ijbc.py does
+(docs/EVALUATION.md). Prints the table and writes it as JSON (--out).
+"""
+
 
 def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
     """An argparse ``type``: a number of ``kind`` (int or float) not below ``minimum``,
@@ -681,6 +692,69 @@ def enroll_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
+def ijb_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = _parser(prog or "facecluster ijb", IJB_HELP)
+    parser.add_argument("model", help="a folder written by facecluster export")
+    parser.add_argument("root", help="the release's IJBC (or IJBB) folder: meta/, loose_crop/")
+    parser.add_argument("--target", choices=("IJBC", "IJBB"), default="IJBC")
+    parser.add_argument(
+        "--out", default=None, help="JSON to write (default: ijbc.json or ijbb.json)"
+    )
+    parser.add_argument("--batch-size", type=at_least(1), default=128, help="faces per batch")
+    parser.add_argument(
+        "--workers",
+        type=at_least(0),
+        default=min(8, os.cpu_count() or 1),
+        help="processes that decode and align the faces (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda"
+    )
+    _add_imports(parser)
+    args = parser.parse_args(argv)
+    out = args.out or f"{args.target.lower()}.json"
+    from facecluster.config import missing_path
+
+    for path, what in ((args.model, EXPORTED), (args.root, " (an IJB release's folder)")):
+        if missing := missing_path(path, what=what):
+            return _fail(missing)
+    if not Path(out).is_dir():
+        try:
+            output_file(out)
+        except argparse.ArgumentTypeError as e:
+            return _fail(f"--out {e}")
+    if problem := _imported(args.imports):
+        return _fail(problem)
+    from facecluster.deploy import ijb_export, resolve_device
+    from facecluster.results import markdown_table
+
+    try:
+        resolve_device(args.device)
+    except (RuntimeError, ValueError) as e:
+        parser.error(f"--device {args.device}: {e}")
+    try:
+        summary = ijb_export(
+            args.model, args.root, args.target, out, args.batch_size, args.workers, args.device
+        )
+    except (OSError, ValueError, ImportError) as e:
+        return _fail(e)
+    rows = summary["rows"]
+    print(
+        f"{summary['target']} 1:1 verification: {summary['faces']:,} faces, "
+        f"{summary['templates']:,} templates, {summary['genuine']:,} pairs of one person, "
+        f"{summary['impostor']:,} of two"
+    )
+    print(
+        markdown_table(
+            ["model", *(f"TAR@FAR={r['far']:.0e}" for r in rows)],
+            [[args.model, *(f"{r['tar']:.2%}" for r in rows)]],
+            "l" + "r" * len(rows),
+        )
+    )
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def pack_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from facecluster.data.pack import main
 
@@ -694,6 +768,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
     "export": (export_main, EXPORT_HELP),
     "enroll": (enroll_main, ENROLL_HELP),
     "identify": (identify_main, IDENTIFY_HELP),
+    "ijb": (ijb_main, IJB_HELP),
 }
 
 

@@ -929,3 +929,46 @@ def identify_files(
             shown_list(failed),
         )
     return rows
+
+
+def ijb_export(
+    model: str | Path,
+    root: str | Path,
+    target: str = "IJBC",
+    out: str | Path | None = None,
+    batch_size: int = 128,
+    workers: int = 0,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """IJB-B/C 1:1 verification of an export's stage-1 backbone (the router's), as
+    arcface_torch's ``eval_ijbc.py`` measures it (:mod:`facecluster.inference.ijb`).
+    Writes ``out`` (JSON: the TAR at each FAR, the counts, the export) when given and
+    returns what it holds.
+
+    Raises:
+        FileNotFoundError: the export, the release or one of its files is missing.
+        ValueError: a malformed list, an image that cannot be decoded (named).
+    """
+    from facecluster.data.ijb import read_ijb
+    from facecluster.inference.ijb import evaluate_ijb
+
+    if out is not None and Path(out).is_dir():
+        raise ValueError(f"--out {out} is a folder: name the JSON file to write")
+    protocol = read_ijb(root, target)  # the lists checked before the export is read
+    identifier = load_export(model, "torch", device)
+    where = resolve_device(device)
+    backbone = identifier.router_backbone.eval()
+    size = identifier.backbone_args["image_size"]
+    result, _ = evaluate_ijb(backbone, protocol, size, batch_size, workers, where)
+    summary = {
+        "model": str(Path(model).expanduser().absolute()),
+        "export_id": identifier.export_id,
+        "root": str(protocol.root.absolute()),
+        "image_size": size,
+        **result.as_dict(),
+    }
+    if out is not None:
+        Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        with replacing(Path(out).expanduser()) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

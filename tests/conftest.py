@@ -134,3 +134,69 @@ def smoke_cfg(tmp_path):
         return load_config(SMOKE, smoke_overrides(tmp_path, *extra))
 
     return make
+
+
+def make_ijb(root: Path, people: int = 12, seed: int = 0, target: str = "IJBC") -> Path:
+    """An IJB release's layout (``root/meta``, ``root/loose_crop``) made from real LFW
+    faces: each person's first image placed three times in larger photos, each time by
+    another rotation, scale and shift, with its five points moved alike (plus half a
+    pixel of noise). Template 2p + 1 holds the first photo; template 2p + 2 the other
+    two, as two frames of one media. Pairs: each person's two templates (same), and
+    each first template against the next three people's second ones (not)."""
+    import numpy as np
+    import simplejpeg
+
+    from facecluster.data.ijb import REFERENCE
+    from facecluster.data.images import decode_image
+
+    rng = np.random.default_rng(seed)
+    folders = sorted(SHARED_LFW.iterdir())
+    (root / "loose_crop").mkdir(parents=True)
+    (root / "meta").mkdir()
+    points, faces, pairs = [], [], []
+    for p, folder in enumerate(folders[:people]):
+        first = min(folder.glob("*.jpg"))
+        for template, sources in ((2 * p + 1, [first]), (2 * p + 2, [first, first])):
+            for source in sources:
+                angle, scale = rng.uniform(-0.4, 0.4), rng.uniform(1.1, 1.6)
+                rotation = scale * np.array(
+                    [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+                )
+                crop = decode_image(str(source))
+                # the photo: the crop turned and scaled about its centre, the centre put
+                # near the photo's, black around it
+                centre = np.array(crop.shape[1::-1]) / 2 - 0.5
+                shift = np.array([150, 130]) + rng.uniform(-20, 20, 2) - rotation @ centre
+                matrix = np.c_[rotation, shift]
+                photo = _warped(crop, matrix, (300, 260))
+                name = f"{template}_{len(points)}_{source.stem}.jpg"
+                (root / "loose_crop" / name).write_bytes(simplejpeg.encode_jpeg(photo, 95))
+                moved = REFERENCE @ rotation.T + shift + rng.normal(0, 0.5, (5, 2))
+                score = rng.uniform(0.6, 1.0)
+                points.append(
+                    " ".join([name, *(f"{v:.3f}" for v in moved.ravel()), f"{score:.4f}"])
+                )
+                faces.append(f"{name} {template} {1000 + template}")
+        pairs.append(f"{2 * p + 1} {2 * p + 2} 1")
+        pairs += [f"{2 * p + 1} {2 * ((p + q) % people) + 2} 0" for q in (1, 2, 3)]
+    t = target.lower()
+    (root / "meta" / f"{t}_name_5pts_score.txt").write_text("\n".join(points) + "\n")
+    (root / "meta" / f"{t}_face_tid_mid.txt").write_text("\n".join(faces) + "\n")
+    (root / "meta" / f"{t}_template_pair_label.txt").write_text("\n".join(pairs) + "\n")
+    return root
+
+
+def _warped(image, matrix, size):
+    """``image`` (uint8 [H, W, 3]) moved by the 2 x 3 ``matrix`` into a black
+    ``size`` (width, height) photo: bilinear, as make_ijb needs and nothing more."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    width, height = size
+    inverse = np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))[:2]
+    xs, ys = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
+    points = np.stack([xs, ys, np.ones_like(xs)], axis=-1) @ inverse.T
+    h, w = image.shape[:2]
+    grid = torch.from_numpy(points / [(w - 1) / 2, (h - 1) / 2] - 1)[None]
+    out = F.grid_sample(image.permute(2, 0, 1)[None].double(), grid, align_corners=True)
+    return np.ascontiguousarray(out[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy())

@@ -38,11 +38,12 @@ from facecluster.inference.identifier import pack_names, unpack_names
 from facecluster.inference.openset import fnir_at_fpir, threshold_at_fpir
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
-from tests.conftest import DEMO, ROOT, SMOKE, run_script, smoke_overrides
+from tests.conftest import DEMO, ROOT, SMOKE, make_ijb, run_script, smoke_overrides
 
 EXPORT = "facecluster export runs/<run> exports/demo --onnx"
 ENROLL = "facecluster enroll exports/demo new_people/"
 IDENTIFY = "facecluster identify exports/demo datasets/lfw-demo/images/<identity> --out who.csv"
+IJB = "facecluster ijb exports/demo IJB_release/IJBC"
 
 
 def test_the_console_script_lists_its_commands(tmp_path):
@@ -271,6 +272,38 @@ def test_documented_identify_answers_unknown_for_unseen_identities(open_run, exp
     # (0 of fewer than 100); on unseen test faces it answers unknown for most
     unknown = sum(row["identity"] == "unknown" for row in rows) / len(rows)
     assert unknown >= 0.5
+
+
+@pytest.mark.slow
+def test_documented_ijb_command_reports_tar_at_each_far_of_the_exports_backbone(exported):
+    # docs/EVALUATION.md's command as written, on a release made from LFW faces (the
+    # protocol's figures themselves: tests/test_ijb.py)
+    cwd = exported.parents[1]
+    make_ijb(cwd / "IJB_release" / "IJBC")
+    assert IJB in (ROOT / "docs" / "EVALUATION.md").read_text()
+    proc = _facecluster(IJB.split(), cwd)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == (
+        "IJBC 1:1 verification: 36 faces, 24 templates, 12 pairs of one person, 36 of two"
+    )
+    header = ["model", *(f"TAR@FAR=1e-{n:02d}" for n in range(6, 0, -1))]
+    assert lines[1] == "| " + " | ".join(header) + " |"
+    cells = lines[3].strip("| ").split(" | ")
+    assert cells[0] == "exports/demo" and all(re.fullmatch(r"\d+\.\d\d%", c) for c in cells[1:])
+    summary = json.loads((cwd / "ijbc.json").read_text())
+    assert proc.stderr.splitlines()[-1] == "wrote ijbc.json"
+    assert summary["export_id"] == load_export(exported, "torch", "cpu").export_id
+    assert [f"{row['tar']:.2%}" for row in summary["rows"]] == cells[1:]
+    assert [row["far"] for row in summary["rows"]] == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    # a folder that is no release is named before the export is read
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "facecluster"), "ijb", "exports/demo", "exports"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: exports is not an IJB release's IJBC folder")
 
 
 def test_the_export_holds_the_stage1_backbone_as_a_state_dict_model_weights_reads(

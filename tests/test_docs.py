@@ -105,6 +105,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         FILLED,
         "tests/test_deploy.py::test_documented_identify_answers_unknown_for_unseen_identities",
     ),
+    "facecluster ijb exports/demo IJB_release/IJBC": (
+        RUN,
+        "tests/test_deploy.py::test_documented_ijb_command_reports_tar_at_each_far_of_the_"
+        "exports_backbone",
+    ),
     "facecluster enroll exports/demo new_people/": (
         FILLED,
         "tests/test_deploy.py::test_enrolling_new_identities_without_retraining",
@@ -233,6 +238,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "facecluster identify": (
         NAME,
         "facecluster identify exports/demo datasets/lfw-demo/images/<identity> --out who.csv",
+    ),
+    "facecluster ijb": (NAME, "facecluster ijb exports/demo IJB_release/IJBC"),
+    "facecluster ijb EXPORT RELEASE": (
+        FILLED,
+        "tests/test_deploy.py::test_documented_ijb_command_reports_tar_at_each_far_of_the_"
+        "exports_backbone",
+    ),
+    "facecluster ijb OUT <release>": (
+        FILLED,
+        "tests/test_deploy.py::test_documented_ijb_command_reports_tar_at_each_far_of_the_"
+        "exports_backbone",
     ),
     "facecluster pack": (NAME, PACK),
     "facecluster pack --shuffle": (

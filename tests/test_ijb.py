@@ -1,0 +1,197 @@
+"""IJB-B/C 1:1 verification (`facecluster ijb`): the release's lists, the alignment by
+five points, the template pooling and the TAR at FAR of arcface_torch's eval_ijbc.py.
+The command itself runs on an export in tests/test_deploy.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from facecluster.data.ijb import REFERENCE, IJBFaces, read_ijb, similarity_transform
+from facecluster.data.images import decode_image
+from facecluster.inference.ijb import (
+    evaluate_ijb,
+    pair_scores,
+    roc,
+    tar_at_far,
+    template_features,
+)
+from tests.conftest import SHARED_LFW, make_ijb
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    return make_ijb(tmp_path_factory.mktemp("ijb") / "IJBC")
+
+
+def test_read_ijb_gives_each_face_its_points_score_template_and_media(release):
+    protocol = read_ijb(release)
+    assert len(protocol.images) == 36 and protocol.landmarks.shape == (36, 5, 2)
+    assert protocol.images[:3] == [
+        "1_0_AJ_Cook_0001.jpg",
+        "2_1_AJ_Cook_0001.jpg",
+        "2_2_AJ_Cook_0001.jpg",
+    ]
+    assert protocol.templates[:3].tolist() == [1, 2, 2] and protocol.medias[:3].tolist() == [
+        1001,
+        1002,
+        1002,
+    ]
+    assert protocol.pairs.shape == (48, 2) and protocol.labels.sum() == 12
+    assert protocol.pairs[0].tolist() == [1, 2] and protocol.labels[0]
+    assert 0.6 <= protocol.scores.min() and protocol.scores.max() <= 1.0
+
+
+def test_a_face_is_aligned_back_onto_the_crop_its_photo_was_made_from(release):
+    # make_ijb moved each LFW crop into a larger photo by a rotation, a scale and a
+    # shift, and the five reference points with it (plus noise): aligning by those
+    # points gives the crop back, short of interpolation and JPEG losses
+    protocol = read_ijb(release)
+    faces = IJBFaces(protocol, 112)
+    for i, name in enumerate(protocol.images[:6]):
+        stem = name.split("_", 2)[2]
+        want = decode_image(str(SHARED_LFW / stem.rsplit("_", 1)[0] / stem)).int()
+        got = faces[i]
+        assert got.shape == (112, 112, 3) and got.dtype == torch.uint8
+        inner = (got.int() - want).abs()[8:-8, 8:-8].float().mean()
+        assert inner < 4, (name, inner)
+    # points 6 pixels off give another crop: the points are what aligns
+    moved = IJBFaces(dataclasses.replace(protocol, landmarks=protocol.landmarks + 6), 112)
+    assert (moved[0].int() - faces[0].int()).abs()[8:-8, 8:-8].float().mean() > 15
+    # a model of another input size gets the same framing, at its size
+    small = IJBFaces(protocol, 56)[0].permute(2, 0, 1)[None].float()
+    half = torch.nn.functional.avg_pool2d(faces[0].permute(2, 0, 1)[None].float(), 2)
+    assert (small - half).abs()[..., 4:-4, 4:-4].mean() < 6
+
+
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    """An embedding any face set separates: the centred pixels inside the border."""
+    flat = x[..., 8:-8, 8:-8].flatten(1)
+    return flat - flat.mean(dim=1, keepdim=True)
+
+
+def test_the_whole_protocol_matches_every_pair_of_one_face_and_needs_the_points(release):
+    # make_ijb's pairs of one person are one photo placed three times: aligned by their
+    # points, read, mirrored, weighted, pooled and scored, every such pair is above
+    # every pair of two people, whatever the FAR; points 6 pixels off at random are not
+    protocol = read_ijb(release)
+    result, scores = evaluate_ijb(_pixels, protocol, 112)
+    assert scores[protocol.labels].min() > 0.95 > 0.85 > scores[~protocol.labels].max()
+    assert [row["tar"] for row in result.rows] == [1.0] * 6
+    assert (result.faces, result.templates, result.genuine, result.impostor) == (36, 24, 12, 36)
+    noise = np.random.default_rng(0).normal(0, 6, protocol.landmarks.shape)
+    off = dataclasses.replace(protocol, landmarks=protocol.landmarks + noise)
+    result, _ = evaluate_ijb(_pixels, off, 112, batch_size=5, workers=2)
+    assert result.rows[2]["tar"] < 0.9
+
+
+def test_the_similarity_transform_is_the_least_squares_one_without_reflection():
+    angle, scale, shift = 0.3, 1.7, np.array([12.0, -4.0])
+    rotation = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    moved = REFERENCE @ rotation.T + shift
+    matrix = similarity_transform(moved, REFERENCE)  # moved -> reference
+    back = moved @ matrix[:, :2].T + matrix[:, 2]
+    np.testing.assert_allclose(back, REFERENCE, atol=1e-9)
+    # mirrored points: the best rotation and scale, never a reflection
+    mirrored = REFERENCE * [-1, 1]
+    m = similarity_transform(mirrored, REFERENCE)[:, :2]
+    assert np.linalg.det(m) > 0
+    with pytest.raises(ValueError, match="coincide"):
+        similarity_transform(np.ones((5, 2)), REFERENCE)
+
+
+def test_a_template_is_the_sum_of_its_medias_averages_of_score_weighted_faces():
+    features = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    scores = np.array([1.0, 0.5, 1.0, 0.8], dtype=np.float32)
+    templates = np.array([7, 7, 7, 3])
+    medias = np.array([1, 1, 2, 5])  # template 7: faces 0 and 1 are one video's frames
+    feats, ids = template_features(features, scores, templates, medias)
+    assert ids.tolist() == [3, 7]
+    # media 1: mean([1, 0], [0, 1]) = [0.5, 0.5]; media 2: [3, 0]; sum [3.5, 0.5]
+    np.testing.assert_allclose(feats[1], np.array([3.5, 0.5]) / np.hypot(3.5, 0.5))
+    np.testing.assert_allclose(feats[0], [0.0, 1.0])
+    score = pair_scores(feats, ids, np.array([[7, 3], [3, 3]]))
+    np.testing.assert_allclose(score, [0.5 / np.hypot(3.5, 0.5), 1.0])
+
+
+def test_roc_and_tar_at_far_are_scikit_learns_curve_and_arcface_torchs_pick():
+    labels = np.array([1, 1, 0, 1, 0, 0, 0, 1, 0, 0], dtype=bool)
+    scores = np.array([0.9, 0.8, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.3, 0.1])
+    fpr, tpr, thresholds = roc(labels, scores)
+    # worked by hand: at thresholds 0.9, 0.8 (a tie of one of each), 0.7, 0.6, 0.5, 0.4,
+    # 0.3 (a tie) and 0.1 the pairs of two people passing are 0, 1, 1, 2, 3, 4, 5, 6 and
+    # of one person 1, 2, 3, 3, 3, 3, 4, 4; 0.6 and 0.5 lie inside the straight run from
+    # 0.7 to 0.4 and are dropped, as scikit-learn's drop_intermediate drops them
+    assert thresholds.tolist() == [np.inf, 0.9, 0.8, 0.7, 0.4, 0.3, 0.1]
+    np.testing.assert_allclose(fpr * 6, [0, 0, 1, 1, 4, 5, 6])
+    np.testing.assert_allclose(tpr * 4, [0, 1, 2, 3, 3, 4, 4])
+    rows = tar_at_far(labels, scores, (0.0, 0.2, 0.5, 0.99))
+    # FAR 0: the point at 0.9 (FAR 0 at 0.9 and at inf: the lower threshold); 0.2: FAR
+    # 1/6 at 0.7 (TAR 3/4) and at 0.8 (2/4): 0.7; 0.5: 4/6 at 0.4 is nearer than 1/6
+    assert [r["tar"] for r in rows] == [0.25, 0.75, 0.75, 1.0]
+    assert [r["threshold"] for r in rows] == [0.9, 0.7, 0.4, 0.1]
+    assert rows[1]["far_reached"] == pytest.approx(1 / 6) and rows[1]["threshold"] == 0.7
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda r: (r / "meta" / "ijbc_face_tid_mid.txt").unlink(),
+            "ijbc_face_tid_mid.txt is missing",
+        ),
+        (
+            lambda r: _edit(r, "name_5pts_score", 2, lambda f: f[:-1]),
+            r"ijbc_name_5pts_score.txt, line 2: 11 fields, expected 12",
+        ),
+        (
+            lambda r: _edit(r, "name_5pts_score", 3, lambda f: [f[0], "nan", *f[2:]]),
+            r"line 3: a value that is not finite",
+        ),
+        (
+            lambda r: _edit(r, "face_tid_mid", 4, lambda f: ["x.jpg", *f[1:]]),
+            r"ijbc_face_tid_mid.txt, line 4 names x.jpg where .*ijbc_name_5pts_score.txt "
+            r"names 3_3_AJ_Lamas_0001.jpg",
+        ),
+        (
+            lambda r: _edit(r, "template_pair_label", 5, lambda f: [*f[:2], "2"]),
+            r"ijbc_template_pair_label.txt, line 5: label 2, expected 1",
+        ),
+        (
+            lambda r: _edit(r, "template_pair_label", 6, lambda f: ["999", *f[1:]]),
+            r"line 6: template 999 holds no face of .*ijbc_face_tid_mid.txt",
+        ),
+        (
+            lambda r: _edit(r, "template_pair_label", 6, lambda f: ["a", *f[1:]]),
+            r"ijbc_template_pair_label.txt: could not convert string 'a' to int64 at row 5",
+        ),
+        (
+            lambda r: (r / "loose_crop" / "2_2_AJ_Cook_0001.jpg").unlink(),
+            r"loose_crop/2_2_AJ_Cook_0001.jpg does not exist \(1 of the 12 images",
+        ),
+    ],
+)
+def test_a_release_with_a_missing_or_malformed_file_is_refused_naming_the_file_and_line(
+    tmp_path, edit, message
+):
+    root = make_ijb(tmp_path / "IJBC", people=4)
+    edit(root)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        read_ijb(root)
+
+
+def test_a_folder_that_is_no_release_or_a_target_it_lacks_is_refused(tmp_path, release):
+    with pytest.raises(FileNotFoundError, match="not an IJB release's IJBC folder"):
+        read_ijb(tmp_path)
+    with pytest.raises(FileNotFoundError, match="ijbb_name_5pts_score.txt"):
+        read_ijb(release, "IJBB")
+
+
+def _edit(root, kind, line, change):
+    path = root / "meta" / f"ijbc_{kind}.txt"
+    lines = path.read_text().splitlines()
+    lines[line - 1] = " ".join(change(lines[line - 1].split()))
+    path.write_text("\n".join(lines) + "\n")
