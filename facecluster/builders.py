@@ -49,11 +49,14 @@ from facecluster.checkpoint_io import AtomicCheckpointIO
 from facecluster.config import (
     COMMAND,
     NAME_RULE,
+    SAME_NAME_RULE,
     Config,
     ConfigError,
     check_data_root,
+    name_collisions,
     naming,
     resolve_data_root,
+    shown_names,
     unreadable_names,
 )
 from facecluster.data import BadImageError, FaceDataModule
@@ -371,16 +374,23 @@ def check_identity_names(cfg: Config, dm: FaceDataModule) -> None:
     if cfg.resume:
         return
     names = [*dm.class_names, *dm.unseen_identities("val"), *dm.unseen_identities("test")]
+    packed = rec_paths(resolve_data_root(cfg.data.root)) is not None
     if broken := unreadable_names(names):
-        where = (
-            f"their lines of {IDENTITY_NAMES} beside the .rec"
-            if rec_paths(resolve_data_root(cfg.data.root))
-            else "their folders"
-        )
+        where = f"their lines of {IDENTITY_NAMES} beside the .rec" if packed else "their folders"
         raise ConfigError(
             f"data.root={cfg.data.root}: {len(broken)} identity name(s) cannot name an "
             f"identity ({shown_list([f'{name!r} {why}' for name, why in broken], 3)}); "
             f"{NAME_RULE}: rename {where}"
+        )
+    # two folders that every table and answer shows as one name (a copy from macOS
+    # beside a Linux one; "Ann" and "Ann "): two identities a reader cannot tell apart,
+    # where enrol refuses the second (a review)
+    if alike := name_collisions(names):
+        where = f"names of {IDENTITY_NAMES} beside the .rec" if packed else "folders"
+        raise ConfigError(
+            f"data.root={cfg.data.root}: {len(alike)} pair(s) of identity {where} name one "
+            f"person twice ({shown_list([shown_names(pair) for pair in alike], 3)}: "
+            f"{SAME_NAME_RULE}); merge or rename them"
         )
 
 

@@ -968,6 +968,20 @@ def test_identity_names_that_pack_and_enrol_refuse_are_refused_before_the_run_fo
     with pytest.raises(ConfigError, match=r"1 identity name\(s\) .*\('\\u200b' is blank\)"):
         train(load_config(SMOKE, held))
     assert not list(tmp_path.glob("**/config.yaml"))
+    # two folders that every table shows as one name: a decomposed "Zoë" copied from
+    # macOS beside the composed one, "Carl" and "Carl " (enrol refuses the second)
+    (root / "\u200b").rename(root / "Zoe\u0308")
+    shutil.copytree(sorted(p for p in DEMO.iterdir() if p.is_dir())[6], root / "Z\u00f6e")
+    shutil.copytree(sorted(p for p in DEMO.iterdir() if p.is_dir())[7], root / "Zo\u00eb")
+    shutil.copytree(sorted(p for p in DEMO.iterdir() if p.is_dir())[8], root / "Carl ")
+    with pytest.raises(ConfigError) as err:
+        train(load_config(SMOKE, smoke_overrides(tmp_path, *shared)))
+    assert str(err.value) == (
+        f"data.root={root}: 2 pair(s) of identity folders name one person twice ('Carl' and "
+        "'Carl ', 'Zoe\\u0308' and 'Zo\\xeb': names are one after Unicode normalisation "
+        "(NFC) and without surrounding spaces); merge or rename them"
+    )
+    assert not list(tmp_path.glob("**/config.yaml"))
 
 
 def test_a_config_file_that_is_not_a_yaml_mapping_is_named(tmp_path):

@@ -1506,6 +1506,15 @@ def test_a_name_with_a_line_break_is_refused_before_packing_and_other_bytes_kept
         pack_module.pack_folder(root, out)
     assert not out.exists() or not any(out.iterdir())
     assert pack_main([str(root), str(out)]) == 2
+    # two folders that every table shows as one name (NFC, surrounding spaces)
+    (root / "Bob\tSmith").rename(root / "Alice ")
+    with pytest.raises(
+        ValueError,
+        match=r"1 pair\(s\) of identity folders name one person twice "
+        r"\('Alice' and 'Alice ': names are one after Unicode normalisation",
+    ):
+        pack_module.pack_folder(root, out)
+    assert not out.exists() or not any(out.iterdir())
     raw = tmp_path / "raw"
     for name, source in zip([b"Jos\xe9", b"Ann", b"Zed"], sources, strict=True):
         shutil.copytree(source, os.fsdecode(bytes(raw) + b"/" + name))

@@ -46,7 +46,14 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from facecluster.config import NAME_RULE, unknown_home, unreadable_names
+from facecluster.config import (
+    NAME_RULE,
+    SAME_NAME_RULE,
+    name_collisions,
+    shown_names,
+    unknown_home,
+    unreadable_names,
+)
 from facecluster.data.folder import IDENTITY_NAMES, FaceFolder, scan_image_folder
 from facecluster.data.images import image_damage
 from facecluster.data.recordio import RecordWriter, pack, rec_paths
@@ -140,6 +147,12 @@ def pack_folder(
             f"{src}: {len(broken)} identity folder name(s) cannot be packed "
             f"({shown_list([f'{name!r} {why}' for name, why in broken], 3)}); "
             f"{NAME_RULE}: rename them"
+        )
+    if alike := name_collisions(folder.class_names):
+        raise ValueError(
+            f"{src}: {len(alike)} pair(s) of identity folders name one person twice "
+            f"({shown_list([shown_names(pair) for pair in alike], 3)}: {SAME_NAME_RULE}); "
+            "merge or rename them"
         )
     _check_empty_files(src, folder, skip_empty)
     # the order as sample indices (8 bytes an image): a list of (path, label) tuples

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -48,6 +47,7 @@ from facecluster.config import (
     name_problem,
     newer_format,
     route_problems,
+    same_name,
 )
 from facecluster.inference.decision import (
     Calibration,
@@ -167,12 +167,6 @@ class Identification:
             known = self.similarity >= threshold
             answer = answer.where(known, torch.full_like(answer, UNKNOWN))
         return answer.masked_fill(self.failed, FAILED)
-
-
-def same_name(name: str) -> str:
-    """The form in which identity names are compared for enrolment: NFC (the same
-    characters however composed) without surrounding spaces."""
-    return unicodedata.normalize("NFC", name).strip()
 
 
 def _check_readable(name: str) -> None:
