@@ -152,6 +152,10 @@ def output_file(text: str) -> str:
 
 
 def _parser(prog: str, help_text: str) -> argparse.ArgumentParser:
+    """A command's parser; the command's output escapes what its encoding cannot hold."""
+    from facecluster.config import escape_unencodable_output
+
+    escape_unencodable_output()
     return argparse.ArgumentParser(
         prog=prog,
         description=help_text.split("\n\n")[0],

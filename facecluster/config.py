@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shlex
+import sys
 import traceback
 import typing
 import unicodedata
@@ -278,6 +279,16 @@ def unreadable_names(names: Sequence[str]) -> list[tuple[str, str]]:
         for name in names
         if (_CONTROL.search(name) or not _WORD.search(name)) and (why := name_problem(name))
     ]
+
+
+def escape_unencodable_output() -> None:
+    """Make standard output escape what its encoding cannot hold, as Python's standard
+    error does (``backslashreplace``): under a UTF-8 locale other than C.UTF-8 it is
+    strict, and a command that printed a name that is not UTF-8 (a folder's bytes kept
+    as they are) ended with a UnicodeEncodeError traceback after its work was saved:
+    enrol, pack, export (a review). Commands call it as they start."""
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def same_name(name: str) -> str:

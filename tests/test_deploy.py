@@ -306,6 +306,27 @@ def test_documented_ijb_command_reports_tar_at_each_far_of_the_exports_backbone(
     assert proc.stderr.startswith("error: exports is not an IJB release's IJBC folder")
 
 
+@pytest.mark.slow
+def test_a_name_that_is_not_utf8_is_printed_escaped_under_a_strict_utf8_locale(exported, tmp_path):
+    # under en_US.UTF-8 (not C.UTF-8) Python's stdout is strict: enrol of a folder whose
+    # name is not UTF-8 ended with a UnicodeEncodeError traceback (exit 1) after it had
+    # saved the person, and its second run said the name was enrolled already; pack
+    # likewise after writing its output (a review)
+    model = tmp_path / "model"
+    shutil.copytree(exported, model)
+    people = tmp_path / "people"
+    shutil.copytree(sorted(DEMO.iterdir())[0], os.fsdecode(bytes(people) + b"/Jos\xe9"))
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    script = str(Path(sys.executable).parent / "facecluster")
+    for command, said in (
+        (["enroll", str(model), str(people)], "enrolled Jos\\udce9 in cluster "),
+        (["pack", str(people), os.fsdecode(bytes(tmp_path) + b"/rec\xff")], "rec\\udcff"),
+    ):
+        done = subprocess.run([script, *command], env=env, capture_output=True, text=True)
+        assert done.returncode == 0 and said in done.stdout, done.stderr[-2000:]
+    assert load_export(model, "torch", "cpu").class_names[-1] == os.fsdecode(b"Jos\xe9")
+
+
 def test_the_export_holds_the_stage1_backbone_as_a_state_dict_model_weights_reads(
     open_run, exported, tmp_path
 ):

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from facecluster.config import (
     NAME_RULE,
     SAME_NAME_RULE,
+    escape_unencodable_output,
     name_collisions,
     shown_names,
     unknown_home,
@@ -362,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="pack without SRC's zero-byte image files (refused without it)",
     )
+    escape_unencodable_output()  # it prints the paths it wrote
     args = parser.parse_args(argv)
     if args.seed < 0:  # numpy said only "expected non-negative integer"
         parser.error(f"argument --seed: must be >= 0, got {args.seed}")
