@@ -1883,6 +1883,19 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     otherwise than they look are refused (:func:`_refuse_yaml_surprises`)."""
     for override in overrides:  # Hydra's prefixes: a generic message named no fix
         key = override.partition("=")[0]
+        if not override.isascii():
+            # a file or folder name's bytes that are not UTF-8, kept by Python as
+            # surrogates: config.yaml cannot hold them, nor torch.load open such a path
+            # (data.root failed at the config's save once the run folder was made,
+            # run_name once stage 1 had trained: a review)
+            try:
+                override.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(
+                    f"command line, {ascii(override)}: holds bytes that are not UTF-8 (a "
+                    "file or folder name of this machine's); a run's config.yaml cannot "
+                    "hold them: rename it"
+                ) from None
         if key.startswith("+") and "=" in override:
             raise ConfigError(
                 f"command line, {override}: overrides take no '+' (every key of the schema "

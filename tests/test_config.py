@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -1171,3 +1172,21 @@ def test_head_kwargs_set_a_heads_own_arguments_from_one_place():
     with pytest.raises(ConfigError, match=r"head.name='arcface' \(to unset: head.h=null\)"):
         ada.with_overrides(["head.name=arcface"])
     assert ada.with_overrides(["head.name=arcface", "head.h=null"]).head.h is None
+
+
+def test_a_path_or_name_that_is_not_utf8_is_refused_when_the_config_loads(tmp_path):
+    # a folder name's bytes that are not UTF-8 (kept by Python as surrogates): data.root
+    # failed at the config's save after the run folder was made, run_name once stage 1
+    # had trained (torch.load cannot open such a path) (a review)
+    odd = os.fsdecode(bytes(tmp_path) + b"/pk\xff")
+    for override in (
+        f"data.root={odd}",
+        "run_name=" + os.fsdecode(b"rb\xff"),
+        f"data.verification=[{odd}/lfw.bin]",
+    ):
+        message = f"command line, {ascii(override)}: holds bytes that are not UTF-8"
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(SMOKE, [override])
+        with pytest.raises(ConfigError, match=re.escape(message)):  # without a file
+            load_config(None, [override])
+    assert load_config(SMOKE, ["run_name=Zoë"]).run_name == "Zoë"  # UTF-8 is fine
