@@ -1212,8 +1212,9 @@ def _write(
     # together when the block ends, results.json (what bench/results.py reads) last
     with replacing_together(*(run.eval_file(kind) for kind in ("table", "csv", "json"))) as temps:
         table, table_csv, table_json = temps
-        table.write_text(format_table(report.rows, cfg.eval.batch_size) + "\n")
-        with open(table_csv, "w", newline="") as f:
+        # UTF-8 whatever the locale, as identify's CSV (run names of any script)
+        table.write_text(format_table(report.rows, cfg.eval.batch_size) + "\n", "utf-8")
+        with open(table_csv, "w", newline="", encoding="utf-8") as f:
             # every row's fields: the ISM row has no verification fields
             writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
             writer.writeheader()

@@ -23,11 +23,15 @@ from facecluster.data import FaceDataModule
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
-    """A markdown table; ``align`` has one letter per column (l or r, default l)."""
+    """A markdown table; ``align`` has one letter per column (l or r, default l). A ``|``
+    in a cell is escaped (``\\|``): a run folder named ``a|b`` shifted its row's columns."""
     align = align or "l" * len(header)
     rule = ["---:" if a == "r" else "---" for a in align]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+    def line(cells: Sequence[Any]) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+    lines = [line(header), "|" + "|".join(rule) + "|", *(line(row) for row in rows)]
     return "\n".join(lines)
 
 

@@ -74,6 +74,7 @@ from facecluster.config import (
     not_a_run,
     resume_command,
     route_problems,
+    same_name,
     text_override,
     unknown_home,
     unreadable_folder,
@@ -492,7 +493,7 @@ class RunFolder:
         config as it was, so the next resume does not take up the settings it asked for."""
         if is_global_zero() and not os.environ.get(JOB_ENV):  # a job never rewrites it
             with replacing(self.path / RUN_CONFIG) as tmp:  # a job starting reads a whole file
-                tmp.write_text(cfg.run_settings().to_yaml())
+                tmp.write_text(cfg.run_settings().to_yaml(), "utf-8")
 
     @property
     def run_id(self) -> str:
@@ -1000,11 +1001,15 @@ class RunFolder:
             order = " (the same count, other names or order)" if len(names) == len(trained) else ""
             pairs = enumerate(zip(names, trained, strict=False))  # up to the shorter list
             first = next((i for i, (a, b) in pairs if a != b), None)
-            differ = (
-                f"; label {first} is {names[first]!r} in the data, {trained[first]!r} in the run"
-                if first is not None
-                else ""
-            )
+            differ = ""
+            if first is not None:
+                given, own = names[first], trained[first]
+                # two forms of one name (a copy made on macOS: NFD) looked the same
+                alike = same_name(given) == same_name(own)
+                shown = ascii if alike else repr
+                differ = f"; label {first} is {shown(given)} in the data, {shown(own)} in the run"
+                if alike:
+                    differ += " (one name in two Unicode forms or spacings: a copy made on macOS?)"
             raise ConfigError(
                 f"{self.path}: the data gives {len(names)} identities, the run trained on "
                 f"{len(trained)}{order}{differ}; "
@@ -1043,7 +1048,7 @@ class RunFolder:
         self._write_json(RESULTS, results)
         if is_global_zero():
             with replacing(self.path / RESULTS_TABLE) as tmp:  # never through a link
-                tmp.write_text(table + "\n")
+                tmp.write_text(table + "\n", "utf-8")
 
     def clear_training_report(self) -> None:
         """Sub-nets are (re)trained: the run's results, stage-2 summary and the decision

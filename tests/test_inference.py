@@ -1830,3 +1830,12 @@ def test_an_evaluation_whose_weights_were_trained_again_meanwhile_writes_nothing
     with pytest.raises(ConfigError, match=f"its {what} changed while this evaluation ran"):
         evaluation.evaluate_runs([run])
     assert results.read_text() == "the retrain's own\n"
+
+
+def test_a_bar_in_a_table_cell_is_escaped_and_keeps_the_columns():
+    # a run folder named "a|b" shifted its row's columns in results.md (a review)
+    from facecluster.results import markdown_table
+
+    table = markdown_table(["run", "top-1"], [["runs/a|b", "50.00%"]], "lr")
+    assert table.splitlines()[2] == "| runs/a\\|b | 50.00% |"
+    assert [len(re.findall(r"(?<!\\)\|", line)) for line in table.splitlines()] == [3, 3, 3]

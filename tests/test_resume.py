@@ -293,6 +293,16 @@ def test_a_resume_over_other_identities_is_refused(tmp_path):
     # nor its config: the next resume would have taken up the refused command's settings
     assert (run_dir / "config.yaml").read_bytes() == saved
     assert not (run_dir / "clusters.pt").exists()
+    # a name that differs only in spacing (or Unicode form: a copy made on macOS) was
+    # said as two names that look alike: told apart in ascii() form
+    (root / "Aaa_Added_Later").unlink()
+    (root / names[0]).rename(root / f"{names[0]} ")
+    with pytest.raises(ConfigError) as err:
+        train(RunFolder.config_for_resume(str(run_dir), ["stage=all"]))
+    assert (
+        f"label 0 is '{names[0]} ' in the data, '{names[0]}' in the run (one name in two "
+        "Unicode forms or spacings: a copy made on macOS?)"
+    ) in str(err.value)
 
 
 def test_an_earlier_checkpoint_of_a_finished_stage1_is_refused(tmp_path):
