@@ -585,6 +585,29 @@ def _imported(imports: list[str]) -> str | None:
     return None
 
 
+def _checked_before_work(
+    parser: argparse.ArgumentParser, out: str, imports: list[str], device: str
+) -> str | None:
+    """What identify and ijb check before their work, or None: ``--out`` can be written
+    as a file (a folder under a file, or a blank name, failed after the work; a folder
+    is named by the command itself, with the fix), ``--import``, and ``--device``
+    (argparse's error)."""
+    if not Path(out).is_dir():
+        try:
+            output_file(out)
+        except argparse.ArgumentTypeError as e:
+            return f"--out {e}"
+    if problem := _imported(imports):
+        return problem
+    from facecluster.deploy import resolve_device
+
+    try:
+        resolve_device(device)
+    except (RuntimeError, ValueError) as e:
+        parser.error(f"--device {device}: {e}")
+    return None
+
+
 def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = _parser(prog or "facecluster identify", IDENTIFY_HELP)
     parser.add_argument("model", help="a folder written by facecluster export")
@@ -633,21 +656,11 @@ def identify_main(argv: list[str] | None = None, prog: str | None = None) -> int
     ):
         if missing := missing_path(path, what=what):
             return _fail(missing)
-    if not Path(args.out).is_dir():  # (a folder: identify_files names it, and the fix)
-        try:  # before the work: a folder under a file, or a blank name, failed after it
-            output_file(args.out)
-        except argparse.ArgumentTypeError as e:
-            return _fail(f"--out {e}")
-    if problem := _imported(args.imports):
+    if problem := _checked_before_work(parser, args.out, args.imports, args.device):
         return _fail(problem)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from facecluster.deploy import identify_files, resolve_device
-
-    try:
-        resolve_device(args.device)
-    except (RuntimeError, ValueError) as e:
-        parser.error(f"--device {args.device}: {e}")
+    from facecluster.deploy import identify_files
 
     try:
         with logging_redirect_tqdm():  # a warning on a line of its own, not the bar's
@@ -722,20 +735,11 @@ def ijb_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     for path, what in ((args.model, EXPORTED), (args.root, " (an IJB release's folder)")):
         if missing := missing_path(path, what=what):
             return _fail(missing)
-    if not Path(out).is_dir():
-        try:
-            output_file(out)
-        except argparse.ArgumentTypeError as e:
-            return _fail(f"--out {e}")
-    if problem := _imported(args.imports):
+    if problem := _checked_before_work(parser, out, args.imports, args.device):
         return _fail(problem)
-    from facecluster.deploy import ijb_export, resolve_device
+    from facecluster.deploy import ijb_export
     from facecluster.results import markdown_table
 
-    try:
-        resolve_device(args.device)
-    except (RuntimeError, ValueError) as e:
-        parser.error(f"--device {args.device}: {e}")
     try:
         summary = ijb_export(
             args.model, args.root, args.target, out, args.batch_size, args.workers, args.device
