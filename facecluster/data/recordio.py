@@ -1246,7 +1246,9 @@ def _scan_cached(records: RecordFile, cache: str | Path) -> RecordLayout:
     name = hashlib.sha1(str(records.rec.resolve()).encode()).hexdigest()[:16]
     path = Path(cache) / f"{records.rec.stem}-{name}.labels.npz"
     try:
-        with np.load(path) as kept:
+        # through a file of its own: np.load left its handle open on a file that is
+        # not a zip (a ResourceWarning; a review)
+        with open(path, "rb") as file, np.load(file) as kept:
             if str(kept["stamp"]) == text:
                 layout = RecordLayout(kept["keys"], kept["labels"], kept["unreadable"])
                 if layout.keys.shape != layout.labels.shape or layout.keys.ndim != 1:

@@ -154,7 +154,9 @@ def export_network(network: nn.Module, image_size: int, path: Path) -> Path:
     # fsynced before it takes its name, as the gallery is: an export is committed as a
     # whole after its files are written (facecluster.deploy), so none may be left empty
     with replacing(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's advice on opsets and dynamic dims
+        # the exporter's note that it turned autograd's anomaly detection on, alone: a
+        # deprecation of an argument given here must show (a review)
+        warnings.filterwarnings("ignore", "Anomaly Detection has been enabled", UserWarning)
         torch.onnx.export(
             network.eval(),
             example,
