@@ -108,6 +108,15 @@ warnings.filterwarnings("ignore", r"The '\w+_dataloader' does not have many work
 warnings.filterwarnings(
     "ignore", r"It is recommended to use `self.log\('val/[^']+_acc', \.\.\., sync_dist=True\)`"
 )
+# Lightning's advice that does not apply here (a warnings review): to prepend `srun` on
+# any machine that has it (a login node, a local run; launcher=slurm starts its own
+# srun), printed at each stage; that modules are in eval mode as stage 2 starts (the
+# frozen shared trunk of model.shared_layers, on purpose); and, at a resume of a run
+# folder that was moved, that its checkpoint folder changed (it keeps last.ckpt alone,
+# with no best model to reload)
+warnings.filterwarnings("ignore", r"The `srun` command is available on your system but is not used")
+warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode at the start of training")
+warnings.filterwarnings("ignore", r"The dirpath has changed from .* won't be reloaded", UserWarning)
 
 
 def build_datamodule(cfg: Config, eval_batch_size: int | None = None) -> FaceDataModule:

@@ -769,6 +769,41 @@ def test_lightnings_sync_dist_advice_is_not_printed_for_rank_zeros_verification_
     assert advice.format("train/loss") in proc.stderr  # other names are still advised
 
 
+def test_lightnings_advice_that_does_not_apply_is_not_printed(tmp_path):
+    # each stage printed Lightning's advice to prepend `srun` on any machine that has
+    # it (every SLURM login node), a shared-layers stage 2 that modules are in eval mode
+    # (the frozen trunk), a resume of a moved run that its checkpoint folder changed. In
+    # a process of its own: pytest replaces the warning filters a module sets
+    import subprocess
+    import sys
+
+    (tmp_path / "srun").write_text("#!/bin/sh\n")
+    (tmp_path / "srun").chmod(0o755)
+    code = (
+        "import warnings, facecluster.builders\n"
+        "from lightning.fabric.plugins.environments import SLURMEnvironment\n"
+        "from lightning.pytorch.callbacks import ModelCheckpoint\n"
+        "import lightning.pytorch as pl, torch\n"
+        "SLURMEnvironment.detect()\n"  # srun on PATH, no SLURM job: the advice
+        "checkpoint = ModelCheckpoint(dirpath='new')\n"
+        "checkpoint.load_state_dict({'dirpath': 'old', 'best_model_path': ''})\n"
+        "from lightning.pytorch.utilities.warnings import PossibleUserWarning\n"
+        "warnings.warn('Found 18 module(s) in eval mode at the start of training. This may "
+        "lead to unexpected behavior during training.', PossibleUserWarning)\n"
+        "warnings.warn('The number of training batches (3) is smaller than the logging "
+        "interval', PossibleUserWarning)\n"
+    )
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for advice in ("srun` command is available", "dirpath has changed", "in eval mode"):
+        assert advice not in proc.stderr, proc.stderr
+    assert "smaller than the logging interval" in proc.stderr  # other advice still shows
+
+
 def test_the_trained_pairs_warning_counts_pairs_that_name_a_trained_identity():
     # a mismatched pair counts when either of its people trained; a .bin names no one
     pairs = VerificationPairs(
