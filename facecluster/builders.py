@@ -335,6 +335,16 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
             "holds floating-point weights: give weights saved as float32, float16 or bfloat16"
         )
     if bad := non_finite_keys(state):  # a diverged run's weights would train on as NaN
+        value = state[bad[0]]
+        if value.dtype == torch.float16 and not value.isnan().any():
+            # a float32 file converted with .half(): BatchNorm's running variances pass
+            # 65,504 after a few epochs (a review: 144,324), which "diverged?" misnamed
+            raise ConfigError(
+                f"{given}: {path} holds inf in {bad[0]}, a float16 tensor: values past "
+                "float16's range (65,504), such as a BatchNorm's running variance, became "
+                "inf when the weights were converted to float16: give them as float32 or "
+                "bfloat16"
+            )
         raise ConfigError(
             f"{given}: {path} holds non-finite values (NaN, Inf, or past float32's range) in "
             f"{bad[0]}: weights saved from a run that diverged? give weights saved before it did"
