@@ -336,6 +336,24 @@ def test_weights_that_do_not_fit_the_settings_are_named_in_one_line() -> None:
     ):
         with pytest.raises(ValueError, match=named):
             load_backbone({**args, **change}, weights)
+    # another architecture's weights: how many are missing and which the file holds
+    # (torch's message, cut to its first line, named one missing key: an mbf review);
+    # arcface_torch's mbf weights (112 x 112) in a 64 x 64 one: its GDC kernel
+    mbf = {"name": "mbf", "embedding_dim": 16, "image_size": 64}
+    with pytest.raises(ValueError) as err:
+        load_backbone(mbf, weights)
+    assert str(err.value).endswith(
+        "333 of its 333 weights missing (layers.0.layers.0.weight, layers.0.layers.1.weight, "
+        "layers.0.layers.1.bias, ...); 187 weights that are not its (conv1.weight, "
+        "bn1.weight, bn1.bias, ...)"
+    )
+    with pytest.raises(ValueError) as err:
+        load_backbone(mbf, create_backbone(**{**mbf, "image_size": 112}).state_dict())
+    assert str(err.value).endswith(
+        "size mismatch for features.layers.0.layers.0.weight: [512, 1, 7, 7] in the weights, "
+        "[512, 1, 4, 4] in the backbone (a kernel over the whole feature map: weights of "
+        "another data.image_size)"
+    )
 
 
 def test_timm_pretrained_weights_see_the_normalisation_they_were_trained_on(monkeypatch) -> None:

@@ -351,13 +351,40 @@ def load_backbone(
         backbone = create_backbone(**{**args, "pretrained": False})
     except TypeError as e:  # an argument of another type, or one the backbone lacks
         raise ValueError(f"backbone arguments {args} build no backbone: {e}") from None
-    try:
-        backbone.load_state_dict(state_dict)
-    except RuntimeError as e:  # "Error(s) in loading state_dict for X:", then each
-        found = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
-        first = found[0] if found else str(e)
-        raise ValueError(
-            f"{source} do not fit the backbone {args} builds: "
-            f"{first[:300]}{'...' if len(first) > 300 else ''}"
-        ) from None
+    if problems := _misfits(backbone.state_dict(), state_dict):
+        raise ValueError(f"{source} do not fit the backbone {args} builds: {problems}")
+    backbone.load_state_dict(state_dict)
     return backbone.eval()
+
+
+def _misfits(own: dict[str, torch.Tensor], given: dict[str, Any]) -> str | None:
+    """What of ``given`` does not fit a backbone whose state dict is ``own``, in one
+    line, or None: the first shape that differs, then how many weights are missing and
+    how many are not the backbone's, with the first names of each (torch's message, 101
+    lines for one MobileFaceNet's weights in another's, was cut to its first line, which
+    named one missing key and not what the file held: a review)."""
+
+    def first(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+    shapes = [
+        (k, list(given[k].shape), list(v.shape))
+        for k, v in own.items()
+        if k in given and hasattr(given[k], "shape") and given[k].shape != v.shape
+    ]
+    missing = [k for k in own if k not in given]
+    unexpected = [str(k) for k in given if k not in own]
+    said = []
+    if shapes:
+        key, theirs, mine = shapes[0]
+        more = f" (and {len(shapes) - 1} more)" if len(shapes) > 1 else ""
+        said.append(
+            f"size mismatch for {key}: {theirs} in the weights, {mine} in the backbone{more}"
+        )
+        if len(mine) == 4 and mine[:2] == theirs[:2] and mine[2:] != theirs[2:]:
+            said[-1] += " (a kernel over the whole feature map: weights of another data.image_size)"
+    if missing:
+        said.append(f"{len(missing)} of its {len(own)} weights missing ({first(missing)})")
+    if unexpected:
+        said.append(f"{len(unexpected)} weights that are not its ({first(unexpected)})")
+    return "; ".join(said) or None
