@@ -210,8 +210,11 @@ def backbone_parameters(cfg: Config) -> int:
     """
     # a keyword the backbone does not take was named as the backbone alone (a walkthrough)
     given = ", ".join(f"model.kwargs.{k}={v!r}" for k, v in cfg.model.kwargs.items())
+    # the settings it is built with named too: a size it refuses said "image_size", not
+    # which key sets it (an mbf review)
     with naming(
-        f"model.backbone={cfg.model.backbone!r}" + (f" with {given}" if given else ""),
+        f"model.backbone={cfg.model.backbone!r} at data.image_size={cfg.data.image_size}"
+        + (f" with {given}" if given else ""),
         KeyError,
         TypeError,
     ):

@@ -1022,9 +1022,17 @@ def test_a_backbone_that_cannot_take_the_image_size_or_a_keyword_is_refused_befo
     # a keyword the backbone does not take: named with the backbone (only it was)
     with pytest.raises(
         ConfigError,
-        match=r"model.backbone='tiny' with model.kwargs.foo=1: .*unexpected keyword .*'foo'",
+        match=r"model.backbone='tiny' at data.image_size=\d+ with model.kwargs.foo=1: .*"
+        r"unexpected keyword .*'foo'",
     ):
         backbone_parameters(load_config(SMOKE, ["model.kwargs.foo=1"]))
+    # a size the backbone refuses: named by the key that sets it (it said image_size)
+    with pytest.raises(
+        ConfigError,
+        match=r"^model.backbone='mbf' at data.image_size=100: MobileFaceNet needs image_size "
+        "to be a positive multiple of 16",
+    ):
+        backbone_parameters(load_config(SMOKE, ["model.backbone=mbf", "data.image_size=100"]))
 
 
 def test_a_relative_config_file_is_found_from_another_folder(tmp_path, monkeypatch):
