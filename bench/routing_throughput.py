@@ -31,7 +31,7 @@ from facecluster.cli import at_least, exit_process, output_file
 from facecluster.clustering import ClusterAssignment
 from facecluster.config import RouteConfig
 from facecluster.inference import TwoStageIdentifier
-from facecluster.models.components import create_backbone
+from facecluster.models.components import create_backbone, shareable_stages
 from facecluster.results import measured
 from facecluster.timing import time_interleaved
 
@@ -47,7 +47,13 @@ def main() -> None:
     parser.add_argument("--batch", type=at_least(1), default=256)
     parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--index", default="flat")
-    parser.add_argument("--shared-layers", type=at_least(0), nargs="*", default=[0, 2, 3, 4])
+    parser.add_argument(
+        "--shared-layers",
+        type=at_least(0),
+        nargs="*",
+        help="model.shared_layers values to time (default: 0 and 2 to the backbone's "
+        "stages: 0 2 3 4 for an IResNet, 0 2 3 for a MobileFaceNet)",
+    )
     parser.add_argument("--out", type=output_file, default="bench/results/routing_throughput.json")
     args = parser.parse_args()
     if args.identities < args.clusters:  # "assignment has 2 clusters but there are 4 sub-nets"
@@ -72,6 +78,11 @@ def main() -> None:
     route = dict(vars(RouteConfig()), index=args.index)
     route.update(router_temperature=0.05, subnet_temperature=0.07, generalist_weight=0.5)
     router = net()
+    stages = shareable_stages(router)  # mbf has 3: its default asked for 4 (an mbf review)
+    if args.shared_layers is None:
+        args.shared_layers = [0, *range(2, stages + 1)]
+    if too_many := [n for n in args.shared_layers if n > stages]:
+        parser.error(f"--shared-layers {too_many[0]}: {args.backbone} has {stages} stages to share")
 
     def identifier(shared_layers: int) -> TwoStageIdentifier:
         # sub-nets that share the router's trunk hold its weights there (as stage 2 leaves them)

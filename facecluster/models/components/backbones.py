@@ -327,8 +327,8 @@ def create_backbone(
 
 def shareable_stages(backbone: nn.Module) -> int:
     """How many stages ``model.shared_layers`` may share for this backbone: the ones
-    it can split into :meth:`trunk` and :meth:`tail` (IResNets and ``tiny``: 4; timm
-    models: 0, none)."""
+    it can split into :meth:`trunk` and :meth:`tail` (IResNets and ``tiny``: 4;
+    MobileFaceNets: 3; timm models: 0, none)."""
     return int(getattr(backbone, "num_stages", 0))
 
 
