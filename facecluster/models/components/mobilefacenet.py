@@ -11,7 +11,8 @@ connected layer over it, then Linear -> BatchNorm1d to the embedding.
   bottlenecks;
 * three stages, each a stride-2 bottleneck then a stack of stride-1 ones, at widths
   ``64s, 128s, 128s`` (``s = scale``), expanding to 128, 256 and 256 channels
-  (arcface_torch's fixed expansion widths, kept so its released weights load);
+  (stage 3's stride-2 bottleneck to 512; arcface_torch's fixed expansion widths, kept
+  so its released weights load);
 * ``conv_sep``: 1x1 to 512 channels; GDC: a 512-group convolution over the whole
   ``image_size // 16`` square map -> Linear (no bias) -> BatchNorm1d.
 
