@@ -559,9 +559,10 @@ class ModelConfig:
     weights: str | None = None
     """A file of backbone weights stage 1 starts from instead of a random initialisation:
     ``torch.save(backbone.state_dict())`` (arcface_torch's ``backbone.pth`` for the same
-    IResNet or MobileFaceNet, trained at the same ``data.image_size``), a facecluster checkpoint of stage 1 (its ``backbone.*``) or a sub-net's
-    file. Read when stage 1 starts from epoch 0, a resume's too while stage 1 has no
-    checkpoint; the run keeps it absolute, and a resume may give it anew (moved since)."""
+    IResNet or MobileFaceNet, trained at the same ``data.image_size``), a facecluster
+    checkpoint of stage 1 (its ``backbone.*``) or a sub-net's file. Read when stage 1
+    starts from epoch 0, a resume's too while stage 1 has no checkpoint; the run keeps it
+    absolute, and a resume may give it anew (moved since)."""
     dropout: float = 0.0
     """Dropout before the embedding layer."""
     kwargs: dict[str, Any] = field(default_factory=dict)

@@ -351,9 +351,12 @@ def load_backbone(
         backbone = create_backbone(**{**args, "pretrained": False})
     except TypeError as e:  # an argument of another type, or one the backbone lacks
         raise ValueError(f"backbone arguments {args} build no backbone: {e}") from None
-    if problems := _misfits(backbone.state_dict(), state_dict):
-        raise ValueError(f"{source} do not fit the backbone {args} builds: {problems}")
-    backbone.load_state_dict(state_dict)
+    try:  # torch first: its load hooks fill what older weights lack (timm's input scale)
+        backbone.load_state_dict(state_dict)
+    except RuntimeError as e:  # said by what differs, in one line
+        found = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        problems = _misfits(backbone.state_dict(), state_dict) or (found or [str(e)])[0][:300]
+        raise ValueError(f"{source} do not fit the backbone {args} builds: {problems}") from None
     return backbone.eval()
 
 
@@ -372,7 +375,9 @@ def _misfits(own: dict[str, torch.Tensor], given: dict[str, Any]) -> str | None:
         for k, v in own.items()
         if k in given and hasattr(given[k], "shape") and given[k].shape != v.shape
     ]
-    missing = [k for k in own if k not in given]
+    # not BatchNorm's step counts: torch loads weights without them (converted weights)
+    weights = [k for k in own if not k.endswith("num_batches_tracked")]
+    missing = [k for k in weights if k not in given]
     unexpected = [str(k) for k in given if k not in own]
     said = []
     if shapes:
@@ -384,7 +389,7 @@ def _misfits(own: dict[str, torch.Tensor], given: dict[str, Any]) -> str | None:
         if len(mine) == 4 and mine[:2] == theirs[:2] and mine[2:] != theirs[2:]:
             said[-1] += " (a kernel over the whole feature map: weights of another data.image_size)"
     if missing:
-        said.append(f"{len(missing)} of its {len(own)} weights missing ({first(missing)})")
+        said.append(f"{len(missing)} of its {len(weights)} weights missing ({first(missing)})")
     if unexpected:
         said.append(f"{len(unexpected)} weights that are not its ({first(unexpected)})")
     return "; ".join(said) or None
