@@ -947,15 +947,16 @@ def ijb_export(
 
     Raises:
         FileNotFoundError: the export, the release or one of its files is missing.
-        ValueError: a malformed list, an image that cannot be decoded (named).
+        ValueError: a malformed list, an image that cannot be decoded (named), or
+            embeddings that are not finite.
     """
     from facecluster.data.ijb import read_ijb
     from facecluster.inference.ijb import evaluate_ijb
 
     if out is not None and Path(out).is_dir():
         raise ValueError(f"--out {out} is a folder: name the JSON file to write")
-    protocol = read_ijb(root, target)  # the lists checked before the export is read
-    identifier = load_export(model, "torch", device)
+    identifier = load_export(model, "torch", device)  # a second, then the release's lists
+    protocol = read_ijb(root, target)
     where = resolve_device(device)
     backbone = identifier.router_backbone.eval()
     size = identifier.backbone_args["image_size"]
@@ -970,5 +971,5 @@ def ijb_export(
     if out is not None:
         Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
         with replacing(Path(out).expanduser()) as tmp:
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary

@@ -134,6 +134,9 @@ def test_roc_and_tar_at_far_are_scikit_learns_curve_and_arcface_torchs_pick():
     assert [r["tar"] for r in rows] == [0.25, 0.75, 0.75, 1.0]
     assert [r["threshold"] for r in rows] == [0.9, 0.7, 0.4, 0.1]
     assert rows[1]["far_reached"] == pytest.approx(1 / 6) and rows[1]["threshold"] == 0.7
+    # a FAR nearest the point above every score: its threshold is None (JSON has no inf)
+    top = tar_at_far(~labels, scores, (0.0,))[0]
+    assert top == {"far": 0.0, "tar": 0.0, "far_reached": 0.0, "threshold": None}
 
 
 @pytest.mark.parametrize(
@@ -166,7 +169,19 @@ def test_roc_and_tar_at_far_are_scikit_learns_curve_and_arcface_torchs_pick():
         ),
         (
             lambda r: _edit(r, "template_pair_label", 6, lambda f: ["a", *f[1:]]),
-            r"ijbc_template_pair_label.txt: could not convert string 'a' to int64 at row 5",
+            r"ijbc_template_pair_label.txt, line 6: 'a 6 0': expected three integers a line",
+        ),
+        (  # a blank line above: lines, not numpy's rows, are named
+            lambda r: _edit(r, "template_pair_label", 6, lambda f: ["\n1", f[1], "7"]),
+            r"ijbc_template_pair_label.txt, line 7: label 7, expected 1",
+        ),
+        (
+            lambda r: (r / "meta" / "ijbc_template_pair_label.txt").write_text(""),
+            r"ijbc_template_pair_label.txt lists no pairs",
+        ),
+        (
+            lambda r: _edit(r, "name_5pts_score", 2, lambda f: [f[0], *["5"] * 10, f[-1]]),
+            r"ijbc_name_5pts_score.txt, line 2: its five points coincide",
         ),
         (
             lambda r: (r / "loose_crop" / "2_2_AJ_Cook_0001.jpg").unlink(),
@@ -181,6 +196,47 @@ def test_a_release_with_a_missing_or_malformed_file_is_refused_naming_the_file_a
     edit(root)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         read_ijb(root)
+
+
+def test_an_image_that_cannot_be_decoded_or_embedded_is_named_in_one_line(tmp_path):
+    # with workers, the dataset's error came inside the worker's traceback; embeddings
+    # that are not finite (a diverged export) gave a table of meaningless figures
+    root = make_ijb(tmp_path / "IJBC", people=4)
+    protocol = read_ijb(root)
+    (root / "loose_crop" / protocol.images[5]).write_bytes(b"not a jpeg")
+    for workers in (0, 2):
+        with pytest.raises(ValueError) as err:
+            evaluate_ijb(_pixels, protocol, 64, batch_size=4, workers=workers)
+        assert str(err.value).startswith(f"{root}/loose_crop/{protocol.images[5]} cannot be ")
+        assert "\n" not in str(err.value)
+    protocol = read_ijb(make_ijb(tmp_path / "again", people=4))
+    with pytest.raises(
+        ValueError,
+        match=r"the embeddings of 12 faces are not finite .* the "
+        rf"first {protocol.image_dir / protocol.images[0]}'s",
+    ):
+        evaluate_ijb(lambda x: _pixels(x) * torch.nan, protocol, 64)
+
+
+def test_an_image_with_an_exif_orientation_is_turned_as_opencv_reads_it(tmp_path):
+    # eval_ijbc.py reads with cv2.imread, which turns a JPEG as its EXIF orientation
+    # says, and the release's points were found on the turned image
+    from PIL import Image
+
+    from facecluster.data.ijb import upright_image
+
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # white on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned: shown after a quarter turn clockwise
+    path = tmp_path / "turned.jpg"
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    upright = upright_image(path.read_bytes())
+    assert upright.shape == (40, 20, 3)
+    assert upright[:18].float().mean() > 200 > 50 > upright[22:].float().mean()  # left is up
+    plain = tmp_path / "plain.jpg"
+    Image.fromarray(pixels).save(plain, quality=95)
+    assert upright_image(plain.read_bytes()).shape == (20, 40, 3)
 
 
 def test_a_folder_that_is_no_release_or_a_target_it_lacks_is_refused(tmp_path, release):

@@ -23,13 +23,16 @@ pair that no face belongs to, or a missing image is refused with the file and li
 
 from __future__ import annotations
 
+import io
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from facecluster.data.images import DECODE_ERRORS, decode_image
@@ -123,6 +126,8 @@ def _read_points(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
                 "name, 5 points as x y, a detector score)"
             )
         values = _numbers(path, number, fields[1:], float)
+        if len({tuple(values[i : i + 2]) for i in range(0, 10, 2)}) == 1:
+            raise ValueError(f"{path}, line {number}: its five points coincide: no face to align")
         names.append(fields[0])
         points.append(values[:10])
         scores.append(values[10])
@@ -157,32 +162,60 @@ def _read_templates(path: Path, names: list[str], points: Path) -> tuple[np.ndar
     return table[:, 0], table[:, 1]
 
 
+PAIR_FIELDS = "three integers a line: two template ids and a label (1: one person, 0: two)"
+
+
+def _line_of(path: Path, row: int) -> int:
+    """The line of ``path`` that holds its ``row``-th (from 0) non-blank line, as numpy's
+    reader counts rows (read again only to name a refused line)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        rows = (number for number, line in enumerate(f, 1) if line.strip())
+        return next(n for i, n in enumerate(rows) if i == row)
+
+
+def _first_malformed(path: Path) -> str:
+    """The first line of ``path`` that is not three integers, named, for numpy's refusal
+    (which counts rows from 0, blank lines left out)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            fields = line.split()
+            if fields and (len(fields) != 3 or not all(_integer(x) for x in fields)):
+                return f"{path}, line {number}: {line.strip()!r}: expected {PAIR_FIELDS}"
+    return f"{path}: expected {PAIR_FIELDS}"
+
+
+def _integer(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _read_pairs(path: Path, templates: np.ndarray, faces: Path) -> tuple[np.ndarray, np.ndarray]:
     try:  # numpy's C reader: IJB-C lists 15.7 million pairs
-        table = np.loadtxt(path, dtype=np.int64, ndmin=2)
-    except ValueError as e:  # names the row and the column
-        raise ValueError(f"{path}: {e}") from None
-    if table.shape[1] != 3:
-        raise ValueError(
-            f"{path}: {table.shape[1]} fields a line, expected 3 (two template ids and a "
-            "label, 1 for the same person, 0 for two people)"
-        )
-    if not len(table):
+        with warnings.catch_warnings():  # an empty file: said below
+            warnings.filterwarnings("ignore", "loadtxt: input contained no data")
+            table = np.loadtxt(path, dtype=np.int64, ndmin=2, comments=None)
+    except ValueError:
+        raise ValueError(_first_malformed(path)) from None
+    if not table.size:
         raise ValueError(f"{path} lists no pairs")
+    if table.shape[1] != 3:
+        raise ValueError(_first_malformed(path))
     labels = table[:, 2]
     if bad := np.flatnonzero((labels != 0) & (labels != 1)).tolist():
         raise ValueError(
-            f"{path}, line {bad[0] + 1}: label {labels[bad[0]]}, expected 1 (the same "
-            f"person) or 0 (two people); {len(bad):,} such lines"
+            f"{path}, line {_line_of(path, bad[0])}: label {labels[bad[0]]}, expected 1 "
+            f"(the same person) or 0 (two people); {len(bad):,} such lines"
         )
     pairs = table[:, :2]
     known = np.isin(pairs, np.unique(templates))
     if not known.all():
-        line, side = np.argwhere(~known)[0]
+        row, side = np.argwhere(~known)[0]
         raise ValueError(
-            f"{path}, line {line + 1}: template {pairs[line, side]} holds no face of "
-            f"{faces}; "
-            f"{int((~known).any(axis=1).sum()):,} pairs name such templates"
+            f"{path}, line {_line_of(path, int(row))}: template {pairs[row, side]} holds no "
+            f"face of {faces}; {int((~known).any(axis=1).sum()):,} pairs name such templates"
         )
     same = labels.astype(bool)
     if same.all() or not same.any():
@@ -290,7 +323,23 @@ class IJBFaces(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         path = self.protocol.image_dir / self.protocol.images[i]
         try:
-            image = decode_image(str(path))
+            image = upright_image(path.read_bytes())
         except DECODE_ERRORS as e:
             raise ValueError(f"{path} cannot be decoded ({type(e).__name__}: {e})") from None
         return align_face(image, self.protocol.landmarks[i], self.size)
+
+
+def upright_image(data: bytes) -> torch.Tensor:
+    """``uint8[H, W, 3]``: an encoded image turned as its EXIF orientation says, as
+    OpenCV's ``imread`` (which eval_ijbc.py reads with, and the release's points were
+    found on) turns it; training and ``identify`` read images as stored (docs/DATA.md)."""
+    if data.find(b"Exif\x00\x00", 0, 65536) != -1:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.getexif().get(ORIENTATION, 1) != 1:
+                turned = ImageOps.exif_transpose(image).convert("RGB")
+                return torch.from_numpy(np.array(turned))
+    return decode_image(data)
+
+
+ORIENTATION = 0x0112
+"""The EXIF tag of an image's orientation."""

@@ -51,10 +51,23 @@ def face_features(
         pin_memory=torch.device(device).type == "cuda",
     )
     out = []
-    for images in tqdm(loader, desc=f"{protocol.target} faces", unit="batch"):
-        x = normalize_images(images.to(device, non_blocking=True))
-        out.append((embed(x).float() + embed(x.flip(-1)).float()).cpu())
-    return torch.cat(out).numpy()
+    try:
+        for images in tqdm(loader, desc=f"{protocol.target} faces", unit="batch"):
+            x = normalize_images(images.to(device, non_blocking=True))
+            out.append((embed(x).float() + embed(x.flip(-1)).float()).cpu())
+    except ValueError as e:  # an image that cannot be decoded, named: its line alone (a
+        # worker's comes with the worker's traceback)
+        said = str(e).strip().splitlines()[-1]
+        raise ValueError(said.removeprefix("ValueError: ")) from None
+    features = torch.cat(out).numpy()
+    if not (finite := np.isfinite(features).all(axis=1)).all():  # a NaN table, silently
+        first = protocol.image_dir / protocol.images[int(np.argmin(finite))]
+        raise ValueError(
+            f"the embeddings of {int((~finite).sum()):,} faces are not finite (NaN or inf), "
+            f"the first {first}'s: the export's backbone holds weights that do not embed "
+            "(a run that diverged?)"
+        )
+    return features
 
 
 def template_features(
@@ -112,7 +125,7 @@ def tar_at_far(
     labels: np.ndarray, scores: np.ndarray, fars: tuple[float, ...] = FARS
 ) -> list[dict[str, float]]:
     """For each FAR: the TAR of the ROC point whose FAR is nearest (step 4), that
-    point's FAR and its threshold."""
+    point's FAR and its threshold (None for the point above every score)."""
     fpr, tpr, thresholds = (a[::-1] for a in roc(labels, scores))
     out = []
     for far in fars:
@@ -122,7 +135,9 @@ def tar_at_far(
                 "far": far,
                 "tar": float(tpr[i]),
                 "far_reached": float(fpr[i]),
-                "threshold": float(thresholds[i]),
+                # None: no threshold passes none (the point above every score), which
+                # JSON cannot hold as infinity
+                "threshold": float(thresholds[i]) if np.isfinite(thresholds[i]) else None,
             }
         )
     return out
