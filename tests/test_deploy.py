@@ -295,7 +295,7 @@ def test_documented_ijb_command_reports_tar_at_each_far_of_the_exports_backbone(
     assert summary["export_id"] == load_export(exported, "torch", "cpu").export_id
     assert [f"{row['tar']:.2%}" for row in summary["rows"]] == cells[1:]
     assert [row["far"] for row in summary["rows"]] == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
-    # a folder that is no release is named before the export is read
+    # a folder that is no release is named, before any face is read
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "facecluster"), "ijb", "exports/demo", "exports"],
         cwd=cwd,
