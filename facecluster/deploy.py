@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -966,7 +967,7 @@ def ijb_export(
         "export_id": identifier.export_id,
         "root": str(protocol.root.absolute()),
         "image_size": size,
-        **result.as_dict(),
+        **dataclasses.asdict(result),
     }
     if out is not None:
         Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)

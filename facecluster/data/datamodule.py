@@ -729,6 +729,19 @@ def _end_on_sigterm_from(parent: int) -> None:
             os._exit(0)
 
 
+def worker_kwargs(num_workers: int, rank: int = 0) -> dict[str, Any]:
+    """The DataLoader arguments of a :class:`FaceDataLoader`'s workers: none without
+    workers; :class:`WorkerStart` (SIGTERM and Ctrl-C as the command takes them), and
+    on Linux forked workers (they share the sample and index arrays' pages; Python
+    3.14's default, forkserver, would pickle them into every worker, every epoch)."""
+    if not num_workers:
+        return {}
+    kwargs: dict[str, Any] = {"worker_init_fn": WorkerStart(rank)}
+    if sys.platform == "linux":
+        kwargs["multiprocessing_context"] = "fork"
+    return kwargs
+
+
 class FaceDataLoader(DataLoader):
     """A DataLoader whose workers start with SIGTERM blocked, which :class:`WorkerStart`
     keeps so: sent to every process while an epoch's workers were being started
@@ -1284,13 +1297,8 @@ class FaceDataModule(lightning.LightningDataModule):
             "pin_memory": device is not None and device.type == "cuda",
             "persistent_workers": False,
         }
-        if self.hparams.num_workers:
-            rank = self.trainer.global_rank if self.trainer is not None else 0
-            kwargs["worker_init_fn"] = WorkerStart(rank)
-        if self.hparams.num_workers and sys.platform == "linux":
-            # forked workers share the sample and index arrays' pages; Python 3.14's
-            # default, forkserver, would pickle them into every worker, every epoch
-            kwargs["multiprocessing_context"] = "fork"
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        kwargs.update(worker_kwargs(self.hparams.num_workers, rank))
         if dataset is not None:
             kwargs["collate_fn"] = self._collate(dataset, batch_size)
         return kwargs

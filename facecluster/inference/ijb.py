@@ -18,15 +18,15 @@ Its default test mode (N1 D1 F2), step by step:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from facecluster.data.datamodule import FaceDataLoader, worker_kwargs
 from facecluster.data.ijb import IJBFaces, IJBSet
 from facecluster.data.transforms import normalize_images
 
@@ -44,11 +44,13 @@ def face_features(
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """``float32[N, d]``: each face's embedding plus its mirror image's (step 1, F2)."""
-    loader = DataLoader(
+    # the training loaders' workers: a Ctrl-C while they start is not dropped
+    loader = FaceDataLoader(
         IJBFaces(protocol, image_size),
         batch_size=batch_size,
         num_workers=workers,
         pin_memory=torch.device(device).type == "cuda",
+        **worker_kwargs(workers),
     )
     out = []
     try:
@@ -154,9 +156,6 @@ class IJBResult:
     """Pairs of two people."""
     rows: list[dict[str, float]] = field(default_factory=list)
     """:func:`tar_at_far`'s, one per FAR."""
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def evaluate_ijb(
