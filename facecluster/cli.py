@@ -93,15 +93,19 @@ NaN, inf or zero).
 
 EXPORTED = " (a folder written by facecluster export)"
 
-IJB_HELP = """IJB-B or IJB-C 1:1 verification of an export's stage-1 backbone: TAR at each FAR.
+IJB_HELP = """IJB-B or IJB-C of an export's stage-1 backbone: 1:1 verification (TAR at
+each FAR) and 1:N identification (rank-k, TPIR at each FPIR).
 
     facecluster ijb exports/r50 /data/IJB_release/IJBC
+    facecluster ijb exports/r50 /data/IJB_release/IJBC --protocol 1:1 1:N
     facecluster ijb exports/r50 /data/IJB_release/IJBB --target IJBB --out ijbb.json
 
 The release folder holds meta/ and loose_crop/. Each face is aligned by its five
-points, embedded with its mirror image, weighted by its detector score, pooled into
-its template, and each pair scored by cosine, as arcface_torch's eval_ijbc.py does
-(docs/EVALUATION.md). Prints the table and writes it as JSON (--out).
+points, embedded with its mirror image, weighted by its detector score and pooled
+into its template; each 1:1 pair is scored by cosine, as arcface_torch's
+eval_ijbc.py does, and each 1:N probe searched in the galleries G1 and G2 (IJB-B:
+S1, S2), as InsightFace's IJB_evals.py does (docs/EVALUATION.md). Prints the tables
+and writes them as JSON (--out).
 """
 
 
@@ -715,6 +719,14 @@ def ijb_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("root", help="the release's IJBC (or IJBB) folder: meta/, loose_crop/")
     parser.add_argument("--target", choices=("IJBC", "IJBB"), default="IJBC")
     parser.add_argument(
+        "--protocol",
+        nargs="+",
+        choices=("1:1", "1:N"),
+        default=["1:1"],
+        help="1:1 verification, 1:N identification, or both (the faces embedded once; "
+        "default: 1:1)",
+    )
+    parser.add_argument(
         "--out", default=None, help="JSON to write (default: ijbc.json or ijbb.json)"
     )
     parser.add_argument("--batch-size", type=at_least(1), default=128, help="faces per batch")
@@ -742,23 +754,55 @@ def ijb_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     try:
         summary = ijb_export(
-            args.model, args.root, args.target, out, args.batch_size, args.workers, args.device
+            args.model,
+            args.root,
+            args.target,
+            out,
+            args.batch_size,
+            args.workers,
+            args.device,
+            tuple(dict.fromkeys(args.protocol)),
         )
     except (OSError, ValueError, ImportError) as e:
         return _fail(e)
-    rows = summary["rows"]
-    print(
-        f"{summary['target']} 1:1 verification: {summary['faces']:,} faces, "
-        f"{summary['templates']:,} templates, {summary['genuine']:,} pairs of one person, "
-        f"{summary['impostor']:,} of two"
-    )
-    print(
-        markdown_table(
-            ["model", *(f"TAR@FAR={r['far']:.0e}" for r in rows)],
-            [[args.model, *(f"{r['tar']:.2%}" for r in rows)]],
-            "l" + "r" * len(rows),
+    if one := summary["verification"]:
+        rows = one["rows"]
+        print(
+            f"{summary['target']} 1:1 verification: {summary['faces']:,} faces, "
+            f"{one['templates']:,} templates, {one['genuine']:,} pairs of one person, "
+            f"{one['impostor']:,} of two"
         )
-    )
+        print(
+            markdown_table(
+                ["model", *(f"TAR@FAR={r['far']:.0e}" for r in rows)],
+                [[args.model, *(f"{r['tar']:.2%}" for r in rows)]],
+                "l" + "r" * len(rows),
+            )
+        )
+    if search := summary["identification"]:
+        galleries = search["galleries"]
+        print(
+            f"{summary['target']} 1:N identification of {args.model}: {summary['faces']:,} "
+            f"faces, {search['probes']:,} probe templates; "
+            + ", ".join(
+                f"{g['name']}: {g['templates']:,} templates, {g['mated']:,} probes mated"
+                for g in galleries
+            )
+        )
+        fpirs = [r["fpir"] for r in galleries[0]["rows"]]
+        rows = [(g["name"], g["rank_rates"], [r["tpir"] for r in g["rows"]]) for g in galleries]
+        rows.append(("mean", search["mean"]["rank_rates"], search["mean"]["tpir"]))
+        print(
+            markdown_table(
+                [
+                    "gallery",
+                    *(f"rank-{k}" for k in search["ranks"]),
+                    *(f"TPIR@FPIR={f:.0e}" for f in fpirs),
+                ],
+                [[name, *(f"{x:.2%}" for x in (*ranks, *tpirs))] for name, ranks, tpirs in rows],
+                "l" + "r" * (len(search["ranks"]) + len(fpirs)),
+            )
+        )
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

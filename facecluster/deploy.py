@@ -940,11 +940,13 @@ def ijb_export(
     batch_size: int = 128,
     workers: int = 0,
     device: str = "auto",
+    protocols: tuple[str, ...] = ("1:1",),
 ) -> dict[str, Any]:
-    """IJB-B/C 1:1 verification of an export's stage-1 backbone (the router's), as
-    arcface_torch's ``eval_ijbc.py`` measures it (:mod:`facecluster.inference.ijb`).
-    Writes ``out`` (JSON: the TAR at each FAR, the counts, the export) when given and
-    returns what it holds.
+    """IJB-B/C 1:1 verification and/or 1:N identification (``protocols``) of an
+    export's stage-1 backbone (the router's), as arcface_torch's ``eval_ijbc.py`` and
+    InsightFace's ``IJB_evals.py`` measure them (:mod:`facecluster.inference.ijb`).
+    Writes ``out`` (JSON: the export, the counts, the TAR at each FAR, the rank-k and
+    TPIR at each FPIR) when given and returns what it holds.
 
     Raises:
         FileNotFoundError: the export, the release or one of its files is missing.
@@ -957,7 +959,7 @@ def ijb_export(
     if out is not None and Path(out).is_dir():
         raise ValueError(f"--out {out} is a folder: name the JSON file to write")
     identifier = load_export(model, "torch", device)  # a second, then the release's lists
-    protocol = read_ijb(root, target)
+    protocol = read_ijb(root, target, protocols)
     where = resolve_device(device)
     backbone = identifier.router_backbone.eval()
     size = identifier.backbone_args["image_size"]

@@ -142,7 +142,10 @@ def make_ijb(root: Path, people: int = 12, seed: int = 0, target: str = "IJBC") 
     another rotation, scale and shift, with its five points moved alike (plus half a
     pixel of noise). Template 2p + 1 holds the first photo; template 2p + 2 the other
     two, as two frames of one media. Pairs: each person's two templates (same), and
-    each first template against the next three people's second ones (not)."""
+    each first template against the next three people's second ones (not). 1:N (with
+    12 people): the first templates of people 0-3 are the gallery G1 (IJB-B: S1), of
+    4-7 G2, and every second template a probe (subject 100 + p); people 8-11 are in
+    neither gallery."""
     import numpy as np
     import simplejpeg
 
@@ -154,6 +157,7 @@ def make_ijb(root: Path, people: int = 12, seed: int = 0, target: str = "IJBC") 
     (root / "loose_crop").mkdir(parents=True)
     (root / "meta").mkdir()
     points, faces, pairs = [], [], []
+    search = {"gallery1": [], "gallery2": [], "probes": []}
     for p, folder in enumerate(folders[:people]):
         first = min(folder.glob("*.jpg"))
         for template, sources in ((2 * p + 1, [first]), (2 * p + 2, [first, first])):
@@ -177,12 +181,21 @@ def make_ijb(root: Path, people: int = 12, seed: int = 0, target: str = "IJBC") 
                     " ".join([name, *(f"{v:.3f}" for v in moved.ravel()), f"{score:.4f}"])
                 )
                 faces.append(f"{name} {template} {1000 + template}")
+                kind = "probes" if template % 2 == 0 else ("gallery1", "gallery2", None)[p // 4]
+                if kind:
+                    search[kind].append(f"{template},{100 + p},loose_crop/{name}")
         pairs.append(f"{2 * p + 1} {2 * p + 2} 1")
         pairs += [f"{2 * p + 1} {2 * ((p + q) % people) + 2} 0" for q in (1, 2, 3)]
     t = target.lower()
     (root / "meta" / f"{t}_name_5pts_score.txt").write_text("\n".join(points) + "\n")
     (root / "meta" / f"{t}_face_tid_mid.txt").write_text("\n".join(faces) + "\n")
     (root / "meta" / f"{t}_template_pair_label.txt").write_text("\n".join(pairs) + "\n")
+    names = {"gallery1": "1N_gallery_G1", "gallery2": "1N_gallery_G2", "probes": "1N_probe_mixed"}
+    if target == "IJBB":
+        names.update(gallery1="1N_gallery_S1", gallery2="1N_gallery_S2")
+    for kind, rows in search.items():
+        header = "TEMPLATE_ID,SUBJECT_ID,FILENAME"
+        (root / "meta" / f"{t}_{names[kind]}.csv").write_text("\n".join([header, *rows]) + "\n")
     return root
 
 

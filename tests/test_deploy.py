@@ -44,6 +44,7 @@ EXPORT = "facecluster export runs/<run> exports/demo --onnx"
 ENROLL = "facecluster enroll exports/demo new_people/"
 IDENTIFY = "facecluster identify exports/demo datasets/lfw-demo/images/<identity> --out who.csv"
 IJB = "facecluster ijb exports/demo IJB_release/IJBC"
+IJB_1N = "facecluster ijb exports/demo IJB_release/IJBC --protocol 1:1 1:N --out both.json"
 
 
 def test_the_console_script_lists_its_commands(tmp_path):
@@ -293,8 +294,28 @@ def test_documented_ijb_command_reports_tar_at_each_far_of_the_exports_backbone(
     summary = json.loads((cwd / "ijbc.json").read_text())
     assert proc.stderr.splitlines()[-1] == "wrote ijbc.json"
     assert summary["export_id"] == load_export(exported, "torch", "cpu").export_id
-    assert [f"{row['tar']:.2%}" for row in summary["rows"]] == cells[1:]
-    assert [row["far"] for row in summary["rows"]] == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    rows = summary["verification"]["rows"]
+    assert [f"{row['tar']:.2%}" for row in rows] == cells[1:]
+    assert [row["far"] for row in rows] == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    assert summary["identification"] is None
+    # both protocols: the same 1:1 table, then 1:N's, a row per gallery and their mean
+    assert IJB_1N in (ROOT / "docs" / "EVALUATION.md").read_text()
+    both = _facecluster(IJB_1N.split(), cwd).stdout.splitlines()
+    assert both[:4] == lines[:4]
+    assert both[4] == (
+        "IJBC 1:N identification of exports/demo: 36 faces, 12 probe templates; "
+        "G1: 4 templates, 4 probes mated, G2: 4 templates, 4 probes mated"
+    )
+    header = ["gallery", "rank-1", "rank-5", "rank-10"]
+    header += [f"TPIR@FPIR=1e-{n:02d}" for n in range(4, 0, -1)]
+    assert both[5] == "| " + " | ".join(header) + " |"
+    table = [line.strip("| ").split(" | ") for line in both[7:]]
+    assert [row[0] for row in table] == ["G1", "G2", "mean"]
+    search = json.loads((cwd / "both.json").read_text())["identification"]
+    assert table[2][1:4] == [f"{x:.2%}" for x in search["mean"]["rank_rates"]]
+    assert table[0][4:] == [f"{r['tpir']:.2%}" for r in search["galleries"][0]["rows"]]
+    # 4 of 4 mated probes among 4 gallery templates: at rank 5 and 10, each is found
+    assert table[2][2:4] == ["100.00%", "100.00%"]
     # a folder that is no release is named, before any face is read
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "facecluster"), "ijb", "exports/demo", "exports"],

@@ -110,6 +110,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_deploy.py::test_documented_ijb_command_reports_tar_at_each_far_of_the_"
         "exports_backbone",
     ),
+    "facecluster ijb exports/demo IJB_release/IJBC --protocol 1:1 1:N --out both.json": (
+        RUN,
+        "tests/test_deploy.py::test_documented_ijb_command_reports_tar_at_each_far_of_the_"
+        "exports_backbone",
+    ),
     "facecluster enroll exports/demo new_people/": (
         FILLED,
         "tests/test_deploy.py::test_enrolling_new_identities_without_retraining",

@@ -1,10 +1,12 @@
-"""IJB-B/C 1:1 verification (`facecluster ijb`): the release's lists, the alignment by
-five points, the template pooling and the TAR at FAR of arcface_torch's eval_ijbc.py.
-The command itself runs on an export in tests/test_deploy.py."""
+"""IJB-B/C (`facecluster ijb`): the release's lists, the alignment by five points, the
+template pooling, the TAR at FAR of arcface_torch's eval_ijbc.py (1:1) and the rank-k
+and TPIR at FPIR of InsightFace's IJB_evals.py (1:N). The command itself runs on an
+export in tests/test_deploy.py."""
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from facecluster.inference.ijb import (
     evaluate_ijb,
     pair_scores,
     roc,
+    search,
     tar_at_far,
     template_features,
 )
@@ -80,12 +83,91 @@ def test_the_whole_protocol_matches_every_pair_of_one_face_and_needs_the_points(
     protocol = read_ijb(release)
     result, scores = evaluate_ijb(_pixels, protocol, 112)
     assert scores[protocol.labels].min() > 0.95 > 0.85 > scores[~protocol.labels].max()
-    assert [row["tar"] for row in result.rows] == [1.0] * 6
-    assert (result.faces, result.templates, result.genuine, result.impostor) == (36, 24, 12, 36)
+    one = result.verification
+    assert [row["tar"] for row in one.rows] == [1.0] * 6
+    assert (result.faces, one.templates, one.genuine, one.impostor) == (36, 24, 12, 36)
+    assert result.identification is None
     noise = np.random.default_rng(0).normal(0, 6, protocol.landmarks.shape)
     off = dataclasses.replace(protocol, landmarks=protocol.landmarks + noise)
     result, _ = evaluate_ijb(_pixels, off, 112, batch_size=5, workers=2)
-    assert result.rows[2]["tar"] < 0.9
+    assert result.verification.rows[2]["tar"] < 0.9
+
+
+def test_1n_reads_the_galleries_and_probes_and_finds_every_mated_probe_first(release, tmp_path):
+    # make_ijb: G1 holds people 0-3's first templates, G2 people 4-7's; every second
+    # template is a probe, people 8-11's in neither gallery. Each probe is its gallery
+    # template's photo placed again: aligned and pooled, every mated probe is found
+    # first and above every non-mated probe's best score, at every FPIR
+    protocol = read_ijb(release, protocols=("1:N",))
+    assert protocol.pairs is None and protocol.labels is None  # 1:1's list not read
+    g1, g2 = protocol.galleries
+    assert (g1.name, g1.templates.tolist(), g1.subjects.tolist()) == (
+        "G1",
+        [1, 3, 5, 7],
+        [100, 101, 102, 103],
+    )
+    assert g2.templates.tolist() == [9, 11, 13, 15]
+    assert protocol.probes.templates.tolist() == list(range(2, 25, 2))
+    assert protocol.probes.subjects.tolist() == list(range(100, 112))
+    ijbb = read_ijb(make_ijb(tmp_path / "IJBB", target="IJBB"), "IJBB", ("1:N",))
+    assert [g.path.name for g in ijbb.galleries] == [
+        "ijbb_1N_gallery_S1.csv",
+        "ijbb_1N_gallery_S2.csv",
+    ]
+    both = read_ijb(release, protocols=("1:1", "1:N"))
+    result, scores = evaluate_ijb(_pixels, both, 112)
+    search_ = result.identification
+    assert search_.probes == 12 and search_.ranks == [1, 5, 10]
+    for gallery in search_.galleries:
+        assert (gallery["templates"], gallery["mated"], gallery["nonmated"]) == (4, 4, 8)
+        assert gallery["rank_rates"] == [1.0, 1.0, 1.0]
+        assert [row["tpir"] for row in gallery["rows"]] == [1.0] * 4
+        # 8 non-mated probes: ceil(8 x FPIR) = 1 at each FPIR, the best of them, which
+        # none passes
+        assert {row["fpir_reached"] for row in gallery["rows"]} == {0.0}
+    assert search_.mean == {"rank_rates": [1.0] * 3, "tpir": [1.0] * 4}
+    # both protocols from one embedding: 1:1's figures are those of 1:1 alone
+    alone, alone_scores = evaluate_ijb(_pixels, read_ijb(release), 112)
+    assert result.verification == alone.verification
+    np.testing.assert_array_equal(scores, alone_scores)
+    # points 6 pixels off at random: probes are found less often
+    noise = np.random.default_rng(0).normal(0, 6, protocol.landmarks.shape)
+    off = dataclasses.replace(protocol, landmarks=protocol.landmarks + noise)
+    worse = evaluate_ijb(_pixels, off, 112)[0].identification
+    assert worse.mean["tpir"][-1] < 1.0
+
+
+def test_1n_rank_and_tpir_at_fpir_are_ijb_evals_figures_on_a_worked_example():
+    # a gallery of one-hot templates (subjects 1, 2, 3): each probe's row is its scores
+    gallery, gallery_subjects = np.eye(3), np.array([1, 2, 3])
+    probes = np.array(
+        [
+            [0.9, 0.2, 0.1],  # subject 1: rank 1
+            [0.7, 0.6, 0.1],  # subject 2: rank 2
+            [0.1, 0.5, 0.5],  # subject 3: tied with subject 2, counted against: rank 2
+            [0.8, 0.3, 0.2],  # subject 1: rank 1, its score equal to a non-mated best
+            [0.95, 0.0, 0.0],  # subjects 7, 8, 9, 6, in no gallery: best scores 0.95,
+            [0.1, 0.8, 0.3],  # 0.8, 0.5, 0.3
+            [0.5, 0.2, 0.1],
+            [0.3, 0.3, 0.1],
+        ]
+    )
+    probe_subjects = np.array([1, 2, 3, 1, 7, 8, 9, 6])
+    fpirs = (0.25, 0.3, 0.5, 1.0)
+    found = search(probes, probe_subjects, gallery, gallery_subjects, fpirs, (1, 2))
+    assert (found["templates"], found["mated"], found["nonmated"]) == (3, 4, 4)
+    assert found["hits"] == [2, 4]
+    rows = found["rows"]
+    # the ceil(4 x FPIR)-th highest non-mated best score: the 1st, 2nd (ceil 1.2), 2nd,
+    # 4th; a mated probe counts when first and strictly above it: none above 0.95, the
+    # one at 0.9 above 0.8 (the one at 0.8 is not), both above 0.3
+    assert [r["threshold"] for r in rows] == [0.95, 0.8, 0.8, 0.3]
+    assert [r["tpir"] for r in rows] == [0.0, 0.25, 0.25, 0.5]
+    # ceil(4 x FPIR) - 1 non-mated probes pass the threshold
+    assert [r["fpir_reached"] for r in rows] == [0.0, 0.25, 0.25, 0.75]
+    # chunked or not, the same
+    again = search(probes, probe_subjects, gallery, gallery_subjects, fpirs, (1, 2), chunk=3)
+    assert again == found
 
 
 def test_the_similarity_transform_is_the_least_squares_one_without_reflection():
@@ -237,6 +319,73 @@ def test_an_image_with_an_exif_orientation_is_turned_as_opencv_reads_it(tmp_path
     plain = tmp_path / "plain.jpg"
     Image.fromarray(pixels).save(plain, quality=95)
     assert upright_image(plain.read_bytes()).shape == (20, 40, 3)
+
+
+@pytest.mark.parametrize(
+    ("kind", "edit", "message"),
+    [
+        ("1N_probe_mixed", lambda rows: rows[:1], r"ijbc_1N_probe_mixed.csv lists no templates"),
+        (
+            "1N_gallery_G1",
+            lambda rows: [*rows[:2], "3,100,x.jpg", *rows[3:]],
+            r"ijbc_1N_gallery_G1.csv, line 3: subject 100 has a second template, 3 \(its "
+            r"first, 1, is on line 2\): a gallery holds one template per subject",
+        ),
+        (
+            "1N_gallery_G1",
+            lambda rows: [*rows, "1,555,y.jpg"],
+            r"ijbc_1N_gallery_G1.csv, line 6: template 1 of subject 555, where line 2 gives "
+            r"it subject 100",
+        ),
+        (
+            "1N_gallery_G1",
+            lambda rows: [*rows, "99,555,y.jpg"],
+            r"ijbc_1N_gallery_G1.csv, line 6: template 99 holds no face of .*face_tid_mid",
+        ),
+        (
+            "1N_gallery_G1",
+            lambda rows: [*rows[:3], "7;103;x.jpg"],
+            r"ijbc_1N_gallery_G1.csv, line 4: '7;103;x.jpg': expected a template id and a "
+            r"subject id first",
+        ),
+        (
+            "1N_gallery_G2",
+            lambda rows: [*rows, "17,100,z.jpg"],
+            r"ijbc_1N_gallery_G1.csv and .*ijbc_1N_gallery_G2.csv both hold subject 100",
+        ),
+        (
+            "1N_gallery_G2",
+            lambda rows: [*rows, "2,555,z.jpg"],
+            r"template 2 is both a probe \(.*ijbc_1N_probe_mixed.csv\) and in the gallery "
+            r".*ijbc_1N_gallery_G2.csv",
+        ),
+        (
+            "1N_probe_mixed",
+            lambda rows: [r for r in rows if not r.startswith(("2,", "4,", "6,", "8,"))],
+            r"no probe of .*ijbc_1N_probe_mixed.csv is of a subject in .*ijbc_1N_gallery_G1",
+        ),
+        (
+            "1N_gallery_G2",
+            lambda rows: (_ for _ in ()).throw(FileNotFoundError),
+            r"ijbc_1N_gallery_G2.csv is missing",
+        ),
+    ],
+)
+def test_1n_lists_that_disagree_are_refused_naming_the_file_and_line(
+    tmp_path, release, kind, edit, message
+):
+    root = tmp_path / "IJBC"
+    shutil.copytree(release, root)
+    path = root / "meta" / f"ijbc_{kind}.csv"
+    try:
+        rows = edit(path.read_text().splitlines())
+        path.write_text("\n".join(rows) + "\n")
+    except FileNotFoundError:
+        path.unlink()
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        read_ijb(root, protocols=("1:N",))
+    if "missing" in message:  # 1:1 does not need it
+        assert read_ijb(root).galleries == ()
 
 
 def test_a_folder_that_is_no_release_or_a_target_it_lacks_is_refused(tmp_path, release):

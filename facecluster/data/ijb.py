@@ -1,11 +1,18 @@
-"""The IJB-B and IJB-C 1:1 verification sets as arcface_torch's ``eval_ijbc.py`` reads them.
+"""The IJB-B and IJB-C releases as arcface_torch's ``eval_ijbc.py`` (1:1) and
+InsightFace's ``IJB_evals.py`` (1:N) read them.
 
 A release folder (``IJB_release/IJBC``; ``IJBB`` alike, file names in lower case)::
 
     loose_crop/<image>                      the face images, loosely cropped
     meta/ijbc_name_5pts_score.txt           <image> x1 y1 ... x5 y5 <detector score>
     meta/ijbc_face_tid_mid.txt              <image> <template id> <media id>
-    meta/ijbc_template_pair_label.txt       <template id> <template id> <1 same, 0 not>
+    meta/ijbc_template_pair_label.txt       1:1: <template id> <template id> <1 same, 0 not>
+    meta/ijbc_1N_gallery_G1.csv             1:N: a header, then TEMPLATE_ID,SUBJECT_ID,...
+    meta/ijbc_1N_gallery_G2.csv               (one row per image; IJB-B's galleries are
+    meta/ijbc_1N_probe_mixed.csv              S1 and S2)
+
+A face's template comes from ``face_tid_mid.txt`` in both protocols; the 1:N lists
+give each gallery and probe template its subject.
 
 The two image lists name the same images in the same order (eval_ijbc.py takes a
 face's template from the second list by its line in the first). Each face is aligned
@@ -23,6 +30,7 @@ pair that no face belongs to, or a missing image is refused with the file and li
 
 from __future__ import annotations
 
+import csv
 import io
 import math
 import warnings
@@ -39,6 +47,8 @@ from facecluster.data.images import DECODE_ERRORS, decode_image
 
 TARGETS = ("IJBB", "IJBC")
 
+PROTOCOLS = ("1:1", "1:N")
+
 REFERENCE = np.array(
     [
         [38.2946, 51.6963],
@@ -53,8 +63,21 @@ left eye, right eye, nose tip, left and right mouth corners, as seen in the imag
 
 
 @dataclass(frozen=True)
+class TemplateList:
+    """A 1:N list (a gallery, or the probes): its templates and their subjects."""
+
+    name: str
+    """``G1``, ``G2`` (IJB-B: ``S1``, ``S2``) or ``probes``."""
+    path: Path
+    templates: np.ndarray
+    """``int64[T]``: its template ids, ascending."""
+    subjects: np.ndarray
+    """``int64[T]``: each template's subject id."""
+
+
+@dataclass(frozen=True)
 class IJBSet:
-    """One IJB release's 1:1 protocol, read and checked."""
+    """One IJB release's protocols, read and checked."""
 
     root: Path
     target: str
@@ -68,10 +91,16 @@ class IJBSet:
     """``int64[N]``: each face's template id."""
     medias: np.ndarray
     """``int64[N]``: each face's media id (a photo, or a video whose frames share it)."""
-    pairs: np.ndarray
-    """``int64[P, 2]``: the template ids of each pair."""
-    labels: np.ndarray
-    """``bool[P]``: whether each pair's two templates are of one person."""
+    pairs: np.ndarray | None = None
+    """1:1: ``int64[P, 2]``, the template ids of each pair (None: 1:1 not read)."""
+    labels: np.ndarray | None = None
+    """1:1: ``bool[P]``, whether each pair's two templates are of one person."""
+    galleries: tuple[TemplateList, ...] = ()
+    """1:N: the two galleries, each holding one template per subject, of different
+    subjects (empty: 1:N not read)."""
+    probes: TemplateList | None = None
+    """1:N: the probe templates, searched in each gallery: mated where their subject is
+    in it, non-mated otherwise."""
 
     def meta(self, kind: str) -> Path:
         return meta_file(self.root, self.target, kind)
@@ -85,11 +114,20 @@ META = {
     "points": "name_5pts_score.txt",
     "templates": "face_tid_mid.txt",
     "pairs": "template_pair_label.txt",
+    "probes": "1N_probe_mixed.csv",
 }
+
+GALLERIES = {"IJBC": ("G1", "G2"), "IJBB": ("S1", "S2")}
+"""The names of each release's two 1:N galleries (``meta/<target>_1N_gallery_<name>.csv``)."""
+
+NEEDS = {"1:1": ("points", "templates", "pairs"), "1:N": ("points", "templates", "probes")}
+"""The lists each protocol reads (1:N also its galleries')."""
 
 
 def meta_file(root: Path, target: str, kind: str) -> Path:
-    return root / "meta" / f"{target.lower()}_{META[kind]}"
+    """``kind``: a key of :data:`META`, or a gallery's name (``G1``)."""
+    name = f"1N_gallery_{kind}.csv" if kind in GALLERIES[target] else META[kind]
+    return root / "meta" / f"{target.lower()}_{name}"
 
 
 def _lines(path: Path) -> list[list[str]]:
@@ -226,8 +264,93 @@ def _read_pairs(path: Path, templates: np.ndarray, faces: Path) -> tuple[np.ndar
     return pairs, same
 
 
-def read_ijb(root: str | Path, target: str = "IJBC") -> IJBSet:
-    """The protocol of the release at ``root`` (which holds ``meta`` and ``loose_crop``).
+SUBJECT_FIELDS = "a template id and a subject id first (TEMPLATE_ID,SUBJECT_ID,...)"
+
+
+def _read_subjects(path: Path, name: str, known: np.ndarray, faces: Path) -> TemplateList:
+    """A 1:N list: a header line (skipped), then a row per image whose first two fields
+    are its template and that template's subject; a gallery's subjects each once."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text file ({e.reason} at byte {e.start})") from None
+    seen: dict[int, tuple[int, int]] = {}  # template -> (subject, line)
+    header = True
+    for number, fields in enumerate(csv.reader(text.splitlines()), 1):
+        if not "".join(fields).strip():
+            continue
+        if header and not _integer(fields[0]):  # TEMPLATE_ID,SUBJECT_ID,...
+            header = False
+            continue
+        header = False
+        if len(fields) < 2 or not (_integer(fields[0]) and _integer(fields[1])):
+            raise ValueError(
+                f"{path}, line {number}: {','.join(fields)!r}: expected {SUBJECT_FIELDS}"
+            )
+        template, subject = int(fields[0]), int(fields[1])
+        first = seen.setdefault(template, (subject, number))
+        if first[0] != subject:
+            raise ValueError(
+                f"{path}, line {number}: template {template} of subject {subject}, where "
+                f"line {first[1]} gives it subject {first[0]}: a template is one subject's"
+            )
+    if not seen:
+        raise ValueError(f"{path} lists no templates")
+    templates = np.array(sorted(seen), dtype=np.int64)
+    subjects = np.array([seen[t][0] for t in templates.tolist()], dtype=np.int64)
+    if (absent := ~np.isin(templates, known)).any():
+        template = int(templates[absent][0])
+        raise ValueError(
+            f"{path}, line {seen[template][1]}: template {template} holds no face of "
+            f"{faces}; {int(absent.sum()):,} of its templates are such"
+        )
+    if name != "probes":
+        owner: dict[int, int] = {}
+        for template in templates.tolist():
+            other = owner.setdefault(seen[template][0], template)
+            if other != template:
+                raise ValueError(
+                    f"{path}, line {seen[template][1]}: subject {seen[template][0]} has a "
+                    f"second template, {template} (its first, {other}, is on line "
+                    f"{seen[other][1]}): a gallery holds one template per subject"
+                )
+    return TemplateList(name, path, templates, subjects)
+
+
+def _read_search(root: Path, target: str, templates: np.ndarray, faces: Path) -> tuple:
+    """The 1:N lists, read and checked against each other: ``(galleries, probes)``."""
+    probes = _read_subjects(meta_file(root, target, "probes"), "probes", templates, faces)
+    galleries = tuple(
+        _read_subjects(meta_file(root, target, name), name, templates, faces)
+        for name in GALLERIES[target]
+    )
+    first, second = galleries
+    if len(both := np.intersect1d(first.subjects, second.subjects)):
+        raise ValueError(
+            f"{first.path} and {second.path} both hold subject {both[0]} ({len(both):,} "
+            "in all): the two galleries are of different people"
+        )
+    for gallery in galleries:
+        if len(both := np.intersect1d(probes.templates, gallery.templates)):
+            raise ValueError(
+                f"template {both[0]} is both a probe ({probes.path}) and in the gallery "
+                f"{gallery.path} ({len(both):,} in all): a probe would find itself"
+            )
+        mated = np.isin(probes.subjects, gallery.subjects)
+        if mated.all() or not mated.any():
+            raise ValueError(
+                f"{'every' if mated.all() else 'no'} probe of {probes.path} is of a subject "
+                f"in {gallery.path}: the protocol needs probes of its subjects (to find) and "
+                "of others (to reject)"
+            )
+    return galleries, probes
+
+
+def read_ijb(
+    root: str | Path, target: str = "IJBC", protocols: tuple[str, ...] = ("1:1",)
+) -> IJBSet:
+    """The ``protocols`` (``1:1``, ``1:N``) of the release at ``root`` (which holds
+    ``meta`` and ``loose_crop``); the lists the others need are not read.
 
     Raises:
         FileNotFoundError: ``root``, a list or an image is missing (named).
@@ -236,11 +359,16 @@ def read_ijb(root: str | Path, target: str = "IJBC") -> IJBSet:
     root = Path(root).expanduser()
     if target not in TARGETS:
         raise ValueError(f"target {target!r}: expected one of {', '.join(TARGETS)}")
+    if not protocols or not set(protocols) <= set(PROTOCOLS):
+        raise ValueError(f"protocols {protocols!r}: expected some of {', '.join(PROTOCOLS)}")
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder (give the IJB release's {target} folder)")
+    kinds = dict.fromkeys(kind for p in protocols for kind in NEEDS[p])
+    if "1:N" in protocols:
+        kinds.update(dict.fromkeys(GALLERIES[target]))
     missing = [
         str(path)
-        for path in (*(meta_file(root, target, kind) for kind in META), root / "loose_crop")
+        for path in (*(meta_file(root, target, kind) for kind in kinds), root / "loose_crop")
         if not path.exists()
     ]
     if missing:
@@ -253,7 +381,12 @@ def read_ijb(root: str | Path, target: str = "IJBC") -> IJBSet:
     if not names:
         raise ValueError(f"{points} lists no faces")
     templates, medias = _read_templates(faces, names, points)
-    pairs, labels = _read_pairs(meta_file(root, target, "pairs"), templates, faces)
+    pairs = labels = probes = None
+    galleries = ()
+    if "1:1" in protocols:
+        pairs, labels = _read_pairs(meta_file(root, target, "pairs"), templates, faces)
+    if "1:N" in protocols:
+        galleries, probes = _read_search(root, target, templates, faces)
     for name in names:
         if not (root / "loose_crop" / name).is_file():
             absent = sum(not (root / "loose_crop" / n).is_file() for n in names)
@@ -261,7 +394,9 @@ def read_ijb(root: str | Path, target: str = "IJBC") -> IJBSet:
                 f"{root / 'loose_crop' / name} does not exist ({absent:,} of the "
                 f"{len(names):,} images that {points} lists)"
             )
-    return IJBSet(root, target, names, landmarks, scores, templates, medias, pairs, labels)
+    return IJBSet(
+        root, target, names, landmarks, scores, templates, medias, pairs, labels, galleries, probes
+    )
 
 
 def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
-"""IJB-B / IJB-C 1:1 verification: TAR at FAR, as arcface_torch's ``eval_ijbc.py``.
+"""IJB-B / IJB-C 1:1 verification (TAR at FAR, as arcface_torch's ``eval_ijbc.py``)
+and 1:N identification (rank-k and TPIR at FPIR, as InsightFace's ``IJB_evals.py``).
 
-Its default test mode (N1 D1 F2), step by step:
+Their default test mode (N1 D1 F2), step by step:
 
 1. each face (aligned, :mod:`facecluster.data.ijb`) is embedded with its mirror image
    and the two embeddings added (F2), not normalised (N1: the norm stays, a weight
@@ -13,6 +14,17 @@ Its default test mode (N1 D1 F2), step by step:
    and the TAR reported at a FAR ``x`` is that of the curve's point whose FAR is
    nearest to ``x`` (the lower threshold among equals), which may lie a little above
    ``x``: each result also gives the FAR of the point taken (``far_reached``).
+
+1:N (:func:`search`) shares steps 1 and 2: each probe template is searched in each of
+the two galleries (G1 and G2; IJB-B's S1 and S2, of different subjects) by cosine.
+A probe whose subject is in the gallery is mated there, else non-mated. Rank-k: the
+share of mated probes whose gallery template is among the k most similar; a tie with
+another template counts against it. TPIR at an FPIR ``x``: the threshold is the
+``ceil(x * n)``-th highest of the ``n`` non-mated probes' best scores, and a mated
+probe counts when its gallery template is first and scores above that threshold
+(strictly: ``ceil(x * n) - 1`` non-mated probes pass it). Each gallery has its row;
+the mean row's rank-k pools the two galleries' mated probes, its TPIR is the mean
+of the two, as ``IJB_evals.py``'s.
 """
 
 from __future__ import annotations
@@ -32,6 +44,11 @@ from facecluster.data.transforms import normalize_images
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 """The FARs of arcface_torch's table."""
+
+FPIRS = (1e-4, 1e-3, 1e-2, 1e-1)
+"""The FPIRs of the 1:N table (``IJB_evals.py`` shows these and 1)."""
+
+RANKS = (1, 5, 10)
 
 
 @torch.inference_mode()
@@ -145,17 +162,125 @@ def tar_at_far(
     return out
 
 
+def search(
+    probes: np.ndarray,
+    probe_subjects: np.ndarray,
+    gallery: np.ndarray,
+    gallery_subjects: np.ndarray,
+    fpirs: tuple[float, ...] = FPIRS,
+    ranks: tuple[int, ...] = RANKS,
+    chunk: int = 4096,
+) -> dict:
+    """One gallery's 1:N search by unit ``probes`` (``[P, d]``) in unit ``gallery``
+    templates (``[G, d]``, one per subject): the counts, the rank-k hits and, per FPIR,
+    the TPIR, the FPIR reached and the threshold (the module's definitions)."""
+    order = np.argsort(gallery_subjects)
+    at = np.searchsorted(gallery_subjects[order], probe_subjects).clip(max=len(order) - 1)
+    mate = np.where(gallery_subjects[order][at] == probe_subjects, order[at], -1)
+    mated = mate >= 0
+    rank = np.zeros(len(probes), dtype=np.int64)  # of the mate, ties against it
+    mate_score = np.zeros(len(probes))
+    best = np.zeros(len(probes))
+    for start in range(0, len(probes), chunk):
+        sims = probes[start : start + chunk] @ gallery.T
+        found = np.flatnonzero(mated[start : start + chunk])
+        own = sims[found, mate[start + found]]
+        mate_score[start + found] = own
+        rank[start + found] = (sims[found] >= own[:, None]).sum(axis=1)
+        best[start : start + chunk] = sims.max(axis=1)
+    first = rank[mated] == 1
+    nonmated = np.sort(best[~mated])[::-1]
+    rows = []
+    for fpir in fpirs:
+        # IJB_evals.py's index, float product and all
+        threshold = nonmated[max(int(np.ceil(len(nonmated) * fpir)), 1) - 1]
+        rows.append(
+            {
+                "fpir": fpir,
+                "tpir": float((first & (mate_score[mated] > threshold)).mean()),
+                "fpir_reached": float((nonmated > threshold).mean()),
+                "threshold": float(threshold),
+            }
+        )
+    return {
+        "templates": len(gallery),
+        "mated": int(mated.sum()),
+        "nonmated": len(nonmated),
+        "hits": [int((rank[mated] <= k).sum()) for k in ranks],
+        "rows": rows,
+    }
+
+
 @dataclass
-class IJBResult:
-    target: str
-    faces: int
+class Verification:
+    """1:1: the counts and :func:`tar_at_far`'s rows, one per FAR."""
+
     templates: int
     genuine: int
     """Pairs of one person."""
     impostor: int
     """Pairs of two people."""
     rows: list[dict[str, float]] = field(default_factory=list)
-    """:func:`tar_at_far`'s, one per FAR."""
+
+
+@dataclass
+class Identification:
+    """1:N: each gallery's :func:`search` (``name`` added, ``hits`` made rates) and the
+    mean of the two."""
+
+    probes: int
+    ranks: list[int]
+    galleries: list[dict] = field(default_factory=list)
+    mean: dict = field(default_factory=dict)
+    """``rank_rates`` over both galleries' mated probes; ``tpir``, one per FPIR, the
+    galleries' mean."""
+
+
+@dataclass
+class IJBResult:
+    target: str
+    faces: int
+    verification: Verification | None = None
+    identification: Identification | None = None
+
+
+def identification(
+    features: np.ndarray,
+    ids: np.ndarray,
+    protocol: IJBSet,
+    fpirs: tuple[float, ...] = FPIRS,
+    ranks: tuple[int, ...] = RANKS,
+) -> Identification:
+    """The 1:N protocol on the unit template ``features`` (rows of template ``ids``)."""
+    probes = protocol.probes
+    probe_features = features[np.searchsorted(ids, probes.templates)]
+    galleries = []
+    for gallery in protocol.galleries:
+        found = search(
+            probe_features,
+            probes.subjects,
+            features[np.searchsorted(ids, gallery.templates)],
+            gallery.subjects,
+            fpirs,
+            ranks,
+        )
+        hits = found.pop("hits")
+        galleries.append(
+            {
+                "name": gallery.name,
+                **found,
+                "rank_rates": [h / found["mated"] for h in hits],
+                "hits": hits,
+            }
+        )
+    mated = sum(g["mated"] for g in galleries)
+    mean = {
+        "rank_rates": [sum(g["hits"][i] for g in galleries) / mated for i in range(len(ranks))],
+        "tpir": [
+            float(np.mean([g["rows"][i]["tpir"] for g in galleries])) for i in range(len(fpirs))
+        ],
+    }
+    return Identification(len(probes.templates), list(ranks), galleries, mean)
 
 
 def evaluate_ijb(
@@ -166,20 +291,25 @@ def evaluate_ijb(
     workers: int = 0,
     device: torch.device | str = "cpu",
     fars: tuple[float, ...] = FARS,
-) -> tuple[IJBResult, np.ndarray]:
-    """The protocol above with ``embed`` (normalised images -> embeddings): the result
-    and every pair's score (in the pairs list's order)."""
+    fpirs: tuple[float, ...] = FPIRS,
+) -> tuple[IJBResult, np.ndarray | None]:
+    """The protocols ``protocol`` holds (1:1, 1:N or both; the faces embedded once) with
+    ``embed`` (normalised images -> embeddings): the result and every 1:1 pair's score
+    (in the pairs list's order; None without 1:1)."""
     features = face_features(embed, protocol, image_size, batch_size, workers, device)
     templates, ids = template_features(
         features, protocol.scores, protocol.templates, protocol.medias
     )
-    scores = pair_scores(templates, ids, protocol.pairs)
-    result = IJBResult(
-        protocol.target,
-        len(protocol.images),
-        len(ids),
-        int(protocol.labels.sum()),
-        int((~protocol.labels).sum()),
-        tar_at_far(protocol.labels, scores, fars),
-    )
+    result = IJBResult(protocol.target, len(protocol.images))
+    scores = None
+    if protocol.pairs is not None:
+        scores = pair_scores(templates, ids, protocol.pairs)
+        result.verification = Verification(
+            len(np.unique(protocol.pairs)),
+            int(protocol.labels.sum()),
+            int((~protocol.labels).sum()),
+            tar_at_far(protocol.labels, scores, fars),
+        )
+    if protocol.probes is not None:
+        result.identification = identification(templates, ids, protocol, fpirs)
     return result, scores
