@@ -367,7 +367,8 @@ def test_an_image_with_an_exif_orientation_is_turned_as_opencv_reads_it(tmp_path
         (
             "1N_gallery_G2",
             lambda rows: (_ for _ in ()).throw(FileNotFoundError),
-            r"ijbc_1N_gallery_G2.csv is missing",
+            r"IJBC holds no 1:N lists: .*ijbc_1N_gallery_G2.csv is missing \(InsightFace's "
+            r"updated IJB meta files hold them",
         ),
     ],
 )

@@ -371,6 +371,13 @@ def read_ijb(
         for path in (*(meta_file(root, target, kind) for kind in kinds), root / "loose_crop")
         if not path.exists()
     ]
+    search_lists = {str(meta_file(root, target, k)) for k in ("probes", *GALLERIES[target])}
+    if missing and set(missing) <= search_lists:  # a 1:1 release without the 1:N lists
+        raise FileNotFoundError(
+            f"{root} holds no 1:N lists: {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing (InsightFace's updated IJB "
+            "meta files hold them; docs/EVALUATION.md)"
+        )
     if missing:
         raise FileNotFoundError(
             f"{root} is not an IJB release's {target} folder: {', '.join(missing)} "
