@@ -259,16 +259,9 @@ def backbone_parameters(cfg: Config) -> int:
 
 
 def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
-    """``model.weights``: the backbone weights stage 1 starts from, read (memory-mapped)
-    and loaded once into the backbone the config builds, so that a file of another
-    architecture or size is refused before any work; None when unset.
-
-    Takes a state dict of tensors (``torch.save(backbone.state_dict())``; arcface_torch's
-    ``backbone.pth`` or ``model.pt`` has the keys of facecluster's IResNets and
-    MobileFaceNets, a
-    ``module.`` prefix is dropped; its ``checkpoint_gpu_<rank>.pt``, its
-    ``state_dict_backbone``), a facecluster checkpoint of stage 1 or of a single model (its
-    ``backbone.*`` weights) or a sub-net's file (``stage2/subnets/subnet<k>.pt``).
+    """``model.weights``: the backbone weights stage 1 starts from (:func:`backbone_weights`,
+    into the backbone the config builds), so that a file of another architecture or size
+    is refused before any work; None when unset.
 
     Raises:
         ConfigError: naming the file: missing, unreadable, holding no backbone weights, or
@@ -276,18 +269,45 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
     """
     if cfg.model.weights is None:
         return None
-    path = Path(cfg.model.weights).expanduser()
     given = f"model.weights={cfg.model.weights!r}"
+    moved = "; moved? name it anew: model.weights=<new place>" if cfg.resume else ""
+    try:
+        return backbone_weights(
+            cfg.model.weights, cfg.model.backbone_args(cfg.data.image_size), given, moved
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def backbone_weights(
+    file: str | Path, args: dict[str, Any], given: str, if_missing: str = ""
+) -> dict[str, torch.Tensor]:
+    """A backbone's weights from ``file``, read (memory-mapped) and loaded once into the
+    backbone that ``args`` builds (``create_backbone``'s), then copied into memory.
+
+    Takes a state dict of tensors (``torch.save(backbone.state_dict())``; arcface_torch's
+    ``backbone.pth`` or ``model.pt`` has the keys of facecluster's IResNets and
+    MobileFaceNets, a
+    ``module.`` prefix is dropped; its ``checkpoint_gpu_<rank>.pt``, its
+    ``state_dict_backbone``), a facecluster checkpoint of stage 1 or of a single model (its
+    ``backbone.*`` weights) or a sub-net's file (``stage2/subnets/subnet<k>.pt``).
+    ``given``: how the user named the file, first in each message; ``if_missing``: added
+    to the message of a file that does not exist.
+
+    Raises:
+        ValueError: naming the file: missing, unreadable, holding no backbone weights, or
+            weights that do not fit (the first mismatch).
+    """
+    path = Path(file).expanduser()
     if path.is_dir():  # a run folder, as resume= and run= take
-        raise ConfigError(
+        raise ValueError(
             f"{given} is a folder: give a file, such as a run's stage1/checkpoints/last.ckpt"
         )
     try:
         loaded = load_plain(path, what="backbone weights", mmap=True)
     except (OSError, ValueError) as e:  # missing, damaged, or not plain data
-        moved = isinstance(e, FileNotFoundError) and cfg.resume
-        hint = "; moved? name it anew: model.weights=<new place>" if moved else ""
-        raise ConfigError(f"{given}: {e}{hint}") from None
+        hint = if_missing if isinstance(e, FileNotFoundError) else ""
+        raise ValueError(f"{given}: {e}{hint}") from None
     state = loaded if isinstance(loaded, dict) else {}
     lightning = isinstance(state.get("state_dict"), dict)
     if lightning:  # a Lightning checkpoint: its backbone.* (below)
@@ -308,7 +328,7 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
         }
     named = all(isinstance(k, str) for k in state)  # {0: tensor}: a traceback in torch
     if not state or not named or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(
+        raise ValueError(
             f"{given}: {path} holds no backbone weights"
             + (
                 " (a stage-2 checkpoint holds sub-nets: give one sub-net's file, "
@@ -319,12 +339,8 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
             + ": give a state dict of tensors (torch.save(backbone.state_dict())), a "
             "facecluster stage-1 checkpoint or a sub-net's file"
         )
-    try:
-        load_backbone(
-            cfg.model.backbone_args(cfg.data.image_size), state, f"the weights of {given}"
-        )
-    except ValueError as e:  # another architecture, width, embedding size or image size
-        raise ConfigError(str(e)) from None
+    # another architecture, width, embedding size or image size: ValueError, named
+    load_backbone(args, state, f"the weights of {given}")
     # integers where the network holds floats: load_state_dict cast int8 weights (97% of
     # them 0) and trained on, without a word; BatchNorm's step count is an integer
     other = [
@@ -333,7 +349,7 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
         if not v.is_floating_point() and not name.endswith("num_batches_tracked")
     ]
     if other:
-        raise ConfigError(
+        raise ValueError(
             f"{given}: {path} holds {other[0][1]} values in {other[0][0]}, where the backbone "
             "holds floating-point weights: give weights saved as float32, float16 or bfloat16"
         )
@@ -342,13 +358,13 @@ def starting_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
         if value.dtype == torch.float16 and not value.isnan().any():
             # a float32 file converted with .half(): BatchNorm's running variances pass
             # 65,504 after a few epochs (a review: 144,324), which "diverged?" misnamed
-            raise ConfigError(
+            raise ValueError(
                 f"{given}: {path} holds inf in {bad[0]}, a float16 tensor: values past "
                 "float16's range (65,504), such as a BatchNorm's running variance, became "
                 "inf when the weights were converted to float16: give them as float32 or "
                 "bfloat16"
             )
-        raise ConfigError(
+        raise ValueError(
             f"{given}: {path} holds non-finite values (NaN, Inf, or past float32's range) in "
             f"{bad[0]}: weights saved from a run that diverged? give weights saved before it did"
         )

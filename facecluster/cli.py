@@ -93,12 +93,14 @@ NaN, inf or zero).
 
 EXPORTED = " (a folder written by facecluster export)"
 
-IJB_HELP = """IJB-B or IJB-C of an export's stage-1 backbone: 1:1 verification (TAR at
-each FAR) and 1:N identification (rank-k, TPIR at each FPIR).
+IJB_HELP = """IJB-B or IJB-C of an export's stage-1 backbone, or of a backbone's weights
+file: 1:1 verification (TAR at each FAR) and 1:N identification (rank-k, TPIR at each
+FPIR).
 
     facecluster ijb exports/r50 /data/IJB_release/IJBC
     facecluster ijb exports/r50 /data/IJB_release/IJBC --protocol 1:1 1:N
     facecluster ijb exports/r50 /data/IJB_release/IJBB --target IJBB --out ijbb.json
+    facecluster ijb ms1mv3_arcface_r50/backbone.pth /data/IJB_release/IJBC --backbone r50
 
 The release folder holds meta/ and loose_crop/. Each face is aligned by its five
 points, embedded with its mirror image, weighted by its detector score and pooled
@@ -715,7 +717,11 @@ def enroll_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 def ijb_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = _parser(prog or "facecluster ijb", IJB_HELP)
-    parser.add_argument("model", help="a folder written by facecluster export")
+    parser.add_argument(
+        "model",
+        help="a folder written by facecluster export, or a backbone's weights file "
+        "(arcface_torch's backbone.pth, a facecluster checkpoint; with --backbone)",
+    )
     parser.add_argument("root", help="the release's IJBC (or IJBB) folder: meta/, loose_crop/")
     parser.add_argument("--target", choices=("IJBC", "IJBB"), default="IJBC")
     parser.add_argument(
@@ -728,6 +734,24 @@ def ijb_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     parser.add_argument(
         "--out", default=None, help="JSON to write (default: ijbc.json or ijbb.json)"
+    )
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="for a weights file: the backbone they fit, a facecluster name (iresnet50, "
+        "mbf) or arcface_torch's network name (r18, r34, r50, r100, r200)",
+    )
+    parser.add_argument(
+        "--embedding-dim",
+        type=at_least(1),
+        default=512,
+        help="for a weights file: its embedding size (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=at_least(1),
+        default=112,
+        help="for a weights file: the face size it takes (default: %(default)s)",
     )
     parser.add_argument("--batch-size", type=at_least(1), default=128, help="faces per batch")
     parser.add_argument(
@@ -744,7 +768,8 @@ def ijb_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     out = args.out or f"{args.target.lower()}.json"
     from facecluster.config import missing_path
 
-    for path, what in ((args.model, EXPORTED), (args.root, " (an IJB release's folder)")):
+    model = EXPORTED.replace(")", " or a backbone's weights file)")
+    for path, what in ((args.model, model), (args.root, " (an IJB release's folder)")):
         if missing := missing_path(path, what=what):
             return _fail(missing)
     if problem := _checked_before_work(parser, out, args.imports, args.device):
@@ -762,6 +787,9 @@ def ijb_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             args.workers,
             args.device,
             tuple(dict.fromkeys(args.protocol)),
+            args.backbone,
+            args.embedding_dim,
+            args.image_size,
         )
     except (OSError, ValueError, ImportError) as e:
         return _fail(e)

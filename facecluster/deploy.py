@@ -932,6 +932,17 @@ def identify_files(
     return rows
 
 
+ARCFACE_TORCH_NETWORKS = {
+    "r18": "iresnet18",
+    "r34": "iresnet34",
+    "r50": "iresnet50",
+    "r100": "iresnet100",
+    "r200": "iresnet200",
+}
+"""arcface_torch's ``--network`` names of its IResNets, facecluster's backbones of the
+same weights (``mbf`` and ``mbf_large`` are named alike)."""
+
+
 def ijb_export(
     model: str | Path,
     root: str | Path,
@@ -941,32 +952,63 @@ def ijb_export(
     workers: int = 0,
     device: str = "auto",
     protocols: tuple[str, ...] = ("1:1",),
+    backbone: str | None = None,
+    embedding_dim: int = 512,
+    image_size: int = 112,
 ) -> dict[str, Any]:
-    """IJB-B/C 1:1 verification and/or 1:N identification (``protocols``) of an
-    export's stage-1 backbone (the router's), as arcface_torch's ``eval_ijbc.py`` and
-    InsightFace's ``IJB_evals.py`` measure them (:mod:`facecluster.inference.ijb`).
-    Writes ``out`` (JSON: the export, the counts, the TAR at each FAR, the rank-k and
-    TPIR at each FPIR) when given and returns what it holds.
+    """IJB-B/C 1:1 verification and/or 1:N identification (``protocols``) of a backbone,
+    as arcface_torch's ``eval_ijbc.py`` and InsightFace's ``IJB_evals.py`` measure them
+    (:mod:`facecluster.inference.ijb`): an export's stage-1 backbone (the router's), or,
+    when ``model`` is a file, the weights it holds (arcface_torch's ``backbone.pth``, or
+    any file ``model.weights`` takes) in the ``backbone`` they fit (a facecluster name
+    or arcface_torch's ``r50``), of ``embedding_dim`` and ``image_size``. Writes ``out``
+    (JSON: the model, the counts, the TAR at each FAR, the rank-k and TPIR at each
+    FPIR) when given and returns what it holds.
 
     Raises:
         FileNotFoundError: the export, the release or one of its files is missing.
-        ValueError: a malformed list, an image that cannot be decoded (named), or
-            embeddings that are not finite.
+        ValueError: weights without ``backbone`` or that do not fit it, a malformed list,
+            an image that cannot be decoded (named), or embeddings that are not finite.
     """
     from facecluster.data.ijb import read_ijb
     from facecluster.inference.ijb import evaluate_ijb
 
     if out is not None and Path(out).is_dir():
         raise ValueError(f"--out {out} is a folder: name the JSON file to write")
-    identifier = load_export(model, "torch", device)  # a second, then the release's lists
-    protocol = read_ijb(root, target, protocols)
+    weights = not Path(model).expanduser().is_dir()
+    if weights == (backbone is None):
+        raise ValueError(
+            f"{model} is a weights file: name the backbone they fit with --backbone (such "
+            "as arcface_torch's r50 or mbf)"
+            if weights
+            else f"--backbone {backbone}: {model} is an export, whose backbone it holds"
+        )
     where = resolve_device(device)
-    backbone = identifier.router_backbone.eval()
-    size = identifier.backbone_args["image_size"]
-    result, _ = evaluate_ijb(backbone, protocol, size, batch_size, workers, where)
+    export_id = None
+    if weights:  # before the release's lists, as an export is read first
+        from facecluster.builders import backbone_weights
+        from facecluster.models.components import load_backbone
+
+        args = {
+            "name": ARCFACE_TORCH_NETWORKS.get(backbone, backbone),
+            "embedding_dim": embedding_dim,
+            "image_size": image_size,
+            "pretrained": False,
+            "dropout": 0.0,
+        }
+        state = backbone_weights(model, args, str(model))
+        net = load_backbone(args, state, f"the weights of {model}").to(where)
+    else:
+        identifier = load_export(model, "torch", device)
+        net, args = identifier.router_backbone, identifier.backbone_args
+        export_id = identifier.export_id
+    protocol = read_ijb(root, target, protocols)
+    size = args["image_size"]
+    result, _ = evaluate_ijb(net.eval(), protocol, size, batch_size, workers, where)
     summary = {
         "model": str(Path(model).expanduser().absolute()),
-        "export_id": identifier.export_id,
+        "export_id": export_id,
+        "backbone": args,
         "root": str(protocol.root.absolute()),
         "image_size": size,
         **dataclasses.asdict(result),

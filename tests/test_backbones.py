@@ -355,7 +355,7 @@ def test_weights_that_do_not_fit_the_settings_are_named_in_one_line() -> None:
     assert str(err.value).endswith(
         "size mismatch for features.layers.0.layers.0.weight: [512, 1, 7, 7] in the weights, "
         "[512, 1, 4, 4] in the backbone (a kernel over the whole feature map: weights of "
-        "another data.image_size)"
+        "another image size)"
     )
 
 

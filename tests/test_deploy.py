@@ -36,6 +36,7 @@ from facecluster.evaluation import Bench, Ranks, evaluate_run
 from facecluster.inference import TwoStageIdentifier
 from facecluster.inference.identifier import pack_names, unpack_names
 from facecluster.inference.openset import fnir_at_fpir, threshold_at_fpir
+from facecluster.models.components import create_backbone
 from facecluster.pipeline import train
 from facecluster.run import RunFolder
 from tests.conftest import DEMO, ROOT, SMOKE, make_ijb, run_script, smoke_overrides
@@ -45,6 +46,7 @@ ENROLL = "facecluster enroll exports/demo new_people/"
 IDENTIFY = "facecluster identify exports/demo datasets/lfw-demo/images/<identity> --out who.csv"
 IJB = "facecluster ijb exports/demo IJB_release/IJBC"
 IJB_1N = "facecluster ijb exports/demo IJB_release/IJBC --protocol 1:1 1:N --out both.json"
+IJB_WEIGHTS = "facecluster ijb ms1mv3_arcface_mbf/backbone.pth IJB_release/IJBC --backbone mbf"
 
 
 def test_the_console_script_lists_its_commands(tmp_path):
@@ -316,6 +318,41 @@ def test_documented_ijb_command_reports_tar_at_each_far_of_the_exports_backbone(
     assert table[0][4:] == [f"{r['tpir']:.2%}" for r in search["galleries"][0]["rows"]]
     # 4 of 4 mated probes among 4 gallery templates: at rank 5 and 10, each is found
     assert table[2][2:4] == ["100.00%", "100.00%"]
+    # the export's backbone.pth named as a weights file: the same backbone, the same
+    # figures
+    args = summary["backbone"]
+    command = ["facecluster", "ijb", "exports/demo/backbone.pth", "IJB_release/IJBC"]
+    command += ["--backbone", args["name"], "--embedding-dim", str(args["embedding_dim"])]
+    command += ["--image-size", str(args["image_size"]), "--out", "weights.json"]
+    table = _facecluster(command, cwd).stdout.splitlines()[1:4]
+    assert table[:2] == lines[1:3] and table[2].split(" | ")[1:] == lines[3].split(" | ")[1:]
+    again = json.loads((cwd / "weights.json").read_text())
+    assert again["verification"] == summary["verification"] and again["export_id"] is None
+    # docs/EVALUATION.md's arcface_torch command as written, on an MobileFaceNet's
+    # weights saved as arcface_torch saves them (random: its figures mean nothing)
+    assert IJB_WEIGHTS in (ROOT / "docs" / "EVALUATION.md").read_text()
+    mbf = create_backbone("mbf", embedding_dim=512, image_size=112)
+    (cwd / "ms1mv3_arcface_mbf").mkdir()
+    torch.save(mbf.state_dict(), cwd / "ms1mv3_arcface_mbf" / "backbone.pth")
+    proc = _facecluster(IJB_WEIGHTS.split(), cwd)
+    assert proc.stdout.splitlines()[0] == lines[0]
+    assert json.loads((cwd / "ijbc.json").read_text())["backbone"]["name"] == "mbf"
+    # weights without --backbone or that do not fit it, an export with one: said before
+    # any face is read
+    weights = IJB_WEIGHTS.split()[2:4]
+    for given, said in (
+        (weights, "backbone.pth is a weights file: name the backbone they fit with --backbone"),
+        ([*weights, "--backbone", "r50"], "do not fit the backbone"),
+        (["exports/demo", "IJB_release/IJBC", "--backbone", "r50"], "is an export, whose"),
+    ):
+        proc = subprocess.run(
+            [str(Path(sys.executable).parent / "facecluster"), "ijb", *given],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 2 and said in proc.stderr, proc.stderr
+        assert "IJBC faces" not in proc.stderr
     # a folder that is no release is named, before any face is read
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "facecluster"), "ijb", "exports/demo", "exports"],

@@ -110,6 +110,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_deploy.py::test_documented_ijb_command_reports_tar_at_each_far_of_the_"
         "exports_backbone",
     ),
+    "facecluster ijb ms1mv3_arcface_mbf/backbone.pth IJB_release/IJBC --backbone mbf": (
+        RUN,
+        "tests/test_deploy.py::test_documented_ijb_command_reports_tar_at_each_far_of_the_"
+        "exports_backbone",
+    ),
     "facecluster ijb exports/demo IJB_release/IJBC --protocol 1:1 1:N --out both.json": (
         RUN,
         "tests/test_deploy.py::test_documented_ijb_command_reports_tar_at_each_far_of_the_"

@@ -387,7 +387,7 @@ def _misfits(own: dict[str, torch.Tensor], given: dict[str, Any]) -> str | None:
             f"size mismatch for {key}: {theirs} in the weights, {mine} in the backbone{more}"
         )
         if len(mine) == 4 and mine[:2] == theirs[:2] and mine[2:] != theirs[2:]:
-            said[-1] += " (a kernel over the whole feature map: weights of another data.image_size)"
+            said[-1] += " (a kernel over the whole feature map: weights of another image size)"
     if missing:
         said.append(f"{len(missing)} of its {len(weights)} weights missing ({first(missing)})")
     if unexpected:
