@@ -727,8 +727,9 @@ def ijb_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument(
         "--protocol",
         nargs="+",
+        action="extend",  # given twice: both, not the last alone
         choices=("1:1", "1:N"),
-        default=["1:1"],
+        default=None,
         help="1:1 verification, 1:N identification, or both (the faces embedded once; "
         "default: 1:1)",
     )
@@ -786,7 +787,7 @@ def ijb_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             args.batch_size,
             args.workers,
             args.device,
-            tuple(dict.fromkeys(args.protocol)),
+            tuple(dict.fromkeys(args.protocol or ["1:1"])),
             args.backbone,
             args.embedding_dim,
             args.image_size,

@@ -15,6 +15,7 @@ import torch
 from facecluster.data.ijb import REFERENCE, IJBFaces, read_ijb, similarity_transform
 from facecluster.data.images import decode_image
 from facecluster.inference.ijb import (
+    FPIRS,
     evaluate_ijb,
     pair_scores,
     roc,
@@ -130,11 +131,18 @@ def test_1n_reads_the_galleries_and_probes_and_finds_every_mated_probe_first(rel
     alone, alone_scores = evaluate_ijb(_pixels, read_ijb(release), 112)
     assert result.verification == alone.verification
     np.testing.assert_array_equal(scores, alone_scores)
-    # points 6 pixels off at random: probes are found less often
+    # the points of G1's people (gallery and probes) 6 pixels off at random: its probes
+    # are found less often, G2's as before; the mean row is the mean of the two
     noise = np.random.default_rng(0).normal(0, 6, protocol.landmarks.shape)
+    noise[protocol.templates > 2 * len(g1.templates)] = 0
     off = dataclasses.replace(protocol, landmarks=protocol.landmarks + noise)
     worse = evaluate_ijb(_pixels, off, 112)[0].identification
-    assert worse.mean["tpir"][-1] < 1.0
+    first, second = ([row["tpir"] for row in g["rows"]] for g in worse.galleries)
+    assert second == [1.0] * 4 and first[-1] < 1.0
+    assert worse.mean["tpir"] == [(a + b) / 2 for a, b in zip(first, second, strict=True)]
+    # 1:1's template count is that of the templates its pairs name
+    few = dataclasses.replace(both, pairs=both.pairs[:4], labels=both.labels[:4])
+    assert evaluate_ijb(_pixels, few, 112)[0].verification.templates == 5
 
 
 def test_1n_rank_and_tpir_at_fpir_are_ijb_evals_figures_on_a_worked_example():
@@ -165,6 +173,15 @@ def test_1n_rank_and_tpir_at_fpir_are_ijb_evals_figures_on_a_worked_example():
     assert [r["tpir"] for r in rows] == [0.0, 0.25, 0.25, 0.5]
     # ceil(4 x FPIR) - 1 non-mated probes pass the threshold
     assert [r["fpir_reached"] for r in rows] == [0.0, 0.25, 0.25, 0.75]
+    # IJB_evals.py's FPIRs are 10 ** np.arange(-4, 0, 0.04): its 1e-1 is a little more,
+    # so of 10 non-mated probes, the 2nd highest best score is the threshold, not the 1st
+    assert FPIRS == (1e-4, 0.001000000000000002, 0.01000000000000004, 0.10000000000000062)
+    ten = np.array([[0.9 - 0.1 * i, 0.0, 0.0] for i in range(10)])
+    found_ten = search(
+        np.r_[probes[:1], ten], np.r_[1, np.arange(20, 30)], gallery, gallery_subjects
+    )
+    assert found_ten["rows"][3]["threshold"] == 0.8 and found_ten["rows"][3]["tpir"] == 1.0
+    assert found_ten["rows"][3]["fpir_reached"] == 0.1
     # chunked or not, the same
     again = search(probes, probe_subjects, gallery, gallery_subjects, fpirs, (1, 2), chunk=3)
     assert again == found
@@ -364,10 +381,15 @@ def test_an_image_with_an_exif_orientation_is_turned_as_opencv_reads_it(tmp_path
             lambda rows: [r for r in rows if not r.startswith(("2,", "4,", "6,", "8,"))],
             r"no probe of .*ijbc_1N_probe_mixed.csv is of a subject in .*ijbc_1N_gallery_G1",
         ),
+        (  # probes of G1's subjects alone: none to reject
+            "1N_probe_mixed",
+            lambda rows: [rows[0], *(r for r in rows[1:] if int(r.split(",")[1]) < 104)],
+            r"every probe of .*ijbc_1N_probe_mixed.csv is of a subject in .*gallery_G1.csv",
+        ),
         (
             "1N_gallery_G2",
             lambda rows: (_ for _ in ()).throw(FileNotFoundError),
-            r"IJBC holds no 1:N lists: .*ijbc_1N_gallery_G2.csv is missing \(InsightFace's "
+            r"IJBC lacks 1:N lists: .*ijbc_1N_gallery_G2.csv is missing \(InsightFace's "
             r"updated IJB meta files hold them",
         ),
     ],
@@ -392,7 +414,10 @@ def test_1n_lists_that_disagree_are_refused_naming_the_file_and_line(
 def test_a_folder_that_is_no_release_or_a_target_it_lacks_is_refused(tmp_path, release):
     with pytest.raises(FileNotFoundError, match="not an IJB release's IJBC folder"):
         read_ijb(tmp_path)
-    with pytest.raises(FileNotFoundError, match="ijbb_name_5pts_score.txt"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"ijbb_name_5pts_score.txt.* missing; it holds IJBC's lists: give --target IJBC",
+    ):
         read_ijb(release, "IJBB")
 
 
@@ -401,3 +426,21 @@ def _edit(root, kind, line, change):
     lines = path.read_text().splitlines()
     lines[line - 1] = " ".join(change(lines[line - 1].split()))
     path.write_text("\n".join(lines) + "\n")
+
+
+def test_protocol_given_twice_runs_both(monkeypatch, tmp_path, release):
+    # argparse kept the last --protocol alone: the 1:N asked first was dropped, exit 0
+    from facecluster import cli, deploy
+
+    asked = []
+
+    def stop(*args):
+        asked.append(args[7])
+        raise ValueError("stopped here")
+
+    monkeypatch.setattr(deploy, "ijb_export", stop)
+    (tmp_path / "export").mkdir()
+    argv = [str(tmp_path / "export"), str(release), "--out", str(tmp_path / "out.json")]
+    assert cli.ijb_main([*argv, "--protocol", "1:N", "--protocol", "1:1"]) == 2
+    assert cli.ijb_main(argv) == 2
+    assert asked == [("1:N", "1:1"), ("1:1",)]

@@ -371,17 +371,23 @@ def read_ijb(
         for path in (*(meta_file(root, target, kind) for kind in kinds), root / "loose_crop")
         if not path.exists()
     ]
+    are = "is" if len(missing) == 1 else "are"
     search_lists = {str(meta_file(root, target, k)) for k in ("probes", *GALLERIES[target])}
     if missing and set(missing) <= search_lists:  # a 1:1 release without the 1:N lists
         raise FileNotFoundError(
-            f"{root} holds no 1:N lists: {', '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} missing (InsightFace's updated IJB "
-            "meta files hold them; docs/EVALUATION.md)"
+            f"{root} lacks 1:N lists: {', '.join(missing)} {are} missing (InsightFace's "
+            "updated IJB meta files hold them; docs/EVALUATION.md)"
         )
     if missing:
+        other = next(t for t in TARGETS if t != target)
+        hint = (
+            f"; it holds {other}'s lists: give --target {other}"
+            if meta_file(root, other, "points").is_file()
+            else " (it holds meta/ and loose_crop/)"
+        )
         raise FileNotFoundError(
-            f"{root} is not an IJB release's {target} folder: {', '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} missing (it holds meta/ and loose_crop/)"
+            f"{root} is not an IJB release's {target} folder: {', '.join(missing)} {are} "
+            f"missing{hint}"
         )
     points, faces = meta_file(root, target, "points"), meta_file(root, target, "templates")
     names, landmarks, scores = _read_points(points)

@@ -45,8 +45,11 @@ from facecluster.data.transforms import normalize_images
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 """The FARs of arcface_torch's table."""
 
-FPIRS = (1e-4, 1e-3, 1e-2, 1e-1)
-"""The FPIRs of the 1:N table (``IJB_evals.py`` shows these and 1)."""
+FPIRS = tuple(float(10**x) for x in np.arange(-4, 0, 4 / 100)[::25])
+"""The FPIRs of the 1:N table: ``IJB_evals.py``'s 1e-4, 1e-3, 1e-2 and 1e-1, the values
+it computes them as (``10 ** np.arange(-4, 0, 0.04)``: 0.001000000000000002 and so on),
+which pick another threshold where the non-mated probes times the FPIR is a whole
+number (1,000 probes at 1e-2: the 11th highest score, not the 10th)."""
 
 RANKS = (1, 5, 10)
 
@@ -192,7 +195,7 @@ def search(
     nonmated = np.sort(best[~mated])[::-1]
     rows = []
     for fpir in fpirs:
-        # IJB_evals.py's index, float product and all
+        # IJB_evals.py's index (its FPIRS values, see above)
         threshold = nonmated[max(int(np.ceil(len(nonmated) * fpir)), 1) - 1]
         rows.append(
             {
