@@ -278,7 +278,7 @@ def test_documented_identify_answers_unknown_for_unseen_identities(open_run, exp
 
 
 @pytest.mark.slow
-def test_documented_ijb_command_reports_tar_at_each_far_of_the_exports_backbone(exported):
+def test_documented_ijb_command_reports_tar_at_each_far_of_the_exports_backbone(exported, capsys):
     # docs/EVALUATION.md's command as written, on a release made from LFW faces (the
     # protocol's figures themselves: tests/test_ijb.py)
     cwd = exported.parents[1]
@@ -319,14 +319,15 @@ def test_documented_ijb_command_reports_tar_at_each_far_of_the_exports_backbone(
     # 4 of 4 mated probes among 4 gallery templates: at rank 5 and 10, each is found
     assert table[2][2:4] == ["100.00%", "100.00%"]
     # the export's backbone.pth named as a weights file: the same backbone, the same
-    # figures
+    # figures (in this process: the command's own run is the documented one below)
     args = summary["backbone"]
-    command = ["facecluster", "ijb", "exports/demo/backbone.pth", "IJB_release/IJBC"]
-    command += ["--backbone", args["name"], "--embedding-dim", str(args["embedding_dim"])]
-    command += ["--image-size", str(args["image_size"]), "--out", "weights.json"]
-    table = _facecluster(command, cwd).stdout.splitlines()[1:4]
-    assert table[:2] == lines[1:3] and table[2].split(" | ")[1:] == lines[3].split(" | ")[1:]
-    again = json.loads((cwd / "weights.json").read_text())
+    again = deploy.ijb_export(
+        exported / "backbone.pth",
+        cwd / "IJB_release" / "IJBC",
+        backbone=args["name"],
+        embedding_dim=args["embedding_dim"],
+        image_size=args["image_size"],
+    )
     assert again["verification"] == summary["verification"] and again["export_id"] is None
     # docs/EVALUATION.md's arcface_torch command as written, on an MobileFaceNet's
     # weights saved as arcface_torch saves them (random: its figures mean nothing)
@@ -337,31 +338,21 @@ def test_documented_ijb_command_reports_tar_at_each_far_of_the_exports_backbone(
     proc = _facecluster(IJB_WEIGHTS.split(), cwd)
     assert proc.stdout.splitlines()[0] == lines[0]
     assert json.loads((cwd / "ijbc.json").read_text())["backbone"]["name"] == "mbf"
-    # weights without --backbone or that do not fit it, an export with one: said before
-    # any face is read
-    weights = IJB_WEIGHTS.split()[2:4]
+    # weights without --backbone or that do not fit it, an export with one, a folder
+    # that is no release: said before any face is read
+    weights = [str(cwd / "ms1mv3_arcface_mbf" / "backbone.pth"), str(cwd / "IJB_release/IJBC")]
+    out = ["--out", str(cwd / "refused.json")]
+    capsys.readouterr()  # the progress bars above
     for given, said in (
         (weights, "backbone.pth is a weights file: name the backbone they fit with --backbone"),
         ([*weights, "--backbone", "r50"], "do not fit the backbone"),
-        (["exports/demo", "IJB_release/IJBC", "--backbone", "r50"], "is an export, whose"),
+        ([str(exported), weights[1], "--backbone", "r50"], "is an export, whose"),
+        ([str(exported), str(exported.parent)], "exports is not an IJB release's IJBC folder"),
     ):
-        proc = subprocess.run(
-            [str(Path(sys.executable).parent / "facecluster"), "ijb", *given],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-        )
-        assert proc.returncode == 2 and said in proc.stderr, proc.stderr
-        assert "IJBC faces" not in proc.stderr
-    # a folder that is no release is named, before any face is read
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "facecluster"), "ijb", "exports/demo", "exports"],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("error: exports is not an IJB release's IJBC folder")
+        assert cli.ijb_main([*given, *out]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and said in err and "IJBC faces" not in err, err
+    assert not (cwd / "refused.json").exists()
 
 
 @pytest.mark.slow
