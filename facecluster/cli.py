@@ -832,6 +832,14 @@ def ijb_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 "l" + "r" * (len(search["ranks"]) + len(fpirs)),
             )
         )
+        for g in galleries:  # IJB-C: 19,593 non-mated in all, < 10,000 in one gallery
+            if below := [f"{f:.0e}" for f in fpirs if g["nonmated"] * f < 1]:
+                print(
+                    f"note: {g['name']} has {g['nonmated']:,} non-mated probes, too few for "
+                    f"FPIR {', '.join(below)} (none may pass): there the threshold is their "
+                    "highest score, as IJB_evals.py takes it",
+                    file=sys.stderr,
+                )
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
