@@ -370,6 +370,11 @@ def test_an_image_with_an_exif_orientation_is_turned_as_opencv_reads_it(tmp_path
             lambda rows: [*rows, "17,100,z.jpg"],
             r"ijbc_1N_gallery_G1.csv and .*ijbc_1N_gallery_G2.csv both hold subject 100",
         ),
+        (  # one template in both galleries, of two subjects
+            "1N_gallery_G2",
+            lambda rows: [*rows, "1,555,z.jpg"],
+            r"ijbc_1N_gallery_G1.csv and .*ijbc_1N_gallery_G2.csv both hold template 1",
+        ),
         (
             "1N_gallery_G2",
             lambda rows: [*rows, "2,555,z.jpg"],

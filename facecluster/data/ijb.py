@@ -325,6 +325,11 @@ def _read_search(root: Path, target: str, templates: np.ndarray, faces: Path) ->
         for name in GALLERIES[target]
     )
     first, second = galleries
+    if len(both := np.intersect1d(first.templates, second.templates)):
+        raise ValueError(
+            f"{first.path} and {second.path} both hold template {both[0]} ({len(both):,} "
+            "in all): the two galleries are of different people"
+        )
     if len(both := np.intersect1d(first.subjects, second.subjects)):
         raise ValueError(
             f"{first.path} and {second.path} both hold subject {both[0]} ({len(both):,} "
