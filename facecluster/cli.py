@@ -769,7 +769,7 @@ def ijb_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     out = args.out or f"{args.target.lower()}.json"
     from facecluster.config import missing_path
 
-    model = EXPORTED.replace(")", " or a backbone's weights file)")
+    model = " (a folder written by facecluster export, or a backbone's weights file)"
     for path, what in ((args.model, model), (args.root, " (an IJB release's folder)")):
         if missing := missing_path(path, what=what):
             return _fail(missing)

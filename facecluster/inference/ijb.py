@@ -228,8 +228,8 @@ class Verification:
 
 @dataclass
 class Identification:
-    """1:N: each gallery's :func:`search` (``name`` added, ``hits`` made rates) and the
-    mean of the two."""
+    """1:N: each gallery's :func:`search` (its ``name`` and its ``rank_rates``, the hits
+    over its mated probes, added) and the mean of the two."""
 
     probes: int
     ranks: list[int]
@@ -267,15 +267,8 @@ def identification(
             fpirs,
             ranks,
         )
-        hits = found.pop("hits")
-        galleries.append(
-            {
-                "name": gallery.name,
-                **found,
-                "rank_rates": [h / found["mated"] for h in hits],
-                "hits": hits,
-            }
-        )
+        rates = [h / found["mated"] for h in found["hits"]]
+        galleries.append({"name": gallery.name, **found, "rank_rates": rates})
     mated = sum(g["mated"] for g in galleries)
     mean = {
         "rank_rates": [sum(g["hits"][i] for g in galleries) / mated for i in range(len(ranks))],
