@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from facecluster.data.ijb import REFERENCE, IJBFaces, read_ijb, similarity_transform
+from facecluster.data.ijb import (
+    REFERENCE,
+    IJBFaces,
+    align_face,
+    read_ijb,
+    similarity_transform,
+)
 from facecluster.data.images import decode_image
 from facecluster.inference.ijb import (
     FPIRS,
@@ -69,6 +75,42 @@ def test_a_face_is_aligned_back_onto_the_crop_its_photo_was_made_from(release):
     small = IJBFaces(protocol, 56)[0].permute(2, 0, 1)[None].float()
     half = torch.nn.functional.avg_pool2d(faces[0].permute(2, 0, 1)[None].float(), 2)
     assert (small - half).abs()[..., 4:-4, 4:-4].mean() < 6
+
+
+def _warp(image: np.ndarray, inverse: np.ndarray, size: int) -> np.ndarray:
+    """OpenCV's warpAffine with a black border, written out: each output pixel's place
+    in the photo, its four neighbours' bilinear weights, black where one is outside."""
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    px = inverse[0, 0] * xs + inverse[0, 1] * ys + inverse[0, 2]
+    py = inverse[1, 0] * xs + inverse[1, 1] * ys + inverse[1, 2]
+    x0, y0 = np.floor(px).astype(int), np.floor(py).astype(int)
+    out = np.zeros((size, size, 3))
+    for dx, dy in [(0, 0), (1, 0), (0, 1), (1, 1)]:
+        x, y = x0 + dx, y0 + dy
+        weight = (1 - np.abs(px - x)) * (1 - np.abs(py - y))
+        inside = (0 <= x) & (x < image.shape[1]) & (0 <= y) & (y < image.shape[0])
+        out[inside] += weight[inside, None] * image[y[inside], x[inside]]
+    return np.clip(np.round(out), 0, 255)
+
+
+def test_alignment_samples_the_photo_as_warpaffine_wherever_the_face_lies():
+    # align_face samples only the part of the photo the face reaches; a face anywhere
+    # (inside, across an edge, bigger than the photo, wholly outside) in a photo of
+    # any size gives warpAffine's pixels, black outside the photo
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        height, width = rng.integers(2, 40, 2) if trial % 3 == 0 else rng.integers(60, 700, 2)
+        photo = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        turn = rng.uniform(-0.6, 0.6)
+        rotation = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+        centre = rng.uniform(-0.5, 1.5, 2) * [width, height]
+        points = (REFERENCE - REFERENCE.mean(0)) @ rotation.T * rng.uniform(0.3, 3) + centre
+        size = (112, 64)[trial % 2]
+        matrix = similarity_transform(points, REFERENCE * (size / 112))
+        inverse = np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))[:2]
+        got = align_face(torch.from_numpy(photo), points, size).numpy()
+        want = _warp(photo, inverse, size)
+        assert np.abs(got - want).max() <= 1, trial
 
 
 def _pixels(x: torch.Tensor) -> torch.Tensor:
