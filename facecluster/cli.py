@@ -6,6 +6,7 @@
     facecluster export runs/<run> OUT --onnx           # a finished run -> deployable files
     facecluster enroll OUT new_people/                 # add identities, no retraining
     facecluster identify OUT photos/ --out who.csv     # who is in these images
+    facecluster ijb OUT IJB_release/IJBC               # IJB-C 1:1 (--protocol 1:N too)
 
 ``facecluster <command> --help`` shows each command's options and an example.
 train.py and evaluate.py call :func:`train_main` and :func:`evaluate_main`.
@@ -93,9 +94,10 @@ NaN, inf or zero).
 
 EXPORTED = " (a folder written by facecluster export)"
 
-IJB_HELP = """IJB-B or IJB-C of an export's stage-1 backbone, or of a backbone's weights
-file: 1:1 verification (TAR at each FAR) and 1:N identification (rank-k, TPIR at each
-FPIR).
+IJB_HELP = """IJB-B/C 1:1 verification and 1:N identification of a backbone's embeddings.
+
+The backbone is an export's stage 1, or a backbone's weights file: 1:1 gives the TAR at
+each FAR, 1:N the rank-k and the TPIR at each FPIR.
 
     facecluster ijb exports/r50 /data/IJB_release/IJBC
     facecluster ijb exports/r50 /data/IJB_release/IJBC --protocol 1:1 1:N

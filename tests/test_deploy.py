@@ -118,6 +118,10 @@ def test_every_command_has_help_with_an_example(command, capsys):
     assert cli.main(["--help"]) == 0
     listing = capsys.readouterr().out
     assert re.search(rf"^  {command} +\S", listing, re.M) and "usage: facecluster {" in listing
+    # its line there is a whole sentence (the first line of its help), and the overview
+    # above the list shows it in an example
+    assert re.search(rf"^  {command} +\S.*\.$", listing, re.M), listing
+    assert re.search(rf"^    facecluster {command} \S", listing, re.M), listing
     assert cli.main(["nonsense"]) == 2
     assert "unknown command 'nonsense'" in capsys.readouterr().err
 
