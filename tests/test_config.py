@@ -42,7 +42,7 @@ def test_insightface_preset_is_arcface_torchs_r50_recipe_and_stands_alone():
     cfg = load_config(INSIGHTFACE)
     assert (cfg.model.backbone, cfg.model.embedding_dim, cfg.model.kwargs) == ("iresnet50", 512, {})
     assert (cfg.data.image_size, cfg.data.batch_size, cfg.data.unseen_fraction) == (112, 128, 0.0)
-    assert (cfg.head.name, cfg.head.s, cfg.head.m) == ("arcface", 64.0, 0.5)
+    assert (cfg.head.name, cfg.head.s, cfg.head.m) == ("arcface", 64.0, None)
     optim = cfg.stage1.optim
     assert (optim.name, optim.lr, optim.momentum, optim.weight_decay) == ("sgd", 0.1, 0.9, 5e-4)
     assert optim.scheduler == "poly" and optim.warmup_epochs == 0
@@ -309,6 +309,17 @@ def test_the_configs_choices_are_the_ones_the_code_behind_them_takes():
     # head.name: any name, a head of the user's own too (checked at the start of a run,
     # builders.check_head); the built-in heads' margins are bounded at load
     assert set(HEAD_MARGIN_BOUNDS) == set(HEADS)
+
+
+@pytest.mark.parametrize("preset", [DEFAULT, INSIGHTFACE])
+def test_another_head_on_a_preset_trains_with_its_own_margin(preset):
+    # the presets pinned ArcFace's m: 0.5, so head.name=cosface on them trained CosFace
+    # with a 0.5 cosine margin, and adaface with 0.5, in place of their own 0.35 and 0.4
+    from facecluster.models.components.heads import create_head
+
+    for name, margin in [("arcface", 0.5), ("cosface", 0.35), ("adaface", 0.4)]:
+        head = load_config(preset, [f"head.name={name}"]).head
+        assert create_head(name, 10, 8, s=head.s, m=head.m).m == margin
 
 
 def test_the_margin_is_bounded_in_its_heads_own_units():
