@@ -102,9 +102,6 @@ class IJBSet:
     """1:N: the probe templates, searched in each gallery: mated where their subject is
     in it, non-mated otherwise."""
 
-    def meta(self, kind: str) -> Path:
-        return meta_file(self.root, self.target, kind)
-
     @property
     def image_dir(self) -> Path:
         return self.root / "loose_crop"

@@ -531,9 +531,6 @@ class RecordFile:
             self._pid = os.getpid()
         return self._map
 
-    def keys(self) -> list[int]:
-        return self.offsets.keys_.tolist()
-
     def payload(self, key: int) -> bytes | memoryview:
         """The payload of record ``key`` (split records joined, the magic restored): a
         view of the mapped file, or, for a split record, new bytes."""
