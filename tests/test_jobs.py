@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from facecluster import cli, evaluation, launch, pipeline
-from facecluster.config import ConfigError, load_config
+from facecluster.config import ConfigError, load_config, resume_command
 from facecluster.evaluation import evaluate_run
 from facecluster.io import replacing
 from facecluster.launch import balanced_groups, evaluate_command, gpu_slots
@@ -610,6 +610,26 @@ def test_a_trainer_setting_lightning_refuses_is_refused_before_submission(tmp_pa
         monkeypatch.setenv(name, value)
     train(load_config(SMOKE, smoke_overrides(tmp_path, *slurm, *nodes, "trainer.strategy=ddp")))
     assert len(list(calls.iterdir())) == 3
+
+
+def test_stage_2_of_some_sub_nets_trains_them_and_the_last_one_assembles(tmp_path, caplog):
+    # sub-nets trained a few at a time (stage=2 stage2.subnets=[...], by hand on several
+    # machines): each command names those still to train and writes no results; the
+    # one that trains the last assembles, leaving the finished sub-nets' files alone
+    cfg = load_config(SMOKE, smoke_overrides(tmp_path, "stage=1"))
+    run = RunFolder(train(cfg).run_dir)
+    train(run.config_for_resume(str(run.path), ["stage=cluster"]))
+    with caplog.at_level(logging.INFO):
+        some = train(run.config_for_resume(str(run.path), ["stage=2", "stage2.subnets=[1]"]))
+    assert some.results is None and not (run.path / "results.json").exists()
+    assert run.missing_subnets(3) == [0, 2]
+    still = "sub-nets [0, 2] are still to train; the results come when they are"
+    assert f"{still} (`{resume_command(run.path)}`)" in caplog.text
+    one = run.subnet_file(1)
+    made = (one.read_bytes(), one.stat().st_mtime_ns)
+    rest = train(run.config_for_resume(str(run.path), ["stage=2"]))
+    assert rest.results is not None and (run.path / "results.json").is_file()
+    assert run.missing_subnets(3) == [] and (one.read_bytes(), one.stat().st_mtime_ns) == made
 
 
 def test_stage_rules_name_what_is_missing(tmp_path, monkeypatch):

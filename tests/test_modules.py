@@ -185,6 +185,30 @@ def test_gradient_clipping_is_per_subnet():
         assert torch.equal(p.grad, b), "a small sub-net's gradient was changed"
 
 
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_stage_1_clips_its_backbone_and_head_together(algorithm):
+    # what a divergence's message advises (trainer.gradient_clip_val, a resume): the
+    # stage-1 backbone and its head are one group, by norm or by value
+    from facecluster.models.backbone_module import BackboneSystem
+
+    backbone = {"name": "tiny", "embedding_dim": 8, "image_size": 16}
+    model = BackboneSystem(5, backbone, {"name": "arcface", "s": 16.0, "m": None}, OPTIM)
+    params = [*model.backbone.parameters(), *model.head.parameters()]
+    for i, p in enumerate(params):
+        p.grad = torch.full_like(p, 1e3 * (-1) ** i)
+    model.configure_gradient_clipping(
+        None, gradient_clip_val=0.5, gradient_clip_algorithm=algorithm
+    )
+    grads = [p.grad for p in params]
+    if algorithm == "norm":
+        total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        assert total == pytest.approx(0.5, rel=1e-4)
+        ratios = {round(float(g.flatten()[0] / (1e3 * (-1) ** i)), 9) for i, g in enumerate(grads)}
+        assert len(ratios) == 1, "the backbone and the head were scaled apart"
+    else:
+        assert all(torch.equal(g.abs(), torch.full_like(g, 0.5)) for g in grads)
+
+
 class _StepBatches(torch.utils.data.Dataset):
     """Stage-2 training batches, one per sub-net, ``len`` steps."""
 

@@ -181,6 +181,53 @@ def test_an_evaluation_refuses_a_precision_it_would_not_run(finished_run):
     assert report.rows
 
 
+def test_an_evaluation_under_the_linear_decision_unit_sweeps_alpha(finished_run, tmp_path):
+    # route.decision=linear at evaluation (the moe default's alternative): its rows say
+    # alpha, its sweep runs from the sub-net cosine alone (alpha 0, the routed row at the
+    # default alpha) to the class-mean similarity alone, which at top_m=1 is the nearest
+    # class mean over every identity (routing picks the cluster of the nearest mean)
+    from facecluster.evaluation import evaluate_run
+
+    run = shutil.copytree(finished_run.run_dir, tmp_path / "run")
+    report = evaluate_run(run, ["route.decision=linear", "eval.timing_batches=1"])
+    rows = {row.model: row.top1 for row in report.rows}
+    sweep = {point["alpha"]: point["top1"] for point in report.alpha_sweep}
+    assert list(sweep) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert sweep[0.0] == rows["clustered, routed (top_m=1, alpha=0)"]
+    assert sweep[1.0] == rows["nearest class mean (stage-1 backbone)"]
+    assert json.loads((run / "eval" / "results.json").read_text())["decision"]["decision"] == (
+        "linear"
+    )
+    assert (run / "eval" / "alpha.png").stat().st_size > 0
+
+
+def test_print_config_of_a_resume_shows_the_run_with_its_overrides_and_writes_nothing(
+    finished_run, tmp_path, capsys
+):
+    # docs/CONFIG.md: with resume=<run> and overrides, --print-config prints the
+    # resumed run's config; the run folder is not touched (its config.yaml is rewritten
+    # by a resume that trains, not by one that prints)
+    from facecluster import cli
+
+    run = finished_run.run_dir
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert cli.train_main([f"resume={run}", "eval.batch_size=8", "--print-config"]) == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    shown = load_config(printed)
+    saved = load_config(run / "config.yaml")
+    assert shown.eval.batch_size == 8 != saved.eval.batch_size
+    assert (shown.resume, shown.run_name, shown.data, shown.model) == (
+        str(run),
+        run.name,
+        saved.data,
+        saved.model,
+    )
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    assert after == files
+
+
 def test_resuming_a_finished_run_says_it_trains_nothing_and_evaluates(
     finished_run, tmp_path, caplog
 ):

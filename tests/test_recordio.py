@@ -712,6 +712,14 @@ def test_a_run_checks_that_its_data_splits_its_identities_as_it_did(tmp_path, pa
     assert fewer.class_names == run.class_names()
     with pytest.raises(ConfigError, match=r"other images: its splits hold .* images, the run's"):
         run.check_data(fewer)
+    # a run recorded before the image counts were (2026-12-06): told by its splits' sizes
+    kept = json.loads((run.path / SPLIT).read_text())
+    del kept["images"], kept["per_identity"]
+    (run.path / SPLIT).write_text(json.dumps(kept))
+    said = r"other images: its split gives (val|test) \d+ images, the run's \d+.* added to or"
+    with pytest.raises(ConfigError, match=said):
+        run.check_data(fewer)
+    run.check_data(FaceDataModule(str(DEMO), **kw))  # the run's data passes
 
 
 def test_a_run_refuses_data_whose_identities_hold_other_images_than_it_trained_on(tmp_path):
