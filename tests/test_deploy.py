@@ -969,6 +969,25 @@ def test_an_update_keeps_what_other_commands_write_and_hold(tmp_path):
             assert (out / fio.LOCK).stat().st_mode & 0o020
 
 
+def test_an_update_lands_on_a_file_system_without_hard_links(tmp_path, monkeypatch):
+    # an export's files move into place by hard links; where the file system has none
+    # (FAT, exFAT, some network shares: EPERM), they are copied, and the update lands
+    import errno
+
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted", str(source))
+
+    monkeypatch.setattr(deploy.os, "link", no_links)
+    out = tmp_path / "export"
+    with deploy._updating(out, replace_onnx=True) as update:
+        (update / "identifier.pt").write_text("first")
+        (update / "onnx").mkdir()
+        (update / "onnx" / "identifier.json").write_text("{}")
+    assert (out / "identifier.pt").read_text() == "first"
+    assert (out / "onnx" / "identifier.json").read_text() == "{}"
+    assert not list(out.glob(f"{deploy.UPDATE}*")), "the update folder is left behind"
+
+
 def _small_export(out: Path, names: list[str] | None = None) -> list[str]:
     """A loadable export of 6 identities (``names``, by default id0..id5) in 2 clusters
     (tiny random networks, 16 px), ``identifier.pt`` and the ONNX gallery (``onnx/``:
