@@ -207,6 +207,15 @@ def test_lfw_verification_during_stage1_and_in_the_evaluation_table(tmp_path, mo
     copy = shutil.copytree(single, tmp_path / "copy")
     evaluate_run(copy, ["eval.plots=false", "eval.timing_batches=1"])
     assert passes == [1]
+    # a damaged one (a disk error, a copy cut short) is made again, with a warning
+    (copy / "eval" / "class_means.pt").write_bytes(b"not a torch file")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fourth = evaluate_run(copy, ["eval.plots=false", "eval.timing_batches=1"]).rows
+    assert passes == [1, 1] and [(r.top1, r.f1) for r in fourth] == [(r.top1, r.f1) for r in rows]
+    assert "cannot be used" in caplog.text and "computing the class means again" in caplog.text
+    evaluate_run(copy, ["eval.plots=false", "eval.timing_batches=1"])  # kept again
+    assert passes == [1, 1]
     # export writes two-stage identifiers: a single-model run is refused, saying so
     # (docs/DEPLOYMENT.md), before anything is written
     from facecluster.deploy import export_run
