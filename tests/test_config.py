@@ -284,6 +284,34 @@ def test_values_refused_only_later_or_never_are_refused_at_load(override, expect
     assert str(err.value).count(override.split("=")[0]) == 1, str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["data.batch_size=1"], "data.batch_size must be >= 2 (BatchNorm1d cannot train on a"),
+        (["data.num_workers=-1"], "data.num_workers must be >= 0, got -1"),
+        (["data.test_fraction=0"], "data.test_fraction must be > 0: the held-out accuracy needs"),
+        (
+            ["model.weights=/tmp/w.pth", "model.pretrained=true"],
+            "model.weights='/tmp/w.pth' and model.pretrained=true both give stage 1's starting",
+        ),
+        (["stage1.optim.warmup_epochs=-1"], "stage1.optim.warmup_epochs must be >= 0, got -1"),
+        (["stage2.jobs=2", "stage2.group=2"], "stage2.group=2 must be in [0, stage2.jobs=2)"),
+        (["stage2.subnets=[]"], "stage2.subnets is empty: name at least one sub-net, or null"),
+        (["stage2.subnets=[[0]]"], "stage2.subnets: each item is a sub-net's number, got [[0]]"),
+        (["stage2.subnets=[0,0]"], "stage2.subnets=[0, 0] names a sub-net twice"),
+        (["slurm.gpus_per_node=-1"], "slurm.gpus_per_node must be >= 0, got -1"),
+        (
+            ["method=random", "clustering.method=balanced"],
+            "method=random partitions at random: clustering.method=balanced contradicts it",
+        ),
+    ],
+)
+def test_settings_that_cannot_run_are_refused_at_load_naming_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, overrides)
+    assert expected in str(err.value)
+
+
 def _choices(key: str) -> list[str]:
     """The values the config takes for ``key``, as its refusal of another one lists them."""
     with pytest.raises(ConfigError) as err:

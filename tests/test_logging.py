@@ -108,6 +108,9 @@ def test_a_wandb_mode_that_cannot_log_is_refused_before_the_data_scan(monkeypatc
     # saved one still loads (its resume and evaluation)
     with pytest.raises(ConfigError, match=r"wandb.project='a/b': a W&B project name cannot"):
         check_wandb_server(load_config(SMOKE, [*wandb, "wandb.project=a/b"]))
+    with pytest.raises(ConfigError, match=r"wandb.project: at most 128 characters .*got 129"):
+        check_wandb_server(load_config(SMOKE, [*wandb, f"wandb.project={'p' * 129}"]))
+    assert not load_config(SMOKE, [*wandb, f"wandb.project={'p' * 128}"]).wandb.project_problems()
     load_config(SMOKE, ["logger=csv", "wandb.project=a/b"])
     for fine in ("offline", "disabled", "dryrun"):
         monkeypatch.setenv("WANDB_MODE", fine)
