@@ -455,3 +455,26 @@ def test_a_throttled_epoch_bar_ends_at_the_batch_training_reached(monkeypatch):
     bar._seen = 9
     bar.on_train_end(None, None)
     assert bar.train_progress_bar.n == 9 and order == ["bar", "end"]
+
+
+def test_an_evaluation_that_fails_marks_its_wandb_run_failed(monkeypatch, tmp_path):
+    # the evaluation reopens the training's W&B run: an error or a Ctrl-C in it must
+    # leave the run failed on the dashboard (W&B shows a run finished at exit code 0)
+    import wandb
+
+    from facecluster.loggers import wandb_run
+
+    finished = []
+
+    class Run:
+        def finish(self, exit_code=None):
+            finished.append(exit_code)
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: Run())
+    cfg = load_config(SMOKE, ["logger=wandb", "wandb.mode=offline"])
+    with wandb_run(cfg, tmp_path, "abc123"):
+        pass
+    for error in (RuntimeError("a broken image"), KeyboardInterrupt()):
+        with pytest.raises(type(error)), wandb_run(cfg, tmp_path, "abc123"):
+            raise error
+    assert finished == [0, 1, 130]
