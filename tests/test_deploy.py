@@ -555,7 +555,9 @@ def test_onnx_identifier_matches_torch_on_the_test_split(open_run, exported, tmp
 
 
 @pytest.mark.slow
-def test_exporting_again_without_onnx_leaves_no_stale_onnx_models(open_run, exported, tmp_path):
+def test_exporting_again_without_onnx_leaves_no_stale_onnx_models(
+    open_run, exported, tmp_path, caplog
+):
     # An export folder re-exported without --onnx: the earlier ONNX networks are not
     # this identifier's, and --runtime onnx must not find them.
     again = tmp_path / "again"
@@ -567,6 +569,16 @@ def test_exporting_again_without_onnx_leaves_no_stale_onnx_models(open_run, expo
     with pytest.raises(FileNotFoundError):
         load_export(again, "onnx", "cpu")
     assert load_export(again, "auto", "cpu").num_clusters == 3
+    # an export whose identifier.pt is damaged (a copy cut short) is replaced whole,
+    # with a warning: the identities enrolled into it cannot be read to be kept
+    (again / "identifier.pt").write_bytes(b"cut short")
+    with caplog.at_level(logging.WARNING):
+        export_run(open_run, again)
+    assert f"{again}: its identities could not be read" in caplog.text
+    assert (
+        load_export(again, "auto", "cpu").class_names
+        == load_export(exported, "torch", "cpu").class_names
+    )
 
 
 @pytest.mark.slow
