@@ -1804,3 +1804,19 @@ def test_after_local_jobs_side_by_side_on_gpus_the_evaluation_takes_them_all(
     monkeypatch.setattr(evaluation, "training_ranks", elsewhere)
     assert cli._evaluate_trained(smoke_cfg(*jobs), finished) == 0
     assert len(made) == 5
+
+
+def test_stopping_jobs_kills_one_that_outlives_the_grace_period():
+    # a job stuck where no batch starts (a hung collective, a blocked read) ignores
+    # SIGTERM in effect: after the grace period it is killed, so the launcher's stop
+    # (Ctrl-C, submitit's requeue before the time limit) cannot wait for ever
+    ignores = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    waits = "print(flush=True); import time; time.sleep(60)"
+    stuck, stops = (
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+        for code in (ignores + waits, waits)
+    )
+    stuck.stdout.readline(), stops.stdout.readline()  # both running, the handler in place
+    launch._stop([stuck, stops], signal.SIGTERM, grace=1.0)
+    assert (stuck.returncode, stops.returncode) == (-signal.SIGKILL, -signal.SIGTERM)
+    stuck.stdout.close(), stops.stdout.close()
