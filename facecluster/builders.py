@@ -582,7 +582,8 @@ def build_trainer(
 ) -> L.Trainer:
     """A Trainer for stage 1, or for stage-2 job ``job`` (:func:`facecluster.run.job_name`):
     the user's ``trainer.*`` plus this stage's callbacks. ``batches``: training batches
-    per epoch for a world size, when known (stage 2's, :meth:`FaceDataModule.subnet_steps`)."""
+    per epoch for a world size (:meth:`FaceDataModule.stage1_steps`, ``subnet_steps``),
+    to which the per-batch settings are fitted (:func:`_fit_epoch`)."""
     stage_callbacks = [
         *_checkpoints(cfg, run, stage, job),
         EpochSeedCallback(cfg.seed, stage),
@@ -921,7 +922,8 @@ def _fit_epoch(kwargs: dict[str, Any], batches: int, stage: int) -> bool:
     """Fit per-batch settings to an epoch of ``batches``: a stage-2 epoch is about 1/K of
     a stage-1 epoch, and Lightning refuses a ``val_check_interval`` count longer than
     the epoch, or a ``limit_train_batches`` fraction under one batch (it stopped stage 2
-    after stage 1 and the clustering had trained). Whether it changed any."""
+    after stage 1 and the clustering had trained; in stage 1, a traceback after the data
+    scan, an unfinished run folder left). Whether it changed any."""
     before = dict(kwargs)
     limit = kwargs.get("limit_train_batches")
     runs = batches  # what Lightning will run of the epoch

@@ -493,7 +493,9 @@ def fit_stage1(
     if resume is None and run.weights is not None:  # model.weights: not a random start
         model.backbone.load_state_dict(run.weights)
     extra = [clustering] if clustering is not None and not settled else []
-    trainer = build_trainer(run.cfg, 1, run.folder, run.logger, [*extra, *run.callbacks])
+    trainer = build_trainer(
+        run.cfg, 1, run.folder, run.logger, [*extra, *run.callbacks], batches=run.dm.stage1_steps
+    )
     fit_eval_batches(trainer, run.dm, 1)
     trainer.fit(
         model, datamodule=run.dm, ckpt_path=str(resume) if resume else None, weights_only=True

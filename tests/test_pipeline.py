@@ -456,12 +456,18 @@ def test_bad_input_stops_before_training_and_names_the_culprit(tmp_path, overrid
         ("trainer.limit_train_batches=0.06", "it trains one batch per epoch"),
         # both: the interval against the limited epoch, as Lightning counts it
         ("trainer.limit_train_batches=0.5 trainer.val_check_interval=10", "epoch's end"),
+        # stage 1's epoch too, here a limit in batches (Lightning refused 15 batches
+        # between validations of a 12-batch epoch: a traceback after the data scan)
+        (
+            "trainer.limit_train_batches=12 trainer.val_check_interval=15",
+            "longer than stage 1's epoch of 12 batches: it validates at each epoch's end",
+        ),
         # under one batch of the val or test split: Lightning refused the test fraction
         # after the stage had trained (a review)
         ("trainer.limit_val_batches=0.01 trainer.limit_test_batches=0.01", "runs one batch"),
     ],
 )
-def test_per_batch_trainer_settings_fit_stage2s_shorter_epochs(tmp_path, override, said, caplog):
+def test_per_batch_trainer_settings_fit_each_stages_epochs(tmp_path, override, said, caplog):
     # a sub-net epoch is about 1/K of a stage-1 epoch (11 batches here against 27):
     # Lightning refused 20 batches between validations, and 0.06 of 11 batches, after
     # stage 1 and the clustering had trained (review); stage 2 now fits them to its epoch

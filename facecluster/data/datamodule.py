@@ -1392,6 +1392,15 @@ class FaceDataModule(lightning.LightningDataModule):
             return max(1, math.ceil(sum(images) / len(images) / world) // batch)
         return max(max(1, math.ceil(n / world) // batch) for n in images)
 
+    def stage1_steps(self, world: int | None = None) -> int:
+        """Batches per stage-1 epoch per process (a single model's too): the train
+        split's full batches (the loader drops a last partial one), at least 1.
+        ``world``: the processes (default: the attached trainer's)."""
+        world = world or self._world_size()
+        return max(
+            1, math.ceil(len(self._split_indices("train")) / world) // self.hparams.batch_size
+        )
+
     def stage1_batch_size(self) -> int:
         """Stage 1's batch per process: ``batch_size``, or all of the train split a
         process draws when that is fewer (the loader's rule, :meth:`train_dataloader`)."""
