@@ -38,7 +38,7 @@ from facecluster.cli import exit_process
 from facecluster.config import load_config
 from facecluster.models.components.heads import default_margin
 from facecluster.results import machine_name, source_digest
-from facecluster.run import RunFolder
+from facecluster.run import RunFolder, acting_config
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("clustered", "random", "single")
@@ -133,7 +133,8 @@ def _check_kept(
     whose overrides changed under the same name, or a dropped ``--set``, would
     otherwise be reported with the old runs)."""
     asked = load_config([*configs, f"configs/method/{method}.yaml"], [f"seed={seed}", *overrides])
-    want, have = _flat(asked.to_dict()), _flat(RunFolder(run).config().to_dict())
+    # as they act: a run that wrote ArcFace's head.m: 0.5 and a config that leaves it unset
+    want, have = _flat(acting_config(asked)), _flat(acting_config(RunFolder(run).config()))
     # every training setting, whether given now or by a config file; not where the run
     # is, how it was launched or logged, or how it is evaluated
     for key in sorted(want.keys() | have.keys()):

@@ -6,7 +6,7 @@
     facecluster export runs/<run> OUT --onnx           # a finished run -> deployable files
     facecluster enroll OUT new_people/                 # add identities, no retraining
     facecluster identify OUT photos/ --out who.csv     # who is in these images
-    facecluster ijb OUT IJB_release/IJBC               # IJB-C 1:1 (--protocol 1:N too)
+    facecluster ijb OUT IJB_release/IJBC               # IJB-C 1:1 (for 1:N: --protocol 1:N)
 
 ``facecluster <command> --help`` shows each command's options and an example.
 train.py and evaluate.py call :func:`train_main` and :func:`evaluate_main`.

@@ -230,6 +230,21 @@ act (:func:`_settled`): an unset margin is the head's own, no accumulation is 1,
 clipping algorithm is ``norm``, no step cap is -1."""
 
 
+def acting_config(cfg: Config) -> dict[str, Any]:
+    """``cfg.to_dict()`` with each :data:`SETTLED_KEYS` value as it acts (an unset margin
+    the head's own, no accumulation 1, ...): two configs that train alike are equal (a
+    run's ``head.m: 0.5`` and a config's unset ArcFace margin)."""
+    values = cfg.to_dict()
+    acting = {key: _settled(cfg, values, key) for key in SETTLED_KEYS}
+    for key, value in acting.items():
+        *parents, last = key.split(".")
+        section = values
+        for part in parents:
+            section = section[part]
+        section[last] = value
+    return values
+
+
 def stage2_settings(cfg: Config) -> dict[str, Any]:
     """What shaped a sub-net's training, as its record keeps it: ``config.yaml`` holds
     the last command's settings, and a retrain of named sub-nets may give them others

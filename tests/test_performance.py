@@ -377,6 +377,14 @@ def test_results_harness_trains_evaluates_resumes_and_writes_the_page(tmp_path, 
     run_script(*command[1:])
     assert "training" not in capsys.readouterr().out
     assert page.read_text() == text
+    # runs kept from when the presets wrote ArcFace's margin out (head.m: 0.5, which
+    # unset means): the same training, reused, not refused as trained otherwise
+    for run in (p for p in out.glob("smoke-*") if p.is_dir()):
+        config = run / "config.yaml"
+        assert "\n  m: null\n" in config.read_text()
+        config.write_text(config.read_text().replace("\n  m: null\n", "\n  m: 0.5\n", 1))
+    run_script(*command[1:])
+    assert "training" not in capsys.readouterr().out
     # an evaluation with overrides (evaluate.py ... route.top_m=2) or by other code is
     # not averaged in with the others: the run is evaluated again, as trained (review)
     kept = out / "smoke-pass-s1" / "eval" / "results.json"
