@@ -1386,20 +1386,21 @@ class FaceDataModule(lightning.LightningDataModule):
         largest cluster's full batches per process (``subnet_epoch_size="largest"``)
         or the average cluster's (``"mean"``), at least 1. ``world``: the processes
         (default: the attached trainer's)."""
-        world, batch = world or self._world_size(), self.hparams.batch_size
         images = self.cluster_train_images()
         if self.hparams.subnet_epoch_size == "mean":
-            return max(1, math.ceil(sum(images) / len(images) / world) // batch)
-        return max(max(1, math.ceil(n / world) // batch) for n in images)
+            return self._full_batches(sum(images) / len(images), world)
+        return max(self._full_batches(n, world) for n in images)
 
     def stage1_steps(self, world: int | None = None) -> int:
-        """Batches per stage-1 epoch per process (a single model's too): the train
-        split's full batches (the loader drops a last partial one), at least 1.
-        ``world``: the processes (default: the attached trainer's)."""
+        """Batches per stage-1 epoch per process (a single model's too), as
+        :meth:`subnet_steps` counts them over the train split."""
+        return self._full_batches(len(self._split_indices("train")), world)
+
+    def _full_batches(self, images: float, world: int | None) -> int:
+        """A process's full batches of ``images`` shared by ``world`` processes (default:
+        the attached trainer's), at least 1: the loaders drop a last partial batch."""
         world = world or self._world_size()
-        return max(
-            1, math.ceil(len(self._split_indices("train")) / world) // self.hparams.batch_size
-        )
+        return max(1, math.ceil(images / world) // self.hparams.batch_size)
 
     def stage1_batch_size(self) -> int:
         """Stage 1's batch per process: ``batch_size``, or all of the train split a
