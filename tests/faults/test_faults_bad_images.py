@@ -90,6 +90,27 @@ def test_odd_modes_and_sizes_become_8bit_rgb(tmp_path):
     assert np.asarray(load_rgb(str(tmp_path / "cmyk.jpg")))[0, 0].tolist()[1] < 60  # magenta
 
 
+@pytest.mark.parametrize(
+    "pixels, expected",
+    [
+        (np.full((20, 20), 0.5, np.float32), [128]),  # float in [0, 1]: x 255
+        (np.full((20, 20), 100.0, np.float32), [100]),  # float over 1: already 8-bit
+        (np.array([[np.nan, 1.0]], np.float32), [0, 255]),  # NaN is black
+        (np.full((20, 20), 200, np.int32), [200]),  # 32-bit integer, 8-bit data
+        (np.full((20, 20), 32896, np.int32), [128]),  # 32-bit integer, 16-bit data
+    ],
+    ids=["F-unit", "F-8bit", "F-nan", "I-8bit", "I-16bit"],
+)
+def test_32_bit_grey_images_are_scaled_to_8_bit_not_clipped(tmp_path, pixels, expected):
+    # TIFFs of mode F and I (scientific and some scanner exports): PIL's convert("RGB")
+    # clips them at 255, which turns a [0, 1] float face black and a 16-bit one white
+    path = tmp_path / "grey.tiff"
+    Image.fromarray(pixels).save(path)
+    assert Image.open(path).mode == ("F" if pixels.dtype == np.float32 else "I")
+    assert np.unique(np.asarray(load_rgb(str(path)))).tolist() == expected
+    assert np.unique(decode_image(str(path)).numpy()).tolist() == expected
+
+
 def test_a_jpeg_of_a_subsampling_the_header_reader_lacks_is_decoded(tmp_path):
     # a fuzzing review: 4:4:1 chroma subsampling (cjpeg -sample 1x4,1x1,1x1), which
     # libjpeg-turbo and Pillow decode, stopped the loaders with simplejpeg's KeyError: 6
