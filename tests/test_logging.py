@@ -155,6 +155,35 @@ def test_a_wandb_mode_that_cannot_log_is_refused_before_the_data_scan(monkeypatc
     assert load_config(SMOKE, ["wandb.tags=[" + "x" * 64 + "]"]).wandb.tags == ["x" * 64]
 
 
+def test_a_wandb_without_its_netrc_reader_finds_the_key_in_netrc_or_dot_netrc(
+    monkeypatch, tmp_path
+):
+    # the fallback for a wandb whose netrc reader moved: NETRC, else ~/.netrc, read
+    # with the standard library; a missing, malformed or passwordless entry is no key
+    import sys
+
+    from facecluster.loggers import _has_wandb_key
+
+    monkeypatch.setitem(sys.modules, "wandb.sdk.lib.wbauth.wbnetrc", None)  # ImportError
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("NETRC")
+    netrc = tmp_path / ".netrc"
+    assert not _has_wandb_key("wandb.example:443")  # no file
+    for text, found in (
+        ("machine wandb.example:443\n  login user\n  password " + "x" * 40 + "\n", True),
+        ("machine other.example\n  login user\n  password " + "x" * 40 + "\n", False),
+        ("machine wandb.example:443\n  login user\n", False),  # no password
+        ("machine wandb.example:443 login\n", False),  # malformed
+    ):
+        netrc.write_text(text)
+        netrc.chmod(0o600)
+        assert _has_wandb_key("wandb.example:443") is found, text
+    monkeypatch.setenv("NETRC", str(tmp_path / "elsewhere"))  # NETRC first
+    assert not _has_wandb_key("wandb.example:443")
+    (tmp_path / "elsewhere").write_text("machine wandb.example:443 login u password p\n")
+    assert _has_wandb_key("wandb.example:443")
+
+
 def test_explicit_mode_wins(monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_mode(load_config(SMOKE, ["wandb.mode=disabled"]))[0] == "disabled"
