@@ -116,10 +116,10 @@ def _no_wandb_network(monkeypatch, tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _no_progress_bar_left_open():
-    """A fit that a test stops mid-epoch leaves Lightning's progress bars open. A process
-    that this worker forked later (a loader's worker) collected them and printed each
-    into the suite's log, stale ("Epoch 1:   7%| 2/27 [01:18<16:26, ..."), long after
-    its test had ended."""
+    """A fit that a test stops mid-epoch leaves Lightning's progress bars open; tqdm
+    closes such a bar when it is collected, at the latest when this worker exits, after
+    pytest's capture: each was printed into the suite's log, stale ("Epoch 1:   7%|
+    2/27 [01:18<16:26, ..."), long after its test had ended."""
     yield
     from tqdm import tqdm
 
