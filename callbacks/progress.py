@@ -88,10 +88,21 @@ class StderrProgressBar(TQDMProgressBar):
         super().on_train_end(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        # a bar stopped mid-line (tqdm ends none of its updates with a newline): the
-        # error that follows, on the same stream now, starts a line of its own
-        if self.is_enabled:
-            self.catch_up()
+        # the fit ends here, and so do its bars: one left open was written again, stale,
+        # when it was collected (after the error, at exit, or in the middle of a later
+        # fit's output in a program that goes on). The error that follows, on the same
+        # stream, starts a line of its own (tqdm ends none of its updates with a newline).
+        if not self.is_enabled:
+            return
+        for name in ("val_progress_bar", "test_progress_bar", "predict_progress_bar"):
+            with contextlib.suppress(TypeError):  # no such bar made
+                getattr(self, name).close()  # nested under the epoch bar: its line cleared
+        try:
+            ends_line = not self.train_progress_bar.disable  # closed, it ends its line
+        except TypeError:  # no epoch bar made
+            ends_line = False
+        close_train_bar(trainer)  # at the batch training reached
+        if not ends_line:
             print(file=sys.stderr, flush=True)
 
 

@@ -114,20 +114,6 @@ def _no_wandb_network(monkeypatch, tmp_path_factory):
         monkeypatch.delenv(name)  # restored to absent after the test, whoever set it
 
 
-@pytest.fixture(autouse=True)
-def _no_progress_bar_left_open():
-    """A fit that a test stops mid-epoch leaves Lightning's progress bars open; tqdm
-    closes such a bar when it is collected, at the latest when this worker exits, after
-    pytest's capture: each was printed into the suite's log, stale ("Epoch 1:   7%|
-    2/27 [01:18<16:26, ..."), long after its test had ended."""
-    yield
-    from tqdm import tqdm
-
-    for bar in list(tqdm._instances):  # tqdm's registry of the bars not closed
-        bar.leave = False  # erased from this test's output, not printed once more
-        bar.close()
-
-
 def smoke_overrides(tmp_path: Path, *extra: str) -> list[str]:
     """configs/smoke.yaml made smaller still: 12 identities, few batches."""
     return [

@@ -486,6 +486,32 @@ def test_a_throttled_epoch_bar_ends_at_the_batch_training_reached(monkeypatch):
     assert bar.train_progress_bar.n == 9 and order == ["bar", "end"]
 
 
+def test_a_fit_stopped_by_an_error_closes_its_bars_where_training_reached(capsys):
+    # bars left open were written again, stale, when collected: after the error, at
+    # exit, or in a later fit's output (the suite's log had four of them per run)
+    import io
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+    from facecluster.callbacks import progress
+
+    bar = progress.StderrProgressBar()
+    written = io.StringIO()
+    bar.train_progress_bar = Tqdm(total=33, file=written)
+    bar.val_progress_bar = Tqdm(total=5, file=written, position=1, leave=False)
+    bar._seen = 7
+    bar.on_exception(SimpleNamespace(progress_bar_callback=bar), None, RuntimeError())
+    assert bar.train_progress_bar.disable and bar.val_progress_bar.disable  # closed
+    assert written.getvalue().endswith("\n") and "7/33" in written.getvalue().split("\r")[-1]
+    assert capsys.readouterr().err == ""  # the epoch bar's close ended the line
+    # an error before any epoch bar (the sanity check's): the line is ended all the same
+    bar = progress.StderrProgressBar()
+    bar.val_progress_bar = Tqdm(total=5, file=io.StringIO(), leave=False)
+    bar.on_exception(SimpleNamespace(progress_bar_callback=bar), None, RuntimeError())
+    assert bar.val_progress_bar.disable and capsys.readouterr().err == "\n"
+
+
 def test_an_evaluation_that_fails_marks_its_wandb_run_failed(monkeypatch, tmp_path):
     # the evaluation reopens the training's W&B run: an error or a Ctrl-C in it must
     # leave the run failed on the dashboard (W&B shows a run finished at exit code 0)
