@@ -26,7 +26,7 @@ smoke: $(STAMP)  ## both stages in about a minute (configs/smoke.yaml)
 
 # one worker process per core, each test file in one worker (its module fixtures train once)
 test: $(STAMP)  ## run the test suite
-	$(PY) -m pytest -n auto --dist loadfile $(ARGS)
+	$(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder $(ARGS)
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -476,6 +476,17 @@ def test_make_help_lists_every_target():
         assert re.search(rf"^  make {target} +\S", listed, re.M), (target, listed)
 
 
+def test_make_test_schedules_the_longest_files_of_the_suite_first():
+    # tests/conftest.py's order holds in `make test` only if xdist does not sort the
+    # files again, and a file renamed would lose its place (the longest, last, ran alone)
+    from tests.conftest import WORKER_SECONDS
+
+    test_line = re.search(r"^test:.*\n\t(.*)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert "--dist loadfile --no-loadscope-reorder" in test_line
+    files = {path.name for path in (ROOT / "tests").rglob("test_*.py")}
+    assert set(WORKER_SECONDS) <= files, set(WORKER_SECONDS) - files
+
+
 def _layer(path: str) -> str | None:
     """The import table's name for a source file or a facecluster module path."""
     parts = path.removesuffix(".py").replace("/", ".").split(".")
