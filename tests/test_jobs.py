@@ -1056,14 +1056,25 @@ def _full_disk(self, *args, **kwargs):
 
 
 _SRUN_TASK = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 from facecluster.config import ConfigError
 from facecluster.run import RunFolder
+run = Path(sys.argv[1])
+joined = run.parent / "rank1-joined"
 try:
-    with RunFolder(Path(sys.argv[1])).job_lock("subnets-0-2", [0, 1, 2]):
+    with RunFolder(run).job_lock("subnets-0-2", [0, 1, 2]):
         print("training", flush=True)
-        time.sleep(1.0)  # rank 0 holds the lock while its ranks train together
+        # the ranks train together: rank 0 holds the lock until rank 1 is in, as DDP's
+        # setup waits for it (a fixed second let rank 0 end before a rank 1 slowed by
+        # a busy machine had seen the lock, which it then waited for: a CI run)
+        if os.environ["SLURM_PROCID"] == "1":
+            joined.touch()
+        else:
+            deadline = time.monotonic() + 100
+            while not joined.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            joined.unlink(missing_ok=True)
 except ConfigError as e:
     print(e)
     sys.exit(3)
