@@ -114,7 +114,7 @@ WORKER_SECONDS = {
     "test_partial_fc.py": 26,
     "test_decision.py": 22,
 }
-"""Seconds each file's tests took (setup included) in `make test` on 2 cores
+"""Seconds each file's tests took (setup included) with two xdist workers on 2 cores
 (2026-12-08, AVX2 AMD EPYC, 1,929 s of the two workers' 1,053 s each; files under
 20 s left out). `make test` hands whole files to its two workers (``--dist
 loadfile``), the next file to the first worker free, in the order below: the longest
