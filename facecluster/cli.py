@@ -211,9 +211,9 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     # overrides before and after -c alike (parse_args refused those after it, valid or not)
     args = parser.parse_intermixed_args(argv)
-    # a new run's config is read before torch is imported: a mistyped key or a wrong type
-    # is reported at once (it took 9 s, the imports below; the checks across keys import
-    # Lightning); a resume's needs the run folder's code
+    # a new run's config is read before torch is imported: a mistyped key or a wrong value
+    # is reported at once (it took 9 s, the imports below; a trainer key that Lightning 2.6
+    # lacks imports Lightning to look it up); a resume's needs the run folder's code
     try:
         # resume=: the overrides apply to the run's own config, never to default.yaml's
         # (whose 4 clusters refused a job's stage2.subnets=[4,5] of an 8-cluster run)
@@ -239,7 +239,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             check_data_root(cfg.data.root, run=False)  # before the imports' seconds
     except ConfigError as e:
         return _fail(e)
-    except KeyboardInterrupt:  # its checks import Lightning: seconds, as below
+    except KeyboardInterrupt:  # an unknown trainer key imports Lightning: seconds
         return _interrupted()
     try:  # torch, Lightning, timm: seconds, in which a Ctrl-C is an interrupt too
         from facecluster.builders import close_process_group, stopped_run
