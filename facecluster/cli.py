@@ -189,6 +189,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         check_data_root,
         default_config,
         load_config,
+        resume_path,
     )
 
     default = default_config()
@@ -213,7 +214,8 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     # a new run's config is read before torch is imported: a mistyped key or a wrong value
     # is reported at once (it took 9 s, the imports below; a trainer key that Lightning 2.6
-    # lacks imports Lightning to look it up); a resume's needs the run folder's code
+    # lacks imports Lightning to look it up); a resume's path too, its config after them
+    # (it needs the run folder's code)
     try:
         # resume=: the overrides apply to the run's own config, never to default.yaml's
         # (whose 4 clusters refused a job's stage2.subnets=[4,5] of an 8-cluster run)
@@ -224,7 +226,9 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 f"config it was started with ({resume}/config.yaml); give changes as "
                 "key=value overrides"
             )
-        if not resume:
+        if resume:
+            resume_path(resume)  # a mistyped run folder, before the imports' seconds
+        else:
             cfg = load_config(args.config or [default], args.overrides)
             if args.print_config:  # Hydra's --cfg job, LightningCLI's --print_config
                 print(cfg.to_yaml(), end="")

@@ -268,6 +268,25 @@ def missing_path(given: str | Path, prefix: str = "", what: str = "") -> str | N
     return f"{prefix}{given}: {path} does not exist{what}"
 
 
+def resume_path(resume: str) -> Path:
+    """The run folder or checkpoint that ``resume=`` names, ``~`` expanded. Light (no
+    torch): train.py checks a resume's path with it before its imports (a mistyped run
+    folder was named after 8 s of them), :meth:`facecluster.run.RunFolder.config_for_resume`
+    again as it reads the run.
+
+    Raises:
+        ConfigError: the path names a user's home this machine lacks, lies in a folder
+            this user cannot read, or does not exist."""
+    if home := unknown_home(resume):  # a RuntimeError traceback in expanduser
+        raise ConfigError(f"resume={home}")
+    path = Path(resume).expanduser()
+    if cannot := unreadable_folder(path):  # another user's: before any look inside
+        raise ConfigError(f"resume={resume}: {cannot}")
+    if not path.exists():
+        raise ConfigError(f"resume={resume}: no such run folder or checkpoint")
+    return path
+
+
 def name_problem(name: str) -> str | None:
     """Why ``name`` cannot name an identity or a run, or None: it is blank (spaces and
     invisible format characters only), or holds a line break or another control

@@ -73,11 +73,10 @@ from facecluster.config import (
     missing_path,
     not_a_run,
     resume_command,
+    resume_path,
     route_problems,
     same_name,
     text_override,
-    unknown_home,
-    unreadable_folder,
 )
 from facecluster.data.folder import SPLIT_VERSION
 from facecluster.data.recordio import rec_paths
@@ -622,13 +621,7 @@ class RunFolder:
         Refuses a path that is neither a run folder nor a facecluster checkpoint, and
         overrides that contradict what the checkpoints were trained on.
         """
-        if home := unknown_home(resume):  # a RuntimeError traceback in expanduser
-            raise ConfigError(f"resume={home}")
-        path = Path(resume).expanduser()
-        if cannot := unreadable_folder(path):  # another user's: before any look inside
-            raise ConfigError(f"resume={resume}: {cannot}")
-        if not path.exists():
-            raise ConfigError(f"resume={resume}: no such run folder or checkpoint")
+        path = resume_path(resume)
         if path.is_file():  # what the file is first, then where it is
             meta = read_checkpoint_meta(path)
             run = cls(_folder_of(path))

@@ -1094,12 +1094,13 @@ def test_a_relative_config_file_is_found_from_another_folder(tmp_path, monkeypat
         load_config(["configs"])  # was "config file not found"
 
 
-def test_a_new_runs_config_mistake_is_reported_before_torch_is_imported():
+def test_a_config_mistake_or_a_mistyped_run_is_named_before_torch_is_imported():
     # train.py imported torch, Lightning and timm (9 s here) before it read the command
     # line: a mistyped key took that long to be named; then a wrong value, a Trainer
     # argument among them, imported Lightning to read the Trainer's arguments (4-5 s of
     # the 5.4 s such a mistake took here). Python lists each import it makes
-    # (PYTHONPROFILEIMPORTTIME) among train.py's own errors on stderr.
+    # (PYTHONPROFILEIMPORTTIME) among train.py's own errors on stderr. A resume= of a
+    # run folder that does not exist was named after the imports too (8 s here).
     import os
     import subprocess
     import sys
@@ -1114,6 +1115,7 @@ def test_a_new_runs_config_mistake_is_reported_before_torch_is_imported():
             "python train.py -c configs/smoke.yaml trainer.max_epochs=0",
             "trainer.max_epochs must be a whole",
         ),
+        ("python train.py resume=runs/no-such-run", "resume=runs/no-such-run: no such run"),
     ):
         args = [sys.executable, *command.split()[1:]]
         done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -56,7 +56,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make test": (RUN, ".ci/run"),
     "python train.py stage1.max_epochs=-1": (
         RUN,
-        "tests/test_config.py::test_a_new_runs_config_mistake_is_reported_before_torch_is_imported",
+        "tests/test_config.py::test_a_config_mistake_or_a_mistyped_run_is_named_before_"
+        "torch_is_imported",
     ),
     "python train.py -c configs/experiment/lfw423.yaml -c configs/method/random.yaml "
     "--print-config": (RUN, "tests/test_config.py::test_print_config_shows_the_resolved_config"),
