@@ -645,13 +645,8 @@ class RunFolder:
                 "(in its checks at start), so it trained nothing: start it again with the "
                 f"command that made it ({path} may be deleted)"
             )
-        elif (path / RUN_META).is_file():
+        else:  # run.json without config.yaml (resume_path refused a folder of neither)
             raise _without_config(resume, path)
-        else:
-            raise ConfigError(
-                f"resume={resume}: not a facecluster run folder (no {RUN_CONFIG}); "
-                "pass the folder printed at the start of the run, or a checkpoint"
-            )
         overrides = [o for o in overrides if not o.startswith("resume=")]
         # the run's own name and place, as given and behind a symbolic link
         here = {
