@@ -277,7 +277,8 @@ def resume_path(resume: str) -> Path:
     Raises:
         ConfigError: the path names a user's home this machine lacks, lies in a folder
             this user cannot read, does not exist, or is a folder that no run made (no
-            config.yaml or run.json: the runs' folder itself, most likely)."""
+            config.yaml or run.json: the runs' folder itself, most likely), or neither
+            a folder nor a file (/dev/null)."""
     if home := unknown_home(resume):  # a RuntimeError traceback in expanduser
         raise ConfigError(f"resume={home}")
     path = Path(resume).expanduser()
@@ -285,7 +286,7 @@ def resume_path(resume: str) -> Path:
         raise ConfigError(f"resume={resume}: {cannot}")
     if not path.exists():
         raise ConfigError(f"resume={resume}: no such run folder or checkpoint")
-    if path.is_dir() and not any((path / name).is_file() for name in (RUN_CONFIG, RUN_META)):
+    if not path.is_file() and not any((path / name).is_file() for name in (RUN_CONFIG, RUN_META)):
         raise ConfigError(
             f"resume={resume}: not a facecluster run folder (no {RUN_CONFIG}); "
             "pass the folder printed at the start of the run, or a checkpoint"

@@ -645,7 +645,7 @@ class RunFolder:
                 "(in its checks at start), so it trained nothing: start it again with the "
                 f"command that made it ({path} may be deleted)"
             )
-        else:  # run.json without config.yaml (resume_path refused a folder of neither)
+        else:  # run.json without config.yaml (resume_path refused a path of neither)
             raise _without_config(resume, path)
         overrides = [o for o in overrides if not o.startswith("resume=")]
         # the run's own name and place, as given and behind a symbolic link

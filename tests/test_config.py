@@ -1118,6 +1118,7 @@ def test_a_config_mistake_or_a_mistyped_run_is_named_before_torch_is_imported():
         ),
         ("python train.py resume=runs/no-such-run", "resume=runs/no-such-run: no such run"),
         ("python train.py resume=configs", "resume=configs: not a facecluster run folder"),
+        ("python train.py resume=/dev/null", "resume=/dev/null: not a facecluster run folder"),
     ):
         args = [sys.executable, *command.split()[1:]]
         done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
